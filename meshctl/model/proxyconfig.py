@@ -1,0 +1,152 @@
+"""ProxyConfig: everything one sidecar or gateway needs, as plain data.
+
+Pilot compiles (Istio resources + registry endpoints + mesh settings) into
+one ProxyConfig per proxy; `meshctl proxy run --config FILE` reads the same
+shape from YAML/JSON (see docs/proxyconfig.md). A proxy never interprets
+Istio resources beyond what is here: hosts are already fully qualified,
+destinations already name a port, clusters already carry their endpoints
+and their merged traffic policy.
+
+Shape (Envoy's, simplified):
+
+    listeners ──(route_table)──▶ route_tables[name].virtual_hosts[].routes[]
+                                   route destination ──▶ clusters[name].endpoints
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import EMPTY, Duration, FrozenDict
+from .istio import AuthorizationPolicy, HTTPRoute, TCPRoute, TrafficPolicy
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_DOMAIN_SUFFIX = "svc.cluster.local"
+
+
+def fqdn(host: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """Istio's short-name expansion: ``reviews`` → ``reviews.default.svc.cluster.local``.
+
+    Names with a dot that are not already in the cluster domain are taken as
+    given (``reviews.prod`` → ``reviews.prod.svc.cluster.local``; a
+    ServiceEntry host like ``httpbin.org`` is left alone when it has 2+ dots
+    or a TLD, which pilot decides with the registry in hand).
+    """
+    if "." not in host:
+        return f"{host}.{namespace}.{DEFAULT_DOMAIN_SUFFIX}"
+    if host.count(".") == 1 and not host.endswith("." + DEFAULT_DOMAIN_SUFFIX):
+        name, ns = host.split(".")
+        return f"{name}.{ns}.{DEFAULT_DOMAIN_SUFFIX}"
+    return host
+
+
+def cluster_name(host: str, port: int, subset: str | None = None, direction: str = "outbound") -> str:
+    """Envoy/Istio's cluster naming: ``outbound|9080|v1|reviews.default.svc.cluster.local``."""
+    return f"{direction}|{port}|{subset or ''}|{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    labels: FrozenDict[str, str] = EMPTY
+    instance: str = ""  # registry instance id (workload instance name)
+    weight: int = 1
+    health: str = "HEALTHY"  # HEALTHY | UNHEALTHY | DRAINING
+    identity: str | None = None  # expected SPIFFE ID of the peer sidecar (mTLS)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str  # cluster_name(...)
+    service: str  # FQDN
+    port: int
+    subset: str | None = None
+    protocol: str = "http"  # http | http2 | grpc | tcp
+    traffic_policy: TrafficPolicy | None = None  # DR top level ⊕ subset ⊕ port level, merged
+    endpoints: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str  # "reviews.default.svc.cluster.local:9080"
+    domains: tuple[str, ...]  # every authority it answers to: "reviews", "reviews:9080", FQDN, ...
+    routes: tuple[HTTPRoute, ...] = ()  # destination hosts are FQDNs and carry a port
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    name: str  # "outbound", "gateway-8080", ...
+    virtual_hosts: tuple[VirtualHost, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A socket the proxy binds, and what it does with what arrives.
+
+    direction:
+      outbound  HTTP proxy for the app (HTTP_PROXY points here): absolute-form
+                targets routed by authority through ``route_table``.
+      binding   an upstream binding: 127.0.0.1:PORT is ``service``:``service_port``;
+                protocol http routes through ``route_table`` as if the
+                authority were the service, tcp goes through ``tcp_routes``
+                (or straight to the service's cluster when there are none).
+      inbound   the address registered for the workload; forwards to the app
+                at ``app_address``:``app_port``.
+      gateway   ingress: routes through ``route_table``, bound VirtualServices only.
+    """
+
+    name: str
+    direction: str
+    address: str
+    port: int
+    protocol: str = "http"  # http (HTTP/1.1, and HTTP/2 where detected) | tcp
+    route_table: str | None = None
+    service: str | None = None
+    service_port: int | None = None
+    tcp_routes: tuple[TCPRoute, ...] = ()
+    app_address: str | None = None
+    app_port: int | None = None
+    mtls_mode: str = "DISABLE"  # inbound: STRICT | PERMISSIVE | DISABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str  # instance name, e.g. "reviews-v2-0"
+    service: str  # short service name, "reviews"
+    namespace: str = DEFAULT_NAMESPACE
+    labels: FrozenDict[str, str] = EMPTY  # app, version, ...
+    service_account: str | None = None  # defaults to the service name
+    trust_domain: str = "cluster.local"
+
+    @property
+    def spiffe_id(self) -> str:
+        sa = self.service_account or self.service
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{sa}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Limits and timeouts; defaults follow Envoy's and Istio's where they have one."""
+
+    max_request_headers_kb: int = 60
+    max_headers: int = 100
+    request_headers_timeout: Duration = Duration(10.0)
+    idle_timeout: Duration = Duration(300.0)
+    connect_timeout: Duration = Duration(10.0)
+    drain_timeout: Duration = Duration(5.0)
+    retry_buffer_bytes: int = 64 * 1024  # a body larger than this is not retried
+    # Istio's default retry policy where a route sets none.
+    default_retry_attempts: int = 2
+    default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    version: str
+    workload: Workload
+    listeners: tuple[Listener, ...] = ()
+    route_tables: FrozenDict[str, RouteTable] = EMPTY
+    clusters: FrozenDict[str, Cluster] = EMPTY
+    authorization: tuple[AuthorizationPolicy, ...] = ()  # inbound, applicable to this workload
+    settings: Settings = field(default_factory=Settings)

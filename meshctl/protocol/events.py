@@ -1,0 +1,91 @@
+"""The version-neutral event vocabulary between codecs and the proxy pipeline.
+
+HTTP/1.1 (protocol.http1) and HTTP/2 (protocol.http2) codecs both turn bytes
+into these events and these events into bytes, so routing, filters and
+telemetry never know which version is on the wire.
+
+Headers are lists of ``(name, value)`` str pairs: names lower-case, values
+as received (latin-1 decoded), order and repeats kept. HTTP/2 pseudo-headers
+never appear here: they are carried by the fields of the head events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+HeaderList = list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str  # as sent: origin-form "/a?b", absolute-form "http://h/a", authority-form for CONNECT
+    headers: HeaderList
+    http_version: str = "1.1"  # "1.0" | "1.1" | "2"
+    scheme: str = "http"
+    authority: str = ""  # Host header or :authority; for absolute-form, the URL's host[:port]
+    path: str = "/"  # path and query, origin-form
+    keep_alive: bool = True
+    expect_continue: bool = False
+    upgrade: str | None = None  # "websocket", "h2c", ... when the client asked for one
+    stream_id: int = 0  # HTTP/2 stream; 0 for HTTP/1
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    headers: HeaderList
+    reason: str = ""
+    http_version: str = "1.1"
+    keep_alive: bool = True
+    stream_id: int = 0
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+    stream_id: int = 0
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    trailers: HeaderList = field(default_factory=list)
+    stream_id: int = 0
+
+
+@dataclass(slots=True)
+class Reset:
+    """The peer abandoned the message (RST_STREAM, or a connection closed mid-body)."""
+
+    reason: str = ""
+    stream_id: int = 0
+
+
+@dataclass(slots=True)
+class Upgraded:
+    """After a 101 (or a 2xx to CONNECT) the connection carries opaque bytes.
+
+    ``leftover`` holds bytes already received past the head, to be relayed first.
+    """
+
+    leftover: bytes = b""
+
+
+Event = RequestHead | ResponseHead | Data | EndOfMessage | Reset | Upgraded
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol. ``status`` is what to answer a client with
+    (400, 431, 501, ...); the connection is closed after answering."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def header_value(headers: HeaderList, name: str) -> str | None:
+    """The first value of ``name`` (lower-case), or None."""
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
