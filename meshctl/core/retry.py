@@ -1,0 +1,222 @@
+"""Retry decisions: which failed tries are tried again, and after how long.
+
+Pure: no clock, no sockets, no global random. The proxy asks
+``should_retry`` after every failed try and sleeps ``backoff`` before the
+next one.
+
+Rules (Istio's HTTPRetry as translated to Envoy's retry policy):
+
+1. A route with no ``retries`` gets Istio's default policy:
+   ``Settings.default_retry_attempts`` retries on ``Settings.default_retry_on``,
+   with retriable status codes {503}.
+2. ``retries.attempts <= 0`` disables retries for the route.
+3. ``retryOn`` is a comma-separated list of Envoy retry conditions; bare
+   integers in it are retriable status codes (and imply
+   ``retriable-status-codes``). When ``retryOn`` is given, it replaces the
+   default conditions *and* the default status codes. When it is not given,
+   the default conditions and {503} apply with the route's attempts.
+4. Unknown condition names are a configuration error (Istio's validation
+   rejects them); the error names the offending value.
+5. A try is retried only while ``retries_done < attempts`` and the request
+   body can be replayed (it was buffered whole).
+6. What each condition covers (Envoy's ``retry_on``):
+   ==========================  ==========================================
+   5xx                         any 5xx response, connect failure, reset,
+                               refused stream, per-try timeout
+   gateway-error               502/503/504 responses, connect failure,
+                               reset, refused stream, per-try timeout
+   reset                       connect failure, reset, refused stream,
+                               per-try timeout (no response arrived)
+   connect-failure             connect failure
+   refused-stream              HTTP/2 REFUSED_STREAM
+   reset-before-request        connect failure, refused stream (the
+                               upstream never saw the request)
+   retriable-4xx               409 responses
+   retriable-status-codes      responses whose status is in the policy's set
+   cancelled / deadline-exceeded / internal / resource-exhausted /
+   unavailable                 gRPC responses with grpc-status 1/4/13/8/14
+   ==========================  ==========================================
+   ``retriable-headers``, ``envoy-ratelimited`` and
+   ``http3-post-connect-failure`` are accepted (Istio allows them) but never
+   trigger a retry here: meshctl has no retriable-header config and no HTTP/3.
+7. Backoff is Envoy's fully jittered exponential backoff:
+   ``uniform(0, min(max_interval, base_interval * 2**retries_done))``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..model.istio import HTTPRetry
+from ..model.proxyconfig import Settings
+
+__all__ = [
+    "RetryPolicy",
+    "Outcome",
+    "RetryConfigError",
+    "retry_policy",
+    "should_retry",
+    "backoff",
+    "NO_RETRY",
+    "KNOWN_RETRY_ON",
+]
+
+
+class RetryConfigError(ValueError):
+    """A retry policy that cannot be used; the message names the bad value."""
+
+
+# gRPC status names Envoy accepts in retry_on, with their codes.
+_GRPC_CONDITIONS: dict[str, int] = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
+
+KNOWN_RETRY_ON: frozenset[str] = frozenset(
+    {
+        "5xx",
+        "gateway-error",
+        "reset",
+        "reset-before-request",
+        "connect-failure",
+        "refused-stream",
+        "retriable-4xx",
+        "retriable-status-codes",
+        "retriable-headers",
+        "envoy-ratelimited",
+        "http3-post-connect-failure",
+        *_GRPC_CONDITIONS,
+    }
+)
+
+# Failures the proxy reports in Outcome.failure.
+_FAILURES = frozenset({"connect-failure", "reset", "refused-stream", "timeout"})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int  # retries after the first try (Istio's "attempts")
+    per_try_timeout: float | None
+    retry_on: frozenset[str]
+    retriable_status_codes: frozenset[int]
+    base_interval: float = 0.025
+    max_interval: float = 0.25
+
+
+NO_RETRY = RetryPolicy(attempts=0, per_try_timeout=None, retry_on=frozenset(), retriable_status_codes=frozenset())
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int | None = None  # response status if one arrived
+    failure: str | None = None  # "connect-failure" | "reset" | "refused-stream" | "timeout" (per try)
+    grpc_status: int | None = None
+
+
+def parse_retry_on(text: str) -> tuple[frozenset[str], frozenset[int]]:
+    """Split a retryOn string into (conditions, status codes).
+
+    ``"503,connect-failure"`` → ({"connect-failure", "retriable-status-codes"}, {503}).
+    """
+    conditions: set[str] = set()
+    codes: set[int] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if item.isdigit():
+            code = int(item)
+            if not 100 <= code <= 599:
+                raise RetryConfigError(f"retryOn: {item!r} is not an HTTP status code (100-599)")
+            codes.add(code)
+        elif item in KNOWN_RETRY_ON:
+            conditions.add(item)
+        else:
+            known = ", ".join(sorted(KNOWN_RETRY_ON))
+            raise RetryConfigError(f"retryOn: {item!r} is not a retry condition (known: {known}, or a status code)")
+    if codes:
+        conditions.add("retriable-status-codes")
+    return frozenset(conditions), frozenset(codes)
+
+
+def retry_policy(retries: HTTPRetry | None, settings: Settings) -> RetryPolicy:
+    """The policy for a route: Istio's default when ``retries`` is None."""
+    if retries is None:
+        if settings.default_retry_attempts <= 0:
+            return NO_RETRY
+        conditions, codes = parse_retry_on(settings.default_retry_on)
+        return RetryPolicy(
+            attempts=settings.default_retry_attempts,
+            per_try_timeout=None,
+            retry_on=conditions,
+            retriable_status_codes=codes or frozenset({503}),
+        )
+    if retries.attempts <= 0:
+        return NO_RETRY
+    if retries.retry_on is not None and retries.retry_on.strip():
+        conditions, codes = parse_retry_on(retries.retry_on)
+    else:
+        conditions, default_codes = parse_retry_on(settings.default_retry_on)
+        codes = default_codes or frozenset({503})
+    per_try = retries.per_try_timeout
+    if per_try is not None and per_try < 0:
+        raise RetryConfigError(f"perTryTimeout must not be negative, got {float(per_try)}s")
+    return RetryPolicy(
+        attempts=retries.attempts,
+        per_try_timeout=float(per_try) if per_try else None,
+        retry_on=conditions,
+        retriable_status_codes=codes,
+    )
+
+
+def _retriable(policy: RetryPolicy, outcome: Outcome) -> bool:
+    on = policy.retry_on
+    failure = outcome.failure
+    if failure is not None:
+        if failure not in _FAILURES:
+            raise ValueError(f"unknown failure kind {failure!r}; expected one of {sorted(_FAILURES)}")
+        if "5xx" in on or "gateway-error" in on or "reset" in on:
+            return True
+        if failure == "connect-failure":
+            return "connect-failure" in on or "reset-before-request" in on
+        if failure == "refused-stream":
+            return "refused-stream" in on or "reset-before-request" in on
+        return False
+    status = outcome.status
+    if status is not None:
+        if status >= 500 and "5xx" in on:
+            return True
+        if status in (502, 503, 504) and "gateway-error" in on:
+            return True
+        if status == 409 and "retriable-4xx" in on:
+            return True
+        if "retriable-status-codes" in on and status in policy.retriable_status_codes:
+            return True
+    grpc = outcome.grpc_status
+    if grpc is not None and grpc != 0:
+        for name, code in _GRPC_CONDITIONS.items():
+            if code == grpc and name in on:
+                return True
+    return False
+
+
+def should_retry(policy: RetryPolicy, retries_done: int, outcome: Outcome, *, body_replayable: bool) -> bool:
+    """Whether to try again after a try that ended with ``outcome``.
+
+    ``retries_done`` counts retries already made (0 after the first try).
+    """
+    if retries_done >= policy.attempts or not body_replayable:
+        return False
+    return _retriable(policy, outcome)
+
+
+def backoff(policy: RetryPolicy, retries_done: int, rand: random.Random) -> float:
+    """Seconds to wait before retry number ``retries_done + 1`` (fully jittered)."""
+    ceiling = policy.base_interval * (2 ** min(retries_done, 32))
+    if ceiling > policy.max_interval:
+        ceiling = policy.max_interval
+    return rand.uniform(0.0, ceiling)
