@@ -148,5 +148,6 @@ class ProxyConfig:
     listeners: tuple[Listener, ...] = ()
     route_tables: FrozenDict[str, RouteTable] = EMPTY
     clusters: FrozenDict[str, Cluster] = EMPTY
-    authorization: tuple[AuthorizationPolicy, ...] = ()  # inbound, applicable to this workload
+    # inbound: the AuthorizationPolicies that select this workload, by "namespace/name"
+    authorization: FrozenDict[str, AuthorizationPolicy] = EMPTY
     settings: Settings = field(default_factory=Settings)

@@ -1,0 +1,48 @@
+"""Pieces every CLI noun shares: the state-dir option, errors, control-plane calls."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import httpx
+import typer
+from rich.console import Console
+
+from ..state import ENV_VAR, StateDirNotFound, read_control, require_state_dir
+
+console = Console()
+err_console = Console(stderr=True)
+
+StateDirOption = typer.Option(
+    None, "--state-dir", envvar=ENV_VAR, help="Mesh state directory (default: .meshctl/ here or in a parent)."
+)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def state_dir(explicit: Optional[str]) -> Path:
+    try:
+        return require_state_dir(explicit)
+    except StateDirNotFound as e:
+        fail(str(e))
+
+
+def control_url(sd: Path, role: str) -> str | None:
+    """The URL of a running control-plane role, or None when it is not running."""
+    return read_control(sd).get(role)
+
+
+def call(url: str, method: str, path: str, *, json: Any = None, timeout: float = 5.0) -> httpx.Response:
+    try:
+        return httpx.request(method, url.rstrip("/") + path, json=json, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise ConnectionError(f"{url}: {e.__class__.__name__}: {e}") from e
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

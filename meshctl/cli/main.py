@@ -1,0 +1,30 @@
+"""The `meshctl` command: one typer app, one sub-app per noun (cli/<noun>.py).
+
+Each noun module exposes ``register(app)``, which adds its commands or
+sub-app to the root; the CLI stays thin: parse → call → render.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="meshctl",
+    help="Istio's service mesh for laptops and VMs: sidecars, Pilot, Mixer and Citadel, no Kubernetes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Modules under meshctl.cli that add commands; each has register(app).
+NOUNS = [
+    "proxy",
+]
+
+for _noun in NOUNS:
+    importlib.import_module(f"meshctl.cli.{_noun}").register(app)
+
+
+def main() -> None:
+    app()

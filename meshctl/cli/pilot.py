@@ -1,0 +1,203 @@
+"""`meshctl pilot`: serve, proxy-status, proxy-config."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import trio
+import typer
+from rich.table import Table
+
+from ..loader.codec import from_data, to_data
+from ..loader.proxyconfig import dump_proxy_config
+from ..model.base import FrozenDict
+from ..model.proxyconfig import Listener, ProxyConfig, Workload
+from ..pilot.compile import Inputs, Node, compile_proxy
+from ..pilot.store import RuleStore
+from ..registry.base import Instance
+from ..state import write_control
+from .common import StateDirOption, call, console, control_url, fail, state_dir
+
+app = typer.Typer(help="Pilot: rules + registry → config pushed to every proxy.", no_args_is_help=True)
+
+SECTIONS = ("listeners", "routes", "clusters", "endpoints")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="pilot")
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(15010, help="Port (0 picks a free one)."),
+    registry: str = typer.Option("embedded", envvar="MESHCTL_REGISTRY", help="embedded, consul://HOST:PORT or eureka://HOST:PORT/eureka"),
+    trust_domain: str = typer.Option("cluster.local", help="SPIFFE trust domain."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Run Pilot in the foreground."""
+    from ..pilot.server import Pilot, run_pilot
+    from ..registry import open_registry
+    from ..registry.base import RegistryError
+
+    sd = Path(state) if state else state_dir(None) if _has_state(None) else Path(".meshctl")
+    sd.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pilot %(levelname)s %(message)s")
+
+    async def main() -> None:
+        try:
+            reg = open_registry(registry, sd)
+        except RegistryError as e:
+            fail(str(e))
+        pilot = Pilot(sd, reg, trust_domain=trust_domain)
+        async with trio.open_nursery() as n:
+            bound = await n.start(run_pilot, pilot, host, port)
+            url = f"http://{host}:{bound}"
+            write_control(sd, pilot=url)
+            logging.info("serving on %s (state %s, registry %s)", url, sd, registry)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+
+
+def _has_state(explicit: Optional[str]) -> bool:
+    from ..state import find_state_dir
+
+    return find_state_dir(explicit) is not None
+
+
+def _pilot_url(state: Optional[str]) -> str:
+    sd = state_dir(state)
+    url = control_url(sd, "pilot")
+    if not url:
+        fail(f"Pilot is not running for {sd} (no pilot address in control.json): start it with `meshctl up` or `meshctl pilot serve`")
+    return url
+
+
+@app.command("proxy-status")
+def proxy_status(
+    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Which proxy runs which config version: SYNCED, STALE, or NACKED and why."""
+    url = _pilot_url(state)
+    try:
+        st = call(url, "GET", "/v1/status").json()
+    except ConnectionError as e:
+        fail(f"Pilot is not answering: {e}")
+    if output == "json":
+        print(json.dumps(st, indent=1))
+        return
+    t = Table("PROXY", "SERVICE", "STATUS", "VERSION", "ACKED", "ERROR", box=None)
+    for p in st["proxies"]:
+        colour = {"SYNCED": "green", "STALE": "yellow", "NACKED": "red"}[p["status"]]
+        t.add_row(p["proxy"], p["service"], f"[{colour}]{p['status']}[/]", p["current"], p["acked"] or "-", p["error"])
+    console.print(t)
+    console.print(f"rules revision {st['revision']}", style="dim")
+
+
+@app.command("proxy-config")
+def proxy_config(
+    proxy: str = typer.Argument(..., help="Proxy (workload instance) name, e.g. reviews-v2-0"),
+    section: Optional[str] = typer.Argument(None, help="listeners, routes, clusters or endpoints"),
+    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """The config Pilot computes for one proxy (the version it pushes)."""
+    if section and section not in SECTIONS:
+        fail(f"unknown section {section!r}: one of {', '.join(SECTIONS)}", 2)
+    url = _pilot_url(state)
+    try:
+        r = call(url, "GET", f"/v1/config/{proxy}?wait=0s")
+    except ConnectionError as e:
+        fail(f"Pilot is not answering: {e}")
+    if r.status_code == 404:
+        fail(f"Pilot knows no proxy named {proxy!r}: see `meshctl pilot proxy-status`")
+    data = r.json()
+    if output == "json":
+        key = {"listeners": "listeners", "routes": "routeTables", "clusters": "clusters", "endpoints": "clusters"}.get(section or "", None)
+        print(json.dumps(data.get(key, []) if key else data, indent=1))
+        return
+    cfg = from_data(ProxyConfig, data)
+    render_config(cfg, section)
+
+
+def render_config(cfg: ProxyConfig, section: Optional[str]) -> None:
+    console.print(f"proxy {cfg.workload.name} ({cfg.workload.spiffe_id}) version {cfg.version}", highlight=False)
+    if section in (None, "listeners"):
+        t = Table("LISTENER", "DIRECTION", "ADDRESS", "PROTOCOL", "ROUTES / TARGET", box=None, title="listeners")
+        for l in cfg.listeners:
+            target = l.route_table or (f"{l.app_address}:{l.app_port}" if l.app_port else l.service or "")
+            t.add_row(l.name, l.direction, f"{l.address}:{l.port}", l.protocol, target)
+        console.print(t)
+    if section in (None, "routes"):
+        t = Table("TABLE", "VIRTUAL HOST", "ROUTE", "MATCH", "DESTINATIONS", box=None, title="routes")
+        for table in cfg.route_tables.values():
+            for vh in table.virtual_hosts:
+                for i, r in enumerate(vh.routes):
+                    match = "; ".join(json.dumps(to_data(m), separators=(",", ":")) for m in r.match) or "*"
+                    dests = ", ".join(
+                        f"{d.destination.host.split('.')[0]}{'/' + d.destination.subset if d.destination.subset else ''}"
+                        f"{' ' + str(d.weight) + '%' if d.weight is not None else ''}"
+                        for d in r.route
+                    ) or ("redirect" if r.redirect else "direct response" if r.direct_response else "-")
+                    t.add_row(table.name, vh.name, r.name or str(i), match, dests)
+        console.print(t)
+    if section in (None, "clusters"):
+        t = Table("CLUSTER", "SUBSET", "ENDPOINTS", "POLICY", box=None, title="clusters")
+        for c in cfg.clusters.values():
+            pol = json.dumps(to_data(c.traffic_policy), separators=(",", ":")) if c.traffic_policy else ""
+            t.add_row(c.name, c.subset or "", str(len(c.endpoints)), pol)
+        console.print(t)
+    if section == "endpoints":
+        t = Table("CLUSTER", "ENDPOINT", "INSTANCE", "HEALTH", "LABELS", box=None, title="endpoints")
+        for c in cfg.clusters.values():
+            for ep in c.endpoints:
+                t.add_row(c.name, f"{ep.address}:{ep.port}", ep.instance, ep.health, ",".join(f"{k}={v}" for k, v in ep.labels.items()))
+        console.print(t)
+
+
+def offline_config(sd: Path, source: Optional[str]) -> ProxyConfig:
+    """Compile, without Pilot, the config a proxy of ``source`` would run: the
+    stored rules, the registry as Pilot last saw it (or as stored), that
+    proxy's node when one has registered."""
+    resources = list(RuleStore(sd).current().resources)
+    snapshot: dict[str, tuple[Instance, ...]] = {}
+    url = control_url(sd, "pilot")
+    got = False
+    if url:
+        try:
+            data = call(url, "GET", "/v1/registry", timeout=2.0).json()
+            snapshot = {s: tuple(from_data(Instance, i) for i in insts) for s, insts in data.items()}
+            got = True
+        except (ConnectionError, ValueError):
+            pass
+    if not got:
+        from ..registry.embedded import load_snapshot
+
+        snapshot = dict(load_snapshot(sd))
+    node = None
+    nodes_file = sd / "pilot" / "nodes.json"
+    if source and nodes_file.exists():
+        for nd in json.loads(nodes_file.read_text()).values():
+            n = from_data(Node, nd)
+            if n.workload.service == source and not n.gateway:
+                node = n
+                break
+    if node is None:
+        svc = source or "explain"
+        node = Node(
+            workload=Workload(name=f"{svc}-explain", service=svc, labels=FrozenDict({"app": svc})),
+            listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=0),),
+        )
+    return compile_proxy(Inputs(resources, snapshot), node)
+
+
+__all__ = ["app", "register", "offline_config", "dump_proxy_config"]

@@ -1,0 +1,254 @@
+"""`meshctl route`: apply, get, delete, history, rollback, validate, explain."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import List, Optional
+from urllib.parse import urlsplit
+
+import typer
+from rich.table import Table
+
+from ..loader.resources import LoadErrors, dump_resources, load_resources
+from ..loader.validate import validate
+from ..model.istio import SPEC_TYPES, Resource
+from ..pilot.store import RuleStore, StoreError
+from .common import StateDirOption, call, console, control_url, err_console, fail, state_dir
+
+app = typer.Typer(help="Istio rules: VirtualService, DestinationRule, ServiceEntry, Gateway, ...", no_args_is_help=True)
+
+FileOption = typer.Option(..., "-f", "--filename", help="A YAML/JSON file or a directory of them; repeatable.")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="route")
+
+
+def _load(files: List[Path]) -> list[Resource]:
+    try:
+        return load_resources(files)
+    except LoadErrors as e:
+        fail(f"{len(e.errors)} error(s) in the rule files:\n{e}")
+    except OSError as e:
+        fail(f"cannot read {e.filename}: {e.strerror}")
+
+
+def _report(findings) -> int:
+    errors = 0
+    for f in findings:
+        if f.level == "error":
+            errors += 1
+            err_console.print(f"[red]{f.source}: {f.field}: {f.message}[/]", highlight=False, soft_wrap=True)
+        else:
+            err_console.print(f"[yellow]warning:[/] {f.source}: {f.field}: {f.message}", highlight=False, soft_wrap=True)
+    return errors
+
+
+def _poke_pilot(sd: Path) -> str | None:
+    """Tell a running Pilot to re-read the store; it would notice within a second anyway."""
+    url = control_url(sd, "pilot")
+    if not url:
+        return None
+    try:
+        call(url, "POST", "/v1/rules/reload", timeout=2.0)
+        return url
+    except ConnectionError:
+        return None
+
+
+def _wait_synced(url: str, revision_before: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = call(url, "GET", "/v1/status").json()
+        proxies = st["proxies"]
+        if all(p["status"] == "SYNCED" for p in proxies):
+            console.print(f"all {len(proxies)} proxies synced")
+            return
+        nacked = [p for p in proxies if p["status"] == "NACKED"]
+        if nacked:
+            fail("; ".join(f"{p['proxy']} rejected the config: {p['error']}" for p in nacked))
+        time.sleep(0.02)
+    fail(f"proxies not synced after {timeout}s: see `meshctl pilot proxy-status`")
+
+
+@app.command("apply")
+def apply(
+    files: List[Path] = FileOption,
+    wait: bool = typer.Option(False, "--wait", help="Wait until every proxy has ACKed the new config."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Create or replace rules, like `kubectl apply`; running proxies get them at once."""
+    resources = _load(files)
+    if _report(validate(resources)):
+        fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
+    sd = state_dir(state)
+    store = RuleStore(sd)
+    before = store.current_number()
+    try:
+        rev, changes = store.apply(resources)
+    except StoreError as e:
+        fail(str(e))
+    for c in changes:
+        console.print(str(c), highlight=False)
+    url = _poke_pilot(sd)
+    if rev.number != before:
+        console.print(f"revision {rev.number}" + ("" if url else " (Pilot is not running: proxies get it when it starts)"))
+    if wait and url:
+        _wait_synced(url, before, 10.0)
+
+
+@app.command("validate")
+def validate_cmd(files: List[Path] = FileOption) -> None:
+    """Check rule files offline, like `istioctl analyze`; exit 1 on errors."""
+    resources = _load(files)
+    errors = _report(validate(resources))
+    if errors:
+        raise typer.Exit(1)
+    console.print(f"{len(resources)} resource(s) valid")
+
+
+def _kind(kind: str) -> str:
+    kinds = {k.lower(): k for (_, k) in SPEC_TYPES}
+    aliases = {"vs": "virtualservice", "dr": "destinationrule", "se": "serviceentry", "gw": "gateway"}
+    k = aliases.get(kind.lower(), kind.lower()).rstrip("s") if kind.lower() not in kinds else kind.lower()
+    if k not in kinds:
+        fail(f"unknown kind {kind!r}: one of {', '.join(sorted(kinds.values()))}")
+    return kinds[k]
+
+
+@app.command("get")
+def get(
+    kind: Optional[str] = typer.Argument(None),
+    name: Optional[str] = typer.Argument(None),
+    namespace: str = typer.Option("default", "-n", "--namespace"),
+    output: str = typer.Option("table", "-o", "--output", help="table, yaml or json"),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """List applied rules, or print them as YAML/JSON."""
+    sd = state_dir(state)
+    rev = RuleStore(sd).current()
+    items = list(rev.resources)
+    if kind:
+        k = _kind(kind)
+        items = [r for r in items if r.kind == k]
+    if name:
+        items = [r for r in items if r.name == name and r.namespace == namespace]
+        if not items:
+            fail(f"{kind} {namespace}/{name} not found")
+    if output in ("yaml", "json"):
+        print(dump_resources(items, output), end="")
+        return
+    if output != "table":
+        fail(f"unknown output format {output!r}: table, yaml or json", 2)
+    t = Table("KIND", "NAMESPACE", "NAME", "HOSTS", box=None)
+    for r in items:
+        hosts = getattr(r.spec, "hosts", None) or ([r.spec.host] if hasattr(r.spec, "host") else [])
+        t.add_row(r.kind, r.namespace, r.name, ",".join(hosts))
+    console.print(t)
+    console.print(f"revision {rev.number}", style="dim")
+
+
+@app.command("delete")
+def delete(
+    kind: Optional[str] = typer.Argument(None),
+    name: Optional[str] = typer.Argument(None),
+    files: Optional[List[Path]] = typer.Option(None, "-f", "--filename"),
+    namespace: str = typer.Option("default", "-n", "--namespace"),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Delete rules by KIND NAME, or every rule named in -f files."""
+    if files:
+        keys = [r.key for r in _load(files)]
+    elif kind and name:
+        keys = [(_kind(kind), namespace, name)]
+    else:
+        fail("give KIND NAME, or -f FILE", 2)
+    sd = state_dir(state)
+    rev, changes = RuleStore(sd).delete(keys)
+    missing = [c for c in changes if c.action == "not found"]
+    for c in changes:
+        console.print(str(c), highlight=False)
+    _poke_pilot(sd)
+    if missing and len(missing) == len(changes):
+        raise typer.Exit(1)
+
+
+@app.command("history")
+def history(state: Optional[str] = StateDirOption) -> None:
+    """Every revision of the rules, newest last."""
+    store = RuleStore(state_dir(state))
+    cur = store.current_number()
+    t = Table("REVISION", "TIME", "RESOURCES", "CHANGE", box=None)
+    for rev in store.history():
+        mark = " *" if rev.number == cur else ""
+        t.add_row(f"{rev.number}{mark}", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rev.time)), str(len(rev.resources)), rev.change)
+    console.print(t)
+
+
+@app.command("rollback")
+def rollback(
+    revision: Optional[int] = typer.Argument(None, help="Revision to restore (default: the one before the current)."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Restore an earlier revision of the rules (recorded as a new revision)."""
+    sd = state_dir(state)
+    try:
+        rev = RuleStore(sd).rollback(revision)
+    except StoreError as e:
+        fail(str(e))
+    _poke_pilot(sd)
+    console.print(f"revision {rev.number}: {rev.change}")
+
+
+@app.command("explain")
+def explain(
+    method: str = typer.Argument(..., help="HTTP method, e.g. GET"),
+    url: str = typer.Argument(..., help="e.g. http://reviews:9080/reviews/0"),
+    header: Optional[List[str]] = typer.Option(None, "-H", "--header", help="'name: value' (repeatable)"),
+    source: Optional[str] = typer.Option(None, "--from", help="The calling service (its labels match sourceLabels)."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Which rule, route, subset and endpoints a request gets, and why: offline, by the proxies' own code."""
+    from ..core.route import Forward, RequestView, Router
+    from .pilot import offline_config
+
+    sd = state_dir(state)
+    parts = urlsplit(url)
+    if not parts.hostname:
+        fail(f"{url!r}: give an absolute URL like http://reviews:9080/path", 2)
+    headers = []
+    for h in header or []:
+        if ":" not in h:
+            fail(f"bad header {h!r}: use 'name: value'", 2)
+        k, v = h.split(":", 1)
+        headers.append((k.strip().lower(), v.strip()))
+    cfg = offline_config(sd, source)
+    table = cfg.route_tables.get("outbound")
+    if table is None:
+        fail("no outbound routes compiled")
+    authority = parts.netloc
+    req = RequestView(
+        method=method.upper(),
+        scheme=parts.scheme or "http",
+        authority=authority,
+        path=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+        headers=headers,
+        port=parts.port or 80,
+        source_labels=cfg.workload.labels,
+        source_namespace=cfg.workload.namespace,
+    )
+    router = Router(table, cfg.settings)
+    for line in router.explain(req):
+        console.print(line, highlight=False)
+    decision = router.decide(req, random.Random())
+    if isinstance(decision, Forward):
+        cluster = cfg.clusters.get(decision.cluster)
+        eps = cluster.endpoints if cluster else ()
+        console.print(f"cluster: {decision.cluster}", highlight=False)
+        if not eps:
+            console.print("  no endpoints: the request would get 503 (no healthy upstream)", highlight=False)
+        for ep in eps:
+            console.print(f"  endpoint {ep.address}:{ep.port} {ep.instance} {ep.health} {dict(ep.labels)}", highlight=False)

@@ -1,0 +1,472 @@
+"""Compile (Istio resources + registry endpoints + a proxy's node) → ProxyConfig.
+
+Pure: no I/O, no clock. Pilot calls it for every connected proxy whenever the
+rules or the endpoints change; `route explain` and `pilot proxy-config` call
+it offline with what is on disk, so what they show is what proxies run.
+
+What Istio does, and so what this does:
+- every service in the registry (and every ServiceEntry host) gets a virtual
+  host on the outbound route table, answering to its short name, its
+  ``name.namespace`` and its FQDN, with and without the port;
+- a VirtualService for that host (whose ``gateways`` include ``mesh``, the
+  default) replaces the default route ("all traffic to the service");
+- a DestinationRule's subsets become clusters ``outbound|PORT|SUBSET|FQDN``
+  whose endpoints are the instances carrying the subset's labels, with the
+  rule's traffic policy merged (subset over top level, port level over both);
+- a gateway proxy gets one route table per Gateway server port, with the
+  VirtualServices bound to that Gateway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping, Sequence
+
+from ..model.base import EMPTY, FrozenDict
+from ..model.istio import (
+    AuthorizationPolicy,
+    Destination,
+    DestinationRule,
+    Gateway,
+    HTTPMirrorPolicy,
+    HTTPRoute,
+    HTTPRouteDestination,
+    PeerAuthentication,
+    PortSelector,
+    PortTrafficPolicy,
+    Resource,
+    RouteDestination,
+    ServiceEntry,
+    TCPRoute,
+    TrafficPolicy,
+    VirtualService,
+)
+from ..model.proxyconfig import (
+    DEFAULT_NAMESPACE,
+    Cluster,
+    Endpoint,
+    Listener,
+    ProxyConfig,
+    RouteTable,
+    Settings,
+    VirtualHost,
+    Workload,
+    cluster_name,
+    fqdn,
+)
+from ..registry.base import Instance, Snapshot
+
+ROOT_NAMESPACE = "istio-system"  # mesh-wide security policies live here, as in Istio
+META_SERVICE_PORT = "meshctl.io/service-port"
+META_PROTOCOL = "meshctl.io/protocol"
+META_SIDECAR = "meshctl.io/sidecar"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """What a proxy tells Pilot about itself: who it is and which sockets it has.
+
+    Listeners come without route tables; Pilot fills those in. A gateway
+    node has ``gateway_ports``: Gateway server port → the listener that
+    serves it (a laptop can't bind 80, so `up` maps 80 → 8080 and so on).
+    """
+
+    workload: Workload
+    listeners: tuple[Listener, ...] = ()
+    gateway: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    host: str  # FQDN
+    name: str  # short name
+    namespace: str
+    ports: tuple[int, ...]
+    protocol: str = "http"
+    instances: tuple[Instance, ...] = ()
+    entry: ServiceEntry | None = None
+
+
+@dataclass(slots=True)
+class Inputs:
+    """Everything the compiler reads, indexed once per change (not per proxy)."""
+
+    resources: Sequence[Resource]
+    snapshot: Snapshot
+    trust_domain: str = "cluster.local"
+    settings: Settings = field(default_factory=Settings)
+    services: dict[str, Service] = field(default_factory=dict)
+    virtual_services: list[Resource] = field(default_factory=list)
+    destination_rules: dict[str, Resource] = field(default_factory=dict)
+    gateways: list[Resource] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.services = discover_services(self.resources, self.snapshot)
+        for r in sorted(self.resources, key=lambda r: (r.namespace, r.name)):
+            if isinstance(r.spec, VirtualService):
+                self.virtual_services.append(r)
+            elif isinstance(r.spec, DestinationRule):
+                host = fqdn(r.spec.host, r.namespace)
+                # First one wins, as Istio merges by creation time; validate warns about the rest.
+                self.destination_rules.setdefault(host, r)
+            elif isinstance(r.spec, Gateway):
+                self.gateways.append(r)
+
+
+def instance_service_port(inst: Instance) -> int:
+    """The port clients use for the service (``reviews:9080``), not the sidecar's."""
+    try:
+        return int(inst.meta.get(META_SERVICE_PORT, inst.port))
+    except ValueError:
+        return inst.port
+
+
+def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict[str, Service]:
+    services: dict[str, Service] = {}
+    for name, instances in sorted(snapshot.items()):
+        host = fqdn(name)
+        ports = tuple(sorted({instance_service_port(i) for i in instances})) or (80,)
+        protos = {i.meta.get(META_PROTOCOL, "http") for i in instances}
+        proto = protos.pop() if len(protos) == 1 else "http"
+        services[host] = Service(host, name.split(".")[0], DEFAULT_NAMESPACE, ports, proto, instances)
+    for r in resources:
+        if not isinstance(r.spec, ServiceEntry):
+            continue
+        se = r.spec
+        ports = tuple(p.number for p in se.ports) or (80,)
+        proto = "tcp" if se.ports and all((p.protocol or "").upper() in ("TCP", "TLS", "MONGO", "MYSQL") for p in se.ports) else "http"
+        for h in se.hosts:
+            host = fqdn(h, r.namespace) if "." not in h else h
+            instances = tuple(
+                Instance(
+                    id=f"{r.name}-{i}",
+                    service=h,
+                    address=ep.address,
+                    port=(ep.ports.get(se.ports[0].name or "", 0) if se.ports else 0) or ports[0],
+                    labels=ep.labels,
+                    meta=FrozenDict({META_SERVICE_PORT: str(ports[0])}),
+                )
+                for i, ep in enumerate(se.endpoints)
+            )
+            if not instances and se.resolution in ("DNS", "DNS_ROUND_ROBIN", None):
+                # Reach the host itself (DNS resolution happens when connecting).
+                instances = tuple(
+                    Instance(id=f"{r.name}-{p}", service=h, address=h, port=p.target_port or p.number,
+                             meta=FrozenDict({META_SERVICE_PORT: str(p.number)}))
+                    for p in se.ports
+                )
+            existing = services.get(host)
+            if existing:
+                instances = existing.instances + instances
+            services[host] = Service(host, h.split(".")[0], r.namespace, ports, proto, instances, se)
+    return services
+
+
+def domains_for(svc: Service, port: int, primary: bool) -> tuple[str, ...]:
+    names = [svc.host]
+    if svc.host.endswith(".svc.cluster.local"):
+        short = svc.host.split(".")
+        names = [short[0], f"{short[0]}.{short[1]}", f"{short[0]}.{short[1]}.svc", svc.host]
+    out: list[str] = []
+    for n in names:
+        out.append(f"{n}:{port}")
+        if primary:
+            out.append(n)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _vs_hosts(r: Resource) -> list[str]:
+    vs: VirtualService = r.spec  # type: ignore[assignment]
+    return [h if h == "*" or h.startswith("*.") else fqdn(h, r.namespace) for h in vs.hosts]
+
+
+def _applies_to_mesh(r: Resource) -> bool:
+    gws = r.spec.gateways  # type: ignore[attr-defined]
+    return not gws or "mesh" in gws
+
+
+def _gateway_refs(r: Resource) -> set[str]:
+    """``gateways:`` entries of a VirtualService as ``namespace/name``."""
+    out = set()
+    for g in r.spec.gateways:  # type: ignore[attr-defined]
+        if g == "mesh":
+            continue
+        out.add(g if "/" in g else f"{r.namespace}/{g}")
+    return out
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:])
+    return pattern == host
+
+
+def _normalize_destination(d: Destination, ns: str, services: Mapping[str, Service]) -> Destination:
+    host = fqdn(d.host, ns) if "." not in d.host or d.host.count(".") == 1 else d.host
+    if host not in services and d.host in services:
+        host = d.host
+    port = d.port.number if d.port and d.port.number else None
+    if port is None:
+        svc = services.get(host)
+        port = svc.ports[0] if svc else 80
+    return Destination(host=host, subset=d.subset, port=PortSelector(number=port))
+
+
+def _normalize_route(route: HTTPRoute, ns: str, services: Mapping[str, Service]) -> HTTPRoute:
+    dests = tuple(
+        replace(rd, destination=_normalize_destination(rd.destination, ns, services)) for rd in route.route
+    )
+    mirror = _normalize_destination(route.mirror, ns, services) if route.mirror else None
+    mirrors = tuple(
+        HTTPMirrorPolicy(destination=_normalize_destination(m.destination, ns, services), percentage=m.percentage)
+        for m in route.mirrors
+    )
+    return replace(route, route=dests, mirror=mirror, mirrors=mirrors)
+
+
+def _default_route(svc: Service, port: int) -> HTTPRoute:
+    return HTTPRoute(
+        name="default",
+        route=(HTTPRouteDestination(destination=Destination(host=svc.host, port=PortSelector(number=port))),),
+    )
+
+
+def merge_policy(dr: DestinationRule, subset: str | None, port: int) -> TrafficPolicy | None:
+    """Istio's precedence: subset policy over top-level, port-level over both; each
+    setting (loadBalancer, connectionPool, outlierDetection, tls) is replaced whole."""
+    top = dr.traffic_policy
+    sub = next((s.traffic_policy for s in dr.subsets if s.name == subset), None) if subset else None
+    merged = top or TrafficPolicy()
+    for layer in (sub,):
+        if layer is None:
+            continue
+        merged = _overlay(merged, layer)
+        merged = replace(merged, port_level_settings=layer.port_level_settings or merged.port_level_settings)
+    for pls in merged.port_level_settings:
+        if pls.port and pls.port.number == port:
+            merged = _overlay(merged, pls)
+    merged = replace(merged, port_level_settings=())
+    return None if merged == TrafficPolicy() else merged
+
+
+def _overlay(base: TrafficPolicy, layer: TrafficPolicy | PortTrafficPolicy) -> TrafficPolicy:
+    return replace(
+        base,
+        load_balancer=layer.load_balancer or base.load_balancer,
+        connection_pool=layer.connection_pool or base.connection_pool,
+        outlier_detection=layer.outlier_detection or base.outlier_detection,
+        tls=layer.tls or base.tls,
+    )
+
+
+def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str) -> tuple[Endpoint, ...]:
+    out = []
+    for inst in svc.instances:
+        if not _labels_match(selector, inst.labels):
+            continue
+        sidecar = inst.meta.get(META_SIDECAR) == "true"
+        out.append(
+            Endpoint(
+                address=inst.address,
+                port=inst.port,
+                labels=inst.labels,
+                instance=inst.id,
+                health="DRAINING" if inst.draining else ("HEALTHY" if inst.healthy else "UNHEALTHY"),
+                identity=f"spiffe://{trust_domain}/ns/{svc.namespace}/sa/{svc.name}" if sidecar else None,
+            )
+        )
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ the compiler
+
+
+def build_clusters(inp: Inputs) -> dict[str, Cluster]:
+    clusters: dict[str, Cluster] = {}
+    for svc in inp.services.values():
+        dr_res = inp.destination_rules.get(svc.host)
+        dr: DestinationRule | None = dr_res.spec if dr_res else None  # type: ignore[assignment]
+        for port in svc.ports:
+            subsets: list[tuple[str | None, Mapping[str, str]]] = [(None, EMPTY)]
+            if dr:
+                subsets += [(s.name, s.labels) for s in dr.subsets]
+            for subset, labels in subsets:
+                name = cluster_name(svc.host, port, subset)
+                clusters[name] = Cluster(
+                    name=name,
+                    service=svc.host,
+                    port=port,
+                    subset=subset,
+                    protocol=svc.protocol,
+                    traffic_policy=merge_policy(dr, subset, port) if dr else None,
+                    endpoints=_endpoints(svc, labels, inp.trust_domain),
+                )
+    return clusters
+
+
+def _ensure_clusters(routes: Iterable[HTTPRoute | TCPRoute], clusters: dict[str, Cluster]) -> None:
+    """A route may name a subset no DestinationRule defines (validate warns): give it an
+    empty cluster so the proxy answers 503 "no healthy upstream", as Envoy does."""
+    for r in routes:
+        for rd in r.route:
+            d = rd.destination
+            name = cluster_name(d.host, d.port.number if d.port else 80, d.subset)
+            if name not in clusters:
+                clusters[name] = Cluster(name=name, service=d.host, port=d.port.number if d.port else 80, subset=d.subset)
+
+
+def outbound_table(inp: Inputs, clusters: dict[str, Cluster]) -> RouteTable:
+    vhosts: list[VirtualHost] = []
+    mesh_vs = [r for r in inp.virtual_services if _applies_to_mesh(r)]
+    for svc in inp.services.values():
+        if svc.protocol == "tcp":
+            continue
+        vs_res = next((r for r in mesh_vs if svc.host in _vs_hosts(r)), None)
+        for i, port in enumerate(svc.ports):
+            if vs_res is not None:
+                routes = tuple(_normalize_route(h, vs_res.namespace, inp.services) for h in vs_res.spec.http)  # type: ignore[attr-defined]
+                routes = tuple(r for r in routes if not any(m.port and m.port != port for m in r.match)) or routes
+            else:
+                routes = (_default_route(svc, port),)
+            _ensure_clusters(routes, clusters)
+            vhosts.append(VirtualHost(name=f"{svc.host}:{port}", domains=domains_for(svc, port, i == 0), routes=routes))
+    return RouteTable(name="outbound", virtual_hosts=tuple(vhosts))
+
+
+def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dict[int, RouteTable]:
+    """Server port → route table, for the Gateways whose selector matches this gateway proxy."""
+    tables: dict[int, RouteTable] = {}
+    for g in inp.gateways:
+        gw: Gateway = g.spec  # type: ignore[assignment]
+        if not gw.selector or not _labels_match(gw.selector, node.workload.labels):
+            continue
+        ref = f"{g.namespace}/{g.name}"
+        for server in gw.servers:
+            port = server.port.number
+            vhosts = list(tables[port].virtual_hosts) if port in tables else []
+            for vs in inp.virtual_services:
+                if ref not in _gateway_refs(vs):
+                    continue
+                hosts = [h for h in vs.spec.hosts if any(_host_matches(p.split("/")[-1], h) or p.split("/")[-1] == "*" for p in server.hosts)]  # type: ignore[attr-defined]
+                if not hosts:
+                    continue
+                routes = tuple(_normalize_route(h, vs.namespace, inp.services) for h in vs.spec.http)  # type: ignore[attr-defined]
+                _ensure_clusters(routes, clusters)
+                domains: list[str] = []
+                for h in hosts:
+                    domains += ["*"] if h == "*" else [h, f"{h}:{port}"]
+                vhosts.append(VirtualHost(name=f"{vs.namespace}/{vs.name}:{port}", domains=tuple(domains), routes=routes))
+            tables[port] = RouteTable(name=f"gateway-{port}", virtual_hosts=tuple(vhosts))
+    return tables
+
+
+def tcp_routes_for(inp: Inputs, service_host: str, clusters: dict[str, Cluster]) -> tuple[TCPRoute, ...]:
+    for r in inp.virtual_services:
+        if _applies_to_mesh(r) and service_host in _vs_hosts(r) and r.spec.tcp:  # type: ignore[attr-defined]
+            routes = tuple(
+                replace(t, route=tuple(replace(rd, destination=_normalize_destination(rd.destination, r.namespace, inp.services)) for rd in t.route))
+                for t in r.spec.tcp  # type: ignore[attr-defined]
+            )
+            _ensure_clusters(routes, clusters)
+            return routes
+    svc = inp.services.get(service_host)
+    port = svc.ports[0] if svc else 80
+    return (TCPRoute(route=(RouteDestination(destination=Destination(host=service_host, port=PortSelector(number=port))),)),)
+
+
+def _selected(selector, workload: Workload) -> bool:
+    return selector is None or not selector.match_labels or _labels_match(selector.match_labels, workload.labels)
+
+
+def authorization_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, AuthorizationPolicy], ...]:
+    out = []
+    for r in sorted(inp.resources, key=lambda r: (r.namespace, r.name)):
+        if isinstance(r.spec, AuthorizationPolicy) and r.namespace in (workload.namespace, ROOT_NAMESPACE):
+            if _selected(r.spec.selector, workload):
+                out.append((f"{r.namespace}/{r.name}", r.spec))
+    return tuple(out)
+
+
+def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None) -> str:
+    """PeerAuthentication precedence: workload-specific > namespace > mesh (root namespace).
+    Istio's default when nothing is set is PERMISSIVE."""
+    best: tuple[int, str] | None = None
+    for r in inp.resources:
+        pa = r.spec
+        if not isinstance(pa, PeerAuthentication):
+            continue
+        if r.namespace == workload.namespace and pa.selector and pa.selector.match_labels:
+            if not _selected(pa.selector, workload):
+                continue
+            rank = 3
+        elif r.namespace == workload.namespace:
+            rank = 2
+        elif r.namespace == ROOT_NAMESPACE and not (pa.selector and pa.selector.match_labels):
+            rank = 1
+        else:
+            continue
+        mode = pa.mtls.mode if pa.mtls and pa.mtls.mode and pa.mtls.mode != "UNSET" else None
+        if rank == 3 and port is not None and port in pa.port_level_mtls:
+            plm = pa.port_level_mtls[port].mode
+            mode = plm if plm and plm != "UNSET" else mode
+        if mode and (best is None or rank > best[0]):
+            best = (rank, mode)
+    return best[1] if best else "PERMISSIVE"
+
+
+def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
+    clusters = build_clusters(inp)
+    tables: dict[str, RouteTable] = {}
+    listeners: list[Listener] = []
+    wl = replace(node.workload, trust_domain=inp.trust_domain)
+    gw_tables = gateway_tables(inp, node, clusters) if node.gateway else {}
+    for lst in node.listeners:
+        if lst.direction == "gateway":
+            port = lst.service_port or lst.port
+            table = gw_tables.get(port, RouteTable(name=f"gateway-{port}"))
+            tables[table.name] = table
+            listeners.append(replace(lst, route_table=table.name))
+        elif lst.direction in ("outbound", "binding") and lst.protocol == "http":
+            listeners.append(replace(lst, route_table="outbound"))
+            tables.setdefault("outbound", RouteTable(name="outbound"))
+        elif lst.direction == "binding" and lst.protocol == "tcp":
+            host = fqdn(lst.service or "")
+            listeners.append(replace(lst, service=host, tcp_routes=tcp_routes_for(inp, host, clusters)))
+        elif lst.direction == "inbound":
+            listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port)))
+        else:
+            listeners.append(lst)
+    if "outbound" in tables:
+        tables["outbound"] = outbound_table(inp, clusters)
+    # Bindings name their service by FQDN so the proxy can route origin-form requests.
+    listeners = [
+        replace(l, service=fqdn(l.service)) if l.direction == "binding" and l.service and l.protocol == "http" else l
+        for l in listeners
+    ]
+    cfg = ProxyConfig(
+        version="",
+        workload=wl,
+        listeners=tuple(listeners),
+        route_tables=FrozenDict(sorted(tables.items())),
+        clusters=FrozenDict(sorted(clusters.items())),
+        authorization=FrozenDict(authorization_for(inp, wl)),
+        settings=inp.settings,
+    )
+    return replace(cfg, version=config_version(cfg))
+
+
+def config_version(cfg: ProxyConfig) -> str:
+    """A content hash, stable across Pilot restarts: an unchanged config keeps its
+    version, so proxies are not pushed what they already run."""
+    body = repr(replace(cfg, version=""))
+    return hashlib.sha256(body.encode()).hexdigest()[:12]

@@ -1,0 +1,297 @@
+"""Pilot: rules + registry → one ProxyConfig per proxy, served by long-poll.
+
+HTTP API (JSON; debuggable with curl)::
+
+    PUT  /v1/proxies/<name>            the proxy's Node (workload + listeners)
+    GET  /v1/config/<name>?version=V&wait=30s
+                                       200 + ProxyConfig when it differs from V,
+                                       304 when nothing changed before `wait`,
+                                       404 when Pilot does not know the proxy
+    POST /v1/ack/<name>                {"version": V} or {"version": V, "error": "..."}
+    GET  /v1/status                    every proxy: versions sent / acked / nacked
+    POST /v1/rules/reload              re-read the rule store now (the CLI pokes this)
+    GET  /v1/registry                  the endpoints snapshot Pilot routes with
+    PUT  /v1/registry/instances/<id>   register (embedded registry only) ...
+    DELETE /v1/registry/instances/<id>, POST .../heartbeat, POST .../drain
+
+The embedded registry lives in this process; Consul and Eureka are watched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import httpapi
+from ..httpapi import HTTPError, Request, Response
+from ..loader.codec import from_data, to_data
+from ..loader.proxyconfig import dump_proxy_config
+from ..model.proxyconfig import ProxyConfig
+from ..registry.base import Instance, Registry, Snapshot
+from .compile import Inputs, Node, compile_proxy
+from .store import RuleStore
+
+log = logging.getLogger("meshctl.pilot")
+
+MAX_WAIT = 300.0
+
+
+def parse_wait(text: str | None, default: float = 30.0) -> float:
+    """Consul's ``wait`` syntax: ``30s``, ``5m``, ``1500ms``; capped at 5 minutes."""
+    if not text:
+        return default
+    try:
+        if text.endswith("ms"):
+            v = float(text[:-2]) / 1000
+        elif text.endswith("s"):
+            v = float(text[:-1])
+        elif text.endswith("m"):
+            v = float(text[:-1]) * 60
+        else:
+            v = float(text)
+    except ValueError:
+        raise HTTPError(400, f"bad wait {text!r}: use a duration like 30s") from None
+    if not math.isfinite(v) or v < 0:
+        raise HTTPError(400, f"bad wait {text!r}")
+    return min(v, MAX_WAIT)
+
+
+@dataclass(slots=True)
+class ProxyState:
+    node: Node
+    sent: str = ""  # last version handed out
+    acked: str = ""
+    nacked: str = ""
+    nack_error: str = ""
+    last_seen: float = 0.0
+    config: ProxyConfig | None = None
+    generation: int = -1  # Pilot generation the cached config was compiled at
+
+    def status(self, current: str) -> str:
+        if self.nacked and self.nacked == current:
+            return "NACKED"
+        if self.acked == current:
+            return "SYNCED"
+        return "STALE"
+
+
+@dataclass
+class Pilot:
+    state_dir: Path
+    registry: Registry
+    trust_domain: str = "cluster.local"
+    store: RuleStore = field(init=False)
+    proxies: dict[str, ProxyState] = field(default_factory=dict)
+    snapshot: Snapshot = field(default_factory=dict)
+    revision: int = 0
+    generation: int = 0
+    _changed: trio.Event = field(default_factory=trio.Event)
+    _inputs: Inputs | None = None
+
+    def __post_init__(self) -> None:
+        self.store = RuleStore(self.state_dir)
+        self._nodes_file = Path(self.state_dir) / "pilot" / "nodes.json"
+        self._nodes_file.parent.mkdir(parents=True, exist_ok=True)
+        self._load_nodes()
+        self._reload_rules()
+
+    # ------------------------------------------------------------ state changes
+
+    def _bump(self) -> None:
+        self.generation += 1
+        self._inputs = None
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _reload_rules(self) -> bool:
+        rev = self.store.current()
+        if rev.number == self.revision and self._inputs is not None:
+            return False
+        self.revision = rev.number
+        self._resources = list(rev.resources)
+        self._bump()
+        log.info("rules at revision %d (%d resources)", rev.number, len(rev.resources))
+        return True
+
+    def set_snapshot(self, snap: Snapshot) -> None:
+        if dict(snap) != dict(self.snapshot):
+            self.snapshot = dict(snap)
+            self._bump()
+
+    def inputs(self) -> Inputs:
+        if self._inputs is None:
+            self._inputs = Inputs(self._resources, self.snapshot, trust_domain=self.trust_domain)
+        return self._inputs
+
+    def config_for(self, name: str) -> ProxyConfig:
+        st = self.proxies[name]
+        if st.config is None or st.generation != self.generation:
+            st.config = compile_proxy(self.inputs(), st.node)
+            st.generation = self.generation
+        return st.config
+
+    def _load_nodes(self) -> None:
+        try:
+            data = json.loads(self._nodes_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        for name, nd in data.items():
+            try:
+                self.proxies[name] = ProxyState(node=from_data(Node, nd))
+            except Exception as e:  # an old or damaged entry: the proxy re-registers anyway
+                log.warning("dropping stored node %s: %s", name, e)
+
+    def _save_nodes(self) -> None:
+        data = {n: to_data(st.node) for n, st in self.proxies.items()}
+        tmp = self._nodes_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self._nodes_file)
+
+    # ------------------------------------------------------------ background loops
+
+    async def watch_rules(self) -> None:
+        """Fallback for a CLI that could not poke us: poll the store once a second."""
+        last = self.store.stamp()
+        while True:
+            await trio.sleep(1.0)
+            stamp = self.store.stamp()
+            if stamp != last:
+                last = stamp
+                self._reload_rules()
+
+    async def watch_registry(self) -> None:
+        async for snap in self.registry.watch():
+            self.set_snapshot(snap)
+
+    # ------------------------------------------------------------ HTTP
+
+    async def handle(self, req: Request) -> Response:
+        parts = [p for p in req.path.split("/") if p]
+        if len(parts) < 2 or parts[0] != "v1":
+            raise HTTPError(404, f"no such API: {req.method} {req.path}")
+        route = (req.method, parts[1])
+        if route == ("PUT", "proxies") and len(parts) == 3:
+            return self._put_proxy(parts[2], req)
+        if route == ("GET", "config") and len(parts) == 3:
+            return await self._get_config(parts[2], req)
+        if route == ("POST", "ack") and len(parts) == 3:
+            return self._ack(parts[2], req)
+        if route == ("GET", "status"):
+            return Response.json(self.status())
+        if route == ("POST", "rules") and parts[2:] == ["reload"]:
+            self._reload_rules()
+            return Response.json({"revision": self.revision, "generation": self.generation})
+        if parts[1] == "registry":
+            return await self._registry_api(req, parts[2:])
+        raise HTTPError(404, f"no such API: {req.method} {req.path}")
+
+    def _put_proxy(self, name: str, req: Request) -> Response:
+        try:
+            node = from_data(Node, req.json())
+        except HTTPError:
+            raise
+        except Exception as e:
+            raise HTTPError(400, f"bad node for proxy {name}: {e}") from None
+        st = self.proxies.get(name)
+        if st is None or st.node != node:
+            self.proxies[name] = ProxyState(node=node, last_seen=time.time())
+            self._save_nodes()
+            log.info("proxy %s registered (%s)", name, node.workload.service)
+        return Response.json({"proxy": name, "version": self.config_for(name).version})
+
+    async def _get_config(self, name: str, req: Request) -> Response:
+        if name not in self.proxies:
+            raise HTTPError(404, f"unknown proxy {name}: PUT /v1/proxies/{name} first")
+        have = req.query.get("version", "")
+        wait = parse_wait(req.query.get("wait"))
+        with trio.move_on_after(wait):
+            while True:
+                st = self.proxies[name]
+                st.last_seen = time.time()
+                cfg = self.config_for(name)
+                if cfg.version != have:
+                    st.sent = cfg.version
+                    return Response.json(dump_proxy_config(cfg))
+                await self._changed.wait()
+        return Response(304, b"", [("x-meshctl-version", have)])
+
+    def _ack(self, name: str, req: Request) -> Response:
+        st = self.proxies.get(name)
+        if st is None:
+            raise HTTPError(404, f"unknown proxy {name}")
+        body = req.json() or {}
+        version = str(body.get("version", ""))
+        if body.get("error"):
+            st.nacked, st.nack_error = version, str(body["error"])
+            log.warning("proxy %s rejected config %s: %s", name, version, st.nack_error)
+        else:
+            st.acked = version
+            if st.nacked == version:
+                st.nacked, st.nack_error = "", ""
+        return Response.json({"ok": True})
+
+    def status(self) -> dict[str, Any]:
+        out = []
+        for name in sorted(self.proxies):
+            st = self.proxies[name]
+            current = self.config_for(name).version
+            out.append(
+                {
+                    "proxy": name,
+                    "service": st.node.workload.service,
+                    "status": st.status(current),
+                    "current": current,
+                    "sent": st.sent,
+                    "acked": st.acked,
+                    "nacked": st.nacked,
+                    "error": st.nack_error,
+                    "last_seen": st.last_seen,
+                }
+            )
+        return {"revision": self.revision, "proxies": out}
+
+    async def _registry_api(self, req: Request, rest: list[str]) -> Response:
+        if req.method == "GET" and not rest:
+            return Response.json({s: [to_data(i) for i in insts] for s, insts in sorted(self.snapshot.items())})
+        if len(rest) < 2 or rest[0] != "instances":
+            raise HTTPError(404, f"no such API: {req.method} {req.path}")
+        iid = rest[1]
+        action = rest[2] if len(rest) > 2 else None
+        reg: Any = self.registry
+        if req.method == "PUT" and action is None:
+            body = req.json() or {}
+            try:
+                inst = from_data(Instance, body.get("instance", body))
+            except Exception as e:
+                raise HTTPError(400, f"bad instance {iid}: {e}") from None
+            ttl = body.get("ttl")
+            if ttl is not None and hasattr(reg, "register_with_ttl"):
+                await reg.register_with_ttl(inst, float(ttl))
+            else:
+                await reg.register(inst)
+            return Response.json({"ok": True})
+        if req.method == "DELETE" and action is None:
+            await reg.deregister(iid)
+            return Response.json({"ok": True})
+        if req.method == "POST" and action == "heartbeat":
+            await reg.keep_alive(iid)
+            return Response.json({"ok": True})
+        if req.method == "POST" and action == "drain":
+            await reg.set_draining(iid)
+            return Response.json({"ok": True})
+        raise HTTPError(404, f"no such API: {req.method} {req.path}")
+
+
+async def run_pilot(pilot: Pilot, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pilot.watch_rules)
+        nursery.start_soon(pilot.watch_registry)
+        bound = await nursery.start(httpapi.serve, pilot.handle, host, port)
+        task_status.started(bound)

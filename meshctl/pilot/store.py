@@ -1,0 +1,222 @@
+"""The rules store: applied Istio resources, with every revision kept.
+
+Layout in the state directory::
+
+    rules/revisions/000001.json   {"revision", "time", "change", "resources": [...]}
+    rules/current                 "7"  (the revision in force; rollback moves it)
+    rules/.lock                   flock, so CLI and Pilot never write at once
+
+Each revision is the whole set, so rollback is choosing a file and history is
+listing them. A revision is written to a temporary file and renamed: a crash
+never leaves a half-written rule set. The CLI writes here directly and then
+pokes Pilot, so `route apply` works the same with Pilot up or down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..loader.codec import from_data, to_data
+from ..model.istio import SPEC_TYPES, Resource
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    number: int
+    time: float
+    change: str
+    resources: tuple[Resource, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one apply or delete did to one resource, kubectl-style."""
+
+    kind: str
+    namespace: str
+    name: str
+    action: str  # created | configured | unchanged | deleted | not found
+
+    def __str__(self) -> str:
+        ns = "" if self.namespace == "default" else f"{self.namespace}/"
+        return f"{self.kind.lower()}.{_group_of(self.kind)}/{ns}{self.name} {self.action}"
+
+
+def _group_of(kind: str) -> str:
+    for (group, k) in SPEC_TYPES:
+        if k == kind:
+            return group
+    return "unknown"
+
+
+def resource_to_dict(r: Resource) -> dict:
+    meta: dict = {"name": r.name, "namespace": r.namespace}
+    if r.labels:
+        meta["labels"] = dict(r.labels)
+    out = {"apiVersion": r.api_version, "kind": r.kind, "metadata": meta, "spec": to_data(r.spec) or {}}
+    if r.source:
+        out["metadata"]["annotations"] = {"meshctl.io/source": r.source}
+    return out
+
+
+def resource_from_dict(d: dict) -> Resource:
+    group = d["apiVersion"].split("/", 1)[0]
+    cls = SPEC_TYPES[(group, d["kind"])]
+    meta = d.get("metadata", {})
+    return Resource(
+        api_version=d["apiVersion"],
+        kind=d["kind"],
+        name=meta["name"],
+        namespace=meta.get("namespace", "default"),
+        spec=from_data(cls, d.get("spec") or {}),
+        labels=meta.get("labels") or {},
+        source=(meta.get("annotations") or {}).get("meshctl.io/source"),
+    )
+
+
+class RuleStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir) / "rules"
+        self.revisions = self.root / "revisions"
+        self.revisions.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ reading
+
+    def current_number(self) -> int:
+        try:
+            return int((self.root / "current").read_text().strip())
+        except FileNotFoundError:
+            return 0
+        except ValueError as e:
+            raise StoreError(f"{self.root / 'current'}: corrupt ({e})") from e
+
+    def read(self, number: int) -> Revision:
+        path = self.revisions / f"{number:06d}.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"no revision {number} in {self.revisions}") from None
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{path}: corrupt ({e})") from e
+        return Revision(
+            number=data["revision"],
+            time=data["time"],
+            change=data["change"],
+            resources=tuple(resource_from_dict(r) for r in data["resources"]),
+        )
+
+    def current(self) -> Revision:
+        n = self.current_number()
+        if n == 0:
+            return Revision(0, 0.0, "empty", ())
+        return self.read(n)
+
+    def history(self) -> list[Revision]:
+        out = []
+        for p in sorted(self.revisions.glob("*.json")):
+            out.append(self.read(int(p.stem)))
+        return out
+
+    def stamp(self) -> tuple[int, float]:
+        """Cheap change detection for Pilot: (current revision, its file's mtime)."""
+        p = self.root / "current"
+        try:
+            return (self.current_number(), p.stat().st_mtime)
+        except FileNotFoundError:
+            return (0, 0.0)
+
+    # ------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _write(self, resources: Sequence[Resource], change: str) -> Revision:
+        existing = [int(p.stem) for p in self.revisions.glob("*.json")]
+        number = max(existing, default=0) + 1
+        rev = Revision(number, time.time(), change, tuple(resources))
+        body = {
+            "revision": number,
+            "time": rev.time,
+            "change": change,
+            "resources": [resource_to_dict(r) for r in resources],
+        }
+        _atomic_write(self.revisions / f"{number:06d}.json", json.dumps(body, indent=1))
+        _atomic_write(self.root / "current", f"{number}\n")
+        return rev
+
+    def apply(self, resources: Sequence[Resource]) -> tuple[Revision, list[Change]]:
+        """Create or replace each resource by (kind, namespace, name), like kubectl apply."""
+        with self._locked():
+            cur = self.current()
+            by_key = {r.key: r for r in cur.resources}
+            changes = []
+            for r in resources:
+                old = by_key.get(r.key)
+                if old is None:
+                    action = "created"
+                elif old.spec == r.spec and old.api_version == r.api_version and old.labels == r.labels:
+                    action = "unchanged"
+                else:
+                    action = "configured"
+                by_key[r.key] = r
+                changes.append(Change(r.kind, r.namespace, r.name, action))
+            if all(c.action == "unchanged" for c in changes):
+                return cur, changes
+            summary = "apply " + ", ".join(f"{c.kind}/{c.name}" for c in changes if c.action != "unchanged")
+            return self._write(sorted(by_key.values(), key=lambda r: r.key), summary), changes
+
+    def delete(self, keys: Sequence[tuple[str, str, str]]) -> tuple[Revision, list[Change]]:
+        with self._locked():
+            cur = self.current()
+            by_key = {r.key: r for r in cur.resources}
+            # Kinds are matched case-insensitively: `route delete virtualservice reviews`.
+            lower = {(k.lower(), ns, n): key for key in by_key for (k, ns, n) in [key]}
+            changes = []
+            for kind, ns, name in keys:
+                real = lower.get((kind.lower(), ns, name))
+                if real is None:
+                    changes.append(Change(kind, ns, name, "not found"))
+                else:
+                    del by_key[real]
+                    changes.append(Change(real[0], ns, name, "deleted"))
+            if not any(c.action == "deleted" for c in changes):
+                return cur, changes
+            summary = "delete " + ", ".join(f"{c.kind}/{c.name}" for c in changes if c.action == "deleted")
+            return self._write(sorted(by_key.values(), key=lambda r: r.key), summary), changes
+
+    def rollback(self, number: int | None = None) -> Revision:
+        """Make an earlier revision's rule set current again, as a new revision."""
+        with self._locked():
+            cur = self.current_number()
+            if number is None:
+                number = cur - 1
+            if number < 1 or number > cur and number > max((int(p.stem) for p in self.revisions.glob("*.json")), default=0):
+                raise StoreError(f"no revision {number} to roll back to (current is {cur})")
+            old = self.read(number)
+            return self._write(old.resources, f"rollback to revision {number}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,60 @@
+"""Where a running mesh keeps its state, and how commands find it.
+
+Like git finds `.git`: `--state-dir`, else `MESHCTL_STATE_DIR`, else the first
+`.meshctl/` in the current directory or one of its parents. `up` creates it
+beside the mesh file; `control.json` inside says where the control plane listens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+STATE_DIR_NAME = ".meshctl"
+ENV_VAR = "MESHCTL_STATE_DIR"
+
+
+class StateDirNotFound(Exception):
+    pass
+
+
+def find_state_dir(explicit: str | Path | None = None, start: Path | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        candidate = d / STATE_DIR_NAME
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def require_state_dir(explicit: str | Path | None = None) -> Path:
+    found = find_state_dir(explicit)
+    if found is None:
+        raise StateDirNotFound(
+            f"no mesh state directory: no {STATE_DIR_NAME}/ here or in any parent of {Path.cwd()}; "
+            f"run `meshctl up` first, or pass --state-dir / set {ENV_VAR}"
+        )
+    return found
+
+
+def read_control(state_dir: Path) -> dict:
+    try:
+        return json.loads((state_dir / "control.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_control(state_dir: Path, **entries: object) -> None:
+    """Merge entries into control.json (atomic rename)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = read_control(state_dir)
+    data.update(entries)
+    tmp = state_dir / f".control.json.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(state_dir / "control.json")
