@@ -1,0 +1,349 @@
+"""SPIFFE identities and the peer checks meshctl runs after a TLS handshake.
+
+An Istio workload identity is ``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>``;
+Istio's AuthorizationPolicy writes the same thing without the scheme
+(``cluster.local/ns/default/sa/productpage``) and calls it a *principal*.
+
+Python's ``ssl`` verifies the chain to the trust bundle but ignores URI SANs,
+so the identity rules are meshctl's own and live here:
+
+1. the leaf is inside its validity window (``expired`` / ``not-yet-valid``);
+2. it chains to a root of the trust bundle through CA certificates (``untrusted``);
+3. it is not itself a CA (``ca-leaf``);
+4. it carries exactly one URI SAN (``multiple-uri-sans``) and that URI is a
+   SPIFFE ID (``no-spiffe-id``);
+5. key usage / extended key usage allow the role it plays (``bad-key-usage``);
+6. its key is strong enough (``weak-key``);
+7. its SPIFFE ID is one the caller expects (``wrong-identity``).
+
+Everything here is pure: the clock ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from .errors import CitadelError, PeerRejected, WeakKey
+
+SCHEME = "spiffe://"
+MAX_CHAIN_DEPTH = 6
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = ("secp256r1", "secp384r1")
+
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]+$")
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class InvalidSpiffeId(CitadelError, ValueError):
+    reason = "bad-spiffe-id"
+
+
+@dataclass(frozen=True, slots=True)
+class SpiffeId:
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.principal}"
+
+    @property
+    def principal(self) -> str:
+        """Istio's principal form: the ID without ``spiffe://``."""
+        return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    """``spiffe://td/ns/<namespace>/sa/<service_account>``; each part is validated."""
+    if not trust_domain or not _TRUST_DOMAIN_RE.match(trust_domain):
+        raise InvalidSpiffeId(
+            f"invalid trust domain {trust_domain!r}: use lower-case letters, digits, '.', '-' and '_'"
+        )
+    for what, value in (("namespace", namespace), ("service account", service_account)):
+        if not value or not _SEGMENT_RE.match(value) or value in (".", ".."):
+            raise InvalidSpiffeId(
+                f"invalid {what} {value!r} for a SPIFFE ID: use letters, digits, '.', '-' and '_'"
+            )
+    return f"{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def is_spiffe_id(uri: str) -> bool:
+    """True for any well-formed SPIFFE ID (``spiffe://td/path``), Istio-shaped or not."""
+    if not uri.startswith(SCHEME):
+        return False
+    rest = uri[len(SCHEME):]
+    td, sep, path = rest.partition("/")
+    if not td or not _TRUST_DOMAIN_RE.match(td):
+        return False
+    if not sep:
+        return True  # the trust domain's own ID
+    segments = path.split("/")
+    return all(s and _SEGMENT_RE.match(s) and s not in (".", "..") for s in segments)
+
+
+def parse_spiffe_id(s: str) -> SpiffeId:
+    """Parse an Istio workload ID; accepts the principal form (no scheme) too."""
+    text = s[len(SCHEME):] if s.startswith(SCHEME) else s
+    parts = text.split("/")
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+        raise InvalidSpiffeId(
+            f"{s!r} is not an Istio workload identity: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+        )
+    spiffe_id(parts[0], parts[2], parts[4])  # validates each part
+    return SpiffeId(parts[0], parts[2], parts[4])
+
+
+# ---------------------------------------------------------------- keys
+
+
+def check_key_strength(public_key: object, what: str = "key") -> None:
+    """Raise WeakKey unless the key is RSA ≥ 2048 bits, EC P-256/P-384, or Ed25519."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            raise WeakKey(f"{what} is RSA {public_key.key_size} bits; at least {MIN_RSA_BITS} required")
+        return
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in ALLOWED_CURVES:
+            raise WeakKey(
+                f"{what} uses EC curve {public_key.curve.name}; only P-256 (secp256r1) and P-384 (secp384r1) are accepted"
+            )
+        return
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return
+    raise WeakKey(f"{what} has unsupported type {type(public_key).__name__}; use EC P-256, P-384 or RSA ≥ 2048")
+
+
+# ---------------------------------------------------------------- time and input helpers
+
+
+def as_datetime(now: datetime | float) -> datetime:
+    """``now`` as an aware UTC datetime (accepts epoch seconds or naive UTC)."""
+    if isinstance(now, datetime):
+        return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+    return datetime.fromtimestamp(float(now), tz=timezone.utc)
+
+
+def as_timedelta(ttl: timedelta | float) -> timedelta:
+    return ttl if isinstance(ttl, timedelta) else timedelta(seconds=float(ttl))
+
+
+def load_certificates(data: bytes | str | x509.Certificate | Iterable[object]) -> list[x509.Certificate]:
+    """Certificates from PEM text, one DER blob, an x509 object, or a sequence of those."""
+    if isinstance(data, x509.Certificate):
+        return [data]
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        try:
+            if b"-----BEGIN" in raw:
+                return list(x509.load_pem_x509_certificates(raw))
+            return [x509.load_der_x509_certificate(raw)]
+        except ValueError as exc:
+            raise PeerRejected(f"cannot parse certificate: {exc}", "bad-certificate") from None
+    out: list[x509.Certificate] = []
+    for item in data:
+        out.extend(load_certificates(item))  # type: ignore[arg-type]
+    return out
+
+
+def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    bc = _basic_constraints(cert)
+    return bc is not None and bc.ca
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True if ``issuer``'s name and key signed ``cert``."""
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def describe(cert: x509.Certificate) -> str:
+    """A short human name for a certificate: its SPIFFE ID or subject."""
+    uris = uri_sans(cert)
+    if uris:
+        return uris[0]
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
+    if now < cert.not_valid_before_utc:
+        raise PeerRejected(
+            f"{what} {describe(cert)} is not valid yet: valid from {cert.not_valid_before_utc.isoformat()}, "
+            f"now is {now.isoformat()} (clock skew?)",
+            "not-yet-valid",
+        )
+    if now > cert.not_valid_after_utc:
+        raise PeerRejected(
+            f"{what} {describe(cert)} expired at {cert.not_valid_after_utc.isoformat()}, now is {now.isoformat()}",
+            "expired",
+        )
+
+
+def _verify_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    now: datetime,
+) -> None:
+    if not roots:
+        raise PeerRejected("no trust bundle: cannot verify any peer", "untrusted")
+    current = leaf
+    used: set[bytes] = set()
+    for _ in range(MAX_CHAIN_DEPTH):
+        for root in roots:
+            if issued_by(current, root):
+                if not (now <= root.not_valid_after_utc and now >= root.not_valid_before_utc):
+                    raise PeerRejected(
+                        f"root {describe(root)} of the trust bundle is outside its validity window "
+                        f"({root.not_valid_before_utc.isoformat()} .. {root.not_valid_after_utc.isoformat()})",
+                        "untrusted",
+                    )
+                return
+        nxt = None
+        for cand in intermediates:
+            fp = cand.fingerprint(hashes.SHA256())
+            if fp in used or not issued_by(current, cand):
+                continue
+            if not is_ca(cand):
+                raise PeerRejected(
+                    f"intermediate {describe(cand)} in the peer's chain is not a CA", "untrusted"
+                )
+            _check_validity(cand, now, "intermediate certificate")
+            used.add(fp)
+            nxt = cand
+            break
+        if nxt is None:
+            raise PeerRejected(
+                f"certificate {describe(leaf)} is not signed by a trusted root "
+                f"(issuer {current.issuer.rfc4514_string() or '<empty>'} is not in the trust bundle)",
+                "untrusted",
+            )
+        current = nxt
+    raise PeerRejected(f"chain of {describe(leaf)} is longer than {MAX_CHAIN_DEPTH}", "untrusted")
+
+
+def check_leaf(
+    cert: x509.Certificate | bytes,
+    expected_ids: set[str] | frozenset[str] | None,
+    now: datetime | float,
+    *,
+    usage: str | None = None,
+) -> str:
+    """Checks 1 and 3-7 on a leaf whose chain was already verified (by ``ssl``).
+
+    ``usage`` is "server" when the peer acted as a TLS server, "client" when
+    it was a client, None to accept either. Returns the peer's SPIFFE ID.
+    """
+    leaf = load_certificates(cert)[0] if not isinstance(cert, x509.Certificate) else cert
+    when = as_datetime(now)
+    _check_validity(leaf, when, "peer certificate")
+    return _check_leaf_rest(leaf, expected_ids, usage)
+
+
+def _check_leaf_rest(leaf: x509.Certificate, expected_ids, usage: str | None) -> str:
+    if is_ca(leaf):
+        raise PeerRejected(
+            f"peer certificate {describe(leaf)} is a CA certificate (basicConstraints CA:true); "
+            "workload certificates must not be CAs",
+            "ca-leaf",
+        )
+    uris = uri_sans(leaf)
+    if len(uris) > 1:
+        raise PeerRejected(
+            f"peer certificate has {len(uris)} URI SANs ({', '.join(uris)}); exactly one SPIFFE ID is required",
+            "multiple-uri-sans",
+        )
+    if not uris or not is_spiffe_id(uris[0]):
+        got = uris[0] if uris else "none"
+        raise PeerRejected(f"peer certificate carries no SPIFFE ID (URI SAN: {got})", "no-spiffe-id")
+    ident = uris[0]
+    try:
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        ku = None
+    if ku is not None and not ku.digital_signature:
+        raise PeerRejected(
+            f"peer certificate {ident} lacks the digitalSignature key usage", "bad-key-usage"
+        )
+    try:
+        eku = set(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None:
+        need = {
+            "server": {ExtendedKeyUsageOID.SERVER_AUTH},
+            "client": {ExtendedKeyUsageOID.CLIENT_AUTH},
+        }.get(usage or "", {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH})
+        if not (eku & need) and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+            raise PeerRejected(
+                f"peer certificate {ident} has no extended key usage for TLS {usage or 'server or client'} auth",
+                "bad-key-usage",
+            )
+    try:
+        check_key_strength(leaf.public_key(), f"peer certificate {ident} key")
+    except WeakKey as exc:
+        raise PeerRejected(str(exc), "weak-key") from None
+    except Exception as exc:  # unsupported algorithms in cryptography
+        raise PeerRejected(f"peer certificate {ident} key cannot be read: {exc}", "weak-key") from None
+    if expected_ids is not None and ident not in expected_ids:
+        want = ", ".join(sorted(expected_ids)) or "<none>"
+        raise PeerRejected(f"peer identity {ident} is not the expected one ({want})", "wrong-identity")
+    return ident
+
+
+def verify_peer(
+    cert_chain: bytes | str | x509.Certificate | Sequence[bytes | x509.Certificate],
+    trust_bundle: bytes | str | Sequence[x509.Certificate],
+    expected_ids: set[str] | frozenset[str] | None,
+    now: datetime | float,
+    *,
+    usage: str | None = None,
+) -> str:
+    """All the checks, chain included. ``cert_chain`` is leaf first (DER, PEM or
+    x509 objects). Returns the peer's SPIFFE ID or raises PeerRejected(reason)."""
+    chain = load_certificates(cert_chain)
+    if not chain:
+        raise PeerRejected("peer presented no certificate", "no-certificate")
+    roots = load_certificates(trust_bundle)
+    when = as_datetime(now)
+    leaf = chain[0]
+    _check_validity(leaf, when, "peer certificate")
+    _verify_chain(leaf, chain[1:], roots, when)
+    return _check_leaf_rest(leaf, expected_ids, usage)
+
+
+def remaining_lifetime(cert: x509.Certificate, now: datetime | float) -> timedelta:
+    return cert.not_valid_after_utc - as_datetime(now)
