@@ -229,6 +229,7 @@ def service_url(svc: str, override_env: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in one write anyway
+    timeout = 300  # seconds an idle keep-alive connection may hold a thread
     app: App  # set on the subclass made by serve()
 
     def _handle(self) -> None:
