@@ -145,6 +145,7 @@ class FaultAbort:
     http_status: int | None = None
     grpc_status: str | None = None
     percentage: Percent | None = None
+    percent: int | None = None  # deprecated, still accepted (Bookinfo's ratings-test-abort uses it)
 
 
 @dataclass(frozen=True, slots=True)
