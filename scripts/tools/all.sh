@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Build every external tool the test suite needs (cached; fast when already built).
+# Prints one path per tool.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+"$HERE/consul.sh"
+"$HERE/eureka.sh"
