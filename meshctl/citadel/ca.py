@@ -162,6 +162,11 @@ class CA:
                 f"CA certificate {describe(self.cert)} expired at {self.cert.not_valid_after_utc.isoformat()}; "
                 "rotate the root (meshctl citadel rotate-root) or plug in a new CA"
             )
+        if when < self.cert.not_valid_before_utc:
+            raise CAError(
+                f"CA certificate {describe(self.cert)} is not valid until "
+                f"{self.cert.not_valid_before_utc.isoformat()} (clock skew?)"
+            )
         csr = _load_csr(csr_pem)
         try:
             check_key_strength(csr.public_key(), "CSR key")

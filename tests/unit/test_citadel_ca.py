@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -135,6 +135,12 @@ def test_expired_ca_refuses_to_sign():
     ca = create_root("cluster.local", NOW, lifetime=timedelta(hours=1))
     with pytest.raises(CAError, match="expired"):
         ca.sign_csr(make_csr(generate_key()), ID, None, NOW + timedelta(hours=2))
+
+
+def test_ca_refuses_to_sign_before_it_is_valid():
+    ca = create_root("cluster.local", NOW)
+    with pytest.raises(CAError, match="not valid until"):
+        ca.sign_csr(make_csr(generate_key()), ID, None, NOW - timedelta(hours=1))
 
 
 def test_load_ca_round_trips_a_root(root):

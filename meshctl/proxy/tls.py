@@ -1,0 +1,470 @@
+"""mTLS for sidecars: SSL contexts from Citadel's PEMs, handshakes with the SPIFFE check, PERMISSIVE sniffing.
+
+What the proxy calls:
+
+- ``CertificateHolder``: the current certificate, key and trust bundle, and
+  the server/client ``ssl.SSLContext`` built from them. ``update()`` swaps in
+  a renewed certificate; connections already open keep the context they
+  were made with, new connections get the new one.
+- ``server_handshake`` / ``client_handshake``: wrap a ``trio.abc.Stream`` in
+  ``trio.SSLStream``, run the handshake, then the SPIFFE identity check
+  (``ssl`` already verified the chain against the trust bundle; it ignores
+  URI SANs, so ``citadel.identity.check_leaf`` does the rest).
+  Failures raise ``TLSError`` (handshake) or ``PeerRejected`` (identity), and
+  the stream is closed.
+- ``accept_inbound``: what an inbound listener does with a new connection in
+  STRICT, PERMISSIVE or DISABLE mode.
+- ``renewal_time`` / ``keep_renewed``: renew at half-life with jitter.
+
+Contexts: TLS 1.2 minimum, certificate required on both sides (mutual),
+hostname checks off (identity is the SPIFFE ID, not a DNS name), ALPN
+``h2`` and ``http/1.1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Awaitable, Callable, Iterable
+
+import trio
+from cryptography import x509
+
+from ..citadel.errors import PeerRejected, TLSError
+from ..citadel.identity import check_leaf, describe, uri_sans
+
+log = logging.getLogger("meshctl.tls")
+
+DEFAULT_ALPN = ("h2", "http/1.1")
+HANDSHAKE_TIMEOUT = 10.0
+
+__all__ = [
+    "CertificateHolder",
+    "InboundConnection",
+    "PeerRejected",
+    "PrefixedStream",
+    "TLSConnection",
+    "TLSError",
+    "accept_inbound",
+    "client_context",
+    "client_handshake",
+    "keep_renewed",
+    "renewal_time",
+    "server_context",
+    "server_handshake",
+    "sniff_tls",
+]
+
+
+# ---------------------------------------------------------------- contexts
+
+
+def _b(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else data
+
+
+def _load_chain_into(ctx: ssl.SSLContext, chain_pem: bytes | str, key_pem: bytes | str) -> None:
+    """``load_cert_chain`` reads only files: hand it anonymous in-memory files
+    (memfd) where the OS has them, else a private temporary directory.
+    The key never lands in a named file that outlives this call."""
+    chain, key = _b(chain_pem), _b(key_pem)
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fds = []
+        try:
+            for data in (chain, key):
+                fd = os.memfd_create("meshctl-tls", 0)
+                fds.append(fd)
+                os.write(fd, data)
+            _load(ctx, f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="meshctl-tls-") as d:  # pragma: no cover - non-Linux
+        cpath, kpath = os.path.join(d, "chain.pem"), os.path.join(d, "key.pem")
+        for path, data in ((cpath, chain), (kpath, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        _load(ctx, cpath, kpath)
+
+
+def _load(ctx: ssl.SSLContext, cpath: str, kpath: str) -> None:
+    try:
+        ctx.load_cert_chain(cpath, kpath)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise TLSError("the private key does not match the certificate", "bad-certificate") from None
+        raise TLSError(f"cannot load certificate/key: {exc.reason or exc}", "bad-certificate") from None
+
+
+def _base_context(purpose_server: bool, bundle_pem: bytes | str, alpn: Iterable[str]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose_server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # identity is the SPIFFE URI SAN, checked after the handshake
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    try:
+        ctx.load_verify_locations(cadata=_b(bundle_pem).decode("ascii"))
+    except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
+        raise TLSError(f"cannot load the trust bundle: {exc}", "bad-certificate") from None
+    protos = list(alpn)
+    if protos:
+        ctx.set_alpn_protocols(protos)
+    return ctx
+
+
+def server_context(
+    chain_pem: bytes | str,
+    key_pem: bytes | str,
+    bundle_pem: bytes | str,
+    *,
+    alpn: Iterable[str] = DEFAULT_ALPN,
+) -> ssl.SSLContext:
+    """Server side of mutual TLS: presents ``chain_pem``, requires a client
+    certificate that chains to ``bundle_pem``."""
+    ctx = _base_context(True, bundle_pem, alpn)
+    _load_chain_into(ctx, chain_pem, key_pem)
+    return ctx
+
+
+def client_context(
+    chain_pem: bytes | str,
+    key_pem: bytes | str,
+    bundle_pem: bytes | str,
+    *,
+    alpn: Iterable[str] = DEFAULT_ALPN,
+) -> ssl.SSLContext:
+    """Client side of mutual TLS: presents ``chain_pem``, requires a server
+    certificate that chains to ``bundle_pem``."""
+    ctx = _base_context(False, bundle_pem, alpn)
+    _load_chain_into(ctx, chain_pem, key_pem)
+    return ctx
+
+
+# ---------------------------------------------------------------- the current certificate
+
+
+def renewal_time(
+    not_before: datetime, not_after: datetime, rng: random.Random, jitter: float = 0.1
+) -> datetime:
+    """When to renew: at half the lifetime, moved by up to ±``jitter`` of the
+    lifetime so a fleet started together does not renew together."""
+    life = not_after - not_before
+    fraction = 0.5 + rng.uniform(-jitter, jitter)
+    return not_before + life * fraction
+
+
+class CertificateHolder:
+    """The sidecar's current identity material and the contexts built from it.
+
+    Reading ``server`` / ``client`` returns the contexts of the moment; a
+    connection keeps the context it was created with, so ``update`` never
+    disturbs connections already open.
+    """
+
+    def __init__(self, *, alpn: Iterable[str] = DEFAULT_ALPN) -> None:
+        self.alpn = tuple(alpn)
+        self._server: ssl.SSLContext | None = None
+        self._client: ssl.SSLContext | None = None
+        self.identity: str | None = None
+        self.not_before: datetime | None = None
+        self.not_after: datetime | None = None
+        self.bundle_pem: bytes = b""
+        self.generation = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._server is not None
+
+    @property
+    def server(self) -> ssl.SSLContext:
+        if self._server is None:
+            raise TLSError("no workload certificate yet: Citadel has not issued one", "no-certificate")
+        return self._server
+
+    @property
+    def client(self) -> ssl.SSLContext:
+        if self._client is None:
+            raise TLSError("no workload certificate yet: Citadel has not issued one", "no-certificate")
+        return self._client
+
+    def update(self, chain_pem: bytes | str, key_pem: bytes | str, bundle_pem: bytes | str) -> None:
+        """Build new contexts, then swap them in (both or neither)."""
+        try:
+            leaf = x509.load_pem_x509_certificate(_b(chain_pem))
+        except ValueError as exc:
+            raise TLSError(f"cannot read the workload certificate: {exc}", "bad-certificate") from None
+        uris = uri_sans(leaf)
+        server = server_context(chain_pem, key_pem, bundle_pem, alpn=self.alpn)
+        client = client_context(chain_pem, key_pem, bundle_pem, alpn=self.alpn)
+        self._server, self._client = server, client
+        self.identity = uris[0] if len(uris) == 1 else describe(leaf)
+        self.not_before, self.not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+        self.bundle_pem = _b(bundle_pem)
+        self.generation += 1
+        log.info("workload certificate %s loaded, valid until %s", self.identity, self.not_after.isoformat())
+
+    def renew_at(self, rng: random.Random, jitter: float = 0.1) -> datetime:
+        if self.not_before is None or self.not_after is None:
+            raise TLSError("no workload certificate yet", "no-certificate")
+        return renewal_time(self.not_before, self.not_after, rng, jitter)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def keep_renewed(
+    holder: CertificateHolder,
+    obtain: Callable[[], Awaitable[tuple[bytes, bytes, bytes]]],
+    rng: random.Random,
+    *,
+    wall_clock: Callable[[], datetime] = _utcnow,
+    retry_min: float = 1.0,
+    retry_max: float = 60.0,
+) -> None:
+    """Forever: obtain (chain, key, bundle) when there is none or at renewal
+    time, and ``holder.update`` with it. A failed renewal is retried with
+    exponential backoff; the old certificate keeps serving meanwhile."""
+    backoff = retry_min
+    while True:
+        if holder.ready:
+            wait = (holder.renew_at(rng) - wall_clock()).total_seconds()
+            if wait > 0:
+                await trio.sleep(wait)
+        try:
+            chain, key, bundle = await obtain()
+            holder.update(chain, key, bundle)
+            backoff = retry_min
+        except Exception as exc:  # any failure: keep the old cert, retry later
+            left = ""
+            if holder.not_after is not None:
+                left = f"; current certificate expires {holder.not_after.isoformat()}"
+            log.warning("certificate renewal failed: %s%s; retrying in %.0fs", exc, left, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, retry_max)
+
+
+# ---------------------------------------------------------------- handshakes
+
+
+@dataclass
+class TLSConnection:
+    stream: trio.SSLStream
+    peer_id: str  # the peer's SPIFFE ID, checked
+    alpn: str | None  # "h2", "http/1.1" or None
+
+
+def _context_of(ctx: ssl.SSLContext | CertificateHolder, server_side: bool) -> ssl.SSLContext:
+    if isinstance(ctx, CertificateHolder):
+        return ctx.server if server_side else ctx.client
+    return ctx
+
+
+def _describe_ssl_failure(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"peer certificate not trusted: {cause.verify_message or cause.reason}"
+    if isinstance(cause, ssl.SSLError):
+        reason = cause.reason or str(cause)
+        if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "PEER_DID_NOT_RETURN_A_CERTIFICATE"):
+            return "peer presented no client certificate (mutual TLS required)"
+        if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"):
+            return f"peer refused our certificate ({reason})"
+        if reason == "WRONG_VERSION_NUMBER":
+            return "peer did not speak TLS (plaintext on an mTLS port?)"
+        return f"TLS error: {reason}"
+    if isinstance(exc, trio.BrokenResourceError):
+        return "connection closed during the TLS handshake"
+    return f"{type(cause).__name__}: {cause}"
+
+
+async def _handshake(
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    expected_ids: set[str] | frozenset[str] | None,
+    server_hostname: str | None,
+    https_compatible: bool,
+    timeout: float | None,
+    now: Callable[[], datetime],
+) -> TLSConnection:
+    ssl_stream = trio.SSLStream(
+        stream,
+        context,
+        server_side=server_side,
+        server_hostname=None if server_side else server_hostname,
+        https_compatible=https_compatible,
+    )
+    try:
+        with trio.fail_after(timeout if timeout is not None else float("inf")):
+            await ssl_stream.do_handshake()
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(ssl_stream)
+        raise TLSError(f"TLS handshake timed out after {timeout}s", "tls-timeout") from None
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(ssl_stream)
+        raise TLSError(f"TLS handshake failed: {_describe_ssl_failure(exc)}") from None
+    der = ssl_stream.getpeercert(binary_form=True)
+    try:
+        if not der:
+            raise PeerRejected("peer presented no certificate", "no-certificate")
+        peer_id = check_leaf(der, expected_ids, now(), usage="client" if server_side else "server")
+    except PeerRejected:
+        await trio.aclose_forcefully(ssl_stream)
+        raise
+    return TLSConnection(ssl_stream, peer_id, ssl_stream.selected_alpn_protocol())
+
+
+async def server_handshake(
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext | CertificateHolder,
+    expected_ids: set[str] | frozenset[str] | None = None,
+    *,
+    https_compatible: bool = True,
+    timeout: float | None = HANDSHAKE_TIMEOUT,
+    now: Callable[[], datetime] = _utcnow,
+) -> TLSConnection:
+    """Accept mutual TLS on ``stream``; ``expected_ids`` None admits any
+    identity of the trust domain (authorization decides later)."""
+    return await _handshake(
+        stream,
+        _context_of(context, True),
+        server_side=True,
+        expected_ids=expected_ids,
+        server_hostname=None,
+        https_compatible=https_compatible,
+        timeout=timeout,
+        now=now,
+    )
+
+
+async def client_handshake(
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext | CertificateHolder,
+    expected_ids: set[str] | frozenset[str] | None,
+    *,
+    server_hostname: str | None = None,
+    https_compatible: bool = True,
+    timeout: float | None = HANDSHAKE_TIMEOUT,
+    now: Callable[[], datetime] = _utcnow,
+) -> TLSConnection:
+    """Open mutual TLS to an upstream sidecar and check it is one of
+    ``expected_ids`` (from ``Endpoint.identity``). ``server_hostname`` is sent
+    as SNI only."""
+    return await _handshake(
+        stream,
+        _context_of(context, False),
+        server_side=False,
+        expected_ids=expected_ids,
+        server_hostname=server_hostname,
+        https_compatible=https_compatible,
+        timeout=timeout,
+        now=now,
+    )
+
+
+# ---------------------------------------------------------------- PERMISSIVE
+
+
+def sniff_tls(first_bytes: bytes) -> bool:
+    """True if the bytes open a TLS ClientHello (record type 0x16, version 0x03 0x0?).
+
+    No HTTP method starts with 0x16, so one byte decides; a second byte, when
+    present, must be 0x03."""
+    if not first_bytes or first_bytes[0] != 0x16:
+        return False
+    return len(first_bytes) < 2 or first_bytes[1] == 0x03
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream that first yields bytes already read (by the sniffer), then the rest."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.transport_stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            if max_bytes is None or max_bytes >= len(self._prefix):
+                data, self._prefix = self._prefix, b""
+            else:
+                data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            return data
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        send_eof = getattr(self.transport_stream, "send_eof", None)
+        if send_eof is None:
+            raise trio.ClosedResourceError("underlying stream cannot half-close")
+        await send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+    def __getattr__(self, name: str):  # socket, getpeername, ... of the stream underneath
+        return getattr(self.transport_stream, name)
+
+
+@dataclass
+class InboundConnection:
+    stream: trio.abc.Stream  # decrypted application bytes
+    peer_id: str | None  # SPIFFE ID when mTLS, None for plaintext
+    tls: bool
+    alpn: str | None = None
+
+
+async def accept_inbound(
+    stream: trio.abc.Stream,
+    holder: CertificateHolder | ssl.SSLContext,
+    mode: str,
+    expected_ids: set[str] | frozenset[str] | None = None,
+    *,
+    timeout: float | None = HANDSHAKE_TIMEOUT,
+    now: Callable[[], datetime] = _utcnow,
+) -> InboundConnection:
+    """An inbound connection by ``Listener.mtls_mode``:
+
+    STRICT      mTLS or nothing (plaintext is refused with a TLSError saying so);
+    PERMISSIVE  mTLS if the first bytes are a ClientHello, else plaintext;
+    DISABLE     plaintext, untouched.
+    """
+    mode = (mode or "DISABLE").upper()
+    if mode == "DISABLE":
+        return InboundConnection(stream, None, False)
+    if mode not in ("STRICT", "PERMISSIVE"):
+        raise TLSError(f"unknown mTLS mode {mode!r} (expected STRICT, PERMISSIVE or DISABLE)", "bad-config")
+    try:
+        with trio.fail_after(timeout if timeout is not None else float("inf")):
+            first = await stream.receive_some(4096)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise TLSError(f"client sent nothing within {timeout}s", "tls-timeout") from None
+    if not first:
+        await trio.aclose_forcefully(stream)
+        raise TLSError("connection closed before any byte arrived", "tls-handshake")
+    replay = PrefixedStream(stream, first)
+    if not sniff_tls(first):
+        if mode == "STRICT":
+            await trio.aclose_forcefully(stream)
+            raise TLSError(
+                "plaintext connection refused: this port requires mutual TLS (PeerAuthentication STRICT)",
+                "plaintext-on-strict",
+            )
+        return InboundConnection(replay, None, False)
+    conn = await server_handshake(replay, holder, expected_ids, timeout=timeout, now=now)
+    return InboundConnection(conn.stream, conn.peer_id, True, conn.alpn)
