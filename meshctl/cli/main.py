@@ -20,6 +20,9 @@ app = typer.Typer(
 # Modules under meshctl.cli that add commands; each has register(app).
 NOUNS = [
     "proxy",
+    "route",
+    "pilot",
+    "mesh",
 ]
 
 for _noun in NOUNS:

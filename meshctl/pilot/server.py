@@ -35,6 +35,7 @@ from ..loader.codec import from_data, to_data
 from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
 from ..registry.base import Instance, Registry, Snapshot
+from ..registry.embedded import EmbeddedRegistry
 from .compile import Inputs, Node, compile_proxy
 from .store import RuleStore
 
@@ -272,8 +273,8 @@ class Pilot:
             except Exception as e:
                 raise HTTPError(400, f"bad instance {iid}: {e}") from None
             ttl = body.get("ttl")
-            if ttl is not None and hasattr(reg, "register_with_ttl"):
-                await reg.register_with_ttl(inst, float(ttl))
+            if ttl is not None and isinstance(reg, EmbeddedRegistry):
+                await reg.register(inst, ttl=float(ttl))
             else:
                 await reg.register(inst)
             return Response.json({"ok": True})

@@ -1,0 +1,255 @@
+"""`meshctl up`, `down`, `status`, `logs`: the whole mesh from one file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import trio
+import typer
+from rich.table import Table
+
+from ..loader.codec import LoadError
+from ..state import ENV_VAR, STATE_DIR_NAME, find_state_dir
+from .common import StateDirOption, console, err_console, fail
+
+
+def register(root: typer.Typer) -> None:
+    root.command("up")(up)
+    root.command("down")(down)
+    root.command("status")(status)
+    root.command("logs")(logs)
+
+
+def _mesh_state_dir(mesh: Path, explicit: Optional[str]) -> Path:
+    if explicit:
+        return Path(explicit)
+    from ..supervisor.plan import load_mesh
+
+    spec = load_mesh(mesh)
+    if spec.settings.state_dir:
+        return (mesh.parent / spec.settings.state_dir).resolve()
+    return (mesh.parent / STATE_DIR_NAME).resolve()
+
+
+def _supervisor_pid(sd: Path) -> int | None:
+    try:
+        pid = int((sd / "supervisor.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def _read_status(sd: Path) -> dict:
+    try:
+        return json.loads((sd / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def print_table(st: dict) -> None:
+    t = Table("WORKLOAD", "SERVICE", "VERSION", "STATE", "APP", "INBOUND", "OUTBOUND (HTTP_PROXY)", "ADMIN", box=None)
+    colours = {"ready": "green", "starting": "yellow", "unhealthy": "red", "restarting": "red", "stopped": "dim"}
+    for w in st.get("workloads", []):
+        c = colours.get(w["state"], "white")
+        t.add_row(w["name"], w["service"], w["version"], f"[{c}]{w['state']}[/]", w["app_address"], w["inbound_address"],
+                  w["outbound_address"], w["admin_address"])
+    console.print(t)
+    if st.get("gateways"):
+        g = Table("GATEWAY", "ADDRESS", "STATE", box=None)
+        for gw in st["gateways"]:
+            mapping = ", ".join(f"{gp}→127.0.0.1:{hp}" for gp, hp in gw.get("ports", {}).items())
+            g.add_row(gw["name"], mapping or gw["address"], gw["state"])
+        console.print(g)
+    cp = st.get("control_plane", {})
+    reg = st.get("registry", {})
+    line = f"pilot {cp.get('pilot') or '-'} · registry {reg.get('url', '-')}"
+    if reg and not reg.get("reachable", True):
+        line += f" [red](unreachable: {reg.get('error', '')})[/]"
+    console.print(line, style="dim")
+
+
+def up(
+    file: Path = typer.Option(Path("mesh.yaml"), "-f", "--file", help="The mesh file."),
+    detach: bool = typer.Option(False, "-d", "--detach", help="Run in the background; `meshctl down` stops it."),
+    state: Optional[str] = StateDirOption,
+    quiet: bool = typer.Option(False, "--quiet", hidden=True),
+) -> None:
+    """Start the control plane, every app with its sidecar, and the gateways; or apply mesh.yaml's changes to a running mesh."""
+    from ..supervisor.run import Supervisor, UpError
+
+    if not file.exists():
+        fail(f"{file}: no such mesh file (give one with -f)")
+    try:
+        sd = _mesh_state_dir(file, state)
+    except LoadError as e:
+        fail(f"bad mesh file:\n{e}")
+    sd.mkdir(parents=True, exist_ok=True)
+    pid = _supervisor_pid(sd)
+    if pid:
+        _update_running(sd, pid, file)
+        return
+    if detach:
+        _start_detached(sd, file)
+        return
+    started = time.monotonic()
+
+    def on_event(msg: str) -> None:
+        if not quiet:
+            err_console.print(f"[dim]{time.monotonic() - started:6.2f}s[/] {msg}", highlight=False)
+
+    try:
+        sup = Supervisor(file, sd, on_event)
+    except LoadError as e:
+        fail(f"bad mesh file:\n{e}")
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(sup.run)
+            if not quiet:
+                print_table(sup.status())
+                console.print(f"mesh up in {time.monotonic() - started:.2f}s; Ctrl-C stops it", style="bold")
+
+    try:
+        trio.run(main, restrict_keyboard_interrupt_to_checkpoints=True)
+    except UpError as e:
+        fail(f"meshctl up failed: {e}")
+    except KeyboardInterrupt:
+        pass
+
+
+def _start_detached(sd: Path, file: Path) -> None:
+    (sd / "logs").mkdir(parents=True, exist_ok=True)
+    out = open(sd / "logs" / "supervisor.log", "ab")
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshctl", "up", "-f", str(file.resolve()), "--state-dir", str(sd), "--quiet"],
+        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )
+    out.close()
+    seen: set[str] = set()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        st = _read_status(sd)
+        for w in st.get("workloads", []):
+            if w["state"] == "ready" and w["name"] not in seen:
+                seen.add(w["name"])
+                err_console.print(f"{w['name']} ready", highlight=False)
+        if st.get("pid") == proc.pid and st.get("state") == "running":
+            print_table(st)
+            console.print(f"mesh up (supervisor pid {proc.pid}); `meshctl down` stops it", style="bold")
+            return
+        if proc.poll() is not None:
+            st = _read_status(sd)
+            fail(f"meshctl up failed: {st.get('error') or 'see ' + str(sd / 'logs' / 'supervisor.log')}")
+        time.sleep(0.05)
+    fail(f"mesh not up after 90s: see `meshctl status` and {sd / 'logs'}")
+
+
+def _update_running(sd: Path, pid: int, file: Path) -> None:
+    st = _read_status(sd)
+    if st.get("mesh") and Path(st["mesh"]) != file.resolve():
+        fail(f"a mesh from {st['mesh']} is already running with state {sd}: `meshctl down` first")
+    mtime = (sd / "status.json").stat().st_mtime if (sd / "status.json").exists() else 0
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 90
+    time.sleep(0.1)
+    while time.monotonic() < deadline:
+        st = _read_status(sd)
+        if st.get("state") == "running" and (sd / "status.json").stat().st_mtime > mtime:
+            if st.get("error"):
+                fail(st["error"])
+            print_table(st)
+            console.print("mesh updated", style="bold")
+            return
+        time.sleep(0.05)
+    fail("the running mesh did not finish updating in 90s: see `meshctl status`")
+
+
+def down(state: Optional[str] = StateDirOption, timeout: float = typer.Option(30.0, help="Seconds to wait.")) -> None:
+    """Stop the mesh started by `meshctl up -d`: drain, deregister, stop every process."""
+    sd = find_state_dir(state)
+    if sd is None:
+        fail(f"no mesh here: no {STATE_DIR_NAME}/ in this directory or its parents (or pass --state-dir)")
+    pid = _supervisor_pid(sd)
+    if pid is None:
+        console.print("no mesh is running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _supervisor_pid(sd) is None:
+            console.print("mesh stopped")
+            return
+        time.sleep(0.05)
+    fail(f"the supervisor (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable output (a stable interface)."), state: Optional[str] = StateDirOption) -> None:
+    """Services, instances, addresses and health of the running mesh."""
+    sd = find_state_dir(state)
+    st = _read_status(sd) if sd else {}
+    if not st:
+        if json_out:
+            print(json.dumps({"state": "stopped", "workloads": [], "gateways": []}))
+            return
+        fail("no mesh status here: run `meshctl up` (or pass --state-dir)")
+    if st.get("state") not in ("stopped", "failed") and sd and _supervisor_pid(sd) is None:
+        st["state"] = "dead"
+        st["error"] = "the supervisor is not running (killed?): `meshctl up` again"
+    if json_out:
+        keys = ("state", "error", "registry", "control_plane", "workloads", "gateways")
+        print(json.dumps({k: st.get(k) for k in keys}, indent=1))
+        return
+    console.print(f"mesh {st.get('mesh')}: [bold]{st.get('state')}[/]")
+    if st.get("error"):
+        err_console.print(f"[red]{st['error']}[/]")
+    print_table(st)
+
+
+def logs(
+    workload: Optional[str] = typer.Argument(None, help="A workload, gateway or 'pilot'; all when omitted."),
+    follow: bool = typer.Option(False, "-f", "--follow"),
+    lines: int = typer.Option(50, "-n", "--lines"),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Logs of apps, sidecars, gateways and the control plane."""
+    sd = find_state_dir(state)
+    if sd is None or not (sd / "logs").is_dir():
+        fail("no mesh logs here: run `meshctl up` (or pass --state-dir)")
+    files = sorted((sd / "logs").glob(f"{workload}.*log" if workload else "*.log"))
+    if not files:
+        known = sorted({p.name.split(".")[0] for p in (sd / "logs").glob("*.log")})
+        fail(f"no logs for {workload!r}: known are {', '.join(known)}")
+    prefix = len(files) > 1
+    positions = {}
+    for f in files:
+        text = f.read_text(errors="replace").splitlines()[-lines:]
+        for line in text:
+            print(f"{f.stem}: {line}" if prefix else line)
+        positions[f] = f.stat().st_size
+    try:
+        while follow:
+            time.sleep(0.2)
+            for f in files:
+                size = f.stat().st_size
+                if size > positions[f]:
+                    with open(f, errors="replace") as fh:
+                        fh.seek(positions[f])
+                        for line in fh.read().splitlines():
+                            print(f"{f.stem}: {line}" if prefix else line, flush=True)
+                    positions[f] = size
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,90 @@
+"""mesh.yaml: the services on this host, and how `meshctl up` runs them.
+
+```yaml
+settings:
+  registry: embedded            # or consul://127.0.0.1:8500, eureka://127.0.0.1:8761/eureka
+  trustDomain: cluster.local
+  portRange: 21000-21999        # where meshctl allocates app, sidecar and gateway ports
+services:
+- name: reviews
+  port: 9080                    # the service port clients use: http://reviews:9080/
+  upstreams: {ratings: 9091}    # 127.0.0.1:9091 in the app's sidecar reaches ratings (RATINGS_ADDR)
+  healthCheck: {http: /health, interval: 2s}
+  versions:
+  - name: v2
+    labels: {version: v2}
+    command: [python3, apps/reviews.py]
+    env: {SERVICE_VERSION: v2}
+    replicas: 1
+gateways:
+- name: istio-ingressgateway
+  labels: {istio: ingressgateway}
+  ports: {80: 8080}             # Gateway server port 80 is served on host port 8080
+```
+
+Field names follow the house convention (camelCase in YAML, snake_case here),
+so the reflective loader reads this file with file:line errors like rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import EMPTY, Duration, FrozenDict
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    http: str | None = None  # path, e.g. /health; GET must answer 2xx/3xx
+    tcp: bool | None = None  # a TCP connect is enough
+    interval: Duration = Duration(2.0)
+    timeout: Duration = Duration(1.0)
+    healthy_threshold: int = 1
+    unhealthy_threshold: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    name: str = "v1"
+    labels: FrozenDict[str, str] = EMPTY  # `app: <service>` and `version: <name>` are added
+    command: tuple[str, ...] = ()  # argv; the app gets PORT, HTTP_PROXY, <SVC>_ADDR in its env
+    address: str | None = None  # an app already running: "127.0.0.1:9080" (then no command)
+    replicas: int = 1
+    env: FrozenDict[str, str] = EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str = ""
+    port: int = 80
+    protocol: str = "http"  # http | http2 | grpc | tcp
+    versions: tuple[Version, ...] = ()
+    upstreams: FrozenDict[str, int] = EMPTY  # service → local port of a binding
+    health_check: HealthCheck | None = None
+    env: FrozenDict[str, str] = EMPTY
+    cwd: str | None = None  # working directory of the apps (default: the mesh file's folder)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySpec:
+    name: str = ""
+    labels: FrozenDict[str, str] = EMPTY
+    ports: FrozenDict[int, int] = EMPTY  # Gateway server port → host port
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    registry: str = "embedded"
+    trust_domain: str = "cluster.local"
+    namespace: str = "default"
+    port_range: str = "21000-21999"
+    state_dir: str | None = None  # default: .meshctl beside the mesh file
+    pilot_port: int | None = None  # default: allocated from port_range
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSpec:
+    settings: MeshSettings = MeshSettings()
+    services: tuple[ServiceSpec, ...] = ()
+    gateways: tuple[GatewaySpec, ...] = ()

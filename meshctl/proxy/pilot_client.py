@@ -1,0 +1,117 @@
+"""The proxy's side of Pilot: register, long-poll for config, ACK or NACK.
+
+    PUT  /v1/proxies/<name>                      once, and again whenever Pilot forgets us
+    GET  /v1/config/<name>?version=V&wait=30s    forever; 304 means nothing new
+    POST /v1/ack/<name>                          {"version"} or {"version", "error"}
+
+A config that fails to load or apply is NACKed with the reason and the proxy
+keeps the one it runs. Every config applied is saved as the last good one, so
+a proxy started while Pilot is down comes up from it. When Pilot goes away,
+the proxy keeps serving and retries with backoff; when it returns, the proxy
+re-registers and resyncs without restarting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import httpx
+import trio
+
+from ..loader.codec import LoadError, from_data, to_data
+from ..loader.proxyconfig import dump_proxy_config
+from ..model.proxyconfig import ProxyConfig
+from ..pilot.compile import Node
+
+log = logging.getLogger("meshctl.proxy.pilot")
+
+Apply = Callable[[ProxyConfig], Awaitable[None]]
+
+
+def last_good_path(state_dir: Path, name: str) -> Path:
+    return Path(state_dir) / "proxies" / f"{name}.config.json"
+
+
+def load_last_good(state_dir: Path, name: str) -> ProxyConfig | None:
+    path = last_good_path(state_dir, name)
+    try:
+        return from_data(ProxyConfig, json.loads(path.read_text()), path="", file=str(path))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, LoadError) as e:
+        log.warning("ignoring damaged last-good config %s: %s", path, e)
+        return None
+
+
+def save_last_good(state_dir: Path, cfg: ProxyConfig) -> None:
+    path = last_good_path(state_dir, cfg.workload.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(dump_proxy_config(cfg)))
+    tmp.replace(path)
+
+
+class PilotClient:
+    def __init__(self, pilot_url: str, node: Node, apply: Apply, state_dir: Path | None, wait: str = "30s") -> None:
+        self.url = pilot_url.rstrip("/")
+        self.node = node
+        self.name = node.workload.name
+        self.apply = apply
+        self.state_dir = state_dir
+        self.wait = wait
+        self.version = ""
+        self.connected = False
+        self.last_error = ""
+        self.synced = trio.Event()  # set after the first config from Pilot is applied
+
+    async def run(self) -> None:
+        backoff = 0.1
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), trust_env=False) as client:
+            registered = False
+            while True:
+                try:
+                    if not registered:
+                        r = await client.put(f"{self.url}/v1/proxies/{self.name}", json=to_data(self.node))
+                        r.raise_for_status()
+                        registered = True
+                    r = await client.get(f"{self.url}/v1/config/{self.name}", params={"version": self.version, "wait": self.wait})
+                    if r.status_code == 404:
+                        registered = False
+                        continue
+                    r.raise_for_status()
+                    if not self.connected:
+                        log.info("connected to Pilot at %s", self.url)
+                    self.connected, self.last_error, backoff = True, "", 0.1
+                    if r.status_code == 304:
+                        continue
+                    await self._take(client, r.json())
+                except (httpx.HTTPError, ValueError) as e:
+                    if self.connected or not self.last_error:
+                        log.warning("Pilot at %s unreachable (%s); serving config %s, retrying", self.url, e.__class__.__name__, self.version or "(none)")
+                    self.connected, self.last_error = False, f"{e.__class__.__name__}: {e}"
+                    registered = False
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+
+    async def _take(self, client: httpx.AsyncClient, data: dict) -> None:
+        version = str(data.get("version", ""))
+        try:
+            cfg = from_data(ProxyConfig, data, path="", file=f"pilot config {version}")
+            await self.apply(cfg)
+        except Exception as e:  # any reason to refuse is reported to Pilot, never crashes the proxy
+            reason = str(e) or e.__class__.__name__
+            log.error("rejected config %s: %s (keeping %s)", version, reason, self.version or "none")
+            await client.post(f"{self.url}/v1/ack/{self.name}", json={"version": version, "error": reason})
+            # Don't spin on the same bad version: wait for the next one.
+            self.version = version
+            return
+        self.version = version
+        if self.state_dir is not None:
+            save_last_good(self.state_dir, cfg)
+        await client.post(f"{self.url}/v1/ack/{self.name}", json={"version": version})
+        self.synced.set()
+        log.info("applied config %s", version)

@@ -1,0 +1,637 @@
+"""The supervisor behind `meshctl up`: start, watch and stop the whole mesh.
+
+One trio task per process (control plane, each app, each sidecar, each
+gateway) restarts it with backoff when it dies; one health task per workload
+instance checks the app (mesh.yaml healthCheck, else a TCP connect) and the
+sidecar's /ready, and keeps the instance registered only while both pass.
+Everything observable goes to ``status.json`` in the state directory, which
+`meshctl status` reads, and to ``logs/``.
+
+Shutdown (SIGTERM, SIGINT or `meshctl down`): instances are marked draining
+and deregistered first, so Pilot moves traffic away, then sidecars and apps
+get SIGTERM, then SIGKILL after a grace period; the control plane goes last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from ..loader.codec import to_data
+from ..model.base import FrozenDict
+from ..model.mesh import HealthCheck, MeshSpec
+from ..pilot.compile import META_PROTOCOL, META_SERVICE_PORT, META_SIDECAR
+from ..registry.base import Instance, RegistryError
+from ..state import write_control
+from .plan import GatewayPlan, Plan, WorkloadPlan, gateway_node, load_mesh, make_plan, workload_node
+from .pilotreg import PilotRegistry
+
+log = logging.getLogger("meshctl.up")
+
+READY_TIMEOUT = 60.0
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+STOP_GRACE = 8.0
+
+
+class UpError(Exception):
+    """`up` cannot go on; the message names the cause. What started is stopped."""
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def meshctl_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshctl", *args]
+
+
+@dataclass
+class ProcState:
+    name: str
+    kind: str  # app | proxy | gateway | pilot
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    log: Path
+    pid: int | None = None
+    restarts: int = 0
+    state: str = "starting"
+    last_event: str = ""
+    process: trio.Process | None = None
+
+
+@dataclass
+class InstanceState:
+    plan: WorkloadPlan
+    app: ProcState | None
+    proxy: ProcState
+    state: str = "starting"  # starting | ready | unhealthy | restarting | stopped
+    registered: bool = False
+    ok_streak: int = 0
+    fail_streak: int = 0
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Supervisor:
+    def __init__(self, mesh_path: Path, state_dir: Path, on_event: Callable[[str], None] | None = None) -> None:
+        self.mesh_path = mesh_path.resolve()
+        self.state_dir = state_dir.resolve()
+        self.on_event = on_event or (lambda msg: None)
+        self.logs = self.state_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "nodes").mkdir(exist_ok=True)
+        self.spec: MeshSpec = load_mesh(self.mesh_path)
+        self.plan: Plan | None = None
+        self.instances: dict[str, InstanceState] = {}
+        self.gateways: dict[str, ProcState] = {}
+        self.pilot: ProcState | None = None
+        self.pilot_url = ""
+        self.registry = None
+        self.state = "starting"
+        self.error = ""
+        self.shutting_down = False
+        self._nursery: trio.Nursery | None = None
+        self._status_dirty = trio.Event()
+
+    # ------------------------------------------------------------ events and status
+
+    def event(self, msg: str) -> None:
+        log.info("%s", msg)
+        self.on_event(msg)
+        self.write_status()
+
+    def status(self) -> dict:
+        reg = self.registry
+        return {
+            "pid": os.getpid(),
+            "mesh": str(self.mesh_path),
+            "state": self.state,
+            "error": self.error,
+            "registry": {
+                "url": self.spec.settings.registry,
+                "reachable": getattr(reg, "reachable", True) if reg else False,
+                "error": getattr(reg, "last_error", "") if reg else "",
+            },
+            "control_plane": {"pilot": self.pilot_url, "state": self.pilot.state if self.pilot else "stopped"},
+            "workloads": [
+                {
+                    "name": i.plan.name,
+                    "service": i.plan.service,
+                    "version": i.plan.version,
+                    "state": i.state,
+                    "app_address": f"{i.plan.app_host}:{i.plan.app_port}",
+                    "inbound_address": f"127.0.0.1:{i.plan.inbound_port}",
+                    "outbound_address": f"127.0.0.1:{i.plan.outbound_port}",
+                    "admin_address": f"127.0.0.1:{i.plan.admin_port}",
+                    "bindings": {s: f"127.0.0.1:{p}" for s, p in i.plan.bindings.items()},
+                    "restarts": (i.app.restarts if i.app else 0) + i.proxy.restarts,
+                    "last_event": max((p.last_event for p in (i.app, i.proxy) if p), key=len, default=""),
+                }
+                for i in self.instances.values()
+            ],
+            "gateways": [
+                {
+                    "name": name,
+                    "address": ", ".join(f"127.0.0.1:{h}" for _, h in sorted(self._gateway_plan(name).ports.items())),
+                    "ports": {str(g): h for g, h in self._gateway_plan(name).ports.items()},
+                    "state": p.state,
+                    "restarts": p.restarts,
+                }
+                for name, p in self.gateways.items()
+            ],
+        }
+
+    def _gateway_plan(self, name: str) -> GatewayPlan:
+        assert self.plan is not None
+        return next(g for g in self.plan.gateways if g.name == name)
+
+    def write_status(self) -> None:
+        path = self.state_dir / "status.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1))
+        tmp.replace(path)
+
+    # ------------------------------------------------------------ preflight
+
+    def preflight(self, plan: Plan) -> None:
+        problems = []
+        for svc in self.spec.services:
+            for v in svc.versions:
+                if not v.command:
+                    continue
+                cwd = Path(self.mesh_path.parent / svc.cwd) if svc.cwd else self.mesh_path.parent
+                exe = v.command[0]
+                found = (cwd / exe).exists() if "/" in exe else shutil.which(exe) is not None
+                if not found:
+                    problems.append(f"service {svc.name} version {v.name}: command {exe!r} not found" + (f" in {cwd}" if "/" in exe else " on PATH"))
+                for arg in v.command[1:2]:
+                    if arg.endswith(".py") and not (cwd / arg).exists():
+                        problems.append(f"service {svc.name} version {v.name}: {arg} does not exist in {cwd}")
+        fixed: list[tuple[int, str]] = []
+        for g in plan.gateways:
+            fixed += [(h, f"gateway {g.name} port {gp}") for gp, h in g.ports.items()]
+        for w in plan.workloads:
+            if not any(i.plan.name == w.name for i in self.instances.values()):
+                fixed += [(p, f"upstream binding {s} of {w.name}") for s, p in w.bindings.items()]
+        if not self.pilot:
+            fixed.append((plan.pilot_port, "Pilot"))
+        for port, what in fixed:
+            if not port_is_free(port):
+                problems.append(f"127.0.0.1:{port} ({what}) is already in use by another program")
+        if problems:
+            raise UpError("; ".join(problems))
+
+    def _previous_allocations(self) -> dict[str, int]:
+        try:
+            return json.loads((self.state_dir / "ports.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def make_plan(self) -> Plan:
+        from .plan import PlanError
+
+        prev = self._previous_allocations()
+        live = set()
+        for i in self.instances.values():
+            live |= {i.plan.app_port, i.plan.inbound_port, i.plan.outbound_port, i.plan.admin_port, *i.plan.bindings.values()}
+        if self.plan:
+            live.add(self.plan.pilot_port)
+        try:
+            plan = make_plan(self.spec, self.mesh_path.parent, lambda p: p in live or port_is_free(p), prev)
+        except PlanError as e:
+            raise UpError(str(e)) from None
+        (self.state_dir / "ports.json").write_text(json.dumps(dict(plan.allocations), indent=1))
+        return plan
+
+    # ------------------------------------------------------------ processes
+
+    async def _spawn(self, p: ProcState) -> trio.Process:
+        f = open(p.log, "ab", buffering=0)
+        f.write(f"--- {time.strftime('%H:%M:%S')} starting: {' '.join(p.argv)}\n".encode())
+        try:
+            proc = await trio.lowlevel.open_process(
+                p.argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=p.env, cwd=p.cwd, start_new_session=True
+            )
+        finally:
+            f.close()
+        p.process, p.pid = proc, proc.pid
+        return proc
+
+    async def keep_running(self, p: ProcState, on_exit: Callable[[], None] | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run p until shutdown; restart it with exponential backoff whenever it dies."""
+        backoff = BACKOFF_START
+        first = True
+        while True:
+            try:
+                proc = await self._spawn(p)
+            except OSError as e:
+                p.state, p.last_event = "failed", f"cannot start {p.argv[0]}: {e.strerror}"
+                self.event(f"{p.kind} {p.name}: {p.last_event}")
+                if first:
+                    task_status.started()
+                    first = False
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            if first:
+                task_status.started()
+                first = False
+            started = trio.current_time()
+            code = await proc.wait()
+            if self.shutting_down or p.state == "stopped":
+                return
+            if on_exit:
+                on_exit()
+            if trio.current_time() - started > 10:
+                backoff = BACKOFF_START
+            p.restarts += 1
+            p.state = "restarting"
+            p.last_event = f"exited with code {code}; restart #{p.restarts} in {backoff:.1f}s (log: {p.log})"
+            self.event(f"{p.kind} {p.name} {p.last_event}")
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def stop_proc(self, p: ProcState | None) -> None:
+        if p is None or p.process is None:
+            return
+        p.state = "stopped"
+        proc = p.process
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            with trio.move_on_after(STOP_GRACE):
+                await proc.wait()
+            if proc.returncode is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await proc.wait()
+        # Children the app left behind in its session go too.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # ------------------------------------------------------------ control plane
+
+    async def start_control_plane(self, plan: Plan) -> None:
+        s = self.spec.settings
+        self.pilot = ProcState(
+            name="pilot",
+            kind="control-plane",
+            argv=meshctl_argv("pilot", "serve", "--port", str(plan.pilot_port), "--registry", s.registry or "embedded",
+                              "--trust-domain", s.trust_domain, "--state-dir", str(self.state_dir)),
+            env=dict(os.environ),
+            cwd=str(self.state_dir),
+            log=self.logs / "pilot.log",
+        )
+        self.pilot_url = f"http://127.0.0.1:{plan.pilot_port}"
+        write_control(self.state_dir, pilot=self.pilot_url, supervisor_pid=os.getpid())
+        assert self._nursery is not None
+        await self._nursery.start(self.keep_running, self.pilot)
+        with trio.move_on_after(20) as cs:
+            while not await http_ok(f"127.0.0.1", plan.pilot_port, "/v1/status"):
+                if self.pilot.state == "failed" or self.pilot.restarts:
+                    break
+                await trio.sleep(0.05)
+        if cs.cancelled_caught or self.pilot.restarts or self.pilot.state == "failed":
+            raise UpError(f"Pilot did not start: see {self.pilot.log}:\n{tail(self.pilot.log)}")
+        self.pilot.state = "ready"
+        self.event(f"control plane ready at {self.pilot_url}")
+        reg = s.registry or "embedded"
+        if reg == "embedded":
+            self.registry = PilotRegistry(self.pilot_url)
+        else:
+            from ..registry import open_registry
+
+            try:
+                self.registry = open_registry(reg, self.state_dir)
+            except RegistryError as e:
+                raise UpError(str(e)) from None
+
+    # ------------------------------------------------------------ workloads
+
+    def _new_instance(self, w: WorkloadPlan) -> InstanceState:
+        node = workload_node(w, self.spec)
+        node_file = self.state_dir / "nodes" / f"{w.name}.json"
+        node_file.write_text(json.dumps(to_data(node), indent=1))
+        app = None
+        if w.command:
+            env = {**os.environ, **w.env}
+            app = ProcState(w.name, "app", list(w.command), env, w.cwd, self.logs / f"{w.name}.app.log")
+        proxy = ProcState(
+            w.name,
+            "sidecar",
+            meshctl_argv("proxy", "run", "--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(w.admin_port),
+                         "--state-dir", str(self.state_dir)),
+            {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")},
+            str(self.state_dir),
+            self.logs / f"{w.name}.proxy.log",
+        )
+        return InstanceState(w, app, proxy)
+
+    def _instance(self, w: WorkloadPlan) -> Instance:
+        return Instance(
+            id=w.name,
+            service=w.service,
+            address="127.0.0.1",
+            port=w.inbound_port,
+            labels=w.labels,
+            meta=FrozenDict({META_SERVICE_PORT: str(w.service_port), META_PROTOCOL: w.protocol, META_SIDECAR: "true"}),
+        )
+
+    async def run_instance(self, inst: InstanceState) -> None:
+        with inst.cancel:
+            async with trio.open_nursery() as n:
+                def lost() -> None:
+                    inst.state = "restarting"
+                    inst.ok_streak = 0
+
+                if inst.app:
+                    await n.start(self.keep_running, inst.app, lost)
+                await n.start(self.keep_running, inst.proxy, lost)
+                n.start_soon(self.health_loop, inst)
+
+    async def health_loop(self, inst: InstanceState) -> None:
+        w = inst.plan
+        svc = next(s for s in self.spec.services if s.name == w.service)
+        hc = svc.health_check or HealthCheck(tcp=True, interval=1.0)
+        interval = float(hc.interval)
+        fast = True  # check often until the first success, so `up` is quick
+        while not self.shutting_down:
+            ok_app = await (http_ok(w.app_host, w.app_port, hc.http, timeout=float(hc.timeout)) if hc.http
+                            else tcp_ok(w.app_host, w.app_port, timeout=float(hc.timeout)))
+            ok_proxy = ok_app and await http_ok("127.0.0.1", w.admin_port, "/ready", timeout=1.0)
+            if ok_app and ok_proxy:
+                inst.ok_streak += 1
+                inst.fail_streak = 0
+                if inst.ok_streak >= hc.healthy_threshold and not inst.registered:
+                    await self._register(inst)
+            else:
+                inst.fail_streak += 1
+                inst.ok_streak = 0
+                threshold = 1 if inst.state == "restarting" else hc.unhealthy_threshold
+                if inst.registered and inst.fail_streak >= threshold:
+                    await self._deregister(inst)
+                    inst.state = "unhealthy" if ok_proxy or not ok_app else "restarting"
+                    what = "app" if not ok_app else "sidecar"
+                    self.event(f"{w.name} unhealthy ({what} check failed {inst.fail_streak}x): taken out of the endpoints")
+            if inst.registered:
+                try:
+                    await self.registry.keep_alive(w.name)
+                except RegistryError as e:
+                    log.warning("keep-alive of %s failed: %s", w.name, e)
+            if fast and not inst.registered:
+                await trio.sleep(0.05)
+            else:
+                fast = False
+                await trio.sleep(interval)
+
+    async def _register(self, inst: InstanceState) -> None:
+        try:
+            await self.registry.register(self._instance(inst.plan))
+        except RegistryError as e:
+            inst.state = "starting"
+            inst.proxy.last_event = f"registration failed: {e}"
+            self.event(f"{inst.plan.name}: registration failed ({e}); retrying")
+            return
+        was = inst.state
+        inst.registered = True
+        inst.state = "ready"
+        for p in (inst.app, inst.proxy):
+            if p:
+                p.state = "running"
+        self.event(f"{inst.plan.name} {'ready' if was == 'starting' else 'healthy again'}")
+
+    async def _deregister(self, inst: InstanceState) -> None:
+        inst.registered = False
+        try:
+            await self.registry.deregister(inst.plan.name)
+        except RegistryError as e:
+            log.warning("deregister %s failed: %s", inst.plan.name, e)
+
+    async def stop_instance(self, inst: InstanceState) -> None:
+        if inst.registered:
+            try:
+                await self.registry.set_draining(inst.plan.name)
+            except RegistryError:
+                pass
+            await self._deregister(inst)
+        inst.state = "stopped"
+        # The sidecar drains in-flight requests on SIGTERM; the app goes after it.
+        await self.stop_proc(inst.proxy)
+        await self.stop_proc(inst.app)
+        inst.cancel.cancel()
+
+    async def run_gateway(self, g: GatewayPlan) -> None:
+        node = gateway_node(g, self.spec)
+        node_file = self.state_dir / "nodes" / f"{g.name}.json"
+        node_file.write_text(json.dumps(to_data(node), indent=1))
+        p = ProcState(
+            g.name, "gateway",
+            meshctl_argv("proxy", "run", "--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(g.admin_port),
+                         "--state-dir", str(self.state_dir)),
+            dict(os.environ), str(self.state_dir), self.logs / f"{g.name}.gateway.log",
+        )
+        self.gateways[g.name] = p
+        assert self._nursery is not None
+        await self._nursery.start(self.keep_running, p)
+        while not self.shutting_down:
+            ok = await http_ok("127.0.0.1", g.admin_port, "/ready", timeout=1.0)
+            new = "ready" if ok else ("restarting" if p.state == "restarting" else "starting")
+            if new != p.state and p.state != "stopped":
+                p.state = new
+                self.event(f"gateway {g.name} {new}")
+            await trio.sleep(0.05 if not ok else 1.0)
+
+    # ------------------------------------------------------------ the whole mesh
+
+    async def apply_plan(self, plan: Plan) -> None:
+        """Start what is new, stop what is gone, restart what changed; leave the rest alone."""
+        assert self._nursery is not None
+        wanted = {w.name: w for w in plan.workloads}
+        for name in list(self.instances):
+            inst = self.instances[name]
+            if name not in wanted or wanted[name] != inst.plan:
+                self.event(f"{name}: {'removed' if name not in wanted else 'changed'}, stopping")
+                await self.stop_instance(inst)
+                del self.instances[name]
+        for name, w in wanted.items():
+            if name not in self.instances:
+                inst = self._new_instance(w)
+                self.instances[name] = inst
+                self._nursery.start_soon(self.run_instance, inst)
+        for g in plan.gateways:
+            if g.name not in self.gateways:
+                self._nursery.start_soon(self.run_gateway, g)
+        self.plan = plan
+        self.write_status()
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = trio.current_time() + timeout
+        while True:
+            pending = [i.plan.name for i in self.instances.values() if i.state != "ready"]
+            pending += [f"gateway {n}" for n, p in self.gateways.items() if p.state != "ready"]
+            if self.plan:
+                pending += [f"gateway {g.name}" for g in self.plan.gateways if g.name not in self.gateways]
+            if not pending:
+                return
+            if trio.current_time() > deadline:
+                details = []
+                for i in self.instances.values():
+                    if i.state != "ready":
+                        logs = [p.log for p in (i.app, i.proxy) if p]
+                        details.append(f"{i.plan.name} is {i.state} (logs: {', '.join(map(str, logs))})")
+                raise UpError(f"not ready after {timeout:.0f}s: {', '.join(pending)}\n" + "\n".join(details))
+            await trio.sleep(0.05)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bring the mesh up, report started, then supervise until a signal says stop."""
+        (self.state_dir / "supervisor.pid").write_text(str(os.getpid()))
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    try:
+                        plan = self.make_plan()
+                        self.preflight(plan)
+                        self.write_status()
+                        await self.start_control_plane(plan)
+                        await self.apply_plan(plan)
+                        with trio.move_on_after(READY_TIMEOUT):
+                            await self.wait_ready()
+                        await self.wait_ready(0)
+                    except BaseException as e:
+                        self.state = "failed"
+                        self.error = str(e) if isinstance(e, UpError) else f"{e.__class__.__name__}: {e}"
+                        self.write_status()
+                        await self.shutdown()
+                        nursery.cancel_scope.cancel()
+                        if isinstance(e, (UpError, trio.Cancelled, KeyboardInterrupt)):
+                            raise
+                        raise UpError(self.error) from e
+                    self.state = "running"
+                    self.event("mesh is up")
+                    task_status.started()
+                    async for sig in signals:
+                        if sig == signal.SIGHUP:
+                            await self.reload()
+                            continue
+                        break
+                    await self.shutdown()
+                    nursery.cancel_scope.cancel()
+        finally:
+            try:
+                (self.state_dir / "supervisor.pid").unlink()
+            except FileNotFoundError:
+                pass
+
+    async def reload(self) -> None:
+        """`up` again on a running mesh: re-read mesh.yaml and apply the difference."""
+        try:
+            self.spec = load_mesh(self.mesh_path)
+            plan = self.make_plan()
+            self.preflight(plan)
+        except Exception as e:
+            self.error = f"reload refused: {e}"
+            self.event(self.error)
+            return
+        self.error = ""
+        self.state = "updating"
+        await self.apply_plan(plan)
+        try:
+            await self.wait_ready()
+            self.state = "running"
+            self.event("mesh updated")
+        except UpError as e:
+            self.state = "running"
+            self.error = str(e)
+            self.event(str(e))
+
+    async def shutdown(self) -> None:
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.state = "stopping"
+        self.event("stopping the mesh")
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as n:
+                for inst in list(self.instances.values()):
+                    n.start_soon(self.stop_instance, inst)
+                for p in self.gateways.values():
+                    n.start_soon(self.stop_proc, p)
+            await self.stop_proc(self.pilot)
+            if self.registry is not None:
+                try:
+                    await self.registry.aclose()
+                except Exception:
+                    pass
+            self.state = "stopped"
+            write_control(self.state_dir, pilot=None, supervisor_pid=None)
+            self.event("mesh stopped")
+
+
+# ------------------------------------------------------------------ small probes
+
+
+async def tcp_ok(host: str, port: int, timeout: float = 1.0) -> bool:
+    with trio.move_on_after(timeout):
+        try:
+            s = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        await s.aclose()
+        return True
+    return False
+
+
+async def http_ok(host: str, port: int, path: str, timeout: float = 1.0) -> bool:
+    """GET path answers 2xx or 3xx."""
+    with trio.move_on_after(timeout):
+        try:
+            s = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        try:
+            await s.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while b"\r\n" not in data:
+                chunk = await s.receive_some(1024)
+                if not chunk:
+                    break
+                data += chunk
+            parts = data.split(b" ", 2)
+            return len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
+        except (trio.BrokenResourceError, OSError):
+            return False
+        finally:
+            await s.aclose()
+    return False
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

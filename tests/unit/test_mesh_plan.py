@@ -1,0 +1,94 @@
+"""mesh.yaml: loading with file:line errors, and the plan `up` runs."""
+
+from pathlib import Path
+
+import pytest
+
+from meshctl.loader.codec import LoadError
+from meshctl.supervisor.plan import load_mesh, make_plan, workload_node
+
+MESH = """\
+settings:
+  portRange: 30000-30099
+services:
+- name: productpage
+  port: 9080
+  healthCheck: {http: /health}
+  versions:
+  - name: v1
+    command: [python3, app.py]
+- name: reviews
+  port: 9080
+  upstreams: {ratings: 9091}
+  versions:
+  - {name: v1, command: [python3, app.py], replicas: 2}
+- name: ratings
+  port: 9080
+  versions:
+  - {name: v1, address: "127.0.0.1:7000"}
+gateways:
+- name: ingress
+  labels: {istio: ingressgateway}
+  ports: {80: 8080}
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "mesh.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_plan_gives_every_instance_its_own_ports_and_env(tmp_path):
+    spec = load_mesh(write(tmp_path, MESH))
+    plan = make_plan(spec, tmp_path, lambda p: True)
+    names = [w.name for w in plan.workloads]
+    assert names == ["productpage-v1-0", "reviews-v1-0", "reviews-v1-1", "ratings-v1-0"]
+    ports = [p for w in plan.workloads for p in (w.inbound_port, w.outbound_port, w.admin_port)]
+    assert len(ports) == len(set(ports)) and all(30000 <= p <= 30099 for p in ports)
+    r0, r1 = plan.workloads[1], plan.workloads[2]
+    # Replicas share the host: the declared binding port goes to one, the other gets its own.
+    assert r0.bindings["ratings"] == 9091 and r1.bindings["ratings"] != 9091
+    assert r0.env["RATINGS_ADDR"] == "127.0.0.1:9091"
+    assert r0.env["HTTP_PROXY"] == f"http://127.0.0.1:{r0.outbound_port}"
+    assert "127.0.0.1" in r0.env["NO_PROXY"]
+    assert r0.labels == {"app": "reviews", "version": "v1"}
+    ratings = plan.workloads[3]
+    assert (ratings.app_host, ratings.app_port, ratings.command) == ("127.0.0.1", 7000, ())
+
+
+def test_plan_keeps_earlier_allocations_and_skips_busy_ports(tmp_path):
+    spec = load_mesh(write(tmp_path, MESH))
+    first = make_plan(spec, tmp_path, lambda p: True)
+    again = make_plan(spec, tmp_path, lambda p: False, first.allocations)  # nothing else free: all reused
+    assert again.workloads == first.workloads
+    busy = {30000, 30001}
+    plan = make_plan(spec, tmp_path, lambda p: p not in busy)
+    assert not busy & set(plan.allocations.values())
+
+
+def test_node_declares_inbound_outbound_and_binding_listeners(tmp_path):
+    spec = load_mesh(write(tmp_path, MESH))
+    w = make_plan(spec, tmp_path, lambda p: True).workloads[1]
+    node = workload_node(w, spec)
+    kinds = {l.name: (l.direction, l.port) for l in node.listeners}
+    assert kinds["inbound"] == ("inbound", w.inbound_port)
+    assert kinds["binding-ratings"] == ("binding", 9091)
+    assert next(l for l in node.listeners if l.name == "inbound").app_port == w.app_port
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (MESH.replace("portRange: 30000-30099", "portRange: 30000-"), "mesh.yaml:2: settings.portRange: '30000-' is not a port range"),
+        (MESH.replace("name: reviews", "name: Reviews"), "mesh.yaml:10: services[1].name: 'Reviews' is not a DNS label"),
+        (MESH.replace("{name: v1, address: \"127.0.0.1:7000\"}", "{name: v1}"), "mesh.yaml:18: services[2].versions[0]: give exactly one of command"),
+        (MESH.replace("healthCheck: {http: /health}", "healthCheck: {htp: /health}"), "mesh.yaml:6: services[0].healthCheck.htp: unknown field (did you mean http?)"),
+        (MESH.replace("port: 9080\n  upstreams", "port: many\n  upstreams"), "mesh.yaml:11: services[1].port:"),
+        (MESH + "- name: second\n  ports: {81: 8080}\n", "gateways[1].ports.81: host port 8080 is already used by ingress"),
+    ],
+)
+def test_bad_mesh_files_name_file_line_and_field(tmp_path, bad, message):
+    with pytest.raises(LoadError) as e:
+        load_mesh(write(tmp_path, bad))
+    assert message in str(e.value).replace(str(tmp_path) + "/", "")

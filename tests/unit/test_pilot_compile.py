@@ -1,0 +1,172 @@
+"""Pilot's compiler: Istio's Bookinfo rules + registry endpoints → ProxyConfig."""
+
+from pathlib import Path
+
+import pytest
+
+from meshctl.loader.codec import from_data, to_data
+from meshctl.loader.resources import load_resources, load_resources_text
+from meshctl.model.base import FrozenDict
+from meshctl.model.proxyconfig import Listener, ProxyConfig, Workload, cluster_name
+from meshctl.pilot.compile import Inputs, Node, compile_proxy, mtls_mode_for
+from meshctl.registry.base import Instance
+
+RULES = Path(__file__).parents[2] / "examples" / "bookinfo" / "rules"
+FQ = "{}.default.svc.cluster.local"
+
+
+def inst(svc, version, port):
+    return Instance(
+        id=f"{svc}-{version}-0", service=svc, address="127.0.0.1", port=port,
+        labels=FrozenDict(app=svc, version=version),
+        meta=FrozenDict({"meshctl.io/service-port": "9080", "meshctl.io/sidecar": "true"}),
+    )
+
+
+SNAP = {
+    "productpage": (inst("productpage", "v1", 21001),),
+    "details": (inst("details", "v1", 21002),),
+    "reviews": (inst("reviews", "v1", 21003), inst("reviews", "v2", 21004), inst("reviews", "v3", 21005)),
+    "ratings": (inst("ratings", "v1", 21006),),
+}
+
+PRODUCTPAGE = Node(
+    Workload(name="productpage-v1-0", service="productpage", labels=FrozenDict(app="productpage", version="v1")),
+    (
+        Listener(name="outbound", direction="outbound", address="127.0.0.1", port=15001),
+        Listener(name="inbound", direction="inbound", address="127.0.0.1", port=15006, app_address="127.0.0.1", app_port=9080),
+    ),
+)
+GATEWAY = Node(
+    Workload(name="gw", service="istio-ingressgateway", labels=FrozenDict(istio="ingressgateway")),
+    (Listener(name="gateway-80", direction="gateway", address="127.0.0.1", port=8080, service_port=80),),
+    gateway=True,
+)
+
+
+def compile_with(*files, snap=SNAP, node=PRODUCTPAGE) -> ProxyConfig:
+    resources = load_resources([RULES / f for f in files]) if files else []
+    return compile_proxy(Inputs(resources, snap), node)
+
+
+def vhost(cfg, service):
+    return next(v for v in cfg.route_tables["outbound"].virtual_hosts if v.name == f"{FQ.format(service)}:9080")
+
+
+def test_service_without_virtual_service_gets_a_default_route_to_all_instances():
+    cfg = compile_with()
+    vh = vhost(cfg, "reviews")
+    assert [rd.destination.host for rd in vh.routes[0].route] == [FQ.format("reviews")]
+    assert len(cfg.clusters[cluster_name(FQ.format("reviews"), 9080)].endpoints) == 3
+
+
+def test_short_name_namespace_and_fqdn_all_reach_the_virtual_host():
+    vh = vhost(compile_with(), "reviews")
+    for d in ("reviews:9080", "reviews", "reviews.default:9080", FQ.format("reviews") + ":9080"):
+        assert d in vh.domains
+
+
+def test_subsets_become_clusters_with_only_the_matching_instances():
+    cfg = compile_with("destination-rule-all.yaml")
+    v2 = cfg.clusters[cluster_name(FQ.format("reviews"), 9080, "v2")]
+    assert [e.instance for e in v2.endpoints] == ["reviews-v2-0"]
+    assert v2.endpoints[0].identity == "spiffe://cluster.local/ns/default/sa/reviews"
+
+
+def test_reviews_test_v2_routes_jason_to_v2_and_everyone_else_to_v1():
+    cfg = compile_with("destination-rule-all.yaml", "virtual-service-reviews-test-v2.yaml")
+    routes = vhost(cfg, "reviews").routes
+    assert routes[0].match[0].headers["end-user"].exact == "jason"
+    assert routes[0].route[0].destination.subset == "v2"
+    assert routes[1].route[0].destination.subset == "v1"
+    # Destinations are fully qualified and carry the service port, so the proxy can name the cluster.
+    assert routes[0].route[0].destination.host == FQ.format("reviews")
+    assert routes[0].route[0].destination.port.number == 9080
+
+
+def test_route_to_an_undefined_subset_gets_an_empty_cluster_not_a_crash():
+    cfg = compile_with("virtual-service-all-v1.yaml")  # subsets, but no DestinationRule
+    c = cfg.clusters[cluster_name(FQ.format("reviews"), 9080, "v1")]
+    assert c.endpoints == ()
+
+
+def test_gateway_gets_the_virtual_services_bound_to_its_gateway():
+    cfg = compile_with("bookinfo-gateway.yaml", node=GATEWAY)
+    table = cfg.route_tables["gateway-80"]
+    assert [vh.domains for vh in table.virtual_hosts] == [("*",)]
+    assert table.virtual_hosts[0].routes[0].route[0].destination.host == FQ.format("productpage")
+    assert cfg.listeners[0].route_table == "gateway-80"
+
+
+def test_virtual_service_bound_only_to_a_gateway_does_not_apply_to_sidecars():
+    cfg = compile_with("bookinfo-gateway.yaml")
+    vh = vhost(cfg, "productpage")
+    assert vh.routes[0].name == "default"
+
+
+def test_gateway_with_a_selector_for_other_labels_gets_no_routes():
+    other = Node(Workload(name="gw2", service="gw2", labels=FrozenDict(istio="egress")), GATEWAY.listeners, gateway=True)
+    cfg = compile_with("bookinfo-gateway.yaml", node=other)
+    assert cfg.route_tables["gateway-80"].virtual_hosts == ()
+
+
+def test_version_is_a_content_hash_stable_across_compiles_and_changed_by_rules():
+    a = compile_with("destination-rule-all.yaml")
+    b = compile_with("destination-rule-all.yaml")
+    c = compile_with("destination-rule-all.yaml", "virtual-service-reviews-v3.yaml")
+    assert a.version == b.version != c.version
+
+
+def test_compiled_config_round_trips_through_json():
+    cfg = compile_with("destination-rule-all.yaml", "virtual-service-reviews-50-v3.yaml")
+    assert from_data(ProxyConfig, to_data(cfg), path="") == cfg
+
+
+def test_subset_traffic_policy_overrides_the_top_level_one():
+    rs = load_resources_text(
+        """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool: {tcp: {maxConnections: 7}}
+  subsets:
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {simple: LEAST_REQUEST}
+"""
+    )
+    cfg = compile_proxy(Inputs(rs, SNAP), PRODUCTPAGE)
+    v2 = cfg.clusters[cluster_name(FQ.format("reviews"), 9080, "v2")].traffic_policy
+    top = cfg.clusters[cluster_name(FQ.format("reviews"), 9080)].traffic_policy
+    assert v2.load_balancer.simple == "LEAST_REQUEST"
+    assert v2.connection_pool.tcp.max_connections == 7
+    assert top.load_balancer.simple == "RANDOM"
+
+
+@pytest.mark.parametrize(
+    "docs, expected",
+    [
+        ("", "PERMISSIVE"),
+        ("{ns: istio-system, spec: {mtls: {mode: STRICT}}}", "STRICT"),
+        ("{ns: istio-system, spec: {mtls: {mode: STRICT}}}|{ns: default, spec: {mtls: {mode: DISABLE}}}", "DISABLE"),
+        ("{ns: default, spec: {mtls: {mode: PERMISSIVE}}}|{ns: default, spec: {selector: {matchLabels: {app: productpage}}, mtls: {mode: STRICT}}}", "STRICT"),
+        ("{ns: default, spec: {selector: {matchLabels: {app: other}}, mtls: {mode: STRICT}}}", "PERMISSIVE"),
+    ],
+)
+def test_peer_authentication_precedence_workload_over_namespace_over_mesh(docs, expected):
+    import yaml
+
+    text = ""
+    for i, d in enumerate(x for x in docs.split("|") if x):
+        obj = yaml.safe_load(d)
+        text += (
+            f"---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+            f"metadata: {{name: pa{i}, namespace: {obj['ns']}}}\nspec: {yaml.safe_dump(obj['spec'], default_flow_style=True)}"
+        )
+    rs = load_resources_text(text) if text else []
+    assert mtls_mode_for(Inputs(rs, SNAP), PRODUCTPAGE.workload, 9080) == expected
