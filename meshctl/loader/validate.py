@@ -1,0 +1,550 @@
+"""Offline semantic checks of Istio resources, like ``istioctl analyze``.
+
+``meshctl route validate`` runs these on the files it is given (plus, if it
+wants, the rules already applied). Loading (loader.resources) has already
+checked shapes and types; here we check meaning, across resources too.
+
+Rules (errors unless noted):
+
+- StringMatch: exactly one of exact / prefix / regex (header, query and
+  withoutHeaders matches may be empty: presence); queryParams take no prefix.
+- regex must compile with Python's ``re`` (what meshctl's proxy uses) and must
+  not use what RE2, Envoy's engine, lacks: lookaround, backreferences. Note
+  RE2-only syntax (``\\z``, ``\\pL``) is rejected by Python's re, so such a
+  pattern is reported as invalid here although Istio accepts it.
+- HTTP route: exactly one of route / redirect / directResponse.
+- route weights: on all destinations or none; none negative; sum 100.
+- destination subset: defined by a DestinationRule for that host (warning
+  "referenced subset not found" when no DestinationRule exists for the host).
+- duplicate subset names in a DestinationRule.
+- two VirtualServices for one host and gateway, two DestinationRules for one
+  host (and workload selector): warnings, as istioctl's IST0109. The same
+  kind/namespace/name twice: warning, the later replaces the earlier.
+- VirtualService gateways that name no Gateway given: warning.
+- ranges: retries.attempts >= 0, httpStatus 200-599, percentages 0-100,
+  ports 1-65535, redirectCode 3xx, directResponse status 200-599.
+- loadBalancer: simple and consistentHash not both.
+- hosts not empty; a Gateway has servers, each with hosts and, for
+  HTTPS/TLS, tls settings.
+- enums: LB simple, client/server TLS modes, h2UpgradePolicy, redirect
+  derivePort, ServiceEntry location and resolution, PeerAuthentication mode,
+  AuthorizationPolicy action (CUSTOM needs a provider).
+
+Each Finding names the file:line of the offending field when the resource
+was loaded by loader.resources in this process (else the document's source).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+from ..model import istio as m
+from ..model.istio import Resource
+from ..model.proxyconfig import fqdn
+from .resources import source_of
+
+__all__ = ["Finding", "validate", "has_errors"]
+
+LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
+CLIENT_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
+SERVER_TLS_MODES = ("PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL")
+TLS_VERSIONS = ("TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")
+H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
+DERIVE_PORTS = ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")
+LOCATIONS = ("MESH_EXTERNAL", "MESH_INTERNAL")
+RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN")
+PEER_AUTH_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+PROTOCOLS = ("HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "MYSQL", "REDIS", "UDP")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: Literal["error", "warning"]
+    source: str  # "file.yaml:LINE"
+    field: str  # "spec.http[0].route[1].weight"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.level}: {self.field}: {self.message}"
+
+
+def has_errors(findings: Iterable[Finding]) -> bool:
+    return any(f.level == "error" for f in findings)
+
+
+def validate(resources: Sequence[Resource]) -> list[Finding]:
+    """Check resources on their own and against each other; [] when all is well."""
+    return _Validator(resources).run()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _host_key(host: str, namespace: str) -> str:
+    if not host or host.startswith("*"):
+        return host
+    return fqdn(host, namespace)
+
+
+def _choices(value: str, allowed: Sequence[str]) -> str:
+    hint = difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.6)
+    if hint:
+        return f"unknown value {value!r} (did you mean {hint[0]}?)"
+    return f"unknown value {value!r} (expected one of: {', '.join(allowed)})"
+
+
+def _scan_re2_unsupported(pattern: str) -> str | None:
+    """The first construct RE2 does not support, or None."""
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1 : i + 2]
+            if not in_class and nxt in "123456789" and nxt:
+                return "a backreference"
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+            i += 1
+            continue
+        if c == "[":
+            in_class = True
+            i += 1
+            if pattern[i : i + 1] == "^":
+                i += 1
+            if pattern[i : i + 1] == "]":  # a leading ] is literal
+                i += 1
+            continue
+        if pattern.startswith(("(?=", "(?!"), i):
+            return "lookahead"
+        if pattern.startswith(("(?<=", "(?<!"), i):
+            return "lookbehind"
+        if pattern.startswith("(?P=", i):
+            return "a backreference"
+        i += 1
+    return None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be used as an Istio regex here, or None."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"invalid regex {pattern!r}: {exc}"
+    what = _scan_re2_unsupported(pattern)
+    if what:
+        return f"regex {pattern!r} uses {what}, which RE2 (Envoy's regex engine) does not support"
+    return None
+
+
+# ---------------------------------------------------------------- the checks
+
+
+class _Validator:
+    def __init__(self, resources: Sequence[Resource]) -> None:
+        self.resources = list(resources)
+        self.findings: list[Finding] = []
+        self.r: Resource | None = None
+        # the set that would be in force after applying in order: last one wins
+        latest: dict[tuple[str, str, str], Resource] = {}
+        for r in self.resources:
+            latest[r.key] = r
+        self.effective = list(latest.values())
+        self.drs: dict[str, list[Resource]] = {}
+        self.gateways: set[tuple[str, str]] = set()
+        for r in self.effective:
+            if isinstance(r.spec, m.DestinationRule):
+                self.drs.setdefault(_host_key(r.spec.host, r.namespace), []).append(r)
+            elif isinstance(r.spec, m.Gateway):
+                self.gateways.add((r.namespace, r.name))
+
+    # -- reporting
+
+    def _add(self, level: str, field: str, message: str) -> None:
+        assert self.r is not None
+        self.findings.append(Finding(level, source_of(self.r, field), field, message))
+
+    def error(self, field: str, message: str) -> None:
+        self._add("error", field, message)
+
+    def warning(self, field: str, message: str) -> None:
+        self._add("warning", field, message)
+
+    def enum(self, field: str, value: str | None, allowed: Sequence[str]) -> None:
+        if value is not None and value not in allowed:
+            self.error(field, _choices(value, allowed))
+
+    def port(self, field: str, number: int | None) -> None:
+        if number is not None and not 1 <= number <= 65535:
+            self.error(field, f"port {number} is outside 1-65535")
+
+    def percent(self, field: str, value: float | None) -> None:
+        if value is not None and not 0 <= value <= 100:
+            self.error(field, f"percentage {value:g} is outside 0-100")
+
+    # -- driver
+
+    def run(self) -> list[Finding]:
+        seen: dict[tuple[str, str, str], Resource] = {}
+        for r in self.resources:
+            self.r = r
+            if r.key in seen:
+                self.warning(
+                    "metadata.name",
+                    f"{r.kind} {r.namespace}/{r.name} is defined again; this definition replaces "
+                    f"the one at {seen[r.key].source or '?'}",
+                )
+            seen[r.key] = r
+            check = getattr(self, f"check_{type(r.spec).__name__}", None)
+            if check is not None:
+                check(r.spec)
+        self.check_conflicts()
+        return self.findings
+
+    # -- common pieces
+
+    def string_match(self, field: str, sm: m.StringMatch | None, *, may_be_empty: bool = False, prefix_ok: bool = True) -> None:
+        if sm is None:
+            return
+        given = [k for k in ("exact", "prefix", "regex") if getattr(sm, k) is not None]
+        if not given and not may_be_empty:
+            self.error(field, "one of exact, prefix or regex is required")
+        elif len(given) > 1:
+            self.error(field, f"only one of exact, prefix or regex may be set, got {' and '.join(given)}")
+        if sm.prefix is not None and not prefix_ok:
+            self.error(f"{field}.prefix", "prefix matching is not supported here (use exact or regex)")
+        if sm.regex is not None:
+            problem = regex_problem(sm.regex)
+            if problem:
+                self.error(f"{field}.regex", problem)
+
+    def string_map(self, field: str, matches, **kw) -> None:
+        from .codec import join_path
+
+        for name, sm in matches.items():
+            self.string_match(join_path(field, name), sm, **kw)
+
+    def destination(self, field: str, dest: m.Destination) -> None:
+        assert self.r is not None
+        if not dest.host:
+            self.error(f"{field}.host", "destination host is required")
+            return
+        if dest.port is not None:
+            self.port(f"{field}.port.number", dest.port.number)
+        if dest.subset is None:
+            return
+        key = _host_key(dest.host, self.r.namespace)
+        drs = self.drs.get(key, [])
+        if not drs:
+            self.warning(
+                f"{field}.subset",
+                f"referenced subset not found: no DestinationRule for host {dest.host!r} "
+                f"defines subset {dest.subset!r}",
+            )
+            return
+        defined = list(dict.fromkeys(s.name for dr in drs for s in dr.spec.subsets))
+        if dest.subset not in defined:
+            dr = drs[0]
+            self.error(
+                f"{field}.subset",
+                f"referenced subset not found: DestinationRule {dr.namespace}/{dr.name} for host "
+                f"{dest.host!r} defines {', '.join(defined) or 'no subsets'}, not {dest.subset!r}",
+            )
+
+    def weights(self, field: str, dests: Sequence) -> None:
+        weights = [d.weight for d in dests]
+        for i, w in enumerate(weights):
+            if w is not None and w < 0:
+                self.error(f"{field}[{i}].weight", f"negative weight {w}")
+        given = [w for w in weights if w is not None]
+        if given and len(given) != len(weights):
+            missing = next(i for i, w in enumerate(weights) if w is None)
+            self.error(
+                f"{field}[{missing}]",
+                f"weight missing: {len(given)} of {len(weights)} destinations have a weight; "
+                "set it on all of them or on none",
+            )
+        elif given and sum(given) != 100:
+            self.error(field, f"weights sum to {sum(given)}, not 100")
+
+    # -- VirtualService
+
+    def check_VirtualService(self, vs: m.VirtualService) -> None:
+        assert self.r is not None
+        if not vs.hosts:
+            self.error("spec.hosts", "at least one host is required")
+        for i, h in enumerate(vs.hosts):
+            if not h.strip():
+                self.error(f"spec.hosts[{i}]", "empty host")
+        for i, gw in enumerate(vs.gateways):
+            if gw == "mesh":
+                continue
+            ns, _, name = gw.rpartition("/")
+            if (ns or self.r.namespace, name) not in self.gateways:
+                self.warning(f"spec.gateways[{i}]", f"referenced gateway not found: {gw!r}")
+        for i, route in enumerate(vs.http):
+            self.http_route(f"spec.http[{i}]", route)
+        for kind, routes in (("tcp", vs.tcp), ("tls", vs.tls)):
+            for i, route in enumerate(routes):
+                path = f"spec.{kind}[{i}]"
+                if not route.route:
+                    self.error(f"{path}.route", "at least one destination is required")
+                self.weights(f"{path}.route", route.route)
+                for j, d in enumerate(route.route):
+                    self.destination(f"{path}.route[{j}].destination", d.destination)
+                for j, match in enumerate(route.match):
+                    self.port(f"{path}.match[{j}].port", match.port)
+
+    def http_route(self, path: str, route: m.HTTPRoute) -> None:
+        for j, match in enumerate(route.match):
+            mp = f"{path}.match[{j}]"
+            for name in ("uri", "scheme", "method", "authority"):
+                self.string_match(f"{mp}.{name}", getattr(match, name))
+            self.string_map(f"{mp}.headers", match.headers, may_be_empty=True)
+            self.string_map(f"{mp}.withoutHeaders", match.without_headers, may_be_empty=True)
+            self.string_map(f"{mp}.queryParams", match.query_params, may_be_empty=True, prefix_ok=False)
+            self.port(f"{mp}.port", match.port)
+        actions = [n for n, v in (("route", route.route), ("redirect", route.redirect), ("directResponse", route.direct_response)) if v]
+        if not actions:
+            self.error(path, "an HTTP route needs one of route, redirect or directResponse")
+        elif len(actions) > 1:
+            self.error(f"{path}.{actions[1]}", f"{' and '.join(actions)} cannot be set together on one HTTP route")
+        self.weights(f"{path}.route", route.route)
+        for j, d in enumerate(route.route):
+            self.destination(f"{path}.route[{j}].destination", d.destination)
+        if route.redirect is not None:
+            rp, rd = f"{path}.redirect", route.redirect
+            self.port(f"{rp}.port", rd.port)
+            self.enum(f"{rp}.derivePort", rd.derive_port, DERIVE_PORTS)
+            if rd.port is not None and rd.derive_port is not None:
+                self.error(rp, "port and derivePort cannot both be set")
+            if rd.redirect_code is not None and not 300 <= rd.redirect_code <= 399:
+                self.error(f"{rp}.redirectCode", f"redirect code {rd.redirect_code} is not a 3xx status")
+        if route.direct_response is not None:
+            dp, dr = f"{path}.directResponse", route.direct_response
+            if not 200 <= dr.status <= 599:
+                self.error(f"{dp}.status", f"status {dr.status} is outside 200-599")
+            if dr.body is not None and dr.body.string is not None and dr.body.bytes is not None:
+                self.error(f"{dp}.body", "only one of string or bytes may be set")
+        if route.retries is not None and route.retries.attempts < 0:
+            self.error(f"{path}.retries.attempts", f"attempts must not be negative, got {route.retries.attempts}")
+        if route.fault is not None:
+            self.fault(f"{path}.fault", route.fault)
+        if route.mirror is not None:
+            self.destination(f"{path}.mirror", route.mirror)
+        if route.mirror_percentage is not None:
+            self.percent(f"{path}.mirrorPercentage.value", route.mirror_percentage.value)
+        self.percent(f"{path}.mirrorPercent", route.mirror_percent)
+        for j, mirror in enumerate(route.mirrors):
+            self.destination(f"{path}.mirrors[{j}].destination", mirror.destination)
+            if mirror.percentage is not None:
+                self.percent(f"{path}.mirrors[{j}].percentage.value", mirror.percentage.value)
+        if route.cors_policy is not None:
+            for j, origin in enumerate(route.cors_policy.allow_origins):
+                self.string_match(f"{path}.corsPolicy.allowOrigins[{j}]", origin)
+        if route.rewrite is not None and route.rewrite.uri_regex_rewrite is not None:
+            if route.rewrite.uri is not None:
+                self.error(f"{path}.rewrite", "uri and uriRegexRewrite cannot both be set")
+            problem = regex_problem(route.rewrite.uri_regex_rewrite.match)
+            if problem:
+                self.error(f"{path}.rewrite.uriRegexRewrite.match", problem)
+
+    def fault(self, path: str, fault: m.HTTPFaultInjection) -> None:
+        if fault.delay is None and fault.abort is None:
+            self.error(path, "a fault needs a delay or an abort")
+        if fault.delay is not None:
+            d = fault.delay
+            if d.fixed_delay is None:
+                self.error(f"{path}.delay", "fixedDelay is required")
+            if d.percentage is not None:
+                self.percent(f"{path}.delay.percentage.value", d.percentage.value)
+            self.percent(f"{path}.delay.percent", d.percent)
+        if fault.abort is not None:
+            a = fault.abort
+            if a.http_status is None and a.grpc_status is None:
+                self.error(f"{path}.abort", "httpStatus or grpcStatus is required")
+            if a.http_status is not None and not 200 <= a.http_status <= 599:
+                self.error(f"{path}.abort.httpStatus", f"HTTP status {a.http_status} is outside 200-599")
+            if a.percentage is not None:
+                self.percent(f"{path}.abort.percentage.value", a.percentage.value)
+            self.percent(f"{path}.abort.percent", a.percent)
+
+    # -- DestinationRule
+
+    def check_DestinationRule(self, dr: m.DestinationRule) -> None:
+        if not dr.host.strip():
+            self.error("spec.host", "host is required")
+        if dr.traffic_policy is not None:
+            self.traffic_policy("spec.trafficPolicy", dr.traffic_policy)
+        first: dict[str, int] = {}
+        for i, subset in enumerate(dr.subsets):
+            sp = f"spec.subsets[{i}]"
+            if not subset.name:
+                self.error(f"{sp}.name", "subset name is required")
+            elif subset.name in first:
+                self.error(f"{sp}.name", f"duplicate subset name {subset.name!r} (also spec.subsets[{first[subset.name]}])")
+            else:
+                first[subset.name] = i
+            if subset.traffic_policy is not None:
+                self.traffic_policy(f"{sp}.trafficPolicy", subset.traffic_policy)
+
+    def traffic_policy(self, path: str, tp: m.TrafficPolicy | m.PortTrafficPolicy) -> None:
+        lb = tp.load_balancer
+        if lb is not None:
+            lp = f"{path}.loadBalancer"
+            self.enum(f"{lp}.simple", lb.simple, LB_SIMPLE)
+            if lb.simple is not None and lb.consistent_hash is not None:
+                self.error(lp, "simple and consistentHash cannot both be set")
+            ch = lb.consistent_hash
+            if ch is not None:
+                keys = [
+                    name
+                    for name, v in (
+                        ("httpHeaderName", ch.http_header_name),
+                        ("httpCookie", ch.http_cookie),
+                        ("useSourceIp", ch.use_source_ip or None),
+                        ("httpQueryParameterName", ch.http_query_parameter_name),
+                    )
+                    if v is not None
+                ]
+                if not keys:
+                    self.error(f"{lp}.consistentHash", "one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName is required")
+                elif len(keys) > 1:
+                    self.error(f"{lp}.consistentHash", f"only one hash key may be set, got {' and '.join(keys)}")
+                if ch.ring_hash is not None and ch.maglev is not None:
+                    self.error(f"{lp}.consistentHash", "ringHash and maglev cannot both be set")
+        if tp.tls is not None:
+            self.enum(f"{path}.tls.mode", tp.tls.mode, CLIENT_TLS_MODES)
+        cp = tp.connection_pool
+        if cp is not None and cp.http is not None:
+            self.enum(f"{path}.connectionPool.http.h2UpgradePolicy", cp.http.h2_upgrade_policy, H2_UPGRADE_POLICIES)
+        od = tp.outlier_detection
+        if od is not None:
+            self.percent(f"{path}.outlierDetection.maxEjectionPercent", od.max_ejection_percent)
+            self.percent(f"{path}.outlierDetection.minHealthPercent", od.min_health_percent)
+        if isinstance(tp, m.TrafficPolicy):
+            for i, pl in enumerate(tp.port_level_settings):
+                pp = f"{path}.portLevelSettings[{i}]"
+                if pl.port is None or pl.port.number is None:
+                    self.error(f"{pp}.port", "port.number is required in portLevelSettings")
+                else:
+                    self.port(f"{pp}.port.number", pl.port.number)
+                self.traffic_policy(pp, pl)
+
+    # -- ServiceEntry
+
+    def check_ServiceEntry(self, se: m.ServiceEntry) -> None:
+        if not se.hosts:
+            self.error("spec.hosts", "at least one host is required")
+        for i, h in enumerate(se.hosts):
+            if not h.strip():
+                self.error(f"spec.hosts[{i}]", "empty host")
+        for i, p in enumerate(se.ports):
+            self.port(f"spec.ports[{i}].number", p.number)
+            self.port(f"spec.ports[{i}].targetPort", p.target_port)
+            if p.protocol is not None and p.protocol.upper() not in PROTOCOLS:
+                self.warning(f"spec.ports[{i}].protocol", f"unknown protocol {p.protocol!r}: treated as TCP")
+        self.enum("spec.location", se.location, LOCATIONS)
+        self.enum("spec.resolution", se.resolution, RESOLUTIONS)
+        if se.resolution == "STATIC" and not se.endpoints and se.workload_selector is None:
+            self.error("spec.resolution", "resolution STATIC needs endpoints (or a workloadSelector)")
+        for i, ep in enumerate(se.endpoints):
+            if not ep.address and se.resolution == "STATIC":
+                self.error(f"spec.endpoints[{i}].address", "address is required")
+            for name, number in ep.ports.items():
+                self.port(f"spec.endpoints[{i}].ports.{name}", number)
+
+    # -- Gateway
+
+    def check_Gateway(self, gw: m.Gateway) -> None:
+        if not gw.servers:
+            self.error("spec.servers", "a Gateway needs at least one server")
+        for i, server in enumerate(gw.servers):
+            sp = f"spec.servers[{i}]"
+            if server.port.number == 0:
+                self.error(f"{sp}.port.number", "port number is required")
+            else:
+                self.port(f"{sp}.port.number", server.port.number)
+            if not server.port.protocol:
+                self.error(f"{sp}.port.protocol", "protocol is required")
+            elif server.port.protocol.upper() not in PROTOCOLS:
+                self.error(f"{sp}.port.protocol", _choices(server.port.protocol, PROTOCOLS))
+            if not server.hosts:
+                self.error(f"{sp}.hosts", "at least one host is required")
+            if server.tls is not None:
+                self.enum(f"{sp}.tls.mode", server.tls.mode, SERVER_TLS_MODES)
+                self.enum(f"{sp}.tls.minProtocolVersion", server.tls.min_protocol_version, TLS_VERSIONS)
+                self.enum(f"{sp}.tls.maxProtocolVersion", server.tls.max_protocol_version, TLS_VERSIONS)
+            elif server.port.protocol.upper() in ("HTTPS", "TLS"):
+                self.error(f"{sp}.tls", f"a {server.port.protocol} server needs tls settings")
+
+    # -- security.istio.io
+
+    def check_PeerAuthentication(self, pa: m.PeerAuthentication) -> None:
+        if pa.mtls is not None:
+            self.enum("spec.mtls.mode", pa.mtls.mode, PEER_AUTH_MODES)
+        if pa.port_level_mtls and pa.selector is None:
+            self.error("spec.portLevelMtls", "portLevelMtls needs a selector")
+        for port, mtls in pa.port_level_mtls.items():
+            self.port(f"spec.portLevelMtls.{port}", port)
+            self.enum(f"spec.portLevelMtls.{port}.mode", mtls.mode, PEER_AUTH_MODES)
+
+    def check_AuthorizationPolicy(self, ap: m.AuthorizationPolicy) -> None:
+        self.enum("spec.action", ap.action, AUTHZ_ACTIONS)
+        if ap.action == "CUSTOM" and not ap.provider.get("name"):
+            self.error("spec.provider", "action CUSTOM needs provider.name")
+        if ap.provider and ap.action != "CUSTOM":
+            self.error("spec.provider", "provider is only allowed with action CUSTOM")
+        for i, rule in enumerate(ap.rules or ()):
+            for j, to in enumerate(rule.to):
+                if to.operation is None:
+                    continue
+                for field, ports in (("ports", to.operation.ports), ("notPorts", to.operation.not_ports)):
+                    for k, p in enumerate(ports):
+                        fp = f"spec.rules[{i}].to[{j}].operation.{field}[{k}]"
+                        if not p.isdigit():
+                            self.error(fp, f"port {p!r} is not a number")
+                        else:
+                            self.port(fp, int(p))
+            for j, cond in enumerate(rule.when):
+                if not cond.key:
+                    self.error(f"spec.rules[{i}].when[{j}].key", "key is required")
+                if not cond.values and not cond.not_values:
+                    self.error(f"spec.rules[{i}].when[{j}]", "values or notValues is required")
+
+    # -- across resources
+
+    def check_conflicts(self) -> None:
+        vs_owner: dict[tuple[str, str], Resource] = {}
+        dr_owner: dict[tuple[str, object], Resource] = {}
+        for r in self.effective:
+            self.r = r
+            if isinstance(r.spec, m.VirtualService):
+                reported: set[str] = set()
+                for i, host in enumerate(r.spec.hosts):
+                    for gw in r.spec.gateways or ("mesh",):
+                        gw_key = gw if gw == "mesh" or "/" in gw else f"{r.namespace}/{gw}"
+                        key = (_host_key(host, r.namespace), gw_key)
+                        other = vs_owner.setdefault(key, r)
+                        if other is not r and other.key not in reported:
+                            reported.add(other.key)
+                            self.warning(
+                                f"spec.hosts[{i}]",
+                                f"conflicting VirtualServices for host {host!r}: also defined by "
+                                f"VirtualService {other.namespace}/{other.name} ({other.source or '?'})",
+                            )
+            elif isinstance(r.spec, m.DestinationRule):
+                key = (_host_key(r.spec.host, r.namespace), r.spec.workload_selector)
+                other = dr_owner.setdefault(key, r)
+                if other is not r:
+                    self.warning(
+                        "spec.host",
+                        f"conflicting DestinationRules for host {r.spec.host!r}: also defined by "
+                        f"DestinationRule {other.namespace}/{other.name} ({other.source or '?'})",
+                    )
