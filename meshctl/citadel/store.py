@@ -1,0 +1,285 @@
+"""Citadel's files in the state directory; the only citadel module that does file I/O.
+
+Layout (file names follow Istio's "plug in CA certificates" convention):
+
+    <state_dir>/ca/               0700
+      ca-cert.pem                 the signing CA (the root itself, or the user's intermediate)
+      ca-key.pem                  its private key, 0600, never logged
+      cert-chain.pem              ca-cert.pem followed by its issuers up to the root
+      root-cert.pem               the current root of trust
+      trust-bundle.pem            root-cert.pem + old roots still inside their overlap window
+      old-roots/<serial>.pem      roots replaced by rotate_root
+      ca.json                     trust domain, whether the CA was plugged in, old roots' retirement times
+      tokens.json                 bootstrap token hashes (tokens.py), 0600
+      issued.jsonl                one line per certificate issued (for `citadel status`)
+
+Every write goes to a temporary file and is renamed into place; keys are
+created 0600 from the start. Read-modify-write of tokens.json holds an
+exclusive flock so the server and `meshctl citadel token` can share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+from cryptography import x509
+
+from .ca import CA, cert_to_pem, certs_to_pem, create_root, key_to_pem, load_ca
+from .errors import CAError
+from .identity import as_datetime, as_timedelta
+from .tokens import TokenStore
+
+CA_DIR = "ca"
+DEFAULT_OVERLAP = timedelta(hours=48)  # > the 24 h leaf lifetime: every leaf of the old root outlives nothing
+
+
+def ca_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / CA_DIR
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    os.chmod(tmp, mode)
+    tmp.replace(path)
+
+
+def _read_meta(d: Path) -> dict[str, Any]:
+    try:
+        return json.loads((d / "ca.json").read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise CAError(f"{d / 'ca.json'} is corrupt: {exc}") from None
+
+
+def _write_meta(d: Path, meta: dict[str, Any]) -> None:
+    _write(d / "ca.json", (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def has_ca(state_dir: str | Path) -> bool:
+    return (ca_dir(state_dir) / "ca-key.pem").exists()
+
+
+def _save_ca(d: Path, ca: CA, meta: dict[str, Any], now: datetime) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    _write(d / "ca-key.pem", key_to_pem(ca.key), 0o600)
+    _write(d / "ca-cert.pem", cert_to_pem(ca.cert))
+    _write(d / "cert-chain.pem", ca.cert_chain_pem)
+    _write(d / "root-cert.pem", ca.root_pem)
+    meta["trust_domain"] = ca.trust_domain
+    _write_meta(d, meta)
+    _write(d / "trust-bundle.pem", _bundle(d, ca, meta, now))
+
+
+def init_ca(
+    state_dir: str | Path,
+    trust_domain: str = "cluster.local",
+    cert: bytes | str | None = None,
+    key: bytes | str | None = None,
+    chain: bytes | str | None = None,
+    *,
+    now: datetime | float,
+) -> CA:
+    """Create the CA: a new self-signed root, or the user's root/intermediate
+    (``cert`` + ``key`` PEM, ``chain`` up to the root for an intermediate).
+    Refuses to overwrite an existing CA."""
+    d = ca_dir(state_dir)
+    if has_ca(state_dir):
+        raise CAError(
+            f"a CA already exists in {d}; use `meshctl citadel rotate-root` to replace the root, "
+            "or remove the directory to start over (every workload certificate becomes untrusted)"
+        )
+    when = as_datetime(now)
+    if (cert is None) != (key is None):
+        raise CAError("give both --cert and --key to plug in your own CA, or neither to create a root")
+    if cert is not None and key is not None:
+        ca = load_ca(cert, key, chain, trust_domain=trust_domain)
+        plugged = True
+    else:
+        ca = create_root(trust_domain, when)
+        plugged = False
+    _save_ca(d, ca, {"plugged": plugged, "created": when.isoformat(), "old_roots": []}, when)
+    return ca
+
+
+def ensure_ca(state_dir: str | Path, trust_domain: str = "cluster.local", *, now: datetime | float) -> CA:
+    """Load the CA, creating a root first if there is none (what `meshctl up` wants)."""
+    if has_ca(state_dir):
+        return load_ca_from(state_dir)
+    return init_ca(state_dir, trust_domain, now=now)
+
+
+def load_ca_from(state_dir: str | Path) -> CA:
+    d = ca_dir(state_dir)
+    try:
+        cert = (d / "ca-cert.pem").read_bytes()
+        key = (d / "ca-key.pem").read_bytes()
+    except FileNotFoundError:
+        raise CAError(f"no CA in {d}: run `meshctl citadel init` (or `meshctl up`) first") from None
+    chain = (d / "cert-chain.pem").read_bytes() if (d / "cert-chain.pem").exists() else None
+    meta = _read_meta(d)
+    return load_ca(cert, key, chain, trust_domain=meta.get("trust_domain"))
+
+
+def _bundle(d: Path, ca: CA, meta: dict[str, Any], now: datetime) -> bytes:
+    certs = [ca.root]
+    for entry in meta.get("old_roots", []):
+        if datetime.fromisoformat(entry["retire_after"]) > now:
+            try:
+                old = x509.load_pem_x509_certificate((d / entry["file"]).read_bytes())
+            except (FileNotFoundError, ValueError):
+                continue
+            if old not in certs:
+                certs.append(old)
+    return certs_to_pem(certs)
+
+
+def trust_bundle_pem(state_dir: str | Path, now: datetime | float) -> bytes:
+    """The roots a workload must trust now: current root + old roots in their overlap."""
+    d = ca_dir(state_dir)
+    return _bundle(d, load_ca_from(state_dir), _read_meta(d), as_datetime(now))
+
+
+def rotate_root(
+    state_dir: str | Path, now: datetime | float, overlap: timedelta | float = DEFAULT_OVERLAP
+) -> CA:
+    """Replace a generated root with a new one. The old root stays in the trust
+    bundle for ``overlap`` so certificates it signed keep working until their
+    workloads renew (which fetches the new bundle). A plugged-in CA is the
+    user's to rotate: refused with a message saying what to do."""
+    d = ca_dir(state_dir)
+    when = as_datetime(now)
+    old = load_ca_from(state_dir)
+    meta = _read_meta(d)
+    if meta.get("plugged"):
+        raise CAError(
+            "this mesh uses a plugged-in CA (citadel init --cert/--key): rotate it in your own PKI, "
+            f"then replace the files in {d}"
+        )
+    (d / "old-roots").mkdir(exist_ok=True)
+    rel = f"old-roots/{old.root.serial_number:x}.pem"
+    _write(d / rel, old.root_pem)
+    kept = [e for e in meta.get("old_roots", []) if datetime.fromisoformat(e["retire_after"]) > when]
+    kept.append({"file": rel, "retire_after": (when + as_timedelta(overlap)).isoformat(), "rotated": when.isoformat()})
+    meta["old_roots"] = kept
+    new = create_root(old.trust_domain, when)
+    _save_ca(d, new, meta, when)
+    return new
+
+
+def ca_info(state_dir: str | Path, now: datetime | float) -> dict[str, Any]:
+    """What `citadel status` shows about the CA (no key material)."""
+    d = ca_dir(state_dir)
+    ca = load_ca_from(state_dir)
+    meta = _read_meta(d)
+    when = as_datetime(now)
+    return {
+        "trust_domain": ca.trust_domain,
+        "plugged": bool(meta.get("plugged")),
+        "ca_subject": ca.cert.subject.rfc4514_string(),
+        "ca_not_after": ca.cert.not_valid_after_utc.isoformat(),
+        "root_subject": ca.root.subject.rfc4514_string(),
+        "old_roots": [e for e in meta.get("old_roots", []) if datetime.fromisoformat(e["retire_after"]) > when],
+    }
+
+
+# ---------------------------------------------------------------- issued certificates
+
+
+def record_issued(state_dir: str | Path, spiffe_id: str, cert: x509.Certificate, how: str) -> None:
+    line = {
+        "spiffe_id": spiffe_id,
+        "serial": f"{cert.serial_number:x}",
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "how": how,  # "token" | "renewal"
+    }
+    d = ca_dir(state_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "issued.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_issued(state_dir: str | Path) -> list[dict[str, Any]]:
+    try:
+        text = (ca_dir(state_dir) / "issued.jsonl").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+def latest_by_identity(state_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The most recent certificate issued to each SPIFFE ID."""
+    latest: dict[str, dict[str, Any]] = {}
+    for rec in read_issued(state_dir):
+        cur = latest.get(rec["spiffe_id"])
+        if cur is None or rec["not_before"] >= cur["not_before"]:
+            latest[rec["spiffe_id"]] = rec
+    return latest
+
+
+# ---------------------------------------------------------------- tokens
+
+
+class TokenFile:
+    """TokenStore persisted in tokens.json; each call is lock → load → change → save."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = ca_dir(state_dir) / "tokens.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[TokenStore]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(".tokens.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                data = json.loads(self.path.read_text())
+            except FileNotFoundError:
+                data = {}
+            except json.JSONDecodeError as exc:
+                raise CAError(f"{self.path} is corrupt: {exc}") from None
+            store = TokenStore.from_json(data)
+            before = json.dumps(store.to_json(), sort_keys=True)
+            yield store
+            after = store.to_json()
+            if json.dumps(after, sort_keys=True) != before:
+                _write(self.path, (json.dumps(after, indent=1) + "\n").encode(), 0o600)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def issue_token(self, workload_identity: str, ttl: timedelta | float | None, now: datetime | float) -> str:
+        with self._locked() as store:
+            store.prune(now)
+            return store.issue_token(workload_identity, ttl, now)
+
+    def redeem(self, token: str, now: datetime | float) -> str:
+        with self._locked() as store:
+            return store.redeem(token, now)
+
+    def outstanding(self, now: datetime | float):
+        with self._locked() as store:
+            return store.outstanding(now)
