@@ -1,0 +1,400 @@
+"""A socket stream that tries the syscall first (see shared/PERFORMANCE.md).
+
+trio's own ``SocketStream.receive_some`` yields to the scheduler on every
+call, even when bytes are already waiting, and allocates a fresh buffer each
+time. In a proxy hop that doubles the trips through epoll. ``FastSocketStream``
+calls ``recv_into`` / ``send`` on the non-blocking socket directly and only
+parks (``trio.lowlevel.wait_readable`` / ``wait_writable``) when the kernel
+says ``EAGAIN``. Every park is a cancellation point; to stay fair to other
+connections, and to deliver cancellation to a task that never has to park,
+it also runs an explicit ``trio.lowlevel.checkpoint()`` every
+``checkpoint_every`` calls.
+
+It is still a ``trio.abc.HalfCloseableStream``: TLS can wrap it and tests can
+swap it for ``trio.testing.memory_stream_pair()``.
+
+Errors are mapped at this edge: connection resets and broken pipes become
+``trio.BrokenResourceError``; use after ``aclose()`` is
+``trio.ClosedResourceError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+
+import trio
+
+DEFAULT_CHECKPOINT_EVERY = 32
+RECV_SIZE = 65536
+
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_checkpoint = trio.lowlevel.checkpoint
+
+
+class UpstreamConnectError(Exception):
+    """Connecting to an upstream failed: refused, unreachable, timed out or unresolvable."""
+
+    def __init__(self, address: str, port: int, cause: str) -> None:
+        super().__init__(f"connect to {address}:{port} failed: {cause}")
+        self.address = address
+        self.port = port
+        self.cause = cause
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Non-blocking, TCP_NODELAY (header + body in separate writes otherwise
+    stall on Nagle and delayed ACK)."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - not a TCP socket
+            pass
+
+
+class FastSocketStream(trio.abc.HalfCloseableStream):
+    """A HalfCloseableStream over a plain non-blocking ``socket.socket``."""
+
+    __slots__ = ("socket", "_buf", "_view", "_calls", "_every", "_closed", "_recv_busy", "_send_busy", "_eof_sent")
+
+    def __init__(self, sock: socket.socket, *, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
+        tune_socket(sock)
+        self.socket = sock
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
+        self._calls = 0
+        self._every = max(1, checkpoint_every)
+        self._closed = False
+        self._recv_busy = False
+        self._send_busy = False
+        self._eof_sent = False
+
+    # -------------------------------------------------------------- receive
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._recv_busy:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._recv_busy = True
+        try:
+            self._calls += 1
+            if self._calls >= self._every:
+                self._calls = 0
+                await _checkpoint()
+            sock = self.socket
+            while True:
+                try:
+                    n = sock.recv_into(self._buf, size)
+                except BlockingIOError:
+                    await _wait_readable(sock)
+                    continue
+                except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
+                    raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+                except OSError as exc:
+                    if self._closed or exc.errno == errno.EBADF:
+                        raise trio.ClosedResourceError("stream was closed") from None
+                    raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                return self._view[:n].tobytes()
+        finally:
+            self._recv_busy = False
+
+    async def receive_into(self, buffer: memoryview | bytearray) -> int:
+        """Receive into the caller's buffer without a copy; 0 means EOF."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        self._calls += 1
+        if self._calls >= self._every:
+            self._calls = 0
+            await _checkpoint()
+        sock = self.socket
+        while True:
+            try:
+                return sock.recv_into(buffer)
+            except BlockingIOError:
+                await _wait_readable(sock)
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
+                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+            except OSError as exc:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed") from None
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+
+    # -------------------------------------------------------------- send
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
+        self._send_busy = True
+        try:
+            self._calls += 1
+            if self._calls >= self._every:
+                self._calls = 0
+                await _checkpoint()
+            sock = self.socket
+            total = len(data)
+            if not total:
+                return
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
+                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+            except OSError as exc:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed") from None
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            if sent == total:
+                return
+            with memoryview(data) as view:
+                while sent < total:
+                    await _wait_writable(sock)
+                    try:
+                        sent += sock.send(view[sent:])
+                    except BlockingIOError:
+                        continue
+                    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
+                        raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+                    except OSError as exc:
+                        if self._closed:
+                            raise trio.ClosedResourceError("stream was closed") from None
+                        raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+        finally:
+            self._send_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        self._send_busy = True
+        try:
+            await _wait_writable(self.socket)
+        finally:
+            self._send_busy = False
+
+    async def send_eof(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        await _checkpoint()
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # peer already gone: nothing left to half-close
+
+    # -------------------------------------------------------------- close
+
+    def close_now(self) -> None:
+        """Close synchronously (wakes any task parked on this socket)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self.socket)
+        except RuntimeError:  # outside trio (tests, shutdown)
+            pass
+        self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close_now()
+        await _checkpoint()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+
+# ------------------------------------------------------------------ connect / listen
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+async def connect_tcp(host: str, port: int, *, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> FastSocketStream:
+    """Open a TCP connection. Raises UpstreamConnectError (never OSError).
+
+    Callers put their own deadline around it (connect timeout)."""
+    if _is_ip(host):
+        infos = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
+    else:
+        try:
+            res = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise UpstreamConnectError(host, port, f"cannot resolve {host!r}: {exc}") from None
+        infos = [(r[0], r[4]) for r in res]
+    last = "no address"
+    for family, addr in infos:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            err = sock.connect_ex(addr)
+            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                try:
+                    await _wait_writable(sock)
+                except BaseException:
+                    sock.close()
+                    raise
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                return FastSocketStream(sock, checkpoint_every=checkpoint_every)
+            last = os.strerror(err)
+        except OSError as exc:
+            last = str(exc)
+        sock.close()
+    raise UpstreamConnectError(host, port, last)
+
+
+def bind_listener(address: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    """A bound, listening, non-blocking socket. Raises OSError with the address."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}:{port}: {exc.strerror}") from None
+    return sock
+
+
+async def accept(listen_sock: socket.socket) -> tuple[socket.socket, tuple]:
+    """Accept one connection, parking only when none is pending."""
+    while True:
+        try:
+            conn, addr = listen_sock.accept()
+        except BlockingIOError:
+            await _wait_readable(listen_sock)
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                await trio.sleep(0.05)  # out of fds: back off instead of spinning
+                continue
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                continue
+            raise
+        return conn, addr
+
+
+def is_alive(stream: FastSocketStream) -> bool:
+    """Cheap check that an idle pooled connection was not closed by the peer."""
+    if stream.closed:
+        return False
+    try:
+        data = stream.socket.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    # b"" is EOF; unsolicited bytes on an idle HTTP connection make it unusable too
+    del data
+    return False
+
+
+# ------------------------------------------------------------------ opaque relay
+
+
+async def _splice_one_way(src: FastSocketStream, dst: FastSocketStream) -> int:
+    """Move bytes src → dst through a pipe with os.splice (no copy into Python),
+    then half-close dst. Returns bytes moved."""
+    r, w = os.pipe()
+    total = 0
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    sfd, dfd = src.socket.fileno(), dst.socket.fileno()
+    calls = 0
+    try:
+        while True:
+            try:
+                n = os.splice(sfd, w, 1 << 20, flags=flags)
+            except BlockingIOError:
+                await _wait_readable(src.socket)
+                continue
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if n == 0:
+                break
+            left = n
+            while left:
+                try:
+                    m = os.splice(r, dfd, left, flags=flags)
+                except BlockingIOError:
+                    await _wait_writable(dst.socket)
+                    continue
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                left -= m
+            total += n
+            calls += 1
+            if calls % 16 == 0:
+                await _checkpoint()
+    finally:
+        os.close(r)
+        os.close(w)
+    if not dst.closed:
+        try:
+            dst.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    return total
+
+
+async def _copy_one_way(src: trio.abc.Stream, dst: trio.abc.Stream) -> int:
+    total = 0
+    while True:
+        data = await src.receive_some()
+        if not data:
+            break
+        await dst.send_all(data)
+        total += len(data)
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        try:
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    return total
+
+
+async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
+    """Relay opaque bytes both ways until both directions saw EOF, propagating
+    half-close. Uses os.splice when both legs are plain sockets. Returns
+    (bytes a→b, bytes b→a). Connection errors end the relay quietly."""
+    use_splice = isinstance(a, FastSocketStream) and isinstance(b, FastSocketStream) and hasattr(os, "splice")
+    one_way = _splice_one_way if use_splice else _copy_one_way
+    counts = [0, 0]
+
+    async def run(i: int, src: trio.abc.Stream, dst: trio.abc.Stream, cancel: trio.CancelScope) -> None:
+        try:
+            counts[i] = await one_way(src, dst)  # type: ignore[arg-type]
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            cancel.cancel()  # a reset on one leg ends both
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 0, a, b, nursery.cancel_scope)
+        nursery.start_soon(run, 1, b, a, nursery.cancel_scope)
+    return counts[0], counts[1]
