@@ -30,6 +30,9 @@ Rules:
   65537); ring hash when neither is given. A request without the key is
   balanced at random (Envoy would generate a cookie when ``httpCookie.ttl``
   is set; meshctl does not).
+- Retries: hosts in ``PickContext.avoid`` (already tried) are avoided by
+  picking again, up to 5 times (Istio's default retry host predicate);
+  consistent hashing ignores ``avoid``, as Istio does with a hash policy.
 - ``warmupDurationSecs`` (slow start) is not implemented: new endpoints get
   their full share at once.
 """
@@ -70,6 +73,9 @@ class PickContext:
     source_ip: str = ""
     path: str = "/"  # path and query
     active: Mapping[tuple[str, int], int] = EMPTY  # in-flight requests per (address, port)
+    # (address, port) of hosts already tried for this request: a retry picks
+    # again (up to 5 times) to avoid them, like Istio's previous_hosts predicate
+    avoid: frozenset[tuple[str, int]] = frozenset()
 
 
 class Balancer(Protocol):
@@ -104,7 +110,29 @@ def _random_pick(endpoints: Sequence[Endpoint], rand: random.Random) -> Endpoint
     return endpoints[_weighted_index(endpoints, rand)]
 
 
-class RoundRobin:
+_REPICKS = 5
+
+
+class _Avoiding:
+    """``pick`` with the retry host predicate around each policy's ``_pick``."""
+
+    __slots__ = ()
+
+    def _pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
+        raise NotImplementedError
+
+    def pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
+        ep = self._pick(endpoints, ctx, rand)
+        avoid = ctx.avoid
+        if avoid and ep is not None:
+            for _ in range(_REPICKS):
+                if (ep.address, ep.port) not in avoid:
+                    break
+                ep = self._pick(endpoints, ctx, rand)
+        return ep
+
+
+class RoundRobin(_Avoiding):
     """Round robin; smooth weighted round robin when weights differ."""
 
     __slots__ = ("_next", "_credit")
@@ -113,7 +141,7 @@ class RoundRobin:
         self._next: int | None = None
         self._credit: dict[tuple[str, int], int] = {}
 
-    def pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
+    def _pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
         n = len(endpoints)
         if n == 0:
             return None
@@ -147,21 +175,21 @@ class RoundRobin:
         return best
 
 
-class RandomBalancer:
+class RandomBalancer(_Avoiding):
     __slots__ = ()
 
-    def pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
+    def _pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
         if not endpoints:
             return None
         return _random_pick(endpoints, rand)
 
 
-class LeastRequest:
+class LeastRequest(_Avoiding):
     """Power of two choices on in-flight requests (per unit of weight)."""
 
     __slots__ = ()
 
-    def pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
+    def _pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
         n = len(endpoints)
         if n == 0:
             return None

@@ -243,3 +243,16 @@ def test_consistent_hash_agrees_across_processes():
     b = hashed(http_header_name="x-user")
     here = ",".join(b.pick(TEN, by_header(f"u{k}"), random.Random(0)).address for k in range(20))
     assert outs == {here + "\n"}
+
+
+@pytest.mark.parametrize("name", ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"])
+def test_a_retry_avoids_hosts_already_tried(name):
+    b = simple(name)
+    rand = random.Random(8)
+    tried = frozenset({(TEN[0].address, TEN[0].port), (TEN[1].address, TEN[1].port)})
+    picks = Counter(b.pick(TEN[:4], PickContext(avoid=tried), rand) for _ in range(2000))
+    # up to 6 draws: a tried host comes back only when every draw hits one
+    # (random: 0.5**6 = 1.6% expected; round robin: never)
+    assert picks[TEN[0]] + picks[TEN[1]] < 2000 * 0.03
+    # when every host was tried, one is still returned
+    assert b.pick(TEN[:2], PickContext(avoid=tried), rand) in TEN[:2]
