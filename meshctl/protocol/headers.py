@@ -1,0 +1,97 @@
+"""Pure header helpers the proxy pipeline applies to every request/response.
+
+Header lists are ``[(name, value), ...]`` with lower-case names (see events.py).
+Every helper returns a new list and leaves its argument untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .events import HeaderList
+
+__all__ = ["HOP_BY_HOP", "strip_hop_by_hop", "append_forwarded_for", "ensure_request_id"]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+
+# cheap pre-check: most header lists carry none of these
+_LOOK = HOP_BY_HOP
+
+
+def _tokens(value: str) -> list[str]:
+    return [t.strip().lower() for t in value.split(",") if t.strip()]
+
+
+def strip_hop_by_hop(headers: HeaderList, *, keep_upgrade: bool = False) -> HeaderList:
+    """Remove hop-by-hop headers and every header named by a Connection token.
+
+    ``te`` survives as ``te: trailers`` when it asks for trailers (gRPC needs it).
+    With ``keep_upgrade`` (forwarding an Upgrade the proxy relays), ``upgrade``
+    and ``connection: upgrade`` are kept.
+    """
+    if not any(k in _LOOK for k, _ in headers):
+        return list(headers)
+    nominated: set[str] = set()
+    for k, v in headers:
+        if k == "connection":
+            nominated.update(_tokens(v))
+    upgrade_kept = keep_upgrade and "upgrade" in nominated
+    out: HeaderList = []
+    for k, v in headers:
+        if k == "te":
+            if "trailers" in _tokens(v):
+                out.append(("te", "trailers"))
+            continue
+        if upgrade_kept and k == "upgrade":
+            out.append((k, v))
+            continue
+        if k in HOP_BY_HOP or k in nominated:
+            continue
+        out.append((k, v))
+    if upgrade_kept:
+        out.append(("connection", "upgrade"))
+    return out
+
+
+def append_forwarded_for(headers: HeaderList, client_ip: str) -> HeaderList:
+    """Append ``client_ip`` to x-forwarded-for (several such headers are folded into one)."""
+    out: HeaderList = []
+    at = -1
+    for k, v in headers:
+        if k == "x-forwarded-for":
+            if at < 0:
+                at = len(out)
+                out.append((k, v))
+            else:
+                out[at] = (k, f"{out[at][1]}, {v}")
+        else:
+            out.append((k, v))
+    if at < 0:
+        out.append(("x-forwarded-for", client_ip))
+    else:
+        prior = out[at][1].strip()
+        out[at] = ("x-forwarded-for", f"{prior}, {client_ip}" if prior else client_ip)
+    return out
+
+
+def ensure_request_id(headers: HeaderList, new_id: Callable[[], str]) -> tuple[HeaderList, str]:
+    """Keep a non-empty x-request-id; otherwise add one made by ``new_id()``."""
+    for k, v in headers:
+        if k == "x-request-id" and v.strip():
+            return list(headers), v
+    rid = new_id()
+    out = [(k, v) for k, v in headers if k != "x-request-id"]
+    out.append(("x-request-id", rid))
+    return out, rid

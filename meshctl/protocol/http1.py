@@ -1,0 +1,980 @@
+"""Sans-IO HTTP/1.1 codec over httptools (llhttp), for both legs of a proxy hop.
+
+``H1Server`` parses requests from one downstream connection and serializes the
+responses; ``H1Client`` serializes requests to one upstream connection and
+parses the responses. Both speak the events of ``meshctl.protocol.events``.
+No sockets, no trio, no clock: bytes in, events out; events in, bytes out.
+
+Rules this module keeps
+-----------------------
+* Parsing is llhttp's (strict mode, no leniencies). llhttp already refuses,
+  with a 400: Content-Length with Transfer-Encoding, duplicate Content-Length
+  (identical duplicates too -- llhttp's and Envoy's legacy http-parser codec
+  both refuse them, so do we), non-numeric/negative Content-Length, obs-fold,
+  whitespace before the colon, non-token header names, CTLs (bare CR/LF/NUL)
+  in values, bad chunk sizes, a missing CRLF after chunk data and request-line
+  garbage. This module adds, before the request's first event is produced:
+  400 for HTTP/1.1 without Host and for several Host headers, 501 for any
+  Transfer-Encoding that is not exactly ``chunked`` (case-insensitive), 505
+  for versions other than 1.0/1.1, and 431 for heads over the limits.
+* The head-size limit is counted from what llhttp hands over (target plus each
+  complete header line); a head still incomplete at the end of a ``feed`` is
+  also bounded by the bytes fed to it since.  A head can therefore overrun
+  ``max_header_bytes`` by at most one ``feed`` before it is refused.
+* Upstream (H1Client) errors have status 502: the proxy answers its client with it.
+* Framing on output belongs to the codec: caller ``transfer-encoding``,
+  ``connection`` and ``keep-alive`` headers are replaced by the codec's own
+  (except ``connection`` on a 101, which is kept), ``content-length`` is kept.
+* Upgrade: after a request with ``Connection: upgrade`` + ``Upgrade`` (or a
+  CONNECT), the server codec stops parsing after that request and holds
+  further bytes. A 101 (2xx to CONNECT) hands them over (``upgrade_accepted``
+  or an ``Upgraded`` event from the next ``feed``); any other response resumes
+  HTTP parsing of the held bytes at the next ``feed`` call (``feed(b"")`` works).
+  An Upgrade request that carries a body (curl's h2c upgrade on a POST) is
+  treated as a plain request (``upgrade=None``), as the body must be read as
+  HTTP/1.1 anyway; CONNECT with a body is refused (400).
+* After a request or response that closes the connection, further input is ignored.
+* A head-level error found behind complete pipelined requests of the same
+  ``feed`` is deferred: their events are returned, ``keep_alive`` turns False,
+  and the next ``feed``/``feed_eof`` raises it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+    HttpResponseParser,
+)
+
+from .events import (
+    Data,
+    EndOfMessage,
+    Event,
+    HeaderList,
+    ProtocolError,
+    RequestHead,
+    Reset,
+    ResponseHead,
+    Upgraded,
+)
+
+__all__ = ["Limits", "H1Server", "H1Client"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = 60 * 1024  # the whole request/response head
+    max_headers: int = 100
+
+
+_DEFAULT_LIMITS = Limits()
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_REASONS.setdefault(425, "Too Early")
+
+# headers the parser callbacks look at while collecting a head
+_SPECIAL = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "expect"}
+)
+# headers the serializer owns (framing and connection management)
+_OWNED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+# methods for which H1Client does not invent a chunked body when the caller
+# did not say end_stream=True
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
+
+# output framing
+_NONE = 0  # no body may follow (HEAD, 1xx, 204, 304, upgrades)
+_LENGTH = 1
+_CHUNKED = 2
+_CLOSE = 3  # body ends when the connection closes (HTTP/1.0 clients)
+
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _protocol_error_from(exc: HttpParserError, status: int, who: str) -> ProtocolError:
+    """Turn an httptools exception into our ProtocolError (keeping ours as is)."""
+    ctx = exc.__context__
+    if isinstance(exc, HttpParserCallbackError) and isinstance(ctx, ProtocolError):
+        return ctx
+    reason = str(exc) or type(exc).__name__
+    if status == 400 and "Transfer-Encoding" in reason and "Content-Length" not in reason:
+        # llhttp refuses "chunked, gzip" and repeated Transfer-Encoding itself
+        status = 501
+    err = ProtocolError(f"malformed HTTP/1.1 {who}: {reason}", status)
+    err.__cause__ = exc
+    return err
+
+
+def _serialize_fields(parts: list[str], what: str) -> bytes:
+    """Join head lines (each ending in CRLF) and refuse CR/LF smuggled in values."""
+    text = "".join(parts)
+    n = len(parts)
+    if text.count("\n") != n or text.count("\r") != n:
+        bad = next(p for p in parts if p.count("\n") != 1 or p.count("\r") != 1)
+        raise ValueError(f"{what}: CR or LF inside a header line: {bad!r}")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what}: header text is not latin-1: {exc}") from None
+
+
+def _trailer_bytes(trailers: HeaderList) -> bytes:
+    if not trailers:
+        return _LAST_CHUNK
+    parts = ["0\r\n"]
+    for k, v in trailers:
+        parts.append(f"{k}: {v}\r\n")
+    parts.append("\r\n")
+    return _serialize_fields(parts, "trailers")
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
+
+
+def _split_absolute(target: str) -> tuple[str, str, str] | None:
+    """``http://h:p/x?y`` -> ("http", "h:p", "/x?y"); None if not absolute-form."""
+    sep = target.find("://")
+    if sep <= 0:
+        return None
+    scheme = target[:sep].lower()
+    rest = target[sep + 3 :]
+    end = len(rest)
+    for ch in "/?#":
+        i = rest.find(ch)
+        if 0 <= i < end:
+            end = i
+    authority = rest[:end]
+    if "@" in authority:  # drop userinfo, never forwarded as Host
+        authority = authority.rsplit("@", 1)[1]
+    path = rest[end:]
+    hash_at = path.find("#")
+    if hash_at >= 0:
+        path = path[:hash_at]
+    if not path.startswith("/"):
+        path = "/" + path
+    return scheme, authority, path
+
+
+class _Exchange:
+    """What the server remembers about a request until its response is done."""
+
+    __slots__ = ("method", "version", "keep_alive", "upgrade", "complete")
+
+    def __init__(self, method: str, version: str, keep_alive: bool, upgrade: str | None) -> None:
+        self.method = method
+        self.version = version
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.complete = False
+
+
+# An exchange for answering a request that never parsed (400 to garbage).
+def _error_exchange() -> _Exchange:
+    ex = _Exchange("GET", "1.1", False, None)
+    ex.complete = True
+    return ex
+
+
+class _HeadCollector:
+    """Parser callbacks shared by both sides: collect one head's fields, body, trailers."""
+
+    _who = "message"
+    _status_bad = 400
+
+    def _init_collector(self, limits: Limits) -> None:
+        self._limits = limits
+        self._max_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._events: list[Event] = []
+        self._headers: HeaderList = []
+        self._trailers: HeaderList = []
+        self._in_head = False
+        self._in_message = False
+        self._hbytes = 0
+        self._msg_seq = 0
+        self._head_carry = 0
+        self._reset_specials()
+
+    def _reset_specials(self) -> None:
+        self._host: str | None = None
+        self._nhost = 0
+        self._cl: str | None = None
+        self._te: str | None = None
+        self._conn: str | None = None
+        self._upg: str | None = None
+        self._expect: str | None = None
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._trailers = []
+        self._in_head = True
+        self._in_message = True
+        self._hbytes = 0
+        self._msg_seq += 1
+        self._host = self._cl = self._te = self._conn = self._upg = self._expect = None
+        self._nhost = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = name.decode("latin-1").lower()
+        v = value.rstrip(b" \t").decode("latin-1")
+        if self._in_head:
+            headers = self._headers
+            headers.append((n, v))
+            self._hbytes += len(name) + len(value) + 4
+            if self._hbytes > self._max_bytes or len(headers) > self._max_headers:
+                self._too_big()
+            if n in _SPECIAL:
+                self._special(n, v)
+        else:
+            trailers = self._trailers
+            trailers.append((n, v))
+            if len(trailers) > self._max_headers:
+                raise ProtocolError(f"too many trailer fields (limit {self._max_headers})", self._status_bad)
+
+    def _too_big(self) -> None:
+        status = 431 if self._status_bad == 400 else self._status_bad
+        raise ProtocolError(
+            f"{self._who} head too large: more than {self._max_bytes} bytes or "
+            f"{self._max_headers} header fields",
+            status,
+        )
+
+    def _special(self, n: str, v: str) -> None:
+        if n == "host":
+            self._nhost += 1
+            if self._host is None:
+                self._host = v
+        elif n == "content-length":
+            self._cl = v
+        elif n == "transfer-encoding":
+            self._te = v
+        elif n == "connection":
+            self._conn = v if self._conn is None else f"{self._conn}, {v}"
+        elif n == "upgrade":
+            self._upg = v
+        elif n == "expect":
+            self._expect = v
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def _check_transfer_encoding(self) -> bool:
+        """True if the message is chunked; refuses every other coding."""
+        te = self._te
+        if te is None:
+            return False
+        if te.strip().lower() != "chunked":
+            status = 501 if self._status_bad == 400 else self._status_bad
+            raise ProtocolError(
+                f"unsupported Transfer-Encoding {te!r} in {self._who}: only 'chunked' is accepted",
+                status,
+            )
+        return True
+
+    def _account_partial_head(self, seq_before: int, was_in_head: bool, nbytes: int) -> None:
+        """Bound a head still incomplete after a feed (see the module notes)."""
+        if self._in_head:
+            if was_in_head and seq_before == self._msg_seq:
+                self._head_carry += nbytes
+                if self._head_carry > self._max_bytes:
+                    self._too_big()
+            else:
+                self._head_carry = 0
+        else:
+            self._head_carry = 0
+
+
+def _connection_tokens(value: str | None) -> tuple[bool, bool]:
+    """(has close, has keep-alive) among the Connection tokens."""
+    if value is None:
+        return False, False
+    toks = [t.strip() for t in value.lower().split(",")]
+    return "close" in toks, "keep-alive" in toks
+
+
+class H1Server(_HeadCollector):
+    """One client connection, server side: parses requests, serializes responses."""
+
+    _who = "request"
+    _status_bad = 400
+
+    def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
+        self._init_collector(limits)
+        self._parser = HttpRequestParser(self)
+        self._url = b""
+        self._pending: deque[_Exchange] = deque()
+        self._error: ProtocolError | None = None
+        self._deferred: ProtocolError | None = None
+        self._stopped = False  # a request closed the connection: ignore more input
+        self._silent = False  # parsing the synthetic head (see _resume_body)
+        self._body_after_upgrade: tuple[str, str] | None = None
+        self._hold = False  # upgrade pending: buffer input instead of parsing
+        self._held = b""
+        self._resume_held = False
+        self._upgraded = False
+        self._closing = False  # a response or EOF decided to close the connection
+        # response in progress
+        self._resp: _Exchange | None = None
+        self._framing = _NONE
+        self._remaining = 0
+        self._resp_keep = True
+        self._accepting_upgrade = False
+
+    # ----------------------------------------------------------- parsing
+    def on_url(self, url: bytes) -> None:
+        if self._url:
+            self._url += url
+        else:
+            self._url = url
+        self._hbytes += len(url)
+        if self._hbytes > self._max_bytes:
+            self._too_big()
+
+    def on_message_begin(self) -> None:
+        # inlined _HeadCollector.on_message_begin: this runs once per request
+        self._headers = []
+        self._trailers = []
+        self._in_head = True
+        self._in_message = True
+        self._hbytes = 0
+        self._msg_seq += 1
+        self._host = self._cl = self._te = self._conn = self._upg = self._expect = None
+        self._nhost = 0
+        self._url = b""
+
+    def on_headers_complete(self) -> None:
+        self._head_carry = 0
+        p = self._parser
+        if self._silent:
+            self._silent = False
+            self._in_head = False
+            return
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise ProtocolError(f"HTTP version {version} not supported by the HTTP/1 codec", 505)
+        method = p.get_method().decode("ascii")
+        if self._nhost > 1:
+            raise ProtocolError(f"request has {self._nhost} Host headers", 400)
+        host = self._host
+        if host is None and version == "1.1":
+            raise ProtocolError("HTTP/1.1 request without a Host header", 400)
+        chunked = self._check_transfer_encoding()
+        cl = self._cl
+        has_body = chunked or (cl is not None and cl != "0" and cl.strip("0") != "")
+        target = self._url.decode("latin-1")
+        scheme = "http"
+        authority = host or ""
+        path = target
+        upgrade: str | None = None
+        if method == "CONNECT":
+            upgrade = "connect"
+            authority = target
+            path = ""
+            if has_body:
+                raise ProtocolError("CONNECT request with a body", 400)
+        else:
+            if not target.startswith("/") and target != "*":
+                parts = _split_absolute(target)
+                if parts is None:
+                    raise ProtocolError(f"request target {target!r} is neither origin- nor absolute-form", 400)
+                scheme, authority, path = parts
+                if not authority:
+                    raise ProtocolError(f"absolute-form target {target!r} has no host", 400)
+            if p.should_upgrade():
+                token = (self._upg or "").split(",", 1)[0].strip().lower()
+                if has_body:
+                    # the body has to be read as HTTP anyway: serve it as a plain request
+                    self._body_after_upgrade = ("chunked", "") if chunked else ("length", cl or "0")
+                else:
+                    upgrade = token or None
+        keep_alive = p.should_keep_alive()
+        expect = self._expect
+        head = RequestHead(
+            method,
+            target,
+            self._headers,
+            version,
+            scheme,
+            authority,
+            path,
+            keep_alive,
+            expect is not None and expect.lower() == "100-continue",
+            upgrade,
+        )
+        self._in_head = False
+        self._events.append(head)
+        self._pending.append(_Exchange(method, version, keep_alive, upgrade))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self._body_after_upgrade is not None and not self._silent:
+            # llhttp skipped the body of an Upgrade request; it is parsed next
+            return
+        ex = self._pending[-1]
+        ex.complete = True
+        self._events.append(EndOfMessage(self._trailers))
+        if not ex.keep_alive:
+            self._stopped = True
+        elif ex.upgrade is not None:
+            self._hold = True
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse bytes from the client; return the events they complete."""
+        if self._error is not None:
+            raise self._error
+        if self._deferred is not None:
+            err, self._deferred = self._deferred, None
+            self._error = err
+            raise err
+        if self._upgraded:
+            return [Data(data)] if data else []
+        if self._accepting_upgrade:
+            self._upgraded = True
+            leftover = self._held + data
+            self._held = b""
+            return [Upgraded(leftover)]
+        if self._hold or self._stopped:
+            if self._hold:
+                self._held += data
+            return []
+        if self._resume_held:
+            self._resume_held = False
+            data = self._held + data
+            self._held = b""
+        if not data:
+            return []
+        self._run(data)
+        events = self._events
+        self._events = []
+        return events
+
+    def _run(self, data: bytes) -> None:
+        seq, was_in_head = self._msg_seq, self._in_head
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as up:
+            self._after_upgrade_request(data[up.args[0] :])
+            return
+        except HttpParserError as exc:
+            if self._stopped:  # llhttp refuses data after "Connection: close": ignore it
+                return
+            self._fail(_protocol_error_from(exc, 400, "request"))
+        except ProtocolError as exc:  # raised outside a callback (not expected)
+            self._fail(exc)
+        if self._in_head:
+            try:
+                self._account_partial_head(seq, was_in_head, len(data))
+            except ProtocolError as exc:
+                self._fail(exc)
+
+    def _fail(self, err: ProtocolError) -> None:
+        if self._events and (self._in_head or not self._in_message):
+            # earlier pipelined requests completed in this feed: hand them out first
+            self._deferred = err
+            return
+        self._error = err
+        self._events = []
+        raise err
+
+    def _after_upgrade_request(self, rest: bytes) -> None:
+        if self._body_after_upgrade is not None:
+            kind, cl = self._body_after_upgrade
+            self._resume_body(kind, cl)
+            if rest:
+                self._run(rest)
+            return
+        self._hold = True
+        self._held = rest
+
+    def _resume_body(self, kind: str, cl: str) -> None:
+        """Continue an Upgrade request's body on a fresh parser primed with a
+        synthetic head carrying the same framing (its events are suppressed)."""
+        ex = self._pending[-1]
+        framing = "transfer-encoding: chunked" if kind == "chunked" else f"content-length: {cl}"
+        close = "" if ex.keep_alive else "connection: close\r\n"
+        synthetic = f"POST / HTTP/1.1\r\nhost: x\r\n{framing}\r\n{close}\r\n".encode("latin-1")
+        self._parser = HttpRequestParser(self)
+        self._silent = True
+        self._parser.feed_data(synthetic)
+        self._in_message = True
+        self._body_after_upgrade = None
+
+    def feed_eof(self) -> list[Event]:
+        """The client closed its side: [Reset] if it did so mid-request."""
+        if self._deferred is not None:
+            err, self._deferred = self._deferred, None
+            self._error = err
+            raise err
+        self._closing = True
+        if self._error is not None or self._upgraded:
+            return []
+        if self._in_message:
+            self._in_message = False
+            return [Reset("client closed the connection in the middle of a request")]
+        return []
+
+    # ----------------------------------------------------------- serializing
+    def _current(self) -> _Exchange:
+        if self._pending:
+            return self._pending[0]
+        return _error_exchange()
+
+    def informational(self, head: ResponseHead) -> bytes:
+        """A 1xx interim response (100 Continue, 103 Early Hints); b"" for HTTP/1.0 clients."""
+        status = head.status
+        if not 100 <= status < 200 or status == 101:
+            raise ValueError(f"informational() takes a 1xx status other than 101, not {status}")
+        if self._current().version == "1.0":
+            return b""
+        parts = [f"HTTP/1.1 {status} {head.reason or _REASONS.get(status, '')}\r\n"]
+        for k, v in head.headers:
+            if k not in _OWNED:
+                parts.append(f"{k}: {v}\r\n")
+        parts.append("\r\n")
+        return _serialize_fields(parts, "informational response")
+
+    def response_head(self, head: ResponseHead, *, end_stream: bool = False) -> bytes:
+        """Serialize the final response head to the oldest unanswered request."""
+        ex = self._current()
+        status = head.status
+        if status < 200 and status != 101:
+            raise ValueError(f"status {status} is interim: use informational()")
+        method = ex.method
+        parts = [f"HTTP/1.1 {status} {head.reason or _REASONS.get(status, '')}\r\n"]
+        cl: str | None = None
+        close = False
+        switching = status == 101 or (method == "CONNECT" and status < 300)
+        for k, v in head.headers:
+            if k in _OWNED:
+                if k == "content-length":
+                    cl = v
+                elif k == "connection":
+                    if switching:
+                        parts.append(f"{k}: {v}\r\n")
+                    elif "close" in v.lower():
+                        close = True
+                continue
+            parts.append(f"{k}: {v}\r\n")
+        if switching:
+            if ex.upgrade is None:
+                raise ValueError(f"status {status} answers a request that asked for no upgrade")
+            framing = _NONE
+            self._accepting_upgrade = True
+            keep = False
+            if status == 101 and not any(p.startswith("connection:") for p in parts):
+                parts.append("connection: upgrade\r\n")
+        else:
+            if status == 204 or status < 200:
+                framing = _NONE
+            elif method == "HEAD" or status == 304:
+                framing = _NONE
+                if cl is not None:
+                    parts.append(f"content-length: {cl}\r\n")
+            elif cl is not None:
+                cl = cl.strip()
+                if not cl.isdigit():
+                    raise ValueError(f"response content-length {cl!r} is not a number")
+                framing = _LENGTH
+                self._remaining = int(cl)
+                parts.append(f"content-length: {cl}\r\n")
+            elif end_stream:
+                framing = _LENGTH
+                self._remaining = 0
+                parts.append("content-length: 0\r\n")
+            elif ex.version == "1.1":
+                framing = _CHUNKED
+                parts.append("transfer-encoding: chunked\r\n")
+            else:
+                framing = _CLOSE
+                close = True
+            keep = (
+                ex.keep_alive
+                and not close
+                and not self._closing
+                and self._error is None
+                and self._deferred is None
+                and ex.upgrade != "connect"
+            )
+            if not keep:
+                parts.append("connection: close\r\n")
+            elif ex.version == "1.0":
+                parts.append("connection: keep-alive\r\n")
+        parts.append("\r\n")
+        out = _serialize_fields(parts, "response head")
+        self._resp = ex
+        self._framing = framing
+        self._resp_keep = keep
+        if not keep:
+            self._closing = True
+        if end_stream and not switching:
+            self._finish(ex)
+        return out
+
+    def data(self, data: bytes) -> bytes:
+        """Frame a piece of response body (b"" where no body is allowed)."""
+        framing = self._framing
+        if framing == _CHUNKED:
+            return _chunk(data) if data else b""
+        if framing == _LENGTH:
+            self._remaining -= len(data)
+            if self._remaining < 0:
+                raise ValueError("response body longer than its content-length")
+            return data
+        if framing == _CLOSE:
+            return data
+        return b""
+
+    def end(self, trailers: HeaderList = ()) -> bytes:
+        """Finish the response body; trailers are only sent with chunked framing."""
+        ex = self._resp
+        if ex is None:
+            raise RuntimeError("end() without response_head()")
+        framing = self._framing
+        out = b""
+        if framing == _CHUNKED:
+            out = _trailer_bytes(trailers)
+        elif framing == _LENGTH and self._remaining > 0:
+            raise ValueError(f"response body {self._remaining} bytes shorter than its content-length")
+        self._finish(ex)
+        return out
+
+    def _finish(self, ex: _Exchange) -> None:
+        self._resp = None
+        self._framing = _NONE
+        if self._pending and self._pending[0] is ex:
+            self._pending.popleft()
+        if not ex.complete:  # answered before the request body was read
+            self._closing = True
+        if self._closing:
+            self._stopped = True
+        elif ex.upgrade is not None and not self._accepting_upgrade:
+            # upgrade refused: the connection goes on as HTTP/1.1
+            self._hold = False
+            self._resume_held = True
+            self._parser = HttpRequestParser(self)
+
+    @property
+    def keep_alive(self) -> bool:
+        """Can another request follow on this connection after this exchange."""
+        pending = self._pending
+        return (
+            not self._closing
+            and (not pending or pending[0].keep_alive)
+            and self._error is None
+            and self._deferred is None
+            and not self._accepting_upgrade
+            and not self._upgraded
+        )
+
+    def upgrade_accepted(self) -> bytes:
+        """After a 101 (2xx to CONNECT): the bytes received past the request, to relay as is."""
+        if not self._accepting_upgrade:
+            raise RuntimeError("upgrade_accepted() before a 101 / 2xx-to-CONNECT response_head()")
+        self._upgraded = True
+        self._resp = None
+        leftover = self._held
+        self._held = b""
+        return leftover
+
+
+class H1Client(_HeadCollector):
+    """One upstream connection, client side: serializes requests, parses responses."""
+
+    _who = "upstream response"
+    _status_bad = 502
+
+    def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
+        self._init_collector(limits)
+        self._parser = HttpResponseParser(self)
+        self._reason = b""
+        self._method: str | None = None  # of the outstanding request
+        self._awaiting = False  # a final response is still expected
+        self._head_only = False  # HEAD/CONNECT: stop llhttp at the end of the final head
+        self._buf = b""
+        self._status = 0
+        self._close_delimited = False
+        self._resp_done = False
+        self._resp_keep = True
+        self._req_done = False
+        self._req_close = False
+        self._framing = _NONE
+        self._remaining = 0
+        self._error: ProtocolError | None = None
+        self._upgraded = False
+        self._stopped = False
+
+    # ----------------------------------------------------------- serializing
+    def request_head(self, head: RequestHead, *, end_stream: bool = False) -> bytes:
+        """Serialize a request head (origin-form target, Host from authority)."""
+        if self._method is not None and not (self._resp_done and self._req_done):
+            raise RuntimeError("previous exchange on this connection is not finished")
+        if self._method is not None:
+            self.reset_for_next()
+        method = head.method
+        if method == "CONNECT":
+            target = head.authority or head.target
+        else:
+            target = head.path or "/"
+        parts = [f"{method} {target} HTTP/1.1\r\n", ""]
+        have_host = False
+        cl: str | None = None
+        chunked = False
+        close = False
+        for k, v in head.headers:
+            if k == "host":
+                if have_host:
+                    continue
+                have_host = True
+                parts[1] = f"host: {v}\r\n"
+                continue
+            if k == "content-length":
+                cl = v
+                continue
+            if k == "transfer-encoding":
+                chunked = "chunked" in v.lower()
+                continue
+            if k == "connection" and "close" in v.lower():
+                close = True
+            parts.append(f"{k}: {v}\r\n")
+        if not have_host:
+            if not head.authority:
+                raise ValueError("request has neither a host header nor an authority")
+            parts[1] = f"host: {head.authority}\r\n"
+        if cl is not None:
+            cl = cl.strip()
+            if not cl.isdigit():
+                raise ValueError(f"request content-length {cl!r} is not a number")
+            framing = _LENGTH
+            self._remaining = int(cl)
+            parts.append(f"content-length: {cl}\r\n")
+        elif chunked or (not end_stream and method not in _BODYLESS_METHODS):
+            framing = _CHUNKED
+            parts.append("transfer-encoding: chunked\r\n")
+        else:
+            framing = _NONE
+        parts.append("\r\n")
+        out = _serialize_fields(parts, "request head")
+        self._method = method
+        self._awaiting = True
+        self._head_only = method == "HEAD" or method == "CONNECT"
+        self._framing = framing
+        self._req_close = close
+        self._req_done = False
+        self._resp_done = False
+        if end_stream:
+            if framing == _CHUNKED:
+                out += _LAST_CHUNK
+            elif framing == _LENGTH and self._remaining:
+                raise ValueError("end_stream=True with a non-zero content-length")
+            self._req_done = True
+        return out
+
+    def data(self, data: bytes) -> bytes:
+        """Frame a piece of request body."""
+        framing = self._framing
+        if framing == _CHUNKED:
+            return _chunk(data) if data else b""
+        if framing == _LENGTH:
+            self._remaining -= len(data)
+            if self._remaining < 0:
+                raise ValueError("request body longer than its content-length")
+            return data
+        if data:
+            raise ValueError(
+                f"{self._method} request was sent without body framing: give it a "
+                "content-length or transfer-encoding, or don't pass end_stream=True"
+            )
+        return b""
+
+    def end(self, trailers: HeaderList = ()) -> bytes:
+        """Finish the request body."""
+        framing = self._framing
+        self._req_done = True
+        self._framing = _NONE
+        if framing == _CHUNKED:
+            return _trailer_bytes(trailers)
+        if framing == _LENGTH and self._remaining > 0:
+            raise ValueError(f"request body {self._remaining} bytes shorter than its content-length")
+        return b""
+
+    # ----------------------------------------------------------- parsing
+    def on_message_begin(self) -> None:
+        if not self._awaiting:
+            raise ProtocolError("upstream sent a response with no request outstanding", 502)
+        _HeadCollector.on_message_begin(self)
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._hbytes += len(reason)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_carry = 0
+        p = self._parser
+        status = p.get_status_code()
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise ProtocolError(f"upstream answered with HTTP version {version}", 502)
+        self._status = status
+        reason = self._reason.decode("latin-1")
+        if status < 200 and status != 101:
+            self._events.append(ResponseHead(status, self._headers, reason, version, True))
+            return
+        chunked = self._check_transfer_encoding()
+        close, ka = _connection_tokens(self._conn)
+        keep = (ka and not close) if version == "1.0" else not close
+        method = self._method
+        bodyless = method == "HEAD" or status == 204 or status == 304 or status == 101
+        if method == "CONNECT" and status < 300:
+            bodyless = True
+        self._close_delimited = not bodyless and not chunked and self._cl is None
+        if self._close_delimited or self._req_close:
+            keep = False
+        self._resp_keep = keep
+        self._events.append(ResponseHead(status, self._headers, reason, version, keep))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self._status < 200:  # 1xx: the final response follows (101: Upgraded follows)
+            return
+        self._final_done()
+
+    def _final_done(self) -> None:
+        self._in_message = False
+        self._events.append(EndOfMessage(self._trailers))
+        self._awaiting = False
+        self._resp_done = True
+        if not self._resp_keep:
+            self._stopped = True
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse bytes from upstream; return the events they complete."""
+        if self._error is not None:
+            raise self._error
+        if self._upgraded:
+            return [Data(data)] if data else []
+        if self._stopped or not data:
+            return []
+        if self._head_only:
+            self._feed_head_only(data)
+        else:
+            self._run(data)
+        events = self._events
+        self._events = []
+        return events
+
+    def _run(self, data: bytes) -> None:
+        seq, was_in_head = self._msg_seq, self._in_head
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as up:  # 101 Switching Protocols
+            self._upgrade(data[up.args[0] :])
+            return
+        except HttpParserError as exc:
+            if self._stopped:
+                return
+            self._fail(_protocol_error_from(exc, 502, "upstream response"))
+        except ProtocolError as exc:
+            self._fail(exc)
+        if self._in_head:
+            try:
+                self._account_partial_head(seq, was_in_head, len(data))
+            except ProtocolError as exc:
+                self._fail(exc)
+
+    def _feed_head_only(self, data: bytes) -> None:
+        """Responses to HEAD and CONNECT: llhttp cannot be told they have no
+        body, so hand it exactly one head at a time and decide here."""
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self._max_bytes:
+                    self._fail(ProtocolError(f"upstream response head larger than {self._max_bytes} bytes", 502))
+                self._buf = buf
+                return
+            head, buf = buf[: end + 4], buf[end + 4 :]
+            try:
+                self._parser.feed_data(head)
+            except HttpParserUpgrade:
+                self._upgrade(buf)
+                return
+            except HttpParserError as exc:
+                self._fail(_protocol_error_from(exc, 502, "upstream response"))
+            if self._status < 200:  # interim response, llhttp completed it
+                continue
+            self._head_only = False
+            if self._method == "CONNECT" and self._status < 300:
+                self._upgrade(buf)
+                return
+            if self._method == "HEAD":
+                if self._awaiting:  # llhttp waits for a body that will not come
+                    self._final_done()
+                self._parser = HttpResponseParser(self)
+            if buf and not self._stopped:
+                self._run(buf)
+            return
+
+    def _upgrade(self, leftover: bytes) -> None:
+        self._upgraded = True
+        self._awaiting = False
+        self._in_message = False
+        self._events.append(Upgraded(leftover))
+
+    def _fail(self, err: ProtocolError) -> None:
+        self._error = err
+        self._events = []
+        raise err
+
+    def feed_eof(self) -> list[Event]:
+        """Upstream closed: EndOfMessage ends a close-delimited body; Reset if truncated."""
+        if self._error is not None or self._upgraded or self._stopped:
+            return []
+        self._stopped = True
+        self._resp_keep = False
+        if self._in_message and not self._in_head and self._close_delimited:
+            self._final_done()
+            events = self._events
+            self._events = []
+            return events
+        if self._awaiting:
+            self._awaiting = False
+            if self._in_message or self._buf:
+                return [Reset("upstream closed the connection in the middle of the response")]
+            return [Reset("upstream closed the connection before responding")]
+        return []
+
+    @property
+    def keep_alive(self) -> bool:
+        """Can the connection carry another request once this exchange is over."""
+        return (
+            self._error is None
+            and not self._upgraded
+            and not self._stopped
+            and self._resp_keep
+            and (self._method is None or (self._resp_done and self._req_done))
+        )
+
+    def reset_for_next(self) -> None:
+        """Make the codec ready for the next request on a kept-alive connection."""
+        if not self.keep_alive:
+            raise RuntimeError("this connection cannot carry another request")
+        self._method = None
+        self._awaiting = False
+        self._head_only = False
+        self._status = 0
+        self._close_delimited = False
+        self._resp_done = False
+        self._req_done = False
+        self._framing = _NONE
+        self._remaining = 0

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from meshctl.protocol.headers import (
+    HOP_BY_HOP,
+    append_forwarded_for,
+    ensure_request_id,
+    strip_hop_by_hop,
+)
+
+
+def test_strip_removes_fixed_hop_by_hop_set():
+    headers = [(name, "x") for name in sorted(HOP_BY_HOP)] + [("x-keep", "1"), ("host", "a")]
+    assert strip_hop_by_hop(headers) == [("x-keep", "1"), ("host", "a")]
+
+
+def test_strip_removes_headers_named_in_connection():
+    headers = [
+        ("connection", "keep-alive, X-Secret"),
+        ("connection", "x-other"),
+        ("x-secret", "s"),
+        ("x-other", "o"),
+        ("x-forwarded-for", "1.2.3.4"),
+    ]
+    assert strip_hop_by_hop(headers) == [("x-forwarded-for", "1.2.3.4")]
+
+
+def test_strip_keeps_te_trailers_for_grpc_only():
+    assert strip_hop_by_hop([("te", "trailers"), ("a", "b")]) == [("te", "trailers"), ("a", "b")]
+    assert strip_hop_by_hop([("te", "gzip, trailers")]) == [("te", "trailers")]
+    assert strip_hop_by_hop([("te", "gzip")]) == []
+
+
+def test_strip_keep_upgrade_keeps_the_upgrade_pair():
+    headers = [("connection", "Upgrade, keep-alive"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]
+    assert strip_hop_by_hop(headers, keep_upgrade=True) == [
+        ("upgrade", "websocket"),
+        ("sec-websocket-key", "k"),
+        ("connection", "upgrade"),
+    ]
+    assert strip_hop_by_hop(headers) == [("sec-websocket-key", "k")]
+
+
+def test_strip_does_not_alias_its_input():
+    headers = [("a", "1")]
+    out = strip_hop_by_hop(headers)
+    out.append(("b", "2"))
+    assert headers == [("a", "1")]
+
+
+def test_append_forwarded_for():
+    assert append_forwarded_for([("a", "1")], "10.0.0.1") == [("a", "1"), ("x-forwarded-for", "10.0.0.1")]
+    assert append_forwarded_for([("x-forwarded-for", "1.1.1.1")], "10.0.0.1") == [
+        ("x-forwarded-for", "1.1.1.1, 10.0.0.1")
+    ]
+    folded = append_forwarded_for(
+        [("x-forwarded-for", "1.1.1.1"), ("b", "2"), ("x-forwarded-for", "2.2.2.2")], "10.0.0.1"
+    )
+    assert folded == [("x-forwarded-for", "1.1.1.1, 2.2.2.2, 10.0.0.1"), ("b", "2")]
+
+
+def test_ensure_request_id_keeps_existing_and_adds_missing():
+    calls = []
+
+    def new_id():
+        calls.append(1)
+        return "generated-1"
+
+    headers, rid = ensure_request_id([("x-request-id", "abc")], new_id)
+    assert rid == "abc" and headers == [("x-request-id", "abc")] and not calls
+    headers, rid = ensure_request_id([("a", "b")], new_id)
+    assert rid == "generated-1" and headers == [("a", "b"), ("x-request-id", "generated-1")]
+    headers, rid = ensure_request_id([("x-request-id", " ")], new_id)
+    assert rid == "generated-1" and headers == [("x-request-id", "generated-1")]
