@@ -538,3 +538,22 @@ def test_explain_shows_weights_rewrites_and_retries():
     assert f"outbound|9080|v3|{REVIEWS} (50% of requests)" in text
     assert "path rewritten to /v2/x" in text
     assert "retries: up to 3 on 5xx" in text
+
+
+def test_explain_describes_redirects_direct_responses_and_without_headers():
+    r = router(
+        HTTPRoute(match=(HTTPMatchRequest(without_headers=FrozenDict({"x-debug": exact("1")})),),
+                  redirect=HTTPRedirect(uri="/moved", redirect_code=302)),
+        HTTPRoute(direct_response=HTTPDirectResponse(status=503, body=HTTPBody(string="down"))),
+    )
+    first = "\n".join(r.explain(req("/p?q=1")))
+    assert "→ redirect 302 to http://reviews:9080/moved?q=1" in first
+    second = "\n".join(r.explain(req("/p", headers=[("x-debug", "1")])))
+    assert "header 'x-debug' is '1' and must not equal '1' (withoutHeaders)" in second
+    assert "→ direct response 503 with a 4-byte body" in second
+
+
+def test_virtual_host_lookup_is_exposed_for_callers():
+    r = router(*REVIEWS_TEST_V2)
+    assert r.virtual_host("Reviews:9080").name == f"{REVIEWS}:9080"
+    assert r.virtual_host("details") is None
