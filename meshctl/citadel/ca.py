@@ -167,11 +167,7 @@ class CA:
                 f"CA certificate {describe(self.cert)} is not valid until "
                 f"{self.cert.not_valid_before_utc.isoformat()} (clock skew?)"
             )
-        csr = _load_csr(csr_pem)
-        try:
-            check_key_strength(csr.public_key(), "CSR key")
-        except WeakKey as exc:
-            raise WeakKey(f"refusing to sign: {exc}") from None
+        csr = validate_csr(csr_pem)
         not_before = max(when - BACKDATE, self.cert.not_valid_before_utc)
         not_after = min(when + lifetime, self.cert.not_valid_after_utc)
         builder = (
@@ -211,6 +207,17 @@ class CA:
         )
         leaf = builder.sign(self.key, _hash_for(self.key))
         return cert_to_pem(leaf)
+
+
+def validate_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
+    """Parse a CSR and check its signature and key strength, without signing it
+    (so a bad CSR is refused before a one-time token is spent on it)."""
+    csr = _load_csr(csr_pem)
+    try:
+        check_key_strength(csr.public_key(), "CSR key")
+    except WeakKey as exc:
+        raise WeakKey(f"refusing to sign: {exc}") from None
+    return csr
 
 
 def _load_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
