@@ -91,7 +91,8 @@ def _host_key(host: str, namespace: str) -> str:
 
 
 def _choices(value: str, allowed: Sequence[str]) -> str:
-    hint = difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.6)
+    same_case = [a for a in allowed if a.lower() == value.lower()]
+    hint = same_case or difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.6)
     if hint:
         return f"unknown value {value!r} (did you mean {hint[0]}?)"
     return f"unknown value {value!r} (expected one of: {', '.join(allowed)})"
