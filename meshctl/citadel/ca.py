@@ -246,7 +246,7 @@ def create_root(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
             # a distinct name per root, so an old and a new root never share a subject
-            x509.NameAttribute(NameOID.COMMON_NAME, f"meshctl root CA {serial:x}"[:64]),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"meshctl root CA {serial:x}"[:32]),
         ]
     )
     cert = (
@@ -365,7 +365,7 @@ def sign_intermediate(
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, parent.trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"meshctl intermediate CA {serial:x}"[:64]),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"meshctl intermediate CA {serial:x}"[:40]),
         ]
     )
     cert = (

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from cryptography import x509
 
-from .ca import CA, cert_to_pem, certs_to_pem, create_root, key_to_pem, load_ca
+from .ca import DEFAULT_TRUST_DOMAIN, CA, cert_to_pem, certs_to_pem, create_root, key_to_pem, load_ca
 from .errors import CAError
 from .identity import as_datetime, as_timedelta
 from .tokens import TokenStore
@@ -90,7 +90,7 @@ def _save_ca(d: Path, ca: CA, meta: dict[str, Any], now: datetime) -> None:
 
 def init_ca(
     state_dir: str | Path,
-    trust_domain: str = "cluster.local",
+    trust_domain: str | None = None,
     cert: bytes | str | None = None,
     key: bytes | str | None = None,
     chain: bytes | str | None = None,
@@ -99,7 +99,8 @@ def init_ca(
 ) -> CA:
     """Create the CA: a new self-signed root, or the user's root/intermediate
     (``cert`` + ``key`` PEM, ``chain`` up to the root for an intermediate).
-    Refuses to overwrite an existing CA."""
+    ``trust_domain`` defaults to the plugged CA's own (its SPIFFE URI SAN or
+    organisation) or ``cluster.local``. Refuses to overwrite an existing CA."""
     d = ca_dir(state_dir)
     if has_ca(state_dir):
         raise CAError(
@@ -113,7 +114,7 @@ def init_ca(
         ca = load_ca(cert, key, chain, trust_domain=trust_domain)
         plugged = True
     else:
-        ca = create_root(trust_domain, when)
+        ca = create_root(trust_domain or DEFAULT_TRUST_DOMAIN, when)
         plugged = False
     _save_ca(d, ca, {"plugged": plugged, "created": when.isoformat(), "old_roots": []}, when)
     return ca

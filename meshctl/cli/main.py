@@ -23,6 +23,7 @@ NOUNS = [
     "route",
     "pilot",
     "mesh",
+    "citadel",
 ]
 
 for _noun in NOUNS:

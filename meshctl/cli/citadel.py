@@ -1,0 +1,215 @@
+"""`meshctl citadel`: init, serve, status, rotate-root, token."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import StateDirOption, console, fail
+
+app = typer.Typer(help="Citadel: the mesh's CA, workload certificates and bootstrap tokens.", no_args_is_help=True)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="citadel")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _state(explicit: Optional[str], create: bool) -> Path:
+    from ..state import STATE_DIR_NAME, find_state_dir
+
+    found = find_state_dir(explicit)
+    if found is not None:
+        return found
+    if create:
+        return Path(STATE_DIR_NAME)
+    fail(
+        f"no mesh state directory: no {STATE_DIR_NAME}/ here or in any parent of {Path.cwd()}; "
+        "run `meshctl citadel init` or `meshctl up` first, or pass --state-dir"
+    )
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def _duration(text: str, what: str) -> timedelta:
+    m = _DURATION.match(text)
+    if not m:
+        fail(f"{what}: cannot read duration {text!r} (examples: 90s, 30m, 24h, 2d)")
+    unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
+    return timedelta(seconds=float(m.group(1)) * unit)
+
+
+def _read(path: Optional[Path], what: str) -> Optional[bytes]:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        fail(f"cannot read {what} {path}: {e.strerror}")
+
+
+@app.command("init")
+def init(
+    cert: Optional[Path] = typer.Option(None, "--cert", help="Your CA certificate (root or intermediate), PEM."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Its private key, PEM, unencrypted."),
+    chain: Optional[Path] = typer.Option(None, "--chain", help="For an intermediate: its issuers up to the root, PEM."),
+    trust_domain: Optional[str] = typer.Option(
+        None, "--trust-domain", help="SPIFFE trust domain (default: the plugged CA's, else cluster.local)."
+    ),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Create the mesh CA: a new root, or plug in your own with --cert/--key."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.store import ca_dir, init_ca
+
+    sd = _state(state, create=True)
+    try:
+        ca = init_ca(sd, trust_domain, _read(cert, "--cert"), _read(key, "--key"), _read(chain, "--chain"), now=_now())
+    except CitadelError as e:
+        fail(str(e))
+    kind = "plugged-in CA" if cert else "new root CA"
+    console.print(
+        f"{kind} for trust domain [bold]{ca.trust_domain}[/] in {ca_dir(sd)}, "
+        f"valid until {ca.cert.not_valid_after_utc:%Y-%m-%d}",
+        highlight=False,
+    )
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (tokens are bearer secrets: keep it private)."),
+    port: int = typer.Option(15012, help="Port (0 picks a free one)."),
+    trust_domain: str = typer.Option("cluster.local", "--trust-domain", help="Trust domain if a CA must be created."),
+    leaf_ttl: str = typer.Option("24h", "--cert-ttl", help="Lifetime of workload certificates."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Run Citadel's signing endpoint in the foreground (creates a root CA if there is none)."""
+    import trio
+
+    from ..citadel.errors import CitadelError
+    from ..citadel.server import serve as serve_citadel
+    from ..citadel.store import ensure_ca
+    from ..state import write_control
+
+    sd = _state(state, create=True)
+    ttl = _duration(leaf_ttl, "--cert-ttl")
+    try:
+        ca = ensure_ca(sd, trust_domain, now=_now())
+    except CitadelError as e:
+        fail(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s citadel %(levelname)s %(message)s")
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            bound = await n.start(lambda task_status: serve_citadel(sd, host, port, leaf_ttl=ttl, task_status=task_status))
+            url = f"http://{host}:{bound}"
+            write_control(sd, citadel=url)
+            logging.info("serving on %s (trust domain %s, state %s)", url, ca.trust_domain, sd)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+
+
+def _left(not_after: str, now: datetime) -> str:
+    left = datetime.fromisoformat(not_after) - now
+    if left.total_seconds() <= 0:
+        return "[red]expired[/]"
+    hours = left.total_seconds() / 3600
+    return f"{hours:.1f}h" if hours < 48 else f"{hours / 24:.0f}d"
+
+
+@app.command("status")
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """The CA, and the latest certificate issued to each identity with its expiry."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.store import TokenFile, ca_info, latest_by_identity
+
+    sd = _state(state, create=False)
+    now = _now()
+    try:
+        info = ca_info(sd, now)
+        issued = latest_by_identity(sd)
+        tokens = len(TokenFile(sd).outstanding(now))
+    except CitadelError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps({"ca": info, "identities": list(issued.values()), "outstanding_tokens": tokens}, indent=1))
+        return
+    console.print(
+        f"trust domain [bold]{info['trust_domain']}[/]; CA {info['ca_subject']} "
+        f"({'plugged in' if info['plugged'] else 'generated'}), valid until {info['ca_not_after'][:10]}",
+        highlight=False,
+    )
+    for old in info["old_roots"]:
+        console.print(f"old root still trusted until {old['retire_after'][:16]}", highlight=False)
+    console.print(f"{tokens} bootstrap token(s) outstanding", highlight=False)
+    if not issued:
+        console.print("no certificates issued yet")
+        return
+    table = Table("IDENTITY", "SERIAL", "EXPIRES", "LEFT", "HOW")
+    for rec in sorted(issued.values(), key=lambda r: r["spiffe_id"]):
+        table.add_row(rec["spiffe_id"], rec["serial"][:16], rec["not_after"][:19], _left(rec["not_after"], now), rec["how"])
+    console.print(table)
+
+
+@app.command("rotate-root")
+def rotate_root(
+    overlap: str = typer.Option("48h", help="How long the old root stays trusted (longer than the cert TTL)."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Replace the generated root; the old one stays in the trust bundle for --overlap."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.store import rotate_root as rotate
+
+    sd = _state(state, create=False)
+    span = _duration(overlap, "--overlap")
+    try:
+        ca = rotate(sd, _now(), span)
+    except CitadelError as e:
+        fail(str(e))
+    console.print(
+        f"new root {ca.root.subject.rfc4514_string()}; the old root stays trusted for {overlap}. "
+        "Sidecars pick up the new bundle when they renew (at half of their certificate's life).",
+        highlight=False,
+    )
+
+
+@app.command("token")
+def token(
+    identity: str = typer.Argument(..., help="SPIFFE ID, or NAMESPACE/SERVICE_ACCOUNT in the CA's trust domain."),
+    ttl: str = typer.Option("1h", help="How long the token can be redeemed."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Issue a one-time bootstrap token for a workload identity (printed alone, for scripts)."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.identity import spiffe_id
+    from ..citadel.store import TokenFile, load_ca_from
+
+    sd = _state(state, create=False)
+    try:
+        if not identity.startswith("spiffe://"):
+            ns, sep, sa = identity.partition("/")
+            if not sep:
+                fail(f"identity {identity!r}: give a SPIFFE ID or NAMESPACE/SERVICE_ACCOUNT")
+            identity = spiffe_id(load_ca_from(sd).trust_domain, ns, sa)
+        print(TokenFile(sd).issue_token(identity, _duration(ttl, "--ttl"), _now()))
+    except CitadelError as e:
+        fail(str(e))
