@@ -8,6 +8,7 @@ nodes. Syntax errors and duplicate keys become LoadErrors with file:line.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,16 @@ def _is_empty(node: yaml.Node | None) -> bool:
     )
 
 
+def _json_or_none(text: str) -> tuple[Any] | None:
+    """(value,) if ``text`` is one JSON value, else None."""
+    if text.lstrip()[:1] not in ("{", "["):
+        return None
+    try:
+        return (json.loads(text),)
+    except ValueError:
+        return None
+
+
 def parse_documents(text: str, file: str) -> tuple[list[Document], list[LoadError]]:
     """Every non-empty document of a YAML (or JSON) text, and the errors found.
 
@@ -61,6 +72,13 @@ def parse_documents(text: str, file: str) -> tuple[list[Document], list[LoadErro
     """
     docs: list[Document] = []
     errors: list[LoadError] = []
+    as_json = _json_or_none(text)
+    if as_json is not None:
+        # JSON is read as JSON (PyYAML is YAML 1.1: it rejects tab indentation
+        # and reads 1e5 as a string); YAML's node API still gives the lines.
+        # A raw tab cannot occur inside a JSON string, so replacing tabs by
+        # spaces changes no value and no line.
+        text = text.replace("\t", " ")
     loader = yaml.SafeLoader(text)
     try:
         while loader.check_node():
@@ -72,7 +90,7 @@ def parse_documents(text: str, file: str) -> tuple[list[Document], list[LoadErro
             lines[""] = start
             before = len(errors)
             _walk(node, "", lines, file, errors)
-            data = loader.construct_document(node)
+            data = loader.construct_document(node) if as_json is None else as_json[0]
             if len(errors) == before:
                 docs.append(Document(data, lines, start))
     except yaml.MarkedYAMLError as exc:

@@ -291,3 +291,34 @@ def test_every_bad_file_is_in_the_table():
     # files named invalid-*.yaml load fine and are for validate() (test_validate.py)
     on_disk = {p.name for p in (DATA / "bad").iterdir() if not p.name.startswith("invalid-")}
     assert on_disk == {name for name, _ in BAD_FILES}
+
+
+def test_tab_indented_json_loads_and_errors_keep_their_line():
+    text = (
+        '{\n\t"apiVersion": "networking.istio.io/v1",\n\t"kind": "DestinationRule",\n'
+        '\t"metadata": {"name": "a"},\n\t"spec": {"host": "a",\n\t\t"trafficPolicy": {"outlierDetection": {"interval": 5}}}\n}\n'
+    )
+    with pytest.raises(LoadError) as info:
+        load_resources_text(text, "x.json")
+    assert str(info.value) == "x.json:6: spec.trafficPolicy.outlierDetection.interval: expected a duration such as '1.5s' or '250ms', got 5"
+    (dr,) = load_resources_text(text.replace('"interval": 5', '"interval": "5s"'), "x.json")
+    assert dr.spec.traffic_policy.outlier_detection.interval == 5.0
+
+
+def test_yaml_anchors_and_merge_keys():
+    text = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: a}
+spec:
+  host: a
+  trafficPolicy: &tp
+    loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: v1
+    trafficPolicy:
+      <<: *tp
+      tls: {mode: ISTIO_MUTUAL}
+"""
+    (dr,) = load_resources_text(text)
+    policy = dr.spec.subsets[0].traffic_policy
+    assert (policy.load_balancer.simple, policy.tls.mode) == ("RANDOM", "ISTIO_MUTUAL")
