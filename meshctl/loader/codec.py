@@ -268,6 +268,12 @@ def _decode(tp: Any, data: Any, path: str, ctx: _Ctx) -> Any:
         if len(args) != 1:
             raise TypeError(f"codec: unsupported union {tp!r} at {path}")
         return _decode(args[0], data, path, ctx)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if any(type(data) is type(a) and data == a for a in allowed):
+            return data
+        shown = ", ".join(str(a) for a in allowed)
+        return ctx.error(path, f"expected one of {shown}, got {_show(data)}")
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) != 2 or args[1] is not Ellipsis:

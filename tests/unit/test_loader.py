@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -322,3 +324,15 @@ spec:
     (dr,) = load_resources_text(text)
     policy = dr.spec.subsets[0].traffic_policy
     assert (policy.load_balancer.simple, policy.tls.mode) == ("RANDOM", "ISTIO_MUTUAL")
+
+
+@dataclass(frozen=True)
+class _Probe:
+    kind: Literal["http", "tcp"] = "http"
+
+
+def test_literal_fields_are_checked():
+    assert from_data(_Probe, {"kind": "tcp"}).kind == "tcp"
+    with pytest.raises(LoadError) as info:
+        from_data(_Probe, {"kind": "udp"}, path="probe", file="m.yaml")
+    assert str(info.value) == "m.yaml: probe.kind: expected one of http, tcp, got 'udp'"
