@@ -24,7 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,6 +72,10 @@ def _write_meta(d: Path, meta: dict[str, Any]) -> None:
     _write(d / "ca.json", (json.dumps(meta, indent=1) + "\n").encode())
 
 
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def has_ca(state_dir: str | Path) -> bool:
     return (ca_dir(state_dir) / "ca-key.pem").exists()
 
@@ -95,13 +99,14 @@ def init_ca(
     key: bytes | str | None = None,
     chain: bytes | str | None = None,
     *,
-    now: datetime | float,
+    now: datetime | float | None = None,
 ) -> CA:
     """Create the CA: a new self-signed root, or the user's root/intermediate
     (``cert`` + ``key`` PEM, ``chain`` up to the root for an intermediate).
     ``trust_domain`` defaults to the plugged CA's own (its SPIFFE URI SAN or
     organisation) or ``cluster.local``. Refuses to overwrite an existing CA."""
     d = ca_dir(state_dir)
+    now = _utcnow() if now is None else now
     if has_ca(state_dir):
         raise CAError(
             f"a CA already exists in {d}; use `meshctl citadel rotate-root` to replace the root, "
@@ -120,7 +125,7 @@ def init_ca(
     return ca
 
 
-def ensure_ca(state_dir: str | Path, trust_domain: str = "cluster.local", *, now: datetime | float) -> CA:
+def ensure_ca(state_dir: str | Path, trust_domain: str | None = None, *, now: datetime | float | None = None) -> CA:
     """Load the CA, creating a root first if there is none (what `meshctl up` wants)."""
     if has_ca(state_dir):
         return load_ca_from(state_dir)

@@ -36,7 +36,7 @@ import trio
 from cryptography import x509
 
 from ..citadel.errors import PeerRejected, TLSError
-from ..citadel.identity import check_leaf, describe, uri_sans
+from ..citadel.identity import check_leaf, describe, uri_sans, verify_peer
 
 log = logging.getLogger("meshctl.tls")
 
@@ -194,12 +194,29 @@ class CertificateHolder:
             raise TLSError("no workload certificate yet: Citadel has not issued one", "no-certificate")
         return self._client
 
-    def update(self, chain_pem: bytes | str, key_pem: bytes | str, bundle_pem: bytes | str) -> None:
-        """Build new contexts, then swap them in (both or neither)."""
+    def update(
+        self,
+        chain_pem: bytes | str,
+        key_pem: bytes | str,
+        bundle_pem: bytes | str,
+        *,
+        verify: bool = True,
+        now: datetime | None = None,
+    ) -> None:
+        """Build new contexts, then swap them in (both or neither).
+
+        With ``verify`` (the default) the certificate must pass the same checks
+        a peer would run on it, so a sidecar never serves with a certificate
+        its peers are bound to refuse."""
         try:
             leaf = x509.load_pem_x509_certificate(_b(chain_pem))
         except ValueError as exc:
             raise TLSError(f"cannot read the workload certificate: {exc}", "bad-certificate") from None
+        if verify:
+            try:
+                verify_peer(_b(chain_pem), _b(bundle_pem), None, now or _utcnow())
+            except PeerRejected as exc:
+                raise TLSError(f"refusing to use our own certificate: {exc}", exc.reason) from None
         uris = uri_sans(leaf)
         server = server_context(chain_pem, key_pem, bundle_pem, alpn=self.alpn)
         client = client_context(chain_pem, key_pem, bundle_pem, alpn=self.alpn)
@@ -240,7 +257,7 @@ async def keep_renewed(
                 await trio.sleep(wait)
         try:
             chain, key, bundle = await obtain()
-            holder.update(chain, key, bundle)
+            holder.update(chain, key, bundle, now=wall_clock())
             backoff = retry_min
         except Exception as exc:  # any failure: keep the old cert, retry later
             left = ""
@@ -440,7 +457,8 @@ async def accept_inbound(
     """An inbound connection by ``Listener.mtls_mode``:
 
     STRICT      mTLS or nothing (plaintext is refused with a TLSError saying so);
-    PERMISSIVE  mTLS if the first bytes are a ClientHello, else plaintext;
+    PERMISSIVE  mTLS if the first bytes are a ClientHello, else plaintext
+                (also when the client stays silent for ``timeout``: server-first protocols);
     DISABLE     plaintext, untouched.
     """
     mode = (mode or "DISABLE").upper()
@@ -452,8 +470,11 @@ async def accept_inbound(
         with trio.fail_after(timeout if timeout is not None else float("inf")):
             first = await stream.receive_some(4096)
     except trio.TooSlowError:
+        if mode == "PERMISSIVE":
+            # a silent client may speak a server-first protocol (MySQL, SMTP...): plaintext
+            return InboundConnection(stream, None, False)
         await trio.aclose_forcefully(stream)
-        raise TLSError(f"client sent nothing within {timeout}s", "tls-timeout") from None
+        raise TLSError(f"client sent nothing within {timeout}s on an mTLS STRICT port", "tls-timeout") from None
     if not first:
         await trio.aclose_forcefully(stream)
         raise TLSError("connection closed before any byte arrived", "tls-handshake")

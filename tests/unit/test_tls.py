@@ -49,7 +49,8 @@ def issue(ca: CA, spiffe: str, ttl=timedelta(hours=1), now=None) -> tuple[bytes,
 def holder_for(ca: CA, spiffe: str, bundle: bytes | None = None) -> CertificateHolder:
     h = CertificateHolder()
     chain, key = issue(ca, spiffe)
-    h.update(chain, key, bundle or ca.root_pem)
+    # bundle from another CA: an impostor's setup, which update() would refuse to load
+    h.update(chain, key, bundle or ca.root_pem, verify=bundle is None)
     return h
 
 
@@ -142,7 +143,7 @@ async def test_expired_peer_certificate_fails_the_handshake(root):
     t = _now() - timedelta(hours=3)
     chain, key = issue(root, PRODUCTPAGE, ttl=timedelta(hours=1), now=t)
     client = CertificateHolder()
-    client.update(chain, key, root.root_pem)
+    client.update(chain, key, root.root_pem, verify=False)
     s, c = await pair(holder_for(root, REVIEWS), client)
     assert isinstance(s, TLSError) and "expired" in str(s)
 
@@ -174,14 +175,15 @@ async def test_two_uri_sans_pass_ssl_but_fail_meshctls_check(root):
     from cryptography.hazmat.primitives import serialization
 
     client = CertificateHolder()
-    client.update(leaf.public_bytes(serialization.Encoding.PEM), key_to_pem(key), root.root_pem)
+    client.update(leaf.public_bytes(serialization.Encoding.PEM), key_to_pem(key), root.root_pem, verify=False)
     s, c = await pair(holder_for(root, REVIEWS), client, server_expect={PRODUCTPAGE})
     assert isinstance(s, PeerRejected) and s.reason == "multiple-uri-sans"
 
 
 async def test_intermediate_chain_is_presented_and_verified(root):
     inter = sign_intermediate(root, _now() - timedelta(minutes=5))
-    server = holder_for(inter, REVIEWS, bundle=root.root_pem)  # chain = leaf + intermediate
+    server = CertificateHolder()
+    server.update(*issue(inter, REVIEWS), root.root_pem)  # chain = leaf + intermediate
     client = holder_for(root, PRODUCTPAGE)
     s, c = await pair(server, client, client_expect={REVIEWS})
     assert c.peer_id == REVIEWS
@@ -283,6 +285,31 @@ async def test_swapping_certificates_keeps_open_connections(root):
     async with trio.open_nursery() as n:
         n.start_soon(c1.stream.send_all, b"still here")
         assert await s1.stream.receive_some(100) == b"still here"
+
+
+def test_update_refuses_a_certificate_peers_would_refuse(root):
+    foreign = create_root("cluster.local", _now() - timedelta(hours=1))
+    chain, key = issue(foreign, REVIEWS)
+    h = CertificateHolder()
+    with pytest.raises(TLSError, match="refusing to use our own certificate") as info:
+        h.update(chain, key, root.root_pem)
+    assert info.value.reason == "untrusted" and not h.ready
+
+
+async def test_http11_only_client_negotiates_http11(root):
+    server = holder_for(root, REVIEWS)
+    chain, key = issue(root, PRODUCTPAGE)
+    s, c = await pair(server, client_context(chain, key, root.root_pem, alpn=("http/1.1",)))
+    assert s.alpn == c.alpn == "http/1.1"
+
+
+async def test_permissive_treats_a_silent_client_as_plaintext(root, autojump_clock):
+    a, b = trio.testing.memory_stream_pair()
+    conn = await accept_inbound(a, holder_for(root, REVIEWS), "PERMISSIVE", timeout=1.0)
+    assert not conn.tls
+    a2, _ = trio.testing.memory_stream_pair()
+    with pytest.raises(TLSError, match="sent nothing"):
+        await accept_inbound(a2, holder_for(root, REVIEWS), "STRICT", timeout=1.0)
 
 
 def test_update_refuses_a_key_that_does_not_match(root):
