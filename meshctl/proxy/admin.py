@@ -1,0 +1,105 @@
+"""The admin server (Envoy's :15000 in spirit), plain HTTP/1.1 on loopback.
+
+    GET /ready   200 "ready" once listeners are up, 503 "draining" while draining
+    GET /config  the running ProxyConfig as JSON (dump_proxy_config), with its version
+    GET /stats   Prometheus text: cluster, listener and response-flag counters
+    GET /listeners  JSON: listener name → bound address (useful with port 0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import trio
+
+from ..protocol.events import EndOfMessage, ProtocolError, RequestHead, ResponseHead
+from ..protocol.http1 import H1Server
+from .pool import EventReader
+from .stream import FastSocketStream, accept
+
+log = logging.getLogger("meshctl.proxy.admin")
+
+
+def _dump_config(rt) -> dict:
+    from ..loader.proxyconfig import dump_proxy_config
+
+    cfg = rt.config
+    data = dump_proxy_config(cfg)
+    if isinstance(data, dict):
+        data.setdefault("version", cfg.version)
+    return data
+
+
+def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) for one admin request."""
+    path = path.split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return 405, "text/plain", b"method not allowed\n"
+    if path == "/ready":
+        if rt.draining:
+            return 503, "text/plain", b"draining\n"
+        if not rt.ready:
+            return 503, "text/plain", b"starting\n"
+        return 200, "text/plain", b"ready\n"
+    if path == "/stats":
+        return 200, "text/plain; version=0.0.4", rt.stats.render().encode()
+    if path == "/config":
+        if rt.config is None:
+            return 503, "text/plain", b"no config yet\n"
+        return 200, "application/json", (json.dumps(_dump_config(rt), indent=2) + "\n").encode()
+    if path == "/listeners":
+        out = {name: f"{al.spec.address}:{al.bound_port}" for name, al in rt.listeners.items()}
+        return 200, "application/json", (json.dumps(out) + "\n").encode()
+    return 404, "text/plain", b"not found: try /ready /config /stats /listeners\n"
+
+
+async def serve_conn(rt, stream: FastSocketStream) -> None:
+    """Answer admin requests on one connection (keep-alive honoured)."""
+    server = H1Server()
+    reader = EventReader(stream, server)
+    try:
+        with trio.move_on_after(30):
+            while True:
+                head = await reader.next()
+                if type(head) is not RequestHead:
+                    return
+                ev = head
+                while type(ev) is not EndOfMessage:
+                    ev = await reader.next()
+                    if ev is None:
+                        return
+                try:
+                    status, ctype, body = handle(rt, head.method, head.path)
+                except Exception as exc:  # a bug here must not kill the proxy
+                    log.exception("admin %s failed", head.path)
+                    status, ctype, body = 500, "text/plain", f"internal error: {exc}\n".encode()
+                resp = ResponseHead(
+                    status=status,
+                    headers=[("content-type", ctype), ("content-length", str(len(body)))],
+                    keep_alive=head.keep_alive,
+                )
+                out = server.response_head(resp)
+                if head.method != "HEAD":
+                    out += server.data(body)
+                out += server.end()
+                await stream.send_all(out)
+                if not server.keep_alive:
+                    return
+    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        stream.close_now()
+
+
+async def serve_admin(rt, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the admin API on an already-bound listening socket until cancelled."""
+    task_status.started(sock.getsockname()[1])
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await accept(sock)
+                nursery.start_soon(serve_conn, rt, FastSocketStream(conn))
+    finally:
+        sock.close()

@@ -1,0 +1,769 @@
+"""The HTTP/1.1 pipeline: one downstream connection, request after request.
+
+Per request, an ordered chain of stages runs (linkerd's app/outbound style):
+
+    prepare   hop-by-hop removal, x-forwarded-for, x-request-id
+    route     Router.decide → Forward | Redirect | DirectResponse | NoRoute   (outbound, binding, gateway)
+    target    the app's synthetic cluster                                      (inbound)
+    cluster   cluster lookup, healthy endpoints (503 UH when none)
+    ── filters (fault, rate limit, authz, telemetry) slot in here ──
+    forward   balancer pick → pooled upstream connection → stream both ways,
+              per-route timeout, retries with per-try timeout and backoff
+
+A stage is an object with ``async def on_request(rq) -> LocalReply | None``;
+returning a LocalReply ends the chain and answers the client locally.
+Decisions come from core/ (route, balance, retry); this module moves bytes.
+
+Failures answer the client with 503/504 and ``x-meshctl-reason`` and set an
+Envoy-style response flag (UF UR UT UH NR ...) on the request for telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Protocol
+
+import trio
+
+from ..core.balance import PickContext
+from ..core.retry import Outcome, backoff, should_retry
+from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, apply_header_ops
+from ..model.proxyconfig import Listener
+from ..protocol.events import (
+    Data,
+    EndOfMessage,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    Upgraded,
+)
+from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop
+from ..protocol.http1 import H1Server
+from . import stats as F
+from .pool import EventReader, UpstreamConn
+from .snapshot import ClusterState, Snapshot, binding_cluster_name
+from .stream import UpstreamConnectError, relay
+
+log = logging.getLogger("meshctl.proxy")
+
+_REASON_PHRASES = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class DownstreamGone(Exception):
+    """The client went away (reset, EOF mid-body) — nothing more can be sent to it."""
+
+
+class LocalReply:
+    __slots__ = ("status", "body", "headers", "flag")
+
+    def __init__(self, status: int, body: bytes = b"", headers: list | None = None, flag: str | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+        self.flag = flag
+
+
+def failure_reply(flag: str, status: int, detail: str = "") -> LocalReply:
+    reason = F.REASONS.get(flag, flag)
+    body = (reason + (f": {detail}" if detail else "") + "\n").encode()
+    return LocalReply(
+        status, body, [("content-type", "text/plain"), ("x-meshctl-reason", reason)], flag
+    )
+
+
+def raw_error_response(status: int, message: str) -> bytes:
+    """An error response built without the codec (its state is unusable after a parse error)."""
+    body = (message + "\n").encode("latin-1", "replace")
+    phrase = _REASON_PHRASES.get(status, "Error")
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    ).encode() + body
+
+
+# ------------------------------------------------------------------ request context
+
+
+class Request:
+    """What the stages share about one request."""
+
+    __slots__ = (
+        "head", "listener", "snap", "rt", "client_ip", "server", "reader", "down",
+        "headers", "request_id", "forward", "cluster", "flags", "body_done", "body",
+        "response_started", "status", "keep_alive", "detail", "start",
+    )
+
+    def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt, client_ip: str,
+                 server: H1Server, reader: EventReader, down: trio.abc.Stream) -> None:
+        self.head = head
+        self.listener = listener
+        self.snap = snap
+        self.rt = rt
+        self.client_ip = client_ip
+        self.server = server
+        self.reader = reader
+        self.down = down
+        self.headers = head.headers
+        self.request_id = ""
+        self.forward: Forward | None = None
+        self.cluster: ClusterState | None = None
+        self.flags: list[str] = []
+        self.body_done = False
+        self.body: BodySource | None = None
+        self.response_started = False
+        self.status = 0
+        self.keep_alive = head.keep_alive
+        self.detail = ""
+        self.start = 0.0
+
+    async def send_down(self, data: bytes) -> None:
+        try:
+            await self.down.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise DownstreamGone(str(exc)) from None
+
+
+class Stage(Protocol):
+    name: str
+
+    async def on_request(self, rq: Request) -> LocalReply | None: ...
+
+
+# ------------------------------------------------------------------ request body
+
+
+class BodySource:
+    """The downstream request body, readable once per try.
+
+    While it fits in ``limit`` bytes every chunk is kept, so a retry can replay
+    it; past the limit the buffer is dropped and ``replayable`` turns False.
+    """
+
+    __slots__ = ("reader", "limit", "chunks", "size", "replayable", "finished", "trailers")
+
+    def __init__(self, reader: EventReader, limit: int) -> None:
+        self.reader = reader
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.replayable = True
+        self.finished = False
+        self.trailers: list = []
+
+    def _take(self, ev) -> bytes | None:
+        if type(ev) is Data:
+            data = ev.data
+            if self.replayable:
+                self.size += len(data)
+                if self.size > self.limit:
+                    self.replayable = False
+                    self.chunks = []
+                else:
+                    self.chunks.append(data)
+            return data
+        if type(ev) is EndOfMessage:
+            self.finished = True
+            self.trailers = ev.trailers
+            return None
+        raise DownstreamGone("client reset the request mid-body")
+
+    def prefill(self) -> None:
+        """Consume body events the codec already decoded (no I/O)."""
+        reader = self.reader
+        while not self.finished:
+            ev = reader.peek()
+            if ev is None or type(ev) not in (Data, EndOfMessage):
+                return
+            reader.pos += 1
+            self._take(ev)
+
+    async def pull(self, cursor: list[int]) -> bytes | None:
+        """The next chunk for the try owning ``cursor``; None at the end."""
+        i = cursor[0]
+        if i < len(self.chunks):
+            cursor[0] = i + 1
+            return self.chunks[i]
+        if self.finished:
+            return None
+        ev = await self.reader.next()
+        if ev is None:
+            raise DownstreamGone("client closed the connection mid-body")
+        data = self._take(ev)
+        cursor[0] = len(self.chunks)
+        return data
+
+
+# ------------------------------------------------------------------ stages
+
+
+class PrepareStage:
+    name = "prepare"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        head = rq.head
+        headers = strip_hop_by_hop(head.headers, keep_upgrade=head.upgrade is not None)
+        headers = append_forwarded_for(headers, rq.client_ip)
+        headers, rq.request_id = ensure_request_id(headers, rq.rt.new_request_id)
+        rq.headers = headers
+        return None
+
+
+def _authority_port(authority: str, default: int = 80) -> int:
+    if authority.startswith("["):
+        end = authority.find("]")
+        rest = authority[end + 1 :]
+        return int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else default
+    _, sep, port = authority.rpartition(":")
+    return int(port) if sep and port.isdigit() else default
+
+
+class RouteStage:
+    name = "route"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        lst = rq.listener
+        head = rq.head
+        snap = rq.snap
+        if lst.direction == "binding":
+            authority = f"{lst.service}:{lst.service_port}"
+            port = lst.service_port
+        else:
+            authority = head.authority
+            port = lst.port if lst.direction == "gateway" else _authority_port(authority)
+        if lst.route_table is None:
+            # binding without a route table: straight to the service's cluster
+            cs = snap.clusters.get(binding_cluster_name(lst))
+            rq.cluster = cs
+            return None
+        router = snap.routers[lst.route_table]
+        view = RequestView(
+            method=head.method,
+            scheme=head.scheme,
+            authority=authority,
+            path=head.path,
+            headers=rq.headers,
+            port=port,
+            source_labels=snap.source_labels,
+            source_namespace=snap.source_namespace,
+            gateway=(lst.name if "/" in lst.name else f"{snap.source_namespace}/{lst.name}")
+            if lst.direction == "gateway"
+            else None,
+        )
+        d = router.decide(view, rq.rt.rand)
+        if type(d) is Forward:
+            rq.forward = d
+            return None
+        if type(d) is Redirect:
+            return LocalReply(d.status, b"", [("location", d.location)])
+        if type(d) is DirectResponse:
+            return LocalReply(d.status, d.body, list(d.headers))
+        if type(d) is NoRoute:
+            r = failure_reply(F.NR, d.status or 404, d.reason)
+            return r
+        raise TypeError(f"router returned {d!r}")  # pragma: no cover
+
+
+class InboundTargetStage:
+    name = "target"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        rq.cluster = rq.snap.listener_clusters.get(rq.listener.name)
+        return None
+
+
+class ClusterStage:
+    name = "cluster"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        if rq.cluster is None:
+            fwd = rq.forward
+            name = fwd.cluster if fwd is not None else binding_cluster_name(rq.listener)
+            rq.cluster = rq.snap.clusters.get(name)
+            if rq.cluster is None:
+                return failure_reply("NC", 503, f"cluster {name} not found")
+        if not rq.cluster.healthy:
+            return failure_reply(F.UH, 503, rq.cluster.name)
+        return None
+
+
+PREPARE = PrepareStage()
+ROUTE = RouteStage()
+TARGET = InboundTargetStage()
+CLUSTER = ClusterStage()
+
+
+def default_chain(listener: Listener) -> tuple[Stage, ...]:
+    if listener.direction == "inbound" and listener.route_table is None:
+        return (PREPARE, TARGET, CLUSTER)
+    return (PREPARE, ROUTE, CLUSTER)
+
+
+# ------------------------------------------------------------------ forwarding
+
+
+class _Retry(Exception):
+    pass
+
+
+_DONE = object()
+
+
+class Forwarder:
+    """The terminal stage: tries, retries, timeouts, streaming both ways."""
+
+    def __init__(self, rt) -> None:
+        self.rt = rt
+
+    def _upstream_head(self, rq: Request) -> RequestHead:
+        head = rq.head
+        fwd = rq.forward
+        if fwd is not None:
+            headers = fwd.request_headers
+            authority, path = fwd.authority, fwd.path
+        else:
+            headers = rq.headers
+            authority, path = head.authority, head.path
+            if rq.listener.direction == "binding":
+                authority = f"{rq.listener.service}:{rq.listener.service_port}"
+        headers = [h for h in headers if h[0] != "host"]
+        return RequestHead(
+            method=head.method,
+            target=path,
+            headers=headers,
+            http_version="1.1",
+            scheme="http",
+            authority=authority,
+            path=path,
+            keep_alive=True,
+            expect_continue=head.expect_continue,
+            upgrade=head.upgrade,
+        )
+
+    async def run(self, rq: Request) -> None:
+        """Forward the request; on return the client has its response (or is gone).
+        Sets rq.keep_alive False when the connection must close."""
+        fwd = rq.forward
+        timeout = fwd.timeout if fwd is not None else None
+        if not rq.body_done:
+            rq.body = BodySource(rq.reader, rq.snap.settings.retry_buffer_bytes)
+            rq.body.prefill()
+        up_head = self._upstream_head(rq)
+        if timeout:
+            with trio.move_on_after(timeout) as scope:
+                await self._tries(rq, up_head)
+            if scope.cancelled_caught:
+                rq.cluster.stats.rq_timeout += 1
+                if rq.response_started:
+                    rq.flags.append(F.UT)
+                    rq.keep_alive = False  # response cut short: the client must see the close
+                else:
+                    await self._reply(rq, failure_reply(F.UT, 504, f"route timeout {timeout:g}s"))
+        else:
+            await self._tries(rq, up_head)
+
+    async def _reply(self, rq: Request, reply: LocalReply) -> None:
+        if rq.body is not None and not rq.body.finished:
+            rq.keep_alive = False
+        await send_local(rq, reply)
+
+    async def _tries(self, rq: Request, up_head: RequestHead) -> None:
+        rt = self.rt
+        cs = rq.cluster
+        fwd = rq.forward
+        policy = fwd.retry if fwd is not None else rq.snap.no_retry
+        retries = 0
+        rand = rt.rand
+        ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path, active=rt.active)
+        while True:
+            ep = cs.balancer.pick(cs.healthy, ctx, rand)
+            if ep is None:
+                await self._reply(rq, failure_reply(F.UH, 503, cs.name))
+                return
+            outcome, flag, detail = await self._try(rq, cs, ep, up_head, policy, retries)
+            if outcome is _DONE:
+                return
+            body = rq.body
+            replayable = body is None or body.replayable
+            if should_retry(policy, retries, outcome, body_replayable=replayable):
+                await trio.sleep(backoff(policy, retries, rand))
+                retries += 1
+                cs.stats.rq_retry += 1
+                continue
+            if outcome.status is not None:  # pragma: no cover - statuses are decided in _try
+                raise AssertionError("unreachable")
+            status = 504 if flag == F.UT else (502 if flag == F.UPE else 503)
+            rq.detail = detail
+            await self._reply(rq, failure_reply(flag, status, detail))
+            return
+
+    async def _try(self, rq: Request, cs: ClusterState, ep, up_head: RequestHead, policy, retries: int):
+        """One try. Returns (_DONE, None, "") when a response went downstream,
+        else (Outcome, flag, detail) for a failed try."""
+        rt = self.rt
+        settings = rq.snap.settings
+        key = (ep.address, ep.port)
+        per_try = policy.per_try_timeout
+        try_deadline = trio.current_time() + per_try if per_try else math.inf
+        with trio.CancelScope(deadline=try_deadline) as try_scope:
+            try:
+                conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
+            except UpstreamConnectError as exc:
+                return Outcome(failure="connect-failure"), F.UF, str(exc)
+        if try_scope.cancelled_caught:
+            return Outcome(failure="timeout"), F.UT, f"per-try timeout {per_try:g}s"
+        active = rt.active
+        active[key] = active.get(key, 0) + 1
+        try:
+            return await self._exchange(rq, cs, conn, up_head, policy, retries, try_deadline)
+        finally:
+            n = active[key] - 1
+            if n:
+                active[key] = n
+            else:
+                del active[key]
+
+    async def _exchange(self, rq: Request, cs: ClusterState, conn: UpstreamConn, up_head: RequestHead,
+                        policy, retries: int, try_deadline: float):
+        rt = self.rt
+        body = rq.body
+        client = conn.client
+        stream = conn.stream
+        ok = False
+        try:
+            if body is None or (body.finished and body.replayable):
+                # whole request in hand: one write, no helper task
+                if body is None:
+                    out = client.request_head(up_head, end_stream=True)
+                else:
+                    parts = [client.request_head(up_head, end_stream=not body.chunks)]
+                    for c in body.chunks:
+                        parts.append(client.data(c))
+                    if body.chunks or body.trailers:
+                        parts.append(client.end(body.trailers))
+                    out = b"".join(parts)
+                try:
+                    await stream.send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the response read below reports the reset
+                result = await self._respond(rq, cs, conn, policy, retries, try_deadline, None)
+                ok = result[0] is _DONE and client.keep_alive
+                return result
+            # stream the body while reading the response
+            result = None
+            async with trio.open_nursery() as nursery:
+                failure: list = []
+                nursery.start_soon(self._send_body, rq, conn, up_head, failure, nursery.cancel_scope)
+                try:
+                    result = await self._respond(rq, cs, conn, policy, retries, try_deadline, nursery)
+                finally:
+                    if not body.finished:
+                        # the upstream answered (or failed) before the body was done
+                        nursery.cancel_scope.cancel()
+            if failure:
+                exc = failure[0]
+                if isinstance(exc, ProtocolError):
+                    rq.keep_alive = False
+                    if not rq.response_started:
+                        rq.flags.append(F.DPE)
+                        await rq.send_down(raw_error_response(exc.status, str(exc)))
+                        rq.status = exc.status
+                    return _DONE, None, ""
+                raise exc
+            if result is None:  # body sender cancelled the try (client gone)
+                raise DownstreamGone("client went away")
+            if not body.finished:
+                rq.keep_alive = False
+            ok = result[0] is _DONE and client.keep_alive and body.finished
+            return result
+        finally:
+            if ok:
+                rt.pool.release(conn)
+            else:
+                rt.pool.discard(conn)
+
+    async def _send_body(self, rq: Request, conn: UpstreamConn, up_head: RequestHead, failure: list,
+                         cancel: trio.CancelScope) -> None:
+        client = conn.client
+        stream = conn.stream
+        body = rq.body
+        cursor = [0]
+        try:
+            pending = [client.request_head(up_head, end_stream=False)]
+            while True:
+                if not (body.finished or cursor[0] < len(body.chunks)) and pending:
+                    # the next chunk needs I/O: flush what is in hand first
+                    await stream.send_all(b"".join(pending))
+                    pending = []
+                chunk = await body.pull(cursor)
+                if chunk is None:
+                    pending.append(client.end(body.trailers))
+                    await stream.send_all(b"".join(pending))
+                    return
+                pending.append(client.data(chunk))
+                if len(pending) >= 16:
+                    await stream.send_all(b"".join(pending))
+                    pending = []
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # upstream closed: the response side reports it
+        except (DownstreamGone, ProtocolError) as exc:
+            failure.append(exc)
+            cancel.cancel()
+
+    async def _read_head(self, rq: Request, conn: UpstreamConn) -> ResponseHead | None:
+        """The final response head (1xx are relayed to the client); None on reset/EOF."""
+        reader = conn.reader
+        while True:
+            ev = await reader.next()
+            if type(ev) is ResponseHead:
+                st = ev.status
+                if 100 <= st < 200 and st != 101:
+                    if st == 100 and not rq.head.expect_continue:
+                        continue  # the client did not ask for it
+                    await rq.send_down(rq.server.informational(ev))
+                    continue
+                return ev
+            return None
+
+    async def _respond(self, rq: Request, cs: ClusterState, conn: UpstreamConn, policy, retries: int,
+                       try_deadline: float, nursery):
+        with trio.CancelScope(deadline=try_deadline) as scope:
+            try:
+                head = await self._read_head(rq, conn)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                head = None
+            except ProtocolError as exc:
+                return Outcome(failure="reset", status=None), F.UPE, str(exc)
+        if scope.cancelled_caught:
+            return Outcome(failure="timeout"), F.UT, "per-try timeout"
+        if head is None:
+            return Outcome(failure="reset"), F.UR, f"{conn.key[0]}:{conn.key[1]} closed the connection"
+        status = head.status
+        body = rq.body
+        if status >= 500 or status in policy.retriable_status_codes or status == 409:
+            replayable = body is None or body.replayable
+            if should_retry(policy, retries, Outcome(status=status), body_replayable=replayable):
+                cs.stats.response(status)
+                return Outcome(status=status), None, ""
+        cs.stats.response(status)
+        if status == 101:
+            await self._upgrade(rq, conn, head)
+            return _DONE, None, ""
+        await self._stream_response(rq, conn, head)
+        return _DONE, None, ""
+
+    async def _stream_response(self, rq: Request, conn: UpstreamConn, head: ResponseHead) -> None:
+        server = rq.server
+        headers = strip_hop_by_hop(head.headers)
+        fwd = rq.forward
+        if fwd is not None:
+            for ops in fwd.response_ops:
+                headers = apply_header_ops(headers, ops)
+        head.headers = headers
+        if not rq.keep_alive or self.rt.draining:
+            head.keep_alive = False
+            rq.keep_alive = False
+        rq.response_started = True
+        rq.status = head.status
+        reader = conn.reader
+        out = [server.response_head(head)]
+        while True:
+            ev = reader.buffered()
+            if ev is None:
+                if out:
+                    await rq.send_down(b"".join(out))
+                    out = []
+                try:
+                    ev = await reader.next()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+                    ev = None
+            t = type(ev)
+            if t is Data:
+                out.append(server.data(ev.data))
+            elif t is EndOfMessage:
+                out.append(server.end(ev.trailers))
+                break
+            else:
+                # upstream reset mid-body: the client can only learn it from the close
+                rq.flags.append(F.UR)
+                rq.keep_alive = False
+                if out:
+                    await rq.send_down(b"".join(out))
+                conn.stream.close_now()
+                return
+        await rq.send_down(b"".join(out))
+        if not server.keep_alive:
+            rq.keep_alive = False
+
+    async def _upgrade(self, rq: Request, conn: UpstreamConn, head: ResponseHead) -> None:
+        server = rq.server
+        head.headers = strip_hop_by_hop(head.headers, keep_upgrade=True)
+        rq.response_started = True
+        rq.status = 101
+        rq.keep_alive = False
+        await rq.send_down(server.response_head(head))
+        down_left = server.upgrade_accepted()
+        up_left = b""
+        ev = conn.reader.buffered()
+        if type(ev) is Upgraded:
+            up_left = ev.leftover
+        try:
+            if up_left:
+                await rq.send_down(up_left)
+            if down_left:
+                await conn.stream.send_all(down_left)
+            await relay(rq.down, conn.stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        conn.stream.close_now()
+
+
+async def send_local(rq: Request, reply: LocalReply) -> None:
+    server = rq.server
+    headers = list(reply.headers)
+    body = reply.body
+    if not any(k == "content-length" for k, _ in headers):
+        headers.append(("content-length", str(len(body))))
+    if rq.request_id:
+        headers.append(("x-request-id", rq.request_id))
+    if rq.rt.draining:
+        rq.keep_alive = False
+    head = ResponseHead(status=reply.status, headers=headers, keep_alive=rq.keep_alive)
+    if reply.flag:
+        rq.flags.append(reply.flag)
+    rq.status = reply.status
+    rq.response_started = True
+    parts = [server.response_head(head, end_stream=not body)]
+    if body and rq.head.method != "HEAD":
+        parts.append(server.data(body))
+        parts.append(server.end())
+    await rq.send_down(b"".join(parts))
+    if not server.keep_alive:
+        rq.keep_alive = False
+
+
+# ------------------------------------------------------------------ connection loop
+
+
+class ConnState:
+    """One downstream connection, as the runtime sees it (for drain)."""
+
+    __slots__ = ("scope", "busy")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.busy = False
+
+
+async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str) -> None:
+    """Serve requests on one downstream connection until it closes.
+    Never raises for network or protocol trouble."""
+    conn = ConnState()
+    rt.conns.add(conn)
+    lstats = rt.stats.listener(active_listener.spec.name)
+    lstats.cx_active += 1
+    lstats.cx_total += 1
+    forwarder = rt.forwarder
+    try:
+        snap: Snapshot = rt.snapshot
+        server = H1Server(snap.limits)
+        reader = EventReader(stream, server)
+        first = True
+        with conn.scope:
+            while True:
+                s = rt.snapshot.settings
+                conn.scope.deadline = trio.current_time() + (
+                    s.request_headers_timeout if first else s.idle_timeout
+                )
+                first = False
+                conn.busy = False
+                if rt.draining:
+                    break
+                try:
+                    ev = await reader.next()
+                except ProtocolError as exc:
+                    rt.stats.flag(F.DPE)
+                    lstats.response(exc.status)
+                    log.info("rejected request from %s: %s (%d)", client_ip, exc, exc.status)
+                    try:
+                        await stream.send_all(raw_error_response(exc.status, str(exc)))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    break
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if ev is None or type(ev) is not RequestHead:
+                    break
+                conn.busy = True
+                conn.scope.deadline = math.inf
+                snap = rt.snapshot
+                listener = active_listener.spec
+                rq = Request(ev, listener, snap, rt, client_ip, server, reader, stream)
+                nxt = reader.peek()
+                if type(nxt) is EndOfMessage:
+                    reader.pos += 1
+                    rq.body_done = True
+                try:
+                    reply = None
+                    for stage in active_listener.chain:
+                        reply = await stage.on_request(rq)
+                        if reply is not None:
+                            break
+                    if reply is not None:
+                        if not rq.body_done:
+                            rq.keep_alive = False  # unread body: cannot frame the next request
+                        await send_local(rq, reply)
+                    else:
+                        await forwarder.run(rq)
+                except DownstreamGone:
+                    rq.keep_alive = False
+                    rq.flags.append(F.DC)
+                except ProtocolError as exc:  # malformed body from the client
+                    rq.keep_alive = False
+                    rq.flags.append(F.DPE)
+                    if not rq.response_started:
+                        rq.status = exc.status
+                        try:
+                            await stream.send_all(raw_error_response(exc.status, str(exc)))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                if rq.status:
+                    lstats.response(rq.status)
+                for f in rq.flags:
+                    rt.stats.flag(f)
+                if rq.flags and rq.flags[0] not in (F.DC,):
+                    log.info(
+                        "%s %s %s -> %d %s %s",
+                        listener.name, rq.head.method, rq.head.authority + rq.head.path, rq.status,
+                        ",".join(rq.flags), rq.detail,
+                    )
+                if not rq.keep_alive:
+                    break
+                if rq.body is not None and not rq.body.finished:
+                    break
+    finally:
+        conn.busy = False
+        rt.conns.discard(conn)
+        lstats.cx_active -= 1
+        if hasattr(stream, "close_now"):
+            stream.close_now()
+        else:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+def new_request_id(rand: random.Random) -> str:
+    h = "%032x" % rand.getrandbits(128)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"

@@ -1,0 +1,150 @@
+"""Keep-alive pools of upstream HTTP/1.1 connections, one idle list per endpoint.
+
+Pools are keyed by (address, port), not by cluster or config version, so a
+config swap keeps warm connections. An idle connection is checked with a
+non-blocking MSG_PEEK before reuse (the peer may have closed it) and dropped
+after ``idle_timeout``.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..protocol.http1 import H1Client, Limits
+from .stats import ClusterStats
+from .stream import FastSocketStream, UpstreamConnectError, connect_tcp, is_alive
+
+
+class EventReader:
+    """Pulls codec events off a stream, one at a time, feeding the codec on demand."""
+
+    __slots__ = ("stream", "codec", "events", "pos", "eof")
+
+    def __init__(self, stream: trio.abc.Stream, codec) -> None:
+        self.stream = stream
+        self.codec = codec
+        self.events: list = []
+        self.pos = 0
+        self.eof = False
+
+    def buffered(self):
+        """The next event if one is already decoded, else None (never blocks)."""
+        if self.pos < len(self.events):
+            ev = self.events[self.pos]
+            self.pos += 1
+            return ev
+        return None
+
+    def peek(self):
+        if self.pos < len(self.events):
+            return self.events[self.pos]
+        return None
+
+    async def next(self):
+        """The next event; None at a clean EOF. Raises ProtocolError from the codec
+        and trio.BrokenResourceError from the stream."""
+        while True:
+            if self.pos < len(self.events):
+                ev = self.events[self.pos]
+                self.pos += 1
+                return ev
+            if self.eof:
+                return None
+            data = await self.stream.receive_some()
+            if data:
+                self.events = self.codec.feed(data)
+            else:
+                self.eof = True
+                self.events = self.codec.feed_eof()
+            self.pos = 0
+
+
+class UpstreamConn:
+    __slots__ = ("stream", "client", "reader", "key", "stats", "idle_since", "reused")
+
+    def __init__(self, stream: FastSocketStream, client: H1Client, key: tuple[str, int], stats: ClusterStats) -> None:
+        self.stream = stream
+        self.client = client
+        self.reader = EventReader(stream, client)
+        self.key = key
+        self.stats = stats
+        self.idle_since = 0.0
+        self.reused = False
+
+
+class UpstreamPool:
+    def __init__(self, *, limits: Limits, max_idle_per_endpoint: int = 128) -> None:
+        self.limits = limits
+        self.max_idle = max_idle_per_endpoint
+        self.idle: dict[tuple[str, int], list[UpstreamConn]] = {}
+        self.idle_timeout = 60.0
+
+    async def acquire(self, address: str, port: int, stats: ClusterStats, connect_timeout: float) -> UpstreamConn:
+        """A pooled idle connection if a live one exists, else a new one.
+        Raises UpstreamConnectError (including on connect timeout)."""
+        key = (address, port)
+        idle = self.idle.get(key)
+        if idle:
+            now = trio.current_time()
+            while idle:
+                conn = idle.pop()
+                if now - conn.idle_since < self.idle_timeout and is_alive(conn.stream):
+                    conn.reused = True
+                    return conn
+                self._close(conn)
+        with trio.move_on_after(connect_timeout):
+            try:
+                stream = await connect_tcp(address, port)
+            except UpstreamConnectError:
+                stats.cx_connect_fail += 1
+                raise
+            stats.cx_active += 1
+            stats.cx_total += 1
+            return UpstreamConn(stream, H1Client(self.limits), key, stats)
+        stats.cx_connect_fail += 1
+        raise UpstreamConnectError(address, port, f"timed out after {connect_timeout:g}s")
+
+    def release(self, conn: UpstreamConn) -> None:
+        """Give back a connection whose exchange completed with keep-alive."""
+        client = conn.client
+        if conn.stream.closed or not client.keep_alive or conn.reader.pos < len(conn.reader.events):
+            self._close(conn)
+            return
+        reset = getattr(client, "reset_for_next", None)
+        if reset is not None:
+            reset()
+        idle = self.idle.setdefault(conn.key, [])
+        if len(idle) >= self.max_idle:
+            self._close(conn)
+            return
+        conn.idle_since = trio.current_time()
+        idle.append(conn)
+
+    def discard(self, conn: UpstreamConn) -> None:
+        self._close(conn)
+
+    def _close(self, conn: UpstreamConn) -> None:
+        if not conn.stream.closed:
+            conn.stream.close_now()
+            conn.stats.cx_active -= 1
+
+    def close_all(self) -> None:
+        for conns in self.idle.values():
+            for c in conns:
+                self._close(c)
+        self.idle.clear()
+
+    def sweep(self) -> None:
+        """Drop idle connections past idle_timeout (called periodically)."""
+        now = trio.current_time()
+        for key, conns in list(self.idle.items()):
+            keep = []
+            for c in conns:
+                if now - c.idle_since < self.idle_timeout and is_alive(c.stream):
+                    keep.append(c)
+                else:
+                    self._close(c)
+            if keep:
+                self.idle[key] = keep
+            else:
+                del self.idle[key]

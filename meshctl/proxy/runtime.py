@@ -1,0 +1,329 @@
+"""The running proxy: current config, listeners, reload and drain.
+
+Listener life cycle (one table, the rules):
+
+    state      event                         → state      action
+    (none)     apply: listener added         → Active     bind socket, start accept loop
+    Active     apply: same address and port  → Active     swap spec/chain; socket kept
+    Active     apply: address/port changed   → Active     bind new socket first, then close old
+    Active     apply: listener removed       → (closed)   stop accepting; open connections finish
+    Active     SIGTERM (drain)               → Draining   stop accepting; idle connections closed;
+                                                          busy ones finish their request
+    Draining   all connections done or
+               settings.drain_timeout        → (exit 0)
+
+``apply(cfg)`` checks everything first (references, bindability) and only
+then swaps; on any problem it raises ConfigRejected and the old config and
+listeners stay as they were. Requests take the snapshot current when they
+start, so in-flight requests finish on the old config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from ..model.proxyconfig import Listener, ProxyConfig
+from .admin import serve_admin
+from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
+from .pool import UpstreamPool
+from .snapshot import Snapshot, problems
+from .stats import Stats
+from .stream import FastSocketStream, accept, bind_listener
+from .tcp import serve_tcp_connection
+
+log = logging.getLogger("meshctl.proxy")
+
+
+class ConfigRejected(Exception):
+    """A config the proxy will not run; the previous one stays in place."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ActiveListener:
+    __slots__ = ("spec", "sock", "chain", "scope", "handler")
+
+    def __init__(self, spec: Listener, sock: socket.socket) -> None:
+        self.sock = sock
+        self.scope = trio.CancelScope()
+        self.set_spec(spec)
+
+    def set_spec(self, spec: Listener) -> None:
+        """New connections use the new spec; open ones keep what they started with."""
+        self.spec = spec
+        self.chain = default_chain(spec)
+        self.handler = serve_tcp_connection if spec.protocol == "tcp" else serve_http_connection
+
+    @property
+    def bound_port(self) -> int:
+        return self.sock.getsockname()[1]
+
+
+class ProxyRuntime:
+    def __init__(self, *, config_path: str | Path | None = None,
+                 loader: Callable[[str | Path], ProxyConfig] | None = None,
+                 rand: random.Random | None = None) -> None:
+        self.config_path = Path(config_path) if config_path is not None else None
+        self._loader = loader
+        self.rand = rand or random.Random(int.from_bytes(os.urandom(8), "big"))
+        self.stats = Stats()
+        self.snapshot: Snapshot | None = None
+        self.listeners: dict[str, ActiveListener] = {}
+        self.conns: set[ConnState] = set()
+        self.active: dict[tuple[str, int], int] = {}
+        self.draining = False
+        self.ready = False
+        self.forwarder = Forwarder(self)
+        self.pool: UpstreamPool | None = None
+        self._nursery: trio.Nursery | None = None
+        self._mtime: float | None = None
+        self._drained = trio.Event()
+        self.admin_port: int | None = None
+
+    # ------------------------------------------------------------ helpers
+
+    def new_request_id(self) -> str:
+        return new_request_id(self.rand)
+
+    @property
+    def config(self) -> ProxyConfig | None:
+        return self.snapshot.cfg if self.snapshot else None
+
+    # ------------------------------------------------------------ apply
+
+    def apply(self, cfg: ProxyConfig) -> None:
+        """Validate and swap in ``cfg`` atomically. Raises ConfigRejected
+        (keeping the current config) when it is invalid or cannot be bound."""
+        errs = problems(cfg)
+        if errs:
+            self.stats.config_rejected += 1
+            raise ConfigRejected("; ".join(errs))
+        try:
+            snap = Snapshot(cfg, self.stats)
+        except Exception as exc:  # core raised on a config it cannot compile
+            self.stats.config_rejected += 1
+            raise ConfigRejected(f"cannot compile config: {exc}") from None
+        # bind new and moved listeners before touching anything
+        new_socks: dict[str, socket.socket] = {}
+        try:
+            for spec in cfg.listeners:
+                cur = self.listeners.get(spec.name)
+                if cur is not None and (cur.spec.address, cur.spec.port) == (spec.address, spec.port):
+                    continue
+                reuse = self._socket_for(spec.address, spec.port)
+                new_socks[spec.name] = reuse if reuse is not None else bind_listener(spec.address, spec.port)
+        except OSError as exc:
+            for name, s in new_socks.items():
+                if all(a.sock is not s for a in self.listeners.values()):
+                    s.close()
+            self.stats.config_rejected += 1
+            raise ConfigRejected(f"{exc.strerror or exc}") from None
+        # commit: nothing below can fail
+        old = self.listeners
+        self.snapshot = snap
+        self.pool.limits = snap.limits
+        self.pool.idle_timeout = float(cfg.settings.idle_timeout)
+        keep: dict[str, ActiveListener] = {}
+        for spec in cfg.listeners:
+            cur = old.get(spec.name)
+            if spec.name in new_socks:
+                al = ActiveListener(spec, new_socks[spec.name])
+                keep[spec.name] = al
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._accept_loop, al)
+                log.info("listener %s (%s %s) on %s:%d", spec.name, spec.direction, spec.protocol,
+                         spec.address, al.bound_port)
+            else:
+                cur.set_spec(spec)
+                keep[spec.name] = cur
+        self.listeners = keep
+        kept_socks = {id(a.sock) for a in keep.values()}
+        for name, al in old.items():
+            if keep.get(name) is not al:
+                al.scope.cancel()
+                if id(al.sock) not in kept_socks:
+                    self._close_sock(al.sock)
+                log.info("listener %s closed", name)
+        self.stats.config_applied += 1
+        log.info("config %s applied (%d listeners, %d clusters)", cfg.version, len(cfg.listeners),
+                 len(cfg.clusters))
+
+    async def apply_async(self, cfg: ProxyConfig) -> None:
+        """``apply`` for callers that want an awaitable (the Pilot client)."""
+        self.apply(cfg)
+        await trio.lowlevel.checkpoint()
+
+    def _socket_for(self, address: str, port: int) -> socket.socket | None:
+        """A socket already bound to address:port by a listener being renamed."""
+        if port == 0:
+            return None
+        for al in self.listeners.values():
+            if (al.spec.address, al.spec.port) == (address, port):
+                return al.sock
+        return None
+
+    @staticmethod
+    def _close_sock(sock: socket.socket) -> None:
+        try:
+            trio.lowlevel.notify_closing(sock)
+        except RuntimeError:
+            pass
+        sock.close()
+
+    # ------------------------------------------------------------ serving
+
+    async def _accept_loop(self, al: ActiveListener) -> None:
+        with al.scope:
+            nursery = self._conn_nursery
+            while True:
+                try:
+                    sock, addr = await accept(al.sock)
+                except (OSError, trio.ClosedResourceError) as exc:
+                    if al.sock.fileno() == -1:
+                        return
+                    log.warning("listener %s: accept failed: %s", al.spec.name, exc)
+                    await trio.sleep(0.1)
+                    continue
+                stream = FastSocketStream(sock)
+                client_ip = addr[0] if isinstance(addr, tuple) else ""
+                nursery.start_soon(al.handler, self, al, stream, client_ip)
+
+    async def run(self, cfg: ProxyConfig, *, admin_port: int | None = None, admin_address: str = "127.0.0.1",
+                  handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Apply ``cfg`` and serve until drained (SIGTERM or ``drain()``).
+
+        Raises ConfigRejected before serving anything when ``cfg`` cannot run
+        or the admin port cannot be bound."""
+        self.pool = UpstreamPool(limits=None)  # limits set by apply
+        admin_sock = None
+        if admin_port is not None:
+            try:
+                admin_sock = bind_listener(admin_address, admin_port, backlog=64)
+            except OSError as exc:
+                raise ConfigRejected(f"admin: {exc.strerror or exc}") from None
+            self.admin_port = admin_sock.getsockname()[1]
+        try:
+            self.apply(cfg)  # raises ConfigRejected: nothing started yet
+        except BaseException:
+            if admin_sock is not None:
+                admin_sock.close()
+            raise
+        async with trio.open_nursery() as outer:
+            if admin_sock is not None:
+                outer.start_soon(serve_admin, self, admin_sock)
+            async with trio.open_nursery() as conns:
+                self._conn_nursery = conns
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    for al in self.listeners.values():
+                        nursery.start_soon(self._accept_loop, al)
+                    if self.config_path is not None:
+                        try:
+                            self._mtime = self.config_path.stat().st_mtime
+                        except OSError:
+                            self._mtime = None
+                    nursery.start_soon(self._housekeeping, handle_signals)
+                    self.ready = True
+                    task_status.started(self)
+                    await self._drained.wait()
+                    nursery.cancel_scope.cancel()
+                # listeners are closed; wait for connections
+                with trio.move_on_after(float(self.snapshot.settings.drain_timeout)):
+                    while self.conns:
+                        await trio.sleep(0.02)
+                if self.conns:
+                    log.warning("drain timeout: closing %d connections", len(self.conns))
+                conns.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+        self.pool.close_all()
+        log.info("proxy stopped")
+
+    def drain(self) -> None:
+        """Stop accepting, close idle connections, let busy ones finish."""
+        if self.draining:
+            return
+        self.draining = True
+        self.ready = False
+        log.info("draining: %d connections open", len(self.conns))
+        for al in self.listeners.values():
+            al.scope.cancel()
+            self._close_sock(al.sock)
+        for c in list(self.conns):
+            if not c.busy:
+                c.scope.cancel()
+        self._drained.set()
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """Reload the config file; True if applied. Errors are logged, never raised."""
+        if self.config_path is None or self._loader is None:
+            return False
+        try:
+            cfg = self._loader(self.config_path)
+        except Exception as exc:
+            self.stats.config_rejected += 1
+            log.error("reload of %s rejected: %s", self.config_path, exc)
+            return False
+        try:
+            self.apply(cfg)
+        except ConfigRejected as exc:
+            log.error("config %s rejected: %s", cfg.version, exc.reason)
+            return False
+        return True
+
+    async def _housekeeping(self, handle_signals: bool) -> None:
+        signals = handle_signals and _main_thread()
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) if signals else _nullcm() as sigs:
+            async with trio.open_nursery() as n:
+                if sigs is not None:
+                    n.start_soon(self._signals, sigs)
+                while True:
+                    await trio.sleep(1.0)
+                    self.pool.sweep()
+                    self._check_mtime()
+
+    async def _signals(self, sigs) -> None:
+        async for signum in sigs:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading %s", self.config_path)
+                self.reload()
+            else:
+                log.info("%s: draining", signal.Signals(signum).name)
+                self.drain()
+
+    def _check_mtime(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            m = self.config_path.stat().st_mtime
+        except OSError:
+            return
+        if m != self._mtime:
+            self._mtime = m
+            log.info("%s changed: reloading", self.config_path)
+            self.reload()
+
+
+class _nullcm:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,68 @@
+"""Opaque TCP for binding listeners with protocol tcp.
+
+Pick a cluster (weighted tcp route, or the service's cluster), pick a
+healthy endpoint, connect within the connect timeout, then relay bytes both
+ways (os.splice when both legs are plain sockets), propagating half-close.
+On connect failure the downstream connection is closed (there is no status
+to send in TCP); the failure is logged and counted (UF).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..core.balance import PickContext
+from . import stats as F
+from .http import ConnState
+from .stream import UpstreamConnectError, connect_tcp, relay
+
+log = logging.getLogger("meshctl.proxy")
+
+
+async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str) -> None:
+    listener = active_listener.spec
+    lstats = rt.stats.listener(listener.name)
+    lstats.cx_active += 1
+    lstats.cx_total += 1
+    snap = rt.snapshot
+    conn = ConnState()
+    conn.busy = True  # an opaque stream is never "between requests": drain waits for it
+    rt.conns.add(conn)
+    try:
+        with conn.scope:
+            cs = snap.pick_tcp_cluster(listener, rt.rand)
+            if cs is None or not cs.healthy:
+                rt.stats.flag(F.UH)
+                log.info("%s: no healthy upstream for tcp connection from %s", listener.name, client_ip)
+                return
+            upstream = None
+            tried = 0
+            ctx = PickContext(source_ip=client_ip, active=rt.active)
+            while upstream is None and tried < max(1, min(3, len(cs.healthy))):
+                ep = cs.balancer.pick(cs.healthy, ctx, rt.rand)
+                if ep is None:
+                    break
+                tried += 1
+                with trio.move_on_after(snap.settings.connect_timeout):
+                    try:
+                        upstream = await connect_tcp(ep.address, ep.port)
+                    except UpstreamConnectError as exc:
+                        cs.stats.cx_connect_fail += 1
+                        log.info("%s: %s", listener.name, exc)
+            if upstream is None:
+                rt.stats.flag(F.UF)
+                return
+            cs.stats.cx_active += 1
+            cs.stats.cx_total += 1
+            try:
+                await relay(stream, upstream)
+            finally:
+                cs.stats.cx_active -= 1
+                await upstream.aclose()
+    finally:
+        rt.conns.discard(conn)
+        lstats.cx_active -= 1
+        with trio.CancelScope(shield=True):
+            await stream.aclose()

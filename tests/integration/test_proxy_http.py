@@ -1,0 +1,477 @@
+"""The HTTP pipeline end to end, with a ProxyRuntime in the test loop and real sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import trio
+
+from meshctl.model.istio import HTTPRetry
+from meshctl.model.proxyconfig import Listener, Settings
+
+from conftest import (
+    cluster,
+    config,
+    curl,
+    free_port,
+    outbound_listener,
+    raw_exchange,
+    route_to,
+    running_proxy,
+    vhost,
+)
+
+
+def _simple(upstream, port: int, **route_kw):
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080, **route_kw),))],
+        clusters=[cluster("reviews", 9080, [("127.0.0.1", upstream.port)])],
+    )
+    return cfg, lp
+
+
+async def test_curl_with_http_proxy_is_routed_by_authority(upstreams):
+    reviews, ratings = upstreams("reviews"), upstreams("ratings")
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[
+            vhost("reviews", 9080, (route_to("reviews", 9080),)),
+            vhost("ratings", 9080, (route_to("ratings", 9080),)),
+        ],
+        clusters=[
+            cluster("reviews", 9080, [("127.0.0.1", reviews.port)]),
+            cluster("ratings", 9080, [("127.0.0.1", ratings.port)]),
+        ],
+    )
+    async with running_proxy(cfg):
+        r = await curl("-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/a?b=1")
+        info = json.loads(r.stdout)
+        assert info["upstream"] == "reviews"
+        assert info["path"] == "/a?b=1"  # origin-form upstream
+        r = await curl("-x", f"http://127.0.0.1:{lp}", "http://ratings:9080/x")
+        assert json.loads(r.stdout)["upstream"] == "ratings"
+        # origin-form with a Host header works too
+        r = await curl("-H", "Host: ratings:9080", f"http://127.0.0.1:{lp}/y")
+        assert json.loads(r.stdout)["upstream"] == "ratings"
+        # an unknown authority is a local 404 with the reason
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "http://nope:9080/")
+        assert r.stdout.startswith(b"HTTP/1.1 404")
+        assert b"x-meshctl-reason: no route" in r.stdout.lower()
+
+
+async def test_forwarding_headers_request_id_and_trace_context(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            r = await c.get(
+                "http://reviews:9080/h",
+                headers={
+                    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    "tracestate": "rojo=00f067aa0ba902b7",
+                    "x-b3-traceid": "463ac35c9f6413ad",
+                    "x-b3-spanid": "a2fb4a1d1a96d312",
+                    "x-b3-sampled": "1",
+                    "x-custom": "kept",
+                    "keep-alive": "timeout=5",
+                    "connection": "keep-alive, x-custom-hop",
+                    "x-custom-hop": "removed",
+                },
+            )
+            assert r.status_code == 200
+            seen = dict((k, v) for k, v in r.json()["headers"])
+            assert seen["traceparent"] == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            assert seen["tracestate"] == "rojo=00f067aa0ba902b7"
+            assert seen["x-b3-traceid"] == "463ac35c9f6413ad"
+            assert seen["x-b3-sampled"] == "1"
+            assert seen["x-custom"] == "kept"
+            assert "keep-alive" not in seen and "x-custom-hop" not in seen
+            assert seen["x-forwarded-for"] == "127.0.0.1"
+            assert len(seen["x-request-id"]) == 36
+            # a request id sent by the client is kept
+            r = await c.get("http://reviews:9080/h", headers={"x-request-id": "abc-123"})
+            seen = dict((k, v) for k, v in r.json()["headers"])
+            assert seen["x-request-id"] == "abc-123"
+            # x-forwarded-for is appended to, not replaced
+            r = await c.get("http://reviews:9080/h", headers={"x-forwarded-for": "10.0.0.1"})
+            seen = dict((k, v) for k, v in r.json()["headers"])
+            assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+
+
+async def test_keep_alive_reuses_upstream_connections(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            for i in range(50):
+                r = await c.get(f"http://reviews:9080/k{i}")
+                assert r.status_code == 200
+    assert len(upstream.requests) == 50
+    assert upstream.connections == 1
+
+
+async def test_post_bodies_content_length_and_chunked(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            r = await c.post("http://reviews:9080/p", content=b"hello body")
+            assert r.json()["body"] == "hello body"
+
+            async def gen():
+                for part in (b"one,", b"two,", b"three"):
+                    yield part
+
+            r = await c.post("http://reviews:9080/p", content=gen())
+            assert r.json()["body"] == "one,two,three"
+            assert ["transfer-encoding", "chunked"] in r.json()["headers"]
+
+
+async def test_chunked_streaming_both_ways_is_not_buffered(upstream):
+    """Each request chunk reaches the upstream and its echo comes back before
+    the client sends the next one."""
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(
+            b"POST http://reviews:9080/stream-echo HTTP/1.1\r\nhost: reviews:9080\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        buf = b""
+        for word in (b"alpha", b"beta", b"gamma"):
+            await s.send_all(b"%x\r\n%s\r\n" % (len(word), word))
+            with trio.fail_after(5):
+                while word not in buf:
+                    buf += await s.receive_some()
+        await s.send_all(b"0\r\n\r\n")
+        with trio.fail_after(5):
+            while not buf.endswith(b"0\r\n\r\n"):
+                buf += await s.receive_some()
+        assert buf.startswith(b"HTTP/1.1 200")
+        await s.aclose()
+
+
+async def test_head_and_100_continue(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        r = await curl("-sI", "-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/download?n=12345")
+        assert r.stdout.startswith(b"HTTP/1.1 200")
+        assert b"content-length: 12345" in r.stdout.lower()
+        r = await curl(
+            "-sv", "-x", f"http://127.0.0.1:{lp}", "-H", "Expect: 100-continue",
+            "--data-binary", "x" * 2048, "http://reviews:9080/upload",
+        )
+        assert b"HTTP/1.1 100 Continue" in r.stderr
+        assert json.loads(r.stdout) == {"received": 2048}
+
+
+async def test_websocket_upgrade_passes_bytes_through(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(
+            b"GET http://reviews:9080/ws HTTP/1.1\r\nhost: reviews:9080\r\nconnection: Upgrade\r\n"
+            b"upgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        buf = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in buf:
+                buf += await s.receive_some()
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        assert b"upgrade: websocket" in head.lower()
+        for msg in (b"\x81\x05hello", b"\x81\x03bye"):
+            await s.send_all(msg)
+            got = rest
+            rest = b""
+            with trio.fail_after(5):
+                while not got.endswith(msg):
+                    got += await s.receive_some()
+            assert got == b"echo:" + msg
+        await s.send_eof()
+        with trio.fail_after(5):
+            assert await s.receive_some() == b""
+        await s.aclose()
+
+
+async def test_dead_upstream_is_503_with_reason(upstream):
+    dead = free_port()
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+        clusters=[cluster("reviews", 9080, [("127.0.0.1", dead)])],
+    )
+    async with running_proxy(cfg) as rt:
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/")
+        assert r.stdout.startswith(b"HTTP/1.1 503")
+        assert b"x-meshctl-reason: upstream connect failure" in r.stdout.lower()
+        assert rt.stats.flags["UF"] == 1
+        stats = rt.stats.render()
+        assert 'meshctl_response_flags_total{flag="UF"} 1' in stats
+
+
+async def test_no_healthy_endpoint_is_503_uh(upstream):
+    from meshctl.model.proxyconfig import Endpoint
+
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+        clusters=[cluster("reviews", 9080, [Endpoint("127.0.0.1", upstream.port, health="UNHEALTHY")])],
+    )
+    async with running_proxy(cfg):
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/")
+        assert r.stdout.startswith(b"HTTP/1.1 503")
+        assert b"x-meshctl-reason: no healthy upstream" in r.stdout.lower()
+    assert upstream.requests == []
+
+
+async def test_upstream_reset_before_response_is_503_ur(upstream):
+    cfg, lp = _simple(upstream, 9080, retries=HTTPRetry(attempts=0))
+    async with running_proxy(cfg):
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/reset")
+        assert r.stdout.startswith(b"HTTP/1.1 503")
+        assert b"x-meshctl-reason: upstream reset" in r.stdout.lower()
+
+
+async def test_route_timeout_is_504(upstream):
+    cfg, lp = _simple(upstream, 9080, timeout=0.3, retries=HTTPRetry(attempts=0))
+    async with running_proxy(cfg):
+        t0 = trio.current_time()
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/slow?ms=2000")
+        took = trio.current_time() - t0
+        assert r.stdout.startswith(b"HTTP/1.1 504")
+        assert b"x-meshctl-reason: upstream timeout" in r.stdout.lower()
+        assert took < 1.5
+
+
+async def test_retry_after_a_503_reaches_the_second_try(upstream):
+    retries = HTTPRetry(attempts=2, retry_on="5xx")
+    cfg, lp = _simple(upstream, 9080, retries=retries)
+    async with running_proxy(cfg) as rt:
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "--data-binary", "payload",
+                       "http://reviews:9080/flaky?key=a&fail=1")
+        assert r.stdout.startswith(b"HTTP/1.1 200"), r.stdout
+        assert b'"body": "payload"' in r.stdout  # the body was replayed
+        assert upstream.hits["a"] == 2
+        # more failures than attempts: the last 503 is what the client sees
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/flaky?key=b&fail=5")
+        assert r.stdout.startswith(b"HTTP/1.1 503")
+        assert upstream.hits["b"] == 3
+        assert rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"].rq_retry == 3
+
+
+async def test_per_try_timeout_then_retry_succeeds(upstreams):
+    slow, fast = upstreams("slow"), upstreams("fast")
+    lp = free_port()
+    from meshctl.model.proxyconfig import Endpoint
+
+    retries = HTTPRetry(attempts=2, per_try_timeout=0.3, retry_on="5xx")
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080, retries=retries),))],
+        clusters=[cluster("reviews", 9080, [Endpoint("127.0.0.1", slow.port), Endpoint("127.0.0.1", fast.port)])],
+    )
+    async with running_proxy(cfg) as rt:
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}", timeout=10) as c:
+            for _ in range(6):
+                t0 = trio.current_time()
+                # only the "slow" upstream sleeps; round robin hits it on every other request
+                r = await c.get("http://reviews:9080/slow?ms=1500&only=slow")
+                assert r.status_code == 200
+                assert r.json()["upstream"] == "fast"
+                assert trio.current_time() - t0 < 1.2  # the slow try was cut at 0.3s
+    assert len(slow.requests) >= 2
+    assert rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"].rq_retry >= 2
+
+
+async def test_weighted_split_between_subsets(upstreams):
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080, subsets={"v1": 80, "v2": 20}),))],
+        clusters=[
+            cluster("reviews", 9080, [("127.0.0.1", v1.port)], subset="v1"),
+            cluster("reviews", 9080, [("127.0.0.1", v2.port)], subset="v2"),
+        ],
+    )
+    async with running_proxy(cfg):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            for _ in range(300):
+                r = await c.get("http://reviews:9080/")
+                assert r.status_code == 200
+    n1, n2 = len(v1.requests), len(v2.requests)
+    assert n1 + n2 == 300
+    assert 0.70 < n1 / 300 < 0.90  # 80/20 within a wide bound (binomial sd ≈ 2.3%)
+
+
+async def test_binding_listener_http_routes_as_the_service(upstream):
+    lp = free_port()
+    bind = Listener(name="bind-reviews", direction="binding", address="127.0.0.1", port=lp,
+                    route_table="outbound", service="reviews.default.svc.cluster.local", service_port=9080)
+    cfg = config(
+        listeners=[bind],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+        clusters=[cluster("reviews", 9080, [("127.0.0.1", upstream.port)])],
+    )
+    async with running_proxy(cfg):
+        r = await curl(f"http://127.0.0.1:{lp}/via-binding")
+        info = json.loads(r.stdout)
+        assert info["path"] == "/via-binding"
+        assert ["host", "reviews.default.svc.cluster.local:9080"] in info["headers"]
+
+
+async def test_inbound_listener_forwards_to_the_app(upstream):
+    lp = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=lp,
+                       app_address="127.0.0.1", app_port=upstream.port)
+    cfg = config(listeners=[inbound])
+    async with running_proxy(cfg):
+        r = await curl("-H", "Host: productpage:9080", f"http://127.0.0.1:{lp}/inside")
+        info = json.loads(r.stdout)
+        assert info["path"] == "/inside"
+        assert ["host", "productpage:9080"] in info["headers"]
+
+
+async def test_tcp_binding_relays_bytes_and_half_close():
+    # a TCP upstream that answers after the client half-closes
+    got = []
+
+    async def tcp_server(stream):
+        data = b""
+        while True:
+            d = await stream.receive_some()
+            if not d:
+                break
+            data += d
+        got.append(data)
+        await stream.send_all(b"len=%d" % len(data))
+        await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_tcp, tcp_server, 0)
+        up_port = listeners[0].socket.getsockname()[1]
+        lp = free_port()
+        bind = Listener(name="db", direction="binding", address="127.0.0.1", port=lp, protocol="tcp",
+                        service="db.default.svc.cluster.local", service_port=5432)
+        cfg = config(listeners=[bind], clusters=[cluster("db", 5432, [("127.0.0.1", up_port)], protocol="tcp")])
+        async with running_proxy(cfg):
+            s = await trio.open_tcp_stream("127.0.0.1", lp)
+            payload = b"z" * 300_000
+            await s.send_all(payload)
+            await s.send_eof()
+            reply = b""
+            with trio.fail_after(5):
+                while True:
+                    d = await s.receive_some()
+                    if not d:
+                        break
+                    reply += d
+            assert reply == b"len=300000"
+            assert got == [payload]
+            await s.aclose()
+        n.cancel_scope.cancel()
+
+
+HARDENING = [
+    # (raw request, expected status)
+    (b"GET / HTTP/1.1\r\nhost: reviews:9080\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nhost: reviews:9080\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello", 400),
+    (b"GET / HTTP/1.1\r\nhost: reviews:9080\r\nx-a: b\r\n folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nhost : reviews:9080\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nhost: reviews:9080\r\nhost: reviews:9080\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nhost: reviews:9080\r\ntransfer-encoding: gzip, chunked\r\n\r\n", 501),
+    (b"GET / HTTP/1.1\r\nhost: reviews:9080\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"NOT A REQUEST\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nhost: reviews:9080\r\nx-bad: a\x00b\r\n\r\n", 400),
+]
+
+
+async def test_hardening_table_end_to_end(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        for raw, status in HARDENING:
+            out, closed = await trio.to_thread.run_sync(raw_exchange, lp, raw)
+            assert out.startswith(b"HTTP/1.1 %d" % status), (raw[:60], out[:80])
+            assert b"connection: close" in out.lower()
+            assert closed, raw[:60]
+        # bad chunk framing in a body that already started: 400, closed
+        out, closed = await trio.to_thread.run_sync(
+            raw_exchange, lp,
+            b"POST / HTTP/1.1\r\nhost: reviews:9080\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        )
+        assert out.startswith(b"HTTP/1.1 400"), out[:80]
+        assert closed
+    # none of them reached the upstream as a complete request
+    assert [r for r in upstream.requests] == []
+
+
+async def test_config_swap_under_load_has_no_failed_request(upstreams):
+    a, b = upstreams("a"), upstreams("b")
+    lp = free_port()
+
+    def cfg_for(up, version):
+        return config(
+            version=version,
+            listeners=[outbound_listener(lp)],
+            vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+            clusters=[cluster("reviews", 9080, [("127.0.0.1", up.port)])],
+        )
+
+    failures = []
+    seen = set()
+    async with running_proxy(cfg_for(a, "1")) as rt:
+        async def client():
+            async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+                for _ in range(60):
+                    try:
+                        r = await c.get("http://reviews:9080/")
+                        if r.status_code != 200:
+                            failures.append(r.status_code)
+                        else:
+                            seen.add(r.json()["upstream"])
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+
+        async with trio.open_nursery() as n:
+            for _ in range(4):
+                n.start_soon(client)
+            for i in range(10):
+                await trio.sleep(0.03)
+                rt.apply(cfg_for(b if i % 2 == 0 else a, str(i + 2)))
+    assert failures == []
+    assert seen == {"a", "b"}
+
+
+async def test_invalid_config_is_rejected_and_old_one_kept(upstream):
+    from meshctl.proxy.runtime import ConfigRejected
+    import pytest
+
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg) as rt:
+        bad = config(
+            version="bad",
+            listeners=[outbound_listener(lp)],
+            vhosts=[vhost("reviews", 9080, (route_to("reviews", 9081),))],  # no such cluster
+            clusters=[cluster("reviews", 9080, [("127.0.0.1", upstream.port)])],
+        )
+        with pytest.raises(ConfigRejected, match=r"outbound\|9081\|\|reviews.default.svc.cluster.local"):
+            rt.apply(bad)
+        # a listener on a port in use is rejected too
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        p = busy.getsockname()[1]
+        with pytest.raises(ConfigRejected, match=f"127.0.0.1:{p}"):
+            rt.apply(config(version="busy", listeners=[outbound_listener(lp), outbound_listener(p, "other")],
+                            vhosts=cfg.route_tables["outbound"].virtual_hosts,
+                            clusters=list(cfg.clusters.values())))
+        busy.close()
+        assert rt.config.version == "v1"
+        r = await curl("-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/")
+        assert json.loads(r.stdout)["upstream"] == "up"
