@@ -304,7 +304,7 @@ def _describe_ssl_failure(exc: BaseException) -> str:
 
 async def _handshake(
     stream: trio.abc.Stream,
-    context: ssl.SSLContext,
+    context: ssl.SSLContext | CertificateHolder,
     *,
     server_side: bool,
     expected_ids: set[str] | frozenset[str] | None,
@@ -313,9 +313,14 @@ async def _handshake(
     timeout: float | None,
     now: Callable[[], datetime],
 ) -> TLSConnection:
+    try:
+        ctx = _context_of(context, server_side)
+    except TLSError:  # no certificate yet: refuse the connection, do not leak it
+        await trio.aclose_forcefully(stream)
+        raise
     ssl_stream = trio.SSLStream(
         stream,
-        context,
+        ctx,
         server_side=server_side,
         server_hostname=None if server_side else server_hostname,
         https_compatible=https_compatible,
@@ -353,7 +358,7 @@ async def server_handshake(
     identity of the trust domain (authorization decides later)."""
     return await _handshake(
         stream,
-        _context_of(context, True),
+        context,
         server_side=True,
         expected_ids=expected_ids,
         server_hostname=None,
@@ -378,7 +383,7 @@ async def client_handshake(
     as SNI only."""
     return await _handshake(
         stream,
-        _context_of(context, False),
+        context,
         server_side=False,
         expected_ids=expected_ids,
         server_hostname=server_hostname,

@@ -312,6 +312,14 @@ async def test_permissive_treats_a_silent_client_as_plaintext(root, autojump_clo
         await accept_inbound(a2, holder_for(root, REVIEWS), "STRICT", timeout=1.0)
 
 
+async def test_tls_before_the_first_certificate_is_refused_and_closed(root):
+    a, b = trio.testing.memory_stream_pair()
+    await b.send_all(b"\x16\x03\x01\x00\x05hello")
+    with pytest.raises(TLSError, match="no workload certificate yet"):
+        await accept_inbound(a, CertificateHolder(), "PERMISSIVE")
+    assert await b.receive_some(10) == b""  # closed, not left hanging
+
+
 def test_update_refuses_a_key_that_does_not_match(root):
     chain, _ = issue(root, REVIEWS)
     h = CertificateHolder()
