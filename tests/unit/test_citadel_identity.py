@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshctl.citadel.ca import CA, create_root, generate_key, make_csr, sign_intermediate
+from meshctl.citadel.ca import CA, create_root, generate_key, sign_intermediate
 from meshctl.citadel.errors import PeerRejected
 from meshctl.citadel.identity import (
     InvalidSpiffeId,

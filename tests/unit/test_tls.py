@@ -22,7 +22,6 @@ from meshctl.proxy.tls import (
     client_handshake,
     keep_renewed,
     renewal_time,
-    server_context,
     server_handshake,
     sniff_tls,
 )
