@@ -41,6 +41,7 @@ proxy's pool must do):
   release(...)          waiting > 0 and queued_can_reuse        waiting -= 1 (active same)     HAND_OVER
   release(...)          otherwise                               active -= 1                    KEEP_IDLE
   connection_lost()     (an idle connection closed)             connections -= 1, then WAKE    True if woken
+  idle_was_dead(idle)   (USE_IDLE got a closed connection)      active -= 1, connections -= 1  admit(idle)
   try_retry()           retries < max_retries                   retries += 1                   True
   try_retry()           otherwise                               overflows["retry"] += 1        False
   retry_done()          -                                       retries -= 1                   -
@@ -99,6 +100,14 @@ Usage by the proxy's upstream pool (one Breaker per cluster)::
     # an idle connection closed by the peer or by idle_timeout:
     if breaker.connection_lost():
         pool.wake_first_waiter(OPEN)
+    # USE_IDLE, but the idle connection popped is found dead before use:
+    admit = breaker.idle_was_dead(idle_connections=len(pool.idle))   # and go on as above
+
+Keep one Breaker per cluster across config versions: when the limits
+change, assign ``breaker.limits = pool_limits(...)``; the counters stay
+true. The counts assume each pooled connection belongs to one cluster: if
+idle lists are shared between clusters (subsets of one service share
+endpoints), key them by (cluster, endpoint).
 
     # before each retry: if not breaker.try_retry(): give up (overflow),
     # and breaker.retry_done() when that retry's try has finished.
@@ -325,6 +334,17 @@ class Breaker:
         if self.active <= 0:
             raise BreakerStateError("stream_done() without an active stream")
         self.active -= 1
+
+    def idle_was_dead(self, idle_connections: int) -> Admit:
+        """After USE_IDLE the idle connection taken turned out closed (the pool
+        checks before use): it is dropped, and the request is admitted anew
+        with ``idle_connections`` still idle. Counts as connection_lost()
+        (without waking anyone: an idle connection means nobody is queued)."""
+        if self.active <= 0 or self.connections <= 0:
+            raise BreakerStateError("idle_was_dead() without an active request on an idle connection")
+        self.active -= 1
+        self.connections -= 1
+        return self.admit(idle_connections)
 
     # ------------------------------------------------------------ connections
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from ..model.istio import OutlierDetection
 
@@ -71,6 +71,7 @@ __all__ = [
 ]
 
 Host = tuple[str, int]
+T = TypeVar("T")
 
 # local-origin failures the proxy may report (same names as core.retry.Outcome.failure)
 LOCAL_FAILURES: dict[str, int] = {
@@ -181,7 +182,11 @@ class OutlierDetector:
         self._next_sweep: float | None = None
         self.refused_ejections = 0  # thresholds reached while max_ejection_percent was reached
 
-    # ------------------------------------------------------------ host set
+    # ------------------------------------------------------------ config and host set
+
+    def reconfigure(self, od: OutlierDetection | OutlierConfig) -> None:
+        """A new config version: new settings, host states and ejections kept."""
+        self.config = od if isinstance(od, OutlierConfig) else outlier_config(od)
 
     def update_hosts(self, hosts: Sequence[Host]) -> None:
         """The cluster's endpoints changed: forget removed hosts, keep the state of the others."""
@@ -270,14 +275,20 @@ class OutlierDetector:
                 earliest = st.until
         self._earliest_until = earliest
 
-    def eligible(self, hosts: Sequence[Host], now: float) -> Sequence[Host]:
+    def eligible(self, hosts: Sequence[T], now: float, key: Callable[[T], Host] | None = None) -> Sequence[T]:
         """The hosts a load balancer may pick now (rule 3). Returns ``hosts``
-        itself when nothing is ejected."""
+        itself when nothing is ejected (no allocation on the common path).
+        ``key`` maps an item to its (address, port) when ``hosts`` holds
+        something else, e.g. ``key=lambda e: (e.address, e.port)`` for Endpoints."""
         if now >= self._earliest_until:
             self._expire(now)
         if not self._ejected:
             return hosts
-        ok = [h for h in hosts if h not in self._ejected]
+        ejected = self._ejected
+        if key is None:
+            ok = [h for h in hosts if h not in ejected]
+        else:
+            ok = [h for h in hosts if key(h) not in ejected]
         mhp = self.config.min_health_percent
         if mhp and len(ok) * 100 < mhp * len(hosts):
             return hosts  # panic: too few healthy hosts, use them all

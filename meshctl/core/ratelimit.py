@@ -182,8 +182,8 @@ class TokenBucket:
 
     def _refill(self, now: float) -> None:
         elapsed = now - self.last_fill
-        if elapsed >= self.fill_interval:
-            fills = int(elapsed // self.fill_interval)
+        if elapsed + 1e-9 >= self.fill_interval:
+            fills = int((elapsed + 1e-9) // self.fill_interval)  # 0.3 // 0.1 is 2.0 in floats
             self.tokens = min(self.max_tokens, self.tokens + fills * self.tokens_per_fill)
             self.last_fill += fills * self.fill_interval
 

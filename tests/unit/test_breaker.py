@@ -266,3 +266,26 @@ def test_random_traffic_never_exceeds_limits(seed: int) -> None:
         # max_requests_per_connection is honoured
         assert all(s < 4 for s in pool.running.values()) and all(s < 4 for s in pool.served_on_idle)
     assert pool.overflowed > 100 and pool.done > 500
+
+
+def test_dead_idle_connection_is_replaced() -> None:
+    b = Breaker(PoolLimits(max_connections=1))
+    b.admit(0)
+    b.connected()
+    assert b.release(reusable=True, requests_served=1) is Release.KEEP_IDLE
+    assert b.admit(1) is Admit.USE_IDLE
+    # the pool finds the idle connection closed by the peer: open a fresh one
+    assert b.idle_was_dead(idle_connections=0) is Admit.NEW_CONNECTION
+    assert (b.connections, b.connecting, b.active) == (1, 1, 0)
+    with pytest.raises(BreakerStateError):
+        Breaker(PoolLimits()).idle_was_dead(0)
+
+
+def test_new_limits_keep_counts() -> None:
+    b = Breaker(PoolLimits(max_connections=1))
+    b.admit(0)
+    b.connected()
+    assert b.admit(0) is Admit.QUEUE
+    b.limits = PoolLimits(max_connections=3)
+    assert b.admit(0) is Admit.NEW_CONNECTION
+    assert b.connections == 2 and b.waiting == 1

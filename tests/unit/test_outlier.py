@@ -184,3 +184,14 @@ def test_next_tick() -> None:
     assert det.next_tick == 10.0
     det.tick(30.0)
     assert det.next_tick == 35.0
+
+
+def test_eligible_with_endpoint_objects_and_reconfigure() -> None:
+    from meshctl.model.proxyconfig import Endpoint
+
+    eps = (Endpoint("10.0.0.1", 9080), Endpoint("10.0.0.2", 9080))
+    det = OutlierDetector(OutlierDetection(max_ejection_percent=100), [A, B])
+    assert det.eligible(eps, 0.0, key=lambda e: (e.address, e.port)) is eps  # nothing ejected: no copy
+    det.reconfigure(OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100))
+    det.record(A, status=500, now=0.0)
+    assert det.eligible(eps, 1.0, key=lambda e: (e.address, e.port)) == [eps[1]]

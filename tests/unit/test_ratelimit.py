@@ -314,3 +314,10 @@ def test_problems_name_the_field() -> None:
     assert "spec.rules[0]: at least one of local or global must be set" in problems
     assert any(p.startswith("spec.rules[0].match.paths[0]") for p in problems)
     assert ratelimit_problems(RateLimit()) == ["spec: at least one of local, global or rules must be set"]
+
+
+def test_fills_at_decimal_intervals_are_not_lost_to_float_rounding() -> None:
+    b = TokenBucket(max_tokens=3, tokens_per_fill=1, fill_interval=0.1, now=0.0)
+    for _ in range(3):
+        b.take(0.0)
+    assert b.available(0.3) == 3
