@@ -124,10 +124,25 @@ def up(
 
     try:
         trio.run(main, restrict_keyboard_interrupt_to_checkpoints=True)
-    except UpError as e:
-        fail(f"meshctl up failed: {e}")
+    except (UpError, BaseExceptionGroup) as e:
+        cause = _first(e, UpError)
+        if cause is None:
+            raise
+        fail(f"meshctl up failed: {cause}")
     except KeyboardInterrupt:
         pass
+
+
+def _first(e: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in e, looking inside exception groups."""
+    if isinstance(e, kind):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _first(sub, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def _start_detached(sd: Path, file: Path) -> None:

@@ -115,3 +115,40 @@ class PilotClient:
         await client.post(f"{self.url}/v1/ack/{self.name}", json={"version": version})
         self.synced.set()
         log.info("applied config %s", version)
+
+
+async def first_config(client: PilotClient) -> ProxyConfig:
+    """The config to start with: the last good one on disk (so a proxy starts while
+    Pilot is down), else the first one Pilot gives, waiting for Pilot if need be."""
+    if client.state_dir is not None:
+        cfg = load_last_good(client.state_dir, client.name)
+        if cfg is not None:
+            log.info("starting from last good config %s", cfg.version)
+            return cfg
+    got: list[ProxyConfig] = []
+
+    async def keep(cfg: ProxyConfig) -> None:
+        got.append(cfg)
+
+    probe = PilotClient(client.url, client.node, keep, client.state_dir, wait="0s")
+    async with trio.open_nursery() as n:
+        n.start_soon(probe.run)
+        while not got:
+            await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    return got[0]
+
+
+async def run_with_pilot(runtime, pilot_url: str, node: Node, state_dir: Path | None, admin_port: int | None) -> None:
+    """Serve under Pilot: start from the best config at hand, follow Pilot until drained."""
+    client = PilotClient(pilot_url, node, runtime.apply_async, state_dir)
+    cfg = await first_config(client)
+    async with trio.open_nursery() as n:
+
+        async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            await runtime.run(cfg, admin_port=admin_port, task_status=task_status)
+            n.cancel_scope.cancel()  # drained: stop following Pilot too
+
+        await n.start(serve)
+        # Ask with no version even when started from disk, so Pilot hears our ACK.
+        n.start_soon(client.run)

@@ -130,7 +130,11 @@ class Supervisor:
                 "reachable": getattr(reg, "reachable", True) if reg else False,
                 "error": getattr(reg, "last_error", "") if reg else "",
             },
-            "control_plane": {"pilot": self.pilot_url, "state": self.pilot.state if self.pilot else "stopped"},
+            "control_plane": {
+                "pilot": self.pilot_url,
+                "state": self.pilot.state if self.pilot else "stopped",
+                "pid": self.pilot.pid if self.pilot else None,
+            },
             "workloads": [
                 {
                     "name": i.plan.name,
@@ -142,6 +146,8 @@ class Supervisor:
                     "outbound_address": f"127.0.0.1:{i.plan.outbound_port}",
                     "admin_address": f"127.0.0.1:{i.plan.admin_port}",
                     "bindings": {s: f"127.0.0.1:{p}" for s, p in i.plan.bindings.items()},
+                    "app_pid": i.app.pid if i.app else None,
+                    "proxy_pid": i.proxy.pid,
                     "restarts": (i.app.restarts if i.app else 0) + i.proxy.restarts,
                     "last_event": max((p.last_event for p in (i.app, i.proxy) if p), key=len, default=""),
                 }
@@ -153,6 +159,7 @@ class Supervisor:
                     "address": ", ".join(f"127.0.0.1:{h}" for _, h in sorted(self._gateway_plan(name).ports.items())),
                     "ports": {str(g): h for g, h in self._gateway_plan(name).ports.items()},
                     "state": p.state,
+                    "pid": p.pid,
                     "restarts": p.restarts,
                 }
                 for name, p in self.gateways.items()

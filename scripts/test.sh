@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up and run meshctl's whole test suite on a fresh machine.
+#   bash scripts/test.sh [pytest args]
+# Creates .venv, installs meshctl with its test extras, installs the system
+# tools the tests drive (curl, nginx, wrk, h2load) if missing, builds the real
+# Consul and Eureka servers (cached in ~/.cache/meshctl-tools), then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+need=()
+for tool in curl:curl tmux:tmux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+done
+if ((${#need[@]})); then
+  if [[ $(id -u) == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing tools: ${need[*]} (install them with apt-get)" >&2
+    exit 1
+  fi
+fi
+
+bash scripts/tools/all.sh
+
+set +e
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+# pytest's 5 means no test ran: that is a failure here, not a pass.
+exit $rc
