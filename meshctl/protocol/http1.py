@@ -22,6 +22,8 @@ Rules this module keeps
   also bounded by the bytes fed to it since.  A head can therefore overrun
   ``max_header_bytes`` by at most one ``feed`` before it is refused.
 * Upstream (H1Client) errors have status 502: the proxy answers its client with it.
+* ``ResponseHead.keep_alive=False`` passed to ``H1Server.response_head`` closes
+  the connection after that response (``connection: close`` is written).
 * Framing on output belongs to the codec: caller ``transfer-encoding``,
   ``connection`` and ``keep-alive`` headers are replaced by the codec's own
   (except ``connection`` on a 101, which is kept), ``content-length`` is kept.
@@ -42,6 +44,7 @@ Rules this module keeps
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -84,6 +87,7 @@ _SPECIAL = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade", "expect"}
 )
 # headers the serializer owns (framing and connection management)
+_HOST_COUNT = "\0host-count"  # key in the framing view when Host is repeated
 _OWNED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 # methods for which H1Client does not invent a chunked body when the caller
 # did not say end_stream=True
@@ -194,50 +198,72 @@ class _HeadCollector:
         self._max_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._events: list[Event] = []
-        self._headers: HeaderList = []
-        self._trailers: HeaderList = []
+        self._raw: list[tuple[bytes, bytes]] = []  # fields as llhttp hands them over
         self._in_head = False
         self._in_message = False
-        self._hbytes = 0
         self._msg_seq = 0
-        self._head_carry = 0
-        self._reset_specials()
+        self._head_carry = 0  # bytes fed to a still incomplete head, first feed excluded
+        self._head_upper = 0  # bytes fed since the incomplete head began, first feed included
+        self._feed_len = 0
 
-    def _reset_specials(self) -> None:
-        self._host: str | None = None
-        self._nhost = 0
-        self._cl: str | None = None
-        self._te: str | None = None
-        self._conn: str | None = None
-        self._upg: str | None = None
-        self._expect: str | None = None
-
+    # The callbacks stay tiny (they run once per field); the head is decoded
+    # and checked in one go by _take_head() once llhttp has seen all of it.
     def on_message_begin(self) -> None:
-        self._headers = []
-        self._trailers = []
+        self._raw = []
         self._in_head = True
         self._in_message = True
-        self._hbytes = 0
         self._msg_seq += 1
-        self._host = self._cl = self._te = self._conn = self._upg = self._expect = None
-        self._nhost = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        n = name.decode("latin-1").lower()
-        v = value.rstrip(b" \t").decode("latin-1")
-        if self._in_head:
-            headers = self._headers
-            headers.append((n, v))
-            self._hbytes += len(name) + len(value) + 4
-            if self._hbytes > self._max_bytes or len(headers) > self._max_headers:
+        self._raw.append((name, value))
+
+    def _take_head(self, line_bytes: int) -> tuple[HeaderList, dict[str, str]]:
+        """Decode the collected fields (lower-case names, latin-1 values without
+        trailing whitespace), enforce the limits, note the framing headers."""
+        raw = self._raw
+        self._raw = []
+        if len(raw) > self._max_headers:
+            self._too_big()
+        if self._head_upper + self._feed_len > self._max_bytes:
+            # the head may be over the limit (it can't be when the bytes fed
+            # since it began are fewer): measure it
+            if line_bytes + sum(map(len, chain.from_iterable(raw))) + 4 * len(raw) > self._max_bytes:
                 self._too_big()
-            if n in _SPECIAL:
-                self._special(n, v)
-        else:
-            trailers = self._trailers
-            trailers.append((n, v))
-            if len(trailers) > self._max_headers:
-                raise ProtocolError(f"too many trailer fields (limit {self._max_headers})", self._status_bad)
+        self._head_upper = 0
+        # names are token characters (llhttp checked): ASCII
+        headers = [(n.lower().decode(), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
+        first = dict(headers)
+        if len(first) != len(headers):  # repeated names: rebuild the framing view
+            first = self._specials_slow(headers)
+        return headers, first
+
+    @staticmethod
+    def _specials_slow(headers: HeaderList) -> dict[str, str]:
+        """First value of each framing header; Connection/Transfer-Encoding values
+        joined; "\0host-count" holds how many Host headers there were (if > 1)."""
+        first: dict[str, str] = {}
+        nhost = 0
+        for n, v in headers:
+            if n not in _SPECIAL:
+                continue
+            if n == "host":
+                nhost += 1
+            if n not in first:
+                first[n] = v
+            elif n == "connection" or n == "transfer-encoding":
+                first[n] = f"{first[n]}, {v}"
+        if nhost > 1:
+            first[_HOST_COUNT] = str(nhost)
+        return first
+
+    def _take_trailers(self) -> HeaderList:
+        raw = self._raw
+        if not raw:
+            return []
+        self._raw = []
+        if len(raw) > self._max_headers:
+            raise ProtocolError(f"too many trailer fields (limit {self._max_headers})", self._status_bad)
+        return [(n.lower().decode(), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
 
     def _too_big(self) -> None:
         status = 431 if self._status_bad == 400 else self._status_bad
@@ -247,28 +273,11 @@ class _HeadCollector:
             status,
         )
 
-    def _special(self, n: str, v: str) -> None:
-        if n == "host":
-            self._nhost += 1
-            if self._host is None:
-                self._host = v
-        elif n == "content-length":
-            self._cl = v
-        elif n == "transfer-encoding":
-            self._te = v
-        elif n == "connection":
-            self._conn = v if self._conn is None else f"{self._conn}, {v}"
-        elif n == "upgrade":
-            self._upg = v
-        elif n == "expect":
-            self._expect = v
-
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))
 
-    def _check_transfer_encoding(self) -> bool:
+    def _check_transfer_encoding(self, te: str | None) -> bool:
         """True if the message is chunked; refuses every other coding."""
-        te = self._te
         if te is None:
             return False
         if te.strip().lower() != "chunked":
@@ -284,12 +293,15 @@ class _HeadCollector:
         if self._in_head:
             if was_in_head and seq_before == self._msg_seq:
                 self._head_carry += nbytes
+                self._head_upper += nbytes
                 if self._head_carry > self._max_bytes:
                     self._too_big()
             else:
                 self._head_carry = 0
+                self._head_upper = nbytes
         else:
             self._head_carry = 0
+            self._head_upper = 0
 
 
 def _connection_tokens(value: str | None) -> tuple[bool, bool]:
@@ -321,6 +333,7 @@ class H1Server(_HeadCollector):
         self._resume_held = False
         self._upgraded = False
         self._closing = False  # a response or EOF decided to close the connection
+        self._between = False  # a response just ended; the next one has not started
         # response in progress
         self._resp: _Exchange | None = None
         self._framing = _NONE
@@ -330,24 +343,14 @@ class H1Server(_HeadCollector):
 
     # ----------------------------------------------------------- parsing
     def on_url(self, url: bytes) -> None:
-        if self._url:
-            self._url += url
-        else:
-            self._url = url
-        self._hbytes += len(url)
-        if self._hbytes > self._max_bytes:
-            self._too_big()
+        self._url += url
 
     def on_message_begin(self) -> None:
         # inlined _HeadCollector.on_message_begin: this runs once per request
-        self._headers = []
-        self._trailers = []
+        self._raw = []
         self._in_head = True
         self._in_message = True
-        self._hbytes = 0
         self._msg_seq += 1
-        self._host = self._cl = self._te = self._conn = self._upg = self._expect = None
-        self._nhost = 0
         self._url = b""
 
     def on_headers_complete(self) -> None:
@@ -356,20 +359,23 @@ class H1Server(_HeadCollector):
         if self._silent:
             self._silent = False
             self._in_head = False
+            self._raw = []
             return
+        url = self._url
+        headers, first = self._take_head(len(url) + 16)
         version = p.get_http_version()
         if version != "1.1" and version != "1.0":
             raise ProtocolError(f"HTTP version {version} not supported by the HTTP/1 codec", 505)
         method = p.get_method().decode("ascii")
-        if self._nhost > 1:
-            raise ProtocolError(f"request has {self._nhost} Host headers", 400)
-        host = self._host
+        host = first.get("host")
+        if _HOST_COUNT in first:
+            raise ProtocolError(f"request has {first[_HOST_COUNT]} Host headers", 400)
         if host is None and version == "1.1":
             raise ProtocolError("HTTP/1.1 request without a Host header", 400)
-        chunked = self._check_transfer_encoding()
-        cl = self._cl
+        chunked = self._check_transfer_encoding(first.get("transfer-encoding"))
+        cl = first.get("content-length")
         has_body = chunked or (cl is not None and cl != "0" and cl.strip("0") != "")
-        target = self._url.decode("latin-1")
+        target = url.decode("latin-1")
         scheme = "http"
         authority = host or ""
         path = target
@@ -389,18 +395,18 @@ class H1Server(_HeadCollector):
                 if not authority:
                     raise ProtocolError(f"absolute-form target {target!r} has no host", 400)
             if p.should_upgrade():
-                token = (self._upg or "").split(",", 1)[0].strip().lower()
+                token = first.get("upgrade", "").split(",", 1)[0].strip().lower()
                 if has_body:
                     # the body has to be read as HTTP anyway: serve it as a plain request
                     self._body_after_upgrade = ("chunked", "") if chunked else ("length", cl or "0")
                 else:
                     upgrade = token or None
         keep_alive = p.should_keep_alive()
-        expect = self._expect
+        expect = first.get("expect")
         head = RequestHead(
             method,
             target,
-            self._headers,
+            headers,
             version,
             scheme,
             authority,
@@ -420,7 +426,7 @@ class H1Server(_HeadCollector):
             return
         ex = self._pending[-1]
         ex.complete = True
-        self._events.append(EndOfMessage(self._trailers))
+        self._events.append(EndOfMessage(self._take_trailers() if self._raw else []))
         if not ex.keep_alive:
             self._stopped = True
         elif ex.upgrade is not None:
@@ -458,6 +464,7 @@ class H1Server(_HeadCollector):
 
     def _run(self, data: bytes) -> None:
         seq, was_in_head = self._msg_seq, self._in_head
+        self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as up:
@@ -550,7 +557,7 @@ class H1Server(_HeadCollector):
         method = ex.method
         parts = [f"HTTP/1.1 {status} {head.reason or _REASONS.get(status, '')}\r\n"]
         cl: str | None = None
-        close = False
+        close = not head.keep_alive
         switching = status == 101 or (method == "CONNECT" and status < 300)
         for k, v in head.headers:
             if k in _OWNED:
@@ -610,6 +617,7 @@ class H1Server(_HeadCollector):
         parts.append("\r\n")
         out = _serialize_fields(parts, "response head")
         self._resp = ex
+        self._between = False
         self._framing = framing
         self._resp_keep = keep
         if not keep:
@@ -648,6 +656,7 @@ class H1Server(_HeadCollector):
 
     def _finish(self, ex: _Exchange) -> None:
         self._resp = None
+        self._between = True
         self._framing = _NONE
         if self._pending and self._pending[0] is ex:
             self._pending.popleft()
@@ -664,10 +673,15 @@ class H1Server(_HeadCollector):
     @property
     def keep_alive(self) -> bool:
         """Can another request follow on this connection after this exchange."""
-        pending = self._pending
+        if self._between:  # the last exchange is over and kept the connection
+            current_ok = True
+        elif self._resp is not None:
+            current_ok = self._resp_keep
+        else:  # the oldest request is not answered yet
+            current_ok = not self._pending or self._pending[0].keep_alive
         return (
-            not self._closing
-            and (not pending or pending[0].keep_alive)
+            current_ok
+            and not self._closing
             and self._error is None
             and self._deferred is None
             and not self._accepting_upgrade
@@ -814,12 +828,12 @@ class H1Client(_HeadCollector):
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
-        self._hbytes += len(reason)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_carry = 0
         p = self._parser
+        headers, first = self._take_head(len(self._reason) + 16)
         status = p.get_status_code()
         version = p.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -827,20 +841,21 @@ class H1Client(_HeadCollector):
         self._status = status
         reason = self._reason.decode("latin-1")
         if status < 200 and status != 101:
-            self._events.append(ResponseHead(status, self._headers, reason, version, True))
+            self._events.append(ResponseHead(status, headers, reason, version, True))
             return
-        chunked = self._check_transfer_encoding()
-        close, ka = _connection_tokens(self._conn)
+        chunked = self._check_transfer_encoding(first.get("transfer-encoding"))
+        cl = first.get("content-length")
+        close, ka = _connection_tokens(first.get("connection"))
         keep = (ka and not close) if version == "1.0" else not close
         method = self._method
         bodyless = method == "HEAD" or status == 204 or status == 304 or status == 101
         if method == "CONNECT" and status < 300:
             bodyless = True
-        self._close_delimited = not bodyless and not chunked and self._cl is None
+        self._close_delimited = not bodyless and not chunked and cl is None
         if self._close_delimited or self._req_close:
             keep = False
         self._resp_keep = keep
-        self._events.append(ResponseHead(status, self._headers, reason, version, keep))
+        self._events.append(ResponseHead(status, headers, reason, version, keep))
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -850,7 +865,7 @@ class H1Client(_HeadCollector):
 
     def _final_done(self) -> None:
         self._in_message = False
-        self._events.append(EndOfMessage(self._trailers))
+        self._events.append(EndOfMessage(self._take_trailers() if self._raw else []))
         self._awaiting = False
         self._resp_done = True
         if not self._resp_keep:
@@ -874,6 +889,7 @@ class H1Client(_HeadCollector):
 
     def _run(self, data: bytes) -> None:
         seq, was_in_head = self._msg_seq, self._in_head
+        self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as up:  # 101 Switching Protocols
@@ -904,6 +920,7 @@ class H1Client(_HeadCollector):
                 self._buf = buf
                 return
             head, buf = buf[: end + 4], buf[end + 4 :]
+            self._feed_len = len(head)
             try:
                 self._parser.feed_data(head)
             except HttpParserUpgrade:

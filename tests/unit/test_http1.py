@@ -415,3 +415,23 @@ def test_pipelined_responses_follow_request_methods_in_order():
     first = server.response_head(ResponseHead(200, [("content-length", "5")])) + server.data(b"12345") + server.end()
     second = server.response_head(ResponseHead(200, [("content-length", "5")])) + server.data(b"12345") + server.end()
     assert not first.endswith(b"12345") and second.endswith(b"12345")
+
+
+def test_response_head_keep_alive_false_closes_the_connection():
+    server = H1Server()
+    server.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    out = server.response_head(ResponseHead(200, [("content-length", "0")], keep_alive=False))
+    assert b"connection: close\r\n" in out and not server.keep_alive
+
+
+def test_keep_alive_follows_the_exchange_being_answered_when_pipelined():
+    server = H1Server()
+    events = server.feed(
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert [e.keep_alive for e in events if isinstance(e, RequestHead)] == [True, False]
+    assert server.keep_alive  # /1 may be followed by /2
+    out = server.response_head(ResponseHead(200, []), end_stream=True)
+    assert b"connection: close" not in out and server.keep_alive
+    out = server.response_head(ResponseHead(200, []), end_stream=True)
+    assert b"connection: close\r\n" in out and not server.keep_alive
