@@ -387,3 +387,30 @@ def sign_intermediate(
         .sign(parent.key, _hash_for(parent.key))
     )
     return CA(cert=cert, key=key, chain=(parent.cert, *parent.chain), trust_domain=parent.trust_domain)
+
+
+def cross_sign(old: CA, new: CA, now: datetime | float, until: datetime) -> x509.Certificate:
+    """The new root's name and key, certified by the old root (a cross-certificate).
+
+    Sent after workload certificates during a root rotation, it lets a peer
+    that still trusts only the old root verify a certificate signed by the
+    new one: leaf → cross-certificate → old root."""
+    when = as_datetime(now)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(new.root.subject)
+        .issuer_name(old.root.subject)
+        .public_key(new.root.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(when - BACKDATE)
+        .not_valid_after(min(until, old.root.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(new.root.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(old.key.public_key()), critical=False
+        )
+        .sign(old.key, _hash_for(old.key))
+    )

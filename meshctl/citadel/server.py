@@ -46,7 +46,7 @@ from .errors import (
     WeakKey,
 )
 from .identity import as_timedelta, load_certificates, verify_peer
-from .store import TokenFile, ca_dir, load_ca_from, record_issued, trust_bundle_pem
+from .store import TokenFile, ca_dir, load_ca_from, record_issued, rotation_chain_pem, trust_bundle_pem
 
 log = logging.getLogger("meshctl.citadel")
 
@@ -110,7 +110,7 @@ class CitadelService:
         log.info("issued %s (%s) until %s", spiffe_id, how, leaf.not_valid_after_utc.isoformat())
         return {
             "spiffe_id": spiffe_id,
-            "cert_chain": (leaf_pem + ca.issuer_chain_pem).decode(),
+            "cert_chain": (leaf_pem + ca.issuer_chain_pem + rotation_chain_pem(self.state_dir, now)).decode(),
             "root_bundle": trust_bundle_pem(self.state_dir, now).decode(),
             "ttl": int((leaf.not_valid_after_utc - now).total_seconds()),
             "not_after": leaf.not_valid_after_utc.isoformat(),

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from cryptography import x509
 
-from .ca import DEFAULT_TRUST_DOMAIN, CA, cert_to_pem, certs_to_pem, create_root, key_to_pem, load_ca
+from .ca import DEFAULT_TRUST_DOMAIN, CA, cert_to_pem, certs_to_pem, create_root, cross_sign, key_to_pem, load_ca
 from .errors import CAError
 from .identity import as_datetime, as_timedelta
 from .tokens import TokenStore
@@ -166,10 +166,15 @@ def trust_bundle_pem(state_dir: str | Path, now: datetime | float) -> bytes:
 def rotate_root(
     state_dir: str | Path, now: datetime | float, overlap: timedelta | float = DEFAULT_OVERLAP
 ) -> CA:
-    """Replace a generated root with a new one. The old root stays in the trust
-    bundle for ``overlap`` so certificates it signed keep working until their
-    workloads renew (which fetches the new bundle). A plugged-in CA is the
-    user's to rotate: refused with a message saying what to do."""
+    """Replace a generated root with a new one, without breaking connections:
+
+    - the old root stays in the trust bundle for ``overlap``, so certificates
+      it signed keep working until their workloads renew;
+    - the old root cross-signs the new one, and Citadel sends that
+      cross-certificate after each new workload certificate during the
+      overlap, so peers still holding only the old bundle accept them.
+
+    A plugged-in CA is the user's to rotate: refused with a message saying what to do."""
     d = ca_dir(state_dir)
     when = as_datetime(now)
     old = load_ca_from(state_dir)
@@ -180,14 +185,33 @@ def rotate_root(
             f"then replace the files in {d}"
         )
     (d / "old-roots").mkdir(exist_ok=True)
-    rel = f"old-roots/{old.root.serial_number:x}.pem"
-    _write(d / rel, old.root_pem)
-    kept = [e for e in meta.get("old_roots", []) if datetime.fromisoformat(e["retire_after"]) > when]
-    kept.append({"file": rel, "retire_after": (when + as_timedelta(overlap)).isoformat(), "rotated": when.isoformat()})
-    meta["old_roots"] = kept
+    retire = when + as_timedelta(overlap)
     new = create_root(old.trust_domain, when)
+    rel = f"old-roots/{old.root.serial_number:x}.pem"
+    cross_rel = f"old-roots/{new.root.serial_number:x}-by-{old.root.serial_number:x}.pem"
+    _write(d / rel, old.root_pem)
+    _write(d / cross_rel, cert_to_pem(cross_sign(old, new, when, retire)))
+    kept = [e for e in meta.get("old_roots", []) if datetime.fromisoformat(e["retire_after"]) > when]
+    kept.append({"file": rel, "cross": cross_rel, "retire_after": retire.isoformat(), "rotated": when.isoformat()})
+    meta["old_roots"] = kept
     _save_ca(d, new, meta, when)
     return new
+
+
+def rotation_chain_pem(state_dir: str | Path, now: datetime | float) -> bytes:
+    """Cross-certificates to send after a workload certificate while old roots
+    are inside their overlap (newest first), so peers that still trust only
+    an old root accept certificates of the new one. Empty outside rotations."""
+    d = ca_dir(state_dir)
+    when = as_datetime(now)
+    out = b""
+    for entry in reversed(_read_meta(d).get("old_roots", [])):
+        if entry.get("cross") and datetime.fromisoformat(entry["retire_after"]) > when:
+            try:
+                out += (d / entry["cross"]).read_bytes()
+            except FileNotFoundError:
+                continue
+    return out
 
 
 def ca_info(state_dir: str | Path, now: datetime | float) -> dict[str, Any]:

@@ -163,3 +163,31 @@ async def test_bundle_and_health_endpoints(citadel):
         r = await c.post(url + "/v1/sign", json={"csr": "x"})
         assert r.status_code == 400 and "token" in r.json()["error"]
         assert (await c.get(url + "/v1/sign")).status_code == 405
+
+
+async def test_root_rotation_does_not_break_peers_that_have_not_renewed(citadel):
+    from meshctl.citadel.store import rotate_root
+
+    url, sd, old_ca = citadel
+
+    async def sidecar(ident):
+        h = CertificateHolder()
+        h.update(*await CertificateSource(url, token(sd, ident)).obtain())
+        return h
+
+    before = await sidecar(PRODUCTPAGE)  # trusts only the old root
+    assert before.bundle_pem == old_ca.root_pem
+    rotate_root(sd, _now(), overlap=timedelta(hours=48))  # while Citadel is serving
+    after = await sidecar(REVIEWS)  # signed by the new root, trusts both
+    assert x509.load_pem_x509_certificate(after.bundle_pem) != old_ca.root
+    for server, client, sid, cid in ((after, before, REVIEWS, PRODUCTPAGE), (before, after, PRODUCTPAGE, REVIEWS)):
+        a, b = trio.testing.memory_stream_pair()
+        got = {}
+
+        async def srv():
+            got["s"] = await server_handshake(a, server, {cid}, timeout=5)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(srv)
+            c = await client_handshake(b, client, {sid}, timeout=5)
+        assert c.peer_id == sid and got["s"].peer_id == cid

@@ -111,3 +111,24 @@ def test_issued_log_gives_the_latest_per_identity(tmp_path):
     latest = latest_by_identity(tmp_path)[ID]
     assert latest["how"] == "renewal"
     assert latest["not_after"] == (NOW + timedelta(hours=25)).isoformat()
+
+
+def test_rotation_cross_certificate_lets_old_bundles_accept_new_leaves(tmp_path):
+    from meshctl.citadel.store import rotation_chain_pem
+
+    old = init_ca(tmp_path, "example.org", now=NOW)
+    assert rotation_chain_pem(tmp_path, NOW) == b""
+    t1 = NOW + timedelta(hours=1)
+    new = rotate_root(tmp_path, t1, overlap=timedelta(hours=48))
+    new_leaf = new.sign_csr(make_csr(generate_key()), ID, None, t1)
+    # a peer that never fetched the new bundle
+    with pytest.raises(PeerRejected):
+        verify_peer(new_leaf, old.root_pem, {ID}, t1)
+    assert verify_peer(new_leaf + rotation_chain_pem(tmp_path, t1), old.root_pem, {ID}, t1) == ID
+    # a second rotation inside the overlap chains through both cross-certificates
+    t2 = t1 + timedelta(hours=1)
+    newer = rotate_root(tmp_path, t2, overlap=timedelta(hours=48))
+    newest_leaf = newer.sign_csr(make_csr(generate_key()), ID, None, t2)
+    assert verify_peer(newest_leaf + rotation_chain_pem(tmp_path, t2), old.root_pem, {ID}, t2) == ID
+    # once the overlap is over, nothing extra is sent
+    assert rotation_chain_pem(tmp_path, t2 + timedelta(hours=49)) == b""
