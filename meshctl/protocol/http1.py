@@ -719,6 +719,7 @@ class H1Client(_HeadCollector):
         self._resp_keep = True
         self._req_done = False
         self._req_close = False
+        self._asked_upgrade = False
         self._framing = _NONE
         self._remaining = 0
         self._error: ProtocolError | None = None
@@ -742,6 +743,7 @@ class H1Client(_HeadCollector):
         cl: str | None = None
         chunked = False
         close = False
+        asked_upgrade = False
         for k, v in head.headers:
             if k == "host":
                 if have_host:
@@ -755,8 +757,10 @@ class H1Client(_HeadCollector):
             if k == "transfer-encoding":
                 chunked = "chunked" in v.lower()
                 continue
-            if k == "connection" and "close" in v.lower():
-                close = True
+            if k == "connection":
+                lv = v.lower()
+                close = close or "close" in lv
+                asked_upgrade = asked_upgrade or "upgrade" in lv
             parts.append(f"{k}: {v}\r\n")
         if not have_host:
             if not head.authority:
@@ -781,6 +785,7 @@ class H1Client(_HeadCollector):
         self._head_only = method == "HEAD" or method == "CONNECT"
         self._framing = framing
         self._req_close = close
+        self._asked_upgrade = asked_upgrade
         self._req_done = False
         self._resp_done = False
         if end_stream:
@@ -840,6 +845,8 @@ class H1Client(_HeadCollector):
             raise ProtocolError(f"upstream answered with HTTP version {version}", 502)
         self._status = status
         reason = self._reason.decode("latin-1")
+        if status == 101 and not self._asked_upgrade:
+            raise ProtocolError("upstream switched protocols (101) without being asked to", 502)
         if status < 200 and status != 101:
             self._events.append(ResponseHead(status, headers, reason, version, True))
             return

@@ -192,3 +192,11 @@ def test_client_refuses_malformed_upstream_response_with_502(raw, method):
         client.feed(raw)
     assert err.value.status == 502, str(err.value)
     assert not client.keep_alive
+
+
+def test_client_refuses_unrequested_switch_of_protocols():
+    client = H1Client()
+    client.request_head(RequestHead("GET", "/", [], authority="a"), end_stream=True)
+    with pytest.raises(ProtocolError) as err:
+        client.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+    assert err.value.status == 502 and "101" in str(err.value)
