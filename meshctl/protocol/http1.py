@@ -922,6 +922,13 @@ class H1Client(_HeadCollector):
         while True:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
+                lf = buf.find(b"\n\n")
+                if lf >= 0:  # a head ended by bare LFs: llhttp (strict) refuses it
+                    try:
+                        self._parser.feed_data(buf[: lf + 2])
+                    except HttpParserError as exc:
+                        self._fail(_protocol_error_from(exc, 502, "upstream response"))
+                    self._fail(ProtocolError("malformed upstream response: head ends with bare LF", 502))
                 if len(buf) > self._max_bytes:
                     self._fail(ProtocolError(f"upstream response head larger than {self._max_bytes} bytes", 502))
                 self._buf = buf

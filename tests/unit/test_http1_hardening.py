@@ -180,6 +180,7 @@ RESPONSES = [
     ("bad chunk framing", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n"),
     ("HTTP/2.0 status line", b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
     ("head too big", b"HTTP/1.1 200 OK\r\nX: " + b"a" * (61 * 1024) + b"\r\n\r\n"),
+    ("bare LF line ends", b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"),
 ]
 
 
@@ -200,3 +201,41 @@ def test_client_refuses_unrequested_switch_of_protocols():
     with pytest.raises(ProtocolError) as err:
         client.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
     assert err.value.status == 502 and "101" in str(err.value)
+
+
+def test_mutated_input_only_ever_raises_protocol_error():
+    import random
+
+    rng = random.Random(1234)
+    seeds = [r[1] for r in REQUESTS[:30]] + [r[1] for r in ACCEPTED]
+    for _ in range(3000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(raw))
+            op = rng.randrange(3)
+            if op == 0:
+                raw[i] = rng.randrange(256)
+            elif op == 1:
+                del raw[i]
+            else:
+                raw.insert(i, rng.choice(b"\r\n :\t\x00aZ0;"))
+        server = H1Server()
+        cut = rng.randrange(len(raw) + 1)
+        try:
+            server.feed(bytes(raw[:cut]))
+            server.feed(bytes(raw[cut:]))
+            server.feed_eof()
+        except ProtocolError as err:
+            assert err.status in (400, 431, 501, 505)
+    responses = [r[1] for r in RESPONSES] + [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"]
+    for _ in range(2000):
+        raw = bytearray(rng.choice(responses))
+        i = rng.randrange(len(raw))
+        raw[i] = rng.randrange(256)
+        client = H1Client()
+        client.request_head(RequestHead(rng.choice(["GET", "HEAD"]), "/", [], authority="a"), end_stream=True)
+        try:
+            client.feed(bytes(raw))
+            client.feed_eof()
+        except ProtocolError as err:
+            assert err.status == 502
