@@ -110,6 +110,13 @@ class WatchState:
             self.snapshot = snapshot
             self._bump()
 
+    def ok(self) -> None:
+        """The server answered (whatever the snapshot)."""
+        if not self.reachable:
+            self.reachable = True
+            self.last_error = ""
+            self._bump()
+
     def fail(self, error: str) -> None:
         changed = self.reachable or error != self.last_error
         self.reachable = False
