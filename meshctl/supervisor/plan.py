@@ -223,6 +223,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                     "SERVICE_NAME": svc.name,
                     "SERVICE_VERSION": v.env.get("SERVICE_VERSION", v.name),
                     "HOSTNAME": name,
+                    "POD_NAME": name,
                     "HTTP_PROXY": f"http://127.0.0.1:{outbound}",
                     "http_proxy": f"http://127.0.0.1:{outbound}",
                     "NO_PROXY": "localhost,127.0.0.1,::1",

@@ -102,6 +102,8 @@ class Supervisor:
         self.plan: Plan | None = None
         self.instances: dict[str, InstanceState] = {}
         self.gateways: dict[str, ProcState] = {}
+        self.gateway_plans: dict[str, GatewayPlan] = {}
+        self._gateway_scopes: dict[str, trio.CancelScope] = {}
         self.pilot: ProcState | None = None
         self.pilot_url = ""
         self.registry = None
@@ -167,8 +169,7 @@ class Supervisor:
         }
 
     def _gateway_plan(self, name: str) -> GatewayPlan:
-        assert self.plan is not None
-        return next(g for g in self.plan.gateways if g.name == name)
+        return self.gateway_plans[name]
 
     def write_status(self) -> None:
         path = self.state_dir / "status.json"
@@ -194,7 +195,9 @@ class Supervisor:
                         problems.append(f"service {svc.name} version {v.name}: {arg} does not exist in {cwd}")
         fixed: list[tuple[int, str]] = []
         for g in plan.gateways:
-            fixed += [(h, f"gateway {g.name} port {gp}") for gp, h in g.ports.items()]
+            if self.gateway_plans.get(g.name) != g:  # a gateway running as planned holds its own ports
+                mine = {h for h in self.gateway_plans[g.name].ports.values()} if g.name in self.gateway_plans else set()
+                fixed += [(h, f"gateway {g.name} port {gp}") for gp, h in g.ports.items() if h not in mine]
         for w in plan.workloads:
             if not any(i.plan.name == w.name for i in self.instances.values()):
                 fixed += [(p, f"upstream binding {s} of {w.name}") for s, p in w.bindings.items()]
@@ -393,8 +396,8 @@ class Supervisor:
             if ok_app and ok_proxy:
                 inst.ok_streak += 1
                 inst.fail_streak = 0
-                if inst.ok_streak >= hc.healthy_threshold and not inst.registered:
-                    await self._register(inst)
+                if inst.ok_streak >= hc.healthy_threshold and (not inst.registered or inst.state != "ready"):
+                    await self._register(inst)  # registering again is harmless: same id, same data
             else:
                 inst.fail_streak += 1
                 inst.ok_streak = 0
@@ -462,8 +465,19 @@ class Supervisor:
             dict(os.environ), str(self.state_dir), self.logs / f"{g.name}.gateway.log",
         )
         self.gateways[g.name] = p
+        self.gateway_plans[g.name] = g
+        scope = self._gateway_scopes[g.name] = trio.CancelScope()
         assert self._nursery is not None
         await self._nursery.start(self.keep_running, p)
+        with scope:
+            await self._watch_gateway(g, p)
+
+    async def stop_gateway(self, name: str) -> None:
+        self._gateway_scopes.pop(name).cancel()
+        await self.stop_proc(self.gateways.pop(name))
+        del self.gateway_plans[name]
+
+    async def _watch_gateway(self, g: GatewayPlan, p: ProcState) -> None:
         while not self.shutting_down:
             ok = await http_ok("127.0.0.1", g.admin_port, "/ready", timeout=1.0)
             new = "ready" if ok else ("restarting" if p.state == "restarting" else "starting")
@@ -489,6 +503,11 @@ class Supervisor:
                 inst = self._new_instance(w)
                 self.instances[name] = inst
                 self._nursery.start_soon(self.run_instance, inst)
+        wanted_gw = {g.name: g for g in plan.gateways}
+        for name in list(self.gateway_plans):
+            if wanted_gw.get(name) != self.gateway_plans[name]:
+                self.event(f"gateway {name}: {'removed' if name not in wanted_gw else 'changed'}, stopping")
+                await self.stop_gateway(name)
         for g in plan.gateways:
             if g.name not in self.gateways:
                 self._nursery.start_soon(self.run_gateway, g)
