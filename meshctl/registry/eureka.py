@@ -85,6 +85,8 @@ class EurekaRegistry:
         self._client: httpx.AsyncClient | None = None
         self._watcher = BackgroundWatcher(self.url, self._watch_loop)
         self._closed = False
+        self.full_fetches = 0  # counters for `meshctl status` and tests
+        self.delta_fetches = 0
 
     # -- status ---------------------------------------------------------------------
 
@@ -207,20 +209,16 @@ class EurekaRegistry:
             try:
                 if full:
                     resp = await self._request("GET", "/apps", "fetch the registry (GET /apps)")
+                    self.full_fetches += 1
                     apps = _json(resp, self.url).get("applications") or {}
                     local = {doc_id: doc for doc_id, doc in _instances(apps)}
                     full = False
                 else:
                     resp = await self._request("GET", "/apps/delta", "fetch changes (GET /apps/delta)")
-                    apps = _json(resp, self.url).get("applications") or {}
-                    merged = dict(local)
-                    for doc_id, doc in _instances(apps):
-                        if doc.get("actionType") == "DELETED":
-                            merged.pop(doc_id, None)
-                        else:
-                            merged[doc_id] = doc
-                    if reconcile_hash(merged.values()) != (apps.get("apps__hashcode") or ""):
-                        full = True  # our copy drifted: fetch everything now
+                    self.delta_fetches += 1
+                    merged = apply_delta(local, _json(resp, self.url).get("applications") or {})
+                    if merged is None:
+                        full = True  # our copy drifted from the server's: fetch everything now
                         continue
                     local = merged
             except RegistryError as exc:
@@ -359,6 +357,22 @@ def _instances(applications: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
                 doc_id = str(doc.get("instanceId") or f"{doc.get('hostName')}:{doc.get('app')}:{_port(doc)}")
                 out.append((doc_id, doc))
     return out
+
+
+def apply_delta(local: dict[str, dict[str, Any]], delta: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """Apply a ``GET /apps/delta`` answer (its ``applications`` object) to a
+    copy of ``local`` (instanceId → document). Returns None when the result's
+    reconcile hash code differs from the server's: the caller must then
+    fetch the whole registry."""
+    merged = dict(local)
+    for doc_id, doc in _instances(delta):
+        if doc.get("actionType") == "DELETED":
+            merged.pop(doc_id, None)
+        else:
+            merged[doc_id] = doc
+    if reconcile_hash(merged.values()) != (delta.get("apps__hashcode") or ""):
+        return None
+    return merged
 
 
 def reconcile_hash(docs: Any) -> str:

@@ -70,6 +70,8 @@ async def test_register_shows_up_with_labels_and_deregister_removes_it(eureka_se
         await w.until(lambda s: ids(s, svc) == [f"{svc}-v1-0"])
         await reg.deregister(f"{svc}-v1-0")
         await w.until(lambda s: svc not in s)
+        # every change came through /apps/delta, and our copy matched the server's hash code
+        assert reg.full_fetches == 1 and reg.delta_fetches >= 3
     await reg.aclose()
 
 
