@@ -160,13 +160,22 @@ class BackgroundWatcher:
         self._scope, self._done = scope, done
 
         async def runner() -> None:
+            # A system task must never raise, and a watch must never end: an
+            # unexpected error (a server answering nonsense, say) is recorded
+            # as last_error and the loop starts over after a pause.
+            backoff = Backoff(initial=0.5, maximum=10.0)
             try:
                 with scope:
-                    await self._run(self.state)
-            except BaseException as exc:  # a system task must never raise
+                    while True:
+                        try:
+                            await self._run(self.state)
+                        except Exception as exc:
+                            log.exception("%s: watch loop failed; restarting it", self._name)
+                            self.state.fail(f"{self._name}: watch loop failed: {type(exc).__name__}: {exc}")
+                        await trio.sleep(backoff.next())
+            except BaseException as exc:
                 if not isinstance(exc, trio.Cancelled):
-                    log.exception("%s: watch loop crashed", self._name)
-                    self.state.fail(f"watch loop crashed: {exc!r}")
+                    log.exception("%s: watch loop stopped", self._name)
             finally:
                 done.set()
 

@@ -59,7 +59,7 @@ cp "$CONSUL_DIR/go.sum" go.sum
 chmod u+w go.sum
 
 echo "consul.sh: building consul v$CONSUL_VERSION in $SRC (first build takes several minutes)" >&2
-GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath \
+GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0 go build -trimpath \
   -ldflags "-s -w -X github.com/hashicorp/consul/version.GitDescribe=v$CONSUL_VERSION -X github.com/hashicorp/consul/version.Version=$CONSUL_VERSION" \
   -o "$BIN.tmp" github.com/hashicorp/consul >&2
 mv "$BIN.tmp" "$BIN"

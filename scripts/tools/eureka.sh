@@ -118,7 +118,7 @@ logging.level.com.netflix.discovery=ERROR
 PROPS
 
 echo "eureka.sh: building the Eureka server jar in $PROJ (first build downloads from Maven Central)" >&2
-(cd "$PROJ" && mvn -q -B -DskipTests package >&2)
+(cd "$PROJ" && mvn -q -B -Dstyle.color=never -DskipTests package >&2)
 [[ -f "$JAR" ]] || { echo "eureka.sh: mvn succeeded but $JAR is missing" >&2; exit 1; }
 echo "$WANT" > "$STAMP"
 echo "$JAR"
