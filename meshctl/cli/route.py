@@ -61,8 +61,13 @@ def _poke_pilot(sd: Path) -> str | None:
 
 def _wait_synced(url: str, revision_before: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
+    st: dict = {"proxies": []}
     while time.monotonic() < deadline:
-        st = call(url, "GET", "/v1/status").json()
+        try:
+            st = call(url, "GET", "/v1/status").json()
+        except ConnectionError:
+            time.sleep(0.1)
+            continue
         proxies = st["proxies"]
         if all(p["status"] == "SYNCED" for p in proxies):
             console.print(f"all {len(proxies)} proxies synced")
@@ -71,7 +76,8 @@ def _wait_synced(url: str, revision_before: int, timeout: float) -> None:
         if nacked:
             fail("; ".join(f"{p['proxy']} rejected the config: {p['error']}" for p in nacked))
         time.sleep(0.02)
-    fail(f"proxies not synced after {timeout}s: see `meshctl pilot proxy-status`")
+    behind = ", ".join(f"{p['proxy']} ({p['status']}, acked {p['acked'] or '-'}, wants {p['current']})" for p in st["proxies"] if p["status"] != "SYNCED")
+    fail(f"proxies not synced after {timeout}s: {behind or 'Pilot did not answer'}; see `meshctl pilot proxy-status`")
 
 
 @app.command("apply")

@@ -94,6 +94,9 @@ class Pilot:
     revision: int = 0
     generation: int = 0
     _changed: trio.Event = field(default_factory=trio.Event)
+    # No config is served before the registry has been read once: a restarted
+    # Pilot must not push "no endpoints" to every proxy.
+    _first_snapshot: trio.Event = field(default_factory=trio.Event)
     _inputs: Inputs | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +111,10 @@ class Pilot:
     def _bump(self) -> None:
         self.generation += 1
         self._inputs = None
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every long-poll: each compares its proxy's config with what it has."""
         self._changed.set()
         self._changed = trio.Event()
 
@@ -122,6 +129,7 @@ class Pilot:
         return True
 
     def set_snapshot(self, snap: Snapshot) -> None:
+        self._first_snapshot.set()
         if dict(snap) != dict(self.snapshot):
             self.snapshot = dict(snap)
             self._bump()
@@ -204,20 +212,30 @@ class Pilot:
         if st is None or st.node != node:
             self.proxies[name] = ProxyState(node=node, last_seen=time.time())
             self._save_nodes()
+            self._notify()
             log.info("proxy %s registered (%s)", name, node.workload.service)
         return Response.json({"proxy": name, "version": self.config_for(name).version})
 
     async def _get_config(self, name: str, req: Request) -> Response:
         if name not in self.proxies:
             raise HTTPError(404, f"unknown proxy {name}: PUT /v1/proxies/{name} first")
+        # ``version`` is what the proxy runs: asking with it is as good as an ACK
+        # (a restarted Pilot learns this way what every proxy already has).
         have = req.query.get("version", "")
         wait = parse_wait(req.query.get("wait"))
+        with trio.move_on_after(wait):
+            await self._first_snapshot.wait()
+        if not self._first_snapshot.is_set():
+            raise HTTPError(503, f"registry {self.registry.url} not read yet: no config until its endpoints are known")
         with trio.move_on_after(wait):
             while True:
                 st = self.proxies[name]
                 st.last_seen = time.time()
+                if have:
+                    st.acked = have
                 cfg = self.config_for(name)
-                if cfg.version != have:
+                # A version the proxy rejected is not sent again until something changes.
+                if cfg.version != have and cfg.version != st.nacked:
                     st.sent = cfg.version
                     return Response.json(dump_proxy_config(cfg))
                 await self._changed.wait()

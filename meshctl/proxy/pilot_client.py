@@ -105,9 +105,8 @@ class PilotClient:
         except Exception as e:  # any reason to refuse is reported to Pilot, never crashes the proxy
             reason = str(e) or e.__class__.__name__
             log.error("rejected config %s: %s (keeping %s)", version, reason, self.version or "none")
+            # Pilot will not send this version again; we keep asking with the one we run.
             await client.post(f"{self.url}/v1/ack/{self.name}", json={"version": version, "error": reason})
-            # Don't spin on the same bad version: wait for the next one.
-            self.version = version
             return
         self.version = version
         if self.state_dir is not None:
