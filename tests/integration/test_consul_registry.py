@@ -175,8 +175,9 @@ async def test_agent_restart_watch_recovers_and_registration_is_retried(consul_a
         nursery.start_soon(keep_alive_loop, sidecar, f"{svc}-0", 0.3)
 
         await trio.to_thread.run_sync(consul_agent.stop)
+        # (a server shutting down may first answer 5xx; then connections are refused)
         with trio.fail_after(10):
-            while pilot.reachable:
+            while pilot.reachable or "connection refused" not in pilot.last_error:
                 await trio.sleep(0.05)
         assert "cannot connect (connection refused)" in pilot.last_error
         assert consul_agent in pilot.last_error
@@ -193,7 +194,11 @@ async def test_agent_restart_watch_recovers_and_registration_is_retried(consul_a
         with trio.fail_after(20):
             while not await trio.to_thread.run_sync(consul_knows, consul_agent.http, f"{svc}-0"):
                 await trio.sleep(0.1)
-        after = await w.until(lambda s: ids(s, svc) == [f"{svc}-0"] and pilot.reachable, timeout=20)
+        # (a snapshot equal to the last one is not yielded again: poll the state)
+        with trio.fail_after(20):
+            while not (pilot.reachable and ids(w.latest, svc) == [f"{svc}-0"]):
+                await trio.sleep(0.05)
+        after = w.latest
         assert after[svc][0].labels["version"] == "v1"
         assert pilot.reachable and pilot.last_error == ""
         nursery.cancel_scope.cancel()

@@ -165,8 +165,9 @@ async def test_server_restart_watch_keeps_last_snapshot_then_recovers(eureka_ser
         nursery.start_soon(keep_alive_loop, sidecar, f"{svc}-0")
 
         await trio.to_thread.run_sync(eureka_server.stop)
+        # (a server shutting down may first answer 5xx; then connections are refused)
         with trio.fail_after(10):
-            while pilot.reachable:
+            while pilot.reachable or "connection refused" not in pilot.last_error:
                 await trio.sleep(0.05)
         assert "cannot connect (connection refused) — is the Eureka server running?" in pilot.last_error
         assert eureka_server in pilot.last_error
@@ -181,7 +182,11 @@ async def test_server_restart_watch_keeps_last_snapshot_then_recovers(eureka_ser
         with trio.fail_after(20):
             while eureka_call("GET", f"{eureka_server.http}/apps/{svc.upper()}/{svc}-0") != 200:
                 await trio.sleep(0.2)
-        after = await w.until(lambda s: ids(s, svc) == [f"{svc}-0"] and pilot.reachable)
+        # (a snapshot equal to the last one is not yielded again: poll the state)
+        with trio.fail_after(20):
+            while not (pilot.reachable and ids(w.latest, svc) == [f"{svc}-0"]):
+                await trio.sleep(0.05)
+        after = w.latest
         assert after[svc][0].labels == {"version": "v1"}
         assert pilot.last_error == ""
         nursery.cancel_scope.cancel()
