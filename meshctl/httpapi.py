@@ -45,8 +45,9 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def json(cls, obj: Any, status: int = 200) -> "Response":
-        return cls(status, (json.dumps(obj, indent=1) + "\n").encode(), [("content-type", "application/json")])
+    def json(cls, obj: Any, status: int = 200, *, compact: bool = False) -> "Response":
+        text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+        return cls(status, (text + "\n").encode(), [("content-type", "application/json")])
 
     @classmethod
     def text(cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> "Response":

@@ -7,7 +7,8 @@ HTTP API (JSON; debuggable with curl)::
                                        200 + ProxyConfig when it differs from V,
                                        304 when nothing changed before `wait`,
                                        404 when Pilot does not know the proxy
-    POST /v1/ack/<name>                {"version": V} or {"version": V, "error": "..."}
+    POST /v1/ack/<name>                {"version": V, "error": "..."}: a NACK; the ACK is
+                                       implicit (the next long-poll names the version run)
     GET  /v1/status                    every proxy: versions sent / acked / nacked
     POST /v1/rules/reload              re-read the rule store now (the CLI pokes this)
     GET  /v1/registry                  the endpoints snapshot Pilot routes with
@@ -237,7 +238,7 @@ class Pilot:
                 # A version the proxy rejected is not sent again until something changes.
                 if cfg.version != have and cfg.version != st.nacked:
                     st.sent = cfg.version
-                    return Response.json(dump_proxy_config(cfg))
+                    return Response.json(dump_proxy_config(cfg), compact=True)
                 await self._changed.wait()
         return Response(304, b"", [("x-meshctl-version", have)])
 

@@ -1,8 +1,9 @@
-"""The proxy's side of Pilot: register, long-poll for config, ACK or NACK.
+"""The proxy's side of Pilot: register, long-poll for config, ACK or NACK it.
 
     PUT  /v1/proxies/<name>                      once, and again whenever Pilot forgets us
     GET  /v1/config/<name>?version=V&wait=30s    forever; 304 means nothing new
-    POST /v1/ack/<name>                          {"version"} or {"version", "error"}
+    POST /v1/ack/<name>                          {"version", "error"}: a NACK
+    (an ACK is implicit: the next long-poll names the version now running)
 
 A config that fails to load or apply is NACKed with the reason and the proxy
 keeps the one it runs. Every config applied is saved as the last good one, so
@@ -108,10 +109,10 @@ class PilotClient:
             # Pilot will not send this version again; we keep asking with the one we run.
             await client.post(f"{self.url}/v1/ack/{self.name}", json={"version": version, "error": reason})
             return
+        # The ACK is the next long-poll, which names this version (as xDS does).
         self.version = version
         if self.state_dir is not None:
             save_last_good(self.state_dir, cfg)
-        await client.post(f"{self.url}/v1/ack/{self.name}", json={"version": version})
         self.synced.set()
         log.info("applied config %s", version)
 
