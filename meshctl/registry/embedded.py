@@ -150,8 +150,9 @@ class EmbeddedRegistry:
     # -- extras ----------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        """The current snapshot (healthy, non-draining instances), without
-        checking TTLs first (``watch`` does that)."""
+        """The current snapshot (healthy, non-draining instances). TTLs are
+        checked first when called inside trio."""
+        self._refresh()
         by_service: dict[str, list[Instance]] = {}
         for entry in self._entries.values():
             items = by_service.setdefault(entry.instance.service, [])
@@ -161,6 +162,7 @@ class EmbeddedRegistry:
 
     def instances(self) -> list[Instance]:
         """Every registered instance, with its ``healthy`` and ``draining`` flags, sorted by id."""
+        self._refresh()
         return [self._entries[k].view() for k in sorted(self._entries)]
 
     # -- internals -------------------------------------------------------------
@@ -174,6 +176,13 @@ class EmbeddedRegistry:
         if entry is None:
             raise RegistryError(f"{self.url} ({self.path}): {what}: no instance {instance_id!r} is registered")
         return entry
+
+    def _refresh(self) -> None:
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio: report what we last knew
+            return
+        self._expire(now)
 
     def _arm(self, now: float) -> None:
         # Entries loaded from disk get their first deadline on first use in trio.

@@ -171,3 +171,26 @@ def test_open_registry_embedded(tmp_path):
         reg = open_registry(url, tmp_path)
         assert isinstance(reg, EmbeddedRegistry)
         assert reg.path == tmp_path / "registry.json"
+
+
+async def test_expiry_is_seen_without_a_watcher(tmp_path, autojump_clock):
+    reg = EmbeddedRegistry(tmp_path)
+    await reg.register(inst("reviews-v1-0"), ttl=5)
+    await trio.sleep(4)
+    assert ids(reg.snapshot(), "reviews") == ["reviews-v1-0"]
+    await trio.sleep(2)
+    assert ids(reg.snapshot(), "reviews") == []
+    assert [(i.id, i.healthy) for i in reg.instances()] == [("reviews-v1-0", False)]
+    assert ids(load_snapshot(tmp_path), "reviews") == []
+
+
+async def test_restarted_owner_gives_ttl_instances_one_fresh_ttl(tmp_path, autojump_clock):
+    first = EmbeddedRegistry(tmp_path)
+    await first.register(inst("reviews-v1-0"), ttl=5)
+    await trio.sleep(3)
+    second = EmbeddedRegistry(tmp_path)  # the control plane restarted
+    assert ids(second.snapshot(), "reviews") == ["reviews-v1-0"]
+    await trio.sleep(4)
+    assert ids(second.snapshot(), "reviews") == ["reviews-v1-0"]  # 4 s < one fresh TTL
+    await trio.sleep(2)
+    assert ids(second.snapshot(), "reviews") == []
