@@ -103,7 +103,7 @@ class Request:
     __slots__ = (
         "head", "listener", "snap", "rt", "client_ip", "server", "reader", "down",
         "headers", "request_id", "forward", "cluster", "flags", "body_done", "body",
-        "response_started", "status", "keep_alive", "detail", "start",
+        "response_started", "status", "keep_alive", "detail", "start", "stale_ok",
     )
 
     def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt, client_ip: str,
@@ -128,6 +128,7 @@ class Request:
         self.keep_alive = head.keep_alive
         self.detail = ""
         self.start = 0.0
+        self.stale_ok = True
 
     async def send_down(self, data: bytes) -> None:
         try:
@@ -319,6 +320,8 @@ class _Retry(Exception):
 
 
 _DONE = object()
+_STALE = object()
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class Forwarder:
@@ -385,6 +388,7 @@ class Forwarder:
         fwd = rq.forward
         policy = fwd.retry if fwd is not None else rq.snap.no_retry
         retries = 0
+        rq.stale_ok = True
         rand = rt.rand
         ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path, active=rt.active)
         while True:
@@ -395,6 +399,9 @@ class Forwarder:
             outcome, flag, detail = await self._try(rq, cs, ep, up_head, policy, retries)
             if outcome is _DONE:
                 return
+            if outcome is _STALE:
+                rq.stale_ok = False  # once per request
+                continue
             body = rq.body
             replayable = body is None or body.replayable
             if should_retry(policy, retries, outcome, body_replayable=replayable):
@@ -416,14 +423,22 @@ class Forwarder:
         settings = rq.snap.settings
         key = (ep.address, ep.port)
         per_try = policy.per_try_timeout
-        try_deadline = trio.current_time() + per_try if per_try else math.inf
-        with trio.CancelScope(deadline=try_deadline) as try_scope:
+        if per_try:
+            try_deadline = trio.current_time() + per_try
+            conn = None
+            with trio.move_on_at(try_deadline):
+                try:
+                    conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
+                except UpstreamConnectError as exc:
+                    return Outcome(failure="connect-failure"), F.UF, str(exc)
+            if conn is None:
+                return Outcome(failure="timeout"), F.UT, f"per-try timeout {per_try:g}s while connecting"
+        else:
+            try_deadline = math.inf
             try:
                 conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
             except UpstreamConnectError as exc:
                 return Outcome(failure="connect-failure"), F.UF, str(exc)
-        if try_scope.cancelled_caught:
-            return Outcome(failure="timeout"), F.UT, f"per-try timeout {per_try:g}s"
         active = rt.active
         active[key] = active.get(key, 0) + 1
         try:
@@ -539,19 +554,30 @@ class Forwarder:
 
     async def _respond(self, rq: Request, cs: ClusterState, conn: UpstreamConn, policy, retries: int,
                        try_deadline: float, nursery):
-        with trio.CancelScope(deadline=try_deadline) as scope:
-            try:
+        timed_out = False
+        try:
+            if try_deadline == math.inf:
                 head = await self._read_head(rq, conn)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            else:
                 head = None
-            except ProtocolError as exc:
-                return Outcome(failure="reset", status=None), F.UPE, str(exc)
-        if scope.cancelled_caught:
+                with trio.move_on_at(try_deadline) as scope:
+                    head = await self._read_head(rq, conn)
+                timed_out = scope.cancelled_caught
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            head = None
+        except ProtocolError as exc:
+            return Outcome(failure="reset"), F.UPE, str(exc)
+        if timed_out:
             return Outcome(failure="timeout"), F.UT, "per-try timeout"
+        body = rq.body
         if head is None:
+            if (conn.reused and rq.stale_ok and rq.head.method in IDEMPOTENT and not rq.head.expect_continue
+                    and (body is None or body.replayable)):
+                # a kept-alive connection the upstream had closed: RFC 9110 9.2.2
+                # lets a client retry an idempotent request once on a new one
+                return _STALE, None, ""
             return Outcome(failure="reset"), F.UR, f"{conn.key[0]}:{conn.key[1]} closed the connection"
         status = head.status
-        body = rq.body
         if status >= 500 or status in policy.retriable_status_codes or status == 409:
             replayable = body is None or body.replayable
             if should_retry(policy, retries, Outcome(status=status), body_replayable=replayable):
@@ -658,13 +684,20 @@ async def send_local(rq: Request, reply: LocalReply) -> None:
 
 
 class ConnState:
-    """One downstream connection, as the runtime sees it (for drain)."""
+    """One downstream connection, as the runtime sees it.
 
-    __slots__ = ("scope", "busy")
+    ``deadline`` (trio clock) is when the connection is closed if it is still
+    waiting for a request head: the runtime's watchdog checks it a few times
+    a second. A float store per request is much cheaper than moving a cancel
+    scope's deadline, and header/idle timeouts don't need finer resolution.
+    ``busy`` is False between requests (drain closes those at once)."""
+
+    __slots__ = ("scope", "busy", "deadline")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.busy = False
+        self.deadline = math.inf
 
 
 async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str) -> None:
@@ -684,7 +717,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
         with conn.scope:
             while True:
                 s = rt.snapshot.settings
-                conn.scope.deadline = trio.current_time() + (
+                conn.deadline = trio.current_time() + (
                     s.request_headers_timeout if first else s.idle_timeout
                 )
                 first = False
@@ -707,7 +740,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                 if ev is None or type(ev) is not RequestHead:
                     break
                 conn.busy = True
-                conn.scope.deadline = math.inf
+                conn.deadline = math.inf
                 snap = rt.snapshot
                 listener = active_listener.spec
                 rq = Request(ev, listener, snap, rt, client_ip, server, reader, stream)

@@ -15,6 +15,9 @@ from .stats import ClusterStats
 from .stream import FastSocketStream, UpstreamConnectError, connect_tcp, is_alive
 
 
+PEEK_AFTER = 0.5  # seconds idle after which a pooled connection is checked before reuse
+
+
 class EventReader:
     """Pulls codec events off a stream, one at a time, feeding the codec on demand."""
 
@@ -88,7 +91,11 @@ class UpstreamPool:
             now = trio.current_time()
             while idle:
                 conn = idle.pop()
-                if now - conn.idle_since < self.idle_timeout and is_alive(conn.stream):
+                age = now - conn.idle_since
+                # a connection idle for a moment is taken as is (a stale one is
+                # retried once for idempotent requests, see http.Forwarder);
+                # an older one costs one MSG_PEEK syscall to check
+                if age < self.idle_timeout and (age < PEEK_AFTER or is_alive(conn.stream)):
                     conn.reused = True
                     return conn
                 self._close(conn)

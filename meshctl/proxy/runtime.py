@@ -41,6 +41,8 @@ from .tcp import serve_tcp_connection
 
 log = logging.getLogger("meshctl.proxy")
 
+WATCHDOG_INTERVAL = 0.25  # resolution of header and idle timeouts
+
 
 class ConfigRejected(Exception):
     """A config the proxy will not run; the previous one stays in place."""
@@ -288,10 +290,20 @@ class ProxyRuntime:
             async with trio.open_nursery() as n:
                 if sigs is not None:
                     n.start_soon(self._signals, sigs)
+                n.start_soon(self._watchdog)
                 while True:
                     await trio.sleep(1.0)
                     self.pool.sweep()
                     self._check_mtime()
+
+    async def _watchdog(self) -> None:
+        """Close connections past their header/idle deadline (see ConnState)."""
+        while True:
+            await trio.sleep(WATCHDOG_INTERVAL)
+            now = trio.current_time()
+            for c in list(self.conns):
+                if c.deadline < now:
+                    c.scope.cancel()
 
     async def _signals(self, sigs) -> None:
         async for signum in sigs:

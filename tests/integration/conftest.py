@@ -31,7 +31,7 @@ import httpx
 import pytest
 import trio
 
-from meshctl.model.base import FrozenDict
+from meshctl.model.base import Duration, FrozenDict
 from meshctl.model.istio import (
     Destination,
     HTTPRetry,
@@ -261,7 +261,7 @@ def route_to(host: str, port: int, *, subsets: dict[str | None, int] | None = No
         )
         for s, w in subsets.items()
     )
-    return HTTPRoute(route=dests, timeout=timeout, retries=retries, **extra)
+    return HTTPRoute(route=dests, timeout=Duration(timeout) if timeout is not None else None, retries=retries, **extra)
 
 
 def vhost(host: str, port: int, routes: tuple[HTTPRoute, ...]) -> VirtualHost:
@@ -284,7 +284,7 @@ def config(*, listeners: list[Listener], vhosts: list[VirtualHost] = (), cluster
         listeners=tuple(listeners),
         route_tables=FrozenDict(outbound=RouteTable(name="outbound", virtual_hosts=tuple(vhosts))),
         clusters=FrozenDict({c.name: c for c in clusters}),
-        settings=settings or Settings(connect_timeout=1.0, drain_timeout=5.0),
+        settings=settings or Settings(connect_timeout=Duration(1.0), drain_timeout=Duration(5.0)),
     )
 
 

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# meshctl pair vs nginx pair, same backend, same machine, interleaved.
+#
+#   client ──▶ [client-side proxy] ──▶ [server-side proxy] ──▶ backend (nginx, 12-byte body)
+#
+# nginx pair:   nginx (1 worker, upstream keepalive) → nginx (same)       one process each
+# meshctl pair: meshctl outbound sidecar → meshctl inbound sidecar         one process each
+#
+# For each pair, interleaved (A B A B):
+#   1. max throughput: wrk -t1 -c16 -d${DUR}s
+#   2. latency at a fixed 1,000 rps (16 connections × 62.5 rps): h2load --h1 --rps --log-file,
+#      p50/p99 computed from the per-request log
+#   3. CPU per sidecar (utime+stime from /proc/<pid>/stat, during the fixed-rate run) and RSS
+#
+# Usage: bench/pair.sh [duration-seconds]       (default 10)
+# Needs: nginx, wrk, h2load, python3 with meshctl installed (MESHCTL=/path/to/meshctl to override).
+set -euo pipefail
+
+DUR=${1:-10}
+RATE_TOTAL=1000
+CONNS=16
+HERE=$(cd "$(dirname "$0")" && pwd)
+MESHCTL=${MESHCTL:-$(command -v meshctl || echo /tmp/venv/bin/meshctl)}
+PY=${PY:-$(dirname "$MESHCTL")/python}
+[ -x "$PY" ] || PY=python3
+WORK=$(mktemp -d /tmp/meshctl-bench.XXXXXX)
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+BACKEND=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port)
+MESH_IN=$(free_port); MESH_OUT=$(free_port); ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
+
+nginx_conf() { # name listen_port body
+  mkdir -p "$WORK/$1/logs"
+  cat >"$WORK/$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  $3
+}
+EOF
+}
+
+nginx_conf backend "$BACKEND" "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
+nginx_conf ngx_server "$NGX_S" "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
+  server { listen 127.0.0.1:$NGX_S; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_conf ngx_client "$NGX_C" "upstream s { server 127.0.0.1:$NGX_S; keepalive 64; }
+  server { listen 127.0.0.1:$NGX_C; location / { proxy_pass http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+
+start_nginx() { nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" & PIDS+=($!); echo $! >"$WORK/$1.pid"; }
+start_nginx backend; start_nginx ngx_server; start_nginx ngx_client
+
+# meshctl: inbound sidecar in front of the backend, outbound sidecar routing "backend" to it
+cat >"$WORK/in.yaml" <<EOF
+version: bench
+workload: {name: backend-0, service: backend}
+listeners:
+- {name: inbound, direction: inbound, address: 127.0.0.1, port: $MESH_IN, appAddress: 127.0.0.1, appPort: $BACKEND}
+EOF
+cat >"$WORK/out.yaml" <<EOF
+version: bench
+workload: {name: client-0, service: client}
+listeners:
+- {name: outbound, direction: outbound, address: 127.0.0.1, port: $MESH_OUT, routeTable: outbound}
+routeTables:
+  outbound:
+    virtualHosts:
+    - name: backend.default.svc.cluster.local:80
+      domains: [backend, "backend:80", "127.0.0.1:$MESH_OUT"]
+      routes:
+      - route:
+        - destination: {host: backend.default.svc.cluster.local, port: {number: 80}}
+clusters:
+  "outbound|80||backend.default.svc.cluster.local":
+    service: backend.default.svc.cluster.local
+    port: 80
+    endpoints:
+    - {address: 127.0.0.1, port: $MESH_IN}
+EOF
+"$MESHCTL" proxy run --config "$WORK/in.yaml" --admin-port "$ADMIN_IN" --log-level warning 2>"$WORK/in.log" &
+PIDS+=($!); MESH_IN_PID=$!
+"$MESHCTL" proxy run --config "$WORK/out.yaml" --admin-port "$ADMIN_OUT" --log-level warning 2>"$WORK/out.log" &
+PIDS+=($!); MESH_OUT_PID=$!
+
+wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
+wait_ready "http://127.0.0.1:$BACKEND/"
+wait_ready "http://127.0.0.1:$NGX_C/"
+wait_ready "http://127.0.0.1:$ADMIN_IN/ready"
+wait_ready "http://127.0.0.1:$ADMIN_OUT/ready"
+curl -sf "http://127.0.0.1:$MESH_OUT/" -H "host: backend" | grep -q "hello world" || { echo "meshctl pair broken" >&2; cat "$WORK"/*.log >&2; exit 1; }
+
+# nginx does its work in the worker process (child of the master we started)
+worker_of() { pgrep -P "$(cat "$WORK/$1.pid")" | head -1; }
+NGX_S_PID=$(worker_of ngx_server); NGX_C_PID=$(worker_of ngx_client); BACKEND_PID=$(worker_of backend)
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+
+maxrps() { # url host → rps
+  wrk -t1 -c$CONNS -d"${DUR}s" -H "host: $2" "$1" | awk '/Requests\/sec/{print $2}'
+}
+
+latency() { # url host a_pid b_pid → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
+  local log="$WORK/lat.$RANDOM.log" t0a t0b t1a t1b
+  t0a=$(cpu_ticks "$3"); t0b=$(cpu_ticks "$4")
+  h2load --h1 -c$CONNS -t1 --rps "$(awk -v r=$RATE_TOTAL -v c=$CONNS 'BEGIN{print r/c}')" -D "$DUR" \
+    -H ":authority: $2" --log-file="$log" "$1" >/dev/null 2>&1 || true
+  t1a=$(cpu_ticks "$3"); t1b=$(cpu_ticks "$4")
+  "$PY" - "$log" "$((t1a - t0a))" "$((t1b - t0b))" "$DUR" "$(getconf CLK_TCK)" <<'EOF'
+import sys
+log, da, db, dur, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+lat = sorted(int(l.split("\t")[2]) for l in open(log) if l.strip() and l.split("\t")[1] == "200")
+n = len(lat)
+p = lambda q: lat[min(n - 1, int(q * n))] if n else 0
+rate = n / dur / 1000 if n else 1
+print(p(0.50), p(0.99), f"{da / hz / dur / rate:.3f}", f"{db / hz / dur / rate:.3f}", n)
+EOF
+}
+
+echo "# meshctl pair vs nginx pair — $(date -u +%FT%TZ), $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# shared machine: other work may be running; only ratios within this run mean anything"
+declare -A RPS LAT
+for round in 1 2; do
+  for pair in nginx meshctl; do
+    if [ $pair = nginx ]; then url="http://127.0.0.1:$NGX_C/"; host="backend"; a=$NGX_C_PID; b=$NGX_S_PID
+    else url="http://127.0.0.1:$MESH_OUT/"; host="backend"; a=$MESH_OUT_PID; b=$MESH_IN_PID; fi
+    r=$(maxrps "$url" "$host"); RPS[$pair,$round]=$r
+    l=$(latency "$url" "$host" "$a" "$b"); LAT[$pair,$round]=$l
+    echo "round $round $pair: max_rps=$r  fixed-1000rps: p50_us p99_us cpuA cpuB ok = $l" >&2
+  done
+done
+l=$(latency "http://127.0.0.1:$BACKEND/" "backend" "$BACKEND_PID" "$BACKEND_PID")
+LAT[direct,1]=$l
+
+"$PY" - <<EOF
+rps = {"nginx": [float("${RPS[nginx,1]}"), float("${RPS[nginx,2]}")], "meshctl": [float("${RPS[meshctl,1]}"), float("${RPS[meshctl,2]}")]}
+lat = {k: [list(map(float, v.split())) for v in vs] for k, vs in {
+    "nginx": ["${LAT[nginx,1]}", "${LAT[nginx,2]}"], "meshctl": ["${LAT[meshctl,1]}", "${LAT[meshctl,2]}"]}.items()}
+direct = list(map(float, "${LAT[direct,1]}".split()))
+rss = {"nginx client": $(rss_kb "$NGX_C_PID"), "nginx server": $(rss_kb "$NGX_S_PID"),
+       "meshctl outbound": $(rss_kb "$MESH_OUT_PID"), "meshctl inbound": $(rss_kb "$MESH_IN_PID")}
+best = lambda xs: max(xs)
+med = lambda k, i: sorted(x[i] for x in lat[k])[0]  # best (lowest) of the two rounds
+print()
+print(f"{'pair':<10}{'max rps (r1, r2)':>22}{'p50 µs':>9}{'p99 µs':>9}{'vCPU/1k rps A':>15}{'B':>7}")
+print(f"{'direct':<10}{'-':>22}{direct[0]:>9.0f}{direct[1]:>9.0f}")
+for k in ("nginx", "meshctl"):
+    print(f"{k:<10}{rps[k][0]:>11.0f},{rps[k][1]:>10.0f}{med(k,0):>9.0f}{med(k,1):>9.0f}{med(k,2):>15.3f}{med(k,3):>7.3f}")
+for k, v in rss.items():
+    print(f"RSS {k:<18}{v / 1024:>7.1f} MB")
+ratio = best(rps["meshctl"]) / best(rps["nginx"])
+added = med("meshctl", 1) - direct[1]
+print()
+print(f"meshctl/nginx max rps: {ratio:.2f}  (target >= 0.5)")
+print(f"meshctl pair added p99 over direct: {added / 1000:.2f} ms  (target <= 2 ms); nginx pair added: {(med('nginx', 1) - direct[1]) / 1000:.2f} ms")
+print(f"meshctl sidecar RSS: {max(rss['meshctl outbound'], rss['meshctl inbound']) / 1024:.1f} MB  (target <= 40 MB)")
+EOF

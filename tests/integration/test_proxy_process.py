@@ -1,0 +1,170 @@
+"""`meshctl proxy run` as a real process: admin API, reload, drain, large bodies, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+import trio
+
+from conftest import (
+    MESHCTL,
+    cluster,
+    config,
+    curl,
+    free_port,
+    outbound_listener,
+    route_to,
+    vhost,
+    write_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def _cfg(up_port: int, lp: int, version: str = "v1", **route_kw):
+    return config(
+        version=version,
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080, **route_kw),))],
+        clusters=[cluster("reviews", 9080, [("127.0.0.1", up_port)])],
+    )
+
+
+def test_bad_config_file_exits_2_naming_file_and_line(tmp_path):
+    bad = tmp_path / "proxy.yaml"
+    bad.write_text(
+        "version: v1\n"
+        "workload: {name: a-0, service: a}\n"
+        "listeners:\n"
+        "- name: out\n"
+        "  direction: outbound\n"
+        "  address: 127.0.0.1\n"
+        "  port: 15001\n"
+        "  routeTabel: outbound\n"
+    )
+    r = subprocess.run([MESHCTL, "proxy", "run", "--config", str(bad), "--admin-port", "0"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert f"{bad}:8" in r.stderr
+    assert "routeTabel" in r.stderr
+
+
+def test_missing_file_and_busy_port_exit_2(tmp_path, upstream):
+    r = subprocess.run([MESHCTL, "proxy", "run", "--config", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "nope.yaml: no such file" in r.stderr
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    path = write_config(_cfg(upstream.port, port), tmp_path / "p.json")
+    r = subprocess.run([MESHCTL, "proxy", "run", "--config", str(path), "--admin-port", "0"],
+                       capture_output=True, text=True, timeout=30)
+    busy.close()
+    assert r.returncode == 2
+    assert f"127.0.0.1:{port}" in r.stderr
+
+
+def test_admin_ready_config_and_stats(proxy_process, upstream):
+    lp = free_port()
+    p = proxy_process(_cfg(upstream.port, lp))
+    assert httpx.get(p.admin + "/ready").status_code == 200
+    cfg = httpx.get(p.admin + "/config").json()
+    assert cfg["version"] == "v1"
+    assert cfg["listeners"][0]["name"] == "outbound"
+    for _ in range(3):
+        r = httpx.get("http://reviews:9080/x", proxy=f"http://127.0.0.1:{lp}")
+        assert r.status_code == 200
+    httpx.get("http://nope:1/", proxy=f"http://127.0.0.1:{lp}")
+    text = httpx.get(p.admin + "/stats").text
+    c = "outbound|9080||reviews.default.svc.cluster.local"
+    assert f'meshctl_cluster_upstream_rq_total{{cluster="{c}"}} 3' in text
+    assert f'meshctl_cluster_upstream_rq_xx{{cluster="{c}",response_code_class="2xx"}} 3' in text
+    assert f'meshctl_cluster_upstream_cx_active{{cluster="{c}"}} 1' in text
+    assert 'meshctl_downstream_rq_total{listener="outbound"} 4' in text
+    assert 'meshctl_response_flags_total{flag="NR"} 1' in text
+    # it parses as Prometheus text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert "meshctl_cluster_upstream_rq" in names or "meshctl_cluster_upstream_rq_total" in names
+
+
+def test_reload_on_file_change_and_bad_reload_keeps_old(proxy_process, upstreams):
+    a, b = upstreams("a"), upstreams("b")
+    lp = free_port()
+    p = proxy_process(_cfg(a.port, lp))
+    proxy = f"http://127.0.0.1:{lp}"
+    assert httpx.get("http://reviews:9080/", proxy=proxy).json()["upstream"] == "a"
+    write_config(_cfg(b.port, lp, version="v2"), p.config_path)
+    deadline = time.monotonic() + 5
+    while httpx.get(p.admin + "/config").json()["version"] != "v2":
+        assert time.monotonic() < deadline, p.log()
+        time.sleep(0.1)
+    assert httpx.get("http://reviews:9080/", proxy=proxy).json()["upstream"] == "b"
+    # a broken file is rejected: v2 keeps serving
+    p.config_path.write_text("{not json")
+    p.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    assert httpx.get(p.admin + "/config").json()["version"] == "v2"
+    assert httpx.get("http://reviews:9080/", proxy=proxy).json()["upstream"] == "b"
+    assert "rejected" in p.log()
+
+
+def test_sigterm_drains_in_flight_request_and_exits_0(proxy_process, upstream):
+    lp = free_port()
+    p = proxy_process(_cfg(upstream.port, lp))
+    result = {}
+
+    def slow_request():
+        result["r"] = httpx.get("http://reviews:9080/slow?ms=800", proxy=f"http://127.0.0.1:{lp}", timeout=10)
+
+    import threading
+
+    t = threading.Thread(target=slow_request)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not upstream.requests:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    p.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    # draining: not ready, and no new connections are accepted
+    try:
+        assert httpx.get(p.admin + "/ready").status_code == 503
+    except httpx.ConnectError:
+        pass
+    with pytest.raises(httpx.ConnectError):
+        httpx.get("http://reviews:9080/", proxy=f"http://127.0.0.1:{lp}")
+    t.join(10)
+    assert result["r"].status_code == 200
+    assert p.proc.wait(10) == 0
+
+
+async def test_large_bodies_stream_in_bounded_memory(proxy_process, upstream):
+    """200 MB up and down through a proxy process; its RSS stays far below the body size."""
+    lp = free_port()
+    p = proxy_process(_cfg(upstream.port, lp))
+    size = 200 * 1024 * 1024
+    base = p.rss_kb()
+    r = await curl("-x", f"http://127.0.0.1:{lp}", "-o", "/dev/null", "-w", "%{size_download}",
+                   f"http://reviews:9080/download?n={size}")
+    assert int(r.stdout) == size
+    # upload from a generator of zeros, chunked
+    proc = await trio.run_process(
+        ["sh", "-c",
+         f"head -c {size} /dev/zero | curl -sS --max-time 60 -x http://127.0.0.1:{lp} "
+         f"-H 'transfer-encoding: chunked' --data-binary @- http://reviews:9080/upload"],
+        capture_stdout=True,
+    )
+    assert json.loads(proc.stdout) == {"received": size}
+    grown_mb = (p.hwm_kb() - base) / 1024
+    assert grown_mb < 40, f"proxy peak RSS grew by {grown_mb:.1f} MB for a {size >> 20} MB body"
