@@ -133,6 +133,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.close()
             return
+        if route == "/then-close":
+            # answer with keep-alive, then close the idle connection shortly after
+            sock = self.connection
+            threading.Timer(int(q.get("ms", "100")) / 1000, lambda: sock.shutdown(socket.SHUT_RDWR)).start()
         if route == "/slow" and q.get("only", owner.name) == owner.name:
             time.sleep(int(q.get("ms", "1000")) / 1000)
         if route == "/flaky":

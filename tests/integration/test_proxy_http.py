@@ -475,3 +475,94 @@ async def test_invalid_config_is_rejected_and_old_one_kept(upstream):
         assert rt.config.version == "v1"
         r = await curl("-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/")
         assert json.loads(r.stdout)["upstream"] == "up"
+
+
+async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests(upstream):
+    cfg, lp = _simple(upstream, 9080, retries=HTTPRetry(attempts=0))
+    async with running_proxy(cfg) as rt:
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            r = await c.get("http://reviews:9080/then-close?ms=50")
+            assert r.status_code == 200
+            await trio.sleep(0.2)  # the upstream closed the pooled connection meanwhile
+            r = await c.get("http://reviews:9080/again")
+            assert r.status_code == 200
+    assert upstream.connections == 2
+    assert rt.stats.flags["UR"] == 0
+
+
+async def test_request_header_timeout_closes_a_slow_client(upstream):
+    from meshctl.model.base import Duration
+
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+        clusters=[cluster("reviews", 9080, [("127.0.0.1", upstream.port)])],
+        settings=Settings(request_headers_timeout=Duration(0.5), idle_timeout=Duration(1.0)),
+    )
+    async with running_proxy(cfg):
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(b"GET http://reviews:9080/ HTTP/1.1\r\nhost: reviews")  # never finished
+        t0 = trio.current_time()
+        with trio.fail_after(3):
+            while await s.receive_some():
+                pass
+        assert 0.4 < trio.current_time() - t0 < 1.5
+        await s.aclose()
+        # an idle keep-alive connection is closed after idle_timeout
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(b"GET http://reviews:9080/ HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        t0 = trio.current_time()
+        data = b""
+        with trio.fail_after(4):
+            while True:
+                d = await s.receive_some()
+                if not d:
+                    break
+                data += d
+        assert data.startswith(b"HTTP/1.1 200")
+        assert 0.8 < trio.current_time() - t0 < 2.5
+        await s.aclose()
+    assert len(upstream.requests) == 1
+
+
+async def test_gateway_listener_routes_through_its_table(upstream):
+    lp = free_port()
+    gw = Listener(name="ingress", direction="gateway", address="127.0.0.1", port=lp, route_table="outbound")
+    cfg = config(
+        listeners=[gw],
+        vhosts=[vhost("bookinfo.example.com", 80, (route_to("reviews", 9080),))],
+        clusters=[cluster("reviews", 9080, [("127.0.0.1", upstream.port)])],
+    )
+    async with running_proxy(cfg):
+        r = await curl("-H", "Host: bookinfo.example.com", f"http://127.0.0.1:{lp}/productpage")
+        assert json.loads(r.stdout)["path"] == "/productpage"
+        r = await curl("-si", "-H", "Host: other.example.com", f"http://127.0.0.1:{lp}/")
+        assert r.stdout.startswith(b"HTTP/1.1 404")
+
+
+async def test_apply_opens_added_listeners_and_closes_removed_ones(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    lp2 = free_port()
+    async with running_proxy(cfg) as rt:
+        two = config(version="v2", listeners=[outbound_listener(lp), outbound_listener(lp2, "second")],
+                     vhosts=cfg.route_tables["outbound"].virtual_hosts, clusters=list(cfg.clusters.values()))
+        rt.apply(two)
+        r = await curl("-x", f"http://127.0.0.1:{lp2}", "http://reviews:9080/second")
+        assert json.loads(r.stdout)["path"] == "/second"
+        # an open keep-alive connection on the first listener survives its removal
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await trio.sleep(0.05)  # let the accept loop take it
+        only_second = config(version="v3", listeners=[outbound_listener(lp2, "second")],
+                             vhosts=cfg.route_tables["outbound"].virtual_hosts, clusters=list(cfg.clusters.values()))
+        rt.apply(only_second)
+        await trio.sleep(0.05)
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", lp)) != 0  # nobody listens any more
+        await s.send_all(b"GET http://reviews:9080/old HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while b"/old" not in data:
+                data += await s.receive_some()
+        assert data.startswith(b"HTTP/1.1 200")
+        await s.aclose()
