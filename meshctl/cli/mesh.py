@@ -59,13 +59,19 @@ def _read_status(sd: Path) -> dict:
         return {}
 
 
+def _short(address: str) -> str:
+    """Loopback addresses as ':PORT' so the table fits 80 columns."""
+    return address[len("127.0.0.1"):] if address.startswith("127.0.0.1:") else address
+
+
 def print_table(st: dict) -> None:
-    t = Table("WORKLOAD", "SERVICE", "VERSION", "STATE", "APP", "INBOUND", "OUTBOUND (HTTP_PROXY)", "ADMIN", box=None)
+    t = Table("WORKLOAD", "VERSION", "STATE", "APP", "INBOUND", "OUTBOUND", "ADMIN", "RESTARTS", box=None,
+              caption="ports on 127.0.0.1; apps reach the mesh with HTTP_PROXY=OUTBOUND", caption_justify="left")
     colours = {"ready": "green", "starting": "yellow", "unhealthy": "red", "restarting": "red", "stopped": "dim"}
     for w in st.get("workloads", []):
         c = colours.get(w["state"], "white")
-        t.add_row(w["name"], w["service"], w["version"], f"[{c}]{w['state']}[/]", w["app_address"], w["inbound_address"],
-                  w["outbound_address"], w["admin_address"])
+        t.add_row(w["name"], w["version"], f"[{c}]{w['state']}[/]", _short(w["app_address"]), _short(w["inbound_address"]),
+                  _short(w["outbound_address"]), _short(w["admin_address"]), str(w.get("restarts", 0)))
     console.print(t)
     if st.get("gateways"):
         g = Table("GATEWAY", "ADDRESS", "STATE", box=None)
