@@ -461,6 +461,8 @@ class _Endpoint:
         if flush:
             for sid, st in list(self._blocked.items()):
                 self._flush(sid, st)
+                if sid not in self._blocked:  # the queue ran out and the stream finished
+                    continue
                 if not st.queue and self._window(sid) > 0:
                     st.blocked = False
                     del self._blocked[sid]

@@ -219,6 +219,24 @@ def test_window_updated_event_when_a_blocked_stream_has_room_again():
     assert p.c.send_window(sid) > 0 and p.c.queued(sid) == 0
 
 
+def test_response_larger_than_the_client_window_completes_as_the_client_acks():
+    p = Pair(client_limits=H2Limits(initial_window_size=65535, connection_window=65535))
+    sid = p.req("/big")
+    p.pump()
+    size = 300_000
+    p.to_c += p.s.response_head(sid, ResponseHead(200, [("content-length", str(size))]))
+    p.to_c += p.s.data(sid, b"B" * size, end_stream=True)
+    _, cev = p.pump()
+    got = len(body(cev, sid))
+    assert got == 65535 and p.s.queued(sid) == size - 65535 and p.s.open_streams == 1
+    while not by_type(cev, EndOfMessage):
+        p.to_s += p.c.ack_received(sid, len(body(cev, sid)))
+        _, cev = p.pump()
+        got += len(body(cev, sid))
+    assert got == size
+    assert p.s.open_streams == 0 and p.c.open_streams == 0
+
+
 def test_connection_window_caps_all_streams_together():
     lim = H2Limits(initial_window_size=1 << 20, connection_window=2 << 20)
     p = Pair(server_limits=lim)
