@@ -478,15 +478,21 @@ class Forwarder:
                 return result
             # stream the body while reading the response
             result = None
+            failure: list = []
+            main_error: list = []
             async with trio.open_nursery() as nursery:
-                failure: list = []
                 nursery.start_soon(self._send_body, rq, conn, up_head, failure, nursery.cancel_scope)
                 try:
                     result = await self._respond(rq, cs, conn, policy, retries, try_deadline, nursery)
+                except (DownstreamGone, ProtocolError) as exc:
+                    # kept out of the nursery, which would wrap it in an ExceptionGroup
+                    main_error.append(exc)
                 finally:
                     if not body.finished:
                         # the upstream answered (or failed) before the body was done
                         nursery.cancel_scope.cancel()
+            if main_error:
+                raise main_error[0]
             if failure:
                 exc = failure[0]
                 if isinstance(exc, ProtocolError):
@@ -597,10 +603,11 @@ class Forwarder:
         if fwd is not None:
             for ops in fwd.response_ops:
                 headers = apply_header_ops(headers, ops)
-        head.headers = headers
         if not rq.keep_alive or self.rt.draining:
             head.keep_alive = False
             rq.keep_alive = False
+            headers.append(("connection", "close"))
+        head.headers = headers
         rq.response_started = True
         rq.status = head.status
         reader = conn.reader
@@ -671,8 +678,11 @@ async def send_local(rq: Request, reply: LocalReply) -> None:
         rq.flags.append(reply.flag)
     rq.status = reply.status
     rq.response_started = True
-    parts = [server.response_head(head, end_stream=not body)]
-    if body and rq.head.method != "HEAD":
+    if not rq.keep_alive:
+        headers.append(("connection", "close"))
+    is_head = rq.head.method == "HEAD"
+    parts = [server.response_head(head, end_stream=not body or is_head)]
+    if body and not is_head:
         parts.append(server.data(body))
         parts.append(server.end())
     await rq.send_down(b"".join(parts))

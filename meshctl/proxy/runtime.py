@@ -198,7 +198,15 @@ class ProxyRuntime:
                     continue
                 stream = FastSocketStream(sock)
                 client_ip = addr[0] if isinstance(addr, tuple) else ""
-                nursery.start_soon(al.handler, self, al, stream, client_ip)
+                nursery.start_soon(self._guard, al, stream, client_ip)
+
+    async def _guard(self, al: ActiveListener, stream: FastSocketStream, client_ip: str) -> None:
+        """One connection's task: a bug in it closes that connection, not the proxy."""
+        try:
+            await al.handler(self, al, stream, client_ip)
+        except Exception:
+            log.exception("listener %s: connection from %s failed", al.spec.name, client_ip)
+            stream.close_now()
 
     async def run(self, cfg: ProxyConfig, *, admin_port: int | None = None, admin_address: str = "127.0.0.1",
                   handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:

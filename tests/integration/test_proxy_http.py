@@ -566,3 +566,20 @@ async def test_apply_opens_added_listeners_and_closes_removed_ones(upstream):
                 data += await s.receive_some()
         assert data.startswith(b"HTTP/1.1 200")
         await s.aclose()
+
+
+async def test_local_replies_keep_the_connection_usable(upstream):
+    """A 404 to HEAD has no body, and the next request on the connection still works."""
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg):
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(b"HEAD http://nope:1/ HTTP/1.1\r\nhost: nope:1\r\n\r\n"
+                         b"GET http://reviews:9080/next HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while b'"/next"' not in data:
+                data += await s.receive_some()
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 404")
+        assert rest.startswith(b"HTTP/1.1 200")  # no 404 body in between
+        await s.aclose()

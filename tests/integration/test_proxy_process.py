@@ -158,11 +158,11 @@ async def test_large_bodies_stream_in_bounded_memory(proxy_process, upstream):
     r = await curl("-x", f"http://127.0.0.1:{lp}", "-o", "/dev/null", "-w", "%{size_download}",
                    f"http://reviews:9080/download?n={size}")
     assert int(r.stdout) == size
-    # upload from a generator of zeros, chunked
+    # upload a stream of zeros, chunked
     proc = await trio.run_process(
         ["sh", "-c",
          f"head -c {size} /dev/zero | curl -sS --max-time 60 -x http://127.0.0.1:{lp} "
-         f"-H 'transfer-encoding: chunked' --data-binary @- http://reviews:9080/upload"],
+         f"-T - -X POST http://reviews:9080/upload"],  # -T -: streamed, chunked
         capture_stdout=True,
     )
     assert json.loads(proc.stdout) == {"received": size}
