@@ -48,8 +48,10 @@ Rules this module keeps
   ``max_continuation_frames`` CONTINUATION frames in one header block; more
   than ``max_queued_control_frames`` PING/SETTINGS ACKs and RST_STREAMs queued
   and not handed out; more than ``rapid_reset_threshold`` streams reset by the
-  client before any response head within ``rapid_reset_window`` seconds
-  (CVE-2023-44487).
+  client before any response head, or refused for opening past
+  ``max_concurrent_streams``, within ``rapid_reset_window`` seconds
+  (CVE-2023-44487); more than ``max_consecutive_empty_frames`` empty DATA
+  frames in a row (CVE-2019-9518).
 * A response that completes while its request is still open is followed by
   RST_STREAM(NO_ERROR) (RFC 9113 8.1), so the client stops sending.
 * GOAWAY both ways is graceful: h2 itself treats any GOAWAY as the end of the
@@ -134,6 +136,7 @@ class H2Limits:
     rapid_reset_threshold: int = 200  # premature resets per window before GOAWAY (CVE-2023-44487)
     rapid_reset_window: float = 10.0
     max_queued_control_frames: int = 1000  # PING/SETTINGS ACK (and RST_STREAM) flood cap
+    max_consecutive_empty_frames: int = 1  # empty DATA frames in a row (CVE-2019-9518), as Envoy
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -153,6 +156,7 @@ class H2Limits:
         need(self.rapid_reset_threshold >= 1, "rapid_reset_threshold must be >= 1")
         need(self.rapid_reset_window > 0, "rapid_reset_window must be > 0")
         need(self.max_queued_control_frames >= 1, "max_queued_control_frames must be >= 1")
+        need(self.max_consecutive_empty_frames >= 0, "max_consecutive_empty_frames must be >= 0")
 
 
 _DEFAULT_LIMITS = H2Limits()
@@ -281,6 +285,7 @@ class _Conn(H2Connection):
 
     def _refuse(self, frame, why: str):  # type: ignore[no-untyped-def]
         sid = frame.stream_id
+        ep = self._mesh
         if sid % 2 != (0 if self.config.client_side else 1):
             raise _H2ProtocolError(f"HEADERS on stream {sid}, which the peer may not open")
         try:  # decode anyway: the HPACK table must stay in step with the peer's
@@ -292,8 +297,12 @@ class _Conn(H2Connection):
         if sid > self.highest_inbound_stream_id:
             self.highest_inbound_stream_id = sid
         self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
-        self._mesh._ctl += 1
-        self._mesh.refused_streams += 1
+        ep._ctl += 1
+        ep.refused_streams += 1
+        if why == "max_concurrent_streams":
+            # opening streams past the advertised limit is abuse too: it counts as a
+            # premature reset (a client that had not seen our SETTINGS yet stays far below)
+            ep._count_premature_reset()
         return [RstStreamFrame(sid, error_code=ErrorCodes.REFUSED_STREAM)], []
 
     def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
@@ -337,7 +346,7 @@ class _Endpoint:
             header_encoding=None,
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
-            validate_outbound_headers=True,
+            validate_outbound_headers=False,  # _encode_fields and the head builders guarantee it
             normalize_outbound_headers=False,
         )
         conn = _Conn(cfg, self)
@@ -366,6 +375,7 @@ class _Endpoint:
         self._peer_last: int | None = None  # the peer's GOAWAY last-stream-id
         self._ctl = 0  # control frames queued since bytes were last handed out
         self._resets: deque[float] = deque()
+        self._empty = 0  # consecutive empty DATA frames without END_STREAM
         self.refused_streams = 0  # streams refused with REFUSED_STREAM (for stats)
 
     # ------------------------------------------------------------ output
@@ -425,8 +435,14 @@ class _Endpoint:
                 if fcl > n:  # padding: nobody downstream will ack it
                     self._conn.acknowledge_received_data(fcl - n, sid)
                 if n:
+                    self._empty = 0
                     st.unacked += n
                     events.append(Data(ev.data, sid))
+                elif ev.stream_ended is None:
+                    self._empty += 1
+                    if self._empty > self._limits.max_consecutive_empty_frames:
+                        self._fail(f"empty DATA frame flood from the {self._who}: more than "
+                                   f"{self._limits.max_consecutive_empty_frames} in a row", calm=True)
             elif t is StreamEnded:
                 st = streams.get(ev.stream_id)
                 if st is None:

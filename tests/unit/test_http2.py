@@ -428,6 +428,20 @@ def test_rapid_reset_gets_goaway_enhance_your_calm():
         server.feed(PingFrame(0).serialize())
 
 
+def test_opening_streams_past_the_limit_again_and_again_counts_as_rapid_reset():
+    server = H2Server(H2Limits(max_concurrent_streams=1, rapid_reset_threshold=5), now=lambda: 0.0)
+    raw_client(server)
+    enc = Encoder()
+    server.feed(HeadersFrame(1, request_block(enc), flags=["END_HEADERS"]).serialize())
+    for sid in range(3, 13, 2):  # 5 refusals: tolerated
+        assert server.feed(HeadersFrame(sid, request_block(enc), flags=["END_HEADERS"]).serialize()) == []
+        rst = [f for f in frames(server.data_to_send()) if isinstance(f, RstStreamFrame)]
+        assert [(f.stream_id, f.error_code) for f in rst] == [(sid, REFUSED_STREAM)]
+    with pytest.raises(ProtocolError, match="rapid reset"):
+        server.feed(HeadersFrame(13, request_block(enc), flags=["END_HEADERS"]).serialize())
+    assert goaway_of(server.data_to_send()).error_code == ENHANCE_YOUR_CALM
+
+
 def test_resets_spread_over_time_or_after_a_response_do_not_count():
     clock = [0.0]
     server = H2Server(H2Limits(rapid_reset_threshold=3, rapid_reset_window=1.0), now=lambda: clock[0])
@@ -460,6 +474,25 @@ def test_ping_flood_is_fatal_when_acks_pile_up():
     out = frames(server.data_to_send())
     assert not [f for f in out if isinstance(f, PingFrame)]  # the queued ACKs are dropped
     assert goaway_of(b"".join(f.serialize() for f in out)).error_code == ENHANCE_YOUR_CALM
+
+
+def test_settings_flood_is_fatal_too():
+    server = H2Server(H2Limits(max_queued_control_frames=50))
+    raw_client(server)
+    with pytest.raises(ProtocolError, match="flood"):
+        server.feed(SettingsFrame(0).serialize() * 51)
+    assert goaway_of(server.data_to_send()).error_code == ENHANCE_YOUR_CALM
+
+
+def test_empty_data_frame_flood_gets_goaway():
+    server = H2Server()
+    raw_client(server)
+    server.feed(HeadersFrame(1, request_block(Encoder()), flags=["END_HEADERS"]).serialize())
+    assert server.feed(DataFrame(1, b"").serialize() + DataFrame(1, b"x").serialize()) == [Data(b"x", 1)]
+    assert server.feed(DataFrame(1, b"").serialize()) == []  # one in a row is tolerated
+    with pytest.raises(ProtocolError, match="empty DATA"):
+        server.feed(DataFrame(1, b"").serialize())
+    assert goaway_of(server.data_to_send()).error_code == ENHANCE_YOUR_CALM
 
 
 def test_continuation_flood_gets_goaway():

@@ -1,0 +1,113 @@
+"""Micro benchmark of the HTTP/2 codec: requests/s through an H2Client and an
+H2Server joined in memory (no sockets).
+
+Per request: H2Client.request (a typical GET), H2Server.feed -> RequestHead +
+EndOfMessage, H2Server.response_head + data (12 bytes, END_STREAM),
+H2Client.feed -> ResponseHead + Data + EndOfMessage, ack_received. Reported:
+  sequential   one stream at a time
+  multiplexed  batches of 10 concurrent streams per feed (as h2load -m 10)
+  h1 pair      the same exchange through H1Client + H1Server, for the ratio
+Runs interleaved (A B C A B C ...), best of each is printed.
+
+    /tmp/venv/bin/python bench/h2_codec_bench.py [seconds]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from meshctl.protocol.events import RequestHead, ResponseHead
+from meshctl.protocol.http1 import H1Client, H1Server
+from meshctl.protocol.http2 import H2Client, H2Server
+
+HEADERS = [
+    ("user-agent", "h2load/1.52"),
+    ("accept", "*/*"),
+    ("x-request-id", "0b9e8f12-2a5c-4b6e-9a43-5b3c0f2a7d11"),
+    ("x-b3-traceid", "463ac35c9f6413ad"),
+    ("x-b3-spanid", "a2fb4a1d1a96d312"),
+]
+RESP_HEADERS = [("server", "nginx"), ("content-type", "text/plain"), ("content-length", "12")]
+BODY = b"hello world\n"
+
+
+def connected() -> tuple[H2Client, H2Server]:
+    c, s = H2Client(), H2Server()
+    s.feed(c.initiate())
+    c.feed(s.initiate() + s.data_to_send())
+    s.feed(c.data_to_send())
+    c.feed(s.data_to_send())
+    return c, s
+
+
+def run_h2(n: int, batch: int) -> None:
+    c, s = connected()
+    head = RequestHead("GET", "/reviews/0?x=1", HEADERS, authority="reviews:9080", path="/reviews/0?x=1")
+    resp = ResponseHead(200, RESP_HEADERS)
+    done = 0
+    while done < n:
+        wire = bytearray()
+        for _ in range(batch):
+            _, out = c.request(head, end_stream=True)
+            wire += out
+        back = bytearray()
+        for ev in s.feed(bytes(wire)):
+            if type(ev) is RequestHead:
+                sid = ev.stream_id
+                back += s.response_head(sid, resp)
+                back += s.data(sid, BODY, end_stream=True)
+        back += s.data_to_send()
+        acks = bytearray()
+        got = 0
+        for ev in c.feed(bytes(back)):
+            if type(ev).__name__ == "Data":
+                acks += c.ack_received(ev.stream_id, len(ev.data))
+            elif type(ev).__name__ == "EndOfMessage":
+                got += 1
+        acks += c.data_to_send()
+        if acks:
+            s.feed(bytes(acks))
+            s.data_to_send()
+        assert got == batch, got
+        done += batch
+
+
+def run_h1(n: int) -> None:
+    server, client = H1Server(), H1Client()
+    head = RequestHead("GET", "/reviews/0?x=1", HEADERS, authority="reviews:9080", path="/reviews/0?x=1")
+    resp = ResponseHead(200, RESP_HEADERS)
+    for _ in range(n):
+        wire = client.request_head(head, end_stream=True)
+        server.feed(wire)
+        out = server.response_head(resp) + server.data(BODY) + server.end()
+        evs = client.feed(out)
+        assert len(evs) == 3
+        client.reset_for_next()
+
+
+def measure(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    fn(n)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 6.0
+    cases = {
+        "h2 sequential": lambda n: run_h2(n, 1),
+        "h2 multiplexed x10": lambda n: run_h2(n, 10),
+        "h1 pair (reference)": run_h1,
+    }
+    best = {k: 0.0 for k in cases}
+    n = 2000
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, fn in cases.items():
+            best[name] = max(best[name], measure(fn, n))
+    for name, rps in best.items():
+        print(f"{name:22s} {rps:10,.0f} requests/s  (client+server codecs, in memory)")
+
+
+if __name__ == "__main__":
+    main()
