@@ -199,7 +199,10 @@ class BodySource:
             return self.chunks[i]
         if self.finished:
             return None
-        ev = await self.reader.next()
+        try:
+            ev = await self.reader.next()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise DownstreamGone(f"client connection lost mid-body: {exc}") from None
         if ev is None:
             raise DownstreamGone("client closed the connection mid-body")
         data = self._take(ev)
@@ -770,7 +773,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                         await send_local(rq, reply)
                     else:
                         await forwarder.run(rq)
-                except DownstreamGone:
+                except (DownstreamGone, trio.BrokenResourceError, trio.ClosedResourceError):
                     rq.keep_alive = False
                     rq.flags.append(F.DC)
                 except ProtocolError as exc:  # malformed body from the client

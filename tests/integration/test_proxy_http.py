@@ -583,3 +583,52 @@ async def test_local_replies_keep_the_connection_usable(upstream):
         assert first.startswith(b"HTTP/1.1 404")
         assert rest.startswith(b"HTTP/1.1 200")  # no 404 body in between
         await s.aclose()
+
+
+async def test_client_going_away_mid_upload_or_mid_wait_leaves_the_proxy_serving(upstream):
+    cfg, lp = _simple(upstream, 9080)
+    async with running_proxy(cfg) as rt:
+        # abandons a chunked upload half way
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(b"POST http://reviews:9080/upload HTTP/1.1\r\nhost: reviews:9080\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n" + b"10000\r\n" + b"u" * 30000)
+        await trio.sleep(0.1)
+        s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await s.aclose()
+        # abandons a request while the upstream is still working on it
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(b"GET http://reviews:9080/slow?ms=300 HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        await trio.sleep(0.05)
+        await s.aclose()
+        await trio.sleep(0.5)
+        r = await curl("-x", f"http://127.0.0.1:{lp}", "http://reviews:9080/still-up")
+        assert json.loads(r.stdout)["path"] == "/still-up"
+        with trio.fail_after(2):
+            while rt.stats.listeners["outbound"].cx_active:  # curl's own connection closing
+                await trio.sleep(0.01)
+
+
+async def test_upstream_dying_mid_body_closes_the_client_connection(upstreams):
+    """The client cannot be told with a status any more: it sees a truncated body and a close."""
+    async def short_server(stream):
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
+        await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_tcp, short_server, 0)
+        port = listeners[0].socket.getsockname()[1]
+        lp = free_port()
+        cfg = config(
+            listeners=[outbound_listener(lp)],
+            vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+            clusters=[cluster("reviews", 9080, [("127.0.0.1", port)])],
+        )
+        async with running_proxy(cfg) as rt:
+            out, closed = await trio.to_thread.run_sync(
+                raw_exchange, lp, b"GET http://reviews:9080/ HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200")
+            assert closed
+            assert len(out.partition(b"\r\n\r\n")[2]) == 1000
+            assert rt.stats.flags["UR"] == 1
+        n.cancel_scope.cancel()
