@@ -752,6 +752,11 @@ class _Endpoint:
         return len(self._streams)
 
     @property
+    def keep_alive(self) -> bool:
+        """New streams may still come on this connection (no GOAWAY either way, no error)."""
+        return not self._closed and self._drain_last is None and self._peer_last is None
+
+    @property
     def closed(self) -> bool:
         """The connection is over (fatal error, non-graceful GOAWAY, EOF, or drained)."""
         return self._closed or (

@@ -299,7 +299,7 @@ def test_graceful_goaway_lets_in_flight_streams_finish_and_refuses_later_ones():
     assert ga.last_stream_id == b and ga.error_code == 0
     (refused,) = by_type(cev, Reset)
     assert refused.stream_id == late and refused.refused
-    assert not p.c.can_open_stream
+    assert not p.c.can_open_stream and not p.c.keep_alive and not p.s.keep_alive
     for sid in (a, b):
         p.to_c += p.s.response_head(sid, ResponseHead(200, []))
         p.to_c += p.s.data(sid, b"done", end_stream=True)
