@@ -63,7 +63,7 @@ class EventReader:
 
 
 class UpstreamConn:
-    __slots__ = ("stream", "client", "reader", "key", "stats", "idle_since", "reused")
+    __slots__ = ("stream", "client", "reader", "key", "stats", "idle_since", "reused", "counted")
 
     def __init__(self, stream: FastSocketStream, client: H1Client, key: tuple[str, int], stats: ClusterStats) -> None:
         self.stream = stream
@@ -73,6 +73,7 @@ class UpstreamConn:
         self.stats = stats
         self.idle_since = 0.0
         self.reused = False
+        self.counted = True  # still included in stats.cx_active
 
 
 class UpstreamPool:
@@ -131,8 +132,9 @@ class UpstreamPool:
         self._close(conn)
 
     def _close(self, conn: UpstreamConn) -> None:
-        if not conn.stream.closed:
-            conn.stream.close_now()
+        conn.stream.close_now()
+        if conn.counted:
+            conn.counted = False
             conn.stats.cx_active -= 1
 
     def close_all(self) -> None:

@@ -169,7 +169,7 @@ async def test_head_and_100_continue(upstream):
 
 async def test_websocket_upgrade_passes_bytes_through(upstream):
     cfg, lp = _simple(upstream, 9080)
-    async with running_proxy(cfg):
+    async with running_proxy(cfg) as rt:
         s = await trio.open_tcp_stream("127.0.0.1", lp)
         await s.send_all(
             b"GET http://reviews:9080/ws HTTP/1.1\r\nhost: reviews:9080\r\nconnection: Upgrade\r\n"
@@ -194,6 +194,8 @@ async def test_websocket_upgrade_passes_bytes_through(upstream):
         with trio.fail_after(5):
             assert await s.receive_some() == b""
         await s.aclose()
+        await trio.sleep(0.05)
+        assert rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"].cx_active == 0
 
 
 async def test_dead_upstream_is_503_with_reason(upstream):
@@ -631,4 +633,6 @@ async def test_upstream_dying_mid_body_closes_the_client_connection(upstreams):
             assert closed
             assert len(out.partition(b"\r\n\r\n")[2]) == 1000
             assert rt.stats.flags["UR"] == 1
+            # the dead upstream connection is no longer counted as active
+            assert rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"].cx_active == 0
         n.cancel_scope.cancel()
