@@ -91,13 +91,28 @@ def up(
     file: Path = typer.Option(Path("mesh.yaml"), "-f", "--file", help="The mesh file."),
     detach: bool = typer.Option(False, "-d", "--detach", help="Run in the background; `meshctl down` stops it."),
     state: Optional[str] = StateDirOption,
+    registry: Optional[str] = typer.Option(
+        None, "--registry", metavar="URL",
+        help="embedded, consul://HOST:PORT or eureka://HOST:PORT/eureka; overrides settings.registry in mesh.yaml.",
+    ),
+    consul_token: Optional[str] = typer.Option(
+        None, "--consul-token", envvar="CONSUL_HTTP_TOKEN", show_envvar=True, metavar="TOKEN",
+        help="Consul ACL token for registering and watching.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", hidden=True),
 ) -> None:
     """Start the control plane, every app with its sidecar, and the gateways; or apply mesh.yaml's changes to a running mesh."""
+    from ..registry import parse_registry_url
+    from ..registry.base import RegistryError
     from ..supervisor.run import Supervisor, UpError
 
     if not file.exists():
         fail(f"{file}: no such mesh file (give one with -f)")
+    if registry is not None:
+        try:
+            parse_registry_url(registry)
+        except RegistryError as e:
+            fail(f"--registry: {e}")
     try:
         sd = _mesh_state_dir(file, state)
     except LoadError as e:
@@ -105,10 +120,10 @@ def up(
     sd.mkdir(parents=True, exist_ok=True)
     pid = _supervisor_pid(sd)
     if pid:
-        _update_running(sd, pid, file)
+        _update_running(sd, pid, file, registry)
         return
     if detach:
-        _start_detached(sd, file)
+        _start_detached(sd, file, registry, consul_token)
         return
     started = time.monotonic()
 
@@ -117,7 +132,7 @@ def up(
             err_console.print(f"[dim]{time.monotonic() - started:6.2f}s[/] {msg}", highlight=False)
 
     try:
-        sup = Supervisor(file, sd, on_event)
+        sup = Supervisor(file, sd, on_event, registry_url=registry, consul_token=consul_token)
     except LoadError as e:
         fail(f"bad mesh file:\n{e}")
 
@@ -151,12 +166,15 @@ def _first(e: BaseException, kind: type) -> BaseException | None:
     return None
 
 
-def _start_detached(sd: Path, file: Path) -> None:
+def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul_token: Optional[str] = None) -> None:
     (sd / "logs").mkdir(parents=True, exist_ok=True)
     out = open(sd / "logs" / "supervisor.log", "ab")
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    if consul_token:  # through the environment, not argv: other users can read argv
+        env["CONSUL_HTTP_TOKEN"] = consul_token
+    extra = ["--registry", registry] if registry is not None else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshctl", "up", "-f", str(file.resolve()), "--state-dir", str(sd), "--quiet"],
+        [sys.executable, "-m", "meshctl", "up", "-f", str(file.resolve()), "--state-dir", str(sd), "--quiet", *extra],
         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
     out.close()
@@ -179,10 +197,15 @@ def _start_detached(sd: Path, file: Path) -> None:
     fail(f"mesh not up after 90s: see `meshctl status` and {sd / 'logs'}")
 
 
-def _update_running(sd: Path, pid: int, file: Path) -> None:
+def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = None) -> None:
+    from ..supervisor.run import redact_url
+
     st = _read_status(sd)
     if st.get("mesh") and Path(st["mesh"]) != file.resolve():
         fail(f"a mesh from {st['mesh']} is already running with state {sd}: `meshctl down` first")
+    running = (st.get("registry") or {}).get("url")
+    if registry is not None and running and redact_url(registry.strip()) != running:
+        fail(f"the running mesh uses the registry {running}, not {redact_url(registry)}: `meshctl down` first to switch")
     mtime = (sd / "status.json").stat().st_mtime if (sd / "status.json").exists() else 0
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + 90

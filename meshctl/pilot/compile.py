@@ -124,8 +124,15 @@ def instance_service_port(inst: Instance) -> int:
 
 def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict[str, Service]:
     services: dict[str, Service] = {}
-    for name, instances in sorted(snapshot.items()):
+    for name, found in sorted(snapshot.items()):
+        # Services registered by others come as they were named (Consul keeps
+        # case, Eureka apps are upper case): host names are not case-sensitive.
+        name = name.lower()
         host = fqdn(name)
+        # An instance registered without a port (Consul allows it) cannot be reached.
+        instances = tuple(i for i in found if 0 < i.port < 65536)
+        if host in services:
+            instances = services[host].instances + instances
         ports = tuple(sorted({instance_service_port(i) for i in instances})) or (80,)
         protos = {i.meta.get(META_PROTOCOL, "http") for i in instances}
         proto = protos.pop() if len(protos) == 1 else "http"

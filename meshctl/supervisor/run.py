@@ -10,6 +10,14 @@ Everything observable goes to ``status.json`` in the state directory, which
 Shutdown (SIGTERM, SIGINT or `meshctl down`): instances are marked draining
 and deregistered first, so Pilot moves traffic away, then sidecars and apps
 get SIGTERM, then SIGKILL after a grace period; the control plane goes last.
+
+With Consul or Eureka (``settings.registry`` or ``up --registry``) the
+registry is pinged before anything starts, and `up` fails naming it when it
+does not answer. Registrations are renewed at the registry's own cadence
+(a third of Consul's TTL, Eureka's renewal interval), whatever the health
+check interval; a probe task keeps `status` honest about the registry's
+reachability and, when it comes back, renews (re-registers) every instance
+at once and retries the deregistrations that failed while it was away.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +41,7 @@ from ..loader.codec import to_data
 from ..model.base import FrozenDict
 from ..model.mesh import HealthCheck, MeshSpec
 from ..pilot.compile import META_PROTOCOL, META_SERVICE_PORT, META_SIDECAR
+from ..registry import Backoff, parse_registry_url
 from ..registry.base import Instance, RegistryError
 from ..state import write_control
 from .plan import GatewayPlan, Plan, WorkloadPlan, gateway_node, load_mesh, make_plan, workload_node
@@ -43,6 +52,8 @@ log = logging.getLogger("meshctl.up")
 READY_TIMEOUT = 60.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 STOP_GRACE = 8.0
+REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after this long
+REGISTRY_PROBE_INTERVAL = 2.0  # how stale `status` may be about the registry's reachability
 
 
 class UpError(Exception):
@@ -88,17 +99,30 @@ class InstanceState:
     ok_streak: int = 0
     fail_streak: int = 0
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # One registry call at a time per instance: a renewal that finds the
+    # instance gone re-registers it, which must not undo a deregistration.
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class Supervisor:
-    def __init__(self, mesh_path: Path, state_dir: Path, on_event: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        mesh_path: Path,
+        state_dir: Path,
+        on_event: Callable[[str], None] | None = None,
+        *,
+        registry_url: str | None = None,
+        consul_token: str | None = None,
+    ) -> None:
         self.mesh_path = mesh_path.resolve()
         self.state_dir = state_dir.resolve()
         self.on_event = on_event or (lambda msg: None)
         self.logs = self.state_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "nodes").mkdir(exist_ok=True)
-        self.spec: MeshSpec = load_mesh(self.mesh_path)
+        self.registry_override = registry_url  # `up --registry`, wins over settings.registry
+        self.consul_token = consul_token or None
+        self.spec: MeshSpec = self._load_spec()
         self.plan: Plan | None = None
         self.instances: dict[str, InstanceState] = {}
         self.gateways: dict[str, ProcState] = {}
@@ -112,6 +136,14 @@ class Supervisor:
         self.shutting_down = False
         self._nursery: trio.Nursery | None = None
         self._status_dirty = trio.Event()
+        self._registry_down = False
+        self._undeleted: set[str] = set()  # deregistrations that failed while the registry was away
+
+    def _load_spec(self) -> MeshSpec:
+        spec = load_mesh(self.mesh_path)
+        if self.registry_override:
+            spec = replace(spec, settings=replace(spec.settings, registry=self.registry_override.strip()))
+        return spec
 
     # ------------------------------------------------------------ events and status
 
@@ -128,7 +160,7 @@ class Supervisor:
             "state": self.state,
             "error": self.error,
             "registry": {
-                "url": self.spec.settings.registry,
+                "url": redact_url(self.spec.settings.registry),
                 "reachable": getattr(reg, "reachable", True) if reg else False,
                 "error": getattr(reg, "last_error", "") if reg else "",
             },
@@ -303,16 +335,109 @@ class Supervisor:
         except (ProcessLookupError, PermissionError):
             pass
 
+    # ------------------------------------------------------------ registry
+
+    async def connect_registry(self) -> None:
+        """Open Consul or Eureka and check that it answers, before anything starts.
+
+        The embedded registry lives in Pilot: it is reached once Pilot runs."""
+        url = (self.spec.settings.registry or "embedded").strip()
+        try:
+            if parse_registry_url(url)["kind"] == "embedded":
+                return
+            from ..registry import open_registry
+
+            reg = open_registry(url, self.state_dir, token=self.consul_token)
+        except RegistryError as e:
+            raise UpError(str(e)) from None
+        try:
+            with trio.fail_after(REGISTRY_PING_TIMEOUT):
+                await reg.ping()
+        except RegistryError as e:
+            await reg.aclose()
+            raise UpError(f"the registry does not answer, nothing was started: {e}") from None
+        except trio.TooSlowError:
+            await reg.aclose()
+            raise UpError(f"the registry {redact_url(url)} did not answer within {REGISTRY_PING_TIMEOUT:g}s; nothing was started") from None
+        self.registry = reg
+        self.event(f"registry {redact_url(url)} answers")
+
+    def keepalive_period(self) -> float:
+        """How often registrations are renewed: the registry's own cadence
+        (Consul: a third of the check's TTL; Eureka: the lease renewal interval)."""
+        period = getattr(self.registry, "keepalive_interval", None)
+        if period is None:
+            ttl = getattr(self.registry, "ttl", None)
+            period = ttl / 3 if ttl else 5.0
+        return max(0.2, float(period))
+
+    async def keepalive_loop(self, inst: InstanceState) -> None:
+        period = self.keepalive_period()
+        while not self.shutting_down:
+            await trio.sleep(period)
+            await self._renew(inst)
+
+    async def _renew(self, inst: InstanceState) -> None:
+        async with inst.lock:
+            if not inst.registered or self.shutting_down:
+                return
+            try:
+                await self.registry.keep_alive(inst.plan.name)
+            except RegistryError as e:
+                log.warning("keep-alive of %s failed: %s", inst.plan.name, e)
+
+    async def registry_probe_loop(self) -> None:
+        """Ping Consul/Eureka every few seconds so `status` says when it is away;
+        when it is back, renew every registration at once (a registry that lost
+        them gets them again) and retry the deregistrations that failed."""
+        reg = self.registry
+        if not hasattr(reg, "ping"):
+            return
+        url = redact_url(self.spec.settings.registry)
+        backoff = Backoff(initial=0.5, maximum=5.0)
+        while not self.shutting_down:
+            try:
+                await reg.ping()
+                ok = True
+            except RegistryError as e:
+                ok, why = False, str(e)
+            if not ok and not self._registry_down:
+                self._registry_down = True
+                self.event(f"registry {url} unreachable ({why}); proxies keep the endpoints they know; retrying")
+            elif ok and self._registry_down:
+                self._registry_down = False
+                self.event(f"registry {url} reachable again: renewing registrations")
+                for name in sorted(self._undeleted):
+                    if name in self.instances and self.instances[name].registered:
+                        self._undeleted.discard(name)
+                        continue
+                    try:
+                        await reg.deregister(name)
+                        self._undeleted.discard(name)
+                    except RegistryError as e:
+                        log.warning("deregister %s failed again: %s", name, e)
+                for inst in list(self.instances.values()):
+                    await self._renew(inst)
+                self.write_status()
+            if ok:
+                backoff.reset()
+                await trio.sleep(REGISTRY_PROBE_INTERVAL)
+            else:
+                await trio.sleep(backoff.next())
+
     # ------------------------------------------------------------ control plane
 
     async def start_control_plane(self, plan: Plan) -> None:
         s = self.spec.settings
+        env = dict(os.environ)
+        if self.consul_token:
+            env["CONSUL_HTTP_TOKEN"] = self.consul_token
         self.pilot = ProcState(
             name="pilot",
             kind="control-plane",
             argv=meshctl_argv("pilot", "serve", "--port", str(plan.pilot_port), "--registry", s.registry or "embedded",
                               "--trust-domain", s.trust_domain, "--state-dir", str(self.state_dir)),
-            env=dict(os.environ),
+            env=env,
             cwd=str(self.state_dir),
             log=self.logs / "pilot.log",
         )
@@ -329,16 +454,9 @@ class Supervisor:
             raise UpError(f"Pilot did not start: see {self.pilot.log}:\n{tail(self.pilot.log)}")
         self.pilot.state = "ready"
         self.event(f"control plane ready at {self.pilot_url}")
-        reg = s.registry or "embedded"
-        if reg == "embedded":
+        if self.registry is None:  # embedded: Consul and Eureka were opened by connect_registry
             self.registry = PilotRegistry(self.pilot_url)
-        else:
-            from ..registry import open_registry
-
-            try:
-                self.registry = open_registry(reg, self.state_dir)
-            except RegistryError as e:
-                raise UpError(str(e)) from None
+        self._nursery.start_soon(self.registry_probe_loop)
 
     # ------------------------------------------------------------ workloads
 
@@ -382,6 +500,7 @@ class Supervisor:
                     await n.start(self.keep_running, inst.app, lost)
                 await n.start(self.keep_running, inst.proxy, lost)
                 n.start_soon(self.health_loop, inst)
+                n.start_soon(self.keepalive_loop, inst)
 
     async def health_loop(self, inst: InstanceState) -> None:
         w = inst.plan
@@ -407,11 +526,6 @@ class Supervisor:
                     inst.state = "unhealthy" if ok_proxy or not ok_app else "restarting"
                     what = "app" if not ok_app else "sidecar"
                     self.event(f"{w.name} unhealthy ({what} check failed {inst.fail_streak}x): taken out of the endpoints")
-            if inst.registered:
-                try:
-                    await self.registry.keep_alive(w.name)
-                except RegistryError as e:
-                    log.warning("keep-alive of %s failed: %s", w.name, e)
             if fast and not inst.registered:
                 await trio.sleep(0.05)
             else:
@@ -419,35 +533,44 @@ class Supervisor:
                 await trio.sleep(interval)
 
     async def _register(self, inst: InstanceState) -> None:
-        try:
-            await self.registry.register(self._instance(inst.plan))
-        except RegistryError as e:
-            inst.state = "starting"
-            inst.proxy.last_event = f"registration failed: {e}"
-            self.event(f"{inst.plan.name}: registration failed ({e}); retrying")
-            return
+        async with inst.lock:
+            if self.shutting_down:
+                return
+            try:
+                await self.registry.register(self._instance(inst.plan))
+            except RegistryError as e:
+                inst.state = "starting"
+                inst.proxy.last_event = f"registration failed: {e}"
+                self.event(f"{inst.plan.name}: registration failed ({e}); retrying")
+                return
+            inst.registered = True
+            self._undeleted.discard(inst.plan.name)
         was = inst.state
-        inst.registered = True
         inst.state = "ready"
         for p in (inst.app, inst.proxy):
             if p:
                 p.state = "running"
         self.event(f"{inst.plan.name} {'ready' if was == 'starting' else 'healthy again'}")
 
-    async def _deregister(self, inst: InstanceState) -> None:
-        inst.registered = False
-        try:
-            await self.registry.deregister(inst.plan.name)
-        except RegistryError as e:
-            log.warning("deregister %s failed: %s", inst.plan.name, e)
+    async def _deregister(self, inst: InstanceState, *, drain: bool = False) -> None:
+        """Take the instance out of the registry; with ``drain``, mark it draining
+        first (Consul maintenance, Eureka OUT_OF_SERVICE) so watchers see it leave."""
+        async with inst.lock:
+            inst.registered = False
+            if drain:
+                try:
+                    await self.registry.set_draining(inst.plan.name)
+                except RegistryError as e:
+                    log.warning("draining %s failed: %s", inst.plan.name, e)
+            try:
+                await self.registry.deregister(inst.plan.name)
+            except RegistryError as e:
+                self._undeleted.add(inst.plan.name)
+                log.warning("deregister %s failed: %s", inst.plan.name, e)
 
     async def stop_instance(self, inst: InstanceState) -> None:
         if inst.registered:
-            try:
-                await self.registry.set_draining(inst.plan.name)
-            except RegistryError:
-                pass
-            await self._deregister(inst)
+            await self._deregister(inst, drain=True)
         inst.state = "stopped"
         # The sidecar drains in-flight requests on SIGTERM; the app goes after it.
         await self.stop_proc(inst.proxy)
@@ -543,6 +666,7 @@ class Supervisor:
                         plan = self.make_plan()
                         self.preflight(plan)
                         self.write_status()
+                        await self.connect_registry()
                         await self.start_control_plane(plan)
                         await self.apply_plan(plan)
                         with trio.move_on_after(READY_TIMEOUT):
@@ -576,7 +700,13 @@ class Supervisor:
     async def reload(self) -> None:
         """`up` again on a running mesh: re-read mesh.yaml and apply the difference."""
         try:
-            self.spec = load_mesh(self.mesh_path)
+            spec = self._load_spec()
+            if (spec.settings.registry or "embedded") != (self.spec.settings.registry or "embedded"):
+                raise UpError(
+                    f"the registry changed ({redact_url(self.spec.settings.registry)} → {redact_url(spec.settings.registry)}): "
+                    "a running mesh keeps its registry; `meshctl down`, then `up` again"
+                )
+            self.spec = spec
             plan = self.make_plan()
             self.preflight(plan)
         except Exception as e:
@@ -654,6 +784,21 @@ async def http_ok(host: str, port: int, path: str, timeout: float = 1.0) -> bool
         finally:
             await s.aclose()
     return False
+
+
+def redact_url(url: str) -> str:
+    """A registry URL fit for status and logs: an ACL token in it is hidden."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    text = url or "embedded"
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(("token=***" if q.startswith("token=") else q) for q in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def tail(path: Path, lines: int = 15) -> str:
