@@ -24,6 +24,18 @@ def _setup_logging(level: str) -> None:
     root.propagate = False
 
 
+def _quiet_gc() -> None:
+    """Keep the cyclic GC off the latency tail: everything loaded so far
+    (modules, the config) lives for the whole process, so move it out of the
+    collector's sight, and collect the young generation less often (the data
+    path makes few reference cycles)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def serve(config: Path, admin_port: int = 15000, log_level: str = "info") -> int:
     """Load ``config`` and serve until SIGTERM. Returns the process exit code:
     0 after a drain, 2 for a config that cannot be loaded or run."""
@@ -48,6 +60,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info") -> int
     except OSError as exc:
         return fail(f"{config}: {exc.strerror or exc}")
     rt = ProxyRuntime(config_path=config, loader=load_proxy_config)
+    _quiet_gc()
     try:
         trio.run(lambda: rt.run(cfg, admin_port=admin_port))
     except ConfigRejected as exc:
