@@ -137,6 +137,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._status_dirty = trio.Event()
         self._registry_down = False
+        self._refused = ""  # a registry that answers but refuses a registration at `up` (an ACL, say)
         self._undeleted: set[str] = set()  # deregistrations that failed while the registry was away
 
     def _load_spec(self) -> MeshSpec:
@@ -541,6 +542,9 @@ class Supervisor:
             except RegistryError as e:
                 inst.state = "starting"
                 inst.proxy.last_event = f"registration failed: {e}"
+                if self.state == "starting" and not isinstance(self.registry, PilotRegistry) and getattr(self.registry, "reachable", False):
+                    # The server answered and said no: waiting will not change its mind.
+                    self._refused = f"the registry refused to register {inst.plan.name}: {e}"
                 self.event(f"{inst.plan.name}: registration failed ({e}); retrying")
                 return
             inst.registered = True
@@ -640,6 +644,8 @@ class Supervisor:
     async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = trio.current_time() + timeout
         while True:
+            if self._refused:
+                raise UpError(self._refused)
             pending = [i.plan.name for i in self.instances.values() if i.state != "ready"]
             pending += [f"gateway {n}" for n, p in self.gateways.items() if p.state != "ready"]
             if self.plan:

@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.tools.servers import ServerProcess, build_tool
+
 from .helpers import HELLO_APP, LoadGenerator, free_port, http_get, start_hello, stop
 
 pytestmark = pytest.mark.e2e
@@ -39,8 +41,8 @@ def port_range(offset: int) -> str:
     return f"{base}-{base + 99}"
 
 
-def meshctl(*args: str, cwd: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MESHCTL_STATE_DIR", "HTTP_PROXY", "http_proxy", "CONSUL_HTTP_TOKEN")}
+def meshctl(*args: str, cwd: Path, check: bool = True, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHCTL_STATE_DIR", "HTTP_PROXY", "http_proxy", "CONSUL_HTTP_TOKEN")} | (env or {})
     r = subprocess.run([sys.executable, "-m", "meshctl", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"meshctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -260,6 +262,63 @@ def test_consul_restart_re_registers_the_mesh_and_new_instances_are_discovered(c
 def test_consul_down_deregisters_every_instance(consul_mesh, consul_agent):
     meshctl("down", cwd=consul_mesh["dir"])
     assert not [s for s in consul_services(consul_agent).values() if s["Service"] == "hello"]
+
+
+ACL_TOKEN = "meshctl-test-management-token"
+
+
+@pytest.fixture
+def consul_with_acls(tmp_path):
+    """A second Consul dev agent whose ACLs deny everything without a token."""
+    port = free_port()
+    argv = [
+        build_tool("consul.sh"), "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-node=meshctl-acl",
+        f"-http-port={port}", "-dns-port=-1", "-grpc-port=-1", "-grpc-tls-port=-1",
+        f"-server-port={free_port()}", f"-serf-lan-port={free_port()}", f"-serf-wan-port={free_port()}", "-log-level=warn",
+        "-hcl", 'acl { enabled = true, default_policy = "deny", tokens { initial_management = "%s" } }' % ACL_TOKEN,
+    ]  # fmt: skip
+    http = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            with local_http() as c:
+                r = c.get(f"{http}/v1/catalog/nodes", headers={"X-Consul-Token": ACL_TOKEN})
+            return r.status_code == 200 and "meshctl-acl" in r.text
+        except httpx.HTTPError:
+            return False
+
+    server = ServerProcess("consul agent with ACLs", argv, ready, tmp_path / "consul-acl.log", start_timeout=60)
+    server.start()
+    try:
+        yield f"consul://127.0.0.1:{port}", http
+    finally:
+        server.stop()
+
+
+@pytest.mark.consul
+def test_consul_acl_token_comes_from_the_flag_or_the_environment(consul_with_acls, tmp_path):
+    url, http = consul_with_acls
+    write_mesh(tmp_path, 3)
+    started = time.monotonic()
+    r = meshctl("up", "-d", "-f", "mesh.yaml", "--registry", url, cwd=tmp_path, check=False)
+    assert r.returncode != 0
+    assert "permission denied by Consul ACLs" in r.stderr and "CONSUL_HTTP_TOKEN" in r.stderr and url in r.stderr, r.stderr
+    assert time.monotonic() - started < 30  # refused at once, not after the readiness timeout
+    assert not (tmp_path / ".meshctl" / "supervisor.pid").exists()
+
+    for how in ({"args": ("--consul-token", ACL_TOKEN)}, {"env": {"CONSUL_HTTP_TOKEN": ACL_TOKEN}}):
+        meshctl("up", "-d", "-f", "mesh.yaml", "--registry", url, *how.get("args", ()), cwd=tmp_path, env=how.get("env"))
+        try:
+            st = status(tmp_path)
+            assert "token" not in json.dumps(st["registry"]).lower()
+            with local_http() as c:
+                services = c.get(f"{http}/v1/agent/services", headers={"X-Consul-Token": ACL_TOKEN}).json()
+            assert {"hello-v1-0", "hello-v2-0"} <= set(services), how
+            # Pilot, a child process, watches with the token too: the endpoints reach the proxies.
+            outbound = int(st["workloads"][0]["outbound_address"].rsplit(":", 1)[1])
+            wait_for(lambda: answers_only(outbound, "http://hello:9080/", {"v1", "v2"}), what=f"routing with the token ({how})")
+        finally:
+            meshctl("down", cwd=tmp_path)
 
 
 # ---------------------------------------------------------------- Eureka
