@@ -54,6 +54,10 @@ from meshctl.model.proxyconfig import (
 
 MESHCTL = str(Path(sys.executable).parent / "meshctl")
 
+# Test modules import these helpers as ``proxy_testkit``: a unique name that
+# cannot collide with another directory's conftest module.
+sys.modules.setdefault("proxy_testkit", sys.modules[__name__])
+
 
 def free_port() -> int:
     s = socket.socket()

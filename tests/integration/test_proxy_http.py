@@ -11,7 +11,7 @@ import trio
 from meshctl.model.istio import HTTPRetry
 from meshctl.model.proxyconfig import Listener, Settings
 
-from conftest import (
+from proxy_testkit import (
     cluster,
     config,
     curl,

@@ -13,7 +13,7 @@ from meshctl.proxy.pool import UpstreamPool
 from meshctl.proxy.runtime import ProxyRuntime
 from meshctl.proxy.snapshot import Snapshot
 
-from conftest import config, outbound_listener, vhost
+from proxy_testkit import config, outbound_listener, vhost
 
 
 def _runtime(routes):

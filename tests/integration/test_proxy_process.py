@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import (
+from proxy_testkit import (
     MESHCTL,
     cluster,
     config,
