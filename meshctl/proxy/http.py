@@ -4,6 +4,7 @@ Per request, an ordered chain of stages runs (linkerd's app/outbound style):
 
     prepare   hop-by-hop removal, x-forwarded-for, x-request-id
     route     Router.decide → Forward | Redirect | DirectResponse | NoRoute   (outbound, binding, gateway)
+    fault     Istio fault injection: delay, abort (core.fault)
     target    the app's synthetic cluster                                      (inbound)
     cluster   cluster lookup, healthy endpoints (503 UH when none)
     ── filters (fault, rate limit, authz, telemetry) slot in here ──
@@ -28,6 +29,7 @@ from typing import Protocol
 import trio
 
 from ..core.balance import PickContext
+from ..core.fault import decide_fault
 from ..core.retry import Outcome, backoff, should_retry
 from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, apply_header_ops
 from ..model.proxyconfig import Listener
@@ -280,6 +282,32 @@ class RouteStage:
         raise TypeError(f"router returned {d!r}")  # pragma: no cover
 
 
+class FaultStage:
+    """Istio fault injection (core.fault decides): delay, then maybe abort locally."""
+
+    name = "fault"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        fwd = rq.forward
+        if fwd is None or fwd.fault is None:
+            return None
+        d = decide_fault(fwd.fault, rq.rt.rand)
+        if d.delay is not None:
+            rq.flags.append(F.DI)
+            await trio.sleep(d.delay)
+        if d.abort_status is not None:
+            return LocalReply(
+                d.abort_status, b"fault filter abort\n",
+                [("content-type", "text/plain"), ("x-meshctl-reason", "fault filter abort")], F.FI,
+            )
+        if d.grpc_status is not None:
+            return LocalReply(
+                200, b"", [("content-type", "application/grpc"), ("grpc-status", str(d.grpc_status)),
+                           ("grpc-message", "fault filter abort")], F.FI,
+            )
+        return None
+
+
 class InboundTargetStage:
     name = "target"
 
@@ -305,6 +333,7 @@ class ClusterStage:
 
 PREPARE = PrepareStage()
 ROUTE = RouteStage()
+FAULT = FaultStage()
 TARGET = InboundTargetStage()
 CLUSTER = ClusterStage()
 
@@ -312,7 +341,7 @@ CLUSTER = ClusterStage()
 def default_chain(listener: Listener) -> tuple[Stage, ...]:
     if listener.direction == "inbound" and listener.route_table is None:
         return (PREPARE, TARGET, CLUSTER)
-    return (PREPARE, ROUTE, CLUSTER)
+    return (PREPARE, ROUTE, FAULT, CLUSTER)
 
 
 # ------------------------------------------------------------------ forwarding

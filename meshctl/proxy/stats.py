@@ -19,6 +19,8 @@ UPE = "UPE"  # upstream protocol error (malformed response)
 DPE = "DPE"  # downstream protocol error
 DC = "DC"  # downstream connection terminated
 URX = "URX"  # retry limit exceeded (attempts used up)
+DI = "DI"  # delay injected (fault)
+FI = "FI"  # abort injected (fault)
 
 REASONS = {
     UF: "upstream connect failure",

@@ -636,3 +636,42 @@ async def test_upstream_dying_mid_body_closes_the_client_connection(upstreams):
             # the dead upstream connection is no longer counted as active
             assert rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"].cx_active == 0
         n.cancel_scope.cancel()
+
+
+async def test_fault_injection_delays_and_aborts_like_istio(upstream):
+    from meshctl.model.base import Duration
+    from meshctl.model.istio import FaultAbort, FaultDelay, HTTPFaultInjection, HTTPMatchRequest, Percent, StringMatch
+
+    jason = (HTTPMatchRequest(headers={"end-user": StringMatch(exact="jason")}),)
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[
+            vhost("ratings", 9080, (
+                route_to("ratings", 9080, match=jason,
+                         fault=HTTPFaultInjection(abort=FaultAbort(http_status=500, percentage=Percent(100.0)))),
+                route_to("ratings", 9080),
+            )),
+            vhost("reviews", 9080, (
+                route_to("reviews", 9080, match=jason,
+                         fault=HTTPFaultInjection(delay=FaultDelay(fixed_delay=Duration(0.4), percentage=Percent(100.0)))),
+                route_to("reviews", 9080),
+            )),
+        ],
+        clusters=[cluster("ratings", 9080, [("127.0.0.1", upstream.port)]),
+                  cluster("reviews", 9080, [("127.0.0.1", upstream.port)])],
+    )
+    async with running_proxy(cfg) as rt:
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            r = await c.get("http://ratings:9080/r", headers={"end-user": "jason"})
+            assert r.status_code == 500
+            assert r.headers["x-meshctl-reason"] == "fault filter abort"
+            assert upstream.requests == []
+            assert (await c.get("http://ratings:9080/r", headers={"end-user": "ann"})).status_code == 200
+            t0 = trio.current_time()
+            r = await c.get("http://reviews:9080/v", headers={"end-user": "jason"})
+            assert r.status_code == 200 and trio.current_time() - t0 >= 0.4
+            t0 = trio.current_time()
+            await c.get("http://reviews:9080/v", headers={"end-user": "ann"})
+            assert trio.current_time() - t0 < 0.3
+        assert rt.stats.flags["FI"] == 1 and rt.stats.flags["DI"] == 1
