@@ -5,6 +5,7 @@ Per request, an ordered chain of stages runs (linkerd's app/outbound style):
     prepare   hop-by-hop removal, x-forwarded-for, x-request-id
     route     Router.decide → Forward | Redirect | DirectResponse | NoRoute   (outbound, binding, gateway)
     fault     Istio fault injection: delay, abort (core.fault)
+    authz     AuthorizationPolicy → 403                                        (inbound)
     target    the app's synthetic cluster                                      (inbound)
     cluster   cluster lookup, healthy endpoints (503 UH when none)
     ── filters (fault, rate limit, authz, telemetry) slot in here ──
@@ -29,6 +30,7 @@ from typing import Protocol
 import trio
 
 from ..core.balance import PickContext
+from ..core.authz import AuthzRequest, authorize
 from ..core.fault import decide_fault
 from ..core.retry import Outcome, backoff, should_retry
 from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, apply_header_ops
@@ -308,6 +310,29 @@ class FaultStage:
         return None
 
 
+class AuthzStage:
+    """Inbound AuthorizationPolicy (core.authz decides); 403 when denied.
+    Without mTLS on the connection there is no source principal."""
+
+    name = "authz"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        policies = rq.snap.authz_policies
+        if not policies:
+            return None
+        head = rq.head
+        lst = rq.listener
+        d = authorize(policies, AuthzRequest(
+            method=head.method, path=head.path, host=head.authority, port=lst.app_port or lst.port,
+            headers=rq.headers, source_principal=None, source_ip=rq.client_ip,
+        ))
+        if d.allowed:
+            return None
+        rq.detail = d.reason
+        return LocalReply(403, b"RBAC: access denied\n",
+                          [("content-type", "text/plain"), ("x-meshctl-reason", "access denied")], F.RBAC)
+
+
 class InboundTargetStage:
     name = "target"
 
@@ -334,13 +359,14 @@ class ClusterStage:
 PREPARE = PrepareStage()
 ROUTE = RouteStage()
 FAULT = FaultStage()
+AUTHZ = AuthzStage()
 TARGET = InboundTargetStage()
 CLUSTER = ClusterStage()
 
 
 def default_chain(listener: Listener) -> tuple[Stage, ...]:
     if listener.direction == "inbound" and listener.route_table is None:
-        return (PREPARE, TARGET, CLUSTER)
+        return (PREPARE, AUTHZ, TARGET, CLUSTER)
     return (PREPARE, ROUTE, FAULT, CLUSTER)
 
 

@@ -123,6 +123,8 @@ class Snapshot:
                 c = inbound_cluster(cfg, lst)
                 self.listener_clusters[lst.name] = ClusterState(c, stats.cluster(c.name))
         self.no_retry: RetryPolicy = retry_policy(HTTPRetry(attempts=0), s)
+        ns = cfg.workload.namespace
+        self.authz_policies = tuple((f"{ns}/policy-{i}", p) for i, p in enumerate(cfg.authorization))
         self.source_labels = cfg.workload.labels
         self.source_namespace = cfg.workload.namespace
 

@@ -21,6 +21,7 @@ DC = "DC"  # downstream connection terminated
 URX = "URX"  # retry limit exceeded (attempts used up)
 DI = "DI"  # delay injected (fault)
 FI = "FI"  # abort injected (fault)
+RBAC = "RBAC"  # denied by an AuthorizationPolicy
 
 REASONS = {
     UF: "upstream connect failure",

@@ -675,3 +675,24 @@ async def test_fault_injection_delays_and_aborts_like_istio(upstream):
             await c.get("http://reviews:9080/v", headers={"end-user": "ann"})
             assert trio.current_time() - t0 < 0.3
         assert rt.stats.flags["FI"] == 1 and rt.stats.flags["DI"] == 1
+
+
+async def test_inbound_authorization_policy_denies_with_403(upstream):
+    from meshctl.model.istio import AuthorizationPolicy, Operation, Rule, RuleTo
+
+    lp = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=lp,
+                       app_address="127.0.0.1", app_port=upstream.port)
+    deny_admin = AuthorizationPolicy(action="DENY", rules=(Rule(to=(RuleTo(operation=Operation(paths=("/admin*",))),)),))
+    cfg = config(listeners=[inbound])
+    from dataclasses import replace
+
+    cfg = replace(cfg, authorization=(deny_admin,))
+    async with running_proxy(cfg) as rt:
+        r = await curl("-si", f"http://127.0.0.1:{lp}/admin/users")
+        assert r.stdout.startswith(b"HTTP/1.1 403")
+        assert b"RBAC: access denied" in r.stdout
+        r = await curl("-si", f"http://127.0.0.1:{lp}/public")
+        assert r.stdout.startswith(b"HTTP/1.1 200")
+        assert rt.stats.flags["RBAC"] == 1
+    assert [p for _, p, _ in upstream.requests] == ["/public"]
