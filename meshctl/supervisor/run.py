@@ -395,7 +395,7 @@ class Supervisor:
         if not hasattr(reg, "ping"):
             return
         url = redact_url(self.spec.settings.registry)
-        backoff = Backoff(initial=0.5, maximum=5.0)
+        backoff = Backoff(initial=0.5, maximum=2.0)  # a refused connect is cheap: notice the return soon
         while not self.shutting_down:
             try:
                 await reg.ping()
