@@ -32,6 +32,7 @@ import trio
 from ..core.balance import PickContext
 from ..core.authz import AuthzRequest, authorize
 from ..core.fault import decide_fault
+from ..core.outlier import LOCAL_FAILURES
 from ..core.retry import Outcome, backoff, should_retry
 from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, apply_header_ops
 from ..model.proxyconfig import Listener
@@ -449,12 +450,16 @@ class Forwarder:
         rq.stale_ok = True
         rand = rt.rand
         ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path, active=rt.active)
+        outlier = cs.outlier
         while True:
-            ep = cs.balancer.pick(cs.healthy, ctx, rand)
+            eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
+            ep = cs.balancer.pick(eps, ctx, rand) if eps else None
             if ep is None:
                 await self._reply(rq, failure_reply(F.UH, 503, cs.name))
                 return
             outcome, flag, detail = await self._try(rq, cs, ep, up_head, policy, retries)
+            if outlier is not None and outcome is not _STALE:
+                self._record(cs, ep, rq, outcome)
             if outcome is _DONE:
                 return
             if outcome is _STALE:
@@ -473,6 +478,24 @@ class Forwarder:
             rq.detail = detail
             await self._reply(rq, failure_reply(flag, status, detail))
             return
+
+    @staticmethod
+    def _record(cs: ClusterState, ep, rq: Request, outcome) -> None:
+        """Tell outlier detection how this try went."""
+        host = (ep.address, ep.port)
+        now = trio.current_time()
+        if outcome is _DONE:
+            if not rq.status or rq.status == 101:
+                return
+            ev = cs.outlier.record(host, status=rq.status, now=now)
+        elif outcome.status is not None:
+            ev = cs.outlier.record(host, status=outcome.status, now=now)
+        elif outcome.failure in LOCAL_FAILURES:
+            ev = cs.outlier.record(host, status=None, local_failure=outcome.failure, now=now)
+        else:
+            return
+        if ev is not None:
+            log.info("outlier detection: ejected %s:%d from %s (%s)", host[0], host[1], cs.name, ev)
 
     async def _try(self, rq: Request, cs: ClusterState, ep, up_head: RequestHead, policy, retries: int):
         """One try. Returns (_DONE, None, "") when a response went downstream,

@@ -111,7 +111,7 @@ class ProxyRuntime:
             self.stats.config_rejected += 1
             raise ConfigRejected("; ".join(errs))
         try:
-            snap = Snapshot(cfg, self.stats)
+            snap = Snapshot(cfg, self.stats, self.snapshot.outliers if self.snapshot is not None else None)
         except Exception as exc:  # core raised on a config it cannot compile
             self.stats.config_rejected += 1
             raise ConfigRejected(f"cannot compile config: {exc}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 from ..core.balance import make_balancer
+from ..core.outlier import OutlierDetector
 from ..core.retry import RetryPolicy, retry_policy
 from ..core.route import Router
 from ..model.istio import HTTPRetry
@@ -21,16 +22,27 @@ from .stats import ClusterStats, Stats
 DIRECTIONS = ("outbound", "binding", "inbound", "gateway")
 
 
-class ClusterState:
-    __slots__ = ("name", "cluster", "healthy", "balancer", "stats")
+def _ep_key(e: Endpoint) -> tuple[str, int]:
+    return (e.address, e.port)
 
-    def __init__(self, cluster: Cluster, stats: ClusterStats) -> None:
+
+class ClusterState:
+    __slots__ = ("name", "cluster", "healthy", "balancer", "stats", "outlier")
+
+    def __init__(self, cluster: Cluster, stats: ClusterStats, outlier: OutlierDetector | None = None) -> None:
         self.name = cluster.name
         self.cluster = cluster
         self.healthy: tuple[Endpoint, ...] = tuple(e for e in cluster.endpoints if e.health == "HEALTHY")
         tp = cluster.traffic_policy
         self.balancer = make_balancer(tp.load_balancer if tp is not None else None)
         self.stats = stats
+        self.outlier = outlier
+
+    def eligible(self, now: float) -> tuple[Endpoint, ...] | list[Endpoint]:
+        """Healthy endpoints not ejected by outlier detection."""
+        if self.outlier is None:
+            return self.healthy
+        return self.outlier.eligible(self.healthy, now, key=_ep_key)
 
 
 def inbound_cluster(cfg: ProxyConfig, listener: Listener) -> Cluster:
@@ -107,15 +119,30 @@ def problems(cfg: ProxyConfig) -> list[str]:
 class Snapshot:
     """A config compiled for serving. Build with Snapshot.build (may raise from core)."""
 
-    def __init__(self, cfg: ProxyConfig, stats: Stats) -> None:
+    def __init__(self, cfg: ProxyConfig, stats: Stats, outliers: dict[str, OutlierDetector] | None = None) -> None:
         self.cfg = cfg
         self.version = cfg.version
         self.settings = cfg.settings
         s = cfg.settings
         self.limits = Limits(max_header_bytes=s.max_request_headers_kb * 1024, max_headers=s.max_headers)
         self.routers: dict[str, Router] = {name: Router(t, s) for name, t in cfg.route_tables.items()}
+        # outlier detectors outlive config versions: ejections and counters carry over
+        old = outliers if outliers is not None else {}
+        self.outliers: dict[str, OutlierDetector] = {}
+        for name, c in cfg.clusters.items():
+            od = c.traffic_policy.outlier_detection if c.traffic_policy is not None else None
+            if od is None:
+                continue
+            hosts = [_ep_key(e) for e in c.endpoints]
+            det = old.get(name)
+            if det is None:
+                det = OutlierDetector(od, hosts)
+            else:
+                det.reconfigure(od)
+                det.update_hosts(hosts)
+            self.outliers[name] = det
         self.clusters: dict[str, ClusterState] = {
-            name: ClusterState(c, stats.cluster(name)) for name, c in cfg.clusters.items()
+            name: ClusterState(c, stats.cluster(name), self.outliers.get(name)) for name, c in cfg.clusters.items()
         }
         self.listener_clusters: dict[str, ClusterState] = {}
         for lst in cfg.listeners:

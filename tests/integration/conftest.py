@@ -143,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
             threading.Timer(int(q.get("ms", "100")) / 1000, lambda: sock.shutdown(socket.SHUT_RDWR)).start()
         if route == "/slow" and q.get("only", owner.name) == owner.name:
             time.sleep(int(q.get("ms", "1000")) / 1000)
-        if route == "/flaky":
+        if route == "/flaky" and q.get("only", owner.name) == owner.name:
             key = q.get("key", "k")
             with owner.lock:
                 owner.hits[key] = owner.hits.get(key, 0) + 1

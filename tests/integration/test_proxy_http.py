@@ -696,3 +696,36 @@ async def test_inbound_authorization_policy_denies_with_403(upstream):
         assert r.stdout.startswith(b"HTTP/1.1 200")
         assert rt.stats.flags["RBAC"] == 1
     assert [p for _, p, _ in upstream.requests] == ["/public"]
+
+
+async def test_outlier_detection_ejects_a_failing_endpoint(upstreams):
+    from dataclasses import replace
+
+    from meshctl.model.base import Duration
+    from meshctl.model.istio import OutlierDetection, TrafficPolicy
+    from meshctl.model.proxyconfig import Endpoint
+
+    good, bad = upstreams("good"), upstreams("bad")
+    lp = free_port()
+    c = cluster("reviews", 9080, [Endpoint("127.0.0.1", good.port), Endpoint("127.0.0.1", bad.port)])
+    c = replace(c, traffic_policy=TrafficPolicy(outlier_detection=OutlierDetection(
+        consecutive_5xx_errors=3, interval=Duration(10.0), base_ejection_time=Duration(30.0),
+        max_ejection_percent=100)))
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080, retries=HTTPRetry(attempts=0)),))],
+        clusters=[c],
+    )
+    statuses = []
+    async with running_proxy(cfg) as rt:
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as client:
+            for _ in range(20):
+                r = await client.get("http://reviews:9080/flaky?only=bad&fail=1000")
+                statuses.append(r.status_code)
+        # the ejection survives a config swap
+        rt.apply(replace(cfg, version="v2"))
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as client:
+            for _ in range(4):
+                assert (await client.get("http://reviews:9080/flaky?only=bad&fail=1000")).status_code == 200
+    assert statuses.count(503) == 3  # three strikes on "bad", then it is out
+    assert len(bad.requests) == 3
