@@ -106,6 +106,8 @@ class ProxyRuntime:
     def apply(self, cfg: ProxyConfig) -> None:
         """Validate and swap in ``cfg`` atomically. Raises ConfigRejected
         (keeping the current config) when it is invalid or cannot be bound."""
+        if self.draining:
+            raise ConfigRejected("the proxy is draining")
         errs = problems(cfg)
         if errs:
             self.stats.config_rejected += 1
