@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 from typing import Protocol
 
 import trio
@@ -783,18 +784,37 @@ class ConnState:
     scope's deadline, and header/idle timeouts don't need finer resolution.
     ``busy`` is False between requests (drain closes those at once)."""
 
-    __slots__ = ("scope", "busy", "deadline")
+    __slots__ = ("scope", "busy", "deadline", "rq", "since", "sock")
 
-    def __init__(self) -> None:
+    def __init__(self, sock=None) -> None:
         self.scope = trio.CancelScope()
         self.busy = False
         self.deadline = math.inf
+        self.rq: Request | None = None  # the request in progress
+        self.since = 0.0  # when it started
+        self.sock = sock  # the downstream socket, when it is one
+
+    def client_gone(self) -> bool:
+        """Has the client closed its side while we wait for the upstream?
+        (One MSG_PEEK; pipelined bytes mean it is still there.) Like Envoy,
+        a downstream half-close before the response counts as gone."""
+        rq = self.rq
+        if self.sock is None or rq is None or rq.response_started:
+            return False
+        if not (rq.body_done or (rq.body is not None and rq.body.finished)):
+            return False  # still reading the body: a close shows up there
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
 
 async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str) -> None:
     """Serve requests on one downstream connection until it closes.
     Never raises for network or protocol trouble."""
-    conn = ConnState()
+    conn = ConnState(getattr(stream, "socket", None))
     rt.conns.add(conn)
     lstats = rt.stats.listener(active_listener.spec.name)
     lstats.cx_active += 1
@@ -835,6 +855,8 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                 snap = rt.snapshot
                 listener = active_listener.spec
                 rq = Request(ev, listener, snap, rt, client_ip, server, reader, stream)
+                conn.rq = rq
+                conn.since = trio.current_time()
                 nxt = reader.peek()
                 if type(nxt) is EndOfMessage:
                     reader.pos += 1

@@ -42,6 +42,7 @@ from .tcp import serve_tcp_connection
 log = logging.getLogger("meshctl.proxy")
 
 WATCHDOG_INTERVAL = 0.25  # resolution of header and idle timeouts
+CLIENT_GONE_AFTER = 1.0  # a request older than this is dropped if its client closed
 
 
 class ConfigRejected(Exception):
@@ -308,12 +309,18 @@ class ProxyRuntime:
                     self._check_mtime()
 
     async def _watchdog(self) -> None:
-        """Close connections past their header/idle deadline (see ConnState)."""
+        """Close connections past their header/idle deadline, and abandon
+        requests whose client went away while the upstream is still working
+        (checked once a request is older than CLIENT_GONE_AFTER)."""
         while True:
             await trio.sleep(WATCHDOG_INTERVAL)
             now = trio.current_time()
             for c in list(self.conns):
                 if c.deadline < now:
+                    c.scope.cancel()
+                elif c.busy and now - c.since > CLIENT_GONE_AFTER and c.client_gone():
+                    log.info("client went away: abandoning %s %s", c.rq.head.method, c.rq.head.path)
+                    self.stats.flag("DC")
                     c.scope.cancel()
 
     async def _signals(self, sigs) -> None:

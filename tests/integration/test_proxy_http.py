@@ -729,3 +729,19 @@ async def test_outlier_detection_ejects_a_failing_endpoint(upstreams):
                 assert (await client.get("http://reviews:9080/flaky?only=bad&fail=1000")).status_code == 200
     assert statuses.count(503) == 3  # three strikes on "bad", then it is out
     assert len(bad.requests) == 3
+
+
+async def test_abandoned_request_releases_the_upstream_connection(upstream):
+    """A client that gives up on a slow request: the proxy notices, drops the
+    upstream exchange instead of waiting for it to finish."""
+    cfg, lp = _simple(upstream, 9080, retries=HTTPRetry(attempts=0))
+    async with running_proxy(cfg) as rt:
+        s = await trio.open_tcp_stream("127.0.0.1", lp)
+        await s.send_all(b"GET http://reviews:9080/slow?ms=6000 HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        await trio.sleep(0.2)
+        await s.aclose()
+        c = rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"]
+        with trio.fail_after(3):  # well before the upstream's 6 s
+            while c.cx_active or rt.stats.listeners["outbound"].cx_active:
+                await trio.sleep(0.05)
+        assert rt.stats.flags["DC"] == 1
