@@ -650,6 +650,11 @@ class Supervisor:
             pending += [f"gateway {n}" for n, p in self.gateways.items() if p.state != "ready"]
             if self.plan:
                 pending += [f"gateway {g.name}" for g in self.plan.gateways if g.name not in self.gateways]
+            if not pending and not isinstance(self.registry, PilotRegistry):
+                # Registered in Consul/Eureka is not yet routable: Pilot learns of it
+                # by its watch (Eureka: the next delta poll, a few seconds later).
+                unseen = await self._unseen_by_pilot({i.plan.name for i in self.instances.values()})
+                pending += [f"{n} (registered; Pilot has not seen it in the registry yet)" for n in sorted(unseen)]
             if not pending:
                 return
             if trio.current_time() > deadline:
@@ -660,6 +665,18 @@ class Supervisor:
                         details.append(f"{i.plan.name} is {i.state} (logs: {', '.join(map(str, logs))})")
                 raise UpError(f"not ready after {timeout:.0f}s: {', '.join(pending)}\n" + "\n".join(details))
             await trio.sleep(0.05)
+
+    async def _unseen_by_pilot(self, names: set[str]) -> set[str]:
+        """Those of ``names`` missing from the endpoints Pilot routes with."""
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                data = (await client.get(f"{self.pilot_url}/v1/registry")).json()
+            seen = {i.get("id") for instances in data.values() for i in instances}
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            return names
+        return names - seen
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bring the mesh up, report started, then supervise until a signal says stop."""
