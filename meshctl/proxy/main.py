@@ -33,7 +33,7 @@ def _quiet_gc() -> None:
 
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(5_000, 20, 100)
 
 
 def serve(config: Path, admin_port: int = 15000, log_level: str = "info") -> int:
