@@ -13,16 +13,28 @@ proxy_app = typer.Typer(help="Run and inspect sidecar proxies.", no_args_is_help
 
 @proxy_app.command("run")
 def run(
-    config: Path = typer.Option(..., "--config", "-c", help="ProxyConfig file (YAML or JSON)."),
+    config: Path = typer.Option(None, "--config", "-c", help="ProxyConfig file (YAML or JSON)."),
+    pilot: str = typer.Option(None, "--pilot", help="Follow Pilot at this URL instead of a file."),
+    node: Path = typer.Option(None, "--node", help="With --pilot: this proxy's node file (JSON)."),
+    state_dir: Path = typer.Option(None, "--state-dir", help="With --pilot: where the last good config is kept."),
     admin_port: int = typer.Option(15000, "--admin-port", help="Admin API port on 127.0.0.1 (0: any free port)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Serve the listeners of a ProxyConfig until SIGTERM (drains, exits 0).
 
-    SIGHUP, or any change to the file, reloads it; a bad new config is
-    rejected and the running one kept. A config that cannot load or run
-    exits 2 with the file:line of the problem."""
-    args = ["--config", str(config), "--admin-port", str(admin_port), "--log-level", log_level]
+    With --config, SIGHUP or any change to the file reloads it; with --pilot,
+    configs come by long-poll. A bad new config is rejected and the running
+    one kept. A config that cannot load or run exits 2 naming the problem
+    (file:line for files)."""
+    args = ["--admin-port", str(admin_port), "--log-level", log_level]
+    if config is not None:
+        args += ["--config", str(config)]
+    if pilot is not None:
+        args += ["--pilot", pilot]
+    if node is not None:
+        args += ["--node", str(node)]
+    if state_dir is not None:
+        args += ["--state-dir", str(state_dir)]
     if os.environ.get("MESHCTL_PROXY_IN_PROCESS") != "1":
         # the sidecar runs long: replace this process with one that imports
         # only the data path (same pid, so supervisors and signals are unaffected)

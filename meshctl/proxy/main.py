@@ -68,10 +68,69 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info") -> int
     return 0
 
 
+def _rejected(exc: BaseException) -> "ConfigRejected | None":  # noqa: F821
+    """The ConfigRejected inside ``exc`` (possibly wrapped in exception groups)."""
+    from .runtime import ConfigRejected
+
+    if isinstance(exc, ConfigRejected):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            found = _rejected(e)
+            if found is not None:
+                return found
+    return None
+
+
+def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_port: int = 15000,
+                log_level: str = "info") -> int:
+    """Serve under Pilot (long-poll, ACK/NACK, last good config in ``state_dir``)."""
+    import json
+
+    import trio
+
+    from ..loader.codec import LoadError, from_data
+    from ..pilot.compile import Node
+    from .pilot_client import run_with_pilot
+    from .runtime import ProxyRuntime
+
+    _setup_logging(log_level)
+    try:
+        node = from_data(Node, json.loads(node_file.read_text()), path="", file=str(node_file))
+    except FileNotFoundError:
+        print(f"meshctl proxy run: {node_file}: no such file", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except (ValueError, LoadError) as exc:
+        print(f"meshctl proxy run: {node_file}: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    rt = ProxyRuntime()
+    _quiet_gc()
+    try:
+        trio.run(run_with_pilot, rt, pilot_url, node, state_dir, admin_port)
+    except BaseException as exc:
+        rej = _rejected(exc)
+        if rej is None:
+            raise
+        print(f"meshctl proxy run: config from {pilot_url} rejected: {rej.reason}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshctl proxy run")
-    p.add_argument("--config", "-c", required=True, type=Path)
+    p.add_argument("--config", "-c", type=Path)
+    p.add_argument("--pilot")
+    p.add_argument("--node", type=Path)
+    p.add_argument("--state-dir", type=Path)
     p.add_argument("--admin-port", type=int, default=15000)
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
+    if a.pilot:
+        if a.node is None:
+            print("meshctl proxy run: --pilot needs --node FILE", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        return serve_pilot(a.pilot, a.node, a.state_dir, a.admin_port, a.log_level)
+    if a.config is None:
+        print("meshctl proxy run: give --config FILE, or --pilot URL --node FILE", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     return serve(a.config, a.admin_port, a.log_level)
