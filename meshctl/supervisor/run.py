@@ -54,6 +54,7 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 STOP_GRACE = 8.0
 REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after this long
 REGISTRY_PROBE_INTERVAL = 2.0  # how stale `status` may be about the registry's reachability
+DRAIN_WAIT = 10.0  # longest wait for Pilot to drop a removed instance before its sidecar stops
 
 
 class UpError(Exception):
@@ -509,7 +510,7 @@ class Supervisor:
         hc = svc.health_check or HealthCheck(tcp=True, interval=1.0)
         interval = float(hc.interval)
         fast = True  # check often until the first success, so `up` is quick
-        while not self.shutting_down:
+        while not self.shutting_down and inst.state not in ("draining", "stopped"):
             ok_app = await (http_ok(w.app_host, w.app_port, hc.http, timeout=float(hc.timeout)) if hc.http
                             else tcp_ok(w.app_host, w.app_port, timeout=float(hc.timeout)))
             ok_proxy = ok_app and await http_ok("127.0.0.1", w.admin_port, "/ready", timeout=1.0)
@@ -535,7 +536,7 @@ class Supervisor:
 
     async def _register(self, inst: InstanceState) -> None:
         async with inst.lock:
-            if self.shutting_down:
+            if self.shutting_down or inst.state in ("draining", "stopped"):
                 return
             try:
                 await self.registry.register(self._instance(inst.plan))
@@ -573,8 +574,21 @@ class Supervisor:
                 log.warning("deregister %s failed: %s", inst.plan.name, e)
 
     async def stop_instance(self, inst: InstanceState) -> None:
+        if inst.registered and not self.shutting_down and not isinstance(self.registry, PilotRegistry):
+            # One instance leaves a running mesh: draining (Consul maintenance,
+            # Eureka OUT_OF_SERVICE) until Pilot's watch has dropped it, its
+            # sidecar still serving; then deregistered and stopped.
+            inst.state = "draining"
+            async with inst.lock:
+                try:
+                    await self.registry.set_draining(inst.plan.name)
+                except RegistryError as e:
+                    log.warning("draining %s failed: %s", inst.plan.name, e)
+            with trio.move_on_after(DRAIN_WAIT):
+                while not await self._unseen_by_pilot({inst.plan.name}):
+                    await trio.sleep(0.1)
         if inst.registered:
-            await self._deregister(inst, drain=True)
+            await self._deregister(inst, drain=inst.state != "draining")
         inst.state = "stopped"
         # The sidecar drains in-flight requests on SIGTERM; the app goes after it.
         await self.stop_proc(inst.proxy)

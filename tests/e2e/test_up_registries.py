@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -98,6 +99,38 @@ def answers_only(outbound: int, url: str, expected: set[str], n: int = 12) -> bo
 def local_http() -> httpx.Client:
     # Straight to the registry server, never through an HTTP proxy of the environment.
     return httpx.Client(trust_env=False, timeout=5.0)
+
+
+def remove_v2_under_load(mesh: dict, v2_state) -> tuple:
+    """`up` again with v2 gone from mesh.yaml while traffic flows; returns the load
+    result and every registry state of hello-v2-0 seen meanwhile (``v2_state()``
+    polled every 50 ms; None once it is gone)."""
+    work = mesh["dir"]
+    text = (work / "mesh.yaml").read_text()
+    (work / "mesh.yaml").write_text(text.replace("  - {name: v2, command: [python3, hello.py, v2]}\n", ""))
+    seen: list = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            state = v2_state()
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with LoadGenerator(mesh["outbound"], "http://hello:9080/", rps=40, connections=4) as load:
+            time.sleep(0.5)
+            meshctl("up", "-f", "mesh.yaml", cwd=work)
+            time.sleep(0.5)
+    finally:
+        done.set()
+        watcher.join(5)
+    assert [w["name"] for w in status(work)["workloads"]] == ["hello-v1-0"]
+    assert answers_only(mesh["outbound"], "http://hello:9080/", {"v1"})
+    return load.result, seen
 
 
 def up_mesh(work: Path, registry: str, offset: int) -> dict:
@@ -254,6 +287,19 @@ def test_consul_restart_re_registers_the_mesh_and_new_instances_are_discovered(c
     consul_mesh["apps"].append(start_hello(port, "late", tmp_path / "late.log"))
     consul_register(consul_agent, "billing-late", "billing", port)
     wait_for(lambda: answers_only(out, "http://billing/", {"late"}, 3), timeout=20, what="new instance discovered")
+
+
+@pytest.mark.consul
+def test_consul_instance_removed_by_up_goes_into_maintenance_then_leaves_without_failed_requests(consul_mesh, consul_agent):
+    def v2_state():
+        with local_http() as c:
+            checks = c.get(f"{consul_agent.http}/v1/health/checks/hello").json()
+        mine = {ch["CheckID"]: ch["Status"] for ch in checks if ch["ServiceID"] == "hello-v2-0"}
+        return None if not mine else "maintenance" if "_service_maintenance:hello-v2-0" in mine else "registered"
+
+    result, seen = remove_v2_under_load(consul_mesh, v2_state)
+    assert result.failed == 0 and set(result.statuses) == {200}, (result.statuses, result.errors[:5])
+    assert seen == ["registered", "maintenance", None], seen
 
 
 @pytest.mark.consul
@@ -430,6 +476,17 @@ def test_eureka_down_under_load_then_back(eureka_mesh, eureka_server, tmp_path):
     eureka_register(eureka_server, "inventory-late", "inventory", port)
     wait_for(lambda: answers_only(out, "http://inventory/", {"inventory-late"}, 3), timeout=25,
              what="new instance discovered")
+
+
+@pytest.mark.eureka
+def test_eureka_instance_removed_by_up_is_out_of_service_then_deleted_without_failed_requests(eureka_mesh, eureka_server):
+    def v2_state():
+        doc = eureka_instances(eureka_server, "HELLO").get("hello-v2-0")
+        return doc["status"] if doc else None
+
+    result, seen = remove_v2_under_load(eureka_mesh, v2_state)
+    assert result.failed == 0 and set(result.statuses) == {200}, (result.statuses, result.errors[:5])
+    assert seen == ["UP", "OUT_OF_SERVICE", None], seen
 
 
 @pytest.mark.eureka
