@@ -75,6 +75,12 @@ def meshctl_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshctl", *args]
 
 
+def proxy_argv(*args: str) -> list[str]:
+    """Sidecars and gateways run the lean entry point (`meshctl proxy run` execs the
+    same): no CLI imports, so 13 of them start in a fraction of the time."""
+    return [sys.executable, "-m", "meshctl.proxy", *args]
+
+
 @dataclass
 class ProcState:
     name: str
@@ -473,7 +479,7 @@ class Supervisor:
         proxy = ProcState(
             w.name,
             "sidecar",
-            meshctl_argv("proxy", "run", "--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(w.admin_port),
+            proxy_argv("--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(w.admin_port),
                          "--state-dir", str(self.state_dir)),
             {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")},
             str(self.state_dir),
@@ -601,7 +607,7 @@ class Supervisor:
         node_file.write_text(json.dumps(to_data(node), indent=1))
         p = ProcState(
             g.name, "gateway",
-            meshctl_argv("proxy", "run", "--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(g.admin_port),
+            proxy_argv("--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(g.admin_port),
                          "--state-dir", str(self.state_dir)),
             dict(os.environ), str(self.state_dir), self.logs / f"{g.name}.gateway.log",
         )
