@@ -1,0 +1,143 @@
+"""Per-sidecar access log: one JSON object per line, Envoy's field names.
+
+The data path only appends a dict to a list (``write``); a background task
+(``run``) turns the list into lines and writes them every ``flush_interval``
+seconds, or sooner when ``max_buffered`` lines are waiting, in a worker
+thread so a slow disk never stalls the event loop. Files are rotated by
+size like logrotate: when the next write would take ``FILE`` past
+``max_bytes`` it becomes ``FILE.1`` (``FILE.1`` → ``FILE.2`` …) and the
+oldest beyond ``backups`` is removed. Lines past ``max_pending`` (the disk
+cannot keep up) are dropped and counted, never allowed to grow memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("meshctl.proxy.accesslog")
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_BACKUPS = 3
+
+
+class AccessLogError(Exception):
+    """The access log file cannot be opened or written; the message names it."""
+
+
+class RotatingFile:
+    """Append-only file rotated by size (synchronous; run it off the event loop)."""
+
+    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS) -> None:
+        if max_bytes < 1:
+            raise AccessLogError(f"access log {path}: max size must be positive, got {max_bytes}")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = max(0, backups)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "ab")
+        except OSError as exc:
+            raise AccessLogError(f"cannot open access log {self.path}: {exc.strerror or exc}") from None
+        self.size = self._f.tell()
+
+    def write(self, data: bytes) -> None:
+        """Write whole lines; rotates before a write that would pass the limit
+        (a file holds at least one line, so a huge line still gets written)."""
+        if self.size and self.size + len(data) > self.max_bytes:
+            # split at line boundaries so each file stays under the limit when it can
+            room = self.max_bytes - self.size
+            cut = data.rfind(b"\n", 0, room) + 1 if room > 0 else 0
+            if cut:
+                self._f.write(data[:cut])
+                self.size += cut
+                data = data[cut:]
+            self.rotate()
+        while len(data) > self.max_bytes:
+            cut = data.rfind(b"\n", 0, self.max_bytes) + 1 or len(data)
+            self._f.write(data[:cut])
+            self.size += cut
+            data = data[cut:]
+            if data:
+                self.rotate()
+        if data:
+            self._f.write(data)
+            self.size += len(data)
+        self._f.flush()
+
+    def rotate(self) -> None:
+        self._f.close()
+        if self.backups == 0:
+            os.unlink(self.path)
+        else:
+            for i in range(self.backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._f = open(self.path, "ab")
+        self.size = 0
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class AccessLog:
+    def __init__(self, path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS,
+                 flush_interval: float = 1.0, max_buffered: int = 2000, max_pending: int = 100_000) -> None:
+        self.file = RotatingFile(path, max_bytes, backups)
+        self.flush_interval = flush_interval
+        self.max_buffered = max_buffered
+        self.max_pending = max_pending
+        self.pending: list[dict] = []
+        self.dropped = 0
+        self.written = 0
+        self._wake = trio.Event()
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def write(self, record: dict) -> None:
+        """Queue one record (cheap; called on the data path)."""
+        pending = self.pending
+        if len(pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        pending.append(record)
+        if len(pending) == self.max_buffered:
+            self._wake.set()
+
+    def _encode(self, records: list[dict]) -> bytes:
+        dumps = json.dumps
+        return "".join(dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        records, self.pending = self.pending, []
+        data = self._encode(records)
+        try:
+            await trio.to_thread.run_sync(self.file.write, data)
+        except OSError as exc:
+            self.dropped += len(records)
+            log.warning("access log %s: write failed: %s", self.file.path, exc.strerror or exc)
+            return
+        self.written += len(records)
+
+    async def run(self) -> None:
+        """Flush periodically until cancelled; flushes what is left on the way out."""
+        try:
+            while True:
+                with trio.move_on_after(self.flush_interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                await self.flush()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush()
+                self.file.close()

@@ -1,0 +1,451 @@
+"""Istio's standard metrics, kept by every sidecar and rendered as Prometheus text.
+
+Names, labels and histogram buckets are Istio's, so its dashboards and
+queries work unchanged:
+
+    istio_requests_total                    counter    one per HTTP request
+    istio_request_duration_milliseconds     histogram  request start → response end
+    istio_request_bytes / istio_response_bytes  histograms  body bytes
+    istio_tcp_sent_bytes_total              counter    bytes sent to the client (response direction)
+    istio_tcp_received_bytes_total          counter    bytes received from the client (request direction)
+    istio_tcp_connections_opened_total / _closed_total
+
+Who reports: the client's sidecar (outbound, binding and gateway listeners)
+reports ``reporter="source"``, the server's sidecar (inbound) reports
+``reporter="destination"``. The source sidecar tells the destination who it
+is with ``x-meshctl-source-*`` request headers (workload, app, version,
+namespace); the inbound side takes them off before the app sees the request,
+and the outbound side replaces any the app sent, so they cannot be spoofed
+through a sidecar. Destination labels on the source side come from the
+endpoint the balancer picked (its labels and instance name).
+
+Besides Istio's families, a few meshctl gauges feed `meshctl top`:
+``meshctl_inbound_cx_active`` (open connections into this workload) and
+``meshctl_outlier_ejected_hosts`` (hosts this sidecar has ejected, by
+destination service and version).
+
+Recording is a few attribute lookups, one tuple and one dict lookup per
+request; rendering happens only when /stats or /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+
+from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
+
+# Istio's default buckets.
+DURATION_BUCKETS_MS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+    300000, 600000, 1800000, 3600000,
+)
+BYTES_BUCKETS: tuple[float, ...] = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
+
+LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+TCP_LABELS: tuple[str, ...] = tuple(n for n in LABELS if n not in ("response_code", "grpc_response_status"))
+
+UNKNOWN = "unknown"
+
+# headers the source sidecar adds for the destination sidecar
+H_WORKLOAD = "x-meshctl-source-workload"
+H_APP = "x-meshctl-source-app"
+H_VERSION = "x-meshctl-source-version"
+H_NAMESPACE = "x-meshctl-source-namespace"
+H_PRINCIPAL = "x-meshctl-source-principal"
+SOURCE_HEADERS = frozenset({H_WORKLOAD, H_APP, H_VERSION, H_NAMESPACE, H_PRINCIPAL})
+
+_INSTANCE_SUFFIX = re.compile(r"-\d+$")
+
+
+def workload_name(instance: str) -> str:
+    """Istio's workload is the deployment, not the pod: ``reviews-v2-0`` → ``reviews-v2``."""
+    return _INSTANCE_SUFFIX.sub("", instance) if instance else UNKNOWN
+
+
+class Peer:
+    """One side of a request, as labels: workload, namespace, principal, app, version."""
+
+    __slots__ = ("workload", "namespace", "principal", "app", "version")
+
+    def __init__(self, workload: str = UNKNOWN, namespace: str = UNKNOWN, principal: str = UNKNOWN,
+                 app: str = UNKNOWN, version: str = UNKNOWN) -> None:
+        self.workload = workload or UNKNOWN
+        self.namespace = namespace or UNKNOWN
+        self.principal = principal or UNKNOWN
+        self.app = app or UNKNOWN
+        self.version = version or UNKNOWN
+
+    @classmethod
+    def of_workload(cls, w: Workload) -> "Peer":
+        return cls(workload_name(w.name), w.namespace, w.spiffe_id, w.labels.get("app", w.service),
+                   w.labels.get("version", UNKNOWN))
+
+    @classmethod
+    def of_endpoint(cls, ep, service_fqdn: str) -> "Peer":
+        labels = ep.labels
+        ns = _service_namespace(service_fqdn)
+        app = labels.get("app") or (service_fqdn.split(".", 1)[0] if service_fqdn.endswith(DEFAULT_DOMAIN_SUFFIX) else "")
+        return cls(workload_name(ep.instance) if ep.instance else UNKNOWN, ns, ep.identity or UNKNOWN,
+                   app, labels.get("version", UNKNOWN))
+
+    @classmethod
+    def from_headers(cls, headers) -> "Peer | None":
+        got = {k: v for k, v in headers if k in SOURCE_HEADERS}
+        if not got:
+            return None
+        return cls(got.get(H_WORKLOAD, UNKNOWN), got.get(H_NAMESPACE, UNKNOWN), got.get(H_PRINCIPAL, UNKNOWN),
+                   got.get(H_APP, UNKNOWN), got.get(H_VERSION, UNKNOWN))
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [(H_WORKLOAD, self.workload), (H_APP, self.app), (H_VERSION, self.version),
+                (H_NAMESPACE, self.namespace), (H_PRINCIPAL, self.principal)]
+
+    def as_tuple(self) -> tuple[str, str, str, str, str]:
+        return (self.workload, self.namespace, self.principal, self.app, self.version)
+
+
+UNKNOWN_PEER = Peer()
+
+
+def _service_namespace(service: str) -> str:
+    if service.endswith("." + DEFAULT_DOMAIN_SUFFIX):
+        parts = service.split(".")
+        if len(parts) >= 2:
+            return parts[1]
+    return UNKNOWN
+
+
+def _service_name(service: str) -> str:
+    if service.endswith("." + DEFAULT_DOMAIN_SUFFIX):
+        return service.split(".", 1)[0]
+    return service or UNKNOWN
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "sum", "count")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # last: above every bucket
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.buckets, v)] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str, labels: str, out: list[str]) -> None:
+        acc = 0
+        for le, n in zip(self.buckets, self.counts):
+            acc += n
+            out.append(f'{name}_bucket{{{labels},le="{_num(le)}"}} {acc}')
+        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum{{{labels}}} {_num(self.sum)}")
+        out.append(f"{name}_count{{{labels}}} {self.count}")
+
+
+class HttpSeries:
+    __slots__ = ("requests", "duration", "request_bytes", "response_bytes")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.duration = Histogram(DURATION_BUCKETS_MS)
+        self.request_bytes = Histogram(BYTES_BUCKETS)
+        self.response_bytes = Histogram(BYTES_BUCKETS)
+
+
+class TcpSeries:
+    __slots__ = ("sent", "received", "opened", "closed")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.opened = 0
+        self.closed = 0
+
+
+class Telemetry:
+    """Istio metrics of one sidecar. ``set_workload`` on every applied config."""
+
+    def __init__(self, workload: Workload | None = None) -> None:
+        self.http: dict[tuple, HttpSeries] = {}
+        self.tcp: dict[tuple, TcpSeries] = {}
+        self.me = UNKNOWN_PEER
+        self.me_headers = UNKNOWN_PEER.headers()
+        self.my_service = UNKNOWN
+        if workload is not None:
+            self.set_workload(workload)
+
+    def set_workload(self, w: Workload) -> None:
+        self.me = Peer.of_workload(w)
+        self.me_headers = self.me.headers()
+        self.my_service = fqdn(w.service, w.namespace)
+
+    # ------------------------------------------------------------ labels
+
+    def http_labels(self, *, inbound: bool, peer: Peer | None, endpoint, service: str | None, status: int,
+                    flags: list[str] | tuple[str, ...], protocol: str = "http", grpc_status: str = "",
+                    mtls: bool = False) -> tuple:
+        """The label values (in LABELS order) of one finished request.
+
+        inbound: this sidecar is the destination, ``peer`` the source (from
+        headers; None: unknown). Otherwise this sidecar is the source and the
+        destination comes from ``endpoint`` (None when none was picked) and
+        ``service`` (the cluster's FQDN)."""
+        if inbound:
+            src = peer or UNKNOWN_PEER
+            dst = self.me
+            svc = service or self.my_service
+            reporter = "destination"
+            security = "mutual_tls" if mtls else "none"
+        else:
+            src = self.me
+            svc = service or UNKNOWN
+            dst = Peer.of_endpoint(endpoint, svc) if endpoint is not None else Peer(
+                namespace=_service_namespace(svc), app=_service_name(svc) if svc != UNKNOWN else UNKNOWN)
+            reporter = "source"
+            security = "unknown"
+        return (
+            reporter, src.workload, src.namespace, src.principal, src.app, src.version,
+            dst.workload, dst.namespace, dst.principal, dst.app, dst.version,
+            svc, _service_name(svc), _service_namespace(svc),
+            protocol, str(status) if status else "0", grpc_status,
+            ",".join(flags) if flags else "-", security,
+        )
+
+    def tcp_labels(self, *, inbound: bool, peer: Peer | None, endpoint, service: str | None,
+                   flags: tuple[str, ...] = (), mtls: bool = False) -> tuple:
+        full = self.http_labels(inbound=inbound, peer=peer, endpoint=endpoint, service=service, status=0,
+                                flags=flags, protocol="tcp", mtls=mtls)
+        return full[:15] + full[17:]
+
+    # ------------------------------------------------------------ recording
+
+    def record_http(self, labels: tuple, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        s = self.http.get(labels)
+        if s is None:
+            s = self.http[labels] = HttpSeries()
+        s.requests += 1
+        s.duration.observe(duration_ms)
+        s.request_bytes.observe(request_bytes)
+        s.response_bytes.observe(response_bytes)
+
+    def tcp_series(self, labels: tuple) -> TcpSeries:
+        s = self.tcp.get(labels)
+        if s is None:
+            s = self.tcp[labels] = TcpSeries()
+        return s
+
+    # ------------------------------------------------------------ exposition
+
+    def render(self, gauges: list[tuple[str, str, list[tuple[dict[str, str], float]]]] = ()) -> str:
+        """Prometheus text of every series; ``gauges``: extra (name, help, [(labels, value)])."""
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_: str) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+
+        http = sorted((_labelstr(LABELS, k), s) for k, s in self.http.items())
+        tcp = sorted((_labelstr(TCP_LABELS, k), s) for k, s in self.tcp.items())
+        family("istio_requests_total", "counter", "Requests, by Istio's standard labels.")
+        for lab, s in http:
+            out.append(f"istio_requests_total{{{lab}}} {s.requests}")
+        family("istio_request_duration_milliseconds", "histogram", "Request duration in milliseconds.")
+        for lab, s in http:
+            s.duration.lines("istio_request_duration_milliseconds", lab, out)
+        family("istio_request_bytes", "histogram", "Request body size in bytes.")
+        for lab, s in http:
+            s.request_bytes.lines("istio_request_bytes", lab, out)
+        family("istio_response_bytes", "histogram", "Response body size in bytes.")
+        for lab, s in http:
+            s.response_bytes.lines("istio_response_bytes", lab, out)
+        for name, attr, help_ in (
+            ("istio_tcp_sent_bytes_total", "sent", "Bytes sent to the client on TCP connections."),
+            ("istio_tcp_received_bytes_total", "received", "Bytes received from the client on TCP connections."),
+            ("istio_tcp_connections_opened_total", "opened", "TCP connections opened."),
+            ("istio_tcp_connections_closed_total", "closed", "TCP connections closed."),
+        ):
+            family(name, "counter", help_)
+            for lab, s in tcp:
+                out.append(f"{name}{{{lab}}} {getattr(s, attr)}")
+        for name, help_, samples in gauges:
+            family(name, "gauge", help_)
+            for labels, value in samples:
+                lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+                out.append(f"{name}{{{lab}}} {_num(value)}")
+        return "\n".join(out) + "\n"
+
+
+def runtime_gauges(rt, now: float) -> list[tuple[str, str, list[tuple[dict[str, str], float]]]]:
+    """meshctl's gauges for `top`, read from a running ProxyRuntime."""
+    tel: Telemetry = rt.telemetry
+    me = tel.me
+    inbound: list[tuple[dict[str, str], float]] = []
+    ejected: dict[tuple[str, str], int] = {}
+    snap = rt.snapshot
+    if snap is not None:
+        for lst in snap.cfg.listeners:
+            if lst.direction != "inbound":
+                continue
+            st = rt.stats.listeners.get(lst.name)
+            svc = fqdn(lst.service, snap.cfg.workload.namespace) if lst.service else tel.my_service
+            inbound.append(({"destination_service": svc, "destination_workload": me.workload,
+                             "destination_version": me.version, "listener": lst.name},
+                            st.cx_active if st is not None else 0))
+        for cs in snap.clusters.values():
+            od = cs.outlier
+            if od is None:
+                continue
+            for ep in cs.cluster.endpoints:
+                if od.is_ejected((ep.address, ep.port), now):
+                    key = (cs.cluster.service, ep.labels.get("version", UNKNOWN))
+                    ejected[key] = ejected.get(key, 0) + 1
+            for ep in cs.cluster.endpoints:
+                key = (cs.cluster.service, ep.labels.get("version", UNKNOWN))
+                ejected.setdefault(key, 0)
+    return [
+        ("meshctl_inbound_cx_active", "Open downstream connections into this workload.", inbound),
+        ("meshctl_outlier_ejected_hosts", "Hosts this sidecar's outlier detection has ejected.",
+         [({"destination_service": s, "destination_version": v}, n) for (s, v), n in sorted(ejected.items())]),
+    ]
+
+
+def _labelstr(names: tuple[str, ...], values: tuple) -> str:
+    return ",".join(f'{n}="{_esc(v)}"' for n, v in zip(names, values))
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int) or float(v).is_integer():
+        return str(int(v))
+    return repr(float(v))
+
+
+# ------------------------------------------------------------------ the pipeline's side
+
+
+class SourceStage:
+    """First filter after prepare: on inbound listeners, take the source's
+    identity headers off the request (into ``rq.peer``); everywhere else,
+    replace whatever the app sent with this sidecar's own."""
+
+    name = "telemetry"
+
+    async def on_request(self, rq) -> None:
+        headers = rq.headers
+        if rq.listener.direction == "inbound":
+            for k, _ in headers:
+                if k in SOURCE_HEADERS:
+                    rq.peer = Peer.from_headers(headers)
+                    rq.headers = [h for h in headers if h[0] not in SOURCE_HEADERS]
+                    break
+            return None
+        mine = rq.rt.telemetry.me_headers
+        for k, _ in headers:
+            if k in SOURCE_HEADERS:
+                headers = [h for h in headers if h[0] not in SOURCE_HEADERS]
+                break
+        rq.headers = headers + mine
+        return None
+
+
+SOURCE_STAGE = SourceStage()
+
+
+def _header(headers, name: str) -> str:
+    for k, v in headers:
+        if k == name:
+            return v
+    return ""
+
+
+def finish_request(rq, started: float, now: float, wall_now: float) -> None:
+    """Record one finished HTTP request (metrics, and the access log when on).
+    ``started``/``now``: trio clock; ``wall_now``: time.time() for the log."""
+    rt = rq.rt
+    tel: Telemetry = rt.telemetry
+    lst = rq.listener
+    inbound = lst.direction == "inbound"
+    cs = rq.cluster
+    if inbound:
+        service = fqdn(lst.service, rq.snap.source_namespace) if lst.service else None
+    else:
+        service = cs.cluster.service if cs is not None else None
+    head = rq.head
+    ctype = _header(head.headers, "content-type")
+    protocol = "grpc" if ctype.startswith("application/grpc") else "http"
+    labels = tel.http_labels(
+        inbound=inbound, peer=rq.peer, endpoint=None if inbound else rq.endpoint, service=service,
+        status=rq.status, flags=rq.flags, protocol=protocol,
+        mtls=type(rq.down).__name__ == "SSLStream",
+    )
+    cl = _header(head.headers, "content-length")
+    if cl.isdigit():
+        req_bytes = int(cl)
+    else:
+        req_bytes = rq.body.size if rq.body is not None else 0
+    duration_ms = (now - started) * 1000.0
+    tel.record_http(labels, duration_ms, req_bytes, rq.bytes_sent)
+    log = rt.access_log
+    if log is not None:
+        ep = rq.endpoint
+        if inbound:
+            ep = None
+            if cs is not None and cs.cluster.endpoints:
+                ep = cs.cluster.endpoints[0]
+        log.write({
+            "start_time": iso_time(wall_now - (now - started)),
+            "method": head.method,
+            "path": head.path,
+            "protocol": "HTTP/2" if head.http_version == "2" else f"HTTP/{head.http_version}",
+            "response_code": rq.status,
+            "response_flags": labels[17],
+            "bytes_received": req_bytes,
+            "bytes_sent": rq.bytes_sent,
+            "duration": int(round(duration_ms)),
+            "upstream_host": f"{ep.address}:{ep.port}" if ep is not None else None,
+            "upstream_cluster": cs.name if cs is not None else None,
+            "x_request_id": rq.request_id or None,
+            "authority": head.authority,
+            "user_agent": _header(head.headers, "user-agent") or None,
+            "downstream_remote_address": rq.client_ip,
+            "listener": lst.name,
+            "reporter": labels[0],
+            "source_workload": labels[1],
+            "destination_workload": labels[6],
+            "destination_service": labels[11],
+        })
+
+
+def iso_time(t: float) -> str:
+    """Envoy's START_TIME form: 2026-11-26T14:07:00.123Z."""
+    import time as _time
+
+    ms = int((t - int(t)) * 1000)
+    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(int(t))) + f".{ms:03d}Z"

@@ -1,0 +1,154 @@
+"""Istio metrics rendering, source identity headers, and the access log file."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshctl.model.base import FrozenDict
+from meshctl.model.proxyconfig import Endpoint, Workload
+from meshctl.proxy.accesslog import AccessLog, RotatingFile
+from meshctl.proxy.telemetry import (
+    DURATION_BUCKETS_MS,
+    SOURCE_STAGE,
+    Peer,
+    Telemetry,
+    workload_name,
+)
+
+PRODUCTPAGE = Workload(name="productpage-v1-0", service="productpage", labels=FrozenDict(app="productpage", version="v1"))
+REVIEWS = Workload(name="reviews-v2-1", service="reviews", labels=FrozenDict(app="reviews", version="v2"))
+EP = Endpoint(address="127.0.0.1", port=9000, labels=FrozenDict(app="reviews", version="v2"), instance="reviews-v2-1")
+
+
+def samples(text: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def one(ss, **labels):
+    got = [s for s in ss if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(got) == 1, (labels, got)
+    return got[0].value
+
+
+def test_source_reporter_labels_come_from_self_and_the_picked_endpoint():
+    tel = Telemetry(PRODUCTPAGE)
+    svc = "reviews.default.svc.cluster.local"
+    for _ in range(7):
+        tel.record_http(tel.http_labels(inbound=False, peer=None, endpoint=EP, service=svc, status=200, flags=[]), 3.0, 0, 120)
+    for _ in range(3):
+        tel.record_http(tel.http_labels(inbound=False, peer=None, endpoint=EP, service=svc, status=503, flags=["UF"]), 12.0, 5, 20)
+    s = samples(tel.render())
+    ok = dict(reporter="source", response_code="200", response_flags="-", source_workload="productpage-v1",
+              source_app="productpage", source_version="v1", destination_workload="reviews-v2",
+              destination_service=svc, destination_service_name="reviews", destination_service_namespace="default",
+              destination_app="reviews", destination_version="v2", request_protocol="http",
+              connection_security_policy="unknown",
+              source_principal="spiffe://cluster.local/ns/default/sa/productpage")
+    assert one(s["istio_requests_total"], **ok) == 7
+    assert one(s["istio_requests_total"], response_code="503", response_flags="UF") == 3
+    # histogram: 7 observations of 3 ms are in le=5 but not le=1
+    assert one(s["istio_request_duration_milliseconds_bucket"], response_code="200", le="1") == 0
+    assert one(s["istio_request_duration_milliseconds_bucket"], response_code="200", le="5") == 7
+    assert one(s["istio_request_duration_milliseconds_bucket"], response_code="503", le="10") == 0
+    assert one(s["istio_request_duration_milliseconds_bucket"], response_code="503", le="25") == 3
+    assert one(s["istio_request_duration_milliseconds_count"], response_code="503") == 3
+    assert one(s["istio_request_duration_milliseconds_sum"], response_code="200") == 21
+    assert one(s["istio_response_bytes_sum"], response_code="200") == 840
+    assert one(s["istio_request_bytes_bucket"], response_code="503", le="10") == 3
+    les = [x.labels["le"] for x in s["istio_request_duration_milliseconds_bucket"] if x.labels["response_code"] == "200"]
+    assert les == [(str(b) if b != int(b) else str(int(b))) for b in DURATION_BUCKETS_MS] + ["+Inf"]
+
+
+def test_destination_reporter_takes_the_source_from_headers():
+    tel = Telemetry(REVIEWS)
+    peer = Peer.from_headers(Telemetry(PRODUCTPAGE).me_headers)
+    tel.record_http(tel.http_labels(inbound=True, peer=peer, endpoint=None, service=None, status=429, flags=["RL"]), 1, 0, 0)
+    tel.record_http(tel.http_labels(inbound=True, peer=None, endpoint=None, service=None, status=200, flags=[]), 1, 0, 0)
+    s = samples(tel.render())
+    assert one(s["istio_requests_total"], reporter="destination", source_workload="productpage-v1",
+               source_app="productpage", source_version="v1", destination_workload="reviews-v2",
+               destination_version="v2", destination_service="reviews.default.svc.cluster.local",
+               response_code="429", response_flags="RL", connection_security_policy="none") == 1
+    assert one(s["istio_requests_total"], source_workload="unknown", response_code="200") == 1
+
+
+def test_tcp_counters_have_no_response_code():
+    tel = Telemetry(PRODUCTPAGE)
+    lab = tel.tcp_labels(inbound=False, peer=None, endpoint=EP, service="mysql.default.svc.cluster.local")
+    st = tel.tcp_series(lab)
+    st.opened += 2
+    st.closed += 1
+    st.sent += 100
+    st.received += 7
+    s = samples(tel.render())
+    assert one(s["istio_tcp_connections_opened_total"], request_protocol="tcp", reporter="source") == 2
+    assert one(s["istio_tcp_connections_closed_total"]) == 1
+    assert one(s["istio_tcp_sent_bytes_total"]) == 100
+    assert one(s["istio_tcp_received_bytes_total"]) == 7
+    assert "response_code" not in s["istio_tcp_sent_bytes_total"][0].labels
+
+
+def test_label_values_are_escaped():
+    tel = Telemetry(Workload(name="odd", service="odd", labels=FrozenDict(app='a"b\\c', version="v1")))
+    tel.record_http(tel.http_labels(inbound=False, peer=None, endpoint=None, service=None, status=404, flags=["NR"]), 1, 0, 0)
+    s = samples(tel.render())
+    assert one(s["istio_requests_total"], source_app='a"b\\c', destination_service="unknown", response_flags="NR") == 1
+
+
+def test_workload_name_drops_the_replica_index():
+    assert workload_name("reviews-v2-0") == "reviews-v2"
+    assert workload_name("ingressgateway") == "ingressgateway"
+
+
+def _rq(direction: str, headers):
+    return SimpleNamespace(listener=SimpleNamespace(direction=direction), headers=headers, peer=None,
+                           rt=SimpleNamespace(telemetry=Telemetry(PRODUCTPAGE)))
+
+
+async def test_outbound_replaces_spoofed_source_headers_and_inbound_strips_them():
+    rq = _rq("outbound", [("host", "reviews"), ("x-meshctl-source-workload", "evil")])
+    await SOURCE_STAGE.on_request(rq)
+    assert ("x-meshctl-source-workload", "evil") not in rq.headers
+    assert ("x-meshctl-source-workload", "productpage-v1") in rq.headers
+    assert ("x-meshctl-source-version", "v1") in rq.headers
+    inbound = _rq("inbound", rq.headers)
+    await SOURCE_STAGE.on_request(inbound)
+    assert inbound.headers == [("host", "reviews")]
+    assert inbound.peer.workload == "productpage-v1" and inbound.peer.app == "productpage"
+
+
+def test_rotating_file_rotates_at_the_size_limit(tmp_path):
+    f = RotatingFile(tmp_path / "a.log", max_bytes=100, backups=2)
+    line = b"x" * 39 + b"\n"  # 40 bytes
+    for _ in range(12):
+        f.write(line)
+    f.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["a.log", "a.log.1", "a.log.2"]  # the oldest beyond 2 backups is gone
+    for name in files:
+        size = (tmp_path / name).stat().st_size
+        assert size <= 100 and size % 40 == 0
+    assert (tmp_path / "a.log.1").stat().st_size == 80
+
+
+async def test_access_log_writes_json_lines_on_flush(tmp_path):
+    al = AccessLog(tmp_path / "x.access.log", flush_interval=0.05)
+    async with trio.open_nursery() as n:
+        n.start_soon(al.run)
+        al.write({"method": "GET", "path": "/a", "response_code": 200})
+        al.write({"method": "POST", "path": "/b", "response_code": 503})
+        for _ in range(100):
+            await trio.sleep(0.01)
+            if al.written == 2:
+                break
+        n.cancel_scope.cancel()
+    lines = (tmp_path / "x.access.log").read_text().splitlines()
+    assert [json.loads(x)["path"] for x in lines] == ["/a", "/b"]
