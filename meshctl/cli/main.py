@@ -24,6 +24,7 @@ NOUNS = [
     "pilot",
     "mesh",
     "citadel",
+    "fault",
 ]
 
 for _noun in NOUNS:

@@ -197,7 +197,9 @@ def offline_config(sd: Path, source: Optional[str]) -> ProxyConfig:
             workload=Workload(name=f"{svc}-explain", service=svc, labels=FrozenDict({"app": svc})),
             listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=0),),
         )
-    return compile_proxy(Inputs(resources, snapshot), node)
+    from .fault import injected_faults_now
+
+    return compile_proxy(Inputs(resources, snapshot, faults=injected_faults_now(sd)), node)
 
 
 __all__ = ["app", "register", "offline_config", "dump_proxy_config"]

@@ -56,6 +56,7 @@ from ..model.proxyconfig import (
     fqdn,
 )
 from ..registry.base import Instance, Snapshot
+from .faults import InjectedFault, faults_for_host, layer_faults
 
 ROOT_NAMESPACE = "istio-system"  # mesh-wide security policies live here, as in Istio
 META_SERVICE_PORT = "meshctl.io/service-port"
@@ -96,6 +97,8 @@ class Inputs:
     snapshot: Snapshot
     trust_domain: str = "cluster.local"
     settings: Settings = field(default_factory=Settings)
+    # Faults from `meshctl inject-fault` in force now (pilot/faults.py), newest first.
+    faults: Sequence[InjectedFault] = ()
     services: dict[str, Service] = field(default_factory=dict)
     virtual_services: list[Resource] = field(default_factory=list)
     destination_rules: dict[str, Resource] = field(default_factory=dict)
@@ -345,6 +348,7 @@ def outbound_table(inp: Inputs, clusters: dict[str, Cluster]) -> RouteTable:
                 routes = tuple(r for r in routes if not any(m.port and m.port != port for m in r.match)) or routes
             else:
                 routes = (_default_route(svc, port),)
+            routes = layer_faults(routes, faults_for_host(inp.faults, svc.host))
             _ensure_clusters(routes, clusters)
             vhosts.append(VirtualHost(name=f"{svc.host}:{port}", domains=domains_for(svc, port, i == 0), routes=routes))
     return RouteTable(name="outbound", virtual_hosts=tuple(vhosts))
@@ -368,6 +372,8 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
                 if not hosts:
                     continue
                 routes = tuple(_normalize_route(h, vs.namespace, inp.services) for h in vs.spec.http)  # type: ignore[attr-defined]
+                for host in dict.fromkeys(f.service for f in inp.faults):
+                    routes = layer_faults(routes, faults_for_host(inp.faults, host), host=host)
                 _ensure_clusters(routes, clusters)
                 domains: list[str] = []
                 for h in hosts:

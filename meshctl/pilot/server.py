@@ -38,6 +38,7 @@ from ..model.proxyconfig import ProxyConfig
 from ..registry.base import Instance, Registry, Snapshot
 from ..registry.embedded import EmbeddedRegistry
 from .compile import Inputs, Node, compile_proxy
+from .faults import FaultError, FaultStore, InjectedFault, active_faults, next_expiry
 from .store import RuleStore
 
 log = logging.getLogger("meshctl.pilot")
@@ -99,9 +100,15 @@ class Pilot:
     # Pilot must not push "no endpoints" to every proxy.
     _first_snapshot: trio.Event = field(default_factory=trio.Event)
     _inputs: Inputs | None = None
+    # `meshctl inject-fault`: every stored fault, and the ids of those compiled in.
+    _faults: list[InjectedFault] = field(default_factory=list)
+    _fault_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.store = RuleStore(self.state_dir)
+        self.fault_store = FaultStore(self.state_dir)
+        self._fault_stamp = self.fault_store.stamp()
+        self._reload_faults()
         self._nodes_file = Path(self.state_dir) / "pilot" / "nodes.json"
         self._nodes_file.parent.mkdir(parents=True, exist_ok=True)
         self._load_nodes()
@@ -129,6 +136,23 @@ class Pilot:
         log.info("rules at revision %d (%d resources)", rev.number, len(rev.resources))
         return True
 
+    def _reload_faults(self) -> None:
+        try:
+            self._faults = self.fault_store.load()
+        except FaultError as e:  # keep the faults we had; the CLI reports the same error
+            log.warning("injected faults not reloaded: %s", e)
+        self._refresh_faults(time.time())
+
+    def _refresh_faults(self, now: float) -> bool:
+        """Recompile if the set of faults in force changed (one added, cleared, expired)."""
+        ids = tuple(f.id for f in active_faults(self._faults, now))
+        if ids == self._fault_ids:
+            return False
+        self._fault_ids = ids
+        self._bump()
+        log.info("injected faults in force: %s", ", ".join(ids) or "none")
+        return True
+
     def set_snapshot(self, snap: Snapshot) -> None:
         self._first_snapshot.set()
         if dict(snap) != dict(self.snapshot):
@@ -137,7 +161,9 @@ class Pilot:
 
     def inputs(self) -> Inputs:
         if self._inputs is None:
-            self._inputs = Inputs(self._resources, self.snapshot, trust_domain=self.trust_domain)
+            by_id = {f.id: f for f in self._faults}
+            faults = tuple(by_id[i] for i in self._fault_ids if i in by_id)
+            self._inputs = Inputs(self._resources, self.snapshot, trust_domain=self.trust_domain, faults=faults)
         return self._inputs
 
     def config_for(self, name: str) -> ProxyConfig:
@@ -176,6 +202,26 @@ class Pilot:
                 last = stamp
                 self._reload_rules()
 
+    async def watch_faults(self, poll: float = 0.5) -> None:
+        """Reload faults.json when it changes; end each fault at its expiry even when
+        no CLI is running (and drop it from the file)."""
+        while True:
+            now = time.time()
+            nxt = next_expiry(self._faults, now)
+            await trio.sleep(poll if nxt is None else max(0.0, min(poll, nxt - now)))
+            stamp = self.fault_store.stamp()
+            if stamp != self._fault_stamp:
+                self._fault_stamp = stamp
+                self._reload_faults()
+            now = time.time()
+            if self._refresh_faults(now):
+                try:
+                    if self.fault_store.prune(now):
+                        self._fault_stamp = self.fault_store.stamp()
+                        self._faults = [f for f in self._faults if f.active(now)]
+                except (OSError, FaultError) as e:
+                    log.warning("could not drop expired faults from %s: %s", self.fault_store.path, e)
+
     async def watch_registry(self) -> None:
         async for snap in self.registry.watch():
             self.set_snapshot(snap)
@@ -198,6 +244,10 @@ class Pilot:
         if route == ("POST", "rules") and parts[2:] == ["reload"]:
             self._reload_rules()
             return Response.json({"revision": self.revision, "generation": self.generation})
+        if route == ("POST", "faults") and parts[2:] == ["reload"]:
+            self._fault_stamp = self.fault_store.stamp()
+            self._reload_faults()
+            return Response.json({"faults": list(self._fault_ids), "generation": self.generation})
         if parts[1] == "registry":
             return await self._registry_api(req, parts[2:])
         raise HTTPError(404, f"no such API: {req.method} {req.path}")
@@ -313,5 +363,6 @@ async def run_pilot(pilot: Pilot, host: str, port: int, *, task_status=trio.TASK
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pilot.watch_rules)
         nursery.start_soon(pilot.watch_registry)
+        nursery.start_soon(pilot.watch_faults)
         bound = await nursery.start(httpapi.serve, pilot.handle, host, port)
         task_status.started(bound)

@@ -5,3 +5,4 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 "$HERE/consul.sh"
 "$HERE/eureka.sh"
+"$HERE/fortio.sh"

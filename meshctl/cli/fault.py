@@ -1,0 +1,247 @@
+"""`meshctl inject-fault`: delay or abort a service's requests through Pilot, for a while.
+
+    meshctl inject-fault SERVICE (--delay 2s | --abort 503) [--percent 50]
+                         [--match header:end-user=jason] [--subset v2] [--ttl 5m]
+    meshctl inject-fault list
+    meshctl inject-fault clear [SERVICE | ID]
+
+The fault is stored in the state directory (pilot/faults.py) and layered by
+Pilot over the service's routes; the user's VirtualService is not touched. Pilot
+itself ends the fault when its TTL runs out, so no CLI has to stay running.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..loader.codec import from_data
+from ..model.proxyconfig import fqdn
+from ..pilot.compile import Inputs, _applies_to_mesh, _normalize_route, _vs_hosts, discover_services
+from ..pilot.faults import (
+    FaultError,
+    FaultStore,
+    InjectedFault,
+    active_faults,
+    describe,
+    describe_match,
+    new_fault,
+    subsets_routed,
+)
+from ..pilot.store import RuleStore, StoreError
+from ..registry.base import Instance
+from .common import StateDirOption, call, console, control_url, err_console, fail, state_dir
+
+VERBS = ("list", "clear")
+
+
+def register(root: typer.Typer) -> None:
+    root.command(
+        "inject-fault",
+        help=(
+            "Delay or abort a service's requests for a while, through Pilot, without editing your rules.\n\n"
+            "  meshctl inject-fault SERVICE (--delay 2s | --abort 503) [--percent 50]\n"
+            "                       [--match header:end-user=jason] [--subset v2] [--ttl 5m]\n\n"
+            "  meshctl inject-fault list\n\n"
+            "  meshctl inject-fault clear [SERVICE | ID]\n\n"
+            "--match (repeatable, ANDed): header:NAME=VALUE, header:NAME^=PREFIX, header:NAME~=REGEX, "
+            "uri:/PREFIX, uri:=/EXACT, method:GET."
+        ),
+        no_args_is_help=True,
+    )(inject_fault)
+
+
+def injected_faults_now(sd: Path) -> tuple[InjectedFault, ...]:
+    """The injected faults in force now, for offline compiles (`route explain`)."""
+    try:
+        return active_faults(FaultStore(sd).load(), time.time())
+    except FaultError:
+        return ()
+
+
+def _registry_snapshot(sd: Path) -> dict:
+    """The endpoints Pilot routes with, or the embedded registry's saved ones when Pilot is down."""
+    url = control_url(sd, "pilot")
+    if url:
+        try:
+            data = call(url, "GET", "/v1/registry", timeout=2.0).json()
+            return {s: tuple(from_data(Instance, i) for i in insts) for s, insts in data.items()}
+        except (ConnectionError, ValueError):
+            pass
+    from ..registry.embedded import load_snapshot
+
+    return dict(load_snapshot(sd))
+
+
+def _short(host: str) -> str:
+    return host.split(".")[0] if host.endswith(".svc.cluster.local") else host
+
+
+def _resolve_service(sd: Path, name: str) -> tuple[str, Inputs]:
+    """The FQDN of ``name`` if the registry or the rules know it; else fail naming what is known."""
+    try:
+        resources = list(RuleStore(sd).current().resources)
+    except StoreError as e:
+        fail(str(e))
+    inp = Inputs(resources, _registry_snapshot(sd))
+    known = set(inp.services)
+    for r in inp.virtual_services:
+        if _applies_to_mesh(r):
+            known.update(h for h in _vs_hosts(r) if "*" not in h)
+    host = name if name in known else fqdn(name)
+    if host not in known:
+        names = ", ".join(sorted(_short(h) for h in known)) or "none"
+        fail(f"unknown service {name!r}: neither the registry nor the rules know it (known services: {names})")
+    return host, inp
+
+
+def _routes_of(inp: Inputs, host: str):
+    for r in inp.virtual_services:
+        if _applies_to_mesh(r) and host in _vs_hosts(r):
+            return [_normalize_route(h, r.namespace, inp.services) for h in r.spec.http]  # type: ignore[attr-defined]
+    return []
+
+
+def _poke_pilot(sd: Path) -> str | None:
+    url = control_url(sd, "pilot")
+    if not url:
+        return None
+    try:
+        call(url, "POST", "/v1/faults/reload", timeout=2.0)
+        return url
+    except ConnectionError:
+        return None
+
+
+def _wait_synced(url: str, timeout: float) -> None:
+    """Wait until every proxy runs the config with the change; warn (not fail) if not:
+    the fault is stored either way and proxies get it when they come back."""
+    deadline = time.monotonic() + timeout
+    proxies: list = []
+    while time.monotonic() < deadline:
+        try:
+            proxies = call(url, "GET", "/v1/status").json()["proxies"]
+        except (ConnectionError, ValueError, KeyError):
+            time.sleep(0.1)
+            continue
+        if all(p["status"] == "SYNCED" for p in proxies):
+            console.print(f"all {len(proxies)} proxies synced", style="dim")
+            return
+        time.sleep(0.05)
+    behind = ", ".join(p["proxy"] for p in proxies if p.get("status") != "SYNCED")
+    err_console.print(f"[yellow]warning:[/] not every proxy has the change after {timeout:g}s: {behind or 'Pilot did not answer'}")
+
+
+def _until(f: InjectedFault, now: float) -> str:
+    if f.expires is None:
+        return "until cleared"
+    left = max(0.0, f.expires - now)
+    at = time.strftime("%H:%M:%S", time.localtime(f.expires))
+    return f"until {at} ({left:.0f}s left)"
+
+
+def inject_fault(
+    target: Optional[str] = typer.Argument(None, metavar="SERVICE | list | clear", help="The service to fault, or list / clear."),
+    what: Optional[str] = typer.Argument(None, metavar="[SERVICE | ID]", help="For clear: only this service's faults, or this fault."),
+    delay: Optional[str] = typer.Option(None, "--delay", help="Delay requests by this long, e.g. 2s or 500ms."),
+    abort: Optional[int] = typer.Option(None, "--abort", help="Answer requests with this HTTP status, e.g. 503."),
+    percent: float = typer.Option(100.0, "--percent", help="Share of requests to fault, 0-100."),
+    match: Optional[List[str]] = typer.Option(None, "--match", help="Only requests matching this (repeatable, ANDed)."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="Only routes to this subset (from a DestinationRule)."),
+    ttl: Optional[str] = typer.Option(None, "--ttl", help="Remove the fault after this long, e.g. 5m (default: until cleared)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the proxies run the change."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    sd = state_dir(state)
+    fault_opts = {"--delay": delay, "--abort": abort, "--match": match or None, "--subset": subset, "--ttl": ttl}
+    if target in VERBS:
+        given = [k for k, v in fault_opts.items() if v is not None] + (["--percent"] if percent != 100.0 else [])
+        if given:
+            fail(f"{', '.join(given)}: only for injecting a fault (meshctl inject-fault SERVICE ...), not with {target!r}", 2)
+        if target == "list":
+            if what is not None:
+                fail(f"unexpected argument {what!r}: `meshctl inject-fault list` takes none", 2)
+            _list(sd)
+        else:
+            _clear(sd, what, wait)
+        return
+    if target is None:
+        fail("give a SERVICE to fault, or list / clear", 2)
+    if what is not None:
+        fail(f"unexpected argument {what!r}: one SERVICE per inject-fault", 2)
+    _add(sd, target, delay, abort, percent, match or [], subset, ttl, wait)
+
+
+def _add(sd: Path, service: str, delay, abort, percent, match, subset, ttl, wait: bool) -> None:
+    host, inp = _resolve_service(sd, service)
+    now = time.time()
+    try:
+        f = new_fault(id=secrets.token_hex(3), service=host, now=now, delay=delay, abort=abort, percent=percent,
+                      match=match, subset=subset, ttl=ttl)
+    except FaultError as e:
+        fail(str(e))
+    routes = _routes_of(inp, host)
+    if subset:
+        dr = inp.destination_rules.get(host)
+        defined = [s.name for s in dr.spec.subsets] if dr else []  # type: ignore[attr-defined]
+        if subset not in defined:
+            fail(f"subset {subset!r} of {_short(host)}: no DestinationRule defines it (defined: {', '.join(defined) or 'none'})")
+        if subset not in subsets_routed(routes):
+            err_console.print(f"[yellow]warning:[/] no route of {_short(host)} sends traffic to subset {subset!r} now: "
+                              "the fault applies once one does", soft_wrap=True)
+    try:
+        FaultStore(sd).add(f, now)
+    except (FaultError, OSError) as e:
+        fail(f"fault not stored: {e}")
+    where = f" on routes to subset {subset}" if subset else ""
+    console.print(
+        f"fault {f.id} injected into {_short(host)}: {describe(f)} of {describe_match(f.match)}{where}, {_until(f, now)}",
+        highlight=False, soft_wrap=True,
+    )
+    if routes:
+        console.print(f"layered over the {len(routes)} route(s) of your VirtualService for {_short(host)}, which is unchanged",
+                      style="dim", highlight=False, soft_wrap=True)
+    url = _poke_pilot(sd)
+    if url is None:
+        console.print("(Pilot is not running: proxies get the fault when it starts)", style="dim")
+    elif wait:
+        _wait_synced(url, 10.0)
+
+
+def _list(sd: Path) -> None:
+    now = time.time()
+    try:
+        faults = active_faults(FaultStore(sd).load(), now)
+    except FaultError as e:
+        fail(str(e))
+    if not faults:
+        console.print("no injected faults")
+        return
+    t = Table("ID", "SERVICE", "FAULT", "MATCH", "SUBSET", "EXPIRES", box=None)
+    for f in sorted(faults, key=lambda f: f.created):
+        t.add_row(f.id, _short(f.service), describe(f), describe_match(f.match), f.subset or "-", _until(f, now))
+    console.print(t)
+
+
+def _clear(sd: Path, what: Optional[str], wait: bool) -> None:
+    now = time.time()
+    want = None if what is None else {what, fqdn(what)}
+    try:
+        removed = FaultStore(sd).remove(lambda f: want is None or f.id in want or f.service in want, now)
+    except (FaultError, OSError) as e:
+        fail(str(e))
+    if not removed:
+        if what is None:
+            console.print("no injected faults")
+            return
+        fail(f"no injected fault for {what!r} (see `meshctl inject-fault list`)")
+    for f in removed:
+        console.print(f"fault {f.id} on {_short(f.service)} cleared ({describe(f)} of {describe_match(f.match)})", highlight=False, soft_wrap=True)
+    url = _poke_pilot(sd)
+    if url is not None and wait:
+        _wait_synced(url, 10.0)
