@@ -19,6 +19,8 @@ def run(
     state_dir: Path = typer.Option(None, "--state-dir", help="With --pilot: where the last good config is kept."),
     admin_port: int = typer.Option(15000, "--admin-port", help="Admin API port on 127.0.0.1 (0: any free port)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    access_log: Path = typer.Option(None, "--access-log", help="Write an access log (JSON lines, rotated at 10 MB x 3) here."),
+    mixer: str = typer.Option(None, "--mixer", envvar="MESHCTL_MIXER", help="Mixer URL, for global rate-limit quotas."),
 ) -> None:
     """Serve the listeners of a ProxyConfig until SIGTERM (drains, exits 0).
 
@@ -35,6 +37,10 @@ def run(
         args += ["--node", str(node)]
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
+    if access_log is not None:
+        args += ["--access-log", str(access_log)]
+    if mixer:
+        args += ["--mixer", mixer]
     if os.environ.get("MESHCTL_PROXY_IN_PROCESS") != "1":
         # the sidecar runs long: replace this process with one that imports
         # only the data path (same pid, so supervisors and signals are unaffected)

@@ -2,7 +2,9 @@
 
     GET /ready   200 "ready" once listeners are up, 503 "draining" while draining
     GET /config  the running ProxyConfig as JSON (dump_proxy_config), with its version
-    GET /stats   Prometheus text: cluster, listener and response-flag counters
+    GET /stats   Prometheus text: cluster, listener and response-flag counters, and
+                 Istio's standard metrics (istio_requests_total, ...; telemetry.py)
+    GET /metrics the same
     GET /listeners  JSON: listener name → bound address (useful with port 0)
 """
 
@@ -43,8 +45,11 @@ def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
         if not rt.ready:
             return 503, "text/plain", b"starting\n"
         return 200, "text/plain", b"ready\n"
-    if path == "/stats":
-        return 200, "text/plain; version=0.0.4", rt.stats.render().encode()
+    if path in ("/stats", "/metrics"):
+        from .telemetry import runtime_gauges
+
+        text = rt.stats.render() + rt.telemetry.render(runtime_gauges(rt, trio.current_time()))
+        return 200, "text/plain; version=0.0.4", text.encode()
     if path == "/config":
         if rt.config is None:
             return 503, "text/plain", b"no config yet\n"

@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import socket
+import time
 from typing import Protocol
 
 import trio
@@ -50,7 +51,9 @@ from ..protocol.http1 import H1Server
 from . import stats as F
 from .pool import EventReader, UpstreamConn
 from .snapshot import ClusterState, Snapshot, binding_cluster_name
+from .ratelimit_stage import RATE_LIMIT
 from .stream import UpstreamConnectError, relay
+from .telemetry import SOURCE_STAGE, finish_request
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -110,6 +113,7 @@ class Request:
         "head", "listener", "snap", "rt", "client_ip", "server", "reader", "down",
         "headers", "request_id", "forward", "cluster", "flags", "body_done", "body",
         "response_started", "status", "keep_alive", "detail", "start", "stale_ok",
+        "endpoint", "bytes_sent", "peer",  # telemetry: picked endpoint, response body bytes, source (inbound)
     )
 
     def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt, client_ip: str,
@@ -135,6 +139,9 @@ class Request:
         self.detail = ""
         self.start = 0.0
         self.stale_ok = True
+        self.endpoint = None
+        self.bytes_sent = 0
+        self.peer = None
 
     async def send_down(self, data: bytes) -> None:
         try:
@@ -368,8 +375,8 @@ CLUSTER = ClusterStage()
 
 def default_chain(listener: Listener) -> tuple[Stage, ...]:
     if listener.direction == "inbound" and listener.route_table is None:
-        return (PREPARE, AUTHZ, TARGET, CLUSTER)
-    return (PREPARE, ROUTE, FAULT, CLUSTER)
+        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, AUTHZ, TARGET, CLUSTER)
+    return (PREPARE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
 
 
 # ------------------------------------------------------------------ forwarding
@@ -458,6 +465,7 @@ class Forwarder:
             if ep is None:
                 await self._reply(rq, failure_reply(F.UH, 503, cs.name))
                 return
+            rq.endpoint = ep
             outcome, flag, detail = await self._try(rq, cs, ep, up_head, policy, retries)
             if outlier is not None and outcome is not _STALE:
                 self._record(cs, ep, rq, outcome)
@@ -707,6 +715,7 @@ class Forwarder:
             t = type(ev)
             if t is Data:
                 out.append(server.data(ev.data))
+                rq.bytes_sent += len(ev.data)
             elif t is EndOfMessage:
                 out.append(server.end(ev.trailers))
                 break
@@ -767,6 +776,7 @@ async def send_local(rq: Request, reply: LocalReply) -> None:
     if body and not is_head:
         parts.append(server.data(body))
         parts.append(server.end())
+        rq.bytes_sent = len(body)
     await rq.send_down(b"".join(parts))
     if not server.keep_alive:
         rq.keep_alive = False
@@ -887,6 +897,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                             pass
                 if rq.status:
                     lstats.response(rq.status)
+                finish_request(rq, conn.since, trio.current_time(), time.time())
                 for f in rq.flags:
                     rt.stats.flag(f)
                 if rq.flags and rq.flags[0] not in (F.DC,):

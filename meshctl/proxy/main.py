@@ -36,7 +36,19 @@ def _quiet_gc() -> None:
     gc.set_threshold(5_000, 20, 100)
 
 
-def serve(config: Path, admin_port: int = 15000, log_level: str = "info") -> int:
+def _observe(rt, access_log: Path | None, mixer: str | None) -> None:
+    """Access log file and Mixer (global rate-limit quotas) for a runtime."""
+    import os
+
+    if access_log is not None:
+        from .accesslog import AccessLog
+
+        rt.access_log = AccessLog(access_log)
+    rt.ratelimits.mixer_url = (mixer or os.environ.get("MESHCTL_MIXER") or "").rstrip("/") or None
+
+
+def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
+          access_log: Path | None = None, mixer: str | None = None) -> int:
     """Load ``config`` and serve until SIGTERM. Returns the process exit code:
     0 after a drain, 2 for a config that cannot be loaded or run."""
     import trio
@@ -60,6 +72,10 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info") -> int
     except OSError as exc:
         return fail(f"{config}: {exc.strerror or exc}")
     rt = ProxyRuntime(config_path=config, loader=load_proxy_config)
+    try:
+        _observe(rt, access_log, mixer)
+    except Exception as exc:  # AccessLogError names the file
+        return fail(str(exc))
     _quiet_gc()
     try:
         trio.run(lambda: rt.run(cfg, admin_port=admin_port))
@@ -83,7 +99,7 @@ def _rejected(exc: BaseException) -> "ConfigRejected | None":  # noqa: F821
 
 
 def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_port: int = 15000,
-                log_level: str = "info") -> int:
+                log_level: str = "info", *, access_log: Path | None = None, mixer: str | None = None) -> int:
     """Serve under Pilot (long-poll, ACK/NACK, last good config in ``state_dir``)."""
     import json
 
@@ -104,6 +120,11 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
         print(f"meshctl proxy run: {node_file}: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     rt = ProxyRuntime()
+    try:
+        _observe(rt, access_log, mixer)
+    except Exception as exc:  # AccessLogError names the file
+        print(f"meshctl proxy run: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     _quiet_gc()
     try:
         trio.run(run_with_pilot, rt, pilot_url, node, state_dir, admin_port)
@@ -124,13 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path)
     p.add_argument("--admin-port", type=int, default=15000)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--access-log", type=Path)
+    p.add_argument("--mixer")
     a = p.parse_args(argv)
+    extra = {"access_log": a.access_log, "mixer": a.mixer}
     if a.pilot:
         if a.node is None:
             print("meshctl proxy run: --pilot needs --node FILE", file=sys.stderr)
             return EXIT_BAD_CONFIG
-        return serve_pilot(a.pilot, a.node, a.state_dir, a.admin_port, a.log_level)
+        return serve_pilot(a.pilot, a.node, a.state_dir, a.admin_port, a.log_level, **extra)
     if a.config is None:
         print("meshctl proxy run: give --config FILE, or --pilot URL --node FILE", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    return serve(a.config, a.admin_port, a.log_level)
+    return serve(a.config, a.admin_port, a.log_level, **extra)

@@ -35,7 +35,10 @@ from .admin import serve_admin
 from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
 from .pool import UpstreamPool
 from .snapshot import Snapshot, problems
+from .accesslog import AccessLog
+from .ratelimit_stage import RateLimits
 from .stats import Stats
+from .telemetry import Telemetry
 from .stream import FastSocketStream, accept, bind_listener
 from .tcp import serve_tcp_connection
 
@@ -80,6 +83,9 @@ class ProxyRuntime:
         self._loader = loader
         self.rand = rand or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.stats = Stats()
+        self.telemetry = Telemetry()  # Istio metrics (telemetry.py)
+        self.access_log: AccessLog | None = None  # set before run() to log requests
+        self.ratelimits = RateLimits()  # RateLimit resources; .mixer_url for global quotas
         self.snapshot: Snapshot | None = None
         self.listeners: dict[str, ActiveListener] = {}
         self.conns: set[ConnState] = set()
@@ -160,6 +166,7 @@ class ProxyRuntime:
                     self._close_sock(al.sock)
                 log.info("listener %s closed", name)
         self.stats.config_applied += 1
+        self.telemetry.set_workload(cfg.workload)
         log.info("config %s applied (%d listeners, %d clusters)", cfg.version, len(cfg.listeners),
                  len(cfg.clusters))
 
@@ -235,6 +242,8 @@ class ProxyRuntime:
         async with trio.open_nursery() as outer:
             if admin_sock is not None:
                 outer.start_soon(serve_admin, self, admin_sock)
+            if self.access_log is not None:
+                outer.start_soon(self.access_log.run)
             async with trio.open_nursery() as conns:
                 self._conn_nursery = conns
                 async with trio.open_nursery() as nursery:

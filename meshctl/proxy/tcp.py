@@ -17,6 +17,7 @@ from ..core.balance import PickContext
 from . import stats as F
 from .http import ConnState
 from .stream import UpstreamConnectError, connect_tcp, relay
+from .telemetry import tcp_closed, tcp_opened
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -56,9 +57,12 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                 return
             cs.stats.cx_active += 1
             cs.stats.cx_total += 1
+            tst = tcp_opened(rt, listener, cs, ep)
+            counts = (0, 0)
             try:
-                await relay(stream, upstream)
+                counts = await relay(stream, upstream)
             finally:
+                tcp_closed(tst, counts)
                 cs.stats.cx_active -= 1
                 await upstream.aclose()
     finally:

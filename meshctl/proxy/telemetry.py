@@ -449,3 +449,20 @@ def iso_time(t: float) -> str:
 
     ms = int((t - int(t)) * 1000)
     return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(int(t))) + f".{ms:03d}Z"
+
+
+def tcp_opened(rt, listener, cs, ep) -> TcpSeries:
+    """A TCP connection reached its upstream: count it open; returns its series."""
+    tel: Telemetry = rt.telemetry
+    inbound = listener.direction == "inbound"
+    st = tel.tcp_series(tel.tcp_labels(inbound=inbound, peer=None, endpoint=None if inbound else ep,
+                                       service=cs.cluster.service if not inbound else None))
+    st.opened += 1
+    return st
+
+
+def tcp_closed(st: TcpSeries, counts: tuple[int, int]) -> None:
+    """``counts``: relay()'s (client → upstream, upstream → client) bytes."""
+    st.received += counts[0]
+    st.sent += counts[1]
+    st.closed += 1
