@@ -1,0 +1,98 @@
+"""`meshctl route ...` as a user types it (typer's runner, no Pilot running:
+the store in the state directory is the source of truth)."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from meshctl.cli.main import app
+from meshctl.model.base import FrozenDict
+from meshctl.registry.base import Instance
+
+ROOT = Path(__file__).parents[2]
+RULES = ROOT / "examples" / "bookinfo" / "rules"
+BAD = ROOT / "tests" / "data" / "bad"
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MESHCTL_STATE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".meshctl").mkdir()
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_apply_get_delete_history_rollback(run):
+    r = run("route", "apply", "-f", str(RULES / "virtual-service-all-v1.yaml"))
+    assert r.exit_code == 0, r.output
+    assert "virtualservice.networking.istio.io/reviews created" in r.output
+    assert "Pilot is not running" in r.output
+    r = run("route", "apply", "-f", str(RULES / "virtual-service-all-v1.yaml"))
+    assert "reviews unchanged" in r.output
+    r = run("route", "apply", "-f", str(RULES / "virtual-service-reviews-v3.yaml"))
+    assert "reviews configured" in r.output
+    r = run("route", "get", "vs", "reviews", "-o", "yaml")
+    assert r.exit_code == 0 and "subset: v3" in r.output
+    r = run("route", "history")
+    assert "apply VirtualService/reviews" in r.output
+    r = run("route", "rollback")
+    assert "rollback to revision 1" in r.output
+    assert "subset: v1" in run("route", "get", "virtualservice", "reviews", "-o", "yaml").output
+    r = run("route", "delete", "virtualservice", "reviews")
+    assert "deleted" in r.output
+    r = run("route", "get", "virtualservice", "reviews")
+    assert r.exit_code == 1 and "not found" in r.output
+
+
+def test_validate_names_file_line_and_field_and_exits_nonzero(run):
+    r = run("route", "validate", "-f", str(BAD / "bad-duration.yaml"))
+    assert r.exit_code == 1
+    assert "bad-duration.yaml:8: spec.http[0].timeout" in r.output
+
+
+def test_apply_of_a_bad_file_applies_nothing(run, tmp_path):
+    r = run("route", "apply", "-f", str(RULES / "virtual-service-all-v1.yaml"), "-f", str(BAD / "unknown-field.yaml"))
+    assert r.exit_code == 1
+    assert "unknown field" in r.output
+    assert run("route", "get").output.count("VirtualService") == 0
+
+
+def test_validate_good_samples_passes(run):
+    r = run("route", "validate", "-f", str(RULES))
+    assert r.exit_code == 0, r.output
+    assert "valid" in r.output
+
+
+def test_explain_offline_uses_the_stored_rules_and_registry(run, tmp_path):
+    import trio
+
+    from meshctl.registry.embedded import EmbeddedRegistry
+
+    async def register():
+        reg = EmbeddedRegistry(tmp_path / ".meshctl")
+        for v in ("v1", "v2"):
+            await reg.register(Instance(id=f"reviews-{v}-0", service="reviews", address="127.0.0.1", port=21000 + int(v[1]),
+                                        labels=FrozenDict(app="reviews", version=v), meta=FrozenDict({"meshctl.io/service-port": "9080"})))
+
+    trio.run(register)
+    run("route", "apply", "-f", str(RULES / "destination-rule-all.yaml"), "-f", str(RULES / "virtual-service-reviews-test-v2.yaml"))
+    r = run("route", "explain", "GET", "http://reviews:9080/reviews/0", "-H", "end-user: jason", "--from", "productpage")
+    assert r.exit_code == 0, r.output
+    assert "outbound|9080|v2|reviews.default.svc.cluster.local" in r.output
+    assert "reviews-v2-0" in r.output and "reviews-v1-0" not in r.output
+    r = run("route", "explain", "GET", "http://reviews:9080/reviews/0", "--from", "productpage")
+    assert "outbound|9080|v1|reviews.default.svc.cluster.local" in r.output
+
+
+def test_commands_without_a_state_dir_say_so(tmp_path, monkeypatch):
+    monkeypatch.delenv("MESHCTL_STATE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["route", "get"])
+    assert r.exit_code == 1
+    assert "no mesh state directory" in r.output
