@@ -25,6 +25,7 @@ NOUNS = [
     "mesh",
     "citadel",
     "fault",
+    "mixer",
 ]
 
 for _noun in NOUNS:

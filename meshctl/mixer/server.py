@@ -1,0 +1,195 @@
+"""Mixer: mesh-wide telemetry gathered from every sidecar, and the global quota service.
+
+    GET  /metrics              every sidecar's Istio metrics, summed (Prometheus text)
+    GET  /v1/top?window=10s    per service and version: rps, success rate, p50/p90/p99,
+                               active connections, ejected hosts, overflows, rate-limited
+    GET  /v1/targets           the sidecars scraped, and the last error of those that failed
+    POST /v1/quota             {"key", "proxy", "tokens", "limit", "unit_seconds"} →
+                               {"granted", "valid_for", "exhausted"}  (core.ratelimit.GlobalQuota)
+    GET  /ready                200 once serving
+
+Sidecars are found in the state directory's ``status.json`` (written by
+`meshctl up`: every workload's admin address), plus any ``--target``
+given; their ``/stats`` are scraped every ``interval`` seconds, all at once,
+each with a timeout shorter than the interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import trio
+
+from ..core.ratelimit import GlobalQuota, RateLimitConfigError
+from ..httpapi import HTTPError, Request, Response, serve
+from .aggregate import Aggregator, ParseError
+
+log = logging.getLogger("meshctl.mixer")
+
+SCRAPE_INTERVAL = 1.0
+MAX_WINDOW = 900.0
+
+
+def parse_window(text: str | None, default: float = 10.0) -> float:
+    """``10s``, ``1m``, ``500ms`` or plain seconds; at most 15 minutes."""
+    if not text:
+        return default
+    t = text.strip()
+    try:
+        if t.endswith("ms"):
+            v = float(t[:-2]) / 1000
+        elif t.endswith("s"):
+            v = float(t[:-1])
+        elif t.endswith("m"):
+            v = float(t[:-1]) * 60
+        elif t.endswith("h"):
+            v = float(t[:-1]) * 3600
+        else:
+            v = float(t)
+    except ValueError:
+        raise ValueError(f"bad window {text!r}: use a duration like 10s or 1m") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"bad window {text!r}: must be positive")
+    return min(v, MAX_WINDOW)
+
+
+class Mixer:
+    def __init__(self, state_dir: Path | None = None, targets: dict[str, str] | None = None,
+                 interval: float = SCRAPE_INTERVAL) -> None:
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.static_targets = dict(targets or {})
+        self.interval = interval
+        self.agg = Aggregator()
+        self.quotas: dict[str, GlobalQuota] = {}
+        self.targets: dict[str, str] = {}
+        self.rounds = 0
+        self._round_done = trio.Event()
+
+    # ------------------------------------------------------------ targets
+
+    def discover(self) -> dict[str, str]:
+        """name → "host:port" of every sidecar admin API to scrape."""
+        out = dict(self.static_targets)
+        if self.state_dir is not None:
+            try:
+                st = json.loads((self.state_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                st = {}
+            for w in st.get("workloads", []) or []:
+                addr = w.get("admin_address")
+                if addr and w.get("state") not in ("stopped",):
+                    out[w.get("name") or addr] = addr
+            for g in st.get("gateways", []) or []:
+                addr = g.get("admin_address")
+                if addr:
+                    out[g.get("name") or addr] = addr
+        return out
+
+    # ------------------------------------------------------------ scraping
+
+    async def scrape_once(self, client) -> None:
+        import httpx
+
+        self.targets = self.discover()
+        results: dict[str, tuple[str | None, str]] = {}
+
+        async def one(name: str, addr: str) -> None:
+            try:
+                with trio.fail_after(max(0.2, self.interval * 0.8)):
+                    r = await client.get(f"http://{addr}/stats")
+                if r.status_code != 200:
+                    results[name] = (None, f"HTTP {r.status_code}")
+                else:
+                    results[name] = (r.text, "")
+            except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
+                results[name] = (None, f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__)
+
+        async with trio.open_nursery() as n:
+            for name, addr in self.targets.items():
+                n.start_soon(one, name, addr)
+        for name, (text, err) in results.items():
+            key = self.targets[name]
+            if text is None:
+                self.agg.lost(key, err)
+                continue
+            try:
+                self.agg.ingest(key, text)
+            except ParseError as exc:
+                self.agg.lost(key, str(exc))
+        self.agg.forget_targets(set(self.targets.values()))
+        self.agg.snapshot(trio.current_time())
+        self.rounds += 1
+        ev, self._round_done = self._round_done, trio.Event()
+        ev.set()
+
+    async def scrape_loop(self) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(trust_env=False, timeout=self.interval) as client:
+            while True:
+                start = trio.current_time()
+                await self.scrape_once(client)
+                await trio.sleep_until(start + self.interval)
+
+    async def next_round(self) -> None:
+        await self._round_done.wait()
+
+    # ------------------------------------------------------------ quota
+
+    def grant(self, body: dict, now: float) -> dict:
+        try:
+            key = str(body["key"])
+            proxy = str(body.get("proxy") or "?")
+            tokens = int(body.get("tokens", 1))
+            limit = int(body["limit"])
+            unit = float(body.get("unit_seconds", 1.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HTTPError(400, f"quota ask needs key, limit, tokens and unit_seconds: {exc}") from None
+        if tokens < 1:
+            raise HTTPError(400, f"tokens must be at least 1, got {tokens}")
+        q = self.quotas.get(key)
+        if q is None or q.limit != limit or q.unit != unit:
+            try:
+                q = self.quotas[key] = GlobalQuota(limit, unit)
+            except RateLimitConfigError as exc:
+                raise HTTPError(400, str(exc)) from None
+        g = q.grant(proxy, tokens, now)
+        return {"granted": g.granted, "valid_for": g.valid_for, "exhausted": g.exhausted}
+
+    # ------------------------------------------------------------ HTTP
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path.rstrip("/") or "/"
+        if req.method == "GET" and path == "/metrics":
+            return Response.text(self.agg.render(), content_type="text/plain; version=0.0.4")
+        if req.method == "GET" and path == "/v1/top":
+            try:
+                window = parse_window(req.query.get("window"))
+            except ValueError as exc:
+                raise HTTPError(400, str(exc)) from None
+            rows, covered = self.agg.top(window)
+            return Response.json({
+                "window": window, "covered": covered, "rounds": self.rounds,
+                "rows": [r.as_dict() for r in rows],
+                "targets": len(self.targets), "failing": dict(self.agg.failures),
+            })
+        if req.method == "GET" and path == "/v1/targets":
+            return Response.json({"targets": self.targets, "failing": dict(self.agg.failures), "rounds": self.rounds})
+        if req.method == "POST" and path == "/v1/quota":
+            body = req.json()
+            if not isinstance(body, dict):
+                raise HTTPError(400, "quota ask must be a JSON object")
+            return Response.json(self.grant(body, trio.current_time()), compact=True)
+        if req.method == "GET" and path == "/ready":
+            return Response.text("ready\n")
+        raise HTTPError(404, f"no route {req.method} {req.path}: try /metrics /v1/top /v1/targets /v1/quota")
+
+
+async def run_mixer(mixer: Mixer, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as n:
+        bound = await n.start(serve, mixer.handle, host, port)
+        n.start_soon(mixer.scrape_loop)
+        task_status.started(bound)
