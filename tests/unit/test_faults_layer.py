@@ -270,3 +270,28 @@ def test_without_faults_the_config_is_the_same_as_before():
     expired = active_faults([fault(ttl="1s", now=0.0)], 5.0)
     assert compile_proxy(_inputs(expired), NODE).version == plain.version
     assert compile_proxy(_inputs([fault()]), NODE).version != plain.version
+
+
+def test_a_fault_on_productpage_applies_at_the_ingress_gateway_too():
+    from pathlib import Path
+
+    from meshctl.loader.resources import load_resources
+
+    rules = Path(__file__).parents[2] / "examples" / "bookinfo" / "rules"
+    resources = load_resources([rules / "bookinfo-gateway.yaml"])
+    snap = {"productpage": (Instance(id="productpage-v1-0", service="productpage", address="127.0.0.1", port=9001,
+                                     labels=FrozenDict({"version": "v1"}),
+                                     meta=FrozenDict({"meshctl.io/service-port": "9080"})),)}
+    gw = Node(Workload(name="gw", service="istio-ingressgateway", labels=FrozenDict(istio="ingressgateway")),
+              (Listener(name="gateway-80", direction="gateway", address="127.0.0.1", port=8080, service_port=80),),
+              gateway=True)
+    f = fault(service="productpage.default.svc.cluster.local", delay=None, abort=503)
+    plain = compile_proxy(Inputs(resources, snap), gw).route_tables["gateway-80"].virtual_hosts[0].routes
+    faulted = compile_proxy(Inputs(resources, snap, faults=(f,)), gw).route_tables["gateway-80"].virtual_hosts[0].routes
+    # Every gateway route goes to productpage: each gets a faulted copy right before it.
+    assert len(faulted) == 2 * len(plain)
+    assert faulted[1::2] == plain
+    assert all(r.fault is not None and r.fault.abort.http_status == 503 for r in faulted[0::2])
+    # A fault on another service leaves the gateway alone.
+    other = fault(service=RATINGS)
+    assert compile_proxy(Inputs(resources, snap, faults=(other,)), gw).route_tables["gateway-80"].virtual_hosts[0].routes == plain
