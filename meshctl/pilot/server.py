@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from .store import RuleStore
 log = logging.getLogger("meshctl.pilot")
 
 MAX_WAIT = 300.0
+FORGET_AFTER = 600.0  # seconds a service with no instance left is still routed (to 503)
 
 
 def parse_wait(text: str | None, default: float = 30.0) -> float:
@@ -100,6 +101,8 @@ class Pilot:
     # Pilot must not push "no endpoints" to every proxy.
     _first_snapshot: trio.Event = field(default_factory=trio.Event)
     _inputs: Inputs | None = None
+    _last_seen: dict[str, tuple[Instance, ...]] = field(default_factory=dict)
+    _vanished: dict[str, float] = field(default_factory=dict)
     # `meshctl inject-fault`: every stored fault, and the ids of those compiled in.
     _faults: list[InjectedFault] = field(default_factory=list)
     _fault_ids: tuple[str, ...] = ()
@@ -155,9 +158,29 @@ class Pilot:
 
     def set_snapshot(self, snap: Snapshot) -> None:
         self._first_snapshot.set()
-        if dict(snap) != dict(self.snapshot):
-            self.snapshot = dict(snap)
+        merged = self._with_vanished(snap, time.monotonic())
+        if merged != self.snapshot:
+            self.snapshot = merged
             self._bump()
+
+    def _with_vanished(self, snap: Snapshot, now: float) -> dict[str, tuple[Instance, ...]]:
+        """A service whose last healthy instance went away is still a service: keep its
+        last instances, marked unhealthy, so callers get 503 "no healthy upstream"
+        (as with Istio) rather than 404 "no route". Forgotten after FORGET_AFTER."""
+        merged = dict(snap)
+        for svc, insts in snap.items():
+            if insts:
+                self._last_seen[svc] = insts
+                self._vanished.pop(svc, None)
+        for svc, insts in list(self._last_seen.items()):
+            if merged.get(svc):
+                continue
+            since = self._vanished.setdefault(svc, now)
+            if now - since > FORGET_AFTER:
+                del self._last_seen[svc], self._vanished[svc]
+                continue
+            merged[svc] = tuple(replace(i, healthy=False) for i in insts)
+        return merged
 
     def inputs(self) -> Inputs:
         if self._inputs is None:

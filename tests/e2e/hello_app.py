@@ -1,6 +1,11 @@
-"""A tiny app for end-to-end tests: `python hello_app.py PORT VERSION` answers {"version": VERSION}."""
+"""A tiny app for end-to-end tests: `python hello_app.py [PORT VERSION]` answers {"version": VERSION}.
+
+PORT and VERSION default to $PORT and $SERVICE_VERSION (as `meshctl up` sets
+them). GET /health answers 503 while the file named by $UNHEALTHY_IF exists.
+"""
 
 import json
+import os
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -9,8 +14,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        body = json.dumps({"version": VERSION, "path": self.path}).encode()
-        self.send_response(200)
+        flag = os.environ.get("UNHEALTHY_IF")
+        status = 503 if self.path == "/health" and flag and os.path.exists(flag) else 200
+        body = json.dumps({"version": VERSION, "path": self.path, "instance": os.environ.get("POD_NAME", "")}).encode()
+        self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -21,6 +28,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    VERSION = sys.argv[2]
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ["PORT"])
+    VERSION = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("SERVICE_VERSION", "v1")
     ThreadingHTTPServer.daemon_threads = True
-    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()

@@ -1,0 +1,104 @@
+"""`meshctl up`'s active health checks and its refusals, end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import LoadGenerator, free_port, http_get, meshctl_run
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).parent
+
+
+def mesh_file(work: Path, port_range: str, gw: int) -> None:
+    shutil.copy(HERE / "hello_app.py", work / "hello_app.py")
+    (work / "mesh.yaml").write_text(f"""
+settings: {{portRange: {port_range}}}
+services:
+- name: hello
+  port: 9080
+  healthCheck: {{http: /health, interval: 0.3s, unhealthyThreshold: 2}}
+  versions:
+  - name: v1
+    command: [python3, hello_app.py]
+    replicas: 2
+    env: {{UNHEALTHY_IF: {work}/sick}}
+gateways:
+- name: gw
+  labels: {{istio: ingressgateway}}
+  ports: {{80: {gw}}}
+""")
+
+
+def status(work: Path) -> dict:
+    return json.loads(meshctl_run("status", "--json", "--state-dir", str(work / ".meshctl")).stdout)
+
+
+def test_a_failing_health_check_takes_the_instance_out_and_back(tmp_path):
+    gw = free_port()
+    base = 32000 + (free_port() % 50) * 20
+    mesh_file(tmp_path, f"{base}-{base + 19}", gw)
+    meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"))
+    try:
+        st = status(tmp_path)
+        outbound = int(st["workloads"][0]["outbound_address"].rsplit(":", 1)[1])
+        seen = {json.loads(http_get(outbound, "http://hello:9080/")[1])["instance"] for _ in range(20)}
+        assert seen == {"hello-v1-0", "hello-v1-1"}
+        (tmp_path / "sick").write_text("x")  # both replicas read this flag
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = {w["name"]: w["state"] for w in status(tmp_path)["workloads"]}
+            if set(states.values()) == {"unhealthy"}:
+                break
+            time.sleep(0.2)
+        assert set(states.values()) == {"unhealthy"}, states
+        # No healthy endpoint left: the sidecar says so instead of hanging.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            code, body = http_get(outbound, "http://hello:9080/")
+            if code == 503:
+                break
+            time.sleep(0.1)
+        assert code == 503
+        (tmp_path / "sick").unlink()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = {w["name"]: w["state"] for w in status(tmp_path)["workloads"]}
+            if set(states.values()) == {"ready"}:
+                break
+            time.sleep(0.2)
+        assert set(states.values()) == {"ready"}, states
+        with LoadGenerator(outbound, "http://hello:9080/", rps=100, connections=2) as load:
+            time.sleep(1.5)
+        assert load.result.failed == 0 and load.result.total > 50
+    finally:
+        meshctl_run("down", "--state-dir", str(tmp_path / ".meshctl"))
+
+
+def test_a_busy_gateway_port_is_named_and_nothing_is_left_running(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    gw = holder.getsockname()[1]
+    base = 33000 + (free_port() % 50) * 20
+    mesh_file(tmp_path, f"{base}-{base + 19}", gw)
+    try:
+        import subprocess
+        import sys
+
+        r = subprocess.run([sys.executable, "-m", "meshctl", "up", "-d", "-f", str(tmp_path / "mesh.yaml")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        assert f"127.0.0.1:{gw} (gateway gw port 80) is already in use" in r.stderr
+        assert not (tmp_path / ".meshctl" / "supervisor.pid").exists()
+        st = json.loads((tmp_path / ".meshctl" / "status.json").read_text())
+        assert st["state"] in ("failed", "stopped")
+    finally:
+        holder.close()
