@@ -78,6 +78,21 @@ def _registry_snapshot(sd: Path) -> dict:
     return dict(load_snapshot(sd))
 
 
+def _complete_target(incomplete: str) -> list[str]:
+    """list, clear and the services of the mesh found from here (shell completion)."""
+    words = list(VERBS)
+    try:
+        from ..registry.embedded import load_snapshot
+        from ..state import find_state_dir
+
+        sd = find_state_dir()
+        if sd is not None:
+            words += sorted(load_snapshot(sd))
+    except Exception:  # completion must never fail loudly
+        pass
+    return [w for w in words if w.startswith(incomplete)]
+
+
 def _short(host: str) -> str:
     return host.split(".")[0] if host.endswith(".svc.cluster.local") else host
 
@@ -146,7 +161,8 @@ def _until(f: InjectedFault, now: float) -> str:
 
 
 def inject_fault(
-    target: Optional[str] = typer.Argument(None, metavar="SERVICE | list | clear", help="The service to fault, or list / clear."),
+    target: Optional[str] = typer.Argument(None, metavar="SERVICE | list | clear", help="The service to fault, or list / clear.",
+                                    autocompletion=_complete_target),
     what: Optional[str] = typer.Argument(None, metavar="[SERVICE | ID]", help="For clear: only this service's faults, or this fault."),
     delay: Optional[str] = typer.Option(None, "--delay", help="Delay requests by this long, e.g. 2s or 500ms."),
     abort: Optional[int] = typer.Option(None, "--abort", help="Answer requests with this HTTP status, e.g. 503."),

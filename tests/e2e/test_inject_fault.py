@@ -149,3 +149,11 @@ def test_clear_by_service_removes_only_that_service_and_restores_the_config(pilo
     assert f"fault {fid} on ratings cleared" in cleared
     assert config(pilot, during["version"], "5s")["version"] == before["version"]
     assert "no injected faults" in meshctl("inject-fault", "clear", sd=sd).stdout
+
+
+def test_shell_completion_offers_the_verbs_and_the_mesh_services(pilot):
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("meshctl_state_dir",)}
+    env.update(_MESHCTL_COMPLETE="complete_bash", COMP_WORDS="meshctl inject-fault ", COMP_CWORD="2")
+    r = subprocess.run([sys.executable, "-c", "from meshctl.cli.main import app; app(prog_name='meshctl')"],
+                       capture_output=True, text=True, env=env, cwd=pilot["sd"].parent, timeout=30)
+    assert {"list", "clear", "ratings"} <= set(r.stdout.split()), r
