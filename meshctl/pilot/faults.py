@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..loader.codec import from_data, parse_duration, to_data
+from ..loader.codec import LoadError, from_data, parse_duration, to_data
 from ..model.base import FrozenDict, format_duration
 from ..model.istio import (
     FaultAbort,
@@ -398,7 +398,7 @@ def fault_from_dict(d: Any) -> InjectedFault:
             created=float(d.get("created", 0.0)),
             expires=None if d.get("expires") is None else float(d["expires"]),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, LoadError) as e:
         raise FaultError(f"bad injected fault {d!r}: {e}") from None
 
 

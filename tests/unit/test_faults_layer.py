@@ -295,3 +295,9 @@ def test_a_fault_on_productpage_applies_at_the_ingress_gateway_too():
     # A fault on another service leaves the gateway alone.
     other = fault(service=RATINGS)
     assert compile_proxy(Inputs(resources, snap, faults=(other,)), gw).route_tables["gateway-80"].virtual_hosts[0].routes == plain
+
+
+def test_a_damaged_entry_is_reported_not_crashed_on(tmp_path):
+    (tmp_path / "faults.json").write_text(json.dumps({"faults": [{"id": "x", "service": RATINGS, "fault": {"delay": {"fixedDelay": "soon"}}}]}))
+    with pytest.raises(FaultError, match="bad injected fault"):
+        FaultStore(tmp_path).load()
