@@ -65,7 +65,7 @@ class EventReader:
 class UpstreamConn:
     __slots__ = ("stream", "client", "reader", "key", "stats", "idle_since", "reused", "counted")
 
-    def __init__(self, stream: FastSocketStream, client: H1Client, key: tuple[str, int], stats: ClusterStats) -> None:
+    def __init__(self, stream: FastSocketStream, client: H1Client, key: tuple, stats: ClusterStats) -> None:
         self.stream = stream
         self.client = client
         self.reader = EventReader(stream, client)
@@ -83,10 +83,15 @@ class UpstreamPool:
         self.idle: dict[tuple[str, int], list[UpstreamConn]] = {}
         self.idle_timeout = 60.0
 
-    async def acquire(self, address: str, port: int, stats: ClusterStats, connect_timeout: float) -> UpstreamConn:
+    async def acquire(self, address: str, port: int, stats: ClusterStats, connect_timeout: float,
+                      tls=None) -> UpstreamConn:
         """A pooled idle connection if a live one exists, else a new one.
-        Raises UpstreamConnectError (including on connect timeout)."""
-        key = (address, port)
+        ``tls`` (identity.UpstreamTLS, None for plaintext) secures new
+        connections and is part of the pool key, so plain and mTLS
+        connections to one address never mix.
+        Raises UpstreamConnectError (including on connect timeout and on a
+        failed TLS handshake or peer identity check)."""
+        key = (address, port) if tls is None else (address, port, tls.key)
         idle = self.idle.get(key)
         if idle:
             now = trio.current_time()
@@ -106,6 +111,12 @@ class UpstreamPool:
             except UpstreamConnectError:
                 stats.cx_connect_fail += 1
                 raise
+            if tls is not None:
+                try:
+                    stream = await tls.wrap(stream, address, port)
+                except UpstreamConnectError:
+                    stats.cx_connect_fail += 1
+                    raise
             stats.cx_active += 1
             stats.cx_total += 1
             return UpstreamConn(stream, H1Client(self.limits), key, stats)

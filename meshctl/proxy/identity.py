@@ -1,0 +1,303 @@
+"""The sidecar's identity at work: its certificate lifecycle, and mTLS on both legs.
+
+- ``start_identity`` (called by the sidecar entry point): when the supervisor
+  handed over ``MESHCTL_CITADEL_URL`` and a one-time ``MESHCTL_CITADEL_TOKEN``
+  by environment, generate a P-256 key, get the first SVID from Citadel and
+  keep it renewed at half-life with jitter (``tls.keep_renewed``). The token
+  is removed from the process environment once read.
+- ``secure_inbound``: an inbound connection by ``Listener.mtls_mode``
+  (``tls.accept_inbound``), wrapped as a ``SecureStream`` that remembers the
+  verified peer SPIFFE ID (authz ``source.principal``, metrics
+  ``connection_security_policy="mutual_tls"``).
+- ``upstream_tls``: what the outbound side does for one cluster endpoint, as
+  Istio decides it: DestinationRule ``tls.mode`` ISTIO_MUTUAL → mTLS checking
+  the endpoint's SPIFFE ID; no DR tls and an endpoint that is a meshctl
+  sidecar (``Endpoint.identity``) → mTLS as well (auto mTLS); DISABLE → plain;
+  SIMPLE / MUTUAL → TLS with the DR's CA (and client certificate for MUTUAL).
+  The returned ``UpstreamTLS`` carries a ``key`` that goes into the upstream
+  pool's key, so plain and mTLS connections to one address never mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+
+import trio
+
+from ..citadel.errors import PeerRejected, TLSError
+from .stream import FastSocketStream, UpstreamConnectError
+from .tls import CertificateHolder, accept_inbound, client_handshake, keep_renewed
+
+log = logging.getLogger("meshctl.identity")
+
+ENV_URL = "MESHCTL_CITADEL_URL"
+ENV_TOKEN = "MESHCTL_CITADEL_TOKEN"
+FIRST_CERT_WAIT = 15.0  # seconds a sidecar waits for its first certificate before serving anyway
+
+# The upstream pool speaks HTTP/1.1: offer only that when we are the client.
+UPSTREAM_ALPN = ("http/1.1",)
+
+__all__ = [
+    "SecureStream",
+    "SidecarCertificates",
+    "UpstreamTLS",
+    "principal_of",
+    "secure_inbound",
+    "start_identity",
+    "upstream_tls",
+]
+
+
+def principal_of(spiffe_id: str | None) -> str | None:
+    """Istio's principal form of a SPIFFE ID: ``cluster.local/ns/default/sa/x``."""
+    if not spiffe_id:
+        return None
+    return spiffe_id[len("spiffe://"):] if spiffe_id.startswith("spiffe://") else spiffe_id
+
+
+# ---------------------------------------------------------------- certificates
+
+
+class SidecarCertificates(CertificateHolder):
+    """The sidecar's certificate holder: server contexts offer h2 and
+    http/1.1, client contexts only what the upstream pool speaks. Server
+    contexts send no TLS 1.3 session tickets (we never resume sessions, and a
+    ticket arriving on an idle pooled connection would read as unsolicited
+    bytes to the pool's liveness check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals = 0
+
+    def update(self, chain_pem, key_pem, bundle_pem, *, verify=True, now=None) -> None:
+        super().update(chain_pem, key_pem, bundle_pem, verify=verify, now=now)
+        self._client.set_alpn_protocols(list(UPSTREAM_ALPN))
+        self._server.num_tickets = 0
+        self._client.options |= ssl.OP_NO_TICKET
+        self.renewals = self.generation - 1
+
+
+async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the certificate lifecycle for ``rt`` (sets ``rt.tls``) until cancelled.
+
+    Without ``MESHCTL_CITADEL_URL`` the sidecar has no identity: started at
+    once, returns. Otherwise ``task_status.started()`` comes once the first
+    certificate is in (or after FIRST_CERT_WAIT seconds, with a warning:
+    the sidecar then serves plaintext where allowed and keeps trying)."""
+    if environ is None:
+        environ = os.environ
+    url = environ.get(ENV_URL, "")
+    token = environ.pop(ENV_TOKEN, "")
+    if not url:
+        task_status.started()
+        return
+    if not token:
+        log.error("%s is set but %s is not: no certificate can be requested", ENV_URL, ENV_TOKEN)
+        task_status.started()
+        return
+    from ..citadel.server import CertificateSource
+
+    holder = SidecarCertificates()
+    rt.tls = holder
+    source = CertificateSource(url, token)
+    rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+    async with trio.open_nursery() as n:
+        n.start_soon(keep_renewed, holder, source.obtain, rng)
+        with trio.move_on_after(FIRST_CERT_WAIT):
+            while not holder.ready:
+                await trio.sleep(0.02)
+        if not holder.ready:
+            log.warning("no certificate from Citadel at %s after %.0fs: serving without one, still trying",
+                        url, FIRST_CERT_WAIT)
+        task_status.started()
+
+
+# ---------------------------------------------------------------- the stream
+
+
+class SecureStream(trio.abc.Stream):
+    """A TLS stream over a FastSocketStream, with what the proxy asks of its
+    streams (``socket``, ``closed``, ``close_now``) and the verified peer."""
+
+    __slots__ = ("tls", "raw", "peer_id", "principal", "alpn")
+
+    def __init__(self, tls: trio.SSLStream, raw: FastSocketStream, peer_id: str | None, alpn: str | None) -> None:
+        self.tls = tls
+        self.raw = raw
+        self.peer_id = peer_id
+        self.principal = principal_of(peer_id)
+        self.alpn = alpn
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.tls.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self.tls.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tls.wait_send_all_might_not_block()
+
+    def close_now(self) -> None:
+        """Abrupt close (no close_notify), like the plain stream's."""
+        self.raw.close_now()
+
+    async def aclose(self) -> None:
+        self.raw.close_now()
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    @property
+    def socket(self):
+        return self.raw.socket
+
+    def fileno(self) -> int:
+        return self.raw.socket.fileno()
+
+
+# ---------------------------------------------------------------- inbound
+
+
+async def secure_inbound(rt, listener, stream: FastSocketStream):
+    """The stream the inbound handler should serve, by ``listener.mtls_mode``.
+
+    Returns ``stream`` itself for plaintext, a ``SecureStream`` for mTLS, or
+    None when the connection was refused (already closed; the reason logged
+    and counted in ``rt.mtls_refused[listener name]``)."""
+    mode = (listener.mtls_mode or "DISABLE").upper()
+    holder = getattr(rt, "tls", None)
+    if mode == "DISABLE" or listener.direction != "inbound":
+        return stream
+    if holder is None:
+        # a sidecar without an identity (no Citadel): PERMISSIVE is plaintext;
+        # STRICT fails closed
+        if mode == "PERMISSIVE":
+            return stream
+        _refused(rt, listener, "this sidecar has no certificate, and the port requires mutual TLS")
+        stream.close_now()
+        return None
+    try:
+        conn = await accept_inbound(stream, holder, mode)
+    except (TLSError, PeerRejected) as exc:
+        _refused(rt, listener, str(exc))
+        return None
+    if not conn.tls:
+        return conn.stream
+    ssl_stream = conn.stream
+    return SecureStream(ssl_stream, stream, conn.peer_id, conn.alpn)
+
+
+def _refused(rt, listener, why: str) -> None:
+    refused = getattr(rt, "mtls_refused", None)
+    if refused is None:
+        refused = rt.mtls_refused = {}
+    refused[listener.name] = refused.get(listener.name, 0) + 1
+    log.info("%s: connection refused: %s", listener.name, why)
+
+
+# ---------------------------------------------------------------- outbound
+
+
+class UpstreamTLS:
+    """How to secure one upstream connection; ``key`` distinguishes pools."""
+
+    __slots__ = ("mode", "key", "expected", "holder", "context", "sni")
+
+    def __init__(self, mode: str, key: tuple, *, expected=None, holder=None, context=None, sni=None) -> None:
+        self.mode = mode
+        self.key = key
+        self.expected = expected
+        self.holder = holder
+        self.context = context
+        self.sni = sni
+
+    async def wrap(self, raw: FastSocketStream, address: str, port: int) -> SecureStream:
+        """Handshake on a fresh connection. Raises UpstreamConnectError (the
+        connection is closed) when it fails or the peer is not who it should be."""
+        try:
+            if self.mode == "ISTIO_MUTUAL":
+                conn = await client_handshake(raw, self.holder, self.expected)
+                return SecureStream(conn.stream, raw, conn.peer_id, conn.alpn)
+            tls = trio.SSLStream(raw, self.context, server_hostname=self.sni, https_compatible=True)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                raw.close_now()
+                cause = exc.__cause__ or exc
+                raise TLSError(f"TLS handshake failed: {getattr(cause, 'reason', None) or cause}") from None
+            return SecureStream(tls, raw, None, tls.selected_alpn_protocol())
+        except BaseException as exc:
+            raw.close_now()
+            if not isinstance(exc, (TLSError, PeerRejected)):
+                raise  # cancelled (connect timeout): closed, not leaked
+            raise UpstreamConnectError(address, port, f"{'mTLS' if self.mode == 'ISTIO_MUTUAL' else 'TLS'}: {exc}") from None
+
+
+_cache: dict[tuple, UpstreamTLS | None] = {}
+
+
+def upstream_tls(rt, cluster, ep) -> UpstreamTLS | None:
+    """What to do for ``ep`` of ``cluster`` (None: plaintext).
+
+    Raises UpstreamConnectError when the DestinationRule asks for mutual TLS
+    and this sidecar has no certificate (a plaintext attempt would only be
+    refused, or worse, accepted by a PERMISSIVE peer against the rule)."""
+    tp = cluster.traffic_policy
+    tls = tp.tls if tp is not None else None
+    mode = tls.mode if tls is not None and tls.mode else None
+    holder = getattr(rt, "tls", None)
+    if mode is None:
+        # auto mTLS: to a meshctl sidecar, when we have an identity ourselves
+        if ep.identity is None or holder is None:
+            return None
+        mode = "ISTIO_MUTUAL"
+    if mode == "DISABLE":
+        return None
+    if mode == "ISTIO_MUTUAL":
+        if holder is None:
+            raise UpstreamConnectError(ep.address, ep.port,
+                                       "DestinationRule asks for ISTIO_MUTUAL but this sidecar has no certificate")
+        ck = ("mtls", ep.identity, id(holder))
+        got = _cache.get(ck)
+        if got is None:
+            expected = frozenset({ep.identity}) if ep.identity else None
+            got = _cache[ck] = UpstreamTLS("ISTIO_MUTUAL", ("mtls", ep.identity), expected=expected, holder=holder)
+        return got
+    # SIMPLE or MUTUAL with files named by the DestinationRule
+    ck = ("tls", mode, tls.ca_certificates, tls.client_certificate, tls.private_key, tls.sni,
+          bool(tls.insecure_skip_verify), cluster.service)
+    got = _cache.get(ck)
+    if got is None:
+        got = _cache[ck] = UpstreamTLS(mode, ck, context=_simple_context(tls, mode, ep), sni=tls.sni or cluster.service)
+    return got
+
+
+def _simple_context(tls, mode: str, ep) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_certificates or None)
+        if tls.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        elif not tls.sni and not tls.subject_alt_names:
+            ctx.check_hostname = False  # chain checked; no name given to check against
+        if mode == "MUTUAL" and tls.client_certificate:
+            ctx.load_cert_chain(tls.client_certificate, tls.private_key or None)
+        ctx.set_alpn_protocols(list(UPSTREAM_ALPN))
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamConnectError(ep.address, ep.port,
+                                   f"DestinationRule tls {mode}: cannot load certificates: {exc}") from None
+    return ctx
+
+
+async def run_with_identity(rt, main, *args) -> None:
+    """Run ``main(*args)`` (the proxy) with the certificate lifecycle beside it:
+    the first certificate is awaited (bounded) before the proxy starts serving."""
+    async with trio.open_nursery() as n:
+        await n.start(start_identity, rt)
+        await main(*args)
+        n.cancel_scope.cancel()
