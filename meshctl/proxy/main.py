@@ -108,6 +108,7 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
     from ..loader.codec import LoadError, from_data
     from ..pilot.compile import Node
     from .pilot_client import run_with_pilot
+    from .identity import run_with_identity  # Citadel certificate (env MESHCTL_CITADEL_URL/TOKEN)
     from .runtime import ProxyRuntime
 
     _setup_logging(log_level)
@@ -127,7 +128,7 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
         return EXIT_BAD_CONFIG
     _quiet_gc()
     try:
-        trio.run(run_with_pilot, rt, pilot_url, node, state_dir, admin_port)
+        trio.run(run_with_identity, rt, run_with_pilot, rt, pilot_url, node, state_dir, admin_port)
     except BaseException as exc:
         rej = _rejected(exc)
         if rej is None:

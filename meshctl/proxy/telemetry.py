@@ -400,10 +400,17 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
     head = rq.head
     ctype = _header(head.headers, "content-type")
     protocol = "grpc" if ctype.startswith("application/grpc") else "http"
+    peer = rq.peer
+    peer_id = getattr(rq.down, "peer_id", None)  # verified by mTLS (identity.SecureStream)
+    if peer_id is not None and inbound:
+        if peer is None:
+            peer = Peer(principal=peer_id)
+        else:
+            peer.principal = peer_id
     labels = tel.http_labels(
-        inbound=inbound, peer=rq.peer, endpoint=None if inbound else rq.endpoint, service=service,
+        inbound=inbound, peer=peer, endpoint=None if inbound else rq.endpoint, service=service,
         status=rq.status, flags=rq.flags, protocol=protocol,
-        mtls=type(rq.down).__name__ == "SSLStream",
+        mtls=peer_id is not None,
     )
     cl = _header(head.headers, "content-length")
     if cl.isdigit():
