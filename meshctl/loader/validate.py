@@ -276,6 +276,14 @@ class _Validator:
 
     # -- VirtualService
 
+    def check_RateLimit(self, spec) -> None:
+        """meshctl.io RateLimit: the model's own rules (model/ratelimit.py)."""
+        from ..model.ratelimit import ratelimit_problems
+
+        for problem in ratelimit_problems(spec):
+            field, _, message = problem.partition(": ")
+            self.error(field, message)
+
     def check_VirtualService(self, vs: m.VirtualService) -> None:
         assert self.r is not None
         if not vs.hosts:

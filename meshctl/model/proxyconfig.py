@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .base import EMPTY, Duration, FrozenDict
 from .istio import AuthorizationPolicy, HTTPRoute, TCPRoute, TrafficPolicy
+from .ratelimit import RateLimit
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_DOMAIN_SUFFIX = "svc.cluster.local"
@@ -150,4 +151,6 @@ class ProxyConfig:
     clusters: FrozenDict[str, Cluster] = EMPTY
     # inbound: the AuthorizationPolicies that select this workload, by "namespace/name"
     authorization: FrozenDict[str, AuthorizationPolicy] = EMPTY
+    # inbound: the meshctl RateLimits that select this workload, by "namespace/name"
+    rate_limits: FrozenDict[str, RateLimit] = EMPTY
     settings: Settings = field(default_factory=Settings)

@@ -55,6 +55,7 @@ from ..model.proxyconfig import (
     cluster_name,
     fqdn,
 )
+from ..model.ratelimit import RateLimit
 from ..registry.base import Instance, Snapshot
 from .faults import InjectedFault, faults_for_host, layer_faults
 
@@ -410,6 +411,15 @@ def authorization_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, Autho
     return tuple(out)
 
 
+def rate_limits_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, RateLimit], ...]:
+    """meshctl RateLimits in the workload's namespace whose selector matches it (none: all of them)."""
+    out = []
+    for r in sorted(inp.resources, key=lambda r: (r.namespace, r.name)):
+        if isinstance(r.spec, RateLimit) and r.namespace == workload.namespace and _selected(r.spec.selector, workload):
+            out.append((f"{r.namespace}/{r.name}", r.spec))
+    return tuple(out)
+
+
 def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None) -> str:
     """PeerAuthentication precedence: workload-specific > namespace > mesh (root namespace).
     Istio's default when nothing is set is PERMISSIVE."""
@@ -473,6 +483,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         route_tables=FrozenDict(sorted(tables.items())),
         clusters=FrozenDict(sorted(clusters.items())),
         authorization=FrozenDict(authorization_for(inp, wl)),
+        rate_limits=FrozenDict(rate_limits_for(inp, wl)),
         settings=inp.settings,
     )
     return replace(cfg, version=config_version(cfg))

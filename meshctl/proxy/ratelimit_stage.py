@@ -21,7 +21,7 @@ import logging
 
 import trio
 
-from ..core.ratelimit import Allowed, AskMixer, Grant, Limited, RateLimiter, WaitForGrant
+from ..core.ratelimit import Allowed, AskMixer, Grant, Limited, RateLimitConfigError, RateLimiter, WaitForGrant
 
 log = logging.getLogger("meshctl.proxy.ratelimit")
 
@@ -56,8 +56,11 @@ class RateLimits:
             spec = specs[name]
             if name in old and self._specs.get(name) == spec:
                 out.append(old[name])
-            else:
+                continue
+            try:
                 out.append(RateLimiter(name, spec, now))
+            except RateLimitConfigError as exc:  # Pilot validates; a hand-written config may not
+                log.error("RateLimit %s ignored: %s", name, exc)
         self.limiters = out
         self._specs = specs
 
@@ -119,7 +122,10 @@ class RateLimitStage:
         rls: RateLimits = rt.ratelimits
         rls.sync(cfg, trio.current_time())
         head = rq.head
-        principal = rq.peer.principal if rq.peer is not None and rq.peer.principal != "unknown" else None
+        # the mTLS-verified peer when there is one, else what the source sidecar said
+        principal = getattr(rq.down, "peer_id", None)
+        if principal is None and rq.peer is not None and rq.peer.principal != "unknown":
+            principal = rq.peer.principal
         for _ in range(4):
             now = trio.current_time()
             d = rls.check(path=head.path, method=head.method, principal=principal, now=now)
