@@ -46,6 +46,8 @@ from ..registry.base import Instance, RegistryError
 from ..state import write_control
 from .plan import GatewayPlan, Plan, WorkloadPlan, gateway_node, load_mesh, make_plan, workload_node
 from .pilotreg import PilotRegistry
+from ..mixer.supervise import sidecar_args, start_mixer, stop_mixer
+from ..mixer.supervise import status as mixer_status
 
 log = logging.getLogger("meshctl.up")
 
@@ -176,6 +178,7 @@ class Supervisor:
                 "pilot": self.pilot_url,
                 "state": self.pilot.state if self.pilot else "stopped",
                 "pid": self.pilot.pid if self.pilot else None,
+                "mixer": mixer_status(self),
             },
             "workloads": [
                 {
@@ -462,6 +465,7 @@ class Supervisor:
             raise UpError(f"Pilot did not start: see {self.pilot.log}:\n{tail(self.pilot.log)}")
         self.pilot.state = "ready"
         self.event(f"control plane ready at {self.pilot_url}")
+        await start_mixer(self)  # telemetry for `top`, global rate-limit quotas
         if self.registry is None:  # embedded: Consul and Eureka were opened by connect_registry
             self.registry = PilotRegistry(self.pilot_url)
         self._nursery.start_soon(self.registry_probe_loop)
@@ -480,7 +484,7 @@ class Supervisor:
             w.name,
             "sidecar",
             proxy_argv("--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(w.admin_port),
-                         "--state-dir", str(self.state_dir)),
+                         "--state-dir", str(self.state_dir), *sidecar_args(self, w.name)),
             {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")},
             str(self.state_dir),
             self.logs / f"{w.name}.proxy.log",
@@ -608,7 +612,7 @@ class Supervisor:
         p = ProcState(
             g.name, "gateway",
             proxy_argv("--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(g.admin_port),
-                         "--state-dir", str(self.state_dir)),
+                         "--state-dir", str(self.state_dir), *sidecar_args(self, g.name)),
             dict(os.environ), str(self.state_dir), self.logs / f"{g.name}.gateway.log",
         )
         self.gateways[g.name] = p
@@ -781,6 +785,7 @@ class Supervisor:
                 for p in self.gateways.values():
                     n.start_soon(self.stop_proc, p)
             await self.stop_proc(self.pilot)
+            await stop_mixer(self)
             if self.registry is not None:
                 try:
                     await self.registry.aclose()

@@ -1,0 +1,85 @@
+"""Mixer under `meshctl up`: a second control-plane process next to Pilot.
+
+The supervisor calls ``start_mixer(sup)`` once Pilot is ready. Mixer gets a
+free port (the one it had before when the mesh is updated in place), is kept
+running with the supervisor's restart-with-backoff, and is written into
+``control.json`` as ``"mixer"`` so `meshctl top`/`stat` find it. Sidecars get
+``--mixer URL`` (global quotas) and ``--access-log logs/<name>.access.log``
+from ``sidecar_args(sup, name)``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import trio
+
+from ..state import read_control, write_control
+
+READY_TIMEOUT = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _previous_port(sup) -> int | None:
+    url = read_control(sup.state_dir).get("mixer") or ""
+    try:
+        port = int(url.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    from ..supervisor.run import port_is_free
+
+    return port if port_is_free(port) else None
+
+
+async def start_mixer(sup) -> None:
+    """Start Mixer and wait until it answers; raises UpError naming its log if it cannot."""
+    from ..supervisor.run import ProcState, UpError, http_ok, meshctl_argv, tail
+
+    port = _previous_port(sup) or _free_port()
+    sup.mixer = ProcState(
+        name="mixer",
+        kind="control-plane",
+        argv=meshctl_argv("mixer", "serve", "--port", str(port), "--state-dir", str(sup.state_dir)),
+        env=dict(os.environ),
+        cwd=str(sup.state_dir),
+        log=sup.logs / "mixer.log",
+    )
+    sup.mixer_url = f"http://127.0.0.1:{port}"
+    write_control(sup.state_dir, mixer=sup.mixer_url)
+    await sup._nursery.start(sup.keep_running, sup.mixer)
+    with trio.move_on_after(READY_TIMEOUT) as cs:
+        while not await http_ok("127.0.0.1", port, "/ready"):
+            if sup.mixer.state == "failed" or sup.mixer.restarts:
+                break
+            await trio.sleep(0.05)
+    if cs.cancelled_caught or sup.mixer.restarts or sup.mixer.state == "failed":
+        raise UpError(f"Mixer did not start: see {sup.mixer.log}:\n{tail(sup.mixer.log)}")
+    sup.mixer.state = "ready"
+    sup.event(f"mixer ready at {sup.mixer_url}")
+
+
+async def stop_mixer(sup) -> None:
+    p = getattr(sup, "mixer", None)
+    if p is not None:
+        await sup.stop_proc(p)
+    write_control(sup.state_dir, mixer=None)
+
+
+def sidecar_args(sup, name: str) -> list[str]:
+    """Extra `proxy run` arguments for a sidecar or gateway of this mesh."""
+    args = ["--access-log", str(sup.logs / f"{name}.access.log")]
+    url = getattr(sup, "mixer_url", "")
+    if url:
+        args += ["--mixer", url]
+    return args
+
+
+def status(sup) -> dict:
+    p = getattr(sup, "mixer", None)
+    return {"url": getattr(sup, "mixer_url", ""), "state": p.state if p else "stopped", "pid": p.pid if p else None}
