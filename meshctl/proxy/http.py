@@ -201,6 +201,8 @@ class BodySource:
             ev = reader.peek()
             if ev is None or type(ev) not in (Data, EndOfMessage):
                 return
+            if type(ev) is Data and self.size + len(ev.data) > self.limit:
+                return  # past the replay buffer: left for pull(), which streams it (nothing dropped)
             reader.pos += 1
             self._take(ev)
 
@@ -836,6 +838,17 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
         reader = EventReader(stream, server)
         first = True
         with conn.scope:
+            # HTTP/2 prior knowledge or HTTP/1.1, told from the first bytes (h2conn.py)
+            conn.deadline = trio.current_time() + snap.settings.request_headers_timeout
+            try:
+                kind, prefix = await sniff(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if kind is None:
+                return
+            if kind == "h2":
+                await serve_h2_connection(rt, active_listener, stream, client_ip, prefix, conn, lstats)
+                return
             while True:
                 s = rt.snapshot.settings
                 conn.deadline = trio.current_time() + (
@@ -846,6 +859,8 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                 if rt.draining:
                     break
                 try:
+                    if prefix:
+                        reader.events, reader.pos, prefix = server.feed(prefix), 0, b""
                     ev = await reader.next()
                 except ProtocolError as exc:
                     rt.stats.flag(F.DPE)
@@ -924,3 +939,6 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
 def new_request_id(rand: random.Random) -> str:
     h = "%032x" % rand.getrandbits(128)
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+from .h2conn import serve_h2_connection, sniff  # noqa: E402  (h2conn imports this module)

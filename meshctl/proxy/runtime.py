@@ -282,7 +282,10 @@ class ProxyRuntime:
             al.scope.cancel()
             self._close_sock(al.sock)
         for c in list(self.conns):
-            if not c.busy:
+            graceful = getattr(c, "drain", None)  # HTTP/2 (h2conn.H2ConnState): GOAWAY, close when done
+            if graceful is not None:
+                graceful()
+            elif not c.busy:
                 c.scope.cancel()
         self._drained.set()
 

@@ -17,6 +17,7 @@ from ..core.route import Router
 from ..model.istio import HTTPRetry
 from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, cluster_name
 from ..protocol.http1 import Limits
+from .limits import ClusterLimiter, build_limiters
 from .stats import ClusterStats, Stats
 
 DIRECTIONS = ("outbound", "binding", "inbound", "gateway")
@@ -27,9 +28,10 @@ def _ep_key(e: Endpoint) -> tuple[str, int]:
 
 
 class ClusterState:
-    __slots__ = ("name", "cluster", "healthy", "balancer", "stats", "outlier")
+    __slots__ = ("name", "cluster", "healthy", "balancer", "stats", "outlier", "limiter")
 
-    def __init__(self, cluster: Cluster, stats: ClusterStats, outlier: OutlierDetector | None = None) -> None:
+    def __init__(self, cluster: Cluster, stats: ClusterStats, outlier: OutlierDetector | None = None,
+                 limiter: ClusterLimiter | None = None) -> None:
         self.name = cluster.name
         self.cluster = cluster
         self.healthy: tuple[Endpoint, ...] = tuple(e for e in cluster.endpoints if e.health == "HEALTHY")
@@ -37,6 +39,7 @@ class ClusterState:
         self.balancer = make_balancer(tp.load_balancer if tp is not None else None)
         self.stats = stats
         self.outlier = outlier
+        self.limiter = limiter  # connectionPool limits (limits.py); None: the shared pool, no limits
 
     def eligible(self, now: float) -> tuple[Endpoint, ...] | list[Endpoint]:
         """Healthy endpoints not ejected by outlier detection."""
@@ -119,7 +122,8 @@ def problems(cfg: ProxyConfig) -> list[str]:
 class Snapshot:
     """A config compiled for serving. Build with Snapshot.build (may raise from core)."""
 
-    def __init__(self, cfg: ProxyConfig, stats: Stats, outliers: dict[str, OutlierDetector] | None = None) -> None:
+    def __init__(self, cfg: ProxyConfig, stats: Stats, outliers: dict[str, OutlierDetector] | None = None,
+                 limiters: dict[str, ClusterLimiter] | None = None) -> None:
         self.cfg = cfg
         self.version = cfg.version
         self.settings = cfg.settings
@@ -141,8 +145,11 @@ class Snapshot:
                 det.reconfigure(od)
                 det.update_hosts(hosts)
             self.outliers[name] = det
+        # connection-pool limiters outlive config versions too (limits.commit_limiters applies them)
+        self.limiters: dict[str, ClusterLimiter] = build_limiters(cfg, self.limits, stats, limiters)
         self.clusters: dict[str, ClusterState] = {
-            name: ClusterState(c, stats.cluster(name), self.outliers.get(name)) for name, c in cfg.clusters.items()
+            name: ClusterState(c, stats.cluster(name), self.outliers.get(name), self.limiters.get(name))
+            for name, c in cfg.clusters.items()
         }
         self.listener_clusters: dict[str, ClusterState] = {}
         for lst in cfg.listeners:

@@ -22,6 +22,7 @@ URX = "URX"  # retry limit exceeded (attempts used up)
 DI = "DI"  # delay injected (fault)
 FI = "FI"  # abort injected (fault)
 RBAC = "RBAC"  # denied by an AuthorizationPolicy
+UO = "UO"  # upstream overflow: a connectionPool (circuit breaker) limit was reached
 
 REASONS = {
     UF: "upstream connect failure",
@@ -30,11 +31,13 @@ REASONS = {
     UH: "no healthy upstream",
     NR: "no route",
     UPE: "upstream protocol error",
+    UO: "upstream overflow",
 }
 
 
 class ClusterStats:
-    __slots__ = ("name", "rq_total", "rq_xx", "cx_active", "cx_total", "cx_connect_fail", "rq_retry", "rq_timeout")
+    __slots__ = ("name", "rq_total", "rq_xx", "cx_active", "cx_total", "cx_connect_fail", "rq_retry", "rq_timeout",
+                 "cx_overflow", "rq_pending_overflow", "rq_retry_overflow", "breaker")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -45,6 +48,11 @@ class ClusterStats:
         self.cx_connect_fail = 0
         self.rq_retry = 0
         self.rq_timeout = 0
+        # circuit breaking (limits.py), Envoy's names
+        self.cx_overflow = 0  # a request had to queue: tcp.maxConnections reached
+        self.rq_pending_overflow = 0  # 503 UO: http1MaxPendingRequests or http2MaxRequests reached
+        self.rq_retry_overflow = 0  # a retry not made: http.maxRetries reached
+        self.breaker = None  # the cluster's core.breaker.Breaker while it has connectionPool limits
 
     def response(self, status: int) -> None:
         self.rq_total += 1
@@ -124,6 +132,7 @@ class Stats:
         family("meshctl_cluster_upstream_rq_retry", "counter", "Retries sent upstream.")
         for c in cl:
             out.append(f'meshctl_cluster_upstream_rq_retry{{cluster="{_esc(c.name)}"}} {c.rq_retry}')
+        _render_breakers(cl, family, out)
 
         ls = sorted(self.listeners.values(), key=lambda x: x.name)
         family("meshctl_downstream_rq_total", "counter", "Requests answered downstream.")
@@ -150,6 +159,28 @@ class Stats:
         family("meshctl_config_rejected_total", "counter", "Configs rejected.")
         out.append(f"meshctl_config_rejected_total {self.config_rejected}")
         return "\n".join(out) + "\n"
+
+
+def _render_breakers(cl: list[ClusterStats], family, out: list[str]) -> None:
+    """Circuit-breaking counters (every cluster) and gauges (clusters with connectionPool limits)."""
+    for metric, attr, help_ in (
+        ("upstream_cx_overflow", "cx_overflow", "Requests that queued because tcp.maxConnections was reached."),
+        ("upstream_rq_pending_overflow", "rq_pending_overflow",
+         "Requests answered 503 UO: http1MaxPendingRequests or http2MaxRequests reached."),
+        ("upstream_rq_retry_overflow", "rq_retry_overflow", "Retries not made: http.maxRetries reached."),
+    ):
+        family(f"meshctl_cluster_{metric}", "counter", help_)
+        for c in cl:
+            out.append(f'meshctl_cluster_{metric}{{cluster="{_esc(c.name)}"}} {getattr(c, attr)}')
+    limited = [c for c in cl if c.breaker is not None]
+    for metric, attr, help_ in (
+        ("upstream_rq_pending_active", "pending", "Requests waiting for an upstream connection."),
+        ("upstream_rq_active", "active", "Requests holding an upstream connection (limited clusters)."),
+        ("upstream_rq_retry_active", "retries", "Retries in flight (limited clusters)."),
+    ):
+        family(f"meshctl_cluster_{metric}", "gauge", help_)
+        for c in limited:
+            out.append(f'meshctl_cluster_{metric}{{cluster="{_esc(c.name)}"}} {getattr(c.breaker, attr)}')
 
 
 def _esc(v: str) -> str:

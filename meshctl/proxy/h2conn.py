@@ -1,0 +1,462 @@
+"""A downstream HTTP/2 connection (h2c prior knowledge): one task per stream.
+
+``serve_http_connection`` (http.py) hands a connection over here when its
+first bytes are the HTTP/2 preface. Each request stream runs the listener's
+stage chain and the same ``Forwarder`` as HTTP/1.1 requests: the forwarder
+only sees a ``Request`` whose ``server`` / ``reader`` / ``down`` are the
+per-stream adapters below, so routing, retries, timeouts, faults and
+telemetry are shared, and the upstream leg is whatever the cluster speaks
+(HTTP/1.1 pool, or the HTTP/2 pool of ``h2pool``).
+
+Ordering: the codec returns *all* pending connection bytes from every call,
+so the adapters never return those bytes to the forwarder; they append them
+at once to one connection output buffer (``_Conn.emit``) and ``send_down``
+flushes it under a lock. Frames thus leave in the order the codec made them.
+
+Flow control, end to end:
+* request body: a stream's Data is acked (``ack_received``) only when the
+  forwarder pulls the next event, i.e. after the previous chunk went
+  upstream; a slow upstream stops the client at its window.
+* response body: after writing, a stream whose data is queued in the codec
+  (no send window) waits for ``WindowUpdated`` before reading more from the
+  upstream; a slow client stops the upstream through TCP.
+
+A connection-fatal ``ProtocolError`` writes the codec's GOAWAY, closes the
+socket and cancels every stream. ``H2ConnState.drain()`` (called by
+``ProxyRuntime.drain``) sends a graceful GOAWAY; the connection closes once
+its open streams are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import trio
+
+from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
+from ..protocol.detect import detect
+from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
+from . import stats as F
+from .http import ConnState, DownstreamGone, Request, send_local
+from .telemetry import finish_request
+
+log = logging.getLogger("meshctl.proxy")
+
+__all__ = ["serve_h2_connection", "sniff", "H2ConnState", "h2_limits"]
+
+
+def h2_limits(snap) -> H2Limits:
+    """The codec limits for a downstream connection, from the proxy settings."""
+    s = snap.settings
+    return H2Limits(
+        max_header_list_size=max(1024, int(s.max_request_headers_kb) * 1024),
+        max_headers=max(1, int(s.max_headers)),
+    )
+
+
+class H2ConnState(ConnState):
+    """A downstream HTTP/2 connection as the runtime sees it: always ``busy``
+    (drain sends GOAWAY instead of cutting it), ``deadline`` is the idle
+    timeout while no stream is open."""
+
+    __slots__ = ("h2",)
+
+    def __init__(self, base: ConnState, h2conn: "_Conn") -> None:
+        super().__init__(base.sock)
+        self.scope = base.scope
+        self.busy = True
+        self.h2 = h2conn
+
+    def drain(self) -> None:
+        self.h2.start_drain()
+
+
+class _StreamServer:
+    """What the forwarder calls ``rq.server`` for one stream: codec calls whose
+    bytes go to the connection buffer (return value always b"")."""
+
+    __slots__ = ("c", "sid")
+    keep_alive = True
+
+    def __init__(self, c: "_Conn", sid: int) -> None:
+        self.c = c
+        self.sid = sid
+
+    def response_head(self, head: ResponseHead, *, end_stream: bool = False) -> bytes:
+        self.c.emit(self.c.h2.response_head(self.sid, head, end_stream=end_stream))
+        return b""
+
+    def informational(self, head: ResponseHead) -> bytes:
+        if head.status == 100 or 102 <= head.status < 200:
+            self.c.emit(self.c.h2.response_head(self.sid, head))
+        return b""
+
+    def data(self, data: bytes) -> bytes:
+        self.c.emit(self.c.h2.data(self.sid, data))
+        return b""
+
+    def end(self, trailers=()) -> bytes:
+        self.c.emit(self.c.h2.end(self.sid, list(trailers)))
+        return b""
+
+    def upgrade_accepted(self) -> bytes:  # pragma: no cover - an h2 request never asks for an upgrade
+        raise DownstreamGone("HTTP/1.1 upgrade cannot be relayed on an HTTP/2 stream")
+
+
+class _StreamReader:
+    """The request body events of one stream, in the EventReader interface
+    (``peek``/``next``/``buffered``/``pos``). Data is acked to the codec when
+    the next event is asked for: the previous one has been passed on."""
+
+    __slots__ = ("c", "sid", "events", "pos", "acked", "wake", "eof")
+
+    def __init__(self, c: "_Conn", sid: int) -> None:
+        self.c = c
+        self.sid = sid
+        self.events: list = []
+        self.pos = 0
+        self.acked = 0  # events before this index are acked
+        self.wake = trio.Event()
+        self.eof = False
+
+    def push(self, ev) -> None:
+        self.events.append(ev)
+        self.wake.set()
+
+    def _ack(self) -> None:
+        n = 0
+        events = self.events
+        for i in range(self.acked, min(self.pos, len(events))):
+            ev = events[i]
+            if type(ev) is Data:
+                n += len(ev.data)
+        self.acked = self.pos
+        if n:
+            self.c.emit(self.c.h2.ack_received(self.sid, n))
+            self.c.kick()  # the WINDOW_UPDATE goes out now, not with the next write
+        if self.pos >= len(events) and self.pos:
+            events.clear()
+            self.pos = self.acked = 0
+
+    def buffered(self):
+        self._ack()
+        if self.pos < len(self.events):
+            ev = self.events[self.pos]
+            self.pos += 1
+            return ev
+        return None
+
+    def peek(self):
+        if self.pos < len(self.events):
+            return self.events[self.pos]
+        return None
+
+    async def next(self):
+        self._ack()
+        while self.pos >= len(self.events):
+            if self.eof:
+                return None
+            self.wake = trio.Event()
+            await self.wake.wait()
+            self._ack()
+        ev = self.events[self.pos]
+        self.pos += 1
+        return ev
+
+
+class _StreamDown:
+    """``rq.down`` for one stream: ``send_all`` flushes the connection buffer
+    and then waits while this stream's data sits in the codec for window."""
+
+    __slots__ = ("c", "sid", "window")
+
+    def __init__(self, c: "_Conn", sid: int) -> None:
+        self.c = c
+        self.sid = sid
+        self.window = trio.Event()
+
+    async def send_all(self, data: bytes) -> None:
+        c = self.c
+        if data:
+            # raw HTTP/1 bytes (an error page for a broken HTTP/1 body) have no place here
+            c.emit(c.h2.reset(self.sid, "raw bytes for an HTTP/2 stream"))
+            await c.flush()
+            raise DownstreamGone("stream reset")
+        await c.flush()
+        h2 = c.h2
+        while h2.queued(self.sid) > 0:
+            if c.dead:
+                raise DownstreamGone("connection closed")
+            self.window = trio.Event()
+            c.blocked[self.sid] = self
+            try:
+                await self.window.wait()
+            finally:
+                c.blocked.pop(self.sid, None)
+            await c.flush()
+
+
+class _Conn:
+    __slots__ = ("rt", "al", "stream", "client_ip", "h2", "out", "emitted", "written", "wake", "progress",
+                 "streams", "blocked", "dead", "nursery", "state", "draining", "lstats")
+
+    def __init__(self, rt, al, stream, client_ip: str, lstats) -> None:
+        self.rt = rt
+        self.al = al
+        self.stream = stream
+        self.client_ip = client_ip
+        self.h2 = H2Server(h2_limits(rt.snapshot), now=trio.current_time)
+        self.out = bytearray()
+        self.emitted = 0  # bytes ever emitted / written: flush() waits for written to catch up
+        self.written = 0
+        self.wake = trio.Event()
+        self.progress = trio.Event()
+        self.streams: dict[int, tuple[trio.CancelScope, _StreamReader, _StreamDown]] = {}
+        self.blocked: dict[int, _StreamDown] = {}  # streams waiting for send window
+        self.dead = False
+        self.nursery: trio.Nursery | None = None
+        self.state: H2ConnState | None = None
+        self.draining = False
+        self.lstats = lstats
+
+    def emit(self, data: bytes) -> None:
+        if data:
+            self.out += data
+            self.emitted += len(data)
+
+    def kick(self) -> None:
+        """Let the writer task send what is buffered (no waiting)."""
+        if self.out:
+            self.wake.set()
+
+    async def flush(self) -> None:
+        """Wait until everything emitted so far is written to the socket."""
+        target = self.emitted
+        while self.written < target:
+            if self.dead:
+                raise DownstreamGone("connection closed")
+            self.wake.set()
+            await self.progress.wait()
+        if self.dead:
+            raise DownstreamGone("connection closed")
+
+    async def writer(self) -> None:
+        """The only task writing to the socket: frames leave in codec order,
+        and a cancelled stream never leaves half a frame behind."""
+        stream = self.stream
+        while True:
+            if not self.out:
+                self.wake = trio.Event()
+                await self.wake.wait()
+                continue
+            chunk = bytes(self.out)
+            self.out.clear()
+            try:
+                await stream.send_all(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.kill()
+                return
+            finally:
+                self.written += len(chunk)
+                progress, self.progress = self.progress, trio.Event()
+                progress.set()
+
+    def kill(self) -> None:
+        """The connection is over: cancel every stream."""
+        if self.dead:
+            return
+        self.dead = True
+        self.progress.set()
+        for scope, reader, down in self.streams.values():
+            scope.cancel()
+            reader.eof = True
+            reader.wake.set()
+            down.window.set()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    def start_drain(self) -> None:
+        if self.draining or self.dead:
+            return
+        self.draining = True
+        self.emit(self.h2.goaway())
+        if self.nursery is not None:
+            self.nursery.start_soon(self._drain_flush)
+
+    async def _drain_flush(self) -> None:
+        try:
+            await self.flush()
+        except DownstreamGone:
+            return
+        if not self.streams:
+            self.kill()
+
+    def _stream_done(self, sid: int) -> None:
+        self.streams.pop(sid, None)
+        if not self.streams:
+            if self.draining:
+                self.kill()
+            elif self.state is not None:
+                self.state.deadline = trio.current_time() + self.rt.snapshot.settings.idle_timeout
+
+    # ------------------------------------------------------------ reading
+    async def read_loop(self, first: bytes) -> None:
+        h2 = self.h2
+        self.emit(h2.initiate())
+        data = first
+        stream = self.stream
+        while True:
+            try:
+                events = h2.feed(data) if data else h2.feed_eof()
+            except ProtocolError as exc:
+                self.rt.stats.flag(F.DPE)
+                log.info("HTTP/2 connection from %s closed: %s", self.client_ip, exc)
+                self.emit(h2.data_to_send())
+                try:
+                    await self.flush()
+                except DownstreamGone:
+                    pass
+                self.kill()
+                return
+            self.emit(h2.data_to_send())
+            for ev in events:
+                self._dispatch(ev)
+            if self.blocked:
+                for sid, d in list(self.blocked.items()):
+                    if h2.queued(sid) == 0:  # sent, or the stream is gone: no WindowUpdated then
+                        d.window.set()
+            await self.flush()
+            if not data or self.dead:
+                self.kill()
+                return
+            if h2.closed and not self.streams:
+                self.kill()
+                return
+            data = await stream.receive_some()
+
+    def _dispatch(self, ev) -> None:
+        t = type(ev)
+        if t is Data or t is EndOfMessage:
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s[1].push(ev)
+                if t is EndOfMessage:
+                    s[1].eof = True
+        elif t is RequestHead:
+            sid = ev.stream_id
+            scope = trio.CancelScope()
+            reader = _StreamReader(self, sid)
+            down = _StreamDown(self, sid)
+            self.streams[sid] = (scope, reader, down)
+            if self.state is not None:
+                self.state.deadline = math.inf
+            self.nursery.start_soon(self._serve_stream, ev, scope, reader, down)
+        elif t is WindowUpdated:
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s[2].window.set()
+        elif isinstance(ev, Reset):
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                # the client abandoned the stream (or the codec refused it): cancel its work
+                s[1].push(ev)
+                s[1].eof = True
+                s[2].window.set()
+                s[0].cancel()
+        elif t is GoAway:
+            log.debug("client %s sent GOAWAY (last stream %d)", self.client_ip, ev.last_stream_id)
+
+    # ------------------------------------------------------------ one stream
+    async def _serve_stream(self, head: RequestHead, scope: trio.CancelScope, reader: _StreamReader,
+                            down: _StreamDown) -> None:
+        rt = self.rt
+        sid = head.stream_id
+        listener = self.al.spec
+        rq = Request(head, listener, rt.snapshot, rt, self.client_ip, _StreamServer(self, sid), reader, down)
+        since = trio.current_time()
+        try:
+            with scope:
+                nxt = reader.peek()
+                if type(nxt) is EndOfMessage:
+                    reader.pos += 1
+                    rq.body_done = True
+                try:
+                    reply = None
+                    for stage in self.al.chain:
+                        reply = await stage.on_request(rq)
+                        if reply is not None:
+                            break
+                    if reply is not None:
+                        await send_local(rq, reply)
+                    else:
+                        await rt.forwarder.run(rq)
+                    if rq.body is not None and not rq.body.finished and not rq.response_started:
+                        self.emit(self.h2.reset(sid, "request body not consumed"))
+                    await self.flush()
+                except (DownstreamGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                    rq.flags.append(F.DC)
+                except ValueError as exc:  # a response the codec cannot carry (101, bad header value)
+                    log.info("stream %d: cannot relay the response on HTTP/2: %s", sid, exc)
+                    rq.flags.append(F.UPE)
+                    self.emit(self.h2.reset(sid, str(exc)))
+                    try:
+                        await self.flush()
+                    except DownstreamGone:
+                        pass
+            if scope.cancelled_caught and not self.dead:
+                rq.flags.append(F.DC)
+                # reset by the client: nothing to send (the codec acks its unread data)
+        finally:
+            self._stream_done(sid)
+        if rq.status:
+            self.lstats.response(rq.status)
+        finish_request(rq, since, trio.current_time(), time.time())
+        for f in rq.flags:
+            rt.stats.flag(f)
+        if rq.flags and rq.flags[0] != F.DC:
+            log.info("%s %s %s -> %d %s %s (h2)", listener.name, head.method, head.authority + head.path,
+                     rq.status, ",".join(rq.flags), rq.detail)
+
+
+async def serve_h2_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str, first: bytes,
+                              base: ConnState, lstats) -> None:
+    """Serve one downstream HTTP/2 connection whose first bytes (``first``,
+    starting with the preface) were already read. Returns when it is closed
+    (the caller closes the socket). Never raises for network or protocol trouble."""
+    c = _Conn(rt, active_listener, stream, client_ip, lstats)
+    state = H2ConnState(base, c)
+    c.state = state
+    state.deadline = trio.current_time() + rt.snapshot.settings.idle_timeout
+    rt.conns.discard(base)
+    rt.conns.add(state)
+    try:
+        async with trio.open_nursery() as nursery:
+            c.nursery = nursery
+            if rt.draining:
+                c.start_drain()
+            nursery.start_soon(c.writer)
+            try:
+                await c.read_loop(first)
+            except (DownstreamGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                c.kill()
+            if not c.dead:
+                c.kill()
+    finally:
+        rt.conns.discard(state)
+
+
+async def sniff(stream: trio.abc.Stream) -> tuple[str | None, bytes]:
+    """Read a new connection's first bytes until ``detect`` can tell the
+    protocol: ("h2" | "http1" | "tls" | "tcp", bytes read), or (None, bytes)
+    when the peer closed first. Raises trio.BrokenResourceError like the stream."""
+    buf = b""
+    while True:
+        data = await stream.receive_some()
+        if not data:
+            return None, buf
+        buf += data
+        kind = detect(buf)
+        if kind is not None:
+            return kind, buf

@@ -1,0 +1,392 @@
+"""DestinationRule connectionPool (circuit breaking) in the proxy, on real sockets.
+
+The upstream here is a small trio HTTP/1.1 server in the test's loop that
+answers each request after ``?ms=`` milliseconds with status ``?status=``
+and counts the connections it accepts and the requests it reads, so that
+what the breaker did shows at the upstream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import subprocess
+from functools import partial
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import trio
+
+from meshctl.loader.resources import load_resources_text
+from meshctl.model.base import Duration
+from meshctl.model.istio import ConnectionPoolSettings, HTTPRetry, HTTPSettings, TCPSettings, TrafficPolicy
+from meshctl.pilot.compile import merge_policy
+
+from proxy_testkit import cluster, config, free_port, outbound_listener, route_to, running_proxy, vhost
+
+CLUSTER = "outbound|9080||reviews.default.svc.cluster.local"
+
+
+class SlowUpstream:
+    def __init__(self) -> None:
+        self.accepts = 0
+        self.requests: list[str] = []
+        self.port = 0
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.accepts += 1
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
+                self.requests.append(target)
+                q = {k: v[0] for k, v in parse_qs(urlsplit(target).query).items()}
+                await trio.sleep(int(q.get("ms", "0")) / 1000)
+                status = int(q.get("status", "200"))
+                body = b"slow upstream\n"
+                await stream.send_all(
+                    b"HTTP/1.1 %d X\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
+                    % (status, len(body), body)
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+
+@pytest.fixture
+async def slow(nursery):
+    up = SlowUpstream()
+    listeners = await nursery.start(partial(trio.serve_tcp, up._handle, 0, host="127.0.0.1"))
+    up.port = listeners[0].socket.getsockname()[1]
+    return up
+
+
+def _pool(*, max_connections=None, connect_timeout=None, pending=None, h2_max=None, per_connection=None,
+          max_retries=None, idle_timeout=None) -> ConnectionPoolSettings:
+    return ConnectionPoolSettings(
+        tcp=TCPSettings(max_connections=max_connections,
+                        connect_timeout=Duration(connect_timeout) if connect_timeout is not None else None),
+        http=HTTPSettings(http1_max_pending_requests=pending, http2_max_requests=h2_max,
+                          max_requests_per_connection=per_connection, max_retries=max_retries,
+                          idle_timeout=Duration(idle_timeout) if idle_timeout is not None else None),
+    )
+
+
+def _cfg(port: int, lp: int, pool: ConnectionPoolSettings | None, *, version: str = "v1", retries=None,
+         endpoints=None):
+    c = cluster("reviews", 9080, endpoints or [("127.0.0.1", port)])
+    if pool is not None:
+        c = dataclasses.replace(c, traffic_policy=TrafficPolicy(connection_pool=pool))
+    return config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080, retries=retries),))],
+        clusters=[c],
+        version=version,
+    )
+
+
+async def _stats(rt) -> str:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(f"http://127.0.0.1:{rt.admin_port}/stats")
+    return r.text
+
+
+def _metric(text: str, name: str, labels: str) -> float:
+    m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
+    assert m, f"{name}{{{labels}}} not in /stats"
+    return float(m.group(1))
+
+
+def _cl(name: str, text: str) -> float:
+    return _metric(text, name, f'cluster="{CLUSTER}"')
+
+
+async def _wait(cond, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.005)
+
+
+async def _get(lp: int, path: str, out: list | None = None):
+    """One request on a connection of its own; (status, headers, body, seconds)."""
+    t0 = trio.current_time()
+    async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}", timeout=10) as c:
+        r = await c.get(f"http://reviews:9080{path}")
+    res = (r.status_code, r.headers, r.text, trio.current_time() - t0)
+    if out is not None:
+        out.append(res)
+    return res
+
+
+# ------------------------------------------------------------------ overflow
+
+
+async def test_over_the_limits_requests_get_503_uo_at_once_and_stats_count_them(slow):
+    lp = free_port()
+    cfg = _cfg(slow.port, lp, _pool(max_connections=1, pending=1))
+    async with running_proxy(cfg) as rt:
+        results: list = []
+        async with trio.open_nursery() as n:
+            n.start_soon(_get, lp, "/?ms=700", results)
+            await _wait(lambda: len(slow.requests) == 1)  # holds the only connection
+            for _ in range(4):  # one queues for it, three overflow
+                n.start_soon(_get, lp, "/?ms=10", results)
+        text = await _stats(rt)
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200, 200, 503, 503, 503]
+    for status, headers, body, took in results:
+        if status == 503:
+            assert headers["x-meshctl-reason"] == "upstream overflow"
+            assert "http1MaxPendingRequests (1)" in body
+            assert took < 0.5  # answered at once, not after the slow request
+    # the queued request was handed the first request's connection
+    assert slow.accepts == 1 and len(slow.requests) == 2
+    assert _cl("meshctl_cluster_upstream_rq_pending_overflow", text) == 3
+    assert _cl("meshctl_cluster_upstream_cx_overflow", text) == 1
+    assert _metric(text, "meshctl_response_flags_total", 'flag="UO"') == 3
+    # nothing left in flight or queued
+    assert _cl("meshctl_cluster_upstream_rq_active", text) == 0
+    assert _cl("meshctl_cluster_upstream_rq_pending_active", text) == 0
+
+
+async def test_http2_max_requests_caps_requests_in_flight(slow):
+    lp = free_port()
+    cfg = _cfg(slow.port, lp, _pool(h2_max=2))
+    async with running_proxy(cfg) as rt:
+        results: list = []
+        async with trio.open_nursery() as n:
+            for _ in range(2):
+                n.start_soon(_get, lp, "/?ms=500", results)
+            await _wait(lambda: len(slow.requests) == 2)
+            n.start_soon(_get, lp, "/?ms=0", results)
+        text = await _stats(rt)
+    assert sorted(r[0] for r in results) == [200, 200, 503]
+    over = next(r for r in results if r[0] == 503)
+    assert "http2MaxRequests (2)" in over[2]
+    assert _cl("meshctl_cluster_upstream_rq_pending_overflow", text) == 1
+
+
+async def test_without_connection_pool_nothing_overflows(slow):
+    lp = free_port()
+    cfg = _cfg(slow.port, lp, None)
+    async with running_proxy(cfg) as rt:
+        results: list = []
+        async with trio.open_nursery() as n:
+            for _ in range(6):
+                n.start_soon(_get, lp, "/?ms=200", results)
+        text = await _stats(rt)
+    assert [r[0] for r in results] == [200] * 6
+    assert _cl("meshctl_cluster_upstream_rq_pending_overflow", text) == 0
+    assert 'meshctl_cluster_upstream_rq_active{' not in text  # no gauges for unlimited clusters
+
+
+# ------------------------------------------------------------------ connections
+
+
+async def test_max_requests_per_connection_1_opens_a_connection_per_request(slow):
+    lp = free_port()
+    async with running_proxy(_cfg(slow.port, lp, _pool(per_connection=1))):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            for i in range(5):
+                assert (await c.get(f"http://reviews:9080/{i}")).status_code == 200
+    assert len(slow.requests) == 5
+    assert slow.accepts == 5
+
+
+async def test_limited_cluster_keeps_connections_alive_across_requests(slow):
+    lp = free_port()
+    async with running_proxy(_cfg(slow.port, lp, _pool(max_connections=2, pending=10))):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            for i in range(5):
+                assert (await c.get(f"http://reviews:9080/{i}")).status_code == 200
+    assert slow.accepts == 1
+
+
+async def test_idle_timeout_closes_idle_upstream_connections(slow):
+    lp = free_port()
+    async with running_proxy(_cfg(slow.port, lp, _pool(idle_timeout=0.3))):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            assert (await c.get("http://reviews:9080/a")).status_code == 200
+            assert (await c.get("http://reviews:9080/b")).status_code == 200
+            assert slow.accepts == 1
+            await trio.sleep(0.6)
+            assert (await c.get("http://reviews:9080/c")).status_code == 200
+    assert slow.accepts == 2
+
+
+async def test_connect_timeout_from_the_destination_rule(slow):
+    # a listening socket that never accepts, its backlog filled: further SYNs go unanswered
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    bport = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", bport))
+        fillers.append(s)
+    await trio.sleep(0.1)
+    lp = free_port()
+    cfg = _cfg(slow.port, lp, _pool(connect_timeout=0.25), endpoints=[("127.0.0.1", bport)])
+    try:
+        async with running_proxy(cfg):
+            status, headers, body, took = await _get(lp, "/")
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+    assert status == 503
+    assert headers["x-meshctl-reason"] == "upstream connect failure"
+    assert "timed out after 0.25s" in body
+    assert took < 0.9  # the settings' connect timeout (1 s) did not apply
+
+
+# ------------------------------------------------------------------ retries
+
+
+async def test_max_retries_caps_retries_in_flight_across_requests(slow):
+    lp = free_port()
+    retry = HTTPRetry(attempts=2, retry_on="5xx")
+    async with running_proxy(_cfg(slow.port, lp, _pool(max_retries=1), retries=retry)) as rt:
+        results: list = []
+        async with trio.open_nursery() as n:
+            for _ in range(2):
+                n.start_soon(_get, lp, "/?ms=300&status=503", results)
+        text = await _stats(rt)
+    # both fail in the end, with the upstream's own 503 (a retry not made is no overflow)
+    assert [r[0] for r in results] == [503, 503]
+    assert all("x-meshctl-reason" not in r[1] for r in results)
+    # one request made its two retries, the other none: its retry found the budget taken
+    assert len(slow.requests) == 4
+    assert _cl("meshctl_cluster_upstream_rq_retry_overflow", text) == 1
+    assert _cl("meshctl_cluster_upstream_rq_retry", text) == 2
+    assert _cl("meshctl_cluster_upstream_rq_retry_active", text) == 0
+
+
+async def test_retries_within_the_budget_still_happen(slow):
+    lp = free_port()
+    retry = HTTPRetry(attempts=2, retry_on="5xx")
+    async with running_proxy(_cfg(slow.port, lp, _pool(max_retries=3), retries=retry)) as rt:
+        results: list = []
+        async with trio.open_nursery() as n:
+            for _ in range(2):
+                n.start_soon(_get, lp, "/?ms=100&status=503", results)
+        text = await _stats(rt)
+    assert len(slow.requests) == 6
+    assert _cl("meshctl_cluster_upstream_rq_retry_overflow", text) == 0
+
+
+# ------------------------------------------------------------------ config swaps
+
+
+async def test_breaker_survives_config_swaps_and_takes_new_limits(slow):
+    lp = free_port()
+    pool = _pool(max_connections=1, pending=1)
+    async with running_proxy(_cfg(slow.port, lp, pool)) as rt:
+        results: list = []
+        async with trio.open_nursery() as n:
+            n.start_soon(_get, lp, "/hold?ms=800", results)
+            await _wait(lambda: len(slow.requests) == 1)
+            n.start_soon(_get, lp, "/queued?ms=0", results)
+            await _wait(lambda: "1" == _gauge(rt, "pending"))
+            # same limits, new version: the counts carry over, so the next request overflows
+            rt.apply(_cfg(slow.port, lp, pool, version="v2"))
+            status, headers, body, _ = await _get(lp, "/over")
+            assert status == 503 and headers["x-meshctl-reason"] == "upstream overflow"
+            # raised limits take effect at once: a second connection opens while the first is busy
+            rt.apply(_cfg(slow.port, lp, _pool(max_connections=5, pending=5), version="v3"))
+            status, *_ = await _get(lp, "/raised")
+            assert status == 200
+            assert slow.accepts == 2
+            # connectionPool removed: back to the shared pool, no limits
+            rt.apply(_cfg(slow.port, lp, None, version="v4"))
+            status, *_ = await _get(lp, "/unlimited")
+            assert status == 200
+        text = await _stats(rt)
+    assert sorted(r[0] for r in results) == [200, 200]
+    assert "/over" not in slow.requests
+    assert _cl("meshctl_cluster_upstream_rq_pending_overflow", text) == 1
+
+
+def _gauge(rt, attr: str) -> str:
+    b = rt.stats.cluster(CLUSTER).breaker
+    return str(getattr(b, attr)) if b is not None else ""
+
+
+# ------------------------------------------------------------------ Istio's circuit-breaking task
+
+ISTIO_TASK_DR = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+        maxRequestsPerConnection: 1
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+"""
+
+
+def _fortio() -> str | None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "tools" / "fortio.sh"
+    tools = Path(os.environ.get("MESHCTL_TOOLS", Path.home() / ".cache" / "meshctl-tools"))
+    if (tools / "bin" / "fortio").exists() and script.exists():
+        r = subprocess.run([str(script)], capture_output=True, text=True)
+        if r.returncode == 0:
+            return r.stdout.strip()
+    return None
+
+
+async def test_istio_circuit_breaking_task_with_fortio(slow, proxy_process):
+    """Istio's task: fortio -c 3 -qps 0 -n 30 through the client's sidecar (a real
+    `meshctl proxy run` process) gets both 200s and 503 overflows, and the sidecar's
+    stats count them; outlier detection ejects nobody for overflows."""
+    fortio = _fortio()
+    if fortio is None:
+        pytest.skip("fortio not installed (scripts/tools/fortio.sh)")
+    (dr_res,) = load_resources_text(ISTIO_TASK_DR, "destination-rule-reviews-cb.yaml")
+    policy = merge_policy(dr_res.spec, None, 9080)
+    assert policy.connection_pool.tcp.max_connections == 1
+    lp = free_port()
+    c = dataclasses.replace(cluster("reviews", 9080, [("127.0.0.1", slow.port)]), traffic_policy=policy)
+    cfg = config(listeners=[outbound_listener(lp)],
+                 vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))], clusters=[c])
+    proc = await trio.to_thread.run_sync(proxy_process, cfg)
+    r = await trio.run_process(
+        [fortio, "load", "-c", "3", "-qps", "0", "-n", "30", "-loglevel", "Warning",
+         "-H", "Host: reviews:9080", f"http://127.0.0.1:{lp}/get?ms=5"],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    out = (r.stdout + r.stderr).decode()
+    codes = {int(k): int(v) for k, v in re.findall(r"^Code (\d+) : (\d+)", out, re.M)}
+    assert codes.get(200, 0) > 0, out
+    assert codes.get(503, 0) > 0, out
+    assert codes[200] + codes[503] == 30, out
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(proc.admin + "/stats")).text
+    assert _cl("meshctl_cluster_upstream_rq_pending_overflow", text) == codes[503]
+    assert _metric(text, "meshctl_response_flags_total", 'flag="UO"') == codes[503]
+    # every request that got through had a connection of its own (maxRequestsPerConnection 1)
+    assert slow.accepts == codes[200] == len(slow.requests)
