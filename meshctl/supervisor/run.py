@@ -45,6 +45,7 @@ from ..registry import Backoff, parse_registry_url
 from ..registry.base import Instance, RegistryError
 from ..state import write_control
 from .plan import GatewayPlan, Plan, WorkloadPlan, gateway_node, load_mesh, make_plan, workload_node
+from .citadel import proxy_env, start_citadel, stop_citadel
 from .pilotreg import PilotRegistry
 from ..mixer.supervise import sidecar_args, start_mixer, stop_mixer
 from ..mixer.supervise import status as mixer_status
@@ -56,6 +57,7 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 STOP_GRACE = 8.0
 REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after this long
 REGISTRY_PROBE_INTERVAL = 2.0  # how stale `status` may be about the registry's reachability
+REGISTRY_PROBE_TIMEOUT = 5.0
 DRAIN_WAIT = 10.0  # longest wait for Pilot to drop a removed instance before its sidecar stops
 
 
@@ -146,6 +148,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._status_dirty = trio.Event()
         self._registry_down = False
+        self._registry_error = ""  # why the last probe failed
         self._refused = ""  # a registry that answers but refuses a registration at `up` (an ACL, say)
         self._undeleted: set[str] = set()  # deregistrations that failed while the registry was away
 
@@ -171,8 +174,8 @@ class Supervisor:
             "error": self.error,
             "registry": {
                 "url": redact_url(self.spec.settings.registry),
-                "reachable": getattr(reg, "reachable", True) if reg else False,
-                "error": getattr(reg, "last_error", "") if reg else "",
+                "reachable": bool(getattr(reg, "reachable", True)) and not self._registry_down if reg else False,
+                "error": (self._registry_error or getattr(reg, "last_error", "") or "") if reg else "",
             },
             "control_plane": {
                 "pilot": self.pilot_url,
@@ -281,7 +284,8 @@ class Supervisor:
         f.write(f"--- {time.strftime('%H:%M:%S')} starting: {' '.join(p.argv)}\n".encode())
         try:
             proc = await trio.lowlevel.open_process(
-                p.argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=p.env, cwd=p.cwd, start_new_session=True
+                p.argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=proxy_env(self, p), cwd=p.cwd,
+                start_new_session=True
             )
         finally:
             f.close()
@@ -407,11 +411,14 @@ class Supervisor:
         url = redact_url(self.spec.settings.registry)
         backoff = Backoff(initial=0.5, maximum=2.0)  # a refused connect is cheap: notice the return soon
         while not self.shutting_down:
-            try:
-                await reg.ping()
-                ok = True
-            except RegistryError as e:
-                ok, why = False, str(e)
+            ok, why = False, f"{url}: no answer to a ping within {REGISTRY_PROBE_TIMEOUT:g}s"
+            with trio.move_on_after(REGISTRY_PROBE_TIMEOUT):
+                try:
+                    await reg.ping()
+                    ok = True
+                except RegistryError as e:
+                    why = str(e)
+            self._registry_error = "" if ok else why
             if not ok and not self._registry_down:
                 self._registry_down = True
                 self.event(f"registry {url} unreachable ({why}); proxies keep the endpoints they know; retrying")
@@ -466,6 +473,7 @@ class Supervisor:
         self.pilot.state = "ready"
         self.event(f"control plane ready at {self.pilot_url}")
         await start_mixer(self)  # telemetry for `top`, global rate-limit quotas
+        await start_citadel(self)  # CA + `citadel serve`; proxies get one-time tokens by env (supervisor/citadel.py)
         if self.registry is None:  # embedded: Consul and Eureka were opened by connect_registry
             self.registry = PilotRegistry(self.pilot_url)
         self._nursery.start_soon(self.registry_probe_loop)
@@ -786,6 +794,7 @@ class Supervisor:
                     n.start_soon(self.stop_proc, p)
             await self.stop_proc(self.pilot)
             await stop_mixer(self)
+            await stop_citadel(self)
             if self.registry is not None:
                 try:
                     await self.registry.aclose()
