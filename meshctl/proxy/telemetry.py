@@ -192,6 +192,7 @@ class Telemetry:
     def __init__(self, workload: Workload | None = None) -> None:
         self.http: dict[tuple, HttpSeries] = {}
         self.tcp: dict[tuple, TcpSeries] = {}
+        self._series: dict[tuple, tuple[tuple, HttpSeries]] = {}  # raw inputs → (labels, series)
         self.me = UNKNOWN_PEER
         self.me_headers = UNKNOWN_PEER.headers()
         self.my_service = UNKNOWN
@@ -199,6 +200,9 @@ class Telemetry:
             self.set_workload(workload)
 
     def set_workload(self, w: Workload) -> None:
+        """On every applied config. Also empties the label cache, whose keys hold
+        endpoint ids: ids of a replaced config's endpoints may be reused later."""
+        self._series.clear()
         self.me = Peer.of_workload(w)
         self.me_headers = self.me.headers()
         self.my_service = fqdn(w.service, w.namespace)
@@ -242,6 +246,23 @@ class Telemetry:
         return full[:15] + full[17:]
 
     # ------------------------------------------------------------ recording
+
+    def http_series(self, inbound: bool, peer: Peer | None, endpoint, service: str | None, status: int,
+                    flags, protocol: str, mtls: bool) -> tuple[tuple, HttpSeries]:
+        """(labels, series) for a request, cached by its raw inputs (the hot path)."""
+        key = (inbound, peer.as_tuple() if peer is not None else None, id(endpoint), service, status,
+               ",".join(flags) if flags else "", protocol, mtls)
+        hit = self._series.get(key)
+        if hit is None:
+            labels = self.http_labels(inbound=inbound, peer=peer, endpoint=endpoint, service=service, status=status,
+                                      flags=flags, protocol=protocol, mtls=mtls)
+            series = self.http.get(labels)
+            if series is None:
+                series = self.http[labels] = HttpSeries()
+            if len(self._series) >= 10_000:  # many distinct peers: keep the cache bounded
+                self._series.clear()
+            hit = self._series[key] = (labels, series)
+        return hit
 
     def record_http(self, labels: tuple, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
         s = self.http.get(labels)
@@ -398,7 +419,12 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
     else:
         service = cs.cluster.service if cs is not None else None
     head = rq.head
-    ctype = _header(head.headers, "content-type")
+    ctype = cl = ""
+    for k, v in head.headers:
+        if k == "content-type":
+            ctype = v
+        elif k == "content-length":
+            cl = v
     protocol = "grpc" if ctype.startswith("application/grpc") else "http"
     peer = rq.peer
     peer_id = getattr(rq.down, "peer_id", None)  # verified by mTLS (identity.SecureStream)
@@ -407,18 +433,17 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
             peer = Peer(principal=peer_id)
         else:
             peer.principal = peer_id
-    labels = tel.http_labels(
-        inbound=inbound, peer=peer, endpoint=None if inbound else rq.endpoint, service=service,
-        status=rq.status, flags=rq.flags, protocol=protocol,
-        mtls=peer_id is not None,
-    )
-    cl = _header(head.headers, "content-length")
+    labels, series = tel.http_series(inbound, peer, None if inbound else rq.endpoint, service, rq.status, rq.flags,
+                                     protocol, peer_id is not None)
     if cl.isdigit():
         req_bytes = int(cl)
     else:
         req_bytes = rq.body.size if rq.body is not None else 0
     duration_ms = (now - started) * 1000.0
-    tel.record_http(labels, duration_ms, req_bytes, rq.bytes_sent)
+    series.requests += 1
+    series.duration.observe(duration_ms)
+    series.request_bytes.observe(req_bytes)
+    series.response_bytes.observe(rq.bytes_sent)
     log = rt.access_log
     if log is not None:
         ep = rq.endpoint
