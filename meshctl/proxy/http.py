@@ -49,6 +49,7 @@ from ..protocol.events import (
 from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop
 from ..protocol.http1 import H1Server
 from . import stats as F
+from .limits import PoolOverflow
 from .pool import EventReader, UpstreamConn
 from .snapshot import ClusterState, Snapshot, binding_cluster_name
 from .ratelimit_stage import RATE_LIMIT
@@ -461,34 +462,50 @@ class Forwarder:
         rand = rt.rand
         ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path, active=rt.active)
         outlier = cs.outlier
-        while True:
-            eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
-            ep = cs.balancer.pick(eps, ctx, rand) if eps else None
-            if ep is None:
-                await self._reply(rq, failure_reply(F.UH, 503, cs.name))
+        limiter = cs.limiter  # connectionPool limits (limits.py), None when the cluster has none
+        held = False  # a retry of this request is in flight, counted toward http.maxRetries
+        try:
+            while True:
+                eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
+                ep = cs.balancer.pick(eps, ctx, rand) if eps else None
+                if ep is None:
+                    await self._reply(rq, failure_reply(F.UH, 503, cs.name))
+                    return
+                rq.endpoint = ep
+                try:
+                    outcome, flag, detail = await self._try(rq, cs, ep, up_head, policy, retries)
+                except PoolOverflow as exc:  # never retried, never an outlier event (as in Envoy)
+                    rq.detail = str(exc)
+                    await self._reply(rq, failure_reply(F.UO, 503, str(exc)))
+                    return
+                if outlier is not None and outcome is not _STALE:
+                    self._record(cs, ep, rq, outcome)
+                if outcome is _DONE:
+                    return
+                if outcome is _STALE:
+                    rq.stale_ok = False  # once per request
+                    continue
+                body = rq.body
+                replayable = body is None or body.replayable
+                # http.maxRetries: a request holds one retry from its first retry to its end;
+                # a retry for a status was counted by _respond (it decides whether to relay
+                # the response), one after a failure is counted here
+                if should_retry(policy, retries, outcome, body_replayable=replayable) and (
+                        limiter is None or held or outcome.status is not None or limiter.try_retry()):
+                    held = limiter is not None
+                    await trio.sleep(backoff(policy, retries, rand))
+                    retries += 1
+                    cs.stats.rq_retry += 1
+                    continue
+                if outcome.status is not None:  # pragma: no cover - statuses are decided in _try
+                    raise AssertionError("unreachable")
+                status = 504 if flag == F.UT else (502 if flag == F.UPE else 503)
+                rq.detail = detail
+                await self._reply(rq, failure_reply(flag, status, detail))
                 return
-            rq.endpoint = ep
-            outcome, flag, detail = await self._try(rq, cs, ep, up_head, policy, retries)
-            if outlier is not None and outcome is not _STALE:
-                self._record(cs, ep, rq, outcome)
-            if outcome is _DONE:
-                return
-            if outcome is _STALE:
-                rq.stale_ok = False  # once per request
-                continue
-            body = rq.body
-            replayable = body is None or body.replayable
-            if should_retry(policy, retries, outcome, body_replayable=replayable):
-                await trio.sleep(backoff(policy, retries, rand))
-                retries += 1
-                cs.stats.rq_retry += 1
-                continue
-            if outcome.status is not None:  # pragma: no cover - statuses are decided in _try
-                raise AssertionError("unreachable")
-            status = 504 if flag == F.UT else (502 if flag == F.UPE else 503)
-            rq.detail = detail
-            await self._reply(rq, failure_reply(flag, status, detail))
-            return
+        finally:
+            if held:
+                limiter.retry_done()
 
     @staticmethod
     def _record(cs: ClusterState, ep, rq: Request, outcome) -> None:
@@ -515,12 +532,13 @@ class Forwarder:
         settings = rq.snap.settings
         key = (ep.address, ep.port)
         per_try = policy.per_try_timeout
+        pool = rt.pool if cs.limiter is None else cs.limiter  # limiter: connectionPool limits, may overflow
         if per_try:
             try_deadline = trio.current_time() + per_try
             conn = None
             with trio.move_on_at(try_deadline):
                 try:
-                    conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
+                    conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
                 except UpstreamConnectError as exc:
                     return Outcome(failure="connect-failure"), F.UF, str(exc)
             if conn is None:
@@ -528,7 +546,7 @@ class Forwarder:
         else:
             try_deadline = math.inf
             try:
-                conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
+                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
             except UpstreamConnectError as exc:
                 return Outcome(failure="connect-failure"), F.UF, str(exc)
         active = rt.active
@@ -602,10 +620,11 @@ class Forwarder:
             ok = result[0] is _DONE and client.keep_alive and body.finished
             return result
         finally:
+            pool = rt.pool if cs.limiter is None else cs.limiter
             if ok:
-                rt.pool.release(conn)
+                pool.release(conn)
             else:
-                rt.pool.discard(conn)
+                pool.discard(conn)
 
     async def _send_body(self, rq: Request, conn: UpstreamConn, up_head: RequestHead, failure: list,
                          cancel: trio.CancelScope) -> None:
@@ -678,7 +697,8 @@ class Forwarder:
         status = head.status
         if status >= 500 or status in policy.retriable_status_codes or status == 409:
             replayable = body is None or body.replayable
-            if should_retry(policy, retries, Outcome(status=status), body_replayable=replayable):
+            if should_retry(policy, retries, Outcome(status=status), body_replayable=replayable) and (
+                    cs.limiter is None or retries or cs.limiter.try_retry()):  # http.maxRetries, held from retry 1
                 cs.stats.response(status)
                 return Outcome(status=status), None, ""
         cs.stats.response(status)

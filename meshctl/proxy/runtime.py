@@ -33,6 +33,7 @@ import trio
 from ..model.proxyconfig import Listener, ProxyConfig
 from .admin import serve_admin
 from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
+from .limits import commit_limiters
 from .pool import UpstreamPool
 from .snapshot import Snapshot, problems
 from .accesslog import AccessLog
@@ -120,7 +121,9 @@ class ProxyRuntime:
             self.stats.config_rejected += 1
             raise ConfigRejected("; ".join(errs))
         try:
-            snap = Snapshot(cfg, self.stats, self.snapshot.outliers if self.snapshot is not None else None)
+            prev = self.snapshot
+            snap = Snapshot(cfg, self.stats, prev.outliers if prev is not None else None,
+                            prev.limiters if prev is not None else None)
         except Exception as exc:  # core raised on a config it cannot compile
             self.stats.config_rejected += 1
             raise ConfigRejected(f"cannot compile config: {exc}") from None
@@ -142,6 +145,7 @@ class ProxyRuntime:
         # commit: nothing below can fail
         old = self.listeners
         self.snapshot = snap
+        commit_limiters(prev.limiters if prev is not None else None, snap.limiters)
         self.pool.limits = snap.limits
         self.pool.idle_timeout = float(cfg.settings.idle_timeout)
         keep: dict[str, ActiveListener] = {}
@@ -318,6 +322,9 @@ class ProxyRuntime:
                 while True:
                     await trio.sleep(1.0)
                     self.pool.sweep()
+                    now = trio.current_time()
+                    for lim in self.snapshot.limiters.values():
+                        lim.sweep(now)
                     self._check_mtime()
 
     async def _watchdog(self) -> None:
