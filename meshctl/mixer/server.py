@@ -9,8 +9,8 @@
     GET  /ready                200 once serving
 
 Sidecars are found in the state directory's ``status.json`` (written by
-`meshctl up`: every workload's admin address), plus any ``--target``
-given; their ``/stats`` are scraped every ``interval`` seconds, all at once,
+`meshctl up`: every workload's admin address; gateways' admin ports come
+from ``ports.json``), plus any ``--target`` given; their ``/stats`` are scraped every ``interval`` seconds, all at once,
 each with a timeout shorter than the interval.
 """
 
@@ -82,10 +82,17 @@ class Mixer:
                 addr = w.get("admin_address")
                 if addr and w.get("state") not in ("stopped",):
                     out[w.get("name") or addr] = addr
-            for g in st.get("gateways", []) or []:
-                addr = g.get("admin_address")
-                if addr:
-                    out[g.get("name") or addr] = addr
+            gateways = [g.get("name") for g in st.get("gateways", []) or [] if g.get("name")]
+            if gateways:
+                # status.json has no gateway admin address; `up` keeps it in ports.json as "<name>/admin"
+                try:
+                    ports = json.loads((self.state_dir / "ports.json").read_text())
+                except (OSError, ValueError):
+                    ports = {}
+                for name in gateways:
+                    port = ports.get(f"{name}/admin") if isinstance(ports, dict) else None
+                    if isinstance(port, int):
+                        out[name] = f"127.0.0.1:{port}"
         return out
 
     # ------------------------------------------------------------ scraping

@@ -181,3 +181,16 @@ def test_top_sorting_and_filter():
     body = [x.split()[:2] for x in lines if x.startswith(("reviews", "ratings", "a-very"))]
     assert body == [["reviews", "v1"], ["reviews", "v2"]]
     assert any("no traffic for nothing" in x for x in render(service="nothing"))
+
+
+def test_mixer_finds_sidecars_and_gateways_in_the_state_dir(tmp_path):
+    import json
+
+    (tmp_path / "status.json").write_text(json.dumps({
+        "workloads": [{"name": "web-v1-0", "admin_address": "127.0.0.1:41003", "state": "ready"},
+                      {"name": "old-v1-0", "admin_address": "127.0.0.1:41009", "state": "stopped"}],
+        "gateways": [{"name": "ingress", "address": "127.0.0.1:8080"}],
+    }))
+    (tmp_path / "ports.json").write_text(json.dumps({"ingress/admin": 41020, "web-v1-0/admin": 41003}))
+    m = Mixer(tmp_path, {"extra": "127.0.0.1:5000"})
+    assert m.discover() == {"extra": "127.0.0.1:5000", "web-v1-0": "127.0.0.1:41003", "ingress": "127.0.0.1:41020"}
