@@ -158,7 +158,9 @@ class Snapshot:
                 self.listener_clusters[lst.name] = ClusterState(c, stats.cluster(c.name))
         self.no_retry: RetryPolicy = retry_policy(HTTPRetry(attempts=0), s)
         ns = cfg.workload.namespace
-        self.authz_policies = tuple((f"{ns}/policy-{i}", p) for i, p in enumerate(cfg.authorization))
+        auth = cfg.authorization  # Pilot: {"namespace/name": policy}; hand-written configs may list policies
+        self.authz_policies = tuple(auth.items()) if hasattr(auth, "items") else tuple(
+            (f"{ns}/policy-{i}", p) for i, p in enumerate(auth))
         self.source_labels = cfg.workload.labels
         self.source_namespace = cfg.workload.namespace
 
