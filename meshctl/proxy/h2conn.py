@@ -101,6 +101,11 @@ class _StreamServer:
         self.c.emit(self.c.h2.end(self.sid, list(trailers)))
         return b""
 
+    def abort(self, reason: str) -> None:
+        """The response cannot be completed (upstream reset mid-body): reset the stream."""
+        self.c.emit(self.c.h2.reset(self.sid, reason))
+        self.c.kick()
+
     def upgrade_accepted(self) -> bytes:  # pragma: no cover - an h2 request never asks for an upgrade
         raise DownstreamGone("HTTP/1.1 upgrade cannot be relayed on an HTTP/2 stream")
 

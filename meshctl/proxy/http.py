@@ -528,6 +528,8 @@ class Forwarder:
     async def _try(self, rq: Request, cs: ClusterState, ep, up_head: RequestHead, policy, retries: int):
         """One try. Returns (_DONE, None, "") when a response went downstream,
         else (Outcome, flag, detail) for a failed try."""
+        if wants_h2(rq, cs):  # HTTP/2 upstream (h2pool.py)
+            return await h2_try(self, rq, cs, ep, up_head, policy, retries)
         rt = self.rt
         settings = rq.snap.settings
         key = (ep.address, ep.port)
@@ -962,3 +964,4 @@ def new_request_id(rand: random.Random) -> str:
 
 
 from .h2conn import serve_h2_connection, sniff  # noqa: E402  (h2conn imports this module)
+from .h2pool import h2_try, wants_h2  # noqa: E402

@@ -1,0 +1,507 @@
+"""Upstream HTTP/2: multiplexed connections per endpoint, and one try of a request on them.
+
+When a cluster speaks HTTP/2 (``Cluster.protocol`` http2/grpc, a
+DestinationRule ``h2UpgradePolicy: UPGRADE``, or ``useClientProtocol`` with an
+HTTP/2 client) ``Forwarder._try`` hands the try to ``h2_try`` here instead of
+the HTTP/1.1 pool. The downstream side is unchanged: ``rq.server`` is an
+H1Server or an h2conn stream adapter, and both take the same calls.
+
+``H2Pool`` keeps a few connections per (endpoint, TLS) key; a request takes a
+stream on the first connection with room (``can_open_stream``, and at most
+``maxConcurrentStreams`` from the DestinationRule), opening another
+connection only when all are full. ``http2MaxRequests`` caps the cluster's
+requests in flight (over it: 503 UO, as Envoy's circuit breaker). Each
+connection has a reader task (in the runtime's connection nursery) that feeds
+the codec and routes events to streams, and a writer task that alone writes
+the socket, so frames leave in codec order and a cancelled request never
+leaves half a frame behind.
+
+Flow control: upstream Data is acked (``ack_received``) after it was written
+downstream; request body is read from the client only while the upstream
+stream has send window. A refused stream (REFUSED_STREAM, above GOAWAY) is
+a ``refused-stream`` failure: retried when the policy allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from ..core.retry import Outcome, should_retry
+from ..core.route import apply_header_ops
+from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
+from ..protocol.grpc import grpc_status_from
+from ..protocol.headers import strip_hop_by_hop
+from ..protocol.http2 import GoAway, H2Client, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
+from . import stats as F
+from .stream import UpstreamConnectError, connect_tcp
+
+log = logging.getLogger("meshctl.proxy")
+
+__all__ = ["H2Pool", "H2Upstream", "wants_h2", "h2_try", "pool_of"]
+
+
+def _http_settings(cluster):
+    tp = cluster.traffic_policy
+    cp = tp.connection_pool if tp is not None else None
+    return cp.http if cp is not None else None
+
+
+def wants_h2(rq, cs) -> bool:
+    """Should this request go upstream as HTTP/2?"""
+    c = cs.cluster
+    if c.protocol in ("http2", "grpc"):
+        return True
+    hs = _http_settings(c)
+    if hs is None:
+        return False
+    if hs.use_client_protocol:
+        return rq.head.http_version == "2"
+    return (hs.h2_upgrade_policy or "").upper() == "UPGRADE" and rq.head.upgrade is None
+
+
+class _UpStream:
+    """One request's stream on an upstream connection: its response events."""
+
+    __slots__ = ("sid", "events", "pos", "wake", "window", "done")
+
+    def __init__(self, sid: int) -> None:
+        self.sid = sid
+        self.events: list = []
+        self.pos = 0
+        self.wake = trio.Event()
+        self.window = trio.Event()
+        self.done = False  # a final event (end or reset) arrived
+
+    def push(self, ev) -> None:
+        self.events.append(ev)
+        self.wake.set()
+
+    def buffered(self):
+        if self.pos < len(self.events):
+            ev = self.events[self.pos]
+            self.pos += 1
+            return ev
+        return None
+
+    async def next(self):
+        while self.pos >= len(self.events):
+            self.events.clear()
+            self.pos = 0
+            self.wake = trio.Event()
+            await self.wake.wait()
+        ev = self.events[self.pos]
+        self.pos += 1
+        return ev
+
+
+class H2Upstream:
+    """One multiplexed upstream HTTP/2 connection."""
+
+    def __init__(self, pool: "H2Pool", stream, key, stats) -> None:
+        self.pool = pool
+        self.stream = stream
+        self.key = key
+        self.stats = stats
+        self.client = H2Client(H2Limits(), now=trio.current_time)
+        self.streams: dict[int, _UpStream] = {}
+        self.out = bytearray()
+        self.emitted = 0
+        self.written = 0
+        self.wake = trio.Event()
+        self.progress = trio.Event()
+        self.dead = False
+        self.scope = trio.CancelScope()
+        self.reason = ""
+
+    # ------------------------------------------------------------ writing
+    def emit(self, data: bytes) -> None:
+        if data:
+            self.out += data
+            self.emitted += len(data)
+            self.wake.set()
+
+    async def flush(self) -> None:
+        target = self.emitted
+        while self.written < target and not self.dead:
+            self.wake.set()
+            await self.progress.wait()
+        if self.dead:
+            raise trio.BrokenResourceError(self.reason or "upstream HTTP/2 connection closed")
+
+    async def _writer(self) -> None:
+        while True:
+            if not self.out:
+                self.wake = trio.Event()
+                await self.wake.wait()
+                continue
+            chunk = bytes(self.out)
+            self.out.clear()
+            try:
+                await self.stream.send_all(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._die(f"write failed: {exc}")
+                return
+            finally:
+                self.written += len(chunk)
+                p, self.progress = self.progress, trio.Event()
+                p.set()
+
+    # ------------------------------------------------------------ life
+    @property
+    def usable(self) -> bool:
+        return not self.dead and self.client.can_open_stream
+
+    def open(self, head: RequestHead, end_stream: bool) -> _UpStream:
+        sid, out = self.client.request(head, end_stream=end_stream)
+        st = _UpStream(sid)
+        self.streams[sid] = st
+        self.emit(out)
+        return st
+
+    def finish(self, st: _UpStream, *, abort: bool) -> None:
+        """The request is over: reset the stream if it is still open upstream."""
+        if self.streams.pop(st.sid, None) is None:
+            return
+        if abort and not self.dead:
+            self.emit(self.client.reset(st.sid, "request abandoned"))
+        if self.dead or (self.client.closed and not self.streams):
+            self._die("")
+
+    def _die(self, reason: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.reason = reason
+        self.progress.set()
+        for st in self.streams.values():
+            st.push(Reset(reason or "upstream HTTP/2 connection closed", st.sid))
+            st.window.set()
+        self.pool._forget(self)
+        self.scope.cancel()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Reader and writer; returns when the connection is over (socket closed)."""
+        try:
+            with self.scope:
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._writer)
+                    self.emit(self.client.initiate())
+                    task_status.started()
+                    await self._read()
+                    n.cancel_scope.cancel()
+        finally:
+            self._die(self.reason)
+            self.stream.close_now()
+            self.stats.cx_active -= 1
+
+    async def _read(self) -> None:
+        client = self.client
+        while True:
+            try:
+                data = await self.stream.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.reason = f"read failed: {exc}"
+                return
+            try:
+                events = client.feed(data) if data else client.feed_eof()
+            except ProtocolError as exc:
+                log.info("upstream %s:%d HTTP/2 error: %s", self.key[0], self.key[1], exc)
+                self.emit(client.data_to_send())
+                with trio.move_on_after(1):
+                    try:
+                        await self.flush()
+                    except trio.BrokenResourceError:
+                        pass
+                self.reason = str(exc)
+                return
+            self.emit(client.data_to_send())
+            for ev in events:
+                t = type(ev)
+                if t is WindowUpdated:
+                    st = self.streams.get(ev.stream_id)
+                    if st is not None:
+                        st.window.set()
+                elif t is GoAway:
+                    self.pool._forget(self)  # no new streams here; open ones finish
+                    if not self.streams:
+                        self.reason = "upstream sent GOAWAY"
+                        return
+                else:
+                    st = self.streams.get(getattr(ev, "stream_id", 0))
+                    if st is not None:
+                        st.push(ev)
+            for st in self.streams.values():
+                if client.queued(st.sid) == 0:
+                    st.window.set()
+            if not data:
+                self.reason = "upstream closed the connection"
+                return
+
+
+class H2Pool:
+    """Upstream HTTP/2 connections by (address, port, tls key)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.conns: dict[tuple, list[H2Upstream]] = {}
+        self.connecting: dict[tuple, trio.Lock] = {}
+        self.inflight: dict[str, int] = {}  # cluster name -> requests in flight (http2MaxRequests)
+
+    def _forget(self, conn: H2Upstream) -> None:
+        lst = self.conns.get(conn.key)
+        if lst and conn in lst:
+            lst.remove(conn)
+            if not lst:
+                del self.conns[conn.key]
+
+    def _pick(self, key, max_streams: int | None) -> H2Upstream | None:
+        for c in self.conns.get(key, ()):
+            if c.usable and (max_streams is None or len(c.streams) < max_streams):
+                return c
+        return None
+
+    async def acquire(self, address: str, port: int, stats, connect_timeout: float, tls=None,
+                      max_streams: int | None = None) -> H2Upstream:
+        """A connection with room for one more stream. Raises UpstreamConnectError."""
+        key = (address, port) if tls is None else (address, port, tls.key)
+        c = self._pick(key, max_streams)
+        if c is not None:
+            return c
+        lock = self.connecting.setdefault(key, trio.Lock())
+        async with lock:
+            c = self._pick(key, max_streams)
+            if c is not None:
+                return c
+            with trio.move_on_after(connect_timeout):
+                try:
+                    stream = await connect_tcp(address, port)
+                    if tls is not None:
+                        stream = await tls.wrap(stream, address, port)
+                except UpstreamConnectError:
+                    stats.cx_connect_fail += 1
+                    raise
+                stats.cx_active += 1
+                stats.cx_total += 1
+                c = H2Upstream(self, stream, key, stats)
+                await self.nursery.start(c.run)
+                self.conns.setdefault(key, []).append(c)
+                return c
+            stats.cx_connect_fail += 1
+            raise UpstreamConnectError(address, port, f"timed out after {connect_timeout:g}s")
+
+
+def pool_of(rt) -> H2Pool:
+    """The runtime's HTTP/2 pool (made on first use, in its connection nursery)."""
+    p = getattr(rt, "h2pool", None)
+    if p is None:
+        p = rt.h2pool = H2Pool(rt._conn_nursery)
+    return p
+
+
+def _upstream_tls(rt, cluster, ep):
+    try:
+        from .identity import upstream_tls
+    except ImportError:  # pragma: no cover - identity not built in
+        return None
+    return upstream_tls(rt, cluster, ep)
+
+
+async def h2_try(fw, rq, cs, ep, up_head: RequestHead, policy, retries: int):
+    """One try of ``rq`` on an upstream HTTP/2 stream. Returns what
+    ``Forwarder._try`` returns: (_DONE, None, "") once a response went
+    downstream, else (Outcome, flag, detail)."""
+    from .http import _DONE
+
+    rt = fw.rt
+    pool = pool_of(rt)
+    hs = _http_settings(cs.cluster)
+    max_streams = hs.max_concurrent_streams if hs is not None and hs.max_concurrent_streams else None
+    max_rq = hs.http2_max_requests if hs is not None and hs.http2_max_requests else None
+    name = cs.name
+    if max_rq is not None and pool.inflight.get(name, 0) >= max_rq:
+        from .limits import PoolOverflow
+
+        raise PoolOverflow(name, "rq", f"http2MaxRequests {max_rq} reached")
+    per_try = policy.per_try_timeout
+    deadline = trio.current_time() + per_try if per_try else math.inf
+    settings = rq.snap.settings
+    conn = None
+    try:
+        with trio.move_on_at(deadline):
+            conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
+                                      _upstream_tls(rt, cs.cluster, ep), max_streams)
+    except UpstreamConnectError as exc:
+        return Outcome(failure="connect-failure"), F.UF, str(exc)
+    if conn is None:
+        return Outcome(failure="timeout"), F.UT, f"per-try timeout {per_try:g}s while connecting"
+    head = h1_head_to_h2(up_head)
+    head.scheme = "http"
+    te = [v for k, v in rq.head.headers if k == "te"]
+    if any("trailers" in v.lower() for v in te) and not any(k == "te" for k, _ in head.headers):
+        head.headers.append(("te", "trailers"))
+    key = (ep.address, ep.port)
+    active = rt.active
+    active[key] = active.get(key, 0) + 1
+    pool.inflight[name] = pool.inflight.get(name, 0) + 1
+    body = rq.body
+    st = None
+    ok = False
+    try:
+        whole = body is None or (body.finished and body.replayable)
+        st = conn.open(head, end_stream=body is None or (whole and not body.chunks and not body.trailers))
+        if body is not None and whole:
+            client = conn.client
+            for c in body.chunks:
+                conn.emit(client.data(st.sid, c))
+            if body.chunks or body.trailers:
+                conn.emit(client.end(st.sid, body.trailers))
+        if whole:
+            return await _respond(fw, rq, cs, conn, st, policy, retries, deadline, _DONE)
+        failure: list = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_body, rq, conn, st, failure, nursery.cancel_scope)
+            result = await _respond(fw, rq, cs, conn, st, policy, retries, deadline, _DONE)
+            if not body.finished:
+                nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        if not body.finished:
+            rq.keep_alive = False
+        return result
+    finally:
+        ok = st is not None and st.done
+        if st is not None:
+            conn.finish(st, abort=not ok)
+        n = active[key] - 1
+        if n:
+            active[key] = n
+        else:
+            del active[key]
+        n = pool.inflight[name] - 1
+        if n:
+            pool.inflight[name] = n
+        else:
+            del pool.inflight[name]
+
+
+async def _send_body(rq, conn: H2Upstream, st: _UpStream, failure: list, cancel: trio.CancelScope) -> None:
+    from .http import DownstreamGone
+
+    client = conn.client
+    body = rq.body
+    cursor = [0]
+    try:
+        while True:
+            chunk = await body.pull(cursor)
+            if chunk is None:
+                conn.emit(client.end(st.sid, body.trailers))
+                await conn.flush()
+                return
+            conn.emit(client.data(st.sid, chunk))
+            await conn.flush()
+            while client.queued(st.sid) > 0 and not conn.dead and not st.done:
+                st.window = trio.Event()
+                await st.window.wait()
+    except trio.BrokenResourceError:
+        return  # the response side reports it
+    except (DownstreamGone, ProtocolError) as exc:
+        failure.append(exc)
+        cancel.cancel()
+
+
+async def _read_head(rq, conn: H2Upstream, st: _UpStream):
+    while True:
+        ev = await st.next()
+        if type(ev) is ResponseHead:
+            if 100 <= ev.status < 200:
+                if ev.status == 100 and not rq.head.expect_continue:
+                    continue
+                await rq.send_down(rq.server.informational(ev))
+                continue
+            return ev
+        return ev  # a Reset (or an unexpected event)
+
+
+async def _respond(fw, rq, cs, conn: H2Upstream, st: _UpStream, policy, retries: int, deadline: float, DONE):
+    try:
+        await conn.flush()
+    except trio.BrokenResourceError:
+        pass  # the stream gets a Reset event
+    head = None
+    with trio.move_on_at(deadline) as scope:
+        head = await _read_head(rq, conn, st)
+    if scope.cancelled_caught:
+        return Outcome(failure="timeout"), F.UT, "per-try timeout"
+    if type(head) is not ResponseHead:
+        st.done = True  # nothing to reset
+        if isinstance(head, H2Reset) and head.refused:
+            return Outcome(failure="refused-stream"), F.UR, f"{conn.key[0]}:{conn.key[1]} refused the stream"
+        reason = head.reason if isinstance(head, Reset) else "no response"
+        return Outcome(failure="reset"), F.UR, f"{conn.key[0]}:{conn.key[1]}: {reason}"
+    status = head.status
+    body = rq.body
+    replayable = body is None or body.replayable
+    grpc = grpc_status_from(head.headers) if status == 200 else None
+    if status >= 500 or status in policy.retriable_status_codes or status == 409 or grpc:
+        outcome = Outcome(status=status, grpc_status=grpc or None)
+        if should_retry(policy, retries, outcome, body_replayable=replayable):
+            cs.stats.response(status)
+            return outcome, None, ""
+    cs.stats.response(status)
+    await _stream_response(fw, rq, conn, st, head)
+    return DONE, None, ""
+
+
+async def _stream_response(fw, rq, conn: H2Upstream, st: _UpStream, head: ResponseHead) -> None:
+    server = rq.server
+    client = conn.client
+    headers = strip_hop_by_hop(head.headers)
+    fwd = rq.forward
+    if fwd is not None:
+        for ops in fwd.response_ops:
+            headers = apply_header_ops(headers, ops)
+    h1_down = type(server).__name__ == "H1Server"
+    if h1_down and (not rq.keep_alive or fw.rt.draining):
+        rq.keep_alive = False
+        headers.append(("connection", "close"))
+    resp = ResponseHead(head.status, headers, "", "1.1" if h1_down else "2", rq.keep_alive)
+    rq.response_started = True
+    rq.status = head.status
+    out = [server.response_head(resp)]
+    acked = 0
+    while True:
+        ev = st.buffered()
+        if ev is None:
+            if out:
+                await rq.send_down(b"".join(out))
+                out = []
+            if acked:
+                conn.emit(client.ack_received(st.sid, acked))
+                acked = 0
+            ev = await st.next()
+        t = type(ev)
+        if t is Data:
+            out.append(server.data(ev.data))
+            rq.bytes_sent += len(ev.data)
+            acked += len(ev.data)
+        elif t is EndOfMessage:
+            out.append(server.end(ev.trailers))
+            st.done = True
+            break
+        else:
+            # upstream reset mid-body: the client must see the response is cut short
+            rq.flags.append(F.UR)
+            rq.keep_alive = False
+            st.done = True
+            if out:
+                await rq.send_down(b"".join(out))
+            abort = getattr(server, "abort", None)
+            if abort is not None:
+                abort("upstream reset the stream")
+            return
+    await rq.send_down(b"".join(out))
+    if not server.keep_alive:
+        rq.keep_alive = False
