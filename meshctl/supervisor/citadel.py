@@ -1,0 +1,111 @@
+"""Citadel in `meshctl up`: the CA, the signing process, and each proxy's bootstrap token.
+
+- ``start_citadel(sup)``: create the CA in the state directory if there is
+  none (trust domain from mesh settings), then run ``meshctl citadel serve``
+  as a control-plane process of its own (beside Pilot), on a free loopback
+  port kept across restarts; it writes its URL as ``citadel`` into
+  control.json. Workload certificate lifetime: ``MESHCTL_CERT_TTL`` (e.g.
+  ``6s`` for rotation tests), else Citadel's default (24h).
+- ``proxy_env(sup, p)``: the environment a sidecar or gateway is (re)started
+  with: ``MESHCTL_CITADEL_URL`` and a fresh one-time ``MESHCTL_CITADEL_TOKEN``
+  for its identity (``spiffe://<td>/ns/<namespace>/sa/<service>``, read from
+  its node file). A new token on every start, since a restarted proxy
+  cannot redeem the one its predecessor spent. Never in argv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import trio
+
+ENV_TTL = "MESHCTL_CERT_TTL"
+TOKEN_TTL = timedelta(minutes=10)
+START_TIMEOUT = 20.0
+
+__all__ = ["proxy_env", "start_citadel", "stop_citadel", "identity_of_node"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def identity_of_node(node_file: Path) -> str:
+    """The SPIFFE ID of the workload a node file describes (what Pilot expects of it)."""
+    from ..loader.codec import from_data
+    from ..pilot.compile import Node
+
+    node = from_data(Node, json.loads(node_file.read_text()), path="", file=str(node_file))
+    return node.workload.spiffe_id
+
+
+async def start_citadel(sup) -> None:
+    """Start Citadel for ``sup`` (a supervisor.run.Supervisor) and wait until it answers."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.store import ensure_ca
+    from .run import ProcState, UpError, http_ok, meshctl_argv, tail
+
+    td = sup.spec.settings.trust_domain
+    try:
+        ca = ensure_ca(sup.state_dir, td, now=datetime.now(timezone.utc))
+    except CitadelError as e:
+        raise UpError(f"Citadel: {e}") from None
+    if ca.trust_domain != td:
+        raise UpError(
+            f"the CA in {sup.state_dir} is for trust domain {ca.trust_domain!r}, but mesh settings say {td!r}: "
+            "fix settings.trustDomain, or remove the state directory's ca/ to start a new CA"
+        )
+    port = _free_port()
+    argv = meshctl_argv("citadel", "serve", "--port", str(port), "--trust-domain", td,
+                        "--state-dir", str(sup.state_dir))
+    ttl = os.environ.get(ENV_TTL)
+    if ttl:
+        argv += ["--cert-ttl", ttl]
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    p = ProcState(name="citadel", kind="control-plane", argv=argv, env=env, cwd=str(sup.state_dir),
+                  log=sup.logs / "citadel.log")
+    sup.citadel = p
+    sup.citadel_url = f"http://127.0.0.1:{port}"
+    await sup._nursery.start(sup.keep_running, p)
+    with trio.move_on_after(START_TIMEOUT) as cs:
+        while not await http_ok("127.0.0.1", port, "/healthz"):
+            if p.state == "failed" or p.restarts:
+                break
+            await trio.sleep(0.05)
+    if cs.cancelled_caught or p.restarts or p.state == "failed":
+        raise UpError(f"Citadel did not start: see {p.log}:\n{tail(p.log)}")
+    p.state = "ready"
+    sup.event(f"citadel ready at {sup.citadel_url} (trust domain {td})")
+
+
+async def stop_citadel(sup) -> None:
+    p = getattr(sup, "citadel", None)
+    if p is not None:
+        await sup.stop_proc(p)
+        from ..state import write_control
+
+        write_control(sup.state_dir, citadel=None)
+
+
+def proxy_env(sup, p) -> dict[str, str]:
+    """``p.env`` plus the Citadel URL and a fresh bootstrap token, for a
+    sidecar or gateway whose node file exists; ``p.env`` unchanged otherwise."""
+    url = getattr(sup, "citadel_url", "")
+    if not url or p.kind not in ("sidecar", "gateway"):
+        return p.env
+    node_file = sup.state_dir / "nodes" / f"{p.name}.json"
+    try:
+        identity = identity_of_node(node_file)
+    except (OSError, ValueError) as e:
+        sup.event(f"{p.kind} {p.name}: no identity ({e}); it starts without a certificate")
+        return p.env
+    from ..citadel.store import TokenFile
+
+    token = TokenFile(sup.state_dir).issue_token(identity, TOKEN_TTL, datetime.now(timezone.utc))
+    return {**p.env, "MESHCTL_CITADEL_URL": url, "MESHCTL_CITADEL_TOKEN": token}
