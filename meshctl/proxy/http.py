@@ -49,6 +49,7 @@ from ..protocol.events import (
 from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop
 from ..protocol.http1 import H1Server
 from . import stats as F
+from .identity import upstream_tls
 from .limits import PoolOverflow
 from .pool import EventReader, UpstreamConn
 from .snapshot import ClusterState, Snapshot, binding_cluster_name
@@ -324,7 +325,8 @@ class FaultStage:
 
 class AuthzStage:
     """Inbound AuthorizationPolicy (core.authz decides); 403 when denied.
-    Without mTLS on the connection there is no source principal."""
+    The source principal is the peer's verified SPIFFE ID (identity.SecureStream);
+    without mTLS on the connection there is none."""
 
     name = "authz"
 
@@ -336,7 +338,7 @@ class AuthzStage:
         lst = rq.listener
         d = authorize(policies, AuthzRequest(
             method=head.method, path=head.path, host=head.authority, port=lst.app_port or lst.port,
-            headers=rq.headers, source_principal=None, source_ip=rq.client_ip,
+            headers=rq.headers, source_principal=getattr(rq.down, "peer_id", None), source_ip=rq.client_ip,
         ))
         if d.allowed:
             return None
@@ -540,7 +542,8 @@ class Forwarder:
             conn = None
             with trio.move_on_at(try_deadline):
                 try:
-                    conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
+                    conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
+                                               upstream_tls(rt, cs.cluster, ep))
                 except UpstreamConnectError as exc:
                     return Outcome(failure="connect-failure"), F.UF, str(exc)
             if conn is None:
@@ -548,7 +551,8 @@ class Forwarder:
         else:
             try_deadline = math.inf
             try:
-                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout)
+                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
+                                               upstream_tls(rt, cs.cluster, ep))
             except UpstreamConnectError as exc:
                 return Outcome(failure="connect-failure"), F.UF, str(exc)
         active = rt.active

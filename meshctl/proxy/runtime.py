@@ -32,6 +32,7 @@ import trio
 
 from ..model.proxyconfig import Listener, ProxyConfig
 from .admin import serve_admin
+from .identity import secure_inbound
 from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
 from .limits import commit_limiters
 from .pool import UpstreamPool
@@ -99,6 +100,7 @@ class ProxyRuntime:
         self._mtime: float | None = None
         self._drained = trio.Event()
         self.admin_port: int | None = None
+        self.tls = None  # the sidecar's CertificateHolder when it has an identity (proxy/identity.py)
 
     # ------------------------------------------------------------ helpers
 
@@ -217,6 +219,10 @@ class ProxyRuntime:
     async def _guard(self, al: ActiveListener, stream: FastSocketStream, client_ip: str) -> None:
         """One connection's task: a bug in it closes that connection, not the proxy."""
         try:
+            if al.spec.direction == "inbound" and al.spec.mtls_mode != "DISABLE":
+                stream = await secure_inbound(self, al.spec, stream)  # mTLS by PeerAuthentication
+                if stream is None:
+                    return
             await al.handler(self, al, stream, client_ip)
         except Exception:
             log.exception("listener %s: connection from %s failed", al.spec.name, client_ip)
