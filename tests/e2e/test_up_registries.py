@@ -38,7 +38,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def port_range(offset: int) -> str:
-    base = 40000 + ((os.getpid() + offset * 7) % 200) * 100
+    """A block of 100 ports below Linux's ephemeral range (32768+), where no
+    outgoing connection or bind-to-0 can take a planned port before it is used."""
+    base = 22000 + ((os.getpid() + offset * 7) % 80) * 100
     return f"{base}-{base + 99}"
 
 
