@@ -35,7 +35,8 @@ import time
 
 import trio
 
-from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
+from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead, header_value
+from ..protocol.grpc import GrpcError, GrpcStatus, grpc_status_for_http, is_grpc, local_grpc_reply, parse_grpc_timeout
 from ..protocol.detect import detect
 from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
 from . import stats as F
@@ -75,16 +76,32 @@ class H2ConnState(ConnState):
 
 class _StreamServer:
     """What the forwarder calls ``rq.server`` for one stream: codec calls whose
-    bytes go to the connection buffer (return value always b"")."""
+    bytes go to the connection buffer (return value always b"").
 
-    __slots__ = ("c", "sid")
+    For a gRPC request, a non-200 response (a local 503/504/404, or an
+    upstream's) becomes a trailers-only gRPC reply (``local_grpc_reply``, the
+    status mapped from HTTP) and the body after it is dropped, as gRPC clients
+    expect their errors."""
+
+    __slots__ = ("c", "sid", "grpc", "swallow")
     keep_alive = True
 
-    def __init__(self, c: "_Conn", sid: int) -> None:
+    def __init__(self, c: "_Conn", sid: int, grpc: bool = False) -> None:
         self.c = c
         self.sid = sid
+        self.grpc = grpc
+        self.swallow = False
 
     def response_head(self, head: ResponseHead, *, end_stream: bool = False) -> bytes:
+        if self.grpc and head.status >= 300:
+            reason = header_value(head.headers, "x-meshctl-reason") or f"HTTP status {head.status}"
+            gh, _ = local_grpc_reply(grpc_status_for_http(head.status), reason)
+            rid = header_value(head.headers, "x-request-id")
+            if rid:
+                gh.headers.append(("x-request-id", rid))
+            self.c.emit(self.c.h2.response_head(self.sid, gh, end_stream=True))
+            self.swallow = True
+            return b""
         self.c.emit(self.c.h2.response_head(self.sid, head, end_stream=end_stream))
         return b""
 
@@ -94,11 +111,13 @@ class _StreamServer:
         return b""
 
     def data(self, data: bytes) -> bytes:
-        self.c.emit(self.c.h2.data(self.sid, data))
+        if not self.swallow:
+            self.c.emit(self.c.h2.data(self.sid, data))
         return b""
 
     def end(self, trailers=()) -> bytes:
-        self.c.emit(self.c.h2.end(self.sid, list(trailers)))
+        if not self.swallow:
+            self.c.emit(self.c.h2.end(self.sid, list(trailers)))
         return b""
 
     def abort(self, reason: str) -> None:
@@ -379,8 +398,18 @@ class _Conn:
         rt = self.rt
         sid = head.stream_id
         listener = self.al.spec
-        rq = Request(head, listener, rt.snapshot, rt, self.client_ip, _StreamServer(self, sid), reader, down)
+        grpc = is_grpc(head.headers)
+        server = _StreamServer(self, sid, grpc)
+        rq = Request(head, listener, rt.snapshot, rt, self.client_ip, server, reader, down)
         since = trio.current_time()
+        deadline = math.inf
+        if grpc:
+            gt = header_value(head.headers, "grpc-timeout")
+            if gt is not None:
+                try:
+                    deadline = since + parse_grpc_timeout(gt)
+                except GrpcError as exc:
+                    log.info("stream %d: %s (ignored)", sid, exc)
         try:
             with scope:
                 nxt = reader.peek()
@@ -395,8 +424,21 @@ class _Conn:
                             break
                     if reply is not None:
                         await send_local(rq, reply)
-                    else:
+                    elif deadline == math.inf:
                         await rt.forwarder.run(rq)
+                    else:
+                        # grpc-timeout is the request's deadline (the route timeout may be shorter)
+                        with trio.move_on_at(deadline) as dl:
+                            await rt.forwarder.run(rq)
+                        if dl.cancelled_caught:
+                            rq.flags.append(F.UT)
+                            if rq.response_started:
+                                self.emit(self.h2.reset(sid, "grpc-timeout"))
+                            else:
+                                gh, _ = local_grpc_reply(GrpcStatus.DEADLINE_EXCEEDED, "grpc-timeout exceeded")
+                                rq.status = 200
+                                rq.response_started = True
+                                self.emit(self.h2.response_head(sid, gh, end_stream=True))
                     if rq.body is not None and not rq.body.finished and not rq.response_started:
                         self.emit(self.h2.reset(sid, "request body not consumed"))
                     await self.flush()

@@ -54,6 +54,10 @@ def wants_h2(rq, cs) -> bool:
     c = cs.cluster
     if c.protocol in ("http2", "grpc"):
         return True
+    if c.name.startswith("inbound|") and rq.head.http_version == "2":
+        # the app behind an inbound listener gets the protocol its client used
+        # (Envoy's USE_DOWNSTREAM_PROTOCOL for Istio's inbound HTTP clusters)
+        return True
     hs = _http_settings(c)
     if hs is None:
         return False
@@ -470,6 +474,15 @@ async def _stream_response(fw, rq, conn: H2Upstream, st: _UpStream, head: Respon
     resp = ResponseHead(head.status, headers, "", "1.1" if h1_down else "2", rq.keep_alive)
     rq.response_started = True
     rq.status = head.status
+    nxt = st.events[st.pos] if st.pos < len(st.events) else None
+    if type(nxt) is EndOfMessage and not nxt.trailers:
+        # a head that ended the stream (gRPC trailers-only): keep it one HEADERS frame with END_STREAM
+        st.pos += 1
+        st.done = True
+        await rq.send_down(server.response_head(resp, end_stream=True))
+        if not server.keep_alive:
+            rq.keep_alive = False
+        return
     out = [server.response_head(resp)]
     acked = 0
     while True:

@@ -46,6 +46,7 @@ from ..protocol.events import (
     ResponseHead,
     Upgraded,
 )
+from ..protocol.grpc import GrpcStatus, local_grpc_reply
 from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop
 from ..protocol.http1 import H1Server
 from . import stats as F
@@ -316,10 +317,11 @@ class FaultStage:
                 [("content-type", "text/plain"), ("x-meshctl-reason", "fault filter abort")], F.FI,
             )
         if d.grpc_status is not None:
-            return LocalReply(
-                200, b"", [("content-type", "application/grpc"), ("grpc-status", str(d.grpc_status)),
-                           ("grpc-message", "fault filter abort")], F.FI,
-            )
+            # trailers-only gRPC reply; grpcStatus may be a code name ("UNAVAILABLE") or a number
+            g = str(d.grpc_status).strip()
+            code = int(g) if g.isdigit() else GrpcStatus.__members__.get(g.upper(), GrpcStatus.UNKNOWN)
+            head, _ = local_grpc_reply(code, "fault filter abort")
+            return LocalReply(200, b"", head.headers, F.FI)
         return None
 
 

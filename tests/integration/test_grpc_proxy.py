@@ -1,0 +1,269 @@
+"""gRPC through a sidecar pair (client -> outbound proxy -> inbound proxy -> app)
+with real grpcio clients and servers; the service is defined with generic
+handlers and raw bytes, so no protoc is needed."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import trio
+
+from meshctl.model.istio import (
+    FaultAbort,
+    HTTPFaultInjection,
+    HTTPMatchRequest,
+    HTTPRetry,
+    Percent,
+    StringMatch,
+)
+from meshctl.model.proxyconfig import Listener
+
+from proxy_testkit import cluster, config, free_port, outbound_listener, route_to, running_proxy, vhost
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+class EchoApp:
+    """mesh.Echo: Say (unary), Count (server streaming), Chat (bidi)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.hits: dict[bytes, int] = {}
+        self.metadata: list[dict] = []
+        self.cancelled = threading.Event()
+        handler = grpc.method_handlers_generic_handler("mesh.Echo", {
+            "Say": grpc.unary_unary_rpc_method_handler(self.say),
+            "Count": grpc.unary_stream_rpc_method_handler(self.count),
+            "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+        })
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=8))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def say(self, req: bytes, ctx) -> bytes:
+        with self.lock:
+            self.hits[req] = self.hits.get(req, 0) + 1
+            n = self.hits[req]
+            self.metadata.append(dict(ctx.invocation_metadata()))
+        if req.startswith(b"sleep:"):
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < float(req[6:]):
+                if not ctx.is_active():
+                    self.cancelled.set()
+                    return b""
+                time.sleep(0.02)
+        if req.startswith(b"fail-once:") and n == 1:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        if req == b"not-found":
+            ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        ctx.set_trailing_metadata((("x-app-trailer", self.name),))
+        return self.name.encode() + b": hello " + req
+
+    def count(self, req: bytes, ctx):
+        for i in range(int(req)):
+            yield b"%d" % i
+
+    def chat(self, it, ctx):
+        for m in it:
+            yield b"echo:" + m
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+@pytest.fixture
+def echo_apps():
+    made = []
+
+    def make(name: str = "a") -> EchoApp:
+        a = EchoApp(name)
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+
+
+@asynccontextmanager
+async def sidecar_pair(app: EchoApp, *routes, extra_apps=()):
+    """Client sidecar (outbound) -> server sidecar (inbound) -> app. Returns the outbound port."""
+    in_port = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
+                       app_address="127.0.0.1", app_port=app.port, service="echo")
+    server_cfg = config(listeners=[inbound])
+    out_port = free_port()
+    clusters = [cluster("echo", 9090, [("127.0.0.1", in_port)], protocol="grpc")]
+    for sub, other in extra_apps:
+        clusters.append(cluster("echo", 9090, [("127.0.0.1", other.port)], subset=sub, protocol="grpc"))
+    client_cfg = config(
+        listeners=[outbound_listener(out_port)],
+        vhosts=[vhost("echo", 9090, tuple(routes) or (route_to("echo", 9090),))],
+        clusters=clusters,
+    )
+    async with running_proxy(server_cfg), running_proxy(client_cfg) as rt:
+        yield out_port, rt
+
+
+def _channel(port: int):
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", "echo:9090"),
+                                                               ("grpc.enable_retries", 0)])
+
+
+def _run(fn):
+    return trio.to_thread.run_sync(fn)
+
+
+async def test_unary_server_streaming_and_bidi_through_a_sidecar_pair(echo_apps):
+    app = echo_apps("a")
+    async with sidecar_pair(app) as (port, _):
+        def calls():
+            with _channel(port) as ch:
+                say = ch.unary_unary("/mesh.Echo/Say")
+                resp, call = say.with_call(b"world", metadata=(("x-client", "1"),), timeout=10)
+                count = list(ch.unary_stream("/mesh.Echo/Count")(b"50", timeout=10))
+                chat = list(ch.stream_stream("/mesh.Echo/Chat")(iter([b"a", b"b" * 100000, b"c"]), timeout=10))
+                return resp, dict(call.trailing_metadata()), count, chat
+
+        resp, trailers, count, chat = await _run(calls)
+        assert resp == b"a: hello world"
+        assert trailers["x-app-trailer"] == "a"  # trailers carried end to end
+        assert count == [b"%d" % i for i in range(50)]
+        assert chat == [b"echo:a", b"echo:" + b"b" * 100000, b"echo:c"]
+        md = app.metadata[-1]
+        assert md["x-client"] == "1"
+        assert md.get("x-request-id")  # the proxies' own headers reached the app
+
+
+async def test_grpc_status_and_message_carried_end_to_end(echo_apps):
+    app = echo_apps("a")
+    async with sidecar_pair(app) as (port, _):
+        def call():
+            with _channel(port) as ch:
+                try:
+                    ch.unary_unary("/mesh.Echo/Say")(b"not-found", timeout=10)
+                except grpc.RpcError as e:
+                    return e.code(), e.details()
+        code, details = await _run(call)
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert details == "no such thing"
+
+
+async def test_retry_on_grpc_unavailable(echo_apps):
+    app = echo_apps("a")
+    route = route_to("echo", 9090, retries=HTTPRetry(attempts=2, retry_on="unavailable"))
+    async with sidecar_pair(app, route) as (port, _):
+        def call():
+            with _channel(port) as ch:
+                return ch.unary_unary("/mesh.Echo/Say")(b"fail-once:k", timeout=10)
+        assert await _run(call) == b"a: hello fail-once:k"
+        assert app.hits[b"fail-once:k"] == 2
+
+
+async def test_routing_on_the_method_path(echo_apps):
+    a, b = echo_apps("a"), echo_apps("b")
+    to_b = route_to("echo", 9090, subsets={"v2": 100}, match=(HTTPMatchRequest(uri=StringMatch(prefix="/mesh.Echo/Say")),))
+    rest = route_to("echo", 9090)
+    async with sidecar_pair(a, to_b, rest, extra_apps=[("v2", b)]) as (port, _):
+        def calls():
+            with _channel(port) as ch:
+                return ch.unary_unary("/mesh.Echo/Say")(b"x", timeout=10), list(ch.unary_stream("/mesh.Echo/Count")(b"2", timeout=10))
+        said, counted = await _run(calls)
+        assert said == b"b: hello x"  # Say went to the v2 subset's app directly
+        assert counted == [b"0", b"1"]
+        assert b.hits == {b"x": 1} and a.hits == {}
+
+
+async def test_fault_abort_with_grpc_status(echo_apps):
+    app = echo_apps("a")
+    route = route_to("echo", 9090, fault=HTTPFaultInjection(
+        abort=FaultAbort(grpc_status="UNAVAILABLE", percentage=Percent(100.0))))
+    async with sidecar_pair(app, route) as (port, _):
+        def call():
+            with _channel(port) as ch:
+                try:
+                    ch.unary_unary("/mesh.Echo/Say")(b"x", timeout=10)
+                except grpc.RpcError as e:
+                    return e.code(), e.details()
+        code, details = await _run(call)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert details == "fault filter abort"
+        assert app.hits == {}
+
+
+async def test_local_errors_are_grpc_statuses(echo_apps):
+    app = echo_apps("a")
+    async with sidecar_pair(app) as (port, _):
+        def call():
+            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", "nope:9090")])
+            with ch:
+                try:
+                    ch.unary_unary("/mesh.Echo/Say")(b"x", timeout=10)
+                except grpc.RpcError as e:
+                    return e.code(), e.details()
+        code, details = await _run(call)
+        assert code == grpc.StatusCode.UNIMPLEMENTED  # 404 no route, as gRPC maps it
+        assert "no route" in details
+
+
+async def test_grpc_timeout_is_the_deadline(echo_apps):
+    """No client-side deadline enforcement here (raw h2): the proxy itself answers
+    DEADLINE_EXCEEDED at grpc-timeout, and the app's call is cancelled."""
+    app = echo_apps("a")
+    async with sidecar_pair(app) as (port, _):
+        s = socket.create_connection(("127.0.0.1", port))
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        c.initiate_connection()
+        msg = b"sleep:3"
+        c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "echo:9090"),
+                           (":path", "/mesh.Echo/Say"), ("content-type", "application/grpc"), ("te", "trailers"),
+                           ("grpc-timeout", "300m")])
+        c.send_data(1, b"\0" + len(msg).to_bytes(4, "big") + msg, end_stream=True)
+        s.sendall(c.data_to_send())
+        t0 = time.monotonic()
+        head = None
+        with trio.fail_after(5):
+            while head is None:
+                data = await trio.to_thread.run_sync(s.recv, 65536)
+                assert data
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        head = dict(ev.headers)
+        took = time.monotonic() - t0
+        s.close()
+        assert head[":status"] == "200" and head["grpc-status"] == "4", head  # DEADLINE_EXCEEDED
+        assert 0.25 < took < 2.0
+        assert await trio.to_thread.run_sync(app.cancelled.wait, 3)  # the upstream call was cancelled
+
+
+async def test_upstream_binding_reaches_the_grpc_service_by_name(echo_apps):
+    """A mesh.yaml upstream binding (127.0.0.1:PORT is echo:9090): the gRPC client
+    dials the local port with whatever authority it likes."""
+    app = echo_apps("a")
+    in_port = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
+                       app_address="127.0.0.1", app_port=app.port, service="echo")
+    bind_port = free_port()
+    binding = Listener(name="bind-echo", direction="binding", address="127.0.0.1", port=bind_port,
+                       route_table="outbound", service="echo.default.svc.cluster.local", service_port=9090)
+    client_cfg = config(
+        listeners=[binding],
+        vhosts=[vhost("echo", 9090, (route_to("echo", 9090),))],
+        clusters=[cluster("echo", 9090, [("127.0.0.1", in_port)], protocol="grpc")],
+    )
+    async with running_proxy(config(listeners=[inbound])), running_proxy(client_cfg):
+        def call():
+            with grpc.insecure_channel(f"127.0.0.1:{bind_port}") as ch:
+                return ch.unary_unary("/mesh.Echo/Say")(b"bound", timeout=10)
+        assert await _run(call) == b"a: hello bound"
