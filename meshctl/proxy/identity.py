@@ -120,7 +120,12 @@ async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNOR
 
 class SecureStream(trio.abc.Stream):
     """A TLS stream over a FastSocketStream, with what the proxy asks of its
-    streams (``socket``, ``closed``, ``close_now``) and the verified peer."""
+    streams (``socket``, ``closed``, ``close_now``) and the verified peer.
+
+    Not half-closeable: trio's SSLStream is unusable for sending once it has
+    read the peer's EOF, so opaque TCP relayed over mTLS ends when either
+    side closes (request/response protocols are unaffected; a protocol that
+    half-closes and then waits for the answer is not supported over mTLS)."""
 
     __slots__ = ("tls", "raw", "peer_id", "principal", "alpn")
 

@@ -412,6 +412,9 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
             counts[i] = await one_way(src, dst)  # type: ignore[arg-type]
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             cancel.cancel()  # a reset on one leg ends both
+            return
+        if not isinstance(dst, trio.abc.HalfCloseableStream):
+            cancel.cancel()  # no way to pass the EOF on (TLS leg): closing both is the only EOF there is
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, 0, a, b, nursery.cancel_scope)

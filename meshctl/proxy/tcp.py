@@ -16,6 +16,7 @@ import trio
 from ..core.balance import PickContext
 from . import stats as F
 from .http import ConnState
+from .identity import upstream_tls
 from .stream import UpstreamConnectError, connect_tcp, relay
 from .telemetry import tcp_closed, tcp_opened
 
@@ -33,7 +34,10 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
     rt.conns.add(conn)
     try:
         with conn.scope:
-            cs = snap.pick_tcp_cluster(listener, rt.rand)
+            if listener.direction == "inbound":  # to the app (mTLS, if any, was terminated by the runtime)
+                cs = snap.listener_clusters.get(listener.name)
+            else:
+                cs = snap.pick_tcp_cluster(listener, rt.rand)
             if cs is None or not cs.healthy:
                 rt.stats.flag(F.UH)
                 log.info("%s: no healthy upstream for tcp connection from %s", listener.name, client_ip)
@@ -48,7 +52,9 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                 tried += 1
                 with trio.move_on_after(snap.settings.connect_timeout):
                     try:
-                        upstream = await connect_tcp(ep.address, ep.port)
+                        tls = upstream_tls(rt, cs.cluster, ep)  # mTLS to a sidecar (identity.py)
+                        raw = await connect_tcp(ep.address, ep.port)
+                        upstream = raw if tls is None else await tls.wrap(raw, ep.address, ep.port)
                     except UpstreamConnectError as exc:
                         cs.stats.cx_connect_fail += 1
                         log.info("%s: %s", listener.name, exc)

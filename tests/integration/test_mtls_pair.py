@@ -1,0 +1,145 @@
+"""Two sidecars (ProxyRuntimes in the test loop, real sockets) with certificates
+from one CA: HTTP and opaque TCP between them is mutual TLS, the inbound side
+sees the caller's SPIFFE ID (authz principals, metrics), and a caller with the
+wrong identity or none is refused under STRICT."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import trio
+
+from meshctl.citadel.ca import create_root, generate_key, key_to_pem, make_csr
+from meshctl.model.base import FrozenDict
+from meshctl.model.istio import AuthorizationPolicy, Rule, RuleFrom, Source
+from meshctl.model.proxyconfig import Endpoint, Listener, Workload
+from meshctl.proxy.identity import SidecarCertificates
+
+from proxy_testkit import cluster, config, curl, free_port, outbound_listener, route_to, running_proxy, vhost
+
+REVIEWS = "spiffe://cluster.local/ns/default/sa/reviews"
+PRODUCTPAGE = "spiffe://cluster.local/ns/default/sa/productpage"
+RATINGS = "spiffe://cluster.local/ns/default/sa/ratings"
+
+
+@pytest.fixture(scope="module")
+def root():
+    return create_root("cluster.local", datetime.now(timezone.utc) - timedelta(days=1))
+
+
+def certs(ca, spiffe: str) -> SidecarCertificates:
+    h = SidecarCertificates()
+    key = generate_key()
+    leaf = ca.sign_csr(make_csr(key), spiffe, timedelta(hours=1), datetime.now(timezone.utc))
+    h.update(leaf + ca.issuer_chain_pem, key_to_pem(key), ca.root_pem)
+    return h
+
+
+def server_config(app_port: int, mode: str, protocol: str = "http", policies=()):
+    lp = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=lp, protocol=protocol,
+                       app_address="127.0.0.1", app_port=app_port, mtls_mode=mode)
+    cfg = replace(config(listeners=[inbound]),
+                  workload=Workload(name="reviews-v1-0", service="reviews", labels=FrozenDict(app="reviews")),
+                  authorization=FrozenDict({f"default/p{i}": p for i, p in enumerate(policies)}))
+    return cfg, lp
+
+
+def client_config(server_port: int, identity: str | None):
+    lp = free_port()
+    ep = Endpoint("127.0.0.1", server_port, identity=identity)
+    cfg = config(listeners=[outbound_listener(lp)], vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+                 clusters=[cluster("reviews", 9080, [ep])])
+    return cfg, lp
+
+
+async def test_http_between_sidecars_is_mtls_and_authz_sees_the_principal(upstream, root):
+    only_productpage = AuthorizationPolicy(action="ALLOW", rules=(
+        Rule(from_=(RuleFrom(source=Source(principals=("cluster.local/ns/default/sa/productpage",))),)),))
+    scfg, sport = server_config(upstream.port, "STRICT", policies=[only_productpage])
+    async with running_proxy(scfg) as server:
+        server.tls = certs(root, REVIEWS)
+        # productpage's sidecar: auto mTLS (no DestinationRule tls), expects reviews' identity
+        ccfg, cport = client_config(sport, REVIEWS)
+        async with running_proxy(ccfg) as client:
+            client.tls = certs(root, PRODUCTPAGE)
+            for i in range(3):
+                r = await curl("-s", "-x", f"http://127.0.0.1:{cport}", f"http://reviews:9080/r{i}")
+                assert json.loads(r.stdout)["path"] == f"/r{i}"
+            assert upstream.connections == 1  # one pooled mTLS connection, kept alive
+            # ratings is not allowed by the policy: its verified principal is not productpage
+            client.tls = certs(root, RATINGS)
+            client.pool.close_all()
+            r = await curl("-si", "-x", f"http://127.0.0.1:{cport}", "http://reviews:9080/no")
+            assert r.stdout.startswith(b"HTTP/1.1 403") and b"RBAC: access denied" in r.stdout
+        metrics = server.telemetry.http
+        secured = [k for k in metrics if k[-1] == "mutual_tls"]
+        assert secured and {k[3] for k in secured} == {PRODUCTPAGE, RATINGS}
+    assert [p for _, p, _ in upstream.requests] == ["/r0", "/r1", "/r2"]
+
+
+async def test_a_sidecar_expecting_another_identity_gets_503_not_the_impostor(upstream, root):
+    scfg, sport = server_config(upstream.port, "STRICT")
+    async with running_proxy(scfg) as server:
+        server.tls = certs(root, RATINGS)  # answers on the address where reviews should be
+        ccfg, cport = client_config(sport, REVIEWS)
+        async with running_proxy(ccfg) as client:
+            client.tls = certs(root, PRODUCTPAGE)
+            r = await curl("-si", "-x", f"http://127.0.0.1:{cport}", "http://reviews:9080/x")
+            assert r.stdout.startswith(b"HTTP/1.1 503")
+            assert b"ratings" in r.stdout  # the reason names who answered
+    assert upstream.requests == []
+
+
+async def test_plaintext_caller_reaches_permissive_but_not_strict(upstream, root):
+    for mode, ok in (("PERMISSIVE", True), ("STRICT", False)):
+        scfg, sport = server_config(upstream.port, mode)
+        async with running_proxy(scfg) as server:
+            server.tls = certs(root, REVIEWS)
+            ccfg, cport = client_config(sport, REVIEWS)
+            async with running_proxy(ccfg):  # no certificate: plaintext even to a sidecar
+                r = await curl("-si", "-x", f"http://127.0.0.1:{cport}", f"http://reviews:9080/{mode}")
+                assert r.stdout.startswith(b"HTTP/1.1 200" if ok else b"HTTP/1.1 503"), r.stdout[:200]
+            if not ok:
+                assert server.mtls_refused["inbound"] >= 1
+
+
+async def test_opaque_tcp_binding_rides_mtls_to_a_strict_sidecar(root):
+    async def echo_len(stream):  # answers once 100,000 bytes are in (no half-close over mTLS)
+        data = b""
+        while len(data) < 100_000:
+            d = await stream.receive_some()
+            if not d:
+                break
+            data += d
+        await stream.send_all(b"len=%d" % len(data))
+        await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_tcp, echo_len, 0)
+        app_port = listeners[0].socket.getsockname()[1]
+        scfg, sport = server_config(app_port, "STRICT", protocol="tcp")
+        async with running_proxy(scfg) as server:
+            server.tls = certs(root, REVIEWS)
+            lp = free_port()
+            bind = Listener(name="db", direction="binding", address="127.0.0.1", port=lp, protocol="tcp",
+                            service="reviews.default.svc.cluster.local", service_port=9080)
+            ep = Endpoint("127.0.0.1", sport, identity=REVIEWS)
+            ccfg = config(listeners=[bind], clusters=[cluster("reviews", 9080, [ep], protocol="tcp")])
+            async with running_proxy(ccfg) as client:
+                client.tls = certs(root, PRODUCTPAGE)
+                s = await trio.open_tcp_stream("127.0.0.1", lp)
+                await s.send_all(b"q" * 100_000)
+                reply = b""
+                with trio.fail_after(5):
+                    while True:
+                        d = await s.receive_some()
+                        if not d:
+                            break
+                        reply += d
+                assert reply == b"len=100000"
+                await s.aclose()
+        n.cancel_scope.cancel()
