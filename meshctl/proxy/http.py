@@ -467,7 +467,6 @@ class Forwarder:
         ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path, active=rt.active)
         outlier = cs.outlier
         limiter = cs.limiter  # connectionPool limits (limits.py), None when the cluster has none
-        held = False  # a retry of this request is in flight, counted toward http.maxRetries
         try:
             while True:
                 eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
@@ -479,6 +478,7 @@ class Forwarder:
                 try:
                     outcome, flag, detail = await self._try(rq, cs, ep, up_head, policy, retries)
                 except PoolOverflow as exc:  # never retried, never an outlier event (as in Envoy)
+                    cs.stats.rq_pending_overflow += 1  # Envoy counts both kinds here
                     rq.detail = str(exc)
                     await self._reply(rq, failure_reply(F.UO, 503, str(exc)))
                     return
@@ -491,12 +491,11 @@ class Forwarder:
                     continue
                 body = rq.body
                 replayable = body is None or body.replayable
-                # http.maxRetries: a request holds one retry from its first retry to its end;
-                # a retry for a status was counted by _respond (it decides whether to relay
-                # the response), one after a failure is counted here
+                # http.maxRetries: a request holds one retry from its first retry to its end
+                # (taken by _respond for a status: it decides whether to relay the response;
+                # a status whose response is already gone is retried anyway)
                 if should_retry(policy, retries, outcome, body_replayable=replayable) and (
-                        limiter is None or held or outcome.status is not None or limiter.try_retry()):
-                    held = limiter is not None
+                        limiter is None or limiter.hold_retry(rq) or outcome.status is not None):
                     await trio.sleep(backoff(policy, retries, rand))
                     retries += 1
                     cs.stats.rq_retry += 1
@@ -508,8 +507,8 @@ class Forwarder:
                 await self._reply(rq, failure_reply(flag, status, detail))
                 return
         finally:
-            if held:
-                limiter.retry_done()
+            if limiter is not None:
+                limiter.release_retry(rq)
 
     @staticmethod
     def _record(cs: ClusterState, ep, rq: Request, outcome) -> None:
@@ -706,7 +705,7 @@ class Forwarder:
         if status >= 500 or status in policy.retriable_status_codes or status == 409:
             replayable = body is None or body.replayable
             if should_retry(policy, retries, Outcome(status=status), body_replayable=replayable) and (
-                    cs.limiter is None or retries or cs.limiter.try_retry()):  # http.maxRetries, held from retry 1
+                    cs.limiter is None or cs.limiter.hold_retry(rq)):  # http.maxRetries
                 cs.stats.response(status)
                 return Outcome(status=status), None, ""
         cs.stats.response(status)

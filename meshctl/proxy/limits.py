@@ -14,7 +14,7 @@ breaker's counts stay true: pools are keyed by (cluster, endpoint) in effect.
                                                      raises PoolOverflow (answer 503 UO) or
                                                      UpstreamConnectError (503 UF)
     release(conn) / discard(conn)                    the same calls as UpstreamPool's
-    try_retry() / retry_done()                       http.maxRetries: retries in flight
+    hold_retry(rq) / release_retry(rq)               http.maxRetries: retries in flight
     sweep(now)                                       drop idle connections past http.idleTimeout
 
 Queued requests (``tcp.maxConnections`` reached) wait in FIFO order for a
@@ -79,6 +79,7 @@ class ClusterLimiter:
         self.pool = UpstreamPool(limits=codec_limits)
         self.waiters: deque[_Waiter] = deque()
         self.served: dict[UpstreamConn, int] = {}  # requests each live connection has carried
+        self.retry_holders: set = set()  # requests holding one of the http.maxRetries retries
         self.retired = False
         self._next: tuple[PoolLimits, Limits | None, frozenset] | None = None  # staged by build_limiters
 
@@ -119,7 +120,6 @@ class ClusterLimiter:
 
     def _overflow(self, kind: str, stats: ClusterStats) -> PoolOverflow:
         lim = self.breaker.limits
-        stats.rq_pending_overflow += 1  # Envoy counts both kinds as upstream_rq_pending_overflow
         if kind == "rq":
             detail = f"http2MaxRequests ({lim.max_requests}) requests already in flight"
         else:
@@ -240,16 +240,24 @@ class ClusterLimiter:
 
     # ------------------------------------------------------------ retries
 
-    def try_retry(self) -> bool:
-        """May one more retry start (http.maxRetries retries in flight in the cluster)?
-        False counts an upstream_rq_retry_overflow."""
+    def hold_retry(self, request) -> bool:
+        """May ``request`` retry (http.maxRetries: retries in flight in the cluster)?
+        A request holds one retry from its first retry until ``release_retry``, so
+        its later retries are not refused by its own. False counts an
+        upstream_rq_retry_overflow."""
+        if request in self.retry_holders:
+            return True
         if self.breaker.try_retry():
+            self.retry_holders.add(request)
             return True
         self.stats.rq_retry_overflow += 1
         return False
 
-    def retry_done(self) -> None:
-        self.breaker.retry_done()
+    def release_retry(self, request) -> None:
+        """``request`` is over (its retries are done)."""
+        if request in self.retry_holders:
+            self.retry_holders.discard(request)
+            self.breaker.retry_done()
 
     # ------------------------------------------------------------ housekeeping
 
