@@ -59,8 +59,8 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
     except ValueError as e:
         out.append(("settings.portRange", str(e)))
     reg = spec.settings.registry
-    if not (reg in ("", "embedded") or reg.startswith(("consul://", "eureka://"))):
-        out.append(("settings.registry", f"unknown registry {reg!r}: embedded, consul://HOST:PORT or eureka://HOST:PORT/eureka"))
+    if not (reg in ("", "embedded") or reg.startswith(("consul://", "consul+https://", "eureka://", "eureka+https://"))):
+        out.append(("settings.registry", f"unknown registry {reg!r}: embedded, consul[+https]://HOST:PORT or eureka[+https]://HOST:PORT/eureka"))
     seen: dict[str, int] = {}
     local_ports: dict[int, str] = {}
     for i, svc in enumerate(spec.services):
