@@ -23,7 +23,15 @@ import trio
 
 from meshctl.loader.resources import load_resources_text
 from meshctl.model.base import Duration
-from meshctl.model.istio import ConnectionPoolSettings, HTTPRetry, HTTPSettings, TCPSettings, TrafficPolicy
+from meshctl.model.istio import (
+    ConnectionPoolSettings,
+    HTTPMatchRequest,
+    HTTPRetry,
+    HTTPSettings,
+    StringMatch,
+    TCPSettings,
+    TrafficPolicy,
+)
 from meshctl.pilot.compile import merge_policy
 
 from proxy_testkit import cluster, config, free_port, outbound_listener, route_to, running_proxy, vhost
@@ -237,17 +245,8 @@ async def test_idle_timeout_closes_idle_upstream_connections(slow):
 
 
 async def test_connect_timeout_from_the_destination_rule(slow):
-    # a listening socket that never accepts, its backlog filled: further SYNs go unanswered
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
+    blackhole, fillers = _blackhole()
     bport = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", bport))
-        fillers.append(s)
     await trio.sleep(0.1)
     lp = free_port()
     cfg = _cfg(slow.port, lp, _pool(connect_timeout=0.25), endpoints=[("127.0.0.1", bport)])
@@ -262,6 +261,93 @@ async def test_connect_timeout_from_the_destination_rule(slow):
     assert headers["x-meshctl-reason"] == "upstream connect failure"
     assert "timed out after 0.25s" in body
     assert took < 0.9  # the settings' connect timeout (1 s) did not apply
+
+
+async def test_a_queued_request_that_times_out_leaves_the_queue(slow):
+    lp = free_port()
+    c = dataclasses.replace(cluster("reviews", 9080, [("127.0.0.1", slow.port)]),
+                            traffic_policy=TrafficPolicy(connection_pool=_pool(max_connections=1, pending=1)))
+    routes = (  # /waits has a 0.3 s route timeout, the rest none
+        route_to("reviews", 9080, timeout=0.3, match=(HTTPMatchRequest(uri=StringMatch(prefix="/waits")),)),
+        route_to("reviews", 9080),
+    )
+    cfg = config(listeners=[outbound_listener(lp)], vhosts=[vhost("reviews", 9080, routes)], clusters=[c])
+    async with running_proxy(cfg) as rt:
+        async with trio.open_nursery() as n:
+            n.start_soon(_get, lp, "/hold?ms=800")
+            await _wait(lambda: len(slow.requests) == 1)
+            status, headers, body, took = await _get(lp, "/waits")
+            # still queued behind /hold when its time ran out
+            assert status == 504 and headers["x-meshctl-reason"] == "upstream timeout"
+            assert took < 0.7
+            assert _gauge(rt, "waiting") == "0" and _gauge(rt, "active") == "1"
+        assert "/waits" not in slow.requests
+        assert _gauge(rt, "pending") == "0" and _gauge(rt, "active") == "0"
+        # nothing leaked: the cluster still serves, one request at a time on one connection
+        for _ in range(3):
+            assert (await _get(lp, "/after"))[0] == 200
+    assert slow.accepts == 1
+
+
+async def test_a_failed_connect_lets_the_next_queued_request_open_one():
+    blackhole, fillers = _blackhole()
+    bport = blackhole.getsockname()[1]
+    lp = free_port()
+    cfg = _cfg(0, lp, _pool(max_connections=1, pending=5, connect_timeout=0.3), endpoints=[("127.0.0.1", bport)])
+    try:
+        async with running_proxy(cfg) as rt:
+            results: list = []
+            async with trio.open_nursery() as n:
+                n.start_soon(_get, lp, "/first", results)
+                await _wait(lambda: _gauge(rt, "connecting") == "1")
+                n.start_soon(_get, lp, "/second", results)
+                await _wait(lambda: _gauge(rt, "waiting") == "1")
+            assert _gauge(rt, "connections") == "0" and _gauge(rt, "pending") == "0"
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+    assert [r[0] for r in results] == [503, 503]
+    assert all("timed out after 0.3s" in r[2] for r in results)
+    # the second one waited for the first connect, then tried its own
+    assert results[1][3] > 0.5
+
+
+async def test_a_queued_request_for_another_endpoint_gets_a_connection(upstreams_pair):
+    a, b = upstreams_pair
+    lp = free_port()
+    cfg = _cfg(0, lp, _pool(max_connections=1, pending=1), endpoints=[("127.0.0.1", a.port), ("127.0.0.1", b.port)])
+    async with running_proxy(cfg):
+        for i in range(4):  # round robin: each request goes to the endpoint the idle connection is not to
+            status, _, _, took = await _get(lp, f"/{i}")
+            assert status == 200 and took < 2
+    assert a.accepts == 2 and b.accepts == 2
+
+
+@pytest.fixture
+async def upstreams_pair(nursery):
+    out = []
+    for _ in range(2):
+        up = SlowUpstream()
+        listeners = await nursery.start(partial(trio.serve_tcp, up._handle, 0, host="127.0.0.1"))
+        up.port = listeners[0].socket.getsockname()[1]
+        out.append(up)
+    return out
+
+
+def _blackhole():
+    """A listening socket that never accepts, its backlog filled: further SYNs go unanswered."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    bport = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", bport))
+        fillers.append(s)
+    return blackhole, fillers
 
 
 # ------------------------------------------------------------------ retries
