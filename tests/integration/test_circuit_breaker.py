@@ -174,6 +174,10 @@ async def test_over_the_limits_requests_get_503_uo_at_once_and_stats_count_them(
     assert _cl("meshctl_cluster_upstream_rq_pending_overflow", text) == 3
     assert _cl("meshctl_cluster_upstream_cx_overflow", text) == 1
     assert _metric(text, "meshctl_response_flags_total", 'flag="UO"') == 3
+    # Istio's standard metric carries the flag too
+    uo = [ln for ln in text.splitlines()
+          if ln.startswith("istio_requests_total{") and 'response_flags="UO"' in ln and 'response_code="503"' in ln]
+    assert len(uo) == 1 and uo[0].endswith(" 3"), uo
     # nothing left in flight or queued
     assert _cl("meshctl_cluster_upstream_rq_active", text) == 0
     assert _cl("meshctl_cluster_upstream_rq_pending_active", text) == 0
