@@ -16,6 +16,7 @@ breaker's counts stay true: pools are keyed by (cluster, endpoint) in effect.
     release(conn) / discard(conn)                    the same calls as UpstreamPool's
     hold_retry(rq) / release_retry(rq)               http.maxRetries: retries in flight
     sweep(now)                                       drop idle connections past http.idleTimeout
+    tcp_open() / tcp_closed()                        opaque TCP: tcp.maxConnections (tcp.py)
 
 Queued requests (``tcp.maxConnections`` reached) wait in FIFO order for a
 connection another request releases, or for the breaker to let them open one.
@@ -81,6 +82,7 @@ class ClusterLimiter:
         self.served: dict[UpstreamConn, int] = {}  # requests each live connection has carried
         self.retry_holders: set = set()  # requests holding one of the http.maxRetries retries
         self.retired = False
+        self.tcp_connections = 0  # opaque TCP connections relayed (tcp.py), for tcp.maxConnections
         self._next: tuple[PoolLimits, Limits | None, frozenset] | None = None  # staged by build_limiters
 
     @property
@@ -258,6 +260,20 @@ class ClusterLimiter:
         if request in self.retry_holders:
             self.retry_holders.discard(request)
             self.breaker.retry_done()
+
+    # ------------------------------------------------------------ opaque TCP
+
+    def tcp_open(self) -> bool:
+        """May one more TCP-proxied connection open (tcp.maxConnections)? False is an
+        overflow (Envoy's tcp_proxy closes the downstream connection, flag UO)."""
+        if self.tcp_connections >= self.breaker.limits.max_connections:
+            self.stats.cx_overflow += 1
+            return False
+        self.tcp_connections += 1
+        return True
+
+    def tcp_closed(self) -> None:
+        self.tcp_connections -= 1
 
     # ------------------------------------------------------------ housekeeping
 

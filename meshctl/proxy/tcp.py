@@ -32,6 +32,7 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
     conn = ConnState()
     conn.busy = True  # an opaque stream is never "between requests": drain waits for it
     rt.conns.add(conn)
+    limiter = None  # the cluster's connectionPool limits (limits.py), while this connection counts
     try:
         with conn.scope:
             if listener.direction == "inbound":  # to the app (mTLS, if any, was terminated by the runtime)
@@ -42,6 +43,14 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                 rt.stats.flag(F.UH)
                 log.info("%s: no healthy upstream for tcp connection from %s", listener.name, client_ip)
                 return
+            if cs.limiter is not None:
+                if not cs.limiter.tcp_open():
+                    rt.stats.flag(F.UO)
+                    log.info("%s: %s: tcp.maxConnections (%d) reached, closing the connection from %s",
+                             listener.name, cs.name, cs.limiter.limits.max_connections, client_ip)
+                    return
+                limiter = cs.limiter
+            connect_timeout = snap.settings.connect_timeout if limiter is None else limiter.limits.connect_timeout
             upstream = None
             tried = 0
             ctx = PickContext(source_ip=client_ip, active=rt.active)
@@ -50,7 +59,7 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                 if ep is None:
                     break
                 tried += 1
-                with trio.move_on_after(snap.settings.connect_timeout):
+                with trio.move_on_after(connect_timeout):
                     try:
                         tls = upstream_tls(rt, cs.cluster, ep)  # mTLS to a sidecar (identity.py)
                         raw = await connect_tcp(ep.address, ep.port)
@@ -72,6 +81,8 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                 cs.stats.cx_active -= 1
                 await upstream.aclose()
     finally:
+        if limiter is not None:
+            limiter.tcp_closed()
         rt.conns.discard(conn)
         lstats.cx_active -= 1
         with trio.CancelScope(shield=True):

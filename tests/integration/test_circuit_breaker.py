@@ -34,6 +34,8 @@ from meshctl.model.istio import (
 )
 from meshctl.pilot.compile import merge_policy
 
+from meshctl.model.proxyconfig import Listener, fqdn
+
 from proxy_testkit import cluster, config, free_port, outbound_listener, route_to, running_proxy, vhost
 
 CLUSTER = "outbound|9080||reviews.default.svc.cluster.local"
@@ -352,6 +354,51 @@ def _blackhole():
         s.connect_ex(("127.0.0.1", bport))
         fillers.append(s)
     return blackhole, fillers
+
+
+async def test_tcp_max_connections_closes_connections_over_the_limit(nursery):
+    async def echo(stream):
+        async with stream:
+            try:
+                while data := await stream.receive_some(65536):
+                    await stream.send_all(data)
+            except trio.BrokenResourceError:
+                pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+    up_port = listeners[0].socket.getsockname()[1]
+    lp = free_port()
+    bind = Listener(name="db", direction="binding", address="127.0.0.1", port=lp, protocol="tcp",
+                    service=fqdn("db"), service_port=5432)
+    c = dataclasses.replace(cluster("db", 5432, [("127.0.0.1", up_port)], protocol="tcp"),
+                            traffic_policy=TrafficPolicy(connection_pool=_pool(max_connections=1)))
+    async with running_proxy(config(listeners=[bind], clusters=[c])) as rt:
+
+        async def roundtrip(s) -> bytes:
+            await s.send_all(b"ping")
+            with trio.fail_after(5):
+                return await s.receive_some(65536)
+
+        first = await trio.open_tcp_stream("127.0.0.1", lp)
+        assert await roundtrip(first) == b"ping"
+        second = await trio.open_tcp_stream("127.0.0.1", lp)
+        with trio.fail_after(5):  # closed by the proxy without a byte
+            try:
+                got = await second.receive_some(65536)
+            except trio.BrokenResourceError:
+                got = b""
+        assert got == b""
+        await second.aclose()
+        assert await roundtrip(first) == b"ping"  # the first is unaffected
+        await first.aclose()
+        # its slot is free again once it closed
+        await _wait(lambda: c.name in rt.snapshot.limiters and rt.snapshot.limiters[c.name].tcp_connections == 0)
+        third = await trio.open_tcp_stream("127.0.0.1", lp)
+        assert await roundtrip(third) == b"ping"
+        await third.aclose()
+        text = await _stats(rt)
+    assert _metric(text, "meshctl_cluster_upstream_cx_overflow", f'cluster="{c.name}"') == 1
+    assert _metric(text, "meshctl_response_flags_total", 'flag="UO"') == 1
 
 
 # ------------------------------------------------------------------ retries
