@@ -62,17 +62,27 @@ def tune_socket(sock: socket.socket) -> None:
             pass
 
 
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
 class FastSocketStream(trio.abc.HalfCloseableStream):
     """A HalfCloseableStream over a plain non-blocking ``socket.socket``."""
 
     __slots__ = (
         "socket", "_calls", "_every", "_closed", "_recv_busy", "_send_busy", "_eof_sent", "_park_next", "park_after_send",
+        "quickack",
     )
 
     def __init__(self, sock: socket.socket, *, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 park_after_send: bool = True) -> None:
+                 park_after_send: bool = True, quickack: bool = False) -> None:
         tune_socket(sock)
         self.socket = sock
+        # Upstream legs: ACK what arrives at once. An app that writes its
+        # response head and body in two send()s without TCP_NODELAY (Python's
+        # http.server does) holds the body back until the head is ACKed, and
+        # on a reused keep-alive connection Linux delays that ACK by ~40 ms.
+        # Quick-ACK mode does not stick, so it is re-armed after every read.
+        self.quickack = quickack and _TCP_QUICKACK is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         # Request/response traffic: right after we send, the peer cannot have
         # answered yet, so the next receive waits for readability first instead
         # of spending a recv() on EAGAIN. Streaming reads (no send in between)
@@ -120,6 +130,8 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                     if self._closed or exc.errno == errno.EBADF:
                         raise trio.ClosedResourceError("stream was closed") from None
                     raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                if self.quickack and n:
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
                 return _SHARED_VIEW[:n].tobytes()
         finally:
             self._recv_busy = False
@@ -280,7 +292,7 @@ async def connect_tcp(host: str, port: int, *, checkpoint_every: int = DEFAULT_C
                     raise
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err == 0:
-                return FastSocketStream(sock, checkpoint_every=checkpoint_every)
+                return FastSocketStream(sock, checkpoint_every=checkpoint_every, quickack=True)
             last = os.strerror(err)
         except OSError as exc:
             last = str(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import signal
 import subprocess
 import time
@@ -168,3 +169,51 @@ async def test_large_bodies_stream_in_bounded_memory(proxy_process, upstream):
     assert json.loads(proc.stdout) == {"received": size}
     grown_mb = (p.hwm_kb() - base) / 1024
     assert grown_mb < 40, f"proxy peak RSS grew by {grown_mb:.1f} MB for a {size >> 20} MB body"
+
+
+def test_an_app_that_writes_head_and_body_separately_is_not_slowed_by_delayed_acks(tmp_path):
+    """Python's http.server sends the head and the body in two writes without
+    TCP_NODELAY; on a reused upstream connection the body would wait ~40 ms for
+    the proxy's delayed ACK. Fresh client connections through the sidecar must
+    stay about as fast as straight to the app."""
+    import json as _json
+    import socket as _socket
+    import subprocess as _sp
+    import sys as _sys
+    import time as _time
+
+    from meshctl.loader.proxyconfig import dump_proxy_config
+    from meshctl.model.proxyconfig import Listener, ProxyConfig, Workload
+
+    hello = Path(__file__).parents[1] / "e2e" / "hello_app.py"
+    app_port, inbound, admin = free_port(), free_port(), free_port()
+    app = _sp.Popen([_sys.executable, str(hello), str(app_port), "v1"])
+    cfg = ProxyConfig(version="1", workload=Workload(name="hello-0", service="hello"), listeners=(
+        Listener(name="inbound", direction="inbound", address="127.0.0.1", port=inbound, app_address="127.0.0.1", app_port=app_port),))
+    (tmp_path / "p.json").write_text(_json.dumps(dump_proxy_config(cfg)))
+    proxy = _sp.Popen([_sys.executable, "-m", "meshctl.proxy", "--config", str(tmp_path / "p.json"), "--admin-port", str(admin),
+                       "--log-level", "warning"])
+    try:
+        deadline = _time.monotonic() + 15
+        while _time.monotonic() < deadline:
+            with _socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", inbound)) == 0 and s.connect_ex(("127.0.0.1", app_port)) == 0:
+                    break
+            _time.sleep(0.05)
+
+        def one_request() -> float:
+            t = _time.perf_counter()
+            with _socket.create_connection(("127.0.0.1", inbound)) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: hello\r\nConnection: close\r\n\r\n")
+                while s.recv(65536):
+                    pass
+            return _time.perf_counter() - t
+
+        one_request()  # warm the pool: the next ones reuse the upstream connection
+        times = sorted(one_request() for _ in range(9))
+        assert times[4] < 0.030, f"median {times[4] * 1000:.1f} ms: delayed ACK on the upstream leg?"
+    finally:
+        proxy.terminate()
+        app.terminate()
+        proxy.wait(10)
+        app.wait(10)
