@@ -78,9 +78,16 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
         return fail(str(exc))
     _quiet_gc()
     try:
-        trio.run(lambda: rt.run(cfg, admin_port=admin_port))
-    except ConfigRejected as exc:
-        return fail(f"{config}: config rejected: {exc.reason}")
+        from functools import partial
+
+        from .identity import run_with_identity  # Citadel certificate (env MESHCTL_CITADEL_URL/TOKEN)
+
+        trio.run(run_with_identity, rt, partial(rt.run, cfg, admin_port=admin_port))
+    except BaseException as exc:  # ConfigRejected, possibly inside the identity nursery's group
+        rej = _rejected(exc)
+        if rej is None:
+            raise
+        return fail(f"{config}: config rejected: {rej.reason}")
     return 0
 
 

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# meshctl pair with mutual TLS between the sidecars vs an nginx pair with mutual TLS
+# between its two proxies; same backend, same machine, interleaved (A B A B).
+#
+#   client ──▶ [client-side proxy] ══mTLS══▶ [server-side proxy] ──▶ backend (nginx, 12-byte body)
+#
+# meshctl: two `meshctl proxy run --config` sidecars, each with its own EC P-256 key and
+#   SPIFFE certificate from a real `meshctl citadel serve` (one-time tokens by environment,
+#   as `meshctl up` does it); the inbound listener is STRICT, the client side checks the
+#   server's SPIFFE ID (auto mTLS to an endpoint with an identity).
+# nginx: the client-side nginx proxies to https:// the server-side nginx with a client
+#   certificate (proxy_ssl_certificate, proxy_ssl_verify on, upstream keepalive and TLS
+#   session reuse); the server requires and verifies it (ssl_verify_client on).
+#   Certificates for nginx: openssl, EC P-256, one CA.
+#
+# Reported: max rps (wrk -t1 -c16), p50/p99 at a fixed 1,000 rps (h2load --h1 --rps, from
+# the per-request log), CPU per 1,000 rps per proxy, RSS; the meshctl/nginx rps ratio and
+# the p99 each pair adds over the backend direct.
+#
+# Usage: bench/pair_mtls.sh [duration-seconds]   (default 10)
+set -euo pipefail
+
+DUR=${1:-10}
+RATE_TOTAL=1000
+CONNS=16
+MESHCTL=${MESHCTL:-$(command -v meshctl || echo /tmp/venv/bin/meshctl)}
+PY=${PY:-$(dirname "$MESHCTL")/python}
+[ -x "$PY" ] || PY=python3
+WORK=$(mktemp -d /tmp/meshctl-bench-mtls.XXXXXX)
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+BACKEND=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port); CITADEL=$(free_port)
+MESH_IN=$(free_port); MESH_OUT=$(free_port); ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
+
+# ---------------------------------------------------------------- nginx certificates (openssl)
+P="$WORK/pki"; mkdir -p "$P"
+openssl ecparam -name prime256v1 -genkey -noout -out "$P/ca.key" 2>/dev/null
+openssl req -x509 -new -key "$P/ca.key" -subj "/CN=bench-ca" -days 2 -out "$P/ca.pem" 2>/dev/null
+for who in server client; do
+  openssl ecparam -name prime256v1 -genkey -noout -out "$P/$who.key" 2>/dev/null
+  openssl req -new -key "$P/$who.key" -subj "/CN=$who" -out "$P/$who.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:%s\n' "$who" >"$P/$who.ext"
+  openssl x509 -req -in "$P/$who.csr" -CA "$P/ca.pem" -CAkey "$P/ca.key" -CAcreateserial -days 2 \
+    -extfile "$P/$who.ext" -out "$P/$who.pem" 2>/dev/null
+done
+
+nginx_conf() { # name body
+  mkdir -p "$WORK/$1/logs"
+  cat >"$WORK/$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  $2
+}
+EOF
+}
+
+nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
+nginx_conf ngx_server "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
+  server { listen 127.0.0.1:$NGX_S ssl; ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_certificate $P/server.pem; ssl_certificate_key $P/server.key;
+    ssl_client_certificate $P/ca.pem; ssl_verify_client on;
+    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_conf ngx_client "upstream s { server 127.0.0.1:$NGX_S; keepalive 64; }
+  server { listen 127.0.0.1:$NGX_C; location / { proxy_pass https://s; proxy_http_version 1.1; proxy_set_header Connection \"\";
+    proxy_ssl_certificate $P/client.pem; proxy_ssl_certificate_key $P/client.key;
+    proxy_ssl_trusted_certificate $P/ca.pem; proxy_ssl_verify on; proxy_ssl_name server; proxy_ssl_session_reuse on; } }"
+
+start_nginx() { nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" & PIDS+=($!); echo $! >"$WORK/$1.pid"; }
+start_nginx backend; start_nginx ngx_server; start_nginx ngx_client
+
+# ---------------------------------------------------------------- Citadel and the meshctl pair
+SD="$WORK/state"
+"$MESHCTL" citadel init --state-dir "$SD" >/dev/null
+"$MESHCTL" citadel serve --port "$CITADEL" --state-dir "$SD" 2>"$WORK/citadel.log" &
+PIDS+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CITADEL/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+
+cat >"$WORK/in.yaml" <<EOF
+version: bench
+workload: {name: backend-0, service: backend}
+listeners:
+- {name: inbound, direction: inbound, address: 127.0.0.1, port: $MESH_IN, appAddress: 127.0.0.1, appPort: $BACKEND, mtlsMode: STRICT}
+EOF
+cat >"$WORK/out.yaml" <<EOF
+version: bench
+workload: {name: client-0, service: client}
+listeners:
+- {name: outbound, direction: outbound, address: 127.0.0.1, port: $MESH_OUT, routeTable: outbound}
+routeTables:
+  outbound:
+    virtualHosts:
+    - name: backend.default.svc.cluster.local:80
+      domains: [backend, "backend:80", "127.0.0.1:$MESH_OUT"]
+      routes:
+      - route:
+        - destination: {host: backend.default.svc.cluster.local, port: {number: 80}}
+clusters:
+  "outbound|80||backend.default.svc.cluster.local":
+    service: backend.default.svc.cluster.local
+    port: 80
+    endpoints:
+    - {address: 127.0.0.1, port: $MESH_IN, identity: "spiffe://cluster.local/ns/default/sa/backend"}
+EOF
+TOKEN_IN=$("$MESHCTL" citadel token default/backend --state-dir "$SD")
+TOKEN_OUT=$("$MESHCTL" citadel token default/client --state-dir "$SD")
+MESHCTL_CITADEL_URL="http://127.0.0.1:$CITADEL" MESHCTL_CITADEL_TOKEN="$TOKEN_IN" \
+  "$MESHCTL" proxy run --config "$WORK/in.yaml" --admin-port "$ADMIN_IN" --log-level warning 2>"$WORK/in.log" &
+PIDS+=($!); MESH_IN_PID=$!
+MESHCTL_CITADEL_URL="http://127.0.0.1:$CITADEL" MESHCTL_CITADEL_TOKEN="$TOKEN_OUT" \
+  "$MESHCTL" proxy run --config "$WORK/out.yaml" --admin-port "$ADMIN_OUT" --log-level warning 2>"$WORK/out.log" &
+PIDS+=($!); MESH_OUT_PID=$!
+
+wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
+wait_ready "http://127.0.0.1:$BACKEND/"
+wait_ready "http://127.0.0.1:$NGX_C/"
+wait_ready "http://127.0.0.1:$ADMIN_IN/ready"
+wait_ready "http://127.0.0.1:$ADMIN_OUT/ready"
+curl -sf "http://127.0.0.1:$MESH_OUT/" -H "host: backend" | grep -q "hello world" || { echo "meshctl mTLS pair broken" >&2; cat "$WORK"/*.log >&2; exit 1; }
+# prove the legs are what they claim: plaintext to either server-side proxy is refused
+if curl -sf -m 3 "http://127.0.0.1:$MESH_IN/" >/dev/null 2>&1; then echo "meshctl inbound accepted plaintext" >&2; exit 1; fi
+if curl -sf -m 3 "http://127.0.0.1:$NGX_S/" >/dev/null 2>&1; then echo "nginx server accepted plaintext" >&2; exit 1; fi
+grep -q "connection_security_policy=\"mutual_tls\"" <(curl -s "http://127.0.0.1:$ADMIN_IN/stats") \
+  || { echo "meshctl inbound did not see mutual TLS" >&2; exit 1; }
+
+worker_of() { pgrep -P "$(cat "$WORK/$1.pid")" | head -1; }
+NGX_S_PID=$(worker_of ngx_server); NGX_C_PID=$(worker_of ngx_client); BACKEND_PID=$(worker_of backend)
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+
+maxrps() { wrk -t1 -c$CONNS -d"${DUR}s" -H "host: $2" "$1" | awk '/Requests\/sec/{print $2}'; }
+
+latency() { # url host a_pid b_pid → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
+  local log="$WORK/lat.$RANDOM.log" t0a t0b t1a t1b
+  t0a=$(cpu_ticks "$3"); t0b=$(cpu_ticks "$4")
+  h2load --h1 -c$CONNS -t1 --rps "$(awk -v r=$RATE_TOTAL -v c=$CONNS 'BEGIN{print r/c}')" -D "$DUR" \
+    -H ":authority: $2" --log-file="$log" "$1" >/dev/null 2>&1 || true
+  t1a=$(cpu_ticks "$3"); t1b=$(cpu_ticks "$4")
+  "$PY" - "$log" "$((t1a - t0a))" "$((t1b - t0b))" "$DUR" "$(getconf CLK_TCK)" <<'EOF'
+import sys
+log, da, db, dur, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+lat = sorted(int(l.split("\t")[2]) for l in open(log) if l.strip() and l.split("\t")[1] == "200")
+n = len(lat)
+p = lambda q: lat[min(n - 1, int(q * n))] if n else 0
+rate = n / dur / 1000 if n else 1
+print(p(0.50), p(0.99), f"{da / hz / dur / rate:.3f}", f"{db / hz / dur / rate:.3f}", n)
+EOF
+}
+
+echo "# meshctl mTLS pair vs nginx mTLS pair — $(date -u +%FT%TZ), $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# shared machine: other work may be running; only ratios within this run mean anything"
+declare -A RPS LAT
+for round in 1 2; do
+  for pair in nginx meshctl; do
+    if [ $pair = nginx ]; then url="http://127.0.0.1:$NGX_C/"; a=$NGX_C_PID; b=$NGX_S_PID
+    else url="http://127.0.0.1:$MESH_OUT/"; a=$MESH_OUT_PID; b=$MESH_IN_PID; fi
+    r=$(maxrps "$url" backend); RPS[$pair,$round]=$r
+    l=$(latency "$url" backend "$a" "$b"); LAT[$pair,$round]=$l
+    echo "round $round $pair: max_rps=$r  fixed-1000rps: p50_us p99_us cpuA cpuB ok = $l" >&2
+  done
+done
+LAT[direct,1]=$(latency "http://127.0.0.1:$BACKEND/" backend "$BACKEND_PID" "$BACKEND_PID")
+
+"$PY" - <<EOF
+rps = {"nginx": [float("${RPS[nginx,1]}"), float("${RPS[nginx,2]}")], "meshctl": [float("${RPS[meshctl,1]}"), float("${RPS[meshctl,2]}")]}
+lat = {k: [list(map(float, v.split())) for v in vs] for k, vs in {
+    "nginx": ["${LAT[nginx,1]}", "${LAT[nginx,2]}"], "meshctl": ["${LAT[meshctl,1]}", "${LAT[meshctl,2]}"]}.items()}
+direct = list(map(float, "${LAT[direct,1]}".split()))
+rss = {"nginx client": $(rss_kb "$NGX_C_PID"), "nginx server": $(rss_kb "$NGX_S_PID"),
+       "meshctl outbound": $(rss_kb "$MESH_OUT_PID"), "meshctl inbound": $(rss_kb "$MESH_IN_PID")}
+low = lambda k, i: min(x[i] for x in lat[k])
+print()
+print("mutual TLS between the two proxies; latency and CPU: the better of two rounds; A = client side, B = server side")
+print(f"{'pair':<10}{'max rps (r1, r2)':>22}{'p50 µs':>9}{'p99 µs':>9}{'vCPU/1k rps A':>15}{'B':>7}")
+print(f"{'direct':<10}{'-':>22}{direct[0]:>9.0f}{direct[1]:>9.0f}")
+for k in ("nginx", "meshctl"):
+    print(f"{k:<10}{rps[k][0]:>11.0f},{rps[k][1]:>10.0f}{low(k,0):>9.0f}{low(k,1):>9.0f}{low(k,2):>15.3f}{low(k,3):>7.3f}")
+for k, v in rss.items():
+    print(f"RSS {k:<18}{v / 1024:>7.1f} MB")
+print()
+print(f"meshctl/nginx max rps with mTLS: {max(rps['meshctl']) / max(rps['nginx']):.2f}  (target >= 0.35)")
+print(f"added p99 over direct at 1,000 rps: meshctl {(low('meshctl', 1) - direct[1]) / 1000:.2f} ms, nginx {(low('nginx', 1) - direct[1]) / 1000:.2f} ms")
+EOF
