@@ -343,6 +343,7 @@ class _Conn:
                 except DownstreamGone:
                     pass
                 self.kill()
+                await self._linger()
                 return
             self.emit(h2.data_to_send())
             for ev in events:
@@ -359,6 +360,21 @@ class _Conn:
                 self.kill()
                 return
             data = await stream.receive_some()
+
+    async def _linger(self) -> None:
+        """After a GOAWAY for an error: half-close and read what the peer still
+        sends (briefly), so closing does not turn into a TCP reset that could
+        destroy the GOAWAY before the peer reads it."""
+        stream = self.stream
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):  # kill() cancelled the nursery
+            try:
+                send_eof = getattr(stream, "send_eof", None)
+                if send_eof is not None:
+                    await send_eof()
+                while await stream.receive_some():
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     def _dispatch(self, ev) -> None:
         t = type(ev)

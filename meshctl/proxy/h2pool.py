@@ -32,7 +32,7 @@ import trio
 from ..core.retry import Outcome, should_retry
 from ..core.route import apply_header_ops
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
-from ..protocol.grpc import grpc_status_from
+from ..protocol.grpc import grpc_status_from, is_grpc
 from ..protocol.headers import strip_hop_by_hop
 from ..protocol.http2 import GoAway, H2Client, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
 from . import stats as F
@@ -49,15 +49,33 @@ def _http_settings(cluster):
     return cp.http if cp is not None else None
 
 
+_declared: dict[int, tuple] = {}
+
+
+def _declared_h2(cfg, service: str) -> bool:
+    """Is ``service`` (the workload's own) declared http2/grpc in this config's clusters?"""
+    got = _declared.get(id(cfg))
+    if got is None or got[0] is not cfg:
+        if len(_declared) > 16:
+            _declared.clear()
+        h2svc = set()
+        for cl in cfg.clusters.values():
+            if cl.protocol in ("http2", "grpc"):
+                h2svc.add(cl.service)
+                h2svc.add(cl.service.split(".", 1)[0])
+        got = _declared[id(cfg)] = (cfg, h2svc)
+    return service in got[1]
+
+
 def wants_h2(rq, cs) -> bool:
     """Should this request go upstream as HTTP/2?"""
     c = cs.cluster
     if c.protocol in ("http2", "grpc"):
         return True
-    if c.name.startswith("inbound|") and rq.head.http_version == "2":
-        # the app behind an inbound listener gets the protocol its client used
-        # (Envoy's USE_DOWNSTREAM_PROTOCOL for Istio's inbound HTTP clusters)
-        return True
+    if c.name.startswith("inbound|"):
+        # the app behind an inbound listener: HTTP/2 when its service is declared
+        # http2/grpc, or for a gRPC request (which HTTP/1.1 cannot carry)
+        return is_grpc(rq.head.headers) or _declared_h2(rq.snap.cfg, c.service)
     hs = _http_settings(c)
     if hs is None:
         return False
@@ -119,6 +137,7 @@ class H2Upstream:
         self.dead = False
         self.scope = trio.CancelScope()
         self.reason = ""
+        self.idle_since = trio.current_time()
 
     # ------------------------------------------------------------ writing
     def emit(self, data: bytes) -> None:
@@ -169,6 +188,8 @@ class H2Upstream:
         """The request is over: reset the stream if it is still open upstream."""
         if self.streams.pop(st.sid, None) is None:
             return
+        if not self.streams:
+            self.idle_since = trio.current_time()
         if abort and not self.dead:
             self.emit(self.client.reset(st.sid, "request abandoned"))
         if self.dead or (self.client.closed and not self.streams):
@@ -254,6 +275,18 @@ class H2Pool:
         self.connecting: dict[tuple, trio.Lock] = {}
         self.inflight: dict[str, int] = {}  # cluster name -> requests in flight (http2MaxRequests)
 
+    async def sweeper(self, rt, every: float = 5.0) -> None:
+        """Close connections idle (no stream) longer than the pool's idle timeout."""
+        while True:
+            limit = rt.pool.idle_timeout if rt.pool is not None else 60.0
+            await trio.sleep(min(every, max(0.05, limit / 2)))
+            now = trio.current_time()
+            for lst in list(self.conns.values()):
+                for c in list(lst):
+                    if not c.streams and now - c.idle_since > limit:
+                        c.reason = "idle"
+                        c._die("idle")
+
     def _forget(self, conn: H2Upstream) -> None:
         lst = self.conns.get(conn.key)
         if lst and conn in lst:
@@ -302,6 +335,7 @@ def pool_of(rt) -> H2Pool:
     p = getattr(rt, "h2pool", None)
     if p is None:
         p = rt.h2pool = H2Pool(rt._conn_nursery)
+        rt._conn_nursery.start_soon(p.sweeper, rt)
     return p
 
 

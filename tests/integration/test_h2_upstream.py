@@ -172,3 +172,42 @@ async def test_refused_stream_is_retried_and_concurrent_stream_limit_respected(h
         # maxConcurrentStreams 2: never more than 2 streams on one connection, more connections opened
         assert app.max_open <= 2
         assert app.connections >= 2
+
+
+async def test_inbound_speaks_http2_to_the_app_only_when_declared_or_grpc(h2app, upstream):
+    from meshctl.model.proxyconfig import Listener
+
+    # an HTTP/1.1 app: an h2c client straight to its inbound listener is translated to HTTP/1.1
+    in_port = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
+                       app_address="127.0.0.1", app_port=upstream.port, service="grpcsvc")
+    async with running_proxy(config(listeners=[inbound])):
+        r = await curl("-s", "--http2-prior-knowledge", f"http://127.0.0.1:{in_port}/direct")
+        assert json.loads(r.stdout)["path"] == "/direct"
+    # the workload's service declared http2: the inbound talks HTTP/2 to its app, even to an HTTP/1.1 client
+    app = h2app()
+    in_port = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
+                       app_address="127.0.0.1", app_port=app.port, service="grpcsvc")
+    declared = config(listeners=[inbound], clusters=[cluster("grpcsvc", 9090, [("127.0.0.1", 1)], protocol="http2")])
+    async with running_proxy(declared):
+        r = await curl("-s", f"http://127.0.0.1:{in_port}/declared")
+        assert json.loads(r.stdout)["path"] == "/declared"
+
+
+async def test_idle_upstream_connections_are_closed(h2app):
+    from meshctl.model.base import Duration
+    from meshctl.model.proxyconfig import Settings
+
+    app = h2app()
+    cfg, lp = _cfg(app.port)
+    cfg = dataclasses.replace(cfg, settings=Settings(connect_timeout=Duration(1.0), idle_timeout=Duration(0.3)))
+    async with running_proxy(cfg) as rt:
+        r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "http://grpcsvc:9090/echo")
+        assert json.loads(r.stdout)["path"] == "/echo"
+        assert sum(len(v) for v in rt.h2pool.conns.values()) == 1
+        await trio.sleep(1.0)
+        assert rt.h2pool.conns == {}
+        r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "http://grpcsvc:9090/again")  # a new one is opened
+        assert json.loads(r.stdout)["path"] == "/again"
+    assert app.connections == 2
