@@ -201,6 +201,15 @@ class _StreamDown:
         self.sid = sid
         self.window = trio.Event()
 
+    @property
+    def peer_id(self) -> str | None:
+        """The verified mTLS peer of the connection (identity.SecureStream), for authz/telemetry."""
+        return getattr(self.c.stream, "peer_id", None)
+
+    @property
+    def principal(self) -> str | None:
+        return getattr(self.c.stream, "principal", None)
+
     async def send_all(self, data: bytes) -> None:
         c = self.c
         if data:

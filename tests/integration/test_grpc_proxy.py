@@ -267,3 +267,64 @@ async def test_upstream_binding_reaches_the_grpc_service_by_name(echo_apps):
             with grpc.insecure_channel(f"127.0.0.1:{bind_port}") as ch:
                 return ch.unary_unary("/mesh.Echo/Say")(b"bound", timeout=10)
         assert await _run(call) == b"a: hello bound"
+
+
+async def test_grpc_over_mtls_sidecars_and_authorization_on_the_peer_principal(echo_apps):
+    """HTTP/2 streams over the sidecars' mTLS: the inbound sees the verified peer
+    of the connection on every stream (AuthorizationPolicy on principals)."""
+    import dataclasses
+    from datetime import datetime, timedelta, timezone
+
+    from meshctl.citadel.ca import create_root, generate_key, key_to_pem, make_csr
+    from meshctl.model.base import FrozenDict
+    from meshctl.model.istio import AuthorizationPolicy, Rule, RuleFrom, Source
+    from meshctl.model.proxyconfig import Endpoint
+    from meshctl.proxy.identity import SidecarCertificates
+
+    now = datetime.now(timezone.utc)
+    root = create_root("cluster.local", now - timedelta(days=1))
+
+    def certs(spiffe: str) -> SidecarCertificates:
+        h = SidecarCertificates()
+        key = generate_key()
+        h.update(root.sign_csr(make_csr(key), spiffe, timedelta(hours=1), now) + root.issuer_chain_pem,
+                 key_to_pem(key), root.root_pem)
+        return h
+
+    echo_id = "spiffe://cluster.local/ns/default/sa/echo"
+    app = echo_apps("a")
+
+    async def call_as(client_sa: str, allowed_sa: str):
+        in_port = free_port()
+        inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
+                           app_address="127.0.0.1", app_port=app.port, service="echo", mtls_mode="STRICT")
+        policy = AuthorizationPolicy(action="ALLOW", rules=(Rule(from_=(RuleFrom(source=Source(
+            principals=(f"cluster.local/ns/default/sa/{allowed_sa}",))),)),))
+        server_cfg = dataclasses.replace(config(listeners=[inbound]), authorization=FrozenDict({"default/p": policy}))
+        out_port = free_port()
+        ep = Endpoint(address="127.0.0.1", port=in_port, identity=echo_id)
+        client_cfg = config(listeners=[outbound_listener(out_port)], vhosts=[vhost("echo", 9090, (route_to("echo", 9090),))],
+                            clusters=[cluster("echo", 9090, [ep], protocol="grpc")])
+        from meshctl.proxy.runtime import ProxyRuntime
+        from functools import partial
+
+        srt, crt = ProxyRuntime(), ProxyRuntime()
+        srt.tls, crt.tls = certs(echo_id), certs(f"spiffe://cluster.local/ns/default/sa/{client_sa}")
+        async with trio.open_nursery() as n:
+            await n.start(partial(srt.run, server_cfg, handle_signals=False))
+            await n.start(partial(crt.run, client_cfg, handle_signals=False))
+
+            def call():
+                with _channel(out_port) as ch:
+                    try:
+                        return ch.unary_unary("/mesh.Echo/Say")(b"tls", timeout=10)
+                    except grpc.RpcError as e:
+                        return e.code()
+            try:
+                return await _run(call)
+            finally:
+                srt.drain()
+                crt.drain()
+
+    assert await call_as("client", "client") == b"a: hello tls"
+    assert await call_as("intruder", "client") == grpc.StatusCode.PERMISSION_DENIED  # 403 RBAC as a gRPC status
