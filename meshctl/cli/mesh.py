@@ -82,6 +82,8 @@ def print_table(st: dict) -> None:
     cp = st.get("control_plane", {})
     reg = st.get("registry", {})
     line = f"pilot {cp.get('pilot') or '-'} · registry {reg.get('url', '-')}"
+    if (cp.get("citadel") or {}).get("url"):
+        line += f" · citadel {cp['citadel']['url']}"
     if reg and not reg.get("reachable", True):
         line += f" [red](unreachable: {reg.get('error', '')})[/]"
     console.print(line, style="dim")

@@ -27,7 +27,7 @@ ENV_TTL = "MESHCTL_CERT_TTL"
 TOKEN_TTL = timedelta(minutes=10)
 START_TIMEOUT = 20.0
 
-__all__ = ["proxy_env", "start_citadel", "stop_citadel", "identity_of_node"]
+__all__ = ["identity_of_node", "proxy_env", "start_citadel", "status", "stop_citadel"]
 
 
 def _free_port() -> int:
@@ -109,3 +109,9 @@ def proxy_env(sup, p) -> dict[str, str]:
 
     token = TokenFile(sup.state_dir).issue_token(identity, TOKEN_TTL, datetime.now(timezone.utc))
     return {**p.env, "MESHCTL_CITADEL_URL": url, "MESHCTL_CITADEL_TOKEN": token}
+
+
+def status(sup) -> dict:
+    """For status.json's control_plane: where Citadel listens and how it is."""
+    p = getattr(sup, "citadel", None)
+    return {"url": getattr(sup, "citadel_url", ""), "state": p.state if p else "stopped", "pid": p.pid if p else None}

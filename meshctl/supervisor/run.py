@@ -46,6 +46,7 @@ from ..registry.base import Instance, RegistryError
 from ..state import write_control
 from .plan import GatewayPlan, Plan, WorkloadPlan, gateway_node, load_mesh, make_plan, workload_node
 from .citadel import proxy_env, start_citadel, stop_citadel
+from .citadel import status as citadel_status
 from .pilotreg import PilotRegistry
 from ..mixer.supervise import sidecar_args, start_mixer, stop_mixer
 from ..mixer.supervise import status as mixer_status
@@ -182,6 +183,7 @@ class Supervisor:
                 "state": self.pilot.state if self.pilot else "stopped",
                 "pid": self.pilot.pid if self.pilot else None,
                 "mixer": mixer_status(self),
+                "citadel": citadel_status(self),
             },
             "workloads": [
                 {
