@@ -239,3 +239,48 @@ async def test_a_peer_from_another_ca_is_refused_both_ways(root):
         with pytest.raises(UpstreamConnectError, match="not trusted|refused"):
             await pool.acquire("127.0.0.1", port, ClusterStats("c"), 5.0, upstream_tls(client_rt, cluster(), ep))
         n.cancel_scope.cancel()
+
+
+async def test_simple_tls_upstream_verifies_the_server_with_the_destination_rules_ca(root, tmp_path):
+    """DestinationRule tls SIMPLE: one-way TLS to a server outside the mesh, its
+    chain checked against caCertificates; a server from another CA is a connect failure."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(root.root_pem)
+    other = create_root("cluster.local", _now() - timedelta(days=1))
+
+    def server_ctx(ca):
+        key = generate_key()
+        leaf = ca.sign_csr(make_csr(key), "spiffe://cluster.local/ns/ext/sa/api", timedelta(hours=1), _now())
+        chain, keyf = tmp_path / f"chain-{id(ca)}.pem", tmp_path / f"key-{id(ca)}.pem"
+        chain.write_bytes(leaf + ca.issuer_chain_pem)
+        keyf.write_bytes(key_to_pem(key))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(chain), str(keyf))
+        return ctx
+
+    async def serve(ctx, task_status=trio.TASK_STATUS_IGNORED):
+        async def handler(stream):
+            tls = trio.SSLStream(stream, ctx, server_side=True)
+            try:
+                await tls.receive_some()
+                await tls.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            except trio.BrokenResourceError:
+                pass
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(handler, listeners)
+
+    rt = FakeRuntime(certs(root, PRODUCTPAGE))
+    dr = cluster(ClientTLSSettings(mode="SIMPLE", ca_certificates=str(ca_file)))
+    pool = UpstreamPool(limits=Limits())
+    async with trio.open_nursery() as n:
+        good = await n.start(serve, server_ctx(root))
+        bad = await n.start(serve, server_ctx(other))
+        conn = await pool.acquire("127.0.0.1", good, ClusterStats("c"), 5.0, upstream_tls(rt, dr, PLAIN))
+        assert isinstance(conn.stream, SecureStream) and conn.stream.peer_id is None
+        await conn.stream.send_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+        assert (await conn.stream.receive_some()).endswith(b"ok")
+        pool.discard(conn)
+        with pytest.raises(UpstreamConnectError, match="TLS"):
+            await pool.acquire("127.0.0.1", bad, ClusterStats("c"), 5.0, upstream_tls(rt, dr, PLAIN))
+        n.cancel_scope.cancel()
