@@ -72,7 +72,7 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                 return
             cs.stats.cx_active += 1
             cs.stats.cx_total += 1
-            tst = tcp_opened(rt, listener, cs, ep)
+            tst = tcp_opened(rt, listener, cs, ep, getattr(stream, "peer_id", None))
             counts = (0, 0)
             try:
                 counts = await relay(stream, upstream)

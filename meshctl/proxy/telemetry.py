@@ -483,12 +483,15 @@ def iso_time(t: float) -> str:
     return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(int(t))) + f".{ms:03d}Z"
 
 
-def tcp_opened(rt, listener, cs, ep) -> TcpSeries:
-    """A TCP connection reached its upstream: count it open; returns its series."""
+def tcp_opened(rt, listener, cs, ep, peer_id: str | None = None) -> TcpSeries:
+    """A TCP connection reached its upstream: count it open; returns its series.
+    ``peer_id``: the downstream's SPIFFE ID when it came in over mTLS (inbound)."""
     tel: Telemetry = rt.telemetry
     inbound = listener.direction == "inbound"
-    st = tel.tcp_series(tel.tcp_labels(inbound=inbound, peer=None, endpoint=None if inbound else ep,
-                                       service=cs.cluster.service if not inbound else None))
+    peer = Peer(principal=peer_id) if inbound and peer_id else None
+    st = tel.tcp_series(tel.tcp_labels(inbound=inbound, peer=peer, endpoint=None if inbound else ep,
+                                       service=cs.cluster.service if not inbound else None,
+                                       mtls=inbound and peer_id is not None))
     st.opened += 1
     return st
 

@@ -142,4 +142,6 @@ async def test_opaque_tcp_binding_rides_mtls_to_a_strict_sidecar(root):
                         reply += d
                 assert reply == b"len=100000"
                 await s.aclose()
+            tcp = [k for k in server.telemetry.tcp if k[0] == "destination"]
+            assert tcp and tcp[0][3] == PRODUCTPAGE and tcp[0][-1] == "mutual_tls"
         n.cancel_scope.cancel()
