@@ -211,9 +211,13 @@ class ClusterLimiter:
             if self.retired:
                 self._lost(conn)
                 return
+            idle = self.pool.idle.setdefault(conn.key, [])
+            if len(idle) >= self.pool.max_idle:  # as the shared pool: keep at most so many idle
+                self._lost(conn)
+                return
             self._reset(conn, served)
             conn.idle_since = trio.current_time()
-            self.pool.idle.setdefault(conn.key, []).append(conn)
+            idle.append(conn)
         elif decision is Release.HAND_OVER:
             self._reset(conn, served)
             w = waiters.popleft()
