@@ -344,7 +344,7 @@ def _upstream_tls(rt, cluster, ep):
         from .identity import upstream_tls
     except ImportError:  # pragma: no cover - identity not built in
         return None
-    return upstream_tls(rt, cluster, ep)
+    return upstream_tls(rt, cluster, ep, h2=True)  # ALPN h2 on mTLS legs
 
 
 async def h2_try(fw, rq, cs, ep, up_head: RequestHead, policy, retries: int):

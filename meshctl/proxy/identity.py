@@ -29,7 +29,7 @@ import trio
 
 from ..citadel.errors import PeerRejected, TLSError
 from .stream import FastSocketStream, UpstreamConnectError
-from .tls import CertificateHolder, accept_inbound, client_handshake, keep_renewed
+from .tls import CertificateHolder, accept_inbound, client_context, client_handshake, keep_renewed
 
 log = logging.getLogger("meshctl.identity")
 
@@ -71,12 +71,16 @@ class SidecarCertificates(CertificateHolder):
     def __init__(self) -> None:
         super().__init__()
         self.renewals = 0
+        self.client_h2: ssl.SSLContext | None = None  # for HTTP/2 upstreams (h2pool): ALPN "h2"
 
     def update(self, chain_pem, key_pem, bundle_pem, *, verify=True, now=None) -> None:
         super().update(chain_pem, key_pem, bundle_pem, verify=verify, now=now)
+        h2 = client_context(chain_pem, key_pem, bundle_pem, alpn=("h2",))
+        h2.options |= ssl.OP_NO_TICKET
         self._client.set_alpn_protocols(list(UPSTREAM_ALPN))
         self._server.num_tickets = 0
         self._client.options |= ssl.OP_NO_TICKET
+        self.client_h2 = h2
         self.renewals = self.generation - 1
 
 
@@ -211,22 +215,27 @@ def _refused(rt, listener, why: str) -> None:
 class UpstreamTLS:
     """How to secure one upstream connection; ``key`` distinguishes pools."""
 
-    __slots__ = ("mode", "key", "expected", "holder", "context", "sni")
+    __slots__ = ("mode", "key", "expected", "holder", "context", "sni", "h2")
 
-    def __init__(self, mode: str, key: tuple, *, expected=None, holder=None, context=None, sni=None) -> None:
+    def __init__(self, mode: str, key: tuple, *, expected=None, holder=None, context=None, sni=None,
+                 h2: bool = False) -> None:
         self.mode = mode
         self.key = key
         self.expected = expected
         self.holder = holder
         self.context = context
         self.sni = sni
+        self.h2 = h2  # offer ALPN "h2" (HTTP/2 upstream pool), else "http/1.1"
 
     async def wrap(self, raw: FastSocketStream, address: str, port: int) -> SecureStream:
         """Handshake on a fresh connection. Raises UpstreamConnectError (the
         connection is closed) when it fails or the peer is not who it should be."""
         try:
             if self.mode == "ISTIO_MUTUAL":
-                conn = await client_handshake(raw, self.holder, self.expected)
+                ctx = self.holder
+                if self.h2:
+                    ctx = getattr(self.holder, "client_h2", None) or self.holder.client
+                conn = await client_handshake(raw, ctx, self.expected)
                 return SecureStream(conn.stream, raw, conn.peer_id, conn.alpn)
             tls = trio.SSLStream(raw, self.context, server_hostname=self.sni, https_compatible=True)
             try:
@@ -246,8 +255,9 @@ class UpstreamTLS:
 _cache: dict[tuple, UpstreamTLS | None] = {}
 
 
-def upstream_tls(rt, cluster, ep) -> UpstreamTLS | None:
-    """What to do for ``ep`` of ``cluster`` (None: plaintext).
+def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
+    """What to do for ``ep`` of ``cluster`` (None: plaintext); ``h2`` for a
+    connection that will speak HTTP/2 (ALPN "h2" instead of "http/1.1").
 
     Raises UpstreamConnectError when the DestinationRule asks for mutual TLS
     and this sidecar has no certificate (a plaintext attempt would only be
@@ -267,11 +277,12 @@ def upstream_tls(rt, cluster, ep) -> UpstreamTLS | None:
         if holder is None:
             raise UpstreamConnectError(ep.address, ep.port,
                                        "DestinationRule asks for ISTIO_MUTUAL but this sidecar has no certificate")
-        ck = ("mtls", ep.identity, id(holder))
+        ck = ("mtls", ep.identity, id(holder), h2)
         got = _cache.get(ck)
         if got is None:
             expected = frozenset({ep.identity}) if ep.identity else None
-            got = _cache[ck] = UpstreamTLS("ISTIO_MUTUAL", ("mtls", ep.identity), expected=expected, holder=holder)
+            got = _cache[ck] = UpstreamTLS("ISTIO_MUTUAL", ("mtls", ep.identity, h2), expected=expected, holder=holder,
+                                           h2=h2)
         return got
     # SIMPLE or MUTUAL with files named by the DestinationRule
     ck = ("tls", mode, tls.ca_certificates, tls.client_certificate, tls.private_key, tls.sni,

@@ -284,3 +284,26 @@ async def test_simple_tls_upstream_verifies_the_server_with_the_destination_rule
         with pytest.raises(UpstreamConnectError, match="TLS"):
             await pool.acquire("127.0.0.1", bad, ClusterStats("c"), 5.0, upstream_tls(rt, dr, PLAIN))
         n.cancel_scope.cancel()
+
+
+async def test_alpn_says_what_the_upstream_pool_will_speak(root):
+    server_rt = FakeRuntime(certs(root, REVIEWS))
+    client_rt = FakeRuntime(certs(root, PRODUCTPAGE))
+    seen: list = []
+    async with trio.open_nursery() as n:
+        port = await n.start(serve_one, inbound("STRICT"), server_rt, seen)
+        ep = Endpoint("127.0.0.1", port, identity=REVIEWS)
+        for h2, proto in ((False, "http/1.1"), (True, "h2")):
+            t = upstream_tls(client_rt, cluster(), ep, h2=h2)
+            raw = await trio_connect(port)
+            s = await t.wrap(raw, "127.0.0.1", port)
+            assert s.alpn == proto
+            s.close_now()
+        assert upstream_tls(client_rt, cluster(), ep, h2=True).key != upstream_tls(client_rt, cluster(), ep).key
+        n.cancel_scope.cancel()
+
+
+async def trio_connect(port: int) -> FastSocketStream:
+    from meshctl.proxy.stream import connect_tcp
+
+    return await connect_tcp("127.0.0.1", port)
