@@ -481,6 +481,11 @@ class _Conn:
                 rq.flags.append(F.DC)
                 # reset by the client: nothing to send (the codec acks its unread data)
         finally:
+            if not self.dead:
+                # a stream this task did not finish (error, cancel) must not stay open in the
+                # codec, holding the client and the connection window; a no-op when it is done
+                self.emit(self.h2.reset(sid, "stream task ended"))
+                self.kick()
             self._stream_done(sid)
         if rq.status:
             self.lstats.response(rq.status)

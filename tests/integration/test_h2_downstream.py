@@ -197,3 +197,34 @@ async def test_drain_sends_goaway_and_lets_open_streams_finish(upstream):
                 seen.append("end")
         assert seen[0] == ("goaway", 0, 1)  # graceful: NO_ERROR, stream 1 will be answered
         assert seen[1:] == ["headers", "end"]
+
+
+async def test_upstream_cut_mid_body_resets_the_h2_stream(upstream):
+    """An HTTP/1.1 app that dies mid-response: the HTTP/2 client sees its stream
+    reset at once (it cannot learn it from a close, the connection is shared)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    app_port = srv.getsockname()[1]
+
+    def serve_one():
+        s, _ = srv.accept()
+        s.recv(65536)
+        s.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
+        s.close()
+
+    lp = free_port()
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+        clusters=[cluster("reviews", 9080, [("127.0.0.1", app_port)])],
+    )
+    async with running_proxy(cfg):
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.to_thread.run_sync, serve_one)
+            with trio.fail_after(8):
+                r = await _h2curl(lp, "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                                  "http://reviews:9080/cut")
+        assert r.returncode != 0  # curl reports the reset stream, not a complete body
+        assert r.stdout.decode().startswith("200 ")
+    srv.close()
