@@ -18,6 +18,9 @@ Decisions come from core/ (route, balance, retry); this module moves bytes.
 
 Failures answer the client with 503/504 and ``x-meshctl-reason`` and set an
 Envoy-style response flag (UF UR UT UH NR ...) on the request for telemetry.
+A cluster with DestinationRule connectionPool limits takes its connections
+from its own ``limits.ClusterLimiter``: over a limit, 503 UO at once
+("upstream overflow"), never retried.
 """
 
 from __future__ import annotations
