@@ -225,6 +225,7 @@ async def test_upstream_cut_mid_body_resets_the_h2_stream(upstream):
             with trio.fail_after(8):
                 r = await _h2curl(lp, "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
                                   "http://reviews:9080/cut")
-        assert r.returncode != 0  # curl reports the reset stream, not a complete body
-        assert r.stdout.decode().startswith("200 ")
+        # curl reports the reset stream (with or without the head seen first), not a complete body
+        assert r.returncode == 92, (r.returncode, r.stderr)
+        assert b"not closed cleanly" in r.stderr
     srv.close()
