@@ -40,6 +40,7 @@ free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)
 
 BACKEND=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port); CITADEL=$(free_port)
 MESH_IN=$(free_port); MESH_OUT=$(free_port); ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
+PLAIN_IN=$(free_port); PLAIN_OUT=$(free_port); PADMIN_IN=$(free_port); PADMIN_OUT=$(free_port)
 
 # ---------------------------------------------------------------- nginx certificates (openssl)
 P="$WORK/pki"; mkdir -p "$P"
@@ -125,11 +126,23 @@ MESHCTL_CITADEL_URL="http://127.0.0.1:$CITADEL" MESHCTL_CITADEL_TOKEN="$TOKEN_OU
   "$MESHCTL" proxy run --config "$WORK/out.yaml" --admin-port "$ADMIN_OUT" --log-level warning 2>"$WORK/out.log" &
 PIDS+=($!); MESH_OUT_PID=$!
 
+# the same meshctl pair without identities (plaintext between the sidecars), for the cost of mTLS
+sed -e "s/port: $MESH_IN,/port: $PLAIN_IN,/" -e "s/, mtlsMode: STRICT//" "$WORK/in.yaml" >"$WORK/plain-in.yaml"
+sed -e "s/port: $MESH_OUT,/port: $PLAIN_OUT,/" -e "s/127.0.0.1:$MESH_OUT/127.0.0.1:$PLAIN_OUT/" \
+    -e "s/port: $MESH_IN, identity: .*}/port: $PLAIN_IN}/" "$WORK/out.yaml" >"$WORK/plain-out.yaml"
+"$MESHCTL" proxy run --config "$WORK/plain-in.yaml" --admin-port "$PADMIN_IN" --log-level warning 2>"$WORK/plain-in.log" &
+PIDS+=($!); PLAIN_IN_PID=$!
+"$MESHCTL" proxy run --config "$WORK/plain-out.yaml" --admin-port "$PADMIN_OUT" --log-level warning 2>"$WORK/plain-out.log" &
+PIDS+=($!); PLAIN_OUT_PID=$!
+
 wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
 wait_ready "http://127.0.0.1:$BACKEND/"
 wait_ready "http://127.0.0.1:$NGX_C/"
 wait_ready "http://127.0.0.1:$ADMIN_IN/ready"
 wait_ready "http://127.0.0.1:$ADMIN_OUT/ready"
+wait_ready "http://127.0.0.1:$PADMIN_IN/ready"
+wait_ready "http://127.0.0.1:$PADMIN_OUT/ready"
+curl -sf "http://127.0.0.1:$PLAIN_OUT/" -H "host: backend" | grep -q "hello world" || { echo "plain meshctl pair broken" >&2; cat "$WORK"/*.log >&2; exit 1; }
 curl -sf "http://127.0.0.1:$MESH_OUT/" -H "host: backend" | grep -q "hello world" || { echo "meshctl mTLS pair broken" >&2; cat "$WORK"/*.log >&2; exit 1; }
 # prove the legs are what they claim: plaintext to either server-side proxy is refused
 if curl -sf -m 3 "http://127.0.0.1:$MESH_IN/" >/dev/null 2>&1; then echo "meshctl inbound accepted plaintext" >&2; exit 1; fi
@@ -166,8 +179,9 @@ echo "# meshctl mTLS pair vs nginx mTLS pair — $(date -u +%FT%TZ), $(nproc) CP
 echo "# shared machine: other work may be running; only ratios within this run mean anything"
 declare -A RPS LAT
 for round in 1 2; do
-  for pair in nginx meshctl; do
+  for pair in nginx meshctl plain; do
     if [ $pair = nginx ]; then url="http://127.0.0.1:$NGX_C/"; a=$NGX_C_PID; b=$NGX_S_PID
+    elif [ $pair = plain ]; then url="http://127.0.0.1:$PLAIN_OUT/"; a=$PLAIN_OUT_PID; b=$PLAIN_IN_PID
     else url="http://127.0.0.1:$MESH_OUT/"; a=$MESH_OUT_PID; b=$MESH_IN_PID; fi
     r=$(maxrps "$url" backend); RPS[$pair,$round]=$r
     l=$(latency "$url" backend "$a" "$b"); LAT[$pair,$round]=$l
@@ -177,22 +191,28 @@ done
 LAT[direct,1]=$(latency "http://127.0.0.1:$BACKEND/" backend "$BACKEND_PID" "$BACKEND_PID")
 
 "$PY" - <<EOF
-rps = {"nginx": [float("${RPS[nginx,1]}"), float("${RPS[nginx,2]}")], "meshctl": [float("${RPS[meshctl,1]}"), float("${RPS[meshctl,2]}")]}
+rps = {"nginx": [float("${RPS[nginx,1]}"), float("${RPS[nginx,2]}")], "meshctl": [float("${RPS[meshctl,1]}"), float("${RPS[meshctl,2]}")],
+       "plain": [float("${RPS[plain,1]}"), float("${RPS[plain,2]}")]}
 lat = {k: [list(map(float, v.split())) for v in vs] for k, vs in {
-    "nginx": ["${LAT[nginx,1]}", "${LAT[nginx,2]}"], "meshctl": ["${LAT[meshctl,1]}", "${LAT[meshctl,2]}"]}.items()}
+    "nginx": ["${LAT[nginx,1]}", "${LAT[nginx,2]}"], "meshctl": ["${LAT[meshctl,1]}", "${LAT[meshctl,2]}"],
+    "plain": ["${LAT[plain,1]}", "${LAT[plain,2]}"]}.items()}
 direct = list(map(float, "${LAT[direct,1]}".split()))
 rss = {"nginx client": $(rss_kb "$NGX_C_PID"), "nginx server": $(rss_kb "$NGX_S_PID"),
        "meshctl outbound": $(rss_kb "$MESH_OUT_PID"), "meshctl inbound": $(rss_kb "$MESH_IN_PID")}
 low = lambda k, i: min(x[i] for x in lat[k])
 print()
-print("mutual TLS between the two proxies; latency and CPU: the better of two rounds; A = client side, B = server side")
+print("mutual TLS between the two proxies (plain: the meshctl pair without it); latency and CPU: the better of two rounds;")
+print("A = client side, B = server side")
 print(f"{'pair':<10}{'max rps (r1, r2)':>22}{'p50 µs':>9}{'p99 µs':>9}{'vCPU/1k rps A':>15}{'B':>7}")
 print(f"{'direct':<10}{'-':>22}{direct[0]:>9.0f}{direct[1]:>9.0f}")
-for k in ("nginx", "meshctl"):
+for k in ("nginx", "meshctl", "plain"):
     print(f"{k:<10}{rps[k][0]:>11.0f},{rps[k][1]:>10.0f}{low(k,0):>9.0f}{low(k,1):>9.0f}{low(k,2):>15.3f}{low(k,3):>7.3f}")
 for k, v in rss.items():
     print(f"RSS {k:<18}{v / 1024:>7.1f} MB")
 print()
 print(f"meshctl/nginx max rps with mTLS: {max(rps['meshctl']) / max(rps['nginx']):.2f}  (target >= 0.35)")
-print(f"added p99 over direct at 1,000 rps: meshctl {(low('meshctl', 1) - direct[1]) / 1000:.2f} ms, nginx {(low('nginx', 1) - direct[1]) / 1000:.2f} ms")
+print(f"added p99 over direct at 1,000 rps: meshctl {(low('meshctl', 1) - direct[1]) / 1000:.2f} ms, nginx {(low('nginx', 1) - direct[1]) / 1000:.2f} ms,"
+      f" meshctl without mTLS {(low('plain', 1) - direct[1]) / 1000:.2f} ms")
+print(f"cost of mTLS in meshctl: max rps x{max(rps['meshctl']) / max(rps['plain']):.2f}, vCPU/1k rps per sidecar "
+      f"{low('plain', 2):.3f} -> {low('meshctl', 2):.3f}")
 EOF
