@@ -313,7 +313,8 @@ def test_consul_instance_removed_by_up_goes_into_maintenance_then_leaves_without
 @pytest.mark.consul
 def test_consul_down_deregisters_every_instance(consul_mesh, consul_agent):
     meshctl("down", cwd=consul_mesh["dir"])
-    assert not [s for s in consul_services(consul_agent).values() if s["Service"] == "hello"]
+    wait_for(lambda: not [s for s in consul_services(consul_agent).values() if s["Service"] == "hello"], timeout=10,
+             what="instances deregistered")
 
 
 ACL_TOKEN = "meshctl-test-management-token"
@@ -500,4 +501,6 @@ def test_eureka_instance_removed_by_up_is_out_of_service_then_deleted_without_fa
 @pytest.mark.eureka
 def test_eureka_down_deletes_every_instance(eureka_mesh, eureka_server):
     meshctl("down", cwd=eureka_mesh["dir"])
-    assert eureka_instances(eureka_server, "HELLO") == {}
+    # `down` returns once every DELETE was answered; Eureka's own read path may lag
+    # a moment behind its writes on a busy machine.
+    wait_for(lambda: eureka_instances(eureka_server, "HELLO") == {}, timeout=10, what="instances deleted")
