@@ -91,13 +91,13 @@ services:
 """)
     _meshctl("up", "-d", "-f", str(tmp_path / "mesh.yaml"))
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 45  # generous: the machine may be loaded
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
                 with grpc.insecure_channel(f"127.0.0.1:{bind}") as ch:
-                    resp, call = ch.unary_unary("/mesh.Echo/Say").with_call(b"mesh", timeout=5)
-                    counted = list(ch.unary_stream("/mesh.Echo/Count")(b"20", timeout=5))
+                    resp, call = ch.unary_unary("/mesh.Echo/Say").with_call(b"mesh", timeout=10)
+                    counted = list(ch.unary_stream("/mesh.Echo/Count")(b"20", timeout=10))
                 break
             except grpc.RpcError as e:  # the mesh may still be starting
                 last = e
