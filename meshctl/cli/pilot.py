@@ -126,10 +126,35 @@ def proxy_config(
         print(json.dumps(data.get(key, []) if key else data, indent=1))
         return
     cfg = from_data(ProxyConfig, data)
-    render_config(cfg, section)
+    render_config(cfg, section, live_endpoints(state_dir(state), proxy) if section == "endpoints" else None)
 
 
-def render_config(cfg: ProxyConfig, section: Optional[str]) -> None:
+def live_endpoints(sd: Path, proxy: str) -> dict | None:
+    """The proxy's own view of its endpoints (outlier ejections), from its admin
+    port as `up` recorded it; None when the proxy cannot be asked."""
+    from ..supervisor.run import http_get_json
+
+    try:
+        st = json.loads((sd / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    admin = next((w["admin_address"] for w in st.get("workloads", []) if w["name"] == proxy), None)
+    if admin is None:
+        return None
+    return http_get_json(admin, "/clusters")
+
+
+def short_cluster(name: str) -> str:
+    """``outbound|9080|v1|reviews.default.svc.cluster.local`` → ``reviews:9080/v1``, for tables."""
+    parts = name.split("|")
+    if len(parts) != 4:
+        return name
+    _, port, subset, host = parts
+    host = host.removesuffix(".default.svc.cluster.local").removesuffix(".svc.cluster.local")
+    return f"{host}:{port}" + (f"/{subset}" if subset else "")
+
+
+def render_config(cfg: ProxyConfig, section: Optional[str], live: dict | None = None) -> None:
     console.print(f"proxy {cfg.workload.name} ({cfg.workload.spiffe_id}) version {cfg.version}", highlight=False)
     if section in (None, "listeners"):
         t = Table("LISTENER", "DIRECTION", "ADDRESS", "PROTOCOL", "ROUTES / TARGET", box=None, title="listeners")
@@ -154,14 +179,25 @@ def render_config(cfg: ProxyConfig, section: Optional[str]) -> None:
         t = Table("CLUSTER", "SUBSET", "ENDPOINTS", "POLICY", box=None, title="clusters")
         for c in cfg.clusters.values():
             pol = json.dumps(to_data(c.traffic_policy), separators=(",", ":")) if c.traffic_policy else ""
-            t.add_row(c.name, c.subset or "", str(len(c.endpoints)), pol)
+            t.add_row(short_cluster(c.name), c.subset or "", str(len(c.endpoints)), pol)
         console.print(t)
     if section == "endpoints":
-        t = Table("CLUSTER", "ENDPOINT", "INSTANCE", "HEALTH", "LABELS", box=None, title="endpoints")
+        t = Table("CLUSTER", "ENDPOINT", "INSTANCE", "HEALTH", "OUTLIER", "LABELS", box=None, title="endpoints")
         for c in cfg.clusters.values():
+            seen = {e["address"]: e for e in (live or {}).get(c.name, [])}
             for ep in c.endpoints:
-                t.add_row(c.name, f"{ep.address}:{ep.port}", ep.instance, ep.health, ",".join(f"{k}={v}" for k, v in ep.labels.items()))
+                e = seen.get(f"{ep.address}:{ep.port}")
+                if e is None:
+                    outlier = "?" if live is None else "-"
+                elif e["ejected"]:
+                    outlier = f"[red]EJECTED[/] {e['ejected_for']}s left (x{e['times_ejected']})"
+                else:
+                    outlier = f"ok ({e['ejections_total']} ejections)" if e["ejections_total"] else "ok"
+                t.add_row(short_cluster(c.name), f"{ep.address}:{ep.port}", ep.instance, ep.health, outlier,
+                          ",".join(f"{k}={v}" for k, v in ep.labels.items()))
         console.print(t)
+        if live is None:
+            console.print("(the proxy's own view, with outlier ejections, needs a mesh started by `meshctl up`)", style="dim")
 
 
 def offline_config(sd: Path, source: Optional[str]) -> ProxyConfig:

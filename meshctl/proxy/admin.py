@@ -6,6 +6,8 @@
                  Istio's standard metrics (istio_requests_total, ...; telemetry.py)
     GET /metrics the same
     GET /listeners  JSON: listener name → bound address (useful with port 0)
+    GET /clusters   JSON: every cluster's endpoints as this proxy sees them now:
+                 health from Pilot, and outlier detection's ejections
 """
 
 from __future__ import annotations
@@ -34,6 +36,30 @@ def _dump_config(rt) -> dict:
     return data
 
 
+def clusters_status(rt, now: float) -> dict:
+    """cluster → endpoints with the proxy's own view: ejected by outlier detection, until when."""
+    snap = rt.snapshot
+    if snap is None:
+        return {}
+    out = {}
+    for name, cs in snap.clusters.items():
+        status = cs.outlier.status(now) if cs.outlier is not None else {}
+        eps = []
+        for ep in cs.cluster.endpoints:
+            st = status.get((ep.address, ep.port))
+            eps.append({
+                "address": f"{ep.address}:{ep.port}",
+                "instance": ep.instance,
+                "health": ep.health,
+                "ejected": bool(st and st.ejected),
+                "ejected_for": round(st.until - now, 1) if st and st.ejected and st.until else None,
+                "times_ejected": st.times_ejected if st else 0,
+                "ejections_total": st.ejections_total if st else 0,
+            })
+        out[name] = eps
+    return out
+
+
 def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
     """(status, content type, body) for one admin request."""
     path = path.split("?", 1)[0]
@@ -54,10 +80,12 @@ def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
         if rt.config is None:
             return 503, "text/plain", b"no config yet\n"
         return 200, "application/json", (json.dumps(_dump_config(rt), indent=2) + "\n").encode()
+    if path == "/clusters":
+        return 200, "application/json", (json.dumps(clusters_status(rt, trio.current_time()), indent=1) + "\n").encode()
     if path == "/listeners":
         out = {name: f"{al.spec.address}:{al.bound_port}" for name, al in rt.listeners.items()}
         return 200, "application/json", (json.dumps(out) + "\n").encode()
-    return 404, "text/plain", b"not found: try /ready /config /stats /listeners\n"
+    return 404, "text/plain", b"not found: try /ready /config /stats /clusters /listeners\n"
 
 
 async def serve_conn(rt, stream: FastSocketStream) -> None:

@@ -1,7 +1,8 @@
 """A tiny app for end-to-end tests: `python hello_app.py [PORT VERSION]` answers {"version": VERSION}.
 
 PORT and VERSION default to $PORT and $SERVICE_VERSION (as `meshctl up` sets
-them). GET /health answers 503 while the file named by $UNHEALTHY_IF exists.
+them). GET /health answers 503 while the file named by $UNHEALTHY_IF exists; every
+other path answers 503 while the file named by $FAIL_IF exists.
 """
 
 import json
@@ -15,7 +16,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         flag = os.environ.get("UNHEALTHY_IF")
+        fail = os.environ.get("FAIL_IF")
         status = 503 if self.path == "/health" and flag and os.path.exists(flag) else 200
+        if self.path != "/health" and fail and os.path.exists(fail):
+            status = 503
         body = json.dumps({"version": VERSION, "path": self.path, "instance": os.environ.get("POD_NAME", "")}).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")

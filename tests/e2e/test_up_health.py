@@ -102,3 +102,53 @@ def test_a_busy_gateway_port_is_named_and_nothing_is_left_running(tmp_path):
         assert st["state"] in ("failed", "stopped")
     finally:
         holder.close()
+
+
+def test_outlier_ejection_is_logged_and_shown_by_proxy_config_endpoints(tmp_path):
+    gw = free_port()
+    base = 34000 + (free_port() % 50) * 20
+    shutil.copy(HERE / "hello_app.py", tmp_path / "hello_app.py")
+    (tmp_path / "mesh.yaml").write_text(f"""
+settings: {{portRange: {base}-{base + 19}}}
+services:
+- name: hello
+  port: 9080
+  healthCheck: {{tcp: true}}
+  versions:
+  - {{name: v1, command: [python3, hello_app.py]}}
+  - {{name: v2, command: [python3, hello_app.py], env: {{FAIL_IF: {tmp_path}/fail}}}}
+gateways:
+- name: gw
+  labels: {{istio: ingressgateway}}
+  ports: {{80: {gw}}}
+""")
+    (tmp_path / "dr.yaml").write_text("""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello}
+spec:
+  host: hello
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+""")
+    sd = str(tmp_path / ".meshctl")
+    meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"))
+    try:
+        meshctl_run("route", "apply", "--wait", "-f", str(tmp_path / "dr.yaml"), "--state-dir", sd)
+        st = status(tmp_path)
+        client = next(w for w in st["workloads"] if w["name"] == "hello-v1-0")
+        outbound = int(client["outbound_address"].rsplit(":", 1)[1])
+        (tmp_path / "fail").write_text("x")
+        # v2 now answers 503; the client's retries (Istio's default policy) hide that from
+        # the caller, but outlier detection counts it and ejects v2.
+        codes = [http_get(outbound, "http://hello:9080/")[0] for _ in range(12)]
+        assert codes == [200] * 12
+        out = meshctl_run("pilot", "proxy-config", "hello-v1-0", "endpoints", "--state-dir", sd).stdout
+        v2_line = next(line for line in out.splitlines() if line.startswith(" hello:9080 ") and "hello-v2-0" in line)
+        assert "EJECTED" in v2_line
+        v1_line = next(line for line in out.splitlines() if line.startswith(" hello:9080 ") and "hello-v1-0" in line)
+        assert "EJECTED" not in v1_line
+        log = (tmp_path / ".meshctl" / "logs" / "hello-v1-0.proxy.log").read_text()
+        assert "ejected" in log
+    finally:
+        meshctl_run("down", "--state-dir", sd)
