@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,7 +105,6 @@ def up(
     """Start the control plane, every app with its sidecar, and the gateways; or apply mesh.yaml's changes to a running mesh."""
     from ..registry import parse_registry_url
     from ..registry.base import RegistryError
-    from ..supervisor.run import Supervisor, UpError
 
     if not file.exists():
         fail(f"{file}: no such mesh file (give one with -f)")
@@ -127,6 +125,13 @@ def up(
     if detach:
         _start_detached(sd, file, registry, consul_token)
         return
+    _supervise(sd, file, registry, consul_token, quiet)
+
+
+def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Optional[str], quiet: bool) -> None:
+    """Run the supervisor in this process until the mesh is stopped."""
+    from ..supervisor.run import Supervisor, UpError
+
     started = time.monotonic()
 
     def on_event(msg: str) -> None:
@@ -169,17 +174,41 @@ def _first(e: BaseException, kind: type) -> BaseException | None:
 
 
 def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul_token: Optional[str] = None) -> None:
+    """Fork the supervisor into its own session (no second interpreter start: the
+    modules are loaded already), then follow its progress in status.json."""
     (sd / "logs").mkdir(parents=True, exist_ok=True)
-    out = open(sd / "logs" / "supervisor.log", "ab")
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
-    if consul_token:  # through the environment, not argv: other users can read argv
-        env["CONSUL_HTTP_TOKEN"] = consul_token
-    extra = ["--registry", registry] if registry is not None else []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshctl", "up", "-f", str(file.resolve()), "--state-dir", str(sd), "--quiet", *extra],
-        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-    )
-    out.close()
+    log_path = sd / "logs" / "supervisor.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        code = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(devnull, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.environ.pop(ENV_VAR, None)
+            if consul_token:  # through the environment, not argv: other users can read argv
+                os.environ["CONSUL_HTTP_TOKEN"] = consul_token
+            _supervise(sd, file.resolve(), registry, consul_token, quiet=True)
+            code = 0
+        except typer.Exit as e:
+            code = e.exit_code
+        except BaseException:  # the log says why; the parent reads status.json
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def child_exited() -> bool:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+
     seen: set[str] = set()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -188,13 +217,14 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
             if w["state"] == "ready" and w["name"] not in seen:
                 seen.add(w["name"])
                 err_console.print(f"{w['name']} ready", highlight=False)
-        if st.get("pid") == proc.pid and st.get("state") == "running":
+        if st.get("pid") == pid and st.get("state") == "running":
             print_table(st)
-            console.print(f"mesh up (supervisor pid {proc.pid}); `meshctl down` stops it", style="bold")
+            console.print(f"mesh up (supervisor pid {pid}); `meshctl down` stops it", style="bold")
             return
-        if proc.poll() is not None:
+        if child_exited():
             st = _read_status(sd)
-            fail(f"meshctl up failed: {st.get('error') or 'see ' + str(sd / 'logs' / 'supervisor.log')}")
+            error = st.get("error") if st.get("pid") == pid else None
+            fail(f"meshctl up failed: {error or 'see ' + str(log_path)}")
         time.sleep(0.05)
     fail(f"mesh not up after 90s: see `meshctl status` and {sd / 'logs'}")
 
