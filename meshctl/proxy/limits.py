@@ -24,10 +24,18 @@ A request that gives up while queued (per-try or route timeout, client gone)
 leaves the queue and the counts stay true; so does one cancelled while it
 opens its connection.
 
+Retries: a request holds one of the cluster's ``http.maxRetries`` from its
+first retry until it ends, so its own later retries never find the budget
+taken by itself; a retry refused for budget counts upstream_rq_retry_overflow
+and the request ends with the failure it had (no UO). HTTP/2 upstream
+clusters (h2pool.py) apply http2MaxRequests themselves; the retry budget
+applies to them through the Forwarder all the same.
+
 Limiters outlive config versions (``build_limiters`` / ``commit_limiters``,
 the way outlier detectors do): a cluster keeps its counters, its queue and
 its idle connections across a swap; changed limits take effect for the next
-decision. A cluster whose connectionPool goes away has its limiter retired:
+decision (requests already queued when limits are raised wait for the next
+release). A cluster whose connectionPool goes away has its limiter retired:
 its idle connections are closed and requests still in flight on the old
 config close theirs when done.
 """
