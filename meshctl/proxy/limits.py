@@ -52,7 +52,7 @@ from ..model.proxyconfig import ProxyConfig
 from ..protocol.http1 import Limits
 from .pool import PEEK_AFTER, UpstreamConn, UpstreamPool
 from .stats import ClusterStats, Stats
-from .stream import UpstreamConnectError, is_alive
+from .stream import is_alive
 
 __all__ = ["ClusterLimiter", "PoolOverflow", "build_limiters", "commit_limiters"]
 
