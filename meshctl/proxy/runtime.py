@@ -279,6 +279,8 @@ class ProxyRuntime:
                 conns.cancel_scope.cancel()
             outer.cancel_scope.cancel()
         self.pool.close_all()
+        for lim in self.snapshot.limiters.values():
+            lim.retire()  # closes the idle connections of clusters with connectionPool limits
         log.info("proxy stopped")
 
     def drain(self) -> None:
