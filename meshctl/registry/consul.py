@@ -174,14 +174,16 @@ class ConsulRegistry:
             known = await self._call(
                 f"look up {instance_id!r}", lambda c: c.agent.service_definition(instance_id)
             )
-            if not known:
+            if not known and self._registered.get(instance_id) is reg:
                 log.info("%s: agent lost %s; registering it again", self.url, instance_id)
                 await self._register(reg)
             return
         passed = await self._call(
             f"pass the TTL check of {instance_id!r}", lambda c: c.agent.check.ttl_pass(_check_id(instance_id))
         )
-        if not passed:  # 404: the agent does not know the check (restarted, or deregistered by someone)
+        # 404: the agent does not know the check (restarted, or deregistered by someone).
+        # Not when it was deregistered through us while this call was in flight.
+        if not passed and self._registered.get(instance_id) is reg:
             log.info("%s: agent lost %s; registering it again", self.url, instance_id)
             await self._register(reg)
 

@@ -133,7 +133,9 @@ class EurekaRegistry:
         reg = self._get(instance_id, "keep_alive")
         app = _app_name(reg.instance.service)
         resp = await self._request("PUT", f"/apps/{app}/{instance_id}", f"renew the lease of {instance_id!r}", ok_404=True)
-        if resp.status_code == 404:
+        # Not when it was deregistered through us while this call was in flight:
+        # that DELETE is why the server forgot it.
+        if resp.status_code == 404 and self._registered.get(instance_id) is reg:
             log.info("%s: server does not know %s; registering it again", self.url, instance_id)
             await self._register(reg)
 

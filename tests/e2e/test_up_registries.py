@@ -503,4 +503,5 @@ def test_eureka_down_deletes_every_instance(eureka_mesh, eureka_server):
     meshctl("down", cwd=eureka_mesh["dir"])
     # `down` returns once every DELETE was answered; Eureka's own read path may lag
     # a moment behind its writes on a busy machine.
-    wait_for(lambda: eureka_instances(eureka_server, "HELLO") == {}, timeout=10, what="instances deleted")
+    wait_for(lambda: eureka_instances(eureka_server, "HELLO") == {}, timeout=10,
+             what=f"instances deleted (left: {sorted(eureka_instances(eureka_server, 'HELLO'))})")
