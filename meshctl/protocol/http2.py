@@ -758,10 +758,13 @@ class _Endpoint:
 
     @property
     def closed(self) -> bool:
-        """The connection is over (fatal error, non-graceful GOAWAY, EOF, or drained)."""
-        return self._closed or (
-            (self._drain_last is not None or self._peer_last is not None) and not self._streams
-        )
+        """The connection is over (fatal error, non-graceful GOAWAY, EOF, or drained).
+
+        A client's GOAWAY does not end a server's connection: it only says the
+        client takes no pushed streams, and it may still send PINGs and finish
+        what it has (h2spec http2/7 checks that a PING after it is answered)."""
+        peer_done = self._peer_last is not None and self._client_side
+        return self._closed or ((self._drain_last is not None or peer_done) and not self._streams)
 
 
 # ---------------------------------------------------------------- server

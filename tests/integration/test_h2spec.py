@@ -44,7 +44,10 @@ async def test_h2spec_failures_are_exactly_the_documented_ones(upstream, tmp_pat
         r = await trio.run_process([h2spec, "-h", "127.0.0.1", "-p", str(lp), "-o", "3", "-j", str(report)],
                                    capture_stdout=True, capture_stderr=True, check=False)
     out = r.stdout.decode(errors="replace")
-    root = ET.parse(report).getroot()
+    # h2spec copies frame payloads (PING's opaque data has NULs) into its JUnit
+    # report unescaped; XML cannot hold those characters.
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "?", report.read_text(errors="replace"))
+    root = ET.fromstring(text)
     cases = root.findall(".//testcase")
     assert len(cases) >= 140, out  # the whole suite ran
     failed = {(c.get("package"), c.get("classname")) for c in cases
