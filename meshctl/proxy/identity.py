@@ -29,7 +29,6 @@ import trio
 
 from ..citadel.errors import PeerRejected, TLSError
 from .stream import FastSocketStream, UpstreamConnectError
-from .tls import CertificateHolder, accept_inbound, client_context, client_handshake, keep_renewed
 
 log = logging.getLogger("meshctl.identity")
 
@@ -59,29 +58,17 @@ def principal_of(spiffe_id: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------- certificates
+#
+# The TLS machinery (proxy/tls.py, `cryptography`: ~9 MB) is imported only by a
+# sidecar that gets an identity; one without Citadel never loads it.
 
 
-class SidecarCertificates(CertificateHolder):
-    """The sidecar's certificate holder: server contexts offer h2 and
-    http/1.1, client contexts only what the upstream pool speaks. Server
-    contexts send no TLS 1.3 session tickets (we never resume sessions, and a
-    ticket arriving on an idle pooled connection would read as unsolicited
-    bytes to the pool's liveness check)."""
+def __getattr__(name: str):
+    if name == "SidecarCertificates":
+        from .sidecar_certs import SidecarCertificates
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.renewals = 0
-        self.client_h2: ssl.SSLContext | None = None  # for HTTP/2 upstreams (h2pool): ALPN "h2"
-
-    def update(self, chain_pem, key_pem, bundle_pem, *, verify=True, now=None) -> None:
-        super().update(chain_pem, key_pem, bundle_pem, verify=verify, now=now)
-        h2 = client_context(chain_pem, key_pem, bundle_pem, alpn=("h2",))
-        h2.options |= ssl.OP_NO_TICKET
-        self._client.set_alpn_protocols(list(UPSTREAM_ALPN))
-        self._server.num_tickets = 0
-        self._client.options |= ssl.OP_NO_TICKET
-        self.client_h2 = h2
-        self.renewals = self.generation - 1
+        return SidecarCertificates
+    raise AttributeError(name)
 
 
 async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -103,6 +90,8 @@ async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNOR
         task_status.started()
         return
     from ..citadel.server import CertificateSource
+    from .sidecar_certs import SidecarCertificates
+    from .tls import keep_renewed
 
     holder = SidecarCertificates()
     rt.tls = holder
@@ -190,6 +179,8 @@ async def secure_inbound(rt, listener, stream: FastSocketStream):
         _refused(rt, listener, "this sidecar has no certificate, and the port requires mutual TLS")
         stream.close_now()
         return None
+    from .tls import accept_inbound  # loaded already: the holder came from it
+
     try:
         conn = await accept_inbound(stream, holder, mode)
     except (TLSError, PeerRejected) as exc:
@@ -232,6 +223,8 @@ class UpstreamTLS:
         connection is closed) when it fails or the peer is not who it should be."""
         try:
             if self.mode == "ISTIO_MUTUAL":
+                from .tls import client_handshake
+
                 ctx = self.holder
                 if self.h2:
                     ctx = getattr(self.holder, "client_h2", None) or self.holder.client

@@ -1,0 +1,35 @@
+"""The sidecar's certificate holder (the TLS contexts its identity makes).
+
+Kept apart from proxy/identity.py so that importing the data path does not
+load `cryptography`: only a sidecar that gets an identity imports this.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from .identity import UPSTREAM_ALPN
+from .tls import CertificateHolder, client_context
+
+
+class SidecarCertificates(CertificateHolder):
+    """The sidecar's certificate holder: server contexts offer h2 and
+    http/1.1, client contexts only what the upstream pool speaks. Server
+    contexts send no TLS 1.3 session tickets (we never resume sessions, and a
+    ticket arriving on an idle pooled connection would read as unsolicited
+    bytes to the pool's liveness check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals = 0
+        self.client_h2: ssl.SSLContext | None = None  # for HTTP/2 upstreams (h2pool): ALPN "h2"
+
+    def update(self, chain_pem, key_pem, bundle_pem, *, verify=True, now=None) -> None:
+        super().update(chain_pem, key_pem, bundle_pem, verify=verify, now=now)
+        h2 = client_context(chain_pem, key_pem, bundle_pem, alpn=("h2",))
+        h2.options |= ssl.OP_NO_TICKET
+        self._client.set_alpn_protocols(list(UPSTREAM_ALPN))
+        self._server.num_tickets = 0
+        self._client.options |= ssl.OP_NO_TICKET
+        self.client_h2 = h2
+        self.renewals = self.generation - 1
