@@ -464,9 +464,26 @@ class Supervisor:
         self.pilot_url = f"http://127.0.0.1:{plan.pilot_port}"
         write_control(self.state_dir, pilot=self.pilot_url, supervisor_pid=os.getpid())
         assert self._nursery is not None
+        # The three roles start side by side: none needs another to come up.
+        try:
+            async with trio.open_nursery() as roles:
+                roles.start_soon(self._start_pilot, plan)
+                roles.start_soon(start_mixer, self)  # telemetry for `top`, global rate-limit quotas
+                roles.start_soon(start_citadel, self)  # CA + `citadel serve`; one-time tokens by env (supervisor/citadel.py)
+        except BaseExceptionGroup as group:
+            first = next((e for e in _leaves(group) if isinstance(e, UpError)), None)
+            if first is None:
+                raise
+            raise first from None
+        if self.registry is None:  # embedded: Consul and Eureka were opened by connect_registry
+            self.registry = PilotRegistry(self.pilot_url)
+        self._nursery.start_soon(self.registry_probe_loop)
+
+    async def _start_pilot(self, plan: Plan) -> None:
+        assert self._nursery is not None and self.pilot is not None
         await self._nursery.start(self.keep_running, self.pilot)
         with trio.move_on_after(20) as cs:
-            while not await http_ok(f"127.0.0.1", plan.pilot_port, "/v1/status"):
+            while not await http_ok("127.0.0.1", plan.pilot_port, "/v1/status"):
                 if self.pilot.state == "failed" or self.pilot.restarts:
                     break
                 await trio.sleep(0.05)
@@ -474,11 +491,6 @@ class Supervisor:
             raise UpError(f"Pilot did not start: see {self.pilot.log}:\n{tail(self.pilot.log)}")
         self.pilot.state = "ready"
         self.event(f"control plane ready at {self.pilot_url}")
-        await start_mixer(self)  # telemetry for `top`, global rate-limit quotas
-        await start_citadel(self)  # CA + `citadel serve`; proxies get one-time tokens by env (supervisor/citadel.py)
-        if self.registry is None:  # embedded: Consul and Eureka were opened by connect_registry
-            self.registry = PilotRegistry(self.pilot_url)
-        self._nursery.start_soon(self.registry_probe_loop)
 
     # ------------------------------------------------------------ workloads
 
@@ -871,6 +883,15 @@ def http_get_json(address: str, path: str, timeout: float = 2.0):
             return json.loads(r.read())
     except (OSError, ValueError, urllib.error.URLError):
         return None
+
+
+def _leaves(e: BaseException):
+    """Every exception in e, looking inside exception groups."""
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield e
 
 
 def tail(path: Path, lines: int = 15) -> str:
