@@ -1,8 +1,11 @@
 """Where a running mesh keeps its state, and how commands find it.
 
 Like git finds `.git`: `--state-dir`, else `MESHCTL_STATE_DIR`, else the first
-`.meshctl/` in the current directory or one of its parents. `up` creates it
-beside the mesh file; `control.json` inside says where the control plane listens.
+`.meshctl/` in the current directory or one of its parents, else (like
+kubectl's current context) the mesh that `up` started last from this account,
+recorded in ``$XDG_CONFIG_HOME/meshctl/current`` (``~/.config/...``). `up`
+creates the state directory beside the mesh file; `control.json` inside says
+where the control plane listens.
 """
 
 from __future__ import annotations
@@ -30,15 +33,37 @@ def find_state_dir(explicit: str | Path | None = None, start: Path | None = None
         candidate = d / STATE_DIR_NAME
         if candidate.is_dir():
             return candidate
-    return None
+    try:
+        last = Path(current_pointer().read_text().strip())
+    except OSError:
+        return None
+    return last if (last / "control.json").is_file() else None
+
+
+def current_pointer() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "meshctl" / "current"
+
+
+def remember_current(state_dir: Path) -> None:
+    """Make ``state_dir`` the mesh that commands find from anywhere (best effort)."""
+    try:
+        p = current_pointer()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".current.{os.getpid()}")
+        tmp.write_text(f"{state_dir.resolve()}\n")
+        tmp.replace(p)
+    except OSError:
+        pass
 
 
 def require_state_dir(explicit: str | Path | None = None) -> Path:
     found = find_state_dir(explicit)
     if found is None:
         raise StateDirNotFound(
-            f"no mesh state directory: no {STATE_DIR_NAME}/ here or in any parent of {Path.cwd()}; "
-            f"run `meshctl up` first, or pass --state-dir / set {ENV_VAR}"
+            f"no mesh state directory: no {STATE_DIR_NAME}/ here or in any parent of {Path.cwd()}, and no mesh "
+            f"started by `meshctl up` recorded in {current_pointer()}; run `meshctl up` first, "
+            f"or pass --state-dir / set {ENV_VAR}"
         )
     return found
 

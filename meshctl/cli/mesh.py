@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..loader.codec import LoadError
-from ..state import ENV_VAR, STATE_DIR_NAME, find_state_dir
+from ..state import ENV_VAR, STATE_DIR_NAME, find_state_dir, remember_current
 from .common import StateDirOption, console, err_console, fail
 
 
@@ -118,6 +118,7 @@ def up(
     except LoadError as e:
         fail(f"bad mesh file:\n{e}")
     sd.mkdir(parents=True, exist_ok=True)
+    remember_current(sd)  # other commands find this mesh from any directory
     pid = _supervisor_pid(sd)
     if pid:
         _update_running(sd, pid, file, registry)

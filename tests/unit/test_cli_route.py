@@ -92,7 +92,30 @@ def test_explain_offline_uses_the_stored_rules_and_registry(run, tmp_path):
 
 def test_commands_without_a_state_dir_say_so(tmp_path, monkeypatch):
     monkeypatch.delenv("MESHCTL_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["route", "get"])
     assert r.exit_code == 1
     assert "no mesh state directory" in r.output
+
+
+def test_commands_find_the_mesh_up_started_last_from_any_directory(tmp_path, monkeypatch):
+    from meshctl.state import remember_current
+
+    monkeypatch.delenv("MESHCTL_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    mesh = tmp_path / "examples" / "bookinfo" / ".meshctl"
+    mesh.mkdir(parents=True)
+    (mesh / "control.json").write_text("{}")
+    remember_current(mesh)  # what `meshctl up` does
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    runner = CliRunner()
+    r = runner.invoke(app, ["route", "apply", "-f", str(RULES / "virtual-service-all-v1.yaml")])
+    assert r.exit_code == 0, r.output
+    assert (mesh / "rules" / "current").exists()
+    # A .meshctl found upward still wins over the recorded one.
+    (elsewhere / ".meshctl").mkdir()
+    r = runner.invoke(app, ["route", "get"])
+    assert "VirtualService" not in r.output
