@@ -83,7 +83,7 @@ class _StreamServer:
     status mapped from HTTP) and the body after it is dropped, as gRPC clients
     expect their errors."""
 
-    __slots__ = ("c", "sid", "grpc", "swallow")
+    __slots__ = ("c", "sid", "grpc", "swallow", "grpc_status")
     keep_alive = True
 
     def __init__(self, c: "_Conn", sid: int, grpc: bool = False) -> None:
@@ -91,6 +91,7 @@ class _StreamServer:
         self.sid = sid
         self.grpc = grpc
         self.swallow = False
+        self.grpc_status = ""  # what the client was told, for telemetry's grpc_response_status
 
     def response_head(self, head: ResponseHead, *, end_stream: bool = False) -> bytes:
         if self.grpc and head.status >= 300:
@@ -99,9 +100,12 @@ class _StreamServer:
             rid = header_value(head.headers, "x-request-id")
             if rid:
                 gh.headers.append(("x-request-id", rid))
+            self.grpc_status = header_value(gh.headers, "grpc-status") or ""
             self.c.emit(self.c.h2.response_head(self.sid, gh, end_stream=True))
             self.swallow = True
             return b""
+        if self.grpc:  # a trailers-only reply carries grpc-status in the head
+            self.grpc_status = header_value(head.headers, "grpc-status") or self.grpc_status
         self.c.emit(self.c.h2.response_head(self.sid, head, end_stream=end_stream))
         return b""
 
@@ -117,6 +121,8 @@ class _StreamServer:
 
     def end(self, trailers=()) -> bytes:
         if not self.swallow:
+            if self.grpc:
+                self.grpc_status = header_value(list(trailers), "grpc-status") or self.grpc_status
             self.c.emit(self.c.h2.end(self.sid, list(trailers)))
         return b""
 

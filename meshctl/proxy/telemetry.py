@@ -248,14 +248,14 @@ class Telemetry:
     # ------------------------------------------------------------ recording
 
     def http_series(self, inbound: bool, peer: Peer | None, endpoint, service: str | None, status: int,
-                    flags, protocol: str, mtls: bool) -> tuple[tuple, HttpSeries]:
+                    flags, protocol: str, mtls: bool, grpc_status: str = "") -> tuple[tuple, HttpSeries]:
         """(labels, series) for a request, cached by its raw inputs (the hot path)."""
         key = (inbound, peer.as_tuple() if peer is not None else None, id(endpoint), service, status,
-               ",".join(flags) if flags else "", protocol, mtls)
+               ",".join(flags) if flags else "", protocol, mtls, grpc_status)
         hit = self._series.get(key)
         if hit is None:
             labels = self.http_labels(inbound=inbound, peer=peer, endpoint=endpoint, service=service, status=status,
-                                      flags=flags, protocol=protocol, mtls=mtls)
+                                      flags=flags, protocol=protocol, mtls=mtls, grpc_status=grpc_status)
             series = self.http.get(labels)
             if series is None:
                 series = self.http[labels] = HttpSeries()
@@ -433,8 +433,9 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
             peer = Peer(principal=peer_id)
         else:
             peer.principal = peer_id
+    grpc_status = getattr(rq.server, "grpc_status", "") if protocol == "grpc" else ""
     labels, series = tel.http_series(inbound, peer, None if inbound else rq.endpoint, service, rq.status, rq.flags,
-                                     protocol, peer_id is not None)
+                                     protocol, peer_id is not None, grpc_status)
     if cl.isdigit():
         req_bytes = int(cl)
     else:

@@ -148,16 +148,28 @@ async def test_unary_server_streaming_and_bidi_through_a_sidecar_pair(echo_apps)
 
 async def test_grpc_status_and_message_carried_end_to_end(echo_apps):
     app = echo_apps("a")
-    async with sidecar_pair(app) as (port, _):
+    async with sidecar_pair(app) as (port, rt):
         def call():
             with _channel(port) as ch:
+                ok = ch.unary_unary("/mesh.Echo/Say")(b"x", timeout=10)
                 try:
                     ch.unary_unary("/mesh.Echo/Say")(b"not-found", timeout=10)
                 except grpc.RpcError as e:
-                    return e.code(), e.details()
-        code, details = await _run(call)
+                    return ok, e.code(), e.details()
+        ok, code, details = await _run(call)
+        assert ok == b"a: hello x"
         assert code == grpc.StatusCode.NOT_FOUND
         assert details == "no such thing"
+        # Istio's grpc_response_status label: 0 for the good call, 5 (NOT_FOUND) for the other.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        seen = {}
+        for fam in text_string_to_metric_families(rt.telemetry.render()):
+            if fam.name == "istio_requests":
+                for sm in fam.samples:
+                    if sm.name == "istio_requests_total" and sm.labels["request_protocol"] == "grpc":
+                        seen[sm.labels["grpc_response_status"]] = sm.value
+        assert seen == {"0": 1, "5": 1}, seen
 
 
 async def test_retry_on_grpc_unavailable(echo_apps):
