@@ -36,7 +36,15 @@ import time
 import trio
 
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead, header_value
-from ..protocol.grpc import GrpcError, GrpcStatus, grpc_status_for_http, is_grpc, local_grpc_reply, parse_grpc_timeout
+from ..protocol.grpc import (
+    GrpcError,
+    GrpcStatus,
+    MessageCounter,
+    grpc_status_for_http,
+    is_grpc,
+    local_grpc_reply,
+    parse_grpc_timeout,
+)
 from ..protocol.detect import detect
 from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
 from . import stats as F
@@ -83,7 +91,7 @@ class _StreamServer:
     status mapped from HTTP) and the body after it is dropped, as gRPC clients
     expect their errors."""
 
-    __slots__ = ("c", "sid", "grpc", "swallow", "grpc_status")
+    __slots__ = ("c", "sid", "grpc", "swallow", "grpc_status", "msgs")
     keep_alive = True
 
     def __init__(self, c: "_Conn", sid: int, grpc: bool = False) -> None:
@@ -92,6 +100,7 @@ class _StreamServer:
         self.grpc = grpc
         self.swallow = False
         self.grpc_status = ""  # what the client was told, for telemetry's grpc_response_status
+        self.msgs = MessageCounter() if grpc else None  # gRPC: response messages, for telemetry
 
     def response_head(self, head: ResponseHead, *, end_stream: bool = False) -> bytes:
         if self.grpc and head.status >= 300:
@@ -116,6 +125,8 @@ class _StreamServer:
 
     def data(self, data: bytes) -> bytes:
         if not self.swallow:
+            if self.msgs is not None:
+                _count(self, data)
             self.c.emit(self.c.h2.data(self.sid, data))
         return b""
 
@@ -135,12 +146,21 @@ class _StreamServer:
         raise DownstreamGone("HTTP/1.1 upgrade cannot be relayed on an HTTP/2 stream")
 
 
+def _count(holder, data: bytes) -> None:
+    """Count gRPC messages in ``data``; a stream that is not gRPC framing after all
+    just stops being counted."""
+    try:
+        holder.msgs.feed(data)
+    except GrpcError:
+        holder.msgs = None
+
+
 class _StreamReader:
     """The request body events of one stream, in the EventReader interface
     (``peek``/``next``/``buffered``/``pos``). Data is acked to the codec when
     the next event is asked for: the previous one has been passed on."""
 
-    __slots__ = ("c", "sid", "events", "pos", "acked", "wake", "eof")
+    __slots__ = ("c", "sid", "events", "pos", "acked", "wake", "eof", "msgs")
 
     def __init__(self, c: "_Conn", sid: int) -> None:
         self.c = c
@@ -150,8 +170,11 @@ class _StreamReader:
         self.acked = 0  # events before this index are acked
         self.wake = trio.Event()
         self.eof = False
+        self.msgs: MessageCounter | None = None  # gRPC: request messages, for telemetry
 
     def push(self, ev) -> None:
+        if self.msgs is not None and type(ev) is Data:
+            _count(self, ev.data)
         self.events.append(ev)
         self.wake.set()
 
@@ -403,6 +426,8 @@ class _Conn:
             sid = ev.stream_id
             scope = trio.CancelScope()
             reader = _StreamReader(self, sid)
+            if is_grpc(ev.headers):
+                reader.msgs = MessageCounter()
             down = _StreamDown(self, sid)
             self.streams[sid] = (scope, reader, down)
             if self.state is not None:

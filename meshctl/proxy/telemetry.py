@@ -167,10 +167,12 @@ class Histogram:
 
 
 class HttpSeries:
-    __slots__ = ("requests", "duration", "request_bytes", "response_bytes")
+    __slots__ = ("requests", "duration", "request_bytes", "response_bytes", "request_messages", "response_messages")
 
     def __init__(self) -> None:
         self.requests = 0
+        self.request_messages = 0  # gRPC only
+        self.response_messages = 0
         self.duration = Histogram(DURATION_BUCKETS_MS)
         self.request_bytes = Histogram(BYTES_BUCKETS)
         self.response_bytes = Histogram(BYTES_BUCKETS)
@@ -294,6 +296,14 @@ class Telemetry:
         family("istio_requests_total", "counter", "Requests, by Istio's standard labels.")
         for lab, s in http:
             out.append(f"istio_requests_total{{{lab}}} {s.requests}")
+        grpc = [(lab, s) for lab, s in http if 'request_protocol="grpc"' in lab]
+        if grpc:
+            family("istio_request_messages_total", "counter", "gRPC messages sent by clients.")
+            for lab, s in grpc:
+                out.append(f"istio_request_messages_total{{{lab}}} {s.request_messages}")
+            family("istio_response_messages_total", "counter", "gRPC messages sent by servers.")
+            for lab, s in grpc:
+                out.append(f"istio_response_messages_total{{{lab}}} {s.response_messages}")
         family("istio_request_duration_milliseconds", "histogram", "Request duration in milliseconds.")
         for lab, s in http:
             s.duration.lines("istio_request_duration_milliseconds", lab, out)
@@ -442,6 +452,11 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
         req_bytes = rq.body.size if rq.body is not None else 0
     duration_ms = (now - started) * 1000.0
     series.requests += 1
+    if protocol == "grpc":
+        for counter, attr in ((getattr(rq.reader, "msgs", None), "request_messages"),
+                              (getattr(rq.server, "msgs", None), "response_messages")):
+            if counter is not None:
+                setattr(series, attr, getattr(series, attr) + counter.messages)
     series.duration.observe(duration_ms)
     series.request_bytes.observe(req_bytes)
     series.response_bytes.observe(rq.bytes_sent)

@@ -127,7 +127,7 @@ def _run(fn):
 
 async def test_unary_server_streaming_and_bidi_through_a_sidecar_pair(echo_apps):
     app = echo_apps("a")
-    async with sidecar_pair(app) as (port, _):
+    async with sidecar_pair(app) as (port, rt):
         def calls():
             with _channel(port) as ch:
                 say = ch.unary_unary("/mesh.Echo/Say")
@@ -137,6 +137,16 @@ async def test_unary_server_streaming_and_bidi_through_a_sidecar_pair(echo_apps)
                 return resp, dict(call.trailing_metadata()), count, chat
 
         resp, trailers, count, chat = await _run(calls)
+        # istio_request_messages_total / istio_response_messages_total, summed over the three calls:
+        # client sent 1 + 1 + 3 messages, server answered 1 + 50 + 3.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        totals = {}
+        for fam in text_string_to_metric_families(rt.telemetry.render()):
+            for sm in fam.samples:
+                if sm.name in ("istio_request_messages_total", "istio_response_messages_total"):
+                    totals[sm.name] = totals.get(sm.name, 0) + sm.value
+        assert totals == {"istio_request_messages_total": 5, "istio_response_messages_total": 54}, totals
         assert resp == b"a: hello world"
         assert trailers["x-app-trailer"] == "a"  # trailers carried end to end
         assert count == [b"%d" % i for i in range(50)]
