@@ -1,5 +1,6 @@
-"""h2spec (HTTP/2 conformance) against an inbound listener: the failures must be
-exactly the ones docs/h2spec.md lists, with their reasons."""
+"""h2spec (HTTP/2 conformance) against an inbound listener and a gateway
+listener: the failures must be exactly the ones docs/h2spec.md lists, with
+their reasons."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import trio
 
 from meshctl.model.proxyconfig import Listener
 
-from proxy_testkit import config, free_port, running_proxy
+from meshctl.model.proxyconfig import VirtualHost
+
+from proxy_testkit import cluster, config, free_port, route_to, running_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,13 +37,23 @@ def _documented() -> set[tuple[str, str]]:
     return set(re.findall(r"^- `([^`]+)` / `([^`]+)`", block, re.M))
 
 
-async def test_h2spec_failures_are_exactly_the_documented_ones(upstream, tmp_path):
+@pytest.mark.parametrize("kind", ["inbound", "gateway"])
+async def test_h2spec_failures_are_exactly_the_documented_ones(upstream, tmp_path, kind):
     h2spec = _h2spec()
     lp = free_port()
-    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=lp,
-                       app_address="127.0.0.1", app_port=upstream.port, service="app")
+    if kind == "inbound":
+        cfg = config(listeners=[Listener(name="inbound", direction="inbound", address="127.0.0.1", port=lp,
+                                         app_address="127.0.0.1", app_port=upstream.port, service="app")])
+    else:  # a gateway answering any host ("*", as bookinfo-gateway binds) and routing to the app
+        route = route_to("app", 80)
+        cfg = config(
+            listeners=[Listener(name="gateway-80", direction="gateway", address="127.0.0.1", port=lp,
+                                route_table="outbound", service_port=80)],
+            vhosts=[VirtualHost(name="default/app:80", domains=("*",), routes=(route,))],
+            clusters=[cluster("app", 80, [("127.0.0.1", upstream.port)])],
+        )
     report = tmp_path / "h2spec.xml"
-    async with running_proxy(config(listeners=[inbound])):
+    async with running_proxy(cfg):
         r = await trio.run_process([h2spec, "-h", "127.0.0.1", "-p", str(lp), "-o", "3", "-j", str(report)],
                                    capture_stdout=True, capture_stderr=True, check=False)
     out = r.stdout.decode(errors="replace")
