@@ -45,6 +45,7 @@ class EchoApp:
             "Say": grpc.unary_unary_rpc_method_handler(self.say),
             "Count": grpc.unary_stream_rpc_method_handler(self.count),
             "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+            "Greet": grpc.unary_unary_rpc_method_handler(self.greet),  # protobuf-typed (echo.proto)
         })
         self.server = grpc.server(ThreadPoolExecutor(max_workers=8))
         self.server.add_generic_rpc_handlers((handler,))
@@ -70,6 +71,12 @@ class EchoApp:
         ctx.set_trailing_metadata((("x-app-trailer", self.name),))
         return self.name.encode() + b": hello " + req
 
+    def greet(self, req: bytes, ctx) -> bytes:
+        """mesh.Msg in, mesh.Msg out: field 1 (text) is the only field, so the
+        wire form is 0x0a, a varint length and the UTF-8 bytes."""
+        text = _pb_text(req)
+        return _pb_msg(f"{self.name}: hello {text}")
+
     def count(self, req: bytes, ctx):
         for i in range(int(req)):
             yield b"%d" % i
@@ -80,6 +87,33 @@ class EchoApp:
 
     def stop(self) -> None:
         self.server.stop(0)
+
+
+def _pb_text(data: bytes) -> str:
+    if not data:
+        return ""
+    assert data[0] == 0x0A, data
+    n, shift, i = 0, 0, 1
+    while True:
+        b = data[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    return data[i:i + n].decode()
+
+
+def _pb_msg(text: str) -> bytes:
+    raw = text.encode()
+    n, out = len(raw), bytearray([0x0A])
+    while True:
+        if n < 0x80:
+            out.append(n)
+            break
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes(out) + raw
 
 
 @pytest.fixture
@@ -291,17 +325,21 @@ async def test_upstream_binding_reaches_the_grpc_service_by_name(echo_apps):
         assert await _run(call) == b"a: hello bound"
 
 
-async def test_grpc_over_mtls_sidecars_and_authorization_on_the_peer_principal(echo_apps):
-    """HTTP/2 streams over the sidecars' mTLS: the inbound sees the verified peer
-    of the connection on every stream (AuthorizationPolicy on principals)."""
+@asynccontextmanager
+async def mtls_sidecar_pair(app: EchoApp, client_sa: str, allowed_sa: str):
+    """Client sidecar -> server sidecar over mTLS (certificates from a test CA),
+    the server allowing only ``allowed_sa`` by AuthorizationPolicy. Yields the
+    client sidecar's outbound port."""
     import dataclasses
     from datetime import datetime, timedelta, timezone
+    from functools import partial
 
     from meshctl.citadel.ca import create_root, generate_key, key_to_pem, make_csr
     from meshctl.model.base import FrozenDict
     from meshctl.model.istio import AuthorizationPolicy, Rule, RuleFrom, Source
     from meshctl.model.proxyconfig import Endpoint
     from meshctl.proxy.identity import SidecarCertificates
+    from meshctl.proxy.runtime import ProxyRuntime
 
     now = datetime.now(timezone.utc)
     root = create_root("cluster.local", now - timedelta(days=1))
@@ -314,39 +352,63 @@ async def test_grpc_over_mtls_sidecars_and_authorization_on_the_peer_principal(e
         return h
 
     echo_id = "spiffe://cluster.local/ns/default/sa/echo"
+    in_port = free_port()
+    inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
+                       app_address="127.0.0.1", app_port=app.port, service="echo", mtls_mode="STRICT")
+    policy = AuthorizationPolicy(action="ALLOW", rules=(Rule(from_=(RuleFrom(source=Source(
+        principals=(f"cluster.local/ns/default/sa/{allowed_sa}",))),)),))
+    server_cfg = dataclasses.replace(config(listeners=[inbound]), authorization=FrozenDict({"default/p": policy}))
+    out_port = free_port()
+    ep = Endpoint(address="127.0.0.1", port=in_port, identity=echo_id)
+    client_cfg = config(listeners=[outbound_listener(out_port)], vhosts=[vhost("echo", 9090, (route_to("echo", 9090),))],
+                        clusters=[cluster("echo", 9090, [ep], protocol="grpc")])
+    srt, crt = ProxyRuntime(), ProxyRuntime()
+    srt.tls, crt.tls = certs(echo_id), certs(f"spiffe://cluster.local/ns/default/sa/{client_sa}")
+    async with trio.open_nursery() as n:
+        await n.start(partial(srt.run, server_cfg, handle_signals=False))
+        await n.start(partial(crt.run, client_cfg, handle_signals=False))
+        try:
+            yield out_port
+        finally:
+            srt.drain()
+            crt.drain()
+
+
+async def test_grpc_over_mtls_sidecars_and_authorization_on_the_peer_principal(echo_apps):
+    """HTTP/2 streams over the sidecars' mTLS: the inbound sees the verified peer
+    of the connection on every stream (AuthorizationPolicy on principals)."""
     app = echo_apps("a")
 
     async def call_as(client_sa: str, allowed_sa: str):
-        in_port = free_port()
-        inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
-                           app_address="127.0.0.1", app_port=app.port, service="echo", mtls_mode="STRICT")
-        policy = AuthorizationPolicy(action="ALLOW", rules=(Rule(from_=(RuleFrom(source=Source(
-            principals=(f"cluster.local/ns/default/sa/{allowed_sa}",))),)),))
-        server_cfg = dataclasses.replace(config(listeners=[inbound]), authorization=FrozenDict({"default/p": policy}))
-        out_port = free_port()
-        ep = Endpoint(address="127.0.0.1", port=in_port, identity=echo_id)
-        client_cfg = config(listeners=[outbound_listener(out_port)], vhosts=[vhost("echo", 9090, (route_to("echo", 9090),))],
-                            clusters=[cluster("echo", 9090, [ep], protocol="grpc")])
-        from meshctl.proxy.runtime import ProxyRuntime
-        from functools import partial
-
-        srt, crt = ProxyRuntime(), ProxyRuntime()
-        srt.tls, crt.tls = certs(echo_id), certs(f"spiffe://cluster.local/ns/default/sa/{client_sa}")
-        async with trio.open_nursery() as n:
-            await n.start(partial(srt.run, server_cfg, handle_signals=False))
-            await n.start(partial(crt.run, client_cfg, handle_signals=False))
-
+        async with mtls_sidecar_pair(app, client_sa, allowed_sa) as out_port:
             def call():
                 with _channel(out_port) as ch:
                     try:
                         return ch.unary_unary("/mesh.Echo/Say")(b"tls", timeout=10)
                     except grpc.RpcError as e:
                         return e.code()
-            try:
-                return await _run(call)
-            finally:
-                srt.drain()
-                crt.drain()
+            return await _run(call)
 
     assert await call_as("client", "client") == b"a: hello tls"
     assert await call_as("intruder", "client") == grpc.StatusCode.PERMISSION_DENIED  # 403 RBAC as a gRPC status
+
+
+async def test_grpcurl_through_a_sidecar_pair_with_mtls(echo_apps):
+    """A real gRPC tool, knowing the service only from its .proto, through both sidecars."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[2] / "scripts" / "tools" / "grpcurl.sh"
+    built = subprocess.run([str(tools)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    grpcurl = built.stdout.strip().splitlines()[-1]
+    app = echo_apps("a")
+    here = Path(__file__).parent
+    async with mtls_sidecar_pair(app, "client", "client") as out_port:
+        r = await trio.run_process(
+            [grpcurl, "-plaintext", "-authority", "echo:9090", "-import-path", str(here), "-proto", "echo.proto",
+             "-d", '{"text": "grpcurl"}', f"127.0.0.1:{out_port}", "mesh.Echo/Greet"],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout) == {"text": "a: hello grpcurl"}
