@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ..loader.codec import from_data
 from ..model.proxyconfig import fqdn
-from ..pilot.compile import Inputs, _applies_to_mesh, _normalize_route, _vs_hosts, discover_services
+from ..pilot.compile import Inputs, _applies_to_mesh, _normalize_route, _vs_hosts
 from ..pilot.faults import (
     FaultError,
     FaultStore,

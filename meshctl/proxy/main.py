@@ -55,7 +55,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
 
     from ..loader.codec import LoadError
     from ..loader.proxyconfig import load_proxy_config
-    from .runtime import ConfigRejected, ProxyRuntime
+    from .runtime import ProxyRuntime
 
     _setup_logging(log_level)
 

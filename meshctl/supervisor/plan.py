@@ -11,12 +11,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..loader.codec import LoadError, decode_collect, line_of, raise_errors
 from ..loader.source import parse_documents
 from ..model.base import FrozenDict
 from ..model.mesh import MeshSpec
+
+if TYPE_CHECKING:
+    from ..pilot.compile import Node
 
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
