@@ -28,9 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_range() -> str:
-    """A block of 100 ports nobody listens on (best effort: checked now)."""
-    base = 30000 + (os.getpid() % 200) * 100
+def port_range(block: int = 0) -> str:
+    """A block of 100 ports for this test process (``block`` picks another one)."""
+    base = 30000 + ((os.getpid() + block * 97) % 200) * 100
     return f"{base}-{base + 99}"
 
 
@@ -185,7 +185,7 @@ def test_down_leaves_no_process_and_no_port(tmp_path):
     shutil.copy(BOOKINFO / "apps" / "ratings.py", work / "apps")
     gw = free_port()
     (work / "mesh.yaml").write_text(
-        f"settings: {{portRange: {port_range().replace('30', '31', 1)}}}\n"
+        f"settings: {{portRange: {port_range(block=1)}}}\n"
         "services:\n- name: ratings\n  port: 9080\n  healthCheck: {http: /health}\n"
         "  versions: [{name: v1, command: [python3, apps/ratings.py]}]\n"
         f"gateways:\n- name: gw\n  labels: {{istio: ingressgateway}}\n  ports: {{80: {gw}}}\n"

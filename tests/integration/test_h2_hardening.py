@@ -43,11 +43,12 @@ def _frames(raw: bytes) -> list:
     return out
 
 
-async def _read_until_closed(s: socket.socket, limit: float) -> tuple[bytes, bool]:
+async def _read_until_closed(s: socket.socket, limit: float, done=None) -> tuple[bytes, bool]:
+    """Read until the peer closes, ``limit`` seconds pass, or ``done(raw)`` says enough."""
     s.setblocking(False)
     raw = b""
     with trio.move_on_after(limit):
-        while True:
+        while done is None or not done(raw):
             await trio.sleep(0.02)
             try:
                 data = s.recv(1 << 20)
@@ -79,7 +80,13 @@ async def test_streams_past_the_limit_are_refused_and_the_rest_answered(upstream
         for i in range(105):
             c.send_headers(1 + 2 * i, HDR, end_stream=True)
         s.sendall(c.data_to_send())
-        raw, closed = await _read_until_closed(s, 3)
+
+        def all_answered(raw: bytes) -> bool:  # 100 responses (0.5 s each, concurrently) and 5 refusals
+            return sum(isinstance(f, (HeadersFrame, RstStreamFrame)) for f in _frames(raw)) >= 105
+
+        raw, closed = await _read_until_closed(s, 15, all_answered)
+        more, _ = await _read_until_closed(s, 0.3)  # anything further (a GOAWAY, an extra answer) shows now
+        raw += more
         s.close()
         frames = _frames(raw)
         refused = [f.stream_id for f in frames if isinstance(f, RstStreamFrame)
