@@ -25,39 +25,18 @@ PY=${PY:-$(dirname "$MESHCTL")/python}
 [ -x "$PY" ] || PY=python3
 WORK=$(mktemp -d /tmp/meshctl-bench.XXXXXX)
 PIDS=()
+. "$HERE/lib.sh"  # cleanup, free_port, nginx_conf, wait_ready and the measurements
 
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 BACKEND=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port)
 MESH_IN=$(free_port); MESH_OUT=$(free_port); ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
 
-nginx_conf() { # name listen_port body
-  mkdir -p "$WORK/$1/logs"
-  cat >"$WORK/$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  $3
-}
-EOF
-}
 
-nginx_conf backend "$BACKEND" "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
-nginx_conf ngx_server "$NGX_S" "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
+nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
+nginx_conf ngx_server "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
   server { listen 127.0.0.1:$NGX_S; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-nginx_conf ngx_client "$NGX_C" "upstream s { server 127.0.0.1:$NGX_S; keepalive 64; }
+nginx_conf ngx_client "upstream s { server 127.0.0.1:$NGX_S; keepalive 64; }
   server { listen 127.0.0.1:$NGX_C; location / { proxy_pass http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 
 start_nginx() { nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" & PIDS+=($!); echo $! >"$WORK/$1.pid"; }
@@ -95,40 +74,15 @@ PIDS+=($!); MESH_IN_PID=$!
 "$MESHCTL" proxy run --config "$WORK/out.yaml" --admin-port "$ADMIN_OUT" --log-level warning 2>"$WORK/out.log" &
 PIDS+=($!); MESH_OUT_PID=$!
 
-wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
 wait_ready "http://127.0.0.1:$BACKEND/"
 wait_ready "http://127.0.0.1:$NGX_C/"
 wait_ready "http://127.0.0.1:$ADMIN_IN/ready"
 wait_ready "http://127.0.0.1:$ADMIN_OUT/ready"
 curl -sf "http://127.0.0.1:$MESH_OUT/" -H "host: backend" | grep -q "hello world" || { echo "meshctl pair broken" >&2; cat "$WORK"/*.log >&2; exit 1; }
 
+
 # nginx does its work in the worker process (child of the master we started)
-worker_of() { pgrep -P "$(cat "$WORK/$1.pid")" | head -1; }
 NGX_S_PID=$(worker_of ngx_server); NGX_C_PID=$(worker_of ngx_client); BACKEND_PID=$(worker_of backend)
-
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
-
-maxrps() { # url host → rps
-  wrk -t1 -c$CONNS -d"${DUR}s" -H "host: $2" "$1" | awk '/Requests\/sec/{print $2}'
-}
-
-latency() { # url host a_pid b_pid → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
-  local log="$WORK/lat.$RANDOM.log" t0a t0b t1a t1b
-  t0a=$(cpu_ticks "$3"); t0b=$(cpu_ticks "$4")
-  h2load --h1 -c$CONNS -t1 --rps "$(awk -v r=$RATE_TOTAL -v c=$CONNS 'BEGIN{print r/c}')" -D "$DUR" \
-    -H ":authority: $2" --log-file="$log" "$1" >/dev/null 2>&1 || true
-  t1a=$(cpu_ticks "$3"); t1b=$(cpu_ticks "$4")
-  "$PY" - "$log" "$((t1a - t0a))" "$((t1b - t0b))" "$DUR" "$(getconf CLK_TCK)" <<'EOF'
-import sys
-log, da, db, dur, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-lat = sorted(int(l.split("\t")[2]) for l in open(log) if l.strip() and l.split("\t")[1] == "200")
-n = len(lat)
-p = lambda q: lat[min(n - 1, int(q * n))] if n else 0
-rate = n / dur / 1000 if n else 1
-print(p(0.50), p(0.99), f"{da / hz / dur / rate:.3f}", f"{db / hz / dur / rate:.3f}", n)
-EOF
-}
 
 echo "# meshctl pair vs nginx pair — $(date -u +%FT%TZ), $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# shared machine: other work may be running; only ratios within this run mean anything"

@@ -28,15 +28,10 @@ PY=${PY:-$(dirname "$MESHCTL")/python}
 [ -x "$PY" ] || PY=python3
 WORK=$(mktemp -d /tmp/meshctl-bench-mtls.XXXXXX)
 PIDS=()
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"  # cleanup, free_port, nginx_conf, wait_ready and the measurements
 
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 BACKEND=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port); CITADEL=$(free_port)
 MESH_IN=$(free_port); MESH_OUT=$(free_port); ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
@@ -54,21 +49,6 @@ for who in server client; do
     -extfile "$P/$who.ext" -out "$P/$who.pem" 2>/dev/null
 done
 
-nginx_conf() { # name body
-  mkdir -p "$WORK/$1/logs"
-  cat >"$WORK/$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  $2
-}
-EOF
-}
 
 nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
 nginx_conf ngx_server "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
@@ -135,7 +115,6 @@ PIDS+=($!); PLAIN_IN_PID=$!
 "$MESHCTL" proxy run --config "$WORK/plain-out.yaml" --admin-port "$PADMIN_OUT" --log-level warning 2>"$WORK/plain-out.log" &
 PIDS+=($!); PLAIN_OUT_PID=$!
 
-wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
 wait_ready "http://127.0.0.1:$BACKEND/"
 wait_ready "http://127.0.0.1:$NGX_C/"
 wait_ready "http://127.0.0.1:$ADMIN_IN/ready"
@@ -150,30 +129,9 @@ if curl -sf -m 3 "http://127.0.0.1:$NGX_S/" >/dev/null 2>&1; then echo "nginx se
 grep -q "connection_security_policy=\"mutual_tls\"" <(curl -s "http://127.0.0.1:$ADMIN_IN/stats") \
   || { echo "meshctl inbound did not see mutual TLS" >&2; exit 1; }
 
-worker_of() { pgrep -P "$(cat "$WORK/$1.pid")" | head -1; }
+
+# nginx does its work in the worker process (child of the master we started)
 NGX_S_PID=$(worker_of ngx_server); NGX_C_PID=$(worker_of ngx_client); BACKEND_PID=$(worker_of backend)
-
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
-
-maxrps() { wrk -t1 -c$CONNS -d"${DUR}s" -H "host: $2" "$1" | awk '/Requests\/sec/{print $2}'; }
-
-latency() { # url host a_pid b_pid → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
-  local log="$WORK/lat.$RANDOM.log" t0a t0b t1a t1b
-  t0a=$(cpu_ticks "$3"); t0b=$(cpu_ticks "$4")
-  h2load --h1 -c$CONNS -t1 --rps "$(awk -v r=$RATE_TOTAL -v c=$CONNS 'BEGIN{print r/c}')" -D "$DUR" \
-    -H ":authority: $2" --log-file="$log" "$1" >/dev/null 2>&1 || true
-  t1a=$(cpu_ticks "$3"); t1b=$(cpu_ticks "$4")
-  "$PY" - "$log" "$((t1a - t0a))" "$((t1b - t0b))" "$DUR" "$(getconf CLK_TCK)" <<'EOF'
-import sys
-log, da, db, dur, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-lat = sorted(int(l.split("\t")[2]) for l in open(log) if l.strip() and l.split("\t")[1] == "200")
-n = len(lat)
-p = lambda q: lat[min(n - 1, int(q * n))] if n else 0
-rate = n / dur / 1000 if n else 1
-print(p(0.50), p(0.99), f"{da / hz / dur / rate:.3f}", f"{db / hz / dur / rate:.3f}", n)
-EOF
-}
 
 echo "# meshctl mTLS pair vs nginx mTLS pair — $(date -u +%FT%TZ), $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# shared machine: other work may be running; only ratios within this run mean anything"
