@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import itertools
 import threading
 import time
 from collections import Counter
@@ -20,6 +22,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_next_block = itertools.count()
+
+
+def mesh_ports() -> tuple[str, int]:
+    """A fresh block of 100 ports: ``settings.portRange`` for a mesh, and one spare
+    port above that range for its ingress gateway.
+
+    The blocks lie in 22000-32699: below Linux's ephemeral range (32768-60999), so no
+    client socket of any process on the machine takes a planned port between the plan
+    and the bind, and above meshctl's default range (21000-21999), so a developer's own
+    mesh is left alone. Each call gives the next block; the first one depends on the
+    pid, so two test runs side by side differ.
+    """
+    block = (os.getpid() * 13 + next(_next_block)) % 107
+    base = 22000 + block * 100
+    return f"{base}-{base + 98}", base + 99
+
+
+BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo"
+
+
+def bookinfo_workdir(work: Path) -> int:
+    """Copy the Bookinfo example into ``work`` with ports of its own; returns the
+    ingress gateway's port."""
+    shutil.copytree(BOOKINFO / "apps", work / "apps", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(BOOKINFO / "rules", work / "rules")
+    port_range, gw_port = mesh_ports()
+    text = (BOOKINFO / "mesh.yaml").read_text()
+    assert "portRange: 21000-21999" in text and "{80: 8080}" in text, "examples/bookinfo/mesh.yaml changed its ports"
+    text = text.replace("portRange: 21000-21999", f"portRange: {port_range}").replace("{80: 8080}", f"{{80: {gw_port}}}")
+    (work / "mesh.yaml").write_text(text)
+    return gw_port
 
 
 def meshctl_popen(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import bookinfo_workdir
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parents[2]
-BOOKINFO = ROOT / "examples" / "bookinfo"
 FORTIO_SH = ROOT / "scripts" / "tools" / "fortio.sh"
 
 REVIEWS_UNAVAILABLE = "Sorry, product reviews are currently unavailable for this book."
 RATINGS_UNAVAILABLE = "Ratings service is currently unavailable"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_range() -> str:
-    """100 ports above Linux's ephemeral range (32768-60999), so that no client socket
-    of another test holds one of them; per pid, so parallel runs differ."""
-    base = 61000 + (os.getpid() % 45) * 100
-    return f"{base}-{base + 99}"
 
 
 def meshctl(*args: str, cwd: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -84,12 +70,7 @@ def apply(mesh, *files: str, text: str | None = None) -> None:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     work = tmp_path_factory.mktemp("istio-tasks")
-    shutil.copytree(BOOKINFO / "apps", work / "apps", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(BOOKINFO / "rules", work / "rules")
-    gw_port = free_port()
-    text = (BOOKINFO / "mesh.yaml").read_text()
-    text = text.replace("portRange: 21000-21999", f"portRange: {port_range()}").replace("{80: 8080}", f"{{80: {gw_port}}}")
-    (work / "mesh.yaml").write_text(text)
+    gw_port = bookinfo_workdir(work)
     meshctl("up", "-d", "-f", "mesh.yaml", cwd=work)
     try:
         apply({"dir": work}, "bookinfo-gateway.yaml", "destination-rule-all.yaml", "virtual-service-all-v1.yaml")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -18,24 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import LoadGenerator
+from .helpers import LoadGenerator, bookinfo_workdir
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parents[2]
-BOOKINFO = ROOT / "examples" / "bookinfo"
 CERT_TTL = "6s"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_range() -> str:
-    base = 50000 + (os.getpid() % 100) * 100
-    return f"{base}-{base + 99}"
 
 
 def meshctl(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -100,12 +87,7 @@ def wait_until(cond, timeout: float = 15.0, what: str = "condition"):
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     work = tmp_path_factory.mktemp("mtls")
-    shutil.copytree(BOOKINFO / "apps", work / "apps", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(BOOKINFO / "rules", work / "rules")
-    gw = free_port()
-    text = (BOOKINFO / "mesh.yaml").read_text()
-    text = text.replace("portRange: 21000-21999", f"portRange: {port_range()}").replace("{80: 8080}", f"{{80: {gw}}}")
-    (work / "mesh.yaml").write_text(text)
+    gw = bookinfo_workdir(work)
     meshctl("up", "-d", "-f", "mesh.yaml", cwd=work, env={"MESHCTL_CERT_TTL": CERT_TTL})
     try:
         status = json.loads((work / ".meshctl" / "status.json").read_text())

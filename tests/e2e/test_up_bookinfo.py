@@ -16,22 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import BOOKINFO, bookinfo_workdir, mesh_ports
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parents[2]
-BOOKINFO = ROOT / "examples" / "bookinfo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_range(block: int = 0) -> str:
-    """A block of 100 ports for this test process (``block`` picks another one)."""
-    base = 30000 + ((os.getpid() + block * 97) % 200) * 100
-    return f"{base}-{base + 99}"
 
 
 def meshctl(*args: str, cwd: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -63,12 +52,7 @@ def version_of(page: str) -> str:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     work = tmp_path_factory.mktemp("bookinfo")
-    shutil.copytree(BOOKINFO / "apps", work / "apps", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(BOOKINFO / "rules", work / "rules")
-    gw_port = free_port()
-    text = (BOOKINFO / "mesh.yaml").read_text()
-    text = text.replace("portRange: 21000-21999", f"portRange: {port_range()}").replace("{80: 8080}", f"{{80: {gw_port}}}")
-    (work / "mesh.yaml").write_text(text)
+    gw_port = bookinfo_workdir(work)
     started = time.monotonic()
     meshctl("up", "-d", "-f", "mesh.yaml", cwd=work)
     up_seconds = time.monotonic() - started
@@ -183,9 +167,9 @@ def test_down_leaves_no_process_and_no_port(tmp_path):
     (work / "apps").mkdir()
     shutil.copy(BOOKINFO / "apps" / "common.py", work / "apps")
     shutil.copy(BOOKINFO / "apps" / "ratings.py", work / "apps")
-    gw = free_port()
+    port_range, gw = mesh_ports()
     (work / "mesh.yaml").write_text(
-        f"settings: {{portRange: {port_range(block=1)}}}\n"
+        f"settings: {{portRange: {port_range}}}\n"
         "services:\n- name: ratings\n  port: 9080\n  healthCheck: {http: /health}\n"
         "  versions: [{name: v1, command: [python3, apps/ratings.py]}]\n"
         f"gateways:\n- name: gw\n  labels: {{istio: ingressgateway}}\n  ports: {{80: {gw}}}\n"
@@ -213,3 +197,4 @@ def test_bad_mesh_file_and_missing_command_are_named_and_nothing_runs(tmp_path):
     assert r.returncode != 0
     assert "mesh.yaml:3: services[0].prot: unknown field (did you mean port?)" in r.stderr
     assert not (tmp_path / ".meshctl" / "supervisor.pid").exists()
+

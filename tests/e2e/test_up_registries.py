@@ -27,7 +27,7 @@ import pytest
 
 from tests.tools.servers import ServerProcess, build_tool
 
-from .helpers import HELLO_APP, LoadGenerator, free_port, http_get, start_hello, stop
+from .helpers import HELLO_APP, LoadGenerator, free_port, http_get, mesh_ports, start_hello, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +35,6 @@ WRAPPER = f"""import os, runpy, sys
 sys.argv = [{str(HELLO_APP)!r}, os.environ["PORT"], sys.argv[1]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def port_range(offset: int) -> str:
-    """A block of 100 ports below Linux's ephemeral range (32768+), where no
-    outgoing connection or bind-to-0 can take a planned port before it is used."""
-    base = 22000 + ((os.getpid() + offset * 7) % 80) * 100
-    return f"{base}-{base + 99}"
 
 
 def meshctl(*args: str, cwd: Path, check: bool = True, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -52,9 +45,9 @@ def meshctl(*args: str, cwd: Path, check: bool = True, timeout: float = 120, env
     return r
 
 
-def write_mesh(work: Path, offset: int, registry: str | None = None) -> None:
+def write_mesh(work: Path, registry: str | None = None) -> None:
     (work / "hello.py").write_text(WRAPPER)
-    settings = f"portRange: {port_range(offset)}" + (f", registry: '{registry}'" if registry else "")
+    settings = f"portRange: {mesh_ports()[0]}" + (f", registry: '{registry}'" if registry else "")
     (work / "mesh.yaml").write_text(
         f"settings: {{{settings}}}\n"
         "services:\n"
@@ -135,8 +128,8 @@ def remove_v2_under_load(mesh: dict, v2_state) -> tuple:
     return load.result, seen
 
 
-def up_mesh(work: Path, registry: str, offset: int) -> dict:
-    write_mesh(work, offset)
+def up_mesh(work: Path, registry: str) -> dict:
+    write_mesh(work)
     started = time.monotonic()
     meshctl("up", "-d", "-f", "mesh.yaml", "--registry", registry, cwd=work)
     st = status(work)
@@ -148,7 +141,7 @@ def up_mesh(work: Path, registry: str, offset: int) -> dict:
 
 
 def test_unreachable_or_malformed_registry_is_named_and_nothing_is_left_running(tmp_path):
-    write_mesh(tmp_path, 0)
+    write_mesh(tmp_path)
     dead = f"consul://127.0.0.1:{free_port()}"
     r = meshctl("up", "-f", "mesh.yaml", "--registry", dead, cwd=tmp_path, check=False)
     assert r.returncode != 0
@@ -163,7 +156,7 @@ def test_unreachable_or_malformed_registry_is_named_and_nothing_is_left_running(
 
     # The same from mesh.yaml, detached, with Eureka: the error reaches the user.
     dead = f"eureka://127.0.0.1:{free_port()}/eureka"
-    write_mesh(tmp_path, 0, registry=dead)
+    write_mesh(tmp_path, registry=dead)
     r = meshctl("up", "-d", "-f", "mesh.yaml", cwd=tmp_path, check=False)
     assert r.returncode != 0
     assert dead in r.stderr and "cannot connect" in r.stderr and "fetch the registry" in r.stderr, r.stderr
@@ -181,7 +174,7 @@ def test_unreachable_or_malformed_registry_is_named_and_nothing_is_left_running(
 
 @pytest.fixture(scope="module")
 def consul_mesh(consul_agent, tmp_path_factory):
-    mesh = up_mesh(tmp_path_factory.mktemp("consul-mesh"), consul_agent, offset=1)
+    mesh = up_mesh(tmp_path_factory.mktemp("consul-mesh"), consul_agent)
     apps: list = []
     mesh["apps"] = apps
     try:
@@ -351,7 +344,7 @@ def consul_with_acls(tmp_path):
 @pytest.mark.consul
 def test_consul_acl_token_comes_from_the_flag_or_the_environment(consul_with_acls, tmp_path):
     url, http = consul_with_acls
-    write_mesh(tmp_path, 3)
+    write_mesh(tmp_path)
     started = time.monotonic()
     r = meshctl("up", "-d", "-f", "mesh.yaml", "--registry", url, cwd=tmp_path, check=False)
     assert r.returncode != 0
@@ -379,7 +372,7 @@ def test_consul_acl_token_comes_from_the_flag_or_the_environment(consul_with_acl
 
 @pytest.fixture(scope="module")
 def eureka_mesh(eureka_server, tmp_path_factory):
-    mesh = up_mesh(tmp_path_factory.mktemp("eureka-mesh"), eureka_server, offset=2)
+    mesh = up_mesh(tmp_path_factory.mktemp("eureka-mesh"), eureka_server)
     apps: list = []
     mesh["apps"] = apps
     try:

@@ -10,9 +10,9 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshctl.model.base import Duration, FrozenDict
+from meshctl.model.base import FrozenDict
 from meshctl.model.istio import HTTPRetry
-from meshctl.model.proxyconfig import Endpoint, Listener, ProxyConfig, Settings, Workload, fqdn
+from meshctl.model.proxyconfig import Endpoint, Listener, ProxyConfig, Workload, fqdn
 from meshctl.proxy.accesslog import AccessLog
 from meshctl.proxy.runtime import ProxyRuntime
 

@@ -1,6 +1,5 @@
 """mesh.yaml: loading with file:line errors, and the plan `up` runs."""
 
-from pathlib import Path
 
 import pytest
 
