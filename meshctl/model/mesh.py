@@ -5,6 +5,7 @@ settings:
   registry: embedded            # or consul://127.0.0.1:8500, eureka://127.0.0.1:8761/eureka
   trustDomain: cluster.local
   portRange: 21000-21999        # where meshctl allocates app, sidecar and gateway ports
+  readyTimeout: 60s             # how long `up` waits for every instance to pass its health check
 services:
 - name: reviews
   port: 9080                    # the service port clients use: http://reviews:9080/
@@ -81,6 +82,7 @@ class MeshSettings:
     port_range: str = "21000-21999"
     state_dir: str | None = None  # default: .meshctl beside the mesh file
     pilot_port: int | None = None  # default: allocated from port_range
+    ready_timeout: Duration = Duration(60.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,6 @@ from ..mixer.supervise import status as mixer_status
 
 log = logging.getLogger("meshctl.up")
 
-READY_TIMEOUT = 60.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 STOP_GRACE = 8.0
 REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after this long
@@ -687,7 +686,8 @@ class Supervisor:
         self.plan = plan
         self.write_status()
 
-    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+    async def wait_ready(self) -> None:
+        timeout = float(self.spec.settings.ready_timeout)
         deadline = trio.current_time() + timeout
         while True:
             if self._refused:
@@ -707,8 +707,12 @@ class Supervisor:
                 details = []
                 for i in self.instances.values():
                     if i.state != "ready":
-                        logs = [p.log for p in (i.app, i.proxy) if p]
-                        details.append(f"{i.plan.name} is {i.state} (logs: {', '.join(map(str, logs))})")
+                        details.append(f"{i.plan.name} is {i.state}:")
+                        for p in (i.app, i.proxy):
+                            if p is None:
+                                continue
+                            details.append(f"  {p.kind}: {p.last_event if p.restarts else f'log {p.log}'}")
+                            details += [f"    | {line}" for line in tail(p.log, 3).splitlines()]
                 raise UpError(f"not ready after {timeout:.0f}s: {', '.join(pending)}\n" + "\n".join(details))
             await trio.sleep(0.05)
 
@@ -738,9 +742,7 @@ class Supervisor:
                         await self.connect_registry()
                         await self.start_control_plane(plan)
                         await self.apply_plan(plan)
-                        with trio.move_on_after(READY_TIMEOUT):
-                            await self.wait_ready()
-                        await self.wait_ready(0)
+                        await self.wait_ready()
                     except BaseException as e:
                         self.state = "failed"
                         self.error = str(e) if isinstance(e, UpError) else f"{e.__class__.__name__}: {e}"

@@ -198,3 +198,21 @@ def test_bad_mesh_file_and_missing_command_are_named_and_nothing_runs(tmp_path):
     assert "mesh.yaml:3: services[0].prot: unknown field (did you mean port?)" in r.stderr
     assert not (tmp_path / ".meshctl" / "supervisor.pid").exists()
 
+def test_an_app_that_keeps_crashing_fails_up_with_its_own_last_words(tmp_path):
+    port_range, _ = mesh_ports()
+    (tmp_path / "crash.py").write_text(
+        "import sys\nprint('loading settings.ini', flush=True)\n"
+        "sys.exit('fatal: settings.ini: no such file')\n"
+    )
+    (tmp_path / "mesh.yaml").write_text(
+        f"settings: {{portRange: {port_range}, readyTimeout: 4s}}\n"
+        "services:\n- name: a\n  port: 9080\n  versions: [{name: v1, command: [python3, crash.py]}]\n"
+    )
+    started = time.monotonic()
+    r = meshctl("up", "-d", "-f", "mesh.yaml", cwd=tmp_path, check=False)
+    assert r.returncode != 0
+    assert time.monotonic() - started < 30
+    assert "not ready after 4s: a-v1-0" in r.stderr
+    assert "exited with code 1" in r.stderr
+    assert "fatal: settings.ini: no such file" in r.stderr
+    assert not (tmp_path / ".meshctl" / "supervisor.pid").exists()
