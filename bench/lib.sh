@@ -38,10 +38,10 @@ maxrps() { # url host → rps
   wrk -t1 -c$CONNS -d"${DUR}s" -H "host: $2" "$1" | awk '/Requests\/sec/{print $2}'
 }
 
-latency() { # url host a_pid b_pid → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
+latency() { # url host a_pid b_pid [protocol flag, default --h1] → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
   local log="$WORK/lat.$RANDOM.log" t0a t0b t1a t1b
   t0a=$(cpu_ticks "$3"); t0b=$(cpu_ticks "$4")
-  h2load --h1 -c$CONNS -t1 --rps "$(awk -v r=$RATE_TOTAL -v c=$CONNS 'BEGIN{print r/c}')" -D "$DUR" \
+  h2load "${5:---h1}" -c$CONNS -t1 --rps "$(awk -v r=$RATE_TOTAL -v c=$CONNS 'BEGIN{print r/c}')" -D "$DUR" \
     -H ":authority: $2" --log-file="$log" "$1" >/dev/null 2>&1 || true
   t1a=$(cpu_ticks "$3"); t1b=$(cpu_ticks "$4")
   "$PY" - "$log" "$((t1a - t0a))" "$((t1b - t0b))" "$DUR" "$(getconf CLK_TCK)" <<'EOF'
