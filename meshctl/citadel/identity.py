@@ -62,6 +62,11 @@ class SpiffeId:
         return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
 
+def is_path_segment(value: str) -> bool:
+    """Can ``value`` be a namespace or service account in a SPIFFE ID?"""
+    return bool(value) and bool(_SEGMENT_RE.match(value)) and value not in (".", "..")
+
+
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     """``spiffe://td/ns/<namespace>/sa/<service_account>``; each part is validated."""
     if not trust_domain or not _TRUST_DOMAIN_RE.match(trust_domain):
@@ -69,7 +74,7 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
             f"invalid trust domain {trust_domain!r}: use lower-case letters, digits, '.', '-' and '_'"
         )
     for what, value in (("namespace", namespace), ("service account", service_account)):
-        if not value or not _SEGMENT_RE.match(value) or value in (".", ".."):
+        if not is_path_segment(value):
             raise InvalidSpiffeId(
                 f"invalid {what} {value!r} for a SPIFFE ID: use letters, digits, '.', '-' and '_'"
             )
@@ -87,7 +92,7 @@ def is_spiffe_id(uri: str) -> bool:
     if not sep:
         return True  # the trust domain's own ID
     segments = path.split("/")
-    return all(s and _SEGMENT_RE.match(s) and s not in (".", "..") for s in segments)
+    return all(is_path_segment(s) for s in segments)
 
 
 def parse_spiffe_id(s: str) -> SpiffeId:

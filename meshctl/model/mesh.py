@@ -10,6 +10,7 @@ services:
 - name: reviews
   port: 9080                    # the service port clients use: http://reviews:9080/
   upstreams: {ratings: 9091}    # 127.0.0.1:9091 in the app's sidecar reaches ratings (RATINGS_ADDR)
+  serviceAccount: bookinfo-reviews  # identity spiffe://<trustDomain>/ns/<namespace>/sa/<this>; default: the name
   healthCheck: {http: /health, interval: 2s}
   versions:
   - name: v2
@@ -64,6 +65,7 @@ class ServiceSpec:
     health_check: HealthCheck | None = None
     env: FrozenDict[str, str] = EMPTY
     cwd: str | None = None  # working directory of the apps (default: the mesh file's folder)
+    service_account: str | None = None  # Istio's service account; default: the service name
 
 
 @dataclass(frozen=True, slots=True)

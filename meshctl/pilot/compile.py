@@ -63,6 +63,7 @@ ROOT_NAMESPACE = "istio-system"  # mesh-wide security policies live here, as in 
 META_SERVICE_PORT = "meshctl.io/service-port"
 META_PROTOCOL = "meshctl.io/protocol"
 META_SIDECAR = "meshctl.io/sidecar"
+META_SERVICE_ACCOUNT = "meshctl.io/service-account"  # the sidecar's identity is .../sa/<this> (default: the service)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +294,8 @@ def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str) -> 
                 labels=inst.labels,
                 instance=inst.id,
                 health="DRAINING" if inst.draining else ("HEALTHY" if inst.healthy else "UNHEALTHY"),
-                identity=f"spiffe://{trust_domain}/ns/{svc.namespace}/sa/{svc.name}" if sidecar else None,
+                identity=f"spiffe://{trust_domain}/ns/{svc.namespace}/sa/{inst.meta.get(META_SERVICE_ACCOUNT) or svc.name}"
+                if sidecar else None,
             )
         )
     return tuple(out)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from ..citadel.identity import is_path_segment
 from ..loader.codec import LoadError, decode_collect, line_of, raise_errors
 from ..loader.source import parse_documents
 from ..model.base import FrozenDict
@@ -77,6 +78,9 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
             out.append((f"{p}.port", f"{svc.port} is not a port (1-65535)"))
         if svc.protocol not in ("http", "http2", "grpc", "tcp"):
             out.append((f"{p}.protocol", f"{svc.protocol!r}: one of http, http2, grpc, tcp"))
+        if svc.service_account is not None and not is_path_segment(svc.service_account):
+            out.append((f"{p}.serviceAccount", f"{svc.service_account!r} cannot be part of a SPIFFE ID: "
+                                                "use letters, digits, '.', '-' and '_'"))
         if not svc.versions:
             out.append((f"{p}.versions", "a service needs at least one version (with a command or an address)"))
         vnames: set[str] = set()
@@ -134,6 +138,7 @@ class WorkloadPlan:
     env: FrozenDict[str, str]
     service_port: int
     protocol: str
+    service_account: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +257,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                         env=FrozenDict(env),
                         service_port=svc.port,
                         protocol=svc.protocol,
+                        service_account=svc.service_account or svc.name,
                     )
                 )
     gateways = tuple(
@@ -289,7 +295,7 @@ def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
             )
         )
     workload = Workload(name=w.name, service=w.service, namespace=spec.settings.namespace, labels=w.labels,
-                        trust_domain=spec.settings.trust_domain)
+                        service_account=w.service_account, trust_domain=spec.settings.trust_domain)
     return Node(workload=workload, listeners=tuple(listeners))
 
 

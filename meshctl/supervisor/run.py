@@ -40,7 +40,7 @@ import trio
 from ..loader.codec import to_data
 from ..model.base import FrozenDict
 from ..model.mesh import HealthCheck, MeshSpec
-from ..pilot.compile import META_PROTOCOL, META_SERVICE_PORT, META_SIDECAR
+from ..pilot.compile import META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR
 from ..registry import Backoff, parse_registry_url
 from ..registry.base import Instance, RegistryError
 from ..state import write_control
@@ -519,7 +519,8 @@ class Supervisor:
             address="127.0.0.1",
             port=w.inbound_port,
             labels=w.labels,
-            meta=FrozenDict({META_SERVICE_PORT: str(w.service_port), META_PROTOCOL: w.protocol, META_SIDECAR: "true"}),
+            meta=FrozenDict({META_SERVICE_PORT: str(w.service_port), META_PROTOCOL: w.protocol, META_SIDECAR: "true",
+                             META_SERVICE_ACCOUNT: w.service_account}),
         )
 
     async def run_instance(self, inst: InstanceState) -> None:

@@ -116,8 +116,8 @@ def test_citadel_runs_and_each_sidecar_holds_its_own_identity(mesh):
     control = json.loads((mesh["dir"] / ".meshctl" / "control.json").read_text())
     assert control["citadel"].startswith("http://127.0.0.1:")
     log = (mesh["dir"] / ".meshctl" / "logs" / "citadel.log").read_text()
-    for sa in ("productpage", "details", "reviews", "ratings"):
-        assert f"issued spiffe://cluster.local/ns/default/sa/{sa} (token)" in log
+    for svc in ("productpage", "details", "reviews", "ratings"):
+        assert f"issued spiffe://cluster.local/ns/default/sa/bookinfo-{svc} (token)" in log
     # the bootstrap token travels by environment, never in a command line
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "MESHCTL_CITADEL_TOKEN" not in ps and "meshctl.proxy" in ps
@@ -131,8 +131,8 @@ def test_traffic_between_sidecars_is_mutual_tls_with_verified_principals(mesh):
     line = next(l for l in stats.splitlines() if l.startswith("istio_requests_total{") and 'reporter="destination"' in l
                 and 'source_workload="reviews-v3"' in l)
     assert 'connection_security_policy="mutual_tls"' in line
-    assert 'source_principal="spiffe://cluster.local/ns/default/sa/reviews"' in line
-    assert 'destination_principal="spiffe://cluster.local/ns/default/sa/ratings"' in line
+    assert 'source_principal="spiffe://cluster.local/ns/default/sa/bookinfo-reviews"' in line
+    assert 'destination_principal="spiffe://cluster.local/ns/default/sa/bookinfo-ratings"' in line
 
 
 def test_permissive_by_default_accepts_plaintext_and_mtls_on_one_port(mesh):
@@ -225,9 +225,8 @@ spec:
         meshctl("route", "apply", "-f", "rules/destination-rule-all.yaml", cwd=mesh["dir"])
 
 
-# Istio's authz-http task, as documented; Istio's Bookinfo runs each service
-# under a "bookinfo-<service>" service account, meshctl names the account after
-# the service, so the principals read cluster.local/ns/default/sa/<service>.
+# Istio's authz-http task, as documented: examples/bookinfo/mesh.yaml gives each
+# service Istio's "bookinfo-<service>" service account, so the principals match.
 ALLOW_NOTHING = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -267,7 +266,7 @@ spec:
   rules:
   - from:
     - source:
-        principals: ["cluster.local/ns/default/sa/productpage"]
+        principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]
     to:
     - operation:
         methods: ["GET"]
@@ -286,7 +285,7 @@ spec:
   rules:
   - from:
     - source:
-        principals: ["cluster.local/ns/default/sa/productpage"]
+        principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]
     to:
     - operation:
         methods: ["GET"]
@@ -305,7 +304,7 @@ spec:
   rules:
   - from:
     - source:
-        principals: ["cluster.local/ns/default/sa/reviews"]
+        principals: ["cluster.local/ns/default/sa/bookinfo-reviews"]
     to:
     - operation:
         methods: ["GET"]

@@ -76,6 +76,14 @@ def test_node_declares_inbound_outbound_and_binding_listeners(tmp_path):
     assert next(l for l in node.listeners if l.name == "inbound").app_port == w.app_port
 
 
+def test_service_account_names_the_workload_identity_and_defaults_to_the_service(tmp_path):
+    spec = load_mesh(write(tmp_path, MESH.replace("- name: reviews\n", "- name: reviews\n  serviceAccount: bookinfo-reviews\n")))
+    plan = make_plan(spec, tmp_path, lambda p: True)
+    ids = {w.name: workload_node(w, spec).workload.spiffe_id for w in plan.workloads}
+    assert ids["reviews-v1-1"] == "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    assert ids["productpage-v1-0"] == "spiffe://cluster.local/ns/default/sa/productpage"
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -85,6 +93,8 @@ def test_node_declares_inbound_outbound_and_binding_listeners(tmp_path):
         (MESH.replace("healthCheck: {http: /health}", "healthCheck: {htp: /health}"), "mesh.yaml:6: services[0].healthCheck.htp: unknown field (did you mean http?)"),
         (MESH.replace("port: 9080\n  upstreams", "port: many\n  upstreams"), "mesh.yaml:11: services[1].port:"),
         (MESH + "- name: second\n  ports: {81: 8080}\n", "gateways[1].ports.81: host port 8080 is already used by ingress"),
+        (MESH.replace("- name: reviews\n", "- name: reviews\n  serviceAccount: bookinfo/reviews\n"),
+         "mesh.yaml:11: services[1].serviceAccount: 'bookinfo/reviews' cannot be part of a SPIFFE ID"),
     ],
 )
 def test_bad_mesh_files_name_file_line_and_field(tmp_path, bad, message):

@@ -73,6 +73,16 @@ def test_subsets_become_clusters_with_only_the_matching_instances():
     assert v2.endpoints[0].identity == "spiffe://cluster.local/ns/default/sa/reviews"
 
 
+def test_an_endpoint_registered_with_a_service_account_is_expected_to_present_it():
+    named = Instance(id="ratings-v1-0", service="ratings", address="127.0.0.1", port=21006,
+                     labels=FrozenDict(app="ratings", version="v1"),
+                     meta=FrozenDict({"meshctl.io/service-port": "9080", "meshctl.io/sidecar": "true",
+                                      "meshctl.io/service-account": "bookinfo-ratings"}))
+    cfg = compile_with(snap={**SNAP, "ratings": (named,)})
+    ep = cfg.clusters[cluster_name(FQ.format("ratings"), 9080)].endpoints[0]
+    assert ep.identity == "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+
+
 def test_reviews_test_v2_routes_jason_to_v2_and_everyone_else_to_v1():
     cfg = compile_with("destination-rule-all.yaml", "virtual-service-reviews-test-v2.yaml")
     routes = vhost(cfg, "reviews").routes
