@@ -69,10 +69,8 @@ clusters:
     endpoints:
     - {address: 127.0.0.1, port: $MESH_IN}
 EOF
-"$MESHCTL" proxy run --config "$WORK/in.yaml" --admin-port "$ADMIN_IN" --log-level warning 2>"$WORK/in.log" &
-PIDS+=($!); MESH_IN_PID=$!
-"$MESHCTL" proxy run --config "$WORK/out.yaml" --admin-port "$ADMIN_OUT" --log-level warning 2>"$WORK/out.log" &
-PIDS+=($!); MESH_OUT_PID=$!
+start_sidecar in "$WORK/in.yaml" "$ADMIN_IN"; MESH_IN_PID=$SIDECAR_PID
+start_sidecar out "$WORK/out.yaml" "$ADMIN_OUT"; MESH_OUT_PID=$SIDECAR_PID
 
 wait_ready "http://127.0.0.1:$BACKEND/"
 wait_ready "http://127.0.0.1:$NGX_C/"

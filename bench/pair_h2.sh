@@ -107,10 +107,8 @@ EOF
 # backend-h2 goes from the outbound sidecar straight to nginx's h2c port: one sidecar hop,
 # h2 on both legs (there is no h2c-speaking nginx pair to compare it with).
 
-"$MESHCTL" proxy run --config "$WORK/in.yaml" --admin-port "$ADMIN_IN" --log-level warning 2>"$WORK/in.log" &
-PIDS+=($!); MESH_IN_PID=$!
-"$MESHCTL" proxy run --config "$WORK/out.yaml" --admin-port "$ADMIN_OUT" --log-level warning 2>"$WORK/out.log" &
-PIDS+=($!); MESH_OUT_PID=$!
+start_sidecar in "$WORK/in.yaml" "$ADMIN_IN"; MESH_IN_PID=$SIDECAR_PID
+start_sidecar out "$WORK/out.yaml" "$ADMIN_OUT"; MESH_OUT_PID=$SIDECAR_PID
 
 wait_ready "http://127.0.0.1:$BACKEND/"
 wait_ready "http://127.0.0.1:$NGX_S/"

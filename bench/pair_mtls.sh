@@ -100,20 +100,16 @@ EOF
 TOKEN_IN=$("$MESHCTL" citadel token default/backend --state-dir "$SD")
 TOKEN_OUT=$("$MESHCTL" citadel token default/client --state-dir "$SD")
 MESHCTL_CITADEL_URL="http://127.0.0.1:$CITADEL" MESHCTL_CITADEL_TOKEN="$TOKEN_IN" \
-  "$MESHCTL" proxy run --config "$WORK/in.yaml" --admin-port "$ADMIN_IN" --log-level warning 2>"$WORK/in.log" &
-PIDS+=($!); MESH_IN_PID=$!
+  start_sidecar in "$WORK/in.yaml" "$ADMIN_IN"; MESH_IN_PID=$SIDECAR_PID
 MESHCTL_CITADEL_URL="http://127.0.0.1:$CITADEL" MESHCTL_CITADEL_TOKEN="$TOKEN_OUT" \
-  "$MESHCTL" proxy run --config "$WORK/out.yaml" --admin-port "$ADMIN_OUT" --log-level warning 2>"$WORK/out.log" &
-PIDS+=($!); MESH_OUT_PID=$!
+  start_sidecar out "$WORK/out.yaml" "$ADMIN_OUT"; MESH_OUT_PID=$SIDECAR_PID
 
 # the same meshctl pair without identities (plaintext between the sidecars), for the cost of mTLS
 sed -e "s/port: $MESH_IN,/port: $PLAIN_IN,/" -e "s/, mtlsMode: STRICT//" "$WORK/in.yaml" >"$WORK/plain-in.yaml"
 sed -e "s/port: $MESH_OUT,/port: $PLAIN_OUT,/" -e "s/127.0.0.1:$MESH_OUT/127.0.0.1:$PLAIN_OUT/" \
     -e "s/port: $MESH_IN, identity: .*}/port: $PLAIN_IN}/" "$WORK/out.yaml" >"$WORK/plain-out.yaml"
-"$MESHCTL" proxy run --config "$WORK/plain-in.yaml" --admin-port "$PADMIN_IN" --log-level warning 2>"$WORK/plain-in.log" &
-PIDS+=($!); PLAIN_IN_PID=$!
-"$MESHCTL" proxy run --config "$WORK/plain-out.yaml" --admin-port "$PADMIN_OUT" --log-level warning 2>"$WORK/plain-out.log" &
-PIDS+=($!); PLAIN_OUT_PID=$!
+start_sidecar plain-in "$WORK/plain-in.yaml" "$PADMIN_IN"; PLAIN_IN_PID=$SIDECAR_PID
+start_sidecar plain-out "$WORK/plain-out.yaml" "$PADMIN_OUT"; PLAIN_OUT_PID=$SIDECAR_PID
 
 wait_ready "http://127.0.0.1:$BACKEND/"
 wait_ready "http://127.0.0.1:$NGX_C/"
