@@ -39,8 +39,13 @@ worker_of() { pgrep -P "$(cat "$WORK/$1.pid")" | head -1; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 
-maxrps() { # url host → rps
-  wrk -t1 -c$CONNS -d"${DUR}s" -H "host: $2" "$1" | awk '/Requests\/sec/{print $2}'
+maxrps() { # url host → rps. Every answer must be a 2xx: a fast stream of 400s is no result.
+  # ("Host:" exactly: wrk sends its own Host unless -H names it with that case, and two Host
+  # headers are a 400 at nginx and meshctl alike.)
+  local out
+  out=$(wrk -t1 -c$CONNS -d"${DUR}s" -H "Host: $2" "$1")
+  if grep -q "Non-2xx" <<<"$out"; then echo "wrk against $1 (Host: $2) got errors:" >&2; echo "$out" >&2; return 1; fi
+  awk '/Requests\/sec/{print $2}' <<<"$out"
 }
 
 latency() { # url host a_pid b_pid [protocol flag, default --h1] → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"

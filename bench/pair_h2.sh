@@ -126,12 +126,21 @@ for port in $GRPC $NGX_GC $MESH_OUT_G; do check "gRPC ping via :$port" "$FORTIO"
 NGX_S_PID=$(worker_of ngx_server); NGX_C_PID=$(worker_of ngx_client)
 NGX_GS_PID=$(worker_of ngx_gserver); NGX_GC_PID=$(worker_of ngx_gclient)
 
-h2max() { # url host → rps
-  h2load -c$CONNS -m10 -t1 -D "$DUR" -H ":authority: $2" "$1" 2>&1 | awk '/^finished in/{print $4}'
+h2max() { # url host → rps; every answer must be a 2xx
+  local out
+  out=$(h2load -c$CONNS -m10 -t1 -D "$DUR" -H ":authority: $2" "$1" 2>&1)
+  if ! grep -q "status codes: [0-9]* 2xx, 0 3xx, 0 4xx, 0 5xx" <<<"$out"; then echo "h2load against $1 ($2) got errors:" >&2; echo "$out" >&2; return 1; fi
+  awk '/^finished in/{print $4}' <<<"$out"
 }
-grpcmax() { # port → calls/s
+grpcmax() { # port → calls/s; every call must end SERVING
   "$FORTIO" load -grpc -ping -c $CONNS -qps 0 -t "${DUR}s" -json "$WORK/g.json" "127.0.0.1:$1" >/dev/null 2>&1
-  "$PY" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["ActualQPS"]))' "$WORK/g.json"
+  "$PY" - "$WORK/g.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if set(r.get("RetCodes", {})) != {"SERVING"}:
+    sys.exit(f"gRPC calls failed: {r.get('RetCodes')}")
+print(round(r["ActualQPS"]))
+EOF
 }
 grpcrate() { # port a_pid b_pid → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
   local t0a t0b t1a t1b
