@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import trio
 
+from ..protocol.events import EndOfMessage
 from ..protocol.http1 import H1Client, Limits
 from .stats import ClusterStats
 from .stream import FastSocketStream, UpstreamConnectError, connect_tcp, is_alive
@@ -21,7 +22,7 @@ PEEK_AFTER = 0.5  # seconds idle after which a pooled connection is checked befo
 class EventReader:
     """Pulls codec events off a stream, one at a time, feeding the codec on demand."""
 
-    __slots__ = ("stream", "codec", "events", "pos", "eof")
+    __slots__ = ("stream", "codec", "events", "pos", "eof", "ack_partial")
 
     def __init__(self, stream: trio.abc.Stream, codec) -> None:
         self.stream = stream
@@ -29,6 +30,13 @@ class EventReader:
         self.events: list = []
         self.pos = 0
         self.eof = False
+        # An upstream stream in quick-ACK mode: ACK at once only when a read leaves the
+        # message incomplete (the rest may be held back until the peer sees our ACK).
+        # A whole response needs no ACK of its own: the next request carries it, and
+        # an ACK after each one would be a packet and a syscall more per request.
+        self.ack_partial = getattr(stream, "quickack", False)
+        if self.ack_partial:
+            stream.quickack = False
 
     def buffered(self):
         """The next event if one is already decoded, else None (never blocks)."""
@@ -55,7 +63,9 @@ class EventReader:
                 return None
             data = await self.stream.receive_some()
             if data:
-                self.events = self.codec.feed(data)
+                events = self.events = self.codec.feed(data)
+                if self.ack_partial and not (events and type(events[-1]) is EndOfMessage):
+                    self.stream.ack_now()
             else:
                 self.eof = True
                 self.events = self.codec.feed_eof()

@@ -96,6 +96,13 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         self._send_busy = False
         self._eof_sent = False
 
+    def ack_now(self) -> None:
+        """ACK what has been read at once (quick-ACK mode; see ``quickack``)."""
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
     # -------------------------------------------------------------- receive
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
