@@ -1,9 +1,9 @@
 """Mixer under `meshctl up`: a second control-plane process next to Pilot.
 
-The supervisor calls ``start_mixer(sup)`` once Pilot is ready. Mixer gets a
-free port at the top of the mesh's port range (the one it had before when the
-mesh is restarted), is kept
-running with the supervisor's restart-with-backoff, and is written into
+The supervisor calls ``start_mixer(sup, port)`` beside Pilot and Citadel, with
+the port the plan allocated from the mesh's port range (the same one again when
+the mesh is restarted). Mixer is kept running with the supervisor's
+restart-with-backoff, and is written into
 ``control.json`` as ``"mixer"`` so `meshctl top`/`stat` find it. Sidecars get
 ``--mixer URL`` (global quotas) and ``--access-log logs/<name>.access.log``
 from ``sidecar_args(sup, name)``.
@@ -11,63 +11,20 @@ from ``sidecar_args(sup, name)``.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 
 import trio
 
-from ..state import read_control, write_control
+from ..state import write_control
 
 READY_TIMEOUT = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _previous_port(sup) -> int | None:
-    url = read_control(sup.state_dir).get("mixer") or ""
-    try:
-        port = int(url.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return None
-    from ..supervisor.run import port_is_free
-
-    return port if port_is_free(port) else None
-
-
-def _pick_port(sup) -> int:
-    """Mixer's port: the one it had (mesh updated in place), else the highest free port of
-    the mesh's port range that the plan (ports.json) does not use, so it never lands in
-    the range of another mesh; an ephemeral port only when the range is full."""
-    from ..supervisor.plan import parse_port_range
-    from ..supervisor.run import port_is_free
-
-    prev = _previous_port(sup)
-    if prev:
-        return prev
-    try:
-        taken = set(json.loads((sup.state_dir / "ports.json").read_text()).values())
-    except (OSError, ValueError, AttributeError):
-        taken = set()
-    try:
-        lo, hi = parse_port_range(sup.spec.settings.port_range)
-    except (ValueError, AttributeError, TypeError):
-        return _free_port()
-    for port in range(hi, lo - 1, -1):
-        if port not in taken and port_is_free(port):
-            return port
-    return _free_port()
-
-
-async def start_mixer(sup) -> None:
-    """Start Mixer and wait until it answers; raises UpError naming its log if it cannot."""
+async def start_mixer(sup, port: int) -> None:
+    """Start Mixer on ``port`` (the plan's) and wait until it answers; raises UpError
+    naming its log if it cannot."""
     from ..supervisor.run import ProcState, UpError, http_ok, meshctl_argv, tail
 
-    port = _pick_port(sup)
     sup.mixer = ProcState(
         name="mixer",
         kind="control-plane",

@@ -2,8 +2,8 @@
 
 - ``start_citadel(sup)``: create the CA in the state directory if there is
   none (trust domain from mesh settings), then run ``meshctl citadel serve``
-  as a control-plane process of its own (beside Pilot), on a free loopback
-  port kept across restarts; it writes its URL as ``citadel`` into
+  as a control-plane process of its own (beside Pilot), on the port the plan
+  allocated from the mesh's port range; it writes its URL as ``citadel`` into
   control.json. Workload certificate lifetime: ``MESHCTL_CERT_TTL`` (e.g.
   ``6s`` for rotation tests), else Citadel's default (24h).
 - ``proxy_env(sup, p)``: the environment a sidecar or gateway is (re)started
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,12 +29,6 @@ START_TIMEOUT = 20.0
 __all__ = ["identity_of_node", "proxy_env", "start_citadel", "status", "stop_citadel"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def identity_of_node(node_file: Path) -> str:
     """The SPIFFE ID of the workload a node file describes (what Pilot expects of it)."""
     from ..loader.codec import from_data
@@ -45,8 +38,9 @@ def identity_of_node(node_file: Path) -> str:
     return node.workload.spiffe_id
 
 
-async def start_citadel(sup) -> None:
-    """Start Citadel for ``sup`` (a supervisor.run.Supervisor) and wait until it answers."""
+async def start_citadel(sup, port: int) -> None:
+    """Start Citadel for ``sup`` (a supervisor.run.Supervisor) on ``port`` (the plan's)
+    and wait until it answers."""
     from ..citadel.errors import CitadelError
     from ..citadel.store import ensure_ca
     from .run import ProcState, UpError, http_ok, meshctl_argv, tail
@@ -61,7 +55,6 @@ async def start_citadel(sup) -> None:
             f"the CA in {sup.state_dir} is for trust domain {ca.trust_domain!r}, but mesh settings say {td!r}: "
             "fix settings.trustDomain, or remove the state directory's ca/ to start a new CA"
         )
-    port = _free_port()
     argv = meshctl_argv("citadel", "serve", "--port", str(port), "--trust-domain", td,
                         "--state-dir", str(sup.state_dir))
     ttl = os.environ.get(ENV_TTL)

@@ -155,6 +155,8 @@ class Plan:
     gateways: tuple[GatewayPlan, ...]
     pilot_port: int
     allocations: FrozenDict[str, int]  # "reviews-v2-0/app" → port, kept for the next plan
+    mixer_port: int = 0
+    citadel_port: int = 0
 
 
 @dataclass
@@ -264,7 +266,11 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
         GatewayPlan(name=gw.name, labels=FrozenDict({"app": gw.name, **gw.labels}), ports=gw.ports, admin_port=alloc.get(f"{gw.name}/admin"))
         for gw in spec.gateways
     )
-    return Plan(tuple(workloads), gateways, pilot_port, FrozenDict(alloc.result))
+    # Mixer and Citadel last, so that adding them moved no workload's ports. From the
+    # range like every port of the mesh: outside the kernel's ephemeral ports, no client
+    # socket can hold one when the process restarts on it.
+    mixer_port, citadel_port = alloc.get("mixer"), alloc.get("citadel")
+    return Plan(tuple(workloads), gateways, pilot_port, FrozenDict(alloc.result), mixer_port, citadel_port)
 
 
 # ------------------------------------------------------------------ what each proxy tells Pilot

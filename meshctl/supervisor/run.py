@@ -249,7 +249,7 @@ class Supervisor:
             if not any(i.plan.name == w.name for i in self.instances.values()):
                 fixed += [(p, f"upstream binding {s} of {w.name}") for s, p in w.bindings.items()]
         if not self.pilot:
-            fixed.append((plan.pilot_port, "Pilot"))
+            fixed += [(plan.pilot_port, "Pilot"), (plan.mixer_port, "Mixer"), (plan.citadel_port, "Citadel")]
         for port, what in fixed:
             if not port_is_free(port):
                 problems.append(f"127.0.0.1:{port} ({what}) is already in use by another program")
@@ -467,8 +467,8 @@ class Supervisor:
         try:
             async with trio.open_nursery() as roles:
                 roles.start_soon(self._start_pilot, plan)
-                roles.start_soon(start_mixer, self)  # telemetry for `top`, global rate-limit quotas
-                roles.start_soon(start_citadel, self)  # CA + `citadel serve`; one-time tokens by env (supervisor/citadel.py)
+                roles.start_soon(start_mixer, self, plan.mixer_port)  # telemetry for `top`, global rate-limit quotas
+                roles.start_soon(start_citadel, self, plan.citadel_port)  # CA + `citadel serve`; one-time tokens by env (supervisor/citadel.py)
         except BaseExceptionGroup as group:
             first = next((e for e in _leaves(group) if isinstance(e, UpError)), None)
             if first is None:

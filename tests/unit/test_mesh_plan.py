@@ -66,6 +66,17 @@ def test_plan_keeps_earlier_allocations_and_skips_busy_ports(tmp_path):
     assert not busy & set(plan.allocations.values())
 
 
+def test_control_plane_ports_come_from_the_range_and_stay_across_plans(tmp_path):
+    spec = load_mesh(write(tmp_path, MESH))
+    plan = make_plan(spec, tmp_path, lambda p: True)
+    control = {plan.pilot_port, plan.mixer_port, plan.citadel_port}
+    assert len(control) == 3 and all(30000 <= p <= 30099 for p in control)
+    workload_ports = {p for w in plan.workloads for p in (w.app_port, w.inbound_port, w.outbound_port, w.admin_port)}
+    assert not control & workload_ports
+    again = make_plan(spec, tmp_path, lambda p: False, plan.allocations)  # all busy (ours): kept
+    assert (again.mixer_port, again.citadel_port) == (plan.mixer_port, plan.citadel_port)
+
+
 def test_node_declares_inbound_outbound_and_binding_listeners(tmp_path):
     spec = load_mesh(write(tmp_path, MESH))
     w = make_plan(spec, tmp_path, lambda p: True).workloads[1]
