@@ -87,10 +87,10 @@ def apply(
 ) -> None:
     """Create or replace rules, like `kubectl apply`; running proxies get them at once."""
     resources = _load(files)
-    if _report(validate(resources)):
-        fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     sd = state_dir(state)
     store = RuleStore(sd)
+    if _report(validate(resources, context=store.current().resources)):
+        fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     before = store.current_number()
     try:
         rev, changes = store.apply(resources)

@@ -1,7 +1,8 @@
 """Offline semantic checks of Istio resources, like ``istioctl analyze``.
 
-``meshctl route validate`` runs these on the files it is given (plus, if it
-wants, the rules already applied). Loading (loader.resources) has already
+``meshctl route validate`` runs these on the files it is given; ``route apply``
+on the files in the context of the rules already applied (``validate(new,
+context=applied)``), so a subset or Gateway applied earlier counts. Loading (loader.resources) has already
 checked shapes and types; here we check meaning, across resources too.
 
 Rules (errors unless noted):
@@ -76,9 +77,13 @@ def has_errors(findings: Iterable[Finding]) -> bool:
     return any(f.level == "error" for f in findings)
 
 
-def validate(resources: Sequence[Resource]) -> list[Finding]:
-    """Check resources on their own and against each other; [] when all is well."""
-    return _Validator(resources).run()
+def validate(resources: Sequence[Resource], context: Sequence[Resource] = ()) -> list[Finding]:
+    """Check resources on their own and against each other; [] when all is well.
+
+    ``context``: resources already in force (the applied rules), which ``resources``
+    are added to or replace. They count for cross-references (subsets, gateways,
+    conflicts), but only findings about ``resources`` are reported."""
+    return _Validator(resources, context).run()
 
 
 # ---------------------------------------------------------------- helpers
@@ -148,13 +153,14 @@ def regex_problem(pattern: str) -> str | None:
 
 
 class _Validator:
-    def __init__(self, resources: Sequence[Resource]) -> None:
+    def __init__(self, resources: Sequence[Resource], context: Sequence[Resource] = ()) -> None:
         self.resources = list(resources)
+        self.new_keys = {r.key for r in self.resources}
         self.findings: list[Finding] = []
         self.r: Resource | None = None
         # the set that would be in force after applying in order: last one wins
         latest: dict[tuple[str, str, str], Resource] = {}
-        for r in self.resources:
+        for r in (*context, *self.resources):
             latest[r.key] = r
         self.effective = list(latest.values())
         self.drs: dict[str, list[Resource]] = {}
@@ -532,16 +538,18 @@ class _Validator:
     def check_conflicts(self) -> None:
         vs_owner: dict[tuple[str, str], Resource] = {}
         dr_owner: dict[tuple[str, object], Resource] = {}
-        for r in self.effective:
+        # rules already in force claim their hosts first; the new ones get the warnings
+        ordered = sorted(self.effective, key=lambda r: r.key in self.new_keys)
+        for r in ordered:
             self.r = r
+            report = r.key in self.new_keys
             if isinstance(r.spec, m.VirtualService):
                 reported: set[str] = set()
                 for i, host in enumerate(r.spec.hosts):
                     for gw in r.spec.gateways or ("mesh",):
                         gw_key = gw if gw == "mesh" or "/" in gw else f"{r.namespace}/{gw}"
-                        key = (_host_key(host, r.namespace), gw_key)
-                        other = vs_owner.setdefault(key, r)
-                        if other is not r and other.key not in reported:
+                        other = vs_owner.setdefault((_host_key(host, r.namespace), gw_key), r)
+                        if report and other is not r and other.key not in reported:
                             reported.add(other.key)
                             self.warning(
                                 f"spec.hosts[{i}]",
@@ -549,9 +557,8 @@ class _Validator:
                                 f"VirtualService {other.namespace}/{other.name} ({other.source or '?'})",
                             )
             elif isinstance(r.spec, m.DestinationRule):
-                key = (_host_key(r.spec.host, r.namespace), r.spec.workload_selector)
-                other = dr_owner.setdefault(key, r)
-                if other is not r:
+                other = dr_owner.setdefault((_host_key(r.spec.host, r.namespace), r.spec.workload_selector), r)
+                if report and other is not r:
                     self.warning(
                         "spec.host",
                         f"conflicting DestinationRules for host {r.spec.host!r}: also defined by "

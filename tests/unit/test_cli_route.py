@@ -50,6 +50,25 @@ def test_apply_get_delete_history_rollback(run):
     assert r.exit_code == 1 and "not found" in r.output
 
 
+def test_apply_checks_new_rules_against_the_applied_ones(run):
+    # Istio's task order: the DestinationRules first, then a VirtualService using their subsets
+    r = run("route", "apply", "-f", str(RULES / "destination-rule-all.yaml"), "-f", str(RULES / "bookinfo-gateway.yaml"))
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    r = run("route", "apply", "-f", str(RULES / "virtual-service-reviews-test-v2.yaml"))
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    # a second VirtualService for a host that one already applied routes: said, and applied
+    text = (RULES / "virtual-service-reviews-v3.yaml").read_text().replace("name: reviews", "name: reviews-canary")
+    Path("other.yaml").write_text(text)
+    r = run("route", "apply", "-f", "other.yaml")
+    assert r.exit_code == 0
+    assert "other.yaml" in r.output and "conflicting VirtualServices for host 'reviews'" in r.output
+    assert "VirtualService default/reviews" in r.output
+    # a subset no applied DestinationRule defines is still an error, naming the rule that is there
+    Path("bad.yaml").write_text(text.replace("subset: v3", "subset: v4").replace("reviews-canary", "reviews"))
+    r = run("route", "apply", "-f", "bad.yaml")
+    assert r.exit_code == 1 and "defines v1, v2, v3, not 'v4'" in r.output
+
+
 def test_validate_names_file_line_and_field_and_exits_nonzero(run):
     r = run("route", "validate", "-f", str(BAD / "bad-duration.yaml"))
     assert r.exit_code == 1
