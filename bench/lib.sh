@@ -37,6 +37,12 @@ wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0
 worker_of() { pgrep -P "$(cat "$WORK/$1.pid")" | head -1; }
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+user_sys_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+
+cpu_split() { # pid before-"user sys" after-"user sys" requests → "user_us kernel_us" per request
+  "$PY" -c 'import sys; hz, n = int(sys.argv[1]), float(sys.argv[2]); u0, s0, u1, s1 = map(int, sys.argv[3:])
+print(f"{(u1 - u0) / hz / n * 1e6:.0f} {(s1 - s0) / hz / n * 1e6:.0f}")' "$(getconf CLK_TCK)" "$4" $2 $3
+}
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 
 maxrps() { # url host → rps. Every answer must be a 2xx: a fast stream of 400s is no result.

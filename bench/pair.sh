@@ -84,14 +84,16 @@ NGX_S_PID=$(worker_of ngx_server); NGX_C_PID=$(worker_of ngx_client); BACKEND_PI
 
 echo "# meshctl pair vs nginx pair — $(date -u +%FT%TZ), $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# shared machine: other work may be running; only ratios within this run mean anything"
-declare -A RPS LAT
+declare -A RPS LAT SPLIT
 for round in 1 2; do
   for pair in nginx meshctl; do
     if [ $pair = nginx ]; then url="http://127.0.0.1:$NGX_C/"; host="backend"; a=$NGX_C_PID; b=$NGX_S_PID
     else url="http://127.0.0.1:$MESH_OUT/"; host="backend"; a=$MESH_OUT_PID; b=$MESH_IN_PID; fi
+    t0=$(user_sys_ticks "$b")
     r=$(maxrps "$url" "$host"); RPS[$pair,$round]=$r
+    SPLIT[$pair,$round]=$(cpu_split "$b" "$t0" "$(user_sys_ticks "$b")" "$(awk -v r="$r" -v d="$DUR" 'BEGIN{print r*d}')")
     l=$(latency "$url" "$host" "$a" "$b"); LAT[$pair,$round]=$l
-    echo "round $round $pair: max_rps=$r  fixed-1000rps: p50_us p99_us cpuA cpuB ok = $l" >&2
+    echo "round $round $pair: max_rps=$r (server-side proxy, µs per request: user kernel = ${SPLIT[$pair,$round]})  fixed-1000rps: p50_us p99_us cpuA cpuB ok = $l" >&2
   done
 done
 l=$(latency "http://127.0.0.1:$BACKEND/" "backend" "$BACKEND_PID" "$BACKEND_PID")
