@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import os
 
-import trio
 
 from ..state import write_control
 
-READY_TIMEOUT = 20.0
 
 
 async def start_mixer(sup, port: int) -> None:
     """Start Mixer on ``port`` (the plan's) and wait until it answers; raises UpError
     naming its log if it cannot."""
-    from ..supervisor.run import ProcState, UpError, http_ok, meshctl_argv, tail
+    from ..supervisor.run import ProcState, meshctl_argv
 
     sup.mixer = ProcState(
         name="mixer",
@@ -35,15 +33,7 @@ async def start_mixer(sup, port: int) -> None:
     )
     sup.mixer_url = f"http://127.0.0.1:{port}"
     write_control(sup.state_dir, mixer=sup.mixer_url)
-    await sup._nursery.start(sup.keep_running, sup.mixer)
-    with trio.move_on_after(READY_TIMEOUT) as cs:
-        while not await http_ok("127.0.0.1", port, "/ready"):
-            if sup.mixer.state == "failed" or sup.mixer.restarts:
-                break
-            await trio.sleep(0.05)
-    if cs.cancelled_caught or sup.mixer.restarts or sup.mixer.state == "failed":
-        raise UpError(f"Mixer did not start: see {sup.mixer.log}:\n{tail(sup.mixer.log)}")
-    sup.mixer.state = "ready"
+    await sup.start_role(sup.mixer, "Mixer", port, "/ready")
     sup.event(f"mixer ready at {sup.mixer_url}")
 
 

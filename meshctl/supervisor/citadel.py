@@ -20,11 +20,9 @@ import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import trio
 
 ENV_TTL = "MESHCTL_CERT_TTL"
 TOKEN_TTL = timedelta(minutes=10)
-START_TIMEOUT = 20.0
 
 __all__ = ["identity_of_node", "proxy_env", "start_citadel", "status", "stop_citadel"]
 
@@ -43,7 +41,7 @@ async def start_citadel(sup, port: int) -> None:
     and wait until it answers."""
     from ..citadel.errors import CitadelError
     from ..citadel.store import ensure_ca
-    from .run import ProcState, UpError, http_ok, meshctl_argv, tail
+    from .run import ProcState, UpError, meshctl_argv
 
     td = sup.spec.settings.trust_domain
     try:
@@ -65,15 +63,7 @@ async def start_citadel(sup, port: int) -> None:
                   log=sup.logs / "citadel.log")
     sup.citadel = p
     sup.citadel_url = f"http://127.0.0.1:{port}"
-    await sup._nursery.start(sup.keep_running, p)
-    with trio.move_on_after(START_TIMEOUT) as cs:
-        while not await http_ok("127.0.0.1", port, "/healthz"):
-            if p.state == "failed" or p.restarts:
-                break
-            await trio.sleep(0.05)
-    if cs.cancelled_caught or p.restarts or p.state == "failed":
-        raise UpError(f"Citadel did not start: see {p.log}:\n{tail(p.log)}")
-    p.state = "ready"
+    await sup.start_role(p, "Citadel", port, "/healthz")
     sup.event(f"citadel ready at {sup.citadel_url} (trust domain {td})")
 
 

@@ -54,6 +54,7 @@ from ..mixer.supervise import status as mixer_status
 log = logging.getLogger("meshctl.up")
 
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+ROLE_START_TIMEOUT = 20.0  # seconds for Pilot, Mixer or Citadel to answer after it starts
 STOP_GRACE = 8.0
 REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after this long
 REGISTRY_PROBE_INTERVAL = 2.0  # how stale `status` may be about the registry's reachability
@@ -478,17 +479,23 @@ class Supervisor:
             self.registry = PilotRegistry(self.pilot_url)
         self._nursery.start_soon(self.registry_probe_loop)
 
-    async def _start_pilot(self, plan: Plan) -> None:
-        assert self._nursery is not None and self.pilot is not None
-        await self._nursery.start(self.keep_running, self.pilot)
-        with trio.move_on_after(20) as cs:
-            while not await http_ok("127.0.0.1", plan.pilot_port, "/v1/status"):
-                if self.pilot.state == "failed" or self.pilot.restarts:
+    async def start_role(self, p: ProcState, what: str, port: int, path: str, timeout: float = ROLE_START_TIMEOUT) -> None:
+        """Run a control-plane process under supervision and wait until GET ``path`` on
+        ``port`` answers; UpError naming its log if it exits or stays silent."""
+        assert self._nursery is not None
+        await self._nursery.start(self.keep_running, p)
+        with trio.move_on_after(timeout) as cs:
+            while not await http_ok("127.0.0.1", port, path):
+                if p.state == "failed" or p.restarts:
                     break
                 await trio.sleep(0.05)
-        if cs.cancelled_caught or self.pilot.restarts or self.pilot.state == "failed":
-            raise UpError(f"Pilot did not start: see {self.pilot.log}:\n{tail(self.pilot.log)}")
-        self.pilot.state = "ready"
+        if cs.cancelled_caught or p.restarts or p.state == "failed":
+            raise UpError(f"{what} did not start: see {p.log}:\n{tail(p.log)}")
+        p.state = "ready"
+
+    async def _start_pilot(self, plan: Plan) -> None:
+        assert self.pilot is not None
+        await self.start_role(self.pilot, "Pilot", plan.pilot_port, "/v1/status")
         self.event(f"control plane ready at {self.pilot_url}")
 
     # ------------------------------------------------------------ workloads
