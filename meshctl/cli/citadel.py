@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import StateDirOption, console, fail
+from .common import StateDirOption, console, fail, serve_forever
 
 app = typer.Typer(help="Citadel: the mesh's CA, workload certificates and bootstrap tokens.", no_args_is_help=True)
 
@@ -117,12 +117,7 @@ def serve(
             write_control(sd, citadel=url)
             logging.info("serving on %s (trust domain %s, state %s)", url, ca.trust_domain, sd)
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
-    except OSError as e:
-        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+    serve_forever(main, host, port)
 
 
 def _left(not_after: str, now: datetime) -> str:

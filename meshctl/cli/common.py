@@ -25,6 +25,36 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def serve_forever(main, host: str, port: int) -> None:
+    """``trio.run(main)`` for a `... serve` command: Ctrl-C ends it quietly, and a port
+    that cannot be bound is an error naming it."""
+    import trio
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+    except BaseExceptionGroup as group:  # the bind failed inside a nursery
+        e = first_exception(group, OSError)
+        if e is None:
+            raise
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
+def first_exception(e: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in e, looking inside exception groups."""
+    if isinstance(e, kind):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = first_exception(sub, kind)
+            if found is not None:
+                return found
+    return None
+
+
 def state_dir(explicit: Optional[str]) -> Path:
     try:
         return require_state_dir(explicit)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ..loader.codec import LoadError
 from ..state import ENV_VAR, STATE_DIR_NAME, find_state_dir, remember_current
-from .common import StateDirOption, console, err_console, fail
+from .common import StateDirOption, console, err_console, fail, first_exception
 
 
 def register(root: typer.Typer) -> None:
@@ -154,24 +154,12 @@ def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Opti
     try:
         trio.run(main, restrict_keyboard_interrupt_to_checkpoints=True)
     except (UpError, BaseExceptionGroup) as e:
-        cause = _first(e, UpError)
+        cause = first_exception(e, UpError)
         if cause is None:
             raise
         fail(f"meshctl up failed: {cause}")
     except KeyboardInterrupt:
         pass
-
-
-def _first(e: BaseException, kind: type) -> BaseException | None:
-    """The first exception of ``kind`` in e, looking inside exception groups."""
-    if isinstance(e, kind):
-        return e
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            found = _first(sub, kind)
-            if found is not None:
-                return found
-    return None
 
 
 def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul_token: Optional[str] = None) -> None:

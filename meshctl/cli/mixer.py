@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..state import write_control
-from .common import StateDirOption, call, console, control_url, fail, state_dir
+from .common import StateDirOption, call, console, control_url, fail, serve_forever, state_dir
 
 app = typer.Typer(help="Mixer: mesh-wide telemetry and global rate-limit quotas.", no_args_is_help=True)
 
@@ -59,12 +59,7 @@ def serve(
                 write_control(sd, mixer=url)
             logging.info("serving on %s (state %s)", url, sd)
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
-    except OSError as e:
-        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+    serve_forever(main, host, port)
 
 
 # ------------------------------------------------------------------ rendering

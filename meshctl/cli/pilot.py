@@ -19,7 +19,7 @@ from ..pilot.compile import Inputs, Node, compile_proxy
 from ..pilot.store import RuleStore
 from ..registry.base import Instance
 from ..state import write_control
-from .common import StateDirOption, call, console, control_url, fail, state_dir
+from .common import StateDirOption, call, console, control_url, fail, serve_forever, state_dir
 
 app = typer.Typer(help="Pilot: rules + registry → config pushed to every proxy.", no_args_is_help=True)
 
@@ -59,12 +59,7 @@ def serve(
             write_control(sd, pilot=url)
             logging.info("serving on %s (state %s, registry %s)", url, sd, registry)
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
-    except OSError as e:
-        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+    serve_forever(main, host, port)
 
 
 def _has_state(explicit: Optional[str]) -> bool:
