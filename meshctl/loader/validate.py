@@ -2,8 +2,9 @@
 
 ``meshctl route validate`` runs these on the files it is given; ``route apply``
 on the files in the context of the rules already applied (``validate(new,
-context=applied)``), so a subset or Gateway applied earlier counts. Loading (loader.resources) has already
-checked shapes and types; here we check meaning, across resources too.
+context=applied)``), so a subset or Gateway applied earlier counts. Loading
+(loader.resources) has already checked shapes and types; here we check
+meaning, across resources too.
 
 Rules (errors unless noted):
 

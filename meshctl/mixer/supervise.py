@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 
-
 from ..state import write_control
-
 
 
 async def start_mixer(sup, port: int) -> None:

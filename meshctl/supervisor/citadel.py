@@ -1,6 +1,6 @@
 """Citadel in `meshctl up`: the CA, the signing process, and each proxy's bootstrap token.
 
-- ``start_citadel(sup)``: create the CA in the state directory if there is
+- ``start_citadel(sup, port)``: create the CA in the state directory if there is
   none (trust domain from mesh settings), then run ``meshctl citadel serve``
   as a control-plane process of its own (beside Pilot), on the port the plan
   allocated from the mesh's port range; it writes its URL as ``citadel`` into
@@ -19,7 +19,6 @@ import json
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-
 
 ENV_TTL = "MESHCTL_CERT_TTL"
 TOKEN_TTL = timedelta(minutes=10)

@@ -155,8 +155,8 @@ class Plan:
     gateways: tuple[GatewayPlan, ...]
     pilot_port: int
     allocations: FrozenDict[str, int]  # "reviews-v2-0/app" → port, kept for the next plan
-    mixer_port: int = 0
-    citadel_port: int = 0
+    mixer_port: int
+    citadel_port: int
 
 
 @dataclass
