@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from .. import httpapi
+from ..loopback import plain_http_client
 from .ca import DEFAULT_LEAF_TTL, PrivateKey, make_csr, validate_csr
 from .errors import (
     CAError,
@@ -227,7 +228,7 @@ _ERRORS: dict[str, type[CitadelError]] = {
 async def _post(citadel_url: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     url = citadel_url.rstrip("/") + path
     try:
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+        async with plain_http_client(timeout=timeout) as client:
             resp = await client.post(url, json=body)
     except httpx.HTTPError as exc:
         raise CitadelError(f"cannot reach Citadel at {citadel_url}: {type(exc).__name__}: {exc}", "unreachable") from None

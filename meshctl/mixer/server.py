@@ -133,9 +133,9 @@ class Mixer:
         ev.set()
 
     async def scrape_loop(self) -> None:
-        import httpx
+        from ..loopback import plain_http_client
 
-        async with httpx.AsyncClient(trust_env=False, timeout=self.interval) as client:
+        async with plain_http_client(timeout=self.interval) as client:
             while True:
                 start = trio.current_time()
                 await self.scrape_once(client)

@@ -24,6 +24,7 @@ import httpx
 import trio
 
 from ..loader.codec import LoadError, from_data, to_data
+from ..loopback import plain_http_client
 from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
 from ..pilot.compile import Node
@@ -71,7 +72,7 @@ class PilotClient:
 
     async def run(self) -> None:
         backoff = 0.1
-        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), trust_env=False) as client:
+        async with plain_http_client(timeout=httpx.Timeout(10.0, read=None)) as client:
             registered = False
             while True:
                 try:

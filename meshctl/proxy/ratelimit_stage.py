@@ -83,8 +83,10 @@ class RateLimits:
         if self.mixer_url is not None:
             import httpx
 
+            from ..loopback import plain_http_client
+
             if self._client is None:
-                self._client = httpx.AsyncClient(trust_env=False, timeout=ASK_TIMEOUT)
+                self._client = plain_http_client(timeout=ASK_TIMEOUT)
             try:
                 with trio.fail_after(ASK_TIMEOUT):
                     r = await self._client.post(f"{self.mixer_url}/v1/quota", json={

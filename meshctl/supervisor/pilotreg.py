@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 import httpx
+
+from ..loopback import plain_http_client
 import trio
 
 from ..loader.codec import from_data, to_data
@@ -23,7 +25,7 @@ class PilotRegistry:
         self.ttl = ttl
         self.reachable = True
         self.last_error = ""
-        self._client = httpx.AsyncClient(base_url=pilot_url, timeout=5.0, trust_env=False)
+        self._client = plain_http_client(base_url=pilot_url, timeout=5.0)
 
     async def _call(self, method: str, path: str, json: object = None) -> httpx.Response:
         try:

@@ -728,8 +728,10 @@ class Supervisor:
         """Those of ``names`` missing from the endpoints Pilot routes with."""
         import httpx
 
+        from ..loopback import plain_http_client
+
         try:
-            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            async with plain_http_client(timeout=2.0) as client:
                 data = (await client.get(f"{self.pilot_url}/v1/registry")).json()
             seen = {i.get("id") for instances in data.values() for i in instances}
         except (httpx.HTTPError, ValueError, AttributeError, TypeError):
