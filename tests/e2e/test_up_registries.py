@@ -469,10 +469,11 @@ def test_eureka_down_under_load_then_back(eureka_mesh, eureka_server, tmp_path):
         assert result.total > 100
     finally:
         eureka_server.start()  # an empty registry: it forgot every instance
-    wait_for(lambda: status(work)["registry"]["reachable"], timeout=15, what="status shows the registry reachable")
-    wait_for(lambda: {"hello-v1-0", "hello-v2-0"} <= set(eureka_instances(eureka_server, "HELLO")), timeout=20,
+    # generous bounds (polled, so a quick recovery is not slowed): a restarted JVM on a busy CI machine
+    wait_for(lambda: status(work)["registry"]["reachable"], timeout=30, what="status shows the registry reachable")
+    wait_for(lambda: {"hello-v1-0", "hello-v2-0"} <= set(eureka_instances(eureka_server, "HELLO")), timeout=40,
              what="sidecars registered again")
-    wait_for(lambda: answers_only(out, "http://hello:9080/", {"v1", "v2"}), timeout=20, what="routing again")
+    wait_for(lambda: answers_only(out, "http://hello:9080/", {"v1", "v2"}), timeout=40, what="routing again")
     port = free_port()
     eureka_mesh["apps"].append(start_hello(port, "inventory-late", tmp_path / "late.log"))
     eureka_register(eureka_server, "inventory-late", "inventory", port)
