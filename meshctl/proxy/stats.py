@@ -106,81 +106,65 @@ class Stats:
     def render(self) -> str:
         out: list[str] = []
 
-        def family(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
+        def series(metric: str, kind: str, help_: str, label: str, rows) -> None:
+            """One family: a line per (label value, number)."""
+            out.append(f"# HELP {metric} {help_}")
+            out.append(f"# TYPE {metric} {kind}")
+            for name, value in rows:
+                out.append(f'{metric}{{{label}="{_esc(name)}"}} {value}')
+
+        def by_class(metric: str, help_: str, label: str, items) -> None:
+            out.append(f"# HELP {metric} {help_}")
+            out.append(f"# TYPE {metric} counter")
+            for it in items:
+                for k in range(1, 6):
+                    out.append(f'{metric}{{{label}="{_esc(it.name)}",response_code_class="{k}xx"}} {it.rq_xx[k]}')
 
         cl = sorted(self.clusters.values(), key=lambda c: c.name)
-        family("meshctl_cluster_upstream_rq_total", "counter", "Requests sent upstream (each try counts).")
-        for c in cl:
-            out.append(f'meshctl_cluster_upstream_rq_total{{cluster="{_esc(c.name)}"}} {c.rq_total}')
-        family("meshctl_cluster_upstream_rq_xx", "counter", "Upstream responses by status class.")
-        for c in cl:
-            for k in range(1, 6):
-                out.append(
-                    f'meshctl_cluster_upstream_rq_xx{{cluster="{_esc(c.name)}",response_code_class="{k}xx"}} {c.rq_xx[k]}'
-                )
-        family("meshctl_cluster_upstream_cx_active", "gauge", "Open upstream connections.")
-        for c in cl:
-            out.append(f'meshctl_cluster_upstream_cx_active{{cluster="{_esc(c.name)}"}} {c.cx_active}')
-        family("meshctl_cluster_upstream_cx_total", "counter", "Upstream connections opened.")
-        for c in cl:
-            out.append(f'meshctl_cluster_upstream_cx_total{{cluster="{_esc(c.name)}"}} {c.cx_total}')
-        family("meshctl_cluster_upstream_cx_connect_fail", "counter", "Failed upstream connects.")
-        for c in cl:
-            out.append(f'meshctl_cluster_upstream_cx_connect_fail{{cluster="{_esc(c.name)}"}} {c.cx_connect_fail}')
-        family("meshctl_cluster_upstream_rq_retry", "counter", "Retries sent upstream.")
-        for c in cl:
-            out.append(f'meshctl_cluster_upstream_rq_retry{{cluster="{_esc(c.name)}"}} {c.rq_retry}')
-        _render_breakers(cl, family, out)
+        up = "meshctl_cluster_upstream_"
+        series(up + "rq_total", "counter", "Requests sent upstream (each try counts).", "cluster",
+               [(c.name, c.rq_total) for c in cl])
+        by_class(up + "rq_xx", "Upstream responses by status class.", "cluster", cl)
+        for metric, kind, help_ in _CLUSTER_SERIES:
+            series(up + metric, kind, help_, "cluster", [(c.name, getattr(c, metric)) for c in cl])
+        limited = [c for c in cl if c.breaker is not None]
+        for metric, help_, attr in _BREAKER_GAUGES:
+            series(up + metric, "gauge", help_, "cluster", [(c.name, getattr(c.breaker, attr)) for c in limited])
 
         ls = sorted(self.listeners.values(), key=lambda x: x.name)
-        family("meshctl_downstream_rq_total", "counter", "Requests answered downstream.")
-        for x in ls:
-            out.append(f'meshctl_downstream_rq_total{{listener="{_esc(x.name)}"}} {x.rq_total}')
-        family("meshctl_downstream_rq_xx", "counter", "Downstream responses by status class.")
-        for x in ls:
-            for k in range(1, 6):
-                out.append(
-                    f'meshctl_downstream_rq_xx{{listener="{_esc(x.name)}",response_code_class="{k}xx"}} {x.rq_xx[k]}'
-                )
-        family("meshctl_downstream_cx_active", "gauge", "Open downstream connections.")
-        for x in ls:
-            out.append(f'meshctl_downstream_cx_active{{listener="{_esc(x.name)}"}} {x.cx_active}')
-        family("meshctl_downstream_cx_total", "counter", "Downstream connections accepted.")
-        for x in ls:
-            out.append(f'meshctl_downstream_cx_total{{listener="{_esc(x.name)}"}} {x.cx_total}')
+        down = "meshctl_downstream_"
+        series(down + "rq_total", "counter", "Requests answered downstream.", "listener", [(x.name, x.rq_total) for x in ls])
+        by_class(down + "rq_xx", "Downstream responses by status class.", "listener", ls)
+        series(down + "cx_active", "gauge", "Open downstream connections.", "listener", [(x.name, x.cx_active) for x in ls])
+        series(down + "cx_total", "counter", "Downstream connections accepted.", "listener", [(x.name, x.cx_total) for x in ls])
 
-        family("meshctl_response_flags_total", "counter", "Requests by Envoy-style response flag.")
-        for f in sorted(self.flags):
-            out.append(f'meshctl_response_flags_total{{flag="{f}"}} {self.flags[f]}')
-        family("meshctl_config_applied_total", "counter", "Configs applied.")
-        out.append(f"meshctl_config_applied_total {self.config_applied}")
-        family("meshctl_config_rejected_total", "counter", "Configs rejected.")
-        out.append(f"meshctl_config_rejected_total {self.config_rejected}")
+        series("meshctl_response_flags_total", "counter", "Requests by Envoy-style response flag.", "flag",
+               sorted(self.flags.items()))
+        for metric, help_, value in (("meshctl_config_applied_total", "Configs applied.", self.config_applied),
+                                     ("meshctl_config_rejected_total", "Configs rejected.", self.config_rejected)):
+            out.append(f"# HELP {metric} {help_}")
+            out.append(f"# TYPE {metric} counter")
+            out.append(f"{metric} {value}")
         return "\n".join(out) + "\n"
 
 
-def _render_breakers(cl: list[ClusterStats], family, out: list[str]) -> None:
-    """Circuit-breaking counters (every cluster) and gauges (clusters with connectionPool limits)."""
-    for metric, attr, help_ in (
-        ("upstream_cx_overflow", "cx_overflow", "Requests that queued because tcp.maxConnections was reached."),
-        ("upstream_rq_pending_overflow", "rq_pending_overflow",
-         "Requests answered 503 UO: http1MaxPendingRequests or http2MaxRequests reached."),
-        ("upstream_rq_retry_overflow", "rq_retry_overflow", "Retries not made: http.maxRetries reached."),
-    ):
-        family(f"meshctl_cluster_{metric}", "counter", help_)
-        for c in cl:
-            out.append(f'meshctl_cluster_{metric}{{cluster="{_esc(c.name)}"}} {getattr(c, attr)}')
-    limited = [c for c in cl if c.breaker is not None]
-    for metric, attr, help_ in (
-        ("upstream_rq_pending_active", "pending", "Requests waiting for an upstream connection."),
-        ("upstream_rq_active", "active", "Requests holding an upstream connection (limited clusters)."),
-        ("upstream_rq_retry_active", "retries", "Retries in flight (limited clusters)."),
-    ):
-        family(f"meshctl_cluster_{metric}", "gauge", help_)
-        for c in limited:
-            out.append(f'meshctl_cluster_{metric}{{cluster="{_esc(c.name)}"}} {getattr(c.breaker, attr)}')
+# ClusterStats attributes exposed as meshctl_cluster_upstream_<attribute>, in exposition order
+_CLUSTER_SERIES = (
+    ("cx_active", "gauge", "Open upstream connections."),
+    ("cx_total", "counter", "Upstream connections opened."),
+    ("cx_connect_fail", "counter", "Failed upstream connects."),
+    ("rq_retry", "counter", "Retries sent upstream."),
+    # circuit breaking, on every cluster
+    ("cx_overflow", "counter", "Requests that queued because tcp.maxConnections was reached."),
+    ("rq_pending_overflow", "counter", "Requests answered 503 UO: http1MaxPendingRequests or http2MaxRequests reached."),
+    ("rq_retry_overflow", "counter", "Retries not made: http.maxRetries reached."),
+)
+# circuit breaking gauges of the clusters with connectionPool limits: (metric, help, Breaker attribute)
+_BREAKER_GAUGES = (
+    ("rq_pending_active", "Requests waiting for an upstream connection.", "pending"),
+    ("rq_active", "Requests holding an upstream connection (limited clusters).", "active"),
+    ("rq_retry_active", "Retries in flight (limited clusters).", "retries"),
+)
 
 
 def _esc(v: str) -> str:
