@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import urllib.error
 import urllib.request
@@ -10,20 +9,12 @@ import urllib.request
 import pytest
 import trio
 
-from meshctl.model.base import FrozenDict
 from meshctl.registry import keep_alive_loop, open_registry
-from meshctl.registry.base import Instance, RegistryError
+from meshctl.registry.base import RegistryError
 from meshctl.registry.consul import ConsulRegistry
-from tests.tools.watching import ids, watching
+from tests.tools.watching import ids, inst, unique, watching
 
 pytestmark = pytest.mark.consul
-
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{next(_names)}"
-
 
 def make(url: str, **kw) -> ConsulRegistry:
     reg = open_registry(url, "/nonexistent-state-dir")
@@ -32,10 +23,6 @@ def make(url: str, **kw) -> ConsulRegistry:
     reg.wait = kw.get("wait", 5.0)
     reg._backoff_args = (0.1, 0.5)
     return reg
-
-
-def inst(iid: str, service: str, port: int = 9080, **labels: str) -> Instance:
-    return Instance(id=iid, service=service, address="127.0.0.1", port=port, labels=FrozenDict(labels))
 
 
 def consul_put(http: str, path: str, body: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import urllib.error
 import urllib.request
@@ -10,20 +9,12 @@ import urllib.request
 import pytest
 import trio
 
-from meshctl.model.base import FrozenDict
 from meshctl.registry import keep_alive_loop, open_registry
-from meshctl.registry.base import Instance, RegistryError
+from meshctl.registry.base import RegistryError
 from meshctl.registry.eureka import EurekaRegistry
-from tests.tools.watching import ids, watching
+from tests.tools.watching import ids, inst, unique, watching
 
 pytestmark = pytest.mark.eureka
-
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{next(_names)}"
-
 
 def make(url: str, *, lease: float = 2.0) -> EurekaRegistry:
     reg = open_registry(url, "/nonexistent-state-dir")
@@ -33,10 +24,6 @@ def make(url: str, *, lease: float = 2.0) -> EurekaRegistry:
     reg.poll_interval = 0.2
     reg._backoff_args = (0.1, 0.5)
     return reg
-
-
-def inst(iid: str, service: str, port: int = 9080, **labels: str) -> Instance:
-    return Instance(id=iid, service=service, address="127.0.0.1", port=port, labels=FrozenDict(labels))
 
 
 def eureka_call(method: str, url: str, body: dict | None = None) -> int:

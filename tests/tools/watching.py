@@ -1,14 +1,28 @@
-"""Test helper: consume a registry's watch() in the background and wait for
-the snapshot a test expects, without ever cancelling the watch generator."""
+"""Test helpers for registries: consume a registry's watch() in the background and
+wait for the snapshot a test expects, without ever cancelling the watch generator;
+and the instances and unique service names the registry tests register."""
 
 from __future__ import annotations
 
+import itertools
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 import trio
 
-from meshctl.registry.base import Snapshot
+from meshctl.model.base import FrozenDict
+from meshctl.registry.base import Instance, Snapshot
+
+_names = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """A service name no earlier test of this run used (the registries are shared)."""
+    return f"{prefix}{next(_names)}"
+
+
+def inst(iid: str, service: str, port: int = 9080, **labels: str) -> Instance:
+    return Instance(id=iid, service=service, address="127.0.0.1", port=port, labels=FrozenDict(labels))
 
 
 class Watching:
