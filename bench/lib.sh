@@ -31,6 +31,36 @@ start_sidecar() { # log-name config admin-port → pid in SIDECAR_PID (and in PI
   PIDS+=($!); SIDECAR_PID=$!
 }
 
+write_pair_configs() { # [inbound listener extras] [endpoint extras] → $WORK/in.yaml and $WORK/out.yaml
+  # from MESH_IN, MESH_OUT, BACKEND: an inbound sidecar in front of the backend, an outbound one routing "backend" to it
+cat >"$WORK/in.yaml" <<EOF
+version: bench
+workload: {name: backend-0, service: backend}
+listeners:
+- {name: inbound, direction: inbound, address: 127.0.0.1, port: $MESH_IN, appAddress: 127.0.0.1, appPort: $BACKEND${1:-}}
+EOF
+cat >"$WORK/out.yaml" <<EOF
+version: bench
+workload: {name: client-0, service: client}
+listeners:
+- {name: outbound, direction: outbound, address: 127.0.0.1, port: $MESH_OUT, routeTable: outbound}
+routeTables:
+  outbound:
+    virtualHosts:
+    - name: backend.default.svc.cluster.local:80
+      domains: [backend, "backend:80", "127.0.0.1:$MESH_OUT"]
+      routes:
+      - route:
+        - destination: {host: backend.default.svc.cluster.local, port: {number: 80}}
+clusters:
+  "outbound|80||backend.default.svc.cluster.local":
+    service: backend.default.svc.cluster.local
+    port: 80
+    endpoints:
+    - {address: 127.0.0.1, port: $MESH_IN${2:-}}
+EOF
+}
+
 wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
 
 # nginx does its work in the worker process (child of the master we started)

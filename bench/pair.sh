@@ -43,32 +43,7 @@ start_nginx() { nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" & PIDS+=($!); echo 
 start_nginx backend; start_nginx ngx_server; start_nginx ngx_client
 
 # meshctl: inbound sidecar in front of the backend, outbound sidecar routing "backend" to it
-cat >"$WORK/in.yaml" <<EOF
-version: bench
-workload: {name: backend-0, service: backend}
-listeners:
-- {name: inbound, direction: inbound, address: 127.0.0.1, port: $MESH_IN, appAddress: 127.0.0.1, appPort: $BACKEND}
-EOF
-cat >"$WORK/out.yaml" <<EOF
-version: bench
-workload: {name: client-0, service: client}
-listeners:
-- {name: outbound, direction: outbound, address: 127.0.0.1, port: $MESH_OUT, routeTable: outbound}
-routeTables:
-  outbound:
-    virtualHosts:
-    - name: backend.default.svc.cluster.local:80
-      domains: [backend, "backend:80", "127.0.0.1:$MESH_OUT"]
-      routes:
-      - route:
-        - destination: {host: backend.default.svc.cluster.local, port: {number: 80}}
-clusters:
-  "outbound|80||backend.default.svc.cluster.local":
-    service: backend.default.svc.cluster.local
-    port: 80
-    endpoints:
-    - {address: 127.0.0.1, port: $MESH_IN}
-EOF
+write_pair_configs
 start_sidecar in "$WORK/in.yaml" "$ADMIN_IN"; MESH_IN_PID=$SIDECAR_PID
 start_sidecar out "$WORK/out.yaml" "$ADMIN_OUT"; MESH_OUT_PID=$SIDECAR_PID
 

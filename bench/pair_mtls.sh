@@ -71,32 +71,7 @@ SD="$WORK/state"
 PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CITADEL/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
-cat >"$WORK/in.yaml" <<EOF
-version: bench
-workload: {name: backend-0, service: backend}
-listeners:
-- {name: inbound, direction: inbound, address: 127.0.0.1, port: $MESH_IN, appAddress: 127.0.0.1, appPort: $BACKEND, mtlsMode: STRICT}
-EOF
-cat >"$WORK/out.yaml" <<EOF
-version: bench
-workload: {name: client-0, service: client}
-listeners:
-- {name: outbound, direction: outbound, address: 127.0.0.1, port: $MESH_OUT, routeTable: outbound}
-routeTables:
-  outbound:
-    virtualHosts:
-    - name: backend.default.svc.cluster.local:80
-      domains: [backend, "backend:80", "127.0.0.1:$MESH_OUT"]
-      routes:
-      - route:
-        - destination: {host: backend.default.svc.cluster.local, port: {number: 80}}
-clusters:
-  "outbound|80||backend.default.svc.cluster.local":
-    service: backend.default.svc.cluster.local
-    port: 80
-    endpoints:
-    - {address: 127.0.0.1, port: $MESH_IN, identity: "spiffe://cluster.local/ns/default/sa/backend"}
-EOF
+write_pair_configs ", mtlsMode: STRICT" ', identity: "spiffe://cluster.local/ns/default/sa/backend"'
 TOKEN_IN=$("$MESHCTL" citadel token default/backend --state-dir "$SD")
 TOKEN_OUT=$("$MESHCTL" citadel token default/client --state-dir "$SD")
 MESHCTL_CITADEL_URL="http://127.0.0.1:$CITADEL" MESHCTL_CITADEL_TOKEN="$TOKEN_IN" \
