@@ -135,6 +135,21 @@ class WatchState:
             await self._event.wait()
 
 
+class WatchedRegistry:
+    """``reachable`` and ``last_error`` (what `meshctl status` shows) of a registry
+    client whose watch loop runs in ``self._watcher`` (a BackgroundWatcher)."""
+
+    _watcher: "BackgroundWatcher"
+
+    @property
+    def reachable(self) -> bool:
+        return self._watcher.state.reachable
+
+    @property
+    def last_error(self) -> str:
+        return self._watcher.state.last_error
+
+
 class BackgroundWatcher:
     """Runs one registry's refresh loop while anyone is watching.
 

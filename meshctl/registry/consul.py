@@ -41,7 +41,7 @@ from consul.exceptions import ACLPermissionDenied, ConsulException
 import trio
 
 from ..model.base import FrozenDict
-from . import Backoff, BackgroundWatcher, make_snapshot
+from . import Backoff, BackgroundWatcher, WatchedRegistry, make_snapshot
 from .base import Instance, RegistryError, Snapshot
 
 log = logging.getLogger("meshctl.registry.consul")
@@ -64,7 +64,7 @@ class _Registration:
     draining: bool = False
 
 
-class ConsulRegistry:
+class ConsulRegistry(WatchedRegistry):
     """A :class:`~meshctl.registry.base.Registry` backed by a Consul agent.
 
     ``ttl``: TTL of the check of instances registered without an HTTP check
@@ -109,14 +109,6 @@ class ConsulRegistry:
         self._closed = False
 
     # -- status for `meshctl status` ----------------------------------------------
-
-    @property
-    def reachable(self) -> bool:
-        return self._watcher.state.reachable
-
-    @property
-    def last_error(self) -> str:
-        return self._watcher.state.last_error
 
     @property
     def keepalive_interval(self) -> float:

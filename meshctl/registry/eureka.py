@@ -32,7 +32,7 @@ import httpx
 import trio
 
 from ..model.base import FrozenDict
-from . import Backoff, BackgroundWatcher, make_snapshot
+from . import Backoff, BackgroundWatcher, WatchedRegistry, make_snapshot
 from .base import Instance, RegistryError, Snapshot
 
 log = logging.getLogger("meshctl.registry.eureka")
@@ -48,7 +48,7 @@ class _Registration:
     draining: bool = False
 
 
-class EurekaRegistry:
+class EurekaRegistry(WatchedRegistry):
     """A :class:`~meshctl.registry.base.Registry` backed by a Eureka server.
 
     ``base_url``: the server's REST root, e.g. ``http://127.0.0.1:8761/eureka``.
@@ -89,14 +89,6 @@ class EurekaRegistry:
         self.delta_fetches = 0
 
     # -- status ---------------------------------------------------------------------
-
-    @property
-    def reachable(self) -> bool:
-        return self._watcher.state.reachable
-
-    @property
-    def last_error(self) -> str:
-        return self._watcher.state.last_error
 
     @property
     def keepalive_interval(self) -> float:
