@@ -114,7 +114,8 @@ _REPICKS = 5
 
 
 class _Avoiding:
-    """``pick`` with the retry host predicate around each policy's ``_pick``."""
+    """``pick`` with the retry host predicate around each policy's ``_pick``, which
+    is only asked to choose among two endpoints or more."""
 
     __slots__ = ()
 
@@ -122,6 +123,8 @@ class _Avoiding:
         raise NotImplementedError
 
     def pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
+        if len(endpoints) < 2:
+            return endpoints[0] if endpoints else None
         ep = self._pick(endpoints, ctx, rand)
         avoid = ctx.avoid
         if avoid and ep is not None:
@@ -143,10 +146,6 @@ class RoundRobin(_Avoiding):
 
     def _pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
         n = len(endpoints)
-        if n == 0:
-            return None
-        if n == 1:
-            return endpoints[0]
         if _uniform(endpoints):
             i = self._next
             if i is None:
@@ -179,8 +178,6 @@ class RandomBalancer(_Avoiding):
     __slots__ = ()
 
     def _pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
-        if not endpoints:
-            return None
         return _random_pick(endpoints, rand)
 
 
@@ -191,10 +188,6 @@ class LeastRequest(_Avoiding):
 
     def _pick(self, endpoints: Sequence[Endpoint], ctx: PickContext, rand: random.Random) -> Endpoint | None:
         n = len(endpoints)
-        if n == 0:
-            return None
-        if n == 1:
-            return endpoints[0]
         if _uniform(endpoints):
             i = rand.randrange(n)
             j = rand.randrange(n - 1)
