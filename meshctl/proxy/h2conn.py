@@ -49,6 +49,7 @@ from ..protocol.detect import detect
 from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
 from . import stats as F
 from .http import ConnState, DownstreamGone, Request, send_local
+from .outbuf import OutBuffer
 from .telemetry import finish_request
 
 log = logging.getLogger("meshctl.proxy")
@@ -260,7 +261,7 @@ class _StreamDown:
             await c.flush()
 
 
-class _Conn:
+class _Conn(OutBuffer):
     __slots__ = ("rt", "al", "stream", "client_ip", "h2", "out", "emitted", "written", "wake", "progress",
                  "streams", "blocked", "dead", "nursery", "state", "draining", "lstats")
 
@@ -270,11 +271,7 @@ class _Conn:
         self.stream = stream
         self.client_ip = client_ip
         self.h2 = H2Server(h2_limits(rt.snapshot), now=trio.current_time)
-        self.out = bytearray()
-        self.emitted = 0  # bytes ever emitted / written: flush() waits for written to catch up
-        self.written = 0
-        self.wake = trio.Event()
-        self.progress = trio.Event()
+        self._init_out()
         self.streams: dict[int, tuple[trio.CancelScope, _StreamReader, _StreamDown]] = {}
         self.blocked: dict[int, _StreamDown] = {}  # streams waiting for send window
         self.dead = False
@@ -283,47 +280,17 @@ class _Conn:
         self.draining = False
         self.lstats = lstats
 
-    def emit(self, data: bytes) -> None:
-        if data:
-            self.out += data
-            self.emitted += len(data)
-
-    def kick(self) -> None:
-        """Let the writer task send what is buffered (no waiting)."""
-        if self.out:
-            self.wake.set()
-
     async def flush(self) -> None:
         """Wait until everything emitted so far is written to the socket."""
-        target = self.emitted
-        while self.written < target:
-            if self.dead:
-                raise DownstreamGone("connection closed")
-            self.wake.set()
-            await self.progress.wait()
+        await self.wait_written()
         if self.dead:
             raise DownstreamGone("connection closed")
 
     async def writer(self) -> None:
-        """The only task writing to the socket: frames leave in codec order,
-        and a cancelled stream never leaves half a frame behind."""
-        stream = self.stream
-        while True:
-            if not self.out:
-                self.wake = trio.Event()
-                await self.wake.wait()
-                continue
-            chunk = bytes(self.out)
-            self.out.clear()
-            try:
-                await stream.send_all(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.kill()
-                return
-            finally:
-                self.written += len(chunk)
-                progress, self.progress = self.progress, trio.Event()
-                progress.set()
+        try:
+            await self.write_loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.kill()
 
     def kill(self) -> None:
         """The connection is over: cancel every stream."""

@@ -36,6 +36,7 @@ from ..protocol.grpc import grpc_status_from, is_grpc
 from ..protocol.headers import strip_hop_by_hop
 from ..protocol.http2 import GoAway, H2Client, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
 from . import stats as F
+from .outbuf import OutBuffer
 from .stream import UpstreamConnectError, connect_tcp
 
 log = logging.getLogger("meshctl.proxy")
@@ -119,7 +120,7 @@ class _UpStream:
         return ev
 
 
-class H2Upstream:
+class H2Upstream(OutBuffer):
     """One multiplexed upstream HTTP/2 connection."""
 
     def __init__(self, pool: "H2Pool", stream, key, stats) -> None:
@@ -129,11 +130,7 @@ class H2Upstream:
         self.stats = stats
         self.client = H2Client(H2Limits(), now=trio.current_time)
         self.streams: dict[int, _UpStream] = {}
-        self.out = bytearray()
-        self.emitted = 0
-        self.written = 0
-        self.wake = trio.Event()
-        self.progress = trio.Event()
+        self._init_out()
         self.dead = False
         self.scope = trio.CancelScope()
         self.reason = ""
@@ -141,36 +138,20 @@ class H2Upstream:
 
     # ------------------------------------------------------------ writing
     def emit(self, data: bytes) -> None:
-        if data:
-            self.out += data
-            self.emitted += len(data)
-            self.wake.set()
+        """Queue ``data`` and wake the writer at once (requests are not batched here)."""
+        super().emit(data)
+        self.kick()
 
     async def flush(self) -> None:
-        target = self.emitted
-        while self.written < target and not self.dead:
-            self.wake.set()
-            await self.progress.wait()
+        await self.wait_written()
         if self.dead:
             raise trio.BrokenResourceError(self.reason or "upstream HTTP/2 connection closed")
 
     async def _writer(self) -> None:
-        while True:
-            if not self.out:
-                self.wake = trio.Event()
-                await self.wake.wait()
-                continue
-            chunk = bytes(self.out)
-            self.out.clear()
-            try:
-                await self.stream.send_all(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._die(f"write failed: {exc}")
-                return
-            finally:
-                self.written += len(chunk)
-                p, self.progress = self.progress, trio.Event()
-                p.set()
+        try:
+            await self.write_loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._die(f"write failed: {exc}")
 
     # ------------------------------------------------------------ life
     @property
