@@ -30,10 +30,8 @@ import math
 import trio
 
 from ..core.retry import Outcome, should_retry
-from ..core.route import apply_header_ops
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
 from ..protocol.grpc import grpc_status_from, is_grpc
-from ..protocol.headers import strip_hop_by_hop
 from ..protocol.http2 import GoAway, H2Client, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
 from . import stats as F
 from .outbuf import OutBuffer
@@ -475,13 +473,11 @@ async def _respond(fw, rq, cs, conn: H2Upstream, st: _UpStream, policy, retries:
 
 
 async def _stream_response(fw, rq, conn: H2Upstream, st: _UpStream, head: ResponseHead) -> None:
+    from .http import response_headers
+
     server = rq.server
     client = conn.client
-    headers = strip_hop_by_hop(head.headers)
-    fwd = rq.forward
-    if fwd is not None:
-        for ops in fwd.response_ops:
-            headers = apply_header_ops(headers, ops)
+    headers = response_headers(rq, head.headers)
     h1_down = type(server).__name__ == "H1Server"
     if h1_down and (not rq.keep_alive or fw.rt.draining):
         rq.keep_alive = False

@@ -720,11 +720,7 @@ class Forwarder:
 
     async def _stream_response(self, rq: Request, conn: UpstreamConn, head: ResponseHead) -> None:
         server = rq.server
-        headers = strip_hop_by_hop(head.headers)
-        fwd = rq.forward
-        if fwd is not None:
-            for ops in fwd.response_ops:
-                headers = apply_header_ops(headers, ops)
+        headers = response_headers(rq, head.headers)
         if not rq.keep_alive or self.rt.draining:
             head.keep_alive = False
             rq.keep_alive = False
@@ -784,6 +780,17 @@ class Forwarder:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         conn.stream.close_now()
+
+
+def response_headers(rq: Request, headers):
+    """An upstream response's headers as the client gets them, whatever the protocol
+    on either side: hop-by-hop fields dropped, the route's header operations applied."""
+    headers = strip_hop_by_hop(headers)
+    fwd = rq.forward
+    if fwd is not None:
+        for ops in fwd.response_ops:
+            headers = apply_header_ops(headers, ops)
+    return headers
 
 
 async def send_local(rq: Request, reply: LocalReply) -> None:
