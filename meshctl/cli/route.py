@@ -46,6 +46,32 @@ def _report(findings) -> int:
     return errors
 
 
+def _mesh_gateways(mesh: Optional[Path], sd: Optional[Path]):
+    """mesh.yaml's gateways for the Gateway port check: --mesh, else the state directory's mesh."""
+    from ..loader.codec import LoadError
+    from ..loader.gateways import MeshGateways, find_mesh_file
+    from ..supervisor.plan import load_mesh_lines
+
+    path = mesh or find_mesh_file(sd)
+    if path is None:
+        return None
+    try:
+        spec, lines = load_mesh_lines(path)
+    except LoadError as e:
+        fail(f"cannot check Gateways against {path}:\n{e}")
+    return MeshGateways.from_spec(str(path), spec, lines)
+
+
+def _gateway_findings(resources, mesh: Optional[Path], sd: Optional[Path]) -> list:
+    from ..loader.gateways import gateway_port_findings
+
+    gws = _mesh_gateways(mesh, sd)
+    return gateway_port_findings(resources, gws) if gws is not None else []
+
+
+MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve the Gateway ports (default: the state directory's).")
+
+
 def _poke_pilot(sd: Path) -> str | None:
     """Tell a running Pilot to re-read the store; it would notice within a second anyway."""
     url = control_url(sd, "pilot")
@@ -83,13 +109,15 @@ def _wait_synced(url: str, revision_before: int, timeout: float) -> None:
 def apply(
     files: List[Path] = FileOption,
     wait: bool = typer.Option(False, "--wait", help="Wait until every proxy has ACKed the new config."),
+    mesh: Optional[Path] = MeshOption,
     state: Optional[str] = StateDirOption,
 ) -> None:
     """Create or replace rules, like `kubectl apply`; running proxies get them at once."""
     resources = _load(files)
     sd = state_dir(state)
     store = RuleStore(sd)
-    if _report(validate(resources, context=store.current().resources)):
+    findings = validate(resources, context=store.current().resources) + _gateway_findings(resources, mesh, sd)
+    if _report(findings):
         fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     before = store.current_number()
     try:
@@ -106,10 +134,13 @@ def apply(
 
 
 @app.command("validate")
-def validate_cmd(files: List[Path] = FileOption) -> None:
+def validate_cmd(files: List[Path] = FileOption, mesh: Optional[Path] = MeshOption,
+                 state: Optional[str] = StateDirOption) -> None:
     """Check rule files offline, like `istioctl analyze`; exit 1 on errors."""
+    from ..state import find_state_dir
+
     resources = _load(files)
-    errors = _report(validate(resources))
+    errors = _report(validate(resources) + _gateway_findings(resources, mesh, find_state_dir(state)))
     if errors:
         raise typer.Exit(1)
     console.print(f"{len(resources)} resource(s) valid")

@@ -27,6 +27,11 @@ NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 def load_mesh(path: Path) -> MeshSpec:
     """Read and check mesh.yaml; raises LoadError(s) naming file:line: field."""
+    return load_mesh_lines(path)[0]
+
+
+def load_mesh_lines(path: Path) -> tuple[MeshSpec, dict[str, int]]:
+    """``load_mesh``, with the line of each field (``gateways[0].ports``)."""
     file = str(path)
     try:
         text = path.read_text()
@@ -42,7 +47,7 @@ def load_mesh(path: Path) -> MeshSpec:
     assert spec is not None
     problems = check_mesh(spec)
     raise_errors([LoadError(file, line_of(doc.lines, p), p, m) for p, m in problems])
-    return spec
+    return spec, doc.lines
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
