@@ -105,6 +105,7 @@ def up(
     """Start the control plane, every app with its sidecar, and the gateways; or apply mesh.yaml's changes to a running mesh."""
     from ..registry import parse_registry_url
     from ..registry.base import RegistryError
+    from ..supervisor.plan import load_mesh
 
     if not file.exists():
         fail(f"{file}: no such mesh file (give one with -f)")
@@ -114,6 +115,9 @@ def up(
         except RegistryError as e:
             fail(f"--registry: {e}")
     try:
+        # Checked here, before any detach, whether or not --state-dir names the state:
+        # `up -d` prints the same file:line errors as `up`.
+        load_mesh(file)
         sd = _mesh_state_dir(file, state)
     except LoadError as e:
         fail(f"bad mesh file:\n{e}")
@@ -167,6 +171,7 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
     modules are loaded already), then follow its progress in status.json."""
     (sd / "logs").mkdir(parents=True, exist_ok=True)
     log_path = sd / "logs" / "supervisor.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -213,9 +218,21 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
         if child_exited():
             st = _read_status(sd)
             error = st.get("error") if st.get("pid") == pid else None
-            fail(f"meshctl up failed: {error or 'see ' + str(log_path)}")
+            fail(f"meshctl up failed: {error or _logged_error(log_path, start) or 'see ' + str(log_path)}")
         time.sleep(0.05)
     fail(f"mesh not up after 90s: see `meshctl status` and {sd / 'logs'}")
+
+
+def _logged_error(log_path: Path, start: int) -> str:
+    """The error the detached supervisor printed (from `error:` on) in its log since ``start``."""
+    try:
+        with open(log_path, errors="replace") as fh:
+            fh.seek(start)
+            text = fh.read()
+    except OSError:
+        return ""
+    at = text.find("error: ")
+    return text[at + len("error: "):].strip() if at >= 0 else ""
 
 
 def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = None) -> None:
