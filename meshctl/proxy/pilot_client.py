@@ -84,7 +84,8 @@ class PilotClient:
                     if r.status_code == 404:
                         registered = False
                         continue
-                    r.raise_for_status()
+                    if r.status_code != 304:  # 304 is a long-poll's normal "nothing new", not an error
+                        r.raise_for_status()
                     if not self.connected:
                         log.info("connected to Pilot at %s", self.url)
                     self.connected, self.last_error, backoff = True, "", 0.1
