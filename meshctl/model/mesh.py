@@ -22,6 +22,7 @@ gateways:
 - name: istio-ingressgateway
   labels: {istio: ingressgateway}
   ports: {80: 8080}             # Gateway server port 80 is served on host port 8080
+  numTrustedProxies: 0          # x-forwarded-for hops to trust for remoteIpBlocks (Istio's gatewayTopology)
 ```
 
 Field names follow the house convention (camelCase in YAML, snake_case here),
@@ -74,6 +75,7 @@ class GatewaySpec:
     labels: FrozenDict[str, str] = EMPTY
     ports: FrozenDict[int, int] = EMPTY  # Gateway server port → host port
     replicas: int = 1
+    num_trusted_proxies: int = 0  # Istio's gatewayTopology.numTrustedProxies: x-forwarded-for hops to trust
 
 
 @dataclass(frozen=True, slots=True)

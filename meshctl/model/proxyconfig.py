@@ -109,6 +109,7 @@ class Listener:
     app_address: str | None = None
     app_port: int | None = None
     mtls_mode: str = "DISABLE"  # inbound: STRICT | PERMISSIVE | DISABLE
+    trusted_proxies: int = 0  # gateway: proxies in front whose x-forwarded-for is trusted (numTrustedProxies)
 
 
 @dataclass(frozen=True, slots=True)

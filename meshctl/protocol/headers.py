@@ -86,6 +86,17 @@ def append_forwarded_for(headers: HeaderList, client_ip: str) -> HeaderList:
     return out
 
 
+def trusted_client_address(headers: HeaderList, peer: str, trusted_hops: int) -> str:
+    """The client address behind ``trusted_hops`` trusted proxies (Envoy's
+    xff_num_trusted_hops, Istio's numTrustedProxies): the ``trusted_hops``-th
+    address from the right of the x-forwarded-for the request arrived with;
+    the peer when there are none to trust or too few addresses."""
+    if trusted_hops <= 0:
+        return peer
+    addrs = [a.strip() for k, v in headers if k == "x-forwarded-for" for a in v.split(",") if a.strip()]
+    return addrs[-trusted_hops] if len(addrs) >= trusted_hops else peer
+
+
 def ensure_request_id(headers: HeaderList, new_id: Callable[[], str]) -> tuple[HeaderList, str]:
     """Keep a non-empty x-request-id; otherwise add one made by ``new_id()``."""
     for k, v in headers:

@@ -50,7 +50,7 @@ from ..protocol.events import (
     Upgraded,
 )
 from ..protocol.grpc import GrpcStatus, local_grpc_reply
-from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop
+from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop, trusted_client_address
 from ..protocol.http1 import H1Server
 from . import stats as F
 from .identity import upstream_tls
@@ -341,9 +341,12 @@ class AuthzStage:
             return None
         head = rq.head
         lst = rq.listener
+        gateway = lst.direction == "gateway"
         d = authorize(policies, AuthzRequest(
-            method=head.method, path=head.path, host=head.authority, port=lst.app_port or lst.port,
+            method=head.method, path=head.path, host=head.authority,
+            port=(lst.service_port or lst.port) if gateway else (lst.app_port or lst.port),
             headers=rq.headers, source_principal=getattr(rq.down, "peer_id", None), source_ip=rq.client_ip,
+            remote_ip=trusted_client_address(head.headers, rq.client_ip, lst.trusted_proxies) if gateway else None,
         ))
         if d.allowed:
             return None
@@ -386,6 +389,8 @@ CLUSTER = ClusterStage()
 def default_chain(listener: Listener) -> tuple[Stage, ...]:
     if listener.direction == "inbound" and listener.route_table is None:
         return (PREPARE, SOURCE_STAGE, RATE_LIMIT, AUTHZ, TARGET, CLUSTER)
+    if listener.direction == "gateway":  # policy as on sidecars, before routing (Istio's gateway filter chain)
+        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, AUTHZ, ROUTE, FAULT, CLUSTER)
     return (PREPARE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
 
 

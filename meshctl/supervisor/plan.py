@@ -116,6 +116,8 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
             out.append((f"{p}.name", f"{gw.name!r} is not a DNS label"))
         if not gw.ports:
             out.append((f"{p}.ports", "a gateway needs ports: {GATEWAY_PORT: HOST_PORT}"))
+        if gw.num_trusted_proxies < 0:
+            out.append((f"{p}.numTrustedProxies", "must be 0 or more"))
         for gport, hport in gw.ports.items():
             if hport in local_ports:
                 out.append((f"{p}.ports.{gport}", f"host port {hport} is already used by {local_ports[hport]}"))
@@ -152,6 +154,7 @@ class GatewayPlan:
     labels: FrozenDict[str, str]
     ports: FrozenDict[int, int]  # gateway server port → host port
     admin_port: int
+    trusted_proxies: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +271,8 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                     )
                 )
     gateways = tuple(
-        GatewayPlan(name=gw.name, labels=FrozenDict({"app": gw.name, **gw.labels}), ports=gw.ports, admin_port=alloc.get(f"{gw.name}/admin"))
+        GatewayPlan(name=gw.name, labels=FrozenDict({"app": gw.name, **gw.labels}), ports=gw.ports, admin_port=alloc.get(f"{gw.name}/admin"),
+                    trusted_proxies=gw.num_trusted_proxies)
         for gw in spec.gateways
     )
     # Mixer and Citadel last, so that adding them moved no workload's ports. From the
@@ -315,7 +319,8 @@ def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
     from ..pilot.compile import Node
 
     listeners = tuple(
-        Listener(name=f"gateway-{gport}", direction="gateway", address="127.0.0.1", port=hport, protocol="http", service_port=gport)
+        Listener(name=f"gateway-{gport}", direction="gateway", address="127.0.0.1", port=hport, protocol="http", service_port=gport,
+                 trusted_proxies=g.trusted_proxies)
         for gport, hport in sorted(g.ports.items())
     )
     workload = Workload(name=g.name, service=g.name, namespace=spec.settings.namespace, labels=g.labels,

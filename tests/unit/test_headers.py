@@ -71,3 +71,14 @@ def test_ensure_request_id_keeps_existing_and_adds_missing():
     assert rid == "generated-1" and headers == [("a", "b"), ("x-request-id", "generated-1")]
     headers, rid = ensure_request_id([("x-request-id", " ")], new_id)
     assert rid == "generated-1" and headers == [("x-request-id", "generated-1")]
+
+
+def test_trusted_client_address_counts_trusted_proxies_from_the_right():
+    from meshctl.protocol.headers import trusted_client_address
+
+    xff = [("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "3.3.3.3")]
+    assert trusted_client_address(xff, "9.9.9.9", 0) == "9.9.9.9"
+    assert trusted_client_address(xff, "9.9.9.9", 1) == "3.3.3.3"
+    assert trusted_client_address(xff, "9.9.9.9", 3) == "1.1.1.1"
+    assert trusted_client_address(xff, "9.9.9.9", 4) == "9.9.9.9"  # fewer addresses than trusted hops
+    assert trusted_client_address([], "9.9.9.9", 1) == "9.9.9.9"
