@@ -6,6 +6,8 @@ settings:
   trustDomain: cluster.local
   portRange: 21000-21999        # where meshctl allocates app, sidecar and gateway ports
   readyTimeout: 60s             # how long `up` waits for every instance to pass its health check
+  pathNormalization: BASE       # NONE | BASE | MERGE_SLASHES | DECODE_AND_MERGE_SLASHES (Istio's)
+  drainDuration: 5s             # a stopping sidecar keeps serving this long while callers move away
 services:
 - name: reviews
   port: 9080                    # the service port clients use: http://reviews:9080/
@@ -87,6 +89,12 @@ class MeshSettings:
     state_dir: str | None = None  # default: .meshctl beside the mesh file
     pilot_port: int | None = None  # default: allocated from port_range
     ready_timeout: Duration = Duration(60.0)
+    # given to every sidecar and gateway (ProxyConfig settings of the same names)
+    path_normalization: str = "BASE"  # Istio meshConfig.pathNormalization
+    upgrade_types: tuple[str, ...] = ("websocket",)  # HTTP/1.1 upgrades relayed to apps; never h2c
+    request_timeout: Duration = Duration(300.0)  # whole request received (Envoy request_timeout); 0: none
+    max_connections: int = 0  # per listener; 0: from the open-file limit
+    drain_duration: Duration = Duration(5.0)  # serving after SIGTERM (Istio terminationDrainDuration)
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,10 +137,44 @@ class Settings:
     idle_timeout: Duration = Duration(300.0)
     connect_timeout: Duration = Duration(10.0)
     drain_timeout: Duration = Duration(5.0)
+    # hardening (issue 13): Istio meshConfig pathNormalization; upgrades passed to
+    # the app (Envoy upgrade_configs; h2c never); Envoy request_timeout (whole
+    # request received, 0 = none); connections per listener (0: from RLIMIT_NOFILE);
+    # time a draining proxy keeps serving (Istio terminationDrainDuration)
+    path_normalization: str = "BASE"  # NONE | BASE | MERGE_SLASHES | DECODE_AND_MERGE_SLASHES
+    upgrade_types: tuple[str, ...] = ("websocket",)
+    request_timeout: Duration = Duration(300.0)
+    max_connections: int = 0
+    # 0 for a standalone proxy; `meshctl up` passes mesh.yaml's settings.drainDuration (5s)
+    drain_duration: Duration = Duration(0.0)
     retry_buffer_bytes: int = 64 * 1024  # a body larger than this is not retried
     # Istio's default retry policy where a route sets none.
     default_retry_attempts: int = 2
     default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+
+
+PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")  # Istio meshConfig
+UPGRADE_TYPES = ("websocket", "connect-udp", "connect-ip")  # what may be relayed after a 101
+
+
+def settings_problems(s: Settings) -> list[tuple[str, str]]:
+    """(field, message) for the hardening settings a proxy cannot carry out."""
+    out: list[tuple[str, str]] = []
+    if s.path_normalization not in PATH_NORMALIZATIONS:
+        out.append(("pathNormalization", f"{s.path_normalization!r} is not one of {', '.join(PATH_NORMALIZATIONS)}"))
+    for i, t in enumerate(s.upgrade_types):
+        if t.lower() == "h2c":
+            out.append((f"upgradeTypes[{i}]", "h2c is never relayed: it would tunnel requests past routing and "
+                        "authorization (Envoy strips it too)"))
+        elif t.lower() not in UPGRADE_TYPES:
+            out.append((f"upgradeTypes[{i}]", f"{t!r}: meshctl relays only {', '.join(UPGRADE_TYPES)}"))
+    if s.max_connections < 0:
+        out.append(("maxConnections", "must be >= 0 (0: derived from the open-file limit)"))
+    for name in ("request_timeout", "drain_duration"):
+        if float(getattr(s, name)) < 0:
+            camel = name.split("_")[0] + "".join(w.title() for w in name.split("_")[1:])
+            out.append((camel, "must not be negative"))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

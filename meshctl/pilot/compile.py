@@ -78,6 +78,7 @@ class Node:
     workload: Workload
     listeners: tuple[Listener, ...] = ()
     gateway: bool = False
+    settings: Settings | None = None  # from mesh.yaml (supervisor/plan.proxy_settings); None: Pilot's
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,7 +487,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         clusters=FrozenDict(sorted(clusters.items())),
         authorization=FrozenDict(authorization_for(inp, wl)),
         rate_limits=FrozenDict(rate_limits_for(inp, wl)),
-        settings=inp.settings,
+        settings=node.settings if node.settings is not None else inp.settings,
     )
     return replace(cfg, version=config_version(cfg))
 

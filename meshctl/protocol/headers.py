@@ -23,6 +23,7 @@ HOP_BY_HOP = frozenset(
         "trailer",
         "proxy-authenticate",
         "proxy-authorization",
+        "http2-settings",  # only meaningful with Upgrade: h2c, which is never relayed
     }
 )
 

@@ -34,7 +34,10 @@ Rules this module keeps
   HTTP parsing of the held bytes at the next ``feed`` call (``feed(b"")`` works).
   An Upgrade request that carries a body (curl's h2c upgrade on a POST) is
   treated as a plain request (``upgrade=None``), as the body must be read as
-  HTTP/1.1 anyway; CONNECT with a body is refused (400).
+  HTTP/1.1 anyway; CONNECT with a body is refused (400). So is one whose token
+  is not in ``Limits.upgrades`` (h2c: Envoy strips it, else an h2c tunnel would
+  carry requests past the proxy's routing and authorization); requests
+  pipelined behind it are parsed and served.
 * After a request or response that closes the connection, further input is ignored.
 * A head-level error found behind complete pipelined requests of the same
   ``feed`` is deferred: their events are returned, ``keep_alive`` turns False,
@@ -75,6 +78,9 @@ __all__ = ["Limits", "H1Server", "H1Client"]
 class Limits:
     max_header_bytes: int = 60 * 1024  # the whole request/response head
     max_headers: int = 100
+    # Upgrade tokens the server codec honours (Envoy's upgrade_configs: WebSocket by
+    # default). Any other (h2c above all) is served as a plain HTTP/1.1 request.
+    upgrades: frozenset[str] = frozenset({"websocket"})
 
 
 _DEFAULT_LIMITS = Limits()
@@ -328,6 +334,7 @@ class H1Server(_HeadCollector):
         self._stopped = False  # a request closed the connection: ignore more input
         self._silent = False  # parsing the synthetic head (see _resume_body)
         self._body_after_upgrade: tuple[str, str] | None = None
+        self._plain_after_upgrade = False  # an upgrade token we do not honour: go on as HTTP/1.1
         self._hold = False  # upgrade pending: buffer input instead of parsing
         self._held = b""
         self._resume_held = False
@@ -399,6 +406,8 @@ class H1Server(_HeadCollector):
                 if has_body:
                     # the body has to be read as HTTP anyway: serve it as a plain request
                     self._body_after_upgrade = ("chunked", "") if chunked else ("length", cl or "0")
+                elif token not in self._limits.upgrades:
+                    self._plain_after_upgrade = True
                 else:
                     upgrade = token or None
         keep_alive = p.should_keep_alive()
@@ -492,6 +501,13 @@ class H1Server(_HeadCollector):
         raise err
 
     def _after_upgrade_request(self, rest: bytes) -> None:
+        if self._plain_after_upgrade:
+            # llhttp stops after any Upgrade request: go on with a fresh parser
+            self._plain_after_upgrade = False
+            self._parser = HttpRequestParser(self)
+            if rest and not self._stopped:
+                self._run(rest)
+            return
         if self._body_after_upgrade is not None:
             kind, cl = self._body_after_upgrade
             self._resume_body(kind, cl)

@@ -38,6 +38,7 @@ from ..core.balance import PickContext
 from ..core.authz import AuthzRequest, authorize
 from ..core.fault import decide_fault
 from ..core.outlier import LOCAL_FAILURES
+from ..core.pathnorm import PathRejected, normalize_path
 from ..core.retry import Outcome, backoff, should_retry
 from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, apply_header_ops
 from ..model.proxyconfig import Listener
@@ -239,6 +240,12 @@ class PrepareStage:
 
     async def on_request(self, rq: Request) -> LocalReply | None:
         head = rq.head
+        # one normalized path for routing, authorization and the upstream (pathnorm.py)
+        try:
+            head.path = normalize_path(head.path, rq.snap.settings.path_normalization)
+        except PathRejected as exc:
+            return LocalReply(400, f"{exc}\n".encode(), [("content-type", "text/plain"),
+                                                         ("x-meshctl-reason", "path rejected")], F.DPE)
         headers = strip_hop_by_hop(head.headers, keep_upgrade=head.upgrade is not None)
         headers = append_forwarded_for(headers, rq.client_ip)
         headers, rq.request_id = ensure_request_id(headers, rq.rt.new_request_id)

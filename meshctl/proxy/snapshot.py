@@ -15,7 +15,7 @@ from ..core.outlier import OutlierDetector
 from ..core.retry import RetryPolicy, retry_policy
 from ..core.route import Router
 from ..model.istio import HTTPRetry
-from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, cluster_name
+from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, cluster_name, settings_problems
 from ..protocol.http1 import Limits
 from .limits import ClusterLimiter, build_limiters
 from .stats import ClusterStats, Stats
@@ -103,6 +103,8 @@ def problems(cfg: ProxyConfig) -> list[str]:
                     out.append(f"{where}: cluster {binding_cluster_name(lst)!r} does not exist")
             elif lst.route_table is None and binding_cluster_name(lst) not in cfg.clusters:
                 out.append(f"{where}: cluster {binding_cluster_name(lst)!r} does not exist")
+    for field_name, msg in settings_problems(cfg.settings):
+        out.append(f"settings.{field_name}: {msg}")
     for tname, table in cfg.route_tables.items():
         for vh in table.virtual_hosts:
             for i, route in enumerate(vh.routes):
@@ -128,7 +130,8 @@ class Snapshot:
         self.version = cfg.version
         self.settings = cfg.settings
         s = cfg.settings
-        self.limits = Limits(max_header_bytes=s.max_request_headers_kb * 1024, max_headers=s.max_headers)
+        self.limits = Limits(max_header_bytes=s.max_request_headers_kb * 1024, max_headers=s.max_headers,
+                             upgrades=frozenset(t.lower() for t in s.upgrade_types if t.lower() != "h2c"))
         self.routers: dict[str, Router] = {name: Router(t, s) for name, t in cfg.route_tables.items()}
         # outlier detectors outlive config versions: ejections and counters carry over
         old = outliers if outliers is not None else {}

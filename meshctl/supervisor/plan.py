@@ -60,9 +60,21 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def proxy_settings(spec: MeshSpec) -> "Settings":
+    """The ProxyConfig settings mesh.yaml gives every sidecar and gateway."""
+    from ..model.proxyconfig import Settings
+
+    m = spec.settings
+    return Settings(path_normalization=m.path_normalization, upgrade_types=m.upgrade_types,
+                    request_timeout=m.request_timeout, max_connections=m.max_connections,
+                    drain_duration=m.drain_duration)
+
+
 def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
     """Meaning checks: (field path, message) for each problem."""
-    out: list[tuple[str, str]] = []
+    from ..model.proxyconfig import settings_problems
+
+    out: list[tuple[str, str]] = [(f"settings.{f}", m) for f, m in settings_problems(proxy_settings(spec))]
     try:
         parse_port_range(spec.settings.port_range)
     except ValueError as e:
@@ -311,7 +323,7 @@ def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
         )
     workload = Workload(name=w.name, service=w.service, namespace=spec.settings.namespace, labels=w.labels,
                         service_account=w.service_account, trust_domain=spec.settings.trust_domain)
-    return Node(workload=workload, listeners=tuple(listeners))
+    return Node(workload=workload, listeners=tuple(listeners), settings=proxy_settings(spec))
 
 
 def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
@@ -325,4 +337,4 @@ def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
     )
     workload = Workload(name=g.name, service=g.name, namespace=spec.settings.namespace, labels=g.labels,
                         trust_domain=spec.settings.trust_domain)
-    return Node(workload=workload, listeners=listeners, gateway=True)
+    return Node(workload=workload, listeners=listeners, gateway=True, settings=proxy_settings(spec))
