@@ -387,7 +387,7 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
     return tables
 
 
-def tcp_routes_for(inp: Inputs, service_host: str, clusters: dict[str, Cluster]) -> tuple[TCPRoute, ...]:
+def tcp_routes_for(inp: Inputs, service_host: str, clusters: dict[str, Cluster], declared_port: int | None = None) -> tuple[TCPRoute, ...]:
     for r in inp.virtual_services:
         if _applies_to_mesh(r) and service_host in _vs_hosts(r) and r.spec.tcp:  # type: ignore[attr-defined]
             routes = tuple(
@@ -396,9 +396,15 @@ def tcp_routes_for(inp: Inputs, service_host: str, clusters: dict[str, Cluster])
             )
             _ensure_clusters(routes, clusters)
             return routes
+    # No rule: straight to the service, on the port mesh.yaml declares for it (known
+    # before any instance registers); an empty cluster until its endpoints arrive.
     svc = inp.services.get(service_host)
-    port = svc.ports[0] if svc else 80
-    return (TCPRoute(route=(RouteDestination(destination=Destination(host=service_host, port=PortSelector(number=port))),)),)
+    port = declared_port or (svc.ports[0] if svc else 80)
+    if svc and port not in svc.ports:
+        port = svc.ports[0]
+    default = (TCPRoute(route=(RouteDestination(destination=Destination(host=service_host, port=PortSelector(number=port))),)),)
+    _ensure_clusters(default, clusters)
+    return default
 
 
 def _selected(selector, workload: Workload) -> bool:
@@ -467,7 +473,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
             tables.setdefault("outbound", RouteTable(name="outbound"))
         elif lst.direction == "binding" and lst.protocol == "tcp":
             host = fqdn(lst.service or "")
-            listeners.append(replace(lst, service=host, tcp_routes=tcp_routes_for(inp, host, clusters)))
+            listeners.append(replace(lst, service=host, tcp_routes=tcp_routes_for(inp, host, clusters, lst.service_port)))
         elif lst.direction == "inbound":
             listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port)))
         else:
