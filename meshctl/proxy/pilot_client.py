@@ -119,26 +119,41 @@ class PilotClient:
         log.info("applied config %s", version)
 
 
-async def first_config(client: PilotClient) -> ProxyConfig:
-    """The config to start with: the last good one on disk (so a proxy starts while
-    Pilot is down), else the first one Pilot gives, waiting for Pilot if need be."""
-    if client.state_dir is not None:
-        cfg = load_last_good(client.state_dir, client.name)
-        if cfg is not None:
-            log.info("starting from last good config %s", cfg.version)
-            return cfg
+def _same_listeners(cfg: ProxyConfig, node: Node) -> bool:
+    """Whether a saved config was made for this node's listeners (the mesh.yaml now in force)."""
+    def key(ls) -> set[tuple]:
+        return {(lst.name, lst.direction, lst.port, lst.protocol, lst.service_port) for lst in ls}
+
+    return key(cfg.listeners) == key(node.listeners)
+
+
+async def first_config(client: PilotClient, pilot_grace: float = 1.0) -> ProxyConfig:
+    """The config to start with: Pilot's current one when Pilot answers; the last good
+    one on disk only while Pilot does not answer (so a proxy starts while Pilot is
+    down), and only if it was made for the same listeners: a last good config never
+    outranks a newer mesh.yaml."""
+    last_good = load_last_good(client.state_dir, client.name) if client.state_dir is not None else None
+    if last_good is not None and not _same_listeners(last_good, client.node):
+        log.info("ignoring last good config %s: made for other listeners (mesh.yaml changed)", last_good.version)
+        last_good = None
     got: list[ProxyConfig] = []
 
     async def keep(cfg: ProxyConfig) -> None:
         got.append(cfg)
 
-    probe = PilotClient(client.url, client.node, keep, client.state_dir, wait="0s")
+    # No state dir: the probe's "apply" only keeps the config, it must not save it as good.
+    probe = PilotClient(client.url, client.node, keep, None, wait="0s")
     async with trio.open_nursery() as n:
         n.start_soon(probe.run)
-        while not got:
-            await trio.sleep(0.01)
+        with trio.move_on_after(pilot_grace if last_good is not None else float("inf")):
+            while not got:
+                await trio.sleep(0.01)
         n.cancel_scope.cancel()
-    return got[0]
+    if got:
+        return got[0]
+    assert last_good is not None
+    log.info("starting from last good config %s (Pilot does not answer)", last_good.version)
+    return last_good
 
 
 async def run_with_pilot(runtime, pilot_url: str, node: Node, state_dir: Path | None, admin_port: int | None) -> None:
