@@ -22,6 +22,7 @@ from ..model.base import EMPTY, FrozenDict
 from ..model.istio import API_VERSIONS, SPEC_TYPES, Resource
 from .codec import LineMap, LoadError, LoadErrors, decode_collect, join_path, line_of, to_data
 from .source import parse_documents
+from .unsupported import Refused, entry_for, generic_path, kind_refusal, refusal_message
 
 __all__ = [
     "load_resources",
@@ -214,7 +215,11 @@ def _load_object(
         err(av_path, f"expected <group>/<version> such as networking.istio.io/v1, got {_repr(api_version)}")
     else:
         group, version = api_version.split("/")
-        if group not in API_VERSIONS:
+        refusal = kind_refusal(group, kind) if isinstance(kind, str) else None
+        if refusal is not None:  # an Istio kind meshctl knows of and does not implement
+            err(kind_path, refusal)
+            group = None
+        elif group not in API_VERSIONS:
             hint = difflib.get_close_matches(group, list(API_VERSIONS), n=1)
             extra = f"did you mean {hint[0]}?" if hint else f"known: {', '.join(API_VERSIONS)}"
             err(av_path, f"unknown API group {group!r} ({extra})")
@@ -290,7 +295,7 @@ def _load_object(
         if raw_spec is None:
             raw_spec = {}
         spec, spec_errors = decode_collect(spec_type, raw_spec, path=spec_path, lines=lines, file=file)
-        errors.extend(spec_errors)
+        errors.extend(_refuse_by_name(kind, spec_path, e) for e in spec_errors)
 
     if len(errors) != before or spec is None:
         return None
@@ -309,6 +314,16 @@ def _load_object(
     # validate() can look them up without knowing about lists.
     _remember(resource, file, _rebase(lines, where))
     return resource
+
+
+def _refuse_by_name(kind: str, spec_path: str, e: LoadError) -> LoadError:
+    """An Istio field the model lacks is "not implemented", not "unknown" (loader/unsupported.py)."""
+    if not e.message.startswith("unknown field") or not e.field.startswith(spec_path):
+        return e
+    found = entry_for(kind, "spec" + generic_path(e.field[len(spec_path):]))
+    if found is None or not isinstance(found[1], Refused) or found[1].allowed or found[1].refused:
+        return e
+    return LoadError(e.file, e.line, e.field, refusal_message(found[0], found[1]))
 
 
 def _rebase(lines: LineMap, where: str) -> LineMap:

@@ -1,0 +1,328 @@
+"""What meshctl does with each field of Istio's API: honoured, or refused by name.
+
+The rule above all others: configuration meshctl accepts must be carried out.
+A field or value meshctl does not implement is refused at ``route validate``
+and ``route apply`` (and wherever resources are loaded) with an error naming
+the file:line, the field path and "meshctl does not implement <field> yet",
+never accepted and ignored.
+
+This module is the one table of that. Keys are generic field paths, as in
+Istio's reference (``spec.http[].mirror``: ``[]`` for a list item, ``{}`` for
+a map value). An entry covers the field and everything below it, unless a
+longer path has its own entry. DestinationRule traffic policies are looked up
+at ``spec.trafficPolicy...`` wherever they appear (subsets, portLevelSettings).
+
+- ``Honoured(proof)``: meshctl carries the field out; ``proof`` names the test
+  that shows it, where there is one.
+- ``Refused(reason)``: the field is refused whenever it is set.
+- ``Refused(reason, allowed=...)``: only values outside ``allowed`` are refused
+  (a list field: any item outside it); ``refused=...``: only those values.
+
+Whoever implements a field removes its Refused entry in the same commit;
+whoever finds a field that is accepted and ignored adds one here.
+tests/unit/test_unsupported.py walks Istio's published field list
+(tests/data/istio-api-fields.txt) against this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from ..model.base import FrozenDict
+
+__all__ = [
+    "Honoured",
+    "Refused",
+    "FIELDS",
+    "KINDS",
+    "entry_for",
+    "generic_path",
+    "refusal_message",
+    "kind_refusal",
+    "refused_fields",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Honoured:
+    proof: str = ""  # "tests/...py::test_name" that shows it works
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+    allowed: tuple[Any, ...] | None = None  # None: every value is refused
+    refused: tuple[Any, ...] | None = None  # only these values are refused
+
+    def refuses(self, value: Any) -> Any | None:
+        """The first refused value (or the value itself), None when ``value`` is fine."""
+        values = list(value) if isinstance(value, tuple) else [value]
+        if self.allowed is None and self.refused is None:
+            return value
+        for v in values:
+            if self.allowed is not None and v not in self.allowed:
+                return v
+            if self.refused is not None and v in self.refused:
+                return v
+        return None
+
+
+Entry = Honoured | Refused
+
+H = Honoured
+R = Refused
+
+_EXPORT_TO = R("every resource is visible mesh-wide", allowed=("*",))
+
+# Kinds of Istio's API that meshctl knows of but does not implement: refused by name.
+KINDS: dict[tuple[str, str], str] = {
+    ("networking.istio.io", "Sidecar"): "a workload's proxy knows every service of the mesh",
+    ("networking.istio.io", "WorkloadEntry"): "workloads join a service through mesh.yaml or a registry",
+    ("networking.istio.io", "WorkloadGroup"): "workloads join a service through mesh.yaml or a registry",
+    ("networking.istio.io", "EnvoyFilter"): "meshctl's proxy is not Envoy and takes no Envoy filter configuration",
+    ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
+    ("security.istio.io", "RequestAuthentication"): "no JWT authentication",
+    ("telemetry.istio.io", "Telemetry"): "telemetry is always on and configured in mesh.yaml",
+    ("extensions.istio.io", "WasmPlugin"): "no Wasm plug-ins",
+}
+
+_TRAFFIC_POLICY: dict[str, Entry] = {
+    "spec.trafficPolicy": H(),
+    "spec.trafficPolicy.loadBalancer.simple": R(
+        "meshctl's proxies have no original destination address",
+        refused=("PASSTHROUGH",),
+    ),
+    "spec.trafficPolicy.loadBalancer.consistentHash": H("tests/unit/test_balance.py"),
+    "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl": R(
+        "generating the cookie when a request has none"
+    ),
+    "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes": R(""),
+    "spec.trafficPolicy.loadBalancer.localityLbSetting": R(""),
+    "spec.trafficPolicy.loadBalancer.warmupDurationSecs": R("slow start"),
+    "spec.trafficPolicy.loadBalancer.warmup": R("slow start"),
+    "spec.trafficPolicy.loadBalancer.backendUtilization": R(""),
+    "spec.trafficPolicy.loadBalancer.zoneAwareLbSetting": R(""),
+    "spec.trafficPolicy.connectionPool": H("tests/unit/test_breaker.py"),
+    "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive": R(""),
+    "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration": R(""),
+    "spec.trafficPolicy.connectionPool.tcp.idleTimeout": R("http.idleTimeout is implemented"),
+    "spec.trafficPolicy.connectionPool.http.http2KeepAlive": R(""),
+    "spec.trafficPolicy.outlierDetection": H("tests/unit/test_outlier.py"),
+    "spec.trafficPolicy.outlierDetection.failurePercentageThreshold": R(""),
+    "spec.trafficPolicy.outlierDetection.outlierDetectionHttpErrorCodes": R(""),
+    "spec.trafficPolicy.tls": H(),
+    "spec.trafficPolicy.tls.credentialName": R("use clientCertificate, privateKey, caCertificates"),
+    "spec.trafficPolicy.tls.caCertCredentialName": R(""),
+    "spec.trafficPolicy.tls.caCrl": R("certificate revocation lists"),
+    "spec.trafficPolicy.portLevelSettings": H(),
+    "spec.trafficPolicy.proxyProtocol": R(""),
+    "spec.trafficPolicy.retryBudget": R(""),
+    "spec.trafficPolicy.tunnel": R(""),
+}
+
+FIELDS: dict[str, dict[str, Entry]] = {
+    "VirtualService": {
+        "spec.hosts": H("tests/unit/test_pilot_compile.py"),
+        "spec.gateways": H(),
+        "spec.exportTo": _EXPORT_TO,
+        "spec.http": H("tests/unit/test_route.py"),
+        "spec.http[].match[].statPrefix": R("per-match statistics"),
+        "spec.http[].redirect.prefixRewrite": R(""),
+        "spec.http[].delegate": R(""),
+        "spec.http[].retries.retryRemoteLocalities": R("meshctl has no localities"),
+        "spec.http[].retries.backoff": R("retries back off as Envoy's default does"),
+        "spec.http[].retries.retryIgnorePreviousHosts": R(""),
+        "spec.http[].fault.delay.exponentialDelay": R(""),
+        "spec.http[].fault.abort.http2Error": R(""),
+        "spec.http[].mirror": R("traffic mirroring"),
+        "spec.http[].mirrorPercentage": R("traffic mirroring"),
+        "spec.http[].mirrorPercent": R("traffic mirroring"),
+        "spec.http[].mirror_percent": R("traffic mirroring"),
+        "spec.http[].mirrors": R("traffic mirroring"),
+        "spec.http[].corsPolicy": R("CORS"),
+        "spec.tcp": H(),
+        "spec.tcp[].match": R("the first tcp route always applies"),
+        "spec.tls": R("SNI routing"),
+    },
+    "DestinationRule": {
+        "spec.host": H("tests/unit/test_pilot_compile.py"),
+        "spec.exportTo": _EXPORT_TO,
+        "spec.workloadSelector": R(""),
+        "spec.subsets": H("tests/unit/test_pilot_compile.py"),
+        **_TRAFFIC_POLICY,
+    },
+    "Gateway": {
+        "spec.selector": H(),
+        "spec.servers": H(),
+        "spec.servers[].bind": R(""),
+        "spec.servers[].defaultEndpoint": R(""),
+        "spec.servers[].port.targetPort": R(""),
+        "spec.servers[].port.protocol": R(
+            "gateway servers speak HTTP only", allowed=("HTTP", "HTTP2", "GRPC", "http", "http2", "grpc")
+        ),
+        "spec.servers[].tls": R(""),
+    },
+    "ServiceEntry": {
+        "spec.hosts": H("tests/unit/test_pilot_compile.py"),
+        "spec.addresses": R("meshctl routes by host name, not by IP"),
+        "spec.ports": H(),
+        "spec.ports[].targetPort": R(""),
+        "spec.location": R("mTLS to ServiceEntry endpoints", refused=("MESH_INTERNAL",)),
+        "spec.resolution": R(
+            "meshctl's proxies have no original destination",
+            refused=("NONE", "DYNAMIC_DNS"),
+        ),
+        "spec.endpoints": H(),
+        "spec.endpoints[].weight": R(""),
+        "spec.endpoints[].locality": R(""),
+        "spec.endpoints[].network": R(""),
+        "spec.endpoints[].serviceAccount": R(""),
+        "spec.workloadSelector": R(""),
+        "spec.exportTo": _EXPORT_TO,
+        "spec.subjectAltNames": R(""),
+    },
+    "PeerAuthentication": {
+        "spec.selector": H(),
+        "spec.mtls": H(),
+        "spec.portLevelMtls": H(),
+    },
+    "AuthorizationPolicy": {
+        "spec.selector": H("tests/unit/test_authz.py"),
+        "spec.action": R("external authorization", refused=("CUSTOM",)),
+        "spec.provider": R("external authorization"),
+        "spec.rules": H("tests/unit/test_authz.py"),
+        "spec.rules[].from[].source.requestPrincipals": R("JWT authentication"),
+        "spec.rules[].from[].source.notRequestPrincipals": R("JWT authentication"),
+        "spec.rules[].from[].source.serviceAccounts": R("use principals"),
+        "spec.rules[].from[].source.notServiceAccounts": R("use notPrincipals"),
+        "spec.rules[].from[].source.trustDomains": R(""),
+        "spec.rules[].from[].source.notTrustDomains": R(""),
+        "spec.targetRef": R("use selector"),
+        "spec.targetRefs": R("use selector"),
+    },
+}
+
+# DestinationRule traffic policies nest: all of them are looked up as the top-level one.
+_TP_NESTED = re.compile(r"^spec\.(?:subsets\[\]\.trafficPolicy|trafficPolicy)(?:\.portLevelSettings\[\])?")
+
+
+def generic_path(path: str) -> str:
+    """``spec.http[0].route[1]`` → ``spec.http[].route[]`` (map keys are left as they are)."""
+    return re.sub(r"\[\d+\]", "[]", path)
+
+
+def _candidates(kind: str, path: str) -> Iterator[str]:
+    yield path
+    if kind == "DestinationRule":
+        m = _TP_NESTED.match(path)
+        if m:
+            rest = path[m.end() :]
+            if rest.startswith(".port") and not rest.startswith(".portLevelSettings"):
+                return  # portLevelSettings[].port: honoured with portLevelSettings
+            yield "spec.trafficPolicy" + rest
+
+
+def entry_for(kind: str, path: str) -> tuple[str, Entry] | None:
+    """The table entry that covers generic ``path`` of ``kind``: (its key, entry)."""
+    table = FIELDS.get(kind)
+    if table is None:
+        return None
+    for candidate in reversed(list(_candidates(kind, path))):  # the nested policy as the top one first
+        p = candidate
+        while p:
+            if p in table:
+                return p, table[p]
+            cut = max(p.rfind("."), p.rfind("["), p.rfind("{"))
+            if cut <= 0:
+                break
+            p = p[:cut]
+    if path.startswith("spec.subsets[]") or path.startswith("spec.trafficPolicy"):
+        return ("spec.subsets", table["spec.subsets"]) if kind == "DestinationRule" else None
+    return None
+
+
+def _name_of(key: str) -> str:
+    return re.sub(r"\[\]|\{\}", "", key.rsplit(".", 1)[-1])
+
+
+def refusal_message(key: str, entry: Refused, value: Any = None) -> str:
+    name = _name_of(key)
+    if entry.allowed is not None or entry.refused is not None:
+        name = f"{name} {value}"
+    why = f" ({entry.reason})" if entry.reason else ""
+    return f"meshctl does not implement {name} yet{why}"
+
+
+def kind_refusal(group: str, kind: str) -> str | None:
+    reason = KINDS.get((group, kind))
+    if reason is None:
+        return None
+    return f"meshctl does not implement {kind} yet ({reason})"
+
+
+# ---------------------------------------------------------------- walking a decoded spec
+
+
+def _camel(name: str) -> str:
+    if name == "from_":
+        return "from"
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+def _is_set(value: Any, default: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, (tuple, FrozenDict, dict)) and len(value) == 0:
+        return False
+    return value != default or isinstance(value, bool) and default is None
+
+
+def refused_fields(kind: str, spec: Any) -> list[tuple[str, str]]:
+    """(concrete field path, message) for every refused field set in ``spec``."""
+    if kind not in FIELDS:
+        return []
+    out: list[tuple[str, str]] = []
+    _walk(kind, spec, "spec", "spec", out)
+    return out
+
+
+def _walk(kind: str, obj: Any, path: str, gpath: str, out: list[tuple[str, str]]) -> None:
+    from .codec import join_path
+
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        if not _is_set(value, default):
+            continue
+        key = _camel(f.name)
+        cpath, g = f"{path}.{key}", f"{gpath}.{key}"
+        found = entry_for(kind, g)
+        if found is not None and isinstance(found[1], Refused) and found[0] == _key_level(kind, g, found[0]):
+            bad = found[1].refuses(value)
+            if bad is not None:
+                out.append((cpath, refusal_message(found[0], found[1], bad)))
+                continue
+        if isinstance(value, tuple):
+            for i, item in enumerate(value):
+                _walk(kind, item, f"{cpath}[{i}]", f"{g}[]", out)
+        elif isinstance(value, Mapping):
+            for k, item in value.items():
+                _walk(kind, item, join_path(cpath, k), f"{g}{{}}", out)
+        else:
+            _walk(kind, value, cpath, g, out)
+
+
+def _key_level(kind: str, gpath: str, key: str) -> str:
+    """The entry key when ``gpath`` is the field the entry is about (not below it)."""
+    for candidate in _candidates(kind, gpath):
+        if candidate == key:
+            return key
+    return ""

@@ -1,0 +1,235 @@
+"""Every field of Istio's API is honoured by meshctl or refused by name.
+
+Walks tests/data/istio-api-fields.txt (derived from Istio's published API
+schemas, see its header) against meshctl/loader/unsupported.py: for each
+field, a resource setting it is loaded and validated as `route validate`
+does, and either no error calls it unknown or unimplemented (honoured), or an
+error names the field, its line and "meshctl does not implement" (refused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshctl.loader.codec import LoadError
+from meshctl.loader.resources import load_resources_text
+from meshctl.loader.unsupported import FIELDS, KINDS, Honoured, Refused, entry_for
+from meshctl.loader.validate import validate
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "istio-api-fields.txt"
+GROUPS = {
+    "VirtualService": "networking.istio.io/v1",
+    "DestinationRule": "networking.istio.io/v1",
+    "Gateway": "networking.istio.io/v1",
+    "ServiceEntry": "networking.istio.io/v1",
+    "Sidecar": "networking.istio.io/v1",
+    "WorkloadEntry": "networking.istio.io/v1",
+    "WorkloadGroup": "networking.istio.io/v1",
+    "EnvoyFilter": "networking.istio.io/v1alpha3",
+    "ProxyConfig": "networking.istio.io/v1beta1",
+    "PeerAuthentication": "security.istio.io/v1",
+    "AuthorizationPolicy": "security.istio.io/v1",
+    "RequestAuthentication": "security.istio.io/v1",
+    "Telemetry": "telemetry.istio.io/v1",
+}
+
+
+def _fields() -> list[tuple[str, str, str]]:
+    out = []
+    for line in DATA.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            kind, path, typ = line.split(" ", 2)
+            out.append((kind, path, typ))
+    return out
+
+
+FIELD_LIST = _fields()
+# Values with a meaning of their own (a condition key meshctl knows), where "1s" would not do.
+SAMPLES = {("AuthorizationPolicy", "spec.rules[].when[].key"): "source.ip"}
+
+
+def _sample(typ: str, value: object = None) -> object:
+    base, _, rest = typ.partition(":")
+    if value is not None:
+        return [value] if base == "array" else value
+    if base == "string":
+        if rest.startswith("enum="):
+            return rest[5:].split("|")[0]
+        return "aGk=" if rest == "byte" else "1s"
+    if base == "integer":
+        return 1
+    if base == "number":
+        return 1.0
+    if base == "boolean":
+        return True
+    if base == "array":
+        return [_sample(rest)] if rest != "object" else [{}]
+    if base == "map":
+        return {"k": _sample(rest)}
+    return {}
+
+
+def _document(kind: str, path: str, value: object) -> tuple[str, str]:
+    """A resource setting ``path`` to ``value`` (lists get one item, maps one key "k"),
+    as YAML text, and the concrete field path of what was set."""
+    parts = path.split(".")
+    concrete = []
+    root: dict = {}
+    node: dict = root
+    for i, part in enumerate(parts[1:]):
+        last = i == len(parts) - 2
+        name = part.rstrip("[]{}")
+        suffix = part[len(name):]
+        child: object = value if last and not suffix else {}
+        if suffix == "[]":
+            inner: dict = {}
+            node[name] = [value] if last else [inner]
+            concrete.append(f"{name}[0]")
+            node = inner
+        elif suffix == "{}":
+            inner = {}
+            node[name] = {"k": value} if last else {"k": inner}
+            concrete.append(f"{name}.k")
+            node = inner
+        else:
+            node[name] = child
+            concrete.append(name)
+            if isinstance(child, dict) and not last:
+                node = child
+    doc = {"apiVersion": GROUPS[kind], "kind": kind, "metadata": {"name": "x"}, "spec": root}
+    return yaml.safe_dump(doc, sort_keys=False), "spec." + ".".join(concrete)
+
+
+def _messages(text: str) -> list[str]:
+    try:
+        resources = load_resources_text(text, "f.yaml")
+    except LoadError as e:
+        errors = getattr(e, "errors", [e])
+        return [str(x) for x in errors]
+    return [str(f) for f in validate(resources) if f.level == "error"]
+
+
+def test_the_field_list_covers_every_kind_meshctl_must_answer_for():
+    kinds = {k for k, _, _ in FIELD_LIST}
+    assert kinds == set(GROUPS)
+    assert len(FIELD_LIST) > 700
+
+
+def test_every_table_entry_names_a_field_of_istios_api():
+    paths = {(k, p) for k, p, _ in FIELD_LIST}
+    for kind, table in FIELDS.items():
+        for key in table:
+            assert any(k == kind and (p == key or p.startswith(key + ".") or p.startswith(key + "[") or p.startswith(key + "{")) for k, p in paths), (kind, key)
+
+
+@pytest.mark.parametrize("kind,path,typ", FIELD_LIST, ids=[f"{k}:{p}" for k, p, _ in FIELD_LIST])
+def test_each_istio_field_is_honoured_or_refused_by_name(kind, path, typ):
+    if kind not in FIELDS:
+        group = GROUPS[kind].split("/")[0]
+        assert (group, kind) in KINDS, f"{kind} is neither implemented nor refused by name"
+        text, _ = _document(kind, path, _sample(typ))
+        msgs = _messages(text)
+        assert any(f"kind: meshctl does not implement {kind} yet" in m for m in msgs), msgs
+        return
+    found = entry_for(kind, path)
+    assert found is not None, f"{kind} {path}: no entry in meshctl/loader/unsupported.py"
+    key, entry = found
+    if isinstance(entry, Honoured):
+        samples = [SAMPLES.get((kind, path), _sample(typ))]
+    else:
+        assert isinstance(entry, Refused)
+        samples = []
+        enum = typ.split("enum=", 1)[1].split("|") if "enum=" in typ else []
+        if entry.allowed is not None:
+            samples.append(_sample(typ, entry.allowed[0]))
+        elif entry.refused is not None:
+            fine = [v for v in enum if v not in entry.refused]
+            if fine:
+                samples.append(_sample(typ, fine[0]))
+    for value in samples:  # honoured (or an allowed value): neither unknown nor refused
+        text, concrete = _document(kind, path, value)
+        bad = [m for m in _messages(text) if f": {concrete}" in m and ("unknown field" in m or "does not implement" in m)]
+        bad += [m for m in _messages(text) if "does not implement" in m]
+        assert not bad, f"{kind} {path} is listed as honoured ({key}) but: {bad}"
+    if isinstance(entry, Refused):
+        if entry.allowed is None and entry.refused is None:
+            refused_values = [_sample(typ)]
+        elif entry.refused is not None:
+            refused_values = [_sample(typ, v) for v in entry.refused if "enum=" not in typ or v in typ]
+        else:
+            refused_values = [_sample(typ, "not-allowed")]
+        for value in refused_values:
+            text, concrete = _document(kind, path, value)
+            msgs = _messages(text)
+            # the error names the line, the field (or the list/object holding it) and the refusal
+            assert any(
+                m.startswith("f.yaml:") and concrete.startswith(_field_of(m)) and "meshctl does not implement" in m
+                for m in msgs
+            ), (kind, path, value, msgs)
+
+
+def _field_of(message: str) -> str:
+    """The field an error names: ``f.yaml:3: [error: ]FIELD: message``."""
+    rest = message.split(": ", 1)[1]
+    if rest.startswith("error: "):
+        rest = rest[len("error: "):]
+    return rest.split(": ", 1)[0]
+
+
+def test_mirroring_from_istios_task_is_refused_with_file_line_and_field(tmp_path):
+    # The VirtualService of Istio's mirroring task (istio.io/latest/docs/tasks/traffic-management/mirroring/)
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+  - httpbin
+  http:
+  - route:
+    - destination:
+        host: httpbin
+        subset: v1
+      weight: 100
+    mirror:
+      host: httpbin
+      subset: v2
+    mirrorPercentage:
+      value: 100.0
+"""
+    msgs = _messages(text)
+    assert "f.yaml:14: error: spec.http[0].mirror: meshctl does not implement mirror yet (traffic mirroring)" in msgs
+    assert any(m.startswith("f.yaml:17: error: spec.http[0].mirrorPercentage: meshctl does not implement") for m in msgs)
+
+
+def test_request_principals_are_refused_not_accepted():
+    text = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: require-jwt
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        requestPrincipals: ["testing@secure.istio.io/testing@secure.istio.io"]
+    when:
+    - key: request.auth.claims[groups]
+      values: ["group1"]
+"""
+    msgs = _messages(text)
+    assert any("f.yaml:10: error: spec.rules[0].from[0].source.requestPrincipals: meshctl does not implement requestPrincipals yet" in m for m in msgs), msgs
+    assert any("spec.rules[0].when[0].key: meshctl does not implement condition key 'request.auth.claims[groups]' yet" in m for m in msgs), msgs
+
+
+def test_known_but_unimplemented_kinds_say_so_and_unknown_kinds_stay_unknown():
+    for kind in ("Sidecar", "WorkloadEntry", "RequestAuthentication"):
+        text = f"apiVersion: {GROUPS[kind]}\nkind: {kind}\nmetadata:\n  name: x\nspec: {{}}\n"
+        assert any(f"f.yaml:2: kind: meshctl does not implement {kind} yet" in m for m in _messages(text))
+    msgs = _messages("apiVersion: networking.istio.io/v1\nkind: VirtualServise\nmetadata:\n  name: x\nspec: {}\n")
+    assert any("unknown kind 'VirtualServise'" in m and "did you mean VirtualService" in m for m in msgs), msgs
