@@ -161,7 +161,8 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.servers[].defaultEndpoint": R(""),
         "spec.servers[].port.targetPort": R(""),
         "spec.servers[].port.protocol": R(
-            "gateway servers speak HTTP only", allowed=("HTTP", "HTTP2", "GRPC", "http", "http2", "grpc")
+            "gateway servers speak HTTP only (HTTPS with tls, when tls is implemented)",
+            allowed=tuple(p for p in ("HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB") for p in (p, p.lower())),
         ),
         "spec.servers[].tls": R(""),
     },
