@@ -169,15 +169,13 @@ FIELDS: dict[str, dict[str, Entry]] = {
     "ServiceEntry": {
         "spec.hosts": H("tests/unit/test_pilot_compile.py"),
         "spec.addresses": R("meshctl routes by host name, not by IP"),
-        "spec.ports": H(),
-        "spec.ports[].targetPort": R(""),
+        "spec.ports": H("tests/unit/test_serviceentry.py"),
         "spec.location": R("mTLS to ServiceEntry endpoints", refused=("MESH_INTERNAL",)),
         "spec.resolution": R(
             "meshctl's proxies have no original destination",
             refused=("NONE", "DYNAMIC_DNS"),
         ),
-        "spec.endpoints": H(),
-        "spec.endpoints[].weight": R(""),
+        "spec.endpoints": H("tests/unit/test_serviceentry.py"),
         "spec.endpoints[].locality": R(""),
         "spec.endpoints[].network": R(""),
         "spec.endpoints[].serviceAccount": R(""),

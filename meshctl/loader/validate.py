@@ -503,6 +503,10 @@ class _Validator:
                 self.warning(f"spec.ports[{i}].protocol", f"unknown protocol {p.protocol!r}: treated as TCP")
         self.enum("spec.location", se.location, LOCATIONS)
         self.enum("spec.resolution", se.resolution, RESOLUTIONS)
+        if se.resolution in ("DNS", "DNS_ROUND_ROBIN") and not se.endpoints:
+            for i, h in enumerate(se.hosts):
+                if "*" in h:
+                    self.error(f"spec.hosts[{i}]", f"wildcard host {h!r} cannot be resolved by DNS: give endpoints")
         if se.resolution == "STATIC" and not se.endpoints and se.workload_selector is None:
             self.error("spec.resolution", "resolution STATIC needs endpoints (or a workloadSelector)")
         for i, ep in enumerate(se.endpoints):

@@ -38,6 +38,7 @@ from ..model.istio import (
     Resource,
     RouteDestination,
     ServiceEntry,
+    ServicePort,
     TCPRoute,
     TrafficPolicy,
     VirtualService,
@@ -63,6 +64,7 @@ ROOT_NAMESPACE = "istio-system"  # mesh-wide security policies live here, as in 
 META_SERVICE_PORT = "meshctl.io/service-port"
 META_PROTOCOL = "meshctl.io/protocol"
 META_SIDECAR = "meshctl.io/sidecar"
+META_WEIGHT = "meshctl.io/weight"  # a ServiceEntry endpoint's load-balancing weight
 META_SERVICE_ACCOUNT = "meshctl.io/service-account"  # the sidecar's identity is .../sa/<this> (default: the service)
 
 
@@ -113,7 +115,7 @@ class Inputs:
             if isinstance(r.spec, VirtualService):
                 self.virtual_services.append(r)
             elif isinstance(r.spec, DestinationRule):
-                host = fqdn(r.spec.host, r.namespace)
+                host = service_host(r.spec.host, r.namespace, self.services)
                 # First one wins, as Istio merges by creation time; validate warns about the rest.
                 self.destination_rules.setdefault(host, r)
             elif isinstance(r.spec, Gateway):
@@ -149,23 +151,27 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
         se = r.spec
         ports = tuple(p.number for p in se.ports) or (80,)
         proto = "tcp" if se.ports and all((p.protocol or "").upper() in ("TCP", "TLS", "MONGO", "MYSQL") for p in se.ports) else "http"
+        se_ports = se.ports or (ServicePort(number=80),)
         for h in se.hosts:
             host = fqdn(h, r.namespace) if "." not in h else h
+            # Istio: traffic to a service port goes to the endpoint's port of that port's
+            # name, else to the port's targetPort, else to the same port number.
             instances = tuple(
                 Instance(
-                    id=f"{r.name}-{i}",
+                    id=f"{r.name}-{i}" if len(se_ports) == 1 else f"{r.name}-{i}-{p.number}",
                     service=h,
                     address=ep.address,
-                    port=(ep.ports.get(se.ports[0].name or "", 0) if se.ports else 0) or ports[0],
+                    port=ep.ports.get(p.name or "", 0) or p.target_port or p.number,
                     labels=ep.labels,
-                    meta=FrozenDict({META_SERVICE_PORT: str(ports[0])}),
+                    meta=FrozenDict({META_SERVICE_PORT: str(p.number), **({META_WEIGHT: str(ep.weight)} if ep.weight else {})}),
                 )
+                for p in se_ports
                 for i, ep in enumerate(se.endpoints)
             )
             if not instances and se.resolution in ("DNS", "DNS_ROUND_ROBIN", None):
                 # Reach the host itself (DNS resolution happens when connecting).
                 instances = tuple(
-                    Instance(id=f"{r.name}-{p}", service=h, address=h, port=p.target_port or p.number,
+                    Instance(id=f"{r.name}-{p.number}", service=h, address=h, port=p.target_port or p.number,
                              meta=FrozenDict({META_SERVICE_PORT: str(p.number)}))
                     for p in se.ports
                 )
@@ -192,9 +198,17 @@ def domains_for(svc: Service, port: int, primary: bool) -> tuple[str, ...]:
 # ------------------------------------------------------------------ helpers
 
 
-def _vs_hosts(r: Resource) -> list[str]:
+def service_host(host: str, namespace: str, services: Mapping[str, Service]) -> str:
+    """A rule's host as a service key: a ServiceEntry host (``api.example``) as it is
+    written, a short or ``name.namespace`` mesh name expanded to its FQDN."""
+    if host in services:
+        return host
+    return fqdn(host, namespace)
+
+
+def _vs_hosts(r: Resource, services: Mapping[str, Service] = {}) -> list[str]:
     vs: VirtualService = r.spec  # type: ignore[assignment]
-    return [h if h == "*" or h.startswith("*.") else fqdn(h, r.namespace) for h in vs.hosts]
+    return [h if h == "*" or h.startswith("*.") else service_host(h, r.namespace, services) for h in vs.hosts]
 
 
 def _applies_to_mesh(r: Resource) -> bool:
@@ -282,11 +296,14 @@ def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> boo
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str) -> tuple[Endpoint, ...]:
+def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str, port: int | None = None) -> tuple[Endpoint, ...]:
     out = []
     for inst in svc.instances:
         if not _labels_match(selector, inst.labels):
             continue
+        if port is not None and svc.entry is not None and instance_service_port(inst) != port:
+            continue  # a ServiceEntry's endpoints per service port (each port may have its own target)
+        weight = inst.meta.get(META_WEIGHT, "")
         sidecar = inst.meta.get(META_SIDECAR) == "true"
         out.append(
             Endpoint(
@@ -294,6 +311,7 @@ def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str) -> 
                 port=inst.port,
                 labels=inst.labels,
                 instance=inst.id,
+                weight=int(weight) if weight.isdigit() and int(weight) > 0 else 1,
                 health="DRAINING" if inst.draining else ("HEALTHY" if inst.healthy else "UNHEALTHY"),
                 identity=f"spiffe://{trust_domain}/ns/{svc.namespace}/sa/{inst.meta.get(META_SERVICE_ACCOUNT) or svc.name}"
                 if sidecar else None,
@@ -323,7 +341,7 @@ def build_clusters(inp: Inputs) -> dict[str, Cluster]:
                     subset=subset,
                     protocol=svc.protocol,
                     traffic_policy=merge_policy(dr, subset, port) if dr else None,
-                    endpoints=_endpoints(svc, labels, inp.trust_domain),
+                    endpoints=_endpoints(svc, labels, inp.trust_domain, port),
                 )
     return clusters
 
@@ -345,7 +363,7 @@ def outbound_table(inp: Inputs, clusters: dict[str, Cluster]) -> RouteTable:
     for svc in inp.services.values():
         if svc.protocol == "tcp":
             continue
-        vs_res = next((r for r in mesh_vs if svc.host in _vs_hosts(r)), None)
+        vs_res = next((r for r in mesh_vs if svc.host in _vs_hosts(r, inp.services)), None)
         for i, port in enumerate(svc.ports):
             if vs_res is not None:
                 routes = tuple(_normalize_route(h, vs_res.namespace, inp.services) for h in vs_res.spec.http)  # type: ignore[attr-defined]
@@ -389,7 +407,7 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
 
 def tcp_routes_for(inp: Inputs, service_host: str, clusters: dict[str, Cluster], declared_port: int | None = None) -> tuple[TCPRoute, ...]:
     for r in inp.virtual_services:
-        if _applies_to_mesh(r) and service_host in _vs_hosts(r) and r.spec.tcp:  # type: ignore[attr-defined]
+        if _applies_to_mesh(r) and service_host in _vs_hosts(r, inp.services) and r.spec.tcp:  # type: ignore[attr-defined]
             routes = tuple(
                 replace(t, route=tuple(replace(rd, destination=_normalize_destination(rd.destination, r.namespace, inp.services)) for rd in t.route))
                 for t in r.spec.tcp  # type: ignore[attr-defined]

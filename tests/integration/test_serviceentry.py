@@ -1,0 +1,165 @@
+"""ServiceEntry, compiled by Pilot's compiler and served by a real proxy with real
+upstreams: targetPort, endpoint ports per service port, endpoint weights, DNS
+resolution of endpoint addresses, and DestinationRule subsets on entry hosts."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from meshctl.loader.resources import load_resources_text
+from meshctl.loader.validate import has_errors, validate
+from meshctl.model.proxyconfig import Listener, Workload
+from meshctl.pilot.compile import Inputs, Node, compile_proxy
+
+from proxy_testkit import curl, free_port, running_proxy
+
+
+def _proxy_config(text: str, listen: int):
+    resources = load_resources_text(text, "se.yaml")
+    findings = validate(resources)
+    assert not has_errors(findings), [str(f) for f in findings]
+    node = Node(
+        workload=Workload(name="sleep-0", service="sleep"),
+        listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=listen),),
+    )
+    return compile_proxy(Inputs(resources, {}), node)
+
+
+async def _get(lp: int, url: str) -> tuple[int, dict | str]:
+    r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "-w", "\n%{http_code}", url)
+    body, _, code = r.stdout.decode().rpartition("\n")
+    try:
+        return int(code), json.loads(body)
+    except ValueError:
+        return int(code), body
+
+
+async def test_a_static_entry_with_target_port_connects_to_that_port(upstream):
+    # The issue's case: STATIC, port 80 with targetPort, one endpoint address.
+    lp = free_port()
+    cfg = _proxy_config(f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: external-svc
+spec:
+  hosts: [api.external.example]
+  location: MESH_EXTERNAL
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+    targetPort: {upstream.port}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+""", lp)
+    async with running_proxy(cfg):
+        code, info = await _get(lp, "http://api.external.example/get")
+        assert code == 200, info
+        assert info["upstream"] == "up" and info["path"] == "/get"
+
+
+async def test_each_service_port_goes_to_its_endpoint_port(upstreams):
+    web, admin = upstreams("web"), upstreams("admin")
+    lp = free_port()
+    cfg = _proxy_config(f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: two-ports
+spec:
+  hosts: [two.example]
+  ports:
+  - {{number: 8080, name: web, protocol: HTTP}}
+  - {{number: 9090, name: admin, protocol: HTTP, targetPort: {admin.port}}}
+  resolution: DNS
+  endpoints:
+  - address: localhost
+    ports: {{web: {web.port}}}
+""", lp)
+    async with running_proxy(cfg):
+        code, info = await _get(lp, "http://two.example:8080/w")
+        assert code == 200 and info["upstream"] == "web", info
+        # no endpoint port for "admin": the port's targetPort
+        code, info = await _get(lp, "http://two.example:9090/a")
+        assert code == 200 and info["upstream"] == "admin", info
+
+
+async def test_endpoint_weights_share_the_traffic(upstreams):
+    heavy, light = upstreams("heavy"), upstreams("light")
+    lp = free_port()
+    cfg = _proxy_config(f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: weighted
+spec:
+  hosts: [weighted.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {heavy.port}}}, weight: 3}}
+  - {{address: 127.0.0.1, ports: {{http: {light.port}}}, weight: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: weighted
+spec:
+  host: weighted.example
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+""", lp)
+    seen: Counter = Counter()
+    async with running_proxy(cfg):
+        for i in range(40):
+            code, info = await _get(lp, f"http://weighted.example/{i}")
+            assert code == 200, info
+            seen[info["upstream"]] += 1
+    assert seen == {"heavy": 30, "light": 10}
+
+
+async def test_subsets_and_virtual_services_apply_to_entry_hosts(upstreams):
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    cfg = _proxy_config(f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: versions
+spec:
+  hosts: [versions.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {v1.port}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http: {v2.port}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: versions
+spec:
+  host: versions.example
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: versions
+spec:
+  hosts: [versions.example]
+  http:
+  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: versions.example, subset: v2}}}}]
+  - route: [{{destination: {{host: versions.example, subset: v1}}}}]
+""", lp)
+    async with running_proxy(cfg):
+        for _ in range(5):
+            code, info = await _get(lp, "http://versions.example/x")
+            assert code == 200 and info["upstream"] == "v1", info
+        r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "-H", "end-user: jason", "http://versions.example/y")
+        assert json.loads(r.stdout)["upstream"] == "v2"
