@@ -9,6 +9,7 @@ from typing import List, Optional
 from urllib.parse import urlsplit
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..loader.resources import LoadErrors, dump_resources, load_resources
@@ -40,9 +41,9 @@ def _report(findings) -> int:
     for f in findings:
         if f.level == "error":
             errors += 1
-            err_console.print(f"[red]{f.source}: {f.field}: {f.message}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]{escape(f'{f.source}: {f.field}: {f.message}')}[/]", highlight=False, soft_wrap=True)
         else:
-            err_console.print(f"[yellow]warning:[/] {f.source}: {f.field}: {f.message}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]warning:[/] {escape(f'{f.source}: {f.field}: {f.message}')}", highlight=False, soft_wrap=True)
     return errors
 
 

@@ -28,19 +28,24 @@ String values match as Istio does: exact, ``prefix*``, ``*suffix``, or ``*``
 segment) and ``{**}`` (the rest); paths are compared without the query string
 and after removing dot segments.
 
-Attributes meshctl cannot evaluate (``requestPrincipals``,
-``request.auth.*``: there is no JWT authentication; unknown ``when`` keys)
-follow Istio's rule for fields a proxy cannot see: in an ALLOW policy the
-field never matches (the rule cannot grant access); in a DENY or AUDIT
-policy it is treated as matching (the deny applies more broadly), so an
-unsupported field never opens access. ``validate_policy`` reports them.
+End-user attributes come from a verified JWT (core.jwt, RequestAuthentication):
+``requestPrincipals`` match ``iss/sub``; ``request.auth.principal``,
+``request.auth.audiences``, ``request.auth.presenter`` (``azp``) and
+``request.auth.claims[name]`` (nested: ``[a][b]``; a list claim matches when
+any element does). Without a verified JWT these attributes are absent: a
+value never matches them, a ``not*`` value never excludes.
+
+Attributes meshctl cannot evaluate (unknown ``when`` keys, which
+``route validate`` refuses by name) follow Istio's rule for fields a proxy
+cannot see: in an ALLOW policy the field never matches; in a DENY or AUDIT
+policy it is treated as matching, so an unsupported field never opens access.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
@@ -51,6 +56,10 @@ ROOT_NAMESPACE = "istio-system"
 
 SUPPORTED_CONDITION_KEYS = (
     "request.headers[",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+    "request.auth.claims[",
     "source.ip",
     "remote.ip",
     "source.namespace",
@@ -59,6 +68,17 @@ SUPPORTED_CONDITION_KEYS = (
     "destination.port",
     "connection.sni",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuth:
+    """The end user, from a verified JWT (core.jwt)."""
+
+    principal: str  # "iss/sub"
+    issuer: str = ""
+    claims: Mapping[str, object] = field(default_factory=dict)
+    audiences: tuple[str, ...] = ()
+    presenter: str = ""  # azp
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +94,7 @@ class AuthzRequest:
     remote_ip: str | None = None  # original client (X-Forwarded-For, trusted hops); None: source_ip
     destination_ip: str | None = None
     sni: str | None = None
+    auth: RequestAuth | None = None  # verified JWT (RequestAuthentication); None: no token
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +232,9 @@ def _source_matches(s: Source, ctx: _Context, action: str) -> bool:
     if not _field(s.remote_ip_blocks, s.not_remote_ip_blocks, lambda v: ip_in_block(remote, v)):
         return False
     if s.request_principals or s.not_request_principals:
-        return _unsupported(action)
+        rp = req.auth.principal if req.auth is not None else ""
+        if not _field(s.request_principals, s.not_request_principals, lambda v: string_match(v, rp)):
+            return False
     return True
 
 
@@ -258,7 +281,46 @@ def _condition_matches(c: Condition, ctx: _Context, action: str) -> bool:
         return _field(c.values, c.not_values, lambda v: v.strip() == str(req.port))
     if key == "connection.sni":
         return _field(c.values, c.not_values, lambda v: string_match(v, req.sni or ""))
-    return _unsupported(action)  # request.auth.*, experimental.*, unknown keys
+    if key.startswith("request.auth."):
+        vals = auth_values(req.auth, key)
+        if vals is None:
+            return _unsupported(action)
+        return _field(c.values, c.not_values, lambda v: any(string_match(v, x) for x in vals))
+    return _unsupported(action)
+
+
+_CLAIM_KEY = re.compile(r"^request\.auth\.claims((?:\[[^\[\]]+\])+)$")
+
+
+def auth_values(auth: RequestAuth | None, key: str) -> list[str] | None:
+    """The values of a ``request.auth.*`` attribute ([] when absent), or None for an unknown key."""
+    if key == "request.auth.principal":
+        return [auth.principal] if auth is not None else []
+    if key == "request.auth.audiences":
+        return list(auth.audiences) if auth is not None else []
+    if key == "request.auth.presenter":
+        return [auth.presenter] if auth is not None and auth.presenter else []
+    m = _CLAIM_KEY.match(key)
+    if m is None:
+        return None
+    if auth is None:
+        return []
+    cur: object = auth.claims
+    for part in m.group(1)[1:-1].split("]["):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return []
+        cur = cur[part]
+    if isinstance(cur, list):
+        return [_claim_str(x) for x in cur if isinstance(x, (str, int, float, bool))]
+    if isinstance(cur, (str, int, float, bool)):
+        return [_claim_str(cur)]
+    return []
+
+
+def _claim_str(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)  # request.auth.*, experimental.*, unknown keys
 
 
 # ---------------------------------------------------------------- value matchers
@@ -368,10 +430,6 @@ def validate_policy(pol: AuthorizationPolicy) -> list[str]:
             for blk in (*s.ip_blocks, *s.not_ip_blocks, *s.remote_ip_blocks, *s.not_remote_ip_blocks):
                 if _network(blk) is None:
                     problems.append(f"{where}.from[{j}]: {blk!r} is not an IP address or CIDR block")
-            if s.request_principals or s.not_request_principals:
-                problems.append(
-                    f"{where}.from[{j}]: requestPrincipals needs JWT authentication, which meshctl does not do; it {effect}"
-                )
         for j, t in enumerate(rule.to):
             o = t.operation
             if o is None:
@@ -383,13 +441,24 @@ def validate_policy(pol: AuthorizationPolicy) -> list[str]:
                 if not port.strip().isdigit():
                     problems.append(f"{where}.to[{j}]: port {port!r} is not a number")
         for j, c in enumerate(rule.when):
-            if not c.key.startswith(SUPPORTED_CONDITION_KEYS) or (
-                c.key.startswith("request.headers") and not _HEADER_KEY.match(c.key)
-            ):
-                why = "request.auth.* needs JWT authentication, which meshctl does not do" if c.key.startswith(
-                    "request.auth"
-                ) else "meshctl does not know this attribute"
-                problems.append(f"{where}.when[{j}]: key {c.key!r}: {why}; it {effect}")
+            if not condition_key_supported(c.key):
+                problems.append(f"{where}.when[{j}]: key {c.key!r}: meshctl does not know this attribute; it {effect}")
             if not c.values and not c.not_values:
                 problems.append(f"{where}.when[{j}]: key {c.key!r} has neither values nor notValues")
     return problems
+
+
+def condition_key_supported(key: str) -> bool:
+    """Whether meshctl evaluates this ``when`` key."""
+    key = key.strip()
+    if key.startswith("request.headers"):
+        return _HEADER_KEY.match(key) is not None
+    if key.startswith("request.auth.claims"):
+        return _CLAIM_KEY.match(key) is not None
+    return key in _EXACT_KEYS
+
+
+_EXACT_KEYS = frozenset({
+    "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port",
+    "connection.sni", "request.auth.principal", "request.auth.audiences", "request.auth.presenter",
+})

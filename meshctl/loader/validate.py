@@ -50,6 +50,8 @@ from typing import Iterable, Literal, Sequence
 from ..model import istio as m
 from ..model.istio import Resource
 from ..model.proxyconfig import fqdn
+from ..core.authz import condition_key_supported
+from ..core.jwt import parse_jwks
 from .resources import source_of
 from .unsupported import refused_fields
 
@@ -165,14 +167,6 @@ def regex_problem(pattern: str) -> str | None:
     if what:
         return f"regex {pattern!r} uses {what}, which RE2 (Envoy's regex engine) does not support"
     return None
-
-
-def _condition_key_known(key: str) -> bool:
-    from ..core.authz import SUPPORTED_CONDITION_KEYS
-
-    if not key.startswith(SUPPORTED_CONDITION_KEYS):
-        return False
-    return not key.startswith("request.headers") or re.match(r"^request\.headers\[[^\]]+\]$", key) is not None
 
 
 # ---------------------------------------------------------------- the checks
@@ -575,10 +569,43 @@ class _Validator:
             for j, cond in enumerate(rule.when):
                 if not cond.key:
                     self.error(f"spec.rules[{i}].when[{j}].key", "key is required")
-                elif not _condition_key_known(cond.key):
-                    self.error(f"spec.rules[{i}].when[{j}].key", f"meshctl does not implement condition key {cond.key!r} yet")
+                elif not condition_key_supported(cond.key):
+                    self.error(f"spec.rules[{i}].when[{j}].key",
+                               f"meshctl does not implement condition key {cond.key!r} yet")
                 if not cond.values and not cond.not_values:
                     self.error(f"spec.rules[{i}].when[{j}]", "values or notValues is required")
+
+    def check_RequestAuthentication(self, ra: m.RequestAuthentication) -> None:
+        issuers: dict[str, int] = {}
+        for i, rule in enumerate(ra.jwt_rules):
+            rp = f"spec.jwtRules[{i}]"
+            if not rule.issuer:
+                self.error(f"{rp}.issuer", "issuer is required")
+            elif rule.issuer in issuers:
+                self.error(f"{rp}.issuer", f"issuer {rule.issuer!r} is also in spec.jwtRules[{issuers[rule.issuer]}]")
+            else:
+                issuers[rule.issuer] = i
+            self.enum(f"{rp}.presence", rule.presence, ("OPTIONAL", "REQUIRED"))
+            if rule.jwks is not None and rule.jwks_uri is not None:
+                self.error(f"{rp}.jwks", "jwks and jwksUri cannot both be set")
+            if rule.jwks is not None:
+                try:
+                    if not parse_jwks(rule.jwks):
+                        self.error(f"{rp}.jwks", "the JWKS has no usable signing key (RSA, EC P-256/384/521 or Ed25519)")
+                except ValueError as e:
+                    self.error(f"{rp}.jwks", f"invalid JWKS: {e}")
+            if rule.jwks_uri is not None and not rule.jwks_uri.startswith(("http://", "https://")):
+                self.error(f"{rp}.jwksUri", f"jwksUri {rule.jwks_uri!r} is not an http:// or https:// URL")
+            if rule.jwks is None and rule.jwks_uri is None:
+                self.error(rp, "one of jwks or jwksUri is required (meshctl does not do OpenID discovery from the issuer)")
+            for j, h in enumerate(rule.from_headers):
+                if not h.name.strip():
+                    self.error(f"{rp}.fromHeaders[{j}].name", "header name is required")
+            for j, c in enumerate(rule.output_claim_to_headers):
+                if not c.header.strip():
+                    self.error(f"{rp}.outputClaimToHeaders[{j}].header", "header is required")
+                if not c.claim.strip():
+                    self.error(f"{rp}.outputClaimToHeaders[{j}].claim", "claim is required")
 
     # -- across resources
 

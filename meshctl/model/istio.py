@@ -513,6 +513,41 @@ class AuthorizationPolicy:
     provider: FrozenDict[str, str] = EMPTY
 
 
+@dataclass(frozen=True, slots=True)
+class JWTHeader:
+    name: str = ""
+    prefix: str | None = None  # e.g. "Bearer "; stripped from the value
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimToHeader:
+    header: str = ""
+    claim: str = ""  # top-level claim; "a.b" for a nested one
+
+
+@dataclass(frozen=True, slots=True)
+class JWTRule:
+    issuer: str = ""
+    audiences: tuple[str, ...] = ()
+    jwks_uri: str | None = None
+    jwks: str | None = None  # inline JWKS (JSON text)
+    from_headers: tuple[JWTHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str | None = None
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    forward_original_token: bool = False
+    timeout: Duration | None = None  # jwksUri fetch timeout (Istio's default 5s)
+    presence: str | None = None  # OPTIONAL (default): no token passes | REQUIRED: 401 "Jwt is missing"
+    space_delimited_claims: tuple[str, ...] = ()  # matched as lists by AuthorizationPolicy (scope, permission always)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    selector: WorkloadSelector | None = None
+    jwt_rules: tuple[JWTRule, ...] = ()
+
+
 # ---------------------------------------------------------------- the envelope
 
 
@@ -523,6 +558,7 @@ SPEC_TYPES: dict[tuple[str, str], type] = {
     ("networking.istio.io", "Gateway"): Gateway,
     ("security.istio.io", "PeerAuthentication"): PeerAuthentication,
     ("security.istio.io", "AuthorizationPolicy"): AuthorizationPolicy,
+    ("security.istio.io", "RequestAuthentication"): RequestAuthentication,
 }
 """(API group, kind) → spec class. meshctl's own kinds (rate limits, ...) are
 added to this table by the modules that define them, in the group

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import EMPTY, Duration, FrozenDict
-from .istio import AuthorizationPolicy, HTTPRoute, TCPRoute, TrafficPolicy
+from .istio import AuthorizationPolicy, HTTPRoute, RequestAuthentication, TCPRoute, TrafficPolicy
 from .ratelimit import RateLimit
 
 DEFAULT_NAMESPACE = "default"
@@ -188,4 +188,8 @@ class ProxyConfig:
     authorization: FrozenDict[str, AuthorizationPolicy] = EMPTY
     # inbound: the meshctl RateLimits that select this workload, by "namespace/name"
     rate_limits: FrozenDict[str, RateLimit] = EMPTY
+    # the RequestAuthentications that select this workload, by "namespace/name", and the
+    # JWKS documents Pilot fetched for their jwksUris (uri → JSON text; last good set kept)
+    request_authentication: FrozenDict[str, RequestAuthentication] = EMPTY
+    jwks: FrozenDict[str, str] = EMPTY
     settings: Settings = field(default_factory=Settings)

@@ -34,6 +34,7 @@ from ..model.istio import (
     HTTPRouteDestination,
     PeerAuthentication,
     PortSelector,
+    RequestAuthentication,
     PortTrafficPolicy,
     Resource,
     RouteDestination,
@@ -108,6 +109,8 @@ class Inputs:
     virtual_services: list[Resource] = field(default_factory=list)
     destination_rules: dict[str, Resource] = field(default_factory=dict)
     gateways: list[Resource] = field(default_factory=list)
+    # jwksUri → JWKS text, fetched by Pilot (pilot/jwks.py)
+    jwks: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.services = discover_services(self.resources, self.snapshot)
@@ -438,6 +441,38 @@ def authorization_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, Autho
     return tuple(out)
 
 
+def request_authentication_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, RequestAuthentication], ...]:
+    """RequestAuthentications in the workload's namespace or the root namespace whose selector matches it."""
+    out = []
+    for r in sorted(inp.resources, key=lambda r: (r.namespace, r.name)):
+        if isinstance(r.spec, RequestAuthentication) and r.namespace in (workload.namespace, ROOT_NAMESPACE):
+            if _selected(r.spec.selector, workload):
+                out.append((f"{r.namespace}/{r.name}", r.spec))
+    return tuple(out)
+
+
+def jwks_uris(specs: Iterable[object]) -> list[str]:
+    """The jwksUris named by RequestAuthentications (without an inline jwks), in order."""
+    out: dict[str, None] = {}
+    for spec in specs:
+        if isinstance(spec, RequestAuthentication):
+            for rule in spec.jwt_rules:
+                if rule.jwks_uri and rule.jwks is None:
+                    out[rule.jwks_uri] = None
+    return list(out)
+
+
+def jwks_wanted(resources: Iterable[Resource]) -> list[tuple[str, float]]:
+    """(jwksUri, fetch timeout in seconds) for every jwksUri the RequestAuthentications name."""
+    out: dict[str, float] = {}
+    for r in resources:
+        if isinstance(r.spec, RequestAuthentication):
+            for rule in r.spec.jwt_rules:
+                if rule.jwks_uri and rule.jwks is None:
+                    out.setdefault(rule.jwks_uri, float(rule.timeout) if rule.timeout is not None else 5.0)
+    return list(out.items())
+
+
 def rate_limits_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, RateLimit], ...]:
     """meshctl RateLimits in the workload's namespace whose selector matches it (none: all of them)."""
     out = []
@@ -503,6 +538,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         replace(l, service=fqdn(l.service)) if l.direction == "binding" and l.service and l.protocol == "http" else l
         for l in listeners
     ]
+    authn = request_authentication_for(inp, wl)
     cfg = ProxyConfig(
         version="",
         workload=wl,
@@ -511,6 +547,8 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         clusters=FrozenDict(sorted(clusters.items())),
         authorization=FrozenDict(authorization_for(inp, wl)),
         rate_limits=FrozenDict(rate_limits_for(inp, wl)),
+        request_authentication=FrozenDict(authn),
+        jwks=FrozenDict(sorted((u, inp.jwks[u]) for u in jwks_uris(s for _, s in authn) if u in inp.jwks)),
         settings=node.settings if node.settings is not None else inp.settings,
     )
     return replace(cfg, version=config_version(cfg))

@@ -37,7 +37,8 @@ from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
 from ..registry.base import Instance, Registry, Snapshot
 from ..registry.embedded import EmbeddedRegistry
-from .compile import Inputs, Node, compile_proxy
+from .compile import Inputs, Node, compile_proxy, jwks_wanted
+from .jwks import JwksResolver
 from .faults import FaultError, FaultStore, InjectedFault, active_faults, next_expiry
 from .store import RuleStore
 
@@ -115,6 +116,7 @@ class Pilot:
         self._nodes_file = Path(self.state_dir) / "pilot" / "nodes.json"
         self._nodes_file.parent.mkdir(parents=True, exist_ok=True)
         self._load_nodes()
+        self.jwks = JwksResolver(self.state_dir, self._bump)  # jwksUri → keys, pushed in configs
         self._reload_rules()
 
     # ------------------------------------------------------------ state changes
@@ -135,6 +137,7 @@ class Pilot:
             return False
         self.revision = rev.number
         self._resources = list(rev.resources)
+        self.jwks.want(jwks_wanted(self._resources))
         self._bump()
         log.info("rules at revision %d (%d resources)", rev.number, len(rev.resources))
         return True
@@ -186,7 +189,8 @@ class Pilot:
         if self._inputs is None:
             by_id = {f.id: f for f in self._faults}
             faults = tuple(by_id[i] for i in self._fault_ids if i in by_id)
-            self._inputs = Inputs(self._resources, self.snapshot, trust_domain=self.trust_domain, faults=faults)
+            self._inputs = Inputs(self._resources, self.snapshot, trust_domain=self.trust_domain, faults=faults,
+                                  jwks=dict(self.jwks.keys))
         return self._inputs
 
     def config_for(self, name: str) -> ProxyConfig:
@@ -387,5 +391,6 @@ async def run_pilot(pilot: Pilot, host: str, port: int, *, task_status=trio.TASK
         nursery.start_soon(pilot.watch_rules)
         nursery.start_soon(pilot.watch_registry)
         nursery.start_soon(pilot.watch_faults)
+        nursery.start_soon(pilot.jwks.run)
         bound = await nursery.start(httpapi.serve, pilot.handle, host, port)
         task_status.started(bound)

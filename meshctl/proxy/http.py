@@ -5,6 +5,7 @@ Per request, an ordered chain of stages runs (linkerd's app/outbound style):
     prepare   hop-by-hop removal, x-forwarded-for, x-request-id
     route     Router.decide → Forward | Redirect | DirectResponse | NoRoute   (outbound, binding, gateway)
     fault     Istio fault injection: delay, abort (core.fault)
+    jwt       RequestAuthentication → 401                         (inbound, gateway)
     authz     AuthorizationPolicy → 403                                        (inbound)
     target    the app's synthetic cluster                                      (inbound)
     cluster   cluster lookup, healthy endpoints (503 UH when none)
@@ -35,7 +36,7 @@ from typing import Protocol
 import trio
 
 from ..core.balance import PickContext
-from ..core.authz import AuthzRequest, authorize
+from ..core.authz import AuthzRequest, RequestAuth, authorize
 from ..core.fault import decide_fault
 from ..core.outlier import LOCAL_FAILURES
 from ..core.pathnorm import PathRejected, normalize_path
@@ -121,6 +122,7 @@ class Request:
         "headers", "request_id", "forward", "cluster", "flags", "body_done", "body",
         "response_started", "status", "keep_alive", "detail", "start", "stale_ok",
         "endpoint", "bytes_sent", "peer",  # telemetry: picked endpoint, response body bytes, source (inbound)
+        "auth",  # the end user from a verified JWT (jwt_stage), for authz
     )
 
     def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt, client_ip: str,
@@ -149,6 +151,7 @@ class Request:
         self.endpoint = None
         self.bytes_sent = 0
         self.peer = None
+        self.auth: RequestAuth | None = None
 
     async def send_down(self, data: bytes) -> None:
         try:
@@ -354,6 +357,7 @@ class AuthzStage:
             port=(lst.service_port or lst.port) if gateway else (lst.app_port or lst.port),
             headers=rq.headers, source_principal=getattr(rq.down, "peer_id", None), source_ip=rq.client_ip,
             remote_ip=trusted_client_address(head.headers, rq.client_ip, lst.trusted_proxies) if gateway else None,
+            auth=rq.auth,
         ))
         if d.allowed:
             return None
@@ -394,10 +398,12 @@ CLUSTER = ClusterStage()
 
 
 def default_chain(listener: Listener) -> tuple[Stage, ...]:
+    from .jwt_stage import JWT_AUTHN
+
     if listener.direction == "inbound" and listener.route_table is None:
-        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, AUTHZ, TARGET, CLUSTER)
+        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, TARGET, CLUSTER)
     if listener.direction == "gateway":  # policy as on sidecars, before routing (Istio's gateway filter chain)
-        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, AUTHZ, ROUTE, FAULT, CLUSTER)
+        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, ROUTE, FAULT, CLUSTER)
     return (PREPARE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
 
 

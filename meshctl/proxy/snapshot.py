@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 from ..core.balance import make_balancer
+from ..core.jwt import JwtAuthenticator
 from ..core.outlier import OutlierDetector
 from ..core.retry import RetryPolicy, retry_policy
 from ..core.route import Router
@@ -164,6 +165,8 @@ class Snapshot:
         auth = cfg.authorization  # Pilot: {"namespace/name": policy}; hand-written configs may list policies
         self.authz_policies = tuple(auth.items()) if hasattr(auth, "items") else tuple(
             (f"{ns}/policy-{i}", p) for i, p in enumerate(auth))
+        rules = [r for ra in cfg.request_authentication.values() for r in ra.jwt_rules]
+        self.jwt: JwtAuthenticator | None = JwtAuthenticator(rules, cfg.jwks) if rules else None
         self.source_labels = cfg.workload.labels
         self.source_namespace = cfg.workload.namespace
 

@@ -6,6 +6,7 @@ import pytest
 
 from meshctl.core.authz import (
     AuthzRequest,
+    RequestAuth,
     applicable,
     authorize,
     normalize_path,
@@ -275,15 +276,57 @@ def test_when_conditions():
     assert allowed(Condition("remote.ip", ("203.0.113.1",)), remote_ip="203.0.113.1")
 
 
-def test_unsupported_jwt_attributes_never_open_access():
-    jwt_cond = Rule(when=(Condition("request.auth.claims[groups]", ("admins",)),))
-    # in an ALLOW policy the rule cannot grant access...
-    assert not decide(_allow(jwt_cond), "r").allowed
-    assert not decide(_allow(_src(request_principals=("*",))), "r").allowed
-    # ...and in a DENY policy it denies more broadly rather than not at all
-    assert not decide([("default", "d", _p("DENY", jwt_cond))], "r").allowed
-    problems = validate_policy(_p("ALLOW", jwt_cond))
-    assert problems and "JWT" in problems[0] and "never matches" in problems[0]
+def _user(sub="testing@secure.istio.io", **claims):
+    iss = "testing@secure.istio.io"
+    return RequestAuth(principal=f"{iss}/{sub}", issuer=iss, claims={"iss": iss, "sub": sub, **claims},
+                       audiences=tuple(claims.get("aud", ())), presenter=claims.get("azp", ""))
+
+
+def test_request_principals_need_a_verified_jwt():
+    # Istio's "authorization with JWT" task: requestPrincipals iss/sub
+    rule = _src(request_principals=("testing@secure.istio.io/testing@secure.istio.io",))
+    assert decide(_allow(rule), "r", auth=_user()).allowed
+    assert not decide(_allow(rule), "r", auth=_user(sub="someone-else")).allowed
+    assert not decide(_allow(rule), "r").allowed  # no token: 403
+    anyone = _src(request_principals=("*",))
+    assert decide(_allow(anyone), "r", auth=_user()).allowed
+    assert not decide(_allow(anyone), "r").allowed
+    # Istio's "require a token" DENY: notRequestPrincipals ["*"] denies requests without one
+    deny = [("default", "require-jwt", _p("DENY", _src(not_request_principals=("*",))))]
+    assert not decide(deny, "r").allowed
+    assert decide(deny, "r", auth=_user()).allowed
+    prefix = _src(request_principals=("testing@secure.istio.io/*",))
+    assert decide(_allow(prefix), "r", auth=_user(sub="x")).allowed
+
+
+def test_request_auth_claims_and_other_jwt_attributes():
+    def allowed(cond, **kw):
+        return decide(_allow(Rule(when=(cond,))), "r", **kw).allowed
+
+    groups = Condition("request.auth.claims[groups]", ("group1",))
+    assert allowed(groups, auth=_user(groups=["group1", "group2"]))
+    assert not allowed(groups, auth=_user(groups=["group2"]))
+    assert not allowed(groups, auth=_user())  # claim absent
+    assert not allowed(groups)  # no token
+    assert allowed(Condition("request.auth.claims[groups]", not_values=("admins",)), auth=_user(groups=["g"]))
+    nested = Condition("request.auth.claims[nested][key1]", ("value*",))
+    assert allowed(nested, auth=_user(nested={"key1": "value1"}))
+    assert not allowed(nested, auth=_user(nested={"key2": "value1"}))
+    assert allowed(Condition("request.auth.claims[admin]", ("true",)), auth=_user(admin=True))
+    assert allowed(Condition("request.auth.audiences", ("bookinfo.com",)), auth=_user(aud=["x", "bookinfo.com"]))
+    assert not allowed(Condition("request.auth.audiences", ("bookinfo.com",)), auth=_user(aud=["x"]))
+    assert allowed(Condition("request.auth.presenter", ("app-*",)), auth=_user(azp="app-1"))
+    assert allowed(Condition("request.auth.principal", ("testing@secure.istio.io/*",)), auth=_user())
+    assert not allowed(Condition("request.auth.principal", ("*",)))
+
+
+def test_unknown_attributes_never_open_access():
+    cond = Rule(when=(Condition("experimental.envoy.filters.network.mysql_proxy[db.table]", ("x",)),))
+    assert not decide(_allow(cond), "r", auth=_user()).allowed
+    assert not decide([("default", "d", _p("DENY", cond))], "r").allowed
+    problems = validate_policy(_p("ALLOW", cond))
+    assert problems and "does not know" in problems[0] and "never matches" in problems[0]
+    assert validate_policy(_p("ALLOW", Rule(when=(Condition("request.auth.claims[a][b]", ("x",)),)))) == []
 
 
 def test_validate_policy_names_bad_values():

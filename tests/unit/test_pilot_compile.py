@@ -180,3 +180,49 @@ def test_peer_authentication_precedence_workload_over_namespace_over_mesh(docs, 
         )
     rs = load_resources_text(text) if text else []
     assert mtls_mode_for(Inputs(rs, SNAP), PRODUCTPAGE.workload, 9080) == expected
+
+
+JWT_RULES = """\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: ingress-jwt
+  namespace: istio-system
+spec:
+  selector:
+    matchLabels:
+      istio: ingressgateway
+  jwtRules:
+  - issuer: testing@secure.istio.io
+    jwksUri: http://keys.example/jwks.json
+---
+apiVersion: security.istio.io/v1beta1
+kind: RequestAuthentication
+metadata:
+  name: productpage-jwt
+spec:
+  selector:
+    matchLabels:
+      app: productpage
+  jwtRules:
+  - issuer: other
+    jwks: '{"keys": []}'
+"""
+
+
+def test_request_authentication_by_selector_and_namespace_with_the_keys_pilot_fetched():
+    from meshctl.pilot.compile import jwks_wanted
+
+    resources = load_resources_text(JWT_RULES)
+    assert jwks_wanted(resources) == [("http://keys.example/jwks.json", 5.0)]
+    keys = {"http://keys.example/jwks.json": '{"keys": [1]}'}
+    gw = compile_proxy(Inputs(resources, SNAP, jwks=keys), GATEWAY)
+    assert list(gw.request_authentication) == ["istio-system/ingress-jwt"]  # root namespace: mesh-wide
+    assert dict(gw.jwks) == keys
+    pp = compile_proxy(Inputs(resources, SNAP, jwks=keys), PRODUCTPAGE)
+    assert list(pp.request_authentication) == ["default/productpage-jwt"]
+    assert not pp.jwks
+    assert from_data(ProxyConfig, to_data(gw), path="") == gw
+    # new keys for the uri: a new config version for the gateway only
+    gw2 = compile_proxy(Inputs(resources, SNAP, jwks={"http://keys.example/jwks.json": '{"keys": [2]}'}), GATEWAY)
+    assert gw2.version != gw.version

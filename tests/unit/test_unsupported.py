@@ -206,7 +206,7 @@ spec:
     assert any(m.startswith("f.yaml:17: error: spec.http[0].mirrorPercentage: meshctl does not implement") for m in msgs)
 
 
-def test_request_principals_are_refused_not_accepted():
+def test_request_principals_and_claims_are_accepted():
     text = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -222,13 +222,13 @@ spec:
     - key: request.auth.claims[groups]
       values: ["group1"]
 """
-    msgs = _messages(text)
-    assert any("f.yaml:10: error: spec.rules[0].from[0].source.requestPrincipals: meshctl does not implement requestPrincipals yet" in m for m in msgs), msgs
-    assert any("spec.rules[0].when[0].key: meshctl does not implement condition key 'request.auth.claims[groups]' yet" in m for m in msgs), msgs
+    assert _messages(text) == []
+    msgs = _messages(text.replace("request.auth.claims[groups]", "request.auth.claimz[groups]"))
+    assert any("spec.rules[0].when[0].key: meshctl does not implement condition key 'request.auth.claimz[groups]' yet" in m for m in msgs), msgs
 
 
 def test_known_but_unimplemented_kinds_say_so_and_unknown_kinds_stay_unknown():
-    for kind in ("Sidecar", "WorkloadEntry", "RequestAuthentication"):
+    for kind in ("Sidecar", "WorkloadEntry", "EnvoyFilter"):
         text = f"apiVersion: {GROUPS[kind]}\nkind: {kind}\nmetadata:\n  name: x\nspec: {{}}\n"
         assert any(f"f.yaml:2: kind: meshctl does not implement {kind} yet" in m for m in _messages(text))
     msgs = _messages("apiVersion: networking.istio.io/v1\nkind: VirtualServise\nmetadata:\n  name: x\nspec: {}\n")
