@@ -13,7 +13,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 need=()
-for tool in curl:curl tmux:tmux; do
+for tool in curl:curl tmux:tmux java:default-jdk-headless; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if ((${#need[@]})); then

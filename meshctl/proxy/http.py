@@ -930,6 +930,18 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                     break
                 if ev is None or type(ev) is not RequestHead:
                     break
+                if ev.upgrade == "connect" and active_listener.spec.direction == "outbound" and not ev.authority.endswith(":443"):
+                    # Node's fetch with NODE_USE_ENV_PROXY=1 tunnels plain-HTTP requests too
+                    # (CONNECT backend:9080): accept, and serve what comes through the tunnel
+                    # as requests made to this listener, routed by their Host.
+                    if type(reader.peek()) is EndOfMessage:
+                        reader.pos += 1
+                    await stream.send_all(server.response_head(ResponseHead(200, [], reason="Connection established")))
+                    prefix = server.upgrade_accepted()
+                    server = H1Server(snap.limits)
+                    reader = EventReader(stream, server)
+                    first = True
+                    continue
                 conn.busy = True
                 conn.deadline = math.inf
                 snap = rt.snapshot

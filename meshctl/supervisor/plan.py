@@ -217,6 +217,21 @@ def env_name(service: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", service.upper()) + "_ADDR"
 
 
+def runtime_proxy_env(outbound: int, own: Mapping[str, str]) -> dict[str, str]:
+    """What runtimes whose HTTP clients ignore HTTP_PROXY need to use the sidecar anyway
+    (Go's net/http, curl, Python's requests/httpx/urllib honour HTTP_PROXY as it is):
+    Node >= 22.21 / 24 reads HTTP_PROXY for fetch and http.request with NODE_USE_ENV_PROXY=1
+    (older Node has no switch: its apps need a proxy agent in code); the JVM's
+    HttpURLConnection and java.net.http.HttpClient read the http.proxy* properties,
+    which JAVA_TOOL_OPTIONS passes to every JVM (before the app's own options, so these win)."""
+    java = f"-Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort={outbound} -Dhttp.nonProxyHosts=localhost|127.0.0.1|[::1]"
+    own_java = own.get("JAVA_TOOL_OPTIONS", "")
+    return {
+        "NODE_USE_ENV_PROXY": own.get("NODE_USE_ENV_PROXY", "1"),
+        "JAVA_TOOL_OPTIONS": f"{java} {own_java}".strip() if "http.proxyHost" not in own_java else own_java,
+    }
+
+
 def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], previous: Mapping[str, int] = FrozenDict()) -> Plan:
     lo, hi = parse_port_range(spec.settings.port_range)
     alloc = _Allocator(lo, hi, is_free, previous)
@@ -246,9 +261,10 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                         for up, port in svc.upstreams.items()
                     }
                 )
+                own = {**svc.env, **v.env}
                 env = {
-                    **svc.env,
-                    **v.env,
+                    **own,
+                    **runtime_proxy_env(outbound, own),
                     "PORT": str(app_port),
                     "SERVICE_NAME": svc.name,
                     "SERVICE_VERSION": v.env.get("SERVICE_VERSION", v.name),
