@@ -22,7 +22,7 @@ included, as Envoy does; the model's domains already list "host" and
 Routes, in order; the first that matches wins; none matching is 404.
   - An empty ``match`` list matches every request. The HTTPMatchRequests of
     a list are OR-ed; the conditions inside one are AND-ed.
-  - StringMatch: exact, prefix, or regex (a FULL match, ``re.fullmatch``);
+  - StringMatch: exact, prefix, or regex (a FULL match, RE2 via core/regex.py);
     a StringMatch with none of them matches presence.
   - uri is matched against the path without the query string (or fragment);
     ``ignoreUriCase`` applies to exact and prefix, not to regex.
@@ -88,6 +88,7 @@ from ..model.istio import (
 )
 from ..model.proxyconfig import RouteTable, Settings, VirtualHost, cluster_name
 from ..protocol.events import HeaderList
+from .regex import RegexError, compile_regex
 from .retry import RetryConfigError, RetryPolicy, retry_policy
 
 __all__ = [
@@ -270,9 +271,7 @@ class _Req:
 # ---------------------------------------------------------------- match conditions
 
 
-@functools.lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+_regex = compile_regex  # RE2 (core/regex.py): linear time, whatever the pattern
 
 
 class _Cond:
@@ -332,8 +331,8 @@ def _string_test(sm: StringMatch, where: str, *, ignore_case: bool = False) -> t
     if sm.regex is not None:
         try:
             pat = _regex(sm.regex)
-        except re.error as e:
-            raise RouteConfigError(f"{where}: invalid regex {sm.regex!r}: {e}") from None
+        except RegexError as e:
+            raise RouteConfigError(f"{where}: {e}") from None
         full = pat.fullmatch
         return (lambda v: full(v) is not None), f"fully match regex {sm.regex!r}"
     return _always, "be present"
@@ -524,7 +523,7 @@ class _Route:
         self.cum: tuple[int, ...] = ()
         self.total = 0
         self.rewrite_uri: str | None = None
-        self.regex_rewrite: tuple[re.Pattern[str], str] | None = None
+        self.regex_rewrite: tuple[Any, str] | None = None
         self.rewrite_authority: str | None = None
         self.timeout: float | None = None
         self.retry: RetryPolicy | None = None
@@ -624,13 +623,13 @@ class _Route:
             if rw.uri_regex_rewrite is not None:
                 try:
                     pat = _regex(rw.uri_regex_rewrite.match)
-                except re.error as e:
+                except RegexError as e:
                     raise RouteConfigError(
                         f"{where}: rewrite.uriRegexRewrite.match {rw.uri_regex_rewrite.match!r} is not a valid regex: {e}"
                     ) from None
                 self.regex_rewrite = (pat, _to_re_template(rw.uri_regex_rewrite.rewrite))
                 try:  # a bad group reference would otherwise fail on the first request
-                    pat.sub(self.regex_rewrite[1], "")
+                    re.compile("()" * pat.groups).sub(self.regex_rewrite[1], "")
                 except (re.error, IndexError) as e:
                     raise RouteConfigError(
                         f"{where}: rewrite.uriRegexRewrite.rewrite {rw.uri_regex_rewrite.rewrite!r}: {e}"

@@ -10,10 +10,8 @@ Rules (errors unless noted):
 
 - StringMatch: exactly one of exact / prefix / regex (header, query and
   withoutHeaders matches may be empty: presence); queryParams take no prefix.
-- regex must compile with Python's ``re`` (what meshctl's proxy uses) and must
-  not use what RE2, Envoy's engine, lacks: lookaround, backreferences. Note
-  RE2-only syntax (``\\z``, ``\\pL``) is rejected by Python's re, so such a
-  pattern is reported as invalid here although Istio accepts it.
+- regex must compile with RE2, the engine meshctl's proxy uses as Envoy does
+  (no lookaround, no backreferences), within Envoy's program-size limit.
 - HTTP route: exactly one of route / redirect / directResponse.
 - route weights: on all destinations or none; none negative; sum 100.
 - destination subset: defined by a DestinationRule for that host (warning
@@ -49,6 +47,7 @@ from typing import Iterable, Literal, Sequence
 
 from ..model import istio as m
 from ..model.istio import Resource
+from ..core.regex import regex_problem as _re2_problem
 from ..model.proxyconfig import fqdn
 from ..core.authz import condition_key_supported
 from ..core.jwt import parse_jwks
@@ -123,50 +122,9 @@ def _choices(value: str, allowed: Sequence[str]) -> str:
     return f"unknown value {value!r} (expected one of: {', '.join(allowed)})"
 
 
-def _scan_re2_unsupported(pattern: str) -> str | None:
-    """The first construct RE2 does not support, or None."""
-    i, n, in_class = 0, len(pattern), False
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            nxt = pattern[i + 1 : i + 2]
-            if not in_class and nxt in "123456789" and nxt:
-                return "a backreference"
-            i += 2
-            continue
-        if in_class:
-            if c == "]":
-                in_class = False
-            i += 1
-            continue
-        if c == "[":
-            in_class = True
-            i += 1
-            if pattern[i : i + 1] == "^":
-                i += 1
-            if pattern[i : i + 1] == "]":  # a leading ] is literal
-                i += 1
-            continue
-        if pattern.startswith(("(?=", "(?!"), i):
-            return "lookahead"
-        if pattern.startswith(("(?<=", "(?<!"), i):
-            return "lookbehind"
-        if pattern.startswith("(?P=", i):
-            return "a backreference"
-        i += 1
-    return None
-
-
 def regex_problem(pattern: str) -> str | None:
-    """Why ``pattern`` cannot be used as an Istio regex here, or None."""
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return f"invalid regex {pattern!r}: {exc}"
-    what = _scan_re2_unsupported(pattern)
-    if what:
-        return f"regex {pattern!r} uses {what}, which RE2 (Envoy's regex engine) does not support"
-    return None
+    """Why ``pattern`` cannot be used as an Istio regex here, or None (RE2: core/regex.py)."""
+    return _re2_problem(pattern)
 
 
 # ---------------------------------------------------------------- the checks

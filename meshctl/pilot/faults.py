@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from ..core.regex import RegexError, compile_regex
 from ..loader.codec import LoadError, from_data, parse_duration, to_data
 from ..model.base import FrozenDict, format_duration
 from ..model.istio import (
@@ -123,8 +124,8 @@ def _string_ok(m: StringMatch, value: str) -> bool:
         return value.startswith(m.prefix)
     if m.regex is not None:
         try:
-            return re.fullmatch(m.regex, value) is not None
-        except re.error:
+            return compile_regex(m.regex).fullmatch(value) is not None
+        except RegexError:
             return False
     return True
 
@@ -237,9 +238,9 @@ def _string_match(op: str, value: str, what: str) -> StringMatch:
     if op == "^=":
         return StringMatch(prefix=value)
     try:
-        re.compile(value)
-    except re.error as e:
-        raise FaultError(f"{what}: bad regex {value!r}: {e}") from None
+        compile_regex(value)  # RE2, as the proxy matches it
+    except RegexError as e:
+        raise FaultError(f"{what}: bad regex: {e}") from None
     return StringMatch(regex=value)
 
 

@@ -217,3 +217,39 @@ async def test_path_normalization_modes_from_settings(upstream):
     async with running_proxy(cfg):
         r = await curl("-s", "--path-as-is", f"http://127.0.0.1:{lp}/%61dmin")
         assert b'"path": "/%61dmin"' in r.stdout
+
+
+# ------------------------------------------------------------------ item 4: ReDoS
+
+
+async def test_redos_regex_in_a_route_does_not_freeze_the_proxy(upstream):
+    """uri {regex: "/redos/(a+)+"} and a 29-character path: Python's re backtracks
+    for many seconds with every other request waiting; RE2 answers at once."""
+    from meshctl.model.istio import HTTPMatchRequest, StringMatch
+
+    from proxy_testkit import cluster, outbound_listener, route_to, vhost
+
+    lp = free_port()
+    redos = route_to("reviews", 9080, match=(HTTPMatchRequest(uri=StringMatch(regex="/redos/(a+)+")),))
+    cfg = config(listeners=[outbound_listener(lp)],
+                 vhosts=[vhost("reviews", 9080, (redos, route_to("reviews", 9080)))],
+                 clusters=[cluster("reviews", 9080, [("127.0.0.1", upstream.port)])])
+    attack = "/redos/" + "a" * 21 + "!"
+    assert len(attack) == 29
+    times: dict[str, float] = {}
+
+    async def timed(name: str, path: str) -> None:
+        t = trio.current_time()
+        r = await curl("-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                       "-x", f"http://127.0.0.1:{lp}", f"http://reviews:9080{path}")
+        times[name] = trio.current_time() - t
+        assert r.stdout == b"200", (name, r.stdout, r.stderr)
+
+    longer = "/redos/" + "a" * 26 + "!"  # about 7 s of backtracking in Python's re here
+    async with running_proxy(cfg):
+        async with trio.open_nursery() as n:
+            n.start_soon(timed, "attack", attack)
+            n.start_soon(timed, "longer", longer)
+            await trio.sleep(0.05)
+            n.start_soon(timed, "other", "/productpage")
+    assert max(times.values()) < 1.0, times
