@@ -123,6 +123,7 @@ class RequestView:
     source_labels: Mapping[str, str] = EMPTY
     source_namespace: str | None = None
     gateway: str | None = None  # "namespace/name" of the gateway it arrived at; None: sidecar ("mesh")
+    claims: Mapping[str, Any] | None = None  # the verified JWT's claims (RequestAuthentication), for @request.auth.claims
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,10 +389,18 @@ def _compile_match(m: HTTPMatchRequest, index: int, where: str) -> _Match:
     for name, sm in m.headers.items():
         lname = name.lower()
         test, expect = _string_test(sm, f"{where}: headers[{name}]")
+        if name.startswith(CLAIM_HEADER):
+            claim = name[len(CLAIM_HEADER):]
+            conds.append(_Cond(f"JWT claim {claim!r}", expect, _claim_getter(claim), _any_value(test)))
+            continue
         conds.append(_Cond(f"header {lname!r}", expect, _header_getter(lname), test))
     for name, sm in m.without_headers.items():
         lname = name.lower()
         test, expect = _string_test(sm, f"{where}: withoutHeaders[{name}]")
+        if name.startswith(CLAIM_HEADER):
+            claim = name[len(CLAIM_HEADER):]
+            conds.append(_Cond(f"JWT claim {claim!r}", expect, _claim_getter(claim), _any_value(test), negate=True))
+            continue
         conds.append(_Cond(f"header {lname!r}", expect, _header_getter(lname), test, negate=True))
     for name, sm in m.query_params.items():
         if sm.prefix is not None and sm.exact is None and sm.regex is None:
@@ -427,6 +436,34 @@ def _compile_match(m: HTTPMatchRequest, index: int, where: str) -> _Match:
 
         conds.append(_Cond("gateway", f"be one of {', '.join(m.gateways)}", _get_gateway, gw_ok))
     return _Match(index, tuple(conds), rewrite_kind, prefix_len)
+
+
+CLAIM_HEADER = "@request.auth.claims."  # Istio's JWT claim based routing: headers["@request.auth.claims.groups"]
+
+
+def _claim_getter(path: str) -> Callable[[_Req], tuple[str, ...] | None]:
+    """A claim of the verified JWT (``a.b`` nested) as strings; a list claim gives each element."""
+    parts = path.split(".")
+
+    def get(r: _Req) -> tuple[str, ...] | None:
+        cur: Any = r.view.claims
+        for part in parts:
+            if not isinstance(cur, Mapping) or part not in cur:
+                return None
+            cur = cur[part]
+        items = cur if isinstance(cur, list) else [cur]
+        out = tuple(("true" if x else "false") if isinstance(x, bool) else str(x)
+                    for x in items if isinstance(x, (str, int, float, bool)))
+        return out or None
+
+    return get
+
+
+def _any_value(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def any_of(values: tuple[str, ...]) -> bool:
+        return any(test(v) for v in values)
+
+    return any_of
 
 
 def _header_getter(name: str) -> Callable[[_Req], str | None]:

@@ -296,6 +296,7 @@ class RouteStage:
             gateway=(lst.name if "/" in lst.name else f"{snap.source_namespace}/{lst.name}")
             if lst.direction == "gateway"
             else None,
+            claims=rq.auth.claims if rq.auth is not None else None,
         )
         d = router.decide(view, rq.rt.rand)
         if type(d) is Forward:

@@ -218,3 +218,77 @@ def test_request_authentication_then_jwt_authorization(mesh, jwks_server):
     delete(mesh, "authorizationpolicy", "require-jwt")
     delete(mesh, "requestauthentication", "jwt-example")
     assert get(mesh, tamper(DEMO))[0] == 200  # no RequestAuthentication: the header is not looked at
+
+
+INGRESS_JWT = f"""\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: ingress-jwt
+  namespace: istio-system
+spec:
+  selector:
+    matchLabels:
+      istio: ingressgateway
+  jwtRules:
+  - issuer: "{ISTIO_ISS}"
+    jwks: '{(SAMPLES / "jwks.json").read_text()}'
+"""
+
+# Istio's "JWT claim based routing" task, on Bookinfo's gateway VirtualService
+CLAIM_ROUTING = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: bookinfo
+spec:
+  hosts:
+  - "*"
+  gateways:
+  - bookinfo-gateway
+  http:
+  - match:
+    - uri:
+        exact: /productpage
+      headers:
+        "@request.auth.claims.groups":
+          exact: group1
+    route:
+    - destination:
+        host: productpage
+        port:
+          number: 9080
+"""
+
+INGRESS_REQUIRE_JWT = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ingress-require-jwt
+  namespace: istio-system
+spec:
+  selector:
+    matchLabels:
+      istio: ingressgateway
+  action: DENY
+  rules:
+  - from:
+    - source:
+        notRequestPrincipals: ["*"]
+"""
+
+
+def test_jwt_at_the_ingress_gateway_and_claim_based_routing(mesh):
+    apply(mesh, text=INGRESS_JWT + "---\n" + CLAIM_ROUTING)
+    assert get(mesh, GROUPS)[0] == 200  # groups: [group1, group2]
+    assert get(mesh, DEMO)[0] == 404  # valid, but no group1 claim: no route
+    assert get(mesh)[0] == 404
+    assert get(mesh, tamper(GROUPS)) == (401, "Jwt verification fails")  # answered by the gateway
+
+    # Istio's ingress "require a token": DENY notRequestPrincipals ["*"] on the gateway
+    apply(mesh, "rules/bookinfo-gateway.yaml", text=INGRESS_REQUIRE_JWT)
+    assert get(mesh)[0] == 403
+    assert get(mesh, DEMO)[0] == 200
+    delete(mesh, "authorizationpolicy", "ingress-require-jwt", "istio-system")
+    delete(mesh, "requestauthentication", "ingress-jwt", "istio-system")
+    assert get(mesh)[0] == 200

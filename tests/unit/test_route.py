@@ -190,6 +190,27 @@ def test_without_headers_matches_when_absent_or_different():
     assert cluster_of(presence, req(headers=[("x-debug", "1")])) is None
 
 
+def test_jwt_claim_based_routing_matches_verified_claims_not_headers():
+    # Istio's "JWT claim based routing" task: headers["@request.auth.claims.groups"] exact group1
+    r = router(
+        HTTPRoute(match=(HTTPMatchRequest(headers=FrozenDict({"@request.auth.claims.groups": exact("group1")})),),
+                  route=(dest(subset="v2"),)),
+        HTTPRoute(match=(HTTPMatchRequest(headers=FrozenDict({"@request.auth.claims.org.name": prefix("acme")}),
+                                          without_headers=FrozenDict({"@request.auth.claims.admin": exact("true")})),),
+                  route=(dest(subset="v3"),)),
+        HTTPRoute(route=(dest(subset="v1"),)),
+    )
+    v = lambda n: f"outbound|9080|v{n}|{REVIEWS}"  # noqa: E731
+    assert cluster_of(r, req(claims={"groups": ["group1", "group2"]})) == v(2)
+    assert cluster_of(r, req(claims={"groups": ["group2"]})) == v(1)
+    assert cluster_of(r, req(claims={"groups": "group1"})) == v(2)
+    assert cluster_of(r, req()) == v(1)  # no JWT
+    # a header of that name is not a claim
+    assert cluster_of(r, req(headers=[("@request.auth.claims.groups", "group1")])) == v(1)
+    assert cluster_of(r, req(claims={"org": {"name": "acme-corp"}})) == v(3)
+    assert cluster_of(r, req(claims={"org": {"name": "acme-corp"}, "admin": True})) == v(1)
+
+
 def test_query_params_match_exact_and_regex_and_treat_prefix_as_presence():
     r = router(
         HTTPRoute(match=(HTTPMatchRequest(query_params=FrozenDict({"u": exact("test")})),), route=(dest(subset="e"),)),
