@@ -176,10 +176,11 @@ class BodySource:
     it; past the limit the buffer is dropped and ``replayable`` turns False.
     """
 
-    __slots__ = ("reader", "limit", "chunks", "size", "replayable", "finished", "trailers")
+    __slots__ = ("reader", "limit", "chunks", "size", "replayable", "finished", "trailers", "deadline")
 
-    def __init__(self, reader: EventReader, limit: int) -> None:
+    def __init__(self, reader: EventReader, limit: int, deadline: float = math.inf) -> None:
         self.reader = reader
+        self.deadline = deadline  # Envoy's request_timeout: the whole body by then, else 408
         self.limit = limit
         self.chunks: list[bytes] = []
         self.size = 0
@@ -225,7 +226,15 @@ class BodySource:
         if self.finished:
             return None
         try:
-            ev = await self.reader.next()
+            if self.deadline == math.inf:
+                ev = await self.reader.next()
+            else:
+                ev = None
+                with trio.move_on_at(self.deadline) as late:
+                    ev = await self.reader.next()
+                if late.cancelled_caught:
+                    raise ProtocolError("request timeout: the request body did not arrive in time "
+                                        "(settings.requestTimeout)", 408)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise DownstreamGone(f"client connection lost mid-body: {exc}") from None
         if ev is None:
@@ -457,7 +466,9 @@ class Forwarder:
         fwd = rq.forward
         timeout = fwd.timeout if fwd is not None else None
         if not rq.body_done:
-            rq.body = BodySource(rq.reader, rq.snap.settings.retry_buffer_bytes)
+            rt_s = float(rq.snap.settings.request_timeout)
+            rq.body = BodySource(rq.reader, rq.snap.settings.retry_buffer_bytes,
+                                 trio.current_time() + rt_s if rt_s > 0 else math.inf)
             rq.body.prefill()
         up_head = self._upstream_head(rq)
         if timeout:
@@ -906,10 +917,8 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                 await serve_h2_connection(rt, active_listener, stream, client_ip, prefix, conn, lstats)
                 return
             while True:
-                s = rt.snapshot.settings
-                conn.deadline = trio.current_time() + (
-                    s.request_headers_timeout if first else s.idle_timeout
-                )
+                if not first:  # the first head keeps the deadline set before sniffing it
+                    conn.deadline = trio.current_time() + rt.snapshot.settings.idle_timeout
                 first = False
                 conn.busy = False
                 if rt.draining:

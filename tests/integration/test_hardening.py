@@ -253,3 +253,53 @@ async def test_redos_regex_in_a_route_does_not_freeze_the_proxy(upstream):
             await trio.sleep(0.05)
             n.start_soon(timed, "other", "/productpage")
     assert max(times.values()) < 1.0, times
+
+
+# ------------------------------------------------------------------ item 10: slow heads and bodies
+
+
+def _dribble(port: int, first: bytes, piece: bytes, every: float, limit: float) -> tuple[float, bytes]:
+    """Send ``first``, then ``piece`` every ``every`` s until the peer closes
+    (or ``limit`` s). Returns (seconds until closed, what the peer sent)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(every)
+    t0 = time.monotonic()
+    s.sendall(first)
+    out = b""
+    try:
+        while time.monotonic() - t0 < limit:
+            try:
+                d = s.recv(65536)
+                if not d:
+                    break
+                out += d
+            except socket.timeout:
+                s.sendall(piece if isinstance(piece, bytes) else next(piece))
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    s.close()
+    return time.monotonic() - t0, out
+
+
+async def test_slowloris_head_is_cut_at_one_header_timeout_not_two(upstream):
+    lp, cfg = _inbound_cfg(upstream.port, Settings(request_headers_timeout=Duration(1.0)))
+    async with running_proxy(cfg):
+        # one byte every 0.2 s from the method on: the deadline used to restart once
+        # the method was read, so such a head was allowed twice the setting
+        head = b"GET /public HTTP/1.1\r\n" + b"x-a: b\r\n" * 100
+        pieces = (head[i:i + 1] for i in range(1, len(head)))
+        took, out = await trio.to_thread.run_sync(_dribble, lp, head[:1], pieces, 0.2, 6.0)
+    assert 0.9 < took < 1.6, took  # the setting (+ the watchdog's 0.25 s), not twice it
+    assert upstream.requests == []
+
+
+async def test_dribbled_request_body_gets_408_after_request_timeout(upstream):
+    lp, cfg = _inbound_cfg(upstream.port, Settings(request_timeout=Duration(1.0)))
+    async with running_proxy(cfg):
+        took, out = await trio.to_thread.run_sync(
+            _dribble, lp, b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 100000\r\n\r\nx", b"x", 0.1, 6.0)
+        # a request whose body arrives in time is unaffected
+        r = await curl("-s", "--data-binary", "@-", f"http://127.0.0.1:{lp}/upload")
+    assert out.startswith(b"HTTP/1.1 408"), out[:200]
+    assert 0.9 < took < 2.0, took
+    assert b'"received": 0' in r.stdout or r.returncode == 0
