@@ -428,6 +428,11 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
         service = fqdn(lst.service, rq.snap.source_namespace) if lst.service else None
     else:
         service = cs.cluster.service if cs is not None else None
+        if service is None and rq.forward is not None:
+            # Answered before a cluster was picked (a fault-injected abort): it was on its
+            # way to the route's destination, so it counts there, not under "unknown".
+            routed = rq.snap.clusters.get(rq.forward.cluster)
+            service = routed.cluster.service if routed is not None else None
     head = rq.head
     ctype = cl = ""
     for k, v in head.headers:
