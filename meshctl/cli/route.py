@@ -41,7 +41,7 @@ def _report(findings) -> int:
     for f in findings:
         if f.level == "error":
             errors += 1
-            err_console.print(f"[red]{escape(f'{f.source}: {f.field}: {f.message}')}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] [red]{escape(f'{f.source}: {f.field}: {f.message}')}[/]", highlight=False, soft_wrap=True)
         else:
             err_console.print(f"[yellow]warning:[/] {escape(f'{f.source}: {f.field}: {f.message}')}", highlight=False, soft_wrap=True)
     return errors

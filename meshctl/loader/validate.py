@@ -176,16 +176,10 @@ class _Validator:
     # -- driver
 
     def run(self) -> list[Finding]:
-        seen: dict[tuple[str, str, str], Resource] = {}
+        defined: dict[tuple[str, str, str], list[Resource]] = {}
         for r in self.resources:
             self.r = r
-            if r.key in seen:
-                self.warning(
-                    "metadata.name",
-                    f"{r.kind} {r.namespace}/{r.name} is defined again; this definition replaces "
-                    f"the one at {seen[r.key].source or '?'}",
-                )
-            seen[r.key] = r
+            defined.setdefault(r.key, []).append(r)
             before = len(self.findings)
             check = getattr(self, f"check_{type(r.spec).__name__}", None)
             if check is not None:
@@ -196,6 +190,14 @@ class _Validator:
             for field, message in refused_fields(r.kind, r.spec):
                 if not any(field == s or field.startswith((s + ".", s + "[")) for s in said):
                     self.error(field, message)
+        # One line per resource defined in several places (a folder of alternatives, as
+        # Istio's samples are), at the definition that wins: the last.
+        for defs in defined.values():
+            if len(defs) > 1:
+                self.r = r = defs[-1]
+                earlier = ", ".join(d.source or "?" for d in defs[:-1])
+                self.warning("metadata.name", f"{r.kind} {r.namespace}/{r.name} is defined {len(defs)} times; "
+                             f"this last one replaces {earlier}")
         self.check_conflicts()
         return self.findings
 

@@ -138,3 +138,32 @@ def test_commands_find_the_mesh_up_started_last_from_any_directory(tmp_path, mon
     (elsewhere / ".meshctl").mkdir()
     r = runner.invoke(app, ["route", "get"])
     assert "VirtualService" not in r.output
+
+
+def test_validate_of_the_example_folder_names_each_redefined_resource_once(run):
+    # Istio's samples are alternatives to each other: several files define the same
+    # VirtualService on purpose. One warning per resource, not one per extra definition.
+    r = run("route", "validate", "-f", str(RULES))
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if " is defined " in line]
+    assert sum("VirtualService default/reviews is defined" in line for line in lines) == 1
+    assert "VirtualService default/reviews is defined 7 times" in r.output
+    assert len(lines) == len({line.split(": ", 3)[-1].split(" is defined ")[0] for line in lines}) <= 7
+
+
+def test_a_weights_error_says_error_like_the_others(run, tmp_path):
+    f = tmp_path / "vs.yaml"
+    f.write_text("""apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 50}
+    - {destination: {host: reviews, subset: v2}, weight: 40}
+""")
+    r = run("route", "validate", "-f", str(f))
+    assert r.exit_code == 1
+    (line,) = [line for line in r.output.splitlines() if "weights sum" in line]
+    assert line.startswith("error: ") and "vs.yaml:" in line, r.output
