@@ -95,6 +95,7 @@ class MeshSettings:
     request_timeout: Duration = Duration(300.0)  # whole request received (Envoy request_timeout); 0: none
     max_connections: int = 0  # per listener; 0: from the open-file limit
     drain_duration: Duration = Duration(5.0)  # serving after SIGTERM (Istio terminationDrainDuration)
+    outbound_traffic_policy: str = "ALLOW_ANY"  # Istio meshConfig.outboundTrafficPolicy.mode (or REGISTRY_ONLY)
 
 
 @dataclass(frozen=True, slots=True)

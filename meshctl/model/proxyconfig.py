@@ -66,6 +66,7 @@ class Cluster:
     protocol: str = "http"  # http | http2 | grpc | tcp
     traffic_policy: TrafficPolicy | None = None  # DR top level ⊕ subset ⊕ port level, merged
     endpoints: tuple[Endpoint, ...] = ()
+    external: bool = False  # outside the mesh (a MESH_EXTERNAL ServiceEntry): no x-meshctl-* headers go there
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,9 @@ class Settings:
     # 0 for a standalone proxy; `meshctl up` passes mesh.yaml's settings.drainDuration (5s)
     drain_duration: Duration = Duration(0.0)
     retry_buffer_bytes: int = 64 * 1024  # a body larger than this is not retried
+    # Istio meshConfig.outboundTrafficPolicy.mode: hosts the mesh does not know pass
+    # through (ALLOW_ANY) or get 502 (REGISTRY_ONLY); see proxy/egress.py
+    outbound_traffic_policy: str = "ALLOW_ANY"
     # Istio's default retry policy where a route sets none.
     default_retry_attempts: int = 2
     default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -155,6 +159,7 @@ class Settings:
 
 PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")  # Istio meshConfig
 UPGRADE_TYPES = ("websocket", "connect-udp", "connect-ip")  # what may be relayed after a 101
+OUTBOUND_TRAFFIC_POLICIES = ("ALLOW_ANY", "REGISTRY_ONLY")  # Istio meshConfig.outboundTrafficPolicy.mode
 
 
 def settings_problems(s: Settings) -> list[tuple[str, str]]:
@@ -168,6 +173,8 @@ def settings_problems(s: Settings) -> list[tuple[str, str]]:
                         "authorization (Envoy strips it too)"))
         elif t.lower() not in UPGRADE_TYPES:
             out.append((f"upgradeTypes[{i}]", f"{t!r}: meshctl relays only {', '.join(UPGRADE_TYPES)}"))
+    if s.outbound_traffic_policy not in OUTBOUND_TRAFFIC_POLICIES:
+        out.append(("outboundTrafficPolicy", f"{s.outbound_traffic_policy!r} is not one of {', '.join(OUTBOUND_TRAFFIC_POLICIES)}"))
     if s.max_connections < 0:
         out.append(("maxConnections", "must be >= 0 (0: derived from the open-file limit)"))
     for name in ("request_timeout", "drain_duration"):

@@ -345,6 +345,7 @@ def build_clusters(inp: Inputs) -> dict[str, Cluster]:
                     protocol=svc.protocol,
                     traffic_policy=merge_policy(dr, subset, port) if dr else None,
                     endpoints=_endpoints(svc, labels, inp.trust_domain, port),
+                    external=svc.entry is not None and svc.entry.location != "MESH_INTERNAL",
                 )
     return clusters
 

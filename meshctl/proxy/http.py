@@ -54,6 +54,7 @@ from ..protocol.events import (
 from ..protocol.grpc import GrpcStatus, local_grpc_reply
 from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop, trusted_client_address
 from ..protocol.http1 import H1Server
+from . import egress
 from . import stats as F
 from .identity import upstream_tls
 from .limits import PoolOverflow
@@ -309,16 +310,34 @@ class RouteStage:
         )
         d = router.decide(view, rq.rt.rand)
         if type(d) is Forward:
-            rq.forward = d
+            rq.forward = egress.leaving_mesh(snap, d)
             return None
         if type(d) is Redirect:
             return LocalReply(d.status, b"", [("location", d.location)])
         if type(d) is DirectResponse:
             return LocalReply(d.status, d.body, list(d.headers))
         if type(d) is NoRoute:
+            if lst.direction == "outbound" and router.virtual_host(authority) is None:
+                return unknown_host(rq, authority)
             r = failure_reply(F.NR, d.status or 404, d.reason)
             return r
         raise TypeError(f"router returned {d!r}")  # pragma: no cover
+
+
+def unknown_host(rq: Request, authority: str) -> LocalReply | None:
+    """A host no virtual host serves, on the outbound listener: Istio's outbound
+    traffic policy (egress.py). None: pass through to it."""
+    snap = rq.snap
+    if snap.settings.outbound_traffic_policy == "REGISTRY_ONLY":
+        rq.cluster = egress.blackhole_cluster(snap)
+        return failure_reply(F.NR, 502, f"{egress.BLACKHOLE}: {authority} is not in the mesh's registry "
+                             "(outboundTrafficPolicy REGISTRY_ONLY)")
+    target = egress.split_authority(authority, 443 if rq.head.scheme == "https" else 80)
+    if target is None:
+        return failure_reply(F.NR, 404, f"no route for {authority!r}")
+    rq.cluster = egress.passthrough_cluster(snap, target[0], target[1])
+    rq.headers = egress.without_internal(rq.headers)
+    return None
 
 
 class FaultStage:

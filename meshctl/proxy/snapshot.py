@@ -167,6 +167,8 @@ class Snapshot:
             (f"{ns}/policy-{i}", p) for i, p in enumerate(auth))
         rules = [r for ra in cfg.request_authentication.values() for r in ra.jwt_rules]
         self.jwt: JwtAuthenticator | None = JwtAuthenticator(rules, cfg.jwks) if rules else None
+        self.stats = stats
+        self.passthrough: dict[tuple[str, int], ClusterState] = {}  # egress.py: unknown hosts' clusters
         self.source_labels = cfg.workload.labels
         self.source_namespace = cfg.workload.namespace
 

@@ -47,7 +47,8 @@ def mesh(tmp_path):
     base = 42000 + (os.getpid() % 150) * 100
     (tmp_path / "hello.py").write_text(WRAPPER)
     (tmp_path / "mesh.yaml").write_text(
-        f"settings: {{portRange: {base}-{base + 99}}}\n"
+        # REGISTRY_ONLY: the unknown host below is a local 502 NR (ALLOW_ANY would pass it through)
+        f"settings: {{portRange: {base}-{base + 99}, outboundTrafficPolicy: REGISTRY_ONLY}}\n"
         "services:\n"
         "- name: web\n"
         "  port: 9080\n"
@@ -73,7 +74,7 @@ def test_stat_after_known_traffic_and_access_logs(mesh):
         code, _ = http_get(outbound, f"http://api:9080/item/{i}", host="api:9080")
         assert code == 200
     code, _ = http_get(outbound, "http://nowhere:9080/", host="nowhere:9080")
-    assert code == 404
+    assert code == 502
 
     def api_row():
         data = json.loads(meshctl("stat", "--json", "--window", "5m", cwd=mesh).stdout)
@@ -98,6 +99,6 @@ def test_stat_after_known_traffic_and_access_logs(mesh):
     lines = wait_for(lambda: (log.exists() and len(log.read_text().splitlines()) >= 21 and log.read_text().splitlines()),
                      what="21 access log lines")
     recs = [json.loads(x) for x in lines]
-    assert sorted(r["response_code"] for r in recs) == [200] * 20 + [404]
-    nr = next(r for r in recs if r["response_code"] == 404)
+    assert sorted(r["response_code"] for r in recs) == [200] * 20 + [502]
+    nr = next(r for r in recs if r["response_code"] == 502)
     assert nr["response_flags"] == "NR" and nr["authority"] == "nowhere:9080"

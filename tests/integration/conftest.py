@@ -296,6 +296,14 @@ def config(*, listeners: list[Listener], vhosts: list[VirtualHost] = (), cluster
     )
 
 
+def registry_only(cfg: ProxyConfig) -> ProxyConfig:
+    """``cfg`` with Istio's outboundTrafficPolicy REGISTRY_ONLY: an unknown host is a
+    local 502 (NR) instead of passing through (proxy/egress.py)."""
+    from dataclasses import replace
+
+    return replace(cfg, settings=replace(cfg.settings, outbound_traffic_policy="REGISTRY_ONLY"))
+
+
 def outbound_listener(port: int, name: str = "outbound") -> Listener:
     return Listener(name=name, direction="outbound", address="127.0.0.1", port=port, route_table="outbound")
 

@@ -25,6 +25,7 @@ from meshctl.model.istio import (
     Percent,
     StringMatch,
 )
+from meshctl.model.base import FrozenDict
 from meshctl.model.proxyconfig import Listener
 
 from proxy_testkit import cluster, config, free_port, outbound_listener, route_to, running_proxy, vhost
@@ -260,9 +261,11 @@ async def test_fault_abort_with_grpc_status(echo_apps):
 
 async def test_local_errors_are_grpc_statuses(echo_apps):
     app = echo_apps("a")
-    async with sidecar_pair(app) as (port, _):
+    # a route that never matches: no route for the request
+    never = route_to("echo", 9090, match=(HTTPMatchRequest(headers=FrozenDict({"x-never": StringMatch(exact="1")})),))
+    async with sidecar_pair(app, never) as (port, _):
         def call():
-            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", "nope:9090")])
+            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", "echo:9090")])
             with ch:
                 try:
                     ch.unary_unary("/mesh.Echo/Say")(b"x", timeout=10)

@@ -18,6 +18,7 @@ from proxy_testkit import (
     free_port,
     outbound_listener,
     raw_exchange,
+    registry_only,
     route_to,
     running_proxy,
     vhost,
@@ -58,9 +59,11 @@ async def test_curl_with_http_proxy_is_routed_by_authority(upstreams):
         # origin-form with a Host header works too
         r = await curl("-H", "Host: ratings:9080", f"http://127.0.0.1:{lp}/y")
         assert json.loads(r.stdout)["upstream"] == "ratings"
-        # an unknown authority is a local 404 with the reason
+    # an unknown authority under REGISTRY_ONLY is a local 502 with the reason (ALLOW_ANY,
+    # Istio's default, passes it through: tests/integration/test_serviceentry.py)
+    async with running_proxy(registry_only(cfg)):
         r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", "http://nope:9080/")
-        assert r.stdout.startswith(b"HTTP/1.1 404")
+        assert r.stdout.startswith(b"HTTP/1.1 502")
         assert b"x-meshctl-reason: no route" in r.stdout.lower()
 
 
@@ -571,9 +574,10 @@ async def test_apply_opens_added_listeners_and_closes_removed_ones(upstream):
 
 
 async def test_local_replies_keep_the_connection_usable(upstream):
-    """A 404 to HEAD has no body, and the next request on the connection still works."""
+    """A local 502 (an unknown host under REGISTRY_ONLY) to HEAD has no body, and the
+    next request on the connection still works."""
     cfg, lp = _simple(upstream, 9080)
-    async with running_proxy(cfg):
+    async with running_proxy(registry_only(cfg)):
         s = await trio.open_tcp_stream("127.0.0.1", lp)
         await s.send_all(b"HEAD http://nope:1/ HTTP/1.1\r\nhost: nope:1\r\n\r\n"
                          b"GET http://reviews:9080/next HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
@@ -582,8 +586,8 @@ async def test_local_replies_keep_the_connection_usable(upstream):
             while b'"/next"' not in data:
                 data += await s.receive_some()
         first, _, rest = data.partition(b"\r\n\r\n")
-        assert first.startswith(b"HTTP/1.1 404")
-        assert rest.startswith(b"HTTP/1.1 200")  # no 404 body in between
+        assert first.startswith(b"HTTP/1.1 502")
+        assert rest.startswith(b"HTTP/1.1 200")  # no 502 body in between
         await s.aclose()
 
 

@@ -13,12 +13,12 @@ from meshctl.proxy.pool import UpstreamPool
 from meshctl.proxy.runtime import ProxyRuntime
 from meshctl.proxy.snapshot import Snapshot
 
-from proxy_testkit import config, outbound_listener, vhost
+from proxy_testkit import config, outbound_listener, registry_only, vhost
 
 
 def _runtime(routes):
     lst = outbound_listener(1)
-    cfg = config(listeners=[lst], vhosts=[vhost("web", 80, tuple(routes))])
+    cfg = registry_only(config(listeners=[lst], vhosts=[vhost("web", 80, tuple(routes))]))
     rt = ProxyRuntime()
     rt.snapshot = Snapshot(cfg, rt.stats)
     rt.pool = UpstreamPool(limits=rt.snapshot.limits)
@@ -58,7 +58,7 @@ async def test_direct_response_redirect_and_no_route_are_answered_locally():
         b"GET http://elsewhere/ HTTP/1.1\r\nhost: elsewhere\r\n\r\n",
     )
     responses = out.split(b"HTTP/1.1 ")[1:]
-    assert [r[:3] for r in responses] == [b"200", b"301", b"404", b"404"]
+    assert [r[:3] for r in responses] == [b"200", b"301", b"404", b"502"]  # unknown host: REGISTRY_ONLY
     assert responses[0].endswith(b"\r\n\r\nok")
     assert b"location: http://web/new" in responses[1].lower() or b"location: /new" in responses[1].lower()
     assert b"x-meshctl-reason: no route" in responses[3].lower()

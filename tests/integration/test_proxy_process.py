@@ -16,6 +16,7 @@ from proxy_testkit import (
     MESHCTL,
     cluster,
     config,
+    registry_only,
     curl,
     free_port,
     outbound_listener,
@@ -76,7 +77,7 @@ def test_missing_file_and_busy_port_exit_2(tmp_path, upstream):
 
 def test_admin_ready_config_and_stats(proxy_process, upstream):
     lp = free_port()
-    p = proxy_process(_cfg(upstream.port, lp))
+    p = proxy_process(registry_only(_cfg(upstream.port, lp)))  # unknown hosts: a local 502 NR
     assert httpx.get(p.admin + "/ready").status_code == 200
     cfg = httpx.get(p.admin + "/config").json()
     assert cfg["version"] == "v1"

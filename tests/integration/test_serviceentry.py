@@ -163,3 +163,77 @@ spec:
             assert code == 200 and info["upstream"] == "v1", info
         r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "-H", "end-user: jason", "http://versions.example/y")
         assert json.loads(r.stdout)["upstream"] == "v2"
+
+
+# ------------------------------------------------------------------ outbound traffic policy
+
+def _with_policy(cfg, policy: str):
+    from dataclasses import replace
+
+    return replace(cfg, settings=replace(cfg.settings, outbound_traffic_policy=policy))
+
+
+MESH_ONLY = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: known
+spec:
+  hosts: [known.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, ports: {http: 1}}]
+"""
+
+
+async def test_allow_any_passes_unknown_hosts_through_without_internal_headers(upstream):
+    # Istio's default (ALLOW_ANY): a host no ServiceEntry names is reached directly.
+    lp = free_port()
+    cfg = _proxy_config(MESH_ONLY, lp)
+    assert cfg.settings.outbound_traffic_policy == "ALLOW_ANY"
+    async with running_proxy(cfg) as rt:
+        code, info = await _get(lp, f"http://localhost:{upstream.port}/status/200?x=1")
+        assert code == 200, info
+        assert info["path"] == "/status/200?x=1"
+        names = [k for k, _ in info["headers"]]
+        assert not [n for n in names if n.startswith("x-meshctl-")], names
+        # what the external server saw, as it recorded it
+        _, _, headers = upstream.requests[-1]
+        assert not [k for k, _ in headers if k.startswith("x-meshctl-")]
+        metrics = rt.telemetry.render()
+    assert 'destination_service="PassthroughCluster"' in metrics, metrics
+
+
+async def test_registry_only_answers_502_for_unknown_hosts(upstream):
+    lp = free_port()
+    cfg = _with_policy(_proxy_config(MESH_ONLY, lp), "REGISTRY_ONLY")
+    async with running_proxy(cfg) as rt:
+        r = await curl("-si", "-x", f"http://127.0.0.1:{lp}", f"http://localhost:{upstream.port}/")
+        assert r.stdout.startswith(b"HTTP/1.1 502"), r.stdout[:200]
+        assert b"BlackHoleCluster" in r.stdout
+        metrics = rt.telemetry.render()
+    assert upstream.requests == []
+    line = next(l for l in metrics.splitlines() if l.startswith("istio_requests_total{") and "BlackHoleCluster" in l)
+    assert 'response_code="502"' in line and 'response_flags="NR"' in line, line
+
+
+async def test_mesh_external_service_entries_get_no_internal_headers(upstream):
+    lp = free_port()
+    cfg = _proxy_config(f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: ext
+spec:
+  hosts: [ext.example]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {upstream.port}}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1}}]
+""", lp)
+    async with running_proxy(cfg):
+        r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "-H", "x-meshctl-source-workload: forged",
+                       "http://ext.example/h")
+        info = json.loads(r.stdout)
+    names = [k for k, _ in info["headers"]]
+    assert not [n for n in names if n.startswith("x-meshctl-")], names
