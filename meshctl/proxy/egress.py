@@ -11,16 +11,29 @@ never leaves the mesh.
   ``x-meshctl-*`` header: the source identity headers are for the
   destination's sidecar, and there is none outside the mesh.
 
-Not yet: CONNECT tunnels (HTTPS through ``HTTPS_PROXY``) to unknown hosts.
+- HTTPS through ``HTTPS_PROXY`` arrives as ``CONNECT host:443``: ``tunnel``
+  opens a TCP connection to the host (or to an endpoint of the ServiceEntry
+  that names it), answers 200 and relays the bytes as they are (the TLS is
+  the app's, end to end). Under REGISTRY_ONLY an unknown host's CONNECT gets
+  502, as an HTTP request would.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
+
+import trio
 
 from ..core.route import Forward
 from ..model.proxyconfig import Cluster, Endpoint
+from ..model.proxyconfig import cluster_name
+from ..protocol.events import ResponseHead
+from . import stats as F
 from .snapshot import ClusterState, Snapshot
+from .stream import UpstreamConnectError, connect_tcp, relay
+
+log = logging.getLogger("meshctl.proxy")
 
 PASSTHROUGH = "PassthroughCluster"
 BLACKHOLE = "BlackHoleCluster"
@@ -85,3 +98,64 @@ def blackhole_cluster(snap: Snapshot) -> ClusterState:
         cluster = Cluster(name=BLACKHOLE, service=BLACKHOLE, port=0, external=True)
         cs = snap.passthrough[("", 0)] = ClusterState(cluster, snap.stats.cluster(BLACKHOLE))
     return cs
+
+
+def tunnels(snap: Snapshot, route_table: str | None, authority: str) -> bool:
+    """Whether a CONNECT to ``authority`` on the outbound listener is a tunnel to
+    relay (HTTPS to port 443, or any host the mesh does not know), rather than
+    plain HTTP requests to serve through it (a mesh service, as Node's fetch sends)."""
+    if authority.endswith(":443"):
+        return True
+    router = snap.routers.get(route_table) if route_table else None
+    return router is None or router.virtual_host(authority) is None
+
+
+async def tunnel(rt, snap: Snapshot, server, route_table: str | None, authority: str, down) -> None:
+    """Serve one ``CONNECT authority`` on the outbound listener to its end."""
+    target = split_authority(authority, 443)
+    router = snap.routers.get(route_table) if route_table else None
+    cs = snap.clusters.get(cluster_name(target[0], target[1])) if target is not None else None
+    known = cs is not None or (router is not None and router.virtual_host(authority) is not None)
+    status, flag, why = 200, "", ""
+    address: tuple[str, int] | None = None
+    if target is None:
+        status, flag, why = 400, F.NR, f"bad CONNECT target {authority!r}"
+    elif known:
+        if cs is None:  # the host is known by a short or rewritten name: connect to it as named
+            address = target
+        elif cs.healthy:
+            ep = cs.healthy[rt.rand.randrange(len(cs.healthy))]
+            address = (ep.address, ep.port)
+        else:
+            status, flag, why = 503, F.UH, f"no healthy upstream for {cs.name}"
+    elif snap.settings.outbound_traffic_policy == "REGISTRY_ONLY":
+        status, flag, why = 502, F.NR, f"{BLACKHOLE}: {authority} is not in the mesh's registry"
+    else:
+        address = target
+    up = None
+    if address is not None:
+        try:
+            with trio.fail_after(float(snap.settings.connect_timeout)):
+                up = await connect_tcp(address[0], address[1])
+        except (UpstreamConnectError, trio.TooSlowError) as exc:
+            status, flag, why = 503, F.UF, f"connect to {address[0]}:{address[1]} failed: {exc}"
+    if up is None:
+        rt.stats.flag(flag)
+        log.info("CONNECT %s -> %d %s %s", authority, status, flag, why)
+        body = (why + "\n").encode()
+        headers = [("content-type", "text/plain"), ("content-length", str(len(body))), ("connection", "close")]
+        try:
+            await down.send_all(server.response_head(ResponseHead(status, headers)) + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return
+    try:
+        await down.send_all(server.response_head(ResponseHead(200, [], reason="Connection established")))
+        left = server.upgrade_accepted()
+        if left:
+            await up.send_all(left)
+        await relay(down, up)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        up.close_now()

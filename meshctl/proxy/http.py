@@ -959,7 +959,14 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                     break
                 if ev is None or type(ev) is not RequestHead:
                     break
-                if ev.upgrade == "connect" and active_listener.spec.direction == "outbound" and not ev.authority.endswith(":443"):
+                if ev.upgrade == "connect" and active_listener.spec.direction == "outbound" and egress.tunnels(
+                        rt.snapshot, active_listener.spec.route_table, ev.authority):
+                    # HTTPS through HTTPS_PROXY, or a host outside the mesh: a TCP tunnel (egress.py)
+                    if type(reader.peek()) is EndOfMessage:
+                        reader.pos += 1
+                    await egress.tunnel(rt, rt.snapshot, server, active_listener.spec.route_table, ev.authority, stream)
+                    break
+                if ev.upgrade == "connect" and active_listener.spec.direction == "outbound":
                     # Node's fetch with NODE_USE_ENV_PROXY=1 tunnels plain-HTTP requests too
                     # (CONNECT backend:9080): accept, and serve what comes through the tunnel
                     # as requests made to this listener, routed by their Host.

@@ -237,3 +237,40 @@ spec:
         info = json.loads(r.stdout)
     names = [k for k, _ in info["headers"]]
     assert not [n for n in names if n.startswith("x-meshctl-")], names
+
+
+async def test_connect_tunnels_to_unknown_hosts_under_allow_any_and_not_under_registry_only(upstream):
+    # HTTPS_PROXY clients (curl -p here) open a CONNECT tunnel; the proxy relays the bytes.
+    lp = free_port()
+    cfg = _proxy_config(MESH_ONLY, lp)
+    async with running_proxy(cfg):
+        r = await curl("-s", "-p", "-x", f"http://127.0.0.1:{lp}", f"http://localhost:{upstream.port}/tunnelled")
+        info = json.loads(r.stdout)
+        assert info["path"] == "/tunnelled"
+        assert not [k for k, _ in info["headers"] if k.startswith("x-meshctl-")]
+    lp = free_port()
+    async with running_proxy(_with_policy(_proxy_config(MESH_ONLY, lp), "REGISTRY_ONLY")):
+        r = await curl("-s", "-v", "-p", "-x", f"http://127.0.0.1:{lp}", f"http://localhost:{upstream.port}/no")
+        assert r.returncode != 0
+        assert b"HTTP/1.1 502" in r.stderr, r.stderr[-500:]
+    assert [p for _, p, _ in upstream.requests] == ["/tunnelled"]
+
+
+async def test_connect_to_a_service_entry_host_reaches_its_endpoint(upstream):
+    lp = free_port()
+    cfg = _with_policy(_proxy_config(f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: secure
+spec:
+  hosts: [secure.example]
+  ports: [{{number: 443, name: tls, protocol: TLS, targetPort: {upstream.port}}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1}}]
+""", lp), "REGISTRY_ONLY")
+    async with running_proxy(cfg):
+        # the entry's host is known, so even REGISTRY_ONLY lets the tunnel through
+        r = await curl("-s", "-p", "-x", f"http://127.0.0.1:{lp}", "--connect-to", "secure.example:443:secure.example:443",
+                       "http://secure.example:443/inside")
+        assert json.loads(r.stdout)["path"] == "/inside", r
