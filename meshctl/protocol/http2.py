@@ -51,7 +51,12 @@ Rules this module keeps
   client before any response head, or refused for opening past
   ``max_concurrent_streams``, within ``rapid_reset_window`` seconds
   (CVE-2023-44487); more than ``max_consecutive_empty_frames`` empty DATA
-  frames in a row (CVE-2019-9518).
+  frames in a row (CVE-2019-9518); as Envoy, more PRIORITY (and unknown-type)
+  frames than ``max_inbound_priority_frames_per_stream`` x (1 + streams
+  opened), more WINDOW_UPDATEs than
+  ``max_inbound_window_update_frames_per_data_frame_sent`` x (1 + DATA frames
+  sent), and more than ``max_inbound_control_frames_per_window`` PING/SETTINGS
+  frames per ``control_frame_window`` seconds even when their ACKs are sent.
 * A response that completes while its request is still open is followed by
   RST_STREAM(NO_ERROR) (RFC 9113 8.1), so the client stops sending.
 * GOAWAY both ways is graceful: h2 itself treats any GOAWAY as the end of the
@@ -137,6 +142,14 @@ class H2Limits:
     rapid_reset_window: float = 10.0
     max_queued_control_frames: int = 1000  # PING/SETTINGS ACK (and RST_STREAM) flood cap
     max_consecutive_empty_frames: int = 1  # empty DATA frames in a row (CVE-2019-9518), as Envoy
+    # frames that cost work and carry nothing for a stream (Envoy's names and defaults):
+    # PRIORITY (and unknown/extension frames) over the connection's life, per stream opened
+    max_inbound_priority_frames_per_stream: int = 100
+    # WINDOW_UPDATE per DATA frame we sent
+    max_inbound_window_update_frames_per_data_frame_sent: int = 10
+    # PING and SETTINGS, even when their ACKs are handed out at once: per control window
+    max_inbound_control_frames_per_window: int = 10_000
+    control_frame_window: float = 10.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -157,6 +170,11 @@ class H2Limits:
         need(self.rapid_reset_window > 0, "rapid_reset_window must be > 0")
         need(self.max_queued_control_frames >= 1, "max_queued_control_frames must be >= 1")
         need(self.max_consecutive_empty_frames >= 0, "max_consecutive_empty_frames must be >= 0")
+        need(self.max_inbound_priority_frames_per_stream >= 1, "max_inbound_priority_frames_per_stream must be >= 1")
+        need(self.max_inbound_window_update_frames_per_data_frame_sent >= 1,
+             "max_inbound_window_update_frames_per_data_frame_sent must be >= 1")
+        need(self.max_inbound_control_frames_per_window >= 1, "max_inbound_control_frames_per_window must be >= 1")
+        need(self.control_frame_window > 0, "control_frame_window must be > 0")
 
 
 _DEFAULT_LIMITS = H2Limits()
@@ -305,6 +323,37 @@ class _Conn(H2Connection):
             ep._count_premature_reset()
         return [RstStreamFrame(sid, error_code=ErrorCodes.REFUSED_STREAM)], []
 
+    # -- flood accounting (Envoy's per-connection frame budgets); each raises
+    # DenialOfServiceError, which feed() turns into GOAWAY(ENHANCE_YOUR_CALM)
+    def _receive_priority_frame(self, frame):  # type: ignore[no-untyped-def]
+        self._mesh._idle_frame("PRIORITY")
+        return super()._receive_priority_frame(frame)
+
+    def _receive_unknown_frame(self, frame):  # type: ignore[no-untyped-def]
+        self._mesh._idle_frame("unknown-type")
+        return super()._receive_unknown_frame(frame)
+
+    def _receive_window_update_frame(self, frame):  # type: ignore[no-untyped-def]
+        ep = self._mesh
+        ep._window_updates += 1
+        lim = ep._limits.max_inbound_window_update_frames_per_data_frame_sent
+        if ep._window_updates > lim * (1 + ep._data_frames_sent):
+            raise _Flood(f"WINDOW_UPDATE flood: {ep._window_updates} WINDOW_UPDATE frames for "
+                         f"{ep._data_frames_sent} DATA frames sent (limit {lim} per DATA frame)")
+        return super()._receive_window_update_frame(frame)
+
+    def _receive_ping_frame(self, frame):  # type: ignore[no-untyped-def]
+        self._mesh._control_frame("PING")
+        return super()._receive_ping_frame(frame)
+
+    def _receive_settings_frame(self, frame):  # type: ignore[no-untyped-def]
+        self._mesh._control_frame("SETTINGS")
+        return super()._receive_settings_frame(frame)
+
+    def send_data(self, stream_id, data, end_stream=False, pad_length=None):  # type: ignore[no-untyped-def]
+        self._mesh._data_frames_sent += 1  # every caller sends at most one frame's worth
+        return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+
     def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
         ev = ConnectionTerminated()
         try:
@@ -314,6 +363,10 @@ class _Conn(H2Connection):
         ev.last_stream_id = frame.last_stream_id
         ev.additional_data = frame.additional_data or None
         return [], [ev]
+
+
+class _Flood(DenialOfServiceError):
+    """A frame budget exceeded: the connection ends with GOAWAY(ENHANCE_YOUR_CALM)."""
 
 
 class _Stream:
@@ -376,6 +429,13 @@ class _Endpoint:
         self._ctl = 0  # control frames queued since bytes were last handed out
         self._resets: deque[float] = deque()
         self._empty = 0  # consecutive empty DATA frames without END_STREAM
+        # frame budgets (H2Limits.max_inbound_*): what the peer sent, what earns it more
+        self._idle_frames = 0  # PRIORITY and unknown frames
+        self._window_updates = 0
+        self._data_frames_sent = 0
+        self._heads = 0  # streams the peer opened (server) or answered (client)
+        self._ctl_in = 0  # PING/SETTINGS in the current control window
+        self._ctl_since = -1.0
         self.refused_streams = 0  # streams refused with REFUSED_STREAM (for stats)
 
     # ------------------------------------------------------------ output
@@ -417,6 +477,10 @@ class _Endpoint:
             self._initiate()
         try:
             h2events = self._conn.receive_data(data)
+        except _Flood as exc:
+            self._conn.clear_outbound_data_buffer()
+            self._pending.clear()
+            self._fail(f"{exc} from the {self._who}", exc, calm=True)
         except H2Error as exc:
             self._fail(f"HTTP/2 protocol error from the {self._who}: {exc}", exc)
         events: list[H2Event] = []
@@ -452,6 +516,7 @@ class _Endpoint:
                 if st.local_done:
                     self._forget(ev.stream_id, st)
             elif t is RequestReceived or t is ResponseReceived or t is InformationalResponseReceived:
+                self._heads += 1
                 self._on_head(ev, events)
             elif t is _H2WindowUpdated or t is RemoteSettingsChanged:
                 if t is RemoteSettingsChanged:
@@ -484,6 +549,25 @@ class _Endpoint:
                     del self._blocked[sid]
                     events.append(WindowUpdated(sid))
         return events
+
+    def _idle_frame(self, what: str) -> None:
+        self._idle_frames += 1
+        lim = self._limits.max_inbound_priority_frames_per_stream
+        opened = self._heads + len(self._conn.streams)
+        if self._idle_frames > lim * (1 + opened):
+            raise _Flood(f"{what} frame flood: {self._idle_frames} PRIORITY/unknown frames for "
+                         f"{opened} streams (limit {lim} per stream)")
+
+    def _control_frame(self, what: str) -> None:
+        now = self._now()
+        lim = self._limits
+        if now - self._ctl_since > lim.control_frame_window:
+            self._ctl_since = now
+            self._ctl_in = 0
+        self._ctl_in += 1
+        if self._ctl_in > lim.max_inbound_control_frames_per_window:
+            raise _Flood(f"{what} flood: more than {lim.max_inbound_control_frames_per_window} PING/SETTINGS "
+                         f"frames within {lim.control_frame_window:g}s")
 
     def feed_eof(self) -> list[H2Event]:
         """The peer closed the connection: an H2Reset for every stream still open."""

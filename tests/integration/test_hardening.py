@@ -303,3 +303,95 @@ async def test_dribbled_request_body_gets_408_after_request_timeout(upstream):
     assert out.startswith(b"HTTP/1.1 408"), out[:200]
     assert 0.9 < took < 2.0, took
     assert b'"received": 0' in r.stdout or r.returncode == 0
+
+
+# ------------------------------------------------------------------ item 5: HTTP/2 frame floods
+
+
+def _h2_flood(port: int, frame: bytes, seconds: float) -> tuple[int | None, int, float]:
+    """An attacking HTTP/2 client (the h2 library): preface and SETTINGS, then
+    ``frame`` over and over for up to ``seconds``. Returns (GOAWAY error code
+    or None, frames sent, seconds until the proxy closed)."""
+    from hyperframe.frame import Frame
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(conn.data_to_send())
+    burst = frame * 1000
+    sent = 0
+    t0 = time.monotonic()
+    s.setblocking(False)
+    got = b""
+    closed = False
+    while time.monotonic() - t0 < seconds and not closed:
+        try:
+            s.send(burst)
+            sent += 1000
+        except BlockingIOError:
+            time.sleep(0.001)
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    closed = True
+                    break
+                got += d
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            closed = True
+    took = time.monotonic() - t0
+    s.close()
+    code = None
+    buf = memoryview(got)
+    while len(buf) >= 9:  # walk the frames the proxy sent, find its GOAWAY
+        f, length = Frame.parse_frame_header(buf[:9])
+        f.parse_body(buf[9:9 + length])
+        if f.type == 0x7:
+            code = f.error_code
+        buf = buf[9 + length:]
+    return code, sent, took
+
+
+def _p50_latency(port: int, n: int) -> float:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.settimeout(10)
+    times = []
+    for _ in range(n):
+        t = time.monotonic()
+        s.sendall(b"GET /public HTTP/1.1\r\nhost: a\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+            got += s.recv(65536)
+        times.append(time.monotonic() - t)
+        time.sleep(0.02)
+    s.close()
+    return sorted(times)[n // 2]
+
+
+@pytest.mark.parametrize("kind", ["WINDOW_UPDATE", "PRIORITY"])
+async def test_h2_window_update_and_priority_floods_end_in_goaway_calm(upstream, kind):
+    from hyperframe.frame import PriorityFrame, WindowUpdateFrame
+
+    frame = (WindowUpdateFrame(0, window_increment=1) if kind == "WINDOW_UPDATE"
+             else PriorityFrame(3, depends_on=1, stream_weight=16)).serialize()
+    lp, cfg = _inbound_cfg(upstream.port)
+    async with running_proxy(cfg):
+        base = await trio.to_thread.run_sync(_p50_latency, lp, 20)
+        async with trio.open_nursery() as n:
+            result: list = []
+
+            async def attack() -> None:
+                result.append(await trio.to_thread.run_sync(_h2_flood, lp, frame, 8.0))
+
+            n.start_soon(attack)
+            await trio.sleep(0.2)
+            during = await trio.to_thread.run_sync(_p50_latency, lp, 20)
+    code, sent, took = result[0]
+    assert code == 11, (code, sent, took)  # ENHANCE_YOUR_CALM
+    assert took < 2.0, took
+    assert during < max(0.05, 5 * base), (base, during)
