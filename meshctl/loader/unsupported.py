@@ -189,8 +189,8 @@ FIELDS: dict[str, dict[str, Entry]] = {
     },
     "AuthorizationPolicy": {
         "spec.selector": H("tests/unit/test_authz.py"),
-        "spec.action": R("external authorization", refused=("CUSTOM",)),
-        "spec.provider": R("external authorization"),
+        "spec.action": H("tests/integration/test_ext_authz.py"),
+        "spec.provider": H("tests/integration/test_ext_authz.py"),
         "spec.rules": H("tests/unit/test_authz.py"),
         "spec.rules[].from[].source.requestPrincipals": H("tests/e2e/test_jwt.py"),
         "spec.rules[].from[].source.notRequestPrincipals": H("tests/unit/test_authz.py"),

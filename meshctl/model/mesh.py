@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import EMPTY, Duration, FrozenDict
+from .proxyconfig import ExtensionProvider
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class MeshSettings:
     max_connections: int = 0  # per listener; 0: from the open-file limit
     drain_duration: Duration = Duration(5.0)  # serving after SIGTERM (Istio terminationDrainDuration)
     outbound_traffic_policy: str = "ALLOW_ANY"  # Istio meshConfig.outboundTrafficPolicy.mode (or REGISTRY_ONLY)
+    extension_providers: tuple[ExtensionProvider, ...] = ()  # Istio meshConfig.extensionProviders (ext-authz HTTP)
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,38 @@ class Workload:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtAuthzBody:
+    max_request_bytes: int | None = None
+    allow_partial_message: bool | None = None
+    pack_as_bytes: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyExtAuthzHttp:
+    """Istio's meshConfig extensionProviders[].envoyExtAuthzHttp: an HTTP authorization
+    service (Envoy's ext_authz HTTP contract) for AuthorizationPolicy action CUSTOM."""
+
+    service: str = ""  # host name or address the proxies reach it at
+    port: int = 0
+    timeout: Duration | None = None  # Istio's default 600s
+    path_prefix: str | None = None
+    fail_open: bool = False
+    status_on_error: str | None = None  # default 403
+    include_request_headers_in_check: tuple[str, ...] = ()  # exact, prefix*, *suffix
+    include_additional_headers_in_check: FrozenDict[str, str] = EMPTY
+    headers_to_upstream_on_allow: tuple[str, ...] = ()
+    headers_to_downstream_on_deny: tuple[str, ...] = ()
+    headers_to_downstream_on_allow: tuple[str, ...] = ()  # refused by name (settings_problems)
+    include_request_body_in_check: ExtAuthzBody | None = None  # refused by name (settings_problems)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionProvider:
+    name: str = ""
+    envoy_ext_authz_http: EnvoyExtAuthzHttp | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Limits and timeouts; defaults follow Envoy's and Istio's where they have one."""
 
@@ -152,6 +184,8 @@ class Settings:
     # Istio meshConfig.outboundTrafficPolicy.mode: hosts the mesh does not know pass
     # through (ALLOW_ANY) or get 502 (REGISTRY_ONLY); see proxy/egress.py
     outbound_traffic_policy: str = "ALLOW_ANY"
+    # Istio meshConfig extensionProviders: external authorizers for AuthorizationPolicy CUSTOM
+    extension_providers: tuple[ExtensionProvider, ...] = ()
     # Istio's default retry policy where a route sets none.
     default_retry_attempts: int = 2
     default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -175,6 +209,30 @@ def settings_problems(s: Settings) -> list[tuple[str, str]]:
             out.append((f"upgradeTypes[{i}]", f"{t!r}: meshctl relays only {', '.join(UPGRADE_TYPES)}"))
     if s.outbound_traffic_policy not in OUTBOUND_TRAFFIC_POLICIES:
         out.append(("outboundTrafficPolicy", f"{s.outbound_traffic_policy!r} is not one of {', '.join(OUTBOUND_TRAFFIC_POLICIES)}"))
+    names: set[str] = set()
+    for i, p in enumerate(s.extension_providers):
+        where = f"extensionProviders[{i}]"
+        if not p.name:
+            out.append((f"{where}.name", "name is required"))
+        elif p.name in names:
+            out.append((f"{where}.name", f"provider {p.name!r} is defined twice"))
+        names.add(p.name)
+        e = p.envoy_ext_authz_http
+        if e is None:
+            out.append((where, "envoyExtAuthzHttp is required (meshctl implements only HTTP external authorizers)"))
+            continue
+        if not e.service:
+            out.append((f"{where}.envoyExtAuthzHttp.service", "service is required"))
+        if not 1 <= e.port <= 65535:
+            out.append((f"{where}.envoyExtAuthzHttp.port", "port 1-65535 is required"))
+        if e.headers_to_downstream_on_allow:
+            out.append((f"{where}.envoyExtAuthzHttp.headersToDownstreamOnAllow",
+                        "meshctl does not implement headersToDownstreamOnAllow yet"))
+        if e.include_request_body_in_check is not None:
+            out.append((f"{where}.envoyExtAuthzHttp.includeRequestBodyInCheck",
+                        "meshctl does not implement includeRequestBodyInCheck yet"))
+        if e.status_on_error is not None and not (e.status_on_error.isdigit() and 200 <= int(e.status_on_error) <= 599):
+            out.append((f"{where}.envoyExtAuthzHttp.statusOnError", f"{e.status_on_error!r} is not an HTTP status"))
     if s.max_connections < 0:
         out.append(("maxConnections", "must be >= 0 (0: derived from the open-file limit)"))
     for name in ("request_timeout", "drain_duration"):

@@ -36,7 +36,7 @@ from typing import Protocol
 import trio
 
 from ..core.balance import PickContext
-from ..core.authz import AuthzRequest, RequestAuth, authorize
+from ..core.authz import AuthzRequest, RequestAuth, authorize, custom_check
 from ..core.fault import decide_fault
 from ..core.outlier import LOCAL_FAILURES
 from ..core.pathnorm import PathRejected, normalize_path
@@ -381,13 +381,21 @@ class AuthzStage:
         head = rq.head
         lst = rq.listener
         gateway = lst.direction == "gateway"
-        d = authorize(policies, AuthzRequest(
+        areq = AuthzRequest(
             method=head.method, path=head.path, host=head.authority,
             port=(lst.service_port or lst.port) if gateway else (lst.app_port or lst.port),
             headers=rq.headers, source_principal=getattr(rq.down, "peer_id", None), source_ip=rq.client_ip,
             remote_ip=trusted_client_address(head.headers, rq.client_ip, lst.trusted_proxies) if gateway else None,
             auth=rq.auth,
-        ))
+        )
+        custom = custom_check(policies, areq)
+        if custom is not None:  # CUSTOM first: the external authorizer (proxy/extauthz.py)
+            from .extauthz import run_custom
+
+            reply = await run_custom(rq, custom[0], custom[1])
+            if reply is not None:
+                return reply
+        d = authorize(policies, areq)
         if d.allowed:
             return None
         rq.detail = d.reason

@@ -33,6 +33,7 @@ import trio
 from ..model.proxyconfig import Listener, ProxyConfig
 from .admin import serve_admin
 from .identity import secure_inbound
+from .extauthz import ExtAuthzClient
 from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
 from .limits import commit_limiters
 from .pool import UpstreamPool
@@ -88,6 +89,7 @@ class ProxyRuntime:
         self.telemetry = Telemetry()  # Istio metrics (telemetry.py)
         self.access_log: AccessLog | None = None  # set before run() to log requests
         self.ratelimits = RateLimits()  # RateLimit resources; .mixer_url for global quotas
+        self.ext_authz = ExtAuthzClient()  # AuthorizationPolicy CUSTOM (proxy/extauthz.py)
         self.snapshot: Snapshot | None = None
         self.listeners: dict[str, ActiveListener] = {}
         self.conns: set[ConnState] = set()

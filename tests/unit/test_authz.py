@@ -9,6 +9,7 @@ from meshctl.core.authz import (
     RequestAuth,
     applicable,
     authorize,
+    custom_check,
     normalize_path,
     selector_matches,
     validate_policy,
@@ -148,10 +149,14 @@ def test_audit_marks_but_never_decides():
     assert decide(policies, "reviews", "GET").audit == ()
 
 
-def test_custom_is_skipped_with_a_note():
-    pol = AuthorizationPolicy(action="CUSTOM", rules=(MATCH_ALL,), provider=FrozenDict(name="ext-authz"))
-    d = decide([("default", "ext", pol)], "reviews")
-    assert d.allowed and "CUSTOM policies skipped" in d.reason and "default/ext" in d.reason
+def test_custom_policies_name_their_provider_when_they_match_and_stay_out_of_authorize():
+    # Istio's ext-authz task: CUSTOM for paths ["/headers"] only
+    pol = AuthorizationPolicy(action="CUSTOM", rules=(_op(paths=("/headers",)),), provider=FrozenDict(name="sample-ext-authz-http"))
+    policies = applicable([("default", "ext-authz", pol)], "default", {"app": "httpbin"})
+    req = lambda path: AuthzRequest("GET", path, "httpbin:8000", 8000)  # noqa: E731
+    assert custom_check(policies, req("/headers")) == ("sample-ext-authz-http", "default/ext-authz")
+    assert custom_check(policies, req("/ip")) is None
+    assert authorize(policies, req("/headers")).allowed  # the authorizer decides, not authorize()
 
 
 def test_selector_and_namespace_scoping():
