@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from .common import StateDirOption, console, fail, serve_forever
+from .common import StateDirOption, Table, console, fail, serve_forever
 
 app = typer.Typer(help="Citadel: the mesh's CA, workload certificates and bootstrap tokens.", no_args_is_help=True)
 
@@ -159,10 +158,15 @@ def status(
     if not issued:
         console.print("no certificates issued yet")
         return
-    table = Table("IDENTITY", "SERIAL", "EXPIRES", "LEFT", "HOW")
+    console.print(identities_table(issued, now))
+
+
+def identities_table(issued: dict, now) -> Table:
+    """Issued certificates, one row each; identities wrap rather than being cut."""
+    table = Table("IDENTITY", "SERIAL", "EXPIRES", "LEFT", "HOW", box=None)
     for rec in sorted(issued.values(), key=lambda r: r["spiffe_id"]):
         table.add_row(rec["spiffe_id"], rec["serial"][:16], rec["not_after"][:19], _left(rec["not_after"], now), rec["how"])
-    console.print(table)
+    return table
 
 
 @app.command("rotate-root")

@@ -9,6 +9,7 @@ from typing import Any, NoReturn, Optional
 import httpx
 import typer
 from rich.console import Console
+from rich.table import Table as _RichTable
 
 from ..state import ENV_VAR, StateDirNotFound, read_control, require_state_dir
 
@@ -18,6 +19,15 @@ err_console = Console(stderr=True)
 StateDirOption = typer.Option(
     None, "--state-dir", envvar=ENV_VAR, help="Mesh state directory (default: .meshctl/ here or in a parent)."
 )
+
+
+class Table(_RichTable):
+    """rich's Table whose cells wrap when the terminal is narrow: a long name (a gateway,
+    a SPIFFE identity) folds onto a second line instead of being cut to 'istio-ingressga…'."""
+
+    def add_column(self, header="", *args: Any, **kw: Any) -> None:
+        kw.setdefault("overflow", "fold")
+        super().add_column(header, *args, **kw)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

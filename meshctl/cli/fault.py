@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from ..loader.codec import from_data
 from ..model.proxyconfig import fqdn
@@ -35,7 +34,7 @@ from ..pilot.faults import (
 )
 from ..pilot.store import RuleStore, StoreError
 from ..registry.base import Instance
-from .common import StateDirOption, call, console, control_url, err_console, fail, state_dir
+from .common import StateDirOption, Table, call, console, control_url, err_console, fail, state_dir
 
 VERBS = ("list", "clear")
 

@@ -12,11 +12,11 @@ from typing import Optional
 
 import trio
 import typer
-from rich.table import Table
+from rich.console import Console
 
 from ..loader.codec import LoadError
 from ..state import ENV_VAR, STATE_DIR_NAME, find_state_dir, remember_current
-from .common import StateDirOption, console, err_console, fail, first_exception
+from .common import StateDirOption, Table, console, err_console, fail, first_exception
 
 
 def register(root: typer.Typer) -> None:
@@ -63,7 +63,8 @@ def _short(address: str) -> str:
     return address[len("127.0.0.1"):] if address.startswith("127.0.0.1:") else address
 
 
-def print_table(st: dict) -> None:
+def print_table(st: dict, out: Console | None = None) -> None:
+    out = out or console
     t = Table("WORKLOAD", "VERSION", "STATE", "APP", "INBOUND", "OUTBOUND", "ADMIN", "RESTARTS", box=None,
               caption="ports on 127.0.0.1; apps reach the mesh with HTTP_PROXY=OUTBOUND", caption_justify="left")
     colours = {"ready": "green", "starting": "yellow", "unhealthy": "red", "restarting": "red", "stopped": "dim"}
@@ -71,13 +72,18 @@ def print_table(st: dict) -> None:
         c = colours.get(w["state"], "white")
         t.add_row(w["name"], w["version"], f"[{c}]{w['state']}[/]", _short(w["app_address"]), _short(w["inbound_address"]),
                   _short(w["outbound_address"]), _short(w["admin_address"]), str(w.get("restarts", 0)))
-    console.print(t)
+    out.print(t)
+    # What the restarts were about (the JSON's last_event), one line each, so the
+    # table needs no column for it.
+    for w in st.get("workloads", []):
+        if w.get("last_event") and (w.get("restarts") or w["state"] != "ready"):
+            out.print(f"{w['name']}: {w['last_event']}", style="yellow", highlight=False, soft_wrap=False)
     if st.get("gateways"):
         g = Table("GATEWAY", "ADDRESS", "STATE", box=None)
         for gw in st["gateways"]:
             mapping = ", ".join(f"{gp}→127.0.0.1:{hp}" for gp, hp in gw.get("ports", {}).items())
             g.add_row(gw["name"], mapping or gw["address"], gw["state"])
-        console.print(g)
+        out.print(g)
     cp = st.get("control_plane", {})
     reg = st.get("registry", {})
     line = f"pilot {cp.get('pilot') or '-'} · registry {reg.get('url', '-')}"
@@ -85,7 +91,7 @@ def print_table(st: dict) -> None:
         line += f" · citadel {cp['citadel']['url']}"
     if reg and not reg.get("reachable", True):
         line += f" [red](unreachable: {reg.get('error', '')})[/]"
-    console.print(line, style="dim")
+    out.print(line, style="dim")
 
 
 def up(

@@ -107,29 +107,45 @@ def filter_rows(rows: list[dict], service: Optional[str]) -> list[dict]:
             or r["service"].split(".", 1)[0] == service]
 
 
-def render_top(data: dict, *, sort: str = "rps", service: Optional[str] = None, title: str = ""):
-    """A rich renderable for `top`/`stat` from Mixer's /v1/top answer (fits 80 columns)."""
+def render_top(data: dict, *, sort: str = "rps", service: Optional[str] = None, title: str = "", width: int = 80):
+    """A rich renderable for `top`/`stat` from Mixer's /v1/top answer, ``width`` columns
+    wide at most: long service names first take the room of the RL, UO, EJECT and CONN
+    columns where every row has 0, then wrap; a name is never cut."""
     rows = sort_rows(filter_rows(data.get("rows", []), service), sort)
+    name_w = max([len("SERVICE"), *(len(_short(r["service"])) for r in rows)])
+    ver_w = max([len("VER"), *(len(r["version"]) for r in rows)])
+    numbers = [("RPS", 6), ("SUCC", 5), ("P50", 6), ("P90", 6), ("P99", 6), ("CONN", 4), ("EJECT", 5), ("UO", 4), ("RL", 5)]
+
+    def others() -> int:  # the width of every column but SERVICE, with the one-space gaps
+        return ver_w + sum(w for _, w in numbers) + len(numbers) + 1
+
+    zero = {"RL": "rate_limited", "UO": "overflows", "EJECT": "ejected_hosts", "CONN": "active_connections"}
+    for drop, key in zero.items():  # columns that say nothing (all zero) make room first
+        if name_w + others() <= width:
+            break
+        if not any(r[key] for r in rows):
+            numbers = [c for c in numbers if c[0] != drop]
     t = Table(box=None, padding=(0, 0, 0, 1), pad_edge=False, header_style="bold", expand=False)
-    t.add_column("SERVICE", max_width=14, no_wrap=True, overflow="ellipsis")
-    t.add_column("VER", max_width=6, no_wrap=True, overflow="ellipsis")
-    # 14+6 + 6+5+6+6+6+4+5+4+5 + 10 gaps = 77 columns at most
-    for name, width in (("RPS", 6), ("SUCC", 5), ("P50", 6), ("P90", 6), ("P99", 6), ("CONN", 4), ("EJECT", 5),
-                        ("UO", 4), ("RL", 5)):
-        t.add_column(name, justify="right", no_wrap=True, min_width=width)
+    t.add_column("SERVICE", max_width=max(len("SERVICE"), min(name_w, width - others())), overflow="fold")
+    t.add_column("VER", overflow="fold")
+    for name, w in numbers:
+        t.add_column(name, justify="right", no_wrap=True, min_width=w)
+    kept = [name for name, _ in numbers]
     for r in rows:
         sr = r["success_rate"]
         colour = "green" if sr is None or sr >= 0.99 else ("yellow" if sr >= 0.95 else "red")
-        t.add_row(
-            _short(r["service"]), r["version"], f"{r['rps']:.1f}", Text(_pct(sr), style=colour),
-            _ms(r["p50"]), _ms(r["p90"]), _ms(r["p99"]), str(r["active_connections"]), str(r["ejected_hosts"]),
-            str(r["overflows"]), str(r["rate_limited"]),
-        )
+        cells = {
+            "RPS": f"{r['rps']:.1f}", "SUCC": Text(_pct(sr), style=colour), "P50": _ms(r["p50"]), "P90": _ms(r["p90"]),
+            "P99": _ms(r["p99"]), "CONN": str(r["active_connections"]), "EJECT": str(r["ejected_hosts"]),
+            "UO": str(r["overflows"]), "RL": str(r["rate_limited"]),
+        }
+        t.add_row(_short(r["service"]), r["version"], *(cells[k] for k in kept))
     covered = data.get("covered", 0.0)
     head = Text(title or f"window {data.get('window', 0):g}s (covered {covered:.0f}s), "
                 f"{data.get('targets', 0)} sidecars, sort: {sort}", style="dim")
-    legend = Text("SUCC success rate, CONN active connections, EJECT ejected hosts, UO overflows "
-                  "(circuit breaker), RL rate-limited", style="dim")
+    meaning = {"SUCC": "SUCC success rate", "CONN": "CONN active connections", "EJECT": "EJECT ejected hosts",
+               "UO": "UO overflows (circuit breaker)", "RL": "RL rate-limited"}
+    legend = Text(", ".join(meaning[k] for k in kept if k in meaning), style="dim")
     parts = [head, t, legend]
     if not rows:
         parts.append(Text("no traffic seen yet" if not service else f"no traffic for {service}", style="dim"))
@@ -183,7 +199,7 @@ def stat(
         data = dict(data, rows=sort_rows(filter_rows(data.get("rows", []), service), sort))
         print(json.dumps(data, indent=1))
         return
-    console.print(render_top(data, sort=sort, service=service))
+    console.print(render_top(data, sort=sort, service=service, width=console.width))
 
 
 def top(
@@ -203,7 +219,7 @@ def top(
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while not stop.is_set():
                 data = _fetch(url, window)
-                live.update(render_top(data, sort=sort, service=service), refresh=True)
+                live.update(render_top(data, sort=sort, service=service, width=console.width), refresh=True)
                 stop.wait(1.0)
     except KeyboardInterrupt:
         pass

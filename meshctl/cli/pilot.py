@@ -9,7 +9,6 @@ from typing import Optional
 
 import trio
 import typer
-from rich.table import Table
 
 from ..loader.codec import from_data, to_data
 from ..loader.proxyconfig import dump_proxy_config
@@ -19,7 +18,7 @@ from ..pilot.compile import Inputs, Node, compile_proxy
 from ..pilot.store import RuleStore
 from ..registry.base import Instance
 from ..state import write_control
-from .common import StateDirOption, call, console, control_url, fail, serve_forever, state_dir
+from .common import StateDirOption, Table, call, console, control_url, fail, serve_forever, state_dir
 
 app = typer.Typer(help="Pilot: rules + registry → config pushed to every proxy.", no_args_is_help=True)
 

@@ -10,13 +10,12 @@ from urllib.parse import urlsplit
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ..loader.resources import LoadErrors, dump_resources, load_resources
 from ..loader.validate import validate
 from ..model.istio import SPEC_TYPES, Resource
 from ..pilot.store import RuleStore, StoreError
-from .common import StateDirOption, call, console, control_url, err_console, fail, state_dir
+from .common import StateDirOption, Table, call, console, control_url, err_console, fail, state_dir
 
 app = typer.Typer(help="Istio rules: VirtualService, DestinationRule, ServiceEntry, Gateway, ...", no_args_is_help=True)
 
