@@ -44,6 +44,7 @@ from .stats import Stats
 from .telemetry import Telemetry
 from .stream import FastSocketStream, accept, bind_listener
 from .tcp import serve_tcp_connection
+from .overload import FD_ERRNOS, MAX_REFUSING, Condition, default_connection_limit, refuse
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -60,11 +61,13 @@ class ConfigRejected(Exception):
 
 
 class ActiveListener:
-    __slots__ = ("spec", "sock", "chain", "scope", "handler")
+    __slots__ = ("spec", "sock", "chain", "scope", "handler", "active", "overload")
 
     def __init__(self, spec: Listener, sock: socket.socket) -> None:
         self.sock = sock
         self.scope = trio.CancelScope()
+        self.active = 0  # connections accepted and not closed (overload.py's limit)
+        self.overload = Condition(f"listener {spec.name}: connection limit")
         self.set_spec(spec)
 
     def set_spec(self, spec: Listener) -> None:
@@ -103,6 +106,9 @@ class ProxyRuntime:
         self._drained = trio.Event()
         self.admin_port: int | None = None
         self.tls = None  # the sidecar's CertificateHolder when it has an identity (proxy/identity.py)
+        self.default_conn_limit = default_connection_limit()  # from RLIMIT_NOFILE (overload.py)
+        self.refusing = 0
+        self.fd_shortage = Condition("accept")
 
     # ------------------------------------------------------------ helpers
 
@@ -211,9 +217,25 @@ class ProxyRuntime:
                 except (OSError, trio.ClosedResourceError) as exc:
                     if al.sock.fileno() == -1:
                         return
-                    log.warning("listener %s: accept failed: %s", al.spec.name, exc)
+                    if getattr(exc, "errno", None) in FD_ERRNOS:  # out of descriptors: pause (overload.py)
+                        self.fd_shortage.hit(trio.current_time(), f"{exc.strerror}: pausing accepts")
+                    else:
+                        log.warning("listener %s: accept failed: %s", al.spec.name, exc)
                     await trio.sleep(0.1)
                     continue
+                self.fd_shortage.clear()
+                limit = self.snapshot.settings.max_connections or self.default_conn_limit
+                if al.active >= limit:
+                    al.overload.hit(trio.current_time(), f"{al.active} connections open (limit {limit}): "
+                                    "refusing new ones with 503")
+                    if self.refusing < MAX_REFUSING:
+                        nursery.start_soon(self._refuse, sock, al.spec.protocol == "http")
+                    else:
+                        sock.close()
+                    continue
+                if al.overload.on and al.active < limit * 0.9:
+                    al.overload.clear()
+                al.active += 1
                 stream = FastSocketStream(sock)
                 client_ip = addr[0] if isinstance(addr, tuple) else ""
                 nursery.start_soon(self._guard, al, stream, client_ip)
@@ -221,11 +243,30 @@ class ProxyRuntime:
     async def _guard(self, al: ActiveListener, stream: FastSocketStream, client_ip: str) -> None:
         """One connection's task: a bug in it closes that connection, not the proxy."""
         try:
+            await self._guarded(al, stream, client_ip)
+        finally:
+            al.active -= 1
+
+    async def _refuse(self, sock: socket.socket, http: bool) -> None:
+        self.refusing += 1
+        try:
+            await refuse(sock, http)
+        finally:
+            self.refusing -= 1
+
+    async def _guarded(self, al: ActiveListener, stream: FastSocketStream, client_ip: str) -> None:
+        try:
             if al.spec.direction == "inbound" and al.spec.mtls_mode != "DISABLE":
                 stream = await secure_inbound(self, al.spec, stream)  # mTLS by PeerAuthentication
                 if stream is None:
                     return
             await al.handler(self, al, stream, client_ip)
+        except OSError as exc:
+            if exc.errno in FD_ERRNOS:  # one line per condition, no traceback (overload.py)
+                self.fd_shortage.hit(trio.current_time(), f"{exc.strerror} while serving a connection")
+            else:
+                log.exception("listener %s: connection from %s failed", al.spec.name, client_ip)
+            stream.close_now()
         except Exception:
             log.exception("listener %s: connection from %s failed", al.spec.name, client_ip)
             stream.close_now()

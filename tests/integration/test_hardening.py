@@ -16,13 +16,13 @@ import h2.events
 import pytest
 import trio
 
-from meshctl.model.base import Duration
+from meshctl.model.base import Duration, FrozenDict
 from meshctl.model.istio import AuthorizationPolicy, Operation, Rule, RuleTo
 from meshctl.model.proxyconfig import Listener, Settings
 
 from proxy_testkit import config, curl, free_port, running_proxy
 
-pytestmark = pytest.mark.trio
+
 
 
 # ------------------------------------------------------------------ a test app that speaks h2c
@@ -120,7 +120,7 @@ def _inbound_cfg(app_port: int, settings: Settings | None = None):
     inbound = Listener(name="inbound", direction="inbound", address="127.0.0.1", port=lp,
                        app_address="127.0.0.1", app_port=app_port)
     cfg = config(listeners=[inbound], settings=settings)
-    return lp, replace(cfg, authorization=(_deny_admin(),))
+    return lp, replace(cfg, authorization=FrozenDict({"default/deny-admin": _deny_admin()}))
 
 
 def _exchange(port: int, data: bytes, timeout: float = 3.0) -> bytes:
@@ -395,3 +395,94 @@ async def test_h2_window_update_and_priority_floods_end_in_goaway_calm(upstream,
     assert code == 11, (code, sent, took)  # ENHANCE_YOUR_CALM
     assert took < 2.0, took
     assert during < max(0.05, 5 * base), (base, during)
+
+
+# ------------------------------------------------------------------ item 8: overload
+
+
+def _low_nofile_proxy(cfg, workdir, nofile: int):
+    """``meshctl proxy run`` as a child process with RLIMIT_NOFILE lowered to ``nofile``."""
+    import resource
+    import subprocess
+
+    import httpx
+
+    from proxy_testkit import MESHCTL, write_config
+
+    path = write_config(cfg, workdir / "proxy.json")
+    admin = free_port()
+    logf = open(workdir / "proxy.log", "wb")
+    proc = subprocess.Popen(
+        [MESHCTL, "proxy", "run", "--config", str(path), "--admin-port", str(admin)],
+        stdout=logf, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+    deadline = time.monotonic() + 15
+    while True:
+        assert proc.poll() is None, (workdir / "proxy.log").read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=0.5).status_code == 200:
+                return proc, workdir / "proxy.log"
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _request_on(s: socket.socket) -> bytes:
+    """GET on an open keep-alive connection: the response head and body, or b"" if closed."""
+    try:
+        s.sendall(b"GET /public HTTP/1.1\r\nhost: a\r\n\r\n")
+        got = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                return got
+            got += d
+            head, sep, body = got.partition(b"\r\n\r\n")
+            if sep:
+                n = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")), b"0"))
+                if len(body) >= n:
+                    return got
+    except OSError:
+        return b""
+
+
+@pytest.mark.parametrize("limit, nofile, extra", [(40, 256, 120), (0, 256, 400)])
+def test_connection_flood_is_refused_at_the_listener_limit_before_fds_run_out(upstream, tmp_path, limit, nofile, extra):
+    """More connections than the limit (settings.maxConnections, or by default half
+    of RLIMIT_NOFILE after a reserve): the extra ones get 503 with x-meshctl-reason,
+    the ones already open keep working, and the log has one line, no tracebacks."""
+    from meshctl.proxy.overload import default_connection_limit
+
+    lp, cfg = _inbound_cfg(upstream.port, Settings(max_connections=limit))
+    effective = limit or default_connection_limit(nofile)
+    proc, logp = _low_nofile_proxy(cfg, tmp_path, nofile)
+    first: list[socket.socket] = []
+    rest: list[socket.socket] = []
+    try:
+        for _ in range(effective):
+            s = socket.create_connection(("127.0.0.1", lp))
+            s.settimeout(5)
+            assert _request_on(s).startswith(b"HTTP/1.1 200"), "a connection under the limit is served"
+            first.append(s)
+        refused = 0
+        for _ in range(extra):
+            s = socket.create_connection(("127.0.0.1", lp))
+            s.settimeout(5)
+            rest.append(s)
+            out = _request_on(s)
+            assert not out.startswith(b"HTTP/1.1 200")
+            if out.startswith(b"HTTP/1.1 503") and b"x-meshctl-reason: overload: connection limit" in out:
+                refused += 1
+        assert refused >= extra * 0.9, refused
+        for s in first:  # the connections already open keep working
+            assert _request_on(s).startswith(b"HTTP/1.1 200")
+        assert proc.poll() is None
+    finally:
+        for s in first + rest:
+            s.close()
+        proc.terminate()
+        proc.wait(10)
+    text = logp.read_text()
+    assert "Traceback" not in text
+    assert text.count("connection limit") == 1, text[-3000:]

@@ -1,0 +1,103 @@
+"""Overload: a connection limit per listener, and one log line per condition.
+
+Rules (Envoy's listener connection limit and overload manager, simplified):
+
+* Each listener serves at most ``limit`` connections at once: Settings
+  ``max_connections``, or when 0, a default derived from the open-file limit
+  (RLIMIT_NOFILE): half of what is left after ``RESERVED_FDS`` (each
+  downstream connection may need an upstream one), so the proxy stops taking
+  connections before it runs out of descriptors.
+* A connection over the limit is accepted and refused: on an HTTP listener it
+  gets ``503`` with ``x-meshctl-reason: overload: connection limit`` and
+  ``connection: close`` (its request is read first, briefly, so the close does
+  not reset the answer away); on a TCP listener it is closed. At most
+  ``MAX_REFUSING`` refusals are in progress; past that, new ones are closed at once.
+* accept() failing with EMFILE/ENFILE/ENOBUFS/ENOMEM pauses accepting for
+  ``ACCEPT_PAUSE`` s (the kernel keeps the rest in the backlog). No tracebacks.
+* Each condition is logged once when it starts ("... refusing connections")
+  and once when it ends (with how many were refused), and at most once per
+  ``LOG_EVERY`` s while it lasts, never once per connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import socket
+
+import trio
+
+log = logging.getLogger("meshctl.proxy")
+
+RESERVED_FDS = 100  # listeners, admin, logs, config, Pilot/Mixer/Citadel clients, headroom
+MIN_LIMIT = 16
+MAX_REFUSING = 64
+REFUSE_READ_TIMEOUT = 0.5
+ACCEPT_PAUSE = 0.1
+LOG_EVERY = 60.0
+FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+    b"x-meshctl-reason: overload: connection limit\r\ncontent-length: 39\r\n"
+    b"connection: close\r\n\r\noverload: listener connection limit\r\n\r\n"
+)
+
+
+def default_connection_limit(nofile: int | None = None) -> int:
+    """Connections per listener when settings.max_connections is 0."""
+    if nofile is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        nofile = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(MIN_LIMIT, (nofile - RESERVED_FDS) // 2)
+
+
+class Condition:
+    """An overload condition logged once when it starts, rate-limited while it
+    lasts, and once when it ends."""
+
+    __slots__ = ("what", "on", "count", "logged_at")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.on = False
+        self.count = 0
+        self.logged_at = -1e18
+
+    def hit(self, now: float, detail: str) -> None:
+        self.count += 1
+        if not self.on or now - self.logged_at >= LOG_EVERY:
+            log.warning("%s: %s (logged once per %gs while it lasts)", self.what, detail, LOG_EVERY)
+            self.logged_at = now
+        self.on = True
+
+    def clear(self) -> None:
+        if self.on:
+            log.warning("%s: over (%d refused)", self.what, self.count)
+            self.on = False
+            self.count = 0
+
+
+async def refuse(sock: socket.socket, http: bool) -> None:
+    """Answer a connection over the limit (HTTP: 503 after a brief read) and close it."""
+    try:
+        if http:
+            sock.setblocking(False)
+            with trio.move_on_after(REFUSE_READ_TIMEOUT):
+                got = b""
+                while b"\r\n\r\n" not in got and len(got) < 65536:
+                    await trio.lowlevel.wait_readable(sock)
+                    d = sock.recv(65536)
+                    if not d:
+                        break
+                    got += d
+            try:
+                sock.send(REFUSAL)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
