@@ -284,8 +284,13 @@ def load_ca(
     chain_pem: bytes | str | None = None,
     *,
     trust_domain: str | None = None,
+    root_pem: bytes | str | None = None,
 ) -> CA:
     """Load a user-supplied root or intermediate CA and check it can sign.
+
+    ``root_pem`` (Istio's root-cert.pem), when given, is the organisation's
+    root: the chain must end at it (it is appended when the chain stops just
+    below it), so workload certificates chain to it and sidecars trust it.
 
     ``chain_pem`` (Istio's cert-chain.pem) carries the certificates above an
     intermediate up to its self-signed root; it may start with the CA cert
@@ -325,6 +330,17 @@ def load_ca(
     for c in extra:
         if c != cert and c not in chain:
             chain.append(c)
+    if root_pem:
+        raw_root = root_pem.encode() if isinstance(root_pem, str) else root_pem
+        try:
+            roots = x509.load_pem_x509_certificates(raw_root)
+        except ValueError as exc:
+            raise CAError(f"cannot read the root certificate (expected PEM): {exc}") from None
+        if len(roots) != 1 or not is_self_signed(roots[0]):
+            raise CAError("the root certificate (root-cert.pem) must be one self-signed certificate")
+        top = chain[-1] if chain else cert
+        if not is_self_signed(top) and roots[0] not in chain:
+            chain.append(roots[0])
     # the chain must link cert → ... → self-signed root
     below = cert
     for c in chain:
@@ -340,6 +356,11 @@ def load_ca(
         raise CAError(
             f"{describe(below)} is not a self-signed root and no issuer follows it: "
             "pass the chain up to the root (cert-chain.pem)"
+        )
+    if root_pem and below != roots[0]:
+        raise CAError(
+            f"the chain ends at {describe(below)}, not at the root certificate given ({describe(roots[0])}): "
+            "cert-chain.pem and root-cert.pem must be from the same PKI"
         )
     td = trust_domain or _trust_domain_of(cert) or DEFAULT_TRUST_DOMAIN
     return CA(cert=cert, key=key, chain=tuple(chain), trust_domain=td)

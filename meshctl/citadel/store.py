@@ -100,6 +100,7 @@ def init_ca(
     chain: bytes | str | None = None,
     *,
     now: datetime | float | None = None,
+    root: bytes | str | None = None,
 ) -> CA:
     """Create the CA: a new self-signed root, or the user's root/intermediate
     (``cert`` + ``key`` PEM, ``chain`` up to the root for an intermediate).
@@ -116,7 +117,7 @@ def init_ca(
     if (cert is None) != (key is None):
         raise CAError("give both --cert and --key to plug in your own CA, or neither to create a root")
     if cert is not None and key is not None:
-        ca = load_ca(cert, key, chain, trust_domain=trust_domain)
+        ca = load_ca(cert, key, chain, trust_domain=trust_domain, root_pem=root)
         plugged = True
     else:
         ca = create_root(trust_domain or DEFAULT_TRUST_DOMAIN, when)
@@ -226,6 +227,12 @@ def ca_info(state_dir: str | Path, now: datetime | float) -> dict[str, Any]:
         "ca_subject": ca.cert.subject.rfc4514_string(),
         "ca_not_after": ca.cert.not_valid_after_utc.isoformat(),
         "root_subject": ca.root.subject.rfc4514_string(),
+        # the signing CA up to the root: what every workload certificate chains to
+        "chain": [
+            {"subject": c.subject.rfc4514_string(), "not_after": c.not_valid_after_utc.isoformat(),
+             "root": c is ca.root}
+            for c in (ca.cert, *ca.chain)
+        ],
         "old_roots": [e for e in meta.get("old_roots", []) if datetime.fromisoformat(e["retire_after"]) > when],
     }
 

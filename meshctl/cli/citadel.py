@@ -60,21 +60,39 @@ def _read(path: Optional[Path], what: str) -> Optional[bytes]:
 
 @app.command("init")
 def init(
-    cert: Optional[Path] = typer.Option(None, "--cert", help="Your CA certificate (root or intermediate), PEM."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Its private key, PEM, unencrypted."),
-    chain: Optional[Path] = typer.Option(None, "--chain", help="For an intermediate: its issuers up to the root, PEM."),
+    cert: Optional[Path] = typer.Option(
+        None, "--ca-cert", "--cert", help="Your CA certificate, PEM: an intermediate (Istio's ca-cert.pem) or a root."),
+    key: Optional[Path] = typer.Option(None, "--ca-key", "--key", help="Its private key, PEM, unencrypted (ca-key.pem)."),
+    chain: Optional[Path] = typer.Option(
+        None, "--cert-chain", "--chain", help="The CA's chain up to the root, PEM (Istio's cert-chain.pem)."),
+    root_cert: Optional[Path] = typer.Option(
+        None, "--root-cert", help="Your organisation's root, PEM (root-cert.pem): the chain must end there; "
+        "sidecars trust only it."),
+    cacerts: Optional[Path] = typer.Option(
+        None, "--cacerts", help="A directory with Istio's cacerts files: ca-cert.pem, ca-key.pem, root-cert.pem, "
+        "cert-chain.pem."),
     trust_domain: Optional[str] = typer.Option(
         None, "--trust-domain", help="SPIFFE trust domain (default: the plugged CA's, else cluster.local)."
     ),
     state: Optional[str] = StateDirOption,
 ) -> None:
-    """Create the mesh CA: a new root, or plug in your own with --cert/--key."""
+    """Create the mesh CA: a new root, or plug in your own (Istio's plug-in CA: cacerts)."""
     from ..citadel.errors import CitadelError
     from ..citadel.store import ca_dir, init_ca
 
+    if cacerts is not None:
+        if not cacerts.is_dir():
+            fail(f"--cacerts {cacerts}: not a directory")
+        cert = cert or cacerts / "ca-cert.pem"
+        key = key or cacerts / "ca-key.pem"
+        root_cert = root_cert or (cacerts / "root-cert.pem" if (cacerts / "root-cert.pem").exists() else None)
+        chain = chain or (cacerts / "cert-chain.pem" if (cacerts / "cert-chain.pem").exists() else None)
+    if root_cert is not None and cert is None:
+        fail("--root-cert goes with --ca-cert and --ca-key (the CA that signs workload certificates)")
     sd = _state(state, create=True)
     try:
-        ca = init_ca(sd, trust_domain, _read(cert, "--cert"), _read(key, "--key"), _read(chain, "--chain"), now=_now())
+        ca = init_ca(sd, trust_domain, _read(cert, "--ca-cert"), _read(key, "--ca-key"), _read(chain, "--cert-chain"),
+                     now=_now(), root=_read(root_cert, "--root-cert"))
     except CitadelError as e:
         fail(str(e))
     kind = "plugged-in CA" if cert else "new root CA"
@@ -83,6 +101,8 @@ def init(
         f"valid until {ca.cert.not_valid_after_utc:%Y-%m-%d}",
         highlight=False,
     )
+    if cert:
+        console.print(f"workload certificates chain to root {ca.root.subject.rfc4514_string()}", highlight=False)
 
 
 @app.command("serve")
@@ -152,6 +172,9 @@ def status(
         f"({'plugged in' if info['plugged'] else 'generated'}), valid until {info['ca_not_after'][:10]}",
         highlight=False,
     )
+    for i, link in enumerate(info.get("chain", [])):
+        role = "signs workload certificates" if i == 0 else ("root, trusted by sidecars" if link["root"] else "intermediate")
+        console.print(f"  {'└─ ' if i else ''}{link['subject']} (until {link['not_after'][:10]}; {role})", highlight=False)
     for old in info["old_roots"]:
         console.print(f"old root still trusted until {old['retire_after'][:16]}", highlight=False)
     console.print(f"{tokens} bootstrap token(s) outstanding", highlight=False)

@@ -64,4 +64,4 @@ def test_plug_in_your_own_ca(tmp_path):
     r = run("rotate-root", sd=sd)
     assert r.exit_code == 1 and "plugged-in CA" in r.output
     r = run("init", "--cert", str(tmp_path / "missing.pem"), "--key", str(tmp_path / "ca.key"), sd=tmp_path / "x")
-    assert r.exit_code == 1 and "cannot read --cert" in r.output
+    assert r.exit_code == 1 and "cannot read --ca-cert" in r.output

@@ -13,6 +13,7 @@ from meshctl.citadel.identity import verify_peer
 from meshctl.citadel.store import (
     TokenFile,
     ca_dir,
+    ca_info,
     ensure_ca,
     init_ca,
     latest_by_identity,
@@ -60,6 +61,23 @@ def test_plugged_in_intermediate(tmp_path):
     assert trust_bundle_pem(tmp_path, NOW) == root.root_pem
     with pytest.raises(CAError, match="plugged-in CA"):
         rotate_root(tmp_path, NOW)
+
+
+def test_istio_cacerts_root_cert_completes_or_checks_the_chain(tmp_path):
+    root = create_root("example.org", NOW)
+    inter = sign_intermediate(root, NOW)
+    # cert-chain.pem without the root, root-cert.pem separately: the root is appended
+    init_ca(tmp_path / "a", None, cert_to_pem(inter.cert), key_to_pem(inter.key), None, now=NOW, root=root.root_pem)
+    ca = load_ca_from(tmp_path / "a")
+    assert ca.root == root.cert and trust_bundle_pem(tmp_path / "a", NOW) == root.root_pem
+    chain = ca_info(tmp_path / "a", NOW)["chain"]
+    assert [c["root"] for c in chain] == [False, True]
+    # a root from another PKI is refused, and nothing is written
+    other = create_root("example.org", NOW)
+    with pytest.raises(CAError, match="not at the root certificate given"):
+        init_ca(tmp_path / "b", None, cert_to_pem(inter.cert), key_to_pem(inter.key), cert_to_pem(root.cert),
+                now=NOW, root=other.root_pem)
+    assert not (tmp_path / "b" / "ca").exists()
 
 
 def test_plugging_a_bad_ca_writes_nothing(tmp_path):
