@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up and run meshctl's whole test suite on a fresh machine.
 #   bash scripts/test.sh [pytest args]
-# Creates .venv, installs meshctl with its test extras, installs the system
+# Creates .venv, installs meshctl with its test extras, builds dist/meshctl and runs
+# Bookinfo from it (scripts/build-binary.sh, smoke-binary.sh), installs the system
 # tools the tests drive (curl, nginx, wrk, h2load) if missing, builds the real
 # Consul and Eureka servers (cached in ~/.cache/meshctl-tools), then runs pytest.
 set -euo pipefail
@@ -26,6 +27,10 @@ if ((${#need[@]})); then
 fi
 
 bash scripts/tools/all.sh
+
+# The one-file build (dist/meshctl), and Bookinfo run from it with no virtualenv on PATH.
+bash scripts/build-binary.sh
+bash scripts/smoke-binary.sh
 
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -28,6 +28,22 @@ NOUNS = [
     "mixer",
 ]
 
+def _version(value: bool) -> None:
+    if value:
+        from ..launch import version_line
+
+        print(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Version, commit, Python, and compiled or pure mode."),
+) -> None:
+    pass
+
+
 for _noun in NOUNS:
     importlib.import_module(f"meshctl.cli.{_noun}").register(app)
 

@@ -180,6 +180,11 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
     start = log_path.stat().st_size if log_path.exists() else 0
     sys.stdout.flush()
     sys.stderr.flush()
+    from ..launch import FROZEN
+
+    if FROZEN:
+        _follow_detached(sd, log_path, start, *_spawn_detached(sd, log_path, file, registry, consul_token))
+        return
     pid = os.fork()
     if pid == 0:  # the supervisor
         code = 1
@@ -209,6 +214,46 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
     def child_exited() -> bool:
         return os.waitpid(pid, os.WNOHANG)[0] != 0
 
+    _follow_detached(sd, log_path, start, pid, child_exited)
+
+
+def _spawn_detached(sd: Path, log_path: Path, file: Path, registry: Optional[str], consul_token: Optional[str]):
+    """The one-file build cannot fork the supervisor: its files are unpacked for this
+    process and removed when it exits. Start the binary again, as a new instance that
+    unpacks its own (sidecars and control roles, its children, then share them)."""
+    import subprocess
+
+    from ..launch import meshctl_argv
+
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    env["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
+    if consul_token:  # through the environment, not argv: other users can read argv
+        env["CONSUL_HTTP_TOKEN"] = consul_token
+    argv = meshctl_argv("up", "-f", str(file.resolve()), "--state-dir", str(sd), "--quiet")
+    if registry:
+        argv += ["--registry", registry]
+    with open(log_path, "ab") as out:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+    return p.pid, lambda: p.poll() is not None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _follow_detached(sd: Path, log_path: Path, start: int, pid: int, child_exited) -> None:
+    """Report the detached supervisor's progress from status.json until the mesh is up."""
+
+    def ours(st: dict) -> bool:  # this run's status, not an older one (the one-file build's Python is a child of pid)
+        return st.get("pid") is not None and (st["pid"] == pid or _parent_of(st["pid"]) == pid)
+
     seen: set[str] = set()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -217,13 +262,13 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
             if w["state"] == "ready" and w["name"] not in seen:
                 seen.add(w["name"])
                 err_console.print(f"{w['name']} ready", highlight=False)
-        if st.get("pid") == pid and st.get("state") == "running":
+        if ours(st) and st.get("state") == "running":
             print_table(st)
-            console.print(f"mesh up (supervisor pid {pid}); `meshctl down` stops it", style="bold")
+            console.print(f"mesh up (supervisor pid {st['pid']}); `meshctl down` stops it", style="bold")
             return
         if child_exited():
             st = _read_status(sd)
-            error = st.get("error") if st.get("pid") == pid else None
+            error = st.get("error") if ours(st) else None
             fail(f"meshctl up failed: {error or _logged_error(log_path, start) or 'see ' + str(log_path)}")
         time.sleep(0.05)
     fail(f"mesh not up after 90s: see `meshctl status` and {sd / 'logs'}")

@@ -47,7 +47,9 @@ def run(
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            os.execv(sys.executable, [sys.executable, "-m", "meshctl.proxy", *args])
+            from ..launch import proxy_argv
+
+            os.execv(sys.executable, proxy_argv(*args))
         except OSError:
             pass  # fall back to serving in this process
     from ..proxy.main import main

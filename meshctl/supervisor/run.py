@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Callable
 
 import trio
 
+from ..launch import meshctl_argv, proxy_argv  # the same from a virtualenv or the one-file build
 from ..loader.codec import to_data
 from ..model.base import FrozenDict
 from ..model.mesh import HealthCheck, MeshSpec
@@ -74,16 +74,6 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
-
-
-def meshctl_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "meshctl", *args]
-
-
-def proxy_argv(*args: str) -> list[str]:
-    """Sidecars and gateways run the lean entry point (`meshctl proxy run` execs the
-    same): no CLI imports, so 13 of them start in a fraction of the time."""
-    return [sys.executable, "-m", "meshctl.proxy", *args]
 
 
 @dataclass

@@ -1,0 +1,17 @@
+"""The entry point of the one-file build (scripts/build-binary.sh, PyInstaller).
+
+A frozen binary has no ``-m``: the supervisor starts the CLI as ``meshctl ARGS`` and
+sidecars/gateways as ``meshctl __proxy__ ARGS``, which runs the lean proxy entry
+point (meshctl/proxy/__main__.py) without importing the CLI. See meshctl.launch.
+"""
+
+import sys
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "__proxy__":
+        from meshctl.proxy.main import main as proxy_main
+
+        sys.exit(proxy_main(sys.argv[2:]))
+    from meshctl.cli.main import main
+
+    main()

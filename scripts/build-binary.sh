@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build dist/meshctl: one executable file for Linux x86-64 carrying Python, meshctl and
+# its dependencies (and meshctl's compiled modules, when they are built), so
+# `./meshctl up -f mesh.yaml` works with no virtualenv and no pip.
+#   bash scripts/build-binary.sh            # -> dist/meshctl
+#
+# Tool: PyInstaller --onefile. Well kept (releases every month or two), it freezes C
+# extensions (httptools, cryptography, jh2, mypyc modules) from their wheels with no
+# compiler, in about a minute, and its one-file bootloader lets the supervisor start
+# sidecars and control roles from the same file (children reuse the parent's unpacked
+# files). Nuitka would compile every dependency to C (many minutes on two cores, too slow
+# for CI); PEX's interpreter-carrying "scie" mode downloads a Python build at build time.
+# The build uses its own virtualenv (build/venv), never the developer's .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+BUILD=build/binary
+rm -rf "$BUILD" && mkdir -p "$BUILD" dist
+if [[ ! -x build/venv/bin/python ]]; then
+  "$PY" -m venv build/venv
+fi
+# PyInstaller 6.x: a compatible range, as for every dependency.
+build/venv/bin/python -m pip install -q --disable-pip-version-check "pyinstaller>=6.10,<7" .
+# What `meshctl --version` reports as the commit (the binary carries no .git).
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then commit="$commit-dirty"; fi
+echo "$commit" > "$BUILD/commit.txt"
+build/venv/bin/python -m PyInstaller --onefile --noconfirm --clean --log-level WARN \
+  --name meshctl --distpath dist --workpath "$BUILD/work" --specpath "$BUILD" \
+  --collect-submodules meshctl --copy-metadata meshctl \
+  --add-data "$PWD/$BUILD/commit.txt:meshctl" \
+  meshctl/frozen.py
+ls -l dist/meshctl
+dist/meshctl --version
