@@ -341,6 +341,8 @@ class _Validator:
             self.error(f"{path}.retries.attempts", f"attempts must not be negative, got {route.retries.attempts}")
         if route.fault is not None:
             self.fault(f"{path}.fault", route.fault)
+        if route.mirror is not None and route.mirrors:
+            self.error(f"{path}.mirrors", "mirror and mirrors cannot both be set (use mirrors)")
         if route.mirror is not None:
             self.destination(f"{path}.mirror", route.mirror)
         if route.mirror_percentage is not None:

@@ -74,7 +74,7 @@ def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
     if path in ("/stats", "/metrics"):
         from .telemetry import runtime_gauges
 
-        text = rt.stats.render() + rt.telemetry.render(runtime_gauges(rt, trio.current_time()))
+        text = rt.stats.render() + rt.mirrors.render() + rt.telemetry.render(runtime_gauges(rt, trio.current_time()))
         return 200, "text/plain; version=0.0.4", text.encode()
     if path == "/config":
         if rt.config is None:

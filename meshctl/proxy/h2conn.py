@@ -47,6 +47,7 @@ from ..protocol.grpc import (
 )
 from ..protocol.detect import detect
 from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
+from . import mirror
 from . import stats as F
 from .http import ConnState, DownstreamGone, Request, send_local
 from .outbuf import OutBuffer
@@ -449,6 +450,7 @@ class _Conn(OutBuffer):
                         await send_local(rq, reply)
                     elif deadline == math.inf:
                         await rt.forwarder.run(rq)
+                        mirror.after_forward(rq)
                     else:
                         # grpc-timeout is the request's deadline (the route timeout may be shorter)
                         with trio.move_on_at(deadline) as dl:

@@ -54,7 +54,7 @@ from ..protocol.events import (
 from ..protocol.grpc import GrpcStatus, local_grpc_reply
 from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop, trusted_client_address
 from ..protocol.http1 import H1Server
-from . import egress
+from . import egress, mirror
 from . import stats as F
 from .identity import upstream_tls
 from .limits import PoolOverflow
@@ -1009,6 +1009,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                         await send_local(rq, reply)
                     else:
                         await forwarder.run(rq)
+                        mirror.after_forward(rq)
                 except (DownstreamGone, trio.BrokenResourceError, trio.ClosedResourceError):
                     rq.keep_alive = False
                     rq.flags.append(F.DC)

@@ -34,6 +34,7 @@ from ..model.proxyconfig import Listener, ProxyConfig
 from .admin import serve_admin
 from .identity import secure_inbound
 from .extauthz import ExtAuthzClient
+from .mirror import MirrorState
 from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
 from .limits import commit_limiters
 from .pool import UpstreamPool
@@ -109,8 +110,14 @@ class ProxyRuntime:
         self.default_conn_limit = default_connection_limit()  # from RLIMIT_NOFILE (overload.py)
         self.refusing = 0
         self.fd_shortage = Condition("accept")
+        self.mirrors = MirrorState()  # shadow requests (mirror.py)
+        self._conn_nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ helpers
+
+    def mirror_nursery(self) -> trio.Nursery | None:
+        """Where shadow requests run (mirror.py): beside the connections, so a drain waits for them."""
+        return None if self.draining else self._conn_nursery
 
     def new_request_id(self) -> str:
         return new_request_id(self.rand)

@@ -1,0 +1,167 @@
+"""Traffic mirroring through a real proxy, with the rules of Istio's mirroring task
+(istio.io/latest/docs/tasks/traffic-management/mirroring/, used unchanged): every
+request to httpbin is answered by v1 and a copy reaches v2 with Envoy's "-shadow"
+Host; a slow or dead mirror never delays or fails the primary; shadows are capped."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import trio
+
+from meshctl.loader.resources import load_resources_text
+from meshctl.loader.validate import has_errors, validate
+from meshctl.model.base import FrozenDict
+from meshctl.model.proxyconfig import Listener, Workload
+from meshctl.pilot.compile import META_SERVICE_PORT, Inputs, Node, compile_proxy
+from meshctl.proxy.mirror import MAX_IN_FLIGHT
+from meshctl.registry.base import Instance
+
+from proxy_testkit import curl, free_port, running_proxy
+
+# Istio's mirroring task: first all traffic to v1 ...
+ALL_V1 = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+    - httpbin
+  http:
+  - route:
+    - destination:
+        host: httpbin
+        subset: v1
+      weight: 100
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+"""
+
+# ... then the same route mirrored to v2.
+MIRROR_V2 = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+  - httpbin
+  http:
+  - route:
+    - destination:
+        host: httpbin
+        subset: v1
+      weight: 100
+    mirror:
+      host: httpbin
+      subset: v2
+    mirrorPercentage:
+      value: 100.0
+"""
+
+
+def _config(rules: str, v1_port: int, v2_port: int, listen: int):
+    resources = load_resources_text(rules, "task.yaml")
+    assert not has_errors(validate(resources)), [str(f) for f in validate(resources)]
+    snapshot = {"httpbin": tuple(
+        Instance(id=f"httpbin-{v}-0", service="httpbin", address="127.0.0.1", port=port,
+                 labels=FrozenDict(app="httpbin", version=v), meta=FrozenDict({META_SERVICE_PORT: "8000"}))
+        for v, port in (("v1", v1_port), ("v2", v2_port))
+    )}
+    node = Node(workload=Workload(name="sleep-0", service="sleep"),
+                listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=listen),))
+    return compile_proxy(Inputs(resources, snapshot), node)
+
+
+async def _wait(cond, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.02)
+
+
+async def test_istios_mirroring_task_v2_receives_a_copy_of_each_request(upstreams):
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    rules_v1 = ALL_V1
+    rules_mirror = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    async with running_proxy(_config(rules_v1, v1.port, v2.port, lp)):
+        r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "http://httpbin:8000/headers")
+        assert json.loads(r.stdout)["upstream"] == "v1"
+        await trio.sleep(0.2)
+        assert v2.requests == []  # before the mirror rule: v2 gets nothing
+    lp = free_port()
+    async with running_proxy(_config(rules_mirror, v1.port, v2.port, lp)) as rt:
+        for i in range(5):
+            r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", f"http://httpbin:8000/headers?n={i}")
+            assert json.loads(r.stdout)["upstream"] == "v1"
+        await _wait(lambda: len(v2.requests) == 5)
+        stats = rt.mirrors
+        await _wait(lambda: stats.sent == 5)
+    assert [p for _, p, _ in v1.requests[1:]] == [f"/headers?n={i}" for i in range(5)]
+    assert sorted(p for _, p, _ in v2.requests) == [f"/headers?n={i}" for i in range(5)]
+    for _, _, headers in v2.requests:
+        assert dict(headers)["host"] == "httpbin-shadow:8000"
+
+
+async def test_a_posted_body_is_mirrored_too(upstreams):
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    async with running_proxy(_config(MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1], v1.port, v2.port, lp)):
+        r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "--data-binary", "payload-123", "http://httpbin:8000/post")
+        assert json.loads(r.stdout)["body"] == "payload-123"
+        await _wait(lambda: len(v2.requests) == 1)
+    method, path, headers = v2.requests[0]
+    assert (method, path) == ("POST", "/post") and dict(headers)["content-length"] == "11"
+
+
+async def test_a_slow_or_dead_mirror_never_delays_or_fails_the_primary(upstreams):
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    lp = free_port()
+    # v2 takes 2 s to answer every shadow: the primary answers at once all the same
+    async with running_proxy(_config(rules, v1.port, v2.port, lp)):
+        started = time.monotonic()
+        for _ in range(5):
+            r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{lp}",
+                           "http://httpbin:8000/slow?ms=2000&only=v2")
+            assert r.stdout == b"200"
+        assert time.monotonic() - started < 1.5
+    # v2 is gone (nothing listens): every primary still succeeds, the shadows count as failed
+    dead = free_port()
+    lp = free_port()
+    async with running_proxy(_config(rules, v1.port, dead, lp)) as rt:
+        for _ in range(5):
+            r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{lp}",
+                           "http://httpbin:8000/get")
+            assert r.stdout == b"200"
+        await _wait(lambda: rt.mirrors.failed == 5)
+        assert rt.mirrors.sent == 0
+
+
+async def test_shadows_in_flight_are_capped_and_the_excess_dropped(upstreams):
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
+        n = MAX_IN_FLIGHT + 16
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(curl, "-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}",
+                                   "http://httpbin:8000/slow?ms=3000&only=v2")
+        assert rt.mirrors.in_flight <= MAX_IN_FLIGHT
+        assert rt.mirrors.dropped >= 16 - 1 and rt.mirrors.in_flight + rt.mirrors.sent + rt.mirrors.dropped == n
+        assert len(v1.requests) == n
