@@ -30,7 +30,8 @@ Rules (Istio's, as Envoy's jwt_authn filter carries them out for Istio):
    ``exp``: a repeated valid token costs a dict lookup, not a signature check.
 
 The decision is pure: the caller passes ``now``; keys come from the rules'
-inline ``jwks`` or from ``jwks_by_uri`` (what Pilot fetched for ``jwksUri``).
+inline ``jwks`` or from ``jwks_by_uri`` (what Pilot fetched for ``jwksUri``, or
+through the issuer's OpenID discovery document when neither is given).
 """
 
 from __future__ import annotations
@@ -132,6 +133,17 @@ def parse_jwks(text: str) -> tuple[_Key, ...]:
     return tuple(out)
 
 
+DISCOVERY = "/.well-known/openid-configuration"
+
+
+def key_source(rule: JWTRule) -> str:
+    """Where a rule's keys come from when they are not inline: its jwksUri, else the
+    issuer's OpenID discovery document (as istiod does), by that document's URL."""
+    if rule.jwks_uri:
+        return rule.jwks_uri
+    return rule.issuer.rstrip("/") + DISCOVERY
+
+
 def _b64json(seg: str) -> Any:
     raw = base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
     return json.loads(raw)
@@ -159,7 +171,7 @@ class JwtAuthenticator:
     def __init__(self, rules: Sequence[JWTRule], jwks_by_uri: Mapping[str, str] = {}, cache_size: int = 1024) -> None:
         self.rules: list[_Rule] = []
         for r in rules:
-            text = r.jwks if r.jwks is not None else jwks_by_uri.get(r.jwks_uri or "")
+            text = r.jwks if r.jwks is not None else jwks_by_uri.get(key_source(r))
             try:
                 keys = parse_jwks(text) if text else ()
             except ValueError:

@@ -558,8 +558,9 @@ class _Validator:
                     self.error(f"{rp}.jwks", f"invalid JWKS: {e}")
             if rule.jwks_uri is not None and not rule.jwks_uri.startswith(("http://", "https://")):
                 self.error(f"{rp}.jwksUri", f"jwksUri {rule.jwks_uri!r} is not an http:// or https:// URL")
-            if rule.jwks is None and rule.jwks_uri is None:
-                self.error(rp, "one of jwks or jwksUri is required (meshctl does not do OpenID discovery from the issuer)")
+            if rule.jwks is None and rule.jwks_uri is None and not rule.issuer.startswith(("http://", "https://")):
+                self.error(f"{rp}.issuer", "without jwks or jwksUri the keys are found by OpenID discovery from the "
+                           f"issuer, which needs an http(s) URL, not {rule.issuer!r}")
             for j, h in enumerate(rule.from_headers):
                 if not h.name.strip():
                     self.error(f"{rp}.fromHeaders[{j}].name", "header name is required")

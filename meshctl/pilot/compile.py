@@ -57,6 +57,7 @@ from ..model.proxyconfig import (
     cluster_name,
     fqdn,
 )
+from ..core.jwt import key_source
 from ..model.ratelimit import RateLimit
 from ..registry.base import Instance, Snapshot
 from .faults import InjectedFault, faults_for_host, layer_faults
@@ -458,8 +459,8 @@ def jwks_uris(specs: Iterable[object]) -> list[str]:
     for spec in specs:
         if isinstance(spec, RequestAuthentication):
             for rule in spec.jwt_rules:
-                if rule.jwks_uri and rule.jwks is None:
-                    out[rule.jwks_uri] = None
+                if rule.jwks is None:
+                    out[key_source(rule)] = None
     return list(out)
 
 
@@ -469,8 +470,8 @@ def jwks_wanted(resources: Iterable[Resource]) -> list[tuple[str, float]]:
     for r in resources:
         if isinstance(r.spec, RequestAuthentication):
             for rule in r.spec.jwt_rules:
-                if rule.jwks_uri and rule.jwks is None:
-                    out.setdefault(rule.jwks_uri, float(rule.timeout) if rule.timeout is not None else 5.0)
+                if rule.jwks is None:
+                    out.setdefault(key_source(rule), float(rule.timeout) if rule.timeout is not None else 5.0)
     return list(out.items())
 
 

@@ -2,7 +2,8 @@
 
 Rules:
 1. Pilot fetches every jwksUri the applied RequestAuthentications name (those
-   without an inline ``jwks``) and pushes the JWKS text inside each proxy's
+   without an inline ``jwks``; with neither, the issuer's OpenID discovery
+   document ``<issuer>/.well-known/openid-configuration`` names the jwks_uri) and pushes the JWKS text inside each proxy's
    config (``ProxyConfig.jwks``), so sidecars never fetch anything and a
    request never waits for a key fetch.
 2. A new uri is fetched at once; known ones are refreshed every
@@ -28,7 +29,7 @@ from typing import Callable, Iterable
 import httpx
 import trio
 
-from ..core.jwt import parse_jwks
+from ..core.jwt import DISCOVERY, parse_jwks
 from ..loader.codec import LoadError, parse_duration
 
 log = logging.getLogger("meshctl.pilot.jwks")
@@ -54,7 +55,17 @@ class JwksFetchError(Exception):
 
 
 def fetch_jwks(uri: str, timeout: float) -> str:
-    """GET the uri; the body when it is a JWKS with at least one usable key."""
+    """GET the uri; the body when it is a JWKS with at least one usable key. An
+    OpenID discovery document's URL is followed to its ``jwks_uri``."""
+    if uri.endswith(DISCOVERY):
+        try:
+            d = httpx.get(uri, timeout=timeout, follow_redirects=True, trust_env=False)
+            doc = d.json() if d.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as e:
+            raise JwksFetchError(f"{uri}: {e or type(e).__name__}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
+            raise JwksFetchError(f"{uri}: not an OpenID discovery document with a jwks_uri")
+        uri = doc["jwks_uri"]
     try:
         r = httpx.get(uri, timeout=timeout, follow_redirects=True, trust_env=False)
     except httpx.HTTPError as e:

@@ -180,6 +180,9 @@ def test_jwks_uri_keys_come_from_what_pilot_fetched():
     rule = JWTRule(issuer="https://issuer.example", jwks_uri="http://keys/jwks.json")
     assert auth([rule], bearer(token())).failure == J.NO_VALID_KEYS  # not fetched (yet)
     assert auth([rule], bearer(token()), jwks_by_uri={"http://keys/jwks.json": MY_RULE.jwks}).failure is None
+    oidc = JWTRule(issuer="https://issuer.example")  # no jwks, no jwksUri: OpenID discovery (Pilot)
+    found = {"https://issuer.example/.well-known/openid-configuration": MY_RULE.jwks}
+    assert auth([oidc], bearer(token()), jwks_by_uri=found).failure is None
 
 
 def test_valid_tokens_are_cached_until_they_expire():
