@@ -131,6 +131,26 @@ def apply(
         console.print(f"revision {rev.number}" + ("" if url else " (Pilot is not running: proxies get it when it starts)"))
     if wait and url:
         _wait_synced(url, before, 10.0)
+    _say_injected_faults(sd, resources)
+
+
+def _say_injected_faults(sd: Path, resources: list[Resource]) -> None:
+    """An injected fault (`meshctl inject-fault`) is layered over the user's routes: say so
+    when it covers a VirtualService just applied, or its effect would hide this one's."""
+    from ..model.istio import VirtualService
+    from ..model.proxyconfig import fqdn
+    from ..pilot.faults import describe, describe_match
+    from .fault import injected_faults_now
+
+    hosts = {fqdn(h, r.namespace): h for r in resources if isinstance(r.spec, VirtualService) for h in r.spec.hosts}
+    for f in injected_faults_now(sd):
+        if f.service in hosts:
+            left = "" if f.expires is None else f" for {max(0.0, f.expires - time.time()):.0f}s more"
+            match = f" ({describe_match(f.match)})" if f.match else ""
+            err_console.print(
+                f"[yellow]note:[/] injected fault {f.id} ({describe(f)}{match}) overrides the routes of "
+                f"{hosts[f.service]} just applied{left}: `meshctl inject-fault clear {hosts[f.service]}` ends it",
+                highlight=False, soft_wrap=True)
 
 
 @app.command("validate")

@@ -167,3 +167,19 @@ spec:
     assert r.exit_code == 1
     (line,) = [line for line in r.output.splitlines() if "weights sum" in line]
     assert line.startswith("error: ") and "vs.yaml:" in line, r.output
+
+
+def test_apply_says_when_an_injected_fault_overrides_the_routes_just_applied(run):
+    assert run("route", "apply", "-f", str(RULES / "destination-rule-all.yaml"),
+               "-f", str(RULES / "virtual-service-all-v1.yaml")).exit_code == 0
+    r = run("inject-fault", "ratings", "--delay", "7s", "--match", "header:end-user=jason", "--ttl", "5m")
+    assert r.exit_code == 0, r.output
+    fault_id = r.output.split()[1]
+    r = run("route", "apply", "-f", str(RULES / "virtual-service-ratings-test-abort.yaml"))
+    assert r.exit_code == 0, r.output
+    assert f"injected fault {fault_id} (delay 7s" in r.output and "overrides the routes of ratings" in r.output
+    assert "meshctl inject-fault clear ratings" in r.output
+    # Rules for another service say nothing of it; once cleared, neither do ratings' rules.
+    assert "injected fault" not in run("route", "apply", "-f", str(RULES / "virtual-service-reviews-v3.yaml")).output
+    assert run("inject-fault", "clear", "ratings").exit_code == 0
+    assert "injected fault" not in run("route", "apply", "-f", str(RULES / "virtual-service-ratings-test-delay.yaml")).output
