@@ -24,6 +24,8 @@ Rules (Istio's, as Envoy's jwt_authn filter carries them out for Istio):
    ``forwardOriginalToken``; ``outputPayloadToHeader`` gets the token's
    payload (base64url, as in the token); ``outputClaimToHeaders`` get claim
    values (``a.b`` for a nested claim; strings, numbers and booleans only).
+   Those output headers are removed from every request first, token or
+   not, so a client cannot forge them.
 8. For AuthorizationPolicy, string claims named in ``spaceDelimitedClaims``
    (and always ``scope`` and ``permission``) are split on spaces into lists.
 9. Verified tokens are kept in a bounded LRU keyed by the token until their
@@ -42,17 +44,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qsl
-
-import jwt as pyjwt
-from jwt import PyJWK
-from jwt.exceptions import (
-    ExpiredSignatureError,
-    ImmatureSignatureError,
-    InvalidAudienceError,
-    InvalidSignatureError,
-    PyJWKError,
-    PyJWTError,
-)
 
 from ..model.istio import JWTRule
 from .authz import RequestAuth
@@ -110,6 +101,9 @@ def parse_jwks(text: str) -> tuple[_Key, ...]:
         raise ValueError(f"not JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError('a JWKS is an object with a "keys" list')
+    # PyJWT is imported where it is used: a proxy without RequestAuthentication never loads it
+    from jwt import PyJWK
+    from jwt.exceptions import PyJWKError, PyJWTError
     out = []
     for k in data["keys"]:
         if not isinstance(k, dict):
@@ -191,6 +185,11 @@ class JwtAuthenticator:
             for c in rule.cookies:
                 seen_c[c] = None
         self._header_names = tuple(seen_h)
+        # headers the rules write: never taken from the client (a client could forge its claims)
+        self._outputs = frozenset(
+            [r.spec.output_payload_to_header.lower() for r in self.rules if r.spec.output_payload_to_header]
+            + [c.header.lower() for r in self.rules for c in r.spec.output_claim_to_headers]
+        )
         self._params = tuple(seen_p)
         self._cookies = tuple(seen_c)
 
@@ -249,7 +248,9 @@ class JwtAuthenticator:
             return JwtOutcome(None)
         found = self._extract(headers, target)
         if not found:
-            return JwtOutcome(None, MISSING) if self._required else JwtOutcome(None)
+            if self._required:
+                return JwtOutcome(None, MISSING)
+            return JwtOutcome(None, None, self._sanitized(headers))
         identity: RequestAuth | None = None
         remove: set[str] = set()
         add: list[tuple[str, str]] = []
@@ -276,11 +277,15 @@ class JwtAuthenticator:
         if any(r not in verified for r in self._required):
             return JwtOutcome(None, MISSING)
         out: list[tuple[str, str]] | None = None
-        if remove or add:
-            names = {a[0] for a in add}
-            out = [(k, v) for k, v in headers if k not in remove and k not in names]
+        if remove or add or self._outputs:
+            out = [(k, v) for k, v in headers if k not in remove and k not in self._outputs]
             out.extend(add)
         return JwtOutcome(identity, None, out)
+
+    def _sanitized(self, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]] | None:
+        if not self._outputs or not any(k in self._outputs for k, _ in headers):
+            return None
+        return [(k, v) for k, v in headers if k not in self._outputs]
 
     def _verify(self, token: str, kind: str, name: str, prefix: str, now: float) -> tuple[RequestAuth, _Rule, dict] | str:
         hit = self._cache.get(token)
@@ -331,6 +336,15 @@ class JwtAuthenticator:
         keys = [k for k in rule.keys if alg in k.algs and (kid is None or k.kid is None or k.kid == kid)]
         if not keys:
             return NO_KEY
+        import jwt as pyjwt
+        from jwt.exceptions import (
+            ExpiredSignatureError,
+            ImmatureSignatureError,
+            InvalidAudienceError,
+            InvalidSignatureError,
+            PyJWTError,
+        )
+
         for key in keys:
             try:
                 claims = pyjwt.decode(

@@ -174,6 +174,11 @@ def test_output_headers_and_forward_original_token():
     assert hdrs["x-jwt-group"] == "admins" and hdrs["x-jwt-org"] == "acme"
     assert json.loads(pyjwt.utils.base64url_decode(hdrs["x-jwt-payload"]))["sub"] == "alice"
     assert [k for k, _ in out.headers].count("x-jwt-group") == 1
+    # without a token (or without that claim) a client cannot forge them either
+    out = auth([rule], [("host", "x"), ("x-jwt-group", "admins"), ("x-jwt-payload", "e30")])
+    assert out.identity is None and out.headers == [("host", "x")]
+    out = auth([rule], bearer(token()) + [("x-jwt-group", "admins")])
+    assert "x-jwt-group" not in dict(out.headers)
 
 
 def test_jwks_uri_keys_come_from_what_pilot_fetched():
