@@ -26,6 +26,7 @@ NOUNS = [
     "citadel",
     "fault",
     "mixer",
+    "secret",
 ]
 
 def _version(value: bool) -> None:

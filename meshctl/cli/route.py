@@ -62,11 +62,14 @@ def _mesh_gateways(mesh: Optional[Path], sd: Optional[Path]):
     return MeshGateways.from_spec(str(path), spec, lines)
 
 
-def _gateway_findings(resources, mesh: Optional[Path], sd: Optional[Path]) -> list:
+def _gateway_findings(resources, mesh: Optional[Path], sd: Optional[Path], context=()) -> list:
     from ..loader.gateways import gateway_port_findings
 
+    from ..loader.gateways import credential_findings
+
     gws = _mesh_gateways(mesh, sd)
-    return gateway_port_findings(resources, gws) if gws is not None else []
+    found = gateway_port_findings(resources, gws, context) if gws is not None else []
+    return found + (credential_findings(resources, sd) if sd is not None else [])
 
 
 MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve the Gateway ports (default: the state directory's).")
@@ -116,7 +119,7 @@ def apply(
     resources = _load(files)
     sd = state_dir(state)
     store = RuleStore(sd)
-    findings = validate(resources, context=store.current().resources) + _gateway_findings(resources, mesh, sd)
+    findings = validate(resources, context=store.current().resources) + _gateway_findings(resources, mesh, sd, store.current().resources)
     if _report(findings):
         fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     before = store.current_number()

@@ -67,18 +67,6 @@ RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN")
 PEER_AUTH_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
 AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 PROTOCOLS = ("HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "MYSQL", "REDIS", "UDP")
-# Gateway features meshctl does not carry out (yet): refused by name, never accepted and ignored.
-# Remove an entry in the commit that implements it.
-GATEWAY_PROTOCOLS = ("HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB")  # what gateway listeners serve (HTTPS: see tls)
-GATEWAY_SERVER_UNIMPLEMENTED = {
-    "tls": "TLS on Gateway servers (the port would serve plaintext)",
-    "bind": "Gateway server bind addresses",
-    "defaultEndpoint": "Gateway server defaultEndpoint",
-}
-GATEWAY_ROUTE_UNIMPLEMENTED = {
-    "tcp": "tcp routes on gateways",
-    "tls": "tls routes on gateways",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,12 +280,13 @@ class _Validator:
                 self.warning(f"spec.gateways[{i}]", f"referenced gateway not found: {gw!r}")
         for i, route in enumerate(vs.http):
             self.http_route(f"spec.http[{i}]", route)
-        on_gateway = any(gw != "mesh" for gw in vs.gateways)
+        on_mesh = not vs.gateways or "mesh" in vs.gateways
         for kind, routes in (("tcp", vs.tcp), ("tls", vs.tls)):
             for i, route in enumerate(routes):
                 path = f"spec.{kind}[{i}]"
-                if on_gateway and kind in GATEWAY_ROUTE_UNIMPLEMENTED:
-                    self.error(path, f"meshctl does not implement {GATEWAY_ROUTE_UNIMPLEMENTED[kind]}")
+                if kind == "tls" and on_mesh:
+                    self.error(path, "meshctl does not implement tls routes on sidecars (gateways: mesh); "
+                               "they apply on gateways only")
                 if not route.route:
                     self.error(f"{path}.route", "at least one destination is required")
                 self.weights(f"{path}.route", route.route)
@@ -486,11 +475,7 @@ class _Validator:
                 self.error(f"{sp}.port.protocol", "protocol is required")
             elif server.port.protocol.upper() not in PROTOCOLS:
                 self.error(f"{sp}.port.protocol", _choices(server.port.protocol, PROTOCOLS))
-            elif server.port.protocol.upper() not in GATEWAY_PROTOCOLS:
-                self.error(f"{sp}.port.protocol", f"meshctl does not implement Gateway servers with protocol {server.port.protocol}")
-            for name, value in (("tls", server.tls), ("bind", server.bind), ("defaultEndpoint", server.default_endpoint)):
-                if value is not None and name in GATEWAY_SERVER_UNIMPLEMENTED:
-                    self.error(f"{sp}.{name}", f"meshctl does not implement {GATEWAY_SERVER_UNIMPLEMENTED[name]}")
+            self.server_tls(sp, server)
             if not server.hosts:
                 self.error(f"{sp}.hosts", "at least one host is required")
             if server.tls is not None:
@@ -499,6 +484,31 @@ class _Validator:
                 self.enum(f"{sp}.tls.maxProtocolVersion", server.tls.max_protocol_version, TLS_VERSIONS)
             elif server.port.protocol.upper() in ("HTTPS", "TLS"):
                 self.error(f"{sp}.tls", f"a {server.port.protocol} server needs tls settings")
+
+    def server_tls(self, sp: str, server: m.Server) -> None:
+        t, proto = server.tls, (server.port.protocol or "").upper()
+        if t is None:
+            return
+        if proto not in ("HTTPS", "TLS"):
+            given = [n for n, v in (("mode", t.mode), ("credentialName", t.credential_name),
+                                    ("serverCertificate", t.server_certificate)) if v]
+            if given:
+                self.error(f"{sp}.tls.{given[0]}", f"tls.{given[0]} needs protocol HTTPS or TLS, not {server.port.protocol} "
+                           "(on an HTTP server, tls takes only httpsRedirect)")
+            return
+        if not t.mode:
+            self.error(f"{sp}.tls.mode", f"a {server.port.protocol} server needs tls.mode (SIMPLE, MUTUAL, PASSTHROUGH, ...)")
+        elif t.mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"):
+            if not t.credential_name and not (t.server_certificate and t.private_key):
+                self.error(f"{sp}.tls", f"mode {t.mode} needs credentialName, or serverCertificate and privateKey")
+            if t.credential_name and (t.server_certificate or t.private_key):
+                self.error(f"{sp}.tls.credentialName", "give credentialName or serverCertificate/privateKey, not both")
+        elif t.mode in ("PASSTHROUGH", "ISTIO_MUTUAL"):
+            for n, v in (("credentialName", t.credential_name), ("serverCertificate", t.server_certificate),
+                         ("privateKey", t.private_key), ("caCertificates", t.ca_certificates)):
+                if v:
+                    self.error(f"{sp}.tls.{n}", f"mode {t.mode} takes no {n} "
+                               + ("(the bytes pass untouched)" if t.mode == "PASSTHROUGH" else "(the gateway's mesh identity is used)"))
 
     # -- security.istio.io
 

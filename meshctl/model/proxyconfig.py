@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import EMPTY, Duration, FrozenDict
-from .istio import AuthorizationPolicy, HTTPRoute, RequestAuthentication, TCPRoute, TrafficPolicy
+from .istio import AuthorizationPolicy, HTTPRoute, RequestAuthentication, TCPRoute, TLSRoute, TrafficPolicy
 from .ratelimit import RateLimit
 
 DEFAULT_NAMESPACE = "default"
@@ -83,6 +83,31 @@ class RouteTable:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """One TLS server of a Gateway on a gateway listener's port (Istio's Server
+    with ``tls``), chosen per connection by the SNI the client sends.
+
+    Credentials are named, never carried: ``credential_name`` is a secret of
+    `meshctl secret create tls` that the proxy reads from its state directory;
+    ``server_certificate``/``private_key``/``ca_certificates`` are file paths."""
+
+    name: str  # "default/mygateway servers[0]", for logs and errors
+    hosts: tuple[str, ...] = ("*",)  # SNI names it answers: exact, "*.example.com" or "*"
+    mode: str = "SIMPLE"  # SIMPLE MUTUAL OPTIONAL_MUTUAL PASSTHROUGH ISTIO_MUTUAL
+    protocol: str = "http"  # what runs inside once terminated: http | tcp (PASSTHROUGH: tcp, untouched)
+    credential_name: str | None = None
+    server_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    subject_alt_names: tuple[str, ...] = ()  # MUTUAL: accepted client certificate SANs (empty: any)
+    min_protocol_version: str | None = None  # TLSV1_0 .. TLSV1_3 (TLS_AUTO: default)
+    max_protocol_version: str | None = None
+    cipher_suites: tuple[str, ...] = ()  # OpenSSL names, TLS 1.2 and below
+    tcp_routes: tuple[TCPRoute, ...] = ()  # protocol tcp: where the bytes go
+    tls_routes: tuple[TLSRoute, ...] = ()  # PASSTHROUGH: VirtualService tls: routes, chosen by SNI
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     """A socket the proxy binds, and what it does with what arrives.
 
@@ -111,6 +136,8 @@ class Listener:
     app_port: int | None = None
     mtls_mode: str = "DISABLE"  # inbound: STRICT | PERMISSIVE | DISABLE
     trusted_proxies: int = 0  # gateway: proxies in front whose x-forwarded-for is trusted (numTrustedProxies)
+    tls_servers: tuple[ServerTLS, ...] = ()  # gateway: TLS on this port (then never plaintext)
+    https_redirect: tuple[str, ...] = ()  # gateway: hosts answered with a 301 to https://
 
 
 @dataclass(frozen=True, slots=True)

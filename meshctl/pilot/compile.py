@@ -38,9 +38,11 @@ from ..model.istio import (
     PortTrafficPolicy,
     Resource,
     RouteDestination,
+    Server,
     ServiceEntry,
     ServicePort,
     TCPRoute,
+    TLSRoute,
     TrafficPolicy,
     VirtualService,
 )
@@ -51,6 +53,7 @@ from ..model.proxyconfig import (
     Listener,
     ProxyConfig,
     RouteTable,
+    ServerTLS,
     Settings,
     VirtualHost,
     Workload,
@@ -410,13 +413,116 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
     return tables
 
 
+TCP_PROTOCOLS = ("TCP", "MONGO", "MYSQL", "REDIS")  # opaque bytes, routed by VirtualService tcp:
+TERMINATING_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL")
+
+
+def _gateway_vs(inp: Inputs, ref: str) -> list[Resource]:
+    return [vs for vs in inp.virtual_services if ref in _gateway_refs(vs)]
+
+
+def _l4_port_ok(matches, port: int, ref: str) -> bool:
+    """A tcp/tls route applies on this Gateway port: no match, or a match for the port (and gateway)."""
+    if not matches:
+        return True
+    return any((m.port is None or m.port == port) and (not m.gateways or any(
+        g == ref or g == ref.split("/", 1)[1] for g in m.gateways)) for m in matches)
+
+
+def _normalize_l4(route, ns: str, services: Mapping[str, Service]):
+    return replace(route, route=tuple(
+        replace(rd, destination=_normalize_destination(rd.destination, ns, services)) for rd in route.route))
+
+
+def gateway_tcp_routes(inp: Inputs, ref: str, port: int, clusters: dict[str, Cluster]) -> tuple[TCPRoute, ...]:
+    """VirtualService tcp: routes bound to Gateway ``ref`` that apply on ``port``, first first."""
+    out: list[TCPRoute] = []
+    for vs in _gateway_vs(inp, ref):
+        for t in vs.spec.tcp:  # type: ignore[attr-defined]
+            if _l4_port_ok(t.match, port, ref):
+                out.append(_normalize_l4(t, vs.namespace, inp.services))
+    _ensure_clusters(out, clusters)
+    return tuple(out)
+
+
+def gateway_tls_routes(inp: Inputs, ref: str, port: int, clusters: dict[str, Cluster]) -> tuple[TLSRoute, ...]:
+    """VirtualService tls: routes (SNI matches) bound to Gateway ``ref`` on ``port``."""
+    out: list[TLSRoute] = []
+    for vs in _gateway_vs(inp, ref):
+        for t in vs.spec.tls:  # type: ignore[attr-defined]
+            if _l4_port_ok(t.match, port, ref):
+                # sniHosts default to the VirtualService's hosts
+                matches = tuple(m if m.sni_hosts else replace(m, sni_hosts=tuple(vs.spec.hosts)) for m in t.match)  # type: ignore[attr-defined]
+                out.append(_normalize_l4(replace(t, match=matches), vs.namespace, inp.services))
+    _ensure_clusters(out, clusters)  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def gateway_listeners(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> tuple[list[Listener], dict[str, RouteTable]]:
+    """A gateway's listeners follow the Gateways that select it (as in Istio): one per
+    server port, on the host port mesh.yaml maps it to (the node's gateway
+    listeners: service_port → port), else on the port itself."""
+    given = [l for l in node.listeners if l.direction == "gateway"]
+    port_map = {(l.service_port or l.port): l.port for l in given}
+    trusted = max((l.trusted_proxies for l in given), default=0)
+    http_tables = gateway_tables(inp, node, clusters)
+    servers: dict[int, list[tuple[str, int, Server]]] = {}
+    for g in inp.gateways:
+        gw: Gateway = g.spec  # type: ignore[assignment]
+        if not gw.selector or not _labels_match(gw.selector, node.workload.labels):
+            continue
+        for i, server in enumerate(gw.servers):
+            servers.setdefault(server.port.number, []).append((f"{g.namespace}/{g.name}", i, server))
+    listeners: list[Listener] = []
+    tables: dict[str, RouteTable] = {}
+    for port, on_port in sorted(servers.items()):
+        table = http_tables.get(port, RouteTable(name=f"gateway-{port}"))
+        tables[table.name] = table
+        protocol, tcp_routes = "http", ()
+        tls: list[ServerTLS] = []
+        redirect: list[str] = []
+        for ref, i, server in on_port:
+            proto = server.port.protocol.upper()
+            hosts = tuple(h.split("/")[-1] for h in server.hosts) or ("*",)
+            t = server.tls
+            if t is not None and t.https_redirect:
+                redirect += hosts
+            if t is not None and proto in ("HTTPS", "TLS") and t.mode:
+                inner = "tcp" if proto == "TLS" or t.mode == "PASSTHROUGH" else "http"
+                tls.append(ServerTLS(
+                    name=f"{ref} servers[{i}]", hosts=hosts, mode=t.mode, protocol=inner,
+                    credential_name=t.credential_name, server_certificate=t.server_certificate,
+                    private_key=t.private_key, ca_certificates=t.ca_certificates,
+                    subject_alt_names=t.subject_alt_names, min_protocol_version=t.min_protocol_version,
+                    max_protocol_version=t.max_protocol_version, cipher_suites=t.cipher_suites,
+                    tcp_routes=gateway_tcp_routes(inp, ref, port, clusters) if inner == "tcp" and t.mode != "PASSTHROUGH" else (),
+                    tls_routes=gateway_tls_routes(inp, ref, port, clusters) if t.mode == "PASSTHROUGH" else (),
+                ))
+            elif proto in TCP_PROTOCOLS:
+                protocol = "tcp"
+                tcp_routes = tcp_routes or gateway_tcp_routes(inp, ref, port, clusters)
+        listeners.append(Listener(
+            name=f"gateway-{port}", direction="gateway", address="127.0.0.1", port=port_map.get(port, port),
+            protocol=protocol, route_table=table.name, service_port=port, tcp_routes=tcp_routes,
+            trusted_proxies=trusted, tls_servers=tuple(tls), https_redirect=tuple(dict.fromkeys(redirect)),
+        ))
+    return listeners, tables
+
+
 def tcp_routes_for(inp: Inputs, service_host: str, clusters: dict[str, Cluster], declared_port: int | None = None) -> tuple[TCPRoute, ...]:
     for r in inp.virtual_services:
         if _applies_to_mesh(r) and service_host in _vs_hosts(r, inp.services) and r.spec.tcp:  # type: ignore[attr-defined]
+            svc = inp.services.get(service_host)
+            on_port = declared_port or (svc.ports[0] if svc else None)
             routes = tuple(
                 replace(t, route=tuple(replace(rd, destination=_normalize_destination(rd.destination, r.namespace, inp.services)) for rd in t.route))
                 for t in r.spec.tcp  # type: ignore[attr-defined]
+                # match: the port (and "mesh" among the match's gateways), as on gateways
+                if not t.match or any((m.port is None or on_port is None or m.port == on_port)
+                                      and (not m.gateways or "mesh" in m.gateways) for m in t.match)
             )
+            if not routes:
+                continue
             _ensure_clusters(routes, clusters)
             return routes
     # No rule: straight to the service, on the port mesh.yaml declares for it (known
@@ -516,13 +622,13 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
     tables: dict[str, RouteTable] = {}
     listeners: list[Listener] = []
     wl = replace(node.workload, trust_domain=inp.trust_domain)
-    gw_tables = gateway_tables(inp, node, clusters) if node.gateway else {}
+    if node.gateway:
+        gw_listeners, gw_tables = gateway_listeners(inp, node, clusters)
+        listeners += gw_listeners
+        tables.update(gw_tables)
     for lst in node.listeners:
         if lst.direction == "gateway":
-            port = lst.service_port or lst.port
-            table = gw_tables.get(port, RouteTable(name=f"gateway-{port}"))
-            tables[table.name] = table
-            listeners.append(replace(lst, route_table=table.name))
+            continue  # the Gateways decide (gateway_listeners)
         elif lst.direction in ("outbound", "binding") and lst.protocol == "http":
             listeners.append(replace(lst, route_table="outbound"))
             tables.setdefault("outbound", RouteTable(name="outbound"))

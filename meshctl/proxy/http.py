@@ -275,6 +275,13 @@ def _authority_port(authority: str, default: int = 80) -> int:
     return int(port) if sep and port.isdigit() else default
 
 
+def _strip_port(authority: str) -> str:
+    if authority.startswith("["):
+        return authority[: authority.find("]") + 1] or authority
+    host, sep, port = authority.rpartition(":")
+    return host if sep and port.isdigit() else authority
+
+
 class RouteStage:
     name = "route"
 
@@ -285,9 +292,14 @@ class RouteStage:
         if lst.direction == "binding":
             authority = f"{lst.service}:{lst.service_port}"
             port = lst.service_port
+        elif lst.direction == "gateway":
+            # the Gateway's port, not the host port it is served on; the Host's port is
+            # ignored, as Istio's gateways do (a laptop serves 443 on 8443)
+            authority = _strip_port(head.authority)
+            port = lst.service_port or lst.port
         else:
             authority = head.authority
-            port = lst.port if lst.direction == "gateway" else _authority_port(authority)
+            port = _authority_port(authority)
         if lst.route_table is None:
             # binding without a route table: straight to the service's cluster
             cs = snap.clusters.get(binding_cluster_name(lst))
@@ -403,6 +415,22 @@ class AuthzStage:
                           [("content-type", "text/plain"), ("x-meshctl-reason", "access denied")], F.RBAC)
 
 
+class HttpsRedirectStage:
+    """Gateway servers with ``tls.httpsRedirect``: 301 to https:// for their hosts (Istio's)."""
+
+    name = "https-redirect"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        hosts = rq.listener.https_redirect
+        if not hosts:
+            return None
+        host = _strip_port(rq.head.authority).lower()
+        for h in hosts:
+            if h == "*" or h.lower() == host or (h.startswith("*.") and host.endswith(h[1:].lower())):
+                return LocalReply(301, b"", [("location", f"https://{host}{rq.head.path}")])
+        return None
+
+
 class InboundTargetStage:
     name = "target"
 
@@ -430,6 +458,7 @@ PREPARE = PrepareStage()
 ROUTE = RouteStage()
 FAULT = FaultStage()
 AUTHZ = AuthzStage()
+HTTPS_REDIRECT = HttpsRedirectStage()
 TARGET = InboundTargetStage()
 CLUSTER = ClusterStage()
 
@@ -440,7 +469,7 @@ def default_chain(listener: Listener) -> tuple[Stage, ...]:
     if listener.direction == "inbound" and listener.route_table is None:
         return (PREPARE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, TARGET, CLUSTER)
     if listener.direction == "gateway":  # policy as on sidecars, before routing (Istio's gateway filter chain)
-        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, ROUTE, FAULT, CLUSTER)
+        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, HTTPS_REDIRECT, ROUTE, FAULT, CLUSTER)
     return (PREPARE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
 
 

@@ -128,6 +128,8 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
         print(f"meshctl proxy run: {node_file}: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     rt = ProxyRuntime()
+    if state_dir is not None:
+        rt.gateway_credentials.secrets_dir = state_dir / "secrets"  # `meshctl secret create tls`
     try:
         _observe(rt, access_log, mixer)
     except Exception as exc:  # AccessLogError names the file

@@ -32,6 +32,7 @@ import trio
 
 from ..model.proxyconfig import Listener, ProxyConfig
 from .admin import serve_admin
+from .gateway_tls import GatewayCredentials, serve_gateway_tls
 from .identity import secure_inbound
 from .extauthz import ExtAuthzClient
 from .mirror import MirrorState
@@ -112,6 +113,7 @@ class ProxyRuntime:
         self.fd_shortage = Condition("accept")
         self.mirrors = MirrorState()  # shadow requests (mirror.py)
         self._conn_nursery: trio.Nursery | None = None
+        self.gateway_credentials = GatewayCredentials()  # TLS on gateway servers; secrets_dir set by main
 
     # ------------------------------------------------------------ helpers
 
@@ -133,7 +135,7 @@ class ProxyRuntime:
         (keeping the current config) when it is invalid or cannot be bound."""
         if self.draining:
             raise ConfigRejected("the proxy is draining")
-        errs = problems(cfg)
+        errs = problems(cfg) + self.gateway_credentials.problems(cfg, self.tls)
         if errs:
             self.stats.config_rejected += 1
             raise ConfigRejected("; ".join(errs))
@@ -236,7 +238,7 @@ class ProxyRuntime:
                     al.overload.hit(trio.current_time(), f"{al.active} connections open (limit {limit}): "
                                     "refusing new ones with 503")
                     if self.refusing < MAX_REFUSING:
-                        nursery.start_soon(self._refuse, sock, al.spec.protocol == "http")
+                        nursery.start_soon(self._refuse, sock, al.spec.protocol == "http" and not al.spec.tls_servers)  # a TLS port: closed, never plaintext
                     else:
                         sock.close()
                     continue
@@ -263,6 +265,9 @@ class ProxyRuntime:
 
     async def _guarded(self, al: ActiveListener, stream: FastSocketStream, client_ip: str) -> None:
         try:
+            if al.spec.tls_servers:  # a gateway port with TLS: never plaintext (gateway_tls.py)
+                await serve_gateway_tls(self, al, stream, client_ip)
+                return
             if al.spec.direction == "inbound" and al.spec.mtls_mode != "DISABLE":
                 stream = await secure_inbound(self, al.spec, stream)  # mTLS by PeerAuthentication
                 if stream is None:

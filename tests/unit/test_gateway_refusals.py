@@ -41,17 +41,40 @@ def run(tmp_path, monkeypatch):
     return invoke
 
 
-def test_istio_bookinfo_gateway_on_8080_names_the_mesh_yaml_line_that_would_serve_it(run, tmp_path):
+def test_istio_bookinfo_gateway_on_8080_applies_and_is_served_on_8080_itself(run):
     r = run("route", "apply", "-f", str(GW / "bookinfo-gateway-8080.yaml"))
-    assert r.exit_code == 1
+    assert r.exit_code == 0, r.output
+
+
+def test_an_unmapped_port_that_is_another_gateway_ports_host_port_names_the_line_to_fix(run, tmp_path):
+    assert run("route", "apply", "-f", str(ISTIO / "bookinfo-gateway.yaml")).exit_code == 0  # 80, served on 8080
+    text = (GW / "bookinfo-gateway-8080.yaml").read_text().replace("name: bookinfo-gateway", "name: bookinfo-gateway-2", 1)
+    Path("gw2.yaml").write_text(text)
+    r = run("route", "apply", "-f", "gw2.yaml")
     out = " ".join(r.output.split())
-    assert f"{GW / 'bookinfo-gateway-8080.yaml'}:12: spec.servers[0].port.number" in out
-    assert "Gateway default/bookinfo-gateway port 8080" in out
-    assert f"add '8080: HOST_PORT' to its ports: at {tmp_path / 'mesh.yaml'}:10" in out
-    assert "nothing applied" in out
-    assert "bookinfo-gateway" not in run("route", "get").output
-    r = run("route", "validate", "-f", str(GW / "bookinfo-gateway-8080.yaml"))
-    assert r.exit_code == 1 and "port 8080" in r.output
+    assert r.exit_code == 1
+    assert "gw2.yaml:12: spec.servers[0].port.number: Gateway default/bookinfo-gateway-2 port 8080" in out
+    assert "serves Gateway port 80 on host port 8080" in out
+    assert f"add '8080: HOST_PORT' to its ports: at {tmp_path / 'mesh.yaml'}:10 (e.g. ports: {{80: 8080, 8080: 8081}})" in out
+
+
+def test_a_port_below_1024_this_user_cannot_bind_is_an_error_naming_the_mesh_line():
+    from meshctl.loader.gateways import MeshGateways, gateway_port_findings
+    from meshctl.loader.resources import load_resources
+    from meshctl.model.base import FrozenDict
+    from meshctl.model.mesh import GatewaySpec
+
+    mesh = MeshGateways("mesh.yaml", (GatewaySpec("istio-ingressgateway", FrozenDict(istio="ingressgateway"), FrozenDict({80: 8080})),), (10,))
+    res = load_resources([ISTIO / "bookinfo-gateway.yaml"])
+    gw = [r for r in res if r.kind == "Gateway"][0]
+    import dataclasses
+    server = dataclasses.replace(gw.spec.servers[0], port=dataclasses.replace(gw.spec.servers[0].port, number=443))
+    gw = dataclasses.replace(gw, spec=dataclasses.replace(gw.spec, servers=(server,)))
+    (f,) = gateway_port_findings([gw], mesh, bind_refused=lambda port: "a port below 1024 needs privileges")
+    assert f.level == "error" and f.field == "spec.servers[0].port.number"
+    assert "Gateway default/bookinfo-gateway port 443: gateway istio-ingressgateway cannot listen on port 443" in f.message
+    assert "add '443: HOST_PORT' to its ports: at mesh.yaml:10 (e.g. ports: {80: 8080, 443: 8443})" in f.message
+    assert gateway_port_findings([gw], mesh, bind_refused=lambda port: None) == []
 
 
 def test_a_gateway_port_mesh_yaml_maps_applies(run):
@@ -67,12 +90,27 @@ def test_a_gateway_selecting_no_mesh_gateway_is_a_warning(run):
     assert "selects no gateway of" in r.output and "configures nothing" in r.output
 
 
-def test_tcp_echo_task_is_refused_by_name_until_tcp_gateway_servers_exist(run):
-    r = run("route", "validate", "-f", str(GW / "tcp-echo-all-v1.yaml"), "--mesh", "mesh.yaml")
+def test_tcp_echo_task_validates_with_a_mesh_port_for_31400(run):
+    Path("mesh.yaml").write_text(MESH.replace("{80: 8080}", "{80: 8080, 31400: 31400}"))
+    r = run("route", "validate", "-f", str(GW / "tcp-echo-all-v1.yaml"))
+    assert r.exit_code == 0, r.output
+
+
+def test_unimplemented_l4_matches_and_sidecar_tls_routes_are_refused_by_name(run):
+    Path("vs.yaml").write_text(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: t\nspec:\n  hosts: [a.example.com]\n"
+        "  tls:\n  - match:\n    - sniHosts: [a.example.com]\n      sourceLabels: {app: x}\n"
+        "    route:\n    - destination: {host: a}\n"
+    )
+    r = run("route", "validate", "-f", "vs.yaml")
     out = " ".join(r.output.split())
     assert r.exit_code == 1
-    assert "tcp-echo-all-v1.yaml:26: spec.servers[0].port.protocol: meshctl does not implement Gateway servers with protocol TCP" in out
-    assert "tcp-echo-all-v1.yaml:54: spec.tcp[0]: meshctl does not implement tcp routes on gateways" in out
+    assert "vs.yaml:8: spec.tls[0]: meshctl does not implement tls routes on sidecars" in out
+    text = Path("vs.yaml").read_text().replace("  tls:\n", "  gateways: [gw]\n  tls:\n")
+    Path("vs.yaml").write_text(text)
+    out = " ".join(run("route", "validate", "-f", "vs.yaml").output.split())
+    assert "tls routes on sidecars" not in out
+    assert "vs.yaml:11: spec.tls[0].match[0].sourceLabels: meshctl does not implement" in out
 
 
 SECURE = """\
@@ -97,12 +135,23 @@ spec:
 """
 
 
-def test_gateway_tls_and_bind_are_refused_never_served_as_plaintext(run):
+def test_bind_and_a_missing_credential_are_refused_at_validate_and_apply(run):
     Path("gw.yaml").write_text(SECURE)
     for cmd in ("validate", "apply"):
         r = run("route", cmd, "-f", "gw.yaml")
         out = " ".join(r.output.split())
         assert r.exit_code == 1, out
-        assert "gw.yaml:13: spec.servers[0].tls: meshctl does not implement TLS on Gateway servers" in out
-        assert "gw.yaml:18: spec.servers[0].bind: meshctl does not implement Gateway server bind addresses" in out
+        assert "gw.yaml:18: spec.servers[0].bind: meshctl does not implement bind" in out
+        assert ("gw.yaml:15: spec.servers[0].tls.credentialName: Gateway default/mygateway: secret 'httpbin-credential' "
+                "not found: create it first with `meshctl secret create tls httpbin-credential") in out
     assert "mygateway" not in run("route", "get").output
+
+
+def test_auto_passthrough_and_tls_settings_on_plain_http_are_refused(run):
+    Path("gw.yaml").write_text(
+        SECURE.replace("    bind: 127.0.0.2\n", "").replace("mode: SIMPLE\n      credentialName: httpbin-credential", "mode: AUTO_PASSTHROUGH")
+        + "  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*']\n    tls: {mode: SIMPLE, credentialName: c}\n"
+    )
+    out = " ".join(run("route", "validate", "-f", "gw.yaml").output.split())
+    assert "gw.yaml:14: spec.servers[0].tls.mode: meshctl does not implement" in out
+    assert "spec.servers[1].tls.mode: tls.mode needs protocol HTTPS or TLS, not HTTP" in out

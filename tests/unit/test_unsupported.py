@@ -49,6 +49,8 @@ def _fields() -> list[tuple[str, str, str]]:
 FIELD_LIST = _fields()
 # Values with a meaning of their own (a condition key meshctl knows), where "1s" would not do.
 SAMPLES = {("AuthorizationPolicy", "spec.rules[].when[].key"): "source.ip"}
+# Fields honoured in one context only: the spec fields that give it (tls routes work on gateways).
+CONTEXT = {("VirtualService", "spec.tls"): {"gateways": ["g"]}}
 
 
 def _sample(typ: str, value: object = None) -> object:
@@ -99,6 +101,9 @@ def _document(kind: str, path: str, value: object) -> tuple[str, str]:
             concrete.append(name)
             if isinstance(child, dict) and not last:
                 node = child
+    for (k, prefix), extra in CONTEXT.items():
+        if k == kind and (path == prefix or path.startswith((prefix + ".", prefix + "["))):
+            root.update(extra)
     doc = {"apiVersion": GROUPS[kind], "kind": kind, "metadata": {"name": "x"}, "spec": root}
     return yaml.safe_dump(doc, sort_keys=False), "spec." + ".".join(concrete)
 
