@@ -188,10 +188,7 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.addresses": R("meshctl routes by host name, not by IP"),
         "spec.ports": H("tests/integration/test_serviceentry.py"),
         "spec.location": R("mTLS to ServiceEntry endpoints", refused=("MESH_INTERNAL",)),
-        "spec.resolution": R(
-            "meshctl's proxies have no original destination",
-            refused=("NONE", "DYNAMIC_DNS"),
-        ),
+        "spec.resolution": R("", refused=("DYNAMIC_DNS",)),
         "spec.endpoints": H("tests/integration/test_serviceentry.py"),
         "spec.endpoints[].locality": R(""),
         "spec.endpoints[].network": R(""),

@@ -67,6 +67,7 @@ class Cluster:
     traffic_policy: TrafficPolicy | None = None  # DR top level ⊕ subset ⊕ port level, merged
     endpoints: tuple[Endpoint, ...] = ()
     external: bool = False  # outside the mesh (a MESH_EXTERNAL ServiceEntry): no x-meshctl-* headers go there
+    original_destination: bool = False  # no endpoints: connect to the host the request names (ServiceEntry NONE)
 
 
 @dataclass(frozen=True, slots=True)

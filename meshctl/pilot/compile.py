@@ -175,7 +175,7 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
                 for p in se_ports
                 for i, ep in enumerate(se.endpoints)
             )
-            if not instances and se.resolution in ("DNS", "DNS_ROUND_ROBIN", None):
+            if not instances and not _original_destination(se, h) and se.resolution in ("DNS", "DNS_ROUND_ROBIN", None):
                 # Reach the host itself (DNS resolution happens when connecting).
                 instances = tuple(
                     Instance(id=f"{r.name}-{p.number}", service=h, address=h, port=p.target_port or p.number,
@@ -187,6 +187,12 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
                 instances = existing.instances + instances
             services[host] = Service(host, h.split(".")[0], r.namespace, ports, proto, instances, se)
     return services
+
+
+def _original_destination(se: ServiceEntry, host: str) -> bool:
+    """resolution NONE (Istio's default) without endpoints: the proxy connects to the
+    host the request names (a wildcard entry's hosts are many), as Envoy's ORIGINAL_DST."""
+    return not se.endpoints and (se.resolution == "NONE" or (se.resolution is None and "*" in host))
 
 
 def domains_for(svc: Service, port: int, primary: bool) -> tuple[str, ...]:
@@ -350,6 +356,7 @@ def build_clusters(inp: Inputs) -> dict[str, Cluster]:
                     traffic_policy=merge_policy(dr, subset, port) if dr else None,
                     endpoints=_endpoints(svc, labels, inp.trust_domain, port),
                     external=svc.entry is not None and svc.entry.location != "MESH_INTERNAL",
+                    original_destination=svc.entry is not None and _original_destination(svc.entry, svc.host),
                 )
     return clusters
 

@@ -49,13 +49,21 @@ def without_internal(headers):
     return headers
 
 
-def leaving_mesh(snap: Snapshot, fwd: Forward) -> Forward:
-    """``fwd`` as it may leave the mesh: unchanged for a mesh destination."""
+def on_forward(rq, fwd: Forward) -> None:
+    """Set ``rq.forward`` for a routed request: as it may leave the mesh (no
+    x-meshctl-* headers to an external cluster), and for a ServiceEntry of
+    resolution NONE, to the host the request names (``rq.cluster``)."""
+    snap = rq.snap
     cs = snap.clusters.get(fwd.cluster)
     if cs is None or not cs.cluster.external:
-        return fwd
+        rq.forward = fwd
+        return
     headers = without_internal(fwd.request_headers)
-    return fwd if headers is fwd.request_headers else replace(fwd, request_headers=headers)
+    rq.forward = fwd if headers is fwd.request_headers else replace(fwd, request_headers=headers)
+    if cs.cluster.original_destination:
+        target = split_authority(fwd.authority, cs.cluster.port)
+        if target is not None:
+            rq.cluster = passthrough_cluster(snap, target[0], target[1], cs.cluster)
 
 
 def split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
@@ -79,24 +87,30 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int] | None
     return host.lower(), port
 
 
-def passthrough_cluster(snap: Snapshot, host: str, port: int) -> ClusterState:
-    """The PassthroughCluster state for one destination (kept per snapshot, bounded)."""
+def passthrough_cluster(snap: Snapshot, host: str, port: int, entry: Cluster | None = None) -> ClusterState:
+    """The cluster state for one destination host the request names (kept per
+    snapshot, bounded): Envoy's PassthroughCluster, or a resolution NONE
+    ServiceEntry's cluster (``entry``: its name, service and traffic policy)."""
     cache = snap.passthrough
-    cs = cache.get((host, port))
+    key = (host, port, entry.name if entry is not None else PASSTHROUGH)
+    cs = cache.get(key)
     if cs is None:
         if len(cache) >= _MAX_HOSTS:
             cache.clear()
-        cluster = Cluster(name=PASSTHROUGH, service=PASSTHROUGH, port=port, external=True,
-                          endpoints=(Endpoint(address=host, port=port, instance=f"{host}:{port}"),))
-        cs = cache[(host, port)] = ClusterState(cluster, snap.stats.cluster(PASSTHROUGH))
+        ep = Endpoint(address=host, port=port, instance=f"{host}:{port}")
+        if entry is None:
+            cluster = Cluster(name=PASSTHROUGH, service=PASSTHROUGH, port=port, external=True, endpoints=(ep,))
+        else:
+            cluster = replace(entry, endpoints=(ep,), original_destination=False)
+        cs = cache[key] = ClusterState(cluster, snap.stats.cluster(cluster.name))
     return cs
 
 
 def blackhole_cluster(snap: Snapshot) -> ClusterState:
-    cs = snap.passthrough.get(("", 0))
+    cs = snap.passthrough.get(("", 0, BLACKHOLE))
     if cs is None:
         cluster = Cluster(name=BLACKHOLE, service=BLACKHOLE, port=0, external=True)
-        cs = snap.passthrough[("", 0)] = ClusterState(cluster, snap.stats.cluster(BLACKHOLE))
+        cs = snap.passthrough[("", 0, BLACKHOLE)] = ClusterState(cluster, snap.stats.cluster(BLACKHOLE))
     return cs
 
 
@@ -121,7 +135,7 @@ async def tunnel(rt, snap: Snapshot, server, route_table: str | None, authority:
     if target is None:
         status, flag, why = 400, F.NR, f"bad CONNECT target {authority!r}"
     elif known:
-        if cs is None:  # the host is known by a short or rewritten name: connect to it as named
+        if cs is None or cs.cluster.original_destination:  # connect to the host as named
             address = target
         elif cs.healthy:
             ep = cs.healthy[rt.rand.randrange(len(cs.healthy))]

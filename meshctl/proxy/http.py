@@ -322,7 +322,7 @@ class RouteStage:
         )
         d = router.decide(view, rq.rt.rand)
         if type(d) is Forward:
-            rq.forward = egress.leaving_mesh(snap, d)
+            egress.on_forward(rq, d)
             return None
         if type(d) is Redirect:
             return LocalReply(d.status, b"", [("location", d.location)])

@@ -168,7 +168,7 @@ class Snapshot:
         rules = [r for ra in cfg.request_authentication.values() for r in ra.jwt_rules]
         self.jwt: JwtAuthenticator | None = JwtAuthenticator(rules, cfg.jwks) if rules else None
         self.stats = stats
-        self.passthrough: dict[tuple[str, int], ClusterState] = {}  # egress.py: unknown hosts' clusters
+        self.passthrough: dict[tuple[str, int, str], ClusterState] = {}  # egress.py: clusters of hosts named by requests
         self.source_labels = cfg.workload.labels
         self.source_namespace = cfg.workload.namespace
 

@@ -274,3 +274,41 @@ spec:
         r = await curl("-s", "-p", "-x", f"http://127.0.0.1:{lp}", "--connect-to", "secure.example:443:secure.example:443",
                        "http://secure.example:443/inside")
         assert json.loads(r.stdout)["path"] == "/inside", r
+
+
+async def test_resolution_none_and_wildcard_hosts_connect_to_the_host_the_request_names(upstream):
+    # Istio's wildcard egress entry has no resolution (NONE): the request's own host is
+    # where it goes. "*.0.0.1" stands for "*.wikipedia.org" here: 127.0.0.1 must resolve.
+    lp = free_port()
+    cfg = _with_policy(_proxy_config(f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: wildcard
+spec:
+  hosts:
+  - "*.0.0.1"
+  ports:
+  - number: {upstream.port}
+    name: http
+    protocol: HTTP
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: none
+spec:
+  hosts: [localhost]
+  ports: [{{number: {upstream.port}, name: http, protocol: HTTP}}]
+  resolution: NONE
+""", lp), "REGISTRY_ONLY")
+    async with running_proxy(cfg) as rt:
+        code, info = await _get(lp, f"http://127.0.0.1:{upstream.port}/wild")
+        assert code == 200 and info["path"] == "/wild", info
+        code, info = await _get(lp, f"http://localhost:{upstream.port}/none")
+        assert code == 200 and info["path"] == "/none", info
+        assert not [k for k, _ in info["headers"] if k.startswith("x-meshctl-")]
+        # telemetry names the entry's host, not PassthroughCluster
+        metrics = rt.telemetry.render()
+    assert 'destination_service="*.0.0.1"' in metrics and 'destination_service_name="localhost"' in metrics, metrics
+    assert "PassthroughCluster" not in metrics
