@@ -977,7 +977,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                     conn.deadline = trio.current_time() + rt.snapshot.settings.idle_timeout
                 first = False
                 conn.busy = False
-                if rt.draining:
+                if rt.closing:  # drain period over; during it, responses close their connection
                     break
                 try:
                     if prefix:

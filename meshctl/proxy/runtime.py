@@ -7,9 +7,15 @@ Listener life cycle (one table, the rules):
     Active     apply: same address and port  → Active     swap spec/chain; socket kept
     Active     apply: address/port changed   → Active     bind new socket first, then close old
     Active     apply: listener removed       → (closed)   stop accepting; open connections finish
-    Active     SIGTERM (drain)               → Draining   stop accepting; idle connections closed;
+    Active     SIGTERM (drain)               → Draining   not ready; keep accepting and serving for
+                                                          settings.drain_duration (Istio's
+                                                          terminationDrainDuration) while callers move
+                                                          away: HTTP/1.1 responses carry connection:
+                                                          close, HTTP/2 connections get GOAWAY
+    Active     SIGINT, or drain_duration 0   → Closing    (at once)
+    Draining   drain_duration over           → Closing    stop accepting; idle connections closed;
                                                           busy ones finish their request
-    Draining   all connections done or
+    Closing    all connections done or
                settings.drain_timeout        → (exit 0)
 
 ``apply(cfg)`` checks everything first (references, bindability) and only
@@ -100,6 +106,7 @@ class ProxyRuntime:
         self.conns: set[ConnState] = set()
         self.active: dict[tuple[str, int], int] = {}
         self.draining = False
+        self.closing = False  # draining, and the drain period is over: listeners closed
         self.ready = False
         self.forwarder = Forwarder(self)
         self.pool: UpstreamPool | None = None
@@ -338,13 +345,36 @@ class ProxyRuntime:
             lim.retire()  # closes the idle connections of clusters with connectionPool limits
         log.info("proxy stopped")
 
-    def drain(self) -> None:
-        """Stop accepting, close idle connections, let busy ones finish."""
+    def drain(self, duration: float | None = None) -> None:
+        """Drain: serve ``duration`` s more (default settings.drain_duration) with
+        every response closing its connection, then stop accepting, close idle
+        connections and let busy ones finish."""
         if self.draining:
+            if duration == 0:
+                self._stop_listening()  # a second signal, or SIGINT: no more waiting
             return
         self.draining = True
         self.ready = False
-        log.info("draining: %d connections open", len(self.conns))
+        d = float(self.snapshot.settings.drain_duration) if duration is None and self.snapshot else (duration or 0.0)
+        log.info("draining: %d connections open%s", len(self.conns), f"; serving {d:g}s more" if d > 0 else "")
+        for c in list(self.conns):
+            graceful = getattr(c, "drain", None)  # HTTP/2 (h2conn.H2ConnState): GOAWAY, close when done
+            if graceful is not None:
+                graceful()
+        if d > 0 and self._nursery is not None:
+            self._nursery.start_soon(self._drain_after, d)
+        else:
+            self._stop_listening()
+
+    async def _drain_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        if self._drained.is_set():
+            return
+        log.info("drain period over: closing listeners; %d connections open", len(self.conns))
+        self.closing = True
         for al in self.listeners.values():
             al.scope.cancel()
             self._close_sock(al.sock)
@@ -412,7 +442,7 @@ class ProxyRuntime:
                 self.reload()
             else:
                 log.info("%s: draining", signal.Signals(signum).name)
-                self.drain()
+                self.drain(0.0 if signum == signal.SIGINT else None)
 
     def _check_mtime(self) -> None:
         if self.config_path is None:

@@ -318,17 +318,17 @@ class Supervisor:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def stop_proc(self, p: ProcState | None) -> None:
+    async def stop_proc(self, p: ProcState | None, sig: int = signal.SIGTERM, grace: float = STOP_GRACE) -> None:
         if p is None or p.process is None:
             return
         p.state = "stopped"
         proc = p.process
         if proc.returncode is None:
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
-            with trio.move_on_after(STOP_GRACE):
+            with trio.move_on_after(grace):
                 await proc.wait()
             if proc.returncode is None:
                 try:
@@ -619,8 +619,13 @@ class Supervisor:
         if inst.registered:
             await self._deregister(inst, drain=inst.state != "draining")
         inst.state = "stopped"
-        # The sidecar drains in-flight requests on SIGTERM; the app goes after it.
-        await self.stop_proc(inst.proxy)
+        # Deregistered above; now the sidecar drains: on SIGTERM it serves
+        # settings.drainDuration more while callers move away (Istio's
+        # terminationDrainDuration); when the whole mesh stops nobody is left to
+        # move, so SIGINT: it stops at once, finishing in-flight requests. The app goes after it.
+        drain = float(self.spec.settings.drain_duration)
+        await self.stop_proc(inst.proxy, signal.SIGINT if self.shutting_down else signal.SIGTERM,
+                             STOP_GRACE + (0.0 if self.shutting_down else drain))
         await self.stop_proc(inst.app)
         inst.cancel.cancel()
 
