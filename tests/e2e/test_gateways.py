@@ -67,6 +67,11 @@ services:
   versions:
   - name: v1
     command: [{python}, {hello}]
+- name: productpage
+  port: 9080
+  versions:
+  - name: v1
+    command: [{python}, {hello}]
 - name: helloworld
   port: 5000
   versions:
@@ -89,7 +94,7 @@ services:
 gateways:
 - name: istio-ingressgateway
   labels: {{istio: ingressgateway}}
-  ports: {{80: {http}, 443: {https}, 31400: {tcp}}}
+  ports: {{80: {http}, 443: {https}, 31400: {tcp}, 8080: {p8080}}}
   numTrustedProxies: 1
 """
 
@@ -216,18 +221,18 @@ def mesh(tmp_path_factory):
     work = tmp_path_factory.mktemp("gateways")
     port_range, spare = mesh_ports()
     lo, hi = (int(x) for x in port_range.split("-"))
-    http, https, tcp, nginx = spare, hi, hi - 1, hi - 2
+    http, https, tcp, nginx, p8080 = spare, hi, hi - 1, hi - 2, hi - 3
     certs = work / "certs"
     certs.mkdir()
     ca = make_ca()
     write_pair(certs, "example.com", *ca)
     nginx_cert = write_pair(certs, "nginx.example.com", *make_leaf(ca, "nginx.example.com"))
     upstream = TLSUpstream(nginx, *nginx_cert)
-    (work / "mesh.yaml").write_text(MESH.format(port_range=f"{lo}-{hi - 3}", python=sys.executable, hello=HELLO_APP,
-                                                echo=TCP_ECHO_APP, http=http, https=https, tcp=tcp, nginx=nginx))
+    (work / "mesh.yaml").write_text(MESH.format(port_range=f"{lo}-{hi - 4}", python=sys.executable, hello=HELLO_APP,
+                                                echo=TCP_ECHO_APP, http=http, https=https, tcp=tcp, nginx=nginx, p8080=p8080))
     meshctl("up", "-d", "-f", "mesh.yaml", cwd=work)
     try:
-        m = {"dir": work, "http": http, "https": https, "tcp": tcp, "certs": certs, "ca": ca}
+        m = {"dir": work, "http": http, "https": https, "tcp": tcp, "p8080": p8080, "certs": certs, "ca": ca}
         apply_text(m, HTTPBIN_GATEWAY)
         yield m
     finally:
@@ -687,3 +692,15 @@ def test_a_gateway_applied_at_run_time_opens_its_port_and_deleting_it_closes_it(
         time.sleep(0.2)
     meshctl("route", "delete", "virtualservice", "httpbin-live", cwd=mesh["dir"], check=False)
     assert curl(*http_url(mesh, "/status/200"))[0] == "200"  # the other Gateway's port is untouched
+
+
+def test_istios_current_bookinfo_gateway_on_8080_is_served_where_mesh_yaml_maps_8080(mesh):
+    # samples/bookinfo/networking/bookinfo-gateway.yaml, unchanged (Gateway port 8080)
+    meshctl("route", "apply", "--wait", "-f", str(GW_DATA / "bookinfo-gateway-8080.yaml"), cwd=mesh["dir"])
+    try:
+        code, body = curl(f"http://127.0.0.1:{mesh['p8080']}/productpage")
+        assert code == "200" and '"/productpage"' in body
+        assert curl(f"http://127.0.0.1:{mesh['p8080']}/nothing-routes-this")[0] == "404"
+    finally:
+        meshctl("route", "delete", "gateway", "bookinfo-gateway", cwd=mesh["dir"], check=False)
+        meshctl("route", "delete", "virtualservice", "bookinfo", cwd=mesh["dir"], check=False)
