@@ -266,19 +266,22 @@ def check_leaf(
     now: datetime | float,
     *,
     usage: str | None = None,
+    trust_domain: str | None = None,
 ) -> str:
     """Checks 1 and 3-7 on a leaf whose chain was already verified (by ``ssl``).
 
     ``usage`` is "server" when the peer acted as a TLS server, "client" when
-    it was a client, None to accept either. Returns the peer's SPIFFE ID.
+    it was a client, None to accept either. ``trust_domain``: the SPIFFE ID
+    must be in it (a certificate of another trust domain signed by a CA we
+    trust is still a stranger, as in Istio). Returns the peer's SPIFFE ID.
     """
     leaf = load_certificates(cert)[0] if not isinstance(cert, x509.Certificate) else cert
     when = as_datetime(now)
     _check_validity(leaf, when, "peer certificate")
-    return _check_leaf_rest(leaf, expected_ids, usage)
+    return _check_leaf_rest(leaf, expected_ids, usage, trust_domain)
 
 
-def _check_leaf_rest(leaf: x509.Certificate, expected_ids, usage: str | None) -> str:
+def _check_leaf_rest(leaf: x509.Certificate, expected_ids, usage: str | None, trust_domain: str | None = None) -> str:
     if is_ca(leaf):
         raise PeerRejected(
             f"peer certificate {describe(leaf)} is a CA certificate (basicConstraints CA:true); "
@@ -323,6 +326,10 @@ def _check_leaf_rest(leaf: x509.Certificate, expected_ids, usage: str | None) ->
         raise PeerRejected(str(exc), "weak-key") from None
     except Exception as exc:  # unsupported algorithms in cryptography
         raise PeerRejected(f"peer certificate {ident} key cannot be read: {exc}", "weak-key") from None
+    if trust_domain is not None and ident[len(SCHEME):].split("/", 1)[0] != trust_domain:
+        raise PeerRejected(
+            f"peer identity {ident} is outside this mesh's trust domain {trust_domain}", "wrong-trust-domain"
+        )
     if expected_ids is not None and ident not in expected_ids:
         want = ", ".join(sorted(expected_ids)) or "<none>"
         raise PeerRejected(f"peer identity {ident} is not the expected one ({want})", "wrong-identity")
@@ -336,6 +343,7 @@ def verify_peer(
     now: datetime | float,
     *,
     usage: str | None = None,
+    trust_domain: str | None = None,
 ) -> str:
     """All the checks, chain included. ``cert_chain`` is leaf first (DER, PEM or
     x509 objects). Returns the peer's SPIFFE ID or raises PeerRejected(reason)."""
@@ -347,7 +355,7 @@ def verify_peer(
     leaf = chain[0]
     _check_validity(leaf, when, "peer certificate")
     _verify_chain(leaf, chain[1:], roots, when)
-    return _check_leaf_rest(leaf, expected_ids, usage)
+    return _check_leaf_rest(leaf, expected_ids, usage, trust_domain)
 
 
 def remaining_lifetime(cert: x509.Certificate, now: datetime | float) -> timedelta:

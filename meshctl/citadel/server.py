@@ -127,7 +127,8 @@ class CitadelService:
         """Renewal: the current certificate (still valid, from our trust bundle)
         names the identity; ``proof`` shows the caller holds its key."""
         now = self.clock()
-        identity = verify_peer(cert_chain_pem, trust_bundle_pem(self.state_dir, now), None, now, usage="client")
+        identity = verify_peer(cert_chain_pem, trust_bundle_pem(self.state_dir, now), None, now, usage="client",
+                               trust_domain=self.ca.trust_domain)
         leaf = load_certificates(cert_chain_pem)[0]
         csr = validate_csr(csr_pem)
         try:

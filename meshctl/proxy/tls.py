@@ -183,6 +183,12 @@ class CertificateHolder:
         return self._server is not None
 
     @property
+    def trust_domain(self) -> str | None:
+        """Our own SPIFFE ID's trust domain: peers must be in it."""
+        ident = self.identity or ""
+        return ident[len("spiffe://"):].split("/", 1)[0] if ident.startswith("spiffe://") else None
+
+    @property
     def server(self) -> ssl.SSLContext:
         if self._server is None:
             raise TLSError("no workload certificate yet: Citadel has not issued one", "no-certificate")
@@ -338,7 +344,8 @@ async def _handshake(
     try:
         if not der:
             raise PeerRejected("peer presented no certificate", "no-certificate")
-        peer_id = check_leaf(der, expected_ids, now(), usage="client" if server_side else "server")
+        peer_id = check_leaf(der, expected_ids, now(), usage="client" if server_side else "server",
+                             trust_domain=context.trust_domain if isinstance(context, CertificateHolder) else None)
     except PeerRejected:
         await trio.aclose_forcefully(ssl_stream)
         raise
