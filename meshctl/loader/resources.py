@@ -21,7 +21,7 @@ import yaml
 from ..model.base import EMPTY, FrozenDict
 from ..model.istio import API_VERSIONS, SPEC_TYPES, Resource
 from .codec import LineMap, LoadError, LoadErrors, decode_collect, join_path, line_of, to_data
-from .source import parse_documents
+from .source import parse_documents, read_config_file
 from .unsupported import Refused, entry_for, generic_path, kind_refusal, refusal_message
 
 __all__ = [
@@ -133,7 +133,10 @@ def load_resources(paths: Sequence[str | Path]) -> list[Resource]:
     resources: list[Resource] = []
     for file in _files(paths, errors):
         try:
-            text = file.read_text(encoding="utf-8")
+            text = read_config_file(file)
+        except LoadError as exc:
+            errors.append(exc)
+            continue
         except UnicodeDecodeError as exc:
             errors.append(LoadError(str(file), None, "", f"not UTF-8 text ({exc.reason})"))
             continue

@@ -7,7 +7,10 @@ Layout in the state directory::
     rules/.lock                   flock, so CLI and Pilot never write at once
 
 Each revision is the whole set, so rollback is choosing a file and history is
-listing them. A revision is written to a temporary file and renamed: a crash
+listing them. The history is capped: the last ``keep`` revisions (KEEP_REVISIONS,
+100) are kept and older ones pruned at each write, so a big rule set applied
+again and again does not grow the state directory without end (fields are
+bounded by the loader: loader/source.py). A revision is written to a temporary file and renamed: a crash
 never leaves a half-written rule set. The CLI writes here directly and then
 pokes Pilot, so `route apply` works the same with Pilot up or down.
 """
@@ -25,6 +28,9 @@ from typing import Iterator, Sequence
 
 from ..loader.codec import from_data, to_data
 from ..model.istio import SPEC_TYPES, Resource
+
+
+KEEP_REVISIONS = 100
 
 
 class StoreError(Exception):
@@ -86,7 +92,8 @@ def resource_from_dict(d: dict) -> Resource:
 
 
 class RuleStore:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, keep: int = KEEP_REVISIONS) -> None:
+        self.keep = max(2, keep)
         self.root = Path(state_dir) / "rules"
         self.revisions = self.root / "revisions"
         self.revisions.mkdir(parents=True, exist_ok=True)
@@ -106,6 +113,10 @@ class RuleStore:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
+            oldest = min((int(p.stem) for p in self.revisions.glob("*.json")), default=0)
+            if 0 < number < oldest:
+                raise StoreError(f"revision {number} was pruned: the history keeps the last {self.keep} "
+                                 f"revisions (the oldest is {oldest})") from None
             raise StoreError(f"no revision {number} in {self.revisions}") from None
         except json.JSONDecodeError as e:
             raise StoreError(f"{path}: corrupt ({e})") from e
@@ -159,6 +170,11 @@ class RuleStore:
         }
         _atomic_write(self.revisions / f"{number:06d}.json", json.dumps(body, indent=1))
         _atomic_write(self.root / "current", f"{number}\n")
+        for old in sorted(existing)[: max(0, len(existing) + 1 - self.keep)]:
+            try:
+                (self.revisions / f"{old:06d}.json").unlink()
+            except FileNotFoundError:
+                pass
         return rev
 
     def apply(self, resources: Sequence[Resource]) -> tuple[Revision, list[Change]]:
