@@ -1,4 +1,4 @@
-"""Pieces every CLI noun shares: the state-dir option, errors, control-plane calls."""
+"""Pieces every CLI noun shares: the state-dir option, errors, the control-plane client."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table as _RichTable
 
-from ..state import ENV_VAR, StateDirNotFound, read_control, require_state_dir
+from ..state import ENV_VAR, StateDirNotFound, require_state_dir
 
 console = Console()
 err_console = Console(stderr=True)
@@ -72,16 +71,21 @@ def state_dir(explicit: Optional[str]) -> Path:
         fail(str(e))
 
 
-def control_url(sd: Path, role: str) -> str | None:
-    """The URL of a running control-plane role, or None when it is not running."""
-    return read_control(sd).get(role)
+def control(sd: Path):
+    """The control-plane client (meshctl/controlclient.py) for the mesh in ``sd``."""
+    from ..controlclient import ControlClient
+
+    return ControlClient(sd)
 
 
-def call(url: str, method: str, path: str, *, json: Any = None, timeout: float = 5.0) -> httpx.Response:
+def or_fail(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a ControlPlaneError turned into `fail` with its message."""
+    from ..controlclient import ControlPlaneError
+
     try:
-        return httpx.request(method, url.rstrip("/") + path, json=json, timeout=timeout)
-    except httpx.HTTPError as e:
-        raise ConnectionError(f"{url}: {e.__class__.__name__}: {e}") from e
+        return fn(*args, **kwargs)
+    except ControlPlaneError as e:
+        fail(str(e))
 
 
 def stdout_is_tty() -> bool:

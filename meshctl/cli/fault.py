@@ -19,9 +19,9 @@ from typing import List, Optional
 
 import typer
 
-from ..loader.codec import from_data
 from ..model.proxyconfig import fqdn
-from ..pilot.compile import Inputs, _applies_to_mesh, _normalize_route, _vs_hosts
+from ..pilot.compile import Inputs
+from ..pilot.query import mesh_hosts, mesh_routes
 from ..pilot.faults import (
     FaultError,
     FaultStore,
@@ -33,8 +33,7 @@ from ..pilot.faults import (
     subsets_routed,
 )
 from ..pilot.store import RuleStore, StoreError
-from ..registry.base import Instance
-from .common import StateDirOption, Table, call, console, control_url, err_console, fail, state_dir
+from .common import StateDirOption, Table, console, control, err_console, fail, or_fail, state_dir
 
 VERBS = ("list", "clear")
 
@@ -53,28 +52,6 @@ def register(root: typer.Typer) -> None:
         ),
         no_args_is_help=True,
     )(inject_fault)
-
-
-def injected_faults_now(sd: Path) -> tuple[InjectedFault, ...]:
-    """The injected faults in force now, for offline compiles (`route explain`)."""
-    try:
-        return active_faults(FaultStore(sd).load(), time.time())
-    except FaultError:
-        return ()
-
-
-def _registry_snapshot(sd: Path) -> dict:
-    """The endpoints Pilot routes with, or the embedded registry's saved ones when Pilot is down."""
-    url = control_url(sd, "pilot")
-    if url:
-        try:
-            data = call(url, "GET", "/v1/registry", timeout=2.0).json()
-            return {s: tuple(from_data(Instance, i) for i in insts) for s, insts in data.items()}
-        except (ConnectionError, ValueError):
-            pass
-    from ..registry.embedded import load_snapshot
-
-    return dict(load_snapshot(sd))
 
 
 def _complete_target(incomplete: str) -> list[str]:
@@ -102,11 +79,8 @@ def _resolve_service(sd: Path, name: str) -> tuple[str, Inputs]:
         resources = list(RuleStore(sd).current().resources)
     except StoreError as e:
         fail(str(e))
-    inp = Inputs(resources, _registry_snapshot(sd))
-    known = set(inp.services)
-    for r in inp.virtual_services:
-        if _applies_to_mesh(r):
-            known.update(h for h in _vs_hosts(r) if "*" not in h)
+    inp = Inputs(resources, control(sd).registry_snapshot())
+    known = mesh_hosts(inp)
     host = name if name in known else fqdn(name)
     if host not in known:
         names = ", ".join(sorted(_short(h) for h in known)) or "none"
@@ -114,40 +88,18 @@ def _resolve_service(sd: Path, name: str) -> tuple[str, Inputs]:
     return host, inp
 
 
-def _routes_of(inp: Inputs, host: str):
-    for r in inp.virtual_services:
-        if _applies_to_mesh(r) and host in _vs_hosts(r):
-            return [_normalize_route(h, r.namespace, inp.services) for h in r.spec.http]  # type: ignore[attr-defined]
-    return []
-
-
 def _poke_pilot(sd: Path) -> str | None:
-    url = control_url(sd, "pilot")
-    if not url:
-        return None
-    try:
-        call(url, "POST", "/v1/faults/reload", timeout=2.0)
-        return url
-    except ConnectionError:
-        return None
+    return or_fail(control(sd).reload_faults)
 
 
-def _wait_synced(url: str, timeout: float) -> None:
+def _wait_synced(sd: Path, timeout: float) -> None:
     """Wait until every proxy runs the config with the change; warn (not fail) if not:
     the fault is stored either way and proxies get it when they come back."""
-    deadline = time.monotonic() + timeout
-    proxies: list = []
-    while time.monotonic() < deadline:
-        try:
-            proxies = call(url, "GET", "/v1/status").json()["proxies"]
-        except (ConnectionError, ValueError, KeyError):
-            time.sleep(0.1)
-            continue
-        if all(p["status"] == "SYNCED" for p in proxies):
-            console.print(f"all {len(proxies)} proxies synced", style="dim")
-            return
-        time.sleep(0.05)
-    behind = ", ".join(p["proxy"] for p in proxies if p.get("status") != "SYNCED")
+    res = or_fail(control(sd).wait_synced, timeout, stop_on_nack=False)
+    if res.synced:
+        console.print(f"all {len(res.proxies)} proxies synced", style="dim")
+        return
+    behind = ", ".join(p["proxy"] for p in res.proxies if p.get("status") != "SYNCED")
     err_console.print(f"[yellow]warning:[/] not every proxy has the change after {timeout:g}s: {behind or 'Pilot did not answer'}")
 
 
@@ -200,7 +152,7 @@ def _add(sd: Path, service: str, delay, abort, percent, match, subset, ttl, wait
                       match=match, subset=subset, ttl=ttl)
     except FaultError as e:
         fail(str(e))
-    routes = _routes_of(inp, host)
+    routes = mesh_routes(inp, host)
     if subset:
         dr = inp.destination_rules.get(host)
         defined = [s.name for s in dr.spec.subsets] if dr else []  # type: ignore[attr-defined]
@@ -225,7 +177,7 @@ def _add(sd: Path, service: str, delay, abort, percent, match, subset, ttl, wait
     if url is None:
         console.print("(Pilot is not running: proxies get the fault when it starts)", style="dim")
     elif wait:
-        _wait_synced(url, 10.0)
+        _wait_synced(sd, 10.0)
 
 
 def _list(sd: Path) -> None:
@@ -259,4 +211,4 @@ def _clear(sd: Path, what: Optional[str], wait: bool) -> None:
         console.print(f"fault {f.id} on {_short(f.service)} cleared ({describe(f)} of {describe_match(f.match)})", highlight=False, soft_wrap=True)
     url = _poke_pilot(sd)
     if url is not None and wait:
-        _wait_synced(url, 10.0)
+        _wait_synced(sd, 10.0)

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..state import write_control
-from .common import StateDirOption, call, console, control_url, fail, serve_forever, state_dir
+from .common import StateDirOption, console, control, fail, or_fail, serve_forever, state_dir
 
 app = typer.Typer(help="Mixer: mesh-wide telemetry and global rate-limit quotas.", no_args_is_help=True)
 
@@ -49,14 +49,14 @@ def serve(
     if interval <= 0:
         fail(f"--interval must be positive, got {interval}", 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s mixer %(levelname)s %(message)s")
-    mixer = Mixer(sd if sd.exists() else None, {t: t for t in target}, interval=interval)
+    sd.mkdir(parents=True, exist_ok=True)  # holds the mesh credential Mixer checks callers with
+    mixer = Mixer(sd, {t: t for t in target}, interval=interval)
 
     async def main() -> None:
         async with trio.open_nursery() as n:
             bound = await n.start(run_mixer, mixer, host, port)
             url = f"http://{host}:{bound}"
-            if sd.exists():
-                write_control(sd, mixer=url)
+            write_control(sd, mixer=url)
             logging.info("serving on %s (state %s)", url, sd)
 
     serve_forever(main, host, port)
@@ -158,26 +158,14 @@ def render_top(data: dict, *, sort: str = "rps", service: Optional[str] = None, 
 # ------------------------------------------------------------------ top / stat
 
 
-def _mixer_url(state: Optional[str]) -> str:
-    sd = state_dir(state)
-    url = control_url(sd, "mixer")
-    if not url:
-        fail(f"Mixer is not running for {sd} (no mixer address in control.json): start it with `meshctl up` or `meshctl mixer serve`")
-    return url
+def _client(state: Optional[str]):
+    client = control(state_dir(state))
+    or_fail(client.require, "mixer")
+    return client
 
 
-def _fetch(url: str, window: str) -> dict:
-    try:
-        r = call(url, "GET", f"/v1/top?window={window}")
-    except ConnectionError as e:
-        fail(f"Mixer is not answering: {e}")
-    if r.status_code != 200:
-        try:
-            msg = r.json().get("error", r.text)
-        except ValueError:
-            msg = r.text
-        fail(f"Mixer: {msg}")
-    return r.json()
+def _fetch(client, window: str) -> dict:
+    return or_fail(client.top, window)
 
 
 def _check_sort(sort: str) -> None:
@@ -194,7 +182,7 @@ def stat(
 ) -> None:
     """Per service and version, once: rps, success rate, p50/p90/p99, connections, ejections, overflows, rate-limited."""
     _check_sort(sort)
-    data = _fetch(_mixer_url(state), window)
+    data = _fetch(_client(state), window)
     if json_out:
         data = dict(data, rows=sort_rows(filter_rows(data.get("rows", []), service), sort))
         print(json.dumps(data, indent=1))
@@ -212,13 +200,13 @@ def top(
     from rich.live import Live
 
     _check_sort(sort)
-    url = _mixer_url(state)
+    client = _client(state)
     stop = threading.Event()
     restore = _keys_quit_on_q(stop)
     try:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while not stop.is_set():
-                data = _fetch(url, window)
+                data = _fetch(client, window)
                 live.update(render_top(data, sort=sort, service=service, width=console.width), refresh=True)
                 stop.wait(1.0)
     except KeyboardInterrupt:

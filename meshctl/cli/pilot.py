@@ -12,13 +12,9 @@ import typer
 
 from ..loader.codec import from_data, to_data
 from ..loader.proxyconfig import dump_proxy_config
-from ..model.base import FrozenDict
-from ..model.proxyconfig import Listener, ProxyConfig, Workload
-from ..pilot.compile import Inputs, Node, compile_proxy
-from ..pilot.store import RuleStore
-from ..registry.base import Instance
+from ..model.proxyconfig import ProxyConfig
 from ..state import write_control
-from .common import StateDirOption, Table, call, console, control_url, fail, serve_forever, state_dir
+from .common import StateDirOption, Table, console, control, fail, or_fail, serve_forever, state_dir
 
 app = typer.Typer(help="Pilot: rules + registry → config pushed to every proxy.", no_args_is_help=True)
 
@@ -67,25 +63,13 @@ def _has_state(explicit: Optional[str]) -> bool:
     return find_state_dir(explicit) is not None
 
 
-def _pilot_url(state: Optional[str]) -> str:
-    sd = state_dir(state)
-    url = control_url(sd, "pilot")
-    if not url:
-        fail(f"Pilot is not running for {sd} (no pilot address in control.json): start it with `meshctl up` or `meshctl pilot serve`")
-    return url
-
-
 @app.command("proxy-status")
 def proxy_status(
     output: str = typer.Option("table", "-o", "--output", help="table or json"),
     state: Optional[str] = StateDirOption,
 ) -> None:
     """Which proxy runs which config version: SYNCED, STALE, or NACKED and why."""
-    url = _pilot_url(state)
-    try:
-        st = call(url, "GET", "/v1/status").json()
-    except ConnectionError as e:
-        fail(f"Pilot is not answering: {e}")
+    st = or_fail(control(state_dir(state)).status)
     if output == "json":
         print(json.dumps(st, indent=1))
         return
@@ -107,14 +91,9 @@ def proxy_config(
     """The config Pilot computes for one proxy (the version it pushes)."""
     if section and section not in SECTIONS:
         fail(f"unknown section {section!r}: one of {', '.join(SECTIONS)}", 2)
-    url = _pilot_url(state)
-    try:
-        r = call(url, "GET", f"/v1/config/{proxy}?wait=0s")
-    except ConnectionError as e:
-        fail(f"Pilot is not answering: {e}")
-    if r.status_code == 404:
+    data = or_fail(control(state_dir(state)).proxy_config, proxy)
+    if data is None:
         fail(f"Pilot knows no proxy named {proxy!r}: see `meshctl pilot proxy-status`")
-    data = r.json()
     if output == "json":
         key = {"listeners": "listeners", "routes": "routeTables", "clusters": "clusters", "endpoints": "clusters"}.get(section or "", None)
         print(json.dumps(data.get(key, []) if key else data, indent=1))
@@ -195,41 +174,8 @@ def render_config(cfg: ProxyConfig, section: Optional[str], live: dict | None = 
 
 
 def offline_config(sd: Path, source: Optional[str]) -> ProxyConfig:
-    """Compile, without Pilot, the config a proxy of ``source`` would run: the
-    stored rules, the registry as Pilot last saw it (or as stored), that
-    proxy's node when one has registered."""
-    resources = list(RuleStore(sd).current().resources)
-    snapshot: dict[str, tuple[Instance, ...]] = {}
-    url = control_url(sd, "pilot")
-    got = False
-    if url:
-        try:
-            data = call(url, "GET", "/v1/registry", timeout=2.0).json()
-            snapshot = {s: tuple(from_data(Instance, i) for i in insts) for s, insts in data.items()}
-            got = True
-        except (ConnectionError, ValueError):
-            pass
-    if not got:
-        from ..registry.embedded import load_snapshot
-
-        snapshot = dict(load_snapshot(sd))
-    node = None
-    nodes_file = sd / "pilot" / "nodes.json"
-    if source and nodes_file.exists():
-        for nd in json.loads(nodes_file.read_text()).values():
-            n = from_data(Node, nd)
-            if n.workload.service == source and not n.gateway:
-                node = n
-                break
-    if node is None:
-        svc = source or "explain"
-        node = Node(
-            workload=Workload(name=f"{svc}-explain", service=svc, labels=FrozenDict({"app": svc})),
-            listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=0),),
-        )
-    from .fault import injected_faults_now
-
-    return compile_proxy(Inputs(resources, snapshot, faults=injected_faults_now(sd)), node)
+    """The config a proxy of ``source`` would run, compiled without Pilot (controlclient)."""
+    return control(sd).offline_config(source)
 
 
 __all__ = ["app", "register", "offline_config", "dump_proxy_config"]

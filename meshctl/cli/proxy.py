@@ -41,6 +41,8 @@ def run(
         args += ["--access-log", str(access_log)]
     if mixer:
         args += ["--mixer", mixer]
+    if pilot is not None and node is not None and state_dir is not None:
+        _hand_over_credential(node, state_dir)
     if os.environ.get("MESHCTL_PROXY_IN_PROCESS") != "1":
         # the sidecar runs long: replace this process with one that imports
         # only the data path (same pid, so supervisors and signals are unaffected)
@@ -55,6 +57,24 @@ def run(
     from ..proxy.main import main
 
     raise typer.Exit(main(args))
+
+
+def _hand_over_credential(node: Path, state_dir: Path) -> None:
+    """Run by the mesh's user, `proxy run --pilot` mints the proxy's own Pilot
+    credential and hands it over in a one-time 0600 bootstrap file (the sidecar
+    reads and deletes it), unless a launcher already gave one."""
+    import json
+
+    from ..credentials import ENV_BOOTSTRAP, CredentialError, mesh_credential, proxy_credential, write_bootstrap
+
+    if os.environ.get(ENV_BOOTSTRAP):
+        return
+    try:
+        name = json.loads(node.read_text())["workload"]["name"]
+        secret = mesh_credential(state_dir)
+    except (OSError, ValueError, KeyError, TypeError, CredentialError):
+        return  # the sidecar says why Pilot refuses it
+    os.environ[ENV_BOOTSTRAP] = str(write_bootstrap(state_dir, name, {"pilot_credential": proxy_credential(secret, name)}))
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ from ..loader.resources import LoadErrors, dump_resources, load_resources
 from ..loader.validate import validate
 from ..model.istio import SPEC_TYPES, Resource
 from ..pilot.store import RuleStore, StoreError
-from .common import StateDirOption, Table, call, console, control_url, err_console, fail, state_dir
+from .common import StateDirOption, Table, console, control, err_console, fail, or_fail, state_dir
 
 app = typer.Typer(help="Istio rules: VirtualService, DestinationRule, ServiceEntry, Gateway, ...", no_args_is_help=True)
 
@@ -77,35 +77,18 @@ MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve t
 
 def _poke_pilot(sd: Path) -> str | None:
     """Tell a running Pilot to re-read the store; it would notice within a second anyway."""
-    url = control_url(sd, "pilot")
-    if not url:
-        return None
-    try:
-        call(url, "POST", "/v1/rules/reload", timeout=2.0)
-        return url
-    except ConnectionError:
-        return None
+    return or_fail(control(sd).reload_rules)
 
 
-def _wait_synced(url: str, revision_before: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    st: dict = {"proxies": []}
-    while time.monotonic() < deadline:
-        try:
-            st = call(url, "GET", "/v1/status").json()
-        except ConnectionError:
-            time.sleep(0.1)
-            continue
-        proxies = st["proxies"]
-        if all(p["status"] == "SYNCED" for p in proxies):
-            console.print(f"all {len(proxies)} proxies synced")
-            return
-        nacked = [p for p in proxies if p["status"] == "NACKED"]
-        if nacked:
-            fail("; ".join(f"{p['proxy']} rejected the config: {p['error']}" for p in nacked))
-        time.sleep(0.02)
-    behind = ", ".join(f"{p['proxy']} ({p['status']}, acked {p['acked'] or '-'}, wants {p['current']})" for p in st["proxies"] if p["status"] != "SYNCED")
-    fail(f"proxies not synced after {timeout}s: {behind or 'Pilot did not answer'}; see `meshctl pilot proxy-status`")
+def _wait_synced(sd: Path, timeout: float) -> None:
+    res = or_fail(control(sd).wait_synced, timeout)
+    if res.synced:
+        console.print(f"all {len(res.proxies)} proxies synced")
+    elif res.nacked:
+        fail("; ".join(f"{p['proxy']} rejected the config: {p['error']}" for p in res.nacked))
+    else:
+        fail(f"proxies not synced after {timeout}s: {res.behind() or 'Pilot did not answer'}; "
+             "see `meshctl pilot proxy-status`")
 
 
 @app.command("apply")
@@ -133,7 +116,7 @@ def apply(
     if rev.number != before:
         console.print(f"revision {rev.number}" + ("" if url else " (Pilot is not running: proxies get it when it starts)"))
     if wait and url:
-        _wait_synced(url, before, 10.0)
+        _wait_synced(sd, 10.0)
     _say_injected_faults(sd, resources)
 
 
@@ -143,10 +126,9 @@ def _say_injected_faults(sd: Path, resources: list[Resource]) -> None:
     from ..model.istio import VirtualService
     from ..model.proxyconfig import fqdn
     from ..pilot.faults import describe, describe_match
-    from .fault import injected_faults_now
 
     hosts = {fqdn(h, r.namespace): h for r in resources if isinstance(r.spec, VirtualService) for h in r.spec.hosts}
-    for f in injected_faults_now(sd):
+    for f in control(sd).injected_faults():
         if f.service in hosts:
             left = "" if f.expires is None else f" for {max(0.0, f.expires - time.time()):.0f}s more"
             match = f" ({describe_match(f.match)})" if f.match else ""
@@ -272,8 +254,6 @@ def explain(
 ) -> None:
     """Which rule, route, subset and endpoints a request gets, and why: offline, by the proxies' own code."""
     from ..core.route import Forward, RequestView, Router
-    from .pilot import offline_config
-
     sd = state_dir(state)
     parts = urlsplit(url)
     if not parts.hostname:
@@ -284,7 +264,7 @@ def explain(
             fail(f"bad header {h!r}: use 'name: value'", 2)
         k, v = h.split(":", 1)
         headers.append((k.strip().lower(), v.strip()))
-    cfg = offline_config(sd, source)
+    cfg = control(sd).offline_config(source)
     table = cfg.route_tables.get("outbound")
     if table is None:
         fail("no outbound routes compiled")
