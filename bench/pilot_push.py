@@ -64,8 +64,9 @@ spec:
 
 
 class Subscriber:
-    def __init__(self, url: str, i: int) -> None:
+    def __init__(self, url: str, i: int, credential: str = "") -> None:
         svc = SERVICES[i % len(SERVICES)]
+        self.credential = credential  # the mesh's: Pilot serves config only to a caller with a credential
         self.name = f"{svc}-bench-{i}"
         self.node = Node(
             Workload(name=self.name, service=svc, labels=FrozenDict(app=svc)),
@@ -82,7 +83,8 @@ class Subscriber:
         stream = await trio.open_tcp_stream(host, int(port))
         codec = H1Client()
         while True:
-            head = RequestHead(method="GET", target="", headers=[], authority=f"{host}:{port}",
+            head = RequestHead(method="GET", target="", headers=[("authorization", f"Bearer {self.credential}")],
+                               authority=f"{host}:{port}",
                                path=f"/v1/config/{self.name}?version={self.version}&wait=60s")
             await stream.send_all(codec.request_head(head, end_stream=True))
             status, body = 0, bytearray()
@@ -110,10 +112,14 @@ async def main(args) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    from meshctl.credentials import mesh_credential
+
+    credential = mesh_credential(state)
     pilot = subprocess.Popen([sys.executable, "-m", "meshctl", "pilot", "serve", "--port", str(port), "--state-dir", str(state)],
                              stdout=open(tmp / "pilot.log", "w"), stderr=subprocess.STDOUT, env=env)
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None), trust_env=False,
+                                     headers={"authorization": f"Bearer {credential}"},
                                      limits=httpx.Limits(max_connections=args.proxies * 2 + 10)) as client:
             for _ in range(200):
                 try:
@@ -128,7 +134,7 @@ async def main(args) -> None:
                     await client.put(f"{url}/v1/registry/instances/{iid}", json={"instance": {
                         "id": iid, "service": svc, "address": "127.0.0.1", "port": 20000, "labels": {"app": svc, "version": v},
                         "meta": {"meshctl.io/service-port": "9080"}}})
-            subs = [Subscriber(url, i) for i in range(args.proxies)]
+            subs = [Subscriber(url, i, credential) for i in range(args.proxies)]
             times, whole = [], []
             async with trio.open_nursery() as n:
                 for s in subs:

@@ -4,6 +4,17 @@ Not on the data path, so it favours simplicity: h11 (already a dependency of
 httpx) does the parsing, one trio task per connection, keep-alive honoured.
 Handlers are plain async functions ``(Request) -> Response``; a handler may
 wait (long-poll) and is cancelled if the client goes away.
+
+Bounded, since any local process can connect (``Limits``): a request head must
+arrive within ``header_timeout`` (an idle keep-alive connection waits at most
+``idle_timeout`` for the next one), a body within ``body_timeout``; at most
+``max_connections`` at once (the next ones get 503 and are closed); and each
+endpoint has a small body limit (``body_limit(method, path)``, 413 above it,
+refused from Content-Length before any byte of the body is read).
+
+Errors are JSON ``{"error": message, "reason": code}``; a request without a
+valid credential gets 401 (with ``WWW-Authenticate: Bearer``), one whose
+credential may not do what it asks gets 403 (meshctl/credentials.py).
 """
 
 from __future__ import annotations
@@ -11,15 +22,31 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
 
+if TYPE_CHECKING:
+    from .credentials import Caller
+
 log = logging.getLogger("meshctl.http")
 
-MAX_BODY = 16 * 1024 * 1024
+MAX_BODY = 64 * 1024  # default per-request body limit; endpoints that need more say so
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    header_timeout: float = 10.0  # from the first byte of a request to the end of its head
+    idle_timeout: float = 60.0  # a kept-alive connection waiting for its next request
+    body_timeout: float = 30.0  # from the end of the head to the end of the body
+    max_connections: int = 512
+    max_head: int = 16 * 1024
+    body_limit: "Callable[[str, str], int] | None" = None  # (method, path) -> bytes; default MAX_BODY
+
+    def limit_for(self, method: str, path: str) -> int:
+        return MAX_BODY if self.body_limit is None else self.body_limit(method, path)
 
 
 @dataclass(slots=True)
@@ -55,43 +82,105 @@ class Response:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason or _REASONS.get(status, "error")
+
+
+_REASONS = {400: "bad-request", 401: "unauthenticated", 403: "forbidden", 404: "not-found", 408: "timeout",
+            413: "too-large", 503: "unavailable"}
+
+
+def error_response(e: HTTPError) -> Response:
+    resp = Response.json({"error": str(e), "reason": e.reason}, e.status)
+    if e.status == 401:
+        resp.headers.append(("www-authenticate", 'Bearer realm="meshctl"'))
+    return resp
+
+
+def authenticate(req: Request, mesh_secret: str) -> "Caller":
+    """The caller ``req`` proves (credentials.authenticate), or HTTPError 401."""
+    from .credentials import Unauthenticated, authenticate as check
+
+    try:
+        return check(req.headers.get("authorization"), mesh_secret)
+    except Unauthenticated as e:
+        raise HTTPError(401, f"{req.method} {req.path}: {e}") from None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-async def serve(handler: Handler, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(handler: Handler, host: str, port: int, *, limits: Limits | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled. ``task_status.started`` gets the bound port."""
+    lim = limits or Limits()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     task_status.started(bound)
-    await trio.serve_listeners(lambda s: _connection(s, handler), listeners)
+    open_count = [0]
+    over_cap_logged = [0.0]
+
+    async def one(stream: trio.SocketStream) -> None:
+        if open_count[0] >= lim.max_connections:
+            now = trio.current_time()
+            if now - over_cap_logged[0] > 10.0:  # one line per condition, not per connection
+                over_cap_logged[0] = now
+                log.warning("%d connections open (the cap): refusing new ones with 503", open_count[0])
+            await _refuse(stream)
+            return
+        open_count[0] += 1
+        try:
+            await _connection(stream, handler, lim)
+        finally:
+            open_count[0] -= 1
+
+    await trio.serve_listeners(one, listeners)
 
 
-async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+async def _refuse(stream: trio.SocketStream) -> None:
+    body = b'{"error": "too many connections to the control plane", "reason": "overloaded"}\n'
+    head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
+    with trio.move_on_after(1) as cs:
+        cs.shield = True
+        try:
+            await stream.send_all(head + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await stream.aclose()
+
+
+async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits | None = None) -> None:
+    lim = lim or Limits()
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=lim.max_head)
     try:
         peer = stream.socket.getpeername()[0]
     except OSError:
         peer = ""
     try:
         while True:
-            req = await _read_request(stream, conn, peer)
+            try:
+                req = await _read_request(stream, conn, peer, lim)
+            except HTTPError as e:  # too large, too slow: answer and close
+                await _send(stream, conn, error_response(e))
+                return
             if req is None:
                 return
             try:
                 resp = await handler(req)
             except HTTPError as e:
-                resp = Response.json({"error": str(e)}, e.status)
+                resp = error_response(e)
             except Exception as e:  # a bug in a handler answers 500 and is logged, never kills the server
-                log.exception("handler failed for %s %s", req.method, req.path)
-                resp = Response.json({"error": f"internal error: {e}"}, 500)
-            headers = [("content-length", str(len(resp.body)))] + resp.headers
-            await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=headers)))
-            await stream.send_all(conn.send(h11.Data(data=resp.body)) + conn.send(h11.EndOfMessage()))
+                from .credentials import Forbidden
+
+                if isinstance(e, Forbidden):
+                    resp = error_response(HTTPError(403, f"{req.method} {req.path}: {e}"))
+                else:
+                    log.exception("handler failed for %s %s", req.method, req.path)
+                    resp = Response.json({"error": f"internal error: {e}", "reason": "internal"}, 500)
+            await _send(stream, conn, resp)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
@@ -103,25 +192,59 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
             await stream.aclose()
 
 
-async def _read_request(stream: trio.SocketStream, conn: h11.Connection, peer: str) -> Request | None:
+async def _send(stream: trio.SocketStream, conn: h11.Connection, resp: Response) -> None:
+    headers = [("content-length", str(len(resp.body)))] + resp.headers
+    if resp.status in (408, 413) or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
+        headers.append(("connection", "close"))
+    try:
+        data = conn.send(h11.Response(status_code=resp.status, headers=headers))
+    except h11.LocalProtocolError:  # the client's request was not even a head: nothing to answer
+        return
+    await stream.send_all(data)
+    await stream.send_all(conn.send(h11.Data(data=resp.body)) + conn.send(h11.EndOfMessage()))
+
+
+async def _read_request(stream: trio.SocketStream, conn: h11.Connection, peer: str,
+                        lim: Limits | None = None) -> Request | None:
+    lim = lim or Limits()
     head: h11.Request | None = None
     body = bytearray()
+    limit = MAX_BODY
+    # Phase 1: wait (idle_timeout) for the first byte of the next request, unless h11 has some.
+    deadline = trio.current_time() + lim.idle_timeout
+    started = False
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
+            with trio.move_on_at(deadline) as cs:
+                data = await stream.receive_some(65536)
+            if cs.cancelled_caught:
+                if head is None and not started:
+                    return None  # idle keep-alive connection: close it quietly
+                what = "request head" if head is None else "request body"
+                raise HTTPError(408, f"{what} not received in time", "timeout")
             conn.receive_data(data)
             if not data and head is None:
                 return None
+            if not started and head is None:
+                started = True
+                deadline = trio.current_time() + lim.header_timeout
             continue
         if isinstance(event, h11.ConnectionClosed):
             return None
         if isinstance(event, h11.Request):
             head = event
+            target = head.target.decode("latin-1")
+            limit = lim.limit_for(head.method.decode(), urlsplit(target).path)
+            for k, v in head.headers:
+                if k == b"content-length" and int(v) > limit:
+                    raise HTTPError(413, f"request body of {int(v)} bytes is over the limit of {limit} for "
+                                         f"{head.method.decode()} {urlsplit(target).path}", "too-large")
+            deadline = trio.current_time() + lim.body_timeout
         elif isinstance(event, h11.Data):
             body += event.data
-            if len(body) > MAX_BODY:
-                raise h11.RemoteProtocolError("body too large")
+            if len(body) > limit:
+                raise HTTPError(413, f"request body is over the limit of {limit} bytes", "too-large")
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None
             target = head.target.decode("latin-1")

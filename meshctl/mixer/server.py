@@ -8,6 +8,12 @@
                                {"granted", "valid_for", "exhausted"}  (core.ratelimit.GlobalQuota)
     GET  /ready                200 once serving
 
+Like istiod's monitoring port, ``/metrics`` and ``/ready`` need no credential
+(Prometheus scrapes them). ``/v1/top`` and ``/v1/targets`` need the mesh
+credential; ``/v1/quota`` needs the credential of the proxy it names (or the
+mesh's), so no local process can drain another proxy's quota
+(meshctl/credentials.py). No credential: 401; the wrong one: 403.
+
 Sidecars are found in the state directory's ``status.json`` (written by
 `meshctl up`: every workload's admin address; gateways' admin ports come
 from ``ports.json``), plus any ``--target`` given; their ``/stats`` are scraped every ``interval`` seconds, all at once,
@@ -24,7 +30,8 @@ from pathlib import Path
 import trio
 
 from ..core.ratelimit import GlobalQuota, RateLimitConfigError
-from ..httpapi import HTTPError, Request, Response, serve
+from ..credentials import Caller, Forbidden, mesh_credential
+from ..httpapi import HTTPError, Request, Response, authenticate, serve
 from .aggregate import Aggregator, ParseError
 
 log = logging.getLogger("meshctl.mixer")
@@ -58,8 +65,14 @@ def parse_window(text: str | None, default: float = 10.0) -> float:
 
 class Mixer:
     def __init__(self, state_dir: Path | None = None, targets: dict[str, str] | None = None,
-                 interval: float = SCRAPE_INTERVAL) -> None:
+                 interval: float = SCRAPE_INTERVAL, *, mesh_secret: str | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir else None
+        if mesh_secret is None:
+            import secrets
+
+            # without a state directory (a Mixer built in a test) nobody holds the secret: every call refused
+            mesh_secret = mesh_credential(self.state_dir) if self.state_dir else secrets.token_urlsafe(32)
+        self.mesh_secret = mesh_secret
         self.static_targets = dict(targets or {})
         self.interval = interval
         self.agg = Aggregator()
@@ -146,10 +159,12 @@ class Mixer:
 
     # ------------------------------------------------------------ quota
 
-    def grant(self, body: dict, now: float) -> dict:
+    def grant(self, body: dict, now: float, caller: Caller | None = None) -> dict:
         try:
             key = str(body["key"])
             proxy = str(body.get("proxy") or "?")
+            if caller is not None:
+                caller.require_proxy(proxy, "drawing a quota")
             tokens = int(body.get("tokens", 1))
             limit = int(body["limit"])
             unit = float(body.get("unit_seconds", 1.0))
@@ -172,6 +187,18 @@ class Mixer:
         path = req.path.rstrip("/") or "/"
         if req.method == "GET" and path == "/metrics":
             return Response.text(self.agg.render(), content_type="text/plain; version=0.0.4")
+        if req.method == "GET" and path == "/ready":
+            return Response.text("ready\n")
+        caller = authenticate(req, self.mesh_secret)
+        try:
+            return self._route(req, path, caller)
+        except Forbidden as e:
+            log.warning("refused %s %s to %s: %s", req.method, req.path, caller.describe(), e)
+            raise HTTPError(403, f"{req.method} {req.path}: {e}") from None
+
+    def _route(self, req: Request, path: str, caller: Caller) -> Response:
+        if req.method == "GET" and path in ("/v1/top", "/v1/targets"):
+            caller.require_mesh(f"reading {path}")
         if req.method == "GET" and path == "/v1/top":
             try:
                 window = parse_window(req.query.get("window"))
@@ -189,9 +216,7 @@ class Mixer:
             body = req.json()
             if not isinstance(body, dict):
                 raise HTTPError(400, "quota ask must be a JSON object")
-            return Response.json(self.grant(body, trio.current_time()), compact=True)
-        if req.method == "GET" and path == "/ready":
-            return Response.text("ready\n")
+            return Response.json(self.grant(body, trio.current_time(), caller), compact=True)
         raise HTTPError(404, f"no route {req.method} {req.path}: try /metrics /v1/top /v1/targets /v1/quota")
 
 

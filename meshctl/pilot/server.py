@@ -14,6 +14,22 @@ HTTP API (JSON; debuggable with curl)::
     GET  /v1/registry                  the endpoints snapshot Pilot routes with
     PUT  /v1/registry/instances/<id>   register (embedded registry only) ...
     DELETE /v1/registry/instances/<id>, POST .../heartbeat, POST .../drain
+    GET  /healthz                      200 once serving (no credential needed)
+
+Every other call needs a credential (meshctl/credentials.py), as istiod gives
+config only to a caller that proves the workload's identity: the mesh
+credential (CLI, supervisor) may do anything; a proxy's credential may PUT
+only its own node, read and ACK only its own config, and register, keep alive,
+drain or delete only its own instance. No credential: 401; a credential that
+may not: 403.
+
+Endpoints in a namespace whose PeerAuthentication is STRICT must carry the
+identity they claim: a sidecar endpoint registered by a proxy must name that
+proxy's own service account, and an endpoint without sidecar metadata (which
+callers would reach in plaintext) is refused unless the mesh credential
+registers it as a foreign host (``"foreign": true``). A keep-alive for an
+instance Pilot does not know (deleted, or lost with a restart) answers 404
+"unknown-instance", and the supervisor registers it again.
 
 The embedded registry lives in this process; Consul and Eureka are watched.
 """
@@ -24,6 +40,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,13 +48,17 @@ from typing import Any
 import trio
 
 from .. import httpapi
+from ..credentials import Caller, Forbidden, mesh_credential, private_dir, write_private
 from ..httpapi import HTTPError, Request, Response
 from ..loader.codec import from_data, to_data
 from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
 from ..registry.base import Instance, Registry, Snapshot
 from ..registry.embedded import EmbeddedRegistry
-from .compile import Inputs, Node, compile_proxy, jwks_wanted
+from ..model.proxyconfig import Workload
+from ..registry.base import RegistryError
+from .compile import (DEFAULT_NAMESPACE, META_SERVICE_ACCOUNT, META_SIDECAR, Inputs, Node, compile_proxy, jwks_wanted,
+                      mtls_mode_for)
 from .jwks import JwksResolver
 from .faults import FaultError, FaultStore, InjectedFault, active_faults, next_expiry
 from .store import RuleStore
@@ -46,6 +67,16 @@ log = logging.getLogger("meshctl.pilot")
 
 MAX_WAIT = 300.0
 FORGET_AFTER = 600.0  # seconds a service with no instance left is still routed (to 503)
+META_FOREIGN = "meshctl.io/foreign"  # registered by the mesh credential as a host outside the mesh
+
+
+def body_limit(method: str, path: str) -> int:
+    """Small request bodies per endpoint (413 above): a node may list many gateway listeners."""
+    if method == "PUT" and path.startswith("/v1/proxies/"):
+        return 1024 * 1024
+    if method in ("PUT", "POST"):
+        return 64 * 1024
+    return 0
 
 
 def parse_wait(text: str | None, default: float = 30.0) -> float:
@@ -109,12 +140,13 @@ class Pilot:
     _fault_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.mesh_secret = mesh_credential(Path(self.state_dir))
         self.store = RuleStore(self.state_dir)
         self.fault_store = FaultStore(self.state_dir)
         self._fault_stamp = self.fault_store.stamp()
         self._reload_faults()
         self._nodes_file = Path(self.state_dir) / "pilot" / "nodes.json"
-        self._nodes_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self._nodes_file.parent)
         self._load_nodes()
         self.jwks = JwksResolver(self.state_dir, self._bump)  # jwksUri → keys, pushed in configs
         self._reload_rules()
@@ -213,9 +245,7 @@ class Pilot:
 
     def _save_nodes(self) -> None:
         data = {n: to_data(st.node) for n, st in self.proxies.items()}
-        tmp = self._nodes_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self._nodes_file)
+        write_private(self._nodes_file, json.dumps(data, indent=1))
 
     # ------------------------------------------------------------ background loops
 
@@ -256,27 +286,43 @@ class Pilot:
     # ------------------------------------------------------------ HTTP
 
     async def handle(self, req: Request) -> Response:
+        if req.method == "GET" and req.path in ("/healthz", "/ready"):
+            return Response.json({"ok": True})
+        caller = httpapi.authenticate(req, self.mesh_secret)
+        try:
+            return await self._route(req, caller)
+        except Forbidden as e:
+            log.warning("refused %s %s to %s: %s", req.method, req.path, caller.describe(), e)
+            raise HTTPError(403, f"{req.method} {req.path}: {e}") from None
+
+    async def _route(self, req: Request, caller: Caller) -> Response:
         parts = [p for p in req.path.split("/") if p]
         if len(parts) < 2 or parts[0] != "v1":
             raise HTTPError(404, f"no such API: {req.method} {req.path}")
         route = (req.method, parts[1])
         if route == ("PUT", "proxies") and len(parts) == 3:
+            caller.require_proxy(parts[2], "registering the node")
             return self._put_proxy(parts[2], req)
         if route == ("GET", "config") and len(parts) == 3:
+            caller.require_proxy(parts[2], "reading the config")
             return await self._get_config(parts[2], req)
         if route == ("POST", "ack") and len(parts) == 3:
+            caller.require_proxy(parts[2], "acknowledging the config")
             return self._ack(parts[2], req)
         if route == ("GET", "status"):
+            caller.require_mesh("reading every proxy's status")
             return Response.json(self.status())
         if route == ("POST", "rules") and parts[2:] == ["reload"]:
+            caller.require_mesh("reloading the rules")
             self._reload_rules()
             return Response.json({"revision": self.revision, "generation": self.generation})
         if route == ("POST", "faults") and parts[2:] == ["reload"]:
+            caller.require_mesh("reloading the injected faults")
             self._fault_stamp = self.fault_store.stamp()
             self._reload_faults()
             return Response.json({"faults": list(self._fault_ids), "generation": self.generation})
         if parts[1] == "registry":
-            return await self._registry_api(req, parts[2:])
+            return await self._registry_api(req, parts[2:], caller)
         raise HTTPError(404, f"no such API: {req.method} {req.path}")
 
     def _put_proxy(self, name: str, req: Request) -> Response:
@@ -286,6 +332,8 @@ class Pilot:
             raise
         except Exception as e:
             raise HTTPError(400, f"bad node for proxy {name}: {e}") from None
+        if node.workload.name != name:
+            raise HTTPError(400, f"node for proxy {name} names workload {node.workload.name!r}")
         st = self.proxies.get(name)
         if st is None or st.node != node:
             self.proxies[name] = ProxyState(node=node, last_seen=time.time())
@@ -354,20 +402,27 @@ class Pilot:
             )
         return {"revision": self.revision, "proxies": out}
 
-    async def _registry_api(self, req: Request, rest: list[str]) -> Response:
+    async def _registry_api(self, req: Request, rest: list[str], caller: Caller) -> Response:
         if req.method == "GET" and not rest:
+            caller.require_mesh("reading the registry")
             return Response.json({s: [to_data(i) for i in insts] for s, insts in sorted(self.snapshot.items())})
         if len(rest) < 2 or rest[0] != "instances":
             raise HTTPError(404, f"no such API: {req.method} {req.path}")
         iid = rest[1]
         action = rest[2] if len(rest) > 2 else None
+        caller.require_proxy(iid, "changing the registry instance")
         reg: Any = self.registry
         if req.method == "PUT" and action is None:
             body = req.json() or {}
+            if not isinstance(body, dict):
+                raise HTTPError(400, f"bad instance {iid}: the body must be a JSON object")
             try:
                 inst = from_data(Instance, body.get("instance", body))
             except Exception as e:
                 raise HTTPError(400, f"bad instance {iid}: {e}") from None
+            if inst.id != iid:
+                raise HTTPError(400, f"instance registered as {iid} has id {inst.id!r}")
+            self._check_identity(inst, caller, foreign=body.get("foreign") is True)
             ttl = body.get("ttl")
             if ttl is not None and isinstance(reg, EmbeddedRegistry):
                 await reg.register(inst, ttl=float(ttl))
@@ -378,12 +433,41 @@ class Pilot:
             await reg.deregister(iid)
             return Response.json({"ok": True})
         if req.method == "POST" and action == "heartbeat":
-            await reg.keep_alive(iid)
+            try:
+                await reg.keep_alive(iid)
+            except RegistryError as e:  # deleted, expired or lost: the caller registers it again
+                raise HTTPError(404, f"unknown instance {iid}: {e}; register it again", "unknown-instance") from None
             return Response.json({"ok": True})
         if req.method == "POST" and action == "drain":
             await reg.set_draining(iid)
             return Response.json({"ok": True})
         raise HTTPError(404, f"no such API: {req.method} {req.path}")
+
+    def _check_identity(self, inst: Instance, caller: Caller, *, foreign: bool) -> None:
+        """Under STRICT mTLS an endpoint must carry the identity it claims (module doc)."""
+        namespace = DEFAULT_NAMESPACE  # registry services live in the default namespace (compile.discover_services)
+        sidecar = inst.meta.get(META_SIDECAR) == "true"
+        claimed = f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{inst.meta.get(META_SERVICE_ACCOUNT) or inst.service}"
+        if not caller.is_mesh:
+            if not sidecar:
+                raise Forbidden(f"a proxy registers only its own sidecar endpoint: {inst.id} has no "
+                                f"{META_SIDECAR} metadata")
+            st = self.proxies.get(caller.proxy)
+            own = st.node.workload.spiffe_id if st else None
+            if own != claimed:
+                raise Forbidden(f"instance {inst.id} claims identity {claimed}, but proxy {caller.proxy} is "
+                                f"{own or 'not registered (PUT /v1/proxies first)'}")
+        if sidecar or foreign:
+            if foreign and not caller.is_mesh:
+                raise Forbidden("only the mesh credential registers foreign hosts")
+            return
+        wl = Workload(name=inst.id, service=inst.service, namespace=namespace, labels=inst.labels)
+        if mtls_mode_for(self.inputs(), wl, None) == "STRICT":
+            raise Forbidden(
+                f"namespace {namespace} requires mutual TLS (PeerAuthentication STRICT), and instance {inst.id} "
+                f"has no sidecar ({META_SIDECAR}) to present its identity: callers would reach it in plaintext. "
+                'Give it a sidecar, or register it with the mesh credential as a foreign host ("foreign": true)'
+            )
 
 
 async def run_pilot(pilot: Pilot, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -392,5 +476,6 @@ async def run_pilot(pilot: Pilot, host: str, port: int, *, task_status=trio.TASK
         nursery.start_soon(pilot.watch_registry)
         nursery.start_soon(pilot.watch_faults)
         nursery.start_soon(pilot.jwks.run)
-        bound = await nursery.start(httpapi.serve, pilot.handle, host, port)
+        limits = httpapi.Limits(body_limit=body_limit)
+        bound = await nursery.start(partial(httpapi.serve, pilot.handle, host, port, limits=limits))
         task_status.started(bound)

@@ -29,6 +29,13 @@ class AccessLogError(Exception):
     """The access log file cannot be opened or written; the message names it."""
 
 
+def _open_private(path: Path):
+    """Append to ``path``, a 0600 file: an access log names users' paths and peers."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 class RotatingFile:
     """Append-only file rotated by size (synchronous; run it off the event loop)."""
 
@@ -39,8 +46,8 @@ class RotatingFile:
         self.max_bytes = max_bytes
         self.backups = max(0, backups)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "ab")
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._f = _open_private(self.path)
         except OSError as exc:
             raise AccessLogError(f"cannot open access log {self.path}: {exc.strerror or exc}") from None
         self.size = self._f.tell()
@@ -79,7 +86,7 @@ class RotatingFile:
                 if src.exists():
                     os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._f = open(self.path, "ab")
+        self._f = _open_private(self.path)
         self.size = 0
 
     def close(self) -> None:

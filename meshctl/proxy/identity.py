@@ -2,7 +2,8 @@
 
 - ``start_identity`` (called by the sidecar entry point): when the supervisor
   handed over ``MESHCTL_CITADEL_URL`` and a one-time ``MESHCTL_CITADEL_TOKEN``
-  by environment, generate a P-256 key, get the first SVID from Citadel and
+  (in the sidecar's 0600 bootstrap file, deleted once read: see
+  meshctl/credentials.py; never in /proc/PID/environ), generate a P-256 key, get the first SVID from Citadel and
   keep it renewed at half-life with jitter (``tls.keep_renewed``). The token
   is removed from the process environment once read.
 - ``secure_inbound``: an inbound connection by ``Listener.mtls_mode``
@@ -24,6 +25,7 @@ import logging
 import os
 import random
 import ssl
+from functools import partial
 
 import trio
 
@@ -303,10 +305,12 @@ def _simple_context(tls, mode: str, ep) -> ssl.SSLContext:
     return ctx
 
 
-async def run_with_identity(rt, main, *args) -> None:
+async def run_with_identity(rt, main, *args, environ=None) -> None:
     """Run ``main(*args)`` (the proxy) with the certificate lifecycle beside it:
-    the first certificate is awaited (bounded) before the proxy starts serving."""
+    the first certificate is awaited (bounded) before the proxy starts serving.
+    ``environ``: where the Citadel URL and token are (default os.environ; the
+    sidecar passes what it read from its one-time bootstrap file)."""
     async with trio.open_nursery() as n:
-        await n.start(start_identity, rt)
+        await n.start(partial(start_identity, rt, environ))
         await main(*args)
         n.cancel_scope.cancel()

@@ -82,7 +82,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
 
         from .identity import run_with_identity  # Citadel certificate (env MESHCTL_CITADEL_URL/TOKEN)
 
-        trio.run(run_with_identity, rt, partial(rt.run, cfg, admin_port=admin_port))
+        trio.run(partial(run_with_identity, rt, partial(rt.run, cfg, admin_port=admin_port), environ=_boot_env()))
     except BaseException as exc:  # ConfigRejected, possibly inside the identity nursery's group
         rej = _rejected(exc)
         if rej is None:
@@ -105,10 +105,24 @@ def _rejected(exc: BaseException) -> "ConfigRejected | None":  # noqa: F821
     return None
 
 
+_BOOT: dict[str, str] = {}
+
+
+def _boot_env() -> dict[str, str]:
+    """Where the identity code finds the Citadel URL and one-time token: the bootstrap
+    file's entries when the launcher wrote one, else the process environment."""
+    import os
+
+    if _BOOT:
+        return {k: v for k, v in _BOOT.items() if k.startswith("MESHCTL_CITADEL_")}
+    return os.environ  # type: ignore[return-value]
+
+
 def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_port: int = 15000,
                 log_level: str = "info", *, access_log: Path | None = None, mixer: str | None = None) -> int:
     """Serve under Pilot (long-poll, ACK/NACK, last good config in ``state_dir``)."""
     import json
+    from functools import partial
 
     import trio
 
@@ -137,7 +151,14 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
         return EXIT_BAD_CONFIG
     _quiet_gc()
     try:
-        trio.run(run_with_identity, rt, run_with_pilot, rt, pilot_url, node, state_dir, admin_port)
+        credential = _BOOT.get("pilot_credential", "")
+        if not credential:
+            logging.getLogger("meshctl.proxy").warning(
+                "no Pilot credential in a bootstrap file: Pilot will refuse this proxy (run it with "
+                "`meshctl proxy run --state-dir` as the mesh's user, or under `meshctl up`)")
+        rt.ratelimits.mixer_credential = credential
+        trio.run(partial(run_with_identity, rt, run_with_pilot, rt, pilot_url, node, state_dir, admin_port,
+                         credential, environ=_boot_env()))
     except BaseException as exc:
         rej = _rejected(exc)
         if rej is None:
@@ -158,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--access-log", type=Path)
     p.add_argument("--mixer")
     a = p.parse_args(argv)
+    from ..credentials import take_bootstrap
+
+    _BOOT.update(take_bootstrap())  # read once and deleted: no secret stays on disk or in /proc/PID/environ
     extra = {"access_log": a.access_log, "mixer": a.mixer}
     if a.pilot:
         if a.node is None:

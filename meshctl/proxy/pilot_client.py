@@ -10,13 +10,16 @@ keeps the one it runs. Every config applied is saved as the last good one, so
 a proxy started while Pilot is down comes up from it. When Pilot goes away,
 the proxy keeps serving and retries with backoff; when it returns, the proxy
 re-registers and resyncs without restarting.
+
+Every call carries the proxy's own credential (meshctl/credentials.py): Pilot
+gives this proxy its own config and nothing else. The last good config on disk
+is 0600 in a 0700 directory, as it names every endpoint and policy.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -50,16 +53,16 @@ def load_last_good(state_dir: Path, name: str) -> ProxyConfig | None:
 
 
 def save_last_good(state_dir: Path, cfg: ProxyConfig) -> None:
-    path = last_good_path(state_dir, cfg.workload.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(dump_proxy_config(cfg)))
-    tmp.replace(path)
+    from ..credentials import write_private
+
+    write_private(last_good_path(state_dir, cfg.workload.name), json.dumps(dump_proxy_config(cfg)))
 
 
 class PilotClient:
-    def __init__(self, pilot_url: str, node: Node, apply: Apply, state_dir: Path | None, wait: str = "30s") -> None:
+    def __init__(self, pilot_url: str, node: Node, apply: Apply, state_dir: Path | None, wait: str = "30s",
+                 credential: str = "") -> None:
         self.url = pilot_url.rstrip("/")
+        self.credential = credential
         self.node = node
         self.name = node.workload.name
         self.apply = apply
@@ -72,7 +75,8 @@ class PilotClient:
 
     async def run(self) -> None:
         backoff = 0.1
-        async with plain_http_client(timeout=httpx.Timeout(10.0, read=None)) as client:
+        headers = {"authorization": f"Bearer {self.credential}"} if self.credential else None
+        async with plain_http_client(timeout=httpx.Timeout(10.0, read=None), headers=headers) as client:
             registered = False
             while True:
                 try:
@@ -142,7 +146,7 @@ async def first_config(client: PilotClient, pilot_grace: float = 1.0) -> ProxyCo
         got.append(cfg)
 
     # No state dir: the probe's "apply" only keeps the config, it must not save it as good.
-    probe = PilotClient(client.url, client.node, keep, None, wait="0s")
+    probe = PilotClient(client.url, client.node, keep, None, wait="0s", credential=client.credential)
     async with trio.open_nursery() as n:
         n.start_soon(probe.run)
         with trio.move_on_after(pilot_grace if last_good is not None else float("inf")):
@@ -156,9 +160,10 @@ async def first_config(client: PilotClient, pilot_grace: float = 1.0) -> ProxyCo
     return last_good
 
 
-async def run_with_pilot(runtime, pilot_url: str, node: Node, state_dir: Path | None, admin_port: int | None) -> None:
+async def run_with_pilot(runtime, pilot_url: str, node: Node, state_dir: Path | None, admin_port: int | None,
+                         credential: str = "") -> None:
     """Serve under Pilot: start from the best config at hand, follow Pilot until drained."""
-    client = PilotClient(pilot_url, node, runtime.apply_async, state_dir)
+    client = PilotClient(pilot_url, node, runtime.apply_async, state_dir, credential=credential)
     cfg = await first_config(client)
     async with trio.open_nursery() as n:
 

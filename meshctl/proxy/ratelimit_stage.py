@@ -35,6 +35,7 @@ class RateLimits:
     def __init__(self, mixer_url: str | None = None, proxy_name: str = "") -> None:
         self.mixer_url = mixer_url.rstrip("/") if mixer_url else None
         self.proxy_name = proxy_name
+        self.mixer_credential = ""  # this proxy's control-plane credential (meshctl/credentials.py)
         self.limiters: list[RateLimiter] = []
         self._specs: dict[str, object] = {}
         self._cfg = None
@@ -86,7 +87,8 @@ class RateLimits:
             from ..loopback import plain_http_client
 
             if self._client is None:
-                self._client = plain_http_client(timeout=ASK_TIMEOUT)
+                headers = {"authorization": f"Bearer {self.mixer_credential}"} if self.mixer_credential else None
+                self._client = plain_http_client(timeout=ASK_TIMEOUT, headers=headers)
             try:
                 with trio.fail_after(ASK_TIMEOUT):
                     r = await self._client.post(f"{self.mixer_url}/v1/quota", json={

@@ -7,10 +7,14 @@
   control.json. Workload certificate lifetime: ``MESHCTL_CERT_TTL`` (e.g.
   ``6s`` for rotation tests), else Citadel's default (24h).
 - ``proxy_env(sup, p)``: the environment a sidecar or gateway is (re)started
-  with: ``MESHCTL_CITADEL_URL`` and a fresh one-time ``MESHCTL_CITADEL_TOKEN``
-  for its identity (``spiffe://<td>/ns/<namespace>/sa/<service>``, read from
-  its node file). A new token on every start, since a restarted proxy
-  cannot redeem the one its predecessor spent. Never in argv.
+  with: ``MESHCTL_BOOTSTRAP_FILE``, the path of a one-time 0600 file holding
+  its Pilot credential and, with Citadel, ``MESHCTL_CITADEL_URL`` and a fresh
+  one-time ``MESHCTL_CITADEL_TOKEN`` for its identity
+  (``spiffe://<td>/ns/<namespace>/sa/<service>``, read from its node file).
+  The sidecar reads the file and deletes it: no secret in argv, nor in
+  /proc/PID/environ (which keeps a process's initial environment for its
+  whole life). A new token on every start, since a restarted proxy cannot
+  redeem the one its predecessor spent.
 """
 
 from __future__ import annotations
@@ -76,21 +80,28 @@ async def stop_citadel(sup) -> None:
 
 
 def proxy_env(sup, p) -> dict[str, str]:
-    """``p.env`` plus the Citadel URL and a fresh bootstrap token, for a
-    sidecar or gateway whose node file exists; ``p.env`` unchanged otherwise."""
-    url = getattr(sup, "citadel_url", "")
-    if not url or p.kind not in ("sidecar", "gateway"):
-        return p.env
-    node_file = sup.state_dir / "nodes" / f"{p.name}.json"
-    try:
-        identity = identity_of_node(node_file)
-    except (OSError, ValueError) as e:
-        sup.event(f"{p.kind} {p.name}: no identity ({e}); it starts without a certificate")
-        return p.env
-    from ..citadel.store import TokenFile
+    """``p.env`` plus ``MESHCTL_BOOTSTRAP_FILE`` (the Pilot credential; with Citadel
+    its URL and a fresh bootstrap token) for a sidecar or gateway; ``p.env``
+    unchanged otherwise."""
+    from ..credentials import ENV_BOOTSTRAP, mesh_credential, proxy_credential, write_bootstrap
 
-    token = TokenFile(sup.state_dir).issue_token(identity, TOKEN_TTL, datetime.now(timezone.utc))
-    return {**p.env, "MESHCTL_CITADEL_URL": url, "MESHCTL_CITADEL_TOKEN": token}
+    if p.kind not in ("sidecar", "gateway"):
+        return p.env
+    entries = {"pilot_credential": proxy_credential(mesh_credential(sup.state_dir), p.name)}
+    url = getattr(sup, "citadel_url", "")
+    if url:
+        node_file = sup.state_dir / "nodes" / f"{p.name}.json"
+        try:
+            identity = identity_of_node(node_file)
+        except (OSError, ValueError) as e:
+            sup.event(f"{p.kind} {p.name}: no identity ({e}); it starts without a certificate")
+        else:
+            from ..citadel.store import TokenFile
+
+            token = TokenFile(sup.state_dir).issue_token(identity, TOKEN_TTL, datetime.now(timezone.utc))
+            entries.update({"MESHCTL_CITADEL_URL": url, "MESHCTL_CITADEL_TOKEN": token})
+    env = {k: v for k, v in p.env.items() if k not in ("MESHCTL_CITADEL_URL", "MESHCTL_CITADEL_TOKEN")}
+    return {**env, ENV_BOOTSTRAP: str(write_bootstrap(sup.state_dir, p.name, entries))}
 
 
 def status(sup) -> dict:

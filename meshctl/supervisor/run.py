@@ -36,6 +36,7 @@ from typing import Callable
 
 import trio
 
+from ..credentials import bearer, mesh_credential, private_dir
 from ..launch import meshctl_argv, proxy_argv  # the same from a virtualenv or the one-file build
 from ..loader.codec import to_data
 from ..model.base import FrozenDict
@@ -89,6 +90,9 @@ class ProcState:
     state: str = "starting"
     last_event: str = ""
     process: trio.Process | None = None
+    # control-plane roles: (port, path) that answers once the process serves; after a
+    # restart the state goes starting → ready by it (not "restarting" for ever)
+    ready_check: tuple[int, str] | None = None
 
 
 @dataclass
@@ -120,8 +124,10 @@ class Supervisor:
         self.state_dir = state_dir.resolve()
         self.on_event = on_event or (lambda msg: None)
         self.logs = self.state_dir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "nodes").mkdir(exist_ok=True)
+        # Logs (requests, peers) and nodes are the mesh user's alone, like the CA: 0700 / 0600.
+        private_dir(self.logs)
+        private_dir(self.state_dir / "nodes")
+        mesh_credential(self.state_dir)  # the CLI's and the supervisor's key to the control plane (0600)
         self.registry_override = registry_url  # `up --registry`, wins over settings.registry
         self.consul_token = consul_token or None
         self.spec: MeshSpec = self._load_spec()
@@ -272,7 +278,7 @@ class Supervisor:
     # ------------------------------------------------------------ processes
 
     async def _spawn(self, p: ProcState) -> trio.Process:
-        f = open(p.log, "ab", buffering=0)
+        f = os.fdopen(os.open(p.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab", buffering=0)
         f.write(f"--- {time.strftime('%H:%M:%S')} starting: {' '.join(p.argv)}\n".encode())
         try:
             proc = await trio.lowlevel.open_process(
@@ -303,6 +309,9 @@ class Supervisor:
             if first:
                 task_status.started()
                 first = False
+            elif p.ready_check is not None and self._nursery is not None:
+                p.state = "starting"
+                self._nursery.start_soon(self._await_ready, p, proc)
             started = trio.current_time()
             code = await proc.wait()
             if self.shutting_down or p.state == "stopped":
@@ -312,11 +321,23 @@ class Supervisor:
             if trio.current_time() - started > 10:
                 backoff = BACKOFF_START
             p.restarts += 1
+            p.pid = None  # dead: status must not show its pid while the restart waits
             p.state = "restarting"
             p.last_event = f"exited with code {code}; restart #{p.restarts} in {backoff:.1f}s (log: {p.log})"
             self.event(f"{p.kind} {p.name} {p.last_event}")
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _await_ready(self, p: ProcState, proc: trio.Process) -> None:
+        """A restarted control-plane role is "ready" again once its ready check answers."""
+        assert p.ready_check is not None
+        port, path = p.ready_check
+        while proc.returncode is None and not self.shutting_down and p.state == "starting":
+            if await http_ok("127.0.0.1", port, path):
+                p.state = "ready"
+                self.event(f"{p.kind} {p.name} ready again (pid {proc.pid})")
+                return
+            await trio.sleep(0.1)
 
     async def stop_proc(self, p: ProcState | None, sig: int = signal.SIGTERM, grace: float = STOP_GRACE) -> None:
         if p is None or p.process is None:
@@ -466,13 +487,14 @@ class Supervisor:
                 raise
             raise first from None
         if self.registry is None:  # embedded: Consul and Eureka were opened by connect_registry
-            self.registry = PilotRegistry(self.pilot_url)
+            self.registry = PilotRegistry(self.pilot_url, credential=mesh_credential(self.state_dir))
         self._nursery.start_soon(self.registry_probe_loop)
 
     async def start_role(self, p: ProcState, what: str, port: int, path: str, timeout: float = ROLE_START_TIMEOUT) -> None:
         """Run a control-plane process under supervision and wait until GET ``path`` on
         ``port`` answers; UpError naming its log if it exits or stays silent."""
         assert self._nursery is not None
+        p.ready_check = (port, path)
         await self._nursery.start(self.keep_running, p)
         with trio.move_on_after(timeout) as cs:
             while not await http_ok("127.0.0.1", port, path):
@@ -485,7 +507,7 @@ class Supervisor:
 
     async def _start_pilot(self, plan: Plan) -> None:
         assert self.pilot is not None
-        await self.start_role(self.pilot, "Pilot", plan.pilot_port, "/v1/status")
+        await self.start_role(self.pilot, "Pilot", plan.pilot_port, "/healthz")
         self.event(f"control plane ready at {self.pilot_url}")
 
     # ------------------------------------------------------------ workloads
@@ -726,7 +748,7 @@ class Supervisor:
         from ..loopback import plain_http_client
 
         try:
-            async with plain_http_client(timeout=2.0) as client:
+            async with plain_http_client(timeout=2.0, headers=bearer(mesh_credential(self.state_dir))) as client:
                 data = (await client.get(f"{self.pilot_url}/v1/registry")).json()
             seen = {i.get("id") for instances in data.values() for i in instances}
         except (httpx.HTTPError, ValueError, AttributeError, TypeError):

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from meshctl.credentials import bearer, mesh_credential
+
 from .helpers import meshctl_popen, stop
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +49,8 @@ def pilot(tmp_path_factory):
                 url = json.loads((sd / "control.json").read_text()).get("pilot")
             except (FileNotFoundError, json.JSONDecodeError):
                 time.sleep(0.05)
-        client = httpx.Client(base_url=url, trust_env=False, timeout=30)
+        client = httpx.Client(base_url=url, trust_env=False, timeout=30,
+                              headers=bearer(mesh_credential(sd, create=False)))  # the CLI's credential
         inst = {"id": "ratings-v1-0", "service": "ratings", "address": "127.0.0.1", "port": 9,
                 "labels": {"app": "ratings", "version": "v1"}, "meta": {"meshctl.io/service-port": "9080"}}
         client.put("/v1/registry/instances/ratings-v1-0", json={"instance": inst, "ttl": 600}).raise_for_status()

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from meshctl.credentials import bearer, mesh_credential
 from meshctl.loader.codec import to_data
 from meshctl.model.base import FrozenDict
 from meshctl.model.proxyconfig import Listener, Workload
@@ -59,7 +60,11 @@ class Mesh:
 
     def start_pilot(self):
         self.pilot = meshctl_popen("pilot", "serve", "--port", str(self.pilot_port), "--state-dir", str(self.state), log=self.tmp / "pilot.log")
-        wait_http(self.pilot_port, "/v1/status")
+        wait_http(self.pilot_port, "/healthz")
+
+    def auth(self) -> dict:
+        """The mesh credential, as the CLI and the supervisor send it (Pilot created it)."""
+        return bearer(mesh_credential(self.state, create=False))
 
     def node_file(self, name: str, service: str, labels: dict, listeners: list[Listener]) -> str:
         node = Node(Workload(name=name, service=service, labels=FrozenDict(labels)), tuple(listeners))
@@ -78,7 +83,7 @@ class Mesh:
     def register(self, iid: str, service: str, port: int, labels: dict) -> None:
         body = {"instance": {"id": iid, "service": service, "address": "127.0.0.1", "port": port, "labels": labels,
                              "meta": {"meshctl.io/service-port": "9080", "meshctl.io/sidecar": "true"}}}
-        httpx.put(f"{self.pilot_url}/v1/registry/instances/{iid}", json=body, timeout=5).raise_for_status()
+        httpx.put(f"{self.pilot_url}/v1/registry/instances/{iid}", json=body, timeout=5, headers=self.auth()).raise_for_status()
 
     def apply(self, text: str) -> None:
         f = self.tmp / "rule.yaml"
@@ -136,7 +141,7 @@ def test_rule_changes_and_a_pilot_restart_under_load_fail_no_request(mesh):
     assert set(r.statuses) == {200}
     versions = {b.decode().split('"version": "')[1][:2] for b in r.bodies}
     assert versions == {"v1", "v2"}
-    status = httpx.get(f"{mesh.pilot_url}/v1/status", timeout=5).json()
+    status = httpx.get(f"{mesh.pilot_url}/v1/status", timeout=5, headers=mesh.auth()).json()
     assert {p["status"] for p in status["proxies"]} == {"SYNCED"}
 
 
@@ -157,7 +162,7 @@ def test_a_proxy_starts_from_its_last_good_config_while_pilot_is_down(mesh):
     mesh.start_pilot()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        st = httpx.get(f"{mesh.pilot_url}/v1/status", timeout=5).json()
+        st = httpx.get(f"{mesh.pilot_url}/v1/status", timeout=5, headers=mesh.auth()).json()
         if {p["status"] for p in st["proxies"]} == {"SYNCED"}:
             break
         time.sleep(0.1)
@@ -178,10 +183,10 @@ def test_a_config_the_proxy_rejects_is_nacked_and_the_old_one_keeps_serving(mesh
         node = json.loads((mesh.tmp / "client-0.node.json").read_text())
         node["listeners"].append({"name": "binding-hello", "direction": "binding", "address": "127.0.0.1", "port": busy,
                                   "protocol": "http", "service": "hello", "servicePort": 9080})
-        httpx.put(f"{mesh.pilot_url}/v1/proxies/client-0", json=node, timeout=5).raise_for_status()
+        httpx.put(f"{mesh.pilot_url}/v1/proxies/client-0", json=node, timeout=5, headers=mesh.auth()).raise_for_status()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            st = httpx.get(f"{mesh.pilot_url}/v1/status", timeout=5).json()
+            st = httpx.get(f"{mesh.pilot_url}/v1/status", timeout=5, headers=mesh.auth()).json()
             client = next(p for p in st["proxies"] if p["proxy"] == "client-0")
             if client["status"] == "NACKED":
                 break

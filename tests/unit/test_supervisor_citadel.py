@@ -1,5 +1,6 @@
-"""supervisor/citadel.py: the environment `up` starts a proxy with carries a
-fresh one-time token for exactly that proxy's identity, and nothing for apps."""
+"""supervisor/citadel.py: the environment `up` starts a proxy with names a one-time
+0600 bootstrap file holding a fresh one-time token for exactly that proxy's
+identity and its own Pilot credential; apps get nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from meshctl.citadel.errors import TokenReused
 from meshctl.citadel.store import TokenFile, init_ca
+from meshctl.credentials import ENV_BOOTSTRAP, authenticate, take_bootstrap
 from meshctl.loader.codec import to_data
 from meshctl.model.base import FrozenDict
 from meshctl.model.proxyconfig import Workload
@@ -49,8 +51,15 @@ def sup(tmp_path):
 def test_each_start_gets_a_new_token_for_the_proxys_own_identity(sup):
     p = Proc("reviews-v2-0", "sidecar")
     assert identity_of_node(sup.state_dir / "nodes" / "reviews-v2-0.json") == "spiffe://example.org/ns/shop/sa/reviews"
-    first, second = proxy_env(sup, p), proxy_env(sup, p)
-    assert first["MESHCTL_CITADEL_URL"] == "http://127.0.0.1:15012" and first["PATH"] == "/bin"
+    env1, env2 = proxy_env(sup, p), proxy_env(sup, p)
+    assert env1["PATH"] == "/bin" and "MESHCTL_CITADEL_TOKEN" not in env1  # never in /proc/PID/environ
+    path = Path(env1[ENV_BOOTSTRAP])
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    first, second = take_bootstrap(dict(env1)), take_bootstrap(dict(env2))
+    assert not path.exists()  # the sidecar deletes it once read
+    assert first["MESHCTL_CITADEL_URL"] == "http://127.0.0.1:15012"
+    secret = (sup.state_dir / "auth" / "mesh.token").read_text()
+    assert authenticate(f"Bearer {first['pilot_credential']}", secret).proxy == "reviews-v2-0"
     assert first["MESHCTL_CITADEL_TOKEN"] != second["MESHCTL_CITADEL_TOKEN"]  # a restart cannot reuse a spent one
     tokens = TokenFile(sup.state_dir)
     now = datetime.now(timezone.utc)
@@ -61,12 +70,13 @@ def test_each_start_gets_a_new_token_for_the_proxys_own_identity(sup):
 
 
 def test_apps_and_meshes_without_citadel_get_no_token(sup):
-    assert "MESHCTL_CITADEL_TOKEN" not in proxy_env(sup, Proc("reviews-v2-0", "app"))
+    assert ENV_BOOTSTRAP not in proxy_env(sup, Proc("reviews-v2-0", "app"))
     sup.citadel_url = ""
-    assert "MESHCTL_CITADEL_TOKEN" not in proxy_env(sup, Proc("reviews-v2-0", "sidecar"))
+    boot = take_bootstrap(dict(proxy_env(sup, Proc("reviews-v2-0", "sidecar"))))
+    assert "MESHCTL_CITADEL_TOKEN" not in boot and boot["pilot_credential"]
 
 
 def test_a_proxy_without_a_node_file_starts_without_identity_and_says_so(sup):
-    env = proxy_env(sup, Proc("ghost-0", "sidecar"))
+    env = take_bootstrap(dict(proxy_env(sup, Proc("ghost-0", "sidecar"))))
     assert "MESHCTL_CITADEL_TOKEN" not in env
     assert any("ghost-0" in e and "no identity" in e for e in sup.events)
