@@ -40,7 +40,7 @@ MAX_BODY = 64 * 1024  # default per-request body limit; endpoints that need more
 class Limits:
     header_timeout: float = 10.0  # from the first byte of a request to the end of its head
     idle_timeout: float = 60.0  # a kept-alive connection waiting for its next request
-    body_timeout: float = 30.0  # from the end of the head to the end of the body
+    body_timeout: float = 15.0  # from the end of the head to the end of the body
     max_connections: int = 512
     max_head: int = 16 * 1024
     body_limit: "Callable[[str, str], int] | None" = None  # (method, path) -> bytes; default MAX_BODY
@@ -116,6 +116,7 @@ async def serve(handler: Handler, host: str, port: int, *, limits: Limits | None
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled. ``task_status.started`` gets the bound port."""
     lim = limits or Limits()
+    cap = _fd_bounded(lim.max_connections)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     task_status.started(bound)
@@ -123,7 +124,7 @@ async def serve(handler: Handler, host: str, port: int, *, limits: Limits | None
     over_cap_logged = [0.0]
 
     async def one(stream: trio.SocketStream) -> None:
-        if open_count[0] >= lim.max_connections:
+        if open_count[0] >= cap:
             now = trio.current_time()
             if now - over_cap_logged[0] > 10.0:  # one line per condition, not per connection
                 over_cap_logged[0] = now
@@ -137,6 +138,20 @@ async def serve(handler: Handler, host: str, port: int, *, limits: Limits | None
             open_count[0] -= 1
 
     await trio.serve_listeners(one, listeners)
+
+
+def _fd_bounded(cap: int) -> int:
+    """The connection cap, kept under the process's descriptor limit (with room for
+    files, the registry and the over-cap connections being refused)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return cap
+    if soft == resource.RLIM_INFINITY:
+        return cap
+    return max(16, min(cap, soft - 128))
 
 
 async def _refuse(stream: trio.SocketStream) -> None:
@@ -165,6 +180,7 @@ async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits |
                 req = await _read_request(stream, conn, peer, lim)
             except HTTPError as e:  # too large, too slow: answer and close
                 await _send(stream, conn, error_response(e))
+                await _linger(stream)
                 return
             if req is None:
                 return
@@ -190,6 +206,22 @@ async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits |
         with trio.move_on_after(1) as cs:
             cs.shield = True
             await stream.aclose()
+
+
+async def _linger(stream: trio.SocketStream, seconds: float = 1.0, most: int = 1 << 20) -> None:
+    """Half-close and discard what the client still sends (briefly), so closing with
+    unread bytes does not reset the connection before the client reads our answer."""
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_eof()
+            got = 0
+            while got < most:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                got += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, resp: Response) -> None:
