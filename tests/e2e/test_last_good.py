@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import trio
 
+from meshctl.credentials import mesh_credential, proxy_credential
 from meshctl.model.base import FrozenDict
 from meshctl.model.proxyconfig import Listener, Workload
 from meshctl.pilot.compile import Node
@@ -33,9 +34,10 @@ async def test_pilot_answering_outranks_the_last_good_config(tmp_path):
     port = free_port()
     pilot = meshctl_popen("pilot", "serve", "--port", str(port), "--state-dir", str(state), log=tmp_path / "pilot.log")
     try:
-        wait_http(port, "/v1/status")
+        wait_http(port, "/healthz")
         n = node()
-        client = PilotClient(f"http://127.0.0.1:{port}", n, nothing, state)
+        cred = proxy_credential(mesh_credential(state, create=False), "client-v1-0")  # the proxy's own
+        client = PilotClient(f"http://127.0.0.1:{port}", n, nothing, state, credential=cred)
         with trio.fail_after(10):
             fresh = await first_config(client)
         # The probe only looked: what Pilot gave is not saved as good before a proxy ran it.

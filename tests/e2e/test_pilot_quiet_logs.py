@@ -18,6 +18,7 @@ from meshctl.model.base import FrozenDict
 from meshctl.model.proxyconfig import Listener, ProxyConfig, Workload
 from meshctl.pilot.compile import Node
 from meshctl.proxy.pilot_client import PilotClient
+from meshctl.credentials import bearer, mesh_credential, proxy_credential
 
 from .helpers import free_port, meshctl_popen, stop, wait_http
 
@@ -42,11 +43,13 @@ async def test_long_poll_timeouts_after_a_rules_change_log_no_warning(tmp_path, 
     port = free_port()
     pilot = meshctl_popen("pilot", "serve", "--port", str(port), "--state-dir", str(state), log=tmp_path / "pilot.log")
     try:
-        wait_http(port, "/v1/status")
+        wait_http(port, "/healthz")
+        mesh = mesh_credential(state, create=False)
         hello = {"instance": {"id": "hello-v1-0", "service": "hello", "address": "127.0.0.1", "port": free_port(),
                               "labels": {"app": "hello", "version": "v1"},
                               "meta": {"meshctl.io/service-port": "9080", "meshctl.io/sidecar": "true"}}}
-        httpx.put(f"http://127.0.0.1:{port}/v1/registry/instances/hello-v1-0", json=hello, timeout=5).raise_for_status()
+        httpx.put(f"http://127.0.0.1:{port}/v1/registry/instances/hello-v1-0", json=hello, timeout=5,
+                  headers=bearer(mesh)).raise_for_status()
         node = Node(Workload(name="client-v1-0", service="client", labels=FrozenDict({"app": "client"})),
                     (Listener(name="outbound", direction="outbound", address="127.0.0.1", port=free_port(), protocol="http"),))
         applied: list[ProxyConfig] = []
@@ -54,7 +57,8 @@ async def test_long_poll_timeouts_after_a_rules_change_log_no_warning(tmp_path, 
         async def apply(cfg: ProxyConfig) -> None:
             applied.append(cfg)
 
-        client = PilotClient(f"http://127.0.0.1:{port}", node, apply, None, wait="500ms")
+        client = PilotClient(f"http://127.0.0.1:{port}", node, apply, None, wait="500ms",
+                             credential=proxy_credential(mesh, "client-v1-0"))
         caplog.set_level(logging.INFO, logger="meshctl.proxy.pilot")
         async with trio.open_nursery() as n:
             n.start_soon(client.run)
