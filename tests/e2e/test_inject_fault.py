@@ -109,8 +109,8 @@ def test_fault_reaches_the_proxy_is_explained_and_ends_at_its_ttl(pilot):
     assert [r.get("fault") is not None for r in ratings_routes(before)] == [True, False]  # the user's own abort for jason
 
     started = time.monotonic()
-    # TTL 8 s: the five CLI calls below must run while the fault lasts, on a loaded CI machine too
-    out = meshctl("inject-fault", "ratings", "--delay", "2s", "--match", "header:end-user=jason", "--ttl", "8s",
+    # TTL 15 s: the five CLI calls below must run while the fault lasts, on a loaded CI machine too
+    out = meshctl("inject-fault", "ratings", "--delay", "2s", "--match", "header:end-user=jason", "--ttl", "15s",
                   "--no-wait", sd=sd).stdout
     assert "injected into ratings: delay 2s for 100% of header:end-user=jason" in out
 
@@ -132,10 +132,10 @@ def test_fault_reaches_the_proxy_is_explained_and_ends_at_its_ttl(pilot):
     assert meshctl("route", "get", "virtualservice", "ratings", "-o", "yaml", sd=sd).stdout == rules_before
 
     # No CLI runs now: Pilot alone ends the fault at its TTL and pushes the old config back.
-    after = config(pilot, during["version"], "15s")
+    after = config(pilot, during["version"], "25s")
     elapsed = time.monotonic() - started
     assert after["version"] == before["version"]
-    assert 7.0 < elapsed < 13.0, elapsed  # the TTL, plus the CLI start-up before the fault was stored
+    assert 14.0 < elapsed < 24.0, elapsed  # the TTL, plus the CLI start-up before the fault was stored
     assert json.loads((sd / "faults.json").read_text())["faults"] == []
     assert "no injected faults" in meshctl("inject-fault", "list", sd=sd).stdout
     assert meshctl("route", "get", "virtualservice", "ratings", "-o", "yaml", sd=sd).stdout == rules_before
