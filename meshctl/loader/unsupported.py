@@ -141,7 +141,9 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.http[].mirrorPercent": H("tests/unit/test_mirror_decision.py"),
         "spec.http[].mirror_percent": R("the legacy spelling: use mirrorPercentage"),
         "spec.http[].mirrors": H("tests/integration/test_mirror.py"),
-        "spec.http[].corsPolicy": R("CORS"),
+        "spec.http[].corsPolicy": H("tests/integration/test_cors.py"),
+        "spec.http[].corsPolicy.allowOrigin": R("the deprecated allowOrigin: use allowOrigins"),
+        "spec.http[].corsPolicy.unmatchedPreflights": R("unmatched preflights are forwarded (FORWARD)"),
         "spec.tcp": H("tests/e2e/test_gateways.py"),
         "spec.tcp[].match": H("tests/unit/test_pilot_compile.py"),  # port and gateways
         "spec.tcp[].match[].destinationSubnets": R(""),

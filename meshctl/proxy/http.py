@@ -31,16 +31,20 @@ import math
 import random
 import socket
 import time
+from dataclasses import replace
 from typing import Protocol
 
 import trio
 
 from ..core.balance import PickContext
+from ..core.cors import cors
 from ..core.authz import AuthzRequest, RequestAuth, authorize, custom_check
 from ..core.fault import decide_fault
 from ..core.outlier import LOCAL_FAILURES
 from ..core.pathnorm import PathRejected, normalize_path
 from ..core.retry import Outcome, backoff, should_retry
+from ..model.base import FrozenDict
+from ..model.istio import HeaderOperations
 from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, apply_header_ops
 from ..model.proxyconfig import Listener
 from ..protocol.events import (
@@ -322,6 +326,12 @@ class RouteStage:
         )
         d = router.decide(view, rq.rt.rand)
         if type(d) is Forward:
+            if d.route.cors_policy is not None:
+                preflight, extra = cors(d.route.cors_policy, head.method, rq.headers)
+                if preflight:
+                    return LocalReply(200, b"", extra)
+                if extra:
+                    d = replace(d, response_ops=d.response_ops + (HeaderOperations(set=FrozenDict(extra)),))
             egress.on_forward(rq, d)
             return None
         if type(d) is Redirect:
