@@ -531,6 +531,13 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(secure):
                        input="GET /status/200 HTTP/1.1\r\nHost: httpbin.example.com\r\nConnection: close\r\n\r\n",
                        capture_output=True, text=True, timeout=15)
     assert "Verify return code: 0 (ok)" in r.stdout and "HTTP/1.1 200" in r.stdout
+    # OPTIONAL_MUTUAL: no client certificate is fine, one from another CA is not
+    apply_text(mesh, SECURE_GATEWAY.replace("mode: SIMPLE", "mode: OPTIONAL_MUTUAL"))
+    assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert)[0] == "200"
+    assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert,
+                 "--cert", str(client[0]), "--key", str(client[1]))[0] == "200"
+    assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert,
+                 "--cert", str(stranger[0]), "--key", str(stranger[1]))[0] == "000"
 
 
 def test_a_credential_whose_key_does_not_match_is_refused(secure):
@@ -587,6 +594,17 @@ def test_https_redirect_and_min_protocol_version(secure):
     cacert = str(mesh["certs"] / "example.com.crt")
     assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert, "--tls-max", "1.2")[0] == "000"
     assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert, "--tlsv1.3")[0] == "200"
+    # cipherSuites (TLS 1.2): only the listed suite is offered
+    text = SECURE_GATEWAY.replace("credentialName: httpbin-credential # must be the same as secret",
+                                  "credentialName: httpbin-credential\n      maxProtocolVersion: TLSV1_2\n"
+                                  "      cipherSuites: [ECDHE-ECDSA-AES128-GCM-SHA256]")
+    apply_text(mesh, text)
+    assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert, "--tlsv1.3")[0] == "000"
+    assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert,
+                 "--ciphers", "ECDHE-ECDSA-AES256-GCM-SHA384")[0] == "000"
+    assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert,
+                 "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256")[0] == "200"
+    apply_text(mesh, HTTPBIN_GATEWAY)
 
 
 # ---------------------------------------------------------------- SNI passthrough (Istio's ingress-sni-passthrough task)
