@@ -251,6 +251,10 @@ def settings_problems(s: Settings) -> list[tuple[str, str]]:
             continue
         if not e.service:
             out.append((f"{where}.envoyExtAuthzHttp.service", "service is required"))
+        elif e.service.endswith(".svc.cluster.local") or e.service.endswith(".svc"):
+            out.append((f"{where}.envoyExtAuthzHttp.service",
+                        f"meshctl does not implement reaching the authorizer as a mesh service ({e.service}) yet: "
+                        "give the host name or address it listens on"))
         if not 1 <= e.port <= 65535:
             out.append((f"{where}.envoyExtAuthzHttp.port", "port 1-65535 is required"))
         if e.headers_to_downstream_on_allow:

@@ -203,3 +203,12 @@ services: []
         load_mesh(mesh)
     assert "mesh.yaml:7: settings.extensionProviders[0].envoyExtAuthzHttp.headersToDownstreamOnAllow: " \
            "meshctl does not implement headersToDownstreamOnAllow yet" in str(e.value)
+
+
+def test_a_kubernetes_service_name_for_the_authorizer_is_refused_by_name():
+    from meshctl.model.proxyconfig import EnvoyExtAuthzHttp, settings_problems
+
+    # Istio's task names ext-authz.foo.svc.cluster.local: meshctl needs where it listens
+    p = ExtensionProvider("sample-ext-authz-http", EnvoyExtAuthzHttp(service="ext-authz.foo.svc.cluster.local", port=8000))
+    ((field, msg),) = settings_problems(Settings(extension_providers=(p,)))
+    assert field == "extensionProviders[0].envoyExtAuthzHttp.service" and "does not implement" in msg
