@@ -469,9 +469,9 @@ def condition_key_supported(key: str) -> bool:
     return key in _EXACT_KEYS
 
 
-# destination.ip and connection.sni are not here: the proxy does not record the local
-# address or the SNI a client sent, so route validate refuses them by name.
+# connection.sni is not here: the proxy does not record the SNI a client sent,
+# so route validate refuses it by name.
 _EXACT_KEYS = frozenset({
-    "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.port",
+    "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port",
     "request.auth.principal", "request.auth.audiences", "request.auth.presenter",
 })

@@ -408,7 +408,7 @@ class AuthzStage:
             port=(lst.service_port or lst.port) if gateway else (lst.app_port or lst.port),
             headers=rq.headers, source_principal=getattr(rq.down, "peer_id", None), source_ip=rq.client_ip,
             remote_ip=trusted_client_address(head.headers, rq.client_ip, lst.trusted_proxies) if gateway else None,
-            auth=rq.auth,
+            auth=rq.auth, destination_ip=_local_ip(rq),
         )
         custom = custom_check(policies, areq)
         if custom is not None:  # CUSTOM first: the external authorizer (proxy/extauthz.py)
@@ -438,6 +438,18 @@ class HttpsRedirectStage:
         for h in hosts:
             if h == "*" or h.lower() == host or (h.startswith("*.") and host.endswith(h[1:].lower())):
                 return LocalReply(301, b"", [("location", f"https://{host}{rq.head.path}")])
+        return None
+
+
+def _local_ip(rq: Request) -> str | None:
+    """The address the request arrived at (authz destination.ip): the listener's, or the socket's when wildcard."""
+    addr = rq.listener.address
+    if addr and addr not in ("0.0.0.0", "::"):
+        return addr
+    sock = getattr(rq.down, "socket", None)
+    try:
+        return sock.getsockname()[0] if sock is not None else None
+    except OSError:
         return None
 
 
