@@ -704,6 +704,11 @@ class H1Server(_HeadCollector):
             and not self._upgraded
         )
 
+    @property
+    def receiving_head(self) -> bool:
+        """The first bytes of a request have arrived and its head is not complete yet."""
+        return self._in_head and not self._upgraded
+
     def upgrade_accepted(self) -> bytes:
         """After a 101 (2xx to CONNECT): the bytes received past the request, to relay as is."""
         if not self._accepting_upgrade:

@@ -941,9 +941,10 @@ class ConnState:
     scope's deadline, and header/idle timeouts don't need finer resolution.
     ``busy`` is False between requests (drain closes those at once)."""
 
-    __slots__ = ("scope", "busy", "deadline", "rq", "since", "sock")
+    __slots__ = ("scope", "busy", "deadline", "rq", "since", "sock", "server")
 
     def __init__(self, sock=None) -> None:
+        self.server: H1Server | None = None  # HTTP/1.1: the watchdog asks it whether a head has begun
         self.scope = trio.CancelScope()
         self.busy = False
         self.deadline = math.inf
@@ -980,6 +981,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
     try:
         snap: Snapshot = rt.snapshot
         server = H1Server(snap.limits)
+        conn.server = server
         reader = EventReader(stream, server)
         first = True
         with conn.scope:

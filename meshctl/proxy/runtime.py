@@ -427,7 +427,12 @@ class ProxyRuntime:
         while True:
             await trio.sleep(WATCHDOG_INTERVAL)
             now = trio.current_time()
+            head_timeout = float(self.snapshot.settings.request_headers_timeout)
             for c in list(self.conns):
+                if not c.busy and c.server is not None and c.server.receiving_head:
+                    # a keep-alive request's head has begun: one header timeout from here
+                    # (Envoy's request_headers_timeout), not the idle timeout
+                    c.deadline = min(c.deadline, now + head_timeout)
                 if c.deadline < now:
                     c.scope.cancel()
                 elif c.busy and now - c.since > CLIENT_GONE_AFTER and c.client_gone():

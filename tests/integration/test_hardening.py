@@ -486,3 +486,37 @@ def test_connection_flood_is_refused_at_the_listener_limit_before_fds_run_out(up
     text = logp.read_text()
     assert "Traceback" not in text
     assert text.count("connection limit") == 1, text[-3000:]
+
+
+async def test_slowloris_head_on_a_keep_alive_connection_is_cut_at_the_header_timeout(upstream):
+    """The second request's head dribbled on a kept-alive connection: the header
+    timeout applies from its first byte, not the (much longer) idle timeout."""
+    lp, cfg = _inbound_cfg(upstream.port, Settings(request_headers_timeout=Duration(1.0), idle_timeout=Duration(30.0)))
+
+    def run() -> tuple[float, bytes]:
+        s = socket.create_connection(("127.0.0.1", lp))
+        s.settimeout(0.2)
+        s.sendall(b"GET /public HTTP/1.1\r\nhost: a\r\n\r\n")
+        got = b""
+        while b'"body": ""}' not in got:
+            got += s.recv(65536)
+        head = b"GET /public HTTP/1.1\r\n" + b"x-a: b\r\n" * 100
+        t0 = time.monotonic()
+        for i in range(len(head)):
+            try:
+                s.sendall(head[i:i + 1])
+                if s.recv(65536) == b"":
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if time.monotonic() - t0 > 8:
+                break
+        s.close()
+        return time.monotonic() - t0, got
+
+    async with running_proxy(cfg):
+        took, first = await trio.to_thread.run_sync(run)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert 0.9 < took < 1.8, took
