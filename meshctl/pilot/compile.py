@@ -176,7 +176,7 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
                 for i, ep in enumerate(se.endpoints)
             )
             if not instances and not _original_destination(se, h) and se.resolution in ("DNS", "DNS_ROUND_ROBIN", None):
-                # Reach the host itself (DNS resolution happens when connecting).
+                # Reach the host itself: resolved by the proxy, TTLs respected (proxy/dns.py).
                 instances = tuple(
                     Instance(id=f"{r.name}-{p.number}", service=h, address=h, port=p.target_port or p.number,
                              meta=FrozenDict({META_SERVICE_PORT: str(p.number)}))

@@ -41,6 +41,7 @@ from .admin import serve_admin
 from .gateway_tls import GatewayCredentials, serve_gateway_tls
 from .identity import secure_inbound
 from .extauthz import ExtAuthzClient
+from .dns import refresh as dns_refresh
 from .mirror import MirrorState
 from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
 from .limits import commit_limiters
@@ -328,6 +329,7 @@ class ProxyRuntime:
                         except OSError:
                             self._mtime = None
                     nursery.start_soon(self._housekeeping, handle_signals)
+                    nursery.start_soon(dns_refresh)  # upstream names past their TTL (dns.py)
                     self.ready = True
                     task_status.started(self)
                     await self._drained.wait()

@@ -27,6 +27,8 @@ import socket
 
 import trio
 
+from .dns import lookup as dns_lookup
+
 DEFAULT_CHECKPOINT_EVERY = 32
 RECV_SIZE = 65536
 
@@ -281,10 +283,9 @@ async def connect_tcp(host: str, port: int, *, checkpoint_every: int = DEFAULT_C
         infos = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
     else:
         try:
-            res = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await dns_lookup(host, port)  # TTL-respecting cache, refreshed off the request path (dns.py)
         except OSError as exc:
             raise UpstreamConnectError(host, port, f"cannot resolve {host!r}: {exc}") from None
-        infos = [(r[0], r[4]) for r in res]
     last = "no address"
     for family, addr in infos:
         sock = socket.socket(family, socket.SOCK_STREAM)
