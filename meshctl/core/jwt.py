@@ -413,5 +413,7 @@ def claim_value(claims: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
-def unauthorized_headers() -> list[tuple[str, str]]:
-    return [("content-type", "text/plain"), ("www-authenticate", 'Bearer realm="meshctl", error="invalid_token"')]
+def unauthorized_headers(scheme: str, authority: str, target: str) -> list[tuple[str, str]]:
+    """Envoy's 401 headers: the realm is the request URL without its query."""
+    realm = f"{scheme or 'http'}://{authority}{target.split('?', 1)[0]}".replace('"', "%22")
+    return [("content-type", "text/plain"), ("www-authenticate", f'Bearer realm="{realm}", error="invalid_token"')]

@@ -28,7 +28,8 @@ class JwtStage:
         out = authn.authenticate(rq.headers, rq.head.path, time.time())
         if out.failure is not None:
             rq.detail = out.failure
-            return LocalReply(401, out.failure.encode(), unauthorized_headers())
+            head = rq.head
+            return LocalReply(401, out.failure.encode(), unauthorized_headers(head.scheme, head.authority, head.path))
         if out.headers is not None:
             rq.headers = out.headers
         rq.auth = out.identity

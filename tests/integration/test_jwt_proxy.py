@@ -59,5 +59,8 @@ async def test_jwt_on_the_inbound_path_over_http1_and_http2(upstream):
             assert hdrs["x-jwt-foo"] == "bar" and "authorization" not in hdrs  # claim out, token removed
             r = await curl(proto, "-s", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {DEMO[:-3]}xyz", url)
             assert r.stdout == b"Jwt verification fails\n401", (proto, r.stdout)
+            r = await curl(proto, "-si", "-H", f"Authorization: Bearer {DEMO[:-3]}xyz", url + "?a=1")
+            assert f'www-authenticate: Bearer realm="http://127.0.0.1:{lp}/headers", error="invalid_token"'.encode() \
+                in r.stdout.lower().replace(b"bearer", b"Bearer"), r.stdout
             r = await curl(proto, "-s", "-o", "/dev/null", "-w", "%{http_code}", url)
             assert r.stdout == b"403", proto  # no token: the policy requires a principal
