@@ -30,7 +30,7 @@ from functools import partial
 import trio
 
 from ..citadel.errors import PeerRejected, TLSError
-from .stream import FastSocketStream, UpstreamConnectError
+from .stream import FastSocketStream, TLSSocketStream, UpstreamConnectError, start_tls
 
 log = logging.getLogger("meshctl.identity")
 
@@ -113,51 +113,12 @@ async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNOR
 # ---------------------------------------------------------------- the stream
 
 
-class SecureStream(trio.abc.Stream):
-    """A TLS stream over a FastSocketStream, with what the proxy asks of its
-    streams (``socket``, ``closed``, ``close_now``) and the verified peer.
-
-    Not half-closeable: trio's SSLStream is unusable for sending once it has
-    read the peer's EOF, so opaque TCP relayed over mTLS ends when either
-    side closes (request/response protocols are unaffected; a protocol that
-    half-closes and then waits for the answer is not supported over mTLS)."""
-
-    __slots__ = ("tls", "raw", "peer_id", "principal", "alpn")
-
-    def __init__(self, tls: trio.SSLStream, raw: FastSocketStream, peer_id: str | None, alpn: str | None) -> None:
-        self.tls = tls
-        self.raw = raw
-        self.peer_id = peer_id
-        self.principal = principal_of(peer_id)
-        self.alpn = alpn
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.tls.receive_some(max_bytes)
-
-    async def send_all(self, data) -> None:
-        await self.tls.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.tls.wait_send_all_might_not_block()
-
-    def close_now(self) -> None:
-        """Abrupt close (no close_notify), like the plain stream's."""
-        self.raw.close_now()
-
-    async def aclose(self) -> None:
-        self.raw.close_now()
-        await trio.lowlevel.checkpoint()
-
-    @property
-    def closed(self) -> bool:
-        return self.raw.closed
-
-    @property
-    def socket(self):
-        return self.raw.socket
-
-    def fileno(self) -> int:
-        return self.raw.socket.fileno()
+# A TLS stream over a FastSocketStream's socket, with what the proxy asks of
+# its streams (``socket``, ``closed``, ``close_now``) and the verified peer
+# (``peer_id``, ``principal``, ``alpn``). See stream.TLSSocketStream.
+# Not half-closeable: opaque TCP relayed over mTLS ends when either side closes
+# (request/response protocols are unaffected).
+SecureStream = TLSSocketStream
 
 
 # ---------------------------------------------------------------- inbound
@@ -188,10 +149,7 @@ async def secure_inbound(rt, listener, stream: FastSocketStream):
     except (TLSError, PeerRejected) as exc:
         _refused(rt, listener, str(exc))
         return None
-    if not conn.tls:
-        return conn.stream
-    ssl_stream = conn.stream
-    return SecureStream(ssl_stream, stream, conn.peer_id, conn.alpn)
+    return conn.stream  # the accepted stream itself (plaintext) or a SecureStream with the verified peer
 
 
 def _refused(rt, listener, why: str) -> None:
@@ -206,9 +164,13 @@ def _refused(rt, listener, why: str) -> None:
 
 
 class UpstreamTLS:
-    """How to secure one upstream connection; ``key`` distinguishes pools."""
+    """How to secure one upstream connection; ``key`` distinguishes pools.
 
-    __slots__ = ("mode", "key", "expected", "holder", "context", "sni", "h2")
+    Keeps the latest resumable TLS session per upstream address (with the
+    context it belongs to), so a pool's new connections to a server it has
+    talked to resume instead of running a full handshake."""
+
+    __slots__ = ("mode", "key", "expected", "holder", "context", "sni", "h2", "sessions")
 
     def __init__(self, mode: str, key: tuple, *, expected=None, holder=None, context=None, sni=None,
                  h2: bool = False) -> None:
@@ -219,6 +181,23 @@ class UpstreamTLS:
         self.context = context
         self.sni = sni
         self.h2 = h2  # offer ALPN "h2" (HTTP/2 upstream pool), else "http/1.1"
+        self.sessions: dict[tuple[str, int], tuple[ssl.SSLContext, ssl.SSLSession]] = {}
+
+    def _session_for(self, ctx: ssl.SSLContext, address: str, port: int) -> ssl.SSLSession | None:
+        got = self.sessions.get((address, port))
+        if got is None or got[0] is not ctx:
+            return None  # none yet, or from before a certificate renewal
+        return got[1]
+
+    def _keeper(self, ctx: ssl.SSLContext, address: str, port: int):
+        sessions = self.sessions
+
+        def keep(session: ssl.SSLSession) -> None:
+            if len(sessions) > 4096:
+                sessions.clear()
+            sessions[(address, port)] = (ctx, session)
+
+        return keep
 
     async def wrap(self, raw: FastSocketStream, address: str, port: int) -> SecureStream:
         """Handshake on a fresh connection. Raises UpstreamConnectError (the
@@ -227,19 +206,25 @@ class UpstreamTLS:
             if self.mode == "ISTIO_MUTUAL":
                 from .tls import client_handshake
 
-                ctx = self.holder
+                ctx = self.holder.client
                 if self.h2:
-                    ctx = getattr(self.holder, "client_h2", None) or self.holder.client
-                conn = await client_handshake(raw, ctx, self.expected)
-                return SecureStream(conn.stream, raw, conn.peer_id, conn.alpn)
-            tls = trio.SSLStream(raw, self.context, server_hostname=self.sni, https_compatible=True)
+                    ctx = getattr(self.holder, "client_h2", None) or ctx
+                conn = await client_handshake(raw, ctx, self.expected, session=self._session_for(ctx, address, port))
+                tls = conn.stream
+                assert isinstance(tls, TLSSocketStream)
+                if not tls.session_reused or tls.version() == "TLSv1.3":
+                    tls.on_session = self._keeper(ctx, address, port)  # TLS 1.3: a fresh ticket each time
+                return tls
+            ctx = self.context
+            tls = start_tls(raw, ctx, server_side=False, server_hostname=self.sni,
+                            session=self._session_for(ctx, address, port))
+            tls.on_session = self._keeper(ctx, address, port)
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
-                raw.close_now()
                 cause = exc.__cause__ or exc
                 raise TLSError(f"TLS handshake failed: {getattr(cause, 'reason', None) or cause}") from None
-            return SecureStream(tls, raw, None, tls.selected_alpn_protocol())
+            return tls
         except BaseException as exc:
             raw.close_now()
             if not isinstance(exc, (TLSError, PeerRejected)):

@@ -15,9 +15,11 @@ from .tls import CertificateHolder, client_context
 class SidecarCertificates(CertificateHolder):
     """The sidecar's certificate holder: server contexts offer h2 and
     http/1.1, client contexts only what the upstream pool speaks. Server
-    contexts send no TLS 1.3 session tickets (we never resume sessions, and a
-    ticket arriving on an idle pooled connection would read as unsolicited
-    bytes to the pool's liveness check)."""
+    contexts send one TLS 1.3 session ticket per handshake: the client side
+    (identity.UpstreamTLS) resumes with it on its next connection to the
+    same sidecar. The ticket comes right behind the handshake, so a pooled
+    connection has read it with its first response, long before the pool's
+    liveness check could take it for unsolicited bytes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,9 +29,7 @@ class SidecarCertificates(CertificateHolder):
     def update(self, chain_pem, key_pem, bundle_pem, *, verify=True, now=None) -> None:
         super().update(chain_pem, key_pem, bundle_pem, verify=verify, now=now)
         h2 = client_context(chain_pem, key_pem, bundle_pem, alpn=("h2",))
-        h2.options |= ssl.OP_NO_TICKET
         self._client.set_alpn_protocols(list(UPSTREAM_ALPN))
-        self._server.num_tickets = 0
-        self._client.options |= ssl.OP_NO_TICKET
+        self._server.num_tickets = 1
         self.client_h2 = h2
         self.renewals = self.generation - 1

@@ -24,6 +24,8 @@ import errno
 import ipaddress
 import os
 import socket
+import ssl
+from typing import Callable
 
 import trio
 
@@ -264,6 +266,329 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         return self.socket.fileno()
 
 
+# ------------------------------------------------------------------ TLS
+
+
+_WantRead = ssl.SSLWantReadError
+_WantWrite = ssl.SSLWantWriteError
+_CLOSE_NOTIFY_WAIT = 1.0  # seconds aclose() waits for room to send close_notify
+
+
+class PeekSocket:
+    """The part of a TLS connection's socket the proxy uses from outside the
+    stream: a TCP-level ``recv(n, MSG_PEEK)`` ("is the peer gone?"; an
+    ``ssl.SSLSocket`` refuses flags) and the addresses."""
+
+    __slots__ = ("_ssl",)
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._ssl = sock
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not flags:
+            raise ValueError("PeekSocket only peeks: read through the TLS stream")
+        s = self._ssl
+        fd = s.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, "socket is closed")
+        # a plain socket object on the same descriptor, detached before it can close it
+        view = socket.socket(s.family, s.type, 0, fd)
+        try:
+            return view.recv(bufsize, flags)
+        finally:
+            view.detach()
+
+    def getpeername(self):
+        return self._ssl.getpeername()
+
+    def getsockname(self):
+        return self._ssl.getsockname()
+
+    def fileno(self) -> int:
+        return self._ssl.fileno()
+
+
+def _tls_broken(exc: BaseException) -> trio.BrokenResourceError:
+    if isinstance(exc, ssl.SSLError):
+        return trio.BrokenResourceError(f"TLS error: {exc.reason or exc}")
+    return trio.BrokenResourceError(f"connection lost: {exc}")
+
+
+class TLSSocketStream(trio.abc.Stream):
+    """TLS over a non-blocking ``ssl.SSLSocket``, trying the syscall first like
+    ``FastSocketStream`` (trio's ``SSLStream`` pumps a memory BIO through the
+    scheduler and costs about twice as much per round trip, see
+    shared/PERFORMANCE.md).
+
+    OpenSSL reads and writes the socket itself; this class only parks:
+    ``SSLWantReadError`` waits for readability, ``SSLWantWriteError`` for
+    writability, in either direction (a read can need a write: a TLS 1.3
+    KeyUpdate the peer asks us to answer; a write can need a read). A write
+    that could not finish is retried with the same bytes, as OpenSSL requires.
+    ``aclose()`` sends close_notify (not waiting for the peer's) and closes;
+    ``close_now()`` closes at once, without it. A close_notify or a TCP EOF
+    from the peer (HTTP frames its own messages: a truncated message is seen
+    there) reads as EOF. TLS and socket errors become
+    ``trio.BrokenResourceError``; use after close ``trio.ClosedResourceError``.
+
+    The proxy's extras: ``peer_id`` / ``principal`` / ``alpn`` (set by the
+    handshake code in proxy/tls.py and proxy/identity.py), ``socket`` (a
+    ``PeekSocket``), ``closed``, ``close_now()``, ``fileno()``. Not
+    half-closeable.
+    """
+
+    __slots__ = (
+        "raw", "sock", "peer_id", "principal", "alpn", "quickack", "on_session", "park_after_send",
+        "_calls", "_every", "_recv_busy", "_send_busy", "_park_next", "_handshaken", "_write_pending",
+    )
+
+    def __init__(self, raw: FastSocketStream, sock: ssl.SSLSocket) -> None:
+        self.raw = raw  # raw.socket is the SSLSocket now: raw.close_now() closes it
+        self.sock = sock
+        self.peer_id: str | None = None
+        self.principal: str | None = None
+        self.alpn: str | None = None
+        self.quickack = False
+        # called once with the connection's resumable session (client side; see identity.UpstreamTLS)
+        self.on_session: Callable[[ssl.SSLSession], None] | None = None
+        self.park_after_send = raw.park_after_send
+        self._calls = 0
+        self._every = raw._every
+        self._recv_busy = False
+        self._send_busy = False
+        self._park_next = False
+        self._handshaken = False
+        self._write_pending = False  # a send_all was cancelled with a record half-written
+
+    # -------------------------------------------------------------- handshake
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake. Raises trio.BrokenResourceError (cause: the
+        ssl or OS error) when it fails."""
+        sock = self.sock
+        if self.raw.closed:
+            raise trio.ClosedResourceError("stream was closed")
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except _WantRead:
+                await _wait_readable(sock)
+            except _WantWrite:
+                await _wait_writable(sock)
+            except (ssl.SSLError, OSError) as exc:
+                if self.raw.closed:
+                    raise trio.ClosedResourceError("stream was closed") from None
+                raise _tls_broken(exc) from exc
+        self._handshaken = True
+        self.alpn = sock.selected_alpn_protocol()
+        if self.on_session is not None and sock.version() != "TLSv1.3":
+            self._offer_session()  # TLS 1.2: the session is complete now
+
+    def _offer_session(self) -> None:
+        # TLS 1.3 tickets come after the handshake, with the first bytes read
+        cb = self.on_session
+        s = self.sock.session
+        if cb is not None and s is not None and (s.has_ticket or self.sock.version() != "TLSv1.3"):
+            self.on_session = None
+            cb(s)
+
+    # -------------------------------------------------------------- receive
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._recv_busy:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        raw = self.raw
+        if raw._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._recv_busy = True
+        try:
+            sock = self.sock
+            if self._park_next and not sock.pending():  # (nothing decrypted waiting in OpenSSL)
+                self._park_next = False
+                self._calls = 0
+                await _wait_readable(sock)
+            else:
+                self._park_next = False
+                self._calls += 1
+                if self._calls >= self._every:
+                    self._calls = 0
+                    await _checkpoint()
+            while True:
+                try:
+                    n = sock.recv_into(_SHARED, size)
+                except _WantRead:
+                    await _wait_readable(sock)
+                    continue
+                except _WantWrite:
+                    await self._wait_other(False)
+                    continue
+                except (ssl.SSLError, OSError, ValueError) as exc:
+                    if raw._closed or isinstance(exc, ValueError):
+                        raise trio.ClosedResourceError("stream was closed") from None
+                    raise _tls_broken(exc) from exc
+                if self.on_session is not None:
+                    self._offer_session()
+                return _SHARED_VIEW[:n].tobytes()
+        finally:
+            self._recv_busy = False
+
+    async def _wait_other(self, readable: bool) -> None:
+        """Park for the direction the other task normally waits on (a read
+        that must write, or a write that must read). If that task is parked
+        on it already, trio allows no second waiter: let it run, then retry."""
+        try:
+            if readable:
+                await _wait_readable(self.sock)
+            else:
+                await _wait_writable(self.sock)
+        except trio.BusyResourceError:
+            await trio.sleep(0.001)
+
+    # -------------------------------------------------------------- send
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        raw = self.raw
+        if raw._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        self._send_busy = True
+        try:
+            self._calls += 1
+            if self._calls >= self._every:
+                self._calls = 0
+                await _checkpoint()
+            total = len(data)
+            if not total:
+                return
+            if self._write_pending:
+                raise trio.BrokenResourceError("an earlier send_all was cancelled in the middle of a TLS record")
+            self._park_next = self.park_after_send
+            sock = self.sock
+            sent = 0
+            with memoryview(data) as view:
+                while sent < total:
+                    # after a want-read/want-write OpenSSL needs the same bytes again: the
+                    # slice only moves on success
+                    try:
+                        sent += sock.send(view[sent:] if sent else view)
+                        self._write_pending = False
+                    except _WantWrite:
+                        self._write_pending = True
+                        await _wait_writable(sock)
+                    except _WantRead:
+                        self._write_pending = True
+                        await self._wait_other(True)
+                    except (ssl.SSLError, OSError, ValueError) as exc:
+                        if raw._closed or isinstance(exc, ValueError):
+                            raise trio.ClosedResourceError("stream was closed") from None
+                        raise _tls_broken(exc) from exc
+        finally:
+            self._send_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self.raw._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        self._send_busy = True
+        try:
+            await _wait_writable(self.sock)
+        finally:
+            self._send_busy = False
+
+    # -------------------------------------------------------------- close
+
+    def _close_notify(self) -> bool:
+        """Try to send close_notify now; False if the socket buffer is full."""
+        try:
+            self.sock.unwrap()
+        except _WantRead:
+            pass  # ours is out; the peer's is not awaited
+        except _WantWrite:
+            return False
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # peer gone or never handshaken: nothing to say goodbye to
+        return True
+
+    def close_now(self) -> None:
+        """Close at once, without close_notify (an abort)."""
+        self.raw.close_now()
+
+    async def aclose(self) -> None:
+        """Send close_notify (waiting up to a second for room to), then close."""
+        raw = self.raw
+        if raw._closed:
+            await _checkpoint()
+            return
+        try:
+            if self._handshaken and not self._send_busy and not self._close_notify():
+                with trio.move_on_after(_CLOSE_NOTIFY_WAIT):
+                    await _wait_writable(self.sock)
+                    self._close_notify()
+        finally:
+            raw.close_now()
+        await _checkpoint()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw._closed
+
+    @property
+    def socket(self) -> PeekSocket:
+        return PeekSocket(self.sock)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def ack_now(self) -> None:
+        self.raw.ack_now()
+
+    # -------------------------------------------------------------- what ssl knows
+
+    def getpeercert(self, binary_form: bool = False):
+        return self.sock.getpeercert(binary_form)
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self.sock.selected_alpn_protocol()
+
+    @property
+    def session_reused(self) -> bool:
+        return self.sock.session_reused
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        return self.sock.session
+
+    def version(self) -> str | None:
+        return self.sock.version()
+
+
+def start_tls(
+    raw: FastSocketStream,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+    session: ssl.SSLSession | None = None,
+) -> TLSSocketStream:
+    """Put TLS on ``raw`` (handshake not yet run: ``await s.do_handshake()``).
+    From here on the socket belongs to the returned stream. ``session`` (client
+    side) asks to resume an earlier session of the same context."""
+    if raw._closed:
+        raise trio.ClosedResourceError("stream was closed")
+    # (ssl refuses a session of another context, and closes the socket doing so:
+    # callers keep each session with the context it came from)
+    sock = context.wrap_socket(raw.socket, server_side=server_side, do_handshake_on_connect=False,
+                               server_hostname=server_hostname, session=session)
+    raw.socket = sock  # wrap_socket detached the plain socket object; raw closes the SSLSocket
+    return TLSSocketStream(raw, sock)
+
+
 # ------------------------------------------------------------------ connect / listen
 
 
@@ -341,10 +666,12 @@ async def accept(listen_sock: socket.socket) -> tuple[socket.socket, tuple]:
         return conn, addr
 
 
-def is_alive(stream: FastSocketStream) -> bool:
+def is_alive(stream: FastSocketStream | TLSSocketStream) -> bool:
     """Cheap check that an idle pooled connection was not closed by the peer."""
     if stream.closed:
         return False
+    if isinstance(stream, TLSSocketStream) and stream.sock.pending():
+        return False  # decrypted bytes nobody asked for
     try:
         data = stream.socket.recv(1, socket.MSG_PEEK)
     except BlockingIOError:

@@ -6,14 +6,21 @@ What the proxy calls:
   the server/client ``ssl.SSLContext`` built from them. ``update()`` swaps in
   a renewed certificate; connections already open keep the context they
   were made with, new connections get the new one.
-- ``server_handshake`` / ``client_handshake``: wrap a ``trio.abc.Stream`` in
-  ``trio.SSLStream``, run the handshake, then the SPIFFE identity check
-  (``ssl`` already verified the chain against the trust bundle; it ignores
-  URI SANs, so ``citadel.identity.check_leaf`` does the rest).
-  Failures raise ``TLSError`` (handshake) or ``PeerRejected`` (identity), and
-  the stream is closed.
+- ``server_handshake`` / ``client_handshake``: run the TLS handshake on a
+  stream, then the SPIFFE identity check (``ssl`` already verified the chain
+  against the trust bundle; it ignores URI SANs, so
+  ``citadel.identity.check_leaf`` does the rest). A ``FastSocketStream`` (the
+  proxy's sockets) becomes a ``stream.TLSSocketStream`` (OpenSSL on the
+  non-blocking socket itself); any other ``trio.abc.Stream`` (memory streams
+  in tests) is wrapped in ``trio.SSLStream``. Failures raise ``TLSError``
+  (handshake) or ``PeerRejected`` (identity), and the stream is closed.
+  ``client_handshake(session=...)`` resumes an earlier session (the identity
+  check runs on resumed connections too: the session keeps the peer's
+  certificate).
 - ``accept_inbound``: what an inbound listener does with a new connection in
-  STRICT, PERMISSIVE or DISABLE mode.
+  STRICT, PERMISSIVE or DISABLE mode. PERMISSIVE sniffs a socket with
+  MSG_PEEK, so nothing is consumed: a plaintext connection is served as the
+  very stream that was accepted.
 - ``renewal_time`` / ``keep_renewed``: renew at half-life with jitter.
 
 Contexts: TLS 1.2 minimum, certificate required on both sides (mutual),
@@ -26,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +45,7 @@ from cryptography import x509
 
 from ..citadel.errors import PeerRejected, TLSError
 from ..citadel.identity import check_leaf, describe, uri_sans, verify_peer
+from .stream import FastSocketStream, TLSSocketStream, start_tls
 
 log = logging.getLogger("meshctl.tls")
 
@@ -279,7 +288,7 @@ async def keep_renewed(
 
 @dataclass
 class TLSConnection:
-    stream: trio.SSLStream
+    stream: trio.abc.Stream  # TLSSocketStream over a socket, trio.SSLStream over anything else
     peer_id: str  # the peer's SPIFFE ID, checked
     alpn: str | None  # "h2", "http/1.1" or None
 
@@ -308,6 +317,23 @@ def _describe_ssl_failure(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
+def wrap_stream(
+    stream: trio.abc.Stream,
+    ctx: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+    https_compatible: bool = True,
+    session: ssl.SSLSession | None = None,
+) -> TLSSocketStream | trio.SSLStream:
+    """TLS on ``stream``, handshake not yet run: straight on the socket for a
+    FastSocketStream, through trio.SSLStream for anything else."""
+    if type(stream) is FastSocketStream:
+        return start_tls(stream, ctx, server_side=server_side, server_hostname=server_hostname, session=session)
+    return trio.SSLStream(stream, ctx, server_side=server_side, server_hostname=server_hostname,
+                          https_compatible=https_compatible)
+
+
 async def _handshake(
     stream: trio.abc.Stream,
     context: ssl.SSLContext | CertificateHolder,
@@ -318,28 +344,28 @@ async def _handshake(
     https_compatible: bool,
     timeout: float | None,
     now: Callable[[], datetime],
+    session: ssl.SSLSession | None = None,
 ) -> TLSConnection:
     try:
         ctx = _context_of(context, server_side)
     except TLSError:  # no certificate yet: refuse the connection, do not leak it
         await trio.aclose_forcefully(stream)
         raise
-    ssl_stream = trio.SSLStream(
-        stream,
-        ctx,
-        server_side=server_side,
-        server_hostname=None if server_side else server_hostname,
-        https_compatible=https_compatible,
-    )
+    ssl_stream = wrap_stream(stream, ctx, server_side=server_side,
+                             server_hostname=None if server_side else server_hostname,
+                             https_compatible=https_compatible, session=session)
     try:
         with trio.fail_after(timeout if timeout is not None else float("inf")):
             await ssl_stream.do_handshake()
     except trio.TooSlowError:
         await trio.aclose_forcefully(ssl_stream)
         raise TLSError(f"TLS handshake timed out after {timeout}s", "tls-timeout") from None
-    except trio.BrokenResourceError as exc:
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await trio.aclose_forcefully(ssl_stream)
         raise TLSError(f"TLS handshake failed: {_describe_ssl_failure(exc)}") from None
+    except BaseException:
+        await trio.aclose_forcefully(ssl_stream)  # cancelled: closed, not leaked
+        raise
     der = ssl_stream.getpeercert(binary_form=True)
     try:
         if not der:
@@ -349,7 +375,11 @@ async def _handshake(
     except PeerRejected:
         await trio.aclose_forcefully(ssl_stream)
         raise
-    return TLSConnection(ssl_stream, peer_id, ssl_stream.selected_alpn_protocol())
+    alpn = ssl_stream.selected_alpn_protocol()
+    if isinstance(ssl_stream, TLSSocketStream):
+        ssl_stream.peer_id = peer_id
+        ssl_stream.principal = peer_id[len("spiffe://"):] if peer_id.startswith("spiffe://") else peer_id
+    return TLSConnection(ssl_stream, peer_id, alpn)
 
 
 async def server_handshake(
@@ -384,10 +414,12 @@ async def client_handshake(
     https_compatible: bool = True,
     timeout: float | None = HANDSHAKE_TIMEOUT,
     now: Callable[[], datetime] = _utcnow,
+    session: ssl.SSLSession | None = None,
 ) -> TLSConnection:
     """Open mutual TLS to an upstream sidecar and check it is one of
     ``expected_ids`` (from ``Endpoint.identity``). ``server_hostname`` is sent
-    as SNI only."""
+    as SNI only. ``session``: resume this earlier session (of the same
+    context) if the server still accepts it."""
     return await _handshake(
         stream,
         context,
@@ -397,6 +429,7 @@ async def client_handshake(
         https_compatible=https_compatible,
         timeout=timeout,
         now=now,
+        session=session,
     )
 
 
@@ -478,6 +511,8 @@ async def accept_inbound(
         return InboundConnection(stream, None, False)
     if mode not in ("STRICT", "PERMISSIVE"):
         raise TLSError(f"unknown mTLS mode {mode!r} (expected STRICT, PERMISSIVE or DISABLE)", "bad-config")
+    if type(stream) is FastSocketStream:
+        return await _accept_socket(stream, holder, mode, expected_ids, timeout, now)
     try:
         with trio.fail_after(timeout if timeout is not None else float("inf")):
             first = await stream.receive_some(4096)
@@ -501,3 +536,65 @@ async def accept_inbound(
         return InboundConnection(replay, None, False)
     conn = await server_handshake(replay, holder, expected_ids, timeout=timeout, now=now)
     return InboundConnection(conn.stream, conn.peer_id, True, conn.alpn)
+
+
+async def _peek(stream: FastSocketStream, timeout: float | None) -> bytes | None:
+    """The first bytes waiting on the socket, left there (MSG_PEEK); None if
+    none came within ``timeout``. Raises TLSError on a reset."""
+    sock = stream.socket
+    with trio.move_on_after(timeout if timeout is not None else float("inf")):
+        while True:
+            try:
+                return sock.recv(8, socket.MSG_PEEK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+            except OSError as exc:
+                stream.close_now()
+                raise TLSError(f"connection lost before any byte arrived: {exc}", "tls-handshake") from None
+    return None
+
+
+async def _accept_socket(
+    stream: FastSocketStream,
+    holder: CertificateHolder | ssl.SSLContext,
+    mode: str,
+    expected_ids: set[str] | frozenset[str] | None,
+    timeout: float | None,
+    now: Callable[[], datetime],
+) -> InboundConnection:
+    first = await _peek(stream, timeout)
+    if first is None:
+        if mode == "PERMISSIVE":
+            return InboundConnection(stream, None, False)  # a server-first protocol, perhaps
+        stream.close_now()
+        raise TLSError(f"client sent nothing within {timeout}s on an mTLS STRICT port", "tls-timeout")
+    if not first:
+        stream.close_now()
+        raise TLSError("connection closed before any byte arrived", "tls-handshake")
+    if not sniff_tls(first):
+        if mode == "STRICT":
+            _drain_and_close(stream)
+            raise TLSError(
+                "plaintext connection refused: this port requires mutual TLS (PeerAuthentication STRICT)",
+                "plaintext-on-strict",
+            )
+        return InboundConnection(stream, None, False)  # nothing was consumed
+    if isinstance(holder, CertificateHolder) and not holder.ready:
+        _drain_and_close(stream)
+        holder.server  # raises the TLSError saying why
+    conn = await server_handshake(stream, holder, expected_ids, timeout=timeout, now=now)
+    return InboundConnection(conn.stream, conn.peer_id, True, conn.alpn)
+
+
+def _drain_and_close(stream: FastSocketStream) -> None:
+    """Close a refused connection with a FIN, not a reset: Linux answers a
+    close with unread bytes (the peeked ones) with RST, and the client should
+    see "closed", not "reset"."""
+    sock = stream.socket
+    try:
+        for _ in range(16):
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    stream.close_now()

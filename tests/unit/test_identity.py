@@ -193,6 +193,39 @@ async def test_strict_refuses_plaintext_and_serves_mtls_with_the_verified_peer(r
         n.cancel_scope.cancel()
 
 
+async def test_new_mtls_connections_resume_the_session_and_still_check_both_identities(root):
+    server_rt = FakeRuntime(certs(root, REVIEWS))
+    client_rt = FakeRuntime(certs(root, PRODUCTPAGE))
+    seen: list = []
+    pool = UpstreamPool(limits=Limits())
+    st = ClusterStats("c")
+    async with trio.open_nursery() as n:
+        port = await n.start(serve_one, inbound("STRICT"), server_rt, seen)
+        ep = Endpoint("127.0.0.1", port, identity=REVIEWS)
+        first = await pool.acquire("127.0.0.1", port, st, 5.0, upstream_tls(client_rt, cluster(), ep))
+        assert not first.stream.session_reused  # nothing to resume yet: a full handshake
+        assert (await get(first)).endswith(b"productpage")  # (the session ticket came with the answer)
+        second = await pool.acquire("127.0.0.1", port, st, 5.0, upstream_tls(client_rt, cluster(), ep))
+        assert second is not first  # the first is still checked out: a new connection...
+        assert second.stream.session_reused  # ...that resumed
+        assert second.stream.peer_id == REVIEWS  # identity still checked, from the session's certificate
+        assert (await get(second)).endswith(b"productpage")
+        assert seen[-1].session_reused and seen[-1].peer_id == PRODUCTPAGE  # and on the server side too
+        # a renewed certificate means a new context: its sessions start over
+        client_rt.tls.update(*_issue(root, PRODUCTPAGE), root.root_pem)
+        third = await pool.acquire("127.0.0.1", port, st, 5.0, upstream_tls(client_rt, cluster(), ep))
+        assert not third.stream.session_reused and third.stream.peer_id == REVIEWS
+        for c in (first, second, third):
+            pool.discard(c)
+        n.cancel_scope.cancel()
+
+
+def _issue(ca, spiffe: str) -> tuple[bytes, bytes]:
+    key = generate_key()
+    leaf = ca.sign_csr(make_csr(key), spiffe, timedelta(hours=1), _now())
+    return leaf + ca.issuer_chain_pem, key_to_pem(key)
+
+
 async def test_permissive_accepts_plaintext_and_mtls_on_one_port(root):
     server_rt = FakeRuntime(certs(root, REVIEWS))
     client_rt = FakeRuntime(certs(root, PRODUCTPAGE))
@@ -203,6 +236,7 @@ async def test_permissive_accepts_plaintext_and_mtls_on_one_port(root):
         port = await n.start(serve_one, inbound("PERMISSIVE"), server_rt, seen)
         plain = await pool.acquire("127.0.0.1", port, st, 5.0)
         assert (await get(plain)).endswith(b"plaintext")
+        assert type(seen[-1]) is FastSocketStream  # sniffed with MSG_PEEK: served as accepted, nothing replayed
         ep = Endpoint("127.0.0.1", port, identity=REVIEWS)
         conn = await pool.acquire("127.0.0.1", port, st, 5.0, upstream_tls(client_rt, cluster(), ep))
         assert (await get(conn)).endswith(b"productpage")
