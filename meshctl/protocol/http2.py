@@ -1,4 +1,4 @@
-"""Sans-IO HTTP/2 codec over h2, for both legs of a proxy hop.
+"""Sans-IO HTTP/2 codec over jh2 (h2's API, native HPACK), for both legs of a proxy hop.
 
 ``H2Server`` serves one downstream connection; ``H2Client`` carries many
 multiplexed requests on one upstream connection. Both speak the events of
@@ -73,15 +73,19 @@ Rules this module keeps
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
+# jh2: h2's API with a native HPACK (measured 1.6x h2 per gRPC exchange, bench/h2_codec_bench.py).
+# The HPACK errors are the ones jh2.connection raises (native or pure, whichever it loaded).
+from jh2.config import H2Configuration
+from jh2.connection import H2Connection
+from jh2.connection import HPACKError, OversizedHeaderListError
+from jh2.errors import ErrorCodes
+from jh2.events import (
     ConnectionTerminated,
     DataReceived,
     InformationalResponseReceived,
@@ -93,14 +97,20 @@ from h2.events import (
     StreamReset,
     TrailersReceived,
 )
-from h2.events import WindowUpdated as _H2WindowUpdated
-from h2.exceptions import DenialOfServiceError, H2Error, StreamClosedError, TooManyStreamsError
-from h2.exceptions import ProtocolError as _H2ProtocolError
-from h2.frame_buffer import FrameBuffer
-from h2.settings import SettingCodes, Settings
-from h2.stream import StreamClosedBy
-from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, RstStreamFrame
+from jh2.events import WindowUpdated as _H2WindowUpdated
+from jh2.exceptions import DenialOfServiceError, H2Error, StreamClosedError, TooManyStreamsError
+from jh2.exceptions import ProtocolError as _H2ProtocolError
+from jh2.frame_buffer import FrameBuffer
+from jh2.hpack import Decoder as _PureDecoder
+from jh2.hpack.exceptions import HPACKError as _PureHPACKError
+from jh2.hpack.exceptions import OversizedHeaderListError as _PureOversized
+from jh2.hyperframe.frame import ContinuationFrame, GoAwayFrame, RstStreamFrame
+from jh2.settings import SettingCodes, Settings
+from jh2.stream import StreamClosedBy
+
+# jh2 falls back to a pure-Python HPACK where its native one does not load; that one
+# logs every integer it codes at DEBUG (~60 calls per exchange): never worth it here
+logging.getLogger("jh2.hpack.hpack").disabled = True
 
 from .events import (
     Data,
@@ -265,6 +275,22 @@ def _encode_fields(out: list[tuple[bytes, bytes]], headers: Iterable[tuple[str, 
 
 
 # ---------------------------------------------------------------- h2 hooks
+class _StrictDecoder(_PureDecoder):
+    """HPACK decoding for header blocks from untrusted clients (the server
+    side): jh2's pure-Python decoder, which is h2's and refuses what RFC 7541
+    forbids and jh2's native decoder lets through (a dynamic table size update
+    after the first field, Huffman padding that is not EOS bits: h2spec
+    hpack/4.2 and 5.2). Errors are raised as the ones jh2.connection catches."""
+
+    def decode(self, data, raw=False):  # type: ignore[no-untyped-def]
+        try:
+            return super().decode(data, raw)
+        except _PureOversized as exc:
+            raise OversizedHeaderListError(str(exc)) from exc
+        except _PureHPACKError as exc:
+            raise HPACKError(str(exc)) from exc
+
+
 class _FrameBuffer(FrameBuffer):
     """h2's frame buffer with a configurable CONTINUATION cap (h2 hard-codes 64)."""
 
@@ -408,11 +434,15 @@ class _Endpoint:
             SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_window_size,
             SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
             SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            SettingCodes.HEADER_TABLE_SIZE: 4096,  # RFC 9113's default (jh2 would offer 64 KiB per connection)
         }
         if self._client_side:
             values[SettingCodes.ENABLE_PUSH] = 0
         # initial values take effect at once and are what initiate_connection advertises
         conn.local_settings = Settings(client=self._client_side, initial_values=values)
+        conn.decoder.max_allowed_table_size = 4096
+        if not self._client_side and type(conn.decoder) is not _PureDecoder:
+            conn.decoder = _StrictDecoder()  # (max_allowed_table_size 4096 too)
         conn.max_inbound_frame_size = limits.max_frame_size
         conn.incoming_buffer = _FrameBuffer(not self._client_side, limits.max_continuation_frames)
         # HPACK aborts (fatally) only far above the limit; the limit itself is stream-level
