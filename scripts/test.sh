@@ -35,6 +35,10 @@ bash scripts/smoke-binary.sh
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
+# CI: the unit and integration layers once more, against the mypyc-compiled build
+if [[ ${CI:-} == true && $# == 0 ]]; then
+  bash scripts/test-compiled.sh tests/unit tests/integration || rc=1
+fi
 set -e
 # pytest's 5 means no test ran: that is a failure here, not a pass.
 exit $rc

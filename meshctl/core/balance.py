@@ -48,7 +48,6 @@ from typing import Callable, Mapping, Protocol, Sequence
 from ..model.base import EMPTY
 from ..model.istio import ConsistentHashLB, LoadBalancerSettings
 from ..model.proxyconfig import Endpoint
-from ..protocol.events import HeaderList
 from .hashring import DEFAULT_MAGLEV_SIZE, DEFAULT_RING_SIZE, Maglev, Ring, hash64, is_prime
 
 __all__ = [
@@ -69,7 +68,7 @@ class BalanceConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PickContext:
-    headers: HeaderList = ()  # type: ignore[assignment]
+    headers: Sequence[tuple[str, str]] = ()  # the request's HeaderList (read only)
     source_ip: str = ""
     path: str = "/"  # path and query
     active: Mapping[tuple[str, int], int] = EMPTY  # in-flight requests per (address, port)
@@ -129,7 +128,7 @@ class _Avoiding:
         avoid = ctx.avoid
         if avoid and ep is not None:
             for _ in range(_REPICKS):
-                if (ep.address, ep.port) not in avoid:
+                if ep is None or (ep.address, ep.port) not in avoid:
                     break
                 ep = self._pick(endpoints, ctx, rand)
         return ep

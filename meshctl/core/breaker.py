@@ -218,7 +218,7 @@ class BreakerStats:
     overflow_retry: int
 
 
-class BreakerStateError(RuntimeError):
+class BreakerStateError(Exception):
     """The pool reported an event that its counters cannot have produced
     (a release without an admitted request, ...): a bug in the caller."""
 
@@ -267,9 +267,6 @@ class Breaker:
         self.waiting += 1
         self.overflows["cx"] += 1
         return Admit.QUEUE
-
-    # Alias matching the name used in the design brief.
-    on_request = admit
 
     def connected(self) -> None:
         """The connection opened for a NEW_CONNECTION (or woken) request is up."""

@@ -8,6 +8,10 @@ Istio-named metrics (istio_requests_total, ...) come later, from mixer/.
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..core.breaker import Breaker
 
 # Envoy-style response flags the pipeline sets on a request.
 UF = "UF"  # upstream connection failure
@@ -52,7 +56,7 @@ class ClusterStats:
         self.cx_overflow = 0  # a request had to queue: tcp.maxConnections reached
         self.rq_pending_overflow = 0  # 503 UO: http1MaxPendingRequests or http2MaxRequests reached
         self.rq_retry_overflow = 0  # a retry not made: http.maxRetries reached
-        self.breaker = None  # the cluster's core.breaker.Breaker while it has connectionPool limits
+        self.breaker: Breaker | None = None  # the cluster's breaker while it has connectionPool limits
 
     def response(self, status: int) -> None:
         self.rq_total += 1

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
+from typing import Sequence
 
 from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
 
@@ -283,7 +284,7 @@ class Telemetry:
 
     # ------------------------------------------------------------ exposition
 
-    def render(self, gauges: list[tuple[str, str, list[tuple[dict[str, str], float]]]] = ()) -> str:
+    def render(self, gauges: Sequence[tuple[str, str, list[tuple[dict[str, str], float]]]] = ()) -> str:
         """Prometheus text of every series; ``gauges``: extra (name, help, [(labels, value)])."""
         out: list[str] = []
 
@@ -320,8 +321,8 @@ class Telemetry:
             ("istio_tcp_connections_closed_total", "closed", "TCP connections closed."),
         ):
             family(name, "counter", help_)
-            for lab, s in tcp:
-                out.append(f"{name}{{{lab}}} {getattr(s, attr)}")
+            for lab, ts in tcp:
+                out.append(f"{name}{{{lab}}} {getattr(ts, attr)}")
         for name, help_, samples in gauges:
             family(name, "gauge", help_)
             for labels, value in samples:

@@ -1,0 +1,41 @@
+"""How this installation of meshctl was built.
+
+``COMPILED`` is True when the per-request modules listed in setup.py were
+compiled by mypyc (C extension modules), False for the pure-Python build.
+``COMPILED_MODULES`` names the modules that are compiled. Read by
+``meshctl --version``-style reports; importing this module loads only the
+package ``__init__`` files on the way, not the modules it looks at.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+
+# the modules setup.py compiles (kept in step by tests/unit/test_build.py)
+HOT_PATH = (
+    "meshctl.core.balance",
+    "meshctl.core.breaker",
+    "meshctl.core.fault",
+    "meshctl.core.hashring",
+    "meshctl.core.outlier",
+    "meshctl.core.ratelimit",
+    "meshctl.proxy.stats",
+    "meshctl.proxy.telemetry",
+)
+
+
+def _compiled(name: str) -> bool:
+    spec = importlib.util.find_spec(name)
+    return spec is not None and isinstance(spec.loader, importlib.machinery.ExtensionFileLoader)
+
+
+COMPILED_MODULES: tuple[str, ...] = tuple(m for m in HOT_PATH if _compiled(m))
+COMPILED: bool = bool(COMPILED_MODULES)
+
+
+def describe() -> str:
+    """One line for a version report: which build this is."""
+    if COMPILED:
+        return f"compiled with mypyc ({len(COMPILED_MODULES)} of {len(HOT_PATH)} hot-path modules)"
+    return "pure Python (no mypyc build)"

@@ -1,0 +1,34 @@
+"""meshctl._build: which build this is, and setup.py's list of compiled modules."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.machinery
+from pathlib import Path
+
+import meshctl._build as build
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _setup_list() -> list[str]:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "COMPILED":
+            return [ast.literal_eval(e) for e in node.value.elts]  # type: ignore[attr-defined]
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+def test_the_flag_names_the_modules_setup_py_compiles():
+    paths = _setup_list()
+    assert [p[:-3].replace("/", ".") for p in paths] == list(build.HOT_PATH)
+
+
+def test_the_flag_tells_what_was_actually_imported():
+    for name in build.HOT_PATH:
+        mod = importlib.import_module(name)
+        native = not mod.__file__.endswith(".py")
+        assert native == (name in build.COMPILED_MODULES), name
+    assert build.COMPILED == bool(build.COMPILED_MODULES)
+    assert ("compiled with mypyc" in build.describe()) == build.COMPILED
