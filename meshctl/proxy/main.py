@@ -36,6 +36,27 @@ def _quiet_gc() -> None:
     gc.set_threshold(5_000, 20, 100)
 
 
+async def _freezing(rt, main, *args) -> None:
+    """Run ``main(*args)``; once the first config is applied (snapshot compiled,
+    listeners bound, TLS loaded: with Pilot that is after start-up), freeze
+    what exists then too, so the long-lived config is out of the GC's sight."""
+    import gc
+
+    import trio
+
+    async def freeze_after_first_config() -> None:
+        while rt.stats.config_applied == 0:
+            await trio.sleep(0.05)
+        await trio.sleep(0.5)
+        gc.collect()
+        gc.freeze()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(freeze_after_first_config)
+        await main(*args)
+        n.cancel_scope.cancel()
+
+
 def _observe(rt, access_log: Path | None, mixer: str | None) -> None:
     """Access log file and Mixer (global rate-limit quotas) for a runtime."""
     import os
@@ -82,7 +103,8 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
 
         from .identity import run_with_identity  # Citadel certificate (env MESHCTL_CITADEL_URL/TOKEN)
 
-        trio.run(partial(run_with_identity, rt, partial(rt.run, cfg, admin_port=admin_port), environ=_boot_env()))
+        trio.run(partial(run_with_identity, rt, partial(_freezing, rt, partial(rt.run, cfg, admin_port=admin_port)),
+                         environ=_boot_env()))
     except BaseException as exc:  # ConfigRejected, possibly inside the identity nursery's group
         rej = _rejected(exc)
         if rej is None:
@@ -157,8 +179,8 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
                 "no Pilot credential in a bootstrap file: Pilot will refuse this proxy (run it with "
                 "`meshctl proxy run --state-dir` as the mesh's user, or under `meshctl up`)")
         rt.ratelimits.mixer_credential = credential
-        trio.run(partial(run_with_identity, rt, run_with_pilot, rt, pilot_url, node, state_dir, admin_port,
-                         credential, environ=_boot_env()))
+        trio.run(partial(run_with_identity, rt, _freezing, rt, run_with_pilot, rt, pilot_url, node, state_dir,
+                         admin_port, credential, environ=_boot_env()))
     except BaseException as exc:
         rej = _rejected(exc)
         if rej is None:
