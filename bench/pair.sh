@@ -26,6 +26,9 @@ PY=${PY:-$(dirname "$MESHCTL")/python}
 WORK=$(mktemp -d /tmp/meshctl-bench.XXXXXX)
 PIDS=()
 . "$HERE/lib.sh"  # cleanup, free_port, nginx_conf, wait_ready and the measurements
+need_tools nginx:nginx-light wrk:wrk h2load:nghttp2-client curl:curl
+need_fortio
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 
 
@@ -73,6 +76,11 @@ for round in 1 2; do
 done
 l=$(latency "http://127.0.0.1:$BACKEND/" "backend" "$BACKEND_PID" "$BACKEND_PID")
 LAT[direct,1]=$l
+# Istio's method, through each pair and direct
+F_DIRECT=$(fortio_lat "http://127.0.0.1:$BACKEND/" backend "$BACKEND_PID" "$BACKEND_PID")
+F_NGINX=$(fortio_lat "http://127.0.0.1:$NGX_C/" backend "$NGX_C_PID" "$NGX_S_PID")
+F_MESH=$(fortio_lat "http://127.0.0.1:$MESH_OUT/" backend "$MESH_OUT_PID" "$MESH_IN_PID")
+echo "fortio (p50 p90 p99 ms, vCPU/1k rps A B, ok): direct $F_DIRECT | nginx $F_NGINX | meshctl $F_MESH" >&2
 
 "$PY" - <<EOF
 rps = {"nginx": [float("${RPS[nginx,1]}"), float("${RPS[nginx,2]}")], "meshctl": [float("${RPS[meshctl,1]}"), float("${RPS[meshctl,2]}")]}
@@ -97,4 +105,24 @@ print()
 print(f"meshctl/nginx max rps: {ratio:.2f}  (target >= 0.5)")
 print(f"meshctl pair added p99 over direct: {added / 1000:.2f} ms  (target <= 2 ms); nginx pair added: {(low('nginx', 1) - direct[1]) / 1000:.2f} ms")
 print(f"meshctl sidecar RSS: {max(rss['meshctl outbound'], rss['meshctl inbound']) / 1024:.1f} MB  (target <= 40 MB)")
+
+import json
+fort = {k: list(map(float, v.split())) for k, v in {"direct": "$F_DIRECT", "nginx": "$F_NGINX", "meshctl": "$F_MESH"}.items()}
+add = {k: [round(fort[k][i] - fort["direct"][i], 3) for i in range(3)] for k in ("nginx", "meshctl")}
+split = {k: min(sum(map(float, v.split())) for v in vs) for k, vs in {
+    "nginx": ["${SPLIT[nginx,1]}", "${SPLIT[nginx,2]}"], "meshctl": ["${SPLIT[meshctl,1]}", "${SPLIT[meshctl,2]}"]}.items()}
+print()
+print("Istio's method (fortio -qps 1000 -c 16 -payload-size 1024 -uniform -nocatchup): added over direct, ms")
+print(f"{'direct':<10} p50 {fort['direct'][0]:.3f}  p90 {fort['direct'][1]:.3f}  p99 {fort['direct'][2]:.3f}  (absolute)")
+for k in ("nginx", "meshctl"):
+    print(f"{k:<10} p50 +{add[k][0]:.3f} p90 +{add[k][1]:.3f} p99 +{add[k][2]:.3f}   vCPU per 1k rps: A {fort[k][3]:.3f} B {fort[k][4]:.3f}")
+print(json.dumps({
+    "bench": "pair", "load": "$LOAD0", "ratio_max_rps": round(ratio, 3),
+    "max_rps": {k: max(v) for k, v in rps.items()},
+    "server_cpu_us_per_rq": split, "ratio_server_cpu": round(split["meshctl"] / split["nginx"], 2) if split["nginx"] else None,
+    "fortio_added_ms_p50_p90_p99": add,
+    "ratio_added_p99": round(add["meshctl"][2] / add["nginx"][2], 2) if add["nginx"][2] > 0 else None,
+    "vcpu_per_1k_rps_client_server": {k: fort[k][3:5] for k in ("nginx", "meshctl")},
+    "rss_mb": {k: round(v / 1024, 1) for k, v in rss.items()},
+}))
 EOF

@@ -33,6 +33,8 @@ FORTIO=${FORTIO:-$(bash "$HERE/../scripts/tools/fortio.sh")}
 WORK=$(mktemp -d /tmp/meshctl-bench-h2.XXXXXX)
 PIDS=()
 . "$HERE/lib.sh"  # cleanup, free_port, nginx_conf, wait_ready and the measurements
+need_tools nginx:nginx-light h2load:nghttp2-client curl:curl
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 BACKEND=$(free_port); BACKEND_H2=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port)
 GRPC=$(free_port); GRPC_HTTP=$(free_port); NGX_GS=$(free_port); NGX_GC=$(free_port)
@@ -179,6 +181,11 @@ for round in 1 2; do
        " grpc nginx=[${L[grpc,nginx,$round]}] meshctl=[${L[grpc,meshctl,$round]}]" >&2
 done
 L[grpc,direct,1]=$(grpcrate "$GRPC" "$GRPC_PID" "$GRPC_PID")
+# Istio's method over h2 (fortio -h2: prior-knowledge h2c, 1,000 qps, 16 conns, 1 KB, uniform)
+F_DIRECT=$(fortio_lat "http://127.0.0.1:$BACKEND_H2/" backend "$BACKEND_PID" "$BACKEND_PID" -h2)
+F_NGINX=$(fortio_lat "http://127.0.0.1:$NGX_C/" backend "$NGX_C_PID" "$NGX_S_PID" -h2)
+F_MESH=$(fortio_lat "http://127.0.0.1:$MESH_OUT/" backend "$MESH_OUT_PID" "$MESH_IN_PID" -h2)
+echo "fortio -h2 (p50 p90 p99 ms, vCPU/1k rps A B, ok): direct $F_DIRECT | nginx $F_NGINX | meshctl $F_MESH" >&2
 
 "$PY" - <<EOF
 R = {$(for k in "${!R[@]}"; do printf '"%s": %s, ' "$k" "${R[$k]:-0}"; done)}
@@ -205,4 +212,25 @@ print()
 print(f"h2 meshctl/nginx max rps:   {best('h2', 'meshctl') / best('h2', 'nginx'):.2f}")
 print(f"gRPC meshctl/nginx calls/s: {best('grpc', 'meshctl') / best('grpc', 'nginx'):.2f}")
 print(f"gRPC meshctl pair/direct:   {best('grpc', 'meshctl') / best('grpc', 'direct'):.2f}")
+
+import json
+fort = {k: list(map(float, v.split())) for k, v in {"direct": "$F_DIRECT", "nginx": "$F_NGINX", "meshctl": "$F_MESH"}.items()}
+add = {k: [round(fort[k][i] - fort["direct"][i], 3) for i in range(3)] for k in ("nginx", "meshctl")}
+print()
+print("Istio's method over h2 (fortio -h2 -qps 1000 -c 16 -payload-size 1024 -uniform): added over direct, ms")
+for k in ("nginx", "meshctl"):
+    print(f"{k:<10} p50 +{add[k][0]:.3f} p90 +{add[k][1]:.3f} p99 +{add[k][2]:.3f}   vCPU per 1k rps: A {fort[k][3]:.3f} B {fort[k][4]:.3f}")
+g = L.get("grpc,meshctl,1")
+print(json.dumps({
+    "bench": "pair_h2", "load": "$LOAD0",
+    "ratio_h2_max_rps": round(best("h2", "meshctl") / best("h2", "nginx"), 3),
+    "ratio_grpc_calls": round(best("grpc", "meshctl") / best("grpc", "nginx"), 3),
+    "max": {"h2_nginx": best("h2", "nginx"), "h2_meshctl": best("h2", "meshctl"), "grpc_direct": best("grpc", "direct"),
+            "grpc_nginx": best("grpc", "nginx"), "grpc_meshctl": best("grpc", "meshctl")},
+    "grpc_1000_meshctl_p50_p99_us": [low("grpc", "meshctl", 0), low("grpc", "meshctl", 1)],
+    "grpc_1000_held": bool(g) and max(L[f"grpc,meshctl,{r}"][4] for r in (1, 2)) >= 0.98 * $RATE_TOTAL * $DUR,
+    "fortio_h2_added_ms_p50_p90_p99": add,
+    "vcpu_per_1k_rps_client_server": {k: fort[k][3:5] for k in ("nginx", "meshctl")},
+    "rss_mb": {k: round(v / 1024, 1) for k, v in rss.items()},
+}))
 EOF

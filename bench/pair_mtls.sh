@@ -30,6 +30,9 @@ WORK=$(mktemp -d /tmp/meshctl-bench-mtls.XXXXXX)
 PIDS=()
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"  # cleanup, free_port, nginx_conf, wait_ready and the measurements
+need_tools nginx:nginx-light wrk:wrk h2load:nghttp2-client curl:curl openssl:openssl
+need_fortio
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 
 
@@ -118,6 +121,11 @@ for round in 1 2; do
   done
 done
 LAT[direct,1]=$(latency "http://127.0.0.1:$BACKEND/" backend "$BACKEND_PID" "$BACKEND_PID")
+F_DIRECT=$(fortio_lat "http://127.0.0.1:$BACKEND/" backend "$BACKEND_PID" "$BACKEND_PID")
+F_NGINX=$(fortio_lat "http://127.0.0.1:$NGX_C/" backend "$NGX_C_PID" "$NGX_S_PID")
+F_MESH=$(fortio_lat "http://127.0.0.1:$MESH_OUT/" backend "$MESH_OUT_PID" "$MESH_IN_PID")
+F_PLAIN=$(fortio_lat "http://127.0.0.1:$PLAIN_OUT/" backend "$PLAIN_OUT_PID" "$PLAIN_IN_PID")
+echo "fortio (p50 p90 p99 ms, vCPU/1k rps A B, ok): direct $F_DIRECT | nginx $F_NGINX | meshctl $F_MESH | plain $F_PLAIN" >&2
 
 "$PY" - <<EOF
 rps = {"nginx": [float("${RPS[nginx,1]}"), float("${RPS[nginx,2]}")], "meshctl": [float("${RPS[meshctl,1]}"), float("${RPS[meshctl,2]}")],
@@ -144,4 +152,23 @@ print(f"added p99 over direct at 1,000 rps: meshctl {(low('meshctl', 1) - direct
       f" meshctl without mTLS {(low('plain', 1) - direct[1]) / 1000:.2f} ms")
 print(f"cost of mTLS in meshctl: max rps x{max(rps['meshctl']) / max(rps['plain']):.2f}, vCPU/1k rps per sidecar "
       f"{low('plain', 2):.3f} -> {low('meshctl', 2):.3f}")
+
+import json
+fort = {k: list(map(float, v.split())) for k, v in {"direct": "$F_DIRECT", "nginx": "$F_NGINX", "meshctl": "$F_MESH",
+                                                    "plain": "$F_PLAIN"}.items()}
+add = {k: [round(fort[k][i] - fort["direct"][i], 3) for i in range(3)] for k in ("nginx", "meshctl", "plain")}
+print()
+print("Istio's method (fortio -qps 1000 -c 16 -payload-size 1024 -uniform -nocatchup): added over direct, ms")
+for k in ("nginx", "meshctl", "plain"):
+    print(f"{k:<10} p50 +{add[k][0]:.3f} p90 +{add[k][1]:.3f} p99 +{add[k][2]:.3f}   vCPU per 1k rps: A {fort[k][3]:.3f} B {fort[k][4]:.3f}")
+print(json.dumps({
+    "bench": "pair_mtls", "load": "$LOAD0",
+    "ratio_max_rps": round(max(rps["meshctl"]) / max(rps["nginx"]), 3),
+    "mtls_cost": round(1 - max(rps["meshctl"]) / max(rps["plain"]), 3),
+    "max_rps": {k: max(v) for k, v in rps.items()},
+    "fortio_added_ms_p50_p90_p99": add,
+    "ratio_added_p99": round(add["meshctl"][2] / add["nginx"][2], 2) if add["nginx"][2] > 0 else None,
+    "vcpu_per_1k_rps_client_server": {k: fort[k][3:5] for k in ("nginx", "meshctl", "plain")},
+    "rss_mb": {k: round(v / 1024, 1) for k, v in rss.items()},
+}))
 EOF
