@@ -21,6 +21,7 @@ Errors are mapped at this edge: connection resets and broken pipes become
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
@@ -33,6 +34,8 @@ from .dns import lookup as dns_lookup
 
 DEFAULT_CHECKPOINT_EVERY = 32
 RECV_SIZE = 65536
+PIPE_SIZE = 1 << 20  # relay pipes (os.splice)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 # One receive buffer for every stream of the process: receive_some() copies
 # the bytes out before it can yield, so no two streams ever use it at once.
@@ -690,6 +693,10 @@ async def _splice_one_way(src: FastSocketStream, dst: FastSocketStream) -> int:
     """Move bytes src → dst through a pipe with os.splice (no copy into Python),
     then half-close dst. Returns bytes moved."""
     r, w = os.pipe()
+    try:  # a 1 MiB pipe (the default maximum): 16x fewer splices and wake-ups than 64 KiB
+        fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
     total = 0
     flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
     sfd, dfd = src.socket.fileno(), dst.socket.fileno()
