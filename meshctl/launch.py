@@ -24,6 +24,12 @@ def proxy_argv(*args: str) -> list[str]:
 def compiled() -> bool:
     """Whether meshctl's hot path runs compiled (mypyc) or as pure Python."""
     try:
+        from ._build import COMPILED  # what setup.py compiled, checked module by module
+
+        return COMPILED
+    except ImportError:
+        pass
+    try:
         from .proxy import stream
     except ImportError:
         return False
