@@ -12,6 +12,7 @@ from meshctl.loader.resources import load_resources_text
 from meshctl.model.base import FrozenDict
 from meshctl.model.proxyconfig import Listener
 from meshctl.mixer.server import Mixer, run_mixer
+from meshctl.credentials import proxy_credential
 
 from proxy_testkit import config, free_port
 from test_metrics import scrape, sidecar, value, with_workload
@@ -70,7 +71,7 @@ async def test_local_limit_of_10_per_second(upstream):
 
 async def test_global_quota_through_mixer(upstream):
     async with trio.open_nursery() as n:
-        mixer = Mixer()
+        mixer = Mixer(mesh_secret="mesh.test-secret")
         mport = await n.start(run_mixer, mixer, "127.0.0.1", 0)
         # Mixer's windows are whole minutes of the (shared, in-process) trio clock: start early in one
         left = 60 - trio.current_time() % 60
@@ -79,6 +80,7 @@ async def test_global_quota_through_mixer(upstream):
         cfg, port = inbound_cfg(upstream.port, rate_limit("  global: {requestsPerUnit: 10, unit: MINUTE}\n"))
         async with sidecar(cfg) as rt:
             rt.ratelimits.mixer_url = f"http://127.0.0.1:{mport}"
+            rt.ratelimits.mixer_credential = proxy_credential("mesh.test-secret", "ratings-v1-0")  # its own
             statuses, limited = await burst(port, n=30, gap=0.005)
             m = await scrape(rt)
         n.cancel_scope.cancel()
