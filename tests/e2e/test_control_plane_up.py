@@ -95,6 +95,8 @@ def test_an_attacker_cannot_take_an_instance_out_or_add_a_rogue_one_and_no_reque
                    curl("PUT", f"{url}/v1/proxies/hello-v1-1", {"workload": {"name": "hello-v1-1", "service": "hello"}}),
                    curl("GET", f"{url}/v1/config/hello-v1-0?wait=0s")]
         time.sleep(2.0)
+    print(f"\nattacks refused {[code for code, _ in results]}; load: {load.result.total} requests, "
+          f"{load.result.failed} failed")
     assert [code for code, _ in results] == [401, 401, 401, 401], results
     assert load.result.failed == 0 and load.result.total > 100, (load.result.statuses, load.result.errors[:3])
     assert healthy(mesh["sd"]) == ["hello-v1-0", "hello-v1-1"]
@@ -121,7 +123,10 @@ def test_a_killed_pilot_shows_no_dead_pid_and_comes_back_ready(mesh):
         seen.append((cp["state"], cp["pid"]))
         return cp["state"] == "ready" and cp["pid"] not in (None, old) and cp
 
+    killed = time.monotonic()
     cp = wait_for(back, 20, "Pilot ready again with a new pid")
+    print(f"\nPilot killed: shown {sorted(set(seen))}, ready again with pid {cp['pid']} after "
+          f"{time.monotonic() - killed:.1f}s")
     os.kill(cp["pid"], 0)  # alive
     assert all(pid != old for state, pid in seen if state != "ready"), seen  # the dead pid is never shown as restarting
 
