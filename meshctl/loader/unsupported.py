@@ -80,7 +80,6 @@ _EXPORT_TO = R("every resource is visible mesh-wide", allowed=("*",))
 # Kinds of Istio's API that meshctl knows of but does not implement: refused by name.
 KINDS: dict[tuple[str, str], str] = {
     ("networking.istio.io", "Sidecar"): "a workload's proxy knows every service of the mesh",
-    ("networking.istio.io", "WorkloadEntry"): "workloads join a service through mesh.yaml or a registry",
     ("networking.istio.io", "WorkloadGroup"): "workloads join a service through mesh.yaml or a registry",
     ("networking.istio.io", "EnvoyFilter"): "meshctl's proxy is not Envoy and takes no Envoy filter configuration",
     ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
@@ -195,9 +194,18 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.endpoints[].locality": R(""),
         "spec.endpoints[].network": R(""),
         "spec.endpoints[].serviceAccount": R(""),
-        "spec.workloadSelector": R(""),
+        "spec.workloadSelector": H("tests/integration/test_serviceentry.py"),
         "spec.exportTo": _EXPORT_TO,
         "spec.subjectAltNames": R(""),
+    },
+    "WorkloadEntry": {
+        "spec.address": H("tests/integration/test_serviceentry.py"),
+        "spec.ports": H("tests/integration/test_serviceentry.py"),
+        "spec.labels": H("tests/integration/test_serviceentry.py"),
+        "spec.weight": H(),
+        "spec.network": R(""),
+        "spec.locality": R("no locality load balancing"),
+        "spec.serviceAccount": R("a WorkloadEntry is reached in plaintext (no sidecar identity)"),
     },
     "PeerAuthentication": {
         "spec.selector": H(),

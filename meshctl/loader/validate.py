@@ -460,6 +460,14 @@ class _Validator:
             for name, number in ep.ports.items():
                 self.port(f"spec.endpoints[{i}].ports.{name}", number)
 
+    # -- WorkloadEntry
+
+    def check_WorkloadEntry(self, we: m.WorkloadEntry) -> None:
+        if not we.address.strip():
+            self.error("spec.address", "address is required")
+        for name, number in we.ports.items():
+            self.port(f"spec.ports.{name}", number)
+
     # -- Gateway
 
     def check_Gateway(self, gw: m.Gateway) -> None:

@@ -390,6 +390,13 @@ class WorkloadEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class EntryWorkloadSelector:
+    """ServiceEntry's workloadSelector: ``labels`` (not ``matchLabels`` as elsewhere)."""
+
+    labels: FrozenDict[str, str] = EMPTY
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceEntry:
     hosts: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
@@ -397,7 +404,7 @@ class ServiceEntry:
     location: str | None = None  # MESH_EXTERNAL MESH_INTERNAL
     resolution: str | None = None  # NONE STATIC DNS DNS_ROUND_ROBIN
     endpoints: tuple[WorkloadEntry, ...] = ()
-    workload_selector: WorkloadSelector | None = None
+    workload_selector: EntryWorkloadSelector | None = None
     export_to: tuple[str, ...] = ()
     subject_alt_names: tuple[str, ...] = ()
 
@@ -556,6 +563,7 @@ SPEC_TYPES: dict[tuple[str, str], type] = {
     ("networking.istio.io", "DestinationRule"): DestinationRule,
     ("networking.istio.io", "ServiceEntry"): ServiceEntry,
     ("networking.istio.io", "Gateway"): Gateway,
+    ("networking.istio.io", "WorkloadEntry"): WorkloadEntry,
     ("security.istio.io", "PeerAuthentication"): PeerAuthentication,
     ("security.istio.io", "AuthorizationPolicy"): AuthorizationPolicy,
     ("security.istio.io", "RequestAuthentication"): RequestAuthentication,

@@ -45,6 +45,7 @@ from ..model.istio import (
     TLSRoute,
     TrafficPolicy,
     VirtualService,
+    WorkloadEntry,
 )
 from ..model.proxyconfig import (
     DEFAULT_NAMESPACE,
@@ -152,10 +153,35 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
         protos = {i.meta.get(META_PROTOCOL, "http") for i in instances}
         proto = protos.pop() if len(protos) == 1 else "http"
         services[host] = Service(host, name.split(".")[0], DEFAULT_NAMESPACE, ports, proto, instances)
+    resources = list(resources)
+    entries = [r for r in resources if isinstance(r.spec, WorkloadEntry)]
+    # A WorkloadEntry labelled app=<service> joins that mesh service, as a Kubernetes
+    # Service's app selector would take it in (a workload meshctl does not launch).
+    for r in sorted(entries, key=lambda r: (r.namespace, r.name)):
+        we: WorkloadEntry = r.spec  # type: ignore[assignment]
+        app = we.labels.get("app", "")
+        host = fqdn(app, r.namespace) if app else ""
+        svc = services.get(host)
+        if svc is None or svc.entry is not None:
+            continue
+        extra = tuple(
+            Instance(id=f"{r.name}", service=svc.name, address=we.address,
+                     port=we.ports.get(_port_name(svc, p), 0) or p, labels=we.labels,
+                     meta=FrozenDict({META_SERVICE_PORT: str(p), **({META_WEIGHT: str(we.weight)} if we.weight else {})}))
+            for p in svc.ports
+        )
+        services[host] = replace(svc, instances=svc.instances + extra)
     for r in resources:
         if not isinstance(r.spec, ServiceEntry):
             continue
         se = r.spec
+        if se.workload_selector is not None and se.workload_selector.labels:
+            # the WorkloadEntries of its namespace that the selector picks are its endpoints
+            picked = tuple(
+                w.spec for w in sorted(entries, key=lambda w: w.name)
+                if w.namespace == r.namespace and _labels_match(se.workload_selector.labels, w.spec.labels)  # type: ignore[attr-defined]
+            )
+            se = replace(se, endpoints=se.endpoints + picked)
         ports = tuple(p.number for p in se.ports) or (80,)
         proto = "tcp" if se.ports and all((p.protocol or "").upper() in ("TCP", "TLS", "MONGO", "MYSQL") for p in se.ports) else "http"
         se_ports = se.ports or (ServicePort(number=80),)
@@ -187,6 +213,11 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
                 instances = existing.instances + instances
             services[host] = Service(host, h.split(".")[0], r.namespace, ports, proto, instances, se)
     return services
+
+
+def _port_name(svc: Service, port: int) -> str:
+    """A mesh service's port name for WorkloadEntry ports maps: its protocol (http, grpc, tcp)."""
+    return svc.protocol
 
 
 def _original_destination(se: ServiceEntry, host: str) -> bool:

@@ -312,3 +312,87 @@ spec:
         metrics = rt.telemetry.render()
     assert 'destination_service="*.0.0.1"' in metrics and 'destination_service_name="localhost"' in metrics, metrics
     assert "PassthroughCluster" not in metrics
+
+
+# ------------------------------------------------------------------ WorkloadEntry
+
+def _proxy_config_with(text: str, listen: int, snapshot):
+    resources = load_resources_text(text, "we.yaml")
+    findings = validate(resources)
+    assert not has_errors(findings), [str(f) for f in findings]
+    node = Node(
+        workload=Workload(name="sleep-0", service="sleep"),
+        listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=listen),),
+    )
+    return compile_proxy(Inputs(resources, snapshot), node)
+
+
+async def test_a_workload_entry_joins_a_mesh_service_and_a_service_entry_selects_others(upstreams):
+    from meshctl.model.base import FrozenDict
+    from meshctl.pilot.compile import META_SERVICE_PORT
+    from meshctl.registry.base import Instance
+
+    launched, vm, legacy = upstreams("launched"), upstreams("vm"), upstreams("legacy")
+    snapshot = {"reviews": (Instance(id="reviews-v1-0", service="reviews", address="127.0.0.1", port=launched.port,
+                                     labels=FrozenDict(app="reviews", version="v1"),
+                                     meta=FrozenDict({META_SERVICE_PORT: "9080"})),)}
+    lp = free_port()
+    cfg = _proxy_config_with(f"""\
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: reviews-vm
+spec:
+  address: 127.0.0.1
+  ports: {{http: {vm.port}}}
+  labels: {{app: reviews, version: v3}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: reviews, subset: v3}}}}]
+  - route: [{{destination: {{host: reviews, subset: v1}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: legacy-0
+spec:
+  address: 127.0.0.1
+  ports: {{http: {legacy.port}}}
+  labels: {{app: legacy}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: legacy
+spec:
+  hosts: [legacy.example]
+  location: MESH_INTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  workloadSelector:
+    labels: {{app: legacy}}
+""".replace("  location: MESH_INTERNAL\n", ""), lp, snapshot)
+    async with running_proxy(cfg):
+        code, info = await _get(lp, "http://reviews:9080/r")
+        assert code == 200 and info["upstream"] == "launched", info
+        r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "-H", "end-user: jason", "http://reviews:9080/r")
+        assert json.loads(r.stdout)["upstream"] == "vm"
+        code, info = await _get(lp, "http://legacy.example/l")
+        assert code == 200 and info["upstream"] == "legacy", info
