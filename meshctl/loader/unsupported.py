@@ -79,7 +79,6 @@ _EXPORT_TO = R("every resource is visible mesh-wide", allowed=("*",))
 
 # Kinds of Istio's API that meshctl knows of but does not implement: refused by name.
 KINDS: dict[tuple[str, str], str] = {
-    ("networking.istio.io", "Sidecar"): "a workload's proxy knows every service of the mesh",
     ("networking.istio.io", "WorkloadGroup"): "workloads join a service through mesh.yaml or a registry",
     ("networking.istio.io", "EnvoyFilter"): "meshctl's proxy is not Envoy and takes no Envoy filter configuration",
     ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
@@ -197,6 +196,17 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.workloadSelector": H("tests/integration/test_serviceentry.py"),
         "spec.exportTo": _EXPORT_TO,
         "spec.subjectAltNames": R(""),
+    },
+    "Sidecar": {
+        "spec.workloadSelector": H("tests/integration/test_serviceentry.py"),
+        "spec.egress": H("tests/integration/test_serviceentry.py"),
+        "spec.egress[].port": R("egress listeners per port: hosts apply to every port"),
+        "spec.egress[].bind": R(""),
+        "spec.egress[].captureMode": R(""),
+        "spec.ingress": R("ingress listeners come from mesh.yaml"),
+        "spec.inboundConnectionPool": R(""),
+        "spec.outboundTrafficPolicy": H("tests/integration/test_serviceentry.py"),
+        "spec.outboundTrafficPolicy.egressProxy": R(""),
     },
     "WorkloadEntry": {
         "spec.address": H("tests/integration/test_serviceentry.py"),

@@ -460,6 +460,19 @@ class _Validator:
             for name, number in ep.ports.items():
                 self.port(f"spec.endpoints[{i}].ports.{name}", number)
 
+    # -- Sidecar
+
+    def check_Sidecar(self, sc: m.Sidecar) -> None:
+        if sc.outbound_traffic_policy is not None:
+            self.enum("spec.outboundTrafficPolicy.mode", sc.outbound_traffic_policy.mode, ("ALLOW_ANY", "REGISTRY_ONLY"))
+        for i, eg in enumerate(sc.egress):
+            if not eg.hosts:
+                self.error(f"spec.egress[{i}].hosts", "at least one host is required")
+            for j, h in enumerate(eg.hosts):
+                ns, sep, name = h.partition("/")
+                if not sep or not ns or not name:
+                    self.error(f"spec.egress[{i}].hosts[{j}]", f"{h!r} is not namespace/dnsName (such as ./* or istio-system/*)")
+
     # -- WorkloadEntry
 
     def check_WorkloadEntry(self, we: m.WorkloadEntry) -> None:

@@ -410,6 +410,23 @@ class ServiceEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class IstioEgressListener:
+    hosts: tuple[str, ...] = ()  # "namespace/dnsName": which services the workload's proxy knows
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundTrafficPolicy:
+    mode: str | None = None  # ALLOW_ANY | REGISTRY_ONLY
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    workload_selector: EntryWorkloadSelector | None = None
+    egress: tuple[IstioEgressListener, ...] = ()
+    outbound_traffic_policy: OutboundTrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerTLSSettings:
     https_redirect: bool | None = None
     mode: str | None = None  # PASSTHROUGH SIMPLE MUTUAL AUTO_PASSTHROUGH ISTIO_MUTUAL OPTIONAL_MUTUAL
@@ -564,6 +581,7 @@ SPEC_TYPES: dict[tuple[str, str], type] = {
     ("networking.istio.io", "ServiceEntry"): ServiceEntry,
     ("networking.istio.io", "Gateway"): Gateway,
     ("networking.istio.io", "WorkloadEntry"): WorkloadEntry,
+    ("networking.istio.io", "Sidecar"): Sidecar,
     ("security.istio.io", "PeerAuthentication"): PeerAuthentication,
     ("security.istio.io", "AuthorizationPolicy"): AuthorizationPolicy,
     ("security.istio.io", "RequestAuthentication"): RequestAuthentication,

@@ -41,6 +41,7 @@ from ..model.istio import (
     Server,
     ServiceEntry,
     ServicePort,
+    Sidecar,
     TCPRoute,
     TLSRoute,
     TrafficPolicy,
@@ -403,11 +404,11 @@ def _ensure_clusters(routes: Iterable[HTTPRoute | TCPRoute], clusters: dict[str,
                 clusters[name] = Cluster(name=name, service=d.host, port=d.port.number if d.port else 80, subset=d.subset)
 
 
-def outbound_table(inp: Inputs, clusters: dict[str, Cluster]) -> RouteTable:
+def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] | None = None) -> RouteTable:
     vhosts: list[VirtualHost] = []
     mesh_vs = [r for r in inp.virtual_services if _applies_to_mesh(r)]
     for svc in inp.services.values():
-        if svc.protocol == "tcp":
+        if svc.protocol == "tcp" or (visible is not None and svc.host not in visible):
             continue
         vs_res = next((r for r in mesh_vs if svc.host in _vs_hosts(r, inp.services)), None)
         for i, port in enumerate(svc.ports):
@@ -677,8 +678,17 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
             listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port)))
         else:
             listeners.append(lst)
+    sidecar = None if node.gateway else sidecar_for(inp, wl)
+    visible = None
+    if sidecar is not None and sidecar[1].egress:
+        # a Sidecar's egress.hosts: the services this proxy knows (and gets clusters for); its bindings too
+        bound = {fqdn(l.service) for l in node.listeners if l.direction == "binding" and l.service}
+        visible = {h for h, svc in inp.services.items() if h in bound or _egress_allows(sidecar[1], sidecar[0], svc)}
     if "outbound" in tables:
-        tables["outbound"] = outbound_table(inp, clusters)
+        tables["outbound"] = outbound_table(inp, clusters, visible)
+    if visible is not None:
+        used = _referenced_clusters(tables, listeners)
+        clusters = {n: c for n, c in clusters.items() if c.service in visible or n in used}
     # Bindings name their service by FQDN so the proxy can route origin-form requests.
     listeners = [
         replace(l, service=fqdn(l.service)) if l.direction == "binding" and l.service and l.protocol == "http" else l
@@ -695,9 +705,72 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         rate_limits=FrozenDict(rate_limits_for(inp, wl)),
         request_authentication=FrozenDict(authn),
         jwks=FrozenDict(sorted((u, inp.jwks[u]) for u in jwks_uris(s for _, s in authn) if u in inp.jwks)),
-        settings=node.settings if node.settings is not None else inp.settings,
+        settings=_sidecar_settings(node.settings if node.settings is not None else inp.settings, sidecar),
     )
     return replace(cfg, version=config_version(cfg))
+
+
+def sidecar_for(inp: Inputs, workload: Workload) -> tuple[str, Sidecar] | None:
+    """The Sidecar resource for a workload, as Istio picks it: one in its namespace whose
+    workloadSelector matches, else its namespace's one without selector, else the root
+    namespace's one without selector. (namespace, Sidecar) or None."""
+    best: tuple[int, str, str, Sidecar] | None = None
+    for r in inp.resources:
+        sc = r.spec
+        if not isinstance(sc, Sidecar):
+            continue
+        labels = sc.workload_selector.labels if sc.workload_selector is not None else EMPTY
+        if r.namespace == workload.namespace and labels:
+            if not _labels_match(labels, workload.labels):
+                continue
+            rank = 3
+        elif r.namespace == workload.namespace:
+            rank = 2
+        elif r.namespace == ROOT_NAMESPACE and not labels:
+            rank = 1
+        else:
+            continue
+        if best is None or rank > best[0] or (rank == best[0] and r.name < best[1]):
+            best = (rank, r.name, r.namespace, sc)
+    return (best[2], best[3]) if best is not None else None
+
+
+def _egress_allows(sc: Sidecar, sc_namespace: str, svc: Service) -> bool:
+    for eg in sc.egress:
+        for h in eg.hosts:
+            ns, _, name = h.partition("/")
+            if ns == "~":
+                continue
+            if ns != "*" and (sc_namespace if ns == "." else ns) != svc.namespace:
+                continue
+            if name == "*" or name == svc.host or name == svc.name or _host_matches(name, svc.host):
+                return True
+    return False
+
+
+def _referenced_clusters(tables: Mapping[str, RouteTable], listeners: Sequence[Listener]) -> set[str]:
+    used: set[str] = set()
+    for table in tables.values():
+        for vh in table.virtual_hosts:
+            for route in vh.routes:
+                for d in (*(rd.destination for rd in route.route), *((route.mirror,) if route.mirror else ()),
+                          *(m.destination for m in route.mirrors)):
+                    used.add(cluster_name(d.host, d.port.number if d.port and d.port.number else 80, d.subset))
+    for lst in listeners:
+        for t in lst.tcp_routes:
+            for rd in t.route:
+                d = rd.destination
+                used.add(cluster_name(d.host, d.port.number if d.port and d.port.number else 80, d.subset))
+        if lst.direction == "binding" and lst.service:
+            used.add(cluster_name(lst.service, lst.service_port or 0))
+    return used
+
+
+def _sidecar_settings(settings: Settings, sidecar: tuple[str, Sidecar] | None) -> Settings:
+    """A Sidecar's outboundTrafficPolicy.mode overrides mesh.yaml's for its workloads."""
+    if sidecar is None or sidecar[1].outbound_traffic_policy is None or not sidecar[1].outbound_traffic_policy.mode:
+        return settings
+    return replace(settings, outbound_traffic_policy=sidecar[1].outbound_traffic_policy.mode)
 
 
 def config_version(cfg: ProxyConfig) -> str:

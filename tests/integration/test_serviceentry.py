@@ -396,3 +396,40 @@ spec:
         assert json.loads(r.stdout)["upstream"] == "vm"
         code, info = await _get(lp, "http://legacy.example/l")
         assert code == 200 and info["upstream"] == "legacy", info
+
+
+# ------------------------------------------------------------------ Sidecar
+
+async def test_a_sidecars_egress_hosts_limit_what_the_proxy_knows(upstreams):
+    from meshctl.model.base import FrozenDict
+    from meshctl.pilot.compile import META_SERVICE_PORT
+    from meshctl.registry.base import Instance
+
+    reviews, ratings = upstreams("reviews"), upstreams("ratings")
+    snapshot = {name: (Instance(id=f"{name}-v1-0", service=name, address="127.0.0.1", port=up.port,
+                                labels=FrozenDict(app=name, version="v1"), meta=FrozenDict({META_SERVICE_PORT: "9080"})),)
+                for name, up in (("reviews", reviews), ("ratings", ratings))}
+    lp = free_port()
+    # Istio's reference example, in the default namespace, with this workload's outbound policy
+    cfg = _proxy_config_with("""\
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata:
+  name: default
+  namespace: default
+spec:
+  egress:
+  - hosts:
+    - "./reviews.default.svc.cluster.local"
+    - "istio-system/*"
+  outboundTrafficPolicy:
+    mode: REGISTRY_ONLY
+""", lp, snapshot)
+    assert not [c for c in cfg.clusters if "ratings" in c]  # not even in its config
+    assert cfg.settings.outbound_traffic_policy == "REGISTRY_ONLY"
+    async with running_proxy(cfg):
+        code, info = await _get(lp, "http://reviews:9080/r")
+        assert code == 200 and info["upstream"] == "reviews"
+        code, body = await _get(lp, "http://ratings:9080/r")
+        assert code == 502 and "BlackHoleCluster" in body
+    assert ratings.requests == []
