@@ -22,21 +22,26 @@ def proxy_argv(*args: str) -> list[str]:
 
 
 def compiled() -> bool:
-    """Whether meshctl's hot path runs compiled (mypyc) or as pure Python."""
+    """Whether meshctl's hot path runs compiled (mypyc) or as pure Python: what the build
+    recorded (meshctl._build: the modules setup.py compiles, checked one by one), else
+    whether any of meshctl's modules is an extension module."""
     try:
-        from ._build import COMPILED  # what setup.py compiled, checked module by module
+        from ._build import COMPILED
 
         return COMPILED
     except ImportError:
         pass
-    try:
-        from .proxy import stream
-    except ImportError:
-        return False
-    flag = getattr(stream, "COMPILED", None)
-    if isinstance(flag, bool):
-        return flag
-    return not str(getattr(stream, "__file__", "")).endswith(".py")
+    import importlib.machinery
+    import importlib.util
+
+    for name in ("meshctl.core.balance", "meshctl.core.route", "meshctl.proxy.stats", "meshctl.proxy.stream"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+            return True
+    return False
 
 
 def commit() -> str:

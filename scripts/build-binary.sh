@@ -19,15 +19,24 @@ rm -rf "$BUILD" && mkdir -p "$BUILD" dist
 if [[ ! -x build/venv/bin/python ]]; then
   "$PY" -m venv build/venv
 fi
-# PyInstaller 6.x: a compatible range, as for every dependency.
-build/venv/bin/python -m pip install -q --disable-pip-version-check "pyinstaller>=6.10,<7" .
+# PyInstaller 6.x: a compatible range, as for every dependency. mypy brings mypyc: where
+# setup.py compiles the hot path (and a C compiler is here) the binary carries the
+# compiled modules; MESHCTL_PURE=1 builds it pure.
+build/venv/bin/python -m pip install -q --disable-pip-version-check "pyinstaller>=6.10,<7" "mypy>=1.10" setuptools wheel
+build/venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation .
+# mypyc's compiled modules share a top-level helper module (NAME__mypyc) that PyInstaller
+# cannot see them import: name it.
+hidden=()
+for so in $(build/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/*__mypyc*.so; do
+  if [[ -e $so ]]; then hidden+=(--hidden-import "$(basename "${so%%.*}")"); fi
+done
 # What `meshctl --version` reports as the commit (the binary carries no .git).
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then commit="$commit-dirty"; fi
 echo "$commit" > "$BUILD/commit.txt"
 build/venv/bin/python -m PyInstaller --onefile --noconfirm --clean --log-level WARN \
   --name meshctl --distpath dist --workpath "$BUILD/work" --specpath "$BUILD" \
-  --collect-submodules meshctl --copy-metadata meshctl \
+  --collect-submodules meshctl --copy-metadata meshctl "${hidden[@]}" \
   --add-data "$PWD/$BUILD/commit.txt:meshctl" \
   meshctl/frozen.py
 ls -l dist/meshctl
