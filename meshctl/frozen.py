@@ -7,11 +7,16 @@ point (meshctl/proxy/__main__.py) without importing the CLI. See meshctl.launch.
 
 import sys
 
-if __name__ == "__main__":
+
+def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "__proxy__":
         from meshctl.proxy.main import main as proxy_main
 
         sys.exit(proxy_main(sys.argv[2:]))
-    from meshctl.cli.main import main
+    from meshctl.cli.main import main as cli_main
 
+    cli_main()
+
+
+if __name__ == "__main__":
     main()

@@ -26,18 +26,26 @@ build/venv/bin/python -m pip install -q --disable-pip-version-check "pyinstaller
 build/venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation .
 # mypyc's compiled modules share a top-level helper module (NAME__mypyc) that PyInstaller
 # cannot see them import: name it.
+# (mypy has one of its own: only those meshctl's extension modules name.)
 hidden=()
-for so in $(build/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/*__mypyc*.so; do
-  if [[ -e $so ]]; then hidden+=(--hidden-import "$(basename "${so%%.*}")"); fi
+site=$(build/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for so in "$site"/*__mypyc*.so; do
+  [[ -e $so ]] || continue
+  name=$(basename "$so"); name=${name%%.*}
+  if grep -rlaq --include='*.so' "$name" "$site/meshctl"; then hidden+=(--hidden-import "$name"); fi
 done
 # What `meshctl --version` reports as the commit (the binary carries no .git).
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then commit="$commit-dirty"; fi
 echo "$commit" > "$BUILD/commit.txt"
-build/venv/bin/python -m PyInstaller --onefile --noconfirm --clean --log-level WARN \
-  --name meshctl --distpath dist --workpath "$BUILD/work" --specpath "$BUILD" \
+# Run from the build folder, with an entry script there: meshctl then comes from the
+# build venv (compiled modules included), not from this source tree.
+echo "from meshctl.frozen import main; main()" > "$BUILD/meshctl_main.py"
+root=$PWD
+(cd "$BUILD" && "$root/build/venv/bin/python" -m PyInstaller --onefile --noconfirm --clean --log-level WARN \
+  --name meshctl --distpath "$root/dist" --workpath work --specpath . \
   --collect-submodules meshctl --copy-metadata meshctl "${hidden[@]}" \
-  --add-data "$PWD/$BUILD/commit.txt:meshctl" \
-  meshctl/frozen.py
+  --add-data "$root/$BUILD/commit.txt:meshctl" \
+  meshctl_main.py)
 ls -l dist/meshctl
 dist/meshctl --version

@@ -28,7 +28,7 @@ run status
 # Every process of the mesh runs from this one file (sidecars: `meshctl __proxy__`).
 procs=0 sidecars=0 rss=0
 for d in /proc/[0-9]*; do
-  cmd=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null || true)
+  cmd=$({ tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null || true)
   [[ $cmd == "$work/meshctl "* ]] || continue
   procs=$((procs + 1))
   if [[ $cmd == "$work/meshctl __proxy__ "* ]]; then
