@@ -19,15 +19,17 @@ measure() {  # $1: label, $2: meshctl command (absolute), $3: what a sidecar's a
   done | median > "$work/version.txt"
   t0=$(now); (cd "$work" && "${run[@]}" up -d -f mesh.yaml >/dev/null 2>&1); t1=$(now)
   sleep 5  # settled sidecars
-  local n=0 rss=0 d c
+  local n=0 rss=0 anon=0 d c
   for d in /proc/[0-9]*; do
     c=$({ tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null || true)
     [[ $c == *"$mark"*"$work/.meshctl/nodes/"* ]] || continue
     n=$((n + 1)); rss=$((rss + $(awk '/^VmRSS:/ {print $2}' "$d/status")))
+    anon=$((anon + $(awk '/^RssAnon:/ {print $2}' "$d/status")))
   done
   (cd "$work" && "${run[@]}" down >/dev/null)
-  printf '%-8s --version %5.2fs   up -d %5.1fs   sidecars %d, mean RSS %5.1f MB\n' \
-    "$label" "$(cat "$work/version.txt")" "$(awk "BEGIN {print $t1 - $t0}")" "$n" "$(awk "BEGIN {print $rss / ($n ? $n : 1) / 1024}")"
+  printf '%-8s --version %5.2fs   up -d %5.1fs   sidecars %d, mean RSS %5.1f MB (anonymous %5.1f MB)\n' \
+    "$label" "$(cat "$work/version.txt")" "$(awk "BEGIN {print $t1 - $t0}")" "$n" \
+    "$(awk "BEGIN {print $rss / ($n ? $n : 1) / 1024}")" "$(awk "BEGIN {print $anon / ($n ? $n : 1) / 1024}")"
   rm -rf "$work"
 }
 

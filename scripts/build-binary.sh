@@ -39,12 +39,15 @@ commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then commit="$commit-dirty"; fi
 echo "$commit" > "$BUILD/commit.txt"
 # Run from the build folder, with an entry script there: meshctl then comes from the
-# build venv (compiled modules included), not from this source tree.
+# build venv (compiled modules included), not from this source tree. The build tools
+# stay out (setuptools' pkg_resources would be imported by every process at start).
 echo "from meshctl.frozen import main; main()" > "$BUILD/meshctl_main.py"
 root=$PWD
 (cd "$BUILD" && "$root/build/venv/bin/python" -m PyInstaller --onefile --noconfirm --clean --log-level WARN \
   --name meshctl --distpath "$root/dist" --workpath work --specpath . \
   --collect-submodules meshctl --copy-metadata meshctl "${hidden[@]}" \
+  --exclude-module setuptools --exclude-module pkg_resources --exclude-module distutils \
+  --exclude-module _distutils_hack --exclude-module mypy --exclude-module mypyc \
   --add-data "$root/$BUILD/commit.txt:meshctl" \
   meshctl_main.py)
 ls -l dist/meshctl
