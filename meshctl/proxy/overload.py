@@ -10,7 +10,9 @@ Rules (Envoy's listener connection limit and overload manager, simplified):
 * A connection over the limit is accepted and refused: on an HTTP listener it
   gets ``503`` with ``x-meshctl-reason: overload: connection limit`` and
   ``connection: close`` (its request is read first, briefly, so the close does
-  not reset the answer away); on a TCP listener it is closed. At most
+  not reset the answer away); on a TCP listener, or an inbound one that may
+  speak TLS (mTLS STRICT or PERMISSIVE), it is closed. The default limit also
+  caps all listeners together. At most
   ``MAX_REFUSING`` refusals are in progress; past that, new ones are closed at once.
 * accept() failing with EMFILE/ENFILE/ENOBUFS/ENOMEM pauses accepting for
   ``ACCEPT_PAUSE`` s (the kernel keeps the rest in the backlog). No tracebacks.

@@ -118,6 +118,7 @@ class ProxyRuntime:
         self.tls = None  # the sidecar's CertificateHolder when it has an identity (proxy/identity.py)
         self.default_conn_limit = default_connection_limit()  # from RLIMIT_NOFILE (overload.py)
         self.refusing = 0
+        self.open_conns = 0  # accepted on all listeners, not closed yet
         self.fd_shortage = Condition("accept")
         self.mirrors = MirrorState()  # shadow requests (mirror.py)
         self._conn_nursery: trio.Nursery | None = None
@@ -242,17 +243,22 @@ class ProxyRuntime:
                     continue
                 self.fd_shortage.clear()
                 limit = self.snapshot.settings.max_connections or self.default_conn_limit
-                if al.active >= limit:
-                    al.overload.hit(trio.current_time(), f"{al.active} connections open (limit {limit}): "
-                                    "refusing new ones with 503")
+                if al.active >= limit or self.open_conns >= self.default_conn_limit:
+                    # the listener's limit, or all listeners together past what the fds allow
+                    al.overload.hit(trio.current_time(), f"{al.active} connections open (limit {limit}, "
+                                    f"{self.open_conns} on all listeners): refusing new ones")
                     if self.refusing < MAX_REFUSING:
-                        nursery.start_soon(self._refuse, sock, al.spec.protocol == "http" and not al.spec.tls_servers)  # a TLS port: closed, never plaintext
+                        spec = al.spec  # a 503 only where the client speaks plaintext HTTP first
+                        plain = (spec.protocol == "http" and not spec.tls_servers  # a TLS port: closed, never plaintext
+                                 and (spec.direction != "inbound" or spec.mtls_mode == "DISABLE"))
+                        nursery.start_soon(self._refuse, sock, plain)
                     else:
                         sock.close()
                     continue
                 if al.overload.on and al.active < limit * 0.9:
                     al.overload.clear()
                 al.active += 1
+                self.open_conns += 1
                 stream = FastSocketStream(sock)
                 client_ip = addr[0] if isinstance(addr, tuple) else ""
                 nursery.start_soon(self._guard, al, stream, client_ip)
@@ -263,6 +269,7 @@ class ProxyRuntime:
             await self._guarded(al, stream, client_ip)
         finally:
             al.active -= 1
+            self.open_conns -= 1
 
     async def _refuse(self, sock: socket.socket, http: bool) -> None:
         self.refusing += 1
