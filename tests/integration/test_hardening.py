@@ -198,6 +198,11 @@ async def test_percent_encoded_and_dot_segment_paths_cannot_walk_around_deny(ups
             out = await trio.to_thread.run_sync(
                 _exchange, lp, f"GET {p} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n".encode())
             assert out.startswith(b"HTTP/1.1 403"), (p, out[:80])
+        # the same over HTTP/2 (prior knowledge): one chain, one normalized view
+        for p in ATTACK_PATHS[:4]:
+            r = await curl("-s", "--http2-prior-knowledge", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}",
+                           f"http://127.0.0.1:{lp}{p}")
+            assert r.stdout == b"403", (p, r.stdout)
         # allowed paths reach the app normalized, as Envoy forwards them
         r = await curl("-s", "--path-as-is", f"http://127.0.0.1:{lp}/public/%7Euser/./a/../b%2fc")
         assert r.stdout and b'"path": "/public/~user/b%2fc"' in r.stdout, r.stdout
