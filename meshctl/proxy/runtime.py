@@ -142,8 +142,8 @@ class ProxyRuntime:
     def apply(self, cfg: ProxyConfig) -> None:
         """Validate and swap in ``cfg`` atomically. Raises ConfigRejected
         (keeping the current config) when it is invalid or cannot be bound."""
-        if self.draining:
-            raise ConfigRejected("the proxy is draining")
+        if self.closing:  # during the drain period configs still apply (callers' endpoints move)
+            raise ConfigRejected("the proxy is shutting down")
         errs = problems(cfg) + self.gateway_credentials.problems(cfg, self.tls)
         if errs:
             self.stats.config_rejected += 1

@@ -525,3 +525,26 @@ async def test_slowloris_head_on_a_keep_alive_connection_is_cut_at_the_header_ti
         took, first = await trio.to_thread.run_sync(run)
     assert first.startswith(b"HTTP/1.1 200")
     assert 0.9 < took < 1.8, took
+
+
+# ------------------------------------------------------------------ item 9: drain
+
+
+async def test_draining_proxy_keeps_serving_with_connection_close_then_closes(upstream):
+    """SIGTERM's drain: for drain_duration the listener still accepts and serves
+    (HTTP/1.1 answers carry connection: close), configs still apply; then it closes."""
+    lp, cfg = _inbound_cfg(upstream.port, Settings(drain_duration=Duration(1.5)))
+    async with running_proxy(cfg) as rt:
+        rt.drain()
+        t0 = trio.current_time()
+        r = await curl("-si", f"http://127.0.0.1:{lp}/public")
+        assert r.stdout.startswith(b"HTTP/1.1 200") and b"connection: close" in r.stdout.lower()
+        rt.apply(replace(cfg, version="v2"))  # a push during the drain period is taken, not NACKed
+        assert rt.config.version == "v2"
+        out = await trio.to_thread.run_sync(_exchange, lp, b"GET /public HTTP/1.1\r\nhost: a\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower()
+        while rt.listeners and not rt.closing:
+            await trio.sleep(0.05)
+        assert 1.3 < trio.current_time() - t0 < 2.5
+        r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{lp}/public")
+        assert r.stdout == b"000"  # closed after the drain period
