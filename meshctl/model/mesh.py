@@ -8,6 +8,9 @@ settings:
   readyTimeout: 60s             # how long `up` waits for every instance to pass its health check
   pathNormalization: BASE       # NONE | BASE | MERGE_SLASHES | DECODE_AND_MERGE_SLASHES (Istio's)
   drainDuration: 5s             # a stopping sidecar keeps serving this long while callers move away
+  tracing:                      # distributed tracing from every sidecar and gateway
+    zipkin: zipkin://127.0.0.1:9411   # Zipkin's v2 API (spans sent in batches); absent: no tracing
+    sampling: 1.0               # % of requests traced where no caller decided (Istio's default 1 %)
 services:
 - name: reviews
   port: 9080                    # the service port clients use: http://reviews:9080/
@@ -82,6 +85,12 @@ class GatewaySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    zipkin: str = ""  # zipkin://HOST:PORT
+    sampling: float = 1.0  # percent, as Istio's meshConfig defaultConfig.tracing.sampling
+
+
+@dataclass(frozen=True, slots=True)
 class MeshSettings:
     registry: str = "embedded"
     trust_domain: str = "cluster.local"
@@ -98,6 +107,7 @@ class MeshSettings:
     drain_duration: Duration = Duration(5.0)  # serving after SIGTERM (Istio terminationDrainDuration)
     outbound_traffic_policy: str = "ALLOW_ANY"  # Istio meshConfig.outboundTrafficPolicy.mode (or REGISTRY_ONLY)
     extension_providers: tuple[ExtensionProvider, ...] = ()  # Istio meshConfig.extensionProviders (ext-authz HTTP)
+    tracing: TracingSettings = TracingSettings()
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,6 +214,10 @@ class Settings:
     outbound_traffic_policy: str = "ALLOW_ANY"
     # Istio meshConfig extensionProviders: external authorizers for AuthorizationPolicy CUSTOM
     extension_providers: tuple[ExtensionProvider, ...] = ()
+    # distributed tracing (proxy/tracing.py): Zipkin collector "zipkin://host:port" ("" = off)
+    # and the percentage of requests sampled where no caller decided (Istio's default 1 %)
+    tracing_zipkin: str = ""
+    tracing_sampling: float = 1.0
     # Istio's default retry policy where a route sets none.
     default_retry_attempts: int = 2
     default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -222,6 +226,16 @@ class Settings:
 PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")  # Istio meshConfig
 UPGRADE_TYPES = ("websocket", "connect-udp", "connect-ip")  # what may be relayed after a 101
 OUTBOUND_TRAFFIC_POLICIES = ("ALLOW_ANY", "REGISTRY_ONLY")  # Istio meshConfig.outboundTrafficPolicy.mode
+
+
+def _zipkin_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of "zipkin://HOST:PORT", None when malformed."""
+    if not url.startswith("zipkin://"):
+        return None
+    host, sep, port = url[len("zipkin://"):].rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def settings_problems(s: Settings) -> list[tuple[str, str]]:
@@ -265,6 +279,11 @@ def settings_problems(s: Settings) -> list[tuple[str, str]]:
                         "meshctl does not implement includeRequestBodyInCheck yet"))
         if e.status_on_error is not None and not (e.status_on_error.isdigit() and 200 <= int(e.status_on_error) <= 599):
             out.append((f"{where}.envoyExtAuthzHttp.statusOnError", f"{e.status_on_error!r} is not an HTTP status"))
+    if s.tracing_zipkin and not _zipkin_address(s.tracing_zipkin):
+        out.append(("tracing.zipkin", f"{s.tracing_zipkin!r} is not zipkin://HOST:PORT (meshctl exports traces "
+                    "only to Zipkin's v2 HTTP API)"))
+    if not 0.0 <= s.tracing_sampling <= 100.0:
+        out.append(("tracing.sampling", f"{s.tracing_sampling} is not a percentage between 0 and 100"))
     if s.max_connections < 0:
         out.append(("maxConnections", "must be >= 0 (0: derived from the open-file limit)"))
     for name in ("request_timeout", "drain_duration"):

@@ -128,6 +128,7 @@ class Request:
         "response_started", "status", "keep_alive", "detail", "start", "stale_ok",
         "endpoint", "bytes_sent", "peer",  # telemetry: picked endpoint, response body bytes, source (inbound)
         "auth",  # the end user from a verified JWT (jwt_stage), for authz
+        "trace",  # the spans of a sampled request (tracing.py); None when not sampled
     )
 
     def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt, client_ip: str,
@@ -157,6 +158,7 @@ class Request:
         self.bytes_sent = 0
         self.peer = None
         self.auth: RequestAuth | None = None
+        self.trace: tuple | None = None
 
     async def send_down(self, data: bytes) -> None:
         try:
@@ -487,12 +489,13 @@ CLUSTER = ClusterStage()
 
 def default_chain(listener: Listener) -> tuple[Stage, ...]:
     from .jwt_stage import JWT_AUTHN
+    from .tracing import TRACE
 
     if listener.direction == "inbound" and listener.route_table is None:
-        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, TARGET, CLUSTER)
+        return (PREPARE, TRACE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, TARGET, CLUSTER)
     if listener.direction == "gateway":  # policy as on sidecars, before routing (Istio's gateway filter chain)
-        return (PREPARE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, HTTPS_REDIRECT, ROUTE, FAULT, CLUSTER)
-    return (PREPARE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
+        return (PREPARE, TRACE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, HTTPS_REDIRECT, ROUTE, FAULT, CLUSTER)
+    return (PREPARE, TRACE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
 
 
 # ------------------------------------------------------------------ forwarding

@@ -35,6 +35,7 @@ from bisect import bisect_left
 from typing import Sequence
 
 from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
+from .tracing import finish as trace_finish
 
 # Istio's default buckets.
 DURATION_BUCKETS_MS: tuple[float, ...] = (
@@ -466,6 +467,8 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
     series.duration.observe(duration_ms)
     series.request_bytes.observe(req_bytes)
     series.response_bytes.observe(rq.bytes_sent)
+    if rq.trace is not None:  # sampled (proxy/tracing.py)
+        trace_finish(rq, labels, duration_ms)
     log = rt.access_log
     if log is not None:
         ep = rq.endpoint

@@ -4,6 +4,7 @@ Session-scoped fixtures, registered as a pytest plugin by tests/conftest.py:
 
 - ``consul_agent``: ``consul://127.0.0.1:<port>`` of a ``consul agent -dev``
   on free loopback ports;
+- ``zipkin_server``: ``zipkin://127.0.0.1:<port>`` of Maven Central's Zipkin exec jar;
 - ``eureka_server``: ``eureka://127.0.0.1:<port>/eureka`` of the small Spring
   Boot Eureka server built by scripts/tools/eureka.sh.
 
@@ -197,5 +198,31 @@ def eureka_server(tmp_path_factory):
     server.start()
     try:
         yield ServerURL(f"eureka://127.0.0.1:{port}/eureka", http, server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def zipkin_server(tmp_path_factory):
+    """A Zipkin server (Maven Central's io.zipkin:zipkin-server exec jar, in-memory
+    storage) on a free loopback port; yields its zipkin:// URL (``.http``: its API base)."""
+    jar = build_tool("zipkin.sh")
+    workdir = tmp_path_factory.mktemp("zipkin")
+    port = free_port()
+    argv = [
+        "java", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Xss512k", "-Xmx256m",
+        "-jar", jar, f"--server.port={port}", "--server.address=127.0.0.1",
+    ]  # fmt: skip
+    http = f"http://127.0.0.1:{port}"
+    server = ServerProcess(
+        "zipkin server",
+        argv,
+        lambda: _http_ok(f"{http}/health"),
+        workdir / "zipkin.log",
+        start_timeout=120,
+    )
+    server.start()
+    try:
+        yield ServerURL(f"zipkin://127.0.0.1:{port}", http, server)
     finally:
         server.stop()

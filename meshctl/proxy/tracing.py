@@ -1,0 +1,172 @@
+"""Distributed tracing: one stage that decides and propagates, one exporter that batches.
+
+The decisions (sample or not, which ids, which headers) are core/tracing.py's.
+Here: ``TRACE`` runs right after ``prepare`` in every HTTP chain; when the
+request is not sampled it costs one pass over the headers (and one ``x-b3-sampled:
+0`` header where nobody decided yet). ``finish`` is called from
+telemetry.finish_request for sampled requests only; the spans go to a bounded
+buffer that ``Tracer.run`` POSTs to Zipkin (``/api/v2/spans``) in batches, off
+the request path. When the collector is down, spans are dropped (counted in
+``dropped``), never queued without bound, and requests never wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import trio
+
+from ..core import tracing as T
+from ..model.proxyconfig import _zipkin_address
+
+log = logging.getLogger("meshctl.proxy.tracing")
+
+BATCH = 200  # spans per POST
+BUFFER = 5000  # spans kept while the collector is slow or down
+INTERVAL = 1.0  # seconds between flushes
+
+
+class Tracer:
+    """The span buffer and its exporter (one per proxy process)."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self.sent = 0
+        self.dropped = 0
+        self.failures = 0
+        self._wake = trio.Event()
+
+    def add(self, span: dict) -> None:
+        if len(self.spans) >= BUFFER:
+            self.dropped += 1
+            return
+        self.spans.append(span)
+        if len(self.spans) >= BATCH:
+            self._wake.set()
+
+    async def run(self, rt) -> None:
+        """Flush the buffer to the collector in rt's current settings, every INTERVAL or BATCH spans."""
+        import httpx
+
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while True:
+                with trio.move_on_after(INTERVAL):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                while self.spans:
+                    addr = _zipkin_address(rt.snapshot.settings.tracing_zipkin)
+                    if addr is None:
+                        self.dropped += len(self.spans)
+                        self.spans = []
+                        break
+                    batch, self.spans = self.spans[:BATCH], self.spans[BATCH:]
+                    host, port = addr
+                    if ":" in host:
+                        host = f"[{host}]"
+                    try:
+                        r = await client.post(f"http://{host}:{port}/api/v2/spans", content=json.dumps(batch),
+                                              headers={"content-type": "application/json"})
+                        if r.status_code >= 300:
+                            raise httpx.HTTPError(f"HTTP {r.status_code}: {r.text[:200]}")
+                        self.sent += len(batch)
+                    except httpx.HTTPError as exc:
+                        self.failures += 1
+                        self.dropped += len(batch)
+                        if self.failures == 1 or self.failures % 100 == 0:
+                            log.warning("tracing: cannot send %d spans to zipkin %s:%d: %s (%d failures)",
+                                        len(batch), host, port, exc, self.failures)
+                        break
+
+
+class TraceStage:
+    """Decide sampling and rewrite the trace headers before routing (so routes forward them)."""
+
+    name = "trace"
+
+    async def on_request(self, rq):
+        settings = rq.snap.settings
+        if not settings.tracing_zipkin:
+            return None
+        lst = rq.listener
+        headers, spans = T.begin(rq.headers, settings.tracing_sampling, rq.rt.rand, int(time.time() * 1e6),
+                                 lst.direction == "gateway", lst.direction == "inbound")
+        rq.headers = headers
+        if spans:
+            rq.trace = spans
+        return None
+
+
+TRACE = TraceStage()
+
+
+def finish(rq, labels: tuple, duration_ms: float) -> None:
+    """Turn a sampled request's spans into Zipkin JSON (called by telemetry.finish_request)."""
+    rt = rq.rt
+    tracer: Tracer | None = rt.tracer
+    spans = rq.trace
+    if tracer is None or not spans:
+        return
+    lst = rq.listener
+    tel = rt.telemetry
+    me = tel.me
+    service = f"{me.app}.{me.namespace}"
+    cs = rq.cluster
+    head = rq.head
+    # Envoy's span name: the route's host:port/* ("details.default.svc.cluster.local:9080/*")
+    if lst.direction == "inbound":
+        host = labels[11] if labels[11] != "unknown" else f"{lst.service}.{me.namespace}.svc.cluster.local"
+        name = f"{host}:{lst.service_port or _port_of(head.authority, lst)}/*"  # the port the caller used
+    else:
+        authority = head.authority or "-"
+        name = f"{authority.split(':')[0]}:{_port_of(authority, lst)}/*" if labels[11] == "unknown" \
+            else f"{labels[11]}:{_port_of(authority, lst)}/*"
+    ua = ""
+    for k, v in head.headers:
+        if k == "user-agent":
+            ua = v
+            break
+    tags = {
+        "component": "proxy",
+        "node_id": rq.snap.cfg.workload.name,
+        "http.method": head.method,
+        "http.url": f"{head.scheme or 'http'}://{head.authority}{head.path}",
+        "http.protocol": "HTTP/2" if head.http_version == "2" else f"HTTP/{head.http_version}",
+        "http.status_code": str(rq.status),
+        "response_flags": labels[17],
+        "upstream_cluster": cs.name if cs is not None else "-",
+        "downstream_cluster": "-",
+        "guid:x-request-id": rq.request_id,
+        "peer.address": rq.client_ip,
+        "istio.canonical_service": me.app,
+        "istio.namespace": me.namespace,
+        "source.principal": labels[3],
+        "destination.principal": labels[8],
+        "source.workload": labels[1],
+        "destination.workload": labels[6],
+        "request_size": str(rq.body.size if rq.body is not None else 0),
+        "response_size": str(rq.bytes_sent),
+    }
+    if ua:
+        tags["user_agent"] = ua
+    if rq.status >= 500 or rq.status == 0:
+        tags["error"] = "true"
+    dur = int(duration_ms * 1000)
+    remote_server = labels[9] if labels[9] != "unknown" else None
+    for sp in spans:
+        if sp.kind == T.SERVER and len(spans) == 2:
+            # the gateway's server half: the caller's view of the whole request
+            tracer.add(T.zipkin_json(sp, name=name, service=service, duration_us=dur, tags=dict(tags)))
+        else:
+            tracer.add(T.zipkin_json(sp, name=name, service=service, duration_us=dur, tags=tags,
+                                     remote_service=remote_server if sp.kind == T.CLIENT else None))
+
+
+def _port_of(authority: str, lst) -> int:
+    if lst.direction == "binding":
+        return lst.service_port
+    if lst.direction == "gateway":
+        return lst.service_port or lst.port
+    _, sep, port = authority.rpartition(":")
+    return int(port) if sep and port.isdigit() else 80
