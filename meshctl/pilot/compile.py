@@ -346,8 +346,8 @@ def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str, por
     for inst in svc.instances:
         if not _labels_match(selector, inst.labels):
             continue
-        if port is not None and svc.entry is not None and instance_service_port(inst) != port:
-            continue  # a ServiceEntry's endpoints per service port (each port may have its own target)
+        if port is not None and (svc.entry is not None or len(svc.ports) > 1) and instance_service_port(inst) != port:
+            continue  # endpoints per service port (a ServiceEntry's ports, a gateway's instances per port)
         weight = inst.meta.get(META_WEIGHT, "")
         sidecar = inst.meta.get(META_SIDECAR) == "true"
         out.append(
@@ -423,6 +423,22 @@ def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] 
     return RouteTable(name="outbound", virtual_hosts=tuple(vhosts))
 
 
+def _for_gateway(routes: tuple[HTTPRoute, ...], ref: str) -> tuple[HTTPRoute, ...]:
+    """The routes as Gateway ``ref`` (namespace/name) sees them: a match naming other
+    gateways (``gateways: [mesh]``) is dropped, one naming this one is kept without
+    the condition; a route whose every match was dropped does not apply here."""
+    name = ref.split("/", 1)[1]
+    out = []
+    for r in routes:
+        if not any(m.gateways for m in r.match):
+            out.append(r)
+            continue
+        kept = tuple(replace(m, gateways=()) for m in r.match if not m.gateways or ref in m.gateways or name in m.gateways)
+        if kept:
+            out.append(replace(r, match=kept))
+    return tuple(out)
+
+
 def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dict[int, RouteTable]:
     """Server port → route table, for the Gateways whose selector matches this gateway proxy."""
     tables: dict[int, RouteTable] = {}
@@ -441,6 +457,7 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
                 if not hosts:
                     continue
                 routes = tuple(_normalize_route(h, vs.namespace, inp.services) for h in vs.spec.http)  # type: ignore[attr-defined]
+                routes = _for_gateway(routes, ref)
                 for host in dict.fromkeys(f.service for f in inp.faults):
                     routes = layer_faults(routes, faults_for_host(inp.faults, host), host=host)
                 _ensure_clusters(routes, clusters)

@@ -197,7 +197,10 @@ class ProxyRuntime:
             if keep.get(name) is not al:
                 al.scope.cancel()
                 if id(al.sock) not in kept_socks:
+                    bound = self._bound(al.sock)
                     self._close_sock(al.sock)
+                    if bound is not None and self._nursery is not None:
+                        self._nursery.start_soon(self._drain_connections_of, name, bound)
                 log.info("listener %s closed", name)
         self.stats.config_applied += 1
         self.telemetry.set_workload(cfg.workload)
@@ -217,6 +220,37 @@ class ProxyRuntime:
             if (al.spec.address, al.spec.port) == (address, port):
                 return al.sock
         return None
+
+    @staticmethod
+    def _bound(sock: socket.socket) -> tuple | None:
+        try:
+            return sock.getsockname()
+        except OSError:
+            return None
+
+    async def _drain_connections_of(self, name: str, bound: tuple) -> None:
+        """A removed listener's connections drain, as Envoy's listener drain: they go on
+        serving (HTTP/2 gets GOAWAY) for settings.drain_timeout, then are closed."""
+        def mine() -> list:
+            return [c for c in self.conns if c.sock is not None and self._bound(c.sock) == bound]
+
+        asked: set[int] = set()
+        with trio.move_on_after(float(self.snapshot.settings.drain_timeout)):
+            while True:
+                left = mine()
+                if not left:
+                    return
+                for c in left:
+                    graceful = getattr(c, "drain", None)
+                    if graceful is not None and id(c) not in asked:
+                        asked.add(id(c))
+                        graceful()
+                await trio.sleep(0.05)
+        left = mine()
+        if left:
+            log.info("listener %s: closing %d connections at the drain timeout", name, len(left))
+        for c in left:
+            c.scope.cancel()
 
     @staticmethod
     def _close_sock(sock: socket.socket) -> None:

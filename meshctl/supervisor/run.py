@@ -110,6 +110,16 @@ class InstanceState:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
+def gateway_instances(g: GatewayPlan) -> list[Instance]:
+    """A gateway in the registry: service ``<name>.istio-system``, one instance per
+    mesh.yaml port (the Gateway port as its service port, the host port to reach)."""
+    return [
+        Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address="127.0.0.1", port=hport,
+                 labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http"}))
+        for gport, hport in sorted(g.ports.items())
+    ]
+
+
 class Supervisor:
     def __init__(
         self,
@@ -671,16 +681,36 @@ class Supervisor:
 
     async def stop_gateway(self, name: str) -> None:
         self._gateway_scopes.pop(name).cancel()
+        for inst in gateway_instances(self.gateway_plans[name]):
+            try:
+                await self.registry.deregister(inst.id)
+            except RegistryError as e:
+                log.warning("deregister %s failed: %s", inst.id, e)
         await self.stop_proc(self.gateways.pop(name))
         del self.gateway_plans[name]
 
     async def _watch_gateway(self, g: GatewayPlan, p: ProcState) -> None:
+        """Readiness, and the gateway's registration as the service
+        ``<name>.istio-system`` (as Istio's gateways are Kubernetes services there),
+        one instance per mesh.yaml port: sidecars reach an egress gateway by it."""
+        renewed = 0.0
         while not self.shutting_down:
             ok = await http_ok("127.0.0.1", g.admin_port, "/ready", timeout=1.0)
             new = "ready" if ok else ("restarting" if p.state == "restarting" else "starting")
             if new != p.state and p.state != "stopped":
                 p.state = new
                 self.event(f"gateway {g.name} {new}")
+            if ok and (renewed == 0.0 or time.monotonic() - renewed >= self.keepalive_period()):
+                try:
+                    for inst in gateway_instances(g):
+                        if renewed == 0.0:
+                            await self.registry.register(inst)
+                        else:
+                            await self.registry.keep_alive(inst.id)
+                    renewed = time.monotonic()
+                except RegistryError as e:
+                    log.warning("gateway %s: registration failed: %s", g.name, e)
+                    renewed = 0.0
             await trio.sleep(0.05 if not ok else 1.0)
 
     # ------------------------------------------------------------ the whole mesh

@@ -96,6 +96,9 @@ gateways:
   labels: {{istio: ingressgateway}}
   ports: {{80: {http}, 443: {https}, 31400: {tcp}, 8080: {p8080}}}
   numTrustedProxies: 1
+- name: istio-egressgateway
+  labels: {{istio: egressgateway}}
+  ports: {{80: {egress}}}
 """
 
 
@@ -221,18 +224,19 @@ def mesh(tmp_path_factory):
     work = tmp_path_factory.mktemp("gateways")
     port_range, spare = mesh_ports()
     lo, hi = (int(x) for x in port_range.split("-"))
-    http, https, tcp, nginx, p8080 = spare, hi, hi - 1, hi - 2, hi - 3
+    http, https, tcp, nginx, p8080, egress = spare, hi, hi - 1, hi - 2, hi - 3, hi - 4
     certs = work / "certs"
     certs.mkdir()
     ca = make_ca()
     write_pair(certs, "example.com", *ca)
     nginx_cert = write_pair(certs, "nginx.example.com", *make_leaf(ca, "nginx.example.com"))
     upstream = TLSUpstream(nginx, *nginx_cert)
-    (work / "mesh.yaml").write_text(MESH.format(port_range=f"{lo}-{hi - 4}", python=sys.executable, hello=HELLO_APP,
-                                                echo=TCP_ECHO_APP, http=http, https=https, tcp=tcp, nginx=nginx, p8080=p8080))
+    (work / "mesh.yaml").write_text(MESH.format(port_range=f"{lo}-{hi - 5}", python=sys.executable, hello=HELLO_APP,
+                                                echo=TCP_ECHO_APP, http=http, https=https, tcp=tcp, nginx=nginx, p8080=p8080,
+                                                egress=egress))
     meshctl("up", "-d", "-f", "mesh.yaml", cwd=work)
     try:
-        m = {"dir": work, "http": http, "https": https, "tcp": tcp, "p8080": p8080, "certs": certs, "ca": ca}
+        m = {"dir": work, "http": http, "https": https, "tcp": tcp, "p8080": p8080, "egress": egress, "certs": certs, "ca": ca}
         apply_text(m, HTTPBIN_GATEWAY)
         yield m
     finally:
@@ -722,3 +726,185 @@ def test_istios_current_bookinfo_gateway_on_8080_is_served_where_mesh_yaml_maps_
     finally:
         meshctl("route", "delete", "gateway", "bookinfo-gateway", cwd=mesh["dir"], check=False)
         meshctl("route", "delete", "virtualservice", "bookinfo", cwd=mesh["dir"], check=False)
+
+
+# ---------------------------------------------------------------- egress gateway (Istio's egress-gateway tasks)
+
+# tasks/traffic-management/egress/egress-gateway ("Egress gateway for HTTP traffic"), as written
+# there, with the external host edition.cnn.com played by a local server: host localhost, its port.
+EGRESS = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: cnn
+spec:
+  hosts:
+  - localhost
+  ports:
+  - number: {ext}
+    name: http-port
+    protocol: HTTP
+  - number: {exts}
+    name: https
+    protocol: HTTPS
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: istio-egressgateway
+spec:
+  selector:
+    istio: egressgateway
+  servers:
+  - port:
+      number: 80
+      name: http
+      protocol: HTTP
+    hosts:
+    - localhost
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: egressgateway-for-cnn
+spec:
+  host: istio-egressgateway.istio-system.svc.cluster.local
+  subsets:
+  - name: cnn
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: direct-cnn-through-egress-gateway
+spec:
+  hosts:
+  - localhost
+  gateways:
+  - istio-egressgateway
+  - mesh
+  http:
+  - match:
+    - gateways:
+      - mesh
+      port: {ext}
+    route:
+    - destination:
+        host: istio-egressgateway.istio-system.svc.cluster.local
+        subset: cnn
+        port:
+          number: 80
+      weight: 100
+  - match:
+    - gateways:
+      - istio-egressgateway
+      port: 80
+    route:
+    - destination:
+        host: localhost
+        port:
+          number: {upstream}
+      weight: 100
+"""
+
+# tasks/traffic-management/egress/egress-gateway-tls-origination: the gateway originates TLS
+# (caCertificates added: the stand-in's CA is not in the system's trust store)
+ORIGINATE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: originate-tls-for-edition-cnn-com
+spec:
+  host: localhost
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+    portLevelSettings:
+    - port:
+        number: {exts}
+      tls:
+        mode: SIMPLE # initiates HTTPS for connections to edition.cnn.com
+        caCertificates: {ca}
+"""
+
+
+class External:
+    """The external host: HTTP, or HTTPS with its own certificate; records what it was sent."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+                body = b"external " + self.path.encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.srv.socket = ctx.wrap_socket(self.srv.socket, server_side=True)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def via_sidecar(outbound: int, url: str) -> tuple[str, str]:
+    """curl through an app's sidecar, as the app's HTTP_PROXY sends it."""
+    r = subprocess.run(["curl", "-s", "-m", "10", "-x", f"http://127.0.0.1:{outbound}", "-o", "-", "-w", "\n%{http_code}", url],
+                       capture_output=True, text=True, timeout=15, env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
+    body, _, code = r.stdout.rpartition("\n")
+    return code, body
+
+
+def outbound_port(mesh, workload: str = "httpbin-v1-0") -> int:
+    import json
+
+    st = json.loads(meshctl("status", "--json", cwd=mesh["dir"]).stdout)
+    w = next(w for w in st["workloads"] if w["name"] == workload)
+    return int(w["outbound_address"].rsplit(":", 1)[1])
+
+
+def test_egress_gateway_and_tls_origination(mesh):
+    plain = External()
+    secure = External(write_pair(mesh["certs"], "localhost", *make_leaf(mesh["ca"], "localhost")))
+    out = outbound_port(mesh)
+    applied = EGRESS.format(ext=plain.port, exts=secure.port, upstream=plain.port)
+    try:
+        apply_text(mesh, applied)
+        # the app's request for the external host goes sidecar -> egress gateway -> external host
+        code, body = via_sidecar(out, f"http://localhost:{plain.port}/politics")
+        assert code == "200" and body == "external /politics"
+        # without the egress gateway's Gateway, its port closes: the route through it fails (so it went through it)
+        meshctl("route", "delete", "gateway", "istio-egressgateway", cwd=mesh["dir"])
+        deadline = time.monotonic() + 15  # open connections drain first (the drain timeout, 5s)
+        while via_sidecar(out, f"http://localhost:{plain.port}/politics")[0] == "200":
+            assert time.monotonic() < deadline, "the egress gateway's port still serves after its Gateway was deleted"
+            time.sleep(0.5)
+        # TLS origination at the egress gateway: the app speaks HTTP, the external host gets HTTPS
+        apply_text(mesh, EGRESS.format(ext=plain.port, exts=secure.port, upstream=secure.port)
+                   + "---\n" + ORIGINATE.format(exts=secure.port, ca=mesh["certs"] / "example.com.crt"))
+        code, body = via_sidecar(out, f"http://localhost:{plain.port}/politics")
+        assert code == "200" and body == "external /politics"
+        assert secure.seen and secure.seen[-1]["path"] == "/politics"
+    finally:
+        for kind, name in (("gateway", "istio-egressgateway"), ("virtualservice", "direct-cnn-through-egress-gateway"),
+                           ("destinationrule", "egressgateway-for-cnn"), ("destinationrule", "originate-tls-for-edition-cnn-com"),
+                           ("serviceentry", "cnn")):
+            meshctl("route", "delete", kind, name, cwd=mesh["dir"], check=False)
+        plain.close()
+        secure.close()
