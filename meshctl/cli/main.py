@@ -27,6 +27,7 @@ NOUNS = [
     "fault",
     "mixer",
     "secret",
+    "mirror",
 ]
 
 def _version(value: bool) -> None:

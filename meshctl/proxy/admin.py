@@ -80,6 +80,8 @@ def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
         if rt.config is None:
             return 503, "text/plain", b"no config yet\n"
         return 200, "application/json", (json.dumps(_dump_config(rt), indent=2) + "\n").encode()
+    if path == "/mirror":  # shadow requests compared with the primaries (mirror.py), for `meshctl mirror diff`
+        return 200, "application/json", json.dumps(rt.mirrors.report()).encode()
     if path == "/clusters":
         return 200, "application/json", (json.dumps(clusters_status(rt, trio.current_time()), indent=1) + "\n").encode()
     if path == "/listeners":

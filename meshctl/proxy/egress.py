@@ -54,6 +54,8 @@ def on_forward(rq, fwd: Forward) -> None:
     x-meshctl-* headers to an external cluster), and for a ServiceEntry of
     resolution NONE, to the host the request names (``rq.cluster``)."""
     snap = rq.snap
+    if fwd.route.mirror is not None or fwd.route.mirrors:
+        rq.start = trio.current_time()  # the primary's latency, for mirror comparisons (mirror.py)
     cs = snap.clusters.get(fwd.cluster)
     if cs is None or not cs.cluster.external:
         rq.forward = fwd

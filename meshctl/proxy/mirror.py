@@ -20,7 +20,10 @@ clusters, fire-and-forget, as Envoy's request mirror policies do.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
+from collections import deque
 
 import trio
 
@@ -38,16 +41,86 @@ MAX_RESPONSE_BYTES = 1 << 20
 SHADOW_TIMEOUT = 15.0
 
 
-class MirrorState:
-    """Per proxy: shadows in flight and what became of them."""
+KEPT_LATENCIES = 1000  # per mirror cluster, for percentiles
+KEPT_EXAMPLES = 50  # differing requests kept for `meshctl mirror diff`
 
-    __slots__ = ("in_flight", "sent", "failed", "dropped")
+
+class _Target:
+    """How one mirror cluster's answers compare with the primary's."""
+
+    __slots__ = ("compared", "status_differs", "failed", "primary_ms", "shadow_ms", "shadow_digests")
+
+    def __init__(self) -> None:
+        self.compared = 0
+        self.status_differs = 0
+        self.failed = 0
+        self.primary_ms: deque[float] = deque(maxlen=KEPT_LATENCIES)
+        self.shadow_ms: deque[float] = deque(maxlen=KEPT_LATENCIES)
+        self.shadow_digests = 0
+
+
+def _pct(values, q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(q * len(s)))], 3)
+
+
+class MirrorState:
+    """Per proxy: shadows in flight and what became of them, and how their answers
+    compare with the primary's (status and latency; GET /mirror on the admin port)."""
+
+    __slots__ = ("in_flight", "sent", "failed", "dropped", "targets", "examples")
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.sent = 0  # answered (any status)
         self.failed = 0  # no answer: connect failure, reset, timeout
         self.dropped = 0  # not sent: cap reached, body not kept, no endpoint
+        self.targets: dict[str, _Target] = {}
+        self.examples: deque[dict] = deque(maxlen=KEPT_EXAMPLES)
+
+    def compare(self, cluster: str, method: str, path: str, primary: tuple[int, float],
+                shadow: tuple[int, float, str, str]) -> None:
+        """primary: (status, ms); shadow: (status or 0, ms, content-type, body sha256 or error)."""
+        t = self.targets.get(cluster)
+        if t is None:
+            if len(self.targets) >= 256:
+                return
+            t = self.targets[cluster] = _Target()
+        t.compared += 1
+        t.primary_ms.append(primary[1])
+        differs = False
+        if shadow[0] == 0:
+            t.failed += 1
+            differs = True
+        else:
+            t.shadow_ms.append(shadow[1])
+            if shadow[0] != primary[0]:
+                t.status_differs += 1
+                differs = True
+        if differs:
+            self.examples.append({
+                "time": time.time(), "cluster": cluster, "method": method, "path": path,
+                "primary_status": primary[0], "primary_ms": round(primary[1], 3),
+                "shadow_status": shadow[0], "shadow_ms": round(shadow[1], 3),
+                "shadow_content_type": shadow[2], "shadow_body_sha256": shadow[3] if shadow[0] else "",
+                "shadow_error": "" if shadow[0] else shadow[3],
+            })
+
+    def report(self) -> dict:
+        return {
+            "sent": self.sent, "failed": self.failed, "dropped": self.dropped, "in_flight": self.in_flight,
+            "targets": {
+                name: {
+                    "compared": t.compared, "status_differs": t.status_differs, "failed": t.failed,
+                    "primary_ms": {"p50": _pct(t.primary_ms, 0.5), "p90": _pct(t.primary_ms, 0.9)},
+                    "shadow_ms": {"p50": _pct(t.shadow_ms, 0.5), "p90": _pct(t.shadow_ms, 0.9)},
+                }
+                for name, t in self.targets.items()
+            },
+            "examples": list(self.examples),
+        }
 
     def render(self) -> str:
         lines = ["# TYPE meshctl_mirror_requests_total counter"]
@@ -89,13 +162,21 @@ def after_forward(rq) -> None:
             state.dropped += 1
             continue
         state.in_flight += 1
-        nursery.start_soon(_shadow, rt, rq.snap.settings, cs, ep, head, chunks, trailers, fwd.timeout or SHADOW_TIMEOUT)
+        primary = (rq.status, (trio.current_time() - rq.start) * 1000.0 if rq.start else 0.0)
+        nursery.start_soon(_shadow, rt, rq.snap.settings, cs, ep, head, chunks, trailers, fwd.timeout or SHADOW_TIMEOUT,
+                           primary)
 
 
-async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float) -> None:
+async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float,
+                  primary: tuple[int, float] = (0, 0.0)) -> None:
     state: MirrorState = rt.mirrors
     conn = None
     ok = False
+    started = trio.current_time()
+    status = 0
+    ctype = ""
+    digest = hashlib.sha256()
+    error = "timeout"
     try:
         with trio.move_on_after(timeout):
             conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
@@ -107,18 +188,21 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
             if chunks or trailers:
                 parts.append(client.end(trailers))
             await conn.stream.send_all(b"".join(parts))
-            status = 0
             seen = 0
+            error = "no complete response"
             while True:
                 ev = await conn.reader.next()
                 if ev is None:
                     break
                 if type(ev) is ResponseHead:
                     status = ev.status
+                    ctype = next((v for k, v in ev.headers if k == "content-type"), "")
                 elif type(ev) is Data:
                     seen += len(ev.data)
                     if seen > MAX_RESPONSE_BYTES:
+                        error = "response over 1 MiB"
                         break
+                    digest.update(ev.data)
                 elif type(ev) is EndOfMessage:
                     ok = status >= 200
                     break
@@ -131,9 +215,13 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
             state.failed += 1
     except (UpstreamConnectError, ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         state.failed += 1
+        error = str(exc)
         log.debug("mirror to %s failed: %s", cs.name, exc)
     finally:
         state.in_flight -= 1
+        ms = (trio.current_time() - started) * 1000.0
+        state.compare(cs.name, head.method, head.path, primary,
+                      (status if ok else 0, ms, ctype, digest.hexdigest() if ok else error))
         if conn is not None:
             if ok and conn.client.keep_alive:
                 rt.pool.release(conn)

@@ -221,6 +221,13 @@ def test_mirroring_and_egress_tasks(tmp_path: Path) -> None:
         assert sorted(r["request"] for r in v2) == [f"GET /headers?i={i}" for i in range(3)]
         assert {r["host"] for r in v2} == {"httpbin-shadow:8000"}
         assert len(_log(tmp_path, "v1")) == 4
+        # beyond Istio: how v2's answers compare with v1's
+        diff = json.loads(meshctl_run("mirror", "diff", "httpbin", "--json", "--state-dir", sd).stdout)
+        (cluster, stats), = diff["mirrors"].items()
+        assert cluster == "outbound|8000|v2|httpbin.default.svc.cluster.local"
+        assert (stats["compared"], stats["status_differs"], stats["failed"]) == (3, 0, 0) and diff["examples"] == []
+        table = meshctl_run("mirror", "diff", "httpbin", "--state-dir", sd).stdout
+        assert "httpbin:8000/v2" in table and "COMPARED" in table
 
         # -- egress, ALLOW_ANY (the default): the external host is reached, without meshctl's headers
         code, body = http_get(out, f"http://localhost:{external.port}/get", host=f"localhost:{external.port}")

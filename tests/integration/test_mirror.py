@@ -165,3 +165,23 @@ async def test_shadows_in_flight_are_capped_and_the_excess_dropped(upstreams):
         assert rt.mirrors.in_flight <= MAX_IN_FLIGHT
         assert rt.mirrors.dropped >= 16 - 1 and rt.mirrors.in_flight + rt.mirrors.sent + rt.mirrors.dropped == n
         assert len(v1.requests) == n
+
+
+async def test_the_mirrors_answers_are_compared_with_the_primarys(upstreams):
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
+        for i in range(3):  # same answers
+            await curl("-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}", f"http://httpbin:8000/same/{i}")
+        for i in range(2):  # v2 fails where v1 answers 200
+            await curl("-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}",
+                       f"http://httpbin:8000/flaky?fail=9&only=v2&key=k{i}")
+        await _wait(lambda: rt.mirrors.sent == 5)
+        rep = rt.mirrors.report()
+    t = rep["targets"]["outbound|8000|v2|httpbin.default.svc.cluster.local"]
+    assert (t["compared"], t["status_differs"], t["failed"]) == (5, 2, 0)
+    assert t["primary_ms"]["p50"] is not None and t["shadow_ms"]["p50"] is not None
+    ex = rep["examples"]
+    assert [(e["primary_status"], e["shadow_status"]) for e in ex] == [(200, 503), (200, 503)]
+    assert ex[0]["path"].startswith("/flaky") and len(ex[0]["shadow_body_sha256"]) == 64
