@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from .credentials import CredentialError, bearer, mesh_credential
+from .credentials import CredentialError, bearer, mesh_credential, mesh_token_path
 from .loader.codec import from_data
 from .registry.base import Instance
 from .state import read_control
@@ -77,9 +77,13 @@ class ControlClient:
         return url
 
     def credential(self) -> str:
+        """The mesh credential; "" when the state directory has none (a mesh whose Pilot
+        is gone: the call then fails as unreachable, or 401 naming the missing file)."""
+        if not mesh_token_path(self.state_dir).exists():
+            return ""
         try:
             return mesh_credential(self.state_dir, create=False)
-        except CredentialError as e:
+        except CredentialError as e:  # another user's mesh: say so, do not try without
             raise ControlPlaneError(str(e)) from None
 
     def call(self, role: str, method: str, path: str, *, json_body: Any = None, timeout: float = 5.0,
@@ -87,8 +91,9 @@ class ControlClient:
         """One authenticated call; ``ok``: the statuses that are not errors."""
         url = self.require(role)
         try:
+            cred = self.credential()
             r = httpx.request(method, url.rstrip("/") + path, json=json_body, timeout=timeout, trust_env=False,
-                              headers=bearer(self.credential()))
+                              headers=bearer(cred) if cred else None)
         except httpx.HTTPError as e:
             raise Unreachable(f"{ROLES.get(role, role)} at {url} is not answering: {e.__class__.__name__}: {e}") from e
         if r.status_code not in ok:
@@ -96,6 +101,8 @@ class ControlClient:
                 msg = r.json().get("error", r.text)
             except (ValueError, AttributeError):
                 msg = r.text.strip()
+            if r.status_code == 401 and not self.credential():
+                msg += f" (there is no mesh credential at {mesh_token_path(self.state_dir)})"
             raise Refused(f"{ROLES.get(role, role)} refused {method} {path} ({r.status_code}): {msg}", r.status_code)
         return r
 
