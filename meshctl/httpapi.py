@@ -8,7 +8,10 @@ wait (long-poll) and is cancelled if the client goes away.
 Bounded, since any local process can connect (``Limits``): a request head must
 arrive within ``header_timeout`` (an idle keep-alive connection waits at most
 ``idle_timeout`` for the next one), a body within ``body_timeout``; at most
-``max_connections`` at once (the next ones get 503 and are closed); and each
+``max_connections`` at once (past it, the oldest connection that has not sent
+a request head yet is closed for the newcomer, so a flood of unfinished heads
+cannot lock the mesh's own clients out; only when every connection is busy
+does the newcomer get 503); and each
 endpoint has a small body limit (``body_limit(method, path)``, 413 above it,
 refused from Content-Length before any byte of the body is read).
 
@@ -120,22 +123,32 @@ async def serve(handler: Handler, host: str, port: int, *, limits: Limits | None
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     task_status.started(bound)
-    open_count = [0]
+    slots: dict[int, _Slot] = {}  # open connections, oldest first
     over_cap_logged = [0.0]
+    seq = [0]
 
     async def one(stream: trio.SocketStream) -> None:
-        if open_count[0] >= cap:
+        if len(slots) >= cap:
+            # Evict the oldest connection still waiting for a request head (an attacker's
+            # unfinished head, or an idle keep-alive); refuse only when every one is busy.
+            victim = next((sl for sl in slots.values() if sl.waiting), None)
             now = trio.current_time()
             if now - over_cap_logged[0] > 10.0:  # one line per condition, not per connection
                 over_cap_logged[0] = now
-                log.warning("%d connections open (the cap): refusing new ones with 503", open_count[0])
-            await _refuse(stream)
-            return
-        open_count[0] += 1
+                log.warning("%d connections open (the cap): %s", len(slots),
+                            "closing the oldest ones that sent no request" if victim else "refusing new ones with 503")
+            if victim is None:
+                await _refuse(stream)
+                return
+            victim.evict()
+        seq[0] += 1
+        key = seq[0]
+        slot = slots[key] = _Slot()
         try:
-            await _connection(stream, handler, lim)
+            with slot.scope:  # cancelled by an eviction; _connection closes the stream either way
+                await _connection(stream, handler, lim, slot)
         finally:
-            open_count[0] -= 1
+            slots.pop(key, None)
 
     await trio.serve_listeners(one, listeners)
 
@@ -154,6 +167,20 @@ def _fd_bounded(cap: int) -> int:
     return max(16, min(cap, soft - 128))
 
 
+class _Slot:
+    """One open connection: whether it waits for a request head (evictable), and how to end it."""
+
+    __slots__ = ("scope", "waiting")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.waiting = True
+
+    def evict(self) -> None:
+        self.waiting = False
+        self.scope.cancel()
+
+
 async def _refuse(stream: trio.SocketStream) -> None:
     body = b'{"error": "too many connections to the control plane", "reason": "overloaded"}\n'
     head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -167,7 +194,8 @@ async def _refuse(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits | None = None) -> None:
+async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits | None = None,
+                      slot: _Slot | None = None) -> None:
     lim = lim or Limits()
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=lim.max_head)
     try:
@@ -177,7 +205,9 @@ async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits |
     try:
         while True:
             try:
-                req = await _read_request(stream, conn, peer, lim)
+                if slot is not None:
+                    slot.waiting = True
+                req = await _read_request(stream, conn, peer, lim, slot)
             except HTTPError as e:  # too large, too slow: answer and close
                 await _send(stream, conn, error_response(e))
                 await _linger(stream)
@@ -237,7 +267,7 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, resp: Response)
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection, peer: str,
-                        lim: Limits | None = None) -> Request | None:
+                        lim: Limits | None = None, slot: _Slot | None = None) -> Request | None:
     lim = lim or Limits()
     head: h11.Request | None = None
     body = bytearray()
@@ -266,6 +296,8 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection, peer: s
             return None
         if isinstance(event, h11.Request):
             head = event
+            if slot is not None:
+                slot.waiting = False  # a request is under way: not evicted for newcomers
             target = head.target.decode("latin-1")
             limit = lim.limit_for(head.method.decode(), urlsplit(target).path)
             for k, v in head.headers:
