@@ -45,7 +45,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
-from ..model.base import EMPTY
+from .errors import CoreConfigError
+from ..model.base import EMPTY, HeaderList
 from ..model.istio import ConsistentHashLB, LoadBalancerSettings
 from ..model.proxyconfig import Endpoint
 from .hashring import DEFAULT_MAGLEV_SIZE, DEFAULT_RING_SIZE, Maglev, Ring, hash64, is_prime
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 
-class BalanceConfigError(ValueError):
+class BalanceConfigError(CoreConfigError):
     """A load balancer setting that cannot be used; the message names it."""
 
 

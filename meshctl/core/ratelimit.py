@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from .errors import CoreConfigError
 from ..model.ratelimit import RATE_LIMIT_UNITS, GlobalRateLimit, LocalRateLimit, RateLimit, RateLimitMatch
 
 __all__ = [
@@ -82,7 +83,7 @@ LIMITED_STATUS = 429
 _INF = float("inf")
 
 
-class RateLimitConfigError(ValueError):
+class RateLimitConfigError(CoreConfigError):
     """A rate limit that cannot be built; the message names the bad value."""
 
 

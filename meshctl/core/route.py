@@ -77,7 +77,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..model.base import EMPTY
+from .errors import CoreConfigError
+from ..model.base import EMPTY, HeaderList
 from ..model.istio import (
     HeaderOperations,
     HTTPFaultInjection,
@@ -87,7 +88,6 @@ from ..model.istio import (
     StringMatch,
 )
 from ..model.proxyconfig import RouteTable, Settings, VirtualHost, cluster_name
-from ..protocol.events import HeaderList
 from .regex import RegexError, compile_regex
 from .retry import RetryConfigError, RetryPolicy, retry_policy
 
@@ -104,7 +104,7 @@ __all__ = [
 ]
 
 
-class RouteConfigError(ValueError):
+class RouteConfigError(CoreConfigError):
     """A route table that cannot be compiled; the message names the virtual
     host, the route and the field."""
 

@@ -33,7 +33,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from ..proxy.telemetry import DURATION_BUCKETS_MS
+from ..model.telemetry import DURATION_BUCKETS_MS
 
 HISTOGRAMS = ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes")
 GAUGES = ("meshctl_inbound_cx_active", "meshctl_outlier_ejected_hosts")

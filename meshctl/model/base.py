@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping, TypeVar
 
+# A header list as the codecs produce it: (lower-case name, value) in wire order.
+HeaderList = list[tuple[str, str]]
+
 K = TypeVar("K")
 V = TypeVar("V")
 

@@ -189,6 +189,21 @@ class ExtensionProvider:
 
 
 @dataclass(frozen=True, slots=True)
+class Node:
+    """What a proxy tells Pilot (pilot/compile.py compiles it into a ProxyConfig) about itself: who it is and which sockets it has.
+
+    Listeners come without route tables; Pilot fills those in. A gateway
+    node has ``gateway_ports``: Gateway server port → the listener that
+    serves it (a laptop can't bind 80, so `up` maps 80 → 8080 and so on).
+    """
+
+    workload: Workload
+    listeners: tuple[Listener, ...] = ()
+    gateway: bool = False
+    settings: Settings | None = None  # from mesh.yaml (supervisor/plan.proxy_settings); None: Pilot's
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Limits and timeouts; defaults follow Envoy's and Istio's where they have one."""
 

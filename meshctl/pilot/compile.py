@@ -53,6 +53,7 @@ from ..model.proxyconfig import (
     Cluster,
     Endpoint,
     Listener,
+    Node,
     ProxyConfig,
     RouteTable,
     ServerTLS,
@@ -73,21 +74,6 @@ META_PROTOCOL = "meshctl.io/protocol"
 META_SIDECAR = "meshctl.io/sidecar"
 META_WEIGHT = "meshctl.io/weight"  # a ServiceEntry endpoint's load-balancing weight
 META_SERVICE_ACCOUNT = "meshctl.io/service-account"  # the sidecar's identity is .../sa/<this> (default: the service)
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    """What a proxy tells Pilot about itself: who it is and which sockets it has.
-
-    Listeners come without route tables; Pilot fills those in. A gateway
-    node has ``gateway_ports``: Gateway server port → the listener that
-    serves it (a laptop can't bind 80, so `up` maps 80 → 8080 and so on).
-    """
-
-    workload: Workload
-    listeners: tuple[Listener, ...] = ()
-    gateway: bool = False
-    settings: Settings | None = None  # from mesh.yaml (supervisor/plan.proxy_settings); None: Pilot's
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PREFACE", "PREFACE_LEN", "MAX_METHOD_LEN", "detect"]
+__all__ = ["PREFACE", "PREFACE_LEN", "MAX_METHOD_LEN", "UPSTREAM_ALPN", "detect"]
+
+# ALPN a sidecar offers when it is the TLS client: the upstream pool speaks HTTP/1.1
+# (the HTTP/2 pool asks for h2 itself).
+UPSTREAM_ALPN = ("http/1.1",)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PREFACE_LEN = 24

@@ -30,6 +30,7 @@ from functools import partial
 import trio
 
 from ..citadel.errors import PeerRejected, TLSError
+from ..protocol.detect import UPSTREAM_ALPN
 from .stream import FastSocketStream, TLSSocketStream, UpstreamConnectError, start_tls
 
 log = logging.getLogger("meshctl.identity")
@@ -37,9 +38,6 @@ log = logging.getLogger("meshctl.identity")
 ENV_URL = "MESHCTL_CITADEL_URL"
 ENV_TOKEN = "MESHCTL_CITADEL_TOKEN"
 FIRST_CERT_WAIT = 15.0  # seconds a sidecar waits for its first certificate before serving anyway
-
-# The upstream pool speaks HTTP/1.1: offer only that when we are the client.
-UPSTREAM_ALPN = ("http/1.1",)
 
 __all__ = [
     "SecureStream",

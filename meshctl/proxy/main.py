@@ -149,7 +149,7 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
     import trio
 
     from ..loader.codec import LoadError, from_data
-    from ..pilot.compile import Node
+    from ..model.proxyconfig import Node
     from .pilot_client import run_with_pilot
     from .identity import run_with_identity  # Citadel certificate (env MESHCTL_CITADEL_URL/TOKEN)
     from .runtime import ProxyRuntime

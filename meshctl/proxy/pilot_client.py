@@ -30,7 +30,7 @@ from ..loader.codec import LoadError, from_data, to_data
 from ..loopback import plain_http_client
 from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
-from ..pilot.compile import Node
+from ..model.proxyconfig import Node
 
 log = logging.getLogger("meshctl.proxy.pilot")
 

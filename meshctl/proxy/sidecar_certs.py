@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 
-from .identity import UPSTREAM_ALPN
+from ..protocol.detect import UPSTREAM_ALPN
 from .tls import CertificateHolder, client_context
 
 
