@@ -1,8 +1,15 @@
 """Retry decisions: which failed tries are tried again, and after how long.
 
-Pure: no clock, no sockets, no global random. The proxy asks
-``should_retry`` after every failed try and sleeps ``backoff`` before the
-next one.
+Pure: no clock, no sockets, no global random. After every try the proxy's
+forwarder (proxy/forward.py) asks ``decide`` for one verdict:
+
+    RetryAfter(seconds)   try again after this backoff (if the cluster's retry
+                          budget, http.maxRetries, has room: the forwarder checks)
+    PassOn                a response arrived and goes to the client as it is
+    GiveUp                no response arrived and none will be tried for: the
+                          proxy answers with its own failure reply
+
+``should_retry`` and ``backoff`` are the two halves ``decide`` is made of.
 
 Rules (Istio's HTTPRetry as translated to Envoy's retry policy):
 
@@ -49,6 +56,7 @@ import random
 from dataclasses import dataclass
 
 from ..model.istio import HTTPRetry
+from .errors import CoreConfigError
 from ..model.proxyconfig import Settings
 
 __all__ = [
@@ -58,12 +66,17 @@ __all__ = [
     "retry_policy",
     "should_retry",
     "backoff",
+    "decide",
+    "Verdict",
+    "RetryAfter",
+    "PassOn",
+    "GiveUp",
     "NO_RETRY",
     "KNOWN_RETRY_ON",
 ]
 
 
-class RetryConfigError(ValueError):
+class RetryConfigError(CoreConfigError):
     """A retry policy that cannot be used; the message names the bad value."""
 
 
@@ -220,3 +233,35 @@ def backoff(policy: RetryPolicy, retries_done: int, rand: random.Random) -> floa
     if ceiling > policy.max_interval:
         ceiling = policy.max_interval
     return rand.uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """Try again after ``seconds`` (the jittered backoff)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class PassOn:
+    """The response that arrived goes to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """No response arrived and no further try will be made."""
+
+
+Verdict = RetryAfter | PassOn | GiveUp
+
+PASS_ON = PassOn()
+GIVE_UP = GiveUp()
+
+
+def decide(policy: RetryPolicy, retries_done: int, outcome: Outcome, *, body_replayable: bool,
+           rand: random.Random) -> Verdict:
+    """The one verdict after a try that ended with ``outcome``: RetryAfter(backoff)
+    when the policy retries it, else PassOn for a response, GiveUp for a failure."""
+    if should_retry(policy, retries_done, outcome, body_replayable=body_replayable):
+        return RetryAfter(backoff(policy, retries_done, rand))
+    return PASS_ON if outcome.failure is None else GIVE_UP

@@ -1,19 +1,23 @@
 """ProxyConfig files: what ``meshctl proxy run --config FILE`` reads.
 
 The file is ``to_data(ProxyConfig)``, in YAML or JSON (docs/proxyconfig.md).
-On top of the codec's shape and type checks, a loaded config must hang
-together, since a proxy never second-guesses it:
+On top of the codec's shape and type checks, a config must hang together.
+``check_proxy_config`` is the one validator of a ProxyConfig: the loader
+calls it on files, and the proxy's runtime on every config it is asked to
+apply (from Pilot or a file), so both accept and refuse the same configs:
 
 - listener ``direction`` is outbound, binding, inbound or gateway; protocol is
-  http or tcp; mtlsMode is STRICT, PERMISSIVE or DISABLE;
+  http or tcp; mtlsMode is STRICT, PERMISSIVE or DISABLE; names are unique and
+  no two listeners bind one address:port (port 0 aside);
 - outbound and gateway listeners, and http bindings, name a ``routeTable``
   that exists; bindings name ``service`` and ``servicePort``; inbound
-  listeners name ``appAddress`` and ``appPort``;
+  listeners name ``appPort`` (``appAddress`` defaults to 127.0.0.1);
 - every route destination (and mirror) names a cluster that exists:
   ``cluster_name(host, port.number, subset)``, so a port is required;
   tcp bindings without tcpRoutes need the service's own cluster;
 - routeTables and clusters are keyed by their name (a missing ``name`` is
-  taken from the key).
+  taken from the key);
+- settings the proxy cannot carry out (model.proxyconfig.settings_problems).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..model.istio import Destination
-from ..model.proxyconfig import ProxyConfig, cluster_name
+from ..model.proxyconfig import ProxyConfig, cluster_name, settings_problems
 from .codec import LineMap, LoadError, decode_collect, join_path, line_of, raise_errors, to_data
 from .source import parse_documents
 
@@ -149,11 +153,16 @@ def check_proxy_config(cfg: ProxyConfig, *, file: str = "<config>", lines: LineM
             enum(f"{cpath}.endpoints[{i}].health", ep.health, HEALTH)
 
     seen: dict[str, int] = {}
+    bound: dict[tuple[str, int], int] = {}
     for i, lst in enumerate(cfg.listeners):
         lpath = f"listeners[{i}]"
         if lst.name in seen:
             err(f"{lpath}.name", f"duplicate listener name {lst.name!r} (also listeners[{seen[lst.name]}])")
         seen.setdefault(lst.name, i)
+        if lst.port != 0 and (lst.address, lst.port) in bound:
+            err(f"{lpath}.port", f"{lst.address}:{lst.port} is used by another listener "
+                                 f"(listeners[{bound[(lst.address, lst.port)]}])")
+        bound.setdefault((lst.address, lst.port), i)
         enum(f"{lpath}.direction", lst.direction, DIRECTIONS)
         enum(f"{lpath}.protocol", lst.protocol, LISTENER_PROTOCOLS)
         enum(f"{lpath}.mtlsMode", lst.mtls_mode, MTLS_MODES)
@@ -174,8 +183,6 @@ def check_proxy_config(cfg: ProxyConfig, *, file: str = "<config>", lines: LineM
                 if name not in cfg.clusters:
                     err(f"{lpath}.service", f"cluster {name!r} for this tcp binding is not defined in clusters")
         if lst.direction == "inbound":
-            if not lst.app_address:
-                err(f"{lpath}.appAddress", "an inbound listener needs appAddress")
             if lst.app_port is None:
                 err(f"{lpath}.appPort", "an inbound listener needs appPort")
             else:
@@ -183,4 +190,6 @@ def check_proxy_config(cfg: ProxyConfig, *, file: str = "<config>", lines: LineM
         for j, tcp in enumerate(lst.tcp_routes):
             for k, d in enumerate(tcp.route):
                 destination(f"{lpath}.tcpRoutes[{j}].route[{k}].destination", d.destination)
+    for field, message in settings_problems(cfg.settings):
+        err(f"settings.{field}", message)
     return errors

@@ -20,6 +20,7 @@ import trio
 
 from ..protocol.events import EndOfMessage, ProtocolError, RequestHead, ResponseHead
 from ..protocol.http1 import H1Server
+from .errors import PeerGone, send_all
 from .pool import EventReader
 from .stream import FastSocketStream, accept
 
@@ -119,10 +120,10 @@ async def serve_conn(rt, stream: FastSocketStream) -> None:
                 if head.method != "HEAD":
                     out += server.data(body)
                 out += server.end()
-                await stream.send_all(out)
+                await send_all(stream, out)
                 if not server.keep_alive:
                     return
-    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+    except (ProtocolError, PeerGone):
         pass
     finally:
         stream.close_now()

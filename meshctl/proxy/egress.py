@@ -31,7 +31,8 @@ from ..model.proxyconfig import cluster_name
 from ..protocol.events import ResponseHead
 from . import stats as F
 from .snapshot import ClusterState, Snapshot
-from .stream import UpstreamConnectError, connect_tcp, relay
+from .errors import PeerGone, send_all
+from .stream import UpstreamConnectError, relay
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -152,7 +153,7 @@ async def tunnel(rt, snap: Snapshot, server, route_table: str | None, authority:
     if address is not None:
         try:
             with trio.fail_after(float(snap.settings.connect_timeout)):
-                up = await connect_tcp(address[0], address[1])
+                up = await rt.backend.connect(address[0], address[1])
         except (UpstreamConnectError, trio.TooSlowError) as exc:
             status, flag, why = 503, F.UF, f"connect to {address[0]}:{address[1]} failed: {exc}"
     if up is None:
@@ -161,17 +162,17 @@ async def tunnel(rt, snap: Snapshot, server, route_table: str | None, authority:
         body = (why + "\n").encode()
         headers = [("content-type", "text/plain"), ("content-length", str(len(body))), ("connection", "close")]
         try:
-            await down.send_all(server.response_head(ResponseHead(status, headers)) + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await send_all(down, server.response_head(ResponseHead(status, headers)) + body)
+        except PeerGone:
             pass
         return
     try:
-        await down.send_all(server.response_head(ResponseHead(200, [], reason="Connection established")))
+        await send_all(down, server.response_head(ResponseHead(200, [], reason="Connection established")))
         left = server.upgrade_accepted()
         if left:
-            await up.send_all(left)
+            await send_all(up, left)
         await relay(down, up)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    except (PeerGone, OSError):
         pass
     finally:
         up.close_now()

@@ -14,6 +14,7 @@ import trio
 
 from ..core.extauthz import ExtAllowed, ExtDenied, apply_upstream, check_request, check_result, on_error
 from ..model.proxyconfig import EnvoyExtAuthzHttp
+from .request import LocalReply
 
 log = logging.getLogger("meshctl.proxy.extauthz")
 
@@ -51,8 +52,6 @@ def provider_named(providers, name: str) -> EnvoyExtAuthzHttp | None:
 
 async def run_custom(rq, provider: str, policy: str):
     """Ask the provider about ``rq``: None when allowed (upstream headers applied), else the LocalReply."""
-    from .http import LocalReply
-
     p = provider_named(rq.snap.settings.extension_providers, provider)
     if p is None:
         rq.detail = f"CUSTOM policy {policy}: provider {provider!r} is not in the mesh settings' extensionProviders"

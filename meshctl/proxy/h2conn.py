@@ -6,7 +6,7 @@ stage chain and the same ``Forwarder`` as HTTP/1.1 requests: the forwarder
 only sees a ``Request`` whose ``server`` / ``reader`` / ``down`` are the
 per-stream adapters below, so routing, retries, timeouts, faults and
 telemetry are shared, and the upstream leg is whatever the cluster speaks
-(HTTP/1.1 pool, or the HTTP/2 pool of ``h2pool``).
+(forward.py runs the tries over h1upstream.py or h2pool.py).
 
 Ordering: the codec returns *all* pending connection bytes from every call,
 so the adapters never return those bytes to the forwarder; they append them
@@ -49,7 +49,8 @@ from ..protocol.detect import detect
 from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
 from . import mirror
 from . import stats as F
-from .http import ConnState, DownstreamGone, Request, send_local
+from .errors import DownstreamGone, PeerGone, receive_some, send_eof
+from .request import ConnState, Request, send_local
 from .outbuf import OutBuffer
 from .telemetry import finish_request
 
@@ -75,7 +76,7 @@ class H2ConnState(ConnState):
     __slots__ = ("h2",)
 
     def __init__(self, base: ConnState, h2conn: "_Conn") -> None:
-        super().__init__(base.sock)
+        super().__init__(base.stream, base.backend, base.accepted_on)
         self.scope = base.scope
         self.busy = True
         self.h2 = h2conn
@@ -290,7 +291,7 @@ class _Conn(OutBuffer):
     async def writer(self) -> None:
         try:
             await self.write_loop()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except PeerGone:
             self.kill()
 
     def kill(self) -> None:
@@ -365,7 +366,7 @@ class _Conn(OutBuffer):
             if h2.closed and not self.streams:
                 self.kill()
                 return
-            data = await stream.receive_some()
+            data = await receive_some(stream)
 
     async def _linger(self) -> None:
         """After a GOAWAY for an error: half-close and read what the peer still
@@ -374,12 +375,11 @@ class _Conn(OutBuffer):
         stream = self.stream
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):  # kill() cancelled the nursery
             try:
-                send_eof = getattr(stream, "send_eof", None)
-                if send_eof is not None:
-                    await send_eof()
-                while await stream.receive_some():
+                if hasattr(stream, "send_eof"):  # plain sockets; a TLS stream may have one too
+                    await send_eof(stream)
+                while await receive_some(stream):
                     pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except PeerGone:
                 pass
 
     def _dispatch(self, ev) -> None:
@@ -467,7 +467,7 @@ class _Conn(OutBuffer):
                     if rq.body is not None and not rq.body.finished and not rq.response_started:
                         self.emit(self.h2.reset(sid, "request body not consumed"))
                     await self.flush()
-                except (DownstreamGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                except PeerGone:
                     rq.flags.append(F.DC)
                 except ValueError as exc:  # a response the codec cannot carry (101, bad header value)
                     log.info("stream %d: cannot relay the response on HTTP/2: %s", sid, exc)
@@ -516,7 +516,7 @@ async def serve_h2_connection(rt, active_listener, stream: trio.abc.Stream, clie
             nursery.start_soon(c.writer)
             try:
                 await c.read_loop(first)
-            except (DownstreamGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            except PeerGone:
                 c.kill()
             if not c.dead:
                 c.kill()
@@ -527,10 +527,10 @@ async def serve_h2_connection(rt, active_listener, stream: trio.abc.Stream, clie
 async def sniff(stream: trio.abc.Stream) -> tuple[str | None, bytes]:
     """Read a new connection's first bytes until ``detect`` can tell the
     protocol: ("h2" | "http1" | "tls" | "tcp", bytes read), or (None, bytes)
-    when the peer closed first. Raises trio.BrokenResourceError like the stream."""
+    when the peer closed first. Raises PeerGone when the stream is gone."""
     buf = b""
     while True:
-        data = await stream.receive_some()
+        data = await receive_some(stream)
         if not data:
             return None, buf
         buf += data

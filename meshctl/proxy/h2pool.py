@@ -2,9 +2,12 @@
 
 When a cluster speaks HTTP/2 (``Cluster.protocol`` http2/grpc, a
 DestinationRule ``h2UpgradePolicy: UPGRADE``, or ``useClientProtocol`` with an
-HTTP/2 client) ``Forwarder._try`` hands the try to ``h2_try`` here instead of
-the HTTP/1.1 pool. The downstream side is unchanged: ``rq.server`` is an
-H1Server or an h2conn stream adapter, and both take the same calls.
+HTTP/2 client; ``wants_h2``) the forwarder (forward.py) runs its tries with
+``H2Exchange`` here instead of the HTTP/1.1 one (h1upstream.py). The exchange
+only carries the try: deadlines, retries, the retry budget and outlier
+reports are the forwarder's, the same as for HTTP/1.1. The downstream side is
+unchanged: ``rq.server`` is an H1Server or an h2conn stream adapter, and both
+take the same calls.
 
 ``H2Pool`` keeps a few connections per (endpoint, TLS) key; a request takes a
 stream on the first connection with room (``can_open_stream``, and at most
@@ -25,21 +28,27 @@ a ``refused-stream`` failure: retried when the policy allows.
 from __future__ import annotations
 
 import logging
-import math
 
 import trio
 
-from ..core.retry import Outcome, should_retry
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
 from ..protocol.grpc import grpc_status_from, is_grpc
+from ..protocol.http1 import H1Server
 from ..protocol.http2 import GoAway, H2Client, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
 from . import stats as F
+from .backend import NetworkBackend
+from .errors import DownstreamGone, PeerGone, receive_some
+from .forward import RELAYED, Attempt, Failed, Retried, TryResult
+from .identity import upstream_tls
+from .limits import PoolOverflow
 from .outbuf import OutBuffer
-from .stream import UpstreamConnectError, connect_tcp
+from .request import Request, response_headers
+from .snapshot import ClusterState
+from .stream import UpstreamConnectError
 
 log = logging.getLogger("meshctl.proxy")
 
-__all__ = ["H2Pool", "H2Upstream", "wants_h2", "h2_try", "pool_of"]
+__all__ = ["H2Pool", "H2Upstream", "H2Exchange", "wants_h2"]
 
 
 def _http_settings(cluster):
@@ -141,14 +150,15 @@ class H2Upstream(OutBuffer):
         self.kick()
 
     async def flush(self) -> None:
+        """Wait until everything emitted is written; PeerGone when the connection died."""
         await self.wait_written()
         if self.dead:
-            raise trio.BrokenResourceError(self.reason or "upstream HTTP/2 connection closed")
+            raise PeerGone(self.reason or "upstream HTTP/2 connection closed")
 
     async def _writer(self) -> None:
         try:
             await self.write_loop()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except PeerGone as exc:
             self._die(f"write failed: {exc}")
 
     # ------------------------------------------------------------ life
@@ -205,8 +215,8 @@ class H2Upstream(OutBuffer):
         client = self.client
         while True:
             try:
-                data = await self.stream.receive_some()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                data = await receive_some(self.stream)
+            except PeerGone as exc:
                 self.reason = f"read failed: {exc}"
                 return
             try:
@@ -217,7 +227,7 @@ class H2Upstream(OutBuffer):
                 with trio.move_on_after(1):
                     try:
                         await self.flush()
-                    except trio.BrokenResourceError:
+                    except PeerGone:
                         pass
                 self.reason = str(exc)
                 return
@@ -248,8 +258,9 @@ class H2Upstream(OutBuffer):
 class H2Pool:
     """Upstream HTTP/2 connections by (address, port, tls key)."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, backend: NetworkBackend) -> None:
         self.nursery = nursery
+        self.backend = backend
         self.conns: dict[tuple, list[H2Upstream]] = {}
         self.connecting: dict[tuple, trio.Lock] = {}
         self.inflight: dict[str, int] = {}  # cluster name -> requests in flight (http2MaxRequests)
@@ -293,7 +304,7 @@ class H2Pool:
                 return c
             with trio.move_on_after(connect_timeout):
                 try:
-                    stream = await connect_tcp(address, port)
+                    stream = await self.backend.connect(address, port)
                     if tls is not None:
                         stream = await tls.wrap(stream, address, port)
                 except UpstreamConnectError:
@@ -309,223 +320,203 @@ class H2Pool:
             raise UpstreamConnectError(address, port, f"timed out after {connect_timeout:g}s")
 
 
-def pool_of(rt) -> H2Pool:
-    """The runtime's HTTP/2 pool (made on first use, in its connection nursery)."""
-    p = getattr(rt, "h2pool", None)
-    if p is None:
-        p = rt.h2pool = H2Pool(rt._conn_nursery)
-        rt._conn_nursery.start_soon(p.sweeper, rt)
-    return p
+class H2Exchange:
+    """HTTP/2 tries (forward.UpstreamExchange) over the runtime's H2Pool."""
 
+    def __init__(self, rt) -> None:
+        self.rt = rt
+        self.pool: H2Pool | None = None
 
-def _upstream_tls(rt, cluster, ep):
-    try:
-        from .identity import upstream_tls
-    except ImportError:  # pragma: no cover - identity not built in
-        return None
-    return upstream_tls(rt, cluster, ep, h2=True)  # ALPN h2 on mTLS legs
+    def carries(self, rq: Request, cs: ClusterState) -> bool:
+        return wants_h2(rq, cs)
 
+    def _pool(self) -> H2Pool:
+        """The HTTP/2 pool (made on first use, in the runtime's connection nursery)."""
+        p = self.pool
+        if p is None:
+            rt = self.rt
+            p = self.pool = H2Pool(rt._conn_nursery, rt.backend)
+            rt._conn_nursery.start_soon(p.sweeper, rt)
+        return p
 
-async def h2_try(fw, rq, cs, ep, up_head: RequestHead, policy, retries: int):
-    """One try of ``rq`` on an upstream HTTP/2 stream. Returns what
-    ``Forwarder._try`` returns: (_DONE, None, "") once a response went
-    downstream, else (Outcome, flag, detail)."""
-    from .http import _DONE
-
-    rt = fw.rt
-    pool = pool_of(rt)
-    hs = _http_settings(cs.cluster)
-    max_streams = hs.max_concurrent_streams if hs is not None and hs.max_concurrent_streams else None
-    max_rq = hs.http2_max_requests if hs is not None and hs.http2_max_requests else None
-    name = cs.name
-    if max_rq is not None and pool.inflight.get(name, 0) >= max_rq:
-        from .limits import PoolOverflow
-
-        raise PoolOverflow(name, "rq", f"http2MaxRequests {max_rq} reached")
-    per_try = policy.per_try_timeout
-    deadline = trio.current_time() + per_try if per_try else math.inf
-    settings = rq.snap.settings
-    conn = None
-    try:
-        with trio.move_on_at(deadline):
-            conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
-                                      _upstream_tls(rt, cs.cluster, ep), max_streams)
-    except UpstreamConnectError as exc:
-        return Outcome(failure="connect-failure"), F.UF, str(exc)
-    if conn is None:
-        return Outcome(failure="timeout"), F.UT, f"per-try timeout {per_try:g}s while connecting"
-    head = h1_head_to_h2(up_head)
-    head.scheme = "http"
-    te = [v for k, v in rq.head.headers if k == "te"]
-    if any("trailers" in v.lower() for v in te) and not any(k == "te" for k, _ in head.headers):
-        head.headers.append(("te", "trailers"))
-    key = (ep.address, ep.port)
-    active = rt.active
-    active[key] = active.get(key, 0) + 1
-    pool.inflight[name] = pool.inflight.get(name, 0) + 1
-    body = rq.body
-    st = None
-    ok = False
-    try:
-        whole = body is None or (body.finished and body.replayable)
-        st = conn.open(head, end_stream=body is None or (whole and not body.chunks and not body.trailers))
-        if body is not None and whole:
-            client = conn.client
-            for c in body.chunks:
-                conn.emit(client.data(st.sid, c))
-            if body.chunks or body.trailers:
-                conn.emit(client.end(st.sid, body.trailers))
-        if whole:
-            return await _respond(fw, rq, cs, conn, st, policy, retries, deadline, _DONE)
-        failure: list = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_send_body, rq, conn, st, failure, nursery.cancel_scope)
-            result = await _respond(fw, rq, cs, conn, st, policy, retries, deadline, _DONE)
+    async def attempt(self, a: Attempt) -> TryResult:
+        """One try of the request on an upstream HTTP/2 stream."""
+        rq, cs, ep = a.rq, a.cs, a.ep
+        pool = self._pool()
+        hs = _http_settings(cs.cluster)
+        max_streams = hs.max_concurrent_streams if hs is not None and hs.max_concurrent_streams else None
+        max_rq = hs.http2_max_requests if hs is not None and hs.http2_max_requests else None
+        name = cs.name
+        if max_rq is not None and pool.inflight.get(name, 0) >= max_rq:
+            raise PoolOverflow(name, "rq", f"http2MaxRequests {max_rq} reached")
+        settings = rq.snap.settings
+        conn = None
+        try:
+            with trio.move_on_at(a.deadline):
+                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
+                                          upstream_tls(self.rt, cs.cluster, ep, h2=True), max_streams)
+        except UpstreamConnectError as exc:
+            return Failed("connect-failure", F.UF, str(exc))
+        if conn is None:
+            return a.timed_out_connecting()
+        head = h1_head_to_h2(a.head)
+        head.scheme = "http"
+        te = [v for k, v in rq.head.headers if k == "te"]
+        if any("trailers" in v.lower() for v in te) and not any(k == "te" for k, _ in head.headers):
+            head.headers.append(("te", "trailers"))
+        pool.inflight[name] = pool.inflight.get(name, 0) + 1
+        body = rq.body
+        st = None
+        try:
+            whole = body is None or (body.finished and body.replayable)
+            st = conn.open(head, end_stream=body is None or (whole and not body.chunks and not body.trailers))
+            if body is not None and whole:
+                client = conn.client
+                for c in body.chunks:
+                    conn.emit(client.data(st.sid, c))
+                if body.chunks or body.trailers:
+                    conn.emit(client.end(st.sid, body.trailers))
+            if whole:
+                return await self._respond(a, conn, st)
+            failure: list[BaseException] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_body, rq, conn, st, failure, nursery.cancel_scope)
+                result = await self._respond(a, conn, st)
+                if not body.finished:
+                    nursery.cancel_scope.cancel()
+            if failure:
+                raise failure[0]
             if not body.finished:
-                nursery.cancel_scope.cancel()
-        if failure:
-            raise failure[0]
-        if not body.finished:
-            rq.keep_alive = False
-        return result
-    finally:
-        ok = st is not None and st.done
-        if st is not None:
-            conn.finish(st, abort=not ok)
-        n = active[key] - 1
-        if n:
-            active[key] = n
-        else:
-            del active[key]
-        n = pool.inflight[name] - 1
-        if n:
-            pool.inflight[name] = n
-        else:
-            del pool.inflight[name]
+                rq.keep_alive = False
+            return result
+        finally:
+            ok = st is not None and st.done
+            if st is not None:
+                conn.finish(st, abort=not ok)
+            n = pool.inflight[name] - 1
+            if n:
+                pool.inflight[name] = n
+            else:
+                del pool.inflight[name]
 
-
-async def _send_body(rq, conn: H2Upstream, st: _UpStream, failure: list, cancel: trio.CancelScope) -> None:
-    from .http import DownstreamGone
-
-    client = conn.client
-    body = rq.body
-    cursor = [0]
-    try:
-        while True:
-            chunk = await body.pull(cursor)
-            if chunk is None:
-                conn.emit(client.end(st.sid, body.trailers))
+    @staticmethod
+    async def _send_body(rq: Request, conn: H2Upstream, st: _UpStream, failure: list[BaseException],
+                         cancel: trio.CancelScope) -> None:
+        client = conn.client
+        body = rq.body
+        assert body is not None
+        cursor = [0]
+        try:
+            while True:
+                chunk = await body.pull(cursor)
+                if chunk is None:
+                    conn.emit(client.end(st.sid, body.trailers))
+                    await conn.flush()
+                    return
+                conn.emit(client.data(st.sid, chunk))
                 await conn.flush()
-                return
-            conn.emit(client.data(st.sid, chunk))
-            await conn.flush()
-            while client.queued(st.sid) > 0 and not conn.dead and not st.done:
-                st.window = trio.Event()
-                await st.window.wait()
-    except trio.BrokenResourceError:
-        return  # the response side reports it
-    except (DownstreamGone, ProtocolError) as exc:
-        failure.append(exc)
-        cancel.cancel()
+                while client.queued(st.sid) > 0 and not conn.dead and not st.done:
+                    st.window = trio.Event()
+                    await st.window.wait()
+        except DownstreamGone as exc:  # (a PeerGone too: checked first)
+            failure.append(exc)
+            cancel.cancel()
+        except PeerGone:
+            return  # the upstream connection is gone: the response side reports it
+        except ProtocolError as exc:
+            failure.append(exc)
+            cancel.cancel()
 
-
-async def _read_head(rq, conn: H2Upstream, st: _UpStream):
-    while True:
-        ev = await st.next()
-        if type(ev) is ResponseHead:
-            if 100 <= ev.status < 200:
-                if ev.status == 100 and not rq.head.expect_continue:
+    @staticmethod
+    async def _read_head(rq: Request, st: _UpStream):
+        while True:
+            ev = await st.next()
+            if type(ev) is ResponseHead:
+                if 100 <= ev.status < 200:
+                    if ev.status == 100 and not rq.head.expect_continue:
+                        continue
+                    await rq.send_down(rq.server.informational(ev))
                     continue
-                await rq.send_down(rq.server.informational(ev))
-                continue
-            return ev
-        return ev  # a Reset (or an unexpected event)
+                return ev
+            return ev  # a Reset (or an unexpected event)
 
+    async def _respond(self, a: Attempt, conn: H2Upstream, st: _UpStream) -> TryResult:
+        rq = a.rq
+        try:
+            await conn.flush()
+        except PeerGone:
+            pass  # the stream gets a Reset event
+        head = None
+        with trio.move_on_at(a.deadline) as scope:
+            head = await self._read_head(rq, st)
+        if scope.cancelled_caught:
+            return Failed("timeout", F.UT, "per-try timeout")
+        if type(head) is not ResponseHead:
+            st.done = True  # nothing to reset
+            if isinstance(head, H2Reset) and head.refused:
+                return Failed("refused-stream", F.UR, f"{conn.key[0]}:{conn.key[1]} refused the stream")
+            reason = head.reason if isinstance(head, Reset) else "no response"
+            return Failed("reset", F.UR, f"{conn.key[0]}:{conn.key[1]}: {reason}")
+        status = head.status
+        grpc = grpc_status_from(head.headers) if status == 200 else None
+        delay = a.judge(status, grpc or None)  # the retry budget applies here as on HTTP/1.1
+        if delay is not None:
+            return Retried(status, delay)
+        await self._stream_response(rq, conn, st, head)
+        return RELAYED
 
-async def _respond(fw, rq, cs, conn: H2Upstream, st: _UpStream, policy, retries: int, deadline: float, DONE):
-    try:
-        await conn.flush()
-    except trio.BrokenResourceError:
-        pass  # the stream gets a Reset event
-    head = None
-    with trio.move_on_at(deadline) as scope:
-        head = await _read_head(rq, conn, st)
-    if scope.cancelled_caught:
-        return Outcome(failure="timeout"), F.UT, "per-try timeout"
-    if type(head) is not ResponseHead:
-        st.done = True  # nothing to reset
-        if isinstance(head, H2Reset) and head.refused:
-            return Outcome(failure="refused-stream"), F.UR, f"{conn.key[0]}:{conn.key[1]} refused the stream"
-        reason = head.reason if isinstance(head, Reset) else "no response"
-        return Outcome(failure="reset"), F.UR, f"{conn.key[0]}:{conn.key[1]}: {reason}"
-    status = head.status
-    body = rq.body
-    replayable = body is None or body.replayable
-    grpc = grpc_status_from(head.headers) if status == 200 else None
-    if status >= 500 or status in policy.retriable_status_codes or status == 409 or grpc:
-        outcome = Outcome(status=status, grpc_status=grpc or None)
-        if should_retry(policy, retries, outcome, body_replayable=replayable):
-            cs.stats.response(status)
-            return outcome, None, ""
-    cs.stats.response(status)
-    await _stream_response(fw, rq, conn, st, head)
-    return DONE, None, ""
-
-
-async def _stream_response(fw, rq, conn: H2Upstream, st: _UpStream, head: ResponseHead) -> None:
-    from .http import response_headers
-
-    server = rq.server
-    client = conn.client
-    headers = response_headers(rq, head.headers)
-    h1_down = type(server).__name__ == "H1Server"
-    if h1_down and (not rq.keep_alive or fw.rt.draining):
-        rq.keep_alive = False
-        headers.append(("connection", "close"))
-    resp = ResponseHead(head.status, headers, "", "1.1" if h1_down else "2", rq.keep_alive)
-    rq.response_started = True
-    rq.status = head.status
-    nxt = st.events[st.pos] if st.pos < len(st.events) else None
-    if type(nxt) is EndOfMessage and not nxt.trailers:
-        # a head that ended the stream (gRPC trailers-only): keep it one HEADERS frame with END_STREAM
-        st.pos += 1
-        st.done = True
-        await rq.send_down(server.response_head(resp, end_stream=True))
+    async def _stream_response(self, rq: Request, conn: H2Upstream, st: _UpStream, head: ResponseHead) -> None:
+        server = rq.server
+        client = conn.client
+        headers = response_headers(rq, head.headers)
+        h1_down = type(server) is H1Server
+        if h1_down and (not rq.keep_alive or self.rt.draining):
+            rq.keep_alive = False
+            headers.append(("connection", "close"))
+        resp = ResponseHead(head.status, headers, "", "1.1" if h1_down else "2", rq.keep_alive)
+        rq.response_started = True
+        rq.status = head.status
+        nxt = st.events[st.pos] if st.pos < len(st.events) else None
+        if type(nxt) is EndOfMessage and not nxt.trailers:
+            # a head that ended the stream (gRPC trailers-only): keep it one HEADERS frame with END_STREAM
+            st.pos += 1
+            st.done = True
+            await rq.send_down(server.response_head(resp, end_stream=True))
+            if not server.keep_alive:
+                rq.keep_alive = False
+            return
+        out = [server.response_head(resp)]
+        acked = 0
+        while True:
+            ev = st.buffered()
+            if ev is None:
+                if out:
+                    await rq.send_down(b"".join(out))
+                    out = []
+                if acked:
+                    conn.emit(client.ack_received(st.sid, acked))
+                    acked = 0
+                ev = await st.next()
+            t = type(ev)
+            if t is Data:
+                out.append(server.data(ev.data))
+                rq.bytes_sent += len(ev.data)
+                acked += len(ev.data)
+            elif t is EndOfMessage:
+                out.append(server.end(ev.trailers))
+                st.done = True
+                break
+            else:
+                # upstream reset mid-body: the client must see the response is cut short
+                rq.flags.append(F.UR)
+                rq.keep_alive = False
+                st.done = True
+                if out:
+                    await rq.send_down(b"".join(out))
+                abort = getattr(server, "abort", None)
+                if abort is not None:
+                    abort("upstream reset the stream")
+                return
+        await rq.send_down(b"".join(out))
         if not server.keep_alive:
             rq.keep_alive = False
-        return
-    out = [server.response_head(resp)]
-    acked = 0
-    while True:
-        ev = st.buffered()
-        if ev is None:
-            if out:
-                await rq.send_down(b"".join(out))
-                out = []
-            if acked:
-                conn.emit(client.ack_received(st.sid, acked))
-                acked = 0
-            ev = await st.next()
-        t = type(ev)
-        if t is Data:
-            out.append(server.data(ev.data))
-            rq.bytes_sent += len(ev.data)
-            acked += len(ev.data)
-        elif t is EndOfMessage:
-            out.append(server.end(ev.trailers))
-            st.done = True
-            break
-        else:
-            # upstream reset mid-body: the client must see the response is cut short
-            rq.flags.append(F.UR)
-            rq.keep_alive = False
-            st.done = True
-            if out:
-                await rq.send_down(b"".join(out))
-            abort = getattr(server, "abort", None)
-            if abort is not None:
-                abort("upstream reset the stream")
-            return
-    await rq.send_down(b"".join(out))
-    if not server.keep_alive:
-        rq.keep_alive = False

@@ -14,8 +14,7 @@ from __future__ import annotations
 import time
 
 from ..core.jwt import unauthorized_headers
-from .http import LocalReply, Request
-
+from .request import LocalReply, Request
 
 
 class JwtStage:

@@ -52,7 +52,6 @@ from ..model.proxyconfig import ProxyConfig
 from ..protocol.http1 import Limits
 from .pool import PEEK_AFTER, UpstreamConn, UpstreamPool
 from .stats import ClusterStats, Stats
-from .stream import is_alive
 
 __all__ = ["ClusterLimiter", "PoolOverflow", "build_limiters", "commit_limiters"]
 
@@ -116,7 +115,7 @@ class ClusterLimiter:
             while admit is Admit.USE_IDLE:
                 conn = idle.pop()
                 age = now - conn.idle_since
-                if age < idle_timeout and (age < PEEK_AFTER or is_alive(conn.stream)):
+                if age < idle_timeout and (age < PEEK_AFTER or self.pool.backend.is_alive(conn.stream)):
                     conn.reused = True
                     return conn
                 self._close(conn)
@@ -297,7 +296,7 @@ class ClusterLimiter:
             timeout = math.inf
         for key, conns in list(self.pool.idle.items()):
             for c in list(conns):
-                if now - c.idle_since >= timeout or not is_alive(c.stream):
+                if now - c.idle_since >= timeout or not self.pool.backend.is_alive(c.stream):
                     conns.remove(c)
                     self._lost(c)
             if not conns:

@@ -31,6 +31,7 @@ from ..core.balance import PickContext
 from ..core.mirror import has_mirrors, mirror_cluster, mirror_destinations, shadow_authority
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead
 from .egress import without_internal
+from .errors import PeerGone, send_all
 from .identity import upstream_tls
 from .stream import UpstreamConnectError
 
@@ -187,7 +188,7 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
                 parts.append(client.data(c))
             if chunks or trailers:
                 parts.append(client.end(trailers))
-            await conn.stream.send_all(b"".join(parts))
+            await send_all(conn.stream, b"".join(parts))
             seen = 0
             error = "no complete response"
             while True:
@@ -213,7 +214,7 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
             state.sent += 1
         else:
             state.failed += 1
-    except (UpstreamConnectError, ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+    except (UpstreamConnectError, ProtocolError, OSError, PeerGone) as exc:
         state.failed += 1
         error = str(exc)
         log.debug("mirror to %s failed: %s", cs.name, exc)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import trio
 
+from .errors import send_all
+
 
 class OutBuffer:
     """Mixin: the owner sets ``stream`` and ``dead`` and calls ``_init_out()``."""
@@ -43,8 +45,8 @@ class OutBuffer:
             await self.progress.wait()
 
     async def write_loop(self) -> None:
-        """The only task writing to the socket; raises trio.BrokenResourceError or
-        ClosedResourceError when the socket is gone (the owner ends the connection)."""
+        """The only task writing to the socket; raises errors.PeerGone when the
+        socket is gone (the owner ends the connection)."""
         while True:
             if not self.out:
                 self.wake = trio.Event()
@@ -53,7 +55,7 @@ class OutBuffer:
             chunk = bytes(self.out)
             self.out.clear()
             try:
-                await self.stream.send_all(chunk)
+                await send_all(self.stream, chunk)
             finally:
                 self.written += len(chunk)
                 progress, self.progress = self.progress, trio.Event()

@@ -26,9 +26,11 @@ from __future__ import annotations
 import errno
 import logging
 import resource
-import socket
+from typing import Any
 
 import trio
+
+from .errors import PeerGone, receive_some, send_all, send_eof
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -81,25 +83,23 @@ class Condition:
             self.count = 0
 
 
-async def refuse(sock: socket.socket, http: bool) -> None:
-    """Answer a connection over the limit (HTTP: 503 after a brief read) and close it."""
+async def refuse(stream: Any, http: bool) -> None:
+    """Answer a connection over the limit (HTTP: 503 after a brief read) and close it.
+    ``stream`` is what the network backend accepted (backend.py)."""
     try:
         if http:
-            sock.setblocking(False)
             with trio.move_on_after(REFUSE_READ_TIMEOUT):
                 got = b""
                 while b"\r\n\r\n" not in got and len(got) < 65536:
-                    await trio.lowlevel.wait_readable(sock)
-                    d = sock.recv(65536)
+                    d = await receive_some(stream)
                     if not d:
                         break
                     got += d
-            try:
-                sock.send(REFUSAL)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-    except OSError:
+            with trio.move_on_after(REFUSE_READ_TIMEOUT):
+                await send_all(stream, REFUSAL)
+                if hasattr(stream, "send_eof"):
+                    await send_eof(stream)
+    except (PeerGone, OSError):
         pass
     finally:
-        sock.close()
+        stream.close_now()

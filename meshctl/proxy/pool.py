@@ -1,19 +1,29 @@
 """Keep-alive pools of upstream HTTP/1.1 connections, one idle list per endpoint.
 
 Pools are keyed by (address, port), not by cluster or config version, so a
-config swap keeps warm connections. An idle connection is checked with a
-non-blocking MSG_PEEK before reuse (the peer may have closed it) and dropped
-after ``idle_timeout``.
+config swap keeps warm connections. An idle connection is checked with the
+backend's ``is_alive`` (a non-blocking MSG_PEEK on sockets) before reuse (the
+peer may have closed it) and dropped after ``idle_timeout``. New connections
+come from the runtime's network backend (backend.py).
+
+``EventReader`` is the read edge of every HTTP/1.1 stream: it feeds the codec
+and maps the stream's library exceptions to errors.PeerGone.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import trio
 
 from ..protocol.events import EndOfMessage
 from ..protocol.http1 import H1Client, Limits
+from .backend import NetworkBackend, SocketBackend
+from .errors import STREAM_ERRORS, PeerGone
 from .stats import ClusterStats
-from .stream import FastSocketStream, UpstreamConnectError, connect_tcp, is_alive
+from .stream import UpstreamConnectError
+
+SOCKETS = SocketBackend()  # the default backend: real sockets
 
 
 PEEK_AFTER = 0.5  # seconds idle after which a pooled connection is checked before reuse
@@ -53,7 +63,7 @@ class EventReader:
 
     async def next(self):
         """The next event; None at a clean EOF. Raises ProtocolError from the codec
-        and trio.BrokenResourceError from the stream."""
+        and PeerGone when the stream is gone."""
         while True:
             if self.pos < len(self.events):
                 ev = self.events[self.pos]
@@ -61,7 +71,10 @@ class EventReader:
                 return ev
             if self.eof:
                 return None
-            data = await self.stream.receive_some()
+            try:
+                data = await self.stream.receive_some()
+            except STREAM_ERRORS as exc:
+                raise PeerGone(str(exc) or type(exc).__name__) from None
             if data:
                 events = self.events = self.codec.feed(data)
                 if self.ack_partial and not (events and type(events[-1]) is EndOfMessage):
@@ -75,7 +88,7 @@ class EventReader:
 class UpstreamConn:
     __slots__ = ("stream", "client", "reader", "key", "stats", "idle_since", "reused", "counted")
 
-    def __init__(self, stream: FastSocketStream, client: H1Client, key: tuple, stats: ClusterStats) -> None:
+    def __init__(self, stream: Any, client: H1Client, key: tuple, stats: ClusterStats) -> None:
         self.stream = stream
         self.client = client
         self.reader = EventReader(stream, client)
@@ -87,8 +100,10 @@ class UpstreamConn:
 
 
 class UpstreamPool:
-    def __init__(self, *, limits: Limits, max_idle_per_endpoint: int = 128) -> None:
+    def __init__(self, *, limits: Limits | None, max_idle_per_endpoint: int = 128,
+                 backend: NetworkBackend | None = None) -> None:
         self.limits = limits
+        self.backend: NetworkBackend = backend if backend is not None else SOCKETS
         self.max_idle = max_idle_per_endpoint
         self.idle: dict[tuple[str, int], list[UpstreamConn]] = {}
         self.idle_timeout = 60.0
@@ -111,13 +126,13 @@ class UpstreamPool:
                 # a connection idle for a moment is taken as is (a stale one is
                 # retried once for idempotent requests, see http.Forwarder);
                 # an older one costs one MSG_PEEK syscall to check
-                if age < self.idle_timeout and (age < PEEK_AFTER or is_alive(conn.stream)):
+                if age < self.idle_timeout and (age < PEEK_AFTER or self.backend.is_alive(conn.stream)):
                     conn.reused = True
                     return conn
                 self._close(conn)
         with trio.move_on_after(connect_timeout):
             try:
-                stream = await connect_tcp(address, port)
+                stream = await self.backend.connect(address, port)
             except UpstreamConnectError:
                 stats.cx_connect_fail += 1
                 raise
@@ -170,7 +185,7 @@ class UpstreamPool:
         for key, conns in list(self.idle.items()):
             keep = []
             for c in conns:
-                if now - c.idle_since < self.idle_timeout and is_alive(c.stream):
+                if now - c.idle_since < self.idle_timeout and self.backend.is_alive(c.stream):
                     keep.append(c)
                 else:
                     self._close(c)

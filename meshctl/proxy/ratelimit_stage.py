@@ -22,6 +22,7 @@ import logging
 import trio
 
 from ..core.ratelimit import Allowed, AskMixer, Grant, Limited, RateLimitConfigError, RateLimiter, WaitForGrant
+from .request import LocalReply
 
 log = logging.getLogger("meshctl.proxy.ratelimit")
 
@@ -150,9 +151,7 @@ class RateLimitStage:
         return _limited(rq, Limited(retry_after=1.0, reason="global-unavailable"))
 
 
-def _limited(rq, d: Limited):
-    from .http import LocalReply
-
+def _limited(rq, d: Limited) -> LocalReply:
     rq.detail = f"rate limited ({d.reason})"
     headers = [("content-type", "text/plain"), ("x-meshctl-reason", "rate limited")] + d.headers()
     return LocalReply(429, b"local_rate_limited\n" if d.reason == "local" else b"rate_limited\n", headers, RL)

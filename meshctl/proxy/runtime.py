@@ -18,10 +18,19 @@ Listener life cycle (one table, the rules):
     Closing    all connections done or
                settings.drain_timeout        → (exit 0)
 
-``apply(cfg)`` checks everything first (references, bindability) and only
-then swaps; on any problem it raises ConfigRejected and the old config and
-listeners stay as they were. Requests take the snapshot current when they
-start, so in-flight requests finish on the old config.
+``apply(cfg)`` checks everything first (the one ProxyConfig validator,
+loader.proxyconfig.check_proxy_config, that config files also pass; core's
+compile errors; bindability) and only then swaps; on any problem it raises
+ConfigRejected and the old config and listeners stay as they were. Requests
+take the snapshot current when they start, so in-flight requests finish on
+the old config.
+
+Sockets come from the network backend given to the runtime (backend.py):
+``SocketBackend`` in production, a memory backend in tests
+(proxy/testing.py). The runtime assembles the request path: listeners →
+connection handlers (http.py, h2conn.py, tcp.py) → stages (stages.py) →
+the forwarder (forward.py) over the HTTP/1.1 and HTTP/2 exchanges
+(h1upstream.py, h2pool.py).
 """
 
 from __future__ import annotations
@@ -30,31 +39,37 @@ import logging
 import os
 import random
 import signal
-import socket
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import trio
 
+from ..core.errors import CoreConfigError
+from ..loader.proxyconfig import check_proxy_config
 from ..model.proxyconfig import Listener, ProxyConfig
+from .accesslog import AccessLog
 from .admin import serve_admin
-from .gateway_tls import GatewayCredentials, serve_gateway_tls
-from .identity import secure_inbound
-from .extauthz import ExtAuthzClient
+from .backend import BackendListener, NetworkBackend, SocketBackend
 from .dns import refresh as dns_refresh
+from .extauthz import ExtAuthzClient
+from .gateway_tls import GatewayCredentials, serve_gateway_tls
 from .mirror import MirrorState
-from .http import ConnState, Forwarder, default_chain, new_request_id, serve_http_connection
+from .overload import FD_ERRNOS, MAX_REFUSING, Condition, default_connection_limit, refuse
+from .forward import Forwarder
+from .h1upstream import H1Exchange
+from .h2pool import H2Exchange
+from .http import serve_http_connection
+from .identity import secure_inbound
 from .limits import commit_limiters
 from .pool import UpstreamPool
-from .snapshot import Snapshot, problems
-from .accesslog import AccessLog
 from .ratelimit_stage import RateLimits
+from .request import ConnState, new_request_id
+from .snapshot import Snapshot
+from .stages import default_chain
 from .stats import Stats
-from .telemetry import Telemetry
-from .tracing import Tracer
-from .stream import FastSocketStream, accept, bind_listener
+from .stream import bind_listener
 from .tcp import serve_tcp_connection
-from .overload import FD_ERRNOS, MAX_REFUSING, Condition, default_connection_limit, refuse
+from .telemetry import Telemetry
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -73,8 +88,8 @@ class ConfigRejected(Exception):
 class ActiveListener:
     __slots__ = ("spec", "sock", "chain", "scope", "handler", "active", "overload")
 
-    def __init__(self, spec: Listener, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, spec: Listener, sock: BackendListener) -> None:
+        self.sock = sock  # the backend's listener
         self.scope = trio.CancelScope()
         self.active = 0  # connections accepted and not closed (overload.py's limit)
         self.overload = Condition(f"listener {spec.name}: connection limit")
@@ -88,19 +103,19 @@ class ActiveListener:
 
     @property
     def bound_port(self) -> int:
-        return self.sock.getsockname()[1]
+        return self.sock.bound_port
 
 
 class ProxyRuntime:
     def __init__(self, *, config_path: str | Path | None = None,
                  loader: Callable[[str | Path], ProxyConfig] | None = None,
-                 rand: random.Random | None = None) -> None:
+                 rand: random.Random | None = None, backend: NetworkBackend | None = None) -> None:
+        self.backend: NetworkBackend = backend if backend is not None else SocketBackend()
         self.config_path = Path(config_path) if config_path is not None else None
         self._loader = loader
         self.rand = rand or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.stats = Stats()
         self.telemetry = Telemetry()  # Istio metrics (telemetry.py)
-        self.tracer = Tracer()  # sampled spans, sent to Zipkin in batches (tracing.py)
         self.access_log: AccessLog | None = None  # set before run() to log requests
         self.ratelimits = RateLimits()  # RateLimit resources; .mixer_url for global quotas
         self.ext_authz = ExtAuthzClient()  # AuthorizationPolicy CUSTOM (proxy/extauthz.py)
@@ -111,7 +126,7 @@ class ProxyRuntime:
         self.draining = False
         self.closing = False  # draining, and the drain period is over: listeners closed
         self.ready = False
-        self.forwarder = Forwarder(self)
+        self.forwarder = Forwarder(self, H1Exchange(self), H2Exchange(self))
         self.pool: UpstreamPool | None = None
         self._nursery: trio.Nursery | None = None
         self._mtime: float | None = None
@@ -146,7 +161,9 @@ class ProxyRuntime:
         (keeping the current config) when it is invalid or cannot be bound."""
         if self.closing:  # during the drain period configs still apply (callers' endpoints move)
             raise ConfigRejected("the proxy is shutting down")
-        errs = problems(cfg) + self.gateway_credentials.problems(cfg, self.tls)
+        # the same validator as for config files, then what only a running proxy can check
+        errs = [f"{e.field}: {e.message}" if e.field else e.message for e in check_proxy_config(cfg)]
+        errs += self.gateway_credentials.problems(cfg, self.tls)
         if errs:
             self.stats.config_rejected += 1
             raise ConfigRejected("; ".join(errs))
@@ -154,18 +171,18 @@ class ProxyRuntime:
             prev = self.snapshot
             snap = Snapshot(cfg, self.stats, prev.outliers if prev is not None else None,
                             prev.limiters if prev is not None else None)
-        except Exception as exc:  # core raised on a config it cannot compile
+        except CoreConfigError as exc:  # core cannot compile a rule (the message names the value)
             self.stats.config_rejected += 1
             raise ConfigRejected(f"cannot compile config: {exc}") from None
         # bind new and moved listeners before touching anything
-        new_socks: dict[str, socket.socket] = {}
+        new_socks: dict[str, BackendListener] = {}
         try:
             for spec in cfg.listeners:
                 cur = self.listeners.get(spec.name)
                 if cur is not None and (cur.spec.address, cur.spec.port) == (spec.address, spec.port):
                     continue
                 reuse = self._socket_for(spec.address, spec.port)
-                new_socks[spec.name] = reuse if reuse is not None else bind_listener(spec.address, spec.port)
+                new_socks[spec.name] = reuse if reuse is not None else self.backend.listen(spec.address, spec.port)
         except OSError as exc:
             for name, s in new_socks.items():
                 if all(a.sock is not s for a in self.listeners.values()):
@@ -176,6 +193,8 @@ class ProxyRuntime:
         old = self.listeners
         self.snapshot = snap
         commit_limiters(prev.limiters if prev is not None else None, snap.limiters)
+        for lim in snap.limiters.values():
+            lim.pool.backend = self.backend
         self.pool.limits = snap.limits
         self.pool.idle_timeout = float(cfg.settings.idle_timeout)
         keep: dict[str, ActiveListener] = {}
@@ -197,10 +216,9 @@ class ProxyRuntime:
             if keep.get(name) is not al:
                 al.scope.cancel()
                 if id(al.sock) not in kept_socks:
-                    bound = self._bound(al.sock)
-                    self._close_sock(al.sock)
-                    if bound is not None and self._nursery is not None:
-                        self._nursery.start_soon(self._drain_connections_of, name, bound)
+                    al.sock.close()
+                    if self._nursery is not None:
+                        self._nursery.start_soon(self._drain_connections_of, name, al.sock)
                 log.info("listener %s closed", name)
         self.stats.config_applied += 1
         self.telemetry.set_workload(cfg.workload)
@@ -212,7 +230,7 @@ class ProxyRuntime:
         self.apply(cfg)
         await trio.lowlevel.checkpoint()
 
-    def _socket_for(self, address: str, port: int) -> socket.socket | None:
+    def _socket_for(self, address: str, port: int) -> BackendListener | None:
         """A socket already bound to address:port by a listener being renamed."""
         if port == 0:
             return None
@@ -221,18 +239,11 @@ class ProxyRuntime:
                 return al.sock
         return None
 
-    @staticmethod
-    def _bound(sock: socket.socket) -> tuple | None:
-        try:
-            return sock.getsockname()
-        except OSError:
-            return None
-
-    async def _drain_connections_of(self, name: str, bound: tuple) -> None:
+    async def _drain_connections_of(self, name: str, bound: BackendListener) -> None:
         """A removed listener's connections drain, as Envoy's listener drain: they go on
         serving (HTTP/2 gets GOAWAY) for settings.drain_timeout, then are closed."""
         def mine() -> list:
-            return [c for c in self.conns if c.sock is not None and self._bound(c.sock) == bound]
+            return [c for c in self.conns if c.accepted_on is bound]
 
         asked: set[int] = set()
         with trio.move_on_after(float(self.snapshot.settings.drain_timeout)):
@@ -252,14 +263,6 @@ class ProxyRuntime:
         for c in left:
             c.scope.cancel()
 
-    @staticmethod
-    def _close_sock(sock: socket.socket) -> None:
-        try:
-            trio.lowlevel.notify_closing(sock)
-        except RuntimeError:
-            pass
-        sock.close()
-
     # ------------------------------------------------------------ serving
 
     async def _accept_loop(self, al: ActiveListener) -> None:
@@ -267,9 +270,9 @@ class ProxyRuntime:
             nursery = self._conn_nursery
             while True:
                 try:
-                    sock, addr = await accept(al.sock)
+                    stream, client_ip = await al.sock.accept()
                 except (OSError, trio.ClosedResourceError) as exc:
-                    if al.sock.fileno() == -1:
+                    if al.sock.closed:
                         return
                     if getattr(exc, "errno", None) in FD_ERRNOS:  # out of descriptors: pause (overload.py)
                         self.fd_shortage.hit(trio.current_time(), f"{exc.strerror}: pausing accepts")
@@ -287,19 +290,17 @@ class ProxyRuntime:
                         spec = al.spec  # a 503 only where the client speaks plaintext HTTP first
                         plain = (spec.protocol == "http" and not spec.tls_servers  # a TLS port: closed, never plaintext
                                  and (spec.direction != "inbound" or spec.mtls_mode == "DISABLE"))
-                        nursery.start_soon(self._refuse, sock, plain)
+                        nursery.start_soon(self._refuse, stream, plain)
                     else:
-                        sock.close()
+                        stream.close_now()
                     continue
                 if al.overload.on and al.active < limit * 0.9:
                     al.overload.clear()
                 al.active += 1
                 self.open_conns += 1
-                stream = FastSocketStream(sock)
-                client_ip = addr[0] if isinstance(addr, tuple) else ""
                 nursery.start_soon(self._guard, al, stream, client_ip)
 
-    async def _guard(self, al: ActiveListener, stream: FastSocketStream, client_ip: str) -> None:
+    async def _guard(self, al: ActiveListener, stream: Any, client_ip: str) -> None:
         """One connection's task: a bug in it closes that connection, not the proxy."""
         try:
             await self._guarded(al, stream, client_ip)
@@ -307,14 +308,14 @@ class ProxyRuntime:
             al.active -= 1
             self.open_conns -= 1
 
-    async def _refuse(self, sock: socket.socket, http: bool) -> None:
+    async def _refuse(self, stream: Any, http: bool) -> None:
         self.refusing += 1
         try:
-            await refuse(sock, http)
+            await refuse(stream, http)
         finally:
             self.refusing -= 1
 
-    async def _guarded(self, al: ActiveListener, stream: FastSocketStream, client_ip: str) -> None:
+    async def _guarded(self, al: ActiveListener, stream: Any, client_ip: str) -> None:
         try:
             if al.spec.tls_servers:  # a gateway port with TLS: never plaintext (gateway_tls.py)
                 await serve_gateway_tls(self, al, stream, client_ip)
@@ -340,7 +341,7 @@ class ProxyRuntime:
 
         Raises ConfigRejected before serving anything when ``cfg`` cannot run
         or the admin port cannot be bound."""
-        self.pool = UpstreamPool(limits=None)  # limits set by apply
+        self.pool = UpstreamPool(limits=None, backend=self.backend)  # limits set by apply
         admin_sock = None
         if admin_port is not None:
             try:
@@ -360,7 +361,6 @@ class ProxyRuntime:
                 outer.start_soon(serve_admin, self, admin_sock)
             if self.access_log is not None:
                 outer.start_soon(self.access_log.run)
-            outer.start_soon(self.tracer.run, self)
             async with trio.open_nursery() as conns:
                 self._conn_nursery = conns
                 async with trio.open_nursery() as nursery:
@@ -423,7 +423,7 @@ class ProxyRuntime:
         self.closing = True
         for al in self.listeners.values():
             al.scope.cancel()
-            self._close_sock(al.sock)
+            al.sock.close()
         for c in list(self.conns):
             graceful = getattr(c, "drain", None)  # HTTP/2 (h2conn.H2ConnState): GOAWAY, close when done
             if graceful is not None:

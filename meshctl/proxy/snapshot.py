@@ -3,7 +3,10 @@
 A Snapshot is built once per config version (routers compiled, balancers
 made, healthy endpoints filtered) and never mutated: a request takes the
 snapshot current when it starts and uses it to the end, so a config swap
-never changes the rules under a request in flight.
+never changes the rules under a request in flight. Whether a config hangs
+together is loader.proxyconfig.check_proxy_config's to say (the runtime calls
+it before building a Snapshot); building one raises core.errors.CoreConfigError
+for a rule core cannot compile.
 """
 
 from __future__ import annotations
@@ -16,13 +19,10 @@ from ..core.outlier import OutlierDetector
 from ..core.retry import RetryPolicy, retry_policy
 from ..core.route import Router
 from ..model.istio import HTTPRetry
-from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, cluster_name, settings_problems
+from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, cluster_name
 from ..protocol.http1 import Limits
 from .limits import ClusterLimiter, build_limiters
 from .stats import ClusterStats, Stats
-
-DIRECTIONS = ("outbound", "binding", "inbound", "gateway")
-
 
 def _ep_key(e: Endpoint) -> tuple[str, int]:
     return (e.address, e.port)
@@ -62,64 +62,6 @@ def inbound_cluster(cfg: ProxyConfig, listener: Listener) -> Cluster:
 
 def binding_cluster_name(listener: Listener) -> str:
     return cluster_name(listener.service or "", listener.service_port or 0)
-
-
-def problems(cfg: ProxyConfig) -> list[str]:
-    """Everything wrong with a config that would make the proxy misbehave.
-    (Bindability of listeners is checked by actually binding, in runtime.)"""
-    out: list[str] = []
-    seen_names: set[str] = set()
-    seen_addrs: set[tuple[str, int]] = set()
-    for lst in cfg.listeners:
-        where = f"listener {lst.name!r}"
-        if lst.name in seen_names:
-            out.append(f"{where}: duplicate listener name")
-        seen_names.add(lst.name)
-        if (lst.address, lst.port) in seen_addrs and lst.port != 0:
-            out.append(f"{where}: {lst.address}:{lst.port} is used by another listener")
-        seen_addrs.add((lst.address, lst.port))
-        if lst.direction not in DIRECTIONS:
-            out.append(f"{where}: direction {lst.direction!r} is not one of {', '.join(DIRECTIONS)}")
-            continue
-        if lst.protocol not in ("http", "tcp"):
-            out.append(f"{where}: protocol {lst.protocol!r} is not http or tcp")
-        if lst.route_table is not None and lst.route_table not in cfg.route_tables:
-            out.append(f"{where}: route table {lst.route_table!r} does not exist")
-        if lst.direction in ("outbound", "gateway") and lst.route_table is None:
-            out.append(f"{where}: a {lst.direction} listener needs a route_table")
-        if lst.direction == "inbound" and not lst.app_port:
-            out.append(f"{where}: an inbound listener needs app_port")
-        if lst.direction == "binding":
-            if not lst.service or not lst.service_port:
-                out.append(f"{where}: a binding listener needs service and service_port")
-            elif lst.protocol == "tcp":
-                if lst.tcp_routes:
-                    for r in lst.tcp_routes:
-                        for d in r.route:
-                            port = d.destination.port.number if d.destination.port else lst.service_port
-                            cn = cluster_name(d.destination.host, port or 0, d.destination.subset)
-                            if cn not in cfg.clusters:
-                                out.append(f"{where}: tcp route destination cluster {cn!r} does not exist")
-                elif binding_cluster_name(lst) not in cfg.clusters:
-                    out.append(f"{where}: cluster {binding_cluster_name(lst)!r} does not exist")
-            elif lst.route_table is None and binding_cluster_name(lst) not in cfg.clusters:
-                out.append(f"{where}: cluster {binding_cluster_name(lst)!r} does not exist")
-    for field_name, msg in settings_problems(cfg.settings):
-        out.append(f"settings.{field_name}: {msg}")
-    for tname, table in cfg.route_tables.items():
-        for vh in table.virtual_hosts:
-            for i, route in enumerate(vh.routes):
-                for d in route.route:
-                    dest = d.destination
-                    if dest.port is None or dest.port.number is None:
-                        out.append(
-                            f"route table {tname!r} host {vh.name!r} route {i}: destination {dest.host!r} has no port"
-                        )
-                        continue
-                    cn = cluster_name(dest.host, dest.port.number, dest.subset)
-                    if cn not in cfg.clusters:
-                        out.append(f"route table {tname!r} host {vh.name!r} route {i}: cluster {cn!r} does not exist")
-    return out
 
 
 class Snapshot:
@@ -169,6 +111,8 @@ class Snapshot:
         self.jwt: JwtAuthenticator | None = JwtAuthenticator(rules, cfg.jwks) if rules else None
         self.stats = stats
         self.passthrough: dict[tuple[str, int, str], ClusterState] = {}  # egress.py: clusters of hosts named by requests
+        self.stats = stats
+        self.passthrough: dict[tuple[str, int], ClusterState] = {}  # egress.py: unknown hosts' clusters
         self.source_labels = cfg.workload.labels
         self.source_namespace = cfg.workload.namespace
 

@@ -15,9 +15,9 @@ import trio
 
 from ..core.balance import PickContext
 from . import stats as F
-from .http import ConnState
+from .request import ConnState
 from .identity import upstream_tls
-from .stream import UpstreamConnectError, connect_tcp, relay
+from .stream import UpstreamConnectError, relay
 from .telemetry import tcp_closed, tcp_opened
 
 log = logging.getLogger("meshctl.proxy")
@@ -29,7 +29,7 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
     lstats.cx_active += 1
     lstats.cx_total += 1
     snap = rt.snapshot
-    conn = ConnState()
+    conn = ConnState(stream, rt.backend, active_listener.sock)
     conn.busy = True  # an opaque stream is never "between requests": drain waits for it
     rt.conns.add(conn)
     limiter = None  # the cluster's connectionPool limits (limits.py), while this connection counts
@@ -62,7 +62,7 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                 with trio.move_on_after(connect_timeout):
                     try:
                         tls = upstream_tls(rt, cs.cluster, ep)  # mTLS to a sidecar (identity.py)
-                        raw = await connect_tcp(ep.address, ep.port)
+                        raw = await rt.backend.connect(ep.address, ep.port)
                         upstream = raw if tls is None else await tls.wrap(raw, ep.address, ep.port)
                     except UpstreamConnectError as exc:
                         cs.stats.cx_connect_fail += 1

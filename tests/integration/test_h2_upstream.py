@@ -205,9 +205,9 @@ async def test_idle_upstream_connections_are_closed(h2app):
     async with running_proxy(cfg) as rt:
         r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "http://grpcsvc:9090/echo")
         assert json.loads(r.stdout)["path"] == "/echo"
-        assert sum(len(v) for v in rt.h2pool.conns.values()) == 1
+        assert sum(len(v) for v in rt.forwarder.h2.pool.conns.values()) == 1
         await trio.sleep(1.0)
-        assert rt.h2pool.conns == {}
+        assert rt.forwarder.h2.pool.conns == {}
         r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "http://grpcsvc:9090/again")  # a new one is opened
         assert json.loads(r.stdout)["path"] == "/again"
     assert app.connections == 2

@@ -22,7 +22,7 @@ def _runtime(routes):
     rt = ProxyRuntime()
     rt.snapshot = Snapshot(cfg, rt.stats)
     rt.pool = UpstreamPool(limits=rt.snapshot.limits)
-    al = types.SimpleNamespace(spec=lst, chain=default_chain(lst))
+    al = types.SimpleNamespace(spec=lst, chain=default_chain(lst), sock=None)
     return rt, al
 
 

@@ -1,0 +1,338 @@
+"""The forwarder: every try of every request, whatever the protocol on either leg.
+
+After the stage chain (stages.py) has picked a cluster, ``Forwarder.run``
+owns the request until the client has its response:
+
+    route deadline   the route's ``timeout`` (504 UT when it fires before a response)
+    tries            pick an endpoint (balancer over healthy, non-ejected hosts),
+                     run one ``Attempt`` on the cluster's upstream exchange, learn
+                     a typed ``TryResult``
+    per-try deadline ``retries.perTryTimeout``: connecting and waiting for the head
+    retries          core.retry.decide → RetryAfter(s) | PassOn | GiveUp; a retry
+                     also needs a slot of the cluster's retry budget (DestinationRule
+                     ``http.maxRetries``, limits.ClusterLimiter.hold_retry), the same
+                     for HTTP/1.1 and HTTP/2 upstreams
+    body replay      the request body (request.BodySource) is kept while it fits the
+                     retry buffer; each try reads it from its own cursor
+    outlier reports  every try's result goes to the cluster's outlier detector
+    overflow         limits.PoolOverflow (connectionPool limits): 503 UO, never retried
+
+The upstream side is one small interface, ``UpstreamExchange.attempt(Attempt)
+-> TryResult``, with two implementations: HTTP/1.1 over keep-alive pools
+(h1upstream.py) and HTTP/2 over multiplexed connections (h2pool.py). An
+exchange connects, sends the request (replaying the body), waits for the
+response head until the per-try deadline, asks the forwarder
+(``Attempt.judge``) whether that response goes to the client or is retried,
+and relays it. It decides nothing else.
+
+Results of one try (``TryResult``):
+
+    Relayed          a response went to the client (rq.status says which); done
+    Failed           no response: connect failure, reset, refused stream, per-try
+                     timeout (``failure`` is core.retry's failure kind)
+    Retried          a response arrived that the forwarder chose to retry; it was
+                     not relayed; wait ``delay`` seconds and try again
+    Stale            a pooled keep-alive connection the upstream had closed: tried
+                     again at once on a new one (idempotent requests, once)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from ..core.balance import PickContext
+from ..core.outlier import LOCAL_FAILURES
+from ..core.retry import Outcome, RetryAfter, RetryPolicy, decide
+from ..model.proxyconfig import Endpoint
+from ..protocol.events import RequestHead
+from . import stats as F
+from .limits import PoolOverflow
+from .request import BodySource, LocalReply, Request, failure_reply, send_local
+from .snapshot import ClusterState
+
+log = logging.getLogger("meshctl.proxy")
+
+__all__ = [
+    "Forwarder",
+    "Attempt",
+    "UpstreamExchange",
+    "TryResult",
+    "Relayed",
+    "Failed",
+    "Retried",
+    "Stale",
+    "RELAYED",
+    "STALE",
+]
+
+
+# ------------------------------------------------------------------ results of one try
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A response went to the client (``rq.status``); the request is done."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """No response arrived. ``failure``: connect-failure | reset | refused-stream | timeout;
+    ``flag``: the Envoy response flag (UF, UR, UT, UPE); ``detail`` for the reply body."""
+
+    failure: str
+    flag: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retried:
+    """A response with ``status`` arrived and is retried after ``delay`` seconds (not relayed)."""
+
+    status: int
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """A reused keep-alive connection was closed by the upstream before it answered."""
+
+
+TryResult = Relayed | Failed | Retried | Stale
+
+RELAYED = Relayed()
+STALE = Stale()
+
+
+# ------------------------------------------------------------------ the exchange interface
+
+
+class Attempt:
+    """What one try needs: the request, where it goes, its deadline, and the judge."""
+
+    __slots__ = ("rq", "cs", "ep", "head", "deadline", "per_try", "policy", "retries", "fw")
+
+    def __init__(self, rq: Request, cs: ClusterState, ep: Endpoint, head: RequestHead, deadline: float,
+                 per_try: float | None, policy: RetryPolicy, retries: int, fw: "Forwarder") -> None:
+        self.rq = rq
+        self.cs = cs
+        self.ep = ep
+        self.head = head  # the upstream request head
+        self.deadline = deadline  # per-try deadline (trio clock); math.inf without perTryTimeout
+        self.per_try = per_try
+        self.policy = policy
+        self.retries = retries  # retries made before this try
+        self.fw = fw
+
+    def judge(self, status: int, grpc_status: int | None = None) -> float | None:
+        """The exchange has a final response head: None to relay it to the client,
+        else the seconds to wait before retrying it (the response is dropped)."""
+        return self.fw.judge(self, status, grpc_status)
+
+    def timed_out_connecting(self) -> Failed:
+        return Failed("timeout", F.UT, f"per-try timeout {self.per_try or 0:g}s while connecting")
+
+
+class UpstreamExchange(Protocol):
+    """One protocol's way to carry a try upstream (h1upstream.H1Exchange, h2pool.H2Exchange)."""
+
+    def carries(self, rq: Request, cs: ClusterState) -> bool:
+        """Should requests like ``rq`` to ``cs`` go upstream this way?"""
+        ...
+
+    async def attempt(self, a: Attempt) -> TryResult:
+        """One try: connect, send, wait for the head (until ``a.deadline``), ask
+        ``a.judge``, relay. Raises PoolOverflow, DownstreamGone, ProtocolError."""
+        ...
+
+
+# ------------------------------------------------------------------ the forwarder
+
+
+class Forwarder:
+    """The terminal stage: tries, retries, deadlines, outlier reports (see the module doc)."""
+
+    def __init__(self, rt: Any, h1: UpstreamExchange, h2: UpstreamExchange) -> None:
+        self.rt = rt
+        self.h1 = h1
+        self.h2 = h2
+
+    def upstream_head(self, rq: Request) -> RequestHead:
+        head = rq.head
+        fwd = rq.forward
+        if fwd is not None:
+            headers = fwd.request_headers
+            authority, path = fwd.authority, fwd.path
+        else:
+            headers = rq.headers
+            authority, path = head.authority, head.path
+            if rq.listener.direction == "binding":
+                authority = f"{rq.listener.service}:{rq.listener.service_port}"
+        headers = [h for h in headers if h[0] != "host"]
+        return RequestHead(
+            method=head.method,
+            target=path,
+            headers=headers,
+            http_version="1.1",
+            scheme="http",
+            authority=authority,
+            path=path,
+            keep_alive=True,
+            expect_continue=head.expect_continue,
+            upgrade=head.upgrade,
+        )
+
+    async def run(self, rq: Request) -> None:
+        """Forward the request; on return the client has its response (or is gone).
+        Sets rq.keep_alive False when the connection must close."""
+        fwd = rq.forward
+        timeout = fwd.timeout if fwd is not None else None
+        if not rq.body_done:
+            rt_s = float(rq.snap.settings.request_timeout)
+            rq.body = BodySource(rq.reader, rq.snap.settings.retry_buffer_bytes,
+                                 trio.current_time() + rt_s if rt_s > 0 else math.inf)
+            rq.body.prefill()
+        up_head = self.upstream_head(rq)
+        if timeout:
+            with trio.move_on_after(timeout) as scope:
+                await self._tries(rq, up_head)
+            if scope.cancelled_caught:
+                assert rq.cluster is not None
+                rq.cluster.stats.rq_timeout += 1
+                if rq.response_started:
+                    rq.flags.append(F.UT)
+                    rq.keep_alive = False  # response cut short: the client must see the close
+                else:
+                    await self._reply(rq, failure_reply(F.UT, 504, f"route timeout {timeout:g}s"))
+        else:
+            await self._tries(rq, up_head)
+
+    async def _reply(self, rq: Request, reply: LocalReply) -> None:
+        if rq.body is not None and not rq.body.finished:
+            rq.keep_alive = False
+        await send_local(rq, reply)
+
+    def _exchange_for(self, rq: Request, cs: ClusterState) -> UpstreamExchange:
+        return self.h2 if self.h2.carries(rq, cs) else self.h1
+
+    async def _tries(self, rq: Request, up_head: RequestHead) -> None:
+        rt = self.rt
+        cs = rq.cluster
+        assert cs is not None
+        fwd = rq.forward
+        policy = fwd.retry if fwd is not None else rq.snap.no_retry
+        retries = 0
+        rq.stale_ok = True
+        rand = rt.rand
+        ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path, active=rt.active)
+        outlier = cs.outlier
+        limiter = cs.limiter  # connectionPool limits (limits.py), None when the cluster has none
+        exchange = self._exchange_for(rq, cs)
+        active = rt.active
+        try:
+            while True:
+                eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
+                ep = cs.balancer.pick(eps, ctx, rand) if eps else None
+                if ep is None:
+                    await self._reply(rq, failure_reply(F.UH, 503, cs.name))
+                    return
+                rq.endpoint = ep
+                per_try = policy.per_try_timeout
+                deadline = trio.current_time() + per_try if per_try else math.inf
+                a = Attempt(rq, cs, ep, up_head, deadline, per_try, policy, retries, self)
+                key = (ep.address, ep.port)
+                active[key] = active.get(key, 0) + 1  # least-request balancing: requests in flight
+                try:
+                    result = await exchange.attempt(a)
+                except PoolOverflow as exc:  # never retried, never an outlier event (as in Envoy)
+                    cs.stats.rq_pending_overflow += 1  # Envoy counts both kinds here
+                    rq.detail = str(exc)
+                    await self._reply(rq, failure_reply(F.UO, 503, str(exc)))
+                    return
+                finally:
+                    n = active[key] - 1
+                    if n:
+                        active[key] = n
+                    else:
+                        del active[key]
+                t = type(result)
+                if t is Stale:
+                    rq.stale_ok = False  # once per request
+                    continue
+                if outlier is not None:
+                    self._record(cs, ep, rq, result)
+                if t is Relayed:
+                    return
+                if t is Retried:
+                    assert isinstance(result, Retried)
+                    await trio.sleep(result.delay)
+                    retries += 1
+                    cs.stats.rq_retry += 1
+                    continue
+                assert isinstance(result, Failed)
+                body = rq.body
+                verdict = decide(policy, retries, Outcome(failure=result.failure),
+                                 body_replayable=body is None or body.replayable, rand=rand)
+                if type(verdict) is RetryAfter and self._hold_retry(rq, cs):
+                    await trio.sleep(verdict.seconds)
+                    retries += 1
+                    cs.stats.rq_retry += 1
+                    continue
+                status = 504 if result.flag == F.UT else (502 if result.flag == F.UPE else 503)
+                rq.detail = result.detail
+                await self._reply(rq, failure_reply(result.flag, status, result.detail))
+                return
+        finally:
+            if limiter is not None:
+                limiter.release_retry(rq)
+
+    @staticmethod
+    def _hold_retry(rq: Request, cs: ClusterState) -> bool:
+        """http.maxRetries: a request holds one of the cluster's retries from its
+        first retry to its end (released in ``_tries``)."""
+        return cs.limiter is None or cs.limiter.hold_retry(rq)
+
+    def judge(self, a: Attempt, status: int, grpc_status: int | None) -> float | None:
+        """Relay a response (None) or retry it (seconds to wait): the same rule for
+        every upstream protocol, the retry budget included."""
+        cs = a.cs
+        cs.stats.response(status)
+        policy = a.policy
+        if not (status >= 500 or status == 409 or grpc_status or status in policy.retriable_status_codes):
+            return None  # the common case: nothing to decide
+        body = a.rq.body
+        verdict = decide(policy, a.retries, Outcome(status=status, grpc_status=grpc_status or None),
+                         body_replayable=body is None or body.replayable, rand=self.rt.rand)
+        if type(verdict) is RetryAfter and self._hold_retry(a.rq, cs):
+            return verdict.seconds
+        return None
+
+    @staticmethod
+    def _record(cs: ClusterState, ep: Endpoint, rq: Request, result: TryResult) -> None:
+        """Tell outlier detection how this try went."""
+        outlier = cs.outlier
+        assert outlier is not None
+        host = (ep.address, ep.port)
+        now = trio.current_time()
+        t = type(result)
+        if t is Relayed:
+            if not rq.status or rq.status == 101:
+                return
+            ev = outlier.record(host, status=rq.status, now=now)
+        elif t is Retried:
+            assert isinstance(result, Retried)
+            ev = outlier.record(host, status=result.status, now=now)
+        elif t is Failed:
+            assert isinstance(result, Failed)
+            if result.failure not in LOCAL_FAILURES:
+                return
+            ev = outlier.record(host, status=None, local_failure=result.failure, now=now)
+        else:
+            return
+        if ev is not None:
+            log.info("outlier detection: ejected %s:%d from %s (%s)", host[0], host[1], cs.name, ev)
+

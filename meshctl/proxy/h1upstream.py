@@ -1,0 +1,271 @@
+"""The HTTP/1.1 upstream exchange: one try of a request on a pooled keep-alive connection.
+
+``H1Exchange.attempt`` (forward.UpstreamExchange) takes a connection from
+the shared keep-alive pool (pool.py), or from the cluster's own limiter when
+its DestinationRule sets connectionPool limits (limits.py, which may raise
+PoolOverflow), sends the request head and the body (replayed from the
+request's BodySource; a body not yet read is streamed by a helper task while
+the response is awaited), reads the response head until the per-try
+deadline (1xx are relayed), asks the forwarder whether to relay or retry it
+(``Attempt.judge``), and streams the response to the client, or relays both
+ways after a 101 upgrade.
+
+A connection goes back to the pool only after a complete exchange with
+keep-alive; everything else is closed. A kept-alive connection the upstream
+closed before answering is ``Stale`` for idempotent requests (RFC 9110
+9.2.2 lets a client retry those once on a new connection).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
+from ..protocol.headers import strip_hop_by_hop
+from . import stats as F
+from .errors import DownstreamGone, PeerGone, send_all
+from .forward import RELAYED, STALE, Attempt, Failed, Retried, TryResult
+from .identity import upstream_tls
+from .pool import UpstreamConn, UpstreamPool
+from .request import IDEMPOTENT, Request, raw_error_response, response_headers
+from .snapshot import ClusterState
+from .stream import UpstreamConnectError, relay
+
+__all__ = ["H1Exchange"]
+
+
+class H1Exchange:
+    """HTTP/1.1 tries over the runtime's keep-alive pool (or a cluster limiter's)."""
+
+    def __init__(self, rt) -> None:
+        self.rt = rt
+
+    def carries(self, rq: Request, cs: ClusterState) -> bool:
+        return True  # what HTTP/2 does not carry
+
+    def _pool(self, cs: ClusterState):
+        pool: UpstreamPool = self.rt.pool
+        return pool if cs.limiter is None else cs.limiter  # limiter: connectionPool limits, may overflow
+
+    async def attempt(self, a: Attempt) -> TryResult:
+        rq, cs, ep = a.rq, a.cs, a.ep
+        settings = rq.snap.settings
+        pool = self._pool(cs)
+        tls = upstream_tls(self.rt, cs.cluster, ep)
+        conn: UpstreamConn | None = None
+        try:
+            with trio.move_on_at(a.deadline):
+                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout, tls)
+        except UpstreamConnectError as exc:
+            return Failed("connect-failure", F.UF, str(exc))
+        if conn is None:
+            return a.timed_out_connecting()
+        return await self._exchange(a, conn)
+
+    async def _exchange(self, a: Attempt, conn: UpstreamConn) -> TryResult:
+        rq, cs = a.rq, a.cs
+        body = rq.body
+        client = conn.client
+        stream = conn.stream
+        ok = False
+        try:
+            if body is None or (body.finished and body.replayable):
+                # whole request in hand: one write, no helper task
+                if body is None:
+                    out = client.request_head(a.head, end_stream=True)
+                else:
+                    parts = [client.request_head(a.head, end_stream=not body.chunks)]
+                    for c in body.chunks:
+                        parts.append(client.data(c))
+                    if body.chunks or body.trailers:
+                        parts.append(client.end(body.trailers))
+                    out = b"".join(parts)
+                try:
+                    await send_all(stream, out)
+                except PeerGone:
+                    pass  # the response read below reports the reset
+                result = await self._respond(a, conn)
+                ok = result is RELAYED and client.keep_alive
+                return result
+            # stream the body while reading the response
+            res: TryResult | None = None
+            failure: list[BaseException] = []
+            main_error: list[BaseException] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_body, a, conn, failure, nursery.cancel_scope)
+                try:
+                    res = await self._respond(a, conn)
+                except (DownstreamGone, ProtocolError) as exc:
+                    # kept out of the nursery, which would wrap it in an ExceptionGroup
+                    main_error.append(exc)
+                finally:
+                    if not body.finished:
+                        # the upstream answered (or failed) before the body was done
+                        nursery.cancel_scope.cancel()
+            if main_error:
+                raise main_error[0]
+            if failure:
+                exc = failure[0]
+                if isinstance(exc, ProtocolError):
+                    rq.keep_alive = False
+                    if not rq.response_started:
+                        rq.flags.append(F.DPE)
+                        await rq.send_down(raw_error_response(exc.status, str(exc)))
+                        rq.status = exc.status
+                    return RELAYED
+                raise exc
+            if res is None:  # body sender cancelled the try (client gone)
+                raise DownstreamGone("client went away")
+            if not body.finished:
+                rq.keep_alive = False
+            ok = res is RELAYED and client.keep_alive and body.finished
+            return res
+        finally:
+            pool = self._pool(cs)
+            if ok:
+                pool.release(conn)
+            else:
+                pool.discard(conn)
+
+    async def _send_body(self, a: Attempt, conn: UpstreamConn, failure: list[BaseException],
+                         cancel: trio.CancelScope) -> None:
+        client = conn.client
+        stream = conn.stream
+        body = a.rq.body
+        assert body is not None
+        cursor = [0]
+        try:
+            pending = [client.request_head(a.head, end_stream=False)]
+            while True:
+                if not (body.finished or cursor[0] < len(body.chunks)) and pending:
+                    # the next chunk needs I/O: flush what is in hand first
+                    await send_all(stream, b"".join(pending))
+                    pending = []
+                chunk = await body.pull(cursor)
+                if chunk is None:
+                    pending.append(client.end(body.trailers))
+                    await send_all(stream, b"".join(pending))
+                    return
+                pending.append(client.data(chunk))
+                if len(pending) >= 16:
+                    await send_all(stream, b"".join(pending))
+                    pending = []
+        except DownstreamGone as exc:  # (a PeerGone too: checked first)
+            failure.append(exc)
+            cancel.cancel()
+        except PeerGone:
+            return  # upstream closed: the response side reports it
+        except ProtocolError as exc:
+            failure.append(exc)
+            cancel.cancel()
+
+    async def _read_head(self, rq: Request, conn: UpstreamConn) -> ResponseHead | None:
+        """The final response head (1xx are relayed to the client); None on reset/EOF."""
+        reader = conn.reader
+        while True:
+            ev = await reader.next()
+            if type(ev) is ResponseHead:
+                st = ev.status
+                if 100 <= st < 200 and st != 101:
+                    if st == 100 and not rq.head.expect_continue:
+                        continue  # the client did not ask for it
+                    await rq.send_down(rq.server.informational(ev))
+                    continue
+                return ev
+            return None
+
+    async def _respond(self, a: Attempt, conn: UpstreamConn) -> TryResult:
+        rq = a.rq
+        head: ResponseHead | None = None
+        timed_out = False
+        try:
+            with trio.move_on_at(a.deadline) as scope:
+                head = await self._read_head(rq, conn)
+            timed_out = scope.cancelled_caught
+        except PeerGone:
+            head = None
+        except ProtocolError as exc:
+            return Failed("reset", F.UPE, str(exc))
+        if timed_out:
+            return Failed("timeout", F.UT, "per-try timeout")
+        body = rq.body
+        if head is None:
+            if (conn.reused and rq.stale_ok and rq.head.method in IDEMPOTENT and not rq.head.expect_continue
+                    and (body is None or body.replayable)):
+                # a kept-alive connection the upstream had closed: RFC 9110 9.2.2
+                # lets a client retry an idempotent request once on a new one
+                return STALE
+            return Failed("reset", F.UR, f"{conn.key[0]}:{conn.key[1]} closed the connection")
+        status = head.status
+        delay = a.judge(status)
+        if delay is not None:
+            return Retried(status, delay)
+        if status == 101:
+            await self._upgrade(rq, conn, head)
+        else:
+            await self._stream_response(rq, conn, head)
+        return RELAYED
+
+    async def _stream_response(self, rq: Request, conn: UpstreamConn, head: ResponseHead) -> None:
+        server = rq.server
+        headers = response_headers(rq, head.headers)
+        if not rq.keep_alive or self.rt.draining:
+            head.keep_alive = False
+            rq.keep_alive = False
+            headers.append(("connection", "close"))
+        head.headers = headers
+        rq.response_started = True
+        rq.status = head.status
+        reader = conn.reader
+        out = [server.response_head(head)]
+        while True:
+            ev = reader.buffered()
+            if ev is None:
+                if out:
+                    await rq.send_down(b"".join(out))
+                    out = []
+                try:
+                    ev = await reader.next()
+                except (PeerGone, ProtocolError):
+                    ev = None
+            t = type(ev)
+            if t is Data:
+                out.append(server.data(ev.data))
+                rq.bytes_sent += len(ev.data)
+            elif t is EndOfMessage:
+                out.append(server.end(ev.trailers))
+                break
+            else:
+                # upstream reset mid-body: the client can only learn it from the close
+                rq.flags.append(F.UR)
+                rq.keep_alive = False
+                if out:
+                    await rq.send_down(b"".join(out))
+                conn.stream.close_now()
+                return
+        await rq.send_down(b"".join(out))
+        if not server.keep_alive:
+            rq.keep_alive = False
+
+    async def _upgrade(self, rq: Request, conn: UpstreamConn, head: ResponseHead) -> None:
+        server = rq.server
+        head.headers = strip_hop_by_hop(head.headers, keep_upgrade=True)
+        rq.response_started = True
+        rq.status = 101
+        rq.keep_alive = False
+        await rq.send_down(server.response_head(head))
+        down_left = server.upgrade_accepted()
+        up_left = b""
+        ev = conn.reader.buffered()
+        if type(ev) is Upgraded:
+            up_left = ev.leftover
+        try:
+            if up_left:
+                await rq.send_down(up_left)
+            if down_left:
+                await send_all(conn.stream, down_left)
+            await relay(rq.down, conn.stream)
+        except PeerGone:
+            pass
+        conn.stream.close_now()
+

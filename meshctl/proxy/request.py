@@ -1,0 +1,302 @@
+"""What every stage and the forwarder share about one request, and the local replies.
+
+``Request``        one request in flight: its head, listener, snapshot, downstream
+                   codec (``server``), reader and stream (``down``), and what the
+                   stages decided (route, cluster, flags, status ...)
+``LocalReply``     an answer made here instead of upstream (a stage's verdict,
+                   a failure: 503 UH, 504 UT ...), sent by ``send_local``
+``BodySource``     the downstream request body, replayable for retries while it
+                   fits the retry buffer
+``ConnState``      one downstream connection as the runtime's watchdog and
+                   drain see it
+``Stage``          what a stage of the chain is (stages.py holds them)
+
+Nothing here imports the connection loops (http.py, h2conn.py) or the
+forwarder (forward.py): they all import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Protocol
+
+import trio
+
+from ..core.authz import RequestAuth
+from ..core.route import Forward, apply_header_ops
+from ..model.base import HeaderList
+from ..model.proxyconfig import Endpoint, Listener
+from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead
+from ..protocol.headers import strip_hop_by_hop
+from . import stats as F
+from .errors import STREAM_ERRORS, DownstreamGone, PeerGone
+from .pool import EventReader
+from .snapshot import ClusterState, Snapshot
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+_REASON_PHRASES = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class LocalReply:
+    """An answer made by the proxy itself (a stage's verdict or a failure), sent by ``send_local``."""
+
+    __slots__ = ("status", "body", "headers", "flag")
+
+    def __init__(self, status: int, body: bytes = b"", headers: HeaderList | None = None,
+                 flag: str | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+        self.flag = flag
+
+
+def failure_reply(flag: str, status: int, detail: str = "") -> LocalReply:
+    reason = F.REASONS.get(flag, flag)
+    body = (reason + (f": {detail}" if detail else "") + "\n").encode()
+    return LocalReply(
+        status, body, [("content-type", "text/plain"), ("x-meshctl-reason", reason)], flag
+    )
+
+
+def raw_error_response(status: int, message: str) -> bytes:
+    """An error response built without the codec (its state is unusable after a parse error)."""
+    body = (message + "\n").encode("latin-1", "replace")
+    phrase = _REASON_PHRASES.get(status, "Error")
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    ).encode() + body
+
+
+# ------------------------------------------------------------------ request context
+
+
+class Request:
+    """What the stages share about one request."""
+
+    __slots__ = (
+        "head", "listener", "snap", "rt", "client_ip", "server", "reader", "down",
+        "headers", "request_id", "forward", "cluster", "flags", "body_done", "body",
+        "response_started", "status", "keep_alive", "detail", "start", "stale_ok",
+        "endpoint", "bytes_sent", "peer",  # telemetry: picked endpoint, response body bytes, source (inbound)
+        "auth",  # the end user from a verified JWT (jwt_stage), for authz
+        "trace",  # the spans of a sampled request (tracing.py); None when not sampled
+    )
+
+    def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt: Any, client_ip: str,
+                 server: Any, reader: Any, down: Any) -> None:
+        # server: the downstream codec (H1Server, or h2conn's per-stream adapter); reader: its
+        # EventReader (or adapter); down: the downstream stream (or adapter)
+        self.head = head
+        self.listener = listener
+        self.snap = snap
+        self.rt = rt
+        self.client_ip = client_ip
+        self.server = server
+        self.reader = reader
+        self.down = down
+        self.headers = head.headers
+        self.request_id = ""
+        self.forward: Forward | None = None
+        self.cluster: ClusterState | None = None
+        self.flags: list[str] = []
+        self.body_done = False
+        self.body: BodySource | None = None
+        self.response_started = False
+        self.status = 0
+        self.keep_alive = head.keep_alive
+        self.detail = ""
+        self.start = 0.0
+        self.stale_ok = True
+        self.endpoint: Endpoint | None = None
+        self.bytes_sent = 0
+        self.peer: str | None = None
+        self.auth: RequestAuth | None = None
+        self.trace: tuple | None = None
+
+    async def send_down(self, data: bytes) -> None:
+        """Write to the client; raises DownstreamGone when it is gone."""
+        try:
+            await self.down.send_all(data)
+        except STREAM_ERRORS as exc:
+            raise DownstreamGone(str(exc)) from None
+
+
+class Stage(Protocol):
+    name: str
+
+    async def on_request(self, rq: Request) -> LocalReply | None: ...
+
+
+# ------------------------------------------------------------------ request body
+
+
+class BodySource:
+    """The downstream request body, readable once per try.
+
+    While it fits in ``limit`` bytes every chunk is kept, so a retry can replay
+    it; past the limit the buffer is dropped and ``replayable`` turns False.
+    """
+
+    __slots__ = ("reader", "limit", "chunks", "size", "replayable", "finished", "trailers", "deadline")
+
+    def __init__(self, reader: EventReader, limit: int, deadline: float = math.inf) -> None:
+        self.reader = reader
+        self.deadline = deadline  # Envoy's request_timeout: the whole body by then, else 408
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.replayable = True
+        self.finished = False
+        self.trailers: list = []
+
+    def _take(self, ev) -> bytes | None:
+        if type(ev) is Data:
+            data = ev.data
+            if self.replayable:
+                self.size += len(data)
+                if self.size > self.limit:
+                    self.replayable = False
+                    self.chunks = []
+                else:
+                    self.chunks.append(data)
+            return data
+        if type(ev) is EndOfMessage:
+            self.finished = True
+            self.trailers = ev.trailers
+            return None
+        raise DownstreamGone("client reset the request mid-body")
+
+    def prefill(self) -> None:
+        """Consume body events the codec already decoded (no I/O)."""
+        reader = self.reader
+        while not self.finished:
+            ev = reader.peek()
+            if ev is None or type(ev) not in (Data, EndOfMessage):
+                return
+            if type(ev) is Data and self.size + len(ev.data) > self.limit:
+                return  # past the replay buffer: left for pull(), which streams it (nothing dropped)
+            reader.pos += 1
+            self._take(ev)
+
+    async def pull(self, cursor: list[int]) -> bytes | None:
+        """The next chunk for the try owning ``cursor``; None at the end."""
+        i = cursor[0]
+        if i < len(self.chunks):
+            cursor[0] = i + 1
+            return self.chunks[i]
+        if self.finished:
+            return None
+        try:
+            if self.deadline == math.inf:
+                ev = await self.reader.next()
+            else:
+                ev = None
+                with trio.move_on_at(self.deadline) as late:
+                    ev = await self.reader.next()
+                if late.cancelled_caught:
+                    raise ProtocolError("request timeout: the request body did not arrive in time "
+                                        "(settings.requestTimeout)", 408)
+        except PeerGone as exc:
+            raise DownstreamGone(f"client connection lost mid-body: {exc}") from None
+        if ev is None:
+            raise DownstreamGone("client closed the connection mid-body")
+        data = self._take(ev)
+        cursor[0] = len(self.chunks)
+        return data
+
+
+
+def response_headers(rq: Request, headers):
+    """An upstream response's headers as the client gets them, whatever the protocol
+    on either side: hop-by-hop fields dropped, the route's header operations applied."""
+    headers = strip_hop_by_hop(headers)
+    fwd = rq.forward
+    if fwd is not None:
+        for ops in fwd.response_ops:
+            headers = apply_header_ops(headers, ops)
+    return headers
+
+
+async def send_local(rq: Request, reply: LocalReply) -> None:
+    server = rq.server
+    headers = list(reply.headers)
+    body = reply.body
+    if not any(k == "content-length" for k, _ in headers):
+        headers.append(("content-length", str(len(body))))
+    if rq.request_id:
+        headers.append(("x-request-id", rq.request_id))
+    if rq.rt.draining:
+        rq.keep_alive = False
+    head = ResponseHead(status=reply.status, headers=headers, keep_alive=rq.keep_alive)
+    if reply.flag:
+        rq.flags.append(reply.flag)
+    rq.status = reply.status
+    rq.response_started = True
+    if not rq.keep_alive:
+        headers.append(("connection", "close"))
+    is_head = rq.head.method == "HEAD"
+    parts = [server.response_head(head, end_stream=not body or is_head)]
+    if body and not is_head:
+        parts.append(server.data(body))
+        parts.append(server.end())
+        rq.bytes_sent = len(body)
+    await rq.send_down(b"".join(parts))
+    if not server.keep_alive:
+        rq.keep_alive = False
+
+
+
+class ConnState:
+    """One downstream connection, as the runtime sees it.
+
+    ``deadline`` (trio clock) is when the connection is closed if it is still
+    waiting for a request head: the runtime's watchdog checks it a few times
+    a second. A float store per request is much cheaper than moving a cancel
+    scope's deadline, and header/idle timeouts don't need finer resolution.
+    ``busy`` is False between requests (drain closes those at once)."""
+
+    __slots__ = ("scope", "busy", "deadline", "rq", "since", "stream", "backend", "server", "accepted_on")
+
+    def __init__(self, stream: Any = None, backend: Any = None, accepted_on: Any = None) -> None:
+        self.accepted_on = accepted_on  # the listener (backend's) it came in on: a removed one drains it
+        self.server: Any = None  # HTTP/1.1: its H1Server; the watchdog asks it whether a head has begun
+        self.scope = trio.CancelScope()
+        self.busy = False
+        self.deadline = math.inf
+        self.rq: Request | None = None  # the request in progress
+        self.since = 0.0  # when it started
+        self.stream = stream  # the downstream stream
+        self.backend = backend  # the runtime's network backend (backend.py): it tells a gone peer
+
+    def client_gone(self) -> bool:
+        """Has the client closed its side while we wait for the upstream?
+        (The backend looks: one MSG_PEEK on sockets; pipelined bytes mean it is
+        still there.) Like Envoy, a downstream half-close before the response
+        counts as gone."""
+        rq = self.rq
+        if self.stream is None or self.backend is None or rq is None or rq.response_started:
+            return False
+        if not (rq.body_done or (rq.body is not None and rq.body.finished)):
+            return False  # still reading the body: a close shows up there
+        return bool(self.backend.peer_gone(self.stream))
+
+
+
+def new_request_id(rand: random.Random) -> str:
+    h = "%032x" % rand.getrandbits(128)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+

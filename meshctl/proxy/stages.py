@@ -1,0 +1,280 @@
+"""The stages of the request chain (linkerd's app/outbound style), in order:
+
+    prepare   hop-by-hop removal, x-forwarded-for, x-request-id
+    source    telemetry: the peer's identity (telemetry.py)
+    ratelimit local and global rate limits (ratelimit_stage.py)             (inbound)
+    route     Router.decide → Forward | Redirect | DirectResponse | NoRoute   (outbound, binding, gateway)
+    fault     Istio fault injection: delay, abort (core.fault)
+    jwt       RequestAuthentication → 401                                      (inbound, gateway)
+    authz     AuthorizationPolicy → 403                                        (inbound)
+    target    the app's synthetic cluster                                      (inbound)
+    cluster   cluster lookup, healthy endpoints (503 UH when none)
+
+A stage is an object with ``async def on_request(rq) -> LocalReply | None``;
+returning a LocalReply ends the chain and answers the client locally. After
+the chain, the forwarder (forward.py) carries the request upstream.
+Decisions come from core/ (route, fault, authz); stages only apply them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import trio
+
+from ..core.authz import AuthzRequest, authorize, custom_check
+from ..core.cors import cors
+from ..core.fault import decide_fault
+from ..core.pathnorm import PathRejected, normalize_path
+from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView
+from ..model.base import FrozenDict
+from ..model.istio import HeaderOperations
+from ..model.proxyconfig import Listener
+from ..protocol.grpc import GrpcStatus, local_grpc_reply
+from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop, trusted_client_address
+from . import egress
+from . import stats as F
+from .extauthz import run_custom
+from .jwt_stage import JWT_AUTHN
+from .ratelimit_stage import RATE_LIMIT
+from .request import LocalReply, Request, Stage, failure_reply
+from .snapshot import binding_cluster_name
+from .telemetry import SOURCE_STAGE
+from .tracing import TRACE
+
+
+
+class PrepareStage:
+    name = "prepare"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        head = rq.head
+        # one normalized path for routing, authorization and the upstream (pathnorm.py)
+        try:
+            head.path = normalize_path(head.path, rq.snap.settings.path_normalization)
+        except PathRejected as exc:
+            return LocalReply(400, f"{exc}\n".encode(), [("content-type", "text/plain"),
+                                                         ("x-meshctl-reason", "path rejected")], F.DPE)
+        headers = strip_hop_by_hop(head.headers, keep_upgrade=head.upgrade is not None)
+        headers = append_forwarded_for(headers, rq.client_ip)
+        headers, rq.request_id = ensure_request_id(headers, rq.rt.new_request_id)
+        rq.headers = headers
+        return None
+
+
+def _authority_port(authority: str, default: int = 80) -> int:
+    if authority.startswith("["):
+        end = authority.find("]")
+        rest = authority[end + 1 :]
+        return int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else default
+    _, sep, port = authority.rpartition(":")
+    return int(port) if sep and port.isdigit() else default
+
+
+def _strip_port(authority: str) -> str:
+    if authority.startswith("["):
+        return authority[: authority.find("]") + 1] or authority
+    host, sep, port = authority.rpartition(":")
+    return host if sep and port.isdigit() else authority
+
+
+class RouteStage:
+    name = "route"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        lst = rq.listener
+        head = rq.head
+        snap = rq.snap
+        if lst.direction == "binding":
+            authority = f"{lst.service}:{lst.service_port}"
+            port = lst.service_port
+        elif lst.direction == "gateway":
+            # the Gateway's port, not the host port it is served on; the Host's port is
+            # ignored, as Istio's gateways do (a laptop serves 443 on 8443)
+            authority = _strip_port(head.authority)
+            port = lst.service_port or lst.port
+        else:
+            authority = head.authority
+            port = _authority_port(authority)
+        assert lst.route_table is not None  # check_proxy_config: http bindings, outbound, gateway
+        router = snap.routers[lst.route_table]
+        view = RequestView(
+            method=head.method,
+            scheme=head.scheme,
+            authority=authority,
+            path=head.path,
+            headers=rq.headers,
+            port=port,
+            source_labels=snap.source_labels,
+            source_namespace=snap.source_namespace,
+            gateway=(lst.name if "/" in lst.name else f"{snap.source_namespace}/{lst.name}")
+            if lst.direction == "gateway"
+            else None,
+            claims=rq.auth.claims if rq.auth is not None else None,
+        )
+        d = router.decide(view, rq.rt.rand)
+        if type(d) is Forward:
+            if d.route.cors_policy is not None:
+                preflight, extra = cors(d.route.cors_policy, head.method, rq.headers)
+                if preflight:
+                    return LocalReply(200, b"", extra)
+                if extra:
+                    d = replace(d, response_ops=d.response_ops + (HeaderOperations(set=FrozenDict(extra)),))
+            egress.on_forward(rq, d)
+            return None
+        if type(d) is Redirect:
+            return LocalReply(d.status, b"", [("location", d.location)])
+        if type(d) is DirectResponse:
+            return LocalReply(d.status, d.body, list(d.headers))
+        if type(d) is NoRoute:
+            if lst.direction == "outbound" and router.virtual_host(authority) is None:
+                return unknown_host(rq, authority)
+            r = failure_reply(F.NR, d.status or 404, d.reason)
+            return r
+        raise TypeError(f"router returned {d!r}")  # pragma: no cover
+
+
+def unknown_host(rq: Request, authority: str) -> LocalReply | None:
+    """A host no virtual host serves, on the outbound listener: Istio's outbound
+    traffic policy (egress.py). None: pass through to it."""
+    snap = rq.snap
+    if snap.settings.outbound_traffic_policy == "REGISTRY_ONLY":
+        rq.cluster = egress.blackhole_cluster(snap)
+        return failure_reply(F.NR, 502, f"{egress.BLACKHOLE}: {authority} is not in the mesh's registry "
+                             "(outboundTrafficPolicy REGISTRY_ONLY)")
+    target = egress.split_authority(authority, 443 if rq.head.scheme == "https" else 80)
+    if target is None:
+        return failure_reply(F.NR, 404, f"no route for {authority!r}")
+    rq.cluster = egress.passthrough_cluster(snap, target[0], target[1])
+    rq.headers = egress.without_internal(rq.headers)
+    return None
+
+
+class FaultStage:
+    """Istio fault injection (core.fault decides): delay, then maybe abort locally."""
+
+    name = "fault"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        fwd = rq.forward
+        if fwd is None or fwd.fault is None:
+            return None
+        d = decide_fault(fwd.fault, rq.rt.rand)
+        if d.delay is not None:
+            rq.flags.append(F.DI)
+            await trio.sleep(d.delay)
+        if d.abort_status is not None:
+            return LocalReply(
+                d.abort_status, b"fault filter abort\n",
+                [("content-type", "text/plain"), ("x-meshctl-reason", "fault filter abort")], F.FI,
+            )
+        if d.grpc_status is not None:
+            # trailers-only gRPC reply; grpcStatus may be a code name ("UNAVAILABLE") or a number
+            g = str(d.grpc_status).strip()
+            code = int(g) if g.isdigit() else GrpcStatus.__members__.get(g.upper(), GrpcStatus.UNKNOWN)
+            head, _ = local_grpc_reply(code, "fault filter abort")
+            return LocalReply(200, b"", head.headers, F.FI)
+        return None
+
+
+class AuthzStage:
+    """Inbound AuthorizationPolicy (core.authz decides); 403 when denied.
+    The source principal is the peer's verified SPIFFE ID (identity.SecureStream);
+    without mTLS on the connection there is none."""
+
+    name = "authz"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        policies = rq.snap.authz_policies
+        if not policies:
+            return None
+        head = rq.head
+        lst = rq.listener
+        gateway = lst.direction == "gateway"
+        areq = AuthzRequest(
+            method=head.method, path=head.path, host=head.authority,
+            port=(lst.service_port or lst.port) if gateway else (lst.app_port or lst.port),
+            headers=rq.headers, source_principal=getattr(rq.down, "peer_id", None), source_ip=rq.client_ip,
+            remote_ip=trusted_client_address(head.headers, rq.client_ip, lst.trusted_proxies) if gateway else None,
+            auth=rq.auth, destination_ip=_local_ip(rq),
+        )
+        custom = custom_check(policies, areq)
+        if custom is not None:  # CUSTOM first: the external authorizer (proxy/extauthz.py)
+            reply = await run_custom(rq, custom[0], custom[1])
+            if reply is not None:
+                return reply
+        d = authorize(policies, areq)
+        if d.allowed:
+            return None
+        rq.detail = d.reason
+        return LocalReply(403, b"RBAC: access denied\n",
+                          [("content-type", "text/plain"), ("x-meshctl-reason", "access denied")], F.RBAC)
+
+
+class HttpsRedirectStage:
+    """Gateway servers with ``tls.httpsRedirect``: 301 to https:// for their hosts (Istio's)."""
+
+    name = "https-redirect"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        hosts = rq.listener.https_redirect
+        if not hosts:
+            return None
+        host = _strip_port(rq.head.authority).lower()
+        for h in hosts:
+            if h == "*" or h.lower() == host or (h.startswith("*.") and host.endswith(h[1:].lower())):
+                return LocalReply(301, b"", [("location", f"https://{host}{rq.head.path}")])
+        return None
+
+
+def _local_ip(rq: Request) -> str | None:
+    """The address the request arrived at (authz destination.ip): the listener's, or the socket's when wildcard."""
+    addr = rq.listener.address
+    if addr and addr not in ("0.0.0.0", "::"):
+        return addr
+    sock = getattr(rq.down, "socket", None)
+    try:
+        return sock.getsockname()[0] if sock is not None else None
+    except OSError:
+        return None
+
+
+class InboundTargetStage:
+    name = "target"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        rq.cluster = rq.snap.listener_clusters.get(rq.listener.name)
+        return None
+
+
+class ClusterStage:
+    name = "cluster"
+
+    async def on_request(self, rq: Request) -> LocalReply | None:
+        if rq.cluster is None:
+            fwd = rq.forward
+            name = fwd.cluster if fwd is not None else binding_cluster_name(rq.listener)
+            rq.cluster = rq.snap.clusters.get(name)
+            if rq.cluster is None:
+                return failure_reply("NC", 503, f"cluster {name} not found")
+        if not rq.cluster.healthy:
+            return failure_reply(F.UH, 503, rq.cluster.name)
+        return None
+
+
+PREPARE = PrepareStage()
+ROUTE = RouteStage()
+FAULT = FaultStage()
+AUTHZ = AuthzStage()
+HTTPS_REDIRECT = HttpsRedirectStage()
+TARGET = InboundTargetStage()
+CLUSTER = ClusterStage()
+
+
+def default_chain(listener: Listener) -> tuple[Stage, ...]:
+    if listener.direction == "inbound" and listener.route_table is None:
+        return (PREPARE, TRACE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, TARGET, CLUSTER)
+    if listener.direction == "gateway":  # policy as on sidecars, before routing (Istio's gateway filter chain)
+        return (PREPARE, TRACE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, HTTPS_REDIRECT, ROUTE, FAULT, CLUSTER)
+    return (PREPARE, TRACE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
+

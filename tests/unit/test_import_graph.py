@@ -1,0 +1,171 @@
+"""meshctl's import graph, read from the source with ast (nothing is imported or run).
+
+The layers of DESIGN.md, lowest first; a module may import its own layer's
+modules and any lower layer's, never a higher one's:
+
+    0  model/, and the dependency-free helpers at the top (httpapi, loopback, state)
+    1  protocol/ (sans-IO codecs), core/ (decisions): each imports only layer 0
+    2  loader/ (YAML → model)
+    3  registry/, citadel/, pilot/, mixer/, proxy/ (the roles)
+    4  supervisor/
+    5  cli/, and meshctl/__main__
+
+Within layer 3 the roles are peers; the imports between them that exist are
+listed in PEER_IMPORTS with their reason, and no other is allowed. Function-
+level imports count like top-level ones: a lazy import is still a dependency.
+Known violations still to remove are listed in ALLOWED, each with its issue.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import meshctl
+
+ROOT = Path(meshctl.__file__).parent
+
+LAYER = {
+    "model": 0, "httpapi": 0, "loopback": 0, "state": 0,
+    "protocol": 1, "core": 1,
+    "loader": 2,
+    "registry": 3, "citadel": 3, "pilot": 3, "mixer": 3, "proxy": 3,
+    "supervisor": 4,
+    "cli": 5, "__main__": 5,
+}
+
+# imports between layer-1 and layer-3 peers that are part of the design
+PEER_IMPORTS = {
+    ("pilot", "registry"),  # Pilot watches the registry's endpoints
+    ("proxy", "citadel"),   # the sidecar's certificates and the peer identity check
+}
+
+# Known violations, each with the issue that removes it. The test fails when one
+# of them disappears (so the list only ever shrinks) or a new one appears.
+ALLOWED_EDGES = {
+    # issue 14 (supervisor part): mixer.supervise is the supervisor's and imports it
+    ("meshctl.mixer.supervise", "meshctl.supervisor.run"),
+}
+ALLOWED_CYCLES = {
+    # issue 14 (supervisor part): supervisor/run.py, supervisor/citadel.py and mixer/supervise.py
+    frozenset({"meshctl.supervisor.run", "meshctl.supervisor.citadel", "meshctl.mixer.supervise"}),
+    # issue 14: registry/__init__.py picks a backend and the backends import its base types
+    frozenset({"meshctl.registry", "meshctl.registry.consul", "meshctl.registry.embedded",
+               "meshctl.registry.eureka"}),
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in ROOT.rglob("*.py"):
+        parts = list(p.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = p
+    return mods
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    edges: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        out: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(pkg[: len(pkg) - node.level + 1] + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]
+                # "from .. import httpapi" imports the module httpapi, not the package
+                targets = subs if subs and len(subs) == len(node.names) else [base, *subs]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            out.update(t for t in targets if t in mods and t != name)
+        edges[name] = out
+    return edges
+
+
+def _layer_of(module: str) -> tuple[str, int]:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else ""
+    return top, LAYER.get(top, -1)
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[frozenset[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[frozenset[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(frozenset(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_every_package_has_a_layer():
+    tops = {_layer_of(m)[0] for m in _modules() if m != "meshctl"}
+    assert tops <= set(LAYER), f"add these to LAYER (and DESIGN.md): {sorted(tops - set(LAYER))}"
+
+
+def test_no_import_cycle_in_meshctl():
+    cycles = set(_cycles(_graph()))
+    assert cycles <= ALLOWED_CYCLES, [sorted(c) for c in cycles - ALLOWED_CYCLES]
+    assert ALLOWED_CYCLES <= cycles, f"gone, remove from ALLOWED_CYCLES: {[sorted(c) for c in ALLOWED_CYCLES - cycles]}"
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one():
+    bad = set()
+    for a, targets in _graph().items():
+        ta, la = _layer_of(a)
+        for b in targets:
+            tb, lb = _layer_of(b)
+            if ta == tb:
+                continue
+            if lb > la:
+                bad.add((a, b))
+            elif lb == la and la in (1, 3):
+                if (ta, tb) not in PEER_IMPORTS:
+                    bad.add((a, b))
+    assert bad <= ALLOWED_EDGES, sorted(bad - ALLOWED_EDGES)
+    assert ALLOWED_EDGES <= bad, f"gone, remove from ALLOWED_EDGES: {sorted(ALLOWED_EDGES - bad)}"
+
+
+def test_the_proxy_has_no_import_cycle_and_core_needs_no_protocol():
+    # the two circles issue 12 and 14 named: proxy/http.py ↔ h2conn/h2pool/ratelimit_stage,
+    # and core/ importing HeaderList from protocol/
+    edges = _graph()
+    assert not [c for c in _cycles(edges) if any(m.startswith("meshctl.proxy.") for m in c)]
+    assert not [(a, b) for a, bs in edges.items() if a.startswith("meshctl.core") for b in bs
+                if b.startswith("meshctl.protocol")]
+    assert "meshctl.proxy.telemetry" not in edges["meshctl.mixer.aggregate"]
+    assert not [b for b in edges["meshctl.proxy.pilot_client"] if b.startswith("meshctl.pilot")]
