@@ -105,15 +105,15 @@ class H1Exchange:
             if main_error:
                 raise main_error[0]
             if failure:
-                exc = failure[0]
-                if isinstance(exc, ProtocolError):
+                err = failure[0]
+                if isinstance(err, ProtocolError):
                     rq.keep_alive = False
                     if not rq.response_started:
                         rq.flags.append(F.DPE)
-                        await rq.send_down(raw_error_response(exc.status, str(exc)))
-                        rq.status = exc.status
+                        await rq.send_down(raw_error_response(err.status, str(err)))
+                        rq.status = err.status
                     return RELAYED
-                raise exc
+                raise err
             if res is None:  # body sender cancelled the try (client gone)
                 raise DownstreamGone("client went away")
             if not body.finished:
