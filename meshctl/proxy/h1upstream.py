@@ -18,6 +18,8 @@ closed before answering is ``Stale`` for idempotent requests (RFC 9110
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
@@ -54,8 +56,11 @@ class H1Exchange:
         tls = upstream_tls(self.rt, cs.cluster, ep)
         conn: UpstreamConn | None = None
         try:
-            with trio.move_on_at(a.deadline):
+            if a.deadline == math.inf:  # no perTryTimeout: no cancel scope to set up (hot path)
                 conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout, tls)
+            else:
+                with trio.move_on_at(a.deadline):
+                    conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout, tls)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
         if conn is None:
@@ -179,9 +184,12 @@ class H1Exchange:
         head: ResponseHead | None = None
         timed_out = False
         try:
-            with trio.move_on_at(a.deadline) as scope:
+            if a.deadline == math.inf:
                 head = await self._read_head(rq, conn)
-            timed_out = scope.cancelled_caught
+            else:
+                with trio.move_on_at(a.deadline) as scope:
+                    head = await self._read_head(rq, conn)
+                timed_out = scope.cancelled_caught
         except PeerGone:
             head = None
         except ProtocolError as exc:
