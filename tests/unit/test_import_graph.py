@@ -7,8 +7,8 @@ modules and any lower layer's, never a higher one's:
     1  protocol/ (sans-IO codecs), core/ (decisions): each imports only layer 0
     2  loader/ (YAML → model)
     3  registry/, citadel/, pilot/, mixer/, proxy/ (the roles)
-    4  supervisor/
-    5  cli/, and meshctl/__main__
+    4  supervisor/, and launch (how meshctl starts itself again: argv for roles and sidecars)
+    5  cli/, and the entry points meshctl/__main__ and frozen (the one-file build's)
 
 Within layer 3 the roles are peers; the imports between them that exist are
 listed in PEER_IMPORTS with their reason, and no other is allowed. Function-
@@ -30,8 +30,8 @@ LAYER = {
     "protocol": 1, "core": 1,
     "loader": 2,
     "registry": 3, "citadel": 3, "pilot": 3, "mixer": 3, "proxy": 3,
-    "supervisor": 4,
-    "cli": 5, "__main__": 5,
+    "supervisor": 4, "launch": 4,
+    "cli": 5, "__main__": 5, "frozen": 5,
 }
 
 # imports between layer-1 and layer-3 peers that are part of the design
