@@ -312,3 +312,20 @@ async def test_drain_lets_the_busy_request_finish_closes_idle_connections_and_st
     assert [r[0] for r in results] == [200]
     assert results[0][1]["connection"] == "close"
     assert 1.4 < trio.current_time() - t0 < 2.0
+
+
+# ------------------------------------------------------------------ a client that hangs up
+
+
+async def test_a_request_whose_client_hung_up_is_abandoned_through_the_backend(autojump_clock):
+    app = H1App()
+    async with _proxy(_config(), app) as (rt, backend):
+        stream = await backend.connect(*PROXY)
+        await stream.send_all(b"GET http://reviews:9080/?ms=30000 HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        await stream.send_eof()  # the client gives up while the upstream works
+        t0 = trio.current_time()
+        assert await stream.receive_some() == b""  # closed without an answer...
+        took = trio.current_time() - t0
+    assert 1.0 <= took < 1.6  # ...by the watchdog, once the request is older than CLIENT_GONE_AFTER
+    assert app.requests == ["/?ms=30000"]
+    assert rt.stats.flags["DC"] >= 1
