@@ -30,6 +30,7 @@ from setuptools import setup
 COMPILED = [
     "meshctl/core/balance.py",
     "meshctl/core/breaker.py",
+    "meshctl/core/errors.py",  # the base of balance's and ratelimit's config errors: a native class needs native bases
     "meshctl/core/fault.py",
     "meshctl/core/hashring.py",
     "meshctl/core/outlier.py",
