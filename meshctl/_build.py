@@ -16,6 +16,7 @@ import importlib.util
 HOT_PATH = (
     "meshctl.core.balance",
     "meshctl.core.breaker",
+    "meshctl.core.errors",
     "meshctl.core.fault",
     "meshctl.core.hashring",
     "meshctl.core.outlier",

@@ -1,13 +1,20 @@
-"""The stages of the request chain (linkerd's app/outbound style), in order:
+"""The stages of the request chain (linkerd's app/outbound style); ``default_chain``
+picks them per listener:
 
-    prepare   hop-by-hop removal, x-forwarded-for, x-request-id
+    outbound, binding:  prepare → source → route → fault → cluster
+    inbound:            prepare → source → ratelimit → jwt → authz → target → cluster
+    gateway:            prepare → source → ratelimit → jwt → authz → redirect → route → fault → cluster
+
+    prepare   path normalization, hop-by-hop removal, x-forwarded-for, x-request-id
     source    telemetry: the peer's identity (telemetry.py)
-    ratelimit local and global rate limits (ratelimit_stage.py)             (inbound)
-    route     Router.decide → Forward | Redirect | DirectResponse | NoRoute   (outbound, binding, gateway)
+    ratelimit local and global rate limits (ratelimit_stage.py)
+    jwt       RequestAuthentication → 401 (jwt_stage.py)
+    authz     AuthorizationPolicy (CUSTOM via extauthz.py, DENY, ALLOW) → 403
+    redirect  a gateway server's tls.httpsRedirect → 301
+    route     Router.decide → Forward | Redirect | DirectResponse | NoRoute; CORS;
+              hosts outside the mesh (egress.py)
     fault     Istio fault injection: delay, abort (core.fault)
-    jwt       RequestAuthentication → 401                                      (inbound, gateway)
-    authz     AuthorizationPolicy → 403                                        (inbound)
-    target    the app's synthetic cluster                                      (inbound)
+    target    the app's synthetic cluster
     cluster   cluster lookup, healthy endpoints (503 UH when none)
 
 A stage is an object with ``async def on_request(rq) -> LocalReply | None``;

@@ -3,11 +3,13 @@
 The layers of DESIGN.md, lowest first; a module may import its own layer's
 modules and any lower layer's, never a higher one's:
 
-    0  model/, and the dependency-free helpers at the top (httpapi, loopback, state)
+    0  model/, and the helpers at the top that import no other layer (httpapi, loopback,
+       state, credentials, secrets, _build)
     1  protocol/ (sans-IO codecs), core/ (decisions): each imports only layer 0
     2  loader/ (YAML → model)
     3  registry/, citadel/, pilot/, mixer/, proxy/ (the roles)
-    4  supervisor/, and launch (how meshctl starts itself again: argv for roles and sidecars)
+    4  supervisor/; launch (how meshctl starts itself again: argv for roles and sidecars) and
+       controlclient (the CLI's one client of the control plane)
     5  cli/, and the entry points meshctl/__main__ and frozen (the one-file build's)
 
 Within layer 3 the roles are peers; the imports between them that exist are
@@ -26,11 +28,11 @@ import meshctl
 ROOT = Path(meshctl.__file__).parent
 
 LAYER = {
-    "model": 0, "httpapi": 0, "loopback": 0, "state": 0,
+    "model": 0, "httpapi": 0, "loopback": 0, "state": 0, "credentials": 0, "secrets": 0, "_build": 0,
     "protocol": 1, "core": 1,
     "loader": 2,
     "registry": 3, "citadel": 3, "pilot": 3, "mixer": 3, "proxy": 3,
-    "supervisor": 4, "launch": 4,
+    "supervisor": 4, "launch": 4, "controlclient": 4,
     "cli": 5, "__main__": 5, "frozen": 5,
 }
 
