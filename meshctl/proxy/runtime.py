@@ -70,6 +70,7 @@ from .stats import Stats
 from .stream import bind_listener
 from .tcp import serve_tcp_connection
 from .telemetry import Telemetry
+from .tracing import Tracer
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -116,6 +117,7 @@ class ProxyRuntime:
         self.rand = rand or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.stats = Stats()
         self.telemetry = Telemetry()  # Istio metrics (telemetry.py)
+        self.tracer = Tracer()  # sampled spans, sent to Zipkin in batches (tracing.py)
         self.access_log: AccessLog | None = None  # set before run() to log requests
         self.ratelimits = RateLimits()  # RateLimit resources; .mixer_url for global quotas
         self.ext_authz = ExtAuthzClient()  # AuthorizationPolicy CUSTOM (proxy/extauthz.py)
@@ -361,6 +363,7 @@ class ProxyRuntime:
                 outer.start_soon(serve_admin, self, admin_sock)
             if self.access_log is not None:
                 outer.start_soon(self.access_log.run)
+            outer.start_soon(self.tracer.run, self)
             async with trio.open_nursery() as conns:
                 self._conn_nursery = conns
                 async with trio.open_nursery() as nursery:

@@ -1,11 +1,12 @@
 """The stages of the request chain (linkerd's app/outbound style); ``default_chain``
 picks them per listener:
 
-    outbound, binding:  prepare → source → route → fault → cluster
-    inbound:            prepare → source → ratelimit → jwt → authz → target → cluster
-    gateway:            prepare → source → ratelimit → jwt → authz → redirect → route → fault → cluster
+    outbound, binding:  prepare → trace → source → route → fault → cluster
+    inbound:            prepare → trace → source → ratelimit → jwt → authz → target → cluster
+    gateway:            prepare → trace → source → ratelimit → jwt → authz → redirect → route → fault → cluster
 
     prepare   path normalization, hop-by-hop removal, x-forwarded-for, x-request-id
+    trace     sampling and span context, B3 / W3C (tracing.py)
     source    telemetry: the peer's identity (telemetry.py)
     ratelimit local and global rate limits (ratelimit_stage.py)
     jwt       RequestAuthentication → 401 (jwt_stage.py)
