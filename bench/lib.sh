@@ -27,7 +27,9 @@ EOF
 }
 
 start_sidecar() { # log-name config admin-port → pid in SIDECAR_PID (and in PIDS, for cleanup)
-  "$MESHCTL" proxy run --config "$2" --admin-port "$3" --log-level warning 2>"$WORK/$1.log" &
+  # (from $WORK: a sidecar started from a checkout would import that checkout's meshctl/,
+  # not the build $MESHCTL belongs to)
+  (cd "$WORK" && exec "$MESHCTL" proxy run --config "$2" --admin-port "$3" --log-level warning 2>"$WORK/$1.log") &
   PIDS+=($!); SIDECAR_PID=$!
 }
 
@@ -61,7 +63,7 @@ clusters:
 EOF
 }
 
-wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
+wait_ready() { for _ in $(seq 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; tail -n5 "$WORK"/*.log >&2; exit 1; }
 
 # nginx does its work in the worker process (child of the master we started)
 worker_of() { pgrep -P "$(cat "$WORK/$1.pid")" | head -1; }

@@ -126,7 +126,7 @@ check "meshctl h2 end to end" curl -sf --http2-prior-knowledge "http://127.0.0.1
 for port in $GRPC $NGX_GC $MESH_OUT_G; do check "gRPC ping via :$port" "$FORTIO" load -grpc -ping -n 3 -qps 0 "127.0.0.1:$port"; done
 
 NGX_S_PID=$(worker_of ngx_server); NGX_C_PID=$(worker_of ngx_client)
-NGX_GS_PID=$(worker_of ngx_gserver); NGX_GC_PID=$(worker_of ngx_gclient)
+NGX_GS_PID=$(worker_of ngx_gserver); NGX_GC_PID=$(worker_of ngx_gclient); BACKEND_PID=$(worker_of backend)
 
 h2max() { # url host → rps; every answer must be a 2xx
   local out
