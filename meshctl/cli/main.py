@@ -28,6 +28,7 @@ NOUNS = [
     "mixer",
     "secret",
     "mirror",
+    "observe",
 ]
 
 def _version(value: bool) -> None:

@@ -82,7 +82,8 @@ KINDS: dict[tuple[str, str], str] = {
     ("networking.istio.io", "WorkloadGroup"): "workloads join a service through mesh.yaml or a registry",
     ("networking.istio.io", "EnvoyFilter"): "meshctl's proxy is not Envoy and takes no Envoy filter configuration",
     ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
-    ("telemetry.istio.io", "Telemetry"): "telemetry is always on and configured in mesh.yaml",
+    ("telemetry.istio.io", "Telemetry"): ("telemetry is always on and configured in mesh.yaml (trace sampling, "
+                                          "Telemetry's tracing.randomSamplingPercentage: settings.tracing.sampling)"),
     ("extensions.istio.io", "WasmPlugin"): "no Wasm plug-ins",
 }
 

@@ -230,6 +230,9 @@ class Supervisor:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.status(), indent=1))
         tmp.replace(path)
+        from ..mixer import promconfig
+
+        promconfig.write(self.state_dir)  # Prometheus scrape config of every sidecar and gateway
 
     # ------------------------------------------------------------ preflight
 
