@@ -288,8 +288,9 @@ async def peek_hello(stream) -> Hello | str:
 
 async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
     from .http import serve_http_connection
-    from .identity import SecureStream
+    from .identity import principal_of
     from .tcp import serve_tcp_connection
+    from .tls import wrap_stream  # TLS straight on the socket (stream.TLSSocketStream)
 
     spec: Listener = al.spec
     hello = await peek_hello(stream)
@@ -317,7 +318,7 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
         log.warning("%s: connection from %s closed: %s", spec.name, client_ip, exc)
         stream.close_now()
         return
-    tls = trio.SSLStream(stream, ctx, server_side=True, https_compatible=True)
+    tls = wrap_stream(stream, ctx, server_side=True)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
@@ -337,7 +338,11 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
             stream.close_now()
             return
         peer_id = next((v for v in sans if v.startswith("spiffe://")), None)
-    secure = SecureStream(tls, stream, peer_id, tls.selected_alpn_protocol())
+    secure = tls
+    if hasattr(tls, "peer_id"):  # TLSSocketStream: what authz and telemetry read of the peer
+        tls.peer_id = peer_id
+        tls.principal = principal_of(peer_id)
+        tls.alpn = tls.selected_alpn_protocol()
     if server.protocol == "tcp":
         await serve_tcp_connection(rt, _L4(replace(spec, protocol="tcp", tcp_routes=server.tcp_routes)), secure, client_ip)
     else:
