@@ -7,9 +7,9 @@ the running mesh (their admin ports, as `up` recorded them) and adds them up
 per mirror cluster of SERVICE, with examples of differing requests: the check
 a team wants before it shifts traffic to a new version.
 
-The primary's headers and body are not captured (only its status and
-latency): a shadow answering 200 with another body than the primary's is not
-told apart from one answering the same.
+Compared: status, content type and latency. The primary's body is not
+captured (the shadow's body digest is shown, the primary's is not): a shadow
+answering 200 with the same content type and another body is not told apart.
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ def collect(sd, service: str) -> tuple[dict, list[dict], int]:
         for cluster, t in rep.get("targets", {}).items():
             if _host_of(cluster) not in want:
                 continue
-            agg = totals.setdefault(cluster, {"compared": 0, "status_differs": 0, "failed": 0, "p50": [], "sp50": []})
+            agg = totals.setdefault(cluster, {"compared": 0, "status_differs": 0, "content_type_differs": 0, "failed": 0,
+                                              "p50": [], "sp50": []})
             agg["compared"] += t["compared"]
             agg["status_differs"] += t["status_differs"]
+            agg["content_type_differs"] += t.get("content_type_differs", 0)
             agg["failed"] += t["failed"]
             if t["primary_ms"]["p50"] is not None:
                 agg["p50"].append(t["primary_ms"]["p50"])
@@ -85,16 +87,18 @@ def diff(
         console.print(f"no mirrored requests to {service} seen by the {asked} sidecar(s) asked "
                       "(is a VirtualService mirroring it applied?)", highlight=False)
         return
-    t = Table("MIRROR", "COMPARED", "DIFFER", "NO ANSWER", "P50 MS", "MIRROR P50 MS", box=None)
+    t = Table("MIRROR", "COMPARED", "STATUS≠", "TYPE≠", "NO ANSWER", "P50 MS", "MIRROR P50", box=None)
     for cluster, a in sorted(totals.items()):
         mid = lambda xs: f"{sorted(xs)[len(xs) // 2]:.1f}" if xs else "-"
-        t.add_row(short_cluster(cluster), str(a["compared"]), str(a["status_differs"]), str(a["failed"]), mid(a["p50"]), mid(a["sp50"]))
+        t.add_row(short_cluster(cluster), str(a["compared"]), str(a["status_differs"]), str(a["content_type_differs"]),
+                  str(a["failed"]), mid(a["p50"]), mid(a["sp50"]))
     console.print(t)
     if examples:
         e = Table("TIME", "REQUEST", "PRIMARY", "MIRROR", "MIRROR BODY", box=None, title="differing requests (latest)")
         for x in examples[-10:]:
             shadow = str(x["shadow_status"]) if x["shadow_status"] else f"no answer ({x['shadow_error']})"
             e.add_row(datetime.fromtimestamp(x["time"]).strftime("%H:%M:%S"), f"{x['method']} {x['path']}",
-                      f"{x['primary_status']} {x['primary_ms']:.0f}ms", f"{shadow} {x['shadow_ms']:.0f}ms",
+                      f"{x['primary_status']} {x.get('primary_content_type', '')} {x['primary_ms']:.0f}ms",
+                      f"{shadow} {x['shadow_content_type']} {x['shadow_ms']:.0f}ms",
                       (x["shadow_body_sha256"] or "")[:12])
         console.print(e)

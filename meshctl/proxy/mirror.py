@@ -49,15 +49,15 @@ KEPT_EXAMPLES = 50  # differing requests kept for `meshctl mirror diff`
 class _Target:
     """How one mirror cluster's answers compare with the primary's."""
 
-    __slots__ = ("compared", "status_differs", "failed", "primary_ms", "shadow_ms", "shadow_digests")
+    __slots__ = ("compared", "status_differs", "type_differs", "failed", "primary_ms", "shadow_ms")
 
     def __init__(self) -> None:
         self.compared = 0
         self.status_differs = 0
+        self.type_differs = 0
         self.failed = 0
         self.primary_ms: deque[float] = deque(maxlen=KEPT_LATENCIES)
         self.shadow_ms: deque[float] = deque(maxlen=KEPT_LATENCIES)
-        self.shadow_digests = 0
 
 
 def _pct(values, q: float) -> float | None:
@@ -81,9 +81,9 @@ class MirrorState:
         self.targets: dict[str, _Target] = {}
         self.examples: deque[dict] = deque(maxlen=KEPT_EXAMPLES)
 
-    def compare(self, cluster: str, method: str, path: str, primary: tuple[int, float],
+    def compare(self, cluster: str, method: str, path: str, primary: tuple[int, float, str],
                 shadow: tuple[int, float, str, str]) -> None:
-        """primary: (status, ms); shadow: (status or 0, ms, content-type, body sha256 or error)."""
+        """primary: (status, ms, content-type); shadow: (status or 0, ms, content-type, body sha256 or error)."""
         t = self.targets.get(cluster)
         if t is None:
             if len(self.targets) >= 256:
@@ -100,10 +100,13 @@ class MirrorState:
             if shadow[0] != primary[0]:
                 t.status_differs += 1
                 differs = True
+            elif shadow[2].split(";")[0].strip() != primary[2].split(";")[0].strip():
+                t.type_differs += 1
+                differs = True
         if differs:
             self.examples.append({
                 "time": time.time(), "cluster": cluster, "method": method, "path": path,
-                "primary_status": primary[0], "primary_ms": round(primary[1], 3),
+                "primary_status": primary[0], "primary_ms": round(primary[1], 3), "primary_content_type": primary[2],
                 "shadow_status": shadow[0], "shadow_ms": round(shadow[1], 3),
                 "shadow_content_type": shadow[2], "shadow_body_sha256": shadow[3] if shadow[0] else "",
                 "shadow_error": "" if shadow[0] else shadow[3],
@@ -114,7 +117,8 @@ class MirrorState:
             "sent": self.sent, "failed": self.failed, "dropped": self.dropped, "in_flight": self.in_flight,
             "targets": {
                 name: {
-                    "compared": t.compared, "status_differs": t.status_differs, "failed": t.failed,
+                    "compared": t.compared, "status_differs": t.status_differs, "content_type_differs": t.type_differs,
+                    "failed": t.failed,
                     "primary_ms": {"p50": _pct(t.primary_ms, 0.5), "p90": _pct(t.primary_ms, 0.9)},
                     "shadow_ms": {"p50": _pct(t.shadow_ms, 0.5), "p90": _pct(t.shadow_ms, 0.9)},
                 }
@@ -163,13 +167,13 @@ def after_forward(rq) -> None:
             state.dropped += 1
             continue
         state.in_flight += 1
-        primary = (rq.status, (trio.current_time() - rq.start) * 1000.0 if rq.start else 0.0)
+        primary = (rq.status, (trio.current_time() - rq.start) * 1000.0 if rq.start else 0.0, rq.response_type)
         nursery.start_soon(_shadow, rt, rq.snap.settings, cs, ep, head, chunks, trailers, fwd.timeout or SHADOW_TIMEOUT,
                            primary)
 
 
 async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float,
-                  primary: tuple[int, float] = (0, 0.0)) -> None:
+                  primary: tuple[int, float, str] = (0, 0.0, "")) -> None:
     state: MirrorState = rt.mirrors
     conn = None
     ok = False

@@ -92,6 +92,7 @@ class Request:
         "headers", "request_id", "forward", "cluster", "flags", "body_done", "body",
         "response_started", "status", "keep_alive", "detail", "start", "stale_ok",
         "endpoint", "bytes_sent", "peer",  # telemetry: picked endpoint, response body bytes, source (inbound)
+        "response_type",  # the upstream response's content-type, kept for mirror comparisons (mirror.py)
         "auth",  # the end user from a verified JWT (jwt_stage), for authz
         "trace",  # the spans of a sampled request (tracing.py); None when not sampled
     )
@@ -124,6 +125,7 @@ class Request:
         self.endpoint: Endpoint | None = None
         self.bytes_sent = 0
         self.peer: str | None = None
+        self.response_type = ""
         self.auth: RequestAuth | None = None
         self.trace: tuple | None = None
 
@@ -226,6 +228,8 @@ def response_headers(rq: Request, headers):
     headers = strip_hop_by_hop(headers)
     fwd = rq.forward
     if fwd is not None:
+        if rq.start:  # a mirrored route (egress.on_forward): keep what the shadow is compared on
+            rq.response_type = next((v for k, v in headers if k == "content-type"), "")
         for ops in fwd.response_ops:
             headers = apply_header_ops(headers, ops)
     return headers

@@ -112,7 +112,6 @@ class Snapshot:
         self.stats = stats
         self.passthrough: dict[tuple[str, int, str], ClusterState] = {}  # egress.py: clusters of hosts named by requests
         self.stats = stats
-        self.passthrough: dict[tuple[str, int], ClusterState] = {}  # egress.py: unknown hosts' clusters
         self.source_labels = cfg.workload.labels
         self.source_namespace = cfg.workload.namespace
 

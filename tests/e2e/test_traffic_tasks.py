@@ -225,7 +225,8 @@ def test_mirroring_and_egress_tasks(tmp_path: Path) -> None:
         diff = json.loads(meshctl_run("mirror", "diff", "httpbin", "--json", "--state-dir", sd).stdout)
         (cluster, stats), = diff["mirrors"].items()
         assert cluster == "outbound|8000|v2|httpbin.default.svc.cluster.local"
-        assert (stats["compared"], stats["status_differs"], stats["failed"]) == (3, 0, 0) and diff["examples"] == []
+        assert (stats["compared"], stats["status_differs"], stats["content_type_differs"], stats["failed"]) == (3, 0, 0, 0)
+        assert diff["examples"] == []
         table = meshctl_run("mirror", "diff", "httpbin", "--state-dir", sd).stdout
         assert "httpbin:8000/v2" in table and "COMPARED" in table
 

@@ -180,8 +180,9 @@ async def test_the_mirrors_answers_are_compared_with_the_primarys(upstreams):
         await _wait(lambda: rt.mirrors.sent == 5)
         rep = rt.mirrors.report()
     t = rep["targets"]["outbound|8000|v2|httpbin.default.svc.cluster.local"]
-    assert (t["compared"], t["status_differs"], t["failed"]) == (5, 2, 0)
+    assert (t["compared"], t["status_differs"], t["content_type_differs"], t["failed"]) == (5, 2, 0, 0)
     assert t["primary_ms"]["p50"] is not None and t["shadow_ms"]["p50"] is not None
     ex = rep["examples"]
     assert [(e["primary_status"], e["shadow_status"]) for e in ex] == [(200, 503), (200, 503)]
     assert ex[0]["path"].startswith("/flaky") and len(ex[0]["shadow_body_sha256"]) == 64
+    assert (ex[0]["primary_content_type"], ex[0]["shadow_content_type"]) == ("application/json", "text/plain")
