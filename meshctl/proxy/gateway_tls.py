@@ -251,12 +251,14 @@ def choose_tls_route(s: ServerTLS, sni: str | None):
 
 
 class _L4:
-    """What serve_tcp_connection reads of an active listener: its spec."""
+    """What serve_tcp_connection reads of an active listener: its spec (here with the
+    routes of the chosen server) and the listener it came in on (drain finds it by that)."""
 
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "sock")
 
-    def __init__(self, spec: Listener) -> None:
+    def __init__(self, spec: Listener, sock) -> None:
         self.spec = spec
+        self.sock = sock
 
 
 async def peek_hello(stream) -> Hello | str:
@@ -310,7 +312,7 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
             stream.close_now()
             return
         l4 = replace(spec, protocol="tcp", tcp_routes=(TCPRoute(route=route.route),))
-        await serve_tcp_connection(rt, _L4(l4), stream, client_ip)
+        await serve_tcp_connection(rt, _L4(l4, al.sock), stream, client_ip)
         return
     try:
         ctx = rt.gateway_credentials.context(server, rt.tls, trio.current_time())
@@ -344,7 +346,7 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
         tls.principal = principal_of(peer_id)
         tls.alpn = tls.selected_alpn_protocol()
     if server.protocol == "tcp":
-        await serve_tcp_connection(rt, _L4(replace(spec, protocol="tcp", tcp_routes=server.tcp_routes)), secure, client_ip)
+        await serve_tcp_connection(rt, _L4(replace(spec, protocol="tcp", tcp_routes=server.tcp_routes), al.sock), secure, client_ip)
     else:
         await serve_http_connection(rt, al, secure, client_ip)
 
