@@ -43,18 +43,19 @@ from ..model.base import FrozenDict
 from ..model.mesh import HealthCheck, MeshSpec
 from ..pilot.compile import META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR
 from ..registry import Backoff, parse_registry_url
-from ..registry.base import Instance, RegistryError
+from ..registry.base import Instance, Registry, RegistryError
 from ..state import write_control
-from .plan import GatewayPlan, Plan, WorkloadPlan, gateway_node, load_mesh, make_plan, workload_node
-from .citadel import proxy_env, start_citadel, stop_citadel
-from .citadel import status as citadel_status
+from . import lifecycle
+from .citadel import proxy_env
+from .errors import UpError
+from .lifecycle import (BACKOFF_START, Deregister, GiveUp, Health, InstancePhase, MeshPhase, ProcPhase, Register,
+                        Thresholds)
 from .pilotreg import PilotRegistry
-from ..mixer.supervise import sidecar_args, start_mixer, stop_mixer
-from ..mixer.supervise import status as mixer_status
+from .plan import GatewayPlan, Plan, WorkloadPlan, gateway_node, load_mesh, make_plan, workload_node
+from .roles import CONTROL_ROLES, Role, RoleContext
 
 log = logging.getLogger("meshctl.up")
 
-BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 ROLE_START_TIMEOUT = 20.0  # seconds for Pilot, Mixer or Citadel to answer after it starts
 STOP_GRACE = 8.0
 REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after this long
@@ -63,8 +64,7 @@ REGISTRY_PROBE_TIMEOUT = 5.0
 DRAIN_WAIT = 10.0  # longest wait for Pilot to drop a removed instance before its sidecar stops
 
 
-class UpError(Exception):
-    """`up` cannot go on; the message names the cause. What started is stopped."""
+__all__ = ["Supervisor", "UpError", "http_get_json", "redact_url"]
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -80,14 +80,14 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 @dataclass
 class ProcState:
     name: str
-    kind: str  # app | proxy | gateway | pilot
+    kind: str  # app | sidecar | gateway | control-plane
     argv: list[str]
     env: dict[str, str]
     cwd: str
     log: Path
     pid: int | None = None
     restarts: int = 0
-    state: str = "starting"
+    state: ProcPhase = ProcPhase.STARTING
     last_event: str = ""
     process: trio.Process | None = None
     # control-plane roles: (port, path) that answers once the process serves; after a
@@ -100,7 +100,7 @@ class InstanceState:
     plan: WorkloadPlan
     app: ProcState | None
     proxy: ProcState
-    state: str = "starting"  # starting | ready | unhealthy | restarting | stopped
+    state: InstancePhase = InstancePhase.STARTING
     registered: bool = False
     ok_streak: int = 0
     fail_streak: int = 0
@@ -108,6 +108,12 @@ class InstanceState:
     # One registry call at a time per instance: a renewal that finds the
     # instance gone re-registers it, which must not undo a deregistration.
     lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def health(self) -> Health:
+        return Health(self.state, self.registered, self.ok_streak, self.fail_streak)
+
+    def set_health(self, h: Health) -> None:
+        self.state, self.ok_streak, self.fail_streak = h.phase, h.ok_streak, h.fail_streak
 
 
 def gateway_instances(g: GatewayPlan) -> list[Instance]:
@@ -146,10 +152,11 @@ class Supervisor:
         self.gateways: dict[str, ProcState] = {}
         self.gateway_plans: dict[str, GatewayPlan] = {}
         self._gateway_scopes: dict[str, trio.CancelScope] = {}
-        self.pilot: ProcState | None = None
-        self.pilot_url = ""
-        self.registry = None
-        self.state = "starting"
+        # the control roles (roles.CONTROL_ROLES) by name, and the URL each serves at
+        self.roles: dict[str, ProcState] = {}
+        self.role_urls: dict[str, str] = {}
+        self.registry: Registry | None = None  # Consul or Eureka (connect_registry), else Pilot's embedded one
+        self.state = MeshPhase.STARTING
         self.error = ""
         self.shutting_down = False
         self._nursery: trio.Nursery | None = None
@@ -158,6 +165,33 @@ class Supervisor:
         self._registry_error = ""  # why the last probe failed
         self._refused = ""  # a registry that answers but refuses a registration at `up` (an ACL, say)
         self._undeleted: set[str] = set()  # deregistrations that failed while the registry was away
+
+    @property
+    def pilot(self) -> ProcState | None:
+        return self.roles.get("pilot")
+
+    @property
+    def pilot_url(self) -> str:
+        return self.role_urls.get("pilot", "")
+
+    @property
+    def mixer_url(self) -> str:
+        return self.role_urls.get("mixer", "")
+
+    @property
+    def citadel_url(self) -> str:
+        return self.role_urls.get("citadel", "")
+
+    def _role_status(self, name: str) -> dict:
+        p = self.roles.get(name)
+        return {"url": self.role_urls.get(name, ""), "state": p.state if p else ProcPhase.STOPPED, "pid": p.pid if p else None}
+
+    def sidecar_args(self, name: str) -> list[str]:
+        """Extra `proxy run` arguments for a sidecar or gateway of this mesh."""
+        args = ["--access-log", str(self.logs / f"{name}.access.log")]
+        if self.mixer_url:
+            args += ["--mixer", self.mixer_url]  # global rate-limit quotas, telemetry
+        return args
 
     def _load_spec(self) -> MeshSpec:
         spec = load_mesh(self.mesh_path)
@@ -186,10 +220,10 @@ class Supervisor:
             },
             "control_plane": {
                 "pilot": self.pilot_url,
-                "state": self.pilot.state if self.pilot else "stopped",
+                "state": self.pilot.state if self.pilot else ProcPhase.STOPPED,
                 "pid": self.pilot.pid if self.pilot else None,
-                "mixer": mixer_status(self),
-                "citadel": citadel_status(self),
+                "mixer": self._role_status("mixer"),
+                "citadel": self._role_status("citadel"),
             },
             "workloads": [
                 {
@@ -259,7 +293,7 @@ class Supervisor:
             if not any(i.plan.name == w.name for i in self.instances.values()):
                 fixed += [(p, f"upstream binding {s} of {w.name}") for s, p in w.bindings.items()]
         if not self.pilot:
-            fixed += [(plan.pilot_port, "Pilot"), (plan.mixer_port, "Mixer"), (plan.citadel_port, "Citadel")]
+            fixed += [(r.port(plan), r.title) for r in CONTROL_ROLES]
         for port, what in fixed:
             if not port_is_free(port):
                 problems.append(f"127.0.0.1:{port} ({what}) is already in use by another program")
@@ -311,43 +345,43 @@ class Supervisor:
             try:
                 proc = await self._spawn(p)
             except OSError as e:
-                p.state, p.last_event = "failed", f"cannot start {p.argv[0]}: {e.strerror}"
+                p.state, p.last_event = ProcPhase.FAILED, f"cannot start {p.argv[0]}: {e.strerror}"
                 self.event(f"{p.kind} {p.name}: {p.last_event}")
                 if first:
                     task_status.started()
                     first = False
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                retry = lifecycle.on_spawn_failed(backoff)
+                await trio.sleep(retry.after)
+                backoff = retry.backoff
                 continue
             if first:
                 task_status.started()
                 first = False
             elif p.ready_check is not None and self._nursery is not None:
-                p.state = "starting"
+                p.state = ProcPhase.STARTING
                 self._nursery.start_soon(self._await_ready, p, proc)
             started = trio.current_time()
             code = await proc.wait()
-            if self.shutting_down or p.state == "stopped":
+            verdict = lifecycle.on_exit(p.state, backoff, started, trio.current_time(), shutting_down=self.shutting_down)
+            if isinstance(verdict, GiveUp):
                 return
             if on_exit:
                 on_exit()
-            if trio.current_time() - started > 10:
-                backoff = BACKOFF_START
             p.restarts += 1
             p.pid = None  # dead: status must not show its pid while the restart waits
-            p.state = "restarting"
-            p.last_event = f"exited with code {code}; restart #{p.restarts} in {backoff:.1f}s (log: {p.log})"
+            p.state = ProcPhase.RESTARTING
+            p.last_event = f"exited with code {code}; restart #{p.restarts} in {verdict.after:.1f}s (log: {p.log})"
             self.event(f"{p.kind} {p.name} {p.last_event}")
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await trio.sleep(verdict.after)
+            backoff = verdict.backoff
 
     async def _await_ready(self, p: ProcState, proc: trio.Process) -> None:
         """A restarted control-plane role is "ready" again once its ready check answers."""
         assert p.ready_check is not None
         port, path = p.ready_check
-        while proc.returncode is None and not self.shutting_down and p.state == "starting":
+        while proc.returncode is None and not self.shutting_down and p.state == ProcPhase.STARTING:
             if await http_ok("127.0.0.1", port, path):
-                p.state = "ready"
+                p.state = ProcPhase.READY
                 self.event(f"{p.kind} {p.name} ready again (pid {proc.pid})")
                 return
             await trio.sleep(0.1)
@@ -355,7 +389,7 @@ class Supervisor:
     async def stop_proc(self, p: ProcState | None, sig: int = signal.SIGTERM, grace: float = STOP_GRACE) -> None:
         if p is None or p.process is None:
             return
-        p.state = "stopped"
+        p.state = ProcPhase.STOPPED
         proc = p.process
         if proc.returncode is None:
             try:
@@ -406,11 +440,8 @@ class Supervisor:
     def keepalive_period(self) -> float:
         """How often registrations are renewed: the registry's own cadence
         (Consul: a third of the check's TTL; Eureka: the lease renewal interval)."""
-        period = getattr(self.registry, "keepalive_interval", None)
-        if period is None:
-            ttl = getattr(self.registry, "ttl", None)
-            period = ttl / 3 if ttl else 5.0
-        return max(0.2, float(period))
+        return lifecycle.keepalive_period(getattr(self.registry, "keepalive_interval", None),
+                                          getattr(self.registry, "ttl", None))
 
     async def keepalive_loop(self, inst: InstanceState) -> None:
         period = self.keepalive_period()
@@ -472,28 +503,15 @@ class Supervisor:
     # ------------------------------------------------------------ control plane
 
     async def start_control_plane(self, plan: Plan) -> None:
-        s = self.spec.settings
-        env = dict(os.environ)
-        if self.consul_token:
-            env["CONSUL_HTTP_TOKEN"] = self.consul_token
-        self.pilot = ProcState(
-            name="pilot",
-            kind="control-plane",
-            argv=meshctl_argv("pilot", "serve", "--port", str(plan.pilot_port), "--registry", s.registry or "embedded",
-                              "--trust-domain", s.trust_domain, "--state-dir", str(self.state_dir)),
-            env=env,
-            cwd=str(self.state_dir),
-            log=self.logs / "pilot.log",
-        )
-        self.pilot_url = f"http://127.0.0.1:{plan.pilot_port}"
+        self.role_urls["pilot"] = f"http://127.0.0.1:{plan.pilot_port}"
         write_control(self.state_dir, pilot=self.pilot_url, supervisor_pid=os.getpid())
         assert self._nursery is not None
+        ctx = RoleContext(plan, self.spec.settings, self.state_dir, self.consul_token)
         # The three roles start side by side: none needs another to come up.
         try:
             async with trio.open_nursery() as roles:
-                roles.start_soon(self._start_pilot, plan)
-                roles.start_soon(start_mixer, self, plan.mixer_port)  # telemetry for `top`, global rate-limit quotas
-                roles.start_soon(start_citadel, self, plan.citadel_port)  # CA + `citadel serve`; one-time tokens by env (supervisor/citadel.py)
+                for role in CONTROL_ROLES:
+                    roles.start_soon(self._start_control_role, role, ctx)
         except BaseExceptionGroup as group:
             first = next((e for e in _leaves(group) if isinstance(e, UpError)), None)
             if first is None:
@@ -503,6 +521,26 @@ class Supervisor:
             self.registry = PilotRegistry(self.pilot_url, credential=mesh_credential(self.state_dir))
         self._nursery.start_soon(self.registry_probe_loop)
 
+    async def _start_control_role(self, role: Role, ctx: RoleContext) -> None:
+        if role.pre_start is not None:
+            role.pre_start(ctx)
+        port = role.port(ctx.plan)
+        p = ProcState(name=role.name, kind="control-plane", argv=role.argv(ctx), env=role.env(ctx),
+                      cwd=str(self.state_dir), log=self.logs / f"{role.name}.log")
+        self.roles[role.name] = p
+        url = self.role_urls[role.name] = f"http://127.0.0.1:{port}"
+        if role.announce:
+            write_control(self.state_dir, **{role.name: url})
+        await self.start_role(p, role.title, port, role.ready_path)
+        self.event(role.ready_event(ctx, url))
+
+    async def stop_control_plane(self) -> None:
+        """The control roles, one after the other, in CONTROL_ROLES' order."""
+        for role in CONTROL_ROLES:
+            await self.stop_proc(self.roles.get(role.name))
+            if role.clear_on_stop:
+                write_control(self.state_dir, **{role.name: None})
+
     async def start_role(self, p: ProcState, what: str, port: int, path: str, timeout: float = ROLE_START_TIMEOUT) -> None:
         """Run a control-plane process under supervision and wait until GET ``path`` on
         ``port`` answers; UpError naming its log if it exits or stays silent."""
@@ -511,17 +549,12 @@ class Supervisor:
         await self._nursery.start(self.keep_running, p)
         with trio.move_on_after(timeout) as cs:
             while not await http_ok("127.0.0.1", port, path):
-                if p.state == "failed" or p.restarts:
+                if p.state == ProcPhase.FAILED or p.restarts:
                     break
                 await trio.sleep(0.05)
-        if cs.cancelled_caught or p.restarts or p.state == "failed":
+        if cs.cancelled_caught or p.restarts or p.state == ProcPhase.FAILED:
             raise UpError(f"{what} did not start: see {p.log}:\n{tail(p.log)}")
-        p.state = "ready"
-
-    async def _start_pilot(self, plan: Plan) -> None:
-        assert self.pilot is not None
-        await self.start_role(self.pilot, "Pilot", plan.pilot_port, "/healthz")
-        self.event(f"control plane ready at {self.pilot_url}")
+        p.state = ProcPhase.READY
 
     # ------------------------------------------------------------ workloads
 
@@ -537,7 +570,7 @@ class Supervisor:
             w.name,
             "sidecar",
             proxy_argv("--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(w.admin_port),
-                         "--state-dir", str(self.state_dir), *sidecar_args(self, w.name)),
+                         "--state-dir", str(self.state_dir), *self.sidecar_args(w.name)),
             {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")},
             str(self.state_dir),
             self.logs / f"{w.name}.proxy.log",
@@ -559,8 +592,7 @@ class Supervisor:
         with inst.cancel:
             async with trio.open_nursery() as n:
                 def lost() -> None:
-                    inst.state = "restarting"
-                    inst.ok_streak = 0
+                    inst.set_health(lifecycle.on_process_lost(inst.health()))
 
                 if inst.app:
                     await n.start(self.keep_running, inst.app, lost)
@@ -573,41 +605,33 @@ class Supervisor:
         svc = next(s for s in self.spec.services if s.name == w.service)
         hc = svc.health_check or HealthCheck(tcp=True, interval=1.0)
         interval = float(hc.interval)
+        thresholds = Thresholds(healthy=hc.healthy_threshold, unhealthy=hc.unhealthy_threshold)
         fast = True  # check often until the first success, so `up` is quick
-        while not self.shutting_down and inst.state not in ("draining", "stopped"):
+        while not self.shutting_down and inst.state not in (InstancePhase.DRAINING, InstancePhase.STOPPED):
             ok_app = await (http_ok(w.app_host, w.app_port, hc.http, timeout=float(hc.timeout)) if hc.http
                             else tcp_ok(w.app_host, w.app_port, timeout=float(hc.timeout)))
             ok_proxy = ok_app and await http_ok("127.0.0.1", w.admin_port, "/ready", timeout=1.0)
-            if ok_app and ok_proxy:
-                inst.ok_streak += 1
-                inst.fail_streak = 0
-                if inst.ok_streak >= hc.healthy_threshold and (not inst.registered or inst.state != "ready"):
-                    await self._register(inst)  # registering again is harmless: same id, same data
-            else:
-                inst.fail_streak += 1
-                inst.ok_streak = 0
-                threshold = 1 if inst.state == "restarting" else hc.unhealthy_threshold
-                if inst.registered and inst.fail_streak >= threshold:
-                    await self._deregister(inst)
-                    inst.state = "unhealthy" if ok_proxy or not ok_app else "restarting"
-                    what = "app" if not ok_app else "sidecar"
-                    self.event(f"{w.name} unhealthy ({what} check failed {inst.fail_streak}x): taken out of the endpoints")
-            if fast and not inst.registered:
-                await trio.sleep(0.05)
-            else:
-                fast = False
-                await trio.sleep(interval)
+            health, verdict = lifecycle.on_health(inst.health(), ok_app, ok_proxy, thresholds)
+            inst.ok_streak, inst.fail_streak = health.ok_streak, health.fail_streak
+            if isinstance(verdict, Register):
+                await self._register(inst)  # registering again is harmless: same id, same data
+            elif isinstance(verdict, Deregister):
+                await self._deregister(inst)
+                inst.state = verdict.phase
+                self.event(f"{w.name} unhealthy ({verdict.failed} check failed {verdict.streak}x): taken out of the endpoints")
+            pause, fast = lifecycle.next_check(fast, inst.registered, interval)
+            await trio.sleep(pause)
 
     async def _register(self, inst: InstanceState) -> None:
         async with inst.lock:
-            if self.shutting_down or inst.state in ("draining", "stopped"):
+            if self.shutting_down or inst.state in (InstancePhase.DRAINING, InstancePhase.STOPPED):
                 return
             try:
                 await self.registry.register(self._instance(inst.plan))
             except RegistryError as e:
-                inst.state = "starting"
+                inst.state = InstancePhase.STARTING
                 inst.proxy.last_event = f"registration failed: {e}"
-                if self.state == "starting" and not isinstance(self.registry, PilotRegistry) and getattr(self.registry, "reachable", False):
+                if self.state == MeshPhase.STARTING and not isinstance(self.registry, PilotRegistry) and getattr(self.registry, "reachable", False):
                     # The server answered and said no: waiting will not change its mind.
                     self._refused = f"the registry refused to register {inst.plan.name}: {e}"
                 self.event(f"{inst.plan.name}: registration failed ({e}); retrying")
@@ -615,11 +639,11 @@ class Supervisor:
             inst.registered = True
             self._undeleted.discard(inst.plan.name)
         was = inst.state
-        inst.state = "ready"
+        inst.state = InstancePhase.READY
         for p in (inst.app, inst.proxy):
             if p:
-                p.state = "running"
-        self.event(f"{inst.plan.name} {'ready' if was == 'starting' else 'healthy again'}")
+                p.state = ProcPhase.RUNNING
+        self.event(f"{inst.plan.name} {'ready' if was == InstancePhase.STARTING else 'healthy again'}")
 
     async def _deregister(self, inst: InstanceState, *, drain: bool = False) -> None:
         """Take the instance out of the registry; with ``drain``, mark it draining
@@ -642,7 +666,7 @@ class Supervisor:
             # One instance leaves a running mesh: draining (Consul maintenance,
             # Eureka OUT_OF_SERVICE) until Pilot's watch has dropped it, its
             # sidecar still serving; then deregistered and stopped.
-            inst.state = "draining"
+            inst.state = InstancePhase.DRAINING
             async with inst.lock:
                 try:
                     await self.registry.set_draining(inst.plan.name)
@@ -652,8 +676,8 @@ class Supervisor:
                 while not await self._unseen_by_pilot({inst.plan.name}):
                     await trio.sleep(0.1)
         if inst.registered:
-            await self._deregister(inst, drain=inst.state != "draining")
-        inst.state = "stopped"
+            await self._deregister(inst, drain=inst.state != InstancePhase.DRAINING)
+        inst.state = InstancePhase.STOPPED
         # Deregistered above; now the sidecar drains: on SIGTERM it serves
         # settings.drainDuration more while callers move away (Istio's
         # terminationDrainDuration); when the whole mesh stops nobody is left to
@@ -671,7 +695,7 @@ class Supervisor:
         p = ProcState(
             g.name, "gateway",
             proxy_argv("--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(g.admin_port),
-                         "--state-dir", str(self.state_dir), *sidecar_args(self, g.name)),
+                         "--state-dir", str(self.state_dir), *self.sidecar_args(g.name)),
             dict(os.environ), str(self.state_dir), self.logs / f"{g.name}.gateway.log",
         )
         self.gateways[g.name] = p
@@ -696,24 +720,24 @@ class Supervisor:
         """Readiness, and the gateway's registration as the service
         ``<name>.istio-system`` (as Istio's gateways are Kubernetes services there),
         one instance per mesh.yaml port: sidecars reach an egress gateway by it."""
-        renewed = 0.0
+        renewed: float | None = None  # when its registrations were last renewed; None: not registered
         while not self.shutting_down:
             ok = await http_ok("127.0.0.1", g.admin_port, "/ready", timeout=1.0)
-            new = "ready" if ok else ("restarting" if p.state == "restarting" else "starting")
-            if new != p.state and p.state != "stopped":
+            new = lifecycle.gateway_phase(ok, p.state)
+            if new is not None:
                 p.state = new
                 self.event(f"gateway {g.name} {new}")
-            if ok and (renewed == 0.0 or time.monotonic() - renewed >= self.keepalive_period()):
+            if ok and lifecycle.renewal_due(renewed, time.monotonic(), self.keepalive_period()):
                 try:
                     for inst in gateway_instances(g):
-                        if renewed == 0.0:
+                        if renewed is None:
                             await self.registry.register(inst)
                         else:
                             await self.registry.keep_alive(inst.id)
                     renewed = time.monotonic()
                 except RegistryError as e:
                     log.warning("gateway %s: registration failed: %s", g.name, e)
-                    renewed = 0.0
+                    renewed = None
             await trio.sleep(0.05 if not ok else 1.0)
 
     # ------------------------------------------------------------ the whole mesh
@@ -750,8 +774,8 @@ class Supervisor:
         while True:
             if self._refused:
                 raise UpError(self._refused)
-            pending = [i.plan.name for i in self.instances.values() if i.state != "ready"]
-            pending += [f"gateway {n}" for n, p in self.gateways.items() if p.state != "ready"]
+            pending = [i.plan.name for i in self.instances.values() if i.state != InstancePhase.READY]
+            pending += [f"gateway {n}" for n, p in self.gateways.items() if p.state != ProcPhase.READY]
             if self.plan:
                 pending += [f"gateway {g.name}" for g in self.plan.gateways if g.name not in self.gateways]
             if not pending and not isinstance(self.registry, PilotRegistry):
@@ -764,7 +788,7 @@ class Supervisor:
             if trio.current_time() > deadline:
                 details = []
                 for i in self.instances.values():
-                    if i.state != "ready":
+                    if i.state != InstancePhase.READY:
                         details.append(f"{i.plan.name} is {i.state}:")
                         for p in (i.app, i.proxy):
                             if p is None:
@@ -804,7 +828,7 @@ class Supervisor:
                         await self.apply_plan(plan)
                         await self.wait_ready()
                     except BaseException as e:
-                        self.state = "failed"
+                        self.state = MeshPhase.FAILED
                         self.error = str(e) if isinstance(e, UpError) else f"{e.__class__.__name__}: {e}"
                         self.write_status()
                         await self.shutdown()
@@ -812,7 +836,7 @@ class Supervisor:
                         if isinstance(e, (UpError, trio.Cancelled, KeyboardInterrupt)):
                             raise
                         raise UpError(self.error) from e
-                    self.state = "running"
+                    self.state = MeshPhase.RUNNING
                     self.event("mesh is up")
                     task_status.started()
                     async for sig in signals:
@@ -845,14 +869,14 @@ class Supervisor:
             self.event(self.error)
             return
         self.error = ""
-        self.state = "updating"
+        self.state = MeshPhase.UPDATING
         await self.apply_plan(plan)
         try:
             await self.wait_ready()
-            self.state = "running"
+            self.state = MeshPhase.RUNNING
             self.event("mesh updated")
         except UpError as e:
-            self.state = "running"
+            self.state = MeshPhase.RUNNING
             self.error = str(e)
             self.event(str(e))
 
@@ -860,7 +884,7 @@ class Supervisor:
         if self.shutting_down:
             return
         self.shutting_down = True
-        self.state = "stopping"
+        self.state = MeshPhase.STOPPING
         self.event("stopping the mesh")
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as n:
@@ -868,15 +892,13 @@ class Supervisor:
                     n.start_soon(self.stop_instance, inst)
                 for p in self.gateways.values():
                     n.start_soon(self.stop_proc, p)
-            await self.stop_proc(self.pilot)
-            await stop_mixer(self)
-            await stop_citadel(self)
+            await self.stop_control_plane()
             if self.registry is not None:
                 try:
                     await self.registry.aclose()
                 except Exception:
                     pass
-            self.state = "stopped"
+            self.state = MeshPhase.STOPPED
             write_control(self.state_dir, pilot=None, supervisor_pid=None)
             self.event("mesh stopped")
 
