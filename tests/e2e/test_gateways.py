@@ -292,6 +292,13 @@ def test_authorization_policy_selecting_the_gateway_is_enforced(mesh):
         code, body = curl(*http_url(mesh, "/headers"))
         assert code == "403" and "RBAC: access denied" in body
         assert curl(*http_url(mesh, "/status/200"))[0] == "200"
+        # telemetry on the gateway as on sidecars: Istio's metric, with the denial counted
+        import json
+
+        admin = json.loads((mesh["dir"] / ".meshctl" / "ports.json").read_text())["istio-ingressgateway/admin"]
+        stats = curl(f"http://127.0.0.1:{admin}/stats")[1]
+        lines = [l for l in stats.splitlines() if l.startswith("istio_requests_total{") and 'response_code="403"' in l]
+        assert lines and 'source_workload="istio-ingressgateway"' in lines[0], stats[:2000]
     finally:
         delete(mesh, "authorizationpolicy", "deny-headers")
     assert curl(*http_url(mesh, "/headers"))[0] == "200"
