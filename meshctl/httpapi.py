@@ -73,6 +73,8 @@ class Response:
     status: int = 200
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # an async iterator of bytes sent as they come (chunked), for server-sent events; then body is unused
+    stream: Any = None
 
     @classmethod
     def json(cls, obj: Any, status: int = 200, *, compact: bool = False) -> "Response":
@@ -255,6 +257,12 @@ async def _linger(stream: trio.SocketStream, seconds: float = 1.0, most: int = 1
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, resp: Response) -> None:
+    if resp.stream is not None:
+        await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=resp.headers)))
+        async for chunk in resp.stream:
+            await stream.send_all(conn.send(h11.Data(data=chunk)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+        return
     headers = [("content-length", str(len(resp.body)))] + resp.headers
     if resp.status in (408, 413) or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
         headers.append(("connection", "close"))

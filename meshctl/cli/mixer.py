@@ -51,6 +51,9 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s mixer %(levelname)s %(message)s")
     sd.mkdir(parents=True, exist_ok=True)  # holds the mesh credential Mixer checks callers with
     mixer = Mixer(sd, {t: t for t in target}, interval=interval)
+    from .observe import dashboard_context
+
+    mixer.dashboard_context = dashboard_context(sd)  # rules and faults on the dashboard
 
     async def main() -> None:
         async with trio.open_nursery() as n:

@@ -1,10 +1,11 @@
-"""Observability commands: `meshctl prometheus-config`."""
+"""Observability commands: `meshctl prometheus-config`, `meshctl dashboard`."""
 
 from __future__ import annotations
 
 import re
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import typer
 
@@ -13,6 +14,60 @@ from .common import StateDirOption, fail, state_dir
 
 def register(root: typer.Typer) -> None:
     root.command("prometheus-config")(prometheus_config)
+    root.command("dashboard")(dashboard)
+
+
+def dashboard_context(sd: Path) -> Callable[[float], dict]:
+    """For Mixer's dashboard: the rules applied and the injected faults in force at ``now``."""
+
+    def context(now: float) -> dict:
+        from ..pilot.faults import FaultError, FaultStore, active_faults, describe, describe_match
+        from ..pilot.store import RuleStore, StoreError
+
+        try:
+            rules = [{"kind": r.kind, "name": r.name, "namespace": r.namespace, "source": r.source or ""}
+                     for r in RuleStore(sd).current().resources]
+        except (StoreError, OSError, ValueError):
+            rules = []
+        try:
+            faults = active_faults(FaultStore(sd).load(), now)
+        except (FaultError, OSError, ValueError):
+            faults = ()
+        out = []
+        for f in faults:
+            svc = f.service
+            if svc.endswith(".svc.cluster.local"):
+                name, ns = svc.split(".")[:2]
+                svc = name if ns == "default" else f"{name}.{ns}"
+            out.append({"id": f.id, "service": svc, "fault": describe(f), "match": describe_match(f.match),
+                        "subset": f.subset or "", "expires": f.expires,
+                        "left": None if f.expires is None else max(0.0, f.expires - now)})
+        return {"rules": rules, "faults": out}
+
+    return context
+
+
+def dashboard(
+    open_browser: bool = typer.Option(False, "--open", help="Open the page in a web browser too."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Print the URL of the live dashboard Mixer serves on loopback: service graph, golden
+    signals, rules applied and faults in force."""
+    from ..controlclient import ControlClient
+    from ..credentials import mesh_credential
+    from ..mixer.dashboard import token
+
+    sd = state_dir(state)
+    url = ControlClient(sd).url("mixer")
+    if not url:
+        fail("Mixer is not running (start the mesh with `meshctl up`)")
+    page = f"{url.rstrip('/')}/dashboard/?token={token(mesh_credential(sd))}"
+    sys.stdout.write(page + "\n")
+    if open_browser:
+        import webbrowser
+
+        if not webbrowser.open(page):
+            fail("no web browser found: open the URL above yourself")
 
 
 def prometheus_config(

@@ -7,6 +7,7 @@
     POST /v1/quota             {"key", "proxy", "tokens", "limit", "unit_seconds"} →
                                {"granted", "valid_for", "exhausted"}  (core.ratelimit.GlobalQuota)
     GET  /ready                200 once serving
+    GET  /dashboard/...        `meshctl dashboard`'s live page (dashboard.py; its own read-only token)
 
 Like istiod's monitoring port, ``/metrics`` and ``/ready`` need no credential
 (Prometheus scrapes them). ``/v1/top`` and ``/v1/targets`` need the mesh
@@ -26,13 +27,16 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import trio
 
 from ..core.ratelimit import GlobalQuota, RateLimitConfigError
 from ..credentials import Caller, Forbidden, mesh_credential
 from ..httpapi import HTTPError, Request, Response, authenticate, serve
+from . import dashboard
 from .aggregate import Aggregator, ParseError
+from .graph import EdgeHistory
 
 log = logging.getLogger("meshctl.mixer")
 
@@ -76,6 +80,9 @@ class Mixer:
         self.static_targets = dict(targets or {})
         self.interval = interval
         self.agg = Aggregator()
+        self.graph = EdgeHistory()  # the dashboard's service graph (graph.py)
+        # now → {"rules": [...], "faults": [...]} for the dashboard, given by the launcher (cli/mixer.py)
+        self.dashboard_context: Callable[[float], dict] | None = None
         self.quotas: dict[str, GlobalQuota] = {}
         self.targets: dict[str, str] = {}
         self.rounds = 0
@@ -141,6 +148,7 @@ class Mixer:
                 self.agg.lost(key, str(exc))
         self.agg.forget_targets(set(self.targets.values()))
         self.agg.snapshot(trio.current_time())
+        self.graph.snapshot(trio.current_time(), self.agg.totals)
         self.rounds += 1
         ev, self._round_done = self._round_done, trio.Event()
         ev.set()
@@ -189,6 +197,8 @@ class Mixer:
             return Response.text(self.agg.render(), content_type="text/plain; version=0.0.4")
         if req.method == "GET" and path == "/ready":
             return Response.text("ready\n")
+        if path == "/dashboard" or path.startswith("/dashboard/"):  # its own token (dashboard.py)
+            return await dashboard.handle(self, req, path)
         caller = authenticate(req, self.mesh_secret)
         try:
             return self._route(req, path, caller)
