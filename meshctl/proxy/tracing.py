@@ -47,37 +47,52 @@ class Tracer:
             self._wake.set()
 
     async def run(self, rt) -> None:
-        """Flush the buffer to the collector in rt's current settings, every INTERVAL or BATCH spans."""
-        import httpx
-
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        """Flush the buffer to the collector in rt's current settings, every INTERVAL or BATCH spans.
+        The HTTP client is made on the first span (a proxy that never traces never imports httpx)."""
+        client = None
+        try:
             while True:
                 with trio.move_on_after(INTERVAL):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                while self.spans:
-                    addr = _zipkin_address(rt.snapshot.settings.tracing_zipkin)
-                    if addr is None:
-                        self.dropped += len(self.spans)
-                        self.spans = []
-                        break
-                    batch, self.spans = self.spans[:BATCH], self.spans[BATCH:]
-                    host, port = addr
-                    if ":" in host:
-                        host = f"[{host}]"
-                    try:
-                        r = await client.post(f"http://{host}:{port}/api/v2/spans", content=json.dumps(batch),
-                                              headers={"content-type": "application/json"})
-                        if r.status_code >= 300:
-                            raise httpx.HTTPError(f"HTTP {r.status_code}: {r.text[:200]}")
-                        self.sent += len(batch)
-                    except httpx.HTTPError as exc:
-                        self.failures += 1
-                        self.dropped += len(batch)
-                        if self.failures == 1 or self.failures % 100 == 0:
-                            log.warning("tracing: cannot send %d spans to zipkin %s:%d: %s (%d failures)",
-                                        len(batch), host, port, exc, self.failures)
-                        break
+                if not self.spans:
+                    continue
+                if client is None:
+                    import httpx
+
+                    client = httpx.AsyncClient(timeout=5.0)
+                await self._flush(rt, client)
+        finally:
+            if client is not None:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+    async def _flush(self, rt, client) -> None:
+        import httpx
+
+        while self.spans:
+            addr = _zipkin_address(rt.snapshot.settings.tracing_zipkin)
+            if addr is None:  # tracing turned off since: drop what was recorded
+                self.dropped += len(self.spans)
+                self.spans = []
+                return
+            batch, self.spans = self.spans[:BATCH], self.spans[BATCH:]
+            host, port = addr
+            if ":" in host:
+                host = f"[{host}]"
+            try:
+                r = await client.post(f"http://{host}:{port}/api/v2/spans", content=json.dumps(batch),
+                                      headers={"content-type": "application/json"})
+                if r.status_code >= 300:
+                    raise httpx.HTTPError(f"HTTP {r.status_code}: {r.text[:200]}")
+                self.sent += len(batch)
+            except httpx.HTTPError as exc:
+                self.failures += 1
+                self.dropped += len(batch)
+                if self.failures == 1 or self.failures % 100 == 0:
+                    log.warning("tracing: cannot send %d spans to zipkin %s:%d: %s (%d failures)",
+                                len(batch), host, port, exc, self.failures)
+                return
 
 
 class TraceStage:
