@@ -340,6 +340,18 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
             stream.close_now()
             return
         peer_id = next((v for v in sans if v.startswith("spiffe://")), None)
+        if server.mode == "ISTIO_MUTUAL":  # a mesh workload: the SPIFFE checks sidecars make
+            from datetime import datetime, timezone
+
+            from ..citadel.errors import PeerRejected
+            from ..citadel.identity import check_leaf
+
+            try:
+                peer_id = check_leaf(cert, None, datetime.now(timezone.utc), usage="client")
+            except PeerRejected as exc:
+                log.info("%s: client %s refused: %s", spec.name, client_ip, exc)
+                stream.close_now()
+                return
     secure = tls
     if hasattr(tls, "peer_id"):  # TLSSocketStream: what authz and telemetry read of the peer
         tls.peer_id = peer_id

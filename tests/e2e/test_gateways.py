@@ -915,3 +915,54 @@ def test_egress_gateway_and_tls_origination(mesh):
             meshctl("route", "delete", kind, name, cwd=mesh["dir"], check=False)
         plain.close()
         secure.close()
+
+
+ISTIO_MUTUAL = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: mygateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 443
+      name: https
+      protocol: HTTPS
+    tls:
+      mode: ISTIO_MUTUAL
+    hosts:
+    - httpbin.example.com
+"""
+
+
+def test_istio_mutual_admits_mesh_workload_certificates_only(secure):
+    """ISTIO_MUTUAL: the gateway presents its mesh identity and requires a client
+    certificate from the mesh CA with a SPIFFE ID (signed here with the mesh CA's key,
+    as Citadel signs a workload's)."""
+    mesh = secure
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    ca_dir = mesh["dir"] / ".meshctl" / "ca"
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca-cert.pem").read_bytes())
+    ca_key = load_pem_private_key((ca_dir / "ca-key.pem").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/sleep")]), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    c, k = write_pair(mesh["certs"], "sleep-spiffe", leaf, key)
+    chain = mesh["certs"] / "sleep-chain.pem"
+    chain.write_bytes(c.read_bytes() + (ca_dir / "cert-chain.pem").read_bytes())
+    apply_text(mesh, ISTIO_MUTUAL + "---\n" + SECURE_GATEWAY.split("---\n", 1)[1])
+    # the gateway's certificate carries a SPIFFE ID, not the host name: -k for the name, the client cert is the point
+    assert https(mesh, "httpbin.example.com", "/status/200", "-k")[0] == "000"  # no client certificate
+    code, body = https(mesh, "httpbin.example.com", "/status/200", "-k", "--cert", str(chain), "--key", str(k))
+    assert code == "200" and "/status/200" in body
+    stranger = write_pair(mesh["certs"], "stranger2", *make_leaf(mesh["ca"], "client.example.com", client=True))
+    assert https(mesh, "httpbin.example.com", "/status/200", "-k", "--cert", str(stranger[0]), "--key", str(stranger[1]))[0] == "000"
+    assert plaintext_answer(mesh["https"]) == b""
