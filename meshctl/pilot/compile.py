@@ -582,23 +582,35 @@ def _selected(selector, workload: Workload) -> bool:
     return selector is None or not selector.match_labels or _labels_match(selector.match_labels, workload.labels)
 
 
-def authorization_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, AuthorizationPolicy], ...]:
-    out = []
-    for r in sorted(inp.resources, key=lambda r: (r.namespace, r.name)):
-        if isinstance(r.spec, AuthorizationPolicy) and r.namespace in (workload.namespace, ROOT_NAMESPACE):
-            if _selected(r.spec.selector, workload):
-                out.append((f"{r.namespace}/{r.name}", r.spec))
-    return tuple(out)
+def _policy_applies(r: Resource, selector, workload: Workload, gateway: bool) -> bool:
+    """Whether a security policy (AuthorizationPolicy, RequestAuthentication) in
+    ``r.namespace`` applies to ``workload``.
+
+    Sidecars: policies of their own namespace and of the root namespace whose selector
+    matches (or that have none). Gateways: in Istio the ingress gateway runs in the root
+    namespace, so a namespace-wide policy of the workloads' namespace (Istio's
+    ``allow-nothing`` in ``default``) does not reach it; a policy there reaches it only
+    when its selector names the gateway's labels (``istio: ingressgateway``).
+    """
+    if r.namespace == ROOT_NAMESPACE:
+        return _selected(selector, workload)
+    if r.namespace != workload.namespace:
+        return False
+    if gateway:
+        return selector is not None and bool(selector.match_labels) and _labels_match(selector.match_labels, workload.labels)
+    return _selected(selector, workload)
 
 
-def request_authentication_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, RequestAuthentication], ...]:
-    """RequestAuthentications in the workload's namespace or the root namespace whose selector matches it."""
-    out = []
-    for r in sorted(inp.resources, key=lambda r: (r.namespace, r.name)):
-        if isinstance(r.spec, RequestAuthentication) and r.namespace in (workload.namespace, ROOT_NAMESPACE):
-            if _selected(r.spec.selector, workload):
-                out.append((f"{r.namespace}/{r.name}", r.spec))
-    return tuple(out)
+def authorization_for(inp: Inputs, workload: Workload, *, gateway: bool = False) -> tuple[tuple[str, AuthorizationPolicy], ...]:
+    return tuple((f"{r.namespace}/{r.name}", r.spec) for r in sorted(inp.resources, key=lambda r: (r.namespace, r.name))
+                 if isinstance(r.spec, AuthorizationPolicy) and _policy_applies(r, r.spec.selector, workload, gateway))
+
+
+def request_authentication_for(inp: Inputs, workload: Workload, *,
+                               gateway: bool = False) -> tuple[tuple[str, RequestAuthentication], ...]:
+    """RequestAuthentications that apply to the workload (the same rule as authorization_for)."""
+    return tuple((f"{r.namespace}/{r.name}", r.spec) for r in sorted(inp.resources, key=lambda r: (r.namespace, r.name))
+                 if isinstance(r.spec, RequestAuthentication) and _policy_applies(r, r.spec.selector, workload, gateway))
 
 
 def jwks_uris(specs: Iterable[object]) -> list[str]:
@@ -697,14 +709,14 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         replace(l, service=fqdn(l.service)) if l.direction == "binding" and l.service and l.protocol == "http" else l
         for l in listeners
     ]
-    authn = request_authentication_for(inp, wl)
+    authn = request_authentication_for(inp, wl, gateway=bool(node.gateway))
     cfg = ProxyConfig(
         version="",
         workload=wl,
         listeners=tuple(listeners),
         route_tables=FrozenDict(sorted(tables.items())),
         clusters=FrozenDict(sorted(clusters.items())),
-        authorization=FrozenDict(authorization_for(inp, wl)),
+        authorization=FrozenDict(authorization_for(inp, wl, gateway=bool(node.gateway))),
         rate_limits=FrozenDict(rate_limits_for(inp, wl)),
         request_authentication=FrozenDict(authn),
         jwks=FrozenDict(sorted((u, inp.jwks[u]) for u in jwks_uris(s for _, s in authn) if u in inp.jwks)),

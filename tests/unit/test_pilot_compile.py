@@ -227,3 +227,37 @@ def test_request_authentication_by_selector_and_namespace_with_the_keys_pilot_fe
     # new keys for the uri: a new config version for the gateway only
     gw2 = compile_proxy(Inputs(resources, SNAP, jwks={"http://keys.example/jwks.json": '{"keys": [2]}'}), GATEWAY)
     assert gw2.version != gw.version
+
+
+AUTHZ_FOR_GATEWAY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: default}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin-at-ingress, namespace: default}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-wide-deny, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/secret"]}}]}]
+"""
+
+
+def test_a_namespace_wide_policy_of_the_workloads_namespace_does_not_reach_the_ingress_gateway():
+    # Istio's authz-http task applies allow-nothing in `default`: it locks the workloads,
+    # not the ingress gateway (which runs in istio-system); a policy there that selects
+    # the gateway by its labels, and any root-namespace policy, still apply to it.
+    resources = load_resources_text(AUTHZ_FOR_GATEWAY)
+    gw = compile_proxy(Inputs(resources, SNAP), GATEWAY)
+    assert list(gw.authorization) == ["default/deny-admin-at-ingress", "istio-system/mesh-wide-deny"]
+    pp = compile_proxy(Inputs(resources, SNAP), PRODUCTPAGE)
+    assert list(pp.authorization) == ["default/allow-nothing", "istio-system/mesh-wide-deny"]
