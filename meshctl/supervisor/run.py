@@ -706,13 +706,18 @@ class Supervisor:
         with scope:
             await self._watch_gateway(g, p)
 
-    async def stop_gateway(self, name: str) -> None:
-        self._gateway_scopes.pop(name).cancel()
-        for inst in gateway_instances(self.gateway_plans[name]):
+    async def _deregister_gateway(self, g: GatewayPlan) -> None:
+        if self.registry is None:
+            return
+        for inst in gateway_instances(g):
             try:
                 await self.registry.deregister(inst.id)
             except RegistryError as e:
                 log.warning("deregister %s failed: %s", inst.id, e)
+
+    async def stop_gateway(self, name: str) -> None:
+        self._gateway_scopes.pop(name).cancel()
+        await self._deregister_gateway(self.gateway_plans[name])
         await self.stop_proc(self.gateways.pop(name))
         del self.gateway_plans[name]
 
@@ -892,6 +897,8 @@ class Supervisor:
                     n.start_soon(self.stop_instance, inst)
                 for p in self.gateways.values():
                     n.start_soon(self.stop_proc, p)
+                for g in self.gateway_plans.values():
+                    n.start_soon(self._deregister_gateway, g)
             await self.stop_control_plane()
             if self.registry is not None:
                 try:
