@@ -379,13 +379,27 @@ class H2Exchange:
             if whole:
                 return await self._respond(a, conn, st)
             failure: list[BaseException] = []
+            main_error: list[Exception] = []
+            result: TryResult | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_body, rq, conn, st, failure, nursery.cancel_scope)
-                result = await self._respond(a, conn, st)
-                if not body.finished:
+                try:
+                    result = await self._respond(a, conn, st)
+                except Exception as exc:
+                    # kept out of the nursery, which would wrap it in an ExceptionGroup that the
+                    # callers' ``except DownstreamGone``/``PeerGone`` do not catch (a client that
+                    # closed right after the last response bytes then crashed its connection's
+                    # task and lost the stream's telemetry)
+                    main_error.append(exc)
                     nursery.cancel_scope.cancel()
+                else:
+                    if not body.finished:
+                        nursery.cancel_scope.cancel()
+            if main_error:
+                raise main_error[0]
             if failure:
                 raise failure[0]
+            assert result is not None
             if not body.finished:
                 rq.keep_alive = False
             return result

@@ -176,11 +176,24 @@ async def test_unary_server_streaming_and_bidi_through_a_sidecar_pair(echo_apps)
         # client sent 1 + 1 + 3 messages, server answered 1 + 50 + 3.
         from prometheus_client.parser import text_string_to_metric_families
 
-        totals = {}
-        for fam in text_string_to_metric_families(rt.telemetry.render()):
-            for sm in fam.samples:
-                if sm.name in ("istio_request_messages_total", "istio_response_messages_total"):
-                    totals[sm.name] = totals.get(sm.name, 0) + sm.value
+        def recorded():
+            calls, totals = 0, {}
+            for fam in text_string_to_metric_families(rt.telemetry.render()):
+                for sm in fam.samples:
+                    if sm.name == "istio_requests_total":
+                        calls += sm.value
+                    if sm.name in ("istio_request_messages_total", "istio_response_messages_total"):
+                        totals[sm.name] = totals.get(sm.name, 0) + sm.value
+            return calls, totals
+
+        # The client has its last message and trailers a moment before the sidecar's stream
+        # task records the stream (as in Envoy, on completion): wait, bounded, until all
+        # three calls are recorded, then check their message counts.
+        with trio.move_on_after(5):
+            while recorded()[0] < 3:
+                await trio.sleep(0.01)
+        calls, totals = recorded()
+        assert calls == 3, calls
         assert totals == {"istio_request_messages_total": 5, "istio_response_messages_total": 54}, totals
         assert resp == b"a: hello world"
         assert trailers["x-app-trailer"] == "a"  # trailers carried end to end
