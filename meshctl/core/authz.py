@@ -94,7 +94,7 @@ class AuthzRequest:
     source_namespace: str | None = None  # None: taken from the principal
     remote_ip: str | None = None  # original client (X-Forwarded-For, trusted hops); None: source_ip
     destination_ip: str | None = None
-    sni: str | None = None
+    sni: str | None = None  # server name of the TLS ClientHello; None: plaintext or no SNI
     auth: RequestAuth | None = None  # verified JWT (RequestAuthentication); None: no token
 
 
@@ -469,9 +469,8 @@ def condition_key_supported(key: str) -> bool:
     return key in _EXACT_KEYS
 
 
-# connection.sni is not here: the proxy does not record the SNI a client sent,
-# so route validate refuses it by name.
 _EXACT_KEYS = frozenset({
     "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port",
+    "connection.sni",
     "request.auth.principal", "request.auth.audiences", "request.auth.presenter",
 })

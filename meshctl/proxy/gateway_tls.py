@@ -357,6 +357,7 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
         tls.peer_id = peer_id
         tls.principal = principal_of(peer_id)
         tls.alpn = tls.selected_alpn_protocol()
+        tls.sni = hello.sni  # for AuthorizationPolicy's connection.sni
     if server.protocol == "tcp":
         await serve_tcp_connection(rt, _L4(replace(spec, protocol="tcp", tcp_routes=server.tcp_routes), al.sock), secure, client_ip)
     else:

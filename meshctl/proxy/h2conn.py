@@ -242,6 +242,11 @@ class _StreamDown:
     def principal(self) -> str | None:
         return getattr(self.c.stream, "principal", None)
 
+    @property
+    def sni(self) -> str | None:
+        """The server name the client's TLS ClientHello carried (None: plaintext or no SNI)."""
+        return getattr(self.c.stream, "sni", None)
+
     async def send_all(self, data: bytes) -> None:
         c = self.c
         if data:

@@ -204,7 +204,7 @@ class AuthzStage:
             port=(lst.service_port or lst.port) if gateway else (lst.app_port or lst.port),
             headers=rq.headers, source_principal=getattr(rq.down, "peer_id", None), source_ip=rq.client_ip,
             remote_ip=trusted_client_address(head.headers, rq.client_ip, lst.trusted_proxies) if gateway else None,
-            auth=rq.auth, destination_ip=_local_ip(rq),
+            auth=rq.auth, destination_ip=_local_ip(rq), sni=getattr(rq.down, "sni", None),
         )
         custom = custom_check(policies, areq)
         if custom is not None:  # CUSTOM first: the external authorizer (proxy/extauthz.py)

@@ -26,6 +26,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import weakref
 from typing import Callable
 
 import trio
@@ -335,13 +336,15 @@ class TLSSocketStream(trio.abc.Stream):
     ``trio.BrokenResourceError``; use after close ``trio.ClosedResourceError``.
 
     The proxy's extras: ``peer_id`` / ``principal`` / ``alpn`` (set by the
-    handshake code in proxy/tls.py and proxy/identity.py), ``socket`` (a
+    handshake code in proxy/tls.py and proxy/identity.py), ``sni`` (server
+    side: the server name of the client's ClientHello, when its context was
+    given to ``record_sni``), ``socket`` (a
     ``PeekSocket``), ``closed``, ``close_now()``, ``fileno()``. Not
     half-closeable.
     """
 
     __slots__ = (
-        "raw", "sock", "peer_id", "principal", "alpn", "quickack", "on_session", "park_after_send",
+        "raw", "sock", "peer_id", "principal", "alpn", "sni", "quickack", "on_session", "park_after_send",
         "_calls", "_every", "_recv_busy", "_send_busy", "_park_next", "_handshaken", "_write_pending",
     )
 
@@ -351,6 +354,7 @@ class TLSSocketStream(trio.abc.Stream):
         self.peer_id: str | None = None
         self.principal: str | None = None
         self.alpn: str | None = None
+        self.sni: str | None = None
         self.quickack = False
         # called once with the connection's resumable session (client side; see identity.UpstreamTLS)
         self.on_session: Callable[[ssl.SSLSession], None] | None = None
@@ -385,6 +389,8 @@ class TLSSocketStream(trio.abc.Stream):
                 raise _tls_broken(exc) from exc
         self._handshaken = True
         self.alpn = sock.selected_alpn_protocol()
+        if sock.server_side:
+            self.sni = _SNI_SEEN.pop(sock, None)
         if self.on_session is not None and sock.version() != "TLSv1.3":
             self._offer_session()  # TLS 1.2: the session is complete now
 
@@ -569,6 +575,22 @@ class TLSSocketStream(trio.abc.Stream):
 
     def version(self) -> str | None:
         return self.sock.version()
+
+
+# The server name each server-side handshake's ClientHello carried, by SSL
+# socket, until do_handshake takes it (connection.sni in AuthorizationPolicy).
+_SNI_SEEN: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+
+def _note_sni(sock: object, name: str | None, ctx: ssl.SSLContext) -> None:
+    if name:
+        _SNI_SEEN[sock] = name
+
+
+def record_sni(context: ssl.SSLContext) -> ssl.SSLContext:
+    """Make server-side TLSSocketStreams of ``context`` record the client's SNI (``.sni``)."""
+    context.sni_callback = _note_sni
+    return context
 
 
 def start_tls(

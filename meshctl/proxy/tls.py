@@ -45,7 +45,7 @@ from cryptography import x509
 
 from ..citadel.errors import PeerRejected, TLSError
 from ..citadel.identity import check_leaf, describe, uri_sans, verify_peer
-from .stream import FastSocketStream, TLSSocketStream, start_tls
+from .stream import FastSocketStream, TLSSocketStream, record_sni, start_tls
 
 log = logging.getLogger("meshctl.tls")
 
@@ -125,6 +125,8 @@ def _base_context(purpose_server: bool, bundle_pem: bytes | str, alpn: Iterable[
     protos = list(alpn)
     if protos:
         ctx.set_alpn_protocols(protos)
+    if purpose_server:
+        record_sni(ctx)  # the SNI clients send, for AuthorizationPolicy's connection.sni
     return ctx
 
 

@@ -477,6 +477,45 @@ def test_several_servers_on_one_port_are_chosen_by_sni(secure):
     assert "CN=" not in served_subject(mesh, "nobody.example.com")
 
 
+SNI_POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: sni-policy
+  namespace: istio-system
+spec:
+  selector:
+    matchLabels:
+      istio: ingressgateway
+  action: ALLOW
+  rules:
+  - when:
+    - key: connection.sni
+      values: ["httpbin.*"]
+"""
+
+
+def test_connection_sni_is_the_server_name_the_client_sent(secure):
+    mesh = secure
+    apply_text(mesh, SECURE_GATEWAY + "---\n" + MULTIPLE_HOSTS)
+    cacert = str(mesh["certs"] / "example.com.crt")
+    assert https(mesh, "helloworld.example.com", "/hello", "--cacert", cacert)[0] == "200"
+    apply_text(mesh, SNI_POLICY)
+    try:
+        assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert)[0] == "200"
+        code, body = https(mesh, "helloworld.example.com", "/hello", "--cacert", cacert)
+        assert code == "403" and "RBAC: access denied" in body
+        # the TLS server name decides, not the Host header: SNI httpbin, Host helloworld is let through
+        code, body = https(mesh, "httpbin.example.com", "/hello", "--cacert", cacert, "-H", "Host: helloworld.example.com")
+        assert code == "200" and '"/hello"' in body
+        # and HTTP/2 over the same TLS (the SNI rides on the connection, to each stream)
+        assert https(mesh, "helloworld.example.com", "/hello", "--cacert", cacert, "--http2")[0] == "403"
+        assert https(mesh, "httpbin.example.com", "/status/200", "--cacert", cacert, "--http2")[0] == "200"
+    finally:
+        delete(mesh, "authorizationpolicy", "sni-policy", "istio-system")
+    assert https(mesh, "helloworld.example.com", "/hello", "--cacert", cacert)[0] == "200"
+
+
 def test_a_replaced_secret_serves_new_connections_and_keeps_open_ones(secure):
     mesh = secure
     apply_text(mesh, SECURE_GATEWAY)

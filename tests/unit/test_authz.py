@@ -348,3 +348,23 @@ def test_validate_policy_names_bad_values():
     assert "/a/{x}" in text and "source.service" in text
     assert validate_policy(viewer("details", ("cluster.local/ns/default/sa/bookinfo-productpage",))) == []
     assert "not one of" in validate_policy(AuthorizationPolicy(action="ALLOWW"))[0]
+
+
+def test_connection_sni_matches_the_server_name_the_client_sent():
+    # Istio's string match on connection.sni: exact, prefix*, *suffix, * (present)
+    def allowed(cond, **kw):
+        return decide(_allow(Rule(when=(cond,))), "r", **kw).allowed
+
+    assert allowed(Condition("connection.sni", ("a.example.com",)), sni="a.example.com")
+    assert not allowed(Condition("connection.sni", ("a.example.com",)), sni="b.example.com")
+    assert allowed(Condition("connection.sni", ("a.*",)), sni="a.example.com")
+    assert not allowed(Condition("connection.sni", ("a.*",)), sni="b.example.com")
+    assert allowed(Condition("connection.sni", ("*.example.com",)), sni="b.example.com")
+    assert not allowed(Condition("connection.sni", ("*.example.com",)), sni="b.example.org")
+    assert allowed(Condition("connection.sni", ("*",)), sni="x")
+    assert not allowed(Condition("connection.sni", ("*",)))  # plaintext: no SNI
+    assert not allowed(Condition("connection.sni", ("a.example.com",)))
+    assert not allowed(Condition("connection.sni", not_values=("b.*",)), sni="b.example.com")
+    assert allowed(Condition("connection.sni", not_values=("b.*",)), sni="a.example.com")
+    # no longer refused by route validate
+    assert validate_policy(_p("ALLOW", Rule(when=(Condition("connection.sni", ("a.example.com",)),)))) == []

@@ -363,3 +363,29 @@ async def test_keep_renewed_fetches_now_then_at_half_life_and_retries_failures(r
     assert 0.4 * 7200 - 60 <= calls[1] <= 0.6 * 7200
     assert calls[2] == pytest.approx(calls[1] + 1.0, abs=0.01)  # failure retried after backoff
     assert holder.identity == REVIEWS and holder.generation >= 2
+
+
+async def test_inbound_mtls_over_a_socket_records_the_sni_the_client_sent(root):
+    # what AuthorizationPolicy's connection.sni reads: the server name of the ClientHello
+    from meshctl.proxy.stream import FastSocketStream, accept, bind_listener, connect_tcp
+
+    server, client = holder_for(root, REVIEWS), holder_for(root, PRODUCTPAGE)
+    lsock = bind_listener("127.0.0.1", 0)
+    port = lsock.getsockname()[1]
+    got = []
+    try:
+        for name in ("reviews.default.svc.cluster.local", None):
+            async with trio.open_nursery() as n:
+                async def serve():
+                    sock, _ = await accept(lsock)
+                    conn = await accept_inbound(FastSocketStream(sock), server, "STRICT", {PRODUCTPAGE}, timeout=5)
+                    got.append((conn.peer_id, conn.stream.sni))
+                    await conn.stream.aclose()
+
+                n.start_soon(serve)
+                raw = await connect_tcp("127.0.0.1", port)
+                conn = await client_handshake(raw, client, {REVIEWS}, server_hostname=name)
+                await conn.stream.aclose()
+    finally:
+        lsock.close()
+    assert got == [(PRODUCTPAGE, "reviews.default.svc.cluster.local"), (PRODUCTPAGE, None)]
