@@ -327,12 +327,21 @@ def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> boo
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _per_port(svc: Service, inst: Instance) -> bool:
+    """Whether an instance serves only the service port it names: a ServiceEntry's
+    endpoints, and instances that declare a service port (meshctl's workloads and
+    gateways) of a service with several. An instance registered by others (Consul,
+    Eureka) names no service port: its port is where it listens, and it serves the
+    service whatever port the client named."""
+    return svc.entry is not None or (len(svc.ports) > 1 and META_SERVICE_PORT in inst.meta)
+
+
 def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str, port: int | None = None) -> tuple[Endpoint, ...]:
     out = []
     for inst in svc.instances:
         if not _labels_match(selector, inst.labels):
             continue
-        if port is not None and (svc.entry is not None or len(svc.ports) > 1) and instance_service_port(inst) != port:
+        if port is not None and _per_port(svc, inst) and instance_service_port(inst) != port:
             continue  # endpoints per service port (a ServiceEntry's ports, a gateway's instances per port)
         weight = inst.meta.get(META_WEIGHT, "")
         sidecar = inst.meta.get(META_SIDECAR) == "true"
