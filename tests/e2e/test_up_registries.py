@@ -47,7 +47,10 @@ def meshctl(*args: str, cwd: Path, check: bool = True, timeout: float = 120, env
 
 def write_mesh(work: Path, registry: str | None = None) -> None:
     (work / "hello.py").write_text(WRAPPER)
-    settings = f"portRange: {mesh_ports()[0]}" + (f", registry: '{registry}'" if registry else "")
+    # REGISTRY_ONLY: a name the registry has not delivered yet is a quick 502 while the
+    # tests poll, not a passthrough that waits on DNS for a name no resolver knows.
+    settings = (f"portRange: {mesh_ports()[0]}, outboundTrafficPolicy: REGISTRY_ONLY"
+                + (f", registry: '{registry}'" if registry else ""))
     (work / "mesh.yaml").write_text(
         f"settings: {{{settings}}}\n"
         "services:\n"
