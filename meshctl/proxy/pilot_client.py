@@ -145,14 +145,22 @@ async def first_config(client: PilotClient, pilot_grace: float = 1.0) -> ProxyCo
         log.info("ignoring last good config %s: made for other listeners (mesh.yaml changed)", last_good.version)
         last_good = None
     got: list[ProxyConfig] = []
+    probing = trio.CancelScope()
 
     async def keep(cfg: ProxyConfig) -> None:
         got.append(cfg)
+        # Stop before the probe's next long-poll: that would ACK the version to Pilot
+        # before the proxy runs (and saves) it.
+        probing.cancel()
+
+    async def run_probe() -> None:
+        with probing:
+            await probe.run()
 
     # No state dir: the probe's "apply" only keeps the config, it must not save it as good.
     probe = PilotClient(client.url, client.node, keep, None, wait="0s", credential=client.credential)
     async with trio.open_nursery() as n:
-        n.start_soon(probe.run)
+        n.start_soon(run_probe)
         with trio.move_on_after(pilot_grace if last_good is not None else float("inf")):
             while not got:
                 await trio.sleep(0.01)
