@@ -161,7 +161,7 @@ async def test_shadows_in_flight_are_capped_and_the_excess_dropped(upstreams):
         async with trio.open_nursery() as nursery:
             for _ in range(n):
                 nursery.start_soon(curl, "-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}",
-                                   "http://httpbin:8000/slow?ms=3000&only=v2")
+                                   "http://httpbin:8000/slow?ms=20000&only=v2")  # held well past the curls' start-up
         assert rt.mirrors.in_flight <= MAX_IN_FLIGHT
         assert rt.mirrors.dropped >= 16 - 1 and rt.mirrors.in_flight + rt.mirrors.sent + rt.mirrors.dropped == n
         assert len(v1.requests) == n
