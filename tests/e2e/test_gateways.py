@@ -317,6 +317,27 @@ def test_remote_ip_blocks_use_x_forwarded_for_behind_num_trusted_proxies(mesh):
     assert curl(*http_url(mesh, "/status/200"))[0] == "200"
 
 
+GATEWAY_RATE_LIMIT = """\
+apiVersion: meshctl.io/v1alpha1
+kind: RateLimit
+metadata: {name: ingress-limit}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  local: {tokenBucket: {maxTokens: 3, tokensPerFill: 3, fillInterval: 60s}}
+"""
+
+
+def test_a_rate_limit_selecting_the_gateway_answers_429_at_the_gateway(mesh):
+    assert [curl(*http_url(mesh, "/status/200"))[0] for _ in range(5)] == ["200"] * 5
+    apply_text(mesh, GATEWAY_RATE_LIMIT)
+    try:
+        codes = [curl(*http_url(mesh, "/status/200"))[0] for _ in range(5)]
+        assert codes == ["200"] * 3 + ["429"] * 2, codes
+    finally:
+        delete(mesh, "ratelimit", "ingress-limit")
+    assert curl(*http_url(mesh, "/status/200"))[0] == "200"
+
+
 # ---------------------------------------------------------------- TLS termination (Istio's secure ingress task)
 
 # tasks/traffic-management/ingress/secure-ingress, as written there
