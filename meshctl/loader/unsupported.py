@@ -115,6 +115,7 @@ _TRAFFIC_POLICY: dict[str, Entry] = {
     "spec.trafficPolicy.tls.credentialName": R("use clientCertificate, privateKey, caCertificates"),
     "spec.trafficPolicy.tls.caCertCredentialName": R(""),
     "spec.trafficPolicy.tls.caCrl": R("certificate revocation lists"),
+    "spec.trafficPolicy.tls.subjectAltNames": R("the server certificate is checked against sni or the host name, not a SAN list"),
     "spec.trafficPolicy.portLevelSettings": H(),
     "spec.trafficPolicy.proxyProtocol": R(""),
     "spec.trafficPolicy.retryBudget": R(""),

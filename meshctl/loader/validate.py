@@ -417,6 +417,9 @@ class _Validator:
                     self.error(f"{lp}.consistentHash", "ringHash and maglev cannot both be set")
         if tp.tls is not None:
             self.enum(f"{path}.tls.mode", tp.tls.mode, CLIENT_TLS_MODES)
+            if tp.tls.mode == "ISTIO_MUTUAL" and tp.tls.sni:
+                self.error(f"{path}.tls.sni", "meshctl does not implement sni with ISTIO_MUTUAL yet "
+                                              "(sidecars send no SNI; they check each other's SPIFFE identity)")
         cp = tp.connection_pool
         if cp is not None and cp.http is not None:
             self.enum(f"{path}.connectionPool.http.h2UpgradePolicy", cp.http.h2_upgrade_policy, H2_UPGRADE_POLICIES)

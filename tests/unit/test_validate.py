@@ -258,3 +258,27 @@ def test_resources_built_in_code_still_validate():
 )
 def test_regex_problem(pattern, ok):
     assert (regex_problem(pattern) is None) == ok
+
+
+def test_client_tls_settings_meshctl_does_not_carry_out_are_refused_by_name():
+    # Sidecars send no SNI under ISTIO_MUTUAL and no client checks a SAN list: both
+    # would be accepted and ignored, so both are refused where they are written.
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+      sni: reviews.example
+      subjectAltNames: [spiffe://cluster.local/ns/default/sa/reviews]
+"""
+    got = findings(text)
+    assert any(f.startswith("t.yaml:9: error: spec.trafficPolicy.tls.sni: meshctl does not implement sni with ISTIO_MUTUAL")
+               for f in got), got
+    assert any(f.startswith("t.yaml:10: error: spec.trafficPolicy.tls.subjectAltNames: meshctl does not implement")
+               for f in got), got
+    simple = text.replace("ISTIO_MUTUAL", "SIMPLE").replace("      subjectAltNames: [spiffe://cluster.local/ns/default/sa/reviews]\n", "")
+    assert findings(simple) == []  # SIMPLE sends the sni and checks the name
