@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.tools.servers import ServerProcess, build_tool
+from tests.tools.servers import ServerProcess, build_tool, free_ports
 
 from .helpers import HELLO_APP, LoadGenerator, free_port, http_get, mesh_ports, start_hello, stop
 
@@ -319,11 +319,11 @@ ACL_TOKEN = "meshctl-test-management-token"
 @pytest.fixture
 def consul_with_acls(tmp_path):
     """A second Consul dev agent whose ACLs deny everything without a token."""
-    port = free_port()
+    port, server_port, lan_port, wan_port = free_ports(4)
     argv = [
         build_tool("consul.sh"), "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-node=meshctl-acl",
         f"-http-port={port}", "-dns-port=-1", "-grpc-port=-1", "-grpc-tls-port=-1",
-        f"-server-port={free_port()}", f"-serf-lan-port={free_port()}", f"-serf-wan-port={free_port()}", "-log-level=warn",
+        f"-server-port={server_port}", f"-serf-lan-port={lan_port}", f"-serf-wan-port={wan_port}", "-log-level=warn",
         "-hcl", 'acl { enabled = true, default_policy = "deny", tokens { initial_management = "%s" } }' % ACL_TOKEN,
     ]  # fmt: skip
     http = f"http://127.0.0.1:{port}"

@@ -41,6 +41,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: the sockets stay bound until all are chosen (free_port
+    called twice in a row may hand out the same port twice)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def build_tool(script: str) -> str:
     """Run scripts/tools/<script> (cached build) and return the path it prints."""
     proc = subprocess.run(
@@ -150,12 +163,13 @@ def consul_agent(tmp_path_factory):
     """A Consul dev agent on free loopback ports; yields its consul:// URL."""
     binary = build_tool("consul.sh")
     workdir = tmp_path_factory.mktemp("consul")
-    http_port = free_port()
+    # Four distinct ports: a serf WAN port equal to the LAN one stops the agent at start.
+    http_port, server_port, lan_port, wan_port = free_ports(4)
     argv = [
         binary, "agent", "-dev",
         "-bind=127.0.0.1", "-client=127.0.0.1", "-node=meshctl-test",
         f"-http-port={http_port}", "-dns-port=-1", "-grpc-port=-1", "-grpc-tls-port=-1",
-        f"-server-port={free_port()}", f"-serf-lan-port={free_port()}", f"-serf-wan-port={free_port()}",
+        f"-server-port={server_port}", f"-serf-lan-port={lan_port}", f"-serf-wan-port={wan_port}",
         "-log-level=warn",
     ]  # fmt: skip
     http = f"http://127.0.0.1:{http_port}"
