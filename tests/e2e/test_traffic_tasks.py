@@ -24,6 +24,8 @@ import pytest
 
 from .helpers import HELLO_APP, http_get, mesh_ports, meshctl_run
 
+MIRRORING = Path(__file__).resolve().parents[1] / "data" / "istio-mirroring"
+
 pytestmark = pytest.mark.e2e
 
 # A small httpbin: /headers echoes the request headers, and each request is logged
@@ -68,57 +70,10 @@ services:
 """
 
 # Istio's mirroring task, unchanged: all traffic to v1 ...
-ALL_V1 = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-    - httpbin
-  http:
-  - route:
-    - destination:
-        host: httpbin
-        subset: v1
-      weight: 100
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: httpbin
-spec:
-  host: httpbin
-  subsets:
-  - name: v1
-    labels:
-      version: v1
-  - name: v2
-    labels:
-      version: v2
-"""
+ALL_V1 = (MIRRORING / "httpbin-all-v1.yaml").read_text()
 
 # ... then mirrored to v2.
-MIRROR = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-  - httpbin
-  http:
-  - route:
-    - destination:
-        host: httpbin
-        subset: v1
-      weight: 100
-    mirror:
-      host: httpbin
-      subset: v2
-    mirrorPercentage:
-      value: 100.0
-"""
+MIRROR = (MIRRORING / "httpbin-mirror-v2.yaml").read_text()
 
 # Istio's egress-control ServiceEntry for httpbin.org, pointed at the local stand-in
 # (resolution DNS of a name that resolves here: localhost).

@@ -6,6 +6,7 @@ Host; a slow or dead mirror never delays or fails the primary; shadows are cappe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import time
 
 import trio
@@ -20,58 +21,13 @@ from meshctl.registry.base import Instance
 
 from proxy_testkit import curl, free_port, running_proxy
 
+MIRRORING = Path(__file__).resolve().parents[1] / "data" / "istio-mirroring"
+
 # Istio's mirroring task: first all traffic to v1 ...
-ALL_V1 = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-    - httpbin
-  http:
-  - route:
-    - destination:
-        host: httpbin
-        subset: v1
-      weight: 100
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: httpbin
-spec:
-  host: httpbin
-  subsets:
-  - name: v1
-    labels:
-      version: v1
-  - name: v2
-    labels:
-      version: v2
-"""
+ALL_V1 = (MIRRORING / "httpbin-all-v1.yaml").read_text()
 
 # ... then the same route mirrored to v2.
-MIRROR_V2 = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-  - httpbin
-  http:
-  - route:
-    - destination:
-        host: httpbin
-        subset: v1
-      weight: 100
-    mirror:
-      host: httpbin
-      subset: v2
-    mirrorPercentage:
-      value: 100.0
-"""
+MIRROR_V2 = (MIRRORING / "httpbin-mirror-v2.yaml").read_text()
 
 
 def _config(rules: str, v1_port: int, v2_port: int, listen: int):

@@ -186,26 +186,7 @@ def _field_of(message: str) -> str:
 
 def test_mirroring_from_istios_task_is_accepted_now_that_it_is_implemented(tmp_path):
     # The VirtualService of Istio's mirroring task (istio.io/latest/docs/tasks/traffic-management/mirroring/)
-    text = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-  - httpbin
-  http:
-  - route:
-    - destination:
-        host: httpbin
-        subset: v1
-      weight: 100
-    mirror:
-      host: httpbin
-      subset: v2
-    mirrorPercentage:
-      value: 100.0
-"""
+    text = (Path(__file__).parents[1] / "data" / "istio-mirroring" / "httpbin-mirror-v2.yaml").read_text()
     assert _messages(text) == []
     # the legacy snake_case spelling is still refused by name
     msgs = _messages(text.replace("mirrorPercentage:\n      value: 100.0", "mirror_percent: 100"))
