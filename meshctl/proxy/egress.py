@@ -30,6 +30,7 @@ from ..model.proxyconfig import Cluster, Endpoint
 from ..model.proxyconfig import cluster_name
 from ..protocol.events import ResponseHead
 from . import stats as F
+from .request import KeptResponse
 from .snapshot import ClusterState, Snapshot
 from .errors import PeerGone, send_all
 from .stream import UpstreamConnectError, relay
@@ -57,6 +58,7 @@ def on_forward(rq, fwd: Forward) -> None:
     snap = rq.snap
     if fwd.route.mirror is not None or fwd.route.mirrors:
         rq.start = trio.current_time()  # the primary's latency, for mirror comparisons (mirror.py)
+        rq.kept = KeptResponse()  # its response headers and body, for the same
     cs = snap.clusters.get(fwd.cluster)
     if cs is None or not cs.cluster.external:
         rq.forward = fwd

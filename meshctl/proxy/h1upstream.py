@@ -240,6 +240,8 @@ class H1Exchange:
             if t is Data:
                 out.append(server.data(ev.data))
                 rq.bytes_sent += len(ev.data)
+                if rq.kept is not None:  # a mirrored route: the body the shadow's is compared with
+                    rq.kept.add(ev.data)
             elif t is EndOfMessage:
                 out.append(server.end(ev.trailers))
                 break

@@ -515,6 +515,8 @@ class H2Exchange:
             if t is Data:
                 out.append(server.data(ev.data))
                 rq.bytes_sent += len(ev.data)
+                if rq.kept is not None:  # a mirrored route: the body the shadow's is compared with
+                    rq.kept.add(ev.data)
                 acked += len(ev.data)
             elif t is EndOfMessage:
                 out.append(server.end(ev.trailers))

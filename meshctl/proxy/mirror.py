@@ -16,6 +16,12 @@ clusters, fire-and-forget, as Envoy's request mirror policies do.
   ``MirrorState`` counts sent, failed and dropped shadows (/stats:
   ``meshctl_mirror_requests_total{outcome=...}``). The mirror's own sidecar
   reports the shadow as any inbound request.
+- Comparison (``meshctl mirror diff``): each shadow's answer is compared with
+  the primary's on status, content type, body digest (SHA-256) and latency,
+  and both sides' headers are kept with the latest KEPT_RECENT comparisons.
+  The primary's response body is kept as references to the chunks already
+  read, only on mirrored routes and up to KEPT_BODY_LIMIT (request.py); it is
+  hashed by the shadow's task, after the primary's response has been sent.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import trio
 from ..core.balance import PickContext
 from ..core.mirror import has_mirrors, mirror_cluster, mirror_destinations, shadow_authority
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead
+from ..protocol.headers import strip_hop_by_hop
 from .egress import without_internal
 from .errors import PeerGone, send_all
 from .identity import upstream_tls
@@ -44,17 +51,75 @@ SHADOW_TIMEOUT = 15.0
 
 KEPT_LATENCIES = 1000  # per mirror cluster, for percentiles
 KEPT_EXAMPLES = 50  # differing requests kept for `meshctl mirror diff`
+KEPT_RECENT = 256  # every comparison (differing or not), for `mirror diff --window` and chosen headers
+KEPT_HEADERS = 24  # response headers kept per side of a comparison, at most ...
+KEPT_VALUE = 200  # ... and characters of each value
+
+
+def kept_headers(headers) -> dict[str, str]:
+    """A response's headers as a comparison keeps them: hop-by-hop fields dropped,
+    names lower case, repeated fields joined, bounded in number and length."""
+    out: dict[str, str] = {}
+    for k, v in strip_hop_by_hop(list(headers)):
+        name = k.lower() if isinstance(k, str) else k.decode("latin-1").lower()
+        value = v if isinstance(v, str) else v.decode("latin-1")
+        if name in out:
+            out[name] = (out[name] + ", " + value)[:KEPT_VALUE]
+        elif len(out) < KEPT_HEADERS:
+            out[name] = value[:KEPT_VALUE]
+    return out
+
+
+def _media_type(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+class Answer:
+    """One side of a comparison: status (0: no answer), latency, headers, body digest
+    ("" when the body was not kept whole) or, for a shadow without answer, the error."""
+
+    __slots__ = ("status", "ms", "headers", "body_sha256", "error")
+
+    def __init__(self, status: int, ms: float, headers: dict[str, str], body_sha256: str = "", error: str = "") -> None:
+        self.status = status
+        self.ms = ms
+        self.headers = headers
+        self.body_sha256 = body_sha256
+        self.error = error
+
+
+class PrimaryBody:
+    """The primary's kept response body, hashed once, by the first shadow task that
+    needs it (off the primary's request path), then let go."""
+
+    __slots__ = ("chunks", "whole", "_digest")
+
+    def __init__(self, chunks: list[bytes], whole: bool) -> None:
+        self.chunks: list[bytes] | None = chunks
+        self.whole = whole
+        self._digest = ""
+
+    def digest(self) -> str:
+        if self.chunks is not None:
+            if self.whole:
+                h = hashlib.sha256()
+                for c in self.chunks:
+                    h.update(c)
+                self._digest = h.hexdigest()
+            self.chunks = None
+        return self._digest
 
 
 class _Target:
     """How one mirror cluster's answers compare with the primary's."""
 
-    __slots__ = ("compared", "status_differs", "type_differs", "failed", "primary_ms", "shadow_ms")
+    __slots__ = ("compared", "status_differs", "type_differs", "body_differs", "failed", "primary_ms", "shadow_ms")
 
     def __init__(self) -> None:
         self.compared = 0
         self.status_differs = 0
         self.type_differs = 0
+        self.body_differs = 0  # both bodies kept whole, digests differ
         self.failed = 0
         self.primary_ms: deque[float] = deque(maxlen=KEPT_LATENCIES)
         self.shadow_ms: deque[float] = deque(maxlen=KEPT_LATENCIES)
@@ -67,11 +132,27 @@ def _pct(values, q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q * len(s)))], 3)
 
 
+def differences(primary: Answer, shadow: Answer) -> list[str]:
+    """What differs between the two answers: "no answer", "status", else (same status)
+    "content-type" and "body" (when both bodies were kept whole)."""
+    if shadow.status == 0:
+        return ["no answer"]
+    if shadow.status != primary.status:
+        return ["status"]  # an error page has its own type and body: one difference
+    out = []
+    if _media_type(shadow.headers) != _media_type(primary.headers):
+        out.append("content-type")
+    if primary.body_sha256 and shadow.body_sha256 and primary.body_sha256 != shadow.body_sha256:
+        out.append("body")
+    return out
+
+
 class MirrorState:
     """Per proxy: shadows in flight and what became of them, and how their answers
-    compare with the primary's (status and latency; GET /mirror on the admin port)."""
+    compare with the primary's: status, content type, body digest, latency, and the
+    headers of the latest comparisons (GET /mirror on the admin port)."""
 
-    __slots__ = ("in_flight", "sent", "failed", "dropped", "targets", "examples")
+    __slots__ = ("in_flight", "sent", "failed", "dropped", "targets", "examples", "recent")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -80,37 +161,39 @@ class MirrorState:
         self.dropped = 0  # not sent: cap reached, body not kept, no endpoint
         self.targets: dict[str, _Target] = {}
         self.examples: deque[dict] = deque(maxlen=KEPT_EXAMPLES)
+        self.recent: deque[dict] = deque(maxlen=KEPT_RECENT)
 
-    def compare(self, cluster: str, method: str, path: str, primary: tuple[int, float, str],
-                shadow: tuple[int, float, str, str]) -> None:
-        """primary: (status, ms, content-type); shadow: (status or 0, ms, content-type, body sha256 or error)."""
+    def compare(self, cluster: str, method: str, path: str, primary: Answer, shadow: Answer,
+                now: float | None = None) -> None:
         t = self.targets.get(cluster)
         if t is None:
             if len(self.targets) >= 256:
                 return
             t = self.targets[cluster] = _Target()
         t.compared += 1
-        t.primary_ms.append(primary[1])
-        differs = False
-        if shadow[0] == 0:
+        t.primary_ms.append(primary.ms)
+        differs = differences(primary, shadow)
+        if shadow.status == 0:
             t.failed += 1
-            differs = True
         else:
-            t.shadow_ms.append(shadow[1])
-            if shadow[0] != primary[0]:
-                t.status_differs += 1
-                differs = True
-            elif shadow[2].split(";")[0].strip() != primary[2].split(";")[0].strip():
-                t.type_differs += 1
-                differs = True
+            t.shadow_ms.append(shadow.ms)
+        t.status_differs += "status" in differs
+        t.type_differs += "content-type" in differs
+        t.body_differs += "body" in differs
+        record = {
+            "time": time.time() if now is None else now, "cluster": cluster, "method": method, "path": path,
+            "differs": differs,
+            "primary_status": primary.status, "primary_ms": round(primary.ms, 3),
+            "primary_content_type": primary.headers.get("content-type", ""),
+            "primary_body_sha256": primary.body_sha256, "primary_headers": primary.headers,
+            "shadow_status": shadow.status, "shadow_ms": round(shadow.ms, 3),
+            "shadow_content_type": shadow.headers.get("content-type", ""),
+            "shadow_body_sha256": shadow.body_sha256 if shadow.status else "", "shadow_headers": shadow.headers,
+            "shadow_error": shadow.error,
+        }
+        self.recent.append(record)
         if differs:
-            self.examples.append({
-                "time": time.time(), "cluster": cluster, "method": method, "path": path,
-                "primary_status": primary[0], "primary_ms": round(primary[1], 3), "primary_content_type": primary[2],
-                "shadow_status": shadow[0], "shadow_ms": round(shadow[1], 3),
-                "shadow_content_type": shadow[2], "shadow_body_sha256": shadow[3] if shadow[0] else "",
-                "shadow_error": "" if shadow[0] else shadow[3],
-            })
+            self.examples.append(record)
 
     def report(self) -> dict:
         return {
@@ -118,13 +201,14 @@ class MirrorState:
             "targets": {
                 name: {
                     "compared": t.compared, "status_differs": t.status_differs, "content_type_differs": t.type_differs,
-                    "failed": t.failed,
+                    "body_differs": t.body_differs, "failed": t.failed,
                     "primary_ms": {"p50": _pct(t.primary_ms, 0.5), "p90": _pct(t.primary_ms, 0.9)},
                     "shadow_ms": {"p50": _pct(t.shadow_ms, 0.5), "p90": _pct(t.shadow_ms, 0.9)},
                 }
                 for name, t in self.targets.items()
             },
             "examples": list(self.examples),
+            "recent": list(self.recent),
         }
 
     def render(self) -> str:
@@ -145,6 +229,7 @@ def after_forward(rq) -> None:
     rt = rq.rt
     state: MirrorState = rt.mirrors
     nursery = rt.mirror_nursery()
+    primary = None
     for dest in mirror_destinations(fwd.route, rt.rand):
         cs = rq.snap.clusters.get(mirror_cluster(dest))
         body = rq.body
@@ -167,19 +252,25 @@ def after_forward(rq) -> None:
             state.dropped += 1
             continue
         state.in_flight += 1
-        primary = (rq.status, (trio.current_time() - rq.start) * 1000.0 if rq.start else 0.0, rq.response_type)
+        if primary is None:
+            kept = rq.kept
+            primary = (rq.status, (trio.current_time() - rq.start) * 1000.0 if rq.start else 0.0,
+                       kept.headers if kept is not None else [],
+                       PrimaryBody(kept.chunks, kept.whole) if kept is not None else PrimaryBody([], False))
         nursery.start_soon(_shadow, rt, rq.snap.settings, cs, ep, head, chunks, trailers, fwd.timeout or SHADOW_TIMEOUT,
                            primary)
 
 
 async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float,
-                  primary: tuple[int, float, str] = (0, 0.0, "")) -> None:
+                  primary: tuple[int, float, list, PrimaryBody]) -> None:
     state: MirrorState = rt.mirrors
+    # the primary's side, first (its body chunks are let go once hashed)
+    mine = Answer(primary[0], primary[1], kept_headers(primary[2]), primary[3].digest())
     conn = None
+    headers: list = []
     ok = False
     started = trio.current_time()
     status = 0
-    ctype = ""
     digest = hashlib.sha256()
     error = "timeout"
     try:
@@ -201,7 +292,7 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
                     break
                 if type(ev) is ResponseHead:
                     status = ev.status
-                    ctype = next((v for k, v in ev.headers if k == "content-type"), "")
+                    headers = ev.headers
                 elif type(ev) is Data:
                     seen += len(ev.data)
                     if seen > MAX_RESPONSE_BYTES:
@@ -225,8 +316,8 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
     finally:
         state.in_flight -= 1
         ms = (trio.current_time() - started) * 1000.0
-        state.compare(cs.name, head.method, head.path, primary,
-                      (status if ok else 0, ms, ctype, digest.hexdigest() if ok else error))
+        theirs = Answer(status, ms, kept_headers(headers), digest.hexdigest()) if ok else Answer(0, ms, {}, "", error)
+        state.compare(cs.name, head.method, head.path, mine, theirs)
         if conn is not None:
             if ok and conn.client.keep_alive:
                 rt.pool.release(conn)

@@ -92,7 +92,7 @@ class Request:
         "headers", "request_id", "forward", "cluster", "flags", "body_done", "body",
         "response_started", "status", "keep_alive", "detail", "start", "stale_ok",
         "endpoint", "bytes_sent", "peer",  # telemetry: picked endpoint, response body bytes, source (inbound)
-        "response_type",  # the upstream response's content-type, kept for mirror comparisons (mirror.py)
+        "kept",  # a mirrored route's primary response (headers, body up to a cap) for mirror comparisons (mirror.py)
         "auth",  # the end user from a verified JWT (jwt_stage), for authz
         "trace",  # the spans of a sampled request (tracing.py); None when not sampled
     )
@@ -125,7 +125,7 @@ class Request:
         self.endpoint: Endpoint | None = None
         self.bytes_sent = 0
         self.peer: str | None = None
-        self.response_type = ""
+        self.kept: KeptResponse | None = None
         self.auth: RequestAuth | None = None
         self.trace: tuple | None = None
 
@@ -135,6 +135,33 @@ class Request:
             await self.down.send_all(data)
         except STREAM_ERRORS as exc:
             raise DownstreamGone(str(exc)) from None
+
+
+KEPT_BODY_LIMIT = 1 << 20  # a mirrored primary's response body kept for comparison (mirror.py), at most
+
+
+class KeptResponse:
+    """A mirrored route's primary response as the upstream sent it, for `meshctl
+    mirror diff` (mirror.py): its headers, and its body chunks while the body
+    stays within KEPT_BODY_LIMIT (references to the chunks already read, no copy;
+    the digest is computed later by the shadow's task, off the request path)."""
+
+    __slots__ = ("headers", "chunks", "size", "whole")
+
+    def __init__(self) -> None:
+        self.headers: list = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.whole = True
+
+    def add(self, data: bytes) -> None:
+        if self.whole:
+            self.size += len(data)
+            if self.size > KEPT_BODY_LIMIT:
+                self.whole = False
+                self.chunks = []
+            else:
+                self.chunks.append(data)
 
 
 class Stage(Protocol):
@@ -228,8 +255,8 @@ def response_headers(rq: Request, headers):
     headers = strip_hop_by_hop(headers)
     fwd = rq.forward
     if fwd is not None:
-        if rq.start:  # a mirrored route (egress.on_forward): keep what the shadow is compared on
-            rq.response_type = next((v for k, v in headers if k == "content-type"), "")
+        if rq.kept is not None:  # a mirrored route (egress.on_forward): keep what the shadow is compared on
+            rq.kept.headers = headers
         for ops in fwd.response_ops:
             headers = apply_header_ops(headers, ops)
     return headers

@@ -181,9 +181,15 @@ def test_mirroring_and_egress_tasks(tmp_path: Path) -> None:
         (cluster, stats), = diff["mirrors"].items()
         assert cluster == "outbound|8000|v2|httpbin.default.svc.cluster.local"
         assert (stats["compared"], stats["status_differs"], stats["content_type_differs"], stats["failed"]) == (3, 0, 0, 0)
-        assert diff["examples"] == []
-        table = meshctl_run("mirror", "diff", "httpbin", "--state-dir", sd).stdout
-        assert "httpbin:8000/v2" in table and "COMPARED" in table
+        # httpbin's /headers echoes the request's Host, which the shadow changes: every body differs
+        assert stats["body_differs"] == 3
+        assert [e["differs"] for e in diff["examples"]] == [["body"]] * 3
+        assert {e["shadow_body_sha256"] != e["primary_body_sha256"] for e in diff["examples"]} == {True}
+        table = meshctl_run("mirror", "diff", "httpbin", "-H", "content-type", "-H", "content-length",
+                            "--window", "600", "--state-dir", sd).stdout
+        assert "httpbin:8000/v2" in table and "COMPARED" in table and "BODY≠" in table
+        assert "headers differing (of 3 compared): content-type 0, content-length 3" in table
+        assert "/headers?i=2  [body, header content-length]" in table
 
         # -- egress, ALLOW_ANY (the default): the external host is reached, without meshctl's headers
         code, body = http_get(out, f"http://localhost:{external.port}/get", host=f"localhost:{external.port}")

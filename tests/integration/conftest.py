@@ -153,6 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
                     pass
                 self._send(503, b"failing on purpose\n")
                 return
+        if route == "/say":  # answers ?text=..., or ?<its name>=... when given (v2 answering another body)
+            self._send(200, q.get(owner.name, q.get("text", "")).encode())
+            return
         if route == "/ws" and (self.headers.get("upgrade") or "").lower() == "websocket":
             self.send_response(101)
             self.send_header("upgrade", "websocket")

@@ -129,7 +129,7 @@ async def test_the_mirrors_answers_are_compared_with_the_primarys(upstreams):
     rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
     async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
         for i in range(3):  # same answers
-            await curl("-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}", f"http://httpbin:8000/same/{i}")
+            await curl("-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}", f"http://httpbin:8000/say?text=same&n={i}")
         for i in range(2):  # v2 fails where v1 answers 200
             await curl("-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}",
                        f"http://httpbin:8000/flaky?fail=9&only=v2&key=k{i}")
@@ -142,3 +142,66 @@ async def test_the_mirrors_answers_are_compared_with_the_primarys(upstreams):
     assert [(e["primary_status"], e["shadow_status"]) for e in ex] == [(200, 503), (200, 503)]
     assert ex[0]["path"].startswith("/flaky") and len(ex[0]["shadow_body_sha256"]) == 64
     assert (ex[0]["primary_content_type"], ex[0]["shadow_content_type"]) == ("application/json", "text/plain")
+
+
+async def test_mirror_diff_compares_bodies_and_chosen_headers_where_v2_answers_another_body(upstreams):
+    import hashlib
+
+    from meshctl.cli.mirror import summarize
+
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
+        for i in range(3):  # v1 and v2 answer the same body
+            r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", f"http://httpbin:8000/say?text=hello&n={i}")
+            assert r.stdout == b"hello"
+        for i in range(2):  # v2 answers another body, same status and content type
+            r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", f"http://httpbin:8000/say?text=hello&v2=bonjour&n={i}")
+            assert r.stdout == b"hello"  # the client gets v1's answer, always
+        await _wait(lambda: rt.mirrors.sent == 5)
+        rep = json.loads(json.dumps(rt.mirrors.report()))  # as the admin port serves it
+    t = rep["targets"]["outbound|8000|v2|httpbin.default.svc.cluster.local"]
+    assert (t["compared"], t["status_differs"], t["content_type_differs"], t["body_differs"], t["failed"]) == (5, 0, 0, 2, 0)
+    ex = rep["examples"]
+    assert [e["path"] for e in ex] == [f"/say?text=hello&v2=bonjour&n={i}" for i in range(2)]
+    assert ex[0]["differs"] == ["body"]
+    assert ex[0]["primary_body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert ex[0]["shadow_body_sha256"] == hashlib.sha256(b"bonjour").hexdigest()
+    # chosen headers: the upstreams name themselves in x-upstream (v1 / v2); content-type is the same
+    totals, examples = summarize([("sleep-0", rep)], "httpbin", ("content-type", "x-upstream"))
+    a = totals["outbound|8000|v2|httpbin.default.svc.cluster.local"]
+    assert a["header_differs"] == {"content-type": 0, "x-upstream": 5} and a["headers_compared"] == 5
+    assert a["body_differs"] == 2 and len(examples) == 5
+    assert examples[-1]["differs"] == ["body", "header x-upstream"]
+    assert (examples[-1]["primary_headers"]["x-upstream"], examples[-1]["shadow_headers"]["x-upstream"]) == ("v1", "v2")
+    # by default only content-type is compared: the two body differences are the examples
+    totals, examples = summarize([("sleep-0", rep)], "httpbin")
+    assert [e["differs"] for e in examples] == [["body"], ["body"]]
+    # over a window: the comparisons of the last seconds only
+    totals, _ = summarize([("sleep-0", rep)], "httpbin", window=60.0)
+    assert totals["outbound|8000|v2|httpbin.default.svc.cluster.local"]["compared"] == 5
+    totals, _ = summarize([("sleep-0", rep)], "httpbin", window=60.0, now=time.time() + 3600)
+    assert totals == {}
+
+
+async def test_bodies_past_the_kept_limit_are_not_compared_and_not_held(upstreams):
+    from meshctl.proxy.request import KEPT_BODY_LIMIT, KeptResponse
+
+    kept = KeptResponse()
+    kept.add(b"x" * (KEPT_BODY_LIMIT - 1))
+    assert kept.whole and kept.size == KEPT_BODY_LIMIT - 1
+    kept.add(b"yy")
+    assert not kept.whole and kept.chunks == []  # let go at once
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
+        r = await curl("-s", "-o", "/dev/null", "-w", "%{size_download}", "-x", f"http://127.0.0.1:{lp}",
+                       f"http://httpbin:8000/download?n={KEPT_BODY_LIMIT + 10}")
+        assert int(r.stdout) == KEPT_BODY_LIMIT + 10
+        await _wait(lambda: rt.mirrors.sent + rt.mirrors.failed == 1)
+        rep = rt.mirrors.report()
+    (t,) = rep["targets"].values()
+    assert t["body_differs"] == 0  # not compared: neither side kept whole
+    assert rep["recent"][0]["primary_body_sha256"] == ""
