@@ -13,7 +13,10 @@ Rules, as Envoy's Zipkin tracer in Istio:
    state without ids). That is the whole cost of an unsampled request.
 4. Sampled: each proxy records its own span, a child of the span id it received
    (or the root of a new trace), and forwards its own span id as the parent of
-   the next hop, in both B3 multi-header and ``traceparent`` form.
+   the next hop, in ``traceparent`` form and in the B3 form the request came in:
+   a single ``b3: {trace}-{span}-1-{parent}`` header when it arrived with one (and no
+   ``x-b3-*`` ids), B3 multi-headers otherwise (Envoy's default for new traces).
+   An unsampled single ``b3`` keeps its single form too (``...-0``, or ``0``).
    A sidecar's inbound listener makes a SERVER span, its outbound listener a
    CLIENT span; a gateway makes both (SERVER for the caller, CLIENT child for
    the upstream), as Envoy's spans appear in Zipkin.
@@ -118,6 +121,17 @@ def incoming(headers: list[tuple[str, str]]) -> tuple[str | None, str | None, bo
     return trace_id, span_id, sampled, seen
 
 
+def _single_b3(headers: list[tuple[str, str]]) -> bool:
+    """The request carries its B3 context in the single ``b3`` header (no ``x-b3-*`` ids)."""
+    single = False
+    for k, _ in headers:
+        if k == "b3":
+            single = True
+        elif k == "x-b3-traceid" or k == "x-b3-spanid":
+            return False
+    return single
+
+
 def begin(headers: list[tuple[str, str]], percent: float, rand: random.Random, now_us: int,
           gateway: bool, inbound: bool) -> tuple[list[tuple[str, str]], tuple[Span, ...]]:
     """Decide for one request: (headers to forward, spans to record — empty when not sampled)."""
@@ -125,6 +139,9 @@ def begin(headers: list[tuple[str, str]], percent: float, rand: random.Random, n
     if sampled is None:
         sampled = percent >= 100.0 or (percent > 0.0 and rand.random() * 100.0 < percent)
         if not sampled:
+            if seen and _single_b3(headers):
+                b3 = f"{trace_id}-{parent}-0" if trace_id is not None else "0"
+                return [h for h in headers if h[0] != "b3" and h[0] != "x-b3-sampled"] + [("b3", b3)], ()
             if not seen:
                 headers = headers + [("x-b3-sampled", "0")]
             else:
@@ -143,7 +160,13 @@ def begin(headers: list[tuple[str, str]], percent: float, rand: random.Random, n
     else:
         spans = (Span(trace_id, _hex_id(rand, 64), parent, SERVER if inbound else CLIENT, now_us),)
     last = spans[-1]
+    single = seen and _single_b3(headers)
     out = [h for h in headers if h[0] not in TRACE_HEADERS]
+    if single:
+        b3 = f"{trace_id}-{last.span_id}-1"
+        out.append(("b3", b3 if last.parent_id is None else f"{b3}-{last.parent_id}"))
+        out.append(("traceparent", f"00-{trace_id.rjust(32, '0')}-{last.span_id}-01"))
+        return out, spans
     out.append(("x-b3-traceid", trace_id))
     out.append(("x-b3-spanid", last.span_id))
     if last.parent_id is not None:

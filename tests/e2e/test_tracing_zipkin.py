@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -112,3 +113,35 @@ def test_one_gateway_request_is_one_trace_across_bookinfo(traced_mesh):
     rev_client = next(s for s in spans if s["localEndpoint"]["serviceName"] == "reviews.default" and s["kind"] == "CLIENT")
     assert rev_client["tags"]["upstream_cluster"].startswith("outbound|9080|")
     assert "ratings" in rev_client["tags"]["upstream_cluster"]
+
+
+def test_a_single_b3_header_stays_single_and_joins_the_callers_trace(traced_mesh):
+    """A caller that speaks B3's single-header form (``b3: trace-span-1``) gets its trace continued:
+    the gateway's span is the child of the caller's span, and every hop passes one ``b3`` header on
+    (the apps copy ``b3`` as Istio's Bookinfo apps do), so the whole request is still one trace."""
+    gw, zipkin = traced_mesh["gw"], traced_mesh["zipkin"]
+    deadline = time.monotonic() + 30
+    while curl(gw + "/productpage")[0] != 200:
+        assert time.monotonic() < deadline, "productpage never answered 200 through the gateway"
+        time.sleep(0.3)
+    trace_id, caller_span = "5b3e0c1d2e3f40516273849a5b6c7d8e", "00000000000000c1"
+    code, _ = curl(gw + "/productpage", "-H", f"b3: {trace_id}-{caller_span}-1")
+    assert code == 200
+    want = {"istio-ingressgateway.default", "productpage.default", "details.default", "reviews.default",
+            "ratings.default"}
+    spans: list = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            spans = zipkin_get(zipkin, f"/api/v2/trace/{trace_id}")
+        except urllib.error.HTTPError:  # 404 until the first batch arrives
+            spans = []
+        if len(spans) >= 9 and want <= {s["localEndpoint"]["serviceName"] for s in spans}:
+            break
+        time.sleep(0.5)
+    assert want <= {s["localEndpoint"]["serviceName"] for s in spans}, json.dumps(spans)[:2000]
+    gw_server = [s for s in spans if s["localEndpoint"]["serviceName"] == "istio-ingressgateway.default"
+                 and s["kind"] == "SERVER"]
+    assert len(gw_server) == 1 and gw_server[0]["parentId"] == caller_span
+    by_id = {s["id"]: s for s in spans}
+    assert all(s.get("parentId") in by_id for s in spans if s is not gw_server[0])

@@ -105,6 +105,41 @@ async def test_forwarding_headers_request_id_and_trace_context(upstream):
             assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
 
 
+async def test_trace_context_goes_on_in_the_b3_form_it_came_in(upstream):
+    """A traced sidecar passes a single ``b3`` header on as one ``b3`` header naming its own span
+    (B3 single-header callers are not switched to multi-headers), and multi-headers as multi-headers."""
+    from dataclasses import replace
+
+    cfg, lp = _simple(upstream, 9080)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # spans go nowhere: this test is about the headers
+    cfg = replace(cfg, settings=replace(cfg.settings, tracing_zipkin=f"zipkin://127.0.0.1:{closed.getsockname()[1]}",
+                                        tracing_sampling=0.0))
+    closed.close()
+    trace, caller = "80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1"
+    async with running_proxy(cfg):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
+            r = await c.get("http://reviews:9080/h", headers={"b3": f"{trace}-{caller}-1"})
+            seen = dict((k, v) for k, v in r.json()["headers"])
+            assert "x-b3-traceid" not in seen and "x-b3-spanid" not in seen and "x-b3-sampled" not in seen
+            t, span, flag, parent = seen["b3"].split("-")
+            assert (t, flag, parent) == (trace, "1", caller) and span != caller and len(span) == 16
+            assert seen["traceparent"] == f"00-{trace}-{span}-01"
+            # unsampled by the caller: passed on unchanged, in its form
+            r = await c.get("http://reviews:9080/h", headers={"b3": f"{trace}-{caller}-0"})
+            seen = dict((k, v) for k, v in r.json()["headers"])
+            assert seen["b3"] == f"{trace}-{caller}-0" and "x-b3-sampled" not in seen
+            # no decision and this proxy says no (sampling 0 %): the decision is written into the b3 header
+            r = await c.get("http://reviews:9080/h", headers={"b3": f"{trace}-{caller}"})
+            seen = dict((k, v) for k, v in r.json()["headers"])
+            assert seen["b3"] == f"{trace}-{caller}-0" and "x-b3-sampled" not in seen
+            # multi-headers stay multi-headers
+            r = await c.get("http://reviews:9080/h", headers={"x-b3-traceid": trace, "x-b3-spanid": caller,
+                                                                "x-b3-sampled": "1"})
+            seen = dict((k, v) for k, v in r.json()["headers"])
+            assert "b3" not in seen and seen["x-b3-traceid"] == trace and seen["x-b3-parentspanid"] == caller
+
+
 async def test_keep_alive_reuses_upstream_connections(upstream):
     cfg, lp = _simple(upstream, 9080)
     async with running_proxy(cfg):

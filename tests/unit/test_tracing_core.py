@@ -75,3 +75,29 @@ def test_zipkin_v2_json():
                     tags={"http.status_code": "200"})
     assert d["traceId"] == "a" * 32 and d["parentId"] == "b" * 16 and d["kind"] == "SERVER"
     assert d["timestamp"] == 1234 and d["duration"] == 1 and d["localEndpoint"] == {"serviceName": "ratings.default"}
+
+
+def test_single_b3_header_is_propagated_in_its_own_form():
+    # sampled, with ids: the next hop gets one b3 header naming this proxy's span, its parent the caller's
+    inc = BASE + [("b3", "a" * 32 + "-" + "b" * 16 + "-1")]
+    out, (sp,) = begin(inc, 0.0, random.Random(1), 0, gateway=False, inbound=True)
+    assert sp.trace_id == "a" * 32 and sp.parent_id == "b" * 16
+    assert hdr(out, "b3") == f"{'a' * 32}-{sp.span_id}-1-{'b' * 16}"
+    assert all(hdr(out, h) is None for h in ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled"))
+    assert hdr(out, "traceparent") == f"00-{'a' * 32}-{sp.span_id}-01"
+    # ids without a decision, sampled here: still one header
+    out, (sp,) = begin(BASE + [("b3", "c" * 16 + "-" + "d" * 16)], 100.0, random.Random(1), 0,
+                       gateway=False, inbound=False)
+    assert hdr(out, "b3") == f"{'c' * 16}-{sp.span_id}-1-{'d' * 16}" and hdr(out, "x-b3-sampled") is None
+    # ids without a decision, not sampled here: the decision is written into the single header
+    out, spans = begin(BASE + [("b3", "c" * 16 + "-" + "d" * 16)], 0.0, random.Random(1), 0,
+                       gateway=False, inbound=False)
+    assert spans == () and hdr(out, "b3") == f"{'c' * 16}-{'d' * 16}-0" and hdr(out, "x-b3-sampled") is None
+    # a deny-only b3 is passed on unchanged
+    out, spans = begin(BASE + [("b3", "0")], 100.0, random.Random(1), 0, gateway=False, inbound=False)
+    assert spans == () and out == BASE + [("b3", "0")]
+    # a gateway: the single header names the client span, child of the server span
+    out, (srv, cli) = begin(BASE + [("b3", "e" * 32 + "-" + "f" * 16 + "-1")], 0.0, random.Random(1), 0,
+                            gateway=True, inbound=False)
+    assert hdr(out, "b3") == f"{'e' * 32}-{cli.span_id}-1-{srv.span_id}" and srv.parent_id == "f" * 16
+
