@@ -195,3 +195,44 @@ def zipkin_json(span: Span, *, name: str, service: str, duration_us: int, tags: 
     if remote_service:
         d["remoteEndpoint"] = {"serviceName": remote_service}
     return d
+
+
+# OTLP span kinds (opentelemetry/proto/trace/v1/trace.proto, Span.SpanKind) and status codes
+_OTLP_KIND = {SERVER: 2, CLIENT: 3}
+_OTLP_STATUS_ERROR = 2
+
+
+def otlp_json(spans: list[dict], scope_version: str = "") -> dict:
+    """Zipkin v2 spans (as ``zipkin_json`` makes them) as one OTLP ExportTraceServiceRequest,
+    in the JSON encoding of OTLP/HTTP: ids as hex strings, enums as numbers, 64-bit times as
+    decimal strings, one ResourceSpans per service (its ``service.name`` resource attribute).
+    A 64-bit B3 trace id is left-padded to OTLP's 16 bytes, as in ``traceparent``."""
+    by_service: dict[str, list[dict]] = {}
+    for z in spans:
+        start_ns = int(z["timestamp"]) * 1000
+        attrs = [{"key": k, "value": {"stringValue": str(v)}} for k, v in z.get("tags", {}).items()]
+        remote = z.get("remoteEndpoint", {}).get("serviceName")
+        if remote:
+            attrs.append({"key": "peer.service", "value": {"stringValue": remote}})
+        o: dict = {
+            "traceId": z["traceId"].rjust(32, "0"),
+            "spanId": z["id"],
+            "name": z["name"],
+            "kind": _OTLP_KIND.get(z.get("kind", ""), 0),
+            "startTimeUnixNano": str(start_ns),
+            "endTimeUnixNano": str(start_ns + int(z["duration"]) * 1000),
+            "attributes": attrs,
+        }
+        if z.get("parentId"):
+            o["parentSpanId"] = z["parentId"]
+        if z.get("tags", {}).get("error") == "true":
+            o["status"] = {"code": _OTLP_STATUS_ERROR}
+        by_service.setdefault(z["localEndpoint"]["serviceName"], []).append(o)
+    scope: dict = {"name": "meshctl"}
+    if scope_version:
+        scope["version"] = scope_version
+    return {"resourceSpans": [
+        {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+         "scopeSpans": [{"scope": scope, "spans": out}]}
+        for service, out in by_service.items()
+    ]}

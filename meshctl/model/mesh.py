@@ -9,7 +9,8 @@ settings:
   pathNormalization: BASE       # NONE | BASE | MERGE_SLASHES | DECODE_AND_MERGE_SLASHES (Istio's)
   drainDuration: 5s             # a stopping sidecar keeps serving this long while callers move away
   tracing:                      # distributed tracing from every sidecar and gateway
-    zipkin: zipkin://127.0.0.1:9411   # Zipkin's v2 API (spans sent in batches); absent: no tracing
+    zipkin: zipkin://127.0.0.1:9411   # Zipkin's v2 API (spans sent in batches)
+    otlp: http://127.0.0.1:4318       # and/or an OpenTelemetry collector, OTLP/HTTP (POST /v1/traces)
     sampling: 1.0               # % of requests traced where no caller decided (Istio's default 1 %)
 services:
 - name: reviews
@@ -87,6 +88,7 @@ class GatewaySpec:
 @dataclass(frozen=True, slots=True)
 class TracingSettings:
     zipkin: str = ""  # zipkin://HOST:PORT
+    otlp: str = ""  # http(s)://HOST:PORT (OTLP/HTTP, /v1/traces appended), a full URL, or otlp://HOST:PORT
     sampling: float = 1.0  # percent, as Istio's meshConfig defaultConfig.tracing.sampling
 
 

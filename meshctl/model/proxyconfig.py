@@ -232,6 +232,9 @@ class Settings:
     # distributed tracing (proxy/tracing.py): Zipkin collector "zipkin://host:port" ("" = off)
     # and the percentage of requests sampled where no caller decided (Istio's default 1 %)
     tracing_zipkin: str = ""
+    # OpenTelemetry collector, OTLP/HTTP: "http(s)://host:port" (POSTs to /v1/traces),
+    # a full ".../v1/traces" URL, or "otlp://host:port" (= http://host:port); "" = off
+    tracing_otlp: str = ""
     tracing_sampling: float = 1.0
     # Istio's default retry policy where a route sets none.
     default_retry_attempts: int = 2
@@ -251,6 +254,28 @@ def _zipkin_address(url: str) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         return None
     return host.strip("[]"), int(port)
+
+
+def _otlp_url(url: str) -> str | None:
+    """The OTLP/HTTP traces endpoint of a ``tracing.otlp`` setting, None when malformed.
+
+    As OpenTelemetry's exporters read OTEL_EXPORTER_OTLP_ENDPOINT: a base URL
+    ``http://host:4318`` gets the signal path ``/v1/traces`` appended; a URL with
+    a path is used as it is (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). ``otlp://host:port``
+    is short for ``http://host:port``."""
+    if url.startswith("otlp://"):
+        url = "http://" + url[len("otlp://"):]
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return None
+    hostport, slash, path = rest.partition("/")
+    host, colon, port = hostport.rpartition(":")
+    if not hostport or (colon and (not host or not port.isdigit() or not 1 <= int(port) <= 65535)):
+        return None
+    if not colon and not hostport.strip("[]"):
+        return None
+    path = path.rstrip("/")
+    return f"{scheme}://{hostport}/{path}" if path else f"{scheme}://{hostport}/v1/traces"
 
 
 def settings_problems(s: Settings) -> list[tuple[str, str]]:
@@ -295,8 +320,11 @@ def settings_problems(s: Settings) -> list[tuple[str, str]]:
         if e.status_on_error is not None and not (e.status_on_error.isdigit() and 200 <= int(e.status_on_error) <= 599):
             out.append((f"{where}.envoyExtAuthzHttp.statusOnError", f"{e.status_on_error!r} is not an HTTP status"))
     if s.tracing_zipkin and not _zipkin_address(s.tracing_zipkin):
-        out.append(("tracing.zipkin", f"{s.tracing_zipkin!r} is not zipkin://HOST:PORT (meshctl exports traces "
-                    "only to Zipkin's v2 HTTP API)"))
+        out.append(("tracing.zipkin", f"{s.tracing_zipkin!r} is not zipkin://HOST:PORT (Zipkin's v2 HTTP API; "
+                    "an OpenTelemetry collector goes in tracing.otlp)"))
+    if s.tracing_otlp and not _otlp_url(s.tracing_otlp):
+        out.append(("tracing.otlp", f"{s.tracing_otlp!r} is not an OTLP/HTTP endpoint: http(s)://HOST:PORT "
+                    "(spans go to /v1/traces), a full .../v1/traces URL, or otlp://HOST:PORT"))
     if not 0.0 <= s.tracing_sampling <= 100.0:
         out.append(("tracing.sampling", f"{s.tracing_sampling} is not a percentage between 0 and 100"))
     if s.max_connections < 0:

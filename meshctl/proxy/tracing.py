@@ -5,9 +5,11 @@ Here: ``TRACE`` runs right after ``prepare`` in every HTTP chain; when the
 request is not sampled it costs one pass over the headers (and one ``x-b3-sampled:
 0`` header where nobody decided yet). ``finish`` is called from
 telemetry.finish_request for sampled requests only; the spans go to a bounded
-buffer that ``Tracer.run`` POSTs to Zipkin (``/api/v2/spans``) in batches, off
-the request path. When the collector is down, spans are dropped (counted in
-``dropped``), never queued without bound, and requests never wait.
+buffer that ``Tracer.run`` POSTs in batches, off the request path, to Zipkin
+(``/api/v2/spans``, v2 JSON) and/or an OpenTelemetry collector (OTLP/HTTP
+``/v1/traces``, OTLP's JSON encoding). When a collector is down, its batch is
+dropped (counted in ``dropped`` when no collector took it), never queued without
+bound, and requests never wait.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 import trio
 
 from ..core import tracing as T
-from ..model.proxyconfig import _zipkin_address
+from ..model.proxyconfig import _otlp_url, _zipkin_address
 
 log = logging.getLogger("meshctl.proxy.tracing")
 
@@ -68,31 +70,44 @@ class Tracer:
                     await client.aclose()
 
     async def _flush(self, rt, client) -> None:
-        import httpx
-
         while self.spans:
-            addr = _zipkin_address(rt.snapshot.settings.tracing_zipkin)
-            if addr is None:  # tracing turned off since: drop what was recorded
+            settings = rt.snapshot.settings
+            zipkin = _zipkin_address(settings.tracing_zipkin) if settings.tracing_zipkin else None
+            otlp = _otlp_url(settings.tracing_otlp) if settings.tracing_otlp else None
+            if zipkin is None and otlp is None:  # tracing turned off since: drop what was recorded
                 self.dropped += len(self.spans)
                 self.spans = []
                 return
             batch, self.spans = self.spans[:BATCH], self.spans[BATCH:]
-            host, port = addr
-            if ":" in host:
-                host = f"[{host}]"
-            try:
-                r = await client.post(f"http://{host}:{port}/api/v2/spans", content=json.dumps(batch),
-                                      headers={"content-type": "application/json"})
-                if r.status_code >= 300:
-                    raise httpx.HTTPError(f"HTTP {r.status_code}: {r.text[:200]}")
+            delivered = False
+            if zipkin is not None:
+                host, port = zipkin
+                if ":" in host:
+                    host = f"[{host}]"
+                delivered |= await self._post(client, "zipkin", f"http://{host}:{port}/api/v2/spans",
+                                              json.dumps(batch), len(batch))
+            if otlp is not None:
+                delivered |= await self._post(client, "otlp", otlp, json.dumps(T.otlp_json(batch)), len(batch))
+            if delivered:
                 self.sent += len(batch)
-            except httpx.HTTPError as exc:
-                self.failures += 1
+            else:
                 self.dropped += len(batch)
-                if self.failures == 1 or self.failures % 100 == 0:
-                    log.warning("tracing: cannot send %d spans to zipkin %s:%d: %s (%d failures)",
-                                len(batch), host, port, exc, self.failures)
                 return
+
+    async def _post(self, client, what: str, url: str, body: str, n: int) -> bool:
+        import httpx
+
+        try:
+            r = await client.post(url, content=body, headers={"content-type": "application/json"})
+            if r.status_code >= 300:
+                raise httpx.HTTPError(f"HTTP {r.status_code}: {r.text[:200]}")
+            return True
+        except httpx.HTTPError as exc:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 100 == 0:
+                log.warning("tracing: cannot send %d spans to %s %s: %s (%d failures)", n, what, url, exc,
+                            self.failures)
+            return False
 
 
 class TraceStage:
@@ -102,7 +117,7 @@ class TraceStage:
 
     async def on_request(self, rq):
         settings = rq.snap.settings
-        if not settings.tracing_zipkin:
+        if not settings.tracing_zipkin and not settings.tracing_otlp:
             return None
         lst = rq.listener
         headers, spans = T.begin(rq.headers, settings.tracing_sampling, rq.rt.rand, int(time.time() * 1e6),

@@ -69,7 +69,8 @@ def proxy_settings(spec: MeshSpec) -> "Settings":
                     request_timeout=m.request_timeout, max_connections=m.max_connections,
                     drain_duration=m.drain_duration, outbound_traffic_policy=m.outbound_traffic_policy,
                     extension_providers=m.extension_providers,
-                    tracing_zipkin=m.tracing.zipkin, tracing_sampling=m.tracing.sampling)
+                    tracing_zipkin=m.tracing.zipkin, tracing_otlp=m.tracing.otlp,
+                    tracing_sampling=m.tracing.sampling)
 
 
 def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:

@@ -5,6 +5,8 @@ Session-scoped fixtures, registered as a pytest plugin by tests/conftest.py:
 - ``consul_agent``: ``consul://127.0.0.1:<port>`` of a ``consul agent -dev``
   on free loopback ports;
 - ``zipkin_server``: ``zipkin://127.0.0.1:<port>`` of Maven Central's Zipkin exec jar;
+- ``otlp_receiver``: ``http://127.0.0.1:<port>`` of the OpenTelemetry Collector's
+  OTLP receiver (scripts/tools/otlp-receiver.sh); ``.out``: the OTLP JSON lines it received;
 - ``eureka_server``: ``eureka://127.0.0.1:<port>/eureka`` of the small Spring
   Boot Eureka server built by scripts/tools/eureka.sh.
 
@@ -238,5 +240,49 @@ def zipkin_server(tmp_path_factory):
     server.start()
     try:
         yield ServerURL(f"zipkin://127.0.0.1:{port}", http, server)
+    finally:
+        server.stop()
+
+
+class OTLPReceiver(str):
+    """The OTLP/HTTP base URL of a running collector OTLP receiver; ``.out`` is the file of
+    OTLP JSON lines (one export request a line, as the collector decoded it)."""
+
+    out: Path
+    server: ServerProcess
+
+    def __new__(cls, url: str, out: Path, server: ServerProcess) -> "OTLPReceiver":
+        self = super().__new__(cls, url)
+        self.out = out
+        self.server = server
+        return self
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver(tmp_path_factory):
+    """The OpenTelemetry Collector's OTLP receiver (otlpreceiver, built from the Go module
+    proxy by scripts/tools/otlp-receiver.sh) on a free loopback port, OTLP/HTTP."""
+    binary = build_tool("otlp-receiver.sh")
+    workdir = tmp_path_factory.mktemp("otlp")
+    port = free_port()
+    out = workdir / "spans.jsonl"
+    server = ServerProcess(
+        "otlp receiver",
+        [binary, "-http", f"127.0.0.1:{port}", "-out", str(out)],
+        lambda: _tcp_open(port),
+        workdir / "otlp-receiver.log",
+        start_timeout=30,
+    )
+    server.start()
+    try:
+        yield OTLPReceiver(f"http://127.0.0.1:{port}", out, server)
     finally:
         server.stop()

@@ -101,3 +101,25 @@ def test_single_b3_header_is_propagated_in_its_own_form():
                             gateway=True, inbound=False)
     assert hdr(out, "b3") == f"{'e' * 32}-{cli.span_id}-1-{srv.span_id}" and srv.parent_id == "f" * 16
 
+
+def test_otlp_json_groups_spans_by_service_with_otlp_kinds_ids_and_times():
+    from meshctl.core.tracing import otlp_json
+
+    _, (sp,) = begin([("x-b3-traceid", "a" * 16), ("x-b3-spanid", "b" * 16), ("x-b3-sampled", "1")], 0.0,
+                     random.Random(1), 1_500_000, gateway=False, inbound=False)
+    client = zipkin_json(sp, name="ratings.default.svc.cluster.local:9080/*", service="reviews.default",
+                         duration_us=250, tags={"http.status_code": "503", "error": "true"},
+                         remote_service="ratings.default")
+    _, (srv,) = begin([], 100.0, random.Random(2), 7, gateway=False, inbound=True)
+    server = zipkin_json(srv, name="x:80/*", service="ratings.default", duration_us=3, tags={})
+    req = otlp_json([client, server], "1.0")
+    rs = {r["resource"]["attributes"][0]["value"]["stringValue"]: r for r in req["resourceSpans"]}
+    assert set(rs) == {"reviews.default", "ratings.default"}
+    (o,) = rs["reviews.default"]["scopeSpans"][0]["spans"]
+    assert o["traceId"] == "0" * 16 + "a" * 16 and o["spanId"] == sp.span_id and o["parentSpanId"] == "b" * 16
+    assert o["kind"] == 3 and o["startTimeUnixNano"] == "1500000000" and o["endTimeUnixNano"] == "1500250000"
+    assert o["status"] == {"code": 2}
+    attrs = {a["key"]: a["value"]["stringValue"] for a in o["attributes"]}
+    assert attrs["http.status_code"] == "503" and attrs["peer.service"] == "ratings.default"
+    (o,) = rs["ratings.default"]["scopeSpans"][0]["spans"]
+    assert o["kind"] == 2 and "parentSpanId" not in o and "status" not in o

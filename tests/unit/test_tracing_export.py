@@ -23,7 +23,7 @@ def test_a_missing_collector_drops_the_batch_and_the_buffer_stays_bounded():
         t.add({"id": i})
     assert len(t.spans) == tracing.BUFFER and t.dropped == 50
     rt = SimpleNamespace(snapshot=SimpleNamespace(settings=SimpleNamespace(
-        tracing_zipkin=f"zipkin://127.0.0.1:{_closed_port()}")))
+        tracing_zipkin=f"zipkin://127.0.0.1:{_closed_port()}", tracing_otlp="")))
 
     async def main():
         import httpx

@@ -1,0 +1,110 @@
+"""Tracing to an OpenTelemetry collector over OTLP/HTTP, end to end: Bookinfo under
+`meshctl up` with ``settings.tracing.otlp`` pointing at the OpenTelemetry
+Collector's own OTLP receiver (go.opentelemetry.io/collector/receiver/otlpreceiver,
+built by scripts/tools/otlp-receiver.sh, which writes what it accepted as the
+collector's OTLP JSON). One request through the ingress gateway is one trace,
+every Bookinfo service is a resource with its ``service.name``, and each span is
+the child of the span that called it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from .helpers import bookinfo_workdir
+from .test_up_bookinfo import curl, meshctl
+
+pytestmark = pytest.mark.e2e
+
+SERVER, CLIENT = 2, 3  # OTLP Span.SpanKind
+
+
+@pytest.fixture(scope="module")
+def otlp_mesh(tmp_path_factory, otlp_receiver):
+    work = tmp_path_factory.mktemp("bookinfo-otlp")
+    gw_port = bookinfo_workdir(work)
+    text = (work / "mesh.yaml").read_text()
+    text = text.replace("settings:\n", f"settings:\n  tracing: {{otlp: '{otlp_receiver}', sampling: 100}}\n", 1)
+    (work / "mesh.yaml").write_text(text)
+    meshctl("up", "-d", "-f", "mesh.yaml", cwd=work)
+    try:
+        meshctl("route", "apply", "--wait", "-f", "rules/bookinfo-gateway.yaml", "-f", "rules/destination-rule-all.yaml",
+                "-f", "rules/virtual-service-reviews-v3.yaml", cwd=work)
+        yield {"dir": work, "gw": f"http://127.0.0.1:{gw_port}", "out": otlp_receiver.out}
+    finally:
+        meshctl("down", cwd=work, check=False)
+
+
+def received_spans(out) -> list[tuple[str, dict]]:
+    """(service.name, span) for every span the collector accepted so far."""
+    spans = []
+    if not out.exists():
+        return spans
+    for line in out.read_text().splitlines():
+        for rs in json.loads(line)["resourceSpans"]:
+            attrs = {a["key"]: a["value"].get("stringValue") for a in rs["resource"].get("attributes", [])}
+            for ss in rs["scopeSpans"]:
+                assert ss["scope"]["name"] == "meshctl"
+                for s in ss["spans"]:
+                    spans.append((attrs["service.name"], s))
+    return spans
+
+
+def test_one_gateway_request_is_one_otlp_trace_across_bookinfo(otlp_mesh):
+    gw = otlp_mesh["gw"]
+    deadline = time.monotonic() + 30
+    while curl(gw + "/productpage")[0] != 200:
+        assert time.monotonic() < deadline, "productpage never answered 200 through the gateway"
+        time.sleep(0.3)
+    rid = "otlp-test-5e6f7a8b"
+    code, page = curl(gw + "/productpage", "-H", f"x-request-id: {rid}")
+    assert code == 200 and 'color="red"' in page
+
+    def attrs(s):
+        return {a["key"]: a["value"].get("stringValue") for a in s.get("attributes", [])}
+
+    want = {"istio-ingressgateway.default", "productpage.default", "details.default", "reviews.default",
+            "ratings.default"}
+    spans: list = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # batches go out about every second
+        spans = [(svc, s) for svc, s in received_spans(otlp_mesh["out"]) if attrs(s).get("guid:x-request-id") == rid]
+        if len(spans) >= 9 and want <= {svc for svc, _ in spans}:
+            break
+        time.sleep(0.5)
+    assert {svc for svc, _ in spans} == want, spans
+    assert len(spans) == 9, [(svc, s["kind"]) for svc, s in spans]
+    assert len({s["traceId"] for _, s in spans}) == 1 and len(spans[0][1]["traceId"]) == 32
+    by_id = {s["spanId"]: (svc, s) for svc, s in spans}
+
+    def kinds(service):
+        return sorted(s["kind"] for svc, s in spans if svc == service)
+
+    assert kinds("istio-ingressgateway.default") == [SERVER, CLIENT]
+    assert kinds("productpage.default") == [SERVER, CLIENT, CLIENT]
+    assert kinds("reviews.default") == [SERVER, CLIENT]
+    assert kinds("details.default") == [SERVER] and kinds("ratings.default") == [SERVER]
+    roots = [(svc, s) for svc, s in spans if not s.get("parentSpanId")]
+    assert [(svc, s["kind"]) for svc, s in roots] == [("istio-ingressgateway.default", SERVER)]
+    callers = {"productpage.default": "istio-ingressgateway.default", "details.default": "productpage.default",
+               "reviews.default": "productpage.default", "ratings.default": "reviews.default"}
+    for svc, s in spans:
+        if not s.get("parentSpanId"):
+            continue
+        psvc, p = by_id[s["parentSpanId"]]  # KeyError: a dangling parent link
+        if s["kind"] == SERVER:
+            assert (psvc, p["kind"]) == (callers[svc], CLIENT), (svc, psvc)
+        else:
+            assert (psvc, p["kind"]) == (svc, SERVER), (svc, psvc)
+        assert int(s["startTimeUnixNano"]) >= int(p["startTimeUnixNano"]) - 1_000_000
+        assert int(s["endTimeUnixNano"]) > int(s["startTimeUnixNano"])
+    # Envoy's tags as OTLP attributes
+    ratings = next(s for svc, s in spans if svc == "ratings.default")
+    a = attrs(ratings)
+    assert a["http.status_code"] == "200" and a["node_id"] == "ratings-v1-0"
+    assert a["destination.principal"] == "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+    assert ratings["name"].startswith("ratings.default.svc.cluster.local:9080")
+    rev_client = next(s for svc, s in spans if svc == "reviews.default" and s["kind"] == CLIENT)
+    assert attrs(rev_client)["peer.service"].startswith("ratings")
