@@ -35,13 +35,16 @@ import os
 import ssl
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
-from cryptography import x509
 
 from ..model.istio import TCPRoute
 from ..model.proxyconfig import Listener, ProxyConfig, ServerTLS
 from ..protocol.tls_hello import NEED_MORE, NOT_TLS, Hello, host_matches, parse
+
+if TYPE_CHECKING:  # cryptography costs a sidecar ~9 MB: loaded on the first client certificate
+    from cryptography import x509
 
 log = logging.getLogger("meshctl.gateway")
 
@@ -332,6 +335,8 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
     peer_id = None
     der = tls.getpeercert(binary_form=True)
     if der:
+        from cryptography import x509
+
         cert = x509.load_der_x509_certificate(der)
         sans = _sans(cert)
         if server.subject_alt_names and not set(server.subject_alt_names) & set(sans):
@@ -365,6 +370,8 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
 
 
 def _sans(cert: x509.Certificate) -> list[str]:
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -1,0 +1,34 @@
+"""A plain (non-mTLS) sidecar loads only its data path: what it imports decides its RSS
+(issue 12's target is <= 35 MB; cryptography alone is ~9 MB, httpx ~3 MB, the rule
+loader with its Istio models and RE2 ~6 MB)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# libraries a sidecar with a plain HTTP listener never needs
+HEAVY = ("cryptography", "httpx", "typer", "pydantic", "meshctl.loader.validate", "meshctl.loader.resources",
+         "meshctl.citadel.identity")
+
+
+def test_a_plain_sidecar_runtime_imports_no_heavy_library():
+    code = (
+        "import sys, json\n"
+        "import meshctl.proxy.main, meshctl.proxy.runtime, meshctl.loader.proxyconfig\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_the_loader_package_still_offers_its_names():
+    code = (
+        "from meshctl.loader import from_data, load_resources, has_errors, LoadError\n"
+        "from meshctl.loader.validate import validate\n"
+        "print(callable(validate) and callable(from_data) and callable(load_resources) and callable(has_errors)"
+        " and isinstance(LoadError, type))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
