@@ -106,6 +106,10 @@ def up(
         None, "--consul-token", envvar="CONSUL_HTTP_TOKEN", show_envvar=True, metavar="TOKEN",
         help="Consul ACL token for registering and watching.",
     ),
+    locality: Optional[str] = typer.Option(
+        None, "--locality", metavar="REGION/ZONE/SUBZONE",
+        help="Where this host's workloads and gateways run (locality load balancing); overrides settings.locality.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", hidden=True),
 ) -> None:
     """Start the control plane, every app with its sidecar, and the gateways; or apply mesh.yaml's changes to a running mesh."""
@@ -120,6 +124,11 @@ def up(
             parse_registry_url(registry)
         except RegistryError as e:
             fail(f"--registry: {e}")
+    if locality is not None:
+        from ..core.locality import locality_problem
+
+        if locality_problem(locality.strip()):
+            fail(f"--locality: {locality_problem(locality.strip())}", 2)
     try:
         # Checked here, before any detach, whether or not --state-dir names the state:
         # `up -d` prints the same file:line errors as `up`.
@@ -131,15 +140,16 @@ def up(
     remember_current(sd)  # other commands find this mesh from any directory
     pid = _supervisor_pid(sd)
     if pid:
-        _update_running(sd, pid, file, registry)
+        _update_running(sd, pid, file, registry, locality)
         return
     if detach:
-        _start_detached(sd, file, registry, consul_token)
+        _start_detached(sd, file, registry, consul_token, locality)
         return
-    _supervise(sd, file, registry, consul_token, quiet)
+    _supervise(sd, file, registry, consul_token, quiet, locality)
 
 
-def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Optional[str], quiet: bool) -> None:
+def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Optional[str], quiet: bool,
+               locality: Optional[str] = None) -> None:
     """Run the supervisor in this process until the mesh is stopped."""
     from ..supervisor.run import Supervisor, UpError
 
@@ -150,7 +160,7 @@ def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Opti
             err_console.print(f"[dim]{time.monotonic() - started:6.2f}s[/] {msg}", highlight=False)
 
     try:
-        sup = Supervisor(file, sd, on_event, registry_url=registry, consul_token=consul_token)
+        sup = Supervisor(file, sd, on_event, registry_url=registry, consul_token=consul_token, locality=locality)
     except LoadError as e:
         fail(f"bad mesh file:\n{e}")
 
@@ -172,7 +182,8 @@ def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Opti
         pass
 
 
-def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul_token: Optional[str] = None) -> None:
+def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul_token: Optional[str] = None,
+                   locality: Optional[str] = None) -> None:
     """Fork the supervisor into its own session (no second interpreter start: the
     modules are loaded already), then follow its progress in status.json."""
     (sd / "logs").mkdir(parents=True, exist_ok=True)
@@ -183,7 +194,7 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
     from ..launch import FROZEN
 
     if FROZEN:
-        _follow_detached(sd, log_path, start, *_spawn_detached(sd, log_path, file, registry, consul_token))
+        _follow_detached(sd, log_path, start, *_spawn_detached(sd, log_path, file, registry, consul_token, locality))
         return
     pid = os.fork()
     if pid == 0:  # the supervisor
@@ -198,7 +209,7 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
             os.environ.pop(ENV_VAR, None)
             if consul_token:  # through the environment, not argv: other users can read argv
                 os.environ["CONSUL_HTTP_TOKEN"] = consul_token
-            _supervise(sd, file.resolve(), registry, consul_token, quiet=True)
+            _supervise(sd, file.resolve(), registry, consul_token, quiet=True, locality=locality)
             code = 0
         except typer.Exit as e:
             code = e.exit_code
@@ -217,7 +228,8 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
     _follow_detached(sd, log_path, start, pid, child_exited)
 
 
-def _spawn_detached(sd: Path, log_path: Path, file: Path, registry: Optional[str], consul_token: Optional[str]):
+def _spawn_detached(sd: Path, log_path: Path, file: Path, registry: Optional[str], consul_token: Optional[str],
+                    locality: Optional[str] = None):
     """The one-file build cannot fork the supervisor: its files are unpacked for this
     process and removed when it exits. Start the binary again, as a new instance that
     unpacks its own (sidecars and control roles, its children, then share them)."""
@@ -232,6 +244,8 @@ def _spawn_detached(sd: Path, log_path: Path, file: Path, registry: Optional[str
     argv = meshctl_argv("up", "-f", str(file.resolve()), "--state-dir", str(sd), "--quiet")
     if registry:
         argv += ["--registry", registry]
+    if locality is not None:
+        argv += ["--locality", locality]
     with open(log_path, "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)
@@ -286,7 +300,7 @@ def _logged_error(log_path: Path, start: int) -> str:
     return text[at + len("error: "):].strip() if at >= 0 else ""
 
 
-def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = None) -> None:
+def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = None, locality: Optional[str] = None) -> None:
     from ..supervisor.run import redact_url
 
     st = _read_status(sd)
@@ -295,6 +309,9 @@ def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = No
     running = (st.get("registry") or {}).get("url")
     if registry is not None and running and redact_url(registry.strip()) != running:
         fail(f"the running mesh uses the registry {running}, not {redact_url(registry)}: `meshctl down` first to switch")
+    if locality is not None and locality.strip() != st.get("locality", ""):
+        fail(f"the running mesh runs in locality {st.get('locality') or '(none)'!r}, not {locality.strip()!r}: "
+             "a running mesh keeps the --locality it was started with (`meshctl down` first to move it)")
     mtime = (sd / "status.json").stat().st_mtime if (sd / "status.json").exists() else 0
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + 90

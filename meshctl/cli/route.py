@@ -290,4 +290,15 @@ def explain(
         if not eps:
             console.print("  no endpoints: the request would get 503 (no healthy upstream)", highlight=False)
         for ep in eps:
-            console.print(f"  endpoint {ep.address}:{ep.port} {ep.instance} {ep.health} {dict(ep.labels)}", highlight=False)
+            where = f" locality {ep.locality}" if ep.locality else ""
+            console.print(f"  endpoint {ep.address}:{ep.port} {ep.instance} {ep.health}{where} {dict(ep.labels)}", highlight=False)
+        if cluster is not None and cluster.traffic_policy is not None:
+            from ..core.locality import explain as explain_locality, plan_locality
+
+            tp = cluster.traffic_policy
+            lb = tp.load_balancer
+            healthy = [e for e in eps if e.health == "HEALTHY"]
+            plan = plan_locality(lb.locality_lb_setting if lb else None, tp.outlier_detection is not None,
+                                 cfg.workload.locality, cfg.workload.labels, healthy)
+            for line in explain_locality(plan, healthy):
+                console.print(line, highlight=False)

@@ -50,6 +50,8 @@ from ..model.istio import Resource
 from ..core.regex import regex_problem as _re2_problem
 from ..model.proxyconfig import fqdn
 from ..core.authz import condition_key_supported
+from ..core.locality import locality_problem, setting_problems
+from ..core.warmup import SLOW_START_POLICIES
 from ..core.jwt import parse_jwks
 from .resources import source_of
 from .unsupported import refused_fields
@@ -415,6 +417,7 @@ class _Validator:
                     self.error(f"{lp}.consistentHash", f"only one hash key may be set, got {' and '.join(keys)}")
                 if ch.ring_hash is not None and ch.maglev is not None:
                     self.error(f"{lp}.consistentHash", "ringHash and maglev cannot both be set")
+            self.locality_and_warmup(lp, lb, tp.outlier_detection is not None)
         if tp.tls is not None:
             self.enum(f"{path}.tls.mode", tp.tls.mode, CLIENT_TLS_MODES)
             if tp.tls.mode == "ISTIO_MUTUAL" and tp.tls.sni:
@@ -435,6 +438,31 @@ class _Validator:
                 else:
                     self.port(f"{pp}.port.number", pl.port.number)
                 self.traffic_policy(pp, pl)
+
+    def locality_and_warmup(self, lp: str, lb: m.LoadBalancerSettings, outlier_detection: bool) -> None:
+        ll = lb.locality_lb_setting
+        if ll is not None:
+            for field, msg in setting_problems(ll):
+                self.error(f"{lp}.localityLbSetting.{field}", msg)
+            if (ll.failover or ll.failover_priority) and not outlier_detection and ll.enabled is not False:
+                self.warning(f"{lp}.localityLbSetting", "failover has no effect without outlierDetection in the same "
+                             "traffic policy (as in Istio): no locality failover is done")
+        for name, val in (("warmupDurationSecs", lb.warmup_duration_secs), ("warmup.duration", lb.warmup.duration if lb.warmup else None)):
+            if val is None:
+                continue
+            if float(val) <= 0:
+                self.error(f"{lp}.{name}", "must be positive")
+            elif lb.consistent_hash is not None or lb.simple not in SLOW_START_POLICIES:
+                self.error(f"{lp}.{name}", "meshctl does not implement slow start with "
+                           f"{'consistentHash' if lb.consistent_hash is not None else lb.simple} yet (as Envoy, only "
+                           "with ROUND_ROBIN and LEAST_REQUEST)")
+        if lb.warmup is not None:
+            if lb.warmup.duration is None:
+                self.error(f"{lp}.warmup.duration", "duration is required")
+            if lb.warmup.minimum_percent is not None and not 0 <= lb.warmup.minimum_percent <= 100:
+                self.error(f"{lp}.warmup.minimumPercent", "must be between 0 and 100")
+            if lb.warmup.aggression is not None and lb.warmup.aggression < 1:
+                self.error(f"{lp}.warmup.aggression", "must be at least 1.0")
 
     # -- ServiceEntry
 
@@ -462,6 +490,8 @@ class _Validator:
                 self.error(f"spec.endpoints[{i}].address", "address is required")
             for name, number in ep.ports.items():
                 self.port(f"spec.endpoints[{i}].ports.{name}", number)
+            if ep.locality and locality_problem(ep.locality):
+                self.error(f"spec.endpoints[{i}].locality", str(locality_problem(ep.locality)))
 
     # -- Sidecar
 
@@ -483,6 +513,8 @@ class _Validator:
             self.error("spec.address", "address is required")
         for name, number in we.ports.items():
             self.port(f"spec.ports.{name}", number)
+        if we.locality and locality_problem(we.locality):
+            self.error("spec.locality", str(locality_problem(we.locality)))
 
     # -- Gateway
 

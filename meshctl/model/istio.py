@@ -268,10 +268,39 @@ class ConsistentHashLB:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalityDistribute:
+    from_: str = ""  # "from" in YAML: region/zone/subzone of the caller, "*" wildcards
+    to: FrozenDict[str, int] = EMPTY  # locality (wildcards) → share of traffic, summing to 100
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityFailover:
+    from_: str = ""  # "from" in YAML: a region
+    to: str = ""  # the region to fail over to
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityLoadBalancerSetting:
+    distribute: tuple[LocalityDistribute, ...] = ()
+    failover: tuple[LocalityFailover, ...] = ()
+    failover_priority: tuple[str, ...] = ()  # labels, "label=value" to override the caller's value
+    enabled: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupConfiguration:
+    duration: Duration | None = None
+    minimum_percent: float | None = None  # default 10
+    aggression: float | None = None  # default 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBalancerSettings:
     simple: str | None = None  # UNSPECIFIED LEAST_CONN RANDOM PASSTHROUGH ROUND_ROBIN LEAST_REQUEST
     consistent_hash: ConsistentHashLB | None = None
+    locality_lb_setting: LocalityLoadBalancerSetting | None = None
     warmup_duration_secs: Duration | None = None
+    warmup: WarmupConfiguration | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,8 @@ settings:
   readyTimeout: 60s             # how long `up` waits for every instance to pass its health check
   pathNormalization: BASE       # NONE | BASE | MERGE_SLASHES | DECODE_AND_MERGE_SLASHES (Istio's)
   drainDuration: 5s             # a stopping sidecar keeps serving this long while callers move away
+  locality: us-east/zone-a      # region/zone/subzone of this host's workloads (`up --locality` overrides);
+                                # DestinationRule localityLbSetting balances by it
   tracing:                      # distributed tracing from every sidecar and gateway
     zipkin: zipkin://127.0.0.1:9411   # Zipkin's v2 API (spans sent in batches)
     otlp: http://127.0.0.1:4318       # and/or an OpenTelemetry collector, OTLP/HTTP (POST /v1/traces)
@@ -24,6 +26,7 @@ services:
     command: [python3, apps/reviews.py]
     env: {SERVICE_VERSION: v2}
     replicas: 1
+    locality: us-east/zone-b    # region/zone/subzone of these instances (default: settings.locality)
 gateways:
 - name: istio-ingressgateway
   labels: {istio: ingressgateway}
@@ -61,6 +64,7 @@ class Version:
     address: str | None = None  # an app already running: "127.0.0.1:9080" (then no command)
     replicas: int = 1
     env: FrozenDict[str, str] = EMPTY
+    locality: str | None = None  # region/zone/subzone of these instances; default: settings.locality
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,7 @@ class MeshSettings:
     outbound_traffic_policy: str = "ALLOW_ANY"  # Istio meshConfig.outboundTrafficPolicy.mode (or REGISTRY_ONLY)
     extension_providers: tuple[ExtensionProvider, ...] = ()  # Istio meshConfig.extensionProviders (ext-authz HTTP)
     tracing: TracingSettings = TracingSettings()
+    locality: str = ""  # region/zone/subzone of this host's workloads and gateways (`up --locality` overrides)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ class Endpoint:
     weight: int = 1
     health: str = "HEALTHY"  # HEALTHY | UNHEALTHY | DRAINING
     identity: str | None = None  # expected SPIFFE ID of the peer sidecar (mTLS)
+    locality: str = ""  # region/zone/subzone where it runs ("": unknown), for locality load balancing
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,7 @@ class Workload:
     labels: FrozenDict[str, str] = EMPTY  # app, version, ...
     service_account: str | None = None  # defaults to the service name
     trust_domain: str = "cluster.local"
+    locality: str = ""  # region/zone/subzone (mesh.yaml settings.locality or versions[].locality)
 
     @property
     def spiffe_id(self) -> str:

@@ -73,6 +73,7 @@ META_SERVICE_PORT = "meshctl.io/service-port"
 META_PROTOCOL = "meshctl.io/protocol"
 META_SIDECAR = "meshctl.io/sidecar"
 META_WEIGHT = "meshctl.io/weight"  # a ServiceEntry endpoint's load-balancing weight
+META_LOCALITY = "meshctl.io/locality"  # region/zone/subzone of the instance (core/locality.py)
 META_SERVICE_ACCOUNT = "meshctl.io/service-account"  # the sidecar's identity is .../sa/<this> (default: the service)
 
 
@@ -154,7 +155,8 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
         extra = tuple(
             Instance(id=f"{r.name}", service=svc.name, address=we.address,
                      port=we.ports.get(_port_name(svc, p), 0) or p, labels=we.labels,
-                     meta=FrozenDict({META_SERVICE_PORT: str(p), **({META_WEIGHT: str(we.weight)} if we.weight else {})}))
+                     meta=FrozenDict({META_SERVICE_PORT: str(p), **({META_WEIGHT: str(we.weight)} if we.weight else {}),
+                                      **({META_LOCALITY: we.locality} if we.locality else {})}))
             for p in svc.ports
         )
         services[host] = replace(svc, instances=svc.instances + extra)
@@ -183,7 +185,8 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
                     address=ep.address,
                     port=ep.ports.get(p.name or "", 0) or p.target_port or p.number,
                     labels=ep.labels,
-                    meta=FrozenDict({META_SERVICE_PORT: str(p.number), **({META_WEIGHT: str(ep.weight)} if ep.weight else {})}),
+                    meta=FrozenDict({META_SERVICE_PORT: str(p.number), **({META_WEIGHT: str(ep.weight)} if ep.weight else {}),
+                                     **({META_LOCALITY: ep.locality} if ep.locality else {})}),
                 )
                 for p in se_ports
                 for i, ep in enumerate(se.endpoints)
@@ -355,6 +358,7 @@ def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str, por
                 health="DRAINING" if inst.draining else ("HEALTHY" if inst.healthy else "UNHEALTHY"),
                 identity=f"spiffe://{trust_domain}/ns/{svc.namespace}/sa/{inst.meta.get(META_SERVICE_ACCOUNT) or svc.name}"
                 if sidecar else None,
+                locality=inst.meta.get(META_LOCALITY, ""),
             )
         )
     return tuple(out)

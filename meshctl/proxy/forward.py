@@ -235,7 +235,10 @@ class Forwarder:
         active = rt.active
         try:
             while True:
-                eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
+                if cs.shaped:  # locality load balancing, slow start
+                    eps = cs.candidates(trio.current_time(), rand)
+                else:
+                    eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
                 ep = cs.balancer.pick(eps, ctx, rand) if eps else None
                 if ep is None:
                     await self._reply(rq, failure_reply(F.UH, 503, cs.name))

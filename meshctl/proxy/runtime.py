@@ -172,7 +172,7 @@ class ProxyRuntime:
         try:
             prev = self.snapshot
             snap = Snapshot(cfg, self.stats, prev.outliers if prev is not None else None,
-                            prev.limiters if prev is not None else None)
+                            prev.limiters if prev is not None else None, prev.slow_starts if prev is not None else None)
         except CoreConfigError as exc:  # core cannot compile a rule (the message names the value)
             self.stats.config_rejected += 1
             raise ConfigRejected(f"cannot compile config: {exc}") from None

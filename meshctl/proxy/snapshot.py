@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import random
 
+from typing import Sequence
+
 from ..core.balance import make_balancer
 from ..core.jwt import JwtAuthenticator
+from ..core.locality import OFF, LocalityPlan, choose, plan_locality
 from ..core.outlier import OutlierDetector
+from ..core.warmup import SlowStart, warmup_config
 from ..core.retry import RetryPolicy, retry_policy
 from ..core.route import Router
 from ..model.istio import HTTPRetry
-from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, cluster_name
+from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, Workload, cluster_name
 from ..protocol.http1 import Limits
 from .limits import ClusterLimiter, build_limiters
 from .stats import ClusterStats, Stats
@@ -29,24 +33,49 @@ def _ep_key(e: Endpoint) -> tuple[str, int]:
 
 
 class ClusterState:
-    __slots__ = ("name", "cluster", "healthy", "balancer", "stats", "outlier", "limiter")
+    __slots__ = ("name", "cluster", "healthy", "balancer", "stats", "outlier", "limiter", "locality", "slow_start",
+                 "shaped", "_observed")
 
     def __init__(self, cluster: Cluster, stats: ClusterStats, outlier: OutlierDetector | None = None,
-                 limiter: ClusterLimiter | None = None) -> None:
+                 limiter: ClusterLimiter | None = None, caller: Workload | None = None,
+                 slow_start: SlowStart | None = None) -> None:
         self.name = cluster.name
         self.cluster = cluster
         self.healthy: tuple[Endpoint, ...] = tuple(e for e in cluster.endpoints if e.health == "HEALTHY")
         tp = cluster.traffic_policy
-        self.balancer = make_balancer(tp.load_balancer if tp is not None else None)
+        lb = tp.load_balancer if tp is not None else None
+        self.balancer = make_balancer(lb)
         self.stats = stats
         self.outlier = outlier
         self.limiter = limiter  # connectionPool limits (limits.py); None: the shared pool, no limits
+        # locality load balancing (core/locality.py) and slow start (core/warmup.py)
+        self.locality: LocalityPlan = OFF
+        if caller is not None and tp is not None:
+            self.locality = plan_locality(lb.locality_lb_setting if lb is not None else None,
+                                          tp.outlier_detection is not None, caller.locality, caller.labels, self.healthy)
+        self.slow_start = slow_start
+        self.shaped = self.locality.active or slow_start is not None  # candidates() does more than eligible()
+        self._observed = False
 
     def eligible(self, now: float) -> tuple[Endpoint, ...] | list[Endpoint]:
         """Healthy endpoints not ejected by outlier detection."""
         if self.outlier is None:
             return self.healthy
         return self.outlier.eligible(self.healthy, now, key=_ep_key)
+
+    def candidates(self, now: float, rand: random.Random) -> Sequence[Endpoint]:
+        """What the balancer picks from for one request: the eligible endpoints of the
+        locality chosen for it, with slow-start weights."""
+        eps: Sequence[Endpoint] = self.eligible(now)
+        if self.locality.active:
+            eps = choose(self.locality, eps, rand)
+        ss = self.slow_start
+        if ss is not None:
+            if not self._observed:
+                ss.observe(self.healthy, now)
+                self._observed = True
+            eps = ss.weigh(eps, now)
+        return eps
 
 
 def inbound_cluster(cfg: ProxyConfig, listener: Listener) -> Cluster:
@@ -68,7 +97,7 @@ class Snapshot:
     """A config compiled for serving. Build with Snapshot.build (may raise from core)."""
 
     def __init__(self, cfg: ProxyConfig, stats: Stats, outliers: dict[str, OutlierDetector] | None = None,
-                 limiters: dict[str, ClusterLimiter] | None = None) -> None:
+                 limiters: dict[str, ClusterLimiter] | None = None, slow_starts: dict[str, SlowStart] | None = None) -> None:
         self.cfg = cfg
         self.version = cfg.version
         self.settings = cfg.settings
@@ -93,8 +122,21 @@ class Snapshot:
             self.outliers[name] = det
         # connection-pool limiters outlive config versions too (limits.commit_limiters applies them)
         self.limiters: dict[str, ClusterLimiter] = build_limiters(cfg, self.limits, stats, limiters)
+        # slow-start join times outlive config versions too
+        self.slow_starts: dict[str, SlowStart] = {}
+        for name, c in cfg.clusters.items():
+            wc = warmup_config(c.traffic_policy.load_balancer if c.traffic_policy is not None else None)
+            if wc is None:
+                continue
+            ss = (slow_starts or {}).get(name)
+            if ss is None:
+                ss = SlowStart(wc)
+            else:
+                ss.reconfigure(wc)
+            self.slow_starts[name] = ss
         self.clusters: dict[str, ClusterState] = {
-            name: ClusterState(c, stats.cluster(name), self.outliers.get(name), self.limiters.get(name))
+            name: ClusterState(c, stats.cluster(name), self.outliers.get(name), self.limiters.get(name), cfg.workload,
+                               self.slow_starts.get(name))
             for name, c in cfg.clusters.items()
         }
         self.listener_clusters: dict[str, ClusterState] = {}

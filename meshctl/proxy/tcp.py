@@ -55,7 +55,8 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
             tried = 0
             ctx = PickContext(source_ip=client_ip, active=rt.active)
             while upstream is None and tried < max(1, min(3, len(cs.healthy))):
-                ep = cs.balancer.pick(cs.healthy, ctx, rt.rand)
+                eps = cs.candidates(trio.current_time(), rt.rand) if cs.shaped else cs.healthy
+                ep = cs.balancer.pick(eps, ctx, rt.rand)
                 if ep is None:
                     break
                 tried += 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..citadel.identity import is_path_segment
+from ..core.locality import locality_problem
 from ..loader.codec import LoadError, decode_collect, line_of, raise_errors
 from ..loader.source import parse_documents
 from ..model.base import FrozenDict
@@ -82,6 +83,8 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
         parse_port_range(spec.settings.port_range)
     except ValueError as e:
         out.append(("settings.portRange", str(e)))
+    if locality_problem(spec.settings.locality):
+        out.append(("settings.locality", str(locality_problem(spec.settings.locality))))
     reg = spec.settings.registry
     if not (reg in ("", "embedded") or reg.startswith(("consul://", "consul+https://", "eureka://", "eureka+https://"))):
         out.append(("settings.registry", f"unknown registry {reg!r}: embedded, consul[+https]://HOST:PORT or eureka[+https]://HOST:PORT/eureka"))
@@ -117,6 +120,8 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
                 out.append((f"{vp}.replicas", "an app given by address is one instance: replicas must be 1"))
             if v.replicas < 0:
                 out.append((f"{vp}.replicas", "must be 0 or more"))
+            if v.locality and locality_problem(v.locality):
+                out.append((f"{vp}.locality", str(locality_problem(v.locality))))
         for up, port in svc.upstreams.items():
             if not 1 <= port <= 65535:
                 out.append((f"{p}.upstreams.{up}", f"{port} is not a port"))
@@ -161,6 +166,7 @@ class WorkloadPlan:
     service_port: int
     protocol: str
     service_account: str
+    locality: str = ""  # region/zone/subzone: versions[].locality, else settings.locality
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +305,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                         service_port=svc.port,
                         protocol=svc.protocol,
                         service_account=svc.service_account or svc.name,
+                        locality=v.locality if v.locality is not None else spec.settings.locality,
                     )
                 )
     gateways = tuple(
@@ -341,7 +348,7 @@ def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
             )
         )
     workload = Workload(name=w.name, service=w.service, namespace=spec.settings.namespace, labels=w.labels,
-                        service_account=w.service_account, trust_domain=spec.settings.trust_domain)
+                        service_account=w.service_account, trust_domain=spec.settings.trust_domain, locality=w.locality)
     return Node(workload=workload, listeners=tuple(listeners), settings=proxy_settings(spec))
 
 
@@ -355,5 +362,5 @@ def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
         for gport, hport in sorted(g.ports.items())
     )
     workload = Workload(name=g.name, service=g.name, namespace=spec.settings.namespace, labels=g.labels,
-                        trust_domain=spec.settings.trust_domain)
+                        trust_domain=spec.settings.trust_domain, locality=spec.settings.locality)
     return Node(workload=workload, listeners=listeners, gateway=True, settings=proxy_settings(spec))

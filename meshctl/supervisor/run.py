@@ -41,7 +41,7 @@ from ..launch import meshctl_argv, proxy_argv  # the same from a virtualenv or t
 from ..loader.codec import to_data
 from ..model.base import FrozenDict
 from ..model.mesh import HealthCheck, MeshSpec
-from ..pilot.compile import META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR
+from ..pilot.compile import META_LOCALITY, META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR
 from ..registry import Backoff, parse_registry_url
 from ..registry.base import Instance, Registry, RegistryError
 from ..state import write_control
@@ -135,6 +135,7 @@ class Supervisor:
         *,
         registry_url: str | None = None,
         consul_token: str | None = None,
+        locality: str | None = None,
     ) -> None:
         self.mesh_path = mesh_path.resolve()
         self.state_dir = state_dir.resolve()
@@ -145,6 +146,7 @@ class Supervisor:
         private_dir(self.state_dir / "nodes")
         mesh_credential(self.state_dir)  # the CLI's and the supervisor's key to the control plane (0600)
         self.registry_override = registry_url  # `up --registry`, wins over settings.registry
+        self.locality_override = locality  # `up --locality`, wins over settings.locality
         self.consul_token = consul_token or None
         self.spec: MeshSpec = self._load_spec()
         self.plan: Plan | None = None
@@ -197,6 +199,8 @@ class Supervisor:
         spec = load_mesh(self.mesh_path)
         if self.registry_override:
             spec = replace(spec, settings=replace(spec.settings, registry=self.registry_override.strip()))
+        if self.locality_override is not None:
+            spec = replace(spec, settings=replace(spec.settings, locality=self.locality_override.strip()))
         return spec
 
     # ------------------------------------------------------------ events and status
@@ -213,6 +217,7 @@ class Supervisor:
             "mesh": str(self.mesh_path),
             "state": self.state,
             "error": self.error,
+            "locality": self.spec.settings.locality,  # this host's (settings.locality or `up --locality`)
             "registry": {
                 "url": redact_url(self.spec.settings.registry),
                 "reachable": bool(getattr(reg, "reachable", True)) and not self._registry_down if reg else False,
@@ -585,7 +590,7 @@ class Supervisor:
             port=w.inbound_port,
             labels=w.labels,
             meta=FrozenDict({META_SERVICE_PORT: str(w.service_port), META_PROTOCOL: w.protocol, META_SIDECAR: "true",
-                             META_SERVICE_ACCOUNT: w.service_account}),
+                             META_SERVICE_ACCOUNT: w.service_account, **({META_LOCALITY: w.locality} if w.locality else {})}),
         )
 
     async def run_instance(self, inst: InstanceState) -> None:
