@@ -270,7 +270,7 @@ class _Validator:
     def check_VirtualService(self, vs: m.VirtualService) -> None:
         assert self.r is not None
         if not vs.hosts:
-            self.error("spec.hosts", "at least one host is required")
+            self.delegate_vs(vs)  # no hosts: a delegate VirtualService (pilot/delegate.py)
         for i, h in enumerate(vs.hosts):
             if not h.strip():
                 self.error(f"spec.hosts[{i}]", "empty host")
@@ -297,6 +297,58 @@ class _Validator:
                 for j, match in enumerate(route.match):
                     self.port(f"{path}.match[{j}].port", match.port)
 
+    def delegate_route(self, path: str, route: m.HTTPRoute, actions: list[str]) -> None:
+        assert self.r is not None
+        if actions:
+            self.error(f"{path}.delegate", f"delegate cannot be set together with {' and '.join(actions)}")
+        if not route.delegate or not route.delegate.name:
+            self.error(f"{path}.delegate.name", "the delegate VirtualService's name is required")
+            return
+        if self.r.spec.hosts:  # type: ignore[attr-defined]
+            self.no_regex(path, route)
+        key = (route.delegate.namespace or self.r.namespace, route.delegate.name)
+        child = next((r for r in self.effective if isinstance(r.spec, m.VirtualService) and (r.namespace, r.name) == key), None)
+        if child is None:
+            self.warning(f"{path}.delegate", f"delegate VirtualService {key[0]}/{key[1]} not found: "
+                         "this route applies to nothing until it is applied")
+        elif child.spec.hosts:  # type: ignore[attr-defined]
+            self.error(f"{path}.delegate", f"VirtualService {key[0]}/{key[1]} has hosts: only one without hosts "
+                       "can be a delegate")
+
+    def delegate_vs(self, vs: m.VirtualService) -> None:
+        """A VirtualService without hosts is a delegate: its http routes apply under a root
+        VirtualService's route that names it, with the root's hosts and gateways."""
+        assert self.r is not None
+        if not vs.http:
+            self.error("spec.hosts", "at least one host is required (a delegate VirtualService, "
+                       "without hosts, needs http routes)")
+            return
+        if vs.gateways:
+            self.error("spec.gateways", "a delegate VirtualService (no hosts) applies on its root's gateways: "
+                       "gateways cannot be set here")
+        for kind, routes in (("tcp", vs.tcp), ("tls", vs.tls)):
+            if routes:
+                self.error(f"spec.{kind}", f"a delegate VirtualService (no hosts) takes http routes only, not {kind}")
+        for i, route in enumerate(vs.http):
+            if route.delegate is not None:
+                self.error(f"spec.http[{i}].delegate", "one level of delegation only: a delegate VirtualService "
+                           "(no hosts) cannot delegate again")
+            self.no_regex(f"spec.http[{i}]", route)
+        me = (self.r.namespace, self.r.name)
+        if not any(isinstance(r.spec, m.VirtualService) and any(
+                h.delegate is not None and (h.delegate.namespace or r.namespace, h.delegate.name) == me
+                for h in r.spec.http) for r in self.effective):
+            self.error("spec.hosts", "at least one host is required (a VirtualService without hosts is a "
+                       f"delegate, and no root VirtualService delegates to {me[0]}/{me[1]}: apply them together)")
+
+    def no_regex(self, path: str, route: m.HTTPRoute) -> None:
+        for j, match in enumerate(route.match):
+            for name in ("uri", "scheme", "method", "authority"):
+                sm = getattr(match, name)
+                if sm is not None and sm.regex is not None:
+                    self.error(f"{path}.match[{j}].{name}.regex", "a regex match cannot be used with delegation "
+                               "(Istio: a delegate's matches must be a checkable subset of the root's)")
+
     def http_route(self, path: str, route: m.HTTPRoute) -> None:
         for j, match in enumerate(route.match):
             mp = f"{path}.match[{j}]"
@@ -307,7 +359,9 @@ class _Validator:
             self.string_map(f"{mp}.queryParams", match.query_params, may_be_empty=True, prefix_ok=False)
             self.port(f"{mp}.port", match.port)
         actions = [n for n, v in (("route", route.route), ("redirect", route.redirect), ("directResponse", route.direct_response)) if v]
-        if not actions:
+        if route.delegate is not None:
+            self.delegate_route(path, route, actions)
+        elif not actions:
             self.error(path, "an HTTP route needs one of route, redirect or directResponse")
         elif len(actions) > 1:
             self.error(f"{path}.{actions[1]}", f"{' and '.join(actions)} cannot be set together on one HTTP route")

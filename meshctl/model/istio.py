@@ -171,6 +171,15 @@ class HTTPMirrorPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Delegate:
+    """A root VirtualService's HTTP route hands the requests it matches to the routes
+    of another VirtualService (one without hosts): pilot/delegate.py merges them."""
+
+    name: str = ""
+    namespace: str | None = None  # default: the root's
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
     name: str | None = None
     match: tuple[HTTPMatchRequest, ...] = ()
@@ -187,6 +196,7 @@ class HTTPRoute:
     mirrors: tuple[HTTPMirrorPolicy, ...] = ()
     cors_policy: CorsPolicy | None = None
     headers: Headers | None = None
+    delegate: Delegate | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ from ..model.proxyconfig import (
 from ..core.jwt import key_source
 from ..model.ratelimit import RateLimit
 from ..registry.base import Instance, Snapshot
+from .delegate import expand_delegates
 from .faults import InjectedFault, faults_for_host, layer_faults
 
 ROOT_NAMESPACE = "istio-system"  # mesh-wide security policies live here, as in Istio
@@ -107,9 +108,13 @@ class Inputs:
 
     def __post_init__(self) -> None:
         self.services = discover_services(self.resources, self.snapshot)
+        # root VirtualServices with their delegates' routes merged in (pilot/delegate.py)
+        self.virtual_services = sorted(
+            expand_delegates([r for r in self.resources if isinstance(r.spec, VirtualService)], self.services),
+            key=lambda r: (r.namespace, r.name))
         for r in sorted(self.resources, key=lambda r: (r.namespace, r.name)):
             if isinstance(r.spec, VirtualService):
-                self.virtual_services.append(r)
+                continue
             elif isinstance(r.spec, DestinationRule):
                 host = service_host(r.spec.host, r.namespace, self.services)
                 # First one wins, as Istio merges by creation time; validate warns about the rest.

@@ -187,7 +187,8 @@ CASES = [
     (
         "empty hosts",
         VS + "  hosts: []\n  http:\n  - route:\n    - destination: {host: reviews}\n",
-        ["t.yaml:6: error: spec.hosts: at least one host is required"],
+        ["t.yaml:6: error: spec.hosts: at least one host is required (a VirtualService without hosts is a "
+         "delegate, and no root VirtualService delegates to default/r: apply them together)"],
     ),
     (
         "Gateway with no servers, VirtualService naming a missing gateway",
