@@ -192,6 +192,7 @@ class Telemetry:
         self.http: dict[tuple, HttpSeries] = {}
         self.tcp: dict[tuple, TcpSeries] = {}
         self._series: dict[tuple, tuple[tuple, HttpSeries]] = {}  # raw inputs → (labels, series)
+        self.tcp_peers: dict[str, tuple[object, Peer]] = {}  # SPIFFE ID → (snapshot, source labels) (tcp_peer)
         self.me = UNKNOWN_PEER
         self.me_headers = UNKNOWN_PEER.headers()
         self.my_service = UNKNOWN
@@ -503,12 +504,45 @@ def iso_time(t: float) -> str:
     return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(int(t))) + f".{ms:03d}Z"
 
 
+def tcp_peer(snap, peer_id: str) -> Peer:
+    """The source of an inbound TCP connection, from its verified SPIFFE ID. TCP carries no
+    source headers (Istio exchanges peer metadata in-band): the labels come from the mesh's
+    endpoints with that identity, the workload and version only when exactly one workload
+    has it (versions sharing a service account leave them unknown); the namespace is the
+    SPIFFE ID's own."""
+    ns = UNKNOWN
+    parts = peer_id.split("/")
+    if "ns" in parts and parts.index("ns") + 1 < len(parts):
+        ns = parts[parts.index("ns") + 1]
+    found: dict[tuple, Peer] = {}
+    for cs in snap.clusters.values():
+        for ep in cs.cluster.endpoints:
+            if ep.identity == peer_id and ep.instance:
+                p = Peer.of_endpoint(ep, cs.cluster.service)
+                found[p.as_tuple()] = p
+    if len(found) == 1:
+        p = next(iter(found.values()))
+        return Peer(p.workload, ns, peer_id, p.app, p.version)
+    apps = {p.app for p in found.values()}
+    return Peer(UNKNOWN, ns, peer_id, apps.pop() if len(apps) == 1 else UNKNOWN, UNKNOWN)
+
+
 def tcp_opened(rt, listener, cs, ep, peer_id: str | None = None) -> TcpSeries:
     """A TCP connection reached its upstream: count it open; returns its series.
     ``peer_id``: the downstream's SPIFFE ID when it came in over mTLS (inbound)."""
     tel: Telemetry = rt.telemetry
     inbound = listener.direction == "inbound"
-    peer = Peer(principal=peer_id) if inbound and peer_id else None
+    peer = None
+    if inbound and peer_id:
+        snap = rt.snapshot
+        hit = tel.tcp_peers.get(peer_id)
+        if hit is not None and hit[0] is snap:
+            peer = hit[1]
+        else:  # worked out once per identity and config
+            if len(tel.tcp_peers) >= 1000:
+                tel.tcp_peers.clear()
+            peer = tcp_peer(snap, peer_id)
+            tel.tcp_peers[peer_id] = (snap, peer)
     st = tel.tcp_series(tel.tcp_labels(inbound=inbound, peer=peer, endpoint=None if inbound else ep,
                                        service=cs.cluster.service if not inbound else None,
                                        mtls=inbound and peer_id is not None))
