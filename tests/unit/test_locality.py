@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -245,29 +246,8 @@ def test_istio_refusals_of_bad_settings():
     assert "failoverPriority[0]" in msgs
 
 
-ISTIO_FAILOVER_DR = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: helloworld
-spec:
-  host: helloworld.sample.svc.cluster.local
-  trafficPolicy:
-    connectionPool:
-      http:
-        maxRequestsPerConnection: 1
-    loadBalancer:
-      simple: ROUND_ROBIN
-      localityLbSetting:
-        enabled: true
-        failover:
-          - from: region1
-            to: region2
-    outlierDetection:
-      consecutive5xxErrors: 1
-      interval: 1s
-      baseEjectionTime: 1m
-"""
+# Istio's "Locality failover" task's DestinationRule (tests/data/istio-locality/README)
+ISTIO_FAILOVER_DR = (Path(__file__).parents[1] / "data" / "istio-locality" / "helloworld-failover.yaml").read_text()
 
 
 def test_istios_failover_task_rule_validates_and_without_outlier_detection_warns():
