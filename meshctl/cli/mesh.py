@@ -360,7 +360,7 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
         st["state"] = "dead"
         st["error"] = "the supervisor is not running (killed?): `meshctl up` again"
     if json_out:
-        keys = ("state", "error", "registry", "control_plane", "workloads", "gateways")
+        keys = ("state", "error", "locality", "registry", "control_plane", "workloads", "gateways")
         print(json.dumps({k: st.get(k) for k in keys}, indent=1))
         return
     console.print(f"mesh {st.get('mesh')}: [bold]{st.get('state')}[/]")

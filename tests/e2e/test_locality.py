@@ -1,8 +1,8 @@
 """Istio's locality load balancing tasks, end to end, with four localities on one machine.
 
 The DestinationRules are Istio's (tests/data/istio-locality, see its README):
-the caller (curl) runs in region1/zone1 (mesh.yaml's settings.locality, the
-host's); helloworld has one version per locality (versions[].locality). As in
+the caller (curl) runs in region1/zone1 (the host's: `up --locality`, over
+mesh.yaml's settings.locality); helloworld has one version per locality (versions[].locality). As in
 the tasks: "Locality weighted distribution" sends 70 % to region1/zone1, 20 %
 to region1/zone2, 10 % to region3/zone4 and none to region2/zone3; "Locality
 failover" keeps traffic in region1/zone1 and, as localities fail, moves it to
@@ -52,7 +52,7 @@ def _mesh(work: Path) -> None:
         versions.append(f"  - {{name: {_version(loc)}, command: [python3, hello_app.py]{own}, "
                         f"env: {{FAIL_IF: {flag}, UNHEALTHY_IF: {flag}}}}}")
     (work / "mesh.yaml").write_text(f"""
-settings: {{portRange: {port_range}, locality: region1/zone1}}
+settings: {{portRange: {port_range}, locality: elsewhere/zone9}}  # `up --locality region1/zone1` overrides it
 services:
 - name: curl
   port: 9090
@@ -92,9 +92,10 @@ def _settles_on(outbound: int, loc: str, timeout: float = 15.0) -> Counter:
 def test_istios_locality_tasks_distribute_then_fail_over_in_priority_order(tmp_path):
     _mesh(tmp_path)
     sd = str(tmp_path / ".meshctl")
-    meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"), timeout=120)
+    meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"), "--locality", "region1/zone1", timeout=120)
     try:
         st = json.loads(meshctl_run("status", "--json", "--state-dir", sd).stdout)
+        assert st["locality"] == "region1/zone1"
         curl = next(w for w in st["workloads"] if w["name"] == "curl-v1-0")
         outbound = int(curl["outbound_address"].rsplit(":", 1)[1])
         # No locality load balancing yet: every locality answers.

@@ -193,3 +193,20 @@ async def test_unreachable_server_error_names_url_and_cause():
     assert "cannot connect (connection refused) — is the Eureka server running?" in str(info.value)
     assert not reg.reachable
     await reg.aclose()
+
+
+async def test_an_instances_locality_travels_in_its_metadata(eureka_server):
+    """Locality load balancing across hosts: each host's instances carry their locality."""
+    from dataclasses import replace
+
+    from meshctl.model.base import FrozenDict
+    from meshctl.pilot.compile import META_LOCALITY
+
+    svc = unique("helloworld")
+    reg = make(eureka_server, lease=30)
+    async with watching(reg) as w:
+        await reg.register(replace(inst(f"{svc}-0", svc, app=svc), meta=FrozenDict({META_LOCALITY: "region1/zone2/rack-7"})))
+        snap = await w.until(lambda s: ids(s, svc) == [f"{svc}-0"])
+        assert snap[svc][0].meta[META_LOCALITY] == "region1/zone2/rack-7"
+        await reg.deregister(f"{svc}-0")
+    await reg.aclose()
