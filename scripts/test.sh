@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 need=()
-for tool in curl:curl tmux:tmux java:default-jdk-headless openssl:openssl h2load:nghttp2-client; do
+for tool in curl:curl tmux:tmux java:default-jdk-headless openssl:openssl h2load:nghttp2-client ip:iproute2; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if ((${#need[@]})); then

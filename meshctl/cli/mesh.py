@@ -110,15 +110,22 @@ def up(
         None, "--locality", metavar="REGION/ZONE/SUBZONE",
         help="Where this host's workloads and gateways run (locality load balancing); overrides settings.locality.",
     ),
+    advertise: Optional[str] = typer.Option(
+        None, "--advertise", metavar="ADDR",
+        help="This host's address for a mesh across hosts: its instances are registered at ADDR and their "
+        "inbound listeners (mTLS) listen there; overrides settings.advertise (docs/multi-host.md).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", hidden=True),
 ) -> None:
     """Start the control plane, every app with its sidecar, and the gateways; or apply mesh.yaml's changes to a running mesh."""
     from ..registry import parse_registry_url
     from ..registry.base import RegistryError
-    from ..supervisor.plan import load_mesh
+    from ..supervisor.plan import advertise_problem, load_mesh
 
     if not file.exists():
         fail(f"{file}: no such mesh file (give one with -f)")
+    if advertise is not None and (why := advertise_problem(advertise.strip())):
+        fail(f"--advertise: {why}")
     if registry is not None:
         try:
             parse_registry_url(registry)
@@ -140,16 +147,16 @@ def up(
     remember_current(sd)  # other commands find this mesh from any directory
     pid = _supervisor_pid(sd)
     if pid:
-        _update_running(sd, pid, file, registry, locality)
+        _update_running(sd, pid, file, registry, locality, advertise)
         return
     if detach:
-        _start_detached(sd, file, registry, consul_token, locality)
+        _start_detached(sd, file, registry, consul_token, locality, advertise)
         return
-    _supervise(sd, file, registry, consul_token, quiet, locality)
+    _supervise(sd, file, registry, consul_token, quiet, locality, advertise)
 
 
 def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Optional[str], quiet: bool,
-               locality: Optional[str] = None) -> None:
+               locality: Optional[str] = None, advertise: Optional[str] = None) -> None:
     """Run the supervisor in this process until the mesh is stopped."""
     from ..supervisor.run import Supervisor, UpError
 
@@ -160,7 +167,8 @@ def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Opti
             err_console.print(f"[dim]{time.monotonic() - started:6.2f}s[/] {msg}", highlight=False)
 
     try:
-        sup = Supervisor(file, sd, on_event, registry_url=registry, consul_token=consul_token, locality=locality)
+        sup = Supervisor(file, sd, on_event, registry_url=registry, consul_token=consul_token, locality=locality,
+                         advertise=advertise)
     except LoadError as e:
         fail(f"bad mesh file:\n{e}")
 
@@ -183,7 +191,7 @@ def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Opti
 
 
 def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul_token: Optional[str] = None,
-                   locality: Optional[str] = None) -> None:
+                   locality: Optional[str] = None, advertise: Optional[str] = None) -> None:
     """Fork the supervisor into its own session (no second interpreter start: the
     modules are loaded already), then follow its progress in status.json."""
     (sd / "logs").mkdir(parents=True, exist_ok=True)
@@ -194,7 +202,8 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
     from ..launch import FROZEN
 
     if FROZEN:
-        _follow_detached(sd, log_path, start, *_spawn_detached(sd, log_path, file, registry, consul_token, locality))
+        _follow_detached(sd, log_path, start, *_spawn_detached(sd, log_path, file, registry, consul_token, locality,
+                                                               advertise))
         return
     pid = os.fork()
     if pid == 0:  # the supervisor
@@ -209,7 +218,7 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
             os.environ.pop(ENV_VAR, None)
             if consul_token:  # through the environment, not argv: other users can read argv
                 os.environ["CONSUL_HTTP_TOKEN"] = consul_token
-            _supervise(sd, file.resolve(), registry, consul_token, quiet=True, locality=locality)
+            _supervise(sd, file.resolve(), registry, consul_token, quiet=True, locality=locality, advertise=advertise)
             code = 0
         except typer.Exit as e:
             code = e.exit_code
@@ -229,7 +238,7 @@ def _start_detached(sd: Path, file: Path, registry: Optional[str] = None, consul
 
 
 def _spawn_detached(sd: Path, log_path: Path, file: Path, registry: Optional[str], consul_token: Optional[str],
-                    locality: Optional[str] = None):
+                    locality: Optional[str] = None, advertise: Optional[str] = None):
     """The one-file build cannot fork the supervisor: its files are unpacked for this
     process and removed when it exits. Start the binary again, as a new instance that
     unpacks its own (sidecars and control roles, its children, then share them)."""
@@ -246,6 +255,8 @@ def _spawn_detached(sd: Path, log_path: Path, file: Path, registry: Optional[str
         argv += ["--registry", registry]
     if locality is not None:
         argv += ["--locality", locality]
+    if advertise:
+        argv += ["--advertise", advertise]
     with open(log_path, "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)
@@ -300,7 +311,8 @@ def _logged_error(log_path: Path, start: int) -> str:
     return text[at + len("error: "):].strip() if at >= 0 else ""
 
 
-def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = None, locality: Optional[str] = None) -> None:
+def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = None, locality: Optional[str] = None,
+                    advertise: Optional[str] = None) -> None:
     from ..supervisor.run import redact_url
 
     st = _read_status(sd)
@@ -312,6 +324,8 @@ def _update_running(sd: Path, pid: int, file: Path, registry: Optional[str] = No
     if locality is not None and locality.strip() != st.get("locality", ""):
         fail(f"the running mesh runs in locality {st.get('locality') or '(none)'!r}, not {locality.strip()!r}: "
              "a running mesh keeps the --locality it was started with (`meshctl down` first to move it)")
+    if advertise is not None and st.get("advertise") and advertise.strip() != st["advertise"]:
+        fail(f"the running mesh advertises {st['advertise']}, not {advertise.strip()}: `meshctl down` first to switch")
     mtime = (sd / "status.json").stat().st_mtime if (sd / "status.json").exists() else 0
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + 90
@@ -360,7 +374,7 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
         st["state"] = "dead"
         st["error"] = "the supervisor is not running (killed?): `meshctl up` again"
     if json_out:
-        keys = ("state", "error", "locality", "registry", "control_plane", "workloads", "gateways")
+        keys = ("state", "error", "locality", "advertise", "registry", "control_plane", "workloads", "gateways")
         print(json.dumps({k: st.get(k) for k in keys}, indent=1))
         return
     console.print(f"mesh {st.get('mesh')}: [bold]{st.get('state')}[/]")

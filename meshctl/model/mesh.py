@@ -6,6 +6,8 @@ settings:
   trustDomain: cluster.local
   portRange: 21000-21999        # where meshctl allocates app, sidecar and gateway ports
   readyTimeout: 60s             # how long `up` waits for every instance to pass its health check
+  advertise: 10.0.0.12          # across hosts: this host's address, registered for its instances and where
+                                # their (mTLS) inbound listeners listen; default 127.0.0.1 (one host)
   pathNormalization: BASE       # NONE | BASE | MERGE_SLASHES | DECODE_AND_MERGE_SLASHES (Istio's)
   drainDuration: 5s             # a stopping sidecar keeps serving this long while callers move away
   locality: us-east/zone-a      # region/zone/subzone of this host's workloads (`up --locality` overrides);
@@ -105,6 +107,10 @@ class MeshSettings:
     state_dir: str | None = None  # default: .meshctl beside the mesh file
     pilot_port: int | None = None  # default: allocated from port_range
     ready_timeout: Duration = Duration(60.0)
+    # Across hosts (docs/multi-host.md): the address other hosts reach this host's
+    # sidecars at; their inbound listeners listen there (mTLS STRICT unless a
+    # PeerAuthentication says otherwise). "" : 127.0.0.1, a mesh on one host.
+    advertise: str = ""
     # given to every sidecar and gateway (ProxyConfig settings of the same names)
     path_normalization: str = "BASE"  # Istio meshConfig.pathNormalization
     upgrade_types: tuple[str, ...] = ("websocket",)  # HTTP/1.1 upgrades relayed to apps; never h2c

@@ -20,6 +20,7 @@ What Istio does, and so what this does:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
@@ -662,9 +663,11 @@ def rate_limits_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, RateLim
     return tuple(out)
 
 
-def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None) -> str:
+def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None, default: str = "PERMISSIVE") -> str:
     """PeerAuthentication precedence: workload-specific > namespace > mesh (root namespace).
-    Istio's default when nothing is set is PERMISSIVE."""
+    Istio's default when nothing is set is PERMISSIVE; ``default`` replaces it (STRICT for an
+    inbound listener on a host's network address: nothing plaintext reaches the network
+    unless a PeerAuthentication asks for it)."""
     best: tuple[int, str] | None = None
     for r in inp.resources:
         pa = r.spec
@@ -686,7 +689,15 @@ def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None) -> str:
             mode = plm if plm and plm != "UNSET" else mode
         if mode and (best is None or rank > best[0]):
             best = (rank, mode)
-    return best[1] if best else "PERMISSIVE"
+    return best[1] if best else default
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
@@ -708,7 +719,8 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
             host = fqdn(lst.service or "")
             listeners.append(replace(lst, service=host, tcp_routes=tcp_routes_for(inp, host, clusters, lst.service_port)))
         elif lst.direction == "inbound":
-            listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port)))
+            exposed = not (lst.address == "localhost" or (_is_ip(lst.address) and ipaddress.ip_address(lst.address).is_loopback))
+            listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port, "STRICT" if exposed else "PERMISSIVE")))
         else:
             listeners.append(lst)
     sidecar = None if node.gateway else sidecar_for(inp, wl)

@@ -85,6 +85,8 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
         out.append(("settings.portRange", str(e)))
     if locality_problem(spec.settings.locality):
         out.append(("settings.locality", str(locality_problem(spec.settings.locality))))
+    if spec.settings.advertise and (why := advertise_problem(spec.settings.advertise)):
+        out.append(("settings.advertise", why))
     reg = spec.settings.registry
     if not (reg in ("", "embedded") or reg.startswith(("consul://", "consul+https://", "eureka://", "eureka+https://"))):
         out.append(("settings.registry", f"unknown registry {reg!r}: embedded, consul[+https]://HOST:PORT or eureka[+https]://HOST:PORT/eureka"))
@@ -145,6 +147,25 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
     return out
 
 
+def advertise_problem(address: str) -> str | None:
+    """Why ``address`` cannot be a host's advertised address (None: it can): other hosts
+    connect to it, so it is one IP address of this host, not a wildcard or a name."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"{address!r} is not an IP address (give this host's address, e.g. 10.0.0.12)"
+    if ip.is_unspecified or ip.is_multicast:
+        return f"{address}: other hosts cannot connect to it; give this host's own address"
+    return None
+
+
+def advertised(spec: MeshSpec) -> str:
+    """The address this host's instances are registered at and listen on (inbound)."""
+    return spec.settings.advertise or "127.0.0.1"
+
+
 # ------------------------------------------------------------------ the plan
 
 
@@ -167,6 +188,7 @@ class WorkloadPlan:
     protocol: str
     service_account: str
     locality: str = ""  # region/zone/subzone: versions[].locality, else settings.locality
+    address: str = "127.0.0.1"  # the inbound listener's address, registered in the registry (settings.advertise)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +328,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                         protocol=svc.protocol,
                         service_account=svc.service_account or svc.name,
                         locality=v.locality if v.locality is not None else spec.settings.locality,
+                        address=advertised(spec),
                     )
                 )
     gateways = tuple(
@@ -330,7 +353,7 @@ def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
     services = {s.name: s for s in spec.services}
     proto = "tcp" if w.protocol == "tcp" else "http"
     listeners = [
-        Listener(name="inbound", direction="inbound", address="127.0.0.1", port=w.inbound_port, protocol=proto,
+        Listener(name="inbound", direction="inbound", address=w.address, port=w.inbound_port, protocol=proto,
                  app_address=w.app_host, app_port=w.app_port),
         Listener(name="outbound", direction="outbound", address="127.0.0.1", port=w.outbound_port, protocol="http"),
     ]

@@ -68,7 +68,7 @@ __all__ = ["Supervisor", "UpError", "http_get_json", "redact_url"]
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -136,6 +136,7 @@ class Supervisor:
         registry_url: str | None = None,
         consul_token: str | None = None,
         locality: str | None = None,
+        advertise: str | None = None,
     ) -> None:
         self.mesh_path = mesh_path.resolve()
         self.state_dir = state_dir.resolve()
@@ -148,6 +149,7 @@ class Supervisor:
         self.registry_override = registry_url  # `up --registry`, wins over settings.registry
         self.locality_override = locality  # `up --locality`, wins over settings.locality
         self.consul_token = consul_token or None
+        self.advertise_override = (advertise or "").strip()  # `up --advertise`, wins over settings.advertise
         self.spec: MeshSpec = self._load_spec()
         self.plan: Plan | None = None
         self.instances: dict[str, InstanceState] = {}
@@ -201,6 +203,12 @@ class Supervisor:
             spec = replace(spec, settings=replace(spec.settings, registry=self.registry_override.strip()))
         if self.locality_override is not None:
             spec = replace(spec, settings=replace(spec.settings, locality=self.locality_override.strip()))
+        if self.advertise_override:
+            from .plan import advertise_problem
+
+            if why := advertise_problem(self.advertise_override):
+                raise UpError(f"--advertise: {why}")
+            spec = replace(spec, settings=replace(spec.settings, advertise=self.advertise_override))
         return spec
 
     # ------------------------------------------------------------ events and status
@@ -218,6 +226,7 @@ class Supervisor:
             "state": self.state,
             "error": self.error,
             "locality": self.spec.settings.locality,  # this host's (settings.locality or `up --locality`)
+            "advertise": self.spec.settings.advertise or "127.0.0.1",
             "registry": {
                 "url": redact_url(self.spec.settings.registry),
                 "reachable": bool(getattr(reg, "reachable", True)) and not self._registry_down if reg else False,
@@ -237,7 +246,7 @@ class Supervisor:
                     "version": i.plan.version,
                     "state": i.state,
                     "app_address": f"{i.plan.app_host}:{i.plan.app_port}",
-                    "inbound_address": f"127.0.0.1:{i.plan.inbound_port}",
+                    "inbound_address": f"{i.plan.address}:{i.plan.inbound_port}",
                     "outbound_address": f"127.0.0.1:{i.plan.outbound_port}",
                     "admin_address": f"127.0.0.1:{i.plan.admin_port}",
                     "bindings": {s: f"127.0.0.1:{p}" for s, p in i.plan.bindings.items()},
@@ -302,6 +311,10 @@ class Supervisor:
         for port, what in fixed:
             if not port_is_free(port):
                 problems.append(f"127.0.0.1:{port} ({what}) is already in use by another program")
+        address = self.spec.settings.advertise
+        if address and not port_is_free(0, address):
+            problems.append(f"the advertised address {address} (settings.advertise, --advertise) is not an address "
+                            "of this host: sidecars cannot listen on it")
         if problems:
             raise UpError("; ".join(problems))
 
@@ -586,7 +599,7 @@ class Supervisor:
         return Instance(
             id=w.name,
             service=w.service,
-            address="127.0.0.1",
+            address=w.address,
             port=w.inbound_port,
             labels=w.labels,
             meta=FrozenDict({META_SERVICE_PORT: str(w.service_port), META_PROTOCOL: w.protocol, META_SIDECAR: "true",

@@ -1,0 +1,121 @@
+"""Fixtures of the multi-host tests: three hosts in network namespaces, a Consul
+cluster of three servers, and Bookinfo split across the hosts.
+
+    host 1  10.213.0.1   ingress gateway (127.0.0.1:8080 of host 1), productpage, details
+    host 2  10.213.0.2   reviews v1 and v2, ratings
+    host 3  10.213.0.3   reviews v3, ratings
+
+Each host runs `meshctl up -d -f mesh.yaml --registry consul://127.0.0.1:8500
+--advertise 10.213.0.N` with a mesh.yaml of its own services (docs/multi-host.md),
+and a Citadel plugged in with its own intermediate under one root.
+
+Skipped, with the reason, where the runner cannot make network namespaces (not
+root, no iproute2). One mesh serves all the tests of a module (module scope):
+the failure tests put back what they break, and the one that kills a host runs last.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.tools.servers import build_tool
+
+from .hosts import ConsulCluster, MeshHost, make_cacerts
+from .netlab import LabUnavailable, NetLab, wait_for, why_unavailable
+
+HEALTH = "  healthCheck: {http: /health, interval: 1s}\n"
+SETTINGS = """settings:
+  trustDomain: cluster.local
+  portRange: 21000-21999
+  readyTimeout: 150s
+"""
+
+
+def _service(name: str, account: str, versions: list[tuple[str, dict]]) -> str:
+    out = f"- name: {name}\n  port: 9080\n  serviceAccount: {account}\n{HEALTH}  versions:\n"
+    for v, env in versions:
+        out += f"  - name: {v}\n    command: [python3, apps/{name}.py]\n"
+        if env:
+            out += "    env: {" + ", ".join(f"{k}: {val}" for k, val in env.items()) + "}\n"
+    return out
+
+
+MESH_FILES = {
+    1: SETTINGS + "services:\n"
+    + _service("productpage", "bookinfo-productpage", [("v1", {})])
+    + _service("details", "bookinfo-details", [("v1", {})])
+    + "gateways:\n- name: istio-ingressgateway\n  labels: {istio: ingressgateway}\n  ports: {80: 8080}\n",
+    2: SETTINGS + "services:\n"
+    + _service("reviews", "bookinfo-reviews", [("v1", {"SERVICE_VERSION": "v1"}), ("v2", {"SERVICE_VERSION": "v2"})])
+    + _service("ratings", "bookinfo-ratings", [("v1", {})]),
+    3: SETTINGS + "services:\n"
+    + _service("reviews", "bookinfo-reviews", [("v3", {"SERVICE_VERSION": "v3"})])
+    + _service("ratings", "bookinfo-ratings", [("v1", {})]),
+}
+
+GATEWAY_PORT = 8080  # host 1's own loopback: the namespaces have ports of their own
+
+
+class Mesh:
+    def __init__(self, lab: NetLab, consul: ConsulCluster, hosts: dict[int, MeshHost]) -> None:
+        self.lab, self.consul, self.hosts = lab, consul, hosts
+
+    def wait_routable(self, via: int, service: str, addresses: set[str], timeout: float = 60) -> None:
+        """Host ``via``'s Pilot has endpoints of ``service`` on exactly the hosts ``addresses``."""
+        host = self.hosts[via]
+        wait_for(f"host {via}'s Pilot to route {service} to {sorted(addresses)}",
+                 lambda: {e.rsplit(':', 1)[0] for e in host.endpoints(service)} == addresses, timeout, 0.2)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    why = why_unavailable()
+    if why:
+        pytest.skip(f"multi-host tests need network namespaces: {why}")
+    consul_bin = build_tool("consul.sh")
+    work: Path = tmp_path_factory.mktemp("multihost")
+    try:
+        lab = NetLab(3)
+    except LabUnavailable as e:
+        pytest.skip(f"multi-host tests need network namespaces: {e}")
+    consul = ConsulCluster(lab, consul_bin, work / "consul")
+    hosts: dict[int, MeshHost] = {}
+    try:
+        for h in consul.hosts:
+            consul.start(h)
+        consul.wait_ready()
+        cacerts = make_cacerts(work / "cacerts", 3)
+        for h in consul.hosts:
+            hosts[h] = MeshHost(lab, h, work / f"host{h}", MESH_FILES[h])
+            hosts[h].prepare(cacerts[h - 1])
+        errors: list[BaseException] = []
+
+        def up(h: MeshHost) -> None:
+            try:
+                h.up()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+
+        threads = [threading.Thread(target=up, args=(h,)) for h in hosts.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        m = Mesh(lab, consul, hosts)
+        a1, a2, a3 = lab.addresses
+        m.wait_routable(1, "reviews", {a2, a3})
+        m.wait_routable(1, "ratings", {a2, a3})
+        m.wait_routable(2, "ratings", {a2, a3})
+        m.wait_routable(3, "ratings", {a2, a3})
+        hosts[1].apply("rules/bookinfo-gateway.yaml")
+        yield m
+    finally:
+        # Every process of every host is killed with its namespace (lab.close), the
+        # meshes included: nothing outlives the namespaces to deregister from.
+        consul.close()
+        lab.close()

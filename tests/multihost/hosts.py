@@ -1,0 +1,284 @@
+"""The pieces of a mesh over the test network's hosts (netlab.NetLab).
+
+- ``ConsulCluster``: one Consul server per host (the binary scripts/tools/consul.sh
+  builds), a three-server cluster bound to the hosts' addresses; each host's
+  HTTP API on 127.0.0.1:8500 of its own namespace, as on a VM.
+- ``MeshHost``: one host's share of Bookinfo, started with
+  ``meshctl up -d -f mesh.yaml --registry consul://127.0.0.1:8500 --advertise <addr>``
+  in its namespace; the CA is plugged in (``citadel init``) with an intermediate
+  of its own under one root made by the test (Istio's plug-in CA).
+- ``Load``: steady requests through the ingress gateway from threads inside
+  host 1, each result recorded with its start and end time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .netlab import NetLab, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+BOOKINFO = REPO / "examples" / "bookinfo"
+CONSUL_HTTP = 8500
+
+# Consul tuned for a test's patience: Raft timeouts at their minimum (the
+# production recommendation, raft_multiplier 1) and gossip probes every 400 ms, so
+# a dead host is declared failed in a couple of seconds rather than about ten.
+CONSUL_TUNING = {
+    "performance": {"raft_multiplier": 1},
+    "gossip_lan": {"probe_interval": "400ms", "probe_timeout": "200ms", "suspicion_mult": 3},
+    "disable_update_check": True,
+    "leave_on_terminate": False,
+    "skip_leave_on_interrupt": True,
+}
+
+
+def http_get(host: str, port: int, path: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ Consul
+
+
+class ConsulCluster:
+    def __init__(self, lab: NetLab, binary: str, workdir: Path) -> None:
+        self.lab, self.binary, self.workdir = lab, binary, workdir
+        self.procs: dict[int, object] = {}
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "tuning.json").write_text(json.dumps(CONSUL_TUNING))
+
+    @property
+    def hosts(self) -> range:
+        return range(1, len(self.lab.names) + 1)
+
+    def start(self, host: int) -> None:
+        addr = self.lab.address(host)
+        data = self.workdir / f"data-h{host}"
+        data.mkdir(exist_ok=True)
+        argv = [
+            self.binary, "agent", "-server", f"-bootstrap-expect={len(self.lab.names)}",
+            f"-node=host{host}", f"-bind={addr}", f"-advertise={addr}", "-client=127.0.0.1",
+            f"-data-dir={data}", f"-config-file={self.workdir / 'tuning.json'}",
+            "-dns-port=-1", "-grpc-port=-1", "-grpc-tls-port=-1", "-log-level=warn",
+            *[f"-retry-join={a}" for a in self.lab.addresses if a != addr],
+        ]  # fmt: skip
+        self.procs[host] = self.lab.popen(host, argv, self.workdir / f"consul-h{host}.log")
+
+    def stop(self, host: int) -> None:
+        """SIGKILL the server of ``host`` (a crash: no graceful leave)."""
+        proc = self.procs.pop(host, None)
+        if proc is not None:
+            proc.kill()  # type: ignore[attr-defined]
+            proc.wait(10)  # type: ignore[attr-defined]
+        # `ip netns exec` runs consul as its own process: make sure the agent is gone
+        for pid in self.lab.pids(host):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0] == self.binary.encode():
+                import os
+                import signal
+
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def api(self, host: int, path: str, timeout: float = 3.0) -> object:
+        status, body = self.lab.in_host(host, lambda: http_get("127.0.0.1", CONSUL_HTTP, path, timeout), timeout + 2)
+        if status != 200:
+            raise AssertionError(f"consul on host {host}: GET {path}: {status} {body[:200]}")
+        return json.loads(body)
+
+    def leader_host(self, via: int) -> int | None:
+        """The host whose server is the Raft leader, as host ``via`` sees it."""
+        leader = self.api(via, "/v1/status/leader")
+        for h in self.hosts:
+            if leader and str(leader).startswith(self.lab.address(h) + ":"):
+                return h
+        return None
+
+    def wait_ready(self, hosts: list[int] | None = None, timeout: float = 90) -> None:
+        """Every server answers, sees a leader and all members alive."""
+        hosts = hosts or list(self.hosts)
+
+        def ready() -> bool:
+            for h in hosts:
+                if not self.api(h, "/v1/status/leader"):
+                    return False
+                members = self.api(h, "/v1/agent/members")
+                alive = {m["Name"] for m in members if m["Status"] == 1}  # type: ignore[index,union-attr]
+                if alive != {f"host{x}" for x in self.hosts}:
+                    return False
+            return True
+
+        wait_for("the Consul cluster to elect a leader with every server alive", ready, timeout, 0.3)
+
+    def close(self) -> None:
+        for h in list(self.procs):
+            self.stop(h)
+
+
+# ------------------------------------------------------------------ the CA
+
+
+def make_cacerts(workdir: Path, hosts: int) -> list[Path]:
+    """One root (its key stays here, in the test), one intermediate per host: Istio's
+    cacerts files in <workdir>/h<i>/ (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)."""
+    from meshctl.citadel.ca import cert_to_pem, create_root, key_to_pem, sign_intermediate
+
+    now = datetime.now(timezone.utc)
+    root = create_root("cluster.local", now)
+    out = []
+    for i in range(1, hosts + 1):
+        d = workdir / f"h{i}"
+        d.mkdir(parents=True)
+        inter = sign_intermediate(root, now)
+        (d / "ca-cert.pem").write_bytes(cert_to_pem(inter.cert))
+        (d / "ca-key.pem").write_bytes(key_to_pem(inter.key))
+        (d / "root-cert.pem").write_bytes(cert_to_pem(root.cert))
+        (d / "cert-chain.pem").write_bytes(cert_to_pem(inter.cert) + cert_to_pem(root.cert))
+        out.append(d)
+    return out
+
+
+# ------------------------------------------------------------------ meshctl on a host
+
+
+@dataclass
+class MeshHost:
+    lab: NetLab
+    index: int
+    workdir: Path
+    mesh_yaml: str
+
+    @property
+    def address(self) -> str:
+        return self.lab.address(self.index)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / ".meshctl"
+
+    def prepare(self, cacerts: Path) -> None:
+        self.workdir.mkdir(parents=True)
+        shutil.copytree(BOOKINFO / "apps", self.workdir / "apps", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(BOOKINFO / "rules", self.workdir / "rules")
+        (self.workdir / "mesh.yaml").write_text(self.mesh_yaml)
+        self.meshctl("citadel", "init", "--cacerts", str(cacerts), "--state-dir", str(self.state_dir))
+
+    def meshctl(self, *args: str, check: bool = True, timeout: float = 180):
+        return self.lab.run(self.index, [sys.executable, "-m", "meshctl", *args], cwd=self.workdir, check=check,
+                            timeout=timeout)
+
+    def up(self) -> None:
+        self.meshctl("up", "-d", "-f", "mesh.yaml", "--state-dir", str(self.state_dir),
+                     "--registry", f"consul://127.0.0.1:{CONSUL_HTTP}", "--advertise", self.address, timeout=240)
+
+    def status(self) -> dict:
+        return json.loads(self.meshctl("status", "--json", "--state-dir", str(self.state_dir)).stdout)
+
+    def apply(self, *files: str) -> None:
+        args = [a for f in files for a in ("-f", f)]
+        self.meshctl("route", "apply", "--wait", *args, "--state-dir", str(self.state_dir))
+
+    def pilot_registry(self) -> dict:
+        """What this host's Pilot routes with: service → instances (GET /v1/registry)."""
+        from meshctl.credentials import mesh_credential
+
+        token = mesh_credential(self.state_dir)
+        pilot = self.status()["control_plane"]["pilot"]
+        hostport = pilot.split("://", 1)[1]
+        h, p = hostport.rsplit(":", 1)
+        status, body = self.lab.in_host(
+            self.index, lambda: http_get(h, int(p), "/v1/registry", 5.0, {"Authorization": f"Bearer {token}"}), 10)
+        assert status == 200, body
+        return json.loads(body)
+
+    def endpoints(self, service: str) -> set[str]:
+        """Addresses (host:port) this host's Pilot has for ``service``."""
+        return {f"{i['address']}:{i['port']}" for i in self.pilot_registry().get(service, [])}
+
+    def workload(self, name: str) -> dict:
+        return next(w for w in self.status()["workloads"] if w["name"] == name)
+
+    def down(self) -> None:
+        self.meshctl("down", "--state-dir", str(self.state_dir), check=False, timeout=60)
+
+
+# ------------------------------------------------------------------ steady load
+
+
+@dataclass
+class Result:
+    start: float
+    end: float
+    ok: bool
+    status: int
+    instance: str  # which reviews instance answered ("" if none)
+    error: str = ""
+
+
+@dataclass
+class Load:
+    """``workers`` clients in host ``host``, each sending GET ``path`` to 127.0.0.1:``port``
+    one after the other (no pause), until stopped. A request fails when it gets no
+    200, times out, or the page says a service was unavailable."""
+
+    lab: NetLab
+    host: int
+    port: int
+    path: str = "/productpage"
+    workers: int = 4
+    timeout: float = 20.0
+    results: list[Result] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _futures: list = field(default_factory=list)
+
+    def start(self) -> "Load":
+        pool = self.lab.pool(self.host, workers=max(8, self.workers + 2))
+        self._futures = [pool.submit(self._worker) for _ in range(self.workers)]
+        return self
+
+    def _worker(self) -> None:
+        import re
+
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                status, body = http_get("127.0.0.1", self.port, self.path, self.timeout)
+                m = re.search(r"reviews-v\d-\d", body)
+                bad = "currently unavailable" in body
+                self.results.append(Result(t0, time.monotonic(), status == 200 and not bad, status, m.group(0) if m else "",
+                                           "page says a service is unavailable" if bad else ""))
+            except OSError as e:
+                self.results.append(Result(t0, time.monotonic(), False, 0, "", repr(e)))
+                time.sleep(0.05)
+
+    def stop(self) -> list[Result]:
+        self._stop.set()
+        for f in self._futures:
+            f.result(self.timeout + 10)
+        return self.results
+
+    def failures(self) -> list[Result]:
+        return [r for r in self.results if not r.ok]
+
+    def wait_for_requests(self, n: int, timeout: float = 60) -> None:
+        target = len(self.results) + n
+        wait_for(f"{n} more requests through the gateway", lambda: len(self.results) >= target, timeout, 0.05)
