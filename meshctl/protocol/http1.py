@@ -50,6 +50,7 @@ from collections import deque
 from itertools import chain
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Sequence
 
 from httptools import (
     HttpParserCallbackError,
@@ -107,6 +108,154 @@ _CLOSE = 3  # body ends when the connection closes (HTTP/1.0 clients)
 
 _LAST_CHUNK = b"0\r\n\r\n"
 
+# ---------------------------------------------------------------- states (h11's idea)
+#
+# Each codec keeps one state per direction, and every change of state goes
+# through the transition tables below (``_go``): a pair missing from a table is
+# a transition that cannot happen. What is not state (the pending exchanges, a
+# deferred error, held bytes, framing counters) stays plain data.
+#
+# Receive side: the messages the peer sends (requests for H1Server, responses
+# for H1Client).
+#
+#   IDLE       no message arriving (H1Client: none expected either)
+#   AWAIT      H1Client: a request is out, its (next) response has not begun
+#   HEAD       a message head is arriving
+#   BODY       its body is arriving
+#   DONE       H1Client: the final response is complete (keep-alive)
+#   HOLD       H1Server: an Upgrade/CONNECT request is complete; further bytes are held
+#              until the response says whether the protocol switches
+#   SWITCHED   the connection carries opaque bytes (after a 101 / 2xx to CONNECT)
+#   CLOSED     no further message will be parsed; input is ignored
+#   ABANDONED  H1Server: CLOSED while a request was still arriving (EOF is then a Reset)
+#   ERROR      a protocol error was raised; every later feed raises it again
+#
+# Send side: the messages this codec serializes.
+#
+#   H1Server (responses)                    H1Client (requests)
+#   WAIT       no response begun             IDLE   no request on this connection yet
+#   BODY       a response is in progress      BODY   head sent, body still to come
+#   DONE       a response ended, kept alive   DONE   the request is complete
+#   SWITCHING  101 (2xx to CONNECT) sent: the next bytes either way are opaque
+#   SWITCHED   switched
+#
+# Whether the connection outlives the current exchange (keep-alive) is a flag
+# beside the states, as in h11.
+
+IDLE, AWAIT, HEAD, BODY, DONE, HOLD, SWITCHED, CLOSED, ABANDONED, ERROR = range(10)
+WAIT, SWITCHING = 10, 11  # send side only (with BODY, DONE, SWITCHED, IDLE)
+_STATE_NAMES = ("IDLE", "AWAIT", "HEAD", "BODY", "DONE", "HOLD", "SWITCHED", "CLOSED", "ABANDONED", "ERROR",
+                "WAIT", "SWITCHING")
+
+# events that move the states
+E_BEGIN = 0  # a message head begins (llhttp on_message_begin)
+E_HEAD_DONE = 1  # its head is complete
+E_COMPLETE = 2  # the message is complete (1xx for H1Client: back to AWAIT)
+E_FINAL = 3  # H1Client: the final response is complete
+E_ASK_UPGRADE = 4  # H1Server: the complete request asked for an upgrade: hold further bytes
+E_RESUME = 5  # H1Server: the upgrade was refused: parse the held bytes as HTTP/1.1
+E_CLOSE = 6  # no more messages this way (Connection: close, EOF, a response that closes)
+E_SWITCH = 7  # the protocol switched
+E_FAIL = 8  # protocol error
+E_SEND = 9  # send side: a head goes out (its body follows)
+E_SEND_ALL = 10  # send side: a head goes out with the whole message (end_stream)
+E_END = 11  # send side: the message is complete
+E_SEND_SWITCH = 12  # H1Server: 101 / 2xx to CONNECT goes out
+E_RESET = 13  # H1Client: ready for the next exchange on a kept-alive connection
+E_REQUEST = 14  # H1Client receive side: a request went out, a response is due
+_EVENT_NAMES = ("BEGIN", "HEAD_DONE", "COMPLETE", "FINAL", "ASK_UPGRADE", "RESUME", "CLOSE", "SWITCH", "FAIL",
+                "SEND", "SEND_ALL", "END", "SEND_SWITCH", "RESET", "REQUEST")
+
+
+def _table(rules: dict[tuple[int, int], int], *, close: dict[int, int], switch_from: tuple[int, ...],
+           states: tuple[int, ...]) -> dict[int, int]:
+    """A transition table keyed by state * 16 + event (one int: cheap on every request)."""
+    out: dict[int, int] = {}
+    for (state, event), nxt in rules.items():
+        out[state * 16 + event] = nxt
+    for state, nxt in close.items():
+        out[state * 16 + E_CLOSE] = nxt
+    for state in switch_from:
+        out[state * 16 + E_SWITCH] = SWITCHED
+    for state in states:
+        out[state * 16 + E_FAIL] = ERROR
+    return out
+
+
+_SERVER_RX = _table(
+    {
+        (IDLE, E_BEGIN): HEAD,
+        (HEAD, E_HEAD_DONE): BODY,
+        (BODY, E_COMPLETE): IDLE,
+        (IDLE, E_ASK_UPGRADE): HOLD,  # the upgrade request completed
+        (HOLD, E_ASK_UPGRADE): HOLD,  # llhttp then stops at it (HttpParserUpgrade)
+        (CLOSED, E_ASK_UPGRADE): HOLD,  # ... also with Connection: close (a refusal then closes)
+        (HOLD, E_RESUME): IDLE,
+    },
+    close={IDLE: CLOSED, HOLD: CLOSED, CLOSED: CLOSED, HEAD: ABANDONED, BODY: ABANDONED, ABANDONED: ABANDONED,
+           SWITCHED: SWITCHED},
+    switch_from=(IDLE, HEAD, BODY, HOLD, CLOSED, ABANDONED, SWITCHED),
+    states=(IDLE, HEAD, BODY, HOLD, SWITCHED, CLOSED, ABANDONED, ERROR),
+)
+_SERVER_TX = _table(
+    {
+        (WAIT, E_SEND): BODY,
+        (DONE, E_SEND): BODY,
+        (WAIT, E_SEND_SWITCH): SWITCHING,
+        (DONE, E_SEND_SWITCH): SWITCHING,
+        (BODY, E_END): DONE,
+        # a head while another is in progress replaces it (the caller's choice); once a
+        # 101 is out the switch stands, whatever is serialized after it
+        (BODY, E_SEND): BODY,
+        (BODY, E_SEND_SWITCH): SWITCHING,
+        (SWITCHING, E_SEND): SWITCHING,
+        (SWITCHING, E_SEND_SWITCH): SWITCHING,
+        (SWITCHING, E_END): SWITCHING,
+    },
+    close={},
+    switch_from=(SWITCHING, SWITCHED),
+    states=(),
+)
+_CLIENT_RX = _table(
+    {
+        (IDLE, E_REQUEST): AWAIT,
+        (CLOSED, E_REQUEST): CLOSED,  # on a connection already closed: nothing will be parsed
+        (ERROR, E_REQUEST): ERROR,
+        (SWITCHED, E_REQUEST): SWITCHED,
+        (AWAIT, E_BEGIN): HEAD,  # from IDLE or DONE there is no request outstanding: a protocol error
+        (HEAD, E_HEAD_DONE): BODY,
+        (BODY, E_COMPLETE): AWAIT,  # a 1xx: the final response follows
+        (BODY, E_FINAL): DONE,
+        (DONE, E_RESET): IDLE,
+        (IDLE, E_RESET): IDLE,
+    },
+    close={IDLE: CLOSED, AWAIT: CLOSED, HEAD: CLOSED, BODY: CLOSED, DONE: CLOSED, CLOSED: CLOSED},
+    switch_from=(AWAIT, HEAD, BODY, DONE, CLOSED),  # (a 2xx to CONNECT may be complete, even say close)
+    states=(IDLE, AWAIT, HEAD, BODY, DONE, SWITCHED, CLOSED, ERROR),
+)
+_CLIENT_TX = _table(
+    {
+        (IDLE, E_SEND): BODY,
+        (IDLE, E_SEND_ALL): DONE,
+        (BODY, E_END): DONE,
+        (DONE, E_END): DONE,
+        (IDLE, E_END): DONE,
+        (DONE, E_RESET): IDLE,
+        (IDLE, E_RESET): IDLE,
+    },
+    close={},
+    switch_from=(),
+    states=(),
+)
+
+
+def _go(table: dict[int, int], state: int, event: int, side: str) -> int:
+    """The state after ``event``; a pair the table lacks is a bug in this module."""
+    nxt = table.get(state * 16 + event, -1)
+    if nxt < 0:
+        raise RuntimeError(f"HTTP/1.1 {side}: no transition from {_STATE_NAMES[state]} on {_EVENT_NAMES[event]}")
+    return nxt
+
 
 def _protocol_error_from(exc: HttpParserError, status: int, who: str) -> ProtocolError:
     """Turn an httptools exception into our ProtocolError (keeping ours as is)."""
@@ -135,7 +284,7 @@ def _serialize_fields(parts: list[str], what: str) -> bytes:
         raise ValueError(f"{what}: header text is not latin-1: {exc}") from None
 
 
-def _trailer_bytes(trailers: HeaderList) -> bytes:
+def _trailer_bytes(trailers: Sequence[tuple[str, str]]) -> bytes:
     if not trailers:
         return _LAST_CHUNK
     parts = ["0\r\n"]
@@ -199,14 +348,14 @@ class _HeadCollector:
     _who = "message"
     _status_bad = 400
 
-    def _init_collector(self, limits: Limits) -> None:
+    def _init_collector(self, limits: Limits, rx_table: dict[int, int]) -> None:
+        self._rx_table = rx_table
+        self._rx = IDLE  # receive-side state (see the tables at the top)
         self._limits = limits
         self._max_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._events: list[Event] = []
         self._raw: list[tuple[bytes, bytes]] = []  # fields as llhttp hands them over
-        self._in_head = False
-        self._in_message = False
         self._msg_seq = 0
         self._head_carry = 0  # bytes fed to a still incomplete head, first feed excluded
         self._head_upper = 0  # bytes fed since the incomplete head began, first feed included
@@ -214,10 +363,12 @@ class _HeadCollector:
 
     # The callbacks stay tiny (they run once per field); the head is decoded
     # and checked in one go by _take_head() once llhttp has seen all of it.
+    def _rx_go(self, event: int) -> None:
+        self._rx = _go(self._rx_table, self._rx, event, self._who)
+
     def on_message_begin(self) -> None:
         self._raw = []
-        self._in_head = True
-        self._in_message = True
+        self._rx_go(E_BEGIN)
         self._msg_seq += 1
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -296,7 +447,7 @@ class _HeadCollector:
 
     def _account_partial_head(self, seq_before: int, was_in_head: bool, nbytes: int) -> None:
         """Bound a head still incomplete after a feed (see the module notes)."""
-        if self._in_head:
+        if self._rx == HEAD:
             if was_in_head and seq_before == self._msg_seq:
                 self._head_carry += nbytes
                 self._head_upper += nbytes
@@ -325,28 +476,33 @@ class H1Server(_HeadCollector):
     _status_bad = 400
 
     def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
-        self._init_collector(limits)
+        self._init_collector(limits, _SERVER_RX)
+        self._tx = WAIT  # send-side state
         self._parser = HttpRequestParser(self)
         self._url = b""
         self._pending: deque[_Exchange] = deque()
-        self._error: ProtocolError | None = None
-        self._deferred: ProtocolError | None = None
-        self._stopped = False  # a request closed the connection: ignore more input
+        self._error: ProtocolError | None = None  # raised again by every feed once rx is ERROR
+        self._deferred: ProtocolError | None = None  # raised by the next feed (see the module notes)
         self._silent = False  # parsing the synthetic head (see _resume_body)
         self._body_after_upgrade: tuple[str, str] | None = None
         self._plain_after_upgrade = False  # an upgrade token we do not honour: go on as HTTP/1.1
-        self._hold = False  # upgrade pending: buffer input instead of parsing
-        self._held = b""
-        self._resume_held = False
-        self._upgraded = False
-        self._closing = False  # a response or EOF decided to close the connection
-        self._between = False  # a response just ended; the next one has not started
+        self._held = b""  # bytes received in HOLD (replayed after a refused upgrade)
+        self._closing = False  # keep-alive is off: a response or EOF decided to close the connection
         # response in progress
         self._resp: _Exchange | None = None
         self._framing = _NONE
         self._remaining = 0
         self._resp_keep = True
-        self._accepting_upgrade = False
+
+    def _tx_go(self, event: int) -> None:
+        self._tx = _go(_SERVER_TX, self._tx, event, "response")
+
+    def _close_rx(self) -> None:
+        self._rx = _go(_SERVER_RX, self._rx, E_CLOSE, "request")
+
+    def _switch(self) -> None:
+        self._rx = _go(_SERVER_RX, self._rx, E_SWITCH, "request")
+        self._tx = _go(_SERVER_TX, self._tx, E_SWITCH, "response")
 
     # ----------------------------------------------------------- parsing
     def on_url(self, url: bytes) -> None:
@@ -355,8 +511,7 @@ class H1Server(_HeadCollector):
     def on_message_begin(self) -> None:
         # inlined _HeadCollector.on_message_begin: this runs once per request
         self._raw = []
-        self._in_head = True
-        self._in_message = True
+        self._rx = _go(_SERVER_RX, self._rx, E_BEGIN, "request")
         self._msg_seq += 1
         self._url = b""
 
@@ -365,7 +520,7 @@ class H1Server(_HeadCollector):
         p = self._parser
         if self._silent:
             self._silent = False
-            self._in_head = False
+            self._rx = _go(_SERVER_RX, self._rx, E_HEAD_DONE, "request")
             self._raw = []
             return
         url = self._url
@@ -424,12 +579,12 @@ class H1Server(_HeadCollector):
             expect is not None and expect.lower() == "100-continue",
             upgrade,
         )
-        self._in_head = False
+        self._rx = _go(_SERVER_RX, self._rx, E_HEAD_DONE, "request")
         self._events.append(head)
         self._pending.append(_Exchange(method, version, keep_alive, upgrade))
 
     def on_message_complete(self) -> None:
-        self._in_message = False
+        self._rx = _go(_SERVER_RX, self._rx, E_COMPLETE, "request")
         if self._body_after_upgrade is not None and not self._silent:
             # llhttp skipped the body of an Upgrade request; it is parsed next
             return
@@ -437,31 +592,33 @@ class H1Server(_HeadCollector):
         ex.complete = True
         self._events.append(EndOfMessage(self._take_trailers() if self._raw else []))
         if not ex.keep_alive:
-            self._stopped = True
+            self._close_rx()
         elif ex.upgrade is not None:
-            self._hold = True
+            self._rx = _go(_SERVER_RX, self._rx, E_ASK_UPGRADE, "request")
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse bytes from the client; return the events they complete."""
-        if self._error is not None:
+        rx = self._rx
+        if rx == ERROR:
+            assert self._error is not None
             raise self._error
         if self._deferred is not None:
             err, self._deferred = self._deferred, None
             self._error = err
+            self._rx_go(E_FAIL)
             raise err
-        if self._upgraded:
+        if rx == SWITCHED:
             return [Data(data)] if data else []
-        if self._accepting_upgrade:
-            self._upgraded = True
+        if self._tx == SWITCHING:
+            self._switch()
             leftover = self._held + data
             self._held = b""
             return [Upgraded(leftover)]
-        if self._hold or self._stopped:
-            if self._hold:
+        if rx == HOLD or rx == CLOSED or rx == ABANDONED:
+            if rx == HOLD:
                 self._held += data
             return []
-        if self._resume_held:
-            self._resume_held = False
+        if self._held:  # after a refused upgrade: what arrived meanwhile comes first
             data = self._held + data
             self._held = b""
         if not data:
@@ -472,7 +629,7 @@ class H1Server(_HeadCollector):
         return events
 
     def _run(self, data: bytes) -> None:
-        seq, was_in_head = self._msg_seq, self._in_head
+        seq, was_in_head = self._msg_seq, self._rx == HEAD
         self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
@@ -480,23 +637,24 @@ class H1Server(_HeadCollector):
             self._after_upgrade_request(data[up.args[0] :])
             return
         except HttpParserError as exc:
-            if self._stopped:  # llhttp refuses data after "Connection: close": ignore it
-                return
+            if self._rx == CLOSED or self._rx == ABANDONED:
+                return  # llhttp refuses data after "Connection: close": ignore it
             self._fail(_protocol_error_from(exc, 400, "request"))
         except ProtocolError as exc:  # raised outside a callback (not expected)
             self._fail(exc)
-        if self._in_head:
+        if self._rx == HEAD:
             try:
                 self._account_partial_head(seq, was_in_head, len(data))
             except ProtocolError as exc:
                 self._fail(exc)
 
     def _fail(self, err: ProtocolError) -> None:
-        if self._events and (self._in_head or not self._in_message):
+        if self._events and self._rx != BODY:
             # earlier pipelined requests completed in this feed: hand them out first
             self._deferred = err
             return
         self._error = err
+        self._rx_go(E_FAIL)
         self._events = []
         raise err
 
@@ -505,7 +663,7 @@ class H1Server(_HeadCollector):
             # llhttp stops after any Upgrade request: go on with a fresh parser
             self._plain_after_upgrade = False
             self._parser = HttpRequestParser(self)
-            if rest and not self._stopped:
+            if rest and self._rx != CLOSED and self._rx != ABANDONED:
                 self._run(rest)
             return
         if self._body_after_upgrade is not None:
@@ -514,7 +672,7 @@ class H1Server(_HeadCollector):
             if rest:
                 self._run(rest)
             return
-        self._hold = True
+        self._rx_go(E_ASK_UPGRADE)
         self._held = rest
 
     def _resume_body(self, kind: str, cl: str) -> None:
@@ -526,8 +684,7 @@ class H1Server(_HeadCollector):
         synthetic = f"POST / HTTP/1.1\r\nhost: x\r\n{framing}\r\n{close}\r\n".encode("latin-1")
         self._parser = HttpRequestParser(self)
         self._silent = True
-        self._parser.feed_data(synthetic)
-        self._in_message = True
+        self._parser.feed_data(synthetic)  # (IDLE -> HEAD -> BODY, no events)
         self._body_after_upgrade = None
 
     def feed_eof(self) -> list[Event]:
@@ -535,12 +692,14 @@ class H1Server(_HeadCollector):
         if self._deferred is not None:
             err, self._deferred = self._deferred, None
             self._error = err
+            self._rx_go(E_FAIL)
             raise err
         self._closing = True
-        if self._error is not None or self._upgraded:
+        rx = self._rx
+        if rx == ERROR or rx == SWITCHED:
             return []
-        if self._in_message:
-            self._in_message = False
+        self._close_rx()
+        if rx == HEAD or rx == BODY or rx == ABANDONED:
             return [Reset("client closed the connection in the middle of a request")]
         return []
 
@@ -590,7 +749,6 @@ class H1Server(_HeadCollector):
             if ex.upgrade is None:
                 raise ValueError(f"status {status} answers a request that asked for no upgrade")
             framing = _NONE
-            self._accepting_upgrade = True
             keep = False
             if status == 101 and not any(p.startswith("connection:") for p in parts):
                 parts.append("connection: upgrade\r\n")
@@ -633,7 +791,7 @@ class H1Server(_HeadCollector):
         parts.append("\r\n")
         out = _serialize_fields(parts, "response head")
         self._resp = ex
-        self._between = False
+        self._tx_go(E_SEND_SWITCH if switching else E_SEND)
         self._framing = framing
         self._resp_keep = keep
         if not keep:
@@ -656,7 +814,7 @@ class H1Server(_HeadCollector):
             return data
         return b""
 
-    def end(self, trailers: HeaderList = ()) -> bytes:
+    def end(self, trailers: Sequence[tuple[str, str]] = ()) -> bytes:
         """Finish the response body; trailers are only sent with chunked framing."""
         ex = self._resp
         if ex is None:
@@ -672,24 +830,24 @@ class H1Server(_HeadCollector):
 
     def _finish(self, ex: _Exchange) -> None:
         self._resp = None
-        self._between = True
+        self._tx_go(E_END)
         self._framing = _NONE
         if self._pending and self._pending[0] is ex:
             self._pending.popleft()
         if not ex.complete:  # answered before the request body was read
             self._closing = True
         if self._closing:
-            self._stopped = True
-        elif ex.upgrade is not None and not self._accepting_upgrade:
-            # upgrade refused: the connection goes on as HTTP/1.1
-            self._hold = False
-            self._resume_held = True
+            self._close_rx()
+        elif ex.upgrade is not None and self._tx != SWITCHING:
+            # upgrade refused: the connection goes on as HTTP/1.1 (held bytes first)
+            self._rx_go(E_RESUME)
             self._parser = HttpRequestParser(self)
 
     @property
     def keep_alive(self) -> bool:
         """Can another request follow on this connection after this exchange."""
-        if self._between:  # the last exchange is over and kept the connection
+        tx = self._tx
+        if tx == DONE:  # the last exchange is over and kept the connection
             current_ok = True
         elif self._resp is not None:
             current_ok = self._resp_keep
@@ -698,22 +856,22 @@ class H1Server(_HeadCollector):
         return (
             current_ok
             and not self._closing
-            and self._error is None
+            and self._rx != ERROR
             and self._deferred is None
-            and not self._accepting_upgrade
-            and not self._upgraded
+            and tx != SWITCHING
+            and tx != SWITCHED
         )
 
     @property
     def receiving_head(self) -> bool:
         """The first bytes of a request have arrived and its head is not complete yet."""
-        return self._in_head and not self._upgraded
+        return self._rx == HEAD
 
     def upgrade_accepted(self) -> bytes:
         """After a 101 (2xx to CONNECT): the bytes received past the request, to relay as is."""
-        if not self._accepting_upgrade:
+        if self._tx != SWITCHING:
             raise RuntimeError("upgrade_accepted() before a 101 / 2xx-to-CONNECT response_head()")
-        self._upgraded = True
+        self._switch()
         self._resp = None
         leftover = self._held
         self._held = b""
@@ -727,32 +885,37 @@ class H1Client(_HeadCollector):
     _status_bad = 502
 
     def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
-        self._init_collector(limits)
+        self._init_collector(limits, _CLIENT_RX)
+        self._tx = IDLE  # send-side state
         self._parser = HttpResponseParser(self)
         self._reason = b""
         self._method: str | None = None  # of the outstanding request
-        self._awaiting = False  # a final response is still expected
         self._head_only = False  # HEAD/CONNECT: stop llhttp at the end of the final head
         self._buf = b""
         self._status = 0
         self._close_delimited = False
-        self._resp_done = False
-        self._resp_keep = True
-        self._req_done = False
+        self._resp_keep = True  # keep-alive, as far as the response goes
         self._req_close = False
         self._asked_upgrade = False
         self._framing = _NONE
         self._remaining = 0
         self._error: ProtocolError | None = None
-        self._upgraded = False
-        self._stopped = False
+
+    def _tx_go(self, event: int) -> None:
+        self._tx = _go(_CLIENT_TX, self._tx, event, "request")
+
+    @property
+    def _awaiting(self) -> bool:
+        """A final response is still expected."""
+        rx = self._rx
+        return rx == AWAIT or rx == HEAD or rx == BODY
 
     # ----------------------------------------------------------- serializing
     def request_head(self, head: RequestHead, *, end_stream: bool = False) -> bytes:
         """Serialize a request head (origin-form target, Host from authority)."""
-        if self._method is not None and not (self._resp_done and self._req_done):
-            raise RuntimeError("previous exchange on this connection is not finished")
-        if self._method is not None:
+        if self._tx != IDLE:
+            if not (self._tx == DONE and (self._rx == DONE or self._rx == CLOSED)):
+                raise RuntimeError("previous exchange on this connection is not finished")
             self.reset_for_next()
         method = head.method
         if method == "CONNECT":
@@ -802,19 +965,17 @@ class H1Client(_HeadCollector):
         parts.append("\r\n")
         out = _serialize_fields(parts, "request head")
         self._method = method
-        self._awaiting = True
         self._head_only = method == "HEAD" or method == "CONNECT"
         self._framing = framing
         self._req_close = close
         self._asked_upgrade = asked_upgrade
-        self._req_done = False
-        self._resp_done = False
         if end_stream:
             if framing == _CHUNKED:
                 out += _LAST_CHUNK
             elif framing == _LENGTH and self._remaining:
                 raise ValueError("end_stream=True with a non-zero content-length")
-            self._req_done = True
+        self._tx_go(E_SEND_ALL if end_stream else E_SEND)
+        self._rx_go(E_REQUEST)
         return out
 
     def data(self, data: bytes) -> bytes:
@@ -834,10 +995,10 @@ class H1Client(_HeadCollector):
             )
         return b""
 
-    def end(self, trailers: HeaderList = ()) -> bytes:
+    def end(self, trailers: Sequence[tuple[str, str]] = ()) -> bytes:
         """Finish the request body."""
         framing = self._framing
-        self._req_done = True
+        self._tx_go(E_END)
         self._framing = _NONE
         if framing == _CHUNKED:
             return _trailer_bytes(trailers)
@@ -847,7 +1008,7 @@ class H1Client(_HeadCollector):
 
     # ----------------------------------------------------------- parsing
     def on_message_begin(self) -> None:
-        if not self._awaiting:
+        if self._rx != AWAIT:
             raise ProtocolError("upstream sent a response with no request outstanding", 502)
         _HeadCollector.on_message_begin(self)
         self._reason = b""
@@ -856,7 +1017,7 @@ class H1Client(_HeadCollector):
         self._reason += reason
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._rx = _go(_CLIENT_RX, self._rx, E_HEAD_DONE, "upstream response")
         self._head_carry = 0
         p = self._parser
         headers, first = self._take_head(len(self._reason) + 16)
@@ -886,26 +1047,26 @@ class H1Client(_HeadCollector):
         self._events.append(ResponseHead(status, headers, reason, version, keep))
 
     def on_message_complete(self) -> None:
-        self._in_message = False
         if self._status < 200:  # 1xx: the final response follows (101: Upgraded follows)
+            self._rx = _go(_CLIENT_RX, self._rx, E_COMPLETE, "upstream response")
             return
         self._final_done()
 
     def _final_done(self) -> None:
-        self._in_message = False
+        self._rx = _go(_CLIENT_RX, self._rx, E_FINAL, "upstream response")
         self._events.append(EndOfMessage(self._take_trailers() if self._raw else []))
-        self._awaiting = False
-        self._resp_done = True
         if not self._resp_keep:
-            self._stopped = True
+            self._rx = _go(_CLIENT_RX, self._rx, E_CLOSE, "upstream response")
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse bytes from upstream; return the events they complete."""
-        if self._error is not None:
+        rx = self._rx
+        if rx == ERROR:
+            assert self._error is not None
             raise self._error
-        if self._upgraded:
+        if rx == SWITCHED:
             return [Data(data)] if data else []
-        if self._stopped or not data:
+        if rx == CLOSED or not data:
             return []
         if self._head_only:
             self._feed_head_only(data)
@@ -916,7 +1077,7 @@ class H1Client(_HeadCollector):
         return events
 
     def _run(self, data: bytes) -> None:
-        seq, was_in_head = self._msg_seq, self._in_head
+        seq, was_in_head = self._msg_seq, self._rx == HEAD
         self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
@@ -924,12 +1085,12 @@ class H1Client(_HeadCollector):
             self._upgrade(data[up.args[0] :])
             return
         except HttpParserError as exc:
-            if self._stopped:
+            if self._rx == CLOSED:
                 return
             self._fail(_protocol_error_from(exc, 502, "upstream response"))
         except ProtocolError as exc:
             self._fail(exc)
-        if self._in_head:
+        if self._rx == HEAD:
             try:
                 self._account_partial_head(seq, was_in_head, len(data))
             except ProtocolError as exc:
@@ -973,35 +1134,34 @@ class H1Client(_HeadCollector):
                 if self._awaiting:  # llhttp waits for a body that will not come
                     self._final_done()
                 self._parser = HttpResponseParser(self)
-            if buf and not self._stopped:
+            if buf and self._rx != CLOSED:
                 self._run(buf)
             return
 
     def _upgrade(self, leftover: bytes) -> None:
-        self._upgraded = True
-        self._awaiting = False
-        self._in_message = False
+        self._rx = _go(_CLIENT_RX, self._rx, E_SWITCH, "upstream response")
         self._events.append(Upgraded(leftover))
 
     def _fail(self, err: ProtocolError) -> None:
         self._error = err
+        self._rx = _go(_CLIENT_RX, self._rx, E_FAIL, "upstream response")
         self._events = []
         raise err
 
     def feed_eof(self) -> list[Event]:
         """Upstream closed: EndOfMessage ends a close-delimited body; Reset if truncated."""
-        if self._error is not None or self._upgraded or self._stopped:
+        rx = self._rx
+        if rx == ERROR or rx == SWITCHED or rx == CLOSED:
             return []
-        self._stopped = True
         self._resp_keep = False
-        if self._in_message and not self._in_head and self._close_delimited:
-            self._final_done()
+        if rx == BODY and self._close_delimited:
+            self._final_done()  # (-> DONE -> CLOSED: the response did not keep the connection)
             events = self._events
             self._events = []
             return events
-        if self._awaiting:
-            self._awaiting = False
-            if self._in_message or self._buf:
+        self._rx = _go(_CLIENT_RX, rx, E_CLOSE, "upstream response")
+        if rx == AWAIT or rx == HEAD or rx == BODY:
+            if rx != AWAIT or self._buf:
                 return [Reset("upstream closed the connection in the middle of the response")]
             return [Reset("upstream closed the connection before responding")]
         return []
@@ -1009,12 +1169,13 @@ class H1Client(_HeadCollector):
     @property
     def keep_alive(self) -> bool:
         """Can the connection carry another request once this exchange is over."""
+        rx = self._rx
         return (
-            self._error is None
-            and not self._upgraded
-            and not self._stopped
+            rx != ERROR
+            and rx != SWITCHED
+            and rx != CLOSED
             and self._resp_keep
-            and (self._method is None or (self._resp_done and self._req_done))
+            and (self._tx == IDLE or (self._tx == DONE and rx == DONE))
         )
 
     def reset_for_next(self) -> None:
@@ -1022,11 +1183,10 @@ class H1Client(_HeadCollector):
         if not self.keep_alive:
             raise RuntimeError("this connection cannot carry another request")
         self._method = None
-        self._awaiting = False
+        self._tx_go(E_RESET)
+        self._rx_go(E_RESET)
         self._head_only = False
         self._status = 0
         self._close_delimited = False
-        self._resp_done = False
-        self._req_done = False
         self._framing = _NONE
         self._remaining = 0
