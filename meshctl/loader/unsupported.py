@@ -205,7 +205,13 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.egress[].port": R("egress listeners per port: hosts apply to every port"),
         "spec.egress[].bind": R(""),
         "spec.egress[].captureMode": R(""),
-        "spec.ingress": R("ingress listeners come from mesh.yaml"),
+        "spec.ingress": H("tests/integration/test_sidecar_ingress.py"),
+        "spec.ingress[].captureMode": R("meshctl captures no traffic (no iptables): ingress listeners are bound "
+                                        "as with captureMode NONE", refused=("IPTABLES",)),
+        "spec.ingress[].port.targetPort": R("give the app's port in defaultEndpoint"),
+        "spec.ingress[].tls": R("sidecar ingress listeners speak the mesh's mTLS (PeerAuthentication), "
+                                "not a TLS of their own"),
+        "spec.ingress[].connectionPool": R("inbound connection limits"),
         "spec.inboundConnectionPool": R(""),
         "spec.outboundTrafficPolicy": H("tests/integration/test_serviceentry.py"),
         "spec.outboundTrafficPolicy.egressProxy": R(""),

@@ -117,6 +117,29 @@ def regex_problem(pattern: str) -> str | None:
     return _re2_problem(pattern)
 
 
+INGRESS_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB", "TCP", "TLS", "MONGO", "MYSQL", "REDIS")
+
+
+def ingress_address(text: str) -> str | None:
+    """A Sidecar ingress ``bind`` as an IP address, None when it is not one."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        return None
+
+
+def ingress_endpoint(text: str) -> tuple[str, int] | None:
+    """A Sidecar ingress ``defaultEndpoint`` (``127.0.0.1:8080``, ``[::1]:8080``,
+    ``0.0.0.0:8080``) as (address, port), None when it is not one of those."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    addr = ingress_address(host)
+    return (addr, int(port)) if addr is not None else None
+
+
 # ---------------------------------------------------------------- the checks
 
 
@@ -550,6 +573,26 @@ class _Validator:
     # -- Sidecar
 
     def check_Sidecar(self, sc: m.Sidecar) -> None:
+        for i, ing in enumerate(sc.ingress):
+            ip = f"spec.ingress[{i}]"
+            if ing.port.number == 0:
+                self.error(f"{ip}.port.number", "port number is required (0, a unix domain socket listener, "
+                           "is not one meshctl opens)")
+            else:
+                self.port(f"{ip}.port.number", ing.port.number)
+            proto = (ing.port.protocol or "HTTP").upper()
+            if proto == "HTTPS":
+                self.error(f"{ip}.port.protocol", "meshctl does not implement protocol HTTPS yet on sidecar ingress "
+                           "(the mesh's mTLS protects inbound traffic)")
+            elif proto not in INGRESS_PROTOCOLS:
+                self.error(f"{ip}.port.protocol", _choices(ing.port.protocol or "", INGRESS_PROTOCOLS))
+            if ing.bind is not None and ingress_address(ing.bind) is None:
+                self.error(f"{ip}.bind", "meshctl does not implement unix domain socket binds yet"
+                           if ing.bind.startswith("unix:") else f"{ing.bind!r} is not an IP address")
+            if ing.default_endpoint is not None and ingress_endpoint(ing.default_endpoint) is None:
+                self.error(f"{ip}.defaultEndpoint", "meshctl does not implement unix domain socket endpoints yet"
+                           if ing.default_endpoint.startswith("unix:")
+                           else f"{ing.default_endpoint!r} is not 127.0.0.1:PORT (or 0.0.0.0:PORT)")
         if sc.outbound_traffic_policy is not None:
             self.enum("spec.outboundTrafficPolicy.mode", sc.outbound_traffic_policy.mode, ("ALLOW_ANY", "REGISTRY_ONLY"))
         for i, eg in enumerate(sc.egress):

@@ -454,6 +454,26 @@ class IstioEgressListener:
 
 
 @dataclass(frozen=True, slots=True)
+class SidecarPort:
+    number: int = 0
+    protocol: str | None = None
+    name: str | None = None
+    target_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IstioIngressListener:
+    """An inbound listener of the workload's sidecar (pilot/compile.py ``ingress_listeners``)."""
+
+    port: SidecarPort = field(default_factory=SidecarPort)
+    bind: str | None = None
+    capture_mode: str | None = None  # DEFAULT | IPTABLES | NONE
+    default_endpoint: str | None = None  # 127.0.0.1:PORT | 0.0.0.0:PORT | unix:///path
+    tls: ServerTLSSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundTrafficPolicy:
     mode: str | None = None  # ALLOW_ANY | REGISTRY_ONLY
 
@@ -461,6 +481,7 @@ class OutboundTrafficPolicy:
 @dataclass(frozen=True, slots=True)
 class Sidecar:
     workload_selector: EntryWorkloadSelector | None = None
+    ingress: tuple["IstioIngressListener", ...] = ()
     egress: tuple[IstioEgressListener, ...] = ()
     outbound_traffic_policy: OutboundTrafficPolicy | None = None
 

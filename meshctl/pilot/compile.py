@@ -709,6 +709,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         gw_listeners, gw_tables = gateway_listeners(inp, node, clusters)
         listeners += gw_listeners
         tables.update(gw_tables)
+    sidecar = None if node.gateway else sidecar_for(inp, wl)
     for lst in node.listeners:
         if lst.direction == "gateway":
             continue  # the Gateways decide (gateway_listeners)
@@ -723,7 +724,8 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
             listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port, "STRICT" if exposed else "PERMISSIVE")))
         else:
             listeners.append(lst)
-    sidecar = None if node.gateway else sidecar_for(inp, wl)
+    if sidecar is not None and sidecar[1].ingress:
+        listeners = ingress_listeners(inp, wl, sidecar[1], listeners)
     visible = None
     if sidecar is not None and sidecar[1].egress:
         # a Sidecar's egress.hosts: the services this proxy knows (and gets clusters for); its bindings too
@@ -753,6 +755,48 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         settings=_sidecar_settings(node.settings if node.settings is not None else inp.settings, sidecar),
     )
     return replace(cfg, version=config_version(cfg))
+
+
+INGRESS_TCP = ("TCP", "TLS", "MONGO", "MYSQL", "REDIS")
+
+
+def ingress_listeners(inp: Inputs, wl: Workload, sc: Sidecar, listeners: list[Listener]) -> list[Listener]:
+    """A Sidecar's ``ingress``, on meshctl's inbound listeners. meshctl captures no
+    traffic, so each entry is a listener as Istio's captureMode NONE makes one:
+
+    - an entry for the workload's service port, without ``bind``, is the inbound
+      listener mesh.yaml gave it (the address registered for the workload): it now
+      forwards to ``defaultEndpoint`` and speaks ``port.protocol``;
+    - any other entry is one more inbound listener on ``bind`` (default: the
+      workload's inbound address) and ``port.number``, to ``defaultEndpoint`` (default:
+      the app's address on the same port), with the same mTLS and policies.
+
+    ``defaultEndpoint`` 0.0.0.0:PORT is the app's own address (Istio: the instance IP)."""
+    from ..loader.validate import ingress_address, ingress_endpoint
+
+    out = list(listeners)
+    base = next((l for l in out if l.direction == "inbound"), None)
+    for ing in sc.ingress:
+        proto = "tcp" if (ing.port.protocol or "HTTP").upper() in INGRESS_TCP else "http"
+        ep = ingress_endpoint(ing.default_endpoint) if ing.default_endpoint else None
+        app_host = base.app_address if base is not None and base.app_address else "127.0.0.1"
+        target = (app_host if ep is None or ep[0] in ("0.0.0.0", "::") else ep[0], ep[1] if ep else None)
+        same = next((k for k, l in enumerate(out) if l.direction == "inbound" and l.name == "inbound"
+                     and l.service_port == ing.port.number), None)
+        if ing.bind is None and same is not None:
+            lst = out[same]
+            app_port = target[1] or lst.app_port
+            out[same] = replace(lst, protocol=proto, app_address=target[0] if ep else lst.app_address,
+                                app_port=app_port, mtls_mode=mtls_mode_for(inp, wl, app_port))
+            continue
+        address = (ingress_address(ing.bind) if ing.bind else None) or (base.address if base else "127.0.0.1")
+        app_port = target[1] or ing.port.number
+        out.append(Listener(
+            name=f"ingress-{ing.port.number}", direction="inbound", address=address or "127.0.0.1",
+            port=ing.port.number, protocol=proto, service_port=ing.port.number, app_address=target[0],
+            app_port=app_port, mtls_mode=mtls_mode_for(inp, wl, app_port),
+        ))
+    return out
 
 
 def sidecar_for(inp: Inputs, workload: Workload) -> tuple[str, Sidecar] | None:

@@ -132,7 +132,8 @@ def _same_listeners(cfg: ProxyConfig, node: Node) -> bool:
     def key(ls) -> set[tuple]:
         return {(lst.name, lst.direction, lst.port, lst.protocol, lst.service_port) for lst in ls}
 
-    return key(cfg.listeners) == key(node.listeners)
+    # a Sidecar's ingress adds listeners of its own (pilot/compile.py ingress_listeners)
+    return key(lst for lst in cfg.listeners if not lst.name.startswith("ingress-")) == key(node.listeners)
 
 
 async def first_config(client: PilotClient, pilot_grace: float = 1.0) -> ProxyConfig:

@@ -354,7 +354,7 @@ def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
     proto = "tcp" if w.protocol == "tcp" else "http"
     listeners = [
         Listener(name="inbound", direction="inbound", address=w.address, port=w.inbound_port, protocol=proto,
-                 app_address=w.app_host, app_port=w.app_port),
+                 app_address=w.app_host, app_port=w.app_port, service_port=w.service_port),
         Listener(name="outbound", direction="outbound", address="127.0.0.1", port=w.outbound_port, protocol="http"),
     ]
     for up, port in sorted(w.bindings.items()):
