@@ -8,7 +8,8 @@ What a workload certificate looks like (checked by tests/unit/test_citadel_ca.py
   chose from the verified bootstrap identity; SANs in the CSR are ignored;
 - empty subject (as SPIFFE X.509-SVIDs recommend), CA:false, keyUsage
   digitalSignature, extendedKeyUsage serverAuth + clientAuth;
-- 24 h lifetime by default, notBefore backdated 60 s for clock skew, never
+- 24 h lifetime by default, notBefore backdated 60 s for clock skew (at most
+  a quarter of the lifetime, so renewal at half-life stays ahead), never
   past the CA's own notAfter.
 """
 
@@ -168,7 +169,10 @@ class CA:
                 f"{self.cert.not_valid_before_utc.isoformat()} (clock skew?)"
             )
         csr = validate_csr(csr_pem)
-        not_before = max(when - BACKDATE, self.cert.not_valid_before_utc)
+        # backdated for clock skew, but by at most a quarter of the lifetime: sidecars renew
+        # at half of notBefore..notAfter, which a 60 s backdate puts in the past for short
+        # lifetimes (a 6 s certificate was renewed again at once, dozens of times a second)
+        not_before = max(when - min(BACKDATE, lifetime / 4), self.cert.not_valid_before_utc)
         not_after = min(when + lifetime, self.cert.not_valid_after_utc)
         builder = (
             x509.CertificateBuilder()

@@ -47,7 +47,7 @@ from .errors import (
     WeakKey,
 )
 from .identity import as_timedelta, load_certificates, verify_peer
-from .store import TokenFile, ca_dir, load_ca_from, record_issued, rotation_chain_pem, trust_bundle_pem
+from .store import TokenFile, ca_dir, host_of, load_ca_from, record_issued, rotation_chain_pem, trust_bundle_pem
 
 log = logging.getLogger("meshctl.citadel")
 
@@ -83,7 +83,12 @@ class CitadelService:
         self.tokens = TokenFile(self.state_dir)
         self._ca_mtime = -1
         self._ca = None
-        self._load()
+        try:
+            self._load()
+        except CAError:
+            if host_of(self.state_dir) is None:
+                raise
+            # a joined host not approved yet: it serves, and says what it waits for (503)
 
     def _load(self) -> None:
         try:
@@ -107,7 +112,7 @@ class CitadelService:
         now = self.clock()
         leaf_pem = ca.sign_csr(csr_pem, spiffe_id, self.leaf_ttl, now)
         leaf = x509.load_pem_x509_certificate(leaf_pem)
-        record_issued(self.state_dir, spiffe_id, leaf, how)
+        record_issued(self.state_dir, spiffe_id, leaf, how, ca.cert)
         log.info("issued %s (%s) until %s", spiffe_id, how, leaf.not_valid_after_utc.isoformat())
         return {
             "spiffe_id": spiffe_id,
@@ -209,9 +214,20 @@ async def serve(
     leaf_ttl: timedelta | float | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; ``task_status.started`` gets the bound port."""
+    """Serve until cancelled; ``task_status.started`` gets the bound port. On a joined
+    host (``citadel join``), also follow the shared CA in Consul KV (hostca.follow)."""
     service = CitadelService(state_dir, leaf_ttl=leaf_ttl)
-    await httpapi.serve(service.handle, host, port, task_status=task_status)
+    joined = host_of(state_dir)
+    if joined is None:
+        await httpapi.serve(service.handle, host, port, task_status=task_status)
+        return
+    from .hostca import follow
+    from .kv import open_kv
+
+    kv = open_kv(joined["registry"])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: follow(state_dir, kv, leaf_ttl=service.leaf_ttl))
+        await httpapi.serve(service.handle, host, port, task_status=task_status)
 
 
 # ---------------------------------------------------------------- the client side

@@ -13,6 +13,13 @@ Layout (file names follow Istio's "plug in CA certificates" convention):
       tokens.json                 bootstrap token hashes (tokens.py), 0600
       issued.jsonl                one line per certificate issued (for `citadel status`)
 
+A host of a multi-host mesh (``citadel join``, hostca.py) keeps the same
+files, with ca-key.pem its own intermediate key, ca-cert.pem / cert-chain.pem
+its intermediate from the root holder and trust-bundle.pem / cross.pem the
+root bundle, all three copied from Consul KV; ca.json then has a ``host``
+entry. A root holder's directory (``citadel init --root-dir``) has the same
+layout at its top, with ``root_dir`` set in ca.json.
+
 Every write goes to a temporary file and is renamed into place; keys are
 created 0600 from the start. Read-modify-write of tokens.json holds an
 exclusive flock so the server and `meshctl citadel token` can share it.
@@ -106,9 +113,23 @@ def init_ca(
     (``cert`` + ``key`` PEM, ``chain`` up to the root for an intermediate).
     ``trust_domain`` defaults to the plugged CA's own (its SPIFFE URI SAN or
     organisation) or ``cluster.local``. Refuses to overwrite an existing CA."""
-    d = ca_dir(state_dir)
+    return init_ca_in(ca_dir(state_dir), trust_domain, cert, key, chain, now=now, root=root)
+
+
+def init_ca_in(
+    d: Path,
+    trust_domain: str | None = None,
+    cert: bytes | str | None = None,
+    key: bytes | str | None = None,
+    chain: bytes | str | None = None,
+    *,
+    now: datetime | float | None = None,
+    root: bytes | str | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> CA:
+    """``init_ca`` in the CA directory ``d`` itself (a state's ca/, or a root holder's directory)."""
     now = _utcnow() if now is None else now
-    if has_ca(state_dir):
+    if (d / "ca-key.pem").exists():
         raise CAError(
             f"a CA already exists in {d}; use `meshctl citadel rotate-root` to replace the root, "
             "or remove the directory to start over (every workload certificate becomes untrusted)"
@@ -122,7 +143,7 @@ def init_ca(
     else:
         ca = create_root(trust_domain or DEFAULT_TRUST_DOMAIN, when)
         plugged = False
-    _save_ca(d, ca, {"plugged": plugged, "created": when.isoformat(), "old_roots": []}, when)
+    _save_ca(d, ca, {"plugged": plugged, "created": when.isoformat(), "old_roots": [], **(extra_meta or {})}, when)
     return ca
 
 
@@ -134,11 +155,30 @@ def ensure_ca(state_dir: str | Path, trust_domain: str | None = None, *, now: da
 
 
 def load_ca_from(state_dir: str | Path) -> CA:
-    d = ca_dir(state_dir)
+    return load_ca_in(ca_dir(state_dir))
+
+
+def host_of(state_dir: str | Path) -> dict[str, Any] | None:
+    """The ``host`` entry of a joined host (name, registry, mesh), else None."""
+    return _read_meta(ca_dir(state_dir)).get("host")
+
+
+def waiting_message(host: dict[str, Any]) -> str:
+    return (
+        f"host {host['name']} waits for its intermediate CA: its CSR is published in Consul KV at "
+        f"{host['prefix']}csr/{host['name']}; on the root holder run "
+        f"`meshctl citadel approve --root-dir DIR --registry {host['registry']} {host['name']}`"
+    )
+
+
+def load_ca_in(d: Path) -> CA:
     try:
         cert = (d / "ca-cert.pem").read_bytes()
         key = (d / "ca-key.pem").read_bytes()
     except FileNotFoundError:
+        host = _read_meta(d).get("host")
+        if host and (d / "ca-key.pem").exists():
+            raise CAError(waiting_message(host)) from None
         raise CAError(f"no CA in {d}: run `meshctl citadel init` (or `meshctl up`) first") from None
     chain = (d / "cert-chain.pem").read_bytes() if (d / "cert-chain.pem").exists() else None
     meta = _read_meta(d)
@@ -159,9 +199,13 @@ def _bundle(d: Path, ca: CA, meta: dict[str, Any], now: datetime) -> bytes:
 
 
 def trust_bundle_pem(state_dir: str | Path, now: datetime | float) -> bytes:
-    """The roots a workload must trust now: current root + old roots in their overlap."""
+    """The roots a workload must trust now: current root + old roots in their overlap
+    (on a joined host: the bundle copied from KV)."""
     d = ca_dir(state_dir)
-    return _bundle(d, load_ca_from(state_dir), _read_meta(d), as_datetime(now))
+    meta = _read_meta(d)
+    if meta.get("host"):
+        return (d / "trust-bundle.pem").read_bytes()
+    return _bundle(d, load_ca_from(state_dir), meta, as_datetime(now))
 
 
 def rotate_root(
@@ -176,10 +220,18 @@ def rotate_root(
       overlap, so peers still holding only the old bundle accept them.
 
     A plugged-in CA is the user's to rotate: refused with a message saying what to do."""
-    d = ca_dir(state_dir)
+    return rotate_root_in(ca_dir(state_dir), now, overlap)
+
+
+def rotate_root_in(d: Path, now: datetime | float, overlap: timedelta | float = DEFAULT_OVERLAP) -> CA:
     when = as_datetime(now)
-    old = load_ca_from(state_dir)
     meta = _read_meta(d)
+    if meta.get("host"):
+        raise CAError(
+            f"this host's CA is an intermediate of the mesh's shared root (host {meta['host']['name']}): "
+            "rotate the root on the root holder with `meshctl citadel rotate-root --root-dir DIR --registry ...`"
+        )
+    old = load_ca_in(d)
     if meta.get("plugged"):
         raise CAError(
             "this mesh uses a plugged-in CA (citadel init --cert/--key): rotate it in your own PKI, "
@@ -204,6 +256,16 @@ def rotation_chain_pem(state_dir: str | Path, now: datetime | float) -> bytes:
     are inside their overlap (newest first), so peers that still trust only
     an old root accept certificates of the new one. Empty outside rotations."""
     d = ca_dir(state_dir)
+    meta = _read_meta(d)
+    if meta.get("host"):
+        try:
+            return (d / "cross.pem").read_bytes()
+        except FileNotFoundError:
+            return b""
+    return rotation_chain_in(d, now)
+
+
+def rotation_chain_in(d: Path, now: datetime | float) -> bytes:
     when = as_datetime(now)
     out = b""
     for entry in reversed(_read_meta(d).get("old_roots", [])):
@@ -240,10 +302,12 @@ def ca_info(state_dir: str | Path, now: datetime | float) -> dict[str, Any]:
 # ---------------------------------------------------------------- issued certificates
 
 
-def record_issued(state_dir: str | Path, spiffe_id: str, cert: x509.Certificate, how: str) -> None:
+def record_issued(state_dir: str | Path, spiffe_id: str, cert: x509.Certificate, how: str,
+                  issuer: x509.Certificate | None = None) -> None:
     line = {
         "spiffe_id": spiffe_id,
         "serial": f"{cert.serial_number:x}",
+        "issuer": f"{issuer.serial_number:x}" if issuer is not None else "",
         "not_before": cert.not_valid_before_utc.isoformat(),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "how": how,  # "token" | "renewal"

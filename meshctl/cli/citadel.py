@@ -1,4 +1,5 @@
-"""`meshctl citadel`: init, serve, status, rotate-root, token."""
+"""`meshctl citadel`: init, serve, status, rotate-root, token; join and approve
+for a mesh over several hosts (one root, an intermediate per host, through Consul KV)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,11 @@ def init(
     trust_domain: Optional[str] = typer.Option(
         None, "--trust-domain", help="SPIFFE trust domain (default: the plugged CA's, else cluster.local)."
     ),
+    root_dir: Optional[Path] = typer.Option(
+        None, "--root-dir", help="Make the root of a multi-host mesh in this directory (kept off the hosts; "
+        "`citadel approve` signs each host's intermediate with it)."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="With --root-dir: the mesh name in Consul KV "
+                                       "(default: the trust domain)."),
     state: Optional[str] = StateDirOption,
 ) -> None:
     """Create the mesh CA: a new root, or plug in your own (Istio's plug-in CA: cacerts)."""
@@ -89,6 +95,24 @@ def init(
         chain = chain or (cacerts / "cert-chain.pem" if (cacerts / "cert-chain.pem").exists() else None)
     if root_cert is not None and cert is None:
         fail("--root-cert goes with --ca-cert and --ca-key (the CA that signs workload certificates)")
+    if root_dir is not None:
+        from ..citadel.rootca import init_root
+
+        try:
+            ca = init_root(root_dir, trust_domain, _read(cert, "--ca-cert"), _read(key, "--ca-key"),
+                           _read(chain, "--cert-chain"), root=_read(root_cert, "--root-cert"), mesh=mesh, now=_now())
+        except CitadelError as e:
+            fail(str(e))
+        kind = "plugged-in CA" if cert else "new root CA"
+        console.print(
+            f"{kind} of the multi-host mesh (trust domain [bold]{ca.trust_domain}[/]) in {root_dir}, valid until "
+            f"{ca.cert.not_valid_after_utc:%Y-%m-%d}; its key stays here. Join hosts with "
+            "`meshctl citadel join`, then sign their intermediates with `meshctl citadel approve`.",
+            highlight=False,
+        )
+        return
+    if mesh is not None:
+        fail("--mesh goes with --root-dir")
     sd = _state(state, create=True)
     try:
         ca = init_ca(sd, trust_domain, _read(cert, "--ca-cert"), _read(key, "--ca-key"), _read(chain, "--cert-chain"),
@@ -121,10 +145,14 @@ def serve(
     from ..citadel.store import ensure_ca
     from ..state import write_control
 
+    from ..citadel.store import host_of
+
     sd = _state(state, create=True)
     ttl = _duration(leaf_ttl, "--cert-ttl")
+    joined = host_of(sd)
     try:
-        ca = ensure_ca(sd, trust_domain, now=_now())
+        if joined is None:
+            ca = ensure_ca(sd, trust_domain, now=_now())
     except CitadelError as e:
         fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s citadel %(levelname)s %(message)s")
@@ -134,7 +162,11 @@ def serve(
             bound = await n.start(lambda task_status: serve_citadel(sd, host, port, leaf_ttl=ttl, task_status=task_status))
             url = f"http://{host}:{bound}"
             write_control(sd, citadel=url)
-            logging.info("serving on %s (trust domain %s, state %s)", url, ca.trust_domain, sd)
+            if joined is None:
+                logging.info("serving on %s (trust domain %s, state %s)", url, ca.trust_domain, sd)
+            else:
+                logging.info("serving on %s as host %s of mesh %s (shared root in %s; state %s)", url,
+                             joined["name"], joined["mesh"], joined["registry"], sd)
 
     serve_forever(main, host, port)
 
@@ -195,12 +227,28 @@ def identities_table(issued: dict, now) -> Table:
 @app.command("rotate-root")
 def rotate_root(
     overlap: str = typer.Option("48h", help="How long the old root stays trusted (longer than the cert TTL)."),
+    root_dir: Optional[Path] = typer.Option(
+        None, "--root-dir", help="Multi-host mesh: the root holder's directory (with --registry)."),
+    registry: Optional[str] = typer.Option(None, "--registry", help="Multi-host mesh: consul://HOST:PORT."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the root's)."),
+    wait: str = typer.Option("1h", "--wait", help="Multi-host: how long to wait for the hosts before the old root "
+                             "leaves the bundle (0: start or check, and return; run again to continue)."),
     state: Optional[str] = StateDirOption,
 ) -> None:
-    """Replace the generated root; the old one stays in the trust bundle for --overlap."""
+    """Replace the generated root; the old one stays in the trust bundle for --overlap.
+
+    With --root-dir and --registry (a multi-host mesh): the new root joins every host's bundle,
+    cross-signed by the old one; each host's intermediate is issued again from it; once every host
+    signs with its new intermediate and no certificate of the old one is alive, the old root leaves
+    the bundle. Run again to continue a rotation that --wait cut short."""
     from ..citadel.errors import CitadelError
     from ..citadel.store import rotate_root as rotate
 
+    if root_dir is not None or registry is not None:
+        if root_dir is None or registry is None:
+            fail("a multi-host rotation needs both --root-dir and --registry")
+        _rotate_shared(root_dir, registry, mesh, _duration(overlap, "--overlap"), _duration(wait, "--wait"))
+        return
     sd = _state(state, create=False)
     span = _duration(overlap, "--overlap")
     try:
@@ -235,3 +283,128 @@ def token(
         print(TokenFile(sd).issue_token(identity, _duration(ttl, "--ttl"), _now()))
     except CitadelError as e:
         fail(str(e))
+
+
+def _kv(registry: str):
+    from ..citadel.errors import CitadelError
+    from ..citadel.kv import open_kv
+
+    try:
+        return open_kv(registry)
+    except CitadelError as e:
+        fail(str(e))
+
+
+def _rotate_shared(root_dir: Path, registry: str, mesh: Optional[str], overlap: timedelta, wait: timedelta) -> None:
+    import time
+
+    from ..citadel.errors import CitadelError
+    from ..citadel.rootca import finish_rotation, rotation_state, start_rotation
+
+    kv = _kv(registry)
+    try:
+        rot, waits = rotation_state(root_dir, kv, mesh=mesh, now=_now())
+        if rot is None:
+            new = start_rotation(root_dir, kv, mesh=mesh, now=_now(), overlap=overlap)
+            console.print(f"new root {new.root.subject.rfc4514_string()} is in the bundle beside the old one, "
+                          "cross-signed by it; every host's intermediate was issued again from it", highlight=False)
+        else:
+            console.print(f"continuing the rotation started {rot['started'][:19]}", highlight=False)
+        deadline = time.monotonic() + wait.total_seconds()
+        shown: list[str] = []
+        while True:
+            rot, waits = rotation_state(root_dir, kv, mesh=mesh, now=_now())
+            if rot is None or not waits:
+                break
+            if waits != shown:
+                console.print("waiting for: " + "; ".join(waits), highlight=False)
+                shown = waits
+            if time.monotonic() >= deadline:
+                console.print("the old root stays in the bundle for now; run the same command again to finish",
+                              highlight=False)
+                raise typer.Exit(3)
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        finish_rotation(root_dir, kv, mesh=mesh, now=_now())
+    except CitadelError as e:
+        fail(str(e))
+    console.print("rotation done: every host signs under the new root; the old root left the bundle", highlight=False)
+
+
+@app.command("join")
+def join(
+    registry: str = typer.Option(..., "--registry", help="Consul, where the mesh's CA certificates live: "
+                                 "consul://HOST:PORT (this host's agent)."),
+    host: str = typer.Option(..., "--host", help="This host's name in the mesh (one per host)."),
+    trust_domain: str = typer.Option("cluster.local", "--trust-domain", help="SPIFFE trust domain of the mesh."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the trust domain)."),
+    root_cert: Optional[Path] = typer.Option(
+        None, "--root-cert", help="Pin the mesh's root (PEM, from the root holder) instead of trusting the first "
+        "bundle found in Consul KV."),
+    wait: str = typer.Option("0s", "--wait", help="Wait this long for the root holder's approval (0: return)."),
+    state: Optional[str] = StateDirOption,
+) -> None:
+    """Make this host's intermediate CA key (it never leaves the state directory) and ask the
+    root holder, through Consul KV, to certify it; `meshctl up` then signs with it."""
+    import time
+
+    from ..citadel.errors import CitadelError
+    from ..citadel.hostca import join as do_join, sync
+
+    sd = _state(state, create=True)
+    kv = _kv(registry)
+    try:
+        entry = do_join(sd, kv, host, mesh=mesh, trust_domain=trust_domain,
+                        root_pin=_read(root_cert, "--root-cert"), now=_now())
+        res = sync(sd, kv, _now())
+        deadline = time.monotonic() + _duration(wait, "--wait").total_seconds()
+        while not res.ready and time.monotonic() < deadline:
+            time.sleep(0.5)
+            res = sync(sd, kv, _now())
+    except CitadelError as e:
+        fail(str(e))
+    if res.ready:
+        console.print(res.message, highlight=False)
+        return
+    console.print(f"CSR of host {entry['name']} published at {entry['prefix']}csr/{entry['name']}", highlight=False)
+    fail(res.message, code=3)
+
+
+@app.command("approve")
+def approve(
+    hosts: Optional[list[str]] = typer.Argument(None, help="Hosts whose CSR to sign (none: list the hosts)."),
+    root_dir: Path = typer.Option(..., "--root-dir", help="The root holder's directory (citadel init --root-dir)."),
+    registry: str = typer.Option(..., "--registry", help="Consul: consul://HOST:PORT."),
+    all_: bool = typer.Option(False, "--all", help="Sign every pending host's CSR."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the root's)."),
+    ttl: str = typer.Option("365d", "--ttl", help="Lifetime of the hosts' intermediate certificates."),
+) -> None:
+    """List the hosts waiting for an intermediate CA, or sign the named ones (--all: every pending one)."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.rootca import approve as do_approve, hosts as list_hosts, load_root, prefix_of
+
+    kv = _kv(registry)
+    try:
+        if not hosts and not all_:
+            _, meta = load_root(root_dir)
+            rows = list_hosts(kv, prefix_of(meta, mesh))
+            if not rows:
+                console.print("no host has asked for an intermediate yet (`meshctl citadel join` on each host)")
+                return
+            table = Table("HOST", "STATE", "KEY", "INTERMEDIATE UNTIL", "SIGNS WITH", box=None)
+            for r in rows:
+                until = f"{r.intermediate.not_valid_after_utc:%Y-%m-%d}" if r.intermediate is not None else "-"
+                signs = r.report.intermediate[:16] if r.report is not None else "-"
+                table.add_row(r.host, r.state, r.key_id, until, signs)
+            console.print(table)
+            return
+        if hosts and all_:
+            fail("give host names or --all, not both")
+        done = do_approve(root_dir, kv, None if all_ else list(hosts or ()), mesh=mesh, now=_now(),
+                          ttl=_duration(ttl, "--ttl"))
+    except CitadelError as e:
+        fail(str(e))
+    if not done:
+        console.print("no pending host")
+    for name, cert in done:
+        console.print(f"approved host {name}: intermediate {cert.serial_number:x} until "
+                      f"{cert.not_valid_after_utc:%Y-%m-%d}", highlight=False)

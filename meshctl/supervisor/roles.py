@@ -83,6 +83,7 @@ def _citadel_ca(c: RoleContext) -> None:
 
     td = c.settings.trust_domain
     try:
+        _sync_joined_host(c.state_dir)
         ca = ensure_ca(c.state_dir, td, now=datetime.now(timezone.utc))
     except CitadelError as e:
         raise UpError(f"Citadel: {e}") from None
@@ -91,6 +92,24 @@ def _citadel_ca(c: RoleContext) -> None:
             f"the CA in {c.state_dir} is for trust domain {ca.trust_domain!r}, but mesh settings say {td!r}: "
             "fix settings.trustDomain, or remove the state directory's ca/ to start a new CA"
         )
+
+
+def _sync_joined_host(state_dir: Path) -> None:
+    """A host joined to a shared root (`citadel join`): take its intermediate and the
+    bundle from Consul KV now, so `up` says at once when the root holder has not approved it."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.hostca import sync
+    from ..citadel.kv import open_kv
+    from ..citadel.store import host_of
+
+    joined = host_of(state_dir)
+    if joined is None:
+        return
+    try:
+        sync(state_dir, open_kv(joined["registry"]), datetime.now(timezone.utc), report=False)
+    except CitadelError as e:  # Consul away: the files from the last sync still serve
+        if not (state_dir / "ca" / "ca-cert.pem").exists():
+            raise UpError(f"Citadel: {e}") from None
 
 
 CONTROL_ROLES: tuple[Role, ...] = (

@@ -79,6 +79,16 @@ def test_leaf_lifetime_is_24h_by_default_and_backdated_for_skew(root):
     assert short.not_valid_after_utc == NOW + timedelta(hours=1)
 
 
+def test_a_short_lived_leaf_is_backdated_by_a_quarter_of_its_life_so_half_life_renewal_is_ahead():
+    # 60 s of backdating on a 6 s certificate put its half-life 27 s in the past: the
+    # sidecar renewed again as soon as it loaded it, dozens of times a second
+    ca = create_root("cluster.local", NOW - timedelta(days=1))
+    leaf = x509.load_pem_x509_certificate(ca.sign_csr(make_csr(generate_key()), ID, 6, NOW))
+    assert leaf.not_valid_before_utc == NOW - timedelta(seconds=2)  # 1.5 s, in whole seconds
+    half = leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
+    assert half > NOW
+
+
 def test_leaf_never_outlives_its_ca():
     ca = create_root("cluster.local", NOW, lifetime=timedelta(hours=2))
     leaf = x509.load_pem_x509_certificate(ca.sign_csr(make_csr(generate_key()), ID, timedelta(hours=24), NOW))
