@@ -37,6 +37,7 @@ from .multihost import (
     check_host_name,
     check_intermediate,
     fingerprint,
+    key_id,
     make_host_csr,
     read_intermediate_doc,
     spki,
@@ -102,7 +103,7 @@ def join(
         roots = x509.load_pem_x509_certificates(root_pin)
         _write(d / "trust-bundle.pem", certs_to_pem(roots))
     entry = {"name": host, "mesh": mesh, "registry": kv.url, "prefix": prefix,
-             "joined": as_datetime(now).isoformat()}
+             "key_id": key_id(key.public_key()), "joined": as_datetime(now).isoformat()}
     meta.update({"host": entry, "trust_domain": trust_domain, "plugged": False})
     meta.setdefault("old_roots", [])
     _write_meta(d, meta)

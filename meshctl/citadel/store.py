@@ -163,12 +163,15 @@ def host_of(state_dir: str | Path) -> dict[str, Any] | None:
     return _read_meta(ca_dir(state_dir)).get("host")
 
 
-def waiting_message(host: dict[str, Any]) -> str:
-    return (
-        f"host {host['name']} waits for its intermediate CA: its CSR is published in Consul KV at "
-        f"{host['prefix']}csr/{host['name']}; on the root holder run "
-        f"`meshctl citadel approve --root-dir DIR --registry {host['registry']} {host['name']}`"
-    )
+def waiting_message(host: dict[str, Any], *, seen_in_kv: bool = True) -> str:
+    """What a joined host without its intermediate waits for (``seen_in_kv``: Consul was
+    just asked and has none; else only this state directory has none yet)."""
+    approve = f"`meshctl citadel approve --root-dir DIR --registry {host['registry']} {host['name']}`"
+    where = f"its CSR is published in Consul KV at {host['prefix']}csr/{host['name']}"
+    if seen_in_kv:
+        return f"host {host['name']} waits for its intermediate CA: {where}; on the root holder run {approve}"
+    return (f"host {host['name']} has no intermediate CA here yet: {where}; once the root holder ran {approve}, "
+            "`meshctl up` (or `meshctl citadel join` again) on this host fetches it")
 
 
 def load_ca_in(d: Path) -> CA:
@@ -178,7 +181,7 @@ def load_ca_in(d: Path) -> CA:
     except FileNotFoundError:
         host = _read_meta(d).get("host")
         if host and (d / "ca-key.pem").exists():
-            raise CAError(waiting_message(host)) from None
+            raise CAError(waiting_message(host, seen_in_kv=False)) from None
         raise CAError(f"no CA in {d}: run `meshctl citadel init` (or `meshctl up`) first") from None
     chain = (d / "cert-chain.pem").read_bytes() if (d / "cert-chain.pem").exists() else None
     meta = _read_meta(d)
@@ -296,6 +299,7 @@ def ca_info(state_dir: str | Path, now: datetime | float) -> dict[str, Any]:
             for c in (ca.cert, *ca.chain)
         ],
         "old_roots": [e for e in meta.get("old_roots", []) if datetime.fromisoformat(e["retire_after"]) > when],
+        "host": meta.get("host"),  # a joined host of a multi-host mesh (hostca.py), else None
     }
 
 

@@ -201,9 +201,13 @@ def status(
         return
     console.print(
         f"trust domain [bold]{info['trust_domain']}[/]; CA {info['ca_subject']} "
-        f"({'plugged in' if info['plugged'] else 'generated'}), valid until {info['ca_not_after'][:10]}",
+        f"({'issued by the root holder' if info.get('host') else 'plugged in' if info['plugged'] else 'generated'}), valid until {info['ca_not_after'][:10]}",
         highlight=False,
     )
+    if info.get("host"):
+        h = info["host"]
+        console.print(f"host [bold]{h['name']}[/] of mesh {h['mesh']}: its own intermediate under the shared root, "
+                      f"certificates through {h['registry']} ({h['prefix']})", highlight=False)
     for i, link in enumerate(info.get("chain", [])):
         role = "signs workload certificates" if i == 0 else ("root, trusted by sidecars" if link["root"] else "intermediate")
         console.print(f"  {'└─ ' if i else ''}{link['subject']} (until {link['not_after'][:10]}; {role})", highlight=False)
@@ -365,7 +369,8 @@ def join(
     if res.ready:
         console.print(res.message, highlight=False)
         return
-    console.print(f"CSR of host {entry['name']} published at {entry['prefix']}csr/{entry['name']}", highlight=False)
+    console.print(f"CSR of host {entry['name']} (key id {entry['key_id']}) published at "
+                  f"{entry['prefix']}csr/{entry['name']}", highlight=False)
     fail(res.message, code=3)
 
 

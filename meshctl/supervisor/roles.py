@@ -106,10 +106,13 @@ def _sync_joined_host(state_dir: Path) -> None:
     if joined is None:
         return
     try:
-        sync(state_dir, open_kv(joined["registry"]), datetime.now(timezone.utc), report=False)
+        res = sync(state_dir, open_kv(joined["registry"]), datetime.now(timezone.utc), report=False)
     except CitadelError as e:  # Consul away: the files from the last sync still serve
         if not (state_dir / "ca" / "ca-cert.pem").exists():
             raise UpError(f"Citadel: {e}") from None
+        return
+    if not res.ready:
+        raise UpError(f"Citadel: {res.message}")
 
 
 CONTROL_ROLES: tuple[Role, ...] = (
