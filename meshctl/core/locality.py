@@ -52,6 +52,12 @@ Rules:
 5. Matching a pattern (``from``, ``to``) against a locality: region, zone,
    subzone in turn; ``*`` matches anything, a missing zone or subzone
    matches any (Istio's LocalityMatch).
+6. Retries (VirtualService ``retries.retryRemoteLocalities: true``; Envoy's
+   previous_priorities with Istio's update frequency 2): before every second
+   try the levels tried so far are left out of the priority load (rule 3 over
+   the others), and that holds until the next update; when no other level has
+   an eligible endpoint, the plain loads apply. Without it a retry draws a
+   level as any request does.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ __all__ = [
     "priority_loads",
     "choose",
     "explain",
+    "RetryPriorities",
     "setting_problems",
     "REGION_LABEL",
     "ZONE_LABEL",
@@ -163,6 +170,16 @@ class LocalityPlan:
     def active(self) -> bool:
         """Whether ``choose`` can narrow the endpoints at all."""
         return self.mode == "distribute" or (self.mode == "failover" and len(self.levels) > 1)
+
+    def level_of(self, ep: Endpoint) -> int:
+        """The priority level of one of its endpoints (-1: none)."""
+        key = (ep.address, ep.port)
+        for p, level in enumerate(self.levels):
+            for g in level:
+                for e in g.endpoints:
+                    if (e.address, e.port) == key:
+                        return p
+        return -1
 
 
 OFF = LocalityPlan("off", reason="no locality load balancing")
@@ -291,10 +308,16 @@ def _level_health(level: list[tuple[Group, list[Endpoint]]]) -> float:
     return _health(sum(len(x) for _, x in level), sum(len(g.endpoints) for g, _ in level))
 
 
-def choose(plan: LocalityPlan, eligible: Sequence[Endpoint], rand: random.Random) -> list[Endpoint]:
-    """The endpoints the balancer picks from for one request (rules 3 and 4)."""
+def choose(plan: LocalityPlan, eligible: Sequence[Endpoint], rand: random.Random,
+           excluded: frozenset[int] = frozenset()) -> list[Endpoint]:
+    """The endpoints the balancer picks from for one request (rules 3, 4 and 6)."""
     split = _split(plan, eligible)
-    loads = priority_loads([_level_health(level) for level in split])
+    health = [_level_health(level) for level in split]
+    loads = priority_loads(health)
+    if excluded:
+        left = priority_loads([0.0 if p in excluded else h for p, h in enumerate(health)])
+        if sum(left) > 0:  # every level with eligible endpoints excluded: the plain loads
+            loads = left
     x = rand.random() * 100.0
     chosen: list[tuple[Group, list[Endpoint]]] | None = None
     acc = 0.0
@@ -319,6 +342,27 @@ def choose(plan: LocalityPlan, eligible: Sequence[Endpoint], rand: random.Random
             return eps
         y -= w
     return next(eps for (g, eps), w in zip(reversed(chosen), reversed(weights)) if w > 0)
+
+
+UPDATE_FREQUENCY = 2  # Istio's previous_priorities update_frequency for retryRemoteLocalities
+
+
+class RetryPriorities:
+    """Rule 6, for one request: the levels its retries leave out (Envoy's previous_priorities)."""
+
+    __slots__ = ("attempted", "excluded")
+
+    def __init__(self) -> None:
+        self.attempted: list[int] = []
+        self.excluded: frozenset[int] = frozenset()
+
+    def before_pick(self) -> frozenset[int]:
+        if self.attempted and len(self.attempted) % UPDATE_FREQUENCY == 0:
+            self.excluded = frozenset(self.attempted)
+        return self.excluded
+
+    def tried(self, level: int) -> None:
+        self.attempted.append(level)
 
 
 def explain(plan: LocalityPlan, eligible: Sequence[Endpoint]) -> list[str]:

@@ -118,6 +118,7 @@ class RetryPolicy:
     retriable_status_codes: frozenset[int]
     base_interval: float = 0.025
     max_interval: float = 0.25
+    retry_remote_localities: bool = False  # retries leave tried locality levels out (core/locality.py rule 6)
 
 
 NO_RETRY = RetryPolicy(attempts=0, per_try_timeout=None, retry_on=frozenset(), retriable_status_codes=frozenset())
@@ -183,6 +184,7 @@ def retry_policy(retries: HTTPRetry | None, settings: Settings) -> RetryPolicy:
         per_try_timeout=float(per_try) if per_try else None,
         retry_on=conditions,
         retriable_status_codes=codes,
+        retry_remote_localities=bool(retries.retry_remote_localities),
     )
 
 

@@ -131,7 +131,7 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.http[].match[].statPrefix": R("per-match statistics"),
         "spec.http[].redirect.prefixRewrite": R(""),
         "spec.http[].delegate": H("tests/integration/test_delegate.py"),
-        "spec.http[].retries.retryRemoteLocalities": R("meshctl has no localities"),
+        "spec.http[].retries.retryRemoteLocalities": H("tests/unit/test_locality.py"),
         "spec.http[].retries.backoff": R("retries back off as Envoy's default does"),
         "spec.http[].retries.retryIgnorePreviousHosts": R(""),
         "spec.http[].fault.delay.exponentialDelay": R(""),

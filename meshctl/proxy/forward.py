@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import trio
 
 from ..core.balance import PickContext
+from ..core.locality import RetryPriorities
 from ..core.outlier import LOCAL_FAILURES
 from ..core.retry import Outcome, RetryAfter, RetryPolicy, decide
 from ..model.proxyconfig import Endpoint
@@ -233,16 +234,20 @@ class Forwarder:
         limiter = cs.limiter  # connectionPool limits (limits.py), None when the cluster has none
         exchange = self._exchange_for(rq, cs)
         active = rt.active
+        # retries.retryRemoteLocalities: the locality levels retries leave out (core/locality.py rule 6)
+        prios = RetryPriorities() if policy.retry_remote_localities and cs.locality.active else None
         try:
             while True:
                 if cs.shaped:  # locality load balancing, slow start
-                    eps = cs.candidates(trio.current_time(), rand)
+                    eps = cs.candidates(trio.current_time(), rand, prios.before_pick() if prios is not None else frozenset())
                 else:
                     eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
                 ep = cs.balancer.pick(eps, ctx, rand) if eps else None
                 if ep is None:
                     await self._reply(rq, failure_reply(F.UH, 503, cs.name))
                     return
+                if prios is not None:
+                    prios.tried(cs.locality.level_of(ep))
                 rq.endpoint = ep
                 per_try = policy.per_try_timeout
                 deadline = trio.current_time() + per_try if per_try else math.inf
@@ -265,6 +270,8 @@ class Forwarder:
                 t = type(result)
                 if t is Stale:
                     rq.stale_ok = False  # once per request
+                    if prios is not None:
+                        prios.attempted.pop()  # not a try: the pooled connection was dead
                     continue
                 if outlier is not None:
                     self._record(cs, ep, rq, result)

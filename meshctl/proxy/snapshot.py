@@ -63,12 +63,13 @@ class ClusterState:
             return self.healthy
         return self.outlier.eligible(self.healthy, now, key=_ep_key)
 
-    def candidates(self, now: float, rand: random.Random) -> Sequence[Endpoint]:
+    def candidates(self, now: float, rand: random.Random, excluded: frozenset[int] = frozenset()) -> Sequence[Endpoint]:
         """What the balancer picks from for one request: the eligible endpoints of the
-        locality chosen for it, with slow-start weights."""
+        locality chosen for it (``excluded``: priority levels a retry leaves out), with
+        slow-start weights."""
         eps: Sequence[Endpoint] = self.eligible(now)
         if self.locality.active:
-            eps = choose(self.locality, eps, rand)
+            eps = choose(self.locality, eps, rand, excluded)
         ss = self.slow_start
         if ss is not None:
             if not self._observed:

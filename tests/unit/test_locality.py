@@ -375,3 +375,106 @@ services:
     with pytest.raises(LoadError) as e:
         load_mesh(tmp_path / "mesh.yaml")
     assert "settings.locality" in str(e.value) and "wildcards" in str(e.value)
+
+
+# ---------------------------------------------------------------- rule 6: retryRemoteLocalities
+
+
+def test_retry_priorities_leave_tried_levels_out_from_every_second_try_as_envoys_previous_priorities():
+    from meshctl.core.locality import RetryPriorities
+
+    plan = plan_locality(LLB(failover=(LocalityFailover("region1", "region2"),)), True, CALLER, LABELS, ALL)
+    rp = RetryPriorities()
+    rand = random.Random(5)
+    first = choose(plan, ALL, rand, rp.before_pick())
+    assert first == [R1Z1]
+    rp.tried(plan.level_of(first[0]))
+    second = choose(plan, ALL, rand, rp.before_pick())  # one try so far: no update yet
+    assert second == [R1Z1]
+    rp.tried(plan.level_of(second[0]))
+    assert rp.before_pick() == frozenset({0})  # two tries: level 0 is left out
+    assert choose(plan, ALL, rand, frozenset({0})) == [R1Z2]
+    assert choose(plan, ALL, rand, frozenset({0, 1})) == [R2Z3]
+    # only the left-out levels have eligible endpoints: the plain loads
+    assert choose(plan, (R1Z1,), rand, frozenset({0})) == [R1Z1]
+
+
+def test_retry_remote_localities_is_carried_into_the_routes_retry_policy():
+    from meshctl.core.retry import retry_policy
+    from meshctl.model.istio import HTTPRetry
+    from meshctl.model.proxyconfig import Settings
+
+    assert retry_policy(HTTPRetry(attempts=2, retry_remote_localities=True), Settings()).retry_remote_localities
+    assert not retry_policy(HTTPRetry(attempts=2), Settings()).retry_remote_localities
+    assert not retry_policy(None, Settings()).retry_remote_localities
+
+
+# ---------------------------------------------------------------- the proxy's request path (memory network)
+
+LOCAL, REMOTE = ("10.0.1.1", 9080), ("10.0.2.1", 9080)  # region1/zone1 (nothing serves it: refused), region2/zone3
+
+
+def _proxy_config(retry_remote: bool | None):
+    from meshctl.model.base import Duration
+    from meshctl.model.istio import (Destination, HTTPRetry, HTTPRoute, HTTPRouteDestination, LoadBalancerSettings,
+                                     OutlierDetection, PortSelector, TrafficPolicy)
+    from meshctl.model.proxyconfig import (Cluster, Listener, ProxyConfig, RouteTable, Settings, VirtualHost, Workload,
+                                           cluster_name)
+
+    host = "helloworld.default.svc.cluster.local"
+    name = cluster_name(host, 5000)
+    tp = TrafficPolicy(load_balancer=LoadBalancerSettings(locality_lb_setting=LLB(failover=(LocalityFailover("region1", "region2"),))),
+                       outlier_detection=OutlierDetection(consecutive_5xx_errors=100, consecutive_gateway_errors=100))
+    cl = Cluster(name=name, service=host, port=5000, traffic_policy=tp, endpoints=(
+        Endpoint(address=LOCAL[0], port=LOCAL[1], locality="region1/zone1"),
+        Endpoint(address=REMOTE[0], port=REMOTE[1], locality="region2/zone3")))
+    retries = HTTPRetry(attempts=3, retry_on="connect-failure", retry_remote_localities=retry_remote)
+    route = HTTPRoute(route=(HTTPRouteDestination(destination=Destination(host=host, port=PortSelector(number=5000))),),
+                      retries=retries)
+    vh = VirtualHost(name=f"{host}:5000", domains=("helloworld:5000",), routes=(route,))
+    return ProxyConfig(
+        version="v1", workload=Workload(name="curl-0", service="curl", locality="region1/zone1"),
+        listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=15001, route_table="outbound"),),
+        route_tables=FrozenDict(outbound=RouteTable(name="outbound", virtual_hosts=(vh,))),
+        clusters=FrozenDict({name: cl}), settings=Settings(connect_timeout=Duration(1.0)))
+
+
+async def _one_request(cfg) -> tuple[int, list]:
+    from functools import partial
+
+    import trio
+
+    from meshctl.proxy.runtime import ProxyRuntime
+    from meshctl.proxy.testing import MemoryBackend
+
+    async def app(stream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+
+    backend = MemoryBackend()
+    rt = ProxyRuntime(backend=backend)
+    async with trio.open_nursery() as nursery:
+        backend.serve(*REMOTE, app, nursery)
+        await nursery.start(partial(rt.run, cfg, handle_signals=False))
+        stream = await backend.connect("127.0.0.1", 15001)
+        await stream.send_all(b"GET http://helloworld:5000/hello HTTP/1.1\r\nhost: helloworld:5000\r\nconnection: close\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some()
+        await stream.aclose()
+        rt.drain()
+    return int(data.split(b" ", 2)[1]), [c for c in backend.connects if c in (LOCAL, REMOTE)]
+
+
+async def test_retry_remote_localities_sends_the_third_try_to_the_next_locality(autojump_clock):
+    status, connects = await _one_request(_proxy_config(True))
+    assert status == 200
+    assert connects == [LOCAL, LOCAL, REMOTE]  # level 0 left out from the third try (update frequency 2)
+
+
+async def test_without_retry_remote_localities_retries_stay_in_the_local_locality(autojump_clock):
+    status, connects = await _one_request(_proxy_config(None))
+    assert status == 503
+    assert connects == [LOCAL] * 4
