@@ -113,3 +113,80 @@ def test_warmup_is_accepted_with_round_robin_and_least_request_and_refused_by_na
     findings = [str(f) for f in validate(load_resources_text(DR % "RANDOM", "dr.yaml"))]
     assert any(f.startswith("dr.yaml:") and "loadBalancer.warmupDurationSecs: meshctl does not implement slow start "
                "with RANDOM yet" in f for f in findings), findings
+
+
+# ---------------------------------------------------------------- the proxy's request path (memory network)
+
+A, B = ("10.0.0.1", 9080), ("10.0.0.2", 9080)
+
+
+def _config(version: str, endpoints):
+    from meshctl.model.base import FrozenDict
+    from meshctl.model.istio import Destination, HTTPRetry, HTTPRoute, HTTPRouteDestination, PortSelector, TrafficPolicy
+    from meshctl.model.proxyconfig import (Cluster, Listener, ProxyConfig, RouteTable, Settings, VirtualHost, Workload,
+                                           cluster_name)
+
+    host = "hello.default.svc.cluster.local"
+    name = cluster_name(host, 9080)
+    tp = TrafficPolicy(load_balancer=LoadBalancerSettings(simple="ROUND_ROBIN", warmup_duration_secs=Duration(60.0)))
+    cl = Cluster(name=name, service=host, port=9080, traffic_policy=tp,
+                 endpoints=tuple(Endpoint(address=a, port=p) for a, p in endpoints))
+    route = HTTPRoute(route=(HTTPRouteDestination(destination=Destination(host=host, port=PortSelector(number=9080))),),
+                      retries=HTTPRetry(attempts=0))
+    vh = VirtualHost(name=f"{host}:9080", domains=("hello:9080",), routes=(route,))
+    return ProxyConfig(
+        version=version, workload=Workload(name="curl-0", service="curl"),
+        listeners=(Listener(name="outbound", direction="outbound", address="127.0.0.1", port=15001, route_table="outbound"),),
+        route_tables=FrozenDict(outbound=RouteTable(name="outbound", virtual_hosts=(vh,))),
+        clusters=FrozenDict({name: cl}), settings=Settings())
+
+
+async def test_the_proxy_ramps_up_an_endpoint_added_by_a_config_update(autojump_clock):
+    from functools import partial
+
+    import trio
+
+    from meshctl.proxy.runtime import ProxyRuntime
+    from meshctl.proxy.testing import MemoryBackend
+
+    served: Counter = Counter()
+
+    def app(name: str):
+        async def serve(stream) -> None:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += await stream.receive_some()
+            served[name] += 1
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        return serve
+
+    async def requests(n: int) -> Counter:
+        before = served.copy()
+        for _ in range(n):
+            stream = await backend.connect("127.0.0.1", 15001)
+            await stream.send_all(b"GET http://hello:9080/ HTTP/1.1\r\nhost: hello:9080\r\nconnection: close\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some()
+            assert data.startswith(b"HTTP/1.1 200")
+            await stream.aclose()
+        return served - before
+
+    backend = MemoryBackend()
+    rt = ProxyRuntime(backend=backend)
+    async with trio.open_nursery() as nursery:
+        backend.serve(*A, app("a"), nursery)
+        backend.serve(*B, app("b"), nursery)
+        await nursery.start(partial(rt.run, _config("v1", (A,)), handle_signals=False))
+        assert await requests(10) == Counter({"a": 10})
+        await trio.sleep(120)  # A is long warm
+        rt.apply(_config("v2", (A, B)))  # B joins
+        first = await requests(400)
+        assert 0.06 < first["b"] / 400 < 0.13  # 10 % of A's weight
+        await trio.sleep(30)
+        rt.apply(_config("v3", (A, B)))  # a new config version keeps B's join time
+        half = await requests(400)
+        assert 0.28 < half["b"] / 400 < 0.38  # 50 : 100
+        await trio.sleep(31)
+        assert 0.45 < (await requests(400))["b"] / 400 < 0.55
+        rt.drain()
