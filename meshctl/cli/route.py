@@ -295,10 +295,18 @@ def explain(
         if cluster is not None and cluster.traffic_policy is not None:
             from ..core.locality import explain as explain_locality, plan_locality
 
+            from .pilot import live_endpoints
+
             tp = cluster.traffic_policy
             lb = tp.load_balancer
             healthy = [e for e in eps if e.health == "HEALTHY"]
             plan = plan_locality(lb.locality_lb_setting if lb else None, tp.outlier_detection is not None,
                                  cfg.workload.locality, cfg.workload.labels, healthy)
-            for line in explain_locality(plan, healthy):
+            eligible = healthy
+            if plan.active and source:  # the calling proxy's own outlier ejections, when it runs
+                live = (live_endpoints(sd, cfg.workload.name) or {}).get(cluster.name)
+                if live is not None:
+                    ejected = {e["address"] for e in live if e.get("ejected")}
+                    eligible = [e for e in healthy if f"{e.address}:{e.port}" not in ejected]
+            for line in explain_locality(plan, eligible):
                 console.print(line, highlight=False)

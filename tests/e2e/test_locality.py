@@ -7,8 +7,9 @@ the tasks: "Locality weighted distribution" sends 70 % to region1/zone1, 20 %
 to region1/zone2, 10 % to region3/zone4 and none to region2/zone3; "Locality
 failover" keeps traffic in region1/zone1 and, as localities fail, moves it to
 region1/zone2, then region2/zone3 (failover region1 → region2), then
-region3/zone4. A locality fails as in the task (its sidecar drained): its
-instance answers 503 and fails its health check.
+region3/zone4. The first locality fails by answering 503 (outlier detection
+ejects it); the next ones as in the task (the sidecar drained): 503s and a
+failing health check.
 """
 
 from __future__ import annotations
@@ -47,10 +48,9 @@ def _mesh(work: Path) -> None:
     port_range, _ = mesh_ports()
     versions = []
     for loc in LOCALITIES:
-        flag = work / f"fail-{_version(loc)}"
         own = "" if loc == "region1/zone1" else f", locality: {loc}"  # region1/zone1: the host's
         versions.append(f"  - {{name: {_version(loc)}, command: [python3, hello_app.py]{own}, "
-                        f"env: {{FAIL_IF: {flag}, UNHEALTHY_IF: {flag}}}}}")
+                        f"env: {{FAIL_IF: {work}/fail-{_version(loc)}, UNHEALTHY_IF: {work}/sick-{_version(loc)}}}}}")
     (work / "mesh.yaml").write_text(f"""
 settings: {{portRange: {port_range}, locality: elsewhere/zone9}}  # `up --locality region1/zone1` overrides it
 services:
@@ -119,8 +119,19 @@ def test_istios_locality_tasks_distribute_then_fail_over_in_priority_order(tmp_p
         assert "failover by locality; failover region1→region2" in out, out
         for p, loc in enumerate(LOCALITIES):
             assert f"  priority {p}: {loc}, 1/1 endpoint eligible" in out, out
-        for failed, nxt in zip(LOCALITIES, LOCALITIES[1:]):
+        # region1/zone1 answers 503: outlier detection ejects it (consecutive5xxErrors: 1), its
+        # health check still passes; explain asks the caller's proxy which endpoints it ejected.
+        (tmp_path / "fail-region1-zone1").write_text("x")
+        seen = _settles_on(outbound, "region1/zone2")
+        assert set(seen) <= {"region1/zone2", "503"}, seen
+        out = meshctl_run("route", "explain", "GET", "http://helloworld:5000/hello", "--from", "curl", "--state-dir", sd).stdout
+        assert "  priority 0: region1/zone1, 0/1 endpoint eligible" in out, out
+        assert "  → priority 1 takes 100% of requests" in out, out
+        # the next ones fail as in the task (the sidecar drained): 503s and a failing health
+        # check (the first ejection is the only one maxEjectionPercent's 10 % allows)
+        for failed, nxt in zip(LOCALITIES[1:], LOCALITIES[2:]):
             (tmp_path / f"fail-{_version(failed)}").write_text("x")
+            (tmp_path / f"sick-{_version(failed)}").write_text("x")
             seen = _settles_on(outbound, nxt)
             # on the way only the failed locality (its last answers, 503s) and the next one
             later = set(LOCALITIES[LOCALITIES.index(nxt) + 1:])
