@@ -1,9 +1,8 @@
 """The shared CA's view of Consul's KV store: get, put, list under a prefix, wait for a change.
 
-One small class over py-consul (called directly: blocking, so async callers run
-it in a thread), with every library exception turned into a CAError naming the
-agent, the operation and the key. When the KV client of meshctl/registry lands
-for the shared rules, this class is the one place to switch to it.
+A thin face over meshctl/registry/consulkv.py (the KV client the shared rules
+use too): blocking calls (async callers run them in a thread), every KVError
+turned into a CAError naming the agent, the operation and the key.
 
 Layout under ``meshctl/<mesh>/ca/`` (``<mesh>`` is the mesh name, by default
 its trust domain), described in docs/multi-host-ca.md:
@@ -20,10 +19,7 @@ its trust domain), described in docs/multi-host-ca.md:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-
-import requests
 
 from .errors import CAError
 
@@ -45,69 +41,44 @@ class KV:
     """Consul KV through one agent. ``url`` is the registry URL (consul://HOST:PORT)."""
 
     def __init__(self, url: str, *, token: str | None = None, timeout: float = 5.0) -> None:
-        from ..registry import RegistryError, parse_registry_url
+        from ..registry import RegistryError
+        from ..registry.consulkv import ConsulKV
 
         try:
-            spec = parse_registry_url(url)
+            self._kv = ConsulKV.from_url(url, token=token, request_timeout=timeout)
         except RegistryError as exc:
-            raise CAError(str(exc)) from None
-        if spec["kind"] != "consul":
             raise CAError(
-                f"registry {url!r}: the shared CA keeps its certificates in Consul's KV store; "
-                "give a Consul registry (consul://HOST:PORT)"
-            )
-        import consul
+                f"{exc} (a multi-host mesh keeps its CA certificates in Consul's KV store)"
+            ) from None
+        self.url = self._kv.url  # any ?token= left out: it is not written into ca.json
 
-        self.url = url
-        self._consul = consul.Consul(host=spec["host"], port=spec["port"], scheme=spec["scheme"])
-        tok = token or spec["token"] or os.environ.get("CONSUL_HTTP_TOKEN") or None
-        if tok:
-            self._consul.token = tok
-        self._consul.http.connections_timeout = timeout
-
-    def _call(self, what: str, fn):
-        import consul
+    def _call(self, fn):
+        from ..registry import RegistryError
 
         try:
             return fn()
-        except requests.exceptions.ConnectionError:
-            raise CAError(f"{self.url}: {what}: cannot connect — is the Consul agent running?") from None
-        except requests.exceptions.Timeout:
-            raise CAError(f"{self.url}: {what}: no answer from Consul") from None
-        except consul.ACLPermissionDenied as exc:
-            raise CAError(
-                f"{self.url}: {what}: permission denied by Consul ACLs — set CONSUL_HTTP_TOKEN to a token "
-                f"allowed to do this ({' '.join(str(exc).split())[:200]})"
-            ) from None
-        except (consul.ConsulException, requests.exceptions.RequestException) as exc:
-            raise CAError(f"{self.url}: {what}: {' '.join(str(exc).split())[:200]}") from None
+        except RegistryError as exc:
+            raise CAError(str(exc)) from None
 
     def get(self, key: str) -> Entry | None:
-        _, data = self._call(f"read {key}", lambda: self._consul.kv.get(key))
-        if not data:
-            return None
-        return Entry(data["Key"], data.get("Value") or b"", int(data.get("ModifyIndex") or 0))
+        e = self._call(lambda: self._kv.get(key))
+        return None if e is None else Entry(e.key, e.value, e.modify_index)
 
     def put(self, key: str, value: bytes | str) -> None:
-        raw = value.encode() if isinstance(value, str) else value
-        ok = self._call(f"write {key}", lambda: self._consul.kv.put(key, raw))
-        if not ok:
+        if not self._call(lambda: self._kv.put(key, value)):
             raise CAError(f"{self.url}: write {key}: Consul did not store it")
 
     def delete(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self._consul.kv.delete(key))
+        self._call(lambda: self._kv.delete(key))
 
     def list(self, prefix: str, *, index: int | None = None, wait: float | None = None) -> tuple[int, dict[str, Entry]]:
         """Every entry under ``prefix``; with ``index``, a blocking query that
         returns when something under it changed past ``index`` (or after ``wait``)."""
-        w = None if wait is None else f"{max(1, int(wait))}s"
-
-        def run():  # py-consul adds the wait to the request timeout
-            return self._consul.kv.get(prefix, recurse=True, index=index, wait=w)
-
-        idx, data = self._call(f"list {prefix}", run)
-        out = {d["Key"]: Entry(d["Key"], d.get("Value") or b"", int(d.get("ModifyIndex") or 0)) for d in data or ()}
-        return int(idx or 0), out
+        if index:
+            idx, items = self._call(lambda: self._kv.list_blocking(prefix, index, wait or 30.0))
+        else:
+            idx, items = self._call(lambda: self._kv.list_blocking(prefix, 0, 1.0))
+        return int(idx or 0), {e.key: Entry(e.key, e.value, e.modify_index) for e in items}
 
 
 def open_kv(url: str) -> KV:
