@@ -1,7 +1,8 @@
 """The proxy's DNS cache for upstream host names (ServiceEntry resolution DNS and
 DNS_ROUND_ROBIN, endpoints given by name, passthrough hosts).
 
-Pure: every call takes ``now``. The proxy (proxy/dns.py) resolves a name the
+Pure: every call takes ``now``. ``pick`` chooses the address of one request
+by the ServiceEntry's resolution (DNS: each in turn; DNS_ROUND_ROBIN: the first). The proxy (proxy/dns.py) resolves a name the
 first time a connection needs it, then keeps it fresh off the request path:
 ``due`` names the entries whose TTL has run out, the refresher resolves them
 again and ``put``s the answer. A failed refresh keeps the last good addresses
@@ -25,6 +26,7 @@ class DnsEntry:
     last_used: float
     ttl: float
     error: str = ""
+    turn: int = 0  # resolution DNS: the next address's index (requests go round them)
 
 
 class DnsCache:
@@ -46,6 +48,21 @@ class DnsCache:
             return None
         e.last_used = now
         return e.addresses
+
+    def pick(self, host: str, now: float, spread: bool) -> str | None:
+        """The address one request connects to, from the cached answer: the next one in
+        turn (``spread``: resolution DNS, every resolved address is an endpoint, as
+        Envoy's STRICT_DNS), or the first (DNS_ROUND_ROBIN, Envoy's LOGICAL_DNS: the
+        first address of the latest answer). None when ``host`` is not cached."""
+        e = self.entries.get(host)
+        if e is None or not e.addresses:
+            return None
+        e.last_used = now
+        if not spread:
+            return e.addresses[0]
+        i = e.turn % len(e.addresses)
+        e.turn = i + 1
+        return e.addresses[i]
 
     def put(self, host: str, addresses: tuple[str, ...], ttl: float | None, now: float) -> DnsEntry:
         t = self.default_ttl if ttl is None else min(max(float(ttl), self.min_ttl), self.max_ttl)

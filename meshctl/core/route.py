@@ -68,6 +68,8 @@ this way (Envoy refuses too): use rewrite.authority.
 
 from __future__ import annotations
 
+import ipaddress
+
 import base64
 import binascii
 import functools
@@ -831,6 +833,9 @@ class Router:
                     )
                 else:
                     self._exact[d] = cv
+        # a ServiceEntry's address ranges: an IP authority inside one (core/route.py _in_subnets)
+        self._subnets = tuple((ipaddress.ip_network(n, strict=False), cv.vh.port, cv)
+                              for cv in self._vhosts for n in cv.vh.subnets)
         # longest wildcard first (stable: earlier virtual hosts win ties)
         self._suffix = tuple(sorted(suffix, key=lambda t: -len(t[0])))
         self._prefix = tuple(sorted(prefix, key=lambda t: -len(t[0])))
@@ -847,6 +852,8 @@ class Router:
         cv = self._exact.get(a)
         if cv is not None:
             found = (cv, f"exact domain {a!r}")
+        elif self._subnets and (cv := self._in_subnets(a)) is not None:
+            found = (cv, f"address range {', '.join(cv.vh.subnets)}")
         else:
             found = (None, "")
             for sfx, cv in self._suffix:
@@ -865,6 +872,28 @@ class Router:
             self._cache.clear()
         self._cache[authority] = found
         return found
+
+    def _in_subnets(self, authority: str) -> "_VHost | None":
+        """The virtual host whose address range holds an IP authority: with its port
+        ("10.0.0.7:8080"), or without one, the first such virtual host (the entry's first port)."""
+        host, port = authority, None
+        if authority.startswith("["):
+            end = authority.find("]")
+            host, rest = authority[1:end], authority[end + 1:]
+            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        elif authority.count(":") == 1:
+            host, _, p = authority.partition(":")
+            if not p.isdigit():
+                return None
+            port = int(p)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        for net, vport, cv in self._subnets:
+            if ip.version == net.version and ip in net and (port is None or port == vport):
+                return cv
+        return None
 
     def virtual_host(self, authority: str) -> VirtualHost | None:
         """The virtual host serving ``authority``, or None."""

@@ -187,7 +187,7 @@ FIELDS: dict[str, dict[str, Entry]] = {
     },
     "ServiceEntry": {
         "spec.hosts": H("tests/unit/test_pilot_compile.py"),
-        "spec.addresses": R("meshctl routes by host name, not by IP"),
+        "spec.addresses": H("tests/integration/test_serviceentry_addresses.py"),
         "spec.ports": H("tests/integration/test_serviceentry.py"),
         "spec.location": R("mTLS to ServiceEntry endpoints", refused=("MESH_INTERNAL",)),
         "spec.resolution": R("", refused=("DYNAMIC_DNS",)),
@@ -197,7 +197,8 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.endpoints[].serviceAccount": R(""),
         "spec.workloadSelector": H("tests/integration/test_serviceentry.py"),
         "spec.exportTo": _EXPORT_TO,
-        "spec.subjectAltNames": R(""),
+        "spec.subjectAltNames": R("an endpoint's certificate is checked against its SPIFFE identity (mesh) or "
+                                  "the DestinationRule's sni / the host name (TLS origination), not a SAN list"),
     },
     "Sidecar": {
         "spec.workloadSelector": H("tests/integration/test_serviceentry.py"),

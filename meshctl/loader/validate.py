@@ -554,6 +554,16 @@ class _Validator:
             self.port(f"spec.ports[{i}].targetPort", p.target_port)
             if p.protocol is not None and p.protocol.upper() not in PROTOCOLS:
                 self.warning(f"spec.ports[{i}].protocol", f"unknown protocol {p.protocol!r}: treated as TCP")
+        for i, a in enumerate(se.addresses):
+            if ingress_address(a.split("/", 1)[0]) is None:
+                self.error(f"spec.addresses[{i}]", f"{a!r} is not an IP address or a CIDR range")
+            else:
+                import ipaddress
+
+                try:
+                    ipaddress.ip_network(a, strict=False)
+                except ValueError:
+                    self.error(f"spec.addresses[{i}]", f"{a!r} is not an IP address or a CIDR range")
         self.enum("spec.location", se.location, LOCATIONS)
         self.enum("spec.resolution", se.resolution, RESOLUTIONS)
         if se.resolution in ("DNS", "DNS_ROUND_ROBIN") and not se.endpoints:

@@ -69,6 +69,10 @@ class Cluster:
     endpoints: tuple[Endpoint, ...] = ()
     external: bool = False  # outside the mesh (a MESH_EXTERNAL ServiceEntry): no x-meshctl-* headers go there
     original_destination: bool = False  # no endpoints: connect to the host the request names (ServiceEntry NONE)
+    # endpoints given by name (ServiceEntry resolution): "DNS" spreads requests over every address
+    # the name resolves to, "DNS_ROUND_ROBIN" uses the first address of the latest answer (proxy/dns.py)
+    dns: str = ""
+    addresses: tuple[str, ...] = ()  # a ServiceEntry's addresses (IPs, CIDRs): CONNECT to one reaches this cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,10 @@ class VirtualHost:
     name: str  # "reviews.default.svc.cluster.local:9080"
     domains: tuple[str, ...]  # every authority it answers to: "reviews", "reviews:9080", FQDN, ...
     routes: tuple[HTTPRoute, ...] = ()  # destination hosts are FQDNs and carry a port
+    # IP ranges (CIDR, a ServiceEntry's addresses) whose addresses it answers to as authority,
+    # with the port in ``port`` (core/route.py); exact IPs are in ``domains``
+    subnets: tuple[str, ...] = ()
+    port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -394,8 +394,42 @@ def build_clusters(inp: Inputs) -> dict[str, Cluster]:
                     endpoints=_endpoints(svc, labels, inp.trust_domain, port),
                     external=svc.entry is not None and svc.entry.location != "MESH_INTERNAL",
                     original_destination=svc.entry is not None and _original_destination(svc.entry, svc.host),
+                    dns=_dns_mode(svc),
+                    addresses=svc.entry.addresses if svc.entry is not None and subset is None else (),
                 )
     return clusters
+
+
+def _dns_mode(svc: Service) -> str:
+    """How a ServiceEntry's endpoints given by name are resolved (proxy/dns.py): "DNS"
+    (Istio's default for a named host) or "DNS_ROUND_ROBIN"; "" for addresses."""
+    se = svc.entry
+    if se is None or se.resolution not in ("DNS", "DNS_ROUND_ROBIN", None) or _original_destination(se, svc.host):
+        return ""
+    return se.resolution or "DNS"
+
+
+def _address_domains(se: ServiceEntry, port: int, primary: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A ServiceEntry's addresses as a virtual host's (domains, subnets): a single address
+    is an authority ("10.0.0.5:80", and "10.0.0.5" on the entry's first port), a range a subnet."""
+    import ipaddress
+
+    domains: list[str] = []
+    subnets: list[str] = []
+    for a in se.addresses:
+        try:
+            net = ipaddress.ip_network(a, strict=False)
+        except ValueError:
+            continue  # validate refuses it
+        if net.num_addresses == 1:
+            ip = str(net.network_address)
+            host = f"[{ip}]" if net.version == 6 else ip
+            domains.append(f"{host}:{port}")
+            if primary:
+                domains.append(host)
+        else:
+            subnets.append(str(net))
+    return tuple(domains), tuple(subnets)
 
 
 def _ensure_clusters(routes: Iterable[HTTPRoute | TCPRoute], clusters: dict[str, Cluster]) -> None:
@@ -424,7 +458,12 @@ def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] 
                 routes = (_default_route(svc, port),)
             routes = layer_faults(routes, faults_for_host(inp.faults, svc.host))
             _ensure_clusters(routes, clusters)
-            vhosts.append(VirtualHost(name=f"{svc.host}:{port}", domains=domains_for(svc, port, i == 0), routes=routes))
+            domains, subnets = domains_for(svc, port, i == 0), ()
+            if svc.entry is not None and svc.entry.addresses:
+                extra, subnets = _address_domains(svc.entry, port, i == 0)
+                domains += extra
+            vhosts.append(VirtualHost(name=f"{svc.host}:{port}", domains=domains, routes=routes,
+                                      subnets=subnets, port=port if subnets else None))
     return RouteTable(name="outbound", virtual_hosts=tuple(vhosts))
 
 

@@ -83,3 +83,19 @@ async def refresh() -> None:
                 await _resolve(host, trio.current_time(), with_ttl=True)
             except OSError as exc:
                 log.info("DNS refresh of %s failed: %s (keeping the last answer)", host, exc)
+
+
+async def upstream_address(host: str, mode: str) -> str:
+    """The address a request to an endpoint given by name connects to, by the
+    cluster's resolution ``mode`` ("DNS": every resolved address in turn, so each
+    is an endpoint of its own and gets its own pooled connections;
+    "DNS_ROUND_ROBIN": the first address of the latest answer). Resolved once on
+    first use, then from the cache (refreshed off the request path). Raises OSError."""
+    now = trio.current_time()
+    addr = CACHE.pick(host, now, mode == "DNS")
+    if addr is None:
+        await _resolve(host, now, with_ttl=False)
+        addr = CACHE.pick(host, now, mode == "DNS")
+        if addr is None:
+            raise OSError(f"{host!r} resolved to no address")
+    return addr

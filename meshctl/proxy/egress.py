@@ -119,6 +119,26 @@ def blackhole_cluster(snap: Snapshot) -> ClusterState:
     return cs
 
 
+def cluster_for_address(snap: Snapshot, host: str, port: int) -> ClusterState | None:
+    """The cluster of the ServiceEntry whose ``addresses`` hold IP ``host`` on ``port``."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    for cs in snap.clusters.values():
+        c = cs.cluster
+        if c.addresses and c.port == port and c.subset is None:
+            for a in c.addresses:
+                try:
+                    if ip in ipaddress.ip_network(a, strict=False):
+                        return cs
+                except (ValueError, TypeError):
+                    continue
+    return None
+
+
 def tunnels(snap: Snapshot, route_table: str | None, authority: str) -> bool:
     """Whether a CONNECT to ``authority`` on the outbound listener is a tunnel to
     relay (HTTPS to port 443, or any host the mesh does not know), rather than
@@ -134,6 +154,8 @@ async def tunnel(rt, snap: Snapshot, server, route_table: str | None, authority:
     target = split_authority(authority, 443)
     router = snap.routers.get(route_table) if route_table else None
     cs = snap.clusters.get(cluster_name(target[0], target[1])) if target is not None else None
+    if cs is None and target is not None:
+        cs = cluster_for_address(snap, target[0], target[1])  # one of a ServiceEntry's addresses
     known = cs is not None or (router is not None and router.virtual_host(authority) is not None)
     status, flag, why = 200, "", ""
     address: tuple[str, int] | None = None

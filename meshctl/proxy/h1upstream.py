@@ -31,6 +31,7 @@ from .identity import upstream_tls
 from .pool import UpstreamConn, UpstreamPool
 from .request import IDEMPOTENT, Request, raw_error_response, response_headers
 from .snapshot import ClusterState
+from .dns import upstream_address
 from .stream import UpstreamConnectError, relay
 
 __all__ = ["H1Exchange"]
@@ -55,12 +56,18 @@ class H1Exchange:
         pool = self._pool(cs)
         tls = upstream_tls(self.rt, cs.cluster, ep)
         conn: UpstreamConn | None = None
+        address = ep.address
+        if cs.cluster.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
+            try:
+                address = await upstream_address(address, cs.cluster.dns)
+            except OSError as exc:
+                return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {exc}")
         try:
             if a.deadline == math.inf:  # no perTryTimeout: no cancel scope to set up (hot path)
-                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout, tls)
+                conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
             else:
                 with trio.move_on_at(a.deadline):
-                    conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout, tls)
+                    conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
         if conn is None:

@@ -44,6 +44,7 @@ from .limits import PoolOverflow
 from .outbuf import OutBuffer
 from .request import Request, response_headers
 from .snapshot import ClusterState
+from .dns import upstream_address
 from .stream import UpstreamConnectError
 
 log = logging.getLogger("meshctl.proxy")
@@ -351,9 +352,15 @@ class H2Exchange:
             raise PoolOverflow(name, "rq", f"http2MaxRequests {max_rq} reached")
         settings = rq.snap.settings
         conn = None
+        address = ep.address
+        if cs.cluster.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
+            try:
+                address = await upstream_address(address, cs.cluster.dns)
+            except OSError as exc:
+                return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {exc}")
         try:
             with trio.move_on_at(a.deadline):
-                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
+                conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout,
                                           upstream_tls(self.rt, cs.cluster, ep, h2=True), max_streams)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))

@@ -223,13 +223,13 @@ class _Server(ThreadingHTTPServer):
 class Upstream:
     """A real HTTP/1.1 server on 127.0.0.1 in a background thread."""
 
-    def __init__(self, name: str = "up") -> None:
+    def __init__(self, name: str = "up", address: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
         self.lock = threading.Lock()
         self.connections = 0
         self.requests: list = []
         self.hits: dict[str, int] = {}
-        self._srv = _Server(("127.0.0.1", 0), _Handler)
+        self._srv = _Server((address, port), _Handler)
         self._srv.owner = self
         self.port = self._srv.server_address[1]
         self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -244,8 +244,8 @@ class Upstream:
 def upstreams():
     made: list[Upstream] = []
 
-    def make(name: str = "up") -> Upstream:
-        u = Upstream(name)
+    def make(name: str = "up", address: str = "127.0.0.1", port: int = 0) -> Upstream:
+        u = Upstream(name, address, port)
         made.append(u)
         return u
 

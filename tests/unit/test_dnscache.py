@@ -98,3 +98,14 @@ async def test_names_are_resolved_once_then_refreshed_in_the_background():
             n.cancel_scope.cancel()
     assert pdns.CACHE.entries["localhost"].expires > trio.current_time()
     assert "127.0.0.1" in pdns.CACHE.entries["localhost"].addresses
+
+
+def test_resolution_dns_takes_each_address_in_turn_and_dns_round_robin_the_first():
+    c = DnsCache()
+    c.put("multi", ("10.0.0.1", "10.0.0.2", "10.0.0.3"), 30, now=0.0)
+    assert [c.pick("multi", 1.0, spread=True) for _ in range(4)] == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]
+    assert {c.pick("multi", 1.0, spread=False) for _ in range(3)} == {"10.0.0.1"}
+    # a new answer: DNS_ROUND_ROBIN follows its first address
+    c.put("multi", ("10.0.0.9", "10.0.0.1"), 30, now=40.0)
+    assert c.pick("multi", 41.0, spread=False) == "10.0.0.9"
+    assert c.pick("unknown", 1.0, spread=True) is None
