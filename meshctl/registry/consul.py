@@ -41,7 +41,7 @@ from consul.exceptions import ACLPermissionDenied, ConsulException
 import trio
 
 from ..model.base import FrozenDict
-from . import Backoff, BackgroundWatcher, WatchedRegistry, make_snapshot
+from .watch import Backoff, BackgroundWatcher, WatchedRegistry, make_snapshot
 from .base import Instance, RegistryError, Snapshot
 
 log = logging.getLogger("meshctl.registry.consul")

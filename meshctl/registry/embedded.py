@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 import trio
 
 from ..model.base import FrozenDict
-from . import make_snapshot
+from .watch import make_snapshot
 from .base import Instance, RegistryError, Snapshot
 
 FILE_NAME = "registry.json"

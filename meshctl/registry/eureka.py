@@ -32,7 +32,7 @@ import httpx
 import trio
 
 from ..model.base import FrozenDict
-from . import Backoff, BackgroundWatcher, WatchedRegistry, make_snapshot
+from .watch import Backoff, BackgroundWatcher, WatchedRegistry, make_snapshot
 from .base import Instance, RegistryError, Snapshot
 
 log = logging.getLogger("meshctl.registry.eureka")
