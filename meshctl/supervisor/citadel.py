@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Mapping, Protocol
 
 ENV_TTL = "MESHCTL_CERT_TTL"
 TOKEN_TTL = timedelta(minutes=10)
@@ -38,14 +39,39 @@ def identity_of_node(node_file: Path) -> str:
     return node.workload.spiffe_id
 
 
-def proxy_env(sup, p) -> dict[str, str]:  # sup: state_dir, citadel_url, event()
+class ProxyEnvHost(Protocol):
+    """What proxy_env needs of the supervisor."""
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    @property
+    def citadel_url(self) -> str: ...  # "" without Citadel
+
+    def event(self, msg: str) -> None: ...
+
+
+class ProxyEnvProc(Protocol):
+    """What proxy_env reads of a process (records.ProcState)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def env(self) -> Mapping[str, str]: ...
+
+
+def proxy_env(sup: ProxyEnvHost, p: ProxyEnvProc) -> dict[str, str]:
     """``p.env`` plus ``MESHCTL_BOOTSTRAP_FILE`` (the Pilot credential; with Citadel
     its URL and a fresh bootstrap token) for a sidecar or gateway; ``p.env``
     unchanged otherwise."""
     from ..credentials import ENV_BOOTSTRAP, mesh_credential, proxy_credential, write_bootstrap
 
     if p.kind not in ("sidecar", "gateway"):
-        return p.env
+        return dict(p.env)
     entries = {"pilot_credential": proxy_credential(mesh_credential(sup.state_dir), p.name)}
     url = sup.citadel_url
     if url:

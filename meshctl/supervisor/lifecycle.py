@@ -15,6 +15,7 @@ carry out the verdict; tests/unit/test_lifecycle.py proves each rule by name):
     process exit   | when                                               | verdict
     ---------------+----------------------------------------------------+----------------------------------
                    | the mesh is shutting down, or the process STOPPED  | GiveUp
+                   | the supervisor stopped it to restart it (a reload) | Restart(after=0), backoff starts over
                    | it ran longer than STABLE_UPTIME                   | Restart(after=BACKOFF_START)
                    | otherwise                                          | Restart(after=backoff), then doubled
                    |                                                    |   up to BACKOFF_MAX
@@ -156,11 +157,15 @@ class GiveUp:
 ExitVerdict = Restart | GiveUp
 
 
-def on_exit(phase: ProcPhase, backoff: float, started: float, now: float, *, shutting_down: bool) -> ExitVerdict:
+def on_exit(phase: ProcPhase, backoff: float, started: float, now: float, *, shutting_down: bool,
+            requested: bool = False) -> ExitVerdict:
     """A supervised process exited at ``now``, having started at ``started``;
-    ``backoff`` is the wait the previous exit left."""
+    ``backoff`` is the wait the previous exit left; ``requested``: the supervisor
+    stopped it itself in order to start it again (not a crash)."""
     if shutting_down or phase == ProcPhase.STOPPED:
         return GiveUp()
+    if requested:
+        return Restart(after=0.0, backoff=BACKOFF_START)
     if now - started > STABLE_UPTIME:
         backoff = BACKOFF_START
     return Restart(after=backoff, backoff=min(backoff * 2, BACKOFF_MAX))

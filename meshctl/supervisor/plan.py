@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, Mapping
 
 from ..citadel.identity import is_path_segment
 from ..core.locality import locality_problem
@@ -19,9 +19,7 @@ from ..loader.codec import LoadError, decode_collect, line_of, raise_errors
 from ..loader.source import parse_documents
 from ..model.base import FrozenDict
 from ..model.mesh import MeshSpec
-
-if TYPE_CHECKING:
-    from ..pilot.compile import Node
+from ..model.proxyconfig import Node, Settings
 
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -61,10 +59,8 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def proxy_settings(spec: MeshSpec) -> "Settings":
+def proxy_settings(spec: MeshSpec) -> Settings:
     """The ProxyConfig settings mesh.yaml gives every sidecar and gateway."""
-    from ..model.proxyconfig import Settings
-
     m = spec.settings
     return Settings(path_normalization=m.path_normalization, upgrade_types=m.upgrade_types,
                     request_timeout=m.request_timeout, max_connections=m.max_connections,
@@ -275,7 +271,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
         for v in svc.versions:
             for r in range(v.replicas):
                 name = f"{svc.name}-{v.name}-{r}"
-                labels = FrozenDict({"app": svc.name, "version": v.name, **v.labels})
+                labels: FrozenDict[str, str] = FrozenDict({"app": svc.name, "version": v.name, **v.labels})
                 if v.address:
                     app_host, app_port_s = v.address.rsplit(":", 1)
                     app_port = int(app_port_s)
@@ -286,7 +282,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                 admin = alloc.get(f"{name}/admin")
                 # The declared port goes to the first instance that asks; the others (replicas
                 # share the host) get one from the range. Apps read <SERVICE>_ADDR either way.
-                bindings = FrozenDict(
+                bindings: FrozenDict[str, int] = FrozenDict(
                     {
                         up: alloc.fixed(f"{name}/bind/{up}", port) if port not in alloc.taken else alloc.get(f"{name}/bind/{up}")
                         for up, port in svc.upstreams.items()
@@ -348,7 +344,6 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
 
 def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
     from ..model.proxyconfig import Listener, Workload
-    from ..pilot.compile import Node
 
     services = {s.name: s for s in spec.services}
     proto = "tcp" if w.protocol == "tcp" else "http"
@@ -377,7 +372,6 @@ def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
 
 def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
     from ..model.proxyconfig import Listener, Workload
-    from ..pilot.compile import Node
 
     listeners = tuple(
         Listener(name=f"gateway-{gport}", direction="gateway", address="127.0.0.1", port=hport, protocol="http", service_port=gport,

@@ -119,6 +119,14 @@ def test_a_process_that_ran_long_restarts_at_the_first_backoff_again() -> None:
     assert on_exit(ProcPhase.READY, 16.0, 100.0, 110.0, shutting_down=False) == Restart(after=16.0, backoff=30.0)
 
 
+def test_a_restart_the_supervisor_asked_for_is_at_once_and_starts_the_backoff_over() -> None:
+    # a reload restarts a sidecar with new settings: no crash backoff, no wait
+    assert on_exit(ProcPhase.RUNNING, 16.0, 100.0, 101.0, shutting_down=False, requested=True) == Restart(after=0.0, backoff=0.5)
+    # but never once the mesh stops, or the process was stopped for good
+    assert on_exit(ProcPhase.RUNNING, 1.0, 0.0, 1.0, shutting_down=True, requested=True) == GiveUp()
+    assert on_exit(ProcPhase.STOPPED, 1.0, 0.0, 1.0, shutting_down=False, requested=True) == GiveUp()
+
+
 def test_a_process_that_cannot_be_spawned_is_retried_with_backoff() -> None:
     assert on_spawn_failed(0.5) == Restart(after=0.5, backoff=1.0)
     assert on_spawn_failed(20.0) == Restart(after=20.0, backoff=30.0)

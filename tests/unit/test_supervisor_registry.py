@@ -8,6 +8,7 @@ import pytest
 from meshctl.registry.consul import ConsulRegistry
 from meshctl.registry.eureka import EurekaRegistry
 from meshctl.supervisor.pilotreg import PilotRegistry
+from meshctl.supervisor.registration import Registrations
 from meshctl.supervisor.run import Supervisor, UpError, redact_url
 
 
@@ -30,22 +31,25 @@ def test_registry_flag_overrides_mesh_yaml(mesh_file, tmp_path):
 
 async def test_renewals_follow_the_registry_not_the_health_check(mesh_file, tmp_path):
     sup = Supervisor(mesh_file, tmp_path / "s")
-    sup.registry = ConsulRegistry(ttl=9.0)
-    assert sup.keepalive_period() == pytest.approx(3.0)  # three renewals per TTL
-    sup.registry = EurekaRegistry(renewal_interval=7.0, lease_duration=21.0)
-    assert sup.keepalive_period() == pytest.approx(7.0)  # the lease renewal interval asked for
-    sup.registry = PilotRegistry("http://127.0.0.1:1", ttl=15.0)
+
+    def period(registry) -> float:
+        return Registrations(sup.ctx, sup.control, None, registry).keepalive_period()
+
+    assert period(ConsulRegistry(ttl=9.0)) == pytest.approx(3.0)  # three renewals per TTL
+    # the lease renewal interval asked for
+    assert period(EurekaRegistry(renewal_interval=7.0, lease_duration=21.0)) == pytest.approx(7.0)
+    pilot = PilotRegistry("http://127.0.0.1:1", ttl=15.0)
     try:
-        assert sup.keepalive_period() == pytest.approx(5.0)
+        assert period(pilot) == pytest.approx(5.0)
     finally:
-        await sup.registry.aclose()
+        await pilot.aclose()
 
 
 async def test_malformed_registry_url_is_an_up_error_naming_it(mesh_file, tmp_path):
     sup = Supervisor(mesh_file, tmp_path / "s", registry_url="consul://127.0.0.1:notaport")
     with pytest.raises(UpError, match=r"consul://127\.0\.0\.1:notaport.*port is not a number"):
-        await sup.connect_registry()
-    assert sup.registry is None
+        await sup.registrations.connect()
+    assert sup.registrations.registry is None
 
 
 def test_tokens_in_registry_urls_are_hidden():

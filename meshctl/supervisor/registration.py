@@ -1,0 +1,287 @@
+"""The mesh's registrations: each ready workload instance and gateway in the registry.
+
+With Consul or Eureka (``settings.registry`` or ``up --registry``) the registry
+is pinged before anything starts, and `up` fails naming it when it does not
+answer; the embedded registry lives in Pilot and is reached through it once
+Pilot runs. Registrations are renewed at the registry's own cadence (a third of
+Consul's TTL, Eureka's renewal interval), whatever the health check interval; a
+probe task keeps `status` honest about the registry's reachability and, when it
+comes back, renews (re-registers) every instance at once and retries the
+deregistrations that failed while it was away.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import trio
+
+from ..credentials import bearer, mesh_credential
+from ..model.base import FrozenDict
+from ..pilot.compile import META_LOCALITY, META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR
+from ..registry import Backoff, open_registry, parse_registry_url
+from ..registry.base import Instance, Registry, RegistryError
+from . import lifecycle
+from .control import ControlPlane
+from .errors import UpError
+from .lifecycle import InstancePhase, MeshPhase, ProcPhase
+from .pilotreg import PilotRegistry
+from .plan import GatewayPlan, WorkloadPlan
+from .probes import redact_url
+from .records import InstanceState, MeshContext
+
+log = logging.getLogger("meshctl.up")
+
+REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after this long
+REGISTRY_PROBE_INTERVAL = 2.0  # how stale `status` may be about the registry's reachability
+REGISTRY_PROBE_TIMEOUT = 5.0
+DRAIN_WAIT = 10.0  # longest wait for Pilot to drop a removed instance before its sidecar stops
+
+
+def workload_instance(w: WorkloadPlan) -> Instance:
+    """A workload instance in the registry: its sidecar's inbound listener."""
+    return Instance(
+        id=w.name,
+        service=w.service,
+        address=w.address,
+        port=w.inbound_port,
+        labels=w.labels,
+        meta=FrozenDict({META_SERVICE_PORT: str(w.service_port), META_PROTOCOL: w.protocol, META_SIDECAR: "true",
+                         META_SERVICE_ACCOUNT: w.service_account, **({META_LOCALITY: w.locality} if w.locality else {})}),
+    )
+
+
+def gateway_instances(g: GatewayPlan) -> list[Instance]:
+    """A gateway in the registry: service ``<name>.istio-system``, one instance per
+    mesh.yaml port (the Gateway port as its service port, the host port to reach)."""
+    return [
+        Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address="127.0.0.1", port=hport,
+                 labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http"}))
+        for gport, hport in sorted(g.ports.items())
+    ]
+
+
+class Registrations:
+    def __init__(self, ctx: MeshContext, control: ControlPlane, consul_token: str | None,
+                 registry: Registry | None = None) -> None:
+        self.ctx = ctx
+        self.control = control  # Pilot: the embedded registry, and whom `unseen_by_pilot` asks
+        self.consul_token = consul_token
+        self.registry: Registry | None = registry  # Consul or Eureka (connect), else Pilot's embedded one
+        self.down = False
+        self.error = ""  # why the last probe failed
+        self.refused = ""  # a registry that answers but refuses a registration at `up` (an ACL, say)
+        self.undeleted: set[str] = set()  # deregistrations that failed while the registry was away
+
+    @property
+    def embedded(self) -> bool:
+        return isinstance(self.registry, PilotRegistry)
+
+    def _reg(self) -> Registry:
+        assert self.registry is not None, "no registry yet: connect() and use_embedded() come first"
+        return self.registry
+
+    def status(self) -> dict[str, Any]:
+        reg = self.registry
+        return {
+            "url": redact_url(self.ctx.spec.settings.registry),
+            "reachable": bool(getattr(reg, "reachable", True)) and not self.down if reg else False,
+            "error": (self.error or getattr(reg, "last_error", "") or "") if reg else "",
+        }
+
+    async def connect(self) -> None:
+        """Open Consul or Eureka and check that it answers, before anything starts.
+
+        The embedded registry lives in Pilot: it is reached once Pilot runs (use_embedded)."""
+        url = (self.ctx.spec.settings.registry or "embedded").strip()
+        try:
+            if parse_registry_url(url)["kind"] == "embedded":
+                return
+            reg = open_registry(url, self.ctx.state_dir, token=self.consul_token)
+        except RegistryError as e:
+            raise UpError(str(e)) from None
+        ping = getattr(reg, "ping")
+        try:
+            with trio.fail_after(REGISTRY_PING_TIMEOUT):
+                await ping()
+        except RegistryError as e:
+            await reg.aclose()
+            raise UpError(f"the registry does not answer, nothing was started: {e}") from None
+        except trio.TooSlowError:
+            await reg.aclose()
+            raise UpError(f"the registry {redact_url(url)} did not answer within {REGISTRY_PING_TIMEOUT:g}s; nothing was started") from None
+        self.registry = reg
+        self.ctx.event(f"registry {redact_url(url)} answers")
+
+    def use_embedded(self) -> None:
+        """Once Pilot runs: its embedded registry, unless Consul or Eureka was connected."""
+        if self.registry is None:
+            self.registry = PilotRegistry(self.control.pilot_url, credential=mesh_credential(self.ctx.state_dir))
+
+    async def aclose(self) -> None:
+        if self.registry is not None:
+            try:
+                await self.registry.aclose()
+            except Exception:
+                pass
+
+    def keepalive_period(self) -> float:
+        """How often registrations are renewed: the registry's own cadence
+        (Consul: a third of the check's TTL; Eureka: the lease renewal interval)."""
+        return lifecycle.keepalive_period(getattr(self.registry, "keepalive_interval", None),
+                                          getattr(self.registry, "ttl", None))
+
+    # ------------------------------------------------------------ workload instances
+
+    async def keepalive_loop(self, inst: InstanceState) -> None:
+        period = self.keepalive_period()
+        while not self.ctx.shutting_down:
+            await trio.sleep(period)
+            await self.renew(inst)
+
+    async def renew(self, inst: InstanceState) -> None:
+        async with inst.lock:
+            if not inst.registered or self.ctx.shutting_down:
+                return
+            try:
+                await self._reg().keep_alive(inst.plan.name)
+            except RegistryError as e:
+                log.warning("keep-alive of %s failed: %s", inst.plan.name, e)
+
+    async def register(self, inst: InstanceState) -> None:
+        async with inst.lock:
+            if self.ctx.shutting_down or inst.state in (InstancePhase.DRAINING, InstancePhase.STOPPED):
+                return
+            try:
+                await self._reg().register(workload_instance(inst.plan))
+            except RegistryError as e:
+                inst.state = InstancePhase.STARTING
+                inst.proxy.last_event = f"registration failed: {e}"
+                if self.ctx.phase == MeshPhase.STARTING and not self.embedded and getattr(self.registry, "reachable", False):
+                    # The server answered and said no: waiting will not change its mind.
+                    self.refused = f"the registry refused to register {inst.plan.name}: {e}"
+                self.ctx.event(f"{inst.plan.name}: registration failed ({e}); retrying")
+                return
+            inst.registered = True
+            self.undeleted.discard(inst.plan.name)
+        was = inst.state
+        inst.state = InstancePhase.READY
+        for p in (inst.app, inst.proxy):
+            if p:
+                p.state = ProcPhase.RUNNING
+        self.ctx.event(f"{inst.plan.name} {'ready' if was == InstancePhase.STARTING else 'healthy again'}")
+
+    async def deregister(self, inst: InstanceState, *, drain: bool = False) -> None:
+        """Take the instance out of the registry; with ``drain``, mark it draining
+        first (Consul maintenance, Eureka OUT_OF_SERVICE) so watchers see it leave."""
+        async with inst.lock:
+            inst.registered = False
+            if drain:
+                try:
+                    await self._reg().set_draining(inst.plan.name)
+                except RegistryError as e:
+                    log.warning("draining %s failed: %s", inst.plan.name, e)
+            try:
+                await self._reg().deregister(inst.plan.name)
+            except RegistryError as e:
+                self.undeleted.add(inst.plan.name)
+                log.warning("deregister %s failed: %s", inst.plan.name, e)
+
+    async def drain(self, inst: InstanceState) -> None:
+        """One instance leaves a running mesh: draining (Consul maintenance, Eureka
+        OUT_OF_SERVICE) until Pilot's watch has dropped it, its sidecar still serving.
+        The embedded registry is Pilot's own: deregistering is enough there."""
+        if not inst.registered or self.ctx.shutting_down or self.embedded:
+            return
+        inst.state = InstancePhase.DRAINING
+        async with inst.lock:
+            try:
+                await self._reg().set_draining(inst.plan.name)
+            except RegistryError as e:
+                log.warning("draining %s failed: %s", inst.plan.name, e)
+        with trio.move_on_after(DRAIN_WAIT):
+            while not await self.unseen_by_pilot({inst.plan.name}):
+                await trio.sleep(0.1)
+
+    async def unseen_by_pilot(self, names: set[str]) -> set[str]:
+        """Those of ``names`` missing from the endpoints Pilot routes with."""
+        import httpx
+
+        from ..loopback import plain_http_client
+
+        try:
+            async with plain_http_client(timeout=2.0, headers=bearer(mesh_credential(self.ctx.state_dir))) as client:
+                data = (await client.get(f"{self.control.pilot_url}/v1/registry")).json()
+            seen = {i.get("id") for instances in data.values() for i in instances}
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            return names
+        return names - seen
+
+    async def probe_loop(self, instances: Mapping[str, InstanceState]) -> None:
+        """Ping Consul/Eureka every few seconds so `status` says when it is away;
+        when it is back, renew every registration at once (a registry that lost
+        them gets them again) and retry the deregistrations that failed."""
+        reg = self.registry
+        ping = getattr(reg, "ping", None)
+        if reg is None or ping is None:
+            return
+        url = redact_url(self.ctx.spec.settings.registry)
+        backoff = Backoff(initial=0.5, maximum=2.0)  # a refused connect is cheap: notice the return soon
+        while not self.ctx.shutting_down:
+            ok, why = False, f"{url}: no answer to a ping within {REGISTRY_PROBE_TIMEOUT:g}s"
+            with trio.move_on_after(REGISTRY_PROBE_TIMEOUT):
+                try:
+                    await ping()
+                    ok = True
+                except RegistryError as e:
+                    why = str(e)
+            self.error = "" if ok else why
+            if not ok and not self.down:
+                self.down = True
+                self.ctx.event(f"registry {url} unreachable ({why}); proxies keep the endpoints they know; retrying")
+            elif ok and self.down:
+                self.down = False
+                self.ctx.event(f"registry {url} reachable again: renewing registrations")
+                for name in sorted(self.undeleted):
+                    if name in instances and instances[name].registered:
+                        self.undeleted.discard(name)
+                        continue
+                    try:
+                        await reg.deregister(name)
+                        self.undeleted.discard(name)
+                    except RegistryError as e:
+                        log.warning("deregister %s failed again: %s", name, e)
+                for inst in list(instances.values()):
+                    await self.renew(inst)
+                self.ctx.changed()
+            if ok:
+                backoff.reset()
+                await trio.sleep(REGISTRY_PROBE_INTERVAL)
+            else:
+                await trio.sleep(backoff.next())
+
+    # ------------------------------------------------------------ gateways
+
+    async def register_gateway(self, g: GatewayPlan, renewed: float | None) -> float | None:
+        """Register the gateway's instances (``renewed`` None) or renew them; returns
+        when they were renewed now, None when that failed (register again next time)."""
+        try:
+            for inst in gateway_instances(g):
+                if renewed is None:
+                    await self._reg().register(inst)
+                else:
+                    await self._reg().keep_alive(inst.id)
+        except RegistryError as e:
+            log.warning("gateway %s: registration failed: %s", g.name, e)
+            return None
+        return trio.current_time()
+
+    async def deregister_gateway(self, g: GatewayPlan) -> None:
+        if self.registry is None:
+            return
+        for inst in gateway_instances(g):
+            try:
+                await self.registry.deregister(inst.id)
+            except RegistryError as e:
+                log.warning("deregister %s failed: %s", inst.id, e)
