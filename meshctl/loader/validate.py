@@ -521,7 +521,7 @@ class _Validator:
         if ll is not None:
             for field, msg in setting_problems(ll):
                 self.error(f"{lp}.localityLbSetting.{field}", msg)
-            if (ll.failover or ll.failover_priority) and not outlier_detection and ll.enabled is not False:
+            if not ll.distribute and not outlier_detection and ll.enabled is not False:
                 self.warning(f"{lp}.localityLbSetting", "failover has no effect without outlierDetection in the same "
                              "traffic policy (as in Istio): no locality failover is done")
         for name, val in (("warmupDurationSecs", lb.warmup_duration_secs), ("warmup.duration", lb.warmup.duration if lb.warmup else None)):

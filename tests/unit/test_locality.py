@@ -256,6 +256,8 @@ def test_istios_failover_task_rule_validates_and_without_outlier_detection_warns
     findings = validate(load_resources_text(cut, "dr.yaml"))
     assert [f.level for f in findings] == ["warning"]
     assert "localityLbSetting: failover has no effect without outlierDetection" in str(findings[0])
+    only_enabled = cut.split("        failover:")[0]  # enabled: true alone is failover too
+    assert [f.level for f in validate(load_resources_text(only_enabled, "dr.yaml"))] == ["warning"]
 
 
 def test_a_bad_distribute_is_an_error_naming_file_line_and_field():
