@@ -76,7 +76,7 @@ def _where(outbound: int) -> str:
     return next(loc for loc in LOCALITIES if _version(loc) == version)
 
 
-def _settles_on(outbound: int, loc: str, timeout: float = 15.0) -> Counter:
+def _settles_on(outbound: int, loc: str, timeout: float = 30.0) -> Counter:
     """Send requests until 20 in a row come from ``loc``; everything seen on the way."""
     seen: Counter = Counter()
     run = 0
