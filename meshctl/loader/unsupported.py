@@ -82,8 +82,6 @@ KINDS: dict[tuple[str, str], str] = {
     ("networking.istio.io", "WorkloadGroup"): "workloads join a service through mesh.yaml or a registry",
     ("networking.istio.io", "EnvoyFilter"): "meshctl's proxy is not Envoy and takes no Envoy filter configuration",
     ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
-    ("telemetry.istio.io", "Telemetry"): ("telemetry is always on and configured in mesh.yaml (trace sampling, "
-                                          "Telemetry's tracing.randomSamplingPercentage: settings.tracing.sampling)"),
     ("extensions.istio.io", "WasmPlugin"): "no Wasm plug-ins",
 }
 
@@ -244,6 +242,29 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.rules[].from[].source.notTrustDomains": R(""),
         "spec.targetRef": R("use selector"),
         "spec.targetRefs": R("use selector"),
+    },
+    "Telemetry": {
+        "spec.selector": H("tests/unit/test_telemetry_api.py"),
+        "spec.targetRef": R("use selector (gateways: selector with their labels)"),
+        "spec.targetRefs": R("use selector (gateways: selector with their labels)"),
+        "spec.tracing": H("tests/e2e/test_telemetry_api.py"),
+        "spec.tracing[].match": R("per-direction tracing"),
+        "spec.tracing[].providers": R("traces go where mesh.yaml's settings.tracing sends them"),
+        "spec.tracing[].customTags": R("custom span tags"),
+        "spec.tracing[].disableContextPropagation": R(""),
+        "spec.tracing[].useRequestIdForTraceSampling": R(""),
+        "spec.tracing[].enableIstioTags": R(""),
+        "spec.accessLogging": H("tests/e2e/test_telemetry_api.py"),
+        "spec.accessLogging[].providers[].name": R("access logs go to the sidecar's access log file (provider envoy)",
+                                                    allowed=("envoy",)),
+        "spec.metrics": H("tests/e2e/test_telemetry_api.py"),
+        "spec.metrics[].providers[].name": R("metrics are served to Prometheus (provider prometheus)",
+                                             allowed=("prometheus",)),
+        "spec.metrics[].reportingInterval": R("Prometheus scrapes the current values"),
+        "spec.metrics[].overrides[].match.customMetric": R("custom metrics"),
+        "spec.metrics[].overrides[].tagOverrides{}.value": R("tag values from CEL expressions; REMOVE is implemented"),
+        "spec.metrics[].overrides[].tagOverrides{}.operation": R("tag values from CEL expressions (UPSERT); REMOVE "
+                                                                 "is implemented", allowed=("REMOVE",)),
     },
     "RequestAuthentication": {
         "spec.selector": H("tests/unit/test_pilot_compile.py"),

@@ -290,6 +290,22 @@ class _Validator:
             field, _, message = problem.partition(": ")
             self.error(field, message)
 
+    def check_Telemetry(self, spec) -> None:
+        """telemetry.istio.io Telemetry (model/telemetry_api.py); filter expressions in the CEL subset
+        meshctl evaluates (core/celfilter.py)."""
+        from ..core.celfilter import CelError, parse
+        from ..model.telemetry_api import telemetry_problems
+
+        for problem in telemetry_problems(spec):
+            field, _, message = problem.partition(": ")
+            self.error(field, message)
+        for i, a in enumerate(spec.access_logging):
+            if a.filter is not None:
+                try:
+                    parse(a.filter.expression)
+                except CelError as exc:
+                    self.error(f"spec.accessLogging[{i}].filter.expression", str(exc))
+
     def check_VirtualService(self, vs: m.VirtualService) -> None:
         assert self.r is not None
         if not vs.hosts:

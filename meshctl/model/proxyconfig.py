@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from .base import EMPTY, Duration, FrozenDict
 from .istio import AuthorizationPolicy, HTTPRoute, RequestAuthentication, TCPRoute, TLSRoute, TrafficPolicy
 from .ratelimit import RateLimit
+from .telemetry_api import TelemetryPolicy
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_DOMAIN_SUFFIX = "svc.cluster.local"
@@ -357,6 +358,8 @@ class ProxyConfig:
     authorization: FrozenDict[str, AuthorizationPolicy] = EMPTY
     # inbound: the meshctl RateLimits that select this workload, by "namespace/name"
     rate_limits: FrozenDict[str, RateLimit] = EMPTY
+    # Istio Telemetry resources that reach this workload, merged (pilot/telemetry.py)
+    telemetry: TelemetryPolicy = TelemetryPolicy()
     # the RequestAuthentications that select this workload, by "namespace/name", and the
     # JWKS documents Pilot fetched for their jwksUris (uri → JSON text; last good set kept)
     request_authentication: FrozenDict[str, RequestAuthentication] = EMPTY

@@ -66,6 +66,7 @@ from ..model.proxyconfig import (
 )
 from ..core.jwt import key_source
 from ..model.ratelimit import RateLimit
+from .telemetry import telemetry_for
 from ..registry.base import Instance, Snapshot
 from .delegate import expand_delegates
 from .faults import InjectedFault, faults_for_host, layer_faults
@@ -789,6 +790,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         clusters=FrozenDict(sorted(clusters.items())),
         authorization=FrozenDict(authorization_for(inp, wl, gateway=bool(node.gateway))),
         rate_limits=FrozenDict(rate_limits_for(inp, wl)),
+        telemetry=telemetry_for(inp.resources, wl),
         request_authentication=FrozenDict(authn),
         jwks=FrozenDict(sorted((u, inp.jwks[u]) for u in jwks_uris(s for _, s in authn) if u in inp.jwks)),
         settings=_sidecar_settings(node.settings if node.settings is not None else inp.settings, sidecar),

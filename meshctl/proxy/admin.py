@@ -76,6 +76,11 @@ def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
         from .telemetry import runtime_gauges
 
         text = rt.stats.render() + rt.mirrors.render() + rt.telemetry.render(runtime_gauges(rt, trio.current_time()))
+        if path == "/metrics" and rt.config is not None and rt.config.telemetry.metric_overrides:
+            # Istio Telemetry metric overrides shape what Prometheus scrapes; /stats (Mixer, `top`) stays whole
+            from .telemetry import apply_metric_overrides
+
+            text = apply_metric_overrides(text, rt.config.telemetry.metric_overrides)
         return 200, "text/plain; version=0.0.4", text.encode()
     if path == "/config":
         if rt.config is None:

@@ -16,6 +16,7 @@ import random
 from typing import Sequence
 
 from ..core.balance import make_balancer
+from ..core.celfilter import parse as parse_cel
 from ..core.jwt import JwtAuthenticator
 from ..core.locality import OFF, LocalityPlan, choose, plan_locality
 from ..core.outlier import OutlierDetector
@@ -103,6 +104,10 @@ class Snapshot:
         self.version = cfg.version
         self.settings = cfg.settings
         s = cfg.settings
+        # Istio Telemetry (pilot/telemetry.py): the trace sampling rate in force and the access-log filter
+        tp = cfg.telemetry
+        self.trace_sampling: float = tp.sampling if tp.sampling is not None else s.tracing_sampling
+        self.access_filter: tuple | None = parse_cel(tp.access_log_filter) if tp.access_log_filter else None
         self.limits = Limits(max_header_bytes=s.max_request_headers_kb * 1024, max_headers=s.max_headers,
                              upgrades=frozenset(t.lower() for t in s.upgrade_types if t.lower() != "h2c"))
         self.routers: dict[str, Router] = {name: Router(t, s) for name, t in cfg.route_tables.items()}

@@ -466,7 +466,7 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
     if rq.trace is not None:  # sampled (proxy/tracing.py)
         trace_finish(rq, labels, duration_ms)
     log = rt.access_log
-    if log is not None:
+    if log is not None and _access_logged(rq, inbound, head, labels, duration_ms):
         ep = rq.endpoint
         if inbound:
             ep = None
@@ -494,6 +494,42 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
             "destination_workload": labels[6],
             "destination_service": labels[11],
         })
+
+
+def _access_logged(rq, inbound: bool, head, labels: tuple, duration_ms: float) -> bool:
+    """Istio Telemetry accessLogging: this direction on, and the filter expression true."""
+    snap = rq.snap
+    tp = snap.cfg.telemetry
+    if not (tp.access_log_server if inbound else tp.access_log_client):
+        return False
+    tree = snap.access_filter
+    if tree is None:
+        return True
+    from ..core.celfilter import evaluate
+
+    path = head.path or ""
+    ep = rq.endpoint
+    attrs = {
+        "response.code": rq.status,
+        "response.flags": labels[17],
+        "request.method": head.method,
+        "request.path": path,
+        "request.url_path": path.split("?", 1)[0],
+        "request.host": head.authority or "",
+        "request.scheme": head.scheme or "http",
+        "request.protocol": "HTTP/2" if head.http_version == "2" else f"HTTP/{head.http_version}",
+        "request.useragent": _header(head.headers, "user-agent") or "",
+        "request.id": rq.request_id or "",
+        "request.duration": int(round(duration_ms)),
+        "connection.mtls": getattr(rq.down, "peer_id", None) is not None,
+        "source.address": rq.client_ip or "",
+        "request.headers": {k: v for k, v in head.headers},
+    }
+    if labels[16]:
+        attrs["response.grpc_status"] = labels[16]
+    if ep is not None:
+        attrs["upstream.address"] = f"{ep.address}:{ep.port}"
+    return evaluate(tree, attrs)
 
 
 def iso_time(t: float) -> str:
@@ -555,3 +591,77 @@ def tcp_closed(st: TcpSeries, counts: tuple[int, int]) -> None:
     st.received += counts[0]
     st.sent += counts[1]
     st.closed += 1
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (.*)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def apply_metric_overrides(text: str, overrides: Sequence) -> str:
+    """Prometheus text with Istio Telemetry metric overrides applied (model/telemetry_api.py
+    MetricOverride, in order): a disabled metric's samples are left out for the reporters
+    it names, a removed tag is dropped from its labels, and the samples that then share
+    their labels are summed (counters and histogram parts alike), as Envoy's stats would
+    have been recorded without the tag. A family left with no sample loses its HELP/TYPE."""
+    if not overrides:
+        return text
+    out: list[str] = []
+    sums: dict[tuple[str, str], int] = {}  # (name, labels) → index in out
+    values: dict[int, float] = {}
+    kept_families: set[str] = set()
+    pending_meta: dict[str, list[str]] = {}
+    families: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                pending_meta.setdefault(parts[2], []).append(line)
+                families.add(parts[2])
+                continue
+            out.append(line)
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            out.append(line)
+            continue
+        name, labelstr, value = m.group(1), m.group(2) or "", m.group(3)
+        family = name
+        for suf in _SUFFIXES:
+            if name.endswith(suf) and name[: -len(suf)] in families:
+                family = name[: -len(suf)]
+        labels = _LABEL.findall(labelstr)
+        reporter = next((v for k, v in labels if k == "reporter"), "")
+        disabled = False
+        removed: set[str] = set()
+        for o in overrides:
+            if family in o.families and reporter in o.reporters:
+                if o.disabled is not None:
+                    disabled = o.disabled
+                removed.update(o.remove_tags)
+        if disabled:
+            continue
+        if family not in kept_families:
+            kept_families.add(family)
+            out.extend(pending_meta.pop(family, []))
+        if not removed:
+            out.append(line)
+            continue
+        lab = ",".join(f'{k}="{v}"' for k, v in labels if k not in removed)
+        key = (name, lab)
+        try:
+            num = float(value)
+        except ValueError:
+            out.append(line)
+            continue
+        at = sums.get(key)
+        if at is None:
+            sums[key] = len(out)
+            values[len(out)] = num
+            out.append("")
+        else:
+            values[at] += num
+    for key, at in sums.items():
+        name, lab = key
+        out[at] = f"{name}{{{lab}}} {_num(values[at])}"
+    return "\n".join(out) + "\n"

@@ -120,7 +120,7 @@ class TraceStage:
         if not settings.tracing_zipkin and not settings.tracing_otlp:
             return None
         lst = rq.listener
-        headers, spans = T.begin(rq.headers, settings.tracing_sampling, rq.rt.rand, int(time.time() * 1e6),
+        headers, spans = T.begin(rq.headers, rq.snap.trace_sampling, rq.rt.rand, int(time.time() * 1e6),
                                  lst.direction == "gateway", lst.direction == "inbound")
         rq.headers = headers
         if spans:
@@ -136,8 +136,8 @@ def finish(rq, labels: tuple, duration_ms: float) -> None:
     rt = rq.rt
     tracer: Tracer | None = rt.tracer
     spans = rq.trace
-    if tracer is None or not spans:
-        return
+    if tracer is None or not spans or not rq.snap.cfg.telemetry.span_reporting:
+        return  # not sampled, or Telemetry's disableSpanReporting (the context went on all the same)
     lst = rq.listener
     tel = rt.telemetry
     me = tel.me
