@@ -77,6 +77,7 @@ META_PROTOCOL = "meshctl.io/protocol"
 META_SIDECAR = "meshctl.io/sidecar"
 META_WEIGHT = "meshctl.io/weight"  # a ServiceEntry endpoint's load-balancing weight
 META_LOCALITY = "meshctl.io/locality"  # region/zone/subzone of the instance (core/locality.py)
+META_NAMESPACE = "meshctl.io/namespace"  # the identity's namespace, when not the service's (a WorkloadEntry's)
 META_SERVICE_ACCOUNT = "meshctl.io/service-account"  # the sidecar's identity is .../sa/<this> (default: the service)
 
 
@@ -163,7 +164,8 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
             Instance(id=f"{r.name}", service=svc.name, address=we.address,
                      port=we.ports.get(_port_name(svc, p), 0) or p, labels=we.labels,
                      meta=FrozenDict({META_SERVICE_PORT: str(p), **({META_WEIGHT: str(we.weight)} if we.weight else {}),
-                                      **({META_LOCALITY: we.locality} if we.locality else {})}))
+                                      **({META_LOCALITY: we.locality} if we.locality else {}),
+                                      **_identity_meta(we, r.namespace)}))
             for p in svc.ports
         )
         services[host] = replace(svc, instances=svc.instances + extra)
@@ -193,7 +195,8 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
                     port=ep.ports.get(p.name or "", 0) or p.target_port or p.number,
                     labels=ep.labels,
                     meta=FrozenDict({META_SERVICE_PORT: str(p.number), **({META_WEIGHT: str(ep.weight)} if ep.weight else {}),
-                                     **({META_LOCALITY: ep.locality} if ep.locality else {})}),
+                                     **({META_LOCALITY: ep.locality} if ep.locality else {}),
+                                     **_identity_meta(ep, r.namespace)}),
                 )
                 for p in se_ports
                 for i, ep in enumerate(se.endpoints)
@@ -210,6 +213,15 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
                 instances = existing.instances + instances
             services[host] = Service(host, h.split(".")[0], r.namespace, ports, proto, instances, se)
     return services
+
+
+def _identity_meta(we: WorkloadEntry, namespace: str) -> dict[str, str]:
+    """A workload meshctl does not launch, with its own sidecar (a WorkloadEntry's or a
+    ServiceEntry endpoint's ``serviceAccount``): reached with mTLS, expecting the SPIFFE
+    identity ``ns/<its namespace>/sa/<serviceAccount>``. Without one: plaintext."""
+    if not we.service_account:
+        return {}
+    return {META_SIDECAR: "true", META_SERVICE_ACCOUNT: we.service_account, META_NAMESPACE: namespace}
 
 
 def _port_name(svc: Service, port: int) -> str:
@@ -363,7 +375,8 @@ def _endpoints(svc: Service, selector: Mapping[str, str], trust_domain: str, por
                 instance=inst.id,
                 weight=int(weight) if weight.isdigit() and int(weight) > 0 else 1,
                 health="DRAINING" if inst.draining else ("HEALTHY" if inst.healthy else "UNHEALTHY"),
-                identity=f"spiffe://{trust_domain}/ns/{svc.namespace}/sa/{inst.meta.get(META_SERVICE_ACCOUNT) or svc.name}"
+                identity=f"spiffe://{trust_domain}/ns/{inst.meta.get(META_NAMESPACE) or svc.namespace}/sa/"
+                         f"{inst.meta.get(META_SERVICE_ACCOUNT) or svc.name}"
                 if sidecar else None,
                 locality=inst.meta.get(META_LOCALITY, ""),
             )
