@@ -203,6 +203,24 @@ def start_rotation(root_dir: str | Path, kv: KV, *, mesh: str | None = None, now
     return new
 
 
+def remove_host(root_dir: str | Path, kv: KV, name: str, *, mesh: str | None = None) -> None:
+    """Forget a host: its CSR, intermediate and report leave KV, so it gets no new
+    intermediate and a rotation no longer waits for it. Its current intermediate stays
+    valid under the current root (there is no revocation list): `rotate-root` afterwards
+    ends the trust in it, as the old root leaves every bundle."""
+    d = Path(root_dir)
+    _, meta = load_root(d)
+    prefix = prefix_of(meta, mesh)
+    if kv.get(f"{prefix}csr/{name}") is None and kv.get(f"{prefix}intermediate/{name}") is None:
+        raise CAError(f"no host {name} under {prefix}")
+    for what in ("intermediate", "csr", "hosts"):
+        kv.delete(f"{prefix}{what}/{name}")
+    rot = meta.get("rotation")
+    if rot and name in rot.get("hosts", {}):
+        del rot["hosts"][name]
+        _write_meta(d, meta)
+
+
 def rotation_state(root_dir: str | Path, kv: KV, *, mesh: str | None = None,
                    now: datetime | float) -> tuple[dict[str, Any] | None, list[str]]:
     """(the rotation under way or None, what its end still waits for)."""

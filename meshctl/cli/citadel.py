@@ -413,3 +413,24 @@ def approve(
     for name, cert in done:
         console.print(f"approved host {name}: intermediate {cert.serial_number:x} until "
                       f"{cert.not_valid_after_utc:%Y-%m-%d}", highlight=False)
+
+
+@app.command("remove-host")
+def remove_host(
+    host: str = typer.Argument(..., help="The host to forget."),
+    root_dir: Path = typer.Option(..., "--root-dir", help="The root holder's directory (citadel init --root-dir)."),
+    registry: str = typer.Option(..., "--registry", help="Consul: consul://HOST:PORT."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the root's)."),
+) -> None:
+    """Forget a host of a multi-host mesh (it gets no new intermediate; a running rotation stops waiting
+    for it). Its intermediate stays trusted until the root changes: run `rotate-root` to revoke it."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.rootca import remove_host as do_remove
+
+    kv = _kv(registry)
+    try:
+        do_remove(root_dir, kv, host, mesh=mesh)
+    except CitadelError as e:
+        fail(str(e))
+    console.print(f"host {host} removed; its intermediate stays trusted until `meshctl citadel rotate-root "
+                  f"--root-dir {root_dir} --registry {registry}` replaces the root", highlight=False)

@@ -246,6 +246,8 @@ def test_b_accepts_a_certificate_from_host_a_and_refuses_a_foreign_ca(hosts, tmp
 
 def test_root_rotation_across_hosts_under_load_fails_no_request(hosts, tmp_path):
     old_root = (hosts["root"] / "root-cert.pem").read_bytes()
+    logs = [hosts[h] / ".meshctl" / "logs" / f"{n}.proxy.log" for h, n in (("a", "front-v1-0"), ("b", "world-v1-0"))]
+    refusals_before = [p.read_text().count("handshake failed") for p in logs]
     with LoadGenerator(hosts["outbound"], "http://world:9080/", rps=20, connections=4) as load:
         time.sleep(2)
         r = meshctl("citadel", "rotate-root", "--root-dir", str(hosts["root"]), "--registry", hosts["registry"],
@@ -258,6 +260,8 @@ def test_root_rotation_across_hosts_under_load_fails_no_request(hosts, tmp_path)
     assert res.total > 150, res.total
     assert res.failed == 0, (res.statuses, res.errors[:5])
     assert set(res.statuses) == {200}, res.statuses
+    # no sidecar refused a peer during the rotation (the earlier tests' refusals were counted before)
+    assert [p.read_text().count("handshake failed") for p in logs] == refusals_before
 
     new_root = (hosts["root"] / "root-cert.pem").read_bytes()
     assert new_root != old_root

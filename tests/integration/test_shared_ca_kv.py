@@ -15,7 +15,7 @@ from meshctl.citadel.errors import CAError
 from meshctl.citadel.hostca import join, sync
 from meshctl.citadel.kv import open_kv
 from meshctl.citadel.multihost import Bundle, intermediate_doc, make_host_csr, sign_host_intermediate
-from meshctl.citadel.rootca import approve, hosts, init_root, rotation_state, start_rotation
+from meshctl.citadel.rootca import approve, finish_rotation, hosts, init_root, remove_host, rotation_state, start_rotation
 
 pytestmark = pytest.mark.consul
 
@@ -109,3 +109,26 @@ def test_a_rotation_ends_only_after_each_host_switched_and_its_old_certificates_
     sync(b, s["kv"], now(), leaf_ttl=timedelta(seconds=6))
     _, waits = rotation_state(s["root"], s["kv"], now=now() + timedelta(seconds=7))
     assert waits == []
+
+
+def test_a_removed_host_is_not_waited_for_and_loses_the_trust_of_the_others_after_a_rotation(setup):
+    s = setup
+    a, b = joined(s, "a"), joined(s, "b")
+    approve(s["root"], s["kv"], None, now=now())
+    for h in (a, b):
+        sync(h, s["kv"], now(), leaf_ttl=timedelta(seconds=6))
+    start_rotation(s["root"], s["kv"], now=now(), overlap=timedelta(minutes=10))
+    sync(a, s["kv"], now(), leaf_ttl=timedelta(seconds=6))
+    _, waits = rotation_state(s["root"], s["kv"], now=now() + timedelta(seconds=7))
+    assert waits and waits[0].startswith("b: still signs"), waits
+    remove_host(s["root"], s["kv"], "b")  # b is gone (or compromised)
+    _, waits = rotation_state(s["root"], s["kv"], now=now() + timedelta(seconds=7))
+    assert waits == []
+    finish_rotation(s["root"], s["kv"], now=now())
+    sync(a, s["kv"], now(), leaf_ttl=timedelta(seconds=6))
+    roots = x509.load_pem_x509_certificates((a / "ca" / "trust-bundle.pem").read_bytes())
+    b_inter = x509.load_pem_x509_certificate((b / "ca" / "ca-cert.pem").read_bytes())
+    assert len(roots) == 1 and b_inter.issuer != roots[0].subject  # a no longer trusts what b can sign
+    assert [r.host for r in hosts(s["kv"], s["prefix"])] == ["a"]
+    res = sync(b, s["kv"], now())
+    assert not res.ready and "waits for its intermediate CA" in res.message
