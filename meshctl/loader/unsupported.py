@@ -79,7 +79,6 @@ _EXPORT_TO = R("every resource is visible mesh-wide", allowed=("*",))
 
 # Kinds of Istio's API that meshctl knows of but does not implement: refused by name.
 KINDS: dict[tuple[str, str], str] = {
-    ("networking.istio.io", "WorkloadGroup"): "workloads join a service through mesh.yaml or a registry",
     ("networking.istio.io", "EnvoyFilter"): "meshctl's proxy is not Envoy and takes no Envoy filter configuration",
     ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
     ("extensions.istio.io", "WasmPlugin"): "no Wasm plug-ins",
@@ -223,6 +222,16 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.network": R("meshctl's mesh is one network: no east-west gateway reaches another"),
         "spec.locality": H("tests/unit/test_locality.py"),
         "spec.serviceAccount": H("tests/integration/test_workloadentry_identity.py"),
+    },
+    "WorkloadGroup": {
+        "spec.metadata.labels": H("tests/integration/test_workloadgroup.py"),
+        "spec.metadata.annotations": R("annotations mean nothing to meshctl"),
+        "spec.template": H("tests/integration/test_workloadgroup.py"),
+        "spec.template.address": R("each instance registers its own address"),
+        "spec.template.labels": R("a group's labels go in metadata.labels"),
+        "spec.template.ports": R("each instance registers its own port"),
+        "spec.template.network": R("meshctl's mesh is one network: no east-west gateway reaches another"),
+        "spec.probe": R("health comes from the registry's checks: Consul's, Eureka's heartbeats"),
     },
     "PeerAuthentication": {
         "spec.selector": H(),

@@ -639,6 +639,17 @@ class _Validator:
         if we.locality and locality_problem(we.locality):
             self.error("spec.locality", str(locality_problem(we.locality)))
 
+    def check_WorkloadGroup(self, wg: m.WorkloadGroup) -> None:
+        assert self.r is not None
+        t = wg.template
+        if t is not None and t.locality and locality_problem(t.locality):
+            self.error("spec.template.locality", str(locality_problem(t.locality)))
+        if t is not None and t.service_account and ("/" in t.service_account or not t.service_account.strip()):
+            self.error("spec.template.serviceAccount", f"{t.service_account!r} cannot be part of a SPIFFE ID")
+        if self.r.namespace != "default":
+            self.warning("metadata.namespace", "registry instances are in namespace default: a WorkloadGroup of "
+                         f"{self.r.namespace!r} takes none (instances name their group with the label workload-group)")
+
     # -- Gateway
 
     def check_Gateway(self, gw: m.Gateway) -> None:

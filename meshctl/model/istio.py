@@ -429,6 +429,21 @@ class WorkloadEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkloadGroupMetadata:
+    labels: FrozenDict[str, str] = EMPTY
+    annotations: FrozenDict[str, str] = EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadGroup:
+    """Istio's template for workloads that join on their own (VMs): here, the instances a
+    registry delivers with the label ``workload-group: <name>`` (pilot/compile.py)."""
+
+    metadata: WorkloadGroupMetadata | None = None
+    template: WorkloadEntry | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EntryWorkloadSelector:
     """ServiceEntry's workloadSelector: ``labels`` (not ``matchLabels`` as elsewhere)."""
 
@@ -641,6 +656,7 @@ SPEC_TYPES: dict[tuple[str, str], type] = {
     ("networking.istio.io", "ServiceEntry"): ServiceEntry,
     ("networking.istio.io", "Gateway"): Gateway,
     ("networking.istio.io", "WorkloadEntry"): WorkloadEntry,
+    ("networking.istio.io", "WorkloadGroup"): WorkloadGroup,
     ("networking.istio.io", "Sidecar"): Sidecar,
     ("security.istio.io", "PeerAuthentication"): PeerAuthentication,
     ("security.istio.io", "AuthorizationPolicy"): AuthorizationPolicy,

@@ -48,6 +48,7 @@ from ..model.istio import (
     TrafficPolicy,
     VirtualService,
     WorkloadEntry,
+    WorkloadGroup,
 )
 from ..model.proxyconfig import (
     DEFAULT_NAMESPACE,
@@ -134,8 +135,29 @@ def instance_service_port(inst: Instance) -> int:
         return inst.port
 
 
+GROUP_LABEL = "workload-group"  # a registry instance's label naming its WorkloadGroup (Consul Meta allows the key)
+
+
+def _grouped(inst: Instance, groups: Mapping[str, WorkloadGroup]) -> Instance:
+    """A registry instance that names a WorkloadGroup (label ``workload-group: NAME``, a
+    group of the default namespace) takes the group's template, as Istio's auto-registered
+    WorkloadEntries do: metadata.labels (its own labels win), its sidecar's identity
+    (template.serviceAccount, Istio's "default" when empty: a group's workloads run a
+    sidecar), weight and locality. A name no group has leaves the instance as it is."""
+    group = groups.get(inst.labels.get(GROUP_LABEL, ""))
+    if group is None:
+        return inst
+    t = group.template or WorkloadEntry()
+    labels = {**(group.metadata.labels if group.metadata is not None else {}), **inst.labels}
+    meta = {**inst.meta, META_SIDECAR: "true", META_SERVICE_ACCOUNT: t.service_account or "default",
+            **({META_WEIGHT: str(t.weight)} if t.weight else {}), **({META_LOCALITY: t.locality} if t.locality else {})}
+    return replace(inst, labels=FrozenDict(labels), meta=FrozenDict(meta))
+
+
 def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict[str, Service]:
     services: dict[str, Service] = {}
+    resources = list(resources)
+    groups = {r.name: r.spec for r in resources if isinstance(r.spec, WorkloadGroup) and r.namespace == DEFAULT_NAMESPACE}
     for name, found in sorted(snapshot.items()):
         # Services registered by others come as they were named (Consul keeps
         # case, Eureka apps are upper case): host names are not case-sensitive.
@@ -143,6 +165,8 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
         host = fqdn(name)
         # An instance registered without a port (Consul allows it) cannot be reached.
         instances = tuple(i for i in found if 0 < i.port < 65536)
+        if groups:
+            instances = tuple(_grouped(i, groups) for i in instances)  # type: ignore[arg-type]
         if host in services:
             instances = services[host].instances + instances
         ports = tuple(sorted({instance_service_port(i) for i in instances})) or (80,)
