@@ -42,9 +42,33 @@ def dashboard_context(sd: Path) -> Callable[[float], dict]:
             out.append({"id": f.id, "service": svc, "fault": describe(f), "match": describe_match(f.match),
                         "subset": f.subset or "", "expires": f.expires,
                         "left": None if f.expires is None else max(0.0, f.expires - now)})
-        return {"rules": rules, "faults": out}
+        return {"rules": rules, "faults": out, "tracing": tracing_links(sd)}
 
     return context
+
+
+def tracing_links(sd: Path) -> dict:
+    """Where the mesh's traces can be looked at, from the proxy settings Pilot keeps
+    (pilot/nodes.json): Zipkin's UI when spans go to Zipkin, the OTLP endpoint otherwise."""
+    import json
+
+    from ..model.proxyconfig import _otlp_url, _zipkin_address
+
+    try:
+        nodes = json.loads((sd / "pilot" / "nodes.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    for nd in nodes.values():
+        st = nd.get("settings") or {}
+        zipkin = st.get("tracingZipkin") or st.get("tracing_zipkin") or ""
+        otlp = st.get("tracingOtlp") or st.get("tracing_otlp") or ""
+        addr = _zipkin_address(zipkin) if zipkin else None
+        if addr is not None:
+            host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+            return {"zipkin_ui": f"http://{host}:{addr[1]}/zipkin/"}
+        if otlp:
+            return {"otlp": _otlp_url(otlp) or otlp}
+    return {}
 
 
 def dashboard(

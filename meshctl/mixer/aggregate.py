@@ -288,6 +288,45 @@ class Aggregator:
             rows.append(row)
         return rows, elapsed
 
+    def series(self, span: float = 300.0, step: float = 5.0) -> tuple[float, dict[str, list[dict]]]:
+        """Per service (all its versions): rps, error rate and p99 over each ``step`` of the
+        last ``span`` seconds, oldest first, each point aged in seconds before the newest
+        record (rule 4 picks the reporter of each version). Returns (covered seconds, series)."""
+        if len(self.history) < 2:
+            return 0.0, {}
+        t_end = self.history[-1][0]
+        picks: list[tuple[float, dict, dict]] = []
+        for entry in reversed(self.history):
+            if not picks or picks[-1][0] - entry[0] >= step - 1e-6:
+                picks.append(entry)
+            if entry[0] <= t_end - span:
+                break
+        picks.reverse()
+        out: dict[str, list[dict]] = {}
+        for (t0, old, _), (t1, cur, _) in zip(picks, picks[1:]):
+            elapsed = t1 - t0
+            per: dict[str, _Acc] = {}
+            for _, service, version in cur:
+                src = ("source", service, version)
+                key = src if src in cur and cur[src].requests > 0 else ("destination", service, version)
+                d = _delta(cur.get(key), old.get(key))
+                if d is None:
+                    continue
+                acc = per.get(short_name(service))
+                if acc is None:
+                    acc = per[short_name(service)] = _Acc()
+                acc.requests += d.requests
+                acc.errors += d.errors
+                acc.buckets = [a + b for a, b in zip(acc.buckets, d.buckets)]
+            for svc, a in per.items():
+                out.setdefault(svc, []).append({
+                    "age": round(t_end - t1, 1),
+                    "rps": a.requests / elapsed if elapsed > 0 else 0.0,
+                    "error_rate": a.errors / a.requests if a.requests > 0 else None,
+                    "p99": quantile(0.99, a.buckets) if a.requests > 0 else None,
+                })
+        return t_end - picks[0][0], out
+
     # ------------------------------------------------------------ mesh-wide exposition
 
     def render(self) -> str:

@@ -9,7 +9,9 @@
 
 The state: the service graph (graph.py: nodes are apps and versions, edges
 carry rps, error rate, p99 and mTLS), per-service golden signals (aggregate.py's
-rows over 10 s), the rules applied (the rule store's current revision) and the
+rows over 10 s), per-service time series over the last five minutes (rps, error
+rate, p99, in 5 s steps, from the aggregator's history), where the traces are
+(Zipkin's UI when spans go to Zipkin), the rules applied (the rule store's current revision) and the
 injected faults in force with their expiry.
 
 Access: the token is an HMAC of the mesh credential (read-only, dashboard
@@ -36,6 +38,8 @@ log = logging.getLogger("meshctl.mixer.dashboard")
 COOKIE = "meshctl_dashboard"
 WINDOW = 10.0  # seconds of traffic behind the rates shown
 EVENT_INTERVAL = 1.0
+SERIES_SPAN = 300.0  # the charts: the last five minutes ...
+SERIES_STEP = 5.0  # ... in five-second steps
 MAX_EVENTS = 3600  # an event stream ends after an hour; EventSource reconnects by itself
 
 
@@ -56,12 +60,12 @@ def _context(mixer, now: float) -> dict:
     Pilot's rule and fault stores; Mixer, a peer of Pilot, does not import it)."""
     provider = mixer.dashboard_context
     if provider is None:
-        return {"rules": [], "faults": []}
+        return {"rules": [], "faults": [], "tracing": {}}
     try:
         return provider(now)
     except Exception:  # the page shows the graph even when the stores cannot be read
         log.exception("dashboard: reading rules and faults failed")
-        return {"rules": [], "faults": []}
+        return {"rules": [], "faults": [], "tracing": {}}
 
 
 def state(mixer) -> dict:
@@ -79,7 +83,9 @@ def state(mixer) -> dict:
         d = r.as_dict()
         d["service"] = r.short_service
         services.append(d)
+    span, series = mixer.agg.series(SERIES_SPAN, SERIES_STEP)
     return {"time": now, "window": WINDOW, "covered": covered, "rounds": mixer.rounds,
+            "series": series, "series_span": SERIES_SPAN, "series_covered": span,
             "nodes": sorted(nodes.values(), key=lambda n: n["id"]), "edges": edges, "services": services,
             **_context(mixer, now),
             "targets": len(mixer.targets), "failing": sorted(mixer.agg.failures)}

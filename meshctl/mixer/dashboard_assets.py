@@ -27,6 +27,11 @@ INDEX = r'''<!doctype html>
     <table id="services"><thead><tr><th>service</th><th>version</th><th>rps</th><th>success</th>
       <th>p50</th><th>p99</th><th>errors</th><th>rps, last 2 min</th></tr></thead><tbody></tbody></table>
   </section>
+  <section>
+    <h2>Trends <small id="trend-span"></small></h2>
+    <table id="trends"><thead><tr><th>service</th><th>requests / s</th><th>error rate</th><th>p99 latency</th>
+      <th>traces</th></tr></thead><tbody></tbody></table>
+  </section>
   <section class="two">
     <div>
       <h2>Faults in force</h2>
@@ -151,6 +156,50 @@ function spark(points) {
   return s;
 }
 
+// A small time-series chart drawn by hand: points {age, value} over the last `span` seconds,
+// the newest at the right edge; a gap where a step had no value. Labelled with its latest and max.
+function chart(points, span, key, unit, kind) {
+  const CW = 200, CH = 46, PAD = 2;
+  const vals = points.filter(p => p[key] !== null && p[key] !== undefined);
+  const max = Math.max(kind === "ratio" ? 0.05 : 1e-9, ...vals.map(p => p[key]));
+  const s = el("svg", { class: `chart ${kind}`, viewBox: `0 0 ${CW} ${CH}`, "data-metric": key,
+                        "data-points": String(vals.length), "data-max": String(vals.length ? Math.max(...vals.map(p => p[key])) : 0) });
+  s.appendChild(el("line", { x1: 0, y1: CH - PAD, x2: CW, y2: CH - PAD, class: "axis" }));
+  const x = age => CW - CW * Math.min(age, span) / span;
+  const y = v => CH - PAD - (CH - 2 * PAD - 12) * v / max;
+  let run = [];
+  const runs = [];
+  points.forEach(p => {
+    const v = p[key];
+    if (v === null || v === undefined) { if (run.length) runs.push(run); run = []; return; }
+    run.push(`${x(p.age).toFixed(1)},${y(v).toFixed(1)}`);
+  });
+  if (run.length) runs.push(run);
+  runs.forEach(r => {
+    if (r.length === 1) { const [cx, cy] = r[0].split(","); s.appendChild(el("circle", { cx, cy, r: 1.8 })); }
+    else s.appendChild(el("polyline", { points: r.join(" ") }));
+  });
+  const lastV = vals.length ? vals[vals.length - 1][key] : null;
+  const show = v => v === null ? "-" : kind === "ratio" ? (100 * v).toFixed(1) + " %" : kind === "ms" ? ms(v) : fmt(v, 1) + unit;
+  s.appendChild(el("text", { x: 2, y: 10, class: "lbl" }, `now ${show(lastV)} · max ${vals.length ? show(Math.max(...vals.map(p => p[key]))) : "-"}`));
+  const t = el("title"); t.textContent = `${key} over the last ${Math.round(span / 60)} min`; s.appendChild(t);
+  return s;
+}
+
+function traceLink(service, tracing) {
+  const ns = service.indexOf(".") >= 0 ? "" : ".default";
+  if (tracing && tracing.zipkin_ui) {
+    const a = document.createElement("a");
+    a.href = `${tracing.zipkin_ui}?serviceName=${encodeURIComponent(service + ns)}&lookback=15m&limit=10`;
+    a.target = "_blank"; a.rel = "noopener"; a.className = "traces"; a.textContent = "recent traces ↗";
+    return a;
+  }
+  const span = document.createElement("span");
+  span.className = "muted";
+  span.textContent = tracing && tracing.otlp ? "sent to the OTLP collector" : "tracing off";
+  return span;
+}
+
 function rowsInto(id, rows, empty) {
   const tb = document.querySelector(`#${id} tbody`);
   tb.textContent = "";
@@ -184,6 +233,14 @@ function render(st) {
              td: [s.service, s.version, { t: fmt(s.rps, 1), cls: "num" }, { t: pct(s.success_rate), cls: "num" },
                   { t: ms(s.p50), cls: "num" }, { t: ms(s.p99), cls: "num" }, { t: String(s.errors), cls: "num" }, spark(h)] };
   }), "no services seen yet");
+  const span = st.series_span;
+  document.getElementById("trend-span").textContent = `(last ${Math.round(span / 60)} min, ${Math.round(st.series_covered)} s recorded)`;
+  rowsInto("trends", Object.keys(st.series).sort().map(svc => {
+    const pts = st.series[svc];
+    return { data: { service: svc },
+             td: [svc, chart(pts, span, "rps", " rps", "rate"), chart(pts, span, "error_rate", "", "ratio"),
+                  chart(pts, span, "p99", "", "ms"), traceLink(svc, st.tracing)] };
+  }), "no traffic recorded yet");
   renderFaults();
   rowsInto("rules", st.rules.map(r => ({ td: [r.kind, `${r.namespace}/${r.name}`, r.source] })), "no rules applied");
   const when = new Date(st.time * 1000).toLocaleTimeString();
@@ -250,6 +307,14 @@ tr.empty td { color: #889; font-style: italic; }
 .sw.ok { background: #2f9e5b; } .sw.warn { background: #e59b1d; } .sw.bad { background: #e5484d; }
 tr.fault td { color: #a3262a; font-weight: 600; }
 svg.spark { width: 120px; height: 22px; }
+svg.chart { width: 200px; height: 46px; background: #fafbfd; border-radius: 4px; }
+svg.chart polyline { fill: none; stroke-width: 1.5; stroke: #3c5a99; }
+svg.chart.ratio polyline { stroke: #e5484d; } svg.chart.ms polyline { stroke: #8a5cc2; }
+svg.chart circle { fill: #3c5a99; }
+svg.chart .axis { stroke: #d5dae3; stroke-width: 1; }
+svg.chart .lbl { font-size: 9px; fill: #556; }
+a.traces { color: #3c5a99; text-decoration: none; font-weight: 600; }
+.muted { color: #889; font-size: 12px; }
 svg.spark polyline { fill: none; stroke: #3c5a99; stroke-width: 1.5; }
 '''
 

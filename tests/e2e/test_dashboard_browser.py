@@ -27,14 +27,17 @@ ARTIFACTS = Path(os.environ.get("MESHCTL_TEST_ARTIFACTS", ROOT / "test-artifacts
 
 
 @pytest.fixture(scope="module")
-def bookinfo(tmp_path_factory):
+def bookinfo(tmp_path_factory, zipkin_server):
     work = tmp_path_factory.mktemp("bookinfo-dash")
     gw_port = bookinfo_workdir(work)
+    text = (work / "mesh.yaml").read_text()  # traces to a real Zipkin: the page links to them
+    text = text.replace("settings:\n", f"settings:\n  tracing: {{zipkin: '{zipkin_server}', sampling: 100}}\n", 1)
+    (work / "mesh.yaml").write_text(text)
     meshctl("up", "-d", "-f", "mesh.yaml", cwd=work)
     try:
         meshctl("route", "apply", "--wait", "-f", "rules/bookinfo-gateway.yaml", "-f", "rules/destination-rule-all.yaml",
                 "-f", "rules/virtual-service-reviews-v3.yaml", cwd=work)
-        yield {"dir": work, "gw": f"http://127.0.0.1:{gw_port}"}
+        yield {"dir": work, "gw": f"http://127.0.0.1:{gw_port}", "zipkin": zipkin_server.http}
     finally:
         meshctl("down", cwd=work, check=False)
 
@@ -136,6 +139,17 @@ def test_dashboard_shows_the_graph_and_an_injected_fault(bookinfo, browser):
     assert ("ratings", "") in {tuple(x) for x in js('[...document.querySelectorAll("#graph g.node")]'
                                                     '.map(n => [n.dataset.id, n.querySelector(".ver").textContent'
                                                     '.replace("service", "")])')}
+    # the trends: per-service charts of the last minutes, drawn by the page's own SVG code;
+    # the fault shows as errors in ratings' error-rate chart
+    def chart(service, metric):
+        return js(f'(s => s && [+s.dataset.points, +s.dataset.max, s.querySelectorAll("polyline, circle").length])'
+                  f'(document.querySelector(\'#trends tr[data-service="{service}"] svg.chart[data-metric="{metric}"]\'))')
+
+    wait_until(lambda: (chart("productpage", "rps") or [0])[0] >= 2, what="two points in productpage's rps chart")
+    pts, top, drawn = chart("productpage", "rps")
+    assert top > 0 and drawn >= 1
+    assert (chart("productpage", "p99") or [0])[0] >= 1
+    wait_until(lambda: (chart("ratings", "error_rate") or [0, 0])[1] > 0, what="ratings' errors in its error-rate chart")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "dashboard-bookinfo.png"
     browser.save_screenshot(str(shot))
@@ -148,3 +162,14 @@ def test_dashboard_shows_the_graph_and_an_injected_fault(bookinfo, browser):
     req = urllib.request.Request(base + "/dashboard/state", headers={"cookie": f"meshctl_dashboard={cookie['value']}"})
     st = json.loads(urllib.request.urlopen(req, timeout=5).read())
     assert any(e["source"] == "reviews v3" and e["target"] == "ratings v1" for e in st["edges"])
+
+    # links from a service to its recent traces, in the Zipkin the mesh sends spans to
+    zipkin = bookinfo["zipkin"]
+    href = js('(a => a && a.href)(document.querySelector(\'#trends tr[data-service="productpage"] a.traces\'))')
+    assert href and href.startswith(zipkin + "/zipkin/?serviceName=productpage.default"), href
+    traces = wait_until(lambda: json.loads(urllib.request.urlopen(
+        zipkin + "/api/v2/traces?serviceName=productpage.default&limit=10", timeout=5).read()), what="productpage's traces")
+    assert all(any(s["localEndpoint"]["serviceName"] == "productpage.default" for s in t) for t in traces)
+    assert any(s["localEndpoint"]["serviceName"] == "reviews.default" for t in traces for s in t)
+    browser.get(href)  # Zipkin's own UI, served by the Zipkin server (no CDN either)
+    wait_until(lambda: "zipkin" in (browser.title or "").lower(), what="Zipkin's UI")

@@ -194,3 +194,25 @@ def test_mixer_finds_sidecars_and_gateways_in_the_state_dir(tmp_path):
     (tmp_path / "ports.json").write_text(json.dumps({"ingress/admin": 41020, "web-v1-0/admin": 41003}))
     m = Mixer(tmp_path, {"extra": "127.0.0.1:5000"})
     assert m.discover() == {"extra": "127.0.0.1:5000", "web-v1-0": "127.0.0.1:41003", "ingress": "127.0.0.1:41020"}
+
+
+def test_series_per_service_in_steps_for_the_dashboard_charts():
+    tel = Telemetry(PP)
+    agg = Aggregator()
+    agg.ingest("pp", tel.render())
+    agg.snapshot(0.0)
+    for t in range(1, 21):  # a scrape a second; from t=11 reviews v2 fails half the time and gets slow
+        traffic(tel, "v1", 2, ms=3.0)
+        if t > 10:
+            traffic(tel, "v2", 1, status=503, ms=300.0)
+            traffic(tel, "v2", 1, ms=300.0)
+        agg.ingest("pp", tel.render())
+        agg.snapshot(float(t))
+    covered, series = agg.series(span=20.0, step=5.0)
+    assert covered == 20.0
+    pts = series["reviews"]  # both versions, one service
+    assert [p["age"] for p in pts] == [15.0, 10.0, 5.0, 0.0]
+    assert pts[0]["rps"] == pytest.approx(2.0) and pts[0]["error_rate"] == 0.0 and pts[0]["p99"] <= 5
+    assert pts[-1]["rps"] == pytest.approx(4.0) and pts[-1]["error_rate"] == pytest.approx(0.25)
+    assert 250 < pts[-1]["p99"] <= 500
+    assert Aggregator().series() == (0.0, {})
