@@ -111,7 +111,8 @@ def list_secrets(state_dir: Path) -> list[SecretInfo]:
         if not d.is_dir():
             continue
         keys = tuple(k for k in (CERT, KEY, CA) if (d / k).is_file())
-        subject, names, not_after = "", (), None
+        subject, not_after = "", None
+        names: tuple[str, ...] = ()
         if (d / CERT).is_file():
             try:
                 leaf = x509.load_pem_x509_certificates((d / CERT).read_bytes())[0]

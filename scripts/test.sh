@@ -33,8 +33,13 @@ bash scripts/build-binary.sh
 bash scripts/smoke-binary.sh
 
 set +e
+# Types: mypy as [tool.mypy] in pyproject.toml says (strict on core/, model/, protocol/;
+# normal elsewhere). A type error fails the run, after the tests have run too.
+.venv/bin/python -m mypy
+types_rc=$?
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
+((types_rc == 0)) || { echo "mypy found type errors (above)" >&2; rc=1; }
 # CI: the unit and integration layers once more, against the mypyc-compiled build
 if [[ ${CI:-} == true && $# == 0 ]]; then
   bash scripts/test-compiled.sh tests/unit tests/integration || rc=1

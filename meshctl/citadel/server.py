@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from .. import httpapi
 from ..loopback import plain_http_client
-from .ca import DEFAULT_LEAF_TTL, PrivateKey, make_csr, validate_csr
+from .ca import CA, DEFAULT_LEAF_TTL, PrivateKey, make_csr, validate_csr
 from .errors import (
     CAError,
     CitadelError,
@@ -82,7 +82,7 @@ class CitadelService:
         self.clock = wall_clock
         self.tokens = TokenFile(self.state_dir)
         self._ca_mtime = -1
-        self._ca = None
+        self._ca: CA | None = None
         try:
             self._load()
         except CAError:

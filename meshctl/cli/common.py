@@ -46,10 +46,10 @@ def serve_forever(main, host: str, port: int) -> None:
     except OSError as e:
         fail(f"cannot listen on {host}:{port}: {e.strerror}")
     except BaseExceptionGroup as group:  # the bind failed inside a nursery
-        e = first_exception(group, OSError)
-        if e is None:
+        bind = first_exception(group, OSError)
+        if bind is None:
             raise
-        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        fail(f"cannot listen on {host}:{port}: {getattr(bind, 'strerror', None) or bind}")
 
 
 def first_exception(e: BaseException, kind: type) -> BaseException | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -137,7 +137,7 @@ def render_top(data: dict, *, sort: str = "rps", service: Optional[str] = None, 
     for r in rows:
         sr = r["success_rate"]
         colour = "green" if sr is None or sr >= 0.99 else ("yellow" if sr >= 0.95 else "red")
-        cells = {
+        cells: dict[str, str | Text] = {
             "RPS": f"{r['rps']:.1f}", "SUCC": Text(_pct(sr), style=colour), "P50": _ms(r["p50"]), "P90": _ms(r["p90"]),
             "P99": _ms(r["p99"]), "CONN": str(r["active_connections"]), "EJECT": str(r["ejected_hosts"]),
             "UO": str(r["overflows"]), "RL": str(r["rate_limited"]),
@@ -149,7 +149,7 @@ def render_top(data: dict, *, sort: str = "rps", service: Optional[str] = None, 
     meaning = {"SUCC": "SUCC success rate", "CONN": "CONN active connections", "EJECT": "EJECT ejected hosts",
                "UO": "UO overflows (circuit breaker)", "RL": "RL rate-limited"}
     legend = Text(", ".join(meaning[k] for k in kept if k in meaning), style="dim")
-    parts = [head, t, legend]
+    parts: list[RenderableType] = [head, t, legend]
     if not rows:
         parts.append(Text("no traffic seen yet" if not service else f"no traffic for {service}", style="dim"))
     failing = data.get("failing") or {}

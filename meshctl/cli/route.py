@@ -180,7 +180,7 @@ def get(
         if not items:
             fail(f"{kind} {namespace}/{name} not found")
     if output in ("yaml", "json"):
-        print(dump_resources(items, output), end="")
+        print(dump_resources(items, "yaml" if output == "yaml" else "json"), end="")
         return
     if output != "table":
         fail(f"unknown output format {output!r}: table, yaml or json", 2)

@@ -48,7 +48,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from ..model.istio import AuthorizationPolicy, Condition, Operation, Rule, Source, WorkloadSelector
 
@@ -225,7 +225,7 @@ def _unsupported(action: str) -> bool:
     return action != ALLOW
 
 
-def _field(values: Sequence[str], not_values: Sequence[str], test) -> bool:
+def _field(values: Sequence[str], not_values: Sequence[str], test: Callable[[str], bool]) -> bool:
     if values and not any(test(v) for v in values):
         return False
     if not_values and any(test(v) for v in not_values):

@@ -15,7 +15,7 @@ Pure: the proxy passes the request's method and headers (proxy/http.py).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ..model.istio import CorsPolicy, StringMatch
 from .regex import compile_regex
@@ -32,14 +32,14 @@ def _origin_ok(origins: Sequence[StringMatch], origin: str) -> bool:
     return False
 
 
-def _header(headers, name: str) -> str | None:
+def _header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     for k, v in headers:
         if k == name:
             return v
     return None
 
 
-def cors(policy: CorsPolicy, method: str, headers) -> tuple[bool, list[tuple[str, str]]]:
+def cors(policy: CorsPolicy, method: str, headers: Iterable[tuple[str, str]]) -> tuple[bool, list[tuple[str, str]]]:
     """(preflight answered here, headers): for a preflight to answer locally, the
     response's headers; else the headers to add to the upstream's response (maybe none)."""
     origin = _header(headers, "origin")

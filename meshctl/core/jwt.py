@@ -172,7 +172,7 @@ class JwtAuthenticator:
                 keys = ()
             self.rules.append(_Rule(r, keys))
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[float, RequestAuth, dict]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, RequestAuth, dict[str, Any]]] = OrderedDict()
         self._required = [r for r in self.rules if (r.spec.presence or "").upper() == "REQUIRED"]
         seen_h: dict[str, None] = {}
         seen_p: dict[str, None] = {}
@@ -287,11 +287,11 @@ class JwtAuthenticator:
             return None
         return [(k, v) for k, v in headers if k not in self._outputs]
 
-    def _verify(self, token: str, kind: str, name: str, prefix: str, now: float) -> tuple[RequestAuth, _Rule, dict] | str:
+    def _verify(self, token: str, kind: str, name: str, prefix: str, now: float) -> tuple[RequestAuth, _Rule, dict[str, Any]] | str:
         hit = self._cache.get(token)
         if hit is not None:
-            exp, auth, raw = hit
-            if now <= exp + CLOCK_SKEW:
+            expires, auth, raw = hit
+            if now <= expires + CLOCK_SKEW:
                 self._cache.move_to_end(token)
                 rule = self._rule_for(auth.issuer, kind, name, prefix)
                 if rule is not None:

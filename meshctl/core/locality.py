@@ -67,7 +67,7 @@ import random
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..model.istio import LocalityLoadBalancerSetting
+from ..model.istio import LocalityFailover, LocalityLoadBalancerSetting
 from ..model.proxyconfig import Endpoint
 
 __all__ = [
@@ -239,7 +239,7 @@ def plan_locality(
     return LocalityPlan("failover", shown, levels, reason=f"failover by {how} (outlierDetection is set)")
 
 
-def _locality_level(caller: Locality, loc: Locality, failover: Sequence) -> int:
+def _locality_level(caller: Locality, loc: Locality, failover: Sequence[LocalityFailover]) -> int:
     p = lb_priority(caller, loc)
     if p == 3:
         for f in failover:

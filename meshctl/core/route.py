@@ -649,9 +649,10 @@ class _Route:
                 )
             )
         self.dests = tuple(dests)
-        cum, total = [], 0
-        for d in dests:
-            total += d.weight
+        cum: list[int] = []
+        total = 0
+        for dest in dests:
+            total += dest.weight
             cum.append(total)
         self.cum, self.total = tuple(cum), total
         rw = route.rewrite
@@ -729,6 +730,7 @@ class _Route:
                 authority = self.rewrite_authority
                 if any(k == "host" for k, _ in headers):
                     headers = [(k, authority if k == "host" else v) for k, v in headers]
+            resp: tuple[HeaderOperations, ...]
             if self.route_resp_ops is None:
                 resp = (d.response_ops,) if d.response_ops is not None else ()
             elif d.response_ops is None:
@@ -932,7 +934,7 @@ class Router:
                 lines.append(f"  {route.label}: no match")
                 for i, cm in enumerate(route.matches):
                     failing = next(c for c in cm.conds if not c.ok(r))
-                    name = f" {route.route.match[i].name!r}" if route.route.match[i].name else ""
+                    name: str | None = f" {route.route.match[i].name!r}" if route.route.match[i].name else ""
                     lines.append(f"    match {i}{name}: {failing.why_not(r)}")
                 continue
             if m.index < 0:

@@ -25,6 +25,7 @@ Rules, as Envoy's Zipkin tracer in Istio:
 from __future__ import annotations
 
 import random
+from typing import Any
 
 TRACE_HEADERS = frozenset({
     "traceparent", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
@@ -177,9 +178,9 @@ def begin(headers: list[tuple[str, str]], percent: float, rand: random.Random, n
 
 
 def zipkin_json(span: Span, *, name: str, service: str, duration_us: int, tags: dict[str, str],
-                local_ip: str | None = None, remote_service: str | None = None) -> dict:
+                local_ip: str | None = None, remote_service: str | None = None) -> dict[str, Any]:
     """One span in Zipkin's v2 JSON model (POST /api/v2/spans takes a list of these)."""
-    d: dict = {
+    d: dict[str, Any] = {
         "traceId": span.trace_id,
         "id": span.span_id,
         "kind": span.kind,
@@ -202,19 +203,19 @@ _OTLP_KIND = {SERVER: 2, CLIENT: 3}
 _OTLP_STATUS_ERROR = 2
 
 
-def otlp_json(spans: list[dict], scope_version: str = "") -> dict:
+def otlp_json(spans: list[dict[str, Any]], scope_version: str = "") -> dict[str, Any]:
     """Zipkin v2 spans (as ``zipkin_json`` makes them) as one OTLP ExportTraceServiceRequest,
     in the JSON encoding of OTLP/HTTP: ids as hex strings, enums as numbers, 64-bit times as
     decimal strings, one ResourceSpans per service (its ``service.name`` resource attribute).
     A 64-bit B3 trace id is left-padded to OTLP's 16 bytes, as in ``traceparent``."""
-    by_service: dict[str, list[dict]] = {}
+    by_service: dict[str, list[dict[str, Any]]] = {}
     for z in spans:
         start_ns = int(z["timestamp"]) * 1000
         attrs = [{"key": k, "value": {"stringValue": str(v)}} for k, v in z.get("tags", {}).items()]
         remote = z.get("remoteEndpoint", {}).get("serviceName")
         if remote:
             attrs.append({"key": "peer.service", "value": {"stringValue": remote}})
-        o: dict = {
+        o: dict[str, Any] = {
             "traceId": z["traceId"].rjust(32, "0"),
             "spanId": z["id"],
             "name": z["name"],
@@ -228,7 +229,7 @@ def otlp_json(spans: list[dict], scope_version: str = "") -> dict:
         if z.get("tags", {}).get("error") == "true":
             o["status"] = {"code": _OTLP_STATUS_ERROR}
         by_service.setdefault(z["localEndpoint"]["serviceName"], []).append(o)
-    scope: dict = {"name": "meshctl"}
+    scope: dict[str, Any] = {"name": "meshctl"}
     if scope_version:
         scope["version"] = scope_version
     return {"resourceSpans": [

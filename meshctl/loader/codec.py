@@ -262,7 +262,7 @@ def _decode(tp: Any, data: Any, path: str, ctx: _Ctx) -> Any:
     if tp is Any or tp is object:
         return data
     if origin is Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args: Sequence[Any] = [a for a in typing.get_args(tp) if a is not type(None)]
         if data is None:
             return None
         if len(args) != 1:
@@ -297,7 +297,7 @@ def _decode(tp: Any, data: Any, path: str, ctx: _Ctx) -> Any:
             else:
                 out[key] = value
         return _BAD if bad else FrozenDict(out)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _decode_dataclass(tp, data, path, ctx)
     if tp is Duration:
         if data is None:

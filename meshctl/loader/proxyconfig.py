@@ -188,8 +188,8 @@ def check_proxy_config(cfg: ProxyConfig, *, file: str = "<config>", lines: LineM
             else:
                 port(f"{lpath}.appPort", lst.app_port)
         for j, tcp in enumerate(lst.tcp_routes):
-            for k, d in enumerate(tcp.route):
-                destination(f"{lpath}.tcpRoutes[{j}].route[{k}].destination", d.destination)
+            for k, td in enumerate(tcp.route):
+                destination(f"{lpath}.tcpRoutes[{j}].route[{k}].destination", td.destination)
     for field, message in settings_problems(cfg.settings):
         err(f"settings.{field}", message)
     return errors

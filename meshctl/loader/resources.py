@@ -298,10 +298,12 @@ def _load_object(
         if raw_spec is None:
             raw_spec = {}
         spec, spec_errors = decode_collect(spec_type, raw_spec, path=spec_path, lines=lines, file=file)
-        errors.extend(_refuse_by_name(kind, spec_path, e) for e in spec_errors)
+        errors.extend(_refuse_by_name(str(kind), spec_path, e) for e in spec_errors)
 
     if len(errors) != before or spec is None:
         return None
+    # no error: all four were checked to be strings above
+    assert isinstance(api_version, str) and isinstance(kind, str) and isinstance(name, str) and isinstance(namespace, str)
     doc_line = line_of(lines, where)
     source = f"{file}:{doc_line}" if doc_line is not None else file
     resource = Resource(

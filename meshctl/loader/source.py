@@ -136,7 +136,7 @@ def parse_documents(text: str, file: str) -> tuple[list[Document], list[LoadErro
     try:
         while loader.check_node():
             node = loader.get_node()
-            if _is_empty(node):
+            if node is None or _is_empty(node):
                 continue
             lines: dict[str, int] = {}
             start = node.start_mark.line + 1

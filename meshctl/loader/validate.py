@@ -164,7 +164,7 @@ class _Validator:
 
     # -- reporting
 
-    def _add(self, level: str, field: str, message: str) -> None:
+    def _add(self, level: Literal["error", "warning"], field: str, message: str) -> None:
         assert self.r is not None
         self.findings.append(Finding(level, source_of(self.r, field), field, message))
 
@@ -255,7 +255,7 @@ class _Validator:
                 f"defines subset {dest.subset!r}",
             )
             return
-        defined = list(dict.fromkeys(s.name for dr in drs for s in dr.spec.subsets))
+        defined = list(dict.fromkeys(s.name for dr in drs if isinstance(dr.spec, m.DestinationRule) for s in dr.spec.subsets))
         if dest.subset not in defined:
             dr = drs[0]
             self.error(
@@ -322,18 +322,20 @@ class _Validator:
         for i, route in enumerate(vs.http):
             self.http_route(f"spec.http[{i}]", route)
         on_mesh = not vs.gateways or "mesh" in vs.gateways
-        for kind, routes in (("tcp", vs.tcp), ("tls", vs.tls)):
-            for i, route in enumerate(routes):
+        l4: tuple[tuple[str, Sequence[m.TCPRoute | m.TLSRoute]], ...] = (("tcp", vs.tcp), ("tls", vs.tls))
+        for kind, routes in l4:
+            for i, troute in enumerate(routes):
                 path = f"spec.{kind}[{i}]"
                 if kind == "tls" and on_mesh:
                     self.error(path, "meshctl does not implement tls routes on sidecars (gateways: mesh); "
                                "they apply on gateways only")
-                if not route.route:
+                if not troute.route:
                     self.error(f"{path}.route", "at least one destination is required")
-                self.weights(f"{path}.route", route.route)
-                for j, d in enumerate(route.route):
+                self.weights(f"{path}.route", troute.route)
+                for j, d in enumerate(troute.route):
                     self.destination(f"{path}.route[{j}].destination", d.destination)
-                for j, match in enumerate(route.match):
+                matches: Sequence[m.L4MatchAttributes | m.TLSMatchAttributes] = troute.match
+                for j, match in enumerate(matches):
                     self.port(f"{path}.match[{j}].port", match.port)
 
     def delegate_route(self, path: str, route: m.HTTPRoute, actions: list[str]) -> None:
@@ -781,7 +783,7 @@ class _Validator:
             self.r = r
             report = r.key in self.new_keys
             if isinstance(r.spec, m.VirtualService):
-                reported: set[str] = set()
+                reported: set[tuple[str, str, str]] = set()
                 for i, host in enumerate(r.spec.hosts):
                     for gw in r.spec.gateways or ("mesh",):
                         gw_key = gw if gw == "mesh" or "/" in gw else f"{r.namespace}/{gw}"

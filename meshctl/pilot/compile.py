@@ -201,7 +201,8 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
             # the WorkloadEntries of its namespace that the selector picks are its endpoints
             picked = tuple(
                 w.spec for w in sorted(entries, key=lambda w: w.name)
-                if w.namespace == r.namespace and _labels_match(se.workload_selector.labels, w.spec.labels)  # type: ignore[attr-defined]
+                if isinstance(w.spec, WorkloadEntry) and w.namespace == r.namespace
+                and _labels_match(se.workload_selector.labels, w.spec.labels)
             )
             se = replace(se, endpoints=se.endpoints + picked)
         ports = tuple(p.number for p in se.ports) or (80,)
@@ -476,9 +477,10 @@ def _ensure_clusters(routes: Iterable[HTTPRoute | TCPRoute], clusters: dict[str,
     for r in routes:
         for rd in r.route:
             d = rd.destination
-            name = cluster_name(d.host, d.port.number if d.port else 80, d.subset)
+            number = d.port.number if d.port and d.port.number else 80
+            name = cluster_name(d.host, number, d.subset)
             if name not in clusters:
-                clusters[name] = Cluster(name=name, service=d.host, port=d.port.number if d.port else 80, subset=d.subset)
+                clusters[name] = Cluster(name=name, service=d.host, port=number, subset=d.subset)
 
 
 def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] | None = None) -> RouteTable:
@@ -496,7 +498,8 @@ def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] 
                 routes = (_default_route(svc, port),)
             routes = layer_faults(routes, faults_for_host(inp.faults, svc.host))
             _ensure_clusters(routes, clusters)
-            domains, subnets = domains_for(svc, port, i == 0), ()
+            domains = domains_for(svc, port, i == 0)
+            subnets: tuple[str, ...] = ()
             if svc.entry is not None and svc.entry.addresses:
                 extra, subnets = _address_domains(svc.entry, port, i == 0)
                 domains += extra
@@ -616,7 +619,8 @@ def gateway_listeners(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> 
     for port, on_port in sorted(servers.items()):
         table = http_tables.get(port, RouteTable(name=f"gateway-{port}"))
         tables[table.name] = table
-        protocol, tcp_routes = "http", ()
+        protocol = "http"
+        tcp_routes: tuple[TCPRoute, ...] = ()
         tls: list[ServerTLS] = []
         redirect: list[str] = []
         for ref, i, server in on_port:

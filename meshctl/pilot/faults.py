@@ -143,7 +143,7 @@ def _and_string(a: StringMatch | None, b: StringMatch | None) -> Any:
         return b if _string_ok(a, b.exact) else _UNSAT
     if a.prefix is not None and b.prefix is not None:
         longer, shorter = (a, b) if len(a.prefix) >= len(b.prefix) else (b, a)
-        return longer if longer.prefix.startswith(shorter.prefix) else _UNSAT  # type: ignore[union-attr]
+        return longer if longer.prefix is not None and shorter.prefix is not None and longer.prefix.startswith(shorter.prefix) else _UNSAT
     # Two regexes, or a regex and a prefix: not expressible as one condition.
     return _UNSAT
 
@@ -463,7 +463,8 @@ class FaultStore:
         """Remove active faults for which ``pred(fault)`` is true (and every expired
         one); return the active ones removed."""
         with self._locked():
-            removed, kept = [], []
+            removed: list[InjectedFault] = []
+            kept: list[InjectedFault] = []
             for f in self.load():
                 if not f.active(now):
                     continue

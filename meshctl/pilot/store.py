@@ -24,9 +24,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..loader.codec import from_data, to_data
+from ..model.base import FrozenDict
 from ..model.istio import SPEC_TYPES, Resource
 
 
@@ -70,7 +71,7 @@ def resource_to_dict(r: Resource) -> dict:
     meta: dict = {"name": r.name, "namespace": r.namespace}
     if r.labels:
         meta["labels"] = dict(r.labels)
-    out = {"apiVersion": r.api_version, "kind": r.kind, "metadata": meta, "spec": to_data(r.spec) or {}}
+    out: dict[str, Any] = {"apiVersion": r.api_version, "kind": r.kind, "metadata": meta, "spec": to_data(r.spec) or {}}
     if r.source:
         out["metadata"]["annotations"] = {"meshctl.io/source": r.source}
     return out
@@ -86,7 +87,7 @@ def resource_from_dict(d: dict) -> Resource:
         name=meta["name"],
         namespace=meta.get("namespace", "default"),
         spec=from_data(cls, d.get("spec") or {}),
-        labels=meta.get("labels") or {},
+        labels=FrozenDict(meta.get("labels") or {}),
         source=(meta.get("annotations") or {}).get("meshctl.io/source"),
     )
 

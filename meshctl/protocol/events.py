@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model.base import HeaderList  # noqa: F401  (defined in model/: core/ uses it too)
+from ..model.base import HeaderList as HeaderList  # re-exported (defined in model/: core/ uses it too)
 
 
 @dataclass(slots=True)

@@ -254,7 +254,7 @@ def _strip_connection_specific(headers: HeaderList, *, drop_host: bool) -> Heade
     return out
 
 
-def _encode_fields(out: list[tuple[bytes, bytes]], headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> list:
+def _encode_fields(out: list[tuple[bytes, bytes]], headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[bytes, bytes]]:
     """Append the caller's fields to ``out`` as h2 wants them (bytes, lower-case names)."""
     for k, v in headers:
         if not k.islower():
@@ -338,7 +338,7 @@ class _Conn(H2Connection):
             raise DenialOfServiceError(f"oversized header block: {exc}") from exc
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise _H2ProtocolError(f"error decoding header block: {exc}") from exc
-        if sid > self.highest_inbound_stream_id:
+        if sid > self.highest_inbound_stream_id:  # type: ignore[has-type]  # h2's attribute (jh2: no types)
             self.highest_inbound_stream_id = sid
         self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
         ep._ctl += 1
@@ -402,7 +402,7 @@ class _Stream:
     def __init__(self) -> None:
         self.queue: deque[memoryview] | None = None  # outbound data waiting for window
         self.queued = 0
-        self.end_pending: list | None = None  # trailers (maybe []) to send after the queue
+        self.end_pending: list[tuple[str, str]] | None = None  # trailers (maybe []) to send after the queue
         self.unacked = 0  # inbound bytes handed out in Data events, not acked yet
         self.trailers: HeaderList = []
         self.local_done = False  # we sent END_STREAM
@@ -639,7 +639,7 @@ class _Endpoint:
             return pseudo, fields, f"{len(fields)} header fields is over the limit of {lim.max_headers}"
         return pseudo, fields, ""
 
-    def _on_trailers(self, ev: TrailersReceived, events: list) -> None:
+    def _on_trailers(self, ev: TrailersReceived, events: list[H2Event]) -> None:
         sid = ev.stream_id
         st = self._streams.get(sid)
         if st is None:
@@ -651,7 +651,7 @@ class _Endpoint:
             return
         st.trailers = fields
 
-    def _on_reset(self, ev: StreamReset, events: list) -> None:
+    def _on_reset(self, ev: StreamReset, events: list[H2Event]) -> None:
         sid = ev.stream_id
         st = self._streams.pop(sid, None)
         if st is None:
@@ -678,7 +678,7 @@ class _Endpoint:
                 calm=True,
             )
 
-    def _on_goaway(self, ev: ConnectionTerminated, events: list) -> None:
+    def _on_goaway(self, ev: ConnectionTerminated, events: list[H2Event]) -> None:
         last = ev.last_stream_id if ev.last_stream_id is not None else 0
         self._peer_last = last if self._peer_last is None else min(last, self._peer_last)
         events.append(GoAway(last, int(ev.error_code or 0), ev.additional_data or b""))
@@ -689,7 +689,7 @@ class _Endpoint:
             events.append(H2Reset(f"the {self._who} sent GOAWAY before processing the stream", sid,
                                   int(ErrorCodes.REFUSED_STREAM)))
 
-    def _on_head(self, ev, events: list) -> None:  # type: ignore[no-untyped-def]
+    def _on_head(self, ev, events: list[H2Event]) -> None:  # type: ignore[no-untyped-def]
         raise NotImplementedError
 
     # ------------------------------------------------------------ bookkeeping
@@ -797,7 +797,7 @@ class _Endpoint:
                 self._blocked[stream_id] = st
         return self._out()
 
-    def end(self, stream_id: int, trailers: HeaderList = ()) -> bytes:
+    def end(self, stream_id: int, trailers: Iterable[tuple[str, str]] = ()) -> bytes:
         """End the body (with trailers, as a HEADERS frame with END_STREAM)."""
         st = self._streams.get(stream_id)
         if st is None or self._closed:
@@ -892,7 +892,7 @@ class H2Server(_Endpoint):
     def __init__(self, limits: H2Limits = _DEFAULT_LIMITS, *, now: Callable[[], float] | None = None) -> None:
         super().__init__(limits, now)
 
-    def _on_head(self, ev, events: list) -> None:  # type: ignore[no-untyped-def]
+    def _on_head(self, ev, events: list[H2Event]) -> None:  # type: ignore[no-untyped-def]
         sid = ev.stream_id
         pseudo, fields, problem = self._decode_fields(ev.headers, sid)
         if problem:
@@ -919,7 +919,7 @@ class H2Server(_Endpoint):
         self._streams[sid] = _Stream()
         events.append(head)
 
-    def _refuse_431(self, sid: int, ended: bool, problem: str, events: list) -> None:
+    def _refuse_431(self, sid: int, ended: bool, problem: str, events: list[H2Event]) -> None:
         conn = self._conn
         conn.send_headers(sid, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True)
         if not ended:
@@ -1001,7 +1001,7 @@ class H2Client(_Endpoint):
             st.local_done = True
         return sid, self._out()
 
-    def _on_head(self, ev, events: list) -> None:  # type: ignore[no-untyped-def]
+    def _on_head(self, ev, events: list[H2Event]) -> None:  # type: ignore[no-untyped-def]
         sid = ev.stream_id
         st = self._streams.get(sid)
         if st is None:

@@ -255,7 +255,7 @@ def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
         if holder is None:
             raise UpstreamConnectError(ep.address, ep.port,
                                        "DestinationRule asks for ISTIO_MUTUAL but this sidecar has no certificate")
-        ck = ("mtls", ep.identity, id(holder), h2)
+        ck: tuple[object, ...] = ("mtls", ep.identity, id(holder), h2)
         got = _cache.get(ck)
         if got is None:
             expected = frozenset({ep.identity}) if ep.identity else None
@@ -263,6 +263,7 @@ def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
                                            h2=h2)
         return got
     # SIMPLE or MUTUAL with files named by the DestinationRule
+    assert tls is not None  # mode came from it
     ck = ("tls", mode, tls.ca_certificates, tls.client_certificate, tls.private_key, tls.sni,
           bool(tls.insecure_skip_verify), cluster.service)
     got = _cache.get(ck)

@@ -11,6 +11,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .runtime import ConfigRejected
 
 EXIT_BAD_CONFIG = 2
 
@@ -113,7 +117,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
     return 0
 
 
-def _rejected(exc: BaseException) -> "ConfigRejected | None":  # noqa: F821
+def _rejected(exc: BaseException) -> "ConfigRejected | None":
     """The ConfigRejected inside ``exc`` (possibly wrapped in exception groups)."""
     from .runtime import ConfigRejected
 

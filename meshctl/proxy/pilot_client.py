@@ -97,10 +97,11 @@ class PilotClient:
                         continue
                     await self._take(client, r.json())
                 except (httpx.HTTPError, ValueError) as e:
-                    refused = isinstance(e, httpx.HTTPStatusError) and e.response.status_code in (401, 403)
-                    if refused and (self.connected or not self.last_error):
+                    answer = e.response if isinstance(e, httpx.HTTPStatusError) else None
+                    refused = answer is not None and answer.status_code in (401, 403)
+                    if answer is not None and refused and (self.connected or not self.last_error):
                         log.error("Pilot at %s refused this proxy (%d): %s; serving config %s, retrying", self.url,
-                                  e.response.status_code, e.response.text.strip()[:300], self.version or "(none)")
+                                  answer.status_code, answer.text.strip()[:300], self.version or "(none)")
                     elif self.connected or not self.last_error:
                         log.warning("Pilot at %s unreachable (%s); serving config %s, retrying", self.url, e.__class__.__name__, self.version or "(none)")
                     self.connected, self.last_error = False, f"{e.__class__.__name__}: {e}"

@@ -18,11 +18,15 @@ fails open or closed as its ``failureModeDeny`` says.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..core.ratelimit import Allowed, AskMixer, Grant, Limited, RateLimitConfigError, RateLimiter, WaitForGrant
 from .request import LocalReply
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("meshctl.proxy.ratelimit")
 
@@ -41,7 +45,7 @@ class RateLimits:
         self._specs: dict[str, object] = {}
         self._cfg = None
         self._changed = trio.Event()  # set whenever a grant or a failure comes back
-        self._client = None
+        self._client: httpx.AsyncClient | None = None
         self.asks_sent = 0
 
     def sync(self, cfg, now: float) -> None:

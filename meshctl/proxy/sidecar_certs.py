@@ -29,6 +29,7 @@ class SidecarCertificates(CertificateHolder):
     def update(self, chain_pem, key_pem, bundle_pem, *, verify=True, now=None) -> None:
         super().update(chain_pem, key_pem, bundle_pem, verify=verify, now=now)
         h2 = client_context(chain_pem, key_pem, bundle_pem, alpn=("h2",))
+        assert self._client is not None and self._server is not None  # made by update() above
         self._client.set_alpn_protocols(list(UPSTREAM_ALPN))
         self._server.num_tickets = 1
         self.client_h2 = h2

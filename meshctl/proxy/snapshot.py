@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from typing import Sequence
+from typing import Sequence, cast
 
 from ..core.balance import make_balancer
 from ..core.celfilter import parse as parse_cel
@@ -23,7 +23,7 @@ from ..core.outlier import OutlierDetector
 from ..core.warmup import SlowStart, warmup_config
 from ..core.retry import RetryPolicy, retry_policy
 from ..core.route import Router
-from ..model.istio import HTTPRetry
+from ..model.istio import AuthorizationPolicy, HTTPRetry
 from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, Workload, cluster_name
 from ..protocol.http1 import Limits
 from .limits import ClusterLimiter, build_limiters
@@ -58,7 +58,7 @@ class ClusterState:
         self.shaped = self.locality.active or slow_start is not None  # candidates() does more than eligible()
         self._observed = False
 
-    def eligible(self, now: float) -> tuple[Endpoint, ...] | list[Endpoint]:
+    def eligible(self, now: float) -> Sequence[Endpoint]:
         """Healthy endpoints not ejected by outlier detection."""
         if self.outlier is None:
             return self.healthy
@@ -153,8 +153,8 @@ class Snapshot:
         self.no_retry: RetryPolicy = retry_policy(HTTPRetry(attempts=0), s)
         ns = cfg.workload.namespace
         auth = cfg.authorization  # Pilot: {"namespace/name": policy}; hand-written configs may list policies
-        self.authz_policies = tuple(auth.items()) if hasattr(auth, "items") else tuple(
-            (f"{ns}/policy-{i}", p) for i, p in enumerate(auth))
+        self.authz_policies: tuple[tuple[str, AuthorizationPolicy], ...] = tuple(auth.items()) if hasattr(auth, "items") else tuple(
+            (f"{ns}/policy-{i}", p) for i, p in enumerate(cast(Sequence[AuthorizationPolicy], auth)))
         rules = [r for ra in cfg.request_authentication.values() for r in ra.jwt_rules]
         self.jwt: JwtAuthenticator | None = JwtAuthenticator(rules, cfg.jwks) if rules else None
         self.stats = stats

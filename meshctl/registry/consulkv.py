@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import builtins  # `list` below is also a method name of the KV clients
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -226,14 +227,14 @@ class ConsulKV:
         _, items = self._call(f"list {prefix!r}", lambda c: c.kv.get(_key(prefix), recurse=True))
         return [_entry(d) for d in items or ()]
 
-    def list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[Entry]]:
+    def list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, builtins.list[Entry]]:
         idx, items = self._call(
             f"watch {prefix!r}",
             lambda c: c.kv.get(_key(prefix), recurse=True, index=index or None, wait=_go_duration(wait)),
         )
         return int(idx or 0), [_entry(d) for d in items or ()]
 
-    def keys(self, prefix: str) -> list[str]:
+    def keys(self, prefix: str) -> builtins.list[str]:
         _, items = self._call(f"list keys {prefix!r}", lambda c: c.kv.get(_key(prefix), keys=True))
         return [str(k) for k in items or ()]
 
@@ -329,10 +330,10 @@ class AsyncConsulKV:
     async def list(self, prefix: str) -> list[Entry]:
         return await self._run(partial(self.kv.list, prefix))
 
-    async def list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[Entry]]:
+    async def list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, builtins.list[Entry]]:
         return await self._run(partial(self.kv.list_blocking, prefix, index, wait), blocking=True)
 
-    async def keys(self, prefix: str) -> list[str]:
+    async def keys(self, prefix: str) -> builtins.list[str]:
         return await self._run(partial(self.kv.keys, prefix))
 
     async def put(self, key: str, value: bytes | str, *, cas: int | None = None) -> bool:

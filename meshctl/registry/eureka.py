@@ -137,7 +137,7 @@ class EurekaRegistry(WatchedRegistry):
         reg = self._registered.get(instance_id)
         if reg is not None:
             reg.draining = True
-            app = _app_name(reg.instance.service)
+            app: str | None = _app_name(reg.instance.service)
         else:
             app = await self._find_app(instance_id)
             if app is None:
