@@ -31,6 +31,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+Node = tuple[Any, ...]  # an expression tree: ("or", left, right), ("attr", name), ("lit", value), ...
+
 ATTRIBUTES = frozenset({
     "response.code", "response.grpc_status", "response.flags", "request.method", "request.path",
     "request.url_path", "request.host", "request.scheme", "request.protocol", "request.useragent",
@@ -76,21 +78,21 @@ class _Parser:
         self.i += 1
         return tok
 
-    def expr(self) -> tuple:
+    def expr(self) -> Node:
         node = self.and_()
         while self.peek() == "||":
             self.take()
             node = ("or", node, self.and_())
         return node
 
-    def and_(self) -> tuple:
+    def and_(self) -> Node:
         node = self.unary()
         while self.peek() == "&&":
             self.take()
             node = ("and", node, self.unary())
         return node
 
-    def unary(self) -> tuple:
+    def unary(self) -> Node:
         if self.peek() == "!":
             self.take()
             return ("not", self.unary())
@@ -100,7 +102,7 @@ class _Parser:
             return ("cmp", op, left, self.value())
         return left
 
-    def value(self) -> tuple:
+    def value(self) -> Node:
         kind, text = self.take()
         if text == "(":
             node = self.expr()
@@ -131,7 +133,7 @@ class _Parser:
         if name not in ATTRIBUTES:
             raise CelError(f"meshctl does not implement the attribute {name!r} in access-log filters yet "
                            f"(it has {', '.join(sorted(ATTRIBUTES))}, request.headers['name'])")
-        node: tuple = ("attr", name)
+        node = ("attr", name)
         if self.peek() == ".":
             self.take(".")
             method = self.take()[1]
@@ -146,7 +148,7 @@ class _Parser:
         return node
 
 
-def parse(text: str) -> tuple:
+def parse(text: str) -> Node:
     """The expression as a tree; CelError when it is outside the subset."""
     if not text or not text.strip():
         raise CelError("the expression is empty")
@@ -160,7 +162,7 @@ def parse(text: str) -> tuple:
 _MISSING = object()
 
 
-def _value(node: tuple, attrs: dict[str, Any]) -> Any:
+def _value(node: Node, attrs: dict[str, Any]) -> Any:
     kind = node[0]
     if kind == "lit":
         return node[1]
@@ -176,7 +178,7 @@ def _value(node: tuple, attrs: dict[str, Any]) -> Any:
     return evaluate(node, attrs)
 
 
-def evaluate(node: tuple, attrs: dict[str, Any]) -> bool:
+def evaluate(node: Node, attrs: dict[str, Any]) -> bool:
     """Whether the request with ``attrs`` passes the filter."""
     kind = node[0]
     if kind == "or":
