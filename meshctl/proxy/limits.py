@@ -108,6 +108,7 @@ class ClusterLimiter:
         idle = self.pool.idle.get(key)
         admit = breaker.admit(len(idle) if idle else 0)
         if admit is Admit.USE_IDLE:
+            assert idle  # the breaker says USE_IDLE only with an idle connection
             now = trio.current_time()
             idle_timeout = breaker.limits.idle_timeout
             if idle_timeout is None:

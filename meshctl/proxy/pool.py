@@ -46,7 +46,7 @@ class EventReader:
         # an ACK after each one would be a packet and a syscall more per request.
         self.ack_partial = getattr(stream, "quickack", False)
         if self.ack_partial:
-            stream.quickack = False
+            stream.quickack = False  # type: ignore[attr-defined]  # the socket stream's own (stream.py), found above
 
     def buffered(self):
         """The next event if one is already decoded, else None (never blocks)."""
@@ -105,7 +105,7 @@ class UpstreamPool:
         self.limits = limits
         self.backend: NetworkBackend = backend if backend is not None else SOCKETS
         self.max_idle = max_idle_per_endpoint
-        self.idle: dict[tuple[str, int], list[UpstreamConn]] = {}
+        self.idle: dict[tuple[Any, ...], list[UpstreamConn]] = {}  # (address, port[, tls key])
         self.idle_timeout = 60.0
 
     async def acquire(self, address: str, port: int, stats: ClusterStats, connect_timeout: float,
@@ -144,7 +144,8 @@ class UpstreamPool:
                     raise
             stats.cx_active += 1
             stats.cx_total += 1
-            return UpstreamConn(stream, H1Client(self.limits), key, stats)
+            client = H1Client(self.limits) if self.limits is not None else H1Client()  # None: before the first config
+            return UpstreamConn(stream, client, key, stats)
         stats.cx_connect_fail += 1
         raise UpstreamConnectError(address, port, f"timed out after {connect_timeout:g}s")
 
