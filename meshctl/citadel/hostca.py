@@ -128,8 +128,7 @@ def sync(state_dir: str | Path, kv: KV, now: datetime | float, *, leaf_ttl: time
     if not host:
         raise CAError(f"{d} is not a joined host: run `meshctl citadel join` first")
     when = as_datetime(now)
-    prefix, name = host["prefix"], host["name"]
-    _, entries = kv.list(prefix)
+    _, entries = kv.list(host["prefix"])
     return apply_entries(d, meta, entries, when, kv=kv if report else None, leaf_ttl=leaf_ttl)
 
 
@@ -226,10 +225,10 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def follow(state_dir: str | Path, kv: KV, *, leaf_ttl: timedelta | None = None, wait: float = 30.0,
-                 report_every: float = 10.0) -> None:
-    """Forever: ``sync`` after each change under the prefix (and every ``report_every``
-    seconds, so the report's expiry times stay current). Errors are logged and retried."""
+async def follow(state_dir: str | Path, kv: KV, *, leaf_ttl: timedelta | None = None, wait: float = 10.0) -> None:
+    """Forever: ``sync`` after each change under the prefix, and at least every ``wait``
+    seconds (the longest a blocking query is held). Errors are logged and retried; the
+    CA files of the last good pass keep serving meanwhile."""
     d = ca_dir(state_dir)
     meta = _read_meta(d)
     prefix = meta["host"]["prefix"]
@@ -240,7 +239,7 @@ async def follow(state_dir: str | Path, kv: KV, *, leaf_ttl: timedelta | None = 
         try:
             index_before = index
             index, entries = await trio.to_thread.run_sync(
-                lambda: kv.list(prefix, index=index_before, wait=report_every if index_before else None),
+                lambda: kv.list(prefix, index=index_before, wait=wait if index_before else None),
                 abandon_on_cancel=True,
             )
             res = await trio.to_thread.run_sync(

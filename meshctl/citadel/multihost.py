@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
@@ -281,7 +281,6 @@ class HostReport:
     leaf_ttl: float = 0.0  # lifetime of the certificates it issues, seconds
     old_leaves_until: str | None = None  # last expiry of certificates from older intermediates
     updated: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps({
