@@ -174,8 +174,6 @@ def apply_entries(d: Path, meta: dict[str, Any], entries: dict, when: datetime, 
         _write_meta(d, meta)
         _write(d / "ca-cert.pem", cert_to_pem(ca.cert))  # last: Citadel reloads on its change
         changed = True
-        log.info("host %s signs with intermediate %x (root %s)", name, ca.cert.serial_number,
-                 ca.root.subject.rfc4514_string())
     meta = _read_meta(d)
     if kv is not None:
         rep = host_report(d, ca.cert, accepted.roots, meta.get("since") or when.isoformat(), when, leaf_ttl)

@@ -170,8 +170,9 @@ def waiting_message(host: dict[str, Any], *, seen_in_kv: bool = True) -> str:
     where = f"its CSR is published in Consul KV at {host['prefix']}csr/{host['name']}"
     if seen_in_kv:
         return f"host {host['name']} waits for its intermediate CA: {where}; on the root holder run {approve}"
-    return (f"host {host['name']} has no intermediate CA here yet: {where}; once the root holder ran {approve}, "
-            "`meshctl up` (or `meshctl citadel join` again) on this host fetches it")
+    return (f"host {host['name']} has no intermediate CA yet: {where}; once the root holder approved it with "
+            f"{approve}, this host takes it from Consul KV (a running Citadel at once, else at `meshctl up` "
+            "or `meshctl citadel join`)")
 
 
 def load_ca_in(d: Path) -> CA:
