@@ -124,7 +124,8 @@ class CitadelService:
 
     def sign(self, token: str, csr_pem: str) -> dict[str, Any]:
         """First certificate: redeem the token, sign the CSR for its identity."""
-        validate_csr(csr_pem)  # a bad CSR must not burn the token
+        validate_csr(csr_pem)  # a bad CSR must not burn the token,
+        _ = self.ca  # nor a CA that cannot sign yet (a joined host not approved: CAError, 503)
         identity = self.tokens.redeem(token, self.clock())
         return self._issue(identity, csr_pem, "token")
 

@@ -132,3 +132,53 @@ def test_a_removed_host_is_not_waited_for_and_loses_the_trust_of_the_others_afte
     assert [r.host for r in hosts(s["kv"], s["prefix"])] == ["a"]
     res = sync(b, s["kv"], now())
     assert not res.ready and "waits for its intermediate CA" in res.message
+
+
+def test_a_running_citadel_of_an_unapproved_host_says_what_it_waits_for_then_signs_once_approved(setup, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from meshctl.citadel.ca import make_csr
+    from meshctl.citadel.store import TokenFile
+    from tests.tools.servers import free_port
+
+    s = setup
+    a = joined(s, "a")
+    port = free_port()
+    env = {k: v for k, v in __import__("os").environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    proc = subprocess.Popen([sys.executable, "-m", "meshctl", "citadel", "serve", "--port", str(port), "--state-dir",
+                             str(a)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "citadel.log", "w"), env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(trust_env=False, timeout=5) as c:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    r = c.get(url + "/healthz")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, (tmp_path / "citadel.log").read_text()
+                    time.sleep(0.2)
+            assert r.status_code == 503 and "host a has no intermediate CA yet" in r.json()["error"], r.text
+            token = TokenFile(a).issue_token("spiffe://cluster.local/ns/default/sa/x", 600, now())
+            r = c.post(url + "/v1/sign", json={"token": token, "csr": make_csr(generate_key()).decode()})
+            assert r.status_code == 503 and "citadel approve" in r.json()["error"]
+
+            approve(s["root"], s["kv"], ["a"], now=now())
+            deadline = time.monotonic() + 20
+            while c.get(url + "/healthz").status_code != 200:
+                assert time.monotonic() < deadline, (tmp_path / "citadel.log").read_text()
+                time.sleep(0.2)
+            # the token tried before the approval was not spent on the refusal
+            r = c.post(url + "/v1/sign", json={"token": token, "csr": make_csr(generate_key()).decode()})
+            assert r.status_code == 200, r.text
+            chain = x509.load_pem_x509_certificates(r.json()["cert_chain"].encode())
+            assert "meshctl intermediate a" in chain[1].subject.rfc4514_string()
+        log = (tmp_path / "citadel.log").read_text()
+        assert "host a waits for its intermediate CA" in log and "host a signs with intermediate" in log
+    finally:
+        proc.terminate()
+        proc.wait(10)
