@@ -3,7 +3,7 @@ the certificates the root holder publishes back (rules in multihost.py).
 
 - ``join``: makes the host's intermediate key (0600, in the state directory's
   ca/, never leaves it), publishes a CSR naming the host under
-  ``meshctl/<mesh>/ca/csr/<host>``, and records the host in ca.json.
+  ``meshctl/<meshId>/ca/csr/<host>``, and records the host in ca.json.
 - ``sync``: reads the root bundle and the host's intermediate from KV, keeps
   what the rules allow, and writes them as the CA files Citadel signs with
   (trust-bundle.pem first, then cert-chain.pem, then ca-cert.pem: Citadel

@@ -4,7 +4,7 @@ A thin face over meshctl/registry/consulkv.py (the KV client the shared rules
 use too): blocking calls (async callers run them in a thread), every KVError
 turned into a CAError naming the agent, the operation and the key.
 
-Layout under ``meshctl/<mesh>/ca/`` (``<mesh>`` is the mesh name, by default
+Layout under ``meshctl/<meshId>/ca/`` (mesh.yaml's ``settings.meshId``, by default
 its trust domain), described in docs/multi-host-ca.md:
 
     csr/<host>            PEM CSR of the host's intermediate key (written by the host)

@@ -78,7 +78,7 @@ def init(
     root_dir: Optional[Path] = typer.Option(
         None, "--root-dir", help="Make the root of a multi-host mesh in this directory (kept off the hosts; "
         "`citadel approve` signs each host's intermediate with it)."),
-    mesh: Optional[str] = typer.Option(None, "--mesh", help="With --root-dir: the mesh name in Consul KV "
+    mesh: Optional[str] = typer.Option(None, "--mesh-id", help="With --root-dir: the meshId, where the CA lives in Consul KV "
                                        "(default: the trust domain)."),
     state: Optional[str] = StateDirOption,
 ) -> None:
@@ -112,7 +112,7 @@ def init(
         )
         return
     if mesh is not None:
-        fail("--mesh goes with --root-dir")
+        fail("--mesh-id goes with --root-dir")
     sd = _state(state, create=True)
     try:
         ca = init_ca(sd, trust_domain, _read(cert, "--ca-cert"), _read(key, "--ca-key"), _read(chain, "--cert-chain"),
@@ -234,7 +234,7 @@ def rotate_root(
     root_dir: Optional[Path] = typer.Option(
         None, "--root-dir", help="Multi-host mesh: the root holder's directory (with --registry)."),
     registry: Optional[str] = typer.Option(None, "--registry", help="Multi-host mesh: consul://HOST:PORT."),
-    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the root's)."),
+    mesh: Optional[str] = typer.Option(None, "--mesh-id", help="The meshId whose CA this is in Consul KV (default: the root's)."),
     wait: str = typer.Option("1h", "--wait", help="Multi-host: how long to wait for the hosts before the old root "
                              "leaves the bundle (0: start or check, and return; run again to continue)."),
     state: Optional[str] = StateDirOption,
@@ -340,7 +340,7 @@ def join(
                                  "consul://HOST:PORT (this host's agent)."),
     host: str = typer.Option(..., "--host", help="This host's name in the mesh (one per host)."),
     trust_domain: str = typer.Option("cluster.local", "--trust-domain", help="SPIFFE trust domain of the mesh."),
-    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the trust domain)."),
+    mesh: Optional[str] = typer.Option(None, "--mesh-id", help="The mesh's meshId: its CA lives under meshctl/<meshId>/ca/ in Consul KV (default: the trust domain)."),
     root_cert: Optional[Path] = typer.Option(
         None, "--root-cert", help="Pin the mesh's root (PEM, from the root holder) instead of trusting the first "
         "bundle found in Consul KV."),
@@ -380,7 +380,7 @@ def approve(
     root_dir: Path = typer.Option(..., "--root-dir", help="The root holder's directory (citadel init --root-dir)."),
     registry: str = typer.Option(..., "--registry", help="Consul: consul://HOST:PORT."),
     all_: bool = typer.Option(False, "--all", help="Sign every pending host's CSR."),
-    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the root's)."),
+    mesh: Optional[str] = typer.Option(None, "--mesh-id", help="The meshId whose CA this is in Consul KV (default: the root's)."),
     ttl: str = typer.Option("365d", "--ttl", help="Lifetime of the hosts' intermediate certificates."),
 ) -> None:
     """List the hosts waiting for an intermediate CA, or sign the named ones (--all: every pending one)."""
@@ -420,7 +420,7 @@ def remove_host(
     host: str = typer.Argument(..., help="The host to forget."),
     root_dir: Path = typer.Option(..., "--root-dir", help="The root holder's directory (citadel init --root-dir)."),
     registry: str = typer.Option(..., "--registry", help="Consul: consul://HOST:PORT."),
-    mesh: Optional[str] = typer.Option(None, "--mesh", help="Mesh name in Consul KV (default: the root's)."),
+    mesh: Optional[str] = typer.Option(None, "--mesh-id", help="The meshId whose CA this is in Consul KV (default: the root's)."),
 ) -> None:
     """Forget a host of a multi-host mesh (it gets no new intermediate; a running rotation stops waiting
     for it). Its intermediate stays trusted until the root changes: run `rotate-root` to revoke it."""

@@ -87,7 +87,7 @@ def test_an_issuer_with_pathlen_0_is_refused_by_name(tmp_path):
 def test_a_multi_host_rotation_needs_the_root_dir_and_the_registry(tmp_path):
     code, out = run("rotate-root", "--root-dir", str(tmp_path / "root"))
     assert code == 1 and "needs both --root-dir and --registry" in out, out
-    code, out = run("init", "--mesh", "x", "--state-dir", str(tmp_path / "s"))
-    assert code == 1 and "--mesh goes with --root-dir" in out, out
+    code, out = run("init", "--mesh-id", "x", "--state-dir", str(tmp_path / "s"))
+    assert code == 1 and "--mesh-id goes with --root-dir" in out, out
     code, out = run("approve", "--root-dir", str(tmp_path), "--registry", "eureka://127.0.0.1:8761/eureka")
     assert code == 1 and "Consul" in out, out
