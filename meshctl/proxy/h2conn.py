@@ -405,6 +405,7 @@ class _Conn(OutBuffer):
             self.streams[sid] = (scope, reader, down)
             if self.state is not None:
                 self.state.deadline = math.inf
+            assert self.nursery is not None  # set before the first frame is read
             self.nursery.start_soon(self._serve_stream, ev, scope, reader, down)
         elif t is WindowUpdated:
             s = self.streams.get(ev.stream_id)
