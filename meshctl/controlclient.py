@@ -171,9 +171,9 @@ class ControlClient:
         from .model.base import FrozenDict
         from .model.proxyconfig import Listener, Workload
         from .pilot.compile import Inputs, Node, compile_proxy
-        from .pilot.store import RuleStore
+        from .pilot.kvstore import open_rule_store
 
-        resources = list(RuleStore(self.state_dir).current().resources)
+        resources = list(open_rule_store(self.state_dir).current().resources)
         snapshot = self.registry_snapshot()
         node = None
         nodes_file = self.state_dir / "pilot" / "nodes.json"
@@ -193,10 +193,11 @@ class ControlClient:
 
     def injected_faults(self) -> tuple:
         """The injected faults (`meshctl inject-fault`) in force now, as Pilot layers them."""
-        from .pilot.faults import FaultError, FaultStore, active_faults
+        from .pilot.faults import FaultError, active_faults
+        from .pilot.kvstore import open_fault_store
 
         try:
-            return tuple(active_faults(FaultStore(self.state_dir).load(), time.time()))
+            return tuple(active_faults(open_fault_store(self.state_dir).load(), time.time()))
         except FaultError:
             return ()
 

@@ -24,7 +24,6 @@ from ..pilot.compile import Inputs
 from ..pilot.query import mesh_hosts, mesh_routes
 from ..pilot.faults import (
     FaultError,
-    FaultStore,
     InjectedFault,
     active_faults,
     describe,
@@ -32,7 +31,8 @@ from ..pilot.faults import (
     new_fault,
     subsets_routed,
 )
-from ..pilot.store import RuleStore, StoreError
+from ..pilot.kvstore import open_fault_store, open_rule_store
+from ..pilot.store import StoreError
 from .common import StateDirOption, Table, console, control, err_console, fail, or_fail, state_dir
 
 VERBS = ("list", "clear")
@@ -76,7 +76,7 @@ def _short(host: str) -> str:
 def _resolve_service(sd: Path, name: str) -> tuple[str, Inputs]:
     """The FQDN of ``name`` if the registry or the rules know it; else fail naming what is known."""
     try:
-        resources = list(RuleStore(sd).current().resources)
+        resources = list(open_rule_store(sd).current().resources)
     except StoreError as e:
         fail(str(e))
     inp = Inputs(resources, control(sd).registry_snapshot())
@@ -162,7 +162,7 @@ def _add(sd: Path, service: str, delay, abort, percent, match, subset, ttl, wait
             err_console.print(f"[yellow]warning:[/] no route of {_short(host)} sends traffic to subset {subset!r} now: "
                               "the fault applies once one does", soft_wrap=True)
     try:
-        FaultStore(sd).add(f, now)
+        open_fault_store(sd).add(f, now)
     except (FaultError, OSError) as e:
         fail(f"fault not stored: {e}")
     where = f" on routes to subset {subset}" if subset else ""
@@ -183,7 +183,7 @@ def _add(sd: Path, service: str, delay, abort, percent, match, subset, ttl, wait
 def _list(sd: Path) -> None:
     now = time.time()
     try:
-        faults = active_faults(FaultStore(sd).load(), now)
+        faults = active_faults(open_fault_store(sd).load(), now)
     except FaultError as e:
         fail(str(e))
     if not faults:
@@ -199,7 +199,7 @@ def _clear(sd: Path, what: Optional[str], wait: bool) -> None:
     now = time.time()
     want = None if what is None else {what, fqdn(what)}
     try:
-        removed = FaultStore(sd).remove(lambda f: want is None or f.id in want or f.service in want, now)
+        removed = open_fault_store(sd).remove(lambda f: want is None or f.id in want or f.service in want, now)
     except (FaultError, OSError) as e:
         fail(str(e))
     if not removed:

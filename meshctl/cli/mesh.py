@@ -92,6 +92,8 @@ def print_table(st: dict, out: Console | None = None) -> None:
     if reg and not reg.get("reachable", True):
         line += f" [red](unreachable: {reg.get('error', '')})[/]"
     out.print(line, style="dim")
+    if st.get("rules"):
+        out.print(f"rules: {st['rules']}", style="dim", highlight=False, soft_wrap=True)
 
 
 def up(
@@ -374,7 +376,7 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
         st["state"] = "dead"
         st["error"] = "the supervisor is not running (killed?): `meshctl up` again"
     if json_out:
-        keys = ("state", "error", "locality", "advertise", "registry", "control_plane", "workloads", "gateways")
+        keys = ("state", "error", "locality", "advertise", "registry", "rules", "control_plane", "workloads", "gateways")
         print(json.dumps({k: st.get(k) for k in keys}, indent=1))
         return
     console.print(f"mesh {st.get('mesh')}: [bold]{st.get('state')}[/]")

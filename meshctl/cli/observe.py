@@ -21,16 +21,18 @@ def dashboard_context(sd: Path) -> Callable[[float], dict]:
     """For Mixer's dashboard: the rules applied and the injected faults in force at ``now``."""
 
     def context(now: float) -> dict:
-        from ..pilot.faults import FaultError, FaultStore, active_faults, describe, describe_match
-        from ..pilot.store import RuleStore, StoreError
+        from ..pilot.faults import FaultError, active_faults, describe, describe_match
+        from ..pilot.kvstore import open_fault_store, open_rule_store
+        from ..pilot.store import StoreError
 
+        # What this host's Pilot has in force (with Consul KV: its last copy; Consul is not asked here).
         try:
             rules = [{"kind": r.kind, "name": r.name, "namespace": r.namespace, "source": r.source or ""}
-                     for r in RuleStore(sd).current().resources]
+                     for r in open_rule_store(sd).last_known().resources]
         except (StoreError, OSError, ValueError):
             rules = []
         try:
-            faults = active_faults(FaultStore(sd).load(), now)
+            faults = active_faults(open_fault_store(sd).last_known(), now)
         except (FaultError, OSError, ValueError):
             faults = ()
         out = []

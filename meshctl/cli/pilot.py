@@ -14,7 +14,7 @@ from ..loader.codec import from_data, to_data
 from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
 from ..state import write_control
-from .common import StateDirOption, Table, console, control, fail, or_fail, serve_forever, state_dir
+from .common import StateDirOption, Table, console, control, err_console, fail, or_fail, serve_forever, state_dir
 
 app = typer.Typer(help="Pilot: rules + registry → config pushed to every proxy.", no_args_is_help=True)
 
@@ -31,15 +31,28 @@ def serve(
     port: int = typer.Option(15010, help="Port (0 picks a free one)."),
     registry: str = typer.Option("embedded", envvar="MESHCTL_REGISTRY", help="embedded, consul://HOST:PORT or eureka://HOST:PORT/eureka"),
     trust_domain: str = typer.Option("cluster.local", help="SPIFFE trust domain."),
+    mesh_id: Optional[str] = typer.Option(None, help="With a Consul registry, the rules live in Consul KV under "
+                                          "meshctl/<mesh-id>/ (default: the trust domain)."),
     state: Optional[str] = StateDirOption,
 ) -> None:
     """Run Pilot in the foreground."""
+    import os
+
+    from ..pilot.kvstore import read_location, record_location
     from ..pilot.server import Pilot, run_pilot
+    from ..pilot.store import StoreError
     from ..registry import open_registry
     from ..registry.base import RegistryError
 
     sd = Path(state) if state else state_dir(None) if _has_state(None) else Path(".meshctl")
     sd.mkdir(parents=True, exist_ok=True)
+    try:  # where the rules live: Consul KV with a Consul registry (`up` may have recorded it, with a token)
+        loc = read_location(sd)
+        mid = mesh_id or trust_domain
+        if not (loc.get("kind") == "consul" and loc.get("registry") == registry.strip() and loc.get("meshId") == mid):
+            record_location(sd, registry, mid, token=os.environ.get("CONSUL_HTTP_TOKEN"))
+    except (StoreError, RegistryError) as e:
+        fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pilot %(levelname)s %(message)s")
 
     async def main() -> None:
@@ -68,17 +81,63 @@ def proxy_status(
     output: str = typer.Option("table", "-o", "--output", help="table or json"),
     state: Optional[str] = StateDirOption,
 ) -> None:
-    """Which proxy runs which config version: SYNCED, STALE, or NACKED and why."""
-    st = or_fail(control(state_dir(state)).status)
+    """Which proxy runs which config version: SYNCED, STALE, or NACKED and why.
+
+    With the rules in Consul KV, the proxies of every host of the mesh: each host's Pilot
+    publishes its proxies and the rules revision each one ACKed."""
+    from ..controlclient import ControlPlaneError
+    from ..pilot.kvstore import open_rule_store
+    from ..pilot.store import StoreError
+
+    sd = state_dir(state)
+    local: dict | None = None
+    local_error = ""
+    try:
+        local = control(sd).status()
+    except ControlPlaneError as e:
+        local_error = str(e)
+    try:
+        store = open_rule_store(sd)
+        reports = store.peer_reports()
+        own = store.host_key()
+    except StoreError as e:
+        if local is None:
+            fail(f"{local_error}; and the other hosts' proxies cannot be read: {e}")
+        err_console.print(f"[yellow]warning:[/] only this host's proxies: {e}", soft_wrap=True, highlight=False)
+        reports, own = [], ""
+    if local is None and not reports:
+        fail(local_error)
+    hosts: list[dict] = []
+    if local is not None:
+        hosts.append({"host": local.get("host", ""), "revision": local["revision"], "proxies": local["proxies"],
+                      "this_host": True, "stale": False})
+    hosts += [dict(r, this_host=False) for r in reports if r.get("key") != own or local is None]
     if output == "json":
-        print(json.dumps(st, indent=1))
+        if len(hosts) == 1 and local is not None:
+            print(json.dumps(local, indent=1))  # one host: Pilot's own answer, as before
+        else:
+            print(json.dumps({"revision": local["revision"] if local else None, "proxies": local["proxies"] if local else [],
+                              "hosts": hosts}, indent=1))
         return
-    t = Table("PROXY", "SERVICE", "STATUS", "VERSION", "ACKED", "ERROR", box=None)
-    for p in st["proxies"]:
-        colour = {"SYNCED": "green", "STALE": "yellow", "NACKED": "red"}[p["status"]]
-        t.add_row(p["proxy"], p["service"], f"[{colour}]{p['status']}[/]", p["current"], p["acked"] or "-", p["error"])
+    many = len(hosts) > 1 or local is None
+    cols = (("HOST",) if many else ()) + ("PROXY", "SERVICE", "STATUS", "VERSION", "ACKED", "REVISION", "ERROR")
+    t = Table(*cols, box=None)
+    for h in hosts:
+        host = h.get("host") or "?"
+        if h.get("stale"):
+            host += " (not reporting)"
+        for p in h["proxies"]:
+            colour = {"SYNCED": "green", "STALE": "yellow", "NACKED": "red"}.get(p["status"], "white")
+            rev = p.get("acked_revision")
+            row = (p["proxy"], p["service"], f"[{colour}]{p['status']}[/]", p["current"], p["acked"] or "-",
+                   "-" if rev is None else str(rev), p.get("error") or "")
+            t.add_row(*(((host,) if many else ()) + row))
     console.print(t)
-    console.print(f"rules revision {st['revision']}", style="dim")
+    if local is None:
+        err_console.print(f"[yellow]this host's Pilot does not answer:[/] {local_error}", soft_wrap=True, highlight=False)
+    revs = sorted({h["revision"] for h in hosts})
+    console.print(f"rules revision {local['revision'] if local else revs[-1]}"
+                  + (f" (hosts at revisions {', '.join(map(str, revs))})" if len(revs) > 1 else ""), style="dim")
 
 
 @app.command("proxy-config")

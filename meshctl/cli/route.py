@@ -14,7 +14,8 @@ from rich.markup import escape
 from ..loader.resources import LoadErrors, dump_resources, load_resources
 from ..loader.validate import validate
 from ..model.istio import SPEC_TYPES, Resource
-from ..pilot.store import RuleStore, StoreError
+from ..pilot.kvstore import open_rule_store
+from ..pilot.store import StoreError
 from .common import StateDirOption, Table, console, control, err_console, fail, or_fail, state_dir
 
 app = typer.Typer(help="Istio rules: VirtualService, DestinationRule, ServiceEntry, Gateway, ...", no_args_is_help=True)
@@ -75,6 +76,22 @@ def _gateway_findings(resources, mesh: Optional[Path], sd: Optional[Path], conte
 MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve the Gateway ports (default: the state directory's).")
 
 
+def _store(sd: Path):
+    """The rule store of this mesh: Consul KV with a Consul registry, else the state directory's files."""
+    try:
+        return open_rule_store(sd)
+    except StoreError as e:
+        fail(str(e))
+
+
+def _do(fn, *args):
+    """A store operation; its StoreError (Consul away, a lost race, a bad revision) is the command's error."""
+    try:
+        return fn(*args)
+    except StoreError as e:
+        fail(str(e))
+
+
 def _poke_pilot(sd: Path) -> str | None:
     """Tell a running Pilot to re-read the store; it would notice within a second anyway."""
     return or_fail(control(sd).reload_rules)
@@ -101,15 +118,13 @@ def apply(
     """Create or replace rules, like `kubectl apply`; running proxies get them at once."""
     resources = _load(files)
     sd = state_dir(state)
-    store = RuleStore(sd)
-    findings = validate(resources, context=store.current().resources) + _gateway_findings(resources, mesh, sd, store.current().resources)
+    store = _store(sd)
+    current = _do(store.current)
+    findings = validate(resources, context=current.resources) + _gateway_findings(resources, mesh, sd, current.resources)
     if _report(findings):
         fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
-    before = store.current_number()
-    try:
-        rev, changes = store.apply(resources)
-    except StoreError as e:
-        fail(str(e))
+    before = current.number
+    rev, changes = _do(store.apply, resources)
     for c in changes:
         console.print(str(c), highlight=False)
     url = _poke_pilot(sd)
@@ -170,7 +185,7 @@ def get(
 ) -> None:
     """List applied rules, or print them as YAML/JSON."""
     sd = state_dir(state)
-    rev = RuleStore(sd).current()
+    rev = _do(_store(sd).current)
     items = list(rev.resources)
     if kind:
         k = _kind(kind)
@@ -208,7 +223,7 @@ def delete(
     else:
         fail("give KIND NAME, or -f FILE", 2)
     sd = state_dir(state)
-    rev, changes = RuleStore(sd).delete(keys)
+    rev, changes = _do(_store(sd).delete, keys)
     missing = [c for c in changes if c.action == "not found"]
     for c in changes:
         console.print(str(c), highlight=False)
@@ -220,10 +235,10 @@ def delete(
 @app.command("history")
 def history(state: Optional[str] = StateDirOption) -> None:
     """Every revision of the rules, newest last."""
-    store = RuleStore(state_dir(state))
-    cur = store.current_number()
+    store = _store(state_dir(state))
+    cur = _do(store.current_number)
     t = Table("REVISION", "TIME", "RESOURCES", "CHANGE", box=None)
-    for rev in store.history():
+    for rev in _do(store.history):
         mark = " *" if rev.number == cur else ""
         t.add_row(f"{rev.number}{mark}", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rev.time)), str(len(rev.resources)), rev.change)
     console.print(t)
@@ -236,10 +251,7 @@ def rollback(
 ) -> None:
     """Restore an earlier revision of the rules (recorded as a new revision)."""
     sd = state_dir(state)
-    try:
-        rev = RuleStore(sd).rollback(revision)
-    except StoreError as e:
-        fail(str(e))
+    rev = _do(_store(sd).rollback, revision)
     _poke_pilot(sd)
     console.print(f"revision {rev.number}: {rev.change}")
 

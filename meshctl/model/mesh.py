@@ -4,6 +4,8 @@
 settings:
   registry: embedded            # or consul://127.0.0.1:8500, eureka://127.0.0.1:8761/eureka
   trustDomain: cluster.local
+  meshId: shop                  # with Consul: the rules live in Consul KV under meshctl/<meshId>/, shared by
+                                # every host with this meshId (default: trustDomain)
   portRange: 21000-21999        # where meshctl allocates app, sidecar and gateway ports
   readyTimeout: 60s             # how long `up` waits for every instance to pass its health check
   advertise: 10.0.0.12          # across hosts: this host's address, registered for its instances and where
@@ -102,6 +104,9 @@ class TracingSettings:
 class MeshSettings:
     registry: str = "embedded"
     trust_domain: str = "cluster.local"
+    # Istio's meshConfig meshId; with a Consul registry the rules live under meshctl/<meshId>/ in
+    # Consul KV (pilot/kvstore.py), shared by every host with the same meshId. Default: trustDomain.
+    mesh_id: str = ""
     namespace: str = "default"
     port_range: str = "21000-21999"
     state_dir: str | None = None  # default: .meshctl beside the mesh file

@@ -40,11 +40,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Protocol, Sequence
+
+import trio
 
 from ..core.regex import RegexError, compile_regex
 from ..loader.codec import LoadError, from_data, parse_duration, to_data
@@ -63,6 +66,7 @@ __all__ = [
     "FaultError",
     "InjectedFault",
     "FaultStore",
+    "FaultStoreLike",
     "active_faults",
     "layer_faults",
     "faults_for_host",
@@ -73,6 +77,8 @@ __all__ = [
 ]
 
 ROUTE_PREFIX = "inject-fault"
+
+log = logging.getLogger("meshctl.pilot.faults")
 
 
 class FaultError(ValueError):
@@ -481,3 +487,41 @@ class FaultStore:
                 return False
             self._save(kept)
             return True
+
+    # Pilot's side (FaultStoreLike)
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def last_known(self) -> list[InjectedFault]:
+        return self.load()
+
+    async def watch(self, poll: float = 0.5) -> AsyncIterator[list[InjectedFault]]:
+        """The stored faults, then again each time the file changes."""
+        last: tuple[float, int] | None = None
+        while True:
+            stamp = self.stamp()
+            if stamp != last:
+                last = stamp
+                try:
+                    yield self.load()
+                except FaultError as e:  # keep the faults we had; the CLI reports the same error
+                    log.warning("injected faults not reloaded: %s", e)
+            await trio.sleep(poll)
+
+
+class FaultStoreLike(Protocol):
+    """:class:`FaultStore` (state_dir/faults.json) or
+    :class:`~meshctl.pilot.kvstore.ConsulFaultStore` (one key in Consul KV, shared by every host).
+    Expiry is a wall-clock time stored with the fault, so every host's Pilot ends it at the same moment
+    whichever host injected it."""
+
+    @property
+    def location(self) -> str: ...
+    def load(self) -> list[InjectedFault]: ...
+    def add(self, fault: InjectedFault, now: float) -> None: ...
+    def remove(self, pred: Callable[[InjectedFault], bool], now: float) -> list[InjectedFault]: ...
+    def prune(self, now: float) -> bool: ...
+    def last_known(self) -> list[InjectedFault]: ...
+    def watch(self) -> AsyncIterator[list[InjectedFault]]: ...

@@ -60,8 +60,9 @@ from ..registry.base import RegistryError
 from .compile import (DEFAULT_NAMESPACE, META_SERVICE_ACCOUNT, META_SIDECAR, Inputs, Node, compile_proxy, jwks_wanted,
                       mtls_mode_for)
 from .jwks import JwksResolver
-from .faults import FaultError, FaultStore, InjectedFault, active_faults, next_expiry
-from .store import RuleStore
+from .faults import FaultError, FaultStoreLike, InjectedFault, active_faults, next_expiry
+from .kvstore import host_name, open_stores
+from .store import Revision, RuleStoreLike, StoreError
 
 log = logging.getLogger("meshctl.pilot")
 
@@ -109,6 +110,15 @@ class ProxyState:
     last_seen: float = 0.0
     config: ProxyConfig | None = None
     generation: int = -1  # Pilot generation the cached config was compiled at
+    # config version → the rules revision it was compiled from (the last few sent), for proxy-status
+    revisions: dict[str, int] = field(default_factory=dict)
+
+    def revision_of(self, version: str, current: str, revision: int) -> int | None:
+        if not version:
+            return None
+        if version == current:
+            return revision
+        return self.revisions.get(version)
 
     def status(self, current: str) -> str:
         if self.nacked and self.nacked == current:
@@ -123,7 +133,9 @@ class Pilot:
     state_dir: Path
     registry: Registry
     trust_domain: str = "cluster.local"
-    store: RuleStore = field(init=False)
+    # Files in the state directory, or Consul KV shared by every host (kvstore.py).
+    store: RuleStoreLike = field(init=False)
+    fault_store: FaultStoreLike = field(init=False)
     proxies: dict[str, ProxyState] = field(default_factory=dict)
     snapshot: Snapshot = field(default_factory=dict)
     revision: int = 0
@@ -141,15 +153,16 @@ class Pilot:
 
     def __post_init__(self) -> None:
         self.mesh_secret = mesh_credential(Path(self.state_dir))
-        self.store = RuleStore(self.state_dir)
-        self.fault_store = FaultStore(self.state_dir)
-        self._fault_stamp = self.fault_store.stamp()
-        self._reload_faults()
+        self.store, self.fault_store = open_stores(Path(self.state_dir))
+        self._faults = self.fault_store.last_known()
+        self._refresh_faults(time.time())
+        self._expiry_changed = trio.Event()
         self._nodes_file = Path(self.state_dir) / "pilot" / "nodes.json"
         private_dir(self._nodes_file.parent)
         self._load_nodes()
         self.jwks = JwksResolver(self.state_dir, self._bump)  # jwksUri → keys, pushed in configs
-        self._reload_rules()
+        self._resources: list = []
+        self._set_rules(self.store.last_known())
 
     # ------------------------------------------------------------ state changes
 
@@ -163,8 +176,7 @@ class Pilot:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _reload_rules(self) -> bool:
-        rev = self.store.current()
+    def _set_rules(self, rev: Revision) -> bool:
         if rev.number == self.revision and self._inputs is not None:
             return False
         self.revision = rev.number
@@ -174,12 +186,16 @@ class Pilot:
         log.info("rules at revision %d (%d resources)", rev.number, len(rev.resources))
         return True
 
-    def _reload_faults(self) -> None:
+    async def _reload_rules(self) -> None:
         try:
-            self._faults = self.fault_store.load()
-        except FaultError as e:  # keep the faults we had; the CLI reports the same error
-            log.warning("injected faults not reloaded: %s", e)
+            self._set_rules(await self.store.fetch())
+        except StoreError as e:  # keep the rules in force; the watch retries
+            log.warning("rules not reloaded: %s", e)
+
+    def _set_faults(self, faults: list[InjectedFault]) -> None:
+        self._faults = faults
         self._refresh_faults(time.time())
+        self._expiry_changed.set()
 
     def _refresh_faults(self, now: float) -> bool:
         """Recompile if the set of faults in force changed (one added, cleared, expired)."""
@@ -250,34 +266,50 @@ class Pilot:
     # ------------------------------------------------------------ background loops
 
     async def watch_rules(self) -> None:
-        """Fallback for a CLI that could not poke us: poll the store once a second."""
-        last = self.store.stamp()
-        while True:
-            await trio.sleep(1.0)
-            stamp = self.store.stamp()
-            if stamp != last:
-                last = stamp
-                self._reload_rules()
+        """Follow the store: the file store is polled once a second (the CLI pokes us too);
+        Consul KV is watched with blocking queries, and its being away keeps the rules."""
+        async for rev in self.store.watch():
+            self._set_rules(rev)
 
-    async def watch_faults(self, poll: float = 0.5) -> None:
-        """Reload faults.json when it changes; end each fault at its expiry even when
-        no CLI is running (and drop it from the file)."""
+    async def watch_faults(self) -> None:
+        """Follow the stored faults; end each fault at its expiry (a wall-clock time stored with
+        it, the same on every host) even when no CLI is running, and drop it from the store."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_faults)
+            async for faults in self.fault_store.watch():
+                self._set_faults(faults)
+
+    async def _expire_faults(self) -> None:
         while True:
             now = time.time()
             nxt = next_expiry(self._faults, now)
-            await trio.sleep(poll if nxt is None else max(0.0, min(poll, nxt - now)))
-            stamp = self.fault_store.stamp()
-            if stamp != self._fault_stamp:
-                self._fault_stamp = stamp
-                self._reload_faults()
+            with trio.move_on_after(60.0 if nxt is None else max(0.0, nxt - now)):
+                await self._expiry_changed.wait()
+            self._expiry_changed = trio.Event()
             now = time.time()
             if self._refresh_faults(now):
+                self._faults = [f for f in self._faults if f.active(now)]
                 try:
-                    if self.fault_store.prune(now):
-                        self._fault_stamp = self.fault_store.stamp()
-                        self._faults = [f for f in self._faults if f.active(now)]
+                    await trio.to_thread.run_sync(self.fault_store.prune, now, abandon_on_cancel=True)
                 except (OSError, FaultError) as e:
-                    log.warning("could not drop expired faults from %s: %s", self.fault_store.path, e)
+                    log.warning("could not drop expired faults from %s: %s", self.fault_store.location, e)
+
+    async def publish_proxies(self, period: float = 1.0) -> None:
+        """Put this host's proxies and what each ACKed where every host's `proxy-status` reads
+        them (Consul KV; nothing for the file store)."""
+        try:
+            while True:
+                await trio.sleep(period)
+                try:
+                    await trio.to_thread.run_sync(self.store.publish_proxies, self.report(), abandon_on_cancel=True)
+                except (RegistryError, StoreError, OSError) as e:
+                    log.debug("proxy status not published: %s", e)
+        finally:  # a Pilot that stops takes its proxies out of every host's proxy-status
+            with trio.move_on_after(2.0, shield=True):
+                try:
+                    await trio.to_thread.run_sync(self.store.withdraw_proxies, abandon_on_cancel=True)
+                except (RegistryError, StoreError, OSError):
+                    pass
 
     async def watch_registry(self) -> None:
         async for snap in self.registry.watch():
@@ -314,12 +346,14 @@ class Pilot:
             return Response.json(self.status())
         if route == ("POST", "rules") and parts[2:] == ["reload"]:
             caller.require_mesh("reloading the rules")
-            self._reload_rules()
+            await self._reload_rules()
             return Response.json({"revision": self.revision, "generation": self.generation})
         if route == ("POST", "faults") and parts[2:] == ["reload"]:
             caller.require_mesh("reloading the injected faults")
-            self._fault_stamp = self.fault_store.stamp()
-            self._reload_faults()
+            try:
+                self._set_faults(await trio.to_thread.run_sync(self.fault_store.load, abandon_on_cancel=True))
+            except FaultError as e:  # keep the faults we had; the CLI reports the same error
+                log.warning("injected faults not reloaded: %s", e)
             return Response.json({"faults": list(self._fault_ids), "generation": self.generation})
         if parts[1] == "registry":
             return await self._registry_api(req, parts[2:], caller)
@@ -363,6 +397,9 @@ class Pilot:
                 # A version the proxy rejected is not sent again until something changes.
                 if cfg.version != have and cfg.version != st.nacked:
                     st.sent = cfg.version
+                    st.revisions[cfg.version] = self.revision
+                    while len(st.revisions) > 8:
+                        del st.revisions[next(iter(st.revisions))]
                     return Response.json(dump_proxy_config(cfg), compact=True)
                 await self._changed.wait()
         return Response(304, b"", [("x-meshctl-version", have)])
@@ -398,9 +435,17 @@ class Pilot:
                     "nacked": st.nacked,
                     "error": st.nack_error,
                     "last_seen": st.last_seen,
+                    "acked_revision": st.revision_of(st.acked, current, self.revision),
                 }
             )
-        return {"revision": self.revision, "proxies": out}
+        return {"revision": self.revision, "host": host_name(), "rules": self.store.location, "proxies": out}
+
+    def report(self) -> dict[str, Any]:
+        """What this Pilot publishes for `proxy-status` on every host (publish_proxies)."""
+        st = self.status()
+        return {"host": st["host"], "revision": st["revision"],
+                "proxies": [{k: p[k] for k in ("proxy", "service", "status", "current", "acked", "acked_revision",
+                                               "error")} for p in st["proxies"]]}
 
     async def _registry_api(self, req: Request, rest: list[str], caller: Caller) -> Response:
         if req.method == "GET" and not rest:
@@ -475,6 +520,7 @@ async def run_pilot(pilot: Pilot, host: str, port: int, *, task_status=trio.TASK
         nursery.start_soon(pilot.watch_rules)
         nursery.start_soon(pilot.watch_registry)
         nursery.start_soon(pilot.watch_faults)
+        nursery.start_soon(pilot.publish_proxies)
         nursery.start_soon(pilot.jwks.run)
         limits = httpapi.Limits(body_limit=body_limit)
         bound = await nursery.start(partial(httpapi.serve, pilot.handle, host, port, limits=limits))

@@ -20,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Protocol, Sequence
+
+import trio
 
 from ..loader.codec import from_data, to_data
 from ..model.base import FrozenDict
@@ -32,6 +35,8 @@ from ..model.istio import SPEC_TYPES, Resource
 
 
 KEEP_REVISIONS = 100
+
+log = logging.getLogger("meshctl.pilot.store")
 
 
 class StoreError(Exception):
@@ -119,14 +124,9 @@ class RuleStore:
                 raise StoreError(f"revision {number} was pruned: the history keeps the last {self.keep} "
                                  f"revisions (the oldest is {oldest})") from None
             raise StoreError(f"no revision {number} in {self.revisions}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{path}: corrupt ({e})") from e
-        return Revision(
-            number=data["revision"],
-            time=data["time"],
-            change=data["change"],
-            resources=tuple(resource_from_dict(r) for r in data["resources"]),
-        )
+        return revision_from_dict(data)
 
     def current(self) -> Revision:
         n = self.current_number()
@@ -163,13 +163,7 @@ class RuleStore:
         existing = [int(p.stem) for p in self.revisions.glob("*.json")]
         number = max(existing, default=0) + 1
         rev = Revision(number, time.time(), change, tuple(resources))
-        body = {
-            "revision": number,
-            "time": rev.time,
-            "change": change,
-            "resources": [resource_to_dict(r) for r in resources],
-        }
-        _atomic_write(self.revisions / f"{number:06d}.json", json.dumps(body, indent=1))
+        _atomic_write(self.revisions / f"{number:06d}.json", json.dumps(revision_to_dict(rev), indent=1))
         _atomic_write(self.root / "current", f"{number}\n")
         for old in sorted(existing)[: max(0, len(existing) + 1 - self.keep)]:
             try:
@@ -182,41 +176,18 @@ class RuleStore:
         """Create or replace each resource by (kind, namespace, name), like kubectl apply."""
         with self._locked():
             cur = self.current()
-            by_key = {r.key: r for r in cur.resources}
-            changes = []
-            for r in resources:
-                old = by_key.get(r.key)
-                if old is None:
-                    action = "created"
-                elif old.spec == r.spec and old.api_version == r.api_version and old.labels == r.labels:
-                    action = "unchanged"
-                else:
-                    action = "configured"
-                by_key[r.key] = r
-                changes.append(Change(r.kind, r.namespace, r.name, action))
-            if all(c.action == "unchanged" for c in changes):
+            new, changes, summary = plan_apply(cur.resources, resources)
+            if new is None:
                 return cur, changes
-            summary = "apply " + ", ".join(f"{c.kind}/{c.name}" for c in changes if c.action != "unchanged")
-            return self._write(sorted(by_key.values(), key=lambda r: r.key), summary), changes
+            return self._write(new, summary), changes
 
     def delete(self, keys: Sequence[tuple[str, str, str]]) -> tuple[Revision, list[Change]]:
         with self._locked():
             cur = self.current()
-            by_key = {r.key: r for r in cur.resources}
-            # Kinds are matched case-insensitively: `route delete virtualservice reviews`.
-            lower = {(k.lower(), ns, n): key for key in by_key for (k, ns, n) in [key]}
-            changes = []
-            for kind, ns, name in keys:
-                real = lower.get((kind.lower(), ns, name))
-                if real is None:
-                    changes.append(Change(kind, ns, name, "not found"))
-                else:
-                    del by_key[real]
-                    changes.append(Change(real[0], ns, name, "deleted"))
-            if not any(c.action == "deleted" for c in changes):
+            new, changes, summary = plan_delete(cur.resources, keys)
+            if new is None:
                 return cur, changes
-            summary = "delete " + ", ".join(f"{c.kind}/{c.name}" for c in changes if c.action == "deleted")
-            return self._write(sorted(by_key.values(), key=lambda r: r.key), summary), changes
+            return self._write(new, summary), changes
 
     def rollback(self, number: int | None = None) -> Revision:
         """Make an earlier revision's rule set current again, as a new revision."""
@@ -228,6 +199,122 @@ class RuleStore:
                 raise StoreError(f"no revision {number} to roll back to (current is {cur})")
             old = self.read(number)
             return self._write(old.resources, f"rollback to revision {number}")
+
+    # ------------------------------------------------------------ Pilot's side
+
+    @property
+    def location(self) -> str:
+        return f"files in {self.root}"
+
+    def last_known(self) -> Revision:
+        """The rules Pilot starts with: the current revision."""
+        return self.current()
+
+    async def fetch(self) -> Revision:
+        return self.current()
+
+    async def watch(self, poll: float = 1.0) -> AsyncIterator[Revision]:
+        """The current revision, then each new one (the CLI also pokes Pilot; this is the fallback)."""
+        last: tuple[int, float] | None = None
+        while True:
+            stamp = self.stamp()
+            if stamp != last:
+                try:
+                    rev = self.current()
+                except StoreError as e:
+                    log.warning("rules not reloaded: %s", e)
+                else:
+                    last = stamp
+                    yield rev
+            await trio.sleep(poll)
+
+    def publish_proxies(self, report: dict) -> None:
+        """Only a shared store (Consul KV) publishes each host's proxies."""
+
+    def withdraw_proxies(self) -> None:
+        pass
+
+    def host_key(self) -> str:
+        return ""
+
+    def peer_reports(self) -> list[dict]:
+        return []
+
+
+# ------------------------------------------------------------ pure: what a change does
+
+
+def plan_apply(current: Sequence[Resource], resources: Sequence[Resource]) -> tuple[list[Resource] | None, list[Change], str]:
+    """The rule set after applying ``resources`` over ``current`` (None: nothing changes),
+    what happened to each resource, and the revision's summary."""
+    by_key = {r.key: r for r in current}
+    changes = []
+    for r in resources:
+        old = by_key.get(r.key)
+        if old is None:
+            action = "created"
+        elif old.spec == r.spec and old.api_version == r.api_version and old.labels == r.labels:
+            action = "unchanged"
+        else:
+            action = "configured"
+        by_key[r.key] = r
+        changes.append(Change(r.kind, r.namespace, r.name, action))
+    if all(c.action == "unchanged" for c in changes):
+        return None, changes, ""
+    summary = "apply " + ", ".join(f"{c.kind}/{c.name}" for c in changes if c.action != "unchanged")
+    return sorted(by_key.values(), key=lambda r: r.key), changes, summary
+
+
+def plan_delete(current: Sequence[Resource], keys: Sequence[tuple[str, str, str]]) -> tuple[list[Resource] | None, list[Change], str]:
+    by_key = {r.key: r for r in current}
+    # Kinds are matched case-insensitively: `route delete virtualservice reviews`.
+    lower = {(k.lower(), ns, n): key for key in by_key for (k, ns, n) in [key]}
+    changes = []
+    for kind, ns, name in keys:
+        real = lower.get((kind.lower(), ns, name))
+        if real is None or real not in by_key:
+            changes.append(Change(kind, ns, name, "not found"))
+        else:
+            del by_key[real]
+            changes.append(Change(real[0], ns, name, "deleted"))
+    if not any(c.action == "deleted" for c in changes):
+        return None, changes, ""
+    summary = "delete " + ", ".join(f"{c.kind}/{c.name}" for c in changes if c.action == "deleted")
+    return sorted(by_key.values(), key=lambda r: r.key), changes, summary
+
+
+def revision_to_dict(rev: Revision) -> dict:
+    return {"revision": rev.number, "time": rev.time, "change": rev.change,
+            "resources": [resource_to_dict(r) for r in rev.resources]}
+
+
+def revision_from_dict(data: dict) -> Revision:
+    return Revision(number=int(data["revision"]), time=float(data["time"]), change=str(data["change"]),
+                    resources=tuple(resource_from_dict(r) for r in data["resources"]))
+
+
+class RuleStoreLike(Protocol):
+    """What the CLI and Pilot use: :class:`RuleStore` (files) or
+    :class:`~meshctl.pilot.kvstore.ConsulRuleStore` (Consul KV, across hosts)."""
+
+    keep: int
+
+    @property
+    def location(self) -> str: ...
+    def current_number(self) -> int: ...
+    def read(self, number: int) -> Revision: ...
+    def current(self) -> Revision: ...
+    def history(self) -> list[Revision]: ...
+    def apply(self, resources: Sequence[Resource]) -> tuple[Revision, list[Change]]: ...
+    def delete(self, keys: Sequence[tuple[str, str, str]]) -> tuple[Revision, list[Change]]: ...
+    def rollback(self, number: int | None = None) -> Revision: ...
+    def last_known(self) -> Revision: ...
+    async def fetch(self) -> Revision: ...
+    def watch(self) -> AsyncIterator[Revision]: ...
+    def publish_proxies(self, report: dict) -> None: ...
+    def withdraw_proxies(self) -> None: ...
+    def host_key(self) -> str: ...
+    def peer_reports(self) -> list[dict]: ...
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -61,7 +61,21 @@ class ControlPlane:
         return proxy_argv("--pilot", self.pilot_url, "--node", str(node_file), "--admin-port", str(admin_port),
                           "--state-dir", str(self.ctx.state_dir), *args)
 
+    def record_rules_location(self) -> None:
+        """Rules in Consul KV when the registry is Consul, else in the state directory (pilot/kvstore.py)."""
+        from ..pilot.kvstore import record_location
+        from ..pilot.store import StoreError
+        from ..registry.base import RegistryError
+
+        s = self.ctx.spec.settings
+        try:
+            record_location(self.ctx.state_dir, s.registry or "embedded", s.mesh_id or s.trust_domain,
+                            token=self.consul_token)
+        except (StoreError, RegistryError) as e:
+            raise UpError(str(e)) from None
+
     async def start(self, plan: Plan) -> None:
+        self.record_rules_location()
         self.urls["pilot"] = f"http://127.0.0.1:{plan.pilot_port}"
         write_control(self.ctx.state_dir, pilot=self.pilot_url, supervisor_pid=os.getpid())
         rc = RoleContext(plan, self.ctx.spec.settings, self.ctx.state_dir, self.consul_token)

@@ -83,6 +83,12 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
         out.append(("settings.locality", str(locality_problem(spec.settings.locality))))
     if spec.settings.advertise and (why := advertise_problem(spec.settings.advertise)):
         out.append(("settings.advertise", why))
+    if spec.settings.mesh_id:
+        from ..pilot.kvstore import check_mesh_id
+
+        problem = check_mesh_id(spec.settings.mesh_id)
+        if problem:
+            out.append(("settings.meshId", problem))
     reg = spec.settings.registry
     if not (reg in ("", "embedded") or reg.startswith(("consul://", "consul+https://", "eureka://", "eureka+https://"))):
         out.append(("settings.registry", f"unknown registry {reg!r}: embedded, consul[+https]://HOST:PORT or eureka[+https]://HOST:PORT/eureka"))

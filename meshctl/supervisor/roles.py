@@ -53,7 +53,8 @@ def _no_proxy_env() -> dict[str, str]:
 
 def _pilot_argv(c: RoleContext) -> list[str]:
     return meshctl_argv("pilot", "serve", "--port", str(c.plan.pilot_port), "--registry", c.settings.registry or "embedded",
-                        "--trust-domain", c.settings.trust_domain, "--state-dir", str(c.state_dir))
+                        "--trust-domain", c.settings.trust_domain, "--mesh-id", c.settings.mesh_id or c.settings.trust_domain,
+                        "--state-dir", str(c.state_dir))
 
 
 def _pilot_env(c: RoleContext) -> dict[str, str]:

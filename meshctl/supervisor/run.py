@@ -133,6 +133,7 @@ class Supervisor:
             "locality": self.spec.settings.locality,  # this host's (settings.locality or `up --locality`)
             "advertise": self.spec.settings.advertise or "127.0.0.1",
             "registry": self.registrations.status(),
+            "rules": self.rules_location(),
             "control_plane": {
                 "pilot": self.control.pilot_url,
                 "state": pilot.state if pilot else ProcPhase.STOPPED,
@@ -143,6 +144,18 @@ class Supervisor:
             "workloads": self.workloads.status(),
             "gateways": self.gateways.status(),
         }
+
+    def rules_location(self) -> str:
+        """Where the rules live, for `meshctl status` (pilot/kvstore.py)."""
+        from ..pilot.kvstore import read_location
+
+        try:
+            loc = read_location(self.state_dir)
+        except Exception as e:  # status renders whatever the file holds
+            return f"unknown ({e})"
+        if loc.get("kind") == "consul":
+            return f"Consul KV {redact_url(str(loc.get('registry', '')))} {loc.get('prefix', '')}rules/"
+        return f"files in {self.state_dir / 'rules'}"
 
     def write_status(self) -> None:
         path = self.state_dir / "status.json"
