@@ -287,12 +287,16 @@ class Pilot:
                 await self._expiry_changed.wait()
             self._expiry_changed = trio.Event()
             now = time.time()
-            if self._refresh_faults(now):
+            if tuple(f.id for f in active_faults(self._faults, now)) != self._fault_ids:
+                # Drop the ended faults from the store first (a CLI reading it then agrees with the
+                # proxies), but never hold the push back long: Consul may be away.
+                with trio.move_on_after(1.0):
+                    try:
+                        await trio.to_thread.run_sync(self.fault_store.prune, now, abandon_on_cancel=True)
+                    except (OSError, FaultError) as e:
+                        log.warning("could not drop expired faults from %s: %s", self.fault_store.location, e)
                 self._faults = [f for f in self._faults if f.active(now)]
-                try:
-                    await trio.to_thread.run_sync(self.fault_store.prune, now, abandon_on_cancel=True)
-                except (OSError, FaultError) as e:
-                    log.warning("could not drop expired faults from %s: %s", self.fault_store.location, e)
+                self._refresh_faults(now)
 
     async def publish_proxies(self, period: float = 1.0) -> None:
         """Put this host's proxies and what each ACKed where every host's `proxy-status` reads
