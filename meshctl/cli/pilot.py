@@ -65,9 +65,22 @@ def serve(
             bound = await n.start(run_pilot, pilot, host, port)
             url = f"http://{host}:{bound}"
             write_control(sd, pilot=url)
-            logging.info("serving on %s (state %s, registry %s)", url, sd, registry)
+            logging.info("serving on %s (state %s, registry %s; rules: %s)", url, sd, registry, pilot.store.location)
+            n.start_soon(_cancel_on_sigterm, n.cancel_scope)
 
     serve_forever(main, host, port)
+
+
+async def _cancel_on_sigterm(scope: trio.CancelScope) -> None:
+    """SIGTERM (`meshctl down`) ends Pilot through cancellation, so it takes its proxies out of
+    the other hosts' proxy-status on the way out."""
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            logging.info("SIGTERM: stopping")
+            scope.cancel()
+            return
 
 
 def _has_state(explicit: Optional[str]) -> bool:

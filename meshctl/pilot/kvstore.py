@@ -308,21 +308,29 @@ class ConsulRuleStore:
         again. The key gone (a new, empty Consul): the rules in force are kept."""
         backoff = backoff or Backoff(0.2, 5.0, rng=self._rng)
         index = 0
-        seen = -1
+        # (number, time) of the revision in force: a wiped Consul numbers from 1 again, so the
+        # number alone does not say "new". It starts as the copy kept here (what Pilot starts with).
+        known = self.last_known()
+        seen: tuple[int, float] | None = (known.number, known.time) if known.number else None
+        modified = -1
         warned = False
         while True:
             try:
                 new_index, entry = await self.akv.get_blocking(self.current_key, index, wait)
-                number = 0 if entry is None else _number(entry, self.current_key)
                 rev: Revision | None = None
-                if entry is None and seen > 0:
+                if entry is None and seen is not None and seen[0] > 0:
                     if not warned:
                         log.warning("%s has no current revision (a new or wiped Consul?): keeping revision %d "
-                                    "until rules are applied again", self.location, seen)
+                                    "until rules are applied again", self.location, seen[0])
                         warned = True
-                elif number != seen:
-                    rev = (Revision(0, 0.0, "empty", ()) if number == 0
-                           else await trio.to_thread.run_sync(self.read, number, abandon_on_cancel=True))
+                elif entry is None and seen is None:
+                    rev = Revision(0, 0.0, "empty", ())
+                elif entry is not None and entry.modify_index != modified:
+                    number = _number(entry, self.current_key)
+                    rev = await trio.to_thread.run_sync(self.read, number, abandon_on_cancel=True)
+                    modified = entry.modify_index
+                    if seen == (rev.number, rev.time):
+                        rev = None
             except (KVError, StoreError) as e:
                 self._fail(str(e))
                 index = 0
@@ -332,7 +340,7 @@ class ConsulRuleStore:
             backoff.reset()
             index = next_index(index, new_index)
             if rev is not None:
-                seen, warned = rev.number, False
+                seen, warned = (rev.number, rev.time), False
                 self._save_cache(rev)
                 yield rev
 
@@ -505,16 +513,22 @@ class ConsulFaultStore:
         backoff = backoff or Backoff(0.2, 5.0)
         index = 0
         last: bytes | None = None
+        failed = ""
         while True:
             try:
                 new_index, entry = await self.akv.get_blocking(self.key, index, wait)
                 faults = [] if entry is None else _decode_faults(entry, self.key)
             except (KVError, FaultError) as e:
-                log.warning("faults watch: %s; keeping the faults in force, retrying", e)
+                if str(e) != failed:
+                    log.warning("faults watch: %s; keeping the faults in force, retrying", e)
+                    failed = str(e)
                 index = 0
                 await trio.sleep(backoff.next())
                 continue
             backoff.reset()
+            if failed:
+                log.info("faults watch: %s answers again", self.kv.url)
+                failed = ""
             index = next_index(index, new_index)
             body = b"" if entry is None else entry.value
             if body != last:

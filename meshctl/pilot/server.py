@@ -162,6 +162,7 @@ class Pilot:
         self._load_nodes()
         self.jwks = JwksResolver(self.state_dir, self._bump)  # jwksUri → keys, pushed in configs
         self._resources: list = []
+        self._rules_stamp: tuple[int, float] = (-1, 0.0)
         self._set_rules(self.store.last_known())
 
     # ------------------------------------------------------------ state changes
@@ -177,8 +178,10 @@ class Pilot:
         self._changed = trio.Event()
 
     def _set_rules(self, rev: Revision) -> bool:
-        if rev.number == self.revision and self._inputs is not None:
+        # (number, time): a wiped Consul numbers revisions from 1 again
+        if (rev.number, rev.time) == self._rules_stamp and self._inputs is not None:
             return False
+        self._rules_stamp = (rev.number, rev.time)
         self.revision = rev.number
         self._resources = list(rev.resources)
         self.jwks.want(jwks_wanted(self._resources))
