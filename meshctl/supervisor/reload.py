@@ -7,7 +7,7 @@ them to it), so a new setting cannot be accepted by a reload and ignored:
     -------------------------------+------------------------------------------------------------
     registry, trustDomain,         | refused by name: the control plane, the CA, every identity
     namespace, stateDir,           |   and every address were made from them; `meshctl down`,
-    pilotPort, portRange           |   then `up` again
+    pilotPort, portRange, meshId   |   then `up` again (meshId: where Pilot reads the rules)
     readyTimeout                   | the supervisor uses the new value at once
     pathNormalization, upgradeTypes| every sidecar and gateway is started again with it (its
     requestTimeout, maxConnections,|   node file), one instance at a time, out of the endpoints
@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from ..loader.codec import camel
 from ..model.mesh import MeshSettings
 
-REFUSED = ("registry", "trust_domain", "namespace", "state_dir", "pilot_port", "port_range")
+REFUSED = ("registry", "trust_domain", "namespace", "state_dir", "pilot_port", "port_range", "mesh_id")
 SUPERVISOR = ("ready_timeout",)
 PROXIES = ("path_normalization", "upgrade_types", "request_timeout", "max_connections", "drain_duration",
            "outbound_traffic_policy", "extension_providers", "tracing", "locality",
