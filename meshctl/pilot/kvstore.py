@@ -474,7 +474,7 @@ class ConsulFaultStore:
 
         def change(faults: list[InjectedFault]) -> list[InjectedFault] | None:
             removed.clear()
-            kept = []
+            kept: list[InjectedFault] = []
             for f in faults:
                 if not f.active(now):
                     continue
