@@ -194,9 +194,15 @@ function traceLink(service, tracing) {
     a.target = "_blank"; a.rel = "noopener"; a.className = "traces"; a.textContent = "recent traces ↗";
     return a;
   }
+  if (tracing && tracing.otlp) {  // no trace UI known: Mixer's own list, from the proxies' last spans
+    const a = document.createElement("a");
+    a.href = `/dashboard/traces?service=${encodeURIComponent(service)}`;
+    a.className = "traces"; a.textContent = "recent traces";
+    return a;
+  }
   const span = document.createElement("span");
   span.className = "muted";
-  span.textContent = tracing && tracing.otlp ? "sent to the OTLP collector" : "tracing off";
+  span.textContent = "tracing off";
   return span;
 }
 
@@ -315,6 +321,9 @@ svg.chart .axis { stroke: #d5dae3; stroke-width: 1; }
 svg.chart .lbl { font-size: 9px; fill: #556; }
 a.traces { color: #3c5a99; text-decoration: none; font-weight: 600; }
 .muted { color: #889; font-size: 12px; }
+details.trace { border-bottom: 1px solid #e6e9f0; padding: 4px 0; }
+details.trace.error summary { color: #a3262a; }
+details.trace ul { list-style: none; margin: 4px 0 6px; padding: 0; font-size: 12px; }
 svg.spark polyline { fill: none; stroke: #3c5a99; stroke-width: 1.5; }
 '''
 

@@ -82,6 +82,9 @@ def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
 
             text = apply_metric_overrides(text, rt.config.telemetry.metric_overrides)
         return 200, "text/plain; version=0.0.4", text.encode()
+    if path == "/traces":  # the last sampled spans, Zipkin v2 JSON (Mixer's trace list: mixer/dashboard.py)
+        tracer = rt.tracer
+        return 200, "application/json", json.dumps(list(tracer.recent) if tracer is not None else []).encode()
     if path == "/config":
         if rt.config is None:
             return 503, "text/plain", b"no config yet\n"

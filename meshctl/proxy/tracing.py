@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 
 import trio
 
@@ -25,6 +26,7 @@ from ..model.proxyconfig import _otlp_url, _zipkin_address
 
 log = logging.getLogger("meshctl.proxy.tracing")
 
+RECENT = 500  # the last spans kept for the admin's /traces (Mixer's trace list on the dashboard)
 BATCH = 200  # spans per POST
 BUFFER = 5000  # spans kept while the collector is slow or down
 INTERVAL = 1.0  # seconds between flushes
@@ -35,12 +37,14 @@ class Tracer:
 
     def __init__(self) -> None:
         self.spans: list[dict] = []
+        self.recent: deque[dict] = deque(maxlen=RECENT)  # whatever the collectors do with them
         self.sent = 0
         self.dropped = 0
         self.failures = 0
         self._wake = trio.Event()
 
     def add(self, span: dict) -> None:
+        self.recent.append(span)
         if len(self.spans) >= BUFFER:
             self.dropped += 1
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 
 import pytest
 
@@ -32,7 +33,7 @@ def otlp_mesh(tmp_path_factory, otlp_receiver):
     try:
         meshctl("route", "apply", "--wait", "-f", "rules/bookinfo-gateway.yaml", "-f", "rules/destination-rule-all.yaml",
                 "-f", "rules/virtual-service-reviews-v3.yaml", cwd=work)
-        yield {"dir": work, "gw": f"http://127.0.0.1:{gw_port}", "out": otlp_receiver.out}
+        yield {"dir": work, "gw": f"http://127.0.0.1:{gw_port}", "out": otlp_receiver.out, "otlp": str(otlp_receiver)}
     finally:
         meshctl("down", cwd=work, check=False)
 
@@ -108,3 +109,40 @@ def test_one_gateway_request_is_one_otlp_trace_across_bookinfo(otlp_mesh):
     assert ratings["name"].startswith("ratings.default.svc.cluster.local:9080")
     rev_client = next(s for svc, s in spans if svc == "reviews.default" and s["kind"] == CLIENT)
     assert attrs(rev_client)["peer.service"].startswith("ratings")
+
+
+def test_without_zipkin_the_dashboard_lists_recent_traces_itself(otlp_mesh):
+    """Spans go to an OTLP collector, whose UI meshctl does not know: the dashboard links each
+    service to Mixer's own list, gathered from the proxies' last sampled spans."""
+    import urllib.request
+
+    gw, work = otlp_mesh["gw"], otlp_mesh["dir"]
+    rid = "otlp-dashboard-7c8d"
+    assert curl(gw + "/productpage", "-H", f"x-request-id: {rid}")[0] == 200
+    trace_id = None
+    deadline = time.monotonic() + 20
+    while trace_id is None:
+        assert time.monotonic() < deadline, "the collector never got the request's spans"
+        trace_id = next((s["traceId"] for _, s in received_spans(otlp_mesh["out"])
+                         if any(a["key"] == "guid:x-request-id" and a["value"].get("stringValue") == rid
+                                for a in s.get("attributes", []))), None)
+        time.sleep(0.3)
+    url = meshctl("dashboard", cwd=work).stdout.strip()
+    base, token = url.split("/dashboard/?token=")
+
+    def get(path):
+        req = urllib.request.Request(base + path, headers={"cookie": f"meshctl_dashboard={token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.read().decode()
+
+    st = json.loads(get("/dashboard/state"))
+    assert st["tracing"] == {"otlp": f"{otlp_mesh['otlp']}/v1/traces"}, st["tracing"]
+    page = get("/dashboard/traces?service=ratings")
+    assert f'id="trace-{trace_id}"' in page, page[:3000]
+    chunk = page.split(f'id="trace-{trace_id}"', 1)[1].split("</details>", 1)[0]
+    for svc in ("istio-ingressgateway.default", "productpage.default", "reviews.default", "ratings.default"):
+        assert f'data-service="{svc}"' in chunk, (svc, chunk)
+    assert "details.default" in get("/dashboard/traces?service=details")
+    with pytest.raises(urllib.error.HTTPError) as e:  # the list needs the dashboard's cookie
+        urllib.request.urlopen(base + "/dashboard/traces?service=ratings", timeout=5)
+    assert e.value.code == 401
