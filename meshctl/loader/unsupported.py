@@ -112,7 +112,7 @@ _TRAFFIC_POLICY: dict[str, Entry] = {
     "spec.trafficPolicy.tls.credentialName": R("use clientCertificate, privateKey, caCertificates"),
     "spec.trafficPolicy.tls.caCertCredentialName": R(""),
     "spec.trafficPolicy.tls.caCrl": R("certificate revocation lists"),
-    "spec.trafficPolicy.tls.subjectAltNames": R("the server certificate is checked against sni or the host name, not a SAN list"),
+    "spec.trafficPolicy.tls.subjectAltNames": H("tests/integration/test_subject_alt_names.py"),
     "spec.trafficPolicy.portLevelSettings": H(),
     "spec.trafficPolicy.proxyProtocol": R(""),
     "spec.trafficPolicy.retryBudget": R(""),
@@ -194,8 +194,7 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.endpoints[].serviceAccount": H("tests/integration/test_workloadentry_identity.py"),
         "spec.workloadSelector": H("tests/integration/test_serviceentry.py"),
         "spec.exportTo": _EXPORT_TO,
-        "spec.subjectAltNames": R("an endpoint's certificate is checked against its SPIFFE identity (mesh) or "
-                                  "the DestinationRule's sni / the host name (TLS origination), not a SAN list"),
+        "spec.subjectAltNames": H("tests/integration/test_subject_alt_names.py"),
     },
     "Sidecar": {
         "spec.workloadSelector": H("tests/integration/test_serviceentry.py"),

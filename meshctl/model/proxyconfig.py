@@ -74,6 +74,7 @@ class Cluster:
     # the name resolves to, "DNS_ROUND_ROBIN" uses the first address of the latest answer (proxy/dns.py)
     dns: str = ""
     addresses: tuple[str, ...] = ()  # a ServiceEntry's addresses (IPs, CIDRs): CONNECT to one reaches this cluster
+    subject_alt_names: tuple[str, ...] = ()  # a ServiceEntry's: the names an endpoint's certificate must carry one of
 
 
 @dataclass(frozen=True, slots=True)

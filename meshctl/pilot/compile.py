@@ -435,6 +435,7 @@ def build_clusters(inp: Inputs) -> dict[str, Cluster]:
                     original_destination=svc.entry is not None and _original_destination(svc.entry, svc.host),
                     dns=_dns_mode(svc),
                     addresses=svc.entry.addresses if svc.entry is not None and subset is None else (),
+                    subject_alt_names=svc.entry.subject_alt_names if svc.entry is not None else (),
                 )
     return clusters
 

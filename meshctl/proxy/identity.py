@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import logging
 import os
 import random
@@ -168,10 +170,11 @@ class UpstreamTLS:
     context it belongs to), so a pool's new connections to a server it has
     talked to resume instead of running a full handshake."""
 
-    __slots__ = ("mode", "key", "expected", "holder", "context", "sni", "h2", "sessions")
+    __slots__ = ("mode", "key", "expected", "holder", "context", "sni", "h2", "sessions", "sans")
 
     def __init__(self, mode: str, key: tuple, *, expected=None, holder=None, context=None, sni=None,
-                 h2: bool = False) -> None:
+                 h2: bool = False, sans: frozenset[str] | None = None) -> None:
+        self.sans = sans  # SIMPLE/MUTUAL: the server certificate must carry one of these SANs (subjectAltNames)
         self.mode = mode
         self.key = key
         self.expected = expected
@@ -222,6 +225,11 @@ class UpstreamTLS:
             except trio.BrokenResourceError as exc:
                 cause = exc.__cause__ or exc
                 raise TLSError(f"TLS handshake failed: {getattr(cause, 'reason', None) or cause}") from None
+            if self.sans:
+                names = peer_alt_names(tls.sock.getpeercert() or {})
+                if not any(san_matches(want, names) for want in self.sans):
+                    raise TLSError(f"the server certificate's names {', '.join(names) or '(none)'} match none of "
+                                   f"subjectAltNames {', '.join(sorted(self.sans))}")
             return tls
         except BaseException as exc:
             raw.close_now()
@@ -231,6 +239,24 @@ class UpstreamTLS:
 
 
 _cache: dict[tuple, UpstreamTLS | None] = {}
+
+
+def peer_alt_names(cert: dict) -> list[str]:
+    """The subject alternative names of a verified peer certificate (DNS, URI, IP)."""
+    return [str(v) for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "URI", "IP Address")]
+
+
+def san_matches(want: str, names: Sequence[str]) -> bool:
+    """Whether a subjectAltNames entry is among a certificate's names: exactly (DNS names
+    case-insensitively), or a DNS name under a certificate's one-label wildcard."""
+    w = want.lower()
+    for n in names:
+        n = n.lower()
+        if n == w:
+            return True
+        if n.startswith("*.") and "." in w and w.split(".", 1)[1] == n[2:] and w.split(".", 1)[0]:
+            return True
+    return False
 
 
 def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
@@ -243,6 +269,8 @@ def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
     tp = cluster.traffic_policy
     tls = tp.tls if tp is not None else None
     mode = tls.mode if tls is not None and tls.mode else None
+    # subjectAltNames: the DestinationRule's, else the ServiceEntry's (Istio: the rule's win)
+    sans = tuple(tls.subject_alt_names) if tls is not None and tls.subject_alt_names else cluster.subject_alt_names
     holder = getattr(rt, "tls", None)
     if mode is None:
         # auto mTLS: to a meshctl sidecar, when we have an identity ourselves
@@ -255,31 +283,36 @@ def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
         if holder is None:
             raise UpstreamConnectError(ep.address, ep.port,
                                        "DestinationRule asks for ISTIO_MUTUAL but this sidecar has no certificate")
-        ck: tuple[object, ...] = ("mtls", ep.identity, id(holder), h2)
+        ck: tuple[object, ...] = ("mtls", ep.identity, id(holder), h2, sans)
         got = _cache.get(ck)
         if got is None:
-            expected = frozenset({ep.identity}) if ep.identity else None
+            # the peer's SPIFFE ID: one of subjectAltNames when given, else the endpoint's identity
+            expected = frozenset(sans) if sans else (frozenset({ep.identity}) if ep.identity else None)
             got = _cache[ck] = UpstreamTLS("ISTIO_MUTUAL", ("mtls", ep.identity, h2), expected=expected, holder=holder,
                                            h2=h2)
         return got
     # SIMPLE or MUTUAL with files named by the DestinationRule
     assert tls is not None  # mode came from it
     ck = ("tls", mode, tls.ca_certificates, tls.client_certificate, tls.private_key, tls.sni,
-          bool(tls.insecure_skip_verify), cluster.service)
+          bool(tls.insecure_skip_verify), cluster.service, sans)
     got = _cache.get(ck)
     if got is None:
-        got = _cache[ck] = UpstreamTLS(mode, ck, context=_simple_context(tls, mode, ep), sni=tls.sni or cluster.service)
+        check = frozenset(sans) if sans and not tls.insecure_skip_verify else None
+        got = _cache[ck] = UpstreamTLS(mode, ck, context=_simple_context(tls, mode, ep, bool(check)),
+                                       sni=tls.sni or cluster.service, sans=check)
     return got
 
 
-def _simple_context(tls, mode: str, ep) -> ssl.SSLContext:
+def _simple_context(tls, mode: str, ep, by_sans: bool = False) -> ssl.SSLContext:
     try:
         ctx = ssl.create_default_context(cafile=tls.ca_certificates or None)
         if tls.insecure_skip_verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        elif not tls.sni and not tls.subject_alt_names:
-            ctx.check_hostname = False  # chain checked; no name given to check against
+        elif by_sans or not tls.sni:
+            # chain checked; the names: subjectAltNames after the handshake (UpstreamTLS.wrap),
+            # as Envoy's SAN matchers replace the host name check, or none given to check against
+            ctx.check_hostname = False
         if mode == "MUTUAL" and tls.client_certificate:
             ctx.load_cert_chain(tls.client_certificate, tls.private_key or None)
         ctx.set_alpn_protocols(list(UPSTREAM_ALPN))
