@@ -132,7 +132,39 @@ def apply(
         console.print(f"revision {rev.number}" + ("" if url else " (Pilot is not running: proxies get it when it starts)"))
     if wait and url:
         _wait_synced(sd, 10.0)
+    if wait:
+        _wait_other_hosts(store, rev.number, 15.0)
     _say_injected_faults(sd, resources)
+
+
+def _wait_other_hosts(store, revision: int, timeout: float) -> None:
+    """With the rules in Consul KV: wait until the proxies of every host (as each host's Pilot
+    reports them) ACKed ``revision``. Hosts whose Pilot stopped reporting are named, not waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reports = store.peer_reports()
+        except StoreError as e:
+            err_console.print(f"[yellow]warning:[/] cannot tell whether the other hosts have it: {e}", soft_wrap=True)
+            return
+        live = [r for r in reports if not r.get("stale")]
+        behind = [f"{r.get('host')}/{p['proxy']}" for r in live for p in r.get("proxies", ())
+                  if p.get("status") != "SYNCED" or p.get("acked_revision") != revision]
+        behind += [f"{r.get('host')} (Pilot at revision {r.get('revision')})" for r in live
+                   if r.get("revision") != revision and not r.get("proxies")]
+        if not behind:
+            if reports:
+                hosts = sorted({str(r.get("host")) for r in live})
+                console.print(f"all proxies of {len(hosts)} host(s) ({', '.join(hosts)}) at revision {revision}")
+                for r in reports:
+                    if r.get("stale"):
+                        err_console.print(f"[yellow]warning:[/] host {r.get('host')} has not reported for a while "
+                                          "(down or cut off): it gets the rules when it is back", soft_wrap=True)
+            return
+        if time.monotonic() > deadline:
+            fail(f"not every host's proxies at revision {revision} after {timeout:g}s: {', '.join(behind[:10])}; "
+                 "see `meshctl pilot proxy-status`")
+        time.sleep(0.2)
 
 
 def _say_injected_faults(sd: Path, resources: list[Resource]) -> None:

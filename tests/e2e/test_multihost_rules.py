@@ -126,10 +126,11 @@ def test_a_rule_applied_on_one_host_reaches_the_other_and_proxy_status_lists_bot
 
     rules = tmp_path / "hello-v2.yaml"
     rules.write_text(RULES.format(subset="v2"))
-    out = meshctl("route", "apply", "-f", str(rules), cwd=a["dir"], env=a["env"]).stdout
+    out = meshctl("route", "apply", "--wait", "-f", str(rules), cwd=a["dir"], env=a["env"]).stdout
     assert "revision 1" in out
-    # host B's proxies route by it, though it was applied on host A
-    wait_for(lambda: only(b_out, (200, "v2")), timeout=15, what="host B follows the rule applied on host A")
+    # --wait waited for every host's proxies: host B's route by it at once, though it was applied on host A
+    assert "all proxies of 2 host(s) (host-a, host-b) at revision 1" in out, out
+    assert only(b_out, (200, "v2"))
     assert "hello" in meshctl("route", "get", cwd=b["dir"]).stdout
 
     # proxy-status on either host: every host's proxies, each at revision 1
