@@ -84,6 +84,7 @@ def _citadel_ca(c: RoleContext) -> None:
 
     td = c.settings.trust_domain
     try:
+        _shared_root_checks(c)
         _sync_joined_host(c.state_dir)
         ca = ensure_ca(c.state_dir, td, now=datetime.now(timezone.utc))
     except CitadelError as e:
@@ -92,6 +93,39 @@ def _citadel_ca(c: RoleContext) -> None:
         raise UpError(
             f"the CA in {c.state_dir} is for trust domain {ca.trust_domain!r}, but mesh settings say {td!r}: "
             "fix settings.trustDomain, or remove the state directory's ca/ to start a new CA"
+        )
+
+
+def _shared_root_checks(c: RoleContext) -> None:
+    """With Consul, the CA must be the mesh's: a joined host must be in this meshId, and a
+    host with no CA yet must not make a root of its own when the mesh has a shared one in
+    Consul KV (the other hosts would refuse every certificate it signs)."""
+    from ..citadel.errors import CitadelError
+    from ..citadel.kv import KV, kv_prefix
+    from ..citadel.store import has_ca, host_of
+
+    registry = c.settings.registry or ""
+    if not registry.startswith("consul"):
+        return
+    mesh = getattr(c.settings, "mesh_id", "") or c.settings.trust_domain
+    joined = host_of(c.state_dir)
+    if joined is not None:
+        if joined["mesh"] != mesh:
+            raise UpError(f"Citadel: this host joined the CA of mesh {joined['mesh']!r} (`citadel join`), but mesh "
+                          f"settings say meshId {mesh!r}: join that mesh's CA, or fix settings")
+        return
+    if has_ca(c.state_dir):
+        return
+    try:
+        kv = KV(registry, token=c.consul_token)
+        shared = kv.get(kv_prefix(mesh) + "bundle")
+    except CitadelError:
+        return  # Consul away: `up` reports the registry itself
+    if shared is not None:
+        raise UpError(
+            f"Citadel: mesh {mesh} has a shared root in Consul KV ({kv_prefix(mesh)}bundle); a root of this host's "
+            "own would not be trusted by the other hosts. Join it first: "
+            f"`meshctl citadel join --registry {kv.url} --host NAME`, then have the root holder approve it"
         )
 
 

@@ -185,6 +185,16 @@ def test_a_host_not_approved_gets_no_certificate_and_says_what_it_waits_for(host
     assert re.search(r"a approved \w+ \d{4}-\d\d-\d\d", listing) and re.search(r"b pending \w+ -", listing), listing
 
 
+def test_a_host_that_did_not_join_is_refused_rather_than_making_a_root_of_its_own(hosts):
+    c = hosts["base"] / "host-c"
+    write_host(c, "third", hosts["registry"])
+    r = meshctl("up", "-d", "-f", "mesh.yaml", cwd=c, check=False)
+    err = " ".join(r.stderr.split())
+    assert r.returncode != 0 and "mesh cluster.local has a shared root in Consul KV" in err, err
+    assert f"meshctl citadel join --registry {hosts['registry']} --host NAME" in err, err
+    assert not (c / ".meshctl" / "ca" / "ca-key.pem").exists()
+
+
 def test_sidecars_of_two_hosts_talk_mtls_with_different_intermediates(hosts, tmp_path):
     code, body = http_get(hosts["outbound"], "http://world:9080/")
     assert code == 200 and json.loads(body)["version"] == "world"
