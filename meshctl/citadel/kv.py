@@ -19,6 +19,7 @@ its trust domain), described in docs/multi-host-ca.md:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import CAError
@@ -26,8 +27,14 @@ from .errors import CAError
 __all__ = ["KV", "Entry", "kv_prefix", "open_kv"]
 
 
+_MESH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as pilot/kvstore.py's
+
+
 def kv_prefix(mesh: str) -> str:
-    return f"meshctl/{mesh.strip('/')}/ca/"
+    """Where a mesh's CA lives in KV: ``meshctl/<meshId>/ca/``, beside its rules (pilot/kvstore.py)."""
+    if not _MESH_ID.match(mesh or ""):
+        raise CAError(f"{mesh!r} is not a mesh id: letters, digits, '.', '_' and '-', 1-128 characters")
+    return f"meshctl/{mesh}/ca/"
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,7 +107,7 @@ def _shared_root_checks(c: RoleContext) -> None:
     registry = c.settings.registry or ""
     if not registry.startswith("consul"):
         return
-    mesh = getattr(c.settings, "mesh_id", "") or c.settings.trust_domain
+    mesh = c.settings.mesh_id or c.settings.trust_domain
     joined = host_of(c.state_dir)
     if joined is not None:
         if joined["mesh"] != mesh:
