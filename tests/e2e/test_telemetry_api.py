@@ -1,7 +1,7 @@
 """Istio's Telemetry API applied live with `meshctl route apply` to Bookinfo under
 `meshctl up`: access logging off for one workload (Istio's own
 disable-details-logging example, unchanged) and filtered by a CEL expression,
-metric overrides (Istio's remove-tags and filter-metrics examples) on what
+metric overrides (Istio's remove-tags and remove-server examples) on what
 Prometheus scrapes, and trace sampling and span reporting per workload, with the
 spans read back from the OpenTelemetry Collector's OTLP receiver."""
 
@@ -143,23 +143,26 @@ def test_metric_overrides_shape_what_prometheus_scrapes(mesh):
     work, gw = mesh["dir"], mesh["gw"]
     for _ in range(3):
         assert curl(gw + "/productpage")[0] == 200
-    base = admin(work, "details-v1-0")
+    base = admin(work, "productpage-v1-0")  # a server (for the gateway) and a client (of details, reviews)
     before = get(base + "/metrics")
-    assert "istio_request_bytes_bucket{" in before and "grpc_response_status=" in before
-    meshctl("route", "apply", "--wait", "-f", str(DATA / "remove-tags.yaml"), "-f", str(DATA / "filter-metrics.yaml"),
+    assert 'istio_requests_total{reporter="destination"' in before and "grpc_response_status=" in before
+    meshctl("route", "apply", "--wait", "-f", str(DATA / "remove-tags.yaml"), "-f", str(DATA / "remove-server.yaml"),
             cwd=work)
     after = get(base + "/metrics")
-    assert "istio_request_bytes" not in after and "istio_response_bytes" not in after
     requests = [line for line in after.splitlines() if line.startswith("istio_requests_total{")]
-    assert requests and all("grpc_response_status" not in line for line in requests)
+    # remove-server: the server side's request count is gone, the client side's stays
+    assert requests and all(line.startswith('istio_requests_total{reporter="source"') for line in requests)
+    # remove-tags: what stays lost grpc_response_status
+    assert all("grpc_response_status" not in line for line in requests)
     durations = [line for line in after.splitlines() if line.startswith("istio_request_duration_milliseconds_bucket{")]
-    assert durations and all("grpc_response_status=" in line for line in durations)  # REQUEST_COUNT only
+    assert any('reporter="destination"' in line for line in durations)  # REQUEST_COUNT only
+    assert durations and all("grpc_response_status=" in line for line in durations)
     # the counts are kept: the series without the tag sum what the ones with it counted
     total = sum(float(line.rsplit(" ", 1)[1]) for line in requests)
     assert total >= sum(float(line.rsplit(" ", 1)[1]) for line in before.splitlines()
-                        if line.startswith("istio_requests_total{")) > 0
+                        if line.startswith('istio_requests_total{reporter="source"')) > 0
     # Mixer's /stats (meshctl top, the dashboard) stays whole
-    assert "istio_request_bytes_bucket{" in get(base + "/stats")
+    assert 'istio_requests_total{reporter="destination"' in get(base + "/stats")
 
 
 def test_sampling_and_span_reporting_per_workload(mesh):

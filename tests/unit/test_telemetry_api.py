@@ -35,7 +35,7 @@ def problems(text: str) -> list[str]:
 def test_istios_examples_load_and_validate():
     rs = load_resources([DATA])
     assert {r.name for r in rs} == {"mesh-default", "foo-tracing", "mesh-logging-default", "disable-details-logging",
-                                    "remove-tags", "filter-metrics"}
+                                    "remove-tags", "remove-server"}
     assert validate(rs) == []
 
 
@@ -117,13 +117,17 @@ istio_request_bytes_count{reporter="destination"} 5
 
 
 def test_metric_overrides_on_prometheus_text():
-    rs = load_resources([DATA / "remove-tags.yaml", DATA / "filter-metrics.yaml"])
-    tp = telemetry_for(rs, wl("details"))
-    out = apply_metric_overrides(TEXT, tp.metric_overrides)
-    assert "istio_request_bytes" not in out
+    rs = load_resources([DATA / "remove-tags.yaml"])
+    out = apply_metric_overrides(TEXT, telemetry_for(rs, wl("details")).metric_overrides)
     lines = [ln for ln in out.splitlines() if ln.startswith("istio_requests_total{")]
     assert lines == ['istio_requests_total{reporter="destination",response_code="200",x="a"} 5',
                      'istio_requests_total{reporter="source",response_code="200",x="a"} 7']
+    # Istio's remove-server: REQUEST_COUNT off on the server side (reporter="destination") only
+    rs = load_resources([DATA / "remove-tags.yaml", DATA / "remove-server.yaml"])
+    out = apply_metric_overrides(TEXT, telemetry_for(rs, wl("details")).metric_overrides)
+    lines = [ln for ln in out.splitlines() if ln.startswith("istio_requests_total{")]
+    assert lines == ['istio_requests_total{reporter="source",response_code="200",x="a"} 7']
+    assert out.count("istio_request_bytes_") == 4  # another metric on the server side stays
     assert "# TYPE istio_requests_total counter" in out
     client_only = load_resources_text(
         "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: istio-system}\nspec:\n"
