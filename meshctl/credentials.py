@@ -171,6 +171,29 @@ def authenticate(authorization: str | None, mesh_secret: str) -> Caller:
     raise Unauthenticated("credential not recognised: not this mesh's, nor one of its proxies'")
 
 
+def mesh_verifier(mesh_secret: str) -> str:
+    """What a proxy keeps to check the mesh credential on its admin API (``/traces``):
+    its SHA-256, which cannot be turned back into the credential, so a proxy never
+    holds what would let it act as the mesh."""
+    return hashlib.sha256(b"meshctl-admin\0" + mesh_secret.encode()).hexdigest()
+
+
+def check_mesh(authorization: str | None, verifier: str) -> None:
+    """Unauthenticated unless ``authorization`` carries the mesh credential ``verifier`` was made from."""
+    if not verifier:
+        raise Unauthenticated("this proxy was started without the mesh's credential check (not under `meshctl up` "
+                              "or `meshctl proxy run --state-dir`): its admin API keeps this to itself")
+    if not authorization:
+        raise Unauthenticated("no credential: send `Authorization: Bearer <credential>` (the mesh's is in "
+                              f"<state-dir>/{AUTH_DIR}/{MESH_TOKEN_FILE})")
+    scheme, _, value = authorization.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
+        raise Unauthenticated("the Authorization header must be `Bearer <credential>`")
+    if not hmac.compare_digest(mesh_verifier(value).encode(), verifier.encode()):
+        raise Unauthenticated("credential not recognised: not this mesh's")
+
+
 # ---------------------------------------------------------------- the sidecar's bootstrap file
 
 

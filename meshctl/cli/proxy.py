@@ -65,7 +65,8 @@ def _hand_over_credential(node: Path, state_dir: Path) -> None:
     reads and deletes it), unless a launcher already gave one."""
     import json
 
-    from ..credentials import ENV_BOOTSTRAP, CredentialError, mesh_credential, proxy_credential, write_bootstrap
+    from ..credentials import (ENV_BOOTSTRAP, CredentialError, mesh_credential, mesh_verifier, proxy_credential,
+                               write_bootstrap)
 
     if os.environ.get(ENV_BOOTSTRAP):
         return
@@ -74,7 +75,8 @@ def _hand_over_credential(node: Path, state_dir: Path) -> None:
         secret = mesh_credential(state_dir)
     except (OSError, ValueError, KeyError, TypeError, CredentialError):
         return  # the sidecar says why Pilot refuses it
-    os.environ[ENV_BOOTSTRAP] = str(write_bootstrap(state_dir, name, {"pilot_credential": proxy_credential(secret, name)}))
+    os.environ[ENV_BOOTSTRAP] = str(write_bootstrap(state_dir, name, {"pilot_credential": proxy_credential(secret, name),
+                                                                      "admin_verifier": mesh_verifier(secret)}))
 
 
 def register(app: typer.Typer) -> None:

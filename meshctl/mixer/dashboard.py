@@ -194,7 +194,10 @@ async def _gather_spans(mixer) -> list[dict]:
         except (httpx.HTTPError, trio.TooSlowError, OSError, ValueError):
             pass  # a proxy that does not answer has no spans to show
 
-    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+    from ..credentials import bearer
+
+    # the proxies' /traces answers the mesh credential only (URLs and request ids of real requests)
+    async with httpx.AsyncClient(timeout=2.0, trust_env=False, headers=bearer(mixer.mesh_secret)) as client:
         async with trio.open_nursery() as n:
             for addr in set(mixer.targets.values()):
                 n.start_soon(one, client, addr)

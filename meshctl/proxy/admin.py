@@ -5,6 +5,9 @@
     GET /stats   Prometheus text: cluster, listener and response-flag counters, and
                  Istio's standard metrics (istio_requests_total, ...; telemetry.py)
     GET /metrics the same
+    GET /traces  JSON: the last sampled spans (Zipkin v2), for Mixer's trace list; only
+                 with the mesh credential (``Authorization: Bearer``): URLs and
+                 request ids of real requests, tokens in query strings included
     GET /listeners  JSON: listener name → bound address (useful with port 0)
     GET /clusters   JSON: every cluster's endpoints as this proxy sees them now:
                  health from Pilot, and outlier detection's ejections
@@ -61,7 +64,7 @@ def clusters_status(rt, now: float) -> dict:
     return out
 
 
-def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
+def handle(rt, method: str, path: str, authorization: str | None = None) -> tuple[int, str, bytes]:
     """(status, content type, body) for one admin request."""
     path = path.split("?", 1)[0]
     if method not in ("GET", "HEAD"):
@@ -83,6 +86,12 @@ def handle(rt, method: str, path: str) -> tuple[int, str, bytes]:
             text = apply_metric_overrides(text, rt.config.telemetry.metric_overrides)
         return 200, "text/plain; version=0.0.4", text.encode()
     if path == "/traces":  # the last sampled spans, Zipkin v2 JSON (Mixer's trace list: mixer/dashboard.py)
+        from ..credentials import Unauthenticated, check_mesh
+
+        try:
+            check_mesh(authorization, rt.admin_verifier)
+        except Unauthenticated as e:
+            return 401, "application/json", json.dumps({"error": str(e), "reason": "unauthenticated"}).encode()
         tracer = rt.tracer
         return 200, "application/json", json.dumps(list(tracer.recent) if tracer is not None else []).encode()
     if path == "/config":
@@ -115,13 +124,15 @@ async def serve_conn(rt, stream: FastSocketStream) -> None:
                     if ev is None:
                         return
                 try:
-                    status, ctype, body = handle(rt, head.method, head.path)
+                    auth = next((v for k, v in head.headers if k.lower() == "authorization"), None)
+                    status, ctype, body = handle(rt, head.method, head.path, auth)
                 except Exception as exc:  # a bug here must not kill the proxy
                     log.exception("admin %s failed", head.path)
                     status, ctype, body = 500, "text/plain", f"internal error: {exc}\n".encode()
                 resp = ResponseHead(
                     status=status,
-                    headers=[("content-type", ctype), ("content-length", str(len(body)))],
+                    headers=[("content-type", ctype), ("content-length", str(len(body)))]
+                    + ([("www-authenticate", "Bearer")] if status == 401 else []),
                     keep_alive=head.keep_alive,
                 )
                 out = server.response_head(resp)

@@ -183,6 +183,7 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
                 "no Pilot credential in a bootstrap file: Pilot will refuse this proxy (run it with "
                 "`meshctl proxy run --state-dir` as the mesh's user, or under `meshctl up`)")
         rt.ratelimits.mixer_credential = credential
+        rt.admin_verifier = _BOOT.get("admin_verifier", "")
         trio.run(partial(run_with_identity, rt, _freezing, rt, run_with_pilot, rt, pilot_url, node, state_dir,
                          admin_port, credential, environ=_boot_env()))
     except BaseException as exc:

@@ -118,6 +118,7 @@ class ProxyRuntime:
         self.stats = Stats()
         self.telemetry = Telemetry()  # Istio metrics (telemetry.py)
         self.tracer = Tracer()  # sampled spans, sent to Zipkin in batches (tracing.py)
+        self.admin_verifier = ""  # checks the mesh credential on admin /traces (credentials.mesh_verifier)
         self.access_log: AccessLog | None = None  # set before run() to log requests
         self.ratelimits = RateLimits()  # RateLimit resources; .mixer_url for global quotas
         self.ext_authz = ExtAuthzClient()  # AuthorizationPolicy CUSTOM (proxy/extauthz.py)

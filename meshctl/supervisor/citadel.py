@@ -68,11 +68,12 @@ def proxy_env(sup: ProxyEnvHost, p: ProxyEnvProc) -> dict[str, str]:
     """``p.env`` plus ``MESHCTL_BOOTSTRAP_FILE`` (the Pilot credential; with Citadel
     its URL and a fresh bootstrap token) for a sidecar or gateway; ``p.env``
     unchanged otherwise."""
-    from ..credentials import ENV_BOOTSTRAP, mesh_credential, proxy_credential, write_bootstrap
+    from ..credentials import ENV_BOOTSTRAP, mesh_credential, mesh_verifier, proxy_credential, write_bootstrap
 
     if p.kind not in ("sidecar", "gateway"):
         return dict(p.env)
-    entries = {"pilot_credential": proxy_credential(mesh_credential(sup.state_dir), p.name)}
+    secret = mesh_credential(sup.state_dir)
+    entries = {"pilot_credential": proxy_credential(secret, p.name), "admin_verifier": mesh_verifier(secret)}
     url = sup.citadel_url
     if url:
         node_file = sup.state_dir / "nodes" / f"{p.name}.json"

@@ -146,3 +146,26 @@ def test_without_zipkin_the_dashboard_lists_recent_traces_itself(otlp_mesh):
     with pytest.raises(urllib.error.HTTPError) as e:  # the list needs the dashboard's cookie
         urllib.request.urlopen(base + "/dashboard/traces?service=ratings", timeout=5)
     assert e.value.code == 401
+
+
+def test_proxy_admin_traces_needs_the_mesh_credential(otlp_mesh):
+    """A proxy's admin /traces holds the URLs (query strings with tokens too) and request ids of
+    sampled requests: any local user may connect to loopback, only the mesh's user gets them."""
+    import urllib.request
+
+    gw, work = otlp_mesh["gw"], otlp_mesh["dir"]
+    rid = "admin-traces-3b9e"
+    assert curl(gw + "/productpage?api_key=s3cr3t", "-H", f"x-request-id: {rid}")[0] == 200
+    st = json.loads(meshctl("status", "--json", cwd=work).stdout)
+    admin = "http://" + next(w for w in st["workloads"] if w["name"] == "productpage-v1-0")["admin_address"]
+    for headers in ({}, {"authorization": "Bearer mesh.not-this-one"}, {"authorization": "Basic eDp5"}):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(admin + "/traces", headers=headers), timeout=5)
+        assert e.value.code == 401 and e.value.headers["www-authenticate"] == "Bearer"
+        assert "s3cr3t" not in e.value.read().decode()
+    token = (work / ".meshctl" / "auth" / "mesh.token").read_text().strip()
+    req = urllib.request.Request(admin + "/traces", headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        spans = json.loads(r.read())
+    mine = [s for s in spans if s.get("tags", {}).get("guid:x-request-id") == rid]
+    assert mine and any("api_key=s3cr3t" in s["tags"].get("http.url", "") for s in mine), spans[-3:]
