@@ -172,8 +172,13 @@ class ControlClient:
         from .model.proxyconfig import Listener, Workload
         from .pilot.compile import Inputs, Node, compile_proxy
         from .pilot.kvstore import open_rule_store
+        from .pilot.store import StoreError
 
-        resources = list(open_rule_store(self.state_dir).current().resources)
+        store = open_rule_store(self.state_dir)
+        try:
+            resources = list(store.current().resources)
+        except StoreError:  # Consul KV away: the rules this host's Pilot has in force
+            resources = list(store.last_known().resources)
         snapshot = self.registry_snapshot()
         node = None
         nodes_file = self.state_dir / "pilot" / "nodes.json"

@@ -151,6 +151,8 @@ def _store_error(e: KVError) -> StoreError:
 class ConsulRuleStore:
     """The rule store in Consul KV (module doc); same methods as :class:`RuleStore`."""
 
+    shared = True
+
     def __init__(self, kv: ConsulKV, prefix: str, *, state_dir: Path | None = None, keep: int = KEEP_REVISIONS,
                  rng: random.Random | None = None) -> None:
         self.kv = kv

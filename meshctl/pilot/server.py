@@ -304,6 +304,8 @@ class Pilot:
     async def publish_proxies(self, period: float = 1.0) -> None:
         """Put this host's proxies and what each ACKed where every host's `proxy-status` reads
         them (Consul KV; nothing for the file store)."""
+        if not self.store.shared:
+            return
         try:
             while True:
                 await trio.sleep(period)

@@ -202,6 +202,9 @@ class RuleStore:
 
     # ------------------------------------------------------------ Pilot's side
 
+    # One host's files: no other host reads them (ConsulRuleStore: True).
+    shared = False
+
     @property
     def location(self) -> str:
         return f"files in {self.root}"
@@ -298,6 +301,7 @@ class RuleStoreLike(Protocol):
     :class:`~meshctl.pilot.kvstore.ConsulRuleStore` (Consul KV, across hosts)."""
 
     keep: int
+    shared: bool  # every host of the mesh reads it (and each Pilot publishes its proxies there)
 
     @property
     def location(self) -> str: ...
