@@ -37,6 +37,9 @@ from .helpers import LoadGenerator, http_get, mesh_ports
 pytestmark = [pytest.mark.e2e, pytest.mark.consul]
 
 CERT_TTL = "6s"  # sidecars renew every ~3 s: a rotation reaches them within the test
+# a meshId of this run's own: the CA and the shared rules (Consul KV, meshctl/<meshId>/) of
+# other test modules on the suite's Consul agent stay apart
+MESH = f"shared-ca-{os.getpid()}"
 WRAPPER = f"""import os, runpy, sys
 sys.argv = [{str(Path(__file__).with_name('hello_app.py'))!r}, os.environ["PORT"], sys.argv[1]]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -58,7 +61,8 @@ def write_host(work: Path, service: str, registry: str) -> None:
     work.mkdir()
     (work / "hello.py").write_text(WRAPPER)
     (work / "mesh.yaml").write_text(
-        f"settings: {{portRange: {mesh_ports()[0]}, outboundTrafficPolicy: REGISTRY_ONLY, registry: '{registry}'}}\n"
+        f"settings: {{portRange: {mesh_ports()[0]}, outboundTrafficPolicy: REGISTRY_ONLY, registry: '{registry}', "
+        f"meshId: {MESH}}}\n"
         "services:\n"
         f"- name: {service}\n"
         "  port: 9080\n"
@@ -144,14 +148,15 @@ def mtls_get(addr: str, chain_pem: bytes, key_pem: bytes, tmp: Path, path: str =
 def hosts(consul_agent, tmp_path_factory):
     base = tmp_path_factory.mktemp("shared-ca")
     root = base / "root"
-    meshctl("citadel", "init", "--root-dir", str(root), cwd=base)
+    meshctl("citadel", "init", "--root-dir", str(root), "--mesh-id", MESH, cwd=base)
     a, b = base / "host-a", base / "host-b"
     write_host(a, "front", consul_agent)
     write_host(b, "world", consul_agent)
     m = {"root": root, "a": a, "b": b, "registry": str(consul_agent), "base": base, "consul": consul_agent.http,
          "consul_agent": consul_agent}
     for work, name in ((a, "a"), (b, "b")):
-        r = meshctl("citadel", "join", "--registry", consul_agent, "--host", name, cwd=work, check=False)
+        r = meshctl("citadel", "join", "--registry", consul_agent, "--host", name, "--mesh-id", MESH, cwd=work,
+                    check=False)
         assert r.returncode == 3, r.stdout + r.stderr
     meshctl("citadel", "approve", "--root-dir", str(root), "--registry", consul_agent, "a", cwd=base)
     try:
@@ -171,7 +176,7 @@ def hosts(consul_agent, tmp_path_factory):
         meshctl("down", cwd=a, check=False)
         meshctl("down", cwd=b, check=False)
         with httpx.Client(trust_env=False) as c:
-            c.delete(f"{consul_agent.http}/v1/kv/meshctl/cluster.local/ca", params={"recurse": "true"})
+            c.delete(f"{consul_agent.http}/v1/kv/meshctl/{MESH}/", params={"recurse": "true"})
 
 
 def test_a_host_not_approved_gets_no_certificate_and_says_what_it_waits_for(hosts):
@@ -179,7 +184,7 @@ def test_a_host_not_approved_gets_no_certificate_and_says_what_it_waits_for(host
     assert r.returncode != 0
     err = " ".join(r.stderr.split())
     assert "host b waits for its intermediate CA" in err, err
-    assert "meshctl/cluster.local/ca/csr/b" in err and "meshctl citadel approve" in err and " b`" in err, err
+    assert f"meshctl/{MESH}/ca/csr/b" in err and "meshctl citadel approve" in err and " b`" in err, err
     assert "Traceback" not in r.stderr
     listing = " ".join(hosts["listing"].split())
     assert re.search(r"a approved \w+ \d{4}-\d\d-\d\d", listing) and re.search(r"b pending \w+ -", listing), listing
@@ -190,7 +195,7 @@ def test_a_host_that_did_not_join_is_refused_rather_than_making_a_root_of_its_ow
     write_host(c, "third", hosts["registry"])
     r = meshctl("up", "-d", "-f", "mesh.yaml", cwd=c, check=False)
     err = " ".join(r.stderr.split())
-    assert r.returncode != 0 and "mesh cluster.local has a shared root in Consul KV" in err, err
+    assert r.returncode != 0 and f"mesh {MESH} has a shared root in Consul KV" in err, err
     assert f"meshctl citadel join --registry {hosts['registry']} --host NAME" in err, err
     assert not (c / ".meshctl" / "ca" / "ca-key.pem").exists()
 
@@ -198,7 +203,8 @@ def test_a_host_that_did_not_join_is_refused_rather_than_making_a_root_of_its_ow
 def test_sidecars_of_two_hosts_talk_mtls_with_different_intermediates(hosts, tmp_path):
     code, body = http_get(hosts["outbound"], "http://world:9080/")
     assert code == 200 and json.loads(body)["version"] == "world"
-    # b's sidecar is STRICT: plaintext is refused, so the request above went over mTLS
+    # the hosts share their rules (one meshId): the STRICT PeerAuthentication applied from b
+    # holds on every sidecar, so plaintext to b's is refused, so the request above went over mTLS
     with socket.create_connection(("127.0.0.1", port_of(hosts["b_inbound"])), timeout=5) as s:
         s.sendall(b"GET / HTTP/1.1\r\nhost: world\r\nconnection: close\r\n\r\n")
         try:
@@ -229,7 +235,7 @@ def test_no_state_directory_holds_the_root_key_or_the_other_hosts_key(hosts):
             assert keys[other] not in data, f"host {other}'s key is in {p}"
         assert oct((hosts[h] / ".meshctl" / "ca" / "ca-key.pem").stat().st_mode & 0o777) == "0o600"
     with httpx.Client(trust_env=False) as c:
-        kv = c.get(f"{hosts['consul']}/v1/kv/meshctl/cluster.local/ca", params={"recurse": "true"}).json()
+        kv = c.get(f"{hosts['consul']}/v1/kv/meshctl/{MESH}/ca", params={"recurse": "true"}).json()
     import base64
     everything = b"".join(base64.b64decode(e["Value"] or "") for e in kv)
     assert b"PRIVATE KEY" not in everything and b"CERTIFICATE REQUEST" in everything
