@@ -96,7 +96,8 @@ def join(
         if other is not None and spki(other.public_key()) != spki(key.public_key()):
             raise CAError(
                 f"host name {host} is taken in mesh {mesh}: {prefix}csr/{host} holds another key. Pick another "
-                f"--host, or delete that key in Consul if the host it belonged to is gone"
+                f"--host, or, if the host it belonged to is gone, have the root holder forget it "
+                f"(`meshctl citadel remove-host {host} --root-dir DIR --registry ...`)"
             )
     _write(d / "intermediate.csr", csr)
     if root_pin is not None and not (d / "trust-bundle.pem").exists():
