@@ -22,6 +22,13 @@ service, each with ``index``/``wait``. Services registered by anything else
 appear too; their labels come from their Meta and ``key=value`` tags. The
 agent being down never ends the watch: it keeps the last snapshot, sets
 ``reachable = False`` and ``last_error``, and retries with backoff.
+
+After a failed query (the agent restarted, or its host was cut off from the
+servers) the watch publishes nothing new until the agent's own node passes its
+node checks again (``serfHealth``): until the cluster has seen the node rejoin,
+Consul still answers with this node's services failed, and publishing that
+would take the host's own healthy instances out of its routing. The last
+snapshot stays in force meanwhile, at most ``SETTLE_MAX`` seconds.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ META_KEY = "meshctl-meta"
 _META_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Consul's own service, present in every catalog: not a mesh service.
 _SKIP_SERVICES = frozenset({"consul"})
+SETTLE_MAX = 30.0  # longest wait, once the agent answers again, for its node to pass its checks
 
 
 @dataclass(slots=True)
@@ -243,10 +251,38 @@ class ConsulRegistry(WatchedRegistry):
         names: set[str] = set()
         scopes: dict[str, trio.CancelScope] = {}
         backoff = Backoff(*self._backoff_args, rng=self._rng)
+        settling = False  # a query failed: publish again once this agent's node passes its checks
 
         def publish() -> None:
-            if names <= set(health):
+            if names <= set(health) and not settling:
                 state.publish(make_snapshot({n: health[n] for n in names}))
+
+        async def settle() -> None:
+            nonlocal settling
+            answered: float | None = None
+            while True:
+                try:
+                    passing = await self._call("check this agent's node (GET /v1/health/node/<node>)", _node_passing)
+                except RegistryError:
+                    await trio.sleep(0.5)
+                    continue
+                now = trio.current_time()
+                answered = answered if answered is not None else now
+                if passing:
+                    break
+                if now - answered > SETTLE_MAX:
+                    log.warning("%s: this agent's node still fails its node checks after %gs; using its answers anyway",
+                                self.url, SETTLE_MAX)
+                    break
+                await trio.sleep(0.2)
+            settling = False
+            publish()
+
+        def unsettle(nursery: trio.Nursery) -> None:
+            nonlocal settling
+            if not settling:
+                settling = True
+                nursery.start_soon(settle)
 
         async def watch_service(name: str, scope: trio.CancelScope) -> None:
             index = 0
@@ -261,6 +297,7 @@ class ConsulRegistry(WatchedRegistry):
                         )
                     except RegistryError as exc:
                         state.fail(str(exc))
+                        unsettle(nursery)
                         index = 0
                         await trio.sleep(svc_backoff.next())
                         continue
@@ -283,6 +320,7 @@ class ConsulRegistry(WatchedRegistry):
                     )
                 except RegistryError as exc:
                     state.fail(str(exc))
+                    unsettle(nursery)
                     was_down = True
                     index = 0
                     await trio.sleep(backoff.next())
@@ -363,6 +401,13 @@ class ConsulRegistry(WatchedRegistry):
 
 
 # -- encoding -------------------------------------------------------------------------
+
+
+def _node_passing(c: consul.Consul) -> bool:
+    """Whether this agent's own node passes its node checks (serfHealth, maintenance)."""
+    node = c.agent.self()["Config"]["NodeName"]
+    _, checks = c.health.node(node)
+    return all(ch.get("Status") == "passing" for ch in checks or () if not ch.get("ServiceID"))
 
 
 def _check_id(instance_id: str) -> str:

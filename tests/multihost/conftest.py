@@ -5,12 +5,13 @@ cluster of three servers, and Bookinfo split across the hosts.
     host 2  10.213.0.2   reviews v1 and v2, ratings
     host 3  10.213.0.3   reviews v3, ratings
 
-Each host runs `meshctl up -d -f mesh.yaml --registry consul://127.0.0.1:8500
---advertise 10.213.0.N` with a mesh.yaml of its own services (docs/multi-host.md),
-and a Citadel plugged in with its own intermediate under one root.
+Each host runs `meshctl up -d -f hostN.yaml --advertise 10.213.0.N --locality
+region1/zoneN` with the mesh file of its own services from examples/multi-host/
+(registry consul://127.0.0.1:8500, its own Consul server; docs/multi-host.md), and
+a Citadel plugged in with its own intermediate under one root.
 
 Skipped, with the reason, where the runner cannot make network namespaces (not
-root, no iproute2). One mesh serves all the tests of a module (module scope):
+root, no iproute2). One mesh serves all the tests of this folder (package scope):
 the failure tests put back what they break, and the one that kills a host runs last.
 """
 
@@ -26,36 +27,6 @@ from tests.tools.servers import build_tool
 from .hosts import ConsulCluster, MeshHost, make_cacerts
 from .netlab import LabUnavailable, NetLab, wait_for, why_unavailable
 
-HEALTH = "  healthCheck: {http: /health, interval: 1s}\n"
-SETTINGS = """settings:
-  trustDomain: cluster.local
-  portRange: 21000-21999
-  readyTimeout: 150s
-"""
-
-
-def _service(name: str, account: str, versions: list[tuple[str, dict]]) -> str:
-    out = f"- name: {name}\n  port: 9080\n  serviceAccount: {account}\n{HEALTH}  versions:\n"
-    for v, env in versions:
-        out += f"  - name: {v}\n    command: [python3, apps/{name}.py]\n"
-        if env:
-            out += "    env: {" + ", ".join(f"{k}: {val}" for k, val in env.items()) + "}\n"
-    return out
-
-
-MESH_FILES = {
-    1: SETTINGS + "services:\n"
-    + _service("productpage", "bookinfo-productpage", [("v1", {})])
-    + _service("details", "bookinfo-details", [("v1", {})])
-    + "gateways:\n- name: istio-ingressgateway\n  labels: {istio: ingressgateway}\n  ports: {80: 8080}\n",
-    2: SETTINGS + "services:\n"
-    + _service("reviews", "bookinfo-reviews", [("v1", {"SERVICE_VERSION": "v1"}), ("v2", {"SERVICE_VERSION": "v2"})])
-    + _service("ratings", "bookinfo-ratings", [("v1", {})]),
-    3: SETTINGS + "services:\n"
-    + _service("reviews", "bookinfo-reviews", [("v3", {"SERVICE_VERSION": "v3"})])
-    + _service("ratings", "bookinfo-ratings", [("v1", {})]),
-}
-
 GATEWAY_PORT = 8080  # host 1's own loopback: the namespaces have ports of their own
 
 
@@ -70,7 +41,7 @@ class Mesh:
                  lambda: {e.rsplit(':', 1)[0] for e in host.endpoints(service)} == addresses, timeout, 0.2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def mesh(tmp_path_factory):
     why = why_unavailable()
     if why:
@@ -89,7 +60,7 @@ def mesh(tmp_path_factory):
         consul.wait_ready()
         cacerts = make_cacerts(work / "cacerts", 3)
         for h in consul.hosts:
-            hosts[h] = MeshHost(lab, h, work / f"host{h}", MESH_FILES[h])
+            hosts[h] = MeshHost(lab, h, work / f"host{h}")
             hosts[h].prepare(cacerts[h - 1])
         errors: list[BaseException] = []
 
@@ -112,7 +83,10 @@ def mesh(tmp_path_factory):
         m.wait_routable(1, "ratings", {a2, a3})
         m.wait_routable(2, "ratings", {a2, a3})
         m.wait_routable(3, "ratings", {a2, a3})
-        hosts[1].apply("rules/bookinfo-gateway.yaml")
+        hosts[1].apply("../bookinfo/rules/bookinfo-gateway.yaml")
+        # Rules are kept per host until they live in Consul's KV store: each host gets the cross-host ones.
+        for h in hosts.values():
+            h.apply("rules/cross-host.yaml")
         yield m
     finally:
         # Every process of every host is killed with its namespace (lab.close), the

@@ -27,6 +27,7 @@ from .netlab import NetLab, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo"
+MULTIHOST = REPO / "examples" / "multi-host"  # host1.yaml, host2.yaml, host3.yaml, rules/
 CONSUL_HTTP = 8500
 
 # Consul tuned for a test's patience: Raft timeouts at their minimum (the
@@ -105,6 +106,20 @@ class ConsulCluster:
             raise AssertionError(f"consul on host {host}: GET {path}: {status} {body[:200]}")
         return json.loads(body)
 
+    def put(self, host: int, path: str, body: object) -> None:
+        def do() -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", CONSUL_HTTP, timeout=5)
+            try:
+                conn.request("PUT", path, body=json.dumps(body) if body is not None else None)
+                resp = conn.getresponse()
+                resp.read()
+                return resp.status
+            finally:
+                conn.close()
+
+        status = self.lab.in_host(host, do, 10)
+        assert status == 200, f"consul on host {host}: PUT {path}: {status}"
+
     def leader_host(self, via: int) -> int | None:
         """The host whose server is the Raft leader, as host ``via`` sees it."""
         leader = self.api(via, "/v1/status/leader")
@@ -162,10 +177,24 @@ def make_cacerts(workdir: Path, hosts: int) -> list[Path]:
 
 @dataclass
 class MeshHost:
+    """Host ``index`` as a VM user sets it up (docs/multi-host.md): examples/bookinfo and
+    examples/multi-host copied side by side, `meshctl up -f host<index>.yaml` run in multi-host/."""
+
     lab: NetLab
     index: int
-    workdir: Path
-    mesh_yaml: str
+    root: Path
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / "multi-host"
+
+    @property
+    def mesh_file(self) -> str:
+        return f"host{self.index}.yaml"
+
+    @property
+    def locality(self) -> str:
+        return f"region1/zone{self.index}"
 
     @property
     def address(self) -> str:
@@ -176,10 +205,9 @@ class MeshHost:
         return self.workdir / ".meshctl"
 
     def prepare(self, cacerts: Path) -> None:
-        self.workdir.mkdir(parents=True)
-        shutil.copytree(BOOKINFO / "apps", self.workdir / "apps", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(BOOKINFO / "rules", self.workdir / "rules")
-        (self.workdir / "mesh.yaml").write_text(self.mesh_yaml)
+        self.root.mkdir(parents=True)
+        shutil.copytree(BOOKINFO, self.root / "bookinfo", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(MULTIHOST, self.workdir)
         self.meshctl("citadel", "init", "--cacerts", str(cacerts), "--state-dir", str(self.state_dir))
 
     def meshctl(self, *args: str, check: bool = True, timeout: float = 180):
@@ -187,8 +215,8 @@ class MeshHost:
                             timeout=timeout)
 
     def up(self) -> None:
-        self.meshctl("up", "-d", "-f", "mesh.yaml", "--state-dir", str(self.state_dir),
-                     "--registry", f"consul://127.0.0.1:{CONSUL_HTTP}", "--advertise", self.address, timeout=240)
+        self.meshctl("up", "-d", "-f", self.mesh_file, "--state-dir", str(self.state_dir),
+                     "--advertise", self.address, "--locality", self.locality, timeout=240)
 
     def status(self) -> dict:
         return json.loads(self.meshctl("status", "--json", "--state-dir", str(self.state_dir)).stdout)
@@ -246,6 +274,7 @@ class Load:
     path: str = "/productpage"
     workers: int = 4
     timeout: float = 20.0
+    headers: dict = field(default_factory=dict)
     results: list[Result] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _futures: list = field(default_factory=list)
@@ -261,11 +290,11 @@ class Load:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                status, body = http_get("127.0.0.1", self.port, self.path, self.timeout)
+                status, body = http_get("127.0.0.1", self.port, self.path, self.timeout, self.headers)
                 m = re.search(r"reviews-v\d-\d", body)
-                bad = "currently unavailable" in body
+                bad = re.search(r"[^.<>]*currently unavailable[^.<>]*", body)
                 self.results.append(Result(t0, time.monotonic(), status == 200 and not bad, status, m.group(0) if m else "",
-                                           "page says a service is unavailable" if bad else ""))
+                                           bad.group(0).strip() if bad else ("" if status == 200 else body[:200])))
             except OSError as e:
                 self.results.append(Result(t0, time.monotonic(), False, 0, "", repr(e)))
                 time.sleep(0.05)
@@ -278,6 +307,14 @@ class Load:
 
     def failures(self) -> list[Result]:
         return [r for r in self.results if not r.ok]
+
+    def summary(self, since: float | None = None) -> str:
+        """Counts, and each failure: when it started (seconds after ``since``), its status and why."""
+        fails = self.failures()
+        t0 = since if since is not None else (self.results[0].start if self.results else 0.0)
+        return (f"{len(self.results)} requests, {len(fails)} failed"
+                + "".join(f"\n  at {r.start - t0:+.2f}s, {r.status} after {r.end - r.start:.2f}s: {r.error}"
+                          for r in fails[:10]))
 
     def wait_for_requests(self, n: int, timeout: float = 60) -> None:
         target = len(self.results) + n
