@@ -28,7 +28,12 @@ servers) the watch publishes nothing new until the agent's own node passes its
 node checks again (``serfHealth``): until the cluster has seen the node rejoin,
 Consul still answers with this node's services failed, and publishing that
 would take the host's own healthy instances out of its routing. The last
-snapshot stays in force meanwhile, at most ``SETTLE_MAX`` seconds.
+snapshot stays in force meanwhile, at most ``SETTLE_MAX`` seconds. Then, for
+one check TTL, instances of the snapshot from before the failure stay in what
+is published (``keep_held``): an agent that restarted reports the TTL checks it
+restored as critical until their owners pass them again, which every live
+supervisor does within a keep-alive interval. New instances come at once;
+those really gone leave when that TTL is over.
 """
 
 from __future__ import annotations
@@ -251,14 +256,20 @@ class ConsulRegistry(WatchedRegistry):
         names: set[str] = set()
         scopes: dict[str, trio.CancelScope] = {}
         backoff = Backoff(*self._backoff_args, rng=self._rng)
-        settling = False  # a query failed: publish again once this agent's node passes its checks
+        # After a failed query (settling), nothing new is published until this agent's node
+        # passes its node checks; then, for one check TTL (held), instances of the last
+        # snapshot before the failure stay in what is published, whatever Consul says.
+        settling = False
+        held: Snapshot | None = None
+        generation = 0
 
         def publish() -> None:
             if names <= set(health) and not settling:
-                state.publish(make_snapshot({n: health[n] for n in names}))
+                snap = make_snapshot({n: health[n] for n in names})
+                state.publish(keep_held(held, snap) if held is not None else snap)
 
-        async def settle() -> None:
-            nonlocal settling
+        async def settle(gen: int) -> None:
+            nonlocal settling, held
             answered: float | None = None
             while True:
                 try:
@@ -275,14 +286,23 @@ class ConsulRegistry(WatchedRegistry):
                                 self.url, SETTLE_MAX)
                     break
                 await trio.sleep(0.2)
+            if gen != generation:
+                return
             settling = False
             publish()
+            await trio.sleep(self.ttl)
+            if gen == generation:
+                held = None
+                publish()
 
         def unsettle(nursery: trio.Nursery) -> None:
-            nonlocal settling
+            nonlocal settling, held, generation
             if not settling:
                 settling = True
-                nursery.start_soon(settle)
+                if held is None:
+                    held = state.snapshot
+                generation += 1
+                nursery.start_soon(settle, generation)
 
         async def watch_service(name: str, scope: trio.CancelScope) -> None:
             index = 0
@@ -401,6 +421,19 @@ class ConsulRegistry(WatchedRegistry):
 
 
 # -- encoding -------------------------------------------------------------------------
+
+
+def keep_held(held: Snapshot, snap: Snapshot) -> Snapshot:
+    """``snap`` plus the instances of ``held`` it lacks (same id, address and port), service by service.
+
+    After Consul was unreachable, a restarted agent reports the TTL checks it restored
+    as critical until their owners pass them again (within a keep-alive interval):
+    for one TTL the instances known before stay routable rather than blink out."""
+    out: dict[str, list[Instance]] = {n: list(insts) for n, insts in snap.items()}
+    for name, insts in held.items():
+        have = {(i.id, i.address, i.port) for i in out.get(name, ())}
+        out.setdefault(name, []).extend(i for i in insts if (i.id, i.address, i.port) not in have)
+    return make_snapshot(out)
 
 
 def _node_passing(c: consul.Consul) -> bool:

@@ -219,7 +219,15 @@ class MeshHost:
                      "--advertise", self.address, "--locality", self.locality, timeout=240)
 
     def status(self) -> dict:
+        """`meshctl status --json` of this host."""
         return json.loads(self.meshctl("status", "--json", "--state-dir", str(self.state_dir)).stdout)
+
+    def status_file(self) -> dict:
+        """The supervisor's status.json, which `status` reads (cheap enough to poll: no process started)."""
+        return json.loads((self.state_dir / "status.json").read_text())
+
+    def registry_reachable(self) -> bool:
+        return bool(self.status_file()["registry"]["reachable"])
 
     def apply(self, *files: str) -> None:
         args = [a for f in files for a in ("-f", f)]
@@ -230,7 +238,7 @@ class MeshHost:
         from meshctl.credentials import mesh_credential
 
         token = mesh_credential(self.state_dir)
-        pilot = self.status()["control_plane"]["pilot"]
+        pilot = self.status_file()["control_plane"]["pilot"]
         hostport = pilot.split("://", 1)[1]
         h, p = hostport.rsplit(":", 1)
         status, body = self.lab.in_host(
@@ -243,7 +251,7 @@ class MeshHost:
         return {f"{i['address']}:{i['port']}" for i in self.pilot_registry().get(service, [])}
 
     def workload(self, name: str) -> dict:
-        return next(w for w in self.status()["workloads"] if w["name"] == name)
+        return next(w for w in self.status_file()["workloads"] if w["name"] == name)
 
     def down(self) -> None:
         self.meshctl("down", "--state-dir", str(self.state_dir), check=False, timeout=60)

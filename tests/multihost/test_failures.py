@@ -22,8 +22,8 @@ pytestmark = pytest.mark.multihost
 # How long a dead or cut-off host may stay in other hosts' routing: Consul's gossip
 # declares its node failed (probe every 400 ms in the test's Consul, suspicion for
 # three rounds: about 2 s), then each Pilot's blocking query returns and proxies
-# get the new endpoints. Ten seconds is a generous bound on a loaded 2-core runner.
-LEAVE_ROUTING_WITHIN = 10.0
+# get the new endpoints (measured: 2 to 9 s on a loaded 2-core runner; bound 15 s).
+LEAVE_ROUTING_WITHIN = 15.0
 
 
 def steady_load(mesh, **kw) -> Load:
@@ -45,9 +45,9 @@ def test_killing_the_consul_leader_loses_no_request(mesh):
     wait_for("a new Consul leader", lambda: mesh.consul.leader_host(via=others[0]) in others, 30)
     load.wait_for_requests(40)
     # the leader's host lost its own agent: its Pilot routes on what it last saw
-    st = mesh.hosts[leader].status()
+    st = mesh.hosts[leader].status_file()
     wait_for(f"host {leader}'s status to say its registry is unreachable",
-             lambda: not mesh.hosts[leader].status()["registry"]["reachable"], 20)
+             lambda: not mesh.hosts[leader].registry_reachable(), 30)
     restarted = time.monotonic()
     mesh.consul.start(leader)
     mesh.consul.wait_ready()
@@ -69,7 +69,7 @@ def test_consul_entirely_down_keeps_the_data_plane_serving(mesh):
         mesh.consul.stop(h)
     for h in mesh.hosts.values():
         wait_for(f"host {h.index}'s status to say its registry is unreachable",
-                 lambda h=h: not h.status()["registry"]["reachable"], 20)
+                 lambda h=h: not h.registry_reachable(), 30)
     # longer than the TTL of meshctl's Consul checks (10 s): nothing expires in the proxies
     t0 = time.monotonic()
     load.wait_for_requests(40)
@@ -104,7 +104,7 @@ def test_a_partitioned_host_keeps_serving_with_its_last_config_and_catches_up(me
     mesh.wait_routable(1, "reviews", {a[1]}, timeout=LEAVE_ROUTING_WITHIN)
     left = time.monotonic() - cut
     wait_for("host 3's status to say its registry is unreachable (no quorum on its side)",
-             lambda: not h3.status()["registry"]["reachable"], 20)
+             lambda: not h3.registry_reachable(), 30)
     # Something changes while host 3 is away: another client registers a service in Consul.
     probe = {"ID": "partition-probe", "Name": "partition-probe", "Address": a[0], "Port": 9999}
     mesh.consul.put(1, "/v1/agent/service/register", probe)
