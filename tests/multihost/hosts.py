@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import sys
 import threading
@@ -211,8 +212,10 @@ class MeshHost:
         self.meshctl("citadel", "init", "--cacerts", str(cacerts), "--state-dir", str(self.state_dir))
 
     def meshctl(self, *args: str, check: bool = True, timeout: float = 180):
+        # the namespaces share the machine's host name: each host names itself (proxy-status)
+        env = {**os.environ, "MESHCTL_HOST_NAME": f"host{self.index}"}
         return self.lab.run(self.index, [sys.executable, "-m", "meshctl", *args], cwd=self.workdir, check=check,
-                            timeout=timeout)
+                            timeout=timeout, env=env)
 
     def up(self) -> None:
         self.meshctl("up", "-d", "-f", self.mesh_file, "--state-dir", str(self.state_dir),
@@ -249,6 +252,13 @@ class MeshHost:
     def endpoints(self, service: str) -> set[str]:
         """Addresses (host:port) this host's Pilot has for ``service``."""
         return {f"{i['address']}:{i['port']}" for i in self.pilot_registry().get(service, [])}
+
+    def proxy_config(self, workload: str) -> str:
+        """The config ``workload``'s sidecar runs (its admin /config), as text."""
+        admin = int(self.workload(workload)["admin_address"].rsplit(":", 1)[1])
+        status, body = self.lab.in_host(self.index, lambda: http_get("127.0.0.1", admin, "/config", 5.0), 10)
+        assert status == 200, body[:300]
+        return body
 
     def workload(self, name: str) -> dict:
         return next(w for w in self.status_file()["workloads"] if w["name"] == name)

@@ -36,6 +36,8 @@ def steady_load(mesh, **kw) -> Load:
 def test_killing_the_consul_leader_loses_no_request(mesh):
     a = mesh.lab.addresses
     load = steady_load(mesh)
+    rules = mesh.hosts[2].meshctl("route", "get", "-o", "yaml", "--state-dir", str(mesh.hosts[2].state_dir)).stdout
+    assert "bookinfo-gateway" in rules and "outlierDetection" in rules
     leader = mesh.consul.leader_host(via=1)
     assert leader is not None
     others = [h for h in mesh.consul.hosts if h != leader]
@@ -55,6 +57,9 @@ def test_killing_the_consul_leader_loses_no_request(mesh):
     mesh.wait_routable(1, "reviews", {a[1], a[2]})
     for h in (2, 3):
         mesh.wait_routable(h, "ratings", {a[1], a[2]})
+    # no rule lost: every host reads the same rules as before (they are on a majority of servers)
+    for h in mesh.hosts.values():
+        assert h.meshctl("route", "get", "-o", "yaml", "--state-dir", str(h.state_dir)).stdout == rules
     load.wait_for_requests(20)
     load.stop()
     assert not load.failures(), (f"leader on host {leader}, restarted at {restarted - killed:+.2f}s: "
@@ -108,6 +113,10 @@ def test_a_partitioned_host_keeps_serving_with_its_last_config_and_catches_up(me
     # Something changes while host 3 is away: another client registers a service in Consul.
     probe = {"ID": "partition-probe", "Name": "partition-probe", "Address": a[0], "Port": 9999}
     mesh.consul.put(1, "/v1/agent/service/register", probe)
+    # and a rule is applied on host 1 (Istio's ratings delay for the user jason: our clients are not jason)
+    h1.meshctl("route", "apply", "-f", "../bookinfo/rules/virtual-service-ratings-test-delay.yaml",
+               "--state-dir", str(h1.state_dir))
+    assert "jason" not in h3.proxy_config("reviews-v3-0")
     load.wait_for_requests(30)
     local.wait_for_requests(20)
     during = [r for r in load.results if r.start > cut + left]
@@ -119,11 +128,14 @@ def test_a_partitioned_host_keeps_serving_with_its_last_config_and_catches_up(me
     # caught up: host 3 sees what was registered while it was away; host 1 routes to host 3 again
     wait_for("host 3's Pilot to see the service registered during the partition",
              lambda: "partition-probe" in h3.pilot_registry(), 60)
+    wait_for("the rule applied during the partition in the config of reviews-v3's sidecar on host 3",
+             lambda: "jason" in h3.proxy_config("reviews-v3-0"), 60)
     mesh.wait_routable(1, "reviews", {a[1], a[2]}, timeout=60)
     mesh.wait_routable(3, "ratings", {a[1], a[2]}, timeout=60)
     wait_for("a page from reviews-v3 on host 3 again",
              lambda: any(r.instance == "reviews-v3-0" for r in load.results if r.start > healed), 30)
     mesh.consul.put(1, "/v1/agent/service/deregister/partition-probe", None)
+    h1.meshctl("route", "delete", "virtualservice", "ratings", "--state-dir", str(h1.state_dir))
     load.stop()
     local.stop()
     # Requests in flight to host 3 at the cut wait for it (TCP retransmits) or for
