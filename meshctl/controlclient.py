@@ -152,6 +152,23 @@ class ControlClient:
         r = self.call("pilot", "GET", f"/v1/config/{proxy}?wait=0s", ok=(200, 404))
         return None if r.status_code == 404 else r.json()
 
+    def mesh_tracing(self) -> bool | None:
+        """Whether the running mesh has a tracing backend (settings.tracing zipkin or otlp), from
+        the settings Pilot hands its proxies; None when Pilot is not running or knows no proxy."""
+        if not self.url("pilot"):
+            return None
+        try:
+            for p in self.status().get("proxies", []):
+                cfg = self.proxy_config(str(p.get("proxy") or p.get("name") or ""))
+                if cfg is None:
+                    continue
+                st = cfg.get("settings") or {}
+                return bool(st.get("tracingZipkin") or st.get("tracing_zipkin")
+                            or st.get("tracingOtlp") or st.get("tracing_otlp"))
+        except (ControlPlaneError, ValueError, AttributeError):
+            return None
+        return None
+
     def registry_snapshot(self) -> dict[str, tuple[Instance, ...]]:
         """The endpoints Pilot routes with, or the embedded registry's saved ones when Pilot is down."""
         if self.url("pilot"):

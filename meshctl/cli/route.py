@@ -73,6 +73,32 @@ def _gateway_findings(resources, mesh: Optional[Path], sd: Optional[Path], conte
     return found + (credential_findings(resources, sd) if sd is not None else [])
 
 
+def _tracing_findings(resources, mesh: Optional[Path], sd: Optional[Path], *, running: bool) -> list:
+    """Telemetry tracing fields that would do nothing: the mesh names no tracing backend. Checked
+    against --mesh, else (``running``: route apply) the settings Pilot hands its proxies, else the
+    state directory's mesh.yaml; nothing to check against (offline, no mesh.yaml): no finding."""
+    from ..loader.codec import LoadError
+    from ..loader.gateways import find_mesh_file
+    from ..loader.tracing_backend import tracing_backend_findings, wants_tracing
+    from ..supervisor.plan import load_mesh_lines
+
+    if not wants_tracing(resources):
+        return []
+    if mesh is None and running and sd is not None:
+        live = control(sd).mesh_tracing()
+        if live is not None:
+            return tracing_backend_findings(resources, live, "the running mesh")
+    path = mesh or find_mesh_file(sd)
+    if path is None:
+        return []
+    try:
+        spec, _ = load_mesh_lines(path)
+    except LoadError:
+        return []  # the Gateway check says what is wrong with it
+    return tracing_backend_findings(resources, bool(spec.settings.tracing.zipkin or spec.settings.tracing.otlp),
+                                    f"the mesh of {path}")
+
+
 MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve the Gateway ports (default: the state directory's).")
 
 
@@ -121,6 +147,7 @@ def apply(
     store = _store(sd)
     current = _do(store.current)
     findings = validate(resources, context=current.resources) + _gateway_findings(resources, mesh, sd, current.resources)
+    findings += _tracing_findings(resources, mesh, sd, running=True)
     if _report(findings):
         fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     before = current.number
@@ -192,7 +219,9 @@ def validate_cmd(files: List[Path] = FileOption, mesh: Optional[Path] = MeshOpti
     from ..state import find_state_dir
 
     resources = _load(files)
-    errors = _report(validate(resources) + _gateway_findings(resources, mesh, find_state_dir(state)))
+    sd = find_state_dir(state)
+    errors = _report(validate(resources) + _gateway_findings(resources, mesh, sd)
+                     + _tracing_findings(resources, mesh, sd, running=False))
     if errors:
         raise typer.Exit(1)
     console.print(f"{len(resources)} resource(s) valid")

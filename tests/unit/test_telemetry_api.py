@@ -135,3 +135,17 @@ def test_metric_overrides_on_prometheus_text():
     out = apply_metric_overrides(TEXT, telemetry_for(client_only, wl("details")).metric_overrides)
     assert 'reporter="source"' not in out and out.count('reporter="destination"') == 6
     assert apply_metric_overrides(TEXT, ()) == TEXT
+
+
+def test_tracing_without_a_backend_is_refused_by_name():
+    from meshctl.loader.tracing_backend import tracing_backend_findings
+
+    rs = load_resources([DATA / "mesh-default.yaml", DATA / "foo-tracing.yaml"])
+    found = tracing_backend_findings(rs, False, "the running mesh")
+    assert [(f.level, f.source.rsplit("/", 1)[-1], f.field) for f in found] == [
+        ("error", "mesh-default.yaml:9", "spec.tracing[0].randomSamplingPercentage")]  # foo-tracing: no spans asked
+    assert "the running mesh has no tracing backend" in found[0].message and "settings.tracing" in found[0].message
+    assert tracing_backend_findings(rs, True, "the running mesh") == []
+    on = load_resources_text("apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: a}\n"
+                             "spec:\n  tracing:\n  - disableSpanReporting: false\n", "t.yaml")
+    assert [f.field for f in tracing_backend_findings(on, False, "m")] == ["spec.tracing[0].disableSpanReporting"]
