@@ -116,3 +116,22 @@ def test_rotation_ends_only_when_every_host_signs_under_the_new_root_and_old_cer
     assert waits[0].startswith("vm2: certificates from the old intermediate live until")
     assert waits[1].startswith("vm3: certificates from the old intermediate live until")  # issued in the switch
     assert rotation_waits(expected, reports, new_fp, NOW + timedelta(seconds=31)) == []
+
+
+def test_openssl_refuses_a_certificate_a_host_intermediate_made_for_another_trust_domain(root, tmp_path):
+    import subprocess
+
+    from meshctl.citadel.ca import cert_to_pem
+
+    host, cert = host_ca(root)
+    (tmp_path / "root.pem").write_bytes(root.root_pem)
+    (tmp_path / "inter.pem").write_bytes(cert_to_pem(cert))
+    results = {}
+    for td in ("cluster.local", "other.example"):
+        (tmp_path / "leaf.pem").write_bytes(host.sign_csr(make_csr(generate_key()), f"spiffe://{td}/ns/x/sa/y", 3600, NOW))
+        v = subprocess.run(["openssl", "verify", "-attime", str(int(NOW.timestamp()) + 60), "-CAfile",
+                            str(tmp_path / "root.pem"), "-untrusted", str(tmp_path / "inter.pem"),
+                            str(tmp_path / "leaf.pem")], capture_output=True, text=True)
+        results[td] = (v.returncode, v.stdout + v.stderr)
+    assert results["cluster.local"][0] == 0, results
+    assert results["other.example"][0] != 0 and "permitted subtree violation" in results["other.example"][1], results
