@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -170,10 +171,19 @@ def test_consul_away_keeps_the_rules_and_the_watch_resumes(two_hosts, tmp_path):
         assert only(b_out, (200, "v2"))  # the rules in force stay, requests flow
         r = meshctl("route", "apply", "-f", str(rules), cwd=b["dir"], check=False)
         assert r.returncode != 0 and "cannot connect" in r.stderr and "Traceback" not in r.stderr
+        # host B's Pilot dies while Consul is away; the supervisor starts it again, from the
+        # copy of the last revision it kept (Consul cannot give it the rules now)
+        old = json.loads(meshctl("status", "--json", cwd=b["dir"]).stdout)["control_plane"]["pid"]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: json.loads(meshctl("status", "--json", cwd=b["dir"]).stdout)["control_plane"]["pid"] not in (None, old),
+                 timeout=30, what="host B's Pilot restarted")
     finally:
         consul.start()
-    # a dev agent comes back empty: still the last rules, until new ones are applied
-    time.sleep(2.0)
+    # a dev agent comes back empty: still the last rules, until new ones are applied; the
+    # restarted Pilot reads the registry again and serves its proxies (SYNCED) with those rules
+    wait_for(lambda: (st := proxy_status(b["dir"], b["env"]))["proxies"] and all(p["status"] == "SYNCED" for p in st["proxies"]),
+             timeout=30, what="host B's proxies synced with the restarted Pilot")
+    assert proxy_status(b["dir"], b["env"])["revision"] == 1
     assert only(b_out, (200, "v2"))
     rules.write_text(RULES.format(subset="v1"))
     wait_for(lambda: meshctl("route", "apply", "-f", str(rules), cwd=a["dir"], check=False).returncode == 0,
