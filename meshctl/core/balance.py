@@ -31,8 +31,10 @@ Rules:
   balanced at random (Envoy would generate a cookie when ``httpCookie.ttl``
   is set; meshctl does not).
 - Retries: hosts in ``PickContext.avoid`` (already tried) are avoided by
-  picking again, up to 5 times (Istio's default retry host predicate);
-  consistent hashing ignores ``avoid``, as Istio does with a hash policy.
+  picking again, up to 5 times (Istio's default retry host predicate), then,
+  if each pick still hit a tried host, by picking among the untried ones: a
+  retry never goes back to a tried host while another is eligible; consistent
+  hashing ignores ``avoid``, as Istio does with a hash policy.
 - ``warmupDurationSecs`` (slow start) is not implemented: new endpoints get
   their full share at once.
 """
@@ -130,8 +132,12 @@ class _Avoiding:
         if avoid and ep is not None:
             for _ in range(_REPICKS):
                 if ep is None or (ep.address, ep.port) not in avoid:
-                    break
+                    return ep
                 ep = self._pick(endpoints, ctx, rand)
+            if ep is not None and (ep.address, ep.port) in avoid:
+                rest = [e for e in endpoints if (e.address, e.port) not in avoid]
+                if rest:
+                    ep = self._pick(rest, ctx, rand) if len(rest) > 1 else rest[0]
         return ep
 
 

@@ -11,7 +11,8 @@ owns the request until the client has its response:
     retries          core.retry.decide → RetryAfter(s) | PassOn | GiveUp; a retry
                      also needs a slot of the cluster's retry budget (DestinationRule
                      ``http.maxRetries``, limits.ClusterLimiter.hold_retry), the same
-                     for HTTP/1.1 and HTTP/2 upstreams
+                     for HTTP/1.1 and HTTP/2 upstreams; it picks away from the hosts
+                     already tried (PickContext.avoid, Istio's previous_hosts predicate)
     body replay      the request body (request.BodySource) is kept while it fits the
                      retry buffer; each try reads it from its own cursor
     outlier reports  every try's result goes to the cluster's outlier detector
@@ -154,6 +155,12 @@ class UpstreamExchange(Protocol):
 # ------------------------------------------------------------------ the forwarder
 
 
+def _tried(ctx: PickContext, key: tuple[str, int]) -> PickContext:
+    """Istio's default retry host predicate (Envoy's previous_hosts): a retry
+    avoids the hosts this request already tried, when others are eligible."""
+    return PickContext(ctx.headers, ctx.source_ip, ctx.path, ctx.active, ctx.avoid | {key})
+
+
 class Forwarder:
     """The terminal stage: tries, retries, deadlines, outlier reports (see the module doc)."""
 
@@ -282,6 +289,7 @@ class Forwarder:
                     await trio.sleep(result.delay)
                     retries += 1
                     cs.stats.rq_retry += 1
+                    ctx = _tried(ctx, key)
                     continue
                 assert isinstance(result, Failed)
                 body = rq.body
@@ -291,6 +299,7 @@ class Forwarder:
                     await trio.sleep(verdict.seconds)
                     retries += 1
                     cs.stats.rq_retry += 1
+                    ctx = _tried(ctx, key)
                     continue
                 status = 504 if result.flag == F.UT else (502 if result.flag == F.UPE else 503)
                 rq.detail = result.detail

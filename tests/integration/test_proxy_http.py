@@ -6,6 +6,7 @@ import json
 import socket
 
 import httpx
+import pytest
 import trio
 
 from meshctl.model.istio import HTTPRetry
@@ -784,3 +785,30 @@ async def test_abandoned_request_releases_the_upstream_connection(upstream):
             while c.cx_active or rt.stats.listeners["outbound"].cx_active:
                 await trio.sleep(0.05)
         assert rt.stats.flags["DC"] == 1
+
+
+@pytest.mark.parametrize("lb", ["RANDOM", "LEAST_REQUEST"])
+async def test_a_retry_goes_to_another_endpoint_than_the_one_that_failed(upstreams, lb):
+    # Istio's default retry policy carries Envoy's previous_hosts retry host predicate:
+    # with one endpoint always answering 503, the one retry lands on the other every time
+    # (without it, a random pick would retry the failing one about half the time)
+    from dataclasses import replace
+
+    from meshctl.model.istio import LoadBalancerSettings, TrafficPolicy
+
+    bad, good = upstreams("bad"), upstreams("good")
+    lp = free_port()
+    c = cluster("reviews", 9080, [("127.0.0.1", bad.port), ("127.0.0.1", good.port)])
+    c = replace(c, traffic_policy=TrafficPolicy(load_balancer=LoadBalancerSettings(simple=lb)))
+    cfg = config(
+        listeners=[outbound_listener(lp)],
+        vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080, retries=HTTPRetry(attempts=1, retry_on="5xx")),))],
+        clusters=[c],
+    )
+    async with running_proxy(cfg):
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}", timeout=10) as client:
+            for i in range(30):
+                r = await client.get(f"http://reviews:9080/flaky?only=bad&fail=1000000&key=k{i}")
+                assert r.status_code == 200, (i, r.status_code)
+                assert r.json()["upstream"] == "good"
+    assert len(bad.requests) >= 5  # the failing endpoint did get first tries
