@@ -318,7 +318,7 @@ def _tls_broken(exc: BaseException) -> trio.BrokenResourceError:
     return trio.BrokenResourceError(f"connection lost: {exc}")
 
 
-class TLSSocketStream(trio.abc.Stream):
+class TLSSocketStream(trio.abc.HalfCloseableStream):
     """TLS over a non-blocking ``ssl.SSLSocket``, trying the syscall first like
     ``FastSocketStream`` (trio's ``SSLStream`` pumps a memory BIO through the
     scheduler and costs about twice as much per round trip, see
@@ -339,13 +339,19 @@ class TLSSocketStream(trio.abc.Stream):
     handshake code in proxy/tls.py and proxy/identity.py), ``sni`` (server
     side: the server name of the client's ClientHello, when its context was
     given to ``record_sni``), ``socket`` (a
-    ``PeekSocket``), ``closed``, ``close_now()``, ``fileno()``. Not
-    half-closeable.
+    ``PeekSocket``), ``closed``, ``close_now()``, ``fileno()``.
+
+    Half-closeable the way the receiving side reads it: ``send_eof()`` sends a
+    TCP FIN under the session and keeps receiving (Python's ssl sends close_notify
+    only inside a two-way ``unwrap``, whose second SSL_shutdown drops application
+    records the peer is still sending); the peer reads the FIN as EOF and may go on
+    sending (opaque TCP over mTLS: relay() passes each direction's end on alone).
     """
 
     __slots__ = (
         "raw", "sock", "peer_id", "principal", "alpn", "sni", "quickack", "on_session", "park_after_send",
         "_calls", "_every", "_recv_busy", "_send_busy", "_park_next", "_handshaken", "_write_pending",
+        "_eof_sent",
     )
 
     def __init__(self, raw: FastSocketStream, sock: ssl.SSLSocket) -> None:
@@ -366,6 +372,7 @@ class TLSSocketStream(trio.abc.Stream):
         self._park_next = False
         self._handshaken = False
         self._write_pending = False  # a send_all was cancelled with a record half-written
+        self._eof_sent = False
 
     # -------------------------------------------------------------- handshake
 
@@ -476,6 +483,8 @@ class TLSSocketStream(trio.abc.Stream):
                 return
             if self._write_pending:
                 raise trio.BrokenResourceError("an earlier send_all was cancelled in the middle of a TLS record")
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
             self._park_next = self.park_after_send
             sock = self.sock
             sent = 0
@@ -510,6 +519,21 @@ class TLSSocketStream(trio.abc.Stream):
         finally:
             self._send_busy = False
 
+    async def send_eof(self) -> None:
+        """Half-close: a TCP FIN, no close_notify (see the class doc); receiving goes on."""
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self.raw._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        await _checkpoint()
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)  # not SSLSocket.shutdown: it drops the session
+        except OSError:
+            pass  # peer already gone: nothing left to half-close
+
     # -------------------------------------------------------------- close
 
     def _close_notify(self) -> bool:
@@ -535,7 +559,7 @@ class TLSSocketStream(trio.abc.Stream):
             await _checkpoint()
             return
         try:
-            if self._handshaken and not self._send_busy and not self._close_notify():
+            if self._handshaken and not self._send_busy and not self._eof_sent and not self._close_notify():
                 with trio.move_on_after(_CLOSE_NOTIFY_WAIT):
                     await _wait_writable(self.sock)
                     self._close_notify()

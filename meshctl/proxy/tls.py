@@ -118,6 +118,10 @@ def _base_context(purpose_server: bool, bundle_pem: bytes | str, alpn: Iterable[
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION
+    # a peer's TCP FIN reads as EOF and leaves the session usable for sending
+    # (half-close of opaque TCP over mTLS, TLSSocketStream.send_eof): without it
+    # OpenSSL 3 makes an EOF without close_notify a fatal error
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     try:
         ctx.load_verify_locations(cadata=_b(bundle_pem).decode("ascii"))
     except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:

@@ -108,7 +108,7 @@ async def test_plaintext_caller_reaches_permissive_but_not_strict(upstream, root
 
 
 async def test_opaque_tcp_binding_rides_mtls_to_a_strict_sidecar(root):
-    async def echo_len(stream):  # answers once 100,000 bytes are in (no half-close over mTLS)
+    async def echo_len(stream):  # answers once 100,000 bytes are in (the client keeps its side open)
         data = b""
         while len(data) < 100_000:
             d = await stream.receive_some()
@@ -144,4 +144,52 @@ async def test_opaque_tcp_binding_rides_mtls_to_a_strict_sidecar(root):
                 await s.aclose()
             tcp = [k for k in server.telemetry.tcp if k[0] == "destination"]
             assert tcp and tcp[0][3] == PRODUCTPAGE and tcp[0][-1] == "mutual_tls"
+        n.cancel_scope.cancel()
+
+
+def _send_then_fin(port: int, payload: bytes) -> bytes:
+    """A raw socket client that sends everything and its FIN at once (``printf x | nc -N``),
+    then reads the reply to its end."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+async def test_half_close_crosses_the_mtls_leg_and_the_reply_comes_back(root):
+    # The app answers only once the client's EOF reached it; the client's sidecar
+    # talks mTLS to the server's sidecar, so the EOF crosses a TLS leg both ways.
+    got = []
+
+    async def answer_at_eof(stream):
+        data = b""
+        while d := await stream.receive_some():
+            data += d
+        got.append(data)
+        await stream.send_all(b"len=%d" % len(data))
+        await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_tcp, answer_at_eof, 0)
+        app_port = listeners[0].socket.getsockname()[1]
+        scfg, sport = server_config(app_port, "STRICT", protocol="tcp")
+        async with running_proxy(scfg) as server:
+            server.tls = certs(root, REVIEWS)
+            lp = free_port()
+            bind = Listener(name="db", direction="binding", address="127.0.0.1", port=lp, protocol="tcp",
+                            service="reviews.default.svc.cluster.local", service_port=9080)
+            ep = Endpoint("127.0.0.1", sport, identity=REVIEWS)
+            ccfg = config(listeners=[bind], clusters=[cluster("reviews", 9080, [ep], protocol="tcp")])
+            async with running_proxy(ccfg) as client:
+                client.tls = certs(root, PRODUCTPAGE)
+                for payload in (b"x", b"q" * 300_000):
+                    with trio.fail_after(10):
+                        reply = await trio.to_thread.run_sync(_send_then_fin, lp, payload)
+                    assert reply == b"len=%d" % len(payload)
+                assert got == [b"x", b"q" * 300_000]
         n.cancel_scope.cancel()
