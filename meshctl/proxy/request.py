@@ -28,6 +28,7 @@ from ..core.route import Forward, apply_header_ops
 from ..model.base import HeaderList
 from ..model.proxyconfig import Endpoint, Listener
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead
+from ..protocol.grpc import grpc_status_for_http, is_grpc, local_grpc_reply
 from ..protocol.headers import strip_hop_by_hop
 from . import stats as F
 from .errors import STREAM_ERRORS, DownstreamGone, PeerGone
@@ -262,8 +263,23 @@ def response_headers(rq: Request, headers):
     return headers
 
 
+def grpc_local_reply(reply: LocalReply) -> LocalReply:
+    """A local reply to a gRPC request (content-type application/grpc), as Envoy
+    answers one: HTTP 200, trailers-only, grpc-status mapped from the HTTP status
+    (401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 UNIMPLEMENTED, 429/502/503/504
+    UNAVAILABLE ...), grpc-message the reply's text; its other headers
+    (www-authenticate, retry-after, x-request-id ...) kept."""
+    message = reply.body.decode("utf-8", "replace").strip() or f"HTTP status {reply.status}"
+    head, _ = local_grpc_reply(grpc_status_for_http(reply.status), message)
+    keep = [h for h in reply.headers if h[0] != "content-type" and h[0] != "content-length"]
+    return LocalReply(200, b"", head.headers + keep, reply.flag)
+
+
 async def send_local(rq: Request, reply: LocalReply) -> None:
     server = rq.server
+    status = reply.status  # what telemetry and the access log see, for a gRPC reply too
+    if status >= 300 and is_grpc(rq.headers):
+        reply = grpc_local_reply(reply)
     headers = list(reply.headers)
     body = reply.body
     if not any(k == "content-length" for k, _ in headers):
@@ -275,7 +291,7 @@ async def send_local(rq: Request, reply: LocalReply) -> None:
     head = ResponseHead(status=reply.status, headers=headers, keep_alive=rq.keep_alive)
     if reply.flag:
         rq.flags.append(reply.flag)
-    rq.status = reply.status
+    rq.status = status
     rq.response_started = True
     if not rq.keep_alive:
         headers.append(("connection", "close"))
