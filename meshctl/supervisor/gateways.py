@@ -1,7 +1,12 @@
 """Gateways in `meshctl up`: one `meshctl proxy run` per mesh.yaml gateway, its
 readiness, and its registration as the service ``<name>.istio-system`` (as
 Istio's gateways are Kubernetes services there), one instance per mesh.yaml
-port: sidecars reach an egress gateway by it."""
+port: sidecars reach an egress gateway by it.
+
+Status shows a gateway's ports as it serves them: the mesh.yaml ``ports:`` map,
+and the ports Gateway resources opened live on a port mesh.yaml does not map
+(loader/gateways.py), read from the gateway's admin ``/listeners`` (listeners
+named ``gateway-<Gateway port>``) each time its readiness is checked."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from . import lifecycle
 from .control import ControlPlane
 from .lifecycle import ProcPhase
 from .plan import GatewayPlan, gateway_node
-from .probes import http_ok
+from .probes import http_get_json, http_ok
 from .processes import Processes
 from .records import MeshContext, ProcState
 from .registration import Registrations
@@ -32,6 +37,7 @@ class Gateways:
         self.running: dict[str, ProcState] = {}
         self.plans: dict[str, GatewayPlan] = {}
         self.nodes: dict[str, Node] = {}
+        self.live: dict[str, dict[int, int]] = {}  # gateway → its listeners now: Gateway port → host port
         self._scopes: dict[str, trio.CancelScope] = {}
 
     def _write_node(self, name: str, node: Node) -> None:
@@ -60,6 +66,7 @@ class Gateways:
         await self.procs.stop(self.running.pop(name))
         del self.plans[name]
         self.nodes.pop(name, None)
+        self.live.pop(name, None)
 
     async def stop_all(self) -> None:
         """The mesh stops: every gateway stops and leaves the registry, side by side."""
@@ -88,19 +95,40 @@ class Gateways:
             if new is not None:
                 p.state = new
                 self.ctx.event(f"gateway {g.name} {new}")
+            if ok:
+                await self._read_listeners(g)
             if ok and lifecycle.renewal_due(renewed, trio.current_time(), self.registrations.keepalive_period()):
                 renewed = await self.registrations.register_gateway(g, renewed)
             await trio.sleep(0.05 if not ok else 1.0)
 
+    async def _read_listeners(self, g: GatewayPlan) -> None:
+        """The gateway's listeners as it has them bound now; status.json rewritten when they change."""
+        got = await trio.to_thread.run_sync(http_get_json, f"127.0.0.1:{g.admin_port}", "/listeners", 1.0)
+        if not isinstance(got, dict):
+            return
+        live: dict[int, int] = {}
+        for lname, address in got.items():
+            gp, host_port = str(lname).removeprefix("gateway-"), str(address).rpartition(":")[2]
+            if str(lname).startswith("gateway-") and gp.isdigit() and host_port.isdigit():
+                live[int(gp)] = int(host_port)
+        if self.live.get(g.name) != live and g.name in self.plans:
+            self.live[g.name] = live
+            self.ctx.changed()
+
+    def ports(self, name: str) -> dict[int, int]:
+        """Gateway port → host port: mesh.yaml's map and what Gateway resources opened live."""
+        return {**self.plans[name].ports, **self.live.get(name, {})}
+
     def status(self) -> list[dict[str, Any]]:
-        return [
-            {
+        out = []
+        for name, p in self.running.items():
+            ports = sorted(self.ports(name).items())
+            out.append({
                 "name": name,
-                "address": ", ".join(f"127.0.0.1:{h}" for _, h in sorted(self.plans[name].ports.items())),
-                "ports": {str(gp): h for gp, h in self.plans[name].ports.items()},
+                "address": ", ".join(f"127.0.0.1:{h}" for _, h in ports),
+                "ports": {str(gp): h for gp, h in ports},
                 "state": p.state,
                 "pid": p.pid,
                 "restarts": p.restarts,
-            }
-            for name, p in self.running.items()
-        ]
+            })
+        return out

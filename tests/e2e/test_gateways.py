@@ -765,12 +765,29 @@ def test_tcp_echo_traffic_shifting_through_the_gateway(mesh):
 # ---------------------------------------------------------------- ports follow the Gateways
 
 
+def _ingress_ports_in_status(mesh, want_port: int, present: bool) -> tuple[dict, str]:
+    """`meshctl status` (JSON and table) once the ingress gateway's ports show ``want_port`` (or not)."""
+    import json
+
+    deadline = time.monotonic() + 15
+    while True:
+        st = json.loads(meshctl("status", "--json", cwd=mesh["dir"]).stdout)
+        gw = next(g for g in st["gateways"] if g["name"] == "istio-ingressgateway")
+        if (str(want_port) in gw["ports"]) == present or time.monotonic() > deadline:
+            return gw, meshctl("status", cwd=mesh["dir"]).stdout
+        time.sleep(0.3)
+
+
 def test_a_gateway_applied_at_run_time_opens_its_port_and_deleting_it_closes_it(mesh):
     port = free_port()
     text = HTTPBIN_GATEWAY.replace("number: 80\n", f"number: {port}\n").replace("name: httpbin-gateway", "name: live-gateway")
     text = text.replace("name: httpbin\n", "name: httpbin-live\n").replace("- httpbin-gateway", "- live-gateway")
     apply_text(mesh, text)
     assert curl("-H", "Host: httpbin.example.com", f"http://127.0.0.1:{port}/status/200")[0] == "200"
+    # `meshctl status` lists the live port beside mesh.yaml's mapped ones
+    gw, table = _ingress_ports_in_status(mesh, port, True)
+    assert gw["ports"][str(port)] == port and gw["ports"]["80"] == mesh["http"], gw
+    assert f"127.0.0.1:{port}" in gw["address"] and f"{port}→127.0.0.1:{port}" in table, table
     meshctl("route", "delete", "gateway", "live-gateway", cwd=mesh["dir"])
     deadline = time.monotonic() + 10
     while True:
@@ -779,6 +796,8 @@ def test_a_gateway_applied_at_run_time_opens_its_port_and_deleting_it_closes_it(
                 break
         assert time.monotonic() < deadline, f"port {port} still open after its Gateway was deleted"
         time.sleep(0.2)
+    gw, table = _ingress_ports_in_status(mesh, port, False)
+    assert str(port) not in gw["ports"] and f"{port}→" not in table, gw
     meshctl("route", "delete", "virtualservice", "httpbin-live", cwd=mesh["dir"], check=False)
     assert curl(*http_url(mesh, "/status/200"))[0] == "200"  # the other Gateway's port is untouched
 
