@@ -200,6 +200,7 @@ class GatewayPlan:
     ports: FrozenDict[int, int]  # gateway server port → host port
     admin_port: int
     trusted_proxies: int = 0
+    locality: str = ""  # region/zone/subzone: the host's (settings.locality or `up --locality`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +336,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                 )
     gateways = tuple(
         GatewayPlan(name=gw.name, labels=FrozenDict({"app": gw.name, **gw.labels}), ports=gw.ports, admin_port=alloc.get(f"{gw.name}/admin"),
-                    trusted_proxies=gw.num_trusted_proxies)
+                    trusted_proxies=gw.num_trusted_proxies, locality=spec.settings.locality)
         for gw in spec.gateways
     )
     # Mixer and Citadel last, so that adding them moved no workload's ports. From the
@@ -385,5 +386,5 @@ def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
         for gport, hport in sorted(g.ports.items())
     )
     workload = Workload(name=g.name, service=g.name, namespace=spec.settings.namespace, labels=g.labels,
-                        trust_domain=spec.settings.trust_domain, locality=spec.settings.locality)
+                        trust_domain=spec.settings.trust_domain, locality=g.locality)
     return Node(workload=workload, listeners=listeners, gateway=True, settings=proxy_settings(spec))

@@ -54,10 +54,12 @@ def workload_instance(w: WorkloadPlan) -> Instance:
 
 def gateway_instances(g: GatewayPlan) -> list[Instance]:
     """A gateway in the registry: service ``<name>.istio-system``, one instance per
-    mesh.yaml port (the Gateway port as its service port, the host port to reach)."""
+    mesh.yaml port (the Gateway port as its service port, the host port to reach),
+    in the host's locality as the workload instances are."""
     return [
         Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address="127.0.0.1", port=hport,
-                 labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http"}))
+                 labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http",
+                                                   **({META_LOCALITY: g.locality} if g.locality else {})}))
         for gport, hport in sorted(g.ports.items())
     ]
 

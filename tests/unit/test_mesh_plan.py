@@ -112,3 +112,30 @@ def test_bad_mesh_files_name_file_line_and_field(tmp_path, bad, message):
     with pytest.raises(LoadError) as e:
         load_mesh(write(tmp_path, bad))
     assert message in str(e.value).replace(str(tmp_path) + "/", "")
+
+
+def test_gateways_register_in_the_hosts_locality_as_workloads_do(tmp_path):
+    # the host's locality (settings.locality; `up --locality` replaces it the same way) is
+    # in the registry metadata of the gateway's instances too, so Pilot gives their
+    # endpoints a locality and callers' locality load balancing sees them where they run
+    from dataclasses import replace
+
+    from meshctl.loader.resources import load_resources_text
+    from meshctl.pilot.compile import META_LOCALITY, Inputs, compile_proxy
+    from meshctl.supervisor.registration import gateway_instances, workload_instance
+
+    spec = load_mesh(write(tmp_path, MESH.replace("  portRange: 30000-30099\n",
+                                                  "  portRange: 30000-30099\n  locality: region1/zone1\n")))
+    for locality in ("region1/zone1", "region2/zone3/sub"):
+        spec = replace(spec, settings=replace(spec.settings, locality=locality))
+        plan = make_plan(spec, tmp_path, lambda p: True)
+        gw = gateway_instances(plan.gateways[0])
+        assert [i.meta[META_LOCALITY] for i in gw] == [locality]
+        assert workload_instance(plan.workloads[0]).meta[META_LOCALITY] == locality
+        snap = {"ingress.istio-system": tuple(gw)}
+        cfg = compile_proxy(Inputs(load_resources_text("", "r.yaml"), snap), workload_node(plan.workloads[0], spec))
+        eps = [e for c in cfg.clusters.values() if c.service.startswith("ingress.istio-system") for e in c.endpoints]
+        assert eps and {e.locality for e in eps} == {locality}
+    # without a host locality, none is claimed
+    spec = replace(spec, settings=replace(spec.settings, locality=""))
+    assert META_LOCALITY not in gateway_instances(make_plan(spec, tmp_path, lambda p: True).gateways[0])[0].meta
