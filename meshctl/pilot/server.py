@@ -27,7 +27,10 @@ Endpoints in a namespace whose PeerAuthentication is STRICT must carry the
 identity they claim: a sidecar endpoint registered by a proxy must name that
 proxy's own service account, and an endpoint without sidecar metadata (which
 callers would reach in plaintext) is refused unless the mesh credential
-registers it as a foreign host (``"foreign": true``). A keep-alive for an
+registers it as a foreign host (``"foreign": true``). An instance's namespace, for
+the identity it claims and the PeerAuthentication that applies, is its
+``meshctl.io/namespace`` metadata (`meshctl up` puts settings.namespace there), else
+``default``: the namespace compile gives its endpoint's identity. A keep-alive for an
 instance Pilot does not know (deleted, or lost with a restart) answers 404
 "unknown-instance", and the supervisor registers it again.
 
@@ -57,7 +60,7 @@ from ..registry.base import Instance, Registry, Snapshot
 from ..registry.embedded import EmbeddedRegistry
 from ..model.proxyconfig import Workload
 from ..registry.base import RegistryError
-from .compile import (DEFAULT_NAMESPACE, META_SERVICE_ACCOUNT, META_SIDECAR, Inputs, Node, compile_proxy, jwks_wanted,
+from .compile import (DEFAULT_NAMESPACE, META_NAMESPACE, META_SERVICE_ACCOUNT, META_SIDECAR, Inputs, Node, compile_proxy, jwks_wanted,
                       mtls_mode_for)
 from .jwks import JwksResolver
 from .faults import FaultError, FaultStoreLike, InjectedFault, active_faults, next_expiry
@@ -499,7 +502,10 @@ class Pilot:
 
     def _check_identity(self, inst: Instance, caller: Caller, *, foreign: bool) -> None:
         """Under STRICT mTLS an endpoint must carry the identity it claims (module doc)."""
-        namespace = DEFAULT_NAMESPACE  # registry services live in the default namespace (compile.discover_services)
+        # the namespace of its identity and policies: meshctl.io/namespace (settings.namespace, a
+        # WorkloadEntry's), else default, where registry services live (compile.discover_services);
+        # the same namespace compile gives the endpoint's expected identity
+        namespace = inst.meta.get(META_NAMESPACE) or DEFAULT_NAMESPACE
         sidecar = inst.meta.get(META_SIDECAR) == "true"
         claimed = f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{inst.meta.get(META_SERVICE_ACCOUNT) or inst.service}"
         if not caller.is_mesh:

@@ -191,6 +191,7 @@ class WorkloadPlan:
     service_account: str
     locality: str = ""  # region/zone/subzone: versions[].locality, else settings.locality
     address: str = "127.0.0.1"  # the inbound listener's address, registered in the registry (settings.advertise)
+    namespace: str = "default"  # settings.namespace: its identity's (ns/<namespace>) and its policies'
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ class GatewayPlan:
     admin_port: int
     trusted_proxies: int = 0
     locality: str = ""  # region/zone/subzone: the host's (settings.locality or `up --locality`)
+    namespace: str = "default"  # settings.namespace
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,11 +334,13 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
                         service_account=svc.service_account or svc.name,
                         locality=v.locality if v.locality is not None else spec.settings.locality,
                         address=advertised(spec),
+                        namespace=spec.settings.namespace,
                     )
                 )
     gateways = tuple(
         GatewayPlan(name=gw.name, labels=FrozenDict({"app": gw.name, **gw.labels}), ports=gw.ports, admin_port=alloc.get(f"{gw.name}/admin"),
-                    trusted_proxies=gw.num_trusted_proxies, locality=spec.settings.locality)
+                    trusted_proxies=gw.num_trusted_proxies, locality=spec.settings.locality,
+                    namespace=spec.settings.namespace)
         for gw in spec.gateways
     )
     # Mixer and Citadel last, so that adding them moved no workload's ports. From the
@@ -372,7 +376,7 @@ def workload_node(w: WorkloadPlan, spec: MeshSpec) -> "Node":
                 service_port=target.port if target else 80,
             )
         )
-    workload = Workload(name=w.name, service=w.service, namespace=spec.settings.namespace, labels=w.labels,
+    workload = Workload(name=w.name, service=w.service, namespace=w.namespace, labels=w.labels,
                         service_account=w.service_account, trust_domain=spec.settings.trust_domain, locality=w.locality)
     return Node(workload=workload, listeners=tuple(listeners), settings=proxy_settings(spec))
 
@@ -385,6 +389,6 @@ def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
                  trusted_proxies=g.trusted_proxies)
         for gport, hport in sorted(g.ports.items())
     )
-    workload = Workload(name=g.name, service=g.name, namespace=spec.settings.namespace, labels=g.labels,
+    workload = Workload(name=g.name, service=g.name, namespace=g.namespace, labels=g.labels,
                         trust_domain=spec.settings.trust_domain, locality=g.locality)
     return Node(workload=workload, listeners=listeners, gateway=True, settings=proxy_settings(spec))

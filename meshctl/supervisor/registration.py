@@ -19,7 +19,9 @@ import trio
 
 from ..credentials import bearer, mesh_credential
 from ..model.base import FrozenDict
-from ..pilot.compile import META_LOCALITY, META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR
+from ..pilot.compile import (
+    DEFAULT_NAMESPACE, META_LOCALITY, META_NAMESPACE, META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR,
+)
 from ..registry import Backoff, open_registry, parse_registry_url
 from ..registry.base import Instance, Registry, RegistryError
 from . import lifecycle
@@ -39,6 +41,13 @@ REGISTRY_PROBE_TIMEOUT = 5.0
 DRAIN_WAIT = 10.0  # longest wait for Pilot to drop a removed instance before its sidecar stops
 
 
+def _namespace_meta(namespace: str) -> dict[str, str]:
+    """settings.namespace other than ``default``: the namespace of the instance's identity
+    (spiffe://<td>/ns/<namespace>/sa/...) and of the policies that apply to it, for Pilot's
+    endpoints and its STRICT registration check alike (services keep their default-namespace names)."""
+    return {META_NAMESPACE: namespace} if namespace and namespace != DEFAULT_NAMESPACE else {}
+
+
 def workload_instance(w: WorkloadPlan) -> Instance:
     """A workload instance in the registry: its sidecar's inbound listener."""
     return Instance(
@@ -48,7 +57,8 @@ def workload_instance(w: WorkloadPlan) -> Instance:
         port=w.inbound_port,
         labels=w.labels,
         meta=FrozenDict({META_SERVICE_PORT: str(w.service_port), META_PROTOCOL: w.protocol, META_SIDECAR: "true",
-                         META_SERVICE_ACCOUNT: w.service_account, **({META_LOCALITY: w.locality} if w.locality else {})}),
+                         META_SERVICE_ACCOUNT: w.service_account, **({META_LOCALITY: w.locality} if w.locality else {}),
+                         **_namespace_meta(w.namespace)}),
     )
 
 
@@ -59,7 +69,8 @@ def gateway_instances(g: GatewayPlan) -> list[Instance]:
     return [
         Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address="127.0.0.1", port=hport,
                  labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http",
-                                                   **({META_LOCALITY: g.locality} if g.locality else {})}))
+                                                   **({META_LOCALITY: g.locality} if g.locality else {}),
+                                                   **_namespace_meta(g.namespace)}))
         for gport, hport in sorted(g.ports.items())
     ]
 

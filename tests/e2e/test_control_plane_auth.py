@@ -189,6 +189,53 @@ def test_under_strict_mtls_an_endpoint_without_a_sidecar_is_refused_unless_forei
         pilot["client"].delete("/v1/registry/instances/legacy-0")
 
 
+SHOP_STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+"""
+
+
+def test_the_strict_check_and_claimed_identities_follow_the_instances_namespace(pilot):
+    # A mesh with settings.namespace: shop registers its instances with meshctl.io/namespace:
+    # shop; its sidecars are spiffe://cluster.local/ns/shop/sa/..., and shop's
+    # PeerAuthentication is the one that applies to them, not default's.
+    f = pilot["tmp"] / "shop-strict.yaml"
+    f.write_text(SHOP_STRICT)
+    meshctl_run("route", "apply", "-f", str(f), "--state-dir", str(pilot["sd"]))
+    c = pilot["client"]
+    try:
+        shop = {"meshctl.io/namespace": "shop"}
+        plain = inst("cart-plain-0", "cart", 6667, sidecar=False)
+        plain["instance"]["meta"] |= shop
+        r = c.put("/v1/registry/instances/cart-plain-0", json=plain)
+        assert r.status_code == 403 and "namespace shop requires mutual TLS" in r.json()["error"], r.text
+        # the same plaintext endpoint in default, where nothing is STRICT: accepted
+        r = c.put("/v1/registry/instances/plain-default-0", json=inst("plain-default-0", "cart", 6668, sidecar=False))
+        assert r.status_code == 200, r.text
+        c.delete("/v1/registry/instances/plain-default-0")
+        # a shop sidecar registers its own endpoint, claiming its own identity (ns/shop)
+        own = proxy_credential(pilot["mesh"], "cart-v1-0")
+        node = {"workload": {"name": "cart-v1-0", "service": "cart", "namespace": "shop", "labels": {"app": "cart"}},
+                "listeners": [{"name": "inbound", "direction": "inbound", "address": "127.0.0.1", "port": 19081,
+                               "appAddress": "127.0.0.1", "appPort": 9081}]}
+        httpx.put(pilot["url"] + "/v1/proxies/cart-v1-0", json=node, trust_env=False,
+                  headers={"authorization": f"Bearer {own}"}).raise_for_status()
+        sidecar = inst("cart-v1-0", "cart", 19081)
+        sidecar["instance"]["meta"] |= shop
+        code, err = curl("PUT", pilot["url"] + "/v1/registry/instances/cart-v1-0", sidecar | {"ttl": 600}, token=own)
+        assert code == 200, err
+        # and its callers expect that identity of its endpoint
+        cfg = c.get("/v1/config/reviews-v2-0").json()
+        eps = [e for cl in cfg["clusters"].values() if cl["service"].startswith("cart.") for e in cl["endpoints"]]
+        assert [e.get("identity") for e in eps] == ["spiffe://cluster.local/ns/shop/sa/cart"], eps
+    finally:
+        meshctl_run("route", "delete", "-f", str(f), "--state-dir", str(pilot["sd"]))
+        c.delete("/v1/registry/instances/cart-v1-0")
+
+
 def healthy(c: httpx.Client, service: str, want: list[str]) -> list[str]:
     """The healthy instances Pilot routes to for ``service``, once they are ``want`` (or after 5 s)."""
     deadline = time.monotonic() + 5

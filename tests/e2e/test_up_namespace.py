@@ -1,0 +1,65 @@
+"""settings.namespace under `meshctl up`: the mesh's workloads live in that namespace
+(their identities spiffe://<td>/ns/<namespace>/sa/<sa>, its policies apply to them), and
+their registrations say so (meshctl.io/namespace), so callers expect the identity the
+sidecars hold and Pilot's STRICT registration check reads that namespace's
+PeerAuthentication."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .helpers import HELLO_APP, mesh_ports, meshctl_run
+
+pytestmark = pytest.mark.e2e
+
+MESH = """\
+settings: {{portRange: {ports}, namespace: shop}}
+services:
+- name: server
+  port: 9080
+  versions:
+  - {{name: v1, command: [python3, hello_app.py]}}
+- name: client
+  port: 9081
+  versions:
+  - {{name: v1, command: [python3, hello_app.py]}}
+"""
+
+SHOP_STRICT = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+"""
+
+
+def test_a_mesh_in_its_own_namespace_talks_mtls_under_that_namespaces_strict(tmp_path: Path) -> None:
+    shutil.copy(HELLO_APP, tmp_path / "hello_app.py")
+    ports, _ = mesh_ports()
+    (tmp_path / "mesh.yaml").write_text(MESH.format(ports=ports))
+    (tmp_path / "strict.yaml").write_text(SHOP_STRICT)
+    sd = str(tmp_path / ".meshctl")
+    meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"), timeout=90)
+    try:
+        meshctl_run("route", "apply", "--wait", "-f", str(tmp_path / "strict.yaml"), "--state-dir", sd)
+        st = json.loads(meshctl_run("status", "--json", "--state-dir", sd).stdout)
+        client = next(w for w in st["workloads"] if w["name"] == "client-v1-0")
+        server = next(w for w in st["workloads"] if w["name"] == "server-v1-0")
+        # through the client's sidecar, mTLS to the server's (whose identity is ns/shop/sa/server)
+        r = subprocess.run(["curl", "-s", "-m", "10", "-x", f"http://{client['outbound_address']}",
+                            "-w", "\n%{http_code}", "http://server:9080/"], capture_output=True, text=True, timeout=20)
+        assert r.stdout.endswith("\n200"), r.stdout
+        # shop is STRICT: the server's inbound refuses a plaintext caller
+        r = subprocess.run(["curl", "-s", "-m", "10", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}",
+                            f"http://{server['inbound_address']}/"], capture_output=True, text=True, timeout=20)
+        assert r.stdout == "000", r.stdout
+        log = (tmp_path / ".meshctl" / "logs" / "client-v1-0.proxy.log").read_text()
+        assert "is not the expected one" not in log
+    finally:
+        meshctl_run("down", "--state-dir", sd)
