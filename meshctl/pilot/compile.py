@@ -78,6 +78,7 @@ META_PROTOCOL = "meshctl.io/protocol"
 META_SIDECAR = "meshctl.io/sidecar"
 META_WEIGHT = "meshctl.io/weight"  # a ServiceEntry endpoint's load-balancing weight
 META_LOCALITY = "meshctl.io/locality"  # region/zone/subzone of the instance (core/locality.py)
+META_GATEWAY = "meshctl.io/gateway"  # a mesh.yaml gateway's instance: its Gateway servers, not PeerAuthentication, say TLS
 META_NAMESPACE = "meshctl.io/namespace"  # the identity's namespace, when not the service's (a WorkloadEntry's)
 META_SERVICE_ACCOUNT = "meshctl.io/service-account"  # the sidecar's identity is .../sa/<this> (default: the service)
 

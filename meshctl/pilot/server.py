@@ -27,7 +27,9 @@ Endpoints in a namespace whose PeerAuthentication is STRICT must carry the
 identity they claim: a sidecar endpoint registered by a proxy must name that
 proxy's own service account, and an endpoint without sidecar metadata (which
 callers would reach in plaintext) is refused unless the mesh credential
-registers it as a foreign host (``"foreign": true``). An instance's namespace, for
+registers it as a foreign host (``"foreign": true``) or as one of the mesh's gateways
+(``meshctl.io/gateway``: a Gateway's servers, not PeerAuthentication, decide their
+TLS, as in Istio). An instance's namespace, for
 the identity it claims and the PeerAuthentication that applies, is its
 ``meshctl.io/namespace`` metadata (`meshctl up` puts settings.namespace there), else
 ``default``: the namespace compile gives its endpoint's identity. A keep-alive for an
@@ -60,7 +62,7 @@ from ..registry.base import Instance, Registry, Snapshot
 from ..registry.embedded import EmbeddedRegistry
 from ..model.proxyconfig import Workload
 from ..registry.base import RegistryError
-from .compile import (DEFAULT_NAMESPACE, META_NAMESPACE, META_SERVICE_ACCOUNT, META_SIDECAR, Inputs, Node, compile_proxy, jwks_wanted,
+from .compile import (DEFAULT_NAMESPACE, META_GATEWAY, META_NAMESPACE, META_SERVICE_ACCOUNT, META_SIDECAR, Inputs, Node, compile_proxy, jwks_wanted,
                       mtls_mode_for)
 from .jwks import JwksResolver
 from .faults import FaultError, FaultStoreLike, InjectedFault, active_faults, next_expiry
@@ -517,9 +519,12 @@ class Pilot:
             if own != claimed:
                 raise Forbidden(f"instance {inst.id} claims identity {claimed}, but proxy {caller.proxy} is "
                                 f"{own or 'not registered (PUT /v1/proxies first)'}")
-        if sidecar or foreign:
-            if foreign and not caller.is_mesh:
-                raise Forbidden("only the mesh credential registers foreign hosts")
+        # a mesh.yaml gateway (meshctl.io/gateway, registered by the supervisor with the mesh
+        # credential): as in Istio, PeerAuthentication does not apply to a gateway's servers
+        gateway = inst.meta.get(META_GATEWAY) == "true"
+        if sidecar or foreign or gateway:
+            if (foreign or gateway) and not caller.is_mesh:
+                raise Forbidden("only the mesh credential registers foreign hosts and gateways")
             return
         wl = Workload(name=inst.id, service=inst.service, namespace=namespace, labels=inst.labels)
         if mtls_mode_for(self.inputs(), wl, None) == "STRICT":

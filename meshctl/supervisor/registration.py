@@ -20,7 +20,7 @@ import trio
 from ..credentials import bearer, mesh_credential
 from ..model.base import FrozenDict
 from ..pilot.compile import (
-    DEFAULT_NAMESPACE, META_LOCALITY, META_NAMESPACE, META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR,
+    DEFAULT_NAMESPACE, META_GATEWAY, META_LOCALITY, META_NAMESPACE, META_PROTOCOL, META_SERVICE_ACCOUNT, META_SERVICE_PORT, META_SIDECAR,
 )
 from ..registry import Backoff, open_registry, parse_registry_url
 from ..registry.base import Instance, Registry, RegistryError
@@ -68,7 +68,7 @@ def gateway_instances(g: GatewayPlan) -> list[Instance]:
     in the host's locality as the workload instances are."""
     return [
         Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address="127.0.0.1", port=hport,
-                 labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http",
+                 labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http", META_GATEWAY: "true",
                                                    **({META_LOCALITY: g.locality} if g.locality else {}),
                                                    **_namespace_meta(g.namespace)}))
         for gport, hport in sorted(g.ports.items())

@@ -216,6 +216,15 @@ def test_the_strict_check_and_claimed_identities_follow_the_instances_namespace(
         r = c.put("/v1/registry/instances/plain-default-0", json=inst("plain-default-0", "cart", 6668, sidecar=False))
         assert r.status_code == 200, r.text
         c.delete("/v1/registry/instances/plain-default-0")
+        # one of the mesh's gateways (its servers' TLS is the Gateway's, as in Istio): the
+        # supervisor registers it with the mesh credential; a proxy may not
+        gw = inst("egress-80", "egress.istio-system", 27399, sidecar=False)
+        gw["instance"]["meta"] |= shop | {"meshctl.io/gateway": "true"}
+        code, err = curl("PUT", pilot["url"] + "/v1/registry/instances/egress-80", gw, token=pilot["own"])
+        assert code == 403, err
+        r = c.put("/v1/registry/instances/egress-80", json=gw)
+        assert r.status_code == 200, r.text
+        c.delete("/v1/registry/instances/egress-80")
         # a shop sidecar registers its own endpoint, claiming its own identity (ns/shop)
         own = proxy_credential(pilot["mesh"], "cart-v1-0")
         node = {"workload": {"name": "cart-v1-0", "service": "cart", "namespace": "shop", "labels": {"app": "cart"}},

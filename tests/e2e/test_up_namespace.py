@@ -2,16 +2,21 @@
 (their identities spiffe://<td>/ns/<namespace>/sa/<sa>, its policies apply to them), and
 their registrations say so (meshctl.io/namespace), so callers expect the identity the
 sidecars hold and Pilot's STRICT registration check reads that namespace's
-PeerAuthentication."""
+PeerAuthentication (which a gateway's instances are not under: their Gateway
+servers decide their TLS, as in Istio)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from meshctl.credentials import mesh_credential
 
 from .helpers import HELLO_APP, mesh_ports, meshctl_run
 
@@ -28,6 +33,10 @@ services:
   port: 9081
   versions:
   - {{name: v1, command: [python3, hello_app.py]}}
+gateways:
+- name: istio-egressgateway
+  labels: {{istio: egressgateway}}
+  ports: {{80: {gw}}}
 """
 
 SHOP_STRICT = """\
@@ -41,13 +50,16 @@ spec:
 
 def test_a_mesh_in_its_own_namespace_talks_mtls_under_that_namespaces_strict(tmp_path: Path) -> None:
     shutil.copy(HELLO_APP, tmp_path / "hello_app.py")
-    ports, _ = mesh_ports()
-    (tmp_path / "mesh.yaml").write_text(MESH.format(ports=ports))
+    ports, gw = mesh_ports()
+    (tmp_path / "mesh.yaml").write_text(MESH.format(ports=ports, gw=gw))
     (tmp_path / "strict.yaml").write_text(SHOP_STRICT)
     sd = str(tmp_path / ".meshctl")
     meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"), timeout=90)
     try:
         meshctl_run("route", "apply", "--wait", "-f", str(tmp_path / "strict.yaml"), "--state-dir", sd)
+        # registered again under shop's STRICT (the rules stay in the state directory)
+        meshctl_run("down", "--state-dir", sd)
+        meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"), timeout=90)
         st = json.loads(meshctl_run("status", "--json", "--state-dir", sd).stdout)
         client = next(w for w in st["workloads"] if w["name"] == "client-v1-0")
         server = next(w for w in st["workloads"] if w["name"] == "server-v1-0")
@@ -61,5 +73,18 @@ def test_a_mesh_in_its_own_namespace_talks_mtls_under_that_namespaces_strict(tmp
         assert r.stdout == "000", r.stdout
         log = (tmp_path / ".meshctl" / "logs" / "client-v1-0.proxy.log").read_text()
         assert "is not the expected one" not in log
+        # every instance is in the registry: the sidecars' and the gateway's
+        pilot = st["control_plane"]["pilot"]
+        deadline = time.monotonic() + 15
+        while True:
+            reg = httpx.get(f"{pilot}/v1/registry", trust_env=False, timeout=10,
+                            headers={"authorization": f"Bearer {mesh_credential(Path(sd), create=False)}"}).json()
+            ids = {i["id"]: i["meta"] for insts in reg.values() for i in insts}
+            if "istio-egressgateway-80" in ids or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert ids["server-v1-0"]["meshctl.io/namespace"] == "shop"
+        assert ids["istio-egressgateway-80"]["meshctl.io/namespace"] == "shop", reg
+        assert "registration failed" not in (tmp_path / ".meshctl" / "logs" / "supervisor.log").read_text()
     finally:
         meshctl_run("down", "--state-dir", sd)
