@@ -1,7 +1,8 @@
 """Opaque TCP for binding listeners with protocol tcp.
 
 Pick a cluster (weighted tcp route, or the service's cluster), pick a
-healthy endpoint, connect within the connect timeout, then relay bytes both
+healthy endpoint, connect within the connect timeout (up to 3 tries, each
+avoiding the endpoints already tried), then relay bytes both
 ways (os.splice when both legs are plain sockets), propagating half-close.
 On connect failure the downstream connection is closed (there is no status
 to send in TCP); the failure is logged and counted (UF).
@@ -68,6 +69,8 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
                     except UpstreamConnectError as exc:
                         cs.stats.cx_connect_fail += 1
                         log.info("%s: %s", listener.name, exc)
+                if upstream is None:  # the next try avoids this endpoint (as HTTP retries do, forward.py)
+                    ctx = PickContext(source_ip=client_ip, active=rt.active, avoid=ctx.avoid | {(ep.address, ep.port)})
             if upstream is None:
                 rt.stats.flag(F.UF)
                 return

@@ -812,3 +812,37 @@ async def test_a_retry_goes_to_another_endpoint_than_the_one_that_failed(upstrea
                 assert r.status_code == 200, (i, r.status_code)
                 assert r.json()["upstream"] == "good"
     assert len(bad.requests) >= 5  # the failing endpoint did get first tries
+
+
+async def test_a_tcp_connect_retry_goes_to_another_endpoint_than_the_one_refused():
+    # a TCP binding tries to connect up to 3 times; each try avoids the endpoints already
+    # tried, so with one endpoint refusing connections every client reaches the other
+    # (random picks alone would give up on 1 connection in 8)
+    from dataclasses import replace
+
+    from meshctl.model.istio import LoadBalancerSettings, TrafficPolicy
+
+    async def greet(stream):
+        await stream.send_all(b"hello from the live one")
+        await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_tcp, greet, 0)
+        live = listeners[0].socket.getsockname()[1]
+        dead = free_port()  # nothing listens: connection refused
+        lp = free_port()
+        bind = Listener(name="db", direction="binding", address="127.0.0.1", port=lp, protocol="tcp",
+                        service="db.default.svc.cluster.local", service_port=5432)
+        c = cluster("db", 5432, [("127.0.0.1", dead), ("127.0.0.1", live)], protocol="tcp")
+        c = replace(c, traffic_policy=TrafficPolicy(load_balancer=LoadBalancerSettings(simple="RANDOM")))
+        async with running_proxy(config(listeners=[bind], clusters=[c])) as rt:
+            for i in range(30):
+                s = await trio.open_tcp_stream("127.0.0.1", lp)
+                got = b""
+                with trio.fail_after(5):
+                    while d := await s.receive_some():
+                        got += d
+                await s.aclose()
+                assert got == b"hello from the live one", i
+            assert rt.stats.clusters["outbound|5432||db.default.svc.cluster.local"].cx_connect_fail >= 3
+        n.cancel_scope.cancel()
