@@ -4,6 +4,8 @@
 settings:
   registry: embedded            # or consul://127.0.0.1:8500, eureka://127.0.0.1:8761/eureka
   trustDomain: cluster.local
+  namespace: default            # the workloads' namespace: their identities (ns/<namespace>) and the
+                                # PeerAuthentication/AuthorizationPolicy that apply (services stay *.default)
   meshId: shop                  # with Consul: the rules live in Consul KV under meshctl/<meshId>/, shared by
                                 # every host with this meshId (default: trustDomain)
   portRange: 21000-21999        # where meshctl allocates app, sidecar and gateway ports
@@ -107,7 +109,7 @@ class MeshSettings:
     # Istio's meshConfig meshId; with a Consul registry the rules live under meshctl/<meshId>/ in
     # Consul KV (pilot/kvstore.py), shared by every host with the same meshId. Default: trustDomain.
     mesh_id: str = ""
-    namespace: str = "default"
+    namespace: str = "default"  # the workloads' and gateways' namespace, registered as meshctl.io/namespace
     port_range: str = "21000-21999"
     state_dir: str | None = None  # default: .meshctl beside the mesh file
     pilot_port: int | None = None  # default: allocated from port_range
