@@ -172,7 +172,7 @@ def authenticate(authorization: str | None, mesh_secret: str) -> Caller:
 
 
 def mesh_verifier(mesh_secret: str) -> str:
-    """What a proxy keeps to check the mesh credential on its admin API (``/traces``):
+    """What a proxy keeps to check the mesh credential on its admin API (``/config``, ``/mirror``, ``/traces``):
     its SHA-256, which cannot be turned back into the credential, so a proxy never
     holds what would let it act as the mesh."""
     return hashlib.sha256(b"meshctl-admin\0" + mesh_secret.encode()).hexdigest()

@@ -44,12 +44,17 @@ def _host_of(cluster: str) -> str:
 
 def fetch(sd) -> tuple[list[tuple[str, dict]], int]:
     """((proxy name, its /mirror report) for each sidecar that answered, sidecars asked)."""
+    from ..credentials import CredentialError, bearer, mesh_credential
     from ..supervisor.run import http_get_json
 
     try:
         st = json.loads((sd / "status.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         fail(f"no running mesh in {sd} (start one with `meshctl up`)")
+    try:  # a sidecar's /mirror (paths, query strings, set-cookie) answers the mesh credential only
+        auth = bearer(mesh_credential(sd, create=False))
+    except CredentialError as exc:
+        fail(str(exc))
     out = []
     asked = 0
     for w in st.get("workloads", []):
@@ -57,7 +62,7 @@ def fetch(sd) -> tuple[list[tuple[str, dict]], int]:
         if not admin:
             continue
         asked += 1
-        rep = http_get_json(admin, "/mirror")
+        rep = http_get_json(admin, "/mirror", headers=auth)
         if rep:
             out.append((w["name"], rep))
     return out, asked

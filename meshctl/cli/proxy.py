@@ -16,7 +16,9 @@ def run(
     config: Path = typer.Option(None, "--config", "-c", help="ProxyConfig file (YAML or JSON)."),
     pilot: str = typer.Option(None, "--pilot", help="Follow Pilot at this URL instead of a file."),
     node: Path = typer.Option(None, "--node", help="With --pilot: this proxy's node file (JSON)."),
-    state_dir: Path = typer.Option(None, "--state-dir", help="With --pilot: where the last good config is kept."),
+    state_dir: Path = typer.Option(None, "--state-dir", help="The mesh's state directory: with --pilot, where the last "
+                                   "good config is kept; with either, the admin API's /config, /mirror and /traces "
+                                   "answer its mesh credential (without it, nobody)."),
     admin_port: int = typer.Option(15000, "--admin-port", help="Admin API port on 127.0.0.1 (0: any free port)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     access_log: Path = typer.Option(None, "--access-log", help="Write an access log (JSON lines, rotated at 10 MB x 3) here."),
@@ -43,6 +45,8 @@ def run(
         args += ["--mixer", mixer]
     if pilot is not None and node is not None and state_dir is not None:
         _hand_over_credential(node, state_dir)
+    elif config is not None and state_dir is not None:
+        _hand_over_admin_verifier(state_dir)
     if os.environ.get("MESHCTL_PROXY_IN_PROCESS") != "1":
         # the sidecar runs long: replace this process with one that imports
         # only the data path (same pid, so supervisors and signals are unaffected)
@@ -77,6 +81,21 @@ def _hand_over_credential(node: Path, state_dir: Path) -> None:
         return  # the sidecar says why Pilot refuses it
     os.environ[ENV_BOOTSTRAP] = str(write_bootstrap(state_dir, name, {"pilot_credential": proxy_credential(secret, name),
                                                                       "admin_verifier": mesh_verifier(secret)}))
+
+
+def _hand_over_admin_verifier(state_dir: Path) -> None:
+    """A proxy on a static file has no Pilot credential, but its admin API's /config,
+    /mirror and /traces answer the mesh credential of ``state_dir`` (created if new):
+    the proxy gets only its SHA-256, in a one-time bootstrap file."""
+    from ..credentials import ENV_BOOTSTRAP, CredentialError, mesh_credential, mesh_verifier, write_bootstrap
+
+    if os.environ.get(ENV_BOOTSTRAP):
+        return
+    try:
+        secret = mesh_credential(state_dir)
+    except (OSError, CredentialError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--state-dir") from None
+    os.environ[ENV_BOOTSTRAP] = str(write_bootstrap(state_dir, "proxy", {"admin_verifier": mesh_verifier(secret)}))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,13 +1,18 @@
 """The admin server (Envoy's :15000 in spirit), plain HTTP/1.1 on loopback.
 
     GET /ready   200 "ready" once listeners are up, 503 "draining" while draining
-    GET /config  the running ProxyConfig as JSON (dump_proxy_config), with its version
+    GET /config  the running ProxyConfig as JSON (dump_proxy_config), with its version;
+                 only with the mesh credential (header values routes set, ext-authz
+                 headers such as API keys, collector and ext-authz URLs)
     GET /stats   Prometheus text: cluster, listener and response-flag counters, and
                  Istio's standard metrics (istio_requests_total, ...; telemetry.py)
     GET /metrics the same
     GET /traces  JSON: the last sampled spans (Zipkin v2), for Mixer's trace list; only
                  with the mesh credential (``Authorization: Bearer``): URLs and
                  request ids of real requests, tokens in query strings included
+    GET /mirror  JSON: shadow requests compared with their primaries (paths with query
+                 strings, both answers' headers, set-cookie included), for `meshctl
+                 mirror diff`; only with the mesh credential
     GET /listeners  JSON: listener name → bound address (useful with port 0)
     GET /clusters   JSON: every cluster's endpoints as this proxy sees them now:
                  health from Pilot, and outlier detection's ejections
@@ -64,11 +69,23 @@ def clusters_status(rt, now: float) -> dict:
     return out
 
 
+# what carries request data or secrets: any local user may connect to loopback, so these
+# answer the mesh credential only (docs/control-plane-security.md); the rest are labels
+MESH_ONLY = ("/traces", "/config", "/mirror")
+
+
 def handle(rt, method: str, path: str, authorization: str | None = None) -> tuple[int, str, bytes]:
     """(status, content type, body) for one admin request."""
     path = path.split("?", 1)[0]
     if method not in ("GET", "HEAD"):
         return 405, "text/plain", b"method not allowed\n"
+    if path in MESH_ONLY:
+        from ..credentials import Unauthenticated, check_mesh
+
+        try:
+            check_mesh(authorization, rt.admin_verifier)
+        except Unauthenticated as e:
+            return 401, "application/json", json.dumps({"error": str(e), "reason": "unauthenticated"}).encode()
     if path == "/ready":
         if rt.draining:
             return 503, "text/plain", b"draining\n"
@@ -86,12 +103,6 @@ def handle(rt, method: str, path: str, authorization: str | None = None) -> tupl
             text = apply_metric_overrides(text, rt.config.telemetry.metric_overrides)
         return 200, "text/plain; version=0.0.4", text.encode()
     if path == "/traces":  # the last sampled spans, Zipkin v2 JSON (Mixer's trace list: mixer/dashboard.py)
-        from ..credentials import Unauthenticated, check_mesh
-
-        try:
-            check_mesh(authorization, rt.admin_verifier)
-        except Unauthenticated as e:
-            return 401, "application/json", json.dumps({"error": str(e), "reason": "unauthenticated"}).encode()
         tracer = rt.tracer
         return 200, "application/json", json.dumps(list(tracer.recent) if tracer is not None else []).encode()
     if path == "/config":

@@ -97,6 +97,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
     except OSError as exc:
         return fail(f"{config}: {exc.strerror or exc}")
     rt = ProxyRuntime(config_path=config, loader=load_proxy_config)
+    rt.admin_verifier = _BOOT.get("admin_verifier", "")  # `proxy run --config F --state-dir D`
     try:
         _observe(rt, access_log, mixer)
     except Exception as exc:  # AccessLogError names the file

@@ -352,7 +352,7 @@ class ProxyRuntime:
             except OSError as exc:
                 raise ConfigRejected(f"admin: {exc.strerror or exc}") from None
             self.admin_port = admin_sock.getsockname()[1]
-            log.info("admin on %s:%d (/ready /config /stats /listeners)", admin_address, self.admin_port)
+            log.info("admin on %s:%d (/ready /stats /listeners; /config /mirror /traces with the mesh credential)", admin_address, self.admin_port)
         try:
             self.apply(cfg)  # raises ConfigRejected: nothing started yet
         except BaseException:

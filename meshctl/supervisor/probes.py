@@ -73,14 +73,14 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def http_get_json(address: str, path: str, timeout: float = 2.0) -> Any:
+def http_get_json(address: str, path: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> Any:
     """GET http://ADDRESS/PATH as JSON, blocking (for CLI commands); None on any failure."""
     import urllib.error
     import urllib.request
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"http://{address}{path}", timeout=timeout) as r:
+        with opener.open(urllib.request.Request(f"http://{address}{path}", headers=headers or {}), timeout=timeout) as r:
             return json.loads(r.read())
     except (OSError, ValueError, urllib.error.URLError):
         return None

@@ -20,6 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .helpers import HELLO_APP, http_get, mesh_ports, meshctl_run
@@ -190,6 +191,10 @@ def test_mirroring_and_egress_tasks(tmp_path: Path) -> None:
         assert "httpbin:8000/v2" in table and "COMPARED" in table and "BODY≠" in table
         assert "headers differing (of 3 compared): content-type 0, content-length 3" in table
         assert "/headers?i=2  [body, header content-length]" in table
+        # what `mirror diff` reads (paths, query strings, both answers' headers) is the mesh's user's only
+        for w in json.loads((tmp_path / ".meshctl" / "status.json").read_text())["workloads"]:
+            r = httpx.get(f"http://{w['admin_address']}/mirror", timeout=5, trust_env=False)
+            assert r.status_code == 401 and "headers?i=" not in r.text, (w["name"], r.text)
 
         # -- egress, ALLOW_ANY (the default): the external host is reached, without meshctl's headers
         code, body = http_get(out, f"http://localhost:{external.port}/get", host=f"localhost:{external.port}")

@@ -66,7 +66,8 @@ def client_status(tmp: Path) -> dict:
 
 def client_listeners(tmp: Path) -> set[str]:
     admin = int(client_status(tmp)["admin_address"].rsplit(":", 1)[1])
-    cfg = httpx.get(f"http://127.0.0.1:{admin}/config", timeout=5).json()
+    token = (tmp / ".meshctl" / "auth" / "mesh.token").read_text().strip()  # /config: the mesh credential only
+    cfg = httpx.get(f"http://127.0.0.1:{admin}/config", timeout=5, headers={"authorization": f"Bearer {token}"}).json()
     return {lst["name"] for lst in cfg["listeners"]}
 
 

@@ -345,8 +345,10 @@ class ProxyProcess:
         self.admin_port = free_port()
         self.log_path = workdir / "proxy.log"
         self._log = open(self.log_path, "wb")
+        self.state_dir = workdir / "state"  # its admin /config, /mirror, /traces answer this mesh credential
         self.proc = subprocess.Popen(
-            [MESHCTL, "proxy", "run", "--config", str(self.config_path), "--admin-port", str(self.admin_port)],
+            [MESHCTL, "proxy", "run", "--config", str(self.config_path), "--admin-port", str(self.admin_port),
+             "--state-dir", str(self.state_dir)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -363,6 +365,11 @@ class ProxyProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"proxy not ready after 15s: {self.log()}")
             time.sleep(0.05)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The ``Authorization`` header with the mesh credential, for admin /config, /mirror, /traces."""
+        return {"authorization": "Bearer " + (self.state_dir / "auth" / "mesh.token").read_text().strip()}
 
     def log(self) -> str:
         self._log.flush()

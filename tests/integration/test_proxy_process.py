@@ -79,7 +79,7 @@ def test_admin_ready_config_and_stats(proxy_process, upstream):
     lp = free_port()
     p = proxy_process(registry_only(_cfg(upstream.port, lp)))  # unknown hosts: a local 502 NR
     assert httpx.get(p.admin + "/ready").status_code == 200
-    cfg = httpx.get(p.admin + "/config").json()
+    cfg = httpx.get(p.admin + "/config", headers=p.auth).json()
     assert cfg["version"] == "v1"
     assert cfg["listeners"][0]["name"] == "outbound"
     for _ in range(3):
@@ -108,7 +108,7 @@ def test_reload_on_file_change_and_bad_reload_keeps_old(proxy_process, upstreams
     assert httpx.get("http://reviews:9080/", proxy=proxy).json()["upstream"] == "a"
     write_config(_cfg(b.port, lp, version="v2"), p.config_path)
     deadline = time.monotonic() + 5
-    while httpx.get(p.admin + "/config").json()["version"] != "v2":
+    while httpx.get(p.admin + "/config", headers=p.auth).json()["version"] != "v2":
         assert time.monotonic() < deadline, p.log()
         time.sleep(0.1)
     assert httpx.get("http://reviews:9080/", proxy=proxy).json()["upstream"] == "b"
@@ -116,7 +116,7 @@ def test_reload_on_file_change_and_bad_reload_keeps_old(proxy_process, upstreams
     p.config_path.write_text("{not json")
     p.proc.send_signal(signal.SIGHUP)
     time.sleep(1.5)
-    assert httpx.get(p.admin + "/config").json()["version"] == "v2"
+    assert httpx.get(p.admin + "/config", headers=p.auth).json()["version"] == "v2"
     assert httpx.get("http://reviews:9080/", proxy=proxy).json()["upstream"] == "b"
     assert "rejected" in p.log()
 
@@ -218,3 +218,62 @@ def test_an_app_that_writes_head_and_body_separately_is_not_slowed_by_delayed_ac
         app.terminate()
         proxy.wait(10)
         app.wait(10)
+
+
+def test_admin_config_and_mirror_answer_only_the_mesh_credential(proxy_process, upstream):
+    """Any local user may connect to the admin port on loopback: /config (header values routes
+    set, ext-authz API keys, collector URLs) and /mirror (paths with query strings, both answers'
+    headers) answer only the mesh credential of the proxy's --state-dir; /ready and /stats stay open."""
+    from meshctl.model.base import FrozenDict
+    from meshctl.model.istio import Destination, HeaderOperations, Headers, PortSelector
+
+    lp = free_port()
+    route_kw = {"headers": Headers(request=HeaderOperations(set=FrozenDict({"x-api-key": "route-s3cr3t"}))),
+                "mirror": Destination(host="reviews.default.svc.cluster.local", port=PortSelector(number=9080))}
+    p = proxy_process(_cfg(upstream.port, lp, **route_kw))
+    r = httpx.get("http://reviews:9080/x?token=query-s3cr3t", proxy=f"http://127.0.0.1:{lp}")
+    assert r.status_code == 200
+    auth = p.auth
+    deadline = time.monotonic() + 5
+    while not httpx.get(p.admin + "/mirror", headers=auth).json().get("recent"):  # the shadow's answer compared
+        assert time.monotonic() < deadline, p.log()
+        time.sleep(0.1)
+    other = {"authorization": "Bearer mesh.not-this-one"}
+    for path in ("/config", "/mirror", "/traces"):
+        for headers in ({}, other, {"authorization": "Basic eDp5"}, {"authorization": auth["authorization"][7:]}):
+            r = httpx.get(p.admin + path, headers=headers)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["reason"] == "unauthenticated"
+            assert "s3cr3t" not in r.text and "reviews" not in r.text
+    cfg = httpx.get(p.admin + "/config", headers=auth)
+    assert cfg.status_code == 200 and "route-s3cr3t" in cfg.text
+    rep = httpx.get(p.admin + "/mirror", headers=auth).json()
+    assert any(e["path"] == "/x?token=query-s3cr3t" for e in rep["recent"]), rep
+    assert httpx.get(p.admin + "/traces", headers=auth).status_code == 200
+    assert httpx.get(p.admin + "/ready").status_code == 200  # health and labels stay open
+    assert "meshctl_downstream_rq_total" in httpx.get(p.admin + "/stats").text
+    assert "meshctl_downstream_rq_total" in httpx.get(p.admin + "/metrics").text
+
+
+def test_admin_without_a_state_dir_keeps_config_and_mirror_to_itself(tmp_path, upstream):
+    """`proxy run --config` without --state-dir has no mesh credential to check: nobody gets /config."""
+    path = write_config(_cfg(upstream.port, free_port()), tmp_path / "p.json")
+    admin = free_port()
+    proc = subprocess.Popen([MESHCTL, "proxy", "run", "--config", str(path), "--admin-port", str(admin)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        for p in ("/config", "/mirror"):
+            r = httpx.get(f"http://127.0.0.1:{admin}{p}", headers={"authorization": "Bearer mesh.anything"})
+            assert r.status_code == 401 and "--state-dir" in r.json()["error"], r.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)

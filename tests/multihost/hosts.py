@@ -254,9 +254,13 @@ class MeshHost:
         return {f"{i['address']}:{i['port']}" for i in self.pilot_registry().get(service, [])}
 
     def proxy_config(self, workload: str) -> str:
-        """The config ``workload``'s sidecar runs (its admin /config), as text."""
+        """The config ``workload``'s sidecar runs (its admin /config, mesh credential only), as text."""
+        from meshctl.credentials import mesh_credential
+
+        token = mesh_credential(self.state_dir)
         admin = int(self.workload(workload)["admin_address"].rsplit(":", 1)[1])
-        status, body = self.lab.in_host(self.index, lambda: http_get("127.0.0.1", admin, "/config", 5.0), 10)
+        status, body = self.lab.in_host(
+            self.index, lambda: http_get("127.0.0.1", admin, "/config", 5.0, {"Authorization": f"Bearer {token}"}), 10)
         assert status == 200, body[:300]
         return body
 
