@@ -130,6 +130,10 @@ class GatewayCredentials:
         cert, key, ca = self.files(s)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.options |= ssl.OP_NO_COMPRESSION
+        # a client's bare TCP FIN (no close_notify) reads as EOF and the reply still goes
+        # out (TCP inside TLS, half-closed), as on mesh contexts (proxy/tls.py); without
+        # it OpenSSL 3 makes that EOF a fatal error
+        ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # Istio's default for gateways
         lo = TLS_VERSIONS.get((s.min_protocol_version or "").upper())
         hi = TLS_VERSIONS.get((s.max_protocol_version or "").upper())
