@@ -81,7 +81,9 @@ def _resolve_service(sd: Path, name: str) -> tuple[str, Inputs]:
         fail(str(e))
     inp = Inputs(resources, control(sd).registry_snapshot())
     known = mesh_hosts(inp)
-    host = name if name in known else fqdn(name)
+    # a short name: the one registry service so named (in the mesh's namespace, settings.namespace), else default's
+    same = [h for h in inp.services if "." not in name and h.endswith(".svc.cluster.local") and h.split(".")[0] == name]
+    host = name if name in known else same[0] if len(same) == 1 else fqdn(name)
     if host not in known:
         names = ", ".join(sorted(_short(h) for h in known)) or "none"
         fail(f"unknown service {name!r}: neither the registry nor the rules know it (known services: {names})")
@@ -199,7 +201,8 @@ def _clear(sd: Path, what: Optional[str], wait: bool) -> None:
     now = time.time()
     want = None if what is None else {what, fqdn(what)}
     try:
-        removed = open_fault_store(sd).remove(lambda f: want is None or f.id in want or f.service in want, now)
+        removed = open_fault_store(sd).remove(
+            lambda f: want is None or f.id in want or f.service in want or ("." not in str(what) and _short(f.service) == what), now)
     except (FaultError, OSError) as e:
         fail(str(e))
     if not removed:

@@ -42,6 +42,12 @@ def _host_of(cluster: str) -> str:
     return parts[3] if len(parts) == 4 else cluster
 
 
+def _wanted(host: str, want: set[str]) -> bool:
+    """``host`` is the service asked for: as named, its FQDN, or (a short name) the mesh
+    service so named in another namespace (a mesh under settings.namespace)."""
+    return host in want or (host.endswith(".svc.cluster.local") and host.split(".")[0] in want)
+
+
 def fetch(sd) -> tuple[list[tuple[str, dict]], int]:
     """((proxy name, its /mirror report) for each sidecar that answered, sidecars asked)."""
     from ..credentials import CredentialError, bearer, mesh_credential
@@ -96,11 +102,11 @@ def summarize(reports: Iterable[tuple[str, dict]], service: str, headers: tuple[
         })
 
     for proxy, rep in reports:
-        recent = [r for r in rep.get("recent", []) if _host_of(r["cluster"]) in want
+        recent = [r for r in rep.get("recent", []) if _wanted(_host_of(r["cluster"]), want)
                   and (since is None or r["time"] >= since)]
         if since is None:
             for cluster, t in rep.get("targets", {}).items():
-                if _host_of(cluster) not in want:
+                if not _wanted(_host_of(cluster), want):
                     continue
                 a = agg_for(cluster)
                 for k in ("compared", "status_differs", "content_type_differs", "body_differs", "failed"):
@@ -110,7 +116,7 @@ def summarize(reports: Iterable[tuple[str, dict]], service: str, headers: tuple[
                 if t["shadow_ms"]["p50"] is not None:
                     a["mirror_p50_ms"].append(t["shadow_ms"]["p50"])
             for e in rep.get("examples", []):
-                if _host_of(e["cluster"]) in want:
+                if _wanted(_host_of(e["cluster"]), want):
                     examples[(proxy, e["time"], e["path"], e["cluster"])] = dict(e, proxy=proxy)
         else:
             per: dict[str, tuple[list[float], list[float]]] = {}

@@ -99,6 +99,21 @@ def _tracing_findings(resources, mesh: Optional[Path], sd: Optional[Path], *, ru
                                     f"the mesh of {path}")
 
 
+def _host_findings(resources, sd: Optional[Path], context=()) -> list:
+    """VirtualService/DestinationRule hosts that name no service of the mesh's registry (a rule
+    for another namespace than the mesh's settings.namespace, say): warnings, Istio accepts them."""
+    from ..pilot.query import unknown_service_findings
+
+    if sd is None:
+        return []
+    if context is None:  # route validate: the applied rules if the store answers (offline: it need not)
+        try:
+            context = open_rule_store(sd).current().resources
+        except (StoreError, OSError):
+            context = ()
+    return unknown_service_findings(resources, context, control(sd).registry_snapshot())
+
+
 MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve the Gateway ports (default: the state directory's).")
 
 
@@ -147,7 +162,7 @@ def apply(
     store = _store(sd)
     current = _do(store.current)
     findings = validate(resources, context=current.resources) + _gateway_findings(resources, mesh, sd, current.resources)
-    findings += _tracing_findings(resources, mesh, sd, running=True)
+    findings += _tracing_findings(resources, mesh, sd, running=True) + _host_findings(resources, sd, current.resources)
     if _report(findings):
         fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     before = current.number
@@ -221,7 +236,8 @@ def validate_cmd(files: List[Path] = FileOption, mesh: Optional[Path] = MeshOpti
     resources = _load(files)
     sd = find_state_dir(state)
     errors = _report(validate(resources) + _gateway_findings(resources, mesh, sd)
-                     + _tracing_findings(resources, mesh, sd, running=False))
+                     + _tracing_findings(resources, mesh, sd, running=False)
+                     + _host_findings(resources, sd, None))
     if errors:
         raise typer.Exit(1)
     console.print(f"{len(resources)} resource(s) valid")

@@ -79,7 +79,7 @@ META_SIDECAR = "meshctl.io/sidecar"
 META_WEIGHT = "meshctl.io/weight"  # a ServiceEntry endpoint's load-balancing weight
 META_LOCALITY = "meshctl.io/locality"  # region/zone/subzone of the instance (core/locality.py)
 META_GATEWAY = "meshctl.io/gateway"  # a mesh.yaml gateway's instance: its Gateway servers, not PeerAuthentication, say TLS
-META_NAMESPACE = "meshctl.io/namespace"  # the identity's namespace, when not the service's (a WorkloadEntry's)
+META_NAMESPACE = "meshctl.io/namespace"  # a registry instance's namespace (its service's and identity's); a WorkloadEntry's identity's
 META_SERVICE_ACCOUNT = "meshctl.io/service-account"  # the sidecar's identity is .../sa/<this> (default: the service)
 
 
@@ -163,17 +163,25 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
         # Services registered by others come as they were named (Consul keeps
         # case, Eureka apps are upper case): host names are not case-sensitive.
         name = name.lower()
-        host = fqdn(name)
         # An instance registered without a port (Consul allows it) cannot be reached.
-        instances = tuple(i for i in found if 0 < i.port < 65536)
-        if groups:
-            instances = tuple(_grouped(i, groups) for i in instances)  # type: ignore[arg-type]
-        if host in services:
-            instances = services[host].instances + instances
-        ports = tuple(sorted({instance_service_port(i) for i in instances})) or (80,)
-        protos = {i.meta.get(META_PROTOCOL, "http") for i in instances}
-        proto = protos.pop() if len(protos) == 1 else "http"
-        services[host] = Service(host, name.split(".")[0], DEFAULT_NAMESPACE, ports, proto, instances)
+        usable = [i for i in found if 0 < i.port < 65536]
+        # A registry service lives in its instances' namespace: meshctl.io/namespace
+        # (`up` under settings.namespace), else default; one name in two namespaces
+        # is two services, as in Kubernetes.
+        by_ns: dict[str, list[Instance]] = {}
+        for i in usable:
+            by_ns.setdefault(i.meta.get(META_NAMESPACE) or DEFAULT_NAMESPACE, []).append(i)
+        for ns, insts in sorted(by_ns.items()) or [(DEFAULT_NAMESPACE, [])]:
+            host = fqdn(name, ns)
+            instances = tuple(insts)
+            if groups and ns == DEFAULT_NAMESPACE:
+                instances = tuple(_grouped(i, groups) for i in instances)  # type: ignore[arg-type]
+            if host in services:
+                instances = services[host].instances + instances
+            ports = tuple(sorted({instance_service_port(i) for i in instances})) or (80,)
+            protos = {i.meta.get(META_PROTOCOL, "http") for i in instances}
+            proto = protos.pop() if len(protos) == 1 else "http"
+            services[host] = Service(host, name.split(".")[0], ns, ports, proto, instances)
     resources = list(resources)
     entries = [r for r in resources if isinstance(r.spec, WorkloadEntry)]
     # A WorkloadEntry labelled app=<service> joins that mesh service, as a Kubernetes
@@ -800,7 +808,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
             listeners.append(replace(lst, route_table="outbound"))
             tables.setdefault("outbound", RouteTable(name="outbound"))
         elif lst.direction == "binding" and lst.protocol == "tcp":
-            host = fqdn(lst.service or "")
+            host = fqdn(lst.service or "", wl.namespace)  # a short name: a service of the proxy's namespace
             listeners.append(replace(lst, service=host, tcp_routes=tcp_routes_for(inp, host, clusters, lst.service_port)))
         elif lst.direction == "inbound":
             exposed = not (lst.address == "localhost" or (_is_ip(lst.address) and ipaddress.ip_address(lst.address).is_loopback))
@@ -812,7 +820,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
     visible = None
     if sidecar is not None and sidecar[1].egress:
         # a Sidecar's egress.hosts: the services this proxy knows (and gets clusters for); its bindings too
-        bound = {fqdn(l.service) for l in node.listeners if l.direction == "binding" and l.service}
+        bound = {fqdn(l.service, wl.namespace) for l in node.listeners if l.direction == "binding" and l.service}
         visible = {h for h, svc in inp.services.items() if h in bound or _egress_allows(sidecar[1], sidecar[0], svc)}
     if "outbound" in tables:
         tables["outbound"] = outbound_table(inp, clusters, visible)
@@ -821,7 +829,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         clusters = {n: c for n, c in clusters.items() if c.service in visible or n in used}
     # Bindings name their service by FQDN so the proxy can route origin-form requests.
     listeners = [
-        replace(l, service=fqdn(l.service)) if l.direction == "binding" and l.service and l.protocol == "http" else l
+        replace(l, service=fqdn(l.service, wl.namespace)) if l.direction == "binding" and l.service and l.protocol == "http" else l
         for l in listeners
     ]
     authn = request_authentication_for(inp, wl, gateway=bool(node.gateway))

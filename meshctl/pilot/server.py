@@ -505,7 +505,7 @@ class Pilot:
     def _check_identity(self, inst: Instance, caller: Caller, *, foreign: bool) -> None:
         """Under STRICT mTLS an endpoint must carry the identity it claims (module doc)."""
         # the namespace of its identity and policies: meshctl.io/namespace (settings.namespace, a
-        # WorkloadEntry's), else default, where registry services live (compile.discover_services);
+        # WorkloadEntry's), else default: where its registry service lives too (compile.discover_services);
         # the same namespace compile gives the endpoint's expected identity
         namespace = inst.meta.get(META_NAMESPACE) or DEFAULT_NAMESPACE
         sidecar = inst.meta.get(META_SIDECAR) == "true"

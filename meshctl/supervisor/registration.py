@@ -44,7 +44,8 @@ DRAIN_WAIT = 10.0  # longest wait for Pilot to drop a removed instance before it
 def _namespace_meta(namespace: str) -> dict[str, str]:
     """settings.namespace other than ``default``: the namespace of the instance's identity
     (spiffe://<td>/ns/<namespace>/sa/...) and of the policies that apply to it, for Pilot's
-    endpoints and its STRICT registration check alike (services keep their default-namespace names)."""
+    endpoints and its STRICT registration check alike, and of its service: <svc>.<namespace>.svc.cluster.local
+    (compile.discover_services)."""
     return {META_NAMESPACE: namespace} if namespace and namespace != DEFAULT_NAMESPACE else {}
 
 

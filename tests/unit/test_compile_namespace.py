@@ -1,0 +1,89 @@
+"""settings.namespace: a mesh's registry services live in its namespace
+(``<svc>.<ns>.svc.cluster.local``), so rules written for that namespace, with short
+names resolved in the rule's own namespace as Istio does, apply to them; rules naming
+the default namespace's service do not."""
+
+from meshctl.loader.resources import load_resources_text
+from meshctl.model.base import FrozenDict
+from meshctl.model.proxyconfig import Listener, Workload
+from meshctl.pilot.compile import Inputs, Node, compile_proxy, discover_services
+from meshctl.registry.base import Instance
+
+
+def inst(svc, version, port, ns=None):
+    meta = {"meshctl.io/service-port": "9080", "meshctl.io/sidecar": "true"}
+    if ns:
+        meta["meshctl.io/namespace"] = ns
+    return Instance(id=f"{svc}-{version}-0", service=svc, address="127.0.0.1", port=port,
+                    labels=FrozenDict(app=svc, version=version), meta=FrozenDict(meta))
+
+
+SHOP = {"reviews": (inst("reviews", "v1", 21003, "shop"), inst("reviews", "v2", 21004, "shop")),
+        "productpage": (inst("productpage", "v1", 21001, "shop"),)}
+
+NODE = Node(
+    Workload(name="productpage-v1-0", service="productpage", namespace="shop", labels=FrozenDict(app="productpage")),
+    (Listener(name="outbound", direction="outbound", address="127.0.0.1", port=15001),
+     Listener(name="db", direction="binding", address="127.0.0.1", port=15002, protocol="tcp", service="reviews",
+              service_port=9080)),
+)
+
+RULES = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: {ns}}}
+spec:
+  host: {dr_host}
+  subsets:
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: {ns}}}
+spec:
+  hosts: [{vs_host}]
+  http:
+  - route:
+    - destination: {{host: {vs_host}, subset: v2}}
+"""
+
+
+def reviews_route(ns, vs_host, dr_host="reviews"):
+    resources = load_resources_text(RULES.format(ns=ns, vs_host=vs_host, dr_host=dr_host), "rules.yaml")
+    cfg = compile_proxy(Inputs(resources, SHOP), NODE)
+    vh = next(v for v in cfg.route_tables["outbound"].virtual_hosts if v.name == "reviews.shop.svc.cluster.local:9080")
+    return [(rd.destination.host, rd.destination.subset) for rd in vh.routes[0].route], cfg
+
+
+def test_registry_services_of_a_namespace_mesh_are_named_in_it():
+    services = discover_services([], SHOP)
+    assert sorted(services) == ["productpage.shop.svc.cluster.local", "reviews.shop.svc.cluster.local"]
+    assert services["reviews.shop.svc.cluster.local"].namespace == "shop"
+    # without meshctl.io/namespace: default, as before
+    plain = {"reviews": (inst("reviews", "v1", 21003),)}
+    assert list(discover_services([], plain)) == ["reviews.default.svc.cluster.local"]
+    # one name in two namespaces: two services
+    both = {"reviews": (inst("reviews", "v1", 21003), inst("reviews", "v2", 21004, "shop"))}
+    got = discover_services([], both)
+    assert sorted(got) == ["reviews.default.svc.cluster.local", "reviews.shop.svc.cluster.local"]
+    assert [i.id for i in got["reviews.shop.svc.cluster.local"].instances] == ["reviews-v2-0"]
+
+
+def test_short_and_fqdn_hosts_of_rules_in_the_namespace_route_to_its_service():
+    for host in ("reviews", "reviews.shop", "reviews.shop.svc.cluster.local"):
+        route, _ = reviews_route("shop", host)
+        assert route == [("reviews.shop.svc.cluster.local", "v2")], host
+
+
+def test_rules_naming_the_default_namespace_do_not_apply():
+    route, _ = reviews_route("shop", "reviews.default.svc.cluster.local")
+    assert route == [("reviews.shop.svc.cluster.local", None)]  # the default route: all instances
+    route, _ = reviews_route("default", "reviews")  # a short name in a rule of namespace default
+    assert route == [("reviews.shop.svc.cluster.local", None)]
+
+
+def test_a_binding_names_the_service_of_its_proxys_namespace():
+    _, cfg = reviews_route("shop", "reviews")
+    db = next(lst for lst in cfg.listeners if lst.name == "db")
+    assert db.service == "reviews.shop.svc.cluster.local"
+    assert any(c.service == "reviews.shop.svc.cluster.local" and c.endpoints for c in cfg.clusters.values())
