@@ -649,8 +649,9 @@ class _Validator:
         if t is not None and t.service_account and ("/" in t.service_account or not t.service_account.strip()):
             self.error("spec.template.serviceAccount", f"{t.service_account!r} cannot be part of a SPIFFE ID")
         if self.r.namespace != "default":
-            self.warning("metadata.namespace", "registry instances are in namespace default: a WorkloadGroup of "
-                         f"{self.r.namespace!r} takes none (instances name their group with the label workload-group)")
+            self.warning("metadata.namespace", "registry instances are in namespace default, or in a mesh's "
+                         f"settings.namespace: a WorkloadGroup of {self.r.namespace!r} takes only those of a mesh whose "
+                         f"settings.namespace is {self.r.namespace!r} (instances name their group with the label workload-group)")
 
     # -- Gateway
 

@@ -141,7 +141,7 @@ GROUP_LABEL = "workload-group"  # a registry instance's label naming its Workloa
 
 def _grouped(inst: Instance, groups: Mapping[str, WorkloadGroup]) -> Instance:
     """A registry instance that names a WorkloadGroup (label ``workload-group: NAME``, a
-    group of the default namespace) takes the group's template, as Istio's auto-registered
+    group of the instance's namespace: default, or meshctl.io/namespace) takes the group's template, as Istio's auto-registered
     WorkloadEntries do: metadata.labels (its own labels win), its sidecar's identity
     (template.serviceAccount, Istio's "default" when empty: a group's workloads run a
     sidecar), weight and locality. A name no group has leaves the instance as it is."""
@@ -158,7 +158,10 @@ def _grouped(inst: Instance, groups: Mapping[str, WorkloadGroup]) -> Instance:
 def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict[str, Service]:
     services: dict[str, Service] = {}
     resources = list(resources)
-    groups = {r.name: r.spec for r in resources if isinstance(r.spec, WorkloadGroup) and r.namespace == DEFAULT_NAMESPACE}
+    groups: dict[str, dict[str, WorkloadGroup]] = {}  # namespace → name → group: a group takes its namespace's instances
+    for r in resources:
+        if isinstance(r.spec, WorkloadGroup):
+            groups.setdefault(r.namespace, {})[r.name] = r.spec
     for name, found in sorted(snapshot.items()):
         # Services registered by others come as they were named (Consul keeps
         # case, Eureka apps are upper case): host names are not case-sensitive.
@@ -174,8 +177,8 @@ def discover_services(resources: Iterable[Resource], snapshot: Snapshot) -> dict
         for ns, insts in sorted(by_ns.items()) or [(DEFAULT_NAMESPACE, [])]:
             host = fqdn(name, ns)
             instances = tuple(insts)
-            if groups and ns == DEFAULT_NAMESPACE:
-                instances = tuple(_grouped(i, groups) for i in instances)  # type: ignore[arg-type]
+            if groups.get(ns):
+                instances = tuple(_grouped(i, groups[ns]) for i in instances)  # type: ignore[arg-type]
             if host in services:
                 instances = services[host].instances + instances
             ports = tuple(sorted({instance_service_port(i) for i in instances})) or (80,)

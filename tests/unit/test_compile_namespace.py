@@ -87,3 +87,24 @@ def test_a_binding_names_the_service_of_its_proxys_namespace():
     db = next(lst for lst in cfg.listeners if lst.name == "db")
     assert db.service == "reviews.shop.svc.cluster.local"
     assert any(c.service == "reviews.shop.svc.cluster.local" and c.endpoints for c in cfg.clusters.values())
+
+
+GROUPS = """\
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {{name: reviews, namespace: {ns}}}
+spec:
+  metadata: {{labels: {{tier: back}}}}
+  template: {{serviceAccount: bookinfo-reviews}}
+"""
+
+
+def test_a_workload_group_takes_the_instances_of_its_own_namespace():
+    grouped = {"reviews": (Instance(id="reviews-vm-0", service="reviews", address="127.0.0.1", port=21003,
+                                    labels=FrozenDict(app="reviews", **{"workload-group": "reviews"}),
+                                    meta=FrozenDict({"meshctl.io/namespace": "shop"})),)}
+    for ns, taken in (("shop", True), ("default", False)):
+        services = discover_services(load_resources_text(GROUPS.format(ns=ns), "g.yaml"), grouped)
+        i = services["reviews.shop.svc.cluster.local"].instances[0]
+        assert (i.labels.get("tier") == "back") is taken, ns
+        assert (i.meta.get("meshctl.io/service-account") == "bookinfo-reviews") is taken, ns
