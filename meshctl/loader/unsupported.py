@@ -127,7 +127,7 @@ FIELDS: dict[str, dict[str, Entry]] = {
         "spec.http": H("tests/unit/test_route.py"),
         "spec.http[].match[].statPrefix": R("per-match statistics"),
         "spec.http[].redirect.prefixRewrite": R(""),
-        "spec.http[].delegate": H("tests/integration/test_delegate.py"),
+        "spec.http[].delegate": H("tests/integration/test_delegate_proxy.py"),
         "spec.http[].retries.retryRemoteLocalities": H("tests/unit/test_locality.py"),
         "spec.http[].retries.backoff": R("retries back off as Envoy's default does"),
         "spec.http[].retries.retryIgnorePreviousHosts": R(""),
