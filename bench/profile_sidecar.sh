@@ -38,3 +38,16 @@ us=$("$PY" -c "import sys; print(($t1 - $t0) / $(getconf CLK_TCK) / ($rps * $DUR
 echo "# server-side sidecar at max rps: $rps rps, $(printf %.0f "$us") µs CPU per request (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 cp "$WORK/profile.txt" "${PROFILE_OUT:-/tmp/meshctl-sidecar-profile.txt}"
 "$PY" "$HERE/profile_layers.py" "$WORK/profile.txt" "$us"
+
+# py-spy samples wall time while the process is runnable: on a loaded machine the
+# send() that wakes the peer is where the scheduler preempts us, so "socket I/O"
+# above includes waiting for a CPU. perf samples CPU cycles only: where the CPU
+# really goes, by binary (interpreter, kernel, llhttp, libc ...).
+if command -v perf >/dev/null 2>&1; then
+  perf record -F 999 -p "$IN_PID" -o "$WORK/perf.data" -- sleep "$DUR" >/dev/null 2>&1 &
+  PERF=$!
+  wrk -t1 -c$CONNS -d"${DUR}s" -H "Host: backend" "http://127.0.0.1:$MESH_OUT/" >/dev/null
+  wait $PERF || true
+  echo "# CPU by binary (perf, server-side sidecar at max rps):"
+  perf report -i "$WORK/perf.data" --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -8
+fi

@@ -34,7 +34,7 @@ class EventReader:
 
     __slots__ = ("stream", "codec", "events", "pos", "eof", "ack_partial")
 
-    def __init__(self, stream: trio.abc.Stream, codec) -> None:
+    def __init__(self, stream: Any, codec: Any) -> None:
         self.stream = stream
         self.codec = codec
         self.events: list = []
@@ -46,7 +46,7 @@ class EventReader:
         # an ACK after each one would be a packet and a syscall more per request.
         self.ack_partial = getattr(stream, "quickack", False)
         if self.ack_partial:
-            stream.quickack = False  # type: ignore[attr-defined]  # the socket stream's own (stream.py), found above
+            stream.quickack = False  # the socket stream's own (stream.py), found above
 
     def buffered(self):
         """The next event if one is already decoded, else None (never blocks)."""

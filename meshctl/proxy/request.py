@@ -31,8 +31,8 @@ from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Re
 from ..protocol.grpc import grpc_status_for_http, is_grpc, local_grpc_reply
 from ..protocol.headers import strip_hop_by_hop
 from . import stats as F
+from .connstate import ConnState  # noqa: F401  (its home is connstate.py; re-exported for the connection loops)
 from .errors import STREAM_ERRORS, DownstreamGone, PeerGone
-from .pool import EventReader
 from .snapshot import ClusterState, Snapshot
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -125,7 +125,7 @@ class Request:
         self.stale_ok = True
         self.endpoint: Endpoint | None = None
         self.bytes_sent = 0
-        self.peer: str | None = None
+        self.peer: Any = None  # telemetry.Peer of the source (inbound), None when unknown
         self.kept: KeptResponse | None = None
         self.auth: RequestAuth | None = None
         self.trace: tuple | None = None
@@ -183,7 +183,8 @@ class BodySource:
 
     __slots__ = ("reader", "limit", "chunks", "size", "replayable", "finished", "trailers", "deadline")
 
-    def __init__(self, reader: EventReader, limit: int, deadline: float = math.inf) -> None:
+    def __init__(self, reader: Any, limit: int, deadline: float = math.inf) -> None:
+        # reader: an EventReader (HTTP/1.1) or h2conn's per-stream reader: the same next()/peek()/pos
         self.reader = reader
         self.deadline = deadline  # Envoy's request_timeout: the whole body by then, else 408
         self.limit = limit
@@ -304,42 +305,6 @@ async def send_local(rq: Request, reply: LocalReply) -> None:
     await rq.send_down(b"".join(parts))
     if not server.keep_alive:
         rq.keep_alive = False
-
-
-
-class ConnState:
-    """One downstream connection, as the runtime sees it.
-
-    ``deadline`` (trio clock) is when the connection is closed if it is still
-    waiting for a request head: the runtime's watchdog checks it a few times
-    a second. A float store per request is much cheaper than moving a cancel
-    scope's deadline, and header/idle timeouts don't need finer resolution.
-    ``busy`` is False between requests (drain closes those at once)."""
-
-    __slots__ = ("scope", "busy", "deadline", "rq", "since", "stream", "backend", "server", "accepted_on")
-
-    def __init__(self, stream: Any = None, backend: Any = None, accepted_on: Any = None) -> None:
-        self.accepted_on = accepted_on  # the listener (backend's) it came in on: a removed one drains it
-        self.server: Any = None  # HTTP/1.1: its H1Server; the watchdog asks it whether a head has begun
-        self.scope = trio.CancelScope()
-        self.busy = False
-        self.deadline = math.inf
-        self.rq: Request | None = None  # the request in progress
-        self.since = 0.0  # when it started
-        self.stream = stream  # the downstream stream
-        self.backend = backend  # the runtime's network backend (backend.py): it tells a gone peer
-
-    def client_gone(self) -> bool:
-        """Has the client closed its side while we wait for the upstream?
-        (The backend looks: one MSG_PEEK on sockets; pipelined bytes mean it is
-        still there.) Like Envoy, a downstream half-close before the response
-        counts as gone."""
-        rq = self.rq
-        if self.stream is None or self.backend is None or rq is None or rq.response_started:
-            return False
-        if not (rq.body_done or (rq.body is not None and rq.body.finished)):
-            return False  # still reading the body: a close shows up there
-        return bool(self.backend.peer_gone(self.stream))
 
 
 

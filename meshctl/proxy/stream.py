@@ -27,7 +27,7 @@ import os
 import socket
 import ssl
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 import trio
 
@@ -72,12 +72,87 @@ def tune_socket(sock: socket.socket) -> None:
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
+# what a non-blocking recv raises when it would have to wait for the peer's bytes
+# (plain socket: EAGAIN; TLS: OpenSSL needs more of a record)
+_WOULD_READ = (BlockingIOError, ssl.SSLWantReadError)
 
-class FastSocketStream(trio.abc.HalfCloseableStream):
+
+class _TryFirstReceive:
+    """The one receive loop of both socket streams: try ``recv_into`` first, park
+    only when the kernel (or OpenSSL) has nothing. Each stream says which socket
+    to call and wait on (``_recv_sock``), whether bytes are already decoded and
+    waiting (``_buffered``), what to do after a read (``_after_read``) and how
+    its library errors map to trio's (``_map_error``)."""
+
+    __slots__ = ("_recv_busy", "_park_next", "_calls", "_every")
+    _recv_busy: bool
+    _park_next: bool
+    _calls: int
+    _every: int
+
+    def _recv_sock(self) -> socket.socket:
+        raise NotImplementedError
+
+    def _closed_now(self) -> bool:
+        raise NotImplementedError
+
+    def _buffered(self) -> bool:
+        raise NotImplementedError
+
+    def _after_read(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _map_error(self, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        raise NotImplementedError
+
+    async def _wait_other(self, readable: bool) -> None:
+        raise NotImplementedError
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._recv_busy:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._closed_now():
+            raise trio.ClosedResourceError("stream was closed")
+        size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._recv_busy = True
+        try:
+            sock = self._recv_sock()
+            if self._park_next and not self._buffered():
+                # right after a send the answer cannot be there yet: wait for it
+                # instead of spending a recv() on EAGAIN
+                self._park_next = False
+                self._calls = 0
+                await _wait_readable(sock)
+            else:
+                self._park_next = False
+                self._calls += 1
+                if self._calls >= self._every:
+                    self._calls = 0
+                    await _checkpoint()
+            while True:
+                try:
+                    n = sock.recv_into(_SHARED, size)
+                except _WOULD_READ:
+                    await _wait_readable(sock)
+                    continue
+                except ssl.SSLWantWriteError:  # TLS: answering the peer (a KeyUpdate) must write first
+                    await self._wait_other(False)
+                    continue
+                except (OSError, ValueError) as exc:  # (ValueError: an SSLSocket closed under us)
+                    raise self._map_error(exc) from exc
+                self._after_read(n)
+                return _SHARED_VIEW[:n].tobytes()
+        finally:
+            self._recv_busy = False
+
+
+class FastSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
     """A HalfCloseableStream over a plain non-blocking ``socket.socket``."""
 
     __slots__ = (
-        "socket", "_calls", "_every", "_closed", "_recv_busy", "_send_busy", "_eof_sent", "_park_next", "park_after_send",
+        "socket", "_closed", "_send_busy", "_eof_sent", "park_after_send",
         "quickack",
     )
 
@@ -106,50 +181,37 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     def ack_now(self) -> None:
         """ACK what has been read at once (quick-ACK mode; see ``quickack``)."""
+        if _TCP_QUICKACK is None:
+            return
         try:
             self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         except OSError:
             pass
 
-    # -------------------------------------------------------------- receive
+    # -------------------------------------------------------------- receive (_TryFirstReceive)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._recv_busy:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
-        if size < 1:
-            raise ValueError("max_bytes must be >= 1")
-        self._recv_busy = True
-        try:
-            sock = self.socket
-            if self._park_next:
-                self._park_next = False
-                self._calls = 0
-                await _wait_readable(sock)
-            else:
-                self._calls += 1
-                if self._calls >= self._every:
-                    self._calls = 0
-                    await _checkpoint()
-            while True:
-                try:
-                    n = sock.recv_into(_SHARED, size)
-                except BlockingIOError:
-                    await _wait_readable(sock)
-                    continue
-                except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
-                    raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-                except OSError as exc:
-                    if self._closed or exc.errno == errno.EBADF:
-                        raise trio.ClosedResourceError("stream was closed") from None
-                    raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-                if self.quickack and n:
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-                return _SHARED_VIEW[:n].tobytes()
-        finally:
-            self._recv_busy = False
+    def _recv_sock(self) -> socket.socket:
+        return self.socket
+
+    def _closed_now(self) -> bool:
+        return self._closed
+
+    def _buffered(self) -> bool:
+        return False
+
+    def _after_read(self, n: int) -> None:
+        if self.quickack and n:
+            self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
+
+    def _map_error(self, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)):
+            return trio.BrokenResourceError(f"connection lost: {exc}")
+        if self._closed or isinstance(exc, ValueError) or getattr(exc, "errno", None) == errno.EBADF:
+            return trio.ClosedResourceError("stream was closed")
+        return trio.BrokenResourceError(f"receive failed: {exc}")
+
+    async def _wait_other(self, readable: bool) -> None:  # (TLS only: a plain socket never asks)
+        await (_wait_readable if readable else _wait_writable)(self.socket)
 
     async def receive_into(self, buffer: memoryview | bytearray) -> int:
         """Receive into the caller's buffer without a copy; 0 means EOF."""
@@ -314,11 +376,12 @@ class PeekSocket:
 
 def _tls_broken(exc: BaseException) -> trio.BrokenResourceError:
     if isinstance(exc, ssl.SSLError):
-        return trio.BrokenResourceError(f"TLS error: {exc.reason or exc}")
+        reason = getattr(exc, "reason", None)  # (None for some: typeshed says str, compiled code would check)
+        return trio.BrokenResourceError(f"TLS error: {reason or exc}")
     return trio.BrokenResourceError(f"connection lost: {exc}")
 
 
-class TLSSocketStream(trio.abc.HalfCloseableStream):
+class TLSSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
     """TLS over a non-blocking ``ssl.SSLSocket``, trying the syscall first like
     ``FastSocketStream`` (trio's ``SSLStream`` pumps a memory BIO through the
     scheduler and costs about twice as much per round trip, see
@@ -350,8 +413,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
 
     __slots__ = (
         "raw", "sock", "peer_id", "principal", "alpn", "sni", "quickack", "on_session", "park_after_send",
-        "_calls", "_every", "_recv_busy", "_send_busy", "_park_next", "_handshaken", "_write_pending",
-        "_eof_sent",
+        "_send_busy", "_handshaken", "_write_pending", "_eof_sent",
     )
 
     def __init__(self, raw: FastSocketStream, sock: ssl.SSLSocket) -> None:
@@ -411,46 +473,23 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
 
     # -------------------------------------------------------------- receive
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._recv_busy:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        raw = self.raw
-        if raw._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
-        if size < 1:
-            raise ValueError("max_bytes must be >= 1")
-        self._recv_busy = True
-        try:
-            sock = self.sock
-            if self._park_next and not sock.pending():  # (nothing decrypted waiting in OpenSSL)
-                self._park_next = False
-                self._calls = 0
-                await _wait_readable(sock)
-            else:
-                self._park_next = False
-                self._calls += 1
-                if self._calls >= self._every:
-                    self._calls = 0
-                    await _checkpoint()
-            while True:
-                try:
-                    n = sock.recv_into(_SHARED, size)
-                except _WantRead:
-                    await _wait_readable(sock)
-                    continue
-                except _WantWrite:
-                    await self._wait_other(False)
-                    continue
-                except (ssl.SSLError, OSError, ValueError) as exc:
-                    if raw._closed or isinstance(exc, ValueError):
-                        raise trio.ClosedResourceError("stream was closed") from None
-                    raise _tls_broken(exc) from exc
-                if self.on_session is not None:
-                    self._offer_session()
-                return _SHARED_VIEW[:n].tobytes()
-        finally:
-            self._recv_busy = False
+    def _recv_sock(self) -> socket.socket:
+        return self.sock
+
+    def _closed_now(self) -> bool:
+        return self.raw._closed
+
+    def _buffered(self) -> bool:
+        return self.sock.pending() > 0  # decrypted bytes waiting in OpenSSL
+
+    def _after_read(self, n: int) -> None:
+        if self.on_session is not None:
+            self._offer_session()
+
+    def _map_error(self, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        if self.raw._closed or isinstance(exc, ValueError):
+            return trio.ClosedResourceError("stream was closed")
+        return _tls_broken(exc)
 
     async def _wait_other(self, readable: bool) -> None:
         """Park for the direction the other task normally waits on (a read
@@ -591,7 +630,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
 
     @property
     def session_reused(self) -> bool:
-        return self.sock.session_reused
+        return bool(self.sock.session_reused)
 
     @property
     def session(self) -> ssl.SSLSession | None:
@@ -653,6 +692,7 @@ async def connect_tcp(host: str, port: int, *, checkpoint_every: int = DEFAULT_C
     """Open a TCP connection. Raises UpstreamConnectError (never OSError).
 
     Callers put their own deadline around it (connect timeout)."""
+    infos: list[tuple[int, tuple[Any, ...]]]
     if _is_ip(host):
         infos = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
     else:
@@ -693,7 +733,7 @@ def bind_listener(address: str, port: int, *, backlog: int = 1024) -> socket.soc
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {address}:{port}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot listen on {address}:{port}: {getattr(exc, 'strerror', None)}") from None
     return sock
 
 
@@ -706,10 +746,11 @@ async def accept(listen_sock: socket.socket) -> tuple[socket.socket, tuple]:
             await _wait_readable(listen_sock)
             continue
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            code = getattr(exc, "errno", None)  # (None is possible, whatever typeshed says)
+            if code in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 await trio.sleep(0.05)  # out of fds: back off instead of spinning
                 continue
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+            if code in (errno.ECONNABORTED, errno.EPROTO):
                 continue
             raise
         return conn, addr
