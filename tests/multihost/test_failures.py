@@ -125,15 +125,19 @@ def test_a_partitioned_host_keeps_serving_with_its_last_config_and_catches_up(me
 
     mesh.lab.link_up(3)
     healed = time.monotonic()
+    phases = [f"cut for {healed - cut:.1f}s"]
     # caught up: host 3 sees what was registered while it was away; host 1 routes to host 3 again
     wait_for("host 3's Pilot to see the service registered during the partition",
              lambda: "partition-probe" in h3.pilot_registry(), 60)
+    phases.append(f"registry caught up {time.monotonic() - healed:.1f}s after the heal")
     wait_for("the rule applied during the partition in the config of reviews-v3's sidecar on host 3",
              lambda: "jason" in h3.proxy_config("reviews-v3-0"), 60)
+    phases.append(f"rules caught up {time.monotonic() - healed:.1f}s after")
     mesh.wait_routable(1, "reviews", {a[1], a[2]}, timeout=60)
     mesh.wait_routable(3, "ratings", {a[1], a[2]}, timeout=60)
     wait_for("a page from reviews-v3 on host 3 again",
              lambda: any(r.instance == "reviews-v3-0" for r in load.results if r.start > healed), 30)
+    phases.append(f"host 1 routes to host 3 again {time.monotonic() - healed:.1f}s after")
     mesh.consul.put(1, "/v1/agent/service/deregister/partition-probe", None)
     h1.meshctl("route", "delete", "virtualservice", "ratings", "--state-dir", str(h1.state_dir))
     load.stop()
@@ -142,7 +146,7 @@ def test_a_partitioned_host_keeps_serving_with_its_last_config_and_catches_up(me
     # productpage's timeout and retry; none may fail.
     assert not load.failures(), load.summary()
     assert not local.failures(), local.summary()
-    print(f"partition: host 3 left host 1's routing {left:.1f}s after the cut; {load.summary()}")
+    print(f"partition: host 3 left host 1's routing {left:.1f}s after the cut; {', '.join(phases)}; {load.summary()}")
 
 
 def test_a_host_that_dies_leaves_routing_and_requests_fail_over(mesh):
