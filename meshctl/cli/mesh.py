@@ -81,7 +81,7 @@ def print_table(st: dict, out: Console | None = None) -> None:
     if st.get("gateways"):
         g = Table("GATEWAY", "ADDRESS", "STATE", box=None)
         for gw in st["gateways"]:
-            mapping = ", ".join(f"{gp}→127.0.0.1:{hp}" for gp, hp in gw.get("ports", {}).items())
+            mapping = ", ".join(f"{gp}→{gw.get('listen', '127.0.0.1')}:{hp}" for gp, hp in gw.get("ports", {}).items())
             g.add_row(gw["name"], mapping or gw["address"], gw["state"])
         out.print(g)
     cp = st.get("control_plane", {})

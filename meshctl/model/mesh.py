@@ -38,6 +38,7 @@ gateways:
   labels: {istio: ingressgateway}
   ports: {80: 8080}             # Gateway server port 80 is served on host port 8080
   numTrustedProxies: 0          # x-forwarded-for hops to trust for remoteIpBlocks (Istio's gatewayTopology)
+  address: 127.0.0.1            # where its ports listen: 0.0.0.0 or the host's address serves other machines
 ```
 
 Field names follow the house convention (camelCase in YAML, snake_case here),
@@ -93,6 +94,9 @@ class GatewaySpec:
     ports: FrozenDict[int, int] = EMPTY  # Gateway server port → host port
     replicas: int = 1
     num_trusted_proxies: int = 0  # Istio's gatewayTopology.numTrustedProxies: x-forwarded-for hops to trust
+    # where the gateway's ports listen: 127.0.0.1 (this machine only), this host's address,
+    # or 0.0.0.0 (every address) to take traffic from other machines (docs/multi-host.md)
+    address: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)

@@ -618,6 +618,7 @@ def gateway_listeners(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> 
     listeners: service_port → port), else on the port itself."""
     given = [l for l in node.listeners if l.direction == "gateway"]
     port_map = {(l.service_port or l.port): l.port for l in given}
+    address = given[0].address if given else "127.0.0.1"  # mesh.yaml gateways[].address
     trusted = max((l.trusted_proxies for l in given), default=0)
     http_tables = gateway_tables(inp, node, clusters)
     servers: dict[int, list[tuple[str, int, Server]]] = {}
@@ -657,7 +658,7 @@ def gateway_listeners(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> 
                 protocol = "tcp"
                 tcp_routes = tcp_routes or gateway_tcp_routes(inp, ref, port, clusters)
         listeners.append(Listener(
-            name=f"gateway-{port}", direction="gateway", address="127.0.0.1", port=port_map.get(port, port),
+            name=f"gateway-{port}", direction="gateway", address=address, port=port_map.get(port, port),
             protocol=protocol, route_table=table.name, service_port=port, tcp_routes=tcp_routes,
             trusted_proxies=trusted, tls_servers=tuple(tls), https_redirect=tuple(dict.fromkeys(redirect)),
         ))

@@ -125,7 +125,8 @@ class Gateways:
             ports = sorted(self.ports(name).items())
             out.append({
                 "name": name,
-                "address": ", ".join(f"127.0.0.1:{h}" for _, h in ports),
+                "address": ", ".join(f"{self.plans[name].address}:{h}" for _, h in ports),
+                "listen": self.plans[name].address,
                 "ports": {str(gp): h for gp, h in ports},
                 "state": p.state,
                 "pid": p.pid,

@@ -142,6 +142,8 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
             out.append((f"{p}.ports", "a gateway needs ports: {GATEWAY_PORT: HOST_PORT}"))
         if gw.num_trusted_proxies < 0:
             out.append((f"{p}.numTrustedProxies", "must be 0 or more"))
+        if gw.address != "127.0.0.1" and (why := gateway_address_problem(gw.address)):
+            out.append((f"{p}.address", why))
         for gport, hport in gw.ports.items():
             if hport in local_ports:
                 out.append((f"{p}.ports.{gport}", f"host port {hport} is already used by {local_ports[hport]}"))
@@ -161,6 +163,24 @@ def advertise_problem(address: str) -> str | None:
     if ip.is_unspecified or ip.is_multicast:
         return f"{address}: other hosts cannot connect to it; give this host's own address"
     return None
+
+
+def gateway_address_problem(address: str) -> str | None:
+    """Why a gateway cannot listen on ``address`` (None: it can): an IP address, or 0.0.0.0 / :: for all."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return f"{address!r} is not an IP address (127.0.0.1, this host's address, or 0.0.0.0 for every address)"
+    return None
+
+
+def gateway_registered_address(g: "GatewayPlan", advertise: str) -> str:
+    """The address a gateway is registered at: where it listens; for a wildcard, the host's advertised one."""
+    import ipaddress
+
+    return advertise if ipaddress.ip_address(g.address).is_unspecified else g.address
 
 
 def advertised(spec: MeshSpec) -> str:
@@ -203,6 +223,7 @@ class GatewayPlan:
     trusted_proxies: int = 0
     locality: str = ""  # region/zone/subzone: the host's (settings.locality or `up --locality`)
     namespace: str = "default"  # settings.namespace
+    address: str = "127.0.0.1"  # where its ports listen (mesh.yaml gateways[].address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +361,7 @@ def make_plan(spec: MeshSpec, base_dir: Path, is_free: Callable[[int], bool], pr
     gateways = tuple(
         GatewayPlan(name=gw.name, labels=FrozenDict({"app": gw.name, **gw.labels}), ports=gw.ports, admin_port=alloc.get(f"{gw.name}/admin"),
                     trusted_proxies=gw.num_trusted_proxies, locality=spec.settings.locality,
-                    namespace=spec.settings.namespace)
+                    namespace=spec.settings.namespace, address=gw.address)
         for gw in spec.gateways
     )
     # Mixer and Citadel last, so that adding them moved no workload's ports. From the
@@ -385,7 +406,7 @@ def gateway_node(g: GatewayPlan, spec: MeshSpec) -> "Node":
     from ..model.proxyconfig import Listener, Workload
 
     listeners = tuple(
-        Listener(name=f"gateway-{gport}", direction="gateway", address="127.0.0.1", port=hport, protocol="http", service_port=gport,
+        Listener(name=f"gateway-{gport}", direction="gateway", address=g.address, port=hport, protocol="http", service_port=gport,
                  trusted_proxies=g.trusted_proxies)
         for gport, hport in sorted(g.ports.items())
     )

@@ -29,7 +29,7 @@ from .control import ControlPlane
 from .errors import UpError
 from .lifecycle import InstancePhase, MeshPhase, ProcPhase
 from .pilotreg import PilotRegistry
-from .plan import GatewayPlan, WorkloadPlan
+from .plan import GatewayPlan, WorkloadPlan, advertised, gateway_registered_address
 from .probes import redact_url
 from .records import InstanceState, MeshContext
 
@@ -63,12 +63,14 @@ def workload_instance(w: WorkloadPlan) -> Instance:
     )
 
 
-def gateway_instances(g: GatewayPlan) -> list[Instance]:
+def gateway_instances(g: GatewayPlan, advertise: str = "127.0.0.1") -> list[Instance]:
     """A gateway in the registry: service ``<name>.istio-system``, one instance per
     mesh.yaml port (the Gateway port as its service port, the host port to reach),
-    in the host's locality as the workload instances are."""
+    in the host's locality as the workload instances are, at the address it listens
+    on (the host's advertised one when it listens on all)."""
+    address = gateway_registered_address(g, advertise)
     return [
-        Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address="127.0.0.1", port=hport,
+        Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address=address, port=hport,
                  labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http", META_GATEWAY: "true",
                                                    **({META_LOCALITY: g.locality} if g.locality else {}),
                                                    **_namespace_meta(g.namespace)}))
@@ -281,7 +283,7 @@ class Registrations:
         """Register the gateway's instances (``renewed`` None) or renew them; returns
         when they were renewed now, None when that failed (register again next time)."""
         try:
-            for inst in gateway_instances(g):
+            for inst in gateway_instances(g, advertised(self.ctx.spec)):
                 if renewed is None:
                     await self._reg().register(inst)
                 else:
@@ -294,7 +296,7 @@ class Registrations:
     async def deregister_gateway(self, g: GatewayPlan) -> None:
         if self.registry is None:
             return
-        for inst in gateway_instances(g):
+        for inst in gateway_instances(g, advertised(self.ctx.spec)):
             try:
                 await self.registry.deregister(inst.id)
             except RegistryError as e:

@@ -43,6 +43,9 @@ def test_the_gateway_on_host_1_reaches_reviews_on_hosts_2_and_3_over_mtls(mesh):
     wait_for("pages answered by reviews v1 and v2 (host 2) and v3 (host 3)", all_versions, 60, 0.05)
     status, body = page(mesh)
     assert "Reviewer1" in body
+    # the gateway listens on every address of host 1 (gateways[].address: 0.0.0.0): host 2 reaches it
+    status, body = mesh.lab.in_host(2, lambda: http_get(h1.address, GATEWAY_PORT, "/productpage", 20.0), 30)
+    assert status == 200 and "Book Details" in body
 
     # The inbound listeners on the hosts' addresses take mutual TLS only: a plaintext
     # request from another host (host 1 to reviews-v1 on host 2) is refused, so

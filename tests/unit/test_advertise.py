@@ -80,3 +80,23 @@ def test_inbound_on_a_network_address_is_strict_unless_a_peer_authentication_say
     permissive = ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\n"
                   "spec: {mtls: {mode: PERMISSIVE}}\n")
     assert _inbound_mode("10.213.0.1", permissive) == "PERMISSIVE"  # asked for by the user
+
+
+def test_a_gateway_listens_where_mesh_yaml_says_and_is_registered_there(tmp_path):
+    from meshctl.pilot.compile import Inputs, compile_proxy
+    from meshctl.supervisor.plan import gateway_node
+    from meshctl.supervisor.registration import gateway_instances
+
+    f = tmp_path / "mesh.yaml"
+    f.write_text(MESH.format(addr="10.213.0.1") + "gateways:\n- name: gw\n  ports: {80: 8080}\n  address: 0.0.0.0\n")
+    spec = load_mesh(f)
+    (g,) = make_plan(spec, tmp_path, lambda p: True).gateways
+    rules = ("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\n"
+             "spec: {selector: {app: gw}, servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}]}\n")
+    cfg = compile_proxy(Inputs(load_resources_text(rules, "gw.yaml"), SNAP), gateway_node(g, spec))
+    assert [(l.address, l.port) for l in cfg.listeners if l.direction == "gateway"] == [("0.0.0.0", 8080)]
+    assert [i.address for i in gateway_instances(g, "10.213.0.1")] == ["10.213.0.1"]  # all addresses: the advertised one
+
+    f.write_text(MESH.format(addr="10.213.0.1") + "gateways:\n- name: gw\n  ports: {80: 8080}\n  address: everywhere\n")
+    with pytest.raises(LoadError, match=r"gateways\[0\]\.address"):
+        load_mesh(f)
