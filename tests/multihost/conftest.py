@@ -24,7 +24,7 @@ import pytest
 
 from tests.tools.servers import build_tool
 
-from .hosts import ConsulCluster, MeshHost, make_cacerts
+from .hosts import RUNNING, ConsulCluster, MeshHost, make_cacerts
 from .netlab import LabUnavailable, NetLab, wait_for, why_unavailable
 
 GATEWAY_PORT = 8080  # host 1's own loopback: the namespaces have ports of their own
@@ -39,6 +39,14 @@ class Mesh:
         host = self.hosts[via]
         wait_for(f"host {via}'s Pilot to route {service} to {sorted(addresses)}",
                  lambda: {e.rsplit(':', 1)[0] for e in host.endpoints(service)} == addresses, timeout, 0.2)
+
+
+@pytest.fixture(autouse=True)
+def _stop_loads():
+    """A test that fails mid-way leaves no load running into the next test (or keeping pytest from exiting)."""
+    yield
+    while RUNNING:
+        RUNNING.pop()._stop.set()
 
 
 @pytest.fixture(scope="package")
@@ -87,6 +95,8 @@ def mesh(tmp_path_factory):
         hosts[1].apply("../bookinfo/rules/bookinfo-gateway.yaml", "rules/cross-host.yaml")
         yield m
     finally:
+        while RUNNING:
+            RUNNING.pop()._stop.set()
         # Every process of every host is killed with its namespace (lab.close), the
         # meshes included: nothing outlives the namespaces to deregister from.
         consul.close()

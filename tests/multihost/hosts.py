@@ -284,6 +284,9 @@ class Result:
     error: str = ""
 
 
+RUNNING: list["Load"] = []  # loads started and not stopped: conftest stops them after each test, failed or not
+
+
 @dataclass
 class Load:
     """``workers`` clients in host ``host``, each sending GET ``path`` to 127.0.0.1:``port``
@@ -304,6 +307,7 @@ class Load:
     def start(self) -> "Load":
         pool = self.lab.pool(self.host, workers=max(8, self.workers + 2))
         self._futures = [pool.submit(self._worker) for _ in range(self.workers)]
+        RUNNING.append(self)
         return self
 
     def _worker(self) -> None:
@@ -323,6 +327,8 @@ class Load:
 
     def stop(self) -> list[Result]:
         self._stop.set()
+        if self in RUNNING:
+            RUNNING.remove(self)
         for f in self._futures:
             f.result(self.timeout + 10)
         return self.results
