@@ -5,8 +5,10 @@
   HTTP API on 127.0.0.1:8500 of its own namespace, as on a VM.
 - ``MeshHost``: one host's share of Bookinfo, started with
   ``meshctl up -d -f mesh.yaml --registry consul://127.0.0.1:8500 --advertise <addr>``
-  in its namespace; the CA is plugged in (``citadel init``) with an intermediate
-  of its own under one root made by the test (Istio's plug-in CA).
+  in its namespace, after ``citadel join`` (docs/multi-host-ca.md): its Citadel signs
+  with an intermediate of its own, issued through Consul KV.
+- ``RootHolder``: the root made once by ``citadel init --root-dir`` in the test's
+  own directory (off every host), ``citadel approve`` of the hosts' CSRs.
 - ``Load``: steady requests through the ingress gateway from threads inside
   host 1, each result recorded with its start and end time.
 """
@@ -17,11 +19,11 @@ import http.client
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .netlab import NetLab, wait_for
@@ -153,24 +155,34 @@ class ConsulCluster:
 # ------------------------------------------------------------------ the CA
 
 
-def make_cacerts(workdir: Path, hosts: int) -> list[Path]:
-    """One root (its key stays here, in the test), one intermediate per host: Istio's
-    cacerts files in <workdir>/h<i>/ (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)."""
-    from meshctl.citadel.ca import cert_to_pem, create_root, key_to_pem, sign_intermediate
+MESH_ID = "cluster.local"  # examples/multi-host/*.yaml set no meshId: the trust domain (docs/multi-host-ca.md)
 
-    now = datetime.now(timezone.utc)
-    root = create_root("cluster.local", now)
-    out = []
-    for i in range(1, hosts + 1):
-        d = workdir / f"h{i}"
-        d.mkdir(parents=True)
-        inter = sign_intermediate(root, now)
-        (d / "ca-cert.pem").write_bytes(cert_to_pem(inter.cert))
-        (d / "ca-key.pem").write_bytes(key_to_pem(inter.key))
-        (d / "root-cert.pem").write_bytes(cert_to_pem(root.cert))
-        (d / "cert-chain.pem").write_bytes(cert_to_pem(inter.cert) + cert_to_pem(root.cert))
-        out.append(d)
-    return out
+
+def meshctl_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHCTL_STATE_DIR", "CONSUL_HTTP_TOKEN")}
+    return {**env, **extra}
+
+
+@dataclass
+class RootHolder:
+    """The root holder of docs/multi-host-ca.md: `citadel init --root-dir` in a directory of
+    the test's own (under no host's directory), `citadel approve` through host ``via``'s Consul
+    agent. Its root key never reaches a host: the hosts get their intermediates through KV."""
+
+    lab: NetLab
+    root_dir: Path
+    via: int = 1
+
+    def init(self) -> None:
+        # no network needed: run on the machine itself, outside every host's namespace
+        subprocess.run([sys.executable, "-m", "meshctl", "citadel", "init", "--root-dir", str(self.root_dir)],
+                       cwd=self.root_dir.parent, check=True, capture_output=True, text=True, timeout=60,
+                       env=meshctl_env())
+
+    def approve(self, *args: str) -> str:
+        return self.lab.run(self.via, [sys.executable, "-m", "meshctl", "citadel", "approve", "--root-dir",
+                                       str(self.root_dir), "--registry", f"consul://127.0.0.1:{CONSUL_HTTP}", *args],
+                            cwd=self.root_dir.parent, timeout=60, env=meshctl_env()).stdout
 
 
 # ------------------------------------------------------------------ meshctl on a host
@@ -205,15 +217,24 @@ class MeshHost:
     def state_dir(self) -> Path:
         return self.workdir / ".meshctl"
 
-    def prepare(self, cacerts: Path) -> None:
+    @property
+    def name(self) -> str:
+        return f"host{self.index}"
+
+    def prepare(self) -> None:
+        """Copy the files, then `citadel join`: the host makes its intermediate key (it stays in
+        its state directory) and publishes its CSR in Consul KV; it waits for the root holder."""
         self.root.mkdir(parents=True)
         shutil.copytree(BOOKINFO, self.root / "bookinfo", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(MULTIHOST, self.workdir)
-        self.meshctl("citadel", "init", "--cacerts", str(cacerts), "--state-dir", str(self.state_dir))
+        r = self.meshctl("citadel", "join", "--registry", f"consul://127.0.0.1:{CONSUL_HTTP}", "--host", self.name,
+                         "--state-dir", str(self.state_dir), check=False, timeout=60)
+        # exit status 3: the CSR is published and the host waits for its approval
+        assert r.returncode == 3, f"{self.name}: citadel join exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
 
     def meshctl(self, *args: str, check: bool = True, timeout: float = 180):
         # the namespaces share the machine's host name: each host names itself (proxy-status)
-        env = {**os.environ, "MESHCTL_HOST_NAME": f"host{self.index}"}
+        env = meshctl_env(MESHCTL_HOST_NAME=self.name)
         return self.lab.run(self.index, [sys.executable, "-m", "meshctl", *args], cwd=self.workdir, check=check,
                             timeout=timeout, env=env)
 

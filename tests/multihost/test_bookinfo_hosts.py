@@ -145,3 +145,65 @@ def test_a_rule_applied_on_host_3_changes_routing_on_host_1(mesh):
         return {"reviews-v2-0", "reviews-v3-0"} <= seen
 
     wait_for("pages from reviews v2 and v3 again after the delete on host 2", all_versions, 60, 0.05)
+
+
+def _served_chain(mesh, host, workload: str) -> list[str]:
+    """The certificates ``workload``'s inbound listener presents, fetched from another host (openssl s_client)."""
+    addr = host.workload(workload)["inbound_address"]
+    other = 1 if host.index != 1 else 2
+    shown = mesh.lab.run(other, ["openssl", "s_client", "-connect", addr, "-showcerts"], input="", check=False,
+                         timeout=30).stdout
+    return re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", shown, re.S)
+
+
+def test_each_host_signs_with_its_own_intermediate_from_consul_kv_and_holds_no_other_key(mesh, tmp_path):
+    """docs/multi-host-ca.md over the three hosts: the root key stays with the root holder, each
+    host's intermediate key on its host; each host's sidecars present a chain through a different
+    intermediate, issued through Consul KV, that openssl verifies against the one root."""
+    import base64
+    import subprocess
+
+    root_dir = mesh.root.root_dir
+    root_key = (root_dir / "ca-key.pem").read_bytes()
+    root_pem = root_dir / "root-cert.pem"
+    hosts = mesh.hosts
+    assert all(root_dir not in h.root.parents and root_dir != h.root for h in hosts.values())
+    keys = {i: (h.state_dir / "ca" / "ca-key.pem").read_bytes() for i, h in hosts.items()}
+    assert b"PRIVATE KEY" in root_key and all(b"PRIVATE KEY" in k for k in keys.values())
+    assert len(set(keys.values()) | {root_key}) == 4
+    for i, h in hosts.items():
+        files = [p for p in h.state_dir.rglob("*") if p.is_file()]
+        assert len(files) > 10, files
+        for p in files:
+            data = p.read_bytes()
+            assert root_key not in data, f"the root key is in {p}"
+            for j, other in keys.items():
+                assert j == i or other not in data, f"host {j}'s intermediate key is in {p}"
+
+    # what travelled through Consul KV: CSRs, intermediates, the bundle; never a private key
+    kv = mesh.consul.api(1, "/v1/kv/meshctl/cluster.local/ca/?recurse=true")
+    stored = {e["Key"]: base64.b64decode(e["Value"] or "") for e in kv}  # type: ignore[union-attr]
+    for h in hosts.values():
+        assert f"meshctl/cluster.local/ca/csr/{h.name}" in stored and f"meshctl/cluster.local/ca/intermediate/{h.name}" in stored
+    assert not any(b"PRIVATE KEY" in v for v in stored.values())
+
+    intermediates = set()
+    for h, workload in ((hosts[1], "productpage-v1-0"), (hosts[2], "reviews-v1-0"), (hosts[3], "reviews-v3-0")):
+        chain = _served_chain(mesh, h, workload)
+        assert len(chain) >= 2, chain
+        own = (h.state_dir / "ca" / "ca-cert.pem").read_text()
+        assert chain[1] == own, f"{workload} on {h.name} is not signed by {h.name}'s intermediate"
+        subject = subprocess.run(["openssl", "x509", "-noout", "-subject"], input=chain[1], capture_output=True,
+                                 text=True, check=True).stdout
+        assert f"meshctl intermediate {h.name}" in subject, subject
+        intermediates.add(chain[1])
+        (tmp_path / "leaf.pem").write_text(chain[0])
+        (tmp_path / "rest.pem").write_text("".join(chain[1:]))
+        v = subprocess.run(["openssl", "verify", "-CAfile", str(root_pem), "-untrusted", str(tmp_path / "rest.pem"),
+                            str(tmp_path / "leaf.pem")], capture_output=True, text=True)
+        assert v.returncode == 0, f"{h.name}: {v.stdout}{v.stderr}"
+        # and the leaf alone does not verify against the root: the intermediate is needed
+        v = subprocess.run(["openssl", "verify", "-CAfile", str(root_pem), str(tmp_path / "leaf.pem")],
+                           capture_output=True, text=True)
+        assert v.returncode != 0
+    assert len(intermediates) == 3
