@@ -11,7 +11,7 @@ which one an installation got.
 
 pip builds in an isolated environment holding only setuptools, so a plain
 ``pip install .`` (the README's quick start) is pure Python and quick. For the
-compiled build (about 1-2 minutes on 2 cores):
+compiled build (about 3-7 minutes on 2 cores: one C file for all the modules):
 
     pip install 'mypy>=1.10' setuptools wheel && pip install --no-build-isolation .
 """
@@ -35,6 +35,14 @@ COMPILED = [
     "meshctl/core/hashring.py",
     "meshctl/core/outlier.py",
     "meshctl/core/ratelimit.py",
+    "meshctl/protocol/headers.py",
+    "meshctl/protocol/http1.py",
+    "meshctl/proxy/errors.py",
+    "meshctl/proxy/forward.py",
+    "meshctl/proxy/h1upstream.py",
+    "meshctl/proxy/http.py",
+    "meshctl/proxy/pool.py",
+    "meshctl/proxy/request.py",
     "meshctl/proxy/stats.py",
     "meshctl/proxy/telemetry.py",
 ]

@@ -60,8 +60,8 @@ class H1Exchange:
         if cs.cluster.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
             try:
                 address = await upstream_address(address, cs.cluster.dns)
-            except OSError as exc:
-                return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {exc}")
+            except OSError as dns_err:  # (one name per exception type: compiled code types the variable)
+                return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {dns_err}")
         try:
             if a.deadline == math.inf:  # no perTryTimeout: no cancel scope to set up (hot path)
                 conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
@@ -162,13 +162,13 @@ class H1Exchange:
                 if len(pending) >= 16:
                     await send_all(stream, b"".join(pending))
                     pending = []
-        except DownstreamGone as exc:  # (a PeerGone too: checked first)
-            failure.append(exc)
+        except DownstreamGone as gone:  # (a PeerGone too: checked first)
+            failure.append(gone)
             cancel.cancel()
         except PeerGone:
             return  # upstream closed: the response side reports it
-        except ProtocolError as exc:
-            failure.append(exc)
+        except ProtocolError as bad:  # (its own name: compiled code types an except variable once)
+            failure.append(bad)
             cancel.cancel()
 
     async def _read_head(self, rq: Request, conn: UpstreamConn) -> ResponseHead | None:
