@@ -22,7 +22,8 @@ class StateDirNotFound(Exception):
     pass
 
 
-def find_state_dir(explicit: str | Path | None = None, start: Path | None = None) -> Path | None:
+def find_state_dir(explicit: str | Path | None = None, start: Path | None = None, *,
+                   use_current: bool = True) -> Path | None:
     if explicit:
         return Path(explicit)
     env = os.environ.get(ENV_VAR)
@@ -33,6 +34,8 @@ def find_state_dir(explicit: str | Path | None = None, start: Path | None = None
         candidate = d / STATE_DIR_NAME
         if candidate.is_dir():
             return candidate
+    if not use_current:
+        return None
     try:
         last = Path(current_pointer().read_text().strip())
     except OSError:

@@ -28,7 +28,9 @@ def _now() -> datetime:
 def _state(explicit: Optional[str], create: bool) -> Path:
     from ..state import STATE_DIR_NAME, find_state_dir
 
-    found = find_state_dir(explicit)
+    # A command that makes a CA (init, join) works on the mesh of this directory: never on
+    # the mesh `up` started last elsewhere, which would get a second CA written into it.
+    found = find_state_dir(explicit, use_current=not create)
     if found is not None:
         return found
     if create:

@@ -65,3 +65,24 @@ def test_plug_in_your_own_ca(tmp_path):
     assert r.exit_code == 1 and "plugged-in CA" in r.output
     r = run("init", "--cert", str(tmp_path / "missing.pem"), "--key", str(tmp_path / "ca.key"), sd=tmp_path / "x")
     assert r.exit_code == 1 and "cannot read --ca-cert" in r.output
+
+
+def test_init_in_a_new_directory_never_writes_into_the_mesh_up_started_last(tmp_path, monkeypatch):
+    # `up` records its mesh in $XDG_CONFIG_HOME/meshctl/current, and commands that read a
+    # mesh fall back to it; `citadel init` (like join) makes a CA, and belongs to the
+    # directory it runs in: a second CA in another running mesh broke that mesh.
+    other = tmp_path / "running" / ".meshctl"
+    other.mkdir(parents=True)
+    (other / "control.json").write_text("{}")
+    xdg = tmp_path / "xdg"
+    (xdg / "meshctl").mkdir(parents=True)
+    (xdg / "meshctl" / "current").write_text(str(other))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.delenv("MESHCTL_STATE_DIR", raising=False)
+    here = tmp_path / "new-host"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    r = Out(runner.invoke(app, ["init", "--trust-domain", "example.org"]))
+    assert r.exit_code == 0, r.output
+    assert (here / ".meshctl" / "ca").is_dir()
+    assert not (other / "ca").exists()
