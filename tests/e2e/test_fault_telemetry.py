@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,14 @@ services:
         outbound = int(web["outbound_address"].rsplit(":", 1)[1])
         codes = [http_get(outbound, "http://api:9080/")[0] for _ in range(10)]
         assert codes == [503] * 10
-        rows = json.loads(meshctl_run("stat", "--window", "1m", "--json", "--state-dir", sd).stdout)["rows"]
+        # Mixer scrapes the sidecars every second: the 10 requests show after its next scrape.
+        deadline = time.monotonic() + 15
+        while True:
+            rows = json.loads(meshctl_run("stat", "--window", "1m", "--json", "--state-dir", sd).stdout)["rows"]
+            counted = sum(r["requests"] for r in rows if r["service"] == "api.default.svc.cluster.local")
+            if counted >= 10 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert not [r for r in rows if r["service"] == "unknown" and r["requests"]], rows
         api = [r for r in rows if r["service"] == "api.default.svc.cluster.local"]
         assert sum(r["requests"] for r in api) == 10 and sum(r["errors"] for r in api) == 10, rows
