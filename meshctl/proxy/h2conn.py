@@ -269,8 +269,8 @@ class _StreamDown:
 
 
 class _Conn(OutBuffer):
-    __slots__ = ("rt", "al", "stream", "client_ip", "h2", "out", "emitted", "written", "wake", "progress",
-                 "streams", "blocked", "dead", "nursery", "state", "draining", "lstats")
+    __slots__ = ("rt", "al", "stream", "client_ip", "h2", "streams", "blocked", "dead", "nursery", "state", "draining",
+                 "lstats")  # out, emitted, written, wake, progress: OutBuffer's slots
 
     def __init__(self, rt, al, stream, client_ip: str, lstats) -> None:
         self.rt = rt

@@ -28,6 +28,7 @@ a ``refused-stream`` failure: retried when the policy allows.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import trio
 
@@ -236,7 +237,7 @@ class H2Upstream(OutBuffer):
             for ev in events:
                 t = type(ev)
                 if t is WindowUpdated:
-                    st = self.streams.get(ev.stream_id)
+                    st = self.streams.get(cast(WindowUpdated, ev).stream_id)  # told apart by type(): mypy does not narrow t
                     if st is not None:
                         st.window.set()
                 elif t is GoAway:
@@ -383,7 +384,7 @@ class H2Exchange:
                     conn.emit(client.data(st.sid, c))
                 if body.chunks or body.trailers:
                     conn.emit(client.end(st.sid, body.trailers))
-            if whole:
+            if whole or body is None:  # body is None makes whole true: this only narrows body for mypy
                 return await self._respond(a, conn, st)
             failure: list[BaseException] = []
             main_error: list[Exception] = []

@@ -11,6 +11,8 @@ the connection is ``dead``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import trio
 
 from .errors import send_all
@@ -19,14 +21,18 @@ from .errors import send_all
 class OutBuffer:
     """Mixin: the owner sets ``stream`` and ``dead`` and calls ``_init_out()``."""
 
-    __slots__ = ()
+    # the mixin's own state lives in its slots (a slotted owner adds only its own names)
+    __slots__ = ("out", "emitted", "written", "wake", "progress")
+    if TYPE_CHECKING:  # set by the owner, read here
+        stream: Any  # the owner's connection (socket or TLS stream; it uses more than SendStream's methods)
+        dead: bool
 
     def _init_out(self) -> None:
-        self.out = bytearray()
-        self.emitted = 0  # bytes ever emitted / written: wait_written() waits for written to catch up
-        self.written = 0
-        self.wake = trio.Event()
-        self.progress = trio.Event()
+        self.out: bytearray = bytearray()
+        self.emitted: int = 0  # bytes ever emitted / written: wait_written() waits for written to catch up
+        self.written: int = 0
+        self.wake: trio.Event = trio.Event()
+        self.progress: trio.Event = trio.Event()
 
     def emit(self, data: bytes) -> None:
         if data:

@@ -198,8 +198,10 @@ class ProxyRuntime:
         commit_limiters(prev.limiters if prev is not None else None, snap.limiters)
         for lim in snap.limiters.values():
             lim.pool.backend = self.backend
-        self.pool.limits = snap.limits
-        self.pool.idle_timeout = float(cfg.settings.idle_timeout)
+        pool = self.pool
+        assert pool is not None, "apply() before run()"  # run() sets the pool first
+        pool.limits = snap.limits
+        pool.idle_timeout = float(cfg.settings.idle_timeout)
         keep: dict[str, ActiveListener] = {}
         for spec in cfg.listeners:
             cur = old.get(spec.name)
@@ -211,6 +213,7 @@ class ProxyRuntime:
                 log.info("listener %s (%s %s) on %s:%d", spec.name, spec.direction, spec.protocol,
                          spec.address, al.bound_port)
             else:
+                assert cur is not None  # not rebound: same address as the current listener of this name
                 cur.set_spec(spec)
                 keep[spec.name] = cur
         self.listeners = keep
@@ -249,7 +252,9 @@ class ProxyRuntime:
             return [c for c in self.conns if c.accepted_on is bound]
 
         asked: set[int] = set()
-        with trio.move_on_after(float(self.snapshot.settings.drain_timeout)):
+        snap = self.snapshot
+        assert snap is not None  # a listener is removed by apply(), after the first config
+        with trio.move_on_after(float(snap.settings.drain_timeout)):
             while True:
                 left = mine()
                 if not left:
@@ -271,20 +276,23 @@ class ProxyRuntime:
     async def _accept_loop(self, al: ActiveListener) -> None:
         with al.scope:
             nursery = self._conn_nursery
+            assert nursery is not None  # run() sets it before starting any accept loop
             while True:
                 try:
                     stream, client_ip = await al.sock.accept()
                 except (OSError, trio.ClosedResourceError) as exc:
                     if al.sock.closed:
                         return
-                    if getattr(exc, "errno", None) in FD_ERRNOS:  # out of descriptors: pause (overload.py)
+                    if isinstance(exc, OSError) and exc.errno in FD_ERRNOS:  # out of descriptors: pause (overload.py)
                         self.fd_shortage.hit(trio.current_time(), f"{exc.strerror}: pausing accepts")
                     else:
                         log.warning("listener %s: accept failed: %s", al.spec.name, exc)
                     await trio.sleep(0.1)
                     continue
                 self.fd_shortage.clear()
-                limit = self.snapshot.settings.max_connections or self.default_conn_limit
+                snap = self.snapshot
+                assert snap is not None  # applied before any listener exists
+                limit = snap.settings.max_connections or self.default_conn_limit
                 if al.active >= limit or self.open_conns >= self.default_conn_limit:
                     # the listener's limit, or all listeners together past what the fds allow
                     al.overload.hit(trio.current_time(), f"{al.active} connections open (limit {limit}, "
@@ -344,7 +352,7 @@ class ProxyRuntime:
 
         Raises ConfigRejected before serving anything when ``cfg`` cannot run
         or the admin port cannot be bound."""
-        self.pool = UpstreamPool(limits=None, backend=self.backend)  # limits set by apply
+        pool = self.pool = UpstreamPool(limits=None, backend=self.backend)  # limits set by apply
         admin_sock = None
         if admin_port is not None:
             try:
@@ -383,15 +391,19 @@ class ProxyRuntime:
                     await self._drained.wait()
                     nursery.cancel_scope.cancel()
                 # listeners are closed; wait for connections
-                with trio.move_on_after(float(self.snapshot.settings.drain_timeout)):
+                snap = self.snapshot
+                assert snap is not None  # apply(cfg) above succeeded
+                with trio.move_on_after(float(snap.settings.drain_timeout)):
                     while self.conns:
                         await trio.sleep(0.02)
                 if self.conns:
                     log.warning("drain timeout: closing %d connections", len(self.conns))
                 conns.cancel_scope.cancel()
             outer.cancel_scope.cancel()
-        self.pool.close_all()
-        for lim in self.snapshot.limiters.values():
+        pool.close_all()
+        snap = self.snapshot  # the last config applied (configs still apply while draining)
+        assert snap is not None
+        for lim in snap.limiters.values():
             lim.retire()  # closes the idle connections of clusters with connectionPool limits
         log.info("proxy stopped")
 
@@ -462,11 +474,15 @@ class ProxyRuntime:
                 if sigs is not None:
                     n.start_soon(self._signals, sigs)
                 n.start_soon(self._watchdog)
+                pool = self.pool
+                assert pool is not None  # started by run()
                 while True:
                     await trio.sleep(1.0)
-                    self.pool.sweep()
+                    pool.sweep()
                     now = trio.current_time()
-                    for lim in self.snapshot.limiters.values():
+                    snap = self.snapshot
+                    assert snap is not None
+                    for lim in snap.limiters.values():
                         lim.sweep(now)
                     self._check_mtime()
 
@@ -477,7 +493,9 @@ class ProxyRuntime:
         while True:
             await trio.sleep(WATCHDOG_INTERVAL)
             now = trio.current_time()
-            head_timeout = float(self.snapshot.settings.request_headers_timeout)
+            snap = self.snapshot
+            assert snap is not None  # started by run(), after the first apply()
+            head_timeout = float(snap.settings.request_headers_timeout)
             for c in list(self.conns):
                 if not c.busy and c.server is not None and c.server.receiving_head:
                     # a keep-alive request's head has begun: one header timeout from here

@@ -442,7 +442,7 @@ async def client_handshake(
 # ---------------------------------------------------------------- PERMISSIVE
 
 
-def sniff_tls(first_bytes: bytes) -> bool:
+def sniff_tls(first_bytes: bytes | bytearray) -> bool:
     """True if the bytes open a TLS ClientHello (record type 0x16, version 0x03 0x0?).
 
     No HTTP method starts with 0x16, so one byte decides; a second byte, when
@@ -455,11 +455,11 @@ def sniff_tls(first_bytes: bytes) -> bool:
 class PrefixedStream(trio.abc.HalfCloseableStream):
     """A stream that first yields bytes already read (by the sniffer), then the rest."""
 
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes | bytearray) -> None:
         self.transport_stream = stream
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:  # trio's Stream.receive_some type
         if self._prefix:
             await trio.lowlevel.checkpoint()
             if max_bytes is None or max_bytes >= len(self._prefix):
