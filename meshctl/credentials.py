@@ -153,8 +153,8 @@ def bearer(credential: str) -> dict[str, str]:
     return {"authorization": f"Bearer {credential}"}
 
 
-def authenticate(authorization: str | None, mesh_secret: str) -> Caller:
-    """The caller an ``Authorization`` header proves, or Unauthenticated."""
+def _bearer_value(authorization: str | None) -> str:
+    """The credential of an ``Authorization: Bearer`` header; Unauthenticated, saying why, otherwise."""
     if not authorization:
         raise Unauthenticated("no credential: send `Authorization: Bearer <credential>` (the mesh's is in "
                               f"<state-dir>/{AUTH_DIR}/{MESH_TOKEN_FILE})")
@@ -162,6 +162,12 @@ def authenticate(authorization: str | None, mesh_secret: str) -> Caller:
     value = value.strip()
     if scheme.lower() != "bearer" or not value:
         raise Unauthenticated("the Authorization header must be `Bearer <credential>`")
+    return value
+
+
+def authenticate(authorization: str | None, mesh_secret: str) -> Caller:
+    """The caller an ``Authorization`` header proves, or Unauthenticated."""
+    value = _bearer_value(authorization)
     if hmac.compare_digest(value.encode(), mesh_secret.encode()):
         return Caller("mesh")
     if value.startswith(PROXY_PREFIX):
@@ -183,13 +189,7 @@ def check_mesh(authorization: str | None, verifier: str) -> None:
     if not verifier:
         raise Unauthenticated("this proxy was started without the mesh's credential check (not under `meshctl up` "
                               "or `meshctl proxy run --state-dir`): its admin API keeps this to itself")
-    if not authorization:
-        raise Unauthenticated("no credential: send `Authorization: Bearer <credential>` (the mesh's is in "
-                              f"<state-dir>/{AUTH_DIR}/{MESH_TOKEN_FILE})")
-    scheme, _, value = authorization.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() != "bearer" or not value:
-        raise Unauthenticated("the Authorization header must be `Bearer <credential>`")
+    value = _bearer_value(authorization)
     if not hmac.compare_digest(mesh_verifier(value).encode(), verifier.encode()):
         raise Unauthenticated("credential not recognised: not this mesh's")
 
