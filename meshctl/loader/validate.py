@@ -540,8 +540,10 @@ class _Validator:
             for field, msg in setting_problems(ll):
                 self.error(f"{lp}.localityLbSetting.{field}", msg)
             if not ll.distribute and not outlier_detection and ll.enabled is not False:
-                self.warning(f"{lp}.localityLbSetting", "failover has no effect without outlierDetection in the same "
-                             "traffic policy (as in Istio): no locality failover is done")
+                # Istio accepts this and does no failover; meshctl refuses what it would not carry out.
+                self.error(f"{lp}.localityLbSetting", "failover has no effect without outlierDetection in the same "
+                           "traffic policy (as in Istio): meshctl refuses it rather than do no locality failover; "
+                           "add outlierDetection, or use distribute")
         for name, val in (("warmupDurationSecs", lb.warmup_duration_secs), ("warmup.duration", lb.warmup.duration if lb.warmup else None)):
             if val is None:
                 continue

@@ -250,14 +250,14 @@ def test_istio_refusals_of_bad_settings():
 ISTIO_FAILOVER_DR = (Path(__file__).parents[1] / "data" / "istio-locality" / "helloworld-failover.yaml").read_text()
 
 
-def test_istios_failover_task_rule_validates_and_without_outlier_detection_warns():
+def test_istios_failover_task_rule_validates_and_without_outlier_detection_is_refused():
     assert [str(f) for f in validate(load_resources_text(ISTIO_FAILOVER_DR, "dr.yaml"))] == []
     cut = ISTIO_FAILOVER_DR.split("    outlierDetection:")[0]
     findings = validate(load_resources_text(cut, "dr.yaml"))
-    assert [f.level for f in findings] == ["warning"]
+    assert [f.level for f in findings] == ["error"]
     assert "localityLbSetting: failover has no effect without outlierDetection" in str(findings[0])
     only_enabled = cut.split("        failover:")[0]  # enabled: true alone is failover too
-    assert [f.level for f in validate(load_resources_text(only_enabled, "dr.yaml"))] == ["warning"]
+    assert [f.level for f in validate(load_resources_text(only_enabled, "dr.yaml"))] == ["error"]
 
 
 def test_a_bad_distribute_is_an_error_naming_file_line_and_field():
