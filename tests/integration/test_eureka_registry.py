@@ -57,8 +57,10 @@ async def test_register_shows_up_with_labels_and_deregister_removes_it(eureka_se
         await w.until(lambda s: ids(s, svc) == [f"{svc}-v1-0"])
         await reg.deregister(f"{svc}-v1-0")
         await w.until(lambda s: svc not in s)
-        # every change came through /apps/delta, and our copy matched the server's hash code
-        assert reg.full_fetches == 1 and reg.delta_fetches >= 3
+        # after the first full fetch every change came through /apps/delta (our copy kept matching the
+        # server's hash code, so no second full fetch). Both registrations may already be in that first
+        # full fetch when the watch starts slowly; the two deregistrations happen after it, so each needs a delta.
+        assert reg.full_fetches == 1 and reg.delta_fetches >= 2
     await reg.aclose()
 
 
