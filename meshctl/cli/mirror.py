@@ -13,6 +13,10 @@ traffic to a new version.
   are compared over the comparisons each sidecar keeps (its latest 256).
 - ``--window SECONDS``: everything over the kept comparisons of that window.
 - ``--watch``: live, the table redrawn every ``--interval`` seconds.
+- A mirror that answered, whatever its status (401, 503 ...), is an answer: the
+  diff shows both status codes and counts them in STATUS≠, with the pairs seen
+  (``200 -> 401: 4``). "No answer" is for a mirror that sent no response head
+  (connection refused, reset or closed, timeout), and says which.
 """
 
 from __future__ import annotations
@@ -81,6 +85,13 @@ def header_differs(record: dict, name: str) -> bool:
     return record.get("primary_headers", {}).get(name) != record.get("shadow_headers", {}).get(name)
 
 
+def answer_of(record: dict) -> str:
+    """The mirror's side of a comparison: its status, or "no answer (why)" when no response came."""
+    if record.get("shadow_status"):
+        return str(record["shadow_status"])
+    return f"no answer ({record.get('shadow_error') or 'unknown'})"
+
+
 def _mid(xs: list[float]) -> float | None:
     return sorted(xs)[len(xs) // 2] if xs else None
 
@@ -97,7 +108,7 @@ def summarize(reports: Iterable[tuple[str, dict]], service: str, headers: tuple[
     def agg_for(cluster: str) -> dict:
         return totals.setdefault(cluster, {
             "compared": 0, "status_differs": 0, "content_type_differs": 0, "body_differs": 0, "failed": 0,
-            "headers_compared": 0, "header_differs": {h: 0 for h in headers},
+            "headers_compared": 0, "header_differs": {h: 0 for h in headers}, "statuses": {},
             "primary_p50_ms": [], "mirror_p50_ms": [],
         })
 
@@ -141,6 +152,8 @@ def summarize(reports: Iterable[tuple[str, dict]], service: str, headers: tuple[
                         totals[cluster][key].append(v)
         for r in recent:
             a = agg_for(r["cluster"])
+            pair = f"{r['primary_status']} -> {answer_of(r)}"
+            a["statuses"][pair] = a["statuses"].get(pair, 0) + 1
             a["headers_compared"] += 1
             differing = [h for h in headers if header_differs(r, h)]
             for h in differing:
@@ -174,6 +187,11 @@ def _render(service: str, totals: dict, examples: list[dict], headers: tuple[str
                   str(a["body_differs"]), str(a["failed"]), fmt(a["primary_p50_ms"]), fmt(a["mirror_p50_ms"]))
     console.print(t)
     for cluster, a in sorted(totals.items()):
+        if a["statuses"]:
+            of = "compared" if window is not None else "latest compared"
+            console.print(f"{short_cluster(cluster)} status, primary -> mirror (of {a['headers_compared']} {of}): "
+                          + ", ".join(f"{pair}: {n}" for pair, n in sorted(a["statuses"].items(), key=lambda x: -x[1])),
+                          highlight=False, soft_wrap=True, markup=False)
         if headers:
             of = "compared" if window is not None else "latest compared"
             console.print(f"{short_cluster(cluster)} headers differing (of {a['headers_compared']} {of}): "
@@ -182,7 +200,9 @@ def _render(service: str, totals: dict, examples: list[dict], headers: tuple[str
     if examples:
         console.print("differing requests (latest):", highlight=False)
         for x in examples[-10:]:
-            shadow = str(x["shadow_status"]) if x["shadow_status"] else f"no answer ({x['shadow_error']})"
+            shadow = answer_of(x)
+            if x["shadow_status"] and x.get("shadow_error"):  # answered, the body not whole: not compared
+                shadow += f" ({x['shadow_error']})"
             line = (f"  {datetime.fromtimestamp(x['time']).strftime('%H:%M:%S')} {x['method']} {x['path']}"
                     f"  [{', '.join(x['differs'])}]  primary {x['primary_status']} {x['primary_ms']:.0f}ms"
                     f" body {(x.get('primary_body_sha256') or '-')[:12]}"

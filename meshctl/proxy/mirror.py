@@ -35,11 +35,12 @@ import trio
 
 from ..core.balance import PickContext
 from ..core.mirror import has_mirrors, mirror_cluster, mirror_destinations, shadow_authority
-from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead
+from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
 from ..protocol.headers import strip_hop_by_hop
 from .egress import without_internal
 from .errors import PeerGone, send_all
 from .identity import upstream_tls
+from .request import IDEMPOTENT
 from .stream import UpstreamConnectError
 
 log = logging.getLogger("meshctl.proxy")
@@ -263,63 +264,90 @@ def after_forward(rq) -> None:
 
 async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float,
                   primary: tuple[int, float, list, PrimaryBody]) -> None:
+    """Send one shadow and compare its answer with the primary's. The shadow answered
+    when its response head arrived, whatever the status (a 401 is an answer); its body
+    is compared only when it arrived whole. "No answer" is for a shadow that got no
+    response head: connection refused, reset or closed, timeout; ``error`` says which.
+    A pooled connection the upstream had closed (many servers close after an error
+    answer without saying so) is not an answer either: an idempotent shadow is sent
+    again once on a new connection, as the primary is (h1upstream.py)."""
     state: MirrorState = rt.mirrors
     # the primary's side, first (its body chunks are let go once hashed)
     mine = Answer(primary[0], primary[1], kept_headers(primary[2]), primary[3].digest())
     conn = None
     headers: list = []
-    ok = False
+    whole = False
     started = trio.current_time()
     status = 0
     digest = hashlib.sha256()
-    error = "timeout"
+    error = f"timeout: no response within {timeout:g}s"
+    stale_ok = head.method in IDEMPOTENT
     try:
         with trio.move_on_after(timeout):
-            conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
-                                         upstream_tls(rt, cs.cluster, ep))
-            client = conn.client
-            parts = [client.request_head(head, end_stream=not chunks and not trailers)]
-            for c in chunks:
-                parts.append(client.data(c))
-            if chunks or trailers:
-                parts.append(client.end(trailers))
-            await send_all(conn.stream, b"".join(parts))
-            seen = 0
-            error = "no complete response"
             while True:
-                ev = await conn.reader.next()
-                if ev is None:
-                    break
+                conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
+                                             upstream_tls(rt, cs.cluster, ep))
+                client = conn.client
+                parts = [client.request_head(head, end_stream=not chunks and not trailers)]
+                for c in chunks:
+                    parts.append(client.data(c))
+                if chunks or trailers:
+                    parts.append(client.end(trailers))
+                try:
+                    await send_all(conn.stream, b"".join(parts))
+                    ev = await conn.reader.next()
+                except (ProtocolError, OSError, PeerGone):
+                    ev = None
+                if (ev is None or type(ev) is Reset) and conn.reused and stale_ok:
+                    stale_ok = False  # a kept-alive connection the upstream had closed: once more, on a new one
+                    rt.pool.discard(conn)
+                    conn = None
+                    continue
+                break
+            seen = 0
+            error = "connection closed before a response"
+            while ev is not None:
                 if type(ev) is ResponseHead:
-                    status = ev.status
-                    headers = ev.headers
+                    if ev.status >= 200:
+                        status = ev.status
+                        headers = ev.headers
+                        error = f"timeout: the body did not end within {timeout:g}s"
                 elif type(ev) is Data:
                     seen += len(ev.data)
                     if seen > MAX_RESPONSE_BYTES:
-                        error = "response over 1 MiB"
+                        error = "response body over 1 MiB: not compared"
                         break
                     digest.update(ev.data)
                 elif type(ev) is EndOfMessage:
-                    ok = status >= 200
+                    whole = status >= 200
                     break
-            if status:
-                cs.stats.rq_total += 1
-                cs.stats.rq_xx[min(status // 100, 5)] += 1
-        if ok:
-            state.sent += 1
-        else:
-            state.failed += 1
+                elif type(ev) is Reset:
+                    error = f"the body did not end: {ev.reason}" if status else ev.reason
+                    break
+                ev = await conn.reader.next()
+            else:
+                if status:
+                    error = "connection closed before the body ended"
     except (UpstreamConnectError, ProtocolError, OSError, PeerGone) as exc:
-        state.failed += 1
-        error = str(exc)
+        error = str(exc) if not status else f"the body did not end: {exc}"
         log.debug("mirror to %s failed: %s", cs.name, exc)
     finally:
         state.in_flight -= 1
+        if status:
+            state.sent += 1
+            cs.stats.rq_total += 1
+            cs.stats.rq_xx[min(status // 100, 5)] += 1
+        else:
+            state.failed += 1
         ms = (trio.current_time() - started) * 1000.0
-        theirs = Answer(status, ms, kept_headers(headers), digest.hexdigest()) if ok else Answer(0, ms, {}, "", error)
+        if status:  # answered; the body is compared only when it arrived whole
+            theirs = Answer(status, ms, kept_headers(headers), digest.hexdigest() if whole else "",
+                            "" if whole else error)
+        else:
+            theirs = Answer(0, ms, {}, "", error)
         state.compare(cs.name, head.method, head.path, mine, theirs)
         if conn is not None:
-            if ok and conn.client.keep_alive:
+            if whole and conn.client.keep_alive:
                 rt.pool.release(conn)
             else:
                 rt.pool.discard(conn)

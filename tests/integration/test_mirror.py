@@ -205,3 +205,78 @@ async def test_bodies_past_the_kept_limit_are_not_compared_and_not_held(upstream
     (t,) = rep["targets"].values()
     assert t["body_differs"] == 0  # not compared: neither side kept whole
     assert rep["recent"][0]["primary_body_sha256"] == ""
+
+
+class _ClosesAfterAnswering:
+    """A mirror that answers 401 (with a body and its length) and then closes the
+    connection without saying so, as many servers do after an error answer."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(401)
+                self.send_header("www-authenticate", 'Basic realm="v2"')
+                self.send_header("content-length", "6")
+                self.end_headers()
+                self.wfile.write(b"denied")
+                self.close_connection = True
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+async def test_a_mirrors_401_is_an_answer_and_no_answer_says_why(upstreams):
+    from meshctl.cli.common import console
+    from meshctl.cli.mirror import _render, summarize
+
+    v1 = upstreams("v1")
+    v2 = _ClosesAfterAnswering()
+    rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    cluster = "outbound|8000|v2|httpbin.default.svc.cluster.local"
+    try:
+        lp = free_port()
+        async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
+            for i in range(4):  # one after the other: each shadow after the first finds the closed pooled connection
+                r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{lp}",
+                               f"http://httpbin:8000/get?n={i}")
+                assert r.stdout == b"200"
+                await _wait(lambda: rt.mirrors.sent + rt.mirrors.failed == i + 1)
+            rep = json.loads(json.dumps(rt.mirrors.report()))
+    finally:
+        v2.close()
+    assert (rep["sent"], rep["failed"]) == (4, 0)
+    t = rep["targets"][cluster]
+    assert (t["compared"], t["status_differs"], t["failed"]) == (4, 4, 0)
+    assert [(e["primary_status"], e["shadow_status"], e["differs"]) for e in rep["examples"]] == [(200, 401, ["status"])] * 4
+    totals, examples = summarize([("sleep-0", rep)], "httpbin")
+    assert totals[cluster]["statuses"] == {"200 -> 401": 4}
+    with console.capture() as cap:
+        _render("httpbin", totals, examples, ("content-type",), 1, None)
+    out = cap.get()
+    assert "status, primary -> mirror (of 4 latest compared): 200 -> 401: 4" in out
+    assert "/get?n=3  [status, header content-type]  primary 200" in out and "mirror 401 " in out and "no answer" not in out.split("\n", 2)[2]
+
+    # a mirror that really does not answer: nothing listens there
+    dead = free_port()
+    lp = free_port()
+    async with running_proxy(_config(rules, v1.port, dead, lp)) as rt:
+        r = await curl("-s", "-o", "/dev/null", "-x", f"http://127.0.0.1:{lp}", "http://httpbin:8000/get?n=dead")
+        await _wait(lambda: rt.mirrors.failed == 1)
+        rep = json.loads(json.dumps(rt.mirrors.report()))
+    totals, examples = summarize([("sleep-0", rep)], "httpbin")
+    (pair,) = totals[cluster]["statuses"]
+    assert pair.startswith("200 -> no answer (connect to 127.0.0.1:") and "refused" in pair, pair
+    assert examples[0]["differs"] == ["no answer"] and totals[cluster]["failed"] == 1
