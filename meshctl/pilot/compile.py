@@ -540,6 +540,7 @@ def _for_gateway(routes: tuple[HTTPRoute, ...], ref: str) -> tuple[HTTPRoute, ..
 def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dict[int, RouteTable]:
     """Server port → route table, for the Gateways whose selector matches this gateway proxy."""
     tables: dict[int, RouteTable] = {}
+    by_port: dict[int, dict[str, dict[str, tuple[HTTPRoute, ...]]]] = {}  # port → host → VirtualService → routes
     for g in inp.gateways:
         gw: Gateway = g.spec  # type: ignore[assignment]
         if not gw.selector or not _labels_match(gw.selector, node.workload.labels):
@@ -547,7 +548,7 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
         ref = f"{g.namespace}/{g.name}"
         for server in gw.servers:
             port = server.port.number
-            vhosts = list(tables[port].virtual_hosts) if port in tables else []
+            hosts_of = by_port.setdefault(port, {})
             for vs in inp.virtual_services:
                 if ref not in _gateway_refs(vs):
                     continue
@@ -559,11 +560,25 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
                 for host in dict.fromkeys(f.service for f in inp.faults):
                     routes = layer_faults(routes, faults_for_host(inp.faults, host), host=host)
                 _ensure_clusters(routes, clusters)
-                domains: list[str] = []
                 for h in hosts:
-                    domains += ["*"] if h == "*" else [h, f"{h}:{port}"]
-                vhosts.append(VirtualHost(name=f"{vs.namespace}/{vs.name}:{port}", domains=tuple(domains), routes=routes))
-            tables[port] = RouteTable(name=f"gateway-{port}", virtual_hosts=tuple(vhosts))
+                    entries = hosts_of.setdefault(h, {})
+                    entries.setdefault(f"{vs.namespace}/{vs.name}", routes)
+    # As Istio does on gateways, the VirtualServices bound to one port that name the
+    # same host are merged: one virtual host, their routes in order (two Gateways on
+    # port 80 with hosts "*", say Bookinfo's and cert-manager's).
+    for port, hosts_of in by_port.items():
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for h, entries in hosts_of.items():
+            groups.setdefault(tuple(entries), []).append(h)
+        vhosts = []
+        for names, hosts in groups.items():
+            domains: list[str] = []
+            for h in hosts:
+                domains += ["*"] if h == "*" else [h, f"{h}:{port}"]
+            entries = hosts_of[hosts[0]]
+            routes = tuple(r for n in names for r in entries[n])
+            vhosts.append(VirtualHost(name=f"{'+'.join(names)}:{port}", domains=tuple(domains), routes=routes))
+        tables[port] = RouteTable(name=f"gateway-{port}", virtual_hosts=tuple(vhosts))
     return tables
 
 

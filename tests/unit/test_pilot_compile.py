@@ -108,6 +108,33 @@ def test_gateway_gets_the_virtual_services_bound_to_its_gateway():
     assert cfg.listeners[0].route_table == "gateway-80"
 
 
+def test_two_gateways_on_one_port_with_the_same_host_merge_their_virtual_services():
+    # Istio's samples/bookinfo/networking/certmanager-gateway.yaml (tests/data/istio-more), unchanged,
+    # beside Bookinfo's: both Gateways serve port 80 for "*"; as in Istio, the gateway merges the
+    # VirtualServices of one host, so the ACME path reaches cert-manager and /productpage still
+    # reaches productpage (before, the first virtual host took "*" and the other was ignored).
+    import random
+
+    from meshctl.core.route import Forward, RequestView, Router
+
+    more = Path(__file__).parents[1] / "data" / "istio-more"
+    resources = load_resources([RULES / "bookinfo-gateway.yaml", more / "certmanager-gateway.yaml"])
+    cfg = compile_proxy(Inputs(resources, SNAP), GATEWAY)
+    table = cfg.route_tables["gateway-80"]
+    assert [vh.domains for vh in table.virtual_hosts] == [("*",)]
+    router = Router(table, cfg.settings)
+
+    def dest(path: str) -> str:
+        req = RequestView(method="GET", scheme="http", authority="127.0.0.1:8080", path=path, headers=[], port=80,
+                          gateway="default/bookinfo-gateway")
+        d = router.decide(req, random.Random(0))
+        assert isinstance(d, Forward), d
+        return d.destination.destination.host
+
+    assert dest("/.well-known/acme-challenge/token") == "cert-manager-resolver.istio-system.svc.cluster.local"
+    assert dest("/productpage") == FQ.format("productpage")
+
+
 def test_virtual_service_bound_only_to_a_gateway_does_not_apply_to_sidecars():
     cfg = compile_with("bookinfo-gateway.yaml")
     vh = vhost(cfg, "productpage")
