@@ -22,7 +22,7 @@ from ..model.base import EMPTY, FrozenDict
 from ..model.istio import API_VERSIONS, SPEC_TYPES, Resource
 from .codec import LineMap, LoadError, LoadErrors, decode_collect, join_path, line_of, to_data
 from .source import parse_documents, read_config_file
-from .unsupported import Refused, entry_for, generic_path, kind_refusal, refusal_message
+from .unsupported import Refused, annotation_refusal, entry_for, generic_path, kind_refusal, refusal_message
 
 __all__ = [
     "load_resources",
@@ -276,6 +276,12 @@ def _load_object(
             err(ns_path, f"expected a string, got {_repr(namespace)}")
         elif not _DNS_1123_LABEL.match(namespace) or len(namespace) > 63:
             err(ns_path, f"invalid namespace {namespace!r}: use lower-case letters, digits and '-'")
+        annotations = meta.get("annotations")
+        if isinstance(annotations, Mapping):
+            for k in annotations:
+                refusal = annotation_refusal(str(k))
+                if refusal is not None:
+                    err(_sub(_sub(meta_path, "annotations"), str(k)), refusal)
         raw_labels = meta.get("labels")
         if raw_labels is not None:
             lpath = _sub(meta_path, "labels")

@@ -36,7 +36,10 @@ from ..model.base import FrozenDict
 __all__ = [
     "Honoured",
     "Refused",
+    "ANNOTATIONS",
     "FIELDS",
+    "GROUPS",
+    "annotation_refusal",
     "KINDS",
     "entry_for",
     "generic_path",
@@ -83,6 +86,36 @@ KINDS: dict[tuple[str, str], str] = {
     ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
     ("extensions.istio.io", "WasmPlugin"): "no Wasm plug-ins",
 }
+
+# API groups Istio itself removed, whose files still circulate (Istio's samples/bookinfo/policy):
+# every kind in them is refused by name, with what replaced it.
+GROUPS: dict[str, str] = {
+    "config.istio.io": "Mixer's adapters, templates and rules (handler, instance, rule, ...) were removed "
+                       "from Istio in 1.8: use AuthorizationPolicy for denials, Telemetry for metrics and logs, "
+                       "meshctl's RateLimit (meshctl.io/v1alpha1) for quotas",
+    "rbac.istio.io": "Istio's RBAC (ServiceRole, ServiceRoleBinding, ClusterRbacConfig) was removed in 1.6: "
+                     "use security.istio.io AuthorizationPolicy",
+    "authentication.istio.io": "Istio's authentication Policy and MeshPolicy were removed in 1.6: use "
+                               "security.istio.io PeerAuthentication and RequestAuthentication",
+}
+
+# Annotations in Istio's own domains (istio.io/..., *.istio.io/...) change what Istio does
+# with a resource: AuthorizationPolicy's ``istio.io/dry-run: "true"`` only logs what it
+# would deny. meshctl implements none, so each is refused by name, never ignored (an
+# ignored dry-run would enforce the policy). Other annotations are the user's notes.
+ANNOTATIONS: dict[str, str] = {
+    "istio.io/dry-run": "AuthorizationPolicy dry-run: meshctl would enforce the policy, not only log it",
+}
+
+
+def annotation_refusal(key: str) -> str | None:
+    """Why the metadata annotation ``key`` is refused, or None for an annotation meshctl may ignore."""
+    domain = key.split("/", 1)[0] if "/" in key else ""
+    if domain != "istio.io" and not domain.endswith(".istio.io"):
+        return None
+    reason = ANNOTATIONS.get(key, "Istio's annotations change what it does with a resource")
+    return f"meshctl does not implement the annotation {key} yet ({reason})"
+
 
 _TRAFFIC_POLICY: dict[str, Entry] = {
     "spec.trafficPolicy": H(),
@@ -335,7 +368,7 @@ def refusal_message(key: str, entry: Refused, value: Any = None) -> str:
 
 
 def kind_refusal(group: str, kind: str) -> str | None:
-    reason = KINDS.get((group, kind))
+    reason = KINDS.get((group, kind)) or GROUPS.get(group)
     if reason is None:
         return None
     return f"meshctl does not implement {kind} yet ({reason})"

@@ -220,3 +220,49 @@ def test_known_but_unimplemented_kinds_say_so_and_unknown_kinds_stay_unknown():
         assert any(f"f.yaml:2: kind: meshctl does not implement {kind} yet" in m for m in _messages(text))
     msgs = _messages("apiVersion: networking.istio.io/v1\nkind: VirtualServise\nmetadata:\n  name: x\nspec: {}\n")
     assert any("unknown kind 'VirtualServise'" in m and "did you mean VirtualService" in m for m in msgs), msgs
+
+
+REFUSED = Path(__file__).parents[1] / "data" / "istio-refused"
+
+
+def _validate_file(path: Path) -> list[str]:
+    from meshctl.loader.resources import load_resources
+
+    try:
+        return [str(f) for f in validate(load_resources([path]))]
+    except LoadError as e:
+        return [str(x) for x in getattr(e, "errors", [e])]
+
+
+def test_istios_mixer_rules_are_refused_by_kind_with_what_replaced_them():
+    # Istio's samples/bookinfo/policy/mixer-rule-deny-label.yaml, unchanged: config.istio.io
+    # was removed from Istio in 1.8; the error says so rather than "did you mean networking.istio.io?"
+    path = REFUSED / "mixer-rule-deny-label.yaml"
+    msgs = _validate_file(path)
+    assert [m.split(": ", 2)[0:2] for m in msgs] == [[f"{path}:2", "kind"], [f"{path}:13", "kind"], [f"{path}:20", "kind"]], msgs
+    assert "meshctl does not implement handler yet" in msgs[0] and "removed from Istio in 1.8" in msgs[0]
+    assert "AuthorizationPolicy" in msgs[0] and "did you mean" not in msgs[0]
+    for group in ("rbac.istio.io/v1alpha1", "authentication.istio.io/v1alpha1"):
+        msgs = _messages(f"apiVersion: {group}\nkind: ServiceRole\nmetadata:\n  name: x\nspec: {{}}\n")
+        assert any("f.yaml:2: kind: meshctl does not implement ServiceRole yet" in m and "removed in 1.6" in m for m in msgs), msgs
+
+
+def test_istios_envoy_filter_sample_is_refused_by_kind():
+    path = REFUSED / "productpage_envoy_ratelimit.yaml"
+    msgs = _validate_file(path)
+    assert [m.split(": ", 1)[0] for m in msgs] == [f"{path}:2", f"{path}:59"], msgs
+    assert all("kind: meshctl does not implement EnvoyFilter yet" in m for m in msgs)
+
+
+def test_the_dry_run_annotation_is_refused_by_name_not_ignored_and_enforced():
+    # The policy of Istio's dry-run task: meshctl has no dry-run mode, and ignoring the
+    # annotation would enforce the DENY the user only meant to try.
+    path = REFUSED / "authz-dry-run-deny-path-headers.yaml"
+    (msg,) = _validate_file(path)
+    assert msg.startswith(f'{path}:6: metadata.annotations["istio.io/dry-run"]: meshctl does not implement '
+                          "the annotation istio.io/dry-run yet"), msg
+    # any annotation in Istio's domains is refused; the user's own notes are not
+    text = path.read_text()
+    assert any('metadata.annotations["networking.istio.io/exportTo"]: meshctl does not implement' in m
+               for m in _messages(text.replace('"istio.io/dry-run"', '"networking.istio.io/exportTo"')))
+    assert _messages(text.replace('"istio.io/dry-run": "true"', 'team/owner: "payments"')) == []
