@@ -13,7 +13,7 @@ Rules:
 2. Gauges (active connections, ejected hosts) are the latest value of each
    sidecar that answered the last scrape, summed.
 3. After each scrape round ``snapshot(now)`` records, per (service, version),
-   cumulative requests, errors (5xx), rate-limited (429 or flag RL),
+   cumulative requests, errors (5xx, server-side gRPC statuses), rate-limited (429 or flag RL),
    overflows (flag UO), the duration histogram, and the gauges. A window's
    numbers are the difference between the newest record and the newest one
    at least ``window`` seconds older (or the oldest there is).
@@ -33,7 +33,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from ..model.telemetry import DURATION_BUCKETS_MS
+from ..model.telemetry import DURATION_BUCKETS_MS, is_error
 
 HISTOGRAMS = ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes")
 GAUGES = ("meshctl_inbound_cx_active", "meshctl_outlier_ejected_hosts")
@@ -222,7 +222,7 @@ class Aggregator:
                 a.requests += v
                 code = d.get("response_code", "")
                 flags = d.get("response_flags", "-")
-                if code.startswith("5") or code == "0":
+                if is_error(code, d.get("grpc_response_status", ""), flags):
                     a.errors += v
                 if code == "429" or "RL" in flags.split(","):
                     a.rate_limited += v

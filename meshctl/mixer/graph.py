@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from ..model.telemetry import is_error
 from .aggregate import _LE_INDEX, NB, Key, quantile
 
 
@@ -63,7 +64,7 @@ class EdgeHistory:
                     a = accs[k] = _EdgeAcc()
                 a.requests += v
                 code = d.get("response_code", "")
-                if code.startswith("5") or code == "0":
+                if is_error(code, d.get("grpc_response_status", ""), d.get("response_flags", "-")):
                     a.errors += v
                 if d.get("connection_security_policy") == "mutual_tls":
                     a.mtls += v

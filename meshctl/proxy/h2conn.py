@@ -469,7 +469,7 @@ class _Conn(OutBuffer):
                                 gh, _ = local_grpc_reply(GrpcStatus.DEADLINE_EXCEEDED, "grpc-timeout exceeded")
                                 rq.status = 200
                                 rq.response_started = True
-                                self.emit(self.h2.response_head(sid, gh, end_stream=True))
+                                server.response_head(gh, end_stream=True)  # (records grpc-status 4 for telemetry)
                     if rq.body is not None and not rq.body.finished and not rq.response_started:
                         self.emit(self.h2.reset(sid, "request body not consumed"))
                     await self.flush()

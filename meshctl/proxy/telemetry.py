@@ -447,7 +447,14 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
         else:
             peer.principal = peer_id
     grpc_status = getattr(rq.server, "grpc_status", "") if protocol == "grpc" else ""
-    labels, series = tel.http_series(inbound, peer, None if inbound else rq.endpoint, service, rq.status, rq.flags,
+    # A gRPC error the proxy answered itself (fault abort, rate limit, no route, no
+    # upstream) or turned an upstream's HTTP error into went to the client as HTTP 200
+    # trailers-only: recorded as Envoy and Istio record it, response_code 200 and the
+    # gRPC status in grpc_response_status, as a gRPC server's own error answer is.
+    status = rq.status
+    if grpc_status and status >= 300:
+        status = 200
+    labels, series = tel.http_series(inbound, peer, None if inbound else rq.endpoint, service, status, rq.flags,
                                      protocol, peer_id is not None, grpc_status)
     if cl.isdigit():
         req_bytes = int(cl)
@@ -466,7 +473,7 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
     if rq.trace is not None:  # sampled (proxy/tracing.py)
         trace_finish(rq, labels, duration_ms)
     log = rt.access_log
-    if log is not None and _access_logged(rq, inbound, head, labels, duration_ms):
+    if log is not None and _access_logged(rq, inbound, head, labels, duration_ms, status):
         ep = rq.endpoint
         if inbound:
             ep = None
@@ -477,7 +484,8 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
             "method": head.method,
             "path": head.path,
             "protocol": "HTTP/2" if head.http_version == "2" else f"HTTP/{head.http_version}",
-            "response_code": rq.status,
+            "response_code": status,
+            "grpc_status": grpc_status or None,  # Envoy's %GRPC_STATUS(NUMBER)%: gRPC requests only
             "response_flags": labels[17],
             "bytes_received": req_bytes,
             "bytes_sent": rq.bytes_sent,
@@ -496,7 +504,7 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
         })
 
 
-def _access_logged(rq, inbound: bool, head, labels: tuple, duration_ms: float) -> bool:
+def _access_logged(rq, inbound: bool, head, labels: tuple, duration_ms: float, status: int) -> bool:
     """Istio Telemetry accessLogging: this direction on, and the filter expression true."""
     snap = rq.snap
     tp = snap.cfg.telemetry
@@ -510,7 +518,7 @@ def _access_logged(rq, inbound: bool, head, labels: tuple, duration_ms: float) -
     path = head.path or ""
     ep = rq.endpoint
     attrs = {
-        "response.code": rq.status,
+        "response.code": status,
         "response.flags": labels[17],
         "request.method": head.method,
         "request.path": path,

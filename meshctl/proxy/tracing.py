@@ -23,6 +23,7 @@ import trio
 
 from ..core import tracing as T
 from ..model.proxyconfig import _otlp_url, _zipkin_address
+from ..model.telemetry import GRPC_SERVER_ERRORS
 
 log = logging.getLogger("meshctl.proxy.tracing")
 
@@ -167,7 +168,7 @@ def finish(rq, labels: tuple, duration_ms: float) -> None:
         "http.method": head.method,
         "http.url": f"{head.scheme or 'http'}://{head.authority}{head.path}",
         "http.protocol": "HTTP/2" if head.http_version == "2" else f"HTTP/{head.http_version}",
-        "http.status_code": str(rq.status),
+        "http.status_code": labels[15],  # as telemetry records it (a gRPC error answer: 200)
         "response_flags": labels[17],
         "upstream_cluster": cs.name if cs is not None else "-",
         "downstream_cluster": "-",
@@ -184,7 +185,9 @@ def finish(rq, labels: tuple, duration_ms: float) -> None:
     }
     if ua:
         tags["user_agent"] = ua
-    if rq.status >= 500 or rq.status == 0:
+    if labels[16]:  # gRPC: Envoy's grpc.status_code tag; a server-side gRPC error is an error
+        tags["grpc.status_code"] = labels[16]
+    if rq.status >= 500 or rq.status == 0 or labels[16] in GRPC_SERVER_ERRORS:
         tags["error"] = "true"
     dur = int(duration_ms * 1000)
     remote_server = labels[9] if labels[9] != "unknown" else None

@@ -428,3 +428,84 @@ async def test_grpcurl_through_a_sidecar_pair_with_mtls(echo_apps):
             capture_stdout=True, capture_stderr=True, check=False)
     assert r.returncode == 0, r.stderr.decode()
     assert json.loads(r.stdout) == {"text": "a: hello grpcurl"}
+
+
+async def test_grpc_errors_the_proxy_answers_are_recorded_as_the_apps_are(echo_apps, tmp_path):
+    """A gRPC error answered by the proxy itself (fault abort with an HTTP status, no
+    upstream, no route) reaches the client as HTTP 200 trailers-only, as Envoy sends it,
+    and is recorded as Istio records one: response_code 200, the gRPC status in
+    grpc_response_status (and the access log's grpc_status), like the app's own
+    NOT_FOUND; Mixer counts the server-side ones (UNAVAILABLE) as errors."""
+    import json
+    from functools import partial
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from meshctl.mixer.aggregate import Aggregator
+    from meshctl.proxy.accesslog import AccessLog
+    from meshctl.proxy.runtime import ProxyRuntime
+
+    app = echo_apps("a")
+    dead = free_port()
+    out_port = free_port()
+    routes = (
+        route_to("echo", 9090, match=(HTTPMatchRequest(uri=StringMatch(prefix="/mesh.Echo/Count")),),
+                 fault=HTTPFaultInjection(abort=FaultAbort(http_status=503, percentage=Percent(100.0)))),
+        route_to("echo", 9090, subsets={"gone": 100}, retries=HTTPRetry(attempts=0),
+                 match=(HTTPMatchRequest(uri=StringMatch(prefix="/mesh.Echo/Greet")),)),
+        route_to("echo", 9090, retries=HTTPRetry(attempts=0)),
+    )
+    never = route_to("echo", 9090, match=(HTTPMatchRequest(headers=FrozenDict({"x-never": StringMatch(exact="1")})),))
+    cfg = config(listeners=[outbound_listener(out_port)], vhosts=[vhost("echo", 9090, routes), vhost("other", 9090, (never,))],
+                 clusters=[cluster("echo", 9090, [("127.0.0.1", app.port)], protocol="grpc"),
+                           cluster("echo", 9090, [("127.0.0.1", dead)], subset="gone", protocol="grpc")])
+    rt = ProxyRuntime()
+    log_path = tmp_path / "access.log"
+    rt.access_log = AccessLog(log_path, flush_interval=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(rt.run, cfg, admin_port=0, handle_signals=False))
+
+        def calls():
+            codes = []
+            with _channel(out_port) as ch:
+                for method, req in (("Say", b"x"), ("Say", b"not-found"), ("Count", b"1"), ("Greet", b"")):
+                    try:
+                        r = ch.unary_unary(f"/mesh.Echo/{method}")(req, timeout=10)
+                        codes.append(grpc.StatusCode.OK if method != "Count" else r)
+                    except grpc.RpcError as e:
+                        codes.append(e.code())
+            with grpc.insecure_channel(f"127.0.0.1:{out_port}", options=[("grpc.default_authority", "other:9090")]) as ch:
+                try:
+                    ch.unary_unary("/mesh.Echo/Say")(b"x", timeout=10)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            return codes
+
+        codes = await _run(calls)
+        with trio.fail_after(5):
+            while rt.access_log.written < 5:
+                await trio.sleep(0.02)
+        text = rt.telemetry.render()
+        rt.drain()
+    S = grpc.StatusCode
+    assert codes == [S.OK, S.NOT_FOUND, S.UNAVAILABLE, S.UNAVAILABLE, S.UNIMPLEMENTED]
+    seen: dict[tuple[str, str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sm in fam.samples:
+            if sm.name == "istio_requests_total" and sm.labels["request_protocol"] == "grpc":
+                k = (sm.labels["response_code"], sm.labels["grpc_response_status"],
+                     sm.labels["response_flags"].split(",")[0])
+                seen[k] = seen.get(k, 0) + sm.value
+    assert seen == {("200", "0", "-"): 1, ("200", "5", "-"): 1, ("200", "14", "FI"): 1, ("200", "14", "UF"): 1,
+                    ("200", "12", "NR"): 1}, seen
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [(x["path"], x["response_code"], x["grpc_status"]) for x in lines] == [
+        ("/mesh.Echo/Say", 200, "0"), ("/mesh.Echo/Say", 200, "5"), ("/mesh.Echo/Count", 200, "14"),
+        ("/mesh.Echo/Greet", 200, "14"), ("/mesh.Echo/Say", 200, "12")]
+    agg = Aggregator()
+    agg.snapshot(40.0)
+    agg.ingest("client", text)
+    agg.snapshot(100.0)
+    rows, _ = agg.top(60.0, now=100.0)
+    (echo,) = [r for r in rows if r.service.startswith("echo.")]
+    assert (echo.requests, echo.errors) == (4, 2)  # the fault abort and the unavailable upstream
