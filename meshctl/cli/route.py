@@ -230,17 +230,32 @@ def _say_injected_faults(sd: Path, resources: list[Resource]) -> None:
 @app.command("validate")
 def validate_cmd(files: List[Path] = FileOption, mesh: Optional[Path] = MeshOption,
                  state: Optional[str] = StateDirOption) -> None:
-    """Check rule files offline, like `istioctl analyze`; exit 1 on errors."""
+    """Check rule files offline, like `istioctl analyze`, with the rules the mesh has applied; exit 1 on errors."""
     from ..state import find_state_dir
 
     resources = _load(files)
     sd = find_state_dir(state)
-    errors = _report(validate(resources) + _gateway_findings(resources, mesh, sd)
+    # With a mesh at hand, the rules applied to it count as `route apply` counts them
+    # (a subset its DestinationRule lacks is an error at both), read from the state
+    # directory: offline, Pilot and Consul are not asked.
+    applied = _applied_rules(sd)
+    errors = _report(validate(resources, context=applied) + _gateway_findings(resources, mesh, sd, applied)
                      + _tracing_findings(resources, mesh, sd, running=False)
                      + _host_findings(resources, sd, None))
     if errors:
         raise typer.Exit(1)
-    console.print(f"{len(resources)} resource(s) valid")
+    console.print(f"{len(resources)} resource(s) valid"
+                  + (f" with the {len(applied)} rule(s) applied to the mesh in {sd}" if applied else ""))
+
+
+def _applied_rules(sd: Optional[Path]) -> tuple:
+    """The rules in force in the mesh of ``sd`` as this host last knew them; () without one."""
+    if sd is None:
+        return ()
+    try:
+        return tuple(open_rule_store(sd).last_known().resources)
+    except (StoreError, OSError, ValueError):
+        return ()
 
 
 def _kind(kind: str) -> str:

@@ -151,6 +151,24 @@ def test_validate_of_the_example_folder_names_each_redefined_resource_once(run):
     assert len(lines) == len({line.split(": ", 3)[-1].split(" is defined ")[0] for line in lines}) <= 7
 
 
+def test_validate_judges_files_with_the_applied_rules_as_apply_does(run, tmp_path):
+    # validate said "valid" (a warning: no DestinationRule for reviews) for a subset the applied
+    # DestinationRule lacks, and then apply refused the same file: both now say error, naming it.
+    assert run("route", "apply", "-f", str(RULES / "destination-rule-all.yaml")).exit_code == 0
+    f = tmp_path / "vs.yaml"
+    f.write_text((RULES / "virtual-service-reviews-v3.yaml").read_text().replace("subset: v3", "subset: v9"))
+    for cmd in ("validate", "apply"):
+        r = run("route", cmd, "-f", str(f))
+        assert r.exit_code == 1, (cmd, r.output)
+        out = " ".join(r.output.split())
+        assert "vs.yaml:12: spec.http[0].route[0].destination.subset: referenced subset not found: DestinationRule " \
+               "default/reviews for host 'reviews' defines v1, v2, v3, not 'v9'" in out, (cmd, out)
+    # and a subset the applied rule defines is valid without the DestinationRule in the files
+    r = run("route", "validate", "-f", str(RULES / "virtual-service-reviews-v3.yaml"))
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert "1 resource(s) valid with the 4 rule(s) applied to the mesh in" in " ".join(r.output.split())
+
+
 def test_a_weights_error_says_error_like_the_others(run, tmp_path):
     f = tmp_path / "vs.yaml"
     f.write_text("""apiVersion: networking.istio.io/v1
