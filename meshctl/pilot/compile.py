@@ -6,8 +6,10 @@ it offline with what is on disk, so what they show is what proxies run.
 
 What Istio does, and so what this does:
 - every service in the registry (and every ServiceEntry host) gets a virtual
-  host on the outbound route table, answering to its short name, its
-  ``name.namespace`` and its FQDN, with and without the port;
+  host on the outbound route table, answering to ``name.namespace``,
+  ``name.namespace.svc`` and its FQDN, with and without the port, and to its
+  short name only in the tables of proxies of its own namespace (Kubernetes'
+  DNS search path: ``reviews`` from namespace X is ``reviews.X``);
 - a VirtualService for that host (whose ``gateways`` include ``mesh``, the
   default) replaces the default route ("all traffic to the service");
 - a DestinationRule's subsets become clusters ``outbound|PORT|SUBSET|FQDN``
@@ -272,11 +274,20 @@ def _original_destination(se: ServiceEntry, host: str) -> bool:
     return not se.endpoints and (se.resolution == "NONE" or (se.resolution is None and "*" in host))
 
 
-def domains_for(svc: Service, port: int, primary: bool) -> tuple[str, ...]:
+def domains_for(svc: Service, port: int, primary: bool, caller_namespace: str = DEFAULT_NAMESPACE) -> tuple[str, ...]:
+    """The authorities a proxy of ``caller_namespace`` reaches ``svc`` by, as Kubernetes
+    DNS resolves them for a pod of that namespace (search path ``X.svc.cluster.local``,
+    ``svc.cluster.local``, ``cluster.local``): a mesh service ``name.ns.svc.cluster.local``
+    answers to ``name.ns``, ``name.ns.svc`` and its FQDN from any namespace, and to its
+    bare ``name`` only from its own namespace ``ns`` (so ``reviews`` is the caller's own
+    namespace's reviews, never another namespace's, as in Istio). Other hosts (a
+    ServiceEntry's ``api.example.com``) answer to their name as written."""
     names = [svc.host]
     if svc.host.endswith(".svc.cluster.local"):
         short = svc.host.split(".")
-        names = [short[0], f"{short[0]}.{short[1]}", f"{short[0]}.{short[1]}.svc", svc.host]
+        names = [f"{short[0]}.{short[1]}", f"{short[0]}.{short[1]}.svc", svc.host]
+        if short[1] == caller_namespace:
+            names.insert(0, short[0])
     out: list[str] = []
     for n in names:
         out.append(f"{n}:{port}")
@@ -496,7 +507,9 @@ def _ensure_clusters(routes: Iterable[HTTPRoute | TCPRoute], clusters: dict[str,
                 clusters[name] = Cluster(name=name, service=d.host, port=number, subset=d.subset)
 
 
-def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] | None = None) -> RouteTable:
+def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] | None = None,
+                   caller_namespace: str = DEFAULT_NAMESPACE) -> RouteTable:
+    """The sidecar's outbound table for a proxy of ``caller_namespace`` (short names: see domains_for)."""
     vhosts: list[VirtualHost] = []
     mesh_vs = [r for r in inp.virtual_services if _applies_to_mesh(r)]
     for svc in inp.services.values():
@@ -511,7 +524,7 @@ def outbound_table(inp: Inputs, clusters: dict[str, Cluster], visible: set[str] 
                 routes = (_default_route(svc, port),)
             routes = layer_faults(routes, faults_for_host(inp.faults, svc.host))
             _ensure_clusters(routes, clusters)
-            domains = domains_for(svc, port, i == 0)
+            domains = domains_for(svc, port, i == 0, caller_namespace)
             subnets: tuple[str, ...] = ()
             if svc.entry is not None and svc.entry.addresses:
                 extra, subnets = _address_domains(svc.entry, port, i == 0)
@@ -842,7 +855,7 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
         bound = {fqdn(l.service, wl.namespace) for l in node.listeners if l.direction == "binding" and l.service}
         visible = {h for h, svc in inp.services.items() if h in bound or _egress_allows(sidecar[1], sidecar[0], svc)}
     if "outbound" in tables:
-        tables["outbound"] = outbound_table(inp, clusters, visible)
+        tables["outbound"] = outbound_table(inp, clusters, visible, wl.namespace)
     if visible is not None:
         used = _referenced_clusters(tables, listeners)
         clusters = {n: c for n, c in clusters.items() if c.service in visible or n in used}

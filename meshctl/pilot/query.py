@@ -31,16 +31,42 @@ def mesh_routes(inp: Inputs, host: str) -> list[HTTPRoute]:
     return []
 
 
+def _named_hosts(r) -> list[tuple[str, str]]:
+    """(field, host) of the mesh-service names a VirtualService or DestinationRule writes:
+    its hosts, and (Istio's IST0101 for destinations) every route destination and mirror."""
+    from ..model.istio import DestinationRule, VirtualService
+
+    if isinstance(r.spec, DestinationRule):
+        return [("spec.host", r.spec.host)]
+    if not isinstance(r.spec, VirtualService):
+        return []
+    out = [(f"spec.hosts[{i}]", h) for i, h in enumerate(r.spec.hosts)]
+    for kind in ("http", "tcp", "tls"):
+        for i, route in enumerate(getattr(r.spec, kind)):
+            out += [(f"spec.{kind}[{i}].route[{j}].destination.host", rd.destination.host)
+                    for j, rd in enumerate(route.route)]
+            if kind == "http":
+                if route.mirror is not None:
+                    out.append((f"spec.http[{i}].mirror.host", route.mirror.host))
+                out += [(f"spec.http[{i}].mirrors[{j}].destination.host", m.destination.host)
+                        for j, m in enumerate(route.mirrors)]
+    return out
+
+
 def unknown_service_findings(resources, context, snapshot) -> list:
     """Warnings for the mesh-service hosts (``*.svc.cluster.local`` once a short name is
-    expanded in the rule's namespace, as Istio does) of VirtualServices and DestinationRules
-    in ``resources`` that no service of the registry (``snapshot``) or of a ServiceEntry
-    (of ``context`` + ``resources``) has: such a rule applies to nothing until a service of
-    that name registers (a rule written for another namespace than the mesh's, say).
+    expanded in the rule's namespace, as Istio does) that VirtualServices (hosts and route
+    destinations) and DestinationRules in ``resources`` name and that no service of the
+    registry (``snapshot``) or of a ServiceEntry (of ``context`` + ``resources``) has: such a
+    rule applies to nothing, or routes to nothing, until a service of that name registers
+    (a rule written for another namespace than the mesh's, say). Istio's analyzer says
+    IST0101 ReferencedResourceNotFound ("Referenced host not found") for a destination;
+    Istio applies the rule all the same, and so does meshctl: these are warnings.
+    A short name (``reviews``) whose service exists only in other namespaces gets the
+    reason spelled out: it is the rule's namespace's ``reviews``, never another's.
     Nothing is said when the registry is empty (no mesh has run: nothing to check against)."""
     from ..loader.resources import source_of
     from ..loader.validate import Finding
-    from ..model.istio import DestinationRule, VirtualService
     from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX
     from .compile import discover_services, service_host
 
@@ -50,22 +76,27 @@ def unknown_service_findings(resources, context, snapshot) -> list:
     services = discover_services([r for r in context if r.key not in keys] + list(resources), snapshot)
     out = []
     for r in resources:
-        if isinstance(r.spec, VirtualService):
-            named = [(f"spec.hosts[{i}]", h) for i, h in enumerate(r.spec.hosts)]
-        elif isinstance(r.spec, DestinationRule):
-            named = [("spec.host", r.spec.host)]
-        else:
-            continue
-        for field, h in named:
+        said: set[str] = set()
+        for field, h in _named_hosts(r):
             if not h or "*" in h:
                 continue
             host = service_host(h, r.namespace, services)
-            if host in services or not host.endswith("." + DEFAULT_DOMAIN_SUFFIX):
+            if host in services or not host.endswith("." + DEFAULT_DOMAIN_SUFFIX) or host in said:
                 continue
+            said.add(host)  # once per host and rule: its first mention
             short = host.split(".")[0]
             same = sorted(s for s in services if s.split(".")[0] == short and s.endswith("." + DEFAULT_DOMAIN_SUFFIX))
-            hint = f"; the mesh has {', '.join(same)}" if same else ""
-            out.append(Finding("warning", source_of(r, field), field,
-                               f"{h if h == host else f'{h} ({host})'} names no known service: this {r.kind} applies to nothing "
-                               f"until a service of that name registers{hint}"))
+            what = "applies to nothing" if field.startswith(("spec.host", "spec.hosts")) else "routes to no endpoint"
+            if "." not in h and same:
+                ns = sorted({s.split(".")[1] for s in same})
+                msg = (f"{h} names no known service: a short host is of the rule's namespace {r.namespace!r} "
+                       f"({host}), as in Istio, never of another namespace; the mesh has {', '.join(same)}. "
+                       f"This {r.kind} {what} until {host} registers: to mean another namespace's, write "
+                       f"{' or '.join(f'{short}.{n}' for n in ns)} (or its FQDN), or put the rule in namespace "
+                       f"{' or '.join(repr(n) for n in ns)}")
+            else:
+                hint = f"; the mesh has {', '.join(same)}" if same else ""
+                msg = (f"{h if h == host else f'{h} ({host})'} names no known service: this {r.kind} {what} "
+                       f"until a service of that name registers{hint}")
+            out.append(Finding("warning", source_of(r, field), field, msg))
     return out

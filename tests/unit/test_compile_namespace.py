@@ -108,3 +108,71 @@ def test_a_workload_group_takes_the_instances_of_its_own_namespace():
         i = services["reviews.shop.svc.cluster.local"].instances[0]
         assert (i.labels.get("tier") == "back") is taken, ns
         assert (i.meta.get("meshctl.io/service-account") == "bookinfo-reviews") is taken, ns
+
+
+# ---------------------------------------------------------------- short names: the caller's namespace
+
+# reviews in two namespaces, and a caller in each of them and in a third (Kubernetes DNS
+# search path of a pod in X: reviews → reviews.X.svc.cluster.local; reviews.Y, reviews.Y.svc
+# and the FQDN name Y's from anywhere)
+TWO = {"reviews": (inst("reviews", "v1", 21003, "shop"), inst("reviews", "v2", 21004, "bookinfo")),
+       "productpage": (inst("productpage", "v1", 21001, "shop"), inst("productpage", "v1", 21002, "bookinfo"))}
+
+
+def outbound_router(ns, snapshot=TWO, rules=""):
+    from meshctl.core.route import Router
+
+    node = Node(Workload(name=f"productpage-v1-{ns}", service="productpage", namespace=ns,
+                         labels=FrozenDict(app="productpage")),
+                (Listener(name="outbound", direction="outbound", address="127.0.0.1", port=15001),))
+    cfg = compile_proxy(Inputs(load_resources_text(rules, "r.yaml") if rules else [], snapshot), node)
+    router = Router(cfg.route_tables["outbound"], cfg.settings)
+    assert router.warnings == []  # no domain is claimed by two services
+    return router
+
+
+def service_of(router, authority):
+    vh = router.virtual_host(authority)
+    return vh.name.rsplit(":", 1)[0] if vh else None
+
+
+def test_a_short_name_is_the_service_of_the_callers_namespace():
+    for ns in ("shop", "bookinfo"):
+        r = outbound_router(ns)
+        own = f"reviews.{ns}.svc.cluster.local"
+        for a in ("reviews", "reviews:9080", f"reviews.{ns}", f"reviews.{ns}:9080", f"reviews.{ns}.svc",
+                  f"reviews.{ns}.svc:9080", own, f"{own}:9080", "REVIEWS"):
+            assert service_of(r, a) == own, (ns, a)
+
+
+def test_another_namespaces_service_is_reached_by_name_dot_namespace_or_fqdn_only():
+    r = outbound_router("shop")
+    other = "reviews.bookinfo.svc.cluster.local"
+    for a in ("reviews.bookinfo", "reviews.bookinfo:9080", "reviews.bookinfo.svc", "reviews.bookinfo.svc:9080",
+              other, f"{other}:9080"):
+        assert service_of(r, a) == other, a
+    # a caller of a third namespace has no reviews of its own: the short name is no service
+    r = outbound_router("default")
+    assert service_of(r, "reviews") is None and service_of(r, "reviews:9080") is None
+    assert service_of(r, "reviews.shop") == "reviews.shop.svc.cluster.local"
+
+
+def test_default_namespace_callers_keep_short_names_of_default_services():
+    plain = {"reviews": (inst("reviews", "v1", 21003),), "ratings": (inst("ratings", "v1", 21005),)}
+    r = outbound_router("default", plain)
+    assert service_of(r, "reviews:9080") == "reviews.default.svc.cluster.local"
+    assert service_of(r, "ratings") == "ratings.default.svc.cluster.local"
+
+
+def test_a_rule_routes_the_service_of_its_own_namespace_for_callers_of_every_namespace():
+    # a VirtualService of namespace bookinfo with the short host reviews: reviews.bookinfo (Istio's
+    # rule-namespace resolution), whoever calls it; shop's reviews keeps its default route
+    rules = RULES.format(ns="bookinfo", vs_host="reviews", dr_host="reviews")
+    for caller in ("shop", "bookinfo"):
+        r = outbound_router(caller, rules=rules)
+        vb = r.virtual_host("reviews.bookinfo:9080")
+        assert [(d.destination.host, d.destination.subset) for d in vb.routes[0].route] == \
+            [("reviews.bookinfo.svc.cluster.local", "v2")], caller
+        vs = r.virtual_host("reviews.shop:9080")
+        assert [(d.destination.host, d.destination.subset) for d in vs.routes[0].route] == \
+            [("reviews.shop.svc.cluster.local", None)], caller
