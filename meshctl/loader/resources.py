@@ -191,6 +191,15 @@ def _sub(path: str, key: str) -> str:
     return join_path(path, key)
 
 
+_KUBERNETES_GROUPS = ("apps", "batch", "autoscaling", "policy", "rbac.authorization.k8s.io", "networking.k8s.io",
+                      "apiextensions.k8s.io", "admissionregistration.k8s.io")
+
+
+def _is_kubernetes(api_version: str) -> bool:
+    """``v1`` (the core group: Service, ServiceAccount, ConfigMap ...) or a Kubernetes group's."""
+    return "/" not in api_version and api_version.startswith("v1") or api_version.split("/")[0] in _KUBERNETES_GROUPS
+
+
 def _load_object(
     obj: Any, path: str, lines: LineMap, file: str, errors: list[LoadError]
 ) -> Resource | None:
@@ -214,6 +223,11 @@ def _load_object(
     group = version = None
     if api_version is None:
         err(av_path, _missing("apiVersion", obj))
+    elif (isinstance(api_version, str) and isinstance(kind, str) and _is_kubernetes(api_version)
+          and all(k != kind for (_, k) in SPEC_TYPES)):
+        # Istio's samples put a Service, a ServiceAccount and a Deployment beside the rules
+        err(kind_path, f"{kind} ({api_version}) is a Kubernetes object, not an Istio rule: meshctl runs no Kubernetes; "
+                       "a service, its versions and their commands go in mesh.yaml's services: (see examples/bookinfo/mesh.yaml)")
     elif not isinstance(api_version, str) or api_version.count("/") != 1:
         err(av_path, f"expected <group>/<version> such as networking.istio.io/v1, got {_repr(api_version)}")
     else:

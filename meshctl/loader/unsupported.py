@@ -97,6 +97,7 @@ GROUPS: dict[str, str] = {
                      "use security.istio.io AuthorizationPolicy",
     "authentication.istio.io": "Istio's authentication Policy and MeshPolicy were removed in 1.6: use "
                                "security.istio.io PeerAuthentication and RequestAuthentication",
+    "gateway.networking.k8s.io": "the Kubernetes Gateway API: use networking.istio.io Gateway and VirtualService",
 }
 
 # Annotations in Istio's own domains (istio.io/..., *.istio.io/...) change what Istio does

@@ -113,6 +113,7 @@ def test_a_gateway_for_a_second_ingress_this_mesh_lacks_is_applied_with_a_warnin
     ("productpage_envoy_ratelimit.yaml", ":2: kind:", "meshctl does not implement EnvoyFilter yet"),
     ("authz-dry-run-deny-path-headers.yaml", ':6: metadata.annotations["istio.io/dry-run"]:',
      "meshctl does not implement the annotation istio.io/dry-run yet"),
+    ("httpbin.yaml", ":19: kind:", "ServiceAccount (v1) is a Kubernetes object, not an Istio rule"),
 ])
 def test_what_meshctl_does_not_implement_is_refused_by_name_at_apply(mesh, sample, where, what):
     before = meshctl("route", "get", "-o", "yaml", cwd=mesh["dir"]).stdout

@@ -266,3 +266,16 @@ def test_the_dry_run_annotation_is_refused_by_name_not_ignored_and_enforced():
     assert any('metadata.annotations["networking.istio.io/exportTo"]: meshctl does not implement' in m
                for m in _messages(text.replace('"istio.io/dry-run"', '"networking.istio.io/exportTo"')))
     assert _messages(text.replace('"istio.io/dry-run": "true"', 'team/owner: "payments"')) == []
+
+
+def test_kubernetes_objects_beside_istios_rules_say_where_services_go():
+    # Istio's samples/httpbin/httpbin.yaml, unchanged: a ServiceAccount, a Service, a Deployment.
+    # Before: "expected <group>/<version>, got 'v1'" and "unknown API group 'apps'".
+    path = REFUSED / "httpbin.yaml"
+    msgs = _validate_file(path)
+    assert [m.split(" (")[0] for m in msgs] == [f"{path}:19: kind: ServiceAccount", f"{path}:24: kind: Service",
+                                                f"{path}:38: kind: Deployment"], msgs
+    assert all("is a Kubernetes object, not an Istio rule" in m and "mesh.yaml's services:" in m for m in msgs)
+    # the Kubernetes Gateway API is Istio's too: refused by name, with what to use instead
+    msgs = _messages("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: x\nspec: {}\n")
+    assert any("f.yaml:2: kind: meshctl does not implement HTTPRoute yet" in m and "VirtualService" in m for m in msgs), msgs
