@@ -448,7 +448,7 @@ class _Conn(OutBuffer):
                     rq.body_done = True
                 try:
                     reply = None
-                    for stage in self.al.chain:
+                    for stage in self.al.chain_for(rq.snap):
                         reply = await stage.on_request(rq)
                         if reply is not None:
                             break

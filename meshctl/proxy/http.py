@@ -126,7 +126,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                     rq.body_done = True
                 try:
                     reply = None
-                    for stage in active_listener.chain:
+                    for stage in active_listener.chain_for(snap):
                         reply = await stage.on_request(rq)
                         if reply is not None:
                             break

@@ -63,7 +63,7 @@ from .identity import secure_inbound
 from .limits import commit_limiters
 from .pool import UpstreamPool
 from .ratelimit_stage import RateLimits
-from .request import ConnState, new_request_id
+from .request import ConnState, Stage, new_request_id
 from .snapshot import Snapshot
 from .stages import default_chain
 from .stats import Stats
@@ -87,20 +87,31 @@ class ConfigRejected(Exception):
 
 
 class ActiveListener:
-    __slots__ = ("spec", "sock", "chain", "scope", "handler", "active", "overload")
+    __slots__ = ("spec", "sock", "chain", "chain_snap", "scope", "handler", "active", "overload")
 
-    def __init__(self, spec: Listener, sock: BackendListener) -> None:
+    def __init__(self, spec: Listener, sock: BackendListener, snap: Snapshot) -> None:
         self.sock = sock  # the backend's listener
         self.scope = trio.CancelScope()
         self.active = 0  # connections accepted and not closed (overload.py's limit)
         self.overload = Condition(f"listener {spec.name}: connection limit")
-        self.set_spec(spec)
+        self.set_spec(spec, snap)
 
-    def set_spec(self, spec: Listener) -> None:
-        """New connections use the new spec; open ones keep what they started with."""
+    def set_spec(self, spec: Listener, snap: Snapshot) -> None:
+        """New connections use the new spec; open ones keep what they started with.
+        The chain: the stages ``snap`` uses (stages.default_chain)."""
         self.spec = spec
-        self.chain = default_chain(spec)
+        self.chain = default_chain(spec, snap)
+        self.chain_snap = snap
         self.handler = serve_tcp_connection if spec.protocol == "tcp" else serve_http_connection
+
+    def chain_for(self, snap: Snapshot) -> tuple[Stage, ...]:
+        """The stages a request served under ``snap`` runs (rebuilt when the snapshot
+        is not the one the chain was built for: a connection of a listener that a
+        later config removed or moved still serves under the newest snapshot)."""
+        if self.chain_snap is not snap:
+            self.chain = default_chain(self.spec, snap)
+            self.chain_snap = snap
+        return self.chain
 
     @property
     def bound_port(self) -> int:
@@ -206,7 +217,7 @@ class ProxyRuntime:
         for spec in cfg.listeners:
             cur = old.get(spec.name)
             if spec.name in new_socks:
-                al = ActiveListener(spec, new_socks[spec.name])
+                al = ActiveListener(spec, new_socks[spec.name], snap)
                 keep[spec.name] = al
                 if self._nursery is not None:
                     self._nursery.start_soon(self._accept_loop, al)
@@ -214,7 +225,7 @@ class ProxyRuntime:
                          spec.address, al.bound_port)
             else:
                 assert cur is not None  # not rebound: same address as the current listener of this name
-                cur.set_spec(spec)
+                cur.set_spec(spec, snap)
                 keep[spec.name] = cur
         self.listeners = keep
         kept_socks = {id(a.sock) for a in keep.values()}

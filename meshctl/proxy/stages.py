@@ -1,5 +1,5 @@
 """The stages of the request chain (linkerd's app/outbound style); ``default_chain``
-picks them per listener:
+picks them per listener, and leaves out those the listener's config does not use:
 
     outbound, binding:  prepare → trace → source → route → fault → cluster
     inbound:            prepare → trace → source → ratelimit → jwt → authz → target → cluster
@@ -37,16 +37,16 @@ from ..core.pathnorm import PathRejected, normalize_path
 from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView
 from ..model.base import FrozenDict
 from ..model.istio import HeaderOperations
-from ..model.proxyconfig import Listener
+from ..model.proxyconfig import Listener, ProxyConfig
 from ..protocol.grpc import GrpcStatus, local_grpc_reply
-from ..protocol.headers import append_forwarded_for, ensure_request_id, strip_hop_by_hop, trusted_client_address
+from ..protocol.headers import prepare_request_headers, trusted_client_address
 from . import egress
 from . import stats as F
 from .extauthz import run_custom
 from .jwt_stage import JWT_AUTHN
 from .ratelimit_stage import RATE_LIMIT
 from .request import LocalReply, Request, Stage, failure_reply
-from .snapshot import binding_cluster_name
+from .snapshot import Snapshot, binding_cluster_name
 from .telemetry import SOURCE_STAGE
 from .tracing import TRACE
 
@@ -63,10 +63,9 @@ class PrepareStage:
         except PathRejected as exc:
             return LocalReply(400, f"{exc}\n".encode(), [("content-type", "text/plain"),
                                                          ("x-meshctl-reason", "path rejected")], F.DPE)
-        headers = strip_hop_by_hop(head.headers, keep_upgrade=head.upgrade is not None)
-        headers = append_forwarded_for(headers, rq.client_ip)
-        headers, rq.request_id = ensure_request_id(headers, rq.rt.new_request_id)
-        rq.headers = headers
+        # hop-by-hop removal, x-forwarded-for, x-request-id (protocol/headers.py), in one pass
+        rq.headers, rq.request_id = prepare_request_headers(head.headers, rq.client_ip, rq.rt.new_request_id,
+                                                            keep_upgrade=head.upgrade is not None)
         return None
 
 
@@ -279,10 +278,43 @@ TARGET = InboundTargetStage()
 CLUSTER = ClusterStage()
 
 
-def default_chain(listener: Listener) -> tuple[Stage, ...]:
+def _full_chain(listener: Listener) -> tuple[Stage, ...]:
     if listener.direction == "inbound" and listener.route_table is None:
         return (PREPARE, TRACE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, TARGET, CLUSTER)
     if listener.direction == "gateway":  # policy as on sidecars, before routing (Istio's gateway filter chain)
         return (PREPARE, TRACE, SOURCE_STAGE, RATE_LIMIT, JWT_AUTHN, AUTHZ, HTTPS_REDIRECT, ROUTE, FAULT, CLUSTER)
     return (PREPARE, TRACE, SOURCE_STAGE, ROUTE, FAULT, CLUSTER)
 
+
+def _has_fault(cfg: ProxyConfig, table: str | None) -> bool:
+    rt = cfg.route_tables.get(table) if table is not None else None
+    return rt is not None and any(r.fault is not None for vh in rt.virtual_hosts for r in vh.routes)
+
+
+def default_chain(listener: Listener, snap: Snapshot | None = None) -> tuple[Stage, ...]:
+    """The listener's stages. With the snapshot the chain serves (the runtime
+    rebuilds it at every apply, with the listeners), the stages that config
+    cannot make do anything are left out: a request pays only for the stages
+    its listener and config use (no tracing, rate limits, JWT rules,
+    authorization policies, httpsRedirect hosts or fault-injecting routes:
+    no trace, ratelimit, jwt, authz, https-redirect or fault stage). Each
+    left-out stage would have returned None at once for that snapshot."""
+    chain = _full_chain(listener)
+    if snap is None:
+        return chain
+    cfg = snap.cfg
+    s = snap.settings
+    unused: set[Stage] = set()
+    if not s.tracing_zipkin and not s.tracing_otlp:
+        unused.add(TRACE)
+    if not cfg.rate_limits:
+        unused.add(RATE_LIMIT)
+    if snap.jwt is None:
+        unused.add(JWT_AUTHN)
+    if not snap.authz_policies:
+        unused.add(AUTHZ)
+    if not listener.https_redirect:
+        unused.add(HTTPS_REDIRECT)
+    if not _has_fault(cfg, listener.route_table):
+        unused.add(FAULT)
+    return tuple(st for st in chain if st not in unused)

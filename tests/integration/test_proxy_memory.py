@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import types
-
 import trio
 import trio.testing
 
 from meshctl.model.istio import HTTPDirectResponse, HTTPBody, HTTPRedirect, HTTPRoute, HTTPMatchRequest, StringMatch
-from meshctl.proxy.http import default_chain, serve_http_connection
+from meshctl.proxy.http import serve_http_connection
 from meshctl.proxy.pool import UpstreamPool
-from meshctl.proxy.runtime import ProxyRuntime
+from meshctl.proxy.runtime import ActiveListener, ProxyRuntime
 from meshctl.proxy.snapshot import Snapshot
 
 from proxy_testkit import config, outbound_listener, registry_only, vhost
@@ -22,7 +20,7 @@ def _runtime(routes):
     rt = ProxyRuntime()
     rt.snapshot = Snapshot(cfg, rt.stats)
     rt.pool = UpstreamPool(limits=rt.snapshot.limits)
-    al = types.SimpleNamespace(spec=lst, chain=default_chain(lst), sock=None)
+    al = ActiveListener(lst, None, rt.snapshot)
     return rt, al
 
 

@@ -82,3 +82,28 @@ def test_trusted_client_address_counts_trusted_proxies_from_the_right():
     assert trusted_client_address(xff, "9.9.9.9", 3) == "1.1.1.1"
     assert trusted_client_address(xff, "9.9.9.9", 4) == "9.9.9.9"  # fewer addresses than trusted hops
     assert trusted_client_address([], "9.9.9.9", 1) == "9.9.9.9"
+
+
+def test_prepare_request_headers_is_strip_then_forwarded_for_then_request_id():
+    """The one-pass preparation gives exactly what the three helpers give in turn,
+    over many header lists mixing hop-by-hop fields, x-forwarded-for and x-request-id."""
+    import itertools
+    import random
+
+    from meshctl.protocol.headers import prepare_request_headers
+
+    pool = [("host", "a"), ("connection", "close"), ("connection", "x-drop, upgrade"), ("x-drop", "1"),
+            ("upgrade", "websocket"), ("te", "trailers"), ("te", "gzip"), ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", " "), ("x-forwarded-for", "2.2.2.2, 3.3.3.3"), ("x-request-id", ""),
+            ("x-request-id", "abc"), ("x-request-id", "def"), ("accept", "*/*"), ("keep-alive", "5")]
+    rand = random.Random(5)
+    lists = [list(c) for n in range(4) for c in itertools.combinations(pool, n)]
+    lists += [rand.sample(pool, rand.randint(4, len(pool))) for _ in range(3000)]
+    for headers in lists:
+        for keep_upgrade in (False, True):
+            before = list(headers)
+            h = strip_hop_by_hop(headers, keep_upgrade=keep_upgrade)
+            h = append_forwarded_for(h, "10.0.0.1")
+            want = ensure_request_id(h, lambda: "new-id")
+            assert prepare_request_headers(headers, "10.0.0.1", lambda: "new-id", keep_upgrade=keep_upgrade) == want
+            assert headers == before  # the argument is left untouched
