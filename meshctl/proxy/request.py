@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -308,7 +308,14 @@ async def send_local(rq: Request, reply: LocalReply) -> None:
 
 
 
+# a UUID version 4 (RFC 9562): 122 random bits; the version nibble 4, the variant bits 10
+_UUID4_KEEP: Final = ((1 << 128) - 1) ^ (0xF000 << 64) ^ (0xC000 << 48)
+_UUID4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_request_id(rand: random.Random) -> str:
-    h = "%032x" % rand.getrandbits(128)
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    """A random UUID4 for x-request-id (as Envoy makes them), from the injected random source.
+    Version and variant are set with integer masks: no per-digit slicing and parsing (hot path)."""
+    h = "%032x" % (rand.getrandbits(128) & _UUID4_KEEP | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
