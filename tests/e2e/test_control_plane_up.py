@@ -26,7 +26,7 @@ import pytest
 
 from meshctl.credentials import bearer, mesh_credential
 
-from .helpers import LoadGenerator, free_port, http_get, meshctl_run
+from .helpers import LoadGenerator, free_port, http_get, mesh_ports, meshctl_run
 from .test_control_plane_auth import as_attacker, curl
 
 pytestmark = pytest.mark.e2e
@@ -38,9 +38,10 @@ HERE = Path(__file__).parent
 def mesh(tmp_path_factory):
     work = tmp_path_factory.mktemp("cpup")
     shutil.copy(HERE / "hello_app.py", work / "hello_app.py")
-    base = 33000 + (free_port() % 50) * 20
+    # below Linux's ephemeral range: 33000+ was inside it, where any client socket can take a planned port
+    ports, _ = mesh_ports()
     (work / "mesh.yaml").write_text(f"""
-settings: {{portRange: {base}-{base + 19}}}
+settings: {{portRange: {ports}}}
 services:
 - name: hello
   port: 9080

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from tests.e2e.helpers import mesh_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -54,12 +55,6 @@ IDLE_APP = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _meshctl(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "meshctl_state_dir")}
     r = subprocess.run([sys.executable, "-m", "meshctl", *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -71,10 +66,11 @@ def _meshctl(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
 def test_grpc_client_reaches_a_service_by_name_through_a_binding(tmp_path: Path):
     (tmp_path / "echo_app.py").write_text(ECHO_APP)
     (tmp_path / "idle_app.py").write_text(IDLE_APP)
-    bind = _free_port()
-    base = 33000 + (_free_port() % 50) * 20
+    # the mesh's ports and the binding below Linux's ephemeral range (32768-60999): 33000+ was
+    # inside it, and a loaded run saw a client socket take a planned sidecar port ("Address already in use")
+    ports, bind = mesh_ports()
     (tmp_path / "mesh.yaml").write_text(f"""
-settings: {{portRange: {base}-{base + 19}}}
+settings: {{portRange: {ports}}}
 services:
 - name: echo
   port: 9090
