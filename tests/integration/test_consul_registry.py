@@ -67,7 +67,7 @@ async def test_missed_ttl_takes_instance_out_and_keep_alive_brings_it_back(consu
         # v1-0 gets no heartbeat: its TTL check goes critical and it leaves the snapshot
         start = trio.current_time()
         await w.until(lambda s: ids(s, svc) == [f"{svc}-v1-1"])
-        assert trio.current_time() - start < 5
+        assert trio.current_time() - start < 8  # the 1 s TTL, with slack for a loaded machine
         await reg.keep_alive(f"{svc}-v1-0")
         await w.until(lambda s: len(ids(s, svc)) == 2)
         nursery.cancel_scope.cancel()

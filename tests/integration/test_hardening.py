@@ -257,7 +257,8 @@ async def test_redos_regex_in_a_route_does_not_freeze_the_proxy(upstream):
             n.start_soon(timed, "longer", longer)
             await trio.sleep(0.05)
             n.start_soon(timed, "other", "/productpage")
-    assert max(times.values()) < 1.0, times
+    # each well under the seconds backtracking would take (curl gives up at 5 s); slack for a loaded machine
+    assert max(times.values()) < 3.0, times
 
 
 # ------------------------------------------------------------------ item 10: slow heads and bodies
@@ -287,14 +288,15 @@ def _dribble(port: int, first: bytes, piece: bytes, every: float, limit: float) 
 
 
 async def test_slowloris_head_is_cut_at_one_header_timeout_not_two(upstream):
-    lp, cfg = _inbound_cfg(upstream.port, Settings(request_headers_timeout=Duration(1.0)))
+    lp, cfg = _inbound_cfg(upstream.port, Settings(request_headers_timeout=Duration(2.0)))
     async with running_proxy(cfg):
-        # one byte every 0.2 s from the method on: the deadline used to restart once
-        # the method was read, so such a head was allowed twice the setting
+        # one byte every 0.6 s from the method on: the deadline used to restart once
+        # the method was read (at 1.8 s), so such a head was allowed 1.8 s + the setting
         head = b"GET /public HTTP/1.1\r\n" + b"x-a: b\r\n" * 100
         pieces = (head[i:i + 1] for i in range(1, len(head)))
-        took, out = await trio.to_thread.run_sync(_dribble, lp, head[:1], pieces, 0.2, 6.0)
-    assert 0.9 < took < 1.6, took  # the setting (+ the watchdog's 0.25 s), not twice it
+        took, out = await trio.to_thread.run_sync(_dribble, lp, head[:1], pieces, 0.6, 8.0)
+    # the setting (+ the watchdog's 0.25 s and slack for a loaded machine), not 3.8 s
+    assert 1.9 < took < 3.4, took
     assert upstream.requests == []
 
 
@@ -302,11 +304,11 @@ async def test_dribbled_request_body_gets_408_after_request_timeout(upstream):
     lp, cfg = _inbound_cfg(upstream.port, Settings(request_timeout=Duration(1.0)))
     async with running_proxy(cfg):
         took, out = await trio.to_thread.run_sync(
-            _dribble, lp, b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 100000\r\n\r\nx", b"x", 0.1, 6.0)
+            _dribble, lp, b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 100000\r\n\r\nx", b"x", 0.1, 8.0)
         # a request whose body arrives in time is unaffected
         r = await curl("-s", "--data-binary", "@-", f"http://127.0.0.1:{lp}/upload")
     assert out.startswith(b"HTTP/1.1 408"), out[:200]
-    assert 0.9 < took < 2.0, took
+    assert 0.9 < took < 4.0, took  # the 1 s request timeout (the dribble would go on for 8 s); slack for load
     assert b'"received": 0' in r.stdout or r.returncode == 0
 
 
@@ -398,7 +400,7 @@ async def test_h2_window_update_and_priority_floods_end_in_goaway_calm(upstream,
             during = await trio.to_thread.run_sync(_p50_latency, lp, 20)
     code, sent, took = result[0]
     assert code == 11, (code, sent, took)  # ENHANCE_YOUR_CALM
-    assert took < 2.0, took
+    assert took < 5.0, took  # cut well before the 8 s flood ends; slack for a loaded machine
     assert during < max(0.05, 5 * base), (base, during)
 
 
@@ -524,7 +526,7 @@ async def test_slowloris_head_on_a_keep_alive_connection_is_cut_at_the_header_ti
     async with running_proxy(cfg):
         took, first = await trio.to_thread.run_sync(run)
     assert first.startswith(b"HTTP/1.1 200")
-    assert 0.9 < took < 1.8, took
+    assert 0.9 < took < 4.0, took  # the 1 s header timeout, not the 30 s idle one (the loop stops at 8 s)
 
 
 # ------------------------------------------------------------------ item 9: drain
@@ -545,6 +547,6 @@ async def test_draining_proxy_keeps_serving_with_connection_close_then_closes(up
         assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower()
         while rt.listeners and not rt.closing:
             await trio.sleep(0.05)
-        assert 1.3 < trio.current_time() - t0 < 2.5
+        assert 1.3 < trio.current_time() - t0 < 3.5  # the 1.5 s drain period, with slack for a loaded machine
         r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{lp}/public")
         assert r.stdout == b"000"  # closed after the drain period

@@ -115,7 +115,11 @@ def test_reload_on_file_change_and_bad_reload_keeps_old(proxy_process, upstreams
     # a broken file is rejected: v2 keeps serving
     p.config_path.write_text("{not json")
     p.proc.send_signal(signal.SIGHUP)
-    time.sleep(1.5)
+    # wait for the reload to be attempted (its rejection is logged), however slow the machine
+    deadline = time.monotonic() + 15
+    while "rejected" not in p.log():
+        assert time.monotonic() < deadline, p.log()
+        time.sleep(0.1)
     assert httpx.get(p.admin + "/config", headers=p.auth).json()["version"] == "v2"
     assert httpx.get("http://reviews:9080/", proxy=proxy).json()["upstream"] == "b"
     assert "rejected" in p.log()
