@@ -17,7 +17,8 @@ def test_redos_pattern_matches_in_linear_time():
     assert rx.fullmatch("/redos/" + "a" * 21 + "!") is None  # the 29-character path of issue 13
     assert rx.fullmatch("/redos/" + "a" * 100_000 + "!") is None
     assert rx.fullmatch("/redos/aaa") is not None
-    assert time.perf_counter() - t < 0.5
+    # backtracking would never finish the 100 000-character path; slack for a loaded machine
+    assert time.perf_counter() - t < 2.0
 
 
 @pytest.mark.parametrize("pattern, why", [
