@@ -21,14 +21,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import re2
-
 __all__ = ["MAX_PROGRAM_SIZE", "RegexError", "compile_regex", "regex_problem"]
 
 MAX_PROGRAM_SIZE = 32768  # Istio's re2.max_program_size.error_level
 
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False
+_OPTIONS: Any = None  # re2.Options, made with the first pattern
 
 
 class RegexError(ValueError):
@@ -37,7 +34,16 @@ class RegexError(ValueError):
 
 @functools.lru_cache(maxsize=4096)
 def compile_regex(pattern: str) -> Any:
-    """The RE2 program for ``pattern`` (``fullmatch``, ``search``, ``sub`` as ``re``)."""
+    """The RE2 program for ``pattern`` (``fullmatch``, ``search``, ``sub`` as ``re``).
+
+    RE2 is imported here, on the first pattern: a sidecar whose rules carry no regex
+    never loads it (its extension and the C++ runtime are ~2 MB of RSS)."""
+    global _OPTIONS
+    import re2
+
+    if _OPTIONS is None:
+        _OPTIONS = re2.Options()
+        _OPTIONS.log_errors = False
     try:
         rx = re2.compile(pattern, _OPTIONS)
     except re2.error as exc:

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 # libraries a sidecar with a plain HTTP listener never needs
-HEAVY = ("cryptography", "httpx", "typer", "pydantic", "meshctl.loader.validate", "meshctl.loader.resources",
-         "meshctl.citadel.identity")
+HEAVY = ("cryptography", "httpx", "typer", "rich", "pydantic", "meshctl.loader.validate", "meshctl.loader.resources",
+         "meshctl.citadel.identity",
+         "re2")  # RE2 (+ the C++ runtime, ~2.5 MB): loaded by the first regex a rule carries
 
 
 def test_a_plain_sidecar_runtime_imports_no_heavy_library():
@@ -32,3 +33,17 @@ def test_the_loader_package_still_offers_its_names():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_re2_is_loaded_by_the_first_regex_and_refuses_what_it_refused_before():
+    code = (
+        "import sys\n"
+        "import meshctl.proxy.runtime, meshctl.loader.proxyconfig\n"
+        "from meshctl.core.regex import compile_regex, regex_problem\n"
+        "before = 're2' in sys.modules\n"
+        "print(before, compile_regex('/api/v[0-9]+').fullmatch('/api/v12') is not None, 're2' in sys.modules,\n"
+        "      'RE2' in (regex_problem('(a)\\\\1') or ''))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True", "True"]
+    assert out.stderr == ""  # RE2's own error logging stays off
