@@ -151,3 +151,19 @@ async def test_access_log_writes_json_lines_on_flush(tmp_path):
         n.cancel_scope.cancel()
     lines = (tmp_path / "x.access.log").read_text().splitlines()
     assert [json.loads(x)["path"] for x in lines] == ["/a", "/b"]
+
+
+async def test_a_busy_access_log_is_written_every_256_lines_not_held_for_the_interval(tmp_path):
+    # a sidecar at a few thousand rps must not hold thousands of records in memory
+    # between flushes: each pending record is a dict of ~20 fields (issue 12, RSS)
+    al = AccessLog(tmp_path / "x.access.log", flush_interval=3600)
+    async with trio.open_nursery() as n:
+        n.start_soon(al.run)
+        for i in range(256):
+            al.write({"method": "GET", "path": f"/{i}", "response_code": 200})
+        with trio.move_on_after(5):
+            while al.written < 256:
+                await trio.sleep(0.01)
+        assert al.written == 256 and not al.pending
+        n.cancel_scope.cancel()
+    assert len((tmp_path / "x.access.log").read_text().splitlines()) == 256
