@@ -92,8 +92,25 @@ def dashboard(
     if open_browser:
         import webbrowser
 
-        if not webbrowser.open(page):
+        # The browser gets a file of the state directory (0600) that moves on to the page, not the
+        # page itself: a browser's command line is readable by every local user (/proc/PID/cmdline).
+        if not webbrowser.open(dashboard_opener(sd, page).as_uri()):
             fail("no web browser found: open the URL above yourself")
+
+
+def dashboard_opener(sd: Path, page: str) -> Path:
+    """``<state-dir>/dashboard.html``, readable by this user only, that sends a browser to ``page``."""
+    import html
+    import os
+
+    path = (sd / "dashboard.html").resolve()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write('<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+                f'<meta http-equiv="refresh" content="0;url={html.escape(page)}"><title>meshctl dashboard</title></head>'
+                f'<body><a href="{html.escape(page)}">Open the dashboard</a></body></html>\n')
+    return path
 
 
 def prometheus_config(

@@ -1,6 +1,6 @@
 """`meshctl dashboard`: a live web page served by Mixer on loopback.
 
-    GET /dashboard/?token=T   sets the dashboard cookie and redirects to /dashboard/
+    GET /dashboard/?token=T   sets the dashboard cookie and moves on to /dashboard/
     GET /dashboard/           the page (HTML; its script and style are served here too: no CDN)
     GET /dashboard/app.js     plain JavaScript, SVG drawing
     GET /dashboard/style.css
@@ -213,8 +213,12 @@ async def handle(mixer, req: Request, path: str) -> Response:
     if given is not None:
         if not hmac.compare_digest(given, want):
             raise HTTPError(403, "this dashboard token is not this mesh's: run `meshctl dashboard` for the URL")
-        return Response(303, b"", [("location", "/dashboard/"), ("cache-control", "no-store"),
-                                   ("set-cookie", f"{COOKIE}={want}; Path=/dashboard; HttpOnly; SameSite=Strict")])
+        # A page that moves on by itself rather than a 303: a browser sends a SameSite=Strict cookie
+        # on a navigation this site started, not at the end of a redirect chain another page started
+        # (`meshctl dashboard --open` starts it from a local file, to keep the token off argv).
+        return Response(200, assets.ENTER.encode(), [("content-type", "text/html; charset=utf-8"),
+                                                     ("cache-control", "no-store"), ("referrer-policy", "no-referrer"),
+                                                     ("set-cookie", f"{COOKIE}={want}; Path=/dashboard; HttpOnly; SameSite=Strict")])
     if not hmac.compare_digest(_cookie(req), want):
         return Response(401, assets.LOGIN.encode(), [("content-type", "text/html; charset=utf-8")])
     if path in ("/dashboard", "/dashboard/index.html"):

@@ -334,3 +334,11 @@ LOGIN = r'''<!doctype html>
 <p>This page needs the dashboard token of this mesh. Run <code>meshctl dashboard</code> and open the URL it prints.</p>
 </body></html>
 '''
+
+
+# The answer to /dashboard/?token=T: the cookie is set; this page moves on to the dashboard.
+ENTER = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/dashboard/">
+<title>meshctl dashboard</title></head>
+<body style="font: 15px system-ui, sans-serif; margin: 40px"><p><a href="/dashboard/">Open the dashboard</a></p></body></html>
+"""

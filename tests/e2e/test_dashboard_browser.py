@@ -91,7 +91,7 @@ def test_dashboard_shows_the_graph_and_an_injected_fault(bookinfo, browser):
         assert curl(gw + "/productpage")[0] == 200
 
     browser.get(url)
-    assert browser.current_url.endswith("/dashboard/")  # the token left the address bar
+    wait_until(lambda: browser.current_url.endswith("/dashboard/"), what="the page past the token")  # the token left the address bar
     # the page redraws every second: read it in one script run, never through stale element handles
     def js(expr):
         return browser.execute_script(f"return {expr};")
@@ -173,3 +173,29 @@ def test_dashboard_shows_the_graph_and_an_injected_fault(bookinfo, browser):
     assert any(s["localEndpoint"]["serviceName"] == "reviews.default" for t in traces for s in t)
     browser.get(href)  # Zipkin's own UI, served by the Zipkin server (no CDN either)
     wait_until(lambda: "zipkin" in (browser.title or "").lower(), what="Zipkin's UI")
+
+
+def test_dashboard_open_keeps_the_token_off_the_browsers_command_line(bookinfo, browser, tmp_path, monkeypatch):
+    # A browser's argv is readable by every local user (/proc/PID/cmdline): `--open` hands it a
+    # 0600 file of the state directory that moves on to the page, and the page still opens.
+    argv = tmp_path / "argv"
+    fake = tmp_path / "browser.sh"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("BROWSER", str(fake))
+    url = meshctl("dashboard", "--open", cwd=bookinfo["dir"]).stdout.strip()
+    token = url.split("?token=")[1]
+    wait_until(argv.exists, timeout=10, what="the browser started")
+    (opened,) = argv.read_text().split()
+    assert token not in opened and opened.startswith("file://") and opened.endswith("/.meshctl/dashboard.html"), opened
+    opener = Path(opened[len("file://"):])
+    assert opener.stat().st_mode & 0o777 == 0o600
+    browser.get(url.split("?token=")[0])  # the cookie (Path=/dashboard) of the test before: gone
+    browser.delete_all_cookies()
+    browser.get(url.split("?token=")[0])
+    assert "needs the dashboard token" in browser.page_source
+    browser.get(opened)
+    wait_until(lambda: browser.current_url.endswith("/dashboard/"), what="the dashboard from the opener file")
+    wait_until(lambda: browser.execute_script('return document.querySelector("#graph") !== null'),
+               what="the dashboard page, not the token page (the cookie was sent)")
+    assert "needs the dashboard token" not in browser.page_source
