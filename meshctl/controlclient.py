@@ -169,6 +169,14 @@ class ControlClient:
             return None
         return None
 
+    def pilot_registry(self, timeout: float) -> dict[str, tuple[Instance, ...]]:
+        """The endpoints Pilot routes with; raises NotRunning / Unreachable when Pilot does not answer."""
+        try:
+            data = self.call("pilot", "GET", "/v1/registry", timeout=timeout).json()
+        except ValueError as e:
+            raise Unreachable(f"Pilot answered /v1/registry with something else than JSON: {e}") from None
+        return {s: tuple(from_data(Instance, i) for i in insts) for s, insts in data.items()}
+
     def registry_snapshot(self) -> dict[str, tuple[Instance, ...]]:
         """The endpoints Pilot routes with, or the embedded registry's saved ones when Pilot is down."""
         if self.url("pilot"):

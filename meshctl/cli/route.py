@@ -106,12 +106,46 @@ def _host_findings(resources, sd: Optional[Path], context=()) -> list:
 
     if sd is None:
         return []
-    if context is None:  # route validate: the applied rules if the store answers (offline: it need not)
-        try:
-            context = open_rule_store(sd).current().resources
-        except (StoreError, OSError):
-            context = ()
     return unknown_service_findings(resources, context, control(sd).registry_snapshot())
+
+
+LIVE_TIMEOUT = 1.0  # seconds `route validate` gives Consul KV and Pilot to answer
+
+
+def _live_findings(resources, sd: Optional[Path], applied: tuple) -> tuple[list, list[str]]:
+    """`route validate`'s check against the running mesh: VirtualService/DestinationRule hosts
+    against the services of its registry (Pilot's view, asked once with LIVE_TIMEOUT, never
+    retried; the embedded registry's saved snapshot when Pilot is away). (findings, what was
+    not checked and why)."""
+    from ..controlclient import ControlPlaneError
+    from ..pilot.kvstore import read_location
+    from ..pilot.query import unknown_service_findings
+    from ..registry.embedded import load_snapshot
+
+    if sd is None:
+        return [], ["hosts against the registry's services: no mesh here (no state directory)"]
+    try:
+        snapshot = control(sd).pilot_registry(LIVE_TIMEOUT)
+    except ControlPlaneError as e:
+        try:
+            kind = read_location(sd).get("kind")
+        except StoreError:
+            kind = "files"
+        registry = _registry_url(sd)
+        if kind == "consul" or registry.startswith(("consul:", "eureka:")):
+            return [], [f"hosts against the services of the registry {registry or 'Consul'}: {e}"]
+        snapshot = dict(load_snapshot(sd))  # the embedded registry: its saved snapshot is on disk
+    return unknown_service_findings(resources, applied, snapshot), []
+
+
+def _registry_url(sd: Path) -> str:
+    """The registry the mesh in ``sd`` ran with, as `up` recorded it ("" when unknown: embedded)."""
+    import json
+
+    try:
+        return str(json.loads((sd / "status.json").read_text())["registry"]["url"] or "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve the Gateway ports (default: the state directory's).")
@@ -229,8 +263,14 @@ def _say_injected_faults(sd: Path, resources: list[Resource]) -> None:
 
 @app.command("validate")
 def validate_cmd(files: List[Path] = FileOption, mesh: Optional[Path] = MeshOption,
+                 online: bool = typer.Option(False, "--online", help="Also check against the running mesh (its registry's "
+                                             "services, the applied rules), and fail at once if it does not answer."),
                  state: Optional[str] = StateDirOption) -> None:
-    """Check rule files offline, like `istioctl analyze`, with the rules the mesh has applied; exit 1 on errors."""
+    """Check rule files, like `istioctl analyze`, with the rules the mesh has applied; exit 1 on
+    errors. Offline: the files and the applied rules this host last knew; hosts are checked
+    against the running mesh's services when Pilot answers within a second, and the output
+    says what was not checked otherwise. --online asks Consul KV for the rules in force and
+    requires every check, failing at once with the cause."""
     from ..state import find_state_dir
 
     resources = _load(files)
@@ -239,13 +279,22 @@ def validate_cmd(files: List[Path] = FileOption, mesh: Optional[Path] = MeshOpti
     # (a subset its DestinationRule lacks is an error at both), read from the state
     # directory: offline, Pilot and Consul are not asked.
     applied = _applied_rules(sd)
+    skipped: list[str] = []
+    if online:
+        applied, skipped = _current_rules(sd, applied)
+    live, why = _live_findings(resources, sd, applied)
+    skipped += why
+    if online and skipped:
+        fail("cannot validate online: " + "; ".join(skipped))
     errors = _report(validate(resources, context=applied) + _gateway_findings(resources, mesh, sd, applied)
-                     + _tracing_findings(resources, mesh, sd, running=False)
-                     + _host_findings(resources, sd, None))
+                     + _tracing_findings(resources, mesh, sd, running=False) + live)
     if errors:
         raise typer.Exit(1)
     console.print(f"{len(resources)} resource(s) valid"
-                  + (f" with the {len(applied)} rule(s) applied to the mesh in {sd}" if applied else ""))
+                  + (f" with the {len(applied)} rule(s) applied to the mesh in {sd}" if applied else "")
+                  + (" (validated offline)" if skipped else ""))
+    for why_not in skipped:
+        console.print(f"[yellow]not checked:[/] {escape(why_not)}", highlight=False, soft_wrap=True)
 
 
 def _applied_rules(sd: Optional[Path]) -> tuple:
@@ -256,6 +305,17 @@ def _applied_rules(sd: Optional[Path]) -> tuple:
         return tuple(open_rule_store(sd).last_known().resources)
     except (StoreError, OSError, ValueError):
         return ()
+
+
+def _current_rules(sd: Optional[Path], applied: tuple) -> tuple[tuple, list[str]]:
+    """`route validate --online`: the rules in force now (Consul KV asked once, LIVE_TIMEOUT),
+    else ``applied`` and why they may be stale."""
+    if sd is None:
+        return applied, []
+    try:
+        return tuple(open_rule_store(sd, request_timeout=LIVE_TIMEOUT).current().resources), []
+    except (StoreError, OSError, ValueError) as e:
+        return applied, [f"the rules in force (this host's last known copy may be stale): {e}"]
 
 
 def _kind(kind: str) -> str:

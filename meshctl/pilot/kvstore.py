@@ -117,12 +117,12 @@ def read_location(state_dir: Path) -> dict:
     return data if isinstance(data, dict) else {"kind": "files"}
 
 
-def open_stores(state_dir: Path) -> tuple[RuleStoreLike, FaultStoreLike]:
+def open_stores(state_dir: Path, *, request_timeout: float = 5.0) -> tuple[RuleStoreLike, FaultStoreLike]:
     loc = read_location(state_dir)
     if loc.get("kind") != "consul":
         return RuleStore(state_dir), FaultStore(state_dir)
     try:
-        kv = ConsulKV.from_url(loc["registry"], token=loc.get("token"))
+        kv = ConsulKV.from_url(loc["registry"], token=loc.get("token"), request_timeout=request_timeout)
     except (KeyError, RegistryError) as e:
         raise StoreError(f"{Path(state_dir) / LOCATION_FILE}: bad Consul location ({e})") from None
     prefix = str(loc["prefix"])
@@ -130,10 +130,11 @@ def open_stores(state_dir: Path) -> tuple[RuleStoreLike, FaultStoreLike]:
             ConsulFaultStore(kv, prefix, state_dir=Path(state_dir)))
 
 
-def open_rule_store(state_dir: Path) -> RuleStoreLike:
+def open_rule_store(state_dir: Path, *, request_timeout: float = 5.0) -> RuleStoreLike:
     """The rule store of the mesh in ``state_dir``: Consul KV when `up` (or `pilot serve`)
-    recorded a Consul registry there, else the files."""
-    return open_stores(Path(state_dir))[0]
+    recorded a Consul registry there, else the files. ``request_timeout``: how long one
+    Consul call may wait for an answer."""
+    return open_stores(Path(state_dir), request_timeout=request_timeout)[0]
 
 
 def open_fault_store(state_dir: Path) -> FaultStoreLike:
