@@ -210,7 +210,8 @@ class UpstreamTLS:
                 ctx = self.holder.client
                 if self.h2:
                     ctx = getattr(self.holder, "client_h2", None) or ctx
-                conn = await client_handshake(raw, ctx, self.expected, session=self._session_for(ctx, address, port))
+                conn = await client_handshake(raw, ctx, self.expected, server_hostname=self.sni,
+                                              session=self._session_for(ctx, address, port))
                 tls = conn.stream
                 assert isinstance(tls, TLSSocketStream)
                 if not tls.session_reused or tls.version() == "TLSv1.3":
@@ -283,13 +284,19 @@ def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
         if holder is None:
             raise UpstreamConnectError(ep.address, ep.port,
                                        "DestinationRule asks for ISTIO_MUTUAL but this sidecar has no certificate")
-        ck: tuple[object, ...] = ("mtls", ep.identity, id(holder), h2, sans)
+        # SNI: the DestinationRule's ``sni``, else Istio's for its mTLS clusters,
+        # outbound_.<port>_.<subset>_.<host> (what an SNI-routing gateway (AUTO_PASSTHROUGH)
+        # reads and a server logs or matches as connection.sni); the peer is checked by
+        # its SPIFFE ID, never by this name
+        sni = (tls.sni if tls is not None and tls.sni else
+               f"outbound_.{cluster.port}_.{cluster.subset or ''}_.{cluster.service}")
+        ck: tuple[object, ...] = ("mtls", ep.identity, id(holder), h2, sans, sni)
         got = _cache.get(ck)
         if got is None:
             # the peer's SPIFFE ID: one of subjectAltNames when given, else the endpoint's identity
             expected = frozenset(sans) if sans else (frozenset({ep.identity}) if ep.identity else None)
-            got = _cache[ck] = UpstreamTLS("ISTIO_MUTUAL", ("mtls", ep.identity, h2), expected=expected, holder=holder,
-                                           h2=h2)
+            got = _cache[ck] = UpstreamTLS("ISTIO_MUTUAL", ("mtls", ep.identity, h2, sni), expected=expected,
+                                           holder=holder, h2=h2, sni=sni)
         return got
     # SIMPLE or MUTUAL with files named by the DestinationRule
     assert tls is not None  # mode came from it
