@@ -327,6 +327,15 @@ def _gateway_refs(r: Resource) -> set[str]:
     return out
 
 
+def _server_host_admits(entry: str, gateway_ns: str, vs_ns: str, host: str) -> bool:
+    """A Gateway server's ``hosts`` entry, ``[namespace/]host``, admits a VirtualService host:
+    the namespace part (``*`` any, ``.`` the Gateway's own) names where the VirtualService may live."""
+    ns, sep, pattern = entry.rpartition("/")
+    if sep and ns not in ("*", vs_ns) and not (ns == "." and vs_ns == gateway_ns):
+        return False
+    return _host_matches(pattern, host)
+
+
 def _host_matches(pattern: str, host: str) -> bool:
     if pattern == "*":
         return True
@@ -565,7 +574,7 @@ def gateway_tables(inp: Inputs, node: Node, clusters: dict[str, Cluster]) -> dic
             for vs in inp.virtual_services:
                 if ref not in _gateway_refs(vs):
                     continue
-                hosts = [h for h in vs.spec.hosts if any(_host_matches(p.split("/")[-1], h) or p.split("/")[-1] == "*" for p in server.hosts)]  # type: ignore[attr-defined]
+                hosts = [h for h in vs.spec.hosts if any(_server_host_admits(p, g.namespace, vs.namespace, h) for p in server.hosts)]  # type: ignore[attr-defined]
                 if not hosts:
                     continue
                 routes = tuple(_normalize_route(h, vs.namespace, inp.services) for h in vs.spec.http)  # type: ignore[attr-defined]

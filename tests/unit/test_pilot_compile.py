@@ -135,6 +135,19 @@ def test_two_gateways_on_one_port_with_the_same_host_merge_their_virtual_service
     assert dest("/productpage") == FQ.format("productpage")
 
 
+@pytest.mark.parametrize("server_host, bound", [("*", True), ("default/*", True), ("./*", True), ("*/*", True),
+                                                 ("prod/*", False), ("istio-system/*", False)])
+def test_the_namespace_part_of_a_gateway_server_host_says_where_its_virtual_services_may_live(server_host, bound):
+    # Istio's Bookinfo gateway with its server's hosts written as namespace/host: a VirtualService
+    # of namespace default binds only where that namespace is admitted (the part was ignored).
+    text = (RULES / "bookinfo-gateway.yaml").read_text()
+    assert '    hosts:\n    - "*"\n---' in text
+    text = text.replace('    hosts:\n    - "*"\n---', f'    hosts:\n    - "{server_host}"\n---', 1)
+    cfg = compile_proxy(Inputs(load_resources_text(text, file="gw.yaml"), SNAP), GATEWAY)
+    vhosts = cfg.route_tables["gateway-80"].virtual_hosts
+    assert [vh.name for vh in vhosts] == (["default/bookinfo:80"] if bound else [])
+
+
 def test_virtual_service_bound_only_to_a_gateway_does_not_apply_to_sidecars():
     cfg = compile_with("bookinfo-gateway.yaml")
     vh = vhost(cfg, "productpage")
