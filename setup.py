@@ -34,6 +34,7 @@ COMPILED = [
     "meshctl/core/fault.py",
     "meshctl/core/hashring.py",
     "meshctl/core/outlier.py",
+    "meshctl/core/pathnorm.py",
     "meshctl/core/ratelimit.py",
     "meshctl/protocol/headers.py",
     "meshctl/protocol/http1.py",
@@ -43,6 +44,7 @@ COMPILED = [
     "meshctl/proxy/http.py",
     "meshctl/proxy/pool.py",
     "meshctl/proxy/request.py",
+    "meshctl/proxy/stages.py",
     "meshctl/proxy/stats.py",
     "meshctl/proxy/telemetry.py",
 ]

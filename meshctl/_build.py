@@ -20,6 +20,7 @@ HOT_PATH = (
     "meshctl.core.fault",
     "meshctl.core.hashring",
     "meshctl.core.outlier",
+    "meshctl.core.pathnorm",
     "meshctl.core.ratelimit",
     "meshctl.protocol.headers",
     "meshctl.protocol.http1",
@@ -29,6 +30,7 @@ HOT_PATH = (
     "meshctl.proxy.http",
     "meshctl.proxy.pool",
     "meshctl.proxy.request",
+    "meshctl.proxy.stages",
     "meshctl.proxy.stats",
     "meshctl.proxy.telemetry",
 )
