@@ -10,7 +10,13 @@ request through the proxy, minus the same clients talking to the app directly
 its own syscalls). Steadier for A/B on a noisy machine than the pair: it is
 CPU time, not wall time, with no scheduler hand-offs between processes.
 
-    python bench/hop_bench.py [requests-per-connection] [--profile] [--memory]
+    python bench/hop_bench.py [requests-per-connection] [--profile] [--memory] [--toy] [--outbound]
+
+``--outbound`` measures the client side instead (an outbound listener routing
+``Host: backend`` through a route table to a cluster, as bench/pair.sh's).
+
+``--toy`` measures a hop without HTTP instead (same sockets and trio, bytes
+relayed as they come): the floor this architecture puts under the proxy.
 
 Ends with one JSON line. ``--profile`` prints cProfile's top functions.
 """
@@ -27,7 +33,9 @@ from functools import partial
 import trio
 
 from meshctl.model.base import FrozenDict
-from meshctl.model.proxyconfig import Listener, ProxyConfig, Workload
+from meshctl.model.istio import Destination, HTTPRoute, HTTPRouteDestination, PortSelector
+from meshctl.model.proxyconfig import (Cluster, Endpoint, Listener, ProxyConfig, RouteTable, VirtualHost, Workload,
+                                       cluster_name)
 from meshctl.proxy.runtime import ProxyRuntime
 from meshctl.proxy.backend import SocketBackend
 from meshctl.proxy.testing import MemoryBackend
@@ -35,6 +43,7 @@ from meshctl.proxy.testing import MemoryBackend
 APP = ("127.0.0.1", 8080)
 PROXY = ("127.0.0.1", 15006)
 CONNS = 16
+OUTBOUND = "--outbound" in sys.argv
 USER: list[float] = []  # user-space CPU µs per request of each run
 REQUEST = (b"GET /reviews/0 HTTP/1.1\r\nHost: backend\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n")
 RESPONSE = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n"
@@ -66,6 +75,19 @@ async def client(backend: MemoryBackend, addr: tuple[str, int], n: int) -> None:
 
 
 def config() -> ProxyConfig:
+    if OUTBOUND:  # the client side of bench/pair.sh: routed by Host through a route table
+        host = "backend.default.svc.cluster.local"
+        name = cluster_name(host, 80)
+        vh = VirtualHost(name=f"{host}:80", domains=("backend", "backend:80", host, f"{host}:80"), routes=(
+            HTTPRoute(route=(HTTPRouteDestination(destination=Destination(host=host, port=PortSelector(number=80))),)),))
+        return ProxyConfig(
+            version="bench", workload=Workload(name="client-0", service="client"),
+            listeners=(Listener(name="outbound", direction="outbound", address=PROXY[0], port=PROXY[1],
+                                route_table="outbound"),),
+            route_tables=FrozenDict(outbound=RouteTable(name="outbound", virtual_hosts=(vh,))),
+            clusters=FrozenDict({name: Cluster(name=name, service=host, port=80, endpoints=(
+                Endpoint(address=APP[0], port=APP[1]),))}),
+        )
     return ProxyConfig(
         version="bench",
         workload=Workload(name="backend-0", service="backend"),
@@ -87,7 +109,30 @@ async def serve_app(backend, nursery) -> tuple[str, int]:
     return (APP[0], lst.bound_port)
 
 
-async def run(n: int, through_proxy: bool, memory: bool = False) -> float:
+async def toy_hop(backend, nursery, app_addr: tuple[str, int]) -> tuple[str, int]:
+    """The floor of this architecture: the same raw-socket streams and trio, no HTTP
+    (one read is taken to be one whole message), one upstream connection per client one."""
+    lst = backend.listen("127.0.0.1", 0)
+
+    async def conn(down) -> None:
+        up = await backend.connect(*app_addr)
+        while True:
+            data = await down.receive_some()
+            if not data:
+                return
+            await up.send_all(data)
+            await down.send_all(await up.receive_some())
+
+    async def accept() -> None:
+        while True:
+            stream, _ = await lst.accept()
+            nursery.start_soon(conn, stream)
+
+    nursery.start_soon(accept)
+    return ("127.0.0.1", lst.bound_port)
+
+
+async def run(n: int, through_proxy: bool, memory: bool = False, toy: bool = False) -> float:
     global APP, PROXY
     backend = MemoryBackend() if memory else SocketBackend()
     rt = ProxyRuntime(backend=backend)
@@ -99,8 +144,10 @@ async def run(n: int, through_proxy: bool, memory: bool = False) -> float:
             PROXY = (PROXY[0], 0)
         await nursery.start(partial(rt.run, config(), handle_signals=False))
         if not memory:
-            PROXY = (PROXY[0], rt.listeners["inbound"].bound_port)
+            PROXY = (PROXY[0], rt.listeners["outbound" if OUTBOUND else "inbound"].bound_port)
         addr = PROXY if through_proxy else APP
+        if toy:
+            addr = await toy_hop(backend, nursery, APP)
         async with trio.open_nursery() as warm:
             for _ in range(CONNS):
                 warm.start_soon(client, backend, addr, 20)
@@ -130,10 +177,10 @@ def main() -> None:
     for _ in range(5):  # interleaved, best of each
         direct.append(trio.run(run, n, False, "--memory" in sys.argv))
         du.append(USER[-1])
-        proxied.append(trio.run(run, n, True, "--memory" in sys.argv))
+        proxied.append(trio.run(run, n, True, "--memory" in sys.argv, "--toy" in sys.argv))
         pu.append(USER[-1])
     import meshctl._build as b
-    res = {"bench": "hop", "compiled": bool(b.COMPILED), "direct_us": round(min(direct), 1),
+    res = {"bench": "toy-hop" if "--toy" in sys.argv else "hop-outbound" if OUTBOUND else "hop", "compiled": bool(b.COMPILED), "direct_us": round(min(direct), 1),
            "proxied_us": round(min(proxied), 1), "proxy_us_per_request": round(min(proxied) - min(direct), 1),
            "proxy_user_us_per_request": round(min(pu) - min(du), 1)}
     print(f"# proxy hop: {res['proxy_us_per_request']} µs Python CPU per request "
