@@ -17,8 +17,8 @@ Rules (errors unless noted):
 - destination subset: defined by a DestinationRule for that host (warning
   "referenced subset not found" when no DestinationRule exists for the host).
 - duplicate subset names in a DestinationRule.
-- two VirtualServices for one host and gateway, two DestinationRules for one
-  host (and workload selector): warnings, as istioctl's IST0109. The same
+- two VirtualServices for one host on sidecars (on a Gateway they merge), two
+  DestinationRules for one host (and workload selector): warnings, as istioctl's IST0109. The same
   kind/namespace/name twice: warning, the later replaces the earlier.
 - VirtualService gateways that name no Gateway given: warning.
 - ranges: retries.attempts >= 0, httpStatus 200-599, percentages 0-100,
@@ -789,7 +789,9 @@ class _Validator:
                 reported: set[tuple[str, str, str]] = set()
                 for i, host in enumerate(r.spec.hosts):
                     for gw in r.spec.gateways or ("mesh",):
-                        gw_key = gw if gw == "mesh" or "/" in gw else f"{r.namespace}/{gw}"
+                        if gw != "mesh":
+                            continue  # on a Gateway, VirtualServices of one host merge (pilot/compile.py), as in Istio
+                        gw_key = gw
                         other = vs_owner.setdefault((_host_key(host, r.namespace), gw_key), r)
                         if report and other is not r and other.key not in reported:
                             reported.add(other.key)

@@ -144,6 +144,15 @@ CASES = [
         ["t.yaml:16: warning: spec.hosts[0]: conflicting VirtualServices for host 'reviews.default.svc.cluster.local': also defined by VirtualService default/r (t.yaml:1)"],
     ),
     (
+        "two VirtualServices for one host on a Gateway merge, as in Istio: no warning",
+        VS + "  hosts: ['*']\n  gateways: [gw]\n  http:\n  - route:\n    - destination: {host: reviews}\n"
+        "---\n" + head("VirtualService", "acme") + "  hosts: ['*']\n  gateways: [gw]\n"
+        "  http:\n  - match: [{uri: {prefix: /.well-known/}}]\n    route:\n    - destination: {host: ratings}\n"
+        "---\n" + head("Gateway", "gw") + "  selector: {istio: ingressgateway}\n"
+        "  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*']\n",
+        [],
+    ),
+    (
         "two DestinationRules for one host",
         DR + "  host: reviews\n---\n" + head("DestinationRule", "reviews-2") + "  host: reviews\n",
         ["t.yaml:13: warning: spec.host: conflicting DestinationRules for host 'reviews': also defined by DestinationRule default/r (t.yaml:1)"],
