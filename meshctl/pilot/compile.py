@@ -795,11 +795,14 @@ def rate_limits_for(inp: Inputs, workload: Workload) -> tuple[tuple[str, RateLim
     return tuple(out)
 
 
-def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None, default: str = "PERMISSIVE") -> str:
+def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None, default: str = "PERMISSIVE", *,
+                  service_port: int | None = None) -> str:
     """PeerAuthentication precedence: workload-specific > namespace > mesh (root namespace).
     Istio's default when nothing is set is PERMISSIVE; ``default`` replaces it (STRICT for an
     inbound listener on a host's network address: nothing plaintext reaches the network
-    unless a PeerAuthentication asks for it)."""
+    unless a PeerAuthentication asks for it). ``portLevelMtls`` keys are the workload's port:
+    the app's (``port``) or, as meshctl picks app ports from portRange, the service port the
+    workload serves (Bookinfo's 9080, its container port in Istio)."""
     best: tuple[int, str] | None = None
     for r in inp.resources:
         pa = r.spec
@@ -816,8 +819,9 @@ def mtls_mode_for(inp: Inputs, workload: Workload, port: int | None, default: st
         else:
             continue
         mode = pa.mtls.mode if pa.mtls and pa.mtls.mode and pa.mtls.mode != "UNSET" else None
-        if rank == 3 and port is not None and port in pa.port_level_mtls:
-            plm = pa.port_level_mtls[port].mode
+        key = next((p for p in (port, service_port) if p is not None and p in pa.port_level_mtls), None)
+        if rank == 3 and key is not None:
+            plm = pa.port_level_mtls[key].mode
             mode = plm if plm and plm != "UNSET" else mode
         if mode and (best is None or rank > best[0]):
             best = (rank, mode)
@@ -853,7 +857,8 @@ def compile_proxy(inp: Inputs, node: Node) -> ProxyConfig:
             listeners.append(replace(lst, service=host, tcp_routes=tcp_routes_for(inp, host, clusters, lst.service_port)))
         elif lst.direction == "inbound":
             exposed = not (lst.address == "localhost" or (_is_ip(lst.address) and ipaddress.ip_address(lst.address).is_loopback))
-            listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port, "STRICT" if exposed else "PERMISSIVE")))
+            listeners.append(replace(lst, mtls_mode=mtls_mode_for(inp, wl, lst.app_port, "STRICT" if exposed else "PERMISSIVE",
+                                                                  service_port=lst.service_port)))
         else:
             listeners.append(lst)
     if sidecar is not None and sidecar[1].ingress:
@@ -920,7 +925,7 @@ def ingress_listeners(inp: Inputs, wl: Workload, sc: Sidecar, listeners: list[Li
             lst = out[same]
             app_port = target[1] or lst.app_port
             out[same] = replace(lst, protocol=proto, app_address=target[0] if ep else lst.app_address,
-                                app_port=app_port, mtls_mode=mtls_mode_for(inp, wl, app_port))
+                                app_port=app_port, mtls_mode=mtls_mode_for(inp, wl, app_port, service_port=lst.service_port))
             continue
         address = (ingress_address(ing.bind) if ing.bind else None) or (base.address if base else "127.0.0.1")
         app_port = target[1] or ing.port.number

@@ -301,3 +301,24 @@ def test_a_namespace_wide_policy_of_the_workloads_namespace_does_not_reach_the_i
     assert list(gw.authorization) == ["default/deny-admin-at-ingress", "istio-system/mesh-wide-deny"]
     pp = compile_proxy(Inputs(resources, SNAP), PRODUCTPAGE)
     assert list(pp.authorization) == ["default/allow-nothing", "istio-system/mesh-wide-deny"]
+
+
+@pytest.mark.parametrize("key, expected", [(9080, "DISABLE"), (21001, "DISABLE"), (9999, "STRICT")])
+def test_port_level_mtls_is_keyed_by_the_workloads_port_the_service_port_or_the_apps(key, expected):
+    # Istio keys portLevelMtls by the workload's (container) port: Bookinfo's 9080. meshctl gives
+    # apps a port from portRange (21001 here), and a key of 9080 was accepted and ignored.
+    text = f"""apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: productpage}}
+spec:
+  selector: {{matchLabels: {{app: productpage}}}}
+  mtls: {{mode: STRICT}}
+  portLevelMtls:
+    {key}: {{mode: DISABLE}}
+"""
+    node = Node(PRODUCTPAGE.workload, (
+        Listener(name="inbound", direction="inbound", address="127.0.0.1", port=21002, app_address="127.0.0.1",
+                 app_port=21001, service_port=9080),))
+    cfg = compile_proxy(Inputs(load_resources_text(text, file="pa.yaml"), SNAP), node)
+    (inbound,) = [l for l in cfg.listeners if l.direction == "inbound"]
+    assert inbound.mtls_mode == expected
