@@ -72,11 +72,13 @@ H_NAMESPACE = "x-meshctl-source-namespace"
 H_PRINCIPAL = "x-meshctl-source-principal"
 SOURCE_HEADERS = frozenset({H_WORKLOAD, H_APP, H_VERSION, H_NAMESPACE, H_PRINCIPAL})
 
-_INSTANCE_SUFFIX = re.compile(r"-\d+$")
+_INSTANCE_SUFFIX = re.compile(r"-\d+(@[^@]*)?$")
 
 
 def workload_name(instance: str) -> str:
-    """Istio's workload is the deployment, not the pod: ``reviews-v2-0`` → ``reviews-v2``."""
+    """Istio's workload is the deployment, not the pod: ``reviews-v2-0`` → ``reviews-v2``; a
+    shared registry's id names the host too (supervisor/registration.py):
+    ``reviews-v2-0@10.0.0.12:15006`` → ``reviews-v2``, the same workload on every host."""
     return _INSTANCE_SUFFIX.sub("", instance) if instance else UNKNOWN
 
 

@@ -8,12 +8,29 @@ Consul's TTL, Eureka's renewal interval), whatever the health check interval; a
 probe task keeps `status` honest about the registry's reachability and, when it
 comes back, renews (re-registers) every instance at once and retries the
 deregistrations that failed while it was away.
+
+Instance ids. In the embedded registry (one host) an instance is registered under
+its workload name, ``ratings-v1-0``. Consul and Eureka are shared by every host of
+a mesh, and each host's mesh.yaml numbers its instances from 0, so two hosts that
+both run ratings both have a ``ratings-v1-0``: registered under that id, the second
+registration replaced the first wherever the id is the key (one Consul agent serving
+both, as on a laptop with two meshes; Eureka always, its instanceId being unique per
+app), one host's keep-alives kept the other's entry alive, and one host's `down`
+deregistered the other's running instance; with one agent per host Consul kept both,
+but `up` and a drain asked Pilot for the id and found the other host's instance.
+So in a shared registry the id names the host too, as Consul's own conventions do
+(Registrator's ``host:name:port``, Eureka's default ``host:app:port``): the workload
+name, ``@``, and the address and port it is registered at, ``ratings-v1-0@10.0.0.12:15006``,
+unique as long as two sidecars cannot listen on one address and port
+(registry_instance_id). The workload keeps its name everywhere else (status, logs,
+`proxy run --workload`, telemetry's workload label, which is the deployment in Istio,
+``ratings-v1``, and so the same on every host).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import trio
 
@@ -49,10 +66,17 @@ def _namespace_meta(namespace: str) -> dict[str, str]:
     return {META_NAMESPACE: namespace} if namespace and namespace != DEFAULT_NAMESPACE else {}
 
 
-def workload_instance(w: WorkloadPlan) -> Instance:
-    """A workload instance in the registry: its sidecar's inbound listener."""
+def registry_instance_id(name: str, address: str, port: int) -> str:
+    """An instance's id in a registry every host shares (module doc): ``name@address:port``."""
+    host = f"[{address}]" if ":" in address else address
+    return f"{name}@{host}:{port}"
+
+
+def workload_instance(w: WorkloadPlan, shared: bool = False) -> Instance:
+    """A workload instance in the registry: its sidecar's inbound listener; in a ``shared``
+    registry (Consul, Eureka) under an id that names the host (module doc)."""
     return Instance(
-        id=w.name,
+        id=registry_instance_id(w.name, w.address, w.inbound_port) if shared else w.name,
         service=w.service,
         address=w.address,
         port=w.inbound_port,
@@ -63,14 +87,16 @@ def workload_instance(w: WorkloadPlan) -> Instance:
     )
 
 
-def gateway_instances(g: GatewayPlan, advertise: str = "127.0.0.1") -> list[Instance]:
+def gateway_instances(g: GatewayPlan, advertise: str = "127.0.0.1", shared: bool = False) -> list[Instance]:
     """A gateway in the registry: service ``<name>.istio-system``, one instance per
     mesh.yaml port (the Gateway port as its service port, the host port to reach),
     in the host's locality as the workload instances are, at the address it listens
-    on (the host's advertised one when it listens on all)."""
+    on (the host's advertised one when it listens on all); in a ``shared`` registry
+    under an id that names the host, as workload instances (module doc)."""
     address = gateway_registered_address(g, advertise)
     return [
-        Instance(id=f"{g.name}-{gport}", service=f"{g.name}.istio-system", address=address, port=hport,
+        Instance(id=registry_instance_id(f"{g.name}-{gport}", address, hport) if shared else f"{g.name}-{gport}",
+                 service=f"{g.name}.istio-system", address=address, port=hport,
                  labels=g.labels, meta=FrozenDict({META_SERVICE_PORT: str(gport), META_PROTOCOL: "http", META_GATEWAY: "true",
                                                    **({META_LOCALITY: g.locality} if g.locality else {}),
                                                    **_namespace_meta(g.namespace)}))
@@ -93,6 +119,10 @@ class Registrations:
     @property
     def embedded(self) -> bool:
         return isinstance(self.registry, PilotRegistry)
+
+    def instance_id(self, w: WorkloadPlan) -> str:
+        """The id ``w`` is registered under (module doc)."""
+        return w.name if self.embedded else registry_instance_id(w.name, w.address, w.inbound_port)
 
     def _reg(self) -> Registry:
         assert self.registry is not None, "no registry yet: connect() and use_embedded() come first"
@@ -161,7 +191,7 @@ class Registrations:
             if not inst.registered or self.ctx.shutting_down:
                 return
             try:
-                await self._reg().keep_alive(inst.plan.name)
+                await self._reg().keep_alive(self.instance_id(inst.plan))
             except RegistryError as e:
                 log.warning("keep-alive of %s failed: %s", inst.plan.name, e)
 
@@ -170,7 +200,7 @@ class Registrations:
             if self.ctx.shutting_down or inst.state in (InstancePhase.DRAINING, InstancePhase.STOPPED):
                 return
             try:
-                await self._reg().register(workload_instance(inst.plan))
+                await self._reg().register(workload_instance(inst.plan, shared=not self.embedded))
             except RegistryError as e:
                 inst.state = InstancePhase.STARTING
                 inst.proxy.last_event = f"registration failed: {e}"
@@ -180,7 +210,7 @@ class Registrations:
                 self.ctx.event(f"{inst.plan.name}: registration failed ({e}); retrying")
                 return
             inst.registered = True
-            self.undeleted.discard(inst.plan.name)
+            self.undeleted.discard(self.instance_id(inst.plan))
         was = inst.state
         inst.state = InstancePhase.READY
         for p in (inst.app, inst.proxy):
@@ -195,13 +225,13 @@ class Registrations:
             inst.registered = False
             if drain:
                 try:
-                    await self._reg().set_draining(inst.plan.name)
+                    await self._reg().set_draining(self.instance_id(inst.plan))
                 except RegistryError as e:
                     log.warning("draining %s failed: %s", inst.plan.name, e)
             try:
-                await self._reg().deregister(inst.plan.name)
+                await self._reg().deregister(self.instance_id(inst.plan))
             except RegistryError as e:
-                self.undeleted.add(inst.plan.name)
+                self.undeleted.add(self.instance_id(inst.plan))
                 log.warning("deregister %s failed: %s", inst.plan.name, e)
 
     async def drain(self, inst: InstanceState) -> None:
@@ -213,15 +243,18 @@ class Registrations:
         inst.state = InstancePhase.DRAINING
         async with inst.lock:
             try:
-                await self._reg().set_draining(inst.plan.name)
+                await self._reg().set_draining(self.instance_id(inst.plan))
             except RegistryError as e:
                 log.warning("draining %s failed: %s", inst.plan.name, e)
         with trio.move_on_after(DRAIN_WAIT):
-            while not await self.unseen_by_pilot({inst.plan.name}):
+            while not await self.unseen_by_pilot([inst.plan]):
                 await trio.sleep(0.1)
 
-    async def unseen_by_pilot(self, names: set[str]) -> set[str]:
-        """Those of ``names`` missing from the endpoints Pilot routes with."""
+    async def unseen_by_pilot(self, plans: Iterable[WorkloadPlan]) -> set[str]:
+        """The names of those of ``plans`` whose registrations are missing from the endpoints
+        Pilot routes with (by registry id: another host's instance of the same name is not this one)."""
+        ids = {self.instance_id(w): w.name for w in plans}
+        names = set(ids.values())
         import httpx
 
         from ..loopback import plain_http_client
@@ -232,7 +265,7 @@ class Registrations:
             seen = {i.get("id") for instances in data.values() for i in instances}
         except (httpx.HTTPError, ValueError, AttributeError, TypeError):
             return names
-        return names - seen
+        return {name for iid, name in ids.items() if iid not in seen}
 
     async def probe_loop(self, instances: Mapping[str, InstanceState]) -> None:
         """Ping Consul/Eureka every few seconds so `status` says when it is away;
@@ -259,8 +292,9 @@ class Registrations:
             elif ok and self.down:
                 self.down = False
                 self.ctx.event(f"registry {url} reachable again: renewing registrations")
+                by_id = {self.instance_id(i.plan): i for i in instances.values()}
                 for name in sorted(self.undeleted):
-                    if name in instances and instances[name].registered:
+                    if name in by_id and by_id[name].registered:
                         self.undeleted.discard(name)
                         continue
                     try:
@@ -283,7 +317,7 @@ class Registrations:
         """Register the gateway's instances (``renewed`` None) or renew them; returns
         when they were renewed now, None when that failed (register again next time)."""
         try:
-            for inst in gateway_instances(g, advertised(self.ctx.spec)):
+            for inst in gateway_instances(g, advertised(self.ctx.spec), shared=not self.embedded):
                 if renewed is None:
                     await self._reg().register(inst)
                 else:
@@ -296,7 +330,7 @@ class Registrations:
     async def deregister_gateway(self, g: GatewayPlan) -> None:
         if self.registry is None:
             return
-        for inst in gateway_instances(g, advertised(self.ctx.spec)):
+        for inst in gateway_instances(g, advertised(self.ctx.spec), shared=not self.embedded):
             try:
                 await self.registry.deregister(inst.id)
             except RegistryError as e:

@@ -261,7 +261,7 @@ class Supervisor:
             if not pending and not self.registrations.embedded:
                 # Registered in Consul/Eureka is not yet routable: Pilot learns of it
                 # by its watch (Eureka: the next delta poll, a few seconds later).
-                unseen = await self.registrations.unseen_by_pilot(set(instances))
+                unseen = await self.registrations.unseen_by_pilot([i.plan for i in instances.values()])
                 pending += [f"{n} (registered; Pilot has not seen it in the registry yet)" for n in sorted(unseen)]
             if not pending:
                 return

@@ -150,6 +150,7 @@ class Workloads:
         return [
             {
                 "name": i.plan.name,
+                "registry_id": self.registrations.instance_id(i.plan),  # with Consul/Eureka: name@address:port
                 "service": i.plan.service,
                 "version": i.plan.version,
                 "state": i.state,

@@ -208,6 +208,12 @@ def consul_services(agent) -> dict:
         return c.get(f"{agent.http}/v1/agent/services").json()
 
 
+def workload_names(ids) -> set[str]:
+    """The workloads of registry ids: in a shared registry meshctl registers
+    ``<workload>@<address>:<port>`` (supervisor/registration.py), others as they like."""
+    return {i.split("@", 1)[0] for i in ids}
+
+
 @pytest.mark.consul
 def test_consul_has_every_sidecar_with_labels_address_and_a_passing_check(consul_mesh, consul_agent):
     st = consul_mesh["status"]
@@ -216,11 +222,12 @@ def test_consul_has_every_sidecar_with_labels_address_and_a_passing_check(consul
     with local_http() as c:
         checks = c.get(f"{consul_agent.http}/v1/agent/checks").json()
     for w in st["workloads"]:
-        svc = services[w["name"]]
+        assert w["registry_id"] == f"{w['name']}@{w['inbound_address']}"
+        svc = services[w["registry_id"]]
         assert svc["Service"] == "hello"
         assert f"{svc['Address']}:{svc['Port']}" == w["inbound_address"]
         assert svc["Meta"]["version"] == w["version"] and f"version={w['version']}" in svc["Tags"]
-        mine = [ch for ch in checks.values() if ch["ServiceID"] == w["name"]]
+        mine = [ch for ch in checks.values() if ch["ServiceID"] == w["registry_id"]]
         assert [ch["Status"] for ch in mine] == ["passing"]
 
 
@@ -279,7 +286,7 @@ def test_consul_restart_re_registers_the_mesh_and_new_instances_are_discovered(c
     out, work = consul_mesh["outbound"], consul_mesh["dir"]
     consul_agent.start()  # a dev agent comes back empty
     wait_for(lambda: status(work)["registry"]["reachable"], timeout=15, what="status shows the registry reachable")
-    wait_for(lambda: {"hello-v1-0", "hello-v2-0"} <= set(consul_services(consul_agent)), timeout=15,
+    wait_for(lambda: {"hello-v1-0", "hello-v2-0"} <= workload_names(consul_services(consul_agent)), timeout=15,
              what="sidecars registered again")
     wait_for(lambda: answers_only(out, "http://hello:9080/", {"v1", "v2"}), timeout=20, what="routing again")
     port = free_port()
@@ -298,8 +305,9 @@ def test_consul_instance_removed_by_up_goes_into_maintenance_then_leaves_without
         with httpx.Client(trust_env=False, timeout=10.0) as c:
             r = c.get(f"{consul_agent.http}/v1/health/checks/hello", params={"index": index, "wait": "2s"})
         index = r.headers.get("X-Consul-Index", "0")
-        mine = {ch["CheckID"]: ch["Status"] for ch in r.json() if ch["ServiceID"] == "hello-v2-0"}
-        return None if not mine else "maintenance" if "_service_maintenance:hello-v2-0" in mine else "registered"
+        mine = {ch["CheckID"]: ch["Status"] for ch in r.json() if ch["ServiceID"].startswith("hello-v2-0@")}
+        return None if not mine else "maintenance" if any(c.startswith("_service_maintenance:hello-v2-0@") for c in mine) \
+            else "registered"
 
     result, seen = remove_v2_under_load(consul_mesh, v2_state)
     assert result.failed == 0 and set(result.statuses) == {200}, (result.statuses, result.errors[:5])
@@ -362,7 +370,7 @@ def test_consul_acl_token_comes_from_the_flag_or_the_environment(consul_with_acl
             assert "token" not in json.dumps(st["registry"]).lower()
             with local_http() as c:
                 services = c.get(f"{http}/v1/agent/services", headers={"X-Consul-Token": ACL_TOKEN}).json()
-            assert {"hello-v1-0", "hello-v2-0"} <= set(services), how
+            assert {"hello-v1-0", "hello-v2-0"} <= workload_names(services), how
             # Pilot, a child process, watches with the token too: the endpoints reach the proxies.
             outbound = int(st["workloads"][0]["outbound_address"].rsplit(":", 1)[1])
             wait_for(lambda: answers_only(outbound, "http://hello:9080/", {"v1", "v2"}), what=f"routing with the token ({how})")
@@ -419,9 +427,10 @@ def test_eureka_has_every_sidecar_up_with_labels_address_and_lease(eureka_mesh, 
     st = eureka_mesh["status"]
     assert st["registry"]["url"] == str(eureka_server) and st["registry"]["reachable"] is True
     docs = eureka_instances(eureka_server, "HELLO")
-    assert set(docs) == {w["name"] for w in st["workloads"]}
+    assert set(docs) == {w["registry_id"] for w in st["workloads"]}
     for w in st["workloads"]:
-        d = docs[w["name"]]
+        assert w["registry_id"] == f"{w['name']}@{w['inbound_address']}"
+        d = docs[w["registry_id"]]
         assert d["status"] == "UP" and d["vipAddress"] == "hello"
         assert f"{d['ipAddr']}:{d['port']['$']}" == w["inbound_address"]
         assert d["metadata"]["version"] == w["version"]
@@ -474,7 +483,7 @@ def test_eureka_down_under_load_then_back(eureka_mesh, eureka_server, tmp_path):
         eureka_server.start()  # an empty registry: it forgot every instance
     # generous bounds (polled, so a quick recovery is not slowed): a restarted JVM on a busy CI machine
     wait_for(lambda: status(work)["registry"]["reachable"], timeout=30, what="status shows the registry reachable")
-    wait_for(lambda: {"hello-v1-0", "hello-v2-0"} <= set(eureka_instances(eureka_server, "HELLO")), timeout=40,
+    wait_for(lambda: {"hello-v1-0", "hello-v2-0"} <= workload_names(eureka_instances(eureka_server, "HELLO")), timeout=40,
              what="sidecars registered again")
     wait_for(lambda: answers_only(out, "http://hello:9080/", {"v1", "v2"}), timeout=40, what="routing again")
     port = free_port()
@@ -487,7 +496,7 @@ def test_eureka_down_under_load_then_back(eureka_mesh, eureka_server, tmp_path):
 @pytest.mark.eureka
 def test_eureka_instance_removed_by_up_is_out_of_service_then_deleted_without_failed_requests(eureka_mesh, eureka_server):
     def v2_state():
-        doc = eureka_instances(eureka_server, "HELLO").get("hello-v2-0")
+        doc = next((d for i, d in eureka_instances(eureka_server, "HELLO").items() if i.startswith("hello-v2-0@")), None)
         return doc["status"] if doc else None
 
     result, seen = remove_v2_under_load(eureka_mesh, v2_state)

@@ -136,6 +136,13 @@ def test_gateways_register_in_the_hosts_locality_as_workloads_do(tmp_path):
         cfg = compile_proxy(Inputs(load_resources_text("", "r.yaml"), snap), workload_node(plan.workloads[0], spec))
         eps = [e for c in cfg.clusters.values() if c.service.startswith("ingress.istio-system") for e in c.endpoints]
         assert eps and {e.locality for e in eps} == {locality}
+    # in a registry every host shares (Consul, Eureka) the ids name the host: where each is registered
+    w = plan.workloads[0]
+    assert workload_instance(w).id == w.name  # the embedded registry: one host
+    assert workload_instance(w, shared=True).id == f"{w.name}@{w.address}:{w.inbound_port}"
+    shared = gateway_instances(plan.gateways[0], "10.0.0.11", shared=True)
+    assert [i.id for i in shared] == [f"{plan.gateways[0].name}-{p}@{i.address}:{i.port}"
+                                      for p, i in zip(sorted(plan.gateways[0].ports), shared)]
     # without a host locality, none is claimed
     spec = replace(spec, settings=replace(spec.settings, locality=""))
     assert META_LOCALITY not in gateway_instances(make_plan(spec, tmp_path, lambda p: True).gateways[0])[0].meta

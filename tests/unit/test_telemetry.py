@@ -108,6 +108,14 @@ def test_workload_name_drops_the_replica_index():
     assert workload_name("ingressgateway") == "ingressgateway"
 
 
+def test_workload_name_of_a_shared_registry_id_is_the_same_workload_on_every_host():
+    # Consul/Eureka ids name the host (supervisor/registration.py): Istio's workload label is
+    # the deployment, the same for ratings-v1-0 of two hosts
+    assert workload_name("ratings-v1-0@10.0.0.12:15006") == "ratings-v1"
+    assert workload_name("ratings-v1-0@[fd00::2]:15006") == "ratings-v1"
+    assert workload_name("istio-ingressgateway-80@10.0.0.11:8080") == "istio-ingressgateway"
+
+
 def _rq(direction: str, headers):
     return SimpleNamespace(listener=SimpleNamespace(direction=direction), headers=headers, peer=None,
                            rt=SimpleNamespace(telemetry=Telemetry(PRODUCTPAGE)))
