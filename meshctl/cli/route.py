@@ -429,6 +429,9 @@ def explain(
         k, v = h.split(":", 1)
         headers.append((k.strip().lower(), v.strip()))
     cfg = control(sd).offline_config(source)
+    if source and cfg.workload.name == f"{source}-explain":  # no proxy of that service has registered
+        err_console.print(f"warning: no proxy of service {source!r} runs in this mesh: explaining for a caller "
+                          f"labelled app={source} (check the name: `meshctl status`)", highlight=False)
     table = cfg.route_tables.get("outbound")
     if table is None:
         fail("no outbound routes compiled")

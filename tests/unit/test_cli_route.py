@@ -107,6 +107,8 @@ def test_explain_offline_uses_the_stored_rules_and_registry(run, tmp_path):
     assert "reviews-v2-0" in r.output and "reviews-v1-0" not in r.output
     r = run("route", "explain", "GET", "http://reviews:9080/reviews/0", "--from", "productpage")
     assert "outbound|9080|v1|reviews.default.svc.cluster.local" in r.output
+    # no productpage proxy has registered here: said, not silently explained for a made-up caller
+    assert "warning: no proxy of service 'productpage' runs in this mesh" in " ".join(r.output.split())
 
 
 def test_commands_without_a_state_dir_say_so(tmp_path, monkeypatch):
