@@ -250,9 +250,20 @@ class Registrations:
             while not await self.unseen_by_pilot([inst.plan]):
                 await trio.sleep(0.1)
 
+    async def wait_seen_by_pilot(self, plans: Iterable[WorkloadPlan]) -> None:
+        """Until Pilot routes to every one of ``plans`` (at most DRAIN_WAIT): instances
+        back in the registry, before others of their service leave it."""
+        plans = list(plans)
+        if not plans or self.embedded:
+            return  # the embedded registry is Pilot's own: registered is seen
+        with trio.move_on_after(DRAIN_WAIT):
+            while await self.unseen_by_pilot(plans):
+                await trio.sleep(0.1)
+
     async def unseen_by_pilot(self, plans: Iterable[WorkloadPlan]) -> set[str]:
-        """The names of those of ``plans`` whose registrations are missing from the endpoints
-        Pilot routes with (by registry id: another host's instance of the same name is not this one)."""
+        """The names of those of ``plans`` Pilot does not route to: their registrations
+        missing from its endpoints, unhealthy or draining (by registry id: another host's
+        instance of the same name is not this one)."""
         ids = {self.instance_id(w): w.name for w in plans}
         names = set(ids.values())
         import httpx
@@ -262,7 +273,10 @@ class Registrations:
         try:
             async with plain_http_client(timeout=2.0, headers=bearer(mesh_credential(self.ctx.state_dir))) as client:
                 data = (await client.get(f"{self.control.pilot_url}/v1/registry")).json()
-            seen = {i.get("id") for instances in data.values() for i in instances}
+            # routed to: healthy and not draining (Pilot keeps a service's last instances as
+            # unhealthy, and Eureka's OUT_OF_SERVICE ones as draining: neither gets requests)
+            seen = {i.get("id") for instances in data.values() for i in instances
+                    if i.get("healthy", True) and not i.get("draining", False)}
         except (httpx.HTTPError, ValueError, AttributeError, TypeError):
             return names
         return {name for iid, name in ids.items() if iid not in seen}

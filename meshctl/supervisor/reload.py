@@ -10,10 +10,10 @@ them to it), so a new setting cannot be accepted by a reload and ignored:
     pilotPort, portRange, meshId   |   then `up` again (meshId: where Pilot reads the rules)
     readyTimeout                   | the supervisor uses the new value at once
     pathNormalization, upgradeTypes| every sidecar and gateway is started again with it (its
-    requestTimeout, maxConnections,|   node file), one instance at a time, out of the endpoints
-    drainDuration,                 |   while it restarts; apps keep running
-    outboundTrafficPolicy,         |
-    extensionProviders, tracing    |
+    requestTimeout, maxConnections,|   node file), out of the endpoints while it restarts, in two
+    drainDuration,                 |   parallel waves: all but one instance of each service
+    outboundTrafficPolicy,         |   version, then those (workloads.restart_sidecars); apps
+    extensionProviders, tracing    |   keep running
     locality, advertise            | the same for gateways; each workload instance is started
                                    |   again (its plan changed), registered with its new locality
                                    |   or at its new address

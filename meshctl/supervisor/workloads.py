@@ -77,7 +77,12 @@ class Workloads:
     async def _health_loop(self, inst: InstanceState) -> None:
         w = inst.plan
         hc = HealthCheck(tcp=True, interval=Duration(1.0))
-        while not self.ctx.shutting_down and inst.state not in (InstancePhase.DRAINING, InstancePhase.STOPPED):
+        while not self.ctx.shutting_down and inst.state != InstancePhase.STOPPED:
+            if inst.state == InstancePhase.DRAINING:
+                # leaving the endpoints (a stop, or a restart whose sidecar comes back: the
+                # checks then register it again, so the loop waits here rather than ends)
+                await trio.sleep(lifecycle.FAST_CHECK)
+                continue
             # mesh.yaml as now in force (a reload may change the check); a service a reload
             # removed keeps its last check until its instance is stopped
             svc = next((s for s in self.ctx.spec.services if s.name == w.service), None)
@@ -124,27 +129,56 @@ class Workloads:
 
     async def restart_sidecars(self, why: str, timeout: float) -> None:
         """Start every sidecar whose node (nodes/<name>.json) differs under mesh.yaml as
-        now in force with its new node, one instance at a time (its app keeps running):
-        out of the endpoints first, back in once healthy, then the next one."""
+        now in force with its new node (its app keeps running). Each goes out of the
+        endpoints first (drained until Pilot no longer routes to it) and comes back in
+        once healthy. Two waves, each in parallel, so a reload takes the same time for
+        one instance or fifty: first every changed instance but one of each service
+        version (that one keeps serving), then, once the first wave is back and seen by
+        Pilot, the ones held back. A version with one instance only has none to serve
+        while it restarts, as before."""
+        changed: list[tuple[InstanceState, Node]] = []
+        serving: dict[tuple[str, str], int] = {}  # instances of a service version that are not restarted
         for name in sorted(self.instances):
             inst = self.instances.get(name)
             if inst is None or inst.state == InstancePhase.STOPPED:
                 continue
             node = self.node(inst.plan)
+            key = (inst.plan.service, inst.plan.version)
             if node == inst.node:
+                serving[key] = serving.get(key, 0) + 1
+            else:
+                changed.append((inst, node))
+        first: list[tuple[InstanceState, Node]] = []
+        held: list[tuple[InstanceState, Node]] = []
+        for inst, node in changed:
+            key = (inst.plan.service, inst.plan.version)
+            if serving.get(key, 0) == 0 and not any((i.plan.service, i.plan.version) == key for i, _ in held):
+                held.append((inst, node))
+            else:
+                first.append((inst, node))
+        for wave in (first, held):
+            if not wave:
                 continue
-            self._write_node(name, node)
-            inst.node = node
-            await self.registrations.drain(inst)
-            if inst.registered:
-                await self.registrations.deregister(inst, drain=inst.state != InstancePhase.DRAINING)
-            inst.set_health(lifecycle.on_process_lost(inst.health()))
-            inst.fast_checks = True
-            old_pid = inst.proxy.pid
-            await self.procs.restart(inst.proxy, why)
-            with trio.move_on_after(timeout):
-                while (inst.proxy.pid in (None, old_pid) or inst.state != InstancePhase.READY) and not self.ctx.shutting_down:
-                    await trio.sleep(0.05)
+            async with trio.open_nursery() as n:
+                for inst, node in wave:
+                    n.start_soon(self._restart_sidecar, inst, node, why, timeout)
+            if wave is first and held:
+                await self.registrations.wait_seen_by_pilot([i.plan for i, _ in first if i.registered])
+
+    async def _restart_sidecar(self, inst: InstanceState, node: Node, why: str, timeout: float) -> None:
+        name = inst.plan.name
+        self._write_node(name, node)
+        inst.node = node
+        await self.registrations.drain(inst)
+        if inst.registered:
+            await self.registrations.deregister(inst, drain=inst.state != InstancePhase.DRAINING)
+        inst.set_health(lifecycle.on_process_lost(inst.health()))
+        inst.fast_checks = True
+        old_pid = inst.proxy.pid
+        await self.procs.restart(inst.proxy, why)
+        with trio.move_on_after(timeout):
+            while (inst.proxy.pid in (None, old_pid) or inst.state != InstancePhase.READY) and not self.ctx.shutting_down:
+                await trio.sleep(0.05)
 
     def status(self) -> list[dict[str, Any]]:
         return [
