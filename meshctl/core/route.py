@@ -902,12 +902,28 @@ class Router:
         cv, _ = self._lookup(authority)
         return cv.vh if cv is not None else None
 
+    def elsewhere(self, authority: str) -> list[str]:
+        """For a short name no virtual host serves (``reviews``): the ``name.namespace``
+        domains that do serve that name in other namespaces (``reviews.bookinfo``), as a
+        hint for the reply; a short name is only the caller's own namespace's service
+        (pilot/compile.py domains_for). Called on the miss path only."""
+        host = authority.lower().rsplit(":", 1)[0] if authority.count(":") == 1 else authority.lower()
+        if not host or "." in host or "*" in host:
+            return []
+        return sorted({d for cv in self._vhosts for d in cv.vh.domains
+                       if d.startswith(host + ".") and d.count(".") == 1 and ":" not in d})
+
+    def _no_vhost_hint(self, authority: str) -> str:
+        other = self.elsewhere(authority)
+        return (f" (a short name is a service of the caller's own namespace; other namespaces have "
+                f"{', '.join(other)})") if other else ""
+
     # ------------------------------------------------------------ decisions
 
     def decide(self, req: RequestView, rand: random.Random) -> Decision:
         cv, _ = self._lookup(req.authority)
         if cv is None:
-            return NoRoute(404, f"no virtual host for {req.authority or '(no authority)'}")
+            return NoRoute(404, f"no virtual host for {req.authority or '(no authority)'}{self._no_vhost_hint(req.authority)}")
         r = _Req(req)
         for route in cv.routes:
             m = route.first_match(r)
@@ -924,7 +940,8 @@ class Router:
         ]
         cv, how = self._lookup(req.authority)
         if cv is None:
-            lines.append(f"no virtual host for {req.authority!r} in route table {self.table.name!r} → 404")
+            lines.append(f"no virtual host for {req.authority!r} in route table {self.table.name!r} → 404"
+                         f"{self._no_vhost_hint(req.authority)}")
             return lines
         lines.append(f"virtual host {cv.vh.name!r}, selected by {how}")
         r = _Req(req)

@@ -34,7 +34,7 @@ from ..core.authz import AuthzRequest, authorize, custom_check
 from ..core.cors import cors
 from ..core.fault import decide_fault
 from ..core.pathnorm import PathRejected, normalize_path
-from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView
+from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, Router
 from ..model.base import FrozenDict
 from ..model.istio import HeaderOperations
 from ..model.proxyconfig import Listener, ProxyConfig
@@ -135,20 +135,22 @@ class RouteStage:
             return LocalReply(d.status, d.body, list(d.headers))
         if type(d) is NoRoute:
             if lst.direction == "outbound" and router.virtual_host(authority) is None:
-                return unknown_host(rq, authority)
+                return unknown_host(rq, authority, router)
             r = failure_reply(F.NR, d.status or 404, d.reason)
             return r
         raise TypeError(f"router returned {d!r}")  # pragma: no cover
 
 
-def unknown_host(rq: Request, authority: str) -> LocalReply | None:
+def unknown_host(rq: Request, authority: str, router: Router | None = None) -> LocalReply | None:
     """A host no virtual host serves, on the outbound listener: Istio's outbound
     traffic policy (egress.py). None: pass through to it."""
     snap = rq.snap
     if snap.settings.outbound_traffic_policy == "REGISTRY_ONLY":
         rq.cluster = egress.blackhole_cluster(snap)
+        other = router.elsewhere(authority) if router is not None else []
+        hint = f"; a short name is of this proxy's namespace: other namespaces have {', '.join(other)}" if other else ""
         return failure_reply(F.NR, 502, f"{egress.BLACKHOLE}: {authority} is not in the mesh's registry "
-                             "(outboundTrafficPolicy REGISTRY_ONLY)")
+                             f"(outboundTrafficPolicy REGISTRY_ONLY){hint}")
     target = egress.split_authority(authority, 443 if rq.head.scheme == "https" else 80)
     if target is None:
         return failure_reply(F.NR, 404, f"no route for {authority!r}")

@@ -23,7 +23,8 @@ def write_mesh(work: Path, mesh_id: str, ns: str, version: str, caller: str, reg
     hello = f"[python3, {HELLO_APP}]"
     work.mkdir(parents=True, exist_ok=True)
     (work / "mesh.yaml").write_text(
-        f"settings: {{portRange: {mesh_ports()[0]}, meshId: {mesh_id}, namespace: {ns}, registry: '{registry}'}}\n"
+        f"settings: {{portRange: {mesh_ports()[0]}, meshId: {mesh_id}, namespace: {ns}, registry: '{registry}'"
+        f"{', outboundTrafficPolicy: REGISTRY_ONLY' if ns == 'bookinfo' else ''}}}\n"
         "services:\n"
         f"- name: reviews\n  port: 9080\n  versions:\n  - {{name: {version}, command: {hello}}}\n"
         f"- name: {caller}\n  port: 9081\n  versions:\n  - {{name: v1, command: {hello}}}\n")
@@ -72,6 +73,11 @@ def test_a_short_name_reaches_the_callers_own_namespace(consul_agent, tmp_path):
                 assert versions(outbound[ns], a) == Counter({own: 6}), (ns, a)
             for a in (f"reviews.{other}:9080", f"reviews.{other}.svc:9080", f"reviews.{other}.svc.cluster.local:9080"):
                 assert versions(outbound[ns], a) == Counter({theirs: 6}), (ns, a)
+
+        # shop's buyer by its short name from bookinfo: no service of bookinfo; the reply says where it is
+        code, body = http_get(outbound["bookinfo"], "http://buyer:9081/", host="buyer:9081")
+        assert code == 502 and b"other namespaces have buyer.shop" in body, (code, body)
+        assert versions(outbound["bookinfo"], "buyer.shop:9081", 2) == Counter({"v1": 2})
 
         # a rule of a third namespace naming `reviews` short: its own namespace's (none), said naming both
         vs = tmp_path / "vs.yaml"

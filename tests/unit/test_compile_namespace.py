@@ -176,3 +176,19 @@ def test_a_rule_routes_the_service_of_its_own_namespace_for_callers_of_every_nam
         vs = r.virtual_host("reviews.shop:9080")
         assert [(d.destination.host, d.destination.subset) for d in vs.routes[0].route] == \
             [("reviews.shop.svc.cluster.local", None)], caller
+
+
+def test_a_short_name_of_another_namespace_only_is_answered_with_where_it_is():
+    # a caller of namespace default asks for `reviews`, which only shop and bookinfo have:
+    # the reply (and route explain) names them, so a user of the looser resolution knows why
+    from meshctl.core.route import NoRoute, RequestView
+    import random
+
+    r = outbound_router("default")
+    assert r.elsewhere("reviews:9080") == ["reviews.bookinfo", "reviews.shop"]
+    assert r.elsewhere("reviews.shop:9080") == [] and r.elsewhere("nothing") == []
+    d = r.decide(RequestView(method="GET", scheme="http", path="/", authority="reviews:9080", headers=()), random.Random(0))
+    assert isinstance(d, NoRoute) and d.reason.endswith(
+        "(a short name is a service of the caller's own namespace; other namespaces have reviews.bookinfo, reviews.shop)")
+    assert "other namespaces have reviews.bookinfo, reviews.shop" in r.explain(
+        RequestView(method="GET", scheme="http", path="/", authority="reviews", headers=()))[-1]
