@@ -224,7 +224,7 @@ def _load_object(
     if api_version is None:
         err(av_path, _missing("apiVersion", obj))
     elif (isinstance(api_version, str) and isinstance(kind, str) and _is_kubernetes(api_version)
-          and all(k != kind for (_, k) in SPEC_TYPES)):
+          and all(k != kind for (_, k) in SPEC_TYPES) and kind_refusal(api_version.split("/")[0], kind) is None):
         # Istio's samples put a Service, a ServiceAccount and a Deployment beside the rules
         err(kind_path, f"{kind} ({api_version}) is a Kubernetes object, not an Istio rule: meshctl runs no Kubernetes; "
                        "a service, its versions and their commands go in mesh.yaml's services: (see examples/bookinfo/mesh.yaml)")

@@ -85,6 +85,12 @@ KINDS: dict[tuple[str, str], str] = {
     ("networking.istio.io", "EnvoyFilter"): "meshctl's proxy is not Envoy and takes no Envoy filter configuration",
     ("networking.istio.io", "ProxyConfig"): "proxy settings come from mesh.yaml's settings",
     ("extensions.istio.io", "WasmPlugin"): "no Wasm plug-ins",
+    # Istio's v1alpha1 routing API, removed in 0.8; old samples still carry it
+    ("config.istio.io", "RouteRule"): "Istio's v1alpha1 routing API was removed in 0.8: use a VirtualService",
+    ("config.istio.io", "DestinationPolicy"): "Istio's v1alpha1 routing API was removed in 0.8: use a DestinationRule",
+    ("config.istio.io", "EgressRule"): "Istio's v1alpha1 routing API was removed in 0.8: use a ServiceEntry",
+    ("extensions", "Ingress"): "a Kubernetes Ingress: use a networking.istio.io Gateway and VirtualService",
+    ("networking.k8s.io", "Ingress"): "a Kubernetes Ingress: use a networking.istio.io Gateway and VirtualService",
 }
 
 # API groups Istio itself removed, whose files still circulate (Istio's samples/bookinfo/policy):

@@ -279,3 +279,14 @@ def test_kubernetes_objects_beside_istios_rules_say_where_services_go():
     # the Kubernetes Gateway API is Istio's too: refused by name, with what to use instead
     msgs = _messages("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: x\nspec: {}\n")
     assert any("f.yaml:2: kind: meshctl does not implement HTTPRoute yet" in m and "VirtualService" in m for m in msgs), msgs
+
+
+def test_istios_removed_v1alpha1_routing_and_kubernetes_ingress_say_what_replaced_them():
+    # Istio's samples/httpbin/destinationpolicies/httpbin-circuit-breaker.yaml, unchanged
+    path = REFUSED / "httpbin-circuit-breaker.yaml"
+    (msg,) = _validate_file(path)
+    assert msg.startswith(f"{path}:2: kind: meshctl does not implement DestinationPolicy yet") and "DestinationRule" in msg, msg
+    for api in ("extensions/v1beta1", "networking.k8s.io/v1"):
+        msgs = _messages(f"apiVersion: {api}\nkind: Ingress\nmetadata:\n  name: x\nspec: {{}}\n")
+        assert any("f.yaml:2: kind: meshctl does not implement Ingress yet" in m and "Gateway and VirtualService" in m
+                   for m in msgs), msgs
