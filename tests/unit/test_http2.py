@@ -531,6 +531,74 @@ def test_malformed_header_block_is_a_connection_error():
     assert goaway_of(server.data_to_send()).error_code == 0x1  # PROTOCOL_ERROR
 
 
+_GOOD_REQUEST = [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/")]
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param(_GOOD_REQUEST + [("x-upper", "1"), ("X-Upper", "1")], id="uppercase name after a valid one"),
+    pytest.param(_GOOD_REQUEST + [("", "1")], id="empty name"),
+    pytest.param(_GOOD_REQUEST + [("x-a ", "1")], id="whitespace after a name"),
+    pytest.param(_GOOD_REQUEST + [("x-a", " 1")], id="whitespace before a value"),
+    pytest.param(_GOOD_REQUEST + [("x-a", "1\t")], id="whitespace after a value"),
+    pytest.param(_GOOD_REQUEST + [("connection", "close")], id="connection"),
+    pytest.param(_GOOD_REQUEST + [("transfer-encoding", "chunked")], id="transfer-encoding"),
+    pytest.param(_GOOD_REQUEST + [("te", "gzip")], id="te other than trailers"),
+    pytest.param(_GOOD_REQUEST + [("x-a", "1"), (":foo", "x")], id="pseudo-header after a regular field"),
+    pytest.param(_GOOD_REQUEST + [(":path", "/again")], id="duplicate pseudo-header"),
+    pytest.param(_GOOD_REQUEST + [(":foo", "x")], id="unknown pseudo-header"),
+    pytest.param(_GOOD_REQUEST + [(":status", "200")], id="response pseudo-header in a request"),
+    pytest.param(_GOOD_REQUEST + [(":protocol", "websocket")], id=":protocol without CONNECT"),
+    pytest.param(_GOOD_REQUEST[1:], id="no :method"),
+    pytest.param([f for f in _GOOD_REQUEST if f[0] != ":path"], id="no :path"),
+    pytest.param([f for f in _GOOD_REQUEST if f[0] != ":scheme"], id="no :scheme"),
+    pytest.param([f if f[0] != ":path" else (":path", "") for f in _GOOD_REQUEST], id="empty :path"),
+    pytest.param([f for f in _GOOD_REQUEST if f[0] != ":authority"], id="no :authority nor host"),
+    pytest.param(_GOOD_REQUEST + [("host", "b")], id=":authority and host disagree"),
+])
+def test_each_malformed_request_block_is_a_connection_error(fields):
+    # h2's inbound validation rules (RFC 9113 8.2-8.3), which the codec checks itself in one pass
+    server = H2Server()
+    raw_client(server)
+    ok = Encoder().encode(_GOOD_REQUEST + [("x-upper", "1"), ("host", "a")])
+    evs = server.feed(HeadersFrame(1, ok, flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert by_type(evs, RequestHead)[0].headers == [("x-upper", "1"), ("host", "a")]
+    server.data_to_send()
+    with pytest.raises(ProtocolError) as ei:
+        server.feed(HeadersFrame(3, Encoder().encode(fields), flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert ei.value.status == 400
+    assert goaway_of(server.data_to_send()).error_code == 0x1  # PROTOCOL_ERROR
+
+
+def test_malformed_trailers_and_responses_are_connection_errors():
+    # trailers with a pseudo-header (server side)
+    server = H2Server()
+    raw_client(server)
+    enc = Encoder()
+    server.feed(HeadersFrame(1, enc.encode(_GOOD_REQUEST), flags=["END_HEADERS"]).serialize())
+    with pytest.raises(ProtocolError):
+        server.feed(HeadersFrame(1, enc.encode([(":path", "/x")]), flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert goaway_of(server.data_to_send()).error_code == 0x1
+    # responses (client side): no :status; a request pseudo-header in a response
+    for block in ([("content-type", "text/plain")], [(":status", "200"), (":path", "/")]):
+        client = H2Client()
+        client.initiate()
+        client.feed(SettingsFrame(0).serialize())
+        sid, _ = client.request(RequestHead("GET", "/", [], authority="a", path="/"), end_stream=True)
+        with pytest.raises(ProtocolError) as ei:
+            client.feed(HeadersFrame(sid, Encoder().encode(block), flags=["END_HEADERS", "END_STREAM"]).serialize())
+        assert ei.value.status == 502
+        assert goaway_of(client.data_to_send()).error_code == 0x1
+    # and a valid response with trailers still passes
+    p = Pair()
+    sid = p.req()
+    sev, _ = p.pump()
+    p.to_c += p.s.response_head(sid, ResponseHead(200, [("content-type", "text/plain")]))
+    p.to_c += p.s.data(sid, b"hi") + p.s.end(sid, [("grpc-status", "0")])
+    _, cev = p.pump()
+    assert by_type(cev, ResponseHead)[0].status == 200
+    assert by_type(cev, EndOfMessage)[0].trailers == [("grpc-status", "0")]
+
+
 def test_padding_is_acked_by_the_codec():
     # 300 DATA frames of 10 bytes + 255 bytes of padding: 79,800 flow-controlled
     # bytes through a 65,535-byte window. The app acks only the 10 data bytes it
