@@ -146,9 +146,9 @@ def up(
     except LoadError as e:
         fail(f"bad mesh file:\n{e}")
     sd.mkdir(parents=True, exist_ok=True)
-    remember_current(sd)  # other commands find this mesh from any directory
     pid = _supervisor_pid(sd)
     if pid:
+        remember_current(sd)  # other commands find this mesh from any directory
         _update_running(sd, pid, file, registry, locality, advertise)
         return
     if detach:
@@ -177,6 +177,9 @@ def _supervise(sd: Path, file: Path, registry: Optional[str], consul_token: Opti
     async def main() -> None:
         async with trio.open_nursery() as n:
             await n.start(sup.run)
+            # other commands find this mesh from any directory; not one that failed to come up,
+            # which would hide the mesh that runs
+            remember_current(sd)
             if not quiet:
                 print_table(sup.status())
                 console.print(f"mesh up in {time.monotonic() - started:.2f}s; Ctrl-C stops it", style="bold")
