@@ -18,7 +18,6 @@ Decoding goes on after an error, so one pass reports every problem.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import re
 import types
@@ -182,6 +181,8 @@ def _suggest(key: str, known: Sequence[str]) -> str | None:
     lower = {k.lower(): k for k in known}
     if key.lower() in lower:
         return lower[key.lower()]
+    import difflib  # error messages only
+
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return close[0] if close else None
 

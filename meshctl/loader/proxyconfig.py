@@ -22,14 +22,12 @@ apply (from Pilot or a file), so both accept and refuse the same configs:
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..model.istio import Destination
 from ..model.proxyconfig import ProxyConfig, cluster_name, settings_problems
 from .codec import LineMap, LoadError, decode_collect, join_path, line_of, raise_errors, to_data
-from .source import parse_documents
 
 __all__ = ["load_proxy_config", "load_proxy_config_text", "dump_proxy_config", "check_proxy_config"]
 
@@ -60,6 +58,8 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
 
 
 def load_proxy_config_text(text: str, file: str = "<config>") -> ProxyConfig:
+    from .source import parse_documents  # YAML: a sidecar under Pilot gets JSON and never loads it
+
     docs, errors = parse_documents(text, file)
     raise_errors(errors)
     if len(docs) != 1:
@@ -89,6 +89,8 @@ def _fill_names(data: Any) -> Any:
 
 
 def _choices(value: str, allowed: Sequence[str]) -> str:
+    import difflib  # error messages only
+
     same_case = [a for a in allowed if a.lower() == value.lower()]
     hint = same_case or difflib.get_close_matches(value, list(allowed), n=1)
     if hint:
@@ -122,6 +124,8 @@ def check_proxy_config(cfg: ProxyConfig, *, file: str = "<config>", lines: LineM
             return
         name = cluster_name(dest.host, dest.port.number, dest.subset)
         if name not in cfg.clusters:
+            import difflib  # error messages only
+
             hint = difflib.get_close_matches(name, list(cfg.clusters), n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             err(field, f"cluster {name!r} is not defined in clusters{extra}")
