@@ -91,7 +91,7 @@ async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNOR
         log.error("%s is set but %s is not: no certificate can be requested", ENV_URL, ENV_TOKEN)
         task_status.started()
         return
-    from ..citadel.server import CertificateSource
+    from ..citadel.client import CertificateSource
     from .sidecar_certs import SidecarCertificates
     from .tls import keep_renewed
 

@@ -23,11 +23,10 @@ import logging
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import httpx
 import trio
 
 from ..loader.codec import LoadError, from_data, to_data
-from ..loopback import plain_http_client
+from ..plainhttp import HTTPError, HTTPStatusError, PlainHTTPClient
 from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
 from ..model.proxyconfig import Node
@@ -76,7 +75,7 @@ class PilotClient:
     async def run(self) -> None:
         backoff = 0.1
         headers = {"authorization": f"Bearer {self.credential}"} if self.credential else None
-        async with plain_http_client(timeout=httpx.Timeout(10.0, read=None), headers=headers) as client:
+        async with PlainHTTPClient(timeout=10.0, read_timeout=None, headers=headers) as client:
             registered = False
             while True:
                 try:
@@ -96,20 +95,20 @@ class PilotClient:
                     if r.status_code == 304:
                         continue
                     await self._take(client, r.json())
-                except (httpx.HTTPError, ValueError) as e:
-                    answer = e.response if isinstance(e, httpx.HTTPStatusError) else None
+                except (HTTPError, ValueError) as e:
+                    answer = e.response if isinstance(e, HTTPStatusError) else None
                     refused = answer is not None and answer.status_code in (401, 403)
                     if answer is not None and refused and (self.connected or not self.last_error):
                         log.error("Pilot at %s refused this proxy (%d): %s; serving config %s, retrying", self.url,
                                   answer.status_code, answer.text.strip()[:300], self.version or "(none)")
                     elif self.connected or not self.last_error:
-                        log.warning("Pilot at %s unreachable (%s); serving config %s, retrying", self.url, e.__class__.__name__, self.version or "(none)")
+                        log.warning("Pilot at %s unreachable (%s); serving config %s, retrying", self.url, e, self.version or "(none)")
                     self.connected, self.last_error = False, f"{e.__class__.__name__}: {e}"
                     registered = False
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
 
-    async def _take(self, client: httpx.AsyncClient, data: dict) -> None:
+    async def _take(self, client: PlainHTTPClient, data: dict) -> None:
         version = str(data.get("version", ""))
         try:
             cfg = from_data(ProxyConfig, data, path="", file=f"pilot config {version}")

@@ -65,3 +65,18 @@ def test_the_sidecar_hands_free_heap_pages_back_to_the_kernel():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) > 20_000  # kB given back
 
+
+def test_a_sidecar_under_pilot_with_a_citadel_identity_loads_no_yaml_httpx_or_citadel_server():
+    # what `meshctl up` runs: Pilot sends JSON (YAML, pyyaml + its C extension, is for
+    # `proxy run --config FILE`); Pilot and Citadel are asked over meshctl.plainhttp (httpx
+    # is ~1.6 MB); the certificate client is citadel.client, not the CA's server and store;
+    # difflib is for "did you mean" in config errors
+    code = (
+        "import sys, json\n"
+        "import meshctl.proxy.main, meshctl.proxy.runtime, meshctl.proxy.pilot_client, meshctl.proxy.identity\n"
+        "import meshctl.citadel.client, meshctl.proxy.sidecar_certs\n"
+        "print(json.dumps([m for m in ('yaml', 'difflib', 'httpx', 'meshctl.citadel.server', 'meshctl.citadel.store',"
+        " 'meshctl.httpapi', 'meshctl.loopback') if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
