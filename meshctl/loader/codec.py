@@ -22,7 +22,6 @@ import json
 import re
 import types
 import typing
-from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any, Mapping, Sequence, TypeVar, Union
 
@@ -191,16 +190,7 @@ def _suggest(key: str, known: Sequence[str]) -> str | None:
 
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT = {
-    "ns": Decimal("1e-9"),
-    "us": Decimal("1e-6"),
-    "µs": Decimal("1e-6"),
-    "ms": Decimal("0.001"),
-    "s": Decimal(1),
-    "m": Decimal(60),
-    "h": Decimal(3600),
-}
-_NANO = Decimal("1e-9")
+_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
 
 
 def parse_duration(text: str) -> Duration:
@@ -214,14 +204,13 @@ def parse_duration(text: str) -> Duration:
         raise ValueError(
             f"invalid duration {text!r} (use a number and a unit: '1.5s', '250ms', '3m', '1h')"
         )
-    total = Decimal(0)
-    try:
-        for number, unit in _DURATION_PART.findall(s):
-            total += Decimal(number) * _UNIT[unit]
-    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
-        raise ValueError(f"invalid duration {text!r}") from None
+    # Exact sum in integers (the sidecar does without the decimal module): every part is
+    # whole.frac × unit; scaled by 10**digits, the largest fraction's digit count.
+    parts = [(number.partition("."), _UNIT_NS[unit]) for number, unit in _DURATION_PART.findall(s)]
+    digits = max(len(frac) for (_, _, frac), _ in parts)
+    scaled = sum(int((whole or "0") + frac.ljust(digits, "0")) * ns for (whole, _, frac), ns in parts)
     # Go truncates to nanoseconds; so do we, which keeps format/parse exact.
-    return Duration(float(total.quantize(_NANO, rounding="ROUND_DOWN")))
+    return Duration(scaled // 10**digits / 10**9)
 
 
 # ---------------------------------------------------------------- decode

@@ -11,7 +11,8 @@ import sys
 # libraries a sidecar with a plain HTTP listener never needs
 HEAVY = ("cryptography", "httpx", "typer", "rich", "pydantic", "meshctl.loader.validate", "meshctl.loader.resources",
          "meshctl.citadel.identity",
-         "re2")  # RE2 (+ the C++ runtime, ~2.5 MB): loaded by the first regex a rule carries
+         "re2",  # RE2 (+ the C++ runtime, ~2.5 MB): loaded by the first regex a rule carries
+         "decimal")  # durations are parsed in integers
 
 
 def test_a_plain_sidecar_runtime_imports_no_heavy_library():
