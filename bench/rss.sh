@@ -11,7 +11,9 @@
 #
 # Load through each client-side sidecar: REQUESTS keep-alive requests over 16 connections
 # (h2load --h1), then 5 × 40 short connections (curl, one request each) (connection churn).
-# Reported per sidecar: VmRSS idle (ready, before load), VmRSS after load, VmHWM (peak).
+# Reported per sidecar: VmRSS idle (ready, before load), VmRSS after load, VmHWM (peak), and
+# PSS after load (smaps_rollup: pages shared with the other sidecars, such as libpython's and
+# cryptography's code, counted in shares; a fairer cost per sidecar when many run).
 # Last line: one JSON object ({"bench": "rss", ...}); MB = 1024 kB.
 # MESHCTL=/path/to/meshctl and PY=/path/to/python override the binaries.
 set -euo pipefail
@@ -32,7 +34,9 @@ rss_cleanup() {
 trap rss_cleanup EXIT
 need_tools nginx:nginx-light h2load:nghttp2-client curl:curl
 
-mem() { awk '/^VmRSS:/{r=$2} /^VmHWM:/{h=$2} END{print r+0, h+0}' "/proc/$1/status"; }
+mem() { # pid → "rss_kb hwm_kb pss_kb" (PSS: shared pages, e.g. of libraries every sidecar maps, divided among them)
+  echo "$(awk '/^VmRSS:/{r=$2} /^VmHWM:/{h=$2} END{print r+0, h+0}' "/proc/$1/status") $(awk '/^Pss:/{print $2}' "/proc/$1/smaps_rollup")"
+}
 
 load() { # url host
   h2load --h1 -n "$REQUESTS" -c 16 -t 1 -H ":authority: $2" "$1" >"$WORK/h2load.out" 2>&1
@@ -114,12 +118,13 @@ for k in plain_client plain_server mtls_client mtls_server up_client up_server; 
 import json, sys
 rows = {}
 for line in """$ROWS""".strip().splitlines():
-    k, i_rss, _i_hwm, a_rss, a_hwm = line.split()
-    rows[k] = {"idle": round(int(i_rss) / 1024, 1), "after": round(int(a_rss) / 1024, 1), "hwm": round(int(a_hwm) / 1024, 1)}
+    k, i_rss, _i_hwm, _i_pss, a_rss, a_hwm, a_pss = line.split()
+    rows[k] = {"idle": round(int(i_rss) / 1024, 1), "after": round(int(a_rss) / 1024, 1), "hwm": round(int(a_hwm) / 1024, 1),
+               "pss_after": round(int(a_pss) / 1024, 1)}
 print(f"# sidecar RSS, MB (1024 kB) — {sys.argv[1]} keep-alive requests + 200 short connections per pair")
-print(f"{'sidecar':<14}{'idle':>8}{'after':>8}{'peak':>8}")
+print(f"{'sidecar':<14}{'idle':>8}{'after':>8}{'peak':>8}{'PSS after':>11}")
 for k, v in rows.items():
-    print(f"{k:<14}{v['idle']:>8}{v['after']:>8}{v['hwm']:>8}")
+    print(f"{k:<14}{v['idle']:>8}{v['after']:>8}{v['hwm']:>8}{v['pss_after']:>11}")
 worst = lambda *ks: max(rows[k]["after"] for k in ks)
 summary = {"plain": worst("plain_client", "plain_server"), "mtls": worst("mtls_client", "mtls_server"),
            "up": worst("up_client", "up_server")}
