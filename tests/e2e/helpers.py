@@ -173,6 +173,11 @@ class LoadGenerator:
         for t in self._threads:
             t.join(10)
 
+    def total_so_far(self) -> int:
+        """Requests done (answered or failed) so far, read while the load runs."""
+        with self._lock:
+            return self.result.total
+
     def _record(self, status: int | None, body: bytes = b"", error: str = "") -> None:
         with self._lock:
             if status is None:

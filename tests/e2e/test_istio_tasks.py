@@ -92,7 +92,7 @@ def test_fault_injection_delay_for_jason_hits_productpage_timeouts(mesh):
     assert 5.5 <= took <= 8.0, took
     for _ in range(3):
         took, body = page(mesh)
-        assert took < 1.5, took
+        assert took < 3.0, took  # not delayed (jason's delay is 7 s); slack for a loaded machine
         assert REVIEWS_UNAVAILABLE not in body and "Reviewer1" in body and stars(body) == "v1"
 
 
@@ -102,7 +102,7 @@ def test_fault_injection_abort_for_jason_only(mesh):
     for _ in range(3):
         took, body = page(mesh, "jason")
         assert RATINGS_UNAVAILABLE in body and "Reviewer1" in body, body[-800:]
-        assert took < 1.5
+        assert took < 3.0  # answered at once (an abort, not a timeout); slack for a loaded machine
         _, body = page(mesh)
         assert RATINGS_UNAVAILABLE not in body and stars(body) == "v1"
 
@@ -172,7 +172,7 @@ def test_inject_fault_with_ttl_slows_jason_then_ends_without_the_cli(mesh):
 
     # A TTL long enough for the checks below on a loaded machine (each CLI call
     # starts a Python process); the CLI waits until every proxy has the fault.
-    ttl = 6.0
+    ttl = 12.0
     started = time.monotonic()
     out = meshctl("inject-fault", "ratings", "--delay", "2s", "--match", "header:end-user=jason", "--ttl", f"{ttl:g}s",
                   cwd=d).stdout
