@@ -22,8 +22,12 @@ echo "--version: $(awk "BEGIN {print $t1 - $t0}") s"
 t0=$(now); run up -d -f mesh.yaml >"$work/up.out" 2>&1 || { cat "$work/up.out"; exit 1; }; t1=$(now)
 echo "up -d (Bookinfo, 7 sidecars): $(awk "BEGIN {print $t1 - $t0}") s"
 run route apply --wait -f rules/bookinfo-gateway.yaml -f rules/destination-rule-all.yaml -f rules/virtual-service-all-v1.yaml
-page=$(curl -s --noproxy '*' http://127.0.0.1:32761/productpage)
-grep -q 'reviews-v1-0' <<<"$page" || { echo "productpage through the gateway did not come from reviews v1:"; echo "$page" | head -20; exit 1; }
+# Waited for with a deadline: on a loaded machine the gateway may answer a moment after `--wait`.
+deadline=$((SECONDS + 60))
+until page=$(curl -s --max-time 20 --noproxy '*' http://127.0.0.1:32761/productpage) && grep -q 'reviews-v1-0' <<<"$page"; do
+  ((SECONDS < deadline)) || { echo "productpage through the gateway did not come from reviews v1:"; echo "$page" | head -20; exit 1; }
+  sleep 1
+done
 run status
 # Every process of the mesh runs from this one file (sidecars: `meshctl __proxy__`).
 procs=0 sidecars=0 rss=0

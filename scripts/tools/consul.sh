@@ -53,7 +53,12 @@ replace launchpad.net/gocheck => github.com/go-check/check v0.0.0-20140225173054
 GOMOD
 
 # Start go.sum from consul's own so that versions it pins resolve without surprises.
-GOFLAGS=-mod=mod go mod download "github.com/hashicorp/consul@v$CONSUL_VERSION" >&2
+# The module proxy is the network: a fresh CI machine retries a failed fetch twice before giving up.
+for attempt in 1 2 3; do
+  GOFLAGS=-mod=mod go mod download "github.com/hashicorp/consul@v$CONSUL_VERSION" >&2 && break
+  ((attempt < 3)) || exit 1
+  echo "consul.sh: go mod download failed (attempt $attempt of 3); retrying in 10 s" >&2; sleep 10
+done
 CONSUL_DIR="$(go env GOMODCACHE)/github.com/hashicorp/consul@v$CONSUL_VERSION"
 cp "$CONSUL_DIR/go.sum" go.sum
 chmod u+w go.sum

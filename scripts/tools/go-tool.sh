@@ -26,7 +26,12 @@ BUILD="$(mktemp -d "$TOOLS/.$NAME-build.XXXXXX")"
 trap 'rm -rf "$BUILD"' EXIT
 
 echo "$NAME: building $MODULE@v$VERSION (the first build takes a minute or two)" >&2
-GOBIN="$BUILD" GOFLAGS="-buildvcs=false" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$MODULE@v$VERSION" >&2
+# The module proxy is the network: a fresh CI machine retries a failed fetch twice before giving up.
+for attempt in 1 2 3; do
+  GOBIN="$BUILD" GOFLAGS="-buildvcs=false" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$MODULE@v$VERSION" >&2 && break
+  ((attempt < 3)) || exit 1
+  echo "$NAME: go install failed (attempt $attempt of 3); retrying in 10 s" >&2; sleep 10
+done
 mv "$BUILD/$NAME" "$BIN"
 echo "$VERSION" > "$STAMP"
 echo "$BIN"

@@ -36,7 +36,7 @@ if command -v mvn >/dev/null; then
 else
   URL="https://repo1.maven.org/maven2/io/zipkin/zipkin-server/$ZIPKIN_VERSION/zipkin-server-$ZIPKIN_VERSION-exec.jar"
   echo "zipkin.sh: fetching $URL" >&2
-  curl -fsSL -o "$JAR.part" "$URL" && mv "$JAR.part" "$JAR"
+  curl -fsSL --retry 5 --retry-delay 5 --retry-all-errors --connect-timeout 30 -o "$JAR.part" "$URL" && mv "$JAR.part" "$JAR"
 fi
 [[ -s "$JAR" ]] || { echo "zipkin.sh: download finished but $JAR is missing" >&2; exit 1; }
 echo "$JAR"
