@@ -157,6 +157,7 @@ class LoadGenerator:
     def __init__(self, port: int, url: str, rps: float, connections: int = 5) -> None:
         self.port, self.url, self.rps, self.connections = port, url, rps, connections
         self.result = LoadResult()
+        self.marks: list[int] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -177,6 +178,17 @@ class LoadGenerator:
         """Requests done (answered or failed) so far, read while the load runs."""
         with self._lock:
             return self.result.total
+
+    def mark(self) -> None:
+        """End a phase of the test (warm-up, a restart, an outage...): see ran_in_every_phase."""
+        self.marks.append(self.total_so_far())
+
+    def ran_in_every_phase(self) -> bool:
+        """Requests were done in every phase (up to each mark, and from the last mark to the end):
+        the load really ran throughout. Counted per phase, not as a rate, which a loaded machine
+        would decide (the suite asserted "more than N requests" before, and slow runs failed it)."""
+        ends = [*self.marks, self.total_so_far()]
+        return all(b > a for a, b in zip([0, *ends], ends))
 
     def _record(self, status: int | None, body: bytes = b"", error: str = "") -> None:
         with self._lock:

@@ -246,8 +246,8 @@ def test_the_strict_check_and_claimed_identities_follow_the_instances_namespace(
 
 
 def healthy(c: httpx.Client, service: str, want: list[str]) -> list[str]:
-    """The healthy instances Pilot routes to for ``service``, once they are ``want`` (or after 5 s)."""
-    deadline = time.monotonic() + 5
+    """The healthy instances Pilot routes to for ``service``, once they are ``want`` (or after 15 s)."""
+    deadline = time.monotonic() + 15
     while True:
         got = [i["id"] for i in c.get("/v1/registry").json().get(service, []) if i.get("healthy", True)]
         if got == want or time.monotonic() > deadline:
