@@ -140,7 +140,12 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "/then-close":
             # answer with keep-alive, then close the idle connection shortly after
             sock = self.connection
-            threading.Timer(int(q.get("ms", "100")) / 1000, lambda: sock.shutdown(socket.SHUT_RDWR)).start()
+
+            def shut() -> None:
+                sock.shutdown(socket.SHUT_RDWR)
+                owner.closed_idle.set()
+
+            threading.Timer(int(q.get("ms", "100")) / 1000, shut).start()
         if route == "/slow" and q.get("only", owner.name) == owner.name:
             time.sleep(int(q.get("ms", "1000")) / 1000)
         if route == "/flaky" and q.get("only", owner.name) == owner.name:
@@ -229,6 +234,7 @@ class Upstream:
         self.connections = 0
         self.requests: list = []
         self.hits: dict[str, int] = {}
+        self.closed_idle = threading.Event()  # /then-close shut its connection down
         self._srv = _Server((address, port), _Handler)
         self._srv.owner = self
         self.port = self._srv.server_address[1]

@@ -164,9 +164,12 @@ async def test_drain_sends_goaway_and_lets_open_streams_finish(upstream):
     async with running_proxy(cfg) as rt:
         s, c = _h2_client_socket(lp, window=1 << 20)
         hdr = [(":method", "GET"), (":scheme", "http"), (":authority", "reviews:9080")]
-        c.send_headers(1, hdr + [(":path", "/slow?ms=500")], end_stream=True)
+        c.send_headers(1, hdr + [(":path", "/slow?ms=2000")], end_stream=True)
         s.sendall(c.data_to_send())
-        await trio.sleep(0.2)
+        # the stream is open (at the upstream) when the drain starts: waited for, not slept on
+        with trio.fail_after(10):
+            while not upstream.requests:
+                await trio.sleep(0.02)
         rt.drain()
         s.setblocking(False)
         raw = b""

@@ -233,8 +233,11 @@ async def test_websocket_upgrade_passes_bytes_through(upstream):
         with trio.fail_after(5):
             assert await s.receive_some() == b""
         await s.aclose()
-        await trio.sleep(0.05)
-        assert rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"].cx_active == 0
+        c = rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"]
+        with trio.move_on_after(5):  # the upstream side is released: waited for (bounded), not slept on
+            while c.cx_active:
+                await trio.sleep(0.02)
+        assert c.cx_active == 0
 
 
 async def test_dead_upstream_is_503_with_reason(upstream):
@@ -524,7 +527,9 @@ async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests(u
         async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{lp}") as c:
             r = await c.get("http://reviews:9080/then-close?ms=50")
             assert r.status_code == 200
-            await trio.sleep(0.2)  # the upstream closed the pooled connection meanwhile
+            # the upstream closes the pooled connection meanwhile (its timer thread may be late on
+            # a loaded machine: waited for, not slept on)
+            assert await trio.to_thread.run_sync(upstream.closed_idle.wait, 10)
             r = await c.get("http://reviews:9080/again")
             assert r.status_code == 200
     assert upstream.connections == 2
@@ -593,13 +598,21 @@ async def test_apply_opens_added_listeners_and_closes_removed_ones(upstream):
         assert json.loads(r.stdout)["path"] == "/second"
         # an open keep-alive connection on the first listener survives its removal
         s = await trio.open_tcp_stream("127.0.0.1", lp)
-        await trio.sleep(0.05)  # let the accept loop take it
+        with trio.fail_after(10):  # the accept loop took it (a fixed 50 ms raced it on a loaded machine)
+            while not rt.stats.listeners["outbound"].cx_active:
+                await trio.sleep(0.01)
         only_second = config(version="v3", listeners=[outbound_listener(lp2, "second")],
                              vhosts=cfg.route_tables["outbound"].virtual_hosts, clusters=list(cfg.clusters.values()))
         rt.apply(only_second)
-        await trio.sleep(0.05)
-        with socket.socket() as probe:
-            assert probe.connect_ex(("127.0.0.1", lp)) != 0  # nobody listens any more
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", lp)) == 0
+
+        with trio.move_on_after(5):
+            while listening():
+                await trio.sleep(0.02)
+        assert not listening()  # nobody listens any more
         await s.send_all(b"GET http://reviews:9080/old HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
         data = b""
         with trio.fail_after(5):
@@ -777,11 +790,11 @@ async def test_abandoned_request_releases_the_upstream_connection(upstream):
     cfg, lp = _simple(upstream, 9080, retries=HTTPRetry(attempts=0))
     async with running_proxy(cfg) as rt:
         s = await trio.open_tcp_stream("127.0.0.1", lp)
-        await s.send_all(b"GET http://reviews:9080/slow?ms=6000 HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        await s.send_all(b"GET http://reviews:9080/slow?ms=20000 HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
         await trio.sleep(0.2)
         await s.aclose()
         c = rt.stats.clusters["outbound|9080||reviews.default.svc.cluster.local"]
-        with trio.fail_after(3):  # well before the upstream's 6 s
+        with trio.fail_after(8):  # well before the upstream's 20 s (slack for a loaded machine)
             while c.cx_active or rt.stats.listeners["outbound"].cx_active:
                 await trio.sleep(0.05)
         assert rt.stats.flags["DC"] == 1
