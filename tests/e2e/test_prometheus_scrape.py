@@ -84,10 +84,18 @@ def test_istio_dashboard_queries_return_the_traffic_made(scraped):
     while curl(gw + "/productpage")[0] != 200:
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    time.sleep(2.5)  # a few scrapes of the warm-up
-
+    # the warm-up's requests all scraped: the count holds still over three 1 s scrapes (a fixed
+    # 2.5 s could end before a late scrape on a loaded machine; the delta below was then off)
     details_q = 'sum(istio_requests_total{reporter="destination",destination_service_name="details"})'
-    before = promql(prom, details_q) or 0.0
+    deadline = time.monotonic() + 30
+    before, steady_since = promql(prom, details_q), time.monotonic()
+    while before is None or time.monotonic() - steady_since < 3.5:
+        assert time.monotonic() < deadline, before
+        time.sleep(0.5)
+        now = promql(prom, details_q)
+        if now != before:
+            before, steady_since = now, time.monotonic()
+    traffic_from = time.monotonic()
 
     for _ in range(20):
         assert curl(gw + "/productpage")[0] == 200
@@ -109,11 +117,15 @@ def test_istio_dashboard_queries_return_the_traffic_made(scraped):
         time.sleep(0.5)
     assert promql(prom, details_q) - before == 40
 
+    # The dashboards' range ([1m]) must cover the test's traffic, else they answer for part of it
+    # only (on a loaded machine the steps above can take longer than a minute): the range is a
+    # minute, or the time since the traffic began if that is longer.
+    rng = f"[{max(60, int(time.monotonic() - traffic_from) + 5)}s]"
     # Istio Mesh dashboard: request volume (reporter="destination") over the last minute
-    rps = promql(prom, 'sum(rate(istio_requests_total{reporter="destination",destination_service_name="productpage"}[1m]))')
+    rps = promql(prom, 'sum(rate(istio_requests_total{reporter="destination",destination_service_name="productpage"}' + rng + '))')
     assert rps is not None and 0 < rps
     volume = promql(prom, 'sum(increase(istio_requests_total{reporter="destination",'
-                          'destination_service_name="productpage"}[1m]))')
+                          'destination_service_name="productpage"}' + rng + '))')
     assert 35 <= volume <= 60, volume  # 40 requests + warm-up, with Prometheus' extrapolation
 
     # Istio Service dashboard: client success rate of ratings (non-5xx / all), 30 of 40 answered
@@ -121,14 +133,16 @@ def test_istio_dashboard_queries_return_the_traffic_made(scraped):
                            'response_code="500",response_flags="FI"})')
     assert aborted == 10
     success = promql(prom, 'sum(rate(istio_requests_total{reporter="source",destination_service_name="ratings",'
-                           'response_code!~"5.*"}[1m])) / sum(rate(istio_requests_total{reporter="source",'
-                           'destination_service_name="ratings"}[1m]))')
+                           'response_code!~"5.*"}' + rng + ')) / sum(rate(istio_requests_total{reporter="source",'
+                           'destination_service_name="ratings"}' + rng + '))')
     assert 0.6 <= success <= 0.9, success
 
     # Istio Service dashboard: client request duration p99 and p50 of details (10 of 40 delayed 300 ms)
     p99 = promql(prom, 'histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{'
-                       'reporter="source",destination_service_name="details"}[1m])) by (le))')
+                       'reporter="source",destination_service_name="details"}' + rng + ')) by (le))')
     p50 = promql(prom, 'histogram_quantile(0.50, sum(rate(istio_request_duration_milliseconds_bucket{'
-                       'reporter="source",destination_service_name="details"}[1m])) by (le))')
-    assert 250 < p99 <= 500, p99
-    assert p50 < 100, p50
+                       'reporter="source",destination_service_name="details"}' + rng + ')) by (le))')
+    # the delayed tenth in the 250-500 ms bucket, or the next one when a loaded machine adds to the
+    # 300 ms; the median below the delay (it was < 100 ms: a latency a loaded machine decides)
+    assert 250 < p99 <= 1000, p99
+    assert p50 < 250, p50
