@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import HELLO_APP, http_get
+from .helpers import HELLO_APP, http_get, mesh_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -44,11 +44,12 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
 
 @pytest.fixture
 def mesh(tmp_path):
-    base = 42000 + (os.getpid() % 150) * 100
+    # mesh_ports(): 42000-56999 was inside Linux's ephemeral range, where any client socket can take a planned port
+    ports, _ = mesh_ports()
     (tmp_path / "hello.py").write_text(WRAPPER)
     (tmp_path / "mesh.yaml").write_text(
         # REGISTRY_ONLY: the unknown host below is a local 502 NR (ALLOW_ANY would pass it through)
-        f"settings: {{portRange: {base}-{base + 99}, outboundTrafficPolicy: REGISTRY_ONLY}}\n"
+        f"settings: {{portRange: {ports}, outboundTrafficPolicy: REGISTRY_ONLY}}\n"
         "services:\n"
         "- name: web\n"
         "  port: 9080\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import LoadGenerator, free_port, http_get, meshctl_run
+from .helpers import LoadGenerator, http_get, mesh_ports, meshctl_run
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +42,9 @@ def status(work: Path) -> dict:
 
 
 def test_a_failing_health_check_takes_the_instance_out_and_back(tmp_path):
-    gw = free_port()
-    base = 32000 + (free_port() % 50) * 20
-    mesh_file(tmp_path, f"{base}-{base + 19}", gw)
+    # mesh_ports(): below Linux's ephemeral range (32768-60999), where any client socket can take a planned port
+    ports, gw = mesh_ports()
+    mesh_file(tmp_path, ports, gw)
     meshctl_run("up", "-d", "-f", str(tmp_path / "mesh.yaml"))
     try:
         st = status(tmp_path)
@@ -89,8 +89,7 @@ def test_a_busy_gateway_port_is_named_and_nothing_is_left_running(tmp_path):
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     gw = holder.getsockname()[1]
-    base = 33000 + (free_port() % 50) * 20
-    mesh_file(tmp_path, f"{base}-{base + 19}", gw)
+    mesh_file(tmp_path, mesh_ports()[0], gw)
     try:
         import subprocess
         import sys
@@ -107,11 +106,10 @@ def test_a_busy_gateway_port_is_named_and_nothing_is_left_running(tmp_path):
 
 
 def test_outlier_ejection_is_logged_and_shown_by_proxy_config_endpoints(tmp_path):
-    gw = free_port()
-    base = 34000 + (free_port() % 50) * 20
+    ports, gw = mesh_ports()
     shutil.copy(HERE / "hello_app.py", tmp_path / "hello_app.py")
     (tmp_path / "mesh.yaml").write_text(f"""
-settings: {{portRange: {base}-{base + 19}}}
+settings: {{portRange: {ports}}}
 services:
 - name: hello
   port: 9080
