@@ -359,7 +359,7 @@ class ProxyProcess:
             stderr=subprocess.STDOUT,
         )
         self.admin = f"http://127.0.0.1:{self.admin_port}"
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a process start-up: generous for a loaded machine
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.proc.returncode}: {self.log()}")
@@ -369,7 +369,7 @@ class ProxyProcess:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"proxy not ready after 15s: {self.log()}")
+                raise RuntimeError(f"proxy not ready after 60s: {self.log()}")
             time.sleep(0.05)
 
     @property

@@ -74,7 +74,7 @@ def start_app(tmp_path: Path) -> Iterator[Callable[..., AppProc]]:
                 stdout=subprocess.DEVNULL,
                 stderr=errf,
             )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # an app start-up: generous for a loaded machine
         while True:
             m = re.search(rf"{name} listening on http://127\.0\.0\.1:(\d+)", log.read_text())
             if m:
