@@ -99,7 +99,7 @@ def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) ->
     return p.returncode
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -109,7 +109,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def wait_http(port: int, path: str = "/ready", timeout: float = 20.0) -> None:
+def wait_http(port: int, path: str = "/ready", timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -79,10 +79,10 @@ def test_a_big_grpc_stream_passes_both_sidecars_in_bounded_memory(tmp_path):
             procs.append(subprocess.Popen([sys.executable, "-m", "meshctl.proxy", "--config", str(tmp_path / f"{name}.json"),
                                            "--admin-port", "0", "--log-level", "warning"]))
         baseline = {}
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # two process start-ups: generous for a loaded machine
         with grpc.insecure_channel(f"127.0.0.1:{outbound_port}", options=[
                 ("grpc.default_authority", "big:9090"), ("grpc.max_receive_message_length", 8 * MiB)]) as ch:
-            grpc.channel_ready_future(ch).result(timeout=20)
+            grpc.channel_ready_future(ch).result(timeout=60)
             while time.monotonic() < deadline:  # both sidecars serving
                 try:
                     list(ch.unary_stream("/mesh.Big/Down")(b"1", timeout=5))

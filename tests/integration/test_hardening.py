@@ -423,7 +423,7 @@ def _low_nofile_proxy(cfg, workdir, nofile: int):
         [MESHCTL, "proxy", "run", "--config", str(path), "--admin-port", str(admin)],
         stdout=logf, stderr=subprocess.STDOUT,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # a process start-up: 15 s failed here on a loaded machine
     while True:
         assert proc.poll() is None, (workdir / "proxy.log").read_text()
         try:

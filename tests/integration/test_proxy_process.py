@@ -266,7 +266,7 @@ def test_admin_without_a_state_dir_keeps_config_and_mirror_to_itself(tmp_path, u
     proc = subprocess.Popen([MESHCTL, "proxy", "run", "--config", str(path), "--admin-port", str(admin)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a process start-up: generous for a loaded machine
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=0.5).status_code == 200:

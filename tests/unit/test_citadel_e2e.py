@@ -29,7 +29,7 @@ def citadel_process(tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a process start-up: generous for a loaded machine
         url = None
         while url is None:
             if proc.poll() is not None:
