@@ -119,7 +119,7 @@ def _live_findings(resources, sd: Optional[Path], applied: tuple) -> tuple[list,
     not checked and why)."""
     from ..controlclient import ControlPlaneError
     from ..pilot.kvstore import read_location
-    from ..pilot.query import unknown_service_findings
+    from ..pilot.query import port_level_mtls_findings, unknown_service_findings
     from ..registry.embedded import load_snapshot
 
     if sd is None:
@@ -135,7 +135,7 @@ def _live_findings(resources, sd: Optional[Path], applied: tuple) -> tuple[list,
         if kind == "consul" or registry.startswith(("consul:", "eureka:")):
             return [], [f"hosts against the services of the registry {registry or 'Consul'}: {e}"]
         snapshot = dict(load_snapshot(sd))  # the embedded registry: its saved snapshot is on disk
-    return unknown_service_findings(resources, applied, snapshot), []
+    return unknown_service_findings(resources, applied, snapshot) + port_level_mtls_findings(resources, snapshot), []
 
 
 def _registry_url(sd: Path) -> str:
@@ -146,6 +146,16 @@ def _registry_url(sd: Path) -> str:
         return str(json.loads((sd / "status.json").read_text())["registry"]["url"] or "")
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+def _port_findings(resources, sd: Optional[Path]) -> list:
+    """PeerAuthentication portLevelMtls ports that no selected workload serves (pilot/query.py)."""
+    from ..model.istio import PeerAuthentication
+    from ..pilot.query import port_level_mtls_findings
+
+    if not any(isinstance(r.spec, PeerAuthentication) and r.spec.port_level_mtls for r in resources):
+        return []
+    return port_level_mtls_findings(resources, control(sd).registry_snapshot())
 
 
 MeshOption = typer.Option(None, "--mesh", help="mesh.yaml whose gateways serve the Gateway ports (default: the state directory's).")
@@ -197,6 +207,7 @@ def apply(
     current = _do(store.current)
     findings = validate(resources, context=current.resources) + _gateway_findings(resources, mesh, sd, current.resources)
     findings += _tracing_findings(resources, mesh, sd, running=True) + _host_findings(resources, sd, current.resources)
+    findings += _port_findings(resources, sd)
     if _report(findings):
         fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     before = current.number

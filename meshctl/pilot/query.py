@@ -100,3 +100,43 @@ def unknown_service_findings(resources, context, snapshot) -> list:
                        f"until a service of that name registers{hint}")
             out.append(Finding("warning", source_of(r, field), field, msg))
     return out
+
+
+def port_level_mtls_findings(resources, snapshot) -> list:
+    """Warnings for PeerAuthentication ``portLevelMtls`` keys that no workload the policy selects
+    serves: Istio keys them by the workload's (container) port; meshctl gives apps their ports
+    from portRange, so a key applies when it is the service port (Bookinfo's 9080) or an app's
+    own pinned port. Istio's authn task keys httpbin's container port 80, which a meshctl
+    httpbin (service port 8000) never serves: said, not silently ignored. Nothing is said
+    when no registered workload matches the selector (nothing to check against)."""
+    from ..loader.resources import source_of
+    from ..loader.validate import Finding
+    from ..model.istio import PeerAuthentication
+    from .compile import META_SERVICE_PORT
+
+    out = []
+    for r in resources:
+        pa = r.spec
+        if not isinstance(pa, PeerAuthentication) or not pa.port_level_mtls or not pa.selector:
+            continue
+        want = dict(pa.selector.match_labels)
+        if not want:
+            continue
+        served: dict[str, set[int]] = {}
+        for insts in snapshot.values():
+            for inst in insts:
+                if all(inst.labels.get(k) == v for k, v in want.items()) and META_SERVICE_PORT in inst.meta:
+                    try:
+                        served.setdefault(inst.service, set()).add(int(inst.meta[META_SERVICE_PORT]))
+                    except ValueError:
+                        pass
+        ports = set().union(*served.values()) if served else set()
+        for key in pa.port_level_mtls:
+            if served and key not in ports:
+                which = ", ".join(f"{s} {', '.join(map(str, sorted(p)))}" for s, p in sorted(served.items()))
+                out.append(Finding(
+                    "warning", source_of(r, f"spec.portLevelMtls.{key}"), f"spec.portLevelMtls.{key}",
+                    f"no workload this PeerAuthentication selects serves port {key} (service ports: {which}); "
+                    f"meshctl keys portLevelMtls by the service port or the app's own pinned port, so this "
+                    f"setting does nothing unless {key} is an app's address port"))
+    return out
