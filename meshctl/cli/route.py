@@ -153,7 +153,7 @@ def _port_findings(resources, sd: Optional[Path]) -> list:
     from ..model.istio import PeerAuthentication
     from ..pilot.query import port_level_mtls_findings
 
-    if not any(isinstance(r.spec, PeerAuthentication) and r.spec.port_level_mtls for r in resources):
+    if sd is None or not any(isinstance(r.spec, PeerAuthentication) and r.spec.port_level_mtls for r in resources):
         return []
     return port_level_mtls_findings(resources, control(sd).registry_snapshot())
 
