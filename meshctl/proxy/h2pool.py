@@ -147,13 +147,9 @@ class H2Upstream(OutBuffer):
 
     # ------------------------------------------------------------ writing
     def emit(self, data: bytes) -> None:
-        """Queue ``data`` and send it at once."""
+        """Queue ``data`` and wake the writer at once (requests are not batched here)."""
         super().emit(data)
         self.kick()
-
-    def queue(self, data: bytes) -> None:
-        """Queue ``data`` to go with the next ``emit`` or ``flush`` (one write for a request's frames)."""
-        OutBuffer.emit(self, data)
 
     async def flush(self) -> None:
         """Wait until everything emitted is written; PeerGone when the connection died."""
@@ -176,7 +172,7 @@ class H2Upstream(OutBuffer):
         sid, out = self.client.request(head, end_stream=end_stream)
         st = _UpStream(sid)
         self.streams[sid] = st
-        self.queue(out)  # sent with the body, by the flush that follows
+        self.emit(out)
         return st
 
     def finish(self, st: _UpStream, *, abort: bool) -> None:
@@ -385,9 +381,9 @@ class H2Exchange:
             if body is not None and whole:
                 client = conn.client
                 for c in body.chunks:
-                    conn.queue(client.data(st.sid, c))
+                    conn.emit(client.data(st.sid, c))
                 if body.chunks or body.trailers:
-                    conn.queue(client.end(st.sid, body.trailers))
+                    conn.emit(client.end(st.sid, body.trailers))
             if whole or body is None:  # body is None makes whole true: this only narrows body for mypy
                 return await self._respond(a, conn, st)
             failure: list[BaseException] = []

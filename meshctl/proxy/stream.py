@@ -282,19 +282,6 @@ class FastSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
         finally:
             self._send_busy = False
 
-    def try_send(self, data: bytes | bytearray | memoryview) -> int:
-        """Send what the socket takes now, without waiting: the bytes taken, 0
-        when it takes none now or cannot (busy, closed, broken: ``send_all``
-        then says why). For writers that keep their own buffer (outbuf.py)."""
-        if self._send_busy or self._closed or self._eof_sent:
-            return 0
-        try:
-            n = self.socket.send(data)
-        except OSError:  # (BlockingIOError included)
-            return 0
-        self._park_next = self.park_after_send
-        return n
-
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:
             raise trio.BusyResourceError("another task is already sending on this stream")
