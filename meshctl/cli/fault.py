@@ -73,6 +73,23 @@ def _short(host: str) -> str:
     return host.split(".")[0] if host.endswith(".svc.cluster.local") else host
 
 
+def _mesh_namespace(sd: Path) -> str:
+    """settings.namespace of the state directory's mesh; ``default`` when none is found."""
+    from ..loader.codec import LoadError
+    from ..loader.gateways import find_mesh_file
+    from ..model.proxyconfig import DEFAULT_NAMESPACE
+    from ..supervisor.plan import load_mesh_lines
+
+    path = find_mesh_file(sd)
+    if path is None:
+        return DEFAULT_NAMESPACE
+    try:
+        spec, _ = load_mesh_lines(path)
+    except LoadError:
+        return DEFAULT_NAMESPACE
+    return spec.settings.namespace or DEFAULT_NAMESPACE
+
+
 def _resolve_service(sd: Path, name: str) -> tuple[str, Inputs]:
     """The FQDN of ``name`` if the registry or the rules know it; else fail naming what is known."""
     try:
@@ -81,9 +98,13 @@ def _resolve_service(sd: Path, name: str) -> tuple[str, Inputs]:
         fail(str(e))
     inp = Inputs(resources, control(sd).registry_snapshot())
     known = mesh_hosts(inp)
-    # a short name: the one registry service so named (in the mesh's namespace, settings.namespace), else default's
-    same = [h for h in inp.services if "." not in name and h.endswith(".svc.cluster.local") and h.split(".")[0] == name]
-    host = name if name in known else same[0] if len(same) == 1 else fqdn(name)
+    # a short name: the service of the mesh's namespace (settings.namespace), as a short host is for
+    # its callers (pilot/compile.py domains_for); another namespace's is named name.namespace
+    host = name if name in known else fqdn(name, _mesh_namespace(sd))
+    same = sorted(h for h in inp.services if "." not in name and h.endswith(".svc.cluster.local") and h.split(".")[0] == name)
+    if host not in known and same:
+        fail(f"unknown service {name!r}: no {name} in this mesh's namespace ({host}); a short name is of the mesh's "
+             f"namespace, and {', '.join(same)} is another's: name it {' or '.join('.'.join(h.split('.')[:2]) for h in same)}")
     if host not in known:
         names = ", ".join(sorted(_short(h) for h in known)) or "none"
         fail(f"unknown service {name!r}: neither the registry nor the rules know it (known services: {names})")
@@ -199,10 +220,10 @@ def _list(sd: Path) -> None:
 
 def _clear(sd: Path, what: Optional[str], wait: bool) -> None:
     now = time.time()
-    want = None if what is None else {what, fqdn(what)}
+    # a short name: the service of the mesh's namespace, as for `inject-fault` (not another namespace's)
+    want = None if what is None else {what, fqdn(what, _mesh_namespace(sd))}
     try:
-        removed = open_fault_store(sd).remove(
-            lambda f: want is None or f.id in want or f.service in want or ("." not in str(what) and _short(f.service) == what), now)
+        removed = open_fault_store(sd).remove(lambda f: want is None or f.id in want or f.service in want, now)
     except (FaultError, OSError) as e:
         fail(str(e))
     if not removed:

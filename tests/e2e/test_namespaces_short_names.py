@@ -74,6 +74,15 @@ def test_a_short_name_reaches_the_callers_own_namespace(consul_agent, tmp_path):
             for a in (f"reviews.{other}:9080", f"reviews.{other}.svc:9080", f"reviews.{other}.svc.cluster.local:9080"):
                 assert versions(outbound[ns], a) == Counter({theirs: 6}), (ns, a)
 
+        # `inject-fault reviews` on bookinfo's mesh: bookinfo's reviews (the mesh's namespace), for every caller
+        bookinfo_dir = meshes["bookinfo"][0]
+        meshctl("inject-fault", "reviews", "--abort", "503", "--wait", cwd=bookinfo_dir)
+        assert versions(outbound["bookinfo"], "reviews:9080", 3) == Counter({503: 3})
+        assert versions(outbound["shop"], "reviews.bookinfo:9080", 3) == Counter({503: 3})
+        assert versions(outbound["shop"], "reviews:9080", 3) == Counter({"shop-v1": 3})
+        meshctl("inject-fault", "clear", "reviews", "--wait", cwd=bookinfo_dir)
+        assert versions(outbound["bookinfo"], "reviews:9080", 3) == Counter({"books-v1": 3})
+
         # shop's buyer by its short name from bookinfo: no service of bookinfo; the reply says where it is
         code, body = http_get(outbound["bookinfo"], "http://buyer:9081/", host="buyer:9081")
         assert code == 502 and b"other namespaces have buyer.shop" in body, (code, body)
