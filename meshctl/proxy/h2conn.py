@@ -45,7 +45,6 @@ from ..protocol.grpc import (
     local_grpc_reply,
     parse_grpc_timeout,
 )
-from ..protocol.detect import detect
 from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
 from . import mirror
 from . import stats as F
@@ -530,16 +529,3 @@ async def serve_h2_connection(rt, active_listener, stream: trio.abc.Stream, clie
         rt.conns.discard(state)
 
 
-async def sniff(stream: trio.abc.Stream) -> tuple[str | None, bytes]:
-    """Read a new connection's first bytes until ``detect`` can tell the
-    protocol: ("h2" | "http1" | "tls" | "tcp", bytes read), or (None, bytes)
-    when the peer closed first. Raises PeerGone when the stream is gone."""
-    buf = b""
-    while True:
-        data = await receive_some(stream)
-        if not data:
-            return None, buf
-        buf += data
-        kind = detect(buf)
-        if kind is not None:
-            return kind, buf

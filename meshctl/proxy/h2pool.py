@@ -33,7 +33,7 @@ from typing import cast
 import trio
 
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
-from ..protocol.grpc import grpc_status_from, is_grpc
+from ..protocol.grpc import grpc_status_from
 from ..protocol.http1 import H1Server
 from ..protocol.http2 import GoAway, H2Client, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
 from . import stats as F
@@ -46,52 +46,12 @@ from .outbuf import OutBuffer
 from .request import Request, response_headers
 from .snapshot import ClusterState
 from .dns import upstream_address
+from .protocols import _http_settings, wants_h2
 from .stream import UpstreamConnectError
 
 log = logging.getLogger("meshctl.proxy")
 
 __all__ = ["H2Pool", "H2Upstream", "H2Exchange", "wants_h2"]
-
-
-def _http_settings(cluster):
-    tp = cluster.traffic_policy
-    cp = tp.connection_pool if tp is not None else None
-    return cp.http if cp is not None else None
-
-
-_declared: dict[int, tuple] = {}
-
-
-def _declared_h2(cfg, service: str) -> bool:
-    """Is ``service`` (the workload's own) declared http2/grpc in this config's clusters?"""
-    got = _declared.get(id(cfg))
-    if got is None or got[0] is not cfg:
-        if len(_declared) > 16:
-            _declared.clear()
-        h2svc = set()
-        for cl in cfg.clusters.values():
-            if cl.protocol in ("http2", "grpc"):
-                h2svc.add(cl.service)
-                h2svc.add(cl.service.split(".", 1)[0])
-        got = _declared[id(cfg)] = (cfg, h2svc)
-    return service in got[1]
-
-
-def wants_h2(rq, cs) -> bool:
-    """Should this request go upstream as HTTP/2?"""
-    c = cs.cluster
-    if c.protocol in ("http2", "grpc"):
-        return True
-    if c.name.startswith("inbound|"):
-        # the app behind an inbound listener: HTTP/2 when its service is declared
-        # http2/grpc, or for a gRPC request (which HTTP/1.1 cannot carry)
-        return is_grpc(rq.head.headers) or _declared_h2(rq.snap.cfg, c.service)
-    hs = _http_settings(c)
-    if hs is None:
-        return False
-    if hs.use_client_protocol:
-        return rq.head.http_version == "2"
-    return (hs.h2_upgrade_policy or "").upper() == "UPGRADE" and rq.head.upgrade is None
 
 
 class _UpStream:

@@ -28,8 +28,8 @@ from ..protocol.http1 import H1Server
 from . import egress, mirror
 from . import stats as F
 from .errors import PeerGone, send_all
-from .h2conn import serve_h2_connection, sniff
 from .pool import EventReader
+from .protocols import sniff
 from .request import ConnState, Request, raw_error_response, send_local
 from .snapshot import Snapshot
 from .stages import default_chain
@@ -65,6 +65,8 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
             if kind is None:
                 return
             if kind == "h2":
+                from .h2conn import serve_h2_connection  # HTTP/2 loaded by its first connection (protocols.py)
+
                 await serve_h2_connection(rt, active_listener, stream, client_ip, prefix, conn, lstats)
                 return
             while True:

@@ -57,8 +57,8 @@ from .mirror import MirrorState
 from .overload import FD_ERRNOS, MAX_REFUSING, Condition, default_connection_limit, refuse
 from .forward import Forwarder
 from .h1upstream import H1Exchange
-from .h2pool import H2Exchange
 from .http import serve_http_connection
+from .protocols import LazyH2Exchange
 from .identity import secure_inbound
 from .limits import commit_limiters
 from .pool import UpstreamPool
@@ -118,6 +118,14 @@ class ActiveListener:
         return self.sock.bound_port
 
 
+def _h2_exchange(rt):
+    """The HTTP/2 upstream exchange, made by the first HTTP/2 try (protocols.LazyH2Exchange):
+    a sidecar whose traffic is HTTP/1.1 never loads jh2 (~2.8 MB of RSS)."""
+    from .h2pool import H2Exchange
+
+    return H2Exchange(rt)
+
+
 class ProxyRuntime:
     def __init__(self, *, config_path: str | Path | None = None,
                  loader: Callable[[str | Path], ProxyConfig] | None = None,
@@ -140,7 +148,7 @@ class ProxyRuntime:
         self.draining = False
         self.closing = False  # draining, and the drain period is over: listeners closed
         self.ready = False
-        self.forwarder = Forwarder(self, H1Exchange(self), H2Exchange(self))
+        self.forwarder = Forwarder(self, H1Exchange(self), LazyH2Exchange(self, _h2_exchange))
         self.pool: UpstreamPool | None = None
         self._nursery: trio.Nursery | None = None
         self._mtime: float | None = None

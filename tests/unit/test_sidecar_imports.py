@@ -81,3 +81,18 @@ def test_a_sidecar_under_pilot_with_a_citadel_identity_loads_no_yaml_httpx_or_ci
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_http2_is_loaded_by_the_first_http2_connection_or_try_not_at_start():
+    # jh2 + protocol/http2 + h2conn + h2pool are ~2.8 MB of RSS a sidecar whose traffic is
+    # HTTP/1.1 never uses; the h2 tests (tests/integration/test_h2_*.py) prove they still load
+    code = (
+        "import sys, json\n"
+        "import meshctl.proxy.main, meshctl.proxy.runtime, meshctl.proxy.pilot_client, meshctl.loader.proxyconfig\n"
+        "from meshctl.proxy.runtime import ProxyRuntime\n"
+        "rt = ProxyRuntime()\n"
+        "print(json.dumps([m for m in ('jh2', 'meshctl.protocol.http2', 'meshctl.proxy.h2conn', 'meshctl.proxy.h2pool')"
+        " if m in sys.modules]), rt.forwarder.h2.pool)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "None"]

@@ -1,0 +1,100 @@
+"""What the proxy decides before it loads an HTTP/2 codec.
+
+- ``sniff``: which protocol a new connection speaks, from its first bytes;
+- ``wants_h2``: whether a request goes upstream as HTTP/2.
+
+The HTTP/2 machinery (protocol/http2.py on jh2, h2conn.py, h2pool.py: ~2.8 MB of
+RSS) is imported by the first connection or request that needs it; a sidecar
+whose traffic is all HTTP/1.1 never loads it (issue 12, RSS per sidecar).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..protocol.detect import detect
+from ..protocol.grpc import is_grpc
+from .errors import receive_some
+
+__all__ = ["sniff", "wants_h2"]
+
+
+async def sniff(stream: trio.abc.Stream) -> tuple[str | None, bytes]:
+    """Read a new connection's first bytes until ``detect`` can tell the
+    protocol: ("h2" | "http1" | "tls" | "tcp", bytes read), or (None, bytes)
+    when the peer closed first. Raises PeerGone when the stream is gone."""
+    buf = b""
+    while True:
+        data = await receive_some(stream)
+        if not data:
+            return None, buf
+        buf += data
+        kind = detect(buf)
+        if kind is not None:
+            return kind, buf
+
+
+def _http_settings(cluster):
+    tp = cluster.traffic_policy
+    cp = tp.connection_pool if tp is not None else None
+    return cp.http if cp is not None else None
+
+
+_declared: dict[int, tuple] = {}
+
+
+def _declared_h2(cfg, service: str) -> bool:
+    """Is ``service`` (the workload's own) declared http2/grpc in this config's clusters?"""
+    got = _declared.get(id(cfg))
+    if got is None or got[0] is not cfg:
+        if len(_declared) > 16:
+            _declared.clear()
+        h2svc = set()
+        for cl in cfg.clusters.values():
+            if cl.protocol in ("http2", "grpc"):
+                h2svc.add(cl.service)
+                h2svc.add(cl.service.split(".", 1)[0])
+        got = _declared[id(cfg)] = (cfg, h2svc)
+    return service in got[1]
+
+
+def wants_h2(rq, cs) -> bool:
+    """Should this request go upstream as HTTP/2?"""
+    c = cs.cluster
+    if c.protocol in ("http2", "grpc"):
+        return True
+    if c.name.startswith("inbound|"):
+        # the app behind an inbound listener: HTTP/2 when its service is declared
+        # http2/grpc, or for a gRPC request (which HTTP/1.1 cannot carry)
+        return is_grpc(rq.head.headers) or _declared_h2(rq.snap.cfg, c.service)
+    hs = _http_settings(c)
+    if hs is None:
+        return False
+    if hs.use_client_protocol:
+        return rq.head.http_version == "2"
+    return (hs.h2_upgrade_policy or "").upper() == "UPGRADE" and rq.head.upgrade is None
+
+
+class LazyH2Exchange:
+    """The forwarder's HTTP/2 exchange (forward.UpstreamExchange): ``carries`` decides
+    here; ``make(rt)`` (the runtime's: h2pool.H2Exchange, and with it jh2) is called by
+    the first try that goes upstream as HTTP/2."""
+
+    def __init__(self, rt, make) -> None:
+        self.rt = rt
+        self.make = make
+        self.real = None
+
+    def carries(self, rq, cs) -> bool:
+        return wants_h2(rq, cs)
+
+    async def attempt(self, a):
+        x = self.real
+        if x is None:
+            x = self.real = self.make(self.rt)
+        return await x.attempt(a)
+
+    @property
+    def pool(self):
+        """The HTTP/2 pool, None until the first HTTP/2 try made it."""
+        return self.real.pool if self.real is not None else None
