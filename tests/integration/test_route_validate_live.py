@@ -55,11 +55,11 @@ def test_validate_with_consul_refusing_connections_is_offline_at_once_and_says_s
     assert code == 0, out
     assert "4 resource(s) valid (validated offline)" in out
     assert f"not checked: hosts against the services of the registry consul://127.0.0.1:{port}" in out
-    assert took < 1.0, took
+    assert took < 2.0, took
     code, out, took = _validate("--online")
     assert code == 1
     assert "cannot validate online:" in out and "connection refused" in out and "is the Consul agent running?" in out
-    assert took < 1.0, took
+    assert took < 2.0, took
 
 
 def test_validate_with_a_hung_consul_waits_one_short_timeout(consul_mesh):
@@ -70,9 +70,9 @@ def test_validate_with_a_hung_consul_waits_one_short_timeout(consul_mesh):
         consul_mesh(hung.getsockname()[1])
         code, out, took = _validate()
         assert code == 0 and "(validated offline)" in out, out
-        assert took < 1.0, took  # Consul is not asked offline
+        assert took < 2.0, took  # Consul is not asked offline (a Consul call waits 5 s by default)
         code, out, took = _validate("--online")
         assert code == 1 and "cannot validate online: the rules in force" in out and "no answer within 1s" in out
-        assert took < 2.5, took  # one 1 s timeout (a Consul call waits 5 s by default)
+        assert took < 3.5, took  # one 1 s timeout (a Consul call waits 5 s by default)
     finally:
         hung.close()
