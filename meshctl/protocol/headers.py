@@ -42,7 +42,10 @@ def strip_hop_by_hop(headers: HeaderList, *, keep_upgrade: bool = False) -> Head
     With ``keep_upgrade`` (forwarding an Upgrade the proxy relays), ``upgrade``
     and ``connection: upgrade`` are kept.
     """
-    if not any(k in _LOOK for k, _ in headers):
+    for k, _ in headers:  # (a loop, not any() over a generator: this runs for every message)
+        if k in _LOOK:
+            break
+    else:
         return list(headers)
     nominated: set[str] = set()
     for k, v in headers:

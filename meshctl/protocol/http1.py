@@ -791,7 +791,7 @@ class H1Server(_HeadCollector):
         parts.append("\r\n")
         out = _serialize_fields(parts, "response head")
         self._resp = ex
-        self._tx_go(E_SEND_SWITCH if switching else E_SEND)
+        self._tx = _go(_SERVER_TX, self._tx, E_SEND_SWITCH if switching else E_SEND, "response")
         self._framing = framing
         self._resp_keep = keep
         if not keep:
@@ -830,7 +830,7 @@ class H1Server(_HeadCollector):
 
     def _finish(self, ex: _Exchange) -> None:
         self._resp = None
-        self._tx_go(E_END)
+        self._tx = _go(_SERVER_TX, self._tx, E_END, "response")
         self._framing = _NONE
         if self._pending and self._pending[0] is ex:
             self._pending.popleft()
@@ -974,8 +974,8 @@ class H1Client(_HeadCollector):
                 out += _LAST_CHUNK
             elif framing == _LENGTH and self._remaining:
                 raise ValueError("end_stream=True with a non-zero content-length")
-        self._tx_go(E_SEND_ALL if end_stream else E_SEND)
-        self._rx_go(E_REQUEST)
+        self._tx = _go(_CLIENT_TX, self._tx, E_SEND_ALL if end_stream else E_SEND, "request")
+        self._rx = _go(_CLIENT_RX, self._rx, E_REQUEST, "upstream response")
         return out
 
     def data(self, data: bytes) -> bytes:
@@ -1010,7 +1010,10 @@ class H1Client(_HeadCollector):
     def on_message_begin(self) -> None:
         if self._rx != AWAIT:
             raise ProtocolError("upstream sent a response with no request outstanding", 502)
-        _HeadCollector.on_message_begin(self)
+        # inlined _HeadCollector.on_message_begin: this runs once per response
+        self._raw = []
+        self._rx = _go(_CLIENT_RX, AWAIT, E_BEGIN, "upstream response")
+        self._msg_seq += 1
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
@@ -1183,8 +1186,8 @@ class H1Client(_HeadCollector):
         if not self.keep_alive:
             raise RuntimeError("this connection cannot carry another request")
         self._method = None
-        self._tx_go(E_RESET)
-        self._rx_go(E_RESET)
+        self._tx = _go(_CLIENT_TX, self._tx, E_RESET, "request")
+        self._rx = _go(_CLIENT_RX, self._rx, E_RESET, "upstream response")
         self._head_only = False
         self._status = 0
         self._close_delimited = False

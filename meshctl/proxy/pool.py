@@ -155,9 +155,7 @@ class UpstreamPool:
         if conn.stream.closed or not client.keep_alive or conn.reader.pos < len(conn.reader.events):
             self._close(conn)
             return
-        reset = getattr(client, "reset_for_next", None)
-        if reset is not None:
-            reset()
+        client.reset_for_next()
         idle = self.idle.setdefault(conn.key, [])
         if len(idle) >= self.max_idle:
             self._close(conn)
