@@ -6,6 +6,9 @@ EndOfMessage, H2Server.response_head + data (12 bytes, END_STREAM),
 H2Client.feed -> ResponseHead + Data + EndOfMessage, ack_received. Reported:
   sequential   one stream at a time
   multiplexed  batches of 10 concurrent streams per feed (as h2load -m 10)
+  grpc unary   one gRPC unary call as a sidecar's two connections see it: a
+               request HEADERS + DATA (a 17-byte message) + END_STREAM, the
+               response HEADERS + DATA + trailers (grpc-status), acks both ways
   h1 pair      the same exchange through H1Client + H1Server, for the ratio
 Runs interleaved (A B C A B C ...), best of each is printed.
 
@@ -101,6 +104,43 @@ def run_h2(n: int, batch: int, codec=jh2_codec) -> None:
         done += batch
 
 
+GRPC_HEADERS = [("content-type", "application/grpc"), ("user-agent", "grpc-go/1.60.1"), ("te", "trailers"),
+                ("grpc-timeout", "9999m"), ("x-request-id", "0b9e8f12-2a5c-4b6e-9a43-5b3c0f2a7d11")]
+GRPC_MSG = b"\0\0\0\0\x0c" + b"x" * 12
+
+
+def run_grpc(n: int, codec=jh2_codec) -> None:
+    c, s = connected(codec)
+    head = RequestHead("POST", "/fgrpc.PingServer/Ping", GRPC_HEADERS, authority="ping:8079",
+                       path="/fgrpc.PingServer/Ping", scheme="http")
+    resp = ResponseHead(200, [("content-type", "application/grpc")])
+    trailers = [("grpc-status", "0"), ("grpc-message", "")]
+    for _ in range(n):
+        sid, out = c.request(head)
+        out += c.data(sid, GRPC_MSG) + c.end(sid)
+        back = b""
+        for ev in s.feed(out):
+            name = type(ev).__name__
+            if name == "Data":
+                back += s.ack_received(ev.stream_id, len(ev.data))
+            elif name == "EndOfMessage":
+                back += s.response_head(ev.stream_id, resp) + s.data(ev.stream_id, GRPC_MSG) + s.end(ev.stream_id, trailers)
+        back += s.data_to_send()
+        acks = b""
+        ended = False
+        for ev in c.feed(back):
+            name = type(ev).__name__
+            if name == "Data":
+                acks += c.ack_received(ev.stream_id, len(ev.data))
+            elif name == "EndOfMessage":
+                ended = ev.trailers == trailers
+        assert ended
+        acks += c.data_to_send()
+        if acks:
+            s.feed(acks)
+            s.data_to_send()
+
+
 def run_h1(n: int) -> None:
     server, client = H1Server(), H1Client()
     head = RequestHead("GET", "/reviews/0?x=1", HEADERS, authority="reviews:9080", path="/reviews/0?x=1")
@@ -127,12 +167,14 @@ def main() -> None:
     cases = {
         "jh2 sequential": lambda n: run_h2(n, 1),
         "jh2 multiplexed x10": lambda n: run_h2(n, 10),
+        "jh2 grpc unary": run_grpc,
         "h1 pair (reference)": run_h1,
     }
     plain = _over_plain_h2()
     if plain is not None:
         cases["h2 sequential"] = lambda n: run_h2(n, 1, plain)
         cases["h2 multiplexed x10"] = lambda n: run_h2(n, 10, plain)
+        cases["h2 grpc unary"] = lambda n: run_grpc(n, plain)
     best = {k: 0.0 for k in cases}
     n = 2000
     end = time.perf_counter() + seconds
