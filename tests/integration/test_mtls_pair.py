@@ -229,3 +229,26 @@ async def test_the_client_sidecar_sends_istios_sni_and_the_server_sees_it(upstre
                 assert r.stdout == (b"200" if want else b"403"), (tls, r.stdout)
             lp = free_port()
     assert [p for _, p, _ in upstream.requests] == [f"/sni?want={w}" for w in (istio_sni, istio_sni, "reviews.internal")]
+
+
+async def test_a_deny_on_the_sni_holds_for_http2_between_the_sidecars(upstream, root):
+    """connection.sni on HTTP/2 connections (h2 / gRPC between sidecars) as on HTTP/1.1:
+    a DENY on the name the client sidecar sends refuses the streams, it does not fail open."""
+    from meshctl.model.istio import Condition
+
+    istio_sni = "outbound_.9080_._.reviews.default.svc.cluster.local"
+    deny = AuthorizationPolicy(action="DENY", rules=(Rule(when=(Condition(key="connection.sni", values=(istio_sni,)),)),))
+    for mode, proto, policies, want in (("STRICT", "http2", (), b"200"), ("STRICT", "http2", (deny,), b"403"),
+                                        ("PERMISSIVE", "grpc", (deny,), b"403")):
+        scfg, sport = server_config(upstream.port, mode, policies=policies)
+        async with running_proxy(scfg) as server:
+            server.tls = certs(root, REVIEWS)
+            lp = free_port()
+            ep = Endpoint("127.0.0.1", sport, identity=REVIEWS)
+            ccfg = config(listeners=[outbound_listener(lp)], clusters=[cluster("reviews", 9080, [ep], protocol=proto)],
+                          vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))])
+            async with running_proxy(ccfg) as client:
+                client.tls = certs(root, PRODUCTPAGE)
+                r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--http2-prior-knowledge",
+                               f"http://127.0.0.1:{lp}/h2", "-H", "host: reviews:9080")
+                assert r.stdout == want + b" 2", (policies, r.stdout, r.stderr)
