@@ -268,7 +268,10 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, resp: Response)
         headers.append(("connection", "close"))
     try:
         data = conn.send(h11.Response(status_code=resp.status, headers=headers))
-    except h11.LocalProtocolError:  # the client's request was not even a head: nothing to answer
+    except h11.LocalProtocolError:  # the client's request was not even a head: h11 will not answer it
+        reason = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"}.get(resp.status, "")
+        await stream.send_all(b"".join([f"HTTP/1.1 {resp.status} {reason}\r\n".encode()] + [
+            f"{k}: {v}\r\n".encode("latin-1") for k, v in headers] + [b"\r\n", resp.body]))
         return
     await stream.send_all(data)
     await stream.send_all(conn.send(h11.Data(data=resp.body)) + conn.send(h11.EndOfMessage()))
@@ -284,7 +287,10 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection, peer: s
     deadline = trio.current_time() + lim.idle_timeout
     started = False
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as e:  # a bad request line or header (a control byte, ...)
+            raise HTTPError(400, f"malformed request: {e}", "bad-request") from None
         if event is h11.NEED_DATA:
             with trio.move_on_at(deadline) as cs:
                 data = await stream.receive_some(65536)
@@ -308,6 +314,10 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection, peer: s
                 slot.waiting = False  # a request is under way: not evicted for newcomers
             target = head.target.decode("latin-1")
             limit = lim.limit_for(head.method.decode(), urlsplit(target).path)
+            names = {k for k, _ in head.headers}
+            if b"transfer-encoding" in names and b"content-length" in names:  # RFC 9112 6.3: ambiguous framing
+                raise HTTPError(400, "request has both Transfer-Encoding and Content-Length: its body length is "
+                                     "ambiguous (RFC 9112 section 6.3); send one of them", "bad-request")
             for k, v in head.headers:
                 if k == b"content-length" and int(v) > limit:
                     raise HTTPError(413, f"request body of {int(v)} bytes is over the limit of {limit} for "
