@@ -439,7 +439,7 @@ def test_bad_settings_stop_the_app_with_a_clear_message(tmp_path: Path) -> None:
             env={**env, "PORT": "0", **extra},
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=60,  # a process start-up: generous for a loaded machine
         )
         assert proc.returncode != 0
         assert needle in proc.stderr

@@ -49,12 +49,12 @@ def test_a_billion_laughs_file_is_refused_fast_naming_the_file(tmp_path):
     bomb = tmp_path / "laughs.yaml"
     bomb.write_text(BOMB)
     started = time.monotonic()
-    r = meshctl("route", "apply", "-f", str(bomb), "--state-dir", str(tmp_path / ".meshctl"), cwd=tmp_path, timeout=30)
+    r = meshctl("route", "apply", "-f", str(bomb), "--state-dir", str(tmp_path / ".meshctl"), cwd=tmp_path, timeout=60)
     took = time.monotonic() - started
     assert r.returncode == 1, r
     err = " ".join(r.stderr.split())
     assert "laughs.yaml" in err and "alias" in err and "refused" in err, err
-    assert took < 10, took  # 42 s and a MemoryError before
+    assert took < 25, took  # 42 s and a MemoryError before (a CLI start-up on a loaded machine is seconds)
     assert "MemoryError" not in r.stderr
 
 
@@ -62,7 +62,7 @@ def test_an_alias_bomb_in_memory_is_refused_by_the_loader():
     started = time.monotonic()
     with pytest.raises(LoadErrors, match="alias bomb"):
         load_resources_text(BOMB, "bomb.yaml")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # expanding it never finishes; slack for a loaded machine
 
 
 def test_ordinary_aliases_still_load():
@@ -96,7 +96,7 @@ def test_a_60_mb_file_is_refused_before_it_is_read(tmp_path):
     assert r.returncode == 1
     err = " ".join(r.stderr.split())
     assert "huge.yaml" in err and f"over the limit of {MAX_FILE_BYTES} bytes" in err, err
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 30  # parsing 60 MB of YAML takes minutes; a CLI start-up on a loaded machine seconds
     assert not (tmp_path / ".meshctl" / "rules" / "revisions").exists() or \
         not list((tmp_path / ".meshctl" / "rules" / "revisions").iterdir())
 
