@@ -39,10 +39,23 @@ def secrets_dir(state_dir: Path) -> Path:
     return state_dir / "secrets"
 
 
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+
+
 def _name_ok(name: str) -> bool:
+    """A Kubernetes Secret name: a DNS-1123 subdomain (dot-separated lowercase labels,
+    at most 253 characters), so never a path ('/', '..')."""
     import re
 
-    return bool(re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name)) and len(name) <= 253
+    return len(name) <= 253 and re.fullmatch(rf"{_LABEL}(\.{_LABEL})*", name) is not None
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a secret's name, or None."""
+    if _name_ok(name):
+        return None
+    return (f"{name!r} is not a valid secret name: a Kubernetes Secret name is lowercase letters, digits, "
+            "'-' and '.' (dot-separated labels that start and end with a letter or digit, at most 253 characters)")
 
 
 def check_pair(cert_pem: bytes, key_pem: bytes, what: str = "") -> list[x509.Certificate]:
@@ -140,6 +153,8 @@ def delete(state_dir: Path, name: str) -> None:
 
 def check_credential(state_dir: Path | None, name: str, mutual: bool) -> str | None:
     """Why Gateway ``credentialName: name`` cannot serve, or None (route apply's check)."""
+    if (bad := name_problem(name)) is not None:
+        return bad
     if state_dir is None:
         return f"credentialName {name!r}: no mesh state directory to find the secret in"
     d = secrets_dir(state_dir) / name

@@ -172,6 +172,8 @@ def credential_findings(resources: Sequence[Resource], state_dir: Path | None) -
             if t is None or t.mode not in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"):
                 continue
             mutual = t.mode in ("MUTUAL", "OPTIONAL_MUTUAL")
+            if t.credential_name and secrets.name_problem(t.credential_name) is not None:
+                continue  # not a Secret name: validate.py said so (and check_credential reads no path for it)
             if t.credential_name:
                 field = f"spec.servers[{j}].tls.credentialName"
                 why = secrets.check_credential(state_dir, t.credential_name, mutual)

@@ -719,6 +719,11 @@ class _Validator:
         if not t.mode:
             self.error(f"{sp}.tls.mode", f"a {server.port.protocol} server needs tls.mode (SIMPLE, MUTUAL, PASSTHROUGH, ...)")
         elif t.mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"):
+            if t.credential_name:
+                from ..secrets import name_problem
+
+                if (bad := name_problem(t.credential_name)) is not None:
+                    self.error(f"{sp}.tls.credentialName", bad)
             if not t.credential_name and not (t.server_certificate and t.private_key):
                 self.error(f"{sp}.tls", f"mode {t.mode} needs credentialName, or serverCertificate and privateKey")
             if t.credential_name and (t.server_certificate or t.private_key):

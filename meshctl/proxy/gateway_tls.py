@@ -88,6 +88,10 @@ class GatewayCredentials:
             if self.secrets_dir is None:
                 raise CredentialError(f"{s.name}: credentialName {s.credential_name!r} needs the mesh state directory "
                                       "(secrets are kept there by `meshctl secret create tls`)")
+            from ..secrets import name_problem  # a Secret name, never a path out of the secrets directory
+
+            if (bad := name_problem(s.credential_name)) is not None:
+                raise CredentialError(f"{s.name}: credentialName {bad}")
             d = self.secrets_dir / s.credential_name
             cert, key = d / SECRET_CERT, d / SECRET_KEY
             if not cert.is_file() or not key.is_file():

@@ -155,3 +155,46 @@ def test_auto_passthrough_and_tls_settings_on_plain_http_are_refused(run):
     out = " ".join(run("route", "validate", "-f", "gw.yaml").output.split())
     assert "gw.yaml:14: spec.servers[0].tls.mode: meshctl does not implement" in out
     assert "spec.servers[1].tls.mode: tls.mode needs protocol HTTPS or TLS, not HTTP" in out
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "httpbin.example.com")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    c, k = tmp_path / "c.pem", tmp_path / "k.pem"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return c, k
+
+
+def test_a_credential_name_that_is_a_path_is_refused_not_read(run, tmp_path):
+    """credentialName is a Kubernetes Secret name (a DNS-1123 subdomain), not a file path:
+    a name with '/' or '..' reaching a certificate outside the secrets directory is refused."""
+    c, k = _self_signed(tmp_path)
+    assert run("secret", "create", "tls", "outside", "--cert", str(c), "--key", str(k)).exit_code == 0
+    (tmp_path / ".meshctl" / "secrets" / "outside").rename(tmp_path / "elsewhere")  # a directory outside the store
+    base = SECURE.replace("    bind: 127.0.0.2\n", "")
+    for bad in ("../../elsewhere", str(tmp_path / "elsewhere"), "a..b", "Upper", "-x"):
+        Path("gw.yaml").write_text(base.replace("credentialName: httpbin-credential", f"credentialName: '{bad}'"))
+        for cmd in ("validate", "apply"):
+            r = run("route", cmd, "-f", "gw.yaml")
+            out = " ".join(r.output.split())
+            assert r.exit_code == 1, (bad, cmd, out)
+            assert "gw.yaml:15: spec.servers[0].tls.credentialName:" in out and "not a valid secret name" in out, out
+    assert "mygateway" not in run("route", "get").output
+    # a good name still works
+    assert run("secret", "create", "tls", "httpbin-credential.v1", "--cert", str(c), "--key", str(k)).exit_code == 0
+    Path("gw.yaml").write_text(base.replace("credentialName: httpbin-credential", "credentialName: httpbin-credential.v1"))
+    r = run("route", "apply", "-f", "gw.yaml")
+    assert r.exit_code == 0, r.output
