@@ -96,6 +96,7 @@ class Request:
         "kept",  # a mirrored route's primary response (headers, body up to a cap) for mirror comparisons (mirror.py)
         "auth",  # the end user from a verified JWT (jwt_stage), for authz
         "trace",  # the spans of a sampled request (tracing.py); None when not sampled
+        "grpc_status",  # a gRPC local reply's grpc-status (send_local), for telemetry over HTTP/1.1 too
     )
 
     def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt: Any, client_ip: str,
@@ -129,6 +130,7 @@ class Request:
         self.kept: KeptResponse | None = None
         self.auth: RequestAuth | None = None
         self.trace: tuple | None = None
+        self.grpc_status = ""
 
     async def send_down(self, data: bytes) -> None:
         """Write to the client; raises DownstreamGone when it is gone."""
@@ -281,6 +283,7 @@ async def send_local(rq: Request, reply: LocalReply) -> None:
     status = reply.status  # what telemetry and the access log see, for a gRPC reply too
     if status >= 300 and is_grpc(rq.headers):
         reply = grpc_local_reply(reply)
+        rq.grpc_status = str(grpc_status_for_http(status))
     headers = list(reply.headers)
     body = reply.body
     if not any(k == "content-length" for k, _ in headers):

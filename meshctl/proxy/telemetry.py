@@ -448,7 +448,7 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
             peer = Peer(principal=peer_id)
         else:
             peer.principal = peer_id
-    grpc_status = getattr(rq.server, "grpc_status", "") if protocol == "grpc" else ""
+    grpc_status = (getattr(rq.server, "grpc_status", "") or rq.grpc_status) if protocol == "grpc" else ""
     # A gRPC error the proxy answered itself (fault abort, rate limit, no route, no
     # upstream) or turned an upstream's HTTP error into went to the client as HTTP 200
     # trailers-only: recorded as Envoy and Istio record it, response_code 200 and the

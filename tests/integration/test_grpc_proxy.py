@@ -509,3 +509,48 @@ async def test_grpc_errors_the_proxy_answers_are_recorded_as_the_apps_are(echo_a
     rows, _ = agg.top(60.0, now=100.0)
     (echo,) = [r for r in rows if r.service.startswith("echo.")]
     assert (echo.requests, echo.errors) == (4, 2)  # the fault abort and the unavailable upstream
+
+
+async def test_grpc_errors_the_proxy_answers_over_http1_are_recorded_as_over_http2(tmp_path):
+    """gRPC over HTTP/1.1 (a gRPC-Web-style or HTTP/1 bridge client): a local reply
+    (fault abort, no route) goes out as HTTP 200 with grpc-status, and telemetry and the
+    access log record it as over HTTP/2: response_code 200, grpc_response_status set."""
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from meshctl.proxy.accesslog import AccessLog
+
+    from proxy_testkit import curl
+    out_port = free_port()
+    routes = (route_to("echo", 9090, fault=HTTPFaultInjection(abort=FaultAbort(http_status=503, percentage=Percent(100.0))),
+                       match=(HTTPMatchRequest(uri=StringMatch(prefix="/mesh.Echo/Count")),)),)
+    cfg = config(listeners=[outbound_listener(out_port)], vhosts=[vhost("echo", 9090, routes)],
+                 clusters=[cluster("echo", 9090, [("127.0.0.1", free_port())], protocol="grpc")])
+    from functools import partial
+
+    from meshctl.proxy.runtime import ProxyRuntime
+
+    rt = ProxyRuntime()
+    log_path = tmp_path / "access.log"
+    rt.access_log = AccessLog(log_path, flush_interval=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(rt.run, cfg, admin_port=0, handle_signals=False))
+        for path in ("/mesh.Echo/Count", "/mesh.Echo/Nothing"):
+            r = await curl("-si", "--http1.1", "-H", "content-type: application/grpc", "-H", "te: trailers",
+                           "--data-binary", "@-", "-H", "host: echo:9090", f"http://127.0.0.1:{out_port}{path}")
+            assert r.stdout.startswith(b"HTTP/1.1 200"), r.stdout
+        with trio.fail_after(5):
+            while rt.access_log.written < 2:
+                await trio.sleep(0.02)
+        text = rt.telemetry.render()
+        rt.drain()
+    seen = {}
+    for fam in text_string_to_metric_families(text):
+        for sm in fam.samples:
+            if sm.name == "istio_requests_total" and sm.labels["request_protocol"] == "grpc":
+                seen[(sm.labels["response_code"], sm.labels["grpc_response_status"], sm.labels["response_flags"])] = sm.value
+    assert seen == {("200", "14", "FI"): 1, ("200", "12", "NR"): 1}, seen
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [(x["path"], x["protocol"], x["response_code"], x["grpc_status"]) for x in lines] == [
+        ("/mesh.Echo/Count", "HTTP/1.1", 200, "14"), ("/mesh.Echo/Nothing", "HTTP/1.1", 200, "12")]
