@@ -109,41 +109,6 @@ def _host_findings(resources, sd: Optional[Path], context=()) -> list:
     return unknown_service_findings(resources, context, control(sd).registry_snapshot())
 
 
-def _mirror_findings(resources, mesh: Optional[Path], sd: Optional[Path], *, running: bool) -> list:
-    """Mirrors to an HTTP/2 or gRPC service, refused (loader.validate.h2_mirror_findings): the
-    services of mesh.yaml (--mesh, else the state directory's) and of the registry (Pilot's view
-    with ``running``: route apply; else the embedded registry's saved one) declared http2/grpc."""
-    from ..loader.codec import LoadError
-    from ..loader.gateways import find_mesh_file
-    from ..loader.validate import h2_mirror_findings
-    from ..model.istio import VirtualService
-    from ..model.proxyconfig import fqdn
-    from ..pilot.compile import discover_services
-    from ..registry.embedded import load_snapshot
-    from ..supervisor.plan import load_mesh_lines
-
-    if not any(isinstance(r.spec, VirtualService) and any(h.mirror is not None or h.mirrors for h in r.spec.http)
-               for r in resources):
-        return []
-    hosts: set[str] = set()
-    path = mesh or find_mesh_file(sd)
-    if path is not None:
-        try:
-            spec, _ = load_mesh_lines(path)
-            hosts |= {fqdn(s.name, spec.settings.namespace) for s in spec.services if s.protocol in ("http2", "grpc")}
-        except LoadError:
-            pass  # the Gateway check says what is wrong with it
-    snapshot: dict = {}
-    if sd is not None:
-        try:
-            snapshot = control(sd).registry_snapshot() if running else dict(load_snapshot(sd))
-        except (OSError, ValueError):
-            pass
-    if snapshot:
-        hosts |= {h for h, svc in discover_services([], snapshot).items() if svc.protocol in ("http2", "grpc")}
-    return h2_mirror_findings(resources, hosts)
-
-
 LIVE_TIMEOUT = 1.0  # seconds `route validate` gives Consul KV and Pilot to answer
 
 
@@ -243,7 +208,6 @@ def apply(
     findings = validate(resources, context=current.resources) + _gateway_findings(resources, mesh, sd, current.resources)
     findings += _tracing_findings(resources, mesh, sd, running=True) + _host_findings(resources, sd, current.resources)
     findings += _port_findings(resources, sd)
-    findings += _mirror_findings(resources, mesh, sd, running=True)
     if _report(findings):
         fail("nothing applied: fix the errors above (`meshctl route validate` checks files offline)")
     before = current.number
@@ -334,8 +298,7 @@ def validate_cmd(files: List[Path] = FileOption, mesh: Optional[Path] = MeshOpti
     if online and skipped:
         fail("cannot validate online: " + "; ".join(skipped))
     errors = _report(validate(resources, context=applied) + _gateway_findings(resources, mesh, sd, applied)
-                     + _tracing_findings(resources, mesh, sd, running=False) + live
-                     + _mirror_findings(resources, mesh, sd, running=False))
+                     + _tracing_findings(resources, mesh, sd, running=False) + live)
     if errors:
         raise typer.Exit(1)
     console.print(f"{len(resources)} resource(s) valid"

@@ -56,7 +56,7 @@ from ..core.jwt import parse_jwks
 from .resources import source_of
 from .unsupported import refused_fields
 
-__all__ = ["Finding", "validate", "has_errors", "h2_mirror_findings"]
+__all__ = ["Finding", "validate", "has_errors"]
 
 LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
 CLIENT_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
@@ -93,31 +93,6 @@ def validate(resources: Sequence[Resource], context: Sequence[Resource] = ()) ->
     are added to or replace. They count for cross-references (subsets, gateways,
     conflicts), but only findings about ``resources`` are reported."""
     return _Validator(resources, context).run()
-
-
-def h2_mirror_findings(resources: Sequence[Resource], h2_hosts: Iterable[str]) -> list[Finding]:
-    """Mirrors meshctl would not carry out: a VirtualService ``mirror``/``mirrors`` destination
-    that is a service of ``h2_hosts`` (FQDNs of the services whose port is declared http2/grpc:
-    the primary reaches them over HTTP/2) gets its shadows over HTTP/1.1 only (proxy/mirror.py),
-    which such a server does not answer. Refused by name at `route validate` and `route apply`."""
-    hosts = set(h2_hosts)
-    out: list[Finding] = []
-    if not hosts:
-        return out
-    for r in resources:
-        vs = r.spec
-        if not isinstance(vs, m.VirtualService):
-            continue
-        for i, route in enumerate(vs.http):
-            dests = [(f"spec.http[{i}].mirror", route.mirror)] if route.mirror is not None else []
-            dests += [(f"spec.http[{i}].mirrors[{j}].destination", mr.destination) for j, mr in enumerate(route.mirrors)]
-            for field, d in dests:
-                if d is not None and d.host and _host_key(d.host, r.namespace) in hosts:
-                    out.append(Finding("error", source_of(r, field), field,
-                                       f"{d.host} is an HTTP/2 (http2/grpc) service, and meshctl does not implement "
-                                       "mirroring over HTTP/2 yet: it mirrors over HTTP/1.1 only, which this service "
-                                       "would not answer"))
-    return out
 
 
 # ---------------------------------------------------------------- helpers

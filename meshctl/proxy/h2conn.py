@@ -454,12 +454,17 @@ class _Conn(OutBuffer):
                     if reply is not None:
                         await send_local(rq, reply)
                     elif deadline == math.inf:
-                        await rt.forwarder.run(rq)
-                        mirror.after_forward(rq)
+                        try:
+                            await rt.forwarder.run(rq)
+                        finally:  # the shadows go even when the client left (a channel closed at once)
+                            mirror.after_forward(rq)
                     else:
                         # grpc-timeout is the request's deadline (the route timeout may be shorter)
                         with trio.move_on_at(deadline) as dl:
-                            await rt.forwarder.run(rq)
+                            try:
+                                await rt.forwarder.run(rq)
+                            finally:
+                                mirror.after_forward(rq)  # a gRPC call with a deadline is mirrored too
                         if dl.cancelled_caught:
                             rq.flags.append(F.UT)
                             if rq.response_started:

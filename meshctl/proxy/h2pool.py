@@ -292,6 +292,10 @@ class H2Exchange:
     def carries(self, rq: Request, cs: ClusterState) -> bool:
         return wants_h2(rq, cs)
 
+    def shared_pool(self) -> H2Pool:
+        """The HTTP/2 pool, for shadows (mirror.py) as for tries."""
+        return self._pool()
+
     def _pool(self) -> H2Pool:
         """The HTTP/2 pool (made on first use, in the runtime's connection nursery)."""
         p = self.pool

@@ -4,6 +4,10 @@ clusters, fire-and-forget, as Envoy's request mirror policies do.
 - The shadow carries the request's method, path, headers (after the route's
   header operations) and body, with ``-shadow`` added to the host name of the
   Host header (core/mirror.py), and its answer is read and dropped.
+- It speaks its cluster's protocol, as a primary to that cluster would
+  (protocols.wants_h2): HTTP/1.1 on the keep-alive pool, or a stream on the
+  HTTP/2 pool (h2pool.py) to a service declared http2/grpc (a gRPC call is
+  mirrored as one), as Envoy's shadow uses its cluster's protocol.
 - It never delays or fails the primary request: it is sent after the primary
   has been forwarded, from a task of its own, and every failure of it is only
   counted. Its cost is capped: at most MAX_IN_FLIGHT shadows at once per proxy
@@ -40,6 +44,7 @@ from ..protocol.headers import strip_hop_by_hop
 from .egress import without_internal
 from .errors import PeerGone, send_all
 from .identity import upstream_tls
+from .protocols import wants_h2
 from .request import IDEMPOTENT
 from .stream import UpstreamConnectError
 
@@ -241,6 +246,10 @@ def after_forward(rq) -> None:
         headers = [h for h in fwd.request_headers if h[0] != "host"]
         if cs.cluster.external:
             headers = without_internal(headers)
+        h2 = wants_h2(rq, cs)  # the mirror cluster's protocol, as for a primary to it (Envoy's shadow too)
+        if h2 and any(k == "te" and "trailers" in v.lower() for k, v in rq.head.headers) and \
+                not any(k == "te" for k, _ in headers):
+            headers.append(("te", "trailers"))  # gRPC servers want it; hop-by-hop, so not in request_headers
         head = RequestHead(
             method=rq.head.method, target=fwd.path, headers=headers, http_version="1.1", scheme="http",
             authority=shadow_authority(fwd.authority), path=fwd.path, keep_alive=True,
@@ -258,7 +267,7 @@ def after_forward(rq) -> None:
             primary = (rq.status, (trio.current_time() - rq.start) * 1000.0 if rq.start else 0.0,
                        kept.headers if kept is not None else [],
                        PrimaryBody(kept.chunks, kept.whole) if kept is not None else PrimaryBody([], False))
-        nursery.start_soon(_shadow, rt, rq.snap.settings, cs, ep, head, chunks, trailers, fwd.timeout or SHADOW_TIMEOUT,
+        nursery.start_soon(_shadow_h2 if h2 else _shadow, rt, rq.snap.settings, cs, ep, head, chunks, trailers, fwd.timeout or SHADOW_TIMEOUT,
                            primary)
 
 
@@ -332,22 +341,101 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
         error = str(exc) if not status else f"the body did not end: {exc}"
         log.debug("mirror to %s failed: %s", cs.name, exc)
     finally:
-        state.in_flight -= 1
-        if status:
-            state.sent += 1
-            cs.stats.rq_total += 1
-            cs.stats.rq_xx[min(status // 100, 5)] += 1
-        else:
-            state.failed += 1
-        ms = (trio.current_time() - started) * 1000.0
-        if status:  # answered; the body is compared only when it arrived whole
-            theirs = Answer(status, ms, kept_headers(headers), digest.hexdigest() if whole else "",
-                            "" if whole else error)
-        else:
-            theirs = Answer(0, ms, {}, "", error)
-        state.compare(cs.name, head.method, head.path, mine, theirs)
+        _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
         if conn is not None:
             if whole and conn.client.keep_alive:
                 rt.pool.release(conn)
             else:
                 rt.pool.discard(conn)
+
+
+def _settle(state: MirrorState, cs, head: RequestHead, mine: Answer, started: float, status: int, headers: list,
+            body_sha256: str, error: str) -> None:
+    """A shadow is over: count it and compare its answer (``body_sha256`` "": not whole)."""
+    state.in_flight -= 1
+    if status:
+        state.sent += 1
+        cs.stats.rq_total += 1
+        cs.stats.rq_xx[min(status // 100, 5)] += 1
+    else:
+        state.failed += 1
+    ms = (trio.current_time() - started) * 1000.0
+    if status:  # answered; the body is compared only when it arrived whole
+        theirs = Answer(status, ms, kept_headers(headers), body_sha256, "" if body_sha256 else error)
+    else:
+        theirs = Answer(0, ms, {}, "", error)
+    state.compare(cs.name, head.method, head.path, mine, theirs)
+
+
+async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float,
+                     primary: tuple[int, float, list, PrimaryBody]) -> None:
+    """``_shadow`` to a cluster reached over HTTP/2 (declared http2/grpc, h2UpgradePolicy
+    UPGRADE, ...): one stream on the runtime's HTTP/2 pool (h2pool.py), the one the
+    primaries to that cluster use. The same rules: fire-and-forget, answered when the
+    response head arrived, the body compared when it ended (a gRPC answer's status is
+    its HTTP status; its grpc-status is in the trailers)."""
+    from ..protocol.http2 import h1_head_to_h2
+
+    state: MirrorState = rt.mirrors
+    mine = Answer(primary[0], primary[1], kept_headers(primary[2]), primary[3].digest())
+    conn = st = None
+    headers: list = []
+    whole = False
+    started = trio.current_time()
+    status = 0
+    digest = hashlib.sha256()
+    error = f"timeout: no response within {timeout:g}s"
+    try:
+        with trio.move_on_after(timeout):
+            pool = rt.forwarder.h2.exchange().shared_pool()
+            address = ep.address
+            if cs.cluster.dns:  # an endpoint given by name: one of its addresses, as a primary's try
+                from .dns import upstream_address
+
+                address = await upstream_address(address, cs.cluster.dns)
+            conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout,
+                                      upstream_tls(rt, cs.cluster, ep, h2=True))
+            h2head = h1_head_to_h2(head)
+            h2head.scheme = "http"
+            st = conn.open(h2head, end_stream=not chunks and not trailers)
+            client = conn.client
+            for c in chunks:
+                conn.emit(client.data(st.sid, c))
+            if chunks or trailers:
+                conn.emit(client.end(st.sid, trailers))
+            seen = 0
+            error = "stream reset before a response"
+            while True:
+                ev = await st.next()
+                t = type(ev)
+                if t is ResponseHead:
+                    if ev.status >= 200:
+                        status = ev.status
+                        headers = ev.headers
+                        error = f"timeout: the body did not end within {timeout:g}s"
+                elif t is Data:
+                    n = len(ev.data)
+                    conn.emit(client.ack_received(st.sid, n))
+                    seen += n
+                    if seen > MAX_RESPONSE_BYTES:
+                        error = "response body over 1 MiB: not compared"
+                        break
+                    digest.update(ev.data)
+                elif t is EndOfMessage:
+                    st.done = True
+                    whole = status >= 200
+                    if not status:
+                        error = "the stream ended without a response"
+                    break
+                else:  # Reset: of the stream, or the connection is gone
+                    st.done = True
+                    reason = getattr(ev, "reason", "") or "stream reset"
+                    error = f"the body did not end: {reason}" if status else reason
+                    break
+    except (UpstreamConnectError, ProtocolError, OSError, PeerGone) as exc:
+        error = str(exc) if not status else f"the body did not end: {exc}"
+        log.debug("mirror to %s failed: %s", cs.name, exc)
+    finally:
+        _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
+        if conn is not None and st is not None:
+            conn.finish(st, abort=not st.done)

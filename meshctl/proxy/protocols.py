@@ -88,11 +88,15 @@ class LazyH2Exchange:
     def carries(self, rq, cs) -> bool:
         return wants_h2(rq, cs)
 
-    async def attempt(self, a):
+    def exchange(self):
+        """The real exchange (h2pool.H2Exchange), made now if no try has made it yet."""
         x = self.real
         if x is None:
             x = self.real = self.make(self.rt)
-        return await x.attempt(a)
+        return x
+
+    async def attempt(self, a):
+        return await self.exchange().attempt(a)
 
     @property
     def pool(self):
