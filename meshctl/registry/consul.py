@@ -205,7 +205,8 @@ class ConsulRegistry(WatchedRegistry):
         if not ok:
             if reg is None:
                 raise RegistryError(f"{self.url}: set_draining: the agent has no service with id {instance_id!r}")
-            await self._register(reg)  # registers and re-applies maintenance
+            if self._registered.get(instance_id) is reg:  # not deregistered meanwhile (keep_alive)
+                await self._register(reg)  # registers and re-applies maintenance
 
     def watch(self) -> AsyncIterator[Snapshot]:
         return self._watcher.snapshots()
@@ -241,6 +242,11 @@ class ConsulRegistry(WatchedRegistry):
                 f"put {inst.id!r} in maintenance",
                 lambda c: c.agent.service.maintenance(inst.id, "true", "meshctl: draining"),
             )
+        if inst.id not in self._registered:
+            # Deregistered while this registration was in flight (a keep-alive's or a
+            # drain's re-registration): the deregistration may have reached the agent
+            # first, and our registration brought the service back. Take it out again.
+            await self._call(f"deregister {inst.id!r}", lambda c: c.agent.service.deregister(inst.id))
 
     async def _reregister_all(self) -> None:
         for reg in list(self._registered.values()):

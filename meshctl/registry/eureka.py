@@ -5,8 +5,12 @@
   center, leaseInfo, and labels in ``metadata``);
 * keep_alive: ``PUT {base}/apps/{APP}/{id}`` (a lease renewal); a 404 means
   the server lost the instance (restart or eviction) and it is registered again;
-* set_draining: ``PUT .../status?value=OUT_OF_SERVICE``;
-* deregister: ``DELETE {base}/apps/{APP}/{id}``;
+* set_draining: ``PUT .../status?value=OUT_OF_SERVICE`` (a status override, which
+  Eureka keeps across registrations of an instance it still has: a registration
+  that is not draining sets UP and clears it, ``PUT`` then ``DELETE .../status?value=UP``);
+* deregister: ``DELETE {base}/apps/{APP}/{id}`` (which also drops the override); a
+  re-registration (keep_alive, set_draining) in flight when the instance is
+  deregistered takes it out again once its POST is done.
 * watch: ``GET {base}/apps`` once, then ``GET {base}/apps/delta`` every
   ``poll_interval`` seconds, applying ADDED/MODIFIED/DELETED; when the
   local copy's reconcile hash code differs from the server's, fetch in full.
@@ -152,7 +156,8 @@ class EurekaRegistry(WatchedRegistry):
         if resp.status_code == 404:
             if reg is None:
                 raise RegistryError(f"{self.url}: set_draining: the server has no instance {instance_id!r}")
-            await self._register(reg)
+            if self._registered.get(instance_id) is reg:  # not deregistered meanwhile (keep_alive)
+                await self._register(reg)
 
     def watch(self) -> AsyncIterator[Snapshot]:
         return self._watcher.snapshots()
@@ -180,6 +185,25 @@ class EurekaRegistry(WatchedRegistry):
                 f"mark {inst.id!r} OUT_OF_SERVICE",
                 params={"value": "OUT_OF_SERVICE"},
             )
+        else:
+            # Eureka keeps our drain's OUT_OF_SERVICE across a new registration of an
+            # instance it still has (as its status override, or as the lease's status when
+            # the override is gone): a restarted sidecar reusing the id after a DELETE that
+            # never arrived stayed OUT_OF_SERVICE for good. Set UP, then drop the override
+            # (DELETE .../status only changes the status when an override exists).
+            for method in ("PUT", "DELETE"):
+                await self._request(
+                    method,
+                    f"/apps/{app}/{inst.id}/status",
+                    f"mark {inst.id!r} UP",
+                    params={"value": "UP"},
+                    ok_404=True,
+                )
+        if inst.id not in self._registered:
+            # Deregistered while this registration was in flight (a keep-alive's or a
+            # drain's re-registration): its DELETE may have reached the server before our
+            # POST, which brought the instance back. Take it out again.
+            await self._request("DELETE", f"/apps/{app}/{inst.id}", f"deregister {inst.id!r}", ok_404=True)
 
     async def _find_app(self, instance_id: str) -> str | None:
         state = self._watcher.state
