@@ -378,14 +378,22 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
     if st.get("state") not in ("stopped", "failed") and sd and _supervisor_pid(sd) is None:
         st["state"] = "dead"
         st["error"] = "the supervisor is not running (killed?): `meshctl up` again"
+    from ..proxy.peercheck import check_off_reason
+
+    off = check_off_reason()  # the sidecars' outbound listeners check their local users (proxy/peercheck.py)
     if json_out:
         keys = ("state", "error", "locality", "advertise", "registry", "rules", "control_plane", "workloads", "gateways")
-        print(json.dumps({k: st.get(k) for k in keys}, indent=1))
+        out = {k: st.get(k) for k in keys}
+        out["outbound_user_check"] = {"on": off is None, "reason": off}
+        print(json.dumps(out, indent=1))
         return
     console.print(f"mesh {st.get('mesh')}: [bold]{st.get('state')}[/]")
     if st.get("error"):
         err_console.print(f"[red]{st['error']}[/]")
     print_table(st)
+    if off is not None:
+        console.print(f"[yellow]outbound listeners: the local-user check is OFF ({off}): every local user can "
+                      "send with a workload's identity through its sidecar[/]")
 
 
 def logs(

@@ -14,6 +14,8 @@ settings:
                                 # their (mTLS) inbound listeners listen; default 127.0.0.1 (one host)
   pathNormalization: BASE       # NONE | BASE | MERGE_SLASHES | DECODE_AND_MERGE_SLASHES (Istio's)
   drainDuration: 5s             # a stopping sidecar keeps serving this long while callers move away
+  outboundUsers: [alice, 1001]  # local users besides the mesh's own who may use the sidecars' outbound
+                                # listeners and bindings (they send with the workload's identity)
   locality: us-east/zone-a      # region/zone/subzone of this host's workloads (`up --locality` overrides);
                                 # DestinationRule localityLbSetting balances by it
   tracing:                      # distributed tracing from every sidecar and gateway
@@ -48,6 +50,7 @@ so the reflective loader reads this file with file:line errors like rules.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .base import EMPTY, Duration, FrozenDict
 from .proxyconfig import ExtensionProvider
@@ -129,6 +132,9 @@ class MeshSettings:
     max_connections: int = 0  # per listener; 0: from the open-file limit
     drain_duration: Duration = Duration(5.0)  # serving after SIGTERM (Istio terminationDrainDuration)
     outbound_traffic_policy: str = "ALLOW_ANY"  # Istio meshConfig.outboundTrafficPolicy.mode (or REGISTRY_ONLY)
+    # local users (names or uids) besides the mesh's own who may use the sidecars' outbound
+    # listeners and bindings, which send with the workload's identity (core/peeruid.py)
+    outbound_users: tuple[Any, ...] = ()
     extension_providers: tuple[ExtensionProvider, ...] = ()  # Istio meshConfig.extensionProviders (ext-authz HTTP)
     tracing: TracingSettings = TracingSettings()
     locality: str = ""  # region/zone/subzone of this host's workloads and gateways (`up --locality` overrides)

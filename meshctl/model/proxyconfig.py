@@ -16,6 +16,7 @@ Shape (Envoy's, simplified):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import EMPTY, Duration, FrozenDict
 from .istio import AuthorizationPolicy, HTTPRoute, RequestAuthentication, TCPRoute, TLSRoute, TrafficPolicy
@@ -251,6 +252,9 @@ class Settings:
     # Istio's default retry policy where a route sets none.
     default_retry_attempts: int = 2
     default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+    # local users besides the proxy's own who may use its outbound listener and bindings
+    # (they send with the workload's identity): user names or uids (core/peeruid.py)
+    outbound_users: tuple[str, ...] = ()  # mesh.yaml's numbers arrive as digits
 
 
 PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")  # Istio meshConfig
@@ -288,6 +292,23 @@ def _otlp_url(url: str) -> str | None:
         return None
     path = path.rstrip("/")
     return f"{scheme}://{hostport}/{path}" if path else f"{scheme}://{hostport}/v1/traces"
+
+
+MAX_UID = 4294967294  # (uid_t)-1 means "no user"
+
+
+def outbound_user_problem(entry: Any) -> str | None:
+    """What is wrong with one ``outboundUsers`` entry, syntactically (names are
+    resolved by core/peeruid.resolve_users): a user name, or a uid as a number or digits."""
+    if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+        return f"{entry!r} is neither a user name nor a uid"
+    if isinstance(entry, int) or entry.isdigit():
+        if not 0 <= int(entry) <= MAX_UID:
+            return f"uid {entry} is out of range (0-{MAX_UID})"
+        return None
+    if not entry or entry != entry.strip() or ":" in entry or "/" in entry:
+        return f"{entry!r} is not a user name"
+    return None
 
 
 def settings_problems(s: Settings) -> list[tuple[str, str]]:
@@ -339,6 +360,9 @@ def settings_problems(s: Settings) -> list[tuple[str, str]]:
                     "(spans go to /v1/traces), a full .../v1/traces URL, or otlp://HOST:PORT"))
     if not 0.0 <= s.tracing_sampling <= 100.0:
         out.append(("tracing.sampling", f"{s.tracing_sampling} is not a percentage between 0 and 100"))
+    for i, u in enumerate(s.outbound_users):
+        if (why := outbound_user_problem(u)) is not None:
+            out.append((f"outboundUsers[{i}]", why))
     if s.max_connections < 0:
         out.append(("maxConnections", "must be >= 0 (0: derived from the open-file limit)"))
     for name in ("request_timeout", "drain_duration"):

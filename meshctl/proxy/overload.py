@@ -83,9 +83,10 @@ class Condition:
             self.count = 0
 
 
-async def refuse(stream: Any, http: bool) -> None:
+async def refuse(stream: Any, http: bool, answer: bytes = REFUSAL) -> None:
     """Answer a connection over the limit (HTTP: 503 after a brief read) and close it.
-    ``stream`` is what the network backend accepted (backend.py)."""
+    ``stream`` is what the network backend accepted (backend.py); ``answer``: another
+    response for another refusal (peercheck.py's 403)."""
     try:
         if http:
             with trio.move_on_after(REFUSE_READ_TIMEOUT):
@@ -96,7 +97,7 @@ async def refuse(stream: Any, http: bool) -> None:
                         break
                     got += d
             with trio.move_on_after(REFUSE_READ_TIMEOUT):
-                await send_all(stream, REFUSAL)
+                await send_all(stream, answer)
                 if hasattr(stream, "send_eof"):
                     await send_eof(stream)
     except (PeerGone, OSError):

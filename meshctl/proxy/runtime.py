@@ -45,6 +45,7 @@ from typing import Any, Callable
 import trio
 
 from ..core.errors import CoreConfigError
+from ..core.peeruid import checks as checks_peer
 from ..loader.proxyconfig import check_proxy_config
 from ..model.proxyconfig import Listener, ProxyConfig
 from .accesslog import AccessLog
@@ -54,6 +55,7 @@ from .dns import refresh as dns_refresh
 from .extauthz import ExtAuthzClient
 from .gateway_tls import GatewayCredentials, serve_gateway_tls
 from .mirror import MirrorState
+from .peercheck import PeerUids, admit_peer, allowed_uids
 from .overload import FD_ERRNOS, MAX_REFUSING, Condition, default_connection_limit, refuse
 from .forward import Forwarder
 from .h1upstream import H1Exchange
@@ -162,6 +164,8 @@ class ProxyRuntime:
         self.mirrors = MirrorState()  # shadow requests (mirror.py)
         self._conn_nursery: trio.Nursery | None = None
         self.gateway_credentials = GatewayCredentials()  # TLS on gateway servers; secrets_dir set by main
+        self.peer_uids: PeerUids | None = None  # outbound listeners' local-user check (peercheck.py)
+        self.peer_allowed: frozenset[int] = frozenset({os.geteuid()})
 
     # ------------------------------------------------------------ helpers
 
@@ -186,6 +190,8 @@ class ProxyRuntime:
         # the same validator as for config files, then what only a running proxy can check
         errs = [f"{e.field}: {e.message}" if e.field else e.message for e in check_proxy_config(cfg)]
         errs += self.gateway_credentials.problems(cfg, self.tls)
+        peer_allowed, why = allowed_uids(cfg.settings.outbound_users)  # user names unknown here
+        errs += why
         if errs:
             self.stats.config_rejected += 1
             raise ConfigRejected("; ".join(errs))
@@ -213,6 +219,10 @@ class ProxyRuntime:
             raise ConfigRejected(f"{exc.strerror or exc}") from None
         # commit: nothing below can fail
         old = self.listeners
+        self.peer_allowed = peer_allowed
+        if (self.peer_uids is None and isinstance(self.backend, SocketBackend)
+                and any(checks_peer(s.direction) for s in cfg.listeners)):
+            self.peer_uids = PeerUids()  # logs once when the check cannot run here
         self.snapshot = snap
         commit_limiters(prev.limiters if prev is not None else None, snap.limiters)
         for lim in snap.limiters.values():
@@ -347,6 +357,9 @@ class ProxyRuntime:
 
     async def _guarded(self, al: ActiveListener, stream: Any, client_ip: str) -> None:
         try:
+            if self.peer_uids is not None and checks_peer(al.spec.direction) and not await admit_peer(
+                    self, al, stream, client_ip):  # a local user not allowed: refused (peercheck.py)
+                return
             if al.spec.tls_servers:  # a gateway port with TLS: never plaintext (gateway_tls.py)
                 await serve_gateway_tls(self, al, stream, client_ip)
                 return

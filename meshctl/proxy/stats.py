@@ -66,7 +66,7 @@ class ClusterStats:
 
 
 class ListenerStats:
-    __slots__ = ("name", "rq_total", "rq_xx", "cx_active", "cx_total")
+    __slots__ = ("name", "rq_total", "rq_xx", "cx_active", "cx_total", "cx_peer_refused")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -74,6 +74,7 @@ class ListenerStats:
         self.rq_xx = [0, 0, 0, 0, 0, 0]
         self.cx_active = 0
         self.cx_total = 0
+        self.cx_peer_refused = 0  # outbound/binding: a local user not allowed (peercheck.py)
 
     def response(self, status: int) -> None:
         self.rq_total += 1
@@ -141,6 +142,8 @@ class Stats:
         by_class(down + "rq_xx", "Downstream responses by status class.", "listener", ls)
         series(down + "cx_active", "gauge", "Open downstream connections.", "listener", [(x.name, x.cx_active) for x in ls])
         series(down + "cx_total", "counter", "Downstream connections accepted.", "listener", [(x.name, x.cx_total) for x in ls])
+        series(down + "cx_peer_refused", "counter", "Connections refused: a local user settings.outboundUsers does not allow.",
+               "listener", [(x.name, x.cx_peer_refused) for x in ls])
 
         series("meshctl_response_flags_total", "counter", "Requests by Envoy-style response flag.", "flag",
                sorted(self.flags.items()))

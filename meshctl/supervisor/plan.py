@@ -8,6 +8,7 @@ restarted or re-applied mesh keeps its addresses.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ def proxy_settings(spec: MeshSpec) -> Settings:
                     drain_duration=m.drain_duration, outbound_traffic_policy=m.outbound_traffic_policy,
                     extension_providers=m.extension_providers,
                     tracing_zipkin=m.tracing.zipkin, tracing_otlp=m.tracing.otlp,
-                    tracing_sampling=m.tracing.sampling)
+                    tracing_sampling=m.tracing.sampling, outbound_users=tuple(str(u) for u in m.outbound_users))
 
 
 def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
@@ -75,6 +76,12 @@ def check_mesh(spec: MeshSpec) -> list[tuple[str, str]]:
     from ..model.proxyconfig import settings_problems
 
     out: list[tuple[str, str]] = [(f"settings.{f}", m) for f, m in settings_problems(proxy_settings(spec))]
+    if spec.settings.outbound_users:  # user names unknown on this host, by name
+        from ..core.peeruid import resolve_users
+        from ..proxy.peercheck import user_uid
+
+        _, problems = resolve_users(spec.settings.outbound_users, os.geteuid(), user_uid)
+        out += [f for f in ((f"settings.outboundUsers[{i}]", m) for i, m in problems) if f not in out]
     try:
         parse_port_range(spec.settings.port_range)
     except ValueError as e:

@@ -13,7 +13,8 @@ them to it), so a new setting cannot be accepted by a reload and ignored:
     requestTimeout, maxConnections,|   node file), out of the endpoints while it restarts, in two
     drainDuration,                 |   parallel waves: all but one instance of each service
     outboundTrafficPolicy,         |   version, then those (workloads.restart_sidecars); apps
-    extensionProviders, tracing    |   keep running
+    extensionProviders, tracing,   |   keep running
+    outboundUsers                  |
     locality, advertise            | the same for gateways; each workload instance is started
                                    |   again (its plan changed), registered with its new locality
                                    |   or at its new address
@@ -30,7 +31,7 @@ REFUSED = ("registry", "trust_domain", "namespace", "state_dir", "pilot_port", "
 SUPERVISOR = ("ready_timeout",)
 PROXIES = ("path_normalization", "upgrade_types", "request_timeout", "max_connections", "drain_duration",
            "outbound_traffic_policy", "extension_providers", "tracing", "locality",
-           "advertise")
+           "advertise", "outbound_users")
 
 
 @dataclass(frozen=True)
