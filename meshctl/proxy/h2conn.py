@@ -93,7 +93,7 @@ class _StreamServer:
     status mapped from HTTP) and the body after it is dropped, as gRPC clients
     expect their errors."""
 
-    __slots__ = ("c", "sid", "grpc", "swallow", "grpc_status", "msgs")
+    __slots__ = ("c", "sid", "grpc", "swallow", "grpc_status", "msgs", "ended")
     keep_alive = True
 
     def __init__(self, c: "_Conn", sid: int, grpc: bool = False) -> None:
@@ -103,6 +103,7 @@ class _StreamServer:
         self.swallow = False
         self.grpc_status = ""  # what the client was told, for telemetry's grpc_response_status
         self.msgs = MessageCounter() if grpc else None  # gRPC: response messages, for telemetry
+        self.ended = False  # the response's end was handed to the codec
 
     def response_head(self, head: ResponseHead, *, end_stream: bool = False) -> bytes:
         if self.grpc and head.status >= 300:
@@ -113,11 +114,12 @@ class _StreamServer:
                 gh.headers.append(("x-request-id", rid))
             self.grpc_status = header_value(gh.headers, "grpc-status") or ""
             self.c.emit(self.c.h2.response_head(self.sid, gh, end_stream=True))
-            self.swallow = True
+            self.swallow = self.ended = True
             return b""
         if self.grpc:  # a trailers-only reply carries grpc-status in the head
             self.grpc_status = header_value(head.headers, "grpc-status") or self.grpc_status
         self.c.emit(self.c.h2.response_head(self.sid, head, end_stream=end_stream))
+        self.ended = end_stream
         return b""
 
     def informational(self, head: ResponseHead) -> bytes:
@@ -137,6 +139,7 @@ class _StreamServer:
             if self.grpc:
                 self.grpc_status = header_value(list(trailers), "grpc-status") or self.grpc_status
             self.c.emit(self.c.h2.end(self.sid, list(trailers)))
+            self.ended = True
         return b""
 
     def abort(self, reason: str) -> None:
@@ -269,7 +272,7 @@ class _StreamDown:
 
 class _Conn(OutBuffer):
     __slots__ = ("rt", "al", "stream", "client_ip", "h2", "streams", "blocked", "dead", "nursery", "state", "draining",
-                 "lstats")  # out, emitted, written, wake, progress: OutBuffer's slots
+                 "lstats", "write_failed")  # out, emitted, written, wake, progress: OutBuffer's slots
 
     def __init__(self, rt, al, stream, client_ip: str, lstats) -> None:
         self.rt = rt
@@ -281,21 +284,26 @@ class _Conn(OutBuffer):
         self.streams: dict[int, tuple[trio.CancelScope, _StreamReader, _StreamDown]] = {}
         self.blocked: dict[int, _StreamDown] = {}  # streams waiting for send window
         self.dead = False
+        self.write_failed = False  # a write to the socket failed (not: the client closed after reading)
         self.nursery: trio.Nursery | None = None
         self.state: H2ConnState | None = None
         self.draining = False
         self.lstats = lstats
 
     async def flush(self) -> None:
-        """Wait until everything emitted so far is written to the socket."""
+        """Wait until everything emitted so far is written to the socket; DownstreamGone
+        when it cannot be (not when the client closed after everything reached it: a
+        gRPC client closing its channel after its last answer is no DC of that call)."""
+        target = self.emitted
         await self.wait_written()
-        if self.dead:
+        if self.dead and (self.write_failed or self.written < target):
             raise DownstreamGone("connection closed")
 
     async def writer(self) -> None:
         try:
             await self.write_loop()
         except PeerGone:
+            self.write_failed = True
             self.kill()
 
     def kill(self) -> None:
@@ -487,9 +495,8 @@ class _Conn(OutBuffer):
                         await self.flush()
                     except DownstreamGone:
                         pass
-            if scope.cancelled_caught and not self.dead:
-                rq.flags.append(F.DC)
-                # reset by the client: nothing to send (the codec acks its unread data)
+            if scope.cancelled_caught and (not self.dead or not server.ended) and F.DC not in rq.flags:
+                rq.flags.append(F.DC)  # reset by the client, or its connection gone before the response's end (nothing to send)
         finally:
             if not self.dead:
                 # a stream this task did not finish (error, cancel) must not stay open in the
