@@ -103,3 +103,17 @@ async def test_unknown_user_name_is_a_rejected_config(upstream):
     bad = replace(cfg, settings=replace(cfg.settings, outbound_users=(True,)))
     with pytest.raises(ConfigRejected, match=r"outboundUsers\[0\]: True is neither a user name nor a uid"):
         await ProxyRuntime().run(bad, handle_signals=False)
+
+
+async def test_without_netlink_the_check_is_off_logged_once_and_connections_pass(upstream, caplog, monkeypatch):
+    from meshctl.proxy import peercheck
+
+    monkeypatch.delattr(peercheck.socket, "AF_NETLINK")  # as on a system that is not Linux
+    cfg, lp, _, http_port = _cfg(upstream.port)
+    async with running_proxy(cfg) as rt:
+        assert rt.peer_uids is not None and "not Linux" in (rt.peer_uids.off_reason or "")
+        for port, target in ((lp, "http://reviews:9080/say?text=a"), (http_port, None)):
+            args = ("-x", f"http://127.0.0.1:{port}", target) if target else (f"http://127.0.0.1:{port}/say?text=a",)
+            assert (await curl(*args)).stdout == b"a"
+    off = [m.getMessage() for m in caplog.records if "local-user check is OFF" in m.getMessage()]
+    assert len(off) == 1 and "not Linux" in off[0]
