@@ -102,6 +102,73 @@ async def test_draining_marks_out_of_service_and_heartbeats_keep_it_so(eureka_se
     await reg.aclose()
 
 
+def _server_status(server, svc: str, iid: str) -> str | None:
+    """The instance's status on the Eureka server itself (None: the server does not know it)."""
+    req = urllib.request.Request(f"{server.http}/apps/{svc.upper()}/{iid}", headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.load(resp)["instance"]["status"]
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404, exc
+        return None
+
+
+# (before the server restart test: a restarted server served a stale delta to a new watch now and then)
+async def test_a_keep_alive_re_registering_while_the_instance_is_deregistered_does_not_resurrect_it(eureka_server):
+    """A draining instance's heartbeat gets a 404 (the server lost it) and registers it again;
+    its deregistration comes while that registration is in flight (here: forced just before
+    the POST leaves, through an httpx request hook). Before: the POST and the OUT_OF_SERVICE
+    mark that follows it landed after the DELETE, so the instance came back OUT_OF_SERVICE,
+    with nobody renewing it, until its lease ran out."""
+    svc = unique("reviews")
+    iid = f"{svc}-v1-0@127.0.0.1:9080"
+    reg = make(eureka_server, lease=30)
+    try:
+        await reg.register(inst(iid, svc))
+        await reg.set_draining(iid)
+        assert _server_status(eureka_server, svc, iid) == "OUT_OF_SERVICE"
+        # the server loses it (restart, eviction): the next heartbeat gets a 404
+        assert eureka_call("DELETE", f"{eureka_server.http}/apps/{svc.upper()}/{iid}") == 200
+        raced = []
+
+        async def deregister_before_the_post(request) -> None:
+            if request.method == "POST" and not raced:
+                raced.append(request.url.path)
+                await reg.deregister(iid)
+
+        reg._http().event_hooks["request"].append(deregister_before_the_post)
+        await reg.keep_alive(iid)
+        assert raced, "the heartbeat did not register the instance again"
+        assert _server_status(eureka_server, svc, iid) is None
+    finally:
+        await reg.aclose()
+
+
+async def test_registering_an_id_again_clears_the_out_of_service_its_drain_left(eureka_server):
+    """A drained instance whose DELETE never reached the server (a timeout under load: the
+    supervisor drops the retry once the sidecar is registered again) and whose restarted
+    sidecar registers the same id (<workload>@<address>:<port>) again. Eureka keeps a status
+    override across a registration of an instance it still has; before, the new sidecar stayed
+    OUT_OF_SERVICE for good, heartbeats and all, and no caller ever reached it."""
+    svc = unique("ratings")
+    iid = f"{svc}-v1-0@127.0.0.1:9080"
+    reg = make(eureka_server, lease=30)
+    try:
+        async with watching(reg) as w:
+            await reg.register(inst(iid, svc))
+            await reg.set_draining(iid)
+            await w.until(lambda s: ids(s, svc) == [])
+            await reg.register(inst(iid, svc))
+            await reg.keep_alive(iid)
+            assert _server_status(eureka_server, svc, iid) == "UP"
+            await w.until(lambda s: ids(s, svc) == [iid])
+            await reg.keep_alive(iid)
+            assert _server_status(eureka_server, svc, iid) == "UP"
+        await reg.deregister(iid)
+    finally:
+        await reg.aclose()
+
+
 async def test_instance_registered_by_another_eureka_client_is_seen(eureka_server):
     """A Spring-style registration: vipAddress in mixed case, metadata as labels,
     a DOWN instance that must stay out of rotation."""
@@ -212,69 +279,3 @@ async def test_an_instances_locality_travels_in_its_metadata(eureka_server):
         assert snap[svc][0].meta[META_LOCALITY] == "region1/zone2/rack-7"
         await reg.deregister(f"{svc}-0")
     await reg.aclose()
-
-
-def _server_status(server, svc: str, iid: str) -> str | None:
-    """The instance's status on the Eureka server itself (None: the server does not know it)."""
-    req = urllib.request.Request(f"{server.http}/apps/{svc.upper()}/{iid}", headers={"Accept": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return json.load(resp)["instance"]["status"]
-    except urllib.error.HTTPError as exc:
-        assert exc.code == 404, exc
-        return None
-
-
-async def test_a_keep_alive_re_registering_while_the_instance_is_deregistered_does_not_resurrect_it(eureka_server):
-    """A draining instance's heartbeat gets a 404 (the server lost it) and registers it again;
-    its deregistration comes while that registration is in flight (here: forced just before
-    the POST leaves, through an httpx request hook). Before: the POST and the OUT_OF_SERVICE
-    mark that follows it landed after the DELETE, so the instance came back OUT_OF_SERVICE,
-    with nobody renewing it, until its lease ran out."""
-    svc = unique("reviews")
-    iid = f"{svc}-v1-0@127.0.0.1:9080"
-    reg = make(eureka_server, lease=30)
-    try:
-        await reg.register(inst(iid, svc))
-        await reg.set_draining(iid)
-        assert _server_status(eureka_server, svc, iid) == "OUT_OF_SERVICE"
-        # the server loses it (restart, eviction): the next heartbeat gets a 404
-        assert eureka_call("DELETE", f"{eureka_server.http}/apps/{svc.upper()}/{iid}") == 200
-        raced = []
-
-        async def deregister_before_the_post(request) -> None:
-            if request.method == "POST" and not raced:
-                raced.append(request.url.path)
-                await reg.deregister(iid)
-
-        reg._http().event_hooks["request"].append(deregister_before_the_post)
-        await reg.keep_alive(iid)
-        assert raced, "the heartbeat did not register the instance again"
-        assert _server_status(eureka_server, svc, iid) is None
-    finally:
-        await reg.aclose()
-
-
-async def test_registering_an_id_again_clears_the_out_of_service_its_drain_left(eureka_server):
-    """A drained instance whose DELETE never reached the server (a timeout under load: the
-    supervisor drops the retry once the sidecar is registered again) and whose restarted
-    sidecar registers the same id (<workload>@<address>:<port>) again. Eureka keeps a status
-    override across a registration of an instance it still has; before, the new sidecar stayed
-    OUT_OF_SERVICE for good, heartbeats and all, and no caller ever reached it."""
-    svc = unique("ratings")
-    iid = f"{svc}-v1-0@127.0.0.1:9080"
-    reg = make(eureka_server, lease=30)
-    try:
-        async with watching(reg) as w:
-            await reg.register(inst(iid, svc))
-            await reg.set_draining(iid)
-            await w.until(lambda s: ids(s, svc) == [])
-            await reg.register(inst(iid, svc))
-            await reg.keep_alive(iid)
-            assert _server_status(eureka_server, svc, iid) == "UP"
-            await w.until(lambda s: ids(s, svc) == [iid])
-            await reg.keep_alive(iid)
-            assert _server_status(eureka_server, svc, iid) == "UP"
-        await reg.deregister(iid)
-    finally:
-        await reg.aclose()
