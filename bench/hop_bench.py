@@ -38,7 +38,7 @@ from meshctl.model.proxyconfig import (Cluster, Endpoint, Listener, ProxyConfig,
                                        cluster_name)
 from meshctl.proxy.runtime import ProxyRuntime
 from meshctl.proxy.backend import SocketBackend
-from meshctl.proxy.testing import MemoryBackend
+from meshctl.proxy.testing import MemoryBackend, request_heads
 
 APP = ("127.0.0.1", 8080)
 PROXY = ("127.0.0.1", 15006)
@@ -50,14 +50,7 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nCon
 
 
 async def app(stream) -> None:
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            data = await stream.receive_some()
-            if not data:
-                return
-            buf += data
-        _, _, buf = buf.partition(b"\r\n\r\n")
+    async for _ in request_heads(stream):
         await stream.send_all(RESPONSE)
 
 

@@ -14,14 +14,14 @@ connection (UpstreamConnectError), as a closed port does.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 import trio.testing
 
 from .stream import UpstreamConnectError
 
-__all__ = ["MemoryBackend", "MemoryStream", "MemoryListener"]
+__all__ = ["MemoryBackend", "MemoryStream", "MemoryListener", "request_heads"]
 
 App = Callable[["MemoryStream"], Awaitable[None]]
 
@@ -172,3 +172,18 @@ async def _run_app(app: App, stream: MemoryStream) -> None:
         pass
     finally:
         stream.close_now()
+
+
+async def request_heads(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
+    """The request heads (up to the blank line) a keep-alive HTTP/1.1 client sends on
+    ``stream``, one at a time, until it closes: the read loop of the tests' and benches'
+    toy upstreams (bodiless requests only)."""
+    buf = b""
+    while True:
+        while b"\r\n\r\n" not in buf:
+            data = await stream.receive_some()
+            if not data:
+                return
+            buf += data
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        yield head

@@ -45,7 +45,7 @@ from meshctl.model.proxyconfig import (
 )
 from meshctl.proxy.runtime import ProxyRuntime
 from meshctl.proxy.stream import UpstreamConnectError
-from meshctl.proxy.testing import MemoryBackend
+from meshctl.proxy.testing import MemoryBackend, request_heads
 
 HOST = "reviews.default.svc.cluster.local"
 CLUSTER = cluster_name(HOST, 9080)
@@ -66,14 +66,7 @@ class H1App:
 
     async def __call__(self, stream) -> None:
         self.connections += 1
-        buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some()
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
+        async for head in request_heads(stream):
             target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
             self.requests.append(target)
             q = _query(target)

@@ -22,21 +22,14 @@ from meshctl.proxy import stages
 from meshctl.proxy.runtime import ProxyRuntime
 from meshctl.proxy.snapshot import Snapshot
 from meshctl.proxy.stats import Stats
-from meshctl.proxy.testing import MemoryBackend
+from meshctl.proxy.testing import MemoryBackend, request_heads
 
 APP = ("10.0.0.9", 8080)
 PORT = 15006
 
 
 async def _app(stream) -> None:
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            data = await stream.receive_some()
-            if not data:
-                return
-            buf += data
-        _, _, buf = buf.partition(b"\r\n\r\n")
+    async for _ in request_heads(stream):
         await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
 
 
