@@ -140,8 +140,10 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                             rq.keep_alive = False  # unread body: cannot frame the next request
                         await send_local(rq, reply)
                     else:
-                        await forwarder.run(rq)
-                        mirror.after_forward(rq)
+                        try:
+                            await forwarder.run(rq)
+                        finally:  # the shadows go even when the client left before its answer (as on HTTP/2)
+                            mirror.after_forward(rq)
                 except PeerGone:  # DownstreamGone, or an upstream gone in a way no try reported
                     rq.keep_alive = False
                     rq.flags.append(F.DC)

@@ -281,3 +281,22 @@ async def test_a_mirrors_401_is_an_answer_and_no_answer_says_why(upstreams):
     (pair,) = totals[cluster]["statuses"]
     assert pair.startswith("200 -> no answer (connect to 127.0.0.1:") and "refused" in pair, pair
     assert examples[0]["differs"] == ["no answer"] and totals[cluster]["failed"] == 1
+
+
+async def test_a_client_that_leaves_before_its_answer_is_mirrored_all_the_same(upstreams):
+    # Envoy shadows a request whatever becomes of the downstream (and so does meshctl's HTTP/2
+    # path): a client that sends its request and leaves while the primary is still answering
+    # must not take the shadow with it.
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    rules = MIRROR_V2 + "---\n" + ALL_V1.split("---\n", 1)[1]
+    async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
+        for i in range(3):
+            s = await trio.open_tcp_stream("127.0.0.1", lp)
+            await s.send_all(f"GET http://httpbin:8000/slow?ms=300&only=v1&n={i} HTTP/1.1\r\n"
+                             f"Host: httpbin:8000\r\n\r\n".encode())
+            await trio.sleep(0.05)  # the request is on its way to v1
+            await s.aclose()  # ... and the client is gone before v1 answers
+        await _wait(lambda: len(v2.requests) == 3)
+        await _wait(lambda: rt.mirrors.sent == 3)
+    assert sorted(p for _, p, _ in v2.requests) == [f"/slow?ms=300&only=v1&n={i}" for i in range(3)]
