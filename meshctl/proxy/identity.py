@@ -32,6 +32,7 @@ from functools import partial
 import trio
 
 from ..citadel.errors import PeerRejected, TLSError
+from ..core.logthrottle import held_back
 from ..protocol.detect import UPSTREAM_ALPN
 from .stream import FastSocketStream, TLSSocketStream, UpstreamConnectError, start_tls
 
@@ -129,7 +130,7 @@ async def secure_inbound(rt, listener, stream: FastSocketStream):
 
     Returns ``stream`` itself for plaintext, a ``SecureStream`` for mTLS, or
     None when the connection was refused (already closed; the reason logged
-    and counted in ``rt.mtls_refused[listener name]``)."""
+    and counted in meshctl_downstream_cx_tls_refused)."""
     mode = (listener.mtls_mode or "DISABLE").upper()
     holder = getattr(rt, "tls", None)
     if mode == "DISABLE" or listener.direction != "inbound":
@@ -153,11 +154,10 @@ async def secure_inbound(rt, listener, stream: FastSocketStream):
 
 
 def _refused(rt, listener, why: str) -> None:
-    refused = getattr(rt, "mtls_refused", None)
-    if refused is None:
-        refused = rt.mtls_refused = {}
-    refused[listener.name] = refused.get(listener.name, 0) + 1
-    log.info("%s: connection refused: %s", listener.name, why)
+    rt.stats.listener(listener.name).cx_tls_refused += 1
+    held = rt.refusal_log.admit(("tls", listener.name, why), trio.current_time())
+    if held is not None:
+        log.info("%s: connection refused: %s%s", listener.name, why, held_back(held))
 
 
 # ---------------------------------------------------------------- outbound

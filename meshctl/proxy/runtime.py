@@ -45,6 +45,7 @@ from typing import Any, Callable
 import trio
 
 from ..core.errors import CoreConfigError
+from ..core.logthrottle import LogThrottle
 from ..core.peeruid import checks as checks_peer
 from ..loader.proxyconfig import check_proxy_config
 from ..model.proxyconfig import Listener, ProxyConfig
@@ -165,6 +166,7 @@ class ProxyRuntime:
         self._conn_nursery: trio.Nursery | None = None
         self.gateway_credentials = GatewayCredentials()  # TLS on gateway servers; secrets_dir set by main
         self.peer_uids: PeerUids | None = None  # outbound listeners' local-user check (peercheck.py)
+        self.refusal_log = LogThrottle()  # refused users and mTLS handshakes: a line per cause per 10 s
         self.peer_allowed: frozenset[int] = frozenset({os.geteuid()})
 
     # ------------------------------------------------------------ helpers

@@ -66,7 +66,7 @@ class ClusterStats:
 
 
 class ListenerStats:
-    __slots__ = ("name", "rq_total", "rq_xx", "cx_active", "cx_total", "cx_peer_refused")
+    __slots__ = ("name", "rq_total", "rq_xx", "cx_active", "cx_total", "cx_peer_refused", "cx_tls_refused")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -75,6 +75,7 @@ class ListenerStats:
         self.cx_active = 0
         self.cx_total = 0
         self.cx_peer_refused = 0  # outbound/binding: a local user not allowed (peercheck.py)
+        self.cx_tls_refused = 0  # inbound: mutual TLS required and not given, or the peer's identity refused (identity.py)
 
     def response(self, status: int) -> None:
         self.rq_total += 1
@@ -144,6 +145,9 @@ class Stats:
         series(down + "cx_total", "counter", "Downstream connections accepted.", "listener", [(x.name, x.cx_total) for x in ls])
         series(down + "cx_peer_refused", "counter", "Connections refused: a local user settings.outboundUsers does not allow.",
                "listener", [(x.name, x.cx_peer_refused) for x in ls])
+        series(down + "cx_tls_refused", "counter", "Connections refused by the listener's mutual TLS: no or an untrusted "
+               "client certificate, plaintext on a STRICT port, a failed handshake.",
+               "listener", [(x.name, x.cx_tls_refused) for x in ls])
 
         series("meshctl_response_flags_total", "counter", "Requests by Envoy-style response flag.", "flag",
                sorted(self.flags.items()))

@@ -104,7 +104,9 @@ async def test_plaintext_caller_reaches_permissive_but_not_strict(upstream, root
                 r = await curl("-si", "-x", f"http://127.0.0.1:{cport}", f"http://reviews:9080/{mode}")
                 assert r.stdout.startswith(b"HTTP/1.1 200" if ok else b"HTTP/1.1 503"), r.stdout[:200]
             if not ok:
-                assert server.mtls_refused["inbound"] >= 1
+                assert server.stats.listener("inbound").cx_tls_refused >= 1
+                stats = (await curl(f"http://127.0.0.1:{server.admin_port}/stats")).stdout
+                assert b'meshctl_downstream_cx_tls_refused{listener="inbound"} ' in stats
 
 
 async def test_opaque_tcp_binding_rides_mtls_to_a_strict_sidecar(root):

@@ -117,3 +117,19 @@ async def test_without_netlink_the_check_is_off_logged_once_and_connections_pass
             assert (await curl(*args)).stdout == b"a"
     off = [m.getMessage() for m in caplog.records if "local-user check is OFF" in m.getMessage()]
     assert len(off) == 1 and "not Linux" in off[0]
+
+
+@needs_root
+async def test_a_flood_of_refused_connections_is_counted_each_and_logged_once(upstream, caplog):
+    # a stranger on loopback can open connections as fast as it likes: each is refused and
+    # counted, but the log gets one line per listener and user per interval, not one per connection
+    cfg, lp, _, _ = _cfg(upstream.port)
+    async with running_proxy(cfg) as rt:
+        r = await _as_nobody("sh", "-c", f"for i in $(seq 25); do curl -s -o /dev/null --max-time 10 "
+                                         f"-x http://127.0.0.1:{lp} http://reviews:9080/say?text=x; done")
+        assert r.returncode == 0, r
+        assert rt.stats.listener("outbound").cx_peer_refused == 25
+        lines = [m.getMessage() for m in caplog.records if "refused a connection from uid 65534" in m.getMessage()]
+        assert len(lines) == 1, lines
+        stats = (await curl(f"http://127.0.0.1:{rt.admin_port}/stats")).stdout
+        assert b'meshctl_downstream_cx_peer_refused{listener="outbound"} 25' in stats

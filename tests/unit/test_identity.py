@@ -14,6 +14,7 @@ from meshctl.citadel.ca import create_root, generate_key, key_to_pem, make_csr
 from meshctl.model.istio import ClientTLSSettings, TrafficPolicy
 from meshctl.model.proxyconfig import Cluster, Endpoint, Listener
 from meshctl.protocol.http1 import Limits
+from meshctl.core.logthrottle import LogThrottle
 from meshctl.proxy.identity import (
     SecureStream,
     SidecarCertificates,
@@ -51,6 +52,7 @@ class FakeRuntime:
     def __init__(self, tls=None) -> None:
         self.tls = tls
         self.stats = Stats()
+        self.refusal_log = LogThrottle()
 
 
 def cluster(tls: ClientTLSSettings | None = None) -> Cluster:
@@ -176,7 +178,7 @@ async def test_strict_refuses_plaintext_and_serves_mtls_with_the_verified_peer(r
         assert await get(plain) == b""  # closed without an answer
         while not seen:
             await trio.sleep(0.01)
-        assert seen[-1] is None and server_rt.mtls_refused == {"inbound": 1}
+        assert seen[-1] is None and server_rt.stats.listener("inbound").cx_tls_refused == 1
         conn = await pool.acquire("127.0.0.1", port, st, 5.0, upstream_tls(client_rt, cluster(), ep))
         assert isinstance(conn.stream, SecureStream) and conn.stream.peer_id == REVIEWS
         assert (await get(conn)).endswith(b"\r\n\r\ncluster.local/ns/default/sa/productpage")
