@@ -292,9 +292,29 @@ class H2Exchange:
     def carries(self, rq: Request, cs: ClusterState) -> bool:
         return wants_h2(rq, cs)
 
-    def shared_pool(self) -> H2Pool:
-        """The HTTP/2 pool, for shadows (mirror.py) as for tries."""
-        return self._pool()
+    def open_request(self, cs: ClusterState) -> tuple[H2Pool, int | None]:
+        """One request to ``cs`` starts (a try, or a shadow: mirror.py): the pool, and the
+        cluster's maxConcurrentStreams per connection (None: the server's). The request
+        counts against the cluster's http2MaxRequests until ``request_done``; past it,
+        PoolOverflow (503 UO for a try; a shadow is dropped)."""
+        pool = self._pool()
+        hs = _http_settings(cs.cluster)
+        max_streams = hs.max_concurrent_streams if hs is not None and hs.max_concurrent_streams else None
+        max_rq = hs.http2_max_requests if hs is not None and hs.http2_max_requests else None
+        name = cs.name
+        n = pool.inflight.get(name, 0)
+        if max_rq is not None and n >= max_rq:
+            raise PoolOverflow(name, "rq", f"http2MaxRequests {max_rq} reached")
+        pool.inflight[name] = n + 1
+        return pool, max_streams
+
+    @staticmethod
+    def request_done(pool: H2Pool, cs: ClusterState) -> None:
+        n = pool.inflight[cs.name] - 1
+        if n:
+            pool.inflight[cs.name] = n
+        else:
+            del pool.inflight[cs.name]
 
     def _pool(self) -> H2Pool:
         """The HTTP/2 pool (made on first use, in the runtime's connection nursery)."""
@@ -307,14 +327,14 @@ class H2Exchange:
 
     async def attempt(self, a: Attempt) -> TryResult:
         """One try of the request on an upstream HTTP/2 stream."""
+        pool, max_streams = self.open_request(a.cs)
+        try:
+            return await self._attempt(a, pool, max_streams)
+        finally:
+            self.request_done(pool, a.cs)
+
+    async def _attempt(self, a: Attempt, pool: H2Pool, max_streams: int | None) -> TryResult:
         rq, cs, ep = a.rq, a.cs, a.ep
-        pool = self._pool()
-        hs = _http_settings(cs.cluster)
-        max_streams = hs.max_concurrent_streams if hs is not None and hs.max_concurrent_streams else None
-        max_rq = hs.http2_max_requests if hs is not None and hs.http2_max_requests else None
-        name = cs.name
-        if max_rq is not None and pool.inflight.get(name, 0) >= max_rq:
-            raise PoolOverflow(name, "rq", f"http2MaxRequests {max_rq} reached")
         settings = rq.snap.settings
         conn = None
         address = ep.address
@@ -336,7 +356,6 @@ class H2Exchange:
         te = [v for k, v in rq.head.headers if k == "te"]
         if any("trailers" in v.lower() for v in te) and not any(k == "te" for k, _ in head.headers):
             head.headers.append(("te", "trailers"))
-        pool.inflight[name] = pool.inflight.get(name, 0) + 1
         body = rq.body
         st = None
         try:
@@ -379,11 +398,6 @@ class H2Exchange:
             ok = st is not None and st.done
             if st is not None:
                 conn.finish(st, abort=not ok)
-            n = pool.inflight[name] - 1
-            if n:
-                pool.inflight[name] = n
-            else:
-                del pool.inflight[name]
 
     @staticmethod
     async def _send_body(rq: Request, conn: H2Upstream, st: _UpStream, failure: list[BaseException],

@@ -14,7 +14,12 @@ clusters, fire-and-forget, as Envoy's request mirror policies do.
   (more are dropped and counted), a body is mirrored only when the proxy kept
   it whole for retries (``settings.retry_buffer_bytes``, 64 KiB by default),
   a shadow's response is read at most MAX_RESPONSE_BYTES far, and each shadow
-  ends at the route timeout (or SHADOW_TIMEOUT).
+  ends at the route timeout (or SHADOW_TIMEOUT). The mirror cluster's own
+  circuit breakers apply to its shadows, as in Envoy: the DestinationRule's
+  connectionPool limits (HTTP/1.1: the cluster's limiter, limits.py;
+  HTTP/2: http2MaxRequests and maxConcurrentStreams, h2pool.py). A shadow
+  over them is dropped, and counted as the cluster's overflow
+  (``meshctl_cluster_upstream_rq_pending_overflow``).
 - Telemetry: the mirror cluster's upstream request counters
   (``meshctl_cluster_upstream_rq_total`` / ``_rq_xx`` for its cluster), and
   ``MirrorState`` counts sent, failed and dropped shadows (/stats:
@@ -44,6 +49,7 @@ from ..protocol.headers import strip_hop_by_hop
 from .egress import without_internal
 from .errors import PeerGone, send_all
 from .identity import upstream_tls
+from .limits import PoolOverflow
 from .protocols import wants_h2
 from .request import IDEMPOTENT
 from .stream import UpstreamConnectError
@@ -291,11 +297,13 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
     digest = hashlib.sha256()
     error = f"timeout: no response within {timeout:g}s"
     stale_ok = head.method in IDEMPOTENT
+    pool = rt.pool if cs.limiter is None else cs.limiter  # the cluster's connectionPool limits, if it has any
+    overflow = False
     try:
         with trio.move_on_after(timeout):
             while True:
-                conn = await rt.pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
-                                             upstream_tls(rt, cs.cluster, ep))
+                conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
+                                          upstream_tls(rt, cs.cluster, ep))
                 client = conn.client
                 parts = [client.request_head(head, end_stream=not chunks and not trailers)]
                 for c in chunks:
@@ -309,7 +317,7 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
                     ev = None
                 if (ev is None or type(ev) is Reset) and conn.reused and stale_ok:
                     stale_ok = False  # a kept-alive connection the upstream had closed: once more, on a new one
-                    rt.pool.discard(conn)
+                    pool.discard(conn)
                     conn = None
                     continue
                 break
@@ -337,16 +345,29 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
             else:
                 if status:
                     error = "connection closed before the body ended"
+    except PoolOverflow as exc:
+        overflow = True
+        log.debug("mirror to %s not sent: %s", cs.name, exc)
     except (UpstreamConnectError, ProtocolError, OSError, PeerGone) as exc:
         error = str(exc) if not status else f"the body did not end: {exc}"
         log.debug("mirror to %s failed: %s", cs.name, exc)
     finally:
-        _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
+        if overflow:
+            _overflowed(state, cs)
+        else:
+            _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
         if conn is not None:
             if whole and conn.client.keep_alive:
-                rt.pool.release(conn)
+                pool.release(conn)
             else:
-                rt.pool.discard(conn)
+                pool.discard(conn)
+
+
+def _overflowed(state: MirrorState, cs) -> None:
+    """A shadow the mirror cluster's circuit breakers refused: dropped, not sent."""
+    state.in_flight -= 1
+    state.dropped += 1
+    cs.stats.rq_pending_overflow += 1
 
 
 def _settle(state: MirrorState, cs, head: RequestHead, mine: Answer, started: float, status: int, headers: list,
@@ -378,7 +399,9 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
 
     state: MirrorState = rt.mirrors
     mine = Answer(primary[0], primary[1], kept_headers(primary[2]), primary[3].digest())
-    conn = st = None
+    conn = st = pool = None
+    overflow = False
+    exchange = rt.forwarder.h2.exchange()
     headers: list = []
     whole = False
     started = trio.current_time()
@@ -387,14 +410,14 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
     error = f"timeout: no response within {timeout:g}s"
     try:
         with trio.move_on_after(timeout):
-            pool = rt.forwarder.h2.exchange().shared_pool()
+            pool, max_streams = exchange.open_request(cs)  # http2MaxRequests: PoolOverflow past it
             address = ep.address
             if cs.cluster.dns:  # an endpoint given by name: one of its addresses, as a primary's try
                 from .dns import upstream_address
 
                 address = await upstream_address(address, cs.cluster.dns)
             conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout,
-                                      upstream_tls(rt, cs.cluster, ep, h2=True))
+                                      upstream_tls(rt, cs.cluster, ep, h2=True), max_streams)
             h2head = h1_head_to_h2(head)
             h2head.scheme = "http"
             st = conn.open(h2head, end_stream=not chunks and not trailers)
@@ -432,10 +455,18 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
                     reason = getattr(ev, "reason", "") or "stream reset"
                     error = f"the body did not end: {reason}" if status else reason
                     break
+    except PoolOverflow as exc:
+        overflow = True
+        log.debug("mirror to %s not sent: %s", cs.name, exc)
     except (UpstreamConnectError, ProtocolError, OSError, PeerGone) as exc:
         error = str(exc) if not status else f"the body did not end: {exc}"
         log.debug("mirror to %s failed: %s", cs.name, exc)
     finally:
-        _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
+        if overflow:
+            _overflowed(state, cs)
+        else:
+            _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
         if conn is not None and st is not None:
             conn.finish(st, abort=not st.done)
+        if pool is not None:
+            exchange.request_done(pool, cs)

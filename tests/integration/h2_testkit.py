@@ -6,6 +6,7 @@ in a thread: independent of meshctl's codec. Endpoints:
   /download?n=N  N bytes (flow controlled)
   /status?code=C that status, empty body
   /refuse?key=K  RST_STREAM(REFUSED_STREAM) on the first request with key K
+With ``hold`` set, every request is recorded and never answered (a stuck upstream).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class H2App:
         self.hits: dict[str, int] = {}
         self.max_open = 0  # most streams open at once on one connection
         self.max_concurrent_streams = max_concurrent_streams
+        self.hold = False  # record requests, answer none
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -123,6 +125,8 @@ class H2App:
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         with self.lock:
             self.requests.append((d.get(":method", ""), path, hdrs))
+        if self.hold:
+            return
         if url.path == "/refuse":
             k = q.get("key", "k")
             with self.lock:

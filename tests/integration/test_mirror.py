@@ -300,3 +300,32 @@ async def test_a_client_that_leaves_before_its_answer_is_mirrored_all_the_same(u
         await _wait(lambda: len(v2.requests) == 3)
         await _wait(lambda: rt.mirrors.sent == 3)
     assert sorted(p for _, p, _ in v2.requests) == [f"/slow?ms=300&only=v1&n={i}" for i in range(3)]
+
+
+async def test_shadows_go_through_the_mirror_subsets_connection_pool_limits(upstreams):
+    # A connectionPool on the mirror's subset protects it from mirrored load, as in Envoy
+    # (shadows pass the cluster's circuit breakers): one connection and one pending request
+    # to v2, which takes 1.5 s per shadow; of five shadows, two reach v2 and three are dropped
+    # and counted as v2's overflow. The primaries (v1) are not touched.
+    v1, v2 = upstreams("v1"), upstreams("v2")
+    lp = free_port()
+    limited_v2 = ALL_V1.replace(
+        "      version: v2\n",
+        "      version: v2\n"
+        "    trafficPolicy:\n"
+        "      connectionPool:\n"
+        "        tcp: {maxConnections: 1}\n"
+        "        http: {http1MaxPendingRequests: 1}\n")
+    assert limited_v2 != ALL_V1
+    rules = MIRROR_V2 + "---\n" + limited_v2.split("---\n", 1)[1]
+    async with running_proxy(_config(rules, v1.port, v2.port, lp)) as rt:
+        for i in range(5):
+            r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{lp}",
+                           f"http://httpbin:8000/slow?ms=1500&only=v2&n={i}")
+            assert r.stdout == b"200"
+        await _wait(lambda: rt.mirrors.dropped == 3)
+        await _wait(lambda: rt.mirrors.sent == 2, timeout=10.0)
+        v2_cluster = "outbound|8000|v2|httpbin.default.svc.cluster.local"
+        assert rt.stats.cluster(v2_cluster).rq_pending_overflow == 3
+    assert sorted(p for _, p, _ in v2.requests) == ["/slow?ms=1500&only=v2&n=0", "/slow?ms=1500&only=v2&n=1"]
+    assert len(v1.requests) == 5

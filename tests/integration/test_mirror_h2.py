@@ -10,7 +10,7 @@ import grpc
 import pytest
 import trio
 
-from meshctl.model.istio import Destination, Percent, PortSelector
+from meshctl.model.istio import ConnectionPoolSettings, Destination, HTTPSettings, Percent, PortSelector, TrafficPolicy
 from meshctl.model.proxyconfig import fqdn
 
 import os
@@ -100,6 +100,38 @@ async def test_an_http11_request_is_mirrored_over_h2_prior_knowledge_with_its_bo
         assert (method, path) == ("POST", "/echo?n=1")
         assert h[":authority"] == "grpcsvc-shadow:9090" and h["x-custom"] == "v"
         assert [p for _, p, _ in v1.requests] == ["/echo?n=1"]
+    finally:
+        v1.close()
+        v2.close()
+
+
+async def test_shadows_count_against_the_mirror_clusters_http2_max_requests():
+    # Envoy's shadows go through the mirror cluster's circuit breakers: with v2's
+    # http2MaxRequests at 1 and v2 stuck on its first shadow, the next shadows are dropped
+    # and counted as v2's overflow; the primaries are not touched
+    v1, v2 = H2App(), H2App()
+    v2.hold = True
+    try:
+        lp = free_port()
+        route = replace(route_to("grpcsvc", 9090),
+                        mirror=Destination(host=fqdn("grpcsvc"), subset="v2", port=PortSelector(number=9090)))
+        v2_cluster = replace(cluster("grpcsvc", 9090, [("127.0.0.1", v2.port)], subset="v2", protocol="http2"),
+                             traffic_policy=TrafficPolicy(connection_pool=ConnectionPoolSettings(
+                                 http=HTTPSettings(http2_max_requests=1))))
+        cfg = config(listeners=[outbound_listener(lp)], vhosts=[vhost("grpcsvc", 9090, (route,))],
+                     clusters=[cluster("grpcsvc", 9090, [("127.0.0.1", v1.port)], protocol="http2"), v2_cluster])
+        async with running_proxy(cfg) as rt:
+            for i in range(4):
+                r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "--http1.1", "-x", f"http://127.0.0.1:{lp}",
+                               f"http://grpcsvc:9090/echo?n={i}")
+                assert r.stdout == b"200"  # every primary answered by v1
+            await _wait(lambda: rt.mirrors.dropped == 3)
+            assert rt.mirrors.in_flight == 1 and rt.mirrors.sent == 0
+            assert rt.stats.cluster(v2_cluster.name).rq_pending_overflow == 3
+            stats = (await curl(f"http://127.0.0.1:{rt.admin_port}/stats")).stdout
+            assert b'meshctl_mirror_requests_total{outcome="dropped"} 3' in stats
+        assert [p for _, p, _ in v2.requests] == ["/echo?n=0"]  # one shadow reached v2, and no more
+        assert [p for _, p, _ in v1.requests] == [f"/echo?n={i}" for i in range(4)]
     finally:
         v1.close()
         v2.close()
