@@ -25,7 +25,7 @@ import trio
 
 from ..core.logthrottle import held_back
 from ..core.peeruid import Admit, LookupFailed, NoSocket, PeerLookup, decide, resolve_users
-from .overload import refuse
+from .overload import Refusal, refuse
 
 log = logging.getLogger("meshctl.proxy")
 
@@ -161,11 +161,8 @@ def allowed_uids(entries: tuple[Any, ...]) -> tuple[frozenset[int], list[str]]:
     return allowed, [f"outboundUsers[{i}]: {why}" for i, why in problems]
 
 
-def _forbidden(reason: str) -> bytes:
-    body = f"forbidden: {reason}\n".encode()
-    return (b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n"
-            b"x-meshctl-reason: local user not allowed\r\ncontent-length: " + str(len(body)).encode()
-            + b"\r\nconnection: close\r\n\r\n" + body)
+def _forbidden(reason: str) -> Refusal:
+    return Refusal(403, "Forbidden", "local user not allowed", f"forbidden: {reason}\n")
 
 
 async def admit_peer(rt: Any, al: Any, stream: Any, client_ip: str) -> bool:

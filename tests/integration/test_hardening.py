@@ -550,3 +550,25 @@ async def test_draining_proxy_keeps_serving_with_connection_close_then_closes(up
         assert 1.3 < trio.current_time() - t0 < 3.5  # the 1.5 s drain period, with slack for a loaded machine
         r = await curl("-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{lp}/public")
         assert r.stdout == b"000"  # closed after the drain period
+
+
+async def test_an_http2_client_over_the_connection_limit_gets_503_on_its_stream_not_a_broken_connection(upstream):
+    # An h2c (prior knowledge) client, gRPC's usual case on loopback, sees the 503 and why on
+    # its first stream, then a GOAWAY; an HTTP/1.1 answer to its preface read as a protocol error
+    lp, cfg = _inbound_cfg(upstream.port, Settings(max_connections=2))
+    async with running_proxy(cfg):
+        held = [await trio.open_tcp_stream("127.0.0.1", lp) for _ in range(2)]
+        try:
+            for s in held:  # both served: the listener is at its limit
+                await s.send_all(b"GET /public HTTP/1.1\r\nhost: a\r\n\r\n")
+                with trio.fail_after(10):
+                    assert (await s.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            r = await curl("-si", "--http2-prior-knowledge", "--max-time", "10", f"http://127.0.0.1:{lp}/public")
+            assert r.returncode == 0, r
+            head, _, body = r.stdout.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/2 503"), r.stdout[:300]
+            assert b"x-meshctl-reason: overload: connection limit" in head
+            assert body == b"overload: listener connection limit\r\n"
+        finally:
+            for s in held:
+                await s.aclose()

@@ -133,3 +133,18 @@ async def test_a_flood_of_refused_connections_is_counted_each_and_logged_once(up
         assert len(lines) == 1, lines
         stats = (await curl(f"http://127.0.0.1:{rt.admin_port}/stats")).stdout
         assert b'meshctl_downstream_cx_peer_refused{listener="outbound"} 25' in stats
+
+
+@needs_root
+async def test_a_refused_http2_client_gets_403_on_its_stream(upstream):
+    # gRPC clients speak h2c prior knowledge to the outbound listener: a refused user's client
+    # reads a 403 with the reason (gRPC: PERMISSION_DENIED), not a broken connection
+    cfg, lp, _, http_port = _cfg(upstream.port)
+    async with running_proxy(cfg) as rt:
+        r = await _as_nobody("curl", "-sS", "-i", "--http2-prior-knowledge", "--max-time", "10",
+                             f"http://127.0.0.1:{http_port}/say?text=stolen")
+        head, _, body = r.stdout.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/2 403"), r
+        assert b"x-meshctl-reason: local user not allowed" in head
+        assert b"uid 65534 may not use this sidecar's outbound listeners" in body
+        assert rt.stats.listener("bind-reviews").cx_peer_refused == 1
