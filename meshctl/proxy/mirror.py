@@ -277,28 +277,99 @@ def after_forward(rq) -> None:
                            primary)
 
 
+class _Outcome:
+    """What one shadow got so far, whichever protocol carried it: the answer counts
+    once its final response head arrived, whatever the status (a 401 is an answer);
+    the body is hashed as it comes and compared only when it ended whole."""
+
+    __slots__ = ("timeout", "started", "status", "headers", "digest", "seen", "whole", "overflow", "error")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.started = trio.current_time()
+        self.status = 0
+        self.headers: list = []
+        self.digest = hashlib.sha256()
+        self.seen = 0
+        self.whole = False
+        self.overflow = False  # refused by the mirror cluster's circuit breakers: dropped, never sent
+        self.error = f"timeout: no response within {timeout:g}s"
+
+    def take(self, ev) -> bool:  # type: ignore[no-untyped-def]
+        """One response event (ResponseHead, Data, EndOfMessage; anything else is a
+        Reset); True once the shadow is over."""
+        t = type(ev)
+        if t is ResponseHead:
+            if ev.status >= 200:
+                self.status, self.headers = ev.status, ev.headers
+                self.error = f"timeout: the body did not end within {self.timeout:g}s"
+            return False
+        if t is Data:
+            self.seen += len(ev.data)
+            if self.seen > MAX_RESPONSE_BYTES:
+                self.error = "response body over 1 MiB: not compared"
+                return True
+            self.digest.update(ev.data)
+            return False
+        if t is EndOfMessage:
+            self.whole = self.status >= 200
+            if not self.status:
+                self.error = "the stream ended without a response"
+            return True
+        reason = getattr(ev, "reason", "") or "stream reset"
+        self.error = f"the body did not end: {reason}" if self.status else reason
+        return True
+
+    def failed(self, cs, exc: BaseException) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(exc, PoolOverflow):
+            self.overflow = True
+            log.debug("mirror to %s not sent: %s", cs.name, exc)
+            return
+        self.error = str(exc) if not self.status else f"the body did not end: {exc}"
+        log.debug("mirror to %s failed: %s", cs.name, exc)
+
+    def settle(self, state: MirrorState, cs, head: RequestHead, mine: Answer) -> None:  # type: ignore[no-untyped-def]
+        """The shadow is over: count it, and compare its answer with the primary's."""
+        state.in_flight -= 1
+        if self.overflow:
+            state.dropped += 1
+            cs.stats.rq_pending_overflow += 1
+            return
+        status = self.status
+        ms = (trio.current_time() - self.started) * 1000.0
+        if status:
+            state.sent += 1
+            cs.stats.rq_total += 1
+            cs.stats.rq_xx[min(status // 100, 5)] += 1
+            body_sha256 = self.digest.hexdigest() if self.whole else ""
+            theirs = Answer(status, ms, kept_headers(self.headers), body_sha256, "" if body_sha256 else self.error)
+        else:
+            state.failed += 1
+            theirs = Answer(0, ms, {}, "", self.error)
+        state.compare(cs.name, head.method, head.path, mine, theirs)
+
+
+_SHADOW_ERRORS = (PoolOverflow, UpstreamConnectError, ProtocolError, OSError, PeerGone)
+
+
+def _mine(primary: tuple[int, float, list, PrimaryBody]) -> Answer:
+    """The primary's side of the comparison (its body chunks are let go once hashed)."""
+    return Answer(primary[0], primary[1], kept_headers(primary[2]), primary[3].digest())
+
+
 async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float,
                   primary: tuple[int, float, list, PrimaryBody]) -> None:
-    """Send one shadow and compare its answer with the primary's. The shadow answered
-    when its response head arrived, whatever the status (a 401 is an answer); its body
-    is compared only when it arrived whole. "No answer" is for a shadow that got no
-    response head: connection refused, reset or closed, timeout; ``error`` says which.
-    A pooled connection the upstream had closed (many servers close after an error
-    answer without saying so) is not an answer either: an idempotent shadow is sent
-    again once on a new connection, as the primary is (h1upstream.py)."""
-    state: MirrorState = rt.mirrors
-    # the primary's side, first (its body chunks are let go once hashed)
-    mine = Answer(primary[0], primary[1], kept_headers(primary[2]), primary[3].digest())
+    """Send one shadow and compare its answer with the primary's (``_Outcome``). "No
+    answer" is for a shadow that got no response head: connection refused, reset or
+    closed, timeout; ``error`` says which. A pooled connection the upstream had closed
+    (many servers close after an error answer without saying so) is not an answer
+    either: an idempotent shadow is sent again once on a new connection, as the
+    primary is (h1upstream.py)."""
+    mine = _mine(primary)
+    out = _Outcome(timeout)
     conn = None
-    headers: list = []
-    whole = False
-    started = trio.current_time()
-    status = 0
-    digest = hashlib.sha256()
-    error = f"timeout: no response within {timeout:g}s"
     stale_ok = head.method in IDEMPOTENT
     pool = rt.pool if cs.limiter is None else cs.limiter  # the cluster's connectionPool limits, if it has any
-    overflow = False
     try:
         with trio.move_on_after(timeout):
             while True:
@@ -321,71 +392,23 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
                     conn = None
                     continue
                 break
-            seen = 0
-            error = "connection closed before a response"
+            out.error = "connection closed before a response"
             while ev is not None:
-                if type(ev) is ResponseHead:
-                    if ev.status >= 200:
-                        status = ev.status
-                        headers = ev.headers
-                        error = f"timeout: the body did not end within {timeout:g}s"
-                elif type(ev) is Data:
-                    seen += len(ev.data)
-                    if seen > MAX_RESPONSE_BYTES:
-                        error = "response body over 1 MiB: not compared"
-                        break
-                    digest.update(ev.data)
-                elif type(ev) is EndOfMessage:
-                    whole = status >= 200
-                    break
-                elif type(ev) is Reset:
-                    error = f"the body did not end: {ev.reason}" if status else ev.reason
+                if out.take(ev):
                     break
                 ev = await conn.reader.next()
             else:
-                if status:
-                    error = "connection closed before the body ended"
-    except PoolOverflow as exc:
-        overflow = True
-        log.debug("mirror to %s not sent: %s", cs.name, exc)
-    except (UpstreamConnectError, ProtocolError, OSError, PeerGone) as exc:
-        error = str(exc) if not status else f"the body did not end: {exc}"
-        log.debug("mirror to %s failed: %s", cs.name, exc)
+                if out.status:
+                    out.error = "connection closed before the body ended"
+    except _SHADOW_ERRORS as exc:
+        out.failed(cs, exc)
     finally:
-        if overflow:
-            _overflowed(state, cs)
-        else:
-            _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
+        out.settle(rt.mirrors, cs, head, mine)
         if conn is not None:
-            if whole and conn.client.keep_alive:
+            if out.whole and conn.client.keep_alive:
                 pool.release(conn)
             else:
                 pool.discard(conn)
-
-
-def _overflowed(state: MirrorState, cs) -> None:
-    """A shadow the mirror cluster's circuit breakers refused: dropped, not sent."""
-    state.in_flight -= 1
-    state.dropped += 1
-    cs.stats.rq_pending_overflow += 1
-
-
-def _settle(state: MirrorState, cs, head: RequestHead, mine: Answer, started: float, status: int, headers: list,
-            body_sha256: str, error: str) -> None:
-    """A shadow is over: count it and compare its answer (``body_sha256`` "": not whole)."""
-    state.in_flight -= 1
-    if status:
-        state.sent += 1
-        cs.stats.rq_total += 1
-        cs.stats.rq_xx[min(status // 100, 5)] += 1
-    else:
-        state.failed += 1
-    ms = (trio.current_time() - started) * 1000.0
-    if status:  # answered; the body is compared only when it arrived whole
-        theirs = Answer(status, ms, kept_headers(headers), body_sha256, "" if body_sha256 else error)
-    else:
-        theirs = Answer(0, ms, {}, "", error)
-    state.compare(cs.name, head.method, head.path, mine, theirs)
 
 
 async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], trailers: list, timeout: float,
@@ -397,17 +420,10 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
     its HTTP status; its grpc-status is in the trailers)."""
     from ..protocol.http2 import h1_head_to_h2
 
-    state: MirrorState = rt.mirrors
-    mine = Answer(primary[0], primary[1], kept_headers(primary[2]), primary[3].digest())
+    mine = _mine(primary)
+    out = _Outcome(timeout)
     conn = st = pool = None
-    overflow = False
     exchange = rt.forwarder.h2.exchange()
-    headers: list = []
-    whole = False
-    started = trio.current_time()
-    status = 0
-    digest = hashlib.sha256()
-    error = f"timeout: no response within {timeout:g}s"
     try:
         with trio.move_on_after(timeout):
             pool, max_streams = exchange.open_request(cs)  # http2MaxRequests: PoolOverflow past it
@@ -426,46 +442,19 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
                 conn.emit(client.data(st.sid, c))
             if chunks or trailers:
                 conn.emit(client.end(st.sid, trailers))
-            seen = 0
-            error = "stream reset before a response"
+            out.error = "stream reset before a response"
             while True:
                 ev = await st.next()
-                t = type(ev)
-                if t is ResponseHead:
-                    if ev.status >= 200:
-                        status = ev.status
-                        headers = ev.headers
-                        error = f"timeout: the body did not end within {timeout:g}s"
-                elif t is Data:
-                    n = len(ev.data)
-                    conn.emit(client.ack_received(st.sid, n))
-                    seen += n
-                    if seen > MAX_RESPONSE_BYTES:
-                        error = "response body over 1 MiB: not compared"
-                        break
-                    digest.update(ev.data)
-                elif t is EndOfMessage:
-                    st.done = True
-                    whole = status >= 200
-                    if not status:
-                        error = "the stream ended without a response"
+                if type(ev) is Data:
+                    conn.emit(client.ack_received(st.sid, len(ev.data)))
+                elif type(ev) is not ResponseHead:
+                    st.done = True  # EndOfMessage; or a Reset, of the stream or of the connection
+                if out.take(ev):
                     break
-                else:  # Reset: of the stream, or the connection is gone
-                    st.done = True
-                    reason = getattr(ev, "reason", "") or "stream reset"
-                    error = f"the body did not end: {reason}" if status else reason
-                    break
-    except PoolOverflow as exc:
-        overflow = True
-        log.debug("mirror to %s not sent: %s", cs.name, exc)
-    except (UpstreamConnectError, ProtocolError, OSError, PeerGone) as exc:
-        error = str(exc) if not status else f"the body did not end: {exc}"
-        log.debug("mirror to %s failed: %s", cs.name, exc)
+    except _SHADOW_ERRORS as exc:
+        out.failed(cs, exc)
     finally:
-        if overflow:
-            _overflowed(state, cs)
-        else:
-            _settle(state, cs, head, mine, started, status, headers, digest.hexdigest() if whole else "", error)
+        out.settle(rt.mirrors, cs, head, mine)
         if conn is not None and st is not None:
             conn.finish(st, abort=not st.done)
         if pool is not None:
