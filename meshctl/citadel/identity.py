@@ -14,14 +14,20 @@ so the identity rules are meshctl's own and live here:
    SPIFFE ID (``no-spiffe-id``);
 5. key usage / extended key usage allow the role it plays (``bad-key-usage``);
 6. its key is strong enough (``weak-key``);
-7. its SPIFFE ID is one the caller expects (``wrong-identity``).
+7. its SPIFFE ID is in the trust domain (``wrong-trust-domain``) and one the
+   caller expects (``wrong-identity``).
+
+Rules 1 and 3-7 are written once, in citadel/leaf.py, on plain facts
+(``LeafFacts``); this module reads those facts from `cryptography` objects
+(``facts_of``) and adds the chain walk (rule 2) for Citadel, the gateway and
+the CA. A sidecar reads them from DER with leaf.py alone and never imports
+this module or `cryptography` (about 14 MB of RSS).
 
 Everything here is pure: the clock ``now`` is passed in.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
@@ -33,14 +39,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .errors import CitadelError, PeerRejected, WeakKey
+from .leaf import (
+    ALLOWED_CURVES,
+    MIN_RSA_BITS,
+    SCHEME,
+    LeafFacts,
+    check_facts,
+    is_path_segment,
+    is_spiffe_id,
+    is_trust_domain,
+)
 
-SCHEME = "spiffe://"
 MAX_CHAIN_DEPTH = 6
-MIN_RSA_BITS = 2048
-ALLOWED_CURVES = ("secp256r1", "secp384r1")
-
-_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]+$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class InvalidSpiffeId(CitadelError, ValueError):
@@ -62,14 +72,9 @@ class SpiffeId:
         return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
 
-def is_path_segment(value: str) -> bool:
-    """Can ``value`` be a namespace or service account in a SPIFFE ID?"""
-    return bool(value) and bool(_SEGMENT_RE.match(value)) and value not in (".", "..")
-
-
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     """``spiffe://td/ns/<namespace>/sa/<service_account>``; each part is validated."""
-    if not trust_domain or not _TRUST_DOMAIN_RE.match(trust_domain):
+    if not is_trust_domain(trust_domain):
         raise InvalidSpiffeId(
             f"invalid trust domain {trust_domain!r}: use lower-case letters, digits, '.', '-' and '_'"
         )
@@ -79,20 +84,6 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
                 f"invalid {what} {value!r} for a SPIFFE ID: use letters, digits, '.', '-' and '_'"
             )
     return f"{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"
-
-
-def is_spiffe_id(uri: str) -> bool:
-    """True for any well-formed SPIFFE ID (``spiffe://td/path``), Istio-shaped or not."""
-    if not uri.startswith(SCHEME):
-        return False
-    rest = uri[len(SCHEME):]
-    td, sep, path = rest.partition("/")
-    if not td or not _TRUST_DOMAIN_RE.match(td):
-        return False
-    if not sep:
-        return True  # the trust domain's own ID
-    segments = path.split("/")
-    return all(is_path_segment(s) for s in segments)
 
 
 def parse_spiffe_id(s: str) -> SpiffeId:
@@ -281,59 +272,38 @@ def check_leaf(
     return _check_leaf_rest(leaf, expected_ids, usage, trust_domain)
 
 
-def _check_leaf_rest(leaf: x509.Certificate, expected_ids, usage: str | None, trust_domain: str | None = None) -> str:
-    if is_ca(leaf):
-        raise PeerRejected(
-            f"peer certificate {describe(leaf)} is a CA certificate (basicConstraints CA:true); "
-            "workload certificates must not be CAs",
-            "ca-leaf",
-        )
-    uris = uri_sans(leaf)
-    if len(uris) > 1:
-        raise PeerRejected(
-            f"peer certificate has {len(uris)} URI SANs ({', '.join(uris)}); exactly one SPIFFE ID is required",
-            "multiple-uri-sans",
-        )
-    if not uris or not is_spiffe_id(uris[0]):
-        got = uris[0] if uris else "none"
-        raise PeerRejected(f"peer certificate carries no SPIFFE ID (URI SAN: {got})", "no-spiffe-id")
-    ident = uris[0]
+def facts_of(cert: x509.Certificate) -> LeafFacts:
+    """The facts leaf.check_facts reads, from a `cryptography` certificate."""
     try:
-        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        digital_signature: bool | None = ku.digital_signature
     except x509.ExtensionNotFound:
-        ku = None
-    if ku is not None and not ku.digital_signature:
-        raise PeerRejected(
-            f"peer certificate {ident} lacks the digitalSignature key usage", "bad-key-usage"
-        )
+        digital_signature = None
     try:
-        eku = set(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        eku: frozenset[str] | None = frozenset(
+            o.dotted_string for o in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         eku = None
-    if eku is not None:
-        need = {
-            "server": {ExtendedKeyUsageOID.SERVER_AUTH},
-            "client": {ExtendedKeyUsageOID.CLIENT_AUTH},
-        }.get(usage or "", {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH})
-        if not (eku & need) and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
-            raise PeerRejected(
-                f"peer certificate {ident} has no extended key usage for TLS {usage or 'server or client'} auth",
-                "bad-key-usage",
-            )
+    key: tuple[str, object]
     try:
-        check_key_strength(leaf.public_key(), f"peer certificate {ident} key")
-    except WeakKey as exc:
-        raise PeerRejected(str(exc), "weak-key") from None
+        public_key = cert.public_key()
     except Exception as exc:  # unsupported algorithms in cryptography
-        raise PeerRejected(f"peer certificate {ident} key cannot be read: {exc}", "weak-key") from None
-    if trust_domain is not None and ident[len(SCHEME):].split("/", 1)[0] != trust_domain:
-        raise PeerRejected(
-            f"peer identity {ident} is outside this mesh's trust domain {trust_domain}", "wrong-trust-domain"
-        )
-    if expected_ids is not None and ident not in expected_ids:
-        want = ", ".join(sorted(expected_ids)) or "<none>"
-        raise PeerRejected(f"peer identity {ident} is not the expected one ({want})", "wrong-identity")
-    return ident
+        key = ("other", f"unreadable ({exc})")
+    else:
+        if isinstance(public_key, rsa.RSAPublicKey):
+            key = ("rsa", public_key.key_size)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            key = ("ec", public_key.curve.name)
+        elif isinstance(public_key, ed25519.Ed25519PublicKey):
+            key = ("ed25519", None)
+        else:
+            key = ("other", type(public_key).__name__)
+    return LeafFacts(describe(cert), cert.not_valid_before_utc, cert.not_valid_after_utc, is_ca(cert),
+                     tuple(uri_sans(cert)), digital_signature, eku, key)
+
+
+def _check_leaf_rest(leaf: x509.Certificate, expected_ids, usage: str | None, trust_domain: str | None = None) -> str:
+    return check_facts(facts_of(leaf), expected_ids, usage, trust_domain)
 
 
 def verify_peer(

@@ -8,8 +8,10 @@ What the proxy calls:
   were made with, new connections get the new one.
 - ``server_handshake`` / ``client_handshake``: run the TLS handshake on a
   stream, then the SPIFFE identity check (``ssl`` already verified the chain
-  against the trust bundle; it ignores URI SANs, so
-  ``citadel.identity.check_leaf`` does the rest). A ``FastSocketStream`` (the
+  against the trust bundle, each certificate's validity and, by the purpose
+  libssl sets, the leaf's extended key usage; it ignores URI SANs, so
+  ``citadel.leaf.check_peer_der`` applies the rest of meshctl's rules to the
+  peer's DER, without `cryptography`). A ``FastSocketStream`` (the
   proxy's sockets) becomes a ``stream.TLSSocketStream`` (OpenSSL on the
   non-blocking socket itself); any other ``trio.abc.Stream`` (memory streams
   in tests) is wrapped in ``trio.SSLStream``. Failures raise ``TLSError``
@@ -41,10 +43,9 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable, Iterable
 
 import trio
-from cryptography import x509
 
 from ..citadel.errors import PeerRejected, TLSError
-from ..citadel.identity import check_leaf, describe, uri_sans, verify_peer
+from ..citadel.leaf import check_peer_der, pem_to_der, read_der
 from .stream import FastSocketStream, TLSSocketStream, record_sni, start_tls
 
 log = logging.getLogger("meshctl.tls")
@@ -227,23 +228,28 @@ class CertificateHolder:
         """Build new contexts, then swap them in (both or neither).
 
         With ``verify`` (the default) the certificate must pass the same checks
-        a peer would run on it, so a sidecar never serves with a certificate
-        its peers are bound to refuse."""
+        a peer would run on it (citadel.identity.verify_peer, chain included),
+        so a sidecar never serves with a certificate its peers are bound to
+        refuse. That check needs `cryptography`, imported here only."""
         try:
-            leaf = x509.load_pem_x509_certificate(_b(chain_pem))
-        except ValueError as exc:
+            ders = pem_to_der(_b(chain_pem))
+            if not ders:
+                raise PeerRejected("no CERTIFICATE block", "bad-certificate")
+            leaf = read_der(ders[0])
+        except (PeerRejected, UnicodeDecodeError) as exc:
             raise TLSError(f"cannot read the workload certificate: {exc}", "bad-certificate") from None
         if verify:
+            from ..citadel.identity import verify_peer  # `cryptography`: see the docstring
+
             try:
                 verify_peer(_b(chain_pem), _b(bundle_pem), None, now or _utcnow())
             except PeerRejected as exc:
                 raise TLSError(f"refusing to use our own certificate: {exc}", exc.reason) from None
-        uris = uri_sans(leaf)
         server = server_context(chain_pem, key_pem, bundle_pem, alpn=self.alpn)
         client = client_context(chain_pem, key_pem, bundle_pem, alpn=self.alpn)
         self._server, self._client = server, client
-        self.identity = uris[0] if len(uris) == 1 else describe(leaf)
-        self.not_before, self.not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+        self.identity = leaf.uris[0] if len(leaf.uris) == 1 else leaf.name
+        self.not_before, self.not_after = leaf.not_before, leaf.not_after
         self.bundle_pem = _b(bundle_pem)
         self.generation += 1
         log.info("workload certificate %s loaded, valid until %s", self.identity, self.not_after.isoformat())
@@ -376,8 +382,8 @@ async def _handshake(
     try:
         if not der:
             raise PeerRejected("peer presented no certificate", "no-certificate")
-        peer_id = check_leaf(der, expected_ids, now(), usage="client" if server_side else "server",
-                             trust_domain=context.trust_domain if isinstance(context, CertificateHolder) else None)
+        peer_id = check_peer_der(der, expected_ids, now(), usage="client" if server_side else "server",
+                                 trust_domain=context.trust_domain if isinstance(context, CertificateHolder) else None)
     except PeerRejected:
         await trio.aclose_forcefully(ssl_stream)
         raise
