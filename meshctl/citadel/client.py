@@ -2,8 +2,11 @@
 bootstrap token (POST /v1/sign), renewals proven with the current key (POST
 /v1/renew). The endpoint is meshctl/citadel/server.py.
 
-A sidecar imports this and not the server: no CA, token store or HTTP server
-code, and no httpx (meshctl/plainhttp.py carries the two POSTs).
+This runs in a sidecar's certificate fetch process (citadel/fetch.py), not in
+the sidecar itself, which never imports `cryptography`. No CA, token store or
+HTTP server code, and no httpx (meshctl/plainhttp.py carries the two POSTs).
+``CertificateSource`` does the same exchanges in the calling process (tests,
+tools).
 """
 
 from __future__ import annotations
@@ -101,9 +104,10 @@ async def renew_certificate(
 
 
 class CertificateSource:
-    """A sidecar's way to its certificates: the bootstrap token first, then
-    renewals with the current certificate and a fresh key each time.
-    ``obtain`` fits ``proxy.tls.keep_renewed``."""
+    """Certificates in this process: the bootstrap token first, then renewals
+    with the current certificate and a fresh key each time. ``obtain`` fits
+    ``proxy.tls.keep_renewed``; a sidecar uses fetch.ChildCertificateSource,
+    the same exchanges in a child process."""
 
     def __init__(self, citadel_url: str, token: str, *, timeout: float = 10.0) -> None:
         self.url = citadel_url

@@ -3,8 +3,10 @@
 - ``start_identity`` (called by the sidecar entry point): when the supervisor
   handed over ``MESHCTL_CITADEL_URL`` and a one-time ``MESHCTL_CITADEL_TOKEN``
   (in the sidecar's 0600 bootstrap file, deleted once read: see
-  meshctl/credentials.py; never in /proc/PID/environ), generate a P-256 key, get the first SVID from Citadel and
-  keep it renewed at half-life with jitter (``tls.keep_renewed``). The token
+  meshctl/credentials.py; never in /proc/PID/environ), get the first SVID from Citadel and
+  keep it renewed at half-life with jitter (``tls.keep_renewed``). The key, CSR,
+  proof and Citadel exchange run in a short-lived child each time
+  (citadel/fetch.py), so the sidecar never imports `cryptography`. The token
   is removed from the process environment once read.
 - ``secure_inbound``: an inbound connection by ``Listener.mtls_mode``
   (``tls.accept_inbound``), wrapped as a ``SecureStream`` that remembers the
@@ -62,8 +64,9 @@ def principal_of(spiffe_id: str | None) -> str | None:
 
 # ---------------------------------------------------------------- certificates
 #
-# The TLS machinery (proxy/tls.py, `cryptography`: ~9 MB) is imported only by a
-# sidecar that gets an identity; one without Citadel never loads it.
+# The TLS machinery (proxy/tls.py, citadel/leaf.py) is imported only by a sidecar
+# that gets an identity; one without Citadel never loads it. Neither imports
+# `cryptography` (~14 MB): that is the fetch child's (citadel/fetch.py).
 
 
 def __getattr__(name: str):
@@ -92,16 +95,17 @@ async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNOR
         log.error("%s is set but %s is not: no certificate can be requested", ENV_URL, ENV_TOKEN)
         task_status.started()
         return
-    from ..citadel.client import CertificateSource
+    from ..citadel.fetch import ChildCertificateSource
     from .sidecar_certs import SidecarCertificates
     from .tls import keep_renewed
 
     holder = SidecarCertificates()
     rt.tls = holder
-    source = CertificateSource(url, token)
+    source = ChildCertificateSource(url, token)
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     async with trio.open_nursery() as n:
-        n.start_soon(keep_renewed, holder, source.obtain, rng)
+        # verify=False: the fetch process checked the certificate as a peer would
+        n.start_soon(partial(keep_renewed, holder, source.obtain, rng, verify=False))
         with trio.move_on_after(FIRST_CERT_WAIT):
             while not holder.ready:
                 await trio.sleep(0.02)

@@ -1,7 +1,8 @@
 """The sidecar's certificate holder (the TLS contexts its identity makes).
 
 Kept apart from proxy/identity.py so that importing the data path does not
-load `cryptography`: only a sidecar that gets an identity imports this.
+load the TLS machinery: only a sidecar that gets an identity imports this
+(and even then not `cryptography`: see citadel/fetch.py and citadel/leaf.py).
 """
 
 from __future__ import annotations

@@ -230,7 +230,9 @@ class CertificateHolder:
         With ``verify`` (the default) the certificate must pass the same checks
         a peer would run on it (citadel.identity.verify_peer, chain included),
         so a sidecar never serves with a certificate its peers are bound to
-        refuse. That check needs `cryptography`, imported here only."""
+        refuse. That check needs `cryptography`; a sidecar passes
+        ``verify=False`` because its certificate comes from the fetch process
+        (citadel/fetch.py), which ran the same check before handing it over."""
         try:
             ders = pem_to_der(_b(chain_pem))
             if not ders:
@@ -272,10 +274,12 @@ async def keep_renewed(
     wall_clock: Callable[[], datetime] = _utcnow,
     retry_min: float = 1.0,
     retry_max: float = 60.0,
+    verify: bool = True,
 ) -> None:
     """Forever: obtain (chain, key, bundle) when there is none or at renewal
-    time, and ``holder.update`` with it. A failed renewal is retried with
-    exponential backoff; the old certificate keeps serving meanwhile."""
+    time, and ``holder.update`` with it (``verify``: see ``update``). A failed
+    renewal is retried with exponential backoff; the old certificate keeps
+    serving meanwhile."""
     backoff = retry_min
     while True:
         if holder.ready:
@@ -284,7 +288,7 @@ async def keep_renewed(
                 await trio.sleep(wait)
         try:
             chain, key, bundle = await obtain()
-            holder.update(chain, key, bundle, now=wall_clock())
+            holder.update(chain, key, bundle, verify=verify, now=wall_clock())
             backoff = retry_min
         except Exception as exc:  # any failure: keep the old cert, retry later
             left = ""

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
-from meshctl.citadel.errors import TokenReused
+from meshctl.citadel.errors import CitadelError, TokenReused, TokenUnknown
+from meshctl.citadel.fetch import ChildCertificateSource
 from meshctl.citadel.server import CertificateSource
 from meshctl.cli.citadel import app  # noqa: F401  (the command under test must import)
 from meshctl.proxy.tls import CertificateHolder
@@ -19,48 +19,9 @@ pytestmark = pytest.mark.e2e
 SERVE = "from meshctl.cli.citadel import app; app()"
 
 
-@pytest.fixture
-def citadel_process(tmp_path):
-    sd = tmp_path / ".meshctl"
-    subprocess.run([sys.executable, "-c", SERVE, "init", "--state-dir", str(sd)], check=True, capture_output=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", "--port", "0", "--cert-ttl", "1h", "--state-dir", str(sd)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60  # a process start-up: generous for a loaded machine
-        url = None
-        while url is None:
-            if proc.poll() is not None:
-                raise AssertionError(f"citadel serve exited: {proc.stdout.read().decode()}")
-            if time.monotonic() > deadline:
-                raise AssertionError("citadel serve did not publish its address in control.json")
-            try:
-                url = json.loads((sd / "control.json").read_text()).get("citadel")
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.05)
-        yield url, sd
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _token(sd, identity):
-    out = subprocess.run(
-        [sys.executable, "-c", SERVE, "token", identity, "--state-dir", str(sd)], check=True, capture_output=True
-    )
-    return out.stdout.decode().strip()
-
-
-async def test_sidecar_bootstraps_and_renews_against_a_citadel_process(citadel_process):
+async def test_sidecar_bootstraps_and_renews_against_a_citadel_process(citadel_process, citadel_token):
     url, sd = citadel_process
-    tok = _token(sd, "default/reviews")  # issued by another process than the server
+    tok = citadel_token(sd, "default/reviews")  # issued by another process than the server
     src = CertificateSource(url, tok)
     holder = CertificateHolder()
     holder.update(*await src.obtain())
@@ -76,3 +37,55 @@ async def test_sidecar_bootstraps_and_renews_against_a_citadel_process(citadel_p
     )
     ids = json.loads(status.stdout)["identities"]
     assert [(i["spiffe_id"], i["how"]) for i in ids] == [("spiffe://cluster.local/ns/default/sa/reviews", "renewal")]
+
+
+async def test_the_fetch_process_bootstraps_renews_and_names_each_refusal(citadel_process, citadel_token):
+    # what a sidecar runs (proxy/identity.start_identity): every exchange in a child process
+    url, sd = citadel_process
+    tok = citadel_token(sd, "default/ratings")
+    src = ChildCertificateSource(url, tok)
+    holder = CertificateHolder()
+    first = await src.obtain()
+    holder.update(*first)  # verify=True here: what the child checked passes the in-process check too
+    assert holder.identity == "spiffe://cluster.local/ns/default/sa/ratings"
+    second = await src.obtain()  # renewal, proven with the first key, for a fresh one
+    holder.update(*second)
+    assert second[1] != first[1] and second[0] != first[0] and holder.generation == 2
+    with pytest.raises(TokenReused, match="Citadel refused"):  # one-time: a second redemption is refused
+        await ChildCertificateSource(url, tok).obtain()
+    with pytest.raises(TokenUnknown):
+        await ChildCertificateSource(url, "not-a-token").obtain()
+    with pytest.raises(CitadelError, match="cannot reach Citadel at http://127.0.0.1:9") as info:
+        await ChildCertificateSource("http://127.0.0.1:9", tok, timeout=2).obtain()
+    assert info.value.reason == "unreachable"
+    status = subprocess.run(
+        [sys.executable, "-c", SERVE, "status", "--json", "--state-dir", str(sd)], check=True, capture_output=True
+    )
+    assert [(i["spiffe_id"], i["how"]) for i in json.loads(status.stdout)["identities"]] == [
+        ("spiffe://cluster.local/ns/default/sa/ratings", "renewal")]
+
+
+async def test_a_failed_first_fetch_keeps_the_token_for_the_next_try(citadel_process, citadel_token):
+    url, sd = citadel_process
+    tok = citadel_token(sd, "default/details")
+    src = ChildCertificateSource(url, tok)
+    src.url = "http://127.0.0.1:9"  # Citadel unreachable: the token was not spent
+    with pytest.raises(CitadelError, match="cannot reach Citadel"):
+        await src.obtain()
+    src.url = url
+    chain, _key, _bundle = await src.obtain()
+    assert b"BEGIN CERTIFICATE" in chain
+
+
+def test_the_one_file_build_runs_the_fetch_as_a_hidden_subcommand(monkeypatch):
+    import meshctl.citadel.fetch as fetch
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert fetch.fetch_argv() == [sys.executable, "__citadel_fetch__"]
+    monkeypatch.delattr(sys, "frozen")
+    assert fetch.fetch_argv() == [sys.executable, "-m", "meshctl.citadel.fetch"]
+    # the binary's entry point (meshctl/frozen.py) hands the subcommand to the fetch, which answers on stdout
+    code = "import sys; sys.argv = ['meshctl', '__citadel_fetch__']; from meshctl.frozen import main; main()"
+    out = subprocess.run([sys.executable, "-c", code], input=b'{"no": "url"}', capture_output=True, timeout=60)
+    assert json.loads(out.stdout) == {"error": "bad request to the certificate fetch process: expected a JSON "
+                                               "object with url", "reason": "fetch-failed"}

@@ -1,6 +1,7 @@
-"""A plain (non-mTLS) sidecar loads only its data path: what it imports decides its RSS
-(issue 12's target is <= 35 MB; cryptography alone is ~9 MB, httpx ~3 MB, the rule
-loader with its Istio models and RE2 ~6 MB)."""
+"""A sidecar loads only its data path: what it imports decides its RSS (issue 12's targets
+are <= 35 MB plain, <= 40 MB with mutual TLS; cryptography alone is ~12 MB, httpx ~3 MB,
+the rule loader with its Istio models and RE2 ~6 MB). A sidecar with an identity gets its
+certificates from a child process and checks its peers without cryptography."""
 
 from __future__ import annotations
 
@@ -96,3 +97,60 @@ def test_http2_is_loaded_by_the_first_http2_connection_or_try_not_at_start():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]", "None"]
+
+
+SIDECAR_WITH_IDENTITY = """
+import json, socket, sys, trio
+import meshctl.proxy.main, meshctl.proxy.runtime, meshctl.proxy.pilot_client
+from meshctl.proxy.identity import start_identity
+from meshctl.proxy.stream import FastSocketStream
+from meshctl.proxy.tls import client_handshake, server_handshake
+
+
+class Runtime:
+    tls = None
+
+
+async def main():
+    rt = Runtime()
+    env = {"MESHCTL_CITADEL_URL": sys.argv[1], "MESHCTL_CITADEL_TOKEN": sys.argv[2]}
+    peers = {}
+    async with trio.open_nursery() as n:
+        await n.start(start_identity, rt, env)  # the first certificate, through the fetch process
+        me = frozenset({rt.tls.identity})
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+
+        async def side(name, fn, sock):
+            conn = await fn(FastSocketStream(sock), rt.tls, me)
+            peers[name] = (type(conn.stream).__name__, conn.peer_id)
+            await conn.stream.aclose()
+
+        async with trio.open_nursery() as m:  # mutual TLS on a socket, both roles' checks
+            m.start_soon(side, "server", server_handshake, a)
+            m.start_soon(side, "client", client_handshake, b)
+        n.cancel_scope.cancel()
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography"
+                    or m in ("meshctl.citadel.identity", "meshctl.citadel.client", "meshctl.citadel.ca"))
+    print(json.dumps({"identity": rt.tls.identity, "peers": peers, "loaded": loaded[:5]}))
+
+
+trio.run(main)
+"""
+
+
+def test_a_sidecar_with_an_identity_after_mutual_tls_has_not_imported_cryptography(citadel_process, citadel_token):
+    # cryptography is ~14 MB of a sidecar's RSS (issue 12: mTLS sidecar <= 40 MB): the key,
+    # CSR and Citadel exchange run in a child (citadel/fetch.py), the peer checks on DER
+    # (citadel/leaf.py)
+    url, sd = citadel_process
+    token = citadel_token(sd, "default/reviews")
+    out = subprocess.run([sys.executable, "-c", SIDECAR_WITH_IDENTITY, url, token], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    me = "spiffe://cluster.local/ns/default/sa/reviews"
+    assert got["identity"] == me
+    assert got["peers"] == {"server": ["TLSSocketStream", me], "client": ["TLSSocketStream", me]}
+    assert got["loaded"] == []
