@@ -26,7 +26,9 @@ its class and reason travel back, so the sidecar raises the same
 TokenReused / TokenExpired / PeerRejected / "cannot reach Citadel ..." it
 raised when it did this itself. The token is spent only by a first
 certificate that came back: until then it is kept for the next try, as
-before (a network failure did not spend it on Citadel's side).
+before (a network failure did not spend it on Citadel's side). A certificate
+Citadel issued but the check refused comes back with the error: the sidecar
+does not serve with it, and its next try renews with it, as before.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ class ChildCertificateSource:
             request["chain"], request["key"] = self._chain.decode(), self._key.decode()
         answer = await _run_child(request, self.timeout + START_GRACE)
         chain, key, bundle = (answer[k].encode() for k in ("chain", "key", "bundle"))
-        self._token = None
+        self._token = None  # spent: Citadel issued a certificate
         self._key, self._chain = key, chain
+        if "error" in answer:  # issued, but not one a peer would accept
+            raise _error(answer)
         return chain, key, bundle
 
 
@@ -110,12 +114,16 @@ async def _run_child(request: dict[str, Any], timeout: float) -> dict[str, Any]:
         tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
         raise CitadelError(f"the certificate fetch process ({' '.join(argv)}) failed (exit {done.returncode}): "
                            f"{' / '.join(tail) or 'no output'}", "fetch-failed") from None
-    if "error" in answer:
-        cls = _CLASSES.get(str(answer.get("class")), CitadelError)
-        raise cls(str(answer["error"]), str(answer.get("reason") or cls.reason))
     if not all(isinstance(answer.get(k), str) for k in ("chain", "key", "bundle")):
+        if "error" in answer:
+            raise _error(answer)
         raise CitadelError("the certificate fetch process answered without a certificate", "fetch-failed")
     return answer
+
+
+def _error(answer: dict[str, Any]) -> CitadelError:
+    cls = _CLASSES.get(str(answer.get("class")), CitadelError)
+    return cls(str(answer["error"]), str(answer.get("reason") or cls.reason))
 
 
 # ---------------------------------------------------------------- the child
@@ -135,15 +143,18 @@ async def _exchange(request: dict[str, Any]) -> dict[str, str]:
     else:
         key = load_key(str(request["key"]), "the current private key")
         chain, bundle = await renew_certificate(url, str(request["chain"]), key, new_key, timeout=timeout)
-    # what CertificateHolder.update(verify=True) checked in the sidecar before
+    got = {"chain": chain.decode(), "key": key_to_pem(new_key).decode(), "bundle": bundle.decode()}
+    # what CertificateHolder.update(verify=True) checked in the sidecar before; Citadel has
+    # issued the certificate by now (the token is spent), so a refusal here still hands it
+    # back: the next try renews with it, as the sidecar did when it ran this itself
     try:
         verify_peer(chain, bundle, None, datetime.now(timezone.utc))
+        if load_certificates(chain)[0].public_key() != new_key.public_key():
+            raise errors.PeerRejected("Citadel's certificate is not for the key this sidecar sent", "bad-certificate")
     except errors.PeerRejected as exc:
-        raise errors.TLSError(f"refusing to use our own certificate: {exc}", exc.reason) from None
-    leaf = load_certificates(chain)[0]
-    if leaf.public_key() != new_key.public_key():
-        raise errors.TLSError("Citadel's certificate is not for the key this sidecar sent", "bad-certificate")
-    return {"chain": chain.decode(), "key": key_to_pem(new_key).decode(), "bundle": bundle.decode()}
+        return {**got, "error": f"refusing to use our own certificate: {exc}", "reason": exc.reason,
+                "class": "TLSError"}
+    return got
 
 
 def main() -> int:

@@ -89,3 +89,49 @@ def test_the_one_file_build_runs_the_fetch_as_a_hidden_subcommand(monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], input=b'{"no": "url"}', capture_output=True, timeout=60)
     assert json.loads(out.stdout) == {"error": "bad request to the certificate fetch process: expected a JSON "
                                                "object with url", "reason": "fetch-failed"}
+
+
+async def test_a_certificate_issued_but_refused_is_not_served_and_the_next_try_renews_with_it(nursery):
+    # a misconfigured Citadel: it signs with a CA its trust bundle does not hold. The fetch
+    # refuses the certificate (a peer would), but the token is spent: the next try must renew
+    # with the certificate and key it got (a proof by that key), not redeem the token again
+    from datetime import datetime, timedelta, timezone
+
+    from meshctl.citadel.ca import create_root
+    from meshctl.citadel.errors import TLSError
+
+    now = datetime.now(timezone.utc)
+    signer, other = create_root("cluster.local", now), create_root("cluster.local", now)
+    seen = []
+
+    async def citadel(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+        data = head + b"\r\n\r\n" + body
+        path = data.split(b" ", 2)[1].decode()
+        body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        seen.append((path, sorted(body)))
+        chain = signer.sign_csr(body["csr"], "spiffe://cluster.local/ns/default/sa/x", timedelta(hours=1), now)
+        out = json.dumps({"cert_chain": chain.decode(), "root_bundle": other.root_pem.decode()}).encode()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                              b"connection: close\r\n\r\n%s" % (len(out), out))
+        await stream.aclose()
+
+    import trio
+
+    from functools import partial
+
+    listeners = await nursery.start(partial(trio.serve_tcp, citadel, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    src = ChildCertificateSource(url, "a-token")
+    for _ in range(2):
+        with pytest.raises(TLSError, match="refusing to use our own certificate") as info:
+            await src.obtain()
+        assert info.value.reason == "untrusted"
+    assert seen == [("/v1/sign", ["csr", "token"]), ("/v1/renew", ["cert_chain", "csr", "proof"])]
