@@ -135,3 +135,18 @@ async def test_a_certificate_issued_but_refused_is_not_served_and_the_next_try_r
             await src.obtain()
         assert info.value.reason == "untrusted"
     assert seen == [("/v1/sign", ["csr", "token"]), ("/v1/renew", ["cert_chain", "csr", "proof"])]
+
+
+async def test_a_fetch_process_that_cannot_start_or_dies_is_named(monkeypatch):
+    import meshctl.citadel.fetch as fetch
+
+    monkeypatch.setattr(fetch, "fetch_argv", lambda: ["/nonexistent/meshctl-fetch"])
+    with pytest.raises(CitadelError, match="cannot start the certificate fetch process") as info:
+        await ChildCertificateSource("http://127.0.0.1:9", "t").obtain()
+    assert info.value.reason == "fetch-failed"
+    die = "import sys; sys.stderr.write('boom: out of memory\\n'); sys.exit(3)"
+    monkeypatch.setattr(fetch, "fetch_argv", lambda: [sys.executable, "-c", die])
+    src = ChildCertificateSource("http://127.0.0.1:9", "t")
+    with pytest.raises(CitadelError, match=r"failed \(exit 3\): boom: out of memory"):
+        await src.obtain()
+    assert src._token == "t"  # nothing came back: the token is kept for the next try
