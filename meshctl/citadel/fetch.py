@@ -1,7 +1,7 @@
 """A sidecar's certificates, fetched by a short-lived child process.
 
 The key, the CSR, the proof of possession and the check of what Citadel
-returned all need `cryptography`, which costs a sidecar about 14 MB of RSS for
+returned all need `cryptography`, which costs a sidecar about 12 MB of RSS for
 the rest of its life; the TLS handshakes themselves do not need it
 (citadel/leaf.py). So a sidecar does none of that in its own process:
 ``ChildCertificateSource.obtain`` (what ``proxy.tls.keep_renewed`` calls, at

@@ -21,7 +21,7 @@ Rules 1 and 3-7 are written once, in citadel/leaf.py, on plain facts
 (``LeafFacts``); this module reads those facts from `cryptography` objects
 (``facts_of``) and adds the chain walk (rule 2) for Citadel, the gateway and
 the CA. A sidecar reads them from DER with leaf.py alone and never imports
-this module or `cryptography` (about 14 MB of RSS).
+this module or `cryptography` (about 12 MB of RSS).
 
 Everything here is pure: the clock ``now`` is passed in.
 """

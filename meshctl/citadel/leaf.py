@@ -4,7 +4,7 @@ A sidecar checks the certificate of every mTLS peer after ``ssl`` has verified
 its chain to the trust bundle (CERT_REQUIRED). It does so here, on the DER
 bytes ``getpeercert(binary_form=True)`` returns, read by a small DER reader
 (``read_der``) that takes out only what the rules need. A sidecar never
-imports `cryptography` for this (about 14 MB of RSS); citadel/identity.py
+imports `cryptography` for this (about 12 MB of RSS); citadel/identity.py
 applies the very same rules (``check_facts``) to `cryptography` objects for
 Citadel, the gateway and the CA.
 

@@ -66,7 +66,7 @@ def principal_of(spiffe_id: str | None) -> str | None:
 #
 # The TLS machinery (proxy/tls.py, citadel/leaf.py) is imported only by a sidecar
 # that gets an identity; one without Citadel never loads it. Neither imports
-# `cryptography` (~14 MB): that is the fetch child's (citadel/fetch.py).
+# `cryptography` (~12 MB): that is the fetch child's (citadel/fetch.py).
 
 
 def __getattr__(name: str):

@@ -141,7 +141,7 @@ trio.run(main)
 
 
 def test_a_sidecar_with_an_identity_after_mutual_tls_has_not_imported_cryptography(citadel_process, citadel_token):
-    # cryptography is ~14 MB of a sidecar's RSS (issue 12: mTLS sidecar <= 40 MB): the key,
+    # cryptography is ~12 MB of a sidecar's RSS (issue 12: mTLS sidecar <= 40 MB): the key,
     # CSR and Citadel exchange run in a child (citadel/fetch.py), the peer checks on DER
     # (citadel/leaf.py)
     url, sd = citadel_process
