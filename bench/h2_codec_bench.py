@@ -12,45 +12,43 @@ H2Client.feed -> ResponseHead + Data + EndOfMessage, ack_received. Reported:
   h1 pair      the same exchange through H1Client + H1Server, for the ratio
 Runs interleaved (A B C A B C ...), best of each is printed.
 
-The h2 cases run twice: with the codec as shipped (jh2: h2's API with a
-native HPACK) and with the same module source loaded over plain h2 (needs
-`pip install h2`; skipped without it), so the choice is measured in one run.
-Ends with one JSON line of the figures.
+The h2 cases run against the codec as installed (protocol/http2.py) and,
+with ``--baseline REV``, against that git revision's protocol/http2.py too
+(loaded from ``git show``; e.g. the jh2-based wrapper before the lean codec:
+``--baseline daef9be``), interleaved in the same run, so a change is measured
+A/B. Ends with one JSON line of the figures.
 
-    .venv/bin/python bench/h2_codec_bench.py [seconds]
+    .venv/bin/python bench/h2_codec_bench.py [seconds] [--baseline REV]
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import pathlib
+import subprocess
 import sys
 import time
 import types
 
 from meshctl.protocol.events import RequestHead, ResponseHead
 from meshctl.protocol.http1 import H1Client, H1Server
-from meshctl.protocol import http2 as jh2_codec
+from meshctl.protocol import http2 as codec_mod
 
 
-def _over_plain_h2() -> types.ModuleType | None:
-    """meshctl/protocol/http2.py's own source, importing h2/hpack/hyperframe instead of jh2."""
-    if importlib.util.find_spec("h2") is None:
-        return None
-    src = open(jh2_codec.__file__).read()
-    src = src.replace("from jh2.connection import HPACKError, OversizedHeaderListError",
-                      "from hpack.exceptions import HPACKError, OversizedHeaderListError")
-    src = src.replace("from jh2.hpack", "from hpack").replace("from jh2.hyperframe.", "from hyperframe.")
-    src = src.replace("from jh2.", "from h2.")
-    mod = types.ModuleType("meshctl.protocol._http2_over_h2")
+def _baseline(rev: str) -> types.ModuleType:
+    """protocol/http2.py as it was at git revision ``rev``, as a module of its own."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:meshctl/protocol/http2.py"],
+                         check=True, capture_output=True, text=True).stdout
+    mod = types.ModuleType("meshctl.protocol._http2_baseline")
     mod.__package__ = "meshctl.protocol"
-    mod.__file__ = jh2_codec.__file__
+    mod.__file__ = f"{rev}:meshctl/protocol/http2.py"
     sys.modules[mod.__name__] = mod
-    exec(compile(src, jh2_codec.__file__, "exec"), mod.__dict__)
+    exec(compile(src, mod.__file__, "exec"), mod.__dict__)
     return mod
 
 
-H2Client, H2Server = jh2_codec.H2Client, jh2_codec.H2Server
+H2Client, H2Server = codec_mod.H2Client, codec_mod.H2Server
 
 HEADERS = [
     ("user-agent", "h2load/1.52"),
@@ -63,7 +61,7 @@ RESP_HEADERS = [("server", "nginx"), ("content-type", "text/plain"), ("content-l
 BODY = b"hello world\n"
 
 
-def connected(codec=jh2_codec):
+def connected(codec=codec_mod):
     c, s = codec.H2Client(), codec.H2Server()
     s.feed(c.initiate())
     c.feed(s.initiate() + s.data_to_send())
@@ -72,7 +70,7 @@ def connected(codec=jh2_codec):
     return c, s
 
 
-def run_h2(n: int, batch: int, codec=jh2_codec) -> None:
+def run_h2(n: int, batch: int, codec=codec_mod) -> None:
     c, s = connected(codec)
     head = RequestHead("GET", "/reviews/0?x=1", HEADERS, authority="reviews:9080", path="/reviews/0?x=1")
     resp = ResponseHead(200, RESP_HEADERS)
@@ -109,7 +107,7 @@ GRPC_HEADERS = [("content-type", "application/grpc"), ("user-agent", "grpc-go/1.
 GRPC_MSG = b"\0\0\0\0\x0c" + b"x" * 12
 
 
-def run_grpc(n: int, codec=jh2_codec) -> None:
+def run_grpc(n: int, codec=codec_mod) -> None:
     c, s = connected(codec)
     head = RequestHead("POST", "/fgrpc.PingServer/Ping", GRPC_HEADERS, authority="ping:8079",
                        path="/fgrpc.PingServer/Ping", scheme="http")
@@ -163,18 +161,23 @@ def measure(fn, n: int) -> float:
 
 
 def main() -> None:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 6.0
+    args = sys.argv[1:]
+    baseline = None
+    if "--baseline" in args:
+        i = args.index("--baseline")
+        baseline = _baseline(args[i + 1])
+        del args[i:i + 2]
+    seconds = float(args[0]) if args else 6.0
     cases = {
-        "jh2 sequential": lambda n: run_h2(n, 1),
-        "jh2 multiplexed x10": lambda n: run_h2(n, 10),
-        "jh2 grpc unary": run_grpc,
+        "sequential": lambda n: run_h2(n, 1),
+        "multiplexed x10": lambda n: run_h2(n, 10),
+        "grpc unary": run_grpc,
         "h1 pair (reference)": run_h1,
     }
-    plain = _over_plain_h2()
-    if plain is not None:
-        cases["h2 sequential"] = lambda n: run_h2(n, 1, plain)
-        cases["h2 multiplexed x10"] = lambda n: run_h2(n, 10, plain)
-        cases["h2 grpc unary"] = lambda n: run_grpc(n, plain)
+    if baseline is not None:
+        cases["baseline sequential"] = lambda n: run_h2(n, 1, baseline)
+        cases["baseline multiplexed x10"] = lambda n: run_h2(n, 10, baseline)
+        cases["baseline grpc unary"] = lambda n: run_grpc(n, baseline)
     best = {k: 0.0 for k in cases}
     n = 2000
     end = time.perf_counter() + seconds
@@ -182,11 +185,12 @@ def main() -> None:
         for name, fn in cases.items():
             best[name] = max(best[name], measure(fn, n))
     for name, rps in best.items():
-        print(f"{name:22s} {rps:10,.0f} requests per CPU-second  (client+server codecs, in memory)")
-    figures = {"bench": "h2_codec", **{k.replace(" ", "_"): round(v) for k, v in best.items()}}
-    if plain is not None:
-        figures["jh2_over_h2_sequential"] = round(best["jh2 sequential"] / best["h2 sequential"], 2)
-        figures["jh2_over_h2_multiplexed"] = round(best["jh2 multiplexed x10"] / best["h2 multiplexed x10"], 2)
+        print(f"{name:26s} {rps:10,.0f} requests per CPU-second  (client+server codecs, in memory)")
+    figures: dict[str, object] = {"bench": "h2_codec",
+                                  **{k.replace(" ", "_"): round(v) for k, v in best.items()}}
+    if baseline is not None:
+        for k in ("sequential", "multiplexed x10", "grpc unary"):
+            figures[f"speedup_{k.replace(' ', '_')}"] = round(best[k] / best[f"baseline {k}"], 2)
     print(json.dumps(figures))
 
 

@@ -1,4 +1,5 @@
-"""Sans-IO HTTP/2 codec over jh2 (h2's API, native HPACK), for both legs of a proxy hop.
+"""Sans-IO HTTP/2 codec (RFC 9113) for both legs of a proxy hop: its own frame
+layer, stream states and flow control; HPACK (RFC 7541) from jh2.
 
 ``H2Server`` serves one downstream connection; ``H2Client`` carries many
 multiplexed requests on one upstream connection. Both speak the events of
@@ -8,38 +9,65 @@ events defined here: ``GoAway``, ``WindowUpdated`` and ``H2Reset`` (a
 ``Reset`` with the RST_STREAM error code). No sockets, no trio, no clock of
 its own (the rapid-reset clock is injected).
 
+Frames are parsed and built here with ``struct`` (no frame objects, no event
+objects besides the ones handed out, no logging on the hot path); header
+blocks are coded by jh2's native HPACK (the server side decodes with jh2's
+pure-Python decoder, which refuses what RFC 7541 forbids and the native one
+lets through: a table size update after the first field, Huffman padding
+that is not EOS bits). Measured with ``bench/h2_codec_bench.py``.
+
 Rules this module keeps
 -----------------------
 * Bytes out: every method that changes the connection returns ALL bytes the
   connection has pending, in order (including PING/SETTINGS ACKs and
-  WINDOW_UPDATEs queued by an earlier ``feed``). After ``feed`` call
-  ``data_to_send()``. Write what you get, in the order you get it.
+  WINDOW_UPDATEs queued by an earlier ``feed``), as one ``bytes``: one write
+  per batch of frames. After ``feed`` call ``data_to_send()``. Write what you
+  get, in the order you get it.
   Bytes are counted as "sent" once handed out: the control-frame flood cap
   counts ACKs queued since the last hand-out, so take bytes only when the
   connection can write them.
 * Inbound flow control is the caller's: each ``Data`` event must be followed,
   once the bytes have been passed on, by ``ack_received(stream_id, n)``, which
-  reopens the windows (WINDOW_UPDATE). Not acking is backpressure: the peer
-  stops after ``initial_window_size`` bytes per stream and
-  ``connection_window`` per connection. Padding is acked by the codec; so is
-  whatever is unacked when a stream is reset or completes both ways.
+  reopens the windows (WINDOW_UPDATE, sent once half a window is consumed).
+  Not acking is backpressure: the peer stops after ``initial_window_size``
+  bytes per stream and ``connection_window`` per connection; a peer that
+  sends past a window is a connection error (FLOW_CONTROL_ERROR). Padding is
+  acked by the codec; so is whatever is unacked when a stream is reset or
+  completes both ways, and DATA for streams that are gone.
 * Outbound flow control is the codec's: ``data()`` sends what the windows
   allow and queues the rest (``end()`` and trailers queue behind it). Queued
-  bytes go out from later calls as the peer's WINDOW_UPDATEs arrive. When
-  ``send_window(stream_id)`` is 0 the caller should stop reading that
+  bytes go out from later calls as the peer's WINDOW_UPDATEs (or a larger
+  SETTINGS_INITIAL_WINDOW_SIZE) arrive; a smaller initial window can make a
+  stream's window negative, and nothing is sent until it is positive again.
+  When ``send_window(stream_id)`` is 0 the caller should stop reading that
   stream's source until ``feed`` returns ``WindowUpdated(stream_id)``, which
   is emitted once a stream that was blocked has room again.
 * Connection-fatal errors raise ``ProtocolError`` from ``feed`` (status 400 for
   a downstream client, 502 for an upstream); ``data_to_send()`` then holds a
-  GOAWAY, and the connection should be closed after writing it. Malformed
-  header blocks are connection errors (GOAWAY PROTOCOL_ERROR), as in Envoy's
-  default (``stream_error_on_invalid_http_messaging: false``). The rules are
-  h2's inbound validation (RFC 9113 8.2-8.3: empty or uppercase names,
-  whitespace around names and values, unknown, duplicate, misplaced or
-  missing pseudo-headers, connection-specific fields, ``te`` other than
-  trailers, an empty ``:path``, ``:authority`` and Host that disagree),
-  checked here in one pass over the decoded fields instead of h2's chain of
-  generators.
+  GOAWAY with the RFC 9113 error code (PROTOCOL_ERROR, FRAME_SIZE_ERROR,
+  FLOW_CONTROL_ERROR, COMPRESSION_ERROR, STREAM_CLOSED), and the connection
+  should be closed after writing it. Frame rules (RFC 9113 4-6): the client
+  preface, SETTINGS first, frame sizes above our SETTINGS_MAX_FRAME_SIZE,
+  fixed-size frames of the wrong length, frames on stream 0 that belong on a
+  stream and the reverse, padding longer than the frame, HEADERS without
+  END_HEADERS followed by anything but CONTINUATION of the same stream,
+  CONTINUATION out of place, streams opened with an identifier of the wrong
+  parity or not above the previous one, frames other than HEADERS/PRIORITY
+  on an idle stream, PUSH_PROMISE (push is off), SETTINGS values out of
+  range, a zero or overflowing WINDOW_UPDATE on the connection. Stream
+  errors (RST_STREAM, and an ``H2Reset`` event if the stream was open): DATA
+  or HEADERS on a half-closed (remote) or closed stream (STREAM_CLOSED;
+  frames on a stream this codec reset are ignored, RFC 9113 5.1), a stream
+  depending on itself, a zero or overflowing stream WINDOW_UPDATE, a body
+  whose length disagrees with its content-length (PROTOCOL_ERROR).
+  Malformed header blocks are connection errors (GOAWAY PROTOCOL_ERROR), as in
+  Envoy's default (``stream_error_on_invalid_http_messaging: false``). The
+  rules are RFC 9113 8.2-8.3: empty or uppercase names, whitespace around
+  names and values, unknown, duplicate, misplaced or missing pseudo-headers,
+  connection-specific fields, ``te`` other than trailers, an empty ``:path``,
+  ``:authority`` and Host that disagree, a content-length that is not a
+  number, trailers without END_STREAM, checked in one pass over the decoded
+  fields.
 * Stream-level refusals never reach the caller as requests: past
   ``max_concurrent_streams`` a new stream gets RST_STREAM(REFUSED_STREAM)
   (no event); a request whose decoded header list is larger than
@@ -64,58 +92,44 @@ Rules this module keeps
   frames per ``control_frame_window`` seconds even when their ACKs are sent.
 * A response that completes while its request is still open is followed by
   RST_STREAM(NO_ERROR) (RFC 9113 8.1), so the client stops sending.
-* GOAWAY both ways is graceful: h2 itself treats any GOAWAY as the end of the
-  connection, so this module sends its own graceful GOAWAY frame and reads the
-  peer's without closing h2's state. Streams at or below the last-stream-id
+* GOAWAY both ways is graceful: streams at or below the last-stream-id
   finish; later ones are refused (server: RST_STREAM REFUSED_STREAM; client:
   an ``H2Reset`` with ``refused`` true, safe to retry elsewhere).
 * Calls naming a stream that is gone (reset by the peer, finished) are ignored
   and return the pending bytes: the proxy may race a Reset it has not seen yet.
 * Output headers are the caller's ``HeaderList``; names are lower-cased,
   connection-specific fields are dropped (``te`` kept only as ``trailers``),
-  CR/LF/NUL in values raise ``ValueError``.
+  CR/LF/NUL in values raise ``ValueError``; authorization and short cookies
+  are sent never-indexed (RFC 7541 7.1.3).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-# jh2: h2's API with a native HPACK (measured 1.6x h2 per gRPC exchange, bench/h2_codec_bench.py).
-# The HPACK errors are the ones jh2.connection raises (native or pure, whichever it loaded).
-from jh2.config import H2Configuration
-from jh2.connection import H2Connection
-from jh2.connection import HPACKError, OversizedHeaderListError
-from jh2.errors import ErrorCodes
-from jh2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    InformationalResponseReceived,
-    PingReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-)
-from jh2.events import WindowUpdated as _H2WindowUpdated
-from jh2.exceptions import DenialOfServiceError, H2Error, StreamClosedError, TooManyStreamsError
-from jh2.exceptions import ProtocolError as _H2ProtocolError
-from jh2.frame_buffer import FrameBuffer
-from jh2.hpack import Decoder as _PureDecoder
+from jh2.hpack import Decoder as _StrictDecoder
 from jh2.hpack.exceptions import HPACKError as _PureHPACKError
 from jh2.hpack.exceptions import OversizedHeaderListError as _PureOversized
-from jh2.hyperframe.frame import ContinuationFrame, GoAwayFrame, RstStreamFrame
-from jh2.settings import SettingCodes, Settings
-from jh2.stream import StreamClosedBy
 
-# jh2 falls back to a pure-Python HPACK where its native one does not load; that one
-# logs every integer it codes at DEBUG (~60 calls per exchange): never worth it here
+try:  # jh2's native HPACK (Rust); jh2 itself falls back to its pure-Python one where it does not load
+    from jh2._hazmat import Decoder as _Decoder
+    from jh2._hazmat import Encoder as _Encoder
+    from jh2._hazmat import HPACKError as _NativeHPACKError
+    from jh2._hazmat import OversizedHeaderListError as _NativeOversized
+except ImportError:  # pragma: no cover - platforms without jh2's wheel
+    from jh2.hpack import Decoder as _Decoder
+    from jh2.hpack import Encoder as _Encoder
+    _NativeHPACKError = _PureHPACKError
+    _NativeOversized = _PureOversized
+
+# jh2's pure-Python HPACK (the strict decoder below) logs every integer it codes at
+# DEBUG (~60 calls per header block): never worth it here
 logging.getLogger("jh2.hpack.hpack").disabled = True
 
 from .events import (
@@ -253,6 +267,16 @@ class WindowUpdated:
     stream_id: int
 
 
+
+# RFC 9113 7: error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 0x4, 0x5, 0x6, 0x7
+CANCEL, COMPRESSION_ERROR, CONNECT_ERROR, ENHANCE_YOUR_CALM = 0x8, 0x9, 0xA, 0xB
+_CODE_NAMES = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
+               "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
+               "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED")
+
+
 @dataclass(slots=True)
 class H2Reset(Reset):
     """A Reset with the HTTP/2 error code (0 when the codec reset the stream itself)."""
@@ -262,17 +286,14 @@ class H2Reset(Reset):
     @property
     def refused(self) -> bool:
         """The peer did not process the request (REFUSED_STREAM or above GOAWAY): safe to retry."""
-        return self.error_code == ErrorCodes.REFUSED_STREAM
+        return self.error_code == REFUSED_STREAM
 
 
 H2Event = Event | GoAway | WindowUpdated
 
 
 def _code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return f"error code {code}"
+    return _CODE_NAMES[code] if 0 <= code < len(_CODE_NAMES) else f"error code {code}"
 
 
 # ---------------------------------------------------------------- headers
@@ -280,6 +301,10 @@ def _code_name(code: int) -> str:
 # handled apart (only "trailers" is allowed)
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 _DROP_OUT = CONNECTION_SPECIFIC | {"te", "host"}
+_NEVER_INDEXED = frozenset({"authorization", "proxy-authorization"})
+
+# an HPACK header field as the encoder takes it: (name, value, never-indexed)
+_Field = tuple[bytes, bytes, bool]
 
 
 def _strip_connection_specific(headers: HeaderList, *, drop_host: bool) -> HeaderList:
@@ -299,152 +324,67 @@ def _strip_connection_specific(headers: HeaderList, *, drop_host: bool) -> Heade
     return out
 
 
-def _encode_fields(out: list[tuple[bytes, bytes]], headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[bytes, bytes]]:
-    """Append the caller's fields to ``out`` as h2 wants them (bytes, lower-case names)."""
+def _encode_fields(out: list[_Field], headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[_Field]:
+    """Append the caller's fields to ``out`` as HPACK wants them (bytes, lower-case names)."""
     for k, v in headers:
         if not k.islower():
             k = k.lower()
         if k in drop:
             if k == "te" and v.strip().lower() == "trailers":
-                out.append((b"te", b"trailers"))
+                out.append((b"te", b"trailers", False))
             continue
         if k[:1] == ":" or not k:
             raise ValueError(f"header name {k!r} is not allowed in a header list (pseudo-headers come from the head)")
         if "\r" in v or "\n" in v or "\0" in v:
             raise ValueError(f"CR, LF or NUL in the value of header {k!r}: {v!r}")
         try:
-            out.append((k.encode("ascii"), v.strip().encode("latin-1")))
+            value = v.strip().encode("latin-1")
+            out.append((k.encode("ascii"), value,
+                        k in _NEVER_INDEXED or (k == "cookie" and len(value) < 20)))
         except UnicodeEncodeError as exc:
             raise ValueError(f"header {k!r} is not encodable as latin-1: {exc}") from None
     return out
 
 
-# ---------------------------------------------------------------- h2 hooks
-class _StrictDecoder(_PureDecoder):
-    """HPACK decoding for header blocks from untrusted clients (the server
-    side): jh2's pure-Python decoder, which is h2's and refuses what RFC 7541
-    forbids and jh2's native decoder lets through (a dynamic table size update
-    after the first field, Huffman padding that is not EOS bits: h2spec
-    hpack/4.2 and 5.2). Errors are raised as the ones jh2.connection catches."""
+# ---------------------------------------------------------------- frames (RFC 9113 4, 6)
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
+_PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
+_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+# SETTINGS identifiers
+_S_HEADER_TABLE_SIZE, _S_ENABLE_PUSH, _S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+_S_INITIAL_WINDOW_SIZE, _S_MAX_FRAME_SIZE, _S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 
-    def decode(self, data, raw=False):  # type: ignore[no-untyped-def]
-        try:
-            return super().decode(data, raw)
-        except _PureOversized as exc:
-            raise OversizedHeaderListError(str(exc)) from exc
-        except _PureHPACKError as exc:
-            raise HPACKError(str(exc)) from exc
+_FRAME_HEAD = struct.Struct(">LBL")  # (length << 8 | type, flags, stream id): 9 bytes
+_U32 = struct.Struct(">L")
+_SETTING = struct.Struct(">HL")
+_GOAWAY_HEAD = struct.Struct(">LL")
+_pack_head = _FRAME_HEAD.pack
+_unpack_head = _FRAME_HEAD.unpack_from
+_RST_HEAD = _pack_head(4 << 8 | _RST_STREAM, 0, 0)[:5]  # all but the stream id
+_SETTINGS_ACK = _pack_head(_SETTINGS, _ACK, 0)
+_PING_ACK_HEAD = _pack_head(8 << 8 | _PING, _ACK, 0)
 
-
-class _FrameBuffer(FrameBuffer):
-    """h2's frame buffer with a configurable CONTINUATION cap (h2 hard-codes 64)."""
-
-    def __init__(self, server: bool, max_continuations: int) -> None:
-        super().__init__(server=server)
-        self._max_continuations = max_continuations
-
-    def _update_header_buffer(self, f):  # type: ignore[no-untyped-def]
-        buf = self._headers_buffer
-        if buf and isinstance(f, ContinuationFrame) and len(buf) > self._max_continuations:
-            raise DenialOfServiceError(
-                f"CONTINUATION flood: more than {self._max_continuations} CONTINUATION frames in one header block"
-            )
-        return super()._update_header_buffer(f)
+# how a stream that is no longer open ended: frames for it are ignored (we reset
+# or refused it, RFC 9113 5.1 "closed") or answered with STREAM_CLOSED
+_GONE_IGNORE, _GONE_CLOSED = 0, 1
+_GONE_MAX = 512  # closed streams remembered per connection (oldest forgotten first)
+_CONN_WINDOW_DEFAULT = 65535
 
 
-class _Conn(H2Connection):
-    """h2's connection with two changes: streams over the limit (or above our
-    graceful GOAWAY) are refused with RST_STREAM(REFUSED_STREAM) instead of
-    killing the connection, and a received GOAWAY does not close h2's state,
-    so in-flight streams can finish. Pinned to h2 4.x internals (tests cover both)."""
+class _ConnectionError(Exception):
+    """A connection error found while reading frames: GOAWAY(code) and the connection ends."""
 
-    def __init__(self, config: H2Configuration, endpoint: "_Endpoint") -> None:
-        super().__init__(config)
-        self._mesh = endpoint
-
-    def _receive_headers_frame(self, frame):  # type: ignore[no-untyped-def]
-        sid = frame.stream_id
-        ep = self._mesh
-        if ep._drain_last is not None and sid > ep._drain_last and sid not in self.streams:
-            return self._refuse(frame, "after GOAWAY")
-        try:
-            return super()._receive_headers_frame(frame)
-        except TooManyStreamsError:
-            return self._refuse(frame, "max_concurrent_streams")
-
-    def _refuse(self, frame, why: str):  # type: ignore[no-untyped-def]
-        sid = frame.stream_id
-        ep = self._mesh
-        if sid % 2 != (0 if self.config.client_side else 1):
-            raise _H2ProtocolError(f"HEADERS on stream {sid}, which the peer may not open")
-        try:  # decode anyway: the HPACK table must stay in step with the peer's
-            self.decoder.decode(frame.data, raw=True)
-        except OversizedHeaderListError as exc:
-            raise DenialOfServiceError(f"oversized header block: {exc}") from exc
-        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
-            raise _H2ProtocolError(f"error decoding header block: {exc}") from exc
-        if sid > self.highest_inbound_stream_id:  # type: ignore[has-type]  # h2's attribute (jh2: no types)
-            self.highest_inbound_stream_id = sid
-        self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
-        ep._ctl += 1
-        ep.refused_streams += 1
-        if why == "max_concurrent_streams":
-            # opening streams past the advertised limit is abuse too: it counts as a
-            # premature reset (a client that had not seen our SETTINGS yet stays far below)
-            ep._count_premature_reset()
-        return [RstStreamFrame(sid, error_code=ErrorCodes.REFUSED_STREAM)], []
-
-    # -- flood accounting (Envoy's per-connection frame budgets); each raises
-    # DenialOfServiceError, which feed() turns into GOAWAY(ENHANCE_YOUR_CALM)
-    def _receive_priority_frame(self, frame):  # type: ignore[no-untyped-def]
-        self._mesh._idle_frame("PRIORITY")
-        return super()._receive_priority_frame(frame)
-
-    def _receive_unknown_frame(self, frame):  # type: ignore[no-untyped-def]
-        self._mesh._idle_frame("unknown-type")
-        return super()._receive_unknown_frame(frame)
-
-    def _receive_window_update_frame(self, frame):  # type: ignore[no-untyped-def]
-        ep = self._mesh
-        ep._window_updates += 1
-        lim = ep._limits.max_inbound_window_update_frames_per_data_frame_sent
-        if ep._window_updates > lim * (1 + ep._data_frames_sent):
-            raise _Flood(f"WINDOW_UPDATE flood: {ep._window_updates} WINDOW_UPDATE frames for "
-                         f"{ep._data_frames_sent} DATA frames sent (limit {lim} per DATA frame)")
-        return super()._receive_window_update_frame(frame)
-
-    def _receive_ping_frame(self, frame):  # type: ignore[no-untyped-def]
-        self._mesh._control_frame("PING")
-        return super()._receive_ping_frame(frame)
-
-    def _receive_settings_frame(self, frame):  # type: ignore[no-untyped-def]
-        self._mesh._control_frame("SETTINGS")
-        return super()._receive_settings_frame(frame)
-
-    def send_data(self, stream_id, data, end_stream=False, pad_length=None):  # type: ignore[no-untyped-def]
-        self._mesh._data_frames_sent += 1  # every caller sends at most one frame's worth
-        return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
-
-    def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
-        ev = ConnectionTerminated()
-        try:
-            ev.error_code = ErrorCodes(frame.error_code)
-        except ValueError:
-            ev.error_code = frame.error_code
-        ev.last_stream_id = frame.last_stream_id
-        ev.additional_data = frame.additional_data or None
-        return [], [ev]
-
-
-class _Flood(DenialOfServiceError):
-    """A frame budget exceeded: the connection ends with GOAWAY(ENHANCE_YOUR_CALM)."""
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Stream:
     __slots__ = ("queue", "queued", "end_pending", "unacked", "trailers", "local_done", "remote_done",
-                 "responded", "blocked")
+                 "responded", "blocked", "send_win", "recv_win", "recv_done", "length", "received", "head_only")
 
-    def __init__(self) -> None:
+    def __init__(self, send_win: int, recv_win: int) -> None:
         self.queue: deque[memoryview] | None = None  # outbound data waiting for window
         self.queued = 0
         self.end_pending: list[tuple[str, str]] | None = None  # trailers (maybe []) to send after the queue
@@ -454,6 +394,12 @@ class _Stream:
         self.remote_done = False  # the peer sent END_STREAM
         self.responded = False  # server: a final response head went out; client: one came in
         self.blocked = False
+        self.send_win = send_win  # what the peer lets us send on this stream (may go negative)
+        self.recv_win = recv_win  # what we let the peer send on this stream
+        self.recv_done = 0  # acked bytes not yet given back in a WINDOW_UPDATE
+        self.length = -1  # the peer's content-length, -1 if none
+        self.received = 0  # body bytes the peer sent
+        self.head_only = False  # client: a HEAD request (the response has no body whatever its length)
 
 
 # ---------------------------------------------------------------- common
@@ -465,44 +411,45 @@ class _Endpoint:
     def __init__(self, limits: H2Limits, now: Callable[[], float] | None) -> None:
         self._limits = limits
         self._now = now or time.monotonic
-        cfg = H2Configuration(
-            client_side=self._client_side,
-            header_encoding=None,
-            # inbound validation stays on for untrusted peers: _decode_fields does it,
-            # in one pass (h2's generator chain cost ~13% of a gRPC exchange's codec time)
-            validate_inbound_headers=False,
-            normalize_inbound_headers=True,
-            validate_outbound_headers=False,  # _encode_fields and the head builders guarantee it
-            normalize_outbound_headers=False,
-        )
-        conn = _Conn(cfg, self)
-        values = {
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_window_size,
-            SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-            SettingCodes.HEADER_TABLE_SIZE: 4096,  # RFC 9113's default (jh2 would offer 64 KiB per connection)
-        }
+        self._enc = _Encoder()
+        dec: Any
         if self._client_side:
-            values[SettingCodes.ENABLE_PUSH] = 0
-        # initial values take effect at once and are what initiate_connection advertises
-        conn.local_settings = Settings(client=self._client_side, initial_values=values)
-        conn.decoder.max_allowed_table_size = 4096
-        if not self._client_side and type(conn.decoder) is not _PureDecoder:
-            conn.decoder = _StrictDecoder()  # (max_allowed_table_size 4096 too)
-        conn.max_inbound_frame_size = limits.max_frame_size
-        conn.incoming_buffer = _FrameBuffer(not self._client_side, limits.max_continuation_frames)
+            dec = _Decoder()
+        else:
+            # untrusted clients: the strict (pure-Python) decoder, see the module docstring
+            dec = _StrictDecoder()
+        dec.max_allowed_table_size = 4096  # what we advertise (SETTINGS_HEADER_TABLE_SIZE)
         # HPACK aborts (fatally) only far above the limit; the limit itself is stream-level
-        conn.decoder.max_header_list_size = 2 * limits.max_header_list_size
-        self._conn = conn
+        dec.max_header_list_size = 2 * limits.max_header_list_size
+        self._dec = dec
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}
-        self._pending = bytearray()  # bytes taken from h2 ahead of a frame of our own
+        self._gone: dict[int, int] = {}  # closed stream -> _GONE_IGNORE / _GONE_CLOSED
+        self._buf = bytearray()  # bytes pending for the peer
+        self._inbuf = b""  # an incomplete frame (or preface) from the peer
         self._initiated = False
+        self._preface = not self._client_side  # (server) the client preface is still to come
+        self._settings_seen = False  # the peer's first frame must be SETTINGS
         self._error: ProtocolError | None = None
         self._closed = False  # GOAWAY sent non-gracefully or connection gone
         self._drain_last: int | None = None  # our graceful GOAWAY's last-stream-id
         self._peer_last: int | None = None  # the peer's GOAWAY last-stream-id
+        self._peer_highest = 0  # highest stream id the peer opened
+        self._my_highest = 0  # highest stream id we opened
+        # header block being read (HEADERS without END_HEADERS, then CONTINUATION)
+        self._hb_sid = 0
+        self._hb_end_stream = False
+        self._hb_parts: list[bytes] = []
+        self._hb_size = 0
+        self._hb_frames = 0
+        self._hb_self_dep = False  # its HEADERS made the stream depend on itself
+        # flow control: what the peer sent us and what we may send it
+        self._peer_initial_window = 65535
+        self._peer_max_frame = 16384
+        self._peer_max_streams = _MAX_WINDOW  # unbounded until its SETTINGS say otherwise
+        self._send_win = _CONN_WINDOW_DEFAULT
+        self._recv_win = _CONN_WINDOW_DEFAULT  # raised by our first WINDOW_UPDATE (initiate)
+        self._recv_done = 0
         self._ctl = 0  # control frames queued since bytes were last handed out
         self._resets: deque[float] = deque()
         self._empty = 0  # consecutive empty DATA frames without END_STREAM
@@ -525,11 +472,27 @@ class _Endpoint:
         if self._initiated:
             return
         self._initiated = True
-        conn = self._conn
-        conn.initiate_connection()
-        extra = self._limits.connection_window - 65535
+        lim = self._limits
+        settings = [
+            (_S_HEADER_TABLE_SIZE, 4096),  # RFC 9113's default
+            (_S_MAX_CONCURRENT_STREAMS, lim.max_concurrent_streams),
+            (_S_INITIAL_WINDOW_SIZE, lim.initial_window_size),
+            (_S_MAX_FRAME_SIZE, lim.max_frame_size),
+            (_S_MAX_HEADER_LIST_SIZE, lim.max_header_list_size),
+        ]
+        if self._client_side:
+            settings.insert(1, (_S_ENABLE_PUSH, 0))
+        out = self._buf
+        if self._client_side:
+            out += _PREFACE
+        out += _pack_head(6 * len(settings) << 8 | _SETTINGS, 0, 0)
+        for ident, value in settings:
+            out += _SETTING.pack(ident, value)
+        extra = lim.connection_window - _CONN_WINDOW_DEFAULT
         if extra > 0:
-            conn.increment_flow_control_window(extra)
+            out += _pack_head(4 << 8 | _WINDOW_UPDATE, 0, 0)
+            out += _U32.pack(extra)
+            self._recv_win += extra
 
     def data_to_send(self) -> bytes:
         """Everything pending: call after ``feed`` (also after a ProtocolError: the GOAWAY)."""
@@ -537,11 +500,50 @@ class _Endpoint:
 
     def _out(self) -> bytes:
         self._ctl = 0
-        data = self._conn.data_to_send()
-        if self._pending:
-            data = bytes(self._pending) + data
-            self._pending.clear()
+        buf = self._buf
+        if not buf:
+            return b""
+        data = bytes(buf)
+        buf.clear()
         return data
+
+    def _send_headers(self, sid: int, fields: list[_Field], end_stream: bool) -> None:
+        block = self._enc.encode(fields)
+        n = len(block)
+        mx = self._peer_max_frame
+        out = self._buf
+        flags = _END_STREAM if end_stream else 0
+        if n <= mx:
+            out += _pack_head(n << 8 | _HEADERS, flags | _END_HEADERS, sid)
+            out += block
+            return
+        out += _pack_head(mx << 8 | _HEADERS, flags, sid)
+        out += block[:mx]
+        pos = mx
+        while pos < n:
+            chunk = block[pos:pos + mx]
+            pos += mx
+            out += _pack_head(len(chunk) << 8 | _CONTINUATION, _END_HEADERS if pos >= n else 0, sid)
+            out += chunk
+
+    def _send_data(self, sid: int, st: _Stream, data: bytes | memoryview, end_stream: bool) -> None:
+        """One DATA frame; the caller checked the windows and the frame size."""
+        n = len(data)
+        self._buf += _pack_head(n << 8 | _DATA, _END_STREAM if end_stream else 0, sid)
+        self._buf += data
+        self._send_win -= n
+        st.send_win -= n
+        self._data_frames_sent += 1
+
+    def _send_rst(self, sid: int, code: int) -> None:
+        self._buf += _RST_HEAD
+        self._buf += _U32.pack(sid)
+        self._buf += _U32.pack(code)
+
+    def _send_goaway(self, last: int, code: int, debug: bytes = b"") -> None:
+        self._buf += _pack_head((8 + len(debug)) << 8 | _GOAWAY, 0, 0)
+        self._buf += _GOAWAY_HEAD.pack(last, code)
+        self._buf += debug
 
     # ------------------------------------------------------------ input
     def feed(self, data: bytes) -> list[H2Event]:
@@ -552,88 +554,429 @@ class _Endpoint:
             return []
         if not self._initiated:
             self._initiate()
-        try:
-            h2events = self._conn.receive_data(data)
-        except _Flood as exc:
-            self._conn.clear_outbound_data_buffer()
-            self._pending.clear()
-            self._fail(f"{exc} from the {self._who}", exc, calm=True)
-        except H2Error as exc:
-            self._fail(f"HTTP/2 protocol error from the {self._who}: {exc}", exc)
         events: list[H2Event] = []
-        flush = False
-        streams = self._streams
-        for ev in h2events:
-            t = type(ev)
-            if t is DataReceived:
-                sid = ev.stream_id
-                st = streams.get(sid)
-                n = len(ev.data)
-                fcl = ev.flow_controlled_length
-                if st is None:
-                    self._conn.acknowledge_received_data(fcl, sid)
-                    continue
-                if fcl > n:  # padding: nobody downstream will ack it
-                    self._conn.acknowledge_received_data(fcl - n, sid)
-                if n:
-                    self._empty = 0
-                    st.unacked += n
-                    events.append(Data(ev.data, sid))
-                elif ev.stream_ended is None:
-                    self._empty += 1
-                    if self._empty > self._limits.max_consecutive_empty_frames:
-                        self._fail(f"empty DATA frame flood from the {self._who}: more than "
-                                   f"{self._limits.max_consecutive_empty_frames} in a row", calm=True)
-            elif t is StreamEnded:
-                st = streams.get(ev.stream_id)
-                if st is None:
-                    continue
-                st.remote_done = True
-                events.append(EndOfMessage(st.trailers, ev.stream_id))
-                if st.local_done:
-                    self._forget(ev.stream_id, st)
-            elif t is RequestReceived or t is ResponseReceived or t is InformationalResponseReceived:
-                self._heads += 1
-                self._on_head(ev, events)
-            elif t is _H2WindowUpdated or t is RemoteSettingsChanged:
-                if t is RemoteSettingsChanged:
-                    self._ctl += 1
-                if self._blocked:
-                    flush = True
-            elif t is TrailersReceived:
-                self._on_trailers(ev, events)
-            elif t is StreamReset:
-                self._on_reset(ev, events)
-            elif t is PingReceived:
-                self._ctl += 1
-            elif t is ConnectionTerminated:
-                self._on_goaway(ev, events)
+        try:
+            flush = self._read_frames(data, events)
+        except _ConnectionError as exc:
+            calm = exc.code == ENHANCE_YOUR_CALM
+            if calm:  # a flood: what it queued is not sent
+                self._buf.clear()
+            self._fail(f"{exc} from the {self._who}" if calm else
+                       f"HTTP/2 protocol error from the {self._who}: {exc}", exc.code, exc)
         if self._ctl > self._limits.max_queued_control_frames:
-            self._conn.clear_outbound_data_buffer()
-            self._pending.clear()
+            self._buf.clear()
             self._fail(
                 f"control frame flood from the {self._who}: more than "
                 f"{self._limits.max_queued_control_frames} PING/SETTINGS ACKs or RST_STREAMs queued",
-                calm=True,
+                ENHANCE_YOUR_CALM,
             )
-        if flush:
+        if flush and self._blocked:
             for sid, st in list(self._blocked.items()):
                 self._flush(sid, st)
                 if sid not in self._blocked:  # the queue ran out and the stream finished
                     continue
-                if not st.queue and self._window(sid) > 0:
+                if not st.queue and self._window(st) > 0:
                     st.blocked = False
                     del self._blocked[sid]
                     events.append(WindowUpdated(sid))
         return events
 
+    def _read_frames(self, data: bytes, events: list[H2Event]) -> bool:
+        """Handle every complete frame in the input; True if a window grew."""
+        if self._inbuf:
+            data = self._inbuf + data
+            self._inbuf = b""
+        pos = 0
+        end = len(data)
+        if self._preface:
+            n = min(end, 24)
+            if data[:n] != _PREFACE[:n]:
+                raise _ConnectionError(PROTOCOL_ERROR, "invalid connection preface")
+            if n < 24:
+                self._inbuf = data
+                return False
+            self._preface = False
+            pos = 24
+        flush = False
+        max_frame = self._limits.max_frame_size
+        streams = self._streams
+        while end - pos >= 9:
+            lt, flags, sid = _unpack_head(data, pos)
+            length = lt >> 8
+            if length > max_frame:
+                raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes is over SETTINGS_MAX_FRAME_SIZE")
+            if end - pos - 9 < length:
+                break
+            ftype = lt & 0xFF
+            sid &= 0x7FFFFFFF
+            start = pos + 9
+            pos = start + length
+            if self._hb_sid and ftype != _CONTINUATION:
+                raise _ConnectionError(PROTOCOL_ERROR, f"frame of type {ftype} inside a header block")
+            if not self._settings_seen:
+                if ftype != _SETTINGS or flags & _ACK:
+                    raise _ConnectionError(PROTOCOL_ERROR, "the first frame is not SETTINGS")
+                self._settings_seen = True
+            if ftype == _DATA:
+                st = streams.get(sid)
+                if st is not None and not st.remote_done and (st.responded or not self._client_side):
+                    # the common case, inline: an open stream, no padding
+                    if not flags & _PADDED and length <= self._recv_win and length <= st.recv_win:
+                        self._recv_win -= length
+                        st.recv_win -= length
+                        if length:
+                            self._empty = 0
+                            st.received += length
+                            if 0 <= st.length < st.received:
+                                self._too_long(sid, st, length, events)
+                                continue
+                            st.unacked += length
+                            events.append(Data(data[start:pos], sid))
+                        elif not flags & _END_STREAM:
+                            self._empty_frame()
+                        if flags & _END_STREAM:
+                            self._remote_end(sid, st, events)
+                        continue
+                self._on_data(sid, flags, data[start:pos], st, events)
+            elif ftype == _HEADERS:
+                self._on_headers(sid, flags, data[start:pos], events)
+            elif ftype == _WINDOW_UPDATE:
+                flush = self._on_window_update(sid, data[start:pos], events) or flush
+            elif ftype == _SETTINGS:
+                flush = self._on_settings(sid, flags, data[start:pos]) or flush
+            elif ftype == _PING:
+                if sid:
+                    raise _ConnectionError(PROTOCOL_ERROR, "PING on a stream")
+                if length != 8:
+                    raise _ConnectionError(FRAME_SIZE_ERROR, f"PING of {length} bytes")
+                self._control_frame("PING")
+                if not flags & _ACK:
+                    self._buf += _PING_ACK_HEAD
+                    self._buf += data[start:pos]
+                    self._ctl += 1
+            elif ftype == _RST_STREAM:
+                self._on_rst(sid, data[start:pos], events)
+            elif ftype == _GOAWAY:
+                if sid:
+                    raise _ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
+                if length < 8:
+                    raise _ConnectionError(FRAME_SIZE_ERROR, f"GOAWAY of {length} bytes")
+                last, code = _GOAWAY_HEAD.unpack_from(data, start)
+                self._on_goaway(last & 0x7FFFFFFF, code, data[start + 8:pos], events)
+            elif ftype == _CONTINUATION:
+                self._on_continuation(sid, flags, data[start:pos], events)
+            elif ftype == _PRIORITY:
+                if not sid:
+                    raise _ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
+                self._idle_frame("PRIORITY")
+                if length != 5:
+                    self._stream_error(sid, streams.get(sid), FRAME_SIZE_ERROR, events,
+                                       f"PRIORITY of {length} bytes")
+                elif _U32.unpack_from(data, start)[0] & 0x7FFFFFFF == sid:
+                    self._stream_error(sid, streams.get(sid), PROTOCOL_ERROR, events, "stream depends on itself")
+            elif ftype == _PUSH_PROMISE:
+                raise _ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE (push is disabled)")
+            else:  # unknown and extension frames are ignored (RFC 9113 5.5)
+                self._idle_frame("unknown-type")
+        if pos < end:
+            self._inbuf = data[pos:]
+        return flush
+
+    # -- frame handlers
+    def _idle(self, sid: int) -> bool:
+        """No frame but HEADERS (or PRIORITY) opened this stream yet."""
+        if (sid & 1) != self._client_side:  # the peer's parity: odd for a client, even for a server
+            return sid > self._peer_highest
+        return sid > self._my_highest
+
+    def _empty_frame(self) -> None:
+        self._empty += 1
+        if self._empty > self._limits.max_consecutive_empty_frames:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"empty DATA frame flood: more than "
+                                   f"{self._limits.max_consecutive_empty_frames} in a row")
+
+    def _on_data(self, sid: int, flags: int, payload: bytes, st: _Stream | None, events: list[H2Event]) -> None:
+        if not sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "DATA on stream 0")
+        size = len(payload)
+        body = payload
+        if flags & _PADDED:
+            if not size or payload[0] >= size:
+                raise _ConnectionError(PROTOCOL_ERROR, "DATA padding as long as the frame")
+            body = payload[1:size - payload[0]]
+        if size > self._recv_win:
+            raise _ConnectionError(FLOW_CONTROL_ERROR, "DATA past the connection window")
+        self._recv_win -= size
+        if st is None or st.remote_done:
+            self._ack_connection(size)
+            if st is None and self._idle(sid):
+                raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            if st is not None or self._gone.get(sid, _GONE_CLOSED) == _GONE_CLOSED:
+                self._stream_error(sid, st, STREAM_CLOSED, events, "DATA after the end of the stream")
+            return
+        if not st.responded and self._client_side:
+            raise _ConnectionError(PROTOCOL_ERROR, f"DATA before the response head on stream {sid}")
+        if size > st.recv_win:
+            raise _ConnectionError(FLOW_CONTROL_ERROR, f"DATA past the window of stream {sid}")
+        st.recv_win -= size
+        n = len(body)
+        if size > n:  # padding: nobody downstream will ack it
+            self._ack(sid, st, size - n)
+        if n:
+            self._empty = 0
+            st.received += n
+            if 0 <= st.length < st.received:
+                self._too_long(sid, st, n, events)
+                return
+            st.unacked += n
+            events.append(Data(body, sid))
+        elif not flags & _END_STREAM:
+            self._empty_frame()
+        if flags & _END_STREAM:
+            self._remote_end(sid, st, events)
+
+    def _too_long(self, sid: int, st: _Stream, n: int, events: list[H2Event]) -> None:
+        """More body than the content-length said: the frame is not passed on (its bytes are acked)."""
+        self._ack_connection(n)
+        self._stream_error(sid, st, PROTOCOL_ERROR, events, f"more body than its content-length ({st.length})")
+
+    def _remote_end(self, sid: int, st: _Stream, events: list[H2Event]) -> None:
+        if st.length >= 0 and st.received != st.length and not st.head_only:
+            self._stream_error(sid, st, PROTOCOL_ERROR, events,
+                               f"a body of {st.received} bytes with content-length {st.length}")
+            return
+        st.remote_done = True
+        events.append(EndOfMessage(st.trailers, sid))
+        if st.local_done:
+            self._forget(sid, st, _GONE_CLOSED)
+
+    def _on_headers(self, sid: int, flags: int, payload: bytes, events: list[H2Event]) -> None:
+        if not sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS on stream 0")
+        start, end = 0, len(payload)
+        if flags & _PADDED:
+            if not end or payload[0] >= end:
+                raise _ConnectionError(PROTOCOL_ERROR, "HEADERS padding as long as the frame")
+            end -= payload[0]
+            start = 1
+        depends_on_itself = False
+        if flags & _PRIORITY_FLAG:
+            if end - start < 5:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            depends_on_itself = _U32.unpack_from(payload, start)[0] & 0x7FFFFFFF == sid
+            start += 5
+        block = payload[start:end] if start or end != len(payload) else payload
+        if not flags & _END_HEADERS:
+            self._hb_sid = sid
+            self._hb_end_stream = bool(flags & _END_STREAM)
+            self._hb_parts = [block]
+            self._hb_size = len(block)
+            self._hb_frames = 0
+            self._hb_self_dep = depends_on_itself
+            return
+        self._on_header_block(sid, bool(flags & _END_STREAM), block, depends_on_itself, events)
+
+    def _on_continuation(self, sid: int, flags: int, payload: bytes, events: list[H2Event]) -> None:
+        if not self._hb_sid or sid != self._hb_sid:
+            raise _ConnectionError(PROTOCOL_ERROR, f"CONTINUATION on stream {sid} out of a header block")
+        self._hb_frames += 1
+        if self._hb_frames > self._limits.max_continuation_frames:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"CONTINUATION flood: more than "
+                                   f"{self._limits.max_continuation_frames} CONTINUATION frames in one header block")
+        self._hb_size += len(payload)
+        if self._hb_size > 2 * self._limits.max_header_list_size:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"oversized header block ({self._hb_size} bytes coded)")
+        self._hb_parts.append(payload)
+        if flags & _END_HEADERS:
+            block = b"".join(self._hb_parts)
+            self._hb_sid = 0
+            self._hb_parts = []
+            self._on_header_block(sid, self._hb_end_stream, block, self._hb_self_dep, events)
+
+    def _decode(self, block: bytes) -> list[Any]:
+        try:
+            fields: list[Any] = self._dec.decode(block, raw=True)
+        except (_NativeOversized, _PureOversized) as exc:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"oversized header block: {exc}") from exc
+        except (_NativeHPACKError, _PureHPACKError, IndexError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
+        return fields
+
+    def _on_header_block(self, sid: int, end_stream: bool, block: bytes, self_dep: bool,
+                         events: list[H2Event]) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            if self._client_side:
+                if not sid & 1:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {sid}, which a server may not open")
+                if sid > self._my_highest:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on idle stream {sid}")
+                gone = self._gone.get(sid, _GONE_IGNORE)
+            else:
+                if not sid & 1:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {sid}, which a client may not open")
+                gone = self._gone.get(sid, -1) if sid <= self._peer_highest else -2
+                if gone == -1:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"stream {sid} opened after stream {self._peer_highest}")
+            if gone >= 0:  # a stream that is gone
+                self._decode(block)  # keeps the HPACK table in step
+                if gone == _GONE_CLOSED:  # RFC 9113 5.1: a connection error on a closed stream
+                    raise _ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+                return
+            self._peer_highest = sid
+            if self._drain_last is not None and sid > self._drain_last:
+                self._refuse(sid, block, premature=False)
+                return
+            if len(self._streams) >= self._limits.max_concurrent_streams:
+                self._refuse(sid, block, premature=True)
+                return
+            raw = self._decode(block)
+            self._heads += 1
+            if self_dep:
+                self._stream_error(sid, None, PROTOCOL_ERROR, events, "stream depends on itself")
+                return
+            self._on_request(sid, raw, end_stream, events)
+            return
+        raw = self._decode(block)
+        if st.remote_done:
+            self._stream_error(sid, st, STREAM_CLOSED, events, "HEADERS after the end of the stream")
+            return
+        if self_dep:
+            self._stream_error(sid, st, PROTOCOL_ERROR, events, "stream depends on itself")
+            return
+        if self._client_side and not st.responded:
+            self._heads += 1
+            self._on_response(sid, st, raw, end_stream, events)
+            return
+        # trailers
+        if not end_stream:
+            self._malformed(sid, "trailers without END_STREAM")
+        _, fields, problem, _ = self._decode_fields(raw, sid, _TRAILERS)
+        if problem:
+            self._kill(sid, st, CANCEL)
+            events.append(H2Reset(f"trailers from the {self._who} refused: {problem}", sid))
+            return
+        st.trailers = fields
+        self._remote_end(sid, st, events)
+
+    def _refuse(self, sid: int, block: bytes, *, premature: bool) -> None:
+        """A new stream we do not take: RST_STREAM(REFUSED_STREAM)."""
+        self._decode(block)  # decode anyway: the HPACK table must stay in step with the peer's
+        self._send_rst(sid, REFUSED_STREAM)
+        self._remember(sid, _GONE_IGNORE)
+        self._ctl += 1
+        self.refused_streams += 1
+        if premature:
+            # opening streams past the advertised limit is abuse too: it counts as a
+            # premature reset (a client that had not seen our SETTINGS yet stays far below)
+            self._count_premature_reset()
+
+    def _on_window_update(self, sid: int, payload: bytes, events: list[H2Event]) -> bool:
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, f"WINDOW_UPDATE of {len(payload)} bytes")
+        self._window_updates += 1
+        lim = self._limits.max_inbound_window_update_frames_per_data_frame_sent
+        if self._window_updates > lim * (1 + self._data_frames_sent):
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"WINDOW_UPDATE flood: {self._window_updates} WINDOW_UPDATE "
+                                   f"frames for {self._data_frames_sent} DATA frames sent (limit {lim} per DATA frame)")
+        inc = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if not sid:
+            if not inc:
+                raise _ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
+            self._send_win += inc
+            if self._send_win > _MAX_WINDOW:
+                raise _ConnectionError(FLOW_CONTROL_ERROR, "connection window over 2^31-1")
+            return True
+        st = self._streams.get(sid)
+        if st is None:
+            if self._idle(sid):
+                raise _ConnectionError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            return False
+        if not inc:
+            self._stream_error(sid, st, PROTOCOL_ERROR, events, "WINDOW_UPDATE of 0")
+            return False
+        st.send_win += inc
+        if st.send_win > _MAX_WINDOW:
+            self._stream_error(sid, st, FLOW_CONTROL_ERROR, events, "stream window over 2^31-1")
+            return False
+        return st.blocked
+
+    def _on_settings(self, sid: int, flags: int, payload: bytes) -> bool:
+        if sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        size = len(payload)
+        if flags & _ACK:
+            if size:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            self._control_frame("SETTINGS")
+            return False
+        if size % 6:
+            raise _ConnectionError(FRAME_SIZE_ERROR, f"SETTINGS of {size} bytes")
+        self._control_frame("SETTINGS")
+        grew = False
+        for off in range(0, size, 6):
+            ident, value = _SETTING.unpack_from(payload, off)
+            if ident == _S_INITIAL_WINDOW_SIZE:
+                if value > _MAX_WINDOW:
+                    raise _ConnectionError(FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value}")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                if delta:
+                    for st in self._streams.values():
+                        st.send_win += delta
+                        if st.send_win > _MAX_WINDOW:
+                            raise _ConnectionError(FLOW_CONTROL_ERROR, "a stream window over 2^31-1")
+                    grew = grew or delta > 0
+            elif ident == _S_MAX_FRAME_SIZE:
+                if not 16384 <= value <= (1 << 24) - 1:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
+                self._peer_max_frame = value
+            elif ident == _S_MAX_CONCURRENT_STREAMS:
+                self._peer_max_streams = value
+            elif ident == _S_HEADER_TABLE_SIZE:
+                self._enc.header_table_size = value
+            elif ident == _S_ENABLE_PUSH:
+                if value > 1:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value}")
+            # others (MAX_HEADER_LIST_SIZE is advisory, unknown ones) are ignored
+        self._buf += _SETTINGS_ACK
+        self._ctl += 1
+        return grew
+
+    def _on_rst(self, sid: int, payload: bytes, events: list[H2Event]) -> None:
+        if not sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, f"RST_STREAM of {len(payload)} bytes")
+        st = self._streams.pop(sid, None)
+        if st is None:
+            if self._idle(sid):
+                raise _ConnectionError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+            return
+        self._drop(sid, st)
+        self._remember(sid, _GONE_CLOSED)
+        code = _U32.unpack(payload)[0]
+        events.append(H2Reset(f"the {self._who} reset the stream ({_code_name(code)})", sid, code))
+        if not self._client_side and not st.responded:
+            self._count_premature_reset()
+
+    def _on_goaway(self, last: int, code: int, debug: bytes, events: list[H2Event]) -> None:
+        self._peer_last = last if self._peer_last is None else min(last, self._peer_last)
+        events.append(GoAway(last, code, debug))
+        mine = 1 if self._client_side else 0
+        for sid in [s for s in self._streams if s > last and s % 2 == mine]:
+            st = self._streams.pop(sid)
+            self._drop(sid, st)
+            self._remember(sid, _GONE_IGNORE)
+            events.append(H2Reset(f"the {self._who} sent GOAWAY before processing the stream", sid, REFUSED_STREAM))
+
     def _idle_frame(self, what: str) -> None:
         self._idle_frames += 1
         lim = self._limits.max_inbound_priority_frames_per_stream
-        opened = self._heads + len(self._conn.streams)
+        opened = self._heads + len(self._streams)
         if self._idle_frames > lim * (1 + opened):
-            raise _Flood(f"{what} frame flood: {self._idle_frames} PRIORITY/unknown frames for "
-                         f"{opened} streams (limit {lim} per stream)")
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"{what} frame flood: {self._idle_frames} PRIORITY/unknown "
+                                   f"frames for {opened} streams (limit {lim} per stream)")
 
     def _control_frame(self, what: str) -> None:
         now = self._now()
@@ -643,8 +986,9 @@ class _Endpoint:
             self._ctl_in = 0
         self._ctl_in += 1
         if self._ctl_in > lim.max_inbound_control_frames_per_window:
-            raise _Flood(f"{what} flood: more than {lim.max_inbound_control_frames_per_window} PING/SETTINGS "
-                         f"frames within {lim.control_frame_window:g}s")
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"{what} flood: more than "
+                                   f"{lim.max_inbound_control_frames_per_window} PING/SETTINGS frames "
+                                   f"within {lim.control_frame_window:g}s")
 
     def feed_eof(self) -> list[H2Event]:
         """The peer closed the connection: an H2Reset for every stream still open."""
@@ -657,28 +1001,38 @@ class _Endpoint:
         self._blocked.clear()
         return events
 
-    def _fail(self, message: str, cause: BaseException | None = None, *, calm: bool = False) -> None:
-        if calm:
-            self._conn.close_connection(
-                error_code=ErrorCodes.ENHANCE_YOUR_CALM, additional_data=message.encode("ascii", "replace")[:200]
-            )
+    def _fail(self, message: str, code: int, cause: BaseException | None = None) -> None:
+        debug = message.encode("ascii", "replace")[:200] if code == ENHANCE_YOUR_CALM else b""
+        self._send_goaway(self._peer_highest, code, debug)
         err = ProtocolError(message, self._status_bad)
         err.__cause__ = cause
         self._error = err
         self._closed = True
         raise err
 
-    def _decode_fields(self, raw: Iterable[tuple[bytes, bytes]], sid: int,
-                       kind: int) -> tuple[dict[bytes, bytes], HeaderList, str]:
-        """(pseudo-headers, regular fields, problem or "") with the limits applied.
-        A malformed block (h2's inbound validation rules) fails the connection."""
+    def _stream_error(self, sid: int, st: _Stream | None, code: int, events: list[H2Event], why: str) -> None:
+        """RST_STREAM(code); an H2Reset event if the stream was open."""
+        self._send_rst(sid, code)
+        self._ctl += 1
+        if st is not None and self._streams.pop(sid, None) is not None:
+            self._drop(sid, st)
+            events.append(H2Reset(f"stream error from the {self._who}: {why} ({_code_name(code)})", sid, code))
+        self._remember(sid, _GONE_IGNORE)
+
+    def _decode_fields(self, raw: Iterable[Any], sid: int,
+                       kind: int) -> tuple[dict[bytes, bytes], HeaderList, str, int]:
+        """(pseudo-headers, regular fields, problem or "", content-length or -1) with the
+        limits applied. A malformed block (RFC 9113 8.2-8.3) fails the connection."""
         pseudo: dict[bytes, bytes] = {}
         fields: HeaderList = []
         size = 0
         host: bytes | None = None
+        length = -1
         ws = _WHITESPACE
         checked = _CHECKED_NAMES
-        for n, v in raw:
+        for f in raw:
+            n: bytes = f[0]
+            v: bytes = f[1]
             size += len(n) + len(v) + 32
             if v and (v[0] in ws or v[-1] in ws):
                 self._malformed(sid, f"whitespace around the value of header {n!r}: {v!r}")
@@ -708,6 +1062,10 @@ class _Endpoint:
                     self._malformed(sid, f"te: {v!r} (only trailers is allowed)")
             elif n == b"host":
                 host = v
+            elif n == b"content-length":  # not cached: its value is checked every time
+                if not v.isdigit() or (length >= 0 and int(v) != length):
+                    self._malformed(sid, f"content-length: {v!r}")
+                length = int(v)
             else:
                 name = n.decode("latin-1")
                 if len(checked) < _CHECKED_NAMES_MAX:
@@ -720,39 +1078,14 @@ class _Endpoint:
             self._malformed(sid, problem)
         lim = self._limits
         if size > lim.max_header_list_size:
-            return pseudo, fields, f"header list of {size} bytes is over the limit of {lim.max_header_list_size}"
+            return pseudo, fields, f"header list of {size} bytes is over the limit of {lim.max_header_list_size}", length
         if len(fields) > lim.max_headers:
-            return pseudo, fields, f"{len(fields)} header fields is over the limit of {lim.max_headers}"
-        return pseudo, fields, ""
+            return pseudo, fields, f"{len(fields)} header fields is over the limit of {lim.max_headers}", length
+        return pseudo, fields, "", length
 
     def _malformed(self, sid: int, problem: str) -> None:
-        """A malformed header block: connection error (GOAWAY PROTOCOL_ERROR), as h2's own validation."""
-        self._conn.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
-        self._fail(f"HTTP/2 protocol error from the {self._who}: malformed header block on stream {sid}: {problem}")
-
-    def _on_trailers(self, ev: TrailersReceived, events: list[H2Event]) -> None:
-        sid = ev.stream_id
-        st = self._streams.get(sid)
-        if st is None:
-            return
-        _, fields, problem = self._decode_fields(ev.headers, sid, _TRAILERS)
-        if problem:
-            self._kill(sid, st, ErrorCodes.CANCEL)
-            events.append(H2Reset(f"trailers from the {self._who} refused: {problem}", sid))
-            return
-        st.trailers = fields
-
-    def _on_reset(self, ev: StreamReset, events: list[H2Event]) -> None:
-        sid = ev.stream_id
-        st = self._streams.pop(sid, None)
-        if st is None:
-            return
-        self._drop(sid, st)
-        code = int(ev.error_code)
-        who = self._who if ev.remote_reset else "codec"
-        events.append(H2Reset(f"the {who} reset the stream ({_code_name(code)})", sid, code))
-        if ev.remote_reset and not self._client_side and not st.responded:
-            self._count_premature_reset()
+        """A malformed header block: connection error (GOAWAY PROTOCOL_ERROR)."""
+        raise _ConnectionError(PROTOCOL_ERROR, f"malformed header block on stream {sid}: {problem}")
 
     def _count_premature_reset(self) -> None:
         lim = self._limits
@@ -763,31 +1096,65 @@ class _Endpoint:
         while q and q[0] < cutoff:
             q.popleft()
         if len(q) > lim.rapid_reset_threshold:
-            self._fail(
+            raise _ConnectionError(
+                ENHANCE_YOUR_CALM,
                 f"rapid reset (CVE-2023-44487): the client reset {len(q)} streams before a response "
                 f"within {lim.rapid_reset_window:g}s (limit {lim.rapid_reset_threshold})",
-                calm=True,
             )
 
-    def _on_goaway(self, ev: ConnectionTerminated, events: list[H2Event]) -> None:
-        last = ev.last_stream_id if ev.last_stream_id is not None else 0
-        self._peer_last = last if self._peer_last is None else min(last, self._peer_last)
-        events.append(GoAway(last, int(ev.error_code or 0), ev.additional_data or b""))
-        mine = 1 if self._client_side else 0
-        for sid in [s for s in self._streams if s > last and s % 2 == mine]:
-            st = self._streams.pop(sid)
-            self._drop(sid, st)
-            events.append(H2Reset(f"the {self._who} sent GOAWAY before processing the stream", sid,
-                                  int(ErrorCodes.REFUSED_STREAM)))
+    def _on_request(self, sid: int, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+        raise NotImplementedError
 
-    def _on_head(self, ev, events: list[H2Event]) -> None:  # type: ignore[no-untyped-def]
+    def _on_response(self, sid: int, st: _Stream, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------ bookkeeping
+    def _new_stream(self) -> _Stream:
+        return _Stream(self._peer_initial_window, self._limits.initial_window_size)
+
+    def _ack_connection(self, n: int) -> None:
+        """Give ``n`` consumed bytes back to the connection window (WINDOW_UPDATE once half is used)."""
+        done = self._recv_done + n
+        win = self._recv_win
+        mx = self._limits.connection_window
+        if done >= mx >> 1 or (win <= 0 and done > min(1024, mx >> 2)):
+            inc = min(done, mx - win)
+            self._recv_done = 0
+            if inc > 0:
+                self._recv_win = win + inc
+                self._buf += _pack_head(4 << 8 | _WINDOW_UPDATE, 0, 0)
+                self._buf += _U32.pack(inc)
+        else:
+            self._recv_done = done
+
+    def _ack(self, sid: int, st: _Stream, n: int) -> None:
+        """Give ``n`` consumed bytes back to the stream's and the connection's windows."""
+        self._ack_connection(n)
+        if st.remote_done:
+            return
+        done = st.recv_done + n
+        win = st.recv_win
+        mx = self._limits.initial_window_size
+        if done >= mx >> 1 or (win <= 0 and done > min(1024, mx >> 2)):
+            inc = min(done, mx - win)
+            st.recv_done = 0
+            if inc > 0:
+                st.recv_win = win + inc
+                self._buf += _pack_head(4 << 8 | _WINDOW_UPDATE, 0, sid)
+                self._buf += _U32.pack(inc)
+        else:
+            st.recv_done = done
+
+    def _remember(self, sid: int, how: int) -> None:
+        gone = self._gone
+        gone[sid] = how
+        if len(gone) > _GONE_MAX:
+            del gone[next(iter(gone))]
+
     def _drop(self, sid: int, st: _Stream) -> None:
         """A stream is gone: give back its unacked window, forget its queue."""
         if st.unacked:
-            self._conn.acknowledge_received_data(st.unacked, sid)
+            self._ack_connection(st.unacked)
             st.unacked = 0
         st.queue = None
         st.queued = 0
@@ -795,59 +1162,54 @@ class _Endpoint:
             st.blocked = False
             self._blocked.pop(sid, None)
 
-    def _forget(self, sid: int, st: _Stream) -> None:
+    def _forget(self, sid: int, st: _Stream, how: int) -> None:
         self._streams.pop(sid, None)
+        self._remember(sid, how)
         self._drop(sid, st)
 
-    def _kill(self, sid: int, st: _Stream, code: ErrorCodes) -> None:
-        self._forget(sid, st)
-        try:
-            self._conn.reset_stream(sid, error_code=code)
-        except StreamClosedError:
-            pass
+    def _kill(self, sid: int, st: _Stream, code: int) -> None:
+        self._forget(sid, st, _GONE_IGNORE)
+        self._send_rst(sid, code)
 
     def _local_end(self, sid: int, st: _Stream) -> None:
         st.local_done = True
         if st.remote_done:
-            self._forget(sid, st)
+            self._forget(sid, st, _GONE_CLOSED)
         elif not self._client_side and st.responded:
             # complete response, request still open: tell the client to stop (RFC 9113 8.1)
-            self._kill(sid, st, ErrorCodes.NO_ERROR)
+            self._kill(sid, st, NO_ERROR)
 
-    def _window(self, sid: int) -> int:
-        try:
-            return self._conn.local_flow_control_window(sid)
-        except H2Error:
-            return 0
+    def _window(self, st: _Stream) -> int:
+        w = self._send_win
+        return st.send_win if st.send_win < w else w
 
     def _send_end(self, sid: int, st: _Stream, trailers: HeaderList) -> None:
         if trailers:
-            self._conn.send_headers(sid, _encode_fields([], trailers, _DROP_OUT), end_stream=True)
+            self._send_headers(sid, _encode_fields([], trailers, _DROP_OUT), True)
         else:
-            self._conn.end_stream(sid)
+            self._send_data(sid, st, b"", True)
         self._local_end(sid, st)
 
     def _flush(self, sid: int, st: _Stream) -> None:
         """Send queued data as far as the windows allow, then a queued end."""
-        conn = self._conn
         q = st.queue
         while q:
-            win = self._window(sid)
+            win = self._window(st)
             if win <= 0:
                 return
-            take = min(win, conn.max_outbound_frame_size)
+            take = min(win, self._peer_max_frame)
             chunk = q[0]
             if len(chunk) <= take:
                 q.popleft()
                 st.queued -= len(chunk)
                 if not q and st.end_pending is not None and not st.end_pending:
                     st.end_pending = None
-                    conn.send_data(sid, bytes(chunk), end_stream=True)
+                    self._send_data(sid, st, chunk, True)
                     self._local_end(sid, st)
                     return
-                conn.send_data(sid, bytes(chunk))
+                self._send_data(sid, st, chunk, False)
             else:
-                conn.send_data(sid, bytes(chunk[:take]))
+                self._send_data(sid, st, chunk[:take], False)
                 q[0] = chunk[take:]
                 st.queued -= take
         if st.end_pending is not None:
@@ -870,10 +1232,9 @@ class _Endpoint:
             if end_stream:
                 st.end_pending = []
             return self._out()
-        conn = self._conn
-        if n <= conn.max_outbound_frame_size and n <= self._window(stream_id):
+        if n <= self._peer_max_frame and n <= self._window(st):
             if n or end_stream:
-                conn.send_data(stream_id, data, end_stream=end_stream)
+                self._send_data(stream_id, st, data, end_stream)
                 if end_stream:
                     self._local_end(stream_id, st)
         else:
@@ -882,7 +1243,7 @@ class _Endpoint:
             if end_stream:
                 st.end_pending = []
             self._flush(stream_id, st)
-        if (st.queue or self._window(stream_id) <= 0) and not st.local_done and stream_id in self._streams:
+        if (st.queue or self._window(st) <= 0) and not st.local_done and stream_id in self._streams:
             if not st.blocked:
                 st.blocked = True
                 self._blocked[stream_id] = st
@@ -901,11 +1262,11 @@ class _Endpoint:
             self._send_end(stream_id, st, list(trailers))
         return self._out()
 
-    def reset(self, stream_id: int, reason: str = "", *, error_code: int = ErrorCodes.CANCEL) -> bytes:
+    def reset(self, stream_id: int, reason: str = "", *, error_code: int = CANCEL) -> bytes:
         """Abandon a stream (RST_STREAM, CANCEL by default). ``reason`` is for the caller's logs."""
         st = self._streams.get(stream_id)
         if st is not None and not self._closed:
-            self._kill(stream_id, st, ErrorCodes(error_code))
+            self._kill(stream_id, st, int(error_code))
         return self._out()
 
     def ack_received(self, stream_id: int, n: int) -> bytes:
@@ -915,7 +1276,7 @@ class _Endpoint:
             n = min(n, st.unacked)
             if n:
                 st.unacked -= n
-                self._conn.acknowledge_received_data(n, stream_id)
+                self._ack(stream_id, st, n)
         return self._out()
 
     def send_window(self, stream_id: int) -> int:
@@ -923,7 +1284,7 @@ class _Endpoint:
         st = self._streams.get(stream_id)
         if st is None or self._closed or st.local_done:
             return 0
-        return max(0, self._window(stream_id) - st.queued)
+        return max(0, self._window(st) - st.queued)
 
     def queued(self, stream_id: int) -> int:
         """Body bytes of this stream waiting in the codec for window."""
@@ -937,15 +1298,13 @@ class _Endpoint:
         if self._closed or self._error is not None:
             return self._out()
         self._initiate()
-        conn = self._conn
-        last = conn.highest_inbound_stream_id
+        last = self._peer_highest
         if graceful:
             if self._drain_last is None:
                 self._drain_last = last
-                self._pending += conn.data_to_send()
-                self._pending += GoAwayFrame(0, last_stream_id=last, error_code=ErrorCodes.NO_ERROR).serialize()
+                self._send_goaway(last, NO_ERROR)
         else:
-            conn.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=last)
+            self._send_goaway(last, NO_ERROR)
             self._closed = True
             self._streams.clear()
             self._blocked.clear()
@@ -983,11 +1342,10 @@ class H2Server(_Endpoint):
     def __init__(self, limits: H2Limits = _DEFAULT_LIMITS, *, now: Callable[[], float] | None = None) -> None:
         super().__init__(limits, now)
 
-    def _on_head(self, ev, events: list[H2Event]) -> None:  # type: ignore[no-untyped-def]
-        sid = ev.stream_id
-        pseudo, fields, problem = self._decode_fields(ev.headers, sid, _REQUEST)
+    def _on_request(self, sid: int, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+        pseudo, fields, problem, length = self._decode_fields(raw, sid, _REQUEST)
         if problem:
-            self._refuse_431(sid, ev.stream_ended is not None, problem, events)
+            self._refuse_431(sid, end_stream, problem, events)
             return
         method = pseudo.get(b":method", b"").decode("latin-1")
         authority = pseudo.get(b":authority")
@@ -1007,17 +1365,18 @@ class H2Server(_Endpoint):
             None,
             sid,
         )
-        self._streams[sid] = _Stream()
+        st = self._new_stream()
+        st.length = length
+        self._streams[sid] = st
         events.append(head)
+        if end_stream:
+            self._remote_end(sid, st, events)
 
     def _refuse_431(self, sid: int, ended: bool, problem: str, events: list[H2Event]) -> None:
-        conn = self._conn
-        conn.send_headers(sid, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True)
+        self._send_headers(sid, [(b":status", b"431", False), (b"content-length", b"0", False)], True)
         if not ended:
-            try:
-                conn.reset_stream(sid, error_code=ErrorCodes.NO_ERROR)
-            except StreamClosedError:
-                pass
+            self._send_rst(sid, NO_ERROR)
+        self._remember(sid, _GONE_IGNORE)
         self._ctl += 1
         events.append(H2Reset(f"request headers refused with 431: {problem}", sid))
 
@@ -1031,14 +1390,14 @@ class H2Server(_Endpoint):
             raise ValueError(f"status {status} cannot be sent on HTTP/2")
         if st.responded:
             raise RuntimeError(f"stream {stream_id}: a final response head was already sent")
-        fields = _encode_fields([(b":status", str(status).encode())], head.headers, _DROP_OUT)
+        fields = _encode_fields([(b":status", str(status).encode(), False)], head.headers, _DROP_OUT)
         if status < 200:
             if end_stream:
                 raise ValueError("an interim (1xx) response cannot end the stream")
-            self._conn.send_headers(stream_id, fields)
+            self._send_headers(stream_id, fields, False)
             return self._out()
         st.responded = True
-        self._conn.send_headers(stream_id, fields, end_stream=end_stream)
+        self._send_headers(stream_id, fields, end_stream)
         if end_stream:
             self._local_end(stream_id, st)
         return self._out()
@@ -1060,56 +1419,63 @@ class H2Client(_Endpoint):
         """A new request fits: no GOAWAY either way, under the peer's MAX_CONCURRENT_STREAMS."""
         if self._closed or self._error is not None or self._peer_last is not None or self._drain_last is not None:
             return False
-        conn = self._conn
-        if conn.highest_outbound_stream_id >= _MAX_WINDOW - 1:
+        if self._my_highest >= _MAX_WINDOW - 1:
             return False
-        return conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams
+        return len(self._streams) < self._peer_max_streams
 
     def request(self, head: RequestHead, *, end_stream: bool = False) -> tuple[int, bytes]:
         """Open a stream with this request head: (stream_id, bytes to send)."""
         if not self.can_open_stream:
             raise RuntimeError("this HTTP/2 connection cannot open another stream now (check can_open_stream)")
         self._initiate()
-        conn = self._conn
-        sid = conn.get_next_available_stream_id()
+        sid = self._my_highest + 2 if self._my_highest else 1
         method = head.method
         authority = head.authority or header_value(head.headers, "host") or ""
-        fields: list[tuple[bytes, bytes]] = [(b":method", method.encode("ascii"))]
+        fields: list[_Field] = [(b":method", method.encode("ascii"), False)]
         if method == "CONNECT":
             if not authority:
                 raise ValueError("CONNECT request without an authority")
-            fields.append((b":authority", authority.encode("latin-1")))
+            fields.append((b":authority", authority.encode("latin-1"), False))
         else:
-            fields.append((b":scheme", (head.scheme or "http").encode("ascii")))
+            fields.append((b":scheme", (head.scheme or "http").encode("ascii"), False))
             if authority:
-                fields.append((b":authority", authority.encode("latin-1")))
-            fields.append((b":path", (head.path or "/").encode("latin-1")))
+                fields.append((b":authority", authority.encode("latin-1"), False))
+            fields.append((b":path", (head.path or "/").encode("latin-1"), False))
         _encode_fields(fields, head.headers, _DROP_OUT)
-        conn.send_headers(sid, fields, end_stream=end_stream)
-        st = _Stream()
+        self._send_headers(sid, fields, end_stream)
+        self._my_highest = sid
+        st = self._new_stream()
+        st.head_only = method == "HEAD"
         self._streams[sid] = st
         if end_stream:
             st.local_done = True
         return sid, self._out()
 
-    def _on_head(self, ev, events: list[H2Event]) -> None:  # type: ignore[no-untyped-def]
-        sid = ev.stream_id
-        st = self._streams.get(sid)
-        if st is None:
-            return
-        pseudo, fields, problem = self._decode_fields(ev.headers, sid, _RESPONSE)
-        if problem:
-            self._kill(sid, st, ErrorCodes.CANCEL)
-            events.append(H2Reset(f"upstream response headers refused: {problem}", sid))
-            return
+    def _on_response(self, sid: int, st: _Stream, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+        pseudo, fields, problem, length = self._decode_fields(raw, sid, _RESPONSE)
         try:
             status = int(pseudo.get(b":status", b"0"))
         except ValueError:
             status = 0
-        if type(ev) is ResponseReceived:
-            st.responded = True
+        if status < 200:
+            if end_stream:
+                self._malformed(sid, f"interim response {status} with END_STREAM")
+            if problem:
+                self._kill(sid, st, CANCEL)
+                events.append(H2Reset(f"upstream response headers refused: {problem}", sid))
+                return
+            events.append(ResponseHead(status, fields, "", "2", True, sid))
+            return
+        if problem:
+            self._kill(sid, st, CANCEL)
+            events.append(H2Reset(f"upstream response headers refused: {problem}", sid))
+            return
+        st.responded = True
+        if status != 304 and status != 204:
+            st.length = length
         events.append(ResponseHead(status, fields, "", "2", True, sid))
-
+        if end_stream:
+            self._remote_end(sid, st, events)
 
 # ---------------------------------------------------------------- translation
 def h1_head_to_h2(head: RequestHead) -> RequestHead:

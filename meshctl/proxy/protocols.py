@@ -3,7 +3,7 @@
 - ``sniff``: which protocol a new connection speaks, from its first bytes;
 - ``wants_h2``: whether a request goes upstream as HTTP/2.
 
-The HTTP/2 machinery (protocol/http2.py on jh2, h2conn.py, h2pool.py: ~2.8 MB of
+The HTTP/2 machinery (protocol/http2.py with jh2's HPACK, h2conn.py, h2pool.py: ~2.8 MB of
 RSS) is imported by the first connection or request that needs it; a sidecar
 whose traffic is all HTTP/1.1 never loads it (issue 12, RSS per sidecar).
 """

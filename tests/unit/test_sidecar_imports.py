@@ -85,7 +85,7 @@ def test_a_sidecar_under_pilot_with_a_citadel_identity_loads_no_yaml_httpx_or_ci
 
 
 def test_http2_is_loaded_by_the_first_http2_connection_or_try_not_at_start():
-    # jh2 + protocol/http2 + h2conn + h2pool are ~2.8 MB of RSS a sidecar whose traffic is
+    # jh2 (HPACK) + protocol/http2 + h2conn + h2pool are ~2.8 MB of RSS a sidecar whose traffic is
     # HTTP/1.1 never uses; the h2 tests (tests/integration/test_h2_*.py) prove they still load
     code = (
         "import sys, json\n"
