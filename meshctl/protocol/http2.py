@@ -800,6 +800,13 @@ class _Endpoint:
             raise _ConnectionError(ENHANCE_YOUR_CALM, f"oversized header block: {exc}") from exc
         except (_NativeHPACKError, _PureHPACKError, IndexError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
+        except BaseException as exc:
+            # jh2's native decoder panics on some malformed blocks (an index into an empty
+            # buffer); pyo3 raises that as PanicException, a BaseException: a peer's bytes
+            # must not get past the codec's ProtocolError
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
         return fields
 
     def _on_header_block(self, sid: int, end_stream: bool, block: bytes, self_dep: bool,

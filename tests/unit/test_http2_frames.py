@@ -303,3 +303,51 @@ def test_a_response_to_head_may_announce_a_length_it_does_not_carry():
     evs = c.feed(HeadersFrame(sid, Encoder().encode([(":status", "200"), ("content-length", "10")]),
                               flags=["END_HEADERS", "END_STREAM"]).serialize())
     assert isinstance(evs[0], ResponseHead) and isinstance(evs[1], EndOfMessage)
+
+
+# ---------------------------------------------------------------- hostile bytes
+@pytest.mark.parametrize("block", [b"\x00", b"\x40", b"\x0f", b"\x10", b"\x80"])
+def test_a_truncated_or_bad_header_block_is_a_compression_error_on_both_sides(block):
+    # jh2's native decoder (the client side's) panics on truncated literals: that must
+    # come out as the codec's ProtocolError too, not as a BaseException from Rust
+    fatal(server(), HeadersFrame(1, block, flags=["END_HEADERS"]).serialize(), 0x9)
+    c = H2Client()
+    c.initiate()
+    c.feed(SettingsFrame(0).serialize())
+    sid, _ = c.request(RequestHead("GET", "/", [], authority="a", path="/"), end_stream=True)
+    c.data_to_send()
+    fatal(c, HeadersFrame(sid, block, flags=["END_HEADERS"]).serialize(), 0x9)
+
+
+def test_random_frames_end_in_events_or_protocol_error_never_another_exception():
+    import random
+
+    rnd = random.Random(12)
+    good = Encoder().encode(REQUEST)
+    for _ in range(400):
+        is_server = rnd.random() < 0.5
+        if is_server:
+            codec: H2Server | H2Client = server()
+        else:
+            codec = H2Client()
+            codec.initiate()
+            codec.feed(SettingsFrame(0).serialize())
+            codec.request(RequestHead("GET", "/", [], authority="a", path="/"), end_stream=rnd.random() < 0.5)
+            codec.data_to_send()
+        answered: set[int] = set()
+        try:
+            for _ in range(rnd.randint(1, 6)):
+                payload = rnd.randbytes(rnd.choice([0, 1, 2, 4, 5, 6, 8, 9, 12, 20]))
+                ftype = rnd.choice([0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+                if ftype == 1 and rnd.random() < 0.5:
+                    payload = good[: rnd.randint(0, len(good))]
+                wire = raw(ftype, rnd.randint(0, 255), rnd.choice([0, 1, 1, 2, 3, 5, (1 << 31) - 1]), payload)
+                codec.feed(wire[: rnd.randint(0, len(wire))] if rnd.random() < 0.1 else wire)
+                if isinstance(codec, H2Server):
+                    for sid in {1, 3} - answered:  # the app answers what it was asked (no-ops otherwise)
+                        answered.add(sid)
+                        codec.response_head(sid, ResponseHead(200, []))
+                        codec.data(sid, b"x" * rnd.randint(0, 3), end_stream=True)
+                codec.data_to_send()
+        except ProtocolError:
+            assert codec.closed and of_type(codec.data_to_send(), GoAwayFrame)
