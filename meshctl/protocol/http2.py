@@ -56,10 +56,12 @@ Rules this module keeps
   on an idle stream, PUSH_PROMISE (push is off), SETTINGS values out of
   range, a zero or overflowing WINDOW_UPDATE on the connection. Stream
   errors (RST_STREAM, and an ``H2Reset`` event if the stream was open): DATA
-  or HEADERS on a half-closed (remote) or closed stream (STREAM_CLOSED;
-  frames on a stream this codec reset are ignored, RFC 9113 5.1), a stream
-  depending on itself, a zero or overflowing stream WINDOW_UPDATE, a body
-  whose length disagrees with its content-length (PROTOCOL_ERROR).
+  on a half-closed (remote) or closed stream and HEADERS on a half-closed
+  (remote) one (STREAM_CLOSED; HEADERS on a closed stream is a connection
+  error STREAM_CLOSED; frames on a stream this codec reset or refused are
+  ignored, their DATA acked, RFC 9113 5.1), a stream depending on itself, a
+  zero or overflowing stream WINDOW_UPDATE, a body whose length disagrees
+  with its content-length (PROTOCOL_ERROR).
   Malformed header blocks are connection errors (GOAWAY PROTOCOL_ERROR), as in
   Envoy's default (``stream_error_on_invalid_http_messaging: false``). The
   rules are RFC 9113 8.2-8.3: empty or uppercase names, whitespace around
