@@ -11,10 +11,14 @@ its own (the rapid-reset clock is injected).
 
 Frames are parsed and built here with ``struct`` (no frame objects, no event
 objects besides the ones handed out, no logging on the hot path); header
-blocks are coded by jh2's native HPACK (the server side decodes with jh2's
-pure-Python decoder, which refuses what RFC 7541 forbids and the native one
-lets through: a table size update after the first field, Huffman padding
-that is not EOS bits). Measured with ``bench/h2_codec_bench.py``.
+blocks are coded by jh2's native HPACK. For untrusted clients (the server
+side) each block it decoded is then checked for what RFC 7541 forbids and the
+native decoder lets through (``_check_block``): a dynamic table size update
+after the first field (4.2), Huffman padding longer than 7 bits or not the
+EOS code's first bits (5.2, checked by re-coding the decoded string, with a
+small cache of strings seen); a block that makes the native decoder panic is
+a COMPRESSION_ERROR like any other bad block. Measured with
+``bench/h2_codec_bench.py``.
 
 Rules this module keeps
 -----------------------
@@ -115,8 +119,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from jh2.hpack import Decoder as _StrictDecoder
 from jh2.hpack.exceptions import HPACKError as _PureHPACKError
+from jh2.hpack.huffman_constants import REQUEST_CODES as _HUFFMAN_CODES
+from jh2.hpack.huffman_constants import REQUEST_CODES_LENGTH as _HUFFMAN_BITS
 from jh2.hpack.exceptions import OversizedHeaderListError as _PureOversized
 
 try:  # jh2's native HPACK (Rust); jh2 itself falls back to its pure-Python one where it does not load
@@ -130,8 +135,8 @@ except ImportError:  # pragma: no cover - platforms without jh2's wheel
     _NativeHPACKError = _PureHPACKError
     _NativeOversized = _PureOversized
 
-# jh2's pure-Python HPACK (the strict decoder below) logs every integer it codes at
-# DEBUG (~60 calls per header block): never worth it here
+# jh2's pure-Python HPACK (loaded where the native one is not) logs every integer it
+# codes at DEBUG (~60 calls per header block): never worth it here
 logging.getLogger("jh2.hpack.hpack").disabled = True
 
 from .events import (
@@ -374,6 +379,92 @@ _GONE_MAX = 512  # closed streams remembered per connection (oldest forgotten fi
 _CONN_WINDOW_DEFAULT = 65535
 
 
+# ---------------------------------------------------------------- HPACK, strictly
+class _BadBlock(Exception):
+    """A header block RFC 7541 forbids that jh2's native decoder decoded anyway."""
+
+
+_HUFFMAN_OK: dict[bytes, bytes] = {}  # Huffman-coded strings already checked -> what they decode to
+_HUFFMAN_OK_MAX = 4096  # entries, each of strings up to _HUFFMAN_OK_LEN bytes: ~1 MB at most
+_HUFFMAN_OK_LEN = 64
+
+
+def _hpack_int(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 5.1) at ``pos`` with a ``prefix``-bit prefix: (value, next pos)."""
+    mask = (1 << prefix) - 1
+    value = block[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    while True:
+        if pos >= len(block) or shift > 28:
+            raise _BadBlock("integer past the end of the block or too large")
+        b = block[pos]
+        pos += 1
+        value += (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _hpack_string(block: bytes, pos: int, decoded: bytes) -> int:
+    """Check one string literal (RFC 7541 5.2) against what the decoder made of it: a
+    Huffman-coded one must be the canonical code of ``decoded``, padded with at most 7
+    one bits (a longer or other padding, or EOS, codes something else)."""
+    huffman = block[pos] & 0x80
+    length, pos = _hpack_int(block, pos, 7)
+    end = pos + length
+    if huffman:
+        coded = block[pos:end]
+        if _HUFFMAN_OK.get(coded) != decoded:
+            acc = 0
+            bits = 0
+            codes, widths = _HUFFMAN_CODES, _HUFFMAN_BITS
+            for c in decoded:
+                acc = (acc << widths[c]) | codes[c]
+                bits += widths[c]
+            pad = -bits % 8
+            acc = (acc << pad) | ((1 << pad) - 1)
+            if acc.to_bytes((bits + pad) // 8, "big") != coded:
+                raise _BadBlock("Huffman-coded string with bad padding or EOS")
+            if length <= _HUFFMAN_OK_LEN and len(_HUFFMAN_OK) < _HUFFMAN_OK_MAX:
+                _HUFFMAN_OK[coded] = decoded
+    return end
+
+
+def _check_block(block: bytes, fields: list[Any]) -> None:
+    """What jh2's native decoder lets through and RFC 7541 forbids, in a block it decoded
+    into ``fields``: a dynamic table size update after the first field (4.2), Huffman
+    padding that is not the EOS code's first bits, or longer than 7 bits (5.2)."""
+    pos = 0
+    end = len(block)
+    i = 0
+    while pos < end:
+        b = block[pos]
+        if b & 0x80:  # indexed field
+            _, pos = _hpack_int(block, pos, 7)
+            i += 1
+            continue
+        if b & 0xE0 == 0x20:  # dynamic table size update
+            if i:
+                raise _BadBlock("dynamic table size update after a header field")
+            _, pos = _hpack_int(block, pos, 5)
+            continue
+        index, pos = _hpack_int(block, pos, 6 if b & 0x40 else 4)
+        if i >= len(fields) or pos >= end:
+            raise _BadBlock("literal past the end of the block")
+        name, value = fields[i][0], fields[i][1]
+        if not index:
+            pos = _hpack_string(block, pos, name)
+            if pos >= end:
+                raise _BadBlock("literal past the end of the block")
+        pos = _hpack_string(block, pos, value)
+        i += 1
+    if i != len(fields) or pos != end:
+        raise _BadBlock("header block and decoded fields disagree")
+
+
 class _ConnectionError(Exception):
     """A connection error found while reading frames: GOAWAY(code) and the connection ends."""
 
@@ -414,12 +505,7 @@ class _Endpoint:
         self._limits = limits
         self._now = now or time.monotonic
         self._enc = _Encoder()
-        dec: Any
-        if self._client_side:
-            dec = _Decoder()
-        else:
-            # untrusted clients: the strict (pure-Python) decoder, see the module docstring
-            dec = _StrictDecoder()
+        dec = _Decoder()
         dec.max_allowed_table_size = 4096  # what we advertise (SETTINGS_HEADER_TABLE_SIZE)
         # HPACK aborts (fatally) only far above the limit; the limit itself is stream-level
         dec.max_header_list_size = 2 * limits.max_header_list_size
@@ -798,6 +884,10 @@ class _Endpoint:
     def _decode(self, block: bytes) -> list[Any]:
         try:
             fields: list[Any] = self._dec.decode(block, raw=True)
+            if not self._client_side:  # untrusted clients: RFC 7541's rules the native decoder skips
+                _check_block(block, fields)
+        except _BadBlock as exc:
+            raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
         except (_NativeOversized, _PureOversized) as exc:
             raise _ConnectionError(ENHANCE_YOUR_CALM, f"oversized header block: {exc}") from exc
         except (_NativeHPACKError, _PureHPACKError, IndexError, TypeError, ValueError, UnicodeDecodeError) as exc:

@@ -351,3 +351,31 @@ def test_random_frames_end_in_events_or_protocol_error_never_another_exception()
                 codec.data_to_send()
         except ProtocolError:
             assert codec.closed and of_type(codec.data_to_send(), GoAwayFrame)
+
+
+# ---------------------------------------------------------------- HPACK rules (RFC 7541) for untrusted clients
+def _huffman_request(value: str) -> tuple[bytes, int]:
+    """A request block whose last field's value is Huffman-coded: (block, padding bits)."""
+    from hpack.huffman_constants import REQUEST_CODES_LENGTH
+
+    block = Encoder().encode(REQUEST + [("x-v", value)], huffman=True)
+    return block, -sum(REQUEST_CODES_LENGTH[c] for c in value.encode()) % 8
+
+
+def test_huffman_padding_longer_than_7_bits_or_not_ones_is_a_compression_error():
+    block, pad = _huffman_request("www.example.com")
+    assert pad and block[-13] == 0x80 | 12  # the value: 12 Huffman-coded bytes
+    (head,) = server().feed(HeadersFrame(1, block, flags=["END_HEADERS"]).serialize())
+    assert head.headers == [("x-v", "www.example.com")]
+    too_long = block[:-13] + bytes([0x80 | 13]) + block[-12:] + b"\xff"
+    fatal(server(), HeadersFrame(1, too_long, flags=["END_HEADERS"]).serialize(), 0x9)
+    zeros = block[:-1] + bytes([block[-1] & ~((1 << pad) - 1) & 0xFF])
+    fatal(server(), HeadersFrame(1, zeros, flags=["END_HEADERS"]).serialize(), 0x9)
+
+
+def test_a_table_size_update_after_the_first_field_is_a_compression_error():
+    block = Encoder().encode(REQUEST)
+    first = server()
+    (head,) = first.feed(HeadersFrame(1, b"\x3f\xe1\x1f" + block, flags=["END_HEADERS"]).serialize())
+    assert head.path == "/"  # at the start of a block: allowed (RFC 7541 4.2)
+    fatal(server(), HeadersFrame(1, block[:1] + b"\x3f\xe1\x1f" + block[1:], flags=["END_HEADERS"]).serialize(), 0x9)
