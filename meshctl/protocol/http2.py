@@ -11,14 +11,16 @@ its own (the rapid-reset clock is injected).
 
 Frames are parsed and built here with ``struct`` (no frame objects, no event
 objects besides the ones handed out, no logging on the hot path); header
-blocks are coded by jh2's native HPACK. For untrusted clients (the server
-side) each block it decoded is then checked for what RFC 7541 forbids and the
-native decoder lets through (``_check_block``): a dynamic table size update
-after the first field (4.2), Huffman padding longer than 7 bits or not the
-EOS code's first bits (5.2, checked by re-coding the decoded string, with a
-small cache of strings seen); a block that makes the native decoder panic is
-a COMPRESSION_ERROR like any other bad block. Measured with
-``bench/h2_codec_bench.py``.
+blocks are coded by jh2's native HPACK. Every block's structure is read
+first (``_walk_block``): the native decoder panics on a representation cut
+off by the end of the block, and Rust prints each panic to stderr, so a peer
+could write to our stderr at will; such a block, and a dynamic table size
+update after the first field (RFC 7541 4.2), is a COMPRESSION_ERROR before
+the decoder sees it. For untrusted clients (the server side) each decoded
+block is then checked for Huffman padding longer than 7 bits or not the EOS
+code's first bits (5.2, ``_check_huffman``: the decoded string re-coded, with
+a small cache of strings seen). A panic all the same is a COMPRESSION_ERROR
+like any other bad block. Measured with ``bench/h2_codec_bench.py``.
 
 Rules this module keeps
 -----------------------
@@ -433,13 +435,28 @@ def _hpack_string(block: bytes, pos: int, decoded: bytes) -> int:
     return end
 
 
-def _check_block(block: bytes, fields: list[Any]) -> None:
-    """What jh2's native decoder lets through and RFC 7541 forbids, in a block it decoded
-    into ``fields``: a dynamic table size update after the first field (4.2), Huffman
-    padding that is not the EOS code's first bits, or longer than 7 bits (5.2)."""
+def _skip_string(block: bytes, pos: int) -> int:
+    """Past one string literal (RFC 7541 5.2) at ``pos``, which must end inside the block."""
+    if pos >= len(block):
+        raise _BadBlock("literal past the end of the block")
+    length, pos = _hpack_int(block, pos, 7)
+    pos += length
+    if pos > len(block):
+        raise _BadBlock("literal past the end of the block")
+    return pos
+
+
+def _walk_block(block: bytes) -> tuple[int, list[tuple[int, int, int]]]:
+    """A header block's structure, read before jh2's native decoder sees it: that
+    decoder panics (Rust prints to stderr, per block) on a representation or string
+    cut off by the end of the block, so a peer could write to our stderr at will.
+    Refuses those, and a dynamic table size update after a field (RFC 7541 4.2).
+    Returns the number of fields and each Huffman-coded string as (field index,
+    0 name / 1 value, position), for ``_check_huffman`` once decoded."""
     pos = 0
     end = len(block)
     i = 0
+    huffman: list[tuple[int, int, int]] = []
     while pos < end:
         b = block[pos]
         if b & 0x80:  # indexed field
@@ -452,17 +469,25 @@ def _check_block(block: bytes, fields: list[Any]) -> None:
             _, pos = _hpack_int(block, pos, 5)
             continue
         index, pos = _hpack_int(block, pos, 6 if b & 0x40 else 4)
-        if i >= len(fields) or pos >= end:
-            raise _BadBlock("literal past the end of the block")
-        name, value = fields[i][0], fields[i][1]
         if not index:
-            pos = _hpack_string(block, pos, name)
-            if pos >= end:
-                raise _BadBlock("literal past the end of the block")
-        pos = _hpack_string(block, pos, value)
+            if pos < end and block[pos] & 0x80:
+                huffman.append((i, 0, pos))
+            pos = _skip_string(block, pos)
+        if pos < end and block[pos] & 0x80:
+            huffman.append((i, 1, pos))
+        pos = _skip_string(block, pos)
         i += 1
-    if i != len(fields) or pos != end:
+    return i, huffman
+
+
+def _check_huffman(n: int, huffman: list[tuple[int, int, int]], block: bytes, fields: list[Any]) -> None:
+    """What jh2's native decoder lets through and RFC 7541 forbids, in a block it decoded
+    into ``fields`` (``n`` and ``huffman`` from ``_walk_block``): Huffman padding that is
+    not the EOS code's first bits, or longer than 7 bits (5.2)."""
+    if n != len(fields):
         raise _BadBlock("header block and decoded fields disagree")
+    for i, which, pos in huffman:
+        _hpack_string(block, pos, fields[i][which])
 
 
 class _ConnectionError(Exception):
@@ -883,9 +908,10 @@ class _Endpoint:
 
     def _decode(self, block: bytes) -> list[Any]:
         try:
+            n, huffman = _walk_block(block)
             fields: list[Any] = self._dec.decode(block, raw=True)
             if not self._client_side:  # untrusted clients: RFC 7541's rules the native decoder skips
-                _check_block(block, fields)
+                _check_huffman(n, huffman, block, fields)
         except _BadBlock as exc:
             raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
         except (_NativeOversized, _PureOversized) as exc:
