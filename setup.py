@@ -36,8 +36,10 @@ COMPILED = [
     "meshctl/core/outlier.py",
     "meshctl/core/pathnorm.py",
     "meshctl/core/ratelimit.py",
+    "meshctl/protocol/events.py",  # the base of http2's H2Reset: a native class needs native bases
     "meshctl/protocol/headers.py",
     "meshctl/protocol/http1.py",
+    "meshctl/protocol/http2.py",
     "meshctl/proxy/errors.py",
     "meshctl/proxy/forward.py",
     "meshctl/proxy/h1upstream.py",

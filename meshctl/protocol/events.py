@@ -11,12 +11,27 @@ never appear here: they are carried by the fields of the head events.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
+from typing import Final
 
 from ..model.base import HeaderList as HeaderList  # re-exported (defined in model/: core/ uses it too)
 
 
-@dataclass(slots=True)
+def _probe() -> None:
+    pass
+
+
+# The event classes have __slots__ in the pure-Python build: without them each event
+# carries a __dict__ (measured on 3.11: RequestHead 120 -> 168 bytes, Data 48 -> 88) and
+# takes misspelt attributes. mypyc compiles this module too (setup.py); a native class is
+# a fixed C struct already and may not have __slots__, so there the options are empty.
+# A compiled function is not a Python function object: _probe tells the builds apart.
+# (Passed as **: mypy's dataclass plugin only reads literal True/False keywords.)
+DATACLASS_SLOTS: Final[dict[str, bool]] = {"slots": True} if isinstance(_probe, types.FunctionType) else {}
+
+
+@dataclass(**DATACLASS_SLOTS)
 class RequestHead:
     method: str
     target: str  # as sent: origin-form "/a?b", absolute-form "http://h/a", authority-form for CONNECT
@@ -31,7 +46,7 @@ class RequestHead:
     stream_id: int = 0  # HTTP/2 stream; 0 for HTTP/1
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class ResponseHead:
     status: int
     headers: HeaderList
@@ -41,19 +56,19 @@ class ResponseHead:
     stream_id: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class Data:
     data: bytes
     stream_id: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class EndOfMessage:
     trailers: HeaderList = field(default_factory=list)
     stream_id: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class Reset:
     """The peer abandoned the message (RST_STREAM, or a connection closed mid-body)."""
 
@@ -61,7 +76,7 @@ class Reset:
     stream_id: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class Upgraded:
     """After a 101 (or a 2xx to CONNECT) the connection carries opaque bytes.
 

@@ -142,6 +142,7 @@ except ImportError:  # pragma: no cover - platforms without jh2's wheel
 logging.getLogger("jh2.hpack.hpack").disabled = True
 
 from .events import (
+    DATACLASS_SLOTS,
     Data,
     EndOfMessage,
     Event,
@@ -259,7 +260,7 @@ def _malformed_block(pseudo: dict[bytes, bytes], host: bytes | None, kind: int) 
 
 
 # ---------------------------------------------------------------- events
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class GoAway:
     """The peer sent GOAWAY: no new streams on this connection. Streams up to
     ``last_stream_id`` may still complete; later ones were not processed."""
@@ -269,7 +270,7 @@ class GoAway:
     debug: bytes = b""
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class WindowUpdated:
     """A stream that had no send window (or queued data) can take more data now."""
 
@@ -286,7 +287,7 @@ _CODE_NAMES = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERR
                "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED")
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class H2Reset(Reset):
     """A Reset with the HTTP/2 error code (0 when the codec reset the stream itself)."""
 
@@ -907,24 +908,26 @@ class _Endpoint:
             self._on_header_block(sid, self._hb_end_stream, block, self._hb_self_dep, events)
 
     def _decode(self, block: bytes) -> list[Any]:
+        # one exception name per clause below: compiled by mypyc, a name shared by the
+        # clauses gets the first clause's type (_BadBlock) and the others fail a type check
         try:
             n, huffman = _walk_block(block)
             fields: list[Any] = self._dec.decode(block, raw=True)
             if not self._client_side:  # untrusted clients: RFC 7541's rules the native decoder skips
                 _check_huffman(n, huffman, block, fields)
-        except _BadBlock as exc:
-            raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
-        except (_NativeOversized, _PureOversized) as exc:
-            raise _ConnectionError(ENHANCE_YOUR_CALM, f"oversized header block: {exc}") from exc
+        except _BadBlock as bad:
+            raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {bad}") from bad
+        except (_NativeOversized, _PureOversized) as oversized:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"oversized header block: {oversized}") from oversized
         except (_NativeHPACKError, _PureHPACKError, IndexError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
-        except BaseException as exc:
+        except BaseException as panic:
             # jh2's native decoder panics on some malformed blocks (an index into an empty
             # buffer); pyo3 raises that as PanicException, a BaseException: a peer's bytes
             # must not get past the codec's ProtocolError
-            if type(exc).__name__ != "PanicException":
+            if type(panic).__name__ != "PanicException":
                 raise
-            raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {exc}") from exc
+            raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {panic}") from panic
         return fields
 
     def _on_header_block(self, sid: int, end_stream: bool, block: bytes, self_dep: bool,

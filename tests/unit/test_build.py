@@ -32,3 +32,24 @@ def test_the_flag_tells_what_was_actually_imported():
         assert native == (name in build.COMPILED_MODULES), name
     assert build.COMPILED == bool(build.COMPILED_MODULES)
     assert ("compiled with mypyc" in build.describe()) == build.COMPILED
+
+
+def test_events_have_a_fixed_layout_in_either_build():
+    # pure Python: dataclasses with __slots__; compiled: native classes (which may not have
+    # __slots__). Either way no per-event __dict__, and a misspelt attribute is an error.
+    from meshctl.protocol import events, http2
+
+    compiled = "meshctl.protocol.events" in build.COMPILED_MODULES
+    assert events.DATACLASS_SLOTS == ({} if compiled else {"slots": True})
+    samples = [events.RequestHead("GET", "/", []), events.ResponseHead(200, []), events.Data(b"x", 1),
+               events.EndOfMessage(), events.Reset("gone", 3), events.Upgraded(b""),
+               http2.H2Reset("refused", 5, http2.REFUSED_STREAM), http2.GoAway(7), http2.WindowUpdated(1)]
+    for ev in samples:
+        assert not hasattr(ev, "__dict__"), type(ev).__name__
+        try:
+            setattr(ev, "stram_id", 1)
+        except AttributeError:
+            pass
+        else:
+            raise AssertionError(f"{type(ev).__name__} took an attribute it does not have")
+    assert http2.H2Reset("refused", 5, http2.REFUSED_STREAM).refused
