@@ -74,7 +74,7 @@ def _ext_modules() -> list:
 
     print(f"meshctl: compiling {len(COMPILED)} modules with mypyc", file=sys.stderr)
     # --no-warn-unused-configs: mypyc reads pyproject's [tool.mypy] (written for the whole
-    # tree) and fails the build on any message, notes included; for the 9 modules it
+    # tree) and fails the build on any message, notes included; for the few modules it
     # compiles most of those sections are unused.
     return mypycify(["--ignore-missing-imports", "--follow-imports=silent", "--no-warn-unused-configs", *COMPILED],
                     opt_level="3", group_name="meshctl")
