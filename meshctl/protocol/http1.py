@@ -511,7 +511,8 @@ class H1Server(_HeadCollector):
     def on_message_begin(self) -> None:
         # inlined _HeadCollector.on_message_begin: this runs once per request
         self._raw = []
-        self._rx = _go(_SERVER_RX, self._rx, E_BEGIN, "request")
+        rx = self._rx
+        self._rx = HEAD if rx == IDLE else _go(_SERVER_RX, rx, E_BEGIN, "request")  # (the common pair inline)
         self._msg_seq += 1
         self._url = b""
 
@@ -579,12 +580,14 @@ class H1Server(_HeadCollector):
             expect is not None and expect.lower() == "100-continue",
             upgrade,
         )
-        self._rx = _go(_SERVER_RX, self._rx, E_HEAD_DONE, "request")
+        rx = self._rx
+        self._rx = BODY if rx == HEAD else _go(_SERVER_RX, rx, E_HEAD_DONE, "request")
         self._events.append(head)
         self._pending.append(_Exchange(method, version, keep_alive, upgrade))
 
     def on_message_complete(self) -> None:
-        self._rx = _go(_SERVER_RX, self._rx, E_COMPLETE, "request")
+        rx = self._rx
+        self._rx = IDLE if rx == BODY else _go(_SERVER_RX, rx, E_COMPLETE, "request")
         if self._body_after_upgrade is not None and not self._silent:
             # llhttp skipped the body of an Upgrade request; it is parsed next
             return
@@ -791,7 +794,11 @@ class H1Server(_HeadCollector):
         parts.append("\r\n")
         out = _serialize_fields(parts, "response head")
         self._resp = ex
-        self._tx = _go(_SERVER_TX, self._tx, E_SEND_SWITCH if switching else E_SEND, "response")
+        tx = self._tx
+        if not switching and (tx == WAIT or tx == DONE):
+            self._tx = BODY  # (the common pair inline)
+        else:
+            self._tx = _go(_SERVER_TX, tx, E_SEND_SWITCH if switching else E_SEND, "response")
         self._framing = framing
         self._resp_keep = keep
         if not keep:
@@ -830,7 +837,8 @@ class H1Server(_HeadCollector):
 
     def _finish(self, ex: _Exchange) -> None:
         self._resp = None
-        self._tx = _go(_SERVER_TX, self._tx, E_END, "response")
+        tx = self._tx
+        self._tx = DONE if tx == BODY else _go(_SERVER_TX, tx, E_END, "response")
         self._framing = _NONE
         if self._pending and self._pending[0] is ex:
             self._pending.popleft()
@@ -974,8 +982,12 @@ class H1Client(_HeadCollector):
                 out += _LAST_CHUNK
             elif framing == _LENGTH and self._remaining:
                 raise ValueError("end_stream=True with a non-zero content-length")
-        self._tx = _go(_CLIENT_TX, self._tx, E_SEND_ALL if end_stream else E_SEND, "request")
-        self._rx = _go(_CLIENT_RX, self._rx, E_REQUEST, "upstream response")
+        tx, rx = self._tx, self._rx
+        if tx == IDLE:  # (the common pairs inline)
+            self._tx = DONE if end_stream else BODY
+        else:
+            self._tx = _go(_CLIENT_TX, tx, E_SEND_ALL if end_stream else E_SEND, "request")
+        self._rx = AWAIT if rx == IDLE else _go(_CLIENT_RX, rx, E_REQUEST, "upstream response")
         return out
 
     def data(self, data: bytes) -> bytes:
@@ -1012,7 +1024,7 @@ class H1Client(_HeadCollector):
             raise ProtocolError("upstream sent a response with no request outstanding", 502)
         # inlined _HeadCollector.on_message_begin: this runs once per response
         self._raw = []
-        self._rx = _go(_CLIENT_RX, AWAIT, E_BEGIN, "upstream response")
+        self._rx = HEAD  # (AWAIT, BEGIN) -> HEAD
         self._msg_seq += 1
         self._reason = b""
 
@@ -1020,7 +1032,8 @@ class H1Client(_HeadCollector):
         self._reason += reason
 
     def on_headers_complete(self) -> None:
-        self._rx = _go(_CLIENT_RX, self._rx, E_HEAD_DONE, "upstream response")
+        rx = self._rx
+        self._rx = BODY if rx == HEAD else _go(_CLIENT_RX, rx, E_HEAD_DONE, "upstream response")
         self._head_carry = 0
         p = self._parser
         headers, first = self._take_head(len(self._reason) + 16)
@@ -1056,7 +1069,8 @@ class H1Client(_HeadCollector):
         self._final_done()
 
     def _final_done(self) -> None:
-        self._rx = _go(_CLIENT_RX, self._rx, E_FINAL, "upstream response")
+        rx = self._rx
+        self._rx = DONE if rx == BODY else _go(_CLIENT_RX, rx, E_FINAL, "upstream response")
         self._events.append(EndOfMessage(self._take_trailers() if self._raw else []))
         if not self._resp_keep:
             self._rx = _go(_CLIENT_RX, self._rx, E_CLOSE, "upstream response")
@@ -1185,9 +1199,14 @@ class H1Client(_HeadCollector):
         """Make the codec ready for the next request on a kept-alive connection."""
         if not self.keep_alive:
             raise RuntimeError("this connection cannot carry another request")
+        self.next_exchange()
+
+    def next_exchange(self) -> None:
+        """``reset_for_next`` for a caller that has just seen ``keep_alive`` True."""
         self._method = None
-        self._tx = _go(_CLIENT_TX, self._tx, E_RESET, "request")
-        self._rx = _go(_CLIENT_RX, self._rx, E_RESET, "upstream response")
+        tx, rx = self._tx, self._rx
+        self._tx = IDLE if tx == DONE else _go(_CLIENT_TX, tx, E_RESET, "request")
+        self._rx = IDLE if rx == DONE else _go(_CLIENT_RX, rx, E_RESET, "upstream response")
         self._head_only = False
         self._status = 0
         self._close_delimited = False
