@@ -25,7 +25,7 @@ import trio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
 from ..protocol.headers import strip_hop_by_hop
 from . import stats as F
-from .errors import DownstreamGone, PeerGone, send_all
+from .errors import STREAM_ERRORS, DownstreamGone, PeerGone, send_all
 from .forward import RELAYED, STALE, Attempt, Failed, Retried, TryResult
 from .identity import upstream_tls
 from .pool import UpstreamConn, UpstreamPool
@@ -64,7 +64,10 @@ class H1Exchange:
                 return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {dns_err}")
         try:
             if a.deadline == math.inf:  # no perTryTimeout: no cancel scope to set up (hot path)
-                conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
+                if pool is self.rt.pool:  # a warm connection without a coroutine (the common case)
+                    conn = pool.reuse(address, ep.port, tls)
+                if conn is None:
+                    conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
             else:
                 with trio.move_on_at(a.deadline):
                     conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
@@ -93,8 +96,8 @@ class H1Exchange:
                         parts.append(client.end(body.trailers))
                     out = b"".join(parts)
                 try:
-                    await send_all(stream, out)
-                except PeerGone:
+                    await stream.send_all(out)
+                except STREAM_ERRORS:
                     pass  # the response read below reports the reset
                 result = await self._respond(a, conn)
                 ok = result is RELAYED and client.keep_alive
@@ -171,11 +174,15 @@ class H1Exchange:
             failure.append(bad)
             cancel.cancel()
 
-    async def _read_head(self, rq: Request, conn: UpstreamConn) -> ResponseHead | None:
-        """The final response head (1xx are relayed to the client); None on reset/EOF."""
+    async def _read_head(self, rq: Request, conn: UpstreamConn, first: object = None) -> ResponseHead | None:
+        """The final response head (1xx are relayed to the client); None on reset/EOF.
+        ``first``: an event already read (from ``_respond``), else None."""
         reader = conn.reader
         while True:
-            ev = await reader.next()
+            if first is not None:
+                ev, first = first, None
+            else:
+                ev = await reader.next()
             if type(ev) is ResponseHead:
                 st = ev.status
                 if 100 <= st < 200 and st != 101:
@@ -192,7 +199,13 @@ class H1Exchange:
         timed_out = False
         try:
             if a.deadline == math.inf:
-                head = await self._read_head(rq, conn)
+                ev = await conn.reader.next()
+                if type(ev) is ResponseHead and (ev.status >= 200 or ev.status == 101):
+                    head = ev  # a final head at once (the common case: no _read_head coroutine)
+                elif ev is None:
+                    head = None
+                else:
+                    head = await self._read_head(rq, conn, ev)
             else:
                 with trio.move_on_at(a.deadline) as scope:
                     head = await self._read_head(rq, conn)
@@ -260,7 +273,10 @@ class H1Exchange:
                     await rq.send_down(b"".join(out))
                 conn.stream.close_now()
                 return
-        await rq.send_down(b"".join(out))
+        try:  # (Request.send_down inlined: one coroutine less per response)
+            await rq.down.send_all(b"".join(out))
+        except STREAM_ERRORS as exc:
+            raise DownstreamGone(str(exc)) from None
         if not server.keep_alive:
             rq.keep_alive = False
 

@@ -131,8 +131,8 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                     rq.body_done = True
                 try:
                     reply = None
-                    for stage in active_listener.chain_for(snap):
-                        reply = await stage.on_request(rq)
+                    for decide, stage in active_listener.steps_for(snap):
+                        reply = decide(rq) if decide is not None else await stage.on_request(rq)
                         if reply is not None:
                             break
                     if reply is not None:

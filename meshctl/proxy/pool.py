@@ -116,20 +116,10 @@ class UpstreamPool:
         connections to one address never mix.
         Raises UpstreamConnectError (including on connect timeout and on a
         failed TLS handshake or peer identity check)."""
+        conn = self.reuse(address, port, tls)
+        if conn is not None:
+            return conn
         key = (address, port) if tls is None else (address, port, tls.key)
-        idle = self.idle.get(key)
-        if idle:
-            now = trio.current_time()
-            while idle:
-                conn = idle.pop()
-                age = now - conn.idle_since
-                # a connection idle for a moment is taken as is (a stale one is
-                # retried once for idempotent requests, see http.Forwarder);
-                # an older one costs one MSG_PEEK syscall to check
-                if age < self.idle_timeout and (age < PEEK_AFTER or self.backend.is_alive(conn.stream)):
-                    conn.reused = True
-                    return conn
-                self._close(conn)
         with trio.move_on_after(connect_timeout):
             try:
                 stream = await self.backend.connect(address, port)
@@ -149,15 +139,36 @@ class UpstreamPool:
         stats.cx_connect_fail += 1
         raise UpstreamConnectError(address, port, f"timed out after {connect_timeout:g}s")
 
+    def reuse(self, address: str, port: int, tls=None) -> UpstreamConn | None:
+        """A pooled idle connection that is (as far as is known) alive, else None;
+        never waits (``acquire`` without the connect: the forwarder's common case)."""
+        idle = self.idle.get((address, port) if tls is None else (address, port, tls.key))
+        if idle:
+            now = trio.current_time()
+            while idle:
+                conn = idle.pop()
+                age = now - conn.idle_since
+                # a connection idle for a moment is taken as is (a stale one is
+                # retried once for idempotent requests, see forward.py);
+                # an older one costs one MSG_PEEK syscall to check
+                if age < self.idle_timeout and (age < PEEK_AFTER or self.backend.is_alive(conn.stream)):
+                    conn.reused = True
+                    return conn
+                self._close(conn)
+        return None
+
     def release(self, conn: UpstreamConn) -> None:
         """Give back a connection whose exchange completed with keep-alive."""
         client = conn.client
-        if conn.stream.closed or not client.keep_alive or conn.reader.pos < len(conn.reader.events):
+        reader = conn.reader
+        if conn.stream.closed or not client.keep_alive or reader.pos < len(reader.events):
             self._close(conn)
             return
-        client.reset_for_next()
-        idle = self.idle.setdefault(conn.key, [])
-        if len(idle) >= self.max_idle:
+        client.next_exchange()  # (reset_for_next without checking keep_alive again)
+        idle = self.idle.get(conn.key)
+        if idle is None:
+            idle = self.idle[conn.key] = []
+        elif len(idle) >= self.max_idle:
             self._close(conn)
             return
         conn.idle_since = trio.current_time()

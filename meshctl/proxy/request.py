@@ -168,6 +168,10 @@ class KeptResponse:
 
 
 class Stage(Protocol):
+    """A stage of the chain (stages.py). One that never waits may also have a
+    synchronous ``decide(rq)`` with the same result as ``on_request``: the HTTP/1.1
+    loop calls it directly (no coroutine per stage and request)."""
+
     name: str
 
     async def on_request(self, rq: Request) -> LocalReply | None: ...

@@ -90,7 +90,7 @@ class ConfigRejected(Exception):
 
 
 class ActiveListener:
-    __slots__ = ("spec", "sock", "chain", "chain_snap", "scope", "handler", "active", "overload")
+    __slots__ = ("spec", "sock", "chain", "steps", "chain_snap", "scope", "handler", "active", "overload")
 
     def __init__(self, spec: Listener, sock: BackendListener, snap: Snapshot) -> None:
         self.sock = sock  # the backend's listener
@@ -103,8 +103,7 @@ class ActiveListener:
         """New connections use the new spec; open ones keep what they started with.
         The chain: the stages ``snap`` uses (stages.default_chain)."""
         self.spec = spec
-        self.chain = default_chain(spec, snap)
-        self.chain_snap = snap
+        self._set_chain(default_chain(spec, snap), snap)
         self.handler = serve_tcp_connection if spec.protocol == "tcp" else serve_http_connection
 
     def chain_for(self, snap: Snapshot) -> tuple[Stage, ...]:
@@ -112,9 +111,20 @@ class ActiveListener:
         is not the one the chain was built for: a connection of a listener that a
         later config removed or moved still serves under the newest snapshot)."""
         if self.chain_snap is not snap:
-            self.chain = default_chain(self.spec, snap)
-            self.chain_snap = snap
+            self._set_chain(default_chain(self.spec, snap), snap)
         return self.chain
+
+    def steps_for(self, snap: Snapshot) -> tuple[tuple[Callable[[Any], Any] | None, Stage], ...]:
+        """``chain_for(snap)`` as (``decide`` or None, stage) pairs: a stage with a
+        synchronous ``decide`` is run without a coroutine (request.Stage)."""
+        if self.chain_snap is not snap:
+            self._set_chain(default_chain(self.spec, snap), snap)
+        return self.steps
+
+    def _set_chain(self, chain: tuple[Stage, ...], snap: Snapshot) -> None:
+        self.chain = chain
+        self.steps = tuple((getattr(st, "decide", None), st) for st in chain)
+        self.chain_snap = snap
 
     @property
     def bound_port(self) -> int:

@@ -56,6 +56,9 @@ class PrepareStage:
     name = "prepare"
 
     async def on_request(self, rq: Request) -> LocalReply | None:
+        return self.decide(rq)
+
+    def decide(self, rq: Request) -> LocalReply | None:
         head = rq.head
         # one normalized path for routing, authorization and the upstream (pathnorm.py)
         try:
@@ -89,6 +92,9 @@ class RouteStage:
     name = "route"
 
     async def on_request(self, rq: Request) -> LocalReply | None:
+        return self.decide(rq)
+
+    def decide(self, rq: Request) -> LocalReply | None:
         lst = rq.listener
         head = rq.head
         snap = rq.snap
@@ -226,6 +232,9 @@ class HttpsRedirectStage:
     name = "https-redirect"
 
     async def on_request(self, rq: Request) -> LocalReply | None:
+        return self.decide(rq)
+
+    def decide(self, rq: Request) -> LocalReply | None:
         hosts = rq.listener.https_redirect
         if not hosts:
             return None
@@ -252,6 +261,9 @@ class InboundTargetStage:
     name = "target"
 
     async def on_request(self, rq: Request) -> LocalReply | None:
+        return self.decide(rq)
+
+    def decide(self, rq: Request) -> LocalReply | None:
         rq.cluster = rq.snap.listener_clusters.get(rq.listener.name)
         return None
 
@@ -260,6 +272,9 @@ class ClusterStage:
     name = "cluster"
 
     async def on_request(self, rq: Request) -> LocalReply | None:
+        return self.decide(rq)
+
+    def decide(self, rq: Request) -> LocalReply | None:
         if rq.cluster is None:
             fwd = rq.forward
             name = fwd.cluster if fwd is not None else binding_cluster_name(rq.listener)
