@@ -141,6 +141,12 @@ class _Avoiding:
         return ep
 
 
+def takes_lone_endpoint(balancer: Balancer) -> bool:
+    """Does ``balancer`` pick a lone endpoint without looking at the request or
+    drawing a random number? (Then a caller may take it without a PickContext.)"""
+    return isinstance(balancer, _Avoiding)
+
+
 class RoundRobin(_Avoiding):
     """Round robin; smooth weighted round robin when weights differ."""
 

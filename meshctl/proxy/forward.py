@@ -155,9 +155,11 @@ class UpstreamExchange(Protocol):
 # ------------------------------------------------------------------ the forwarder
 
 
-def _tried(ctx: PickContext, key: tuple[str, int]) -> PickContext:
+def _tried(ctx: PickContext | None, key: tuple[str, int], rq: Request, path: str, active: Any) -> PickContext:
     """Istio's default retry host predicate (Envoy's previous_hosts): a retry
     avoids the hosts this request already tried, when others are eligible."""
+    if ctx is None:
+        return PickContext(rq.headers, rq.client_ip, path, active, frozenset({key}))
     return PickContext(ctx.headers, ctx.source_ip, ctx.path, ctx.active, ctx.avoid | {key})
 
 
@@ -236,7 +238,7 @@ class Forwarder:
         retries = 0
         rq.stale_ok = True
         rand = rt.rand
-        ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path, active=rt.active)
+        ctx: PickContext | None = None  # made for the first pick that needs it
         outlier = cs.outlier
         limiter = cs.limiter  # connectionPool limits (limits.py), None when the cluster has none
         exchange = self._exchange_for(rq, cs)
@@ -249,7 +251,16 @@ class Forwarder:
                     eps = cs.candidates(trio.current_time(), rand, prios.before_pick() if prios is not None else frozenset())
                 else:
                     eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
-                ep = cs.balancer.pick(eps, ctx, rand) if eps else None
+                ep: Endpoint | None
+                if len(eps) == 1 and cs.lone_pick:
+                    ep = eps[0]  # the balancer would take it without looking (no context to build)
+                elif eps:
+                    if ctx is None:
+                        ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path,
+                                          active=rt.active)
+                    ep = cs.balancer.pick(eps, ctx, rand)
+                else:
+                    ep = None
                 if ep is None:
                     await self._reply(rq, failure_reply(F.UH, 503, cs.name))
                     return
@@ -289,7 +300,7 @@ class Forwarder:
                     await trio.sleep(result.delay)
                     retries += 1
                     cs.stats.rq_retry += 1
-                    ctx = _tried(ctx, key)
+                    ctx = _tried(ctx, key, rq, up_head.path, active)
                     continue
                 assert isinstance(result, Failed)
                 body = rq.body
@@ -299,7 +310,7 @@ class Forwarder:
                     await trio.sleep(verdict.seconds)
                     retries += 1
                     cs.stats.rq_retry += 1
-                    ctx = _tried(ctx, key)
+                    ctx = _tried(ctx, key, rq, up_head.path, active)
                     continue
                 status = 504 if result.flag == F.UT else (502 if result.flag == F.UPE else 503)
                 rq.detail = result.detail

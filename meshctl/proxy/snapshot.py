@@ -15,7 +15,7 @@ import random
 
 from typing import Sequence, cast
 
-from ..core.balance import make_balancer
+from ..core.balance import make_balancer, takes_lone_endpoint
 from ..core.celfilter import parse as parse_cel
 from ..core.jwt import JwtAuthenticator
 from ..core.locality import OFF, LocalityPlan, choose, plan_locality
@@ -35,7 +35,7 @@ def _ep_key(e: Endpoint) -> tuple[str, int]:
 
 class ClusterState:
     __slots__ = ("name", "cluster", "healthy", "balancer", "stats", "outlier", "limiter", "locality", "slow_start",
-                 "shaped", "_observed")
+                 "shaped", "lone_pick", "_observed")
 
     def __init__(self, cluster: Cluster, stats: ClusterStats, outlier: OutlierDetector | None = None,
                  limiter: ClusterLimiter | None = None, caller: Workload | None = None,
@@ -46,6 +46,7 @@ class ClusterState:
         tp = cluster.traffic_policy
         lb = tp.load_balancer if tp is not None else None
         self.balancer = make_balancer(lb)
+        self.lone_pick = takes_lone_endpoint(self.balancer)  # one endpoint: no PickContext needed (forward.py)
         self.stats = stats
         self.outlier = outlier
         self.limiter = limiter  # connectionPool limits (limits.py); None: the shared pool, no limits
