@@ -183,18 +183,9 @@ class Forwarder:
             if rq.listener.direction == "binding":
                 authority = f"{rq.listener.service}:{rq.listener.service_port}"
         headers = [h for h in headers if h[0] != "host"]
-        return RequestHead(
-            method=head.method,
-            target=path,
-            headers=headers,
-            http_version="1.1",
-            scheme="http",
-            authority=authority,
-            path=path,
-            keep_alive=True,
-            expect_continue=head.expect_continue,
-            upgrade=head.upgrade,
-        )
+        # (positional: keyword arguments cost more, once per request)
+        return RequestHead(head.method, path, headers, "1.1", "http", authority, path, True,
+                           head.expect_continue, head.upgrade)
 
     async def run(self, rq: Request) -> None:
         """Forward the request; on return the client has its response (or is gone).

@@ -472,9 +472,19 @@ def finish_request(rq, started: float, now: float, wall_now: float) -> None:
                               (getattr(rq.server, "msgs", None), "response_messages")):
             if counter is not None:
                 setattr(series, attr, getattr(series, attr) + counter.messages)
-    series.duration.observe(duration_ms)
-    series.request_bytes.observe(req_bytes)
-    series.response_bytes.observe(rq.bytes_sent)
+    # Histogram.observe inlined, three times (once per request each)
+    h = series.duration
+    h.counts[bisect_left(h.buckets, duration_ms)] += 1
+    h.sum += duration_ms
+    h.count += 1
+    h = series.request_bytes
+    h.counts[bisect_left(h.buckets, req_bytes)] += 1
+    h.sum += req_bytes
+    h.count += 1
+    h = series.response_bytes
+    h.counts[bisect_left(h.buckets, rq.bytes_sent)] += 1
+    h.sum += rq.bytes_sent
+    h.count += 1
     if rq.trace is not None:  # sampled (proxy/tracing.py)
         trace_finish(rq, labels, duration_ms)
     log = rt.access_log
