@@ -45,6 +45,7 @@ from .leaf import (
     SCHEME,
     LeafFacts,
     check_facts,
+    check_window,
     is_path_segment,
     is_spiffe_id,
     is_trust_domain,
@@ -195,17 +196,7 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
 
 
 def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
-    if now < cert.not_valid_before_utc:
-        raise PeerRejected(
-            f"{what} {describe(cert)} is not valid yet: valid from {cert.not_valid_before_utc.isoformat()}, "
-            f"now is {now.isoformat()} (clock skew?)",
-            "not-yet-valid",
-        )
-    if now > cert.not_valid_after_utc:
-        raise PeerRejected(
-            f"{what} {describe(cert)} expired at {cert.not_valid_after_utc.isoformat()}, now is {now.isoformat()}",
-            "expired",
-        )
+    check_window(describe(cert), cert.not_valid_before_utc, cert.not_valid_after_utc, now, what)
 
 
 def _verify_chain(

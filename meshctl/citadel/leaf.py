@@ -110,18 +110,20 @@ def key_problem(key: tuple[str, object], what: str) -> str | None:
 # ---------------------------------------------------------------- the rules
 
 
-def check_validity(facts: LeafFacts, now: datetime, what: str) -> None:
-    if now < facts.not_before:
+def check_window(name: str, not_before: datetime, not_after: datetime, now: datetime, what: str) -> None:
+    """Rule 1, for any certificate of a chain (``name`` for the message)."""
+    if now < not_before:
         raise PeerRejected(
-            f"{what} {facts.name} is not valid yet: valid from {facts.not_before.isoformat()}, "
+            f"{what} {name} is not valid yet: valid from {not_before.isoformat()}, "
             f"now is {now.isoformat()} (clock skew?)",
             "not-yet-valid",
         )
-    if now > facts.not_after:
-        raise PeerRejected(
-            f"{what} {facts.name} expired at {facts.not_after.isoformat()}, now is {now.isoformat()}",
-            "expired",
-        )
+    if now > not_after:
+        raise PeerRejected(f"{what} {name} expired at {not_after.isoformat()}, now is {now.isoformat()}", "expired")
+
+
+def check_validity(facts: LeafFacts, now: datetime, what: str) -> None:
+    check_window(facts.name, facts.not_before, facts.not_after, now, what)
 
 
 def check_facts(
