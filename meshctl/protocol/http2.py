@@ -491,6 +491,16 @@ def _check_huffman(n: int, huffman: list[tuple[int, int, int]], block: bytes, fi
         _hpack_string(block, pos, fields[i][which])
 
 
+def _window_due(done: int, win: int, mx: int) -> int | None:
+    """One receive window (connection or stream; ``mx`` its full size, ``win`` what is
+    left, ``done`` consumed bytes not yet given back): None to keep counting, else
+    the WINDOW_UPDATE increment to send now (<= 0: none). Due once half the window
+    is consumed, or sooner when the window is exhausted."""
+    if done >= mx >> 1 or (win <= 0 and done > min(1024, mx >> 2)):
+        return min(done, mx - win)
+    return None
+
+
 class _ConnectionError(Exception):
     """A connection error found while reading frames: GOAWAY(code) and the connection ends."""
 
@@ -1243,17 +1253,15 @@ class _Endpoint:
     def _ack_connection(self, n: int) -> None:
         """Give ``n`` consumed bytes back to the connection window (WINDOW_UPDATE once half is used)."""
         done = self._recv_done + n
-        win = self._recv_win
-        mx = self._limits.connection_window
-        if done >= mx >> 1 or (win <= 0 and done > min(1024, mx >> 2)):
-            inc = min(done, mx - win)
-            self._recv_done = 0
-            if inc > 0:
-                self._recv_win = win + inc
-                self._buf += _pack_head(4 << 8 | _WINDOW_UPDATE, 0, 0)
-                self._buf += _U32.pack(inc)
-        else:
+        inc = _window_due(done, self._recv_win, self._limits.connection_window)
+        if inc is None:
             self._recv_done = done
+            return
+        self._recv_done = 0
+        if inc > 0:
+            self._recv_win += inc
+            self._buf += _pack_head(4 << 8 | _WINDOW_UPDATE, 0, 0)
+            self._buf += _U32.pack(inc)
 
     def _ack(self, sid: int, st: _Stream, n: int) -> None:
         """Give ``n`` consumed bytes back to the stream's and the connection's windows."""
@@ -1261,17 +1269,15 @@ class _Endpoint:
         if st.remote_done:
             return
         done = st.recv_done + n
-        win = st.recv_win
-        mx = self._limits.initial_window_size
-        if done >= mx >> 1 or (win <= 0 and done > min(1024, mx >> 2)):
-            inc = min(done, mx - win)
-            st.recv_done = 0
-            if inc > 0:
-                st.recv_win = win + inc
-                self._buf += _pack_head(4 << 8 | _WINDOW_UPDATE, 0, sid)
-                self._buf += _U32.pack(inc)
-        else:
+        inc = _window_due(done, st.recv_win, self._limits.initial_window_size)
+        if inc is None:
             st.recv_done = done
+            return
+        st.recv_done = 0
+        if inc > 0:
+            st.recv_win += inc
+            self._buf += _pack_head(4 << 8 | _WINDOW_UPDATE, 0, sid)
+            self._buf += _U32.pack(inc)
 
     def _remember(self, sid: int, how: int) -> None:
         gone = self._gone
