@@ -11,7 +11,6 @@ from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
-    Frame,
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
@@ -23,20 +22,10 @@ from hyperframe.frame import (
 
 from meshctl.protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead
 from meshctl.protocol.http2 import H2Client, H2Limits, H2Reset, H2Server, WindowUpdated
+from tests.unit.test_http2 import PREFACE, frames
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = 0x1, 0x3, 0x5, 0x6
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", "/")]
-
-
-def frames(data: bytes) -> list[Frame]:
-    out = []
-    while data:
-        f, length = Frame.parse_frame_header(memoryview(data[:9]))
-        f.parse_body(memoryview(data[9 : 9 + length]))
-        out.append(f)
-        data = data[9 + length :]
-    return out
 
 
 def raw(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
