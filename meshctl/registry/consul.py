@@ -28,12 +28,14 @@ servers) the watch publishes nothing new until the agent's own node passes its
 node checks again (``serfHealth``): until the cluster has seen the node rejoin,
 Consul still answers with this node's services failed, and publishing that
 would take the host's own healthy instances out of its routing. The last
-snapshot stays in force meanwhile, at most ``SETTLE_MAX`` seconds. Then, for
-one check TTL, instances of the snapshot from before the failure stay in what
-is published (``keep_held``): an agent that restarted reports the TTL checks it
-restored as critical until their owners pass them again, which every live
-supervisor does within a keep-alive interval. New instances come at once;
-those really gone leave when that TTL is over.
+snapshot stays in force meanwhile, at most ``SETTLE_MAX`` seconds. Then every
+service is asked again (a query still waiting on a Raft leader that was lost may
+hold an answer from before), and for one check TTL instances of the snapshot
+from before the failure stay in what is published (``keep_held``): an agent
+that restarted reports the TTL checks it restored as critical until their owners
+pass them again, which every live supervisor does within a keep-alive interval,
+and an agent cut off from the servers answers with whatever its side last knew.
+New instances come at once; those really gone leave when that TTL is over.
 """
 
 from __future__ import annotations
@@ -120,6 +122,11 @@ class ConsulRegistry(WatchedRegistry):
         self._watch_limiter = trio.CapacityLimiter(128)
         self._watcher = BackgroundWatcher(self.url, self._watch_loop)
         self._closed = False
+
+    @property
+    def agent_is_local(self) -> bool:
+        """The agent is on this host (a loopback URL): it can run checks against this host's loopback ports."""
+        return self.host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
     # -- status for `meshctl status` ----------------------------------------------
 
@@ -294,19 +301,32 @@ class ConsulRegistry(WatchedRegistry):
                 await trio.sleep(0.2)
             if gen != generation:
                 return
+            rewatch()
             settling = False
+            log.info("%s answers again; instances known before the failure stay routable for %gs more", self.url, self.ttl)
             publish()
             await trio.sleep(self.ttl)
             if gen == generation:
                 held = None
+                log.info("%s: routing on what Consul says alone again", self.url)
                 publish()
 
-        def unsettle(nursery: trio.Nursery) -> None:
+        def rewatch() -> None:
+            # Every service is asked again before anything is published: a query that did not
+            # fail may still hang on a lost Raft leader, its last answer older than the failure.
+            for name in names:
+                scopes[name].cancel()
+                health.pop(name, None)
+                scopes[name] = trio.CancelScope()
+                nursery.start_soon(watch_service, name, scopes[name])
+
+        def unsettle(nursery: trio.Nursery, exc: RegistryError) -> None:
             nonlocal settling, held, generation
             if not settling:
                 settling = True
                 if held is None:
                     held = state.snapshot
+                log.warning("%s; routing on the last snapshot until this agent's node passes its checks", exc)
                 generation += 1
                 nursery.start_soon(settle, generation)
 
@@ -323,7 +343,7 @@ class ConsulRegistry(WatchedRegistry):
                         )
                     except RegistryError as exc:
                         state.fail(str(exc))
-                        unsettle(nursery)
+                        unsettle(nursery, exc)
                         index = 0
                         await trio.sleep(svc_backoff.next())
                         continue
@@ -346,7 +366,7 @@ class ConsulRegistry(WatchedRegistry):
                     )
                 except RegistryError as exc:
                     state.fail(str(exc))
-                    unsettle(nursery)
+                    unsettle(nursery, exc)
                     was_down = True
                     index = 0
                     await trio.sleep(backoff.next())
@@ -479,6 +499,7 @@ def registration_payload(
             "HTTP": http_check_url,
             "Interval": _go_duration(http_check_interval),
             "Timeout": _go_duration(min(http_check_interval, 5.0)),
+            "Status": "passing",  # registered once ready: routable at once, not after a first poll
         }
     else:
         check = {

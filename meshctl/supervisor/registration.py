@@ -9,6 +9,16 @@ probe task keeps `status` honest about the registry's reachability and, when it
 comes back, renews (re-registers) every instance at once and retries the
 deregistrations that failed while it was away.
 
+Consul's check. With the agent on this host (a loopback registry URL, the setup
+docs/multi-host.md describes) each instance's check is an HTTP check the agent runs
+itself against its sidecar's (or gateway's) admin ``/ready``, every keep-alive period;
+with a remote agent, which cannot reach that loopback port, it is a TTL check the
+keep-alives pass. The HTTP check keeps healthy instances healthy when the agent's own
+API stalls: while a Raft leader cut off from the other hosts is replaced, the agents
+there answer a TTL pass only once their sync with the lost leader gives up (about 40 s
+measured), TTLs of live instances expired meanwhile, and those instances left every
+host's routing with the host that was really cut off (tests/multihost).
+
 Instance ids. In the embedded registry (one host) an instance is registered under
 its workload name, ``ratings-v1-0``. Consul and Eureka are shared by every host of
 a mesh, and each host's mesh.yaml numbers its instances from 0, so two hosts that
@@ -41,6 +51,7 @@ from ..pilot.compile import (
 )
 from ..registry import Backoff, open_registry, parse_registry_url
 from ..registry.base import Instance, Registry, RegistryError
+from ..registry.consul import ConsulRegistry
 from . import lifecycle
 from .control import ControlPlane
 from .errors import UpError
@@ -128,6 +139,15 @@ class Registrations:
         assert self.registry is not None, "no registry yet: connect() and use_embedded() come first"
         return self.registry
 
+    async def _register(self, inst: Instance, admin_port: int) -> None:
+        """Register ``inst``; with a Consul agent on this host, under an HTTP check of ``admin_port``'s /ready (module doc)."""
+        reg = self._reg()
+        if isinstance(reg, ConsulRegistry) and reg.agent_is_local:
+            await reg.register(inst, http_check_url=f"http://127.0.0.1:{admin_port}/ready",
+                               http_check_interval=self.keepalive_period())
+        else:
+            await reg.register(inst)
+
     def status(self) -> dict[str, Any]:
         reg = self.registry
         return {
@@ -200,7 +220,7 @@ class Registrations:
             if self.ctx.shutting_down or inst.state in (InstancePhase.DRAINING, InstancePhase.STOPPED):
                 return
             try:
-                await self._reg().register(workload_instance(inst.plan, shared=not self.embedded))
+                await self._register(workload_instance(inst.plan, shared=not self.embedded), inst.plan.admin_port)
             except RegistryError as e:
                 inst.state = InstancePhase.STARTING
                 inst.proxy.last_event = f"registration failed: {e}"
@@ -333,7 +353,7 @@ class Registrations:
         try:
             for inst in gateway_instances(g, advertised(self.ctx.spec), shared=not self.embedded):
                 if renewed is None:
-                    await self._reg().register(inst)
+                    await self._register(inst, g.admin_port)
                 else:
                     await self._reg().keep_alive(inst.id)
         except RegistryError as e:

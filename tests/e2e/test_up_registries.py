@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -235,6 +236,32 @@ def test_consul_has_every_sidecar_with_labels_address_and_a_passing_check(consul
 def test_consul_endpoints_route_through_the_mesh(consul_mesh):
     # `up` returned once Pilot saw every instance: routable at once, no waiting.
     assert answers_only(consul_mesh["outbound"], "http://hello:9080/", {"v1", "v2"})
+
+
+@pytest.mark.consul
+def test_consul_runs_each_sidecars_check_so_a_stalled_supervisor_leaves_its_instances_routable(consul_mesh, consul_agent):
+    """The local agent polls each sidecar's admin /ready itself: instances stay healthy while the
+    supervisor (or the agent's own API, when its Raft leader is lost) cannot renew anything."""
+    st = consul_mesh["status"]
+    with local_http() as c:
+        checks = c.get(f"{consul_agent.http}/v1/agent/checks").json()
+    for w in st["workloads"]:
+        (check,) = [ch for ch in checks.values() if ch["ServiceID"] == w["registry_id"]]
+        assert check["Type"] == "http" and f"http://127.0.0.1:{w['admin_address'].rsplit(':', 1)[1]}/ready" in check["Output"]
+
+    def passing() -> int:
+        with local_http() as c:
+            return len(c.get(f"{consul_agent.http}/v1/health/service/hello", params={"passing": "1"}).json())
+
+    assert passing() == 2
+    supervisor = json.loads((consul_mesh["dir"] / ".meshctl" / "status.json").read_text())["pid"]
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        time.sleep(13)  # longer than a TTL check's 10 s: nothing renews meanwhile
+        assert passing() == 2
+        assert answers_only(consul_mesh["outbound"], "http://hello:9080/", {"v1", "v2"})
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
 
 
 @pytest.mark.consul

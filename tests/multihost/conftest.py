@@ -39,8 +39,17 @@ class Mesh:
     def wait_routable(self, via: int, service: str, addresses: set[str], timeout: float = 60) -> None:
         """Host ``via``'s Pilot has endpoints of ``service`` on exactly the hosts ``addresses``."""
         host = self.hosts[via]
-        wait_for(f"host {via}'s Pilot to route {service} to {sorted(addresses)}",
-                 lambda: {e.rsplit(':', 1)[0] for e in host.endpoints(service)} == addresses, timeout, 0.2)
+        seen: list[set[str]] = []
+
+        def routed() -> bool:
+            seen.append({e.rsplit(':', 1)[0] for e in host.endpoints(service)})
+            return seen[-1] == addresses
+
+        try:
+            wait_for(f"host {via}'s Pilot to route {service} to {sorted(addresses)}", routed, timeout, 0.2)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; it routed to {sorted(seen[-1]) if seen else 'nothing (no answer)'}; "
+                                 f"Consul: {self.consul.describe()}") from None
 
 
 @pytest.fixture(autouse=True)

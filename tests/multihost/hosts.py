@@ -109,9 +109,9 @@ class ConsulCluster:
             raise AssertionError(f"consul on host {host}: GET {path}: {status} {body[:200]}")
         return json.loads(body)
 
-    def put(self, host: int, path: str, body: object) -> None:
+    def put(self, host: int, path: str, body: object, timeout: float = 5.0) -> None:
         def do() -> int:
-            conn = http.client.HTTPConnection("127.0.0.1", CONSUL_HTTP, timeout=5)
+            conn = http.client.HTTPConnection("127.0.0.1", CONSUL_HTTP, timeout=timeout)
             try:
                 conn.request("PUT", path, body=json.dumps(body) if body is not None else None)
                 resp = conn.getresponse()
@@ -120,7 +120,7 @@ class ConsulCluster:
             finally:
                 conn.close()
 
-        status = self.lab.in_host(host, do, 10)
+        status = self.lab.in_host(host, do, timeout + 5)
         assert status == 200, f"consul on host {host}: PUT {path}: {status}"
 
     def leader_host(self, via: int) -> int | None:
@@ -130,6 +130,36 @@ class ConsulCluster:
             if leader and str(leader).startswith(self.lab.address(h) + ":"):
                 return h
         return None
+
+    def make_leader(self, host: int, tries: int = 8) -> None:
+        """Restart the leader's server until ``host``'s holds the Raft leadership (a crash each: the others
+        elect), then wait until every check in the catalog passes again (the restarted agents' synced)."""
+        for _ in range(tries):
+            leader = self.leader_host(via=host)
+            if leader == host:
+                wait_for("every check in Consul's catalog to pass",
+                         lambda: all(self.api(h, "/v1/health/state/critical") == [] for h in self.hosts), 60, 0.3)
+                return
+            assert leader is not None, "no Consul leader"
+            self.stop(leader)
+            wait_for("a new Consul leader", lambda: self.leader_host(via=host) not in (None, leader), 30)
+            self.start(leader)
+            self.wait_ready()
+        raise AssertionError(f"host {host}'s Consul server did not become the Raft leader in {tries} elections")
+
+    def describe(self) -> str:
+        """What each server says of the cluster (leader, members, failing node checks): for failure messages."""
+        out = []
+        for h in self.hosts:
+            try:
+                leader = self.api(h, "/v1/status/leader", 2.0)
+                members = {m["Name"]: m["Status"] for m in self.api(h, "/v1/agent/members", 2.0)}  # type: ignore[union-attr,index]
+                failing = [(c["Node"], c["CheckID"], c["Status"]) for c in self.api(h, "/v1/health/state/any?stale", 2.0)  # type: ignore[union-attr,index]
+                           if c["Status"] != "passing"]
+                out.append(f"host {h}: leader {leader!r}, members {members}, not passing {failing}")
+            except Exception as e:  # noqa: BLE001 - a server down or cut off says so
+                out.append(f"host {h}: {e!r}")
+        return "; ".join(out)
 
     def wait_ready(self, hosts: list[int] | None = None, timeout: float = 90) -> None:
         """Every server answers, sees a leader and all members alive."""
