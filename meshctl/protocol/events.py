@@ -30,6 +30,13 @@ def _probe() -> None:
 # (Passed as **: mypy's dataclass plugin only reads literal True/False keywords.)
 DATACLASS_SLOTS: Final[dict[str, bool]] = {"slots": True} if isinstance(_probe, types.FunctionType) else {}
 
+# The events made for every request (RequestHead, ResponseHead, Data, EndOfMessage) write
+# their __init__ out: dataclass() keeps an __init__ the class defines. Under mypyc the
+# one dataclass() generates is interpreted Python (exec'd at import, storing each field
+# through a descriptor: ~3,300 instructions per RequestHead against a few hundred for a
+# compiled one); in the pure build the two are the same code. Same parameters, order and
+# defaults as the fields.
+
 
 @dataclass(**DATACLASS_SLOTS)
 class RequestHead:
@@ -45,6 +52,21 @@ class RequestHead:
     upgrade: str | None = None  # "websocket", "h2c", ... when the client asked for one
     stream_id: int = 0  # HTTP/2 stream; 0 for HTTP/1
 
+    def __init__(self, method: str, target: str, headers: HeaderList, http_version: str = "1.1",
+                 scheme: str = "http", authority: str = "", path: str = "/", keep_alive: bool = True,
+                 expect_continue: bool = False, upgrade: str | None = None, stream_id: int = 0) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.http_version = http_version
+        self.scheme = scheme
+        self.authority = authority
+        self.path = path
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
+        self.stream_id = stream_id
+
 
 @dataclass(**DATACLASS_SLOTS)
 class ResponseHead:
@@ -55,17 +77,34 @@ class ResponseHead:
     keep_alive: bool = True
     stream_id: int = 0
 
+    def __init__(self, status: int, headers: HeaderList, reason: str = "", http_version: str = "1.1",
+                 keep_alive: bool = True, stream_id: int = 0) -> None:
+        self.status = status
+        self.headers = headers
+        self.reason = reason
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+        self.stream_id = stream_id
+
 
 @dataclass(**DATACLASS_SLOTS)
 class Data:
     data: bytes
     stream_id: int = 0
 
+    def __init__(self, data: bytes, stream_id: int = 0) -> None:
+        self.data = data
+        self.stream_id = stream_id
+
 
 @dataclass(**DATACLASS_SLOTS)
 class EndOfMessage:
     trailers: HeaderList = field(default_factory=list)
     stream_id: int = 0
+
+    def __init__(self, trailers: HeaderList | None = None, stream_id: int = 0) -> None:
+        self.trailers = [] if trailers is None else trailers  # (a new list each: default_factory's rule)
+        self.stream_id = stream_id
 
 
 @dataclass(**DATACLASS_SLOTS)
