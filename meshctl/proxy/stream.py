@@ -155,6 +155,10 @@ class FastSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
         "socket", "_closed", "_send_busy", "_eof_sent", "park_after_send",
         "quickack",
     )
+    # No peer identity on a plain socket. A class attribute, so that telemetry's
+    # getattr(rq.down, "peer_id", None) on every request finds it instead of raising
+    # and swallowing an AttributeError (TLSSocketStream sets its own).
+    peer_id = None
 
     def __init__(self, sock: socket.socket, *, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  park_after_send: bool = True, quickack: bool = False) -> None:
