@@ -6,13 +6,13 @@ Every helper returns a new list and leaves its argument untouched.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Final
 
 from .events import HeaderList
 
 __all__ = ["HOP_BY_HOP", "strip_hop_by_hop", "append_forwarded_for", "ensure_request_id", "prepare_request_headers"]
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         "connection",
         "keep-alive",
@@ -28,7 +28,7 @@ HOP_BY_HOP = frozenset(
 )
 
 # cheap pre-check: most header lists carry none of these
-_LOOK = HOP_BY_HOP
+_LOOK: Final = HOP_BY_HOP
 
 
 def _tokens(value: str) -> list[str]:

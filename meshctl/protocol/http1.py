@@ -50,7 +50,7 @@ from collections import deque
 from itertools import chain
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Sequence
+from typing import Final, Sequence
 
 from httptools import (
     HttpParserCallbackError,
@@ -84,29 +84,29 @@ class Limits:
     upgrades: frozenset[str] = frozenset({"websocket"})
 
 
-_DEFAULT_LIMITS = Limits()
+_DEFAULT_LIMITS: Final = Limits()
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_REASONS: Final = {s.value: s.phrase for s in HTTPStatus}
 _REASONS.setdefault(425, "Too Early")
 
 # headers the parser callbacks look at while collecting a head
-_SPECIAL = frozenset(
+_SPECIAL: Final = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade", "expect"}
 )
 # headers the serializer owns (framing and connection management)
-_HOST_COUNT = "\0host-count"  # key in the framing view when Host is repeated
-_OWNED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_HOST_COUNT: Final = "\0host-count"  # key in the framing view when Host is repeated
+_OWNED: Final = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 # methods for which H1Client does not invent a chunked body when the caller
 # did not say end_stream=True
-_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
+_BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
 # output framing
-_NONE = 0  # no body may follow (HEAD, 1xx, 204, 304, upgrades)
-_LENGTH = 1
-_CHUNKED = 2
-_CLOSE = 3  # body ends when the connection closes (HTTP/1.0 clients)
+_NONE: Final = 0  # no body may follow (HEAD, 1xx, 204, 304, upgrades)
+_LENGTH: Final = 1
+_CHUNKED: Final = 2
+_CLOSE: Final = 3  # body ends when the connection closes (HTTP/1.0 clients)
 
-_LAST_CHUNK = b"0\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # ---------------------------------------------------------------- states (h11's idea)
 #
@@ -142,27 +142,37 @@ _LAST_CHUNK = b"0\r\n\r\n"
 # Whether the connection outlives the current exchange (keep-alive) is a flag
 # beside the states, as in h11.
 
-IDLE, AWAIT, HEAD, BODY, DONE, HOLD, SWITCHED, CLOSED, ABANDONED, ERROR = range(10)
-WAIT, SWITCHING = 10, 11  # send side only (with BODY, DONE, SWITCHED, IDLE)
+IDLE: Final = 0
+AWAIT: Final = 1
+HEAD: Final = 2
+BODY: Final = 3
+DONE: Final = 4
+HOLD: Final = 5
+SWITCHED: Final = 6
+CLOSED: Final = 7
+ABANDONED: Final = 8
+ERROR: Final = 9
+WAIT: Final = 10  # send side only (with BODY, DONE, SWITCHED, IDLE)
+SWITCHING: Final = 11
 _STATE_NAMES = ("IDLE", "AWAIT", "HEAD", "BODY", "DONE", "HOLD", "SWITCHED", "CLOSED", "ABANDONED", "ERROR",
                 "WAIT", "SWITCHING")
 
 # events that move the states
-E_BEGIN = 0  # a message head begins (llhttp on_message_begin)
-E_HEAD_DONE = 1  # its head is complete
-E_COMPLETE = 2  # the message is complete (1xx for H1Client: back to AWAIT)
-E_FINAL = 3  # H1Client: the final response is complete
-E_ASK_UPGRADE = 4  # H1Server: the complete request asked for an upgrade: hold further bytes
-E_RESUME = 5  # H1Server: the upgrade was refused: parse the held bytes as HTTP/1.1
-E_CLOSE = 6  # no more messages this way (Connection: close, EOF, a response that closes)
-E_SWITCH = 7  # the protocol switched
-E_FAIL = 8  # protocol error
-E_SEND = 9  # send side: a head goes out (its body follows)
-E_SEND_ALL = 10  # send side: a head goes out with the whole message (end_stream)
-E_END = 11  # send side: the message is complete
-E_SEND_SWITCH = 12  # H1Server: 101 / 2xx to CONNECT goes out
-E_RESET = 13  # H1Client: ready for the next exchange on a kept-alive connection
-E_REQUEST = 14  # H1Client receive side: a request went out, a response is due
+E_BEGIN: Final = 0  # a message head begins (llhttp on_message_begin)
+E_HEAD_DONE: Final = 1  # its head is complete
+E_COMPLETE: Final = 2  # the message is complete (1xx for H1Client: back to AWAIT)
+E_FINAL: Final = 3  # H1Client: the final response is complete
+E_ASK_UPGRADE: Final = 4  # H1Server: the complete request asked for an upgrade: hold further bytes
+E_RESUME: Final = 5  # H1Server: the upgrade was refused: parse the held bytes as HTTP/1.1
+E_CLOSE: Final = 6  # no more messages this way (Connection: close, EOF, a response that closes)
+E_SWITCH: Final = 7  # the protocol switched
+E_FAIL: Final = 8  # protocol error
+E_SEND: Final = 9  # send side: a head goes out (its body follows)
+E_SEND_ALL: Final = 10  # send side: a head goes out with the whole message (end_stream)
+E_END: Final = 11  # send side: the message is complete
+E_SEND_SWITCH: Final = 12  # H1Server: 101 / 2xx to CONNECT goes out
+E_RESET: Final = 13  # H1Client: ready for the next exchange on a kept-alive connection
+E_REQUEST: Final = 14  # H1Client receive side: a request went out, a response is due
 _EVENT_NAMES = ("BEGIN", "HEAD_DONE", "COMPLETE", "FINAL", "ASK_UPGRADE", "RESUME", "CLOSE", "SWITCH", "FAIL",
                 "SEND", "SEND_ALL", "END", "SEND_SWITCH", "RESET", "REQUEST")
 
@@ -182,7 +192,7 @@ def _table(rules: dict[tuple[int, int], int], *, close: dict[int, int], switch_f
     return out
 
 
-_SERVER_RX = _table(
+_SERVER_RX: Final = _table(
     {
         (IDLE, E_BEGIN): HEAD,
         (HEAD, E_HEAD_DONE): BODY,
@@ -197,7 +207,7 @@ _SERVER_RX = _table(
     switch_from=(IDLE, HEAD, BODY, HOLD, CLOSED, ABANDONED, SWITCHED),
     states=(IDLE, HEAD, BODY, HOLD, SWITCHED, CLOSED, ABANDONED, ERROR),
 )
-_SERVER_TX = _table(
+_SERVER_TX: Final = _table(
     {
         (WAIT, E_SEND): BODY,
         (DONE, E_SEND): BODY,
@@ -216,7 +226,7 @@ _SERVER_TX = _table(
     switch_from=(SWITCHING, SWITCHED),
     states=(),
 )
-_CLIENT_RX = _table(
+_CLIENT_RX: Final = _table(
     {
         (IDLE, E_REQUEST): AWAIT,
         (CLOSED, E_REQUEST): CLOSED,  # on a connection already closed: nothing will be parsed
@@ -233,7 +243,7 @@ _CLIENT_RX = _table(
     switch_from=(AWAIT, HEAD, BODY, DONE, CLOSED),  # (a 2xx to CONNECT may be complete, even say close)
     states=(IDLE, AWAIT, HEAD, BODY, DONE, SWITCHED, CLOSED, ERROR),
 )
-_CLIENT_TX = _table(
+_CLIENT_TX: Final = _table(
     {
         (IDLE, E_SEND): BODY,
         (IDLE, E_SEND_ALL): DONE,

@@ -35,7 +35,7 @@ from .connstate import ConnState  # noqa: F401  (its home is connstate.py; re-ex
 from .errors import STREAM_ERRORS, DownstreamGone, PeerGone
 from .snapshot import ClusterState, Snapshot
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 _REASON_PHRASES = {
     400: "Bad Request",

@@ -8,25 +8,25 @@ Istio-named metrics (istio_requests_total, ...) come later, from mixer/.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..core.breaker import Breaker
 
 # Envoy-style response flags the pipeline sets on a request.
-UF = "UF"  # upstream connection failure
-UR = "UR"  # upstream reset
-UT = "UT"  # upstream request timeout
-UH = "UH"  # no healthy upstream
-NR = "NR"  # no route
-UPE = "UPE"  # upstream protocol error (malformed response)
-DPE = "DPE"  # downstream protocol error
-DC = "DC"  # downstream connection terminated
-URX = "URX"  # retry limit exceeded (attempts used up)
-DI = "DI"  # delay injected (fault)
-FI = "FI"  # abort injected (fault)
-RBAC = "RBAC"  # denied by an AuthorizationPolicy
-UO = "UO"  # upstream overflow: a connectionPool (circuit breaker) limit was reached
+UF: Final = "UF"  # upstream connection failure
+UR: Final = "UR"  # upstream reset
+UT: Final = "UT"  # upstream request timeout
+UH: Final = "UH"  # no healthy upstream
+NR: Final = "NR"  # no route
+UPE: Final = "UPE"  # upstream protocol error (malformed response)
+DPE: Final = "DPE"  # downstream protocol error
+DC: Final = "DC"  # downstream connection terminated
+URX: Final = "URX"  # retry limit exceeded (attempts used up)
+DI: Final = "DI"  # delay injected (fault)
+FI: Final = "FI"  # abort injected (fault)
+RBAC: Final = "RBAC"  # denied by an AuthorizationPolicy
+UO: Final = "UO"  # upstream overflow: a connectionPool (circuit breaker) limit was reached
 
 REASONS = {
     UF: "upstream connect failure",

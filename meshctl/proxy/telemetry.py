@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from typing import Sequence
+from typing import Final, Sequence
 
 from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
 from ..model.telemetry import BYTES_BUCKETS, DURATION_BUCKETS_MS
@@ -62,15 +62,15 @@ LABELS: tuple[str, ...] = (
 )
 TCP_LABELS: tuple[str, ...] = tuple(n for n in LABELS if n not in ("response_code", "grpc_response_status"))
 
-UNKNOWN = "unknown"
+UNKNOWN: Final = "unknown"
 
 # headers the source sidecar adds for the destination sidecar
-H_WORKLOAD = "x-meshctl-source-workload"
-H_APP = "x-meshctl-source-app"
-H_VERSION = "x-meshctl-source-version"
-H_NAMESPACE = "x-meshctl-source-namespace"
-H_PRINCIPAL = "x-meshctl-source-principal"
-SOURCE_HEADERS = frozenset({H_WORKLOAD, H_APP, H_VERSION, H_NAMESPACE, H_PRINCIPAL})
+H_WORKLOAD: Final = "x-meshctl-source-workload"
+H_APP: Final = "x-meshctl-source-app"
+H_VERSION: Final = "x-meshctl-source-version"
+H_NAMESPACE: Final = "x-meshctl-source-namespace"
+H_PRINCIPAL: Final = "x-meshctl-source-principal"
+SOURCE_HEADERS: Final = frozenset({H_WORKLOAD, H_APP, H_VERSION, H_NAMESPACE, H_PRINCIPAL})
 
 _INSTANCE_SUFFIX = re.compile(r"-\d+(@[^@]*)?$")
 
