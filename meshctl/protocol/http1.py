@@ -100,6 +100,20 @@ _OWNED: Final = frozenset({"content-length", "transfer-encoding", "connection", 
 # did not say end_stream=True
 _BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
+# A header name as sent -> its lower-case str: the few spellings a connection's peers
+# use come back on every message. Bounded (names are the peer's choice): once full,
+# further spellings are converted each time and not kept.
+_NAMES: Final[dict[bytes, str]] = {}
+_NAMES_MAX: Final = 512
+
+
+def _name(raw: bytes) -> str:
+    name = raw.lower().decode()
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[raw] = name
+    return name
+
+
 # output framing
 _NONE: Final = 0  # no body may follow (HEAD, 1xx, 204, 304, upgrades)
 _LENGTH: Final = 1
@@ -397,8 +411,10 @@ class _HeadCollector:
             if line_bytes + sum(map(len, chain.from_iterable(raw))) + 4 * len(raw) > self._max_bytes:
                 self._too_big()
         self._head_upper = 0
-        # names are token characters (llhttp checked): ASCII
-        headers = [(n.lower().decode(), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
+        # names are token characters (llhttp checked): ASCII; each spelling seen is
+        # lower-cased and decoded once (_NAMES)
+        names = _NAMES
+        headers = [(names.get(n) or _name(n), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
         first = dict(headers)
         if len(first) != len(headers):  # repeated names: rebuild the framing view
             first = self._specials_slow(headers)

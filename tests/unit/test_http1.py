@@ -435,3 +435,20 @@ def test_keep_alive_follows_the_exchange_being_answered_when_pipelined():
     assert b"connection: close" not in out and server.keep_alive
     out = server.response_head(ResponseHead(200, []), end_stream=True)
     assert b"connection: close\r\n" in out and not server.keep_alive
+
+
+def test_header_names_are_lower_cased_however_spelt_and_the_spellings_kept_stay_bounded():
+    from meshctl.protocol import http1
+
+    server = H1Server()
+    for spelling in ("X-Trace", "x-trace", "X-TRACE", "x-TrAcE"):
+        (head, _eom) = server.feed(f"GET / HTTP/1.1\r\nHost: a\r\n{spelling}: 1 \r\n\r\n".encode())
+        assert head.headers == [("host", "a"), ("x-trace", "1")]
+        server.response_head(ResponseHead(200, [("content-length", "0")]))
+    # a peer inventing names cannot grow the per-process cache of spellings without bound
+    for i in range(0, 2 * http1._NAMES_MAX, 50):
+        names = "".join(f"X-Made-Up-{j}: v\r\n" for j in range(i, i + 50))
+        (head, _eom) = server.feed(f"GET / HTTP/1.1\r\nHost: a\r\n{names}\r\n".encode())
+        assert head.headers[1] == (f"x-made-up-{i}", "v")
+        server.response_head(ResponseHead(200, [("content-length", "0")]))
+    assert len(http1._NAMES) <= http1._NAMES_MAX
