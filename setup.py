@@ -27,6 +27,12 @@ from setuptools import setup
 
 # Stable per-request modules that type-check under mypyc (no monkeypatching,
 # no dynamic attributes). Others join once they are owned and checked.
+# What keeps them fast once compiled (callgrind on bench/hop_bench.py, December 2026):
+# module constants read per request are Final (otherwise every read is a lookup in the
+# module's dict); a dataclass made per request writes its __init__ out (the one
+# dataclass() generates stays interpreted Python); and a value whose type mypyc does not
+# know (an unannotated parameter or attribute) is reached through generic attribute
+# lookups and calls, as interpreted code would.
 COMPILED = [
     "meshctl/core/balance.py",
     "meshctl/core/breaker.py",
