@@ -54,6 +54,7 @@ def serve(
     except (StoreError, RegistryError) as e:
         fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pilot %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per registry poll (Eureka: every 5 s)
 
     async def main() -> None:
         try:

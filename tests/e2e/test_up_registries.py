@@ -243,11 +243,19 @@ def test_consul_runs_each_sidecars_check_so_a_stalled_supervisor_leaves_its_inst
     """The local agent polls each sidecar's admin /ready itself: instances stay healthy while the
     supervisor (or the agent's own API, when its Raft leader is lost) cannot renew anything."""
     st = consul_mesh["status"]
-    with local_http() as c:
-        checks = c.get(f"{consul_agent.http}/v1/agent/checks").json()
-    for w in st["workloads"]:
-        (check,) = [ch for ch in checks.values() if ch["ServiceID"] == w["registry_id"]]
-        assert check["Type"] == "http" and f"http://127.0.0.1:{w['admin_address'].rsplit(':', 1)[1]}/ready" in check["Output"]
+
+    def polled_by_the_agent() -> bool:
+        with local_http() as c:
+            checks = c.get(f"{consul_agent.http}/v1/agent/checks").json()
+        for w in st["workloads"]:
+            (check,) = [ch for ch in checks.values() if ch["ServiceID"] == w["registry_id"]]
+            assert check["Type"] == "http", check
+            # (its Output stays empty until the agent's first poll, within one interval)
+            if f"http://127.0.0.1:{w['admin_address'].rsplit(':', 1)[1]}/ready" not in check["Output"]:
+                return False
+        return True
+
+    wait_for(polled_by_the_agent, timeout=15, what="the agent to poll each sidecar's /ready")
 
     def passing() -> int:
         with local_http() as c:
