@@ -32,9 +32,10 @@ snapshot stays in force meanwhile, at most ``SETTLE_MAX`` seconds. Then every
 service is asked again (a query still waiting on a Raft leader that was lost may
 hold an answer from before), and for one check TTL instances of the snapshot
 from before the failure stay in what is published (``keep_held``): an agent
-that restarted reports the TTL checks it restored as critical until their owners
-pass them again, which every live supervisor does within a keep-alive interval,
-and an agent cut off from the servers answers with whatever its side last knew.
+that restarted may report the checks it restored as critical until they pass
+again (an HTTP check at its next poll, a TTL check at its owner's next
+keep-alive), and an agent cut off from the servers answers with whatever its
+side last knew.
 New instances come at once; those really gone leave when that TTL is over.
 """
 
@@ -320,7 +321,7 @@ class ConsulRegistry(WatchedRegistry):
                 scopes[name] = trio.CancelScope()
                 nursery.start_soon(watch_service, name, scopes[name])
 
-        def unsettle(nursery: trio.Nursery, exc: RegistryError) -> None:
+        def unsettle(exc: RegistryError) -> None:
             nonlocal settling, held, generation
             if not settling:
                 settling = True
@@ -343,7 +344,7 @@ class ConsulRegistry(WatchedRegistry):
                         )
                     except RegistryError as exc:
                         state.fail(str(exc))
-                        unsettle(nursery, exc)
+                        unsettle(exc)
                         index = 0
                         await trio.sleep(svc_backoff.next())
                         continue
@@ -366,7 +367,7 @@ class ConsulRegistry(WatchedRegistry):
                     )
                 except RegistryError as exc:
                     state.fail(str(exc))
-                    unsettle(nursery, exc)
+                    unsettle(exc)
                     was_down = True
                     index = 0
                     await trio.sleep(backoff.next())
@@ -452,9 +453,9 @@ class ConsulRegistry(WatchedRegistry):
 def keep_held(held: Snapshot, snap: Snapshot) -> Snapshot:
     """``snap`` plus the instances of ``held`` it lacks (same id, address and port), service by service.
 
-    After Consul was unreachable, a restarted agent reports the TTL checks it restored
-    as critical until their owners pass them again (within a keep-alive interval):
-    for one TTL the instances known before stay routable rather than blink out."""
+    After Consul was unreachable, a restarted agent may report the checks it restored
+    as critical until they pass again (within a keep-alive interval): for one TTL
+    the instances known before stay routable rather than blink out."""
     out: dict[str, list[Instance]] = {n: list(insts) for n, insts in snap.items()}
     for name, insts in held.items():
         have = {(i.id, i.address, i.port) for i in out.get(name, ())}
