@@ -58,21 +58,40 @@ def _declared_h2(cfg, service: str) -> bool:
     return service in got[1]
 
 
-def wants_h2(rq, cs) -> bool:
-    """Should this request go upstream as HTTP/2?"""
-    c = cs.cluster
+# wants_h2's rule for a cluster: the same for every request to it, so found once per
+# ClusterState (``cs.h2_rule``, per snapshot) and not per request
+_H2_NEVER, _H2_ALWAYS, _H2_IF_GRPC, _H2_IF_CLIENT_H2, _H2_UNLESS_UPGRADE = range(5)
+
+
+def _h2_rule(cfg, c) -> int:
     if c.protocol in ("http2", "grpc"):
-        return True
+        return _H2_ALWAYS
     if c.name.startswith("inbound|"):
         # the app behind an inbound listener: HTTP/2 when its service is declared
         # http2/grpc, or for a gRPC request (which HTTP/1.1 cannot carry)
-        return is_grpc(rq.head.headers) or _declared_h2(rq.snap.cfg, c.service)
+        return _H2_ALWAYS if _declared_h2(cfg, c.service) else _H2_IF_GRPC
     hs = _http_settings(c)
     if hs is None:
-        return False
+        return _H2_NEVER
     if hs.use_client_protocol:
+        return _H2_IF_CLIENT_H2
+    return _H2_UNLESS_UPGRADE if (hs.h2_upgrade_policy or "").upper() == "UPGRADE" else _H2_NEVER
+
+
+def wants_h2(rq, cs) -> bool:
+    """Should this request go upstream as HTTP/2?"""
+    rule = cs.h2_rule
+    if rule < 0:
+        rule = cs.h2_rule = _h2_rule(rq.snap.cfg, cs.cluster)
+    if rule == _H2_NEVER:
+        return False
+    if rule == _H2_ALWAYS:
+        return True
+    if rule == _H2_IF_GRPC:
+        return is_grpc(rq.head.headers)
+    if rule == _H2_IF_CLIENT_H2:
         return rq.head.http_version == "2"
-    return (hs.h2_upgrade_policy or "").upper() == "UPGRADE" and rq.head.upgrade is None
+    return rq.head.upgrade is None
 
 
 class LazyH2Exchange:
