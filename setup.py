@@ -52,6 +52,7 @@ COMPILED = [
     "meshctl/proxy/http.py",
     "meshctl/proxy/pool.py",
     "meshctl/proxy/request.py",
+    "meshctl/proxy/sockstream.py",  # the plain-socket stream of both HTTP/1.1 legs (stream.py re-exports it)
     "meshctl/proxy/stages.py",
     "meshctl/proxy/stats.py",
     "meshctl/proxy/telemetry.py",

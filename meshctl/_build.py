@@ -32,6 +32,7 @@ HOT_PATH = (
     "meshctl.proxy.http",
     "meshctl.proxy.pool",
     "meshctl.proxy.request",
+    "meshctl.proxy.sockstream",
     "meshctl.proxy.stages",
     "meshctl.proxy.stats",
     "meshctl.proxy.telemetry",

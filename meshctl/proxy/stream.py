@@ -1,17 +1,18 @@
-"""A socket stream that tries the syscall first (see shared/PERFORMANCE.md).
+"""The proxy's socket streams, and connecting, listening and relaying over them.
 
-trio's own ``SocketStream.receive_some`` yields to the scheduler on every
-call, even when bytes are already waiting, and allocates a fresh buffer each
-time. In a proxy hop that doubles the trips through epoll. ``FastSocketStream``
-calls ``recv_into`` / ``send`` on the non-blocking socket directly and only
-parks (``trio.lowlevel.wait_readable`` / ``wait_writable``) when the kernel
-says ``EAGAIN``. Every park is a cancellation point; to stay fair to other
-connections, and to deliver cancellation to a task that never has to park,
-it also runs an explicit ``trio.lowlevel.checkpoint()`` every
+``FastSocketStream`` (plain sockets; compiled, in sockstream.py, re-exported
+here) and ``TLSSocketStream`` (a non-blocking ``ssl.SSLSocket``) try the
+syscall first (see shared/PERFORMANCE.md): they call ``recv_into`` / ``send``
+on the non-blocking socket directly and only park
+(``trio.lowlevel.wait_readable`` / ``wait_writable``) when the kernel (or
+OpenSSL) says it must wait. Every park is a cancellation point; to stay fair
+to other connections, and to deliver cancellation to a task that never has to
+park, they also run an explicit ``trio.lowlevel.checkpoint()`` every
 ``checkpoint_every`` calls.
 
-It is still a ``trio.abc.HalfCloseableStream``: TLS can wrap it and tests can
-swap it for ``trio.testing.memory_stream_pair()``.
+Both are ``trio.abc.HalfCloseableStream``s (FastSocketStream by registration,
+see sockstream.py): TLS can wrap them and tests can swap them for
+``trio.testing.memory_stream_pair()``.
 
 Errors are mapped at this edge: connection resets and broken pipes become
 ``trio.BrokenResourceError``; use after ``aclose()`` is
@@ -27,22 +28,33 @@ import os
 import socket
 import ssl
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
 from .dns import lookup as dns_lookup
+from .sockstream import DEFAULT_CHECKPOINT_EVERY, RECV_SIZE, SHARED, SHARED_VIEW, tune_socket
 
-DEFAULT_CHECKPOINT_EVERY = 32
-RECV_SIZE = 65536
+if TYPE_CHECKING:
+    from .sockstream import FastSocketStream as _Native
+
+    class FastSocketStream(_Native, trio.abc.HalfCloseableStream):  # type: ignore[misc]  # (__aenter__ returns the class, not Self)
+        """What type checkers see: the compiled class is a HalfCloseableStream by
+        registration (sockstream.py), which they cannot follow."""
+else:
+    from .sockstream import FastSocketStream
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_EVERY", "RECV_SIZE", "FastSocketStream", "TLSSocketStream", "PeekSocket", "UpstreamConnectError",
+    "tune_socket", "start_tls", "record_sni", "connect_tcp", "bind_listener", "accept", "is_alive", "relay",
+]
+
 PIPE_SIZE = 1 << 20  # relay pipes (os.splice)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
-# One receive buffer for every stream of the process: receive_some() copies
-# the bytes out before it can yield, so no two streams ever use it at once.
-# (Saves 64 KiB per connection.)
-_SHARED = bytearray(RECV_SIZE)
-_SHARED_VIEW = memoryview(_SHARED)
+# (the receive buffer is the plain stream's: one for every stream of the process)
+_SHARED = SHARED
+_SHARED_VIEW = SHARED_VIEW
 
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
@@ -59,27 +71,15 @@ class UpstreamConnectError(Exception):
         self.cause = cause
 
 
-def tune_socket(sock: socket.socket) -> None:
-    """Non-blocking, TCP_NODELAY (header + body in separate writes otherwise
-    stall on Nagle and delayed ACK)."""
-    sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover - not a TCP socket
-            pass
-
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
 # what a non-blocking recv raises when it would have to wait for the peer's bytes
 # (plain socket: EAGAIN; TLS: OpenSSL needs more of a record)
 _WOULD_READ = (BlockingIOError, ssl.SSLWantReadError)
 
 
 class _TryFirstReceive:
-    """The one receive loop of both socket streams: try ``recv_into`` first, park
-    only when the kernel (or OpenSSL) has nothing. Each stream says which socket
+    """The TLS stream's receive loop: try ``recv_into`` first, park only when
+    OpenSSL has nothing (FastSocketStream has its own, compiled, in
+    sockstream.py). The stream says which socket
     to call and wait on (``_recv_sock``), whether bytes are already decoded and
     waiting (``_buffered``), what to do after a read (``_after_read``) and how
     its library errors map to trio's (``_map_error``)."""
@@ -146,194 +146,6 @@ class _TryFirstReceive:
                 return _SHARED_VIEW[:n].tobytes()
         finally:
             self._recv_busy = False
-
-
-class FastSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
-    """A HalfCloseableStream over a plain non-blocking ``socket.socket``."""
-
-    __slots__ = (
-        "socket", "_closed", "_send_busy", "_eof_sent", "park_after_send",
-        "quickack",
-    )
-    # No peer identity on a plain socket. A class attribute, so that telemetry's
-    # getattr(rq.down, "peer_id", None) on every request finds it instead of raising
-    # and swallowing an AttributeError (TLSSocketStream sets its own).
-    peer_id = None
-
-    def __init__(self, sock: socket.socket, *, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 park_after_send: bool = True, quickack: bool = False) -> None:
-        tune_socket(sock)
-        self.socket = sock
-        # Upstream legs: ACK what arrives at once. An app that writes its
-        # response head and body in two send()s without TCP_NODELAY (Python's
-        # http.server does) holds the body back until the head is ACKed, and
-        # on a reused keep-alive connection Linux delays that ACK by ~40 ms.
-        # Quick-ACK mode does not stick, so it is re-armed after every read.
-        self.quickack = quickack and _TCP_QUICKACK is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        # Request/response traffic: right after we send, the peer cannot have
-        # answered yet, so the next receive waits for readability first instead
-        # of spending a recv() on EAGAIN. Streaming reads (no send in between)
-        # still try the syscall first.
-        self.park_after_send = park_after_send
-        self._park_next = False
-        self._calls = 0
-        self._every = max(1, checkpoint_every)
-        self._closed = False
-        self._recv_busy = False
-        self._send_busy = False
-        self._eof_sent = False
-
-    def ack_now(self) -> None:
-        """ACK what has been read at once (quick-ACK mode; see ``quickack``)."""
-        if _TCP_QUICKACK is None:
-            return
-        try:
-            self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-        except OSError:
-            pass
-
-    # -------------------------------------------------------------- receive (_TryFirstReceive)
-
-    def _recv_sock(self) -> socket.socket:
-        return self.socket
-
-    def _closed_now(self) -> bool:
-        return self._closed
-
-    def _buffered(self) -> bool:
-        return False
-
-    def _after_read(self, n: int) -> None:
-        if self.quickack and n:
-            self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
-
-    def _map_error(self, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
-        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)):
-            return trio.BrokenResourceError(f"connection lost: {exc}")
-        if self._closed or isinstance(exc, ValueError) or getattr(exc, "errno", None) == errno.EBADF:
-            return trio.ClosedResourceError("stream was closed")
-        return trio.BrokenResourceError(f"receive failed: {exc}")
-
-    async def _wait_other(self, readable: bool) -> None:  # (TLS only: a plain socket never asks)
-        await (_wait_readable if readable else _wait_writable)(self.socket)
-
-    async def receive_into(self, buffer: memoryview | bytearray) -> int:
-        """Receive into the caller's buffer without a copy; 0 means EOF."""
-        if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        self._calls += 1
-        if self._calls >= self._every:
-            self._calls = 0
-            await _checkpoint()
-        sock = self.socket
-        while True:
-            try:
-                return sock.recv_into(buffer)
-            except BlockingIOError:
-                await _wait_readable(sock)
-            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
-                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-            except OSError as exc:
-                if self._closed:
-                    raise trio.ClosedResourceError("stream was closed") from None
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-
-    # -------------------------------------------------------------- send
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        if self._eof_sent:
-            raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
-        self._send_busy = True
-        try:
-            self._calls += 1
-            if self._calls >= self._every:
-                self._calls = 0
-                await _checkpoint()
-            sock = self.socket
-            total = len(data)
-            if not total:
-                return
-            self._park_next = self.park_after_send
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
-                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-            except OSError as exc:
-                if self._closed:
-                    raise trio.ClosedResourceError("stream was closed") from None
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            if sent == total:
-                return
-            with memoryview(data) as view:
-                while sent < total:
-                    await _wait_writable(sock)
-                    try:
-                        sent += sock.send(view[sent:])
-                    except BlockingIOError:
-                        continue
-                    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as exc:
-                        raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-                    except OSError as exc:
-                        if self._closed:
-                            raise trio.ClosedResourceError("stream was closed") from None
-                        raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-        finally:
-            self._send_busy = False
-
-    async def wait_send_all_might_not_block(self) -> None:
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        self._send_busy = True
-        try:
-            await _wait_writable(self.socket)
-        finally:
-            self._send_busy = False
-
-    async def send_eof(self) -> None:
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        await _checkpoint()
-        if self._eof_sent:
-            return
-        self._eof_sent = True
-        try:
-            self.socket.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # peer already gone: nothing left to half-close
-
-    # -------------------------------------------------------------- close
-
-    def close_now(self) -> None:
-        """Close synchronously (wakes any task parked on this socket)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            trio.lowlevel.notify_closing(self.socket)
-        except RuntimeError:  # outside trio (tests, shutdown)
-            pass
-        self.socket.close()
-
-    async def aclose(self) -> None:
-        self.close_now()
-        await _checkpoint()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
 
 
 # ------------------------------------------------------------------ TLS
