@@ -72,7 +72,7 @@ from .events import (
     Upgraded,
 )
 
-__all__ = ["Limits", "H1Server", "H1Client"]
+__all__ = ["Limits", "H1Server", "H1Client", "H1Codec"]
 
 
 @dataclass(frozen=True)
@@ -385,6 +385,14 @@ class _HeadCollector:
         self._head_upper = 0  # bytes fed since the incomplete head began, first feed included
         self._feed_len = 0
 
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; the events it completed (H1Server and H1Client say which)."""
+        raise NotImplementedError
+
+    def feed_eof(self) -> list[Event]:
+        """The peer closed: the events that ends (or a ProtocolError)."""
+        raise NotImplementedError
+
     # The callbacks stay tiny (they run once per field); the head is decoded
     # and checked in one go by _take_head() once llhttp has seen all of it.
     def _rx_go(self, event: int) -> None:
@@ -493,6 +501,10 @@ def _connection_tokens(value: str | None) -> tuple[bool, bool]:
         return False, False
     toks = [t.strip() for t in value.lower().split(",")]
     return "close" in toks, "keep-alive" in toks
+
+
+# what pool.EventReader feeds: either side's codec
+H1Codec = _HeadCollector
 
 
 class H1Server(_HeadCollector):

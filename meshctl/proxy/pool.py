@@ -17,10 +17,11 @@ from typing import Any
 import trio
 
 from ..protocol.events import EndOfMessage
-from ..protocol.http1 import H1Client, Limits
+from ..protocol.http1 import H1Client, H1Codec, Limits
 from .backend import NetworkBackend, SocketBackend
 from .errors import STREAM_ERRORS, PeerGone
 from .stats import ClusterStats
+from .sockstream import FastSocketStream
 from .stream import UpstreamConnectError
 
 SOCKETS = SocketBackend()  # the default backend: real sockets
@@ -32,10 +33,13 @@ PEEK_AFTER = 0.5  # seconds idle after which a pooled connection is checked befo
 class EventReader:
     """Pulls codec events off a stream, one at a time, feeding the codec on demand."""
 
-    __slots__ = ("stream", "codec", "events", "pos", "eof", "ack_partial")
+    __slots__ = ("stream", "fast", "codec", "events", "pos", "eof", "ack_partial")
 
-    def __init__(self, stream: Any, codec: Any) -> None:
+    def __init__(self, stream: Any, codec: H1Codec) -> None:
         self.stream = stream
+        # the plain socket stream, called natively when compiled (the others: TLS, memory
+        # streams in tests, through a generic call)
+        self.fast: FastSocketStream | None = stream if type(stream) is FastSocketStream else None
         self.codec = codec
         self.events: list = []
         self.pos = 0
@@ -44,7 +48,7 @@ class EventReader:
         # message incomplete (the rest may be held back until the peer sees our ACK).
         # A whole response needs no ACK of its own: the next request carries it, and
         # an ACK after each one would be a packet and a syscall more per request.
-        self.ack_partial = getattr(stream, "quickack", False)
+        self.ack_partial: bool = getattr(stream, "quickack", False)
         if self.ack_partial:
             stream.quickack = False  # the socket stream's own (stream.py), found above
 
@@ -71,8 +75,12 @@ class EventReader:
                 return ev
             if self.eof:
                 return None
+            fast = self.fast
             try:
-                data = await self.stream.receive_some()
+                if fast is not None:
+                    data = await fast.receive_some()
+                else:
+                    data = await self.stream.receive_some()
             except STREAM_ERRORS as exc:
                 raise PeerGone(str(exc) or type(exc).__name__) from None
             if data:

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from typing import Final, Sequence
+from typing import TYPE_CHECKING, Final, Sequence
 
 from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
 from ..model.telemetry import BYTES_BUCKETS, DURATION_BUCKETS_MS
 from .tracing import finish as trace_finish
+
+if TYPE_CHECKING:  # (request.py is the one that may import this module at run time)
+    from .request import Request
 
 
 LABELS: tuple[str, ...] = (
@@ -388,10 +391,10 @@ class SourceStage:
 
     name = "telemetry"
 
-    async def on_request(self, rq) -> None:
+    async def on_request(self, rq: Request) -> None:
         return self.decide(rq)
 
-    def decide(self, rq) -> None:
+    def decide(self, rq: Request) -> None:
         headers = rq.headers
         if rq.listener.direction == "inbound":
             for k, _ in headers:
@@ -419,7 +422,7 @@ def _header(headers, name: str) -> str:
     return ""
 
 
-def finish_request(rq, started: float, now: float, wall_now: float) -> None:
+def finish_request(rq: Request, started: float, now: float, wall_now: float) -> None:
     """Record one finished HTTP request (metrics, and the access log when on).
     ``started``/``now``: trio clock; ``wall_now``: time.time() for the log."""
     rt = rq.rt
