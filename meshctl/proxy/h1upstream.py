@@ -31,6 +31,7 @@ from .identity import upstream_tls
 from .pool import UpstreamConn, UpstreamPool
 from .request import IDEMPOTENT, Request, raw_error_response, response_headers
 from .snapshot import ClusterState
+from .sockstream import FastSocketStream
 from .dns import upstream_address
 from .stream import UpstreamConnectError, relay
 
@@ -96,7 +97,10 @@ class H1Exchange:
                         parts.append(client.end(body.trailers))
                     out = b"".join(parts)
                 try:
-                    await stream.send_all(out)
+                    if type(stream) is FastSocketStream:  # (a native call when compiled)
+                        await stream.send_all(out)
+                    else:
+                        await stream.send_all(out)
                 except STREAM_ERRORS:
                     pass  # the response read below reports the reset
                 result = await self._respond(a, conn)
@@ -273,8 +277,12 @@ class H1Exchange:
                     await rq.send_down(b"".join(out))
                 conn.stream.close_now()
                 return
+        down = rq.down
         try:  # (Request.send_down inlined: one coroutine less per response)
-            await rq.down.send_all(b"".join(out))
+            if type(down) is FastSocketStream:  # (a native call when compiled)
+                await down.send_all(b"".join(out))
+            else:
+                await down.send_all(b"".join(out))
         except STREAM_ERRORS as exc:
             raise DownstreamGone(str(exc)) from None
         if not server.keep_alive:

@@ -41,7 +41,7 @@ class EventReader:
         # streams in tests, through a generic call)
         self.fast: FastSocketStream | None = stream if type(stream) is FastSocketStream else None
         self.codec = codec
-        self.events: list = []
+        self.events: list[Any] = []
         self.pos = 0
         self.eof = False
         # An upstream stream in quick-ACK mode: ACK at once only when a read leaves the
@@ -52,7 +52,7 @@ class EventReader:
         if self.ack_partial:
             stream.quickack = False  # the socket stream's own (stream.py), found above
 
-    def buffered(self):
+    def buffered(self) -> Any:
         """The next event if one is already decoded, else None (never blocks)."""
         if self.pos < len(self.events):
             ev = self.events[self.pos]
@@ -60,12 +60,12 @@ class EventReader:
             return ev
         return None
 
-    def peek(self):
+    def peek(self) -> Any:
         if self.pos < len(self.events):
             return self.events[self.pos]
         return None
 
-    async def next(self):
+    async def next(self) -> Any:
         """The next event; None at a clean EOF. Raises ProtocolError from the codec
         and PeerGone when the stream is gone."""
         while True:
