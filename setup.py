@@ -32,7 +32,10 @@ from setuptools import setup
 # module's dict); a dataclass made per request writes its __init__ out (the one
 # dataclass() generates stays interpreted Python); and a value whose type mypyc does not
 # know (an unannotated parameter or attribute) is reached through generic attribute
-# lookups and calls, as interpreted code would.
+# lookups and calls, as interpreted code would; a function with no annotation at all is
+# not type-checked, so every value in it is of unknown type (annotate at least its return).
+# A class that must be a trio stream is registered with trio.abc (sockstream.py): mypyc
+# compiles no subclass of an ABC as a native class.
 COMPILED = [
     "meshctl/core/balance.py",
     "meshctl/core/breaker.py",
