@@ -76,6 +76,7 @@ class EventReader:
             if self.eof:
                 return None
             fast = self.fast
+            data: Any
             try:
                 if fast is not None:
                     data = await fast.receive_some()
@@ -84,7 +85,14 @@ class EventReader:
             except STREAM_ERRORS as exc:
                 raise PeerGone(str(exc) or type(exc).__name__) from None
             if data:
-                events = self.events = self.codec.feed(data)
+                if fast is not None:
+                    events = self.codec.feed(data)  # bytes: a native call when compiled
+                else:
+                    # memory streams and trio's SSLStream hand over bytearrays, which a
+                    # compiled native call refuses as bytes; the generic call takes them
+                    codec: Any = self.codec
+                    events = codec.feed(data)
+                self.events = events
                 if self.ack_partial and not (events and type(events[-1]) is EndOfMessage):
                     self.stream.ack_now()
             else:

@@ -391,10 +391,10 @@ class SourceStage:
 
     name = "telemetry"
 
-    async def on_request(self, rq: Request) -> None:
+    async def on_request(self, rq) -> None:
         return self.decide(rq)
 
-    def decide(self, rq: Request) -> None:
+    def decide(self, rq) -> None:
         headers = rq.headers
         if rq.listener.direction == "inbound":
             for k, _ in headers:
