@@ -18,8 +18,9 @@ could write to our stderr at will; such a block, and a dynamic table size
 update after the first field (RFC 7541 4.2), is a COMPRESSION_ERROR before
 the decoder sees it. For untrusted clients (the server side) each decoded
 block is then checked for Huffman padding longer than 7 bits or not the EOS
-code's first bits (5.2, ``_check_huffman``: the decoded string re-coded, with
-a small cache of strings seen). A panic all the same is a COMPRESSION_ERROR
+code's first bits (5.2, ``_check_huffman``: the code lengths of the decoded
+string say how many bits of padding the literal has; those must be 0-7 one
+bits). A panic all the same is a COMPRESSION_ERROR
 like any other bad block. Measured with ``bench/h2_codec_bench.py``.
 
 Rules this module keeps
@@ -119,11 +120,10 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Final, Iterable
 
 from jh2.hpack.exceptions import HPACKError as _PureHPACKError
-from jh2.hpack.huffman_constants import REQUEST_CODES as _HUFFMAN_CODES
-from jh2.hpack.huffman_constants import REQUEST_CODES_LENGTH as _HUFFMAN_BITS
+from jh2.hpack.huffman_constants import REQUEST_CODES_LENGTH as _HUFFMAN_CODE_LENGTHS
 from jh2.hpack.exceptions import OversizedHeaderListError as _PureOversized
 
 try:  # jh2's native HPACK (Rust); jh2 itself falls back to its pure-Python one where it does not load
@@ -166,7 +166,7 @@ __all__ = [
     "CONNECTION_SPECIFIC",
 ]
 
-_MAX_WINDOW = (1 << 31) - 1
+_MAX_WINDOW: Final = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -217,20 +217,22 @@ class H2Limits:
         need(self.control_frame_window > 0, "control_frame_window must be > 0")
 
 
-_DEFAULT_LIMITS = H2Limits()
+_DEFAULT_LIMITS: Final = H2Limits()
 
 # ---------------------------------------------------------------- inbound header validation
 # h2's inbound rules (jh2.utilities.validate_headers), checked in _Endpoint._decode_fields
-_REQUEST, _RESPONSE, _TRAILERS = 0, 1, 2  # what a header block is
-_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
-_UPPER = re.compile(b"[A-Z]")
-_CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
-_PSEUDO_ALLOWED = frozenset({b":method", b":scheme", b":authority", b":path", b":status", b":protocol"})
-_PSEUDO_REQUEST_ONLY = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+_REQUEST: Final = 0  # what a header block is
+_RESPONSE: Final = 1
+_TRAILERS: Final = 2
+_WHITESPACE: Final = frozenset(b" \t\n\r\x0b\x0c")
+_UPPER: Final = re.compile(b"[A-Z]")
+_CONNECTION_FIELDS: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+_PSEUDO_ALLOWED: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":status", b":protocol"})
+_PSEUDO_REQUEST_ONLY: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 # regular field names that passed the name checks, decoded (names repeat from request to
 # request: the checks run once per name); bounded, so a peer inventing names cannot grow it
-_CHECKED_NAMES: dict[bytes, str] = {}
-_CHECKED_NAMES_MAX = 2048
+_CHECKED_NAMES: Final[dict[bytes, str]] = {}
+_CHECKED_NAMES_MAX: Final = 2048
 
 
 def _malformed_block(pseudo: dict[bytes, bytes], host: bytes | None, kind: int) -> str:
@@ -279,10 +281,19 @@ class WindowUpdated:
 
 
 # RFC 9113 7: error codes
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 0x4, 0x5, 0x6, 0x7
-CANCEL, COMPRESSION_ERROR, CONNECT_ERROR, ENHANCE_YOUR_CALM = 0x8, 0x9, 0xA, 0xB
-_CODE_NAMES = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
+NO_ERROR: Final = 0x0
+PROTOCOL_ERROR: Final = 0x1
+INTERNAL_ERROR: Final = 0x2
+FLOW_CONTROL_ERROR: Final = 0x3
+SETTINGS_TIMEOUT: Final = 0x4
+STREAM_CLOSED: Final = 0x5
+FRAME_SIZE_ERROR: Final = 0x6
+REFUSED_STREAM: Final = 0x7
+CANCEL: Final = 0x8
+COMPRESSION_ERROR: Final = 0x9
+CONNECT_ERROR: Final = 0xA
+ENHANCE_YOUR_CALM: Final = 0xB
+_CODE_NAMES: Final = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
                "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
                "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED")
 
@@ -309,9 +320,14 @@ def _code_name(code: int) -> str:
 # ---------------------------------------------------------------- headers
 # connection-specific fields, never sent on HTTP/2 (RFC 9113 8.2.2); "te" is
 # handled apart (only "trailers" is allowed)
-CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
-_DROP_OUT = CONNECTION_SPECIFIC | {"te", "host"}
-_NEVER_INDEXED = frozenset({"authorization", "proxy-authorization"})
+CONNECTION_SPECIFIC: Final = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+_DROP_OUT: Final = CONNECTION_SPECIFIC | {"te", "host"}
+_NEVER_INDEXED: Final = frozenset({"authorization", "proxy-authorization"})
+# fields whose value is new in every request (ids): coded as literals kept out of the HPACK
+# dynamic table, where each would evict an entry that later requests reuse, and make every
+# lookup in the table longer (the peer's decoder then skips them too)
+_PER_REQUEST: Final = frozenset({"x-request-id", "x-client-trace-id", "traceparent", "b3", "x-b3-traceid",
+                                 "x-b3-spanid", "x-b3-parentspanid"})
 
 # an HPACK header field as the encoder takes it: (name, value, never-indexed)
 _Field = tuple[bytes, bytes, bool]
@@ -350,36 +366,53 @@ def _encode_fields(out: list[_Field], headers: Iterable[tuple[str, str]], drop: 
         try:
             value = v.strip().encode("latin-1")
             out.append((k.encode("ascii"), value,
-                        k in _NEVER_INDEXED or (k == "cookie" and len(value) < 20)))
+                        k in _NEVER_INDEXED or k in _PER_REQUEST or (k == "cookie" and len(value) < 20)))
         except UnicodeEncodeError as exc:
             raise ValueError(f"header {k!r} is not encodable as latin-1: {exc}") from None
     return out
 
 
 # ---------------------------------------------------------------- frames (RFC 9113 4, 6)
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
-_PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
-_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_DATA: Final = 0x0
+_HEADERS: Final = 0x1
+_PRIORITY: Final = 0x2
+_RST_STREAM: Final = 0x3
+_SETTINGS: Final = 0x4
+_PUSH_PROMISE: Final = 0x5
+_PING: Final = 0x6
+_GOAWAY: Final = 0x7
+_WINDOW_UPDATE: Final = 0x8
+_CONTINUATION: Final = 0x9
+_END_STREAM: Final = 0x1
+_ACK: Final = 0x1
+_END_HEADERS: Final = 0x4
+_PADDED: Final = 0x8
+_PRIORITY_FLAG: Final = 0x20
 # SETTINGS identifiers
-_S_HEADER_TABLE_SIZE, _S_ENABLE_PUSH, _S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
-_S_INITIAL_WINDOW_SIZE, _S_MAX_FRAME_SIZE, _S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
+_S_HEADER_TABLE_SIZE: Final = 0x1
+_S_ENABLE_PUSH: Final = 0x2
+_S_MAX_CONCURRENT_STREAMS: Final = 0x3
+_S_INITIAL_WINDOW_SIZE: Final = 0x4
+_S_MAX_FRAME_SIZE: Final = 0x5
+_S_MAX_HEADER_LIST_SIZE: Final = 0x6
 
-_FRAME_HEAD = struct.Struct(">LBL")  # (length << 8 | type, flags, stream id): 9 bytes
-_U32 = struct.Struct(">L")
-_SETTING = struct.Struct(">HL")
-_GOAWAY_HEAD = struct.Struct(">LL")
-_pack_head = _FRAME_HEAD.pack
-_unpack_head = _FRAME_HEAD.unpack_from
-_RST_HEAD = _pack_head(4 << 8 | _RST_STREAM, 0, 0)[:5]  # all but the stream id
-_SETTINGS_ACK = _pack_head(_SETTINGS, _ACK, 0)
-_PING_ACK_HEAD = _pack_head(8 << 8 | _PING, _ACK, 0)
+_FRAME_HEAD: Final = struct.Struct(">LBL")  # (length << 8 | type, flags, stream id): 9 bytes
+_U32: Final = struct.Struct(">L")
+_SETTING: Final = struct.Struct(">HL")
+_GOAWAY_HEAD: Final = struct.Struct(">LL")
+_pack_head: Final = _FRAME_HEAD.pack
+_unpack_head: Final = _FRAME_HEAD.unpack_from
+_RST_HEAD: Final = _pack_head(4 << 8 | _RST_STREAM, 0, 0)[:5]  # all but the stream id
+_SETTINGS_ACK: Final = _pack_head(_SETTINGS, _ACK, 0)
+_PING_ACK_HEAD: Final = _pack_head(8 << 8 | _PING, _ACK, 0)
 
 # how a stream that is no longer open ended: frames for it are ignored (we reset
 # or refused it, RFC 9113 5.1 "closed") or answered with STREAM_CLOSED
-_GONE_IGNORE, _GONE_CLOSED = 0, 1
-_GONE_MAX = 512  # closed streams remembered per connection (oldest forgotten first)
-_CONN_WINDOW_DEFAULT = 65535
+_GONE_IGNORE: Final = 0
+_GONE_CLOSED: Final = 1
+_GONE_MAX: Final = 512  # closed streams remembered per connection (oldest forgotten first)
+_CONN_WINDOW_DEFAULT: Final = 65535
 
 
 # ---------------------------------------------------------------- HPACK, strictly
@@ -387,9 +420,9 @@ class _BadBlock(Exception):
     """A header block RFC 7541 forbids that jh2's native decoder decoded anyway."""
 
 
-_HUFFMAN_OK: dict[bytes, bytes] = {}  # Huffman-coded strings already checked -> what they decode to
-_HUFFMAN_OK_MAX = 4096  # entries, each of strings up to _HUFFMAN_OK_LEN bytes: ~1 MB at most
-_HUFFMAN_OK_LEN = 64
+# the Huffman code's length in bits of each octet (RFC 7541 Appendix B; all under 31), as bytes:
+# indexing bytes is a native operation once compiled
+_HUFFMAN_BITS: Final[bytes] = bytes(_HUFFMAN_CODE_LENGTHS[:256])
 
 
 def _hpack_int(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
@@ -413,26 +446,25 @@ def _hpack_int(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
 
 def _hpack_string(block: bytes, pos: int, decoded: bytes) -> int:
     """Check one string literal (RFC 7541 5.2) against what the decoder made of it: a
-    Huffman-coded one must be the canonical code of ``decoded``, padded with at most 7
-    one bits (a longer or other padding, or EOS, codes something else)."""
+    Huffman-coded one is the code of ``decoded`` (the decoder read it so), then padding,
+    which must be at most 7 bits, all ones (the EOS code's first bits). The code's
+    length follows from ``decoded``: no re-coding. (An EOS inside, or a longer or
+    other padding, the decoder did not turn into octets: too many bits left, or not ones.)"""
     huffman = block[pos] & 0x80
     length, pos = _hpack_int(block, pos, 7)
     end = pos + length
     if huffman:
-        coded = block[pos:end]
-        if _HUFFMAN_OK.get(coded) != decoded:
-            acc = 0
-            bits = 0
-            codes, widths = _HUFFMAN_CODES, _HUFFMAN_BITS
-            for c in decoded:
-                acc = (acc << widths[c]) | codes[c]
-                bits += widths[c]
-            pad = -bits % 8
-            acc = (acc << pad) | ((1 << pad) - 1)
-            if acc.to_bytes((bits + pad) // 8, "big") != coded:
+        bits = 0
+        widths = _HUFFMAN_BITS
+        for c in decoded:
+            bits += widths[c]
+        pad = length * 8 - bits
+        if pad < 0 or pad > 7:
+            raise _BadBlock("Huffman-coded string with bad padding or EOS")
+        if pad:
+            ones = (1 << pad) - 1
+            if block[end - 1] & ones != ones:
                 raise _BadBlock("Huffman-coded string with bad padding or EOS")
-            if length <= _HUFFMAN_OK_LEN and len(_HUFFMAN_OK) < _HUFFMAN_OK_MAX:
-                _HUFFMAN_OK[coded] = decoded
     return end
 
 

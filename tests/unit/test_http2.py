@@ -135,6 +135,31 @@ def test_post_with_body_and_trailers_both_ways():
     assert cev[-1] == EndOfMessage([("grpc-status", "0"), ("grpc-message", "ok")], sid)
 
 
+def test_per_request_ids_stay_out_of_the_hpack_table_and_repeated_fields_are_indexed():
+    # x-request-id (and trace ids) differ in every request: indexed, each would push out
+    # entries the next requests reuse; coded never-indexed, the second request's repeated
+    # fields cost one byte each
+    from hpack import Decoder
+
+    p = Pair()
+    dec = Decoder()
+    sizes = []
+    for i in range(2):
+        rid = f"{i:08d}-9b2f-4c3e-8d1a-0123456789ab"
+        head = RequestHead("POST", "/pkg.Svc/Call", [("content-type", "application/grpc"), ("x-request-id", rid),
+                                                     ("traceparent", f"00-{i:032x}-{i:016x}-01"), ("x-app", "v1")],
+                           authority="svc:80", path="/pkg.Svc/Call")
+        _, out = p.c.request(head, end_stream=True)
+        (hf,) = [f for f in frames(out) if isinstance(f, HeadersFrame)]
+        fields = dec.decode(hf.data)
+        assert ("x-request-id", rid) in fields
+        sizes.append(len(hf.data))
+    entries = [bytes(n).decode() for n, _ in dec.header_table.dynamic_entries]
+    assert "x-request-id" not in entries and "traceparent" not in entries
+    assert "x-app" in entries and "content-type" in entries
+    assert sizes[1] < sizes[0]
+
+
 def test_many_interleaved_streams_keep_their_own_bodies():
     p = Pair()
     sids = [p.req(f"/s/{i}", method="PUT", end_stream=False) for i in range(60)]
