@@ -46,13 +46,17 @@ COMPILED = [
     "meshctl/core/pathnorm.py",
     "meshctl/core/ratelimit.py",
     "meshctl/protocol/events.py",  # the base of http2's H2Reset: a native class needs native bases
+    "meshctl/protocol/grpc.py",
     "meshctl/protocol/headers.py",
     "meshctl/protocol/http1.py",
     "meshctl/protocol/http2.py",
     "meshctl/proxy/errors.py",
     "meshctl/proxy/forward.py",
     "meshctl/proxy/h1upstream.py",
+    "meshctl/proxy/h2conn.py",  # (its H2ConnState, a ConnState, is in connstate.py: interpreted bases stay interpreted)
+    "meshctl/proxy/h2pool.py",
     "meshctl/proxy/http.py",
+    "meshctl/proxy/outbuf.py",  # the base of h2conn's and h2pool's connections
     "meshctl/proxy/pool.py",
     "meshctl/proxy/request.py",
     "meshctl/proxy/sockstream.py",  # the plain-socket stream of both HTTP/1.1 legs (stream.py re-exports it)

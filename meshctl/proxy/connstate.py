@@ -1,7 +1,9 @@
-"""One downstream connection as the runtime's watchdog and drain see it (``ConnState``).
+"""One downstream connection as the runtime's watchdog and drain see it (``ConnState``,
+and ``H2ConnState`` for an HTTP/2 one).
 
-Kept apart from request.py, which is compiled with mypyc: h2conn subclasses it
-(``H2ConnState``), and interpreted classes cannot inherit from compiled ones.
+Kept apart from request.py and h2conn.py, which are compiled with mypyc: H2ConnState
+subclasses ConnState, the tests' and runtime's connections are ConnStates, and a
+compiled class can only inherit from compiled ones (interpreted from interpreted).
 """
 
 from __future__ import annotations
@@ -45,3 +47,20 @@ class ConnState:
         if not (rq.body_done or (rq.body is not None and rq.body.finished)):
             return False  # still reading the body: a close shows up there
         return bool(self.backend.peer_gone(self.stream))
+
+
+class H2ConnState(ConnState):
+    """A downstream HTTP/2 connection as the runtime sees it: always ``busy``
+    (drain sends GOAWAY instead of cutting it), ``deadline`` is the idle
+    timeout while no stream is open. ``h2`` is h2conn's connection."""
+
+    __slots__ = ("h2",)
+
+    def __init__(self, base: ConnState, h2conn: Any) -> None:
+        super().__init__(base.stream, base.backend, base.accepted_on)
+        self.scope = base.scope
+        self.busy = True
+        self.h2 = h2conn
+
+    def drain(self) -> None:
+        self.h2.start_drain()

@@ -10,8 +10,9 @@ telemetry are shared, and the upstream leg is whatever the cluster speaks
 
 Ordering: the codec returns *all* pending connection bytes from every call,
 so the adapters never return those bytes to the forwarder; they append them
-at once to one connection output buffer (``_Conn.emit``) and ``send_down``
-flushes it under a lock. Frames thus leave in the order the codec made them.
+at once to one connection output buffer (``_Conn.emit``), which the
+connection's one writer task (outbuf.py) sends, and ``send_down`` waits until
+it has. Frames thus leave in the order the codec made them.
 
 Flow control, end to end:
 * request body: a stream's Data is acked (``ack_received``) only when the
@@ -25,6 +26,12 @@ A connection-fatal ``ProtocolError`` writes the codec's GOAWAY, closes the
 socket and cancels every stream. ``H2ConnState.drain()`` (called by
 ``ProxyRuntime.drain``) sends a graceful GOAWAY; the connection closes once
 its open streams are done.
+
+Compiled with mypyc (setup.py): the classes are native with typed attributes, so
+the per-frame and per-stream calls into the codec (protocol/http2.py, native too)
+and between the adapters are direct C calls; ``H2ConnState``, a subclass of the
+interpreted ``ConnState``, lives in connstate.py. The adapters' events exist only
+while a task waits on them.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any, Final
 
 import trio
 
@@ -45,43 +53,28 @@ from ..protocol.grpc import (
     local_grpc_reply,
     parse_grpc_timeout,
 )
-from ..protocol.http2 import GoAway, H2Limits, H2Server, WindowUpdated
+from ..protocol.http2 import GoAway, H2Event, H2Limits, H2Server, WindowUpdated
 from . import mirror
 from . import stats as F
+from .connstate import ConnState, H2ConnState
 from .errors import DownstreamGone, PeerGone, receive_some, send_eof
-from .request import ConnState, Request, send_local
+from .request import Request, send_local
 from .outbuf import OutBuffer
 from .telemetry import finish_request
 
-log = logging.getLogger("meshctl.proxy")
+log: Final = logging.getLogger("meshctl.proxy")
+_INF: Final = math.inf
 
-__all__ = ["serve_h2_connection", "sniff", "H2ConnState", "h2_limits"]
+__all__ = ["serve_h2_connection", "H2ConnState", "h2_limits"]
 
 
-def h2_limits(snap) -> H2Limits:
+def h2_limits(snap: Any) -> H2Limits:
     """The codec limits for a downstream connection, from the proxy settings."""
     s = snap.settings
     return H2Limits(
         max_header_list_size=max(1024, int(s.max_request_headers_kb) * 1024),
         max_headers=max(1, int(s.max_headers)),
     )
-
-
-class H2ConnState(ConnState):
-    """A downstream HTTP/2 connection as the runtime sees it: always ``busy``
-    (drain sends GOAWAY instead of cutting it), ``deadline`` is the idle
-    timeout while no stream is open."""
-
-    __slots__ = ("h2",)
-
-    def __init__(self, base: ConnState, h2conn: "_Conn") -> None:
-        super().__init__(base.stream, base.backend, base.accepted_on)
-        self.scope = base.scope
-        self.busy = True
-        self.h2 = h2conn
-
-    def drain(self) -> None:
-        self.h2.start_drain()
 
 
 class _StreamServer:
@@ -93,19 +86,20 @@ class _StreamServer:
     status mapped from HTTP) and the body after it is dropped, as gRPC clients
     expect their errors."""
 
-    __slots__ = ("c", "sid", "grpc", "swallow", "grpc_status", "msgs", "ended")
-    keep_alive = True
+    __slots__ = ("c", "sid", "grpc", "swallow", "grpc_status", "msgs", "ended", "keep_alive")
 
-    def __init__(self, c: "_Conn", sid: int, grpc: bool = False) -> None:
+    def __init__(self, c: _Conn, sid: int, grpc: bool = False) -> None:
         self.c = c
         self.sid = sid
         self.grpc = grpc
         self.swallow = False
         self.grpc_status = ""  # what the client was told, for telemetry's grpc_response_status
-        self.msgs = MessageCounter() if grpc else None  # gRPC: response messages, for telemetry
+        self.msgs: MessageCounter | None = MessageCounter() if grpc else None  # gRPC: response messages, for telemetry
         self.ended = False  # the response's end was handed to the codec
+        self.keep_alive = True  # (an HTTP/2 stream never closes its connection)
 
     def response_head(self, head: ResponseHead, *, end_stream: bool = False) -> bytes:
+        c = self.c
         if self.grpc and head.status >= 300:
             reason = header_value(head.headers, "x-meshctl-reason") or f"HTTP status {head.status}"
             gh, _ = local_grpc_reply(grpc_status_for_http(head.status), reason)
@@ -113,12 +107,12 @@ class _StreamServer:
             if rid:
                 gh.headers.append(("x-request-id", rid))
             self.grpc_status = header_value(gh.headers, "grpc-status") or ""
-            self.c.emit(self.c.h2.response_head(self.sid, gh, end_stream=True))
+            c.emit(c.h2.response_head(self.sid, gh, end_stream=True))
             self.swallow = self.ended = True
             return b""
         if self.grpc:  # a trailers-only reply carries grpc-status in the head
             self.grpc_status = header_value(head.headers, "grpc-status") or self.grpc_status
-        self.c.emit(self.c.h2.response_head(self.sid, head, end_stream=end_stream))
+        c.emit(c.h2.response_head(self.sid, head, end_stream=end_stream))
         self.ended = end_stream
         return b""
 
@@ -129,16 +123,23 @@ class _StreamServer:
 
     def data(self, data: bytes) -> bytes:
         if not self.swallow:
-            if self.msgs is not None:
-                _count(self, data)
-            self.c.emit(self.c.h2.data(self.sid, data))
+            msgs = self.msgs
+            if msgs is not None:
+                try:
+                    msgs.feed(data)
+                except GrpcError:  # not gRPC framing after all: no longer counted
+                    self.msgs = None
+            c = self.c
+            c.emit(c.h2.data(self.sid, data))
         return b""
 
-    def end(self, trailers=()) -> bytes:
+    def end(self, trailers: Any = ()) -> bytes:
         if not self.swallow:
+            tl = list(trailers)
             if self.grpc:
-                self.grpc_status = header_value(list(trailers), "grpc-status") or self.grpc_status
-            self.c.emit(self.c.h2.end(self.sid, list(trailers)))
+                self.grpc_status = header_value(tl, "grpc-status") or self.grpc_status
+            c = self.c
+            c.emit(c.h2.end(self.sid, tl))
             self.ended = True
         return b""
 
@@ -151,54 +152,56 @@ class _StreamServer:
         raise DownstreamGone("HTTP/1.1 upgrade cannot be relayed on an HTTP/2 stream")
 
 
-def _count(holder, data: bytes) -> None:
-    """Count gRPC messages in ``data``; a stream that is not gRPC framing after all
-    just stops being counted."""
-    try:
-        holder.msgs.feed(data)
-    except GrpcError:
-        holder.msgs = None
-
-
 class _StreamReader:
     """The request body events of one stream, in the EventReader interface
     (``peek``/``next``/``buffered``/``pos``). Data is acked to the codec when
     the next event is asked for: the previous one has been passed on."""
 
-    __slots__ = ("c", "sid", "events", "pos", "acked", "wake", "eof", "msgs")
+    __slots__ = ("c", "sid", "events", "pos", "acked", "wake", "eof", "msgs", "grpc")
 
-    def __init__(self, c: "_Conn", sid: int) -> None:
+    def __init__(self, c: _Conn, sid: int, grpc: bool) -> None:
         self.c = c
         self.sid = sid
-        self.events: list = []
+        self.grpc = grpc  # the request's content-type is gRPC's
+        self.events: list[Any] = []
         self.pos = 0
         self.acked = 0  # events before this index are acked
-        self.wake = trio.Event()
+        self.wake: trio.Event | None = None  # next() waits for an event (None: it does not)
         self.eof = False
-        self.msgs: MessageCounter | None = None  # gRPC: request messages, for telemetry
+        self.msgs: MessageCounter | None = MessageCounter() if grpc else None  # gRPC: request messages, for telemetry
 
-    def push(self, ev) -> None:
-        if self.msgs is not None and type(ev) is Data:
-            _count(self, ev.data)
+    def push(self, ev: Any) -> None:
+        msgs = self.msgs
+        if msgs is not None and isinstance(ev, Data):
+            try:
+                msgs.feed(ev.data)
+            except GrpcError:  # not gRPC framing after all: no longer counted
+                self.msgs = None
         self.events.append(ev)
-        self.wake.set()
+        w = self.wake
+        if w is not None:
+            self.wake = None
+            w.set()
 
     def _ack(self) -> None:
-        n = 0
         events = self.events
-        for i in range(self.acked, min(self.pos, len(events))):
-            ev = events[i]
-            if type(ev) is Data:
-                n += len(ev.data)
-        self.acked = self.pos
-        if n:
-            self.c.emit(self.c.h2.ack_received(self.sid, n))
-            self.c.kick()  # the WINDOW_UPDATE goes out now, not with the next write
-        if self.pos >= len(events) and self.pos:
+        pos = self.pos
+        if pos > self.acked:
+            n = 0
+            for i in range(self.acked, min(pos, len(events))):
+                ev = events[i]
+                if isinstance(ev, Data):
+                    n += len(ev.data)
+            self.acked = pos
+            if n:
+                c = self.c
+                c.emit(c.h2.ack_received(self.sid, n))
+                c.kick()  # the WINDOW_UPDATE goes out now, not with the next write
+        if pos and pos >= len(events):
             events.clear()
             self.pos = self.acked = 0
 
-    def buffered(self):
+    def buffered(self) -> Any:
         self._ack()
         if self.pos < len(self.events):
             ev = self.events[self.pos]
@@ -206,18 +209,18 @@ class _StreamReader:
             return ev
         return None
 
-    def peek(self):
+    def peek(self) -> Any:
         if self.pos < len(self.events):
             return self.events[self.pos]
         return None
 
-    async def next(self):
+    async def next(self) -> Any:
         self._ack()
         while self.pos >= len(self.events):
             if self.eof:
                 return None
-            self.wake = trio.Event()
-            await self.wake.wait()
+            w = self.wake = trio.Event()
+            await w.wait()
             self._ack()
         ev = self.events[self.pos]
         self.pos += 1
@@ -230,10 +233,17 @@ class _StreamDown:
 
     __slots__ = ("c", "sid", "window")
 
-    def __init__(self, c: "_Conn", sid: int) -> None:
+    def __init__(self, c: _Conn, sid: int) -> None:
         self.c = c
         self.sid = sid
-        self.window = trio.Event()
+        self.window: trio.Event | None = None  # send_all waits for send window (None: it does not)
+
+    def wake(self) -> None:
+        """The stream may send again (window, reset, connection gone)."""
+        w = self.window
+        if w is not None:
+            self.window = None
+            w.set()
 
     @property
     def peer_id(self) -> str | None:
@@ -261,29 +271,27 @@ class _StreamDown:
         while h2.queued(self.sid) > 0:
             if c.dead:
                 raise DownstreamGone("connection closed")
-            self.window = trio.Event()
+            w = self.window = trio.Event()
             c.blocked[self.sid] = self
             try:
-                await self.window.wait()
+                await w.wait()
             finally:
                 c.blocked.pop(self.sid, None)
             await c.flush()
 
 
 class _Conn(OutBuffer):
-    __slots__ = ("rt", "al", "stream", "client_ip", "h2", "streams", "blocked", "dead", "nursery", "state", "draining",
-                 "lstats", "write_failed")  # out, emitted, written, wake, progress: OutBuffer's slots
+    __slots__ = ("rt", "al", "client_ip", "h2", "streams", "blocked", "nursery", "state", "draining", "lstats",
+                 "write_failed")  # stream, dead, out, emitted, written, wake, progress: OutBuffer's
 
-    def __init__(self, rt, al, stream, client_ip: str, lstats) -> None:
+    def __init__(self, rt: Any, al: Any, stream: Any, client_ip: str, lstats: Any) -> None:
         self.rt = rt
         self.al = al
-        self.stream = stream
         self.client_ip = client_ip
         self.h2 = H2Server(h2_limits(rt.snapshot), now=trio.current_time)
-        self._init_out()
+        self._init_out(stream)
         self.streams: dict[int, tuple[trio.CancelScope, _StreamReader, _StreamDown]] = {}
         self.blocked: dict[int, _StreamDown] = {}  # streams waiting for send window
-        self.dead = False
         self.write_failed = False  # a write to the socket failed (not: the client closed after reading)
         self.nursery: trio.Nursery | None = None
         self.state: H2ConnState | None = None
@@ -311,12 +319,15 @@ class _Conn(OutBuffer):
         if self.dead:
             return
         self.dead = True
-        self.progress.set()
+        self._progress()
         for scope, reader, down in self.streams.values():
             scope.cancel()
             reader.eof = True
-            reader.wake.set()
-            down.window.set()
+            w = reader.wake
+            if w is not None:
+                reader.wake = None
+                w.set()
+            down.wake()
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 
@@ -370,7 +381,7 @@ class _Conn(OutBuffer):
             if self.blocked:
                 for sid, d in list(self.blocked.items()):
                     if h2.queued(sid) == 0:  # sent, or the stream is gone: no WindowUpdated then
-                        d.window.set()
+                        d.wake()
             await self.flush()
             if not data or self.dead:
                 self.kill()
@@ -394,39 +405,43 @@ class _Conn(OutBuffer):
             except PeerGone:
                 pass
 
-    def _dispatch(self, ev) -> None:
-        t = type(ev)
-        if t is Data or t is EndOfMessage:
+    def _dispatch(self, ev: H2Event) -> None:
+        if isinstance(ev, Data):
             s = self.streams.get(ev.stream_id)
             if s is not None:
                 s[1].push(ev)
-                if t is EndOfMessage:
-                    s[1].eof = True
-        elif t is RequestHead:
+        elif isinstance(ev, EndOfMessage):
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                reader = s[1]
+                reader.push(ev)
+                reader.eof = True
+        elif isinstance(ev, RequestHead):
             sid = ev.stream_id
             scope = trio.CancelScope()
-            reader = _StreamReader(self, sid)
-            if is_grpc(ev.headers):
-                reader.msgs = MessageCounter()
+            reader = _StreamReader(self, sid, is_grpc(ev.headers))
             down = _StreamDown(self, sid)
             self.streams[sid] = (scope, reader, down)
             if self.state is not None:
-                self.state.deadline = math.inf
+                self.state.deadline = _INF
             assert self.nursery is not None  # set before the first frame is read
-            self.nursery.start_soon(self._serve_stream, ev, scope, reader, down)
-        elif t is WindowUpdated:
+            # (named: trio names a task by its function's module and qualname, which a compiled
+            # method lacks, and falls back to repr() of the bound method, once per stream)
+            self.nursery.start_soon(self._serve_stream, ev, scope, reader, down, name="h2 stream")
+        elif isinstance(ev, WindowUpdated):
             s = self.streams.get(ev.stream_id)
             if s is not None:
-                s[2].window.set()
+                s[2].wake()
         elif isinstance(ev, Reset):
             s = self.streams.get(ev.stream_id)
             if s is not None:
                 # the client abandoned the stream (or the codec refused it): cancel its work
-                s[1].push(ev)
-                s[1].eof = True
-                s[2].window.set()
+                reader = s[1]
+                reader.push(ev)
+                reader.eof = True
+                s[2].wake()
                 s[0].cancel()
-        elif t is GoAway:
+        elif isinstance(ev, GoAway):
             log.debug("client %s sent GOAWAY (last stream %d)", self.client_ip, ev.last_stream_id)
 
     # ------------------------------------------------------------ one stream
@@ -434,12 +449,13 @@ class _Conn(OutBuffer):
                             down: _StreamDown) -> None:
         rt = self.rt
         sid = head.stream_id
-        listener = self.al.spec
-        grpc = is_grpc(head.headers)
+        al = self.al
+        listener = al.spec
+        grpc = reader.grpc
         server = _StreamServer(self, sid, grpc)
         rq = Request(head, listener, rt.snapshot, rt, self.client_ip, server, reader, down)
-        since = trio.current_time()
-        deadline = math.inf
+        since: float = trio.current_time()
+        deadline = _INF
         if grpc:
             gt = header_value(head.headers, "grpc-timeout")
             if gt is not None:
@@ -450,18 +466,19 @@ class _Conn(OutBuffer):
         try:
             with scope:
                 nxt = reader.peek()
-                if type(nxt) is EndOfMessage:
+                if isinstance(nxt, EndOfMessage):
                     reader.pos += 1
                     rq.body_done = True
                 try:
                     reply = None
-                    for stage in self.al.chain_for(rq.snap):
-                        reply = await stage.on_request(rq)
+                    for decide, stage in al.steps_for(rq.snap):
+                        # a stage with a synchronous decide() runs without a coroutine (request.Stage)
+                        reply = decide(rq) if decide is not None else await stage.on_request(rq)
                         if reply is not None:
                             break
                     if reply is not None:
                         await send_local(rq, reply)
-                    elif deadline == math.inf:
+                    elif deadline == _INF:
                         try:
                             await rt.forwarder.run(rq)
                         finally:  # the shadows go even when the client left (a channel closed at once)
@@ -482,7 +499,8 @@ class _Conn(OutBuffer):
                                 rq.status = 200
                                 rq.response_started = True
                                 server.response_head(gh, end_stream=True)  # (records grpc-status 4 for telemetry)
-                    if rq.body is not None and not rq.body.finished and not rq.response_started:
+                    body = rq.body
+                    if body is not None and not body.finished and not rq.response_started:
                         self.emit(self.h2.reset(sid, "request body not consumed"))
                     await self.flush()
                 except PeerGone:
@@ -507,15 +525,17 @@ class _Conn(OutBuffer):
         if rq.status:
             self.lstats.response(rq.status)
         finish_request(rq, since, trio.current_time(), time.time())
-        for f in rq.flags:
-            rt.stats.flag(f)
-        if rq.flags and rq.flags[0] != F.DC:
-            log.info("%s %s %s -> %d %s %s (h2)", listener.name, head.method, head.authority + head.path,
-                     rq.status, ",".join(rq.flags), rq.detail)
+        flags = rq.flags
+        if flags:
+            for f in flags:
+                rt.stats.flag(f)
+            if flags[0] != F.DC:
+                log.info("%s %s %s -> %d %s %s (h2)", listener.name, head.method, head.authority + head.path,
+                         rq.status, ",".join(flags), rq.detail)
 
 
-async def serve_h2_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str, first: bytes,
-                              base: ConnState, lstats) -> None:
+async def serve_h2_connection(rt: Any, active_listener: Any, stream: Any, client_ip: str, first: bytes,
+                              base: ConnState, lstats: Any) -> None:
     """Serve one downstream HTTP/2 connection whose first bytes (``first``,
     starting with the preface) were already read. Returns when it is closed
     (the caller closes the socket). Never raises for network or protocol trouble."""
@@ -539,5 +559,3 @@ async def serve_h2_connection(rt, active_listener, stream: trio.abc.Stream, clie
                 c.kill()
     finally:
         rt.conns.discard(state)
-
-

@@ -23,19 +23,27 @@ Flow control: upstream Data is acked (``ack_received``) after it was written
 downstream; request body is read from the client only while the upstream
 stream has send window. A refused stream (REFUSED_STREAM, above GOAWAY) is
 a ``refused-stream`` failure: retried when the policy allows.
+
+Compiled with mypyc (setup.py): native classes with typed attributes, so the
+calls into the codec (protocol/http2.py) and the request (request.py) are direct
+C calls. Per try, no task switch beyond the ones the exchange needs: a pooled
+connection with room is taken without waiting, the request is not waited for
+until written (a connection that dies resets its streams), and without a
+perTryTimeout no cancel scope is made.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import cast
+import math
+from typing import Any, Final
 
 import trio
 
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
 from ..protocol.grpc import grpc_status_from
 from ..protocol.http1 import H1Server
-from ..protocol.http2 import GoAway, H2Client, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
+from ..protocol.http2 import GoAway, H2Client, H2Event, H2Limits, H2Reset, WindowUpdated, h1_head_to_h2
 from . import stats as F
 from .backend import NetworkBackend
 from .errors import DownstreamGone, PeerGone, receive_some
@@ -49,7 +57,8 @@ from .dns import upstream_address
 from .protocols import _http_settings, wants_h2
 from .stream import UpstreamConnectError
 
-log = logging.getLogger("meshctl.proxy")
+log: Final = logging.getLogger("meshctl.proxy")
+_INF: Final = math.inf
 
 __all__ = ["H2Pool", "H2Upstream", "H2Exchange", "wants_h2"]
 
@@ -61,29 +70,39 @@ class _UpStream:
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
-        self.events: list = []
+        self.events: list[Any] = []
         self.pos = 0
-        self.wake = trio.Event()
-        self.window = trio.Event()
+        self.wake: trio.Event | None = None  # next() waits for an event (None: it does not)
+        self.window: trio.Event | None = None  # the body waits for send window (None: it does not)
         self.done = False  # a final event (end or reset) arrived
 
-    def push(self, ev) -> None:
+    def push(self, ev: Any) -> None:
         self.events.append(ev)
-        self.wake.set()
+        w = self.wake
+        if w is not None:
+            self.wake = None
+            w.set()
 
-    def buffered(self):
+    def may_send(self) -> None:
+        """The body may be sent on (window, or the connection is gone)."""
+        w = self.window
+        if w is not None:
+            self.window = None
+            w.set()
+
+    def buffered(self) -> Any:
         if self.pos < len(self.events):
             ev = self.events[self.pos]
             self.pos += 1
             return ev
         return None
 
-    async def next(self):
+    async def next(self) -> Any:
         while self.pos >= len(self.events):
             self.events.clear()
             self.pos = 0
-            self.wake = trio.Event()
-            await self.wake.wait()
+            w = self.wake = trio.Event()
+            await w.wait()
         ev = self.events[self.pos]
         self.pos += 1
         return ev
@@ -92,18 +111,18 @@ class _UpStream:
 class H2Upstream(OutBuffer):
     """One multiplexed upstream HTTP/2 connection."""
 
-    def __init__(self, pool: "H2Pool", stream, key, stats) -> None:
+    __slots__ = ("pool", "key", "stats", "client", "streams", "scope", "reason", "idle_since")
+
+    def __init__(self, pool: H2Pool, stream: Any, key: tuple[Any, ...], stats: Any) -> None:
         self.pool = pool
-        self.stream = stream
         self.key = key
         self.stats = stats
         self.client = H2Client(H2Limits(), now=trio.current_time)
         self.streams: dict[int, _UpStream] = {}
-        self._init_out()
-        self.dead = False
+        self._init_out(stream)
         self.scope = trio.CancelScope()
         self.reason = ""
-        self.idle_since = trio.current_time()
+        self.idle_since: float = trio.current_time()
 
     # ------------------------------------------------------------ writing
     def emit(self, data: bytes) -> None:
@@ -151,14 +170,14 @@ class H2Upstream(OutBuffer):
             return
         self.dead = True
         self.reason = reason
-        self.progress.set()
+        self._progress()
         for st in self.streams.values():
             st.push(Reset(reason or "upstream HTTP/2 connection closed", st.sid))
-            st.window.set()
+            st.may_send()
         self.pool._forget(self)
         self.scope.cancel()
 
-    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reader and writer; returns when the connection is over (socket closed)."""
         try:
             with self.scope:
@@ -195,26 +214,32 @@ class H2Upstream(OutBuffer):
                 return
             self.emit(client.data_to_send())
             for ev in events:
-                t = type(ev)
-                if t is WindowUpdated:
-                    st = self.streams.get(cast(WindowUpdated, ev).stream_id)  # told apart by type(): mypy does not narrow t
+                if isinstance(ev, WindowUpdated):
+                    st = self.streams.get(ev.stream_id)
                     if st is not None:
-                        st.window.set()
-                elif t is GoAway:
+                        st.may_send()
+                elif isinstance(ev, GoAway):
                     self.pool._forget(self)  # no new streams here; open ones finish
                     if not self.streams:
                         self.reason = "upstream sent GOAWAY"
                         return
                 else:
-                    st = self.streams.get(getattr(ev, "stream_id", 0))
+                    st = self.streams.get(_stream_of(ev))
                     if st is not None:
                         st.push(ev)
             for st in self.streams.values():
-                if client.queued(st.sid) == 0:
-                    st.window.set()
+                if st.window is not None and client.queued(st.sid) == 0:
+                    st.may_send()
             if not data:
                 self.reason = "upstream closed the connection"
                 return
+
+
+def _stream_of(ev: H2Event) -> int:
+    """The stream an event of the codec belongs to (0: the connection)."""
+    if isinstance(ev, (ResponseHead, Data, EndOfMessage, Reset, RequestHead, WindowUpdated)):
+        return ev.stream_id
+    return 0
 
 
 class H2Pool:
@@ -223,11 +248,11 @@ class H2Pool:
     def __init__(self, nursery: trio.Nursery, backend: NetworkBackend) -> None:
         self.nursery = nursery
         self.backend = backend
-        self.conns: dict[tuple, list[H2Upstream]] = {}
-        self.connecting: dict[tuple, trio.Lock] = {}
+        self.conns: dict[tuple[Any, ...], list[H2Upstream]] = {}
+        self.connecting: dict[tuple[Any, ...], trio.Lock] = {}
         self.inflight: dict[str, int] = {}  # cluster name -> requests in flight (http2MaxRequests)
 
-    async def sweeper(self, rt, every: float = 5.0) -> None:
+    async def sweeper(self, rt: Any, every: float = 5.0) -> None:
         """Close connections idle (no stream) longer than the pool's idle timeout."""
         while True:
             limit = rt.pool.idle_timeout if rt.pool is not None else 60.0
@@ -246,16 +271,23 @@ class H2Pool:
             if not lst:
                 del self.conns[conn.key]
 
-    def _pick(self, key, max_streams: int | None) -> H2Upstream | None:
-        for c in self.conns.get(key, ()):
+    def ready(self, address: str, port: int, tls: Any, max_streams: int | None) -> H2Upstream | None:
+        """A connection with room for one more stream that is open already (no waiting), or None."""
+        return self._pick((address, port) if tls is None else (address, port, tls.key), max_streams)
+
+    def _pick(self, key: tuple[Any, ...], max_streams: int | None) -> H2Upstream | None:
+        lst = self.conns.get(key)
+        if lst is None:
+            return None
+        for c in lst:
             if c.usable and (max_streams is None or len(c.streams) < max_streams):
                 return c
         return None
 
-    async def acquire(self, address: str, port: int, stats, connect_timeout: float, tls=None,
+    async def acquire(self, address: str, port: int, stats: Any, connect_timeout: float, tls: Any = None,
                       max_streams: int | None = None) -> H2Upstream:
         """A connection with room for one more stream. Raises UpstreamConnectError."""
-        key = (address, port) if tls is None else (address, port, tls.key)
+        key: tuple[Any, ...] = (address, port) if tls is None else (address, port, tls.key)
         c = self._pick(key, max_streams)
         if c is not None:
             return c
@@ -285,7 +317,7 @@ class H2Pool:
 class H2Exchange:
     """HTTP/2 tries (forward.UpstreamExchange) over the runtime's H2Pool."""
 
-    def __init__(self, rt) -> None:
+    def __init__(self, rt: Any) -> None:
         self.rt = rt
         self.pool: H2Pool | None = None
 
@@ -336,17 +368,19 @@ class H2Exchange:
     async def _attempt(self, a: Attempt, pool: H2Pool, max_streams: int | None) -> TryResult:
         rq, cs, ep = a.rq, a.cs, a.ep
         settings = rq.snap.settings
-        conn = None
-        address = ep.address
+        conn: H2Upstream | None = None
+        address: str = ep.address
         if cs.cluster.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
             try:
                 address = await upstream_address(address, cs.cluster.dns)
             except OSError as exc:
                 return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {exc}")
         try:
-            with trio.move_on_at(a.deadline):
-                conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout,
-                                          upstream_tls(self.rt, cs.cluster, ep, h2=True), max_streams)
+            tls = upstream_tls(self.rt, cs.cluster, ep, h2=True)
+            conn = pool.ready(address, ep.port, tls, max_streams)  # the common case: no task switch, no scope
+            if conn is None:
+                with trio.move_on_at(a.deadline):
+                    conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls, max_streams)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
         if conn is None:
@@ -357,7 +391,7 @@ class H2Exchange:
         if any("trailers" in v.lower() for v in te) and not any(k == "te" for k, _ in head.headers):
             head.headers.append(("te", "trailers"))
         body = rq.body
-        st = None
+        st: _UpStream | None = None
         try:
             whole = body is None or (body.finished and body.replayable)
             st = conn.open(head, end_stream=body is None or (whole and not body.chunks and not body.trailers))
@@ -416,8 +450,8 @@ class H2Exchange:
                 conn.emit(client.data(st.sid, chunk))
                 await conn.flush()
                 while client.queued(st.sid) > 0 and not conn.dead and not st.done:
-                    st.window = trio.Event()
-                    await st.window.wait()
+                    w = st.window = trio.Event()
+                    await w.wait()
         except DownstreamGone as exc:  # (a PeerGone too: checked first)
             failure.append(exc)
             cancel.cancel()
@@ -428,10 +462,10 @@ class H2Exchange:
             cancel.cancel()
 
     @staticmethod
-    async def _read_head(rq: Request, st: _UpStream):
+    async def _read_head(rq: Request, st: _UpStream) -> Any:
         while True:
             ev = await st.next()
-            if type(ev) is ResponseHead:
+            if isinstance(ev, ResponseHead):
                 if 100 <= ev.status < 200:
                     if ev.status == 100 and not rq.head.expect_continue:
                         continue
@@ -442,16 +476,17 @@ class H2Exchange:
 
     async def _respond(self, a: Attempt, conn: H2Upstream, st: _UpStream) -> TryResult:
         rq = a.rq
-        try:
-            await conn.flush()
-        except PeerGone:
-            pass  # the stream gets a Reset event
-        head = None
-        with trio.move_on_at(a.deadline) as scope:
+        # no waiting for the request to be written (emit woke the writer, which sends it with
+        # what else is emitted in this turn): if the connection dies first, the stream gets a Reset
+        head: Any = None
+        if a.deadline == _INF:  # no perTryTimeout: no cancel scope
             head = await self._read_head(rq, st)
-        if scope.cancelled_caught:
-            return Failed("timeout", F.UT, "per-try timeout")
-        if type(head) is not ResponseHead:
+        else:
+            with trio.move_on_at(a.deadline) as scope:
+                head = await self._read_head(rq, st)
+            if scope.cancelled_caught:
+                return Failed("timeout", F.UT, "per-try timeout")
+        if not isinstance(head, ResponseHead):
             st.done = True  # nothing to reset
             if isinstance(head, H2Reset) and head.refused:
                 return Failed("refused-stream", F.UR, f"{conn.key[0]}:{conn.key[1]} refused the stream")
@@ -477,7 +512,7 @@ class H2Exchange:
         rq.response_started = True
         rq.status = head.status
         nxt = st.events[st.pos] if st.pos < len(st.events) else None
-        if type(nxt) is EndOfMessage and not nxt.trailers:
+        if isinstance(nxt, EndOfMessage) and not nxt.trailers:
             # a head that ended the stream (gRPC trailers-only): keep it one HEADERS frame with END_STREAM
             st.pos += 1
             st.done = True
@@ -485,7 +520,7 @@ class H2Exchange:
             if not server.keep_alive:
                 rq.keep_alive = False
             return
-        out = [server.response_head(resp)]
+        out: list[bytes] = [server.response_head(resp)]
         acked = 0
         while True:
             ev = st.buffered()
@@ -497,14 +532,14 @@ class H2Exchange:
                     conn.emit(client.ack_received(st.sid, acked))
                     acked = 0
                 ev = await st.next()
-            t = type(ev)
-            if t is Data:
-                out.append(server.data(ev.data))
-                rq.bytes_sent += len(ev.data)
+            if isinstance(ev, Data):
+                data = ev.data
+                out.append(server.data(data))
+                rq.bytes_sent += len(data)
                 if rq.kept is not None:  # a mirrored route: the body the shadow's is compared with
-                    rq.kept.add(ev.data)
-                acked += len(ev.data)
-            elif t is EndOfMessage:
+                    rq.kept.add(data)
+                acked += len(data)
+            elif isinstance(ev, EndOfMessage):
                 out.append(server.end(ev.trailers))
                 st.done = True
                 break

@@ -114,8 +114,10 @@ class LazyH2Exchange:
             x = self.real = self.make(self.rt)
         return x
 
-    async def attempt(self, a):
-        return await self.exchange().attempt(a)
+    def attempt(self, a):
+        # (not a coroutine of its own: it hands out the real exchange's, so no interpreted
+        # frame sits in the request's await chain, resumed at every wake-up of the try)
+        return self.exchange().attempt(a)
 
     @property
     def pool(self):
