@@ -41,6 +41,7 @@ import math
 import time
 from typing import Any, Final
 
+import outcome
 import trio
 
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead, header_value
@@ -64,6 +65,7 @@ from .telemetry import finish_request
 
 log: Final = logging.getLogger("meshctl.proxy")
 _INF: Final = math.inf
+_IDLE_TASKS: Final = 8  # stream tasks of a connection kept waiting for its next stream, at most
 
 __all__ = ["serve_h2_connection", "H2ConnState", "h2_limits"]
 
@@ -282,7 +284,7 @@ class _StreamDown:
 
 class _Conn(OutBuffer):
     __slots__ = ("rt", "al", "client_ip", "h2", "streams", "blocked", "nursery", "state", "draining", "lstats",
-                 "write_failed")  # stream, dead, out, emitted, written, wake, progress: OutBuffer's
+                 "write_failed", "idle")  # stream, dead, out, emitted, written, wake, progress: OutBuffer's
 
     def __init__(self, rt: Any, al: Any, stream: Any, client_ip: str, lstats: Any) -> None:
         self.rt = rt
@@ -297,6 +299,7 @@ class _Conn(OutBuffer):
         self.state: H2ConnState | None = None
         self.draining = False
         self.lstats = lstats
+        self.idle: list[trio.lowlevel.Task] = []  # stream tasks waiting for a stream (_next_stream)
 
     async def flush(self) -> None:
         """Wait until everything emitted so far is written to the socket; DownstreamGone
@@ -424,10 +427,13 @@ class _Conn(OutBuffer):
             self.streams[sid] = (scope, reader, down)
             if self.state is not None:
                 self.state.deadline = _INF
-            assert self.nursery is not None  # set before the first frame is read
-            # (named: trio names a task by its function's module and qualname, which a compiled
-            # method lacks, and falls back to repr() of the bound method, once per stream)
-            self.nursery.start_soon(self._serve_stream, ev, scope, reader, down, name="h2 stream")
+            if self.idle:  # a task whose stream is done takes this one (no new task)
+                trio.lowlevel.reschedule(self.idle.pop(), outcome.Value((ev, scope, reader, down)))
+            else:
+                assert self.nursery is not None  # set before the first frame is read
+                # (named: trio names a task by its function's module and qualname, which a
+                # compiled method lacks, and falls back to repr() of the bound method)
+                self.nursery.start_soon(self._stream_task, ev, scope, reader, down, name="h2 stream")
         elif isinstance(ev, WindowUpdated):
             s = self.streams.get(ev.stream_id)
             if s is not None:
@@ -445,6 +451,31 @@ class _Conn(OutBuffer):
             log.debug("client %s sent GOAWAY (last stream %d)", self.client_ip, ev.last_stream_id)
 
     # ------------------------------------------------------------ one stream
+    async def _stream_task(self, head: RequestHead, scope: trio.CancelScope, reader: _StreamReader,
+                           down: _StreamDown) -> None:
+        """Serve a stream, then the next ones the connection opens: a task whose stream is
+        done waits for the next (up to _IDLE_TASKS of them), since starting a trio task per
+        stream cost more than the rest of this module's work for a gRPC call. The
+        connection's end cancels the waiting ones with the rest of its nursery."""
+        while True:
+            await self._serve_stream(head, scope, reader, down)
+            if self.dead or self.draining or len(self.idle) >= _IDLE_TASKS:
+                return
+            head, scope, reader, down = await self._next_stream()
+
+    async def _next_stream(self) -> Any:
+        """Wait until _dispatch hands this task a new stream: (head, scope, reader, down)."""
+        task = trio.lowlevel.current_task()
+        idle = self.idle
+        idle.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if task in idle:
+                idle.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
     async def _serve_stream(self, head: RequestHead, scope: trio.CancelScope, reader: _StreamReader,
                             down: _StreamDown) -> None:
         rt = self.rt
