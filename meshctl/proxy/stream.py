@@ -71,83 +71,6 @@ class UpstreamConnectError(Exception):
         self.cause = cause
 
 
-# what a non-blocking recv raises when it would have to wait for the peer's bytes
-# (plain socket: EAGAIN; TLS: OpenSSL needs more of a record)
-_WOULD_READ = (BlockingIOError, ssl.SSLWantReadError)
-
-
-class _TryFirstReceive:
-    """The TLS stream's receive loop: try ``recv_into`` first, park only when
-    OpenSSL has nothing (FastSocketStream has its own, compiled, in
-    sockstream.py). The stream says which socket
-    to call and wait on (``_recv_sock``), whether bytes are already decoded and
-    waiting (``_buffered``), what to do after a read (``_after_read``) and how
-    its library errors map to trio's (``_map_error``)."""
-
-    __slots__ = ("_recv_busy", "_park_next", "_calls", "_every")
-    _recv_busy: bool
-    _park_next: bool
-    _calls: int
-    _every: int
-
-    def _recv_sock(self) -> socket.socket:
-        raise NotImplementedError
-
-    def _closed_now(self) -> bool:
-        raise NotImplementedError
-
-    def _buffered(self) -> bool:
-        raise NotImplementedError
-
-    def _after_read(self, n: int) -> None:
-        raise NotImplementedError
-
-    def _map_error(self, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
-        raise NotImplementedError
-
-    async def _wait_other(self, readable: bool) -> None:
-        raise NotImplementedError
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._recv_busy:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        if self._closed_now():
-            raise trio.ClosedResourceError("stream was closed")
-        size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
-        if size < 1:
-            raise ValueError("max_bytes must be >= 1")
-        self._recv_busy = True
-        try:
-            sock = self._recv_sock()
-            if self._park_next and not self._buffered():
-                # right after a send the answer cannot be there yet: wait for it
-                # instead of spending a recv() on EAGAIN
-                self._park_next = False
-                self._calls = 0
-                await _wait_readable(sock)
-            else:
-                self._park_next = False
-                self._calls += 1
-                if self._calls >= self._every:
-                    self._calls = 0
-                    await _checkpoint()
-            while True:
-                try:
-                    n = sock.recv_into(_SHARED, size)
-                except _WOULD_READ:
-                    await _wait_readable(sock)
-                    continue
-                except ssl.SSLWantWriteError:  # TLS: answering the peer (a KeyUpdate) must write first
-                    await self._wait_other(False)
-                    continue
-                except (OSError, ValueError) as exc:  # (ValueError: an SSLSocket closed under us)
-                    raise self._map_error(exc) from exc
-                self._after_read(n)
-                return _SHARED_VIEW[:n].tobytes()
-        finally:
-            self._recv_busy = False
-
-
 # ------------------------------------------------------------------ TLS
 
 
@@ -197,7 +120,7 @@ def _tls_broken(exc: BaseException) -> trio.BrokenResourceError:
     return trio.BrokenResourceError(f"connection lost: {exc}")
 
 
-class TLSSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
+class TLSSocketStream(trio.abc.HalfCloseableStream):
     """TLS over a non-blocking ``ssl.SSLSocket``, trying the syscall first like
     ``FastSocketStream`` (trio's ``SSLStream`` pumps a memory BIO through the
     scheduler and costs about twice as much per round trip, see
@@ -229,7 +152,8 @@ class TLSSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
 
     __slots__ = (
         "raw", "sock", "peer_id", "principal", "alpn", "sni", "quickack", "on_session", "park_after_send",
-        "_send_busy", "_handshaken", "_write_pending", "_eof_sent",
+        "_send_busy", "_handshaken", "_write_pending", "_eof_sent", "_obj",
+        "_recv_busy", "_park_next", "_calls", "_every",
     )
 
     def __init__(self, raw: FastSocketStream, sock: ssl.SSLSocket) -> None:
@@ -251,6 +175,12 @@ class TLSSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
         self._handshaken = False
         self._write_pending = False  # a send_all was cancelled with a record half-written
         self._eof_sent = False
+        # The SSL object under ``sock`` (``_ssl._SSLSocket``): reads, writes and
+        # pending() go to it directly. SSLSocket's Python methods (recv_into -> read ->
+        # _sslobj.read, send -> _sslobj.write, pending, each with a _checkClosed) only
+        # add frames on a connected socket; the one thing they add, ragged EOF read as
+        # EOF, receive_some does itself.
+        self._obj = sock._sslobj  # type: ignore[attr-defined]
 
     # -------------------------------------------------------------- handshake
 
@@ -289,18 +219,49 @@ class TLSSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
 
     # -------------------------------------------------------------- receive
 
-    def _recv_sock(self) -> socket.socket:
-        return self.sock
-
-    def _closed_now(self) -> bool:
-        return self.raw._closed
-
-    def _buffered(self) -> bool:
-        return self.sock.pending() > 0  # decrypted bytes waiting in OpenSSL
-
-    def _after_read(self, n: int) -> None:
-        if self.on_session is not None:
-            self._offer_session()
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Try the SSL object's read first, straight into the shared buffer; park only
+        on want-read (on want-write: a KeyUpdate to answer first)."""
+        if self._recv_busy:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self.raw._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._recv_busy = True
+        try:
+            obj = self._obj
+            if self._park_next and not obj.pending():
+                # right after a send the answer cannot be there yet: wait for it
+                # (unless OpenSSL holds decrypted bytes already)
+                self._park_next = False
+                self._calls = 0
+                await _wait_readable(self.sock)
+            else:
+                self._park_next = False
+                self._calls += 1
+                if self._calls >= self._every:
+                    self._calls = 0
+                    await _checkpoint()
+            while True:
+                try:
+                    n = obj.read(size, _SHARED)
+                except _WantRead:
+                    await _wait_readable(self.sock)
+                    continue
+                except _WantWrite:  # answering the peer (a KeyUpdate) must write first
+                    await self._wait_other(False)
+                    continue
+                except ssl.SSLEOFError:  # a TCP EOF without close_notify: EOF (ssl's suppress_ragged_eofs)
+                    n = 0
+                except (OSError, ValueError) as exc:  # (SSLError is an OSError)
+                    raise self._map_error(exc) from exc
+                if self.on_session is not None:
+                    self._offer_session()
+                return _SHARED_VIEW[:n].tobytes()
+        finally:
+            self._recv_busy = False
 
     def _map_error(self, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
         if self.raw._closed or isinstance(exc, ValueError):
@@ -341,25 +302,25 @@ class TLSSocketStream(_TryFirstReceive, trio.abc.HalfCloseableStream):
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
             self._park_next = self.park_after_send
-            sock = self.sock
-            sent = 0
-            with memoryview(data) as view:
-                while sent < total:
-                    # after a want-read/want-write OpenSSL needs the same bytes again: the
-                    # slice only moves on success
-                    try:
-                        sent += sock.send(view[sent:] if sent else view)
-                        self._write_pending = False
-                    except _WantWrite:
-                        self._write_pending = True
-                        await _wait_writable(sock)
-                    except _WantRead:
-                        self._write_pending = True
-                        await self._wait_other(True)
-                    except (ssl.SSLError, OSError, ValueError) as exc:
-                        if raw._closed or isinstance(exc, ValueError):
-                            raise trio.ClosedResourceError("stream was closed") from None
-                        raise _tls_broken(exc) from exc
+            obj = self._obj
+            # SSL_write takes all of it or nothing (ssl sets no partial-write mode): one
+            # call on the common path; after a want-read/want-write OpenSSL needs the same
+            # bytes again (it keeps what it has encrypted and sent of them)
+            while True:
+                try:
+                    obj.write(data)
+                    self._write_pending = False
+                    return
+                except _WantWrite:
+                    self._write_pending = True
+                    await _wait_writable(self.sock)
+                except _WantRead:
+                    self._write_pending = True
+                    await self._wait_other(True)
+                except (OSError, ValueError) as exc:  # (SSLError is an OSError)
+                    if raw._closed or isinstance(exc, ValueError):
+                        raise trio.ClosedResourceError("stream was closed") from None
+                    raise _tls_broken(exc) from exc
         finally:
             self._send_busy = False
 
