@@ -264,6 +264,13 @@ def san_matches(want: str, names: Sequence[str]) -> bool:
     return False
 
 
+# upstream_tls's answer per endpoint object (by id, with the objects it was worked out
+# from, kept alive here so that no id is reused while its entry stands): the forwarder
+# asks once per try, and the answer changes only with the config (new Cluster and
+# Endpoint objects) or the sidecar's holder.
+_by_ep: dict[int, tuple[object, object, object, bool, UpstreamTLS | None]] = {}
+
+
 def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
     """What to do for ``ep`` of ``cluster`` (None: plaintext); ``h2`` for a
     connection that will speak HTTP/2 (ALPN "h2" instead of "http/1.1").
@@ -271,12 +278,23 @@ def upstream_tls(rt, cluster, ep, *, h2: bool = False) -> UpstreamTLS | None:
     Raises UpstreamConnectError when the DestinationRule asks for mutual TLS
     and this sidecar has no certificate (a plaintext attempt would only be
     refused, or worse, accepted by a PERMISSIVE peer against the rule)."""
+    holder = getattr(rt, "tls", None)
+    hit = _by_ep.get(id(ep))
+    if hit is not None and hit[0] is ep and hit[1] is cluster and hit[2] is holder and hit[3] is h2:
+        return hit[4]
+    got = _decide(cluster, ep, h2, holder)
+    if len(_by_ep) >= 4096:
+        _by_ep.clear()
+    _by_ep[id(ep)] = (ep, cluster, holder, h2, got)
+    return got
+
+
+def _decide(cluster, ep, h2: bool, holder) -> UpstreamTLS | None:
     tp = cluster.traffic_policy
     tls = tp.tls if tp is not None else None
     mode = tls.mode if tls is not None and tls.mode else None
     # subjectAltNames: the DestinationRule's, else the ServiceEntry's (Istio: the rule's win)
     sans = tuple(tls.subject_alt_names) if tls is not None and tls.subject_alt_names else cluster.subject_alt_names
-    holder = getattr(rt, "tls", None)
     if mode is None:
         # auto mTLS: to a meshctl sidecar, when we have an identity ourselves
         if ep.identity is None or holder is None:

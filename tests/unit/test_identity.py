@@ -91,6 +91,21 @@ def test_destination_rule_disable_turns_mtls_off_and_simple_uses_plain_tls(root,
     assert t.key != upstream_tls(rt, cluster(), SIDECAR).key
 
 
+def test_the_decision_follows_the_certificate_and_the_config(root):
+    # asked once per request: the answer for an endpoint is kept, and still changes
+    # with the sidecar's certificate holder and with a new config's objects
+    rt = FakeRuntime(None)
+    first = cluster()
+    assert upstream_tls(rt, first, SIDECAR) is None  # no identity yet: plaintext
+    rt.tls = certs(root, PRODUCTPAGE)
+    t = upstream_tls(rt, first, SIDECAR)
+    assert t is not None and t.mode == "ISTIO_MUTUAL" and not t.h2
+    assert upstream_tls(rt, first, SIDECAR) is t
+    assert upstream_tls(rt, first, SIDECAR, h2=True).h2
+    assert upstream_tls(rt, cluster(ClientTLSSettings(mode="DISABLE")), SIDECAR) is None  # new config: DR DISABLE
+    assert upstream_tls(rt, first, Endpoint("127.0.0.1", 1, identity=PRODUCTPAGE)).expected == {PRODUCTPAGE}
+
+
 def test_simple_with_a_missing_ca_file_names_the_problem(root, tmp_path):
     rt = FakeRuntime(certs(root, PRODUCTPAGE))
     with pytest.raises(UpstreamConnectError, match="cannot load certificates"):
