@@ -47,13 +47,12 @@ from meshctl.model.proxyconfig import (Cluster, Endpoint, Listener, ProxyConfig,
                                        cluster_name)
 from meshctl.proxy.backend import SocketBackend
 from meshctl.proxy.runtime import ProxyRuntime
-from meshctl.proxy.testing import request_heads
+
+from hop_bench import app, client  # the same toy app and wrk-like client as the one-hop bench (run from bench/)
 
 CONNS = 16
 BACKEND_ID = "spiffe://cluster.local/ns/default/sa/backend"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
-REQUEST = b"GET /reviews/0 HTTP/1.1\r\nHost: backend\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
-RESPONSE = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n"
 USER: list[float] = []
 
 
@@ -99,24 +98,6 @@ def outbound_config(server_port: int, mtls: bool) -> ProxyConfig:
         clusters=FrozenDict({name: Cluster(name=name, service=host, port=80, endpoints=(
             Endpoint(address="127.0.0.1", port=server_port, identity=BACKEND_ID if mtls else None),))}),
     )
-
-
-async def app(stream) -> None:
-    async for _ in request_heads(stream):
-        await stream.send_all(RESPONSE)
-
-
-async def client(backend, addr: tuple[str, int], n: int) -> None:
-    stream = await backend.connect(*addr)
-    for _ in range(n):
-        await stream.send_all(REQUEST)
-        buf = b""
-        while not buf.endswith(b"hello world\n"):
-            data = await stream.receive_some()
-            assert data, "connection closed"
-            buf += data
-        assert buf.startswith(b"HTTP/1.1 200"), buf[:100]
-    await stream.aclose()
 
 
 OPENED: list[int] = []  # upstream connections the sidecars opened during each measured run
