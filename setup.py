@@ -66,6 +66,16 @@ COMPILED = [
 ]
 
 
+# The HTTP/2 modules, loaded by a sidecar's first HTTP/2 connection or upstream try
+# (proxy/protocols.py): compiled into a library of their own.
+HTTP2 = [
+    "meshctl/protocol/http2.py",
+    "meshctl/proxy/h2conn.py",
+    "meshctl/proxy/h2pool.py",
+    "meshctl/proxy/outbuf.py",
+]
+
+
 def _why_pure() -> str | None:
     if os.environ.get("MESHCTL_PURE") == "1":
         return "MESHCTL_PURE=1"
@@ -90,8 +100,12 @@ def _ext_modules() -> list:
     # --no-warn-unused-configs: mypyc reads pyproject's [tool.mypy] (written for the whole
     # tree) and fails the build on any message, notes included; for the few modules it
     # compiles most of those sections are unused.
+    # Two shared libraries: a sidecar that never speaks HTTP/2 never loads the second
+    # (no compiled module of the first imports one of it: protocols.py, interpreted,
+    # does). The resident part of one library grows with all it holds, used or not.
+    rest = [m for m in COMPILED if m not in HTTP2]
     return mypycify(["--ignore-missing-imports", "--follow-imports=silent", "--no-warn-unused-configs", *COMPILED],
-                    opt_level="3", group_name="meshctl")
+                    opt_level="3", separate=[(rest, "meshctl"), (HTTP2, "meshctl_h2")])
 
 
 setup(ext_modules=_ext_modules())

@@ -29,6 +29,7 @@ from . import egress, mirror
 from . import stats as F
 from .errors import PeerGone, send_all
 from .pool import EventReader
+from .h2entry import serve_h2
 from .protocols import sniff
 from .request import ConnState, Request, raw_error_response, send_local
 from .snapshot import Snapshot
@@ -68,9 +69,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
             if kind is None:
                 return
             if kind == "h2":
-                from .h2conn import serve_h2_connection  # HTTP/2 loaded by its first connection (protocols.py)
-
-                await serve_h2_connection(rt, active_listener, stream, client_ip, prefix, conn, lstats)
+                await serve_h2(rt, active_listener, stream, client_ip, prefix, conn, lstats)  # (loads HTTP/2)
                 return
             while True:
                 if not first:  # the first head keeps the deadline set before sniffing it

@@ -5,7 +5,10 @@
 
 The HTTP/2 machinery (protocol/http2.py with jh2's HPACK, h2conn.py, h2pool.py: ~2.8 MB of
 RSS) is imported by the first connection or request that needs it; a sidecar
-whose traffic is all HTTP/1.1 never loads it (issue 12, RSS per sidecar).
+whose traffic is all HTTP/1.1 never loads it (issue 12, RSS per sidecar). The lazy
+imports are in interpreted modules (here and h2entry.py): in the compiled build, a
+compiled module that imports an HTTP/2 module, even inside a function, makes its
+library load theirs at start.
 """
 
 from __future__ import annotations
