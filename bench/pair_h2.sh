@@ -17,6 +17,13 @@
 # 1,000 rps per proxy at a fixed 1,000 rps (utime+stime from /proc), p50/p99 at that
 # rate, and RSS. Everything started is stopped on exit.
 #
+# Two pacings at the fixed rate. fortio's default (and h2load --rps, each of its 16
+# clients on its own timer) sends in step: every 16 ms all 16 connections call at the
+# same instant, so the figure is mostly the time a proxy takes to work through 16
+# calls at once (its CPU per call x 16; an nginx pair goes from ~0.65 ms p50 paced to
+# ~3.3 ms in step on the 2-vCPU VM). "-uniform" (Istio's method) spreads the calls
+# evenly; it is measured once per run for direct, nginx and meshctl.
+#
 # Usage: bench/pair_h2.sh [duration-seconds]   (default 10)
 # Needs: nginx (with http_v2 and grpc modules), h2load, fortio (scripts/tools/fortio.sh
 # builds it), python3 with meshctl installed (MESHCTL=... to override).
@@ -144,10 +151,10 @@ if set(r.get("RetCodes", {})) != {"SERVING"}:
 print(round(r["ActualQPS"]))
 EOF
 }
-grpcrate() { # port a_pid b_pid → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
+grpcrate() { # port a_pid b_pid [fortio flags] → "p50_us p99_us cpuA_per1k cpuB_per1k ok_count"
   local t0a t0b t1a t1b
   t0a=$(cpu_ticks "$2"); t0b=$(cpu_ticks "$3")
-  "$FORTIO" load -grpc -ping -c $CONNS -qps $RATE_TOTAL -t "${DUR}s" -json "$WORK/g.json" "127.0.0.1:$1" >/dev/null 2>&1
+  "$FORTIO" load -grpc -ping -c $CONNS -qps $RATE_TOTAL -t "${DUR}s" ${4:-} -json "$WORK/g.json" "127.0.0.1:$1" >/dev/null 2>&1
   t1a=$(cpu_ticks "$2"); t1b=$(cpu_ticks "$3")
   "$PY" - "$WORK/g.json" "$((t1a - t0a))" "$((t1b - t0b))" "$DUR" "$(getconf CLK_TCK)" <<'EOF'
 import json, sys
@@ -181,6 +188,10 @@ for round in 1 2; do
        " grpc nginx=[${L[grpc,nginx,$round]}] meshctl=[${L[grpc,meshctl,$round]}]" >&2
 done
 L[grpc,direct,1]=$(grpcrate "$GRPC" "$GRPC_PID" "$GRPC_PID")
+U_DIRECT=$(grpcrate "$GRPC" "$GRPC_PID" "$GRPC_PID" -uniform)
+U_NGINX=$(grpcrate "$NGX_GC" "$NGX_GC_PID" "$NGX_GS_PID" -uniform)
+U_MESH=$(grpcrate "$MESH_OUT_G" "$MESH_OUT_PID" "$MESH_IN_PID" -uniform)
+echo "gRPC at 1,000 calls/s, -uniform (p50_us p99_us cpuA cpuB ok): direct [$U_DIRECT] nginx [$U_NGINX] meshctl [$U_MESH]" >&2
 # Istio's method over h2 (fortio -h2: prior-knowledge h2c, 1,000 qps, 16 conns, 1 KB, uniform)
 F_DIRECT=$(fortio_lat "http://127.0.0.1:$BACKEND_H2/" backend "$BACKEND_PID" "$BACKEND_PID" -h2)
 F_NGINX=$(fortio_lat "http://127.0.0.1:$NGX_C/" backend "$NGX_C_PID" "$NGX_S_PID" -h2)
@@ -221,6 +232,14 @@ print("Istio's method over h2 (fortio -h2 -qps 1000 -c 16 -payload-size 1024 -un
 for k in ("nginx", "meshctl"):
     print(f"{k:<10} p50 +{add[k][0]:.3f} p90 +{add[k][1]:.3f} p99 +{add[k][2]:.3f}   vCPU per 1k rps: A {fort[k][3]:.3f} B {fort[k][4]:.3f}")
 g = L.get("grpc,meshctl,1")
+uni = {k: list(map(float, v.split())) for k, v in {"direct": "$U_DIRECT", "nginx": "$U_NGINX", "meshctl": "$U_MESH"}.items()}
+print()
+print("gRPC unary at 1,000 calls/s, calls spread evenly (fortio -uniform): p50 / p99 µs, vCPU per 1k rps A B")
+for k in ("direct", "nginx", "meshctl"):
+    row = f"{k:<10}{uni[k][0]:>8.0f}{uni[k][1]:>8.0f}"
+    if k != "direct":
+        row += f"{uni[k][2]:>10.3f}{uni[k][3]:>7.3f}"
+    print(row)
 print(json.dumps({
     "bench": "pair_h2", "load": "$LOAD0",
     "ratio_h2_max_rps": round(best("h2", "meshctl") / best("h2", "nginx"), 3),
@@ -229,6 +248,7 @@ print(json.dumps({
             "grpc_nginx": best("grpc", "nginx"), "grpc_meshctl": best("grpc", "meshctl")},
     "grpc_1000_meshctl_p50_p99_us": [low("grpc", "meshctl", 0), low("grpc", "meshctl", 1)],
     "grpc_1000_held": bool(g) and max(L[f"grpc,meshctl,{r}"][4] for r in (1, 2)) >= 0.98 * $RATE_TOTAL * $DUR,
+    "grpc_1000_uniform_p50_p99_us": {k: uni[k][:2] for k in ("direct", "nginx", "meshctl")},
     "fortio_h2_added_ms_p50_p90_p99": add,
     "vcpu_per_1k_rps_client_server": {k: fort[k][3:5] for k in ("nginx", "meshctl")},
     "rss_mb": {k: round(v / 1024, 1) for k, v in rss.items()},
