@@ -224,7 +224,17 @@ _DEFAULT_LIMITS: Final = H2Limits()
 _REQUEST: Final = 0  # what a header block is
 _RESPONSE: Final = 1
 _TRAILERS: Final = 2
-_WHITESPACE: Final = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def _ws(c: int) -> bool:
+    """An octet of b" \\t\\n\\r\\x0b\\x0c" (compiled: integer compares, no set lookup)."""
+    return c == 32 or 9 <= c <= 13
+
+
+# a decoded header block: (name, value, never-indexed) per field, as jh2's decoder gives it
+# with raw=True (its pure-Python decoder gives (name, value) tuples)
+_Raw = list[tuple[bytes, ...]]
+
 _UPPER: Final = re.compile(b"[A-Z]")
 _CONNECTION_FIELDS: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
 _PSEUDO_ALLOWED: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":status", b":protocol"})
@@ -350,25 +360,81 @@ def _strip_connection_specific(headers: HeaderList, *, drop_host: bool) -> Heade
     return out
 
 
-def _encode_fields(out: list[_Field], headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[_Field]:
-    """Append the caller's fields to ``out`` as HPACK wants them (bytes, lower-case names)."""
+# how an output field name is sent (_out_name)
+_NAME_PLAIN: Final = 0  # indexed by HPACK
+_NAME_UNINDEXED: Final = 1  # never indexed (_NEVER_INDEXED, _PER_REQUEST)
+_NAME_COOKIE: Final = 2  # never indexed when short (RFC 7541 7.1.3)
+_NAME_TE: Final = 3  # te: sent only as "trailers"
+_NAME_DROP: Final = 4  # connection-specific, or host
+# output names already checked (names repeat from request to request, mostly as the very
+# str objects _decode_fields made): name -> (lower-cased ASCII bytes, _NAME_*); bounded
+# (short names only, and no more than _OUT_NAMES_MAX)
+_OUT_NAMES: Final[dict[str, tuple[bytes, int]]] = {}
+_OUT_NAMES_MAX: Final = 2048
+# values of indexed fields already checked and encoded (content-type, te, user-agent, ...):
+# value -> stripped latin-1 bytes; short values only, emptied when full
+_OUT_VALUES: Final[dict[str, bytes]] = {}
+_OUT_VALUES_MAX: Final = 1024
+_OUT_VALUE_LEN_MAX: Final = 128
+
+
+def _out_name(k: str) -> tuple[bytes, int]:
+    """``(name as sent, _NAME_*)`` for a caller's field name; ValueError if it may not be sent."""
+    got = _OUT_NAMES.get(k)
+    if got is not None:
+        return got
+    low = k if k.islower() else k.lower()
+    if low in _DROP_OUT:
+        how = _NAME_TE if low == "te" else _NAME_DROP
+    elif low[:1] == ":" or not low:
+        raise ValueError(f"header name {low!r} is not allowed in a header list (pseudo-headers come from the head)")
+    elif low in _NEVER_INDEXED or low in _PER_REQUEST:
+        how = _NAME_UNINDEXED
+    else:
+        how = _NAME_COOKIE if low == "cookie" else _NAME_PLAIN
+    try:
+        name = low.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"header {low!r} is not encodable as latin-1: {exc}") from None
+    got = (name, how)
+    if len(_OUT_NAMES) < _OUT_NAMES_MAX and len(k) <= _OUT_VALUE_LEN_MAX:
+        _OUT_NAMES[k] = got
+    return got
+
+
+def _out_value(k: str, v: str) -> bytes:
+    """A field value as sent (stripped, latin-1); ValueError for CR, LF, NUL or beyond latin-1."""
+    if "\r" in v or "\n" in v or "\0" in v:
+        raise ValueError(f"CR, LF or NUL in the value of header {k!r}: {v!r}")
+    try:
+        return v.strip().encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"header {k!r} is not encodable as latin-1: {exc}") from None
+
+
+def _encode_fields(out: list[_Field], headers: Iterable[tuple[str, str]]) -> list[_Field]:
+    """Append the caller's fields to ``out`` as HPACK wants them (bytes, lower-case names;
+    connection-specific fields and host dropped, te kept only as "trailers")."""
+    values = _OUT_VALUES
     for k, v in headers:
-        if not k.islower():
-            k = k.lower()
-        if k in drop:
-            if k == "te" and v.strip().lower() == "trailers":
+        name, how = _out_name(k)
+        if how == _NAME_PLAIN:
+            value = values.get(v)
+            if value is None:
+                value = _out_value(k, v)
+                if len(v) <= _OUT_VALUE_LEN_MAX:
+                    if len(values) >= _OUT_VALUES_MAX:
+                        values.clear()
+                    values[v] = value
+            out.append((name, value, False))
+        elif how == _NAME_UNINDEXED:
+            out.append((name, _out_value(k, v), True))
+        elif how == _NAME_COOKIE:
+            value = _out_value(k, v)
+            out.append((name, value, len(value) < 20))
+        elif how == _NAME_TE:
+            if v.strip().lower() == "trailers":
                 out.append((b"te", b"trailers", False))
-            continue
-        if k[:1] == ":" or not k:
-            raise ValueError(f"header name {k!r} is not allowed in a header list (pseudo-headers come from the head)")
-        if "\r" in v or "\n" in v or "\0" in v:
-            raise ValueError(f"CR, LF or NUL in the value of header {k!r}: {v!r}")
-        try:
-            value = v.strip().encode("latin-1")
-            out.append((k.encode("ascii"), value,
-                        k in _NEVER_INDEXED or k in _PER_REQUEST or (k == "cookie" and len(value) < 20)))
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"header {k!r} is not encodable as latin-1: {exc}") from None
     return out
 
 
@@ -513,7 +579,7 @@ def _walk_block(block: bytes) -> tuple[int, list[tuple[int, int, int]]]:
     return i, huffman
 
 
-def _check_huffman(n: int, huffman: list[tuple[int, int, int]], block: bytes, fields: list[Any]) -> None:
+def _check_huffman(n: int, huffman: list[tuple[int, int, int]], block: bytes, fields: _Raw) -> None:
     """What jh2's native decoder lets through and RFC 7541 forbids, in a block it decoded
     into ``fields`` (``n`` and ``huffman`` from ``_walk_block``): Huffman padding that is
     not the EOS code's first bits, or longer than 7 bits (5.2)."""
@@ -949,12 +1015,12 @@ class _Endpoint:
             self._hb_parts = []
             self._on_header_block(sid, self._hb_end_stream, block, self._hb_self_dep, events)
 
-    def _decode(self, block: bytes) -> list[Any]:
+    def _decode(self, block: bytes) -> _Raw:
         # one exception name per clause below: compiled by mypyc, a name shared by the
         # clauses gets the first clause's type (_BadBlock) and the others fail a type check
         try:
             n, huffman = _walk_block(block)
-            fields: list[Any] = self._dec.decode(block, raw=True)
+            fields: _Raw = self._dec.decode(block, raw=True)
             if not self._client_side:  # untrusted clients: RFC 7541's rules the native decoder skips
                 _check_huffman(n, huffman, block, fields)
         except _BadBlock as bad:
@@ -1189,7 +1255,7 @@ class _Endpoint:
             events.append(H2Reset(f"stream error from the {self._who}: {why} ({_code_name(code)})", sid, code))
         self._remember(sid, _GONE_IGNORE)
 
-    def _decode_fields(self, raw: Iterable[Any], sid: int,
+    def _decode_fields(self, raw: _Raw, sid: int,
                        kind: int) -> tuple[dict[bytes, bytes], HeaderList, str, int]:
         """(pseudo-headers, regular fields, problem or "", content-length or -1) with the
         limits applied. A malformed block (RFC 9113 8.2-8.3) fails the connection."""
@@ -1198,13 +1264,12 @@ class _Endpoint:
         size = 0
         host: bytes | None = None
         length = -1
-        ws = _WHITESPACE
         checked = _CHECKED_NAMES
         for f in raw:
-            n: bytes = f[0]
-            v: bytes = f[1]
+            n = f[0]
+            v = f[1]
             size += len(n) + len(v) + 32
-            if v and (v[0] in ws or v[-1] in ws):
+            if v and (_ws(v[0]) or _ws(v[-1])):
                 self._malformed(sid, f"whitespace around the value of header {n!r}: {v!r}")
             name = checked.get(n)
             if name is not None:
@@ -1212,7 +1277,7 @@ class _Endpoint:
                 continue
             if not n:
                 self._malformed(sid, "empty header name")
-            if n[0] in ws or n[-1] in ws:
+            if _ws(n[0]) or _ws(n[-1]):
                 self._malformed(sid, f"whitespace around header name {n!r}")
             if n[0] == 58:  # b":"
                 if fields:
@@ -1272,10 +1337,10 @@ class _Endpoint:
                 f"within {lim.rapid_reset_window:g}s (limit {lim.rapid_reset_threshold})",
             )
 
-    def _on_request(self, sid: int, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_request(self, sid: int, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         raise NotImplementedError
 
-    def _on_response(self, sid: int, st: _Stream, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_response(self, sid: int, st: _Stream, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------ bookkeeping
@@ -1351,7 +1416,7 @@ class _Endpoint:
 
     def _send_end(self, sid: int, st: _Stream, trailers: HeaderList) -> None:
         if trailers:
-            self._send_headers(sid, _encode_fields([], trailers, _DROP_OUT), True)
+            self._send_headers(sid, _encode_fields([], trailers), True)
         else:
             self._send_data(sid, st, b"", True)
         self._local_end(sid, st)
@@ -1508,7 +1573,7 @@ class H2Server(_Endpoint):
     def __init__(self, limits: H2Limits = _DEFAULT_LIMITS, *, now: Callable[[], float] | None = None) -> None:
         super().__init__(limits, now)
 
-    def _on_request(self, sid: int, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_request(self, sid: int, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         pseudo, fields, problem, length = self._decode_fields(raw, sid, _REQUEST)
         if problem:
             self._refuse_431(sid, end_stream, problem, events)
@@ -1556,7 +1621,7 @@ class H2Server(_Endpoint):
             raise ValueError(f"status {status} cannot be sent on HTTP/2")
         if st.responded:
             raise RuntimeError(f"stream {stream_id}: a final response head was already sent")
-        fields = _encode_fields([(b":status", str(status).encode(), False)], head.headers, _DROP_OUT)
+        fields = _encode_fields([(b":status", str(status).encode(), False)], head.headers)
         if status < 200:
             if end_stream:
                 raise ValueError("an interim (1xx) response cannot end the stream")
@@ -1607,7 +1672,7 @@ class H2Client(_Endpoint):
             if authority:
                 fields.append((b":authority", authority.encode("latin-1"), False))
             fields.append((b":path", (head.path or "/").encode("latin-1"), False))
-        _encode_fields(fields, head.headers, _DROP_OUT)
+        _encode_fields(fields, head.headers)
         self._send_headers(sid, fields, end_stream)
         self._my_highest = sid
         st = self._new_stream()
@@ -1617,7 +1682,7 @@ class H2Client(_Endpoint):
             st.local_done = True
         return sid, self._out()
 
-    def _on_response(self, sid: int, st: _Stream, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_response(self, sid: int, st: _Stream, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         pseudo, fields, problem, length = self._decode_fields(raw, sid, _RESPONSE)
         try:
             status = int(pseudo.get(b":status", b"0"))

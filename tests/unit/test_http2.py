@@ -160,6 +160,34 @@ def test_per_request_ids_stay_out_of_the_hpack_table_and_repeated_fields_are_ind
     assert sizes[1] < sizes[0]
 
 
+def test_output_fields_are_checked_and_classed_every_time_not_only_when_first_seen():
+    # names and values are remembered once checked (the per-request cost of sending
+    # them): a remembered name or value must not carry a later field past its checks
+    from hpack import Decoder, NeverIndexedHeaderTuple
+
+    p = Pair()
+    dec = Decoder()
+
+    def send(headers):
+        head = RequestHead("GET", "/", headers, authority="svc:80", path="/")
+        _, out = p.c.request(head, end_stream=True)
+        (hf,) = [f for f in frames(out) if isinstance(f, HeadersFrame)]
+        return dec.decode(hf.data)
+
+    for _ in range(2):
+        got = send([("X-App", " token-1 "), ("Connection", "close"), ("te", "trailers"), ("Host", "svc:80")])
+        assert got[-2:] == [("x-app", "token-1"), ("te", "trailers")]
+        assert not isinstance(got[-2], NeverIndexedHeaderTuple)
+        # the same value under a name sent never-indexed stays never-indexed
+        got = send([("Authorization", "token-1"), ("cookie", "a=1"), ("cookie", "b=" + "x" * 30)])
+        assert got[-3:] == [("authorization", "token-1"), ("cookie", "a=1"), ("cookie", "b=" + "x" * 30)]
+        assert [isinstance(f, NeverIndexedHeaderTuple) for f in got[-3:]] == [True, True, False]
+    for bad in ([("X-App", "token-1\r\nx-evil: 1")], [("authorization", "a\nb")], [("x-app", "caf\u20ac")],
+                [(":path", "/admin")], [("", "v")], [("x-\u00e9", "v")]):
+        with pytest.raises(ValueError):
+            p.c.request(RequestHead("GET", "/", bad, authority="svc:80", path="/"), end_stream=True)
+
+
 def test_many_interleaved_streams_keep_their_own_bodies():
     p = Pair()
     sids = [p.req(f"/s/{i}", method="PUT", end_stream=False) for i in range(60)]
