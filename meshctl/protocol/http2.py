@@ -1,5 +1,6 @@
 """Sans-IO HTTP/2 codec (RFC 9113) for both legs of a proxy hop: its own frame
-layer, stream states and flow control; HPACK (RFC 7541) from jh2.
+layer, stream states and flow control; HPACK (RFC 7541): its own encoder,
+jh2's native decoder.
 
 ``H2Server`` serves one downstream connection; ``H2Client`` carries many
 multiplexed requests on one upstream connection. Both speak the events of
@@ -11,7 +12,8 @@ its own (the rapid-reset clock is injected).
 
 Frames are parsed and built here with ``struct`` (no frame objects, no event
 objects besides the ones handed out, no logging on the hot path); header
-blocks are coded by jh2's native HPACK. Every block's structure is read
+blocks out are coded by ``_HpackEncoder`` (dict lookups, literals without
+Huffman coding), blocks in decoded by jh2's native HPACK. Every block's structure is read
 first (``_walk_block``): the native decoder panics on a representation cut
 off by the end of the block, and Rust prints each panic to stderr, so a peer
 could write to our stderr at will; such a block, and a dynamic table size
@@ -125,15 +127,14 @@ from typing import Any, Callable, Final, Iterable
 from jh2.hpack.exceptions import HPACKError as _PureHPACKError
 from jh2.hpack.huffman_constants import REQUEST_CODES_LENGTH as _HUFFMAN_CODE_LENGTHS
 from jh2.hpack.exceptions import OversizedHeaderListError as _PureOversized
+from jh2.hpack.table import HeaderTable as _StaticTable
 
-try:  # jh2's native HPACK (Rust); jh2 itself falls back to its pure-Python one where it does not load
+try:  # jh2's native HPACK decoder (Rust); jh2 itself falls back to its pure-Python one where it does not load
     from jh2._hazmat import Decoder as _Decoder
-    from jh2._hazmat import Encoder as _Encoder
     from jh2._hazmat import HPACKError as _NativeHPACKError
     from jh2._hazmat import OversizedHeaderListError as _NativeOversized
 except ImportError:  # pragma: no cover - platforms without jh2's wheel
     from jh2.hpack import Decoder as _Decoder
-    from jh2.hpack import Encoder as _Encoder
     _NativeHPACKError = _PureHPACKError
     _NativeOversized = _PureOversized
 
@@ -438,6 +439,142 @@ def _encode_fields(out: list[_Field], headers: Iterable[tuple[str, str]]) -> lis
     return out
 
 
+# ---------------------------------------------------------------- HPACK encoder (RFC 7541)
+# Header blocks out are coded here, not by jh2's native encoder: that one looks each field up
+# by a walk over the whole static and dynamic table, and takes its fields through pyo3's
+# conversion of a list of tuples (~2.8K instructions per field in callgrind); compiled, a
+# field found in these dicts (by name, then value: bytes whose hashes the caches of
+# _encode_fields keep) costs a few hundred. String literals are sent without Huffman coding
+# (RFC 7541 5.2 leaves that to the encoder): a few bytes more for a new literal, and no
+# per-octet work on either side.
+_STATIC_TABLE: Final = _StaticTable.STATIC_TABLE  # (name, value) per index 1-61
+_STATIC_FIELD: Final[dict[bytes, dict[bytes, int]]] = {}  # name -> value -> its index
+_STATIC_NAME: Final[dict[bytes, int]] = {}  # name -> its first index
+for _i, (_n, _v) in enumerate(_STATIC_TABLE, 1):
+    _STATIC_FIELD.setdefault(_n, {}).setdefault(_v, _i)
+    _STATIC_NAME.setdefault(_n, _i)
+_TABLE_SIZE_MAX: Final = 4096  # the largest dynamic table we keep, whatever the peer allows
+_OCTET: Final = [bytes((_i,)) for _i in range(256)]  # one-octet bytes (a list index, compiled)
+
+
+def _hpack_int_bytes(value: int, prefix: int, first: int) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) with a ``prefix``-bit prefix, ``first``'s high bits set."""
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return _OCTET[first | value]
+    out = bytearray()
+    out.append(first | mask)
+    value -= mask
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class _HpackEncoder:
+    """One connection's HPACK encoder: fields found in the static or dynamic table are sent
+    as an index, others as literals with incremental indexing (never-indexed ones, flagged
+    by the caller, as never-indexed literals); the dynamic table holds up to
+    ``header_table_size`` bytes (32 + name + value per entry, oldest evicted first)."""
+
+    def __init__(self) -> None:
+        self._max = _TABLE_SIZE_MAX  # the peer's decoder starts at 4096 too (RFC 9113 6.5.2)
+        self._size = 0
+        self._entries: list[tuple[bytes, bytes]] = []  # oldest first
+        self._added = 0  # entries ever added: entry number k is at index 62 + (_added - 1 - k)
+        self._field: dict[bytes, dict[bytes, int]] = {}  # name -> value -> its newest entry number
+        self._name: dict[bytes, int] = {}  # name -> its newest entry number
+        self._resize_to = -1  # a size change not yet announced: the smallest size since the last block
+
+    @property
+    def header_table_size(self) -> int:
+        return self._max
+
+    @header_table_size.setter
+    def header_table_size(self, limit: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE: the table is kept within it (and 4096)."""
+        size = min(limit, _TABLE_SIZE_MAX)
+        if size == self._max:
+            return
+        self._max = size
+        if self._resize_to < 0 or size < self._resize_to:
+            self._resize_to = size
+        self._evict(size)
+
+    def _evict(self, room: int) -> None:
+        entries = self._entries
+        while self._size > room:
+            name, value = entries.pop(0)
+            self._size -= 32 + len(name) + len(value)
+            gone = self._added - len(entries) - 1  # the entry number of the one popped
+            values = self._field.get(name)
+            if values is not None and values.get(value) == gone:
+                del values[value]
+                if not values:
+                    del self._field[name]
+            if self._name.get(name) == gone:
+                del self._name[name]
+
+    def _name_index(self, name: bytes) -> int:
+        index = _STATIC_NAME.get(name, 0)
+        if index:
+            return index
+        k = self._name.get(name)
+        return 0 if k is None else 62 + self._added - 1 - k
+
+    def encode(self, fields: list[_Field]) -> bytes:
+        parts: list[bytes] = []
+        if self._resize_to >= 0:  # RFC 7541 4.2: the smallest size since the last block, then the last one
+            parts.append(_hpack_int_bytes(self._resize_to, 5, 0x20))
+            if self._resize_to != self._max:
+                parts.append(_hpack_int_bytes(self._max, 5, 0x20))
+            self._resize_to = -1
+        for name, value, never in fields:
+            if never:  # 6.2.3: a literal never indexed
+                index = self._name_index(name)
+                parts.append(_hpack_int_bytes(index, 4, 0x10))
+                if not index:
+                    parts.append(_hpack_int_bytes(len(name), 7, 0))
+                    parts.append(name)
+                parts.append(_hpack_int_bytes(len(value), 7, 0))
+                parts.append(value)
+                continue
+            values = _STATIC_FIELD.get(name)
+            if values is not None:
+                index = values.get(value, 0)
+                if index:  # 6.1: indexed, static table
+                    parts.append(_hpack_int_bytes(index, 7, 0x80))
+                    continue
+            values = self._field.get(name)
+            if values is not None:
+                k = values.get(value)
+                if k is not None:  # 6.1: indexed, dynamic table
+                    parts.append(_hpack_int_bytes(62 + self._added - 1 - k, 7, 0x80))
+                    continue
+            index = self._name_index(name)
+            size = 32 + len(name) + len(value)
+            indexing = size <= self._max
+            # 6.2.1: a literal with incremental indexing; 6.2.2: without (larger than the table)
+            parts.append(_hpack_int_bytes(index, 6, 0x40) if indexing else _hpack_int_bytes(index, 4, 0))
+            if not index:
+                parts.append(_hpack_int_bytes(len(name), 7, 0))
+                parts.append(name)
+            parts.append(_hpack_int_bytes(len(value), 7, 0))
+            parts.append(value)
+            if indexing:
+                self._evict(self._max - size)
+                self._entries.append((name, value))
+                self._size += size
+                values = self._field.get(name)
+                if values is None:
+                    values = self._field[name] = {}
+                values[value] = self._added
+                self._name[name] = self._added
+                self._added += 1
+        return b"".join(parts)
+
+
 # ---------------------------------------------------------------- frames (RFC 9113 4, 6)
 _PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA: Final = 0x0
@@ -638,7 +775,7 @@ class _Endpoint:
     def __init__(self, limits: H2Limits, now: Callable[[], float] | None) -> None:
         self._limits = limits
         self._now = now or time.monotonic
-        self._enc = _Encoder()
+        self._enc = _HpackEncoder()
         dec = _Decoder()
         dec.max_allowed_table_size = 4096  # what we advertise (SETTINGS_HEADER_TABLE_SIZE)
         # HPACK aborts (fatally) only far above the limit; the limit itself is stream-level
