@@ -345,6 +345,11 @@ _Field = tuple[bytes, bytes, bool]
 
 
 def _strip_connection_specific(headers: HeaderList, *, drop_host: bool) -> HeaderList:
+    for k, v in headers:  # the common case: nothing to strip, a copy (te: trailers stays as it is)
+        if k in CONNECTION_SPECIFIC or (k == "te" and v != "trailers") or (drop_host and k == "host"):
+            break
+    else:
+        return list(headers)
     nominated: set[str] = set()
     for k, v in headers:
         if k == "connection":
@@ -784,6 +789,8 @@ class _Endpoint:
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}
         self._gone: dict[int, int] = {}  # closed stream -> _GONE_IGNORE / _GONE_CLOSED
+        self._gone_ring: list[int] = []  # the ids in _gone, oldest at _gone_at once it is full
+        self._gone_at = 0
         self._buf = bytearray()  # bytes pending for the peer
         self._inbuf = b""  # an incomplete frame (or preface) from the peer
         self._initiated = False
@@ -1515,9 +1522,18 @@ class _Endpoint:
 
     def _remember(self, sid: int, how: int) -> None:
         gone = self._gone
+        if sid in gone:
+            gone[sid] = how
+            return
         gone[sid] = how
-        if len(gone) > _GONE_MAX:
-            del gone[next(iter(gone))]
+        ring = self._gone_ring
+        if len(ring) < _GONE_MAX:
+            ring.append(sid)
+            return
+        at = self._gone_at  # the oldest: forgotten (a ring of ids, not next(iter(dict)): compiled,
+        del gone[ring[at]]  # that is a generic call, made for every stream once the dict is full)
+        ring[at] = sid
+        self._gone_at = at + 1 if at + 1 < _GONE_MAX else 0
 
     def _drop(self, sid: int, st: _Stream) -> None:
         """A stream is gone: give back its unacked window, forget its queue."""
