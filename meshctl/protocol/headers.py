@@ -42,8 +42,8 @@ def strip_hop_by_hop(headers: HeaderList, *, keep_upgrade: bool = False) -> Head
     With ``keep_upgrade`` (forwarding an Upgrade the proxy relays), ``upgrade``
     and ``connection: upgrade`` are kept.
     """
-    for k, _ in headers:  # (a loop, not any() over a generator: this runs for every message)
-        if k in _LOOK:
+    for k, v in headers:  # (a loop, not any() over a generator: this runs for every message)
+        if k in _LOOK and (k != "te" or v != "trailers"):  # (te: trailers alone stays as it is)
             break
     else:
         return list(headers)
@@ -117,10 +117,37 @@ def prepare_request_headers(headers: HeaderList, client_ip: str, new_id: Callabl
     """``strip_hop_by_hop``, then ``append_forwarded_for``, then ``ensure_request_id``,
     with the same result, in one pass over the list in the common case (the
     proxy's request preparation, once per request)."""
-    for k, _ in headers:
-        if k in _LOOK:
+    for k, v in headers:
+        if k in _LOOK and (k != "te" or v != "trailers"):  # (gRPC's te: trailers alone stays as it is)
             headers = strip_hop_by_hop(headers, keep_upgrade=keep_upgrade)
             break
+    # the common case, at most one x-forwarded-for and no empty x-request-id before the
+    # first one: a copy of the list (its fields as they are, not unpacked and made anew),
+    # one field replaced and one or two added
+    xff = -1
+    rid = ""
+    i = 0
+    for k, v in headers:
+        if k == "x-forwarded-for":
+            if xff >= 0:
+                break
+            xff = i
+        elif k == "x-request-id" and not rid:
+            if not v.strip():
+                break
+            rid = v
+        i += 1
+    else:
+        copy = list(headers)
+        if xff < 0:
+            copy.append(("x-forwarded-for", client_ip))
+        else:
+            prior = copy[xff][1].strip()
+            copy[xff] = ("x-forwarded-for", f"{prior}, {client_ip}" if prior else client_ip)
+        if not rid:
+            rid = new_id()
+            copy.append(("x-request-id", rid))
+        return copy, rid
     out: HeaderList = []
     xff = -1
     rid = ""

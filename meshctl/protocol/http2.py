@@ -1,5 +1,6 @@
 """Sans-IO HTTP/2 codec (RFC 9113) for both legs of a proxy hop: its own frame
-layer, stream states and flow control; HPACK (RFC 7541) from jh2.
+layer, stream states and flow control; HPACK (RFC 7541): its own encoder,
+jh2's native decoder.
 
 ``H2Server`` serves one downstream connection; ``H2Client`` carries many
 multiplexed requests on one upstream connection. Both speak the events of
@@ -11,7 +12,8 @@ its own (the rapid-reset clock is injected).
 
 Frames are parsed and built here with ``struct`` (no frame objects, no event
 objects besides the ones handed out, no logging on the hot path); header
-blocks are coded by jh2's native HPACK. Every block's structure is read
+blocks out are coded by ``_HpackEncoder`` (dict lookups, literals without
+Huffman coding), blocks in decoded by jh2's native HPACK. Every block's structure is read
 first (``_walk_block``): the native decoder panics on a representation cut
 off by the end of the block, and Rust prints each panic to stderr, so a peer
 could write to our stderr at will; such a block, and a dynamic table size
@@ -125,15 +127,14 @@ from typing import Any, Callable, Final, Iterable
 from jh2.hpack.exceptions import HPACKError as _PureHPACKError
 from jh2.hpack.huffman_constants import REQUEST_CODES_LENGTH as _HUFFMAN_CODE_LENGTHS
 from jh2.hpack.exceptions import OversizedHeaderListError as _PureOversized
+from jh2.hpack.table import HeaderTable as _StaticTable
 
-try:  # jh2's native HPACK (Rust); jh2 itself falls back to its pure-Python one where it does not load
+try:  # jh2's native HPACK decoder (Rust); jh2 itself falls back to its pure-Python one where it does not load
     from jh2._hazmat import Decoder as _Decoder
-    from jh2._hazmat import Encoder as _Encoder
     from jh2._hazmat import HPACKError as _NativeHPACKError
     from jh2._hazmat import OversizedHeaderListError as _NativeOversized
 except ImportError:  # pragma: no cover - platforms without jh2's wheel
     from jh2.hpack import Decoder as _Decoder
-    from jh2.hpack import Encoder as _Encoder
     _NativeHPACKError = _PureHPACKError
     _NativeOversized = _PureOversized
 
@@ -224,7 +225,17 @@ _DEFAULT_LIMITS: Final = H2Limits()
 _REQUEST: Final = 0  # what a header block is
 _RESPONSE: Final = 1
 _TRAILERS: Final = 2
-_WHITESPACE: Final = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def _ws(c: int) -> bool:
+    """An octet of b" \\t\\n\\r\\x0b\\x0c" (compiled: integer compares, no set lookup)."""
+    return c == 32 or 9 <= c <= 13
+
+
+# a decoded header block: (name, value, never-indexed) per field, as jh2's decoder gives it
+# with raw=True (its pure-Python decoder gives (name, value) tuples)
+_Raw = list[tuple[bytes, ...]]
+
 _UPPER: Final = re.compile(b"[A-Z]")
 _CONNECTION_FIELDS: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
 _PSEUDO_ALLOWED: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":status", b":protocol"})
@@ -334,6 +345,11 @@ _Field = tuple[bytes, bytes, bool]
 
 
 def _strip_connection_specific(headers: HeaderList, *, drop_host: bool) -> HeaderList:
+    for k, v in headers:  # the common case: nothing to strip, a copy (te: trailers stays as it is)
+        if k in CONNECTION_SPECIFIC or (k == "te" and v != "trailers") or (drop_host and k == "host"):
+            break
+    else:
+        return list(headers)
     nominated: set[str] = set()
     for k, v in headers:
         if k == "connection":
@@ -350,26 +366,218 @@ def _strip_connection_specific(headers: HeaderList, *, drop_host: bool) -> Heade
     return out
 
 
-def _encode_fields(out: list[_Field], headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[_Field]:
-    """Append the caller's fields to ``out`` as HPACK wants them (bytes, lower-case names)."""
+# how an output field name is sent (_out_name)
+_NAME_PLAIN: Final = 0  # indexed by HPACK
+_NAME_UNINDEXED: Final = 1  # never indexed (_NEVER_INDEXED, _PER_REQUEST)
+_NAME_COOKIE: Final = 2  # never indexed when short (RFC 7541 7.1.3)
+_NAME_TE: Final = 3  # te: sent only as "trailers"
+_NAME_DROP: Final = 4  # connection-specific, or host
+# output names already checked (names repeat from request to request, mostly as the very
+# str objects _decode_fields made): name -> (lower-cased ASCII bytes, _NAME_*); bounded
+# (short names only, and no more than _OUT_NAMES_MAX)
+_OUT_NAMES: Final[dict[str, tuple[bytes, int]]] = {}
+_OUT_NAMES_MAX: Final = 2048
+# values of indexed fields already checked and encoded (content-type, te, user-agent, ...):
+# value -> stripped latin-1 bytes; short values only, emptied when full
+_OUT_VALUES: Final[dict[str, bytes]] = {}
+_OUT_VALUES_MAX: Final = 1024
+_OUT_VALUE_LEN_MAX: Final = 128
+
+
+def _out_name(k: str) -> tuple[bytes, int]:
+    """``(name as sent, _NAME_*)`` for a caller's field name; ValueError if it may not be sent."""
+    got = _OUT_NAMES.get(k)
+    if got is not None:
+        return got
+    low = k if k.islower() else k.lower()
+    if low in _DROP_OUT:
+        how = _NAME_TE if low == "te" else _NAME_DROP
+    elif low[:1] == ":" or not low:
+        raise ValueError(f"header name {low!r} is not allowed in a header list (pseudo-headers come from the head)")
+    elif low in _NEVER_INDEXED or low in _PER_REQUEST:
+        how = _NAME_UNINDEXED
+    else:
+        how = _NAME_COOKIE if low == "cookie" else _NAME_PLAIN
+    try:
+        name = low.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"header {low!r} is not encodable as latin-1: {exc}") from None
+    got = (name, how)
+    if len(_OUT_NAMES) < _OUT_NAMES_MAX and len(k) <= _OUT_VALUE_LEN_MAX:
+        _OUT_NAMES[k] = got
+    return got
+
+
+def _out_value(k: str, v: str) -> bytes:
+    """A field value as sent (stripped, latin-1); ValueError for CR, LF, NUL or beyond latin-1."""
+    if "\r" in v or "\n" in v or "\0" in v:
+        raise ValueError(f"CR, LF or NUL in the value of header {k!r}: {v!r}")
+    try:
+        return v.strip().encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"header {k!r} is not encodable as latin-1: {exc}") from None
+
+
+def _encode_fields(out: list[_Field], headers: Iterable[tuple[str, str]]) -> list[_Field]:
+    """Append the caller's fields to ``out`` as HPACK wants them (bytes, lower-case names;
+    connection-specific fields and host dropped, te kept only as "trailers")."""
+    values = _OUT_VALUES
     for k, v in headers:
-        if not k.islower():
-            k = k.lower()
-        if k in drop:
-            if k == "te" and v.strip().lower() == "trailers":
+        name, how = _out_name(k)
+        if how == _NAME_PLAIN:
+            value = values.get(v)
+            if value is None:
+                value = _out_value(k, v)
+                if len(v) <= _OUT_VALUE_LEN_MAX:
+                    if len(values) >= _OUT_VALUES_MAX:
+                        values.clear()
+                    values[v] = value
+            out.append((name, value, False))
+        elif how == _NAME_UNINDEXED:
+            out.append((name, _out_value(k, v), True))
+        elif how == _NAME_COOKIE:
+            value = _out_value(k, v)
+            out.append((name, value, len(value) < 20))
+        elif how == _NAME_TE:
+            if v.strip().lower() == "trailers":
                 out.append((b"te", b"trailers", False))
-            continue
-        if k[:1] == ":" or not k:
-            raise ValueError(f"header name {k!r} is not allowed in a header list (pseudo-headers come from the head)")
-        if "\r" in v or "\n" in v or "\0" in v:
-            raise ValueError(f"CR, LF or NUL in the value of header {k!r}: {v!r}")
-        try:
-            value = v.strip().encode("latin-1")
-            out.append((k.encode("ascii"), value,
-                        k in _NEVER_INDEXED or k in _PER_REQUEST or (k == "cookie" and len(value) < 20)))
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"header {k!r} is not encodable as latin-1: {exc}") from None
     return out
+
+
+# ---------------------------------------------------------------- HPACK encoder (RFC 7541)
+# Header blocks out are coded here, not by jh2's native encoder: that one looks each field up
+# by a walk over the whole static and dynamic table, and takes its fields through pyo3's
+# conversion of a list of tuples (~2.8K instructions per field in callgrind); compiled, a
+# field found in these dicts (by name, then value: bytes whose hashes the caches of
+# _encode_fields keep) costs a few hundred. String literals are sent without Huffman coding
+# (RFC 7541 5.2 leaves that to the encoder): a few bytes more for a new literal, and no
+# per-octet work on either side.
+_STATIC_TABLE: Final = _StaticTable.STATIC_TABLE  # (name, value) per index 1-61
+_STATIC_FIELD: Final[dict[bytes, dict[bytes, int]]] = {}  # name -> value -> its index
+_STATIC_NAME: Final[dict[bytes, int]] = {}  # name -> its first index
+for _i, (_n, _v) in enumerate(_STATIC_TABLE, 1):
+    _STATIC_FIELD.setdefault(_n, {}).setdefault(_v, _i)
+    _STATIC_NAME.setdefault(_n, _i)
+_TABLE_SIZE_MAX: Final = 4096  # the largest dynamic table we keep, whatever the peer allows
+_OCTET: Final = [bytes((_i,)) for _i in range(256)]  # one-octet bytes (a list index, compiled)
+
+
+def _hpack_int_bytes(value: int, prefix: int, first: int) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) with a ``prefix``-bit prefix, ``first``'s high bits set."""
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return _OCTET[first | value]
+    out = bytearray()
+    out.append(first | mask)
+    value -= mask
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class _HpackEncoder:
+    """One connection's HPACK encoder: fields found in the static or dynamic table are sent
+    as an index, others as literals with incremental indexing (never-indexed ones, flagged
+    by the caller, as never-indexed literals); the dynamic table holds up to
+    ``header_table_size`` bytes (32 + name + value per entry, oldest evicted first)."""
+
+    def __init__(self) -> None:
+        self._max = _TABLE_SIZE_MAX  # the peer's decoder starts at 4096 too (RFC 9113 6.5.2)
+        self._size = 0
+        self._entries: list[tuple[bytes, bytes]] = []  # oldest first
+        self._added = 0  # entries ever added: entry number k is at index 62 + (_added - 1 - k)
+        self._field: dict[bytes, dict[bytes, int]] = {}  # name -> value -> its newest entry number
+        self._name: dict[bytes, int] = {}  # name -> its newest entry number
+        self._resize_to = -1  # a size change not yet announced: the smallest size since the last block
+
+    @property
+    def header_table_size(self) -> int:
+        return self._max
+
+    @header_table_size.setter
+    def header_table_size(self, limit: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE: the table is kept within it (and 4096)."""
+        size = min(limit, _TABLE_SIZE_MAX)
+        if size == self._max:
+            return
+        self._max = size
+        if self._resize_to < 0 or size < self._resize_to:
+            self._resize_to = size
+        self._evict(size)
+
+    def _evict(self, room: int) -> None:
+        entries = self._entries
+        while self._size > room:
+            name, value = entries.pop(0)
+            self._size -= 32 + len(name) + len(value)
+            gone = self._added - len(entries) - 1  # the entry number of the one popped
+            values = self._field.get(name)
+            if values is not None and values.get(value) == gone:
+                del values[value]
+                if not values:
+                    del self._field[name]
+            if self._name.get(name) == gone:
+                del self._name[name]
+
+    def _name_index(self, name: bytes) -> int:
+        index = _STATIC_NAME.get(name, 0)
+        if index:
+            return index
+        k = self._name.get(name)
+        return 0 if k is None else 62 + self._added - 1 - k
+
+    def encode(self, fields: list[_Field]) -> bytes:
+        parts: list[bytes] = []
+        if self._resize_to >= 0:  # RFC 7541 4.2: the smallest size since the last block, then the last one
+            parts.append(_hpack_int_bytes(self._resize_to, 5, 0x20))
+            if self._resize_to != self._max:
+                parts.append(_hpack_int_bytes(self._max, 5, 0x20))
+            self._resize_to = -1
+        for name, value, never in fields:
+            if never:  # 6.2.3: a literal never indexed
+                index = self._name_index(name)
+                parts.append(_hpack_int_bytes(index, 4, 0x10))
+                if not index:
+                    parts.append(_hpack_int_bytes(len(name), 7, 0))
+                    parts.append(name)
+                parts.append(_hpack_int_bytes(len(value), 7, 0))
+                parts.append(value)
+                continue
+            values = _STATIC_FIELD.get(name)
+            if values is not None:
+                index = values.get(value, 0)
+                if index:  # 6.1: indexed, static table
+                    parts.append(_hpack_int_bytes(index, 7, 0x80))
+                    continue
+            values = self._field.get(name)
+            if values is not None:
+                k = values.get(value)
+                if k is not None:  # 6.1: indexed, dynamic table
+                    parts.append(_hpack_int_bytes(62 + self._added - 1 - k, 7, 0x80))
+                    continue
+            index = self._name_index(name)
+            size = 32 + len(name) + len(value)
+            indexing = size <= self._max
+            # 6.2.1: a literal with incremental indexing; 6.2.2: without (larger than the table)
+            parts.append(_hpack_int_bytes(index, 6, 0x40) if indexing else _hpack_int_bytes(index, 4, 0))
+            if not index:
+                parts.append(_hpack_int_bytes(len(name), 7, 0))
+                parts.append(name)
+            parts.append(_hpack_int_bytes(len(value), 7, 0))
+            parts.append(value)
+            if indexing:
+                self._evict(self._max - size)
+                self._entries.append((name, value))
+                self._size += size
+                values = self._field.get(name)
+                if values is None:
+                    values = self._field[name] = {}
+                values[value] = self._added
+                self._name[name] = self._added
+                self._added += 1
+        return b"".join(parts)
 
 
 # ---------------------------------------------------------------- frames (RFC 9113 4, 6)
@@ -513,7 +721,7 @@ def _walk_block(block: bytes) -> tuple[int, list[tuple[int, int, int]]]:
     return i, huffman
 
 
-def _check_huffman(n: int, huffman: list[tuple[int, int, int]], block: bytes, fields: list[Any]) -> None:
+def _check_huffman(n: int, huffman: list[tuple[int, int, int]], block: bytes, fields: _Raw) -> None:
     """What jh2's native decoder lets through and RFC 7541 forbids, in a block it decoded
     into ``fields`` (``n`` and ``huffman`` from ``_walk_block``): Huffman padding that is
     not the EOS code's first bits, or longer than 7 bits (5.2)."""
@@ -572,7 +780,7 @@ class _Endpoint:
     def __init__(self, limits: H2Limits, now: Callable[[], float] | None) -> None:
         self._limits = limits
         self._now = now or time.monotonic
-        self._enc = _Encoder()
+        self._enc = _HpackEncoder()
         dec = _Decoder()
         dec.max_allowed_table_size = 4096  # what we advertise (SETTINGS_HEADER_TABLE_SIZE)
         # HPACK aborts (fatally) only far above the limit; the limit itself is stream-level
@@ -581,6 +789,8 @@ class _Endpoint:
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}
         self._gone: dict[int, int] = {}  # closed stream -> _GONE_IGNORE / _GONE_CLOSED
+        self._gone_ring: list[int] = []  # the ids in _gone, oldest at _gone_at once it is full
+        self._gone_at = 0
         self._buf = bytearray()  # bytes pending for the peer
         self._inbuf = b""  # an incomplete frame (or preface) from the peer
         self._initiated = False
@@ -949,12 +1159,12 @@ class _Endpoint:
             self._hb_parts = []
             self._on_header_block(sid, self._hb_end_stream, block, self._hb_self_dep, events)
 
-    def _decode(self, block: bytes) -> list[Any]:
+    def _decode(self, block: bytes) -> _Raw:
         # one exception name per clause below: compiled by mypyc, a name shared by the
         # clauses gets the first clause's type (_BadBlock) and the others fail a type check
         try:
             n, huffman = _walk_block(block)
-            fields: list[Any] = self._dec.decode(block, raw=True)
+            fields: _Raw = self._dec.decode(block, raw=True)
             if not self._client_side:  # untrusted clients: RFC 7541's rules the native decoder skips
                 _check_huffman(n, huffman, block, fields)
         except _BadBlock as bad:
@@ -1189,7 +1399,7 @@ class _Endpoint:
             events.append(H2Reset(f"stream error from the {self._who}: {why} ({_code_name(code)})", sid, code))
         self._remember(sid, _GONE_IGNORE)
 
-    def _decode_fields(self, raw: Iterable[Any], sid: int,
+    def _decode_fields(self, raw: _Raw, sid: int,
                        kind: int) -> tuple[dict[bytes, bytes], HeaderList, str, int]:
         """(pseudo-headers, regular fields, problem or "", content-length or -1) with the
         limits applied. A malformed block (RFC 9113 8.2-8.3) fails the connection."""
@@ -1198,13 +1408,12 @@ class _Endpoint:
         size = 0
         host: bytes | None = None
         length = -1
-        ws = _WHITESPACE
         checked = _CHECKED_NAMES
         for f in raw:
-            n: bytes = f[0]
-            v: bytes = f[1]
+            n = f[0]
+            v = f[1]
             size += len(n) + len(v) + 32
-            if v and (v[0] in ws or v[-1] in ws):
+            if v and (_ws(v[0]) or _ws(v[-1])):
                 self._malformed(sid, f"whitespace around the value of header {n!r}: {v!r}")
             name = checked.get(n)
             if name is not None:
@@ -1212,7 +1421,7 @@ class _Endpoint:
                 continue
             if not n:
                 self._malformed(sid, "empty header name")
-            if n[0] in ws or n[-1] in ws:
+            if _ws(n[0]) or _ws(n[-1]):
                 self._malformed(sid, f"whitespace around header name {n!r}")
             if n[0] == 58:  # b":"
                 if fields:
@@ -1272,10 +1481,10 @@ class _Endpoint:
                 f"within {lim.rapid_reset_window:g}s (limit {lim.rapid_reset_threshold})",
             )
 
-    def _on_request(self, sid: int, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_request(self, sid: int, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         raise NotImplementedError
 
-    def _on_response(self, sid: int, st: _Stream, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_response(self, sid: int, st: _Stream, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------ bookkeeping
@@ -1313,9 +1522,18 @@ class _Endpoint:
 
     def _remember(self, sid: int, how: int) -> None:
         gone = self._gone
+        if sid in gone:
+            gone[sid] = how
+            return
         gone[sid] = how
-        if len(gone) > _GONE_MAX:
-            del gone[next(iter(gone))]
+        ring = self._gone_ring
+        if len(ring) < _GONE_MAX:
+            ring.append(sid)
+            return
+        at = self._gone_at  # the oldest: forgotten (a ring of ids, not next(iter(dict)): compiled,
+        del gone[ring[at]]  # that is a generic call, made for every stream once the dict is full)
+        ring[at] = sid
+        self._gone_at = at + 1 if at + 1 < _GONE_MAX else 0
 
     def _drop(self, sid: int, st: _Stream) -> None:
         """A stream is gone: give back its unacked window, forget its queue."""
@@ -1351,7 +1569,7 @@ class _Endpoint:
 
     def _send_end(self, sid: int, st: _Stream, trailers: HeaderList) -> None:
         if trailers:
-            self._send_headers(sid, _encode_fields([], trailers, _DROP_OUT), True)
+            self._send_headers(sid, _encode_fields([], trailers), True)
         else:
             self._send_data(sid, st, b"", True)
         self._local_end(sid, st)
@@ -1508,7 +1726,7 @@ class H2Server(_Endpoint):
     def __init__(self, limits: H2Limits = _DEFAULT_LIMITS, *, now: Callable[[], float] | None = None) -> None:
         super().__init__(limits, now)
 
-    def _on_request(self, sid: int, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_request(self, sid: int, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         pseudo, fields, problem, length = self._decode_fields(raw, sid, _REQUEST)
         if problem:
             self._refuse_431(sid, end_stream, problem, events)
@@ -1556,7 +1774,7 @@ class H2Server(_Endpoint):
             raise ValueError(f"status {status} cannot be sent on HTTP/2")
         if st.responded:
             raise RuntimeError(f"stream {stream_id}: a final response head was already sent")
-        fields = _encode_fields([(b":status", str(status).encode(), False)], head.headers, _DROP_OUT)
+        fields = _encode_fields([(b":status", str(status).encode(), False)], head.headers)
         if status < 200:
             if end_stream:
                 raise ValueError("an interim (1xx) response cannot end the stream")
@@ -1607,7 +1825,7 @@ class H2Client(_Endpoint):
             if authority:
                 fields.append((b":authority", authority.encode("latin-1"), False))
             fields.append((b":path", (head.path or "/").encode("latin-1"), False))
-        _encode_fields(fields, head.headers, _DROP_OUT)
+        _encode_fields(fields, head.headers)
         self._send_headers(sid, fields, end_stream)
         self._my_highest = sid
         st = self._new_stream()
@@ -1617,7 +1835,7 @@ class H2Client(_Endpoint):
             st.local_done = True
         return sid, self._out()
 
-    def _on_response(self, sid: int, st: _Stream, raw: list[Any], end_stream: bool, events: list[H2Event]) -> None:
+    def _on_response(self, sid: int, st: _Stream, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         pseudo, fields, problem, length = self._decode_fields(raw, sid, _RESPONSE)
         try:
             status = int(pseudo.get(b":status", b"0"))

@@ -31,9 +31,9 @@ request; rendering happens only when /stats or /metrics is scraped.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Final, Sequence
 
+from ..model.base import HeaderList
 from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
 from ..model.telemetry import BYTES_BUCKETS, DURATION_BUCKETS_MS
 from .tracing import finish as trace_finish
@@ -112,7 +112,7 @@ class Peer:
                    app, labels.get("version", UNKNOWN))
 
     @classmethod
-    def from_headers(cls, headers) -> "Peer | None":
+    def from_headers(cls, headers: HeaderList) -> "Peer | None":
         got = {k: v for k, v in headers if k in SOURCE_HEADERS}
         if not got:
             return None
@@ -144,6 +144,20 @@ def _service_name(service: str) -> str:
     return service or UNKNOWN
 
 
+def _bucket(buckets: tuple[float, ...], v: float) -> int:
+    """``bisect.bisect_left(buckets, v)``: the first bucket not below ``v`` (compiled, a
+    native loop; bisect's is a generic call through the module's globals)."""
+    lo = 0
+    hi = len(buckets)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if buckets[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 class Histogram:
     __slots__ = ("buckets", "counts", "sum", "count")
 
@@ -154,7 +168,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, v: float) -> None:
-        self.counts[bisect_left(self.buckets, v)] += 1
+        self.counts[_bucket(self.buckets, v)] += 1
         self.sum += v
         self.count += 1
 
@@ -395,7 +409,7 @@ class SourceStage:
         return self.decide(rq)
 
     def decide(self, rq) -> None:
-        headers = rq.headers
+        headers: HeaderList = rq.headers  # (typed: compiled, its loops are native)
         if rq.listener.direction == "inbound":
             for k, _ in headers:
                 if k in SOURCE_HEADERS:
@@ -471,21 +485,23 @@ def finish_request(rq: Request, started: float, now: float, wall_now: float) -> 
     duration_ms = (now - started) * 1000.0
     series.requests += 1
     if protocol == "grpc":
-        for counter, attr in ((getattr(rq.reader, "msgs", None), "request_messages"),
-                              (getattr(rq.server, "msgs", None), "response_messages")):
-            if counter is not None:
-                setattr(series, attr, getattr(series, attr) + counter.messages)
+        counter = getattr(rq.reader, "msgs", None)
+        if counter is not None:
+            series.request_messages += counter.messages
+        counter = getattr(rq.server, "msgs", None)
+        if counter is not None:
+            series.response_messages += counter.messages
     # Histogram.observe inlined, three times (once per request each)
     h = series.duration
-    h.counts[bisect_left(h.buckets, duration_ms)] += 1
+    h.counts[_bucket(h.buckets, duration_ms)] += 1
     h.sum += duration_ms
     h.count += 1
     h = series.request_bytes
-    h.counts[bisect_left(h.buckets, req_bytes)] += 1
+    h.counts[_bucket(h.buckets, req_bytes)] += 1
     h.sum += req_bytes
     h.count += 1
     h = series.response_bytes
-    h.counts[bisect_left(h.buckets, rq.bytes_sent)] += 1
+    h.counts[_bucket(h.buckets, rq.bytes_sent)] += 1
     h.sum += rq.bytes_sent
     h.count += 1
     if rq.trace is not None:  # sampled (proxy/tracing.py)

@@ -95,7 +95,8 @@ def test_prepare_request_headers_is_strip_then_forwarded_for_then_request_id():
     pool = [("host", "a"), ("connection", "close"), ("connection", "x-drop, upgrade"), ("x-drop", "1"),
             ("upgrade", "websocket"), ("te", "trailers"), ("te", "gzip"), ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", " "), ("x-forwarded-for", "2.2.2.2, 3.3.3.3"), ("x-request-id", ""),
-            ("x-request-id", "abc"), ("x-request-id", "def"), ("accept", "*/*"), ("keep-alive", "5")]
+            ("x-request-id", "abc"), ("x-request-id", "def"), ("accept", "*/*"), ("keep-alive", "5"),
+            ("connection", "te"), ("x-request-id", " "), ("te", "trailers, gzip")]
     rand = random.Random(5)
     lists = [list(c) for n in range(4) for c in itertools.combinations(pool, n)]
     lists += [rand.sample(pool, rand.randint(4, len(pool))) for _ in range(3000)]

@@ -160,6 +160,34 @@ def test_per_request_ids_stay_out_of_the_hpack_table_and_repeated_fields_are_ind
     assert sizes[1] < sizes[0]
 
 
+def test_output_fields_are_checked_and_classed_every_time_not_only_when_first_seen():
+    # names and values are remembered once checked (the per-request cost of sending
+    # them): a remembered name or value must not carry a later field past its checks
+    from hpack import Decoder, NeverIndexedHeaderTuple
+
+    p = Pair()
+    dec = Decoder()
+
+    def send(headers):
+        head = RequestHead("GET", "/", headers, authority="svc:80", path="/")
+        _, out = p.c.request(head, end_stream=True)
+        (hf,) = [f for f in frames(out) if isinstance(f, HeadersFrame)]
+        return dec.decode(hf.data)
+
+    for _ in range(2):
+        got = send([("X-App", " token-1 "), ("Connection", "close"), ("te", "trailers"), ("Host", "svc:80")])
+        assert got[-2:] == [("x-app", "token-1"), ("te", "trailers")]
+        assert not isinstance(got[-2], NeverIndexedHeaderTuple)
+        # the same value under a name sent never-indexed stays never-indexed
+        got = send([("Authorization", "token-1"), ("cookie", "a=1"), ("cookie", "b=" + "x" * 30)])
+        assert got[-3:] == [("authorization", "token-1"), ("cookie", "a=1"), ("cookie", "b=" + "x" * 30)]
+        assert [isinstance(f, NeverIndexedHeaderTuple) for f in got[-3:]] == [True, True, False]
+    for bad in ([("X-App", "token-1\r\nx-evil: 1")], [("authorization", "a\nb")], [("x-app", "caf\u20ac")],
+                [(":path", "/admin")], [("", "v")], [("x-\u00e9", "v")]):
+        with pytest.raises(ValueError):
+            p.c.request(RequestHead("GET", "/", bad, authority="svc:80", path="/"), end_stream=True)
+
+
 def test_many_interleaved_streams_keep_their_own_bodies():
     p = Pair()
     sids = [p.req(f"/s/{i}", method="PUT", end_stream=False) for i in range(60)]
@@ -667,3 +695,52 @@ def test_h1_request_reaches_an_h2_server_through_the_helpers():
     p.to_s += out
     sev, _ = p.pump()
     assert sev[0].authority == "app:80" and sev[0].headers == [("user-agent", "u")]
+
+
+def test_closed_streams_are_remembered_up_to_the_limit_oldest_forgotten_first():
+    # what the codec answers for a frame on a stream it closed depends on remembering it
+    # (ignored, or STREAM_CLOSED); a bounded memory, first closed first forgotten
+    import random
+
+    from meshctl.protocol import http2
+
+    rand = random.Random(11)
+    s = http2.H2Server()
+    model: dict[int, int] = {}
+    for _ in range(3000):
+        sid = rand.randint(1, 1500) * 2 + 1
+        how = rand.randint(0, 1)
+        s._remember(sid, how)
+        model[sid] = how
+        if len(model) > http2._GONE_MAX:
+            del model[next(iter(model))]
+        assert s._gone == model
+    assert list(s._gone) == list(model)
+
+
+def test_strip_connection_specific_keeps_everything_else_as_it_was():
+    import itertools
+
+    from meshctl.protocol.http2 import CONNECTION_SPECIFIC, _strip_connection_specific
+
+    def reference(headers, drop_host):
+        nominated = {t.strip().lower() for k, v in headers if k == "connection" for t in v.split(",") if t.strip()}
+        out = []
+        for k, v in headers:
+            if k == "te":
+                if "trailers" in (t.strip().lower() for t in v.split(",")):
+                    out.append(("te", "trailers"))
+                continue
+            if k in CONNECTION_SPECIFIC or k in nominated or (drop_host and k == "host"):
+                continue
+            out.append((k, v))
+        return out
+
+    pool = [("host", "a"), ("te", "trailers"), ("te", "gzip, Trailers"), ("te", "gzip"), ("connection", "x-a"),
+            ("x-a", "1"), ("upgrade", "h2c"), ("content-type", "application/grpc"), ("keep-alive", "1")]
+    for n in range(4):
+        for headers in itertools.permutations(pool, n):
+            for drop_host in (False, True):
+                before = list(headers)
+                got = _strip_connection_specific(list(headers), drop_host=drop_host)
+                assert got == reference(headers, drop_host) and list(headers) == before

@@ -175,3 +175,20 @@ async def test_a_busy_access_log_is_written_every_256_lines_not_held_for_the_int
         assert al.written == 256 and not al.pending
         n.cancel_scope.cancel()
     assert len((tmp_path / "x.access.log").read_text().splitlines()) == 256
+
+
+def test_histogram_buckets_are_bisect_left_of_the_bounds():
+    # a request lands in the first bucket whose bound it does not exceed (Prometheus' le)
+    import bisect
+    import math
+    import random
+
+    from meshctl.model.telemetry import BYTES_BUCKETS, DURATION_BUCKETS_MS
+    from meshctl.proxy.telemetry import _bucket
+
+    rand = random.Random(3)
+    for buckets in (DURATION_BUCKETS_MS, BYTES_BUCKETS, (), (1.0,)):
+        values = list(buckets) + [b + 0.5 for b in buckets] + [-1, 0, 0.0, 10**12, math.inf, math.nan]
+        values += [rand.uniform(0, 2 * max(buckets, default=1)) for _ in range(200)] + [rand.randint(0, 10**9)]
+        for v in values:
+            assert _bucket(buckets, v) == bisect.bisect_left(buckets, v), (buckets, v)
