@@ -42,9 +42,12 @@ COMPILED = [
     "meshctl/core/errors.py",  # the base of balance's and ratelimit's config errors: a native class needs native bases
     "meshctl/core/fault.py",
     "meshctl/core/hashring.py",
+    "meshctl/core/mirror.py",  # has_mirrors, asked after every forwarded request
     "meshctl/core/outlier.py",
     "meshctl/core/pathnorm.py",
     "meshctl/core/ratelimit.py",
+    "meshctl/core/retry.py",  # the verdict after every try
+    "meshctl/core/route.py",  # Router.decide, for every routed request
     "meshctl/protocol/events.py",  # the base of http2's H2Reset: a native class needs native bases
     "meshctl/protocol/grpc.py",
     "meshctl/protocol/headers.py",
