@@ -11,6 +11,14 @@ its own syscalls). Steadier for A/B on a noisy machine than the pair: it is
 CPU time, not wall time, with no scheduler hand-offs between processes.
 
     python bench/hop_bench.py [requests-per-connection] [--profile] [--memory] [--toy] [--outbound]
+    python bench/hop_bench.py N --once [--outbound] [--conns 1]   # one run through the proxy, no timing
+
+``--once`` is for instruction counts (as in bench/pair_hop_bench.py): run it under
+``valgrind --tool=callgrind`` at two request counts; (difference of the totals) /
+(difference of requests) is the instructions per request through the proxy, start-up
+excluded (the clients' and the app's share included: compare builds, not absolutes).
+It leaves out the runtime's periodic work, which runs by wall time; ``--conns 1``
+(one request at a time) makes the count repeatable.
 
 ``--outbound`` measures the client side instead (an outbound listener routing
 ``Host: backend`` through a route table to a cluster, as bench/pair.sh's).
@@ -157,8 +165,18 @@ async def run(n: int, through_proxy: bool, memory: bool = False, toy: bool = Fal
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    global CONNS
+    args = [a for i, a in enumerate(sys.argv[1:], 1) if not a.startswith("--") and sys.argv[i - 1] != "--conns"]
     n = int(args[0]) if args else 500
+    if "--conns" in sys.argv:
+        CONNS = int(sys.argv[sys.argv.index("--conns") + 1])
+    if "--once" in sys.argv:
+        async def no_housekeeping(self, handle_signals: bool) -> None:  # wall-time work, stretched by valgrind
+            await trio.sleep_forever()
+
+        ProxyRuntime._housekeeping = no_housekeeping  # type: ignore[method-assign]
+        trio.run(run, n, True, "--memory" in sys.argv)
+        return
     if "--profile" in sys.argv:
         prof = cProfile.Profile()
         prof.enable()

@@ -53,7 +53,9 @@ Rules (Istio's HTTPRetry as translated to Envoy's retry policy):
 from __future__ import annotations
 
 import random
+import types
 from dataclasses import dataclass
+from typing import Final
 
 from ..model.istio import HTTPRetry
 from .errors import CoreConfigError
@@ -76,12 +78,24 @@ __all__ = [
 ]
 
 
+def _probe() -> None:
+    pass
+
+
+# Slots for the dataclasses that write their __init__ out (Outcome here, route.py's
+# RequestView and Forward): in the pure build, without them each instance carries a
+# __dict__; a mypyc native class is a fixed C struct already and may not have them.
+# A compiled function is not a Python function object: _probe tells the builds apart
+# (as protocol/events.py does).
+DATACLASS_SLOTS: Final[dict[str, bool]] = {"slots": True} if isinstance(_probe, types.FunctionType) else {}
+
+
 class RetryConfigError(CoreConfigError):
     """A retry policy that cannot be used; the message names the bad value."""
 
 
 # gRPC status names Envoy accepts in retry_on, with their codes.
-_GRPC_CONDITIONS: dict[str, int] = {
+_GRPC_CONDITIONS: Final[dict[str, int]] = {
     "cancelled": 1,
     "deadline-exceeded": 4,
     "resource-exhausted": 8,
@@ -89,7 +103,7 @@ _GRPC_CONDITIONS: dict[str, int] = {
     "unavailable": 14,
 }
 
-KNOWN_RETRY_ON: frozenset[str] = frozenset(
+KNOWN_RETRY_ON: Final[frozenset[str]] = frozenset(
     {
         "5xx",
         "gateway-error",
@@ -107,7 +121,7 @@ KNOWN_RETRY_ON: frozenset[str] = frozenset(
 )
 
 # Failures the proxy reports in Outcome.failure.
-_FAILURES = frozenset({"connect-failure", "reset", "refused-stream", "timeout"})
+_FAILURES: Final = frozenset({"connect-failure", "reset", "refused-stream", "timeout"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +135,21 @@ class RetryPolicy:
     retry_remote_localities: bool = False  # retries leave tried locality levels out (core/locality.py rule 6)
 
 
-NO_RETRY = RetryPolicy(attempts=0, per_try_timeout=None, retry_on=frozenset(), retriable_status_codes=frozenset())
+NO_RETRY: Final = RetryPolicy(attempts=0, per_try_timeout=None, retry_on=frozenset(), retriable_status_codes=frozenset())
 
 
-@dataclass(frozen=True, slots=True)
+# Made after every try: writes its __init__ out (under mypyc the one dataclass()
+# generates is interpreted Python), and so is not frozen; nothing changes one once made.
+@dataclass(**DATACLASS_SLOTS)
 class Outcome:
     status: int | None = None  # response status if one arrived
     failure: str | None = None  # "connect-failure" | "reset" | "refused-stream" | "timeout" (per try)
     grpc_status: int | None = None
+
+    def __init__(self, status: int | None = None, failure: str | None = None, grpc_status: int | None = None) -> None:
+        self.status = status
+        self.failure = failure
+        self.grpc_status = grpc_status
 
 
 def parse_retry_on(text: str) -> tuple[frozenset[str], frozenset[int]]:
@@ -256,8 +277,8 @@ class GiveUp:
 
 Verdict = RetryAfter | PassOn | GiveUp
 
-PASS_ON = PassOn()
-GIVE_UP = GiveUp()
+PASS_ON: Final = PassOn()
+GIVE_UP: Final = GiveUp()
 
 
 def decide(policy: RetryPolicy, retries_done: int, outcome: Outcome, *, body_replayable: bool,

@@ -72,12 +72,11 @@ import ipaddress
 
 import base64
 import binascii
-import functools
 import random
 import re
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Final, Mapping, Sequence
 
 from .errors import CoreConfigError
 from ..model.base import EMPTY, HeaderList
@@ -91,7 +90,7 @@ from ..model.istio import (
 )
 from ..model.proxyconfig import RouteTable, Settings, VirtualHost, cluster_name
 from .regex import RegexError, compile_regex
-from .retry import RetryConfigError, RetryPolicy, retry_policy
+from .retry import DATACLASS_SLOTS, RetryConfigError, RetryPolicy, retry_policy
 
 __all__ = [
     "RequestView",
@@ -114,7 +113,15 @@ class RouteConfigError(CoreConfigError):
 # ---------------------------------------------------------------- decisions
 
 
-@dataclass(frozen=True, slots=True)
+# RequestView and Forward are made for every routed request, so they write their
+# __init__ out (same parameters, order and defaults as the fields): under mypyc the one
+# dataclass() generates stays interpreted Python, storing each field through
+# object.__setattr__ (frozen). They are therefore not frozen dataclasses (a frozen one
+# cannot assign its own fields); nothing changes them once made: a changed Forward is
+# a new one (dataclasses.replace). Slots as in protocol/events.py (DATACLASS_SLOTS).
+
+
+@dataclass(**DATACLASS_SLOTS)
 class RequestView:
     method: str
     scheme: str
@@ -127,8 +134,24 @@ class RequestView:
     gateway: str | None = None  # "namespace/name" of the gateway it arrived at; None: sidecar ("mesh")
     claims: Mapping[str, Any] | None = None  # the verified JWT's claims (RequestAuthentication), for @request.auth.claims
 
+    def __init__(self, method: str, scheme: str, authority: str, path: str, headers: Sequence[tuple[str, str]],
+                 port: int | None = None, source_labels: Mapping[str, str] = EMPTY,
+                 source_namespace: str | None = None, gateway: str | None = None,
+                 claims: Mapping[str, Any] | None = None) -> None:
+        self.method = method
+        self.scheme = scheme
+        self.authority = authority
+        self.path = path
+        # any sequence of pairs, as the generated __init__ took (compiled code checks types)
+        self.headers = headers if type(headers) is list else list(headers)
+        self.port = port
+        self.source_labels = source_labels
+        self.source_namespace = source_namespace
+        self.gateway = gateway
+        self.claims = claims
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(**DATACLASS_SLOTS)
 class Forward:
     route: HTTPRoute
     route_index: int
@@ -142,6 +165,23 @@ class Forward:
     timeout: float | None  # whole-request timeout, None = none
     retry: RetryPolicy
     fault: HTTPFaultInjection | None
+
+    def __init__(self, route: HTTPRoute, route_index: int, virtual_host: str, destination: HTTPRouteDestination,
+                 cluster: str, path: str, authority: str, request_headers: HeaderList,
+                 response_ops: tuple[HeaderOperations, ...], timeout: float | None, retry: RetryPolicy,
+                 fault: HTTPFaultInjection | None) -> None:
+        self.route = route
+        self.route_index = route_index
+        self.virtual_host = virtual_host
+        self.destination = destination
+        self.cluster = cluster
+        self.path = path
+        self.authority = authority
+        self.request_headers = request_headers
+        self.response_ops = response_ops
+        self.timeout = timeout
+        self.retry = retry
+        self.fault = fault
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +314,7 @@ class _Req:
 # ---------------------------------------------------------------- match conditions
 
 
-_regex = compile_regex  # RE2 (core/regex.py): linear time, whatever the pattern
+_regex: Final = compile_regex  # RE2 (core/regex.py): linear time, whatever the pattern
 
 
 class _Cond:
@@ -368,7 +408,7 @@ class _Match:
     prefix_len: int
 
 
-_MATCH_ALL = _Match(index=-1, conds=(), rewrite_kind="prefix", prefix_len=1)
+_MATCH_ALL: Final = _Match(index=-1, conds=(), rewrite_kind="prefix", prefix_len=1)
 
 
 def _compile_match(m: HTTPMatchRequest, index: int, where: str) -> _Match:
@@ -440,7 +480,7 @@ def _compile_match(m: HTTPMatchRequest, index: int, where: str) -> _Match:
     return _Match(index, tuple(conds), rewrite_kind, prefix_len)
 
 
-CLAIM_HEADER = "@request.auth.claims."  # Istio's JWT claim based routing: headers["@request.auth.claims.groups"]
+CLAIM_HEADER: Final = "@request.auth.claims."  # Istio's JWT claim based routing: headers["@request.auth.claims.groups"]
 
 
 def _claim_getter(path: str) -> Callable[[_Req], tuple[str, ...] | None]:
@@ -485,8 +525,8 @@ def _param_getter(name: str) -> Callable[[_Req], str | None]:
 # ---------------------------------------------------------------- compiled routes
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_REDIRECT_CODES: Final = frozenset({301, 302, 303, 307, 308})
 
 
 def _split_host_port(authority: str) -> tuple[str, int | None]:

@@ -54,7 +54,9 @@ def without_internal(headers):
 def on_forward(rq, fwd: Forward) -> None:
     """Set ``rq.forward`` for a routed request: as it may leave the mesh (no
     x-meshctl-* headers to an external cluster), and for a ServiceEntry of
-    resolution NONE, to the host the request names (``rq.cluster``)."""
+    resolution NONE, to the host the request names (``rq.cluster``). The route stage
+    (stages.py) sets ``rq.forward`` itself for a known, internal cluster of a route
+    that mirrors nothing (the common case), and calls this for the rest."""
     snap = rq.snap
     if fwd.route.mirror is not None or fwd.route.mirrors:
         rq.start = trio.current_time()  # the primary's latency, for mirror comparisons (mirror.py)

@@ -54,6 +54,7 @@ from ..model.proxyconfig import Endpoint
 from ..protocol.events import RequestHead
 from . import stats as F
 from .limits import PoolOverflow
+from .protocols import H2_ALWAYS, H2_NEVER
 from .request import BodySource, LocalReply, Request, failure_reply, send_local
 from .snapshot import ClusterState
 
@@ -218,6 +219,13 @@ class Forwarder:
         await send_local(rq, reply)
 
     def _exchange_for(self, rq: Request, cs: ClusterState) -> UpstreamExchange:
+        # the cluster's rule, once its first request has found it (protocols.wants_h2): the
+        # two answers that need no look at the request, without an interpreted call
+        rule = cs.h2_rule
+        if rule == H2_NEVER:
+            return self.h1
+        if rule == H2_ALWAYS:
+            return self.h2
         return self.h2 if self.h2.carries(rq, cs) else self.h1
 
     async def _tries(self, rq: Request, up_head: RequestHead) -> None:

@@ -59,6 +59,7 @@ from . import mirror
 from . import stats as F
 from .connstate import ConnState, H2ConnState
 from .errors import DownstreamGone, PeerGone, receive_some, send_eof
+from ..core.mirror import has_mirrors
 from .request import Request, send_local
 from .outbuf import OutBuffer
 from .telemetry import finish_request
@@ -502,7 +503,9 @@ class _Conn(OutBuffer):
                     rq.body_done = True
                 try:
                     reply = None
-                    for decide, stage in al.steps_for(rq.snap):
+                    # (steps_for's own test, here: a call into runtime.py is an interpreted frame)
+                    steps = al.steps if al.chain_snap is rq.snap else al.steps_for(rq.snap)
+                    for decide, stage in steps:
                         # a stage with a synchronous decide() runs without a coroutine (request.Stage)
                         reply = decide(rq) if decide is not None else await stage.on_request(rq)
                         if reply is not None:
@@ -513,14 +516,18 @@ class _Conn(OutBuffer):
                         try:
                             await rt.forwarder.run(rq)
                         finally:  # the shadows go even when the client left (a channel closed at once)
-                            mirror.after_forward(rq)
+                            fwd = rq.forward  # (after_forward's own test, compiled: most routes mirror nothing)
+                            if fwd is not None and has_mirrors(fwd.route):
+                                mirror.after_forward(rq)
                     else:
                         # grpc-timeout is the request's deadline (the route timeout may be shorter)
                         with trio.move_on_at(deadline) as dl:
                             try:
                                 await rt.forwarder.run(rq)
-                            finally:
-                                mirror.after_forward(rq)  # a gRPC call with a deadline is mirrored too
+                            finally:  # a gRPC call with a deadline is mirrored too
+                                fwd = rq.forward
+                                if fwd is not None and has_mirrors(fwd.route):
+                                    mirror.after_forward(rq)
                         if dl.cancelled_caught:
                             rq.flags.append(F.UT)
                             if rq.response_started:

@@ -31,6 +31,7 @@ from .errors import PeerGone, send_all
 from .pool import EventReader
 from .h2entry import serve_h2
 from .protocols import sniff
+from ..core.mirror import has_mirrors
 from .request import ConnState, Request, raw_error_response, send_local
 from .snapshot import Snapshot
 from .stages import default_chain
@@ -130,7 +131,9 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                     rq.body_done = True
                 try:
                     reply = None
-                    for decide, stage in active_listener.steps_for(snap):
+                    # (steps_for's own test, here: a call into runtime.py is an interpreted frame)
+                    steps = active_listener.steps if active_listener.chain_snap is snap else active_listener.steps_for(snap)
+                    for decide, stage in steps:
                         reply = decide(rq) if decide is not None else await stage.on_request(rq)
                         if reply is not None:
                             break
@@ -142,7 +145,9 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                         try:
                             await forwarder.run(rq)
                         finally:  # the shadows go even when the client left before its answer (as on HTTP/2)
-                            mirror.after_forward(rq)
+                            fwd = rq.forward  # (after_forward's own test, compiled: most routes mirror nothing)
+                            if fwd is not None and has_mirrors(fwd.route):
+                                mirror.after_forward(rq)
                 except PeerGone:  # DownstreamGone, or an upstream gone in a way no try reported
                     rq.keep_alive = False
                     rq.flags.append(F.DC)

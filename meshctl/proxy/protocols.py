@@ -13,6 +13,8 @@ library load theirs at start.
 
 from __future__ import annotations
 
+from typing import Final
+
 import trio
 
 from ..protocol.detect import detect
@@ -62,23 +64,28 @@ def _declared_h2(cfg, service: str) -> bool:
 
 
 # wants_h2's rule for a cluster: the same for every request to it, so found once per
-# ClusterState (``cs.h2_rule``, per snapshot) and not per request
-_H2_NEVER, _H2_ALWAYS, _H2_IF_GRPC, _H2_IF_CLIENT_H2, _H2_UNLESS_UPGRADE = range(5)
+# ClusterState (``cs.h2_rule``, per snapshot) and not per request (the forwarder reads
+# NEVER and ALWAYS itself, without a call into this interpreted module)
+H2_NEVER: Final = 0
+H2_ALWAYS: Final = 1
+H2_IF_GRPC: Final = 2
+H2_IF_CLIENT_H2: Final = 3
+H2_UNLESS_UPGRADE: Final = 4
 
 
 def _h2_rule(cfg, c) -> int:
     if c.protocol in ("http2", "grpc"):
-        return _H2_ALWAYS
+        return H2_ALWAYS
     if c.name.startswith("inbound|"):
         # the app behind an inbound listener: HTTP/2 when its service is declared
         # http2/grpc, or for a gRPC request (which HTTP/1.1 cannot carry)
-        return _H2_ALWAYS if _declared_h2(cfg, c.service) else _H2_IF_GRPC
+        return H2_ALWAYS if _declared_h2(cfg, c.service) else H2_IF_GRPC
     hs = _http_settings(c)
     if hs is None:
-        return _H2_NEVER
+        return H2_NEVER
     if hs.use_client_protocol:
-        return _H2_IF_CLIENT_H2
-    return _H2_UNLESS_UPGRADE if (hs.h2_upgrade_policy or "").upper() == "UPGRADE" else _H2_NEVER
+        return H2_IF_CLIENT_H2
+    return H2_UNLESS_UPGRADE if (hs.h2_upgrade_policy or "").upper() == "UPGRADE" else H2_NEVER
 
 
 def wants_h2(rq, cs) -> bool:
@@ -86,13 +93,13 @@ def wants_h2(rq, cs) -> bool:
     rule = cs.h2_rule
     if rule < 0:
         rule = cs.h2_rule = _h2_rule(rq.snap.cfg, cs.cluster)
-    if rule == _H2_NEVER:
+    if rule == H2_NEVER:
         return False
-    if rule == _H2_ALWAYS:
+    if rule == H2_ALWAYS:
         return True
-    if rule == _H2_IF_GRPC:
+    if rule == H2_IF_GRPC:
         return is_grpc(rq.head.headers)
-    if rule == _H2_IF_CLIENT_H2:
+    if rule == H2_IF_CLIENT_H2:
         return rq.head.http_version == "2"
     return rq.head.upgrade is None
 

@@ -33,6 +33,7 @@ import trio
 from ..core.authz import AuthzRequest, authorize, custom_check
 from ..core.cors import cors
 from ..core.fault import decide_fault
+from ..core.mirror import has_mirrors
 from ..core.pathnorm import PathRejected, normalize_path
 from ..core.route import DirectResponse, Forward, NoRoute, Redirect, RequestView, Router
 from ..model.base import FrozenDict
@@ -45,7 +46,7 @@ from . import stats as F
 from .extauthz import run_custom
 from .jwt_stage import JWT_AUTHN
 from .ratelimit_stage import RATE_LIMIT
-from .request import LocalReply, Request, Stage, failure_reply
+from .request import LocalReply, Request, Stage, failure_reply, new_request_id
 from .snapshot import Snapshot, binding_cluster_name
 from .telemetry import SOURCE_STAGE
 from .tracing import TRACE
@@ -67,7 +68,9 @@ class PrepareStage:
             return LocalReply(400, f"{exc}\n".encode(), [("content-type", "text/plain"),
                                                          ("x-meshctl-reason", "path rejected")], F.DPE)
         # hop-by-hop removal, x-forwarded-for, x-request-id (protocol/headers.py), in one pass
-        rq.headers, rq.request_id = prepare_request_headers(head.headers, rq.client_ip, rq.rt.new_request_id,
+        # (the runtime's new_request_id, without its interpreted frame)
+        rand = rq.rt.rand
+        rq.headers, rq.request_id = prepare_request_headers(head.headers, rq.client_ip, lambda: new_request_id(rand),
                                                             keep_upgrade=head.upgrade is not None)
         return None
 
@@ -133,7 +136,11 @@ class RouteStage:
                     return LocalReply(200, b"", extra)
                 if extra:
                     d = replace(d, response_ops=d.response_ops + (HeaderOperations(set=FrozenDict(extra)),))
-            egress.on_forward(rq, d)
+            cs = snap.clusters.get(d.cluster)
+            if cs is not None and not cs.cluster.external and not has_mirrors(d.route):
+                rq.forward = d  # egress.on_forward's common case, without its interpreted frame
+            else:
+                egress.on_forward(rq, d)
             return None
         if type(d) is Redirect:
             return LocalReply(d.status, b"", [("location", d.location)])
