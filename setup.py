@@ -113,12 +113,13 @@ def _ext_modules() -> list:
     # its PLT, and its dynamic symbol table (thousands of functions) is neither kept nor
     # read at load (each module's PyInit_ stays exported: Python's headers mark it so;
     # mypyc joins the libraries and the modules' shims through capsules, not symbols).
-    # The library every sidecar loads is optimized for size: after some load nearly all
-    # of its text is resident (bench/rss.sh, issue 12's RSS target), and -Os keeps it
-    # ~45% smaller than -O3 for ~5% more instructions per request; the HTTP/2 library,
+    # The library every sidecar loads is built at -O2: after some load nearly all of its
+    # text is resident (bench/rss.sh, issue 12's RSS target), and -O2 keeps it ~14%
+    # smaller than -O3 at the same CPU per request; -Os kept it ~45% smaller but cost the
+    # HTTP/1.1 pair ~20% of its throughput (bench/README.md, rss.sh). The HTTP/2 library,
     # loaded only with HTTP/2 traffic, stays -O3. (The last -O on the command line wins.)
     for ext in exts:
-        extra = ["-fvisibility=hidden"] + (["-Os"] if ext.name == "meshctl__mypyc" else [])
+        extra = ["-fvisibility=hidden"] + (["-O2"] if ext.name == "meshctl__mypyc" else [])
         ext.extra_compile_args = [*ext.extra_compile_args, *extra]
     return exts
 
