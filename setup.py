@@ -37,6 +37,7 @@ from setuptools import setup
 # A class that must be a trio stream is registered with trio.abc (sockstream.py): mypyc
 # compiles no subclass of an ABC as a native class.
 COMPILED = [
+    "meshctl/dataclass_slots.py",  # must be compiled with the modules that use it (it tells the builds apart)
     "meshctl/core/balance.py",
     "meshctl/core/breaker.py",
     "meshctl/core/errors.py",  # the base of balance's and ratelimit's config errors: a native class needs native bases

@@ -53,10 +53,10 @@ Rules (Istio's HTTPRetry as translated to Envoy's retry policy):
 from __future__ import annotations
 
 import random
-import types
 from dataclasses import dataclass
 from typing import Final
 
+from ..dataclass_slots import DATACLASS_SLOTS
 from ..model.istio import HTTPRetry
 from .errors import CoreConfigError
 from ..model.proxyconfig import Settings
@@ -76,18 +76,6 @@ __all__ = [
     "NO_RETRY",
     "KNOWN_RETRY_ON",
 ]
-
-
-def _probe() -> None:
-    pass
-
-
-# Slots for the dataclasses that write their __init__ out (Outcome here, route.py's
-# RequestView and Forward): in the pure build, without them each instance carries a
-# __dict__; a mypyc native class is a fixed C struct already and may not have them.
-# A compiled function is not a Python function object: _probe tells the builds apart
-# (as protocol/events.py does).
-DATACLASS_SLOTS: Final[dict[str, bool]] = {"slots": True} if isinstance(_probe, types.FunctionType) else {}
 
 
 class RetryConfigError(CoreConfigError):

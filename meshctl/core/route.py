@@ -78,6 +78,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Callable, Final, Mapping, Sequence
 
+from ..dataclass_slots import DATACLASS_SLOTS
 from .errors import CoreConfigError
 from ..model.base import EMPTY, HeaderList
 from ..model.istio import (
@@ -90,7 +91,7 @@ from ..model.istio import (
 )
 from ..model.proxyconfig import RouteTable, Settings, VirtualHost, cluster_name
 from .regex import RegexError, compile_regex
-from .retry import DATACLASS_SLOTS, RetryConfigError, RetryPolicy, retry_policy
+from .retry import RetryConfigError, RetryPolicy, retry_policy
 
 __all__ = [
     "RequestView",
@@ -118,7 +119,7 @@ class RouteConfigError(CoreConfigError):
 # dataclass() generates stays interpreted Python, storing each field through
 # object.__setattr__ (frozen). They are therefore not frozen dataclasses (a frozen one
 # cannot assign its own fields); nothing changes them once made: a changed Forward is
-# a new one (dataclasses.replace). Slots as in protocol/events.py (DATACLASS_SLOTS).
+# a new one (dataclasses.replace). Slots in the pure build only (meshctl/dataclass_slots.py).
 
 
 @dataclass(**DATACLASS_SLOTS)
