@@ -43,7 +43,8 @@ from ..model.base import HeaderList
 from ..model.istio import HeaderOperations, HTTPMatchRequest, HTTPRoute, StringMatch
 from ..model.proxyconfig import RouteTable, Settings, VirtualHost, cluster_name
 from .regex import RegexError, compile_regex
-from .retry import RetryConfigError, retry_policy
+from .retry import RetryConfigError
+from .retrypolicy import retry_policy
 from .route import (
     DirectResponse,
     RouteConfigError,

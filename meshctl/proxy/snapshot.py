@@ -21,7 +21,8 @@ from ..core.jwt import JwtAuthenticator
 from ..core.locality import OFF, LocalityPlan, choose, plan_locality
 from ..core.outlier import OutlierDetector
 from ..core.warmup import SlowStart, warmup_config
-from ..core.retry import RetryPolicy, retry_policy
+from ..core.retry import RetryPolicy
+from ..core.retrypolicy import retry_policy
 from ..core.route import Router
 from ..core.routebuild import build_router
 from ..model.istio import AuthorizationPolicy, HTTPRetry
