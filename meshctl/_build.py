@@ -14,6 +14,7 @@ import importlib.util
 
 # the modules setup.py compiles (kept in step by tests/unit/test_build.py)
 HOT_PATH = (
+    "meshctl.dataclass_slots",
     "meshctl.core.balance",
     "meshctl.core.breaker",
     "meshctl.core.errors",

@@ -428,7 +428,9 @@ def explain(
     state: Optional[str] = StateDirOption,
 ) -> None:
     """Which rule, route, subset and endpoints a request gets, and why: offline, by the proxies' own code."""
-    from ..core.route import Forward, RequestView, Router
+    from ..core.route import Forward, RequestView
+    from ..core.routebuild import build_router
+    from ..core.routeexplain import explain as explain_route
     sd = state_dir(state)
     parts = urlsplit(url)
     if not parts.hostname:
@@ -457,8 +459,8 @@ def explain(
         source_labels=cfg.workload.labels,
         source_namespace=cfg.workload.namespace,
     )
-    router = Router(table, cfg.settings)
-    for line in router.explain(req):
+    router = build_router(table, cfg.settings)
+    for line in explain_route(router, req):
         console.print(line, highlight=False)
     decision = router.decide(req, random.Random())
     if isinstance(decision, Forward):

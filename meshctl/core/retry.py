@@ -10,6 +10,9 @@ forwarder (proxy/forward.py) asks ``decide`` for one verdict:
                           proxy answers with its own failure reply
 
 ``should_retry`` and ``backoff`` are the two halves ``decide`` is made of.
+A route's ``RetryPolicy`` is made once per config by core/retrypolicy.py
+(``retry_policy``: rules 1-4), which setup.py leaves interpreted: this module,
+compiled, holds what runs after every try.
 
 Rules (Istio's HTTPRetry as translated to Envoy's retry policy):
 
@@ -53,19 +56,16 @@ Rules (Istio's HTTPRetry as translated to Envoy's retry policy):
 from __future__ import annotations
 
 import random
-import types
 from dataclasses import dataclass
 from typing import Final
 
-from ..model.istio import HTTPRetry
+from ..dataclass_slots import DATACLASS_SLOTS
 from .errors import CoreConfigError
-from ..model.proxyconfig import Settings
 
 __all__ = [
     "RetryPolicy",
     "Outcome",
     "RetryConfigError",
-    "retry_policy",
     "should_retry",
     "backoff",
     "decide",
@@ -74,20 +74,7 @@ __all__ = [
     "PassOn",
     "GiveUp",
     "NO_RETRY",
-    "KNOWN_RETRY_ON",
 ]
-
-
-def _probe() -> None:
-    pass
-
-
-# Slots for the dataclasses that write their __init__ out (Outcome here, route.py's
-# RequestView and Forward): in the pure build, without them each instance carries a
-# __dict__; a mypyc native class is a fixed C struct already and may not have them.
-# A compiled function is not a Python function object: _probe tells the builds apart
-# (as protocol/events.py does).
-DATACLASS_SLOTS: Final[dict[str, bool]] = {"slots": True} if isinstance(_probe, types.FunctionType) else {}
 
 
 class RetryConfigError(CoreConfigError):
@@ -102,23 +89,6 @@ _GRPC_CONDITIONS: Final[dict[str, int]] = {
     "internal": 13,
     "unavailable": 14,
 }
-
-KNOWN_RETRY_ON: Final[frozenset[str]] = frozenset(
-    {
-        "5xx",
-        "gateway-error",
-        "reset",
-        "reset-before-request",
-        "connect-failure",
-        "refused-stream",
-        "retriable-4xx",
-        "retriable-status-codes",
-        "retriable-headers",
-        "envoy-ratelimited",
-        "http3-post-connect-failure",
-        *_GRPC_CONDITIONS,
-    }
-)
 
 # Failures the proxy reports in Outcome.failure.
 _FAILURES: Final = frozenset({"connect-failure", "reset", "refused-stream", "timeout"})
@@ -150,63 +120,6 @@ class Outcome:
         self.status = status
         self.failure = failure
         self.grpc_status = grpc_status
-
-
-def parse_retry_on(text: str) -> tuple[frozenset[str], frozenset[int]]:
-    """Split a retryOn string into (conditions, status codes).
-
-    ``"503,connect-failure"`` → ({"connect-failure", "retriable-status-codes"}, {503}).
-    """
-    conditions: set[str] = set()
-    codes: set[int] = set()
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        if item.isdigit():
-            code = int(item)
-            if not 100 <= code <= 599:
-                raise RetryConfigError(f"retryOn: {item!r} is not an HTTP status code (100-599)")
-            codes.add(code)
-        elif item in KNOWN_RETRY_ON:
-            conditions.add(item)
-        else:
-            known = ", ".join(sorted(KNOWN_RETRY_ON))
-            raise RetryConfigError(f"retryOn: {item!r} is not a retry condition (known: {known}, or a status code)")
-    if codes:
-        conditions.add("retriable-status-codes")
-    return frozenset(conditions), frozenset(codes)
-
-
-def retry_policy(retries: HTTPRetry | None, settings: Settings) -> RetryPolicy:
-    """The policy for a route: Istio's default when ``retries`` is None."""
-    if retries is None:
-        if settings.default_retry_attempts <= 0:
-            return NO_RETRY
-        conditions, codes = parse_retry_on(settings.default_retry_on)
-        return RetryPolicy(
-            attempts=settings.default_retry_attempts,
-            per_try_timeout=None,
-            retry_on=conditions,
-            retriable_status_codes=codes or frozenset({503}),
-        )
-    if retries.attempts <= 0:
-        return NO_RETRY
-    if retries.retry_on is not None and retries.retry_on.strip():
-        conditions, codes = parse_retry_on(retries.retry_on)
-    else:
-        conditions, default_codes = parse_retry_on(settings.default_retry_on)
-        codes = default_codes or frozenset({503})
-    per_try = retries.per_try_timeout
-    if per_try is not None and per_try < 0:
-        raise RetryConfigError(f"perTryTimeout must not be negative, got {float(per_try)}s")
-    return RetryPolicy(
-        attempts=retries.attempts,
-        per_try_timeout=float(per_try) if per_try else None,
-        retry_on=conditions,
-        retriable_status_codes=codes,
-        retry_remote_localities=bool(retries.retry_remote_localities),
-    )
 
 
 def _retriable(policy: RetryPolicy, outcome: Outcome) -> bool:

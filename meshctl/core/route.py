@@ -1,10 +1,14 @@
 """Routing decisions: which rule a request matches and what to do with it.
 
-Pure: no I/O, no clock, no global random. ``Router`` compiles a
-``RouteTable`` once (regexes, domain maps, destination weights, clusters,
-retry policies, static direct responses) and ``decide`` then does only
-per-request work. The proxy carries out the ``Decision``;
-``meshctl route explain`` calls ``Router.explain`` on the same compiled table.
+Pure: no I/O, no clock, no global random. A ``Router`` is a ``RouteTable``
+compiled once (regexes, domain maps, destination weights, clusters, retry
+policies, static direct responses) by ``core.routebuild.build_router``, which
+also rejects what cannot be served (``RouteConfigError``); ``decide`` then does
+only per-request work. The proxy carries out the ``Decision``; ``meshctl route
+explain`` traces the same compiled table (``core.routeexplain.explain``).
+This module holds the per-request part only: setup.py compiles it with mypyc,
+and what runs once per config (routebuild) or only in the CLI (routeexplain)
+stays interpreted, out of the compiled library every sidecar keeps resident.
 
 Rules (Istio's VirtualService, as Envoy applies it):
 
@@ -69,28 +73,17 @@ this way (Envoy refuses too): use rewrite.authority.
 from __future__ import annotations
 
 import ipaddress
-
-import base64
-import binascii
 import random
-import re
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Callable, Final, Mapping, Sequence
 
+from ..dataclass_slots import DATACLASS_SLOTS
 from .errors import CoreConfigError
 from ..model.base import EMPTY, HeaderList
-from ..model.istio import (
-    HeaderOperations,
-    HTTPFaultInjection,
-    HTTPMatchRequest,
-    HTTPRoute,
-    HTTPRouteDestination,
-    StringMatch,
-)
-from ..model.proxyconfig import RouteTable, Settings, VirtualHost, cluster_name
-from .regex import RegexError, compile_regex
-from .retry import DATACLASS_SLOTS, RetryConfigError, RetryPolicy, retry_policy
+from ..model.istio import HeaderOperations, HTTPFaultInjection, HTTPRoute, HTTPRouteDestination
+from ..model.proxyconfig import RouteTable, Settings, VirtualHost
+from .retry import NO_RETRY, RetryPolicy
 
 __all__ = [
     "RequestView",
@@ -118,7 +111,7 @@ class RouteConfigError(CoreConfigError):
 # dataclass() generates stays interpreted Python, storing each field through
 # object.__setattr__ (frozen). They are therefore not frozen dataclasses (a frozen one
 # cannot assign its own fields); nothing changes them once made: a changed Forward is
-# a new one (dataclasses.replace). Slots as in protocol/events.py (DATACLASS_SLOTS).
+# a new one (dataclasses.replace). Slots in the pure build only (meshctl/dataclass_slots.py).
 
 
 @dataclass(**DATACLASS_SLOTS)
@@ -312,13 +305,13 @@ class _Req:
 
 
 # ---------------------------------------------------------------- match conditions
-
-
-_regex: Final = compile_regex  # RE2 (core/regex.py): linear time, whatever the pattern
+# What a condition is made of, called per request; core/routebuild.py puts the parts
+# together once, when it builds the Router.
 
 
 class _Cond:
-    """One condition of an HTTPMatchRequest."""
+    """One condition of an HTTPMatchRequest: ``get`` reads a value of the request and
+    ``test`` checks it; ``label`` and ``expect`` say so in words (core/routeexplain.py)."""
 
     __slots__ = ("label", "expect", "get", "test", "negate")
 
@@ -342,43 +335,43 @@ class _Cond:
             return v is None or not self.test(v)
         return v is not None and self.test(v)
 
-    def why_not(self, r: _Req) -> str:
-        v = self.get(r)
-        if self.negate:
-            return f"{self.label} is {v!r} and must not {self.expect} (withoutHeaders)"
-        if v is None:
-            return f"{self.label} is absent (wanted: {self.expect})"
-        return f"{self.label} is {v!r}, which does not {self.expect}"
-
 
 def _always(_: Any) -> bool:
     return True
 
 
-def _string_test(sm: StringMatch, where: str, *, ignore_case: bool = False) -> tuple[Callable[[str], bool], str]:
-    given = [k for k in ("exact", "prefix", "regex") if getattr(sm, k) is not None]
-    if len(given) > 1:
-        raise RouteConfigError(f"{where}: a StringMatch sets only one of exact/prefix/regex, got {', '.join(given)}")
-    if sm.exact is not None:
-        if ignore_case:
-            low = sm.exact.lower()
-            return (lambda v: v == low), f"equal {sm.exact!r} ignoring case"
-        exact = sm.exact
-        return (lambda v: v == exact), f"equal {exact!r}"
-    if sm.prefix is not None:
-        if ignore_case:
-            lowp = sm.prefix.lower()
-            return (lambda v: v.startswith(lowp)), f"start with {sm.prefix!r} ignoring case"
-        prefix = sm.prefix
-        return (lambda v: v.startswith(prefix)), f"start with {prefix!r}"
-    if sm.regex is not None:
-        try:
-            pat = _regex(sm.regex)
-        except RegexError as e:
-            raise RouteConfigError(f"{where}: {e}") from None
-        full = pat.fullmatch
-        return (lambda v: full(v) is not None), f"fully match regex {sm.regex!r}"
-    return _always, "be present"
+def _equals(want: str) -> Callable[[str], bool]:
+    return lambda v: v == want
+
+
+def _starts_with(prefix: str) -> Callable[[str], bool]:
+    return lambda v: v.startswith(prefix)
+
+
+def _full_match(pattern: Any) -> Callable[[str], bool]:
+    full = pattern.fullmatch
+    return lambda v: full(v) is not None
+
+
+def _same(want: object) -> Callable[[Any], bool]:
+    return lambda v: v == want
+
+
+def _labels_include(want: dict[str, str]) -> Callable[[Mapping[str, str]], bool]:
+    def labels_ok(have: Mapping[str, str]) -> bool:
+        for k, v in want.items():
+            if have.get(k) != v:
+                return False
+        return True
+
+    return labels_ok
+
+
+def _gateway_in(full: frozenset[str], short: frozenset[str]) -> Callable[[str], bool]:
+    def gw_ok(g: str) -> bool:
+        return g in full or (bool(short) and g.rpartition("/")[2] in short)
+
+    return gw_ok
 
 
 def _getter_attr(name: str) -> Callable[[_Req], Any]:
@@ -398,89 +391,6 @@ def _get_lower_path(r: _Req) -> str:
 
 def _get_gateway(r: _Req) -> str:
     return r.view.gateway or "mesh"
-
-
-@dataclass(frozen=True, slots=True)
-class _Match:
-    index: int  # position in the route's match list; -1 for "no match list"
-    conds: tuple[_Cond, ...]
-    rewrite_kind: str  # "prefix" (replace the first prefix_len chars) or "full" (replace the path)
-    prefix_len: int
-
-
-_MATCH_ALL: Final = _Match(index=-1, conds=(), rewrite_kind="prefix", prefix_len=1)
-
-
-def _compile_match(m: HTTPMatchRequest, index: int, where: str) -> _Match:
-    conds: list[_Cond] = []
-    rewrite_kind, prefix_len = "prefix", 1  # Istio: no uri match is prefix "/"
-    if m.uri is not None:
-        w = f"{where}: uri"
-        test, expect = _string_test(m.uri, w, ignore_case=m.ignore_uri_case and m.uri.regex is None)
-        ic = m.ignore_uri_case and m.uri.regex is None
-        conds.append(_Cond("uri path", expect, _get_lower_path if ic else _get_path, test))
-        if m.uri.prefix is not None:
-            rewrite_kind, prefix_len = "prefix", len(m.uri.prefix)
-        elif m.uri.exact is not None or m.uri.regex is not None:
-            rewrite_kind, prefix_len = "full", 0
-    for field in ("method", "scheme", "authority"):
-        sm = getattr(m, field)
-        if sm is not None:
-            test, expect = _string_test(sm, f"{where}: {field}")
-            conds.append(_Cond(field, expect, _getter_attr(field), test))
-    for name, sm in m.headers.items():
-        lname = name.lower()
-        test, expect = _string_test(sm, f"{where}: headers[{name}]")
-        if name.startswith(CLAIM_HEADER):
-            claim = name[len(CLAIM_HEADER):]
-            conds.append(_Cond(f"JWT claim {claim!r}", expect, _claim_getter(claim), _any_value(test)))
-            continue
-        conds.append(_Cond(f"header {lname!r}", expect, _header_getter(lname), test))
-    for name, sm in m.without_headers.items():
-        lname = name.lower()
-        test, expect = _string_test(sm, f"{where}: withoutHeaders[{name}]")
-        if name.startswith(CLAIM_HEADER):
-            claim = name[len(CLAIM_HEADER):]
-            conds.append(_Cond(f"JWT claim {claim!r}", expect, _claim_getter(claim), _any_value(test), negate=True))
-            continue
-        conds.append(_Cond(f"header {lname!r}", expect, _header_getter(lname), test, negate=True))
-    for name, sm in m.query_params.items():
-        if sm.prefix is not None and sm.exact is None and sm.regex is None:
-            # Istio: prefix is not supported for query params; Envoy gets no
-            # value matcher and checks presence only.
-            test, expect = _always, "be present (prefix is not supported for query params)"
-        else:
-            test, expect = _string_test(sm, f"{where}: queryParams[{name}]")
-        conds.append(_Cond(f"query param {name!r}", expect, _param_getter(name), test))
-    if m.port is not None:
-        port = m.port
-        conds.append(_Cond("port", f"equal {port}", _getter_attr("port"), lambda v: v == port))
-    if m.source_labels:
-        want = dict(m.source_labels)
-        shown = ",".join(f"{k}={v}" for k, v in want.items())
-
-        def labels_ok(have: Mapping[str, str]) -> bool:
-            for k, v in want.items():
-                if have.get(k) != v:
-                    return False
-            return True
-
-        conds.append(_Cond("source labels", f"include {shown}", _getter_attr("source_labels"), labels_ok))
-    if m.source_namespace is not None:
-        ns = m.source_namespace
-        conds.append(_Cond("source namespace", f"equal {ns!r}", _getter_attr("source_namespace"), lambda v: v == ns))
-    if m.gateways:
-        full = frozenset(g for g in m.gateways)
-        short = frozenset(g for g in m.gateways if "/" not in g)
-
-        def gw_ok(g: str) -> bool:
-            return g in full or (bool(short) and g.rpartition("/")[2] in short)
-
-        conds.append(_Cond("gateway", f"be one of {', '.join(m.gateways)}", _get_gateway, gw_ok))
-    return _Match(index, tuple(conds), rewrite_kind, prefix_len)
-
-
-CLAIM_HEADER: Final = "@request.auth.claims."  # Istio's JWT claim based routing: headers["@request.auth.claims.groups"]
 
 
 def _claim_getter(path: str) -> Callable[[_Req], tuple[str, ...] | None]:
@@ -522,11 +432,21 @@ def _param_getter(name: str) -> Callable[[_Req], str | None]:
     return get
 
 
+@dataclass(frozen=True, slots=True)
+class _Match:
+    index: int  # position in the route's match list; -1 for "no match list"
+    conds: tuple[_Cond, ...]
+    rewrite_kind: str  # "prefix" (replace the first prefix_len chars) or "full" (replace the path)
+    prefix_len: int
+
+
+_MATCH_ALL: Final = _Match(index=-1, conds=(), rewrite_kind="prefix", prefix_len=1)
+
+
 # ---------------------------------------------------------------- compiled routes
 
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-_REDIRECT_CODES: Final = frozenset({301, 302, 303, 307, 308})
 
 
 def _split_host_port(authority: str) -> tuple[str, int | None]:
@@ -543,11 +463,6 @@ def _split_host_port(authority: str) -> tuple[str, int | None]:
     return authority, None
 
 
-def _port_of_vhost(name: str) -> int | None:
-    _, port = _split_host_port(name)
-    return port
-
-
 @dataclass(frozen=True, slots=True)
 class _Dest:
     destination: HTTPRouteDestination
@@ -557,13 +472,9 @@ class _Dest:
     response_ops: HeaderOperations | None
 
 
-def _to_re_template(rewrite: str) -> str:
-    """RE2 substitutions write groups as \\1 and the whole match as \\0;
-    Python's re.sub understands \\g<0>, not \\0."""
-    return re.sub(r"\\(\d)", r"\\g<\1>", rewrite)
-
-
 class _Route:
+    """One HTTPRoute as ``decide`` uses it: built (and checked) by core/routebuild.py."""
+
     __slots__ = (
         "index",
         "route",
@@ -584,142 +495,43 @@ class _Route:
         "retry",
     )
 
-    def __init__(self, route: HTTPRoute, index: int, vh: VirtualHost, settings: Settings) -> None:
+    def __init__(
+        self,
+        index: int,
+        route: HTTPRoute,
+        label: str,  # "route 0 'name'"
+        matches: tuple[_Match, ...],
+        kind: str,  # "forward" | "direct" | "redirect"
+        redirect_status: int = 0,
+        direct: DirectResponse | None = None,
+        dests: tuple[_Dest, ...] = (),
+        cum: tuple[int, ...] = (),  # running sums of the destinations' weights
+        total: int = 0,
+        route_req_ops: _Ops | None = None,
+        route_resp_ops: HeaderOperations | None = None,
+        rewrite_uri: str | None = None,
+        regex_rewrite: tuple[Any, str] | None = None,  # (RE2 pattern, re.sub template)
+        rewrite_authority: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy = NO_RETRY,
+    ) -> None:
         self.index = index
         self.route = route
-        self.label = f"route {index}" + (f" {route.name!r}" if route.name else "")
-        where = f"virtual host {vh.name!r}, {self.label}"
-        self.matches: tuple[_Match, ...] = tuple(
-            _compile_match(m, i, f"{where}, match {i}" + (f" {m.name!r}" if m.name else ""))
-            for i, m in enumerate(route.match)
-        )
-        self.route_req_ops = _compile_ops(route.headers.request if route.headers else None)
-        self.route_resp_ops = route.headers.response if route.headers else None
-        self._check_request_ops(self.route_req_ops, f"{where}: headers.request")
-        self.redirect_status = 0
-        self.direct: DirectResponse | None = None
-        self.dests: tuple[_Dest, ...] = ()
-        self.cum: tuple[int, ...] = ()
-        self.total = 0
-        self.rewrite_uri: str | None = None
-        self.regex_rewrite: tuple[Any, str] | None = None
-        self.rewrite_authority: str | None = None
-        self.timeout: float | None = None
-        self.retry: RetryPolicy | None = None
-        actions = [n for n, v in (("redirect", route.redirect), ("directResponse", route.direct_response)) if v]
-        if route.route:
-            actions.append("route")
-        if len(actions) > 1:
-            raise RouteConfigError(f"{where}: sets {' and '.join(actions)}; a route does exactly one of them")
-        if route.redirect is not None:
-            self.kind = "redirect"
-            code = route.redirect.redirect_code or 301
-            if code not in _REDIRECT_CODES:
-                raise RouteConfigError(f"{where}: redirectCode {code} is not a redirect status {sorted(_REDIRECT_CODES)}")
-            self.redirect_status = code
-        elif route.direct_response is not None:
-            self.kind = "direct"
-            self.direct = self._compile_direct(route, where)
-        elif route.route:
-            self.kind = "forward"
-            self._compile_forward(route, vh, settings, where)
-        else:
-            raise RouteConfigError(f"{where}: has no route, redirect or directResponse")
-
-    @staticmethod
-    def _check_request_ops(ops: _Ops | None, where: str) -> None:
-        if ops is None:
-            return
-        for name in ops.drop | {k for k, _ in ops.append}:
-            if name == "host" or name.startswith(":"):
-                raise RouteConfigError(f"{where}: cannot change {name!r}; use rewrite.authority")
-
-    def _compile_direct(self, route: HTTPRoute, where: str) -> DirectResponse:
-        dr = route.direct_response
-        assert dr is not None
-        if not 200 <= dr.status <= 599:
-            raise RouteConfigError(f"{where}: directResponse.status {dr.status} is not an HTTP status (200-599)")
-        body = b""
-        if dr.body is not None:
-            if dr.body.string is not None and dr.body.bytes is not None:
-                raise RouteConfigError(f"{where}: directResponse.body sets both string and bytes")
-            if dr.body.string is not None:
-                body = dr.body.string.encode("utf-8")
-            elif dr.body.bytes is not None:
-                try:
-                    body = base64.b64decode(dr.body.bytes, validate=True)
-                except (binascii.Error, ValueError) as e:
-                    raise RouteConfigError(f"{where}: directResponse.body.bytes is not valid base64: {e}") from None
-        headers: HeaderList = [("content-type", "text/plain")] if body else []
-        headers = apply_header_ops(headers, self.route_resp_ops)
-        return DirectResponse(status=dr.status, body=body, headers=headers, route_index=self.index)
-
-    def _compile_forward(self, route: HTTPRoute, vh: VirtualHost, settings: Settings, where: str) -> None:
-        weights = [d.weight for d in route.route]
-        if any(w is not None and w < 0 for w in weights):
-            raise RouteConfigError(f"{where}: destination weights must not be negative, got {weights}")
-        if all(w is None for w in weights):
-            resolved = [100 // len(weights) or 1] * len(weights) if len(weights) > 1 else [100]
-        else:
-            resolved = [w or 0 for w in weights]
-        if len(resolved) == 1 and resolved[0] == 0:
-            resolved = [100]
-        if sum(resolved) <= 0:
-            raise RouteConfigError(f"{where}: destination weights {weights} sum to 0")
-        vh_port = _port_of_vhost(vh.name)
-        dests = []
-        for i, (d, w) in enumerate(zip(route.route, resolved)):
-            dw = f"{where}, destination {i}"
-            if not d.destination.host:
-                raise RouteConfigError(f"{dw}: destination.host is empty")
-            port = d.destination.port.number if d.destination.port and d.destination.port.number else vh_port
-            if port is None:
-                raise RouteConfigError(
-                    f"{dw}: destination {d.destination.host!r} names no port and virtual host {vh.name!r} carries none"
-                )
-            req_ops = _compile_ops(d.headers.request if d.headers else None)
-            self._check_request_ops(req_ops, f"{dw}: headers.request")
-            dests.append(
-                _Dest(
-                    destination=d,
-                    cluster=cluster_name(d.destination.host, port, d.destination.subset),
-                    weight=w,
-                    request_ops=req_ops,
-                    response_ops=d.headers.response if d.headers else None,
-                )
-            )
-        self.dests = tuple(dests)
-        cum: list[int] = []
-        total = 0
-        for dest in dests:
-            total += dest.weight
-            cum.append(total)
-        self.cum, self.total = tuple(cum), total
-        rw = route.rewrite
-        if rw is not None:
-            if rw.uri is not None and rw.uri_regex_rewrite is not None:
-                raise RouteConfigError(f"{where}: rewrite sets both uri and uriRegexRewrite")
-            self.rewrite_uri = rw.uri
-            if rw.uri_regex_rewrite is not None:
-                try:
-                    pat = _regex(rw.uri_regex_rewrite.match)
-                except RegexError as e:
-                    raise RouteConfigError(
-                        f"{where}: rewrite.uriRegexRewrite.match {rw.uri_regex_rewrite.match!r} is not a valid regex: {e}"
-                    ) from None
-                self.regex_rewrite = (pat, _to_re_template(rw.uri_regex_rewrite.rewrite))
-                try:  # a bad group reference would otherwise fail on the first request
-                    re.compile("()" * pat.groups).sub(self.regex_rewrite[1], "")
-                except (re.error, IndexError) as e:
-                    raise RouteConfigError(
-                        f"{where}: rewrite.uriRegexRewrite.rewrite {rw.uri_regex_rewrite.rewrite!r}: {e}"
-                    ) from None
-            self.rewrite_authority = rw.authority or None
-        self.timeout = float(route.timeout) if route.timeout else None
-        try:
-            self.retry = retry_policy(route.retries, settings)
-        except RetryConfigError as e:
-            raise RouteConfigError(f"{where}: retries: {e}") from None
+        self.label = label
+        self.matches = matches
+        self.kind = kind
+        self.redirect_status = redirect_status
+        self.direct = direct
+        self.dests = dests
+        self.cum = cum
+        self.total = total
+        self.route_req_ops = route_req_ops
+        self.route_resp_ops = route_resp_ops
+        self.rewrite_uri = rewrite_uri
+        self.regex_rewrite = regex_rewrite
+        self.rewrite_authority = rewrite_authority
+        self.timeout = timeout
+        self.retry = retry
 
     # ------------------------------------------------------------ per request
 
@@ -789,7 +601,7 @@ class _Route:
                 request_headers=headers,
                 response_ops=resp,
                 timeout=self.timeout,
-                retry=self.retry,  # type: ignore[arg-type]
+                retry=self.retry,
                 fault=self.route.fault,
             )
         if kind == "direct":
@@ -830,57 +642,41 @@ class _Route:
 class _VHost:
     __slots__ = ("vh", "routes")
 
-    def __init__(self, vh: VirtualHost, settings: Settings) -> None:
+    def __init__(self, vh: VirtualHost, routes: tuple[_Route, ...]) -> None:
         self.vh = vh
-        self.routes = tuple(_Route(r, i, vh, settings) for i, r in enumerate(vh.routes))
+        self.routes = routes
 
 
 # ---------------------------------------------------------------- router
 
 
 class Router:
-    """A RouteTable compiled once; ``decide`` per request."""
+    """A RouteTable compiled once (by core/routebuild.py's ``build_router``); ``decide``
+    per request."""
 
     _CACHE_MAX = 4096
 
-    def __init__(self, table: RouteTable, settings: Settings) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        settings: Settings,
+        vhosts: tuple[_VHost, ...],
+        exact: dict[str, _VHost],
+        suffix: tuple[tuple[str, _VHost], ...],  # longest first
+        prefix: tuple[tuple[str, _VHost], ...],  # longest first
+        default: _VHost | None,
+        subnets: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None, _VHost], ...],
+        warnings: list[str],
+    ) -> None:
         self.table = table
         self.settings = settings
-        self.warnings: list[str] = []  # duplicate domains and the like, for pilot/CLI to show
-        self._vhosts = tuple(_VHost(vh, settings) for vh in table.virtual_hosts)
-        self._exact: dict[str, _VHost] = {}
-        suffix: list[tuple[str, _VHost]] = []
-        prefix: list[tuple[str, _VHost]] = []
-        self._default: _VHost | None = None
-        seen: dict[str, str] = {}
-        for cv in self._vhosts:
-            for domain in cv.vh.domains:
-                d = domain.lower()
-                if d in seen:
-                    self.warnings.append(
-                        f"domain {domain!r} of virtual host {cv.vh.name!r} is already served by {seen[d]!r}; ignored"
-                    )
-                    continue
-                seen[d] = cv.vh.name
-                if d == "*":
-                    self._default = cv
-                elif d.startswith("*"):
-                    suffix.append((d[1:], cv))
-                elif d.endswith("*"):
-                    prefix.append((d[:-1], cv))
-                elif "*" in d:
-                    raise RouteConfigError(
-                        f"virtual host {cv.vh.name!r}: domain {domain!r} has a wildcard in the middle; "
-                        "only a leading or trailing '*' is allowed"
-                    )
-                else:
-                    self._exact[d] = cv
-        # a ServiceEntry's address ranges: an IP authority inside one (core/route.py _in_subnets)
-        self._subnets = tuple((ipaddress.ip_network(n, strict=False), cv.vh.port, cv)
-                              for cv in self._vhosts for n in cv.vh.subnets)
-        # longest wildcard first (stable: earlier virtual hosts win ties)
-        self._suffix = tuple(sorted(suffix, key=lambda t: -len(t[0])))
-        self._prefix = tuple(sorted(prefix, key=lambda t: -len(t[0])))
+        self.warnings = warnings  # duplicate domains and the like, for pilot/CLI to show
+        self._vhosts = vhosts
+        self._exact = exact
+        self._suffix = suffix
+        self._prefix = prefix
+        self._default = default
+        self._subnets = subnets  # a ServiceEntry's address ranges: an IP authority inside one (_in_subnets)
         self._cache: dict[str, tuple[_VHost | None, str]] = {}
 
     # ------------------------------------------------------------ virtual hosts
@@ -970,67 +766,3 @@ class Router:
             if m is not None:
                 return route.act(r, m, rand, cv.vh.name)
         return NoRoute(404, f"no route matched in virtual host {cv.vh.name}")
-
-    def explain(self, req: RequestView) -> list[str]:
-        """A human-readable trace of ``decide`` for ``meshctl route explain``."""
-        lines = [
-            f"request: {req.method} {req.scheme}://{req.authority}{req.path}"
-            + (f" port {req.port}" if req.port is not None else "")
-            + f" via {req.gateway or 'mesh'}"
-        ]
-        cv, how = self._lookup(req.authority)
-        if cv is None:
-            lines.append(f"no virtual host for {req.authority!r} in route table {self.table.name!r} → 404"
-                         f"{self._no_vhost_hint(req.authority)}")
-            return lines
-        lines.append(f"virtual host {cv.vh.name!r}, selected by {how}")
-        r = _Req(req)
-        for route in cv.routes:
-            m = route.first_match(r)
-            if m is None:
-                lines.append(f"  {route.label}: no match")
-                for i, cm in enumerate(route.matches):
-                    failing = next(c for c in cm.conds if not c.ok(r))
-                    name: str | None = f" {route.route.match[i].name!r}" if route.route.match[i].name else ""
-                    lines.append(f"    match {i}{name}: {failing.why_not(r)}")
-                continue
-            if m.index < 0:
-                lines.append(f"  {route.label}: matches (no match conditions)")
-            else:
-                name = route.route.match[m.index].name
-                shown = "; ".join(f"{c.label} {c.expect}" for c in m.conds) or "no conditions"
-                lines.append(f"  {route.label}: matches by match {m.index}" + (f" {name!r}" if name else "") + f" ({shown})")
-            lines.extend(self._explain_action(route, r, m, cv.vh.name))
-            return lines
-        lines.append(f"no route matched in virtual host {cv.vh.name!r} → 404")
-        return lines
-
-    @staticmethod
-    def _explain_action(route: _Route, r: _Req, m: _Match, vh_name: str) -> list[str]:
-        if route.kind == "redirect":
-            return [f"→ redirect {route.redirect_status} to {route.location(r)}"]
-        if route.kind == "direct":
-            dr = route.direct
-            assert dr is not None
-            return [f"→ direct response {dr.status} with a {len(dr.body)}-byte body"]
-        out = []
-        for d in route.dests:
-            share = 100.0 * d.weight / route.total
-            out.append(f"→ forward to {d.cluster} ({share:g}% of requests)")
-        path = route.rewrite_path(r, m) if (route.rewrite_uri is not None or route.regex_rewrite) else r.view.path
-        if path != r.view.path:
-            out.append(f"  path rewritten to {path}")
-        if route.rewrite_authority:
-            out.append(f"  authority rewritten to {route.rewrite_authority}")
-        out.append(f"  timeout {f'{route.timeout:g}s' if route.timeout else 'none'}")
-        rp = route.retry
-        assert rp is not None
-        if rp.attempts:
-            codes = f" (status codes {','.join(map(str, sorted(rp.retriable_status_codes)))})" if rp.retriable_status_codes else ""
-            per_try = f", {rp.per_try_timeout:g}s per try" if rp.per_try_timeout else ""
-            out.append(f"  retries: up to {rp.attempts} on {','.join(sorted(rp.retry_on))}{codes}{per_try}")
-        else:
-            out.append("  retries: none")
-        if route.route.fault is not None:
-            out.append("  fault injection configured")
-        return out

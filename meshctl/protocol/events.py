@@ -11,24 +11,12 @@ never appear here: they are carried by the fields of the head events.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
-from typing import Final
 
+from ..dataclass_slots import DATACLASS_SLOTS
 from ..model.base import HeaderList as HeaderList  # re-exported (defined in model/: core/ uses it too)
 
-
-def _probe() -> None:
-    pass
-
-
-# The event classes have __slots__ in the pure-Python build: without them each event
-# carries a __dict__ (measured on 3.11: RequestHead 120 -> 168 bytes, Data 48 -> 88) and
-# takes misspelt attributes. mypyc compiles this module too (setup.py); a native class is
-# a fixed C struct already and may not have __slots__, so there the options are empty.
-# A compiled function is not a Python function object: _probe tells the builds apart.
-# (Passed as **: mypy's dataclass plugin only reads literal True/False keywords.)
-DATACLASS_SLOTS: Final[dict[str, bool]] = {"slots": True} if isinstance(_probe, types.FunctionType) else {}
+# The event classes have __slots__ in the pure-Python build, none under mypyc (DATACLASS_SLOTS).
 
 # The events made for every request (RequestHead, ResponseHead, Data, EndOfMessage) write
 # their __init__ out: dataclass() keeps an __init__ the class defines. Under mypyc the

@@ -142,8 +142,8 @@ except ImportError:  # pragma: no cover - platforms without jh2's wheel
 # codes at DEBUG (~60 calls per header block): never worth it here
 logging.getLogger("jh2.hpack.hpack").disabled = True
 
+from ..dataclass_slots import DATACLASS_SLOTS
 from .events import (
-    DATACLASS_SLOTS,
     Data,
     EndOfMessage,
     Event,

@@ -98,7 +98,7 @@ def handle(rt, method: str, path: str, authorization: str | None = None) -> tupl
         text = rt.stats.render() + rt.mirrors.render() + rt.telemetry.render(runtime_gauges(rt, trio.current_time()))
         if path == "/metrics" and rt.config is not None and rt.config.telemetry.metric_overrides:
             # Istio Telemetry metric overrides shape what Prometheus scrapes; /stats (Mixer, `top`) stays whole
-            from .telemetry import apply_metric_overrides
+            from .metric_overrides import apply_metric_overrides
 
             text = apply_metric_overrides(text, rt.config.telemetry.metric_overrides)
         return 200, "text/plain; version=0.0.4", text.encode()

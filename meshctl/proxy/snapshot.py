@@ -21,8 +21,10 @@ from ..core.jwt import JwtAuthenticator
 from ..core.locality import OFF, LocalityPlan, choose, plan_locality
 from ..core.outlier import OutlierDetector
 from ..core.warmup import SlowStart, warmup_config
-from ..core.retry import RetryPolicy, retry_policy
+from ..core.retry import RetryPolicy
+from ..core.retrypolicy import retry_policy
 from ..core.route import Router
+from ..core.routebuild import build_router
 from ..model.istio import AuthorizationPolicy, HTTPRetry
 from ..model.proxyconfig import Cluster, Endpoint, Listener, ProxyConfig, Workload, cluster_name
 from ..protocol.http1 import Limits
@@ -112,7 +114,7 @@ class Snapshot:
         self.access_filter: tuple | None = parse_cel(tp.access_log_filter) if tp.access_log_filter else None
         self.limits = Limits(max_header_bytes=s.max_request_headers_kb * 1024, max_headers=s.max_headers,
                              upgrades=frozenset(t.lower() for t in s.upgrade_types if t.lower() != "h2c"))
-        self.routers: dict[str, Router] = {name: Router(t, s) for name, t in cfg.route_tables.items()}
+        self.routers: dict[str, Router] = {name: build_router(t, s) for name, t in cfg.route_tables.items()}
         # outlier detectors outlive config versions: ejections and counters carry over
         old = outliers if outliers is not None else {}
         self.outliers: dict[str, OutlierDetector] = {}

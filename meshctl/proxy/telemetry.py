@@ -25,7 +25,8 @@ Besides Istio's families, a few meshctl gauges feed `meshctl top`:
 destination service and version).
 
 Recording is a few attribute lookups, one tuple and one dict lookup per
-request; rendering happens only when /stats or /metrics is scraped.
+request; rendering happens only when /stats or /metrics is scraped (Istio
+Telemetry metric overrides are applied to /metrics by proxy/metric_overrides.py).
 """
 
 from __future__ import annotations
@@ -633,77 +634,3 @@ def tcp_closed(st: TcpSeries, counts: tuple[int, int]) -> None:
     st.received += counts[0]
     st.sent += counts[1]
     st.closed += 1
-
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (.*)$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-_SUFFIXES = ("_bucket", "_sum", "_count")
-
-
-def apply_metric_overrides(text: str, overrides: Sequence) -> str:
-    """Prometheus text with Istio Telemetry metric overrides applied (model/telemetry_api.py
-    MetricOverride, in order): a disabled metric's samples are left out for the reporters
-    it names, a removed tag is dropped from its labels, and the samples that then share
-    their labels are summed (counters and histogram parts alike), as Envoy's stats would
-    have been recorded without the tag. A family left with no sample loses its HELP/TYPE."""
-    if not overrides:
-        return text
-    out: list[str] = []
-    sums: dict[tuple[str, str], int] = {}  # (name, labels) → index in out
-    values: dict[int, float] = {}
-    kept_families: set[str] = set()
-    pending_meta: dict[str, list[str]] = {}
-    families: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("#"):
-            parts = line.split(" ", 3)
-            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                pending_meta.setdefault(parts[2], []).append(line)
-                families.add(parts[2])
-                continue
-            out.append(line)
-            continue
-        m = _SAMPLE.match(line)
-        if m is None:
-            out.append(line)
-            continue
-        name, labelstr, value = m.group(1), m.group(2) or "", m.group(3)
-        family = name
-        for suf in _SUFFIXES:
-            if name.endswith(suf) and name[: -len(suf)] in families:
-                family = name[: -len(suf)]
-        labels = _LABEL.findall(labelstr)
-        reporter = next((v for k, v in labels if k == "reporter"), "")
-        disabled = False
-        removed: set[str] = set()
-        for o in overrides:
-            if family in o.families and reporter in o.reporters:
-                if o.disabled is not None:
-                    disabled = o.disabled
-                removed.update(o.remove_tags)
-        if disabled:
-            continue
-        if family not in kept_families:
-            kept_families.add(family)
-            out.extend(pending_meta.pop(family, []))
-        if not removed:
-            out.append(line)
-            continue
-        lab = ",".join(f'{k}="{v}"' for k, v in labels if k not in removed)
-        key = (name, lab)
-        try:
-            num = float(value)
-        except ValueError:
-            out.append(line)
-            continue
-        at = sums.get(key)
-        if at is None:
-            sums[key] = len(out)
-            values[len(out)] = num
-            out.append("")
-        else:
-            values[at] += num
-    for key, at in sums.items():
-        name, lab = key
-        out[at] = f"{name}{{{lab}}} {_num(values[at])}"
-    return "\n".join(out) + "\n"

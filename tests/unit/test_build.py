@@ -37,13 +37,24 @@ def test_the_flag_tells_what_was_actually_imported():
 def test_events_have_a_fixed_layout_in_either_build():
     # pure Python: dataclasses with __slots__; compiled: native classes (which may not have
     # __slots__). Either way no per-event __dict__, and a misspelt attribute is an error.
+    # The same for the per-request dataclasses of core/ (retry's Outcome, route's RequestView
+    # and Forward), whose options come from the same module (meshctl/dataclass_slots.py).
+    from meshctl import dataclass_slots
+    from meshctl.core import retry, route
     from meshctl.protocol import events, http2
 
     compiled = "meshctl.protocol.events" in build.COMPILED_MODULES
-    assert events.DATACLASS_SLOTS == ({} if compiled else {"slots": True})
+    assert ("meshctl.dataclass_slots" in build.COMPILED_MODULES) == compiled
+    assert dataclass_slots.DATACLASS_SLOTS == ({} if compiled else {"slots": True})
+    from meshctl.model.istio import Destination, HTTPRoute, HTTPRouteDestination
+
+    view = route.RequestView("GET", "http", "a", "/", [])
+    dest = HTTPRouteDestination(destination=Destination(host="h"))
     samples = [events.RequestHead("GET", "/", []), events.ResponseHead(200, []), events.Data(b"x", 1),
                events.EndOfMessage(), events.Reset("gone", 3), events.Upgraded(b""),
-               http2.H2Reset("refused", 5, http2.REFUSED_STREAM), http2.GoAway(7), http2.WindowUpdated(1)]
+               http2.H2Reset("refused", 5, http2.REFUSED_STREAM), http2.GoAway(7), http2.WindowUpdated(1),
+               retry.Outcome(status=503), view,
+               route.Forward(HTTPRoute(), 0, "vh", dest, "c", "/", "a", [], (), None, retry.NO_RETRY, None)]
     for ev in samples:
         assert not hasattr(ev, "__dict__"), type(ev).__name__
         try:

@@ -120,13 +120,13 @@ TWO = {"reviews": (inst("reviews", "v1", 21003, "shop"), inst("reviews", "v2", 2
 
 
 def outbound_router(ns, snapshot=TWO, rules=""):
-    from meshctl.core.route import Router
+    from meshctl.core.routebuild import build_router
 
     node = Node(Workload(name=f"productpage-v1-{ns}", service="productpage", namespace=ns,
                          labels=FrozenDict(app="productpage")),
                 (Listener(name="outbound", direction="outbound", address="127.0.0.1", port=15001),))
     cfg = compile_proxy(Inputs(load_resources_text(rules, "r.yaml") if rules else [], snapshot), node)
-    router = Router(cfg.route_tables["outbound"], cfg.settings)
+    router = build_router(cfg.route_tables["outbound"], cfg.settings)
     assert router.warnings == []  # no domain is claimed by two services
     return router
 
@@ -182,6 +182,7 @@ def test_a_short_name_of_another_namespace_only_is_answered_with_where_it_is():
     # a caller of namespace default asks for `reviews`, which only shop and bookinfo have:
     # the reply (and route explain) names them, so a user of the looser resolution knows why
     from meshctl.core.route import NoRoute, RequestView
+    from meshctl.core.routeexplain import explain
     import random
 
     r = outbound_router("default")
@@ -190,5 +191,5 @@ def test_a_short_name_of_another_namespace_only_is_answered_with_where_it_is():
     d = r.decide(RequestView(method="GET", scheme="http", path="/", authority="reviews:9080", headers=()), random.Random(0))
     assert isinstance(d, NoRoute) and d.reason.endswith(
         "(a short name is a service of the caller's own namespace; other namespaces have reviews.bookinfo, reviews.shop)")
-    assert "other namespaces have reviews.bookinfo, reviews.shop" in r.explain(
+    assert "other namespaces have reviews.bookinfo, reviews.shop" in explain(r,
         RequestView(method="GET", scheme="http", path="/", authority="reviews", headers=()))[-1]

@@ -9,7 +9,9 @@ import random
 import pytest
 
 from meshctl.core.fault import decide_fault
-from meshctl.core.route import Forward, RequestView, Router
+from meshctl.core.route import Forward, RequestView
+from meshctl.core.routebuild import build_router
+from meshctl.core.routeexplain import explain
 from meshctl.model.base import FrozenDict
 from meshctl.model.istio import (
     Destination,
@@ -247,10 +249,10 @@ NODE = Node(workload=Workload(name="reviews-v2-0", service="reviews"),
 def _decide(cfg, user):
     headers = [("end-user", user)] if user else []
     req = RequestView(method="GET", scheme="http", authority="ratings:9080", path="/ratings/0", headers=headers, port=9080)
-    router = Router(cfg.route_tables["outbound"], cfg.settings)
+    router = build_router(cfg.route_tables["outbound"], cfg.settings)
     d = router.decide(req, random.Random(1))
     assert isinstance(d, Forward)
-    return d, router.explain(req)
+    return d, explain(router, req)
 
 
 def test_compiled_config_delays_only_jason_and_routes_as_the_user_said():

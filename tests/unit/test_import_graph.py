@@ -4,7 +4,7 @@ The layers of DESIGN.md, lowest first; a module may import its own layer's
 modules and any lower layer's, never a higher one's:
 
     0  model/, and the helpers at the top that import no other layer (httpapi, loopback, plainhttp,
-       state, credentials, secrets, _build)
+       state, credentials, secrets, _build, dataclass_slots)
     1  protocol/ (sans-IO codecs), core/ (decisions): each imports only layer 0
     2  loader/ (YAML → model)
     3  registry/, citadel/, pilot/, mixer/, proxy/ (the roles)
@@ -29,7 +29,7 @@ import meshctl
 ROOT = Path(meshctl.__file__).parent
 
 LAYER = {
-    "model": 0, "httpapi": 0, "loopback": 0, "plainhttp": 0, "state": 0, "credentials": 0, "secrets": 0, "_build": 0,
+    "model": 0, "httpapi": 0, "loopback": 0, "plainhttp": 0, "state": 0, "credentials": 0, "secrets": 0, "_build": 0, "dataclass_slots": 0,
     "protocol": 1, "core": 1,
     "loader": 2,
     "registry": 3, "citadel": 3, "pilot": 3, "mixer": 3, "proxy": 3,

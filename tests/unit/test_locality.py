@@ -402,7 +402,7 @@ def test_retry_priorities_leave_tried_levels_out_from_every_second_try_as_envoys
 
 
 def test_retry_remote_localities_is_carried_into_the_routes_retry_policy():
-    from meshctl.core.retry import retry_policy
+    from meshctl.core.retrypolicy import retry_policy
     from meshctl.model.istio import HTTPRetry
     from meshctl.model.proxyconfig import Settings
 

@@ -115,14 +115,15 @@ def test_two_gateways_on_one_port_with_the_same_host_merge_their_virtual_service
     # reaches productpage (before, the first virtual host took "*" and the other was ignored).
     import random
 
-    from meshctl.core.route import Forward, RequestView, Router
+    from meshctl.core.route import Forward, RequestView
+    from meshctl.core.routebuild import build_router
 
     more = Path(__file__).parents[1] / "data" / "istio-more"
     resources = load_resources([RULES / "bookinfo-gateway.yaml", more / "certmanager-gateway.yaml"])
     cfg = compile_proxy(Inputs(resources, SNAP), GATEWAY)
     table = cfg.route_tables["gateway-80"]
     assert [vh.domains for vh in table.virtual_hosts] == [("*",)]
-    router = Router(table, cfg.settings)
+    router = build_router(table, cfg.settings)
 
     def dest(path: str) -> str:
         req = RequestView(method="GET", scheme="http", authority="127.0.0.1:8080", path=path, headers=[], port=80,

@@ -1,4 +1,4 @@
-"""Retry decisions (core/retry.py): Istio's HTTPRetry with Envoy's retry_on semantics."""
+"""Retry decisions (core/retry.py, and core/retrypolicy.py's policies): Istio's HTTPRetry with Envoy's retry_on semantics."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from meshctl.core.retry import (
     RetryConfigError,
     RetryPolicy,
     backoff,
-    retry_policy,
     should_retry,
 )
+from meshctl.core.retrypolicy import retry_policy
 from meshctl.model.base import Duration
 from meshctl.model.istio import HTTPRetry
 from meshctl.model.proxyconfig import Settings

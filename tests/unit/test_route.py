@@ -21,6 +21,8 @@ from meshctl.core.route import (
     Router,
     apply_header_ops,
 )
+from meshctl.core.routebuild import build_router
+from meshctl.core.routeexplain import explain
 from meshctl.model.base import Duration, FrozenDict
 from meshctl.model.istio import (
     Destination,
@@ -67,7 +69,7 @@ def regex(v: str) -> StringMatch:
 
 
 def router(*routes: HTTPRoute, domains=REVIEWS_DOMAINS, name=f"{REVIEWS}:9080", extra=()) -> Router:
-    return Router(RouteTable("outbound", (VirtualHost(name, domains, tuple(routes)), *extra)), Settings())
+    return build_router(RouteTable("outbound", (VirtualHost(name, domains, tuple(routes)), *extra)), Settings())
 
 
 def req(path: str = "/", authority: str = "reviews:9080", headers=(), method: str = "GET", **kw) -> RequestView:
@@ -277,7 +279,7 @@ def test_virtual_host_exact_domain_beats_longest_wildcard_beats_catch_all():
             _vh("pfx", ("shop.*",), "pfx"),
         ),
     )
-    r = Router(table, Settings())
+    r = build_router(table, Settings())
     sub = lambda a: cluster_of(r, req(authority=a)).split("|")[2]  # noqa: E731
     assert sub("www.api.example.com") == "exact"
     assert sub("WWW.API.Example.com") == "exact"  # domains are case-insensitive
@@ -489,7 +491,7 @@ def test_timeout_zero_or_unset_means_none_and_retries_come_from_the_route():
 def test_fault_is_passed_to_the_proxy():
     # samples/bookinfo/networking/virtual-service-ratings-test-abort.yaml
     fault = HTTPFaultInjection(abort=FaultAbort(http_status=500, percentage=Percent(100.0)))
-    r = Router(
+    r = build_router(
         RouteTable("outbound", (VirtualHost(f"{RATINGS}:9080", ("ratings:9080",), (
             HTTPRoute(match=(HTTPMatchRequest(headers=FrozenDict({"end-user": exact("jason")})),), fault=fault,
                       route=(dest(RATINGS, "v1"),)),
@@ -534,19 +536,19 @@ def test_destination_without_any_port_is_rejected():
 
 def test_explain_names_the_virtual_host_each_route_tried_and_the_choice():
     r = router(*REVIEWS_TEST_V2)
-    lines = r.explain(req("/reviews/0", headers=[("end-user", "bob")]))
+    lines = explain(r, req("/reviews/0", headers=[("end-user", "bob")]))
     text = "\n".join(lines)
     assert "virtual host 'reviews.default.svc.cluster.local:9080', selected by exact domain 'reviews:9080'" in text
     assert "route 0: no match" in text
     assert "header 'end-user' is 'bob', which does not equal 'jason'" in text
     assert "route 1: matches (no match conditions)" in text
     assert f"forward to outbound|9080|v1|{REVIEWS} (100% of requests)" in text
-    jason = "\n".join(r.explain(req(headers=[("end-user", "jason")])))
+    jason = "\n".join(explain(r, req(headers=[("end-user", "jason")])))
     assert "route 0: matches by match 0 (header 'end-user' equal 'jason')" in jason
-    absent = "\n".join(router(REVIEWS_TEST_V2[0]).explain(req()))
+    absent = "\n".join(explain(router(REVIEWS_TEST_V2[0]), req()))
     assert "header 'end-user' is absent (wanted: equal 'jason')" in absent
     assert "no route matched" in absent
-    assert "no virtual host for 'nowhere'" in "\n".join(r.explain(req(authority="nowhere")))
+    assert "no virtual host for 'nowhere'" in "\n".join(explain(r, req(authority="nowhere")))
 
 
 def test_explain_shows_weights_rewrites_and_retries():
@@ -554,7 +556,7 @@ def test_explain_shows_weights_rewrites_and_retries():
         HTTPRoute(rewrite=HTTPRewrite(uri="/v2/"), route=(dest(subset="v1", weight=50), dest(subset="v3", weight=50)),
                   retries=HTTPRetry(attempts=3, retry_on="5xx"))
     )
-    text = "\n".join(r.explain(req("/x")))
+    text = "\n".join(explain(r, req("/x")))
     assert f"outbound|9080|v1|{REVIEWS} (50% of requests)" in text
     assert f"outbound|9080|v3|{REVIEWS} (50% of requests)" in text
     assert "path rewritten to /v2/x" in text
@@ -567,9 +569,9 @@ def test_explain_describes_redirects_direct_responses_and_without_headers():
                   redirect=HTTPRedirect(uri="/moved", redirect_code=302)),
         HTTPRoute(direct_response=HTTPDirectResponse(status=503, body=HTTPBody(string="down"))),
     )
-    first = "\n".join(r.explain(req("/p?q=1")))
+    first = "\n".join(explain(r, req("/p?q=1")))
     assert "→ redirect 302 to http://reviews:9080/moved?q=1" in first
-    second = "\n".join(r.explain(req("/p", headers=[("x-debug", "1")])))
+    second = "\n".join(explain(r, req("/p", headers=[("x-debug", "1")])))
     assert "header 'x-debug' is '1' and must not equal '1' (withoutHeaders)" in second
     assert "→ direct response 503 with a 4-byte body" in second
 

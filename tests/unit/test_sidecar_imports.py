@@ -13,7 +13,9 @@ import sys
 HEAVY = ("cryptography", "httpx", "typer", "rich", "pydantic", "meshctl.loader.validate", "meshctl.loader.resources",
          "meshctl.citadel.identity",
          "re2",  # RE2 (+ the C++ runtime, ~2.5 MB): loaded by the first regex a rule carries
-         "decimal")  # durations are parsed in integers
+         "decimal",  # durations are parsed in integers
+         "meshctl.core.routeexplain",  # `meshctl route explain`'s trace (the routes are built by core/routebuild.py)
+         "meshctl.proxy.metric_overrides")  # Istio Telemetry overrides, loaded by a /metrics scrape that has them
 
 
 def test_a_plain_sidecar_runtime_imports_no_heavy_library():

@@ -15,7 +15,7 @@ from meshctl.loader.validate import validate
 from meshctl.model.base import FrozenDict
 from meshctl.model.proxyconfig import Workload
 from meshctl.pilot.telemetry import telemetry_for
-from meshctl.proxy.telemetry import apply_metric_overrides
+from meshctl.proxy.metric_overrides import apply_metric_overrides
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "istio-telemetry"
 
