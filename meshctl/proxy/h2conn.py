@@ -30,8 +30,9 @@ its open streams are done.
 Compiled with mypyc (setup.py): the classes are native with typed attributes, so
 the per-frame and per-stream calls into the codec (protocol/http2.py, native too)
 and between the adapters are direct C calls; ``H2ConnState``, a subclass of the
-interpreted ``ConnState``, lives in connstate.py. The adapters' events exist only
-while a task waits on them.
+interpreted ``ConnState``, lives in connstate.py. A task waits on a
+``Wakeup`` slot of its adapter (outbuf.py), rescheduled directly, not on a
+``trio.Event`` made per wait.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from .connstate import ConnState, H2ConnState
 from .errors import DownstreamGone, PeerGone, receive_some, send_eof
 from ..core.mirror import has_mirrors
 from .request import Request, send_local
-from .outbuf import OutBuffer
+from .outbuf import OutBuffer, Wakeup
 from .telemetry import finish_request
 
 log: Final = logging.getLogger("meshctl.proxy")
@@ -169,7 +170,7 @@ class _StreamReader:
         self.events: list[Any] = []
         self.pos = 0
         self.acked = 0  # events before this index are acked
-        self.wake: trio.Event | None = None  # next() waits for an event (None: it does not)
+        self.wake = Wakeup()  # next() waits for an event
         self.eof = False
         self.msgs: MessageCounter | None = MessageCounter() if grpc else None  # gRPC: request messages, for telemetry
 
@@ -181,10 +182,7 @@ class _StreamReader:
             except GrpcError:  # not gRPC framing after all: no longer counted
                 self.msgs = None
         self.events.append(ev)
-        w = self.wake
-        if w is not None:
-            self.wake = None
-            w.set()
+        self.wake.set()
 
     def _ack(self) -> None:
         events = self.events
@@ -222,8 +220,7 @@ class _StreamReader:
         while self.pos >= len(self.events):
             if self.eof:
                 return None
-            w = self.wake = trio.Event()
-            await w.wait()
+            await self.wake.wait()
             self._ack()
         ev = self.events[self.pos]
         self.pos += 1
@@ -239,14 +236,11 @@ class _StreamDown:
     def __init__(self, c: _Conn, sid: int) -> None:
         self.c = c
         self.sid = sid
-        self.window: trio.Event | None = None  # send_all waits for send window (None: it does not)
+        self.window = Wakeup()  # send_all waits for send window
 
     def wake(self) -> None:
         """The stream may send again (window, reset, connection gone)."""
-        w = self.window
-        if w is not None:
-            self.window = None
-            w.set()
+        self.window.set()
 
     @property
     def peer_id(self) -> str | None:
@@ -274,10 +268,9 @@ class _StreamDown:
         while h2.queued(self.sid) > 0:
             if c.dead:
                 raise DownstreamGone("connection closed")
-            w = self.window = trio.Event()
             c.blocked[self.sid] = self
             try:
-                await w.wait()
+                await self.window.wait()
             finally:
                 c.blocked.pop(self.sid, None)
             await c.flush()
@@ -327,10 +320,7 @@ class _Conn(OutBuffer):
         for scope, reader, down in self.streams.values():
             scope.cancel()
             reader.eof = True
-            w = reader.wake
-            if w is not None:
-                reader.wake = None
-                w.set()
+            reader.wake.set()
             down.wake()
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
