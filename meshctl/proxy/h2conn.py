@@ -11,16 +11,20 @@ telemetry are shared, and the upstream leg is whatever the cluster speaks
 Ordering: the codec returns *all* pending connection bytes from every call,
 so the adapters never return those bytes to the forwarder; they append them
 at once to one connection output buffer (``_Conn.emit``), which the
-connection's one writer task (outbuf.py) sends, and ``send_down`` waits until
-it has. Frames thus leave in the order the codec made them.
+connection's one writer task (outbuf.py) sends. Frames thus leave in the order
+the codec made them. ``send_down`` wakes the writer and waits for it only while
+more than _HIGH_WATER bytes are unwritten (``_Conn.flush_some``): a small
+response is sent with whatever else the connection's streams emit in the same
+pass of the scheduler, without its task waiting for the write.
 
 Flow control, end to end:
 * request body: a stream's Data is acked (``ack_received``) only when the
   forwarder pulls the next event, i.e. after the previous chunk went
   upstream; a slow upstream stops the client at its window.
-* response body: after writing, a stream whose data is queued in the codec
-  (no send window) waits for ``WindowUpdated`` before reading more from the
-  upstream; a slow client stops the upstream through TCP.
+* response body: a stream whose data is queued in the codec (no send
+  window) waits for ``WindowUpdated`` before reading more from the upstream;
+  past _HIGH_WATER unwritten bytes it waits for the writer, so a client that
+  does not read stops the upstream through TCP.
 
 A connection-fatal ``ProtocolError`` writes the codec's GOAWAY, closes the
 socket and cancels every stream. ``H2ConnState.drain()`` (called by
@@ -68,6 +72,7 @@ from .telemetry import finish_request
 log: Final = logging.getLogger("meshctl.proxy")
 _INF: Final = math.inf
 _IDLE_TASKS: Final = 8  # stream tasks of a connection kept waiting for its next stream, at most
+_HIGH_WATER: Final = 64 * 1024  # bytes emitted and not yet written past which a stream waits for the writer
 
 __all__ = ["serve_h2_connection", "H2ConnState", "h2_limits"]
 
@@ -263,7 +268,7 @@ class _StreamDown:
             c.emit(c.h2.reset(self.sid, "raw bytes for an HTTP/2 stream"))
             await c.flush()
             raise DownstreamGone("stream reset")
-        await c.flush()
+        await c.flush_some()
         h2 = c.h2
         while h2.queued(self.sid) > 0:
             if c.dead:
@@ -303,6 +308,20 @@ class _Conn(OutBuffer):
         await self.wait_written()
         if self.dead and (self.write_failed or self.written < target):
             raise DownstreamGone("connection closed")
+
+    async def flush_some(self) -> None:
+        """What a stream calls once it has emitted: ``flush()`` when more than _HIGH_WATER
+        bytes are not written yet, else only wake the writer and go on (DownstreamGone if
+        the connection is gone with bytes unwritten). Waiting for each write cost the
+        stream's task one more trio step per response, for bytes that the writer sends
+        with everything else emitted in the same pass anyway."""
+        if self.emitted - self.written > _HIGH_WATER:
+            await self.flush()
+        elif self.dead:
+            if self.write_failed or self.written < self.emitted:
+                raise DownstreamGone("connection closed")
+        else:
+            self.kick()
 
     async def writer(self) -> None:
         try:
@@ -530,7 +549,7 @@ class _Conn(OutBuffer):
                     body = rq.body
                     if body is not None and not body.finished and not rq.response_started:
                         self.emit(self.h2.reset(sid, "request body not consumed"))
-                    await self.flush()
+                    await self.flush_some()
                 except PeerGone:
                     rq.flags.append(F.DC)
                 except ValueError as exc:  # a response the codec cannot carry (101, bad header value)
