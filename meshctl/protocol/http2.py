@@ -23,7 +23,11 @@ block is then checked for Huffman padding longer than 7 bits or not the EOS
 code's first bits (5.2, ``_check_huffman``: the code lengths of the decoded
 string say how many bits of padding the literal has; those must be 0-7 one
 bits). A panic all the same is a COMPRESSION_ERROR
-like any other bad block. Measured with ``bench/h2_codec_bench.py``.
+like any other bad block. A block that leaves the dynamic table as it is (every
+field indexed, or literals without indexing: a peer's steady state) decodes to
+what it did last time until a block changes the table, so such blocks are kept
+decoded per connection with their checked fields (``_Endpoint._decode``,
+``_fields_of``). Measured with ``bench/h2_codec_bench.py``.
 
 Rules this module keeps
 -----------------------
@@ -235,7 +239,11 @@ def _ws(c: int) -> bool:
 # a decoded header block: (name, value, never-indexed) per field, as jh2's decoder gives it
 # with raw=True (its pure-Python decoder gives (name, value) tuples)
 _Raw = list[tuple[bytes, ...]]
-_DEC_CACHE_MAX: Final = 32  # header blocks kept decoded per connection (_Endpoint._decode)
+# header blocks kept decoded per connection (_Endpoint._decode), and the longest kept: a
+# steady state's blocks are a few dozen bytes; the bounds keep what a peer can make a
+# connection hold small
+_DEC_CACHE_MAX: Final = 16
+_DEC_CACHE_BLOCK_MAX: Final = 256
 
 
 class _Decoded:
@@ -1203,7 +1211,7 @@ class _Endpoint:
             if changes:
                 if cache:
                     cache.clear()
-            else:
+            elif len(block) <= _DEC_CACHE_BLOCK_MAX:
                 if len(cache) >= _DEC_CACHE_MAX:
                     cache.clear()
                 cache[block] = _Decoded(fields)
