@@ -15,7 +15,8 @@ connection's one writer task (outbuf.py) sends. Frames thus leave in the order
 the codec made them. ``send_down`` wakes the writer and waits for it only while
 more than _HIGH_WATER bytes are unwritten (``_Conn.flush_some``): a small
 response is sent with whatever else the connection's streams emit in the same
-pass of the scheduler, without its task waiting for the write.
+pass of the scheduler, without its task waiting for the write; the reading task
+likewise reads on without waiting for the writer below that mark.
 
 Flow control, end to end:
 * request body: a stream's Data is acked (``ack_received``) only when the
@@ -395,7 +396,12 @@ class _Conn(OutBuffer):
                 for sid, d in list(self.blocked.items()):
                     if h2.queued(sid) == 0:  # sent, or the stream is gone: no WindowUpdated then
                         d.wake()
-            await self.flush()
+            if data and not h2.closed:
+                # (the stream tasks' responses may still be unwritten: reading on does not
+                # wait for them unless much is, which stops a peer that does not read)
+                await self.flush_some()
+            else:
+                await self.flush()  # everything out before the connection ends
             if not data or self.dead:
                 self.kill()
                 return
