@@ -23,7 +23,11 @@ block is then checked for Huffman padding longer than 7 bits or not the EOS
 code's first bits (5.2, ``_check_huffman``: the code lengths of the decoded
 string say how many bits of padding the literal has; those must be 0-7 one
 bits). A panic all the same is a COMPRESSION_ERROR
-like any other bad block. Measured with ``bench/h2_codec_bench.py``.
+like any other bad block. A block that leaves the dynamic table as it is (every
+field indexed, or literals without indexing: a peer's steady state) decodes to
+what it did last time until a block changes the table, so such blocks are kept
+decoded per connection with their checked fields (``_Endpoint._decode``,
+``_fields_of``). Measured with ``bench/h2_codec_bench.py``.
 
 Rules this module keeps
 -----------------------
@@ -235,6 +239,26 @@ def _ws(c: int) -> bool:
 # a decoded header block: (name, value, never-indexed) per field, as jh2's decoder gives it
 # with raw=True (its pure-Python decoder gives (name, value) tuples)
 _Raw = list[tuple[bytes, ...]]
+# header blocks kept decoded per connection (_Endpoint._decode), and the longest kept: a
+# steady state's blocks are a few dozen bytes; the bounds keep what a peer can make a
+# connection hold small
+_DEC_CACHE_MAX: Final = 16
+_DEC_CACHE_BLOCK_MAX: Final = 256
+
+
+class _Decoded:
+    """A header block kept decoded (``_Endpoint._decode``): its fields, and once checked
+    as a request, response or trailers (``kind``), what ``_decode_fields`` made of them."""
+
+    __slots__ = ("raw", "kind", "pseudo", "fields", "problem", "length")
+
+    def __init__(self, raw: _Raw) -> None:
+        self.raw = raw
+        self.kind = -1  # none yet
+        self.pseudo: dict[bytes, bytes] = {}  # (read, never changed, by the callers)
+        self.fields: HeaderList = []  # (a copy is handed out each time)
+        self.problem = ""
+        self.length = -1
 
 _UPPER: Final = re.compile(b"[A-Z]")
 _CONNECTION_FIELDS: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
@@ -687,17 +711,20 @@ def _skip_string(block: bytes, pos: int) -> int:
     return pos
 
 
-def _walk_block(block: bytes) -> tuple[int, list[tuple[int, int, int]]]:
+def _walk_block(block: bytes) -> tuple[int, list[tuple[int, int, int]], bool]:
     """A header block's structure, read before jh2's native decoder sees it: that
     decoder panics (Rust prints to stderr, per block) on a representation or string
     cut off by the end of the block, so a peer could write to our stderr at will.
     Refuses those, and a dynamic table size update after a field (RFC 7541 4.2).
-    Returns the number of fields and each Huffman-coded string as (field index,
-    0 name / 1 value, position), for ``_check_huffman`` once decoded."""
+    Returns the number of fields, each Huffman-coded string as (field index,
+    0 name / 1 value, position), for ``_check_huffman`` once decoded, and whether
+    decoding the block changes the dynamic table (a literal with incremental
+    indexing, or a size update)."""
     pos = 0
     end = len(block)
     i = 0
     huffman: list[tuple[int, int, int]] = []
+    changes = False
     while pos < end:
         b = block[pos]
         if b & 0x80:  # indexed field
@@ -708,7 +735,10 @@ def _walk_block(block: bytes) -> tuple[int, list[tuple[int, int, int]]]:
             if i:
                 raise _BadBlock("dynamic table size update after a header field")
             _, pos = _hpack_int(block, pos, 5)
+            changes = True
             continue
+        if b & 0x40:
+            changes = True
         index, pos = _hpack_int(block, pos, 6 if b & 0x40 else 4)
         if not index:
             if pos < end and block[pos] & 0x80:
@@ -718,7 +748,7 @@ def _walk_block(block: bytes) -> tuple[int, list[tuple[int, int, int]]]:
             huffman.append((i, 1, pos))
         pos = _skip_string(block, pos)
         i += 1
-    return i, huffman
+    return i, huffman, changes
 
 
 def _check_huffman(n: int, huffman: list[tuple[int, int, int]], block: bytes, fields: _Raw) -> None:
@@ -786,6 +816,7 @@ class _Endpoint:
         # HPACK aborts (fatally) only far above the limit; the limit itself is stream-level
         dec.max_header_list_size = 2 * limits.max_header_list_size
         self._dec = dec
+        self._dec_cache: dict[bytes, _Decoded] = {}  # blocks that do not change the HPACK table
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}
         self._gone: dict[int, int] = {}  # closed stream -> _GONE_IGNORE / _GONE_CLOSED
@@ -1160,13 +1191,30 @@ class _Endpoint:
             self._on_header_block(sid, self._hb_end_stream, block, self._hb_self_dep, events)
 
     def _decode(self, block: bytes) -> _Raw:
+        """The fields of a header block (never changed by the caller: it may be a list
+        handed out before). A block that leaves the dynamic table as it is decodes to
+        what it decoded to last time, until a block changes the table: such blocks
+        (a peer's steady state, where every field is indexed) come from ``_dec_cache``
+        without the native decoder, and their field names are the same bytes objects
+        each time, whose hashes are kept (``_decode_fields`` looks every name up)."""
+        cache = self._dec_cache
+        hit = cache.get(block)
+        if hit is not None:
+            return hit.raw
         # one exception name per clause below: compiled by mypyc, a name shared by the
         # clauses gets the first clause's type (_BadBlock) and the others fail a type check
         try:
-            n, huffman = _walk_block(block)
+            n, huffman, changes = _walk_block(block)
             fields: _Raw = self._dec.decode(block, raw=True)
             if not self._client_side:  # untrusted clients: RFC 7541's rules the native decoder skips
                 _check_huffman(n, huffman, block, fields)
+            if changes:
+                if cache:
+                    cache.clear()
+            elif len(block) <= _DEC_CACHE_BLOCK_MAX:
+                if len(cache) >= _DEC_CACHE_MAX:
+                    cache.clear()
+                cache[block] = _Decoded(fields)
         except _BadBlock as bad:
             raise _ConnectionError(COMPRESSION_ERROR, f"error decoding header block: {bad}") from bad
         except (_NativeOversized, _PureOversized) as oversized:
@@ -1215,7 +1263,7 @@ class _Endpoint:
             if self_dep:
                 self._stream_error(sid, None, PROTOCOL_ERROR, events, "stream depends on itself")
                 return
-            self._on_request(sid, raw, end_stream, events)
+            self._on_request(sid, block, raw, end_stream, events)
             return
         raw = self._decode(block)
         if st.remote_done:
@@ -1226,12 +1274,12 @@ class _Endpoint:
             return
         if self._client_side and not st.responded:
             self._heads += 1
-            self._on_response(sid, st, raw, end_stream, events)
+            self._on_response(sid, st, block, raw, end_stream, events)
             return
         # trailers
         if not end_stream:
             self._malformed(sid, "trailers without END_STREAM")
-        _, fields, problem, _ = self._decode_fields(raw, sid, _TRAILERS)
+        _, fields, problem, _ = self._fields_of(block, raw, sid, _TRAILERS)
         if problem:
             self._kill(sid, st, CANCEL)
             events.append(H2Reset(f"trailers from the {self._who} refused: {problem}", sid))
@@ -1399,6 +1447,23 @@ class _Endpoint:
             events.append(H2Reset(f"stream error from the {self._who}: {why} ({_code_name(code)})", sid, code))
         self._remember(sid, _GONE_IGNORE)
 
+    def _fields_of(self, block: bytes, raw: _Raw, sid: int,
+                   kind: int) -> tuple[dict[bytes, bytes], HeaderList, str, int]:
+        """``_decode_fields(raw, sid, kind)``, kept with ``block`` when the block is kept
+        decoded (``_decode``): checking and converting a repeated block's fields is done
+        once, and each call gets its own copy of the list."""
+        e = self._dec_cache.get(block)
+        if e is not None and e.raw is raw and e.kind == kind:
+            return e.pseudo, list(e.fields), e.problem, e.length
+        pseudo, fields, problem, length = self._decode_fields(raw, sid, kind)
+        if e is not None and e.raw is raw:
+            e.kind = kind
+            e.pseudo = pseudo
+            e.fields = list(fields)
+            e.problem = problem
+            e.length = length
+        return pseudo, fields, problem, length
+
     def _decode_fields(self, raw: _Raw, sid: int,
                        kind: int) -> tuple[dict[bytes, bytes], HeaderList, str, int]:
         """(pseudo-headers, regular fields, problem or "", content-length or -1) with the
@@ -1481,10 +1546,11 @@ class _Endpoint:
                 f"within {lim.rapid_reset_window:g}s (limit {lim.rapid_reset_threshold})",
             )
 
-    def _on_request(self, sid: int, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
+    def _on_request(self, sid: int, block: bytes, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
         raise NotImplementedError
 
-    def _on_response(self, sid: int, st: _Stream, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
+    def _on_response(self, sid: int, st: _Stream, block: bytes, raw: _Raw, end_stream: bool,
+                     events: list[H2Event]) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------ bookkeeping
@@ -1726,8 +1792,8 @@ class H2Server(_Endpoint):
     def __init__(self, limits: H2Limits = _DEFAULT_LIMITS, *, now: Callable[[], float] | None = None) -> None:
         super().__init__(limits, now)
 
-    def _on_request(self, sid: int, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
-        pseudo, fields, problem, length = self._decode_fields(raw, sid, _REQUEST)
+    def _on_request(self, sid: int, block: bytes, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
+        pseudo, fields, problem, length = self._fields_of(block, raw, sid, _REQUEST)
         if problem:
             self._refuse_431(sid, end_stream, problem, events)
             return
@@ -1835,8 +1901,9 @@ class H2Client(_Endpoint):
             st.local_done = True
         return sid, self._out()
 
-    def _on_response(self, sid: int, st: _Stream, raw: _Raw, end_stream: bool, events: list[H2Event]) -> None:
-        pseudo, fields, problem, length = self._decode_fields(raw, sid, _RESPONSE)
+    def _on_response(self, sid: int, st: _Stream, block: bytes, raw: _Raw, end_stream: bool,
+                     events: list[H2Event]) -> None:
+        pseudo, fields, problem, length = self._fields_of(block, raw, sid, _RESPONSE)
         try:
             status = int(pseudo.get(b":status", b"0"))
         except ValueError:

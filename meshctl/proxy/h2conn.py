@@ -11,16 +11,21 @@ telemetry are shared, and the upstream leg is whatever the cluster speaks
 Ordering: the codec returns *all* pending connection bytes from every call,
 so the adapters never return those bytes to the forwarder; they append them
 at once to one connection output buffer (``_Conn.emit``), which the
-connection's one writer task (outbuf.py) sends, and ``send_down`` waits until
-it has. Frames thus leave in the order the codec made them.
+connection's one writer task (outbuf.py) sends. Frames thus leave in the order
+the codec made them. ``send_down`` wakes the writer and waits for it only while
+more than _HIGH_WATER bytes are unwritten (``_Conn.flush_some``): a small
+response is sent with whatever else the connection's streams emit in the same
+pass of the scheduler, without its task waiting for the write; the reading task
+likewise reads on without waiting for the writer below that mark.
 
 Flow control, end to end:
 * request body: a stream's Data is acked (``ack_received``) only when the
   forwarder pulls the next event, i.e. after the previous chunk went
   upstream; a slow upstream stops the client at its window.
-* response body: after writing, a stream whose data is queued in the codec
-  (no send window) waits for ``WindowUpdated`` before reading more from the
-  upstream; a slow client stops the upstream through TCP.
+* response body: a stream whose data is queued in the codec (no send
+  window) waits for ``WindowUpdated`` before reading more from the upstream;
+  past _HIGH_WATER unwritten bytes it waits for the writer, so a client that
+  does not read stops the upstream through TCP.
 
 A connection-fatal ``ProtocolError`` writes the codec's GOAWAY, closes the
 socket and cancels every stream. ``H2ConnState.drain()`` (called by
@@ -30,8 +35,9 @@ its open streams are done.
 Compiled with mypyc (setup.py): the classes are native with typed attributes, so
 the per-frame and per-stream calls into the codec (protocol/http2.py, native too)
 and between the adapters are direct C calls; ``H2ConnState``, a subclass of the
-interpreted ``ConnState``, lives in connstate.py. The adapters' events exist only
-while a task waits on them.
+interpreted ``ConnState``, lives in connstate.py. A task waits on a
+``Wakeup`` slot of its adapter (outbuf.py), rescheduled directly, not on a
+``trio.Event`` made per wait.
 """
 
 from __future__ import annotations
@@ -61,12 +67,13 @@ from .connstate import ConnState, H2ConnState
 from .errors import DownstreamGone, PeerGone, receive_some, send_eof
 from ..core.mirror import has_mirrors
 from .request import Request, send_local
-from .outbuf import OutBuffer
+from .outbuf import OutBuffer, Wakeup
 from .telemetry import finish_request
 
 log: Final = logging.getLogger("meshctl.proxy")
 _INF: Final = math.inf
 _IDLE_TASKS: Final = 8  # stream tasks of a connection kept waiting for its next stream, at most
+_HIGH_WATER: Final = 64 * 1024  # bytes emitted and not yet written past which a stream waits for the writer
 
 __all__ = ["serve_h2_connection", "H2ConnState", "h2_limits"]
 
@@ -169,7 +176,7 @@ class _StreamReader:
         self.events: list[Any] = []
         self.pos = 0
         self.acked = 0  # events before this index are acked
-        self.wake: trio.Event | None = None  # next() waits for an event (None: it does not)
+        self.wake = Wakeup()  # next() waits for an event
         self.eof = False
         self.msgs: MessageCounter | None = MessageCounter() if grpc else None  # gRPC: request messages, for telemetry
 
@@ -181,10 +188,7 @@ class _StreamReader:
             except GrpcError:  # not gRPC framing after all: no longer counted
                 self.msgs = None
         self.events.append(ev)
-        w = self.wake
-        if w is not None:
-            self.wake = None
-            w.set()
+        self.wake.set()
 
     def _ack(self) -> None:
         events = self.events
@@ -222,8 +226,7 @@ class _StreamReader:
         while self.pos >= len(self.events):
             if self.eof:
                 return None
-            w = self.wake = trio.Event()
-            await w.wait()
+            await self.wake.wait()
             self._ack()
         ev = self.events[self.pos]
         self.pos += 1
@@ -239,14 +242,11 @@ class _StreamDown:
     def __init__(self, c: _Conn, sid: int) -> None:
         self.c = c
         self.sid = sid
-        self.window: trio.Event | None = None  # send_all waits for send window (None: it does not)
+        self.window = Wakeup()  # send_all waits for send window
 
     def wake(self) -> None:
         """The stream may send again (window, reset, connection gone)."""
-        w = self.window
-        if w is not None:
-            self.window = None
-            w.set()
+        self.window.set()
 
     @property
     def peer_id(self) -> str | None:
@@ -269,15 +269,14 @@ class _StreamDown:
             c.emit(c.h2.reset(self.sid, "raw bytes for an HTTP/2 stream"))
             await c.flush()
             raise DownstreamGone("stream reset")
-        await c.flush()
+        await c.flush_some()
         h2 = c.h2
         while h2.queued(self.sid) > 0:
             if c.dead:
                 raise DownstreamGone("connection closed")
-            w = self.window = trio.Event()
             c.blocked[self.sid] = self
             try:
-                await w.wait()
+                await self.window.wait()
             finally:
                 c.blocked.pop(self.sid, None)
             await c.flush()
@@ -311,6 +310,20 @@ class _Conn(OutBuffer):
         if self.dead and (self.write_failed or self.written < target):
             raise DownstreamGone("connection closed")
 
+    async def flush_some(self) -> None:
+        """What a stream calls once it has emitted: ``flush()`` when more than _HIGH_WATER
+        bytes are not written yet, else only wake the writer and go on (DownstreamGone if
+        the connection is gone with bytes unwritten). Waiting for each write cost the
+        stream's task one more trio step per response, for bytes that the writer sends
+        with everything else emitted in the same pass anyway."""
+        if self.emitted - self.written > _HIGH_WATER:
+            await self.flush()
+        elif self.dead:
+            if self.write_failed or self.written < self.emitted:
+                raise DownstreamGone("connection closed")
+        else:
+            self.kick()
+
     async def writer(self) -> None:
         try:
             await self.write_loop()
@@ -327,10 +340,7 @@ class _Conn(OutBuffer):
         for scope, reader, down in self.streams.values():
             scope.cancel()
             reader.eof = True
-            w = reader.wake
-            if w is not None:
-                reader.wake = None
-                w.set()
+            reader.wake.set()
             down.wake()
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
@@ -386,7 +396,12 @@ class _Conn(OutBuffer):
                 for sid, d in list(self.blocked.items()):
                     if h2.queued(sid) == 0:  # sent, or the stream is gone: no WindowUpdated then
                         d.wake()
-            await self.flush()
+            if data and not h2.closed:
+                # (the stream tasks' responses may still be unwritten: reading on does not
+                # wait for them unless much is, which stops a peer that does not read)
+                await self.flush_some()
+            else:
+                await self.flush()  # everything out before the connection ends
             if not data or self.dead:
                 self.kill()
                 return
@@ -540,7 +555,7 @@ class _Conn(OutBuffer):
                     body = rq.body
                     if body is not None and not body.finished and not rq.response_started:
                         self.emit(self.h2.reset(sid, "request body not consumed"))
-                    await self.flush()
+                    await self.flush_some()
                 except PeerGone:
                     rq.flags.append(F.DC)
                 except ValueError as exc:  # a response the codec cannot carry (101, bad header value)

@@ -50,7 +50,7 @@ from .errors import DownstreamGone, PeerGone, receive_some
 from .forward import RELAYED, Attempt, Failed, Retried, TryResult
 from .identity import upstream_tls
 from .limits import PoolOverflow
-from .outbuf import OutBuffer
+from .outbuf import OutBuffer, Wakeup
 from .request import Request, response_headers
 from .snapshot import ClusterState
 from .dns import upstream_address
@@ -72,23 +72,17 @@ class _UpStream:
         self.sid = sid
         self.events: list[Any] = []
         self.pos = 0
-        self.wake: trio.Event | None = None  # next() waits for an event (None: it does not)
-        self.window: trio.Event | None = None  # the body waits for send window (None: it does not)
+        self.wake = Wakeup()  # next() waits for an event
+        self.window = Wakeup()  # the body waits for send window
         self.done = False  # a final event (end or reset) arrived
 
     def push(self, ev: Any) -> None:
         self.events.append(ev)
-        w = self.wake
-        if w is not None:
-            self.wake = None
-            w.set()
+        self.wake.set()
 
     def may_send(self) -> None:
         """The body may be sent on (window, or the connection is gone)."""
-        w = self.window
-        if w is not None:
-            self.window = None
-            w.set()
+        self.window.set()
 
     def buffered(self) -> Any:
         if self.pos < len(self.events):
@@ -101,8 +95,7 @@ class _UpStream:
         while self.pos >= len(self.events):
             self.events.clear()
             self.pos = 0
-            w = self.wake = trio.Event()
-            await w.wait()
+            await self.wake.wait()
         ev = self.events[self.pos]
         self.pos += 1
         return ev
@@ -228,7 +221,7 @@ class H2Upstream(OutBuffer):
                     if st is not None:
                         st.push(ev)
             for st in self.streams.values():
-                if st.window is not None and client.queued(st.sid) == 0:
+                if st.window.task is not None and client.queued(st.sid) == 0:
                     st.may_send()
             if not data:
                 self.reason = "upstream closed the connection"
@@ -450,8 +443,7 @@ class H2Exchange:
                 conn.emit(client.data(st.sid, chunk))
                 await conn.flush()
                 while client.queued(st.sid) > 0 and not conn.dead and not st.done:
-                    w = st.window = trio.Event()
-                    await w.wait()
+                    await st.window.wait()
         except DownstreamGone as exc:  # (a PeerGone too: checked first)
             failure.append(exc)
             cancel.cancel()

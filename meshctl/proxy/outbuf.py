@@ -6,12 +6,16 @@ socket in the order they were emitted, so a cancelled stream never leaves half
 a frame behind. ``emit`` queues bytes, ``kick`` wakes the writer,
 ``write_loop`` is the writer (it raises when the socket breaks), and
 ``wait_written`` returns once everything emitted so far is on the socket or
-the connection is ``dead``. The two events (``wake``: the writer waits for
-bytes; ``progress``: a task waits for a write) exist only while someone waits
-on them: most writes have no one waiting, and an event made and set per write
-was a good part of a gRPC call's cost.
+the connection is ``dead``.
 
-Compiled with mypyc (setup.py) with the two modules that subclass it.
+Tasks park here and in the two connection modules on ``Wakeup`` slots (one
+task parked at most, rescheduled directly), not on ``trio.Event``: an event
+is two interpreted attrs objects (the event and its parking lot, with an
+OrderedDict) made per wait, and its ``set`` walks the lot; callgrind counted
+that as a good part of a gRPC call's cost. The tasks waiting in
+``wait_written`` (several streams at once) are a plain list.
+
+Compiled with mypyc (setup.py) with the two modules that use it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,55 @@ from typing import Any
 import trio
 
 from .errors import send_all
+
+
+class Wakeup:
+    """A slot for one parked task: ``wait`` parks the caller (a trio checkpoint: it
+    can be cancelled), ``set`` reschedules it if one is parked (True) and is a no-op
+    otherwise. Unlike an event nothing is remembered: a ``set`` before the ``wait``
+    is lost, so the owner checks its condition before it waits, in the same step."""
+
+    __slots__ = ("task",)
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.task is not None
+
+    async def wait(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def set(self) -> bool:
+        t = self.task
+        if t is None:
+            return False
+        self.task = None
+        trio.lowlevel.reschedule(t)
+        return True
+
+
+class _WrittenWait:
+    """One task in ``wait_written``: removed from the connection's list when cancelled."""
+
+    __slots__ = ("waiters", "task")
+
+    def __init__(self, waiters: list[trio.lowlevel.Task], task: trio.lowlevel.Task) -> None:
+        self.waiters = waiters
+        self.task = task
+
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        try:
+            self.waiters.remove(self.task)
+        except ValueError:
+            pass
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class OutBuffer:
@@ -36,8 +89,8 @@ class OutBuffer:
         self.out: bytearray = bytearray()
         self.emitted: int = 0  # bytes ever emitted / written: wait_written() waits for written to catch up
         self.written: int = 0
-        self.wake: trio.Event | None = None  # the writer waits for bytes (None: it does not)
-        self.progress: trio.Event | None = None  # tasks wait for a write to end (None: none do)
+        self.wake: Wakeup = Wakeup()  # the writer waits for bytes
+        self.progress: list[trio.lowlevel.Task] = []  # tasks waiting for a write to end
 
     def emit(self, data: bytes) -> None:
         if data:
@@ -47,34 +100,31 @@ class OutBuffer:
     def kick(self) -> None:
         """Let the writer task send what is buffered (no waiting)."""
         if self.out:
-            w = self.wake
-            if w is not None:
-                self.wake = None
-                w.set()
+            self.wake.set()
 
     def _progress(self) -> None:
         """Wake the tasks waiting in ``wait_written`` (a write ended, or the connection did)."""
         p = self.progress
-        if p is not None:
-            self.progress = None
-            p.set()
+        if p:
+            self.progress = []
+            for t in p:
+                trio.lowlevel.reschedule(t)
 
     async def wait_written(self) -> None:
         target = self.emitted
         while self.written < target and not self.dead:
             self.kick()
+            task = trio.lowlevel.current_task()
             p = self.progress
-            if p is None:
-                p = self.progress = trio.Event()
-            await p.wait()
+            p.append(task)
+            await trio.lowlevel.wait_task_rescheduled(_WrittenWait(p, task).abort)
 
     async def write_loop(self) -> None:
         """The only task writing to the socket; raises errors.PeerGone when the
         socket is gone (the owner ends the connection)."""
         while True:
             if not self.out:
-                w = self.wake = trio.Event()
-                await w.wait()
+                await self.wake.wait()
                 continue
             chunk = bytes(self.out)
             self.out.clear()

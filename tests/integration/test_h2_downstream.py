@@ -129,6 +129,34 @@ async def test_slow_h2_reader_backpressures_the_upstream(upstream):
                 await trio.sleep(0.05)
 
 
+async def test_h2_client_that_does_not_read_its_socket_backpressures_the_upstream(upstream):
+    """Windows wide open but the socket not read: the connection's unwritten bytes
+    stay bounded (streams wait for the writer past a high-water mark) instead of
+    the proxy reading the whole 100 MB response into memory."""
+    import h2.settings  # noqa: F401
+
+    cfg, lp = _simple(upstream)
+    async with running_proxy(cfg) as rt:
+        s, c = _h2_client_socket(lp, window=2**31 - 1)
+        c.increment_flow_control_window(2**31 - 1 - 65535)
+        c.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "reviews:9080"),
+                           (":path", "/download?n=104857600")], end_stream=True)
+        s.sendall(c.data_to_send())
+        from meshctl.proxy.h2conn import H2ConnState
+
+        await trio.sleep(1.5)  # time enough to read far more than the bound from the upstream
+        states = [x for x in rt.conns if isinstance(x, H2ConnState)]
+        assert len(states) == 1
+        conn = states[0].h2
+        assert conn.written < 50 * 1024 * 1024  # the socket took a part only (kernel buffers)
+        unwritten = conn.emitted - conn.written
+        assert unwritten <= 4 * 1024 * 1024, unwritten  # not the rest of the 100 MB response
+        s.close()
+        with trio.fail_after(5):
+            while rt.conns:
+                await trio.sleep(0.05)
+
+
 async def test_client_reset_cancels_the_stream_only(upstream):
     import h2.settings  # noqa: F401
 

@@ -370,3 +370,33 @@ def test_a_table_size_update_after_the_first_field_is_a_compression_error():
     (head,) = first.feed(HeadersFrame(1, b"\x3f\xe1\x1f" + block, flags=["END_HEADERS"]).serialize())
     assert head.path == "/"  # at the start of a block: allowed (RFC 7541 4.2)
     fatal(server(), HeadersFrame(1, block[:1] + b"\x3f\xe1\x1f" + block[1:], flags=["END_HEADERS"]).serialize(), 0x9)
+
+
+def test_a_block_seen_before_decodes_against_the_dynamic_table_as_it_is_now():
+    # the codec keeps blocks that leave the HPACK table unchanged decoded; a block that
+    # changes the table (an entry added) must make a repeated block decode afresh
+    prefix = b"\x83\x86\x84" + b"\x01\x01a"  # :method POST, :scheme http, :path /; :authority a, not indexed
+    add_a = prefix + b"\x40\x03x-a\x011"  # x-a: 1, with incremental indexing: dynamic entry 62
+    add_b = prefix + b"\x40\x03x-b\x012"  # x-b: 2 becomes entry 62, x-a: 1 moves to 63
+    newest = prefix + b"\xbe"  # indexed: entry 62, whatever it is now
+    s = server()
+    seen = []
+    for sid, block in ((1, add_a), (3, newest), (5, newest), (7, add_b), (9, newest)):
+        (head, _end) = s.feed(HeadersFrame(sid, block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+        seen.append(head.headers[-1])
+    assert seen == [("x-a", "1"), ("x-a", "1"), ("x-a", "1"), ("x-b", "2"), ("x-b", "2")]
+
+
+def test_requests_from_one_repeated_block_get_headers_of_their_own():
+    # a stage that edits one request's headers (adds x-request-id, say) must not edit the next's
+    enc = Encoder()
+    fields = REQUEST + [("x-a", "1")]
+    s = server()
+    first, _ = s.feed(headers(1, enc, fields, flags=("END_HEADERS", "END_STREAM")))
+    block = enc.encode(fields)  # the same fields again: all indexed now, the same bytes each time
+    second, _ = s.feed(HeadersFrame(3, block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+    second.headers.append(("x-request-id", "r2"))
+    third, _ = s.feed(HeadersFrame(5, block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert first.headers == [("x-a", "1")]
+    assert third.headers == [("x-a", "1")] and third.path == "/" and third.stream_id == 5
+    assert second.headers == [("x-a", "1"), ("x-request-id", "r2")]
