@@ -59,6 +59,7 @@ COMPILED = [
     "meshctl/proxy/h2conn.py",  # (its H2ConnState, a ConnState, is in connstate.py: interpreted bases stay interpreted)
     "meshctl/proxy/h2pool.py",
     "meshctl/proxy/http.py",
+    "meshctl/proxy/listener.py",  # ActiveListener.steps_for, asked once per request
     "meshctl/proxy/outbuf.py",  # the base of h2conn's and h2pool's connections
     "meshctl/proxy/pool.py",
     "meshctl/proxy/request.py",

@@ -36,6 +36,7 @@ HOT_PATH = (
     "meshctl.proxy.h2conn",
     "meshctl.proxy.h2pool",
     "meshctl.proxy.http",
+    "meshctl.proxy.listener",
     "meshctl.proxy.outbuf",
     "meshctl.proxy.pool",
     "meshctl.proxy.request",

@@ -422,7 +422,14 @@ class _HeadCollector:
         # names are token characters (llhttp checked): ASCII; each spelling seen is
         # lower-cased and decoded once (_NAMES)
         names = _NAMES
-        headers = [(names.get(n) or _name(n), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
+        headers: HeaderList = []
+        for n, v in raw:
+            name = names.get(n)
+            if name is None:
+                name = _name(n)
+            if v and (v[-1] == 32 or v[-1] == 9):  # (a method call only for a value that needs it)
+                v = v.rstrip(b" \t")
+            headers.append((name, v.decode("latin-1")))
         first = dict(headers)
         if len(first) != len(headers):  # repeated names: rebuild the framing view
             first = self._specials_slow(headers)

@@ -64,11 +64,11 @@ from .http import serve_http_connection
 from .protocols import LazyH2Exchange
 from .identity import secure_inbound
 from .limits import commit_limiters
+from .listener import ActiveListener
 from .pool import UpstreamPool
 from .ratelimit_stage import RateLimits
-from .request import ConnState, Stage, new_request_id
+from .request import ConnState, new_request_id
 from .snapshot import Snapshot
-from .stages import default_chain
 from .stats import Stats
 from .stream import bind_listener
 from .tcp import serve_tcp_connection
@@ -87,48 +87,6 @@ class ConfigRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class ActiveListener:
-    __slots__ = ("spec", "sock", "chain", "steps", "chain_snap", "scope", "handler", "active", "overload")
-
-    def __init__(self, spec: Listener, sock: BackendListener, snap: Snapshot) -> None:
-        self.sock = sock  # the backend's listener
-        self.scope = trio.CancelScope()
-        self.active = 0  # connections accepted and not closed (overload.py's limit)
-        self.overload = Condition(f"listener {spec.name}: connection limit")
-        self.set_spec(spec, snap)
-
-    def set_spec(self, spec: Listener, snap: Snapshot) -> None:
-        """New connections use the new spec; open ones keep what they started with.
-        The chain: the stages ``snap`` uses (stages.default_chain)."""
-        self.spec = spec
-        self._set_chain(default_chain(spec, snap), snap)
-        self.handler = serve_tcp_connection if spec.protocol == "tcp" else serve_http_connection
-
-    def chain_for(self, snap: Snapshot) -> tuple[Stage, ...]:
-        """The stages a request served under ``snap`` runs (rebuilt when the snapshot
-        is not the one the chain was built for: a connection of a listener that a
-        later config removed or moved still serves under the newest snapshot)."""
-        if self.chain_snap is not snap:
-            self._set_chain(default_chain(self.spec, snap), snap)
-        return self.chain
-
-    def steps_for(self, snap: Snapshot) -> tuple[tuple[Callable[[Any], Any] | None, Stage], ...]:
-        """``chain_for(snap)`` as (``decide`` or None, stage) pairs: a stage with a
-        synchronous ``decide`` is run without a coroutine (request.Stage)."""
-        if self.chain_snap is not snap:
-            self._set_chain(default_chain(self.spec, snap), snap)
-        return self.steps
-
-    def _set_chain(self, chain: tuple[Stage, ...], snap: Snapshot) -> None:
-        self.chain = chain
-        self.steps = tuple((getattr(st, "decide", None), st) for st in chain)
-        self.chain_snap = snap
-
-    @property
-    def bound_port(self) -> int:
-        return self.sock.bound_port
 
 
 def _h2_exchange(rt):
@@ -379,7 +337,10 @@ class ProxyRuntime:
                 stream = await secure_inbound(self, al.spec, stream)  # mTLS by PeerAuthentication
                 if stream is None:
                     return
-            await al.handler(self, al, stream, client_ip)
+            if al.spec.protocol == "tcp":
+                await serve_tcp_connection(self, al, stream, client_ip)
+            else:
+                await serve_http_connection(self, al, stream, client_ip)
         except OSError as exc:
             if exc.errno in FD_ERRNOS:  # one line per condition, no traceback (overload.py)
                 self.fd_shortage.hit(trio.current_time(), f"{exc.strerror} while serving a connection")
