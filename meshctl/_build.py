@@ -30,6 +30,8 @@ HOT_PATH = (
     "meshctl.protocol.headers",
     "meshctl.protocol.http1",
     "meshctl.protocol.http2",
+    "meshctl.proxy.connection",
+    "meshctl.proxy.connstate",
     "meshctl.proxy.errors",
     "meshctl.proxy.forward",
     "meshctl.proxy.h1upstream",

@@ -29,8 +29,8 @@ its open streams are done.
 
 Compiled with mypyc (setup.py): the classes are native with typed attributes, so
 the per-frame and per-stream calls into the codec (protocol/http2.py, native too)
-and between the adapters are direct C calls; ``H2ConnState``, a subclass of the
-interpreted ``ConnState``, lives in connstate.py. The adapters' events exist only
+and between the adapters are direct C calls; ``H2ConnState``, a subclass of
+``ConnState``, lives in connstate.py. The adapters' events exist only
 while a task waits on them.
 """
 
