@@ -54,12 +54,15 @@ COMPILED = [
     "meshctl/protocol/headers.py",
     "meshctl/protocol/http1.py",
     "meshctl/protocol/http2.py",
+    "meshctl/proxy/connection.py",  # the root of every connection task's await chain
+    "meshctl/proxy/connstate.py",  # ConnState: written by the HTTP/1.1 loop on every request
     "meshctl/proxy/errors.py",
     "meshctl/proxy/forward.py",
     "meshctl/proxy/h1upstream.py",
-    "meshctl/proxy/h2conn.py",  # (its H2ConnState, a ConnState, is in connstate.py: interpreted bases stay interpreted)
+    "meshctl/proxy/h2conn.py",  # (its H2ConnState, a ConnState, is in connstate.py, with its base)
     "meshctl/proxy/h2pool.py",
     "meshctl/proxy/http.py",
+    "meshctl/proxy/listener.py",  # ActiveListener.steps_for, asked once per request
     "meshctl/proxy/outbuf.py",  # the base of h2conn's and h2pool's connections
     "meshctl/proxy/pool.py",
     "meshctl/proxy/request.py",

@@ -13,6 +13,10 @@ CPU time, not wall time, with no scheduler hand-offs between processes.
     python bench/hop_bench.py [requests-per-connection] [--profile] [--memory] [--toy] [--outbound]
     python bench/hop_bench.py N --once [--outbound] [--conns 1]   # one run through the proxy, no timing
 
+``--from-sidecar`` sends what bench/pair.sh's server-side sidecar gets: the request as
+the client-side sidecar forwards it (x-forwarded-for, x-request-id, the source's
+x-meshctl-source-* headers), so the inbound side does the work it does there.
+
 ``--once`` is for instruction counts (as in bench/pair_hop_bench.py): run it under
 ``valgrind --tool=callgrind`` at two request counts; (difference of the totals) /
 (difference of requests) is the instructions per request through the proxy, start-up
@@ -54,6 +58,12 @@ CONNS = 16
 OUTBOUND = "--outbound" in sys.argv
 USER: list[float] = []  # user-space CPU µs per request of each run
 REQUEST = (b"GET /reviews/0 HTTP/1.1\r\nHost: backend\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n")
+if "--from-sidecar" in sys.argv:  # the request as bench/pair.sh's client-side sidecar forwards it
+    REQUEST = (b"GET /reviews/0 HTTP/1.1\r\nhost: backend\r\nuser-agent: wrk\r\naccept: */*\r\n"
+               b"x-forwarded-for: 127.0.0.1\r\nx-request-id: 0b5e7c9a-3f1d-4c2b-9e8a-6d4f2a1b0c3e\r\n"
+               b"x-meshctl-source-workload: client\r\nx-meshctl-source-app: client\r\n"
+               b"x-meshctl-source-version: unknown\r\nx-meshctl-source-namespace: default\r\n"
+               b"x-meshctl-source-principal: spiffe://cluster.local/ns/default/sa/client\r\n\r\n")
 RESPONSE = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n"
 
 

@@ -422,9 +422,25 @@ class _HeadCollector:
         # names are token characters (llhttp checked): ASCII; each spelling seen is
         # lower-cased and decoded once (_NAMES)
         names = _NAMES
-        headers = [(names.get(n) or _name(n), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
-        first = dict(headers)
-        if len(first) != len(headers):  # repeated names: rebuild the framing view
+        headers: HeaderList = []
+        # the framing view: the first (only) value of each framing header (_SPECIAL);
+        # one of them repeated: rebuilt by _specials_slow
+        first: dict[str, str] = {}
+        repeated = False
+        for n, v in raw:
+            name = names.get(n)
+            if name is None:
+                name = _name(n)
+            if v and (v[-1] == 32 or v[-1] == 9):  # (a method call only for a value that needs it)
+                v = v.rstrip(b" \t")
+            value = v.decode("latin-1")
+            headers.append((name, value))
+            if name in _SPECIAL:
+                if name in first:
+                    repeated = True
+                else:
+                    first[name] = value
+        if repeated:
             first = self._specials_slow(headers)
         return headers, first
 

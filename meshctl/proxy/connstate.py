@@ -1,9 +1,11 @@
 """One downstream connection as the runtime's watchdog and drain see it (``ConnState``,
 and ``H2ConnState`` for an HTTP/2 one).
 
-Kept apart from request.py and h2conn.py, which are compiled with mypyc: H2ConnState
-subclasses ConnState, the tests' and runtime's connections are ConnStates, and a
-compiled class can only inherit from compiled ones (interpreted from interpreted).
+Compiled with mypyc (setup.py's COMPILED), in the library every sidecar loads: the
+HTTP/1.1 loop (http.py) stores a connection's deadline, busy flag, request and start
+time here on every request, native attribute writes when compiled. H2ConnState
+(whose connection, h2conn.py, is in the HTTP/2 library) subclasses ConnState here:
+a compiled class can only inherit from compiled ones.
 """
 
 from __future__ import annotations

@@ -48,13 +48,16 @@ import trio
 
 from ..core.balance import PickContext
 from ..core.locality import RetryPriorities
+from ..core.mirror import has_mirrors
 from ..core.outlier import LOCAL_FAILURES
 from ..core.retry import Outcome, RetryAfter, RetryPolicy, decide
 from ..model.proxyconfig import Endpoint
 from ..protocol.events import RequestHead
+from ..protocol.grpc import is_grpc
 from . import stats as F
 from .limits import PoolOverflow
-from .protocols import H2_ALWAYS, H2_NEVER
+from .mirror import after_forward
+from .protocols import H2_ALWAYS, H2_IF_GRPC, H2_NEVER
 from .request import BodySource, LocalReply, Request, failure_reply, send_local
 from .snapshot import ClusterState
 
@@ -190,28 +193,36 @@ class Forwarder:
 
     async def run(self, rq: Request) -> None:
         """Forward the request; on return the client has its response (or is gone).
-        Sets rq.keep_alive False when the connection must close."""
+        Sets rq.keep_alive False when the connection must close. Then, if its route
+        mirrors, its shadows go (mirror.py), even when the client left before its
+        answer. (One coroutine: every level of the await chain is passed through at
+        every wake-up of the request's task.)"""
         fwd = rq.forward
-        timeout = fwd.timeout if fwd is not None else None
-        if not rq.body_done:
-            rt_s = float(rq.snap.settings.request_timeout)
-            rq.body = BodySource(rq.reader, rq.snap.settings.retry_buffer_bytes,
-                                 trio.current_time() + rt_s if rt_s > 0 else math.inf)
-            rq.body.prefill()
-        up_head = self.upstream_head(rq)
-        if timeout:
-            with trio.move_on_after(timeout) as scope:
+        try:
+            timeout = fwd.timeout if fwd is not None else None
+            if not rq.body_done:
+                rt_s = float(rq.snap.settings.request_timeout)
+                rq.body = BodySource(rq.reader, rq.snap.settings.retry_buffer_bytes,
+                                     trio.current_time() + rt_s if rt_s > 0 else math.inf)
+                rq.body.prefill()
+            up_head = self.upstream_head(rq)
+            if timeout:
+                with trio.move_on_after(timeout) as scope:
+                    await self._tries(rq, up_head)
+                if scope.cancelled_caught:
+                    assert rq.cluster is not None
+                    rq.cluster.stats.rq_timeout += 1
+                    if rq.response_started:
+                        rq.flags.append(F.UT)
+                        rq.keep_alive = False  # response cut short: the client must see the close
+                    else:
+                        await self._reply(rq, failure_reply(F.UT, 504, f"route timeout {timeout:g}s"))
+            else:
                 await self._tries(rq, up_head)
-            if scope.cancelled_caught:
-                assert rq.cluster is not None
-                rq.cluster.stats.rq_timeout += 1
-                if rq.response_started:
-                    rq.flags.append(F.UT)
-                    rq.keep_alive = False  # response cut short: the client must see the close
-                else:
-                    await self._reply(rq, failure_reply(F.UT, 504, f"route timeout {timeout:g}s"))
-        else:
-            await self._tries(rq, up_head)
+        finally:
+            fwd = rq.forward  # (set by the stages: the chain ran before)
+            if fwd is not None and has_mirrors(fwd.route):  # (compiled: most routes mirror nothing)
+                after_forward(rq)
 
     async def _reply(self, rq: Request, reply: LocalReply) -> None:
         if rq.body is not None and not rq.body.finished:
@@ -226,6 +237,8 @@ class Forwarder:
             return self.h1
         if rule == H2_ALWAYS:
             return self.h2
+        if rule == H2_IF_GRPC:  # an inbound listener's app, not declared HTTP/2
+            return self.h2 if is_grpc(rq.head.headers) else self.h1
         return self.h2 if self.h2.carries(rq, cs) else self.h1
 
     async def _tries(self, rq: Request, up_head: RequestHead) -> None:

@@ -19,6 +19,7 @@ closed before answering is ``Stale`` for idempotent requests (RFC 9110
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import trio
 
@@ -43,6 +44,11 @@ class H1Exchange:
 
     def __init__(self, rt) -> None:
         self.rt = rt
+        # upstream_tls's last answer, and what it was asked about: the endpoint, its
+        # cluster and the sidecar's certificate holder (a call into identity.py, an
+        # interpreted module, only when one of them changed)
+        self._tls_for: tuple[object, object, object] | None = None
+        self._tls: Any = None
 
     def carries(self, rq: Request, cs: ClusterState) -> bool:
         return True  # what HTTP/2 does not carry
@@ -55,7 +61,15 @@ class H1Exchange:
         rq, cs, ep = a.rq, a.cs, a.ep
         settings = rq.snap.settings
         pool = self._pool(cs)
-        tls = upstream_tls(self.rt, cs.cluster, ep)
+        rt = self.rt
+        holder = getattr(rt, "tls", None)
+        last = self._tls_for
+        if last is not None and last[0] is ep and last[1] is cs.cluster and last[2] is holder:
+            tls = self._tls
+        else:
+            tls = upstream_tls(rt, cs.cluster, ep)
+            self._tls_for = (ep, cs.cluster, holder)
+            self._tls = tls
         conn: UpstreamConn | None = None
         address = ep.address
         if cs.cluster.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
@@ -65,8 +79,9 @@ class H1Exchange:
                 return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {dns_err}")
         try:
             if a.deadline == math.inf:  # no perTryTimeout: no cancel scope to set up (hot path)
-                if pool is self.rt.pool:  # a warm connection without a coroutine (the common case)
-                    conn = pool.reuse(address, ep.port, tls)
+                if pool is rt.pool:  # a warm connection without a coroutine (the common case)
+                    clock = rq.clock
+                    conn = pool.reuse(address, ep.port, tls, clock.now() if clock is not None else -1.0)
                 if conn is None:
                     conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
             else:
@@ -142,7 +157,11 @@ class H1Exchange:
         finally:
             pool = self._pool(cs)
             if ok:
-                pool.release(conn)
+                clock = rq.clock
+                if clock is not None and pool is self.rt.pool:
+                    pool.release(conn, clock.now())
+                else:
+                    pool.release(conn)
             else:
                 pool.discard(conn)
 

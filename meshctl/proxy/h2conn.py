@@ -34,8 +34,8 @@ its open streams are done.
 
 Compiled with mypyc (setup.py): the classes are native with typed attributes, so
 the per-frame and per-stream calls into the codec (protocol/http2.py, native too)
-and between the adapters are direct C calls; ``H2ConnState``, a subclass of the
-interpreted ``ConnState``, lives in connstate.py. A task waits on a
+and between the adapters are direct C calls; ``H2ConnState``, a subclass of
+``ConnState``, lives in connstate.py (compiled too). A task waits on a
 ``Wakeup`` slot of its adapter (outbuf.py), rescheduled directly, not on a
 ``trio.Event`` made per wait.
 """
@@ -61,11 +61,10 @@ from ..protocol.grpc import (
     parse_grpc_timeout,
 )
 from ..protocol.http2 import GoAway, H2Event, H2Limits, H2Server, WindowUpdated
-from . import mirror
 from . import stats as F
 from .connstate import ConnState, H2ConnState
 from .errors import DownstreamGone, PeerGone, receive_some, send_eof
-from ..core.mirror import has_mirrors
+from .listener import ActiveListener
 from .request import Request, send_local
 from .outbuf import OutBuffer, Wakeup
 from .telemetry import finish_request
@@ -286,7 +285,7 @@ class _Conn(OutBuffer):
     __slots__ = ("rt", "al", "client_ip", "h2", "streams", "blocked", "nursery", "state", "draining", "lstats",
                  "write_failed", "idle")  # stream, dead, out, emitted, written, wake, progress: OutBuffer's
 
-    def __init__(self, rt: Any, al: Any, stream: Any, client_ip: str, lstats: Any) -> None:
+    def __init__(self, rt: Any, al: ActiveListener, stream: Any, client_ip: str, lstats: Any) -> None:
         self.rt = rt
         self.al = al
         self.client_ip = client_ip
@@ -518,9 +517,7 @@ class _Conn(OutBuffer):
                     rq.body_done = True
                 try:
                     reply = None
-                    # (steps_for's own test, here: a call into runtime.py is an interpreted frame)
-                    steps = al.steps if al.chain_snap is rq.snap else al.steps_for(rq.snap)
-                    for decide, stage in steps:
+                    for decide, stage in al.steps_for(rq.snap):
                         # a stage with a synchronous decide() runs without a coroutine (request.Stage)
                         reply = decide(rq) if decide is not None else await stage.on_request(rq)
                         if reply is not None:
@@ -528,21 +525,12 @@ class _Conn(OutBuffer):
                     if reply is not None:
                         await send_local(rq, reply)
                     elif deadline == _INF:
-                        try:
-                            await rt.forwarder.run(rq)
-                        finally:  # the shadows go even when the client left (a channel closed at once)
-                            fwd = rq.forward  # (after_forward's own test, compiled: most routes mirror nothing)
-                            if fwd is not None and has_mirrors(fwd.route):
-                                mirror.after_forward(rq)
+                        await rt.forwarder.run(rq)  # (and the route's mirrors: forward.py)
                     else:
-                        # grpc-timeout is the request's deadline (the route timeout may be shorter)
+                        # grpc-timeout is the request's deadline (the route timeout may be shorter);
+                        # a gRPC call with a deadline is mirrored too
                         with trio.move_on_at(deadline) as dl:
-                            try:
-                                await rt.forwarder.run(rq)
-                            finally:  # a gRPC call with a deadline is mirrored too
-                                fwd = rq.forward
-                                if fwd is not None and has_mirrors(fwd.route):
-                                    mirror.after_forward(rq)
+                            await rt.forwarder.run(rq)
                         if dl.cancelled_caught:
                             rq.flags.append(F.UT)
                             if rq.response_started:

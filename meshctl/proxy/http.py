@@ -25,15 +25,16 @@ import trio
 
 from ..protocol.events import EndOfMessage, ProtocolError, RequestHead, ResponseHead
 from ..protocol.http1 import H1Server
-from . import egress, mirror
+from . import egress
 from . import stats as F
 from .errors import PeerGone, send_all
 from .pool import EventReader
 from .h2entry import serve_h2
+from .listener import ActiveListener
 from .protocols import sniff
-from ..core.mirror import has_mirrors
 from .request import ConnState, Request, raw_error_response, send_local
 from .snapshot import Snapshot
+from .sockstream import FastClock
 from .stages import default_chain
 from .telemetry import finish_request
 
@@ -42,7 +43,7 @@ log = logging.getLogger("meshctl.proxy")
 __all__ = ["serve_http_connection", "default_chain"]
 
 
-async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str) -> None:
+async def serve_http_connection(rt, active_listener: ActiveListener, stream: trio.abc.Stream, client_ip: str) -> None:
     """Serve requests on one downstream connection until it closes.
     Never raises for network or protocol trouble."""
     conn = ConnState(stream, rt.backend, active_listener.sock)
@@ -51,9 +52,10 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
     lstats.cx_active += 1
     lstats.cx_total += 1
     forwarder = rt.forwarder
-    # the run's clock, asked directly: trio.current_time() is three Python calls, and
-    # a request asks three times (idle deadline, start, end)
-    clock = trio.lowlevel.current_clock()
+    # the run's clock, read natively (sockstream.FastClock): trio.current_time() is three
+    # interpreted calls, and a request asks the clock five times (idle deadline, start,
+    # end; the keep-alive pool when it takes and gives back the upstream connection)
+    clock = FastClock(trio.lowlevel.current_clock())
     try:
         snap: Snapshot = rt.snapshot
         server = H1Server(snap.limits)
@@ -62,7 +64,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
         first = True
         with conn.scope:
             # HTTP/2 prior knowledge or HTTP/1.1, told from the first bytes (h2conn.py)
-            conn.deadline = clock.current_time() + snap.settings.request_headers_timeout
+            conn.deadline = clock.now() + snap.settings.request_headers_timeout
             try:
                 kind, prefix = await sniff(stream)
             except PeerGone:
@@ -74,7 +76,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                 return
             while True:
                 if not first:  # the first head keeps the deadline set before sniffing it
-                    conn.deadline = clock.current_time() + rt.snapshot.settings.idle_timeout
+                    conn.deadline = clock.now() + rt.snapshot.settings.idle_timeout
                 first = False
                 conn.busy = False
                 if rt.closing:  # drain period over; during it, responses close their connection
@@ -123,17 +125,16 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                 snap = rt.snapshot
                 listener = active_listener.spec
                 rq = Request(ev, listener, snap, rt, client_ip, server, reader, stream)
+                rq.clock = clock
                 conn.rq = rq
-                conn.since = clock.current_time()
+                conn.since = clock.now()
                 nxt = reader.peek()
                 if type(nxt) is EndOfMessage:
                     reader.pos += 1
                     rq.body_done = True
                 try:
                     reply = None
-                    # (steps_for's own test, here: a call into runtime.py is an interpreted frame)
-                    steps = active_listener.steps if active_listener.chain_snap is snap else active_listener.steps_for(snap)
-                    for decide, stage in steps:
+                    for decide, stage in active_listener.steps_for(snap):
                         reply = decide(rq) if decide is not None else await stage.on_request(rq)
                         if reply is not None:
                             break
@@ -142,12 +143,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                             rq.keep_alive = False  # unread body: cannot frame the next request
                         await send_local(rq, reply)
                     else:
-                        try:
-                            await forwarder.run(rq)
-                        finally:  # the shadows go even when the client left before its answer (as on HTTP/2)
-                            fwd = rq.forward  # (after_forward's own test, compiled: most routes mirror nothing)
-                            if fwd is not None and has_mirrors(fwd.route):
-                                mirror.after_forward(rq)
+                        await forwarder.run(rq)  # (and the route's mirrors: forward.py)
                 except PeerGone:  # DownstreamGone, or an upstream gone in a way no try reported
                     rq.keep_alive = False
                     rq.flags.append(F.DC)
@@ -162,7 +158,7 @@ async def serve_http_connection(rt, active_listener, stream: trio.abc.Stream, cl
                             pass
                 if rq.status:
                     lstats.response(rq.status)
-                finish_request(rq, conn.since, clock.current_time(), time.time())
+                finish_request(rq, conn.since, clock.now(), time.time())
                 for f in rq.flags:
                     rt.stats.flag(f)
                 if rq.flags and rq.flags[0] not in (F.DC,):

@@ -155,12 +155,14 @@ class UpstreamPool:
         stats.cx_connect_fail += 1
         raise UpstreamConnectError(address, port, f"timed out after {connect_timeout:g}s")
 
-    def reuse(self, address: str, port: int, tls=None) -> UpstreamConn | None:
+    def reuse(self, address: str, port: int, tls=None, now: float = -1.0) -> UpstreamConn | None:
         """A pooled idle connection that is (as far as is known) alive, else None;
-        never waits (``acquire`` without the connect: the forwarder's common case)."""
+        never waits (``acquire`` without the connect: the forwarder's common case).
+        ``now``: the trio clock's time if the caller has it (else it is asked)."""
         idle = self.idle.get((address, port) if tls is None else (address, port, tls.key))
         if idle:
-            now = trio.current_time()
+            if now < 0:
+                now = trio.current_time()
             while idle:
                 conn = idle.pop()
                 age = now - conn.idle_since
@@ -173,8 +175,9 @@ class UpstreamPool:
                 self._close(conn)
         return None
 
-    def release(self, conn: UpstreamConn) -> None:
-        """Give back a connection whose exchange completed with keep-alive."""
+    def release(self, conn: UpstreamConn, now: float = -1.0) -> None:
+        """Give back a connection whose exchange completed with keep-alive.
+        ``now``: the trio clock's time if the caller has it (else it is asked)."""
         client = conn.client
         reader = conn.reader
         if conn.stream.closed or not client.keep_alive or reader.pos < len(reader.events):
@@ -187,7 +190,7 @@ class UpstreamPool:
         elif len(idle) >= self.max_idle:
             self._close(conn)
             return
-        conn.idle_since = trio.current_time()
+        conn.idle_since = now if now >= 0 else trio.current_time()
         idle.append(conn)
 
     def discard(self, conn: UpstreamConn) -> None:

@@ -34,6 +34,7 @@ from . import stats as F
 from .connstate import ConnState  # noqa: F401  (its home is connstate.py; re-exported for the connection loops)
 from .errors import STREAM_ERRORS, DownstreamGone, PeerGone
 from .snapshot import ClusterState, Snapshot
+from .sockstream import FastClock
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -97,6 +98,7 @@ class Request:
         "auth",  # the end user from a verified JWT (jwt_stage), for authz
         "trace",  # the spans of a sampled request (tracing.py); None when not sampled
         "grpc_status",  # a gRPC local reply's grpc-status (send_local), for telemetry over HTTP/1.1 too
+        "clock",  # the connection's sockstream.FastClock (HTTP/1.1), None: ask trio.current_time()
     )
 
     def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt: Any, client_ip: str,
@@ -131,6 +133,7 @@ class Request:
         self.auth: RequestAuth | None = None
         self.trace: tuple | None = None
         self.grpc_status = ""
+        self.clock: FastClock | None = None
 
     async def send_down(self, data: bytes) -> None:
         """Write to the client; raises DownstreamGone when it is gone."""

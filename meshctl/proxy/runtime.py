@@ -28,7 +28,7 @@ the old config.
 Sockets come from the network backend given to the runtime (backend.py):
 ``SocketBackend`` in production, a memory backend in tests
 (proxy/testing.py). The runtime assembles the request path: listeners →
-connection handlers (http.py, h2conn.py, tcp.py) → stages (stages.py) →
+each connection's task (connection.py) → connection handlers (http.py, h2conn.py, tcp.py) → stages (stages.py) →
 the forwarder (forward.py) over the HTTP/1.1 and HTTP/2 exchanges
 (h1upstream.py, h2pool.py).
 """
@@ -54,24 +54,22 @@ from .admin import serve_admin
 from .backend import BackendListener, NetworkBackend, SocketBackend
 from .dns import refresh as dns_refresh
 from .extauthz import ExtAuthzClient
-from .gateway_tls import GatewayCredentials, serve_gateway_tls
+from .gateway_tls import GatewayCredentials
 from .mirror import MirrorState
-from .peercheck import PeerUids, admit_peer, allowed_uids
+from .peercheck import PeerUids, allowed_uids
 from .overload import FD_ERRNOS, MAX_REFUSING, Condition, default_connection_limit, refuse
 from .forward import Forwarder
 from .h1upstream import H1Exchange
-from .http import serve_http_connection
 from .protocols import LazyH2Exchange
-from .identity import secure_inbound
+from .connection import serve_connection
 from .limits import commit_limiters
+from .listener import ActiveListener
 from .pool import UpstreamPool
 from .ratelimit_stage import RateLimits
-from .request import ConnState, Stage, new_request_id
+from .request import ConnState, new_request_id
 from .snapshot import Snapshot
-from .stages import default_chain
 from .stats import Stats
 from .stream import bind_listener
-from .tcp import serve_tcp_connection
 from .telemetry import Telemetry
 from .tracing import Tracer
 
@@ -87,48 +85,6 @@ class ConfigRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class ActiveListener:
-    __slots__ = ("spec", "sock", "chain", "steps", "chain_snap", "scope", "handler", "active", "overload")
-
-    def __init__(self, spec: Listener, sock: BackendListener, snap: Snapshot) -> None:
-        self.sock = sock  # the backend's listener
-        self.scope = trio.CancelScope()
-        self.active = 0  # connections accepted and not closed (overload.py's limit)
-        self.overload = Condition(f"listener {spec.name}: connection limit")
-        self.set_spec(spec, snap)
-
-    def set_spec(self, spec: Listener, snap: Snapshot) -> None:
-        """New connections use the new spec; open ones keep what they started with.
-        The chain: the stages ``snap`` uses (stages.default_chain)."""
-        self.spec = spec
-        self._set_chain(default_chain(spec, snap), snap)
-        self.handler = serve_tcp_connection if spec.protocol == "tcp" else serve_http_connection
-
-    def chain_for(self, snap: Snapshot) -> tuple[Stage, ...]:
-        """The stages a request served under ``snap`` runs (rebuilt when the snapshot
-        is not the one the chain was built for: a connection of a listener that a
-        later config removed or moved still serves under the newest snapshot)."""
-        if self.chain_snap is not snap:
-            self._set_chain(default_chain(self.spec, snap), snap)
-        return self.chain
-
-    def steps_for(self, snap: Snapshot) -> tuple[tuple[Callable[[Any], Any] | None, Stage], ...]:
-        """``chain_for(snap)`` as (``decide`` or None, stage) pairs: a stage with a
-        synchronous ``decide`` is run without a coroutine (request.Stage)."""
-        if self.chain_snap is not snap:
-            self._set_chain(default_chain(self.spec, snap), snap)
-        return self.steps
-
-    def _set_chain(self, chain: tuple[Stage, ...], snap: Snapshot) -> None:
-        self.chain = chain
-        self.steps = tuple((getattr(st, "decide", None), st) for st in chain)
-        self.chain_snap = snap
-
-    @property
-    def bound_port(self) -> int:
-        return self.sock.bound_port
 
 
 def _h2_exchange(rt):
@@ -350,15 +306,7 @@ class ProxyRuntime:
                     al.overload.clear()
                 al.active += 1
                 self.open_conns += 1
-                nursery.start_soon(self._guard, al, stream, client_ip)
-
-    async def _guard(self, al: ActiveListener, stream: Any, client_ip: str) -> None:
-        """One connection's task: a bug in it closes that connection, not the proxy."""
-        try:
-            await self._guarded(al, stream, client_ip)
-        finally:
-            al.active -= 1
-            self.open_conns -= 1
+                nursery.start_soon(serve_connection, self, al, stream, client_ip)  # (connection.py)
 
     async def _refuse(self, stream: Any, http: bool) -> None:
         self.refusing += 1
@@ -366,29 +314,6 @@ class ProxyRuntime:
             await refuse(stream, http)
         finally:
             self.refusing -= 1
-
-    async def _guarded(self, al: ActiveListener, stream: Any, client_ip: str) -> None:
-        try:
-            if self.peer_uids is not None and checks_peer(al.spec.direction) and not await admit_peer(
-                    self, al, stream, client_ip):  # a local user not allowed: refused (peercheck.py)
-                return
-            if al.spec.tls_servers:  # a gateway port with TLS: never plaintext (gateway_tls.py)
-                await serve_gateway_tls(self, al, stream, client_ip)
-                return
-            if al.spec.direction == "inbound" and al.spec.mtls_mode != "DISABLE":
-                stream = await secure_inbound(self, al.spec, stream)  # mTLS by PeerAuthentication
-                if stream is None:
-                    return
-            await al.handler(self, al, stream, client_ip)
-        except OSError as exc:
-            if exc.errno in FD_ERRNOS:  # one line per condition, no traceback (overload.py)
-                self.fd_shortage.hit(trio.current_time(), f"{exc.strerror} while serving a connection")
-            else:
-                log.exception("listener %s: connection from %s failed", al.spec.name, client_ip)
-            stream.close_now()
-        except Exception:
-            log.exception("listener %s: connection from %s failed", al.spec.name, client_ip)
-            stream.close_now()
 
     async def run(self, cfg: ProxyConfig, *, admin_port: int | None = None, admin_address: str = "127.0.0.1",
                   handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -414,8 +414,7 @@ class SourceStage:
         if rq.listener.direction == "inbound":
             for k, _ in headers:
                 if k in SOURCE_HEADERS:
-                    rq.peer = Peer.from_headers(headers)
-                    rq.headers = [h for h in headers if h[0] not in SOURCE_HEADERS]
+                    rq.peer, rq.headers = _take_source(headers)
                     break
             return None
         mine = rq.rt.telemetry.me_headers
@@ -428,6 +427,30 @@ class SourceStage:
 
 
 SOURCE_STAGE = SourceStage()
+
+
+def _take_source(headers: HeaderList) -> tuple[Peer, HeaderList]:
+    """``Peer.from_headers(headers)`` and the headers without the source's, in one pass
+    (inbound, once per request from a sidecar): the last value of each name counts."""
+    rest: HeaderList = []
+    workload = app = version = namespace = principal = UNKNOWN
+    for h in headers:
+        k = h[0]
+        if k in SOURCE_HEADERS:
+            v = h[1]
+            if k == H_WORKLOAD:
+                workload = v
+            elif k == H_APP:
+                app = v
+            elif k == H_VERSION:
+                version = v
+            elif k == H_NAMESPACE:
+                namespace = v
+            else:
+                principal = v
+        else:
+            rest.append(h)
+    return Peer(workload, namespace, principal, app, version), rest
 
 
 def _header(headers, name: str) -> str:

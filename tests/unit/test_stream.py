@@ -17,6 +17,7 @@ from meshctl.proxy.stream import (
     is_alive,
     relay,
 )
+from meshctl.proxy.sockstream import FastClock
 
 
 def _pair(**kw) -> tuple[FastSocketStream, FastSocketStream]:
@@ -214,3 +215,24 @@ async def test_relay_over_memory_streams_copies():
         await a1.send_all(b"ping")
         await a1.send_eof()
         assert await a1.receive_some() == b"PING"
+
+
+async def test_fast_clock_reads_the_runs_clock():
+    # the system clock natively (offset + perf_counter), in step with trio's own reading
+    clock = FastClock(trio.lowlevel.current_clock())
+    assert clock.system
+    before = trio.current_time()
+    now = clock.now()
+    after = trio.current_time()
+    assert before <= now <= after
+    await trio.sleep(0.01)
+    assert clock.now() - now >= 0.01
+
+
+async def test_fast_clock_asks_any_other_clock(autojump_clock):
+    # a MockClock (as the forwarder's tests use) is asked, so its jumps show
+    clock = FastClock(trio.lowlevel.current_clock())
+    assert not clock.system
+    start = clock.now()
+    await trio.sleep(30)
+    assert clock.now() == start + 30 == trio.current_time()
