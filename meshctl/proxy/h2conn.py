@@ -315,11 +315,8 @@ class _Conn(OutBuffer):
         the connection is gone with bytes unwritten). Waiting for each write cost the
         stream's task one more trio step per response, for bytes that the writer sends
         with everything else emitted in the same pass anyway."""
-        if self.emitted - self.written > _HIGH_WATER:
-            await self.flush()
-        elif self.dead:
-            if self.write_failed or self.written < self.emitted:
-                raise DownstreamGone("connection closed")
+        if self.dead or self.emitted - self.written > _HIGH_WATER:
+            await self.flush()  # (dead: returns at once, or raises for what was not written)
         else:
             self.kick()
 

@@ -221,7 +221,7 @@ class H2Upstream(OutBuffer):
                     if st is not None:
                         st.push(ev)
             for st in self.streams.values():
-                if st.window.task is not None and client.queued(st.sid) == 0:
+                if st.window.waiting and client.queued(st.sid) == 0:
                     st.may_send()
             if not data:
                 self.reason = "upstream closed the connection"

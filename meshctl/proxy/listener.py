@@ -42,8 +42,7 @@ class ActiveListener:
         """The stages a request served under ``snap`` runs (rebuilt when the snapshot
         is not the one the chain was built for: a connection of a listener that a
         later config removed or moved still serves under the newest snapshot)."""
-        if self.chain_snap is not snap:
-            self._set_chain(default_chain(self.spec, snap), snap)
+        self.steps_for(snap)
         return self.chain
 
     def steps_for(self, snap: Snapshot) -> Steps:

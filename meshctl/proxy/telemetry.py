@@ -112,14 +112,6 @@ class Peer:
         return cls(workload_name(ep.instance) if ep.instance else UNKNOWN, ns, ep.identity or UNKNOWN,
                    app, labels.get("version", UNKNOWN))
 
-    @classmethod
-    def from_headers(cls, headers: HeaderList) -> "Peer | None":
-        got = {k: v for k, v in headers if k in SOURCE_HEADERS}
-        if not got:
-            return None
-        return cls(got.get(H_WORKLOAD, UNKNOWN), got.get(H_NAMESPACE, UNKNOWN), got.get(H_PRINCIPAL, UNKNOWN),
-                   got.get(H_APP, UNKNOWN), got.get(H_VERSION, UNKNOWN))
-
     def headers(self) -> list[tuple[str, str]]:
         return [(H_WORKLOAD, self.workload), (H_APP, self.app), (H_VERSION, self.version),
                 (H_NAMESPACE, self.namespace), (H_PRINCIPAL, self.principal)]
@@ -430,8 +422,9 @@ SOURCE_STAGE = SourceStage()
 
 
 def _take_source(headers: HeaderList) -> tuple[Peer, HeaderList]:
-    """``Peer.from_headers(headers)`` and the headers without the source's, in one pass
-    (inbound, once per request from a sidecar): the last value of each name counts."""
+    """The source sidecar's peer from its ``x-meshctl-source-*`` headers (``Peer.headers``
+    wrote them), and the headers without them, in one pass (inbound, once per request
+    from a sidecar): the last value of each name counts; a missing one is unknown."""
     rest: HeaderList = []
     workload = app = version = namespace = principal = UNKNOWN
     for h in headers:

@@ -14,8 +14,8 @@ from meshctl.proxy.accesslog import AccessLog, RotatingFile
 from meshctl.proxy.telemetry import (
     DURATION_BUCKETS_MS,
     SOURCE_STAGE,
-    Peer,
     Telemetry,
+    _take_source,
     workload_name,
 )
 
@@ -69,7 +69,7 @@ def test_source_reporter_labels_come_from_self_and_the_picked_endpoint():
 
 def test_destination_reporter_takes_the_source_from_headers():
     tel = Telemetry(REVIEWS)
-    peer = Peer.from_headers(Telemetry(PRODUCTPAGE).me_headers)
+    peer, _ = _take_source(Telemetry(PRODUCTPAGE).me_headers)
     tel.record_http(tel.http_labels(inbound=True, peer=peer, endpoint=None, service=None, status=429, flags=["RL"]), 1, 0, 0)
     tel.record_http(tel.http_labels(inbound=True, peer=None, endpoint=None, service=None, status=200, flags=[]), 1, 0, 0)
     s = samples(tel.render())
