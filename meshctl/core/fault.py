@@ -19,8 +19,8 @@ Rules (Istio's HTTPFaultInjection):
    ``rand.random()`` each, and only for the parts that are configured, so a
    seeded Random gives a reproducible sequence. A request is faulted when
    ``rand.random() < value / 100``: 0 never faults, 100 always does.
-4. Values out of range are clamped to [0, 100] here; ``fault_problems``
-   names them so that pilot/loader can reject the rule with a clear message.
+4. Values out of range are clamped to [0, 100] here; loader/validate.py
+   refuses them (and the other malformed blocks) before a rule is applied.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ..model.istio import FaultAbort, FaultDelay, HTTPFaultInjection
 
-__all__ = ["FaultDecision", "NO_FAULT", "decide_fault", "fault_problems"]
+__all__ = ["FaultDecision", "NO_FAULT", "decide_fault"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,30 +95,3 @@ def decide_fault(fault: HTTPFaultInjection | None, rand: random.Random) -> Fault
         return NO_FAULT
     return FaultDecision(delay=delay, abort_status=abort_status, grpc_status=grpc_status)
 
-
-def fault_problems(fault: HTTPFaultInjection) -> list[str]:
-    """Human-readable problems with a fault block (empty when it is valid)."""
-    problems: list[str] = []
-    d: FaultDelay | None = fault.delay
-    a: FaultAbort | None = fault.abort
-    if d is None and a is None:
-        problems.append("fault: at least one of delay or abort must be set")
-    if d is not None:
-        if d.fixed_delay is None:
-            problems.append("fault.delay.fixedDelay: required")
-        elif d.fixed_delay < 0.001:
-            problems.append(f"fault.delay.fixedDelay: must be at least 1ms, got {float(d.fixed_delay)}s")
-        if d.percentage is not None and not 0.0 <= d.percentage.value <= 100.0:
-            problems.append(f"fault.delay.percentage.value: must be in [0, 100], got {d.percentage.value}")
-        if d.percent is not None and not 0 <= d.percent <= 100:
-            problems.append(f"fault.delay.percent: must be in [0, 100], got {d.percent}")
-    if a is not None:
-        if a.http_status is None and a.grpc_status is None:
-            problems.append("fault.abort: one of httpStatus or grpcStatus is required")
-        if a.http_status is not None and a.grpc_status is not None:
-            problems.append("fault.abort: only one of httpStatus or grpcStatus may be set")
-        if a.http_status is not None and not 200 <= a.http_status <= 599:
-            problems.append(f"fault.abort.httpStatus: must be in [200, 599], got {a.http_status}")
-        if a.percentage is not None and not 0.0 <= a.percentage.value <= 100.0:
-            problems.append(f"fault.abort.percentage.value: must be in [0, 100], got {a.percentage.value}")
-    return problems

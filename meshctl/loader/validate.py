@@ -455,6 +455,8 @@ class _Validator:
             d = fault.delay
             if d.fixed_delay is None:
                 self.error(f"{path}.delay", "fixedDelay is required")
+            elif d.fixed_delay < 0.001:
+                self.error(f"{path}.delay.fixedDelay", f"a delay must be at least 1ms, got {float(d.fixed_delay):g}s")
             if d.percentage is not None:
                 self.percent(f"{path}.delay.percentage.value", d.percentage.value)
             self.percent(f"{path}.delay.percent", d.percent)
@@ -462,6 +464,8 @@ class _Validator:
             a = fault.abort
             if a.http_status is None and a.grpc_status is None:
                 self.error(f"{path}.abort", "httpStatus or grpcStatus is required")
+            if a.http_status is not None and a.grpc_status is not None:
+                self.error(f"{path}.abort", "only one of httpStatus and grpcStatus may be set")
             if a.http_status is not None and not 200 <= a.http_status <= 599:
                 self.error(f"{path}.abort.httpStatus", f"HTTP status {a.http_status} is outside 200-599")
             if a.percentage is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from meshctl.core.fault import NO_FAULT, decide_fault, fault_problems
+from meshctl.core.fault import NO_FAULT, decide_fault
 from meshctl.model.base import Duration
 from meshctl.model.istio import FaultAbort, FaultDelay, HTTPFaultInjection, Percent
 
@@ -126,15 +126,3 @@ def test_grpc_abort() -> None:
     d = decide_fault(fault, random.Random(0))
     assert d.grpc_status == "UNAVAILABLE" and d.abort_status is None and d.aborts
 
-
-def test_problems_are_named() -> None:
-    assert fault_problems(RATINGS_TEST_DELAY) == []
-    assert fault_problems(RATINGS_TEST_ABORT) == []
-    bad = HTTPFaultInjection(
-        delay=FaultDelay(fixed_delay=Duration(1.0), percentage=Percent(150.0)),
-        abort=FaultAbort(http_status=700),
-    )
-    problems = fault_problems(bad)
-    assert any("fault.delay.percentage.value" in p and "150" in p for p in problems)
-    assert any("fault.abort.httpStatus" in p and "700" in p for p in problems)
-    assert fault_problems(HTTPFaultInjection()) == ["fault: at least one of delay or abort must be set"]

@@ -172,6 +172,17 @@ CASES = [
         ],
     ),
     (
+        "fault without delay or abort, a delay under 1ms, an abort with both statuses",
+        VS + "  hosts: [ratings]\n  http:\n  - fault: {}\n    route:\n    - destination: {host: ratings}\n"
+        "  - fault:\n      delay: {fixedDelay: 0.5ms}\n      abort: {httpStatus: 503, grpcStatus: UNAVAILABLE}\n"
+        "    route:\n    - destination: {host: ratings}\n",
+        [
+            "t.yaml:8: error: spec.http[0].fault: a fault needs a delay or an abort",
+            "t.yaml:12: error: spec.http[1].fault.delay.fixedDelay: a delay must be at least 1ms, got 0.0005s",
+            "t.yaml:13: error: spec.http[1].fault.abort: only one of httpStatus and grpcStatus may be set",
+        ],
+    ),
+    (
         "load balancer both ways, and a misspelt algorithm",
         DR + "  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBBIN\n"
         "      consistentHash: {httpHeaderName: x-user}\n    tls:\n      mode: ISTIO_MUTAL\n"
