@@ -74,6 +74,7 @@ __all__ = [
     "PassOn",
     "GiveUp",
     "NO_RETRY",
+    "GRPC_RETRY_CONDITIONS",
 ]
 
 
@@ -81,8 +82,8 @@ class RetryConfigError(CoreConfigError):
     """A retry policy that cannot be used; the message names the bad value."""
 
 
-# gRPC status names Envoy accepts in retry_on, with their codes.
-_GRPC_CONDITIONS: Final[dict[str, int]] = {
+# gRPC status names Envoy accepts in retry_on, with their codes (retrypolicy.py lists them as known conditions).
+GRPC_RETRY_CONDITIONS: Final[dict[str, int]] = {
     "cancelled": 1,
     "deadline-exceeded": 4,
     "resource-exhausted": 8,
@@ -147,7 +148,7 @@ def _retriable(policy: RetryPolicy, outcome: Outcome) -> bool:
             return True
     grpc = outcome.grpc_status
     if grpc is not None and grpc != 0:
-        for name, code in _GRPC_CONDITIONS.items():
+        for name, code in GRPC_RETRY_CONDITIONS.items():
             if code == grpc and name in on:
                 return True
     return False

@@ -14,7 +14,7 @@ from typing import Final
 
 from ..model.istio import HTTPRetry
 from ..model.proxyconfig import Settings
-from .retry import _GRPC_CONDITIONS, NO_RETRY, RetryConfigError, RetryPolicy
+from .retry import GRPC_RETRY_CONDITIONS, NO_RETRY, RetryConfigError, RetryPolicy
 
 __all__ = ["retry_policy", "parse_retry_on", "KNOWN_RETRY_ON"]
 
@@ -31,7 +31,7 @@ KNOWN_RETRY_ON: Final[frozenset[str]] = frozenset(
         "retriable-headers",
         "envoy-ratelimited",
         "http3-post-connect-failure",
-        *_GRPC_CONDITIONS,
+        *GRPC_RETRY_CONDITIONS,
     }
 )
 
