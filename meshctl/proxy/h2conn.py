@@ -66,6 +66,7 @@ from .connstate import ConnState, H2ConnState
 from .errors import DownstreamGone, PeerGone, receive_some, send_eof
 from .listener import ActiveListener
 from .request import Request, send_local
+from .sockstream import FastClock
 from .outbuf import OutBuffer, Wakeup
 from .telemetry import finish_request
 
@@ -283,13 +284,14 @@ class _StreamDown:
 
 class _Conn(OutBuffer):
     __slots__ = ("rt", "al", "client_ip", "h2", "streams", "blocked", "nursery", "state", "draining", "lstats",
-                 "write_failed", "idle")  # stream, dead, out, emitted, written, wake, progress: OutBuffer's
+                 "write_failed", "idle", "clock")  # stream, dead, out, emitted, written, wake, progress: OutBuffer's
 
     def __init__(self, rt: Any, al: ActiveListener, stream: Any, client_ip: str, lstats: Any) -> None:
         self.rt = rt
         self.al = al
         self.client_ip = client_ip
-        self.h2 = H2Server(h2_limits(rt.snapshot), now=trio.current_time)
+        self.clock = FastClock(trio.lowlevel.current_clock())  # (trio.current_time() is three interpreted calls)
+        self.h2 = H2Server(h2_limits(rt.snapshot), now=self.clock.now)
         self._init_out(stream)
         self.streams: dict[int, tuple[trio.CancelScope, _StreamReader, _StreamDown]] = {}
         self.blocked: dict[int, _StreamDown] = {}  # streams waiting for send window
@@ -298,7 +300,8 @@ class _Conn(OutBuffer):
         self.state: H2ConnState | None = None
         self.draining = False
         self.lstats = lstats
-        self.idle: list[trio.lowlevel.Task] = []  # stream tasks waiting for a stream (_next_stream)
+        # stream tasks waiting for a stream (_next_stream), each with its cancel scope
+        self.idle: list[tuple[trio.lowlevel.Task, trio.CancelScope]] = []
 
     async def flush(self) -> None:
         """Wait until everything emitted so far is written to the socket; DownstreamGone
@@ -363,7 +366,7 @@ class _Conn(OutBuffer):
             if self.draining:
                 self.kill()
             elif self.state is not None:
-                self.state.deadline = trio.current_time() + self.rt.snapshot.settings.idle_timeout
+                self.state.deadline = self.clock.now() + self.rt.snapshot.settings.idle_timeout
 
     # ------------------------------------------------------------ reading
     async def read_loop(self, first: bytes) -> None:
@@ -433,16 +436,18 @@ class _Conn(OutBuffer):
                 reader.eof = True
         elif isinstance(ev, RequestHead):
             sid = ev.stream_id
-            scope = trio.CancelScope()
             reader = _StreamReader(self, sid, is_grpc(ev.headers))
             down = _StreamDown(self, sid)
-            self.streams[sid] = (scope, reader, down)
             if self.state is not None:
                 self.state.deadline = _INF
             if self.idle:  # a task whose stream is done takes this one (no new task)
-                trio.lowlevel.reschedule(self.idle.pop(), outcome.Value((ev, scope, reader, down)))
+                task, scope = self.idle.pop()
+                self.streams[sid] = (scope, reader, down)
+                trio.lowlevel.reschedule(task, outcome.Value((ev, reader, down)))
             else:
                 assert self.nursery is not None  # set before the first frame is read
+                scope = trio.CancelScope()
+                self.streams[sid] = (scope, reader, down)
                 # (named: trio names a task by its function's module and qualname, which a
                 # compiled method lacks, and falls back to repr() of the bound method)
                 self.nursery.start_soon(self._stream_task, ev, scope, reader, down, name="h2 stream")
@@ -468,22 +473,29 @@ class _Conn(OutBuffer):
         """Serve a stream, then the next ones the connection opens: a task whose stream is
         done waits for the next (up to _IDLE_TASKS of them), since starting a trio task per
         stream cost more than the rest of this module's work for a gRPC call. The
-        connection's end cancels the waiting ones with the rest of its nursery."""
-        while True:
-            await self._serve_stream(head, scope, reader, down)
-            if self.dead or self.draining or len(self.idle) >= _IDLE_TASKS:
-                return
-            head, scope, reader, down = await self._next_stream()
+        connection's end cancels the waiting ones with the rest of its nursery.
 
-    async def _next_stream(self) -> Any:
-        """Wait until _dispatch hands this task a new stream: (head, scope, reader, down)."""
+        ``scope`` is the task's, not a stream's: a client's RST_STREAM cancels it (the
+        task's stream is then the reset one), and the task ends with that stream. One
+        scope for all of a task's streams, since entering a trio.CancelScope costs some
+        twenty interpreted calls."""
         task = trio.lowlevel.current_task()
+        with scope:
+            while True:
+                await self._serve_stream(head, scope, reader, down)
+                if scope.cancel_called or self.dead or self.draining or len(self.idle) >= _IDLE_TASKS:
+                    return
+                head, reader, down = await self._next_stream(task, scope)
+
+    async def _next_stream(self, task: trio.lowlevel.Task, scope: trio.CancelScope) -> Any:
+        """Wait until _dispatch hands this task a new stream: (head, reader, down)."""
         idle = self.idle
-        idle.append(task)
+        entry = (task, scope)
+        idle.append(entry)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            if task in idle:
-                idle.remove(task)
+            if entry in idle:
+                idle.remove(entry)
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
@@ -497,7 +509,8 @@ class _Conn(OutBuffer):
         grpc = reader.grpc
         server = _StreamServer(self, sid, grpc)
         rq = Request(head, listener, rt.snapshot, rt, self.client_ip, server, reader, down)
-        since: float = trio.current_time()
+        rq.clock = self.clock
+        since = self.clock.now()
         deadline = _INF
         if grpc:
             gt = header_value(head.headers, "grpc-timeout")
@@ -507,52 +520,58 @@ class _Conn(OutBuffer):
                 except GrpcError as exc:
                     log.info("stream %d: %s (ignored)", sid, exc)
         try:
-            with scope:
-                nxt = reader.peek()
-                if isinstance(nxt, EndOfMessage):
-                    reader.pos += 1
-                    rq.body_done = True
-                try:
-                    reply = None
-                    for decide, stage in al.steps_for(rq.snap):
-                        # a stage with a synchronous decide() runs without a coroutine (request.Stage)
-                        reply = decide(rq) if decide is not None else await stage.on_request(rq)
-                        if reply is not None:
-                            break
+            nxt = reader.peek()
+            if isinstance(nxt, EndOfMessage):
+                reader.pos += 1
+                rq.body_done = True
+            try:
+                reply = None
+                for decide, stage in al.steps_for(rq.snap):
+                    # a stage with a synchronous decide() runs without a coroutine (request.Stage)
+                    reply = decide(rq) if decide is not None else await stage.on_request(rq)
                     if reply is not None:
-                        await send_local(rq, reply)
-                    elif deadline == _INF:
-                        await rt.forwarder.run(rq)  # (and the route's mirrors: forward.py)
-                    else:
-                        # grpc-timeout is the request's deadline (the route timeout may be shorter);
-                        # a gRPC call with a deadline is mirrored too
-                        with trio.move_on_at(deadline) as dl:
-                            await rt.forwarder.run(rq)
-                        if dl.cancelled_caught:
-                            rq.flags.append(F.UT)
-                            if rq.response_started:
-                                self.emit(self.h2.reset(sid, "grpc-timeout"))
-                            else:
-                                gh, _ = local_grpc_reply(GrpcStatus.DEADLINE_EXCEEDED, "grpc-timeout exceeded")
-                                rq.status = 200
-                                rq.response_started = True
-                                server.response_head(gh, end_stream=True)  # (records grpc-status 4 for telemetry)
-                    body = rq.body
-                    if body is not None and not body.finished and not rq.response_started:
-                        self.emit(self.h2.reset(sid, "request body not consumed"))
-                    await self.flush_some()
-                except PeerGone:
-                    rq.flags.append(F.DC)
-                except ValueError as exc:  # a response the codec cannot carry (101, bad header value)
-                    log.info("stream %d: cannot relay the response on HTTP/2: %s", sid, exc)
-                    rq.flags.append(F.UPE)
-                    self.emit(self.h2.reset(sid, str(exc)))
-                    try:
-                        await self.flush()
-                    except DownstreamGone:
-                        pass
-            if scope.cancelled_caught and (not self.dead or not server.ended) and F.DC not in rq.flags:
-                rq.flags.append(F.DC)  # reset by the client, or its connection gone before the response's end (nothing to send)
+                        break
+                if reply is not None:
+                    await send_local(rq, reply)
+                elif deadline == _INF:
+                    await rt.forwarder.run(rq)  # (and the route's mirrors: forward.py)
+                else:
+                    # grpc-timeout is the request's deadline (the route timeout may be shorter);
+                    # a gRPC call with a deadline is mirrored too
+                    with trio.move_on_at(deadline) as dl:
+                        await rt.forwarder.run(rq)
+                    if dl.cancelled_caught:
+                        rq.flags.append(F.UT)
+                        if rq.response_started:
+                            self.emit(self.h2.reset(sid, "grpc-timeout"))
+                        else:
+                            gh, _ = local_grpc_reply(GrpcStatus.DEADLINE_EXCEEDED, "grpc-timeout exceeded")
+                            rq.status = 200
+                            rq.response_started = True
+                            server.response_head(gh, end_stream=True)  # (records grpc-status 4 for telemetry)
+                body = rq.body
+                if body is not None and not body.finished and not rq.response_started:
+                    self.emit(self.h2.reset(sid, "request body not consumed"))
+                await self.flush_some()
+            except PeerGone:
+                rq.flags.append(F.DC)
+            except ValueError as exc:  # a response the codec cannot carry (101, bad header value)
+                log.info("stream %d: cannot relay the response on HTTP/2: %s", sid, exc)
+                rq.flags.append(F.UPE)
+                self.emit(self.h2.reset(sid, str(exc)))
+                try:
+                    await self.flush()
+                except DownstreamGone:
+                    pass
+        except trio.Cancelled:
+            # the task's scope (_stream_task) is cancelled: the client reset this stream. The
+            # connection's end (dead) cancels the nursery too: nothing is recorded then
+            if not scope.cancel_called or self.dead:
+                raise
+            if F.DC not in rq.flags:
+                rq.flags.append(F.DC)  # (nothing to send)
+            self._finish(rq, head, since)
+            raise
         finally:
             if not self.dead:
                 # a stream this task did not finish (error, cancel) must not stay open in the
@@ -560,15 +579,20 @@ class _Conn(OutBuffer):
                 self.emit(self.h2.reset(sid, "stream task ended"))
                 self.kick()
             self._stream_done(sid)
+        self._finish(rq, head, since)
+
+    def _finish(self, rq: Request, head: RequestHead, since: float) -> None:
+        """A stream's request is over: its counters, telemetry and log line."""
         if rq.status:
             self.lstats.response(rq.status)
-        finish_request(rq, since, trio.current_time(), time.time())
+        finish_request(rq, since, self.clock.now(), time.time())
+        rt = self.rt
         flags = rq.flags
         if flags:
             for f in flags:
                 rt.stats.flag(f)
             if flags[0] != F.DC:
-                log.info("%s %s %s -> %d %s %s (h2)", listener.name, head.method, head.authority + head.path,
+                log.info("%s %s %s -> %d %s %s (h2)", self.al.spec.name, head.method, head.authority + head.path,
                          rq.status, ",".join(flags), rq.detail)
 
 

@@ -98,7 +98,7 @@ class Request:
         "auth",  # the end user from a verified JWT (jwt_stage), for authz
         "trace",  # the spans of a sampled request (tracing.py); None when not sampled
         "grpc_status",  # a gRPC local reply's grpc-status (send_local), for telemetry over HTTP/1.1 too
-        "clock",  # the connection's sockstream.FastClock (HTTP/1.1), None: ask trio.current_time()
+        "clock",  # the downstream connection's sockstream.FastClock, None: ask trio.current_time()
     )
 
     def __init__(self, head: RequestHead, listener: Listener, snap: Snapshot, rt: Any, client_ip: str,

@@ -185,6 +185,56 @@ async def test_client_reset_cancels_the_stream_only(upstream):
         s.close()
 
 
+async def test_reset_of_a_stream_served_by_a_reused_task(upstream):
+    """A stream task serves one stream after another; a reset ends the stream it serves
+    then (counted as DC), and the streams that follow on the connection are served."""
+    import h2.settings  # noqa: F401
+
+    cfg, lp = _simple(upstream)
+    async with running_proxy(cfg) as rt:
+        s, c = _h2_client_socket(lp, window=1 << 20)
+        s.setblocking(False)
+        hdr = [(":method", "GET"), (":scheme", "http"), (":authority", "reviews:9080")]
+
+        async def answers(want: set[int]) -> dict[int, str]:
+            got: dict[int, str] = {}
+            with trio.fail_after(5):
+                while not want <= set(got):
+                    await trio.sleep(0.02)
+                    try:
+                        data = s.recv(1 << 20)
+                    except BlockingIOError:
+                        continue
+                    assert data, "proxy closed the connection"
+                    for ev in c.receive_data(data):
+                        if isinstance(ev, h2.events.ResponseReceived):
+                            got[ev.stream_id] = dict(ev.headers)[":status"]
+                    s.sendall(c.data_to_send())
+            return got
+
+        c.send_headers(1, hdr + [(":path", "/fast")], end_stream=True)
+        s.sendall(c.data_to_send())
+        assert await answers({1}) == {1: "200"}  # its task now waits for the next stream
+        await trio.sleep(0.1)
+        seen = len(upstream.requests)
+        c.send_headers(3, hdr + [(":path", "/slow?ms=3000")], end_stream=True)
+        s.sendall(c.data_to_send())
+        with trio.fail_after(5):
+            while len(upstream.requests) == seen:  # stream 3 is at the upstream
+                await trio.sleep(0.02)
+        c.reset_stream(3)
+        s.sendall(c.data_to_send())
+        with trio.fail_after(2):  # the reset ends the request at once, not when /slow answers
+            while rt.stats.flags["DC"] == 0:
+                await trio.sleep(0.02)
+        for sid in (5, 7):
+            c.send_headers(sid, hdr + [(":path", "/fast")], end_stream=True)
+        s.sendall(c.data_to_send())
+        assert await answers({5, 7}) == {5: "200", 7: "200"}
+        assert rt.stats.flags["DC"] == 1
+        s.close()
+
+
 async def test_drain_sends_goaway_and_lets_open_streams_finish(upstream):
     import h2.settings  # noqa: F401
 
