@@ -483,7 +483,10 @@ class _Conn(OutBuffer):
         with scope:
             while True:
                 await self._serve_stream(head, scope, reader, down)
-                if scope.cancel_called or self.dead or self.draining or len(self.idle) >= _IDLE_TASKS:
+                # (a reset after the stream's last checkpoint: _next_stream's wait raises
+                # Cancelled at once, and the task ends. scope.cancel_called is not asked
+                # here: for an active scope it reads trio's clock, three interpreted calls)
+                if self.dead or self.draining or len(self.idle) >= _IDLE_TASKS:
                     return
                 head, reader, down = await self._next_stream(task, scope)
 
