@@ -93,6 +93,25 @@ def _h2_client_socket(lp: int, window: int = 65535):
     return s, c
 
 
+async def _statuses(s: socket.socket, c: h2.connection.H2Connection, want: set[int]) -> dict[int, str]:
+    """Read the (non-blocking) socket until the streams in ``want`` have response heads:
+    {stream id: :status} of every head received meanwhile."""
+    got: dict[int, str] = {}
+    with trio.fail_after(5):
+        while not want <= set(got):
+            await trio.sleep(0.02)
+            try:
+                data = s.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            assert data, "proxy closed the connection"
+            for ev in c.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    got[ev.stream_id] = dict(ev.headers)[":status"]
+            s.sendall(c.data_to_send())
+    return got
+
+
 async def test_slow_h2_reader_backpressures_the_upstream(upstream):
     """A client that stops reading (no WINDOW_UPDATE) must not make the proxy
     buffer the whole response: the codec's queue stays about one chunk."""
@@ -168,20 +187,8 @@ async def test_client_reset_cancels_the_stream_only(upstream):
         c.send_headers(3, hdr + [(":path", "/fast")], end_stream=True)
         c.reset_stream(1)
         s.sendall(c.data_to_send())
-        done = {}
         s.setblocking(False)
-        with trio.fail_after(5):
-            while 3 not in done:
-                await trio.sleep(0.02)
-                try:
-                    data = s.recv(1 << 20)
-                except BlockingIOError:
-                    continue
-                assert data, "proxy closed the connection"
-                for ev in c.receive_data(data):
-                    if isinstance(ev, h2.events.ResponseReceived):
-                        done[ev.stream_id] = dict(ev.headers)[":status"]
-        assert done == {3: "200"}
+        assert await _statuses(s, c, {3}) == {3: "200"}
         s.close()
 
 
@@ -195,26 +202,9 @@ async def test_reset_of_a_stream_served_by_a_reused_task(upstream):
         s, c = _h2_client_socket(lp, window=1 << 20)
         s.setblocking(False)
         hdr = [(":method", "GET"), (":scheme", "http"), (":authority", "reviews:9080")]
-
-        async def answers(want: set[int]) -> dict[int, str]:
-            got: dict[int, str] = {}
-            with trio.fail_after(5):
-                while not want <= set(got):
-                    await trio.sleep(0.02)
-                    try:
-                        data = s.recv(1 << 20)
-                    except BlockingIOError:
-                        continue
-                    assert data, "proxy closed the connection"
-                    for ev in c.receive_data(data):
-                        if isinstance(ev, h2.events.ResponseReceived):
-                            got[ev.stream_id] = dict(ev.headers)[":status"]
-                    s.sendall(c.data_to_send())
-            return got
-
         c.send_headers(1, hdr + [(":path", "/fast")], end_stream=True)
         s.sendall(c.data_to_send())
-        assert await answers({1}) == {1: "200"}  # its task now waits for the next stream
+        assert await _statuses(s, c, {1}) == {1: "200"}  # its task now waits for the next stream
         await trio.sleep(0.1)
         seen = len(upstream.requests)
         c.send_headers(3, hdr + [(":path", "/slow?ms=3000")], end_stream=True)
@@ -230,7 +220,7 @@ async def test_reset_of_a_stream_served_by_a_reused_task(upstream):
         for sid in (5, 7):
             c.send_headers(sid, hdr + [(":path", "/fast")], end_stream=True)
         s.sendall(c.data_to_send())
-        assert await answers({5, 7}) == {5: "200", 7: "200"}
+        assert await _statuses(s, c, {5, 7}) == {5: "200", 7: "200"}
         assert rt.stats.flags["DC"] == 1
         s.close()
 
