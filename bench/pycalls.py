@@ -8,7 +8,8 @@ events), with the interpreted frame each call came from.
 
 Arguments are ``python -m meshctl.proxy``'s. Divide the counts by the requests sent. A
 call from compiled code shows the nearest interpreted frame as its caller (for a task's
-compiled coroutine, trio's ``python_wrapper``). Profiling slows the sidecar several
+compiled coroutine, trio's ``python_wrapper``); a coroutine counts once when it starts
+and once per resumption. Profiling slows the sidecar several
 times over: count with it, do not time with it. December 2026: it showed an HTTP/2
 stream's trio.CancelScope costing some twenty interpreted calls per request, and
 trio.current_time() three (see bench/README.md).
