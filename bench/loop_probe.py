@@ -46,7 +46,8 @@ class LoopProbe(trio.abc.Instrument):
         self._woke_cpu = 0
         self._n = 0
         self._t_step = 0
-        self.slow_steps: list[tuple[int, int, str]] = []
+        self._c_step = 0
+        self.slow_steps: list[tuple[int, int, str, int]] = []
         self.ntasks = array("l")  # distinct tasks stepped in the pass (--steps)
         self.names: dict[int, str] = {}  # pass index → names of the tasks other than connections' (--steps)
         self._tasks: dict[int, str] = {}
@@ -75,7 +76,6 @@ class LoopProbe(trio.abc.Instrument):
                     self.names[len(self.wake) - 1] = " ".join(other)
 
 
-
 class StepProbe(LoopProbe):
     """LoopProbe that also times every task step (trio calls only the hooks a class defines)."""
 
@@ -89,8 +89,9 @@ class StepProbe(LoopProbe):
         self._tasks[id(task)] = name.split()[1] if name.startswith("<function ") else name
         d = self.clock() - self._t_step
         self._in_steps += d
-        if d > SLOW_STEP_NS:
-            self.slow_steps.append((self._t_step, d, task.name))
+        c = self.cpu_clock() - self._c_step
+        if c > SLOW_STEP_NS:  # (start, CPU ns, task, wall ns)
+            self.slow_steps.append((self._t_step, c, task.name, d))
 
 
 def main() -> int:

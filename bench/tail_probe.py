@@ -109,7 +109,8 @@ def main() -> None:
             for i in longest:
                 w, b = pr["wake"][i], pr["busy"][i]
                 inside = [f"gc{g[0]} {g[2] / 1000:.0f}µs" for g in pr["gc"] if w <= g[1] <= w + b]
-                inside += [f"{s[2]} {s[1] / 1000:.0f}µs" for s in pr["slow_steps"] if w <= s[0] <= w + b]
+                inside += [f"{s[2].split()[1] if s[2].startswith('<function ') else s[2]} {s[1] / 1000:.0f}µs CPU "
+                           f"({s[3] / 1000:.0f} wall)" for s in pr["slow_steps"] if w <= s[0] <= w + b]
                 if str(i) in pr["names"]:
                     inside.append("tasks: " + pr["names"][str(i)])
                 print(f"     {b / 1000:7.0f} µs (CPU {pr['cpu'][i] / 1000:5.0f}) at +{(w - t0) / 1e9:6.3f}s, "

@@ -1,8 +1,9 @@
 """Per-sidecar access log: one JSON object per line, Envoy's field names.
 
 The data path only appends a dict to a list (``write``); a background task
-(``run``) turns the list into lines and writes them every ``flush_interval``
-seconds, or sooner when ``max_buffered`` lines are waiting (256: a few
+(``run``) turns the list into lines and writes them ``flush_interval``
+seconds after the first of them came (an idle sidecar sets no timer), or sooner
+when ``max_buffered`` lines are waiting (256: a few
 thousand pending record dicts cost a busy sidecar ~3 MB of RSS that
 fragmentation keeps), in a worker thread so a slow disk never stalls the
 event loop. The lines are made on the event loop, ENCODE_CHUNK records at a
@@ -123,8 +124,8 @@ class AccessLog:
             self.dropped += 1
             return
         pending.append(record)
-        if len(pending) == self.max_buffered:
-            self._wake.set()
+        if len(pending) == 1 or len(pending) == self.max_buffered:
+            self._wake.set()  # the first record starts the flush interval; a full buffer goes at once
 
     def _encode(self, records: list[dict]) -> bytes:
         enc = _encode_one
@@ -153,12 +154,18 @@ class AccessLog:
         self.written += len(records)
 
     async def run(self) -> None:
-        """Flush periodically until cancelled; flushes what is left on the way out."""
+        """Flush ``flush_interval`` after the first record waiting, or at ``max_buffered``,
+        until cancelled; flushes what is left on the way out. With nothing waiting it
+        sleeps without a timer."""
         try:
             while True:
-                with trio.move_on_after(self.flush_interval):
-                    await self._wake.wait()
+                if not self.pending:
+                    await self._wake.wait()  # the first record
                 self._wake = trio.Event()
+                if len(self.pending) < self.max_buffered:
+                    with trio.move_on_after(self.flush_interval):
+                        await self._wake.wait()  # a full buffer
+                    self._wake = trio.Event()
                 await self.flush()
         finally:
             with trio.CancelScope(shield=True):
