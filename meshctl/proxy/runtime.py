@@ -77,6 +77,7 @@ log = logging.getLogger("meshctl.proxy")
 
 WATCHDOG_INTERVAL = 0.25  # resolution of header and idle timeouts
 SWEEP_EVERY = 4  # watchdog ticks between sweeps of idle pooled connections and limiters (1 s)
+WATCHDOG_CHUNK = 512  # connections the watchdog looks at between checkpoints
 CLIENT_GONE_AFTER = 1.0  # a request older than this is dropped if its client closed
 
 
@@ -454,7 +455,7 @@ class ProxyRuntime:
                 while True:
                     await trio.sleep(WATCHDOG_INTERVAL)
                     now = trio.current_time()
-                    self._watchdog(now)
+                    await self._watchdog(now)
                     tick += 1
                     if tick % SWEEP_EVERY:
                         continue
@@ -465,14 +466,19 @@ class ProxyRuntime:
                         lim.sweep(now)
                     self._check_mtime()
 
-    def _watchdog(self, now: float) -> None:
+    async def _watchdog(self, now: float) -> None:
         """Close connections past their header/idle deadline, and abandon
         requests whose client went away while the upstream is still working
-        (checked once a request is older than CLIENT_GONE_AFTER)."""
+        (checked once a request is older than CLIENT_GONE_AFTER).
+        WATCHDOG_CHUNK connections at a time, with a checkpoint between: a look at
+        one costs ~0.2-0.3 µs, and 10,000 idle keep-alive connections in one step
+        held the loop ~2 ms four times a second."""
         snap = self.snapshot
         assert snap is not None  # started by run(), after the first apply()
         head_timeout = float(snap.settings.request_headers_timeout)
-        for c in list(self.conns):
+        for i, c in enumerate(list(self.conns)):
+            if i and not i % WATCHDOG_CHUNK:
+                await trio.lowlevel.checkpoint()
             if not c.busy and c.server is not None and c.server.receiving_head:
                 # a keep-alive request's head has begun: one header timeout from here
                 # (Envoy's request_headers_timeout), not the idle timeout
