@@ -77,7 +77,9 @@ async def lookup(host: str, port: int) -> list[tuple[int, tuple]]:
 async def refresh() -> None:
     """Resolve expired names again, forever (run it in the proxy's nursery)."""
     while True:
-        await trio.sleep(REFRESH_EVERY)
+        # no names cached: none can be due before min_ttl after it is added, so one look
+        # a min_ttl (1 s) finds it as soon as looking every REFRESH_EVERY would (fewer wake-ups)
+        await trio.sleep(REFRESH_EVERY if CACHE.entries else max(REFRESH_EVERY, CACHE.min_ttl))
         for host in CACHE.due(trio.current_time()):
             try:
                 await _resolve(host, trio.current_time(), with_ttl=True)

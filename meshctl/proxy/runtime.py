@@ -76,6 +76,8 @@ from .tracing import Tracer
 log = logging.getLogger("meshctl.proxy")
 
 WATCHDOG_INTERVAL = 0.25  # resolution of header and idle timeouts
+SWEEP_EVERY = 4  # watchdog ticks between sweeps of idle pooled connections and limiters (1 s)
+WATCHDOG_CHUNK = 512  # connections the watchdog looks at between checkpoints
 CLIENT_GONE_AFTER = 1.0  # a request older than this is dropped if its client closed
 
 
@@ -437,45 +439,56 @@ class ProxyRuntime:
         return True
 
     async def _housekeeping(self, handle_signals: bool) -> None:
+        """The runtime's one clock: the watchdog every WATCHDOG_INTERVAL, and every
+        SWEEP_EVERY-th tick the sweeps (idle pooled connections, limiters) and the config
+        file's mtime. One timer, not one per job: at 1,000 rps each wake-up of an idle
+        sidecar costs ~0.15 ms of CPU (cold caches), and most land beside a request
+        and delay it by as much (bench/tail_probe.sh)."""
         signals = handle_signals and _main_thread()
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) if signals else _nullcm() as sigs:
             async with trio.open_nursery() as n:
                 if sigs is not None:
                     n.start_soon(self._signals, sigs)
-                n.start_soon(self._watchdog)
                 pool = self.pool
                 assert pool is not None  # started by run()
+                tick = 0
                 while True:
-                    await trio.sleep(1.0)
-                    pool.sweep()
+                    await trio.sleep(WATCHDOG_INTERVAL)
                     now = trio.current_time()
+                    await self._watchdog(now)
+                    tick += 1
+                    if tick % SWEEP_EVERY:
+                        continue
+                    pool.sweep()
                     snap = self.snapshot
                     assert snap is not None
                     for lim in snap.limiters.values():
                         lim.sweep(now)
                     self._check_mtime()
 
-    async def _watchdog(self) -> None:
+    async def _watchdog(self, now: float) -> None:
         """Close connections past their header/idle deadline, and abandon
         requests whose client went away while the upstream is still working
-        (checked once a request is older than CLIENT_GONE_AFTER)."""
-        while True:
-            await trio.sleep(WATCHDOG_INTERVAL)
-            now = trio.current_time()
-            snap = self.snapshot
-            assert snap is not None  # started by run(), after the first apply()
-            head_timeout = float(snap.settings.request_headers_timeout)
-            for c in list(self.conns):
-                if not c.busy and c.server is not None and c.server.receiving_head:
-                    # a keep-alive request's head has begun: one header timeout from here
-                    # (Envoy's request_headers_timeout), not the idle timeout
-                    c.deadline = min(c.deadline, now + head_timeout)
-                if c.deadline < now:
-                    c.scope.cancel()
-                elif c.busy and now - c.since > CLIENT_GONE_AFTER and c.client_gone():
-                    log.info("client went away: abandoning %s %s", c.rq.head.method, c.rq.head.path)
-                    self.stats.flag("DC")
-                    c.scope.cancel()
+        (checked once a request is older than CLIENT_GONE_AFTER).
+        WATCHDOG_CHUNK connections at a time, with a checkpoint between: a look at
+        one costs ~0.2-0.3 µs, and 10,000 idle keep-alive connections in one step
+        held the loop ~2 ms four times a second."""
+        snap = self.snapshot
+        assert snap is not None  # started by run(), after the first apply()
+        head_timeout = float(snap.settings.request_headers_timeout)
+        for i, c in enumerate(list(self.conns)):
+            if i and not i % WATCHDOG_CHUNK:
+                await trio.lowlevel.checkpoint()
+            if not c.busy and c.server is not None and c.server.receiving_head:
+                # a keep-alive request's head has begun: one header timeout from here
+                # (Envoy's request_headers_timeout), not the idle timeout
+                c.deadline = min(c.deadline, now + head_timeout)
+            if c.deadline < now:
+                c.scope.cancel()
+            elif c.busy and now - c.since > CLIENT_GONE_AFTER and c.client_gone():
+                log.info("client went away: abandoning %s %s", c.rq.head.method, c.rq.head.path)
+                self.stats.flag("DC")
+                c.scope.cancel()
 
     async def _signals(self, sigs) -> None:
         async for signum in sigs:
