@@ -688,17 +688,23 @@ class H1Server(_HeadCollector):
     def _run(self, data: bytes) -> None:
         seq, was_in_head = self._msg_seq, self._rx == HEAD
         self._feed_len = len(data)
+        upgrade_at = -1
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as up:
-            self._after_upgrade_request(data[up.args[0] :])
-            return
+            upgrade_at = up.args[0]
         except HttpParserError as exc:
             if self._rx == CLOSED or self._rx == ABANDONED:
                 return  # llhttp refuses data after "Connection: close": ignore it
             self._fail(_protocol_error_from(exc, 400, "request"))
         except ProtocolError as exc:  # raised outside a callback (not expected)
             self._fail(exc)
+        if upgrade_at >= 0:
+            # (outside the except clause: the requests after it are parsed by a nested
+            # _run, and an error there must keep its own cause, not the HttpParserUpgrade
+            # being handled, as the __context__ _protocol_error_from reads)
+            self._after_upgrade_request(data[upgrade_at:])
+            return
         if self._rx == HEAD:
             try:
                 self._account_partial_head(seq, was_in_head, len(data))

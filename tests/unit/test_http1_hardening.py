@@ -239,3 +239,20 @@ def test_mutated_input_only_ever_raises_protocol_error():
             client.feed_eof()
         except ProtocolError as err:
             assert err.status == 502
+
+
+@pytest.mark.parametrize("upgrade_request", [
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",  # a token not honoured
+    b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\nabc",
+])
+@pytest.mark.parametrize("bad, status, says", [
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "version"),
+    (b"GET / HTTP/1.1\r\n\r\n", 400, "Host"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "Transfer-Encoding"),
+])
+def test_errors_behind_an_upgrade_request_served_as_http_keep_their_status(upgrade_request, bad, status, says):
+    server = H1Server()
+    with pytest.raises(ProtocolError) as err:
+        server.feed(upgrade_request + bad)
+        server.feed(b"")
+    assert err.value.status == status and says in str(err.value)
