@@ -239,3 +239,69 @@ def test_mutated_input_only_ever_raises_protocol_error():
             client.feed_eof()
         except ProtocolError as err:
             assert err.status == 502
+
+
+@pytest.mark.parametrize("headers, path", [
+    ([("x-a", "v\nx-evil: 1")], "/"),  # bare LF in a value
+    ([("x-a", "v\rx-evil: 1")], "/"),  # bare CR in a value
+    ([("x-a\r\nx-evil", "1")], "/"),  # CRLF in a name
+    ([("x-a", "v")], "/p\r\nx-evil: 1"),  # CRLF in the target
+])
+def test_request_serializer_refuses_cr_or_lf_anywhere_in_the_head(headers, path):
+    client = H1Client()
+    head = RequestHead("GET", path, [("host", "a")] + headers, path=path, authority="a")
+    with pytest.raises(ValueError, match="CR or LF"):
+        client.request_head(head, end_stream=True)
+
+
+def test_trailer_serializer_refuses_cr_or_lf_and_ends_the_body():
+    server = H1Server()
+    server.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    server.response_head(ResponseHead(200, []))
+    with pytest.raises(ValueError, match="CR or LF"):
+        server.end([("grpc-status", "0\r\nx-evil: 1")])
+    server = H1Server()
+    server.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    out = server.response_head(ResponseHead(200, [("x-a", "1")]))
+    assert out == b"HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+    assert server.end([("grpc-status", "0")]) == b"0\r\ngrpc-status: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_version_is_the_same_wherever_the_bytes_are_split(version):
+    # (read from the first line as fed when it is there whole, else from llhttp)
+    wire = f"\r\nGET /a?b HTTP/{version}\r\nHost: a\r\n\r\n".encode()
+    for start in (0, 2):
+        for cut in range(start + 1, len(wire)):
+            server = H1Server()
+            events = server.feed(wire[start:cut]) + server.feed(wire[cut:])
+            assert events[0].http_version == version
+    back = f"HTTP/{version} 200 OK\r\nContent-Length: 0\r\n\r\n".encode()
+    for cut in range(1, len(back)):
+        client = H1Client()
+        client.request_head(RequestHead("GET", "/", [("host", "a")], authority="a"), end_stream=True)
+        events = client.feed(back[:cut]) + client.feed(back[cut:])
+        assert events[0].http_version == version
+
+
+def test_other_versions_are_still_refused_with_505():
+    with pytest.raises(ProtocolError) as err:
+        H1Server().feed(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
+    assert err.value.status == 505 and "2.0" in str(err.value)
+
+
+@pytest.mark.parametrize("upgrade_request", [
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",  # a token not honoured
+    b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\nabc",
+])
+@pytest.mark.parametrize("bad, status, says", [
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "version"),
+    (b"GET / HTTP/1.1\r\n\r\n", 400, "Host"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "Transfer-Encoding"),
+])
+def test_errors_behind_an_upgrade_request_served_as_http_keep_their_status(upgrade_request, bad, status, says):
+    server = H1Server()
+    with pytest.raises(ProtocolError) as err:
+        server.feed(upgrade_request + bad)
+        server.feed(b"")
+    assert err.value.status == status and says in str(err.value)
