@@ -212,8 +212,10 @@ class Telemetry:
         self._last_peer: Peer | None = None
         self._last_endpoint: object = None
         self._last_in: tuple[bool, str | None, int, str, bool, str] = (False, None, 0, "", False, "")
-        # the last source peer handed out (source_peer), shared by the requests that name it
+        # source peers handed out (source_peer), shared by the requests that name them: the
+        # last one, and the last one of each principal (SPIFFE ID)
         self._src = UNKNOWN_PEER
+        self._srcs: dict[str, Peer] = {}
         self.tcp_peers: dict[str, tuple[object, Peer]] = {}  # SPIFFE ID → (snapshot, source labels) (tcp_peer)
         self.me = UNKNOWN_PEER
         self.me_headers = UNKNOWN_PEER.headers()
@@ -302,14 +304,24 @@ class Telemetry:
         return hit
 
     def source_peer(self, workload: str, namespace: str, principal: str, app: str, version: str) -> Peer:
-        """The source of an inbound request as a Peer: the last one handed out when its
-        labels are the same (requests from one source share it; it is never changed)."""
+        """The source of an inbound request as a Peer: one handed out before when its
+        labels are the same (requests from one source share it; it is never changed).
+        The last one is compared first; then the last one of the same principal (sources
+        taking turns), whose label strings keep their hashes for http_series's key."""
         p = self._src
         if (p.principal == (principal or UNKNOWN) and p.workload == (workload or UNKNOWN)
                 and p.namespace == (namespace or UNKNOWN) and p.app == (app or UNKNOWN)
                 and p.version == (version or UNKNOWN)):
             return p
+        known = self._srcs.get(principal or UNKNOWN)
+        if known is not None and (known.workload == (workload or UNKNOWN) and known.namespace == (namespace or UNKNOWN)
+                                  and known.app == (app or UNKNOWN) and known.version == (version or UNKNOWN)):
+            self._src = known
+            return known
         p = self._src = Peer(workload, namespace, principal, app, version)
+        if len(self._srcs) >= 1000:  # many principals: keep it bounded
+            self._srcs.clear()
+        self._srcs[p.principal] = p
         return p
 
     def record_http(self, labels: tuple, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
