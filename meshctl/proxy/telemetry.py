@@ -25,7 +25,10 @@ Besides Istio's families, a few meshctl gauges feed `meshctl top`:
 destination service and version).
 
 Recording is a few attribute lookups, one tuple and one dict lookup per
-request; rendering happens only when /stats or /metrics is scraped (Istio
+request, and not even those for a request like the last one (same source peer
+object, endpoint and labels: Telemetry.http_series); the source sidecar's Peer
+is shared by its requests (Telemetry.source_peer). Rendering happens only when
+/stats or /metrics is scraped (Istio
 Telemetry metric overrides are applied to /metrics by proxy/metric_overrides.py).
 """
 
