@@ -11,7 +11,7 @@ its own syscalls). Steadier for A/B on a noisy machine than the pair: it is
 CPU time, not wall time, with no scheduler hand-offs between processes.
 
     python bench/hop_bench.py [requests-per-connection] [--profile] [--memory] [--toy] [--outbound]
-    python bench/hop_bench.py N --once [--outbound] [--conns 1]   # one run through the proxy, no timing
+    python bench/hop_bench.py N --once [--outbound] [--toy] [--conns 1]   # one run through the proxy, no timing
 
 ``--from-sidecar`` sends what bench/pair.sh's server-side sidecar gets: the request as
 the client-side sidecar forwards it (x-forwarded-for, x-request-id, the source's
@@ -185,7 +185,7 @@ def main() -> None:
             await trio.sleep_forever()
 
         ProxyRuntime._housekeeping = no_housekeeping  # type: ignore[method-assign]
-        trio.run(run, n, True, "--memory" in sys.argv)
+        trio.run(run, n, True, "--memory" in sys.argv, "--toy" in sys.argv)
         return
     if "--profile" in sys.argv:
         prof = cProfile.Profile()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -249,12 +250,13 @@ class Forwarder:
         policy = fwd.retry if fwd is not None else rq.snap.no_retry
         retries = 0
         rq.stale_ok = True
-        rand = rt.rand
+        rand: random.Random = rt.rand
         ctx: PickContext | None = None  # made for the first pick that needs it
         outlier = cs.outlier
         limiter = cs.limiter  # connectionPool limits (limits.py), None when the cluster has none
         exchange = self._exchange_for(rq, cs)
-        active = rt.active
+        # (typed: the runtime is Any here; dict operations on a typed dict are native calls)
+        active: dict[tuple[str, int], int] = rt.active
         # retries.retryRemoteLocalities: the locality levels retries leave out (core/locality.py rule 6)
         prios = RetryPriorities() if policy.retry_remote_localities and cs.locality.active else None
         try:

@@ -25,7 +25,10 @@ Besides Istio's families, a few meshctl gauges feed `meshctl top`:
 destination service and version).
 
 Recording is a few attribute lookups, one tuple and one dict lookup per
-request; rendering happens only when /stats or /metrics is scraped (Istio
+request, and not even those for a request like the last one (same source peer
+object, endpoint and labels: Telemetry.http_series); the source sidecar's Peer
+is shared by its requests (Telemetry.source_peer). Rendering happens only when
+/stats or /metrics is scraped (Istio
 Telemetry metric overrides are applied to /metrics by proxy/metric_overrides.py).
 """
 
@@ -155,7 +158,9 @@ class Histogram:
     __slots__ = ("buckets", "counts", "sum", "count")
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
+        # as floats: an int item of a tuple[float, ...] is converted at every comparison
+        # (compiled, _bucket unboxes each item it looks at); rendered alike (_num)
+        self.buckets = tuple(float(b) for b in buckets)
         self.counts = [0] * (len(buckets) + 1)  # last: above every bucket
         self.sum = 0.0
         self.count = 0
@@ -204,6 +209,16 @@ class Telemetry:
         self.http: dict[tuple, HttpSeries] = {}
         self.tcp: dict[tuple, TcpSeries] = {}
         self._series: dict[tuple, tuple[tuple, HttpSeries]] = {}  # raw inputs → (labels, series)
+        # the last request's inputs and (labels, series), compared by identity first
+        # (http_series): a keep-alive connection's requests mostly share them
+        self._last: tuple[tuple, HttpSeries] | None = None
+        self._last_peer: Peer | None = None
+        self._last_endpoint: object = None
+        self._last_in: tuple[bool, str | None, int, str, bool, str] = (False, None, 0, "", False, "")
+        # source peers handed out (source_peer), shared by the requests that name them: the
+        # last one, and the last one of each principal (SPIFFE ID)
+        self._src = UNKNOWN_PEER
+        self._srcs: dict[str, Peer] = {}
         self.tcp_peers: dict[str, tuple[object, Peer]] = {}  # SPIFFE ID → (snapshot, source labels) (tcp_peer)
         self.me = UNKNOWN_PEER
         self.me_headers = UNKNOWN_PEER.headers()
@@ -215,6 +230,9 @@ class Telemetry:
         """On every applied config. Also empties the label cache, whose keys hold
         endpoint ids: ids of a replaced config's endpoints may be reused later."""
         self._series.clear()
+        self._last = None
+        self._last_peer = None
+        self._last_endpoint = None
         self.me = Peer.of_workload(w)
         self.me_headers = self.me.headers()
         self.my_service = fqdn(w.service, w.namespace)
@@ -261,7 +279,14 @@ class Telemetry:
 
     def http_series(self, inbound: bool, peer: Peer | None, endpoint, service: str | None, status: int,
                     flags, protocol: str, mtls: bool, grpc_status: str = "") -> tuple[tuple, HttpSeries]:
-        """(labels, series) for a request, cached by its raw inputs (the hot path)."""
+        """(labels, series) for a request, cached by its raw inputs (the hot path).
+        The last request's answer is taken again without building and hashing the key
+        when its peer and endpoint are the same objects and the rest is equal (a
+        source peer is shared, never changed: ``source_peer``)."""
+        last = self._last
+        if (last is not None and not flags and peer is self._last_peer and endpoint is self._last_endpoint
+                and self._last_in == (inbound, service, status, protocol, mtls, grpc_status)):
+            return last
         key = (inbound, peer.as_tuple() if peer is not None else None, id(endpoint), service, status,
                ",".join(flags) if flags else "", protocol, mtls, grpc_status)
         hit = self._series.get(key)
@@ -274,7 +299,33 @@ class Telemetry:
             if len(self._series) >= 10_000:  # many distinct peers: keep the cache bounded
                 self._series.clear()
             hit = self._series[key] = (labels, series)
+        if not flags:
+            self._last = hit
+            self._last_peer = peer
+            self._last_endpoint = endpoint
+            self._last_in = (inbound, service, status, protocol, mtls, grpc_status)
         return hit
+
+    def source_peer(self, workload: str, namespace: str, principal: str, app: str, version: str) -> Peer:
+        """The source of an inbound request as a Peer: one handed out before when its
+        labels are the same (requests from one source share it; it is never changed).
+        The last one is compared first; then the last one of the same principal (sources
+        taking turns), whose label strings keep their hashes for http_series's key."""
+        p = self._src
+        if (p.principal == (principal or UNKNOWN) and p.workload == (workload or UNKNOWN)
+                and p.namespace == (namespace or UNKNOWN) and p.app == (app or UNKNOWN)
+                and p.version == (version or UNKNOWN)):
+            return p
+        known = self._srcs.get(principal or UNKNOWN)
+        if known is not None and (known.workload == (workload or UNKNOWN) and known.namespace == (namespace or UNKNOWN)
+                                  and known.app == (app or UNKNOWN) and known.version == (version or UNKNOWN)):
+            self._src = known
+            return known
+        p = self._src = Peer(workload, namespace, principal, app, version)
+        if len(self._srcs) >= 1000:  # many principals: keep it bounded
+            self._srcs.clear()
+        self._srcs[p.principal] = p
+        return p
 
     def record_http(self, labels: tuple, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
         s = self.http.get(labels)
@@ -398,16 +449,15 @@ class SourceStage:
 
     name = "telemetry"
 
-    async def on_request(self, rq) -> None:
+    async def on_request(self, rq: Request) -> None:
         return self.decide(rq)
 
-    def decide(self, rq) -> None:
+    def decide(self, rq: Request) -> None:
         headers: HeaderList = rq.headers  # (typed: compiled, its loops are native)
         if rq.listener.direction == "inbound":
-            for k, _ in headers:
-                if k in SOURCE_HEADERS:
-                    rq.peer, rq.headers = _take_source(headers)
-                    break
+            peer, rest = _take_source(headers, rq.rt.telemetry)  # (one pass, no look-ahead for them)
+            if peer is not None:
+                rq.peer, rq.headers = peer, rest
             return None
         mine = rq.rt.telemetry.me_headers
         for k, _ in headers:
@@ -421,15 +471,19 @@ class SourceStage:
 SOURCE_STAGE = SourceStage()
 
 
-def _take_source(headers: HeaderList) -> tuple[Peer, HeaderList]:
+def _take_source(headers: HeaderList, tel: Telemetry | None = None) -> tuple[Peer | None, HeaderList]:
     """The source sidecar's peer from its ``x-meshctl-source-*`` headers (``Peer.headers``
-    wrote them), and the headers without them, in one pass (inbound, once per request
-    from a sidecar): the last value of each name counts; a missing one is unknown."""
+    wrote them), and the headers without them, in one pass (inbound, once per request):
+    the last value of each name counts; a missing one is unknown. None and the headers
+    as they were when there is none of them. With ``tel``, the peer is
+    ``tel.source_peer``'s (shared with the last request's when the same)."""
     rest: HeaderList = []
+    found = False
     workload = app = version = namespace = principal = UNKNOWN
     for h in headers:
         k = h[0]
         if k in SOURCE_HEADERS:
+            found = True
             v = h[1]
             if k == H_WORKLOAD:
                 workload = v
@@ -443,6 +497,10 @@ def _take_source(headers: HeaderList) -> tuple[Peer, HeaderList]:
                 principal = v
         else:
             rest.append(h)
+    if not found:
+        return None, headers
+    if tel is not None:
+        return tel.source_peer(workload, namespace, principal, app, version), rest
     return Peer(workload, namespace, principal, app, version), rest
 
 
@@ -481,10 +539,11 @@ def finish_request(rq: Request, started: float, now: float, wall_now: float) -> 
     peer = rq.peer
     peer_id = getattr(rq.down, "peer_id", None)  # verified by mTLS (identity.SecureStream)
     if peer_id is not None and inbound:
+        # the verified identity, not the header's (a shared peer is never changed: another made)
         if peer is None:
-            peer = Peer(principal=peer_id)
-        else:
-            peer.principal = peer_id
+            peer = tel.source_peer(UNKNOWN, UNKNOWN, peer_id, UNKNOWN, UNKNOWN)
+        elif peer.principal != peer_id:
+            peer = tel.source_peer(peer.workload, peer.namespace, peer_id, peer.app, peer.version)
     grpc_status = (getattr(rq.server, "grpc_status", "") or rq.grpc_status) if protocol == "grpc" else ""
     # A gRPC error the proxy answered itself (fault abort, rate limit, no route, no
     # upstream) or turned an upstream's HTTP error into went to the client as HTTP 200

@@ -116,9 +116,20 @@ def test_workload_name_of_a_shared_registry_id_is_the_same_workload_on_every_hos
     assert workload_name("istio-ingressgateway-80@10.0.0.11:8080") == "istio-ingressgateway"
 
 
-def _rq(direction: str, headers):
-    return SimpleNamespace(listener=SimpleNamespace(direction=direction), headers=headers, peer=None,
-                           rt=SimpleNamespace(telemetry=Telemetry(PRODUCTPAGE)))
+def _rq(direction: str, headers, tel: Telemetry | None = None, peer_id: str | None = None):
+    """A request on a listener of ``direction``, as the HTTP/1.1 loop makes it."""
+    from meshctl.model.proxyconfig import Listener, ProxyConfig
+    from meshctl.protocol.events import RequestHead
+    from meshctl.proxy.request import Request
+    from meshctl.proxy.snapshot import Snapshot
+    from meshctl.proxy.stats import Stats
+
+    listener = Listener(name=direction, direction=direction, address="10.0.0.2", port=15006, app_port=9080)
+    cfg = ProxyConfig(version="t", workload=REVIEWS, listeners=(listener,))
+    head = RequestHead("GET", "/", headers, authority="reviews")
+    rt = SimpleNamespace(telemetry=tel if tel is not None else Telemetry(PRODUCTPAGE), access_log=None)
+    return Request(head, listener, Snapshot(cfg, Stats()), rt, "10.0.0.9", SimpleNamespace(),
+                   SimpleNamespace(), SimpleNamespace(peer_id=peer_id))
 
 
 async def test_outbound_replaces_spoofed_source_headers_and_inbound_strips_them():
@@ -270,3 +281,44 @@ def test_histogram_buckets_are_bisect_left_of_the_bounds():
         values += [rand.uniform(0, 2 * max(buckets, default=1)) for _ in range(200)] + [rand.randint(0, 10**9)]
         for v in values:
             assert _bucket(buckets, v) == bisect.bisect_left(buckets, v), (buckets, v)
+
+
+def _inbound_request(tel: Telemetry, source: Workload, status: int, peer_id: str | None = None):
+    """A finished request on an inbound listener, as the HTTP/1.1 loop hands it to finish_request."""
+    rq = _rq("inbound", [("host", "reviews")] + Telemetry(source).me_headers, tel, peer_id)
+    SOURCE_STAGE.decide(rq)
+    rq.status = status
+    return rq
+
+
+def test_requests_of_sources_taking_turns_are_each_counted_under_their_own_source():
+    from meshctl.proxy.telemetry import finish_request
+
+    tel = Telemetry(REVIEWS)
+    ratings = Workload(name="ratings-v1-0", service="ratings", labels=FrozenDict(app="ratings", version="v1"))
+    turns = [(PRODUCTPAGE, 200), (PRODUCTPAGE, 503), (ratings, 200), (PRODUCTPAGE, 200), (ratings, 503),
+             (ratings, 200), (PRODUCTPAGE, 503)]
+    for src, status in turns:
+        finish_request(_inbound_request(tel, src, status), 0.0, 0.001, 1.0)
+    s = samples(tel.render())
+    assert one(s["istio_requests_total"], source_workload="productpage-v1", response_code="200") == 2
+    assert one(s["istio_requests_total"], source_workload="productpage-v1", response_code="503") == 2
+    assert one(s["istio_requests_total"], source_workload="ratings-v1", response_code="200") == 2
+    assert one(s["istio_requests_total"], source_workload="ratings-v1", response_code="503") == 1
+    assert one(s["istio_requests_total"], source_app="ratings", source_version="v1", response_code="200") == 2
+
+
+def test_a_verified_identity_is_recorded_for_its_own_request_only():
+    # mTLS: the peer's verified SPIFFE ID is the source principal, not the header's; the
+    # next request of the same source over plain TCP keeps the header's
+    from meshctl.proxy.telemetry import finish_request
+
+    tel = Telemetry(REVIEWS)
+    verified = "spiffe://cluster.local/ns/other/sa/impostor"
+    for peer_id in (None, verified, None, verified, None):
+        finish_request(_inbound_request(tel, PRODUCTPAGE, 200, peer_id), 0.0, 0.001, 1.0)
+    s = samples(tel.render())
+    assert one(s["istio_requests_total"], source_principal=verified, connection_security_policy="mutual_tls",
+               source_workload="productpage-v1") == 2
+    assert one(s["istio_requests_total"], source_principal="spiffe://cluster.local/ns/default/sa/productpage",
+               connection_security_policy="none") == 3
