@@ -26,6 +26,15 @@ http {
 EOF
 }
 
+nginx_pair_configs() { # from BACKEND, NGX_S, NGX_C → $WORK/{backend,ngx_server,ngx_client}: the backend
+  # (12 bytes) and the nginx pair in front of it, keep-alive on both hops
+  nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
+  nginx_conf ngx_server "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
+    server { listen 127.0.0.1:$NGX_S; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  nginx_conf ngx_client "upstream s { server 127.0.0.1:$NGX_S; keepalive 64; }
+    server { listen 127.0.0.1:$NGX_C; location / { proxy_pass http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+}
+
 start_sidecar() { # log-name config admin-port → pid in SIDECAR_PID (and in PIDS, for cleanup)
   # (from $WORK: a sidecar started from a checkout would import that checkout's meshctl/,
   # not the build $MESHCTL belongs to)

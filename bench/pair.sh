@@ -36,11 +36,7 @@ BACKEND=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port)
 MESH_IN=$(free_port); MESH_OUT=$(free_port); ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
 
 
-nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
-nginx_conf ngx_server "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server { listen 127.0.0.1:$NGX_S; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-nginx_conf ngx_client "upstream s { server 127.0.0.1:$NGX_S; keepalive 64; }
-  server { listen 127.0.0.1:$NGX_C; location / { proxy_pass http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_pair_configs
 
 start_nginx() { nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" & PIDS+=($!); echo $! >"$WORK/$1.pid"; }
 start_nginx backend; start_nginx ngx_server; start_nginx ngx_client

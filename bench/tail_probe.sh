@@ -24,11 +24,7 @@ need_fortio
 
 BACKEND=$(free_port); NGX_S=$(free_port); NGX_C=$(free_port)
 MESH_IN=$(free_port); MESH_OUT=$(free_port); ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
-nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'hello world\n'; } }"
-nginx_conf ngx_server "upstream b { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server { listen 127.0.0.1:$NGX_S; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-nginx_conf ngx_client "upstream s { server 127.0.0.1:$NGX_S; keepalive 64; }
-  server { listen 127.0.0.1:$NGX_C; location / { proxy_pass http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_pair_configs
 for n in backend ngx_server ngx_client; do nginx -p "$WORK/$n" -c "$WORK/$n/nginx.conf" & PIDS+=($!); echo $! >"$WORK/$n.pid"; done
 write_pair_configs
 cp "$HERE/loop_probe.py" "$WORK/"
