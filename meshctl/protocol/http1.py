@@ -611,8 +611,8 @@ class H1Server(_HeadCollector):
             version = _http1x(d, at)
             if version:
                 return version
-        version = self._parser.get_http_version()
-        return version
+        parsed: str = self._parser.get_http_version()
+        return parsed
 
     def on_headers_complete(self) -> None:
         self._head_carry = 0
@@ -1141,8 +1141,8 @@ class H1Client(_HeadCollector):
             version = _http1x(d, 0)
             if version:
                 return version
-        version = self._parser.get_http_version()
-        return version
+        parsed: str = self._parser.get_http_version()
+        return parsed
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
