@@ -202,6 +202,11 @@ class TcpSeries:
         self.closed = 0
 
 
+def _same_source(p: Peer, workload: str, namespace: str, app: str, version: str) -> bool:
+    """Whether ``p`` has these labels (its principal compared by the caller)."""
+    return p.workload == workload and p.namespace == namespace and p.app == app and p.version == version
+
+
 class Telemetry:
     """Istio metrics of one sidecar. ``set_workload`` on every applied config."""
 
@@ -311,20 +316,19 @@ class Telemetry:
         labels are the same (requests from one source share it; it is never changed).
         The last one is compared first; then the last one of the same principal (sources
         taking turns), whose label strings keep their hashes for http_series's key."""
+        workload, namespace, principal = workload or UNKNOWN, namespace or UNKNOWN, principal or UNKNOWN
+        app, version = app or UNKNOWN, version or UNKNOWN
         p = self._src
-        if (p.principal == (principal or UNKNOWN) and p.workload == (workload or UNKNOWN)
-                and p.namespace == (namespace or UNKNOWN) and p.app == (app or UNKNOWN)
-                and p.version == (version or UNKNOWN)):
+        if p.principal == principal and _same_source(p, workload, namespace, app, version):
             return p
-        known = self._srcs.get(principal or UNKNOWN)
-        if known is not None and (known.workload == (workload or UNKNOWN) and known.namespace == (namespace or UNKNOWN)
-                                  and known.app == (app or UNKNOWN) and known.version == (version or UNKNOWN)):
+        known = self._srcs.get(principal)
+        if known is not None and _same_source(known, workload, namespace, app, version):
             self._src = known
             return known
         p = self._src = Peer(workload, namespace, principal, app, version)
         if len(self._srcs) >= 1000:  # many principals: keep it bounded
             self._srcs.clear()
-        self._srcs[p.principal] = p
+        self._srcs[principal] = p
         return p
 
     def record_http(self, labels: tuple, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
