@@ -3,7 +3,7 @@
 #   bash scripts/test.sh [pytest args]
 # Creates .venv, installs meshctl with its test extras, builds dist/meshctl and runs
 # Bookinfo from it (scripts/build-binary.sh, smoke-binary.sh), installs the system
-# tools the tests drive (curl, nginx, wrk, h2load) if missing, builds the real
+# tools the tests drive (curl, tmux, a JDK, openssl, h2load, ip) if missing, builds the real
 # Consul and Eureka servers (cached in ~/.cache/meshctl-tools), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
