@@ -330,9 +330,16 @@ class _Conn(OutBuffer):
     async def writer(self) -> None:
         try:
             await self.write_loop()
-        except PeerGone:
-            self.write_failed = True
-            self.kill()
+        except PeerGone as exc:
+            self.write_error(exc)
+
+    def write_error(self, exc: PeerGone) -> None:
+        """A write to the socket failed (the writer's, or a stream's inline one: outbuf.py)."""
+        self.write_failed = True
+        self.kill()
+
+    def solo(self) -> bool:
+        return len(self.streams) <= 1
 
     def kill(self) -> None:
         """The connection is over: cancel every stream."""
