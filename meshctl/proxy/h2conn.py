@@ -316,7 +316,7 @@ class _Conn(OutBuffer):
         if self.dead and (self.write_failed or self.written < target):
             raise DownstreamGone("connection closed")
 
-    async def flush_some(self) -> None:
+    async def flush_some(self, inline: bool = True) -> None:
         """What a stream calls once it has emitted: ``flush()`` when more than _HIGH_WATER
         bytes are not written yet, else only wake the writer and go on (DownstreamGone if
         the connection is gone with bytes unwritten). Waiting for each write cost the
@@ -324,8 +324,10 @@ class _Conn(OutBuffer):
         with everything else emitted in the same pass anyway."""
         if self.dead or self.emitted - self.written > _HIGH_WATER:
             await self.flush()  # (dead: returns at once, or raises for what was not written)
-        else:
+        elif inline:
             self.kick()
+        else:
+            self.nudge()
 
     async def writer(self) -> None:
         try:
@@ -409,7 +411,7 @@ class _Conn(OutBuffer):
             if data and not h2.closed:
                 # (the stream tasks' responses may still be unwritten: reading on does not
                 # wait for them unless much is, which stops a peer that does not read)
-                await self.flush_some()
+                await self.flush_some(False)
             else:
                 await self.flush()  # everything out before the connection ends
             if not data or self.dead:

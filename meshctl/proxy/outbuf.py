@@ -117,6 +117,15 @@ class OutBuffer:
             else:
                 wake.set()
 
+    def nudge(self) -> None:
+        """Wake the writer for what is buffered, never writing from the calling task (a
+        reading task: the streams it woke emit next, and the writer sends it all at once)."""
+        if self.out:
+            if _MODE == 3:
+                self.wake.set()
+            else:
+                self.kick()
+
     def solo(self) -> bool:
         """(owner) Whether one stream at most may emit in this pass."""
         return True
