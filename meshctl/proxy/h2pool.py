@@ -15,9 +15,10 @@ stream on the first connection with room (``can_open_stream``, and at most
 connection only when all are full. ``http2MaxRequests`` caps the cluster's
 requests in flight (over it: 503 UO, as Envoy's circuit breaker). Each
 connection has a reader task (in the runtime's connection nursery) that feeds
-the codec and routes events to streams, and a writer task that alone writes
-the socket, so frames leave in codec order and a cancelled request never
-leaves half a frame behind.
+the codec and routes events to streams, and a writer task that writes the
+socket (a request alone on its connection is written by its own task when the
+writer is idle: outbuf.py), so frames leave in codec order and a cancelled
+request never leaves half a frame behind.
 
 Flow control: upstream Data is acked (``ack_received``) after it was written
 downstream; request body is read from the client only while the upstream
@@ -119,7 +120,7 @@ class H2Upstream(OutBuffer):
 
     # ------------------------------------------------------------ writing
     def emit(self, data: bytes) -> None:
-        """Queue ``data`` and wake the writer at once (requests are not batched here)."""
+        """Queue ``data`` and send it at once (``kick``: inline, or by the writer)."""
         super().emit(data)
         self.kick()
 

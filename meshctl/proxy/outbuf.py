@@ -3,10 +3,23 @@ downstream server (h2conn.py) and the upstream client (h2pool.py).
 
 Every stream's frames go through one buffer that a single task writes to the
 socket in the order they were emitted, so a cancelled stream never leaves half
-a frame behind. ``emit`` queues bytes, ``kick`` wakes the writer,
+a frame behind. ``emit`` queues bytes, ``kick`` sends them on (below),
 ``write_loop`` is the writer (it raises when the socket breaks), and
 ``wait_written`` returns once everything emitted so far is on the socket or
 the connection is ``dead``.
+
+``kick`` writes from the calling task when the writer is idle (parked, nothing
+of its own unwritten) and the connection has one stream at most (``solo``):
+the stream's ``send_nowait`` (sockstream.py, stream.py) sends what the socket
+takes now, without parking, and only the rest (a partial write, EAGAIN, a TLS
+record OpenSSL must finish: ``head``) is left to the writer, so the order stays
+the codec's. A lone request or response then costs no writer wake-up (a trio
+park and reschedule, ~16 interpreted calls in trio). With more streams the
+writer is woken as before: it runs after the other streams of the scheduler
+pass have emitted and sends everything in one write (inline writes from each
+stream measured more send() calls per request, and more reads on the peer).
+A failed inline write ends the connection as a failed write of the writer
+does (the owner's ``write_error``).
 
 Tasks park here and in the two connection modules on ``Wakeup`` slots (one
 task parked at most, rescheduled directly), not on ``trio.Event``: an event
@@ -20,16 +33,11 @@ Compiled with mypyc (setup.py) with the two modules that use it.
 
 from __future__ import annotations
 
-import os
-from typing import Any, Final
+from typing import Any
 
 import trio
 
 from .errors import STREAM_ERRORS, PeerGone, send_all
-
-# (measurement switch, temporary) 0: the writer always writes; 1: a kick with the writer idle
-# writes inline; 2: only when the connection has one stream
-_MODE: Final = int(os.environ.get("MESHCTL_H2W", "2"))
 
 
 class Wakeup:
@@ -112,19 +120,10 @@ class OutBuffer:
         idle (parked, nothing of its own unwritten), else by waking the writer."""
         if self.out:
             wake = self.wake
-            if wake.task is not None and _MODE and not self.dead and self.nowait is not None and (_MODE == 1 or self.solo()):
+            if wake.task is not None and not self.dead and self.nowait is not None and self.solo():
                 self._write_now()
             else:
                 wake.set()
-
-    def nudge(self) -> None:
-        """Wake the writer for what is buffered, never writing from the calling task (a
-        reading task: the streams it woke emit next, and the writer sends it all at once)."""
-        if self.out:
-            if _MODE == 3:
-                self.wake.set()
-            else:
-                self.kick()
 
     def solo(self) -> bool:
         """(owner) Whether one stream at most may emit in this pass."""
