@@ -12,11 +12,13 @@ Ordering: the codec returns *all* pending connection bytes from every call,
 so the adapters never return those bytes to the forwarder; they append them
 at once to one connection output buffer (``_Conn.emit``), which the
 connection's one writer task (outbuf.py) sends. Frames thus leave in the order
-the codec made them. ``send_down`` wakes the writer and waits for it only while
-more than _HIGH_WATER bytes are unwritten (``_Conn.flush_some``): a small
-response is sent with whatever else the connection's streams emit in the same
-pass of the scheduler, without its task waiting for the write; the reading task
-likewise reads on without waiting for the writer below that mark.
+the codec made them. ``send_down`` sends (``kick``) and waits for the writer
+only while more than _HIGH_WATER bytes are unwritten (``_Conn.flush_some``): a
+small response is written by its own task when it is the connection's one stream
+and the writer is idle (outbuf.py), else sent by the writer with whatever else
+the connection's streams emit in the same pass of the scheduler, without its
+task waiting for the write; the reading task likewise reads on without waiting
+for the writer below that mark.
 
 Flow control, end to end:
 * request body: a stream's Data is acked (``ack_received``) only when the
@@ -318,8 +320,8 @@ class _Conn(OutBuffer):
 
     async def flush_some(self) -> None:
         """What a stream calls once it has emitted: ``flush()`` when more than _HIGH_WATER
-        bytes are not written yet, else only wake the writer and go on (DownstreamGone if
-        the connection is gone with bytes unwritten). Waiting for each write cost the
+        bytes are not written yet, else only ``kick`` (write inline, or wake the writer) and
+        go on (DownstreamGone if the connection is gone with bytes unwritten). Waiting for each write cost the
         stream's task one more trio step per response, for bytes that the writer sends
         with everything else emitted in the same pass anyway."""
         if self.dead or self.emitted - self.written > _HIGH_WATER:
@@ -330,9 +332,16 @@ class _Conn(OutBuffer):
     async def writer(self) -> None:
         try:
             await self.write_loop()
-        except PeerGone:
-            self.write_failed = True
-            self.kill()
+        except PeerGone as exc:
+            self.write_error(exc)
+
+    def write_error(self, exc: PeerGone) -> None:
+        """A write to the socket failed (the writer's, or a stream's inline one: outbuf.py)."""
+        self.write_failed = True
+        self.kill()
+
+    def solo(self) -> bool:
+        return len(self.streams) <= 1
 
     def kill(self) -> None:
         """The connection is over: cancel every stream."""

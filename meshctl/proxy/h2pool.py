@@ -15,9 +15,10 @@ stream on the first connection with room (``can_open_stream``, and at most
 connection only when all are full. ``http2MaxRequests`` caps the cluster's
 requests in flight (over it: 503 UO, as Envoy's circuit breaker). Each
 connection has a reader task (in the runtime's connection nursery) that feeds
-the codec and routes events to streams, and a writer task that alone writes
-the socket, so frames leave in codec order and a cancelled request never
-leaves half a frame behind.
+the codec and routes events to streams, and a writer task that writes the
+socket (a request alone on its connection is written by its own task when the
+writer is idle: outbuf.py), so frames leave in codec order and a cancelled
+request never leaves half a frame behind.
 
 Flow control: upstream Data is acked (``ack_received``) after it was written
 downstream; request body is read from the client only while the upstream
@@ -119,7 +120,7 @@ class H2Upstream(OutBuffer):
 
     # ------------------------------------------------------------ writing
     def emit(self, data: bytes) -> None:
-        """Queue ``data`` and wake the writer at once (requests are not batched here)."""
+        """Queue ``data`` and send it at once (``kick``: inline, or by the writer)."""
         super().emit(data)
         self.kick()
 
@@ -129,11 +130,23 @@ class H2Upstream(OutBuffer):
         if self.dead:
             raise PeerGone(self.reason or "upstream HTTP/2 connection closed")
 
+    def put(self, data: bytes) -> None:
+        """Queue ``data`` without waking the writer: the caller kicks before it parks or
+        returns, so that a lone request's bytes may be written inline (outbuf.py)."""
+        super().emit(data)
+
     async def _writer(self) -> None:
         try:
             await self.write_loop()
         except PeerGone as exc:
-            self._die(f"write failed: {exc}")
+            self.write_error(exc)
+
+    def write_error(self, exc: PeerGone) -> None:
+        """A write to the socket failed (the writer's, or a request's inline one: outbuf.py)."""
+        self._die(f"write failed: {exc}")
+
+    def solo(self) -> bool:
+        return len(self.streams) <= 1
 
     # ------------------------------------------------------------ life
     @property
@@ -144,7 +157,7 @@ class H2Upstream(OutBuffer):
         sid, out = self.client.request(head, end_stream=end_stream)
         st = _UpStream(sid)
         self.streams[sid] = st
-        self.emit(out)
+        self.put(out)  # (the caller kicks)
         return st
 
     def finish(self, st: _UpStream, *, abort: bool) -> None:
@@ -391,9 +404,9 @@ class H2Exchange:
             if body is not None and whole:
                 client = conn.client
                 for c in body.chunks:
-                    conn.emit(client.data(st.sid, c))
+                    conn.put(client.data(st.sid, c))
                 if body.chunks or body.trailers:
-                    conn.emit(client.end(st.sid, body.trailers))
+                    conn.put(client.end(st.sid, body.trailers))
             if whole or body is None:  # body is None makes whole true: this only narrows body for mypy
                 return await self._respond(a, conn, st)
             failure: list[BaseException] = []
@@ -468,8 +481,10 @@ class H2Exchange:
 
     async def _respond(self, a: Attempt, conn: H2Upstream, st: _UpStream) -> TryResult:
         rq = a.rq
-        # no waiting for the request to be written (emit woke the writer, which sends it with
-        # what else is emitted in this turn): if the connection dies first, the stream gets a Reset
+        # no waiting for the request to be written (written now if the writer is idle and this
+        # is the connection's one stream, else the writer sends it with what else is emitted
+        # in this turn): if the connection dies first, the stream gets a Reset
+        conn.kick()
         head: Any = None
         if a.deadline == _INF:  # no perTryTimeout: no cancel scope
             head = await self._read_head(rq, st)
@@ -521,7 +536,8 @@ class H2Exchange:
                     await rq.send_down(b"".join(out))
                     out = []
                 if acked:
-                    conn.emit(client.ack_received(st.sid, acked))
+                    conn.put(client.ack_received(st.sid, acked))
+                    conn.kick()
                     acked = 0
                 ev = await st.next()
             if isinstance(ev, Data):

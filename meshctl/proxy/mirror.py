@@ -442,6 +442,7 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
                 conn.emit(client.data(st.sid, c))
             if chunks or trailers:
                 conn.emit(client.end(st.sid, trailers))
+            conn.kick()  # (open() queues the head without waking the writer)
             out.error = "stream reset before a response"
             while True:
                 ev = await st.next()

@@ -221,6 +221,24 @@ class FastSocketStream:
         finally:
             self._send_busy = False
 
+    def send_nowait(self, data: bytes) -> int:
+        """Send what the socket takes now, without parking: the number of bytes sent (0: it
+        takes none now, or another task is sending). For a task that would otherwise wake a
+        writer task to send a few bytes (outbuf.py). Errors as send_all's."""
+        if self._send_busy:
+            return 0
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
+        self._park_next = self.park_after_send
+        try:
+            return self.socket.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _send_error(self, exc) from exc
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:
             raise trio.BusyResourceError("another task is already sending on this stream")

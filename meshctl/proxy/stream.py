@@ -152,7 +152,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
 
     __slots__ = (
         "raw", "sock", "peer_id", "principal", "alpn", "sni", "quickack", "on_session", "park_after_send",
-        "_send_busy", "_handshaken", "_write_pending", "_eof_sent", "_obj",
+        "_send_busy", "_handshaken", "_write_pending", "_owed", "_eof_sent", "_obj",
         "_recv_busy", "_park_next", "_calls", "_every",
     )
 
@@ -174,6 +174,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         self._park_next = False
         self._handshaken = False
         self._write_pending = False  # a send_all was cancelled with a record half-written
+        self._owed: object = None  # the bytes of that write: a send_all of this very object may finish it
         self._eof_sent = False
         # The SSL object under ``sock`` (``_ssl._SSLSocket``): reads, writes and
         # pending() go to it directly. SSLSocket's Python methods (recv_into -> read ->
@@ -303,7 +304,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             total = len(data)
             if not total:
                 return
-            if self._write_pending:
+            if self._write_pending and data is not self._owed:
                 raise trio.BrokenResourceError("an earlier send_all was cancelled in the middle of a TLS record")
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
@@ -316,12 +317,15 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
                 try:
                     obj.write(data)
                     self._write_pending = False
+                    self._owed = None
                     return
                 except _WantWrite:
                     self._write_pending = True
+                    self._owed = data
                     await _wait_writable(self.sock)
                 except _WantRead:
                     self._write_pending = True
+                    self._owed = data
                     await self._wait_other(True)
                 except (OSError, ValueError) as exc:  # (SSLError is an OSError)
                     if raw._closed or isinstance(exc, ValueError):
@@ -329,6 +333,34 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
                     raise _tls_broken(exc) from exc
         finally:
             self._send_busy = False
+
+    def send_nowait(self, data: bytes) -> int:
+        """Write ``data`` now, without parking (outbuf.py): ``len(data)`` when OpenSSL took it
+        all; 0 when it took nothing (another task is sending, or a write is unfinished); -1
+        when OpenSSL must wait for the socket with a record started: ``send_all`` of this
+        very ``data`` object finishes it, and nothing else may be sent first. Errors as
+        send_all's."""
+        if self._send_busy or self._write_pending:
+            return 0
+        raw = self.raw
+        if raw._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
+        if not data:
+            return 0
+        self._park_next = self.park_after_send
+        try:
+            self._obj.write(data)
+        except (_WantWrite, _WantRead):
+            self._write_pending = True
+            self._owed = data
+            return -1
+        except (OSError, ValueError) as exc:  # (SSLError is an OSError)
+            if raw._closed or isinstance(exc, ValueError):
+                raise trio.ClosedResourceError("stream was closed") from None
+            raise _tls_broken(exc) from exc
+        return len(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:

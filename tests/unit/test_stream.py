@@ -236,3 +236,24 @@ async def test_fast_clock_asks_any_other_clock(autojump_clock):
     start = clock.now()
     await trio.sleep(30)
     assert clock.now() == start + 30 == trio.current_time()
+
+
+async def test_send_nowait_sends_what_the_socket_takes_without_parking():
+    a, b = _pair()
+    a.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert a.send_nowait(b"abc") == 3
+    assert await b.receive_some() == b"abc"
+    data = os.urandom(1 << 20)
+    n = a.send_nowait(data)
+    assert 0 < n < len(data)  # what fits
+    assert a.send_nowait(b"more") == 0  # full: nothing, no parking
+    got = bytearray()
+    while len(got) < n:
+        got += await b.receive_some()
+    assert bytes(got) == data[:n]
+    b.close_now()
+    with pytest.raises(trio.BrokenResourceError):
+        a.send_nowait(b"to a closed peer")
+    a.close_now()
+    with pytest.raises(trio.ClosedResourceError):
+        a.send_nowait(b"after close")

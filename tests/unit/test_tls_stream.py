@@ -319,3 +319,32 @@ async def test_a_key_update_requested_by_openssl_s_client_is_answered(ca, tmp_pa
         with trio.fail_after(10):
             await proc.wait()
     assert b"".join(echoed) == b"one\ntwo\n"
+
+
+async def test_send_nowait_takes_all_or_starts_a_record_that_only_send_all_of_the_same_bytes_finishes(contexts):
+    """outbuf.py's inline write on a TLS connection: OpenSSL takes the bytes whole, or
+    (socket full) starts a record that must be retried with the very same bytes."""
+    s, c = await _tls_pair(contexts, sndbuf=4096)
+    assert s.send_nowait(b"hello") == 5
+    assert await c.receive_some() == b"hello"
+    big = os.urandom(1 << 20)
+    assert s.send_nowait(big) == -1  # nobody reads: a record started, not finished
+    assert s.send_nowait(b"later") == 0  # nothing may go before it
+    with pytest.raises(trio.BrokenResourceError, match="cancelled"):
+        await s.send_all(b"other bytes")
+    got = bytearray()
+
+    async def receive():
+        while len(got) < len(big) + 4:
+            piece = await c.receive_some()
+            assert piece
+            got.extend(piece)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(receive)
+            await s.send_all(big)  # the same object: finishes the write
+            await s.send_all(b"next")
+    assert bytes(got) == big + b"next"
+    s.close_now()
+    c.close_now()
