@@ -448,6 +448,10 @@ class _HeadCollector:
         self._repeated = False
         self._head_bytes = 0
         self._memo: list[_Field] = []  # the last head's fields by position (see _MEMO_FIELDS)
+        # the same for heads serialized: the plain fields written last time by position in
+        # the caller's list, and their lines (see _line)
+        self._out_fields: list[tuple[str, str]] = []
+        self._out_lines: list[str] = []
         self._msg_seq = 0
         self._head_carry = 0  # bytes fed to a still incomplete head, first feed excluded
         self._head_upper = 0  # bytes fed since the incomplete head began, first feed included
@@ -577,6 +581,23 @@ class _HeadCollector:
         if len(raw) > self._max_headers:
             raise ProtocolError(f"too many trailer fields (limit {self._max_headers})", self._status_bad)
         return [(n.lower().decode(), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
+
+    def _line(self, i: int, field: tuple[str, str]) -> str:
+        """``name: value`` for the plain field at position ``i`` of a head being
+        serialized, remembered for the next head (its callers first look whether the
+        field at ``i`` is the one remembered there, and take its line: no formatting)."""
+        line = f"{field[0]}: {field[1]}"
+        fields = self._out_fields
+        if i < len(fields):
+            fields[i] = field
+            self._out_lines[i] = line
+        elif i < _MEMO_FIELDS:
+            while len(fields) < i:  # (positions of framing fields: a placeholder, with its own line)
+                fields.append(("", ""))
+                self._out_lines.append(": ")
+            fields.append(field)
+            self._out_lines.append(line)
+        return line
 
     def _too_big(self) -> None:
         status = 431 if self._status_bad == 400 else self._status_bad
@@ -928,7 +949,14 @@ class H1Server(_HeadCollector):
         cl: str | None = None
         close = not head.keep_alive
         switching = status == 101 or (method == "CONNECT" and status < 300)
-        for k, v in head.headers:
+        out_fields = self._out_fields
+        i = -1
+        for h in head.headers:
+            i += 1
+            if i < len(out_fields) and out_fields[i] == h:  # (a plain field written here last time)
+                parts.append(self._out_lines[i])
+                continue
+            k, v = h
             if k in _OWNED:
                 if k == "content-length":
                     cl = v
@@ -938,7 +966,7 @@ class H1Server(_HeadCollector):
                     elif "close" in v.lower():
                         close = True
                 continue
-            parts.append(f"{k}: {v}")
+            parts.append(self._line(i, h))
         if switching:
             if ex.upgrade is None:
                 raise ValueError(f"status {status} answers a request that asked for no upgrade")
@@ -1126,7 +1154,14 @@ class H1Client(_HeadCollector):
         chunked = False
         close = False
         asked_upgrade = False
-        for k, v in head.headers:
+        out_fields = self._out_fields
+        i = -1
+        for h in head.headers:
+            i += 1
+            if i < len(out_fields) and out_fields[i] == h:  # (a plain field written here last time)
+                parts.append(self._out_lines[i])
+                continue
+            k, v = h
             if k == "host":
                 if have_host:
                     continue
@@ -1143,7 +1178,9 @@ class H1Client(_HeadCollector):
                 lv = v.lower()
                 close = close or "close" in lv
                 asked_upgrade = asked_upgrade or "upgrade" in lv
-            parts.append(f"{k}: {v}")
+                parts.append(f"{k}: {v}")
+                continue
+            parts.append(self._line(i, h))
         if not have_host:
             if not head.authority:
                 raise ValueError("request has neither a host header nor an authority")

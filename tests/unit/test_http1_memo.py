@@ -211,3 +211,82 @@ def test_status_lines_follow_status_and_reason():
         out.append(head.split(b"\r\n", 1)[0])
     assert out == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 Fine", b"HTTP/1.1 200 OK",
                    b"HTTP/1.1 404 Not Found", b"HTTP/1.1 299 ", b"HTTP/1.1 299 X"]
+
+
+def _field_lists() -> list[list[tuple[str, str]]]:
+    rnd = random.Random(7)
+    names = ["host", "accept", "x-a", "x-b", "content-length", "connection", "transfer-encoding", "keep-alive",
+             "user-agent", "", "x-request-id"]
+    values = ["a", "b", "", "0", "keep-alive", "chunked", "*/*", "caf\xe9", "x" * 400]
+    lists = [[("host", "a"), ("accept", "*/*"), ("x-request-id", str(i))] for i in range(3)]
+    for _ in range(300):
+        fields = [(rnd.choice(names), rnd.choice(values)) for _ in range(rnd.randrange(0, 7))]
+        if rnd.random() < 0.3 and lists:
+            fields = list(lists[-1])  # the same head again (equal fields, other tuples)
+            if fields and rnd.random() < 0.5:
+                fields[rnd.randrange(len(fields))] = ("x-a", rnd.choice(values))
+        lists.append(fields)
+    return lists
+
+
+def _serialize_or_error(fn) -> object:
+    try:
+        return fn()
+    except ValueError as exc:
+        return ("error", str(exc))
+
+
+def test_request_heads_on_one_connection_serialize_as_alone():
+    def head(fields: list[tuple[str, str]]) -> RequestHead:
+        return RequestHead("GET", "/p", list(fields), authority="auth", path="/p")
+
+    client = H1Client()
+    got = []
+    for fields in _field_lists():
+        def send(c: H1Client = client, f: list[tuple[str, str]] = fields) -> bytes:
+            return c.request_head(head(f), end_stream=True)
+        got.append(_serialize_or_error(send))
+        client = H1Client()  # (a failed or finished exchange: the next request on a new connection)
+    alone = [_serialize_or_error(lambda f=fields: H1Client().request_head(head(f), end_stream=True))
+             for fields in _field_lists()]
+    assert got == alone
+
+
+def test_request_heads_on_one_kept_alive_connection_serialize_as_alone():
+    client = H1Client()
+    got, alone = [], []
+    for fields in _field_lists():
+        fields = [(k, v) for k, v in fields if k not in ("content-length", "connection", "transfer-encoding")]
+        h = RequestHead("GET", "/p", fields, authority="auth", path="/p")
+        got.append(_serialize_or_error(lambda: client.request_head(h, end_stream=True)))
+        alone.append(_serialize_or_error(lambda: H1Client().request_head(h, end_stream=True)))
+        client.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert client.keep_alive
+    assert got == alone
+
+
+def test_response_heads_on_one_connection_serialize_as_alone():
+    server = H1Server()
+    got, alone = [], []
+    for fields in _field_lists():
+        fields = [(k, v) for k, v in fields if k != "connection" and v != "x" * 400]
+        resp = ResponseHead(200, fields)
+        server.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        got.append(_serialize_or_error(lambda: server.response_head(resp, end_stream=True)))
+        fresh = H1Server()
+        fresh.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        alone.append(_serialize_or_error(lambda: fresh.response_head(resp, end_stream=True)))
+        if not server.keep_alive:
+            server = H1Server()
+    assert got == alone
+
+
+def test_a_field_at_a_framing_fields_position_serializes_as_alone():
+    heads = [[("content-length", "0"), ("x-a", "1")], [("", ""), ("x-a", "1")], [("", "v"), ("x-a", "1")]]
+    server = H1Server()
+    for fields in heads:
+        server.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        fresh = H1Server()
+        fresh.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert server.response_head(ResponseHead(200, fields), end_stream=True) == fresh.response_head(
+            ResponseHead(200, fields), end_stream=True)
