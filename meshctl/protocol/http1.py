@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, Sequence
+from typing import Any, Final, Sequence
 
 from httptools import (
     HttpParserCallbackError,
@@ -128,12 +128,16 @@ _MEMO_VALUE_BYTES: Final = 256
 class _Field:
     """A decoded head field and the bytes llhttp handed over for it (see _MEMO_FIELDS)."""
 
-    __slots__ = ("raw_name", "raw_value", "field", "special")
+    __slots__ = ("raw_name", "raw_value", "field", "name", "value", "special")
 
-    def __init__(self, raw_name: bytes, raw_value: bytes, field: tuple[str, str], special: bool) -> None:
+    def __init__(self, raw_name: bytes, raw_value: bytes, field: Any, special: bool) -> None:
         self.raw_name = raw_name  # b"": a position not remembered (names are never empty)
         self.raw_value = raw_value
+        # the (name, value) tuple itself, typed Any: mypyc keeps a tuple[str, str] attribute
+        # unboxed, and reading it would make a new tuple every time
         self.field = field
+        self.name: str = field[0]
+        self.value: str = field[1]
         self.special = special
 
 
@@ -503,13 +507,12 @@ class _HeadCollector:
         if i < len(memo):
             m = memo[i]
             if m.raw_name == name and m.raw_value == value:  # (bytes compares: a length and a memcmp)
-                field = m.field
-                headers.append(field)
+                headers.append(m.field)  # (the same tuple: nothing made)
                 if m.special:
-                    if field[0] in self._first:
+                    if m.name in self._first:
                         self._repeated = True
                     else:
-                        self._first[field[0]] = field[1]
+                        self._first[m.name] = m.value
                 return
         # names are token characters (llhttp checked): ASCII; each spelling seen is
         # lower-cased and decoded once (_NAMES)
@@ -520,19 +523,22 @@ class _HeadCollector:
         v = value
         if len(v) and (v[-1] == 32 or v[-1] == 9):  # (a method call only for a value that needs it)
             v = v.rstrip(b" \t")
-        field = (lname, v.decode("latin-1"))
+        decoded = v.decode("latin-1")
+        field: Any = (lname, decoded)  # (boxed once: the tuple the memo hands out again)
         headers.append(field)
         if special:
             if lname in self._first:
                 self._repeated = True
             else:
-                self._first[lname] = field[1]
+                self._first[lname] = decoded
         if i < _MEMO_FIELDS:
             keep = len(value) <= _MEMO_VALUE_BYTES
             if m is not None:
                 m.raw_name = name if keep else b""
                 m.raw_value = value if keep else b""
                 m.field = field
+                m.name = lname
+                m.value = decoded
                 m.special = special
             elif i == len(memo):
                 memo.append(_Field(name if keep else b"", value if keep else b"", field, special))

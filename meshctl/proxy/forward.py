@@ -52,6 +52,7 @@ from ..core.locality import RetryPriorities
 from ..core.mirror import has_mirrors
 from ..core.outlier import LOCAL_FAILURES
 from ..core.retry import Outcome, RetryAfter, RetryPolicy, decide
+from ..model.base import HeaderList
 from ..model.proxyconfig import Endpoint
 from ..protocol.events import RequestHead
 from ..protocol.grpc import is_grpc
@@ -187,7 +188,14 @@ class Forwarder:
             authority, path = head.authority, head.path
             if rq.listener.direction == "binding":
                 authority = f"{rq.listener.service}:{rq.listener.service_port}"
-        headers = [h for h in headers if h[0] != "host"]
+        # (the fields kept as the objects they are, through an Any view of the list: mypyc
+        # keeps a tuple[str, str] variable unboxed, and appending it would make a new tuple)
+        boxed: list[Any] = headers
+        kept: HeaderList = []
+        for i in range(len(headers)):
+            if headers[i][0] != "host":
+                kept.append(boxed[i])
+        headers = kept
         # (positional: keyword arguments cost more, once per request)
         return RequestHead(head.method, path, headers, "1.1", "http", authority, path, True,
                            head.expect_continue, head.upgrade)
