@@ -30,7 +30,7 @@ def _ep_key(e: Endpoint) -> tuple[str, int]:
 
 class ClusterState:
     __slots__ = ("name", "cluster", "healthy", "balancer", "stats", "outlier", "limiter", "locality", "slow_start",
-                 "shaped", "lone_pick", "_observed", "h2_rule")
+                 "shaped", "lone_pick", "_observed", "h2_rule", "dns")
 
     def __init__(self, cluster: Cluster, stats: ClusterStats, outlier: OutlierDetector | None = None,
                  limiter: ClusterLimiter | None = None, caller: Workload | None = None,
@@ -54,6 +54,7 @@ class ClusterState:
         self.shaped = self.locality.active or slow_start is not None  # candidates() does more than eligible()
         self._observed = False
         self.h2_rule = -1  # protocols.wants_h2's rule for this cluster, found by its first request
+        self.dns: str = cluster.dns  # (read per try: natively here, generically on the Cluster)
 
     def eligible(self, now: float) -> Sequence[Endpoint]:
         """Healthy endpoints not ejected by outlier detection."""

@@ -54,15 +54,11 @@ class H1Exchange:
     def carries(self, rq: Request, cs: ClusterState) -> bool:
         return True  # what HTTP/2 does not carry
 
-    def _pool(self, cs: ClusterState):
-        pool: UpstreamPool = self.rt.pool
-        return pool if cs.limiter is None else cs.limiter  # limiter: connectionPool limits, may overflow
-
     async def attempt(self, a: Attempt) -> TryResult:
         rq, cs, ep = a.rq, a.cs, a.ep
-        settings = rq.snap.settings
-        pool = self._pool(cs)
         rt = self.rt
+        shared: UpstreamPool = rt.pool
+        pool = shared if cs.limiter is None else cs.limiter  # (_pool, with the shared pool in hand)
         holder = getattr(rt, "tls", None)
         last = self._tls_for
         if last is not None and last[0] is ep and last[1] is cs.cluster and last[2] is holder:
@@ -72,31 +68,33 @@ class H1Exchange:
             self._tls_for = (ep, cs.cluster, holder)
             self._tls = tls
         conn: UpstreamConn | None = None
-        address = ep.address
-        if cs.cluster.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
+        address = a.address
+        port = a.port
+        if cs.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
             try:
-                address = await upstream_address(address, cs.cluster.dns)
+                address = await upstream_address(address, cs.dns)
             except OSError as dns_err:  # (one name per exception type: compiled code types the variable)
-                return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {dns_err}")
+                return Failed("connect-failure", F.UF, f"cannot resolve {a.address!r}: {dns_err}")
         try:
             if a.deadline == math.inf:  # no perTryTimeout: no cancel scope to set up (hot path)
-                shared: UpstreamPool = rt.pool
                 if pool is shared:  # a warm connection without a coroutine (the common case)
                     clock = rq.clock
                     # (through the typed name: a native call when compiled)
-                    conn = shared.reuse(address, ep.port, tls, clock.now() if clock is not None else -1.0)
+                    conn = shared.reuse(address, port, tls, clock.now() if clock is not None else -1.0)
                 if conn is None:
-                    conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
+                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls)
             else:
                 with trio.move_on_at(a.deadline):
-                    conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
+                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
         if conn is None:
             return a.timed_out_connecting()
-        return await self._exchange(a, conn)
+        return await self._exchange(a, conn, pool, pool is shared)
 
-    async def _exchange(self, a: Attempt, conn: UpstreamConn) -> TryResult:
+    async def _exchange(self, a: Attempt, conn: UpstreamConn, pool: Any, shared: bool) -> TryResult:
+        """The try on ``conn``, taken from ``pool`` (``shared``: the runtime's keep-alive
+        pool, not a cluster limiter's), where it goes back (or is discarded) after it."""
         rq, cs = a.rq, a.cs
         body = rq.body
         client = conn.client
@@ -158,12 +156,11 @@ class H1Exchange:
             ok = res is RELAYED and client.keep_alive and body.finished
             return res
         finally:
-            pool = self._pool(cs)
             if ok:
                 clock = rq.clock
-                shared: UpstreamPool = self.rt.pool
-                if clock is not None and pool is shared:
-                    shared.release(conn, clock.now())  # (a native call when compiled)
+                if clock is not None and shared:
+                    shared_pool: UpstreamPool = pool
+                    shared_pool.release(conn, clock.now())  # (a native call when compiled)
                 else:
                     pool.release(conn)
             else:
