@@ -80,6 +80,8 @@ def _authority_port(authority: str, default: int = 80) -> int:
         end = authority.find("]")
         rest = authority[end + 1 :]
         return int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else default
+    if ":" not in authority:  # (no port: a memchr, not rpartition's tuple of three strings)
+        return default
     _, sep, port = authority.rpartition(":")
     return int(port) if sep and port.isdigit() else default
 
