@@ -54,6 +54,7 @@ COMPILED = [
     "meshctl/protocol/headers.py",
     "meshctl/protocol/http1.py",
     "meshctl/protocol/http2.py",
+    "meshctl/proxy/clusterstate.py",  # ClusterState: read a score of times per request (forwarder, stages)
     "meshctl/proxy/connection.py",  # the root of every connection task's await chain
     "meshctl/proxy/connstate.py",  # ConnState: written by the HTTP/1.1 loop on every request
     "meshctl/proxy/errors.py",

@@ -31,6 +31,7 @@ HOT_PATH = (
     "meshctl.protocol.headers",
     "meshctl.protocol.http1",
     "meshctl.protocol.http2",
+    "meshctl.proxy.clusterstate",
     "meshctl.proxy.connection",
     "meshctl.proxy.connstate",
     "meshctl.proxy.errors",

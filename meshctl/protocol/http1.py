@@ -47,10 +47,9 @@ Rules this module keeps
 from __future__ import annotations
 
 from collections import deque
-from itertools import chain
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, Sequence
+from typing import Any, Final, Sequence
 
 from httptools import (
     HttpParserCallbackError,
@@ -114,6 +113,32 @@ def _name(raw: bytes) -> tuple[str, bool]:
     if len(_NAMES) < _NAMES_MAX:
         _NAMES[raw] = entry
     return entry
+
+
+# A connection's peer sends much the same head every time (same fields, same order, most
+# values unchanged): each codec remembers, per position in the head, the field it last
+# decoded there with the bytes it came from. A field whose name and value bytes are those
+# at its position last time is that same (name, value) tuple again: no name look-up, no
+# decoding, no new objects. Bounded: the first _MEMO_FIELDS fields, values up to
+# _MEMO_VALUE_BYTES bytes (an idle keep-alive connection holds at most that).
+_MEMO_FIELDS: Final = 32
+_MEMO_VALUE_BYTES: Final = 256
+
+
+class _Field:
+    """A decoded head field and the bytes llhttp handed over for it (see _MEMO_FIELDS)."""
+
+    __slots__ = ("raw_name", "raw_value", "field", "name", "value", "special")
+
+    def __init__(self, raw_name: bytes, raw_value: bytes, field: Any, special: bool) -> None:
+        self.raw_name = raw_name  # b"": a position not remembered (names are never empty)
+        self.raw_value = raw_value
+        # the (name, value) tuple itself, typed Any: mypyc keeps a tuple[str, str] attribute
+        # unboxed, and reading it would make a new tuple every time
+        self.field = field
+        self.name: str = field[0]
+        self.value: str = field[1]
+        self.special = special
 
 
 # output framing
@@ -339,6 +364,24 @@ def _trailer_bytes(trailers: Sequence[tuple[str, str]]) -> bytes:
     return _serialize_fields(parts, "trailers")
 
 
+# status -> (reason, "HTTP/1.1 <status> <reason>"): the last status line written for it
+_STATUS_LINES: Final[dict[int, tuple[str, str]]] = {}
+
+
+def _status_line(status: int, reason: str) -> str:
+    """``HTTP/1.1 <status> <reason>`` (the standard phrase when ``reason`` is empty),
+    made once per status and phrase (str(status) and the formatting: ~700 instructions)."""
+    if not reason:
+        reason = _REASONS.get(status, "")
+    hit = _STATUS_LINES.get(status)
+    if hit is not None and hit[0] == reason:
+        return hit[1]
+    line = f"HTTP/1.1 {status} {reason}"
+    if hit is not None or len(_STATUS_LINES) < 128:
+        _STATUS_LINES[status] = (reason, line)
+    return line
+
+
 def _chunk(data: bytes) -> bytes:
     return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
 
@@ -400,7 +443,19 @@ class _HeadCollector:
         self._max_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._events: list[Event] = []
-        self._raw: list[tuple[bytes, bytes]] = []  # fields as llhttp hands them over
+        self._raw: list[tuple[bytes, bytes]] = []  # trailer fields as llhttp hands them over
+        # the head being collected: its fields decoded (on_header), the framing view (the
+        # first value of each _SPECIAL name; _repeated: one of them came again), and the
+        # bytes of its names and values as llhttp handed them over (for the size limit)
+        self._headers: HeaderList = []
+        self._first: dict[str, str] = {}
+        self._repeated = False
+        self._head_bytes = 0
+        self._memo: list[_Field] = []  # the last head's fields by position (see _MEMO_FIELDS)
+        # the same for heads serialized: the plain fields written last time by position in
+        # the caller's list, and their lines (see _line)
+        self._out_fields: list[tuple[str, str]] = []
+        self._out_lines: list[str] = []
         self._msg_seq = 0
         self._head_carry = 0  # bytes fed to a still incomplete head, first feed excluded
         self._head_upper = 0  # bytes fed since the incomplete head began, first feed included
@@ -425,52 +480,85 @@ class _HeadCollector:
     def _rx_go(self, event: int) -> None:
         self._rx = _go(self._rx_table, self._rx, event, self._who)
 
+    def _new_head(self) -> None:
+        self._headers = []
+        self._first = {}
+        self._repeated = False
+        self._head_bytes = 0
+        if self._raw:
+            self._raw = []
+
     def on_message_begin(self) -> None:
-        self._raw = []
+        self._new_head()
         self._rx_go(E_BEGIN)
         self._msg_seq += 1
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append((name, value))
+        """One field: of the head (decoded at once: lower-case name, latin-1 value
+        without trailing whitespace) or of the trailers (kept as bytes)."""
+        if self._rx != HEAD:
+            self._raw.append((name, value))
+            return
+        headers = self._headers
+        i = len(headers)
+        self._head_bytes += len(name) + len(value)
+        memo = self._memo
+        m: _Field | None = None
+        if i < len(memo):
+            m = memo[i]
+            if m.raw_name == name and m.raw_value == value:  # (bytes compares: a length and a memcmp)
+                headers.append(m.field)  # (the same tuple: nothing made)
+                if m.special:
+                    if m.name in self._first:
+                        self._repeated = True
+                    else:
+                        self._first[m.name] = m.value
+                return
+        # names are token characters (llhttp checked): ASCII; each spelling seen is
+        # lower-cased and decoded once (_NAMES)
+        entry = _NAMES.get(name)
+        if entry is None:
+            entry = _name(name)
+        lname, special = entry
+        v = value
+        if len(v) and (v[-1] == 32 or v[-1] == 9):  # (a method call only for a value that needs it)
+            v = v.rstrip(b" \t")
+        decoded = v.decode("latin-1")
+        field: Any = (lname, decoded)  # (boxed once: the tuple the memo hands out again)
+        headers.append(field)
+        if special:
+            if lname in self._first:
+                self._repeated = True
+            else:
+                self._first[lname] = decoded
+        if i < _MEMO_FIELDS:
+            keep = len(value) <= _MEMO_VALUE_BYTES
+            if m is not None:
+                m.raw_name = name if keep else b""
+                m.raw_value = value if keep else b""
+                m.field = field
+                m.name = lname
+                m.value = decoded
+                m.special = special
+            elif i == len(memo):
+                memo.append(_Field(name if keep else b"", value if keep else b"", field, special))
 
     def _take_head(self, line_bytes: int) -> tuple[HeaderList, dict[str, str]]:
-        """Decode the collected fields (lower-case names, latin-1 values without
-        trailing whitespace), enforce the limits, note the framing headers."""
-        raw = self._raw
-        self._raw = []
-        if len(raw) > self._max_headers:
+        """The head's fields (decoded by on_header) once the limits are checked, and
+        the framing view: the first (only) value of each framing header (_SPECIAL),
+        rebuilt by _specials_slow when one of them is repeated."""
+        headers = self._headers
+        if len(headers) > self._max_headers:
             self._too_big()
         if self._head_upper + self._feed_len > self._max_bytes:
             # the head may be over the limit (it can't be when the bytes fed
             # since it began are fewer): measure it
-            if line_bytes + sum(map(len, chain.from_iterable(raw))) + 4 * len(raw) > self._max_bytes:
+            if line_bytes + self._head_bytes + 4 * len(headers) > self._max_bytes:
                 self._too_big()
         self._head_upper = 0
-        # names are token characters (llhttp checked): ASCII; each spelling seen is
-        # lower-cased and decoded once (_NAMES)
-        names = _NAMES
-        headers: HeaderList = []
-        # the framing view: the first (only) value of each framing header (_SPECIAL);
-        # one of them repeated: rebuilt by _specials_slow
-        first: dict[str, str] = {}
-        repeated = False
-        for n, v in raw:
-            entry = names.get(n)
-            if entry is None:
-                entry = _name(n)
-            name, special = entry
-            if v and (v[-1] == 32 or v[-1] == 9):  # (a method call only for a value that needs it)
-                v = v.rstrip(b" \t")
-            value = v.decode("latin-1")
-            headers.append((name, value))
-            if special:
-                if name in first:
-                    repeated = True
-                else:
-                    first[name] = value
-        if repeated:
-            first = self._specials_slow(headers)
-        return headers, first
+        if self._repeated:
+            return headers, self._specials_slow(headers)
+        return headers, self._first
 
     @staticmethod
     def _specials_slow(headers: HeaderList) -> dict[str, str]:
@@ -499,6 +587,23 @@ class _HeadCollector:
         if len(raw) > self._max_headers:
             raise ProtocolError(f"too many trailer fields (limit {self._max_headers})", self._status_bad)
         return [(n.lower().decode(), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
+
+    def _line(self, i: int, field: tuple[str, str]) -> str:
+        """``name: value`` for the plain field at position ``i`` of a head being
+        serialized, remembered for the next head (its callers first look whether the
+        field at ``i`` is the one remembered there, and take its line: no formatting)."""
+        line = f"{field[0]}: {field[1]}"
+        fields = self._out_fields
+        if i < len(fields):
+            fields[i] = field
+            self._out_lines[i] = line
+        elif i < _MEMO_FIELDS:
+            while len(fields) < i:  # (positions of framing fields: a placeholder, with its own line)
+                fields.append(("", ""))
+                self._out_lines.append(": ")
+            fields.append(field)
+            self._out_lines.append(line)
+        return line
 
     def _too_big(self) -> None:
         status = 431 if self._status_bad == 400 else self._status_bad
@@ -588,11 +693,11 @@ class H1Server(_HeadCollector):
 
     # ----------------------------------------------------------- parsing
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        self._url = self._url + url if len(self._url) else url  # (no += on an empty bytes: a generic call)
 
     def on_message_begin(self) -> None:
         # inlined _HeadCollector.on_message_begin: this runs once per request
-        self._raw = []
+        self._new_head()
         rx = self._rx
         self._rx = HEAD if rx == IDLE else _go(_SERVER_RX, rx, E_BEGIN, "request")  # (the common pair inline)
         self._msg_seq += 1
@@ -624,7 +729,15 @@ class H1Server(_HeadCollector):
             return
         url = self._url
         headers, first = self._take_head(len(url) + 16)
-        method = p.get_method().decode("ascii")
+        # GET and POST from the request line as fed (see _version), else from httptools
+        # (get_method() makes a bytes object, then decoded: ~650 instructions)
+        d = self._begin
+        if len(d) > 5 and d[0] == 71 and d[1] == 69 and d[2] == 84 and d[3] == 32:
+            method = "GET"
+        elif len(d) > 5 and d[0] == 80 and d[1] == 79 and d[2] == 83 and d[3] == 84 and d[4] == 32:
+            method = "POST"
+        else:
+            method = p.get_method().decode("ascii")
         version = self._version(method)
         if version != "1.1" and version != "1.0":
             raise ProtocolError(f"HTTP version {version} not supported by the HTTP/1 codec", 505)
@@ -655,7 +768,8 @@ class H1Server(_HeadCollector):
                 scheme, authority, path = parts
                 if not authority:
                     raise ProtocolError(f"absolute-form target {target!r} has no host", 400)
-            if p.should_upgrade():
+            # (llhttp's upgrade flag needs an Upgrade header but for CONNECT, served above)
+            if "upgrade" in first and p.should_upgrade():
                 token = first.get("upgrade", "").split(",", 1)[0].strip().lower()
                 if has_body:
                     # the body has to be read as HTTP anyway: serve it as a plain request
@@ -837,11 +951,18 @@ class H1Server(_HeadCollector):
         if status < 200 and status != 101:
             raise ValueError(f"status {status} is interim: use informational()")
         method = ex.method
-        parts = [f"HTTP/1.1 {status} {head.reason or _REASONS.get(status, '')}"]
+        parts = [_status_line(status, head.reason)]
         cl: str | None = None
         close = not head.keep_alive
         switching = status == 101 or (method == "CONNECT" and status < 300)
-        for k, v in head.headers:
+        out_fields = self._out_fields
+        i = -1
+        for h in head.headers:
+            i += 1
+            if i < len(out_fields) and out_fields[i] == h:  # (a plain field written here last time)
+                parts.append(self._out_lines[i])
+                continue
+            k, v = h
             if k in _OWNED:
                 if k == "content-length":
                     cl = v
@@ -851,7 +972,7 @@ class H1Server(_HeadCollector):
                     elif "close" in v.lower():
                         close = True
                 continue
-            parts.append(f"{k}: {v}")
+            parts.append(self._line(i, h))
         if switching:
             if ex.upgrade is None:
                 raise ValueError(f"status {status} answers a request that asked for no upgrade")
@@ -1039,7 +1160,14 @@ class H1Client(_HeadCollector):
         chunked = False
         close = False
         asked_upgrade = False
-        for k, v in head.headers:
+        out_fields = self._out_fields
+        i = -1
+        for h in head.headers:
+            i += 1
+            if i < len(out_fields) and out_fields[i] == h:  # (a plain field written here last time)
+                parts.append(self._out_lines[i])
+                continue
+            k, v = h
             if k == "host":
                 if have_host:
                     continue
@@ -1056,7 +1184,9 @@ class H1Client(_HeadCollector):
                 lv = v.lower()
                 close = close or "close" in lv
                 asked_upgrade = asked_upgrade or "upgrade" in lv
-            parts.append(f"{k}: {v}")
+                parts.append(f"{k}: {v}")
+                continue
+            parts.append(self._line(i, h))
         if not have_host:
             if not head.authority:
                 raise ValueError("request has neither a host header nor an authority")
@@ -1125,7 +1255,7 @@ class H1Client(_HeadCollector):
         if self._rx != AWAIT:
             raise ProtocolError("upstream sent a response with no request outstanding", 502)
         # inlined _HeadCollector.on_message_begin: this runs once per response
-        self._raw = []
+        self._new_head()
         self._rx = HEAD  # (AWAIT, BEGIN) -> HEAD
         self._msg_seq += 1
         self._reason = b""
@@ -1145,7 +1275,7 @@ class H1Client(_HeadCollector):
         return parsed
 
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+        self._reason = self._reason + reason if len(self._reason) else reason
 
     def on_headers_complete(self) -> None:
         rx = self._rx

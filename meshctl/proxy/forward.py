@@ -52,6 +52,7 @@ from ..core.locality import RetryPriorities
 from ..core.mirror import has_mirrors
 from ..core.outlier import LOCAL_FAILURES
 from ..core.retry import Outcome, RetryAfter, RetryPolicy, decide
+from ..model.base import HeaderList
 from ..model.proxyconfig import Endpoint
 from ..protocol.events import RequestHead
 from ..protocol.grpc import is_grpc
@@ -121,7 +122,7 @@ STALE = Stale()
 class Attempt:
     """What one try needs: the request, where it goes, its deadline, and the judge."""
 
-    __slots__ = ("rq", "cs", "ep", "head", "deadline", "per_try", "policy", "retries", "fw")
+    __slots__ = ("rq", "cs", "ep", "head", "deadline", "per_try", "policy", "retries", "fw", "address", "port")
 
     def __init__(self, rq: Request, cs: ClusterState, ep: Endpoint, head: RequestHead, deadline: float,
                  per_try: float | None, policy: RetryPolicy, retries: int, fw: "Forwarder") -> None:
@@ -134,6 +135,10 @@ class Attempt:
         self.policy = policy
         self.retries = retries  # retries made before this try
         self.fw = fw
+        # the endpoint's address and port, read once (an Endpoint's attributes are generic
+        # look-ups from compiled code)
+        self.address: str = ep.address
+        self.port: int = ep.port
 
     def judge(self, status: int, grpc_status: int | None = None) -> float | None:
         """The exchange has a final response head: None to relay it to the client,
@@ -187,7 +192,14 @@ class Forwarder:
             authority, path = head.authority, head.path
             if rq.listener.direction == "binding":
                 authority = f"{rq.listener.service}:{rq.listener.service_port}"
-        headers = [h for h in headers if h[0] != "host"]
+        # (the fields kept as the objects they are, through an Any view of the list: mypyc
+        # keeps a tuple[str, str] variable unboxed, and appending it would make a new tuple)
+        boxed: list[Any] = headers
+        kept: HeaderList = []
+        for i in range(len(headers)):
+            if headers[i][0] != "host":
+                kept.append(boxed[i])
+        headers = kept
         # (positional: keyword arguments cost more, once per request)
         return RequestHead(head.method, path, headers, "1.1", "http", authority, path, True,
                            head.expect_continue, head.upgrade)
@@ -250,7 +262,7 @@ class Forwarder:
         policy = fwd.retry if fwd is not None else rq.snap.no_retry
         retries = 0
         rq.stale_ok = True
-        rand: random.Random = rt.rand
+        # (rt.rand is read where it is used: not at all for a lone endpoint's one try)
         ctx: PickContext | None = None  # made for the first pick that needs it
         outlier = cs.outlier
         limiter = cs.limiter  # connectionPool limits (limits.py), None when the cluster has none
@@ -262,7 +274,7 @@ class Forwarder:
         try:
             while True:
                 if cs.shaped:  # locality load balancing, slow start
-                    eps = cs.candidates(trio.current_time(), rand, prios.before_pick() if prios is not None else frozenset())
+                    eps = cs.candidates(trio.current_time(), rt.rand, prios.before_pick() if prios is not None else frozenset())
                 else:
                     eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
                 ep: Endpoint | None
@@ -272,7 +284,7 @@ class Forwarder:
                     if ctx is None:
                         ctx = PickContext(headers=rq.headers, source_ip=rq.client_ip, path=up_head.path,
                                           active=rt.active)
-                    ep = cs.balancer.pick(eps, ctx, rand)
+                    ep = cs.balancer.pick(eps, ctx, rt.rand)
                 else:
                     ep = None
                 if ep is None:
@@ -284,7 +296,7 @@ class Forwarder:
                 per_try = policy.per_try_timeout
                 deadline = trio.current_time() + per_try if per_try else math.inf
                 a = Attempt(rq, cs, ep, up_head, deadline, per_try, policy, retries, self)
-                key = (ep.address, ep.port)
+                key = (a.address, a.port)
                 active[key] = active.get(key, 0) + 1  # least-request balancing: requests in flight
                 try:
                     result = await exchange.attempt(a)
@@ -319,7 +331,7 @@ class Forwarder:
                 assert isinstance(result, Failed)
                 body = rq.body
                 verdict = decide(policy, retries, Outcome(failure=result.failure),
-                                 body_replayable=body is None or body.replayable, rand=rand)
+                                 body_replayable=body is None or body.replayable, rand=rt.rand)
                 if type(verdict) is RetryAfter and self._hold_retry(rq, cs):
                     await trio.sleep(verdict.seconds)
                     retries += 1

@@ -25,6 +25,7 @@ import trio
 
 from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
 from ..protocol.headers import strip_hop_by_hop
+from ..protocol.http1 import H1Server
 from . import stats as F
 from .errors import STREAM_ERRORS, DownstreamGone, PeerGone, send_all
 from .forward import RELAYED, STALE, Attempt, Failed, Retried, TryResult
@@ -53,15 +54,11 @@ class H1Exchange:
     def carries(self, rq: Request, cs: ClusterState) -> bool:
         return True  # what HTTP/2 does not carry
 
-    def _pool(self, cs: ClusterState):
-        pool: UpstreamPool = self.rt.pool
-        return pool if cs.limiter is None else cs.limiter  # limiter: connectionPool limits, may overflow
-
     async def attempt(self, a: Attempt) -> TryResult:
         rq, cs, ep = a.rq, a.cs, a.ep
-        settings = rq.snap.settings
-        pool = self._pool(cs)
         rt = self.rt
+        shared: UpstreamPool = rt.pool
+        pool = shared if cs.limiter is None else cs.limiter  # (_pool, with the shared pool in hand)
         holder = getattr(rt, "tls", None)
         last = self._tls_for
         if last is not None and last[0] is ep and last[1] is cs.cluster and last[2] is holder:
@@ -71,29 +68,33 @@ class H1Exchange:
             self._tls_for = (ep, cs.cluster, holder)
             self._tls = tls
         conn: UpstreamConn | None = None
-        address = ep.address
-        if cs.cluster.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
+        address = a.address
+        port = a.port
+        if cs.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
             try:
-                address = await upstream_address(address, cs.cluster.dns)
+                address = await upstream_address(address, cs.dns)
             except OSError as dns_err:  # (one name per exception type: compiled code types the variable)
-                return Failed("connect-failure", F.UF, f"cannot resolve {ep.address!r}: {dns_err}")
+                return Failed("connect-failure", F.UF, f"cannot resolve {a.address!r}: {dns_err}")
         try:
             if a.deadline == math.inf:  # no perTryTimeout: no cancel scope to set up (hot path)
-                if pool is rt.pool:  # a warm connection without a coroutine (the common case)
+                if pool is shared:  # a warm connection without a coroutine (the common case)
                     clock = rq.clock
-                    conn = pool.reuse(address, ep.port, tls, clock.now() if clock is not None else -1.0)
+                    # (through the typed name: a native call when compiled)
+                    conn = shared.reuse(address, port, tls, clock.now() if clock is not None else -1.0)
                 if conn is None:
-                    conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
+                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls)
             else:
                 with trio.move_on_at(a.deadline):
-                    conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls)
+                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
         if conn is None:
             return a.timed_out_connecting()
-        return await self._exchange(a, conn)
+        return await self._exchange(a, conn, pool, pool is shared)
 
-    async def _exchange(self, a: Attempt, conn: UpstreamConn) -> TryResult:
+    async def _exchange(self, a: Attempt, conn: UpstreamConn, pool: Any, shared: bool) -> TryResult:
+        """The try on ``conn``, taken from ``pool`` (``shared``: the runtime's keep-alive
+        pool, not a cluster limiter's), where it goes back (or is discarded) after it."""
         rq, cs = a.rq, a.cs
         body = rq.body
         client = conn.client
@@ -155,11 +156,11 @@ class H1Exchange:
             ok = res is RELAYED and client.keep_alive and body.finished
             return res
         finally:
-            pool = self._pool(cs)
             if ok:
                 clock = rq.clock
-                if clock is not None and pool is self.rt.pool:
-                    pool.release(conn, clock.now())
+                if clock is not None and shared:
+                    shared_pool: UpstreamPool = pool
+                    shared_pool.release(conn, clock.now())  # (a native call when compiled)
                 else:
                     pool.release(conn)
             else:
@@ -259,6 +260,9 @@ class H1Exchange:
 
     async def _stream_response(self, rq: Request, conn: UpstreamConn, head: ResponseHead) -> None:
         server = rq.server
+        # an HTTP/1.1 client's codec, through a typed name: native calls when compiled (a
+        # generic method call costs ~600 instructions); else h2conn's per-stream adapter
+        h1: H1Server | None = server if type(server) is H1Server else None
         headers = response_headers(rq, head.headers)
         if not rq.keep_alive or self.rt.draining:
             head.keep_alive = False
@@ -268,7 +272,7 @@ class H1Exchange:
         rq.response_started = True
         rq.status = head.status
         reader = conn.reader
-        out = [server.response_head(head)]
+        out = [h1.response_head(head) if h1 is not None else server.response_head(head)]
         while True:
             ev = reader.buffered()
             if ev is None:
@@ -281,12 +285,13 @@ class H1Exchange:
                     ev = None
             t = type(ev)
             if t is Data:
-                out.append(server.data(ev.data))
-                rq.bytes_sent += len(ev.data)
+                data: bytes = ev.data
+                out.append(h1.data(data) if h1 is not None else server.data(data))
+                rq.bytes_sent += len(data)
                 if rq.kept is not None:  # a mirrored route: the body the shadow's is compared with
-                    rq.kept.add(ev.data)
+                    rq.kept.add(data)
             elif t is EndOfMessage:
-                out.append(server.end(ev.trailers))
+                out.append(h1.end(ev.trailers) if h1 is not None else server.end(ev.trailers))
                 break
             else:
                 # upstream reset mid-body: the client can only learn it from the close
@@ -304,7 +309,7 @@ class H1Exchange:
                 await down.send_all(b"".join(out))
         except STREAM_ERRORS as exc:
             raise DownstreamGone(str(exc)) from None
-        if not server.keep_alive:
+        if not (h1.keep_alive if h1 is not None else server.keep_alive):
             rq.keep_alive = False
 
     async def _upgrade(self, rq: Request, conn: UpstreamConn, head: ResponseHead) -> None:

@@ -260,7 +260,7 @@ class BodySource:
 
 
 
-def response_headers(rq: Request, headers):
+def response_headers(rq: Request, headers: HeaderList) -> HeaderList:
     """An upstream response's headers as the client gets them, whatever the protocol
     on either side: hop-by-hop fields dropped, the route's header operations applied."""
     headers = strip_hop_by_hop(headers)

@@ -69,8 +69,8 @@ class PrepareStage:
                                                          ("x-meshctl-reason", "path rejected")], F.DPE)
         # hop-by-hop removal, x-forwarded-for, x-request-id (protocol/headers.py), in one pass
         # (the runtime's new_request_id, without its interpreted frame)
-        rand = rq.rt.rand
-        rq.headers, rq.request_id = prepare_request_headers(head.headers, rq.client_ip, lambda: new_request_id(rand),
+        rt = rq.rt  # (its rand read only when an id is made: a request forwarded by a sidecar has one)
+        rq.headers, rq.request_id = prepare_request_headers(head.headers, rq.client_ip, lambda: new_request_id(rt.rand),
                                                             keep_upgrade=head.upgrade is not None)
         return None
 
@@ -80,6 +80,8 @@ def _authority_port(authority: str, default: int = 80) -> int:
         end = authority.find("]")
         rest = authority[end + 1 :]
         return int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else default
+    if ":" not in authority:  # (no port: a memchr, not rpartition's tuple of three strings)
+        return default
     _, sep, port = authority.rpartition(":")
     return int(port) if sep and port.isdigit() else default
 

@@ -35,7 +35,7 @@ Telemetry metric overrides are applied to /metrics by proxy/metric_overrides.py)
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Final, Sequence
+from typing import TYPE_CHECKING, Any, Final, Sequence
 
 from ..model.base import HeaderList
 from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
@@ -484,9 +484,15 @@ def _take_source(headers: HeaderList, tel: Telemetry | None = None) -> tuple[Pee
     rest: HeaderList = []
     found = False
     workload = app = version = namespace = principal = UNKNOWN
-    for h in headers:
+    # the fields kept are appended as the objects they are, through an Any view of the same
+    # list (mypyc keeps a tuple[str, str] variable unboxed: appending it makes a new tuple)
+    boxed: list[Any] = headers
+    for i in range(len(headers)):
+        h = headers[i]
         k = h[0]
-        if k in SOURCE_HEADERS:
+        if k not in SOURCE_HEADERS:
+            rest.append(boxed[i])
+        else:
             found = True
             v = h[1]
             if k == H_WORKLOAD:
@@ -499,8 +505,6 @@ def _take_source(headers: HeaderList, tel: Telemetry | None = None) -> tuple[Pee
                 namespace = v
             else:
                 principal = v
-        else:
-            rest.append(h)
     if not found:
         return None, headers
     if tel is not None:

@@ -101,3 +101,12 @@ def test_the_chain_leaves_out_the_stages_the_config_does_not_use():
     traced = Snapshot(replace(_config(), settings=Settings(tracing_zipkin="zipkin://127.0.0.1:9411")), Stats())
     assert stages.TRACE in stages.default_chain(lst, traced) and stages.TRACE not in plain
     assert stages.default_chain(lst) == stages._full_chain(lst)  # no snapshot: every stage
+
+
+def test_authority_port_of_a_request():
+    from meshctl.proxy.stages import _authority_port
+
+    cases = {"backend": 80, "backend:80": 80, "backend:8080": 8080, "[::1]:9": 9, "[::1]": 80, "a:b": 80, "": 80,
+             ":": 80, "x:": 80, "h:1:2": 2}
+    assert {a: _authority_port(a) for a in cases} == cases
+    assert _authority_port("backend", 443) == 443
