@@ -120,9 +120,13 @@ def _name(raw: bytes) -> tuple[str, bool]:
 # decoded there with the bytes it came from. A field whose name and value bytes are those
 # at its position last time is that same (name, value) tuple again: no name look-up, no
 # decoding, no new objects. Bounded: the first _MEMO_FIELDS fields, values up to
-# _MEMO_VALUE_BYTES bytes (an idle keep-alive connection holds at most that).
+# _MEMO_VALUE_BYTES bytes, and at most _MEMO_BYTES bytes of names and values (of lines,
+# for heads serialized) per codec: what an idle keep-alive connection holds on to, with
+# fields as large as its peer likes (a gateway may hold thousands of such connections).
 _MEMO_FIELDS: Final = 32
 _MEMO_VALUE_BYTES: Final = 256
+_MEMO_BYTES: Final = 2048
+_NO_FIELD: Final[Any] = ("", "")  # a position not remembered (names are never empty)
 
 
 class _Field:
@@ -452,10 +456,12 @@ class _HeadCollector:
         self._repeated = False
         self._head_bytes = 0
         self._memo: list[_Field] = []  # the last head's fields by position (see _MEMO_FIELDS)
+        self._memo_bytes = 0  # the bytes of the names and values remembered there
         # the same for heads serialized: the plain fields written last time by position in
         # the caller's list, and their lines (see _line)
         self._out_fields: list[tuple[str, str]] = []
         self._out_lines: list[str] = []
+        self._out_bytes = 0  # the length of the lines remembered there
         self._msg_seq = 0
         self._head_carry = 0  # bytes fed to a still incomplete head, first feed excluded
         self._head_upper = 0  # bytes fed since the incomplete head began, first feed included
@@ -532,16 +538,24 @@ class _HeadCollector:
             else:
                 self._first[lname] = decoded
         if i < _MEMO_FIELDS:
-            keep = len(value) <= _MEMO_VALUE_BYTES
+            size = len(name) + len(value)
+            room = _MEMO_BYTES - self._memo_bytes
             if m is not None:
-                m.raw_name = name if keep else b""
-                m.raw_value = value if keep else b""
+                room += len(m.raw_name) + len(m.raw_value)
+            if len(value) > _MEMO_VALUE_BYTES or size > room:  # not remembered: nothing held
+                name = value = b""
+                field = _NO_FIELD
+                size = 0
+            self._memo_bytes = _MEMO_BYTES - room + size
+            if m is not None:
+                m.raw_name = name
+                m.raw_value = value
                 m.field = field
-                m.name = lname
-                m.value = decoded
+                m.name = field[0]
+                m.value = field[1]
                 m.special = special
             elif i == len(memo):
-                memo.append(_Field(name if keep else b"", value if keep else b"", field, special))
+                memo.append(_Field(name, value, field, special))
 
     def _take_head(self, line_bytes: int) -> tuple[HeaderList, dict[str, str]]:
         """The head's fields (decoded by on_header) once the limits are checked, and
@@ -593,16 +607,22 @@ class _HeadCollector:
         serialized, remembered for the next head (its callers first look whether the
         field at ``i`` is the one remembered there, and take its line: no formatting)."""
         line = f"{field[0]}: {field[1]}"
+        if i >= _MEMO_FIELDS:
+            return line
         fields = self._out_fields
-        if i < len(fields):
-            fields[i] = field
-            self._out_lines[i] = line
-        elif i < _MEMO_FIELDS:
-            while len(fields) < i:  # (positions of framing fields: a placeholder, with its own line)
-                fields.append(("", ""))
-                self._out_lines.append(": ")
-            fields.append(field)
-            self._out_lines.append(line)
+        lines = self._out_lines
+        while len(fields) <= i:  # (positions of framing fields: a placeholder, with its own line)
+            fields.append(_NO_FIELD)
+            lines.append(": ")
+        room = _MEMO_BYTES - self._out_bytes + len(lines[i])
+        keep: Any = field
+        kept = line
+        if len(line) > _MEMO_VALUE_BYTES or len(line) > room:  # not remembered: nothing held
+            keep = _NO_FIELD
+            kept = ": "
+        fields[i] = keep
+        lines[i] = kept
+        self._out_bytes = _MEMO_BYTES - room + len(kept)
         return line
 
     def _too_big(self) -> None:

@@ -290,3 +290,22 @@ def test_a_field_at_a_framing_fields_position_serializes_as_alone():
         fresh.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert server.response_head(ResponseHead(200, fields), end_stream=True) == fresh.response_head(
             ResponseHead(200, fields), end_stream=True)
+
+
+def test_an_idle_connection_holds_a_bounded_share_of_its_last_heads():
+    """However large a peer's fields, a codec remembers at most 2 KiB of names and values
+    (http1._MEMO_BYTES), and of lines serialized, and the heads still come out as alone."""
+    from meshctl.protocol import http1
+
+    big = [("Host", "a")] + [(f"X-Big-{i}", chr(97 + i % 26) * 250) for i in range(31)]
+    heads = [_request(big), _request(big), _request(big[:3] + [("Cookie", "c" * 4000)] + big[3:])]
+    assert _on_one_connection(heads) == [_alone(h) for h in heads]
+    server = H1Server()
+    for data in heads:
+        server.feed(data)
+        server.response_head(ResponseHead(200, big[1:]), end_stream=True)
+    held_in = sum(len(m.raw_name) + len(m.raw_value) + len(m.name) + len(m.value) for m in server._memo)
+    held_out = sum(len(line) + len(f[0]) + len(f[1]) for line, f in zip(server._out_lines, server._out_fields))
+    # the bytes and their decoded copies; the lines and the fields they came from: 2 KiB of each
+    assert http1._MEMO_BYTES == 2048
+    assert 0 < held_in <= 2 * 2048 and 0 < held_out <= 2 * 2048, (held_in, held_out)
