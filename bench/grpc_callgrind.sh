@@ -29,38 +29,12 @@ PIDS=()
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 echo "# meshctl build: $(cd "$WORK" && "$PY" -c 'import meshctl._build as b; print(b.describe())')"
 
-GRPC=$(free_port); GRPC_HTTP=$(free_port); MESH_IN_G=$(free_port); MESH_OUT_G=$(free_port)
+GRPC=$(free_port); GRPC_HTTP=$(free_port); MESH_IN=$(free_port); MESH_OUT=$(free_port)
 ADMIN_IN=$(free_port); ADMIN_OUT=$(free_port)
 "$FORTIO" server -http-port "127.0.0.1:$GRPC_HTTP" -grpc-port "127.0.0.1:$GRPC" -redirect-port disabled \
   -tcp-port disabled -udp-port disabled -loglevel Warning >"$WORK/fortio-server.log" 2>&1 &
 PIDS+=($!)
-cat >"$WORK/in.yaml" <<EOF
-version: bench
-workload: {name: backend-0, service: backend}
-listeners:
-- {name: inbound-grpc, direction: inbound, address: 127.0.0.1, port: $MESH_IN_G, appAddress: 127.0.0.1, appPort: $GRPC}
-EOF
-cat >"$WORK/out.yaml" <<EOF
-version: bench
-workload: {name: client-0, service: client}
-listeners:
-- {name: outbound-grpc, direction: outbound, address: 127.0.0.1, port: $MESH_OUT_G, routeTable: grpc}
-routeTables:
-  grpc:
-    virtualHosts:
-    - name: ping.default.svc.cluster.local:8079
-      domains: ["127.0.0.1:$MESH_OUT_G"]
-      routes:
-      - route:
-        - destination: {host: ping.default.svc.cluster.local, port: {number: 8079}}
-clusters:
-  "outbound|8079||ping.default.svc.cluster.local":
-    service: ping.default.svc.cluster.local
-    port: 8079
-    protocol: grpc
-    endpoints:
-    - {address: 127.0.0.1, port: $MESH_IN_G}
-EOF
+write_grpc_pair_configs
 vg_sidecar() { # name config admin-port → pid in SIDECAR_PID
   (cd "$WORK" && exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$1.cg" \
      "$PY" -m meshctl.proxy --config "$2" --admin-port "$3" --log-level warning 2>"$WORK/$1.log") &
@@ -73,7 +47,7 @@ for u in "http://127.0.0.1:$ADMIN_IN/ready" "http://127.0.0.1:$ADMIN_OUT/ready";
   curl -sf "$u" >/dev/null || { echo "not ready: $u" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1; }
 done
 calls() { # n → fails unless every call ended SERVING
-  "$FORTIO" load -grpc -ping -c "$C" -qps 0 -n "$1" -json "$WORK/g.json" "127.0.0.1:$MESH_OUT_G" >/dev/null 2>&1
+  "$FORTIO" load -grpc -ping -c "$C" -qps 0 -n "$1" -json "$WORK/g.json" "127.0.0.1:$MESH_OUT" >/dev/null 2>&1
   "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); c = r.get("RetCodes", {});
 sys.exit(0 if set(c) == {"SERVING"} else f"gRPC calls failed: {c}")' "$WORK/g.json"
 }

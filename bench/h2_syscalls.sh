@@ -49,33 +49,7 @@ else
   "$FORTIO" server -http-port "127.0.0.1:$GRPC_HTTP" -grpc-port "127.0.0.1:$GRPC" -redirect-port disabled \
     -tcp-port disabled -udp-port disabled -loglevel Warning >"$WORK/fortio-server.log" 2>&1 &
   PIDS+=($!)
-  cat >"$WORK/in.yaml" <<EOF
-version: bench
-workload: {name: backend-0, service: backend}
-listeners:
-- {name: inbound-grpc, direction: inbound, address: 127.0.0.1, port: $MESH_IN, appAddress: 127.0.0.1, appPort: $GRPC}
-EOF
-  cat >"$WORK/out.yaml" <<EOF
-version: bench
-workload: {name: client-0, service: client}
-listeners:
-- {name: outbound-grpc, direction: outbound, address: 127.0.0.1, port: $MESH_OUT, routeTable: grpc}
-routeTables:
-  grpc:
-    virtualHosts:
-    - name: ping.default.svc.cluster.local:8079
-      domains: ["127.0.0.1:$MESH_OUT"]
-      routes:
-      - route:
-        - destination: {host: ping.default.svc.cluster.local, port: {number: 8079}}
-clusters:
-  "outbound|8079||ping.default.svc.cluster.local":
-    service: ping.default.svc.cluster.local
-    port: 8079
-    protocol: grpc
-    endpoints:
-    - {address: 127.0.0.1, port: $MESH_IN}
-EOF
+  write_grpc_pair_configs
   load() { # n → fails unless every call ended SERVING
     "$FORTIO" load -grpc -ping -c "$C" -qps 0 -n "$1" -json "$WORK/g.json" "127.0.0.1:$MESH_OUT" >/dev/null 2>&1
     "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); c = r.get("RetCodes", {});

@@ -72,6 +72,37 @@ clusters:
 EOF
 }
 
+write_grpc_pair_configs() { # from MESH_IN, MESH_OUT, GRPC → $WORK/in.yaml and $WORK/out.yaml: an inbound
+  # sidecar in front of fortio's gRPC ping server, an outbound one with a `grpc` cluster to it (HTTP/2 on every leg)
+cat >"$WORK/in.yaml" <<EOF
+version: bench
+workload: {name: backend-0, service: backend}
+listeners:
+- {name: inbound-grpc, direction: inbound, address: 127.0.0.1, port: $MESH_IN, appAddress: 127.0.0.1, appPort: $GRPC}
+EOF
+cat >"$WORK/out.yaml" <<EOF
+version: bench
+workload: {name: client-0, service: client}
+listeners:
+- {name: outbound-grpc, direction: outbound, address: 127.0.0.1, port: $MESH_OUT, routeTable: grpc}
+routeTables:
+  grpc:
+    virtualHosts:
+    - name: ping.default.svc.cluster.local:8079
+      domains: ["127.0.0.1:$MESH_OUT"]
+      routes:
+      - route:
+        - destination: {host: ping.default.svc.cluster.local, port: {number: 8079}}
+clusters:
+  "outbound|8079||ping.default.svc.cluster.local":
+    service: ping.default.svc.cluster.local
+    port: 8079
+    protocol: grpc
+    endpoints:
+    - {address: 127.0.0.1, port: $MESH_IN}
+EOF
+}
+
 wait_ready() { for _ in $(seq 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; tail -n5 "$WORK"/*.log >&2; exit 1; }
 
 # nginx does its work in the worker process (child of the master we started)
