@@ -539,14 +539,12 @@ class _HeadCollector:
                 self._first[lname] = decoded
         if i < _MEMO_FIELDS:
             size = len(name) + len(value)
-            room = _MEMO_BYTES - self._memo_bytes
-            if m is not None:
-                room += len(m.raw_name) + len(m.raw_value)
-            if len(value) > _MEMO_VALUE_BYTES or size > room:  # not remembered: nothing held
+            held = self._memo_bytes - (len(m.raw_name) + len(m.raw_value) if m is not None else 0)  # without position i
+            if len(value) > _MEMO_VALUE_BYTES or held + size > _MEMO_BYTES:  # not remembered: nothing held
                 name = value = b""
                 field = _NO_FIELD
                 size = 0
-            self._memo_bytes = _MEMO_BYTES - room + size
+            self._memo_bytes = held + size
             if m is not None:
                 m.raw_name = name
                 m.raw_value = value
@@ -614,15 +612,15 @@ class _HeadCollector:
         while len(fields) <= i:  # (positions of framing fields: a placeholder, with its own line)
             fields.append(_NO_FIELD)
             lines.append(": ")
-        room = _MEMO_BYTES - self._out_bytes + len(lines[i])
+        held = self._out_bytes - len(lines[i])  # without position i
         keep: Any = field
         kept = line
-        if len(line) > _MEMO_VALUE_BYTES or len(line) > room:  # not remembered: nothing held
+        if len(line) > _MEMO_VALUE_BYTES or held + len(line) > _MEMO_BYTES:  # not remembered: nothing held
             keep = _NO_FIELD
             kept = ": "
         fields[i] = keep
         lines[i] = kept
-        self._out_bytes = _MEMO_BYTES - room + len(kept)
+        self._out_bytes = held + len(kept)
         return line
 
     def _too_big(self) -> None:

@@ -439,10 +439,10 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
             st = conn.open(h2head, end_stream=not chunks and not trailers)
             client = conn.client
             for c in chunks:
-                conn.emit(client.data(st.sid, c))
+                conn.put(client.data(st.sid, c))
             if chunks or trailers:
-                conn.emit(client.end(st.sid, trailers))
-            conn.kick()  # (open() queues the head without waking the writer)
+                conn.put(client.end(st.sid, trailers))
+            conn.kick()  # (open() and put() queue; one kick sends the head and the body, as H2Exchange does)
             out.error = "stream reset before a response"
             while True:
                 ev = await st.next()
