@@ -5,6 +5,7 @@ process of its own, between h2load (clients) and nginx (the app, 12 bytes), meas
     $PY bench/miniloop.py build DIR                     # compile bench/mlcore.py with mypyc into DIR
     $PY bench/miniloop.py count DIR MODE CONNS [N1 N2]  # callgrind: instructions per request
     $PY bench/miniloop.py time DIR CONNS [REQUESTS] [ROUNDS] [MODE ...]   # CPU µs per request
+    $PY bench/miniloop.py syscalls DIR CONNS REQUESTS [MODE ...]          # strace -c: calls per request
 
 MODE (the relay process):
   trio     hop_bench.py --toy's relay: trio, meshctl's SocketBackend streams, one upstream per client
@@ -182,8 +183,8 @@ class Bench:
                 f.write(f"version: bench\nworkload: {{name: backend-0, service: backend}}\nlisteners:\n"
                         f"- {{name: inbound, direction: inbound, address: 127.0.0.1, port: {port}, "
                         f"appAddress: 127.0.0.1, appPort: {self.app}}}\n")
-            meshctl = os.path.join(os.path.dirname(sys.executable), "meshctl")
-            p = subprocess.Popen(pre + [sys.executable, meshctl, "proxy", "run", "--config", cfg, "--admin-port",
+            # (`meshctl proxy run` execs `python -m meshctl.proxy`, which valgrind would not follow)
+            p = subprocess.Popen(pre + [sys.executable, "-m", "meshctl.proxy", "--config", cfg, "--admin-port",
                                         str(admin), "--log-level", "warning"], cwd="/tmp", env=env,
                                  stderr=open(f"{self.work}/sidecar.log", "a"))
             wait_port(admin, p)
@@ -301,7 +302,13 @@ def timing(build: str, conns: int, n: int, rounds: int, modes: list[str]) -> Non
                 b.stop(mode, p)
                 res[mode].append(((u1 - u0) / HZ / n * 1e6, (s1 - s0) / HZ / n * 1e6))
                 r = res[mode][-1]
-                print(f"# {mode} conns={conns}: {r[0] + r[1]:.1f} µs/request (user {r[0]:.1f}, kernel {r[1]:.1f})",
+                batch = ""
+                if mode not in ("trio", "sidecar", "nginx"):  # the loop's events per epoll pass (whole run)
+                    st = [ln for ln in open(f"{b.work}/relay.log").read().splitlines() if '"passes"' in ln]
+                    if st:
+                        d = json.loads(st[-1])
+                        batch = f", {d['events'] / max(1, d['passes']):.2f} events per pass"
+                print(f"# {mode} conns={conns}: {r[0] + r[1]:.1f} µs/request (user {r[0]:.1f}, kernel {r[1]:.1f}){batch}",
                       flush=True)
     finally:
         b.close()
@@ -311,6 +318,34 @@ def timing(build: str, conns: int, n: int, rounds: int, modes: list[str]) -> Non
         out[mode] = {"cpu_us": round(best[0] + best[1], 1), "user_us": round(best[0], 1),
                      "runs": [round(u + s, 1) for u, s in rs]}
     print(json.dumps({"bench": "miniloop-time", "conns": conns, "requests": n, "best": out}))
+
+
+def syscalls(build: str, conns: int, n: int, modes: list[str]) -> None:
+    """strace -c on each relay for n requests (after the warm-up): system calls per request, by name."""
+    b = Bench(build)
+    res = {}
+    try:
+        for mode in modes:
+            p, port, pid = b.start(mode, conns, [], 2 * conns)
+            h2load(port, conns, max(2000, conns * 200))
+            st = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", f"{b.work}/strace.{mode}"],
+                                  stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            h2load(port, conns, n)
+            st.send_signal(signal.SIGINT)
+            st.wait()
+            b.stop(mode, p)
+            calls: dict[str, float] = {}
+            for line in open(f"{b.work}/strace.{mode}"):
+                f = line.split()
+                if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+                    calls[f[-1]] = round(int(f[3]) / n, 2)
+            res[mode] = {"per_request": round(sum(calls.values()), 2),
+                         "by_name": dict(sorted(calls.items(), key=lambda kv: -kv[1])[:6])}
+            print(f"# {mode} conns={conns}: {res[mode]}", flush=True)
+    finally:
+        b.close()
+    print(json.dumps({"bench": "miniloop-syscalls", "conns": conns, "requests": n, "modes": res}))
 
 
 def build(dest: str) -> None:
@@ -330,6 +365,8 @@ def main() -> None:
         build(a[1])
     elif a[0] == "count":
         count(a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else 100, int(a[5]) if len(a) > 5 else 400)
+    elif a[0] == "syscalls":
+        syscalls(a[1], int(a[2]), int(a[3]), a[4:] or ["trio", "lt", "h1", "hybh1", "sidecar", "nginx"])
     elif a[0] == "time":
         timing(a[1], int(a[2]), int(a[3]) if len(a) > 3 else 20000, int(a[4]) if len(a) > 4 else 3,
                a[5:] or ["trio", "lt", "et", "coro", "h1", "hyb", "hybh1", "sidecar", "nginx"])
