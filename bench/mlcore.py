@@ -155,16 +155,22 @@ class Side(Handler):
         if ev & EPOLLOUT and self.out:
             self._flush()
         if ev & (EPOLLIN | EPOLLERR_HUP):
-            try:
-                data = self.sock.recv(BUF)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if data:
-                self.on_data(data)
-            else:
-                self.on_eof()
+            while True:
+                try:
+                    data = self.sock.recv(BUF)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    data = b""
+                if data:
+                    self.on_data(data)
+                else:
+                    self.on_eof()
+                    return
+                # level-triggered: the loop comes back if more is there; edge-triggered: read on
+                # until a short read (the buffer drained) or EAGAIN
+                if not self.loop.edge or len(data) < BUF or self.closed:
+                    return
 
     def on_data(self, data: bytes) -> None:
         raise NotImplementedError
