@@ -24,6 +24,7 @@ connection, default 100 and 400, h2load -c CONNS -n CONNS*N) with PYTHONHASHSEED
 so with 16 connections it finds many events per epoll_wait (the saturated regime).
 ``time`` runs each MODE for REQUESTS requests (after a warm-up), interleaved for ROUNDS rounds,
 and prints the relay process's CPU (utime + stime from /proc) per request, best of the rounds.
+``ML_FROM_SIDECAR=1`` sends the request as pair.sh's client-side sidecar forwards it (7 more fields).
 ``ML_KEEP=DIR`` keeps the callgrind files (for ``callgrind_annotate --inclusive=yes``).
 Run from any directory; the relay processes run in /tmp, so the build's meshctl is the one imported.
 """
@@ -225,8 +226,16 @@ def wait_port(port: int, p: subprocess.Popen | None = None) -> None:
     raise SystemExit(f"nothing listens on {port}")
 
 
+# ML_FROM_SIDECAR=1: the request as pair.sh's client-side sidecar forwards it (hop_bench.py --from-sidecar)
+FROM_SIDECAR = ["x-forwarded-for: 127.0.0.1", "x-request-id: 0b5e7c9a-3f1d-4c2b-9e8a-6d4f2a1b0c3e",
+                "x-meshctl-source-workload: client", "x-meshctl-source-app: client",
+                "x-meshctl-source-version: unknown", "x-meshctl-source-namespace: default",
+                "x-meshctl-source-principal: spiffe://cluster.local/ns/default/sa/client"]
+
+
 def h2load(port: int, conns: int, n: int) -> None:
-    out = subprocess.run([H2LOAD, "--h1", "-t1", "-c", str(conns), "-n", str(n), f"http://127.0.0.1:{port}/"],
+    extra = [a for h in FROM_SIDECAR for a in ("-H", h)] if os.environ.get("ML_FROM_SIDECAR") else []
+    out = subprocess.run([H2LOAD, "--h1", "-t1", "-c", str(conns), "-n", str(n), *extra, f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True).stdout
     if f"{n} succeeded" not in out or "status codes: " + str(n) + " 2xx" not in out:
         raise SystemExit("h2load: " + out[-1500:])
