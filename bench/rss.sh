@@ -16,6 +16,8 @@
 # cryptography's code, counted in shares; a fairer cost per sidecar when many run).
 # Last line: one JSON object ({"bench": "rss", ...}); MB = 1024 kB.
 # MESHCTL=/path/to/meshctl and PY=/path/to/python override the binaries.
+# SMAPS_DIR=dir: also keep each sidecar's /proc/PID/smaps, idle and after load
+# (dir/<sidecar>.idle.smaps, dir/<sidecar>.after.smaps), for bench/smaps_diff.py.
 set -euo pipefail
 
 REQUESTS=${1:-5000}
@@ -47,9 +49,12 @@ load() { # url host
   wait "${curls[@]}"
 }
 
+SMAPS_DIR=${SMAPS_DIR:-}
+[ -z "$SMAPS_DIR" ] || mkdir -p "$SMAPS_DIR"
+keep_smaps() { [ -z "$SMAPS_DIR" ] || cat "/proc/$2/smaps" >"$SMAPS_DIR/$1.$3.smaps"; }  # sidecar pid idle|after
 declare -A IDLE AFTER
-measure_idle() { for k in "$@"; do IDLE[$k]=$(mem "${PID[$k]}"); done; }
-measure_after() { sleep 1; for k in "$@"; do AFTER[$k]=$(mem "${PID[$k]}"); done; }
+measure_idle() { for k in "$@"; do IDLE[$k]=$(mem "${PID[$k]}"); keep_smaps "$k" "${PID[$k]}" idle; done; }
+measure_after() { sleep 1; for k in "$@"; do AFTER[$k]=$(mem "${PID[$k]}"); keep_smaps "$k" "${PID[$k]}" after; done; }
 declare -A PID
 
 # ---------------------------------------------------------------- 1. the pair scripts' sidecars
