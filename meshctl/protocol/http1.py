@@ -129,6 +129,19 @@ _MEMO_BYTES: Final = 2048
 _NO_FIELD: Final[Any] = ("", "")  # a position not remembered (names are never empty)
 
 
+class _ReleasedParser:
+    """What a codec parses with once released (``release``): any bytes fed are refused."""
+
+    def feed_data(self, data: bytes) -> None:
+        raise ProtocolError("the connection's codec was released", 400)
+
+    def get_http_version(self) -> str:
+        return "1.1"
+
+
+_RELEASED: Final[Any] = _ReleasedParser()
+
+
 class _Field:
     """A decoded head field and the bytes llhttp handed over for it (see _MEMO_FIELDS)."""
 
@@ -481,6 +494,16 @@ class _HeadCollector:
         """The peer closed: the events that ends (or a ProtocolError)."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """The connection is over: drop the parser. llhttp's parser holds the codec's
+        bound methods (its callbacks), a reference cycle, so without this a codec gone
+        with its connection, and all it holds (the memo of the last head's fields), waits
+        for the cyclic GC; a sidecar's young generation is collected only every 5,000
+        net allocations (proxy/main.py), so under connection churn hundreds of them
+        pile up, and the allocator keeps the pages of that peak (bench/README.md,
+        rss.sh). Feeding a released codec raises ProtocolError."""
+        self._parser = _RELEASED
+
     # The callbacks stay tiny (they run once per field); the head is decoded
     # and checked in one go by _take_head() once llhttp has seen all of it.
     def _rx_go(self, event: int) -> None:
@@ -683,7 +706,7 @@ class H1Server(_HeadCollector):
     def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
         self._init_collector(limits, _SERVER_RX)
         self._tx = WAIT  # send-side state
-        self._parser = HttpRequestParser(self)
+        self._parser: Any = HttpRequestParser(self)  # (Any: _RELEASED once released)
         self._url = b""
         self._pending: deque[_Exchange] = deque()
         self._error: ProtocolError | None = None  # raised again by every feed once rx is ERROR
@@ -1137,7 +1160,7 @@ class H1Client(_HeadCollector):
     def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
         self._init_collector(limits, _CLIENT_RX)
         self._tx = IDLE  # send-side state
-        self._parser = HttpResponseParser(self)
+        self._parser: Any = HttpResponseParser(self)  # (Any: _RELEASED once released)
         self._reason = b""
         self._method: str | None = None  # of the outstanding request
         self._head_only = False  # HEAD/CONNECT: stop llhttp at the end of the final head

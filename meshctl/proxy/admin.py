@@ -156,6 +156,7 @@ async def serve_conn(rt, stream: FastSocketStream) -> None:
     except (ProtocolError, PeerGone):
         pass
     finally:
+        server.release()
         stream.close_now()
 
 

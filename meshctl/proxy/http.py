@@ -60,9 +60,9 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
     # interpreted calls, and a request asks the clock five times (idle deadline, start,
     # end; the keep-alive pool when it takes and gives back the upstream connection)
     clock = FastClock(trio.lowlevel.current_clock())
+    snap: Snapshot = rt.snapshot
+    server = H1Server(snap.limits)
     try:
-        snap: Snapshot = rt.snapshot
-        server = H1Server(snap.limits)
         conn.server = server
         reader = EventReader(stream, server)
         first = True
@@ -120,6 +120,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
                     except PeerGone:
                         break
                     prefix = server.upgrade_accepted()
+                    server.release()
                     server = H1Server(snap.limits)
                     reader = EventReader(stream, server)
                     first = True
@@ -176,6 +177,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
                 if rq.body is not None and not rq.body.finished:
                     break
     finally:
+        server.release()  # (freed with the connection, not by the cyclic GC: http1.release)
         conn.busy = False
         rt.conns.discard(conn)
         lstats.cx_active -= 1

@@ -322,3 +322,47 @@ async def test_a_request_whose_client_hung_up_is_abandoned_through_the_backend(a
     assert 1.0 <= took < 1.6  # ...by the watchdog, once the request is older than CLIENT_GONE_AFTER
     assert app.requests == ["/?ms=30000"]
     assert rt.stats.flags["DC"] >= 1
+
+
+# ------------------------------------------------------------------ codecs freed with their connections
+
+
+class ClosingH1App(H1App):
+    """Answers each request with ``connection: close``: the proxy's pool discards the connection."""
+
+    async def __call__(self, stream) -> None:
+        self.connections += 1
+        async for head in request_heads(stream):
+            self.requests.append(head.split(b"\r\n", 1)[0].split(b" ")[1].decode())
+            await stream.send_all(b"HTTP/1.1 200 X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            return
+
+
+async def test_the_codecs_of_closed_connections_are_freed_with_them_not_left_to_the_cyclic_gc(autojump_clock):
+    # llhttp's parser holds its codec's bound methods: a codec its connection did not
+    # release waits for the cyclic GC, with all it holds (http1.release)
+    import gc
+
+    def codecs_in_garbage() -> int:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            n = sum(1 for o in gc.garbage if type(o).__name__ in ("H1Server", "H1Client"))
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        return n
+
+    app = ClosingH1App()
+    gc.collect()
+    gc.disable()
+    try:
+        async with _proxy(_config(), app) as (rt, backend):
+            for i in range(3):  # each on a connection of its own, both legs closed after it
+                status, _, _ = await _get(backend, f"/{i}")
+                assert status == 200
+            await trio.sleep(1)  # (the proxy's side of the last connection ends)
+            assert app.connections == 3 and rt.stats.listener("outbound").cx_total == 3
+            assert codecs_in_garbage() == 0
+    finally:
+        gc.enable()
