@@ -452,6 +452,11 @@ class _HeadCollector:
 
     _who = "message"
     _status_bad = 400
+    # llhttp's parser, set by H1Server and H1Client; _RELEASED once released. Declared here
+    # only (with release()): mypyc gives an attribute a subclass declares again a second
+    # entry in the class's GC traversal, and a child visited twice made the codec and its
+    # parser a cycle the collector never freed.
+    _parser: Any
 
     def _init_collector(self, limits: Limits, rx_table: dict[int, int]) -> None:
         self._rx_table = rx_table
@@ -706,7 +711,7 @@ class H1Server(_HeadCollector):
     def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
         self._init_collector(limits, _SERVER_RX)
         self._tx = WAIT  # send-side state
-        self._parser: Any = HttpRequestParser(self)  # (Any: _RELEASED once released)
+        self._parser = HttpRequestParser(self)
         self._url = b""
         self._pending: deque[_Exchange] = deque()
         self._error: ProtocolError | None = None  # raised again by every feed once rx is ERROR
@@ -1160,7 +1165,7 @@ class H1Client(_HeadCollector):
     def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
         self._init_collector(limits, _CLIENT_RX)
         self._tx = IDLE  # send-side state
-        self._parser: Any = HttpResponseParser(self)  # (Any: _RELEASED once released)
+        self._parser = HttpResponseParser(self)
         self._reason = b""
         self._method: str | None = None  # of the outstanding request
         self._head_only = False  # HEAD/CONNECT: stop llhttp at the end of the final head
