@@ -43,7 +43,9 @@ mem() { # pid → "rss_kb hwm_kb pss_kb" (PSS: shared pages, e.g. of libraries e
 load() { # url host
   h2load --h1 -n "$REQUESTS" -c 16 -t 1 -H ":authority: $2" "$1" >"$WORK/h2load.out" 2>&1
   grep -q "status codes: $REQUESTS 2xx" "$WORK/h2load.out" || { echo "load through $1 failed:" >&2; cat "$WORK/h2load.out" >&2; exit 1; }
-  for _ in $(seq 40); do printf 'url = "%s"\nheader = "Host: %s"\nheader = "Connection: close"\noutput = "/dev/null"\n' "$1" "$2"; done >"$WORK/curl.cfg"
+  # (a config's headers apply to every URL in it, and repeat if written per URL: once, here)
+  { printf 'header = "Host: %s"\nheader = "Connection: close"\n' "$2"
+    for _ in $(seq 40); do printf 'url = "%s"\noutput = "/dev/null"\n' "$1"; done; } >"$WORK/curl.cfg"
   local curls=() _i
   for _i in 1 2 3 4 5; do curl -s --noproxy '*' -K "$WORK/curl.cfg" & curls+=($!); done
   wait "${curls[@]}"
