@@ -80,7 +80,7 @@ def inbound_config(app_port: int, mtls: bool) -> ProxyConfig:
     return ProxyConfig(
         version="bench", workload=Workload(name="backend-0", service="backend"),
         listeners=(Listener(name="inbound", direction="inbound", address="127.0.0.1", port=0,
-                            app_address="127.0.0.1", app_port=app_port, mtls_mode="STRICT" if mtls else None),),
+                            app_address="127.0.0.1", app_port=app_port, mtls_mode="STRICT" if mtls else "DISABLE"),),
         route_tables=FrozenDict(), clusters=FrozenDict(),
     )
 
