@@ -348,3 +348,27 @@ async def test_send_nowait_takes_all_or_starts_a_record_that_only_send_all_of_th
     assert bytes(got) == big + b"next"
     s.close_now()
     c.close_now()
+
+
+async def test_a_record_read_in_part_is_finished_after_a_send_without_waiting_for_the_socket(contexts):
+    # After a send, receive_some parks for readability first (the answer cannot be there
+    # yet), unless OpenSSL holds decrypted bytes of a record read only in part: those come
+    # at once, though nothing more arrives on the socket.
+    s, c = await _tls_pair(contexts)
+    await c.send_all(b"0123456789")  # one record
+    assert await s.receive_some(4) == b"0123"  # (filled its size: the record may hold more)
+    await s.send_all(b"ack")
+    with trio.fail_after(5):  # (a hang guard: the peer sends nothing more)
+        assert await s.receive_some(6) == b"456789"  # filled its size again, and the record is done
+        await s.send_all(b"ack")
+        assert await c.receive_some() == b"ack"  # (a record per read)
+        assert await c.receive_some() == b"ack"
+        # a read that took all of its record, then a send: the next read parks for the answer
+        await c.send_all(b"next")
+        assert await s.receive_some() == b"next"
+        await s.send_all(b"ok")
+        assert await c.receive_some() == b"ok"
+        await c.send_all(b"more")
+        assert await s.receive_some() == b"more"
+    await s.aclose()
+    await c.aclose()
