@@ -375,7 +375,6 @@ async def test_a_record_read_in_part_is_finished_after_a_send_without_waiting_fo
 
 
 async def test_the_stream_is_a_half_closeable_trio_stream_and_an_async_context_manager(contexts):
-    # (compiled, it is a native class registered with trio.abc, not a subclass: tlsstream.py)
     s, c = await _tls_pair(contexts)
     assert isinstance(s, trio.abc.HalfCloseableStream) and isinstance(c, trio.abc.Stream)
     async with c as same:
