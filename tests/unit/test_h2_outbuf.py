@@ -20,7 +20,7 @@ from meshctl.model.proxyconfig import Listener, ProxyConfig, RouteTable, Setting
 from meshctl.protocol.events import RequestHead, Reset
 from meshctl.proxy.errors import DownstreamGone
 from meshctl.proxy.h2conn import _Conn, _StreamDown, _StreamReader
-from meshctl.proxy.h2pool import H2Pool, H2Upstream
+from meshctl.proxy.h2pool import H2Pool, H2Upstream, put_whole_body
 from meshctl.proxy.runtime import ActiveListener, ProxyRuntime
 from meshctl.proxy.snapshot import Snapshot
 from meshctl.proxy.stream import FastSocketStream
@@ -192,6 +192,50 @@ async def test_a_lone_upstream_request_is_written_by_its_own_task():
         assert conn.written == conn.emitted
         assert conn.wake.waiting
         assert b.recv(1000)  # the HEADERS frame
+        n.cancel_scope.cancel()
+    a.close()
+    b.close()
+
+
+def _frames(wire: bytes) -> list[tuple[int, int, int]]:
+    """(type, flags, payload length) of each frame."""
+    out = []
+    i = 0
+    while i < len(wire):
+        n = int.from_bytes(wire[i:i + 3], "big")
+        out.append((wire[i + 3], wire[i + 4], n))
+        i += 9 + n
+    assert i == len(wire)
+    return out
+
+
+HEADERS, DATA, END_STREAM, END_HEADERS = 1, 0, 1, 4
+
+
+@pytest.mark.parametrize("chunks, trailers, want", [
+    # END_STREAM on the last DATA frame, not on an empty DATA frame after it
+    ([b"grpc-message"], [], [(DATA, END_STREAM, 12)]),
+    ([b"ab", b"cde"], [], [(DATA, 0, 2), (DATA, END_STREAM, 3)]),
+    # trailers end the stream: the DATA frames without END_STREAM
+    ([b"ab"], [("x-t", "1")], [(DATA, 0, 2), (HEADERS, END_STREAM | END_HEADERS, None)]),
+    ([], [("x-t", "1")], [(HEADERS, END_STREAM | END_HEADERS, None)]),
+])
+async def test_a_whole_request_body_ends_on_its_last_frame(chunks, trailers, want):
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    async with trio.open_nursery() as n:
+        conn = await _upstream(a, n)
+        await trio.testing.wait_all_tasks_blocked()
+        b.recv(1000)
+        before = conn.emitted
+        st = conn.open(_head(), end_stream=False)
+        put_whole_body(conn, conn.client, st.sid, chunks, trailers)
+        conn.kick()
+        with trio.fail_after(5):
+            frames = _frames(await _drain(b, conn.emitted - before))
+        assert frames[0] == (HEADERS, END_HEADERS, frames[0][2])
+        got = [(t, f, ln if t == DATA else None) for t, f, ln in frames[1:]]
+        assert got == want
         n.cancel_scope.cancel()
     a.close()
     b.close()
