@@ -104,7 +104,9 @@ Rules this module keeps
   opened), more WINDOW_UPDATEs than
   ``max_inbound_window_update_frames_per_data_frame_sent`` x (1 + DATA frames
   sent), and more than ``max_inbound_control_frames_per_window`` PING/SETTINGS
-  frames per ``control_frame_window`` seconds even when their ACKs are sent.
+  frames per ``control_frame_window`` seconds even when their ACKs are sent (a
+  PING or SETTINGS that follows DATA frames we sent since the last one is not
+  counted: grpc-go's bandwidth probes, one per call on a busy connection).
 * A response that completes while its request is still open is followed by
   RST_STREAM(NO_ERROR) (RFC 9113 8.1), so the client stops sending.
 * GOAWAY both ways is graceful: streams at or below the last-stream-id
@@ -857,6 +859,7 @@ class _Endpoint:
         self._heads = 0  # streams the peer opened (server) or answered (client)
         self._ctl_in = 0  # PING/SETTINGS in the current control window
         self._ctl_since = -1.0
+        self._ctl_data = 0  # _data_frames_sent when the last PING/SETTINGS came (see _control_frame)
         self.refused_streams = 0  # streams refused with REFUSED_STREAM (for stats)
 
     # ------------------------------------------------------------ output
@@ -1407,6 +1410,14 @@ class _Endpoint:
                                    f"frames for {opened} streams (limit {lim} per stream)")
 
     def _control_frame(self, what: str) -> None:
+        # A PING or SETTINGS after DATA we sent since the last one is not counted: a
+        # receiver measuring its bandwidth (grpc-go's BDP estimator) pings once per DATA
+        # frame it gets while no ping is outstanding, so a busy gRPC connection brings a
+        # ping per call, over 1,000 a second; like WINDOW_UPDATEs, these are paid for by
+        # DATA frames we sent. Only the others count against the window's budget.
+        if self._data_frames_sent != self._ctl_data:
+            self._ctl_data = self._data_frames_sent
+            return
         now = self._now()
         lim = self._limits
         if now - self._ctl_since > lim.control_frame_window:

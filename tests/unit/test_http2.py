@@ -16,6 +16,7 @@ from hyperframe.frame import (
     PingFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from meshctl.protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
@@ -535,6 +536,49 @@ def test_settings_flood_is_fatal_too():
     with pytest.raises(ProtocolError, match="flood"):
         server.feed(SettingsFrame(0).serialize() * 51)
     assert goaway_of(server.data_to_send()).error_code == ENHANCE_YOUR_CALM
+
+
+def test_pings_past_the_window_budget_are_fatal_even_when_their_acks_are_taken():
+    clock = [100.0]
+    server = H2Server(H2Limits(max_inbound_control_frames_per_window=50, control_frame_window=10.0),
+                      now=lambda: clock[0])
+    raw_client(server)  # (its SETTINGS is the window's first control frame)
+    for i in range(49):
+        server.feed(PingFrame(0, opaque_data=b"%08d" % i).serialize())
+        assert server.data_to_send()  # the ACK, taken at once
+    clock[0] += 11.0  # a new window
+    for i in range(50):
+        server.feed(PingFrame(0, opaque_data=b"%08d" % i).serialize())
+        server.data_to_send()
+    with pytest.raises(ProtocolError, match="PING flood"):
+        server.feed(PingFrame(0, opaque_data=b"x" * 8).serialize())
+    assert goaway_of(server.data_to_send()).error_code == ENHANCE_YOUR_CALM
+
+
+def test_a_ping_per_call_that_answers_our_data_is_not_a_flood():
+    # grpc-go's bandwidth estimator: a client that gets DATA pings once (with a connection
+    # WINDOW_UPDATE), ahead of its next call; a busy connection sends one per call
+    server = H2Server(H2Limits(max_inbound_control_frames_per_window=50), now=lambda: 100.0)
+    raw_client(server)
+    enc = Encoder()
+    for n in range(300):
+        sid = 2 * n + 1
+        wire = HeadersFrame(sid, request_block(enc), flags=["END_HEADERS", "END_STREAM"]).serialize()
+        if n:
+            wire = (WindowUpdateFrame(0, window_increment=15).serialize()
+                    + PingFrame(0, opaque_data=b"bdp-ping").serialize() + wire)
+        head = server.feed(wire)[0]
+        assert isinstance(head, RequestHead) and head.stream_id == sid
+        wire = server.response_head(sid, ResponseHead(200, [("content-type", "application/grpc")]))
+        wire += server.data(sid, b"\x00\x00\x00\x00\x0ahello grpc")
+        wire += server.end(sid, [("grpc-status", "0")]) + server.data_to_send()
+        acks = [f for f in frames(wire) if isinstance(f, PingFrame) and "ACK" in f.flags]
+        assert len(acks) == (1 if n else 0)
+    # bare PINGs, with no DATA of ours between them, still count: the budget is there
+    with pytest.raises(ProtocolError, match="PING flood"):
+        for i in range(51):
+            server.feed(PingFrame(0, opaque_data=b"%08d" % i).serialize())
+            server.data_to_send()
 
 
 def test_empty_data_frame_flood_gets_goaway():
