@@ -241,20 +241,16 @@ class H2Upstream(OutBuffer):
                 return
 
 
-def put_whole_body(conn: Any, client: Any, sid: int, chunks: list[bytes], trailers: list[Any]) -> None:
-    """Queue a request body already read whole (after its HEADERS, sent without END_STREAM
-    when there is a body or trailers): END_STREAM on the last DATA frame when there are no
-    trailers, not on an empty DATA frame of its own (9 bytes and a frame less per request;
-    RFC 9113 6.1: a DATA frame may carry END_STREAM)."""
-    n = len(chunks)
-    if n and not trailers:
-        for i in range(n - 1):
-            conn.put(client.data(sid, chunks[i]))
-        conn.put(client.data(sid, chunks[n - 1], end_stream=True))
-        return
-    for c in chunks:
-        conn.put(client.data(sid, c))
-    if n or trailers:
+def put_whole_body(conn: H2Upstream, sid: int, chunks: list[bytes], trailers: list[tuple[str, str]]) -> None:
+    """Queue a request body already read whole (its HEADERS went without END_STREAM, there
+    being a body or trailers): END_STREAM on the last DATA frame when there are no
+    trailers, not on an empty DATA frame of its own (a frame and 9 bytes less per request;
+    RFC 9113 6.1). ``conn.kick()`` sends it."""
+    client = conn.client
+    last = len(chunks) - 1
+    for i, c in enumerate(chunks):
+        conn.put(client.data(sid, c, end_stream=i == last and not trailers))
+    if trailers:
         conn.put(client.end(sid, trailers))
 
 
@@ -419,7 +415,7 @@ class H2Exchange:
             whole = body is None or (body.finished and body.replayable)
             st = conn.open(head, end_stream=body is None or (whole and not body.chunks and not body.trailers))
             if body is not None and whole:
-                put_whole_body(conn, conn.client, st.sid, body.chunks, body.trailers)
+                put_whole_body(conn, st.sid, body.chunks, body.trailers)
             if whole or body is None:  # body is None makes whole true: this only narrows body for mypy
                 return await self._respond(a, conn, st)
             failure: list[BaseException] = []

@@ -229,7 +229,7 @@ async def test_a_whole_request_body_ends_on_its_last_frame(chunks, trailers, wan
         b.recv(1000)
         before = conn.emitted
         st = conn.open(_head(), end_stream=False)
-        put_whole_body(conn, conn.client, st.sid, chunks, trailers)
+        put_whole_body(conn, st.sid, chunks, trailers)
         conn.kick()
         with trio.fail_after(5):
             frames = _frames(await _drain(b, conn.emitted - before))
