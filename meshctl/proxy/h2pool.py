@@ -135,6 +135,18 @@ class H2Upstream(OutBuffer):
         returns, so that a lone request's bytes may be written inline (outbuf.py)."""
         super().emit(data)
 
+    def put_whole_body(self, sid: int, chunks: list[bytes], trailers: list[tuple[str, str]]) -> None:
+        """Queue a request body already read whole (its HEADERS went without END_STREAM, there
+        being a body or trailers): END_STREAM on the last DATA frame when there are no
+        trailers, not on an empty DATA frame of its own (a frame and 9 bytes less per request;
+        RFC 9113 6.1). ``kick()`` sends it."""
+        client = self.client
+        last = len(chunks) - 1
+        for i, c in enumerate(chunks):
+            self.put(client.data(sid, c, end_stream=i == last and not trailers))
+        if trailers:
+            self.put(client.end(sid, trailers))
+
     async def _writer(self) -> None:
         try:
             await self.write_loop()
@@ -239,19 +251,6 @@ class H2Upstream(OutBuffer):
             if not data:
                 self.reason = "upstream closed the connection"
                 return
-
-
-def put_whole_body(conn: H2Upstream, sid: int, chunks: list[bytes], trailers: list[tuple[str, str]]) -> None:
-    """Queue a request body already read whole (its HEADERS went without END_STREAM, there
-    being a body or trailers): END_STREAM on the last DATA frame when there are no
-    trailers, not on an empty DATA frame of its own (a frame and 9 bytes less per request;
-    RFC 9113 6.1). ``conn.kick()`` sends it."""
-    client = conn.client
-    last = len(chunks) - 1
-    for i, c in enumerate(chunks):
-        conn.put(client.data(sid, c, end_stream=i == last and not trailers))
-    if trailers:
-        conn.put(client.end(sid, trailers))
 
 
 def _stream_of(ev: H2Event) -> int:
@@ -415,7 +414,7 @@ class H2Exchange:
             whole = body is None or (body.finished and body.replayable)
             st = conn.open(head, end_stream=body is None or (whole and not body.chunks and not body.trailers))
             if body is not None and whole:
-                put_whole_body(conn, st.sid, body.chunks, body.trailers)
+                conn.put_whole_body(st.sid, body.chunks, body.trailers)
             if whole or body is None:  # body is None makes whole true: this only narrows body for mypy
                 return await self._respond(a, conn, st)
             failure: list[BaseException] = []

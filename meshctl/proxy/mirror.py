@@ -419,7 +419,6 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
     response head arrived, the body compared when it ended (a gRPC answer's status is
     its HTTP status; its grpc-status is in the trailers)."""
     from ..protocol.http2 import h1_head_to_h2
-    from .h2pool import put_whole_body
 
     mine = _mine(primary)
     out = _Outcome(timeout)
@@ -438,7 +437,7 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
             h2head = h1_head_to_h2(head)
             h2head.scheme = "http"
             st = conn.open(h2head, end_stream=not chunks and not trailers)
-            put_whole_body(conn, st.sid, chunks, trailers)
+            conn.put_whole_body(st.sid, chunks, trailers)
             client = conn.client
             conn.kick()  # (open() and put() queue; one kick sends the head and the body, as H2Exchange does)
             out.error = "stream reset before a response"

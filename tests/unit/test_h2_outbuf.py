@@ -20,7 +20,7 @@ from meshctl.model.proxyconfig import Listener, ProxyConfig, RouteTable, Setting
 from meshctl.protocol.events import RequestHead, Reset
 from meshctl.proxy.errors import DownstreamGone
 from meshctl.proxy.h2conn import _Conn, _StreamDown, _StreamReader
-from meshctl.proxy.h2pool import H2Pool, H2Upstream, put_whole_body
+from meshctl.proxy.h2pool import H2Pool, H2Upstream
 from meshctl.proxy.runtime import ActiveListener, ProxyRuntime
 from meshctl.proxy.snapshot import Snapshot
 from meshctl.proxy.stream import FastSocketStream
@@ -229,7 +229,7 @@ async def test_a_whole_request_body_ends_on_its_last_frame(chunks, trailers, wan
         b.recv(1000)
         before = conn.emitted
         st = conn.open(_head(), end_stream=False)
-        put_whole_body(conn, st.sid, chunks, trailers)
+        conn.put_whole_body(st.sid, chunks, trailers)
         conn.kick()
         with trio.fail_after(5):
             frames = _frames(await _drain(b, conn.emitted - before))
