@@ -34,7 +34,8 @@ Results of one try (``TryResult``):
     Retried          a response arrived that the forwarder chose to retry; it was
                      not relayed; wait ``delay`` seconds and try again
     Stale            a pooled keep-alive connection the upstream had closed: tried
-                     again at once on a new one (idempotent requests, once)
+                     again at once on another (idempotent requests, once); tries
+                     after the first check a pooled connection before taking it
 """
 
 from __future__ import annotations

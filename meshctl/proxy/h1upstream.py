@@ -13,7 +13,11 @@ ways after a 101 upgrade.
 A connection goes back to the pool only after a complete exchange with
 keep-alive; everything else is closed. A kept-alive connection the upstream
 closed before answering is ``Stale`` for idempotent requests (RFC 9110
-9.2.2 lets a client retry those once on a new connection).
+9.2.2 lets a client retry those once on a new connection). The first try
+takes a pooled connection idle for less than pool.PEEK_AFTER as is; every
+later try of the request checks the one it takes (MSG_PEEK), so that a
+second connection the upstream closed (it closes them all when it drains
+or restarts) is left, not tried: it would end the request as a reset (UR).
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ class H1Exchange:
         conn: UpstreamConn | None = None
         address = a.address
         port = a.port
+        # a try after another (a retry, or the try again after a Stale one) checks the
+        # pooled connection it takes, however young: the try before it may have met an
+        # upstream closing its connections (a draining sidecar, a restart), and a second
+        # dead connection in one request would be a reset (UR), not retried by default
+        check = a.retries > 0 or not rq.stale_ok
         if cs.dns:  # an endpoint given by name (ServiceEntry DNS / DNS_ROUND_ROBIN): one of its addresses
             try:
                 address = await upstream_address(address, cs.dns)
@@ -80,12 +89,12 @@ class H1Exchange:
                 if pool is shared:  # a warm connection without a coroutine (the common case)
                     clock = rq.clock
                     # (through the typed name: a native call when compiled)
-                    conn = shared.reuse(address, port, tls, clock.now() if clock is not None else -1.0)
+                    conn = shared.reuse(address, port, tls, clock.now() if clock is not None else -1.0, check)
                 if conn is None:
-                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls)
+                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls, check)
             else:
                 with trio.move_on_at(a.deadline):
-                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls)
+                    conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls, check)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
         if conn is None:

@@ -99,9 +99,9 @@ class ClusterLimiter:
     # ------------------------------------------------------------ acquire
 
     async def acquire(self, address: str, port: int, stats: ClusterStats, connect_timeout: float,
-                      tls=None) -> UpstreamConn:
+                      tls=None, check: bool = False) -> UpstreamConn:
         """A connection to address:port within the cluster's limits (``connect_timeout``
-        is ignored: the cluster's tcp.connectTimeout applies; ``tls`` as for
+        is ignored: the cluster's tcp.connectTimeout applies; ``tls`` and ``check`` as for
         UpstreamPool.acquire). Raises PoolOverflow or UpstreamConnectError."""
         key = (address, port) if tls is None else (address, port, tls.key)
         breaker = self.breaker
@@ -116,7 +116,8 @@ class ClusterLimiter:
             while admit is Admit.USE_IDLE:
                 conn = idle.pop()
                 age = now - conn.idle_since
-                if age < idle_timeout and (age < PEEK_AFTER or self.pool.backend.is_alive(conn.stream)):
+                if age < idle_timeout and ((age < PEEK_AFTER and not check)
+                                           or self.pool.backend.is_alive(conn.stream)):
                     conn.reused = True
                     return conn
                 self._close(conn)

@@ -369,12 +369,14 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
     out = _Outcome(timeout)
     conn = None
     stale_ok = head.method in IDEMPOTENT
+    again = False
     pool = rt.pool if cs.limiter is None else cs.limiter  # the cluster's connectionPool limits, if it has any
     try:
         with trio.move_on_after(timeout):
             while True:
+                # (sent again: the pooled connection taken is checked, however young; h1upstream.py)
                 conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
-                                          upstream_tls(rt, cs.cluster, ep))
+                                          upstream_tls(rt, cs.cluster, ep), again)
                 client = conn.client
                 parts = [client.request_head(head, end_stream=not chunks and not trailers)]
                 for c in chunks:
@@ -388,6 +390,7 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
                     ev = None
                 if (ev is None or type(ev) is Reset) and conn.reused and stale_ok:
                     stale_ok = False  # a kept-alive connection the upstream had closed: once more, on a new one
+                    again = True
                     pool.discard(conn)
                     conn = None
                     continue

@@ -125,14 +125,14 @@ class UpstreamPool:
         self.idle_timeout = 60.0
 
     async def acquire(self, address: str, port: int, stats: ClusterStats, connect_timeout: float,
-                      tls=None) -> UpstreamConn:
+                      tls=None, check: bool = False) -> UpstreamConn:
         """A pooled idle connection if a live one exists, else a new one.
         ``tls`` (identity.UpstreamTLS, None for plaintext) secures new
         connections and is part of the pool key, so plain and mTLS
-        connections to one address never mix.
+        connections to one address never mix. ``check``: as for ``reuse``.
         Raises UpstreamConnectError (including on connect timeout and on a
         failed TLS handshake or peer identity check)."""
-        conn = self.reuse(address, port, tls)
+        conn = self.reuse(address, port, tls, -1.0, check)
         if conn is not None:
             return conn
         key = (address, port) if tls is None else (address, port, tls.key)
@@ -155,10 +155,13 @@ class UpstreamPool:
         stats.cx_connect_fail += 1
         raise UpstreamConnectError(address, port, f"timed out after {connect_timeout:g}s")
 
-    def reuse(self, address: str, port: int, tls=None, now: float = -1.0) -> UpstreamConn | None:
+    def reuse(self, address: str, port: int, tls=None, now: float = -1.0,
+              check: bool = False) -> UpstreamConn | None:
         """A pooled idle connection that is (as far as is known) alive, else None;
         never waits (``acquire`` without the connect: the forwarder's common case).
-        ``now``: the trio clock's time if the caller has it (else it is asked)."""
+        ``now``: the trio clock's time if the caller has it (else it is asked).
+        ``check``: check even a connection idle for a moment (a request's tries after
+        its first: the one before may have met an upstream closing its connections)."""
         idle = self.idle.get((address, port) if tls is None else (address, port, tls.key))
         if idle:
             if now < 0:
@@ -169,7 +172,8 @@ class UpstreamPool:
                 # a connection idle for a moment is taken as is (a stale one is
                 # retried once for idempotent requests, see forward.py);
                 # an older one costs one MSG_PEEK syscall to check
-                if age < self.idle_timeout and (age < PEEK_AFTER or self.backend.is_alive(conn.stream)):
+                if age < self.idle_timeout and ((age < PEEK_AFTER and not check)
+                                                or self.backend.is_alive(conn.stream)):
                     conn.reused = True
                     return conn
                 self._close(conn)

@@ -367,3 +367,74 @@ async def test_the_codecs_of_closed_client_connections_are_freed_with_them_not_l
             assert codecs_in_garbage() == 0
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------------ pooled connections the upstream closed
+
+
+class ClosesIdleOnce(H1App):
+    """Keep-alive upstream that, on its first connections, closes each one a moment after
+    answering (a sidecar that drains, a server that restarts): the proxy's pool still holds
+    them idle, too young (pool.PEEK_AFTER) to be checked before reuse. Later connections stay."""
+
+    def __init__(self, closing: int) -> None:
+        super().__init__()
+        self.closing = closing  # how many of the first connections close when idle
+
+    async def __call__(self, stream) -> None:
+        self.connections += 1
+        closes = self.connections <= self.closing
+        async for head in request_heads(stream):
+            target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
+            self.requests.append(target)
+            await trio.sleep(int(_query(target).get("ms", "0")) / 1000)
+            await stream.send_all(b"HTTP/1.1 200 X\r\ncontent-length: 2\r\n\r\nok")
+            if closes:
+                await trio.sleep(0.05)
+                return  # (closed by the backend)
+
+
+async def test_a_second_dead_pooled_connection_in_one_request_is_not_an_upstream_reset(autojump_clock):
+    # two idle connections to the upstream, both closed by it; the first try finds one dead
+    # (Stale: tried again at once), the try after it must not take the other on trust: it
+    # was a 503 UR (a reset, which the default retryOn does not retry) for a GET the upstream
+    # never saw
+    from meshctl.proxy.pool import PEEK_AFTER
+
+    app = ClosesIdleOnce(closing=2)
+    async with _proxy(_config(), app) as (rt, backend):
+        results: list = []
+        async with trio.open_nursery() as n:  # two at once: two pooled connections
+            n.start_soon(_get, backend, "/a?ms=10", results)
+            n.start_soon(_get, backend, "/b?ms=10", results)
+        assert [r[0] for r in results] == [200, 200] and app.connections == 2
+        await trio.sleep(0.1)  # both closed by the upstream, still young in the pool
+        assert 0.1 < PEEK_AFTER
+        status, headers, _ = await _get(backend, "/c")
+    assert (status, headers.get("x-meshctl-reason")) == (200, None)
+    assert sorted(app.requests) == ["/a?ms=10", "/b?ms=10", "/c"]  # the dead connections saw no "/c"
+    assert app.connections == 3  # the third on a new connection
+    assert rt.stats.flags["UR"] == 0
+
+
+async def test_a_young_pooled_connection_is_taken_on_trust_unless_the_caller_asks_for_a_check(autojump_clock):
+    from meshctl.protocol.http1 import H1Client
+    from meshctl.proxy.pool import PEEK_AFTER, UpstreamConn, UpstreamPool
+    from meshctl.proxy.stats import ClusterStats
+    from meshctl.proxy.testing import memory_connection
+
+    pool = UpstreamPool(limits=None, backend=MemoryBackend())
+    stats = ClusterStats(CLUSTER)
+    pairs = [memory_connection() for _ in range(2)]
+    for ours, _ in pairs:
+        stats.cx_active += 1
+        conn = UpstreamConn(ours, H1Client(), APP, stats)
+        conn.idle_since = trio.current_time()
+        pool.idle.setdefault(APP, []).append(conn)
+    for _, theirs in pairs:
+        theirs.close_now()  # the upstream closed both
+    await trio.sleep(PEEK_AFTER / 2)
+    trusted = pool.reuse(*APP)  # the first try's way: no syscall for a connection this young
+    assert trusted is not None and trusted.stream is pairs[1][0]
+    assert pool.reuse(*APP, check=True) is None  # a later try's: the dead one is closed, not handed out
+    assert pairs[0][0].closed and stats.cx_active == 1 and not pool.idle[APP]
