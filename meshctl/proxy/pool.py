@@ -202,6 +202,7 @@ class UpstreamPool:
 
     def _close(self, conn: UpstreamConn) -> None:
         conn.stream.close_now()
+        conn.client.release()  # (freed with the connection, not by the cyclic GC: http1.release)
         if conn.counted:
             conn.counted = False
             conn.stats.cx_active -= 1
