@@ -393,7 +393,9 @@ class ClosesIdleOnce(H1App):
                 return  # (closed by the backend)
 
 
-async def test_a_second_dead_pooled_connection_in_one_request_is_not_an_upstream_reset(autojump_clock):
+@pytest.mark.parametrize("limits", [None, ConnectionPoolSettings(tcp=TCPSettings(max_connections=8))],
+                         ids=["shared-pool", "cluster-limiter"])
+async def test_a_second_dead_pooled_connection_in_one_request_is_not_an_upstream_reset(autojump_clock, limits):
     # two idle connections to the upstream, both closed by it; the first try finds one dead
     # (Stale: tried again at once), the try after it must not take the other on trust: it
     # was a 503 UR (a reset, which the default retryOn does not retry) for a GET the upstream
@@ -401,7 +403,7 @@ async def test_a_second_dead_pooled_connection_in_one_request_is_not_an_upstream
     from meshctl.proxy.pool import PEEK_AFTER
 
     app = ClosesIdleOnce(closing=2)
-    async with _proxy(_config(), app) as (rt, backend):
+    async with _proxy(_config(pool=limits), app) as (rt, backend):
         results: list = []
         async with trio.open_nursery() as n:  # two at once: two pooled connections
             n.start_soon(_get, backend, "/a?ms=10", results)
