@@ -1,0 +1,104 @@
+"""The sidecar's one import of trio's concurrency primitives.
+
+Every module of the sidecar process under ``meshctl/proxy/`` reaches the
+runtime's primitives through this module (``import meshctl.proxy.aio as aio``,
+then ``aio.move_on_after(...)``), never through trio directly
+(tests/unit/test_import_graph.py checks it), so that the data plane can be
+bound to another runtime with trio's semantics (issue 12: bench/README.md,
+``miniloop.py``) by changing this one module. For now it is bound to trio: the
+names below are trio's own objects, re-exported, with no wrapper around them,
+so a call costs exactly what it cost through ``trio.`` (nothing interpreted
+is added to the request path; the compiled modules read them as module
+attributes, as they read trio's).
+
+The names (trio's, with where trio keeps them):
+
+- time and timeouts: ``sleep``, ``current_time``, ``move_on_after``,
+  ``move_on_at``, ``fail_after``, ``CancelScope``, and the exceptions
+  ``Cancelled`` and ``TooSlowError``;
+- tasks: ``open_nursery``, ``Nursery``, ``TaskStatus``, ``TASK_STATUS_IGNORED``,
+  ``run`` (the process's one run), ``run_sync_in_thread``
+  (``trio.to_thread.run_sync``);
+- synchronization: ``Event``, ``Lock``;
+- trio.lowlevel, the parking and I/O primitives the hot path uses directly:
+  ``checkpoint``, ``wait_readable``, ``wait_writable``, ``notify_closing``,
+  ``current_task``, ``Task``, ``wait_task_rescheduled``, ``reschedule``
+  (its value is an ``outcome.Value``), ``Abort``, ``current_clock``;
+- the rest: ``aclose_forcefully``, ``open_signal_receiver``, ``getaddrinfo``
+  (``trio.socket.getaddrinfo``: the system resolver in a worker thread).
+
+Not here, on purpose: the plain exception classes and stream ABCs that are
+part of the stream interface rather than runtime machinery
+(``trio.abc.*``, ``trio.ClosedResourceError``, ``trio.BrokenResourceError``,
+``trio.BusyResourceError``, ``trio.EndOfChannel``) stay imported from trio
+where they are used: another runtime raises and implements those same
+classes. ``proxy/testing.py`` (test support) keeps ``trio.testing``.
+"""
+
+from __future__ import annotations
+
+from trio import (
+    TASK_STATUS_IGNORED,
+    CancelScope,
+    Cancelled,
+    Event,
+    Lock,
+    Nursery,
+    TaskStatus,
+    TooSlowError,
+    aclose_forcefully,
+    current_time,
+    fail_after,
+    move_on_after,
+    move_on_at,
+    open_nursery,
+    open_signal_receiver,
+    run,
+    sleep,
+)
+from trio.lowlevel import (
+    Abort,
+    Task,
+    checkpoint,
+    current_clock,
+    current_task,
+    notify_closing,
+    reschedule,
+    wait_readable,
+    wait_task_rescheduled,
+    wait_writable,
+)
+from trio.socket import getaddrinfo
+from trio.to_thread import run_sync as run_sync_in_thread
+
+__all__ = [
+    "TASK_STATUS_IGNORED",
+    "Abort",
+    "CancelScope",
+    "Cancelled",
+    "Event",
+    "Lock",
+    "Nursery",
+    "Task",
+    "TaskStatus",
+    "TooSlowError",
+    "aclose_forcefully",
+    "checkpoint",
+    "current_clock",
+    "current_task",
+    "current_time",
+    "fail_after",
+    "getaddrinfo",
+    "move_on_after",
+    "move_on_at",
+    "notify_closing",
+    "open_nursery",
+    "open_signal_receiver",
+    "reschedule",
+    "run",
+    "run_sync_in_thread",
+    "sleep",
+    "wait_readable",
+    "wait_task_rescheduled",
+    "wait_writable",
+]
