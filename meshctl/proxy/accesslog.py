@@ -23,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-import trio
+import meshctl.proxy.aio as aio
 
 log = logging.getLogger("meshctl.proxy.accesslog")
 
@@ -111,7 +111,7 @@ class AccessLog:
         self.pending: list[dict] = []
         self.dropped = 0
         self.written = 0
-        self._wake = trio.Event()
+        self._wake = aio.Event()
 
     @property
     def path(self) -> Path:
@@ -139,14 +139,14 @@ class AccessLog:
         try:
             for i in range(0, len(records), ENCODE_CHUNK):
                 if i:
-                    await trio.lowlevel.checkpoint()  # the connections run between chunks
+                    await aio.checkpoint()  # the connections run between chunks
                 parts.append(self._encode(records[i:i + ENCODE_CHUNK]))
         except BaseException:  # cancelled mid-way: nothing written yet, the records wait for the last flush
             self.pending[:0] = records
             raise
         data = b"".join(parts)
         try:
-            await trio.to_thread.run_sync(self.file.write, data)
+            await aio.run_sync_in_thread(self.file.write, data)
         except OSError as exc:
             self.dropped += len(records)
             log.warning("access log %s: write failed: %s", self.file.path, exc.strerror or exc)
@@ -161,13 +161,13 @@ class AccessLog:
             while True:
                 if not self.pending:
                     await self._wake.wait()  # the first record
-                self._wake = trio.Event()
+                self._wake = aio.Event()
                 if len(self.pending) < self.max_buffered:
-                    with trio.move_on_after(self.flush_interval):
+                    with aio.move_on_after(self.flush_interval):
                         await self._wake.wait()  # a full buffer
-                    self._wake = trio.Event()
+                    self._wake = aio.Event()
                 await self.flush()
         finally:
-            with trio.CancelScope(shield=True):
+            with aio.CancelScope(shield=True):
                 await self.flush()
                 self.file.close()

@@ -24,8 +24,7 @@ import json
 import logging
 import socket
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..protocol.events import EndOfMessage, ProtocolError, RequestHead, ResponseHead
 from ..protocol.http1 import H1Server
 from .errors import PeerGone, send_all
@@ -95,7 +94,7 @@ def handle(rt, method: str, path: str, authorization: str | None = None) -> tupl
     if path in ("/stats", "/metrics"):
         from .telemetry import runtime_gauges
 
-        text = rt.stats.render() + rt.mirrors.render() + rt.telemetry.render(runtime_gauges(rt, trio.current_time()))
+        text = rt.stats.render() + rt.mirrors.render() + rt.telemetry.render(runtime_gauges(rt, aio.current_time()))
         if path == "/metrics" and rt.config is not None and rt.config.telemetry.metric_overrides:
             # Istio Telemetry metric overrides shape what Prometheus scrapes; /stats (Mixer, `top`) stays whole
             from .metric_overrides import apply_metric_overrides
@@ -112,7 +111,7 @@ def handle(rt, method: str, path: str, authorization: str | None = None) -> tupl
     if path == "/mirror":  # shadow requests compared with the primaries (mirror.py), for `meshctl mirror diff`
         return 200, "application/json", json.dumps(rt.mirrors.report()).encode()
     if path == "/clusters":
-        return 200, "application/json", (json.dumps(clusters_status(rt, trio.current_time()), indent=1) + "\n").encode()
+        return 200, "application/json", (json.dumps(clusters_status(rt, aio.current_time()), indent=1) + "\n").encode()
     if path == "/listeners":
         out = {name: f"{al.spec.address}:{al.bound_port}" for name, al in rt.listeners.items()}
         return 200, "application/json", (json.dumps(out) + "\n").encode()
@@ -124,7 +123,7 @@ async def serve_conn(rt, stream: FastSocketStream) -> None:
     server = H1Server()
     reader = EventReader(stream, server)
     try:
-        with trio.move_on_after(30):
+        with aio.move_on_after(30):
             while True:
                 head = await reader.next()
                 if type(head) is not RequestHead:
@@ -160,11 +159,11 @@ async def serve_conn(rt, stream: FastSocketStream) -> None:
         stream.close_now()
 
 
-async def serve_admin(rt, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_admin(rt, sock: socket.socket, *, task_status=aio.TASK_STATUS_IGNORED) -> None:
     """Serve the admin API on an already-bound listening socket until cancelled."""
     task_status.started(sock.getsockname()[1])
     try:
-        async with trio.open_nursery() as nursery:
+        async with aio.open_nursery() as nursery:
             while True:
                 conn, _ = await accept(sock)
                 nursery.start_soon(serve_conn, rt, FastSocketStream(conn))

@@ -25,8 +25,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Protocol
 
-import trio
-
+import meshctl.proxy.aio as aio
 from .stream import FastSocketStream, accept, bind_listener, connect_tcp, is_alive
 
 __all__ = ["NetworkBackend", "BackendListener", "SocketBackend", "SocketListener"]
@@ -81,7 +80,7 @@ class SocketListener:
 
     def close(self) -> None:
         try:
-            trio.lowlevel.notify_closing(self.sock)
+            aio.notify_closing(self.sock)
         except RuntimeError:
             pass
         self.sock.close()

@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.peeruid import checks as checks_peer
 from .gateway_tls import serve_gateway_tls
 from .http import serve_http_connection
@@ -55,7 +54,7 @@ async def serve_connection(rt: Any, al: ActiveListener, stream: Any, client_ip: 
                 await serve_http_connection(rt, al, stream, client_ip)
         except OSError as exc:
             if exc.errno in FD_ERRNOS:  # one line per condition, no traceback (overload.py)
-                rt.fd_shortage.hit(trio.current_time(), f"{exc.strerror} while serving a connection")
+                rt.fd_shortage.hit(aio.current_time(), f"{exc.strerror} while serving a connection")
             else:
                 log.exception("listener %s: connection from %s failed", spec.name, client_ip)
             stream.close_now()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import trio
+import meshctl.proxy.aio as aio
 
 
 class ConnState:
@@ -30,7 +30,7 @@ class ConnState:
     def __init__(self, stream: Any = None, backend: Any = None, accepted_on: Any = None) -> None:
         self.accepted_on = accepted_on  # the listener (backend's) it came in on: a removed one drains it
         self.server: Any = None  # HTTP/1.1: its H1Server; the watchdog asks it whether a head has begun
-        self.scope = trio.CancelScope()
+        self.scope = aio.CancelScope()
         self.busy = False
         self.deadline = math.inf
         self.rq: Any = None  # the request.Request in progress, or None

@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.dnscache import DnsCache
 
 log = logging.getLogger("meshctl.proxy")
@@ -26,7 +25,7 @@ TTL_QUERY_TIMEOUT = 2.0
 
 
 async def _addresses(host: str) -> tuple[str, ...]:
-    res = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    res = await aio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     return tuple(dict.fromkeys(str(r[4][0]) for r in res))
 
 
@@ -68,9 +67,9 @@ async def _resolve(host: str, now: float, with_ttl: bool) -> tuple[str, ...]:
 
 async def lookup(host: str, port: int) -> list[tuple[int, tuple]]:
     """(family, sockaddr) to try for ``host:port``. Raises OSError when it does not resolve."""
-    addrs = CACHE.get(host, trio.current_time())
+    addrs = CACHE.get(host, aio.current_time())
     if addrs is None:
-        addrs = await _resolve(host, trio.current_time(), with_ttl=False)  # first use: the TTL comes with the refresh
+        addrs = await _resolve(host, aio.current_time(), with_ttl=False)  # first use: the TTL comes with the refresh
     return [(socket.AF_INET6 if ":" in a else socket.AF_INET, (a, port)) for a in addrs]
 
 
@@ -79,10 +78,10 @@ async def refresh() -> None:
     while True:
         # no names cached: none can be due before min_ttl after it is added, so one look
         # a min_ttl (1 s) finds it as soon as looking every REFRESH_EVERY would (fewer wake-ups)
-        await trio.sleep(REFRESH_EVERY if CACHE.entries else max(REFRESH_EVERY, CACHE.min_ttl))
-        for host in CACHE.due(trio.current_time()):
+        await aio.sleep(REFRESH_EVERY if CACHE.entries else max(REFRESH_EVERY, CACHE.min_ttl))
+        for host in CACHE.due(aio.current_time()):
             try:
-                await _resolve(host, trio.current_time(), with_ttl=True)
+                await _resolve(host, aio.current_time(), with_ttl=True)
             except OSError as exc:
                 log.info("DNS refresh of %s failed: %s (keeping the last answer)", host, exc)
 
@@ -93,7 +92,7 @@ async def upstream_address(host: str, mode: str) -> str:
     is an endpoint of its own and gets its own pooled connections;
     "DNS_ROUND_ROBIN": the first address of the latest answer). Resolved once on
     first use, then from the cache (refreshed off the request path). Raises OSError."""
-    now = trio.current_time()
+    now = aio.current_time()
     addr = CACHE.pick(host, now, mode == "DNS")
     if addr is None:
         await _resolve(host, now, with_ttl=False)

@@ -23,8 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.route import Forward
 from ..model.proxyconfig import Cluster, Endpoint
 from ..model.proxyconfig import cluster_name
@@ -59,7 +58,7 @@ def on_forward(rq, fwd: Forward) -> None:
     that mirrors nothing (the common case), and calls this for the rest."""
     snap = rq.snap
     if fwd.route.mirror is not None or fwd.route.mirrors:
-        rq.start = trio.current_time()  # the primary's latency, for mirror comparisons (mirror.py)
+        rq.start = aio.current_time()  # the primary's latency, for mirror comparisons (mirror.py)
         rq.kept = KeptResponse()  # its response headers and body, for the same
     cs = snap.clusters.get(fwd.cluster)
     if cs is None or not cs.cluster.external:
@@ -178,9 +177,9 @@ async def tunnel(rt, snap: Snapshot, server, route_table: str | None, authority:
     up = None
     if address is not None:
         try:
-            with trio.fail_after(float(snap.settings.connect_timeout)):
+            with aio.fail_after(float(snap.settings.connect_timeout)):
                 up = await rt.backend.connect(address[0], address[1])
-        except (UpstreamConnectError, trio.TooSlowError) as exc:
+        except (UpstreamConnectError, aio.TooSlowError) as exc:
             status, flag, why = 503, F.UF, f"connect to {address[0]}:{address[1]} failed: {exc}"
     if up is None:
         rt.stats.flag(flag)

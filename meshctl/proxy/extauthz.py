@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.extauthz import ExtAllowed, ExtDenied, apply_upstream, check_request, check_result, on_error
 from ..model.proxyconfig import EnvoyExtAuthzHttp
 from .request import LocalReply
@@ -39,9 +38,9 @@ class ExtAuthzClient:
         url = f"http://{host}:{p.port}{creq.target}"
         sent = [(k, v) for k, v in creq.headers if k != "content-length"]
         try:
-            with trio.fail_after(creq.timeout):
+            with aio.fail_after(creq.timeout):
                 r = await self._client.request(creq.method, url, headers=sent, content=b"")
-        except (httpx.HTTPError, trio.TooSlowError, OSError, ValueError) as e:
+        except (httpx.HTTPError, aio.TooSlowError, OSError, ValueError) as e:
             why = f"{p.service}:{p.port}: {type(e).__name__} {e}".strip()
             log.warning("external authorizer failed: %s", why)
             return on_error(p, why)

@@ -46,8 +46,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.balance import PickContext
 from ..core.locality import RetryPriorities
 from ..core.mirror import has_mirrors
@@ -217,11 +216,11 @@ class Forwarder:
             if not rq.body_done:
                 rt_s = float(rq.snap.settings.request_timeout)
                 rq.body = BodySource(rq.reader, rq.snap.settings.retry_buffer_bytes,
-                                     trio.current_time() + rt_s if rt_s > 0 else math.inf)
+                                     aio.current_time() + rt_s if rt_s > 0 else math.inf)
                 rq.body.prefill()
             up_head = self.upstream_head(rq)
             if timeout:
-                with trio.move_on_after(timeout) as scope:
+                with aio.move_on_after(timeout) as scope:
                     await self._tries(rq, up_head)
                 if scope.cancelled_caught:
                     assert rq.cluster is not None
@@ -275,9 +274,9 @@ class Forwarder:
         try:
             while True:
                 if cs.shaped:  # locality load balancing, slow start
-                    eps = cs.candidates(trio.current_time(), rt.rand, prios.before_pick() if prios is not None else frozenset())
+                    eps = cs.candidates(aio.current_time(), rt.rand, prios.before_pick() if prios is not None else frozenset())
                 else:
-                    eps = cs.healthy if outlier is None else cs.eligible(trio.current_time())
+                    eps = cs.healthy if outlier is None else cs.eligible(aio.current_time())
                 ep: Endpoint | None
                 if len(eps) == 1 and cs.lone_pick:
                     ep = eps[0]  # the balancer would take it without looking (no context to build)
@@ -295,7 +294,7 @@ class Forwarder:
                     prios.tried(cs.locality.level_of(ep))
                 rq.endpoint = ep
                 per_try = policy.per_try_timeout
-                deadline = trio.current_time() + per_try if per_try else math.inf
+                deadline = aio.current_time() + per_try if per_try else math.inf
                 a = Attempt(rq, cs, ep, up_head, deadline, per_try, policy, retries, self)
                 key = (a.address, a.port)
                 active[key] = active.get(key, 0) + 1  # least-request balancing: requests in flight
@@ -324,7 +323,7 @@ class Forwarder:
                     return
                 if t is Retried:
                     assert isinstance(result, Retried)
-                    await trio.sleep(result.delay)
+                    await aio.sleep(result.delay)
                     retries += 1
                     cs.stats.rq_retry += 1
                     ctx = _tried(ctx, key, rq, up_head.path, active)
@@ -334,7 +333,7 @@ class Forwarder:
                 verdict = decide(policy, retries, Outcome(failure=result.failure),
                                  body_replayable=body is None or body.replayable, rand=rt.rand)
                 if type(verdict) is RetryAfter and self._hold_retry(rq, cs):
-                    await trio.sleep(verdict.seconds)
+                    await aio.sleep(verdict.seconds)
                     retries += 1
                     cs.stats.rq_retry += 1
                     ctx = _tried(ctx, key, rq, up_head.path, active)
@@ -374,7 +373,7 @@ class Forwarder:
         outlier = cs.outlier
         assert outlier is not None
         host = (ep.address, ep.port)
-        now = trio.current_time()
+        now = aio.current_time()
         t = type(result)
         if t is Relayed:
             if not rq.status or rq.status == 101:

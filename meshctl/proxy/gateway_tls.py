@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+import meshctl.proxy.aio as aio
 from ..model.istio import TCPRoute
 from ..model.proxyconfig import Listener, ProxyConfig, ServerTLS
 from ..protocol.tls_hello import NEED_MORE, NOT_TLS, Hello, host_matches, parse
@@ -216,7 +217,7 @@ class GatewayCredentials:
                 if s.mode == "PASSTHROUGH" or (s.mode == "ISTIO_MUTUAL" and holder is None):
                     continue  # no credentials of its own / identity arrives later (connections refused until then)
                 try:
-                    self.context(s, holder, trio.current_time() if _in_trio() else 0.0)
+                    self.context(s, holder, aio.current_time() if _in_trio() else 0.0)
                 except CredentialError as exc:
                     out.append(f"listener {lst.name!r}: {exc}")
         return out
@@ -224,7 +225,7 @@ class GatewayCredentials:
 
 def _in_trio() -> bool:
     try:
-        trio.lowlevel.current_task()
+        aio.current_task()
         return True
     except RuntimeError:
         return False
@@ -278,10 +279,10 @@ async def peek_hello(stream) -> Hello | str:
     import socket as _socket
 
     sock = stream.socket
-    with trio.move_on_after(HELLO_TIMEOUT):
+    with aio.move_on_after(HELLO_TIMEOUT):
         last = -1
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await aio.wait_readable(sock)
             try:
                 data = sock.recv(16384 + 5, _socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
@@ -294,7 +295,7 @@ async def peek_hello(stream) -> Hello | str:
             if got is not NEED_MORE:
                 return got
             if len(data) == last:
-                await trio.sleep(0.005)  # the rest of the hello is on its way
+                await aio.sleep(0.005)  # the rest of the hello is on its way
             last = len(data)
     return NOT_TLS
 
@@ -326,16 +327,16 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
         await serve_tcp_connection(rt, _L4(l4, al.sock), stream, client_ip)
         return
     try:
-        ctx = rt.gateway_credentials.context(server, rt.tls, trio.current_time())
+        ctx = rt.gateway_credentials.context(server, rt.tls, aio.current_time())
     except CredentialError as exc:
         log.warning("%s: connection from %s closed: %s", spec.name, client_ip, exc)
         stream.close_now()
         return
     tls = wrap_stream(stream, ctx, server_side=True)
     try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with aio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
-    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+    except (trio.BrokenResourceError, aio.TooSlowError) as exc:
         cause = exc.__cause__ or exc
         log.info("%s: TLS handshake with %s failed: %s", spec.name, client_ip, getattr(cause, "reason", None) or cause)
         stream.close_now()

@@ -25,8 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
 from ..protocol.headers import strip_hop_by_hop
 from ..protocol.http1 import H1Server
@@ -93,7 +92,7 @@ class H1Exchange:
                 if conn is None:
                     conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls, check)
             else:
-                with trio.move_on_at(a.deadline):
+                with aio.move_on_at(a.deadline):
                     conn = await pool.acquire(address, port, cs.stats, rq.snap.settings.connect_timeout, tls, check)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
@@ -135,7 +134,7 @@ class H1Exchange:
             res: TryResult | None = None
             failure: list[BaseException] = []
             main_error: list[BaseException] = []
-            async with trio.open_nursery() as nursery:
+            async with aio.open_nursery() as nursery:
                 nursery.start_soon(self._send_body, a, conn, failure, nursery.cancel_scope)
                 try:
                     res = await self._respond(a, conn)
@@ -176,7 +175,7 @@ class H1Exchange:
                 pool.discard(conn)
 
     async def _send_body(self, a: Attempt, conn: UpstreamConn, failure: list[BaseException],
-                         cancel: trio.CancelScope) -> None:
+                         cancel: aio.CancelScope) -> None:
         client = conn.client
         stream = conn.stream
         body = a.rq.body
@@ -240,7 +239,7 @@ class H1Exchange:
                 else:
                     head = await self._read_head(rq, conn, ev)
             else:
-                with trio.move_on_at(a.deadline) as scope:
+                with aio.move_on_at(a.deadline) as scope:
                     head = await self._read_head(rq, conn)
                 timed_out = scope.cancelled_caught
         except PeerGone:

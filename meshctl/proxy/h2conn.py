@@ -50,8 +50,8 @@ import time
 from typing import Any, Final
 
 import outcome
-import trio
 
+import meshctl.proxy.aio as aio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead, header_value
 from ..protocol.grpc import (
     GrpcError,
@@ -296,18 +296,18 @@ class _Conn(OutBuffer):
         self.rt = rt
         self.al = al
         self.client_ip = client_ip
-        self.clock = FastClock(trio.lowlevel.current_clock())  # (trio.current_time() is three interpreted calls)
+        self.clock = FastClock(aio.current_clock())  # (trio.current_time() is three interpreted calls)
         self.h2 = H2Server(h2_limits(rt.snapshot), now=self.clock.now)
         self._init_out(stream)
-        self.streams: dict[int, tuple[trio.CancelScope, _StreamReader, _StreamDown]] = {}
+        self.streams: dict[int, tuple[aio.CancelScope, _StreamReader, _StreamDown]] = {}
         self.blocked: dict[int, _StreamDown] = {}  # streams waiting for send window
         self.write_failed = False  # a write to the socket failed (not: the client closed after reading)
-        self.nursery: trio.Nursery | None = None
+        self.nursery: aio.Nursery | None = None
         self.state: H2ConnState | None = None
         self.draining = False
         self.lstats = lstats
         # stream tasks waiting for a stream (_next_stream), each with its cancel scope
-        self.idle: list[tuple[trio.lowlevel.Task, trio.CancelScope]] = []
+        self.idle: list[tuple[aio.Task, aio.CancelScope]] = []
 
     async def flush(self) -> None:
         """Wait until everything emitted so far is written to the socket; DownstreamGone
@@ -427,7 +427,7 @@ class _Conn(OutBuffer):
         sends (briefly), so closing does not turn into a TCP reset that could
         destroy the GOAWAY before the peer reads it."""
         stream = self.stream
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):  # kill() cancelled the nursery
+        with aio.CancelScope(shield=True), aio.move_on_after(1.0):  # kill() cancelled the nursery
             try:
                 if hasattr(stream, "send_eof"):  # plain sockets; a TLS stream may have one too
                     await send_eof(stream)
@@ -456,10 +456,10 @@ class _Conn(OutBuffer):
             if self.idle:  # a task whose stream is done takes this one (no new task)
                 task, scope = self.idle.pop()
                 self.streams[sid] = (scope, reader, down)
-                trio.lowlevel.reschedule(task, outcome.Value((ev, reader, down)))
+                aio.reschedule(task, outcome.Value((ev, reader, down)))
             else:
                 assert self.nursery is not None  # set before the first frame is read
-                scope = trio.CancelScope()
+                scope = aio.CancelScope()
                 self.streams[sid] = (scope, reader, down)
                 # (named: trio names a task by its function's module and qualname, which a
                 # compiled method lacks, and falls back to repr() of the bound method)
@@ -481,7 +481,7 @@ class _Conn(OutBuffer):
             log.debug("client %s sent GOAWAY (last stream %d)", self.client_ip, ev.last_stream_id)
 
     # ------------------------------------------------------------ one stream
-    async def _stream_task(self, head: RequestHead, scope: trio.CancelScope, reader: _StreamReader,
+    async def _stream_task(self, head: RequestHead, scope: aio.CancelScope, reader: _StreamReader,
                            down: _StreamDown) -> None:
         """Serve a stream, then the next ones the connection opens: a task whose stream is
         done waits for the next (up to _IDLE_TASKS of them), since starting a trio task per
@@ -492,7 +492,7 @@ class _Conn(OutBuffer):
         task's stream is then the reset one), and the task ends with that stream. One
         scope for all of a task's streams, since entering a trio.CancelScope costs some
         twenty interpreted calls."""
-        task = trio.lowlevel.current_task()
+        task = aio.current_task()
         with scope:
             while True:
                 await self._serve_stream(head, scope, reader, down)
@@ -503,20 +503,20 @@ class _Conn(OutBuffer):
                     return
                 head, reader, down = await self._next_stream(task, scope)
 
-    async def _next_stream(self, task: trio.lowlevel.Task, scope: trio.CancelScope) -> Any:
+    async def _next_stream(self, task: aio.Task, scope: aio.CancelScope) -> Any:
         """Wait until _dispatch hands this task a new stream: (head, reader, down)."""
         idle = self.idle
         entry = (task, scope)
         idle.append(entry)
 
-        def abort(_: Any) -> trio.lowlevel.Abort:
+        def abort(_: Any) -> aio.Abort:
             if entry in idle:
                 idle.remove(entry)
-            return trio.lowlevel.Abort.SUCCEEDED
+            return aio.Abort.SUCCEEDED
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        return await aio.wait_task_rescheduled(abort)
 
-    async def _serve_stream(self, head: RequestHead, scope: trio.CancelScope, reader: _StreamReader,
+    async def _serve_stream(self, head: RequestHead, scope: aio.CancelScope, reader: _StreamReader,
                             down: _StreamDown) -> None:
         rt = self.rt
         sid = head.stream_id
@@ -554,7 +554,7 @@ class _Conn(OutBuffer):
                 else:
                     # grpc-timeout is the request's deadline (the route timeout may be shorter);
                     # a gRPC call with a deadline is mirrored too
-                    with trio.move_on_at(deadline) as dl:
+                    with aio.move_on_at(deadline) as dl:
                         await rt.forwarder.run(rq)
                     if dl.cancelled_caught:
                         rq.flags.append(F.UT)
@@ -579,7 +579,7 @@ class _Conn(OutBuffer):
                     await self.flush()
                 except DownstreamGone:
                     pass
-        except trio.Cancelled:
+        except aio.Cancelled:
             # the task's scope (_stream_task) is cancelled: the client reset this stream. The
             # connection's end (dead) cancels the nursery too: nothing is recorded then
             if not scope.cancel_called or self.dead:
@@ -620,11 +620,11 @@ async def serve_h2_connection(rt: Any, active_listener: Any, stream: Any, client
     c = _Conn(rt, active_listener, stream, client_ip, lstats)
     state = H2ConnState(base, c)
     c.state = state
-    state.deadline = trio.current_time() + rt.snapshot.settings.idle_timeout
+    state.deadline = aio.current_time() + rt.snapshot.settings.idle_timeout
     rt.conns.discard(base)
     rt.conns.add(state)
     try:
-        async with trio.open_nursery() as nursery:
+        async with aio.open_nursery() as nursery:
             c.nursery = nursery
             if rt.draining:
                 c.start_drain()

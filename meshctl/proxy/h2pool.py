@@ -39,8 +39,7 @@ import logging
 import math
 from typing import Any, Final
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
 from ..protocol.grpc import grpc_status_from
 from ..protocol.http1 import H1Server
@@ -111,12 +110,12 @@ class H2Upstream(OutBuffer):
         self.pool = pool
         self.key = key
         self.stats = stats
-        self.client = H2Client(H2Limits(), now=trio.current_time)
+        self.client = H2Client(H2Limits(), now=aio.current_time)
         self.streams: dict[int, _UpStream] = {}
         self._init_out(stream)
-        self.scope = trio.CancelScope()
+        self.scope = aio.CancelScope()
         self.reason = ""
-        self.idle_since: float = trio.current_time()
+        self.idle_since: float = aio.current_time()
 
     # ------------------------------------------------------------ writing
     def emit(self, data: bytes) -> None:
@@ -177,7 +176,7 @@ class H2Upstream(OutBuffer):
         if self.streams.pop(st.sid, None) is None:
             return
         if not self.streams:
-            self.idle_since = trio.current_time()
+            self.idle_since = aio.current_time()
         if abort and not self.dead:
             self.emit(self.client.reset(st.sid, "request abandoned"))
         if self.dead or (self.client.closed and not self.streams):
@@ -195,11 +194,11 @@ class H2Upstream(OutBuffer):
         self.pool._forget(self)
         self.scope.cancel()
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: aio.TaskStatus[None] = aio.TASK_STATUS_IGNORED) -> None:
         """Reader and writer; returns when the connection is over (socket closed)."""
         try:
             with self.scope:
-                async with trio.open_nursery() as n:
+                async with aio.open_nursery() as n:
                     n.start_soon(self._writer)
                     self.emit(self.client.initiate())
                     task_status.started()
@@ -223,7 +222,7 @@ class H2Upstream(OutBuffer):
             except ProtocolError as exc:
                 log.info("upstream %s:%d HTTP/2 error: %s", self.key[0], self.key[1], exc)
                 self.emit(client.data_to_send())
-                with trio.move_on_after(1):
+                with aio.move_on_after(1):
                     try:
                         await self.flush()
                     except PeerGone:
@@ -263,19 +262,19 @@ def _stream_of(ev: H2Event) -> int:
 class H2Pool:
     """Upstream HTTP/2 connections by (address, port, tls key)."""
 
-    def __init__(self, nursery: trio.Nursery, backend: NetworkBackend) -> None:
+    def __init__(self, nursery: aio.Nursery, backend: NetworkBackend) -> None:
         self.nursery = nursery
         self.backend = backend
         self.conns: dict[tuple[Any, ...], list[H2Upstream]] = {}
-        self.connecting: dict[tuple[Any, ...], trio.Lock] = {}
+        self.connecting: dict[tuple[Any, ...], aio.Lock] = {}
         self.inflight: dict[str, int] = {}  # cluster name -> requests in flight (http2MaxRequests)
 
     async def sweeper(self, rt: Any, every: float = 5.0) -> None:
         """Close connections idle (no stream) longer than the pool's idle timeout."""
         while True:
             limit = rt.pool.idle_timeout if rt.pool is not None else 60.0
-            await trio.sleep(min(every, max(0.05, limit / 2)))
-            now = trio.current_time()
+            await aio.sleep(min(every, max(0.05, limit / 2)))
+            now = aio.current_time()
             for lst in list(self.conns.values()):
                 for c in list(lst):
                     if not c.streams and now - c.idle_since > limit:
@@ -309,12 +308,12 @@ class H2Pool:
         c = self._pick(key, max_streams)
         if c is not None:
             return c
-        lock = self.connecting.setdefault(key, trio.Lock())
+        lock = self.connecting.setdefault(key, aio.Lock())
         async with lock:
             c = self._pick(key, max_streams)
             if c is not None:
                 return c
-            with trio.move_on_after(connect_timeout):
+            with aio.move_on_after(connect_timeout):
                 try:
                     stream = await self.backend.connect(address, port)
                     if tls is not None:
@@ -397,7 +396,7 @@ class H2Exchange:
             tls = upstream_tls(self.rt, cs.cluster, ep, h2=True)
             conn = pool.ready(address, ep.port, tls, max_streams)  # the common case: no task switch, no scope
             if conn is None:
-                with trio.move_on_at(a.deadline):
+                with aio.move_on_at(a.deadline):
                     conn = await pool.acquire(address, ep.port, cs.stats, settings.connect_timeout, tls, max_streams)
         except UpstreamConnectError as exc:
             return Failed("connect-failure", F.UF, str(exc))
@@ -420,7 +419,7 @@ class H2Exchange:
             failure: list[BaseException] = []
             main_error: list[Exception] = []
             result: TryResult | None = None
-            async with trio.open_nursery() as nursery:
+            async with aio.open_nursery() as nursery:
                 nursery.start_soon(self._send_body, rq, conn, st, failure, nursery.cancel_scope)
                 try:
                     result = await self._respond(a, conn, st)
@@ -449,7 +448,7 @@ class H2Exchange:
 
     @staticmethod
     async def _send_body(rq: Request, conn: H2Upstream, st: _UpStream, failure: list[BaseException],
-                         cancel: trio.CancelScope) -> None:
+                         cancel: aio.CancelScope) -> None:
         client = conn.client
         body = rq.body
         assert body is not None
@@ -497,7 +496,7 @@ class H2Exchange:
         if a.deadline == _INF:  # no perTryTimeout: no cancel scope
             head = await self._read_head(rq, st)
         else:
-            with trio.move_on_at(a.deadline) as scope:
+            with aio.move_on_at(a.deadline) as scope:
                 head = await self._read_head(rq, st)
             if scope.cancelled_caught:
                 return Failed("timeout", F.UT, "per-try timeout")

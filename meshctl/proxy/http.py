@@ -23,6 +23,7 @@ import time
 
 import trio
 
+import meshctl.proxy.aio as aio
 from ..protocol.events import EndOfMessage, ProtocolError, RequestHead, ResponseHead
 from ..protocol.http1 import H1Server
 from . import egress
@@ -59,7 +60,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
     # the run's clock, read natively (sockstream.FastClock): trio.current_time() is three
     # interpreted calls, and a request asks the clock five times (idle deadline, start,
     # end; the keep-alive pool when it takes and gives back the upstream connection)
-    clock = FastClock(trio.lowlevel.current_clock())
+    clock = FastClock(aio.current_clock())
     snap: Snapshot = rt.snapshot
     server = H1Server(snap.limits)
     try:
@@ -184,7 +185,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
         if hasattr(stream, "close_now"):
             stream.close_now()
         else:
-            with trio.CancelScope(shield=True):
+            with aio.CancelScope(shield=True):
                 await stream.aclose()
 
 

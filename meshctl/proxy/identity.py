@@ -33,6 +33,7 @@ from functools import partial
 
 import trio
 
+import meshctl.proxy.aio as aio
 from ..citadel.errors import PeerRejected, TLSError
 from ..core.logthrottle import held_back
 from ..protocol.detect import UPSTREAM_ALPN
@@ -77,7 +78,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def start_identity(rt, environ=None, *, task_status=aio.TASK_STATUS_IGNORED) -> None:
     """Run the certificate lifecycle for ``rt`` (sets ``rt.tls``) until cancelled.
 
     Without ``MESHCTL_CITADEL_URL`` the sidecar has no identity: started at
@@ -103,12 +104,12 @@ async def start_identity(rt, environ=None, *, task_status=trio.TASK_STATUS_IGNOR
     rt.tls = holder
     source = ChildCertificateSource(url, token)
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
-    async with trio.open_nursery() as n:
+    async with aio.open_nursery() as n:
         # verify=False: the fetch process checked the certificate as a peer would
         n.start_soon(partial(keep_renewed, holder, source.obtain, rng, verify=False))
-        with trio.move_on_after(FIRST_CERT_WAIT):
+        with aio.move_on_after(FIRST_CERT_WAIT):
             while not holder.ready:
-                await trio.sleep(0.02)
+                await aio.sleep(0.02)
         if not holder.ready:
             log.warning("no certificate from Citadel at %s after %.0fs: serving without one, still trying",
                         url, FIRST_CERT_WAIT)
@@ -159,7 +160,7 @@ async def secure_inbound(rt, listener, stream: FastSocketStream):
 
 def _refused(rt, listener, why: str) -> None:
     rt.stats.listener(listener.name).cx_tls_refused += 1
-    held = rt.refusal_log.admit(("tls", listener.name, why), trio.current_time())
+    held = rt.refusal_log.admit(("tls", listener.name, why), aio.current_time())
     if held is not None:
         log.info("%s: connection refused: %s%s", listener.name, why, held_back(held))
 
@@ -356,7 +357,7 @@ async def run_with_identity(rt, main, *args, environ=None) -> None:
     the first certificate is awaited (bounded) before the proxy starts serving.
     ``environ``: where the Citadel URL and token are (default os.environ; the
     sidecar passes what it read from its one-time bootstrap file)."""
-    async with trio.open_nursery() as n:
+    async with aio.open_nursery() as n:
         await n.start(partial(start_identity, rt, environ))
         await main(*args)
         n.cancel_scope.cancel()

@@ -45,8 +45,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.breaker import Admit, Breaker, PoolLimits, Release, pool_limits
 from ..model.proxyconfig import ProxyConfig
 from ..protocol.http1 import Limits
@@ -72,7 +71,7 @@ class _Waiter:
 
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
-        self.event = trio.Event()
+        self.event = aio.Event()
         self.conn: UpstreamConn | None = None
         self.open = False
 
@@ -109,7 +108,7 @@ class ClusterLimiter:
         admit = breaker.admit(len(idle) if idle else 0)
         if admit is Admit.USE_IDLE:
             assert idle  # the breaker says USE_IDLE only with an idle connection
-            now = trio.current_time()
+            now = aio.current_time()
             idle_timeout = breaker.limits.idle_timeout
             if idle_timeout is None:
                 idle_timeout = math.inf
@@ -225,7 +224,7 @@ class ClusterLimiter:
                 self._lost(conn)
                 return
             self._reset(conn, served)
-            conn.idle_since = trio.current_time()
+            conn.idle_since = aio.current_time()
             idle.append(conn)
         elif decision is Release.HAND_OVER:
             self._reset(conn, served)

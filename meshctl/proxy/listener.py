@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..model.proxyconfig import Listener
 from .overload import Condition
 from .request import Stage
@@ -27,7 +26,7 @@ class ActiveListener:
 
     def __init__(self, spec: Listener, sock: Any, snap: Snapshot) -> None:
         self.sock = sock  # the backend's listener (None in tests that serve a stream directly)
-        self.scope = trio.CancelScope()
+        self.scope = aio.CancelScope()
         self.active = 0  # connections accepted and not closed (overload.py's limit)
         self.overload = Condition(f"listener {spec.name}: connection limit")
         self.set_spec(spec, snap)

@@ -72,19 +72,19 @@ async def _freezing(rt, main, *args) -> None:
     then hand free heap pages back to the kernel, now and every TRIM_EVERY s."""
     import gc
 
-    import trio
+    import meshctl.proxy.aio as aio
 
     async def freeze_after_first_config() -> None:
         while rt.stats.config_applied == 0:
-            await trio.sleep(0.05)
-        await trio.sleep(0.5)
+            await aio.sleep(0.05)
+        await aio.sleep(0.5)
         gc.collect()
         gc.freeze()
         while True:
             _release_free_memory()
-            await trio.sleep(TRIM_EVERY)
+            await aio.sleep(TRIM_EVERY)
 
-    async with trio.open_nursery() as n:
+    async with aio.open_nursery() as n:
         n.start_soon(freeze_after_first_config)
         await main(*args)
         n.cancel_scope.cancel()
@@ -105,7 +105,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
           access_log: Path | None = None, mixer: str | None = None) -> int:
     """Load ``config`` and serve until SIGTERM. Returns the process exit code:
     0 after a drain, 2 for a config that cannot be loaded or run."""
-    import trio
+    import meshctl.proxy.aio as aio
 
     from ..loader.codec import LoadError
     from ..loader.proxyconfig import load_proxy_config
@@ -137,7 +137,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
 
         from .identity import run_with_identity  # Citadel certificate (env MESHCTL_CITADEL_URL/TOKEN)
 
-        trio.run(partial(run_with_identity, rt, partial(_freezing, rt, partial(rt.run, cfg, admin_port=admin_port)),
+        aio.run(partial(run_with_identity, rt, partial(_freezing, rt, partial(rt.run, cfg, admin_port=admin_port)),
                          environ=_boot_env()))
     except BaseException as exc:  # ConfigRejected, possibly inside the identity nursery's group
         rej = _rejected(exc)
@@ -180,7 +180,7 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
     import json
     from functools import partial
 
-    import trio
+    import meshctl.proxy.aio as aio
 
     from ..loader.codec import LoadError, from_data
     from ..model.proxyconfig import Node
@@ -214,7 +214,7 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
                 "`meshctl proxy run --state-dir` as the mesh's user, or under `meshctl up`)")
         rt.ratelimits.mixer_credential = credential
         rt.admin_verifier = _BOOT.get("admin_verifier", "")
-        trio.run(partial(run_with_identity, rt, _freezing, rt, run_with_pilot, rt, pilot_url, node, state_dir,
+        aio.run(partial(run_with_identity, rt, _freezing, rt, run_with_pilot, rt, pilot_url, node, state_dir,
                          admin_port, credential, environ=_boot_env()))
     except BaseException as exc:
         rej = _rejected(exc)

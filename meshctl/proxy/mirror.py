@@ -40,8 +40,7 @@ import logging
 import time
 from collections import deque
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.balance import PickContext
 from ..core.mirror import has_mirrors, mirror_cluster, mirror_destinations, shadow_authority
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead
@@ -270,7 +269,7 @@ def after_forward(rq) -> None:
         state.in_flight += 1
         if primary is None:
             kept = rq.kept
-            primary = (rq.status, (trio.current_time() - rq.start) * 1000.0 if rq.start else 0.0,
+            primary = (rq.status, (aio.current_time() - rq.start) * 1000.0 if rq.start else 0.0,
                        kept.headers if kept is not None else [],
                        PrimaryBody(kept.chunks, kept.whole) if kept is not None else PrimaryBody([], False))
         nursery.start_soon(_shadow_h2 if h2 else _shadow, rt, rq.snap.settings, cs, ep, head, chunks, trailers, fwd.timeout or SHADOW_TIMEOUT,
@@ -286,7 +285,7 @@ class _Outcome:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.started = trio.current_time()
+        self.started = aio.current_time()
         self.status = 0
         self.headers: list = []
         self.digest = hashlib.sha256()
@@ -336,7 +335,7 @@ class _Outcome:
             cs.stats.rq_pending_overflow += 1
             return
         status = self.status
-        ms = (trio.current_time() - self.started) * 1000.0
+        ms = (aio.current_time() - self.started) * 1000.0
         if status:
             state.sent += 1
             cs.stats.rq_total += 1
@@ -372,7 +371,7 @@ async def _shadow(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes], 
     again = False
     pool = rt.pool if cs.limiter is None else cs.limiter  # the cluster's connectionPool limits, if it has any
     try:
-        with trio.move_on_after(timeout):
+        with aio.move_on_after(timeout):
             while True:
                 # (sent again: the pooled connection taken is checked, however young; h1upstream.py)
                 conn = await pool.acquire(ep.address, ep.port, cs.stats, settings.connect_timeout,
@@ -428,7 +427,7 @@ async def _shadow_h2(rt, settings, cs, ep, head: RequestHead, chunks: list[bytes
     conn = st = pool = None
     exchange = rt.forwarder.h2.exchange()
     try:
-        with trio.move_on_after(timeout):
+        with aio.move_on_after(timeout):
             pool, max_streams = exchange.open_request(cs)  # http2MaxRequests: PoolOverflow past it
             address = ep.address
             if cs.cluster.dns:  # an endpoint given by name: one of its addresses, as a primary's try

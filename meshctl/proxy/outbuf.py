@@ -35,8 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
+import meshctl.proxy.aio as aio
 from .errors import STREAM_ERRORS, PeerGone, send_all
 
 
@@ -49,26 +48,26 @@ class Wakeup:
     __slots__ = ("task",)
 
     def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
+        self.task: aio.Task | None = None
 
     @property
     def waiting(self) -> bool:
         return self.task is not None
 
     async def wait(self) -> None:
-        self.task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
+        self.task = aio.current_task()
+        await aio.wait_task_rescheduled(self._abort)
 
-    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+    def _abort(self, _: Any) -> aio.Abort:
         self.task = None
-        return trio.lowlevel.Abort.SUCCEEDED
+        return aio.Abort.SUCCEEDED
 
     def set(self) -> bool:
         t = self.task
         if t is None:
             return False
         self.task = None
-        trio.lowlevel.reschedule(t)
+        aio.reschedule(t)
         return True
 
 
@@ -77,16 +76,16 @@ class _WrittenWait:
 
     __slots__ = ("waiters", "task")
 
-    def __init__(self, waiters: list[trio.lowlevel.Task], task: trio.lowlevel.Task) -> None:
+    def __init__(self, waiters: list[aio.Task], task: aio.Task) -> None:
         self.waiters = waiters
         self.task = task
 
-    def abort(self, _: Any) -> trio.lowlevel.Abort:
+    def abort(self, _: Any) -> aio.Abort:
         try:
             self.waiters.remove(self.task)
         except ValueError:
             pass
-        return trio.lowlevel.Abort.SUCCEEDED
+        return aio.Abort.SUCCEEDED
 
 
 class OutBuffer:
@@ -103,7 +102,7 @@ class OutBuffer:
         self.emitted: int = 0  # bytes ever emitted / written: wait_written() waits for written to catch up
         self.written: int = 0
         self.wake: Wakeup = Wakeup()  # the writer waits for bytes
-        self.progress: list[trio.lowlevel.Task] = []  # tasks waiting for a write to end
+        self.progress: list[aio.Task] = []  # tasks waiting for a write to end
         # the stream's send_nowait (sockstream.py, stream.py), None for streams without one (tests'
         # memory streams): the writer then writes everything
         self.nowait: Any = getattr(stream, "send_nowait", None)
@@ -168,7 +167,7 @@ class OutBuffer:
         if p:
             self.progress = []
             for t in p:
-                trio.lowlevel.reschedule(t)
+                aio.reschedule(t)
 
     async def wait_written(self) -> None:
         target = self.emitted
@@ -176,10 +175,10 @@ class OutBuffer:
             self.kick()
             if self.written >= target or self.dead:  # written inline (or the write failed)
                 return
-            task = trio.lowlevel.current_task()
+            task = aio.current_task()
             p = self.progress
             p.append(task)
-            await trio.lowlevel.wait_task_rescheduled(_WrittenWait(p, task).abort)
+            await aio.wait_task_rescheduled(_WrittenWait(p, task).abort)
 
     async def write_loop(self) -> None:
         """The only task writing to the socket; raises errors.PeerGone when the

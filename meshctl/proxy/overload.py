@@ -30,8 +30,7 @@ import logging
 import resource
 from typing import Any
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..protocol.detect import PREFACE
 from .errors import PeerGone, receive_some, send_all, send_eof
 
@@ -116,7 +115,7 @@ async def refuse(stream: Any, http: bool, answer: Refusal = REFUSAL) -> None:
     try:
         if http:
             out = answer.h1()
-            with trio.move_on_after(REFUSE_READ_TIMEOUT):
+            with aio.move_on_after(REFUSE_READ_TIMEOUT):
                 got = b""
                 while b"\r\n\r\n" not in got and len(got) < 65536:
                     d = await receive_some(stream)
@@ -126,7 +125,7 @@ async def refuse(stream: Any, http: bool, answer: Refusal = REFUSAL) -> None:
                 if got.startswith(PREFACE):
                     out = await _h2_answer(stream, got, answer)
             if out:
-                with trio.move_on_after(REFUSE_READ_TIMEOUT):
+                with aio.move_on_after(REFUSE_READ_TIMEOUT):
                     await send_all(stream, out)
                     if hasattr(stream, "send_eof"):
                         await send_eof(stream)

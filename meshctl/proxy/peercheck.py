@@ -21,8 +21,7 @@ import socket
 import struct
 from typing import Any
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.logthrottle import held_back
 from ..core.peeruid import Admit, LookupFailed, NoSocket, PeerLookup, decide, resolve_users
 from .overload import Refusal, refuse
@@ -178,7 +177,7 @@ async def admit_peer(rt: Any, al: Any, stream: Any, client_ip: str) -> bool:
         return True
     spec = al.spec
     who = f"uid {decision.uid}" if decision.uid is not None else "an unknown user"
-    held = rt.refusal_log.admit(("peer", spec.name, decision.uid), trio.current_time())
+    held = rt.refusal_log.admit(("peer", spec.name, decision.uid), aio.current_time())
     if held is not None:
         log.warning("listener %s: refused a connection from %s (%s): %s%s", spec.name, who, client_ip,
                     decision.reason, held_back(held))

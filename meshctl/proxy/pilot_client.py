@@ -23,8 +23,7 @@ import logging
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..loader.codec import LoadError, from_data, to_data
 from ..plainhttp import HTTPError, HTTPStatusError, PlainHTTPClient
 from ..loader.proxyconfig import dump_proxy_config
@@ -70,7 +69,7 @@ class PilotClient:
         self.version = ""
         self.connected = False
         self.last_error = ""
-        self.synced = trio.Event()  # set after the first config from Pilot is applied
+        self.synced = aio.Event()  # set after the first config from Pilot is applied
 
     async def run(self) -> None:
         backoff = 0.1
@@ -105,7 +104,7 @@ class PilotClient:
                         log.warning("Pilot at %s unreachable (%s); serving config %s, retrying", self.url, e, self.version or "(none)")
                     self.connected, self.last_error = False, f"{e.__class__.__name__}: {e}"
                     registered = False
-                    await trio.sleep(backoff)
+                    await aio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
 
     async def _take(self, client: PlainHTTPClient, data: dict) -> None:
@@ -146,7 +145,7 @@ async def first_config(client: PilotClient, pilot_grace: float = 1.0) -> ProxyCo
         log.info("ignoring last good config %s: made for other listeners (mesh.yaml changed)", last_good.version)
         last_good = None
     got: list[ProxyConfig] = []
-    probing = trio.CancelScope()
+    probing = aio.CancelScope()
 
     async def keep(cfg: ProxyConfig) -> None:
         got.append(cfg)
@@ -160,11 +159,11 @@ async def first_config(client: PilotClient, pilot_grace: float = 1.0) -> ProxyCo
 
     # No state dir: the probe's "apply" only keeps the config, it must not save it as good.
     probe = PilotClient(client.url, client.node, keep, None, wait="0s", credential=client.credential)
-    async with trio.open_nursery() as n:
+    async with aio.open_nursery() as n:
         n.start_soon(run_probe)
-        with trio.move_on_after(pilot_grace if last_good is not None else float("inf")):
+        with aio.move_on_after(pilot_grace if last_good is not None else float("inf")):
             while not got:
-                await trio.sleep(0.01)
+                await aio.sleep(0.01)
         n.cancel_scope.cancel()
     if got:
         return got[0]
@@ -178,9 +177,9 @@ async def run_with_pilot(runtime, pilot_url: str, node: Node, state_dir: Path | 
     """Serve under Pilot: start from the best config at hand, follow Pilot until drained."""
     client = PilotClient(pilot_url, node, runtime.apply_async, state_dir, credential=credential)
     cfg = await first_config(client)
-    async with trio.open_nursery() as n:
+    async with aio.open_nursery() as n:
 
-        async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async def serve(task_status=aio.TASK_STATUS_IGNORED) -> None:
             await runtime.run(cfg, admin_port=admin_port, task_status=task_status)
             n.cancel_scope.cancel()  # drained: stop following Pilot too
 

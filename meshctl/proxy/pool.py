@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..protocol.events import EndOfMessage
 from ..protocol.http1 import H1Client, H1Codec, Limits
 from .backend import NetworkBackend, SocketBackend
@@ -136,7 +135,7 @@ class UpstreamPool:
         if conn is not None:
             return conn
         key = (address, port) if tls is None else (address, port, tls.key)
-        with trio.move_on_after(connect_timeout):
+        with aio.move_on_after(connect_timeout):
             try:
                 stream = await self.backend.connect(address, port)
             except UpstreamConnectError:
@@ -165,7 +164,7 @@ class UpstreamPool:
         idle = self.idle.get((address, port) if tls is None else (address, port, tls.key))
         if idle:
             if now < 0:
-                now = trio.current_time()
+                now = aio.current_time()
             while idle:
                 conn = idle.pop()
                 age = now - conn.idle_since
@@ -194,7 +193,7 @@ class UpstreamPool:
         elif len(idle) >= self.max_idle:
             self._close(conn)
             return
-        conn.idle_since = now if now >= 0 else trio.current_time()
+        conn.idle_since = now if now >= 0 else aio.current_time()
         idle.append(conn)
 
     def discard(self, conn: UpstreamConn) -> None:
@@ -215,7 +214,7 @@ class UpstreamPool:
 
     def sweep(self) -> None:
         """Drop idle connections past idle_timeout (called periodically)."""
-        now = trio.current_time()
+        now = aio.current_time()
         for key, conns in list(self.idle.items()):
             keep = []
             for c in conns:

@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.ratelimit import Allowed, AskMixer, Grant, Limited, RateLimitConfigError, RateLimiter, WaitForGrant
 from .request import LocalReply
 
@@ -44,7 +43,7 @@ class RateLimits:
         self.limiters: list[RateLimiter] = []
         self._specs: dict[str, object] = {}
         self._cfg = None
-        self._changed = trio.Event()  # set whenever a grant or a failure comes back
+        self._changed = aio.Event()  # set whenever a grant or a failure comes back
         self._client: httpx.AsyncClient | None = None
         self.asks_sent = 0
 
@@ -95,7 +94,7 @@ class RateLimits:
                 headers = {"authorization": f"Bearer {self.mixer_credential}"} if self.mixer_credential else None
                 self._client = plain_http_client(timeout=ASK_TIMEOUT, headers=headers)
             try:
-                with trio.fail_after(ASK_TIMEOUT):
+                with aio.fail_after(ASK_TIMEOUT):
                     r = await self._client.post(f"{self.mixer_url}/v1/quota", json={
                         "key": a.key, "proxy": self.proxy_name, "tokens": a.tokens,
                         "limit": b.limit, "unit_seconds": b.unit_seconds,
@@ -105,18 +104,18 @@ class RateLimits:
                     grant = Grant(int(d["granted"]), float(d["valid_for"]), bool(d.get("exhausted", False)))
                 else:
                     log.warning("mixer quota %s: HTTP %d %s", a.key, r.status_code, r.text[:200])
-            except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError) as exc:
+            except (httpx.HTTPError, aio.TooSlowError, ValueError, KeyError) as exc:
                 log.warning("mixer quota %s: %s", a.key, exc.__class__.__name__ + (f": {exc}" if str(exc) else ""))
-        now = trio.current_time()
+        now = aio.current_time()
         if grant is not None:
             b.on_grant(grant, now)
         else:
             b.on_failure(now)
-        ev, self._changed = self._changed, trio.Event()
+        ev, self._changed = self._changed, aio.Event()
         ev.set()
 
     async def wait(self) -> None:
-        with trio.move_on_after(ASK_TIMEOUT * 2):
+        with aio.move_on_after(ASK_TIMEOUT * 2):
             await self._changed.wait()
 
 
@@ -129,14 +128,14 @@ class RateLimitStage:
             return None
         rt = rq.rt
         rls: RateLimits = rt.ratelimits
-        rls.sync(cfg, trio.current_time())
+        rls.sync(cfg, aio.current_time())
         head = rq.head
         # the mTLS-verified peer when there is one, else what the source sidecar said
         principal = getattr(rq.down, "peer_id", None)
         if principal is None and rq.peer is not None and rq.peer.principal != "unknown":
             principal = rq.peer.principal
         for _ in range(4):
-            now = trio.current_time()
+            now = aio.current_time()
             d = rls.check(path=head.path, method=head.method, principal=principal, now=now)
             asks = rls.pending_asks(now)
             nursery = getattr(rt, "_nursery", None)

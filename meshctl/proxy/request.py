@@ -21,8 +21,7 @@ import math
 import random
 from typing import Any, Final, Protocol
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.authz import RequestAuth
 from ..core.route import Forward, apply_header_ops
 from ..model.base import HeaderList
@@ -245,7 +244,7 @@ class BodySource:
                 ev = await self.reader.next()
             else:
                 ev = None
-                with trio.move_on_at(self.deadline) as late:
+                with aio.move_on_at(self.deadline) as late:
                     ev = await self.reader.next()
                 if late.cancelled_caught:
                     raise ProtocolError("request timeout: the request body did not arrive in time "

@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import trio
 
+import meshctl.proxy.aio as aio
 from ..core.errors import CoreConfigError
 from ..core.logthrottle import LogThrottle
 from ..core.peeruid import checks as checks_peer
@@ -121,9 +122,9 @@ class ProxyRuntime:
         self.ready = False
         self.forwarder = Forwarder(self, H1Exchange(self), LazyH2Exchange(self, _h2_exchange))
         self.pool: UpstreamPool | None = None
-        self._nursery: trio.Nursery | None = None
+        self._nursery: aio.Nursery | None = None
         self._mtime: float | None = None
-        self._drained = trio.Event()
+        self._drained = aio.Event()
         self.admin_port: int | None = None
         self.tls = None  # the sidecar's CertificateHolder when it has an identity (proxy/identity.py)
         self.default_conn_limit = default_connection_limit()  # from RLIMIT_NOFILE (overload.py)
@@ -131,7 +132,7 @@ class ProxyRuntime:
         self.open_conns = 0  # accepted on all listeners, not closed yet
         self.fd_shortage = Condition("accept")
         self.mirrors = MirrorState()  # shadow requests (mirror.py)
-        self._conn_nursery: trio.Nursery | None = None
+        self._conn_nursery: aio.Nursery | None = None
         self.gateway_credentials = GatewayCredentials()  # TLS on gateway servers; secrets_dir set by main
         self.peer_uids: PeerUids | None = None  # outbound listeners' local-user check (peercheck.py)
         self.refusal_log = LogThrottle()  # refused users and mTLS handshakes: a line per cause per 10 s
@@ -139,7 +140,7 @@ class ProxyRuntime:
 
     # ------------------------------------------------------------ helpers
 
-    def mirror_nursery(self) -> trio.Nursery | None:
+    def mirror_nursery(self) -> aio.Nursery | None:
         """Where shadow requests run (mirror.py): beside the connections, so a drain waits for them."""
         return None if self.draining else self._conn_nursery
 
@@ -233,7 +234,7 @@ class ProxyRuntime:
     async def apply_async(self, cfg: ProxyConfig) -> None:
         """``apply`` for callers that want an awaitable (the Pilot client)."""
         self.apply(cfg)
-        await trio.lowlevel.checkpoint()
+        await aio.checkpoint()
 
     def _socket_for(self, address: str, port: int) -> BackendListener | None:
         """A socket already bound to address:port by a listener being renamed."""
@@ -253,7 +254,7 @@ class ProxyRuntime:
         asked: set[int] = set()
         snap = self.snapshot
         assert snap is not None  # a listener is removed by apply(), after the first config
-        with trio.move_on_after(float(snap.settings.drain_timeout)):
+        with aio.move_on_after(float(snap.settings.drain_timeout)):
             while True:
                 left = mine()
                 if not left:
@@ -263,7 +264,7 @@ class ProxyRuntime:
                     if graceful is not None and id(c) not in asked:
                         asked.add(id(c))
                         graceful()
-                await trio.sleep(0.05)
+                await aio.sleep(0.05)
         left = mine()
         if left:
             log.info("listener %s: closing %d connections at the drain timeout", name, len(left))
@@ -283,10 +284,10 @@ class ProxyRuntime:
                     if al.sock.closed:
                         return
                     if isinstance(exc, OSError) and exc.errno in FD_ERRNOS:  # out of descriptors: pause (overload.py)
-                        self.fd_shortage.hit(trio.current_time(), f"{exc.strerror}: pausing accepts")
+                        self.fd_shortage.hit(aio.current_time(), f"{exc.strerror}: pausing accepts")
                     else:
                         log.warning("listener %s: accept failed: %s", al.spec.name, exc)
-                    await trio.sleep(0.1)
+                    await aio.sleep(0.1)
                     continue
                 self.fd_shortage.clear()
                 snap = self.snapshot
@@ -294,7 +295,7 @@ class ProxyRuntime:
                 limit = snap.settings.max_connections or self.default_conn_limit
                 if al.active >= limit or self.open_conns >= self.default_conn_limit:
                     # the listener's limit, or all listeners together past what the fds allow
-                    al.overload.hit(trio.current_time(), f"{al.active} connections open (limit {limit}, "
+                    al.overload.hit(aio.current_time(), f"{al.active} connections open (limit {limit}, "
                                     f"{self.open_conns} on all listeners): refusing new ones")
                     if self.refusing < MAX_REFUSING:
                         spec = al.spec  # a 503 only where the client speaks plaintext HTTP first
@@ -318,7 +319,7 @@ class ProxyRuntime:
             self.refusing -= 1
 
     async def run(self, cfg: ProxyConfig, *, admin_port: int | None = None, admin_address: str = "127.0.0.1",
-                  handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                  handle_signals: bool = True, task_status=aio.TASK_STATUS_IGNORED) -> None:
         """Apply ``cfg`` and serve until drained (SIGTERM or ``drain()``).
 
         Raises ConfigRejected before serving anything when ``cfg`` cannot run
@@ -338,15 +339,15 @@ class ProxyRuntime:
             if admin_sock is not None:
                 admin_sock.close()
             raise
-        async with trio.open_nursery() as outer:
+        async with aio.open_nursery() as outer:
             if admin_sock is not None:
                 outer.start_soon(serve_admin, self, admin_sock)
             if self.access_log is not None:
                 outer.start_soon(self.access_log.run)
             outer.start_soon(self.tracer.run, self)
-            async with trio.open_nursery() as conns:
+            async with aio.open_nursery() as conns:
                 self._conn_nursery = conns
-                async with trio.open_nursery() as nursery:
+                async with aio.open_nursery() as nursery:
                     self._nursery = nursery
                     for al in self.listeners.values():
                         nursery.start_soon(self._accept_loop, al)
@@ -364,9 +365,9 @@ class ProxyRuntime:
                 # listeners are closed; wait for connections
                 snap = self.snapshot
                 assert snap is not None  # apply(cfg) above succeeded
-                with trio.move_on_after(float(snap.settings.drain_timeout)):
+                with aio.move_on_after(float(snap.settings.drain_timeout)):
                     while self.conns:
-                        await trio.sleep(0.02)
+                        await aio.sleep(0.02)
                 if self.conns:
                     log.warning("drain timeout: closing %d connections", len(self.conns))
                 conns.cancel_scope.cancel()
@@ -400,7 +401,7 @@ class ProxyRuntime:
             self._stop_listening()
 
     async def _drain_after(self, seconds: float) -> None:
-        await trio.sleep(seconds)
+        await aio.sleep(seconds)
         self._stop_listening()
 
     def _stop_listening(self) -> None:
@@ -445,16 +446,16 @@ class ProxyRuntime:
         sidecar costs ~0.15 ms of CPU (cold caches), and most land beside a request
         and delay it by as much (bench/tail_probe.sh)."""
         signals = handle_signals and _main_thread()
-        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) if signals else _nullcm() as sigs:
-            async with trio.open_nursery() as n:
+        with aio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) if signals else _nullcm() as sigs:
+            async with aio.open_nursery() as n:
                 if sigs is not None:
                     n.start_soon(self._signals, sigs)
                 pool = self.pool
                 assert pool is not None  # started by run()
                 tick = 0
                 while True:
-                    await trio.sleep(WATCHDOG_INTERVAL)
-                    now = trio.current_time()
+                    await aio.sleep(WATCHDOG_INTERVAL)
+                    now = aio.current_time()
                     await self._watchdog(now)
                     tick += 1
                     if tick % SWEEP_EVERY:
@@ -478,7 +479,7 @@ class ProxyRuntime:
         head_timeout = float(snap.settings.request_headers_timeout)
         for i, c in enumerate(list(self.conns)):
             if i and not i % WATCHDOG_CHUNK:
-                await trio.lowlevel.checkpoint()
+                await aio.checkpoint()
             if not c.busy and c.server is not None and c.server.receiving_head:
                 # a keep-alive request's head has begun: one header timeout from here
                 # (Envoy's request_headers_timeout), not the idle timeout

@@ -35,6 +35,8 @@ from typing import Any, Final
 
 import trio
 
+import meshctl.proxy.aio as aio
+
 DEFAULT_CHECKPOINT_EVERY: Final = 32
 RECV_SIZE: Final = 65536
 
@@ -44,9 +46,9 @@ RECV_SIZE: Final = 65536
 SHARED: Final = bytearray(RECV_SIZE)
 SHARED_VIEW: Final = memoryview(SHARED)
 
-_wait_readable: Final = trio.lowlevel.wait_readable
-_wait_writable: Final = trio.lowlevel.wait_writable
-_checkpoint: Final = trio.lowlevel.checkpoint
+_wait_readable: Final = aio.wait_readable
+_wait_writable: Final = aio.wait_writable
+_checkpoint: Final = aio.checkpoint
 
 _perf_counter: Final = time.perf_counter
 
@@ -272,7 +274,7 @@ class FastSocketStream:
             return
         self._closed = True
         try:
-            trio.lowlevel.notify_closing(self.socket)
+            aio.notify_closing(self.socket)
         except RuntimeError:  # outside trio (tests, shutdown)
             pass
         self.socket.close()

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core.authz import AuthzRequest, authorize, custom_check
 from ..core.cors import cors
 from ..core.fault import decide_fault
@@ -186,7 +185,7 @@ class FaultStage:
         d = decide_fault(fwd.fault, rq.rt.rand)
         if d.delay is not None:
             rq.flags.append(F.DI)
-            await trio.sleep(d.delay)
+            await aio.sleep(d.delay)
         if d.abort_status is not None:
             return LocalReply(
                 d.abort_status, b"fault filter abort\n",

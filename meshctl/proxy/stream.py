@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
+import meshctl.proxy.aio as aio
 from .dns import lookup as dns_lookup
 from .sockstream import DEFAULT_CHECKPOINT_EVERY, RECV_SIZE, SHARED, SHARED_VIEW, tune_socket
 
@@ -56,9 +57,9 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SHARED = SHARED
 _SHARED_VIEW = SHARED_VIEW
 
-_wait_readable = trio.lowlevel.wait_readable
-_wait_writable = trio.lowlevel.wait_writable
-_checkpoint = trio.lowlevel.checkpoint
+_wait_readable = aio.wait_readable
+_wait_writable = aio.wait_writable
+_checkpoint = aio.checkpoint
 
 
 class UpstreamConnectError(Exception):
@@ -285,7 +286,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             else:
                 await _wait_writable(self.sock)
         except trio.BusyResourceError:
-            await trio.sleep(0.001)
+            await aio.sleep(0.001)
 
     # -------------------------------------------------------------- send
 
@@ -414,7 +415,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             return
         try:
             if self._handshaken and not self._send_busy and not self._eof_sent and not self._close_notify():
-                with trio.move_on_after(_CLOSE_NOTIFY_WAIT):
+                with aio.move_on_after(_CLOSE_NOTIFY_WAIT):
                     await _wait_writable(self.sock)
                     self._close_notify()
         finally:
@@ -563,7 +564,7 @@ async def accept(listen_sock: socket.socket) -> tuple[socket.socket, tuple]:
         except OSError as exc:
             code = getattr(exc, "errno", None)  # (None is possible, whatever typeshed says)
             if code in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                await trio.sleep(0.05)  # out of fds: back off instead of spinning
+                await aio.sleep(0.05)  # out of fds: back off instead of spinning
                 continue
             if code in (errno.ECONNABORTED, errno.EPROTO):
                 continue
@@ -661,7 +662,7 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
     one_way = _splice_one_way if use_splice else _copy_one_way
     counts = [0, 0]
 
-    async def run(i: int, src: trio.abc.Stream, dst: trio.abc.Stream, cancel: trio.CancelScope) -> None:
+    async def run(i: int, src: trio.abc.Stream, dst: trio.abc.Stream, cancel: aio.CancelScope) -> None:
         try:
             await one_way(src, dst, counts, i)  # type: ignore[arg-type]
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -670,7 +671,7 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
         if not isinstance(dst, trio.abc.HalfCloseableStream):
             cancel.cancel()  # no way to pass the EOF on (TLS leg): closing both is the only EOF there is
 
-    async with trio.open_nursery() as nursery:
+    async with aio.open_nursery() as nursery:
         nursery.start_soon(run, 0, a, b, nursery.cancel_scope)
         nursery.start_soon(run, 1, b, a, nursery.cancel_scope)
     return counts[0], counts[1]

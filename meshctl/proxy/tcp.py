@@ -14,6 +14,7 @@ import logging
 
 import trio
 
+import meshctl.proxy.aio as aio
 from ..core.balance import PickContext
 from . import stats as F
 from .request import ConnState
@@ -56,12 +57,12 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
             tried = 0
             ctx = PickContext(source_ip=client_ip, active=rt.active)
             while upstream is None and tried < max(1, min(3, len(cs.healthy))):
-                eps = cs.candidates(trio.current_time(), rt.rand) if cs.shaped else cs.healthy
+                eps = cs.candidates(aio.current_time(), rt.rand) if cs.shaped else cs.healthy
                 ep = cs.balancer.pick(eps, ctx, rt.rand)
                 if ep is None:
                     break
                 tried += 1
-                with trio.move_on_after(connect_timeout):
+                with aio.move_on_after(connect_timeout):
                     try:
                         tls = upstream_tls(rt, cs.cluster, ep)  # mTLS to a sidecar (identity.py)
                         raw = await rt.backend.connect(ep.address, ep.port)
@@ -89,5 +90,5 @@ async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, cli
             limiter.tcp_closed()
         rt.conns.discard(conn)
         lstats.cx_active -= 1
-        with trio.CancelScope(shield=True):
+        with aio.CancelScope(shield=True):
             await stream.aclose()

@@ -44,6 +44,7 @@ from typing import Awaitable, Callable, Iterable
 
 import trio
 
+import meshctl.proxy.aio as aio
 from ..citadel.errors import PeerRejected, TLSError
 from ..citadel.leaf import check_peer_der, pem_to_der, read_der
 from .stream import FastSocketStream, TLSSocketStream, record_sni, start_tls
@@ -285,7 +286,7 @@ async def keep_renewed(
         if holder.ready:
             wait = (holder.renew_at(rng) - wall_clock()).total_seconds()
             if wait > 0:
-                await trio.sleep(wait)
+                await aio.sleep(wait)
         try:
             chain, key, bundle = await obtain()
             holder.update(chain, key, bundle, verify=verify, now=wall_clock())
@@ -295,7 +296,7 @@ async def keep_renewed(
             if holder.not_after is not None:
                 left = f"; current certificate expires {holder.not_after.isoformat()}"
             log.warning("certificate renewal failed: %s%s; retrying in %.0fs", exc, left, backoff)
-            await trio.sleep(backoff)
+            await aio.sleep(backoff)
             backoff = min(backoff * 2, retry_max)
 
 
@@ -365,22 +366,22 @@ async def _handshake(
     try:
         ctx = _context_of(context, server_side)
     except TLSError:  # no certificate yet: refuse the connection, do not leak it
-        await trio.aclose_forcefully(stream)
+        await aio.aclose_forcefully(stream)
         raise
     ssl_stream = wrap_stream(stream, ctx, server_side=server_side,
                              server_hostname=None if server_side else server_hostname,
                              https_compatible=https_compatible, session=session)
     try:
-        with trio.fail_after(timeout if timeout is not None else float("inf")):
+        with aio.fail_after(timeout if timeout is not None else float("inf")):
             await ssl_stream.do_handshake()
-    except trio.TooSlowError:
-        await trio.aclose_forcefully(ssl_stream)
+    except aio.TooSlowError:
+        await aio.aclose_forcefully(ssl_stream)
         raise TLSError(f"TLS handshake timed out after {timeout}s", "tls-timeout") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        await trio.aclose_forcefully(ssl_stream)
+        await aio.aclose_forcefully(ssl_stream)
         raise TLSError(f"TLS handshake failed: {_describe_ssl_failure(exc)}") from None
     except BaseException:
-        await trio.aclose_forcefully(ssl_stream)  # cancelled: closed, not leaked
+        await aio.aclose_forcefully(ssl_stream)  # cancelled: closed, not leaked
         raise
     der = ssl_stream.getpeercert(binary_form=True)
     try:
@@ -389,7 +390,7 @@ async def _handshake(
         peer_id = check_peer_der(der, expected_ids, now(), usage="client" if server_side else "server",
                                  trust_domain=context.trust_domain if isinstance(context, CertificateHolder) else None)
     except PeerRejected:
-        await trio.aclose_forcefully(ssl_stream)
+        await aio.aclose_forcefully(ssl_stream)
         raise
     alpn = ssl_stream.selected_alpn_protocol()
     if isinstance(ssl_stream, TLSSocketStream):
@@ -471,7 +472,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:  # trio's Stream.receive_some type
         if self._prefix:
-            await trio.lowlevel.checkpoint()
+            await aio.checkpoint()
             if max_bytes is None or max_bytes >= len(self._prefix):
                 data, self._prefix = self._prefix, b""
             else:
@@ -530,21 +531,21 @@ async def accept_inbound(
     if type(stream) is FastSocketStream:
         return await _accept_socket(stream, holder, mode, expected_ids, timeout, now)
     try:
-        with trio.fail_after(timeout if timeout is not None else float("inf")):
+        with aio.fail_after(timeout if timeout is not None else float("inf")):
             first = await stream.receive_some(4096)
-    except trio.TooSlowError:
+    except aio.TooSlowError:
         if mode == "PERMISSIVE":
             # a silent client may speak a server-first protocol (MySQL, SMTP...): plaintext
             return InboundConnection(stream, None, False)
-        await trio.aclose_forcefully(stream)
+        await aio.aclose_forcefully(stream)
         raise TLSError(f"client sent nothing within {timeout}s on an mTLS STRICT port", "tls-timeout") from None
     if not first:
-        await trio.aclose_forcefully(stream)
+        await aio.aclose_forcefully(stream)
         raise TLSError("connection closed before any byte arrived", "tls-handshake")
     replay = PrefixedStream(stream, first)
     if not sniff_tls(first):
         if mode == "STRICT":
-            await trio.aclose_forcefully(stream)
+            await aio.aclose_forcefully(stream)
             raise TLSError(
                 "plaintext connection refused: this port requires mutual TLS (PeerAuthentication STRICT)",
                 "plaintext-on-strict",
@@ -558,12 +559,12 @@ async def _peek(stream: FastSocketStream, timeout: float | None) -> bytes | None
     """The first bytes waiting on the socket, left there (MSG_PEEK); None if
     none came within ``timeout``. Raises TLSError on a reset."""
     sock = stream.socket
-    with trio.move_on_after(timeout if timeout is not None else float("inf")):
+    with aio.move_on_after(timeout if timeout is not None else float("inf")):
         while True:
             try:
                 return sock.recv(8, socket.MSG_PEEK)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await aio.wait_readable(sock)
             except OSError as exc:
                 stream.close_now()
                 raise TLSError(f"connection lost before any byte arrived: {exc}", "tls-handshake") from None

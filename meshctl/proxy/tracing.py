@@ -19,8 +19,7 @@ import logging
 import time
 from collections import deque
 
-import trio
-
+import meshctl.proxy.aio as aio
 from ..core import tracing as T
 from ..model.proxyconfig import _otlp_url, _zipkin_address
 from ..model.telemetry import GRPC_SERVER_ERRORS
@@ -42,7 +41,7 @@ class Tracer:
         self.sent = 0
         self.dropped = 0
         self.failures = 0
-        self._wake = trio.Event()
+        self._wake = aio.Event()
 
     def add(self, span: dict) -> None:
         self.recent.append(span)
@@ -63,11 +62,11 @@ class Tracer:
             while True:
                 if not self.spans:
                     await self._wake.wait()  # the first span
-                self._wake = trio.Event()
+                self._wake = aio.Event()
                 if len(self.spans) < BATCH:
-                    with trio.move_on_after(INTERVAL):
+                    with aio.move_on_after(INTERVAL):
                         await self._wake.wait()  # a full batch
-                    self._wake = trio.Event()
+                    self._wake = aio.Event()
                 if not self.spans:
                     continue
                 if client is None:
@@ -77,7 +76,7 @@ class Tracer:
                 await self._flush(rt, client)
         finally:
             if client is not None:
-                with trio.CancelScope(shield=True):
+                with aio.CancelScope(shield=True):
                     await client.aclose()
 
     async def _flush(self, rt, client) -> None:
