@@ -174,3 +174,93 @@ def test_the_supervisor_is_in_no_import_cycle_and_its_lifecycle_rules_are_pure()
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported <= {"__future__", "dataclasses", "enum"}, imported
+
+
+# The names of trio that a module of the sidecar (meshctl/proxy/) may use directly: the stream
+# ABCs and the plain exception classes of the stream interface, which another runtime raises
+# too. Everything else of trio's (its run, tasks, cancel scopes, clock, parking, I/O waits,
+# threads, resolver) is reached through proxy/aio.py, the one module to rebind to another
+# runtime (issue 12). trio.SSLStream: tls.py's TLS over a stream that is not a socket.
+TRIO_PLAIN = {"abc", "ClosedResourceError", "BrokenResourceError", "BusyResourceError", "EndOfChannel"}
+TRIO_PLAIN_IN = {"tls": {"SSLStream"}}
+NOT_THROUGH_AIO = {"aio", "testing"}  # the seam itself; test support (trio.testing's memory streams)
+
+
+def _trio_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, dotted name) of each trio name a module uses: ``trio.x.y`` (under any alias of
+    trio or of one of its modules) and ``from trio[.mod] import name``."""
+    alias: dict[str, str] = {}  # local name -> the trio module it is
+    uses: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "trio" or a.name.startswith("trio."):
+                    if a.asname:
+                        alias[a.asname] = a.name
+                        if a.name != "trio":
+                            uses.append((node.lineno, a.name))
+                    else:
+                        alias["trio"] = "trio"  # `import trio.lowlevel` binds trio
+                        if a.name != "trio":
+                            uses.append((node.lineno, a.name))
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module is not None:
+            if node.module == "trio" or node.module.startswith("trio."):
+                for a in node.names:
+                    uses.append((node.lineno, f"{node.module}.{a.name}"))
+                    alias[a.asname or a.name] = f"{node.module}.{a.name}"
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            parts = []
+            cur: ast.expr = node
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name) and cur.id in alias:
+                uses.append((node.lineno, ".".join([alias[cur.id], *reversed(parts)])))
+    return uses
+
+
+def _direct_trio_primitives(mods: dict[str, Path]) -> list[str]:
+    bad = []
+    for name, path in sorted(mods.items()):
+        if not name.startswith("meshctl.proxy."):
+            continue
+        short = name.rsplit(".", 1)[1]
+        if short in NOT_THROUGH_AIO:
+            continue
+        allowed = TRIO_PLAIN | TRIO_PLAIN_IN.get(short, set())
+        for line, dotted in sorted(_trio_uses(ast.parse(path.read_text(encoding="utf-8")))):
+            parts = dotted.split(".")
+            if len(parts) < 2 or parts[1] not in allowed:
+                bad.append(f"{name}:{line}: {dotted}")
+    return bad
+
+
+def test_the_sidecar_reaches_trios_primitives_only_through_aio():
+    # issue 12: the data plane moves to a runtime of its own; proxy/aio.py is the one seam
+    import meshctl.proxy.aio as aio
+
+    bad = _direct_trio_primitives(_modules())
+    assert not bad, "use meshctl.proxy.aio (import meshctl.proxy.aio as aio) instead:\n" + "\n".join(bad)
+    # aio's names are trio's primitives, not the plain classes the modules keep using directly
+    assert not set(aio.__all__) & TRIO_PLAIN
+    assert all(hasattr(aio, n) for n in aio.__all__)
+
+
+def test_the_aio_check_sees_every_way_of_naming_a_trio_primitive(tmp_path):
+    src = (
+        "import trio\nimport trio.lowlevel\nimport trio as t\nfrom trio import sleep, ClosedResourceError\n"
+        "from trio.lowlevel import checkpoint as cp\nfrom trio import lowlevel as ll\nimport trio.to_thread as th\n"
+        "async def f(s: trio.abc.Stream) -> None:\n"
+        "    await trio.sleep(1)\n    await t.lowlevel.wait_readable(s)\n    await ll.checkpoint()\n"
+        "    await th.run_sync(print)\n    raise trio.BrokenResourceError()\n"
+    )
+    (tmp_path / "mod.py").write_text(src)
+    (tmp_path / "aio.py").write_text(src)  # the seam itself is not checked
+    found = _direct_trio_primitives({"meshctl.proxy.mod": tmp_path / "mod.py", "meshctl.proxy.aio": tmp_path / "aio.py"})
+    assert [f.split(":", 1)[1] for f in found] == [
+        "2: trio.lowlevel", "4: trio.sleep", "5: trio.lowlevel.checkpoint", "6: trio.lowlevel", "7: trio.to_thread",
+        "9: trio.sleep", "10: trio.lowlevel.wait_readable", "11: trio.lowlevel.checkpoint",
+        "12: trio.to_thread.run_sync",
+    ], found
