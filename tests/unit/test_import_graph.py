@@ -239,10 +239,10 @@ def _direct_trio_primitives(mods: dict[str, Path]) -> list[str]:
 
 def test_the_sidecar_reaches_trios_primitives_only_through_aio():
     # issue 12: the data plane moves to a runtime of its own; proxy/aio.py is the one seam
-    import meshctl.proxy.aio as aio
-
     bad = _direct_trio_primitives(_modules())
     assert not bad, "use meshctl.proxy.aio (import meshctl.proxy.aio as aio) instead:\n" + "\n".join(bad)
+    import meshctl.proxy.aio as aio
+
     # aio's names are trio's primitives, not the plain classes the modules keep using directly
     assert not set(aio.__all__) & TRIO_PLAIN
     assert all(hasattr(aio, n) for n in aio.__all__)
