@@ -58,6 +58,7 @@ COMPILED = [
     "meshctl/proxy/connection.py",  # the root of every connection task's await chain
     "meshctl/proxy/connstate.py",  # ConnState: written by the HTTP/1.1 loop on every request
     "meshctl/proxy/errors.py",
+    "meshctl/proxy/evloop.py",  # the data plane's own runtime (trio's API on one epoll); not used by the proxy yet
     "meshctl/proxy/forward.py",
     "meshctl/proxy/h1upstream.py",
     "meshctl/proxy/h2conn.py",  # (its H2ConnState, a ConnState, is in connstate.py, with its base)

@@ -12,6 +12,9 @@ MODE (the relay process):
   lt, et   (b) the same relay on mlcore.Loop (epoll level- / edge-triggered, callbacks, timer heap)
   coro     (b') lt's loop running the toy relay as compiled `async def` tasks (await a Park object)
   h1       (c) mlcore.Loop driving meshctl's H1Server/H1Client (parse, pick upstream, serialize, relay)
+  ev       bench/evrelay.py (the toy relay as async tasks, trio's names) on evloop, compiled with it
+  evtrio   the same compiled relay on trio (trio.lowlevel.wait_readable, raw sockets)
+  evto, evtriot   ev and evtrio with a move_on_after(15) scope around each request
   hyb      (d) lt's relay inside trio: one trio task waits on the epoll fd, runs the ready callbacks
   hybh1    (d) with h1's relay
   sidecar  the product: `meshctl proxy run`, an inbound listener in front of the app
@@ -131,9 +134,27 @@ def relay_loop(mode: str, port: int, app: int, expect: int, ready: str) -> None:
     print(json.dumps({"passes": loop.passes, "events": loop.events, "accepted": stats.accepted}), file=sys.stderr)
 
 
+def relay_ev(mode: str, port: int, app: int, expect: int, ready: str) -> None:
+    lsock = listen(port)
+    timeout = mode in ("evto", "evtriot")
+    if mode.startswith("evtrio"):
+        import evrelay_trio
+        import trio
+
+        stats = trio.run(evrelay_trio.serve, lsock, app, expect, timeout, ready)
+    else:
+        import evloop
+        import evrelay_ev
+
+        stats = evloop.run(evrelay_ev.serve, lsock, app, expect, timeout, ready)
+    print(json.dumps({"accepted": stats.accepted, "requests": stats.requests}), file=sys.stderr)
+
+
 def relay_main(argv: list[str]) -> None:
     mode, port, app, expect, ready = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
-    if mode == "trio":
+    if mode.startswith("ev"):
+        relay_ev(mode, port, app, expect, ready)
+    elif mode == "trio":
         relay_trio(port, app, expect, ready)
     else:
         relay_loop(mode, port, app, expect, ready)
@@ -312,7 +333,7 @@ def timing(build: str, conns: int, n: int, rounds: int, modes: list[str]) -> Non
                 res[mode].append(((u1 - u0) / HZ / n * 1e6, (s1 - s0) / HZ / n * 1e6))
                 r = res[mode][-1]
                 batch = ""
-                if mode not in ("trio", "sidecar", "nginx"):  # the loop's events per epoll pass (whole run)
+                if mode not in ("trio", "sidecar", "nginx") and not mode.startswith("ev"):  # the loop's events per epoll pass (whole run)
                     st = [ln for ln in open(f"{b.work}/relay.log").read().splitlines() if '"passes"' in ln]
                     if st:
                         d = json.loads(st[-1])
@@ -362,6 +383,21 @@ def build(dest: str) -> None:
     shutil.copy(os.path.join(HERE, "mlcore.py"), dest)
     subprocess.run([sys.executable, "-m", "mypyc", "--ignore-missing-imports", "mlcore.py"], cwd=dest, check=True)
     os.remove(os.path.join(dest, "mlcore.py"))
+    # the ev* modes: evloop and the relay written against it in one group (native calls between
+    # them, as the proxy and its runtime would be), and the same relay importing trio's names
+    shutil.copy(os.path.join(HERE, "..", "meshctl", "proxy", "evloop.py"), dest)
+    src = open(os.path.join(HERE, "evrelay.py")).read()
+    head, rest = src.split("# RUNTIME-BEGIN\n")
+    _, tail = rest.split("# RUNTIME-END\n")
+    with open(os.path.join(dest, "evrelay_ev.py"), "w") as f:
+        f.write(src)
+    with open(os.path.join(dest, "evrelay_trio.py"), "w") as f:
+        f.write(head + "from trio import CancelScope, move_on_after, open_nursery\n"
+                "from trio.lowlevel import notify_closing, wait_readable\n" + tail)
+    names = ["evloop.py", "evrelay_ev.py", "evrelay_trio.py"]
+    subprocess.run([sys.executable, "-m", "mypyc", "--ignore-missing-imports", *names], cwd=dest, check=True)
+    for n in names:
+        os.remove(os.path.join(dest, n))
     print(f"built {dest}")
 
 

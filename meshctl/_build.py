@@ -35,6 +35,7 @@ HOT_PATH = (
     "meshctl.proxy.connection",
     "meshctl.proxy.connstate",
     "meshctl.proxy.errors",
+    "meshctl.proxy.evloop",
     "meshctl.proxy.forward",
     "meshctl.proxy.h1upstream",
     "meshctl.proxy.h2conn",

@@ -278,6 +278,8 @@ class Runner:
         self.seq = 0
         self.ncancel = 0  # open scopes whose cancel() has been called
         self.main: Task | None = None
+        self.passes = 0  # loop passes (epoll_waits) and the I/O events they found, for benches and tests
+        self.events = 0
         self.done = False
         self.result: object = None
         self.error: BaseException | None = None
@@ -606,7 +608,9 @@ class Runner:
                     else:
                         jump = when
             events = ep.poll(timeout, 256)
+            self.passes += 1
             if events:
+                self.events += len(events)
                 self._io_events(events)
             elif jump != INF and mock is not None and not self.runq:
                 mock._t = jump
