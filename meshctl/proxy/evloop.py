@@ -174,6 +174,7 @@ class Task:
     def __init__(self, coro: Coroutine[Any, Any, Any], name: str, scope: CancelScope | None,
                  nursery: Nursery | None) -> None:
         self.coro = coro
+        self._send: Callable[[object], object] = coro.send  # (bound once: no method lookup per step)
         self.name = name
         self._val: object = None
         self._exc: BaseException | None = None
@@ -197,11 +198,24 @@ class Task:
 
 
 class _Timer:
-    def __init__(self, when: float, scope: CancelScope | None, task: Task | None) -> None:
+    def __init__(self, when: float, scope: CancelScope | None, task: Task | None, fifo: _Fifo | None = None) -> None:
         self.when = when
         self.scope = scope
         self.task = task
+        self.fifo = fifo
         self.alive = True
+
+
+class _Fifo:
+    """The open scopes of ``move_on_after(rel)`` (one FIFO per ``rel``): their deadlines come in
+    order (the clock never goes back), so the heap holds one timer per FIFO, at its head's deadline,
+    instead of one per scope. A scope leaves its FIFO by setting ``_fifo`` to None (exit, cancel,
+    a new deadline); dead heads are dropped when a scope exits and when the timer fires."""
+
+    def __init__(self, rel: float) -> None:
+        self.rel = rel
+        self.q: deque[CancelScope] = deque()
+        self.armed = False
 
 
 class _SleepWait(_Waiter):
@@ -272,8 +286,10 @@ class Runner:
         self.ep = select.epoll()
         self.runq: list[Task] = []
         self.current: Task | None = None
-        self.fds: dict[int, _FdState] = {}
+        self.fds: list[_FdState | None] = []  # by fd number (an index, not a hash lookup, per wait)
         self.timers: list[tuple[float, int, _Timer]] = []
+        self.fifos: dict[float, _Fifo] = {}
+        self._last_fifo = _Fifo(-1.0)  # (the duration used last: most scopes of a proxy have one or two)
         self.live_timers = 0
         self.seq = 0
         self.ncancel = 0  # open scopes whose cancel() has been called
@@ -300,12 +316,47 @@ class Runner:
             return time.monotonic()
         return m._t
 
-    def _add_timer(self, when: float, scope: CancelScope | None, task: Task | None) -> _Timer:
-        t = _Timer(when, scope, task)
+    def _add_timer(self, when: float, scope: CancelScope | None, task: Task | None,
+                   fifo: _Fifo | None = None) -> _Timer:
+        t = _Timer(when, scope, task, fifo)
         self.seq += 1
         heapq.heappush(self.timers, (when, self.seq, t))
         self.live_timers += 1
         return t
+
+    def _fifo_add(self, scope: CancelScope, rel: float) -> None:
+        f = self._last_fifo
+        if f.rel != rel:
+            got = self.fifos.get(rel)
+            if got is None:
+                got = _Fifo(rel)
+                self.fifos[rel] = got
+            f = got
+            self._last_fifo = f
+        f.q.append(scope)
+        scope._fifo = f
+        if not f.armed:
+            f.armed = True
+            self._add_timer(scope._deadline, None, None, f)
+
+    def _fifo_fire(self, f: _Fifo) -> None:
+        f.armed = False
+        q = f.q
+        now = self.now()
+        while q:
+            s = q[0]
+            if s._fifo is not f:
+                q.popleft()
+            elif s._deadline <= now:
+                q.popleft()
+                s._fifo = None
+                s.cancel()
+            else:
+                f.armed = True
+                self._add_timer(s._deadline, None, None, f)
+                return
+        if len(self.fifos) > 64 and f is not self._last_fifo:  # (many distinct durations: drop the empty ones)
+            del self.fifos[f.rel]
 
     def _kill_timer(self, t: _Timer) -> None:
         if t.alive:
@@ -331,10 +382,14 @@ class Runner:
                     task._parked = None
                     self.runq.append(task)
             else:
-                s = t.scope
-                if s is not None:
-                    s._timer = None
-                    s.cancel()
+                f = t.fifo
+                if f is not None:
+                    self._fifo_fire(f)
+                else:
+                    s = t.scope
+                    if s is not None:
+                        s._timer = None
+                        s.cancel()
             heap = self.timers  # (a cancel may have rebuilt it)
 
     def _next_timer(self) -> float:
@@ -393,7 +448,7 @@ class Runner:
             if exc is None:
                 v = task._val
                 task._val = None
-                trap = task.coro.send(v)
+                trap = task._send(v)
             else:
                 task._exc = None
                 trap = task.coro.throw(exc)
@@ -427,16 +482,25 @@ class Runner:
 
     # ---------------------------------------------------------- I/O
 
+    def _slot(self, fd: int) -> _FdState | None:
+        fds = self.fds
+        if fd < len(fds):
+            return fds[fd]
+        if fd < 0:
+            raise ValueError(f"file descriptor cannot be a negative integer ({fd})")
+        fds.extend([None] * (fd + 1 - len(fds)))
+        return None
+
     def _fd_state(self, obj: int | _HasFileno) -> _FdState:
         if isinstance(obj, int):
             fd = obj
-            st = self.fds.get(fd)
+            st = self._slot(fd)
             if st is None:
                 st = _FdState(fd)
                 self.fds[fd] = st
             return st
         fd = obj.fileno()
-        st = self.fds.get(fd)
+        st = self._slot(fd)
         if st is None:
             st = _FdState(fd)
             st.ref = weakref.ref(obj)
@@ -496,9 +560,10 @@ class Runner:
 
     def notify_closing(self, obj: int | _HasFileno) -> None:
         fd = obj if isinstance(obj, int) else obj.fileno()
-        st = self.fds.pop(fd, None)
+        st = self._slot(fd)
         if st is None:
             return
+        self.fds[fd] = None
         for t in (st.reader, st.writer):
             if t is not None and t._parked is st:
                 self.reschedule(t, None, ClosedResourceError("another task closed this fd"))
@@ -513,7 +578,7 @@ class Runner:
         fds = self.fds
         runq = self.runq
         for fd, ev in events:
-            st = fds.get(fd)
+            st = fds[fd] if fd < len(fds) else None
             if st is None:
                 if fd == self._wake_fd:
                     self._woken()
@@ -614,7 +679,9 @@ class Runner:
                 self._io_events(events)
             elif jump != INF and mock is not None and not self.runq:
                 mock._t = jump
-            if self.timers:
+            # (events before a timeout computed from the clock: no deadline can have passed, and
+            # the clock need not be read again)
+            if self.timers and (timeout <= 0 or not events or mock is not None):
                 self._run_timers(self.now())
             batch = self.runq
             if batch:
@@ -736,20 +803,26 @@ async def sleep(seconds: float) -> None:
 # ------------------------------------------------------------------ I/O
 
 
-async def wait_readable(sock: int | _HasFileno) -> None:
+# wait_readable/wait_writable are awaited as trio's are (``await wait_readable(sock)``) but are
+# plain functions returning the park: the task is recorded as the fd's waiter when called, and one
+# coroutine object per wait is saved (the hot path). Called and not awaited, they would leave the
+# task recorded: always await them at once.
+
+
+def wait_readable(sock: int | _HasFileno) -> _Park:
     r = _G.runner
     if r is None:
         raise RuntimeError("must be called from async context (inside evloop.run)")
     r.wait_io(sock, True)
-    await _PARK
+    return _PARK
 
 
-async def wait_writable(sock: int | _HasFileno) -> None:
+def wait_writable(sock: int | _HasFileno) -> _Park:
     r = _G.runner
     if r is None:
         raise RuntimeError("must be called from async context (inside evloop.run)")
     r.wait_io(sock, False)
-    await _PARK
+    return _PARK
 
 
 def notify_closing(sock: int | _HasFileno) -> None:
@@ -770,6 +843,8 @@ class CancelScope:
         self._active = False
         self._entered = False
         self._timer: _Timer | None = None
+        self._rel = -1.0  # move_on_after's duration: the deadline goes into the FIFO of its duration
+        self._fifo: _Fifo | None = None
 
     def __enter__(self) -> CancelScope:
         r = _runner()
@@ -782,9 +857,11 @@ class CancelScope:
         self._parent = task._scope
         task._scope = self
         self._active = True
+        # (no clock read: a deadline already passed fires on the loop's next pass, before the task
+        # can run again; cancel_called reads the clock itself, as trio's does)
         if self._deadline != INF and not self._cancel_called:
-            if r.now() >= self._deadline:
-                self._cancel_called = True
+            if self._rel >= 0:
+                r._fifo_add(self, self._rel)
             else:
                 self._timer = r._add_timer(self._deadline, self, None)
         if self._cancel_called:
@@ -819,6 +896,14 @@ class CancelScope:
         if t is not None:
             self._timer = None
             r._kill_timer(t)
+        f = self._fifo
+        if f is not None:
+            self._fifo = None
+            q = f.q
+            while q and q[0]._fifo is not f:
+                q.popleft()
+        self._parent = None  # (an exited scope may sit in a FIFO for a while: it keeps no task alive)
+        self._task = None
         return exc
 
     def _effectively_cancelled(self) -> bool:
@@ -861,6 +946,7 @@ class CancelScope:
                 if t is not None:
                     self._timer = None
                     r._kill_timer(t)
+                self._fifo = None
                 r._deliver(self)
 
     @property
@@ -880,8 +966,10 @@ class CancelScope:
         if isinstance(value, float) and math.isnan(value):
             raise ValueError("deadline must not be NaN")
         self._deadline = float(value)
+        self._rel = -1.0
         if self._active and not self._cancel_called:
             r = _runner()
+            self._fifo = None
             t = self._timer
             if t is not None:
                 self._timer = None
@@ -935,7 +1023,9 @@ def move_on_at(deadline: float, *, shield: bool = False) -> CancelScope:
 def move_on_after(seconds: float, *, shield: bool = False) -> CancelScope:
     if seconds < 0:
         raise ValueError("timeout must be non-negative")
-    return CancelScope(deadline=_runner().now() + seconds, shield=shield)
+    scope = CancelScope(deadline=_runner().now() + seconds, shield=shield)
+    scope._rel = float(seconds)
+    return scope
 
 
 class _FailScope:

@@ -651,25 +651,51 @@ def test_aclose_forcefully(lib):
 # ------------------------------------------------------------------ evloop only
 
 
-def test_timer_heap_stays_bounded():
-    """Scopes that exit before their deadline leave dead timers; the heap is rebuilt when they
-    outnumber the live ones, so 10,000 requests' timeouts do not pile up."""
+def test_deadline_bookkeeping_stays_bounded():
+    """Scopes that exit before their deadline: an absolute deadline's timer stays in the heap, dead,
+    until the dead outnumber the live (then the heap is rebuilt); move_on_after's scopes sit in
+    their duration's FIFO, whose dead head is dropped when the scope exits. So 10,000 requests'
+    timeouts do not pile up."""
     async def main():
         r = evloop._G.runner
         sizes = []
+        fifo = []
         async with evloop.open_nursery() as n:
             n.start_soon(evloop.sleep, 1e6)  # one live timer
             await evloop.sleep(0)
             for i in range(10_000):
+                with evloop.move_on_at(evloop.current_time() + 30):
+                    await evloop.checkpoint()
                 with evloop.move_on_after(30):
                     await evloop.checkpoint()
                 sizes.append(len(r.timers))
+                fifo.append(sum(len(f.q) for f in r.fifos.values()))
             n.cancel_scope.cancel()
-        return max(sizes), r.live_timers
+        return max(sizes), max(fifo)
 
-    biggest, live = _ev_run(main)
+    biggest, fifo = _ev_run(main)
     assert biggest <= 2 * 64 + 4
-    assert live == 0
+    assert fifo <= 1
+
+
+def test_many_timeouts_of_one_duration(lib):
+    """move_on_after scopes of the same duration, entered at different times, left in any order."""
+    async def main():
+        log = []
+
+        async def req(i, start, dur):
+            await lib.sleep(start)
+            with lib.move_on_after(5) as cs:
+                await lib.sleep(dur)
+            log.append((i, lib.current_time(), cs.cancelled_caught))
+
+        async with lib.open_nursery() as n:
+            for i, (st, d) in enumerate([(0, 1), (0.5, 10), (1, 2), (1.5, 4.9), (2, 5.5), (3, 0.1)]):
+                n.start_soon(req, i, st, d)
+        return sorted(log)
+
+    assert lib.run(main) == [(0, 1.0, False), (1, 5.5, True), (2, 3.0, False), (3, 6.4, False), (4, 7.0, True),
+                             (5, 3.1, False)]
 
 
 def test_hangup_without_waiter_does_not_spin():
