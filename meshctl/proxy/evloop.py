@@ -30,7 +30,13 @@ no contextvars context per task, no KeyboardInterrupt handling (SIGINT's default
 no instruments, no guest mode, no ``Task.child_nurseries``/``parent_nursery``, no misnesting
 diagnostics beyond a RuntimeError, the run batch is not shuffled, and a raw int fd that is
 closed and reused without ``notify_closing`` is not noticed (a socket object is: its registration
-is tied to the object through a weak reference).
+is tied to the object through a weak reference). ``wait_readable``/``wait_writable`` are plain
+functions returning the awaitable park (``await wait_readable(s)`` as in trio; the task is recorded
+as the fd's waiter at the call). A scope entered with a deadline already passed is cancelled at the
+loop's next pass (before the task runs again), not in ``__enter__`` (``cancel_called`` reads the
+clock, as trio's does, so nothing observable differs). When a sleep's deadline and a cancellation
+come in the same pass, the sleep may complete (trio's sleep is a cancel scope, so there the
+cancellation wins); either order is one trio could give had the cancel come a moment later.
 """
 
 from __future__ import annotations
