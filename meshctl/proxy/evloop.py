@@ -1058,7 +1058,9 @@ def fail_at(deadline: float, *, shield: bool = False) -> _FailScope:
 def fail_after(seconds: float, *, shield: bool = False) -> _FailScope:
     if seconds < 0:
         raise ValueError("timeout must be non-negative")
-    return _FailScope(_runner().now() + seconds, shield)
+    fs = _FailScope(_runner().now() + seconds, shield)
+    fs.scope._rel = float(seconds)
+    return fs
 
 
 # ------------------------------------------------------------------ nurseries

@@ -719,6 +719,20 @@ def test_hangup_without_waiter_does_not_spin():
     assert evloop.run(main) < 50
 
 
+# the names meshctl/proxy/aio.py (the sidecar's one import of trio's primitives) re-exports
+AIO_NAMES = ["TASK_STATUS_IGNORED", "Abort", "CancelScope", "Cancelled", "Event", "Lock", "Nursery", "Task", "TaskStatus",
+             "TooSlowError", "aclose_forcefully", "checkpoint", "current_clock", "current_task", "current_time",
+             "fail_after", "getaddrinfo", "move_on_after", "move_on_at", "notify_closing", "open_nursery",
+             "open_signal_receiver", "reschedule", "run", "run_sync_in_thread", "sleep", "wait_readable",
+             "wait_task_rescheduled", "wait_writable"]
+
+
+def test_evloop_has_the_names_aio_binds():
+    missing = [n for n in AIO_NAMES if n not in evloop.__all__ or not hasattr(evloop, n)]
+    assert missing == []
+    assert evloop.TooSlowError is trio.TooSlowError
+
+
 def test_run_returns_and_raises():
     async def ok(x):
         await evloop.sleep(0)
