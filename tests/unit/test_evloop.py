@@ -746,3 +746,31 @@ def test_run_returns_and_raises():
         evloop.run(bad)
     with pytest.raises(RuntimeError):
         evloop.current_time()
+
+
+def test_start_cancelled_before_started(lib):
+    async def main():
+        log = []
+
+        async def slow(task_status=lib.TASK_STATUS_IGNORED):
+            try:
+                await lib.sleep(5)
+                task_status.started()
+            finally:
+                log.append(("child out", lib.current_time()))
+
+        async with lib.open_nursery() as n:
+            with lib.move_on_after(1) as cs:
+                await n.start(slow)
+                log.append("not reached")
+            log.append(("caller", cs.cancelled_caught, lib.current_time()))
+            n.start_soon(lib.sleep, 2)
+        log.append(("nursery done", lib.current_time()))
+        try:
+            n.start_soon(lib.sleep, 1)
+        except RuntimeError as e:
+            log.append(str(e))
+        return log
+
+    assert lib.run(main) == [("child out", 1.0), ("caller", True, 1.0), ("nursery done", 3.0),
+                             "Nursery is closed to new arrivals"]
