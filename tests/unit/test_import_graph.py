@@ -180,9 +180,10 @@ def test_the_supervisor_is_in_no_import_cycle_and_its_lifecycle_rules_are_pure()
 # ABCs and the plain exception classes of the stream interface, which another runtime raises
 # too. Everything else of trio's (its run, tasks, cancel scopes, clock, parking, I/O waits,
 # threads, resolver) is reached through proxy/aio.py, the one module to rebind to another
-# runtime (issue 12). trio.SSLStream: tls.py's TLS over a stream that is not a socket.
+# runtime (issue 12). trio.SSLStream: tls.py's TLS over a stream that is not a socket; evloop,
+# the other runtime, raises trio's TooSlowError and WouldBlock.
 TRIO_PLAIN = {"abc", "ClosedResourceError", "BrokenResourceError", "BusyResourceError", "EndOfChannel"}
-TRIO_PLAIN_IN = {"tls": {"SSLStream"}}
+TRIO_PLAIN_IN = {"tls": {"SSLStream"}, "evloop": {"TooSlowError", "WouldBlock"}}  # evloop raises trio's classes
 NOT_THROUGH_AIO = {"aio", "testing"}  # the seam itself; test support (trio.testing's memory streams)
 
 
