@@ -354,10 +354,21 @@ def write_config(cfg: ProxyConfig, path: Path) -> Path:
     return path
 
 
+def sidecar_env(loop: str | None = None) -> dict[str, str]:
+    """The environment of a sidecar child process: this one's, with MESHCTL_PROXY_LOOP set to
+    ``loop``, else to MESHCTL_TEST_PROXY_LOOP if that is set (the children then run on that loop,
+    while this process stays on trio)."""
+    env = dict(os.environ)
+    loop = loop or env.get("MESHCTL_TEST_PROXY_LOOP")
+    if loop:
+        env["MESHCTL_PROXY_LOOP"] = loop
+    return env
+
+
 class ProxyProcess:
     """``meshctl proxy run`` as a child process."""
 
-    def __init__(self, cfg: ProxyConfig, workdir: Path) -> None:
+    def __init__(self, cfg: ProxyConfig, workdir: Path, loop: str | None = None) -> None:
         self.config_path = write_config(cfg, workdir / "proxy.json")
         self.admin_port = free_port()
         self.log_path = workdir / "proxy.log"
@@ -368,6 +379,7 @@ class ProxyProcess:
              "--state-dir", str(self.state_dir)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=sidecar_env(loop),
         )
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         deadline = time.monotonic() + 60  # a process start-up: generous for a loaded machine
@@ -421,10 +433,10 @@ def proxy_process():
     made: list[ProxyProcess] = []
     tmp = tempfile.TemporaryDirectory()
 
-    def start(cfg: ProxyConfig, name: str = "p") -> ProxyProcess:
+    def start(cfg: ProxyConfig, name: str = "p", loop: str | None = None) -> ProxyProcess:
         d = Path(tmp.name) / f"{name}{len(made)}"
         d.mkdir()
-        p = ProxyProcess(cfg, d)
+        p = ProxyProcess(cfg, d, loop)
         made.append(p)
         return p
 
