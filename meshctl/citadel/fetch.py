@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from functools import partial
+from typing import Any, Awaitable, Callable
+
+InThread = Callable[[Callable[[], Any]], Awaitable[Any]]  # a runtime's run_sync_in_thread
 
 from . import errors
 from .errors import CitadelError, TokenError
@@ -54,8 +57,10 @@ class ChildCertificateSource:
     the bootstrap token first, then renewals with the current certificate and
     a fresh key each time; each exchange in a child process."""
 
-    def __init__(self, citadel_url: str, token: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, citadel_url: str, token: str, *, timeout: float = 10.0,
+                 in_thread: InThread | None = None) -> None:
         self.url = citadel_url
+        self.in_thread = in_thread  # see _run_child
         self._token: str | None = token
         self._key: bytes | None = None
         self._chain: bytes | None = None
@@ -71,7 +76,7 @@ class ChildCertificateSource:
             request["token"] = self._token
         else:
             request["chain"], request["key"] = self._chain.decode(), self._key.decode()
-        answer = await _run_child(request, self.timeout + START_GRACE)
+        answer = await _run_child(request, self.timeout + START_GRACE, self.in_thread)
         chain, key, bundle = (answer[k].encode() for k in ("chain", "key", "bundle"))
         self._token = None  # spent: Citadel issued a certificate
         self._key, self._chain = key, chain
@@ -89,19 +94,31 @@ def fetch_argv() -> list[str]:
     return [sys.executable, "-m", "meshctl.citadel.fetch"]
 
 
-async def _run_child(request: dict[str, Any], timeout: float) -> dict[str, Any]:
+async def _run_child(request: dict[str, Any], timeout: float, in_thread: InThread | None = None) -> dict[str, Any]:
+    """The child's answer. ``in_thread``: a runtime's "run this blocking call in a worker thread"
+    (the sidecar on evloop, which has no trio.run_process, passes its own); None: trio.run_process."""
     import subprocess
 
-    import trio
-
     argv = fetch_argv()
+    slow = CitadelError(f"the certificate fetch process ({' '.join(argv)}) did not answer within {timeout:.0f}s",
+                        "fetch-failed")
+    stdin = json.dumps(request).encode()
     try:
-        with trio.fail_after(timeout):
-            done = await trio.run_process(argv, stdin=json.dumps(request).encode(), capture_stdout=True,
-                                          capture_stderr=True, check=False)
-    except trio.TooSlowError:
-        raise CitadelError(f"the certificate fetch process ({' '.join(argv)}) did not answer within {timeout:.0f}s",
-                           "fetch-failed") from None
+        if in_thread is not None:
+            try:
+                done = await in_thread(partial(subprocess.run, argv, input=stdin, capture_output=True, check=False,
+                                               timeout=timeout))
+            except subprocess.TimeoutExpired:  # (subprocess.run killed the child)
+                raise slow from None
+        else:
+            import trio
+
+            try:
+                with trio.fail_after(timeout):
+                    done = await trio.run_process(argv, stdin=stdin, capture_stdout=True, capture_stderr=True,
+                                                  check=False)
+            except trio.TooSlowError:
+                raise slow from None
     except OSError as exc:
         raise CitadelError(f"cannot start the certificate fetch process ({' '.join(argv)}): {exc}",
                            "fetch-failed") from None

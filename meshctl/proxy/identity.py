@@ -102,7 +102,8 @@ async def start_identity(rt, environ=None, *, task_status=aio.TASK_STATUS_IGNORE
 
     holder = SidecarCertificates()
     rt.tls = holder
-    source = ChildCertificateSource(url, token)
+    # on evloop the child runs from a worker thread (evloop has no run_process); on trio, trio.run_process
+    source = ChildCertificateSource(url, token, in_thread=aio.run_sync_in_thread if aio.LOOP == "evloop" else None)
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     async with aio.open_nursery() as n:
         # verify=False: the fetch process checked the certificate as a peer would

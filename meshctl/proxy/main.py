@@ -101,12 +101,11 @@ def _observe(rt, access_log: Path | None, mixer: str | None) -> None:
     rt.ratelimits.mixer_url = (mixer or os.environ.get("MESHCTL_MIXER") or "").rstrip("/") or None
 
 
-def _evloop_refused(mixer: bool, citadel: bool, pilot: bool = False) -> str:
+def _evloop_refused(mixer: bool, pilot: bool = False) -> str:
     """Why a sidecar cannot start on evloop (MESHCTL_PROXY_LOOP=evloop, issue 12's experiment), or
-    "": the clients of Pilot (plainhttp), Citadel (a child process) and Mixer (httpx) run on trio
-    only. Logs that the sidecar runs on evloop when it can."""
-    what = [w for w, on in (("Pilot", pilot), ("Citadel (MESHCTL_CITADEL_URL)", citadel),
-                            ("Mixer (global rate limits)", mixer)) if on]
+    "": the clients of Pilot (plainhttp) and Mixer (httpx) run on trio only. Logs that the sidecar
+    runs on evloop when it can."""
+    what = [w for w, on in (("Pilot", pilot), ("Mixer (global rate limits)", mixer)) if on]
     if what:
         return (f"MESHCTL_PROXY_LOOP=evloop: a sidecar with {' or '.join(what)} does not run on evloop yet "
                 "(an experiment of issue 12); unset MESHCTL_PROXY_LOOP")
@@ -146,7 +145,7 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
     except Exception as exc:  # AccessLogError names the file
         return fail(str(exc))
     if aio.LOOP == "evloop":
-        refused = _evloop_refused(rt.ratelimits.mixer_url is not None, "MESHCTL_CITADEL_URL" in _boot_env())
+        refused = _evloop_refused(rt.ratelimits.mixer_url is not None)
         if refused:
             return fail(refused)
     _quiet_gc()
@@ -208,7 +207,7 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
 
     _setup_logging(log_level)
     if aio.LOOP == "evloop":
-        print(f"meshctl proxy run: {_evloop_refused(False, False, pilot=True)}", file=sys.stderr)
+        print(f"meshctl proxy run: {_evloop_refused(False, pilot=True)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
         node = from_data(Node, json.loads(node_file.read_text()), path="", file=str(node_file))

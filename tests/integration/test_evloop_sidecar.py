@@ -1,6 +1,6 @@
 """A sidecar process on evloop (MESHCTL_PROXY_LOOP=evloop, issue 12's experiment): it serves,
 times out, fails over a dead endpoint and drains as on trio, and refuses by name what it cannot
-run yet (clients that live on trio: Pilot, Citadel, Mixer, span export, ext-authz, DNS)."""
+run yet (clients that live on trio: Pilot, Mixer, span export, ext-authz, DNS)."""
 
 from __future__ import annotations
 
