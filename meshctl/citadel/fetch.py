@@ -38,10 +38,10 @@ import sys
 from functools import partial
 from typing import Any, Awaitable, Callable
 
-InThread = Callable[[Callable[[], Any]], Awaitable[Any]]  # a runtime's run_sync_in_thread
-
 from . import errors
 from .errors import CitadelError, TokenError
+
+InThread = Callable[[Callable[[], Any]], Awaitable[Any]]  # a runtime's run_sync_in_thread
 
 # the classes an answer may name (nothing else is instantiated from the child's words)
 _CLASSES: dict[str, type[CitadelError]] = {

@@ -5,7 +5,9 @@ runtime's primitives through this module (``import meshctl.proxy.aio as aio``,
 then ``aio.move_on_after(...)``), never through trio directly
 (tests/unit/test_import_graph.py checks it), so that the data plane can be
 bound to another runtime with trio's semantics (issue 12: bench/README.md,
-``miniloop.py``) by changing this one module. For now it is bound to trio: the
+``miniloop.py``) by changing this one module. It is bound to trio unless the
+process has ``MESHCTL_PROXY_LOOP=evloop`` (then to proxy/evloop.py, the same
+names with trio's semantics: an experiment, docs/proxy.md). On trio the
 names below are trio's own objects, re-exported, with no wrapper around them,
 so a call costs exactly what it cost through ``trio.`` (nothing interpreted
 is added to the request path; the compiled modules read them as module
