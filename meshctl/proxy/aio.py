@@ -43,8 +43,11 @@ import os
 from typing import TYPE_CHECKING
 
 # MESHCTL_PROXY_LOOP=evloop: the sidecar runs on proxy/evloop.py instead of trio (an experiment of
-# issue 12: measured, not yet supported for use; proxy/main.py refuses what it cannot run yet)
-LOOP = "evloop" if os.environ.get("MESHCTL_PROXY_LOOP", "") == "evloop" else "trio"
+# issue 12: measured, not yet supported for use; proxy/main.py refuses what it cannot run yet, and
+# a name that is not one of LOOPS)
+LOOPS = ("trio", "evloop")
+ASKED = os.environ.get("MESHCTL_PROXY_LOOP", "")
+LOOP = "evloop" if ASKED == "evloop" else "trio"
 
 if LOOP == "evloop" and not TYPE_CHECKING:
     from .evloop import (

@@ -101,16 +101,18 @@ def _observe(rt, access_log: Path | None, mixer: str | None) -> None:
     rt.ratelimits.mixer_url = (mixer or os.environ.get("MESHCTL_MIXER") or "").rstrip("/") or None
 
 
-def _evloop_refused(mixer: bool, pilot: bool = False) -> str:
-    """Why a sidecar cannot start on evloop (MESHCTL_PROXY_LOOP=evloop, issue 12's experiment), or
-    "": the clients of Pilot (plainhttp) and Mixer (httpx) run on trio only. Logs that the sidecar
-    runs on evloop when it can."""
+def _loop_refused(*, mixer: bool = False, pilot: bool = False) -> str:
+    """Why the sidecar cannot start on the runtime MESHCTL_PROXY_LOOP names, or "": a name
+    that is not a runtime; on evloop (issue 12's experiment), Pilot's client (plainhttp) and
+    Mixer's (httpx), which run on trio only."""
+    import meshctl.proxy.aio as aio
+
+    if aio.ASKED and aio.ASKED not in aio.LOOPS:
+        return f"MESHCTL_PROXY_LOOP={aio.ASKED!r} is not a runtime: {' or '.join(aio.LOOPS)} (trio when unset)"
     what = [w for w, on in (("Pilot", pilot), ("Mixer (global rate limits)", mixer)) if on]
-    if what:
+    if aio.LOOP == "evloop" and what:
         return (f"MESHCTL_PROXY_LOOP=evloop: a sidecar with {' or '.join(what)} does not run on evloop yet "
                 "(an experiment of issue 12); unset MESHCTL_PROXY_LOOP")
-    logging.getLogger("meshctl.proxy").warning(
-        "running on evloop (MESHCTL_PROXY_LOOP=evloop): an experiment, not trio")
     return ""
 
 
@@ -144,10 +146,11 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
         _observe(rt, access_log, mixer)
     except Exception as exc:  # AccessLogError names the file
         return fail(str(exc))
+    refused = _loop_refused(mixer=rt.ratelimits.mixer_url is not None)
+    if refused:
+        return fail(refused)
     if aio.LOOP == "evloop":
-        refused = _evloop_refused(rt.ratelimits.mixer_url is not None)
-        if refused:
-            return fail(refused)
+        logging.getLogger("meshctl.proxy").warning("running on evloop (MESHCTL_PROXY_LOOP=evloop): an experiment, not trio")
     _quiet_gc()
     try:
         from functools import partial
@@ -206,8 +209,9 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
     from .runtime import ProxyRuntime
 
     _setup_logging(log_level)
-    if aio.LOOP == "evloop":
-        print(f"meshctl proxy run: {_evloop_refused(False, pilot=True)}", file=sys.stderr)
+    refused = _loop_refused(pilot=True)
+    if refused:
+        print(f"meshctl proxy run: {refused}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
         node = from_data(Node, json.loads(node_file.read_text()), path="", file=str(node_file))

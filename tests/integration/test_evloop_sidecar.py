@@ -81,3 +81,11 @@ def test_evloop_refuses_by_name_what_it_cannot_run_yet(tmp_path, upstream):
     node.write_text('{"name": "a-0", "service": "a"}')
     r = _run(tmp_path, "--pilot", "http://127.0.0.1:1", "--node", str(node))
     assert r.returncode == 2 and "Pilot" in r.stderr
+
+
+def test_a_loop_that_is_not_a_runtime_is_refused_by_name(tmp_path, upstream):
+    path = write_config(_cfg([("127.0.0.1", upstream.port)], free_port()), tmp_path / "p.json")
+    r = subprocess.run([MESHCTL, "proxy", "run", "--config", str(path), "--admin-port", str(free_port())],
+                       capture_output=True, text=True, timeout=60, env=sidecar_env("uvloop"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "MESHCTL_PROXY_LOOP='uvloop' is not a runtime" in r.stderr
