@@ -45,6 +45,7 @@ from typing import Any, Callable
 import trio
 
 import meshctl.proxy.aio as aio
+from ..core.authz import CUSTOM
 from ..core.errors import CoreConfigError
 from ..core.logthrottle import LogThrottle
 from ..core.peeruid import checks as checks_peer
@@ -91,7 +92,7 @@ def evloop_refusals(cfg: ProxyConfig) -> list[str]:
     if s.tracing_zipkin or s.tracing_otlp:
         out.append("tracing: span export (httpx) does not run on MESHCTL_PROXY_LOOP=evloop yet")
     for name, pol in cfg.authorization.items():
-        if (pol.action or "").upper() == "CUSTOM":
+        if pol.action == CUSTOM:
             out.append(f"authorization {name}: action CUSTOM (the external authorizer's client, httpx) "
                        "does not run on MESHCTL_PROXY_LOOP=evloop yet")
     for name, c in cfg.clusters.items():

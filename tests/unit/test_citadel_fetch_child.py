@@ -1,27 +1,18 @@
 """The certificate fetch child (citadel/fetch.py), run as trio runs it (trio.run_process) and as a
 sidecar on evloop runs it (subprocess.run from evloop's worker thread): the same answer either way."""
 
-import socket
-
 import pytest
 import trio
 
 from meshctl.citadel.errors import CitadelError
 from meshctl.citadel.fetch import ChildCertificateSource
 from meshctl.proxy import evloop
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from tests.tools.servers import free_port
 
 
 @pytest.mark.parametrize("runtime", ["trio", "evloop"])
 def test_an_unreachable_citadel_is_a_citadel_error_naming_it(runtime):
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     in_thread = evloop.run_sync_in_thread if runtime == "evloop" else None
     source = ChildCertificateSource(url, "token", timeout=5.0, in_thread=in_thread)
 
