@@ -1,14 +1,21 @@
-"""A small HTTP/1.1 client on h11 and trio for a sidecar's calls to its control plane.
+"""A small HTTP/1.1 client on h11 for a sidecar's calls to its control plane
+and collectors.
 
-A sidecar talks to Pilot (register, long-poll for config, NACK) and Citadel
-(certificate signing and renewal) over plain http:// with JSON bodies, and to
-nothing else. httpx does that too, but costs every sidecar ~1.6 MB of RSS for
-features these calls never use (HTTP/2, proxies, cookies, auth flows, TLS), so
-the sidecar uses this: h11 (the parser httpx itself is built on, and the one
-meshctl/httpapi.py serves these APIs with) over one kept-alive TCP connection.
+A sidecar talks to Pilot (register, long-poll for config, NACK), Citadel
+(certificate signing and renewal) and Mixer (quota asks) over plain http://
+with JSON bodies, and sends spans to a collector and checks to an external
+authorizer. httpx does that too, but costs every sidecar ~1.6 MB of RSS for
+features these calls never use (HTTP/2, proxies, cookies, auth flows), and
+runs on trio only (through anyio), so the sidecar uses this: h11 (the parser
+httpx itself is built on, and the one meshctl/httpapi.py serves these APIs
+with) over one kept-alive TCP connection.
 
-- ``http://`` only: an https:// URL is an ``HTTPError`` (the control plane
-  serves plain HTTP on loopback or a private network; see meshctl/loopback.py).
+- It runs on trio by default. ``runtime`` and ``connect`` put it on another
+  runtime with trio's API: the sidecar passes its own (proxy/ctlhttp.py), so the
+  client runs on whichever runtime the data plane runs on (proxy/aio.py).
+  ``runtime`` is a module with ``fail_after``, ``CancelScope`` and
+  ``TooSlowError``; ``connect(scheme, host, port)`` returns a connected stream
+  (raising OSError) and decides which schemes it serves (trio's default: http).
 - Errors mirror httpx's names for what callers handle: ``HTTPError`` for any
   failure to get an answer (connect, reset, timeout, malformed response),
   ``HTTPStatusError`` (with ``.response``) from ``Response.raise_for_status()``.
@@ -16,11 +23,16 @@ meshctl/httpapi.py serves these APIs with) over one kept-alive TCP connection.
   bytes; ``read_timeout=None`` waits for the answer without limit (a long-poll).
 - A kept-alive connection the server closed meanwhile is noticed before any
   byte of an answer, and the request is sent once more on a new connection.
+- ``json=`` sends a JSON body and asks for JSON (``accept``); ``content=`` with
+  ``headers=`` sends exactly those headers (plus ``host`` and
+  ``content-length`` when they are not among them) and that body.
 """
 
 from __future__ import annotations
 
 import json as _json
+from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -41,11 +53,12 @@ class HTTPStatusError(HTTPError):
 
 
 class Response:
-    __slots__ = ("status_code", "headers", "content", "url")
+    __slots__ = ("status_code", "headers", "header_list", "content", "url")
 
-    def __init__(self, status_code: int, headers: dict[str, str], content: bytes, url: str) -> None:
+    def __init__(self, status_code: int, header_list: list[tuple[str, str]], content: bytes, url: str) -> None:
         self.status_code = status_code
-        self.headers = headers
+        self.header_list = header_list  # (lower-case name, value), repeated names kept, in order
+        self.headers = dict(header_list)  # the last value of each name
         self.content = content
         self.url = url
 
@@ -61,19 +74,31 @@ class Response:
             raise HTTPStatusError(f"HTTP {self.status_code} from {self.url}", self)
 
 
+Connect = Callable[[str, str, int], Awaitable[Any]]
+
+
+async def _trio_connect(scheme: str, host: str, port: int) -> trio.SocketStream:
+    if scheme != "http":
+        raise HTTPError(f"{scheme}://{host}:{port}: only http:// URLs are supported here")
+    return await trio.open_tcp_stream(host, port)
+
+
 class _Stale(Exception):
     """A reused connection was closed by the server before any byte of the answer."""
 
 
 class PlainHTTPClient:
     def __init__(self, *, timeout: float = 10.0, read_timeout: float | None = -1.0,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, runtime: ModuleType | None = None,
+                 connect: Connect | None = None) -> None:
         self.timeout = timeout
         self.read_timeout = timeout if read_timeout is not None and read_timeout < 0 else read_timeout
         self.headers = dict(headers or {})
-        self._stream: trio.SocketStream | None = None
+        self._rt: Any = runtime if runtime is not None else trio
+        self._open: Connect = connect if connect is not None else _trio_connect
+        self._stream: Any = None  # a trio.abc.Stream
         self._conn: h11.Connection | None = None
-        self._where: tuple[str, int] | None = None
+        self._where: tuple[str, str, int] | None = None
 
     async def __aenter__(self) -> "PlainHTTPClient":
         return self
@@ -84,7 +109,7 @@ class PlainHTTPClient:
     async def aclose(self) -> None:
         stream, self._stream, self._conn = self._stream, None, None
         if stream is not None:
-            with trio.CancelScope(shield=True):
+            with self._rt.CancelScope(shield=True):
                 await stream.aclose()
 
     async def get(self, url: str, *, params: dict[str, str] | None = None) -> Response:
@@ -93,28 +118,34 @@ class PlainHTTPClient:
     async def put(self, url: str, *, json: Any = None) -> Response:
         return await self.request("PUT", url, json=json)
 
-    async def post(self, url: str, *, json: Any = None) -> Response:
-        return await self.request("POST", url, json=json)
+    async def post(self, url: str, *, json: Any = None, content: bytes | None = None,
+                   headers: list[tuple[str, str]] | None = None) -> Response:
+        return await self.request("POST", url, json=json, content=content, headers=headers)
 
-    async def request(self, method: str, url: str, *, json: Any = None,
-                      params: dict[str, str] | None = None) -> Response:
+    async def request(self, method: str, url: str, *, json: Any = None, params: dict[str, str] | None = None,
+                      content: bytes | None = None, headers: list[tuple[str, str]] | None = None) -> Response:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise HTTPError(f"{url}: only http:// URLs are supported here")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HTTPError(f"{url}: not an http:// URL")
         try:
-            port = parts.port or 80
+            port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise HTTPError(f"{url}: bad port") from None
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if params:
             target += ("&" if parts.query else "?") + urlencode(params)
-        body = _json.dumps(json).encode() if json is not None else b""
-        headers = [("host", parts.netloc), ("accept", "application/json"), ("content-length", str(len(body))),
-                   *self.headers.items()]
+        body = _json.dumps(json).encode() if json is not None else (content or b"")
+        given = headers if headers is not None else [("accept", "application/json")]
+        names = {k.lower() for k, _ in given}
+        sent = [("host", parts.netloc)] if "host" not in names else []
+        sent += given
+        if "content-length" not in names:
+            sent.append(("content-length", str(len(body))))
+        sent += [kv for kv in self.headers.items() if kv[0].lower() not in names]
         if json is not None:
-            headers.append(("content-type", "application/json"))
-        req = h11.Request(method=method, target=target, headers=headers)
-        where = (parts.hostname, port)
+            sent.append(("content-type", "application/json"))
+        req = h11.Request(method=method, target=target, headers=sent)
+        where = (parts.scheme, parts.hostname, port)
         for attempt in (0, 1):
             reused = await self._connect(where)
             try:
@@ -128,19 +159,20 @@ class PlainHTTPClient:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _connect(self, where: tuple[str, int]) -> bool:
+    async def _connect(self, where: tuple[str, str, int]) -> bool:
         """Make sure a connection to ``where`` is open; whether it is a kept-alive one."""
         if self._stream is not None and self._conn is not None and self._where == where \
                 and self._conn.our_state is h11.IDLE and self._conn.their_state is h11.IDLE:
             return True
         await self.aclose()
+        scheme, host, port = where
         try:
-            with trio.fail_after(self.timeout):
-                self._stream = await trio.open_tcp_stream(*where)
-        except trio.TooSlowError:
-            raise HTTPError(f"http://{where[0]}:{where[1]}: connect timed out after {self.timeout}s") from None
+            with self._rt.fail_after(self.timeout):
+                self._stream = await self._open(scheme, host, port)
+        except self._rt.TooSlowError:
+            raise HTTPError(f"{scheme}://{host}:{port}: connect timed out after {self.timeout}s") from None
         except OSError as exc:
-            raise HTTPError(f"http://{where[0]}:{where[1]}: cannot connect ({exc.strerror or exc})") from None
+            raise HTTPError(f"{scheme}://{host}:{port}: cannot connect ({exc.strerror or exc})") from None
         self._conn = h11.Connection(h11.CLIENT)
         self._where = where
         return False
@@ -150,17 +182,17 @@ class PlainHTTPClient:
         assert stream is not None and conn is not None
         started = False  # a byte of the answer came
         try:
-            with trio.fail_after(self.timeout):
+            with self._rt.fail_after(self.timeout):
                 data = conn.send(req) or b""
                 if body:
                     data += conn.send(h11.Data(data=body)) or b""
                 data += conn.send(h11.EndOfMessage()) or b""
                 await stream.send_all(data)
-            status, headers, chunks, size = 0, {}, [], 0
+            status, headers, chunks, size = 0, [], [], 0
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    with trio.fail_after(self.read_timeout if self.read_timeout is not None else float("inf")):
+                    with self._rt.fail_after(self.read_timeout if self.read_timeout is not None else float("inf")):
                         got = await stream.receive_some(65536)
                     if not got and not started:
                         raise _Stale
@@ -169,7 +201,7 @@ class PlainHTTPClient:
                     continue
                 if isinstance(event, h11.Response):
                     status = event.status_code
-                    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+                    headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers]
                 elif isinstance(event, h11.Data):
                     size += len(event.data)
                     if size > MAX_RESPONSE:
@@ -179,7 +211,7 @@ class PlainHTTPClient:
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     raise HTTPError(f"{url}: the server closed the connection mid-answer")
-        except trio.TooSlowError:
+        except self._rt.TooSlowError:
             raise HTTPError(f"{url}: no answer within {self.timeout if not started else self.read_timeout}s") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if not started:

@@ -39,10 +39,10 @@ set +e
 types_rc=$?
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
-# The tests that run `meshctl proxy run` as a child process, once more with those children on evloop
-# (MESHCTL_PROXY_LOOP=evloop, issue 12's experimental runtime; this process stays on trio)
+# Sidecars run on evloop (proxy/aio.py); the tests that run `meshctl proxy run` as a child process,
+# once more with those children on trio (MESHCTL_PROXY_LOOP=trio, still selectable)
 if [[ $# == 0 ]]; then
-  MESHCTL_TEST_PROXY_LOOP=evloop .venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_proxy_process.py \
+  MESHCTL_TEST_PROXY_LOOP=trio .venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_proxy_process.py \
     tests/integration/test_circuit_breaker.py tests/integration/test_hardening.py tests/integration/test_grpc_big_stream.py || rc=1
 fi
 ((types_rc == 0)) || { echo "mypy found type errors (above)" >&2; rc=1; }

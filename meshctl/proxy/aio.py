@@ -4,10 +4,13 @@ Every module of the sidecar process under ``meshctl/proxy/`` reaches the
 runtime's primitives through this module (``import meshctl.proxy.aio as aio``,
 then ``aio.move_on_after(...)``), never through trio directly
 (tests/unit/test_import_graph.py checks it), so that the data plane can be
-bound to another runtime with trio's semantics (issue 12: bench/README.md,
-``miniloop.py``) by changing this one module. It is bound to trio unless the
-process has ``MESHCTL_PROXY_LOOP=evloop`` (then to proxy/evloop.py, the same
-names with trio's semantics: an experiment, docs/proxy.md). On trio the
+bound to another runtime with trio's semantics by changing this one module.
+It binds, once, at its first import, to the runtime ``MESHCTL_PROXY_LOOP``
+names: ``evloop`` (proxy/evloop.py, the same names with trio's semantics on
+one epoll, about half trio's CPU per request: docs/proxy.md) or ``trio``.
+A sidecar or gateway process (proxy/main.py) sets ``evloop`` when the variable
+is unset; anywhere else (tests, tools that import proxy modules into a trio
+program) an unset variable means trio. On trio the
 names below are trio's own objects, re-exported, with no wrapper around them,
 so a call costs exactly what it cost through ``trio.`` (nothing interpreted
 is added to the request path; the compiled modules read them as module
@@ -42,9 +45,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-# MESHCTL_PROXY_LOOP=evloop: the sidecar runs on proxy/evloop.py instead of trio (an experiment of
-# issue 12: measured, not yet supported for use; proxy/main.py refuses what it cannot run yet, and
-# a name that is not one of LOOPS)
+# MESHCTL_PROXY_LOOP: the runtime (proxy/main.py makes evloop a sidecar's default and refuses a
+# name that is not one of LOOPS)
 LOOPS = ("trio", "evloop")
 ASKED = os.environ.get("MESHCTL_PROXY_LOOP", "")
 LOOP = "evloop" if ASKED == "evloop" else "trio"

@@ -30,18 +30,23 @@ async def _addresses(host: str) -> tuple[str, ...]:
 
 
 async def dns_ttl(host: str, nameservers: list[str] | None = None, port: int = 53) -> float | None:
-    """The TTL DNS gives ``host`` (A, else AAAA records), None when DNS has no answer."""
-    import dns.asyncresolver
+    """The TTL DNS gives ``host`` (A, else AAAA records), None when DNS has no answer.
+    dnspython's blocking resolver, in a worker thread (its async one runs on trio or
+    asyncio only; the sidecar's runtime is proxy/aio.py's)."""
+    return await aio.run_sync_in_thread(_dns_ttl, host, nameservers, port)
+
+
+def _dns_ttl(host: str, nameservers: list[str] | None, port: int) -> float | None:
     import dns.exception
     import dns.resolver
 
-    resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
+    resolver = dns.resolver.Resolver(configure=nameservers is None)
     if nameservers is not None:
         resolver.nameservers = nameservers
         resolver.port = port
     for rdtype in ("A", "AAAA"):
         try:
-            answer = await resolver.resolve(host, rdtype, lifetime=TTL_QUERY_TIMEOUT, search=False)
+            answer = resolver.resolve(host, rdtype, lifetime=TTL_QUERY_TIMEOUT, search=False)
         except (dns.exception.DNSException, OSError):
             continue
         if answer.rrset is not None:

@@ -1,22 +1,22 @@
 """The call to an external authorizer (AuthorizationPolicy CUSTOM, Istio's
 envoyExtAuthzHttp); what to send and what the answer means is core.extauthz.
 
-One httpx client per proxy runtime, created on first use, keeps connections
-to the authorizers alive between checks.
+One pool of clients per proxy runtime (proxy/ctlhttp.py), created on first
+use, keeps connections to the authorizers alive between checks.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import meshctl.proxy.aio as aio
-from ..core.extauthz import ExtAllowed, ExtDenied, apply_upstream, check_request, check_result, on_error
+from ..core.extauthz import (
+    DEFAULT_TIMEOUT, ExtAllowed, ExtDenied, apply_upstream, check_request, check_result, on_error,
+)
 from ..model.proxyconfig import EnvoyExtAuthzHttp
+from ..plainhttp import HTTPError
+from .ctlhttp import ClientPool
 from .request import LocalReply
-
-if TYPE_CHECKING:  # httpx is loaded on the first CUSTOM check (a sidecar that never makes one saves ~3 MB)
-    import httpx
 
 log = logging.getLogger("meshctl.proxy.extauthz")
 
@@ -25,26 +25,22 @@ UAEX = "UAEX"  # Envoy's response flag: unauthorized by the external authorizati
 
 class ExtAuthzClient:
     def __init__(self) -> None:
-        self._client: httpx.AsyncClient | None = None
+        # each check's own deadline is the provider's timeout (below)
+        self._clients = ClientPool(timeout=DEFAULT_TIMEOUT)
 
     async def check(self, p: EnvoyExtAuthzHttp, method: str, target: str,
                     headers: list[tuple[str, str]]) -> ExtAllowed | ExtDenied:
-        import httpx
-
         creq = check_request(p, method, target, headers)
-        if self._client is None:
-            self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
         host = f"[{p.service}]" if ":" in p.service else p.service
         url = f"http://{host}:{p.port}{creq.target}"
-        sent = [(k, v) for k, v in creq.headers if k != "content-length"]
         try:
             with aio.fail_after(creq.timeout):
-                r = await self._client.request(creq.method, url, headers=sent, content=b"")
-        except (httpx.HTTPError, aio.TooSlowError, OSError, ValueError) as e:
+                r = await self._clients.request(creq.method, url, headers=list(creq.headers), content=b"")
+        except (HTTPError, aio.TooSlowError, OSError, ValueError) as e:
             why = f"{p.service}:{p.port}: {type(e).__name__} {e}".strip()
             log.warning("external authorizer failed: %s", why)
             return on_error(p, why)
-        return check_result(p, r.status_code, [(k.lower(), v) for k, v in r.headers.multi_items()], r.content)
+        return check_result(p, r.status_code, r.header_list, r.content)
 
 
 def provider_named(providers, name: str) -> EnvoyExtAuthzHttp | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from .runtime import ConfigRejected
 
 EXIT_BAD_CONFIG = 2
+DEFAULT_LOOP = "evloop"  # the runtime of a sidecar without MESHCTL_PROXY_LOOP (proxy/aio.py)
 TRIM_EVERY = 30.0  # seconds between hand-backs of the C heap's free pages (_release_free_memory)
 
 
@@ -101,18 +103,13 @@ def _observe(rt, access_log: Path | None, mixer: str | None) -> None:
     rt.ratelimits.mixer_url = (mixer or os.environ.get("MESHCTL_MIXER") or "").rstrip("/") or None
 
 
-def _loop_refused(*, mixer: bool = False, pilot: bool = False) -> str:
-    """Why the sidecar cannot start on the runtime MESHCTL_PROXY_LOOP names, or "": a name
-    that is not a runtime; on evloop (issue 12's experiment), Pilot's client (plainhttp) and
-    Mixer's (httpx), which run on trio only."""
+def _loop_refused() -> str:
+    """Why the sidecar cannot start on the runtime MESHCTL_PROXY_LOOP names, or "" (a name that
+    is not a runtime)."""
     import meshctl.proxy.aio as aio
 
     if aio.ASKED and aio.ASKED not in aio.LOOPS:
-        return f"MESHCTL_PROXY_LOOP={aio.ASKED!r} is not a runtime: {' or '.join(aio.LOOPS)} (trio when unset)"
-    what = [w for w, on in (("Pilot", pilot), ("Mixer (global rate limits)", mixer)) if on]
-    if aio.LOOP == "evloop" and what:
-        return (f"MESHCTL_PROXY_LOOP=evloop: a sidecar with {' or '.join(what)} does not run on evloop yet "
-                "(an experiment of issue 12); unset MESHCTL_PROXY_LOOP")
+        return f"MESHCTL_PROXY_LOOP={aio.ASKED!r} is not a runtime: {' or '.join(aio.LOOPS)} ({DEFAULT_LOOP} when unset)"
     return ""
 
 
@@ -146,11 +143,10 @@ def serve(config: Path, admin_port: int = 15000, log_level: str = "info", *,
         _observe(rt, access_log, mixer)
     except Exception as exc:  # AccessLogError names the file
         return fail(str(exc))
-    refused = _loop_refused(mixer=rt.ratelimits.mixer_url is not None)
+    refused = _loop_refused()
     if refused:
         return fail(refused)
-    if aio.LOOP == "evloop":
-        logging.getLogger("meshctl.proxy").warning("running on evloop (MESHCTL_PROXY_LOOP=evloop): an experiment, not trio")
+    logging.getLogger("meshctl.proxy").info("running on %s", aio.LOOP)
     _quiet_gc()
     try:
         from functools import partial
@@ -209,10 +205,11 @@ def serve_pilot(pilot_url: str, node_file: Path, state_dir: Path | None, admin_p
     from .runtime import ProxyRuntime
 
     _setup_logging(log_level)
-    refused = _loop_refused(pilot=True)
+    refused = _loop_refused()
     if refused:
         print(f"meshctl proxy run: {refused}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    logging.getLogger("meshctl.proxy").info("running on %s", aio.LOOP)
     try:
         node = from_data(Node, json.loads(node_file.read_text()), path="", file=str(node_file))
     except FileNotFoundError:
@@ -260,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--access-log", type=Path)
     p.add_argument("--mixer")
     a = p.parse_args(argv)
+    # before the first import of proxy/aio.py, which binds the runtime once
+    os.environ.setdefault("MESHCTL_PROXY_LOOP", DEFAULT_LOOP)
     from ..credentials import take_bootstrap
 
     _BOOT.update(take_bootstrap())  # read once and deleted: no secret stays on disk or in /proc/PID/environ

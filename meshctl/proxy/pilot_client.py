@@ -26,6 +26,7 @@ from typing import Awaitable, Callable
 import meshctl.proxy.aio as aio
 from ..loader.codec import LoadError, from_data, to_data
 from ..plainhttp import HTTPError, HTTPStatusError, PlainHTTPClient
+from .ctlhttp import control_client
 from ..loader.proxyconfig import dump_proxy_config
 from ..model.proxyconfig import ProxyConfig
 from ..model.proxyconfig import Node
@@ -74,7 +75,7 @@ class PilotClient:
     async def run(self) -> None:
         backoff = 0.1
         headers = {"authorization": f"Bearer {self.credential}"} if self.credential else None
-        async with PlainHTTPClient(timeout=10.0, read_timeout=None, headers=headers) as client:
+        async with control_client(timeout=10.0, read_timeout=None, headers=headers) as client:
             registered = False
             while True:
                 try:

@@ -18,14 +18,12 @@ fails open or closed as its ``failureModeDeny`` says.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import meshctl.proxy.aio as aio
 from ..core.ratelimit import Allowed, AskMixer, Grant, Limited, RateLimitConfigError, RateLimiter, WaitForGrant
+from ..plainhttp import HTTPError
+from .ctlhttp import ClientPool
 from .request import LocalReply
-
-if TYPE_CHECKING:
-    import httpx
 
 log = logging.getLogger("meshctl.proxy.ratelimit")
 
@@ -44,7 +42,7 @@ class RateLimits:
         self._specs: dict[str, object] = {}
         self._cfg = None
         self._changed = aio.Event()  # set whenever a grant or a failure comes back
-        self._client: httpx.AsyncClient | None = None
+        self._clients: ClientPool | None = None  # asks run concurrently (one per batcher due)
         self.asks_sent = 0
 
     def sync(self, cfg, now: float) -> None:
@@ -86,16 +84,12 @@ class RateLimits:
         grant = None
         self.asks_sent += 1
         if self.mixer_url is not None:
-            import httpx
-
-            from ..loopback import plain_http_client
-
-            if self._client is None:
+            if self._clients is None:
                 headers = {"authorization": f"Bearer {self.mixer_credential}"} if self.mixer_credential else None
-                self._client = plain_http_client(timeout=ASK_TIMEOUT, headers=headers)
+                self._clients = ClientPool(timeout=ASK_TIMEOUT, headers=headers)
             try:
                 with aio.fail_after(ASK_TIMEOUT):
-                    r = await self._client.post(f"{self.mixer_url}/v1/quota", json={
+                    r = await self._clients.request("POST", f"{self.mixer_url}/v1/quota", json={
                         "key": a.key, "proxy": self.proxy_name, "tokens": a.tokens,
                         "limit": b.limit, "unit_seconds": b.unit_seconds,
                     })
@@ -104,7 +98,7 @@ class RateLimits:
                     grant = Grant(int(d["granted"]), float(d["valid_for"]), bool(d.get("exhausted", False)))
                 else:
                     log.warning("mixer quota %s: HTTP %d %s", a.key, r.status_code, r.text[:200])
-            except (httpx.HTTPError, aio.TooSlowError, ValueError, KeyError) as exc:
+            except (HTTPError, aio.TooSlowError, ValueError, KeyError) as exc:
                 log.warning("mixer quota %s: %s", a.key, exc.__class__.__name__ + (f": {exc}" if str(exc) else ""))
         now = aio.current_time()
         if grant is not None:

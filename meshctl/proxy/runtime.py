@@ -45,7 +45,6 @@ from typing import Any, Callable
 import trio
 
 import meshctl.proxy.aio as aio
-from ..core.authz import CUSTOM
 from ..core.errors import CoreConfigError
 from ..core.logthrottle import LogThrottle
 from ..core.peeruid import checks as checks_peer
@@ -81,25 +80,6 @@ WATCHDOG_INTERVAL = 0.25  # resolution of header and idle timeouts
 SWEEP_EVERY = 4  # watchdog ticks between sweeps of idle pooled connections and limiters (1 s)
 WATCHDOG_CHUNK = 512  # connections the watchdog looks at between checkpoints
 CLIENT_GONE_AFTER = 1.0  # a request older than this is dropped if its client closed
-
-
-def evloop_refusals(cfg: ProxyConfig) -> list[str]:
-    """What a sidecar on evloop (MESHCTL_PROXY_LOOP=evloop, issue 12's experiment) cannot carry out
-    yet: the parts whose clients run on trio (httpx through anyio, dnspython's async resolver).
-    Refused by name rather than accepted and failing on the first request."""
-    out = []
-    s = cfg.settings
-    if s.tracing_zipkin or s.tracing_otlp:
-        out.append("tracing: span export (httpx) does not run on MESHCTL_PROXY_LOOP=evloop yet")
-    for name, pol in cfg.authorization.items():
-        if pol.action == CUSTOM:
-            out.append(f"authorization {name}: action CUSTOM (the external authorizer's client, httpx) "
-                       "does not run on MESHCTL_PROXY_LOOP=evloop yet")
-    for name, c in cfg.clusters.items():
-        if c.dns:
-            out.append(f"clusters {name}: resolution {c.dns} (dnspython's async resolver) does not run on "
-                       "MESHCTL_PROXY_LOOP=evloop yet")
-    return out
 
 
 class ConfigRejected(Exception):
@@ -183,8 +163,6 @@ class ProxyRuntime:
         errs += self.gateway_credentials.problems(cfg, self.tls)
         peer_allowed, why = allowed_uids(cfg.settings.outbound_users)  # user names unknown here
         errs += why
-        if aio.LOOP == "evloop":
-            errs += evloop_refusals(cfg)
         if errs:
             self.stats.config_rejected += 1
             raise ConfigRejected("; ".join(errs))

@@ -23,6 +23,8 @@ import meshctl.proxy.aio as aio
 from ..core import tracing as T
 from ..model.proxyconfig import _otlp_url, _zipkin_address
 from ..model.telemetry import GRPC_SERVER_ERRORS
+from ..plainhttp import HTTPError
+from .ctlhttp import control_client
 
 log = logging.getLogger("meshctl.proxy.tracing")
 
@@ -56,7 +58,7 @@ class Tracer:
         """Flush the buffer to the collector in rt's current settings, INTERVAL after the first
         span waiting or at BATCH spans. With nothing to send it sleeps without a timer (a
         wake-up of an idle loop costs a busy sidecar's next request ~0.15 ms).
-        The HTTP client is made on the first span (a proxy that never traces never imports httpx)."""
+        The HTTP client (proxy/ctlhttp.py) is made on the first span."""
         client = None
         try:
             while True:
@@ -70,9 +72,7 @@ class Tracer:
                 if not self.spans:
                     continue
                 if client is None:
-                    import httpx
-
-                    client = httpx.AsyncClient(timeout=5.0)
+                    client = control_client(timeout=5.0)
                 await self._flush(rt, client)
         finally:
             if client is not None:
@@ -105,14 +105,12 @@ class Tracer:
                 return
 
     async def _post(self, client, what: str, url: str, body: str, n: int) -> bool:
-        import httpx
-
         try:
-            r = await client.post(url, content=body, headers={"content-type": "application/json"})
+            r = await client.post(url, content=body.encode(), headers=[("content-type", "application/json")])
             if r.status_code >= 300:
-                raise httpx.HTTPError(f"HTTP {r.status_code}: {r.text[:200]}")
+                raise HTTPError(f"HTTP {r.status_code}: {r.text[:200]}")
             return True
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             self.failures += 1
             if self.failures == 1 or self.failures % 100 == 0:
                 log.warning("tracing: cannot send %d spans to %s %s: %s (%d failures)", n, what, url, exc,

@@ -357,8 +357,11 @@ def write_config(cfg: ProxyConfig, path: Path) -> Path:
 def sidecar_env(loop: str | None = None) -> dict[str, str]:
     """The environment of a sidecar child process: this one's, with MESHCTL_PROXY_LOOP set to
     ``loop``, else to MESHCTL_TEST_PROXY_LOOP if that is set (the children then run on that loop,
-    while this process stays on trio)."""
+    while this process stays on trio); ``loop="default"``: the variable unset (the sidecar's default)."""
     env = dict(os.environ)
+    if loop == "default":
+        env.pop("MESHCTL_PROXY_LOOP", None)
+        return env
     loop = loop or env.get("MESHCTL_TEST_PROXY_LOOP")
     if loop:
         env["MESHCTL_PROXY_LOOP"] = loop

@@ -1,6 +1,6 @@
-"""A sidecar process on evloop (MESHCTL_PROXY_LOOP=evloop, issue 12's experiment): it serves,
-times out, fails over a dead endpoint and drains as on trio, and refuses by name what it cannot
-run yet (clients that live on trio: Pilot, Mixer, span export, ext-authz, DNS)."""
+"""A sidecar process on evloop (MESHCTL_PROXY_LOOP=evloop): it serves, times out, fails over a
+dead endpoint and drains as on trio; evloop is a sidecar's default, trio is chosen by name, and
+a loop that is not a runtime is refused by name."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from proxy_testkit import (
     write_config,
 )
 from meshctl.model.proxyconfig import Settings
-from meshctl.model.base import Duration
 
 pytestmark = pytest.mark.e2e
 
@@ -62,25 +61,12 @@ def test_a_sidecar_on_evloop_serves_times_out_fails_over_and_drains(proxy_proces
     assert p.proc.wait(15) == 0
 
 
-def _run(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MESHCTL, "proxy", "run", *args, "--admin-port", str(free_port())],
-                          capture_output=True, text=True, timeout=60, env=sidecar_env("evloop"), cwd=tmp_path)
-
-
-def test_evloop_refuses_by_name_what_it_cannot_run_yet(tmp_path, upstream):
-    lp = free_port()
-    traced = Settings(connect_timeout=Duration(1.0), tracing_zipkin="zipkin://127.0.0.1:9411")
-    path = write_config(_cfg([("127.0.0.1", upstream.port)], lp, settings=traced), tmp_path / "t.json")
-    r = _run(tmp_path, "--config", str(path))
-    assert r.returncode == 2
-    assert "tracing" in r.stderr and "MESHCTL_PROXY_LOOP=evloop" in r.stderr
-    plain = write_config(_cfg([("127.0.0.1", upstream.port)], lp), tmp_path / "p.json")
-    r = _run(tmp_path, "--config", str(plain), "--mixer", "http://127.0.0.1:1")
-    assert r.returncode == 2 and "Mixer" in r.stderr
-    node = tmp_path / "node.json"
-    node.write_text('{"name": "a-0", "service": "a"}')
-    r = _run(tmp_path, "--pilot", "http://127.0.0.1:1", "--node", str(node))
-    assert r.returncode == 2 and "Pilot" in r.stderr
+def test_evloop_is_the_default_and_trio_can_be_chosen(proxy_process, upstream):
+    for loop, runs_on in (("default", "evloop"), ("trio", "trio")):
+        lp = free_port()
+        p = proxy_process(_cfg([("127.0.0.1", upstream.port)], lp), loop=loop)
+        assert f"running on {runs_on}" in p.log()
+        assert httpx.get("http://reviews:9080/", proxy=f"http://127.0.0.1:{lp}", timeout=10).status_code == 200
 
 
 def test_a_loop_that_is_not_a_runtime_is_refused_by_name(tmp_path, upstream):

@@ -26,9 +26,9 @@ def test_a_missing_collector_drops_the_batch_and_the_buffer_stays_bounded():
         tracing_zipkin=f"zipkin://127.0.0.1:{_closed_port()}", tracing_otlp="")))
 
     async def main():
-        import httpx
+        from meshctl.proxy.ctlhttp import control_client
 
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with control_client(timeout=2.0) as client:
             await t._flush(rt, client)
 
     trio.run(main)
