@@ -74,7 +74,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/slow":
             threading.Event().wait(2.0)
-            return self._answer(200, b"late")
+            try:
+                return self._answer(200, b"late")
+            except BrokenPipeError:  # the client gave up at its timeout, as it should
+                return None
         self.seen.append(("GET", self.path, self.headers["host"], self.headers["x-user"],
                           self.headers.get("accept"), self.headers["content-length"]))
         self._answer(403, b"denied", [("set-cookie", "a=1"), ("set-cookie", "b=2")])
@@ -110,3 +113,68 @@ def test_control_client_on_each_runtime(server, loop):
     assert len({s[3] for s in posts}) >= 2  # concurrent asks went over connections of their own
     # a raw request carries the caller's host and headers as given, no accept of its own
     assert ("GET", "/check?x=1", "orig.example", "a", None, "0") in _Handler.seen
+
+
+HTTPS_CLIENT = r"""
+import sys
+import meshctl.proxy.aio as aio
+from meshctl.plainhttp import HTTPError
+from meshctl.proxy.ctlhttp import control_client
+
+async def main():
+    async with control_client(timeout=5.0) as c:
+        try:
+            r = await c.post(sys.argv[1], content=b'{"n": 7}', headers=[("content-type", "application/json")])
+            print("answered", r.status_code, r.json())
+        except HTTPError as exc:
+            print("error", exc)
+
+aio.run(main)
+"""
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cpath, kpath = tmp_path / "c.pem", tmp_path / "k.pem"
+    cpath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kpath.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    return cpath, kpath
+
+
+@pytest.mark.parametrize("loop", ["trio", "evloop"])
+def test_https_is_tls_verified_against_the_trusted_cas(server, tmp_path, loop):
+    """An https:// collector gets TLS, verified: trusted (SSL_CERT_FILE) it answers; untrusted, the
+    call fails naming the certificate (never plaintext, never unverified)."""
+    import ssl
+
+    cpath, kpath = _self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cpath, kpath)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    url = f"https://127.0.0.1:{server.server_address[1]}/v1/quota"
+    env = dict(os.environ, MESHCTL_PROXY_LOOP=loop)
+    env.pop("SSL_CERT_FILE", None)
+    untrusted = subprocess.run([sys.executable, "-c", HTTPS_CLIENT, url], capture_output=True, text=True,
+                               timeout=60, env=env)
+    assert untrusted.stdout.startswith("error") and "TLS handshake failed: self-signed certificate" in untrusted.stdout
+    env["SSL_CERT_FILE"] = str(cpath)
+    trusted = subprocess.run([sys.executable, "-c", HTTPS_CLIENT, url], capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert trusted.stdout.strip() == "answered 200 {'granted': 7}", trusted
