@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.tools.certs import self_signed
+
 CLIENT = r"""
 import json, sys
 import meshctl.proxy.aio as aio
@@ -133,38 +135,13 @@ aio.run(main)
 """
 
 
-def _self_signed(tmp_path):
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cpath, kpath = tmp_path / "c.pem", tmp_path / "k.pem"
-    cpath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    kpath.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-    return cpath, kpath
-
-
 @pytest.mark.parametrize("loop", ["trio", "evloop"])
 def test_https_is_tls_verified_against_the_trusted_cas(server, tmp_path, loop):
     """An https:// collector gets TLS, verified: trusted (SSL_CERT_FILE) it answers; untrusted, the
     call fails naming the certificate (never plaintext, never unverified)."""
     import ssl
 
-    cpath, kpath = _self_signed(tmp_path)
+    cpath, kpath = self_signed(tmp_path, "collector", ip="127.0.0.1")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cpath, kpath)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)

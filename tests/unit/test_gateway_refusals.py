@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from meshctl.cli.main import app
+from tests.tools.certs import self_signed
 
 ROOT = Path(__file__).parents[2]
 GW = ROOT / "tests" / "data" / "istio-gateways"
@@ -157,31 +158,10 @@ def test_auto_passthrough_and_tls_settings_on_plain_http_are_refused(run):
     assert "spec.servers[1].tls.mode: tls.mode needs protocol HTTPS or TLS, not HTTP" in out
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "httpbin.example.com")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    c, k = tmp_path / "c.pem", tmp_path / "k.pem"
-    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-    return c, k
-
-
 def test_a_credential_name_that_is_a_path_is_refused_not_read(run, tmp_path):
     """credentialName is a Kubernetes Secret name (a DNS-1123 subdomain), not a file path:
     a name with '/' or '..' reaching a certificate outside the secrets directory is refused."""
-    c, k = _self_signed(tmp_path)
+    c, k = self_signed(tmp_path)
     assert run("secret", "create", "tls", "outside", "--cert", str(c), "--key", str(k)).exit_code == 0
     (tmp_path / ".meshctl" / "secrets" / "outside").rename(tmp_path / "elsewhere")  # a directory outside the store
     base = SECURE.replace("    bind: 127.0.0.2\n", "")
