@@ -4,14 +4,20 @@
 the shared keep-alive pool (pool.py), or from the cluster's own limiter when
 its DestinationRule sets connectionPool limits (limits.py, which may raise
 PoolOverflow), sends the request head and the body (replayed from the
-request's BodySource; a body not yet read is streamed by a helper task while
-the response is awaited), reads the response head until the per-try
-deadline (1xx are relayed), asks the forwarder whether to relay or retry it
-(``Attempt.judge``), and streams the response to the client, or relays both
-ways after a 101 upgrade.
+request's BodySource; a body not yet read, or larger than ONE_WRITE, is
+streamed by a helper task while the response is awaited), reads the response
+head until the per-try deadline (1xx are relayed), asks the forwarder whether
+to relay or retry it (``Attempt.judge``), and streams the response to the
+client, or relays both ways after a 101 upgrade.
 
 A connection goes back to the pool only after a complete exchange with
-keep-alive; everything else is closed. A kept-alive connection the upstream
+keep-alive; everything else is closed. An upstream may answer before it has
+the whole request body (RFC 9112 9.5): its answer is relayed whole, and a
+reset or broken pipe the body sender meets afterwards changes nothing. When
+the client's body is still arriving then, the sender stops and the upstream
+connection is closed, not reused (as Envoy resets the upstream request), and
+an HTTP/1.1 client is told ``connection: close`` in the answer's head (RFC
+9110 10.1.1; http.py closes in stages). A kept-alive connection the upstream
 closed before answering is ``Stale`` for idempotent requests (RFC 9110
 9.2.2 lets a client retry those once on a new connection). The first try
 takes a pooled connection idle for less than pool.PEEK_AFTER as is; every
@@ -23,7 +29,7 @@ or restarts) is left, not tried: it would end the request as a reset (UR).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Final
 
 import meshctl.proxy.aio as aio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
@@ -41,6 +47,12 @@ from .dns import upstream_address
 from .stream import UpstreamConnectError, relay
 
 __all__ = ["H1Exchange"]
+
+# A request body in hand up to this size goes with its head in one write, the response
+# read after it; a larger one is sent by a helper task while the response is read, so that
+# an upstream that answers before reading the body (and then reads it slowly, or not at
+# all) has its answer relayed at once, not after the body is all written
+ONE_WRITE: Final = 64 * 1024
 
 
 class H1Exchange:
@@ -109,8 +121,8 @@ class H1Exchange:
         stream = conn.stream
         ok = False
         try:
-            if body is None or (body.finished and body.replayable):
-                # whole request in hand: one write, no helper task
+            if body is None or (body.finished and body.replayable and body.size <= ONE_WRITE):
+                # whole (small) request in hand: one write, no helper task
                 if body is None:
                     out = client.request_head(a.head, end_stream=True)
                 else:
@@ -272,7 +284,11 @@ class H1Exchange:
         # generic method call costs ~600 instructions); else h2conn's per-stream adapter
         h1: H1Server | None = server if type(server) is H1Server else None
         headers = response_headers(rq, head.headers)
-        if not rq.keep_alive or self.rt.draining:
+        body = rq.body
+        # an answer before the request body is all read (the upstream answered early) closes
+        # the client's connection: said now, in the head, so the client neither reuses the
+        # connection nor keeps sending, and the close is in stages (http.py, errors.linger)
+        if not rq.keep_alive or self.rt.draining or (body is not None and not body.finished):
             head.keep_alive = False
             rq.keep_alive = False
             headers.append(("connection", "close"))

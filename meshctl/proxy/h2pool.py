@@ -442,9 +442,11 @@ class H2Exchange:
                 rq.keep_alive = False
             return result
         finally:
-            ok = st is not None and st.done
             if st is not None:
-                conn.finish(st, abort=not ok)
+                # a stream still open upstream is reset: the response did not end it, or it
+                # ended while the request body was still being sent (an early answer: RFC 9113
+                # 8.1; the codec ignores the reset if the upstream has reset the stream itself)
+                conn.finish(st, abort=not st.done or (body is not None and not body.finished))
 
     @staticmethod
     async def _send_body(rq: Request, conn: H2Upstream, st: _UpStream, failure: list[BaseException],
@@ -519,7 +521,10 @@ class H2Exchange:
         client = conn.client
         headers = response_headers(rq, head.headers)
         h1_down = type(server) is H1Server
-        if h1_down and (not rq.keep_alive or self.rt.draining):
+        body = rq.body
+        # an answer before the request body is all read closes an HTTP/1.1 client's
+        # connection, said in the head (h1upstream._stream_response; http.py)
+        if h1_down and (not rq.keep_alive or self.rt.draining or (body is not None and not body.finished)):
             rq.keep_alive = False
             headers.append(("connection", "close"))
         resp = ResponseHead(head.status, headers, "", "1.1" if h1_down else "2", rq.keep_alive)

@@ -13,6 +13,14 @@ Failures answer the client with 503/504 and ``x-meshctl-reason`` and set an
 Envoy-style response flag (UF UR UT UH NR ...) on the request for telemetry.
 A malformed request gets its 4xx and a closed connection, without routing.
 A client that went away is errors.DownstreamGone (flag DC), never a crash.
+
+An answer that goes out before the request body is all read (the app answered
+early: an auth rejection, a redirect, a 413, nginx's ``return``; or a local reply)
+says ``connection: close`` (the exchanges, and send_local, decide that when they
+write the head), and the connection is then closed in stages, not at once
+(errors.linger, RFC 9112 9.6): a close with the body's bytes still unread would be a
+TCP reset, which can destroy the answer in flight and fail the client's write of the
+rest of its body (a sidecar in front of this one then saw no answer: 503 UR).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from ..protocol.events import EndOfMessage, ProtocolError, RequestHead, Response
 from ..protocol.http1 import H1Server
 from . import egress
 from . import stats as F
-from .errors import PeerGone, send_all
+from .errors import PeerGone, linger, send_all
 from .forward import Forwarder
 from .pool import EventReader
 from .h2entry import serve_h2
@@ -63,6 +71,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
     clock = FastClock(aio.current_clock())
     snap: Snapshot = rt.snapshot
     server = H1Server(snap.limits)
+    unread = False  # the connection ends with request bytes not read: close it in stages
     try:
         conn.server = server
         reader = EventReader(stream, server)
@@ -98,6 +107,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
                         await send_all(stream, raw_error_response(exc.status, str(exc)))
                     except PeerGone:
                         pass
+                    unread = True  # (the rest of what the client sent)
                     break
                 except PeerGone:
                     break
@@ -156,6 +166,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
                 except ProtocolError as exc:  # malformed body from the client
                     rq.keep_alive = False
                     rq.flags.append(F.DPE)
+                    unread = True
                     if not rq.response_started:
                         rq.status = exc.status
                         try:
@@ -173,19 +184,25 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: tri
                         listener.name, rq.head.method, rq.head.authority + rq.head.path, rq.status,
                         ",".join(rq.flags), rq.detail,
                     )
-                if not rq.keep_alive:
-                    break
-                if rq.body is not None and not rq.body.finished:
+                if not rq.keep_alive or (rq.body is not None and not rq.body.finished):
+                    # (an unread body made the answer say close: the exchanges, send_local)
+                    unread = unread or not (rq.body_done or (rq.body is not None and rq.body.finished))
+                    if F.DC in rq.flags:
+                        unread = False  # the client is gone: nothing to wait for
                     break
     finally:
         server.release()  # (freed with the connection, not by the cyclic GC: http1.release)
         conn.busy = False
         rt.conns.discard(conn)
         lstats.cx_active -= 1
-        if hasattr(stream, "close_now"):
-            stream.close_now()
-        else:
-            with aio.CancelScope(shield=True):
-                await stream.aclose()
+        try:
+            if unread:
+                await linger(stream)
+        finally:
+            if hasattr(stream, "close_now"):
+                stream.close_now()
+            else:
+                with aio.CancelScope(shield=True):
+                    await stream.aclose()
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import signal
+import socket
 import subprocess
+import threading
 import time
 
 import httpx
 import pytest
 import trio
 
+from meshctl.model.proxyconfig import Listener
 from proxy_testkit import (
     MESHCTL,
     cluster,
@@ -281,3 +284,150 @@ def test_admin_without_a_state_dir_keeps_config_and_mirror_to_itself(tmp_path, u
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+# ------------------------------------------------------------------ an app that answers before reading the body
+
+_EARLY = b"early answer"
+
+
+class _EarlyApp:
+    """A raw-socket app that answers each request as soon as it has the head, before reading
+    any of its body, as nginx's ``return 200`` or an app's auth rejection does. ``close``:
+    the answer says ``connection: close`` and the connection is closed at once (the body
+    unread: the kernel sends a reset); ``discard``: a keep-alive answer, then the body is
+    read and dropped, and the connection serves the next request (nginx)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                extra = b"connection: close\r\n" if self.mode == "close" else b""
+                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(_EARLY), extra, _EARLY))
+                if self.mode == "close":
+                    return
+                left = max((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"content-length:")), default=0) - len(buf)
+                buf = b""
+                while left > 0:
+                    data = c.recv(min(left, 65536))
+                    if not data:
+                        return
+                    left -= len(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _early_pair(proxy_process, mode: str):
+    """client -> sidecar (outbound) -> sidecar (inbound) -> an _EarlyApp: (app, outbound port)."""
+    app = _EarlyApp(mode)
+    in_port, out_port = free_port(), free_port()
+    proxy_process(config(listeners=[Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
+                                             app_address="127.0.0.1", app_port=app.port)]), name="in")
+    proxy_process(config(listeners=[outbound_listener(out_port)], vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+                         clusters=[cluster("reviews", 9080, [("127.0.0.1", in_port)])]), name="out")
+    return app, out_port
+
+
+def _read_answer(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response (content-length framed) off ``s``: status, headers, body."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        data = s.recv(65536)
+        assert data, f"connection closed before a response head: {got!r}"
+        got += data
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    n = int(headers.get("content-length", "0"))
+    while len(body) < n:
+        data = s.recv(65536)
+        assert data, f"connection closed mid-body: {got!r}"
+        body += data
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("mode", ["close", "discard"])
+def test_an_answer_before_the_body_is_read_says_close_or_keeps_the_connection(proxy_process, mode):
+    """The app answers a POST through a sidecar pair before any of its body is sent. The
+    answer must say ``connection: close`` or the connection must carry the next request: a
+    keep-alive answer followed by a close is what a sidecar in front met from the next one
+    (it reused the connection for a POST, which then failed: 503 UR, the fortio -h2 tail)."""
+    app, out_port = _early_pair(proxy_process, mode)
+    size = 64 * 1024
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", out_port), timeout=10)
+            try:
+                s.sendall(b"POST /upload HTTP/1.1\r\nhost: reviews:9080\r\ncontent-length: %d\r\n\r\n" % size)
+                status, headers, body = _read_answer(s)
+                assert (status, body) == (200, _EARLY)
+                if headers.get("connection", "").lower() == "close":
+                    s.close()
+                    s = socket.create_connection(("127.0.0.1", out_port), timeout=10)
+                else:
+                    s.sendall(b"b" * size)  # the body, which frames the next request
+                s.sendall(b"GET /again HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+                status, headers, body = _read_answer(s)
+                assert (status, body) == (200, _EARLY), headers
+            finally:
+                s.close()
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("mode", ["close", "discard"])
+def test_an_early_answer_reaches_the_client_while_a_large_body_is_in_flight(proxy_process, mode):
+    """A 2 MB POST through a sidecar pair to an app that answers before reading the body:
+    every time, the client gets the app's answer (not a 503 from a sidecar that lost it to
+    the reset of a connection closed with the body unread), and nothing hangs."""
+    app, out_port = _early_pair(proxy_process, mode)
+    size = 2 << 20
+    try:
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", out_port), timeout=10)
+
+            def send_body(s: socket.socket = s) -> None:
+                try:
+                    s.sendall(b"POST /upload HTTP/1.1\r\nhost: reviews:9080\r\ncontent-length: %d\r\n\r\n" % size)
+                    block = b"b" * 65536
+                    for _ in range(size // len(block)):
+                        s.sendall(block)
+                except OSError:
+                    pass  # the connection was closed after the answer: the rest is not wanted
+
+            sender = threading.Thread(target=send_body, daemon=True)
+            sender.start()
+            try:
+                status, headers, body = _read_answer(s)
+                assert (status, body) == (200, _EARLY), headers
+                assert headers.get("connection", "").lower() == "close"  # the body is still arriving
+            finally:
+                s.close()
+                sender.join(10)
+            assert not sender.is_alive()
+    finally:
+        app.close()
