@@ -6,6 +6,9 @@ in a thread: independent of meshctl's codec. Endpoints:
   /download?n=N  N bytes (flow controlled)
   /status?code=C that status, empty body
   /refuse?key=K  RST_STREAM(REFUSED_STREAM) on the first request with key K
+  /early         "early answer", complete (END_STREAM), as soon as the request head is in,
+                 before any of the body, and no RST_STREAM after it (RFC 9113 8.1: optional)
+The streams the client reset are in ``resets``.
 With ``hold`` set, every request is recorded and never answered (a stuck upstream).
 """
 
@@ -29,6 +32,7 @@ class H2App:
         self.requests: list[tuple[str, str, list]] = []
         self.hits: dict[str, int] = {}
         self.max_open = 0  # most streams open at once on one connection
+        self.resets: list[int] = []  # streams the client reset (RST_STREAM)
         self.max_concurrent_streams = max_concurrent_streams
         self.hold = False  # record requests, answer none
         self.sock = socket.socket()
@@ -73,6 +77,10 @@ class H2App:
                 for ev in conn.receive_data(data):
                     if isinstance(ev, h2.events.RequestReceived):
                         reqs[ev.stream_id] = {"headers": ev.headers, "body": b""}
+                        if dict(ev.headers).get(":path") == "/early" and not ev.stream_ended:
+                            reqs[ev.stream_id]["answered"] = True
+                            conn.send_headers(ev.stream_id, [(":status", "200"), ("content-length", "12")])
+                            conn.send_data(ev.stream_id, b"early answer", end_stream=True)
                     elif isinstance(ev, h2.events.DataReceived):
                         if ev.stream_id in reqs:
                             reqs[ev.stream_id]["body"] += ev.data
@@ -82,9 +90,11 @@ class H2App:
                             reqs[ev.stream_id]["trailers"] = ev.headers
                     elif isinstance(ev, h2.events.StreamEnded):
                         rq = reqs.pop(ev.stream_id, None)
-                        if rq is not None:
+                        if rq is not None and not rq.get("answered"):
                             self._answer(conn, ev.stream_id, rq, pending)
                     elif isinstance(ev, h2.events.StreamReset):
+                        with self.lock:
+                            self.resets.append(ev.stream_id)
                         reqs.pop(ev.stream_id, None)
                         pending.pop(ev.stream_id, None)
                 open_now = len(reqs) + len(pending)

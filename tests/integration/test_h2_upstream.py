@@ -214,3 +214,35 @@ async def test_idle_upstream_connections_are_closed(h2app):
         r = await curl("-s", "-x", f"http://127.0.0.1:{lp}", "http://grpcsvc:9090/again")  # a new one is opened
         assert json.loads(r.stdout)["path"] == "/again"
     assert app.connections == 2
+
+
+async def test_an_early_answer_from_an_h2_app_is_relayed_and_its_stream_reset(h2app):
+    """An HTTP/2 app answers a POST completely (END_STREAM) before any of its body came, and
+    does not reset the stream itself (RFC 9113 8.1 leaves that optional). The HTTP/1.1 client
+    gets the answer, told ``connection: close`` (its body is still unsent), and the sidecar
+    resets the upstream stream rather than leave it open, half-closed, on the shared
+    connection (it would hold one of the connection's concurrent streams for good)."""
+    app = h2app()
+    cfg, lp = _cfg(app.port)
+    async with running_proxy(cfg):
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", lp), timeout=10) as s:
+                s.sendall(b"POST /early HTTP/1.1\r\nhost: grpcsvc:9090\r\ncontent-length: 1048576\r\n\r\n"
+                          + b"b" * 65536)  # some of the body: the rest never comes
+                got = b""
+                while not got.endswith(b"early answer"):
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    got += data
+                return got
+
+        got = await trio.to_thread.run_sync(client)
+        head = got.split(b"\r\n\r\n")[0].lower()
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"early answer"), got
+        assert b"connection: close" in head, got
+        with trio.move_on_after(10):
+            while not app.resets:
+                await trio.sleep(0.02)
+        assert app.resets, "the upstream stream was left open"
