@@ -8,6 +8,7 @@ in a thread: independent of meshctl's codec. Endpoints:
   /refuse?key=K  RST_STREAM(REFUSED_STREAM) on the first request with key K
   /early         "early answer", complete (END_STREAM), as soon as the request head is in,
                  before any of the body, and no RST_STREAM after it (RFC 9113 8.1: optional)
+  /early-reset   the same, then RST_STREAM(NO_ERROR)
 The streams the client reset are in ``resets``.
 With ``hold`` set, every request is recorded and never answered (a stuck upstream).
 """
@@ -77,10 +78,13 @@ class H2App:
                 for ev in conn.receive_data(data):
                     if isinstance(ev, h2.events.RequestReceived):
                         reqs[ev.stream_id] = {"headers": ev.headers, "body": b""}
-                        if dict(ev.headers).get(":path") == "/early" and not ev.stream_ended:
+                        path = dict(ev.headers).get(":path")
+                        if path in ("/early", "/early-reset") and not ev.stream_ended:
                             reqs[ev.stream_id]["answered"] = True
                             conn.send_headers(ev.stream_id, [(":status", "200"), ("content-length", "12")])
                             conn.send_data(ev.stream_id, b"early answer", end_stream=True)
+                            if path == "/early-reset":  # "stop sending, no error" (RFC 9113 8.1)
+                                conn.reset_stream(ev.stream_id, error_code=h2.errors.ErrorCodes.NO_ERROR)
                     elif isinstance(ev, h2.events.DataReceived):
                         if ev.stream_id in reqs:
                             reqs[ev.stream_id]["body"] += ev.data
