@@ -4,11 +4,11 @@
 the shared keep-alive pool (pool.py), or from the cluster's own limiter when
 its DestinationRule sets connectionPool limits (limits.py, which may raise
 PoolOverflow), sends the request head and the body (replayed from the
-request's BodySource; a body not yet read, or larger than ONE_WRITE, is
-streamed by a helper task while the response is awaited), reads the response
-head until the per-try deadline (1xx are relayed), asks the forwarder whether
-to relay or retry it (``Attempt.judge``), and streams the response to the
-client, or relays both ways after a 101 upgrade.
+request's BodySource; a body not yet read is streamed by a helper task
+while the response is awaited), reads the response head until the per-try
+deadline (1xx are relayed), asks the forwarder whether to relay or retry it
+(``Attempt.judge``), and streams the response to the client, or relays both
+ways after a 101 upgrade.
 
 A connection goes back to the pool only after a complete exchange with
 keep-alive; everything else is closed. An upstream may answer before it has
@@ -29,7 +29,7 @@ or restarts) is left, not tried: it would end the request as a reset (UR).
 from __future__ import annotations
 
 import math
-from typing import Any, Final
+from typing import Any
 
 import meshctl.proxy.aio as aio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
@@ -47,12 +47,6 @@ from .dns import upstream_address
 from .stream import UpstreamConnectError, relay
 
 __all__ = ["H1Exchange"]
-
-# A request body in hand up to this size goes with its head in one write, the response
-# read after it; a larger one is sent by a helper task while the response is read, so that
-# an upstream that answers before reading the body (and then reads it slowly, or not at
-# all) has its answer relayed at once, not after the body is all written
-ONE_WRITE: Final = 64 * 1024
 
 
 class H1Exchange:
@@ -121,8 +115,8 @@ class H1Exchange:
         stream = conn.stream
         ok = False
         try:
-            if body is None or (body.finished and body.replayable and body.size <= ONE_WRITE):
-                # whole (small) request in hand: one write, no helper task
+            if body is None or (body.finished and body.replayable):
+                # whole request in hand: one write, no helper task
                 if body is None:
                     out = client.request_head(a.head, end_stream=True)
                 else:
