@@ -6,7 +6,7 @@ Every helper returns a new list and leaves its argument untouched.
 
 from __future__ import annotations
 
-from typing import Callable, Final
+from typing import Any, Callable, Final
 
 from .events import HeaderList
 
@@ -50,20 +50,28 @@ def strip_hop_by_hop(headers: HeaderList, *, keep_upgrade: bool = False) -> Head
     nominated: set[str] = set()
     for k, v in headers:
         if k == "connection":
-            nominated.update(_tokens(v))
+            if v == "keep-alive" or v == "close":  # (the usual value, one token: no split, no list)
+                nominated.add(v)
+            else:
+                nominated.update(_tokens(v))
     upgrade_kept = keep_upgrade and "upgrade" in nominated
     out: HeaderList = []
-    for k, v in headers:
+    # (the fields kept are appended as the objects they are, through Any views of the lists:
+    # mypyc keeps a tuple[str, str] variable unboxed, and appending it makes a new tuple)
+    boxed: list[Any] = headers
+    kept: list[Any] = out
+    for i in range(len(headers)):
+        k = headers[i][0]
         if k == "te":
-            if "trailers" in _tokens(v):
+            if "trailers" in _tokens(headers[i][1]):
                 out.append(("te", "trailers"))
             continue
         if upgrade_kept and k == "upgrade":
-            out.append((k, v))
+            kept.append(boxed[i])
             continue
         if k in HOP_BY_HOP or k in nominated:
             continue
-        out.append((k, v))
+        kept.append(boxed[i])
     if upgrade_kept:
         out.append(("connection", "upgrade"))
     return out

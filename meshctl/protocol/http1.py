@@ -694,6 +694,10 @@ def _connection_tokens(value: str | None) -> tuple[bool, bool]:
     """(has close, has keep-alive) among the Connection tokens."""
     if value is None:
         return False, False
+    if value == "keep-alive":  # (the usual values, one token: no lower(), split or list)
+        return False, True
+    if value == "close":
+        return True, False
     toks = [t.strip() for t in value.lower().split(",")]
     return "close" in toks, "keep-alive" in toks
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import itertools
+import random
+
 from meshctl.protocol.headers import (
     HOP_BY_HOP,
     append_forwarded_for,
@@ -108,3 +111,57 @@ def test_prepare_request_headers_is_strip_then_forwarded_for_then_request_id():
             want = ensure_request_id(h, lambda: "new-id")
             assert prepare_request_headers(headers, "10.0.0.1", lambda: "new-id", keep_upgrade=keep_upgrade) == want
             assert headers == before  # the argument is left untouched
+
+
+def _strip_reference(headers, keep_upgrade=False):
+    # strip_hop_by_hop as first written (a token split per Connection field, a new tuple per field)
+    if not any(k in HOP_BY_HOP and (k != "te" or v != "trailers") for k, v in headers):
+        return list(headers)
+    nominated = set()
+    for k, v in headers:
+        if k == "connection":
+            nominated.update(t.strip().lower() for t in v.split(",") if t.strip())
+    upgrade_kept = keep_upgrade and "upgrade" in nominated
+    out = []
+    for k, v in headers:
+        if k == "te":
+            if "trailers" in [t.strip().lower() for t in v.split(",") if t.strip()]:
+                out.append(("te", "trailers"))
+            continue
+        if upgrade_kept and k == "upgrade":
+            out.append((k, v))
+            continue
+        if k in HOP_BY_HOP or k in nominated:
+            continue
+        out.append((k, v))
+    if upgrade_kept:
+        out.append(("connection", "upgrade"))
+    return out
+
+
+def test_strip_matches_the_reference_and_keeps_the_field_objects():
+    # the one-token Connection values (keep-alive, close) take a short cut: same result
+    pool = [("connection", "keep-alive"), ("connection", "close"), ("connection", "Keep-Alive"),
+            ("connection", "close, x-a"), ("connection", "upgrade"), ("close", "1"), ("keep-alive", "5"),
+            ("x-a", "2"), ("upgrade", "websocket"), ("te", "trailers"), ("te", "gzip"), ("server", "nginx"),
+            ("content-length", "12")]
+    rand = random.Random(7)
+    lists = [list(c) for n in range(3) for c in itertools.combinations(pool, n)]
+    lists += [rand.sample(pool, rand.randint(3, len(pool))) for _ in range(2000)]
+    for headers in lists:
+        for keep_upgrade in (False, True):
+            out = strip_hop_by_hop(headers, keep_upgrade=keep_upgrade)
+            assert out == _strip_reference(headers, keep_upgrade)
+            ids = {id(h) for h in headers}
+            assert all(id(h) in ids for h in out if h != ("connection", "upgrade") and h != ("te", "trailers"))
+
+
+def test_connection_tokens():
+    from meshctl.protocol.http1 import _connection_tokens
+
+    assert _connection_tokens(None) == (False, False)
+    assert _connection_tokens("keep-alive") == (False, True)
+    assert _connection_tokens("close") == (True, False)
+    assert _connection_tokens("Keep-Alive") == (False, True)
+    assert _connection_tokens(" CLOSE , keep-alive") == (True, True)
+    assert _connection_tokens("upgrade") == (False, False)

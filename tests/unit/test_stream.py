@@ -238,6 +238,36 @@ async def test_fast_clock_asks_any_other_clock(autojump_clock):
     assert clock.now() == start + 30 == trio.current_time()
 
 
+def test_fast_clock_reads_evloops_system_clock_natively():
+    # evloop's SystemClock is time.monotonic(): read directly (not through its method)
+    from meshctl.proxy import evloop
+
+    async def main() -> None:
+        clock = FastClock(evloop.current_clock())
+        assert clock.mono and not clock.system
+        before = evloop.current_time()
+        now = clock.now()
+        after = evloop.current_time()
+        assert before <= now <= after
+        await evloop.sleep(0.01)
+        assert clock.now() - now >= 0.01
+
+    evloop.run(main)
+
+
+def test_fast_clock_asks_evloops_mock_clock():
+    from meshctl.proxy import evloop
+
+    async def main() -> None:
+        clock = FastClock(evloop.current_clock())
+        assert not clock.mono and not clock.system
+        start = clock.now()
+        await evloop.sleep(30)
+        assert clock.now() == start + 30 == evloop.current_time()
+
+    evloop.run(main, clock=evloop.MockClock(autojump_threshold=0))
+
+
 async def test_send_nowait_sends_what_the_socket_takes_without_parking():
     a, b = _pair()
     a.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
