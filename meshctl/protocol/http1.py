@@ -1333,7 +1333,7 @@ class H1Client(_HeadCollector):
         self._head_carry = 0
         p = self._parser
         headers, first = self._take_head(len(self._reason) + 16)
-        status = p.get_status_code()
+        status: int = p.get_status_code()  # (typed: compared natively, not as an Any six times)
         version = self._version()
         if version != "1.1" and version != "1.0":
             raise ProtocolError(f"upstream answered with HTTP version {version}", 502)

@@ -28,7 +28,8 @@ The names (trio's, with where trio keeps them):
 - trio.lowlevel, the parking and I/O primitives the hot path uses directly:
   ``checkpoint``, ``wait_readable``, ``wait_writable``, ``notify_closing``,
   ``current_task``, ``Task``, ``wait_task_rescheduled``, ``reschedule``
-  (its value is an ``outcome.Value``), ``Abort``, ``current_clock``;
+  (its value is an ``outcome.Value``), ``reschedule_value`` (a plain value: evloop makes
+  no ``outcome.Value``), ``Abort``, ``current_clock``;
 - the rest: ``aclose_forcefully``, ``open_signal_receiver``, ``getaddrinfo``
   (``trio.socket.getaddrinfo``: the system resolver in a worker thread).
 
@@ -44,6 +45,8 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
+
+import outcome
 
 # MESHCTL_PROXY_LOOP: the runtime (proxy/main.py makes evloop a sidecar's default and refuses a
 # name that is not one of LOOPS)
@@ -73,6 +76,7 @@ if LOOP == "evloop" and not TYPE_CHECKING:
         open_nursery,
         open_signal_receiver,
         reschedule,
+        reschedule_value,
         run,
         run_sync_in_thread,
         sleep,
@@ -118,6 +122,10 @@ else:
     from trio.socket import getaddrinfo
     from trio.to_thread import run_sync as run_sync_in_thread
 
+    def reschedule_value(task: Task, value: object = None) -> None:
+        """``reschedule(task, outcome.Value(value))`` (evloop's skips the Value)."""
+        reschedule(task, outcome.Value(value))
+
 __all__ = [
     "TASK_STATUS_IGNORED",
     "Abort",
@@ -142,6 +150,7 @@ __all__ = [
     "open_nursery",
     "open_signal_receiver",
     "reschedule",
+    "reschedule_value",
     "run",
     "run_sync_in_thread",
     "sleep",

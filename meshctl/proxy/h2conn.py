@@ -49,8 +49,6 @@ import math
 import time
 from typing import Any, Final
 
-import outcome
-
 import meshctl.proxy.aio as aio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, RequestHead, Reset, ResponseHead, header_value
 from ..protocol.grpc import (
@@ -456,7 +454,7 @@ class _Conn(OutBuffer):
             if self.idle:  # a task whose stream is done takes this one (no new task)
                 task, scope = self.idle.pop()
                 self.streams[sid] = (scope, reader, down)
-                aio.reschedule(task, outcome.Value((ev, reader, down)))
+                aio.reschedule_value(task, (ev, reader, down))  # (evloop: no outcome.Value made)
             else:
                 assert self.nursery is not None  # set before the first frame is read
                 scope = aio.CancelScope()

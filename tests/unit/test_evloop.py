@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from meshctl.proxy import evloop
+from meshctl.proxy import aio, evloop
 
 
 def _trio_run(fn, *args):
@@ -39,6 +39,7 @@ TRIO = SimpleNamespace(
     Abort=trio.lowlevel.Abort, TASK_STATUS_IGNORED=trio.TASK_STATUS_IGNORED,
     open_signal_receiver=trio.open_signal_receiver, run_sync_in_thread=trio.to_thread.run_sync,
     getaddrinfo=trio.socket.getaddrinfo, aclose_forcefully=trio.aclose_forcefully, current_clock=trio.lowlevel.current_clock,
+    reschedule_value=aio.reschedule_value,  # (aio binds to trio in the tests)
 )
 EV = SimpleNamespace(
     name="evloop", run=_ev_run, Cancelled=evloop.Cancelled, CancelScope=evloop.CancelScope,
@@ -51,6 +52,7 @@ EV = SimpleNamespace(
     TASK_STATUS_IGNORED=evloop.TASK_STATUS_IGNORED, open_signal_receiver=evloop.open_signal_receiver,
     run_sync_in_thread=evloop.run_sync_in_thread, getaddrinfo=evloop.getaddrinfo,
     aclose_forcefully=evloop.aclose_forcefully, current_clock=evloop.current_clock,
+    reschedule_value=evloop.reschedule_value,
 )
 
 
@@ -567,6 +569,33 @@ def test_reschedule_and_abort(lib):
                              ("f", "abort called"), ("f still parked at", 6.0), ("f", "value", "late")]
 
 
+def test_reschedule_value_and_outcomes(lib):
+    # reschedule_value(task, v) is reschedule(task, outcome.Value(v)); reschedule takes
+    # Value and Error (evloop looks at their exact classes first)
+    async def main():
+        got = []
+        box = {}
+
+        async def parked(tag):
+            box[tag] = lib.current_task()
+            try:
+                got.append((tag, await lib.wait_task_rescheduled(lambda _: lib.Abort.SUCCEEDED)))
+            except KeyError as e:
+                got.append((tag, "error", e.args[0]))
+
+        async with lib.open_nursery() as n:
+            for tag in ("a", "b", "c", "d"):
+                n.start_soon(parked, tag)
+            await lib.sleep(1)
+            lib.reschedule_value(box["a"], ("x", 1))
+            lib.reschedule_value(box["b"])
+            lib.reschedule(box["c"], outcome.Value(None))
+            lib.reschedule(box["d"], outcome.Error(KeyError("k")))
+        return sorted(got)
+
+    assert lib.run(main) == [("a", ("x", 1)), ("b", None), ("c", None), ("d", "error", "k")]
+
+
 def test_autojump_clock(lib):
     async def main():
         t0 = lib.current_time()
@@ -723,7 +752,7 @@ def test_hangup_without_waiter_does_not_spin():
 AIO_NAMES = ["TASK_STATUS_IGNORED", "Abort", "CancelScope", "Cancelled", "Event", "Lock", "Nursery", "Task", "TaskStatus",
              "TooSlowError", "aclose_forcefully", "checkpoint", "current_clock", "current_task", "current_time",
              "fail_after", "getaddrinfo", "move_on_after", "move_on_at", "notify_closing", "open_nursery",
-             "open_signal_receiver", "reschedule", "run", "run_sync_in_thread", "sleep", "wait_readable",
+             "open_signal_receiver", "reschedule", "reschedule_value", "run", "run_sync_in_thread", "sleep", "wait_readable",
              "wait_task_rescheduled", "wait_writable"]
 
 
