@@ -803,3 +803,31 @@ def test_start_cancelled_before_started(lib):
 
     assert lib.run(main) == [("child out", 1.0), ("caller", True, 1.0), ("nursery done", 3.0),
                              "Nursery is closed to new arrivals"]
+
+
+def test_more_ready_fds_than_one_pass_takes():
+    # epoll_wait returns at most MAX_EVENTS events a pass: the rest (level-triggered) come in the next
+    n = evloop.MAX_EVENTS * 3 + 5
+    pairs = [socket.socketpair() for _ in range(n)]
+    try:
+        for a, b in pairs:
+            a.setblocking(False)
+            b.send(b"x")
+
+        async def main():
+            got = []
+
+            async def reader(s):
+                await evloop.wait_readable(s)
+                got.append(s.recv(1))
+
+            async with evloop.open_nursery() as nursery:
+                for a, _ in pairs:
+                    nursery.start_soon(reader, a)
+            return got
+
+        assert evloop.run(main) == [b"x"] * n
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

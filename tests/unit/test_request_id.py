@@ -24,3 +24,13 @@ def test_request_ids_are_random_version_4_uuids_in_canonical_form():
 
 def test_the_same_seed_gives_the_same_ids():
     assert [new_request_id(random.Random(3)) for _ in range(2)] == [new_request_id(random.Random(3))] * 2
+
+
+def test_ids_are_the_random_bits_with_version_and_variant_masked_in():
+    # the digits are the 128 random bits with the version nibble 4 and the variant bits 10 set,
+    # as integer masks would set them
+    keep = ((1 << 128) - 1) ^ (0xF000 << 64) ^ (0xC000 << 48)
+    put = (0x4000 << 64) | (0x8000 << 48)
+    for seed in range(300):
+        bits = random.Random(seed).getrandbits(128)
+        assert new_request_id(random.Random(seed)) == str(uuid.UUID(int=bits & keep | put))
