@@ -70,10 +70,6 @@ EPOLLIN: Final = select.EPOLLIN
 EPOLLOUT: Final = select.EPOLLOUT
 EPOLLERR_HUP: Final = select.EPOLLERR | select.EPOLLHUP
 INF: Final = math.inf
-# events taken per epoll_wait: select.epoll.poll allocates an array of this many 12-byte events per
-# call, and up to 42 (504 bytes) it comes from pymalloc, not malloc (~500 instructions less a call,
-# two calls an HTTP/1.1 request); more ready fds are reported again by the next pass (level-triggered)
-MAX_EVENTS: Final = 42
 _monotonic: Final = time.monotonic  # (Final: compiled, a direct reference, not a lookup in the time module per read)
 _NONSTRICT_NOTE: Final = "evloop: a nursery in loose mode wrapped one exception in a group"
 
@@ -683,7 +679,7 @@ class Runner:
                         timeout = -1.0
                     else:
                         jump = when
-            events = ep.poll(timeout, MAX_EVENTS)
+            events = ep.poll(timeout, 256)
             self.passes += 1
             if events:
                 self.events += len(events)
