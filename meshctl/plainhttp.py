@@ -13,9 +13,11 @@ with) over one kept-alive TCP connection.
 - It runs on trio by default. ``runtime`` and ``connect`` put it on another
   runtime with trio's API: the sidecar passes its own (proxy/ctlhttp.py), so the
   client runs on whichever runtime the data plane runs on (proxy/aio.py).
-  ``runtime`` is a module with ``fail_after``, ``CancelScope`` and
-  ``TooSlowError``; ``connect(scheme, host, port)`` returns a connected stream
-  (raising OSError) and decides which schemes it serves (trio's default: http).
+  ``runtime`` is a module with ``fail_after``, ``CancelScope``, ``TooSlowError``
+  and the stream exceptions ``BrokenResourceError`` and ``ClosedResourceError``;
+  ``connect(scheme, host, port)`` returns a connected stream (raising OSError)
+  and decides which schemes it serves (trio's default: http). trio is imported
+  only when no runtime is given: a sidecar on evloop imports none.
 - Errors mirror httpx's names for what callers handle: ``HTTPError`` for any
   failure to get an answer (connect, reset, timeout, malformed response),
   ``HTTPStatusError`` (with ``.response``) from ``Response.raise_for_status()``.
@@ -33,11 +35,13 @@ from __future__ import annotations
 import json as _json
 from collections.abc import Awaitable, Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import h11
-import trio
+
+if TYPE_CHECKING:
+    import trio
 
 MAX_RESPONSE = 256 * 1024 * 1024  # bytes: a config for a very large mesh stays far below
 
@@ -78,6 +82,8 @@ Connect = Callable[[str, str, int], Awaitable[Any]]
 
 
 async def _trio_connect(scheme: str, host: str, port: int) -> trio.SocketStream:
+    import trio
+
     if scheme != "http":
         raise HTTPError(f"{scheme}://{host}:{port}: only http:// URLs are supported here")
     return await trio.open_tcp_stream(host, port)
@@ -94,7 +100,9 @@ class PlainHTTPClient:
         self.timeout = timeout
         self.read_timeout = timeout if read_timeout is not None and read_timeout < 0 else read_timeout
         self.headers = dict(headers or {})
-        self._rt: Any = runtime if runtime is not None else trio
+        if runtime is None:
+            import trio as runtime
+        self._rt: Any = runtime
         self._open: Connect = connect if connect is not None else _trio_connect
         self._stream: Any = None  # a trio.abc.Stream
         self._conn: h11.Connection | None = None
@@ -213,7 +221,7 @@ class PlainHTTPClient:
                     raise HTTPError(f"{url}: the server closed the connection mid-answer")
         except self._rt.TooSlowError:
             raise HTTPError(f"{url}: no answer within {self.timeout if not started else self.read_timeout}s") from None
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (OSError, self._rt.BrokenResourceError, self._rt.ClosedResourceError) as exc:
             if not started:
                 raise _Stale from None
             raise HTTPError(f"{url}: connection failed ({exc})") from None

@@ -33,20 +33,23 @@ The names (trio's, with where trio keeps them):
 - the rest: ``aclose_forcefully``, ``open_signal_receiver``, ``getaddrinfo``
   (``trio.socket.getaddrinfo``: the system resolver in a worker thread).
 
-Not here, on purpose: the plain exception classes and stream ABCs that are
-part of the stream interface rather than runtime machinery
-(``trio.abc.*``, ``trio.ClosedResourceError``, ``trio.BrokenResourceError``,
-``trio.BusyResourceError``, ``trio.EndOfChannel``) stay imported from trio
-where they are used: another runtime raises and implements those same
-classes. ``proxy/testing.py`` (test support) keeps ``trio.testing``.
+- the stream interface: the ABCs ``AsyncResource``, ``SendStream``, ``ReceiveStream``,
+  ``Stream``, ``HalfCloseableStream`` (``trio.abc``) and the exceptions
+  ``ClosedResourceError``, ``BrokenResourceError``, ``BusyResourceError``, ``WouldBlock``.
+  On evloop these are proxy/streamtypes.py's classes (same names, same abstract methods,
+  same meaning), so a sidecar on evloop imports no trio at all: trio and its dependencies
+  cost ~9 MB of resident memory per process. Code under proxy/ raises and catches them as
+  ``aio.X``, so the classes it catches are the ones its runtime and streams raise.
+
+Not here: ``trio.SSLStream`` (tls.py imports it where it wraps a stream that is not a
+socket, which only tests on trio have) and ``trio.testing`` (``proxy/testing.py``, test
+support).
 """
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
-
-import outcome
 
 # MESHCTL_PROXY_LOOP: the runtime (proxy/main.py makes evloop a sidecar's default and refuses a
 # name that is not one of LOOPS)
@@ -87,7 +90,19 @@ if LOOP == "evloop" and not TYPE_CHECKING:
         wait_task_rescheduled,
         wait_writable,
     )
+    from .streamtypes import (
+        AsyncResource,
+        BrokenResourceError,
+        BusyResourceError,
+        ClosedResourceError,
+        HalfCloseableStream,
+        ReceiveStream,
+        SendStream,
+        Stream,
+        WouldBlock,
+    )
 else:
+    import outcome
     from trio import (
         TASK_STATUS_IGNORED,
         CancelScope,
@@ -106,7 +121,12 @@ else:
         open_signal_receiver,
         run,
         sleep,
+        BrokenResourceError,
+        BusyResourceError,
+        ClosedResourceError,
+        WouldBlock,
     )
+    from trio.abc import AsyncResource, HalfCloseableStream, ReceiveStream, SendStream, Stream
     from trio.lowlevel import (
         Abort,
         Task,
@@ -129,6 +149,15 @@ else:
 __all__ = [
     "TASK_STATUS_IGNORED",
     "Abort",
+    "AsyncResource",
+    "BrokenResourceError",
+    "BusyResourceError",
+    "ClosedResourceError",
+    "HalfCloseableStream",
+    "ReceiveStream",
+    "SendStream",
+    "Stream",
+    "WouldBlock",
     "CancelScope",
     "Cancelled",
     "Event",

@@ -11,7 +11,7 @@ through the ``NetworkBackend`` the runtime was given:
                                                             client that hung up, ConnState.client_gone)
     backend.is_alive(stream)              -> bool          may an idle pooled connection be reused?
 
-Streams are ``trio.abc.Stream`` with two extras the pools use: ``closed``
+Streams are ``aio.Stream`` with two extras the pools use: ``closed``
 and ``close_now()`` (close without waiting).
 
 ``SocketBackend`` (production) hands out proxy/stream.py's FastSocketStream:
@@ -42,7 +42,7 @@ class BackendListener(Protocol):
 
     async def accept(self) -> tuple[Any, str]:
         """The next connection and its client's IP. Raises OSError or
-        trio.ClosedResourceError once the listener is closed."""
+        aio.ClosedResourceError once the listener is closed."""
         ...
 
     def close(self) -> None: ...

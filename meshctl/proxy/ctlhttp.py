@@ -13,8 +13,6 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-import trio
-
 import meshctl.proxy.aio as aio
 from ..plainhttp import PlainHTTPClient, Response
 from .stream import UpstreamConnectError, connect_tcp, start_tls
@@ -35,7 +33,7 @@ async def _connect(scheme: str, host: str, port: int) -> Any:
     tls = start_tls(raw, _SYSTEM_CA, server_side=False, server_hostname=host)
     try:
         await tls.do_handshake()
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+    except (aio.BrokenResourceError, aio.ClosedResourceError) as exc:
         await aio.aclose_forcefully(tls)
         cause = exc.__cause__ or exc
         raise OSError(f"TLS handshake failed: {getattr(cause, 'verify_message', None) or cause}") from None

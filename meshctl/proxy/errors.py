@@ -1,8 +1,8 @@
 """meshctl's own errors for the proxy's I/O, mapped once at the stream edge.
 
-trio streams say a peer went away with two library exceptions
-(``trio.BrokenResourceError``: reset, write after the peer closed;
-``trio.ClosedResourceError``: our side already closed it). The proxy's code
+The streams say a peer went away with two exceptions of the runtime (aio.py)
+(``aio.BrokenResourceError``: reset, write after the peer closed;
+``aio.ClosedResourceError``: our side already closed it). The proxy's code
 never catches those: the few places that touch a stream (the event readers,
 ``send_all``/``receive_some`` below, the multiplexed connections' write loops)
 turn them into ``PeerGone``, as httpcore maps its backends' exceptions, and
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Final
 
-import trio
-
 import meshctl.proxy.aio as aio
 
 __all__ = ["PeerGone", "DownstreamGone", "STREAM_ERRORS", "send_all", "receive_some", "send_eof", "linger",
@@ -34,7 +32,7 @@ LINGER_SECONDS: Final = 2.0
 # The library exceptions a trio stream raises when its connection is over.
 # Only the edge functions of the proxy (this module, pool.EventReader, the
 # HTTP/2 write loops) name them.
-STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+STREAM_ERRORS = (aio.BrokenResourceError, aio.ClosedResourceError)
 
 
 class PeerGone(Exception):
@@ -45,7 +43,7 @@ class DownstreamGone(PeerGone):
     """The client went away (reset, EOF mid-body): nothing more can be sent to it."""
 
 
-async def send_all(stream: trio.abc.SendStream, data: bytes) -> None:
+async def send_all(stream: aio.SendStream, data: bytes) -> None:
     """``stream.send_all(data)``; raises PeerGone when the peer is gone."""
     try:
         await stream.send_all(data)
@@ -53,7 +51,7 @@ async def send_all(stream: trio.abc.SendStream, data: bytes) -> None:
         raise PeerGone(str(exc) or type(exc).__name__) from None
 
 
-async def receive_some(stream: trio.abc.ReceiveStream) -> bytes:
+async def receive_some(stream: aio.ReceiveStream) -> bytes:
     """``stream.receive_some()``; raises PeerGone when the peer is gone."""
     try:
         return await stream.receive_some()  # type: ignore[return-value]  # bytes from every stream we use
@@ -61,7 +59,7 @@ async def receive_some(stream: trio.abc.ReceiveStream) -> bytes:
         raise PeerGone(str(exc) or type(exc).__name__) from None
 
 
-async def send_eof(stream: trio.abc.HalfCloseableStream) -> None:
+async def send_eof(stream: aio.HalfCloseableStream) -> None:
     """``stream.send_eof()``; raises PeerGone when the peer is gone."""
     try:
         await stream.send_eof()
@@ -69,7 +67,7 @@ async def send_eof(stream: trio.abc.HalfCloseableStream) -> None:
         raise PeerGone(str(exc) or type(exc).__name__) from None
 
 
-async def linger(stream: trio.abc.Stream, seconds: float = LINGER_SECONDS) -> None:
+async def linger(stream: aio.Stream, seconds: float = LINGER_SECONDS) -> None:
     """A lingering close (RFC 9112 9.6, "Tear-down"), before the caller closes ``stream``:
     half-close (our FIN goes after the last response), then read and drop what the peer
     still sends until it closes too, or for ``seconds`` at most.

@@ -3,7 +3,8 @@
 The data plane's own runtime (issue 12): the names and semantics of the part of trio that
 ``meshctl/proxy/aio.py`` routes the sidecar through, on a loop whose park/wake costs what
 bench/miniloop.py's prototype does (~14K instructions a relayed request against trio's ~125K).
-Not wired into the proxy: aio.py binds to trio until the lead switches it.
+A sidecar runs on it by default (proxy/main.py); it imports no trio (its stream classes are
+proxy/streamtypes.py's).
 
 What it is:
 * Tasks are plain coroutines, resumed with ``coro.send``/``coro.throw``. A task parks by
@@ -52,10 +53,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Coroutine, Final, Generator, Protocol, cast
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Final, Generator, Protocol, cast
 
-import outcome
-from trio import BusyResourceError, ClosedResourceError, TooSlowError, WouldBlock
+if TYPE_CHECKING:
+    import outcome
+
+from .streamtypes import BrokenResourceError, BusyResourceError, ClosedResourceError, TooSlowError, WouldBlock
 
 __all__ = [
     "Abort", "Cancelled", "CancelScope", "Event", "Lock", "MockClock", "Nursery", "SystemClock",
@@ -63,7 +66,7 @@ __all__ = [
     "current_task", "current_time", "fail_after", "fail_at", "getaddrinfo", "move_on_after", "move_on_at",
     "notify_closing", "open_nursery", "open_signal_receiver", "reschedule", "reschedule_value", "run", "run_sync_in_thread",
     "sleep", "sleep_forever", "sleep_until", "wait_readable", "wait_task_rescheduled", "wait_writable",
-    "BusyResourceError", "ClosedResourceError", "TooSlowError",
+    "BrokenResourceError", "BusyResourceError", "ClosedResourceError", "TooSlowError", "WouldBlock",
 ]
 
 EPOLLIN: Final = select.EPOLLIN
@@ -768,21 +771,17 @@ async def wait_task_rescheduled(abort_fn: Callable[[Callable[[], None]], Abort])
     return await _PARK
 
 
-_OValue: Final = outcome.Value
-_OError: Final = outcome.Error
-
-
 def reschedule(task: Task, next_send: outcome.Outcome[Any] | None = None) -> None:
+    """trio's ``reschedule``: resume ``task`` with ``next_send``, an ``outcome.Value`` or
+    ``outcome.Error``, or None. outcome (and attrs, which it needs) is imported only when one
+    is passed: the sidecar itself passes None or calls ``reschedule_value``."""
     r = _runner()
     if next_send is None:
         r.reschedule(task, None, None)
-    # (the classes themselves first: isinstance() with outcome's ABCs goes through
-    # ABCMeta.__instancecheck__, and reading outcome.Error a module attribute each time)
-    elif type(next_send) is _OValue:
-        r.reschedule(task, cast(Any, next_send).value, None)
-    elif type(next_send) is _OError:
-        r.reschedule(task, None, cast(Any, next_send).error)
-    elif isinstance(next_send, outcome.Error):
+        return
+    import outcome
+
+    if isinstance(next_send, outcome.Error):
         r.reschedule(task, None, next_send.error)
     else:
         assert isinstance(next_send, outcome.Value)

@@ -37,8 +37,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import trio
-
 import meshctl.proxy.aio as aio
 from ..model.istio import TCPRoute
 from ..model.proxyconfig import Listener, ProxyConfig, ServerTLS
@@ -336,7 +334,7 @@ async def serve_gateway_tls(rt, al, stream, client_ip: str) -> None:
     try:
         with aio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
-    except (trio.BrokenResourceError, aio.TooSlowError) as exc:
+    except (aio.BrokenResourceError, aio.TooSlowError) as exc:
         cause = exc.__cause__ or exc
         log.info("%s: TLS handshake with %s failed: %s", spec.name, client_ip, getattr(cause, "reason", None) or cause)
         stream.close_now()

@@ -8,10 +8,10 @@ load the HTTP/2 library at start, and every sidecar would carry it (see protocol
 
 from __future__ import annotations
 
-import trio
+import meshctl.proxy.aio as aio
 
 
-async def serve_h2(rt, active_listener, stream: trio.abc.Stream, client_ip: str, first: bytes, base, lstats) -> None:
+async def serve_h2(rt, active_listener, stream: aio.Stream, client_ip: str, first: bytes, base, lstats) -> None:
     """Serve a downstream connection whose first bytes (``first``) were the HTTP/2 preface."""
     from .h2conn import serve_h2_connection
 

@@ -29,8 +29,6 @@ import logging
 import math
 import time
 
-import trio
-
 import meshctl.proxy.aio as aio
 from ..protocol.events import EndOfMessage, ProtocolError, RequestHead, ResponseHead
 from ..protocol.http1 import H1Server
@@ -54,7 +52,7 @@ log = logging.getLogger("meshctl.proxy")
 __all__ = ["serve_http_connection", "default_chain"]
 
 
-async def serve_http_connection(rt, active_listener: ActiveListener, stream: trio.abc.Stream, client_ip: str) -> None:
+async def serve_http_connection(rt, active_listener: ActiveListener, stream: aio.Stream, client_ip: str) -> None:
     """Serve requests on one downstream connection until it closes.
     Never raises for network or protocol trouble."""
     conn = ConnState(stream, rt.backend, active_listener.sock)

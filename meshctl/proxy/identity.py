@@ -31,8 +31,6 @@ import random
 import ssl
 from functools import partial
 
-import trio
-
 import meshctl.proxy.aio as aio
 from ..citadel.errors import PeerRejected, TLSError
 from ..core.logthrottle import held_back
@@ -229,7 +227,7 @@ class UpstreamTLS:
             tls.on_session = self._keeper(ctx, address, port)
             try:
                 await tls.do_handshake()
-            except trio.BrokenResourceError as exc:
+            except aio.BrokenResourceError as exc:
                 cause = exc.__cause__ or exc
                 raise TLSError(f"TLS handshake failed: {getattr(cause, 'reason', None) or cause}") from None
             if self.sans:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
-import trio
+import meshctl.proxy.aio as aio
 
 from ..protocol.detect import detect
 from ..protocol.grpc import is_grpc
@@ -24,7 +24,7 @@ from .errors import receive_some
 __all__ = ["sniff", "wants_h2"]
 
 
-async def sniff(stream: trio.abc.Stream) -> tuple[str | None, bytes]:
+async def sniff(stream: aio.Stream) -> tuple[str | None, bytes]:
     """Read a new connection's first bytes until ``detect`` can tell the
     protocol: ("h2" | "http1" | "tls" | "tcp", bytes read), or (None, bytes)
     when the peer closed first. Raises PeerGone when the stream is gone."""

@@ -42,8 +42,6 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
-import trio
-
 import meshctl.proxy.aio as aio
 from ..core.errors import CoreConfigError
 from ..core.logthrottle import LogThrottle
@@ -280,7 +278,7 @@ class ProxyRuntime:
             while True:
                 try:
                     stream, client_ip = await al.sock.accept()
-                except (OSError, trio.ClosedResourceError) as exc:
+                except (OSError, aio.ClosedResourceError) as exc:
                     if al.sock.closed:
                         return
                     if isinstance(exc, OSError) and exc.errno in FD_ERRNOS:  # out of descriptors: pause (overload.py)

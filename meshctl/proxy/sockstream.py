@@ -13,14 +13,14 @@ it also runs an explicit ``trio.lowlevel.checkpoint()`` every
 
 It is a native class when compiled (setup.py's COMPILED), so it cannot inherit
 trio's ABCs (mypyc compiles no class with an ABCMeta base as native): it is
-registered as a virtual ``trio.abc.HalfCloseableStream`` instead, which is what
+registered as a virtual ``aio.HalfCloseableStream`` instead, which is what
 ``isinstance`` checks see, and it has every method of one (``__aenter__`` /
 ``__aexit__`` included). TLS wraps it (stream.py's TLSSocketStream takes over
 its socket) and tests can swap it for ``trio.testing.memory_stream_pair()``.
 
 Errors are mapped at this edge: connection resets and broken pipes become
-``trio.BrokenResourceError``; use after ``aclose()`` is
-``trio.ClosedResourceError``.
+``aio.BrokenResourceError``; use after ``aclose()`` is
+``aio.ClosedResourceError``.
 
 stream.py re-exports everything here; import it from there.
 """
@@ -32,8 +32,6 @@ import socket
 import ssl
 import time
 from typing import Any, Final
-
-import trio
 
 import meshctl.proxy.aio as aio
 
@@ -72,20 +70,20 @@ def tune_socket(sock: socket.socket) -> None:
             pass
 
 
-def _receive_error(stream: FastSocketStream, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
+def _receive_error(stream: FastSocketStream, exc: Exception) -> aio.ClosedResourceError | aio.BrokenResourceError:
     if isinstance(exc, _LOST):
-        return trio.BrokenResourceError(f"connection lost: {exc}")
+        return aio.BrokenResourceError(f"connection lost: {exc}")
     if stream._closed or isinstance(exc, ValueError) or getattr(exc, "errno", None) == errno.EBADF:
-        return trio.ClosedResourceError("stream was closed")
-    return trio.BrokenResourceError(f"receive failed: {exc}")
+        return aio.ClosedResourceError("stream was closed")
+    return aio.BrokenResourceError(f"receive failed: {exc}")
 
 
-def _send_error(stream: FastSocketStream, exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+def _send_error(stream: FastSocketStream, exc: OSError) -> aio.ClosedResourceError | aio.BrokenResourceError:
     if isinstance(exc, _LOST):
-        return trio.BrokenResourceError(f"connection lost: {exc}")
+        return aio.BrokenResourceError(f"connection lost: {exc}")
     if stream._closed:
-        return trio.ClosedResourceError("stream was closed")
-    return trio.BrokenResourceError(f"send failed: {exc}")
+        return aio.ClosedResourceError("stream was closed")
+    return aio.BrokenResourceError(f"send failed: {exc}")
 
 
 class FastSocketStream:
@@ -130,9 +128,9 @@ class FastSocketStream:
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._recv_busy:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
+            raise aio.BusyResourceError("another task is already receiving on this stream")
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
@@ -170,7 +168,7 @@ class FastSocketStream:
     async def receive_into(self, buffer: memoryview | bytearray) -> int:
         """Receive into the caller's buffer without a copy; 0 means EOF."""
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         self._calls += 1
         if self._calls >= self._every:
             self._calls = 0
@@ -188,11 +186,11 @@ class FastSocketStream:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this stream")
+            raise aio.BusyResourceError("another task is already sending on this stream")
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         if self._eof_sent:
-            raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
+            raise aio.ClosedResourceError("send_eof() was called: this side is closed for sending")
         self._send_busy = True
         try:
             self._calls += 1
@@ -231,9 +229,9 @@ class FastSocketStream:
         if self._send_busy:
             return 0
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         if self._eof_sent:
-            raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
+            raise aio.ClosedResourceError("send_eof() was called: this side is closed for sending")
         self._park_next = self.park_after_send
         try:
             return self.socket.send(data)
@@ -244,9 +242,9 @@ class FastSocketStream:
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this stream")
+            raise aio.BusyResourceError("another task is already sending on this stream")
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         self._send_busy = True
         try:
             await _wait_writable(self.socket)
@@ -255,9 +253,9 @@ class FastSocketStream:
 
     async def send_eof(self) -> None:
         if self._send_busy:
-            raise trio.BusyResourceError("another task is sending on this stream")
+            raise aio.BusyResourceError("another task is sending on this stream")
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         await _checkpoint()
         if self._eof_sent:
             return
@@ -299,7 +297,7 @@ class FastSocketStream:
 
 
 # a HalfCloseableStream to isinstance() (relay's half-close, trio's helpers), not by inheritance (see above)
-trio.abc.HalfCloseableStream.register(FastSocketStream)
+aio.HalfCloseableStream.register(FastSocketStream)
 
 
 class FastClock:

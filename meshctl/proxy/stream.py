@@ -10,13 +10,13 @@ to other connections, and to deliver cancellation to a task that never has to
 park, they also run an explicit ``trio.lowlevel.checkpoint()`` every
 ``checkpoint_every`` calls.
 
-Both are ``trio.abc.HalfCloseableStream``s (FastSocketStream by registration,
+Both are ``aio.HalfCloseableStream``s (FastSocketStream by registration,
 see sockstream.py): TLS can wrap them and tests can swap them for
 ``trio.testing.memory_stream_pair()``.
 
 Errors are mapped at this edge: connection resets and broken pipes become
-``trio.BrokenResourceError``; use after ``aclose()`` is
-``trio.ClosedResourceError``.
+``aio.BrokenResourceError``; use after ``aclose()`` is
+``aio.ClosedResourceError``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ import ssl
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-import trio
-
 import meshctl.proxy.aio as aio
 from .dns import lookup as dns_lookup
 from .sockstream import DEFAULT_CHECKPOINT_EVERY, RECV_SIZE, SHARED, SHARED_VIEW, tune_socket
@@ -39,7 +37,7 @@ from .sockstream import DEFAULT_CHECKPOINT_EVERY, RECV_SIZE, SHARED, SHARED_VIEW
 if TYPE_CHECKING:
     from .sockstream import FastSocketStream as _Native
 
-    class FastSocketStream(_Native, trio.abc.HalfCloseableStream):  # type: ignore[misc]  # (__aenter__ returns the class, not Self)
+    class FastSocketStream(_Native, aio.HalfCloseableStream):  # type: ignore[misc]  # (__aenter__ returns the class, not Self)
         """What type checkers see: the compiled class is a HalfCloseableStream by
         registration (sockstream.py), which they cannot follow."""
 else:
@@ -114,14 +112,14 @@ class PeekSocket:
         return self._ssl.fileno()
 
 
-def _tls_broken(exc: BaseException) -> trio.BrokenResourceError:
+def _tls_broken(exc: BaseException) -> aio.BrokenResourceError:
     if isinstance(exc, ssl.SSLError):
         reason = getattr(exc, "reason", None)  # (None for some: typeshed says str, compiled code would check)
-        return trio.BrokenResourceError(f"TLS error: {reason or exc}")
-    return trio.BrokenResourceError(f"connection lost: {exc}")
+        return aio.BrokenResourceError(f"TLS error: {reason or exc}")
+    return aio.BrokenResourceError(f"connection lost: {exc}")
 
 
-class TLSSocketStream(trio.abc.HalfCloseableStream):
+class TLSSocketStream(aio.HalfCloseableStream):
     """TLS over a non-blocking ``ssl.SSLSocket``, trying the syscall first like
     ``FastSocketStream`` (trio's ``SSLStream`` pumps a memory BIO through the
     scheduler and costs about twice as much per round trip, see
@@ -136,7 +134,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
     ``close_now()`` closes at once, without it. A close_notify or a TCP EOF
     from the peer (HTTP frames its own messages: a truncated message is seen
     there) reads as EOF. TLS and socket errors become
-    ``trio.BrokenResourceError``; use after close ``trio.ClosedResourceError``.
+    ``aio.BrokenResourceError``; use after close ``aio.ClosedResourceError``.
 
     The proxy's extras: ``peer_id`` / ``principal`` / ``alpn`` (set by the
     handshake code in proxy/tls.py and proxy/identity.py), ``sni`` (server
@@ -187,11 +185,11 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
     # -------------------------------------------------------------- handshake
 
     async def do_handshake(self) -> None:
-        """Run the TLS handshake. Raises trio.BrokenResourceError (cause: the
+        """Run the TLS handshake. Raises aio.BrokenResourceError (cause: the
         ssl or OS error) when it fails."""
         sock = self.sock
         if self.raw.closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         while True:
             try:
                 sock.do_handshake()
@@ -202,7 +200,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
                 await _wait_writable(sock)
             except (ssl.SSLError, OSError) as exc:
                 if self.raw.closed:
-                    raise trio.ClosedResourceError("stream was closed") from None
+                    raise aio.ClosedResourceError("stream was closed") from None
                 raise _tls_broken(exc) from exc
         self._handshaken = True
         self.alpn = sock.selected_alpn_protocol()
@@ -231,9 +229,9 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         """Try the SSL object's read first, straight into the shared buffer; park only
         on want-read (on want-write: a KeyUpdate to answer first)."""
         if self._recv_busy:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
+            raise aio.BusyResourceError("another task is already receiving on this stream")
         if self.raw._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         size = RECV_SIZE if max_bytes is None or max_bytes > RECV_SIZE else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
@@ -271,9 +269,9 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._recv_busy = False
 
-    def _map_error(self, exc: Exception) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    def _map_error(self, exc: Exception) -> aio.ClosedResourceError | aio.BrokenResourceError:
         if self.raw._closed or isinstance(exc, ValueError):
-            return trio.ClosedResourceError("stream was closed")
+            return aio.ClosedResourceError("stream was closed")
         return _tls_broken(exc)
 
     async def _wait_other(self, readable: bool) -> None:
@@ -285,17 +283,17 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
                 await _wait_readable(self.sock)
             else:
                 await _wait_writable(self.sock)
-        except trio.BusyResourceError:
+        except aio.BusyResourceError:
             await aio.sleep(0.001)
 
     # -------------------------------------------------------------- send
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this stream")
+            raise aio.BusyResourceError("another task is already sending on this stream")
         raw = self.raw
         if raw._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         self._send_busy = True
         try:
             self._calls += 1
@@ -306,9 +304,9 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             if not total:
                 return
             if self._write_pending and data is not self._owed:
-                raise trio.BrokenResourceError("an earlier send_all was cancelled in the middle of a TLS record")
+                raise aio.BrokenResourceError("an earlier send_all was cancelled in the middle of a TLS record")
             if self._eof_sent:
-                raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
+                raise aio.ClosedResourceError("send_eof() was called: this side is closed for sending")
             self._park_next = self.park_after_send
             obj = self._obj
             # SSL_write takes all of it or nothing (ssl sets no partial-write mode): one
@@ -330,7 +328,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
                     await self._wait_other(True)
                 except (OSError, ValueError) as exc:  # (SSLError is an OSError)
                     if raw._closed or isinstance(exc, ValueError):
-                        raise trio.ClosedResourceError("stream was closed") from None
+                        raise aio.ClosedResourceError("stream was closed") from None
                     raise _tls_broken(exc) from exc
         finally:
             self._send_busy = False
@@ -345,9 +343,9 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             return 0
         raw = self.raw
         if raw._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         if self._eof_sent:
-            raise trio.ClosedResourceError("send_eof() was called: this side is closed for sending")
+            raise aio.ClosedResourceError("send_eof() was called: this side is closed for sending")
         if not data:
             return 0
         self._park_next = self.park_after_send
@@ -359,15 +357,15 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             return -1
         except (OSError, ValueError) as exc:  # (SSLError is an OSError)
             if raw._closed or isinstance(exc, ValueError):
-                raise trio.ClosedResourceError("stream was closed") from None
+                raise aio.ClosedResourceError("stream was closed") from None
             raise _tls_broken(exc) from exc
         return len(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this stream")
+            raise aio.BusyResourceError("another task is already sending on this stream")
         if self.raw._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         self._send_busy = True
         try:
             await _wait_writable(self.sock)
@@ -377,9 +375,9 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
     async def send_eof(self) -> None:
         """Half-close: a TCP FIN, no close_notify (see the class doc); receiving goes on."""
         if self._send_busy:
-            raise trio.BusyResourceError("another task is sending on this stream")
+            raise aio.BusyResourceError("another task is sending on this stream")
         if self.raw._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise aio.ClosedResourceError("stream was closed")
         await _checkpoint()
         if self._eof_sent:
             return
@@ -484,7 +482,7 @@ def start_tls(
     From here on the socket belongs to the returned stream. ``session`` (client
     side) asks to resume an earlier session of the same context."""
     if raw._closed:
-        raise trio.ClosedResourceError("stream was closed")
+        raise aio.ClosedResourceError("stream was closed")
     # (ssl refuses a session of another context, and closes the socket doing so:
     # callers keep each session with the context it came from)
     sock = context.wrap_socket(raw.socket, server_side=server_side, do_handshake_on_connect=False,
@@ -611,7 +609,7 @@ async def _splice_one_way(src: FastSocketStream, dst: FastSocketStream, counts: 
                 await _wait_readable(src.socket)
                 continue
             except (ConnectionResetError, BrokenPipeError) as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
+                raise aio.BrokenResourceError(str(exc)) from exc
             if n == 0:
                 break
             left = n
@@ -622,7 +620,7 @@ async def _splice_one_way(src: FastSocketStream, dst: FastSocketStream, counts: 
                     await _wait_writable(dst.socket)
                     continue
                 except (ConnectionResetError, BrokenPipeError) as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
+                    raise aio.BrokenResourceError(str(exc)) from exc
                 left -= m
                 counts[i] += m
             calls += 1
@@ -638,21 +636,21 @@ async def _splice_one_way(src: FastSocketStream, dst: FastSocketStream, counts: 
             pass
 
 
-async def _copy_one_way(src: trio.abc.Stream, dst: trio.abc.Stream, counts: list[int], i: int) -> None:
+async def _copy_one_way(src: aio.Stream, dst: aio.Stream, counts: list[int], i: int) -> None:
     while True:
         data = await src.receive_some()
         if not data:
             break
         await dst.send_all(data)
         counts[i] += len(data)
-    if isinstance(dst, trio.abc.HalfCloseableStream):
+    if isinstance(dst, aio.HalfCloseableStream):
         try:
             await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (aio.BrokenResourceError, aio.ClosedResourceError):
             pass
 
 
-async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
+async def relay(a: aio.Stream, b: aio.Stream) -> tuple[int, int]:
     """Relay opaque bytes both ways until both directions saw EOF, propagating
     half-close. Uses os.splice when both legs are plain sockets. Returns
     (bytes a→b, bytes b→a), counted as they are passed on, so a direction cut short
@@ -662,13 +660,13 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
     one_way = _splice_one_way if use_splice else _copy_one_way
     counts = [0, 0]
 
-    async def run(i: int, src: trio.abc.Stream, dst: trio.abc.Stream, cancel: aio.CancelScope) -> None:
+    async def run(i: int, src: aio.Stream, dst: aio.Stream, cancel: aio.CancelScope) -> None:
         try:
             await one_way(src, dst, counts, i)  # type: ignore[arg-type]
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (aio.BrokenResourceError, aio.ClosedResourceError, OSError):
             cancel.cancel()  # a reset on one leg ends both
             return
-        if not isinstance(dst, trio.abc.HalfCloseableStream):
+        if not isinstance(dst, aio.HalfCloseableStream):
             cancel.cancel()  # no way to pass the EOF on (TLS leg): closing both is the only EOF there is
 
     async with aio.open_nursery() as nursery:

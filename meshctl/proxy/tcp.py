@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
 import meshctl.proxy.aio as aio
 from ..core.balance import PickContext
 from . import stats as F
@@ -25,7 +23,7 @@ from .telemetry import tcp_closed, tcp_opened
 log = logging.getLogger("meshctl.proxy")
 
 
-async def serve_tcp_connection(rt, active_listener, stream: trio.abc.Stream, client_ip: str) -> None:
+async def serve_tcp_connection(rt, active_listener, stream: aio.Stream, client_ip: str) -> None:
     listener = active_listener.spec
     lstats = rt.stats.listener(listener.name)
     lstats.cx_active += 1

@@ -13,7 +13,7 @@ What the proxy calls:
   ``citadel.leaf.check_peer_der`` applies the rest of meshctl's rules to the
   peer's DER, without `cryptography`). A ``FastSocketStream`` (the
   proxy's sockets) becomes a ``stream.TLSSocketStream`` (OpenSSL on the
-  non-blocking socket itself); any other ``trio.abc.Stream`` (memory streams
+  non-blocking socket itself); any other ``aio.Stream`` (memory streams
   in tests) is wrapped in ``trio.SSLStream``. Failures raise ``TLSError``
   (handshake) or ``PeerRejected`` (identity), and the stream is closed.
   ``client_handshake(session=...)`` resumes an earlier session (the identity
@@ -40,14 +40,15 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Awaitable, Callable, Iterable
-
-import trio
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 import meshctl.proxy.aio as aio
 from ..citadel.errors import PeerRejected, TLSError
 from ..citadel.leaf import check_peer_der, pem_to_der, read_der
 from .stream import FastSocketStream, TLSSocketStream, record_sni, start_tls
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("meshctl.tls")
 
@@ -305,7 +306,7 @@ async def keep_renewed(
 
 @dataclass
 class TLSConnection:
-    stream: trio.abc.Stream  # TLSSocketStream over a socket, trio.SSLStream over anything else
+    stream: aio.Stream  # TLSSocketStream over a socket, trio.SSLStream over anything else
     peer_id: str  # the peer's SPIFFE ID, checked
     alpn: str | None  # "h2", "http/1.1" or None
 
@@ -329,13 +330,13 @@ def _describe_ssl_failure(exc: BaseException) -> str:
         if reason == "WRONG_VERSION_NUMBER":
             return "peer did not speak TLS (plaintext on an mTLS port?)"
         return f"TLS error: {reason}"
-    if isinstance(exc, trio.BrokenResourceError):
+    if isinstance(exc, aio.BrokenResourceError):
         return "connection closed during the TLS handshake"
     return f"{type(cause).__name__}: {cause}"
 
 
 def wrap_stream(
-    stream: trio.abc.Stream,
+    stream: aio.Stream,
     ctx: ssl.SSLContext,
     *,
     server_side: bool,
@@ -347,12 +348,14 @@ def wrap_stream(
     FastSocketStream, through trio.SSLStream for anything else."""
     if type(stream) is FastSocketStream:
         return start_tls(stream, ctx, server_side=server_side, server_hostname=server_hostname, session=session)
-    return trio.SSLStream(stream, ctx, server_side=server_side, server_hostname=server_hostname,
+    from trio import SSLStream  # (only tests, on trio, have such streams: a sidecar on evloop imports no trio)
+
+    return SSLStream(stream, ctx, server_side=server_side, server_hostname=server_hostname,
                           https_compatible=https_compatible)
 
 
 async def _handshake(
-    stream: trio.abc.Stream,
+    stream: aio.Stream,
     context: ssl.SSLContext | CertificateHolder,
     *,
     server_side: bool,
@@ -377,7 +380,7 @@ async def _handshake(
     except aio.TooSlowError:
         await aio.aclose_forcefully(ssl_stream)
         raise TLSError(f"TLS handshake timed out after {timeout}s", "tls-timeout") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+    except (aio.BrokenResourceError, aio.ClosedResourceError) as exc:
         await aio.aclose_forcefully(ssl_stream)
         raise TLSError(f"TLS handshake failed: {_describe_ssl_failure(exc)}") from None
     except BaseException:
@@ -400,7 +403,7 @@ async def _handshake(
 
 
 async def server_handshake(
-    stream: trio.abc.Stream,
+    stream: aio.Stream,
     context: ssl.SSLContext | CertificateHolder,
     expected_ids: set[str] | frozenset[str] | None = None,
     *,
@@ -423,7 +426,7 @@ async def server_handshake(
 
 
 async def client_handshake(
-    stream: trio.abc.Stream,
+    stream: aio.Stream,
     context: ssl.SSLContext | CertificateHolder,
     expected_ids: set[str] | frozenset[str] | None,
     *,
@@ -463,10 +466,10 @@ def sniff_tls(first_bytes: bytes | bytearray) -> bool:
     return len(first_bytes) < 2 or first_bytes[1] == 0x03
 
 
-class PrefixedStream(trio.abc.HalfCloseableStream):
+class PrefixedStream(aio.HalfCloseableStream):
     """A stream that first yields bytes already read (by the sniffer), then the rest."""
 
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes | bytearray) -> None:
+    def __init__(self, stream: aio.Stream, prefix: bytes | bytearray) -> None:
         self.transport_stream = stream
         self._prefix = prefix
 
@@ -489,7 +492,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
     async def send_eof(self) -> None:
         send_eof = getattr(self.transport_stream, "send_eof", None)
         if send_eof is None:
-            raise trio.ClosedResourceError("underlying stream cannot half-close")
+            raise aio.ClosedResourceError("underlying stream cannot half-close")
         await send_eof()
 
     async def aclose(self) -> None:
@@ -501,14 +504,14 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
 @dataclass
 class InboundConnection:
-    stream: trio.abc.Stream  # decrypted application bytes
+    stream: aio.Stream  # decrypted application bytes
     peer_id: str | None  # SPIFFE ID when mTLS, None for plaintext
     tls: bool
     alpn: str | None = None
 
 
 async def accept_inbound(
-    stream: trio.abc.Stream,
+    stream: aio.Stream,
     holder: CertificateHolder | ssl.SSLContext,
     mode: str,
     expected_ids: set[str] | frozenset[str] | None = None,

@@ -371,7 +371,8 @@ def sidecar_env(loop: str | None = None) -> dict[str, str]:
 class ProxyProcess:
     """``meshctl proxy run`` as a child process."""
 
-    def __init__(self, cfg: ProxyConfig, workdir: Path, loop: str | None = None) -> None:
+    def __init__(self, cfg: ProxyConfig, workdir: Path, loop: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.config_path = write_config(cfg, workdir / "proxy.json")
         self.admin_port = free_port()
         self.log_path = workdir / "proxy.log"
@@ -382,7 +383,7 @@ class ProxyProcess:
              "--state-dir", str(self.state_dir)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=sidecar_env(loop),
+            env={**sidecar_env(loop), **(env or {})},
         )
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         deadline = time.monotonic() + 60  # a process start-up: generous for a loaded machine
@@ -436,10 +437,11 @@ def proxy_process():
     made: list[ProxyProcess] = []
     tmp = tempfile.TemporaryDirectory()
 
-    def start(cfg: ProxyConfig, name: str = "p", loop: str | None = None) -> ProxyProcess:
+    def start(cfg: ProxyConfig, name: str = "p", loop: str | None = None,
+              env: dict[str, str] | None = None) -> ProxyProcess:
         d = Path(tmp.name) / f"{name}{len(made)}"
         d.mkdir()
-        p = ProxyProcess(cfg, d, loop)
+        p = ProxyProcess(cfg, d, loop, env)
         made.append(p)
         return p
 
