@@ -82,7 +82,10 @@ async def linger(stream: aio.Stream, seconds: float = LINGER_SECONDS) -> None:
         try:
             if hasattr(stream, "send_eof"):
                 await send_eof(stream)  # type: ignore[arg-type]  # (the streams that have one half-close)
-            while await receive_some(stream):
+            # (not receive_some above: compiled, it checks for bytes, and a memory stream gives bytearray)
+            while await stream.receive_some():
                 pass
         except PeerGone:
+            pass
+        except STREAM_ERRORS:
             pass
