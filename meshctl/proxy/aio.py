@@ -38,7 +38,7 @@ The names (trio's, with where trio keeps them):
   ``ClosedResourceError``, ``BrokenResourceError``, ``BusyResourceError``, ``WouldBlock``.
   On evloop these are proxy/streamtypes.py's classes (same names, same abstract methods,
   same meaning), so a sidecar on evloop imports no trio at all: trio and its dependencies
-  cost ~9 MB of resident memory per process. Code under proxy/ raises and catches them as
+  cost a sidecar ~4 MB of resident memory (bench/README.md, rss.sh). Code under proxy/ raises and catches them as
   ``aio.X``, so the classes it catches are the ones its runtime and streams raise.
 
 Not here: ``trio.SSLStream`` (tls.py imports it where it wraps a stream that is not a
