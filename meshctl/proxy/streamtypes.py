@@ -4,11 +4,11 @@ A sidecar on trio uses trio's stream ABCs (``trio.abc.Stream`` and its family) a
 trio's exceptions for a stream that is closed, broken or busy. A sidecar on evloop
 (proxy/evloop.py) imports no trio at all: trio with its dependencies (attrs, outcome,
 sortedcontainers, idna, sniffio) cost a sidecar ~4 MB of resident memory, an eighth of it
-(bench/README.md, rss.sh: plain 35.3 → 31.1 MB after load). So evloop uses these classes instead. They have the same names,
-the same abstract methods and the same meaning as trio's. proxy/aio.py binds the names
-the modules use (``aio.Stream``, ``aio.ClosedResourceError``, ...) to one set or the
-other, once per process, so code that catches ``aio.BrokenResourceError`` works on both
-runtimes.
+(bench/README.md, rss.sh: plain 35.3 → 31.1 MB after load). So evloop uses these
+classes instead. They have the same names, the same abstract methods and the same
+meaning as trio's. proxy/aio.py binds the names the modules use (``aio.Stream``,
+``aio.ClosedResourceError``, ...) to one set or the other, once per process, so code
+that catches ``aio.BrokenResourceError`` works on both runtimes.
 
 Not compiled (setup.py): mypyc builds no native class on an ``ABCMeta`` base.
 """
