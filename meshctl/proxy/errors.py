@@ -29,7 +29,7 @@ __all__ = ["PeerGone", "DownstreamGone", "STREAM_ERRORS", "send_all", "receive_s
 # response (``linger``): Envoy's delayed_close_timeout is 1 s, nginx's lingering_timeout 5 s
 LINGER_SECONDS: Final = 2.0
 
-# The library exceptions a trio stream raises when its connection is over.
+# The exceptions a stream raises when its connection is over (aio's: trio's or streamtypes.py's).
 # Only the edge functions of the proxy (this module, pool.EventReader, the
 # HTTP/2 write loops) name them.
 STREAM_ERRORS = (aio.BrokenResourceError, aio.ClosedResourceError)

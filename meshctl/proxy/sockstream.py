@@ -12,7 +12,7 @@ it also runs an explicit ``trio.lowlevel.checkpoint()`` every
 ``checkpoint_every`` calls.
 
 It is a native class when compiled (setup.py's COMPILED), so it cannot inherit
-trio's ABCs (mypyc compiles no class with an ABCMeta base as native): it is
+the stream ABCs (mypyc compiles no class with an ABCMeta base as native): it is
 registered as a virtual ``aio.HalfCloseableStream`` instead, which is what
 ``isinstance`` checks see, and it has every method of one (``__aenter__`` /
 ``__aexit__`` included). TLS wraps it (stream.py's TLSSocketStream takes over
