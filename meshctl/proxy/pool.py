@@ -12,7 +12,7 @@ and maps the stream's library exceptions to errors.PeerGone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import meshctl.proxy.aio as aio
 from ..protocol.events import EndOfMessage
@@ -100,6 +100,16 @@ class EventReader:
             self.pos = 0
 
 
+# Idle connections kept per endpoint. Every idle connection was needed once: there were that
+# many requests to the endpoint at one moment. Closing those above a small cap (128, until
+# December 2026) only to open them again at the next burst churned: an h2 client with 16
+# connections x 10 streams through a pair opened ~350 upstream connections a second, and
+# their TIME_WAITs (60 s each) ran the loopback's ephemeral ports low, which slowed every
+# connect (bench/README.md, pair_h2.sh). 1,024 is Envoy's default for a cluster's
+# max_connections; idle ones still go after the pool's idle timeout.
+MAX_IDLE_PER_ENDPOINT: Final = 1024
+
+
 class UpstreamConn:
     __slots__ = ("stream", "client", "reader", "key", "stats", "idle_since", "reused", "counted")
 
@@ -115,7 +125,7 @@ class UpstreamConn:
 
 
 class UpstreamPool:
-    def __init__(self, *, limits: Limits | None, max_idle_per_endpoint: int = 128,
+    def __init__(self, *, limits: Limits | None, max_idle_per_endpoint: int = MAX_IDLE_PER_ENDPOINT,
                  backend: NetworkBackend | None = None) -> None:
         self.limits = limits
         self.backend: NetworkBackend = backend if backend is not None else SOCKETS

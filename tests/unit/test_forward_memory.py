@@ -368,6 +368,26 @@ async def test_the_codecs_of_closed_connections_are_freed_with_them_not_left_to_
         gc.enable()
 
 
+# ------------------------------------------------------------------ how many idle connections are kept
+
+
+@pytest.mark.parametrize("limits", [None, ConnectionPoolSettings(tcp=TCPSettings(max_connections=1000))],
+                         ids=["shared-pool", "cluster-limiter"])
+async def test_a_burst_of_200_concurrent_requests_finds_its_200_connections_again(autojump_clock, limits):
+    # the connections a burst needed stay idle for the next one: closing those above a cap
+    # (it was 128) and opening them again churned ports into TIME_WAIT at every burst
+    app = H1App()
+    async with _proxy(_config(pool=limits), app) as (rt, backend):
+        for burst in range(2):
+            results: list = []
+            async with trio.open_nursery() as n:
+                for i in range(200):
+                    n.start_soon(_get, backend, f"/b{burst}-{i}?ms=50", results)
+            assert [r[0] for r in results] == [200] * 200
+            assert app.connections == 200, burst
+    assert len(app.requests) == 400 and _cs(rt).cx_total == 200
+
+
 # ------------------------------------------------------------------ pooled connections the upstream closed
 
 
