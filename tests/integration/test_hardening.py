@@ -6,7 +6,6 @@ Every test is named after the attack it stops; each failed before the fix.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from dataclasses import replace
 
@@ -19,6 +18,7 @@ import trio
 from meshctl.model.base import Duration, FrozenDict
 from meshctl.model.istio import AuthorizationPolicy, Operation, Rule, RuleTo
 from meshctl.model.proxyconfig import Listener, Settings
+from tests.tools.rawapp import RawApp
 
 from proxy_testkit import config, curl, free_port, running_proxy
 
@@ -28,57 +28,36 @@ from proxy_testkit import config, curl, free_port, running_proxy
 # ------------------------------------------------------------------ a test app that speaks h2c
 
 
-class H2cApp:
+class H2cApp(RawApp):
     """A real app that accepts ``Upgrade: h2c`` (101, then HTTP/2 with the h2
     library) and answers every request with ``<proto>:<path>``; the upgrade is
     what would tunnel requests past the sidecar."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.paths: list[str] = []
         self.upgrades = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c: socket.socket) -> None:
+    def serve(self, c: socket.socket) -> None:
         buf = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    d = c.recv(65536)
-                    if not d:
-                        return
-                    buf += d
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                path = lines[0].split(" ")[1]
-                hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-                self.paths.append(path)
-                if hdrs.get("upgrade", "").lower() == "h2c":
-                    self.upgrades += 1
-                    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n")
-                    self._h2(c, path, buf)
+        while True:
+            while b"\r\n\r\n" not in buf:
+                d = c.recv(65536)
+                if not d:
                     return
-                body = f"app:{path}".encode()
-                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        except OSError:
-            pass
-        finally:
-            c.close()
+                buf += d
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            path = lines[0].split(" ")[1]
+            hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            self.paths.append(path)
+            if hdrs.get("upgrade", "").lower() == "h2c":
+                self.upgrades += 1
+                c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n")
+                self._h2(c, path, buf)
+                return
+            body = f"app:{path}".encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
 
     def _h2(self, c: socket.socket, first_path: str, buf: bytes) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))

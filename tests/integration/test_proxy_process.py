@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from meshctl.model.proxyconfig import Listener
+from tests.tools.rawapp import RawApp
 from proxy_testkit import (
     MESHCTL,
     cluster,
@@ -291,7 +292,7 @@ def test_admin_without_a_state_dir_keeps_config_and_mirror_to_itself(tmp_path, u
 _EARLY = b"early answer"
 
 
-class _EarlyApp:
+class _EarlyApp(RawApp):
     """A raw-socket app that answers each request as soon as it has the head, before reading
     any of its body, as nginx's ``return 200`` or an app's auth rejection does. ``close``:
     the answer says ``connection: close`` and the connection is closed at once (the body
@@ -300,45 +301,29 @@ class _EarlyApp:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c: socket.socket) -> None:
+    def serve(self, c: socket.socket) -> None:
         buf = b""
-        with c:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = c.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                extra = b"connection: close\r\n" if self.mode == "close" else b""
-                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(_EARLY), extra, _EARLY))
-                if self.mode == "close":
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = c.recv(65536)
+                if not data:
                     return
-                left = max((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                            if line.lower().startswith(b"content-length:")), default=0) - len(buf)
-                buf = b""
-                while left > 0:
-                    data = c.recv(min(left, 65536))
-                    if not data:
-                        return
-                    left -= len(data)
-
-    def close(self) -> None:
-        self.sock.close()
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            extra = b"connection: close\r\n" if self.mode == "close" else b""
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(_EARLY), extra, _EARLY))
+            if self.mode == "close":
+                return
+            left = max((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")), default=0) - len(buf)
+            buf = b""
+            while left > 0:
+                data = c.recv(min(left, 65536))
+                if not data:
+                    return
+                left -= len(data)
 
 
 def _early_pair(proxy_process, mode: str):
