@@ -46,7 +46,7 @@ class ConnState:
         rq = self.rq
         if self.stream is None or self.backend is None or rq is None or rq.response_started:
             return False
-        if not (rq.body_done or (rq.body is not None and rq.body.finished)):
+        if not rq.body_read():
             return False  # still reading the body: a close shows up there
         return bool(self.backend.peer_gone(self.stream))
 

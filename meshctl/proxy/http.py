@@ -184,7 +184,7 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: aio
                     )
                 if not rq.keep_alive or (rq.body is not None and not rq.body.finished):
                     # (an unread body made the answer say close: the exchanges, send_local)
-                    unread = unread or not (rq.body_done or (rq.body is not None and rq.body.finished))
+                    unread = unread or not rq.body_read()
                     if F.DC in rq.flags:
                         unread = False  # the client is gone: nothing to wait for
                     break

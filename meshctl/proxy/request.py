@@ -134,6 +134,12 @@ class Request:
         self.grpc_status = ""
         self.clock: FastClock | None = None
 
+    def body_read(self) -> bool:
+        """Whether the client's request body has been read to its end (``body_done``: there
+        was none, or it was read without a BodySource)."""
+        body = self.body
+        return self.body_done or (body is not None and body.finished)
+
     async def send_down(self, data: bytes) -> None:
         """Write to the client; raises DownstreamGone when it is gone."""
         try:
