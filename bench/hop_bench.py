@@ -61,9 +61,8 @@ REQUEST = (b"GET /reviews/0 HTTP/1.1\r\nHost: backend\r\nUser-Agent: wrk\r\nAcce
 if "--from-sidecar" in sys.argv:  # the request as bench/pair.sh's client-side sidecar forwards it
     REQUEST = (b"GET /reviews/0 HTTP/1.1\r\nhost: backend\r\nuser-agent: wrk\r\naccept: */*\r\n"
                b"x-forwarded-for: 127.0.0.1\r\nx-request-id: 0b5e7c9a-3f1d-4c2b-9e8a-6d4f2a1b0c3e\r\n"
-               b"x-meshctl-source-workload: client\r\nx-meshctl-source-app: client\r\n"
-               b"x-meshctl-source-version: unknown\r\nx-meshctl-source-namespace: default\r\n"
-               b"x-meshctl-source-principal: spiffe://cluster.local/ns/default/sa/client\r\n\r\n")
+               b"x-meshctl-source: workload=client;app=client;version=unknown;namespace=default;"
+               b"principal=spiffe://cluster.local/ns/default/sa/client\r\n\r\n")
 RESPONSE = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n"
 
 

@@ -249,9 +249,8 @@ def wait_port(port: int, p: subprocess.Popen | None = None) -> None:
 
 # ML_FROM_SIDECAR=1: the request as pair.sh's client-side sidecar forwards it (hop_bench.py --from-sidecar)
 FROM_SIDECAR = ["x-forwarded-for: 127.0.0.1", "x-request-id: 0b5e7c9a-3f1d-4c2b-9e8a-6d4f2a1b0c3e",
-                "x-meshctl-source-workload: client", "x-meshctl-source-app: client",
-                "x-meshctl-source-version: unknown", "x-meshctl-source-namespace: default",
-                "x-meshctl-source-principal: spiffe://cluster.local/ns/default/sa/client"]
+                "x-meshctl-source: workload=client;app=client;version=unknown;namespace=default;"
+                "principal=spiffe://cluster.local/ns/default/sa/client"]
 
 
 def h2load(port: int, conns: int, n: int) -> None:

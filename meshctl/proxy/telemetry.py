@@ -13,10 +13,10 @@ queries work unchanged:
 Who reports: the client's sidecar (outbound, binding and gateway listeners)
 reports ``reporter="source"``, the server's sidecar (inbound) reports
 ``reporter="destination"``. The source sidecar tells the destination who it
-is with ``x-meshctl-source-*`` request headers (workload, app, version,
-namespace); the inbound side takes them off before the app sees the request,
-and the outbound side replaces any the app sent, so they cannot be spoofed
-through a sidecar. Destination labels on the source side come from the
+is with one request header, ``x-meshctl-source`` (workload, app, version,
+namespace, principal); the inbound side takes it off before the app sees the
+request, and the outbound side replaces any the app sent, so it cannot be
+spoofed through a sidecar. Destination labels on the source side come from the
 endpoint the balancer picked (its labels and instance name).
 
 Besides Istio's families, a few meshctl gauges feed `meshctl top`:
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any, Final, Sequence
+from urllib.parse import quote, unquote
 
 from ..model.base import HeaderList
 from ..model.proxyconfig import DEFAULT_DOMAIN_SUFFIX, Workload, fqdn
@@ -71,13 +72,22 @@ TCP_LABELS: tuple[str, ...] = tuple(n for n in LABELS if n not in ("response_cod
 
 UNKNOWN: Final = "unknown"
 
-# headers the source sidecar adds for the destination sidecar
+# The header the source sidecar adds for the destination sidecar: its labels in one field
+# (as Istio's sidecars pass their metadata to the peer in one, x-envoy-peer-metadata),
+# each value percent-encoded (Peer.header_value):
+#   x-meshctl-source: workload=reviews-v2;app=reviews;version=v2;namespace=default;principal=spiffe://...
+# One field, not one per label: every field of a request costs both sidecars of a hop
+# parsing and serializing work (five fields were ~7% of an inbound request's instructions).
+H_SOURCE: Final = "x-meshctl-source"
+# the five headers earlier versions sent: still read when there is no H_SOURCE (the hosts
+# of a mesh may run two versions while it is upgraded), and taken off like it
 H_WORKLOAD: Final = "x-meshctl-source-workload"
 H_APP: Final = "x-meshctl-source-app"
 H_VERSION: Final = "x-meshctl-source-version"
 H_NAMESPACE: Final = "x-meshctl-source-namespace"
 H_PRINCIPAL: Final = "x-meshctl-source-principal"
-SOURCE_HEADERS: Final = frozenset({H_WORKLOAD, H_APP, H_VERSION, H_NAMESPACE, H_PRINCIPAL})
+SOURCE_HEADERS: Final = frozenset({H_SOURCE, H_WORKLOAD, H_APP, H_VERSION, H_NAMESPACE, H_PRINCIPAL})
+_SAFE: Final = "/:@"  # kept as they are in a value (SPIFFE IDs stay readable); ; = , % and space are escaped
 
 _INSTANCE_SUFFIX = re.compile(r"-\d+(@[^@]*)?$")
 
@@ -115,9 +125,14 @@ class Peer:
         return cls(workload_name(ep.instance) if ep.instance else UNKNOWN, ns, ep.identity or UNKNOWN,
                    app, labels.get("version", UNKNOWN))
 
+    def header_value(self) -> str:
+        """This peer as the value of ``x-meshctl-source`` (parse_source reads it back)."""
+        return (f"workload={quote(self.workload, _SAFE)};app={quote(self.app, _SAFE)};"
+                f"version={quote(self.version, _SAFE)};namespace={quote(self.namespace, _SAFE)};"
+                f"principal={quote(self.principal, _SAFE)}")
+
     def headers(self) -> list[tuple[str, str]]:
-        return [(H_WORKLOAD, self.workload), (H_APP, self.app), (H_VERSION, self.version),
-                (H_NAMESPACE, self.namespace), (H_PRINCIPAL, self.principal)]
+        return [(H_SOURCE, self.header_value())]
 
     def as_tuple(self) -> tuple[str, str, str, str, str]:
         return (self.workload, self.namespace, self.principal, self.app, self.version)
@@ -202,6 +217,21 @@ class TcpSeries:
         self.closed = 0
 
 
+def parse_source(value: str) -> tuple[str, str, str, str, str]:
+    """(workload, namespace, principal, app, version), Peer's argument order, from an
+    ``x-meshctl-source`` value (``key=value`` pairs separated by ``;``, values
+    percent-encoded). Whatever a peer sends is taken as labels: pairs without ``=`` and
+    unknown keys are skipped, a label missing (or empty) is unknown."""
+    labels: dict[str, str] = {}
+    for part in value.split(";"):
+        k, eq, v = part.partition("=")
+        if eq:
+            labels[k.strip()] = unquote(v.strip())
+    get = labels.get
+    return (get("workload") or UNKNOWN, get("namespace") or UNKNOWN, get("principal") or UNKNOWN,
+            get("app") or UNKNOWN, get("version") or UNKNOWN)
+
+
 def _same_source(p: Peer, workload: str, namespace: str, app: str, version: str) -> bool:
     """Whether ``p`` has these labels (its principal compared by the caller)."""
     return p.workload == workload and p.namespace == namespace and p.app == app and p.version == version
@@ -224,6 +254,10 @@ class Telemetry:
         # last one, and the last one of each principal (SPIFFE ID)
         self._src = UNKNOWN_PEER
         self._srcs: dict[str, Peer] = {}
+        # the last x-meshctl-source value read and its peer: a source sends the same one
+        # every time, so it is parsed once (source_peer_of)
+        self._src_field = ""
+        self._src_field_peer = UNKNOWN_PEER
         self.tcp_peers: dict[str, tuple[object, Peer]] = {}  # SPIFFE ID → (snapshot, source labels) (tcp_peer)
         self.me = UNKNOWN_PEER
         self.me_headers = UNKNOWN_PEER.headers()
@@ -329,6 +363,15 @@ class Telemetry:
         if len(self._srcs) >= 1000:  # many principals: keep it bounded
             self._srcs.clear()
         self._srcs[principal] = p
+        return p
+
+    def source_peer_of(self, field: str) -> Peer:
+        """The source named by an ``x-meshctl-source`` value, as source_peer hands it out;
+        the value is parsed only when it differs from the last one."""
+        if field == self._src_field:
+            return self._src_field_peer
+        p = self.source_peer(*parse_source(field))
+        self._src_field, self._src_field_peer = field, p
         return p
 
     def record_http(self, labels: tuple, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
@@ -476,13 +519,16 @@ SOURCE_STAGE = SourceStage()
 
 
 def _take_source(headers: HeaderList, tel: Telemetry | None = None) -> tuple[Peer | None, HeaderList]:
-    """The source sidecar's peer from its ``x-meshctl-source-*`` headers (``Peer.headers``
-    wrote them), and the headers without them, in one pass (inbound, once per request):
-    the last value of each name counts; a missing one is unknown. None and the headers
-    as they were when there is none of them. With ``tel``, the peer is
-    ``tel.source_peer``'s (shared with the last request's when the same)."""
+    """The source sidecar's peer from its ``x-meshctl-source`` header (``Peer.headers``
+    wrote it), and the headers without any source header, in one pass (inbound, once per
+    request): the last ``x-meshctl-source`` counts; without one, earlier versions' five
+    ``x-meshctl-source-*`` headers are read (the last value of each; a missing one is
+    unknown). None and the headers as they were when there is no source header. With
+    ``tel``, the peer is ``tel.source_peer``'s (shared with the last request's when the
+    same)."""
     rest: HeaderList = []
     found = False
+    field = ""
     workload = app = version = namespace = principal = UNKNOWN
     # the fields kept are appended as the objects they are, through an Any view of the same
     # list (mypyc keeps a tuple[str, str] variable unboxed: appending it makes a new tuple)
@@ -495,7 +541,9 @@ def _take_source(headers: HeaderList, tel: Telemetry | None = None) -> tuple[Pee
         else:
             found = True
             v = h[1]
-            if k == H_WORKLOAD:
+            if k == H_SOURCE:
+                field = v
+            elif k == H_WORKLOAD:
                 workload = v
             elif k == H_APP:
                 app = v
@@ -507,6 +555,8 @@ def _take_source(headers: HeaderList, tel: Telemetry | None = None) -> tuple[Pee
                 principal = v
     if not found:
         return None, headers
+    if field:
+        return (tel.source_peer_of(field) if tel is not None else Peer(*parse_source(field))), rest
     if tel is not None:
         return tel.source_peer(workload, namespace, principal, app, version), rest
     return Peer(workload, namespace, principal, app, version), rest

@@ -14,8 +14,10 @@ from meshctl.proxy.accesslog import AccessLog, RotatingFile
 from meshctl.proxy.telemetry import (
     DURATION_BUCKETS_MS,
     SOURCE_STAGE,
+    Peer,
     Telemetry,
     _take_source,
+    parse_source,
     workload_name,
 )
 
@@ -133,15 +135,52 @@ def _rq(direction: str, headers, tel: Telemetry | None = None, peer_id: str | No
 
 
 async def test_outbound_replaces_spoofed_source_headers_and_inbound_strips_them():
-    rq = _rq("outbound", [("host", "reviews"), ("x-meshctl-source-workload", "evil")])
+    rq = _rq("outbound", [("host", "reviews"), ("x-meshctl-source", "workload=evil"),
+                          ("x-meshctl-source-workload", "evil")])
     await SOURCE_STAGE.on_request(rq)
-    assert ("x-meshctl-source-workload", "evil") not in rq.headers
-    assert ("x-meshctl-source-workload", "productpage-v1") in rq.headers
-    assert ("x-meshctl-source-version", "v1") in rq.headers
+    # one field carries the source's labels; what the app sent under either form is gone
+    assert [k for k, _ in rq.headers] == ["host", "x-meshctl-source"]
+    assert "evil" not in rq.headers[1][1]
     inbound = _rq("inbound", rq.headers)
     await SOURCE_STAGE.on_request(inbound)
     assert inbound.headers == [("host", "reviews")]
-    assert inbound.peer.workload == "productpage-v1" and inbound.peer.app == "productpage"
+    assert inbound.peer.as_tuple() == ("productpage-v1", "default", "spiffe://cluster.local/ns/default/sa/productpage",
+                                       "productpage", "v1")
+
+
+def test_source_labels_with_any_characters_cross_in_one_header_and_come_back_the_same():
+    labels = ("reviews-v2", "team;a=b", "spiffe://cluster.local/ns/team;a=b/sa/reviews", "reviews, ratings",
+              "v2 %41 é")
+    value = Peer(*labels).headers()
+    assert len(value) == 1 and value[0][0] == "x-meshctl-source"
+    assert value[0][1].isascii() and " " not in value[0][1] and "," not in value[0][1]
+    assert parse_source(value[0][1]) == labels
+    peer, rest = _take_source([("host", "x"), *value], Telemetry(REVIEWS))
+    assert peer.as_tuple() == labels and rest == [("host", "x")]
+    # a value not made by a sidecar: what can be read is, the rest is unknown
+    assert parse_source("app=x;junk;version=;=y;other=z") == ("unknown", "unknown", "unknown", "x", "unknown")
+
+
+def test_a_source_is_parsed_once_and_a_changed_source_is_seen():
+    tel = Telemetry(REVIEWS)
+    pp, ratings = Peer.of_workload(PRODUCTPAGE), Peer(workload="ratings-v1", app="ratings")
+    first = tel.source_peer_of(pp.header_value())
+    assert tel.source_peer_of(pp.header_value()) is first and first.workload == "productpage-v1"
+    assert tel.source_peer_of(ratings.header_value()).workload == "ratings-v1"
+    assert tel.source_peer_of(pp.header_value()) is first  # (source_peer's own reuse)
+
+
+def test_the_five_headers_of_earlier_versions_are_still_read_and_taken_off():
+    # a mesh across hosts runs two versions while it is upgraded: an older sidecar's source
+    legacy = [("x-meshctl-source-workload", "productpage-v1"), ("x-meshctl-source-app", "productpage"),
+              ("x-meshctl-source-version", "v1"), ("x-meshctl-source-namespace", "default"),
+              ("x-meshctl-source-principal", "spiffe://cluster.local/ns/default/sa/productpage")]
+    peer, rest = _take_source([("host", "reviews"), *legacy], Telemetry(REVIEWS))
+    assert rest == [("host", "reviews")]
+    assert peer.as_tuple() == Peer.of_workload(PRODUCTPAGE).as_tuple()
+    # both forms: the one-field form counts
+    peer, rest = _take_source([*legacy, ("host", "reviews"), *Peer(workload="ratings-v1").headers()])
+    assert peer.workload == "ratings-v1" and peer.app == "unknown" and rest == [("host", "reviews")]
 
 
 def test_rotating_file_rotates_at_the_size_limit(tmp_path):
