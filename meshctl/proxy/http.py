@@ -192,11 +192,11 @@ async def serve_http_connection(rt, active_listener: ActiveListener, stream: aio
         server.release()  # (freed with the connection, not by the cyclic GC: http1.release)
         conn.busy = False
         rt.conns.discard(conn)
-        lstats.cx_active -= 1
         try:
             if unread:
-                await linger(stream)
+                await linger(stream)  # (still open, and counted: cx_active, as in max_connections)
         finally:
+            lstats.cx_active -= 1
             if hasattr(stream, "close_now"):
                 stream.close_now()
             else:

@@ -327,14 +327,16 @@ class _EarlyApp(RawApp):
 
 
 def _early_pair(proxy_process, mode: str):
-    """client -> sidecar (outbound) -> sidecar (inbound) -> an _EarlyApp: (app, outbound port)."""
+    """client -> sidecar (outbound) -> sidecar (inbound) -> an _EarlyApp: (app, outbound port,
+    the outbound sidecar's process)."""
     app = _EarlyApp(mode)
     in_port, out_port = free_port(), free_port()
     proxy_process(config(listeners=[Listener(name="inbound", direction="inbound", address="127.0.0.1", port=in_port,
                                              app_address="127.0.0.1", app_port=app.port)]), name="in")
-    proxy_process(config(listeners=[outbound_listener(out_port)], vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
-                         clusters=[cluster("reviews", 9080, [("127.0.0.1", in_port)])]), name="out")
-    return app, out_port
+    out = proxy_process(config(listeners=[outbound_listener(out_port)],
+                               vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080),))],
+                               clusters=[cluster("reviews", 9080, [("127.0.0.1", in_port)])]), name="out")
+    return app, out_port, out
 
 
 def _read_answer(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
@@ -361,7 +363,7 @@ def test_an_answer_before_the_body_is_read_says_close_or_keeps_the_connection(pr
     answer must say ``connection: close`` or the connection must carry the next request: a
     keep-alive answer followed by a close is what a sidecar in front met from the next one
     (it reused the connection for a POST, which then failed: 503 UR, the fortio -h2 tail)."""
-    app, out_port = _early_pair(proxy_process, mode)
+    app, out_port, _ = _early_pair(proxy_process, mode)
     size = 64 * 1024
     try:
         for _ in range(3):
@@ -384,13 +386,43 @@ def test_an_answer_before_the_body_is_read_says_close_or_keeps_the_connection(pr
         app.close()
 
 
+def _cx_active(p, listener: str) -> int:
+    for line in httpx.get(p.admin + "/stats", timeout=5).text.splitlines():
+        if line.startswith(f'meshctl_downstream_cx_active{{listener="{listener}"}} '):
+            return int(float(line.split()[-1]))
+    raise AssertionError(f"no cx_active for {listener}")
+
+
+def test_a_connection_in_its_lingering_close_is_counted_open_until_it_closes(proxy_process):
+    """After an early answer the sidecar keeps the client's connection open for its lingering
+    close (errors.linger: reading and dropping the unread body, up to 2 s): it is an open
+    connection, and counts in cx_active (as it does in max_connections) until it closes."""
+    app, out_port, out = _early_pair(proxy_process, "close")
+    try:
+        s = socket.create_connection(("127.0.0.1", out_port), timeout=10)
+        try:
+            s.sendall(b"POST /upload HTTP/1.1\r\nhost: reviews:9080\r\ncontent-length: 65536\r\n\r\n")
+            status, headers, _ = _read_answer(s)
+            assert status == 200 and headers.get("connection") == "close", headers
+            time.sleep(0.3)  # the sidecar lingers: the body never comes, the client has not closed
+            assert _cx_active(out, "outbound") == 1
+        finally:
+            s.close()
+        deadline = time.monotonic() + 5
+        while _cx_active(out, "outbound") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _cx_active(out, "outbound") == 0
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize("mode", ["close", "discard"])
 def test_an_early_answer_reaches_the_client_while_a_large_body_is_in_flight(proxy_process, mode):
     """A 2 MB POST through a sidecar pair to an app that answers before reading the body:
     every time, the client gets the app's answer (not a 503 from a sidecar that lost it to
     the reset of a connection closed with the body unread), and nothing hangs; an answer
     that does not say ``connection: close`` leaves the connection usable."""
-    app, out_port = _early_pair(proxy_process, mode)
+    app, out_port, _ = _early_pair(proxy_process, mode)
     size = 2 << 20
     try:
         for _ in range(8):
