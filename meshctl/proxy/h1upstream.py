@@ -14,10 +14,13 @@ A connection goes back to the pool only after a complete exchange with
 keep-alive; everything else is closed. An upstream may answer before it has
 the whole request body (RFC 9112 9.5): its answer is relayed whole, and a
 reset or broken pipe the body sender meets afterwards changes nothing. When
-the client's body is still arriving then, the sender stops and the upstream
-connection is closed, not reused (as Envoy resets the upstream request), and
-an HTTP/1.1 client is told ``connection: close`` in the answer's head (RFC
-9110 10.1.1; http.py closes in stages). A kept-alive connection the upstream
+the body is not all written by the time the answer is complete (the client's
+is still arriving, or the upstream does not read it), the sender stops and the
+upstream connection is closed, not reused (as Envoy resets the upstream
+request); if the client's body was still arriving, an HTTP/1.1 client is told
+``connection: close`` in the answer's head (RFC 9110 10.1.1; http.py closes in
+stages). Only a small request (INLINE_BODY_BYTES) is written whole before its
+answer is read. A kept-alive connection the upstream
 closed before answering is ``Stale`` for idempotent requests (RFC 9110
 9.2.2 lets a client retry those once on a new connection). The first try
 takes a pooled connection idle for less than pool.PEEK_AFTER as is; every
@@ -29,7 +32,7 @@ or restarts) is left, not tried: it would end the request as a reset (UR).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Final
 
 import meshctl.proxy.aio as aio
 from ..protocol.events import Data, EndOfMessage, ProtocolError, ResponseHead, Upgraded
@@ -47,6 +50,11 @@ from .dns import upstream_address
 from .stream import UpstreamConnectError, relay
 
 __all__ = ["H1Exchange"]
+
+
+# the largest body written in one go before the answer is read (socket buffers take it
+# whether or not the upstream reads): retry_buffer_bytes' default
+INLINE_BODY_BYTES: Final = 64 * 1024
 
 
 class H1Exchange:
@@ -115,8 +123,10 @@ class H1Exchange:
         stream = conn.stream
         ok = False
         try:
-            if body is None or (body.finished and body.replayable):
-                # whole request in hand: one write, no helper task
+            if body is None or (body.finished and body.replayable and body.size <= INLINE_BODY_BYTES):
+                # whole request in hand, and small: one write, no helper task (a larger one is
+                # sent by the helper while the answer is read: an upstream that answers before
+                # reading it would otherwise leave the write blocked, and the answer unread)
                 if body is None:
                     out = client.request_head(a.head, end_stream=True)
                 else:
@@ -140,16 +150,19 @@ class H1Exchange:
             res: TryResult | None = None
             failure: list[BaseException] = []
             main_error: list[BaseException] = []
+            sent = [False]  # the sender wrote the whole request
             async with aio.open_nursery() as nursery:
-                nursery.start_soon(self._send_body, a, conn, failure, nursery.cancel_scope)
+                nursery.start_soon(self._send_body, a, conn, failure, nursery.cancel_scope, sent)
                 try:
                     res = await self._respond(a, conn)
                 except (DownstreamGone, ProtocolError) as exc:
                     # kept out of the nursery, which would wrap it in an ExceptionGroup
                     main_error.append(exc)
                 finally:
-                    if not body.finished:
-                        # the upstream answered (or failed) before the body was done
+                    if not sent[0]:
+                        # the upstream answered (or failed) before it had the whole body: the
+                        # sender is not waited for (an upstream that never reads the rest would
+                        # hold the client's connection), and the connection is not reused
                         nursery.cancel_scope.cancel()
             if main_error:
                 raise main_error[0]
@@ -167,7 +180,7 @@ class H1Exchange:
                 raise DownstreamGone("client went away")
             if not body.finished:
                 rq.keep_alive = False
-            ok = res is RELAYED and client.keep_alive and body.finished
+            ok = res is RELAYED and client.keep_alive and sent[0]
             return res
         finally:
             if ok:
@@ -181,7 +194,7 @@ class H1Exchange:
                 pool.discard(conn)
 
     async def _send_body(self, a: Attempt, conn: UpstreamConn, failure: list[BaseException],
-                         cancel: aio.CancelScope) -> None:
+                         cancel: aio.CancelScope, sent: list[bool]) -> None:
         client = conn.client
         stream = conn.stream
         body = a.rq.body
@@ -198,6 +211,7 @@ class H1Exchange:
                 if chunk is None:
                     pending.append(client.end(body.trailers))
                     await send_all(stream, b"".join(pending))
+                    sent[0] = True  # (in the step of the last write: before any answer to it can be read)
                     return
                 pending.append(client.data(chunk))
                 if len(pending) >= 16:

@@ -14,7 +14,9 @@ import httpx
 import pytest
 import trio
 
-from meshctl.model.proxyconfig import Listener
+from meshctl.model.base import Duration
+from meshctl.model.istio import HTTPRetry
+from meshctl.model.proxyconfig import Listener, Settings
 from tests.tools.rawapp import RawApp
 from proxy_testkit import (
     MESHCTL,
@@ -412,6 +414,77 @@ def test_a_connection_in_its_lingering_close_is_counted_open_until_it_closes(pro
         while _cx_active(out, "outbound") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _cx_active(out, "outbound") == 0
+    finally:
+        app.close()
+
+
+class _AnswersWithoutReadingOnRetry(RawApp):
+    """The first request: its whole body read, then 503 (keep-alive). Every later one: 200
+    as soon as the head is in, then the connection is held open and never read again."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.done = threading.Event()
+        super().__init__()
+
+    def close(self) -> None:
+        self.done.set()
+        super().close()
+
+    def serve(self, c: socket.socket) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = c.recv(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            self.requests += 1
+            if self.requests > 1:
+                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(_EARLY), _EARLY))
+                self.done.wait(60)
+                return
+            left = max((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")), default=0) - len(buf)
+            while left > 0:
+                data = c.recv(min(left, 65536))
+                if not data:
+                    return
+                left -= len(data)
+            buf = b""
+            c.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+
+
+def test_a_retried_body_the_upstream_answers_without_reading_does_not_hang_the_request(proxy_process):
+    """A 32 MB POST, kept whole for retries (retry_buffer_bytes 64 MB): the first try is read
+    whole and answered 503; the retry is answered 200 at once by an upstream that never
+    reads its body (more than loopback's socket buffers take). The client gets the 200, and its connection carries the next request:
+    the retry's body is not written in one go before the answer is read (it would block on
+    the unread socket for good), and its sender is not waited for once the answer is
+    complete (the upstream connection is closed, not reused)."""
+    app = _AnswersWithoutReadingOnRetry()
+    port = free_port()
+    settings = Settings(connect_timeout=Duration(1.0), drain_timeout=Duration(5.0), retry_buffer_bytes=64 << 20)
+    proxy_process(config(listeners=[outbound_listener(port)], settings=settings,
+                         vhosts=[vhost("reviews", 9080, (route_to("reviews", 9080,
+                                                                   retries=HTTPRetry(attempts=1, retry_on="5xx")),))],
+                         clusters=[cluster("reviews", 9080, [("127.0.0.1", app.port)])]))
+    size = 32 << 20
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=8)
+        try:
+            s.sendall(b"POST /upload HTTP/1.1\r\nhost: reviews:9080\r\ncontent-length: %d\r\n\r\n" % size)
+            s.sendall(b"b" * size)
+            status, headers, body = _read_answer(s)
+            assert (status, body) == (200, _EARLY), headers
+            assert headers.get("connection", "").lower() != "close"  # the client's body was all read
+            s.sendall(b"GET /again HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+            status, headers, body = _read_answer(s)
+            assert (status, body) == (200, _EARLY), headers
+            assert app.requests == 3
+        finally:
+            s.close()
     finally:
         app.close()
 
