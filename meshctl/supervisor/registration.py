@@ -40,6 +40,7 @@ unique as long as two sidecars cannot listen on one address and port
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Iterable, Mapping
 
 import trio
@@ -67,6 +68,13 @@ REGISTRY_PING_TIMEOUT = 15.0  # `up` gives up on an unresponsive registry after 
 REGISTRY_PROBE_INTERVAL = 2.0  # how stale `status` may be about the registry's reachability
 REGISTRY_PROBE_TIMEOUT = 5.0
 DRAIN_WAIT = 10.0  # longest wait for Pilot to drop a removed instance before its sidecar stops
+# Longest wait, before a restarted sidecar is stopped, for the other proxies to run a config
+# without it (wait_callers_synced); past it the sidecar stops anyway, the laggards named in a warning.
+CALLERS_SYNC_WAIT = 5.0
+# A STALE proxy Pilot has not seen for this long is gone (or cut off from Pilot): not waited for
+# (wait_callers_synced). A live one is seen between being handed a config and asking again with
+# it: its apply, or a reconnect whose backoff is at most 2 s (proxy/pilot_client.py).
+CALLER_GONE_AFTER = 3.0
 
 
 def _namespace_meta(namespace: str) -> dict[str, str]:
@@ -279,6 +287,61 @@ class Registrations:
         with trio.move_on_after(DRAIN_WAIT):
             while await self.unseen_by_pilot(plans):
                 await trio.sleep(0.1)
+
+    async def wait_callers_synced(self, leaving: WorkloadPlan, exclude: Iterable[str]) -> None:
+        """Until every proxy Pilot serves but ``exclude`` runs a config without ``leaving``
+        (at most CALLERS_SYNC_WAIT): the last step before its sidecar is stopped at once.
+
+        Pilot dropping an instance is not its callers dropping it: they long-poll, and
+        each applies the new config some milliseconds later (a gateway once 13 ms after the
+        sidecars had stopped: a try and its retries on stopped sidecars, 503 UF). So first
+        Pilot no longer routes to ``leaving`` (the embedded registry tells Pilot's watch
+        a moment after the deregistration answers; Consul's and Eureka's drain may have
+        given up), then every proxy's status is SYNCED: it ACKed (asked again with) the
+        config Pilot would hand it now, compiled from endpoints without ``leaving``.
+
+        Not waited for: ``exclude`` (the sidecars stopped with this one, its own among
+        them: they do not call anyone meanwhile), a NACKED proxy (it keeps the config it
+        runs until something changes), and a STALE proxy Pilot has not seen for
+        CALLER_GONE_AFTER. Pilot sees a proxy when its long poll comes in and each time
+        the poll is woken by a change; the deregistration woke every open one, so a
+        live proxy still STALE was seen since it was handed its config; one that
+        stopped keeps its entry (and its last ``last_seen``) in Pilot for good. A proxy
+        that stopped less than CALLER_GONE_AFTER ago may hold the wait that long: Pilot
+        does not notice a long poll's client going away until it answers it.
+
+        Proxies of other hosts (their own Pilots) are not asked: a shared registry's
+        other hosts drop the instance when their Pilot does, as before."""
+        if self.ctx.shutting_down:
+            return
+        exclude = {*exclude, leaving.name}
+        stale: list[str] = []
+        why = "Pilot still routes to it"
+        import httpx
+
+        from ..loopback import plain_http_client
+
+        with trio.move_on_after(CALLERS_SYNC_WAIT) as bound:
+            while await self.unseen_by_pilot([leaving]) != {leaving.name}:
+                await trio.sleep(0.05)
+            why = "Pilot does not answer"
+            async with plain_http_client(timeout=2.0, headers=bearer(mesh_credential(self.ctx.state_dir))) as client:
+                while True:
+                    try:
+                        proxies = (await client.get(f"{self.control.pilot_url}/v1/status")).json()["proxies"]
+                        now = time.time()
+                        stale = sorted(p["proxy"] for p in proxies if p["proxy"] not in exclude and p["status"] == "STALE"
+                                       and now - float(p.get("last_seen") or 0.0) < CALLER_GONE_AFTER)
+                    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                        why = f"Pilot does not answer ({e.__class__.__name__}: {e})"
+                    else:
+                        if not stale:
+                            return
+                        why = "STALE: " + ", ".join(stale)
+                    await trio.sleep(0.05)
+        if bound.cancelled_caught:
+            log.warning("%s: stopping its sidecar although not every other proxy is known to run a config without it "
+                        "after %gs (%s)", leaving.name, CALLERS_SYNC_WAIT, why)
 
     async def unseen_by_pilot(self, plans: Iterable[WorkloadPlan]) -> set[str]:
         """The names of those of ``plans`` Pilot does not route to: their registrations

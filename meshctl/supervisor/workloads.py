@@ -134,7 +134,8 @@ class Workloads:
         once healthy. Two waves, each in parallel, so a reload takes the same time for
         one instance or fifty: first every changed instance but one of each service
         version (that one keeps serving), then, once the first wave is back and seen by
-        Pilot, the ones held back. A version with one instance only has none to serve
+        Pilot, the ones held back. A sidecar stops once every proxy but its wave's runs a
+        config without it (gateways and the held-back sidecars included). A version with one instance only has none to serve
         while it restarts, as before."""
         changed: list[tuple[InstanceState, Node]] = []
         serving: dict[tuple[str, str], int] = {}  # instances of a service version that are not restarted
@@ -159,19 +160,26 @@ class Workloads:
         for wave in (first, held):
             if not wave:
                 continue
+            stopping = {inst.plan.name for inst, _ in wave}  # their proxies' names in Pilot
             async with trio.open_nursery() as n:
                 for inst, node in wave:
-                    n.start_soon(self._restart_sidecar, inst, node, why, timeout)
+                    n.start_soon(self._restart_sidecar, inst, node, why, timeout, stopping)
             if wave is first and held:
                 await self.registrations.wait_seen_by_pilot([i.plan for i, _ in first if i.registered])
 
-    async def _restart_sidecar(self, inst: InstanceState, node: Node, why: str, timeout: float) -> None:
+    async def _restart_sidecar(self, inst: InstanceState, node: Node, why: str, timeout: float,
+                               stopping: set[str]) -> None:
+        """Out of the endpoints, then SIGINT: the new sidecar binds the same ports, so the old
+        one cannot serve a drain period as on a stop. Its callers get no such period either:
+        before the SIGINT every other proxy runs a config without it (the ``stopping`` ones,
+        this wave's, aside; Registrations.wait_callers_synced)."""
         name = inst.plan.name
         self._write_node(name, node)
         inst.node = node
         await self.registrations.drain(inst)
         if inst.registered:
             await self.registrations.deregister(inst, drain=inst.state != InstancePhase.DRAINING)
+        await self.registrations.wait_callers_synced(inst.plan, stopping)
         inst.set_health(lifecycle.on_process_lost(inst.health()))
         inst.fast_checks = True
         old_pid = inst.proxy.pid
