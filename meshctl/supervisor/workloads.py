@@ -179,6 +179,9 @@ class Workloads:
         await self.registrations.drain(inst)
         if inst.registered:
             await self.registrations.deregister(inst, drain=inst.state != InstancePhase.DRAINING)
+        # DRAINING while the callers catch up (the embedded registry's drain returns at once):
+        # its checks, still passing, must not register it again under the old sidecar
+        inst.state = InstancePhase.DRAINING
         await self.registrations.wait_callers_synced(inst.plan, stopping)
         inst.set_health(lifecycle.on_process_lost(inst.health()))
         inst.fast_checks = True
