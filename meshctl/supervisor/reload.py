@@ -12,9 +12,9 @@ them to it), so a new setting cannot be accepted by a reload and ignored:
     pathNormalization, upgradeTypes| every sidecar and gateway is started again with it (its
     requestTimeout, maxConnections,|   node file), out of the endpoints while it restarts, in two
     drainDuration,                 |   parallel waves: all but one instance of each service
-    outboundTrafficPolicy,         |   version, then those (workloads.restart_sidecars); apps
-    extensionProviders, tracing,   |   keep running
-    outboundUsers                  |
+    outboundTrafficPolicy,         |   version, then those (workloads.restart_sidecars); a
+    extensionProviders, tracing,   |   sidecar stops once the other proxies run a config
+    outboundUsers                  |   without it (at most 5 s); apps keep running
     locality, advertise            | the same for gateways; each workload instance is started
                                    |   again (its plan changed), registered with its new locality
                                    |   or at its new address
