@@ -135,8 +135,8 @@ class Workloads:
         one instance or fifty: first every changed instance but one of each service
         version (that one keeps serving), then, once the first wave is back and seen by
         Pilot, the ones held back. A sidecar stops once every proxy but its wave's runs a
-        config without it (gateways and the held-back sidecars included). A version with one instance only has none to serve
-        while it restarts, as before."""
+        config without it (gateways and the held-back sidecars included). A version with
+        one instance only has none to serve while it restarts, as before."""
         changed: list[tuple[InstanceState, Node]] = []
         serving: dict[tuple[str, str], int] = {}  # instances of a service version that are not restarted
         for name in sorted(self.instances):
