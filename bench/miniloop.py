@@ -202,9 +202,20 @@ class Bench:
             cfg = f"{self.work}/in{port}.yaml"
             admin = free_port()
             with open(cfg, "w") as f:
-                f.write(f"version: bench\nworkload: {{name: backend-0, service: backend}}\nlisteners:\n"
-                        f"- {{name: inbound, direction: inbound, address: 127.0.0.1, port: {port}, "
-                        f"appAddress: 127.0.0.1, appPort: {self.app}}}\n")
+                if os.environ.get("ML_OUTBOUND"):  # the client side of pair.sh's pair: routes to the app
+                    f.write(f"version: bench\nworkload: {{name: client-0, service: client}}\nlisteners:\n"
+                            f"- {{name: outbound, direction: outbound, address: 127.0.0.1, port: {port}, "
+                            f"routeTable: outbound}}\nrouteTables:\n  outbound:\n    virtualHosts:\n"
+                            f"    - name: backend.default.svc.cluster.local:80\n"
+                            f"      domains: [backend, \"127.0.0.1:{port}\"]\n      routes:\n      - route:\n"
+                            f"        - destination: {{host: backend.default.svc.cluster.local, port: {{number: 80}}}}\n"
+                            f"clusters:\n  \"outbound|80||backend.default.svc.cluster.local\":\n"
+                            f"    service: backend.default.svc.cluster.local\n    port: 80\n"
+                            f"    endpoints:\n    - {{address: 127.0.0.1, port: {self.app}}}\n")
+                else:
+                    f.write(f"version: bench\nworkload: {{name: backend-0, service: backend}}\nlisteners:\n"
+                            f"- {{name: inbound, direction: inbound, address: 127.0.0.1, port: {port}, "
+                            f"appAddress: 127.0.0.1, appPort: {self.app}}}\n")
             # (`meshctl proxy run` execs `python -m meshctl.proxy`, which valgrind would not follow)
             p = subprocess.Popen(pre + [sys.executable, "-m", "meshctl.proxy", "--config", cfg, "--admin-port",
                                         str(admin), "--log-level", "warning"], cwd="/tmp", env=env,

@@ -1,7 +1,10 @@
 """Instructions per HTTP/1.1 request in one inbound sidecar (miniloop.py's `sidecar` mode), with the
 counters zeroed after a warm-up, so that start-up and the difference of two runs play no part.
 
-    MESHCTL_PROXY_LOOP=evloop [ML_FROM_SIDECAR=1] python bench/sidecar_callgrind.py VENV OUTDIR [N] [CONNS]
+    MESHCTL_PROXY_LOOP=evloop [ML_FROM_SIDECAR=1 | ML_OUTBOUND=1] python bench/sidecar_callgrind.py VENV OUTDIR [N] [CONNS]
+
+ML_FROM_SIDECAR=1: the requests as pair.sh's client-side sidecar forwards them (the server side's work);
+ML_OUTBOUND=1: the sidecar is an outbound one, routing ``Host: backend`` to nginx (the client side's work).
 
 h2load (--h1, N requests over CONNS connections, default 2000 and 1) -> `python -m meshctl.proxy` (an inbound
 listener, VENV's build, under callgrind) -> nginx answering 12 bytes. 300 requests to warm up, then
