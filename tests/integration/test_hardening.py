@@ -40,13 +40,8 @@ class H2cApp(RawApp):
 
     def serve(self, c: socket.socket) -> None:
         buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                d = c.recv(65536)
-                if not d:
-                    return
-                buf += d
-            head, _, buf = buf.partition(b"\r\n\r\n")
+        while (got := self.read_head(c, buf)) is not None:
+            head, buf = got
             lines = head.decode("latin-1").split("\r\n")
             path = lines[0].split(" ")[1]
             hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}

@@ -307,25 +307,13 @@ class _EarlyApp(RawApp):
 
     def serve(self, c: socket.socket) -> None:
         buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = c.recv(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
+        while (got := self.read_head(c, buf)) is not None:
+            head, buf = got
             extra = b"connection: close\r\n" if self.mode == "close" else b""
             c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(_EARLY), extra, _EARLY))
-            if self.mode == "close":
+            if self.mode == "close" or not self.drop_body(c, head, buf):
                 return
-            left = max((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")), default=0) - len(buf)
             buf = b""
-            while left > 0:
-                data = c.recv(min(left, 65536))
-                if not data:
-                    return
-                left -= len(data)
 
 
 def _early_pair(proxy_process, mode: str):
@@ -433,25 +421,15 @@ class _AnswersWithoutReadingOnRetry(RawApp):
 
     def serve(self, c: socket.socket) -> None:
         buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = c.recv(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
+        while (got := self.read_head(c, buf)) is not None:
+            head, buf = got
             self.requests += 1
             if self.requests > 1:
                 c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(_EARLY), _EARLY))
                 self.done.wait(60)
                 return
-            left = max((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")), default=0) - len(buf)
-            while left > 0:
-                data = c.recv(min(left, 65536))
-                if not data:
-                    return
-                left -= len(data)
+            if not self.drop_body(c, head, buf):
+                return
             buf = b""
             c.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
 

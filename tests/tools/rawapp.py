@@ -38,3 +38,28 @@ class RawApp:
                 self.serve(c)
             except OSError:
                 pass
+
+    @staticmethod
+    def read_head(c: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+        """The next message head off ``c`` (``buf``: bytes read before), without its blank
+        line, and the bytes read after it; None if the peer closes first."""
+        while b"\r\n\r\n" not in buf:
+            data = c.recv(65536)
+            if not data:
+                return None
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        return head, rest
+
+    @staticmethod
+    def drop_body(c: socket.socket, head: bytes, buf: bytes) -> bool:
+        """Read and drop the body ``head``'s content-length announces, ``buf`` being its
+        first bytes (the bytes read with the head); False if the peer closes first."""
+        left = max((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")), default=0) - len(buf)
+        while left > 0:
+            data = c.recv(min(left, 65536))
+            if not data:
+                return False
+            left -= len(data)
+        return True
