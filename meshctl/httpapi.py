@@ -3,7 +3,7 @@
 Not on the data path, so it favours simplicity: h11 (already a dependency of
 httpx) does the parsing, one trio task per connection, keep-alive honoured.
 Handlers are plain async functions ``(Request) -> Response``; a handler may
-wait (long-poll) and is cancelled if the client goes away.
+wait (long-poll) and is cancelled if the client closes the connection meanwhile.
 
 Bounded, since any local process can connect (``Limits``): a request head must
 arrive within ``header_timeout`` (an idle keep-alive connection waits at most
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -216,18 +217,9 @@ async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits |
                 return
             if req is None:
                 return
-            try:
-                resp = await handler(req)
-            except HTTPError as e:
-                resp = error_response(e)
-            except Exception as e:  # a bug in a handler answers 500 and is logged, never kills the server
-                from .credentials import Forbidden
-
-                if isinstance(e, Forbidden):
-                    resp = error_response(HTTPError(403, f"{req.method} {req.path}: {e}"))
-                else:
-                    log.exception("handler failed for %s %s", req.method, req.path)
-                    resp = Response.json({"error": f"internal error: {e}", "reason": "internal"}, 500)
+            resp = await _answer_unless_gone(stream, handler, req)
+            if resp is None:
+                return  # the client closed while its request was handled
             await _send(stream, conn, resp)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
@@ -238,6 +230,42 @@ async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits |
         with trio.move_on_after(1) as cs:
             cs.shield = True
             await stream.aclose()
+
+
+async def _answer(handler: Handler, req: Request) -> Response:
+    try:
+        return await handler(req)
+    except HTTPError as e:
+        return error_response(e)
+    except Exception as e:  # a bug in a handler answers 500 and is logged, never kills the server
+        from .credentials import Forbidden
+
+        if isinstance(e, Forbidden):
+            return error_response(HTTPError(403, f"{req.method} {req.path}: {e}"))
+        log.exception("handler failed for %s %s", req.method, req.path)
+        return Response.json({"error": f"internal error: {e}", "reason": "internal"}, 500)
+
+
+async def _answer_unless_gone(stream: trio.SocketStream, handler: Handler, req: Request) -> Response | None:
+    """The handler's answer to ``req``; None when the client closes its side first, the
+    handler cancelled (a long poll whose proxy died would otherwise stay in Pilot for its
+    whole wait, and count as that proxy being seen: supervisor/registration.py). Bytes
+    arriving meanwhile (a pipelined request) end the watch: they are read after the answer."""
+    answer: list[Response] = []
+
+    async def watch(scope: trio.CancelScope) -> None:
+        try:
+            if await stream.socket.recv(1, socket.MSG_PEEK):
+                return
+        except OSError:
+            pass  # reset: gone as well
+        scope.cancel()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(watch, n.cancel_scope)
+        answer.append(await _answer(handler, req))
+        n.cancel_scope.cancel()
+    return answer[0] if answer else None
 
 
 async def _linger(stream: trio.SocketStream, seconds: float = 1.0, most: int = 1 << 20) -> None:

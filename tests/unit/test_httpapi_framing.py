@@ -55,3 +55,32 @@ async def test_a_control_byte_in_the_path_or_a_header_is_400_not_a_silent_close(
         assert head.startswith(b"HTTP/1.1 400 "), (raw, head)
         assert b"connection: close" in head.lower()
         assert err["reason"] == "bad-request" and "malformed request" in err["error"], err
+
+
+async def test_a_handler_is_cancelled_when_its_client_closes_and_a_pipelined_request_is_answered():
+    # a long poll whose client died must not stay in the server for its whole wait
+    started, ended = trio.Event(), trio.Event()
+
+    async def handler(req: httpapi.Request) -> httpapi.Response:
+        if req.path == "/poll":
+            started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                ended.set()
+        await trio.sleep(0.2)  # (the next request arrives while this one is handled)
+        return httpapi.Response.text(req.path)
+
+    async with trio.open_nursery() as n:
+        port = await n.start(lambda task_status: httpapi.serve(handler, "127.0.0.1", 0, task_status=task_status))
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        await client.send_all(b"GET /poll HTTP/1.1\r\nhost: x\r\n\r\n")
+        await started.wait()
+        await client.aclose()
+        with trio.fail_after(2):
+            await ended.wait()
+        # bytes arriving while a request is handled are the next request, not a goodbye
+        raw = b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        data = await trio.to_thread.run_sync(_exchange, port, raw)
+        n.cancel_scope.cancel()
+    assert data.count(b"HTTP/1.1 200") == 2 and data.endswith(b"/b"), data
