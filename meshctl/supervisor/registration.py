@@ -306,9 +306,10 @@ class Registrations:
         CALLER_GONE_AFTER. Pilot sees a proxy when its long poll comes in and each time
         the poll is woken by a change; the deregistration woke every open one, so a
         live proxy still STALE was seen since it was handed its config; one that
-        stopped keeps its entry (and its last ``last_seen``) in Pilot for good. A proxy
-        that stopped less than CALLER_GONE_AFTER ago may hold the wait that long: Pilot
-        does not notice a long poll's client going away until it answers it.
+        stopped keeps its entry (and its last ``last_seen``) in Pilot for good: its long
+        poll ended with its connection (httpapi cancels a handler whose client closed),
+        so nothing wakes it. A proxy that stopped less than CALLER_GONE_AFTER ago may
+        hold the wait until then.
 
         Proxies of other hosts (their own Pilots) are not asked: a shared registry's
         other hosts drop the instance when their Pilot does, as before."""
