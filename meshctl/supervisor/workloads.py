@@ -89,9 +89,15 @@ class Workloads:
             if svc is not None:
                 hc = svc.health_check or HealthCheck(tcp=True, interval=Duration(1.0))
             thresholds = Thresholds(healthy=hc.healthy_threshold, unhealthy=hc.unhealthy_threshold)
+            before = (inst.state, inst.proxy.pid)
             ok_app = await (http_ok(w.app_host, w.app_port, hc.http, timeout=float(hc.timeout)) if hc.http
                             else tcp_ok(w.app_host, w.app_port, timeout=float(hc.timeout)))
             ok_proxy = ok_app and await http_ok("127.0.0.1", w.admin_port, "/ready", timeout=1.0)
+            if (inst.state, inst.proxy.pid) != before:
+                # the instance changed while it was checked (a restart began, its sidecar was
+                # replaced): the outcome is the old one's, and would register the instance
+                # while its new sidecar is not up yet. The next check decides.
+                continue
             health, verdict = lifecycle.on_health(inst.health(), ok_app, ok_proxy, thresholds)
             inst.ok_streak, inst.fail_streak = health.ok_streak, health.fail_streak
             if isinstance(verdict, Register):
