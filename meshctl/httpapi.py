@@ -3,7 +3,8 @@
 Not on the data path, so it favours simplicity: h11 (already a dependency of
 httpx) does the parsing, one trio task per connection, keep-alive honoured.
 Handlers are plain async functions ``(Request) -> Response``; a handler may
-wait (long-poll) and is cancelled if the client closes the connection meanwhile.
+wait (long-poll), and a GET's is cancelled if the client closes the connection
+meanwhile (other methods change state: they run to their end).
 
 Bounded, since any local process can connect (``Limits``): a request head must
 arrive within ``header_timeout`` (an idle keep-alive connection waits at most
@@ -217,9 +218,12 @@ async def _connection(stream: trio.SocketStream, handler: Handler, lim: Limits |
                 return
             if req is None:
                 return
-            resp = await _answer_unless_gone(stream, handler, req)
-            if resp is None:
-                return  # the client closed while its request was handled
+            if req.method == "GET":  # (reads, long polls among them: nothing half done if cut short)
+                resp = await _answer_unless_gone(stream, handler, req)
+                if resp is None:
+                    return  # the client closed while its request was handled
+            else:
+                resp = await _answer(handler, req)  # a change runs to its end, whoever still waits for it
             await _send(stream, conn, resp)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
