@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.tools.rawapp import RawApp
+
 from .helpers import HELLO_APP, free_port, mesh_ports
 
 TCP_ECHO_APP = Path(__file__).with_name("tcp_echo_app.py")
@@ -146,34 +148,19 @@ def write_pair(d: Path, stem: str, cert, key) -> tuple[Path, Path]:
     return c, k
 
 
-class TLSUpstream:
+class TLSUpstream(RawApp):
     """my-nginx of Istio's SNI passthrough task: an HTTPS server with its own certificate."""
 
     def __init__(self, port: int, cert: Path, key: Path) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
-        self.sock = socket.create_server(("127.0.0.1", port))
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(port)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            with self.ctx.wrap_socket(conn, server_side=True) as t:
-                t.recv(65536)
-                body = b"Welcome to nginx!\n"
-                t.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
-        except (OSError, ssl.SSLError):
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def serve(self, c: socket.socket) -> None:
+        with self.ctx.wrap_socket(c, server_side=True) as t:
+            t.recv(65536)
+            body = b"Welcome to nginx!\n"
+            t.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
 
 # Istio's docs (tasks/traffic-management/ingress/ingress-control), as written there
 HTTPBIN_GATEWAY = """\

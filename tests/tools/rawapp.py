@@ -1,6 +1,6 @@
 """A loopback TCP server for tests that need an app speaking raw bytes: each accepted
 connection is handed to ``serve(conn)`` in a thread of its own (the socket is closed
-after it returns). Subclasses set their own attributes before calling ``__init__``,
+after it returns; an OSError, ssl's errors among them, ends it quietly). Subclasses set their own attributes before calling ``__init__``,
 which starts accepting."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import threading
 
 
 class RawApp:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()

@@ -60,37 +60,36 @@ async def test_a_control_byte_in_the_path_or_a_header_is_400_not_a_silent_close(
 async def test_a_get_is_cancelled_when_its_client_closes_a_change_is_not_and_a_pipelined_request_is_answered():
     # a long poll whose client died must not stay in the server for its whole wait; a change
     # (any other method) runs to its end, or it could be left half done
-    started, ended, changed = trio.Event(), trio.Event(), trio.Event()
+    started = {"/poll": trio.Event(), "/change": trio.Event()}
+    ended, changed = trio.Event(), trio.Event()
 
     async def handler(req: httpapi.Request) -> httpapi.Response:
+        if req.path in started:
+            started[req.path].set()
         if req.path == "/poll":
-            started.set()
             try:
                 await trio.sleep_forever()
             finally:
                 ended.set()
         if req.method == "PUT":
-            started.set()
             await trio.sleep(0.5)
             changed.set()
         await trio.sleep(0.2)  # (the next request arrives while this one is handled)
         return httpapi.Response.text(req.path)
 
+    async def hang_up_while_handled(port: int, raw: bytes, path: str, then: trio.Event) -> None:
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        await client.send_all(raw)
+        await started[path].wait()
+        await client.aclose()
+        with trio.fail_after(2):
+            await then.wait()
+
     async with trio.open_nursery() as n:
         port = await n.start(lambda task_status: httpapi.serve(handler, "127.0.0.1", 0, task_status=task_status))
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        await client.send_all(b"GET /poll HTTP/1.1\r\nhost: x\r\n\r\n")
-        await started.wait()
-        await client.aclose()
-        with trio.fail_after(2):
-            await ended.wait()
-        started = trio.Event()
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        await client.send_all(b"PUT /change HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
-        await started.wait()
-        await client.aclose()
-        with trio.fail_after(2):
-            await changed.wait()
+        await hang_up_while_handled(port, b"GET /poll HTTP/1.1\r\nhost: x\r\n\r\n", "/poll", ended)
+        await hang_up_while_handled(port, b"PUT /change HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+                                    "/change", changed)
         # bytes arriving while a request is handled are the next request, not a goodbye
         raw = b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
         data = await trio.to_thread.run_sync(_exchange, port, raw)
